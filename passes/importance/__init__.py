@@ -1,0 +1,15 @@
+"""Importance criteria, registered by name (``spa prune --criterion NAME``)."""
+
+from __future__ import annotations
+
+from passes.importance.base import (
+    CRITERIA,
+    Criterion,
+    Normalization,
+    Reduction,
+    Scores,
+    get_criterion,
+)
+from passes.importance import magnitude  # noqa: F401  (registers l1, l2, random)
+
+__all__ = ["CRITERIA", "Criterion", "Normalization", "Reduction", "Scores", "get_criterion"]

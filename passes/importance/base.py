@@ -1,0 +1,120 @@
+"""From per-weight scores to one score per channel of each group.
+
+Every criterion follows the same two steps (DESIGN.md, "Importance"):
+
+1. *local*: a per-index score for each weight space of the group (producer rows, consumer
+   columns, per-channel scales), summed over the indices that make up one channel (a flattened
+   channel owns several features; a grouped-conv channel owns a block);
+2. *reduce* over the group's weight spaces (mean, sum or max), then *normalise* per group
+   (by the mean, the max, to zero mean/unit variance, or not at all) so that a global ranking
+   across groups compares like with like.
+
+A criterion only supplies :meth:`Criterion.local`; the rest is this one code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.errors import OptionError
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis, Group, Member
+
+
+class Reduction(Enum):
+    MEAN = "mean"
+    SUM = "sum"
+    MAX = "max"
+
+
+class Normalization(Enum):
+    MEAN = "mean"
+    MAX = "max"
+    STANDARD = "standard"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One score per channel of each scored group (higher = more important)."""
+
+    by_group: dict[int, np.ndarray]
+    criterion: str
+
+
+CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    CRITERIA[cls.name] = cls
+    return cls
+
+
+def get_criterion(name: str, **options) -> Criterion:
+    if name not in CRITERIA:
+        raise OptionError(f"unknown criterion '{name}' (choose from {', '.join(sorted(CRITERIA))})")
+    return CRITERIA[name](**options)
+
+
+class Criterion:
+    """Base class: subclasses set ``name``, ``help`` and implement :meth:`local`."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+
+    def __init__(self, *, reduction: Reduction = Reduction.MEAN,
+                 normalization: Normalization = Normalization.MEAN, seed: int = 0):
+        self.reduction = reduction
+        self.normalization = normalization
+        self.seed = seed
+
+    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
+        """Score of each index along ``axis`` of ``weight`` (length ``weight.shape[axis]``)."""
+        raise NotImplementedError
+
+    def run(self, analysis: Analysis) -> Scores:
+        tensors = analysis.model.graph.tensors()
+        out = {g.id: self.group_scores(g, tensors) for g in analysis.prunable_groups}
+        return Scores(out, self.name)
+
+    def group_scores(self, group: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
+        per_member = []
+        for m in group.members:
+            t = tensors.get(m.space[0])
+            if not m.role.is_weight or not isinstance(t, gs.Constant):
+                continue
+            values = np.asarray(t.values, dtype=np.float64)
+            local = self.local(values, m.space[1], m, group)[m.indices]
+            per_member.append(np.bincount(m.channels, weights=local, minlength=group.size))
+        if not per_member:
+            return np.zeros(group.size)
+        return normalise(reduce(np.stack(per_member), self.reduction), self.normalization)
+
+
+def reduce(per_member: np.ndarray, how: Reduction) -> np.ndarray:
+    if how is Reduction.SUM:
+        return per_member.sum(axis=0)
+    if how is Reduction.MAX:
+        return per_member.max(axis=0)
+    return per_member.mean(axis=0)
+
+
+def normalise(scores: np.ndarray, how: Normalization) -> np.ndarray:
+    if how is Normalization.MEAN:
+        return scores / (scores.mean() + 1e-12)
+    if how is Normalization.MAX:
+        return scores / (scores.max() + 1e-12)
+    if how is Normalization.STANDARD:
+        return (scores - scores.mean()) / (scores.std() + 1e-12)
+    return scores
+
+
+def along(values: np.ndarray, axis: int) -> np.ndarray:
+    """``values`` with ``axis`` first and the rest flattened: one row per index."""
+    return np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)

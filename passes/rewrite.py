@@ -1,0 +1,53 @@
+"""Rewrite: the one mutating step. Applies a plan to the analysed graph, deciding nothing.
+
+For every channel space the plan shortens: a constant is sliced along the axis (``np.take`` of
+the surviving indices), an activation loses its stale shape (shapes are inferred afresh on
+export). Then each node whose tensors changed runs its rule's rewrite hook (``group`` of grouped
+convolutions, Reshape/Split/Slice/Resize constants). Constants orphaned by a hook are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.coupling.types import KeptLookup
+from spa.plan import kept_indices
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis
+    from spa.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+class Rewrite:
+    """``Rewrite().run(analysis, plan)`` mutates ``analysis.model.graph`` in place."""
+
+    def run(self, analysis: Analysis, plan: Plan) -> gs.Graph:
+        plan.check_against(analysis)
+        graph = analysis.model.graph
+        kept = kept_indices(analysis, plan)
+        tensors = graph.tensors()
+        changed_tensors: set[str] = set()
+        for (name, axis), idx in sorted(kept.items()):
+            t = tensors.get(name)
+            if t is None:
+                continue  # a virtual space (a grouped conv's group axis)
+            changed_tensors.add(name)
+            if isinstance(t, gs.Constant):
+                t.values = np.take(np.asarray(t.values), idx, axis=axis)
+            else:
+                t.shape = None
+        lookup = KeptLookup(kept, analysis.lengths)
+        for node in graph.nodes:
+            hook = analysis.hooks.get(node.name)
+            if hook is not None and any(t.name in changed_tensors
+                                        for t in (*node.inputs, *node.outputs)):
+                hook(node, lookup)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        log.info("rewrote %d channel spaces", len(kept))
+        return graph

@@ -1,0 +1,226 @@
+"""The Python API: ``spa.analyze``, ``spa.plan``, ``spa.prune``, ``spa.apply``.
+
+The CLI is a thin shell over these functions. ``prune`` = load → analyse → score → allocate
+(a :class:`~spa.plan.Plan`) → :func:`apply_plan`; ``apply`` = load → analyse → a saved plan →
+:func:`apply_plan`. ``apply_plan`` rewrites, re-infers shapes, validates with onnxruntime (and
+the numeric oracle with ``check_masked``) *before* writing, then writes atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from passes.allocation import Allocation, Target
+from passes.importance import Normalization, Reduction, get_criterion
+from passes.rewrite import Rewrite
+from spa import validate as val
+from spa.coupling.analysis import Analysis, CouplingAnalysis
+from spa.errors import NothingPrunableError
+from spa.ir import save_model, to_onnx
+from spa.ir.load import LoadedModel, load_model, load_proto
+from spa.ir.save import TWO_GB, check_output_path, infer_shapes
+from spa.metrics import CostModel, file_size, latency_ms
+from spa.plan import Plan
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    ratio: float = 0.3
+    target: Target = Target.CHANNELS
+    criterion: str = "l1"
+    reduction: Reduction = Reduction.MEAN
+    normalization: Normalization = Normalization.MEAN
+    global_ranking: bool = False
+    round_to: int = 1
+    min_channels: int = 1
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    validate: bool = True
+    check_masked: bool = False
+    rtol: float = 1e-4
+    latency: bool = True
+    latency_runs: int = 20
+
+
+@dataclass
+class PruneReport:
+    input: str
+    output: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    predicted_params_after: int
+    predicted_flops_after: int
+    bytes_before: int
+    bytes_after: int
+    groups: int
+    groups_pruned: int
+    channels_before: int
+    channels_after: int
+    frozen: list[dict]
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    masked_max_abs_diff: float | None = None
+    masked_relative_diff: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _load(model: PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return load_proto(model)
+    return load_model(model)
+
+
+def analyze(model: PathLike | onnx.ModelProto | LoadedModel, *, ignore: tuple[str, ...] = ()
+            ) -> Analysis:
+    return CouplingAnalysis(ignore=ignore).run(_load(model))
+
+
+def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
+    """Score and allocate: the plan for ``analysis`` under ``options``."""
+    if not analysis.prunable_groups:
+        reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
+        raise NothingPrunableError("no prunable channel group in the model"
+                                   + (f" (e.g. {'; '.join(reasons)})" if reasons else ""))
+    criterion = get_criterion(options.criterion, reduction=options.reduction,
+                              normalization=options.normalization, seed=options.seed)
+    scores = criterion.run(analysis)
+    alloc = Allocation(ratio=options.ratio, target=options.target,
+                       global_ranking=options.global_ranking, round_to=options.round_to,
+                       min_channels=options.min_channels)
+    meta = {"criterion": options.criterion, "ratio": options.ratio,
+            "target": options.target.value, "global": options.global_ranking,
+            "round_to": options.round_to, "seed": options.seed, "ignore": list(options.ignore)}
+    return alloc.run(analysis, scores, meta)
+
+
+def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOptions(),
+          checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None
+          ) -> tuple[PruneReport, Plan]:
+    t0 = time.perf_counter()
+    loaded = _load(model)
+    check_output_path(output, input_path=loaded.path)
+    analysis = analyze(loaded, ignore=options.ignore)
+    t1 = time.perf_counter()
+    the_plan = plan(analysis, options)
+    if plan_path is not None:
+        the_plan.save(plan_path)
+    t2 = time.perf_counter()
+    report = apply_plan(analysis, the_plan, output, checks)
+    report.seconds.update(load_analyze=t1 - t0, plan=t2 - t1)
+    return report, the_plan
+
+
+def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
+          checks: CheckOptions = CheckOptions(), *, ignore: tuple[str, ...] = ()) -> PruneReport:
+    loaded = _load(model)
+    check_output_path(output, input_path=loaded.path)
+    the_plan = plan_file if isinstance(plan_file, Plan) else Plan.load(plan_file)
+    analysis = analyze(loaded, ignore=ignore)
+    the_plan.check_against(analysis)
+    return apply_plan(analysis, the_plan, output, checks)
+
+
+def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
+               checks: CheckOptions = CheckOptions()) -> PruneReport:
+    """Rewrite, validate, write. Mutates ``analysis.model`` (it is consumed)."""
+    loaded = analysis.model
+    t0 = time.perf_counter()
+    before = CostModel(loaded.graph).count()
+    need_original = checks.validate or checks.check_masked
+    original = to_onnx(loaded) if need_original else None
+    channels_before = sum(g.size for g in analysis.prunable_groups)
+    Rewrite().run(analysis, the_plan)
+    pruned = infer_shapes(to_onnx(loaded))
+    t1 = time.perf_counter()
+    report_extra: dict = {}
+    small = pruned.ByteSize() < TWO_GB if need_original else False
+    if need_original and small:
+        report_extra = _validate(original, pruned, analysis, the_plan, checks)
+    t2 = time.perf_counter()
+    # Measured on the emitted model (re-read in normal form), not derived from the plan.
+    after = CostModel(load_proto(pruned).graph).count() if small else None
+    out = save_model(pruned, output, external=loaded.external_data, input_path=loaded.path)
+    t3 = time.perf_counter()
+    if after is None:
+        after = CostModel(load_model(out).graph).count()
+    pred = the_plan.prediction
+    report = PruneReport(
+        input=str(loaded.path or "<memory>"), output=str(out),
+        params_before=before.params, params_after=after.params,
+        flops_before=before.flops, flops_after=after.flops,
+        predicted_params_after=pred.params_after if pred else -1,
+        predicted_flops_after=pred.flops_after if pred else -1,
+        bytes_before=loaded.file_bytes, bytes_after=file_size(out),
+        groups=len(analysis.groups), groups_pruned=sum(1 for g in the_plan.groups if g.removed),
+        channels_before=channels_before,
+        channels_after=sum(len(g.keep) for g in the_plan.groups),
+        frozen=[{"group": f.id, "name": f.name, "channels": f.size, "reasons": list(f.reasons)}
+                for f in the_plan.frozen],
+        seconds={"rewrite": t1 - t0, "validate": t2 - t1, "save": t3 - t2},
+        **report_extra)
+    return report
+
+
+def _validate(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis,
+              the_plan: Plan, checks: CheckOptions) -> dict:
+    s_orig, s_pruned = val.session(original), val.session(pruned)
+    feeds = val.random_inputs(s_orig)
+    out_orig, out_pruned = val.run(s_orig, feeds), val.run(s_pruned, feeds)
+    val.check_signature(out_orig, out_pruned)
+    extra: dict = {}
+    if checks.check_masked:
+        masked = val.masked_model(original, analysis, the_plan)
+        c = val.check_close(val.run(val.session(masked), feeds), out_pruned, rtol=checks.rtol)
+        extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
+    if checks.latency:
+        extra.update(latency_ms_before=latency_ms(s_orig, feeds, runs=checks.latency_runs),
+                     latency_ms_after=latency_ms(s_pruned, feeds, runs=checks.latency_runs))
+    return extra
+
+
+def report_table(r: PruneReport) -> str:
+    """The before/after table printed by ``spa prune``."""
+
+    def row(label: str, a: float | None, b: float | None, fmt: str) -> str:
+        if a is None or b is None:
+            return f"{label:<16}{'-':>14}{'-':>14}{'-':>9}"
+        ratio = f"{b / a:8.3f}x" if a else "       -"
+        return f"{label:<16}{format(a, fmt):>14}{format(b, fmt):>14}{ratio}"
+
+    lines = [f"{'':<16}{'before':>14}{'after':>14}{'after/before':>13}",
+             row("params", r.params_before, r.params_after, ",d"),
+             row("FLOPs (MACs)", r.flops_before, r.flops_after, ",d"),
+             row("file bytes", r.bytes_before, r.bytes_after, ",d"),
+             row("latency ms", r.latency_ms_before, r.latency_ms_after, ".3f"),
+             row("channels", r.channels_before, r.channels_after, ",d")]
+    lines.append(f"groups pruned: {r.groups_pruned} of {r.groups}; frozen groups: {len(r.frozen)}")
+    if r.masked_relative_diff is not None:
+        lines.append(f"numeric oracle (pruned == masked original): max |Δ| "
+                     f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
+    return "\n".join(lines)
+
+
+def write_report(report: PruneReport, path: PathLike) -> None:
+    import json
+
+    Path(path).write_text(json.dumps(report.to_dict(), indent=1) + "\n")

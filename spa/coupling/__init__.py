@@ -1,0 +1,8 @@
+"""Coupling analysis: channel spaces, op rules, groups."""
+
+from __future__ import annotations
+
+from spa.coupling.analysis import Analysis, CouplingAnalysis, Group, Member
+from spa.coupling.types import Role, SpaceKey
+
+__all__ = ["Analysis", "CouplingAnalysis", "Group", "Member", "Role", "SpaceKey"]

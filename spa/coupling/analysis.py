@@ -1,0 +1,312 @@
+"""Coupling analysis: from a normalised graph to groups of channels that must go together.
+
+1. Every node's op rule records edges between channel spaces (index maps), roles and the spaces
+   it handles. A node without a rule handles nothing.
+2. The spaces and edges form a networkx graph. A connected component is *live* when it holds a
+   producer (an output axis of a weight): only live spaces are channel spaces.
+3. Fail closed: a live space touched by a node that does not handle it, a graph input or output,
+   or a node the user ignores is *frozen*, with the reason.
+4. Element level: each live space contributes one element per index; the edges' index maps are
+   unioned (numpy union-find). A component of elements is a *channel* (an atom): the indices,
+   across all spaces, that must be removed together (a conv output channel with its BN entries
+   and the next layers' input columns; a whole group of a grouped conv; the 49 flattened features
+   of one channel).
+5. Channels touching the same set of spaces form a *group* (DenseNet's concatenated segments
+   thus give one group per source layer). A group touching a frozen space is frozen.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import networkx as nx
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.coupling.context import NodeContext
+from spa.coupling.registry import ensure_loaded, lookup
+from spa.coupling.types import NodeCoupling, Role, RewriteHook, SpaceKey
+from spa.coupling.unionfind import components
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from spa.ir.load import LoadedModel
+
+log = logging.getLogger(__name__)
+_ROLE_PRIORITY = [Role.PRODUCER, Role.CONSUMER, Role.SCALE, Role.PARAM, Role.VIRTUAL,
+                  Role.ACTIVATION]
+
+
+@dataclass(frozen=True)
+class Member:
+    """The part of one channel space that belongs to a group."""
+
+    space: SpaceKey
+    role: Role
+    indices: np.ndarray  # indices into the space, ascending
+    channels: np.ndarray  # the group channel each index belongs to
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    size: int  # number of channels (prunable units)
+    members: tuple[Member, ...]
+    frozen: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        m = self.producers[0] if self.producers else self.members[0]
+        return f"{m.space[0]}[{m.space[1]}]"
+
+    @property
+    def producers(self) -> list[Member]:
+        return [m for m in self.members if m.role is Role.PRODUCER]
+
+    @property
+    def consumers(self) -> list[Member]:
+        return [m for m in self.members if m.role is Role.CONSUMER]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and bool(self.producers) and self.size > 1
+
+    def signature(self) -> list[str]:
+        return sorted(f"{m.space[0]}[{m.space[1]}]" for m in self.members
+                      if m.role is not Role.VIRTUAL)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    model: LoadedModel
+    groups: tuple[Group, ...]
+    lengths: dict[SpaceKey, int]
+    roles: dict[SpaceKey, Role]
+    frozen_spaces: dict[SpaceKey, tuple[str, ...]]
+    hooks: dict[str, RewriteHook]
+    fingerprint: str
+    space_graph: nx.Graph = field(repr=False)
+
+    @property
+    def prunable_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    @property
+    def frozen_groups(self) -> list[Group]:
+        return [g for g in self.groups if g.frozen and g.producers]
+
+
+class CouplingAnalysis:
+    """The analysis pass: ``CouplingAnalysis(ignore=[...]).run(model) -> Analysis``."""
+
+    def __init__(self, *, ignore: Sequence[str] = ()):
+        self.ignore = tuple(ignore)
+
+    def run(self, model: LoadedModel) -> Analysis:
+        ensure_loaded()
+        graph = model.graph
+        couplings, unknown = self._apply_rules(graph, model.opset)
+        roles, lengths = self._roles_and_lengths(graph, couplings)
+        space_graph = nx.Graph()
+        for c in couplings.values():
+            for e in c.edges:
+                space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
+        live = self._live_spaces(space_graph, roles)
+        frozen = self._frozen(graph, couplings, unknown, live)
+        for c in couplings.values():
+            for key, reason in c.freezes:
+                if key in live:
+                    frozen.setdefault(key, set()).add(reason)
+        groups = _build_groups(couplings, live, lengths, roles, frozen)
+        hooks = {name: c.rewrite for name, c in couplings.items() if c.rewrite is not None}
+        return Analysis(model=model, groups=tuple(groups), lengths=lengths, roles=roles,
+                        frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
+                        hooks=hooks, fingerprint=fingerprint(graph), space_graph=space_graph)
+
+    @staticmethod
+    def _apply_rules(graph: gs.Graph, opset: int) -> tuple[dict[str, NodeCoupling], set[str]]:
+        """Run every node's rule; also return the names of nodes that have no rule."""
+        consumers_of: dict[str, list[gs.Node]] = {}
+        for node in graph.nodes:
+            for t in node.inputs:
+                consumers_of.setdefault(t.name, []).append(node)
+        out: dict[str, NodeCoupling] = {}
+        unknown: set[str] = set()
+        for i, node in enumerate(graph.nodes):
+            if not node.name:
+                node.name = f"{node.op}_{i}"
+            ctx = NodeContext(node, opset, consumers_of)
+            rule = lookup(node.domain or "", node.op, opset)
+            if rule is None:
+                unknown.add(node.name)
+            elif not _has_subgraph(node):
+                rule(ctx)
+            out[node.name] = ctx.result
+        return out, unknown
+
+    @staticmethod
+    def _roles_and_lengths(graph: gs.Graph, couplings: dict[str, NodeCoupling]
+                           ) -> tuple[dict[SpaceKey, Role], dict[SpaceKey, int]]:
+        tensors = graph.tensors()
+        roles: dict[SpaceKey, Role] = {}
+        lengths: dict[SpaceKey, int] = {}
+        for c in couplings.values():
+            lengths.update(c.lengths)
+            for key, role in c.roles.items():
+                old = roles.get(key)
+                if old is None or _ROLE_PRIORITY.index(role) < _ROLE_PRIORITY.index(old):
+                    roles[key] = role
+        for key in lengths:
+            if key not in roles:
+                t = tensors.get(key[0])
+                roles[key] = Role.PARAM if isinstance(t, gs.Constant) else Role.ACTIVATION
+        return roles, lengths
+
+    @staticmethod
+    def _live_spaces(space_graph: nx.Graph, roles: dict[SpaceKey, Role]) -> set[SpaceKey]:
+        live: set[SpaceKey] = set()
+        for comp in nx.connected_components(space_graph):
+            if any(roles.get(k) is Role.PRODUCER for k in comp):
+                live.update(comp)
+        return live
+
+    def _frozen(self, graph: gs.Graph, couplings: dict[str, NodeCoupling], unknown: set[str],
+                live: set[SpaceKey]) -> dict[SpaceKey, set[str]]:
+        live_axes: dict[str, list[SpaceKey]] = {}
+        for key in live:
+            live_axes.setdefault(key[0], []).append(key)
+        frozen: dict[SpaceKey, set[str]] = {}
+
+        def freeze(names: Iterable[str], reason_of, handled: set[SpaceKey] = frozenset()):
+            for name in names:
+                for key in live_axes.get(name, ()):
+                    if key not in handled:
+                        frozen.setdefault(key, set()).add(reason_of(key))
+
+        for t in graph.inputs:
+            freeze([t.name], lambda k: f"graph input '{k[0]}' (axis {k[1]}) keeps its shape")
+        for t in graph.outputs:
+            freeze([t.name], lambda k: f"graph output '{k[0]}' (axis {k[1]}) keeps its shape")
+        for node in graph.nodes:
+            names = [t.name for t in (*node.inputs, *node.outputs) if t.name]
+            names += sorted(_subgraph_outer_names(node))
+            if any(fnmatch.fnmatchcase(node.name, pat) for pat in self.ignore):
+                freeze(names, lambda k, n=node: f"{n.op} node '{n.name}' is ignored (--ignore)")
+                continue
+            if _has_subgraph(node):
+                why = f"{node.op} node '{node.name}' has subgraphs; channels entering them freeze"
+                freeze(names, lambda k, w=why: w)
+            elif node.name in unknown:
+                dom = f"{node.domain}::" if node.domain else ""
+                freeze(names, lambda k, n=node, d=dom:
+                       f"no rule for op {d}{n.op} (node '{n.name}'): fail closed")
+            else:
+                freeze(names, lambda k, n=node:
+                       f"{n.op} node '{n.name}' does not map axis {k[1]} of '{k[0]}'",
+                       couplings[node.name].handled)
+        return frozen
+
+
+def _has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) or (isinstance(v, list) and v
+                                            and isinstance(v[0], gs.Graph))
+               for v in node.attrs.values())
+
+
+def _subgraph_outer_names(node: gs.Node) -> set[str]:
+    names: set[str] = set()
+    for v in node.attrs.values():
+        subs = v if isinstance(v, list) else [v]
+        for sub in subs:
+            if isinstance(sub, gs.Graph):
+                for inner in sub.nodes:
+                    names.update(t.name for t in inner.inputs if t.name)
+                    names.update(_subgraph_outer_names(inner))
+    return names
+
+
+def _build_groups(couplings: dict[str, NodeCoupling], live: set[SpaceKey],
+                  lengths: dict[SpaceKey, int], roles: dict[SpaceKey, Role],
+                  frozen: dict[SpaceKey, set[str]]) -> list[Group]:
+    # Deterministic space order: producers first, then by the order rules recorded them.
+    order: dict[SpaceKey, int] = {}
+    for c in couplings.values():
+        for e in c.edges:
+            for k in (e.a, e.b):
+                if k in live and k not in order:
+                    order[k] = len(order)
+    spaces = sorted(order, key=lambda k: (_ROLE_PRIORITY.index(roles[k]), order[k]))
+    space_id = {k: i for i, k in enumerate(spaces)}
+    offsets = np.zeros(len(spaces) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([lengths[k] for k in spaces])
+    a_parts, b_parts = [], []
+    for c in couplings.values():
+        for e in c.edges:
+            if e.a in space_id:
+                a_parts.append(offsets[space_id[e.a]] + e.a_idx)
+                b_parts.append(offsets[space_id[e.b]] + e.b_idx)
+    n = int(offsets[-1])
+    if n == 0:
+        return []
+    labels = components(n, np.concatenate(a_parts), np.concatenate(b_parts))
+    elem_space = np.repeat(np.arange(len(spaces)), np.diff(offsets))
+    elem_pos = np.arange(n) - offsets[elem_space]
+
+    # Signature of each channel (atom): the sorted set of spaces it touches.
+    pairs = np.unique(np.stack([labels, elem_space], axis=1), axis=0)
+    atom_ids, starts = np.unique(pairs[:, 0], return_index=True)
+    bounds = list(starts[1:]) + [len(pairs)]
+    sig_of_atom: dict[int, tuple[int, ...]] = {}
+    for atom, lo, hi in zip(atom_ids.tolist(), starts.tolist(), bounds):
+        sig_of_atom[atom] = tuple(pairs[lo:hi, 1].tolist())
+    sig_ids: dict[tuple[int, ...], int] = {}
+    for atom in atom_ids.tolist():  # atom ids ascend with element ids: deterministic order
+        sig_ids.setdefault(sig_of_atom[atom], len(sig_ids))
+    group_of_atom = np.full(n, -1, dtype=np.int64)
+    group_of_atom[atom_ids] = [sig_ids[sig_of_atom[a]] for a in atom_ids.tolist()]
+
+    groups: list[Group] = []
+    group_of_elem = group_of_atom[labels]
+    sort = np.lexsort((elem_pos, elem_space, group_of_elem))
+    g_sorted, s_sorted = group_of_elem[sort], elem_space[sort]
+    cut = np.flatnonzero((np.diff(g_sorted) != 0) | (np.diff(s_sorted) != 0)) + 1
+    chunks = np.split(sort, cut)
+    by_group: dict[int, list[np.ndarray]] = {}
+    for chunk in chunks:
+        by_group.setdefault(int(group_of_elem[chunk[0]]), []).append(chunk)
+    for sig, gid in sig_ids.items():
+        chunks_g = by_group[gid]  # ordered by space id: producers first
+        canonical = chunks_g[0]
+        atoms_in_order = labels[canonical]
+        _, first = np.unique(atoms_in_order, return_index=True)
+        ordered_atoms = atoms_in_order[np.sort(first)]
+        local = {int(a): i for i, a in enumerate(ordered_atoms.tolist())}
+        lut_keys = np.array(sorted(local), dtype=np.int64)
+        lut_vals = np.array([local[k] for k in lut_keys.tolist()], dtype=np.int64)
+        members = []
+        reasons: set[str] = set()
+        for chunk in chunks_g:
+            key = spaces[int(elem_space[chunk[0]])]
+            channel = lut_vals[np.searchsorted(lut_keys, labels[chunk])]
+            members.append(Member(key, roles[key], elem_pos[chunk], channel))
+            reasons.update(frozen.get(key, ()))
+        groups.append(Group(id=len(groups), size=len(local), members=tuple(members),
+                            frozen=tuple(sorted(reasons))))
+    return groups
+
+
+def fingerprint(graph: gs.Graph) -> str:
+    """A hash of the graph's structure and weight shapes (plans are matched against it)."""
+    h = hashlib.sha256()
+    for node in graph.nodes:
+        h.update(f"{node.op}|{node.name}|{[t.name for t in node.inputs]}|"
+                 f"{[t.name for t in node.outputs]}\n".encode())
+    for name, t in sorted(graph.tensors().items()):
+        if isinstance(t, gs.Constant):
+            h.update(f"{name}:{tuple(t.shape)}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,168 @@
+"""What an op rule sees of a node, and the small vocabulary it records couplings with.
+
+Rules never touch the graph: they read shapes, attributes and constant inputs through a
+:class:`NodeContext` and record edges (index maps between channel spaces), roles, explicit
+freezes and an optional rewrite hook. Every space a rule couples counts as *handled* by the
+node; a live space the node does not handle is frozen by the analysis (fail closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.coupling.types import Edge, MapKind, NodeCoupling, Role, RewriteHook, SpaceKey
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+@dataclass(frozen=True)
+class Space:
+    key: SpaceKey
+    length: int
+
+
+def static_shape(t: gs.Tensor) -> tuple[int | None, ...] | None:
+    """The tensor's shape with unknown or symbolic dims as None; None when the rank is unknown."""
+    if isinstance(t, gs.Constant):
+        return tuple(int(d) for d in t.shape)
+    if t.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) and d >= 0 else None for d in t.shape)
+
+
+class NodeContext:
+    """One node, seen by its rule."""
+
+    def __init__(self, node: gs.Node, opset: int, consumers_of: dict[str, list[gs.Node]]):
+        self.node = node
+        self.opset = opset
+        self.result = NodeCoupling()
+        self._consumers_of = consumers_of
+
+    # --- reading the node -------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    def input(self, i: int) -> gs.Tensor | None:
+        ins = self.node.inputs
+        return ins[i] if i < len(ins) and ins[i].name else None
+
+    def output(self, i: int) -> gs.Tensor | None:
+        outs = self.node.outputs
+        return outs[i] if i < len(outs) and outs[i].name else None
+
+    @property
+    def inputs(self) -> list[gs.Tensor]:
+        return [t for t in self.node.inputs if t.name]
+
+    @property
+    def outputs(self) -> list[gs.Tensor]:
+        return [t for t in self.node.outputs if t.name]
+
+    def attr(self, name: str, default: object = None) -> object:
+        return self.node.attrs.get(name, default)
+
+    def shape(self, t: gs.Tensor | None) -> tuple[int | None, ...] | None:
+        return None if t is None else static_shape(t)
+
+    def rank(self, t: gs.Tensor | None) -> int | None:
+        s = self.shape(t)
+        return None if s is None else len(s)
+
+    def const(self, t: gs.Tensor | None) -> np.ndarray | None:
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        return None
+
+    def const_ints(self, t: gs.Tensor | None) -> list[int] | None:
+        v = self.const(t)
+        return None if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+
+    def consumers(self, t: gs.Tensor) -> list[gs.Node]:
+        return self._consumers_of.get(t.name, [])
+
+    # --- recording couplings ----------------------------------------------------------------
+    def space(self, t: gs.Tensor | None, axis: int) -> Space | None:
+        """The channel space ``(t, axis)``; None when its length is not statically known."""
+        s = self.shape(t)
+        if t is None or s is None or not -len(s) <= axis < len(s):
+            return None
+        axis %= len(s)
+        length = s[axis]
+        if length is None:
+            return None
+        return Space((t.name, axis), length)
+
+    def virtual(self, label: str, length: int) -> Space:
+        key = (f"{self.node.name}::{label}::", 0)
+        self.result.roles[key] = Role.VIRTUAL
+        return Space(key, length)
+
+    def _edge(self, a: Space, b: Space, a_idx: np.ndarray, b_idx: np.ndarray,
+              kind: MapKind) -> None:
+        r = self.result
+        r.edges.append(Edge(a.key, b.key, a_idx, b_idx, kind, self.node.name))
+        for s in (a, b):
+            r.handled.add(s.key)
+            r.lengths[s.key] = s.length
+
+    def identity(self, a: Space | None, b: Space | None) -> bool:
+        """Couple element i of ``a`` with element i of ``b`` (equal lengths)."""
+        if a is None or b is None or a.length != b.length:
+            return False
+        idx = np.arange(a.length)
+        self._edge(a, b, idx, idx, MapKind.IDENTITY)
+        return True
+
+    def offset(self, part: Space | None, whole: Space | None, start: int) -> bool:
+        """Couple ``part[i]`` with ``whole[start + i]`` (Concat input, Split/Slice output)."""
+        if part is None or whole is None or start < 0 or start + part.length > whole.length:
+            return False
+        idx = np.arange(part.length)
+        self._edge(part, whole, idx, idx + start, MapKind.OFFSET)
+        return True
+
+    def block(self, fine: Space | None, coarse: Space | None) -> bool:
+        """Couple ``fine[i]`` with ``coarse[i // k]``, ``k = len(fine) / len(coarse)``."""
+        if fine is None or coarse is None or coarse.length == 0 \
+                or fine.length % coarse.length:
+            return False
+        k = fine.length // coarse.length
+        idx = np.arange(fine.length)
+        self._edge(fine, coarse, idx, idx // k, MapKind.BLOCK)
+        return True
+
+    def role(self, space: Space | None, role: Role) -> None:
+        if space is not None:
+            self.result.roles[space.key] = role
+            self.result.lengths[space.key] = space.length
+
+    def handle(self, space: Space | None) -> None:
+        """Declare that this node tolerates ``space`` changing without being coupled."""
+        if space is not None:
+            self.result.handled.add(space.key)
+            self.result.lengths[space.key] = space.length
+
+    def freeze(self, space: Space | None, reason: str) -> None:
+        if space is not None:
+            self.result.freezes.append((space.key, reason))
+
+    def on_rewrite(self, hook: RewriteHook) -> None:
+        self.result.rewrite = hook
+
+    def same_axes(self, pairs: Sequence[tuple[gs.Tensor | None, gs.Tensor | None]],
+                  skip: Sequence[int] = ()) -> None:
+        """Identity-couple axis k of each pair's tensors for every k not in ``skip``."""
+        for a, b in pairs:
+            ra, rb = self.rank(a), self.rank(b)
+            if ra is None or ra != rb:
+                continue
+            for ax in range(ra):
+                if ax not in skip:
+                    self.identity(self.space(a, ax), self.space(b, ax))

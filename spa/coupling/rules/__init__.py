@@ -1,0 +1,1 @@
+"""Op rule families, one file each; importing a module registers its rules."""

@@ -1,0 +1,100 @@
+"""Convolutions: Conv and ConvTranspose (1D/2D/3D, grouped, depthwise).
+
+Conv ``Y = conv(X, W) + B`` with ``W: [O, C/g, *k]``:
+
+* ``W[o]`` produces ``Y[:, o]`` (identity ``W.0 ↔ Y.1``, and ``B.0 ↔ Y.1``);
+* ``g == 1``: ``W[:, c]`` consumes ``X[:, c]`` (identity ``X.1 ↔ W.1``);
+* ``g > 1``: input channel ``c`` belongs to group ``c // (C/g)`` and output ``o`` to
+  ``o // (O/g)``; ``W.1`` indexes channels *within* a group, so it cannot shrink without making
+  the groups unequal. SPA removes whole groups: input block and output block of group ``k`` are
+  coupled through a virtual space of length ``g`` and ``W.1`` never changes. Depthwise
+  (``C/g == 1``) is the case where a group is one input channel and its ``O/C`` outputs.
+  The rewrite sets ``group`` to the number of surviving groups.
+
+ConvTranspose ``W: [C, O/g, *k]`` is the mirror image: ``W.0 ↔ X.1`` consumes, ``W.1`` (within a
+group) produces, and grouped ConvTranspose again removes whole groups.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spa.coupling.registry import register
+from spa.coupling.types import KeptLookup, Role
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+    from spa.coupling.context import NodeContext
+
+
+def _common(ctx: NodeContext) -> tuple | None:
+    x, w, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    if ctx.const(w) is None or ctx.rank(x) is None or ctx.rank(x) != ctx.rank(w):
+        return None  # dynamic weights or unknown ranks: handle nothing, fail closed
+    group = int(ctx.attr("group", 1))
+    ctx.identity(ctx.space(x, 0), ctx.space(y, 0))  # batch
+    return x, w, y, group
+
+
+def _group_hook(x_key: tuple[str, int], channels_per_group: int):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        node.attrs["group"] = kept.count(x_key) // channels_per_group
+
+    return hook
+
+
+def _couple_groups(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor, group: int) -> bool:
+    """Couple input block k with output block k through a virtual group space."""
+    sx, sy = ctx.space(x, 1), ctx.space(y, 1)
+    if sx is None or sy is None or sx.length % group or sy.length % group:
+        return False
+    groups = ctx.virtual("groups", group)
+    ctx.block(sx, groups)
+    ctx.block(sy, groups)
+    ctx.on_rewrite(_group_hook(sx.key, sx.length // group))
+    return True
+
+
+@register("Conv")
+def conv(ctx: NodeContext) -> None:
+    common = _common(ctx)
+    if common is None:
+        return
+    x, w, y, group = common
+    w_out = ctx.space(w, 0)
+    ctx.role(w_out, Role.PRODUCER)
+    ctx.identity(w_out, ctx.space(y, 1))
+    bias = ctx.input(2)
+    if bias is not None:
+        ctx.identity(ctx.space(bias, 0), ctx.space(y, 1))
+    if group == 1:
+        w_in = ctx.space(w, 1)
+        ctx.role(w_in, Role.CONSUMER)
+        ctx.identity(ctx.space(x, 1), w_in)
+    else:
+        _couple_groups(ctx, x, y, group)
+
+
+@register("ConvTranspose")
+def conv_transpose(ctx: NodeContext) -> None:
+    common = _common(ctx)
+    if common is None:
+        return
+    x, w, y, group = common
+    w_in = ctx.space(w, 0)
+    ctx.role(w_in, Role.CONSUMER)
+    ctx.identity(ctx.space(x, 1), w_in)
+    bias = ctx.input(2)
+    if group == 1:
+        w_out = ctx.space(w, 1)
+        ctx.role(w_out, Role.PRODUCER)
+        ctx.identity(w_out, ctx.space(y, 1))
+        if bias is not None:
+            ctx.identity(ctx.space(bias, 0), ctx.space(y, 1))
+    elif _couple_groups(ctx, x, y, group):
+        # W.0 is consumed per group; W.1 is group-local and stays. The producer of Y's
+        # channels is W's group block, so W.0 also removes the group's output rows.
+        ctx.role(w_in, Role.PRODUCER)
+        if bias is not None:
+            ctx.identity(ctx.space(bias, 0), ctx.space(y, 1))

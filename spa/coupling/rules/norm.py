@@ -1,0 +1,56 @@
+"""Normalisations whose statistics are per channel.
+
+BatchNormalization (inference form) and InstanceNormalization normalise each channel on its own,
+so ``X.1 ↔ Y.1`` and every per-channel parameter (scale, bias, running mean/var) goes with it;
+the scale is the channel's ``SCALE`` for importance criteria. BatchNormalization in training
+form (extra outputs) fails closed.
+
+LayerNormalization normalises over axes ``axis..-1``: pruning those would change the statistics,
+so only the leading axes pass through (the normalised axes stay unhandled and freeze if live;
+hidden-size pruning of transformers is a separate, opt-in analysis).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spa.coupling.registry import register
+from spa.coupling.types import Role
+
+if TYPE_CHECKING:
+    from spa.coupling.context import NodeContext
+
+
+def _per_channel(ctx: NodeContext, n_params: int) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    ctx.same_axes([(x, y)])
+    for i in range(1, 1 + n_params):
+        p = ctx.input(i)
+        if p is not None:
+            sp = ctx.space(p, 0)
+            ctx.identity(sp, ctx.space(y, 1))
+            if i == 1:
+                ctx.role(sp, Role.SCALE)
+
+
+@register("BatchNormalization")
+def batch_norm(ctx: NodeContext) -> None:
+    if len(ctx.outputs) != 1 or int(ctx.attr("training_mode", 0)):
+        return
+    _per_channel(ctx, 4)
+
+
+@register("InstanceNormalization")
+def instance_norm(ctx: NodeContext) -> None:
+    _per_channel(ctx, 2)
+
+
+@register("LayerNormalization", opsets=(17, 10_000))
+def layer_norm(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    if rank is None or len(ctx.outputs) != 1:
+        return
+    axis = int(ctx.attr("axis", -1)) % rank
+    for ax in range(axis):
+        ctx.identity(ctx.space(x, ax), ctx.space(y, ax))

@@ -1,0 +1,91 @@
+"""Pooling and reductions.
+
+Spatial pooling (Max/Average/Lp pool, their global forms) is computed channel by channel:
+``X.0 ↔ Y.0`` and ``X.1 ↔ Y.1``; spatial axes change length and are not coupled. MaxPool's
+optional ``Indices`` output encodes flat positions that include the channel, so a MaxPool whose
+indices are used fails closed.
+
+Reductions (ReduceMean, ReduceMax, …) couple every axis they do not reduce with the matching
+output axis (``keepdims`` decides the output position); a reduced axis mixes channels and stays
+unhandled. Softmax-like ops over an axis behave the same for their normalised axes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spa.coupling.registry import register
+
+if TYPE_CHECKING:
+    from spa.coupling.context import NodeContext
+
+REDUCE = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1",
+          "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+# The opset from which each reduction reads its axes from an input instead of an attribute.
+_AXES_AS_INPUT = {op: (13 if op == "ReduceSum" else 18) for op in REDUCE}
+
+
+@register("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+          "GlobalLpPool")
+def pool(ctx: NodeContext) -> None:
+    if len(ctx.outputs) != 1:
+        return
+    x, y = ctx.input(0), ctx.output(0)
+    ctx.identity(ctx.space(x, 0), ctx.space(y, 0))
+    ctx.identity(ctx.space(x, 1), ctx.space(y, 1))
+
+
+def _couple_kept_axes(ctx: NodeContext, reduced: set[int], keepdims: bool) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    out_ax = 0
+    for ax in range(ctx.rank(x) or 0):
+        if ax in reduced:
+            out_ax += 1 if keepdims else 0
+            continue
+        ctx.identity(ctx.space(x, ax), ctx.space(y, out_ax))
+        out_ax += 1
+
+
+@register(*REDUCE)
+def reduce(ctx: NodeContext) -> None:
+    x = ctx.input(0)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    if ctx.opset >= _AXES_AS_INPUT[ctx.node.op]:
+        axes_t = ctx.input(1)
+        axes = [] if axes_t is None else ctx.const_ints(axes_t)
+        if axes is None:
+            return  # axes computed at run time
+    else:
+        axes = list(ctx.attr("axes", []) or [])
+    if not axes:
+        if int(ctx.attr("noop_with_empty_axes", 0)):
+            ctx.same_axes([(x, ctx.output(0))])
+            return
+        axes = list(range(rank))
+    _couple_kept_axes(ctx, {a % rank for a in axes}, bool(int(ctx.attr("keepdims", 1))))
+
+
+@register("Softmax", "LogSoftmax", "Hardmax", "LpNormalization")
+def softmax(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    axis = int(ctx.attr("axis", -1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization"
+                        else 1)) % rank
+    # Before opset 13 Softmax flattens axes axis..-1 into one; all of them are normalised.
+    last = axis + 1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization" else rank
+    for ax in range(rank):
+        if not axis <= ax < last:
+            ctx.identity(ctx.space(x, ax), ctx.space(y, ax))
+
+
+@register("ArgMax", "ArgMin")
+def arg_reduce(ctx: NodeContext) -> None:
+    rank = ctx.rank(ctx.input(0))
+    if rank is None:
+        return
+    axis = int(ctx.attr("axis", 0)) % rank
+    _couple_kept_axes(ctx, {axis}, bool(int(ctx.attr("keepdims", 1))))

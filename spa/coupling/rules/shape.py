@@ -1,0 +1,192 @@
+"""Ops that move axes around: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Shape.
+
+Reshape/Flatten: input and output dims are cut into *factor groups* with equal products
+(``[N, C, H, W] → [N, C·H·W]`` is ``{N}→{N}``, ``{C,H,W}→{CHW}``). In a group with one non-1 dim
+on each side the axes are coupled identically; when several input dims merge into one output dim,
+the outermost input dim ``C`` is block-coupled with the output (feature ``f`` belongs to channel
+``f // (H·W)``); when one input dim splits into several output dims (``C → heads × d``), the input
+is block-coupled with the outermost output dim. Inner dims of a group are never coupled, so they
+freeze if anything makes them channel spaces (channel shuffles freeze that way). A Reshape whose
+target is a constant has its literal entries rewritten; a run-time target (``Shape → Gather →
+Concat``) is accepted where the entry of a coupled output dim is ``-1`` or copies the input dim.
+
+Transpose couples output axis ``k`` with input axis ``perm[k]``. Shape reads dims: a dim it
+reads (directly or through constant-index Gather/Slice) is unhandled, so a channel space whose
+length is read as data freezes; dims it does not read may change freely.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.coupling.registry import register
+from spa.coupling.shapevalue import DimRef, shape_entries, shape_op_dims
+
+if TYPE_CHECKING:
+    from spa.coupling.context import NodeContext
+    from spa.coupling.types import KeptLookup
+
+
+def factor_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Cut two shapes of equal size into runs of axes with equal products (1-dims dropped)."""
+    ia = [i for i, d in enumerate(a) if d != 1]
+    ib = [j for j, d in enumerate(b) if d != 1]
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(ia) and j < len(ib):
+        ga, gb = [ia[i]], [ib[j]]
+        pa, pb = a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(ia):
+                pa *= a[ia[i]]
+                ga.append(ia[i])
+                i += 1
+            elif pb < pa and j < len(ib):
+                pb *= b[ib[j]]
+                gb.append(ib[j])
+                j += 1
+            else:
+                return []
+        groups.append((ga, gb))
+    return groups if i == len(ia) and j == len(ib) else []
+
+
+def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
+                   allowed_out: set[int] | None = None) -> list[tuple[int, int]]:
+    """Couple the outer dims of each factor group; return the (in, out) axis pairs coupled."""
+    a, b = ctx.shape(x), ctx.shape(y)
+    if a is None or b is None or None in a or None in b or 0 in a or 0 in b:
+        return []
+    coupled = []
+    for ga, gb in factor_groups(a, b):
+        i, o = ga[0], gb[0]
+        if allowed_out is not None and o not in allowed_out:
+            continue
+        sx, sy = ctx.space(x, i), ctx.space(y, o)
+        if len(ga) == 1 and len(gb) == 1:
+            done = ctx.identity(sx, sy)
+        elif len(gb) == 1:
+            done = ctx.block(sy, sx)  # merge: output feature f ↔ input channel f // inner
+        elif len(ga) == 1:
+            done = ctx.block(sx, sy)  # split: input channel c ↔ output head c // inner
+        else:
+            done = False
+        if done:
+            coupled.append((i, o))
+    return coupled
+
+
+@register("Reshape")
+def reshape(ctx: NodeContext) -> None:
+    x, target, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    entries = shape_entries(target)
+    out_shape = ctx.shape(y)
+    if entries is None or out_shape is None or len(entries) != len(out_shape):
+        return
+    literal = ctx.const(target) is not None
+    allow_zero = bool(int(ctx.attr("allowzero", 0)))
+    allowed = set()
+    for o, e in enumerate(entries):
+        if e == -1 or (literal and isinstance(e, int) and e > 0):
+            allowed.add(o)
+        elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.tensor == x.name
+                                             and e.axis == o):
+            allowed.add(o)  # copies input dim o; fine when input dim o is coupled to it
+    coupled = couple_regroup(ctx, x, y, allowed)
+    copies = {o for o, e in enumerate(entries) if e == 0 or isinstance(e, DimRef)}
+    for i, o in coupled:
+        if o in copies and i != o:
+            raise AssertionError("copied reshape dim coupled to a different input axis")
+    if literal and coupled:
+        out_keys = [(y.name, o) for _, o in coupled]
+        ctx.on_rewrite(_reshape_hook(out_keys, [int(e) for e in entries]))
+
+
+def _reshape_hook(out_keys: list[tuple[str, int]], entries: list[int]):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        new = list(entries)
+        for key in out_keys:
+            if kept.changed(key) and new[key[1]] > 0:
+                new[key[1]] = kept.count(key)
+        old = node.inputs[1]
+        node.inputs[1] = gs.Constant(f"{old.name}__spa_{node.name}", np.asarray(new, np.int64))
+
+    return hook
+
+
+@register("Flatten")
+def flatten(ctx: NodeContext) -> None:
+    couple_regroup(ctx, ctx.input(0), ctx.output(0))
+
+
+@register("Transpose")
+def transpose(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    perm = ctx.attr("perm") or list(reversed(range(rank)))
+    for k, p in enumerate(perm):
+        ctx.identity(ctx.space(x, int(p)), ctx.space(y, k))
+
+
+def _axes(ctx: NodeContext, input_from: int) -> list[int] | None:
+    if ctx.opset >= input_from:
+        t = ctx.input(1)
+        return [] if t is None else ctx.const_ints(t)
+    return [int(a) for a in (ctx.attr("axes") or [])]
+
+
+@register("Squeeze")
+def squeeze(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    shape = ctx.shape(x)
+    axes = _axes(ctx, 13)
+    if shape is None or axes is None:
+        return
+    removed = {a % len(shape) for a in axes} if axes else {i for i, d in enumerate(shape) if d == 1}
+    kept = [ax for ax in range(len(shape)) if ax not in removed]
+    for out_ax, ax in enumerate(kept):
+        ctx.identity(ctx.space(x, ax), ctx.space(y, out_ax))
+
+
+@register("Unsqueeze")
+def unsqueeze(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank_y = ctx.rank(y)
+    axes = _axes(ctx, 13)
+    if rank_y is None or not axes:
+        return
+    inserted = {a % rank_y for a in axes}
+    kept = [ax for ax in range(rank_y) if ax not in inserted]
+    for in_ax, out_ax in enumerate(kept):
+        ctx.identity(ctx.space(x, in_ax), ctx.space(y, out_ax))
+
+
+@register("Shape")
+def shape_op(ctx: NodeContext) -> None:
+    x, out = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    read = _dims_read(ctx, out, shape_op_dims(ctx.node, rank))
+    for ax in range(rank):
+        if ax not in read:
+            ctx.handle(ctx.space(x, ax))
+
+
+def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: range) -> set[int]:
+    """Which input dims the Shape output's consumers actually read."""
+    read: set[int] = set()
+    for consumer in ctx.consumers(out):
+        idx = ctx.const_ints(consumer.inputs[1]) if consumer.op == "Gather" \
+            and len(consumer.inputs) > 1 and int(consumer.attrs.get("axis", 0)) == 0 else None
+        if idx is None:
+            return set(dims)
+        read.update(dims[i] for i in idx if -len(dims) <= i < len(dims))
+    return read

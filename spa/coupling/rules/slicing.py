@@ -1,0 +1,199 @@
+"""Ops that cut, join or pad an axis: Concat, Split, Slice, Pad, Resize/Upsample.
+
+Concat along ``axis``: input ``i`` occupies ``[o_i, o_i + n_i)`` of the output (offset map);
+other axes are coupled identically. Split is its mirror image. Slice with step 1 maps output
+``j`` to input ``start + j``; input channels outside the window belong to no output and may go
+freely (the rewrite recomputes ``start``/``end`` by counting survivors). Pad and Resize couple
+the axes they leave alone (no padding, scale 1). Every constant that names a length on a pruned
+axis (split sizes, slice bounds, Resize ``sizes``) is rewritten from the plan.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.coupling.registry import register
+
+if TYPE_CHECKING:
+    from spa.coupling.context import NodeContext
+    from spa.coupling.types import KeptLookup
+
+
+def _new_const(node: gs.Node, label: str, values: list[int] | np.ndarray, dtype=np.int64
+               ) -> gs.Constant:
+    return gs.Constant(f"{node.name}__spa_{label}", np.asarray(values, dtype=dtype))
+
+
+@register("Concat")
+def concat(ctx: NodeContext) -> None:
+    y = ctx.output(0)
+    rank = ctx.rank(y)
+    if rank is None:
+        return
+    axis = int(ctx.attr("axis")) % rank
+    start = 0
+    for x in ctx.inputs:
+        ctx.same_axes([(x, y)], skip=[axis])
+        sx = ctx.space(x, axis)
+        if sx is None:
+            return
+        ctx.offset(sx, ctx.space(y, axis), start)
+        start += sx.length
+
+
+@register("Split")
+def split(ctx: NodeContext) -> None:
+    x = ctx.input(0)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    axis = int(ctx.attr("axis", 0)) % rank
+    start = 0
+    for y in ctx.outputs:
+        ctx.same_axes([(x, y)], skip=[axis])
+        sy = ctx.space(y, axis)
+        if sy is None:
+            return
+        ctx.offset(sy, ctx.space(x, axis), start)
+        start += sy.length
+    ctx.on_rewrite(_split_hook(ctx.opset, [(y.name, axis) for y in ctx.outputs]))
+
+
+def _split_hook(opset: int, out_keys: list[tuple[str, int]]):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        sizes = [kept.count(k) for k in out_keys]
+        if opset >= 13:
+            node.attrs.pop("num_outputs", None)
+            const = _new_const(node, "split", sizes)
+            if len(node.inputs) > 1:
+                node.inputs[1] = const
+            else:
+                node.inputs.append(const)
+        else:
+            node.attrs["split"] = sizes
+
+    return hook
+
+
+def _slice_params(ctx: NodeContext, rank: int) -> list[tuple[int, int, int, int]] | None:
+    """(axis, start, end, step) per sliced axis with bounds clamped, or None if not constant."""
+    if ctx.opset >= 10:
+        vals = [ctx.const_ints(ctx.input(i)) if ctx.input(i) is not None else None
+                for i in range(1, 5)]
+        starts, ends, axes, steps = vals
+        if starts is None or ends is None or (ctx.input(3) is not None and axes is None) \
+                or (ctx.input(4) is not None and steps is None):
+            return None
+    else:
+        starts, ends = list(ctx.attr("starts")), list(ctx.attr("ends"))
+        axes, steps = ctx.attr("axes"), None
+    axes = list(axes) if axes else list(range(len(starts)))
+    steps = list(steps) if steps else [1] * len(starts)
+    shape = ctx.shape(ctx.input(0))
+    out = []
+    for ax, s, e, st in zip(axes, starts, ends, steps):
+        ax %= rank
+        length = shape[ax]
+        if length is None:
+            return None
+        s, e = (s + length if s < 0 else s), (e + length if e < 0 else e)
+        s, e = min(max(s, 0), length), min(max(e, 0), length)
+        out.append((ax, s, e, st))
+    return out
+
+
+@register("Slice")
+def slice_(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    params = _slice_params(ctx, rank)
+    if params is None:
+        return
+    sliced = {p[0]: p for p in params}
+    ctx.same_axes([(x, y)], skip=list(sliced))
+    coupled = []
+    for ax, s, e, step in params:
+        if step == 1 and ctx.offset(ctx.space(y, ax), ctx.space(x, ax), s):
+            coupled.append((ax, s))
+    if coupled:
+        ctx.on_rewrite(_slice_hook(ctx.opset, x.name, y.name, params))
+
+
+def _slice_hook(opset: int, x_name: str, y_name: str, params: list[tuple[int, int, int, int]]):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        starts, ends, axes, steps = [], [], [], []
+        for ax, s, e, step in params:
+            if step == 1 and kept.changed((x_name, ax)):
+                s = int(np.searchsorted(kept.kept((x_name, ax)), s))
+                e = s + kept.count((y_name, ax))
+            starts.append(s)
+            ends.append(e)
+            axes.append(ax)
+            steps.append(step)
+        if opset >= 10:
+            node.inputs[1:] = [_new_const(node, "starts", starts), _new_const(node, "ends", ends),
+                               _new_const(node, "axes", axes), _new_const(node, "steps", steps)]
+        else:
+            node.attrs.update(starts=starts, ends=ends, axes=axes)
+
+    return hook
+
+
+@register("Pad")
+def pad(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    pads = ctx.const_ints(ctx.input(1)) if ctx.opset >= 11 else list(ctx.attr("pads", []))
+    axes = list(range(rank))
+    if ctx.opset >= 18 and ctx.input(3) is not None:
+        axes = [a % rank for a in (ctx.const_ints(ctx.input(3)) or [])]
+    if pads is None or len(pads) != 2 * len(axes):
+        return
+    padded = {ax for k, ax in enumerate(axes) if pads[k] or pads[k + len(axes)]}
+    ctx.same_axes([(x, y)], skip=sorted(padded))
+
+
+@register("Resize", "Upsample")
+def resize(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    shape_x, shape_y = ctx.shape(x), ctx.shape(y)
+    if shape_x is None or shape_y is None or ctx.attr("axes") is not None \
+            or ctx.attr("coordinate_transformation_mode") == "tf_crop_and_resize":
+        return
+    sizes_t = ctx.input(3) if ctx.node.op == "Resize" and ctx.opset >= 11 else None
+    sizes = ctx.const_ints(sizes_t) if sizes_t is not None else None
+    if sizes_t is not None and sizes is None:
+        return
+    scales_at = 1 if ctx.node.op == "Upsample" or ctx.opset == 10 else 2
+    scales_t = ctx.input(scales_at)
+    scales = ctx.const(scales_t) if scales_t is not None else ctx.attr("scales")
+    if scales is not None and len(np.asarray(scales).reshape(-1)) not in (0, len(shape_x)):
+        return
+    scales = None if scales is None or np.asarray(scales).size == 0 \
+        else np.asarray(scales, dtype=np.float64).reshape(-1)
+    # An axis is left alone when its length is unchanged and (if given) its scale is exactly 1:
+    # a length-preserving scale such as 1.2 on 2 channels would still mix them.
+    unchanged = [ax for ax in range(len(shape_x))
+                 if shape_x[ax] is not None and shape_x[ax] == shape_y[ax]
+                 and (scales is None or scales[ax] == 1.0)]
+    for ax in unchanged:
+        ctx.identity(ctx.space(x, ax), ctx.space(y, ax))
+    if sizes:
+        ctx.on_rewrite(_resize_hook([(y.name, ax) for ax in unchanged], sizes))
+
+
+def _resize_hook(out_keys: list[tuple[str, int]], sizes: list[int]):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        new = list(sizes)
+        for key in out_keys:
+            new[key[1]] = kept.count(key)
+        node.inputs[3] = _new_const(node, "sizes", new)
+
+    return hook

@@ -1,0 +1,87 @@
+"""Vocabulary of coupling analysis: channel spaces, roles, index-map edges.
+
+A *channel space* is one axis of one tensor, keyed ``(tensor name, axis)``. Virtual spaces (a
+grouped convolution's group axis) use a tensor name that no tensor has, ending in ``::``.
+An *edge* couples element ``a_idx[k]`` of space ``a`` with element ``b_idx[k]`` of space ``b``;
+identity, offset (Concat/Split/Slice), block (Flatten, grouped conv, head split) maps are all
+index arrays, so one union-find serves every map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+SpaceKey = tuple[str, int]
+
+
+class Role(Enum):
+    """What a space is to the group it belongs to."""
+
+    PRODUCER = "producer"  # output axis of a weight: removing the channel removes the computation
+    CONSUMER = "consumer"  # input axis of a weight: the channel's contribution to a layer
+    SCALE = "scale"  # per-channel scale of a normalisation or activation (BN gamma, PRelu slope)
+    PARAM = "param"  # other per-channel constants: biases, running statistics, broadcast operands
+    ACTIVATION = "activation"  # a tensor computed at run time
+    VIRTUAL = "virtual"  # not a tensor: e.g. the group axis of a grouped convolution
+
+    @property
+    def is_weight(self) -> bool:
+        return self in (Role.PRODUCER, Role.CONSUMER, Role.SCALE)
+
+
+class MapKind(Enum):
+    IDENTITY = "identity"
+    OFFSET = "offset"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class Edge:
+    a: SpaceKey
+    b: SpaceKey
+    a_idx: np.ndarray
+    b_idx: np.ndarray
+    kind: MapKind
+    node: str
+
+
+RewriteHook = Callable[["gs.Node", "KeptLookup"], None]
+
+
+class KeptLookup:
+    """What the rewrite tells a rule's hook: which indices of a space survive."""
+
+    def __init__(self, kept: dict[SpaceKey, np.ndarray], lengths: dict[SpaceKey, int]):
+        self._kept = kept
+        self._lengths = lengths
+
+    def changed(self, key: SpaceKey) -> bool:
+        return key in self._kept
+
+    def kept(self, key: SpaceKey) -> np.ndarray:
+        """Sorted surviving indices of ``key`` (all of them when it is not pruned)."""
+        if key in self._kept:
+            return self._kept[key]
+        return np.arange(self._lengths[key])
+
+    def count(self, key: SpaceKey) -> int:
+        return int(self.kept(key).size)
+
+
+@dataclass
+class NodeCoupling:
+    """What one op rule says about one node."""
+
+    edges: list[Edge] = field(default_factory=list)
+    handled: set[SpaceKey] = field(default_factory=set)
+    roles: dict[SpaceKey, Role] = field(default_factory=dict)
+    lengths: dict[SpaceKey, int] = field(default_factory=dict)
+    freezes: list[tuple[SpaceKey, str]] = field(default_factory=list)
+    rewrite: RewriteHook | None = None

@@ -1,0 +1,57 @@
+"""Typed errors a user can act on.
+
+Every error SPA raises on bad input derives from :class:`SpaError`; the CLI turns these into one
+line on stderr and a documented exit code, never a traceback. ``assert`` is kept for SPA's own
+invariants.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of the ``spa`` command (documented in the README)."""
+
+    OK = 0
+    BAD_INPUT = 2
+    VALIDATION_FAILED = 3
+    NOTHING_PRUNABLE = 4
+
+
+class SpaError(Exception):
+    """Base class of every error SPA reports to a user."""
+
+    exit_code: ExitCode = ExitCode.BAD_INPUT
+
+
+class ModelLoadError(SpaError):
+    """The model file is missing, unreadable, not ONNX, truncated or otherwise invalid."""
+
+
+class UnsupportedModelError(SpaError):
+    """The model is valid ONNX but uses something SPA cannot read (IR or opset version)."""
+
+
+class OptionError(SpaError):
+    """An option has a value outside its domain (a ratio outside [0, 1), say)."""
+
+
+class PlanMismatchError(SpaError):
+    """A saved plan does not belong to the model it is applied to."""
+
+
+class OutputPathError(SpaError):
+    """The output path cannot be written (a directory, a missing parent, no permission)."""
+
+
+class ValidationError(SpaError):
+    """The pruned model failed validation (onnxruntime, shapes, or the numeric oracle)."""
+
+    exit_code = ExitCode.VALIDATION_FAILED
+
+
+class NothingPrunableError(SpaError):
+    """Every channel group of the model is frozen; nothing can be removed."""
+
+    exit_code = ExitCode.NOTHING_PRUNABLE

@@ -1,0 +1,205 @@
+"""Load an ONNX file into a normalised onnx-graphsurgeon graph.
+
+Normal form, whatever the producer (PyTorch's two exporters, tf2onnx, paddle2onnx, …):
+
+* every weight is a ``gs.Constant`` — ``Constant`` nodes (paddle2onnx writes weights that way)
+  are turned into constants, and ``Identity`` nodes whose input is a constant are bypassed;
+* every tensor carries the shape ONNX shape inference gives it (symbolic dims stay strings);
+* external data is read into memory with the tensors that use it.
+
+The file on disk is only read, never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from spa.errors import ModelLoadError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 7
+# Above this many bytes of tensor data, shape inference runs on a weight-less copy (protobuf
+# cannot serialise a message over 2 GB, and shape inference serialises the model).
+_INFER_IN_MEMORY_LIMIT = 1 << 30
+
+
+@dataclass
+class LoadedModel:
+    """A model in SPA's normal form, plus what is needed to write it back faithfully."""
+
+    path: Path | None
+    graph: gs.Graph
+    proto_header: onnx.ModelProto  # the model without its graph: versions, opsets, metadata
+    external_data: bool
+    file_bytes: int
+    opset: int
+    notes: list[str] = field(default_factory=list)
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Read ``path`` and return it in normal form; raise a typed error on bad input."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, not an ONNX file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise ModelLoadError(f"{p}: not a readable ONNX model (truncated or another file type): "
+                             f"{_one_line(exc)}") from exc
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelLoadError(f"{p}: not an ONNX model (no graph or no nodes in it)")
+    external = any(external_data_helper.uses_external_data(t)
+                   for t in external_data_helper._get_all_tensors(model))
+    header = _header_of(model)
+    opset = check_versions(model, str(p))
+    structure_only = onnx.ModelProto()
+    structure_only.CopyFrom(model)
+    file_bytes = _file_bytes(p, model) if external else p.stat().st_size
+    if external:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{p}: external data could not be read: {_one_line(exc)}") from exc
+    model = _with_inferred_shapes(model, structure_only, file_bytes, str(p))
+    graph = import_graph(model, str(p))
+    return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
+                       file_bytes=file_bytes, opset=opset)
+
+
+def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
+    """Normalise an in-memory model (tests and the Python API use this)."""
+    opset = check_versions(model, name)
+    model = _with_inferred_shapes(model, model, model.ByteSize(), name)
+    return LoadedModel(path=None, graph=import_graph(model, name), proto_header=_header_of(model),
+                       external_data=False, file_bytes=model.ByteSize(), opset=opset)
+
+
+def check_versions(model: onnx.ModelProto, name: str) -> int:
+    """Return the default-domain opset, or raise if SPA cannot read this IR/opset version."""
+    if model.ir_version > onnx.IR_VERSION or model.ir_version < 3:
+        raise UnsupportedModelError(
+            f"{name}: IR version {model.ir_version} is not supported "
+            f"(this onnx reads IR 3 to {onnx.IR_VERSION})")
+    opset = None
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            opset = imp.version
+    if opset is None:
+        raise UnsupportedModelError(f"{name}: the model imports no default-domain (ai.onnx) opset")
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UnsupportedModelError(
+            f"{name}: opset {opset} is not supported (SPA reads opsets {MIN_OPSET} to {newest})")
+    return opset
+
+
+def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
+    try:
+        onnx.checker.check_model(model) if model.ByteSize() < _INFER_IN_MEMORY_LIMIT else None
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
+    graph = gs.import_onnx(model)
+    _constant_nodes_to_constants(graph)
+    _bypass_constant_identities(graph)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return graph
+
+
+def _constant_nodes_to_constants(graph: gs.Graph) -> None:
+    """Replace each ``Constant`` node by a ``gs.Constant`` tensor of the same name."""
+    for node in [n for n in graph.nodes if n.op == "Constant" and n.domain in ("", "ai.onnx")]:
+        values = _constant_node_value(node)
+        if values is None:
+            continue  # sparse or string constants stay nodes; rules see them as non-constant
+        out = node.outputs[0]
+        const = gs.Constant(out.name, values)
+        for consumer in list(out.outputs):
+            consumer.inputs[:] = [const if t is out else t for t in consumer.inputs]
+        graph.outputs[:] = [const if t is out else t for t in graph.outputs]
+        node.outputs.clear()
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        return np.asarray(v.values) if isinstance(v, gs.Constant) else None
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None
+
+
+def _bypass_constant_identities(graph: gs.Graph) -> None:
+    """Make consumers of ``Identity(constant)`` read the constant directly."""
+    for node in [n for n in graph.nodes if n.op == "Identity"]:
+        src = node.inputs[0]
+        if not isinstance(src, gs.Constant):
+            continue
+        out = node.outputs[0]
+        if out in graph.outputs:
+            continue
+        for consumer in list(out.outputs):
+            consumer.inputs[:] = [src if t is out else t for t in consumer.inputs]
+        node.outputs.clear()
+
+
+def _with_inferred_shapes(model: onnx.ModelProto, structure: onnx.ModelProto, data_bytes: int,
+                          name: str) -> onnx.ModelProto:
+    source = model if data_bytes < _INFER_IN_MEMORY_LIMIT else structure
+    try:
+        inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"{name}: shape inference failed: {_one_line(exc)}") from exc
+    if source is model:
+        return inferred
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return model
+
+
+def _header_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    header = onnx.ModelProto()
+    header.CopyFrom(model)
+    header.ClearField("graph")
+    return header
+
+
+def _file_bytes(path: Path, model: onnx.ModelProto) -> int:
+    total = path.stat().st_size
+    seen: set[str] = set()
+    for tensor in external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                f = path.parent / entry.value
+                total += f.stat().st_size if f.exists() else 0
+    return total
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
+
+
+def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor as numpy, or None for activations."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+__all__ = ["LoadedModel", "load_model", "load_proto", "constant_array"]

@@ -1,0 +1,140 @@
+"""The plan: every pruning decision, as a plain JSON-serialisable object.
+
+Everything before the plan only reads the model; everything after only applies it. A plan names
+the model it belongs to (a structural fingerprint) and, per group, the channels to keep
+(indices into the group's channels, which follow the order of its first producer's output axis).
+``spa apply`` re-runs the (deterministic) analysis and refuses a plan that does not match.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from spa.errors import PlanMismatchError
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis
+    from spa.coupling.types import SpaceKey
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    id: int
+    name: str
+    size: int
+    keep: tuple[int, ...]
+
+    @property
+    def removed(self) -> int:
+        return self.size - len(self.keep)
+
+
+@dataclass(frozen=True)
+class FrozenGroup:
+    id: int
+    name: str
+    size: int
+    reasons: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    fingerprint: str
+    groups: tuple[GroupPlan, ...]
+    frozen: tuple[FrozenGroup, ...] = ()
+    prediction: Prediction | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["format"] = PLAN_FORMAT
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<plan>") -> Plan:
+        try:
+            body = json.loads(text)
+            if body.get("format") != PLAN_FORMAT:
+                raise PlanMismatchError(f"{source}: not a plan of format {PLAN_FORMAT}")
+            groups = tuple(GroupPlan(int(g["id"]), str(g["name"]), int(g["size"]),
+                                     tuple(int(i) for i in g["keep"])) for g in body["groups"])
+            frozen = tuple(FrozenGroup(int(g["id"]), str(g["name"]), int(g["size"]),
+                                       tuple(g["reasons"])) for g in body.get("frozen", ()))
+            pred = Prediction(**body["prediction"]) if body.get("prediction") else None
+            return cls(str(body["fingerprint"]), groups, frozen, pred, body.get("meta", {}))
+        except PlanMismatchError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PlanMismatchError(f"{source}: not a valid SPA plan ({exc})") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if not p.is_file():
+            raise PlanMismatchError(f"{p}: no such plan file")
+        return cls.from_json(p.read_text(), str(p))
+
+    def check_against(self, analysis: Analysis) -> None:
+        """Raise :class:`PlanMismatchError` unless this plan can be applied to ``analysis``."""
+        if self.fingerprint != analysis.fingerprint:
+            raise PlanMismatchError(
+                f"plan was made for model {self.fingerprint}, this model is "
+                f"{analysis.fingerprint} (a different graph)")
+        by_id = {g.id: g for g in analysis.groups}
+        for gp in self.groups:
+            g = by_id.get(gp.id)
+            if g is None or g.size != gp.size or g.name != gp.name:
+                raise PlanMismatchError(f"plan group {gp.id} ({gp.name}) does not exist in model")
+            if gp.removed and not g.prunable:
+                why = "; ".join(g.frozen) or "it has no producer"
+                raise PlanMismatchError(f"plan prunes group {gp.id} ({gp.name}) but {why}")
+            keep = np.asarray(gp.keep)
+            if keep.size == 0 or keep.min() < 0 or keep.max() >= g.size \
+                    or np.any(np.diff(keep) <= 0):
+                raise PlanMismatchError(f"plan group {gp.id} ({gp.name}): keep indices must be "
+                                        f"sorted, unique, non-empty and below {g.size}")
+
+
+def removed_indices(analysis: Analysis, plan: Plan) -> dict[SpaceKey, np.ndarray]:
+    """Per channel space, the indices the plan removes (spaces it does not touch are absent)."""
+    by_id = {g.id: g for g in analysis.groups}
+    out: dict[SpaceKey, list[np.ndarray]] = {}
+    for gp in plan.groups:
+        if not gp.removed:
+            continue
+        group = by_id[gp.id]
+        gone = np.ones(group.size, dtype=bool)
+        gone[list(gp.keep)] = False
+        for m in group.members:
+            idx = m.indices[gone[m.channels]]
+            if idx.size:
+                out.setdefault(m.space, []).append(idx)
+    return {k: np.sort(np.concatenate(v)) for k, v in out.items()}
+
+
+def kept_indices(analysis: Analysis, plan: Plan) -> dict[SpaceKey, np.ndarray]:
+    """Per changed channel space, the sorted indices that survive."""
+    kept = {}
+    for key, gone in removed_indices(analysis, plan).items():
+        mask = np.ones(analysis.lengths[key], dtype=bool)
+        mask[gone] = False
+        kept[key] = np.flatnonzero(mask)
+    return kept

@@ -1,0 +1,141 @@
+"""Validation with onnxruntime, and the numeric oracle of DESIGN.md.
+
+* :func:`check_signature`: the pruned model's outputs have the original's names, dtypes, shapes.
+* :func:`masked_model`: the original model with, for every removed channel, its input-weight
+  slice zeroed at every consumer — built from the plan and the group members alone, never with
+  the rewrite code, so the oracle stays independent of what it checks.
+* :func:`check_close`: pruned outputs equal the masked original's to a tolerance relative to the
+  output scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from spa.errors import ValidationError
+from spa.plan import removed_indices
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis
+    from spa.plan import Plan
+
+ModelSource = "str | bytes | onnx.ModelProto"
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+}
+
+
+def session(model, *, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a path, serialized bytes or a ModelProto."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ValidationError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}"
+                              ) from exc
+
+
+def random_inputs(sess: ort.InferenceSession, *, seed: int = 0, dims: dict[str, int] | None = None,
+                  ) -> dict[str, np.ndarray]:
+    """Seeded random feeds for every graph input; symbolic dims take ``dims`` or 1."""
+    rng = np.random.default_rng(seed)
+    dims = dims or {}
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else dims.get(str(d), 1) for d in inp.shape]
+        dtype = _ORT_TYPES.get(inp.type)
+        if dtype is None:
+            raise ValidationError(f"input '{inp.name}' has type {inp.type}, which SPA cannot feed")
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[inp.name] = rng.random(shape) < 0.5
+        else:
+            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def check_signature(original: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> None:
+    if list(original) != list(pruned):
+        raise ValidationError(f"output names changed: {list(original)} -> {list(pruned)}")
+    for name, a in original.items():
+        b = pruned[name]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            raise ValidationError(f"output '{name}' changed from {a.dtype}{list(a.shape)} to "
+                                  f"{b.dtype}{list(b.shape)}")
+
+
+@dataclass(frozen=True)
+class Closeness:
+    max_abs: float
+    scale: float
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs / self.scale
+
+
+def closeness(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> Closeness:
+    worst, scale = 0.0, 1e-12
+    for name, ref in reference.items():
+        ref64, oth64 = np.asarray(ref, np.float64), np.asarray(other[name], np.float64)
+        if ref64.size:
+            worst = max(worst, float(np.max(np.abs(ref64 - oth64))))
+            scale = max(scale, float(np.max(np.abs(ref64))))
+    return Closeness(worst, scale)
+
+
+def check_close(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarray], *,
+                rtol: float = 1e-4, what: str = "masked original") -> Closeness:
+    c = closeness(reference, pruned)
+    if c.relative > rtol:
+        raise ValidationError(f"pruned outputs differ from the {what}: max |Δ| = {c.max_abs:.3g} "
+                              f"at output scale {c.scale:.3g} (relative {c.relative:.2g} > {rtol})")
+    return c
+
+
+def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+    """The original model with every removed channel's consumer input-weight slice zeroed.
+
+    ``original`` must be the normal form the analysis ran on (weights as initializers).
+    """
+    from spa.coupling.types import Role
+
+    consumer_spaces = {m.space for g in analysis.groups for m in g.members
+                       if m.role is Role.CONSUMER}
+    zero: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for (name, axis), idx in removed_indices(analysis, plan).items():
+        if (name, axis) in consumer_spaces:
+            zero.setdefault(name, []).append((axis, idx))
+    masked = onnx.ModelProto()
+    masked.CopyFrom(original)
+    for init in masked.graph.initializer:
+        if init.name in zero:
+            arr = numpy_helper.to_array(init).copy()
+            for axis, idx in zero[init.name]:
+                index = [slice(None)] * arr.ndim
+                index[axis] = idx
+                arr[tuple(index)] = 0
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    return masked
