@@ -62,9 +62,7 @@ class ModelSpec:
     input_shapes: tuple[tuple[int, ...], ...] = field(default=())
     description: str = ""
 
-    def inputs(
-        self, batch: int | None = None, seed: int = INPUT_SEED
-    ) -> tuple[torch.Tensor, ...]:
+    def inputs(self, batch: int | None = None, seed: int = INPUT_SEED) -> tuple[torch.Tensor, ...]:
         """Seeded inputs with an optional batch size override."""
         return make_inputs(self.input_shapes, seed=seed, batch=batch)
 

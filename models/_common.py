@@ -97,9 +97,7 @@ def reinit_weights(module: nn.Module) -> None:
                 m.bias.normal_(0.0, 0.05)
 
 
-def finalize(
-    module: nn.Module, input_shape: tuple[int, ...] | None = None
-) -> nn.Module:
+def finalize(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """Re-init weights, randomise BatchNorm, switch to eval mode.
 
     The caller is expected to have seeded the global RNG (``torch.manual_seed``)

@@ -111,9 +111,7 @@ class VGG(nn.Module):
 
     CONFIG: tuple[int | str, ...] = (16, 16, "M", 32, 32, "M", 64, 64, "M")
 
-    def __init__(
-        self, flatten: str = "flatten", hidden: int = 128, num_classes: int = 10
-    ) -> None:
+    def __init__(self, flatten: str = "flatten", hidden: int = 128, num_classes: int = 10) -> None:
         super().__init__()
         if flatten not in ("flatten", "view"):
             raise ValueError(f"flatten must be 'flatten' or 'view', got {flatten!r}")
@@ -167,9 +165,7 @@ class UNet(nn.Module):
         e2 = self.enc2(self.pool(e1))  # c2 x 16 x 16
         b = self.bottleneck(self.pool(e2))  # c3 x 8 x 8
         d2 = self.dec2(torch.cat([self.up2(b), e2], dim=1))  # c2 x 16 x 16
-        up1 = nn.functional.interpolate(
-            d2, scale_factor=2.0, mode="bilinear", align_corners=False
-        )
+        up1 = nn.functional.interpolate(d2, scale_factor=2.0, mode="bilinear", align_corners=False)
         d1 = self.dec1(torch.cat([up1, e1], dim=1))  # c1 x 32 x 32
         return self.head(d1)
 

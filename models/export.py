@@ -213,22 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m models.export", description="Export a reference model to ONNX."
     )
     parser.add_argument("name", nargs="?", help="model name (see --list)")
-    parser.add_argument(
-        "-o", "--output", type=Path, help="output .onnx path (default: NAME.onnx)"
-    )
+    parser.add_argument("-o", "--output", type=Path, help="output .onnx path (default: NAME.onnx)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript")
     parser.add_argument("--opset", type=int, default=None)
-    parser.add_argument(
-        "--dynamic-batch", action="store_true", help="make axis 0 symbolic"
-    )
+    parser.add_argument("--dynamic-batch", action="store_true", help="make axis 0 symbolic")
     parser.add_argument(
         "--no-optimize",
         action="store_true",
         help="disable constant folding / onnxscript optimizer",
     )
-    parser.add_argument(
-        "--list", action="store_true", help="list the registered models and exit"
-    )
+    parser.add_argument("--list", action="store_true", help="list the registered models and exit")
     args = parser.parse_args(argv)
 
     if args.list:

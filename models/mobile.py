@@ -38,9 +38,7 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(conv_bn_act(cin, hidden, 1, act=nn.ReLU6))
-        layers.append(
-            conv_bn_act(hidden, hidden, 3, stride=stride, groups=hidden, act=nn.ReLU6)
-        )
+        layers.append(conv_bn_act(hidden, hidden, 3, stride=stride, groups=hidden, act=nn.ReLU6))
         layers.append(conv_bn_act(hidden, cout, 1, act=None))
         self.conv = nn.Sequential(*layers)
 
@@ -61,9 +59,7 @@ class MobileNetV2(nn.Module):
         (4, 32, 1, 1),
     )
 
-    def __init__(
-        self, num_classes: int = 10, stem_width: int = 16, head_width: int = 64
-    ) -> None:
+    def __init__(self, num_classes: int = 10, stem_width: int = 16, head_width: int = 64) -> None:
         super().__init__()
         layers: list[nn.Module] = [conv_bn_act(3, stem_width, 3, act=nn.ReLU6)]
         cin = stem_width
@@ -74,9 +70,7 @@ class MobileNetV2(nn.Module):
         layers.append(conv_bn_act(cin, head_width, 1, act=nn.ReLU6))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Dropout(0.2), nn.Linear(head_width, num_classes)
-        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(head_width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x))
@@ -112,9 +106,7 @@ class MBConv(nn.Module):
         if expand_ratio != 1:
             layers.append(conv_bn_act(cin, hidden, 1, act=nn.SiLU))
         layers.append(
-            conv_bn_act(
-                hidden, hidden, kernel_size, stride=stride, groups=hidden, act=nn.SiLU
-            )
+            conv_bn_act(hidden, hidden, kernel_size, stride=stride, groups=hidden, act=nn.SiLU)
         )
         layers.append(SqueezeExcite(hidden, max(1, cin // 4)))
         layers.append(conv_bn_act(hidden, cout, 1, act=None))
@@ -137,9 +129,7 @@ class EfficientNet(nn.Module):
         (4, 3, 32, 1, 1),
     )
 
-    def __init__(
-        self, num_classes: int = 10, stem_width: int = 16, head_width: int = 64
-    ) -> None:
+    def __init__(self, num_classes: int = 10, stem_width: int = 16, head_width: int = 64) -> None:
         super().__init__()
         layers: list[nn.Module] = [conv_bn_act(3, stem_width, 3, stride=1, act=nn.SiLU)]
         cin = stem_width
@@ -150,9 +140,7 @@ class EfficientNet(nn.Module):
         layers.append(conv_bn_act(cin, head_width, 1, act=nn.SiLU))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Dropout(0.2), nn.Linear(head_width, num_classes)
-        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(head_width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x))

@@ -85,9 +85,7 @@ class Bottleneck(nn.Module):
         cout = planes * self.expansion
         self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(
-            width, width, 3, stride=stride, padding=1, groups=groups, bias=False
-        )
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
@@ -148,6 +146,4 @@ def resnet_bottleneck(seed: int = 0) -> nn.Module:
 def resnext(seed: int = 0) -> nn.Module:
     """ResNeXt: bottlenecks whose 3x3 conv has 8 groups of width 4 (32 ch)."""
     torch.manual_seed(seed)
-    return finalize(
-        ResNet(Bottleneck, (8, 16, 32), groups=8, width_per_group=4), _IMAGE
-    )
+    return finalize(ResNet(Bottleneck, (8, 16, 32), groups=8, width_per_group=4), _IMAGE)

@@ -6,7 +6,6 @@ full ONNX checker and run in onnxruntime; outputs must match torch.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from collections import Counter
@@ -37,9 +36,7 @@ def _run_onnx(path: Path, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     return sess.run(None, feeds)
 
 
-def _torch_outputs(
-    module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
-) -> list[np.ndarray]:
+def _torch_outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
     with torch.no_grad():
         out = module(*inputs)
     outs = [out] if isinstance(out, torch.Tensor) else list(out)
@@ -88,9 +85,7 @@ def test_build_is_deterministic_eval_and_sane(name: str) -> None:
     m2, x2 = models.build(name)
     assert not m1.training
     assert all(not m.training for m in m1.modules())
-    for (k1, v1), (k2, v2) in zip(
-        m1.state_dict().items(), m2.state_dict().items(), strict=True
-    ):
+    for (k1, v1), (k2, v2) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
         assert k1 == k2
         assert torch.equal(v1, v2), k1
     assert len(x1) == len(x2) == len(models.MODELS[name].input_shapes)
@@ -106,11 +101,7 @@ def test_build_is_deterministic_eval_and_sane(name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_batchnorm_is_randomised(name: str) -> None:
     module, _ = models.build(name)
-    bns = [
-        m
-        for m in module.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-    ]
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns, "every reference model has BatchNorm"
     for bn in bns:
         assert bn.running_mean is not None and bn.running_var is not None
@@ -151,9 +142,7 @@ def test_export_matches_torch(name: str, exporter: str, tmp_path: Path) -> None:
 
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
-    default = (
-        TORCHSCRIPT_DEFAULT_OPSET if exporter == "torchscript" else DYNAMO_DEFAULT_OPSET
-    )
+    default = TORCHSCRIPT_DEFAULT_OPSET if exporter == "torchscript" else DYNAMO_DEFAULT_OPSET
     (opset,) = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     assert opset == default
     assert [i.name for i in proto.graph.input] == ["input"]
@@ -214,9 +203,7 @@ def test_optimize_false_keeps_batchnorm(exporter: str, tmp_path: Path) -> None:
 def test_dynamo_explicit_opset(tmp_path: Path) -> None:
     path = export("conv1d", tmp_path / "m.onnx", exporter="dynamo", opset=18)
     proto = onnx.load(path)
-    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [
-        18
-    ]
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [18]
     module, inputs = models.build("conv1d")
     _assert_close(_run_onnx(path, inputs)[0], _torch_outputs(module, inputs)[0])
 
@@ -246,9 +233,7 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["conv1d", "-o", str(out), "--opset", "16", "--dynamic-batch"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     proto = onnx.load(out)
-    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [
-        16
-    ]
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [16]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
@@ -273,15 +258,49 @@ def test_cli_subprocess(tmp_path: Path) -> None:
 # --------------------------------------------------------- torchvision_compat
 
 
-def test_import_torchvision_stubs() -> None:
+_FAKE_TORCHVISION = """
+import sys
+from torchvision import _autograd_registrations, _meta_registrations
+
+STUBBED = not hasattr(_meta_registrations, "__file__") and not hasattr(
+    _autograd_registrations, "__file__"
+)
+"""
+
+
+def test_import_torchvision_stubs_registrations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake torchvision that imports the two modules gets the empty stubs."""
     from models.torchvision_compat import STUBBED_MODULES, import_torchvision
 
-    installed = importlib.util.find_spec("torchvision") is not None
-    if installed:
+    pkg = tmp_path / "torchvision"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(_FAKE_TORCHVISION)
+    # Deliberately no _meta_registrations.py: importing it would fail without stubs.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = {n: sys.modules.pop(n) for n in ("torchvision", *STUBBED_MODULES) if n in sys.modules}
+    try:
         tv = import_torchvision()
-        assert tv.__name__ == "torchvision"
-        return
-    before = {n: sys.modules.get(n) for n in STUBBED_MODULES}
-    with pytest.raises(ImportError):
-        import_torchvision()
-    assert {n: sys.modules.get(n) for n in STUBBED_MODULES} == before
+        assert tv.__file__ == str(pkg / "__init__.py")
+        assert tv.STUBBED
+    finally:
+        for n in ("torchvision", *STUBBED_MODULES):
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+
+
+def test_import_torchvision_missing_cleans_up() -> None:
+    from models.torchvision_compat import STUBBED_MODULES, import_torchvision
+
+    saved = {n: sys.modules.pop(n) for n in ("torchvision", *STUBBED_MODULES) if n in sys.modules}
+    try:
+        # Block the real package (if any) so the import fails.
+        sys.modules["torchvision"] = None  # type: ignore[assignment]
+        with pytest.raises(ImportError):
+            import_torchvision()
+        assert all(n not in sys.modules for n in STUBBED_MODULES)
+    finally:
+        for n in ("torchvision", *STUBBED_MODULES):
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)

@@ -119,16 +119,25 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
 
 def _constant_nodes_to_constants(graph: gs.Graph) -> None:
     """Replace each ``Constant`` node by a ``gs.Constant`` tensor of the same name."""
-    for node in [n for n in graph.nodes if n.op == "Constant" and n.domain in ("", "ai.onnx")]:
+    for node in [n for n in graph.nodes if n.op == "Constant" and (n.domain or "") in ("", "ai.onnx")]:
         values = _constant_node_value(node)
         if values is None:
             continue  # sparse or string constants stay nodes; rules see them as non-constant
         out = node.outputs[0]
         const = gs.Constant(out.name, values)
-        for consumer in list(out.outputs):
-            consumer.inputs[:] = [const if t is out else t for t in consumer.inputs]
-        graph.outputs[:] = [const if t is out else t for t in graph.outputs]
         node.outputs.clear()
+        _replace_uses(graph, out, const)
+
+
+def _replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every reader of ``old`` (nodes and graph outputs) read ``new`` instead."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+    for i, t in enumerate(graph.outputs):
+        if t is old:
+            graph.outputs[i] = new
 
 
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
@@ -152,9 +161,8 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         out = node.outputs[0]
         if out in graph.outputs:
             continue
-        for consumer in list(out.outputs):
-            consumer.inputs[:] = [src if t is out else t for t in consumer.inputs]
         node.outputs.clear()
+        _replace_uses(graph, out, src)
 
 
 def _with_inferred_shapes(model: onnx.ModelProto, structure: onnx.ModelProto, data_bytes: int,

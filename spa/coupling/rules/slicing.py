@@ -27,6 +27,14 @@ def _new_const(node: gs.Node, label: str, values: list[int] | np.ndarray, dtype=
     return gs.Constant(f"{node.name}__spa_{label}", np.asarray(values, dtype=dtype))
 
 
+def _set_input(node: gs.Node, i: int, tensor: gs.Tensor) -> None:
+    """Set input ``i`` (appending when it is the next one), keeping gs's links in sync."""
+    if i < len(node.inputs):
+        node.inputs[i] = tensor
+    else:
+        node.inputs.append(tensor)
+
+
 @register("Concat")
 def concat(ctx: NodeContext) -> None:
     y = ctx.output(0)
@@ -67,11 +75,7 @@ def _split_hook(opset: int, out_keys: list[tuple[str, int]]):
         sizes = [kept.count(k) for k in out_keys]
         if opset >= 13:
             node.attrs.pop("num_outputs", None)
-            const = _new_const(node, "split", sizes)
-            if len(node.inputs) > 1:
-                node.inputs[1] = const
-            else:
-                node.inputs.append(const)
+            _set_input(node, 1, _new_const(node, "split", sizes))
         else:
             node.attrs["split"] = sizes
 
@@ -136,8 +140,10 @@ def _slice_hook(opset: int, x_name: str, y_name: str, params: list[tuple[int, in
             axes.append(ax)
             steps.append(step)
         if opset >= 10:
-            node.inputs[1:] = [_new_const(node, "starts", starts), _new_const(node, "ends", ends),
-                               _new_const(node, "axes", axes), _new_const(node, "steps", steps)]
+            new = [_new_const(node, "starts", starts), _new_const(node, "ends", ends),
+                   _new_const(node, "axes", axes), _new_const(node, "steps", steps)]
+            for i, const in enumerate(new, start=1):
+                _set_input(node, i, const)
         else:
             node.attrs.update(starts=starts, ends=ends, axes=axes)
 

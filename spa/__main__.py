@@ -1,0 +1,5 @@
+"""``python -m spa`` is the ``spa`` command."""
+
+from spa.cli import main
+
+raise SystemExit(main())

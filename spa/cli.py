@@ -1,0 +1,183 @@
+"""The ``spa`` command: a thin shell over :mod:`spa.api`.
+
+Flag choices come from the registries (criteria, targets, reductions), so a new criterion shows
+up in ``spa prune --help`` by itself. Errors a user can fix print one line and exit with a
+documented code (see :class:`spa.errors.ExitCode`); set ``SPA_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from spa.errors import ExitCode, SpaError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and SPA's bad-input exit code."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(int(ExitCode.BAD_INPUT))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from passes.allocation import Target
+    from passes.importance import CRITERIA, Normalization, Reduction
+
+    parser = _Parser(prog="spa", description="Structurally Prune Anything: "
+                                     "prune coupled channel groups of an ONNX model.")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    an = sub.add_parser("analyze", help="show channel groups, frozen groups and costs")
+    an.add_argument("model", help="ONNX file")
+    an.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    an.add_argument("--explain", action="store_true", help="list why each frozen group is frozen")
+    an.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                    help="freeze every channel touching nodes whose name matches GLOB")
+
+    pr = sub.add_parser("prune", help="prune a model and write the smaller model")
+    pr.add_argument("model", help="ONNX file (never modified)")
+    pr.add_argument("-o", "--output", required=True, help="where to write the pruned model")
+    pr.add_argument("--ratio", type=_ratio, default=0.3,
+                    help="share of channels (or of params/FLOPs with --target) to remove, [0, 1)")
+    pr.add_argument("--target", choices=[t.value for t in Target], default="channels",
+                    help="what --ratio measures (params/flops: searched to meet the target)")
+    criteria_help = "; ".join(f"{n}: {c.help}" for n, c in sorted(CRITERIA.items()))
+    pr.add_argument("--criterion", choices=sorted(CRITERIA), default="l1", help=criteria_help)
+    pr.add_argument("--reduction", choices=[r.value for r in Reduction], default="mean",
+                    help="how a channel's scores over the group's weights are combined")
+    pr.add_argument("--normalization", choices=[n.value for n in Normalization],
+                    default="mean", help="per-group normalisation of channel scores")
+    pr.add_argument("--global", dest="global_ranking", action="store_true",
+                    help="rank channels across groups instead of the same ratio per group")
+    pr.add_argument("--round-to", type=_positive, default=1, metavar="N",
+                    help="keep channel counts a multiple of N")
+    pr.add_argument("--min-channels", type=_positive, default=1, metavar="N",
+                    help="never keep fewer than N channels in a group")
+    pr.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+                    help="freeze every channel touching nodes whose name matches GLOB")
+    pr.add_argument("--seed", type=int, default=0, help="seed of random scores and inputs")
+    pr.add_argument("--plan", metavar="PLAN.json", help="also write the plan as JSON")
+    _check_flags(pr)
+
+    ap = sub.add_parser("apply", help="apply a saved plan to its model")
+    ap.add_argument("model", help="ONNX file (never modified)")
+    ap.add_argument("plan", help="plan JSON written by `spa prune --plan`")
+    ap.add_argument("-o", "--output", required=True, help="where to write the pruned model")
+    _check_flags(ap)
+    return parser
+
+
+def _check_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", metavar="REPORT.json", help="write the before/after report")
+    p.add_argument("--check-masked", action="store_true",
+                   help="also check the numeric oracle: pruned == masked original")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip running original and pruned models in onnxruntime")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def _version() -> str:
+    from spa import __version__
+
+    return f"spa {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="spa: %(message)s")
+    try:
+        return {"analyze": _analyze, "prune": _prune, "apply": _apply}[args.command](args)
+    except SpaError as exc:
+        if os.environ.get("SPA_DEBUG"):
+            raise
+        print(f"spa: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from spa.api import analyze
+    from spa.report import analysis_summary, analysis_text
+
+    analysis = analyze(args.model, ignore=tuple(args.ignore))
+    if args.json:
+        print(json.dumps(analysis_summary(analysis), indent=1))
+    else:
+        print(analysis_text(analysis, explain=args.explain))
+    return int(ExitCode.OK)
+
+
+def _checks(args: argparse.Namespace):
+    from spa.api import CheckOptions
+
+    return CheckOptions(validate=not args.no_validate or args.check_masked,
+                        check_masked=args.check_masked, latency=not args.no_validate)
+
+
+def _finish(args: argparse.Namespace, report) -> int:
+    from spa.api import report_table, write_report
+
+    if args.report:
+        write_report(report, args.report)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(report_table(report))
+        print(f"wrote {report.output}")
+    return int(ExitCode.OK)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from passes.allocation import Target
+    from passes.importance import Normalization, Reduction
+    from spa.api import PruneOptions, prune
+
+    options = PruneOptions(ratio=args.ratio, target=Target(args.target),
+                           criterion=args.criterion, reduction=Reduction(args.reduction),
+                           normalization=Normalization(args.normalization),
+                           global_ranking=args.global_ranking, round_to=args.round_to,
+                           min_channels=args.min_channels, ignore=tuple(args.ignore),
+                           seed=args.seed)
+    report, _ = prune(args.model, args.output, options, _checks(args), plan_path=args.plan)
+    return _finish(args, report)
+
+
+def _apply(args: argparse.Namespace) -> int:
+    from spa.api import apply
+
+    return _finish(args, apply(args.model, args.plan, args.output, _checks(args)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""Op rules that cut, join, move or re-shape the channel axis: Concat, Split, Slice, pooling and
+reductions, Flatten/Reshape into a dense layer, Transpose, Squeeze/Unsqueeze, Pad, Resize,
+Dropout. Each graph is pruned under the masked oracle, and every shape constant SPA must rewrite
+is read back from the pruned file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from graphs import (
+    Builder,
+    attr,
+    group_of,
+    init_shapes,
+    init_value,
+    input_value,
+    kept_slices,
+    node_named,
+)
+from oracle import group_sizes, prune_checked
+
+INT64_MAX = np.iinfo(np.int64).max
+X = {"x": [1, 3, 4, 4]}
+
+
+def _kept(m, out, name: str, axis: int = 0) -> list[int]:
+    return kept_slices(init_value(m, name), init_value(out.path, name), axis)
+
+
+def _assert_frozen_by(m, tensor: str, node: str) -> None:
+    """The group of ``(tensor, 0)`` is frozen and a reason names ``node``."""
+    g = group_of(m, tensor, 0)
+    assert not g.prunable and any(f"'{node}'" in r for r in g.frozen), g.frozen
+
+
+# --- Concat / Split / Slice ------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.5, 0.0])
+def test_concat_of_three_convs(tmp_path, ratio):
+    b = Builder()
+    parts = [b.op("Relu", b.conv("x", 3, n, name=f"c{n}")) for n in (4, 6, 8)]
+    y = b.conv(b.op("Concat", *parts, axis=1), 18, 4, name="head")
+    m = b.model(X, {y: [1, 4, 4, 4]})
+    assert sorted(group_sizes(m)) == [(4, False), (4, True), (6, True), (8, True)]
+    assert len({group_of(m, f"c{n}.w", 0).id for n in (4, 6, 8)}) == 3
+    out = prune_checked(m, tmp_path, ratio=ratio)
+    if ratio == 0:
+        return
+    assert init_shapes(out.path)["head.w"] == (4, 2 + 3 + 4, 3, 3)
+    expected_cols = [off + r for off, n in ((0, 4), (4, 6), (10, 8)) for r in _kept(m, out, f"c{n}.b")]
+    assert _kept(m, out, "head.w", 1) == expected_cols
+
+
+def _split_graph(opset: int, sizes: list[int] | None, **split_attrs):
+    """c1 (3→8) → Split on channels → one conv per part → Add."""
+    b = Builder()
+    x = b.conv("x", 3, 8, name="c1")
+    if sizes is not None and opset >= 13:
+        parts = b.op("Split", x, b.const(sizes), outputs=2, name="split", axis=1)
+    else:
+        parts = b.op("Split", x, outputs=2, name="split", axis=1, **split_attrs)
+    n = sizes or [4, 4]
+    y = b.op("Add", *(b.conv(p, k, 4, name=f"b{i}") for i, (p, k) in enumerate(zip(parts, n))))
+    return b.model(X, {y: [1, 4, 4, 4]}, opset=opset)
+
+
+def test_split_sizes_input_opset13(tmp_path):
+    m = _split_graph(13, [3, 5])
+    assert sorted(group_sizes(m)) == [(3, True), (4, False), (5, True)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert input_value(out.path, "split", 1).tolist() == [2, 3]
+    shapes = init_shapes(out.path)
+    assert shapes["c1.w"] == (5, 3, 3, 3)
+    assert shapes["b0.w"] == (4, 2, 3, 3) and shapes["b1.w"] == (4, 3, 3, 3)
+    rows = _kept(m, out, "c1.b")
+    assert _kept(m, out, "b0.w", 1) == [r for r in rows if r < 3]
+    assert _kept(m, out, "b1.w", 1) == [r - 3 for r in rows if r >= 3]
+
+
+def test_split_sizes_attribute_opset11(tmp_path):
+    m = _split_graph(11, [3, 5], split=[3, 5])
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert attr(node_named(out.path, "split"), "split") == [2, 3]
+    assert init_shapes(out.path)["c1.w"] == (5, 3, 3, 3)
+
+
+def test_split_equal_num_outputs_opset18(tmp_path):
+    m = _split_graph(18, None, num_outputs=2)
+    assert sorted(group_sizes(m)) == [(4, False), (4, True), (4, True)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    node = node_named(out.path, "split")
+    assert "num_outputs" not in [a.name for a in node.attribute]
+    assert input_value(out.path, "split", 1).tolist() == [2, 2]
+
+
+SLICES = {  # all take channels [lo, lo + 5) of 8
+    "axes": (2, dict(starts=[2], ends=[7], axes=[1])),
+    "negative": (2, dict(starts=[-6], ends=[-1], axes=[1])),
+    "no_axes": (2, dict(starts=[0, 2], ends=[1, 7])),
+    "neg_axis_end_max": (3, dict(starts=[3], ends=[INT64_MAX], axes=[-3])),
+}
+
+
+@pytest.mark.parametrize("case", SLICES)
+def test_slice_channels(tmp_path, case):
+    lo, params = SLICES[case]
+    b = Builder()
+    x = b.conv("x", 3, 8, name="c1")
+    y = b.conv(b.op("Slice", x, *(b.const(v) for v in params.values()), name="slice"), 5, 4,
+               name="c2")
+    m = b.model(X, {y: [1, 4, 4, 4]})
+    # Channels inside the window go with c2's input; those outside are consumed by nobody.
+    assert sorted(group_sizes(m)) == [(3, True), (4, False), (5, True)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    rows = _kept(m, out, "c1.b")
+    assert len(rows) == 2 + 3
+    inside = [r for r in rows if lo <= r < lo + 5]
+    assert _kept(m, out, "c2.w", 1) == [r - lo for r in inside]
+    axes = input_value(out.path, "slice", 3).tolist()
+    k = [a % 4 for a in axes].index(1)
+    start = int(input_value(out.path, "slice", 1)[k])
+    end = int(input_value(out.path, "slice", 2)[k])
+    assert start == sum(r < lo for r in rows) and end - start == len(inside)
+
+
+def test_slice_step_2_on_channels_freezes(tmp_path):
+    b = Builder()
+    x = b.stem("x", 3, 8)
+    s = b.op("Slice", x, b.const([0]), b.const([8]), b.const([1]), b.const([2]), name="slice")
+    y = b.conv(s, 4, 4, name="c2")
+    m = b.model(X, {y: [1, 4, 4, 4]})
+    _assert_frozen_by(m, "c1.w", "slice")
+    out = prune_checked(m, tmp_path, ratio=0.5)  # the stem still prunes
+    shapes = init_shapes(out.path)
+    assert shapes["c1.w"] == (8, 3, 3, 3) and shapes["stem.w"] == (3, 3, 3, 3)
+
+
+# --- pooling and reductions ------------------------------------------------------------------
+POOLS = {
+    "MaxPool": ({"kernel_shape": [2, 2], "strides": [2, 2]}, 2, 3),
+    "AveragePool": ({"kernel_shape": [2, 2], "strides": [2, 2]}, 2, 3),
+    "GlobalAveragePool": ({}, 1, 1),
+    "GlobalMaxPool": ({}, 1, 1),
+}
+
+
+@pytest.mark.parametrize("op", POOLS)
+def test_pool(tmp_path, op):
+    attrs, hw, k = POOLS[op]
+    b = Builder()
+    y = b.conv(b.op(op, b.op("Relu", b.conv("x", 3, 8, name="c1")), **attrs), 8, 4, k=k,
+               name="c2")
+    m = b.model(X, {y: [1, 4, hw, hw]})
+    assert group_sizes(m) == [(8, True), (4, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c2.w"] == (4, 4, k, k)
+    assert _kept(m, out, "c2.w", 1) == _kept(m, out, "c1.b")
+
+
+def test_maxpool_indices_output_freezes(tmp_path):
+    b = Builder()
+    v, idx = b.op("MaxPool", b.stem("x", 3, 8), outputs=["v", "idx"], name="pool",
+                  kernel_shape=[2, 2], strides=[2, 2])
+    y = b.conv(v, 8, 4, name="c2")
+    m = b.model(X, {y: [1, 4, 2, 2], idx: ([1, 8, 2, 2], 7)})  # 7: int64
+    _assert_frozen_by(m, "c1.w", "pool")
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c1.w"] == (8, 3, 3, 3)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("keepdims", [1, 0])
+def test_reduce_mean_spatial(tmp_path, opset, keepdims):
+    b = Builder()
+    x = b.op("Relu", b.conv("x", 3, 8, name="c1"))
+    if opset >= 18:
+        r = b.op("ReduceMean", x, b.const([2, 3]), keepdims=keepdims)
+    else:
+        r = b.op("ReduceMean", x, axes=[2, 3], keepdims=keepdims)
+    if keepdims:
+        y, shape, consumer = b.conv(r, 8, 4, k=1, name="head"), [1, 4, 1, 1], (4, 4, 1, 1)
+    else:
+        y, shape, consumer = b.gemm(r, 8, 4, name="head"), [1, 4], (4, 4)
+    m = b.model(X, {y: shape}, opset=opset)
+    assert group_sizes(m) == [(8, True), (4, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["head.w"] == consumer
+
+
+@pytest.mark.parametrize("op, opset", [("ReduceMean", 13), ("ReduceMean", 18), ("ReduceSum", 13)])
+def test_reduce_over_channels_freezes(tmp_path, op, opset):
+    b = Builder()
+    x = b.stem("x", 3, 8)
+    if opset >= (13 if op == "ReduceSum" else 18):
+        y = b.op(op, x, b.const([1]), name="reduce")
+    else:
+        y = b.op(op, x, name="reduce", axes=[1])
+    m = b.model(X, {y: [1, 1, 4, 4]}, opset=opset)
+    _assert_frozen_by(m, "c1.w", "reduce")
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c1.w"] == (8, 3, 3, 3)
+
+
+# --- Flatten / Reshape into a dense layer -----------------------------------------------------
+# Reshape targets given as constants, and what SPA must rewrite them to at ratio 0.5.
+LITERAL_TARGETS = {"reshape_1_chw": ([1, 128], [1, 64]), "reshape_-1_chw": ([-1, 128], [-1, 64]),
+                   "reshape_0_-1": ([0, -1], [0, -1])}
+
+
+def _flattened_features(b: Builder, how: str) -> str:
+    """Relu(c1 (3→8)) as [1, 128] by Flatten or Reshape; ``how`` names the form."""
+    x = b.op("Relu", b.conv("x", 3, 8, name="c1"))
+    if how == "flatten":
+        return b.op("Flatten", x, axis=1)
+    if how in LITERAL_TARGETS:
+        return b.op("Reshape", x, b.const(LITERAL_TARGETS[how][0]), name="reshape")
+    # x.view(x.size(0), -1) as exported: Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])
+    n = b.op("Gather", b.op("Shape", x), b.const(np.int64(0)), axis=0)
+    target = b.op("Concat", b.op("Unsqueeze", n, b.const([0])), b.const([-1]), axis=0)
+    return b.op("Reshape", x, target, name="reshape")
+
+
+@pytest.mark.parametrize("how", ["flatten", *LITERAL_TARGETS, "reshape_runtime"])
+def test_flatten_into_gemm(tmp_path, how):
+    b = Builder()
+    y = b.gemm(_flattened_features(b, how), 128, 4, name="fc")
+    m = b.model(X, {y: [1, 4]})
+    assert group_sizes(m) == [(8, True), (4, False)]  # one channel = 16 features
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["fc.w"] == (4, 64)
+    rows = _kept(m, out, "c1.b")
+    assert _kept(m, out, "fc.w", 1) == [r * 16 + j for r in rows for j in range(16)]
+    if how in LITERAL_TARGETS:
+        assert input_value(out.path, "reshape", 1).tolist() == LITERAL_TARGETS[how][1]
+
+
+def test_transpose_to_nhwc_matmul(tmp_path):
+    b = Builder()
+    x = b.op("Transpose", b.op("Relu", b.conv("x", 3, 8, name="c1")), perm=[0, 2, 3, 1])
+    y = b.op("MatMul", x, b.weight(8, 4, name="w"))
+    m = b.model(X, {y: [1, 4, 4, 4]})
+    assert group_sizes(m) == [(8, True), (4, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["w"] == (4, 4)
+    assert _kept(m, out, "w", 0) == _kept(m, out, "c1.b")
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_squeeze_unsqueeze_around_gemm(tmp_path, opset):
+    b = Builder()
+    x = b.op("GlobalAveragePool", b.op("Relu", b.conv("x", 3, 8, name="c1")))
+    axes = {"axes": [2, 3]} if opset < 13 else {}
+    extra = [b.const([2, 3])] if opset >= 13 else []
+    x = b.op("Squeeze", x, *extra, **axes)
+    x = b.op("Relu", b.gemm(x, 8, 6, name="fc"))
+    extra = [b.const([2, 3])] if opset >= 13 else []
+    y = b.conv(b.op("Unsqueeze", x, *extra, **axes), 6, 4, k=1, name="c2")
+    m = b.model(X, {y: [1, 4, 1, 1]}, opset=opset)
+    assert sorted(group_sizes(m)) == [(4, False), (6, True), (8, True)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    shapes = init_shapes(out.path)
+    assert shapes["fc.w"] == (3, 4) and shapes["c2.w"] == (4, 3, 1, 1)
+
+
+# --- Pad, Resize, Dropout -------------------------------------------------------------------
+def test_pad_spatial_only(tmp_path):
+    b = Builder()
+    x = b.op("Pad", b.op("Relu", b.conv("x", 3, 8, name="c1")), b.const([0, 0, 1, 1, 0, 0, 1, 1]))
+    y = b.conv(x, 8, 4, name="c2", pads=[0, 0, 0, 0])
+    m = b.model(X, {y: [1, 4, 4, 4]})
+    assert group_sizes(m) == [(8, True), (4, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c2.w"] == (4, 4, 3, 3)
+
+
+def test_pad_channel_axis_freezes(tmp_path):
+    b = Builder()
+    x = b.op("Pad", b.stem("x", 3, 8), b.const([0, 1, 0, 0, 0, 1, 0, 0]), name="pad")
+    y = b.conv(x, 10, 4, name="c2")
+    m = b.model(X, {y: [1, 4, 4, 4]})
+    _assert_frozen_by(m, "c1.w", "pad")
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c1.w"] == (8, 3, 3, 3)
+
+
+@pytest.mark.parametrize("by", ["scales", "sizes"])
+def test_resize(tmp_path, by):
+    b = Builder()
+    x = b.op("Relu", b.conv("x", 3, 8, name="c1"))
+    if by == "scales":
+        r = b.op("Resize", x, "", b.const([1.0, 1.0, 2.0, 2.0]), name="resize", mode="nearest")
+    else:
+        r = b.op("Resize", x, "", "", b.const([1, 8, 8, 8]), name="resize", mode="nearest")
+    y = b.conv(r, 8, 4, name="c2")
+    m = b.model(X, {y: [1, 4, 8, 8]})
+    assert group_sizes(m) == [(8, True), (4, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c2.w"] == (4, 4, 3, 3)
+    if by == "sizes":
+        assert input_value(out.path, "resize", 3).tolist() == [1, 4, 8, 8]
+    else:
+        assert input_value(out.path, "resize", 2).tolist() == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_dropout_inference(tmp_path):
+    b = Builder()
+    y = b.conv(b.op("Dropout", b.op("Relu", b.conv("x", 3, 8, name="c1"))), 8, 4, name="c2")
+    m = b.model(X, {y: [1, 4, 4, 4]}, opset=13)
+    assert group_sizes(m) == [(8, True), (4, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c2.w"] == (4, 4, 3, 3)
