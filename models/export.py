@@ -20,9 +20,10 @@ Two exporters are supported:
   constant-folds shapes: both flatten styles become a single ``Reshape``
   with a constant shape (``[1, -1]``/``[1, 1024]`` static, ``[-1, 1024]``
   with ``dynamic_batch``). ``optimize=False`` keeps BatchNormalization but
-  leaves a lot of Shape/Expand/CastLike noise around it. The model is always written as a single
-  self-contained file (``external_data=False``); torch's own default would
-  write a ``<name>.onnx.data`` side file even for these tiny models.
+  leaves a lot of Shape/Expand/CastLike noise around it. The model is always
+  written as a single self-contained file (``external_data=False``); torch's
+  own default would write a ``<name>.onnx.data`` side file even for these
+  tiny models.
 
 Input names are ``input`` (one input) or ``input0``, ``input1``, ...; output
 names ``output`` or ``output0``, ... ``dynamic_batch=True`` makes axis 0 of

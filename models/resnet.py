@@ -1,10 +1,11 @@
 """ResNet-family reference models: BasicBlock, Bottleneck and ResNeXt.
 
 All three share the same skeleton: a 3x3 stem (conv-bn-relu), three stages
-whose first block downsamples by 2 with a 1x1 conv-bn shortcut (the stem
-stage keeps stride 1 but still changes width, so it also has a projection
-shortcut), identity residual adds for the remaining blocks, global average
-pooling, flatten and a linear classifier. Input ``1x3x32x32``, 10 classes.
+of two blocks; the first block of stages 2 and 3 downsamples by 2 with a 1x1
+conv-bn projection shortcut (stage 1 keeps stride 1; with bottlenecks its
+first block still changes width, so it also has a projection shortcut),
+the other blocks use identity residual adds; then global average pooling,
+flatten and a linear classifier. Input ``1x3x32x32``, 10 classes.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ def session(model, *, threads: int | None = None) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ValidationError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}"
-                              ) from exc
+        text = " ".join(str(exc).split())[:300]
+        raise ValidationError(f"onnxruntime cannot load the model: {text}") from exc
 
 
 def random_inputs(sess: ort.InferenceSession, *, seed: int = 0, dims: dict[str, int] | None = None,

@@ -77,13 +77,13 @@ class Builder:
         b = self.weight(cout, name=f"{name}.b")
         return self.op("ConvTranspose", x, w, b, name=name, group=group, pads=[k // 2] * 4)
 
-    def gemm(self, x: str, k: int, n: int, *, trans_b: int = 1, bias_shape: tuple = "n",
-             name: str | None = None) -> str:
+    def gemm(self, x: str, k: int, n: int, *, trans_b: int = 1,
+             bias_shape: tuple[int, ...] | None = None, name: str | None = None) -> str:
+        """Gemm ``x [M, k] → [M, n]``; the bias is ``[n]`` unless ``bias_shape`` says otherwise."""
         name = name or self._fresh("gemm")
         w = self.weight(*((n, k) if trans_b else (k, n)), name=f"{name}.w")
-        shape = (n,) if bias_shape == "n" else bias_shape
-        return self.op("Gemm", x, w, self.weight(*shape, name=f"{name}.b"), name=name,
-                       transB=trans_b)
+        bias = self.weight(*(bias_shape or (n,)), name=f"{name}.b")
+        return self.op("Gemm", x, w, bias, name=name, transB=trans_b)
 
     def bn(self, x: str, c: int, name: str | None = None) -> str:
         name = name or self._fresh("bn")

@@ -47,7 +47,7 @@ def test_weight_through_identity(tmp_path):
 
 
 SMALL_EXTERNAL_BUG = pytest.mark.xfail(strict=True, raises=OutputPathError, reason=(
-    "BUG: spa/ir/save.py:85 save_model with external=True writes tensors over 1024 bytes to "
+    "BUG: spa/ir/save.py:86 save_model with external=True writes tensors over 1024 bytes to "
     "<name>.data (size_threshold=1024) and then unconditionally os.replace()s that file; when "
     "every tensor of the pruned model is smaller, no .data file exists and the save fails with "
     "OutputPathError 'cannot write: No such file or directory'"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from passes.importance import magnitude  # noqa: F401  (registers l1, l2, random)
 from passes.importance.base import (
     CRITERIA,
     Criterion,
@@ -10,6 +11,5 @@ from passes.importance.base import (
     Scores,
     get_criterion,
 )
-from passes.importance import magnitude  # noqa: F401  (registers l1, l2, random)
 
 __all__ = ["CRITERIA", "Criterion", "Normalization", "Reduction", "Scores", "get_criterion"]

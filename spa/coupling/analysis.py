@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.context import NodeContext
 from spa.coupling.registry import ensure_loaded, lookup
-from spa.coupling.types import NodeCoupling, Role, RewriteHook, SpaceKey
+from spa.coupling.types import NodeCoupling, RewriteHook, Role, SpaceKey
 from spa.coupling.unionfind import components
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ def _build_groups(couplings: dict[str, NodeCoupling], live: set[SpaceKey],
     by_group: dict[int, list[np.ndarray]] = {}
     for chunk in chunks:
         by_group.setdefault(int(group_of_elem[chunk[0]]), []).append(chunk)
-    for sig, gid in sig_ids.items():
+    for gid in sig_ids.values():
         chunks_g = by_group[gid]  # ordered by space id: producers first
         canonical = chunks_g[0]
         atoms_in_order = labels[canonical]

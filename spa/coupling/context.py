@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.coupling.types import Edge, MapKind, NodeCoupling, Role, RewriteHook, SpaceKey
+from spa.coupling.types import Edge, MapKind, NodeCoupling, RewriteHook, Role, SpaceKey
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -7,8 +7,9 @@ opset range contains the model's opset. No rule ⇒ the node is unknown ⇒ fail
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
@@ -57,7 +58,13 @@ def registered_ops() -> list[str]:
 def _load_rule_families() -> None:
     # Importing the family modules runs their @register decorators.
     from spa.coupling.rules import (  # noqa: F401
-        conv, elementwise, linear, norm, pool, shape, slicing,
+        conv,
+        elementwise,
+        linear,
+        norm,
+        pool,
+        shape,
+        slicing,
     )
 
 

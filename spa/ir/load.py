@@ -119,7 +119,8 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
 
 def _constant_nodes_to_constants(graph: gs.Graph) -> None:
     """Replace each ``Constant`` node by a ``gs.Constant`` tensor of the same name."""
-    for node in [n for n in graph.nodes if n.op == "Constant" and (n.domain or "") in ("", "ai.onnx")]:
+    for node in [n for n in graph.nodes
+                 if n.op == "Constant" and (n.domain or "") in ("", "ai.onnx")]:
         values = _constant_node_value(node)
         if values is None:
             continue  # sparse or string constants stay nodes; rules see them as non-constant

@@ -17,7 +17,6 @@ length is read as data freezes; dims it does not read may change freely.
 
 from __future__ import annotations
 
-from math import prod
 from typing import TYPE_CHECKING
 
 import numpy as np

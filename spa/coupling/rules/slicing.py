@@ -118,13 +118,10 @@ def slice_(ctx: NodeContext) -> None:
     params = _slice_params(ctx, rank)
     if params is None:
         return
-    sliced = {p[0]: p for p in params}
-    ctx.same_axes([(x, y)], skip=list(sliced))
-    coupled = []
-    for ax, s, e, step in params:
-        if step == 1 and ctx.offset(ctx.space(y, ax), ctx.space(x, ax), s):
-            coupled.append((ax, s))
-    if coupled:
+    ctx.same_axes([(x, y)], skip=[p[0] for p in params])
+    coupled = [ctx.offset(ctx.space(y, ax), ctx.space(x, ax), s)
+               for ax, s, _, step in params if step == 1]
+    if any(coupled):
         ctx.on_rewrite(_slice_hook(ctx.opset, x.name, y.name, params))
 
 

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the test suite (slow sweeps excluded; run them with: scripts/test.sh -m slow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh "torch,test"
+.venv/bin/ruff check spa passes models tests benchmarks
+.venv/bin/python -m pytest -n 2 -q "$@"
