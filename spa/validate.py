@@ -63,17 +63,22 @@ def random_inputs(sess: ort.InferenceSession, *, seed: int = 0, dims: dict[str, 
         if dtype is None:
             raise ValidationError(f"input '{inp.name}' has type {inp.type}, which SPA cannot feed")
         if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+            value = rng.standard_normal(shape)
         elif dtype is np.bool_:
-            feeds[inp.name] = rng.random(shape) < 0.5
+            value = rng.random(shape) < 0.5
         else:
-            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+            value = rng.integers(0, 2, size=shape)
+        feeds[inp.name] = np.asarray(value, dtype=dtype)  # 0-d inputs stay arrays
     return feeds
 
 
 def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    try:
+        return dict(zip(names, sess.run(names, feeds)))
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        text = " ".join(str(exc).split())[:300]
+        raise ValidationError(f"onnxruntime failed to run the model: {text}") from exc
 
 
 def check_signature(original: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> None:

@@ -9,8 +9,6 @@ import pytest
 from graphs import Builder, init_shapes, init_value, kept_slices
 from oracle import group_sizes, prune_checked
 
-from spa.errors import OutputPathError
-
 X = {"x": [1, 3, 4, 4]}
 PRUNED = {"c1.w": (4, 3, 3, 3), "c1.b": (4,), "c2.w": (4, 4, 3, 3), "c2.b": (4,)}
 
@@ -46,14 +44,7 @@ def test_weight_through_identity(tmp_path):
     assert init_shapes(out.path) == PRUNED
 
 
-SMALL_EXTERNAL_BUG = pytest.mark.xfail(strict=True, raises=OutputPathError, reason=(
-    "BUG: spa/ir/save.py:86 save_model with external=True writes tensors over 1024 bytes to "
-    "<name>.data (size_threshold=1024) and then unconditionally os.replace()s that file; when "
-    "every tensor of the pruned model is smaller, no .data file exists and the save fails with "
-    "OutputPathError 'cannot write: No such file or directory'"))
-
-
-@pytest.mark.parametrize("width", [32, pytest.param(4, marks=SMALL_EXTERNAL_BUG)])
+@pytest.mark.parametrize("width", [32, 4])
 @pytest.mark.parametrize("ratio", [0.5, 0.0])
 def test_external_data(tmp_path, ratio, width):
     m = _conv_relu_conv(width)

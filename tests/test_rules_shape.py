@@ -235,11 +235,6 @@ def test_flatten_into_gemm(tmp_path, how):
         assert input_value(out.path, "reshape", 1).tolist() == LITERAL_TARGETS[how][1]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: spa/coupling/rules/shape.py:62 couple_regroup returns no coupling as soon as any dim of "
-    "the input or output shape is symbolic ('None in a or None in b'), so Flatten/Reshape of "
-    "[N, C, H, W] with a dynamic batch N leaves the channel axis unhandled and the conv's group "
-    "freezes ('Flatten node ... does not map axis 1'); the C·H·W factor group is fully static"))
 @pytest.mark.parametrize("how", ["flatten", "reshape_-1_chw", "reshape_0_-1", "reshape_runtime"])
 def test_flatten_into_gemm_dynamic_batch(tmp_path, how):
     b = Builder()
@@ -250,12 +245,6 @@ def test_flatten_into_gemm_dynamic_batch(tmp_path, how):
     assert init_shapes(out.path)["fc.w"] == (4, 64)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: x.view(x.size(0), x.size(1), -1) — Reshape target Concat(Gather(Shape(x), 0), "
-    "Gather(Shape(x), 1), [-1]) — freezes the channel group: the Shape rule "
-    "(spa/coupling/rules/shape.py:171-190 shape_op/_dims_read) leaves every dim read through "
-    "Gather unhandled, although the Reshape rule accepts an entry that copies input dim o into "
-    "output dim o and the target is re-read at run time, so pruning C is correct"))
 def test_reshape_runtime_target_copying_channel_dim(tmp_path):
     b = Builder()
     x = b.op("Relu", b.conv("x", 3, 8, name="c1"))

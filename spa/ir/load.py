@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from spa.errors import ModelLoadError, UnsupportedModelError
+from spa.ir.shapevalue import resolve_reshape, shape_entries
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,36 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    if _refine_reshape_shapes(graph):
+        # Propagate what the Reshapes now know to the ops after them.
+        refined = gs.export_onnx(graph, do_type_check=False)
+        del refined.opset_import[:]
+        refined.opset_import.extend(model.opset_import)
+        refined.ir_version = model.ir_version
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(refined, data_prop=True))
     return graph
+
+
+def _refine_reshape_shapes(graph: gs.Graph) -> bool:
+    """Fill in Reshape output dims that ONNX shape inference left unknown (symbolic batch with a
+    run-time target, e.g. ``x.view(x.size(0), -1)``); True if any dim was filled."""
+    changed = False
+    for node in graph.nodes:
+        if node.op != "Reshape" or len(node.inputs) < 2 or node.inputs[0].shape is None:
+            continue
+        out = node.outputs[0]
+        in_shape = tuple(d if isinstance(d, int) and d >= 0 else None
+                         for d in node.inputs[0].shape)
+        known = None if out.shape is None else tuple(
+            d if isinstance(d, int) and d >= 0 else None for d in out.shape)
+        resolved = resolve_reshape(in_shape, shape_entries(node.inputs[1]), node.inputs[0].name,
+                                   known)
+        if resolved is None or resolved == known:
+            continue
+        old = list(out.shape) if out.shape is not None else [None] * len(resolved)
+        out.shape = [r if r is not None else o for r, o in zip(resolved, old)]
+        changed = True
+    return changed
 
 
 def _constant_nodes_to_constants(graph: gs.Graph) -> None:

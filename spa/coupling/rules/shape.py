@@ -17,13 +17,15 @@ length is read as data freezes; dims it does not read may change freely.
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.coupling.context import Space
 from spa.coupling.registry import register
-from spa.coupling.shapevalue import DimRef, shape_entries, shape_op_dims
+from spa.ir.shapevalue import DimRef, resolve_reshape, shape_entries, shape_op_dims
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
@@ -55,18 +57,44 @@ def factor_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int
     return groups if i == len(ia) and j == len(ib) else []
 
 
+def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...]
+                         ) -> list[tuple[list[int], list[int]]]:
+    """Factor groups of the static prefix and suffix of two shapes with symbolic dims.
+
+    With ``N`` symbolic, ``[N, C, H, W] → [N, C·H·W]`` still regroups its static suffix. Only the
+    part before the first and after the last symbolic dim is used: there the element order is
+    fixed whatever the symbolic dims are (a static run *between* two symbolic dims may be cut
+    differently at run time).
+    """
+    if None not in a and None not in b:
+        return factor_groups(a, b)
+    if None not in a or None not in b:
+        return []
+    pa = [i for i, d in enumerate(a) if d is None]
+    pb = [j for j, d in enumerate(b) if d is None]
+    groups = factor_groups(a[:pa[0]], b[:pb[0]]) if prod(a[:pa[0]]) == prod(b[:pb[0]]) else []
+    sa, sb = a[pa[-1] + 1:], b[pb[-1] + 1:]
+    if prod(sa) == prod(sb):
+        shift_a, shift_b = pa[-1] + 1, pb[-1] + 1
+        groups += [([i + shift_a for i in ga], [j + shift_b for j in gb])
+                   for ga, gb in factor_groups(sa, sb)]
+    return groups
+
+
 def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
-                   allowed_out: set[int] | None = None) -> list[tuple[int, int]]:
+                   allowed_out: set[int] | None = None,
+                   out_shape: tuple[int | None, ...] | None = None) -> list[tuple[int, int]]:
     """Couple the outer dims of each factor group; return the (in, out) axis pairs coupled."""
-    a, b = ctx.shape(x), ctx.shape(y)
-    if a is None or b is None or None in a or None in b or 0 in a or 0 in b:
+    a, b = ctx.shape(x), out_shape or ctx.shape(y)
+    if a is None or b is None or 0 in a or 0 in b:
         return []
     coupled = []
-    for ga, gb in factor_groups(a, b):
+    for ga, gb in static_factor_groups(a, b):
         i, o = ga[0], gb[0]
         if allowed_out is not None and o not in allowed_out:
             continue
-        sx, sy = ctx.space(x, i), ctx.space(y, o)
+        sx = ctx.space(x, i)
+        sy = ctx.space(y, o) or (Space((y.name, o), b[o]) if b[o] else None)
         if len(ga) == 1 and len(gb) == 1:
             done = ctx.identity(sx, sy)
         elif len(gb) == 1:
@@ -84,7 +112,7 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
 def reshape(ctx: NodeContext) -> None:
     x, target, y = ctx.input(0), ctx.input(1), ctx.output(0)
     entries = shape_entries(target)
-    out_shape = ctx.shape(y)
+    out_shape = resolve_reshape(ctx.shape(x), entries, x.name, ctx.shape(y))
     if entries is None or out_shape is None or len(entries) != len(out_shape):
         return
     literal = ctx.const(target) is not None
@@ -96,7 +124,7 @@ def reshape(ctx: NodeContext) -> None:
         elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.tensor == x.name
                                              and e.axis == o):
             allowed.add(o)  # copies input dim o; fine when input dim o is coupled to it
-    coupled = couple_regroup(ctx, x, y, allowed)
+    coupled = couple_regroup(ctx, x, y, allowed, out_shape)
     copies = {o for o, e in enumerate(entries) if e == 0 or isinstance(e, DimRef)}
     for i, o in coupled:
         if o in copies and i != o:
@@ -174,9 +202,38 @@ def shape_op(ctx: NodeContext) -> None:
     if rank is None:
         return
     read = _dims_read(ctx, out, shape_op_dims(ctx.node, rank))
+    if _only_copied_into_reshapes(ctx, x, out):
+        read = set()  # each dim read flows back into the same axis of a reshape of x
     for ax in range(rank):
         if ax not in read:
             ctx.handle(ctx.space(x, ax))
+
+
+_SHAPE_PLUMBING = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
+
+
+def _only_copied_into_reshapes(ctx: NodeContext, x: gs.Tensor, out: gs.Tensor) -> bool:
+    """True when ``Shape(x)`` only feeds Reshape targets of ``x`` itself (through Gather,
+    Unsqueeze, Concat, …) and every dim of ``x`` lands at its own position: ``x.view(x.size(0),
+    x.size(1), -1)``. Such a target is re-read at run time and stays right when the dim shrinks.
+    """
+    stack, seen = [out], set()
+    while stack:
+        t = stack.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        for c in ctx.consumers(t):
+            if c.op == "Reshape" and c.inputs[1] is t and c.inputs[0] is x:
+                entries = shape_entries(t)
+                if entries is None or any(isinstance(e, DimRef) and e.tensor == x.name
+                                          and e.axis != pos for pos, e in enumerate(entries)):
+                    return False
+            elif c.op in _SHAPE_PLUMBING and (c.op != "Gather" or c.inputs[0] is t):
+                stack.extend(c.outputs)
+            else:
+                return False
+    return True
 
 
 def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: range) -> set[int]:

@@ -9,6 +9,7 @@ anything not understood, gives None (the caller then fails closed).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -64,3 +65,40 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0) -> list | None:
         return [data[int(i)] for i in np.asarray(idx.values).reshape(-1)
                 if -len(data) <= int(i) < len(data)]
     return None
+
+
+def resolve_reshape(in_shape: tuple[int | None, ...] | None, entries: list | None, x_name: str,
+                    inferred: tuple[int | None, ...] | None) -> tuple[int | None, ...] | None:
+    """The Reshape's output shape, static wherever the target determines it.
+
+    ONNX shape inference gives up on ``[N, 8, 4, 4] → Concat(N, -1)``; here the symbolic ``N``
+    of the target cancels the input's ``N`` and ``-1`` resolves to 128.
+    """
+    if in_shape is None or entries is None:
+        return inferred
+    symbols = [f"{x_name}:{k}" for k, d in enumerate(in_shape) if d is None]
+    static = prod(d for d in in_shape if d is not None)
+    out: list[int | str | None] = []
+    for pos, e in enumerate(entries):
+        if isinstance(e, DimRef):
+            out.append(in_shape[e.axis] if e.tensor == x_name and in_shape[e.axis] is not None
+                       else (f"{x_name}:{e.axis}" if e.tensor == x_name else None))
+        elif e == 0:
+            if pos >= len(in_shape):
+                return inferred
+            out.append(in_shape[pos] if in_shape[pos] is not None else f"{x_name}:{pos}")
+        else:
+            out.append(e)
+    if None in out:
+        return inferred
+    if out.count(-1) == 1:
+        rest_symbols = [d for d in out if isinstance(d, str)]
+        rest_static = prod(d for d in out if isinstance(d, int) and d != -1)
+        if sorted(rest_symbols) == sorted(symbols) and rest_static and not static % rest_static:
+            out[out.index(-1)] = static // rest_static
+        else:
+            out[out.index(-1)] = None
+    resolved = tuple(d if isinstance(d, int) else None for d in out)
+    if inferred is None or len(inferred) != len(resolved):
+        return resolved
+    return tuple(i if i is not None else r for i, r in zip(inferred, resolved))
