@@ -1,0 +1,114 @@
+"""Criteria against hand-computed scores; allocation constraints; --ignore; large-model saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from passes.allocation import Allocation, Target
+from passes.importance import Normalization, Reduction, get_criterion
+from spa.api import CheckOptions, PruneOptions, analyze, prune
+from spa.errors import OptionError
+from tests.oracle import prune_checked
+
+W1 = np.array([[1.0, -2.0], [0.5, 0.5], [-3.0, 0.0], [0.1, 0.1]], np.float32)  # [4 out, 2 in]
+W2 = np.array([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, -1.0, 0.5]], np.float32)  # [2 out, 4 in]
+
+
+def _mlp() -> onnx.ModelProto:
+    """x[1,2] → Gemm(W1ᵀ) → Relu → Gemm(W2ᵀ) → y[1,2]: one prunable group of 4 channels."""
+    inits = [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(W2, "w2")]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _scores(name: str, **kw) -> np.ndarray:
+    analysis = analyze(_mlp())
+    (group,) = analysis.prunable_groups
+    return get_criterion(name, **kw).run(analysis).by_group[group.id]
+
+
+def test_l1_is_mean_of_row_and_column_norms_over_mean() -> None:
+    per_member = np.stack([np.abs(W1).sum(1), np.abs(W2).sum(0)])  # producer rows, consumer cols
+    raw = per_member.mean(0)
+    np.testing.assert_allclose(_scores("l1"), raw / raw.mean())
+    np.testing.assert_allclose(_scores("l1", normalization=Normalization.NONE), raw)
+    np.testing.assert_allclose(
+        _scores("l1", reduction=Reduction.SUM, normalization=Normalization.MAX),
+        per_member.sum(0) / per_member.sum(0).max())
+    np.testing.assert_allclose(
+        _scores("l1", reduction=Reduction.MAX, normalization=Normalization.NONE),
+        per_member.max(0))
+    std = _scores("l1", normalization=Normalization.STANDARD)
+    np.testing.assert_allclose([std.mean(), std.std()], [0.0, 1.0], atol=1e-9)
+
+
+def test_l2_and_random() -> None:
+    raw = np.stack([np.linalg.norm(W1, axis=1), np.linalg.norm(W2, axis=0)]).mean(0)
+    np.testing.assert_allclose(_scores("l2", normalization=Normalization.NONE), raw)
+    a, b = _scores("random", seed=1), _scores("random", seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, _scores("random", seed=2))
+
+
+def test_l1_keeps_the_largest_channels(tmp_path: Path) -> None:
+    # l1 means per channel: [2.25, 1.5, 2.5, 0.45]: ratio 0.5 keeps channels 0 and 2.
+    pruned = prune_checked(_mlp(), tmp_path, ratio=0.5)
+    assert pruned.plan.groups[0].keep == (0, 2)
+    w1 = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(pruned.path)).graph.initializer}
+    np.testing.assert_array_equal(w1["w1"], W1[[0, 2]])
+    np.testing.assert_array_equal(w1["w2"], W2[:, [0, 2]])
+
+
+def test_round_to_and_min_channels() -> None:
+    analysis = analyze(_mlp())
+    scores = get_criterion("l1").run(analysis)
+    keep = Allocation(ratio=0.9).run(analysis, scores).groups[0].keep
+    assert keep == (2,)  # floor(0.9·4) = 3 removed, the best channel stays
+    assert len(Allocation(ratio=0.9, min_channels=3).run(analysis, scores).groups[0].keep) == 3
+    assert len(Allocation(ratio=0.6, round_to=2).run(analysis, scores).groups[0].keep) == 2
+    assert len(Allocation(ratio=0.1, round_to=3).run(analysis, scores).groups[0].keep) == 4
+    with pytest.raises(OptionError):
+        Allocation(ratio=1.0)
+
+
+def test_params_target_meets_the_target() -> None:
+    analysis = analyze(_mlp())
+    scores = get_criterion("l1").run(analysis)
+    plan = Allocation(ratio=0.4, target=Target.PARAMS).run(analysis, scores)
+    p = plan.prediction
+    assert 1 - p.params_after / p.params_before >= 0.4
+    assert p.params_before == 16 and p.params_after == 8  # 2 of 4 channels: 4 + 4 weights left
+
+
+def test_ignore_glob_freezes_what_the_node_touches(tmp_path: Path) -> None:
+    analysis = analyze(_mlp(), ignore=("fc*",))
+    assert not analysis.prunable_groups
+    assert any("'fc1' is ignored (--ignore)" in r for g in analysis.groups for r in g.frozen)
+    assert analyze(_mlp(), ignore=("nomatch*",)).prunable_groups
+
+
+def test_large_model_is_written_with_external_data(tmp_path: Path, monkeypatch) -> None:
+    """Above the 2 GB protobuf limit the output keeps its weights in <name>.data (the limit is
+    lowered here so that a tiny model takes that path)."""
+    import spa.ir.save as save
+
+    monkeypatch.setattr(save, "TWO_GB", 16)
+    src = tmp_path / "m.onnx"
+    onnx.save(_mlp(), str(src))
+    out = tmp_path / "o.onnx"
+    prune(src, out, PruneOptions(ratio=0.5), CheckOptions(latency=False))
+    assert (tmp_path / "o.onnx.data").stat().st_size == 4 * 8  # w1 [2,2] + w2 [2,2] float32
+    loaded = onnx.load(str(out))
+    assert {i.name: list(i.dims) for i in loaded.graph.initializer} == {"w1": [2, 2],
+                                                                        "w2": [2, 2]}
