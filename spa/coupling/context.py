@@ -65,6 +65,12 @@ class NodeContext:
     def outputs(self) -> list[gs.Tensor]:
         return [t for t in self.node.outputs if t.name]
 
+    def data_io(self) -> tuple[gs.Tensor, gs.Tensor, int] | None:
+        """``(input 0, output 0, rank of input 0)``, or None when the rank is unknown."""
+        x, y = self.input(0), self.output(0)
+        rank = self.rank(x)
+        return None if rank is None or y is None else (x, y, rank)
+
     def attr(self, name: str, default: object = None) -> object:
         return self.node.attrs.get(name, default)
 

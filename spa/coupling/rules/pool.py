@@ -69,10 +69,10 @@ def reduce(ctx: NodeContext) -> None:
 
 @register("Softmax", "LogSoftmax", "Hardmax", "LpNormalization")
 def softmax(ctx: NodeContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
-    rank = ctx.rank(x)
-    if rank is None:
+    io = ctx.data_io()
+    if io is None:
         return
+    x, y, rank = io
     axis = int(ctx.attr("axis", -1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization"
                         else 1)) % rank
     # Before opset 13 Softmax flattens axes axis..-1 into one; all of them are normalised.

@@ -153,10 +153,10 @@ def flatten(ctx: NodeContext) -> None:
 
 @register("Transpose")
 def transpose(ctx: NodeContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
-    rank = ctx.rank(x)
-    if rank is None:
+    io = ctx.data_io()
+    if io is None:
         return
+    x, y, rank = io
     perm = ctx.attr("perm") or list(reversed(range(rank)))
     for k, p in enumerate(perm):
         ctx.identity(ctx.space(x, int(p)), ctx.space(y, k))
@@ -177,9 +177,7 @@ def squeeze(ctx: NodeContext) -> None:
     if shape is None or axes is None:
         return
     removed = {a % len(shape) for a in axes} if axes else {i for i, d in enumerate(shape) if d == 1}
-    kept = [ax for ax in range(len(shape)) if ax not in removed]
-    for out_ax, ax in enumerate(kept):
-        ctx.identity(ctx.space(x, ax), ctx.space(y, out_ax))
+    _couple_in_order(ctx, x, [ax for ax in range(len(shape)) if ax not in removed], y, None)
 
 
 @register("Unsqueeze")
@@ -190,9 +188,15 @@ def unsqueeze(ctx: NodeContext) -> None:
     if rank_y is None or not axes:
         return
     inserted = {a % rank_y for a in axes}
-    kept = [ax for ax in range(rank_y) if ax not in inserted]
-    for in_ax, out_ax in enumerate(kept):
-        ctx.identity(ctx.space(x, in_ax), ctx.space(y, out_ax))
+    _couple_in_order(ctx, x, None, y, [ax for ax in range(rank_y) if ax not in inserted])
+
+
+def _couple_in_order(ctx: NodeContext, x: gs.Tensor, x_axes: list[int] | None, y: gs.Tensor,
+                     y_axes: list[int] | None) -> None:
+    """Identity-couple the listed axes of ``x`` and ``y`` pairwise, in order (None: 0, 1, …)."""
+    n = len(x_axes if x_axes is not None else y_axes)
+    for a, b in zip(x_axes or range(n), y_axes or range(n)):
+        ctx.identity(ctx.space(x, a), ctx.space(y, b))
 
 
 @register("Shape")

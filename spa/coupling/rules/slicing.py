@@ -111,10 +111,10 @@ def _slice_params(ctx: NodeContext, rank: int) -> list[tuple[int, int, int, int]
 
 @register("Slice")
 def slice_(ctx: NodeContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
-    rank = ctx.rank(x)
-    if rank is None:
+    io = ctx.data_io()
+    if io is None:
         return
+    x, y, rank = io
     params = _slice_params(ctx, rank)
     if params is None:
         return
@@ -149,10 +149,10 @@ def _slice_hook(opset: int, x_name: str, y_name: str, params: list[tuple[int, in
 
 @register("Pad")
 def pad(ctx: NodeContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
-    rank = ctx.rank(x)
-    if rank is None:
+    io = ctx.data_io()
+    if io is None:
         return
+    x, y, rank = io
     pads = ctx.const_ints(ctx.input(1)) if ctx.opset >= 11 else list(ctx.attr("pads", []))
     axes = list(range(rank))
     if ctx.opset >= 18 and ctx.input(3) is not None:
