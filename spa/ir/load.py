@@ -29,9 +29,12 @@ from spa.ir.shapevalue import resolve_reshape, shape_entries
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 7
-# Above this many bytes of tensor data, shape inference runs on a weight-less copy (protobuf
-# cannot serialise a message over 2 GB, and shape inference serialises the model).
-_INFER_IN_MEMORY_LIMIT = 1 << 30
+# Above this many bytes the full checker is skipped at load (protobuf cannot serialise a message
+# over 2 GB); the written model is always checked in full.
+_CHECK_IN_MEMORY_LIMIT = 1 << 30
+# Initializers up to this many elements stay in the copy used for shape inference: shape
+# constants (Reshape targets, Slice bounds) must keep their values; weights only need a type.
+_SMALL_TENSOR = 64
 
 
 @dataclass
@@ -65,15 +68,13 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
                    for t in external_data_helper._get_all_tensors(model))
     header = _header_of(model)
     opset = check_versions(model, str(p))
-    structure_only = onnx.ModelProto()
-    structure_only.CopyFrom(model)
     file_bytes = _file_bytes(p, model) if external else p.stat().st_size
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{p}: external data could not be read: {_one_line(exc)}") from exc
-    model = _with_inferred_shapes(model, structure_only, file_bytes, str(p))
+    model = _with_inferred_shapes(model, str(p))
     graph = import_graph(model, str(p))
     return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
                        file_bytes=file_bytes, opset=opset)
@@ -82,7 +83,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
 def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
     """Normalise an in-memory model (tests and the Python API use this)."""
     opset = check_versions(model, name)
-    model = _with_inferred_shapes(model, model, model.ByteSize(), name)
+    model = _with_inferred_shapes(model, name)
     return LoadedModel(path=None, graph=import_graph(model, name), proto_header=_header_of(model),
                        external_data=False, file_bytes=model.ByteSize(), opset=opset)
 
@@ -108,7 +109,7 @@ def check_versions(model: onnx.ModelProto, name: str) -> int:
 
 def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     try:
-        onnx.checker.check_model(model) if model.ByteSize() < _INFER_IN_MEMORY_LIMIT else None
+        onnx.checker.check_model(model) if model.ByteSize() < _CHECK_IN_MEMORY_LIMIT else None
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
     graph = gs.import_onnx(model)
@@ -196,18 +197,39 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         _replace_uses(graph, out, src)
 
 
-def _with_inferred_shapes(model: onnx.ModelProto, structure: onnx.ModelProto, data_bytes: int,
-                          name: str) -> onnx.ModelProto:
-    source = model if data_bytes < _INFER_IN_MEMORY_LIMIT else structure
+def _with_inferred_shapes(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Infer shapes on a weight-less copy (fast, and fine past 2 GB); keep them in ``model``."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(source, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model), data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: shape inference failed: {_one_line(exc)}") from exc
-    if source is model:
-        return inferred
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)
     return model
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each large initializer replaced by a typed graph input of its shape."""
+    light = onnx.ModelProto()
+    light.ir_version = max(model.ir_version, 4)  # IR 4+: initializers need not be inputs
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, g = model.graph, light.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for init in src.initializer:
+        if np.prod(init.dims, dtype=np.int64) <= _SMALL_TENSOR:
+            g.initializer.append(init)
+        elif init.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
+                                                              list(init.dims)))
+    return light
 
 
 def _header_of(model: onnx.ModelProto) -> onnx.ModelProto:
