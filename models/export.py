@@ -25,15 +25,27 @@ Two exporters are supported:
   own default would write a ``<name>.onnx.data`` side file even for these
   tiny models.
 
-Input names are ``input`` (one input) or ``input0``, ``input1``, ...; output
-names ``output`` or ``output0``, ... ``dynamic_batch=True`` makes axis 0 of
-every input and output a symbolic dimension named ``batch``.
+Input names are ``input`` (one input) or ``input0``, ``input1``, ...,
+unless the model's :class:`~models.ModelSpec` declares them (the transformer
+models: ``input_ids``, ``attention_mask``); output names ``output`` or
+``output0``, ... ``dynamic_batch=True`` makes axis 0 of every input and
+output a symbolic dimension named ``batch``.
+
+Transformer models (``models.TRANSFORMER_MODELS``) export with both
+exporters. Hand-written attention is always ``MatMul``/``Softmax``;
+``F.scaled_dot_product_attention`` (the ``*_sdpa`` models, and PyTorch's own
+``nn.MultiheadAttention``) is decomposed by the torchscript exporter and by
+dynamo below opset 23, and becomes the fused ONNX ``Attention`` op with dynamo
+at ``opset >= 23``. At opset 23 exactly, ``optimize=True`` also runs
+onnxscript's ONNX fusions, which turn the hand-written RMSNorm of ``gpt``
+into ``RMSNormalization``.
 
 CLI::
 
     python -m models.export NAME -o PATH [--exporter torchscript|dynamo]
         [--opset N] [--dynamic-batch] [--no-optimize]
-    python -m models.export --list
+    python -m models.export --list        # the CNN registry (MODELS)
+    python -m models.export --list-all    # also the transformer models
 """
 
 from __future__ import annotations
@@ -119,6 +131,7 @@ def export_module(
     opset: int | None = None,
     dynamic_batch: bool = False,
     optimize: bool = True,
+    input_names: Sequence[str] | None = None,
 ) -> Path:
     """Export an arbitrary eval-mode ``module`` called as ``module(*inputs)``.
 
@@ -126,6 +139,7 @@ def export_module(
     onnxscript optimizer (dynamo). For ``dynamic_batch`` with the dynamo
     exporter, pass inputs whose batch size is not 1 (``torch.export``
     specialises size-1 dimensions); :func:`export` does this for you.
+    ``input_names`` defaults to :func:`io_names` ``("input", len(inputs))``.
     Returns the written path.
     """
     if exporter not in EXPORTERS:
@@ -133,7 +147,9 @@ def export_module(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
-    in_names = io_names("input", len(inputs))
+    in_names = list(input_names) if input_names else io_names("input", len(inputs))
+    if len(in_names) != len(inputs):
+        raise ValueError(f"{len(in_names)} input names for {len(inputs)} inputs")
     out_names = io_names("output", _count_outputs(module, inputs))
 
     with _quiet(), torch.no_grad():
@@ -188,13 +204,16 @@ def export(
     ``exporter="dynamo"`` uses torch's default (20 in torch 2.13) unless
     ``opset`` is given. The file is self-contained (no ``.data`` side file)
     and loads with ``onnx.load(path)``. With ``dynamic_batch=True`` axis 0
-    of inputs and outputs is the symbolic dimension ``batch``.
+    of inputs and outputs is the symbolic dimension ``batch``. ``name`` may
+    come from ``MODELS`` or ``TRANSFORMER_MODELS``; declared input names
+    (``spec.input_names``) are used.
     """
-    from models import MODELS, build
+    from models import get_spec
 
-    module, inputs = build(name)
+    spec = get_spec(name)
+    module, inputs = spec.build(), spec.example_inputs()
     if dynamic_batch and exporter == "dynamo":
-        inputs = MODELS[name].inputs(batch=2)
+        inputs = spec.inputs(batch=2)
     return export_module(
         module,
         inputs,
@@ -203,12 +222,13 @@ def export(
         opset=opset,
         dynamic_batch=dynamic_batch,
         optimize=optimize,
+        input_names=spec.input_names,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    from models import MODELS
+    from models import ALL_MODELS, MODELS
 
     parser = argparse.ArgumentParser(
         prog="python -m models.export", description="Export a reference model to ONNX."
@@ -223,18 +243,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="disable constant folding / onnxscript optimizer",
     )
-    parser.add_argument("--list", action="store_true", help="list the registered models and exit")
+    parser.add_argument("--list", action="store_true", help="list the CNN models and exit")
+    parser.add_argument(
+        "--list-all", action="store_true", help="list all models (with transformers) and exit"
+    )
     args = parser.parse_args(argv)
 
-    if args.list:
-        for spec in MODELS.values():
+    if args.list or args.list_all:
+        for spec in (ALL_MODELS if args.list_all else MODELS).values():
             shapes = ", ".join("x".join(map(str, s)) for s in spec.input_shapes)
             print(f"{spec.name:20s} {shapes:14s} {spec.description}")
         return 0
     if args.name is None:
         parser.error("NAME is required unless --list is given")
-    if args.name not in MODELS:
-        parser.error(f"unknown model {args.name!r}; choose from: {', '.join(MODELS)}")
+    if args.name not in ALL_MODELS:
+        parser.error(f"unknown model {args.name!r}; choose from: {', '.join(ALL_MODELS)}")
     out = args.output or Path(f"{args.name}.onnx")
     path = export(
         args.name,

@@ -6,8 +6,13 @@
 * ``params`` / ``flops`` targets: bisection on the channel ratio until the predicted reduction of
   the model's parameters or MACs reaches the target.
 
-Constraints: keep at least ``min_channels`` per group (never zero); with ``round_to = r`` the
-number of kept channels is rounded up to a multiple of ``r`` (when the group has that many).
+Per-kind ratios: attention-head groups use ``heads_ratio`` and dense-neuron groups (MLP widths)
+``mlp_ratio`` when given, instead of ``ratio`` (uniform allocation; a params/FLOPs search varies
+only ``ratio``).
+
+Constraints: keep at least ``min_channels`` per group (never zero; a head group keeps at least
+one head); with ``round_to = r`` the number of kept channels is rounded up to a multiple of ``r``
+(when the group has that many) — not for head groups, whose unit is already a whole head.
 Ties in score are broken by channel index, so plans are deterministic.
 """
 
@@ -20,13 +25,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spa.coupling.analysis import GroupKind
 from spa.errors import OptionError
 from spa.metrics import CostModel
 from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction, kept_indices
 
 if TYPE_CHECKING:
     from passes.importance.base import Scores
-    from spa.coupling.analysis import Analysis
+    from spa.coupling.analysis import Analysis, Group
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,13 @@ class Allocation:
     """``Allocation(ratio=0.3, ...).run(analysis, scores) -> Plan``."""
 
     def __init__(self, *, ratio: float, target: Target = Target.CHANNELS,
-                 global_ranking: bool = False, round_to: int = 1, min_channels: int = 1):
-        if not 0.0 <= ratio < 1.0:
-            raise OptionError(f"ratio must be in [0, 1), got {ratio}")
+                 global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
+                 heads_ratio: float | None = None, mlp_ratio: float | None = None):
+        for name, value in (("ratio", ratio), ("heads ratio", heads_ratio),
+                            ("mlp ratio", mlp_ratio)):
+            if value is not None and not 0.0 <= value < 1.0:
+                raise OptionError(f"{name} must be in [0, 1), got {value}")
+        self.kind_ratio = {GroupKind.HEADS: heads_ratio, GroupKind.NEURONS: mlp_ratio}
         if round_to < 1 or min_channels < 1:
             raise OptionError("round_to and min_channels must be at least 1")
         self.ratio = ratio
@@ -69,15 +79,20 @@ class Allocation:
         if self.global_ranking:
             counts = _global_counts(groups, scores, ratio, self.min_channels)
         else:
-            counts = {g.id: g.size - math.floor(ratio * g.size) for g in groups}
+            counts = {g.id: g.size - math.floor(self._ratio_for(g, ratio) * g.size)
+                      for g in groups}
         keep = {}
         for g in groups:
             k = min(g.size, max(counts[g.id], self.min_channels))
-            if self.round_to > 1 and g.size >= self.round_to:
+            if self.round_to > 1 and g.size >= self.round_to and g.kind is not GroupKind.HEADS:
                 k = min(g.size, math.ceil(k / self.round_to) * self.round_to)
             order = np.lexsort((np.arange(g.size), -scores.by_group[g.id]))
             keep[g.id] = np.sort(order[:k])
         return keep
+
+    def _ratio_for(self, group: Group, ratio: float) -> float:
+        explicit = self.kind_ratio.get(group.kind)
+        return ratio if explicit is None else explicit
 
     def _search(self, analysis, scores, cost, before) -> dict[int, np.ndarray]:
         """Smallest channel ratio whose predicted params/FLOPs reduction reaches the target."""

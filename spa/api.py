@@ -35,6 +35,8 @@ PathLike = str | os.PathLike[str]
 @dataclass(frozen=True)
 class PruneOptions:
     ratio: float = 0.3
+    heads_ratio: float | None = None  # attention heads (default: ratio)
+    mlp_ratio: float | None = None  # dense neurons, e.g. MLP widths (default: ratio)
     target: Target = Target.CHANNELS
     criterion: str = "l1"
     reduction: Reduction = Reduction.MEAN
@@ -106,8 +108,10 @@ def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
     scores = criterion.run(analysis)
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,
-                       min_channels=options.min_channels)
+                       min_channels=options.min_channels, heads_ratio=options.heads_ratio,
+                       mlp_ratio=options.mlp_ratio)
     meta = {"criterion": options.criterion, "ratio": options.ratio,
+            "heads_ratio": options.heads_ratio, "mlp_ratio": options.mlp_ratio,
             "target": options.target.value, "global": options.global_ranking,
             "round_to": options.round_to, "seed": options.seed, "ignore": list(options.ignore)}
     return alloc.run(analysis, scores, meta)

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-o", "--output", required=True, help="where to write the pruned model")
     pr.add_argument("--ratio", type=_ratio, default=0.3,
                     help="share of channels (or of params/FLOPs with --target) to remove, [0, 1)")
+    pr.add_argument("--heads-ratio", type=_ratio, default=None, metavar="R",
+                    help="share of attention heads to remove (default: --ratio)")
+    pr.add_argument("--mlp-ratio", type=_ratio, default=None, metavar="R",
+                    help="share of dense neurons (MLP widths) to remove (default: --ratio)")
     pr.add_argument("--target", choices=[t.value for t in Target], default="channels",
                     help="what --ratio measures (params/flops: searched to meet the target)")
     criteria_help = "; ".join(f"{n}: {c.help}" for n, c in sorted(CRITERIA.items()))
@@ -163,7 +167,8 @@ def _prune(args: argparse.Namespace) -> int:
     from passes.importance import Normalization, Reduction
     from spa.api import PruneOptions, prune
 
-    options = PruneOptions(ratio=args.ratio, target=Target(args.target),
+    options = PruneOptions(ratio=args.ratio, heads_ratio=args.heads_ratio,
+                           mlp_ratio=args.mlp_ratio, target=Target(args.target),
                            criterion=args.criterion, reduction=Reduction(args.reduction),
                            normalization=Normalization(args.normalization),
                            global_ranking=args.global_ranking, round_to=args.round_to,

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 def _group_dict(g: Group) -> dict:
     return {
-        "id": g.id, "name": g.name, "channels": g.size, "prunable": g.prunable,
+        "id": g.id, "name": g.name, "kind": g.kind.value, "channels": g.size,
+        "prunable": g.prunable,
         "producers": [f"{m.space[0]}[{m.space[1]}]" for m in g.producers],
         "consumers": [f"{m.space[0]}[{m.space[1]}]" for m in g.consumers],
         "members": len([m for m in g.members if m.role is not Role.VIRTUAL]),

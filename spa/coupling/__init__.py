@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from spa.coupling.analysis import Analysis, CouplingAnalysis, Group, Member
+from spa.coupling.analysis import Analysis, CouplingAnalysis, Group, GroupKind, Member
 from spa.coupling.types import Role, SpaceKey
 
-__all__ = ["Analysis", "CouplingAnalysis", "Group", "Member", "Role", "SpaceKey"]
+__all__ = ["Analysis", "CouplingAnalysis", "Group", "GroupKind", "Member", "Role", "SpaceKey"]

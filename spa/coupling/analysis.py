@@ -21,6 +21,7 @@ import fnmatch
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -29,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.context import NodeContext
 from spa.coupling.registry import ensure_loaded, lookup
-from spa.coupling.types import NodeCoupling, RewriteHook, Role, SpaceKey
+from spa.coupling.types import Edge, NodeCoupling, RewriteHook, Role, SpaceKey
 from spa.coupling.unionfind import components
 
 if TYPE_CHECKING:
@@ -40,6 +41,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _ROLE_PRIORITY = [Role.PRODUCER, Role.CONSUMER, Role.SCALE, Role.PARAM, Role.VIRTUAL,
                   Role.ACTIVATION]
+
+
+class GroupKind(Enum):
+    """What a group's channels are, for per-kind ratios (``--heads-ratio``, ``--mlp-ratio``)."""
+
+    CHANNELS = "channels"  # convolution channels and anything not dense
+    NEURONS = "neurons"  # one output row of dense (Gemm/MatMul) weights per channel
+    HEADS = "heads"  # several dense rows per channel: attention heads
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class Group:
     size: int  # number of channels (prunable units)
     members: tuple[Member, ...]
     frozen: tuple[str, ...] = ()
+    kind: GroupKind = GroupKind.CHANNELS
 
     @property
     def name(self) -> str:
@@ -113,16 +123,30 @@ class CouplingAnalysis:
         couplings, unknown = self._apply_rules(graph, model.opset)
         roles, lengths = self._roles_and_lengths(graph, couplings)
         space_graph = nx.Graph()
+        candidates = []
         for c in couplings.values():
             for e in c.edges:
-                space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
+                if e.alternatives is None:
+                    space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
+                else:
+                    candidates.append(e)
+        chosen = _choose_digits(space_graph, candidates, roles)
+        for e in chosen:
+            space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
+            couplings[e.node].handled.update((e.a, e.b))
+        chosen_ids = {id(e) for e in chosen}
+        edges = [e for c in couplings.values() for e in c.edges
+                 if e.alternatives is None or id(e) in chosen_ids]
         live = self._live_spaces(space_graph, roles)
         frozen = self._frozen(graph, couplings, unknown, live)
         for c in couplings.values():
             for key, reason in c.freezes:
                 if key in live:
                     frozen.setdefault(key, set()).add(reason)
-        groups = _build_groups(couplings, live, lengths, roles, frozen)
+        tensors = graph.tensors()
+        dense = {k for k in live if isinstance(tensors.get(k[0]), gs.Constant)
+                 and len(tensors[k[0]].shape) == 2}
+        groups = _build_groups(edges, live, lengths, roles, frozen, dense)
         hooks = {name: c.rewrite for name, c in couplings.items() if c.rewrite is not None}
         return Analysis(model=model, groups=tuple(groups), lengths=lengths, roles=roles,
                         frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
@@ -230,26 +254,67 @@ def _subgraph_outer_names(node: gs.Node) -> set[str]:
     return names
 
 
-def _build_groups(couplings: dict[str, NodeCoupling], live: set[SpaceKey],
-                  lengths: dict[SpaceKey, int], roles: dict[SpaceKey, Role],
-                  frozen: dict[SpaceKey, set[str]]) -> list[Group]:
+def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey, Role]
+                   ) -> list[Edge]:
+    """Of each factorised reshape's digit candidates, the outermost whose axis leads somewhere.
+
+    An axis leads somewhere when its component (over the definite edges) holds a weight axis
+    (producer or consumer) or is reached by the digits of at least two reshapes: the head axis
+    of ``[B, S, H, d]`` joins the Q/K/V splits and the merge before the output projection,
+    while the ``3`` of a fused QKV reshape ends at the Gather that unbinds it.
+    """
+    comp_of: dict[SpaceKey, int] = {}
+    anchored: set[int] = set()
+    for i, comp in enumerate(nx.connected_components(graph)):
+        for k in comp:
+            comp_of[k] = i
+            if roles.get(k) in (Role.PRODUCER, Role.CONSUMER):
+                anchored.add(i)
+
+    def comp(key: SpaceKey) -> int | SpaceKey:
+        return comp_of.get(key, key)
+
+    touching: dict[object, set[str]] = {}
+    by_alt: dict[str, list[Edge]] = {}
+    for e in candidates:
+        touching.setdefault(comp(e.b), set()).add(e.alternatives)
+        by_alt.setdefault(e.alternatives, []).append(e)
+    chosen = []
+    for edges in by_alt.values():
+        for e in edges:  # outermost first
+            k = comp(e.b)
+            if k in anchored or len(touching[k]) >= 2:
+                chosen.append(e)
+                break
+    return chosen
+
+
+def _kind(size: int, members: list[Member], dense: set[SpaceKey]) -> GroupKind:
+    producers = [m for m in members if m.role is Role.PRODUCER]
+    if not producers or not all(m.space in dense for m in producers):
+        return GroupKind.CHANNELS
+    width = max(len(m.indices) for m in producers) // max(size, 1)
+    return GroupKind.HEADS if width > 1 else GroupKind.NEURONS
+
+
+def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey, int],
+                  roles: dict[SpaceKey, Role], frozen: dict[SpaceKey, set[str]],
+                  dense: set[SpaceKey]) -> list[Group]:
     # Deterministic space order: producers first, then by the order rules recorded them.
     order: dict[SpaceKey, int] = {}
-    for c in couplings.values():
-        for e in c.edges:
-            for k in (e.a, e.b):
-                if k in live and k not in order:
-                    order[k] = len(order)
+    for e in edges:
+        for k in (e.a, e.b):
+            if k in live and k not in order:
+                order[k] = len(order)
     spaces = sorted(order, key=lambda k: (_ROLE_PRIORITY.index(roles[k]), order[k]))
     space_id = {k: i for i, k in enumerate(spaces)}
     offsets = np.zeros(len(spaces) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([lengths[k] for k in spaces])
     a_parts, b_parts = [], []
-    for c in couplings.values():
-        for e in c.edges:
-            if e.a in space_id:
-                a_parts.append(offsets[space_id[e.a]] + e.a_idx)
-                b_parts.append(offsets[space_id[e.b]] + e.b_idx)
+    for e in edges:
+        if e.a in space_id:
+            a_parts.append(offsets[space_id[e.a]] + e.a_idx)
+            b_parts.append(offsets[space_id[e.b]] + e.b_idx)
     n = int(offsets[-1])
     if n == 0:
         return []
@@ -296,7 +361,8 @@ def _build_groups(couplings: dict[str, NodeCoupling], live: set[SpaceKey],
             members.append(Member(key, roles[key], elem_pos[chunk], channel))
             reasons.update(frozen.get(key, ()))
         groups.append(Group(id=len(groups), size=len(local), members=tuple(members),
-                            frozen=tuple(sorted(reasons))))
+                            frozen=tuple(sorted(reasons)),
+                            kind=_kind(len(local), members, dense)))
     return groups
 
 

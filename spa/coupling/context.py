@@ -111,11 +111,12 @@ class NodeContext:
         return Space(key, length)
 
     def _edge(self, a: Space, b: Space, a_idx: np.ndarray, b_idx: np.ndarray,
-              kind: MapKind) -> None:
+              kind: MapKind, alternatives: str | None = None) -> None:
         r = self.result
-        r.edges.append(Edge(a.key, b.key, a_idx, b_idx, kind, self.node.name))
+        r.edges.append(Edge(a.key, b.key, a_idx, b_idx, kind, self.node.name, alternatives))
         for s in (a, b):
-            r.handled.add(s.key)
+            if alternatives is None:  # a candidate counts as handled only once it is chosen
+                r.handled.add(s.key)
             r.lengths[s.key] = s.length
 
     def identity(self, a: Space | None, b: Space | None) -> bool:
@@ -142,6 +143,34 @@ class NodeContext:
         k = fine.length // coarse.length
         idx = np.arange(fine.length)
         self._edge(fine, coarse, idx, idx // k, MapKind.BLOCK)
+        return True
+
+    def digits(self, whole: Space | None, parts: Sequence[Space | None], label: str,
+               lengths: Sequence[int]) -> bool:
+        """Candidate couplings of ``whole`` with each axis of its factorisation ``parts``.
+
+        ``whole[c]`` ↔ ``parts[k][(c // stride_k) % lengths[k]]`` with ``stride_k`` the product
+        of the lengths after ``k`` (outermost first). A part may be None (not a candidate).
+        The analysis keeps the outermost candidate that leads somewhere: a head axis, not the
+        head_dim axis, nor the ``3`` of a fused QKV projection.
+        """
+        if whole is None or int(np.prod(lengths)) != whole.length:
+            return False
+        idx = np.arange(whole.length)
+        alt = f"{self.node.name}::{label}"
+        stride = whole.length
+        for part, length in zip(parts, lengths):
+            stride //= length
+            if part is not None and part.length == length:
+                self._edge(whole, part, idx, (idx // stride) % length, MapKind.DIGIT, alt)
+        return True
+
+    def cyclic(self, repeated: Space | None, base: Space | None) -> bool:
+        """Couple ``repeated[i]`` with ``base[i mod len(base)]`` (Tile)."""
+        if repeated is None or base is None or repeated.length % base.length:
+            return False
+        idx = np.arange(repeated.length)
+        self._edge(repeated, base, idx, idx % base.length, MapKind.BLOCK)
         return True
 
     def role(self, space: Space | None, role: Role) -> None:

@@ -58,8 +58,10 @@ def registered_ops() -> list[str]:
 def _load_rule_families() -> None:
     # Importing the family modules runs their @register decorators.
     from spa.coupling.rules import (  # noqa: F401
+        attention,
         conv,
         elementwise,
+        gather,
         linear,
         norm,
         pool,

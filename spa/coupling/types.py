@@ -41,6 +41,7 @@ class MapKind(Enum):
     IDENTITY = "identity"
     OFFSET = "offset"
     BLOCK = "block"
+    DIGIT = "digit"  # one axis of a factorised reshape: c ↔ (c // stride) % length
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Edge:
     b_idx: np.ndarray
     kind: MapKind
     node: str
+    # Digit edges are candidates: of the edges sharing ``alternatives`` (one per axis of a
+    # factorised reshape, outermost first) the analysis keeps at most one.
+    alternatives: str | None = None
 
 
 RewriteHook = Callable[["gs.Node", "KeptLookup"], None]

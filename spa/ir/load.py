@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from spa.errors import ModelLoadError, UnsupportedModelError
+from spa.ir.fold import fold_layout_ops
 from spa.ir.shapevalue import resolve_reshape, shape_entries
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     graph = gs.import_onnx(model)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
+    fold_layout_ops(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if _refine_reshape_shapes(graph):
         # Propagate what the Reshapes now know to the ops after them.

@@ -9,6 +9,11 @@ MatMul ``Y = A @ W`` with a 2-D constant ``W: [K, N]``: ``A.-1 ↔ W.0`` (consum
 ``W.1 ↔ Y.-1`` (producer), and the leading (batch) axes of ``A`` pass to ``Y`` unchanged.
 ``Y = W @ X`` with a 2-D constant ``W: [M, K]`` (channels-first dense, as in some TF graphs):
 ``X.-2 ↔ W.1`` (consumer), ``W.0 ↔ Y.-2`` (producer), other axes unchanged.
+
+MatMul of two activations (attention scores ``Q @ Kᵀ``, context ``P @ V``): the batch dims
+broadcast like element-wise ops (the head axis couples Q, K, V and the scores), ``A.-2 ↔ Y.-2``
+and ``B.-1 ↔ Y.-1``. The contracted axis is summed with no weight to zero it at, so it is left
+unhandled: heads are pruned whole, head_dim never.
 """
 
 from __future__ import annotations
@@ -56,6 +61,15 @@ def matmul(ctx: NodeContext) -> None:
         ctx.identity(w_n, ctx.space(y, -1))
         for ax in range(ra - 1):
             ctx.identity(ctx.space(a, ax), ctx.space(y, ax + ry - ra))
+    elif ctx.const(a) is None and ctx.const(b) is None:
+        for t, r in ((a, ra), (b, rb)):
+            shape_t, shape_y = ctx.shape(t), ctx.shape(y)
+            for ax in range(r - 2):
+                oy = ax + ry - r
+                if shape_t[ax] is not None and shape_t[ax] == shape_y[oy]:
+                    ctx.identity(ctx.space(t, ax), ctx.space(y, oy))
+        ctx.identity(ctx.space(a, -2), ctx.space(y, -2))
+        ctx.identity(ctx.space(b, -1), ctx.space(y, -1))
     elif ctx.const(a) is not None and ra == 2 and ctx.const(b) is None:
         w_m, w_k = ctx.space(a, 0), ctx.space(a, 1)
         ctx.role(w_k, Role.CONSUMER)

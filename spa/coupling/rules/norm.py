@@ -46,6 +46,7 @@ def instance_norm(ctx: NodeContext) -> None:
 
 
 @register("LayerNormalization", opsets=(17, 10_000))
+@register("RMSNormalization", opsets=(23, 10_000))
 def layer_norm(ctx: NodeContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
     rank = ctx.rank(x)

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.coupling.context import Space
 from spa.coupling.registry import register
-from spa.ir.shapevalue import DimRef, resolve_reshape, shape_entries, shape_op_dims
+from spa.ir.shapevalue import DimRef, shape_entries, shape_op_dims
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
@@ -82,37 +81,41 @@ def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...]
 
 
 def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
-                   allowed_out: set[int] | None = None,
-                   out_shape: tuple[int | None, ...] | None = None) -> list[tuple[int, int]]:
-    """Couple the outer dims of each factor group; return the (in, out) axis pairs coupled."""
-    a, b = ctx.shape(x), out_shape or ctx.shape(y)
+                   allowed_out: set[int] | None = None) -> list[int]:
+    """Couple each factor group of a reshape; return the output axes that may change.
+
+    One dim on each side: identity. Several dims merging into one, or one splitting into
+    several: digit candidates between the single dim and each of the several (the analysis keeps
+    the outermost one that leads somewhere, so ``C → heads × head_dim`` couples the heads).
+    """
+    a, b = ctx.shape(x), ctx.shape(y)
     if a is None or b is None or 0 in a or 0 in b:
         return []
-    coupled = []
-    for ga, gb in static_factor_groups(a, b):
-        i, o = ga[0], gb[0]
-        if allowed_out is not None and o not in allowed_out:
-            continue
-        sx = ctx.space(x, i)
-        sy = ctx.space(y, o) or (Space((y.name, o), b[o]) if b[o] else None)
+
+    def allowed(o: int) -> bool:
+        return allowed_out is None or o in allowed_out
+
+    changing: list[int] = []
+    for n, (ga, gb) in enumerate(static_factor_groups(a, b)):
         if len(ga) == 1 and len(gb) == 1:
-            done = ctx.identity(sx, sy)
-        elif len(gb) == 1:
-            done = ctx.block(sy, sx)  # merge: output feature f ↔ input channel f // inner
-        elif len(ga) == 1:
-            done = ctx.block(sx, sy)  # split: input channel c ↔ output head c // inner
-        else:
-            done = False
-        if done:
-            coupled.append((i, o))
-    return coupled
+            if allowed(gb[0]) and ctx.identity(ctx.space(x, ga[0]), ctx.space(y, gb[0])):
+                changing.append(gb[0])
+        elif len(gb) == 1:  # merge: output feature f ↔ one of the input dims it combines
+            if allowed(gb[0]) and ctx.digits(ctx.space(y, gb[0]), [ctx.space(x, i) for i in ga],
+                                             f"group{n}", [a[i] for i in ga]):
+                changing.append(gb[0])
+        elif len(ga) == 1:  # split: input channel c ↔ one of the output dims it splits into
+            parts = [ctx.space(y, o) if allowed(o) else None for o in gb]
+            if ctx.digits(ctx.space(x, ga[0]), parts, f"group{n}", [b[o] for o in gb]):
+                changing.extend(o for o in gb if allowed(o))
+    return changing
 
 
 @register("Reshape")
 def reshape(ctx: NodeContext) -> None:
     x, target, y = ctx.input(0), ctx.input(1), ctx.output(0)
     entries = shape_entries(target)
-    out_shape = resolve_reshape(ctx.shape(x), entries, x.name, ctx.shape(y))
+    out_shape = ctx.shape(y)
     if entries is None or out_shape is None or len(entries) != len(out_shape):
         return
     literal = ctx.const(target) is not None
@@ -124,14 +127,9 @@ def reshape(ctx: NodeContext) -> None:
         elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.tensor == x.name
                                              and e.axis == o):
             allowed.add(o)  # copies input dim o; fine when input dim o is coupled to it
-    coupled = couple_regroup(ctx, x, y, allowed, out_shape)
-    copies = {o for o, e in enumerate(entries) if e == 0 or isinstance(e, DimRef)}
-    for i, o in coupled:
-        if o in copies and i != o:
-            raise AssertionError("copied reshape dim coupled to a different input axis")
-    if literal and coupled:
-        out_keys = [(y.name, o) for _, o in coupled]
-        ctx.on_rewrite(_reshape_hook(out_keys, [int(e) for e in entries]))
+    changing = couple_regroup(ctx, x, y, allowed)
+    if literal and changing:
+        ctx.on_rewrite(_reshape_hook([(y.name, o) for o in changing], [int(e) for e in entries]))
 
 
 def _reshape_hook(out_keys: list[tuple[str, int]], entries: list[int]):
@@ -244,9 +242,23 @@ def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: range) -> set[int]:
     """Which input dims the Shape output's consumers actually read."""
     read: set[int] = set()
     for consumer in ctx.consumers(out):
-        idx = ctx.const_ints(consumer.inputs[1]) if consumer.op == "Gather" \
-            and len(consumer.inputs) > 1 and int(consumer.attrs.get("axis", 0)) == 0 else None
-        if idx is None:
+        picked = _positions_picked(ctx, consumer, len(dims))
+        if picked is None:
             return set(dims)
-        read.update(dims[i] for i in idx if -len(dims) <= i < len(dims))
+        read.update(dims[i] for i in picked)
     return read
+
+
+def _positions_picked(ctx: NodeContext, node: gs.Node, n: int) -> list[int] | None:
+    """Positions of a length-``n`` shape vector that a Gather or Slice (step 1) reads."""
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0 and len(node.inputs) > 1:
+        idx = ctx.const_ints(node.inputs[1])
+        return None if idx is None else [i % n for i in idx if -n <= i < n]
+    if node.op == "Slice" and len(node.inputs) >= 3 and node.inputs[0].name:
+        starts, ends = ctx.const_ints(node.inputs[1]), ctx.const_ints(node.inputs[2])
+        rest = [ctx.const_ints(t) for t in node.inputs[3:5]]
+        if starts is None or ends is None or len(starts) != 1 or any(r is None for r in rest) \
+                or (len(rest) > 1 and rest[1] != [1]):
+            return None
+        return list(range(n))[slice(starts[0], ends[0])]
+    return None

@@ -1,0 +1,92 @@
+"""Indexing and broadcasting by shape: Gather, Expand, Tile.
+
+Gather along ``axis``: data axes before and after ``axis`` pass to the output unchanged, the
+indices' axes take its place; the gathered axis itself is unhandled (pruning it would change what
+the indices point at). A constant table gathered on axis 0 is an embedding: its other axes are
+producers of the channels it emits (the hidden size, pruned only with ``--hidden``).
+
+Expand broadcasts like an element-wise op; its target shape's literal entries on a changing axis
+are rewritten. Tile couples output index ``i`` with input index ``i mod L`` on each tiled axis.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.coupling.registry import register
+from spa.coupling.types import Role
+from spa.ir.shapevalue import DimRef, shape_entries
+
+if TYPE_CHECKING:
+    from spa.coupling.context import NodeContext
+    from spa.coupling.types import KeptLookup
+
+
+@register("Gather")
+def gather(ctx: NodeContext) -> None:
+    data, idx, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    rank, idx_rank = ctx.rank(data), ctx.rank(idx)
+    if rank is None or idx_rank is None:
+        return
+    axis = int(ctx.attr("axis", 0)) % rank
+    for ax in range(axis):
+        ctx.identity(ctx.space(data, ax), ctx.space(y, ax))
+    for ax in range(idx_rank):
+        ctx.identity(ctx.space(idx, ax), ctx.space(y, axis + ax))
+    for ax in range(axis + 1, rank):
+        out = ctx.space(y, ax - 1 + idx_rank)
+        ctx.identity(ctx.space(data, ax), out)
+        if ctx.const(data) is not None and axis == 0:
+            ctx.role(ctx.space(data, ax), Role.PRODUCER)
+
+
+@register("Expand")
+def expand(ctx: NodeContext) -> None:
+    x, shape_t, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    shape_x, shape_y = ctx.shape(x), ctx.shape(y)
+    entries = shape_entries(shape_t)
+    if shape_x is None or shape_y is None or entries is None:
+        return
+    literal = ctx.const(shape_t) is not None
+    lead_x, lead_e = len(shape_y) - len(shape_x), len(shape_y) - len(entries)
+    changing = []
+    for ax, length in enumerate(shape_x):
+        o = ax + lead_x
+        e = entries[o - lead_e] if o >= lead_e else 1
+        # An entry of 1 keeps the input dim; a literal equal to it must be rewritten.
+        keeps = e == 1 or (isinstance(e, DimRef) and e.tensor == x.name and e.axis == ax) \
+            or (literal and isinstance(e, int) and e == length)
+        if length is not None and length == shape_y[o] and keeps \
+                and ctx.identity(ctx.space(x, ax), ctx.space(y, o)):
+            changing.append((o, o - lead_e))
+    if literal and changing:
+        ctx.on_rewrite(_expand_hook(y.name, changing, [int(e) for e in entries]))
+
+
+def _expand_hook(y_name: str, changing: list[tuple[int, int]], entries: list[int]):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        new = list(entries)
+        for o, pos in changing:
+            if pos >= 0 and new[pos] != 1 and kept.changed((y_name, o)):
+                new[pos] = kept.count((y_name, o))
+        node.inputs[1] = gs.Constant(f"{node.name}__spa_shape", np.asarray(new, np.int64))
+
+    return hook
+
+
+@register("Tile")
+def tile(ctx: NodeContext) -> None:
+    x, y = ctx.input(0), ctx.output(0)
+    repeats = ctx.const_ints(ctx.input(1))
+    rank = ctx.rank(x)
+    if rank is None or repeats is None or len(repeats) != rank:
+        return
+    for ax, r in enumerate(repeats):
+        sx, sy = ctx.space(x, ax), ctx.space(y, ax)
+        if r == 1:
+            ctx.identity(sx, sy)
+        else:
+            ctx.cyclic(sy, sx)
