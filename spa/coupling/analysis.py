@@ -259,9 +259,10 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     """Of each factorised reshape's digit candidates, the outermost whose axis leads somewhere.
 
     An axis leads somewhere when its component (over the definite edges) holds a weight axis
-    (producer or consumer) or is reached by the digits of at least two reshapes: the head axis
-    of ``[B, S, H, d]`` joins the Q/K/V splits and the merge before the output projection,
-    while the ``3`` of a fused QKV reshape ends at the Gather that unbinds it.
+    (producer or consumer) or is reached by at least two reshapes (as one of their factors or as
+    their whole axis): the head axis of ``[B, S, H, d]`` joins the Q/K/V splits and the merge
+    before the output projection, while the ``3`` of a fused QKV reshape ends at the Gather
+    that unbinds it.
     """
     comp_of: dict[SpaceKey, int] = {}
     anchored: set[int] = set()
@@ -277,6 +278,7 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     touching: dict[object, set[str]] = {}
     by_alt: dict[str, list[Edge]] = {}
     for e in candidates:
+        touching.setdefault(comp(e.a), set()).add(e.alternatives)
         touching.setdefault(comp(e.b), set()).add(e.alternatives)
         by_alt.setdefault(e.alternatives, []).append(e)
     chosen = []

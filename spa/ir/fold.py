@@ -1,8 +1,11 @@
 """Fold simple ops whose inputs are all constants into constants (normal form).
 
 Weights reach their layer through a ``Transpose`` (TF, some PyTorch exports), a ``Cast``, a
-``Reshape``/``Squeeze``/``Unsqueeze``; op rules want the weight itself. Only these layout ops are
-evaluated (in numpy); anything else on constants stays as it is.
+``Reshape``/``Squeeze``/``Unsqueeze``; op rules want the weight itself. Shape arithmetic
+(``Shape`` of a tensor whose shape is static, then Gather/Slice/Concat/Add/Mod/Where/…) is folded
+too, so a Reshape or Expand target that the TorchScript exporter computes at run time becomes a
+constant whose entries the rewrite can set. Only these ops are evaluated (in numpy), and the
+arithmetic only on small integer tensors; anything else stays as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from onnx import helper
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+_SMALL = 64  # shape arithmetic is folded only on tensors this small
+Folder = "Callable[[gs.Node, list[np.ndarray]], np.ndarray | None]"
 
 
 def _axes(node: gs.Node, values: list[np.ndarray]) -> list[int] | None:
@@ -45,34 +51,103 @@ def _squeeze(node: gs.Node, v: list[np.ndarray]) -> np.ndarray:
 
 
 def _unsqueeze(node: gs.Node, v: list[np.ndarray]) -> np.ndarray:
+    axes = _axes(node, v) or []
     out = v[0]
-    rank = out.ndim + len(_axes(node, v) or [])
-    for a in sorted(x % rank for x in _axes(node, v) or []):
+    rank = out.ndim + len(axes)
+    for a in sorted(x % rank for x in axes):
         out = np.expand_dims(out, a)
     return out
 
 
-FOLDERS: dict[str, Callable[[gs.Node, list[np.ndarray]], np.ndarray]] = {
+def _slice(node: gs.Node, v: list[np.ndarray]) -> np.ndarray:
+    starts, ends = v[1].tolist(), v[2].tolist()
+    axes = v[3].tolist() if len(v) > 3 else list(range(len(starts)))
+    steps = v[4].tolist() if len(v) > 4 else [1] * len(starts)
+    index = [slice(None)] * v[0].ndim
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        index[a] = slice(s, e, st)
+    return v[0][tuple(index)]
+
+
+def _constant_of_shape(node: gs.Node, v: list[np.ndarray]) -> np.ndarray | None:
+    shape = v[0].astype(np.int64)
+    if np.prod(shape) > _SMALL:
+        return None  # a large fill is data, not shape arithmetic
+    fill = np.asarray(node.attrs["value"].values).reshape(-1)[0] if "value" in node.attrs \
+        else np.float32(0)
+    return np.full(shape, fill)
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Folder:
+    return lambda node, v: np.asarray(fn(v[0], v[1])).astype(np.result_type(v[0], v[1]))
+
+
+LAYOUT_FOLDERS: dict[str, Folder] = {
     "Transpose": _transpose, "Cast": _cast, "Reshape": _reshape, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
 }
+# Shape arithmetic: only evaluated on small integer (or boolean) tensors.
+SHAPE_FOLDERS: dict[str, Folder] = {
+    "Gather": lambda node, v: np.take(v[0], v[1], axis=int(node.attrs.get("axis", 0))),
+    "Slice": _slice,
+    "Concat": lambda node, v: np.concatenate(v, axis=int(node.attrs["axis"])),
+    "Add": _binary(np.add), "Sub": _binary(np.subtract), "Mul": _binary(np.multiply),
+    "Div": _binary(np.floor_divide), "Mod": _binary(np.mod),
+    "Neg": lambda node, v: -v[0],
+    "Equal": lambda node, v: np.equal(v[0], v[1]),
+    "Where": lambda node, v: np.where(v[0], v[1], v[2]),
+    "ConstantOfShape": _constant_of_shape,
+}
 
 
-def fold_layout_ops(graph: gs.Graph) -> int:
-    """Replace each foldable node whose inputs are all constants by its value; return the count."""
+def _is_shape_value(values: list[np.ndarray]) -> bool:
+    return all((np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_) and v.size <= _SMALL
+               for v in values)
+
+
+def _static_shape_of(node: gs.Node) -> np.ndarray | None:
+    """The value of ``Shape(x)`` when every dim of ``x`` is a known integer."""
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    rank = len(shape)
+
+    def clamp(v: int) -> int:
+        return min(max(v + rank if v < 0 else v, 0), rank)
+
+    lo, hi = clamp(int(node.attrs.get("start", 0))), clamp(int(node.attrs.get("end", rank)))
+    return np.asarray(shape[lo:hi], dtype=np.int64)
+
+
+def _value(node: gs.Node) -> np.ndarray | None:
+    if node.op == "Shape":
+        return _static_shape_of(node)
+    ins = [t for t in node.inputs if t.name]
+    if not ins or not all(isinstance(t, gs.Constant) for t in ins):
+        return None
+    values = [np.asarray(t.values) for t in ins]
+    fn = LAYOUT_FOLDERS.get(node.op)
+    if fn is None and node.op in SHAPE_FOLDERS and _is_shape_value(values):
+        fn = SHAPE_FOLDERS[node.op]
+    return None if fn is None else fn(node, values)
+
+
+def fold_constant_ops(graph: gs.Graph) -> int:
+    """Replace each foldable node whose inputs are all constants by its value; return the count.
+
+    Nodes are visited in topological order, so a chain of foldable nodes folds in one pass.
+    """
     folded = 0
     for node in list(graph.nodes):
-        fn = FOLDERS.get(node.op)
-        if fn is None or (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
-            continue
-        ins = [t for t in node.inputs if t.name]
-        if not ins or not all(isinstance(t, gs.Constant) for t in ins):
+        if (node.domain or "") not in ("", "ai.onnx") or len(node.outputs) != 1:
             continue
         out = node.outputs[0]
         if out in graph.outputs:
             continue
-        const = gs.Constant(out.name, np.ascontiguousarray(fn(node, [np.asarray(t.values)
-                                                                     for t in ins])))
+        value = _value(node)
+        if value is None:
+            continue
+        const = gs.Constant(out.name, np.array(value))  # np.array keeps 0-d values 0-d
         node.outputs.clear()
         for consumer in list(out.outputs):
             for i, t in enumerate(consumer.inputs):

@@ -24,8 +24,8 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from spa.errors import ModelLoadError, UnsupportedModelError
-from spa.ir.fold import fold_layout_ops
-from spa.ir.shapevalue import resolve_reshape, shape_entries
+from spa.ir.fold import fold_constant_ops
+from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,9 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     graph = gs.import_onnx(model)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
-    fold_layout_ops(graph)
+    fold_constant_ops(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    if _refine_reshape_shapes(graph):
+    if _refine_shapes(graph):
         # Propagate what the Reshapes now know to the ops after them.
         refined = gs.export_onnx(graph, do_type_check=False)
         del refined.opset_import[:]
@@ -128,21 +128,27 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     return graph
 
 
-def _refine_reshape_shapes(graph: gs.Graph) -> bool:
-    """Fill in Reshape output dims that ONNX shape inference left unknown (symbolic batch with a
-    run-time target, e.g. ``x.view(x.size(0), -1)``); True if any dim was filled."""
+def _refine_shapes(graph: gs.Graph) -> bool:
+    """Fill in Reshape and Expand output dims that ONNX shape inference left unknown (a
+    run-time target such as ``x.view(x.size(0), -1)``); True if any dim was filled."""
     changed = False
     for node in graph.nodes:
-        if node.op != "Reshape" or len(node.inputs) < 2 or node.inputs[0].shape is None:
+        if node.op not in ("Reshape", "Expand") or len(node.inputs) < 2 \
+                or node.inputs[0].shape is None:
             continue
         out = node.outputs[0]
         in_shape = tuple(d if isinstance(d, int) and d >= 0 else None
                          for d in node.inputs[0].shape)
         known = None if out.shape is None else tuple(
             d if isinstance(d, int) and d >= 0 else None for d in out.shape)
-        resolved = resolve_reshape(in_shape, shape_entries(node.inputs[1]), node.inputs[0].name,
-                                   known)
-        if resolved is None or resolved == known:
+        entries = shape_entries(node.inputs[1])
+        if node.op == "Reshape":
+            resolved = resolve_reshape(in_shape, entries, node.inputs[0].name, known)
+        else:
+            resolved = resolve_expand(in_shape, entries)
+            if known is not None and resolved is not None and len(known) == len(resolved):
+                resolved = tuple(k if k is not None else r for k, r in zip(known, resolved))
+        if resolved is None or resolved == known or None not in (known or (None,)):
             continue
         old = list(out.shape) if out.shape is not None else [None] * len(resolved)
         out.shape = [r if r is not None else o for r, o in zip(resolved, old)]

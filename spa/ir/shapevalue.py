@@ -4,6 +4,10 @@
 what a Reshape does with such a target, evaluate it entry by entry: each entry is an int
 (constant) or a :class:`DimRef` (a dim of a tensor read through ``Shape``). Anything else, or
 anything not understood, gives None (the caller then fails closed).
+
+A constant entry is a :class:`Lit`, an ``int`` that remembers where it is read from (the node,
+input slot and position), so a rewrite can change exactly that entry — also inside a run-time
+``Concat`` — by giving the reading node a new constant (shared constants stay untouched).
 """
 
 from __future__ import annotations
@@ -23,6 +27,33 @@ class DimRef:
     axis: int
 
 
+class Lit(int):
+    """A literal shape entry and where it is read: ``(node, input slot, flat position)``."""
+
+    source: tuple[gs.Node, int, int] | None
+
+    def __new__(cls, value: int, source: tuple[gs.Node, int, int] | None = None) -> Lit:
+        obj = super().__new__(cls, value)
+        obj.source = source
+        return obj
+
+    def rewritable_for(self, reader: gs.Node) -> bool:
+        """True when changing this entry changes only what ``reader`` sees: it is read by
+        ``reader`` itself, or by a node whose only consumer is ``reader``."""
+        if self.source is None:
+            return False
+        node = self.source[0]
+        return node is reader or (len(node.outputs) == 1
+                                  and [c for c in node.outputs[0].outputs] == [reader])
+
+    def write(self, value: int) -> None:
+        """Give the reading node a copy of its constant with this entry set to ``value``."""
+        node, slot, pos = self.source
+        values = np.array(node.inputs[slot].values, copy=True)
+        values.reshape(-1)[pos] = value
+        node.inputs[slot] = gs.Constant(f"{node.name}__spa_in{slot}", values)
+
+
 def shape_op_dims(node: gs.Node, rank: int) -> range:
     """The input dims a ``Shape`` node returns (its ``start``/``end`` attributes, opset 15)."""
 
@@ -32,12 +63,17 @@ def shape_op_dims(node: gs.Node, rank: int) -> range:
     return range(clamp(int(node.attrs.get("start", 0))), clamp(int(node.attrs.get("end", rank))))
 
 
-def shape_entries(t: gs.Tensor | None, depth: int = 0) -> list | None:
+def shape_entries(t: gs.Tensor | None, depth: int = 0,
+                  reader: tuple[gs.Node, int] | None = None) -> list | None:
+    """Entries of the 1-D shape tensor ``t``; ``reader`` is the (node, slot) reading it."""
     if t is None or depth > 12:
         return None
     if isinstance(t, gs.Constant):
         v = np.asarray(t.values)
-        return [int(x) for x in v.reshape(-1)] if v.ndim <= 1 else None
+        if v.ndim > 1:
+            return None
+        return [Lit(int(x), (reader[0], reader[1], i) if reader else None)
+                for i, x in enumerate(v.reshape(-1))]
     if len(t.inputs) != 1:
         return None
     node = t.inputs[0]
@@ -53,10 +89,18 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0) -> list | None:
         inner = shape_entries(node.inputs[0], depth + 1)
         return inner if inner is not None and len(inner) <= 1 else None
     if op == "Concat":
-        parts = [shape_entries(i, depth + 1) for i in node.inputs]
+        parts = [shape_entries(t, depth + 1, (node, i)) for i, t in enumerate(node.inputs)]
         if any(p is None for p in parts):
             return None
         return [e for p in parts for e in p]
+    if op == "Slice" and len(node.inputs) >= 3:
+        data = shape_entries(node.inputs[0], depth + 1)
+        bounds = [np.asarray(t.values).reshape(-1).tolist() if isinstance(t, gs.Constant) else None
+                  for t in node.inputs[1:5]]
+        if data is None or any(b is None for b in bounds) or any(len(b) != 1 for b in bounds) \
+                or (len(bounds) > 2 and bounds[2] != [0]) or (len(bounds) > 3 and bounds[3] != [1]):
+            return None
+        return data[slice(int(bounds[0][0]), int(bounds[1][0]))]
     if op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
         data = shape_entries(node.inputs[0], depth + 1)
         idx = node.inputs[1]
@@ -65,6 +109,23 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0) -> list | None:
         return [data[int(i)] for i in np.asarray(idx.values).reshape(-1)
                 if -len(data) <= int(i) < len(data)]
     return None
+
+
+def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list | None
+                   ) -> tuple[int | None, ...] | None:
+    """Expand's output shape where the target determines it (``-1`` never occurs in Expand)."""
+    if in_shape is None or entries is None:
+        return None
+    rank = max(len(in_shape), len(entries))
+    x = (1,) * (rank - len(in_shape)) + tuple(in_shape)
+    e = [1] * (rank - len(entries)) + list(entries)
+    out: list[int | None] = []
+    for d, t in zip(x, e):
+        if isinstance(t, DimRef) or t is None:
+            out.append(d if d is not None and d != 1 else None)
+        else:
+            out.append(d if t == 1 else (int(t) if d in (None, 1, int(t)) else None))
+    return tuple(out)
 
 
 def resolve_reshape(in_shape: tuple[int | None, ...] | None, entries: list | None, x_name: str,

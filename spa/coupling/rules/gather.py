@@ -13,16 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-import onnx_graphsurgeon as gs
-
 from spa.coupling.registry import register
+from spa.coupling.rules.shape import rewrite_literals
 from spa.coupling.types import Role
-from spa.ir.shapevalue import DimRef, shape_entries
+from spa.ir.shapevalue import DimRef, Lit, shape_entries
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
-    from spa.coupling.types import KeptLookup
 
 
 @register("Gather")
@@ -47,34 +44,24 @@ def gather(ctx: NodeContext) -> None:
 def expand(ctx: NodeContext) -> None:
     x, shape_t, y = ctx.input(0), ctx.input(1), ctx.output(0)
     shape_x, shape_y = ctx.shape(x), ctx.shape(y)
-    entries = shape_entries(shape_t)
+    entries = shape_entries(shape_t, reader=(ctx.node, 1))
     if shape_x is None or shape_y is None or entries is None:
         return
-    literal = ctx.const(shape_t) is not None
     lead_x, lead_e = len(shape_y) - len(shape_x), len(shape_y) - len(entries)
-    changing = []
+    literals = []
     for ax, length in enumerate(shape_x):
         o = ax + lead_x
         e = entries[o - lead_e] if o >= lead_e else 1
         # An entry of 1 keeps the input dim; a literal equal to it must be rewritten.
-        keeps = e == 1 or (isinstance(e, DimRef) and e.tensor == x.name and e.axis == ax) \
-            or (literal and isinstance(e, int) and e == length)
+        rewrite = isinstance(e, Lit) and e == length and e != 1 \
+            and e.rewritable_for(ctx.node)
+        keeps = e == 1 or rewrite or (isinstance(e, DimRef) and e.tensor == x.name
+                                      and e.axis == ax)
         if length is not None and length == shape_y[o] and keeps \
-                and ctx.identity(ctx.space(x, ax), ctx.space(y, o)):
-            changing.append((o, o - lead_e))
-    if literal and changing:
-        ctx.on_rewrite(_expand_hook(y.name, changing, [int(e) for e in entries]))
-
-
-def _expand_hook(y_name: str, changing: list[tuple[int, int]], entries: list[int]):
-    def hook(node: gs.Node, kept: KeptLookup) -> None:
-        new = list(entries)
-        for o, pos in changing:
-            if pos >= 0 and new[pos] != 1 and kept.changed((y_name, o)):
-                new[pos] = kept.count((y_name, o))
-        node.inputs[1] = gs.Constant(f"{node.name}__spa_shape", np.asarray(new, np.int64))
-
-    return hook
+                and ctx.identity(ctx.space(x, ax), ctx.space(y, o)) and rewrite:
+            literals.append((y.name, o, e))
+    if literals:
+        ctx.on_rewrite(rewrite_literals(literals))
 
 
 @register("Tile")

@@ -20,11 +20,10 @@ from __future__ import annotations
 from math import prod
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.registry import register
-from spa.ir.shapevalue import DimRef, shape_entries, shape_op_dims
+from spa.ir.shapevalue import DimRef, Lit, shape_entries, shape_op_dims
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
@@ -56,6 +55,18 @@ def factor_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int
     return groups if i == len(ia) and j == len(ib) else []
 
 
+def _fill_single_unknown(a: tuple[int | None, ...], b: tuple[int | None, ...]
+                         ) -> tuple[int | None, ...]:
+    """``a`` with its one unknown dim solved from the element count, when ``b`` is static."""
+    if a.count(None) != 1 or None in b:
+        return a
+    known = prod(d for d in a if d is not None)
+    total = prod(b)
+    if not known or total % known:
+        return a
+    return tuple(total // known if d is None else d for d in a)
+
+
 def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...]
                          ) -> list[tuple[list[int], list[int]]]:
     """Factor groups of the static prefix and suffix of two shapes with symbolic dims.
@@ -65,6 +76,7 @@ def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...]
     fixed whatever the symbolic dims are (a static run *between* two symbolic dims may be cut
     differently at run time).
     """
+    a, b = _fill_single_unknown(a, b), _fill_single_unknown(b, a)
     if None not in a and None not in b:
         return factor_groups(a, b)
     if None not in a or None not in b:
@@ -114,32 +126,32 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
 @register("Reshape")
 def reshape(ctx: NodeContext) -> None:
     x, target, y = ctx.input(0), ctx.input(1), ctx.output(0)
-    entries = shape_entries(target)
+    entries = shape_entries(target, reader=(ctx.node, 1))
     out_shape = ctx.shape(y)
     if entries is None or out_shape is None or len(entries) != len(out_shape):
         return
-    literal = ctx.const(target) is not None
     allow_zero = bool(int(ctx.attr("allowzero", 0)))
     allowed = set()
     for o, e in enumerate(entries):
-        if e == -1 or (literal and isinstance(e, int) and e > 0):
+        if e == -1 or (isinstance(e, Lit) and e > 0 and e.rewritable_for(ctx.node)):
             allowed.add(o)
         elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.tensor == x.name
                                              and e.axis == o):
             allowed.add(o)  # copies input dim o; fine when input dim o is coupled to it
     changing = couple_regroup(ctx, x, y, allowed)
-    if literal and changing:
-        ctx.on_rewrite(_reshape_hook([(y.name, o) for o in changing], [int(e) for e in entries]))
+    literals = [(y.name, o, entries[o]) for o in changing
+                if isinstance(entries[o], Lit) and entries[o] > 0]
+    if literals:
+        ctx.on_rewrite(rewrite_literals(literals))
 
 
-def _reshape_hook(out_keys: list[tuple[str, int]], entries: list[int]):
+def rewrite_literals(literals: list[tuple[str, int, Lit]]):
+    """Hook: set each literal shape entry to the surviving length of its output axis."""
+
     def hook(node: gs.Node, kept: KeptLookup) -> None:
-        new = list(entries)
-        for key in out_keys:
-            if kept.changed(key) and new[key[1]] > 0:
-                new[key[1]] = kept.count(key)
-        old = node.inputs[1]
-        node.inputs[1] = gs.Constant(f"{old.name}__spa_{node.name}", np.asarray(new, np.int64))
+        for name, axis, lit in literals:
+            if kept.changed((name, axis)):
+                lit.write(kept.count((name, axis)))
 
     return hook
 
