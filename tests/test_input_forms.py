@@ -63,3 +63,24 @@ def test_external_data(tmp_path, ratio, width):
     assert (tmp_path / "pruned.onnx.data").stat().st_size > 0  # written as external data too
     rows = kept_slices(init_value(m, "c1.b"), init_value(out.path, "c1.b"), 0)
     assert kept_slices(init_value(m, "c2.w"), init_value(out.path, "c2.w"), 1) == rows
+
+
+def test_external_data_with_shape_constants(tmp_path):
+    """The dynamo exporter writes every initializer, shape constants included, to ``.data``.
+    The output keeps its weights external but its integer constants (Reshape target, reduce
+    axes) inline, so the full checker's shape inference can read them."""
+    b = Builder()
+    y = b.op("ReduceMean", b.op("Relu", b.conv("x", 3, 8, name="c1")), b.const([2, 3]),
+             keepdims=1, name="pool")
+    y = b.op("Reshape", y, b.const([1, 8]), name="flat")
+    y = b.gemm(y, 8, 4, name="fc")
+    m = b.model(X, {y: [1, 4]}, opset=18)
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    onnx.save_model(m, str(src_dir / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    out = prune_checked(src_dir / "m.onnx", tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["fc.w"] == (4, 4)
+    inline = {i.name for i in onnx.load(str(out.path), load_external_data=False).graph.initializer
+              if i.data_location != onnx.TensorProto.EXTERNAL}
+    assert inline and all(init_value(out.path, n).dtype.kind == "i" for n in inline)

@@ -13,8 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import external_data_helper
 
 from spa.errors import OutputPathError, ValidationError
 from spa.ir.load import LoadedModel, _one_line
@@ -75,10 +77,8 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], *, external:
         tmp_model = tmp_dir / out_p.name
         data_name = out_p.name + ".data"
         if external:
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=0)
-        else:
-            onnx.save_model(model, str(tmp_model))
+            _mark_weights_external(model, data_name)
+        onnx.save_model(model, str(tmp_model))
         try:
             onnx.checker.check_model(str(tmp_model), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -92,6 +92,15 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], *, external:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_p
+
+
+def _mark_weights_external(model: onnx.ModelProto, location: str) -> None:
+    """Send every floating-point initializer to ``location``; integer tensors (shape constants,
+    axes) stay inline, where shape inference and the checker can read them."""
+    for t in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        if t.HasField("raw_data") and np.issubdtype(dtype, np.floating):
+            external_data_helper.set_external_data(t, location)
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
