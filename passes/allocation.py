@@ -6,9 +6,9 @@
 * ``params`` / ``flops`` targets: bisection on the channel ratio until the predicted reduction of
   the model's parameters or MACs reaches the target.
 
-Per-kind ratios: attention-head groups use ``heads_ratio`` and dense-neuron groups (MLP widths)
-``mlp_ratio`` when given, instead of ``ratio`` (uniform allocation; a params/FLOPs search varies
-only ``ratio``).
+Per-kind ratios: attention-head groups use ``heads_ratio``, dense-neuron groups (MLP widths)
+``mlp_ratio`` and the residual stream ``hidden_ratio`` when given, instead of ``ratio`` (uniform
+allocation; a params/FLOPs search varies only ``ratio``).
 
 Constraints: keep at least ``min_channels`` per group (never zero; a head group keeps at least
 one head); with ``round_to = r`` the number of kept channels is rounded up to a multiple of ``r``
@@ -48,12 +48,14 @@ class Allocation:
 
     def __init__(self, *, ratio: float, target: Target = Target.CHANNELS,
                  global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
-                 heads_ratio: float | None = None, mlp_ratio: float | None = None):
+                 heads_ratio: float | None = None, mlp_ratio: float | None = None,
+                 hidden_ratio: float | None = None):
         for name, value in (("ratio", ratio), ("heads ratio", heads_ratio),
-                            ("mlp ratio", mlp_ratio)):
+                            ("mlp ratio", mlp_ratio), ("hidden ratio", hidden_ratio)):
             if value is not None and not 0.0 <= value < 1.0:
                 raise OptionError(f"{name} must be in [0, 1), got {value}")
-        self.kind_ratio = {GroupKind.HEADS: heads_ratio, GroupKind.NEURONS: mlp_ratio}
+        self.kind_ratio = {GroupKind.HEADS: heads_ratio, GroupKind.NEURONS: mlp_ratio,
+                           GroupKind.HIDDEN: hidden_ratio}
         if round_to < 1 or min_channels < 1:
             raise OptionError("round_to and min_channels must be at least 1")
         self.ratio = ratio

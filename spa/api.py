@@ -37,6 +37,7 @@ class PruneOptions:
     ratio: float = 0.3
     heads_ratio: float | None = None  # attention heads (default: ratio)
     mlp_ratio: float | None = None  # dense neurons, e.g. MLP widths (default: ratio)
+    hidden_ratio: float | None = None  # the residual stream; None: hidden size is not pruned
     target: Target = Target.CHANNELS
     criterion: str = "l1"
     reduction: Reduction = Reduction.MEAN
@@ -92,9 +93,10 @@ def _load(model: PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
     return load_model(model)
 
 
-def analyze(model: PathLike | onnx.ModelProto | LoadedModel, *, ignore: tuple[str, ...] = ()
-            ) -> Analysis:
-    return CouplingAnalysis(ignore=ignore).run(_load(model))
+def analyze(model: PathLike | onnx.ModelProto | LoadedModel, *, ignore: tuple[str, ...] = (),
+            hidden: bool = False) -> Analysis:
+    """Coupling analysis; ``hidden`` also makes the residual stream (hidden size) prunable."""
+    return CouplingAnalysis(ignore=ignore, hidden=hidden).run(_load(model))
 
 
 def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
@@ -109,9 +111,10 @@ def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,
                        min_channels=options.min_channels, heads_ratio=options.heads_ratio,
-                       mlp_ratio=options.mlp_ratio)
+                       mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio)
     meta = {"criterion": options.criterion, "ratio": options.ratio,
             "heads_ratio": options.heads_ratio, "mlp_ratio": options.mlp_ratio,
+            "hidden_ratio": options.hidden_ratio,
             "target": options.target.value, "global": options.global_ranking,
             "round_to": options.round_to, "seed": options.seed, "ignore": list(options.ignore)}
     return alloc.run(analysis, scores, meta)
@@ -123,7 +126,7 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
     t0 = time.perf_counter()
     loaded = _load(model)
     check_output_path(output, input_path=loaded.path)
-    analysis = analyze(loaded, ignore=options.ignore)
+    analysis = analyze(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
     t1 = time.perf_counter()
     the_plan = plan(analysis, options)
     if plan_path is not None:
@@ -135,11 +138,13 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
 
 
 def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
-          checks: CheckOptions = CheckOptions(), *, ignore: tuple[str, ...] = ()) -> PruneReport:
+          checks: CheckOptions = CheckOptions()) -> PruneReport:
+    """Apply a saved plan; the analysis runs with the options the plan was made with."""
     loaded = _load(model)
     check_output_path(output, input_path=loaded.path)
     the_plan = plan_file if isinstance(plan_file, Plan) else Plan.load(plan_file)
-    analysis = analyze(loaded, ignore=ignore)
+    analysis = analyze(loaded, ignore=tuple(the_plan.meta.get("ignore", ())),
+                       hidden=the_plan.meta.get("hidden_ratio") is not None)
     the_plan.check_against(analysis)
     return apply_plan(analysis, the_plan, output, checks)
 

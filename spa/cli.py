@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--explain", action="store_true", help="list why each frozen group is frozen")
     an.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                     help="freeze every channel touching nodes whose name matches GLOB")
+    an.add_argument("--hidden", action="store_true",
+                    help="analyse with hidden-size (residual stream) pruning enabled")
 
     pr = sub.add_parser("prune", help="prune a model and write the smaller model")
     pr.add_argument("model", help="ONNX file (never modified)")
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of attention heads to remove (default: --ratio)")
     pr.add_argument("--mlp-ratio", type=_ratio, default=None, metavar="R",
                     help="share of dense neurons (MLP widths) to remove (default: --ratio)")
+    pr.add_argument("--hidden", nargs="?", type=_ratio, const=True, default=False, metavar="R",
+                    help="also prune the hidden size (residual stream) of transformers, by R or "
+                    "by --ratio; norm statistics then change (outside the masked oracle)")
     pr.add_argument("--target", choices=[t.value for t in Target], default="channels",
                     help="what --ratio measures (params/flops: searched to meet the target)")
     criteria_help = "; ".join(f"{n}: {c.help}" for n, c in sorted(CRITERIA.items()))
@@ -134,7 +139,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from spa.api import analyze
     from spa.report import analysis_summary, analysis_text
 
-    analysis = analyze(args.model, ignore=tuple(args.ignore))
+    analysis = analyze(args.model, ignore=tuple(args.ignore), hidden=args.hidden)
     if args.json:
         print(json.dumps(analysis_summary(analysis), indent=1))
     else:
@@ -167,8 +172,10 @@ def _prune(args: argparse.Namespace) -> int:
     from passes.importance import Normalization, Reduction
     from spa.api import PruneOptions, prune
 
+    hidden = args.ratio if args.hidden is True else (args.hidden or None)
     options = PruneOptions(ratio=args.ratio, heads_ratio=args.heads_ratio,
-                           mlp_ratio=args.mlp_ratio, target=Target(args.target),
+                           mlp_ratio=args.mlp_ratio, hidden_ratio=hidden,
+                           target=Target(args.target),
                            criterion=args.criterion, reduction=Reduction(args.reduction),
                            normalization=Normalization(args.normalization),
                            global_ranking=args.global_ranking, round_to=args.round_to,

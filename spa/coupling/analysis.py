@@ -49,6 +49,7 @@ class GroupKind(Enum):
     CHANNELS = "channels"  # convolution channels and anything not dense
     NEURONS = "neurons"  # one output row of dense (Gemm/MatMul) weights per channel
     HEADS = "heads"  # several dense rows per channel: attention heads
+    HIDDEN = "hidden"  # the residual stream: normalisation statistics run over it
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,9 @@ class Analysis:
 class CouplingAnalysis:
     """The analysis pass: ``CouplingAnalysis(ignore=[...]).run(model) -> Analysis``."""
 
-    def __init__(self, *, ignore: Sequence[str] = ()):
+    def __init__(self, *, ignore: Sequence[str] = (), hidden: bool = False):
         self.ignore = tuple(ignore)
+        self.hidden = hidden
 
     def run(self, model: LoadedModel) -> Analysis:
         ensure_loaded()
@@ -146,14 +148,15 @@ class CouplingAnalysis:
         tensors = graph.tensors()
         dense = {k for k in live if isinstance(tensors.get(k[0]), gs.Constant)
                  and len(tensors[k[0]].shape) == 2}
-        groups = _build_groups(edges, live, lengths, roles, frozen, dense)
+        statistics = set().union(*(c.statistics for c in couplings.values()))
+        groups = _build_groups(edges, live, lengths, roles, frozen, dense, statistics)
         hooks = {name: c.rewrite for name, c in couplings.items() if c.rewrite is not None}
         return Analysis(model=model, groups=tuple(groups), lengths=lengths, roles=roles,
                         frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
                         hooks=hooks, fingerprint=fingerprint(graph), space_graph=space_graph)
 
-    @staticmethod
-    def _apply_rules(graph: gs.Graph, opset: int) -> tuple[dict[str, NodeCoupling], set[str]]:
+    def _apply_rules(self, graph: gs.Graph, opset: int
+                     ) -> tuple[dict[str, NodeCoupling], set[str]]:
         """Run every node's rule; also return the names of nodes that have no rule."""
         consumers_of: dict[str, list[gs.Node]] = {}
         for node in graph.nodes:
@@ -164,7 +167,7 @@ class CouplingAnalysis:
         for i, node in enumerate(graph.nodes):
             if not node.name:
                 node.name = f"{node.op}_{i}"
-            ctx = NodeContext(node, opset, consumers_of)
+            ctx = NodeContext(node, opset, consumers_of, hidden=self.hidden)
             rule = lookup(node.domain or "", node.op, opset)
             if rule is None:
                 unknown.add(node.name)
@@ -291,7 +294,10 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     return chosen
 
 
-def _kind(size: int, members: list[Member], dense: set[SpaceKey]) -> GroupKind:
+def _kind(size: int, members: list[Member], dense: set[SpaceKey],
+          statistics: set[SpaceKey]) -> GroupKind:
+    if any(m.space in statistics for m in members):
+        return GroupKind.HIDDEN
     producers = [m for m in members if m.role is Role.PRODUCER]
     if not producers or not all(m.space in dense for m in producers):
         return GroupKind.CHANNELS
@@ -301,7 +307,7 @@ def _kind(size: int, members: list[Member], dense: set[SpaceKey]) -> GroupKind:
 
 def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey, int],
                   roles: dict[SpaceKey, Role], frozen: dict[SpaceKey, set[str]],
-                  dense: set[SpaceKey]) -> list[Group]:
+                  dense: set[SpaceKey], statistics: set[SpaceKey]) -> list[Group]:
     # Deterministic space order: producers first, then by the order rules recorded them.
     order: dict[SpaceKey, int] = {}
     for e in edges:
@@ -364,7 +370,7 @@ def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey
             reasons.update(frozen.get(key, ()))
         groups.append(Group(id=len(groups), size=len(local), members=tuple(members),
                             frozen=tuple(sorted(reasons)),
-                            kind=_kind(len(local), members, dense)))
+                            kind=_kind(len(local), members, dense, statistics)))
     return groups
 
 

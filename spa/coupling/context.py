@@ -38,9 +38,11 @@ def static_shape(t: gs.Tensor) -> tuple[int | None, ...] | None:
 class NodeContext:
     """One node, seen by its rule."""
 
-    def __init__(self, node: gs.Node, opset: int, consumers_of: dict[str, list[gs.Node]]):
+    def __init__(self, node: gs.Node, opset: int, consumers_of: dict[str, list[gs.Node]],
+                 *, hidden: bool = False):
         self.node = node
         self.opset = opset
+        self.hidden = hidden  # may normalisation statistics change (hidden-size pruning)?
         self.result = NodeCoupling()
         self._consumers_of = consumers_of
 
@@ -183,6 +185,12 @@ class NodeContext:
         if space is not None:
             self.result.handled.add(space.key)
             self.result.lengths[space.key] = space.length
+
+    def statistics_over(self, space: Space | None) -> None:
+        """``space`` feeds normalisation statistics: handled only with hidden-size pruning on."""
+        if self.hidden and space is not None:
+            self.handle(space)
+            self.result.statistics.add(space.key)
 
     def freeze(self, space: Space | None, reason: str) -> None:
         if space is not None:

@@ -5,9 +5,10 @@ so ``X.1 ↔ Y.1`` and every per-channel parameter (scale, bias, running mean/va
 the scale is the channel's ``SCALE`` for importance criteria. BatchNormalization in training
 form (extra outputs) fails closed.
 
-LayerNormalization normalises over axes ``axis..-1``: pruning those would change the statistics,
-so only the leading axes pass through (the normalised axes stay unhandled and freeze if live;
-hidden-size pruning of transformers is a separate, opt-in analysis).
+LayerNormalization and RMSNormalization normalise over axes ``axis..-1``: pruning those would
+change the statistics, so only the leading axes pass through and the normalised axes freeze if
+live — unless hidden-size pruning is on (``--hidden-ratio``), where a last-axis norm couples its
+axis with its scale and bias and the statistics change by design.
 """
 
 from __future__ import annotations
@@ -55,3 +56,14 @@ def layer_norm(ctx: NodeContext) -> None:
     axis = int(ctx.attr("axis", -1)) % rank
     for ax in range(axis):
         ctx.identity(ctx.space(x, ax), ctx.space(y, ax))
+    if axis == rank - 1 and ctx.hidden:
+        # Hidden-size pruning: the normalised axis goes with its scale and bias; the statistics
+        # are then over fewer channels (outside the masked oracle, by design).
+        sx, sy = ctx.space(x, axis), ctx.space(y, axis)
+        if ctx.identity(sx, sy):
+            ctx.statistics_over(sx)
+            for i, param in ((1, ctx.input(1)), (2, ctx.input(2))):
+                sp = ctx.space(param, -1) if param is not None and ctx.rank(param) == 1 else None
+                ctx.identity(sp, sy)
+                if i == 1:
+                    ctx.role(sp, Role.SCALE)

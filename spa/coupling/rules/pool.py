@@ -7,7 +7,9 @@ indices are used fails closed.
 
 Reductions (ReduceMean, ReduceMax, …) couple every axis they do not reduce with the matching
 output axis (``keepdims`` decides the output position); a reduced axis mixes channels and stays
-unhandled. Softmax-like ops over an axis behave the same for their normalised axes.
+unhandled — except a ReduceMean over the last axis under hidden-size pruning (the statistics of
+a decomposed LayerNorm/RMSNorm, which change by design). Softmax-like ops over an axis behave
+the same for their normalised axes.
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def reduce(ctx: NodeContext) -> None:
             ctx.same_axes([(x, ctx.output(0))])
             return
         axes = list(range(rank))
-    _couple_kept_axes(ctx, {a % rank for a in axes}, bool(int(ctx.attr("keepdims", 1))))
+    reduced = {a % rank for a in axes}
+    _couple_kept_axes(ctx, reduced, bool(int(ctx.attr("keepdims", 1))))
+    if ctx.node.op == "ReduceMean" and reduced == {rank - 1}:
+        # The mean (or mean square) of a decomposed LayerNorm/RMSNorm over the hidden axis.
+        ctx.statistics_over(ctx.space(x, rank - 1))
 
 
 @register("Softmax", "LogSoftmax", "Hardmax", "LpNormalization")
