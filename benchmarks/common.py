@@ -61,3 +61,45 @@ def write_result(name: str, body: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(body, indent=1) + "\n")
     return path
+
+
+def benchmark_prune(dense: Path, variants: dict, runs: int, workdir: Path) -> dict:
+    """Time ``spa.prune`` (load → saved file, validation off) for each variant of options,
+    median of ``runs``; then measure latency of all results side by side with the dense model."""
+    from spa.api import CheckOptions, prune
+
+    no_checks = CheckOptions(validate=False, latency=False)
+    results, paths = {}, {"dense": dense}
+    for label, options in variants.items():
+        out = workdir / f"{label}.onnx"
+        reports = []
+
+        def run(out=out, options=options, reports=reports):
+            reports.append(prune(dense, out, options, no_checks)[0])
+
+        median, all_runs = median_seconds(run, runs)
+        rep = reports[-1]
+        paths[label] = out
+        results[label] = {
+            "prune_seconds_median": median, "prune_seconds_all": all_runs,
+            "breakdown_last_run": rep.seconds, "params_before": rep.params_before,
+            "params_after": rep.params_after, "flops_before": rep.flops_before,
+            "flops_after": rep.flops_after, "flops_reduction_x": rep.flops_before / rep.flops_after,
+            "bytes_before": rep.bytes_before, "bytes_after": rep.bytes_after}
+    for threads in (1, 2):
+        lat = side_by_side_latency(paths, threads=threads)
+        for label, entry in results.items():
+            speedup = lat["dense"] / lat[label]
+            entry[f"threads{threads}"] = {
+                "latency_ms_dense": lat["dense"], "latency_ms_pruned": lat[label],
+                "speedup_x": speedup,
+                "speedup_over_flops_reduction": speedup / entry["flops_reduction_x"]}
+    return results
+
+
+def print_results(results: dict) -> None:
+    for label, r in results.items():
+        print(f"{label}: prune {r['prune_seconds_median']:.2f}s"
+              f"  FLOPs ÷{r['flops_reduction_x']:.2f}"
+              f"  speed-up 1 thread ×{r['threads1']['speedup_x']:.2f}"
+              f"  2 threads ×{r['threads2']['speedup_x']:.2f}")

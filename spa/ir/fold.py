@@ -133,9 +133,11 @@ def _value(node: gs.Node) -> np.ndarray | None:
 
 
 def fold_constant_ops(graph: gs.Graph) -> int:
-    """Replace each foldable node whose inputs are all constants by its value; return the count.
+    """Replace each foldable node whose inputs are all constants by its value.
 
     Nodes are visited in topological order, so a chain of foldable nodes folds in one pass.
+    Returns how many *shape values* (small integer results) were folded: those can make shapes
+    known that inference left symbolic.
     """
     folded = 0
     for node in list(graph.nodes):
@@ -153,5 +155,5 @@ def fold_constant_ops(graph: gs.Graph) -> int:
             for i, t in enumerate(consumer.inputs):
                 if t is out:
                     consumer.inputs[i] = const
-        folded += 1
+        folded += int(_is_shape_value([const.values]) and node.op not in LAYOUT_FOLDERS)
     return folded

@@ -116,15 +116,16 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     graph = gs.import_onnx(model)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
-    fold_constant_ops(graph)
+    shape_values_folded = fold_constant_ops(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    if _refine_shapes(graph):
-        # Propagate what the Reshapes now know to the ops after them.
+    if _refine_shapes(graph) or shape_values_folded:
+        # Propagate what folded shape arithmetic and refined Reshapes now tell to the ops after
+        # them (inferred dims override the stale symbolic ones).
         refined = gs.export_onnx(graph, do_type_check=False)
         del refined.opset_import[:]
         refined.opset_import.extend(model.opset_import)
         refined.ir_version = model.ir_version
-        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(refined, data_prop=True))
+        graph = gs.import_onnx(_with_inferred_shapes(refined, name))
     return graph
 
 
