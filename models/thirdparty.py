@@ -31,6 +31,17 @@ class FirstOutput(nn.Module):
         return getattr(self.model(*args), self.key)
 
 
+def _stub_torchvision() -> None:
+    """transformers and timm import torchvision when it is installed; its C extension is not
+    (see models.torchvision_compat), so stub its registrations first."""
+    from models.torchvision_compat import import_torchvision
+
+    try:
+        import_torchvision()
+    except ImportError:
+        pass
+
+
 def _ids(seq: int = 8) -> tuple[torch.Tensor, ...]:
     return (torch.randint(0, 100, (1, seq), generator=torch.Generator().manual_seed(0)),)
 
@@ -38,6 +49,7 @@ def _ids(seq: int = 8) -> tuple[torch.Tensor, ...]:
 def _hf(config_name: str, model_name: str, inputs: Callable[[], tuple[torch.Tensor, ...]],
         key: str = "last_hidden_state", **config):
     def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        _stub_torchvision()
         import transformers
 
         torch.manual_seed(0)
@@ -71,7 +83,8 @@ HF_MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] =
         "WhisperConfig", "WhisperModel", lambda: (torch.randn(1, 16, 32),), vocab_size=100,
         d_model=64, encoder_layers=2, encoder_attention_heads=4, decoder_layers=1,
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
-        max_source_positions=16, max_target_positions=16),
+        max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1),
     "hf_t5_encoder": _hf("T5Config", "T5EncoderModel", _ids, vocab_size=100, d_model=64,
                          d_kv=16, d_ff=128, num_layers=2, num_heads=4),
 }
@@ -90,6 +103,7 @@ HF_MODELS["hf_whisper_encoder"] = _whisper_encoder_only(HF_MODELS["hf_whisper_en
 
 def _timm(name: str, size: int = 224, **kwargs):
     def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+        _stub_torchvision()
         import timm
 
         torch.manual_seed(0)
