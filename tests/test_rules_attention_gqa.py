@@ -219,12 +219,6 @@ def test_fused_attention_per_head_mask(tmp_path, form, kv):
                                   init_value(m, "mask")[:, q_heads])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: spa/coupling/rules/attention.py::_couple_mask couples the mask's head axis only for a "
-    "4-D mask; a 3-D per-head mask [H, S, S] (valid: broadcast to [B, Hq, S, L], and "
-    "onnxruntime runs the original) is left out of the heads group, so the heads are pruned "
-    "while the mask keeps 4 heads and the pruned model fails in onnxruntime ('attn_mask must "
-    "be broadcastable to (batch_size, q_num_heads, ...)'): prune raises ValidationError"))
 @pytest.mark.parametrize("kv", [H, KV], ids=["mha", "gqa"])
 @pytest.mark.parametrize("form", ["4d", "3d"])
 def test_fused_attention_per_head_mask_3d(tmp_path, form, kv):

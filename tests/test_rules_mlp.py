@@ -140,11 +140,6 @@ def test_fused_gate_up(tmp_path, cut):
         assert int(input_value(out.path, "cut1", 2)[0]) == F
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: spa/coupling/analysis.py::_kind calls a group HEADS when a producer has more than one "
-    "index per channel (width = len(indices) // size); a fused gate_up projection has 2 columns "
-    "per neuron (one in each half), so the MLP group is kind HEADS: --mlp-ratio does not apply "
-    "to it, --heads-ratio does, and round_to is skipped"))
 def test_fused_gate_up_is_an_mlp_group(tmp_path):
     m = _fused_gate_up_model("split")
     _neurons_group(m, "gate_up.w")

@@ -132,7 +132,14 @@ class CouplingAnalysis:
                     space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
                 else:
                     candidates.append(e)
-        chosen = _choose_digits(space_graph, candidates, roles)
+        # A candidate whose axis would freeze anyway (a contraction, an unbind, a graph output)
+        # is no choice: its reshape's own candidates count as handled for this look-ahead.
+        on_candidates: dict[str, set[SpaceKey]] = {}
+        for e in candidates:
+            on_candidates.setdefault(e.node, set()).update((e.a, e.b))
+        every = set(space_graph.nodes) | {k for ks in on_candidates.values() for k in ks}
+        blocked = set(self._frozen(graph, couplings, unknown, every, on_candidates))
+        chosen = _choose_digits(space_graph, candidates, roles, blocked)
         for e in chosen:
             space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
             couplings[e.node].handled.update((e.a, e.b))
@@ -149,7 +156,11 @@ class CouplingAnalysis:
         dense = {k for k in live if isinstance(tensors.get(k[0]), gs.Constant)
                  and len(tensors[k[0]].shape) == 2}
         statistics = set().union(*(c.statistics for c in couplings.values()))
-        groups = _build_groups(edges, live, lengths, roles, frozen, dense, statistics)
+        # Head axes: declared by attention rules, or the factor a reshape split a channel axis
+        # into (C → heads × head_dim keeps the heads factor).
+        heads = set().union(*(c.heads for c in couplings.values()))
+        heads.update(e.b for e in chosen if lengths[e.b] < lengths[e.a])
+        groups = _build_groups(edges, live, lengths, roles, frozen, dense, statistics, heads)
         hooks = {name: c.rewrite for name, c in couplings.items() if c.rewrite is not None}
         return Analysis(model=model, groups=tuple(groups), lengths=lengths, roles=roles,
                         frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
@@ -203,7 +214,12 @@ class CouplingAnalysis:
         return live
 
     def _frozen(self, graph: gs.Graph, couplings: dict[str, NodeCoupling], unknown: set[str],
-                live: set[SpaceKey]) -> dict[SpaceKey, set[str]]:
+                live: set[SpaceKey], also_handled: dict[str, set[SpaceKey]] | None = None
+                ) -> dict[SpaceKey, set[str]]:
+        """Why each of ``live`` must keep its length: a graph input/output, an ignored node, a
+        node with subgraphs or no rule, or a node whose rule does not handle it (counting
+        ``also_handled[node]`` as handled too)."""
+        also_handled = also_handled or {}
         live_axes: dict[str, list[SpaceKey]] = {}
         for key in live:
             live_axes.setdefault(key[0], []).append(key)
@@ -235,7 +251,7 @@ class CouplingAnalysis:
             else:
                 freeze(names, lambda k, n=node:
                        f"{n.op} node '{n.name}' does not map axis {k[1]} of '{k[0]}'",
-                       couplings[node.name].handled)
+                       couplings[node.name].handled | also_handled.get(node.name, set()))
         return frozen
 
 
@@ -257,23 +273,30 @@ def _subgraph_outer_names(node: gs.Node) -> set[str]:
     return names
 
 
-def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey, Role]
-                   ) -> list[Edge]:
+def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey, Role],
+                   blocked: set[SpaceKey]) -> list[Edge]:
     """Of each factorised reshape's digit candidates, the outermost whose axis leads somewhere.
 
     An axis leads somewhere when its component (over the definite edges) holds a weight axis
     (producer or consumer) or is reached by at least two reshapes (as one of their factors or as
     their whole axis): the head axis of ``[B, S, H, d]`` joins the Q/K/V splits and the merge
     before the output projection, while the ``3`` of a fused QKV reshape ends at the Gather
-    that unbinds it.
+    that unbinds it. An axis that would freeze anyway (the head_dim contracted in ``Q·Kᵀ``, an
+    unbound axis, a graph output) is passed over. Of the rest, the axis reached by the most
+    reshapes wins (heads over V's head_dim even when heads are the inner factor, as in einops
+    ``(d h)``); ties go to the outermost. When every candidate would freeze, the outermost is
+    kept, so that the group freezes with the reason of what blocks it.
     """
     comp_of: dict[SpaceKey, int] = {}
     anchored: set[int] = set()
+    dead: set[object] = {k for k in blocked if k not in graph}
     for i, comp in enumerate(nx.connected_components(graph)):
         for k in comp:
             comp_of[k] = i
             if roles.get(k) in (Role.PRODUCER, Role.CONSUMER):
                 anchored.add(i)
+            if k in blocked:
+                dead.add(i)
 
     def comp(key: SpaceKey) -> int | SpaceKey:
         return comp_of.get(key, key)
@@ -286,28 +309,35 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
         by_alt.setdefault(e.alternatives, []).append(e)
     chosen = []
     for edges in by_alt.values():
-        for e in edges:  # outermost first
-            k = comp(e.b)
-            if k in anchored or len(touching[k]) >= 2:
-                chosen.append(e)
-                break
+        eligible = [(len(touching[comp(e.b)]), -i, e) for i, e in enumerate(edges)
+                    if comp(e.b) in anchored or len(touching[comp(e.b)]) >= 2]
+        alive = [c for c in eligible if comp(c[2].b) not in dead]
+        if alive:
+            # The axis most reshapes agree on (the heads, met by the Q/K/V splits and the merge;
+            # V's head_dim meets only its split and the merge); ties go to the outermost.
+            chosen.append(max(alive, key=lambda c: c[:2])[2])
+        elif eligible:
+            # Everything freezes anyway: keep the outermost, whose blocker names the reason.
+            chosen.append(eligible[0][2])
     return chosen
 
 
-def _kind(size: int, members: list[Member], dense: set[SpaceKey],
-          statistics: set[SpaceKey]) -> GroupKind:
+def _kind(members: list[Member], dense: set[SpaceKey], statistics: set[SpaceKey],
+          heads: set[SpaceKey]) -> GroupKind:
     if any(m.space in statistics for m in members):
         return GroupKind.HIDDEN
     producers = [m for m in members if m.role is Role.PRODUCER]
     if not producers or not all(m.space in dense for m in producers):
         return GroupKind.CHANNELS
-    width = max(len(m.indices) for m in producers) // max(size, 1)
-    return GroupKind.HEADS if width > 1 else GroupKind.NEURONS
+    # Several rows per channel alone do not make heads: a fused gate_up neuron owns one row in
+    # each half. Heads pass through a head axis.
+    return GroupKind.HEADS if any(m.space in heads for m in members) else GroupKind.NEURONS
 
 
 def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey, int],
                   roles: dict[SpaceKey, Role], frozen: dict[SpaceKey, set[str]],
-                  dense: set[SpaceKey], statistics: set[SpaceKey]) -> list[Group]:
+                  dense: set[SpaceKey], statistics: set[SpaceKey], heads: set[SpaceKey]
+                  ) -> list[Group]:
     # Deterministic space order: producers first, then by the order rules recorded them.
     order: dict[SpaceKey, int] = {}
     for e in edges:
@@ -370,7 +400,7 @@ def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey
             reasons.update(frozen.get(key, ()))
         groups.append(Group(id=len(groups), size=len(local), members=tuple(members),
                             frozen=tuple(sorted(reasons)),
-                            kind=_kind(len(local), members, dense, statistics)))
+                            kind=_kind(members, dense, statistics, heads)))
     return groups
 
 

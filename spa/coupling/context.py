@@ -186,6 +186,11 @@ class NodeContext:
             self.result.handled.add(space.key)
             self.result.lengths[space.key] = space.length
 
+    def heads_axis(self, space: Space | None) -> None:
+        """Declare that ``space`` indexes attention heads (for ``--heads-ratio``)."""
+        if space is not None:
+            self.result.heads.add(space.key)
+
     def statistics_over(self, space: Space | None) -> None:
         """``space`` feeds normalisation statistics: handled only with hidden-size pruning on."""
         if self.hidden and space is not None:

@@ -93,3 +93,5 @@ class NodeCoupling:
     # Spaces handled only because hidden-size pruning is on: normalisation statistics over them
     # change when channels go, so their groups are HIDDEN and outside the masked oracle.
     statistics: set[SpaceKey] = field(default_factory=set)
+    # Axes that index attention heads (declared by attention rules).
+    heads: set[SpaceKey] = field(default_factory=set)

@@ -117,6 +117,7 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
     shape_values_folded = fold_constant_ops(graph)
+    _unshare_constants(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     if _refine_shapes(graph) or shape_values_folded:
         # Propagate what folded shape arithmetic and refined Reshapes now tell to the ops after
@@ -127,6 +128,32 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
         refined.ir_version = model.ir_version
         graph = gs.import_onnx(_with_inferred_shapes(refined, name))
     return graph
+
+
+def _unshare_constants(graph: gs.Graph) -> None:
+    """Give each reader of a deduplicated constant its own copy.
+
+    Exporters merge initializers with equal values (every zero bias of a freshly initialised
+    model becomes one tensor), which would couple unrelated channel spaces — a Q projection's
+    heads with the hidden size. Copies change no number. Only constants that can be such
+    accidents are copied: vectors, and tensors holding a single repeated value; a genuinely
+    tied weight matrix stays shared, and its readers stay coupled.
+    """
+    for name, t in list(graph.tensors().items()):
+        readers: list[gs.Node] = []
+        for node in t.outputs if isinstance(t, gs.Constant) else ():
+            if all(node is not r for r in readers):
+                readers.append(node)
+        if len(readers) < 2 or t.values.size <= 1:
+            continue
+        values = np.asarray(t.values)
+        if values.ndim > 1 and not np.all(values == values.flat[0]):
+            continue
+        for k, node in enumerate(readers[1:], start=1):
+            copy = gs.Constant(f"{name}__spa_copy{k}", values.copy())
+            for i, inp in enumerate(node.inputs):
+                if inp is t:
+                    node.inputs[i] = copy
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:

@@ -35,6 +35,7 @@ def attention(ctx: NodeContext) -> None:
         ctx.identity(ctx.space(q, 0), ctx.space(t, 0))
     if rank == 4:
         q_heads, kv_heads = ctx.space(q, 1), ctx.space(k, 1)
+        ctx.heads_axis(q_heads)
         ctx.identity(q_heads, ctx.space(y, 1))
         ctx.identity(kv_heads, ctx.space(v, 1))
         _couple_mask(ctx, ctx.space(y, 1))
@@ -43,6 +44,7 @@ def attention(ctx: NodeContext) -> None:
         if nq is None or nkv is None:
             return
         q_heads, kv_heads = ctx.virtual("q_heads", int(nq)), ctx.virtual("kv_heads", int(nkv))
+        ctx.heads_axis(q_heads)
         ctx.block(ctx.space(q, 2), q_heads)
         ctx.block(ctx.space(y, 2), q_heads)
         ctx.block(ctx.space(k, 2), kv_heads)
@@ -61,11 +63,13 @@ def attention(ctx: NodeContext) -> None:
 
 
 def _couple_mask(ctx: NodeContext, heads: Space | None) -> None:
+    """A mask broadcasts to ``[B, Hq, S, L]``: its head axis, if it has one, is 3rd from last."""
     mask = ctx.input(3)
     shape = ctx.shape(mask)
-    if mask is not None and shape is not None and len(shape) == 4 and heads is not None \
-            and shape[1] == heads.length and heads.length > 1:
-        ctx.identity(ctx.space(mask, 1), heads)
+    if mask is None or shape is None or len(shape) < 3 or heads is None:
+        return
+    if shape[-3] == heads.length and heads.length > 1:
+        ctx.identity(ctx.space(mask, -3), heads)
 
 
 def _head_count_hook(q_heads: Space, kv_heads: Space):
