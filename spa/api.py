@@ -24,7 +24,7 @@ from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError
 from spa.ir import save_model, to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
-from spa.ir.save import TWO_GB, check_output_path, infer_shapes
+from spa.ir.save import TWO_GB, _tensor_bytes, check_output_path, infer_shapes
 from spa.metrics import CostModel, file_size, latency_ms
 from spa.plan import Plan
 
@@ -162,16 +162,13 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     pruned = infer_shapes(to_onnx(loaded))
     t1 = time.perf_counter()
     report_extra: dict = {}
-    small = pruned.ByteSize() < TWO_GB if need_original else False
-    if need_original and small:
+    if need_original and _tensor_bytes(pruned) < TWO_GB:  # onnxruntime takes it from memory
         report_extra = _validate(original, pruned, analysis, the_plan, checks)
     t2 = time.perf_counter()
     # Measured on the emitted model (re-read in normal form), not derived from the plan.
-    after = CostModel(load_proto(pruned).graph).count() if small else None
+    after = CostModel(load_proto(pruned).graph).count()
     out = save_model(pruned, output, external=loaded.external_data, input_path=loaded.path)
     t3 = time.perf_counter()
-    if after is None:
-        after = CostModel(load_model(out).graph).count()
     pred = the_plan.prediction
     report = PruneReport(
         input=str(loaded.path or "<memory>"), output=str(out),

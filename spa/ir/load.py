@@ -30,9 +30,6 @@ from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 7
-# Above this many bytes the full checker is skipped at load (protobuf cannot serialise a message
-# over 2 GB); the written model is always checked in full.
-_CHECK_IN_MEMORY_LIMIT = 1 << 30
 # Initializers up to this many elements stay in the copy used for shape inference: shape
 # constants (Reshape targets, Slice bounds) must keep their values; weights only need a type.
 _SMALL_TENSOR = 64
@@ -110,9 +107,10 @@ def check_versions(model: onnx.ModelProto, name: str) -> int:
 
 def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     try:
-        onnx.checker.check_model(model) if model.ByteSize() < _CHECK_IN_MEMORY_LIMIT else None
+        onnx.checker.check_model(weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
+    _check_tensor_sizes(model, name)
     graph = gs.import_onnx(model)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
@@ -233,12 +231,23 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         _replace_uses(graph, out, src)
 
 
-def _with_inferred_shapes(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+def _check_tensor_sizes(model: onnx.ModelProto, name: str) -> None:
+    """Each initializer's raw bytes match its dims (the checker runs on a weight-less copy)."""
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and t.data_type != onnx.TensorProto.STRING:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            if len(t.raw_data) != int(np.prod(t.dims, dtype=np.int64)) * itemsize:
+                raise ModelLoadError(f"{name}: tensor '{t.name}' holds {len(t.raw_data)} bytes, "
+                                     f"not the {list(t.dims)} its shape says")
+
+
+def _with_inferred_shapes(model: onnx.ModelProto, name: str,
+                          error: type[Exception] = ModelLoadError) -> onnx.ModelProto:
     """Infer shapes on a weight-less copy (fast, and fine past 2 GB); keep them in ``model``."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_weightless(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
-        raise ModelLoadError(f"{name}: shape inference failed: {_one_line(exc)}") from exc
+        raise error(f"{name}: shape inference failed: {_one_line(exc)}") from exc
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     del model.graph.output[:]
@@ -246,7 +255,7 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     return model
 
 
-def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each large initializer replaced by a typed graph input of its shape."""
     light = onnx.ModelProto()
     light.ir_version = max(model.ir_version, 4)  # IR 4+: initializers need not be inputs

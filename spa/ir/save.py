@@ -1,9 +1,10 @@
 """Write a graph back to ONNX: export, re-infer shapes, full check, atomic write.
 
-The output is written into a temporary directory beside the destination and renamed into place
-only after ``onnx.checker.check_model(full_check=True)`` has passed, so a failed run leaves no
-partial file. Models whose weights exceed 2 GB (or whose input used external data) are written
-with their tensors in ``<name>.data`` next to the model.
+``onnx.checker.check_model(full_check=True)`` runs first (on a weight-less copy: structure and
+strict shape inference); the output is then written into a temporary directory beside the
+destination and renamed into place, so a failed run leaves no partial file. Models whose weights
+exceed 2 GB (or whose input used external data) are written with their floating-point tensors in
+``<name>.data`` next to the model.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 
 from spa.errors import OutputPathError, ValidationError
-from spa.ir.load import LoadedModel, _one_line
+from spa.ir.load import LoadedModel, _one_line, _with_inferred_shapes, weightless
 
 TWO_GB = 2 * 1024**3
 
@@ -37,16 +38,12 @@ def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None) -> onnx.ModelPro
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference on a model small enough to serialise (strict, so errors surface)."""
-    if _tensor_bytes(model) >= TWO_GB:
-        return model
-    try:
-        # Not strict: onnx cannot infer some valid ops (GroupNormalization-21, say); the full
-        # checker and onnxruntime validation still run on the result.
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError) as exc:
-        raise ValidationError(f"shape inference fails on the rewritten model: {_one_line(exc)}") \
-            from exc
+    """Shape inference on the rewritten model (on a weight-less copy, so any size works).
+
+    Not strict: onnx cannot infer some valid ops (GroupNormalization-21, say); the full checker
+    and onnxruntime validation still run on the result.
+    """
+    return _with_inferred_shapes(model, "the rewritten model", ValidationError)
 
 
 def check_output_path(out: str | os.PathLike[str], *, input_path: Path | None) -> Path:
@@ -71,6 +68,11 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], *, external:
     (onnx does that in place): use the in-memory model before saving, not after.
     """
     out_p = check_output_path(out, input_path=input_path)
+    try:  # structure and strict shape inference; the weights are numpy-made, sized by design
+        onnx.checker.check_model(weightless(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ValidationError(f"the rewritten model fails onnx.checker: {_one_line(exc)}") \
+            from exc
     external = external or _tensor_bytes(model) >= TWO_GB
     tmp_dir = Path(tempfile.mkdtemp(prefix=".spa-", dir=out_p.parent))
     try:
@@ -79,11 +81,6 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], *, external:
         if external:
             _mark_weights_external(model, data_name)
         onnx.save_model(model, str(tmp_model))
-        try:
-            onnx.checker.check_model(str(tmp_model), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise ValidationError(f"the rewritten model fails onnx.checker: {_one_line(exc)}") \
-                from exc
         if external and (tmp_dir / data_name).exists():  # absent when every tensor is tiny
             os.replace(tmp_dir / data_name, out_p.parent / data_name)
         os.replace(tmp_model, out_p)
