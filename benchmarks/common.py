@@ -39,7 +39,8 @@ def side_by_side_latency(paths: dict[str, Path], *, threads: int, rounds: int = 
     hits all of them alike."""
     from spa import validate as val
 
-    sessions = {k: val.session(p, threads=threads) for k, p in paths.items()}
+    # No spinning: an idle session's spinning workers would slow the next one down.
+    sessions = {k: val.session(p, threads=threads, spin=False) for k, p in paths.items()}
     feeds = val.random_inputs(next(iter(sessions.values())))
     for s in sessions.values():
         for _ in range(3):

@@ -33,13 +33,19 @@ _ORT_TYPES = {
 }
 
 
-def session(model, *, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a path, serialized bytes or a ModelProto."""
+def session(model, *, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a path, serialized bytes or a ModelProto.
+
+    ``spin=False`` stops idle worker threads from spinning after a run, so that several
+    sessions timed in turn do not steal each other's cores.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
