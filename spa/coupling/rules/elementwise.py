@@ -35,15 +35,19 @@ NARY = (
 )
 
 
-def couple_broadcast(ctx: NodeContext, inputs: list[gs.Tensor], y: gs.Tensor) -> None:
-    """Couple each input's axes with the output's under numpy broadcasting."""
+def couple_broadcast(ctx: NodeContext, inputs: list[gs.Tensor], y: gs.Tensor,
+                     skip_last: int = 0) -> None:
+    """Couple each input's axes with the output's under numpy broadcasting, leaving out the
+    last ``skip_last`` axes of every tensor (MatMul broadcasts only its batch dims)."""
     shape_y = ctx.shape(y)
     if shape_y is None:
         return
+    shape_y = shape_y[:len(shape_y) - skip_last]
     for t in inputs:
         shape_t = ctx.shape(t)
-        if shape_t is None or len(shape_t) > len(shape_y):
+        if shape_t is None or len(shape_t) > len(shape_y) + skip_last:
             continue
+        shape_t = shape_t[:len(shape_t) - skip_last]
         lead = len(shape_y) - len(shape_t)
         for ax, length in enumerate(shape_t):
             if length is not None and length == shape_y[ax + lead]:

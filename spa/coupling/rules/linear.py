@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from spa.coupling.registry import register
+from spa.coupling.rules.elementwise import couple_broadcast
 from spa.coupling.types import Role
 
 if TYPE_CHECKING:
@@ -62,12 +63,7 @@ def matmul(ctx: NodeContext) -> None:
         for ax in range(ra - 1):
             ctx.identity(ctx.space(a, ax), ctx.space(y, ax + ry - ra))
     elif ctx.const(a) is None and ctx.const(b) is None:
-        for t, r in ((a, ra), (b, rb)):
-            shape_t, shape_y = ctx.shape(t), ctx.shape(y)
-            for ax in range(r - 2):
-                oy = ax + ry - r
-                if shape_t[ax] is not None and shape_t[ax] == shape_y[oy]:
-                    ctx.identity(ctx.space(t, ax), ctx.space(y, oy))
+        couple_broadcast(ctx, [a, b], y, skip_last=2)
         ctx.identity(ctx.space(a, -2), ctx.space(y, -2))
         ctx.identity(ctx.space(b, -1), ctx.space(y, -1))
     elif ctx.const(a) is not None and ra == 2 and ctx.const(b) is None:
