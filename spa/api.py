@@ -14,14 +14,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from passes.allocation import Allocation, Target
-from passes.importance import Normalization, Reduction, get_criterion
+from passes.compensation import Compensation
+from passes.hessian import HessianSource, collect, consumer_layers
+from passes.importance import Criterion, Normalization, Reduction, get_criterion
 from passes.rewrite import Rewrite
 from spa import validate as val
 from spa.coupling.analysis import Analysis, CouplingAnalysis
-from spa.errors import NothingPrunableError
+from spa.errors import NothingPrunableError, OptionError
 from spa.ir import save_model, to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
 from spa.ir.save import TWO_GB, _tensor_bytes, check_output_path, infer_shapes
@@ -47,6 +50,13 @@ class PruneOptions:
     min_channels: int = 1
     ignore: tuple[str, ...] = ()
     seed: int = 0
+    # OBSPA (criterion "obspa"): where H comes from, its damping, how many synthetic samples,
+    # calibration data (arrays named after the graph inputs), and whether to write the update.
+    hessian: HessianSource = HessianSource.SYNTHETIC
+    damping: float = 0.1
+    samples: int = 32
+    calib: str | None = None
+    compensate: bool = True
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,7 @@ class PruneReport:
     latency_ms_after: float | None = None
     masked_max_abs_diff: float | None = None
     masked_relative_diff: float | None = None
+    compensated_layers: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -101,12 +112,35 @@ def analyze(model: PathLike | onnx.ModelProto | LoadedModel, *, ignore: tuple[st
 
 def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
     """Score and allocate: the plan for ``analysis`` under ``options``."""
+    return _plan(analysis, options)[0]
+
+
+def _criterion_options(options: PruneOptions) -> dict:
+    if options.criterion != "obspa":
+        return {}
+    return {"hessian": options.hessian, "damping": options.damping, "samples": options.samples,
+            "calib": load_calibration(options.calib)}
+
+
+def load_calibration(path: str | None) -> dict[str, np.ndarray] | None:
+    """Arrays named after the graph inputs, first axis = samples (``--calib FILE.npz``)."""
+    if path is None:
+        return None
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{path}: not a readable .npz of calibration arrays ({exc})") from exc
+
+
+def _plan(analysis: Analysis, options: PruneOptions) -> tuple[Plan, Criterion]:
     if not analysis.prunable_groups:
         reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
         raise NothingPrunableError("no prunable channel group in the model"
                                    + (f" (e.g. {'; '.join(reasons)})" if reasons else ""))
     criterion = get_criterion(options.criterion, reduction=options.reduction,
-                              normalization=options.normalization, seed=options.seed)
+                              normalization=options.normalization, seed=options.seed,
+                              **_criterion_options(options))
     scores = criterion.run(analysis)
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,
@@ -117,7 +151,10 @@ def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
             "hidden_ratio": options.hidden_ratio,
             "target": options.target.value, "global": options.global_ranking,
             "round_to": options.round_to, "seed": options.seed, "ignore": list(options.ignore)}
-    return alloc.run(analysis, scores, meta)
+    if options.criterion == "obspa" and options.compensate:
+        meta["compensation"] = {"hessian": options.hessian.value, "damping": options.damping,
+                                "samples": options.samples, "calib": options.calib}
+    return alloc.run(analysis, scores, meta), criterion
 
 
 def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOptions(),
@@ -128,11 +165,12 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
     check_output_path(output, input_path=loaded.path)
     analysis = analyze(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
     t1 = time.perf_counter()
-    the_plan = plan(analysis, options)
+    the_plan, criterion = _plan(analysis, options)
     if plan_path is not None:
         the_plan.save(plan_path)
     t2 = time.perf_counter()
-    report = apply_plan(analysis, the_plan, output, checks)
+    report = apply_plan(analysis, the_plan, output, checks,
+                        hessians=getattr(criterion, "hessians", None))
     report.seconds.update(load_analyze=t1 - t0, plan=t2 - t1)
     return report, the_plan
 
@@ -150,14 +188,33 @@ def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
 
 
 def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
-               checks: CheckOptions = CheckOptions()) -> PruneReport:
-    """Rewrite, validate, write. Mutates ``analysis.model`` (it is consumed)."""
+               checks: CheckOptions = CheckOptions(), *,
+               hessians: dict | None = None) -> PruneReport:
+    """(Compensate,) rewrite, validate, write. Mutates ``analysis.model`` (it is consumed).
+
+    A plan made by OBSPA carries its compensation recipe; ``hessians`` saves recomputing them.
+    """
     loaded = analysis.model
     t0 = time.perf_counter()
     before = CostModel(loaded.graph).count()
     need_original = checks.validate or checks.check_masked
     original = to_onnx(loaded) if need_original else None
     channels_before = sum(g.size for g in analysis.prunable_groups)
+    recipe = the_plan.meta.get("compensation")
+    compensated = 0
+    if recipe:
+        the_plan.check_against(analysis)
+        if not hessians:
+            hessians = collect(analysis, consumer_layers(analysis),
+                               HessianSource(recipe["hessian"]), samples=recipe["samples"],
+                               seed=the_plan.meta.get("seed", 0),
+                               calib=load_calibration(recipe.get("calib")))
+        compensated = Compensation(damping=recipe["damping"]).run(analysis, the_plan, hessians)
+        if checks.check_masked:
+            log.warning("compensated weights: the masked oracle does not apply (--no-compensate "
+                        "to check it); validating shapes only")
+            checks = CheckOptions(validate=True, check_masked=False, rtol=checks.rtol,
+                                  latency=checks.latency, latency_runs=checks.latency_runs)
     Rewrite().run(analysis, the_plan)
     pruned = infer_shapes(to_onnx(loaded))
     t1 = time.perf_counter()
@@ -183,7 +240,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
         frozen=[{"group": f.id, "name": f.name, "channels": f.size, "reasons": list(f.reasons)}
                 for f in the_plan.frozen],
         seconds={"rewrite": t1 - t0, "validate": t2 - t1, "save": t3 - t2},
-        **report_extra)
+        compensated_layers=compensated, **report_extra)
     return report
 
 

@@ -50,6 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from passes.allocation import Target
+    from passes.hessian import HessianSource
     from passes.importance import CRITERIA, Normalization, Reduction
 
     parser = _Parser(prog="spa", description="Structurally Prune Anything: "
@@ -97,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="freeze every channel touching nodes whose name matches GLOB")
     pr.add_argument("--seed", type=int, default=0, help="seed of random scores and inputs")
     pr.add_argument("--plan", metavar="PLAN.json", help="also write the plan as JSON")
+    obs = pr.add_argument_group("OBSPA (--criterion obspa)")
+    obs.add_argument("--hessian", choices=[h.value for h in HessianSource], default="synthetic",
+                     help="where the layer Hessians come from (synthetic needs no data)")
+    obs.add_argument("--calib", metavar="FILE.npz",
+                     help="calibration inputs: arrays named after the graph inputs")
+    obs.add_argument("--damping", type=float, default=0.1,
+                     help="λ = damping × mean diagonal of each Hessian")
+    obs.add_argument("--samples", type=_positive, default=32,
+                     help="synthetic input samples for the Hessians")
+    obs.add_argument("--no-compensate", action="store_true",
+                     help="do not write the OBS update of the kept weights")
     _check_flags(pr)
 
     ap = sub.add_parser("apply", help="apply a saved plan to its model")
@@ -169,6 +181,7 @@ def _finish(args: argparse.Namespace, report) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from passes.allocation import Target
+    from passes.hessian import HessianSource
     from passes.importance import Normalization, Reduction
     from spa.api import PruneOptions, prune
 
@@ -180,7 +193,9 @@ def _prune(args: argparse.Namespace) -> int:
                            normalization=Normalization(args.normalization),
                            global_ranking=args.global_ranking, round_to=args.round_to,
                            min_channels=args.min_channels, ignore=tuple(args.ignore),
-                           seed=args.seed)
+                           seed=args.seed, hessian=HessianSource(args.hessian),
+                           damping=args.damping, samples=args.samples, calib=args.calib,
+                           compensate=not args.no_compensate)
     report, _ = prune(args.model, args.output, options, _checks(args), plan_path=args.plan)
     return _finish(args, report)
 

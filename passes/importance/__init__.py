@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from passes.importance import magnitude  # noqa: F401  (registers l1, l2, random)
+from passes.importance import magnitude, obspa  # noqa: F401  (registers the criteria)
 from passes.importance.base import (
     CRITERIA,
     Criterion,

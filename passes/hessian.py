@@ -1,0 +1,145 @@
+"""Layer-input second moments ``H = X Xᵀ`` for OBS, from data or data-free sources.
+
+A *consumer layer* is a node that reads a pruned channel through a weight's input axis (Conv,
+ConvTranspose, Gemm, MatMul). Its ``H`` is over the channels of that axis: the activation ``X``
+feeding it, channel axis last, every other axis (batch, spatial, sequence) a sample. For convs
+this treats kernel positions as independent rows of the weight (``H ⊗ I``), the usual structured
+approximation. Sources (``--hessian``):
+
+* ``calibration``: real inputs (``--calib FILE.npz``, arrays named after the graph inputs);
+* ``synthetic`` (default, no data): seeded random inputs shaped like the graph inputs (standard
+  normal for float inputs, uniform token ids for integer inputs);
+* ``identity``: ``H = I`` — OBS then degenerates to the consumer columns' L2 norm, no update.
+
+All layers' inputs are collected in one onnxruntime pass per sample batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spa.coupling.types import Role
+from spa.errors import OptionError
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis
+
+log = logging.getLogger(__name__)
+MAX_DENSE = 4096  # above this many input channels a layer uses a diagonal H (memory, time)
+
+
+class HessianSource(Enum):
+    SYNTHETIC = "synthetic"
+    CALIBRATION = "calibration"
+    IDENTITY = "identity"
+
+
+@dataclass(frozen=True)
+class ConsumerLayer:
+    """A weight whose input axis ``axis`` reads channel ``i`` of ``data``'s axis ``data_axis``."""
+
+    weight: str
+    axis: int
+    data: str
+    data_axis: int
+    width: int
+
+
+def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
+    """Every consumer weight space of a prunable group whose node SPA can read an input from."""
+    spaces = {m.space for g in analysis.prunable_groups for m in g.members
+              if m.role is Role.CONSUMER}
+    layers = {}
+    for node in analysis.model.graph.nodes:
+        for slot, t in enumerate(node.inputs):
+            for axis in range(len(t.shape or ())) if isinstance(t, gs.Constant) else ():
+                if (t.name, axis) in spaces:
+                    layer = _layer_of(node, slot, t, axis)
+                    if layer is not None:
+                        layers[(t.name, axis)] = layer
+    return layers
+
+
+def _layer_of(node: gs.Node, slot: int, w: gs.Constant, axis: int) -> ConsumerLayer | None:
+    op, ins = node.op, node.inputs
+    if op in ("Conv", "ConvTranspose") and slot == 1:
+        return ConsumerLayer(w.name, axis, ins[0].name, 1, w.shape[axis])
+    if op == "Gemm" and slot == 1:
+        return ConsumerLayer(w.name, axis, ins[0].name, 0 if node.attrs.get("transA", 0) else 1,
+                             w.shape[axis])
+    if op == "MatMul" and slot == 1:
+        return ConsumerLayer(w.name, axis, ins[0].name, -1, w.shape[axis])
+    if op == "MatMul" and slot == 0:
+        return ConsumerLayer(w.name, axis, ins[1].name, -2, w.shape[axis])
+    return None
+
+
+def collect(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
+            source: HessianSource, *, samples: int = 32, seed: int = 0,
+            calib: dict[str, np.ndarray] | None = None) -> dict[tuple[str, int], np.ndarray]:
+    """``H`` (float64, mean over samples) of every layer; diagonal (1-D) for very wide ones."""
+    if source is HessianSource.IDENTITY:
+        return {k: np.ones(layer.width) for k, layer in layers.items()}
+    from spa import validate as val
+    from spa.ir import to_onnx
+
+    model = to_onnx(analysis.model)
+    wanted = sorted({layer.data for layer in layers.values()})
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                              for n in wanted if n not in present)
+    sess = val.session(model)
+    sums: dict[tuple[str, int], np.ndarray] = {}
+    count: dict[str, int] = {}
+    for feeds in _batches(sess, source, samples, seed, calib):
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        for key, layer in layers.items():
+            x = np.moveaxis(np.asarray(outs[layer.data], np.float64), layer.data_axis, -1)
+            x = x.reshape(-1, x.shape[-1])
+            h = np.einsum("ij,ij->j", x, x) if layer.width > MAX_DENSE else x.T @ x
+            sums[key] = sums.get(key, 0) + h
+            count[layer.data] = count.get(layer.data, 0) + x.shape[0]
+    return {k: h / max(count[layers[k].data], 1) for k, h in sums.items()}
+
+
+def _batches(sess, source: HessianSource, samples: int, seed: int,
+             calib: dict[str, np.ndarray] | None):
+    from spa import validate as val
+
+    if source is HessianSource.CALIBRATION:
+        if not calib:
+            raise OptionError("--hessian calibration needs --calib FILE.npz")
+        names = [i.name for i in sess.get_inputs()]
+        missing = [n for n in names if n not in calib]
+        if missing:
+            raise OptionError(f"calibration data lacks arrays for graph inputs {missing}")
+        batch = sess.get_inputs()[0].shape[0]
+        step = batch if isinstance(batch, int) and batch > 0 else 8
+        n = len(calib[names[0]])
+        for i in range(0, n - step + 1, step):
+            yield {k: calib[k][i:i + step] for k in names}
+        return
+    for i in range(samples):
+        yield val.random_inputs(sess, seed=seed * 100_003 + i)
+
+
+def damped_inverse(h: np.ndarray, damping: float) -> np.ndarray:
+    """``(H + λI)⁻¹`` with ``λ = damping · mean(diag H)``, by Cholesky with growing jitter."""
+    if h.ndim == 1:
+        return 1.0 / (h + damping * h.mean() + 1e-12)
+    lam = damping * float(np.mean(np.diag(h))) + 1e-12
+    eye = np.eye(h.shape[0])
+    for _ in range(8):
+        try:
+            ci = np.linalg.inv(np.linalg.cholesky(h + lam * eye))  # float64 throughout
+            return ci.T @ ci
+        except np.linalg.LinAlgError:
+            lam *= 10
+    raise OptionError("the layer Hessian is not positive definite even with heavy damping")

@@ -1,0 +1,120 @@
+"""OBSPA: Optimal Brain Surgeon for channel groups (DESIGN.md, "OBSPA").
+
+For a consumer layer with weight rows ``W[q, :]`` per input channel ``q`` (the weight with its
+input axis first, every other axis flattened: output units × kernel positions) and
+``Hinv = (H + λI)⁻¹``, removing the set ``Q`` of input channels and re-fitting the rest costs
+
+    cost(Q) = tr( W[Q]ᵀ · (Hinv[Q,Q])⁻¹ · W[Q] )
+
+and the best update of the kept rows is ``W[K] -= Hinv[K,Q] · (Hinv[Q,Q])⁻¹ · W[Q]``, after
+which ``Hinv`` of the kept channels is the Schur complement. A group's channel may own several
+input channels of a layer (a flattened channel owns H·W features) and may reach several layers:
+its cost is the sum over its layers. Channels are removed greedily in batches, cheapest first,
+updating weights and ``Hinv`` as they go; a channel's score is its position in that order, so
+allocation keeps the last ones removed. The same closed form, applied to the plan's removed set
+at once, is the compensation written into the model (passes/compensation.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.hessian import HessianSource, collect, consumer_layers, damped_inverse
+from passes.importance.base import Criterion, Scores, normalise, register_criterion
+from spa.coupling.types import Role
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis, Group
+
+BATCHES = 16  # greedy removal in about this many batches per group
+
+
+def layer_rows(values: np.ndarray, axis: int) -> np.ndarray:
+    """The weight with its input axis first and the rest flattened, in float64."""
+    return np.moveaxis(np.asarray(values, np.float64), axis, 0).reshape(values.shape[axis], -1)
+
+
+def obs_cost(w_q: np.ndarray, hinv_qq: np.ndarray) -> float:
+    """``tr(W[Q]ᵀ (Hinv[Q,Q])⁻¹ W[Q])`` (diagonal ``Hinv`` given as a vector)."""
+    if hinv_qq.ndim == 1:
+        return float(np.sum(w_q**2 / hinv_qq[:, None]))
+    return float(np.sum(w_q * np.linalg.solve(hinv_qq, w_q)))
+
+
+def obs_remove(w: np.ndarray, hinv: np.ndarray, q: np.ndarray, keep: np.ndarray) -> None:
+    """Remove rows ``q`` of ``w`` in place: update rows ``keep`` and ``hinv`` (Schur)."""
+    if hinv.ndim == 1:
+        w[q] = 0
+        return
+    sol = np.linalg.solve(hinv[np.ix_(q, q)], np.concatenate([w[q], hinv[q][:, keep]], axis=1))
+    w[keep] -= hinv[np.ix_(keep, q)] @ sol[:, :w.shape[1]]
+    hinv[np.ix_(keep, keep)] -= hinv[np.ix_(keep, q)] @ sol[:, w.shape[1]:]
+    w[q] = 0
+
+
+@register_criterion
+class OBSPA(Criterion):
+    name = "obspa"
+    help = ("Optimal Brain Surgeon per group: greedy removal by OBS cost with the closed-form "
+            "update of the kept weights (compensation); --hessian picks the data source")
+
+    def __init__(self, *, hessian: HessianSource = HessianSource.SYNTHETIC, damping: float = 0.1,
+                 samples: int = 32, calib: dict[str, np.ndarray] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.hessian, self.damping, self.samples, self.calib = hessian, damping, samples, calib
+        self.hessians: dict[tuple[str, int], np.ndarray] = {}
+
+    def run(self, analysis: Analysis) -> Scores:
+        layers = consumer_layers(analysis)
+        self.hessians = collect(analysis, layers, self.hessian, samples=self.samples,
+                                seed=self.seed, calib=self.calib)
+        tensors = analysis.model.graph.tensors()
+        out = {}
+        for g in analysis.prunable_groups:
+            members = [m for m in g.members if m.role is Role.CONSUMER and m.space in layers]
+            if not members:  # nothing reads these channels through a weight: L2 of producers
+                out[g.id] = normalise(_producer_norms(g, tensors), self.normalization)
+                continue
+            out[g.id] = self._elimination_order(g, members, tensors)
+        return Scores(out, self.name)
+
+    def _elimination_order(self, g: Group, members, tensors) -> np.ndarray:
+        state = []
+        for m in members:
+            w = layer_rows(tensors[m.space[0]].values, m.space[1])
+            hinv = damped_inverse(self.hessians[m.space], self.damping)
+            state.append((m, w, hinv))
+        alive = np.ones(g.size, dtype=bool)
+        score = np.zeros(g.size)
+        removed = 0
+        batch = max(1, math.ceil(g.size / BATCHES))
+        while alive.sum() > 1:
+            cand = np.flatnonzero(alive)
+            cost = np.zeros(cand.size)
+            for m, w, hinv in state:
+                for j, c in enumerate(cand):
+                    q = m.indices[m.channels == c]
+                    cost[j] += obs_cost(w[q], hinv[q] if hinv.ndim == 1 else hinv[np.ix_(q, q)])
+            take = cand[np.lexsort((cand, cost))[:min(batch, cand.size - 1)]]
+            for c in take:
+                score[c] = removed
+                removed += 1
+            alive[take] = False
+            for m, w, hinv in state:
+                q = m.indices[np.isin(m.channels, take)]
+                keep = m.indices[np.isin(m.channels, np.flatnonzero(alive))]
+                obs_remove(w, hinv, q, keep)
+        score[alive] = removed
+        return score
+
+
+def _producer_norms(g: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
+    total = np.zeros(g.size)
+    for m in g.producers:
+        rows = layer_rows(tensors[m.space[0]].values, m.space[1])
+        total += np.bincount(m.channels, weights=(rows[m.indices] ** 2).sum(1), minlength=g.size)
+    return total
