@@ -112,3 +112,47 @@ def test_large_model_is_written_with_external_data(tmp_path: Path, monkeypatch) 
     loaded = onnx.load(str(out))
     assert {i.name: list(i.dims) for i in loaded.graph.initializer} == {"w1": [2, 2],
                                                                         "w2": [2, 2]}
+
+
+def test_fpgm_is_the_sum_of_distances_to_other_channels() -> None:
+    def dist_sums(rows: np.ndarray) -> np.ndarray:
+        return np.array([sum(np.linalg.norm(r - o) for o in rows) for r in rows])
+
+    raw = np.stack([dist_sums(W1.astype(np.float64)), dist_sums(W2.T.astype(np.float64))]).mean(0)
+    np.testing.assert_allclose(_scores("fpgm", normalization=Normalization.NONE), raw, rtol=1e-9)
+
+
+def test_lamp_rescales_squared_norms_by_the_larger_ones() -> None:
+    def lamp(sq: np.ndarray) -> np.ndarray:
+        return np.array([s / sq[sq >= s].sum() for s in sq])
+
+    raw = np.stack([lamp((W1.astype(np.float64) ** 2).sum(1)),
+                    lamp((W2.astype(np.float64) ** 2).sum(0))]).mean(0)
+    np.testing.assert_allclose(_scores("lamp", normalization=Normalization.NONE), raw, rtol=1e-9)
+
+
+def _conv_bn(with_bn: bool) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    gamma = np.array([0.5, -2.0, 1.0, 0.1], np.float32)
+    inits = {"w1": rng.standard_normal((4, 3, 1, 1)), "w2": rng.standard_normal((2, 4, 1, 1)),
+             "g": gamma, "b": np.zeros(4), "m": np.zeros(4), "v": np.ones(4)}
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="c1")]
+    if with_bn:
+        nodes.append(helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["n"],
+                                      name="bn"))
+    nodes += [helper.make_node("Relu", ["n" if with_bn else "a"], ["r"], name="act"),
+              helper.make_node("Conv", ["r", "w2"], ["y"], name="c2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 2, 2])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 2, 2, 2])], inits if with_bn else inits[:2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_bn_scale_reads_gamma_and_refuses_folded_batchnorm() -> None:
+    analysis = analyze(_conv_bn(True))
+    (group,) = analysis.prunable_groups
+    scores = get_criterion("bn_scale", normalization=Normalization.NONE).run(analysis)
+    np.testing.assert_allclose(scores.by_group[group.id], [0.5, 2.0, 1.0, 0.1])
+    with pytest.raises(OptionError, match="no BatchNormalization"):
+        get_criterion("bn_scale").run(analyze(_conv_bn(False)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from passes.importance import magnitude, obspa  # noqa: F401  (registers the criteria)
+from passes.importance import magnitude, obspa, structure  # noqa: F401  (registers them)
 from passes.importance.base import (
     CRITERIA,
     Criterion,

@@ -83,11 +83,15 @@ class Criterion:
         out = {g.id: self.group_scores(g, tensors) for g in analysis.prunable_groups}
         return Scores(out, self.name)
 
+    def scored(self, member: Member, tensor: gs.Tensor) -> bool:
+        """Which members of a group this criterion reads (default: every weight axis)."""
+        return member.role.is_weight and isinstance(tensor, gs.Constant)
+
     def group_scores(self, group: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
         per_member = []
         for m in group.members:
             t = tensors.get(m.space[0])
-            if not m.role.is_weight or not isinstance(t, gs.Constant):
+            if not self.scored(m, t):
                 continue
             values = np.asarray(t.values, dtype=np.float64)
             local = self.local(values, m.space[1], m, group)[m.indices]
