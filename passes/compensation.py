@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from passes.hessian import damped_inverse
 from passes.importance.obspa import layer_rows, obs_remove
-from spa.plan import removed_indices
+from spa.plan import kept_indices, removed_indices
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
@@ -46,3 +46,67 @@ class Compensation:
             t.values = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
             updated += 1
         return updated
+
+
+class BiasCompensation:
+    """FLAP: fold the removed input channels' mean contribution into each consumer's bias.
+
+    For a consumer layer with rows ``W[c]`` (input channel ``c`` first) the removed channels
+    ``Q`` contributed ``Σ_{c∈Q} E[x_c] · W[c]`` on average; summed over kernel positions this is
+    the shift of the layer's outputs. :meth:`shifts` computes it on the full-size weights before
+    the rewrite; :meth:`apply` adds it, restricted to the surviving outputs, to the bias after
+    the rewrite. Conv and Gemm get a bias input if they had none; a MatMul uses the constant of
+    an Add that follows it, and is otherwise left alone.
+    """
+
+    def shifts(self, analysis: Analysis, plan: Plan, stats: dict
+               ) -> dict[str, tuple[np.ndarray, tuple[str, int]]]:
+        from passes.hessian import consumer_layers
+
+        tensors = analysis.model.graph.tensors()
+        layers = consumer_layers(analysis)
+        out = {}
+        for key, gone in removed_indices(analysis, plan).items():
+            if key not in layers or key not in stats:
+                continue
+            values = np.asarray(tensors[key[0]].values)
+            w = layer_rows(values, key[1])
+            shift = (stats[key].mean[gone] @ w[gone]).reshape(
+                np.moveaxis(values, key[1], 0).shape[1], -1).sum(axis=1)
+            out[layers[key].node] = (shift, (key[0], 1 - key[1]))  # the weight's output axis
+        return out
+
+    def apply(self, analysis: Analysis, plan: Plan,
+              shifts: dict[str, tuple[np.ndarray, tuple[str, int]]]) -> int:
+        kept = kept_indices(analysis, plan)
+        nodes = {n.name: n for n in analysis.model.graph.nodes}
+        done = 0
+        for name, (shift, out_key) in shifts.items():
+            survivors = kept.get(out_key, np.arange(shift.size))
+            done += _add_to_bias(nodes[name], shift[survivors])
+        return done
+
+
+def _add_to_bias(node: gs.Node, shift: np.ndarray) -> int:
+    if node.op in ("Conv", "Gemm"):
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) \
+                and np.asarray(node.inputs[2].values).size == shift.size:
+            _shift_constant(node.inputs[2], shift)
+            return 1
+        if len(node.inputs) == 2:
+            node.inputs.append(gs.Constant(f"{node.name}__spa_bias", shift.astype(np.float32)))
+            return 1
+        return 0
+    if node.op == "MatMul" and len(node.outputs[0].outputs) == 1:
+        add = node.outputs[0].outputs[0]
+        for t in add.inputs if add.op == "Add" else ():
+            if isinstance(t, gs.Constant) and np.asarray(t.values).size == shift.size:
+                _shift_constant(t, shift)
+                return 1
+    return 0
+
+
+def _shift_constant(t: gs.Constant, shift: np.ndarray) -> None:
+    values = np.asarray(t.values)
+    t.values = (values.astype(np.float64).reshape(-1) + shift).astype(values.dtype).reshape(
+        values.shape)

@@ -50,6 +50,7 @@ class ConsumerLayer:
     data: str
     data_axis: int
     width: int
+    node: str
 
 
 def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
@@ -70,23 +71,45 @@ def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
 def _layer_of(node: gs.Node, slot: int, w: gs.Constant, axis: int) -> ConsumerLayer | None:
     op, ins = node.op, node.inputs
     if op in ("Conv", "ConvTranspose") and slot == 1:
-        return ConsumerLayer(w.name, axis, ins[0].name, 1, w.shape[axis])
-    if op == "Gemm" and slot == 1:
-        return ConsumerLayer(w.name, axis, ins[0].name, 0 if node.attrs.get("transA", 0) else 1,
-                             w.shape[axis])
-    if op == "MatMul" and slot == 1:
-        return ConsumerLayer(w.name, axis, ins[0].name, -1, w.shape[axis])
-    if op == "MatMul" and slot == 0:
-        return ConsumerLayer(w.name, axis, ins[1].name, -2, w.shape[axis])
-    return None
+        data, data_axis = ins[0], 1
+    elif op == "Gemm" and slot == 1:
+        data, data_axis = ins[0], 0 if node.attrs.get("transA", 0) else 1
+    elif op == "MatMul" and slot in (0, 1):
+        data, data_axis = ins[1 - slot], -1 if slot == 1 else -2
+    else:
+        return None
+    return ConsumerLayer(w.name, axis, data.name, data_axis, w.shape[axis], node.name)
 
 
-def collect(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
-            source: HessianSource, *, samples: int = 32, seed: int = 0,
-            calib: dict[str, np.ndarray] | None = None) -> dict[tuple[str, int], np.ndarray]:
-    """``H`` (float64, mean over samples) of every layer; diagonal (1-D) for very wide ones."""
-    if source is HessianSource.IDENTITY:
-        return {k: np.ones(layer.width) for k, layer in layers.items()}
+@dataclass
+class InputStats:
+    """Per-channel statistics of one consumer layer's input, summed over samples."""
+
+    n: int
+    total: np.ndarray  # Σ x
+    total_abs: np.ndarray  # Σ |x|
+    gram: np.ndarray  # Σ x xᵀ (or Σ x² when the layer is too wide for a dense matrix)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.n, 1)
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        """``H = E[x xᵀ]`` (diagonal vector for very wide layers)."""
+        return self.gram / max(self.n, 1)
+
+    @property
+    def variance(self) -> np.ndarray:
+        diag = self.second_moment if self.gram.ndim == 1 else np.diag(self.second_moment)
+        return np.maximum(diag - self.mean**2, 0)
+
+
+def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
+                source: HessianSource, *, samples: int = 32, seed: int = 0,
+                calib: dict[str, np.ndarray] | None = None
+                ) -> dict[tuple[str, int], InputStats]:
+    """Statistics of every layer's input over the source's samples, one onnxruntime pass each."""
     from spa import validate as val
     from spa.ir import to_onnx
 
@@ -96,17 +119,32 @@ def collect(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in wanted if n not in present)
     sess = val.session(model)
-    sums: dict[tuple[str, int], np.ndarray] = {}
-    count: dict[str, int] = {}
+    stats: dict[tuple[str, int], InputStats] = {}
     for feeds in _batches(sess, source, samples, seed, calib):
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         for key, layer in layers.items():
             x = np.moveaxis(np.asarray(outs[layer.data], np.float64), layer.data_axis, -1)
             x = x.reshape(-1, x.shape[-1])
-            h = np.einsum("ij,ij->j", x, x) if layer.width > MAX_DENSE else x.T @ x
-            sums[key] = sums.get(key, 0) + h
-            count[layer.data] = count.get(layer.data, 0) + x.shape[0]
-    return {k: h / max(count[layers[k].data], 1) for k, h in sums.items()}
+            gram = np.einsum("ij,ij->j", x, x) if layer.width > MAX_DENSE else x.T @ x
+            s = stats.get(key)
+            if s is None:
+                stats[key] = InputStats(x.shape[0], x.sum(0), np.abs(x).sum(0), gram)
+            else:
+                s.n += x.shape[0]
+                s.total += x.sum(0)
+                s.total_abs += np.abs(x).sum(0)
+                s.gram += gram
+    return stats
+
+
+def collect(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
+            source: HessianSource, *, samples: int = 32, seed: int = 0,
+            calib: dict[str, np.ndarray] | None = None) -> dict[tuple[str, int], np.ndarray]:
+    """``H`` (float64, mean over samples) of every layer; diagonal (1-D) for very wide ones."""
+    if source is HessianSource.IDENTITY:
+        return {k: np.ones(layer.width) for k, layer in layers.items()}
+    stats = input_stats(analysis, layers, source, samples=samples, seed=seed, calib=calib)
+    return {k: s.second_moment for k, s in stats.items()}
 
 
 def _batches(sess, source: HessianSource, samples: int, seed: int,

@@ -18,9 +18,11 @@ import numpy as np
 import onnx
 
 from passes.allocation import Allocation, Target
-from passes.compensation import Compensation
-from passes.hessian import HessianSource, collect, consumer_layers
-from passes.importance import Criterion, Normalization, Reduction, get_criterion
+from passes.compensation import BiasCompensation, Compensation
+from passes.hessian import HessianSource, collect, consumer_layers, input_stats
+from passes.importance import CRITERIA, Criterion, Normalization, Reduction, get_criterion
+from passes.importance.calibrated import Calibrated
+from passes.importance.obspa import OBSPA
 from passes.rewrite import Rewrite
 from spa import validate as val
 from spa.coupling.analysis import Analysis, CouplingAnalysis
@@ -116,10 +118,13 @@ def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
 
 
 def _criterion_options(options: PruneOptions) -> dict:
-    if options.criterion != "obspa":
-        return {}
-    return {"hessian": options.hessian, "damping": options.damping, "samples": options.samples,
-            "calib": load_calibration(options.calib)}
+    cls = CRITERIA.get(options.criterion)
+    if cls is OBSPA:
+        return {"hessian": options.hessian, "damping": options.damping,
+                "samples": options.samples, "calib": load_calibration(options.calib)}
+    if cls is not None and issubclass(cls, Calibrated):
+        return {"calib": load_calibration(options.calib)}
+    return {}
 
 
 def load_calibration(path: str | None) -> dict[str, np.ndarray] | None:
@@ -154,6 +159,8 @@ def _plan(analysis: Analysis, options: PruneOptions) -> tuple[Plan, Criterion]:
     if options.criterion == "obspa" and options.compensate:
         meta["compensation"] = {"hessian": options.hessian.value, "damping": options.damping,
                                 "samples": options.samples, "calib": options.calib}
+    if getattr(criterion, "bias_compensation", False) and options.compensate:
+        meta["bias_compensation"] = {"calib": options.calib}
     return alloc.run(analysis, scores, meta), criterion
 
 
@@ -170,7 +177,8 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
         the_plan.save(plan_path)
     t2 = time.perf_counter()
     report = apply_plan(analysis, the_plan, output, checks,
-                        hessians=getattr(criterion, "hessians", None))
+                        hessians=getattr(criterion, "hessians", None),
+                        stats=getattr(criterion, "stats", None))
     report.seconds.update(load_analyze=t1 - t0, plan=t2 - t1)
     return report, the_plan
 
@@ -189,7 +197,7 @@ def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
 
 def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
                checks: CheckOptions = CheckOptions(), *,
-               hessians: dict | None = None) -> PruneReport:
+               hessians: dict | None = None, stats: dict | None = None) -> PruneReport:
     """(Compensate,) rewrite, validate, write. Mutates ``analysis.model`` (it is consumed).
 
     A plan made by OBSPA carries its compensation recipe; ``hessians`` saves recomputing them.
@@ -202,6 +210,14 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     channels_before = sum(g.size for g in analysis.prunable_groups)
     recipe = the_plan.meta.get("compensation")
     compensated = 0
+    bias_recipe = the_plan.meta.get("bias_compensation")
+    shifts = {}
+    if bias_recipe:
+        the_plan.check_against(analysis)
+        if not stats:
+            stats = input_stats(analysis, consumer_layers(analysis), HessianSource.CALIBRATION,
+                                calib=load_calibration(bias_recipe.get("calib")))
+        shifts = BiasCompensation().shifts(analysis, the_plan, stats)
     if recipe:
         the_plan.check_against(analysis)
         if not hessians:
@@ -209,13 +225,15 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
                                HessianSource(recipe["hessian"]), samples=recipe["samples"],
                                seed=the_plan.meta.get("seed", 0),
                                calib=load_calibration(recipe.get("calib")))
-        compensated = Compensation(damping=recipe["damping"]).run(analysis, the_plan, hessians)
+        compensated += Compensation(damping=recipe["damping"]).run(analysis, the_plan, hessians)
+    if compensated or shifts:
         if checks.check_masked:
             log.warning("compensated weights: the masked oracle does not apply (--no-compensate "
                         "to check it); validating shapes only")
             checks = CheckOptions(validate=True, check_masked=False, rtol=checks.rtol,
                                   latency=checks.latency, latency_runs=checks.latency_runs)
     Rewrite().run(analysis, the_plan)
+    compensated += BiasCompensation().apply(analysis, the_plan, shifts)
     pruned = infer_shapes(to_onnx(loaded))
     t1 = time.perf_counter()
     report_extra: dict = {}

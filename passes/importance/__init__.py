@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from passes.importance import magnitude, obspa, structure  # noqa: F401  (registers them)
+from passes.importance import (  # noqa: F401  (importing registers the criteria)
+    calibrated,
+    magnitude,
+    obspa,
+    structure,
+)
 from passes.importance.base import (
     CRITERIA,
     Criterion,

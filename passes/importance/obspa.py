@@ -77,7 +77,7 @@ class OBSPA(Criterion):
         for g in analysis.prunable_groups:
             members = [m for m in g.members if m.role is Role.CONSUMER and m.space in layers]
             if not members:  # nothing reads these channels through a weight: L2 of producers
-                out[g.id] = normalise(_producer_norms(g, tensors), self.normalization)
+                out[g.id] = normalise(producer_norms(g, tensors), self.normalization)
                 continue
             out[g.id] = self._elimination_order(g, members, tensors)
         return Scores(out, self.name)
@@ -112,7 +112,9 @@ class OBSPA(Criterion):
         return score
 
 
-def _producer_norms(g: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
+def producer_norms(g: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
+    """Sum of squares of each channel's producer rows (the fallback when nothing reads the
+    channels through a weight)."""
     total = np.zeros(g.size)
     for m in g.producers:
         rows = layer_rows(tensors[m.space[0]].values, m.space[1])

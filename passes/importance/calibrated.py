@@ -1,0 +1,96 @@
+"""Criteria that read calibration data (``--calib FILE.npz``): activation, Wanda, FLAP.
+
+All three look at each consumer layer's input ``x`` over the calibration samples (one
+onnxruntime pass, passes/hessian.py) and at the layer's weight rows ``W[c]`` for input channel
+``c`` (input axis first, the rest flattened):
+
+* ``activation``: ``E|x_c|`` — channels that carry little signal go;
+* ``wanda`` (structured): ``Σ|W[c]| · ‖x_c‖``, with ``‖x_c‖ = sqrt(E[x_c²])``;
+* ``flap``: the fluctuation ``‖W[c]‖² · Var(x_c)``; the removed channels' mean contribution
+  ``Σ_c E[x_c] · W[c]`` is then folded into the layer's bias (FLAP's bias compensation,
+  written by passes/compensation.py from the plan's recipe).
+
+A group that no consumer layer reads through a weight falls back to its producers' L2 norm.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.hessian import HessianSource, InputStats, consumer_layers, input_stats
+from passes.importance.base import Criterion, along, normalise, register_criterion
+from passes.importance.obspa import producer_norms
+from spa.coupling.types import Role
+from spa.errors import OptionError
+
+if TYPE_CHECKING:
+    from passes.importance.base import Scores
+    from spa.coupling.analysis import Analysis, Group, Member
+
+
+class Calibrated(Criterion):
+    """Base of the calibration criteria: collects the consumer layers' input statistics."""
+
+    bias_compensation: ClassVar[bool] = False
+
+    def __init__(self, *, calib: dict[str, np.ndarray] | None = None, **kwargs):
+        for unused in ("hessian", "damping", "samples"):
+            kwargs.pop(unused, None)
+        super().__init__(**kwargs)
+        self.calib = calib
+        self.stats: dict[tuple[str, int], InputStats] = {}
+
+    def run(self, analysis: Analysis) -> Scores:
+        if not self.calib:
+            raise OptionError(f"criterion {self.name} needs calibration data (--calib FILE.npz "
+                              "with arrays named after the graph inputs); data-free criteria: "
+                              "l1, l2, fpgm, lamp, obspa")
+        self.stats = input_stats(analysis, consumer_layers(analysis), HessianSource.CALIBRATION,
+                                 calib=self.calib)
+        return super().run(analysis)
+
+    def scored(self, member: Member, tensor: gs.Tensor) -> bool:
+        return member.role is Role.CONSUMER and member.space in self.stats
+
+    def group_scores(self, group: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
+        if not any(self.scored(m, tensors.get(m.space[0])) for m in group.members):
+            return normalise(producer_norms(group, tensors), self.normalization)
+        return super().group_scores(group, tensors)
+
+
+@register_criterion
+class Activation(Calibrated):
+    name = "activation"
+    help = "mean |activation| of each channel at its consumers (needs --calib)"
+
+    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
+        s = self.stats[member.space]
+        return s.total_abs / max(s.n, 1)
+
+
+def _rms(s: InputStats) -> np.ndarray:
+    h = s.second_moment
+    return np.sqrt(h if h.ndim == 1 else np.diag(h))
+
+
+@register_criterion
+class Wanda(Calibrated):
+    name = "wanda"
+    help = "structured Wanda: |W| of a channel's input weights times its input norm (--calib)"
+
+    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
+        return np.abs(along(weight, axis)).sum(axis=1) * _rms(self.stats[member.space])
+
+
+@register_criterion
+class FLAP(Calibrated):
+    name = "flap"
+    help = ("FLAP fluctuation: ‖W‖² of a channel's input weights times its input variance, "
+            "with the removed channels' mean folded into the bias (--calib)")
+    bias_compensation = True
+
+    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
+        return np.square(along(weight, axis)).sum(axis=1) * self.stats[member.space].variance

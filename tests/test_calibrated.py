@@ -1,0 +1,84 @@
+"""Calibration criteria (activation, Wanda, FLAP) against hand-computed scores, and FLAP's bias
+compensation, which is exact for a channel whose activation never varies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from passes.importance import Normalization, get_criterion
+from spa import validate as val
+from spa.api import CheckOptions, PruneOptions, analyze, prune
+from spa.errors import OptionError
+
+RNG = np.random.default_rng(3)
+W1 = RNG.standard_normal((3, 4)).astype(np.float32)
+B1 = np.array([0.0, 0.5, -0.2, 0.1], np.float32)
+W2 = RNG.standard_normal((4, 2)).astype(np.float32)
+B2 = np.array([0.3, -0.1], np.float32)
+X = RNG.standard_normal((24, 3)).astype(np.float32)
+
+
+def _mlp(w1: np.ndarray = W1, b1: np.ndarray = B1) -> onnx.ModelProto:
+    """x[1,3] → MatMul → Add → Relu → MatMul → Add → y[1,2]: one group of 4 channels."""
+    inits = [numpy_helper.from_array(v, k) for k, v in
+             {"w1": w1, "b1": b1, "w2": W2, "b2": B2}.items()]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Add", ["z", "b2"], ["y"], name="bias2")]
+    graph = helper.make_graph(nodes, "mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _scores(name: str) -> np.ndarray:
+    analysis = analyze(_mlp())
+    (group,) = analysis.prunable_groups
+    crit = get_criterion(name, normalization=Normalization.NONE, calib={"x": X})
+    return crit.run(analysis).by_group[group.id]
+
+
+def test_scores_match_hand_computation() -> None:
+    r = np.maximum(X.astype(np.float64) @ W1 + B1, 0)  # the consumer layer's input
+    w2 = W2.astype(np.float64)
+    np.testing.assert_allclose(_scores("activation"), np.abs(r).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(_scores("wanda"), np.abs(w2).sum(1) * np.sqrt((r**2).mean(0)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(_scores("flap"), (w2**2).sum(1) * r.var(0), rtol=1e-5, atol=1e-9)
+
+
+def test_calibration_criteria_need_calibration_data() -> None:
+    with pytest.raises(OptionError, match="--calib"):
+        get_criterion("wanda").run(analyze(_mlp()))
+
+
+def test_flap_bias_compensation_is_exact_for_a_constant_channel(tmp_path: Path) -> None:
+    """Channel 0 is always relu(0 + 2) = 2: FLAP removes it first, and folding 2·W2[0] into
+    the next bias makes the pruned model equal the original."""
+    w1, b1 = W1.copy(), B1.copy()
+    w1[:, 0], b1[0] = 0.0, 2.0
+    src = tmp_path / "m.onnx"
+    onnx.save(_mlp(w1, b1), str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=X)
+    opts = dict(ratio=0.25, criterion="flap", calib=str(calib))
+    rep, plan = prune(src, tmp_path / "c.onnx", PruneOptions(**opts), CheckOptions(latency=False))
+    assert plan.groups[0].keep == (1, 2, 3) and rep.compensated_layers == 1
+    prune(src, tmp_path / "n.onnx", PruneOptions(**opts, compensate=False),
+          CheckOptions(latency=False))
+    ref = val.session(src)
+    for i in range(4):
+        feeds = val.random_inputs(ref, seed=i)
+        want = val.run(ref, feeds)["y"]
+        got = val.run(val.session(tmp_path / "c.onnx"), feeds)["y"]
+        bare = val.run(val.session(tmp_path / "n.onnx"), feeds)["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bare, want - 2.0 * W2[0], rtol=1e-5, atol=1e-6)
