@@ -7,8 +7,12 @@ this treats kernel positions as independent rows of the weight (``H ⊗ I``), th
 approximation. Sources (``--hessian``):
 
 * ``calibration``: real inputs (``--calib FILE.npz``, arrays named after the graph inputs);
-* ``synthetic`` (default, no data): seeded random inputs shaped like the graph inputs (standard
-  normal for float inputs, uniform token ids for integer inputs);
+* ``synthetic`` (default, no data): seeded random inputs shaped like the graph inputs. Image
+  inputs (``[N, C≤4, H, W]`` floats) get *natural-image-like* noise: a power spectrum falling as
+  ``1/f²`` (as photographs do), channels strongly correlated (as RGB is), standardised per
+  channel like normalised photos; other float inputs get standard normal values;
+* ``noise``: white standard-normal noise for every float input (the baseline DESIGN.md measured
+  as useless — kept to measure against);
 * ``identity``: ``H = I`` — OBS then degenerates to the consumer columns' L2 norm, no update.
 
 All layers' inputs are collected in one onnxruntime pass per sample batch.
@@ -37,6 +41,7 @@ MAX_DENSE = 4096  # above this many input channels a layer uses a diagonal H (me
 
 class HessianSource(Enum):
     SYNTHETIC = "synthetic"
+    NOISE = "noise"
     CALIBRATION = "calibration"
     IDENTITY = "identity"
 
@@ -165,7 +170,37 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
             yield {k: calib[k][i:i + step] for k in names}
         return
     for i in range(samples):
-        yield val.random_inputs(sess, seed=seed * 100_003 + i)
+        feeds = val.random_inputs(sess, seed=seed * 100_003 + i)
+        if source is HessianSource.SYNTHETIC:
+            rng = np.random.default_rng([seed, i, 7])
+            feeds = {k: natural_images(v.shape, rng).astype(v.dtype) if _is_image(v) else v
+                     for k, v in feeds.items()}
+        yield feeds
+
+
+def _is_image(v: np.ndarray) -> bool:
+    return v.ndim == 4 and np.issubdtype(v.dtype, np.floating) and v.shape[1] <= 4 \
+        and min(v.shape[2:]) >= 8
+
+
+def natural_images(shape: tuple[int, ...], rng: np.random.Generator,
+                   correlation: float = 0.9) -> np.ndarray:
+    """Random images with a ``1/f²`` power spectrum and correlated channels, standardised."""
+    n, c, h, w = shape
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.fftfreq(w)[None, :]
+    amplitude = 1.0 / np.maximum(np.sqrt(fx**2 + fy**2), 1.0 / max(h, w))
+
+    def field() -> np.ndarray:
+        noise = rng.standard_normal((2, n, h, w))
+        spectrum = amplitude * (noise[0] + 1j * noise[1])
+        return np.fft.ifft2(spectrum).real
+
+    shared = field()
+    out = np.stack([correlation * shared + np.sqrt(1 - correlation**2) * field()
+                    for _ in range(c)], axis=1)
+    out -= out.mean(axis=(0, 2, 3), keepdims=True)
+    return out / (out.std(axis=(0, 2, 3), keepdims=True) + 1e-12)
 
 
 def damped_inverse(h: np.ndarray, damping: float) -> np.ndarray:

@@ -36,6 +36,17 @@ def test_obs_update_is_the_least_squares_refit() -> None:
     assert err_obs < 0.9 * err_drop
 
 
+def test_natural_images_are_standardised_correlated_and_smooth() -> None:
+    from passes.hessian import natural_images
+
+    x = natural_images((4, 3, 32, 32), np.random.default_rng(0))
+    np.testing.assert_allclose(x.mean(axis=(0, 2, 3)), 0, atol=1e-9)
+    np.testing.assert_allclose(x.std(axis=(0, 2, 3)), 1, rtol=1e-6)
+    assert np.corrcoef(x[:, 0].ravel(), x[:, 1].ravel())[0, 1] > 0.7  # RGB-like channels
+    neighbours = np.corrcoef(x[..., :-1].ravel(), x[..., 1:].ravel())[0, 1]
+    assert neighbours > 0.5  # 1/f² spectrum: neighbouring pixels alike, unlike white noise
+
+
 def test_damped_inverse_survives_a_singular_hessian() -> None:
     h = np.ones((4, 4))  # rank 1
     hinv = damped_inverse(h, 0.1)
@@ -85,9 +96,9 @@ def _relative_error(reference: Path, pruned: Path, seeds=range(100, 108)) -> flo
 
 def test_compensation_reduces_output_error_on_a_reference_cnn(resnet: Path, tmp_path) -> None:
     """Same OBSPA plan with and without the update: the update cuts the output error (on
-    fresh inputs from the distribution the synthetic Hessians saw)."""
+    fresh inputs from the distribution the Hessians saw: white noise)."""
     checks = CheckOptions(latency=False)
-    opts = dict(ratio=0.3, criterion="obspa", samples=16)
+    opts = dict(ratio=0.3, criterion="obspa", samples=16, hessian=HessianSource.NOISE)
     comp, plan = prune(resnet, tmp_path / "c.onnx", PruneOptions(**opts), checks)
     assert comp.compensated_layers > 0
     bare, plan2 = prune(resnet, tmp_path / "b.onnx", PruneOptions(**opts, compensate=False),
