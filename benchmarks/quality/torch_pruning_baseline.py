@@ -1,0 +1,53 @@
+"""The peer baseline: Torch-Pruning's ``MagnitudeImportance`` on the same PyTorch model.
+
+Torch-Pruning (a benchmark-only dependency: ``pip install --no-deps torch-pruning``) prunes the
+``nn.Module`` itself, BatchNorm unfolded, with one uniform ratio per layer group (its default),
+the classifier ignored. The ratio is searched by bisection until the FLOPs reduction (counted by
+Torch-Pruning) reaches the target; the pruned module is exported like the dense one (TorchScript
+exporter, opset 17) and evaluated by the same code as SPA's outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def prune_to_flops(build: Callable[[], nn.Module], example: torch.Tensor, reduction: float,
+                   ignore: Callable[[nn.Module], list[nn.Module]]) -> nn.Module:
+    """The Torch-Pruning-pruned module whose MACs are at most ``1/reduction`` of the dense."""
+    import torch_pruning as tp
+
+    dense = build()
+    base, _ = tp.utils.count_ops_and_params(dense, example)
+
+    def pruned(ratio: float) -> tuple[nn.Module, float]:
+        model = copy.deepcopy(dense)
+        pruner = tp.pruner.MetaPruner(model, example,
+                                      importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=ignore(model))
+        pruner.step()
+        macs, _ = tp.utils.count_ops_and_params(model, example)
+        return model, base / macs
+
+    lo, hi = 0.0, 0.95
+    best = pruned(hi)
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        model, red = pruned(mid)
+        if red >= reduction:
+            hi, best = mid, (model, red)
+        else:
+            lo = mid
+    return best[0].eval()
+
+
+def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    return path
