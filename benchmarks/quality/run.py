@@ -144,15 +144,19 @@ def plot(name: str, rows: dict, key: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, by_x in rows.items():
+    colours = plt.get_cmap("tab20").colors
+    for i, (label, by_x) in enumerate(rows.items()):
         if not by_x:
             continue
         if label == "dense":
             ax.axhline(rows["dense"][key], color="black", linestyle=":", label="dense")
             continue
         xs = sorted(by_x, key=float)
+        peer = label.startswith("torch-pruning")
         ax.plot([float(x) for x in xs], [by_x[x][key] for x in xs], marker="o", label=label,
-                linewidth=2.5 if label.startswith("obspa") else 1.2)
+                color="black" if peer else colours[(2 * i) % 20 + (i >= 10)],
+                linestyle="--" if peer else "-",
+                linewidth=2.5 if label.startswith("obspa") or peer else 1.2)
     ax.set_xlabel("FLOPs reduction (×)")
     ax.set_ylabel(key.replace("_", " "))
     ax.set_title(f"{name}: pruned without fine-tuning")
@@ -169,7 +173,17 @@ def main() -> None:
     parser.add_argument("--models", default="resnet_digits,vit_digits,efficientnet_lite0")
     parser.add_argument("--reductions", default="1.5,2,3")
     parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the plots from results/quality.json")
     args = parser.parse_args()
+    if args.plot_only:
+        import json
+
+        saved = json.loads((RESULTS / "quality.json").read_text())["results"]
+        for name, rows in saved.items():
+            key = "top1_agreement" if name == "efficientnet_lite0" else "accuracy"
+            print(f"plot: {plot(name, rows, key)}")
+        return
     reductions = [float(x) for x in args.reductions.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="spa-quality-"))
     results = {}
