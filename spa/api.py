@@ -298,6 +298,10 @@ def report_table(r: PruneReport) -> str:
     if r.masked_relative_diff is not None:
         lines.append(f"numeric oracle (pruned == masked original): max |Δ| "
                      f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
+    if r.latency_ms_before and r.latency_ms_after and r.latency_ms_after > r.latency_ms_before \
+            and r.flops_after < r.flops_before:
+        lines.append("note: the pruned model runs slower; channel counts that are not multiples "
+                     "of 8 defeat onnxruntime's blocked convolution kernels: try --round-to 8")
     return "\n".join(lines)
 
 
