@@ -112,7 +112,7 @@ class InputStats:
 
 def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
                 source: HessianSource, *, samples: int = 32, seed: int = 0,
-                calib: dict[str, np.ndarray] | None = None
+                calib: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
                 ) -> dict[tuple[str, int], InputStats]:
     """Statistics of every layer's input over the source's samples, one onnxruntime pass each."""
     from spa import validate as val
@@ -125,7 +125,7 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
                               for n in wanted if n not in present)
     sess = val.session(model)
     stats: dict[tuple[str, int], InputStats] = {}
-    for feeds in _batches(sess, source, samples, seed, calib):
+    for feeds in _batches(sess, source, samples, seed, calib, dims):
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         for key, layer in layers.items():
             x = np.moveaxis(np.asarray(outs[layer.data], np.float64), layer.data_axis, -1)
@@ -144,16 +144,18 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
 
 def collect(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
             source: HessianSource, *, samples: int = 32, seed: int = 0,
-            calib: dict[str, np.ndarray] | None = None) -> dict[tuple[str, int], np.ndarray]:
+            calib: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
+            ) -> dict[tuple[str, int], np.ndarray]:
     """``H`` (float64, mean over samples) of every layer; diagonal (1-D) for very wide ones."""
     if source is HessianSource.IDENTITY:
         return {k: np.ones(layer.width) for k, layer in layers.items()}
-    stats = input_stats(analysis, layers, source, samples=samples, seed=seed, calib=calib)
+    stats = input_stats(analysis, layers, source, samples=samples, seed=seed, calib=calib,
+                        dims=dims)
     return {k: s.second_moment for k, s in stats.items()}
 
 
 def _batches(sess, source: HessianSource, samples: int, seed: int,
-             calib: dict[str, np.ndarray] | None):
+             calib: dict[str, np.ndarray] | None, dims: dict[str, int] | None = None):
     from spa import validate as val
 
     if source is HessianSource.CALIBRATION:
@@ -170,7 +172,7 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
             yield {k: calib[k][i:i + step] for k in names}
         return
     for i in range(samples):
-        feeds = val.random_inputs(sess, seed=seed * 100_003 + i)
+        feeds = val.random_inputs(sess, seed=seed * 100_003 + i, dims=dims)
         if source is HessianSource.SYNTHETIC:
             rng = np.random.default_rng([seed, i, 7])
             feeds = {k: natural_images(v.shape, rng).astype(v.dtype) if _is_image(v) else v

@@ -8,6 +8,7 @@ the numeric oracle with ``check_masked``) *before* writing, then writes atomical
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -59,6 +60,8 @@ class PruneOptions:
     samples: int = 32
     calib: str | None = None
     compensate: bool = True
+    # Values for symbolic input dims when SPA makes inputs (synthetic Hessians): ("H", 224), …
+    input_dims: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class CheckOptions:
     rtol: float = 1e-4
     latency: bool = True
     latency_runs: int = 20
+    input_dims: tuple[tuple[str, int], ...] = ()  # symbolic input dims for validation inputs
 
 
 @dataclass
@@ -121,7 +125,8 @@ def _criterion_options(options: PruneOptions) -> dict:
     cls = CRITERIA.get(options.criterion)
     if cls is OBSPA:
         return {"hessian": options.hessian, "damping": options.damping,
-                "samples": options.samples, "calib": load_calibration(options.calib)}
+                "samples": options.samples, "calib": load_calibration(options.calib),
+                "dims": dict(options.input_dims)}
     if cls is not None and issubclass(cls, Calibrated):
         return {"calib": load_calibration(options.calib)}
     return {}
@@ -158,7 +163,8 @@ def _plan(analysis: Analysis, options: PruneOptions) -> tuple[Plan, Criterion]:
             "round_to": options.round_to, "seed": options.seed, "ignore": list(options.ignore)}
     if options.criterion == "obspa" and options.compensate:
         meta["compensation"] = {"hessian": options.hessian.value, "damping": options.damping,
-                                "samples": options.samples, "calib": options.calib}
+                                "samples": options.samples, "calib": options.calib,
+                                "input_dims": dict(options.input_dims)}
     if getattr(criterion, "bias_compensation", False) and options.compensate:
         meta["bias_compensation"] = {"calib": options.calib}
     return alloc.run(analysis, scores, meta), criterion
@@ -224,14 +230,14 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
             hessians = collect(analysis, consumer_layers(analysis),
                                HessianSource(recipe["hessian"]), samples=recipe["samples"],
                                seed=the_plan.meta.get("seed", 0),
-                               calib=load_calibration(recipe.get("calib")))
+                               calib=load_calibration(recipe.get("calib")),
+                               dims=recipe.get("input_dims"))
         compensated += Compensation(damping=recipe["damping"]).run(analysis, the_plan, hessians)
     if compensated or shifts:
         if checks.check_masked:
             log.warning("compensated weights: the masked oracle does not apply (--no-compensate "
                         "to check it); validating shapes only")
-            checks = CheckOptions(validate=True, check_masked=False, rtol=checks.rtol,
-                                  latency=checks.latency, latency_runs=checks.latency_runs)
+            checks = dataclasses.replace(checks, validate=True, check_masked=False)
     Rewrite().run(analysis, the_plan)
     compensated += BiasCompensation().apply(analysis, the_plan, shifts)
     pruned = infer_shapes(to_onnx(loaded))
@@ -265,7 +271,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
 def _validate(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis,
               the_plan: Plan, checks: CheckOptions) -> dict:
     s_orig, s_pruned = val.session(original), val.session(pruned)
-    feeds = val.random_inputs(s_orig)
+    feeds = val.random_inputs(s_orig, dims=dict(checks.input_dims))
     out_orig, out_pruned = val.run(s_orig, feeds), val.run(s_pruned, feeds)
     val.check_signature(out_orig, out_pruned)
     extra: dict = {}

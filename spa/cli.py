@@ -119,7 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_dim(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if not name or size < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE with SIZE ≥ 1, got {text!r}")
+    return name, size
+
+
 def _check_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-dim", action="append", type=_input_dim, default=[],
+                   metavar="NAME=SIZE", help="size of a symbolic input dim (e.g. height=224) "
+                   "for the inputs SPA makes up; default 1")
     p.add_argument("--report", metavar="REPORT.json", help="write the before/after report")
     p.add_argument("--check-masked", action="store_true",
                    help="also check the numeric oracle: pruned == masked original")
@@ -163,7 +177,8 @@ def _checks(args: argparse.Namespace):
     from spa.api import CheckOptions
 
     return CheckOptions(validate=not args.no_validate or args.check_masked,
-                        check_masked=args.check_masked, latency=not args.no_validate)
+                        check_masked=args.check_masked, latency=not args.no_validate,
+                        input_dims=tuple(args.input_dim))
 
 
 def _finish(args: argparse.Namespace, report) -> int:
@@ -195,7 +210,8 @@ def _prune(args: argparse.Namespace) -> int:
                            min_channels=args.min_channels, ignore=tuple(args.ignore),
                            seed=args.seed, hessian=HessianSource(args.hessian),
                            damping=args.damping, samples=args.samples, calib=args.calib,
-                           compensate=not args.no_compensate)
+                           compensate=not args.no_compensate,
+                           input_dims=tuple(args.input_dim))
     report, _ = prune(args.model, args.output, options, _checks(args), plan_path=args.plan)
     return _finish(args, report)
 

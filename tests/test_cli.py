@@ -198,3 +198,29 @@ def test_nothing_prunable_exit_code(tmp_path: Path, capsys) -> None:
                                  ir_version=10), str(p))
     assert main(["prune", str(p), "-o", str(tmp_path / "o.onnx")]) == ExitCode.NOTHING_PRUNABLE
     assert "no prunable channel group" in _err(capsys)
+
+
+def test_input_dim_sizes_symbolic_dims(tmp_path: Path, capsys) -> None:
+    """A 3×3 convolution without padding cannot run on the default 1×1 input: validation fails
+    with a typed error (no output written); --input-dim gives the symbolic dims a size."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("w1", (8, 3, 3, 3)), ("w2", (4, 8, 1, 1))]]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, "height", "width"])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], inits)
+    src = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=10), str(src))
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5"]) == ExitCode.VALIDATION_FAILED
+    assert "onnxruntime failed to run" in _err(capsys) and not out.exists()
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--check-masked",
+                 "--input-dim", "height=6", "--input-dim", "width=5", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["masked_relative_diff"] <= 1e-4 and rep["channels_after"] == 4
+    with pytest.raises(SystemExit):
+        main(["prune", str(src), "-o", str(out), "--input-dim", "height"])

@@ -63,15 +63,17 @@ class OBSPA(Criterion):
             "update of the kept weights (compensation); --hessian picks the data source")
 
     def __init__(self, *, hessian: HessianSource = HessianSource.SYNTHETIC, damping: float = 0.1,
-                 samples: int = 32, calib: dict[str, np.ndarray] | None = None, **kwargs):
+                 samples: int = 32, calib: dict[str, np.ndarray] | None = None,
+                 dims: dict[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.hessian, self.damping, self.samples, self.calib = hessian, damping, samples, calib
+        self.dims = dims
         self.hessians: dict[tuple[str, int], np.ndarray] = {}
 
     def run(self, analysis: Analysis) -> Scores:
         layers = consumer_layers(analysis)
         self.hessians = collect(analysis, layers, self.hessian, samples=self.samples,
-                                seed=self.seed, calib=self.calib)
+                                seed=self.seed, calib=self.calib, dims=self.dims)
         tensors = analysis.model.graph.tensors()
         out = {}
         for g in analysis.prunable_groups:
