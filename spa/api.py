@@ -30,7 +30,7 @@ from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
 from spa.ir import save_model, to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
-from spa.ir.save import TWO_GB, _tensor_bytes, check_output_path, infer_shapes
+from spa.ir.save import TWO_GB, check_output_path, infer_shapes, tensor_bytes
 from spa.metrics import CostModel, file_size, latency_ms
 from spa.plan import Plan
 
@@ -197,7 +197,6 @@ def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
     the_plan = plan_file if isinstance(plan_file, Plan) else Plan.load(plan_file)
     analysis = analyze(loaded, ignore=tuple(the_plan.meta.get("ignore", ())),
                        hidden=the_plan.meta.get("hidden_ratio") is not None)
-    the_plan.check_against(analysis)
     return apply_plan(analysis, the_plan, output, checks)
 
 
@@ -208,6 +207,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
 
     A plan made by OBSPA carries its compensation recipe; ``hessians`` saves recomputing them.
     """
+    the_plan.check_against(analysis)  # before anything (compensation) touches the weights
     loaded = analysis.model
     t0 = time.perf_counter()
     before = CostModel(loaded.graph).count()
@@ -219,13 +219,11 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     bias_recipe = the_plan.meta.get("bias_compensation")
     shifts = {}
     if bias_recipe:
-        the_plan.check_against(analysis)
         if not stats:
             stats = input_stats(analysis, consumer_layers(analysis), HessianSource.CALIBRATION,
                                 calib=load_calibration(bias_recipe.get("calib")))
         shifts = BiasCompensation().shifts(analysis, the_plan, stats)
     if recipe:
-        the_plan.check_against(analysis)
         if not hessians:
             hessians = collect(analysis, consumer_layers(analysis),
                                HessianSource(recipe["hessian"]), samples=recipe["samples"],
@@ -243,7 +241,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     pruned = infer_shapes(to_onnx(loaded))
     t1 = time.perf_counter()
     report_extra: dict = {}
-    if need_original and _tensor_bytes(pruned) < TWO_GB:  # onnxruntime takes it from memory
+    if need_original and tensor_bytes(pruned) < TWO_GB:  # onnxruntime takes it from memory
         report_extra = _validate(original, pruned, analysis, the_plan, checks)
     t2 = time.perf_counter()
     # Measured on the emitted model (re-read in normal form), not derived from the plan.

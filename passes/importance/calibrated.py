@@ -37,8 +37,6 @@ class Calibrated(Criterion):
     bias_compensation: ClassVar[bool] = False
 
     def __init__(self, *, calib: dict[str, np.ndarray] | None = None, **kwargs):
-        for unused in ("hessian", "damping", "samples", "dims"):
-            kwargs.pop(unused, None)
         super().__init__(**kwargs)
         self.calib = calib
         self.stats: dict[tuple[str, int], InputStats] = {}

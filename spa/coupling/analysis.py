@@ -148,10 +148,6 @@ class CouplingAnalysis:
                  if e.alternatives is None or id(e) in chosen_ids]
         live = self._live_spaces(space_graph, roles)
         frozen = self._frozen(graph, couplings, unknown, live)
-        for c in couplings.values():
-            for key, reason in c.freezes:
-                if key in live:
-                    frozen.setdefault(key, set()).add(reason)
         tensors = graph.tensors()
         dense = {k for k in live if isinstance(tensors.get(k[0]), gs.Constant)
                  and len(tensors[k[0]].shape) == 2}

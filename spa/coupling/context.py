@@ -1,8 +1,8 @@
 """What an op rule sees of a node, and the small vocabulary it records couplings with.
 
 Rules never touch the graph: they read shapes, attributes and constant inputs through a
-:class:`NodeContext` and record edges (index maps between channel spaces), roles, explicit
-freezes and an optional rewrite hook. Every space a rule couples counts as *handled* by the
+:class:`NodeContext` and record edges (index maps between channel spaces), roles and an
+optional rewrite hook. Every space a rule couples counts as *handled* by the
 node; a live space the node does not handle is frozen by the analysis (fail closed).
 """
 
@@ -196,10 +196,6 @@ class NodeContext:
         if self.hidden and space is not None:
             self.handle(space)
             self.result.statistics.add(space.key)
-
-    def freeze(self, space: Space | None, reason: str) -> None:
-        if space is not None:
-            self.result.freezes.append((space.key, reason))
 
     def on_rewrite(self, hook: RewriteHook) -> None:
         self.result.rewrite = hook

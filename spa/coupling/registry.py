@@ -51,10 +51,6 @@ def lookup(domain: str, op_type: str, opset: int) -> Rule | None:
     return None
 
 
-def registered_ops() -> list[str]:
-    return sorted(op if not dom else f"{dom}::{op}" for dom, op in _RULES)
-
-
 def _load_rule_families() -> None:
     # Importing the family modules runs their @register decorators.
     from spa.coupling.rules import (  # noqa: F401

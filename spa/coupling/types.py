@@ -88,7 +88,6 @@ class NodeCoupling:
     handled: set[SpaceKey] = field(default_factory=set)
     roles: dict[SpaceKey, Role] = field(default_factory=dict)
     lengths: dict[SpaceKey, int] = field(default_factory=dict)
-    freezes: list[tuple[SpaceKey, str]] = field(default_factory=list)
     rewrite: RewriteHook | None = None
     # Spaces handled only because hidden-size pruning is on: normalisation statistics over them
     # change when channels go, so their groups are HIDDEN and outside the masked oracle.

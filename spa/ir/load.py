@@ -301,11 +301,4 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] + ("…" if len(text) > 300 else "")
 
 
-def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant tensor as numpy, or None for activations."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    return None
-
-
-__all__ = ["LoadedModel", "load_model", "load_proto", "constant_array"]
+__all__ = ["LoadedModel", "load_model", "load_proto"]

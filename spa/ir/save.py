@@ -73,7 +73,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], *, external:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValidationError(f"the rewritten model fails onnx.checker: {_one_line(exc)}") \
             from exc
-    external = external or _tensor_bytes(model) >= TWO_GB
+    external = external or tensor_bytes(model) >= TWO_GB
     tmp_dir = Path(tempfile.mkdtemp(prefix=".spa-", dir=out_p.parent))
     try:
         tmp_model = tmp_dir / out_p.name
@@ -100,5 +100,5 @@ def _mark_weights_external(model: onnx.ModelProto, location: str) -> None:
             external_data_helper.set_external_data(t, location)
 
 
-def _tensor_bytes(model: onnx.ModelProto) -> int:
+def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)

@@ -18,8 +18,6 @@ from math import prod
 import numpy as np
 import onnx_graphsurgeon as gs
 
-Entry = "int | DimRef"
-
 
 @dataclass(frozen=True)
 class DimRef:
