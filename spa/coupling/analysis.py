@@ -34,7 +34,7 @@ from spa.coupling.types import Edge, NodeCoupling, RewriteHook, Role, SpaceKey
 from spa.coupling.unionfind import components
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     from spa.ir.load import LoadedModel
 
@@ -115,9 +115,13 @@ class Analysis:
 class CouplingAnalysis:
     """The analysis pass: ``CouplingAnalysis(ignore=[...]).run(model) -> Analysis``."""
 
-    def __init__(self, *, ignore: Sequence[str] = (), hidden: bool = False):
+    def __init__(self, *, ignore: Sequence[str] = (), hidden: bool = False,
+                 frozen_tensors: Mapping[str, str] | None = None):
         self.ignore = tuple(ignore)
         self.hidden = hidden
+        # Tensors a caller cannot follow (the PyTorch front end: a constant with no parameter
+        # behind it), each with the reason; every live axis of them freezes.
+        self.frozen_tensors = dict(frozen_tensors or {})
 
     def run(self, model: LoadedModel) -> Analysis:
         ensure_loaded()
@@ -231,6 +235,8 @@ class CouplingAnalysis:
             freeze([t.name], lambda k: f"graph input '{k[0]}' (axis {k[1]}) keeps its shape")
         for t in graph.outputs:
             freeze([t.name], lambda k: f"graph output '{k[0]}' (axis {k[1]}) keeps its shape")
+        for name, why in self.frozen_tensors.items():
+            freeze([name], lambda k, w=why: w)
         for node in graph.nodes:
             names = [t.name for t in (*node.inputs, *node.outputs) if t.name]
             names += sorted(_subgraph_outer_names(node))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _SMALL = 64  # shape arithmetic is folded only on tensors this small
+_LARGE = 1 << 16  # a constant Expand is folded only up to this many elements
 Folder = "Callable[[gs.Node, list[np.ndarray]], np.ndarray | None]"
 
 
@@ -78,13 +79,28 @@ def _constant_of_shape(node: gs.Node, v: list[np.ndarray]) -> np.ndarray | None:
     return np.full(shape, fill)
 
 
+def _cast_like(node: gs.Node) -> np.ndarray | None:
+    """``CastLike(c, x)`` of a constant ``c``: only ``x``'s element type is read."""
+    c, like = node.inputs[0], node.inputs[1]
+    if not isinstance(c, gs.Constant) or like.dtype is None:
+        return None
+    return np.asarray(c.values).astype(like.dtype)
+
+
+def _expand(node: gs.Node, v: list[np.ndarray]) -> np.ndarray | None:
+    shape = np.broadcast_shapes(v[0].shape, tuple(int(s) for s in v[1].reshape(-1)))
+    if np.prod(shape) > _LARGE:
+        return None  # a large broadcast is cheaper at run time than in the file
+    return np.broadcast_to(v[0], shape).copy()
+
+
 def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Folder:
     return lambda node, v: np.asarray(fn(v[0], v[1])).astype(np.result_type(v[0], v[1]))
 
 
 LAYOUT_FOLDERS: dict[str, Folder] = {
     "Transpose": _transpose, "Cast": _cast, "Reshape": _reshape, "Squeeze": _squeeze,
-    "Unsqueeze": _unsqueeze,
+    "Unsqueeze": _unsqueeze, "Expand": _expand,
 }
 # Shape arithmetic: only evaluated on small integer (or boolean) tensors.
 SHAPE_FOLDERS: dict[str, Folder] = {
@@ -122,6 +138,8 @@ def _static_shape_of(node: gs.Node) -> np.ndarray | None:
 def _value(node: gs.Node) -> np.ndarray | None:
     if node.op == "Shape":
         return _static_shape_of(node)
+    if node.op == "CastLike":
+        return _cast_like(node)
     ins = [t for t in node.inputs if t.name]
     if not ins or not all(isinstance(t, gs.Constant) for t in ins):
         return None

@@ -26,7 +26,7 @@ UNARY = (
     "HardSwish", "Swish", "Tanh", "Gelu", "Erf", "Mish", "Softplus", "Softsign", "Exp", "Log",
     "Abs", "Neg", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Tan",
     "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN", "IsInf",
-    "Identity", "Cast", "CastLike", "Shrink", "BitwiseNot",
+    "Identity", "Cast", "Shrink", "BitwiseNot",
 )
 NARY = (
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Mod", "Equal", "Less",
@@ -57,6 +57,16 @@ def couple_broadcast(ctx: NodeContext, inputs: list[gs.Tensor], y: gs.Tensor,
 @register(*UNARY)
 def unary(ctx: NodeContext) -> None:
     ctx.same_axes([(ctx.input(0), ctx.output(0))])
+
+
+@register("CastLike")
+def cast_like(ctx: NodeContext) -> None:
+    # The second input is read for its element type only (dynamo writes CastLike(0, x)).
+    ctx.same_axes([(ctx.input(0), ctx.output(0))])
+    like = ctx.input(1)
+    rank = ctx.rank(like)
+    for ax in range(rank or 0):
+        ctx.handle(ctx.space(like, ax))
 
 
 @register("Clip")
