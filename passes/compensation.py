@@ -9,6 +9,7 @@ full-size weights just before the rewrite slices them; it decides nothing the pl
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,11 +17,14 @@ import onnx_graphsurgeon as gs
 
 from passes.hessian import damped_inverse
 from passes.importance.obspa import layer_rows, obs_remove
+from spa.ir.quant import quantized_weight, weight_values
 from spa.plan import kept_indices, removed_indices
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
     from spa.plan import Plan
+
+log = logging.getLogger(__name__)
 
 
 class Compensation:
@@ -33,9 +37,13 @@ class Compensation:
             hessians: dict[tuple[str, int], np.ndarray]) -> int:
         tensors = analysis.model.graph.tensors()
         updated = 0
+        skipped: list[str] = []
         for key, gone in removed_indices(analysis, plan).items():
             h = hessians.get(key)
             t = tensors.get(key[0])
+            if h is not None and quantized_weight(t) is not None:
+                skipped.append(key[0])
+                continue
             if h is None or not isinstance(t, gs.Constant) or h.ndim == 1:
                 continue  # not a consumer layer, or a diagonal H (no cross terms to use)
             values = np.asarray(t.values)
@@ -45,6 +53,12 @@ class Compensation:
             moved = np.moveaxis(values, key[1], 0).shape
             t.values = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
             updated += 1
+        if skipped:
+            # A float update rounded back into int8 would be lossy: quantised layers lose their
+            # channels without it (spa/coupling/rules/quant.py).
+            log.warning("compensation not written into %d quantised weight(s) (%s): their "
+                        "removed channels are dropped without an update", len(skipped),
+                        ", ".join(sorted(skipped)[:3]) + ("…" if len(skipped) > 3 else ""))
         return updated
 
 
@@ -69,7 +83,7 @@ class BiasCompensation:
         for key, gone in removed_indices(analysis, plan).items():
             if key not in layers or key not in stats:
                 continue
-            values = np.asarray(tensors[key[0]].values)
+            values = weight_values(tensors[key[0]])  # dequantised
             w = layer_rows(values, key[1])
             shift = (stats[key].mean[gone] @ w[gone]).reshape(
                 np.moveaxis(values, key[1], 0).shape[1], -1).sum(axis=1)

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.types import Role
 from spa.errors import OptionError
+from spa.ir.quant import is_weight
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
@@ -65,7 +66,7 @@ def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
     layers = {}
     for node in analysis.model.graph.nodes:
         for slot, t in enumerate(node.inputs):
-            for axis in range(len(t.shape or ())) if isinstance(t, gs.Constant) else ():
+            for axis in range(len(t.shape or ())) if is_weight(t) else ():  # or quantised
                 if (t.name, axis) in spaces:
                     layer = _layer_of(node, slot, t, axis)
                     if layer is not None:
@@ -73,7 +74,7 @@ def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
     return layers
 
 
-def _layer_of(node: gs.Node, slot: int, w: gs.Constant, axis: int) -> ConsumerLayer | None:
+def _layer_of(node: gs.Node, slot: int, w: gs.Tensor, axis: int) -> ConsumerLayer | None:
     op, ins = node.op, node.inputs
     if op in ("Conv", "ConvTranspose") and slot == 1:
         data, data_axis = ins[0], 1

@@ -1,7 +1,8 @@
-"""The Python API: ``spa.analyze``, ``spa.plan``, ``spa.prune``, ``spa.apply``.
+"""The Python API: ``spa.analyze``, ``spa.plan``, ``spa.dry_run``, ``spa.prune``, ``spa.apply``.
 
 The CLI is a thin shell over these functions. ``prune`` = load → analyse → score → allocate
-(a :class:`~spa.plan.Plan`) → :func:`apply_plan`; ``apply`` = load → analyse → a saved plan →
+(a :class:`~spa.plan.Plan`) → :func:`apply_plan`; ``dry_run`` stops at the plan (which carries
+the predicted params and FLOPs) and writes no model; ``apply`` = load → analyse → a saved plan →
 :func:`apply_plan`. ``apply_plan`` rewrites, re-infers shapes, validates with onnxruntime (and
 the numeric oracle with ``check_masked``) *before* writing, then writes atomically.
 """
@@ -13,7 +14,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,6 +33,7 @@ from spa.ir.load import LoadedModel, load_model, load_proto
 from spa.ir.save import TWO_GB, check_output_path, infer_shapes, tensor_bytes
 from spa.metrics import CostModel, file_size, latency_ms
 from spa.plan import Plan
+from spa.report import report_notes, report_table, write_report, write_text_atomic  # noqa: F401
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
@@ -143,14 +144,16 @@ def load_calibration(path: str | None) -> dict[str, np.ndarray] | None:
         raise OptionError(f"{path}: not a readable .npz of calibration arrays ({exc})") from exc
 
 
-def _plan(analysis: Analysis, options: PruneOptions) -> tuple[Plan, Criterion]:
+def _plan(analysis: Analysis, options: PruneOptions, criterion_options: dict | None = None
+          ) -> tuple[Plan, Criterion]:
+    """``criterion_options`` adds what only a caller has (the torch front end's saliencies)."""
     if not analysis.prunable_groups:
         reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
         raise NothingPrunableError("no prunable channel group in the model"
                                    + (f" (e.g. {'; '.join(reasons)})" if reasons else ""))
     criterion = get_criterion(options.criterion, reduction=options.reduction,
                               normalization=options.normalization, seed=options.seed,
-                              **_criterion_options(options))
+                              **_criterion_options(options), **(criterion_options or {}))
     scores = criterion.run(analysis)
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,
@@ -170,6 +173,18 @@ def _plan(analysis: Analysis, options: PruneOptions) -> tuple[Plan, Criterion]:
     return alloc.run(analysis, scores, meta), criterion
 
 
+def dry_run(model: PathLike | onnx.ModelProto | LoadedModel,
+            options: PruneOptions = PruneOptions(), *, plan_path: PathLike | None = None
+            ) -> Plan:
+    """Analyse and plan, and write no model: the plan holds every decision and the predicted
+    params/FLOPs (``spa prune --dry-run``). ``plan_path`` saves it for ``spa apply``."""
+    analysis = analyze(model, ignore=options.ignore, hidden=options.hidden_ratio is not None)
+    the_plan = _plan(analysis, options)[0]
+    if plan_path is not None:
+        write_text_atomic(plan_path, the_plan.to_json() + "\n")
+    return the_plan
+
+
 def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOptions(),
           checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None
           ) -> tuple[PruneReport, Plan]:
@@ -180,7 +195,7 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
     t1 = time.perf_counter()
     the_plan, criterion = _plan(analysis, options)
     if plan_path is not None:
-        the_plan.save(plan_path)
+        write_text_atomic(plan_path, the_plan.to_json() + "\n")
     t2 = time.perf_counter()
     report = apply_plan(analysis, the_plan, output, checks,
                         hessians=getattr(criterion, "hessians", None),
@@ -281,35 +296,3 @@ def _validate(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Anal
         extra.update(latency_ms_before=latency_ms(s_orig, feeds, runs=checks.latency_runs),
                      latency_ms_after=latency_ms(s_pruned, feeds, runs=checks.latency_runs))
     return extra
-
-
-def report_table(r: PruneReport) -> str:
-    """The before/after table printed by ``spa prune``."""
-
-    def row(label: str, a: float | None, b: float | None, fmt: str) -> str:
-        if a is None or b is None:
-            return f"{label:<16}{'-':>14}{'-':>14}{'-':>9}"
-        ratio = f"{b / a:8.3f}x" if a else "       -"
-        return f"{label:<16}{format(a, fmt):>14}{format(b, fmt):>14}{ratio}"
-
-    lines = [f"{'':<16}{'before':>14}{'after':>14}{'after/before':>13}",
-             row("params", r.params_before, r.params_after, ",d"),
-             row("FLOPs (MACs)", r.flops_before, r.flops_after, ",d"),
-             row("file bytes", r.bytes_before, r.bytes_after, ",d"),
-             row("latency ms", r.latency_ms_before, r.latency_ms_after, ".3f"),
-             row("channels", r.channels_before, r.channels_after, ",d")]
-    lines.append(f"groups pruned: {r.groups_pruned} of {r.groups}; frozen groups: {len(r.frozen)}")
-    if r.masked_relative_diff is not None:
-        lines.append(f"numeric oracle (pruned == masked original): max |Δ| "
-                     f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
-    if r.latency_ms_before and r.latency_ms_after and r.latency_ms_after > r.latency_ms_before \
-            and r.flops_after < r.flops_before:
-        lines.append("note: the pruned model runs slower; channel counts that are not multiples "
-                     "of 8 defeat onnxruntime's blocked convolution kernels: try --round-to 8")
-    return "\n".join(lines)
-
-
-def write_report(report: PruneReport, path: PathLike) -> None:
-    import json
-
-    Path(path).write_text(json.dumps(report.to_dict(), indent=1) + "\n")

@@ -6,7 +6,8 @@ spaces shortened — all of them as in the plan for a prediction, none for the e
 "emitted equals predicted" is a real check of the rewrite, not of two formulas agreeing.
 
 FLOPs here are MACs of Conv, ConvTranspose, Gemm and MatMul (the usual convention); symbolic dims
-count as 1. Parameters are the elements of floating-point constants.
+count as 1. Parameters are the elements of floating-point constants and of quantised
+weights (the integer tensors DequantizeLinear reads).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class CostModel:
     def __init__(self, graph: gs.Graph):
         self._params: list[tuple[str, Shape]] = []
         for name, t in graph.tensors().items():
-            if isinstance(t, gs.Constant) and np.issubdtype(t.dtype, np.floating):
+            if isinstance(t, gs.Constant) and (np.issubdtype(t.dtype, np.floating)
+                                               or _is_quantized_weight(t)):
                 self._params.append((name, tuple(int(d) for d in t.shape)))
         # Each MAC term: product of (tensor, axis) lengths times a constant factor.
         self._macs: list[tuple[list[tuple[str, Shape]], Callable[..., int]]] = []
@@ -66,6 +68,11 @@ class CostModel:
         params = sum(prod(shape(n, s)) for n, s in self._params)
         flops = sum(fn(*(shape(n, s) for n, s in tensors)) for tensors, fn in self._macs)
         return Counts(int(params), int(flops))
+
+
+def _is_quantized_weight(t: gs.Constant) -> bool:
+    """An integer tensor a DequantizeLinear reads as its data: a quantised weight."""
+    return any(n.op == "DequantizeLinear" and n.inputs and n.inputs[0] is t for n in t.outputs)
 
 
 def _mac_term(node: gs.Node):

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from spa.errors import ValidationError
+from spa.ir.quant import zero_point_fill
 from spa.plan import removed_indices
 
 if TYPE_CHECKING:
@@ -141,12 +142,34 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan) -> o
             zero.setdefault(name, []).append((axis, idx))
     masked = onnx.ModelProto()
     masked.CopyFrom(original)
-    for init in masked.graph.initializer:
-        if init.name in zero:
-            arr = numpy_helper.to_array(init).copy()
-            for axis, idx in zero[init.name]:
-                index = [slice(None)] * arr.ndim
-                index[axis] = idx
-                arr[tuple(index)] = 0
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    _through_dequantize(masked, zero)
+    inits = {init.name: init for init in masked.graph.initializer}
+    for name, slices in zero.items():
+        init = inits.get(name)
+        if init is None:
+            continue
+        arr = numpy_helper.to_array(init).copy()
+        fill = slices[0][2] if len(slices[0]) > 2 else np.zeros_like(arr)
+        for axis, idx, *_ in slices:
+            index = [slice(None)] * arr.ndim
+            index[axis] = idx
+            arr[tuple(index)] = fill[tuple(index)]
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
     return masked
+
+
+def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list]) -> None:
+    """A consumer weight that is a ``DequantizeLinear`` output is zeroed in its integer
+    tensor, by writing the zero point there: ``(zp − zp) · scale = 0``."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.output[0] not in zero \
+                or node.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) \
+            if len(node.input) > 2 and node.input[2] in inits else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
+        fill = zero_point_fill(q, zp, axis)
+        slices = zero.pop(node.output[0])
+        zero.setdefault(node.input[0], []).extend((a, idx, fill) for a, idx in slices)

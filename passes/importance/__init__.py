@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from passes.importance import (  # noqa: F401  (importing registers the criteria)
     calibrated,
+    gradient,
     magnitude,
     obspa,
     structure,

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.errors import OptionError
+from spa.ir.quant import is_weight, weight_values
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group, Member
@@ -84,8 +85,9 @@ class Criterion:
         return Scores(out, self.name)
 
     def scored(self, member: Member, tensor: gs.Tensor) -> bool:
-        """Which members of a group this criterion reads (default: every weight axis)."""
-        return member.role.is_weight and isinstance(tensor, gs.Constant)
+        """Which members of a group this criterion reads (default: every weight axis, float or
+        quantised)."""
+        return member.role.is_weight and is_weight(tensor)
 
     def group_scores(self, group: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
         per_member = []
@@ -93,7 +95,7 @@ class Criterion:
             t = tensors.get(m.space[0])
             if not self.scored(m, t):
                 continue
-            values = np.asarray(t.values, dtype=np.float64)
+            values = np.asarray(weight_values(t), dtype=np.float64)  # dequantised
             local = self.local(values, m.space[1], m, group)[m.indices]
             per_member.append(np.bincount(m.channels, weights=local, minlength=group.size))
         if not per_member:

@@ -26,6 +26,7 @@ import onnx_graphsurgeon as gs
 from passes.hessian import HessianSource, collect, consumer_layers, damped_inverse
 from passes.importance.base import Criterion, Scores, normalise, register_criterion
 from spa.coupling.types import Role
+from spa.ir.quant import weight_values
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
@@ -87,7 +88,7 @@ class OBSPA(Criterion):
     def _elimination_order(self, g: Group, members, tensors) -> np.ndarray:
         state = []
         for m in members:
-            w = layer_rows(tensors[m.space[0]].values, m.space[1])
+            w = layer_rows(weight_values(tensors[m.space[0]]), m.space[1])
             hinv = damped_inverse(self.hessians[m.space], self.damping)
             state.append((m, w, hinv))
         alive = np.ones(g.size, dtype=bool)
@@ -119,6 +120,6 @@ def producer_norms(g: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
     channels through a weight)."""
     total = np.zeros(g.size)
     for m in g.producers:
-        rows = layer_rows(tensors[m.space[0]].values, m.space[1])
+        rows = layer_rows(weight_values(tensors[m.space[0]]), m.space[1])
         total += np.bincount(m.channels, weights=(rows[m.indices] ** 2).sum(1), minlength=g.size)
     return total

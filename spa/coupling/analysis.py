@@ -32,6 +32,7 @@ from spa.coupling.context import NodeContext
 from spa.coupling.registry import ensure_loaded, lookup
 from spa.coupling.types import Edge, NodeCoupling, RewriteHook, Role, SpaceKey
 from spa.coupling.unionfind import components
+from spa.ir.quant import is_weight
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -153,8 +154,8 @@ class CouplingAnalysis:
         live = self._live_spaces(space_graph, roles)
         frozen = self._frozen(graph, couplings, unknown, live)
         tensors = graph.tensors()
-        dense = {k for k in live if isinstance(tensors.get(k[0]), gs.Constant)
-                 and len(tensors[k[0]].shape) == 2}
+        dense = {k for k in live if is_weight(tensors.get(k[0]))
+                 and len(tensors[k[0]].shape or ()) == 2}
         statistics = set().union(*(c.statistics for c in couplings.values()))
         # Head axes: declared by attention rules, or the factor a reshape split a channel axis
         # into (C → heads × head_dim keeps the heads factor).
@@ -251,7 +252,9 @@ class CouplingAnalysis:
                 freeze(names, lambda k, n=node, d=dom:
                        f"no rule for op {d}{n.op} (node '{n.name}'): fail closed")
             else:
-                freeze(names, lambda k, n=node:
+                refusal = couplings[node.name].refusal
+                freeze(names, lambda k, n=node, r=refusal:
+                       f"{n.op} node '{n.name}': {r}" if r else
                        f"{n.op} node '{n.name}' does not map axis {k[1]} of '{k[0]}'",
                        couplings[node.name].handled | also_handled.get(node.name, set()))
         return frozen

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.types import Edge, MapKind, NodeCoupling, RewriteHook, Role, SpaceKey
+from spa.ir.quant import weight_values
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -84,9 +85,11 @@ class NodeContext:
         return None if s is None else len(s)
 
     def const(self, t: gs.Tensor | None) -> np.ndarray | None:
+        """The value of a constant input; a quantised weight (``DequantizeLinear`` of
+        constants) counts as the float constant it stands for (spa/ir/quant.py)."""
         if isinstance(t, gs.Constant):
             return np.asarray(t.values)
-        return None
+        return weight_values(t)
 
     def const_ints(self, t: gs.Tensor | None) -> list[int] | None:
         v = self.const(t)
@@ -196,6 +199,12 @@ class NodeContext:
         if self.hidden and space is not None:
             self.handle(space)
             self.result.statistics.add(space.key)
+
+    def refuse(self, reason: str) -> None:
+        """Handle none of this node's spaces, and say why: they freeze with ``reason``. Edges
+        recorded before still couple (a weight's output channels still form a group)."""
+        self.result.handled.clear()
+        self.result.refusal = reason
 
     def on_rewrite(self, hook: RewriteHook) -> None:
         self.result.rewrite = hook

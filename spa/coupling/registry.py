@@ -61,6 +61,7 @@ def _load_rule_families() -> None:
         linear,
         norm,
         pool,
+        quant,
         shape,
         slicing,
     )

@@ -94,3 +94,6 @@ class NodeCoupling:
     statistics: set[SpaceKey] = field(default_factory=set)
     # Axes that index attention heads (declared by attention rules).
     heads: set[SpaceKey] = field(default_factory=set)
+    # Why the node handles nothing else (a known op SPA will not prune through); frozen spaces
+    # of the node carry this reason instead of the generic "does not map axis".
+    refusal: str | None = None

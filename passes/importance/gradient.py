@@ -1,0 +1,94 @@
+"""Criteria that need gradients: ``taylor``, and the prune-at-initialisation ``snip``, ``grasp``,
+``crop``.
+
+The gradients come from a torch module and one batch (:mod:`spa.torch.saliency` computes a
+per-weight saliency for every parameter and maps it onto the ONNX constants); this module only
+turns per-weight saliencies into per-channel scores through the shared code path (sum over a
+channel's slice of each weight, reduce over the group's weights, normalise per group).
+
+* ``taylor``: ``|w · ∂L/∂w|``, the first-order estimate of the loss change when ``w`` goes.
+* ``snip``: connection sensitivity ``|∂L/∂c|`` at ``c = 1`` for a mask ``c`` on each weight,
+  which is again ``|w · ∂L/∂w|``, taken at initialisation, before training.
+* ``grasp``: ``w · (H g)``, where ``H g`` is the Hessian-gradient product. GraSP removes the
+  weights whose removal reduces the gradient norm least, i.e. the largest ``−w·Hg``; as an
+  importance (keep the high) that is ``w · Hg``. It is signed, so it is normalised to zero mean
+  and unit variance per group rather than divided by the mean.
+* ``crop``: ``|w · (H g)|``, CroP's gradient-flow preservation: any change of the gradient
+  norm, up or down, counts.
+
+Without saliencies (the ONNX command line, which has no module to differentiate) these
+criteria raise a clear error that names the way to get them and the data-free alternatives.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from passes.importance.base import Criterion, Normalization, along, register_criterion
+from spa.errors import OptionError
+
+if TYPE_CHECKING:
+    from passes.importance.base import Scores
+    from spa.coupling.analysis import Analysis, Group, Member
+
+
+class Gradient(Criterion):
+    """Base: per-weight saliencies keyed by ONNX constant name, same layout as the constant."""
+
+    #: What the saliency is made of ("wg": w·g, "whg": w·Hg) and whether to take |·|.
+    needs: ClassVar[str] = "wg"
+    absolute: ClassVar[bool] = True
+
+    def __init__(self, *, saliency: dict[str, np.ndarray] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.saliency = saliency
+        if not self.absolute and self.normalization is Normalization.MEAN:
+            self.normalization = Normalization.STANDARD  # a signed mean can be ~0 or negative
+
+    def run(self, analysis: Analysis) -> Scores:
+        if self.saliency is None:
+            raise OptionError(
+                f"criterion {self.name} needs gradients of a torch module: use "
+                f"spa.torch.prune(module, inputs, criterion='{self.name}', batch=..., "
+                "loss_fn=...); data-free criteria: l1, l2, fpgm, lamp, obspa")
+        return super().run(analysis)
+
+    def scored(self, member: Member, tensor: gs.Tensor) -> bool:
+        return member.role.is_weight and tensor is not None and tensor.name in self.saliency
+
+    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
+        s = np.asarray(self.saliency[member.space[0]], dtype=np.float64)
+        if s.shape != weight.shape:
+            raise OptionError(f"saliency of '{member.space[0]}' has shape {s.shape}, the weight "
+                              f"{weight.shape}")
+        return along(np.abs(s) if self.absolute else s, axis).sum(axis=1)
+
+
+@register_criterion
+class Taylor(Gradient):
+    name = "taylor"
+    help = "first-order Taylor |w·dL/dw| over a batch (needs a torch module: spa.torch)"
+
+
+@register_criterion
+class Snip(Gradient):
+    name = "snip"
+    help = "SNIP connection sensitivity |w·dL/dw| at initialisation (spa.torch, one batch)"
+
+
+@register_criterion
+class Grasp(Gradient):
+    name = "grasp"
+    help = "GraSP gradient-flow score w·(Hg) at initialisation (spa.torch, one batch)"
+    needs = "whg"
+    absolute = False
+
+
+@register_criterion
+class Crop(Gradient):
+    name = "crop"
+    help = "CroP gradient-flow preservation |w·(Hg)| at initialisation (spa.torch, one batch)"
+    needs = "whg"

@@ -1,0 +1,129 @@
+"""Weights stored quantised: ``DequantizeLinear(q, scale, zero_point, axis)`` of constants.
+
+A QDQ model (``onnxruntime.quantization`` with ``QuantFormat.QDQ``, or a PyTorch/TensorRT
+export) keeps each weight as an integer constant ``q`` and reaches its layer through
+``DequantizeLinear``: ``w = (q − zero_point) · scale``. The scale and zero point are either
+per-tensor (one value each) or per-axis (1-D, one value per index of ``q``'s ``axis``).
+SPA keeps the model quantised (the DequantizeLinear is never folded into a float weight);
+this module gives the float value such a weight stands for, so that rules see a constant
+weight and importance criteria score the numbers the layer multiplies by.
+
+Blocked quantisation (``block_size``: one scale per block of ``axis``) is dequantised too, so
+that its layer is seen as a layer; the quantisation rule then freezes its channels with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A ``DequantizeLinear`` whose inputs are all constants; ``axis`` None when per-tensor;
+    ``block_size`` > 0 when blocked (the scale has ``q``'s rank)."""
+
+    node: gs.Node
+    q: gs.Constant
+    scale: gs.Constant
+    zero_point: gs.Constant | None
+    axis: int | None
+    block_size: int = 0
+
+
+def quantized_weight(t: gs.Tensor | None) -> QuantizedWeight | None:
+    """The quantised constant ``t`` is dequantised from, or None (not a DequantizeLinear of
+    constants, or a scale that fits no axis)."""
+    if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if node.op != "DequantizeLinear" or (node.domain or "") not in DEFAULT_DOMAINS:
+        return None
+    ins = [x for x in node.inputs]
+    q, scale = ins[0], ins[1] if len(ins) > 1 else None
+    zp = ins[2] if len(ins) > 2 and ins[2].name else None
+    if not isinstance(q, gs.Constant) or not isinstance(scale, gs.Constant) \
+            or (zp is not None and not isinstance(zp, gs.Constant)):
+        return None
+    if zp is not None and tuple(zp.shape) != tuple(scale.shape):
+        return None
+    block = int(node.attrs.get("block_size", 0) or 0)
+    if block > 0 and len(scale.shape) == len(q.shape) and q.shape:
+        axis = int(node.attrs.get("axis", 1)) % len(q.shape)
+        if -(-q.shape[axis] // block) == scale.shape[axis]:
+            return QuantizedWeight(node, q, scale, zp, axis, block)
+        return None
+    axis = per_axis(node, q.shape, scale.shape)
+    return None if axis is False else QuantizedWeight(node, q, scale, zp, axis)
+
+
+def per_axis(node: gs.Node, shape: tuple, scale_shape: tuple) -> int | None | bool:
+    """The quantisation axis of ``node`` (Q or DQ) for data of ``shape``: None when
+    per-tensor, False when the form is not understood (blocked, or the scale's length is not
+    the axis's length)."""
+    if int(node.attrs.get("block_size", 0) or 0):
+        return False
+    size = int(np.prod(scale_shape, dtype=np.int64))
+    if len(scale_shape) == 0 or (len(scale_shape) == 1 and size == 1):
+        return None
+    if len(scale_shape) != 1 or not shape:
+        return False
+    axis = int(node.attrs.get("axis", 1))
+    if not -len(shape) <= axis < len(shape):
+        return False
+    axis %= len(shape)
+    return axis if shape[axis] == size else False
+
+
+def dequantize(w: QuantizedWeight) -> np.ndarray:
+    """``(q − zero_point) · scale``, broadcast along the quantisation axis, in the scale's
+    float type (what DequantizeLinear outputs)."""
+    q = np.asarray(w.q.values)
+    scale = np.asarray(w.scale.values)
+    zp = np.zeros((), np.float32) if w.zero_point is None else np.asarray(w.zero_point.values)
+    if w.block_size:
+        n = q.shape[w.axis]
+        scale = np.repeat(scale, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
+        if zp.ndim:
+            zp = np.repeat(zp, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
+    elif w.axis is not None:
+        bshape = [1] * q.ndim
+        bshape[w.axis] = scale.size
+        scale, zp = scale.reshape(bshape), zp.reshape(bshape)
+    else:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    out = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
+    return out.astype(scale.dtype, copy=False)
+
+
+def weight_values(t: gs.Tensor | None) -> np.ndarray | None:
+    """The float values a constant or a dequantised constant holds; None for anything else."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    w = quantized_weight(t)
+    return None if w is None else dequantize(w)
+
+
+def is_weight(t: gs.Tensor | None) -> bool:
+    """``t`` is a constant, or the DequantizeLinear of constants (without reading values)."""
+    return isinstance(t, gs.Constant) or quantized_weight(t) is not None
+
+
+def zero_point_fill(q: np.ndarray, zero_point: np.ndarray | None, axis: int | None
+                    ) -> np.ndarray:
+    """``q``-shaped array of the zero point: where ``q`` holds it, the weight is exactly 0
+    (how the masked original zeroes a quantised weight's slice)."""
+    if zero_point is None:
+        return np.zeros_like(q)
+    zp = np.asarray(zero_point).astype(q.dtype)
+    if axis is not None and zp.size > 1:
+        bshape = [1] * q.ndim
+        bshape[axis] = zp.size
+        zp = zp.reshape(bshape)
+    else:
+        zp = zp.reshape(())
+    return np.broadcast_to(zp, q.shape)

@@ -1,0 +1,289 @@
+"""Quantised graphs in QDQ form (spa/coupling/rules/quant.py, spa/ir/quant.py).
+
+Weights reached through ``DequantizeLinear`` are pruned in their integer tensor together with
+their per-axis scales and zero points; activation Quantize/Dequantize pairs pass channels
+through; the model stays quantised. Everything runs under the masked oracle, whose masked
+original writes the zero point into a removed channel's integer slice (``q = zp`` ⇒ ``w = 0``).
+Integer-domain ops and blocked quantisation freeze with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from graphs import Builder, init_shapes, init_value, kept_slices, reasons
+from onnx import TensorProto, helper, numpy_helper
+from oracle import RTOL, prune_checked
+
+from spa import validate as val
+from spa.api import analyze, plan
+from spa.errors import NothingPrunableError
+from spa.ir.load import load_proto
+from spa.ir.quant import dequantize, quantized_weight
+
+X = {"x": [1, 3, 6, 6]}
+
+
+def qweight(b: Builder, w: np.ndarray, axis: int | None, name: str, *, zero: int = 0,
+            bits: type = np.int8) -> str:
+    """Quantise ``w`` (per-axis along ``axis``, per-tensor when None) and dequantise it in the
+    graph: ``DequantizeLinear(q, scale, zp) → float``; return the DQ output."""
+    other = tuple(a for a in range(w.ndim) if a != axis) if axis is not None else None
+    scale = (np.abs(w).max(axis=other) / 100.0).astype(np.float32)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = w.shape[axis]
+    zp = np.full(scale.shape, zero, bits)
+    q = np.clip(np.round(w / scale.reshape(shape)) + zero, -128, 127).astype(bits)
+    attrs = {"axis": axis} if axis is not None else {}
+    return b.op("DequantizeLinear", b.const(q, f"{name}.q", dtype=bits),
+                b.const(scale, f"{name}.s"), b.const(zp, f"{name}.zp", dtype=bits),
+                name=f"{name}.dq", **attrs)
+
+
+def qdq(b: Builder, x: str, name: str) -> str:
+    """Activation QDQ pair, per-tensor uint8 (what quantize_static puts around activations)."""
+    s, zp = b.const(np.float32(0.05), f"{name}.s"), b.const(np.uint8(128), f"{name}.zp",
+                                                             dtype=np.uint8)
+    return b.op("DequantizeLinear", b.op("QuantizeLinear", x, s, zp, name=f"{name}.q"), s, zp,
+                name=f"{name}.dq")
+
+
+def _qconv(b: Builder, x: str, cin: int, cout: int, name: str, *, axis: int | None = 0) -> str:
+    w = qweight(b, b.rng.standard_normal((cout, cin, 3, 3)).astype(np.float32), axis, name)
+    return b.op("Conv", x, w, b.weight(cout, name=f"{name}.b"), name=name, pads=[1, 1, 1, 1])
+
+
+def conv_net(axis2: int | None = 0) -> onnx.ModelProto:
+    """``x → QDQ → Conv(DQ w1, per out-channel) → Relu → QDQ → Conv(DQ w2, axis2) → y``."""
+    b = Builder()
+    h = _qconv(b, qdq(b, "x", "in"), 3, 8, "c1")
+    y = _qconv(b, qdq(b, b.op("Relu", h), "act"), 8, 4, "c2", axis=axis2)
+    return b.model(X, {y: [1, 4, 6, 6]})
+
+
+def test_conv_weights_through_dequantize_prune_in_int8(tmp_path: Path) -> None:
+    m = conv_net()
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert out.report.masked_relative_diff <= RTOL
+    shapes = init_shapes(out.path)
+    assert shapes["c1.q"] == (4, 3, 3, 3) and shapes["c1.s"] == (4,) and shapes["c1.zp"] == (4,)
+    assert shapes["c1.b"] == (4,) and shapes["c2.q"] == (4, 4, 3, 3)
+    assert shapes["c2.s"] == (4,) and shapes["act.s"] == ()  # c2's out-channels, per-tensor
+    assert init_value(out.path, "c1.q").dtype == np.int8  # still quantised, nothing folded
+    pruned = onnx.load(str(out.path))
+    assert sorted(n.op_type for n in pruned.graph.node) == sorted(n.op_type for n in m.graph.node)
+    rows = kept_slices(init_value(m, "c1.q"), init_value(out.path, "c1.q"), 0)
+    assert len(rows) == 4
+    np.testing.assert_array_equal(init_value(out.path, "c1.s"), init_value(m, "c1.s")[rows])
+    assert kept_slices(init_value(m, "c2.q"), init_value(out.path, "c2.q"), 1) == rows
+
+
+def test_per_input_channel_scales_are_sliced_with_the_input_channels(tmp_path: Path) -> None:
+    """A consumer weight quantised along its input axis (axis 1): its scale loses the removed
+    input channels' entries, and the oracle still holds."""
+    m = conv_net(axis2=1)
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c2.s"] == (4,) and init_shapes(out.path)["c2.q"][1] == 4
+    rows = kept_slices(init_value(m, "c2.q"), init_value(out.path, "c2.q"), 1)
+    np.testing.assert_array_equal(init_value(out.path, "c2.s"), init_value(m, "c2.s")[rows])
+
+
+@pytest.mark.parametrize("axis", [1, None])
+def test_matmul_weights_per_column_and_per_tensor(tmp_path: Path, axis: int | None) -> None:
+    b = Builder()
+    h = b.op("MatMul", "x", qweight(b, b.rng.standard_normal((16, 12)), axis, "fc1"), name="fc1")
+    h = qdq(b, b.op("Relu", b.op("Add", h, b.weight(12, name="fc1.b"))), "act")
+    y = b.op("MatMul", h, qweight(b, b.rng.standard_normal((12, 5)), axis, "fc2"), name="fc2")
+    m = b.model({"x": [2, 16]}, {y: [2, 5]})
+    out = prune_checked(m, tmp_path, ratio=0.25)
+    shapes = init_shapes(out.path)
+    assert shapes["fc1.q"] == (16, 9) and shapes["fc2.q"] == (9, 5)
+    assert shapes["fc1.s"] == ((9,) if axis == 1 else ())
+    assert shapes["fc2.s"] == ((5,) if axis == 1 else ())  # the output's columns stay
+
+
+def test_importance_reads_the_dequantised_weights() -> None:
+    """L1 scores of a quantised model equal those of the float model holding the dequantised
+    weights: criteria see ``(q − zp) · scale``, not the integers."""
+    m = conv_net()
+    quant = analyze(m)
+    floats = _dequantised_copy(m)
+    assert plan(quant).groups and plan(quant).groups[0].keep == plan(analyze(floats)).groups[0].keep
+    from passes.importance import get_criterion
+
+    a = get_criterion("l1").run(quant).by_group
+    b = get_criterion("l1").run(analyze(floats)).by_group
+    assert a.keys() == b.keys() and a
+    for g in a:
+        np.testing.assert_allclose(a[g], b[g], rtol=1e-6)
+
+
+def _dequantised_copy(m: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with each weight DequantizeLinear replaced by its float result."""
+    graph = load_proto(m).graph
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    del out.graph.node[:]
+    inits = []
+    for node in m.graph.node:
+        t = graph.tensors().get(node.output[0])
+        w = quantized_weight(t)
+        if node.op_type == "DequantizeLinear" and w is not None:
+            inits.append(numpy_helper.from_array(dequantize(w), node.output[0]))
+        else:
+            out.graph.node.append(node)
+    out.graph.initializer.extend(inits)
+    return out
+
+
+def test_masked_original_writes_the_zero_point(tmp_path: Path) -> None:
+    """The oracle's masked original zeroes a removed input channel of a quantised consumer by
+    setting ``q = zp`` there (zero points nonzero here), and leaves every other slice alone."""
+    b = Builder()
+    h = b.op("MatMul", "x", qweight(b, b.rng.standard_normal((6, 4)), 1, "fc1", zero=3),
+             name="fc1")
+    y = b.op("MatMul", b.op("Relu", h), qweight(b, b.rng.standard_normal((4, 3)), 1, "fc2",
+                                                zero=-5), name="fc2")
+    m = b.model({"x": [1, 6]}, {y: [1, 3]})
+    analysis = analyze(m)
+    the_plan = plan(analysis, __import__("spa.api").api.PruneOptions(ratio=0.5))
+    gone = sorted(set(range(4)) - set(the_plan.groups[0].keep))
+    masked = val.masked_model(m, analysis, the_plan)
+    q = init_value(masked, "fc2.q")
+    assert (q[gone] == -5).all()
+    keep = the_plan.groups[0].keep
+    np.testing.assert_array_equal(q[list(keep)], init_value(m, "fc2.q")[list(keep)])
+    np.testing.assert_array_equal(init_value(masked, "fc1.q"), init_value(m, "fc1.q"))
+    prune_checked(m, tmp_path, ratio=0.5)  # and the pruned model equals it
+
+
+def test_obspa_compensation_is_not_written_into_int8(tmp_path: Path, caplog) -> None:
+    """OBSPA scores quantised layers on their dequantised weights, but its float update is not
+    rounded into the integer tensors: the kept slices are the original integers, and the run
+    says so."""
+    from spa.api import CheckOptions, PruneOptions, prune
+
+    m = conv_net()
+    src = tmp_path / "m.onnx"
+    onnx.save(m, str(src))
+    with caplog.at_level(logging.WARNING):
+        report, _ = prune(src, tmp_path / "o.onnx", PruneOptions(ratio=0.5, criterion="obspa"),
+                          CheckOptions(latency=False))
+    assert report.compensated_layers == 0
+    assert any("quantised weight" in r.message for r in caplog.records)
+    kept = kept_slices(init_value(m, "c2.q"), init_value(tmp_path / "o.onnx", "c2.q"), 1)
+    assert len(kept) == 4  # the integer columns survive unchanged (kept_slices matches values)
+
+
+def test_blocked_quantisation_freezes_with_a_reason() -> None:
+    b = Builder()
+    w = b.rng.standard_normal((8, 4)).astype(np.float32)
+    q = b.const(np.round(w * 20).astype(np.int8), "fc1.q", dtype=np.int8)
+    s = b.const(np.full((4, 4), 0.05, np.float32), "fc1.s")  # one scale per 2 rows
+    dq = b.op("DequantizeLinear", q, s, name="fc1.dq", axis=0, block_size=2)
+    h = b.op("Relu", b.op("MatMul", "x", dq, name="fc1"))
+    y = b.op("MatMul", h, b.weight(4, 3, name="fc2.w"), name="fc2")
+    m = b.model({"x": [1, 8]}, {y: [1, 3]}, opset=21)
+    assert not analyze(m).prunable_groups
+    assert any("blocked" in r and "fc1.dq" in r for r in reasons(m))
+
+
+def test_integer_domain_ops_freeze_with_a_reason(tmp_path: Path) -> None:
+    """QLinearConv (QOperator form): its channels freeze, the reason says why, and a model of
+    nothing else is 'nothing prunable' with that reason."""
+    b = Builder()
+    xs, xz = b.const(np.float32(0.05), "xs"), b.const(np.uint8(128), "xz", dtype=np.uint8)
+    ws = b.const(np.full(8, 0.01, np.float32), "ws")
+    wz = b.const(np.zeros(8, np.int8), "wz", dtype=np.int8)
+    w = b.const(b.rng.integers(-100, 100, (8, 3, 3, 3)).astype(np.int8), "w", dtype=np.int8)
+    xq = b.op("QuantizeLinear", "x", xs, xz, name="qx")
+    yq = b.op("QLinearConv", xq, xs, xz, w, ws, wz, xs, xz, name="qconv", pads=[1, 1, 1, 1])
+    y = b.op("DequantizeLinear", yq, xs, xz, name="dqy")
+    y = b.op("Conv", b.op("Relu", y), b.weight(4, 8, 1, 1, name="c2.w"), name="c2")
+    m = b.model(X, {y: [1, 4, 6, 6]})
+    assert any("QLinearConv node 'qconv': integer-domain" in r for r in reasons(m))
+    with pytest.raises(NothingPrunableError, match="integer-domain"):
+        plan(analyze(m))
+
+
+# --- quantize_static output of reference CNNs ---------------------------------------------------
+def _quantize_static(name: str, out_dir: Path) -> Path:
+    ort_q = pytest.importorskip("onnxruntime.quantization")
+    pytest.importorskip("torch")
+    from models.export import export
+
+    src = export(name, out_dir / f"{name}.onnx", exporter="torchscript")
+    inp = onnx.load(str(src)).graph.input[0]
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+
+    class Reader(ort_q.CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            self.batches = [{inp.name: rng.standard_normal(shape).astype(np.float32)}
+                            for _ in range(4)]
+
+        def get_next(self):
+            return self.batches.pop() if self.batches else None
+
+    dst = out_dir / f"{name}_qdq.onnx"
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static warns about pre-processing
+    ort_q.quantize_static(str(src), str(dst), Reader(), quant_format=ort_q.QuantFormat.QDQ,
+                          per_channel=True, weight_type=ort_q.QuantType.QInt8,
+                          activation_type=ort_q.QuantType.QUInt8)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "mobilenetv2"])
+def test_quantize_static_models_prune_under_the_oracle(tmp_path: Path, name: str) -> None:
+    src = _quantize_static(name, tmp_path)
+    original = onnx.load(str(src))
+    n_groups = len(analyze(src).prunable_groups)
+    assert n_groups >= 8  # the same channel groups as the float model, not frozen by QDQ
+    for ratio in (0.3, 0.6):
+        out = prune_checked(src, tmp_path, ratio=ratio, name=f"pruned{ratio}.onnx")
+        assert out.report.masked_relative_diff <= RTOL
+        assert out.report.params_after <= (1 - ratio / 2) * out.report.params_before
+        pruned = onnx.load(str(out.path))
+        ops = [n.op_type for n in pruned.graph.node]
+        assert ops.count("DequantizeLinear") == [n.op_type for n in original.graph.node].count(
+            "DequantizeLinear")
+        inits = {t.name: t for t in pruned.graph.initializer}
+        for node in pruned.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0].endswith("_quantized") \
+                    and len(inits[node.input[1]].dims) == 1:  # per-channel weight or bias
+                q, s = inits[node.input[0]], inits[node.input[1]]
+                assert q.data_type in (TensorProto.INT8, TensorProto.INT32)
+                assert s.dims[0] == q.dims[0]  # axis 0: scales follow the kept channels
+
+
+def test_dequantize_linear_is_kept_in_the_normal_form() -> None:
+    """Loading does not fold a DequantizeLinear of constants into a float weight."""
+    graph = load_proto(conv_net()).graph
+    assert sum(n.op == "DequantizeLinear" for n in graph.nodes) == 4
+    assert helper.tensor_dtype_to_np_dtype(TensorProto.INT8) == graph.tensors()["c1.q"].dtype
+
+
+@pytest.mark.parametrize("form", ["per_axis", "per_tensor", "blocked"])
+def test_dequantize_matches_the_onnx_reference(form: str) -> None:
+    """spa.ir.quant.dequantize computes what DequantizeLinear computes (onnx's reference)."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(1)
+    q = rng.integers(-128, 128, (6, 5)).astype(np.int8)
+    shape, attrs = {"per_axis": ((5,), {"axis": 1}), "per_tensor": ((), {}),
+                    "blocked": ((3, 5), {"axis": 0, "block_size": 2})}[form]
+    scale = rng.uniform(0.01, 0.1, shape).astype(np.float32)
+    zp = rng.integers(-3, 3, shape).astype(np.int8)
+    b = Builder()
+    y = b.op("DequantizeLinear", b.const(q, "q", dtype=np.int8), b.const(scale, "s"),
+             b.const(zp, "zp", dtype=np.int8), name="dq", **attrs)
+    b.op("Identity", y, name="out", outputs=["y"])
+    m = b.model({}, {"y": [6, 5]}, opset=21)
+    expected = ReferenceEvaluator(m).run(None, {})[0]
+    w = quantized_weight(load_proto(m).graph.tensors()[y])
+    np.testing.assert_allclose(dequantize(w), expected, rtol=1e-6)
