@@ -35,6 +35,7 @@ from spa import validate as val
 from spa.coupling.analysis import CouplingAnalysis, GroupKind
 from spa.errors import ValidationError
 from spa.ir.load import load_model
+from spa.ir.save import save_model
 from spa.plan import Plan
 from spa.torch.export import eval_mode, export
 from spa.torch.modules import conv_groups, fix_attributes, write_back
@@ -82,13 +83,14 @@ class TorchPruneReport:
 
 def prune(module: nn.Module, example_inputs: Inputs, *, options: api.PruneOptions | None = None,
           batch: Batch | None = None, loss_fn: LossFn | None = None, opset: int | None = None,
-          rtol: float = 1e-3, **option_values) -> tuple[nn.Module, TorchPruneReport]:
+          output: str | Path | None = None, rtol: float = 1e-3, **option_values
+          ) -> tuple[nn.Module, TorchPruneReport]:
     """Prune ``module`` in place; returns it with a report.
 
     Options are those of ``spa prune`` (:class:`spa.api.PruneOptions`), given as an object or as
     keywords (``ratio=0.5, target="flops", criterion="obspa"``). Gradient criteria (taylor, snip,
     grasp, crop) take ``batch=(inputs, targets)`` and ``loss_fn(output, targets)`` (default:
-    cross-entropy of the first output).
+    cross-entropy of the first output). ``output``: also write the pruned ONNX model there.
     """
     options = _options(options, option_values)
     inputs = _as_tuple(example_inputs)
@@ -105,11 +107,12 @@ def prune(module: nn.Module, example_inputs: Inputs, *, options: api.PruneOption
             outcome = _attempt(module, inputs, exported, options, None, batch, loss_fn, rtol)
             if isinstance(outcome, TorchPruneReport):
                 outcome.notes.append(note)
-    return _finish(module, outcome, params_before)
+        return _finish(module, outcome, params_before, output)
 
 
 def apply(module: nn.Module, example_inputs: Inputs, plan: Plan | str | Path, *,
-          opset: int | None = None, rtol: float = 1e-3) -> tuple[nn.Module, TorchPruneReport]:
+          opset: int | None = None, output: str | Path | None = None, rtol: float = 1e-3
+          ) -> tuple[nn.Module, TorchPruneReport]:
     """Replay a saved plan (``report.plan.save(path)``) on a freshly built module, e.g. to load
     a pruned ``state_dict`` into it."""
     the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -118,14 +121,17 @@ def apply(module: nn.Module, example_inputs: Inputs, plan: Plan | str | Path, *,
     with tempfile.TemporaryDirectory(prefix="spa-torch-") as tmp:
         exported = export(module, inputs, Path(tmp) / "model.onnx", opset=opset)
         outcome = _attempt(module, inputs, exported, None, the_plan, None, None, rtol)
-    return _finish(module, outcome, params_before)
+        return _finish(module, outcome, params_before, output)
 
 
-def _finish(module: nn.Module, outcome: TorchPruneReport | Disagreement, params_before: int
-            ) -> tuple[nn.Module, TorchPruneReport]:
+def _finish(module: nn.Module, outcome: TorchPruneReport | Disagreement, params_before: int,
+            output: str | Path | None) -> tuple[nn.Module, TorchPruneReport]:
     if isinstance(outcome, Disagreement):
         raise ValidationError(f"the pruned module disagrees with the pruned ONNX model "
                               f"({outcome.why}); the module is unchanged")
+    if output is not None:
+        pruned = Path(outcome.onnx.output)
+        outcome.onnx.output = str(save_model(onnx.load(str(pruned)), output))
     outcome.params_before, outcome.params_after = params_before, _count(module)
     return module, outcome
 
