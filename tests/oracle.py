@@ -15,6 +15,7 @@ import onnx
 
 from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, PruneReport, analyze, prune
+from spa.ir import to_onnx
 from spa.plan import Plan
 
 RTOL = 1e-4
@@ -33,18 +34,21 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
 
 
 def prune_checked(model: Path | onnx.ModelProto, tmp_path: Path, *, expect_pruned: bool = True,
-                  name: str = "pruned.onnx", **options) -> Pruned:
-    """Prune under the masked oracle and assert the prediction; return what was made."""
+                  name: str = "pruned.onnx", dims: dict[str, int] | None = None,
+                  **options) -> Pruned:
+    """Prune under the masked oracle and assert the prediction; return what was made.
+    ``dims`` sizes symbolic input dims for the oracle's inputs (default 1)."""
     if isinstance(model, onnx.ModelProto):
         model = save(model, tmp_path / "model.onnx")
     out = tmp_path / name
-    report, plan = prune(model, out, PruneOptions(**options),
-                         CheckOptions(check_masked=True, rtol=RTOL, latency=False))
+    checks = CheckOptions(check_masked=True, rtol=RTOL, latency=False,
+                          input_dims=tuple((dims or {}).items()))
+    report, plan = prune(model, out, PruneOptions(**options), checks)
     assert report.params_after == report.predicted_params_after
     assert report.flops_after == report.predicted_flops_after
     if all(len(g.keep) == g.size for g in plan.groups):
         assert report.params_after == report.params_before
-        assert_same_outputs(model, out)
+        assert_same_outputs(model, out, dims)
     elif expect_pruned:
         assert report.channels_after < report.channels_before, "nothing was pruned"
         assert report.params_after < report.params_before
@@ -52,13 +56,31 @@ def prune_checked(model: Path | onnx.ModelProto, tmp_path: Path, *, expect_prune
     return Pruned(report, plan, out)
 
 
-def run_model(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def assert_masked_at(model: Path, pruned: Pruned, sizes: list[dict[str, int]]) -> list[float]:
+    """The masked oracle at several sizes of the symbolic input dims (one random input each):
+    a model with dynamic dims must stay right at every size, not just the one SPA checked.
+    Returns the relative difference at each size."""
+    analysis = analyze(model, ignore=tuple(pruned.plan.meta.get("ignore", ())),
+                       hidden=pruned.plan.meta.get("hidden_ratio") is not None)
+    masked = val.session(val.masked_model(to_onnx(analysis.model), analysis, pruned.plan))
+    small = val.session(pruned.path)
+    diffs = []
+    for i, dims in enumerate(sizes):
+        feeds = val.random_inputs(masked, seed=i, dims=dims)
+        want, got = val.run(masked, feeds), val.run(small, feeds)
+        val.check_signature(want, got)
+        diffs.append(val.check_close(want, got, rtol=RTOL).relative)
+    return diffs
+
+
+def run_model(path: Path | onnx.ModelProto, seed: int = 0, dims: dict[str, int] | None = None
+              ) -> dict[str, np.ndarray]:
     sess = val.session(path)
-    return val.run(sess, val.random_inputs(sess, seed=seed))
+    return val.run(sess, val.random_inputs(sess, seed=seed, dims=dims))
 
 
-def assert_same_outputs(a: Path, b: Path) -> None:
-    out_a, out_b = run_model(a), run_model(b)
+def assert_same_outputs(a: Path, b: Path, dims: dict[str, int] | None = None) -> None:
+    out_a, out_b = run_model(a, dims=dims), run_model(b, dims=dims)
     val.check_signature(out_a, out_b)
     for name in out_a:
         np.testing.assert_allclose(out_b[name], out_a[name], rtol=1e-5, atol=1e-6)

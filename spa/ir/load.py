@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from spa.errors import ModelLoadError, UnsupportedModelError
+from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
 
@@ -33,6 +34,8 @@ MIN_OPSET = 7
 # Initializers up to this many elements stay in the copy used for shape inference: shape
 # constants (Reshape targets, Slice bounds) must keep their values; weights only need a type.
 _SMALL_TENSOR = 64
+# Rounds of fold → refine → re-infer on import (each can make more shapes static).
+_REFINE_ROUNDS = 4
 
 
 @dataclass
@@ -66,14 +69,11 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
                    for t in external_data_helper._get_all_tensors(model))
     header = _header_of(model)
     opset = check_versions(model, str(p))
+    if external:  # mapped on demand (spa/ir/external.py), not read into the protobuf
+        check_external(model, p.parent, str(p))
     file_bytes = _file_bytes(p, model) if external else p.stat().st_size
-    if external:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{p}: external data could not be read: {_one_line(exc)}") from exc
     model = _with_inferred_shapes(model, str(p))
-    graph = import_graph(model, str(p))
+    graph = import_graph(model, str(p), base_dir=p.parent if external else None)
     return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
                        file_bytes=file_bytes, opset=opset)
 
@@ -105,26 +105,48 @@ def check_versions(model: onnx.ModelProto, name: str) -> int:
     return opset
 
 
-def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None) -> gs.Graph:
+    """Check, import and normalise ``model``; external tensors are read from ``base_dir``."""
     try:
         onnx.checker.check_model(weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
     _check_tensor_sizes(model, name)
-    graph = gs.import_onnx(model)
+    graph = _import(model, base_dir, name)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
     shape_values_folded = fold_constant_ops(graph)
     _unshare_constants(graph)
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    if _refine_shapes(graph) or shape_values_folded:
-        # Propagate what folded shape arithmetic and refined Reshapes now tell to the ops after
-        # them (inferred dims override the stale symbolic ones).
+    _toposort(graph.cleanup(remove_unused_graph_inputs=False))
+    # Propagate what folded shape arithmetic and refined Reshapes now tell to the ops after them
+    # (inferred dims override the stale symbolic ones). Shapes learnt that way can make more
+    # ``Shape`` nodes static, which fold in turn: repeat until nothing changes (a few rounds).
+    for _ in range(_REFINE_ROUNDS):
+        if not (_refine_shapes(graph) or shape_values_folded):
+            break
+        unload(graph)  # export references to external data, not copies of it
         refined = gs.export_onnx(graph, do_type_check=False)
         del refined.opset_import[:]
         refined.opset_import.extend(model.opset_import)
         refined.ir_version = model.ir_version
-        graph = gs.import_onnx(_with_inferred_shapes(refined, name))
+        graph = _import(_with_inferred_shapes(refined, name), base_dir, name)
+        shape_values_folded = fold_constant_ops(graph)
+        if shape_values_folded:
+            _toposort(graph.cleanup(remove_unused_graph_inputs=False))
+    return graph
+
+
+def _toposort(graph: gs.Graph) -> None:
+    """Sort the nodes (and those of subgraphs), not the model-local functions: SPA never
+    changes functions, and onnx-graphsurgeon 0.6's function sort recurses forever when a model
+    has both functions and subgraphs (If, Loop, Scan)."""
+    graph.toposort(mode="nodes")
+
+
+def _import(model: onnx.ModelProto, base_dir: Path | None, name: str) -> gs.Graph:
+    graph = gs.import_onnx(model)
+    if base_dir is not None:
+        attach_external(graph, base_dir, name)
     return graph
 
 
@@ -142,16 +164,24 @@ def _unshare_constants(graph: gs.Graph) -> None:
         for node in t.outputs if isinstance(t, gs.Constant) else ():
             if all(node is not r for r in readers):
                 readers.append(node)
-        if len(readers) < 2 or t.values.size <= 1:
+        if len(readers) < 2 or int(np.prod(t.shape, dtype=np.int64)) <= 1:
             continue
         values = np.asarray(t.values)
-        if values.ndim > 1 and not np.all(values == values.flat[0]):
+        if values.ndim > 1 and not _all_equal(values):
             continue
         for k, node in enumerate(readers[1:], start=1):
             copy = gs.Constant(f"{name}__spa_copy{k}", values.copy())
             for i, inp in enumerate(node.inputs):
                 if inp is t:
                     node.inputs[i] = copy
+
+
+def _all_equal(values: np.ndarray) -> bool:
+    """Every element equals the first (a look at the first few decides most weights without
+    reading them whole)."""
+    flat = values.reshape(-1)
+    head = flat[:64]
+    return bool(np.all(head == head[0])) and bool(np.all(flat == flat[0]))
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:
