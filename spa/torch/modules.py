@@ -53,7 +53,8 @@ def write_back(module: nn.Module, params: ParamMap, pruned: onnx.ModelProto) -> 
             raise WriteBackError(f"parameter '{pname}' is read by several layers that were "
                                  "pruned differently; freeze them with ignore=[...]")
         t = tensors[pname]
-        value = torch.from_numpy(np.array(new[0], copy=True, order="C")).to(dtype=t.dtype, device=t.device)
+        value = torch.from_numpy(np.array(new[0], copy=True, order="C"))
+        value = value.to(dtype=t.dtype, device=t.device)
         if value.shape != t.shape or not torch.equal(value, t.data):
             t.data = value
             changed += 1
