@@ -12,7 +12,7 @@ input slot and position), so a rewrite can change exactly that entry — also in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 import numpy as np
@@ -23,6 +23,8 @@ import onnx_graphsurgeon as gs
 class DimRef:
     tensor: str
     axis: int
+    # The dim's static length where shape inference knows it (not part of the identity).
+    length: int | None = field(default=None, compare=False)
 
 
 class Lit(int):
@@ -37,12 +39,18 @@ class Lit(int):
 
     def rewritable_for(self, reader: gs.Node) -> bool:
         """True when changing this entry changes only what ``reader`` sees: it is read by
-        ``reader`` itself, or by a node whose only consumer is ``reader``."""
+        ``reader`` itself, or by a node whose only consumer is ``reader``, possibly through a
+        chain of single-consumer Cast/Identity nodes (tf2onnx builds targets in int32)."""
         if self.source is None:
             return False
         node = self.source[0]
-        return node is reader or (len(node.outputs) == 1
-                                  and [c for c in node.outputs[0].outputs] == [reader])
+        while node is not reader:
+            if len(node.outputs) != 1 or len(node.outputs[0].outputs) != 1:
+                return False
+            node = node.outputs[0].outputs[0]
+            if node is not reader and node.op not in ("Cast", "Identity"):
+                return False
+        return True
 
     def write(self, value: int) -> None:
         """Give the reading node a copy of its constant with this entry set to ``value``."""
@@ -80,7 +88,9 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
         src = node.inputs[0]
         if src.shape is None:
             return None
-        return [DimRef(src.name, ax) for ax in shape_op_dims(node, len(src.shape))]
+        return [DimRef(src.name, ax, src.shape[ax] if isinstance(src.shape[ax], int)
+                       and src.shape[ax] >= 0 else None)
+                for ax in shape_op_dims(node, len(src.shape))]
     if op in ("Cast", "Identity"):
         return shape_entries(node.inputs[0], depth + 1)
     if op in ("Squeeze", "Unsqueeze"):
@@ -139,9 +149,13 @@ def resolve_reshape(in_shape: tuple[int | None, ...] | None, entries: list | Non
     static = prod(d for d in in_shape if d is not None)
     out: list[int | str | None] = []
     for pos, e in enumerate(entries):
-        if isinstance(e, DimRef):
-            out.append(in_shape[e.axis] if e.tensor == x_name and in_shape[e.axis] is not None
-                       else (f"{x_name}:{e.axis}" if e.tensor == x_name else None))
+        if isinstance(e, DimRef) and e.tensor != x_name:
+            # A dim of another tensor (tf2onnx's Tensordot copies [N, H, W] of the tensor it
+            # flattened): its static length, or a symbol no dim of the input cancels.
+            out.append(e.length if e.length is not None else f"{e.tensor}:{e.axis}")
+        elif isinstance(e, DimRef):
+            out.append(in_shape[e.axis] if in_shape[e.axis] is not None
+                       else f"{x_name}:{e.axis}")
         elif e == 0:
             if pos >= len(in_shape):
                 return inferred

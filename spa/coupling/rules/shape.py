@@ -83,13 +83,31 @@ def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...]
         return []
     pa = [i for i, d in enumerate(a) if d is None]
     pb = [j for j, d in enumerate(b) if d is None]
-    groups = factor_groups(a[:pa[0]], b[:pb[0]]) if prod(a[:pa[0]]) == prod(b[:pb[0]]) else []
+    ka, kb = _common_run(a[:pa[0]], b[:pb[0]])
+    groups = factor_groups(a[:ka], b[:kb])
     sa, sb = a[pa[-1] + 1:], b[pb[-1] + 1:]
-    if prod(sa) == prod(sb):
-        shift_a, shift_b = pa[-1] + 1, pb[-1] + 1
-        groups += [([i + shift_a for i in ga], [j + shift_b for j in gb])
-                   for ga, gb in factor_groups(sa, sb)]
+    ka, kb = _common_run(sa[::-1], sb[::-1])
+    shift_a, shift_b = len(a) - ka, len(b) - kb
+    groups += [([i + shift_a for i in ga], [j + shift_b for j in gb])
+               for ga, gb in factor_groups(sa[len(sa) - ka:], sb[len(sb) - kb:])]
     return groups
+
+
+def _common_run(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int]:
+    """The longest leading runs ``a[:i]``, ``b[:j]`` with equal products.
+
+    Such runs regroup on their own whatever the rest of the shapes is: tf2onnx's Tensordot
+    flattens ``[N, H, W, C] → [-1, C]`` (symbolic ``N``), and the trailing ``C`` still maps to
+    ``C`` though ``H·W`` went into the symbolic dim. (Called on reversed shapes for the
+    trailing runs.)
+    """
+    cut_a = {prod(a[:i]): i for i in range(1, len(a) + 1)}
+    best = (0, 0)
+    for j in range(1, len(b) + 1):
+        i = cut_a.get(prod(b[:j]))
+        if i is not None:
+            best = (i, j)
+    return best
 
 
 def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
@@ -254,6 +272,9 @@ def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: range) -> set[int]:
     """Which input dims the Shape output's consumers actually read."""
     read: set[int] = set()
     for consumer in ctx.consumers(out):
+        if consumer.op in ("Cast", "Identity"):  # tf2onnx casts shapes to int32 and back
+            read |= _dims_read(ctx, consumer.outputs[0], dims)
+            continue
         picked = _positions_picked(ctx, consumer, len(dims))
         if picked is None:
             return set(dims)

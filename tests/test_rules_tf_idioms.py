@@ -1,0 +1,75 @@
+"""Graph idioms that tf2onnx and jax2onnx write and PyTorch's exporters do not, as tiny graphs
+under the masked oracle: Keras ``Dense`` on an NHWC tensor (tf2onnx's Tensordot: flatten to
+``[-1, C]``, MatMul, reshape back with a run-time target built in int32 from ``Shape``), and
+channels-last per-channel ``Mul``/``Add`` (an unfused BatchNormalization)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from graphs import Builder, group_of, init_shapes, init_value, input_value, kept_slices
+from oracle import prune_checked
+
+from spa.coupling.rules.shape import static_factor_groups
+
+I32, I64 = onnx.TensorProto.INT32, onnx.TensorProto.INT64
+
+
+def test_trailing_and_leading_runs_regroup_beside_symbolic_dims():
+    # [N, H, W, C] → [-1, C]: C ↔ C although H·W went into the symbolic dim.
+    assert static_factor_groups((None, 6, 6, 8), (None, 8)) == [([3], [1])]
+    assert static_factor_groups((None, 8), (None, 6, 6, 8)) == [([1], [3])]
+    # [B, 2, 3, S] → [B·2, 3, S']: no common static run at the end, the leading 2 is inside B·2.
+    assert static_factor_groups((None, 2, 3, None), (None, 3, None)) == []
+    # leading runs: [4, 6, N] → [24, M] and [4, 6, N] → [4, M] (6·N = M)
+    assert static_factor_groups((4, 6, None), (24, None)) == [([0, 1], [0])]
+    assert static_factor_groups((4, 6, None), (4, None)) == [([0], [0])]
+
+
+def _tensordot(b: Builder, t: str, cin: int, cout: int, read: list[int]) -> str:
+    """tf2onnx's Keras Dense on a rank-4 tensor ``t`` (``read``: dims the target copies)."""
+    dims = b.op("Cast", b.op("Shape", t, name="shape"), to=I32, name="shape_i32")
+    kept = b.op("Gather", dims, b.const(read, dtype=np.int32), axis=0, name="free")
+    units = b.const([cout], name="units", dtype=np.int32)
+    target = b.op("Cast", b.op("Concat", kept, units, axis=0, name="target"), to=I64)
+    flat = b.op("Reshape", t, b.const([-1, cin], name="flat_shape"), name="flat")
+    y = b.op("MatMul", flat, b.weight(cin, cout, name="dense.w"), name="dense")
+    return b.op("Reshape", y, target, name="unflat")
+
+
+def _dense_on_nhwc(read: list[int]) -> onnx.ModelProto:
+    """Conv c1 (3→8) → NHWC → Dense 8→5 → BN as Mul/Add on the last axis → Relu → NCHW → c2."""
+    b = Builder()
+    t = b.op("Transpose", b.conv("x", 3, 8, name="c1"), perm=[0, 2, 3, 1])
+    y = _tensordot(b, t, 8, 5, read)
+    y = b.op("Add", b.op("Mul", y, b.weight(5, name="bn.scale")), b.weight(5, name="bn.shift"))
+    y = b.op("Transpose", b.op("Relu", y), perm=[0, 3, 1, 2])
+    out = b.conv(y, 5, 4, name="c2")
+    return b.model({"x": ["N", 3, 6, 6]}, {out: ["N", 4, 6, 6]}, opset=13)
+
+
+def test_dense_on_nhwc_tensordot(tmp_path):
+    m = _dense_on_nhwc(read=[0, 1, 2])
+    assert group_of(m, "c1.w", 0).id == group_of(m, "dense.w", 0).id
+    g = group_of(m, "dense.w", 1)
+    assert g.prunable and g.size == 5 and group_of(m, "bn.scale", 0).id == g.id
+    out = prune_checked(m, tmp_path, ratio=0.4)
+    shapes = init_shapes(out.path)
+    assert shapes["c1.w"] == (5, 3, 3, 3) and shapes["dense.w"] == (5, 3)
+    assert shapes["bn.scale"] == shapes["bn.shift"] == (3,) and shapes["c2.w"] == (4, 3, 3, 3)
+    rows = kept_slices(init_value(m, "c1.b"), init_value(out.path, "c1.b"), 0)
+    cols = kept_slices(init_value(m, "dense.w")[rows], init_value(out.path, "dense.w"), 1)
+    np.testing.assert_array_equal(init_value(out.path, "bn.scale"),
+                                  init_value(m, "bn.scale")[cols])
+    # The literals: [-1, C] of the flattening target, and the int32 units inside the run-time
+    # target (read through Concat → Cast), both set to the surviving widths.
+    assert input_value(out.path, "flat", 1).tolist() == [-1, 5]
+    assert input_value(out.path, "target", 1).tolist() == [3]
+    assert input_value(out.path, "target", 1).dtype == np.int32
+
+
+def test_tensordot_whose_target_reads_the_channel_dim_freezes():
+    # The target copies dim 3 (the channels) through Shape → Cast → Gather: fail closed.
+    m = _dense_on_nhwc(read=[0, 1, 2, 3])
+    g = group_of(m, "c1.w", 0)
+    assert not g.prunable and any("'shape'" in r for r in g.frozen), g.frozen
