@@ -19,6 +19,7 @@ from passes.hessian import damped_inverse
 from passes.importance.obspa import layer_rows, obs_remove
 from spa.ir.quant import quantized_weight, weight_values
 from spa.plan import kept_indices, removed_indices
+from spa.progress import progress
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
@@ -38,7 +39,8 @@ class Compensation:
         tensors = analysis.model.graph.tensors()
         updated = 0
         skipped: list[str] = []
-        for key, gone in removed_indices(analysis, plan).items():
+        removed = removed_indices(analysis, plan).items()
+        for key, gone in progress(removed, "compensation", unit="layer"):
             h = hessians.get(key)
             t = tensors.get(key[0])
             if h is not None and quantized_weight(t) is not None:

@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 from spa.coupling.types import Role
 from spa.errors import OptionError
 from spa.ir.quant import is_weight
+from spa.progress import progress
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
@@ -126,7 +127,9 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
                               for n in wanted if n not in present)
     sess = val.session(model)
     stats: dict[tuple[str, int], InputStats] = {}
-    for feeds in _batches(sess, source, samples, seed, calib, dims):
+    total = None if source is HessianSource.CALIBRATION else samples
+    for feeds in progress(_batches(sess, source, samples, seed, calib, dims), "hessians", total,
+                          unit="batch"):
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         for key, layer in layers.items():
             x = np.moveaxis(np.asarray(outs[layer.data], np.float64), layer.data_axis, -1)

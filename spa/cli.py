@@ -3,6 +3,10 @@
 Flag choices come from the registries (criteria, targets, reductions), so a new criterion shows
 up in ``spa prune --help`` by itself. Errors a user can fix print one line and exit with a
 documented code (see :class:`spa.errors.ExitCode`); set ``SPA_DEBUG=1`` for tracebacks.
+
+For pipelines: every option can come from ``--config FILE.toml`` (:mod:`spa.config`; flags on
+the command line win); with ``--json`` stdout holds exactly one JSON document and everything
+else (notes, warnings, progress bars) goes to stderr; ``--quiet`` silences notes and progress.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from spa.errors import ExitCode, SpaError
+from spa.config import AppendOverride, config_defaults
+from spa.errors import ExitCode, OptionError, SpaError
+from spa.progress import ProgressSettings, progress_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -63,14 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("model", help="ONNX file")
     an.add_argument("--json", action="store_true", help="print the analysis as JSON")
     an.add_argument("--explain", action="store_true", help="list why each frozen group is frozen")
-    an.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+    _common_flags(an)
+    an.add_argument("--ignore", action=AppendOverride, default=[], metavar="GLOB",
                     help="freeze every channel touching nodes whose name matches GLOB")
     an.add_argument("--hidden", action="store_true",
                     help="analyse with hidden-size (residual stream) pruning enabled")
 
     pr = sub.add_parser("prune", help="prune a model and write the smaller model")
     pr.add_argument("model", help="ONNX file (never modified)")
-    pr.add_argument("-o", "--output", required=True, help="where to write the pruned model")
+    pr.add_argument("-o", "--output", help="where to write the pruned model (required unless "
+                    "--dry-run)")
+    pr.add_argument("--dry-run", action="store_true",
+                    help="analyse and plan, print the plan summary and write no model (--plan, "
+                    "--report and --report-html are still written when given)")
     pr.add_argument("--ratio", type=_ratio, default=0.3,
                     help="share of channels (or of params/FLOPs with --target) to remove, [0, 1)")
     pr.add_argument("--heads-ratio", type=_ratio, default=None, metavar="R",
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep channel counts a multiple of N")
     pr.add_argument("--min-channels", type=_positive, default=1, metavar="N",
                     help="never keep fewer than N channels in a group")
-    pr.add_argument("--ignore", action="append", default=[], metavar="GLOB",
+    pr.add_argument("--ignore", action=AppendOverride, default=[], metavar="GLOB",
                     help="freeze every channel touching nodes whose name matches GLOB")
     pr.add_argument("--seed", type=int, default=0, help="seed of random scores and inputs")
     pr.add_argument("--plan", metavar="PLAN.json", help="also write the plan as JSON")
@@ -114,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = sub.add_parser("apply", help="apply a saved plan to its model")
     ap.add_argument("model", help="ONNX file (never modified)")
     ap.add_argument("plan", help="plan JSON written by `spa prune --plan`")
-    ap.add_argument("-o", "--output", required=True, help="where to write the pruned model")
+    ap.add_argument("-o", "--output", help="where to write the pruned model (required)")
     _check_flags(ap)
     return parser
 
@@ -130,11 +141,23 @@ def _input_dim(text: str) -> tuple[str, int]:
     return name, size
 
 
+def _common_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="read options from a TOML file (keys: long option names, top level or "
+                   "in a [analyze]/[prune]/[apply] table); flags given here win")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars and no notes on stderr (errors are still printed)")
+
+
 def _check_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-dim", action="append", type=_input_dim, default=[],
+    _common_flags(p)
+    p.add_argument("--input-dim", action=AppendOverride, type=_input_dim, default=[],
                    metavar="NAME=SIZE", help="size of a symbolic input dim (e.g. height=224) "
                    "for the inputs SPA makes up; default 1")
     p.add_argument("--report", metavar="REPORT.json", help="write the before/after report")
+    p.add_argument("--report-html", metavar="REPORT.html",
+                   help="write a self-contained HTML report (tables, per-group chart, frozen "
+                   "groups and why, options, latency)")
     p.add_argument("--check-masked", action="store_true",
                    help="also check the numeric oracle: pruned == masked original")
     p.add_argument("--no-validate", action="store_true",
@@ -149,16 +172,51 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="spa: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        return {"analyze": _analyze, "prune": _prune, "apply": _apply}[args.command](args)
+        args = _parse(parser, argv)
+        _configure_logging(args)
+        with progress_settings(ProgressSettings(enabled=False if args.quiet else None)):
+            return {"analyze": _analyze, "prune": _prune, "apply": _apply}[args.command](args)
     except SpaError as exc:
         if os.environ.get("SPA_DEBUG"):
             raise
         print(f"spa: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse once to find the command and ``--config``; the file's values become the
+    subcommand's defaults, and a second parse lets the command line override them."""
+    args = parser.parse_args(argv)
+    if args.config:
+        sub = _subparsers(parser)[args.command]
+        sub.set_defaults(**config_defaults(args.config, args.command, sub))
+        args = parser.parse_args(argv)
+    if args.command == "apply" and not args.output:
+        raise OptionError("spa apply needs -o/--output")
+    if args.command == "prune" and not (args.output or args.dry_run):
+        raise OptionError("spa prune needs -o/--output (or --dry-run)")
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("spa's parser has no subcommands")
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR if args.quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="spa: %(message)s")
+    logging.getLogger().setLevel(level)
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -181,16 +239,36 @@ def _checks(args: argparse.Namespace):
                         input_dims=tuple(args.input_dim))
 
 
-def _finish(args: argparse.Namespace, report) -> int:
-    from spa.api import report_table, write_report
+def _finish(args: argparse.Namespace, report, the_plan) -> int:
+    from spa.html_report import write_html_report
+    from spa.report import report_notes, report_table, write_report
 
     if args.report:
         write_report(report, args.report)
+    if args.report_html:
+        write_html_report(args.report_html, the_plan, report)
+    for note in report_notes(report):
+        _note(args, note)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         print(report_table(report))
         print(f"wrote {report.output}")
+    return int(ExitCode.OK)
+
+
+def _dry_run(args: argparse.Namespace, options) -> int:
+    from spa.api import dry_run
+    from spa.html_report import write_html_report
+    from spa.report import plan_summary, plan_text, write_text_atomic
+
+    the_plan = dry_run(args.model, options, plan_path=args.plan)
+    summary = plan_summary(the_plan, args.model)
+    if args.report:
+        write_text_atomic(args.report, json.dumps(summary, indent=1) + "\n")
+    if args.report_html:
+        write_html_report(args.report_html, the_plan, model=args.model)
+    print(json.dumps(summary, indent=1) if args.json else plan_text(summary))
     return int(ExitCode.OK)
 
 
@@ -212,14 +290,19 @@ def _prune(args: argparse.Namespace) -> int:
                            damping=args.damping, samples=args.samples, calib=args.calib,
                            compensate=not args.no_compensate,
                            input_dims=tuple(args.input_dim))
-    report, _ = prune(args.model, args.output, options, _checks(args), plan_path=args.plan)
-    return _finish(args, report)
+    if args.dry_run:
+        return _dry_run(args, options)
+    report, the_plan = prune(args.model, args.output, options, _checks(args),
+                             plan_path=args.plan)
+    return _finish(args, report, the_plan)
 
 
 def _apply(args: argparse.Namespace) -> int:
     from spa.api import apply
+    from spa.plan import Plan
 
-    return _finish(args, apply(args.model, args.plan, args.output, _checks(args)))
+    the_plan = Plan.load(args.plan)
+    return _finish(args, apply(args.model, the_plan, args.output, _checks(args)), the_plan)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.context import static_shape
+from spa.progress import progress
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -109,7 +110,7 @@ def latency_ms(session, feeds: dict[str, np.ndarray], *, runs: int = 20, warmup:
     for _ in range(warmup):
         session.run(None, feeds)
     times = []
-    for _ in range(runs):
+    for _ in progress(range(runs), "latency", unit="run"):
         t0 = time.perf_counter()
         session.run(None, feeds)
         times.append((time.perf_counter() - t0) * 1e3)

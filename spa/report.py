@@ -1,14 +1,29 @@
-"""Human and JSON views of an analysis (``spa analyze``)."""
+"""Human and JSON views of SPA's results, for people and for pipelines.
+
+* ``spa analyze``: :func:`analysis_summary` (JSON) and :func:`analysis_text`;
+* ``spa prune`` / ``spa apply``: :func:`report_table`, :func:`report_notes` (advice, printed on
+  stderr so that ``--json`` leaves exactly one JSON document on stdout) and :func:`write_report`;
+* ``spa prune --dry-run``: :func:`plan_summary` (JSON) and :func:`plan_text`.
+
+Every file is written with :func:`write_text_atomic`: a failed run never leaves half a report.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spa.coupling.types import Role
+from spa.errors import OutputPathError
 from spa.metrics import CostModel
 
 if TYPE_CHECKING:
+    from spa.api import PruneReport
     from spa.coupling.analysis import Analysis, Group
+    from spa.plan import Plan
 
 
 def _group_dict(g: Group) -> dict:
@@ -54,4 +69,114 @@ def analysis_text(analysis: Analysis, *, explain: bool = False) -> str:
             lines.extend(f"{'':>14}because {r}" for r in g["frozen"])
     if not explain and s["frozen_groups"]:
         lines.append("\n(run with --explain to see why groups are frozen)")
+    return "\n".join(lines)
+
+
+# --- spa prune / spa apply: the before/after report ---------------------------------------
+
+
+def report_table(r: PruneReport) -> str:
+    """The before/after table printed by ``spa prune`` and ``spa apply``."""
+
+    def row(label: str, a: float | None, b: float | None, fmt: str) -> str:
+        if a is None or b is None:
+            return f"{label:<16}{'-':>14}{'-':>14}{'-':>9}"
+        ratio = f"{b / a:8.3f}x" if a else "       -"
+        return f"{label:<16}{format(a, fmt):>14}{format(b, fmt):>14}{ratio}"
+
+    lines = [f"{'':<16}{'before':>14}{'after':>14}{'after/before':>13}",
+             row("params", r.params_before, r.params_after, ",d"),
+             row("FLOPs (MACs)", r.flops_before, r.flops_after, ",d"),
+             row("file bytes", r.bytes_before, r.bytes_after, ",d"),
+             row("latency ms", r.latency_ms_before, r.latency_ms_after, ".3f"),
+             row("channels", r.channels_before, r.channels_after, ",d")]
+    lines.append(f"groups pruned: {r.groups_pruned} of {r.groups}; frozen groups: {len(r.frozen)}")
+    if r.masked_relative_diff is not None:
+        lines.append(f"numeric oracle (pruned == masked original): max |Δ| "
+                     f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
+    return "\n".join(lines)
+
+
+def report_notes(r: PruneReport) -> list[str]:
+    """Advice about a result, for stderr (``--quiet`` drops it; ``--json`` keeps stdout clean)."""
+    notes = []
+    if r.latency_ms_before and r.latency_ms_after and r.latency_ms_after > r.latency_ms_before \
+            and r.flops_after < r.flops_before:
+        notes.append("note: the pruned model runs slower; channel counts that are not multiples "
+                     "of 8 defeat onnxruntime's blocked convolution kernels: try --round-to 8")
+    return notes
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename,
+    so a reader (or a failed run) never sees half a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"{target}: output path is a directory")
+    if not target.parent.is_dir():
+        raise OutputPathError(f"{target}: directory {target.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".spa-", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OutputPathError(f"{target}: cannot write ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: PruneReport, path: str | os.PathLike[str]) -> None:
+    write_text_atomic(path, json.dumps(report.to_dict(), indent=1) + "\n")
+
+
+# --- spa prune --dry-run: the plan before anything is written -----------------------------
+
+
+def plan_summary(plan: Plan, model: str) -> dict:
+    """What a plan would do: per group kept/removed, frozen groups, predicted costs."""
+    pred = plan.prediction
+    return {
+        "dry_run": True,
+        "model": model,
+        "fingerprint": plan.fingerprint,
+        "options": plan.meta,
+        "params_before": pred.params_before if pred else None,
+        "params_after": pred.params_after if pred else None,
+        "flops_before": pred.flops_before if pred else None,
+        "flops_after": pred.flops_after if pred else None,
+        "channels_before": sum(g.size for g in plan.groups),
+        "channels_after": sum(len(g.keep) for g in plan.groups),
+        "groups_pruned": sum(1 for g in plan.groups if g.removed),
+        "groups": [{"id": g.id, "name": g.name, "channels": g.size, "kept": len(g.keep),
+                    "removed": g.removed} for g in plan.groups],
+        "frozen": [{"group": f.id, "name": f.name, "channels": f.size,
+                    "reasons": list(f.reasons)} for f in plan.frozen],
+    }
+
+
+def plan_text(s: dict) -> str:
+    """The dry-run summary as a table."""
+
+    def row(label: str, a: int | None, b: int | None) -> str:
+        if a is None or b is None:
+            return f"{label:<24}{'-':>14}{'-':>14}"
+        return f"{label:<24}{a:>14,d}{b:>14,d}{(b / a if a else 0):8.3f}x"
+
+    criterion = s["options"].get("criterion")
+    lines = [f"dry run of {s['model']} with criterion {criterion}: no model written",
+             f"{'':<24}{'before':>14}{'after':>14}{'after/before':>13}",
+             row("params (predicted)", s["params_before"], s["params_after"]),
+             row("FLOPs (MACs, predicted)", s["flops_before"], s["flops_after"]),
+             row("channels", s["channels_before"], s["channels_after"]), "",
+             f"{'id':>4} {'channels':>8} {'kept':>6} {'removed':>7}  group"]
+    lines += [f"{g['id']:>4} {g['channels']:>8} {g['kept']:>6} {g['removed']:>7}  {g['name']}"
+              for g in s["groups"]]
+    lines.append(f"groups pruned: {s['groups_pruned']} of {len(s['groups'])}; "
+                 f"frozen groups: {len(s['frozen'])}")
+    lines += [f"{f['group']:>4} {f['channels']:>8} frozen   {f['name']}: {'; '.join(f['reasons'])}"
+              for f in s["frozen"]]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from passes.hessian import HessianSource, collect, consumer_layers, damped_inver
 from passes.importance.base import Criterion, Scores, normalise, register_criterion
 from spa.coupling.types import Role
 from spa.ir.quant import weight_values
+from spa.progress import progress
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
@@ -77,7 +78,7 @@ class OBSPA(Criterion):
                                 seed=self.seed, calib=self.calib, dims=self.dims)
         tensors = analysis.model.graph.tensors()
         out = {}
-        for g in analysis.prunable_groups:
+        for g in progress(analysis.prunable_groups, "obspa", unit="group"):
             members = [m for m in g.members if m.role is Role.CONSUMER and m.space in layers]
             if not members:  # nothing reads these channels through a weight: L2 of producers
                 out[g.id] = normalise(producer_norms(g, tensors), self.normalization)

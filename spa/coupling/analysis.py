@@ -33,6 +33,7 @@ from spa.coupling.registry import ensure_loaded, lookup
 from spa.coupling.types import Edge, NodeCoupling, RewriteHook, Role, SpaceKey
 from spa.coupling.unionfind import components
 from spa.ir.quant import is_weight
+from spa.progress import progress
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -176,7 +177,7 @@ class CouplingAnalysis:
                 consumers_of.setdefault(t.name, []).append(node)
         out: dict[str, NodeCoupling] = {}
         unknown: set[str] = set()
-        for i, node in enumerate(graph.nodes):
+        for i, node in enumerate(progress(graph.nodes, "analysis", unit="node")):
             if not node.name:
                 node.name = f"{node.op}_{i}"
             ctx = NodeContext(node, opset, consumers_of, hidden=self.hidden)
