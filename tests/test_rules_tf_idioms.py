@@ -73,3 +73,44 @@ def test_tensordot_whose_target_reads_the_channel_dim_freezes():
     m = _dense_on_nhwc(read=[0, 1, 2, 3])
     g = group_of(m, "c1.w", 0)
     assert not g.prunable and any("'shape'" in r for r in g.frozen), g.frozen
+
+
+def _keras_flatten(batch_slice: tuple[int, int]) -> onnx.ModelProto:
+    """Conv c1 (3→8) → Keras Flatten as tf2onnx writes it → Dense 8·4·4 → 5 → Relu → Dense 5→3.
+
+    The flatten runs on the NHWC view, and tf2onnx's target reads the batch dim from the
+    NCHW tensor's Shape through a Gather with the NHWC permutation, a Cast and a Slice.
+    """
+    b = Builder()
+    c = b.conv("x", 3, 8, name="c1")
+    nhwc = b.op("Transpose", c, perm=[0, 2, 3, 1])
+    dims = b.op("Gather", b.op("Shape", c, name="shape"), b.const([0, 2, 3, 1]), axis=0)
+    dims = b.op("Cast", dims, to=I32)
+    lead = b.op("Slice", dims, b.const([batch_slice[0]]), b.const([batch_slice[1]]),
+                b.const([0]), name="batch")
+    target = b.op("Concat", lead, b.const([128], name="features", dtype=np.int32), axis=0,
+                  name="flat_target")
+    flat = b.op("Reshape", nhwc, b.op("Cast", target, to=I64), name="flatten")
+    h = b.op("Relu", b.op("MatMul", flat, b.weight(128, 5, name="fc1.w"), name="fc1"))
+    y = b.op("MatMul", h, b.weight(5, 3, name="fc2.w"), name="fc2")
+    return b.model({"x": ["N", 3, 4, 4]}, {y: ["N", 3]}, opset=13)
+
+
+def test_keras_flatten_on_nhwc_couples_channels_innermost(tmp_path):
+    m = _keras_flatten(batch_slice=(0, 1))
+    g = group_of(m, "c1.w", 0)
+    assert g.prunable and g.size == 8 and group_of(m, "fc1.w", 0).id == g.id
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    rows = kept_slices(init_value(m, "c1.b"), init_value(out.path, "c1.b"), 0)
+    # NHWC flatten: feature f = (h·W + w)·C + c, so channel c owns rows c, c + 8, c + 16, …
+    fc1 = init_value(m, "fc1.w").reshape(16, 8, 5)[:, rows].reshape(-1, 5)
+    kept_units = kept_slices(fc1, init_value(out.path, "fc1.w"), 1)
+    np.testing.assert_array_equal(init_value(out.path, "fc1.w"), fc1[:, kept_units])
+    assert input_value(out.path, "flat_target", 1).tolist() == [16 * len(rows)]  # the literal 128
+
+
+def test_keras_flatten_target_that_reads_the_channels_freezes():
+    # Positions 3:4 of the permuted shape are dim 1 of the NCHW tensor: its channels.
+    m = _keras_flatten(batch_slice=(3, 4))
+    g = group_of(m, "c1.w", 0)
+    assert not g.prunable and any("'shape'" in r for r in g.frozen), g.frozen

@@ -26,6 +26,8 @@ from spa.coupling.registry import register
 from spa.ir.shapevalue import DimRef, Lit, shape_entries, shape_op_dims
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from spa.coupling.context import NodeContext
     from spa.coupling.types import KeptLookup
 
@@ -67,15 +69,20 @@ def _fill_single_unknown(a: tuple[int | None, ...], b: tuple[int | None, ...]
     return tuple(total // known if d is None else d for d in a)
 
 
-def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...]
-                         ) -> list[tuple[list[int], list[int]]]:
+def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...],
+                         symbols: tuple[tuple[str, ...] | None, tuple[str, ...] | None]
+                         = (None, None)) -> list[tuple[list[int], list[int]]]:
     """Factor groups of the static prefix and suffix of two shapes with symbolic dims.
 
     With ``N`` symbolic, ``[N, C, H, W] → [N, C·H·W]`` still regroups its static suffix. Only the
     part before the first and after the last symbolic dim is used: there the element order is
     fixed whatever the symbolic dims are (a static run *between* two symbolic dims may be cut
-    differently at run time).
+    differently at run time) — unless ``symbols`` (the names of each shape's symbolic dims, in
+    order) show the same symbolic dims on both sides: then every run between them regroups.
     """
+    between = _runs_between_symbols(a, b, *symbols)
+    if between is not None:
+        return between
     a, b = _fill_single_unknown(a, b), _fill_single_unknown(b, a)
     if None not in a and None not in b:
         return factor_groups(a, b)
@@ -91,6 +98,40 @@ def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...]
     groups += [([i + shift_a for i in ga], [j + shift_b for j in gb])
                for ga, gb in factor_groups(sa[len(sa) - ka:], sb[len(sb) - kb:])]
     return groups
+
+
+def _runs_between_symbols(a: tuple[int | None, ...], b: tuple[int | None, ...],
+                          sym_a: tuple[str, ...] | None, sym_b: tuple[str, ...] | None
+                          ) -> list[tuple[list[int], list[int]]] | None:
+    """Factor groups of the static runs between symbolic dims that are the same on both sides.
+
+    ONNX names equal symbolic dims alike, so ``[B, 2, 2, S, 8] → [B, 4, S, 8]`` (grouped-query
+    attention repeating key/value heads, with symbolic batch and sequence) is ``[B, R0, S, R1]``
+    on both sides: when each run has the same product on both sides the flat order is the same
+    whatever ``B`` and ``S`` are, and ``2·2 → 4`` regroups. None when the symbols differ or a
+    run's products do not match (the caller then keeps to the static prefix and suffix).
+    """
+    pa = [i for i, d in enumerate(a) if d is None]
+    pb = [j for j, d in enumerate(b) if d is None]
+    if not pa or sym_a is None or sym_a != sym_b or len(sym_a) != len(pa) \
+            or len(pa) != len(pb):
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    for lo_a, hi_a, lo_b, hi_b in zip([-1, *pa], [*pa, len(a)], [-1, *pb], [*pb, len(b)]):
+        ra, rb = a[lo_a + 1:hi_a], b[lo_b + 1:hi_b]
+        if prod(ra) != prod(rb):
+            return None
+        groups += [([i + lo_a + 1 for i in ga], [j + lo_b + 1 for j in gb])
+                   for ga, gb in factor_groups(ra, rb)]
+    return groups
+
+
+def symbols(t: gs.Tensor) -> tuple[str, ...] | None:
+    """The names of ``t``'s symbolic dims in order; None when a dim is unknown and unnamed."""
+    if t.shape is None:
+        return None
+    names = [d for d in t.shape if not (isinstance(d, int) and d >= 0)]
+    return tuple(names) if all(isinstance(d, str) and d for d in names) else None
 
 
 def _common_run(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int]:
@@ -126,7 +167,7 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
         return allowed_out is None or o in allowed_out
 
     changing: list[int] = []
-    for n, (ga, gb) in enumerate(static_factor_groups(a, b)):
+    for n, (ga, gb) in enumerate(static_factor_groups(a, b, (symbols(x), symbols(y)))):
         if len(ga) == 1 and len(gb) == 1:
             if allowed(gb[0]) and ctx.identity(ctx.space(x, ga[0]), ctx.space(y, gb[0])):
                 changing.append(gb[0])
@@ -268,17 +309,27 @@ def _only_copied_into_reshapes(ctx: NodeContext, x: gs.Tensor, out: gs.Tensor) -
     return True
 
 
-def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: range) -> set[int]:
-    """Which input dims the Shape output's consumers actually read."""
+def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: Sequence[int], depth: int = 0
+               ) -> set[int]:
+    """Which input dims the Shape output's consumers actually read (``dims[k]``: the input dim
+    at position ``k`` of ``out``).
+
+    Cast/Identity pass the vector on; a constant-index Gather or Slice picks positions, and
+    what *its* consumers read of them is followed too: tf2onnx reads the batch dim of an NHWC
+    view as ``Slice(Gather(Shape(nchw), perm), 0:1)``, which reads no channel dim.
+    """
+    consumers = ctx.consumers(out)
+    if not consumers or depth > 8:
+        return set(dims)  # no node reads it: a graph output, whose values would change
     read: set[int] = set()
-    for consumer in ctx.consumers(out):
+    for consumer in consumers:
         if consumer.op in ("Cast", "Identity"):  # tf2onnx casts shapes to int32 and back
-            read |= _dims_read(ctx, consumer.outputs[0], dims)
-            continue
-        picked = _positions_picked(ctx, consumer, len(dims))
+            picked = list(range(len(dims)))
+        else:
+            picked = _positions_picked(ctx, consumer, len(dims))
         if picked is None:
             return set(dims)
-        read.update(dims[i] for i in picked)
+        read |= _dims_read(ctx, consumer.outputs[0], [dims[i] for i in picked], depth + 1)
     return read
 
 
