@@ -34,7 +34,7 @@ def _train_step(module, inputs) -> tuple[float, float]:
     module.train()
     target = [torch.randn_like(torch.as_tensor(o)) for o in _outputs(module, inputs)]
     module.train()
-    opt = torch.optim.SGD(module.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
     losses = []
     for _ in range(3):
         opt.zero_grad()

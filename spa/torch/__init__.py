@@ -9,5 +9,6 @@ into a trainable module. Needs the ``torch`` extra.
 from __future__ import annotations
 
 from spa.torch.frontend import TorchPruneReport, apply, prune
+from spa.torch.interpreter import OnnxModule, UnsupportedOpsError, from_onnx
 
-__all__ = ["TorchPruneReport", "apply", "prune"]
+__all__ = ["OnnxModule", "TorchPruneReport", "UnsupportedOpsError", "apply", "from_onnx", "prune"]

@@ -1,0 +1,512 @@
+"""``spa.torch.from_onnx``: any ONNX model as a trainable ``nn.Module``.
+
+For fine-tuning a pruned model whose PyTorch source the user does not have (it came from
+TensorFlow, JAX, or a model zoo). The module interprets the graph node by node with torch ops;
+every float weight initializer becomes an ``nn.Parameter`` (``module.onnx_tensors()`` maps the
+initializer names to them, so gradients map one to one onto the ONNX constants); integer
+constants, scalars and masks become buffers.
+
+Why not onnx2torch: it needs torchvision (which has no CPU build to match torch here and fails
+to import without stubs), and its parameter names follow its own module tree, not the ONNX
+initializers; the gradient criteria need the latter. The op set below covers the CNN and
+transformer graphs that SPA prunes; an op outside it is reported up front, with every
+unsupported op listed, rather than failing mid-forward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import nn
+
+from spa.errors import SpaError
+
+
+class UnsupportedOpsError(SpaError):
+    """The ONNX model uses ops that spa.torch.from_onnx cannot run in PyTorch."""
+
+
+Op = Callable[[dict, list], "torch.Tensor | tuple[torch.Tensor, ...]"]
+OPS: dict[str, Op] = {}
+
+
+def op(*names: str):
+    def deco(fn: Op) -> Op:
+        for n in names:
+            OPS[n] = fn
+        return fn
+    return deco
+
+
+def from_onnx(model: str | Path | onnx.ModelProto) -> OnnxModule:
+    """A trainable module computing the same function as ``model``."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    return OnnxModule(proto)
+
+
+class OnnxModule(nn.Module):
+    """Interprets an ONNX graph; float initializers are parameters."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        graph = model.graph
+        missing = Counter(n.op_type for n in graph.node
+                          if n.domain not in ("", "ai.onnx") or n.op_type not in OPS)
+        if missing:
+            listed = ", ".join(f"{k} ({v}×)" for k, v in sorted(missing.items()))
+            raise UnsupportedOpsError(f"cannot run in PyTorch: {listed}; supported: "
+                                      f"{len(OPS)} ops (spa.torch.interpreter.OPS)")
+        self.params = nn.ParameterDict()
+        self._attr_of: dict[str, str] = {}
+        for init in graph.initializer:
+            value = torch.from_numpy(np.array(numpy_helper.to_array(init), copy=True))
+            key = _key(init.name, self._attr_of)
+            if _is_weight(value):
+                self.params[key] = nn.Parameter(value)
+            else:
+                self.register_buffer(f"c_{key}", value)
+        self._nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in graph.node]
+        inits = {i.name for i in graph.initializer}
+        self.input_names = [i.name for i in graph.input if i.name not in inits]
+        self.output_names = [o.name for o in graph.output]
+
+    def onnx_tensors(self) -> dict[str, torch.Tensor]:
+        """Initializer name → its parameter or buffer."""
+        out = {}
+        for name, key in self._attr_of.items():
+            out[name] = self.params[key] if key in self.params else getattr(self, f"c_{key}")
+        return out
+
+    def forward(self, *inputs: torch.Tensor):
+        env: dict[str, torch.Tensor] = dict(self.onnx_tensors())
+        env.update(zip(self.input_names, inputs))
+        for op_type, ins, outs, attrs in self._nodes:
+            args = [env[i] if i else None for i in ins]
+            result = OPS[op_type](attrs, args)
+            for name, value in zip(outs, result if isinstance(result, tuple) else (result,)):
+                if name:
+                    env[name] = value
+        out = tuple(env[o] for o in self.output_names)
+        return out[0] if len(out) == 1 else out
+
+
+def _is_weight(value: torch.Tensor) -> bool:
+    """Float tensors are trained, except scalars (a scale, an epsilon) and masks (±inf or
+    ±finfo.max entries), whose gradients are meaningless or not finite."""
+    return (value.is_floating_point() and value.dim() > 0
+            and bool((value.abs() < 1e30).all()))
+
+
+def _key(name: str, attr_of: dict[str, str]) -> str:
+    key = re.sub(r"\W", "_", name)
+    while key in attr_of.values():
+        key += "_"
+    attr_of[name] = key
+    return key
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        if isinstance(v, onnx.TensorProto):
+            v = torch.from_numpy(np.array(numpy_helper.to_array(v), copy=True))
+        elif isinstance(v, bytes):
+            v = v.decode()
+        out[a.name] = v
+    return out
+
+
+def _ints(t: torch.Tensor | None) -> list[int] | None:
+    return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _axis(a: int, rank: int) -> int:
+    return a + rank if a < 0 else a
+
+
+# ---- arithmetic and activations -------------------------------------------------------------
+for _name, _fn in {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow,
+    "Max": torch.maximum, "Min": torch.minimum, "Equal": torch.eq, "Less": torch.lt,
+    "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge, "And":
+    torch.logical_and, "Or": torch.logical_or, "MatMul": torch.matmul,
+}.items():
+    OPS[_name] = (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn)
+for _name, _fn in {
+    "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": torch.exp,
+    "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs, "Erf": torch.erf,
+    "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil, "Sin": torch.sin,
+    "Cos": torch.cos, "Not": torch.logical_not, "Softplus": F.softplus, "Mish": F.mish,
+    "HardSwish": F.hardswish, "Sign": torch.sign, "Round": torch.round,
+    "Identity": lambda x: x, "Softsign": F.softsign,
+}.items():
+    OPS[_name] = (lambda fn: lambda a, x: fn(x[0]))(_fn)
+
+
+@op("Div")
+def _div(a, x):
+    if not x[0].is_floating_point() and not x[1].is_floating_point():
+        return torch.div(x[0], x[1], rounding_mode="trunc")
+    return x[0] / x[1]
+
+
+@op("Where")
+def _where(a, x):
+    return torch.where(x[0], x[1], x[2])
+
+
+@op("Sum")
+def _sum(a, x):
+    out = x[0]
+    for t in x[1:]:
+        out = out + t
+    return out
+
+
+@op("LeakyRelu")
+def _leaky(a, x):
+    return F.leaky_relu(x[0], a.get("alpha", 0.01))
+
+
+@op("Elu")
+def _elu(a, x):
+    return F.elu(x[0], a.get("alpha", 1.0))
+
+
+@op("HardSigmoid")
+def _hardsigmoid(a, x):
+    return torch.clamp(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5), 0, 1)
+
+
+@op("Gelu")
+def _gelu(a, x):
+    return F.gelu(x[0], approximate=a.get("approximate", "none"))
+
+
+@op("Clip")
+def _clip(a, x):
+    lo = x[1] if len(x) > 1 and x[1] is not None else a.get("min")
+    hi = x[2] if len(x) > 2 and x[2] is not None else a.get("max")
+    return torch.clamp(x[0], lo, hi)
+
+
+@op("PRelu")
+def _prelu(a, x):
+    return torch.where(x[0] >= 0, x[0], x[0] * x[1])
+
+
+OPS["Softmax"] = lambda a, x: torch.softmax(x[0], dim=a.get("axis", -1))
+OPS["LogSoftmax"] = lambda a, x: torch.log_softmax(x[0], dim=a.get("axis", -1))
+
+
+@op("Cast")
+def _cast(a, x):
+    return x[0].to(_DTYPES[int(a["to"])])
+
+
+@op("CastLike")
+def _cast_like(a, x):
+    return x[0].to(x[1].dtype)
+
+
+_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32,
+           7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64,
+           16: torch.bfloat16}
+
+
+# ---- layers ---------------------------------------------------------------------------------
+def _conv_pads(a: dict, spatial: int) -> list[int]:
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedOpsError(f"auto_pad={a['auto_pad']} is not supported; export with "
+                                  "explicit pads")
+    pads = a.get("pads", [0] * (2 * spatial))
+    return pads
+
+
+def _pad_input(x: torch.Tensor, pads: list[int], value: float = 0.0) -> tuple[torch.Tensor, list]:
+    """Symmetric pads go to the op; asymmetric ones are applied here."""
+    n = len(pads) // 2
+    begin, end = pads[:n], pads[n:]
+    if begin == end:
+        return x, begin
+    flat = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        flat += [b, e]
+    return F.pad(x, flat, value=value), [0] * n
+
+
+@op("Conv")
+def _conv(a, x):
+    spatial = x[1].dim() - 2
+    inp, pads = _pad_input(x[0], _conv_pads(a, spatial))
+    fn = (F.conv1d, F.conv2d, F.conv3d)[spatial - 1]
+    return fn(inp, x[1], x[2] if len(x) > 2 else None, stride=a.get("strides", 1),
+              padding=pads, dilation=a.get("dilations", 1), groups=a.get("group", 1))
+
+
+@op("ConvTranspose")
+def _conv_transpose(a, x):
+    spatial = x[1].dim() - 2
+    pads = _conv_pads(a, spatial)
+    n = len(pads) // 2
+    if pads[:n] != pads[n:]:
+        raise UnsupportedOpsError("ConvTranspose with asymmetric pads")
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[spatial - 1]
+    return fn(x[0], x[1], x[2] if len(x) > 2 else None, stride=a.get("strides", 1),
+              padding=pads[:n], output_padding=a.get("output_padding", 0),
+              groups=a.get("group", 1), dilation=a.get("dilations", 1))
+
+
+@op("Gemm")
+def _gemm(a, x):
+    A = x[0].t() if a.get("transA", 0) else x[0]
+    B = x[1].t() if a.get("transB", 0) else x[1]
+    out = a.get("alpha", 1.0) * (A @ B)
+    if len(x) > 2 and x[2] is not None:
+        out = out + a.get("beta", 1.0) * x[2]
+    return out
+
+
+@op("BatchNormalization")
+def _batchnorm(a, x):
+    return F.batch_norm(x[0], x[3], x[4], x[1], x[2], training=False,
+                        eps=a.get("epsilon", 1e-5))
+
+
+@op("InstanceNormalization")
+def _instancenorm(a, x):
+    return F.instance_norm(x[0], weight=x[1], bias=x[2], eps=a.get("epsilon", 1e-5))
+
+
+@op("LayerNormalization")
+def _layernorm(a, x):
+    axis = _axis(a.get("axis", -1), x[0].dim())
+    shape = x[0].shape[axis:]
+    return F.layer_norm(x[0], shape, x[1], x[2] if len(x) > 2 else None,
+                        eps=a.get("epsilon", 1e-5))
+
+
+@op("RMSNormalization")
+def _rmsnorm(a, x):
+    axis = _axis(a.get("axis", -1), x[0].dim())
+    dims = tuple(range(axis, x[0].dim()))
+    ms = x[0].pow(2).mean(dim=dims, keepdim=True)
+    return x[0] * torch.rsqrt(ms + a.get("epsilon", 1e-5)) * x[1]
+
+
+def _pool(a, x, kind: str):
+    spatial = x[0].dim() - 2
+    kernel = a["kernel_shape"]
+    value = -math.inf if kind == "max" else 0.0
+    inp, pads = _pad_input(x[0], _conv_pads(a, spatial), value)
+    ceil = bool(a.get("ceil_mode", 0))
+    strides = a.get("strides", [1] * spatial)
+    if kind == "max":
+        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
+        return fn(inp, kernel, strides, pads, dilation=a.get("dilations", 1), ceil_mode=ceil)
+    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
+    return fn(inp, kernel, strides, pads, ceil_mode=ceil,
+              count_include_pad=bool(a.get("count_include_pad", 0)))
+
+
+OPS["MaxPool"] = lambda a, x: _pool(a, x, "max")
+OPS["AveragePool"] = lambda a, x: _pool(a, x, "avg")
+OPS["GlobalAveragePool"] = lambda a, x: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True)
+OPS["GlobalMaxPool"] = lambda a, x: x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True)
+OPS["Dropout"] = lambda a, x: x[0]
+
+
+# ---- shapes, layout, indexing ---------------------------------------------------------------
+@op("Flatten")
+def _flatten(a, x):
+    axis = _axis(a.get("axis", 1), x[0].dim())
+    return x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)
+
+
+@op("Reshape")
+def _reshape(a, x):
+    shape = _ints(x[1])
+    if not a.get("allowzero", 0):
+        shape = [x[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x[0].reshape(shape)
+
+
+@op("Transpose")
+def _transpose(a, x):
+    return x[0].permute(a.get("perm", list(range(x[0].dim()))[::-1]))
+
+
+def _axes(a, x) -> list[int] | None:
+    if len(x) > 1 and x[1] is not None:
+        return _ints(x[1])
+    return a.get("axes")
+
+
+@op("Squeeze")
+def _squeeze(a, x):
+    axes = _axes(a, x)
+    if axes is None:
+        return x[0].squeeze()
+    return x[0].squeeze(tuple(_axis(i, x[0].dim()) for i in axes))
+
+
+@op("Unsqueeze")
+def _unsqueeze(a, x):
+    out = x[0]
+    rank = out.dim() + len(_axes(a, x))
+    for ax in sorted(_axis(i, rank) for i in _axes(a, x)):
+        out = out.unsqueeze(ax)
+    return out
+
+
+@op("Concat")
+def _concat(a, x):
+    return torch.cat([t for t in x if t is not None], dim=a["axis"])
+
+
+@op("Split")
+def _split(a, x):
+    axis = _axis(a.get("axis", 0), x[0].dim())
+    sizes = _ints(x[1]) if len(x) > 1 and x[1] is not None else a.get("split")
+    if sizes is None:
+        n = a["num_outputs"]
+        sizes = [math.ceil(x[0].shape[axis] / n)] * n
+        sizes[-1] = x[0].shape[axis] - sum(sizes[:-1])
+    return tuple(torch.split(x[0], sizes, dim=axis))
+
+
+@op("Slice")
+def _slice(a, x):
+    starts, ends = _ints(x[1]), _ints(x[2])
+    axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+    steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x[0].dim()
+    for ax, s, e, st in zip(axes, starts, ends, steps):
+        if st < 0:
+            raise UnsupportedOpsError("Slice with a negative step")
+        n = x[0].shape[_axis(ax, x[0].dim())]
+        s, e = max(min(s + n if s < 0 else s, n), 0), max(min(e + n if e < 0 else e, n), 0)
+        index[_axis(ax, x[0].dim())] = slice(s, e, st)
+    return x[0][tuple(index)]
+
+
+@op("Gather")
+def _gather(a, x):
+    axis = _axis(a.get("axis", 0), x[0].dim())
+    idx = x[1].long()
+    idx = torch.where(idx < 0, idx + x[0].shape[axis], idx)
+    out = torch.index_select(x[0], axis, idx.reshape(-1))
+    return out.reshape(*x[0].shape[:axis], *idx.shape, *x[0].shape[axis + 1:])
+
+
+@op("Shape")
+def _shape(a, x):
+    dims = list(x[0].shape)
+    rank = len(dims)
+    lo = _axis(a.get("start", 0), rank)
+    hi = _axis(a["end"], rank) if "end" in a else rank
+    return torch.tensor(dims[max(lo, 0):min(hi, rank)], dtype=torch.int64)
+
+
+@op("Expand")
+def _expand(a, x):
+    shape = torch.broadcast_shapes(x[0].shape, tuple(_ints(x[1])))
+    return x[0].expand(shape)
+
+
+@op("Tile")
+def _tile(a, x):
+    return x[0].repeat(*_ints(x[1]))
+
+
+@op("ConstantOfShape")
+def _constant_of_shape(a, x):
+    value = a.get("value", torch.zeros(1))
+    return torch.full(_ints(x[0]), value.reshape(-1)[0].item(), dtype=value.dtype)
+
+
+@op("Constant")
+def _constant(a, x):
+    if "value" in a:
+        return a["value"]
+    for key, dtype in (("value_float", torch.float32), ("value_int", torch.int64),
+                       ("value_floats", torch.float32), ("value_ints", torch.int64)):
+        if key in a:
+            return torch.tensor(a[key], dtype=dtype)
+    raise UnsupportedOpsError(f"Constant with attributes {sorted(a)}")
+
+
+@op("Range")
+def _range(a, x):
+    return torch.arange(x[0].item(), x[1].item(), x[2].item(), dtype=x[0].dtype)
+
+
+def _reduce(fn):
+    def run(a, x):
+        axes = _axes(a, x)
+        keep = bool(a.get("keepdims", 1))
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return x[0]
+            axes = list(range(x[0].dim()))
+        return fn(x[0], dim=tuple(axes), keepdim=keep)
+    return run
+
+
+OPS["ReduceMean"] = _reduce(torch.mean)
+OPS["ReduceSum"] = _reduce(torch.sum)
+OPS["ReduceMax"] = _reduce(torch.amax)
+OPS["ReduceMin"] = _reduce(torch.amin)
+
+
+@op("Pad")
+def _pad(a, x):
+    mode = a.get("mode", "constant")
+    pads = _ints(x[1]) if len(x) > 1 else a["pads"]
+    value = x[2].item() if len(x) > 2 and x[2] is not None else a.get("value", 0.0)
+    if len(x) > 3 and x[3] is not None:
+        raise UnsupportedOpsError("Pad with explicit axes")
+    n = len(pads) // 2
+    flat = []
+    for b, e in zip(reversed(pads[:n]), reversed(pads[n:])):
+        flat += [b, e]
+    return F.pad(x[0], flat, mode=mode, value=value if mode == "constant" else None)
+
+
+@op("Resize")
+def _resize(a, x):
+    mode = a.get("mode", "nearest")
+    spatial = x[0].dim() - 2
+    sizes = _ints(x[3]) if len(x) > 3 and x[3] is not None else None
+    scales = x[2].reshape(-1).tolist() if len(x) > 2 and x[2] is not None and x[2].numel() \
+        else None
+    if mode not in ("nearest", "linear"):
+        raise UnsupportedOpsError(f"Resize mode {mode}")
+    kwargs = {"size": sizes[2:]} if sizes else {"scale_factor": scales[2:]}
+    if mode == "linear":
+        kwargs["mode"] = ("linear", "bilinear", "trilinear")[spatial - 1]
+        kwargs["align_corners"] = a.get("coordinate_transformation_mode") == "align_corners"
+    else:
+        kwargs["mode"] = "nearest"
+    return F.interpolate(x[0], **kwargs)
+
+
+@op("Einsum")
+def _einsum(a, x):
+    return torch.einsum(a["equation"], *x)
+
+
+@op("Trilu")
+def _trilu(a, x):
+    k = int(x[1].item()) if len(x) > 1 and x[1] is not None else 0
+    return torch.triu(x[0], k) if a.get("upper", 1) else torch.tril(x[0], k)
