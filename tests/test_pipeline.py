@@ -161,6 +161,13 @@ def test_config_file_errors_and_per_command_keys(model_path: Path, tmp_path: Pat
     assert "unknown key 'ratio' for spa apply" in capsys.readouterr().err
 
 
+def test_config_for_analyze(model_path: Path, tmp_path: Path, capsys) -> None:
+    cfg = _toml(tmp_path, '[analyze]\njson = true\nignore = ["conv3"]\n[prune]\nratio = 0.9\n')
+    assert main(["analyze", str(model_path), "--config", str(cfg)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prunable_groups"] == 1 and summary["prunable_channels"] == 8
+
+
 # --- --dry-run -----------------------------------------------------------------------------
 
 
