@@ -634,6 +634,7 @@ class FuzzGraph:
         by name (implicit inputs): SPA must freeze both."""
         x = self.pick()
         scale = self.vector(x.c, 0.5, shape=(x.c, 1, 1))
+        self.used.update((x.name, scale))  # read inside the body, by name
         mk = helper.make_node
         out_info = [helper.make_tensor_value_info(self.fresh("sub_y"), TensorProto.FLOAT, None)]
         if self.chance(0.5):

@@ -135,9 +135,54 @@ def _static_shape_of(node: gs.Node) -> np.ndarray | None:
     return np.asarray(shape[lo:hi], dtype=np.int64)
 
 
+def _static_dims_picked(node: gs.Node) -> np.ndarray | None:
+    """The value of ``Gather(Shape(x), i)`` or ``Slice(Shape(x), a, b)`` with constant indices,
+    when every dim it picks is static — though others of ``x`` are symbolic.
+
+    ``B, S, C = x.shape; y.reshape(B, S, C)`` exports with dynamic axes as a run-time target
+    whose ``C`` is read from ``x`` at run time. A static dim read that way is a constant, and
+    the rewrite can then set it when the heads before it are pruned.
+    """
+    src = node.inputs[0]
+    if len(src.inputs) != 1 or src.inputs[0].op != "Shape" or len(node.inputs) < 2 \
+            or not all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name):
+        return None
+    shape_node = src.inputs[0]
+    x_shape = shape_node.inputs[0].shape
+    if x_shape is None:
+        return None
+    rank = len(x_shape)
+
+    def clamp(v: int) -> int:
+        return min(max(v + rank if v < 0 else v, 0), rank)
+
+    lo, hi = clamp(int(shape_node.attrs.get("start", 0))), clamp(int(shape_node.attrs.get("end",
+                                                                                       rank)))
+    dims = np.asarray([d if isinstance(d, int) and d >= 0 else -1 for d in x_shape[lo:hi]],
+                      dtype=np.int64)
+    picked = _value_of(node, [dims] + [np.asarray(t.values) for t in node.inputs[1:] if t.name])
+    if picked is None or np.any(picked < 0):
+        return None  # a symbolic dim is read: stays a run-time value
+    return picked
+
+
+def _value_of(node: gs.Node, values: list[np.ndarray]) -> np.ndarray | None:
+    if node.op == "Gather" and int(node.attrs.get("axis", 0)) == 0:
+        idx = values[1]
+        if np.any((idx < -len(values[0])) | (idx >= len(values[0]))):
+            return None
+        return np.take(values[0], idx)
+    if node.op == "Slice" and len(values) >= 3:
+        return _slice(node, values)
+    return None
+
+
 def _value(node: gs.Node) -> np.ndarray | None:
     if node.op == "Shape":
         return _static_shape_of(node)
+    if node.op in ("Gather", "Slice") and node.inputs and node.inputs[0].name \
+            and not isinstance(node.inputs[0], gs.Constant):
+        return _static_dims_picked(node)
     if node.op == "CastLike":
         return _cast_like(node)
     ins = [t for t in node.inputs if t.name]

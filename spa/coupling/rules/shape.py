@@ -126,11 +126,12 @@ def _runs_between_symbols(a: tuple[int | None, ...], b: tuple[int | None, ...],
     return groups
 
 
-def symbols(t: gs.Tensor) -> tuple[str, ...] | None:
-    """The names of ``t``'s symbolic dims in order; None when a dim is unknown and unnamed."""
+def symbols(t: gs.Tensor, start: int = 0) -> tuple[str, ...] | None:
+    """The names of the symbolic dims of ``t`` (from axis ``start``) in order; None when a dim
+    is unknown and unnamed."""
     if t.shape is None:
         return None
-    names = [d for d in t.shape if not (isinstance(d, int) and d >= 0)]
+    names = [d for d in t.shape[start:] if not (isinstance(d, int) and d >= 0)]
     return tuple(names) if all(isinstance(d, str) and d for d in names) else None
 
 
@@ -152,12 +153,14 @@ def _common_run(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int]:
 
 
 def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
-                   allowed_out: set[int] | None = None) -> list[int]:
+                   allowed_out: set[int] | None = None, copied: int = 0) -> list[int]:
     """Couple each factor group of a reshape; return the output axes that may change.
 
     One dim on each side: identity. Several dims merging into one, or one splitting into
     several: digit candidates between the single dim and each of the several (the analysis keeps
     the outermost one that leads somewhere, so ``C → heads × head_dim`` couples the heads).
+    The first ``copied`` output dims are known to equal the input's (the target copies them), so
+    they map one to one even between symbolic dims: ``x.view(n, c, -1)`` of ``[N, C, H, W]``.
     """
     a, b = ctx.shape(x), ctx.shape(y)
     if a is None or b is None or 0 in a or 0 in b:
@@ -167,7 +170,10 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
         return allowed_out is None or o in allowed_out
 
     changing: list[int] = []
-    for n, (ga, gb) in enumerate(static_factor_groups(a, b, (symbols(x), symbols(y)))):
+    rest = static_factor_groups(a[copied:], b[copied:], (symbols(x, copied), symbols(y, copied)))
+    groups = [([i], [i]) for i in range(copied)] \
+        + [([i + copied for i in ga], [j + copied for j in gb]) for ga, gb in rest]
+    for n, (ga, gb) in enumerate(groups):
         if len(ga) == 1 and len(gb) == 1:
             if allowed(gb[0]) and ctx.identity(ctx.space(x, ga[0]), ctx.space(y, gb[0])):
                 changing.append(gb[0])
@@ -197,11 +203,35 @@ def reshape(ctx: NodeContext) -> None:
         elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.tensor == x.name
                                              and e.axis == o):
             allowed.add(o)  # copies input dim o; fine when input dim o is coupled to it
-    changing = couple_regroup(ctx, x, y, allowed)
+    changing = couple_regroup(ctx, x, y, allowed, _copied_prefix(entries, x, y, ctx.shape(x),
+                                                                 allow_zero))
     literals = [(y.name, o, entries[o]) for o in changing
                 if isinstance(entries[o], Lit) and entries[o] > 0]
     if literals:
         ctx.on_rewrite(rewrite_literals(literals))
+
+
+def _copied_prefix(entries: list, x: gs.Tensor, y: gs.Tensor,
+                   in_shape: tuple[int | None, ...] | None, allow_zero: bool) -> int:
+    """How many leading target entries copy the input's dims at the same positions: a ``Shape``
+    read of that very dim, or of a dim shape inference names like it (ONNX gives equal
+    symbolic dims the same name), ``0`` (copy), or a literal equal to a static dim."""
+    n = 0
+    for pos, e in enumerate(entries[:len(in_shape or ())]):
+        if isinstance(e, DimRef):
+            same = (e.tensor == x.name and e.axis == pos) or _same_symbol(x, y, pos)
+        else:
+            same = (e == 0 and not allow_zero) or (e > 0 and e == in_shape[pos])
+        if not same:
+            break
+        n += 1
+    return n
+
+
+def _same_symbol(x: gs.Tensor, y: gs.Tensor, pos: int) -> bool:
+    dx = x.shape[pos] if x.shape is not None and pos < len(x.shape) else None
+    dy = y.shape[pos] if y.shape is not None and pos < len(y.shape) else None
+    return isinstance(dx, str) and bool(dx) and dx == dy
 
 
 def rewrite_literals(literals: list[tuple[str, int, Lit]]):
