@@ -14,9 +14,11 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from passes.allocation import Allocation, Target
 from passes.compensation import BiasCompensation, Compensation
@@ -28,9 +30,18 @@ from passes.rewrite import Rewrite
 from spa import validate as val
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
-from spa.ir import save_model, to_onnx
+from spa.ir import to_onnx
+from spa.ir.external import attach_external
 from spa.ir.load import LoadedModel, load_model, load_proto
-from spa.ir.save import TWO_GB, check_output_path, infer_shapes, tensor_bytes
+from spa.ir.save import (
+    Staging,
+    check_output_path,
+    full_check,
+    infer_shapes,
+    streamed,
+    write_proto,
+    write_streamed,
+)
 from spa.metrics import CostModel, file_size, latency_ms
 from spa.plan import Plan
 from spa.report import report_notes, report_table, write_report, write_text_atomic  # noqa: F401
@@ -218,50 +229,43 @@ def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
 def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
                checks: CheckOptions = CheckOptions(), *,
                hessians: dict | None = None, stats: dict | None = None) -> PruneReport:
-    """(Compensate,) rewrite, validate, write. Mutates ``analysis.model`` (it is consumed).
+    """(Compensate,) rewrite, write to a staging directory, validate, then move into place.
+    Mutates ``analysis.model`` (it is consumed).
 
     A plan made by OBSPA carries its compensation recipe; ``hessians`` saves recomputing them.
+    A streamed model (external data, or over 2 GB) is written tensor by tensor and validated
+    from its files; the input file stands for the original there.
     """
     the_plan.check_against(analysis)  # before anything (compensation) touches the weights
     loaded = analysis.model
     t0 = time.perf_counter()
     before = CostModel(loaded.graph).count()
-    need_original = checks.validate or checks.check_masked
-    original = to_onnx(loaded) if need_original else None
     channels_before = sum(g.size for g in analysis.prunable_groups)
-    recipe = the_plan.meta.get("compensation")
-    compensated = 0
-    bias_recipe = the_plan.meta.get("bias_compensation")
-    shifts = {}
-    if bias_recipe:
-        if not stats:
-            stats = input_stats(analysis, consumer_layers(analysis), HessianSource.CALIBRATION,
-                                calib=load_calibration(bias_recipe.get("calib")))
-        shifts = BiasCompensation().shifts(analysis, the_plan, stats)
-    if recipe:
-        if not hessians:
-            hessians = collect(analysis, consumer_layers(analysis),
-                               HessianSource(recipe["hessian"]), samples=recipe["samples"],
-                               seed=the_plan.meta.get("seed", 0),
-                               calib=load_calibration(recipe.get("calib")),
-                               dims=recipe.get("input_dims"))
-        compensated += Compensation(damping=recipe["damping"]).run(analysis, the_plan, hessians)
-    if compensated or shifts:
-        if checks.check_masked:
+    with Staging(output, input_path=loaded.path, input_files=loaded.data_files) as stage:
+        sources = _reference_models(analysis, the_plan, checks, stage)
+        compensated, shifts = _compensate(analysis, the_plan, hessians, stats)
+        if (compensated or shifts) and checks.check_masked:
             log.warning("compensated weights: the masked oracle does not apply (--no-compensate "
                         "to check it); validating shapes only")
             checks = dataclasses.replace(checks, validate=True, check_masked=False)
-    Rewrite().run(analysis, the_plan)
-    compensated += BiasCompensation().apply(analysis, the_plan, shifts)
-    pruned = infer_shapes(to_onnx(loaded))
-    t1 = time.perf_counter()
-    report_extra: dict = {}
-    if need_original and tensor_bytes(pruned) < TWO_GB:  # onnxruntime takes it from memory
-        report_extra = _validate(original, pruned, analysis, the_plan, checks)
-    t2 = time.perf_counter()
-    # Measured on the emitted model (re-read in normal form), not derived from the plan.
-    after = CostModel(load_proto(pruned).graph).count()
-    out = save_model(pruned, output, external=loaded.external_data, input_path=loaded.path)
+        Rewrite().run(analysis, the_plan)
+        compensated += BiasCompensation().apply(analysis, the_plan, shifts)
+        if streamed(loaded):
+            write_streamed(loaded, stage.model_path)
+            pruned: PathLike | onnx.ModelProto = stage.model_path
+            emitted = load_model(stage.model_path)
+        else:
+            pruned = infer_shapes(to_onnx(loaded))
+            emitted = load_proto(pruned)
+        t1 = time.perf_counter()
+        report_extra = _validate(*sources, pruned, checks) if sources else {}
+        t2 = time.perf_counter()
+        # Measured on the emitted model (re-read in normal form), not derived from the plan.
+        after = CostModel(emitted.graph).count()
+        if isinstance(pruned, onnx.ModelProto):
+            full_check(pruned)
+            write_proto(pruned, stage.model_path)
+        out = stage.commit()
     t3 = time.perf_counter()
     pred = the_plan.prediction
     report = PruneReport(
@@ -281,18 +285,80 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     return report
 
 
-def _validate(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Analysis,
-              the_plan: Plan, checks: CheckOptions) -> dict:
-    s_orig, s_pruned = val.session(original), val.session(pruned)
-    feeds = val.random_inputs(s_orig, dims=dict(checks.input_dims))
-    out_orig, out_pruned = val.run(s_orig, feeds), val.run(s_pruned, feeds)
-    val.check_signature(out_orig, out_pruned)
+def _compensate(analysis: Analysis, the_plan: Plan, hessians: dict | None,
+                stats: dict | None) -> tuple[int, dict]:
+    """OBSPA's weight update (written now) and FLAP's bias shifts (added after the rewrite),
+    as the plan's recipes say."""
+    recipe = the_plan.meta.get("compensation")
+    bias_recipe = the_plan.meta.get("bias_compensation")
+    shifts = {}
+    if bias_recipe:
+        if not stats:
+            stats = input_stats(analysis, consumer_layers(analysis), HessianSource.CALIBRATION,
+                                calib=load_calibration(bias_recipe.get("calib")))
+        shifts = BiasCompensation().shifts(analysis, the_plan, stats)
+    compensated = 0
+    if recipe:
+        if not hessians:
+            hessians = collect(analysis, consumer_layers(analysis),
+                               HessianSource(recipe["hessian"]), samples=recipe["samples"],
+                               seed=the_plan.meta.get("seed", 0),
+                               calib=load_calibration(recipe.get("calib")),
+                               dims=recipe.get("input_dims"))
+        compensated = Compensation(damping=recipe["damping"]).run(analysis, the_plan, hessians)
+    return compensated, shifts
+
+
+def _reference_models(analysis: Analysis, the_plan: Plan, checks: CheckOptions,
+                      stage: Staging) -> tuple | None:
+    """What validation compares against, taken before the rewrite: the original model (the
+    normal form the analysis ran on) and a maker of the masked original (the numeric oracle).
+    A streamed model's are written into the staging directory, tensor by tensor."""
+    if not (checks.validate or checks.check_masked):
+        return None
+    loaded = analysis.model
+    if not streamed(loaded):
+        original = to_onnx(loaded)
+        return original, lambda: val.masked_model(original, analysis, the_plan)
+    base = loaded.path.parent if loaded.path is not None else None
+    refs = to_onnx(loaded, references=True)
+    original = _stage_copy(loaded, refs, base, stage, "original")
+    if not checks.check_masked:
+        return original, None
+    masked = val.masked_model(refs, analysis, the_plan, base_dir=base)
+    masked_path = _stage_copy(loaded, masked, base, stage, "masked")
+    return original, lambda: masked_path
+
+
+def _stage_copy(loaded: LoadedModel, model: onnx.ModelProto, base: Path | None,
+                stage: Staging, label: str) -> Path:
+    """Write ``model`` (external tensors read from ``base``) into ``stage/label/``."""
+    graph = gs.import_onnx(model)
+    if base is not None:
+        attach_external(graph, base)
+    path = stage.dir / label / stage.model_path.name
+    path.parent.mkdir()
+    write_streamed(loaded, path, graph, check=False)
+    return path
+
+
+def _validate(original: PathLike | onnx.ModelProto, masked, pruned: PathLike | onnx.ModelProto,
+              checks: CheckOptions) -> dict:
+    """Run the original, then the pruned model (one session at a time: memory), compare."""
     extra: dict = {}
-    if checks.check_masked:
-        masked = val.masked_model(original, analysis, the_plan)
-        c = val.check_close(val.run(val.session(masked), feeds), out_pruned, rtol=checks.rtol)
-        extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
+    s = val.session(original)
+    feeds = val.random_inputs(s, dims=dict(checks.input_dims))
+    out_orig = val.run(s, feeds)
     if checks.latency:
-        extra.update(latency_ms_before=latency_ms(s_orig, feeds, runs=checks.latency_runs),
-                     latency_ms_after=latency_ms(s_pruned, feeds, runs=checks.latency_runs))
+        extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs)
+    s = None
+    s = val.session(pruned)
+    out_pruned = val.run(s, feeds)
+    if checks.latency:
+        extra["latency_ms_after"] = latency_ms(s, feeds, runs=checks.latency_runs)
+    s = None
+    val.check_signature(out_orig, out_pruned)
+    if checks.check_masked:
+        c = val.check_close(val.run(val.session(masked()), feeds), out_pruned, rtol=checks.rtol)
+        extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
     return extra

@@ -11,14 +11,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
 from spa.errors import ValidationError
+from spa.ir.load import _one_line
 from spa.ir.quant import zero_point_fill
 from spa.plan import removed_indices
 
@@ -48,7 +51,11 @@ def session(model, *, threads: int | None = None, spin: bool = True) -> ort.Infe
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
+        try:
+            model = model.SerializeToString()
+        except (EncodeError, ValueError) as exc:  # over 2 GB
+            raise ValidationError("the model is too large to pass to onnxruntime in memory "
+                                  f"({_one_line(exc)})") from exc
     elif not isinstance(model, bytes):
         model = str(model)
     try:
@@ -127,10 +134,12 @@ def check_close(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarray],
     return c
 
 
-def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan) -> onnx.ModelProto:
+def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
+                 base_dir: Path | None = None) -> onnx.ModelProto:
     """The original model with every removed channel's consumer input-weight slice zeroed.
 
-    ``original`` must be the normal form the analysis ran on (weights as initializers).
+    ``original`` must be the normal form the analysis ran on (weights as initializers); those
+    held in external data are read from ``base_dir`` (the masked ones become inline).
     """
     from spa.coupling.types import Role
 
@@ -142,13 +151,13 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan) -> o
             zero.setdefault(name, []).append((axis, idx))
     masked = onnx.ModelProto()
     masked.CopyFrom(original)
-    _through_dequantize(masked, zero)
+    _through_dequantize(masked, zero, base_dir)
     inits = {init.name: init for init in masked.graph.initializer}
     for name, slices in zero.items():
         init = inits.get(name)
         if init is None:
             continue
-        arr = numpy_helper.to_array(init).copy()
+        arr = _array(init, base_dir).copy()
         fill = slices[0][2] if len(slices[0]) > 2 else np.zeros_like(arr)
         for axis, idx, *_ in slices:
             index = [slice(None)] * arr.ndim
@@ -158,7 +167,12 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan) -> o
     return masked
 
 
-def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list]) -> None:
+def _array(init: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+    return numpy_helper.to_array(init, str(base_dir) if base_dir is not None else "")
+
+
+def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list],
+                        base_dir: Path | None) -> None:
     """A consumer weight that is a ``DequantizeLinear`` output is zeroed in its integer
     tensor, by writing the zero point there: ``(zp − zp) · scale = 0``."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -166,8 +180,8 @@ def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list]) -> None:
         if node.op_type != "DequantizeLinear" or node.output[0] not in zero \
                 or node.input[0] not in inits:
             continue
-        q = numpy_helper.to_array(inits[node.input[0]])
-        zp = numpy_helper.to_array(inits[node.input[2]]) \
+        q = _array(inits[node.input[0]], base_dir)
+        zp = _array(inits[node.input[2]], base_dir) \
             if len(node.input) > 2 and node.input[2] in inits else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
         fill = zero_point_fill(q, zp, axis)

@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from spa.errors import ModelLoadError, UnsupportedModelError
+from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
 
@@ -48,6 +49,7 @@ class LoadedModel:
     file_bytes: int
     opset: int
     notes: list[str] = field(default_factory=list)
+    data_files: tuple[Path, ...] = ()  # the external data files the model reads
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
@@ -68,16 +70,14 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
                    for t in external_data_helper._get_all_tensors(model))
     header = _header_of(model)
     opset = check_versions(model, str(p))
-    file_bytes = _file_bytes(p, model) if external else p.stat().st_size
-    if external:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{p}: external data could not be read: {_one_line(exc)}") from exc
+    data_files = _data_files(p, model) if external else ()
+    if external:  # mapped on demand (spa/ir/external.py), not read into the protobuf
+        check_external(model, p.parent, str(p))
+    file_bytes = p.stat().st_size + sum(f.stat().st_size for f in data_files)
     model = _with_inferred_shapes(model, str(p))
-    graph = import_graph(model, str(p))
+    graph = import_graph(model, str(p), base_dir=p.parent if external else None)
     return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
-                       file_bytes=file_bytes, opset=opset)
+                       file_bytes=file_bytes, opset=opset, data_files=data_files)
 
 
 def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
@@ -107,18 +107,18 @@ def check_versions(model: onnx.ModelProto, name: str) -> int:
     return opset
 
 
-def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
+def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None) -> gs.Graph:
+    """Check, import and normalise ``model``; external tensors are read from ``base_dir``."""
     try:
         onnx.checker.check_model(weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
     _check_tensor_sizes(model, name)
-    graph = gs.import_onnx(model)
+    graph = _import(model, base_dir, name)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
     shape_values_folded = fold_constant_ops(graph)
     _unshare_constants(graph)
-    _unshare_shape_targets(graph)
     _toposort(graph.cleanup(remove_unused_graph_inputs=False))
     # Propagate what folded shape arithmetic and refined Reshapes now tell to the ops after them
     # (inferred dims override the stale symbolic ones). Shapes learnt that way can make more
@@ -126,11 +126,12 @@ def import_graph(model: onnx.ModelProto, name: str) -> gs.Graph:
     for _ in range(_REFINE_ROUNDS):
         if not (_refine_shapes(graph) or shape_values_folded):
             break
+        unload(graph)  # export references to external data, not copies of it
         refined = gs.export_onnx(graph, do_type_check=False)
         del refined.opset_import[:]
         refined.opset_import.extend(model.opset_import)
         refined.ir_version = model.ir_version
-        graph = gs.import_onnx(_with_inferred_shapes(refined, name))
+        graph = _import(_with_inferred_shapes(refined, name), base_dir, name)
         shape_values_folded = fold_constant_ops(graph)
         if shape_values_folded:
             _toposort(graph.cleanup(remove_unused_graph_inputs=False))
@@ -142,6 +143,13 @@ def _toposort(graph: gs.Graph) -> None:
     changes functions, and onnx-graphsurgeon 0.6's function sort recurses forever when a model
     has both functions and subgraphs (If, Loop, Scan)."""
     graph.toposort(mode="nodes")
+
+
+def _import(model: onnx.ModelProto, base_dir: Path | None, name: str) -> gs.Graph:
+    graph = gs.import_onnx(model)
+    if base_dir is not None:
+        attach_external(graph, base_dir, name)
+    return graph
 
 
 def _unshare_constants(graph: gs.Graph) -> None:
@@ -158,10 +166,10 @@ def _unshare_constants(graph: gs.Graph) -> None:
         for node in t.outputs if isinstance(t, gs.Constant) else ():
             if all(node is not r for r in readers):
                 readers.append(node)
-        if len(readers) < 2 or t.values.size <= 1:
+        if len(readers) < 2 or int(np.prod(t.shape, dtype=np.int64)) <= 1:
             continue
         values = np.asarray(t.values)
-        if values.ndim > 1 and not np.all(values == values.flat[0]):
+        if values.ndim > 1 and not _all_equal(values):
             continue
         for k, node in enumerate(readers[1:], start=1):
             copy = gs.Constant(f"{name}__spa_copy{k}", values.copy())
@@ -170,37 +178,12 @@ def _unshare_constants(graph: gs.Graph) -> None:
                     node.inputs[i] = copy
 
 
-def _unshare_shape_targets(graph: gs.Graph) -> None:
-    """Give each Reshape and Expand its own copy of a run-time target built by ``Concat``
-    (through any ``Cast``/``Identity``).
-
-    Exporters build the target of ``view(B, S, heads, head_dim)`` once and feed it to every view
-    of that shape — dynamo does so across all layers when ``B`` and ``S`` are symbolic. The
-    rewrite sets a target's literal entries (the heads) for one reader, so a shared target
-    would make every layer's heads one decision, and the Reshape rule rightly refuses it: the
-    heads froze. Copies of the small shape nodes change no number.
-    """
-    for reader in [n for n in graph.nodes if n.op in ("Reshape", "Expand")
-                   and len(n.inputs) > 1]:
-        chain: list[gs.Node] = []  # the target's producers, the reader's side first
-        t = reader.inputs[1]
-        while len(t.inputs) == 1 and t.inputs[0].op in ("Cast", "Identity", "Concat"):
-            chain.append(t.inputs[0])
-            if chain[-1].op == "Concat":
-                break
-            t = chain[-1].inputs[0]
-        if not chain or chain[-1].op != "Concat" \
-                or all(len(n.outputs) == 1 and len(n.outputs[0].outputs) == 1 for n in chain):
-            continue
-        target = None
-        for node in reversed(chain):  # the Concat first
-            old = node.outputs[0]
-            new = gs.Variable(f"{old.name}__spa_{reader.name}", dtype=old.dtype, shape=old.shape)
-            inputs = list(node.inputs) if target is None else [target]
-            graph.nodes.append(gs.Node(node.op, f"{node.name}__spa_{reader.name}",
-                                       dict(node.attrs), inputs, [new], domain=node.domain))
-            target = new
-        reader.inputs[1] = target
+def _all_equal(values: np.ndarray) -> bool:
+    """Every element equals the first (a look at the first few decides most weights without
+    reading them whole)."""
+    flat = values.reshape(-1)
+    head = flat[:64]
+    return bool(np.all(head == head[0])) and bool(np.all(flat == flat[0]))
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:
@@ -318,7 +301,8 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     g.value_info.extend(src.value_info)
     declared = {i.name for i in src.input}
     for init in src.initializer:
-        if np.prod(init.dims, dtype=np.int64) <= _SMALL_TENSOR:
+        if np.prod(init.dims, dtype=np.int64) <= _SMALL_TENSOR \
+                and not external_data_helper.uses_external_data(init):
             g.initializer.append(init)
         elif init.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
@@ -333,16 +317,13 @@ def _header_of(model: onnx.ModelProto) -> onnx.ModelProto:
     return header
 
 
-def _file_bytes(path: Path, model: onnx.ModelProto) -> int:
-    total = path.stat().st_size
-    seen: set[str] = set()
+def _data_files(path: Path, model: onnx.ModelProto) -> tuple[Path, ...]:
+    seen: dict[str, Path] = {}
     for tensor in external_data_helper._get_all_tensors(model):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value not in seen:
-                seen.add(entry.value)
-                f = path.parent / entry.value
-                total += f.stat().st_size if f.exists() else 0
-    return total
+                seen[entry.value] = path.parent / entry.value
+    return tuple(f for f in seen.values() if f.is_file())
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,9 +2,12 @@
 
 ``onnx.checker.check_model(full_check=True)`` runs first (on a weight-less copy: structure and
 strict shape inference); the output is then written into a temporary directory beside the
-destination and renamed into place, so a failed run leaves no partial file. Models whose weights
-exceed 2 GB (or whose input used external data) are written with their floating-point tensors in
-``<name>.data`` next to the model.
+destination (:class:`Staging`) and renamed into place, so a failed run leaves no partial file.
+
+Models whose input used external data, or whose weights exceed 2 GB, are *streamed*
+(:func:`streamed`): their tensors go to ``<name>.data`` one at a time, from memory or copied
+file to file from the input's data file (spa/ir/external.py), and no protobuf ever holds the
+weights. Other models are exported in memory.
 """
 
 from __future__ import annotations
@@ -20,14 +23,24 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 
 from spa.errors import OutputPathError, ValidationError
+from spa.ir.external import graph_bytes, materialise, unload, write_graph
 from spa.ir.load import LoadedModel, _one_line, _with_inferred_shapes, weightless
 
 TWO_GB = 2 * 1024**3
 
 
-def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None) -> onnx.ModelProto:
-    """Export ``graph`` (default: the loaded one) with the original model's header."""
+def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None, *, references: bool = False
+            ) -> onnx.ModelProto:
+    """Export ``graph`` (default: the loaded one) with the original model's header.
+
+    External tensors are read into the protobuf, unless ``references``: then they stay
+    references to their data file (cheap; for writing with :func:`write_streamed`).
+    """
     graph = loaded.graph if graph is None else graph
+    if references:
+        unload(graph)
+    else:
+        materialise(graph)
     exported = gs.export_onnx(graph, do_type_check=False)
     model = onnx.ModelProto()
     model.CopyFrom(loaded.proto_header)
@@ -46,8 +59,10 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return _with_inferred_shapes(model, "the rewritten model", ValidationError)
 
 
-def check_output_path(out: str | os.PathLike[str], *, input_path: Path | None) -> Path:
-    """Reject an output path that cannot be written before any work is done."""
+def check_output_path(out: str | os.PathLike[str], *, input_path: Path | None,
+                      input_files: tuple[Path, ...] = ()) -> Path:
+    """Reject an output path that cannot be written before any work is done (``input_files``:
+    the input's external data files, which the output's data file must not replace)."""
     out_p = Path(out)
     if out_p.is_dir():
         raise OutputPathError(f"{out_p}: output path is a directory")
@@ -57,38 +72,96 @@ def check_output_path(out: str | os.PathLike[str], *, input_path: Path | None) -
         raise OutputPathError(f"{out_p}: directory {out_p.parent} is not writable")
     if input_path is not None and out_p.exists() and out_p.resolve() == input_path.resolve():
         raise OutputPathError(f"{out_p}: refusing to overwrite the input model")
+    data = out_p.with_name(out_p.name + ".data")
+    if data.exists() and any(data.resolve() == f.resolve() for f in input_files):
+        raise OutputPathError(f"{out_p}: its data file {data.name} would overwrite the input "
+                              "model's external data")
     return out_p
+
+
+class Staging:
+    """A temporary directory beside the output: files are written there, checked, and renamed
+    into place by :meth:`commit`; leaving the ``with`` block removes whatever is left."""
+
+    def __init__(self, out: str | os.PathLike[str], *, input_path: Path | None = None,
+                 input_files: tuple[Path, ...] = ()):
+        self.out = check_output_path(out, input_path=input_path, input_files=input_files)
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=".spa-", dir=self.out.parent))
+        except OSError as exc:
+            raise OutputPathError(f"{self.out}: cannot write in {self.out.parent}: "
+                                  f"{_one_line(exc)}") from exc
+        self.model_path = self.dir / self.out.name
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def commit(self) -> Path:
+        data_name = self.out.name + ".data"
+        try:
+            if (self.dir / data_name).exists():  # absent when every tensor is inline
+                os.replace(self.dir / data_name, self.out.parent / data_name)
+            os.replace(self.model_path, self.out)
+        except OSError as exc:
+            raise OutputPathError(f"{self.out}: cannot write: {_one_line(exc)}") from exc
+        return self.out
+
+
+def streamed(loaded: LoadedModel) -> bool:
+    """Written tensor by tensor with a data file: external input, or over 2 GB of weights."""
+    return loaded.external_data or graph_bytes(loaded.graph) >= TWO_GB
+
+
+def write_streamed(loaded: LoadedModel, model_path: Path, graph: gs.Graph | None = None, *,
+                   check: bool = True) -> onnx.ModelProto:
+    """Write ``graph`` as ``model_path`` + ``<name>.data``, one tensor at a time; the graph's
+    constants then refer to the written file. Returns the (weight-less) ModelProto written."""
+    graph = loaded.graph if graph is None else graph
+    write_graph(graph, model_path)
+    model = to_onnx(loaded, graph, references=True)
+    if check:
+        model = infer_shapes(model)
+        full_check(model)
+    try:
+        model_path.write_bytes(model.SerializeToString())
+    except OSError as exc:
+        raise OutputPathError(f"{model_path}: cannot write: {_one_line(exc)}") from exc
+    return model
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike[str], *, external: bool = False,
                input_path: Path | None = None) -> Path:
-    """Check and write ``model`` to ``out`` atomically; return the path written.
+    """Check and write an in-memory ``model`` to ``out`` atomically; return the path written.
 
     With external data, ``model``'s tensors are turned into references to the written file
     (onnx does that in place): use the in-memory model before saving, not after.
     """
-    out_p = check_output_path(out, input_path=input_path)
+    with Staging(out, input_path=input_path) as stage:
+        full_check(model)
+        write_proto(model, stage.model_path, external=external)
+        return stage.commit()
+
+
+def write_proto(model: onnx.ModelProto, path: Path, *, external: bool = False) -> None:
+    """Write an in-memory model (its weights to ``<name>.data`` when external or ≥ 2 GB)."""
+    external = external or tensor_bytes(model) >= TWO_GB
+    try:
+        if external:
+            _mark_weights_external(model, path.name + ".data")
+        onnx.save_model(model, str(path))
+    except OSError as exc:
+        raise OutputPathError(f"{path}: cannot write: {_one_line(exc)}") from exc
+
+
+def full_check(model: onnx.ModelProto) -> None:
     try:  # structure and strict shape inference; the weights are numpy-made, sized by design
         onnx.checker.check_model(weightless(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValidationError(f"the rewritten model fails onnx.checker: {_one_line(exc)}") \
             from exc
-    external = external or tensor_bytes(model) >= TWO_GB
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".spa-", dir=out_p.parent))
-    try:
-        tmp_model = tmp_dir / out_p.name
-        data_name = out_p.name + ".data"
-        if external:
-            _mark_weights_external(model, data_name)
-        onnx.save_model(model, str(tmp_model))
-        if external and (tmp_dir / data_name).exists():  # absent when every tensor is tiny
-            os.replace(tmp_dir / data_name, out_p.parent / data_name)
-        os.replace(tmp_model, out_p)
-    except OSError as exc:
-        raise OutputPathError(f"{out_p}: cannot write: {_one_line(exc)}") from exc
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return out_p
 
 
 def _mark_weights_external(model: onnx.ModelProto, location: str) -> None:
