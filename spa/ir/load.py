@@ -119,6 +119,7 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
     _bypass_constant_identities(graph)
     shape_values_folded = fold_constant_ops(graph)
     _unshare_constants(graph)
+    _unshare_shape_targets(graph)
     _toposort(graph.cleanup(remove_unused_graph_inputs=False))
     # Propagate what folded shape arithmetic and refined Reshapes now tell to the ops after them
     # (inferred dims override the stale symbolic ones). Shapes learnt that way can make more
@@ -184,6 +185,39 @@ def _all_equal(values: np.ndarray) -> bool:
     flat = values.reshape(-1)
     head = flat[:64]
     return bool(np.all(head == head[0])) and bool(np.all(flat == flat[0]))
+
+
+def _unshare_shape_targets(graph: gs.Graph) -> None:
+    """Give each Reshape and Expand its own copy of a run-time target built by ``Concat``
+    (through any ``Cast``/``Identity``).
+
+    Exporters build the target of ``view(B, S, heads, head_dim)`` once and feed it to every view
+    of that shape — dynamo does so across all layers when ``B`` and ``S`` are symbolic. The
+    rewrite sets a target's literal entries (the heads) for one reader, so a shared target
+    would make every layer's heads one decision, and the Reshape rule rightly refuses it: the
+    heads froze. Copies of the small shape nodes change no number.
+    """
+    for reader in [n for n in graph.nodes if n.op in ("Reshape", "Expand")
+                   and len(n.inputs) > 1]:
+        chain: list[gs.Node] = []  # the target's producers, the reader's side first
+        t = reader.inputs[1]
+        while len(t.inputs) == 1 and t.inputs[0].op in ("Cast", "Identity", "Concat"):
+            chain.append(t.inputs[0])
+            if chain[-1].op == "Concat":
+                break
+            t = chain[-1].inputs[0]
+        if not chain or chain[-1].op != "Concat" \
+                or all(len(n.outputs) == 1 and len(n.outputs[0].outputs) == 1 for n in chain):
+            continue
+        target = None
+        for node in reversed(chain):  # the Concat first
+            old = node.outputs[0]
+            new = gs.Variable(f"{old.name}__spa_{reader.name}", dtype=old.dtype, shape=old.shape)
+            inputs = list(node.inputs) if target is None else [target]
+            graph.nodes.append(gs.Node(node.op, f"{node.name}__spa_{reader.name}",
+                                       dict(node.attrs), inputs, [new], domain=node.domain))
+            target = new
+        reader.inputs[1] = target
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:
