@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -144,10 +145,31 @@ def _criterion_options(options: PruneOptions) -> dict:
     return {}
 
 
+def _gradient_options(analysis: Analysis, options: PruneOptions) -> dict:
+    """Saliencies for a gradient criterion on an ONNX file: the model runs in PyTorch on the
+    ``--calib`` inputs and labels. Without ``--calib`` the criterion explains what it needs."""
+    from passes.importance.gradient import Gradient
+
+    cls = CRITERIA.get(options.criterion)
+    if cls is None or not issubclass(cls, Gradient) or options.calib is None:
+        return {}
+    try:
+        from spa.torch.saliency import onnx_saliency
+    except ImportError as exc:
+        raise OptionError(f"criterion {options.criterion} needs PyTorch "
+                          "(pip install 'spa-prune[torch]')") from exc
+    return {"saliency": onnx_saliency(to_onnx(analysis.model), load_calibration(options.calib),
+                                      cls.needs)}
+
+
 def load_calibration(path: str | None) -> dict[str, np.ndarray] | None:
     """Arrays named after the graph inputs, first axis = samples (``--calib FILE.npz``)."""
     if path is None:
         return None
+    if not Path(path).is_file():
+        raise OptionError(f"{path}: no such calibration file")
+    if not zipfile.is_zipfile(path):
+        raise OptionError(f"{path}: not an .npz file (save arrays with numpy.savez)")
     try:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}
@@ -164,7 +186,8 @@ def _plan(analysis: Analysis, options: PruneOptions, criterion_options: dict | N
                                    + (f" (e.g. {'; '.join(reasons)})" if reasons else ""))
     criterion = get_criterion(options.criterion, reduction=options.reduction,
                               normalization=options.normalization, seed=options.seed,
-                              **_criterion_options(options), **(criterion_options or {}))
+                              **_criterion_options(options),
+                              **(criterion_options or _gradient_options(analysis, options)))
     scores = criterion.run(analysis)
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,

@@ -139,3 +139,27 @@ def test_prune_at_init_then_train_on_digits(criterion):
         opt.step()
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "crop"])
+def test_onnx_file_with_labels_gives_the_same_plan_as_the_module(criterion, tmp_path):
+    """``spa prune --criterion taylor --calib batch.npz`` differentiates the ONNX model itself
+    (from_onnx); its plan equals the one the front end makes from the module's own gradients."""
+    from spa.cli import main
+
+    x, y = _digits()
+    module = _cnn().eval()
+    path = export(module, (x[:1],), tmp_path / "m.onnx")
+    (name,) = [i.name for i in onnx.load(str(path)).graph.input]
+    np.savez(tmp_path / "batch.npz", **{name: x[:64].numpy(), "labels": y[:64].numpy()})
+    code = main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--criterion", criterion,
+                 "--ratio", "0.5", "--calib", str(tmp_path / "batch.npz"),
+                 "--plan", str(tmp_path / "plan.json"), "--no-validate"])
+    assert code == 0
+    from spa.plan import Plan
+
+    from_file = Plan.load(tmp_path / "plan.json")
+    _, report = st.prune(module, (x[:1],), criterion=criterion, ratio=0.5,
+                         batch=(x[:64], y[:64]))
+    assert [g.keep for g in from_file.groups] == [g.keep for g in report.plan.groups]
+    assert any(len(g.keep) < g.size for g in from_file.groups)

@@ -16,8 +16,10 @@ channel's slice of each weight, reduce over the group's weights, normalise per g
 * ``crop``: ``|w · (H g)|``, CroP's gradient-flow preservation: any change of the gradient
   norm, up or down, counts.
 
-Without saliencies (the ONNX command line, which has no module to differentiate) these
-criteria raise a clear error that names the way to get them and the data-free alternatives.
+On an ONNX file (``spa prune --criterion taylor --calib batch.npz``, the npz holding the graph
+inputs and integer ``labels``) the model itself runs in PyTorch (``spa.torch.from_onnx``) for the
+gradients. Without either these criteria raise an error naming both ways and the data-free
+alternatives.
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ class Gradient(Criterion):
     def run(self, analysis: Analysis) -> Scores:
         if self.saliency is None:
             raise OptionError(
-                f"criterion {self.name} needs gradients of a torch module: use "
-                f"spa.torch.prune(module, inputs, criterion='{self.name}', batch=..., "
-                "loss_fn=...); data-free criteria: l1, l2, fpgm, lamp, obspa")
+                f"criterion {self.name} needs gradients: --calib FILE.npz with the graph "
+                "inputs and integer 'labels', or from Python spa.torch.prune(module, inputs, "
+                f"criterion='{self.name}', batch=(x, y)); data-free criteria: l1, l2, fpgm, "
+                "lamp, obspa")
         return super().run(analysis)
 
     def scored(self, member: Member, tensor: gs.Tensor) -> bool:
@@ -70,7 +73,7 @@ class Gradient(Criterion):
 @register_criterion
 class Taylor(Gradient):
     name = "taylor"
-    help = "first-order Taylor |w·dL/dw| over a batch (needs a torch module: spa.torch)"
+    help = "first-order Taylor |w·dL/dw| over a batch (--calib with labels, or spa.torch)"
 
 
 @register_criterion

@@ -4,7 +4,7 @@ For fine-tuning a pruned model whose PyTorch source the user does not have (it c
 TensorFlow, JAX, or a model zoo). The module interprets the graph node by node with torch ops;
 every float weight initializer becomes an ``nn.Parameter`` (``module.onnx_tensors()`` maps the
 initializer names to them, so gradients map one to one onto the ONNX constants); integer
-constants, scalars and masks become buffers.
+constants, scalars, masks and BatchNorm running statistics become buffers.
 
 Why not onnx2torch: it needs torchvision (which has no CPU build to match torch here and fails
 to import without stubs), and its parameter names follow its own module tree, not the ONNX
@@ -67,10 +67,12 @@ class OnnxModule(nn.Module):
                                       f"{len(OPS)} ops (spa.torch.interpreter.OPS)")
         self.params = nn.ParameterDict()
         self._attr_of: dict[str, str] = {}
+        statistics = {n.input[i] for n in graph.node if n.op_type == "BatchNormalization"
+                      for i in (3, 4) if len(n.input) > i}  # running mean/var: not trained
         for init in graph.initializer:
             value = torch.from_numpy(np.array(numpy_helper.to_array(init), copy=True))
             key = _key(init.name, self._attr_of)
-            if _is_weight(value):
+            if _is_weight(value) and init.name not in statistics:
                 self.params[key] = nn.Parameter(value)
             else:
                 self.register_buffer(f"c_{key}", value)
@@ -78,6 +80,10 @@ class OnnxModule(nn.Module):
         inits = {i.name for i in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in inits]
         self.output_names = [o.name for o in graph.output]
+
+    def onnx_names(self) -> dict[str, str]:
+        """Initializer name → the key it is stored under (``params.<key>`` for weights)."""
+        return dict(self._attr_of)
 
     def onnx_tensors(self) -> dict[str, torch.Tensor]:
         """Initializer name → its parameter or buffer."""

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -41,28 +42,77 @@ def first_tensor(output: object) -> torch.Tensor:
                       "loss of; pass loss_fn=")
 
 
-def saliency(module: nn.Module, batch: Batch, needs: str, loss_fn: LossFn | None = None
-             ) -> dict[str, np.ndarray]:
-    """``{parameter name: w·g or w·Hg}`` for every parameter that requires grad."""
+def saliency(module: nn.Module, batch: Batch, needs: str, loss_fn: LossFn | None = None,
+             chunk: int | None = None) -> dict[str, np.ndarray]:
+    """``{parameter name: w·g or w·Hg}`` for every parameter that requires grad.
+
+    ``chunk``: run the batch in pieces of this many samples (a graph exported with a fixed
+    batch size); gradients and Hessian-gradient products are averaged over the pieces, which
+    gives the full batch's ``g`` and ``H g`` for a mean loss.
+    """
     if batch is None:
         raise OptionError("gradient criteria need one batch: batch=(inputs, targets)")
     inputs, target = batch
     inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    loss = (loss_fn or default_loss)(module(*inputs), target)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
-        raise OptionError("the loss is not a differentiable scalar: this model cannot be "
-                          "differentiated here; use a data-free criterion (l1, l2, fpgm, obspa)")
-    grads = torch.autograd.grad(loss, params, create_graph=needs == "whg", allow_unused=True)
+    n = len(target)
+    step = chunk or n
+    pieces = [(tuple(t[i:i + step] for t in inputs), target[i:i + step])
+              for i in range(0, n, step)]
+
+    def grads_of(piece, create_graph: bool):
+        loss = (loss_fn or default_loss)(module(*piece[0]), piece[1])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise OptionError("the loss is not a differentiable scalar: this model cannot be "
+                              "differentiated here; use a data-free criterion (l1, l2, fpgm, "
+                              "obspa)")
+        return torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+
+    g = _mean([grads_of(p, False) for p in pieces])
     if needs == "whg":
-        flow = sum((g * g.detach()).sum() for g in grads if g is not None)
-        grads = torch.autograd.grad(flow, params, allow_unused=True)
-    return {n: (p.detach() * g).double().cpu().numpy()
-            for (n, p), g in zip(named, grads) if g is not None}
+        hg = []
+        for piece in pieces:
+            gi = grads_of(piece, True)
+            flow = sum((a * b.detach()).sum() for a, b in zip(gi, g)
+                       if a is not None and b is not None)
+            hg.append(torch.autograd.grad(flow, params, allow_unused=True))
+        g = _mean(hg)
+    return {name: (p.detach() * v).double().cpu().numpy()
+            for (name, p), v in zip(named, g) if v is not None}
+
+
+def _mean(per_piece: list[tuple]) -> list:
+    out = []
+    for parts in zip(*per_piece):
+        present = [t for t in parts if t is not None]
+        out.append(sum(present) / len(parts) if present else None)
+    return out
 
 
 def on_constants(per_param: dict[str, np.ndarray], params: ParamMap) -> dict[str, np.ndarray]:
     """The same saliencies laid out like the ONNX constants the analysis scores."""
     return {const: origin.to_constant(per_param[origin.param])
             for const, origin in params.origins.items() if origin.param in per_param}
+
+
+def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: str
+                  ) -> dict[str, np.ndarray]:
+    """Saliencies of an ONNX model's constants, keyed by constant name: the model runs in
+    PyTorch (:func:`spa.torch.from_onnx`) on ``calib``'s inputs against ``calib["labels"]``."""
+    from spa.torch.interpreter import OnnxModule
+
+    if "labels" not in calib:
+        raise OptionError("gradient criteria on an ONNX file need --calib FILE.npz holding the "
+                          "graph inputs and an integer 'labels' array (cross-entropy loss)")
+    module = OnnxModule(model)
+    missing = [n for n in module.input_names if n not in calib]
+    if missing:
+        raise OptionError(f"--calib has no array for the graph input(s) {', '.join(missing)}")
+    inputs = tuple(torch.from_numpy(np.asarray(calib[n])) for n in module.input_names)
+    labels = torch.from_numpy(np.asarray(calib["labels"]).astype(np.int64))
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[:1]
+    chunk = dim0[0].dim_value if dim0 and dim0[0].HasField("dim_value") else None
+    per_param = saliency(module, (inputs, labels), needs, chunk=chunk)
+    names = {f"params.{key}": name for name, key in module.onnx_names().items()}
+    return {names[k]: v for k, v in per_param.items() if k in names}
