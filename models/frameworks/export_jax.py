@@ -49,7 +49,7 @@ class CNN(nnx.Module):
 
     def __init__(self, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
-        self.bn1 = nnx.BatchNorm(16, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)
         self.dw = nnx.Conv(16, 16, (3, 3), strides=(2, 2), feature_group_count=16, rngs=rngs)
         self.pw = nnx.Conv(16, 32, (1, 1), rngs=rngs)
         self.fc = nnx.Linear(32, 10, rngs=rngs)
@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", choices=["mlp", "cnn"])
     p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: 10 (mlp), 20 (cnn)")
     p.add_argument("--opset", type=int, default=None, help="default: jax2onnx's default")
     args = p.parse_args(argv)
     model = (MLP if args.model == "mlp" else CNN)(nnx.Rngs(0))
-    acc = train(model, args.model, args.epochs)
+    acc = train(model, args.model, args.epochs or (10 if args.model == "mlp" else 20))
     print(f"jax test accuracy {acc:.4f}")
     digits.save_test_split(args.output.with_name(args.output.stem + "_test.npz"))
     shape = ("B", FEATURES) if args.model == "mlp" else ("B", digits.SIZE, digits.SIZE, 1)
