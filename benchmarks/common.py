@@ -24,6 +24,19 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
+def revision() -> str:
+    """The commit the benchmark ran (``SPA_REVISION`` for a run from an exported snapshot)."""
+    import subprocess
+
+    if os.environ.get("SPA_REVISION"):
+        return os.environ["SPA_REVISION"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def median_seconds(fn: Callable[[], object], runs: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(runs):
@@ -34,9 +47,14 @@ def median_seconds(fn: Callable[[], object], runs: int) -> tuple[float, list[flo
 
 
 def side_by_side_latency(paths: dict[str, Path], *, threads: int, rounds: int = 7,
-                         runs_per_round: int = 10) -> dict[str, float]:
+                         runs_per_round: int = 10,
+                         clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median latency (ms) of each model, measured in interleaved rounds so that machine noise
-    hits all of them alike."""
+    hits all of them alike.
+
+    ``clock=time.thread_time`` with ``threads=1`` measures the CPU time of the calling thread,
+    which runs the whole model when onnxruntime has one intra-op thread: time the thread spends
+    preempted by other processes is not counted, so the figure holds on a loaded machine."""
     from spa import validate as val
 
     # No spinning: an idle session's spinning workers would slow the next one down.
@@ -49,16 +67,16 @@ def side_by_side_latency(paths: dict[str, Path], *, threads: int, rounds: int = 
     for _ in range(rounds):
         for k, s in sessions.items():
             for _ in range(runs_per_round):
-                t0 = time.perf_counter()
+                t0 = clock()
                 s.run(None, feeds)
-                samples[k].append((time.perf_counter() - t0) * 1e3)
+                samples[k].append((clock() - t0) * 1e3)
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def write_result(name: str, body: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     body = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), **body}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "revision": revision(), **body}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(body, indent=1) + "\n")
     return path

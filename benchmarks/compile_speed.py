@@ -1,59 +1,90 @@
-"""Compile speed and result speed of SPA on torchvision ResNet-50 (random init).
+"""Compile speed: SPA from file to pruned file against Torch-Pruning on the same nn.Module.
 
-Times ``analyze`` (load + coupling analysis), the whole ``prune --ratio 0.5`` with L1 (load to
-saved file, validation excluded) and the save alone, median of N runs; then measures onnxruntime
-latency of the dense and pruned models side by side (1 thread and all threads) against the
-FLOPs reduction, with and without ``--round-to 8``.
+For torchvision ResNet-50, MobileNetV3-Large, ViT-B/16 and a BERT-base-sized encoder (``zoo``):
+SPA's ``prune`` at ratio 0.5 with L1 (load, analysis, plan, rewrite, save; validation off)
+against Torch-Pruning's pruner at ratio 0.5 with ``MagnitudeImportance(p=1)`` (DependencyGraph
+build by tracing, then ``step()``), on a fresh copy of the same module each run (the copy is made
+outside the timing). Runs alternate SPA, Torch-Pruning, SPA, … so that machine load hits both
+alike; medians of ``--runs``, wall time and CPU time (all threads of the process; robust to the
+load of this shared machine). SPA also reads and writes ONNX; Torch-Pruning does neither.
 
-    python -m benchmarks.compile_speed [--runs 5]
+    python -m benchmarks.compile_speed [--runs 3] [--models resnet50 ...] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import benchmark_prune, median_seconds, print_results, write_result
+from benchmarks.common import write_result
+from benchmarks.zoo import MODELS, export, tp_pruned
+
+RATIO = 0.5
+QUICK = ["resnet50", "mobilenet_v3_large"]
 
 
-def export_resnet50(path: Path) -> Path:
-    import torch
+def _spa_once(dense: Path, out: Path) -> dict:
+    from spa.api import CheckOptions, PruneOptions, prune
 
-    from models.torchvision_compat import import_torchvision
+    c0, t0 = time.process_time(), time.perf_counter()
+    report, _ = prune(dense, out, PruneOptions(ratio=RATIO),
+                      CheckOptions(validate=False, latency=False))
+    return {"total": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+            **report.seconds, "flops_reduction_x": report.flops_before / report.flops_after}
 
-    tv = import_torchvision()
-    torch.manual_seed(0)
-    model = tv.models.resnet50().eval()
-    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), dynamo=False,
-                      opset_version=17, input_names=["input"], output_names=["output"])
-    return path
+
+def measure(key: str, runs: int, workdir: Path) -> dict:
+    """Interleaved runs of both tools on one model; medians and their ratio."""
+    entry = MODELS[key]
+    model, inputs = entry.build()
+    dense = export(entry, model, inputs, workdir / f"{key}.onnx")
+    del model
+    spa_runs, tp_runs = [], []
+    for _ in range(runs):
+        spa_runs.append(_spa_once(dense, workdir / f"{key}_spa.onnx"))
+        tp_runs.append(tp_pruned(entry, RATIO)[2])
+    spa_median = statistics.median(r["total"] for r in spa_runs)
+    tp_median = statistics.median(r["total"] for r in tp_runs)
+    spa_cpu = statistics.median(r["cpu"] for r in spa_runs)
+    tp_cpu = statistics.median(r["cpu"] for r in tp_runs)
+    return {"model": entry.label, "file_bytes": dense.stat().st_size,
+            "spa_seconds_median": spa_median, "tp_seconds_median": tp_median,
+            "spa_over_tp": spa_median / tp_median,
+            "spa_cpu_seconds_median": spa_cpu, "tp_cpu_seconds_median": tp_cpu,
+            "spa_over_tp_cpu": spa_cpu / tp_cpu,
+            "spa_breakdown_median": {k: statistics.median(r[k] for r in spa_runs)
+                                     for k in spa_runs[0] if k != "total"},
+            "tp_breakdown_median": {k: statistics.median(r[k] for r in tp_runs)
+                                    for k in ("dependency_graph", "prune")},
+            "spa_runs": spa_runs, "tp_runs": tp_runs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--quick", action="store_true", help="the two CNNs only")
     args = parser.parse_args()
+    if args.quick:
+        args.models = QUICK
 
-    from spa.api import PruneOptions, analyze
-    from spa.ir import load_model, save_model, to_onnx
-
-    tmp = Path(tempfile.mkdtemp(prefix="spa-bench-"))
-    dense = export_resnet50(tmp / "resnet50.onnx")
-    t_analyze, _ = median_seconds(lambda: analyze(dense), args.runs)
-    variants = {"ratio0.5": PruneOptions(ratio=0.5),
-                "ratio0.5_round8": PruneOptions(ratio=0.5, round_to=8)}
-    results = benchmark_prune(dense, variants, args.runs, tmp)
-    model = to_onnx(load_model(tmp / "ratio0.5.onnx"))
-    t_save, _ = median_seconds(lambda: save_model(model, tmp / "resave.onnx"), args.runs)
-    body = {"model": "torchvision resnet50 (random init), TorchScript exporter opset 17",
-            "runs": args.runs, "analyze_seconds_median": t_analyze, "save_seconds_median": t_save,
-            "results": results,
-            "targets": {"prune_seconds": 3.0, "speedup_over_flops_reduction": 0.8}}
-    path = write_result("compile_speed_resnet50", body)
-    print(f"analyze {t_analyze:.2f}s  save {t_save:.2f}s")
-    print_results(results)
+    workdir = Path(tempfile.mkdtemp(prefix="spa-compile-"))
+    results = {}
+    load_before = os.getloadavg()
+    for key in args.models:
+        results[key] = r = measure(key, args.runs, workdir)
+        print(f"{key}: SPA {r['spa_seconds_median']:.2f}s  Torch-Pruning "
+              f"{r['tp_seconds_median']:.2f}s  SPA/TP {r['spa_over_tp']:.2f} (CPU time "
+              f"{r['spa_over_tp_cpu']:.2f})", flush=True)
+    body = {"ratio": RATIO, "criterion": "l1 (SPA) / MagnitudeImportance(p=1) (Torch-Pruning)",
+            "runs": args.runs, "load_average_before": load_before,
+            "load_average_after": os.getloadavg(), "results": results,
+            "goal": "SPA no slower than Torch-Pruning (spa_over_tp <= 1)"}
+    path = write_result("compile_speed" + ("_quick" if args.quick else ""), body)
     print(f"wrote {path} at {time.strftime('%H:%M:%S')}")
 
 

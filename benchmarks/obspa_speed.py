@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import benchmark_prune, print_results, write_result
-from benchmarks.compile_speed import export_resnet50
+from benchmarks.zoo import export_resnet50
 
 
 def main() -> None:

@@ -18,19 +18,26 @@ from pathlib import Path
 from benchmarks.common import benchmark_prune, print_results, write_result
 
 
-def export_bert_base(path: Path, seq: int = 128) -> Path:
+def build_bert_base(seq: int = 128):
+    """The encoder (random init, seed 0) and its example ``(input_ids, attention_mask)``."""
     import torch
 
     from models.attention import finalize_transformer
     from models.bert import Bert
-    from models.export import export_module
 
     torch.manual_seed(0)
     model = finalize_transformer(Bert(vocab=30522, max_positions=512, dim=768, depth=12,
                                       heads=12, mlp=3072))
     ids = torch.randint(0, 30522, (1, seq))
     mask = torch.ones(1, seq, dtype=torch.int64)
-    return export_module(model, (ids, mask), path, exporter="torchscript",
+    return model.eval(), (ids, mask)
+
+
+def export_bert_base(path: Path, seq: int = 128) -> Path:
+    from models.export import export_module
+
+    model, inputs = build_bert_base(seq)
+    return export_module(model, inputs, path, exporter="torchscript",
                          input_names=["input_ids", "attention_mask"])
 
 
