@@ -27,11 +27,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import spa.torch as st  # noqa: E402
 from benchmarks.quality.digits import split_stats  # noqa: E402
 from benchmarks.quality.digits_models import build  # noqa: E402
 from benchmarks.quality.train_digits import CONFIGS, augment, evaluate_torch, train  # noqa: E402
-
-import spa.torch as st  # noqa: E402
 from spa import validate as val  # noqa: E402
 from spa.torch.export import export  # noqa: E402
 

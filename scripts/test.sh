@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "torch,test"
-.venv/bin/ruff check spa passes models tests benchmarks
+.venv/bin/ruff check spa passes models tests benchmarks examples
 .venv/bin/python -m pytest -n 2 -q "$@"
