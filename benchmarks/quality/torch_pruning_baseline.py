@@ -20,18 +20,15 @@ from torch import nn
 def prune_to_flops(build: Callable[[], nn.Module], example: torch.Tensor, reduction: float,
                    ignore: Callable[[nn.Module], list[nn.Module]]) -> nn.Module:
     """The Torch-Pruning-pruned module whose MACs are at most ``1/reduction`` of the dense."""
-    import torch_pruning as tp
+    from benchmarks import tp_peer
 
     dense = build()
-    base, _ = tp.utils.count_ops_and_params(dense, example)
+    base, _ = tp_peer.count(dense, example)
 
     def pruned(ratio: float) -> tuple[nn.Module, float]:
         model = copy.deepcopy(dense)
-        pruner = tp.pruner.MetaPruner(model, example,
-                                      importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=ratio, ignored_layers=ignore(model))
-        pruner.step()
-        macs, _ = tp.utils.count_ops_and_params(model, example)
+        tp_peer.prune(model, example, ratio, tp_peer.TPRecipe(ignored=ignore(model)))
+        macs, _ = tp_peer.count(model, example)
         return model, base / macs
 
     lo, hi = 0.0, 0.95
