@@ -169,9 +169,13 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
         missing = [n for n in names if n not in calib]
         if missing:
             raise OptionError(f"calibration data lacks arrays for graph inputs {missing}")
+        calib = _checked_calibration(sess, calib)
         batch = sess.get_inputs()[0].shape[0]
         step = batch if isinstance(batch, int) and batch > 0 else 8
         n = len(calib[names[0]])
+        if n < step:
+            raise OptionError(f"calibration data has {n} samples, fewer than the model's "
+                              f"batch size {step}")
         for i in range(0, n - step + 1, step):
             yield {k: calib[k][i:i + step] for k in names}
         return
@@ -182,6 +186,33 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
             feeds = {k: natural_images(v.shape, rng).astype(v.dtype) if _is_image(v) else v
                      for k, v in feeds.items()}
         yield feeds
+
+
+def _checked_calibration(sess, calib: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays for the graph inputs, cast to their element type; an :class:`OptionError`
+    when one's rank or a fixed dim (after the sample axis) does not fit its input."""
+    from spa.validate import _ORT_TYPES
+
+    out, counts = {}, set()
+    for inp in sess.get_inputs():
+        arr = np.asarray(calib[inp.name])
+        want = _ORT_TYPES.get(inp.type)
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
+        if arr.ndim != len(fixed) or any(d is not None and d != a
+                                         for d, a in zip(fixed[1:], arr.shape[1:])):
+            raise OptionError(f"calibration array '{inp.name}' has shape {list(arr.shape)}; the "
+                              f"model's input is {list(inp.shape)} (first axis: samples)")
+        if want is not None and arr.dtype != want:
+            if np.dtype(want).kind != arr.dtype.kind and not (
+                    np.dtype(want).kind in "iu" and arr.dtype.kind in "iu"):
+                raise OptionError(f"calibration array '{inp.name}' holds {arr.dtype}; the "
+                                  f"model's input is {inp.type}")
+            arr = arr.astype(want)
+        out[inp.name] = arr
+        counts.add(len(arr))
+    if len(counts) > 1:
+        raise OptionError(f"calibration arrays have different sample counts {sorted(counts)}")
+    return out
 
 
 def _is_image(v: np.ndarray) -> bool:

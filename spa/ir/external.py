@@ -150,6 +150,13 @@ def unload(graph: gs.Graph) -> None:
             t._values = source
 
 
+def peek(t: gs.Constant) -> np.ndarray:
+    """The values of ``t`` without keeping an external tensor mapped in the graph: a pass
+    that reads every weight once (scoring) then holds one tensor's pages at a time, not all."""
+    v = t._values
+    return v.load() if isinstance(v, ExternalValues) else np.asarray(t.values)
+
+
 def materialise(graph: gs.Graph) -> None:
     """Load every external tensor of ``graph`` (for an in-memory export: onnxruntime fed with
     bytes, or a model saved without a data file)."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.ir.external import peek
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -82,9 +84,9 @@ def per_axis(node: gs.Node, shape: tuple, scale_shape: tuple) -> int | None | bo
 def dequantize(w: QuantizedWeight) -> np.ndarray:
     """``(q − zero_point) · scale``, broadcast along the quantisation axis, in the scale's
     float type (what DequantizeLinear outputs)."""
-    q = np.asarray(w.q.values)
-    scale = np.asarray(w.scale.values)
-    zp = np.zeros((), np.float32) if w.zero_point is None else np.asarray(w.zero_point.values)
+    q = peek(w.q)
+    scale = peek(w.scale)
+    zp = np.zeros((), np.float32) if w.zero_point is None else peek(w.zero_point)
     if w.block_size:
         n = q.shape[w.axis]
         scale = np.repeat(scale, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
@@ -101,9 +103,10 @@ def dequantize(w: QuantizedWeight) -> np.ndarray:
 
 
 def weight_values(t: gs.Tensor | None) -> np.ndarray | None:
-    """The float values a constant or a dequantised constant holds; None for anything else."""
+    """The float values a constant or a dequantised constant holds; None for anything else.
+    External tensors are mapped for the caller only (spa/ir/external.py, :func:`peek`)."""
     if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
+        return peek(t)
     w = quantized_weight(t)
     return None if w is None else dequantize(w)
 
