@@ -27,6 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graphs import IR_VERSION  # noqa: E402
 
+from passes.allocation import Target  # noqa: E402
+
 CUSTOM_DOMAIN = "fuzz.custom"
 OPSETS = (13, 17, 18, 20)
 CRITERIA = ("l1", "l2", "random", "fpgm", "obspa")
@@ -730,11 +732,18 @@ class FuzzGraph:
         opts: dict = {"ratio": round(float(self.rng.uniform(0.1, 0.7)), 3),
                       "criterion": self.choice(CRITERIA), "seed": self.seed}
         if opts["criterion"] == "obspa":
-            opts.update(compensate=False, samples=4, input_dims=tuple(self.check_dims().items()))
+            # With compensation the masked oracle does not apply: checked for shape and runs.
+            opts.update(compensate=self.chance(0.3), samples=4,
+                        input_dims=tuple(self.check_dims().items()))
         if self.chance(0.2):
             opts["global_ranking"] = True
         if self.chance(0.1):
             opts["round_to"] = 2
+        if self.chance(0.1):
+            opts["target"] = self.choice([Target.FLOPS, Target.PARAMS])
+        convs = [n.name for n in self.nodes if n.op_type == "Conv"]
+        if convs and self.chance(0.1):
+            opts["ignore"] = (self.choice(convs),)
         return opts
 
     def check_dims(self) -> dict[str, int]:
@@ -751,8 +760,27 @@ class FuzzGraph:
                         self.check_dims())
 
 
+TORCH_EVERY = 10  # seeds 9, 19, 29, … are random PyTorch modules (tests/fuzz_torch.py)
+
+
 def fuzz_case(seed: int) -> FuzzCase:
+    if seed % TORCH_EVERY == TORCH_EVERY - 1:
+        return torch_case(seed)
     return FuzzGraph(seed).case()
+
+
+def torch_case(seed: int) -> FuzzCase:
+    """A random PyTorch CNN exported by TorchScript, with this seed's random prune options."""
+    from fuzz_torch import torch_model
+
+    from models.export import _quiet
+
+    with _quiet():
+        model, dynamic, kinds = torch_model(seed)
+    options = FuzzGraph(seed)
+    options.batch, options.spatial = ("N" if dynamic else 1), False
+    return FuzzCase(seed, model, options.options(), [], [f"torch:{k}" for k in kinds],
+                    options.check_dims())
 
 
 # --- running a case -----------------------------------------------------------------------------
@@ -779,13 +807,62 @@ def run_case(case: FuzzCase, out_dir: Path) -> str:
     from spa.errors import NothingPrunableError
 
     check_frozen_reasons(case)
+    ignore = case.options.get("ignore", ())
     try:
-        out = prune_checked(case.model, out_dir, dims=case.dims, **case.options)
+        if case.options.get("compensate"):
+            out = _prune_compensated(case, out_dir)
+        else:
+            out = prune_checked(case.model, out_dir, dims=case.dims, **case.options)
     except NothingPrunableError:
-        for g in analyze(case.model).groups:
+        for g in analyze(case.model, ignore=ignore).groups:
             assert not g.prunable and (g.frozen or g.size <= 1 or not g.producers), g
         return "frozen"
+    if ignore:
+        _check_ignored(case, ignore)
+    if case.seed % 5 == 0:
+        _check_replay(out, out_dir)
     return "pruned" if out.report.channels_after < out.report.channels_before else "unchanged"
+
+
+def _prune_compensated(case: FuzzCase, out_dir: Path):
+    """OBSPA with its weight update: outputs keep names, shapes and dtypes and stay finite, and
+    the emitted model's counts equal the prediction (the masked oracle does not apply)."""
+    from oracle import Pruned, run_model
+
+    from spa.api import CheckOptions, PruneOptions, prune
+
+    src = out_dir / "model.onnx"
+    onnx.save(case.model, str(src))
+    report, plan = prune(src, out_dir / "pruned.onnx", PruneOptions(**case.options),
+                         CheckOptions(latency=False, input_dims=tuple(case.dims.items())))
+    assert report.params_after == report.predicted_params_after
+    assert report.flops_after == report.predicted_flops_after
+    outputs = run_model(out_dir / "pruned.onnx", dims=case.dims)
+    assert all(np.isfinite(v).all() for v in outputs.values())
+    return Pruned(report, plan, out_dir / "pruned.onnx")
+
+
+def _check_ignored(case: FuzzCase, ignore: tuple[str, ...]) -> None:
+    """Every group a user-ignored node touches is frozen and says so."""
+    from spa.api import analyze
+
+    node = next(n for n in case.model.graph.node if n.name == ignore[0])
+    for g in analyze(case.model, ignore=ignore).groups:
+        if g.producers and any(m.space[0] in (*node.input, *node.output) for m in g.members):
+            assert any("is ignored" in r for r in g.frozen), g.frozen
+
+
+def _check_replay(out, out_dir: Path) -> None:
+    """``spa apply`` with the saved plan writes the same weights as the prune that made it."""
+    from spa.api import CheckOptions, apply
+    from spa.plan import Plan
+
+    replay = out_dir / "replayed.onnx"
+    apply(out_dir / "model.onnx", Plan.from_json(out.plan.to_json()), replay,
+          CheckOptions(validate=False, latency=False))
+    made = {t.name: t.SerializeToString() for t in onnx.load(str(out.path)).graph.initializer}
+    again = {t.name: t.SerializeToString() for t in onnx.load(str(replay)).graph.initializer}
+    assert made == again
 
 
 def main(argv: list[str] | None = None) -> int:
