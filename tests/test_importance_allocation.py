@@ -107,8 +107,13 @@ def test_large_model_is_written_with_external_data(tmp_path: Path, monkeypatch) 
     src = tmp_path / "m.onnx"
     onnx.save(_mlp(), str(src))
     out = tmp_path / "o.onnx"
-    prune(src, out, PruneOptions(ratio=0.5), CheckOptions(latency=False))
+    report, _ = prune(src, out, PruneOptions(ratio=0.5),
+                      CheckOptions(latency=False, check_masked=True))
+    assert report.masked_relative_diff <= 1e-4  # streamed, and validated from the files
     assert (tmp_path / "o.onnx.data").stat().st_size == 4 * 8  # w1 [2,2] + w2 [2,2] float32
+    assert all(t.data_location == TensorProto.EXTERNAL
+               for t in onnx.load(str(out), load_external_data=False).graph.initializer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx", "o.onnx.data"]
     loaded = onnx.load(str(out))
     assert {i.name: list(i.dims) for i in loaded.graph.initializer} == {"w1": [2, 2],
                                                                         "w2": [2, 2]}

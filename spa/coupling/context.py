@@ -87,9 +87,7 @@ class NodeContext:
     def const(self, t: gs.Tensor | None) -> np.ndarray | None:
         """The value of a constant input; a quantised weight (``DequantizeLinear`` of
         constants) counts as the float constant it stands for (spa/ir/quant.py)."""
-        if isinstance(t, gs.Constant):
-            return np.asarray(t.values)
-        return weight_values(t)
+        return weight_values(t)  # external tensors: mapped for this read only
 
     def const_ints(self, t: gs.Tensor | None) -> list[int] | None:
         v = self.const(t)
