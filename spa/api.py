@@ -224,7 +224,7 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
           ) -> tuple[PruneReport, Plan]:
     t0 = time.perf_counter()
     loaded = _load(model)
-    check_output_path(output, input_path=loaded.path)
+    check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
     analysis = analyze(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
     t1 = time.perf_counter()
     the_plan, criterion = _plan(analysis, options)
@@ -242,7 +242,7 @@ def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
           checks: CheckOptions = CheckOptions()) -> PruneReport:
     """Apply a saved plan; the analysis runs with the options the plan was made with."""
     loaded = _load(model)
-    check_output_path(output, input_path=loaded.path)
+    check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
     the_plan = plan_file if isinstance(plan_file, Plan) else Plan.load(plan_file)
     analysis = analyze(loaded, ignore=tuple(the_plan.meta.get("ignore", ())),
                        hidden=the_plan.meta.get("hidden_ratio") is not None)
