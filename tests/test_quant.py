@@ -287,3 +287,18 @@ def test_dequantize_matches_the_onnx_reference(form: str) -> None:
     expected = ReferenceEvaluator(m).run(None, {})[0]
     w = quantized_weight(load_proto(m).graph.tensors()[y])
     np.testing.assert_allclose(dequantize(w), expected, rtol=1e-6)
+
+
+def test_quantised_model_with_external_data(tmp_path: Path) -> None:
+    """Integer weights in a data file: mapped, sliced, masked (q = zp read from the file) and
+    written to the output's data file, still int8."""
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save_model(conv_net(), str(src / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    out = prune_checked(src / "m.onnx", tmp_path, ratio=0.5)
+    inits = {t.name: t for t in onnx.load(str(out.path), load_external_data=False)
+             .graph.initializer}
+    assert inits["c1.q"].data_type == TensorProto.INT8
+    assert inits["c1.q"].data_location == TensorProto.EXTERNAL
+    assert list(inits["c1.q"].dims) == [4, 3, 3, 3] and list(inits["c2.q"].dims) == [4, 4, 3, 3]
