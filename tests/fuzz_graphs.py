@@ -761,11 +761,16 @@ class FuzzGraph:
 
 
 TORCH_EVERY = 10  # seeds 9, 19, 29, … are random PyTorch modules (tests/fuzz_torch.py)
+SEQ_EVERY = 5  # seeds 3, 8, 13, … are transformer-like graphs (tests/fuzz_seq.py)
 
 
 def fuzz_case(seed: int) -> FuzzCase:
     if seed % TORCH_EVERY == TORCH_EVERY - 1:
         return torch_case(seed)
+    if seed % SEQ_EVERY == 3:
+        from fuzz_seq import SeqGraph
+
+        return SeqGraph(seed).case()
     return FuzzGraph(seed).case()
 
 

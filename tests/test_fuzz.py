@@ -1,4 +1,6 @@
-"""Fuzzing: random architectures (``tests/fuzz_graphs.py``) pruned with random options.
+"""Fuzzing: random architectures pruned with random options. Seeds draw CNN-like ONNX graphs
+built op by op (``tests/fuzz_graphs.py``, 70%), transformer-like graphs (``tests/fuzz_seq.py``,
+20%) and random PyTorch CNNs exported by TorchScript (``tests/fuzz_torch.py``, 10%).
 
 For every seed SPA either prunes and the numeric oracle holds (pruned ≡ masked original, emitted
 params and FLOPs ≡ predicted, ratio-0 groups unchanged), or raises ``NothingPrunableError`` with
