@@ -174,6 +174,7 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    root_level = logging.getLogger().level
     try:
         args = _parse(parser, argv)
         _configure_logging(args)
@@ -184,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"spa: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    finally:
+        logging.getLogger().setLevel(root_level)  # main() may be called in-process (tests)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
