@@ -48,8 +48,10 @@ def _where(exc: BaseException) -> list[str]:
 
 def export(module, example, path: Path) -> dict:
     """TorchScript at opset 17, else dynamo (its default opset); raises if neither works."""
+    from benchmarks.zoo import no_mha_fastpath
     from models.export import export_module
 
+    no_mha_fastpath()
     errors = {}
     for exporter, opset in (("torchscript", 17), ("dynamo", None)):
         try:

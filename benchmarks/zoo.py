@@ -99,10 +99,18 @@ MODELS: dict[str, Entry] = {
 }
 
 
+def no_mha_fastpath() -> None:
+    """Switch off ``nn.MultiheadAttention``'s inference fast path: under ``no_grad`` in eval
+    mode it calls ``aten::_native_multi_head_attention``, which the TorchScript exporter cannot
+    export (torchvision's ViT and Swin use the module)."""
+    torch.backends.mha.set_fastpath_enabled(False)
+
+
 def export(entry: Entry, model: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
     """TorchScript exporter, opset 17, the entry's input names."""
     from models.export import export_module
 
+    no_mha_fastpath()
     return export_module(model, inputs, path, exporter="torchscript", opset=17,
                          input_names=list(entry.input_names))
 
