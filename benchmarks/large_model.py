@@ -14,6 +14,7 @@ private memory), a sampled RSS timeline, the wall time and the ratio peak / mode
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -133,8 +134,6 @@ def run_prune(model: Path, out: Path, flags: list[str]) -> dict:
               "wall_seconds": round(seconds, 2), "peak_rss_bytes": usage.ru_maxrss * 1024,
               "rss_timeline_mib": sampler.samples[::max(1, len(sampler.samples) // 200)]}
     if proc.returncode == 0:
-        import json
-
         report = json.loads(out_text)
         result["report"] = {k: report[k] for k in ("params_before", "params_after",
                                                    "bytes_before", "bytes_after", "seconds")}
@@ -164,6 +163,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the big files")
     parser.add_argument("--name", default="large_model", help="result file name")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier result file to keep as 'before' (its runs' figures)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="spa-large-", dir=args.workdir))
@@ -190,6 +191,12 @@ def main() -> None:
                          "+ Relu, float32, external data", "model_bytes": size,
                 "build_seconds": round(build_s, 1), "target_peak_over_model_size": TARGET_RATIO,
                 "runs": runs}
+        if args.baseline is not None:
+            base = json.loads(args.baseline.read_text())
+            body["before"] = {"date": base.get("date"), "runs": {
+                k: {f: v.get(f) for f in ("exit_code", "wall_seconds", "peak_rss_bytes",
+                                          "peak_over_model_size", "stderr")}
+                for k, v in base["runs"].items()}}
         print(f"wrote {write_result(args.name, body)}")
     finally:
         if not args.keep:
