@@ -5,6 +5,8 @@
 # exporters in models/frameworks/ write ONNX files, and SPA (in .venv) prunes them.
 #
 # Versions resolved together on Python 3.11 (pip's resolver, checked with --dry-run).
+# With --paddle, also create .venv-paddle (PaddlePaddle + paddle2onnx): paddle2onnx pins
+# onnx 1.17, older than what jax2onnx needs, so it gets a venv of its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SPA_FRAMEWORKS_VENV:-.venv-frameworks}
@@ -23,3 +25,14 @@ for mod in ("tensorflow", "tf2onnx", "jax", "flax", "jax2onnx", "sklearn", "onnx
     m = importlib.import_module(mod)
     print(f"{mod:12s} {getattr(m, '__version__', '?')}")
 PY
+
+if [ "${1:-}" = "--paddle" ]; then
+    if [ ! -x .venv-paddle/bin/python ]; then
+        "$PY" -m venv .venv-paddle
+    fi
+    .venv-paddle/bin/pip install -q --upgrade pip
+    # sympy and onnxruntime: paddle2onnx's optimiser (polygraphy) installs them otherwise.
+    .venv-paddle/bin/pip install -q "paddlepaddle==3.3.1" "paddle2onnx==2.1.0" sympy onnxruntime
+    .venv-paddle/bin/python -c "import paddle, paddle2onnx; print('paddle', paddle.__version__, \
+'paddle2onnx', paddle2onnx.__version__)"
+fi
