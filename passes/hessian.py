@@ -119,7 +119,13 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     """Statistics of every layer's input over the source's samples, one onnxruntime pass each."""
     from spa import validate as val
     from spa.ir import to_onnx
+    from spa.ir.save import TWO_GB, graph_bytes
 
+    size = graph_bytes(analysis.model.graph)
+    if size >= TWO_GB:  # checked before reading every weight into one protobuf
+        raise OptionError(f"layer inputs are collected with onnxruntime from an in-memory copy, "
+                          f"which takes models up to 2 GB; this one holds {size / 1e9:.1f} GB "
+                          "of weights: use a data-free magnitude criterion (l1, l2, fpgm, lamp)")
     model = to_onnx(analysis.model)
     wanted = sorted({layer.data for layer in layers.values()})
     present = {o.name for o in model.graph.output}

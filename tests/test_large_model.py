@@ -69,3 +69,18 @@ def test_model_over_2gb_within_1_5x_its_size(tmp_path: Path) -> None:
     checked = check_output(model, out)
     assert checked["external_initializers"] == checked["initializers"] == 18
     assert checked["output_shape"] == [1, 8192] and checked["output_finite"]
+
+
+def test_activation_criteria_refuse_models_over_2gb(tmp_path: Path, monkeypatch) -> None:
+    """OBSPA reads layer inputs through onnxruntime from memory: above 2 GB it says so before
+    loading anything (the limit is lowered here)."""
+    import spa.ir.save as save
+    from spa.api import PruneOptions, prune
+    from spa.errors import OptionError
+
+    monkeypatch.setattr(save, "TWO_GB", 1024)
+    src = tmp_path / "mlp.onnx"
+    build(src, hidden=64, layers=3)
+    with pytest.raises(OptionError, match="takes models up to 2 GB"):
+        prune(src, tmp_path / "o.onnx", PruneOptions(criterion="obspa"))
+    assert not (tmp_path / "o.onnx").exists()
