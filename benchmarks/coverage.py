@@ -15,6 +15,7 @@ that a hang or a crash costs one entry, not the sweep. Results are saved after e
 (``--resume`` continues an interrupted sweep).
 
     python -m benchmarks.coverage [--quick] [--only NAME ...] [--timeout 900] [--resume]
+        [--jobs 1]
 """
 
 from __future__ import annotations
@@ -294,7 +295,30 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def one_model(source: str, model: str, workdir: Path, timeout: float) -> dict:
+    """Both stages of one model; its ONNX files are removed afterwards."""
+    mdir = workdir / f"{source}_{model}"
+    mdir.mkdir()
+    row = {"source": source, "name": model,
+           "spa": run_stage("spa", source, model, mdir, timeout)}
+    row["tp"] = (run_stage("tp", source, model, mdir, timeout)
+                 if row["spa"]["status"] != "skipped" else {"status": "skipped"})
+    for f in mdir.glob("*.onnx*"):
+        f.unlink()
+    return row
+
+
+def _line(row: dict) -> str:
+    spa, tp = row["spa"], row["tp"]
+    return (f"{row['source']}/{row['name']}: SPA {spa['status']}"
+            f" {spa.get('flops_reduction_x', 0):.2f}x {spa.get('error', '')[:100]} |"
+            f" TP {tp['status']} {tp.get('onnx_flops_reduction_x', 0):.2f}x"
+            f" {tp.get('error', '')[:80]}")
+
+
 def sweep(args: argparse.Namespace) -> None:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from benchmarks.coverage_models import model_list
 
     models = model_list(args.quick)
@@ -302,35 +326,24 @@ def sweep(args: argparse.Namespace) -> None:
         models = [(s, n) for s, n in models if n in set(args.only)]
     name = NAME + ("_quick" if args.quick else "") + ("_subset" if args.only else "")
     partial = RESULTS / f"{name}.partial.json"
-    done = {}
+    done: dict[tuple[str, str], dict] = {}
     if args.resume and partial.exists():
         done = {(r["source"], r["name"]): r for r in json.loads(partial.read_text())}
     workdir = Path(tempfile.mkdtemp(prefix="spa-coverage-"))
-    rows = []
-    for i, (source, model) in enumerate(models):
-        if (source, model) in done:
-            rows.append(done[(source, model)])
-            continue
-        mdir = workdir / f"{source}_{model}"
-        mdir.mkdir()
-        row = {"source": source, "name": model,
-               "spa": run_stage("spa", source, model, mdir, args.timeout)}
-        row["tp"] = (run_stage("tp", source, model, mdir, args.timeout)
-                     if row["spa"]["status"] != "skipped" else {"status": "skipped"})
-        for f in mdir.glob("*.onnx*"):
-            f.unlink()
-        rows.append(row)
-        RESULTS.mkdir(exist_ok=True)
-        partial.write_text(json.dumps(rows, indent=1, default=str))
-        spa, tp = row["spa"], row["tp"]
-        print(f"[{i + 1}/{len(models)}] {source}/{model}: SPA {spa['status']}"
-              f" {spa.get('flops_reduction_x', 0):.2f}x {spa.get('error', '')[:100]} |"
-              f" TP {tp['status']} {tp.get('onnx_flops_reduction_x', 0):.2f}x"
-              f" {tp.get('error', '')[:80]}", flush=True)
+    todo = [m for m in models if m not in done]
+    RESULTS.mkdir(exist_ok=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
+        futures = [pool.submit(one_model, s, n, workdir, args.timeout) for s, n in todo]
+        for i, future in enumerate(as_completed(futures)):
+            row = future.result()
+            done[(row["source"], row["name"])] = row
+            partial.write_text(json.dumps(list(done.values()), indent=1, default=str))
+            print(f"[{len(models) - len(todo) + i + 1}/{len(models)}] {_line(row)}", flush=True)
+    rows = [done[m] for m in models]
     summary = summarise(rows)
     plot(rows, RESULTS / f"{name}.png")
     path = write_result(name, {"ratio": RATIO, "timeout_seconds": args.timeout,
-                               "summary": summary, "models": rows})
+                               "jobs": args.jobs, "summary": summary, "models": rows})
     if not args.only:
         partial.unlink(missing_ok=True)
     print(table(summary))
@@ -343,6 +356,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="only these model names")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per stage")
     parser.add_argument("--resume", action="store_true", help="continue a partial sweep")
+    parser.add_argument("--jobs", type=int, default=1, help="models run at the same time")
     parser.add_argument("--worker", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
