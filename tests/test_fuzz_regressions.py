@@ -57,3 +57,20 @@ def test_model_local_function_next_to_a_subgraph(tmp_path):
     out = prune_checked(m, tmp_path, ratio=0.5)
     shapes = init_shapes(out.path)
     assert shapes["cA.w"] == (8, 3, 3, 3) and shapes["cB.w"] == (4, 3, 3, 3)
+
+
+def test_resize_scales_concatenated_at_run_time(tmp_path):
+    """Fuzz seed 139 (a PyTorch net exported without constant folding): ``interpolate``'s
+    Resize scales are ``Concat([1., 1.], [2., 2.])``. Unfolded, the Resize froze the channels
+    before it and hid every shape after it (the whole model froze); folded, all prune."""
+    b = Builder()
+    ones = b.op("Constant", value=helper.make_tensor("one", F32, [2], [1.0, 1.0]))
+    twos = b.op("Constant", value=helper.make_tensor("two", F32, [2], [2.0, 2.0]))
+    x = b.op("Relu", b.conv("x", 3, 8, name="c1"))
+    x = b.op("Resize", x, "", b.op("Concat", ones, twos, axis=0), mode="nearest", name="up")
+    y = b.gemm(b.op("Flatten", b.conv(x, 8, 4, name="c2")), 4 * 64, 3, name="fc")
+    m = b.model({"x": [1, 3, 4, 4]}, {y: [1, 3]})
+    assert group_sizes(m) == [(8, True), (4, True), (3, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    shapes = init_shapes(out.path)
+    assert shapes["c2.w"] == (2, 4, 3, 3) and shapes["fc.w"] == (3, 128)

@@ -190,17 +190,25 @@ def _value(node: gs.Node) -> np.ndarray | None:
         return None
     values = [np.asarray(t.values) for t in ins]
     fn = LAYOUT_FOLDERS.get(node.op)
-    if fn is None and node.op in SHAPE_FOLDERS and _is_shape_value(values):
+    if fn is None and node.op in SHAPE_FOLDERS and (_is_shape_value(values)
+                                                    or _small_float_concat(node, values)):
         fn = SHAPE_FOLDERS[node.op]
     return None if fn is None else fn(node, values)
+
+
+def _small_float_concat(node: gs.Node, values: list[np.ndarray]) -> bool:
+    """``Concat`` of small constants of any type: TorchScript without constant folding writes
+    ``interpolate``'s Resize scales as ``Concat([1., 1.], [2., 2.])``; left as a run-time value
+    it hides every shape after the Resize."""
+    return node.op == "Concat" and all(v.size <= _SMALL for v in values)
 
 
 def fold_constant_ops(graph: gs.Graph) -> int:
     """Replace each foldable node whose inputs are all constants by its value.
 
     Nodes are visited in topological order, so a chain of foldable nodes folds in one pass.
-    Returns how many *shape values* (small integer results) were folded: those can make shapes
-    known that inference left symbolic.
+    Returns how many *shape values* (small integer results, and small Concats such as Resize
+    scales) were folded: those can make shapes known that inference left symbolic.
     """
     folded = 0
     for node in list(graph.nodes):
@@ -218,5 +226,6 @@ def fold_constant_ops(graph: gs.Graph) -> int:
             for i, t in enumerate(consumer.inputs):
                 if t is out:
                     consumer.inputs[i] = const
-        folded += int(_is_shape_value([const.values]) and node.op not in LAYOUT_FOLDERS)
+        folded += int((_is_shape_value([const.values]) or node.op == "Concat")
+                      and node.op not in LAYOUT_FOLDERS)
     return folded
