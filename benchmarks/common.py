@@ -73,9 +73,18 @@ def side_by_side_latency(paths: dict[str, Path], *, threads: int, rounds: int = 
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
+def command() -> str:
+    """The command line that ran, as ``python -m benchmarks.x …`` when run as a module."""
+    script, root = Path(sys.argv[0]).resolve(), Path(__file__).resolve().parent.parent
+    if script.suffix == ".py" and script.is_relative_to(root):
+        module = ".".join(script.relative_to(root).with_suffix("").parts)
+        return " ".join(["python", "-m", module, *sys.argv[1:]])
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
 def write_result(name: str, body: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
-    body = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+    body = {"command": command(), "machine": machine(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "revision": revision(), **body}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(body, indent=1) + "\n")

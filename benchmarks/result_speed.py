@@ -12,7 +12,8 @@ jobs on the machine do not inflate; the goal is judged on it. FLOPs and params o
 counted by the same counter (``spa.metrics.CostModel``).
 
 Goal: latency speed-up ≥ 0.8 × FLOPs reduction. Where SPA's result falls below it, the same
-ratio with ``--round-to 8`` is measured as well, side by side with the unrounded one.
+ratio with ``--round-to 8`` is measured as well, side by side with the unrounded one, and
+onnxruntime's profiler says where the time of each of those files goes, by op type.
 
     python -m benchmarks.result_speed [--ratios 0.25 0.5 0.75] [--models ...] [--rounds 20]
         [--quick]
@@ -110,6 +111,33 @@ def below_goal(result: dict) -> list[str]:
             and e["threads1"]["cpu_ms"]["speedup_over_flops_reduction"] < GOAL]
 
 
+def op_profile(path: Path, runs: int = 20) -> dict[str, float]:
+    """Where one 1-thread run spends its time: onnxruntime's profiler, ms per run by op type,
+    largest first (to explain a speed-up that does not follow the FLOPs)."""
+    import collections
+    import json
+
+    import onnxruntime as ort
+
+    from spa import validate as val
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(path.with_suffix(""))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = val.random_inputs(sess)
+    for _ in range(runs):
+        sess.run(None, feeds)
+    trace = Path(sess.end_profiling())
+    by_op: collections.Counter = collections.Counter()
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+    trace.unlink()
+    return {op: round(ms, 4) for op, ms in by_op.most_common()}
+
+
 def measure(key: str, ratios: list[float], rounds: int, workdir: Path) -> dict:
     paths = make_variants(key, ratios, workdir)
     timing = timed(paths, rounds)
@@ -124,6 +152,7 @@ def measure(key: str, ratios: list[float], rounds: int, workdir: Path) -> dict:
                                                    workdir / f"{key}_{label}_round8.onnx", r, 8)
         timing8 = timed(retry, rounds)
         result["round_to_8"] = {"variants": rows(retry, timing8), "timing": timing8}
+        result["op_profile_ms_1_thread"] = {label: op_profile(p) for label, p in retry.items()}
     for p in workdir.glob(f"{key}*.onnx"):
         p.unlink()
     return {"model": MODELS[key].label, "below_goal": slow, **result}

@@ -1,0 +1,125 @@
+"""Markdown tables of the SPA-versus-Torch-Pruning results, for the README.
+
+Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory}.json`` and prints the
+tables, so that every figure in the README is a figure of a recorded run.
+
+    python -m benchmarks.tables [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks.common import RESULTS
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _load_note(d: dict) -> str:
+    return f"`{d['command']}`, revision `{d.get('revision', '?')}`, {d['date']}"
+
+
+def coverage(d: dict) -> str:
+    s = d["summary"]
+    spa, tp = s["spa"], s["tp"]
+    by = s["by_source"]
+    lines = [
+        f"Coverage ({_load_note(d)}): ratio {d['ratio']}, {s['models']} models, "
+        f"{s['compared']} compared ({len(s['skipped'])} skipped as too large, "
+        f"{len(s['export_failures'])} export failures, {len(s['build_errors'])} build errors).",
+        "",
+        "| | models | pruned | frozen entirely | error (crash / oracle) | timeout |",
+        "|---|---|---|---|---|---|",
+        f"| SPA (oracle checked) | {s['compared']} | {spa['pruned']} | {spa['frozen']} | "
+        f"{spa['error'] + spa['crash']} | {spa['timeout']} |",
+        "",
+        "| | models | pruned, runs, right output shape | wrong output shape | pruned, forward "
+        "fails | error while pruning | nothing pruned | timeout / crash |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| Torch-Pruning | {s['compared']} | {tp['pruned_runs']} | {tp['wrong_output_shape']} | "
+        f"{tp['forward_fails']} | {tp['error']} | {tp['nothing_pruned']} | "
+        f"{tp['timeout'] + tp['crash']} |",
+        "",
+        "By source: " + "; ".join(f"{src}: SPA {v['spa_pruned']}/{v['compared']}, "
+                                  f"Torch-Pruning {v['tp_pruned_runs']}/{v['compared']}"
+                                  for src, v in by.items()),
+    ]
+    return "\n".join(lines)
+
+
+def compile_speed(d: dict) -> str:
+    lines = [f"Compile speed ({_load_note(d)}; load average "
+             f"{d['load_average_before'][0]:.1f} → {d['load_average_after'][0]:.1f}):", "",
+             "| model | file | SPA file → pruned file | Torch-Pruning graph + prune | SPA / TP "
+             "(wall) | SPA / TP (CPU time) |", "|---|---|---|---|---|---|"]
+    for r in d["results"].values():
+        b = r["spa_breakdown_median"]
+        lines.append(
+            f"| {r['model']} | {r['file_bytes'] / 2**20:.0f} MB | {r['spa_seconds_median']:.2f} s"
+            f" (load+analysis {b['load_analyze']:.2f}, rewrite {b['rewrite']:.2f}, save "
+            f"{b['save']:.2f}) | {r['tp_seconds_median']:.2f} s | {r['spa_over_tp']:.2f} | "
+            f"{r['spa_over_tp_cpu']:.2f} |")
+    return "\n".join(lines)
+
+
+def _variant_cell(v: dict) -> str:
+    t1, t2 = v["threads1"], v["threads2"]
+    return (f"÷{v['flops_reduction_x']:.2f} | ×{t1['cpu_ms']['speedup_x']:.2f} "
+            f"({t1['cpu_ms']['speedup_over_flops_reduction']:.2f}) | "
+            f"×{t1['wall_ms']['speedup_x']:.2f} / ×{t2['wall_ms']['speedup_x']:.2f}")
+
+
+def result_speed(d: dict) -> str:
+    lines = [f"Speed of the result ({_load_note(d)}):", "",
+             "| model | ratio | tool | FLOPs | speed-up, 1 thread CPU time (÷ FLOPs cut) | "
+             "speed-up, wall clock 1 / 2 threads | size |", "|---|---|---|---|---|---|---|"]
+    for key, res in d["results"].items():
+        variants = res["main"]["variants"]
+        r8 = res.get("round_to_8", {}).get("variants", {})
+        dense = variants["dense"]
+        lines.append(f"| {key} | dense | | {dense['flops'] / 1e9:.2f} GMACs | "
+                     f"{dense['threads1']['cpu_ms']['latency_ms']:.1f} ms | "
+                     f"{dense['threads1']['wall_ms']['latency_ms']:.1f} / "
+                     f"{dense['threads2']['wall_ms']['latency_ms']:.1f} ms | "
+                     f"{dense['bytes'] / 2**20:.0f} MB |")
+        for ratio in d["ratios"]:
+            for label, tool in ((f"spa_{ratio}", "SPA"), (f"tp_{ratio}", "Torch-Pruning"),
+                                (f"spa_{ratio}_round8", "SPA `--round-to 8`")):
+                v = variants.get(label) or r8.get(label)
+                if v is None:
+                    continue
+                lines.append(f"| | {ratio} | {tool} | {_variant_cell(v)} | "
+                             f"÷{v['size_reduction_x']:.2f} |")
+    return "\n".join(lines)
+
+
+def memory(d: dict) -> str:
+    lines = [f"Memory ({_load_note(d)}; importing SPA alone: "
+             f"{d['baseline_import_rss_bytes'] / 2**20:.0f} MiB):", "",
+             "| model | file | `--no-validate` | default (validate) | `--check-masked` |",
+             "|---|---|---|---|---|"]
+    for r in d["results"].values():
+        cells = [f"{m['peak_rss_bytes'] / 2**20:.0f} MiB = {m['rss_over_file']:.1f}× "
+                 f"({m['wall_seconds']:.0f} s)" for m in r["modes"].values()]
+        lines.append(f"| {r['model']} | {r['file_bytes'] / 2**20:.0f} MiB | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the --quick results")
+    args = parser.parse_args()
+    suffix = "_quick" if args.quick else ""
+    for name, render in (("coverage", coverage), ("compile_speed", compile_speed),
+                         ("result_speed", result_speed), ("memory", memory)):
+        d = _load(name + suffix)
+        print(render(d) if d else f"({name}{suffix}.json: not run)", end="\n\n")
+
+
+if __name__ == "__main__":
+    main()
