@@ -252,12 +252,36 @@ def summarise(rows: list[dict]) -> dict:
                            for r in exported if r["spa"]["status"] in ("error", "crash",
                                                                        "timeout")},
             "spa_frozen": [r["name"] for r in exported if r["spa"]["status"] == "frozen"],
+            "both_pruned": _both_pruned(exported),
+            "freeze_reasons_by_models": _reasons_by_models(exported),
             "by_source": {src: {"spa_pruned": sum(1 for r in exported if r["source"] == src
                                                   and r["spa"]["status"] == "pruned"),
                                 "tp_pruned_runs": sum(1 for r in exported if r["source"] == src
                                                       and r["tp"]["status"] == "pruned_runs"),
                                 "compared": sum(1 for r in exported if r["source"] == src)}
                           for src in ("torchvision", "timm")}}
+
+
+def _both_pruned(rows: list[dict]) -> dict:
+    """FLOPs reductions of the models both tools pruned (Torch-Pruning's counted on its ONNX)."""
+    import statistics
+
+    pairs = [(r["spa"]["flops_reduction_x"], r["tp"]["onnx_flops_reduction_x"]) for r in rows
+             if r["spa"]["status"] == "pruned" and "onnx_flops_reduction_x" in r["tp"]]
+    if not pairs:
+        return {"models": 0}
+    return {"models": len(pairs),
+            "spa_flops_reduction_median": statistics.median(p[0] for p in pairs),
+            "tp_flops_reduction_median": statistics.median(p[1] for p in pairs),
+            "spa_below_tp_by_10pct": sum(1 for a, b in pairs if a < 0.9 * b)}
+
+
+def _reasons_by_models(rows: list[dict]) -> dict[str, int]:
+    """For each kind of freeze reason, how many pruned models it froze something in."""
+    counts = collections.Counter(reason for r in rows if r["spa"]["status"] in ("pruned",
+                                                                                "frozen")
+                                 for reason in r["spa"].get("freeze_reasons", {}))
+    return dict(counts.most_common(8))
 
 
 def table(summary: dict) -> str:

@@ -24,7 +24,9 @@ def _load_note(d: dict) -> str:
 
 
 def coverage(d: dict) -> str:
-    s = d["summary"]
+    from benchmarks.coverage import summarise
+
+    s = summarise(d["models"])  # the current summary of the recorded rows
     spa, tp = s["spa"], s["tp"]
     by = s["by_source"]
     lines = [
@@ -48,6 +50,16 @@ def coverage(d: dict) -> str:
                                   f"Torch-Pruning {v['tp_pruned_runs']}/{v['compared']}"
                                   for src, v in by.items()),
     ]
+    both = s["both_pruned"]
+    if both["models"]:
+        lines += ["", f"On the {both['models']} models both prune, the median FLOPs reduction at "
+                  f"this ratio is ÷{both['spa_flops_reduction_median']:.2f} for SPA and "
+                  f"÷{both['tp_flops_reduction_median']:.2f} for Torch-Pruning; SPA's is more "
+                  f"than 10% smaller on {both['spa_below_tp_by_10pct']}."]
+    lines += ["", "SPA freeze reasons (number of models):", ""]
+    lines += [f"- {n}: {reason}" for reason, n in s["freeze_reasons_by_models"].items()]
+    lines += ["", "SPA errors:", ""]
+    lines += [f"- {name}: {err}" for name, err in s["spa_errors"].items()] or ["- none"]
     return "\n".join(lines)
 
 
