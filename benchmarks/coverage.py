@@ -206,7 +206,8 @@ def run_stage(stage: str, source: str, name: str, workdir: Path, timeout: float)
     """One stage in a subprocess; a timeout or a crash becomes the entry's status."""
     out = workdir / f"{name}.{stage}.json"
     cmd = [sys.executable, "-m", "benchmarks.coverage", "--worker", stage, "--source", source,
-           "--name", name, "--workdir", str(workdir), "--out", str(out)]
+           "--name", name, "--workdir", str(workdir), "--out", str(out),
+           "--memory-limit", str(MEMORY_LIMIT)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -219,19 +220,37 @@ def run_stage(stage: str, source: str, name: str, workdir: Path, timeout: float)
             "stderr_tail": proc.stderr.strip().splitlines()[-5:], "wall_seconds": wall}
 
 
+MEMORY_LIMIT = 8 * 2**30  # address space of one stage; the machine is shared
+
+
+def out_of_memory(message: str) -> bool:
+    """An allocation failure under the limit, as numpy, torch or onnxruntime words it."""
+    return any(s in message for s in ("MemoryError", "can't allocate memory", "bad_alloc",
+                                      "Failed to allocate", "Cannot allocate memory"))
+
+
 def worker(args: argparse.Namespace) -> None:
     import logging
+    import resource
     import warnings
 
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
-    result = STAGES[args.worker](args.source, args.name, Path(args.workdir))
+    # Torch-Pruning's tracer needs over 20 GB on torchvision's Swin: a limit turns that into
+    # an error in this stage instead of the kernel's OOM killer picking a process.
+    resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    try:
+        result = STAGES[args.worker](args.source, args.name, Path(args.workdir))
+    except Exception as exc:  # the stages record their own errors; this is the build or export
+        result = {"status": "crash", "error": _one_line(exc), "where": _where(exc)}
+    if out_of_memory(result.get("error", "")):
+        result = {**result, "status": "memory_limit", "memory_limit_bytes": args.memory_limit}
     Path(args.out).write_text(json.dumps(result, default=str))
 
 
-SPA_STATUSES = ("pruned", "frozen", "error", "timeout", "crash")
+SPA_STATUSES = ("pruned", "frozen", "error", "memory_limit", "timeout", "crash")
 TP_STATUSES = ("pruned_runs", "nothing_pruned", "wrong_output_shape", "forward_fails", "error",
-               "timeout", "crash")
+               "memory_limit", "timeout", "crash")
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -386,6 +405,7 @@ def main() -> None:
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-limit", type=int, default=MEMORY_LIMIT, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
