@@ -14,8 +14,8 @@ Every model runs in two subprocesses (SPA stage, Torch-Pruning stage), each with
 that a hang or a crash costs one entry, not the sweep. Results are saved after every model
 (``--resume`` continues an interrupted sweep).
 
-    python -m benchmarks.coverage [--quick] [--only NAME ...] [--timeout 900] [--resume]
-        [--jobs 1]
+    python -m benchmarks.coverage [--quick] [--only NAME ...] [--timeout 900] [--jobs 1]
+        [--resume [--redo NAME ...]]
 """
 
 from __future__ import annotations
@@ -371,7 +371,8 @@ def sweep(args: argparse.Namespace) -> None:
     partial = RESULTS / f"{name}.partial.json"
     done: dict[tuple[str, str], dict] = {}
     if args.resume and partial.exists():
-        done = {(r["source"], r["name"]): r for r in json.loads(partial.read_text())}
+        done = {(r["source"], r["name"]): r for r in json.loads(partial.read_text())
+                if r["name"] not in set(args.redo or ())}
     workdir = Path(tempfile.mkdtemp(prefix="spa-coverage-"))
     todo = [m for m in models if m not in done]
     RESULTS.mkdir(exist_ok=True)
@@ -400,6 +401,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per stage")
     parser.add_argument("--resume", action="store_true", help="continue a partial sweep")
     parser.add_argument("--jobs", type=int, default=1, help="models run at the same time")
+    parser.add_argument("--redo", nargs="*", help="with --resume: run these models again")
     parser.add_argument("--worker", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
