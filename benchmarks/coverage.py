@@ -15,7 +15,7 @@ that a hang or a crash costs one entry, not the sweep. Results are saved after e
 (``--resume`` continues an interrupted sweep).
 
     python -m benchmarks.coverage [--quick] [--only NAME ...] [--timeout 900] [--jobs 1]
-        [--resume [--redo NAME ...]]
+        [--resume [--redo NAME ...]] [--memory-limit BYTES]
 """
 
 from __future__ import annotations
@@ -202,12 +202,13 @@ def _dense_flops(workdir: Path, name: str) -> int | None:
 STAGES = {"spa": spa_stage, "tp": tp_stage}
 
 
-def run_stage(stage: str, source: str, name: str, workdir: Path, timeout: float) -> dict:
+def run_stage(stage: str, source: str, name: str, workdir: Path, timeout: float,
+              limit: int) -> dict:
     """One stage in a subprocess; a timeout or a crash becomes the entry's status."""
     out = workdir / f"{name}.{stage}.json"
     cmd = [sys.executable, "-m", "benchmarks.coverage", "--worker", stage, "--source", source,
            "--name", name, "--workdir", str(workdir), "--out", str(out),
-           "--memory-limit", str(MEMORY_LIMIT)]
+           "--memory-limit", str(limit)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -244,7 +245,8 @@ def worker(args: argparse.Namespace) -> None:
     except Exception as exc:  # the stages record their own errors; this is the build or export
         result = {"status": "crash", "error": _one_line(exc), "where": _where(exc)}
     if out_of_memory(result.get("error", "")):
-        result = {**result, "status": "memory_limit", "memory_limit_bytes": args.memory_limit}
+        result["status"] = "memory_limit"
+    result["memory_limit_bytes"] = args.memory_limit
     Path(args.out).write_text(json.dumps(result, default=str))
 
 
@@ -338,13 +340,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def one_model(source: str, model: str, workdir: Path, timeout: float) -> dict:
+def one_model(source: str, model: str, workdir: Path, timeout: float, limit: int) -> dict:
     """Both stages of one model; its ONNX files are removed afterwards."""
     mdir = workdir / f"{source}_{model}"
     mdir.mkdir()
     row = {"source": source, "name": model,
-           "spa": run_stage("spa", source, model, mdir, timeout)}
-    row["tp"] = (run_stage("tp", source, model, mdir, timeout)
+           "spa": run_stage("spa", source, model, mdir, timeout, limit)}
+    row["tp"] = (run_stage("tp", source, model, mdir, timeout, limit)
                  if row["spa"]["status"] != "skipped" else {"status": "skipped"})
     for f in mdir.glob("*.onnx*"):
         f.unlink()
@@ -370,14 +372,17 @@ def sweep(args: argparse.Namespace) -> None:
     name = NAME + ("_quick" if args.quick else "") + ("_subset" if args.only else "")
     partial = RESULTS / f"{name}.partial.json"
     done: dict[tuple[str, str], dict] = {}
-    if args.resume and partial.exists():
-        done = {(r["source"], r["name"]): r for r in json.loads(partial.read_text())
-                if r["name"] not in set(args.redo or ())}
+    final = RESULTS / f"{name}.json"
+    if args.resume and (partial.exists() or final.exists()):
+        rows = (json.loads(partial.read_text()) if partial.exists()
+                else json.loads(final.read_text())["models"])
+        done = {(r["source"], r["name"]): r for r in rows if r["name"] not in set(args.redo or ())}
     workdir = Path(tempfile.mkdtemp(prefix="spa-coverage-"))
     todo = [m for m in models if m not in done]
     RESULTS.mkdir(exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
-        futures = [pool.submit(one_model, s, n, workdir, args.timeout) for s, n in todo]
+        futures = [pool.submit(one_model, s, n, workdir, args.timeout, args.memory_limit)
+                   for s, n in todo]
         for i, future in enumerate(as_completed(futures)):
             row = future.result()
             done[(row["source"], row["name"])] = row
@@ -407,7 +412,8 @@ def main() -> None:
     parser.add_argument("--name", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-limit", type=int, default=MEMORY_LIMIT, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-limit", type=int, default=MEMORY_LIMIT,
+                        help="address-space limit of each stage, bytes (default 8 GiB)")
     args = parser.parse_args()
     if args.worker:
         worker(args)
