@@ -272,7 +272,11 @@ def summarise(rows: list[dict]) -> dict:
             "spa_errors": {r["name"]: r["spa"].get("error", r["spa"]["status"])
                            for r in exported if r["spa"]["status"] in ("error", "crash",
                                                                        "timeout")},
-            "spa_frozen": [r["name"] for r in exported if r["spa"]["status"] == "frozen"],
+            "spa_frozen": {r["name"]: r["spa"].get("message", "") for r in exported
+                           if r["spa"]["status"] == "frozen"},
+            "spa_prediction_mismatch": [r["name"] for r in exported
+                                        if r["spa"]["status"] == "pruned"
+                                        and not r["spa"]["prediction_matches"]],
             "both_pruned": _both_pruned(exported),
             "freeze_reasons_by_models": _reasons_by_models(exported),
             "by_source": {src: {"spa_pruned": sum(1 for r in exported if r["source"] == src
@@ -284,11 +288,13 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def _both_pruned(rows: list[dict]) -> dict:
-    """FLOPs reductions of the models both tools pruned (Torch-Pruning's counted on its ONNX)."""
+    """FLOPs reductions of the models both tools pruned (Torch-Pruning's counted on its ONNX),
+    leaving out those whose emitted FLOPs differ from SPA's prediction (the count is suspect)."""
     import statistics
 
     pairs = [(r["spa"]["flops_reduction_x"], r["tp"]["onnx_flops_reduction_x"]) for r in rows
-             if r["spa"]["status"] == "pruned" and "onnx_flops_reduction_x" in r["tp"]]
+             if r["spa"]["status"] == "pruned" and r["spa"]["prediction_matches"]
+             and "onnx_flops_reduction_x" in r["tp"]]
     if not pairs:
         return {"models": 0}
     return {"models": len(pairs),

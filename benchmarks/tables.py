@@ -58,6 +58,11 @@ def coverage(d: dict) -> str:
                   f"than 10% smaller on {both['spa_below_tp_by_10pct']}."]
     lines += ["", "SPA freeze reasons (number of models):", ""]
     lines += [f"- {n}: {reason}" for reason, n in s["freeze_reasons_by_models"].items()]
+    if s["spa_prediction_mismatch"]:
+        lines += ["", "Pruned, oracle holds, but the emitted FLOPs differ from the prediction "
+                  "(left out of the medians): " + ", ".join(s["spa_prediction_mismatch"]) + "."]
+    lines += ["", "SPA frozen entirely:", ""]
+    lines += [f"- {name}: {msg[:200]}" for name, msg in s["spa_frozen"].items()] or ["- none"]
     lines += ["", "SPA errors:", ""]
     lines += [f"- {name}: {err}" for name, err in s["spa_errors"].items()] or ["- none"]
     return "\n".join(lines)
