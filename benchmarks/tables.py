@@ -34,17 +34,18 @@ def coverage(d: dict) -> str:
         f"{s['compared']} compared ({len(s['skipped'])} skipped as too large, "
         f"{len(s['export_failures'])} export failures, {len(s['build_errors'])} build errors).",
         "",
-        "| | models | pruned | frozen entirely | error (crash / oracle) | timeout |",
-        "|---|---|---|---|---|---|",
-        f"| SPA (oracle checked) | {s['compared']} | {spa['pruned']} | {spa['frozen']} | "
-        f"{spa['error'] + spa['crash']} | {spa['timeout']} |",
+        "| | models | pruned (oracle holds) | frozen entirely | error | over the memory limit "
+        "| timeout / crash |",
+        "|---|---|---|---|---|---|---|",
+        f"| SPA | {s['compared']} | {spa['pruned']} | {spa['frozen']} | {spa['error']} | "
+        f"{spa['memory_limit']} | {spa['timeout'] + spa['crash']} |",
         "",
         "| | models | pruned, runs, right output shape | wrong output shape | pruned, forward "
-        "fails | error while pruning | nothing pruned | timeout / crash |",
-        "|---|---|---|---|---|---|---|---|",
+        "fails | error while pruning | over the memory limit | timeout / crash | nothing pruned |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| Torch-Pruning | {s['compared']} | {tp['pruned_runs']} | {tp['wrong_output_shape']} | "
-        f"{tp['forward_fails']} | {tp['error']} | {tp['nothing_pruned']} | "
-        f"{tp['timeout'] + tp['crash']} |",
+        f"{tp['forward_fails']} | {tp['error']} | {tp['memory_limit']} | "
+        f"{tp['timeout'] + tp['crash']} | {tp['nothing_pruned']} |",
         "",
         "By source: " + "; ".join(f"{src}: SPA {v['spa_pruned']}/{v['compared']}, "
                                   f"Torch-Pruning {v['tp_pruned_runs']}/{v['compared']}"
