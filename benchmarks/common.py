@@ -16,12 +16,29 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 
 
+PACKAGES = ("numpy", "onnx", "onnxruntime", "torch", "torchvision", "timm", "torch-pruning")
+
+
 def machine() -> dict:
     import onnxruntime
 
     return {"python": platform.python_version(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "packages": _versions(PACKAGES)}
+
+
+def _versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions as pip sees them (torch-pruning 1.6.1 reports 1.6.0 in __version__)."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def revision() -> str:
