@@ -99,6 +99,16 @@ def command() -> str:
     return " ".join([Path(sys.executable).name, *sys.argv])
 
 
+def onnx_counts(path: Path) -> dict:
+    """Params and FLOPs (MACs) of an ONNX file by SPA's counter, and its size: one yardstick for
+    every tool's output."""
+    from spa.ir import load_model
+    from spa.metrics import CostModel
+
+    c = CostModel(load_model(path).graph).count()
+    return {"params": c.params, "flops": c.flops, "bytes": Path(path).stat().st_size}
+
+
 def write_result(name: str, body: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     body = {"command": command(), "machine": machine(),

@@ -30,7 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, onnx_counts, write_result
 
 RATIO = 0.3
 NAME = "coverage"
@@ -78,18 +78,26 @@ def _freeze_reasons(frozen_reason_lists) -> dict[str, int]:
     return dict(counts.most_common(5))
 
 
-def spa_stage(source: str, name: str, workdir: Path) -> dict:
-    """Build, export, prune with SPA under the oracle; one status and its evidence."""
+def _build(source: str, name: str):
+    """The built model, or the entry that says why there is none (too large, fails to build)."""
     from benchmarks.coverage_models import TooLarge, build
-    from spa.api import CheckOptions, PruneOptions, analyze, prune
-    from spa.errors import NothingPrunableError, ValidationError
 
     try:
-        built = build(source, name)
+        return build(source, name)
     except TooLarge as exc:
         return {"status": "skipped", "reason": str(exc)}
     except Exception as exc:
         return {"status": "build_error", "error": _one_line(exc)}
+
+
+def spa_stage(source: str, name: str, workdir: Path) -> dict:
+    """Build, export, prune with SPA under the oracle; one status and its evidence."""
+    from spa.api import CheckOptions, PruneOptions, analyze, prune
+    from spa.errors import NothingPrunableError, ValidationError
+
+    built = _build(source, name)
+    if isinstance(built, dict):
+        return built
     entry: dict = {"input_size": list(built.example.shape)}
     dense = workdir / f"{name}.onnx"
     t0 = time.perf_counter()
@@ -130,26 +138,15 @@ def spa_stage(source: str, name: str, workdir: Path) -> dict:
             "freeze_reasons": _freeze_reasons(f["reasons"] for f in report.frozen)}
 
 
-def _onnx_flops(path: Path) -> int:
-    from spa.ir import load_model
-    from spa.metrics import CostModel
-
-    return CostModel(load_model(path).graph).count().flops
-
-
 def tp_stage(source: str, name: str, workdir: Path) -> dict:
     """Prune the same module with Torch-Pruning's recipe; does the result still run?"""
     import torch
 
     from benchmarks import tp_peer
-    from benchmarks.coverage_models import TooLarge, build
 
-    try:
-        built = build(source, name)
-    except TooLarge as exc:
-        return {"status": "skipped", "reason": str(exc)}
-    except Exception as exc:
-        return {"status": "build_error", "error": _one_line(exc)}
+    built = _build(source, name)
+    if isinstance(built, dict):
+        return built
     model, example = built.module, built.example
     with torch.no_grad():
         dense_shape = list(model(example).shape)
@@ -182,7 +179,7 @@ def tp_stage(source: str, name: str, workdir: Path) -> dict:
         entry["export"] = export(model, example, pruned)
         dense_flops = _dense_flops(workdir, name)
         if dense_flops:
-            entry["onnx_flops_reduction_x"] = dense_flops / max(_onnx_flops(pruned), 1)
+            entry["onnx_flops_reduction_x"] = dense_flops / max(onnx_counts(pruned)["flops"], 1)
     except Exception as exc:  # counted by Torch-Pruning only
         entry["onnx_count_error"] = _one_line(exc)
     return entry
@@ -196,7 +193,7 @@ def _dense_flops(workdir: Path, name: str) -> int | None:
         if flops:
             return flops
     dense = workdir / f"{name}.onnx"
-    return _onnx_flops(dense) if dense.exists() else None
+    return onnx_counts(dense)["flops"] if dense.exists() else None
 
 
 STAGES = {"spa": spa_stage, "tp": tp_stage}

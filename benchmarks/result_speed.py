@@ -27,19 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, side_by_side_latency, write_result
+from benchmarks.common import RESULTS, onnx_counts, side_by_side_latency, write_result
 from benchmarks.zoo import MODELS, export, tp_pruned
 
 GOAL = 0.8
 THREADS = (1, 2)
-
-
-def counts(path: Path) -> dict:
-    from spa.ir import load_model
-    from spa.metrics import CostModel
-
-    c = CostModel(load_model(path).graph).count()
-    return {"params": c.params, "flops": c.flops, "bytes": path.stat().st_size}
 
 
 def spa_variant(dense: Path, out: Path, ratio: float, round_to: int = 1) -> Path:
@@ -86,10 +78,10 @@ def timed(paths: dict[str, Path], rounds: int) -> dict:
 def rows(paths: dict[str, Path], timing: dict) -> dict:
     """Per variant: counts, FLOPs reduction, and per thread count and clock the latency, the
     speed-up and the speed-up ÷ FLOPs reduction."""
-    dense = counts(paths["dense"])
+    dense = onnx_counts(paths["dense"])
     result = {}
     for label, path in paths.items():
-        c = counts(path)
+        c = onnx_counts(path)
         entry = {**c, "flops_reduction_x": dense["flops"] / c["flops"],
                  "size_reduction_x": dense["bytes"] / c["bytes"]}
         for threads, t in timing.items():
