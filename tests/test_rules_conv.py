@@ -133,3 +133,27 @@ def test_conv_transpose_grouped(tmp_path):
     c3_cols = kept_slices(init_value(m, "c3.w"), init_value(out.path, "c3.w"), 1)
     assert c3_cols == ct_b
     np.testing.assert_array_equal(init_value(out.path, "ct.b"), init_value(m, "ct.b")[ct_b])
+
+
+def test_grouped_conv_behind_unknown_channels_freezes(tmp_path):
+    """timm ``tf_efficientnetv2_b0`` (coverage sweep): a depthwise conv behind TF-"same" padding
+    (a Pad with run-time pads, so its output's channel count is unknown). The conv's output
+    channels used to prune while ``group`` stayed at the old count: onnxruntime rejected the
+    model ("Output channels M is not divisible by group"). The group cannot be counted, so the
+    conv's channels freeze, with the reason; the convs around it still prune."""
+    b = Builder()
+    a = b.op("Relu", b.conv("x", 3, 8, name="cA"))
+    flag = b.op("Cast", b.op("Greater", b.op("ReduceSum", "x", keepdims=0),
+                             b.const(np.float32(1e9))), to=7)
+    pads = b.op("Mul", flag, b.const([0, 0, 1, 1, 0, 0, 1, 1]))
+    padded = b.op("Pad", a, pads)
+    dw = b.conv(padded, 8, 16, group=8, name="dw", pads=[0, 0, 0, 0])
+    y = b.conv(b.op("Relu", b.conv(b.op("Relu", dw), 16, 8, name="cC")), 8, 4, name="cD")
+    m = b.model({"x": [1, 3, 6, 6]}, {y: [1, 4, None, None]})
+    assert any("group=8" in r and "'dw'" in r for r in group_of(m, dw, 1).frozen)
+    assert group_of(m, "cC.w", 0).prunable
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    shapes = init_shapes(out.path)
+    assert shapes["dw.w"] == (16, 1, 3, 3)
+    assert attr(node_named(out.path, "dw"), "group") == 8
+    assert shapes["cC.w"] == (4, 16, 3, 3)

@@ -11,6 +11,7 @@ from graphs import Builder, group_of, init_shapes, init_value, input_value, kept
 from oracle import prune_checked
 
 from spa.coupling.rules.shape import static_factor_groups
+from spa.ir.fold import SHAPE_FOLDERS
 
 I32, I64 = onnx.TensorProto.INT32, onnx.TensorProto.INT64
 
@@ -114,3 +115,53 @@ def test_keras_flatten_target_that_reads_the_channels_freezes():
     m = _keras_flatten(batch_slice=(3, 4))
     g = group_of(m, "c1.w", 0)
     assert not g.prunable and any("'shape'" in r for r in g.frozen), g.frozen
+
+
+def _tf_same_pad(b: Builder, t: str, k: int, s: int) -> str:
+    """timm's ``pad_same`` as TorchScript exports it: the pads of each spatial dim computed in
+    float from ``Shape`` at run time, ``max((ceil(i / s) - 1) * s + k - i, 0)``, split in two."""
+    pads = []
+    for axis in (2, 3):
+        size = b.op("Cast", b.op("Gather", b.op("Shape", t), b.const(axis)), to=1)
+        total = b.op("Sub", b.op("Add", b.op("Mul", b.op("Sub", b.op("Ceil", b.op(
+            "Div", size, b.const(np.float32(s)))), b.const(np.float32(1))),
+            b.const(np.float32(s))), b.const(np.float32(k))), size)
+        total = b.op("Clip", total, b.const(np.float32(0)), "")
+        half = b.op("Cast", b.op("Cast", b.op("Div", total, b.const(np.float32(2))), to=7), to=1)
+        pads.append((half, b.op("Sub", total, half)))
+    begin_end = [b.op("Unsqueeze", v, b.const([0])) for v in
+                 (pads[1][0], pads[1][1], pads[0][0], pads[0][1])]  # torch's F.pad order: W, H
+    flat = b.op("Cast", b.op("Concat", *begin_end, axis=0), to=7)
+    # torch order [w0, w1, h0, h1] → ONNX [0, 0, h0, w0, 0, 0, h1, w1]
+    hw = b.op("Reshape", b.op("Transpose", b.op("Reshape", flat, b.const([2, 2])), perm=[1, 0]),
+              b.const([2, 2]))
+    rev = b.op("Slice", hw, b.const([-1]), b.const([-3]), b.const([1]), b.const([-1]))
+    onnx_pads = b.op("Concat", b.const([[0, 0], [0, 0]]), rev, axis=1)
+    return b.op("Pad", t, b.op("Reshape", onnx_pads, b.const([-1])))
+
+
+def test_tf_same_padding_folds_and_the_depthwise_conv_behind_it_prunes(tmp_path):
+    """timm ``tf_efficientnetv2_b0`` (coverage sweep): the run-time pads hid every shape after
+    the first ``Pad``; the float shape arithmetic (Ceil, Div, Clip) now folds, the shapes are
+    known, the depthwise conv keeps its channels coupled with the conv before it, and the FLOPs
+    count sees the spatial dims."""
+    b = Builder()
+    a = b.op("Relu", b.conv("x", 3, 8, name="cA"))
+    dw = b.conv(_tf_same_pad(b, a, 3, 2), 8, 8, group=8, name="dw", pads=[0, 0, 0, 0],
+                strides=[2, 2])
+    y = b.conv(b.op("Relu", dw), 8, 4, name="cC")
+    m = b.model({"x": [1, 3, 7, 7]}, {y: [1, 4, None, None]})
+    group = group_of(m, "cA.w", 0)
+    assert group.prunable and group_of(m, "dw.w", 0).id == group.id
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert out.report.flops_before == 8 * 49 * 27 + 8 * 16 * 9 + 4 * 16 * 72
+    shapes = init_shapes(out.path)
+    assert shapes["cA.w"] == (4, 3, 3, 3) and shapes["dw.w"] == (4, 1, 3, 3)
+    assert shapes["cC.w"] == (4, 4, 3, 3)
+
+
+def test_integer_division_folds_toward_zero():
+    """ONNX ``Div`` on integers truncates; numpy's ``//`` (used before) floors."""
+    div = SHAPE_FOLDERS["Div"]
+    assert div(None, [np.array([-3, 3, -4]), np.array(2)]).tolist() == [-1, 1, -2]
+    assert div(None, [np.array([7.0], np.float32), np.array(2.0, np.float32)]).tolist() == [3.5]

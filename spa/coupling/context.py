@@ -157,7 +157,8 @@ class NodeContext:
         The analysis keeps the outermost candidate that leads somewhere: a head axis, not the
         head_dim axis, nor the ``3`` of a fused QKV projection.
         """
-        if whole is None or int(np.prod(lengths)) != whole.length:
+        if whole is None or any(n is None for n in lengths) \
+                or int(np.prod(lengths)) != whole.length:
             return False
         idx = np.arange(whole.length)
         alt = f"{self.node.name}::{label}"

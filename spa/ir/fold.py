@@ -5,11 +5,13 @@ Weights reach their layer through a ``Transpose`` (TF, some PyTorch exports), a 
 (``Shape`` of a tensor whose shape is static, then Gather/Slice/Concat/Add/Mod/Where/…) is folded
 too, so a Reshape or Expand target that the TorchScript exporter computes at run time becomes a
 constant whose entries the rewrite can set. Only these ops are evaluated (in numpy), and the
-arithmetic only on small integer tensors; anything else stays as it is.
+arithmetic only on small tensors (at most 64 elements; integer, boolean or float: Resize scales
+and TF-"same" pads are computed in float); anything else stays as it is.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -98,17 +100,38 @@ def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Folder:
     return lambda node, v: np.asarray(fn(v[0], v[1])).astype(np.result_type(v[0], v[1]))
 
 
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ONNX ``Div``: on integers it truncates toward zero (numpy's ``//`` floors)."""
+    if not np.issubdtype(np.result_type(a, b), np.integer):
+        return np.true_divide(a, b)
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q)
+
+
+def _clip(node: gs.Node, v: list[np.ndarray]) -> np.ndarray:
+    """``Clip(x, min, max)``; either bound may be absent (an empty input name)."""
+    bounds = iter(v[1:])
+    lo, hi = (next(bounds) if i < len(node.inputs) and node.inputs[i].name else None
+              for i in (1, 2))
+    return np.clip(v[0], lo, hi)
+
+
 LAYOUT_FOLDERS: dict[str, Folder] = {
     "Transpose": _transpose, "Cast": _cast, "Reshape": _reshape, "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze, "Expand": _expand,
 }
-# Shape arithmetic: only evaluated on small integer (or boolean) tensors.
+# Shape arithmetic: only evaluated on small tensors. Float arithmetic is there for shapes computed
+# in float: timm's TF-"same" padding computes its pads as ``ceil(ih / s)`` on Shape's values.
 SHAPE_FOLDERS: dict[str, Folder] = {
     "Gather": lambda node, v: np.take(v[0], v[1], axis=int(node.attrs.get("axis", 0))),
     "Slice": _slice,
     "Concat": lambda node, v: np.concatenate(v, axis=int(node.attrs["axis"])),
     "Add": _binary(np.add), "Sub": _binary(np.subtract), "Mul": _binary(np.multiply),
-    "Div": _binary(np.floor_divide), "Mod": _binary(np.mod),
+    "Div": _binary(_div), "Mod": _binary(np.mod),
+    "Ceil": lambda node, v: np.ceil(v[0]), "Floor": lambda node, v: np.floor(v[0]),
+    "Max": lambda node, v: functools.reduce(np.maximum, v),
+    "Min": lambda node, v: functools.reduce(np.minimum, v),
+    "Clip": _clip,
     "Neg": lambda node, v: -v[0],
     "Equal": lambda node, v: np.equal(v[0], v[1]),
     "Where": lambda node, v: np.where(v[0], v[1], v[2]),
@@ -117,7 +140,7 @@ SHAPE_FOLDERS: dict[str, Folder] = {
 
 
 def _is_shape_value(values: list[np.ndarray]) -> bool:
-    return all((np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_) and v.size <= _SMALL
+    return all((np.issubdtype(v.dtype, np.number) or v.dtype == np.bool_) and v.size <= _SMALL
                for v in values)
 
 
@@ -190,25 +213,17 @@ def _value(node: gs.Node) -> np.ndarray | None:
         return None
     values = [np.asarray(t.values) for t in ins]
     fn = LAYOUT_FOLDERS.get(node.op)
-    if fn is None and node.op in SHAPE_FOLDERS and (_is_shape_value(values)
-                                                    or _small_float_concat(node, values)):
+    if fn is None and node.op in SHAPE_FOLDERS and _is_shape_value(values):
         fn = SHAPE_FOLDERS[node.op]
     return None if fn is None else fn(node, values)
-
-
-def _small_float_concat(node: gs.Node, values: list[np.ndarray]) -> bool:
-    """``Concat`` of small constants of any type: TorchScript without constant folding writes
-    ``interpolate``'s Resize scales as ``Concat([1., 1.], [2., 2.])``; left as a run-time value
-    it hides every shape after the Resize."""
-    return node.op == "Concat" and all(v.size <= _SMALL for v in values)
 
 
 def fold_constant_ops(graph: gs.Graph) -> int:
     """Replace each foldable node whose inputs are all constants by its value.
 
     Nodes are visited in topological order, so a chain of foldable nodes folds in one pass.
-    Returns how many *shape values* (small integer results, and small Concats such as Resize
-    scales) were folded: those can make shapes known that inference left symbolic.
+    Returns how many *shape values* (small results of shape arithmetic, such as Resize scales or
+    pads) were folded: those can make shapes known that inference left symbolic.
     """
     folded = 0
     for node in list(graph.nodes):
@@ -226,6 +241,5 @@ def fold_constant_ops(graph: gs.Graph) -> int:
             for i, t in enumerate(consumer.inputs):
                 if t is out:
                     consumer.inputs[i] = const
-        folded += int((_is_shape_value([const.values]) or node.op == "Concat")
-                      and node.op not in LAYOUT_FOLDERS)
+        folded += int(_is_shape_value([const.values]) and node.op not in LAYOUT_FOLDERS)
     return folded

@@ -56,6 +56,12 @@ def _couple_groups(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor, group: int) -> 
     return True
 
 
+def _refuse_groups(ctx: NodeContext, group: int) -> None:
+    """Without both channel counts the surviving groups cannot be counted: keep them all."""
+    ctx.refuse(f"{ctx.node.op} node '{ctx.name}' has group={group} but the channel count of its "
+               "input or output is unknown (or not a multiple of it)")
+
+
 @register("Conv")
 def conv(ctx: NodeContext) -> None:
     common = _common(ctx)
@@ -72,8 +78,8 @@ def conv(ctx: NodeContext) -> None:
         w_in = ctx.space(w, 1)
         ctx.role(w_in, Role.CONSUMER)
         ctx.identity(ctx.space(x, 1), w_in)
-    else:
-        _couple_groups(ctx, x, y, group)
+    elif not _couple_groups(ctx, x, y, group):
+        _refuse_groups(ctx, group)
 
 
 @register("ConvTranspose")
@@ -92,7 +98,9 @@ def conv_transpose(ctx: NodeContext) -> None:
         ctx.identity(w_out, ctx.space(y, 1))
         if bias is not None:
             ctx.identity(ctx.space(bias, 0), ctx.space(y, 1))
-    elif _couple_groups(ctx, x, y, group):
+    elif not _couple_groups(ctx, x, y, group):
+        _refuse_groups(ctx, group)
+    else:
         # W.0 is consumed per group; W.1 is group-local and stays. The producer of Y's
         # channels is W's group block, so W.0 also removes the group's output rows.
         ctx.role(w_in, Role.PRODUCER)
