@@ -34,8 +34,10 @@ MIN_OPSET = 7
 # Initializers up to this many elements stay in the copy used for shape inference: shape
 # constants (Reshape targets, Slice bounds) must keep their values; weights only need a type.
 _SMALL_TENSOR = 64
-# Rounds of fold → refine → re-infer on import (each can make more shapes static).
-_REFINE_ROUNDS = 4
+# Rounds of fold → refine → re-infer on import (each can make more shapes static; the loop stops
+# as soon as one changes nothing). Swin-T needs 8: each stage's window padding folds only once the
+# stage before it has static shapes.
+_REFINE_ROUNDS = 16
 
 
 @dataclass
