@@ -15,7 +15,7 @@ that a hang or a crash costs one entry, not the sweep. Results are saved after e
 (``--resume`` continues an interrupted sweep).
 
     python -m benchmarks.coverage [--quick] [--only NAME ...] [--timeout 900] [--jobs 1]
-        [--resume [--redo NAME ...]] [--memory-limit BYTES]
+        [--resume [--redo NAME ... | --redo-all] [--spa-only]] [--memory-limit BYTES]
 """
 
 from __future__ import annotations
@@ -343,14 +343,20 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def one_model(source: str, model: str, workdir: Path, timeout: float, limit: int) -> dict:
-    """Both stages of one model; its ONNX files are removed afterwards."""
+def one_model(source: str, model: str, workdir: Path, timeout: float, limit: int,
+              previous: dict | None = None) -> dict:
+    """Both stages of one model, or only SPA's when ``previous`` (a row of an earlier sweep)
+    gives Torch-Pruning's; its ONNX files are removed afterwards."""
     mdir = workdir / f"{source}_{model}"
     mdir.mkdir()
     row = {"source": source, "name": model,
            "spa": run_stage("spa", source, model, mdir, timeout, limit)}
-    row["tp"] = (run_stage("tp", source, model, mdir, timeout, limit)
-                 if row["spa"]["status"] != "skipped" else {"status": "skipped"})
+    if previous is not None:
+        row["tp"] = previous["tp"]
+    elif row["spa"]["status"] != "skipped":
+        row["tp"] = run_stage("tp", source, model, mdir, timeout, limit)
+    else:
+        row["tp"] = {"status": "skipped"}
     for f in mdir.glob("*.onnx*"):
         f.unlink()
     return row
@@ -375,17 +381,21 @@ def sweep(args: argparse.Namespace) -> None:
     name = NAME + ("_quick" if args.quick else "") + ("_subset" if args.only else "")
     partial = RESULTS / f"{name}.partial.json"
     done: dict[tuple[str, str], dict] = {}
+    previous: dict[tuple[str, str], dict] = {}
     final = RESULTS / f"{name}.json"
     if args.resume and (partial.exists() or final.exists()):
         rows = (json.loads(partial.read_text()) if partial.exists()
                 else json.loads(final.read_text())["models"])
-        done = {(r["source"], r["name"]): r for r in rows if r["name"] not in set(args.redo or ())}
+        redo = {r["name"] for r in rows} if args.redo_all else set(args.redo or ())
+        done = {(r["source"], r["name"]): r for r in rows if r["name"] not in redo}
+        if args.spa_only:  # Torch-Pruning's results of the redone models are kept
+            previous = {(r["source"], r["name"]): r for r in rows if r["name"] in redo}
     workdir = Path(tempfile.mkdtemp(prefix="spa-coverage-"))
     todo = [m for m in models if m not in done]
     RESULTS.mkdir(exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on subprocesses
-        futures = [pool.submit(one_model, s, n, workdir, args.timeout, args.memory_limit)
-                   for s, n in todo]
+        futures = [pool.submit(one_model, s, n, workdir, args.timeout, args.memory_limit,
+                               previous.get((s, n))) for s, n in todo]
         for i, future in enumerate(as_completed(futures)):
             row = future.result()
             done[(row["source"], row["name"])] = row
@@ -410,6 +420,10 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue a partial sweep")
     parser.add_argument("--jobs", type=int, default=1, help="models run at the same time")
     parser.add_argument("--redo", nargs="*", help="with --resume: run these models again")
+    parser.add_argument("--redo-all", action="store_true", help="with --resume: run all again")
+    parser.add_argument("--spa-only", action="store_true",
+                        help="with --resume: redo only SPA's stage, keep Torch-Pruning's results "
+                             "(after a change to SPA)")
     parser.add_argument("--worker", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--name", help=argparse.SUPPRESS)
