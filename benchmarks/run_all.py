@@ -1,9 +1,10 @@
 """Run every SPA-versus-Torch-Pruning benchmark, one subprocess each, and say which failed.
 
 Coverage (``coverage``), compile speed (``compile_speed``), speed of the result
-(``result_speed``) and memory (``memory``); each writes ``benchmarks/results/<name>.json`` (and
-its plots). ``--quick`` runs the smaller version of each (16 coverage models, the two CNNs,
-one ratio) and writes ``<name>_quick.json`` instead, leaving the full results alone.
+(``result_speed``), memory (``memory``) and accuracy without fine-tuning (``quality``, the
+curves of the OBSPA issue); each writes ``benchmarks/results/<name>.json`` (and its plots).
+``--quick`` runs the smaller version of each (16 coverage models, the two CNNs, one ratio, the
+digits ResNet at 2×) and writes ``<name>_quick.json`` instead, leaving the full results alone.
 
     python -m benchmarks.run_all [--quick]
 """
@@ -15,7 +16,8 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["coverage", "compile_speed", "result_speed", "memory"]
+BENCHMARKS = ["coverage", "compile_speed", "result_speed", "memory", "quality"]
+MODULES = {"quality": "benchmarks.quality.run"}
 
 
 def main() -> int:
@@ -26,7 +28,8 @@ def main() -> int:
 
     failed = []
     for name in args.only:
-        cmd = [sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if args.quick else [])]
+        module = MODULES.get(name, f"benchmarks.{name}")
+        cmd = [sys.executable, "-m", module, *(["--quick"] if args.quick else [])]
         print(f"== {' '.join(cmd[1:])} ({time.strftime('%H:%M:%S')})", flush=True)
         if subprocess.run(cmd).returncode:
             failed.append(name)

@@ -14,7 +14,8 @@ model is pruned by ``spa.prune`` with a uniform ratio per group and evaluated as
 ``MagnitudeImportance`` on the same PyTorch model at the same FLOPs is the peer baseline
 (``pip install --no-deps torch-pruning``).
 
-    python -m benchmarks.quality.run [--models resnet_digits,...] [--reductions 1.5,2,3]
+    python -m benchmarks.quality.run [--models resnet_digits,...] [--reductions 1.1,1.25,1.5,2,3]
+        [--quick]
 """
 
 from __future__ import annotations
@@ -171,7 +172,9 @@ def plot(name: str, rows: dict, key: str) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet_digits,vit_digits,efficientnet_lite0")
-    parser.add_argument("--reductions", default="1.5,2,3")
+    parser.add_argument("--reductions", default="1.1,1.25,1.5,2,3")
+    parser.add_argument("--quick", action="store_true",
+                        help="the digits ResNet at 2x only (results/quality_quick.json)")
     parser.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the plots from results/quality.json")
@@ -184,14 +187,18 @@ def main() -> None:
             key = "top1_agreement" if name == "efficientnet_lite0" else "accuracy"
             print(f"plot: {plot(name, rows, key)}")
         return
+    if args.quick:
+        args.models, args.reductions = "resnet_digits", "2"
+    suffix = "_quick" if args.quick else ""
     reductions = [float(x) for x in args.reductions.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="spa-quality-"))
     results = {}
     for name in args.models.split(","):
         results[name] = run_model(name, reductions, workdir, peer=not args.no_peer)
         key = "top1_agreement" if name == "efficientnet_lite0" else "accuracy"
-        print(f"plot: {plot(name, results[name], key)}")
-    print(f"wrote {write_result('quality', {'results': results, 'reductions': reductions})}")
+        print(f"plot: {plot(name + suffix, results[name], key)}")
+    body = {"results": results, "reductions": reductions}
+    print(f"wrote {write_result('quality' + suffix, body)}")
 
 
 if __name__ == "__main__":
