@@ -33,7 +33,7 @@ from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
 from spa.ir import to_onnx
 from spa.ir.external import attach_external
-from spa.ir.load import LoadedModel, load_model, load_proto
+from spa.ir.load import LoadedModel, load_model, load_proto, normal_graph
 from spa.ir.save import (
     Staging,
     check_output_path,
@@ -276,15 +276,15 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
         if streamed(loaded):
             write_streamed(loaded, stage.model_path)
             pruned: PathLike | onnx.ModelProto = stage.model_path
-            emitted = load_model(stage.model_path)
+            emitted = load_model(stage.model_path).graph
         else:
             pruned = infer_shapes(to_onnx(loaded))
-            emitted = load_proto(pruned)
+            emitted = normal_graph(pruned)
         t1 = time.perf_counter()
         report_extra = _validate(*sources, pruned, checks) if sources else {}
         t2 = time.perf_counter()
         # Measured on the emitted model (re-read in normal form), not derived from the plan.
-        after = CostModel(emitted.graph).count()
+        after = CostModel(emitted).count()
         if isinstance(pruned, onnx.ModelProto):
             full_check(pruned)
             write_proto(pruned, stage.model_path)

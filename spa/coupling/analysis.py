@@ -366,8 +366,11 @@ def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey
     elem_space = np.repeat(np.arange(len(spaces)), np.diff(offsets))
     elem_pos = np.arange(n) - offsets[elem_space]
 
-    # Signature of each channel (atom): the sorted set of spaces it touches.
-    pairs = np.unique(np.stack([labels, elem_space], axis=1), axis=0)
+    # Signature of each channel (atom): the sorted set of spaces it touches. The distinct
+    # (atom, space) pairs, sorted, as one int64 key each (a 1-D unique sorts far faster than
+    # a row-wise one, in the same order).
+    key = np.unique(labels * len(spaces) + elem_space)
+    pairs = np.stack([key // len(spaces), key % len(spaces)], axis=1)
     atom_ids, starts = np.unique(pairs[:, 0], return_index=True)
     bounds = list(starts[1:]) + [len(pairs)]
     sig_of_atom: dict[int, tuple[int, ...]] = {}

@@ -27,6 +27,7 @@ from spa.errors import ModelLoadError, UnsupportedModelError
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
+from spa.ir.values import hold_weights, inline_views, restore_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,14 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
 def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
     """Normalise an in-memory model (tests and the Python API use this)."""
     opset = check_versions(model, name)
-    model = _with_inferred_shapes(model, name)
-    return LoadedModel(path=None, graph=import_graph(model, name), proto_header=_header_of(model),
-                       external_data=False, file_bytes=model.ByteSize(), opset=opset)
+    return LoadedModel(path=None, graph=normal_graph(model, name),
+                       proto_header=_header_of(model), external_data=False,
+                       file_bytes=model.ByteSize(), opset=opset)
+
+
+def normal_graph(model: onnx.ModelProto, name: str = "<model>") -> gs.Graph:
+    """The graph of an in-memory model in normal form (its shapes inferred into ``model``)."""
+    return import_graph(_with_inferred_shapes(model, name), name)
 
 
 def check_versions(model: onnx.ModelProto, name: str) -> int:
@@ -130,11 +136,13 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
         if not (_refine_shapes(graph) or shape_values_folded):
             break
         unload(graph)  # export references to external data, not copies of it
+        held = hold_weights(graph, _SMALL_TENSOR)  # shape inference reads no large weight
         refined = gs.export_onnx(graph, do_type_check=False)
         del refined.opset_import[:]
         refined.opset_import.extend(model.opset_import)
         refined.ir_version = model.ir_version
         graph = _import(_with_inferred_shapes(refined, name), base_dir, name)
+        restore_weights(graph, held)
         shape_values_folded = fold_constant_ops(graph)
         if shape_values_folded:
             _toposort(graph.cleanup(remove_unused_graph_inputs=False))
@@ -152,6 +160,7 @@ def _import(model: onnx.ModelProto, base_dir: Path | None, name: str) -> gs.Grap
     graph = gs.import_onnx(model)
     if base_dir is not None:
         attach_external(graph, base_dir, name)
+    inline_views(graph)
     return graph
 
 
@@ -347,10 +356,31 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _header_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every field of ``model`` but its graph, copied field by field (a whole copy would copy
+    every weight first); fields this onnx does not know fall back to the whole copy."""
     header = onnx.ModelProto()
-    header.CopyFrom(model)
-    header.ClearField("graph")
+    if _unknown_fields(model):
+        header.CopyFrom(model)
+        header.ClearField("graph")
+        return header
+    for fd, value in model.ListFields():
+        if fd.name == "graph":
+            continue
+        if hasattr(value, "extend"):  # repeated
+            getattr(header, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(header, fd.name).CopyFrom(value)
+        else:
+            setattr(header, fd.name, value)
     return header
+
+
+def _unknown_fields(model: onnx.ModelProto) -> bool:
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # older protobuf: assume there are
+        return True
+    return len(UnknownFieldSet(model)) > 0
 
 
 def _data_files(path: Path, model: onnx.ModelProto) -> tuple[Path, ...]:
@@ -367,4 +397,4 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] + ("…" if len(text) > 300 else "")
 
 
-__all__ = ["LoadedModel", "load_model", "load_proto"]
+__all__ = ["LoadedModel", "load_model", "load_proto", "normal_graph"]

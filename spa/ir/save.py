@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from spa.errors import OutputPathError, ValidationError
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
@@ -41,10 +42,10 @@ def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None, *, references: b
         unload(graph)
     else:
         materialise(graph)
-    exported = gs.export_onnx(graph, do_type_check=False)
+    exported = OnnxExporter.export_graph(graph, do_type_check=False)  # no ModelProto: a copy
     model = onnx.ModelProto()
     model.CopyFrom(loaded.proto_header)
-    model.graph.CopyFrom(exported.graph)
+    model.graph.CopyFrom(exported)
     # Shapes of pruned activations changed; drop every intermediate shape and infer afresh.
     del model.graph.value_info[:]
     return model
