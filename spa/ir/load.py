@@ -13,6 +13,7 @@ The file on disk is only read, never written.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a directory, not an ONNX file")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = _read(p)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(f"{p}: not a readable ONNX model (truncated or another file type): "
                              f"{_one_line(exc)}") from exc
@@ -94,6 +95,21 @@ def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
 def normal_graph(model: onnx.ModelProto, name: str = "<model>") -> gs.Graph:
     """The graph of an in-memory model in normal form (its shapes inferred into ``model``)."""
     return import_graph(_with_inferred_shapes(model, name), name)
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    """``onnx.load`` without external data; a binary file is parsed from a read-only memory
+    map, not from a copy of the whole file in memory."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+    if fmt not in (None, "protobuf") or path.stat().st_size == 0:
+        return onnx.load(str(path), load_external_data=False)
+    model = onnx.ModelProto()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
+            memoryview(mapped) as view:
+        decoded, size = model.ParseFromString(view), len(view)
+    if decoded is not None and decoded != size:  # as onnx.load checks
+        raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {size}")
+    return model
 
 
 def check_versions(model: onnx.ModelProto, name: str) -> int:

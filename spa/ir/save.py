@@ -21,7 +21,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, check_duplicate_node_names
+from onnx_graphsurgeon.ir.tensor import SparseValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from spa.errors import OutputPathError, ValidationError
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
@@ -42,13 +44,28 @@ def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None, *, references: b
         unload(graph)
     else:
         materialise(graph)
-    exported = OnnxExporter.export_graph(graph, do_type_check=False)  # no ModelProto: a copy
     model = onnx.ModelProto()
     model.CopyFrom(loaded.proto_header)
-    model.graph.CopyFrom(exported)
-    # Shapes of pruned activations changed; drop every intermediate shape and infer afresh.
-    del model.graph.value_info[:]
+    _export_graph_into(model.graph, graph)
     return model
+
+
+def _export_graph_into(target: onnx.GraphProto, graph: gs.Graph) -> None:
+    """onnx-graphsurgeon's ``export_graph`` (and ``make_graph``), written straight into
+    ``target``: a GraphProto made first and copied in would copy every weight once more.
+    Without value_info: shapes of pruned activations changed, they are inferred afresh."""
+    check_duplicate_node_names(graph.nodes, level=G_LOGGER.WARNING)
+    target.node.extend(OnnxExporter.export_node(node) for node in graph.nodes)
+    target.name = graph.name
+    target.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
+    target.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    target.initializer.extend(OnnxExporter.export_tensor_proto(t) for t in constants
+                              if not isinstance(t._values, SparseValues))
+    target.sparse_initializer.extend(OnnxExporter.export_sparse_tensor_proto(t)
+                                     for t in constants if isinstance(t._values, SparseValues))
+    if graph.doc_string:
+        target.doc_string = graph.doc_string
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
