@@ -29,6 +29,7 @@ from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
 from spa.ir.values import hold_weights, inline_views, restore_weights
+from spa.ir.wire import copy_without, unknown_fields
 
 log = logging.getLogger(__name__)
 
@@ -372,31 +373,13 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _header_of(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every field of ``model`` but its graph, copied field by field (a whole copy would copy
-    every weight first); fields this onnx does not know fall back to the whole copy."""
-    header = onnx.ModelProto()
-    if _unknown_fields(model):
+    """Every field of ``model`` but its graph (a whole copy would copy every weight first)."""
+    if unknown_fields(model):  # copied field by field, they would be lost
+        header = onnx.ModelProto()
         header.CopyFrom(model)
         header.ClearField("graph")
         return header
-    for fd, value in model.ListFields():
-        if fd.name == "graph":
-            continue
-        if hasattr(value, "extend"):  # repeated
-            getattr(header, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(header, fd.name).CopyFrom(value)
-        else:
-            setattr(header, fd.name, value)
-    return header
-
-
-def _unknown_fields(model: onnx.ModelProto) -> bool:
-    try:
-        from google.protobuf.unknown_fields import UnknownFieldSet
-    except ImportError:  # older protobuf: assume there are
-        return True
-    return len(UnknownFieldSet(model)) > 0
+    return copy_without(model, "graph")
 
 
 def _data_files(path: Path, model: onnx.ModelProto) -> tuple[Path, ...]:

@@ -28,8 +28,11 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from spa.errors import OutputPathError, ValidationError
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
 from spa.ir.load import LoadedModel, _one_line, _with_inferred_shapes, weightless
+from spa.ir.values import PLAIN_DTYPES
+from spa.ir.wire import serialized_pieces
 
 TWO_GB = 2 * 1024**3
+_ITEMSIZE = {k: d.itemsize for k, d in PLAIN_DTYPES.items()}
 
 
 def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None, *, references: bool = False
@@ -169,9 +172,24 @@ def write_proto(model: onnx.ModelProto, path: Path, *, external: bool = False) -
     try:
         if external:
             _mark_weights_external(model, path.name + ".data")
-        onnx.save_model(model, str(path))
+        if external or _needs_onnx_save(model, path):
+            onnx.save_model(model, str(path))
+        else:  # what onnx.save_model writes, serialised in pieces (spa/ir/wire.py)
+            pieces = serialized_pieces(model)
+            if sum(len(p) for p in pieces) > onnx.checker.MAXIMUM_PROTOBUF:
+                onnx.save_model(model, str(path))  # fails as onnx does
+            with open(path, "wb") as f:
+                f.writelines(pieces)
     except OSError as exc:
         raise OutputPathError(f"{path}: cannot write: {_one_line(exc)}") from exc
+
+
+def _needs_onnx_save(model: onnx.ModelProto, path: Path) -> bool:
+    """A text format (by the file's extension), or tensors to write to external data."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+    return fmt not in (None, "protobuf") or any(
+        external_data_helper.uses_external_data(t)
+        for t in external_data_helper._get_all_tensors(model))
 
 
 def full_check(model: onnx.ModelProto) -> None:
@@ -192,4 +210,13 @@ def _mark_weights_external(model: onnx.ModelProto, location: str) -> None:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+    """Bytes of the initializers' ``raw_data`` (every read of which copies it: a plain tensor's
+    length is taken from its shape; the loader checked that they agree)."""
+    total = 0
+    for t in model.graph.initializer:
+        if not t.HasField("raw_data"):
+            continue
+        itemsize = _ITEMSIZE.get(t.data_type)
+        total += (int(np.prod(t.dims, dtype=np.int64)) * itemsize if itemsize
+                  else len(t.raw_data))
+    return total

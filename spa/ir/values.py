@@ -22,7 +22,7 @@ from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # Element types whose raw bytes are a numpy array as is (numpy_helper.to_array's result).
-_PLAIN = {getattr(onnx.TensorProto, n): np.dtype(d) for n, d in (
+PLAIN_DTYPES = {getattr(onnx.TensorProto, n): np.dtype(d) for n, d in (
     ("FLOAT", np.float32), ("DOUBLE", np.float64), ("FLOAT16", np.float16),
     ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64),
     ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
@@ -34,7 +34,7 @@ class InlineValues(LazyValues):
 
     def load(self) -> np.ndarray:
         t = self.tensor
-        dtype = _PLAIN.get(t.data_type)
+        dtype = PLAIN_DTYPES.get(t.data_type)
         if dtype is None or sys.byteorder != "little" or not t.HasField("raw_data") \
                 or t.HasField("segment"):
             return super().load()

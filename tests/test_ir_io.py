@@ -1,0 +1,89 @@
+"""The copy-free reading and writing of spa/ir: pieces serialise to exactly the bytes of
+``SerializeToString``, inline weights load as read-only views with the values onnx gives, the
+header copied field by field equals a whole copy, and a pruned file is written byte for byte as
+``onnx.save_model`` writes it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from graphs import Builder
+from onnx import TensorProto, helper, numpy_helper
+
+from spa.api import CheckOptions, PruneOptions, prune
+from spa.ir.load import _header_of, load_model
+from spa.ir.values import InlineValues
+from spa.ir.wire import serialized_pieces
+
+
+def _every_field() -> onnx.ModelProto:
+    """A model setting every ModelProto and GraphProto field, in and around the graph."""
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 3])
+    w = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "W")
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.array([1.0], np.float32), "S"),
+                                       numpy_helper.from_array(np.array([0], np.int64), "S_i"),
+                                       [3])
+    g = helper.make_graph([helper.make_node("Add", ["X", "W"], ["Y"], doc_string="d")], "g",
+                          [x], [y], [w, w], doc_string="graph doc", value_info=[x],
+                          sparse_initializer=[sparse])
+    g.quantization_annotation.add().tensor_name = "W"
+    g.metadata_props.add().key = "graph key"
+    fn = helper.make_function("dom", "F", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                              [helper.make_opsetid("", 17)])
+    m = helper.make_model(g, functions=[fn], doc_string="model doc", producer_name="p",
+                          opset_imports=[helper.make_opsetid("", 17),
+                                         helper.make_opsetid("dom", 1)])
+    m.metadata_props.add().key = "model key"
+    m.training_info.add().algorithm.name = "algorithm"
+    m.model_version, m.domain = 3, "d"
+    return m
+
+
+def test_pieces_are_the_serialised_bytes():
+    m = _every_field()
+    assert b"".join(serialized_pieces(m)) == m.SerializeToString()
+    # header, graph tag, graph head, 2 × (tag, tensor), graph rest, header rest
+    assert len(serialized_pieces(m)) == 9
+    del m.graph.initializer[:]
+    assert b"".join(serialized_pieces(m)) == m.SerializeToString()
+    unknown = onnx.ModelProto()
+    unknown.ParseFromString(_every_field().SerializeToString() + b"\xa8\x1f\x05")  # field 501
+    assert serialized_pieces(unknown) == [unknown.SerializeToString()]
+
+
+def test_header_equals_a_whole_copy_without_graph():
+    m = _every_field()
+    whole = onnx.ModelProto()
+    whole.CopyFrom(m)
+    whole.ClearField("graph")
+    assert _header_of(m).SerializeToString() == whole.SerializeToString()
+
+
+def test_inline_weights_load_as_read_only_views(tmp_path):
+    b = Builder()
+    y = b.conv("x", 3, 8, name="c1")
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model({"x": [1, 3, 4, 4]}, {y: [1, 8, 4, 4]}), str(path))
+    graph = load_model(path).graph
+    weight = graph.tensors()["c1.w"]
+    assert type(weight._values) is InlineValues
+    values = weight.values
+    expected = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+    assert values.dtype == expected.dtype and values.shape == (8, 3, 3, 3)
+    np.testing.assert_array_equal(values, expected)
+    assert not values.flags.writeable
+
+
+def test_pruned_file_is_what_onnx_save_writes(tmp_path):
+    b = Builder()
+    y = b.conv(b.op("Relu", b.conv("x", 3, 8, name="c1")), 8, 4, name="c2")
+    src = tmp_path / "m.onnx"
+    onnx.save(b.model({"x": [1, 3, 4, 4]}, {y: [1, 4, 4, 4]}), str(src))
+    out = tmp_path / "p.onnx"
+    prune(src, out, PruneOptions(ratio=0.5), CheckOptions(validate=False, latency=False))
+    written = out.read_bytes()
+    again = tmp_path / "again.onnx"
+    onnx.save_model(onnx.load_from_string(written), str(again))
+    assert again.read_bytes() == written
+    assert onnx.load_from_string(written).graph.initializer[0].dims[0] == 4
