@@ -341,8 +341,13 @@ def _reference_models(analysis: Analysis, the_plan: Plan, checks: CheckOptions,
         return None
     loaded = analysis.model
     if not streamed(loaded):
+        # On disk, not held: onnxruntime reads it when validation starts, after the rewrite.
         original = to_onnx(loaded)
-        return original, lambda: val.masked_model(original, analysis, the_plan)
+        original_path = stage.dir / "original.onnx"
+        write_proto(original, original_path)
+        if not checks.check_masked:
+            return original_path, None
+        return original_path, lambda: val.masked_model(original, analysis, the_plan)
     base = loaded.path.parent if loaded.path is not None else None
     refs = to_onnx(loaded, references=True)
     original = _stage_copy(loaded, refs, base, stage, "original")

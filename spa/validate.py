@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from spa.errors import ValidationError
 from spa.ir.load import _one_line
 from spa.ir.quant import zero_point_fill
+from spa.ir.wire import serialized_pieces
 from spa.plan import removed_indices
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def session(model, *, threads: int | None = None, spin: bool = True) -> ort.Infe
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
         try:
-            model = model.SerializeToString()
+            model = _serialized(model)
         except (EncodeError, ValueError) as exc:  # over 2 GB
             raise ValidationError("the model is too large to pass to onnxruntime in memory "
                                   f"({_one_line(exc)})") from exc
@@ -63,6 +64,14 @@ def session(model, *, threads: int | None = None, spin: bool = True) -> ort.Infe
     except Exception as exc:  # onnxruntime raises its own untyped errors
         text = " ".join(str(exc).split())[:300]
         raise ValidationError(f"onnxruntime cannot load the model: {text}") from exc
+
+
+def _serialized(model: onnx.ModelProto) -> bytes:
+    """``model.SerializeToString()``, made from pieces (spa/ir/wire.py: far less copying)."""
+    pieces = serialized_pieces(model)
+    if sum(len(p) for p in pieces) > onnx.checker.MAXIMUM_PROTOBUF:
+        return model.SerializeToString()  # fails as protobuf does
+    return b"".join(pieces)
 
 
 def random_inputs(sess: ort.InferenceSession, *, seed: int = 0, dims: dict[str, int] | None = None,

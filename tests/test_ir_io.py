@@ -5,6 +5,8 @@ header copied field by field equals a whole copy, and a pruned file is written b
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnx
 from graphs import Builder
@@ -13,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from spa.api import CheckOptions, PruneOptions, prune
 from spa.ir.load import _header_of, load_model
 from spa.ir.values import InlineValues
-from spa.ir.wire import serialized_pieces
+from spa.ir.wire import raw_data_spans, serialized_pieces
 
 
 def _every_field() -> onnx.ModelProto:
@@ -67,12 +69,36 @@ def test_inline_weights_load_as_read_only_views(tmp_path):
     onnx.save(b.model({"x": [1, 3, 4, 4]}, {y: [1, 8, 4, 4]}), str(path))
     graph = load_model(path).graph
     weight = graph.tensors()["c1.w"]
-    assert type(weight._values) is InlineValues
+    lazy = weight._values
+    assert type(lazy) is InlineValues and lazy.mapped is not None
     values = weight.values
     expected = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
     assert values.dtype == expected.dtype and values.shape == (8, 3, 3, 3)
     np.testing.assert_array_equal(values, expected)
     assert not values.flags.writeable
+    base = values
+    while not isinstance(base, memoryview):  # reshape ← frombuffer ← the file's memoryview
+        base = base.base
+    assert isinstance(base.obj, mmap.mmap)
+    copied = InlineValues(lazy.tensor).load()  # no file: a view of one copy
+    np.testing.assert_array_equal(copied, expected)
+    assert not copied.flags.writeable
+
+
+def test_raw_data_spans_point_at_each_tensor():
+    m = _every_field()
+    m.graph.initializer[1].name = "V"
+    m.graph.initializer[1].raw_data = np.ones(6, np.float32).tobytes()
+    data = m.SerializeToString()
+    spans = raw_data_spans(data)
+    assert list(spans) == ["W", "V"]
+    for t in m.graph.initializer:
+        offset, length = spans[t.name]
+        assert length == 24 and data[offset:offset + length] == t.raw_data
+    m.graph.initializer[1].name = "W"  # a repeated name
+    assert raw_data_spans(m.SerializeToString()) is None
+    graph_field = onnx.GraphProto(name="second").SerializeToString()
+    assert raw_data_spans(data + b"\x3a" + bytes([len(graph_field)]) + graph_field) is None
 
 
 def test_pruned_file_is_what_onnx_save_writes(tmp_path):

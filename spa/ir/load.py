@@ -28,8 +28,8 @@ from spa.errors import ModelLoadError, UnsupportedModelError
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
-from spa.ir.values import hold_weights, inline_views, restore_weights
-from spa.ir.wire import copy_without, unknown_fields
+from spa.ir.values import MappedFile, hold_weights, inline_views, restore_weights
+from spa.ir.wire import copy_without, raw_data_spans, unknown_fields
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a directory, not an ONNX file")
     try:
-        model = _read(p)
+        model, mapped = _read(p)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(f"{p}: not a readable ONNX model (truncated or another file type): "
                              f"{_one_line(exc)}") from exc
@@ -80,7 +80,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         check_external(model, p.parent, str(p))
     file_bytes = p.stat().st_size + sum(f.stat().st_size for f in data_files)
     model = _with_inferred_shapes(model, str(p))
-    graph = import_graph(model, str(p), base_dir=p.parent if external else None)
+    graph = import_graph(model, str(p), base_dir=p.parent if external else None, mapped=mapped)
     return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
                        file_bytes=file_bytes, opset=opset, data_files=data_files)
 
@@ -98,19 +98,22 @@ def normal_graph(model: onnx.ModelProto, name: str = "<model>") -> gs.Graph:
     return import_graph(_with_inferred_shapes(model, name), name)
 
 
-def _read(path: Path) -> onnx.ModelProto:
-    """``onnx.load`` without external data; a binary file is parsed from a read-only memory
-    map, not from a copy of the whole file in memory."""
+def _read(path: Path) -> tuple[onnx.ModelProto, MappedFile | None]:
+    """``onnx.load`` without external data. A binary file is parsed from a read-only memory
+    map (no copy of the whole file in memory), which stays open for the weights to be read
+    from it without copies (spa/ir/values.py)."""
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
     if fmt not in (None, "protobuf") or path.stat().st_size == 0:
-        return onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False), None
     model = onnx.ModelProto()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, \
-            memoryview(mapped) as view:
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with memoryview(mapped) as view:
         decoded, size = model.ParseFromString(view), len(view)
     if decoded is not None and decoded != size:  # as onnx.load checks
         raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {size}")
-    return model
+    spans = raw_data_spans(mapped)
+    return model, None if spans is None else MappedFile(mapped, spans)
 
 
 def check_versions(model: onnx.ModelProto, name: str) -> int:
@@ -132,14 +135,16 @@ def check_versions(model: onnx.ModelProto, name: str) -> int:
     return opset
 
 
-def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None) -> gs.Graph:
-    """Check, import and normalise ``model``; external tensors are read from ``base_dir``."""
+def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None, *,
+                 mapped: MappedFile | None = None) -> gs.Graph:
+    """Check, import and normalise ``model``; external tensors are read from ``base_dir``,
+    inline ones from ``mapped`` (the file ``model`` was parsed from) when given."""
     try:
         onnx.checker.check_model(weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
-    _check_tensor_sizes(model, name)
-    graph = _import(model, base_dir, name)
+    _check_tensor_sizes(model, name, mapped)
+    graph = _import(model, base_dir, name, mapped)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
     shape_values_folded = fold_constant_ops(graph)
@@ -173,11 +178,12 @@ def _toposort(graph: gs.Graph) -> None:
     graph.toposort(mode="nodes")
 
 
-def _import(model: onnx.ModelProto, base_dir: Path | None, name: str) -> gs.Graph:
+def _import(model: onnx.ModelProto, base_dir: Path | None, name: str,
+            mapped: MappedFile | None = None) -> gs.Graph:
     graph = gs.import_onnx(model)
     if base_dir is not None:
         attach_external(graph, base_dir, name)
-    inline_views(graph)
+    inline_views(graph, mapped)
     return graph
 
 
@@ -325,13 +331,16 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         _replace_uses(graph, out, src)
 
 
-def _check_tensor_sizes(model: onnx.ModelProto, name: str) -> None:
-    """Each initializer's raw bytes match its dims (the checker runs on a weight-less copy)."""
+def _check_tensor_sizes(model: onnx.ModelProto, name: str, mapped: MappedFile | None) -> None:
+    """Each initializer's raw bytes match its dims (the checker runs on a weight-less copy).
+    Lengths come from the file's layout when known (reading ``raw_data`` copies it)."""
+    spans = mapped.spans if mapped is not None else {}
     for t in model.graph.initializer:
         if t.HasField("raw_data") and t.data_type != onnx.TensorProto.STRING:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            if len(t.raw_data) != int(np.prod(t.dims, dtype=np.int64)) * itemsize:
-                raise ModelLoadError(f"{name}: tensor '{t.name}' holds {len(t.raw_data)} bytes, "
+            length = spans[t.name][1] if t.name in spans else len(t.raw_data)
+            if length != int(np.prod(t.dims, dtype=np.int64)) * itemsize:
+                raise ModelLoadError(f"{name}: tensor '{t.name}' holds {length} bytes, "
                                      f"not the {list(t.dims)} its shape says")
 
 

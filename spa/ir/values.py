@@ -2,8 +2,10 @@
 
 onnx-graphsurgeon loads a constant's values as ``np.array(numpy_helper.to_array(tensor))``:
 protobuf copies the bytes (every read of ``raw_data`` makes a new ``bytes``), and ``np.array``
-copies them again. :class:`InlineValues` keeps the first copy only, as a read-only view of it
-(as the mapped values of external data are: a pass that changes a weight makes a new array).
+copies them again. :class:`InlineValues` copies nothing when the model was read from a file
+(spa/ir/load.py maps it, and spa/ir/wire.py finds where each tensor's bytes are): its values
+are a read-only view of the mapped file, as those of external data are (a pass that changes a
+weight makes a new array). Otherwise they are a view of the one copy protobuf makes.
 
 Import re-runs shape inference after folding (spa/ir/load.py), which needs the graph exported
 to a ModelProto, but not its weights: :func:`hold_weights` swaps each large weight for a
@@ -13,7 +15,9 @@ constants their original values back, so no weight is copied.
 
 from __future__ import annotations
 
+import mmap
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -29,8 +33,21 @@ PLAIN_DTYPES = {getattr(onnx.TensorProto, n): np.dtype(d) for n, d in (
     ("BOOL", np.bool_))}
 
 
+@dataclass(frozen=True)
+class MappedFile:
+    """A model file mapped read-only, and where its initializers' ``raw_data`` lie in it."""
+
+    buffer: mmap.mmap
+    spans: dict[str, tuple[int, int]]  # name → (offset, length)
+
+
 class InlineValues(LazyValues):
-    """Lazily loaded values of an inline tensor: a read-only view of one copy of its bytes."""
+    """Lazily loaded values of an inline tensor: a read-only view of its bytes in the mapped
+    file, or else of one copy of them."""
+
+    def __init__(self, tensor: onnx.TensorProto, mapped: MappedFile | None = None):
+        super().__init__(tensor)
+        self.mapped = mapped
 
     def load(self) -> np.ndarray:
         t = self.tensor
@@ -38,20 +55,26 @@ class InlineValues(LazyValues):
         if dtype is None or sys.byteorder != "little" or not t.HasField("raw_data") \
                 or t.HasField("segment"):
             return super().load()
-        raw = t.raw_data
         shape = tuple(int(d) for d in t.dims)
-        if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        size = int(np.prod(shape, dtype=np.int64))
+        span = self.mapped.spans.get(t.name) if self.mapped is not None else None
+        if span is not None and span[1] == size * dtype.itemsize:
+            return np.frombuffer(self.mapped.buffer, dtype=dtype, count=size,
+                                 offset=span[0]).reshape(shape)
+        raw = t.raw_data
+        if len(raw) != size * dtype.itemsize:
             return super().load()  # let onnx raise its error
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def inline_views(graph: gs.Graph) -> None:
-    """Make the inline constants of a freshly imported ``graph`` load as views."""
+def inline_views(graph: gs.Graph, mapped: MappedFile | None = None) -> None:
+    """Make the inline constants of a freshly imported ``graph`` load as views (of ``mapped``,
+    the file the graph was read from, where it holds them)."""
     for t in graph.tensors().values():
         v = getattr(t, "_values", None)
         if isinstance(t, gs.Constant) and type(v) is LazyValues \
                 and not external_data_helper.uses_external_data(v.tensor):
-            t._values = InlineValues(v.tensor)
+            t._values = InlineValues(v.tensor, mapped)
 
 
 def hold_weights(graph: gs.Graph, small: int) -> dict[str, LazyValues]:

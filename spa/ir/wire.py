@@ -20,6 +20,8 @@ import onnx
 
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_NAME = onnx.TensorProto.DESCRIPTOR.fields_by_name["name"].number
+_RAW = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 _LEN = 2  # wire type of length-delimited fields
 
 
@@ -36,6 +38,48 @@ def serialized_pieces(model: onnx.ModelProto) -> list[bytes]:
     graph_len = len(low) + len(high) + sum(len(p) for p in inits)
     head_low, head_high = _split(_serialize_without(model, "graph"), _GRAPH)
     return [head_low, _tag(_GRAPH) + _varint(graph_len), low, *inits, high, head_high]
+
+
+def raw_data_spans(data) -> dict[str, tuple[int, int]] | None:
+    """Where each initializer's ``raw_data`` lies in ``data``, a serialised ModelProto: name →
+    (offset, length). None unless each is plain: one graph, one name and at most one
+    ``raw_data`` per tensor, distinct names (protobuf would merge repeated fields)."""
+    graphs = [(start, end) for number, start, end in _fields(data, 0, len(data))
+              if number == _GRAPH]
+    if len(graphs) != 1:
+        return None
+    spans: dict[str, tuple[int, int]] = {}
+    names: set[str] = set()
+    for number, start, end in _fields(data, *graphs[0]):
+        if number != _INITIALIZER:
+            continue
+        fields = [(n, s, e) for n, s, e in _fields(data, start, end) if n in (_NAME, _RAW)]
+        name = [bytes(data[s:e]).decode() for n, s, e in fields if n == _NAME]
+        raw = [(s, e - s) for n, s, e in fields if n == _RAW]
+        if len(name) != 1 or len(raw) > 1 or name[0] in names:
+            return None
+        names.add(name[0])
+        if raw:
+            spans[name[0]] = raw[0]
+    return spans
+
+
+def _fields(data, start: int, end: int):
+    """(number, value start, value end) of each field of the message in ``data[start:end]``
+    (the value of a varint or fixed-size field is not decoded)."""
+    pos = start
+    while pos < end:
+        key, pos = _read_varint(data, pos)
+        if key & 7 == _LEN:
+            length, pos = _read_varint(data, pos)
+            yield key >> 3, pos, pos + length
+            pos += length
+        else:
+            value_start = pos
+            pos = _skip(data, pos, key & 7)
+            yield key >> 3, value_start, pos
+    if pos != end:
+        raise ValueError("truncated protobuf message")
 
 
 def copy_without(message, field: str):
