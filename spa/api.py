@@ -273,6 +273,8 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
             checks = dataclasses.replace(checks, validate=True, check_masked=False)
         Rewrite().run(analysis, the_plan)
         compensated += BiasCompensation().apply(analysis, the_plan, shifts)
+        if loaded.mapped is not None:  # what the export still reads is mapped again then
+            loaded.mapped.release()
         if streamed(loaded):
             write_streamed(loaded, stage.model_path)
             pruned: PathLike | onnx.ModelProto = stage.model_path

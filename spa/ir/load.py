@@ -55,6 +55,7 @@ class LoadedModel:
     opset: int
     notes: list[str] = field(default_factory=list)
     data_files: tuple[Path, ...] = ()  # the external data files the model reads
+    mapped: MappedFile | None = None  # the file its inline weights are read from
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
@@ -82,7 +83,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     model = _with_inferred_shapes(model, str(p))
     graph = import_graph(model, str(p), base_dir=p.parent if external else None, mapped=mapped)
     return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
-                       file_bytes=file_bytes, opset=opset, data_files=data_files)
+                       file_bytes=file_bytes, opset=opset, data_files=data_files, mapped=mapped)
 
 
 def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
@@ -113,7 +114,11 @@ def _read(path: Path) -> tuple[onnx.ModelProto, MappedFile | None]:
     if decoded is not None and decoded != size:  # as onnx.load checks
         raise DecodeError(f"Protobuf decoding consumed too few bytes: {decoded} out of {size}")
     spans = raw_data_spans(mapped)
-    return model, None if spans is None else MappedFile(mapped, spans)
+    if spans is None:
+        return model, None
+    file = MappedFile(mapped, spans)
+    file.release()  # parsing read every page; the weights are read again when needed
+    return model, file
 
 
 def check_versions(model: onnx.ModelProto, name: str) -> int:

@@ -40,6 +40,12 @@ class MappedFile:
     buffer: mmap.mmap
     spans: dict[str, tuple[int, int]]  # name → (offset, length)
 
+    def release(self) -> None:
+        """Drop the pages read so far from this process's memory: they stay in the page cache
+        and are mapped again when read (a read-only file mapping loses nothing)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self.buffer.madvise(mmap.MADV_DONTNEED)
+
 
 class InlineValues(LazyValues):
     """Lazily loaded values of an inline tensor: a read-only view of its bytes in the mapped
