@@ -344,12 +344,12 @@ def _reference_models(analysis: Analysis, the_plan: Plan, checks: CheckOptions,
     loaded = analysis.model
     if not streamed(loaded):
         # On disk, not held: onnxruntime reads it when validation starts, after the rewrite.
-        original = to_onnx(loaded)
         original_path = stage.dir / "original.onnx"
-        write_proto(original, original_path)
+        write_proto(to_onnx(loaded), original_path)
         if not checks.check_masked:
             return original_path, None
-        return original_path, lambda: val.masked_model(original, analysis, the_plan)
+        return original_path, lambda: val.masked_model(onnx.load(str(original_path)), analysis,
+                                                       the_plan)
     base = loaded.path.parent if loaded.path is not None else None
     refs = to_onnx(loaded, references=True)
     original = _stage_copy(loaded, refs, base, stage, "original")

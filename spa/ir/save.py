@@ -21,7 +21,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, check_duplicate_node_names
+from onnx_graphsurgeon.exporters.onnx_exporter import (
+    OnnxExporter,
+    check_duplicate_node_names,
+    dtype_to_onnx,
+)
 from onnx_graphsurgeon.ir.tensor import SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -63,12 +67,33 @@ def _export_graph_into(target: onnx.GraphProto, graph: gs.Graph) -> None:
     target.input.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs)
     target.output.extend(OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs)
     constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
-    target.initializer.extend(OnnxExporter.export_tensor_proto(t) for t in constants
-                              if not isinstance(t._values, SparseValues))
+    for t in constants:
+        if not isinstance(t._values, SparseValues) and not _array_into(target, t):
+            target.initializer.append(OnnxExporter.export_tensor_proto(t))
     target.sparse_initializer.extend(OnnxExporter.export_sparse_tensor_proto(t)
                                      for t in constants if isinstance(t._values, SparseValues))
     if graph.doc_string:
         target.doc_string = graph.doc_string
+
+
+def _array_into(target: onnx.GraphProto, t: gs.Constant) -> bool:
+    """Add ``t`` to ``target``'s initializers as onnx-graphsurgeon exports an array of a plain
+    type (``make_tensor`` from its bytes), but built in place, not made and then copied in.
+    False (nothing added) for anything else: lazy values, a type to convert on export."""
+    values = t._values
+    if not isinstance(values, np.ndarray):
+        return False
+    data_type = dtype_to_onnx(values.dtype)
+    if data_type not in PLAIN_DTYPES or dtype_to_onnx(t.export_dtype) != data_type:
+        return False
+    tensor = target.initializer.add()
+    tensor.data_type = data_type
+    tensor.name = t.name
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = values.tobytes()
+    if t.data_location is not None:
+        tensor.data_location = t.data_location
+    return True
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
