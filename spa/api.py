@@ -10,6 +10,8 @@ the numeric oracle with ``check_masked``) *before* writing, then writes atomical
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import logging
 import os
 import time
@@ -219,6 +221,26 @@ def dry_run(model: PathLike | onnx.ModelProto | LoadedModel,
     return the_plan
 
 
+def _gc_paused(fn):
+    """Run ``fn`` with Python's cyclic garbage collector off (as it was, after). A full
+    collection walks every object of the process: a graph's hundreds of thousands, 0.1–0.3 s
+    per collection on ViT-B/16, for almost no garbage; the cycles a run leaves (graphs, nodes
+    and tensors) are collected once it is over."""
+
+    @functools.wraps(fn)
+    def paused(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOptions(),
           checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None
           ) -> tuple[PruneReport, Plan]:
@@ -238,6 +260,7 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
     return report, the_plan
 
 
+@_gc_paused
 def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
           checks: CheckOptions = CheckOptions()) -> PruneReport:
     """Apply a saved plan; the analysis runs with the options the plan was made with."""
