@@ -35,7 +35,7 @@ from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
 from spa.ir import to_onnx
 from spa.ir.external import attach_external
-from spa.ir.load import LoadedModel, load_model, load_proto, normal_graph
+from spa.ir.load import LoadedModel, import_graph, load_model, load_proto
 from spa.ir.save import (
     Staging,
     check_output_path,
@@ -304,7 +304,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
             emitted = load_model(stage.model_path).graph
         else:
             pruned = infer_shapes(to_onnx(loaded))
-            emitted = normal_graph(pruned)
+            emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
         t1 = time.perf_counter()
         report_extra = _validate(*sources, pruned, checks) if sources else {}
         t2 = time.perf_counter()
