@@ -29,7 +29,7 @@ from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
 from spa.ir.values import MappedFile, hold_weights, inline_views, restore_weights
-from spa.ir.wire import copy_without, raw_data_spans, unknown_fields
+from spa.ir.wire import binary_protobuf, copy_without, raw_data_spans, unknown_fields
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ def _read(path: Path) -> tuple[onnx.ModelProto, MappedFile | None]:
     """``onnx.load`` without external data. A binary file is parsed from a read-only memory
     map (no copy of the whole file in memory), which stays open for the weights to be read
     from it without copies (spa/ir/values.py)."""
-    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
-    if fmt not in (None, "protobuf") or path.stat().st_size == 0:
+    if not binary_protobuf(path) or path.stat().st_size == 0:
         return onnx.load(str(path), load_external_data=False), None
     model = onnx.ModelProto()
     with open(path, "rb") as f:

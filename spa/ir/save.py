@@ -33,7 +33,7 @@ from spa.errors import OutputPathError, ValidationError
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
 from spa.ir.load import LoadedModel, _one_line, _with_inferred_shapes, weightless
 from spa.ir.values import PLAIN_DTYPES
-from spa.ir.wire import serialized_pieces
+from spa.ir.wire import binary_protobuf, serialized_pieces
 
 TWO_GB = 2 * 1024**3
 _ITEMSIZE = {k: d.itemsize for k, d in PLAIN_DTYPES.items()}
@@ -197,12 +197,12 @@ def write_proto(model: onnx.ModelProto, path: Path, *, external: bool = False) -
     try:
         if external:
             _mark_weights_external(model, path.name + ".data")
-        if external or _needs_onnx_save(model, path):
+        # What onnx.save_model writes, serialised in pieces (spa/ir/wire.py), unless onnx must
+        # write it: a text format, external data, or over 2 GB (onnx raises its own error).
+        pieces = None if external or _needs_onnx_save(model, path) else serialized_pieces(model)
+        if pieces is None or sum(len(p) for p in pieces) > onnx.checker.MAXIMUM_PROTOBUF:
             onnx.save_model(model, str(path))
-        else:  # what onnx.save_model writes, serialised in pieces (spa/ir/wire.py)
-            pieces = serialized_pieces(model)
-            if sum(len(p) for p in pieces) > onnx.checker.MAXIMUM_PROTOBUF:
-                onnx.save_model(model, str(path))  # fails as onnx does
+        else:
             with open(path, "wb") as f:
                 f.writelines(pieces)
     except OSError as exc:
@@ -211,8 +211,7 @@ def write_proto(model: onnx.ModelProto, path: Path, *, external: bool = False) -
 
 def _needs_onnx_save(model: onnx.ModelProto, path: Path) -> bool:
     """A text format (by the file's extension), or tensors to write to external data."""
-    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
-    return fmt not in (None, "protobuf") or any(
+    return not binary_protobuf(path) or any(
         external_data_helper.uses_external_data(t)
         for t in external_data_helper._get_all_tensors(model))
 

@@ -16,13 +16,25 @@ protobuf writes after the known ones) is serialised whole instead.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _NAME = onnx.TensorProto.DESCRIPTOR.fields_by_name["name"].number
 _RAW = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 _LEN = 2  # wire type of length-delimited fields
+
+
+def binary_protobuf(path: Path) -> bool:
+    """Whether onnx reads and writes ``path`` as binary protobuf (by its extension; an unknown
+    one is binary too), the only format these pieces and spans are about."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+    return fmt in (None, "protobuf")
 
 
 def serialized_pieces(model: onnx.ModelProto) -> list[bytes]:
@@ -70,14 +82,9 @@ def _fields(data, start: int, end: int):
     pos = start
     while pos < end:
         key, pos = _read_varint(data, pos)
-        if key & 7 == _LEN:
-            length, pos = _read_varint(data, pos)
-            yield key >> 3, pos, pos + length
-            pos += length
-        else:
-            value_start = pos
-            pos = _skip(data, pos, key & 7)
-            yield key >> 3, value_start, pos
+        value_start = _read_varint(data, pos)[1] if key & 7 == _LEN else pos  # after its length
+        pos = _skip(data, pos, key & 7)
+        yield key >> 3, value_start, pos
     if pos != end:
         raise ValueError("truncated protobuf message")
 
