@@ -6,6 +6,7 @@ is read back from the pruned file."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from graphs import (
     Builder,
@@ -347,3 +348,36 @@ def test_dropout_inference(tmp_path):
     assert group_sizes(m) == [(8, True), (4, False)]
     out = prune_checked(m, tmp_path, ratio=0.5)
     assert init_shapes(out.path)["c2.w"] == (4, 4, 3, 3)
+
+
+# --- shape values that leave the graph (issue #12, item 1) ----------------------------------
+I64 = onnx.TensorProto.INT64
+
+
+def test_shape_graph_output_keeps_its_value(tmp_path):
+    """``Shape(y)`` as a second graph output: pruning y's channels would change the output's
+    values ([1, 8, 4, 4] → [1, 6, 4, 4]); y's group freezes, and the reason says why."""
+    b = Builder()
+    y = b.op("Relu", b.conv("x", 3, 8, name="c1"))
+    z = b.conv(y, 8, 4, name="c2")
+    s = b.op("Shape", y, name="shape")
+    m = b.model(X, {z: [1, 4, 4, 4], s: ([4], I64)})
+    g = group_of(m, "c1.w", 0)
+    assert not g.prunable
+    assert any("graph output" in r and "'shape'" in r for r in g.frozen), g.frozen
+
+
+def test_shape_output_read_through_gather(tmp_path):
+    """``Gather(Shape(y), 1)`` is a graph output: the channel count leaves the graph, y freezes;
+    ``Gather(Shape(y), 0)`` (the batch) reads no channel dim, and y prunes. (The batch is
+    symbolic, so that the loader cannot fold the shape into a constant.)"""
+    for index, prunable in ((1, False), (0, True)):
+        b = Builder()
+        y = b.op("Relu", b.conv("x", 3, 8, name="c1"))
+        z = b.conv(y, 8, 4, name="c2")
+        n = b.op("Gather", b.op("Shape", y, name="shape"), b.const(np.int64(index)), axis=0)
+        m = b.model({"x": ["N", 3, 4, 4]}, {z: ["N", 4, 4, 4], n: ([], I64)})
+        assert group_of(m, "c1.w", 0).prunable is prunable
+        if prunable:
+            out = prune_checked(m, tmp_path, ratio=0.5)
+            assert init_shapes(out.path)["c2.w"][1] == 4

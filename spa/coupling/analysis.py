@@ -175,12 +175,14 @@ class CouplingAnalysis:
         for node in graph.nodes:
             for t in node.inputs:
                 consumers_of.setdefault(t.name, []).append(node)
+        graph_outputs = frozenset(t.name for t in graph.outputs)
         out: dict[str, NodeCoupling] = {}
         unknown: set[str] = set()
         for i, node in enumerate(progress(graph.nodes, "analysis", unit="node")):
             if not node.name:
                 node.name = f"{node.op}_{i}"
-            ctx = NodeContext(node, opset, consumers_of, hidden=self.hidden)
+            ctx = NodeContext(node, opset, consumers_of, hidden=self.hidden,
+                              graph_outputs=graph_outputs)
             rule = lookup(node.domain or "", node.op, opset)
             if rule is None:
                 unknown.add(node.name)

@@ -40,12 +40,13 @@ class NodeContext:
     """One node, seen by its rule."""
 
     def __init__(self, node: gs.Node, opset: int, consumers_of: dict[str, list[gs.Node]],
-                 *, hidden: bool = False):
+                 *, hidden: bool = False, graph_outputs: frozenset[str] = frozenset()):
         self.node = node
         self.opset = opset
         self.hidden = hidden  # may normalisation statistics change (hidden-size pruning)?
         self.result = NodeCoupling()
         self._consumers_of = consumers_of
+        self._graph_outputs = graph_outputs
 
     # --- reading the node -------------------------------------------------------------------
     @property
@@ -95,6 +96,10 @@ class NodeContext:
 
     def consumers(self, t: gs.Tensor) -> list[gs.Node]:
         return self._consumers_of.get(t.name, [])
+
+    def is_graph_output(self, t: gs.Tensor) -> bool:
+        """Whether ``t`` leaves the graph: its values are the model's, and must not change."""
+        return t.name in self._graph_outputs
 
     # --- recording couplings ----------------------------------------------------------------
     def space(self, t: gs.Tensor | None, axis: int) -> Space | None:

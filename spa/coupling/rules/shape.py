@@ -304,6 +304,9 @@ def shape_op(ctx: NodeContext) -> None:
     rank = ctx.rank(x)
     if rank is None:
         return
+    if ctx.is_graph_output(out):
+        ctx.refuse(f"its value is graph output '{out.name}', which must not change")
+        return
     read = _dims_read(ctx, out, shape_op_dims(ctx.node, rank))
     if _only_copied_into_reshapes(ctx, x, out):
         read = set()  # each dim read flows back into the same axis of a reshape of x
@@ -326,6 +329,8 @@ def _only_copied_into_reshapes(ctx: NodeContext, x: gs.Tensor, out: gs.Tensor) -
         if t.name in seen:
             continue
         seen.add(t.name)
+        if ctx.is_graph_output(t) or not ctx.consumers(t):
+            return False  # the dims' values leave the graph (or go nowhere a reshape reads)
         for c in ctx.consumers(t):
             if c.op == "Reshape" and c.inputs[1] is t and c.inputs[0] is x:
                 entries = shape_entries(t)
@@ -349,8 +354,8 @@ def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: Sequence[int], depth: int
     view as ``Slice(Gather(Shape(nchw), perm), 0:1)``, which reads no channel dim.
     """
     consumers = ctx.consumers(out)
-    if not consumers or depth > 8:
-        return set(dims)  # no node reads it: a graph output, whose values would change
+    if not consumers or depth > 8 or ctx.is_graph_output(out):
+        return set(dims)  # a graph output (or read by no node): its values must not change
     read: set[int] = set()
     for consumer in consumers:
         if consumer.op in ("Cast", "Identity"):  # tf2onnx casts shapes to int32 and back
