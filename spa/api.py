@@ -81,8 +81,13 @@ class PruneOptions:
 
 @dataclass(frozen=True)
 class CheckOptions:
+    """What validation runs. ``check_masked``: None (the default) runs the numeric oracle
+    whenever it applies to the plan (:func:`spa.validate.oracle_exemption`); True requires it
+    (a plan it cannot apply to is then validated without it, with a warning); False turns it
+    off (``--no-check``)."""
+
     validate: bool = True
-    check_masked: bool = False
+    check_masked: bool | None = None
     rtol: float = 1e-4
     latency: bool = True
     latency_runs: int = 20
@@ -110,6 +115,8 @@ class PruneReport:
     latency_ms_after: float | None = None
     masked_max_abs_diff: float | None = None
     masked_relative_diff: float | None = None
+    # What became of the numeric oracle: "held", or why it did not run.
+    oracle: str = ""
     compensated_layers: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -287,13 +294,10 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     t0 = time.perf_counter()
     before = CostModel(loaded.graph).count()
     channels_before = sum(g.size for g in analysis.prunable_groups)
+    checks, oracle = _oracle_decision(analysis, the_plan, checks)
     with Staging(output, input_path=loaded.path, input_files=loaded.data_files) as stage:
         sources = _reference_models(analysis, the_plan, checks, stage)
         compensated, shifts = _compensate(analysis, the_plan, hessians, stats)
-        if (compensated or shifts) and checks.check_masked:
-            log.warning("compensated weights: the masked oracle does not apply (--no-compensate "
-                        "to check it); validating shapes only")
-            checks = dataclasses.replace(checks, validate=True, check_masked=False)
         Rewrite().run(analysis, the_plan)
         compensated += BiasCompensation().apply(analysis, the_plan, shifts)
         if loaded.mapped is not None:  # what the export still reads is mapped again then
@@ -329,8 +333,27 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
         frozen=[{"group": f.id, "name": f.name, "channels": f.size, "reasons": list(f.reasons)}
                 for f in the_plan.frozen],
         seconds={"rewrite": t1 - t0, "validate": t2 - t1, "save": t3 - t2},
-        compensated_layers=compensated, **report_extra)
+        compensated_layers=compensated, oracle=oracle, **report_extra)
     return report
+
+
+def _oracle_decision(analysis: Analysis, the_plan: Plan, checks: CheckOptions
+                     ) -> tuple[CheckOptions, str]:
+    """Whether the numeric oracle runs (``checks.check_masked`` made a bool), and the words the
+    report gives when it does not."""
+    exemption = val.oracle_exemption(analysis, the_plan)
+    if checks.check_masked is False:
+        why = "off (--no-check)"
+    elif not checks.validate and checks.check_masked is None:
+        why = "not run (--no-validate)"
+    elif exemption is not None:
+        why = f"does not apply: {exemption}"
+        if checks.check_masked:
+            log.warning("the masked oracle does not apply: %s; validating without it",
+                        exemption)
+    else:
+        return dataclasses.replace(checks, validate=True, check_masked=True), "held"
+    return dataclasses.replace(checks, check_masked=False), why
 
 
 def _compensate(analysis: Analysis, the_plan: Plan, hessians: dict | None,
@@ -360,27 +383,32 @@ def _compensate(analysis: Analysis, the_plan: Plan, hessians: dict | None,
 def _reference_models(analysis: Analysis, the_plan: Plan, checks: CheckOptions,
                       stage: Staging) -> tuple | None:
     """What validation compares against, taken before the rewrite: the original model (the
-    normal form the analysis ran on) and a maker of the masked original (the numeric oracle).
-    A streamed model's are written into the staging directory, tensor by tensor."""
+    normal form the analysis ran on), a maker of the masked original (the numeric oracle) and
+    the outputs no weight reaches. A streamed model's are written into the staging directory,
+    tensor by tensor."""
     if not (checks.validate or checks.check_masked):
         return None
     loaded = analysis.model
     if not streamed(loaded):
         # On disk, not held: onnxruntime reads it when validation starts, after the rewrite.
         original_path = stage.dir / "original.onnx"
-        write_proto(to_onnx(loaded), original_path)
+        proto = to_onnx(loaded)
+        weight_free = val.weight_free_outputs(proto)
+        write_proto(proto, original_path)
+        del proto
         if not checks.check_masked:
-            return original_path, None
+            return original_path, None, weight_free
         return original_path, lambda: val.masked_model(onnx.load(str(original_path)), analysis,
-                                                       the_plan)
+                                                       the_plan), weight_free
     base = loaded.path.parent if loaded.path is not None else None
     refs = to_onnx(loaded, references=True)
+    weight_free = val.weight_free_outputs(refs)
     original = _stage_copy(loaded, refs, base, stage, "original")
     if not checks.check_masked:
-        return original, None
+        return original, None, weight_free
     masked = val.masked_model(refs, analysis, the_plan, base_dir=base)
     masked_path = _stage_copy(loaded, masked, base, stage, "masked")
-    return original, lambda: masked_path
+    return original, lambda: masked_path, weight_free
 
 
 def _stage_copy(loaded: LoadedModel, model: onnx.ModelProto, base: Path | None,
@@ -395,9 +423,11 @@ def _stage_copy(loaded: LoadedModel, model: onnx.ModelProto, base: Path | None,
     return path
 
 
-def _validate(original: PathLike | onnx.ModelProto, masked, pruned: PathLike | onnx.ModelProto,
-              checks: CheckOptions) -> dict:
-    """Run the original, then the pruned model (one session at a time: memory), compare."""
+def _validate(original: PathLike | onnx.ModelProto, masked, weight_free: set[str],
+              pruned: PathLike | onnx.ModelProto, checks: CheckOptions) -> dict:
+    """Run the original, then the pruned model (one session at a time: memory), compare:
+    signature; shape-valued outputs (``weight_free``) exactly; with the oracle, every output
+    against the masked original (integer and bool ones exactly)."""
     extra: dict = {}
     s = val.session(original)
     feeds = val.random_inputs(s, dims=dict(checks.input_dims))
@@ -411,7 +441,10 @@ def _validate(original: PathLike | onnx.ModelProto, masked, pruned: PathLike | o
         extra["latency_ms_after"] = latency_ms(s, feeds, runs=checks.latency_runs)
     s = None
     val.check_signature(out_orig, out_pruned)
+    val.check_exact(out_orig, out_pruned, weight_free, what="original")
     if checks.check_masked:
-        c = val.check_close(val.run(val.session(masked()), feeds), out_pruned, rtol=checks.rtol)
+        out_masked = val.run(val.session(masked()), feeds)
+        val.check_exact(out_masked, out_pruned, out_masked, what="masked original")
+        c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)
         extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
     return extra

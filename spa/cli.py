@@ -158,10 +158,16 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-html", metavar="REPORT.html",
                    help="write a self-contained HTML report (tables, per-group chart, frozen "
                    "groups and why, options, latency)")
-    p.add_argument("--check-masked", action="store_true",
-                   help="also check the numeric oracle: pruned == masked original")
+    oracle = p.add_mutually_exclusive_group()
+    oracle.add_argument("--check-masked", action="store_true",
+                        help="require the numeric oracle (pruned == masked original); it runs "
+                        "by default whenever it applies to the plan")
+    oracle.add_argument("--no-check", action="store_true",
+                        help="do not run the numeric oracle (the default runs it whenever the "
+                        "plan has no compensation and no normalisation over a pruned axis)")
     p.add_argument("--no-validate", action="store_true",
-                   help="skip running original and pruned models in onnxruntime")
+                   help="skip running original and pruned models in onnxruntime (and the "
+                   "numeric oracle, unless --check-masked)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
 
@@ -237,8 +243,9 @@ def _analyze(args: argparse.Namespace) -> int:
 def _checks(args: argparse.Namespace):
     from spa.api import CheckOptions
 
+    check_masked = True if args.check_masked else False if args.no_check else None
     return CheckOptions(validate=not args.no_validate or args.check_masked,
-                        check_masked=args.check_masked, latency=not args.no_validate,
+                        check_masked=check_masked, latency=not args.no_validate,
                         input_dims=tuple(args.input_dim))
 
 

@@ -21,7 +21,7 @@ import json
 from html import escape
 from typing import TYPE_CHECKING
 
-from spa.report import write_text_atomic
+from spa.report import oracle_line, write_text_atomic
 
 if TYPE_CHECKING:
     import os
@@ -187,11 +187,7 @@ def _options_table(meta: dict) -> str:
 def _validation(report: PruneReport | None) -> str:
     if report is None:
         return '<p class="sub">Not run: dry run.</p>'
-    lines = []
-    if report.masked_relative_diff is not None:
-        lines.append("numeric oracle (pruned == masked original): max |Δ| "
-                     f"{report.masked_max_abs_diff:.3g}, "
-                     f"relative {report.masked_relative_diff:.2g}")
+    lines = [oracle_line(report)]
     if report.latency_ms_before is not None or report.masked_relative_diff is not None:
         lines.append("onnxruntime ran both models; output names, dtypes and shapes are unchanged")
     if report.compensated_layers:

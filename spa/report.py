@@ -91,10 +91,16 @@ def report_table(r: PruneReport) -> str:
              row("latency ms", r.latency_ms_before, r.latency_ms_after, ".3f"),
              row("channels", r.channels_before, r.channels_after, ",d")]
     lines.append(f"groups pruned: {r.groups_pruned} of {r.groups}; frozen groups: {len(r.frozen)}")
-    if r.masked_relative_diff is not None:
-        lines.append(f"numeric oracle (pruned == masked original): max |Δ| "
-                     f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
+    lines.append(oracle_line(r))
     return "\n".join(lines)
+
+
+def oracle_line(r: PruneReport) -> str:
+    """One line on the numeric oracle: its figures when it ran, else why it did not."""
+    if r.masked_relative_diff is not None:
+        return (f"numeric oracle (pruned == masked original): max |Δ| "
+                f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
+    return f"numeric oracle (pruned == masked original): {r.oracle or 'not run'}"
 
 
 def report_notes(r: PruneReport) -> list[str]:

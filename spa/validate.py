@@ -5,7 +5,12 @@
   slice zeroed at every consumer — built from the plan and the group members alone, never with
   the rewrite code, so the oracle stays independent of what it checks.
 * :func:`check_close`: pruned outputs equal the masked original's to a tolerance relative to the
-  output scale.
+  output scale; :func:`check_exact`: integer and bool outputs equal the reference's exactly.
+* :func:`oracle_exemption`: why the numeric oracle cannot hold for a plan (compensated weights,
+  normalisation statistics over a pruned axis), or None when it must hold: then it runs by
+  default.
+* :func:`weight_free_outputs`: integer and bool outputs that no float weight reaches (shapes,
+  sizes): they must equal the *original's* exactly even where the oracle does not apply.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from spa.ir.wire import serialized_pieces
 from spa.plan import removed_indices
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from spa.coupling.analysis import Analysis
     from spa.plan import Plan
 
@@ -141,6 +148,73 @@ def check_close(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarray],
         raise ValidationError(f"pruned outputs differ from the {what}: max |Δ| = {c.max_abs:.3g} "
                               f"at output scale {c.scale:.3g} (relative {c.relative:.2g} > {rtol})")
     return c
+
+
+def check_exact(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarray],
+                names: Iterable[str], *, what: str) -> None:
+    """Integer and bool outputs among ``names`` equal the reference's element for element."""
+    for name in names:
+        ref, got = reference[name], pruned[name]
+        if np.issubdtype(ref.dtype, np.floating) or np.array_equal(ref, got):
+            continue
+        raise ValidationError(f"{ref.dtype} output '{name}' differs from the {what}'s: "
+                              f"{_preview(got)} instead of {_preview(ref)}")
+
+
+def _preview(a: np.ndarray) -> str:
+    flat = a.reshape(-1)
+    text = ", ".join(str(v) for v in flat[:8]) + (", …" if flat.size > 8 else "")
+    return f"[{text}]" if a.ndim else text
+
+
+def oracle_exemption(analysis: Analysis, plan: Plan) -> str | None:
+    """Why pruned ≡ masked original cannot hold for ``plan``, or None when it must."""
+    from spa.coupling.analysis import GroupKind
+
+    if plan.meta.get("compensation"):
+        return "the plan compensates the kept weights (OBSPA update; --no-compensate to check)"
+    if plan.meta.get("bias_compensation"):
+        return "the plan compensates biases for the removed channels"
+    by_id = {g.id: g for g in analysis.groups}
+    hidden = [gp.name for gp in plan.groups if gp.removed and by_id[gp.id].kind is GroupKind.HIDDEN]
+    if hidden:
+        return (f"normalisation statistics run over pruned channels (hidden-size group "
+                f"{hidden[0]})")
+    return None
+
+
+_SHAPE_READERS = ("Shape", "Size")
+
+
+def weight_free_outputs(model: onnx.ModelProto) -> set[str]:
+    """Graph outputs whose values no floating-point initializer reaches (walking back through
+    every node input, but not through what ``Shape``/``Size`` read): shapes and sizes, whose
+    values pruning must never change."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    float_inits = {i.name for i in model.graph.initializer
+                   if i.data_type in _FLOAT_TENSOR_TYPES}
+    free = set()
+    for out in model.graph.output:
+        stack, seen, reached = [out.name], set(), False
+        while stack and not reached:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            reached = name in float_inits
+            node = producer.get(name)
+            if node is not None and node.op_type not in _SHAPE_READERS:
+                stack.extend(i for i in node.input if i)
+                reached = reached or any(a.type in (onnx.AttributeProto.GRAPH,
+                                                    onnx.AttributeProto.GRAPHS)
+                                         for a in node.attribute)
+        if not reached:
+            free.add(out.name)
+    return free
+
+
+_FLOAT_TENSOR_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                       onnx.TensorProto.BFLOAT16}
 
 
 def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
