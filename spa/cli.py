@@ -249,6 +249,26 @@ def _checks(args: argparse.Namespace):
                         input_dims=tuple(args.input_dim))
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every path the command will write (model, plan, reports) is checked before any work, so
+    that a bad one fails at once, not after the model was written; no two may coincide."""
+    from pathlib import Path
+
+    from spa.ir.save import check_output_path
+
+    paths = [args.report, args.report_html]
+    if args.command == "prune":
+        paths.append(args.plan)  # apply's --plan is what it reads
+    if not getattr(args, "dry_run", False):
+        paths.append(args.output)
+    paths = [p for p in paths if p]
+    for p in paths:
+        check_output_path(p, input_path=Path(args.model))
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        raise OptionError(f"two outputs would be written to the same file: {', '.join(paths)}")
+
+
 def _finish(args: argparse.Namespace, report, the_plan) -> int:
     from spa.html_report import write_html_report
     from spa.report import report_notes, report_table, write_report
@@ -300,6 +320,7 @@ def _prune(args: argparse.Namespace) -> int:
                            damping=args.damping, samples=args.samples, calib=args.calib,
                            compensate=not args.no_compensate,
                            input_dims=tuple(args.input_dim))
+    _check_outputs(args)
     if args.dry_run:
         return _dry_run(args, options)
     report, the_plan = prune(args.model, args.output, options, _checks(args),
@@ -311,6 +332,7 @@ def _apply(args: argparse.Namespace) -> int:
     from spa.api import apply
     from spa.plan import Plan
 
+    _check_outputs(args)
     the_plan = Plan.load(args.plan)
     return _finish(args, apply(args.model, the_plan, args.output, _checks(args)), the_plan)
 

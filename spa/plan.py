@@ -74,10 +74,13 @@ class Plan:
             body = json.loads(text)
             if body.get("format") != PLAN_FORMAT:
                 raise PlanMismatchError(f"{source}: not a plan of format {PLAN_FORMAT}")
-            groups = tuple(GroupPlan(int(g["id"]), str(g["name"]), int(g["size"]),
-                                     tuple(int(i) for i in g["keep"])) for g in body["groups"])
-            frozen = tuple(FrozenGroup(int(g["id"]), str(g["name"]), int(g["size"]),
-                                       tuple(g["reasons"])) for g in body.get("frozen", ()))
+            groups = tuple(GroupPlan(_integer(g["id"], "id"), str(g["name"]),
+                                     _integer(g["size"], "size"),
+                                     tuple(_integer(i, f"keep index of group {g['id']}")
+                                           for i in g["keep"])) for g in body["groups"])
+            frozen = tuple(FrozenGroup(_integer(g["id"], "id"), str(g["name"]),
+                                       _integer(g["size"], "size"), tuple(g["reasons"]))
+                           for g in body.get("frozen", ()))
             pred = Prediction(**body["prediction"]) if body.get("prediction") else None
             return cls(str(body["fingerprint"]), groups, frozen, pred, body.get("meta", {}))
         except PlanMismatchError:
@@ -111,6 +114,13 @@ class Plan:
                     or np.any(np.diff(keep) <= 0):
                 raise PlanMismatchError(f"plan group {gp.id} ({gp.name}): keep indices must be "
                                         f"sorted, unique, non-empty and below {g.size}")
+
+
+def _integer(value: object, what: str) -> int:
+    """A JSON integer, as is: 2.0, 0.5, "3" and true are refused, not truncated or coerced."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {json.dumps(value)}")
+    return value
 
 
 def removed_indices(analysis: Analysis, plan: Plan) -> dict[SpaceKey, np.ndarray]:

@@ -188,6 +188,56 @@ def test_plan_for_another_model_is_refused(model_path: Path, tmp_path: Path, cap
     assert not out.exists()
 
 
+@pytest.mark.parametrize("keep", [[0.5, 2, 5, 6], [0, 2.0, 5], ["0", 2], [True, 2]])
+def test_plan_with_non_integer_keep_indices_is_refused(model_path: Path, tmp_path: Path, capsys,
+                                                       keep) -> None:
+    """Keep indices are integers: 0.5 was truncated to 0 and the plan applied (exit 0)."""
+    plan = tmp_path / "plan.json"
+    assert main(["prune", str(model_path), "-o", str(tmp_path / "p.onnx"), "--plan", str(plan),
+                 "--no-validate", "-q"]) == 0
+    body = json.loads(plan.read_text())
+    body["groups"][0]["keep"] = keep
+    plan.write_text(json.dumps(body))
+    capsys.readouterr()
+    out = tmp_path / "o.onnx"
+    assert main(["apply", str(model_path), str(plan), "-o", str(out)]) == ExitCode.BAD_INPUT
+    err = _err(capsys)
+    assert "not a valid SPA plan" in err and "must be an integer" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--report", "--report-html", "--plan"])
+@pytest.mark.parametrize("command", ["prune", "dry-run", "apply"])
+def test_bad_report_path_fails_before_any_work(model_path: Path, tmp_path: Path, capsys, flag,
+                                               command) -> None:
+    """An output into a missing directory exits 2 before the model is written (it was written,
+    and then the report failed)."""
+    out = tmp_path / "o.onnx"
+    missing = str(tmp_path / "nowhere" / "r.out")
+    if command == "apply":
+        if flag == "--plan":
+            pytest.skip("apply reads --plan")
+        plan = tmp_path / "plan.json"
+        assert main(["prune", str(model_path), "-o", str(tmp_path / "p.onnx"), "--plan",
+                     str(plan), "-q"]) == 0
+        argv = ["apply", str(model_path), str(plan), "-o", str(out), flag, missing]
+    else:
+        argv = ["prune", str(model_path), "-o", str(out), flag, missing]
+        argv += ["--dry-run"] if command == "dry-run" else []
+    capsys.readouterr()
+    assert main(argv) == ExitCode.BAD_INPUT
+    assert "does not exist" in _err(capsys)
+    assert not out.exists()
+
+
+def test_two_outputs_to_one_file_are_refused(model_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o.onnx"
+    assert main(["prune", str(model_path), "-o", str(out), "--report", str(out)]) \
+        == ExitCode.BAD_INPUT
+    assert "same file" in _err(capsys)
+    assert not out.exists()
+
+
 def test_nothing_prunable_exit_code(tmp_path: Path, capsys) -> None:
     w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="only")], "g",
