@@ -71,13 +71,13 @@ class Allocation:
             keep = self._keep(analysis, scores, self.ratio)
         else:
             keep = self._search(analysis, scores, cost, before)
-        plan = _make_plan(analysis, keep, meta or {})
+        plan = _make_plan(analysis, keep, meta or {}, scores.unscored)
         after = cost.count(predicted_lengths(analysis, plan))
         pred = Prediction(before.params, after.params, before.flops, after.flops)
         return Plan(plan.fingerprint, plan.groups, plan.frozen, pred, plan.meta)
 
     def _keep(self, analysis: Analysis, scores: Scores, ratio: float) -> dict[int, np.ndarray]:
-        groups = analysis.prunable_groups
+        groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
         if self.global_ranking:
             counts = _global_counts(groups, scores, ratio, self.min_channels)
         else:
@@ -102,7 +102,8 @@ class Allocation:
 
         def reduction(r: float) -> tuple[float, dict[int, np.ndarray]]:
             keep = self._keep(analysis, scores, r)
-            after = cost.count(predicted_lengths(analysis, _make_plan(analysis, keep, {})))
+            after = cost.count(predicted_lengths(analysis, _make_plan(analysis, keep, {},
+                                                                      scores.unscored)))
             value = after.params if self.target is Target.PARAMS else after.flops
             return (1.0 - value / base if base else 0.0), keep
 
@@ -137,11 +138,15 @@ def _global_counts(groups, scores: Scores, ratio: float, min_channels: int) -> d
     return counts
 
 
-def _make_plan(analysis: Analysis, keep: dict[int, np.ndarray], meta: dict) -> Plan:
+def _make_plan(analysis: Analysis, keep: dict[int, np.ndarray], meta: dict,
+               unscored: dict[int, str]) -> Plan:
+    """The plan of ``keep``; groups the criterion could not score join the frozen ones."""
     groups = tuple(GroupPlan(g.id, g.name, g.size, tuple(int(i) for i in keep[g.id]))
-                   for g in analysis.prunable_groups)
+                   for g in analysis.prunable_groups if g.id not in unscored)
     frozen = tuple(FrozenGroup(g.id, g.name, g.size, g.frozen) for g in analysis.frozen_groups)
-    return Plan(analysis.fingerprint, groups, frozen, None, meta)
+    frozen += tuple(FrozenGroup(g.id, g.name, g.size, (unscored[g.id],))
+                    for g in analysis.prunable_groups if g.id in unscored)
+    return Plan(analysis.fingerprint, tuple(groups), frozen, None, meta)
 
 
 def predicted_lengths(analysis: Analysis, plan: Plan) -> dict:

@@ -13,6 +13,7 @@ from passes.allocation import Allocation, Target
 from passes.importance import Normalization, Reduction, get_criterion
 from spa.api import CheckOptions, PruneOptions, analyze, prune
 from spa.errors import OptionError
+from tests.graphs import Builder, init_shapes
 from tests.oracle import prune_checked
 
 W1 = np.array([[1.0, -2.0], [0.5, 0.5], [-3.0, 0.0], [0.1, 0.1]], np.float32)  # [4 out, 2 in]
@@ -161,3 +162,18 @@ def test_bn_scale_reads_gamma_and_refuses_folded_batchnorm() -> None:
     np.testing.assert_allclose(scores.by_group[group.id], [0.5, 2.0, 1.0, 0.1])
     with pytest.raises(OptionError, match="no BatchNormalization"):
         get_criterion("bn_scale").run(analyze(_conv_bn(False)))
+
+
+def test_bn_scale_freezes_groups_without_batchnorm(tmp_path) -> None:
+    """One group behind a BatchNorm, one without: the second is left whole with the reason
+    (it stopped the whole run, exit 2), the first prunes under the oracle."""
+    b = Builder()
+    a = b.op("Relu", b.bn(b.conv("x", 3, 4, name="c1"), 4, name="bn"))
+    y = b.conv(b.op("Relu", b.conv(a, 4, 6, name="c2")), 6, 2, name="c3")
+    pruned = prune_checked(b.model({"x": [1, 3, 4, 4]}, {y: [1, 2, 4, 4]}), tmp_path,
+                           ratio=0.5, criterion="bn_scale")
+    (kept,) = pruned.plan.groups
+    assert kept.size == 4 and len(kept.keep) == 2
+    frozen = {f.size: f.reasons for f in pruned.plan.frozen}
+    assert "no BatchNormalization" in frozen[6][0]
+    assert init_shapes(pruned.path)["c2.w"] == (6, 2, 3, 3)

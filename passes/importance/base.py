@@ -14,7 +14,7 @@ A criterion only supplies :meth:`Criterion.local`; the rest is this one code pat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
@@ -47,6 +47,9 @@ class Scores:
 
     by_group: dict[int, np.ndarray]
     criterion: str
+    # Groups the criterion cannot score, with the reason: they are not pruned (the plan lists
+    # them as frozen) rather than stopping the run.
+    unscored: dict[int, str] = field(default_factory=dict)
 
 
 CRITERIA: dict[str, type[Criterion]] = {}
@@ -81,8 +84,21 @@ class Criterion:
 
     def run(self, analysis: Analysis) -> Scores:
         tensors = analysis.model.graph.tensors()
-        out = {g.id: self.group_scores(g, tensors) for g in analysis.prunable_groups}
-        return Scores(out, self.name)
+        out, unscored = {}, {}
+        for g in analysis.prunable_groups:
+            why = self.unscorable(g, tensors)
+            if why is None:
+                out[g.id] = self.group_scores(g, tensors)
+            else:
+                unscored[g.id] = why
+        if not out:
+            raise OptionError(f"criterion {self.name} can score no group: "
+                              f"{next(iter(unscored.values()))}")
+        return Scores(out, self.name, unscored)
+
+    def unscorable(self, group: Group, tensors: dict[str, gs.Tensor]) -> str | None:
+        """Why this criterion cannot score ``group`` (it is then left whole), or None."""
+        return None
 
     def scored(self, member: Member, tensor: gs.Tensor) -> bool:
         """Which members of a group this criterion reads (default: every weight axis, float or

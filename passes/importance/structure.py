@@ -22,7 +22,6 @@ import onnx_graphsurgeon as gs
 
 from passes.importance.base import Criterion, along, register_criterion
 from spa.coupling.types import Role
-from spa.errors import OptionError
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Group, Member
@@ -49,12 +48,11 @@ class BNScale(Criterion):
         return member.role is Role.SCALE and isinstance(tensor, gs.Constant) and any(
             n.op == "BatchNormalization" and n.inputs[1] is tensor for n in tensor.outputs)
 
-    def group_scores(self, group: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
-        if not any(self.scored(m, tensors.get(m.space[0])) for m in group.members):
-            raise OptionError(
-                f"criterion bn_scale: group {group.id} ({group.name}) has no BatchNormalization "
-                "(inference exports usually fold it into the convolution); use l1 or obspa")
-        return super().group_scores(group, tensors)
+    def unscorable(self, group: Group, tensors: dict[str, gs.Tensor]) -> str | None:
+        if any(self.scored(m, tensors.get(m.space[0])) for m in group.members):
+            return None
+        return ("criterion bn_scale: no BatchNormalization in the group (inference exports "
+                "usually fold it into the convolution; use l1 or obspa)")
 
     def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
         return np.abs(along(weight, axis)).sum(axis=1)
