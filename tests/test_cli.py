@@ -274,3 +274,31 @@ def test_input_dim_sizes_symbolic_dims(tmp_path: Path, capsys) -> None:
     assert rep["masked_relative_diff"] <= 1e-4 and rep["channels_after"] == 4
     with pytest.raises(SystemExit):
         main(["prune", str(src), "-o", str(out), "--input-dim", "height"])
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"]])
+def test_version_and_help_import_no_heavy_module(argv: list[str]) -> None:
+    """``spa --version`` and ``spa --help`` took over a second, importing onnx (its ml_dtypes
+    alone is 0.6 s) and the whole pass library; they now import neither."""
+    code = "\n".join([
+        "import sys", "from spa.cli import main", "try:", f"    main({argv!r})",
+        "except SystemExit:", "    pass",
+        "print('HEAVY', [m for m in ('onnx', 'onnx_graphsurgeon', 'numpy', 'passes', 'spa.api')"
+        " if m in sys.modules])"])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in res.stdout, res.stdout
+
+
+def test_graphsurgeon_messages_go_through_logging(caplog, capsys) -> None:
+    """onnx-graphsurgeon printed its warnings; they are log records now (shown with -v)."""
+    import logging
+
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    import spa.ir  # noqa: F401  (routes the messages)
+
+    with caplog.at_level(logging.INFO, logger="spa.onnx_graphsurgeon"):
+        G_LOGGER.warning("duplicate node name 'n'")
+    assert capsys.readouterr().out == ""
+    assert [r.getMessage() for r in caplog.records] == [
+        "onnx-graphsurgeon: duplicate node name 'n'"]
