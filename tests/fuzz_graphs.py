@@ -711,13 +711,15 @@ class FuzzGraph:
             a = self.choice(inner)
             outputs[a.name] = [self.batch, a.c, *self.dims(a.h, a.w)]
             self.ops.append("output:inner")
+        values = self._value_outputs()
         spatial = ["H", "W"] if self.spatial else None
         graph = helper.make_graph(
             self.nodes, f"fuzz{self.seed}",
             [helper.make_tensor_value_info(a.name, TensorProto.FLOAT,
                                            [self.batch, a.c, *(spatial or [a.h, a.w])])
              for a in self.inputs if a.name in self.used],
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()]
+            + [helper.make_tensor_value_info(n, t, s) for n, (t, s) in values.items()],
             [numpy_helper.from_array(v, n) for n, v in self.inits.items()])
         imports = [helper.make_opsetid("", self.opset)]
         if self.functions:
@@ -726,6 +728,33 @@ class FuzzGraph:
                                   functions=list(self.functions.values()))
         onnx.checker.check_model(model, full_check=True)
         return model
+
+    def _value_outputs(self) -> dict[str, tuple[int, list]]:
+        """Sometimes graph outputs that are integer or bool *values* of an activation: its
+        shape, one dim, its size, a comparison of its channel count, or an ArgMax over a spatial
+        axis. Pruning must never change them (issue #12: a Shape output did). Drawn from a
+        second generator, so that every seed's graph and options are otherwise unchanged."""
+        rng = np.random.default_rng((self.seed, 12))
+        acts = [a for a in self.pool if a not in self.inputs]
+        out: dict[str, tuple[int, list]] = {}
+        for _ in range(int(rng.integers(1, 3)) if acts and rng.random() < 0.25 else 0):
+            a = acts[int(rng.integers(len(acts)))]
+            kind = ("shape", "dim", "size", "equal", "argmax")[int(rng.integers(5))]
+            if kind == "shape":
+                out[self.op1("Shape", [a.name])] = (TensorProto.INT64, [4])
+            elif kind in ("dim", "equal"):
+                dim = self.op1("Gather", [self.op1("Shape", [a.name]),
+                                          self.const(np.int64(rng.integers(4)))], axis=0)
+                if kind == "equal":
+                    dim = self.op1("Equal", [dim, self.const(np.int64(a.c))])
+                out[dim] = (TensorProto.BOOL if kind == "equal" else TensorProto.INT64, [])
+            elif kind == "size":
+                out[self.op1("Size", [a.name])] = (TensorProto.INT64, [])
+            else:
+                out[self.op1("ArgMax", [a.name], axis=3, keepdims=0)] = (
+                    TensorProto.INT64, [self.batch, a.c, *self.dims(a.h, a.w)[:1]])
+            self.ops.append(f"output:{kind}")
+        return out
 
     def options(self) -> dict:
         """Random prune options: ratio 0.1–0.7, a criterion, sometimes global or a FLOPs target."""
