@@ -136,7 +136,7 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     total = None if source is HessianSource.CALIBRATION else samples
     for feeds in progress(_batches(sess, source, samples, seed, calib, dims), "hessians", total,
                           unit="batch"):
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        outs = val.run(sess, feeds)
         for key, layer in layers.items():
             x = np.moveaxis(np.asarray(outs[layer.data], np.float64), layer.data_axis, -1)
             x = x.reshape(-1, x.shape[-1])

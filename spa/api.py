@@ -33,6 +33,7 @@ from passes.rewrite import Rewrite
 from spa import validate as val
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
+from spa.inputs import InputDims, resolve
 from spa.ir import to_onnx
 from spa.ir.external import attach_external
 from spa.ir.load import LoadedModel, import_graph, load_model, load_proto
@@ -75,7 +76,8 @@ class PruneOptions:
     samples: int = 32
     calib: str | None = None
     compensate: bool = True
-    # Values for symbolic input dims when SPA makes inputs (synthetic Hessians): ("H", 224), …
+    # Sizes of symbolic input dims for the inputs SPA makes (synthetic Hessians): ("H", 224), …;
+    # the others are sized by spa/inputs.py, once per run.
     input_dims: tuple[tuple[str, int], ...] = ()
 
 
@@ -119,6 +121,10 @@ class PruneReport:
     oracle: str = ""
     compensated_layers: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # The sizes SPA's made-up inputs gave the symbolic input dims, and how each was chosen
+    # ("flag", "metadata", "name", "position", "default", "searched": spa/inputs.py).
+    input_dims: dict[str, int] = field(default_factory=dict)
+    input_dims_from: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,7 +146,27 @@ def analyze(model: PathLike | onnx.ModelProto | LoadedModel, *, ignore: tuple[st
 
 def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
     """Score and allocate: the plan for ``analysis`` under ``options``."""
-    return _plan(analysis, options)[0]
+    dims = _input_dims(analysis, dict(options.input_dims), _makes_inputs(options, None))
+    return _plan(analysis, dataclasses.replace(options, input_dims=dims.items))[0]
+
+
+def _makes_inputs(options: PruneOptions, checks: CheckOptions | None) -> bool:
+    """Whether the run feeds made-up inputs: validation, or OBSPA's data-free Hessians."""
+    synthetic = CRITERIA.get(options.criterion) is OBSPA and options.hessian in (
+        HessianSource.SYNTHETIC, HessianSource.NOISE)
+    return synthetic or (checks is not None and (checks.validate or checks.check_masked))
+
+
+def _input_dims(analysis: Analysis, given: dict[str, int], needed: bool) -> InputDims:
+    """The symbolic input dims sized once per run (spa/inputs.py) when the run makes inputs
+    (``needed``) and can prune anything; else just the ``given`` ones. The criterion and
+    validation then take the same sizes."""
+    if not (needed and analysis.prunable_groups):
+        return InputDims(given, dict.fromkeys(given, "flag"))
+    loaded = analysis.model  # the original: its file, or the normal form of one in memory
+    metadata = {p.key: p.value for p in loaded.proto_header.metadata_props}
+    return resolve(loaded.graph.inputs, metadata, given,
+                   val.probe(lambda: loaded.path or to_onnx(loaded)))
 
 
 def _criterion_options(options: PruneOptions) -> dict:
@@ -222,7 +248,7 @@ def dry_run(model: PathLike | onnx.ModelProto | LoadedModel,
     """Analyse and plan, and write no model: the plan holds every decision and the predicted
     params/FLOPs (``spa prune --dry-run``). ``plan_path`` saves it for ``spa apply``."""
     analysis = analyze(model, ignore=options.ignore, hidden=options.hidden_ratio is not None)
-    the_plan = _plan(analysis, options)[0]
+    the_plan = plan(analysis, options)
     if plan_path is not None:
         write_text_atomic(plan_path, the_plan.to_json() + "\n")
     return the_plan
@@ -256,6 +282,11 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
     check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
     analysis = analyze(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
     t1 = time.perf_counter()
+    dims = _input_dims(analysis, dict(options.input_dims) | dict(checks.input_dims),
+                       _makes_inputs(options, checks))
+    options = dataclasses.replace(options, input_dims=dims.items)
+    checks = dataclasses.replace(checks, input_dims=dims.items)
+    t_dims = time.perf_counter()
     the_plan, criterion = _plan(analysis, options)
     if plan_path is not None:
         write_text_atomic(plan_path, the_plan.to_json() + "\n")
@@ -263,7 +294,8 @@ def prune(model: PathLike, output: PathLike, options: PruneOptions = PruneOption
     report = apply_plan(analysis, the_plan, output, checks,
                         hessians=getattr(criterion, "hessians", None),
                         stats=getattr(criterion, "stats", None))
-    report.seconds.update(load_analyze=t1 - t0, plan=t2 - t1)
+    report.seconds.update(load_analyze=t1 - t0, input_sizes=t_dims - t1, plan=t2 - t_dims)
+    report.input_dims, report.input_dims_from = dims.sizes, dims.how
     return report, the_plan
 
 
@@ -276,7 +308,11 @@ def apply(model: PathLike, plan_file: PathLike | Plan, output: PathLike,
     the_plan = plan_file if isinstance(plan_file, Plan) else Plan.load(plan_file)
     analysis = analyze(loaded, ignore=tuple(the_plan.meta.get("ignore", ())),
                        hidden=the_plan.meta.get("hidden_ratio") is not None)
-    return apply_plan(analysis, the_plan, output, checks)
+    dims = _input_dims(analysis, dict(checks.input_dims), checks.validate or checks.check_masked)
+    report = apply_plan(analysis, the_plan, output,
+                        dataclasses.replace(checks, input_dims=dims.items))
+    report.input_dims, report.input_dims_from = dims.sizes, dims.how
+    return report
 
 
 def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,

@@ -169,7 +169,9 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
     _common_flags(p)
     p.add_argument("--input-dim", action=AppendOverride, type=_input_dim, default=[],
                    metavar="NAME=SIZE", help="size of a symbolic input dim (e.g. height=224) "
-                   "for the inputs SPA makes up; default 1")
+                   "for the inputs SPA makes up; default: from the model's metadata, else the "
+                   "smallest size tried (batch 1, spatial 32..1024, sequence 8..128) at which "
+                   "onnxruntime runs it")
     p.add_argument("--report", metavar="REPORT.json", help="write the before/after report")
     p.add_argument("--report-html", metavar="REPORT.html",
                    help="write a self-contained HTML report (tables, per-group chart, frozen "

@@ -2,12 +2,17 @@
 
 Every error SPA raises on bad input derives from :class:`SpaError`; the CLI turns these into one
 line on stderr and a documented exit code, never a traceback. ``assert`` is kept for SPA's own
-invariants.
+invariants. Text quoted from other libraries (onnxruntime, onnx) goes through :func:`one_line`:
+one line, no terminal colour codes.
 """
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+# CSI sequences (colours: ESC [ 1 ; 31 m), OSC sequences, and two-character escapes.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-~])?")
 
 
 class ExitCode(IntEnum):
@@ -37,6 +42,10 @@ class OptionError(SpaError):
     """An option has a value outside its domain (a ratio outside [0, 1), say)."""
 
 
+class InputDimsError(SpaError):
+    """No size of the model's symbolic input dims lets onnxruntime run it (``--input-dim``)."""
+
+
 class PlanMismatchError(SpaError):
     """A saved plan does not belong to the model it is applied to."""
 
@@ -55,3 +64,9 @@ class NothingPrunableError(SpaError):
     """Every channel group of the model is frozen; nothing can be removed."""
 
     exit_code = ExitCode.NOTHING_PRUNABLE
+
+
+def one_line(message: BaseException | str, limit: int = 300) -> str:
+    """``message`` on one line, without ANSI escape sequences, cut to ``limit`` characters."""
+    text = " ".join(_ANSI.sub("", str(message)).split())
+    return text[:limit] + ("…" if len(text) > limit else "")

@@ -9,7 +9,8 @@ font, no link to anything. It shows
 * channels kept against the original width, one horizontal bar per prunable group on one
   linear scale (rows, not columns, so ResNet-50's ~100 groups stay readable; the chart scrolls);
 * the frozen groups and why they are frozen;
-* the criterion and options the plan was made with, and the validation result.
+* the criterion and options the plan was made with, and the validation result (with the
+  sizes the symbolic input dims took).
 
 Built from the plan alone (``spa prune --dry-run``: predicted figures, nothing measured) or from
 the plan and the measured :class:`~spa.api.PruneReport`. Every text is escaped.
@@ -21,7 +22,7 @@ import json
 from html import escape
 from typing import TYPE_CHECKING
 
-from spa.report import oracle_line, write_text_atomic
+from spa.report import input_dims_text, oracle_line, write_text_atomic
 
 if TYPE_CHECKING:
     import os
@@ -190,6 +191,8 @@ def _validation(report: PruneReport | None) -> str:
     lines = [oracle_line(report)]
     if report.latency_ms_before is not None or report.masked_relative_diff is not None:
         lines.append("onnxruntime ran both models; output names, dtypes and shapes are unchanged")
+    if report.input_dims:
+        lines.append(f"symbolic input dims of the inputs SPA made: {input_dims_text(report)}")
     if report.compensated_layers:
         lines.append(f"compensated layers (weights updated): {report.compensated_layers}")
     lines.append(f"params and FLOPs measured on the written model; the plan predicted "

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from spa.coupling.types import Role
 from spa.errors import OutputPathError
+from spa.inputs import InputDims
 from spa.metrics import CostModel
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ def report_table(r: PruneReport) -> str:
              row("latency ms", r.latency_ms_before, r.latency_ms_after, ".3f"),
              row("channels", r.channels_before, r.channels_after, ",d")]
     lines.append(f"groups pruned: {r.groups_pruned} of {r.groups}; frozen groups: {len(r.frozen)}")
+    if r.input_dims:
+        lines.append(f"symbolic input dims: {input_dims_text(r)}")
     lines.append(oracle_line(r))
     return "\n".join(lines)
 
@@ -101,6 +104,11 @@ def oracle_line(r: PruneReport) -> str:
         return (f"numeric oracle (pruned == masked original): max |Δ| "
                 f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
     return f"numeric oracle (pruned == masked original): {r.oracle or 'not run'}"
+
+
+def input_dims_text(r: PruneReport) -> str:
+    """``h=32 (name), w=32 (name)``: the sizes SPA's inputs gave the symbolic dims, and why."""
+    return InputDims(r.input_dims, r.input_dims_from).describe()
 
 
 def report_notes(r: PruneReport) -> list[str]:

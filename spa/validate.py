@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,14 +26,14 @@ import onnxruntime as ort
 from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
-from spa.errors import ValidationError
-from spa.ir.load import _one_line
+from spa.errors import ValidationError, one_line
+from spa.inputs import dim_key
 from spa.ir.quant import zero_point_fill
 from spa.ir.wire import serialized_pieces
 from spa.plan import removed_indices
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from spa.coupling.analysis import Analysis
     from spa.plan import Plan
@@ -45,14 +46,18 @@ _ORT_TYPES = {
 }
 
 
-def session(model, *, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+def session(model, *, threads: int | None = None, spin: bool = True, optimize: bool = True
+            ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a path, serialized bytes or a ModelProto.
 
     ``spin=False`` stops idle worker threads from spinning after a run, so that several
-    sessions timed in turn do not steal each other's cores.
+    sessions timed in turn do not steal each other's cores; ``optimize=False`` skips graph
+    optimisation (half the set-up time) for a session that only checks that a model runs.
     """
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors reach the user in the exception, not on stderr in colour
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -63,14 +68,13 @@ def session(model, *, threads: int | None = None, spin: bool = True) -> ort.Infe
             model = _serialized(model)
         except (EncodeError, ValueError) as exc:  # over 2 GB
             raise ValidationError("the model is too large to pass to onnxruntime in memory "
-                                  f"({_one_line(exc)})") from exc
+                                  f"({one_line(exc)})") from exc
     elif not isinstance(model, bytes):
         model = str(model)
     try:
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        text = " ".join(str(exc).split())[:300]
-        raise ValidationError(f"onnxruntime cannot load the model: {text}") from exc
+        raise ValidationError(f"onnxruntime cannot load the model: {one_line(exc)}") from exc
 
 
 def _serialized(model: onnx.ModelProto) -> bytes:
@@ -83,12 +87,14 @@ def _serialized(model: onnx.ModelProto) -> bytes:
 
 def random_inputs(sess: ort.InferenceSession, *, seed: int = 0, dims: dict[str, int] | None = None,
                   ) -> dict[str, np.ndarray]:
-    """Seeded random feeds for every graph input; symbolic dims take ``dims`` or 1."""
+    """Seeded random feeds for every graph input. A symbolic dim takes its size from ``dims``
+    (keyed as :func:`spa.inputs.dim_key` says; SPA resolves them once, spa/inputs.py), or 1."""
     rng = np.random.default_rng(seed)
     dims = dims or {}
     feeds = {}
     for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else dims.get(str(d), 1) for d in inp.shape]
+        shape = [d if (key := dim_key(inp.name, a, d)) is None else dims.get(key, 1)
+                 for a, d in enumerate(inp.shape)]
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
             raise ValidationError(f"input '{inp.name}' has type {inp.type}, which SPA cannot feed")
@@ -107,8 +113,24 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, n
     try:
         return dict(zip(names, sess.run(names, feeds)))
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        text = " ".join(str(exc).split())[:300]
-        raise ValidationError(f"onnxruntime failed to run the model: {text}") from exc
+        raise ValidationError(f"onnxruntime failed to run the model: {one_line(exc)}") from exc
+
+
+def probe(model: Callable[[], object]) -> Callable[[dict[str, int]], str | None]:
+    """Whether onnxruntime runs a model on random inputs with the given symbolic dim sizes:
+    None when it does, else its message (for :func:`spa.inputs.resolve`). ``model`` makes the
+    model (path, bytes or ModelProto) at the first call, when its session is made."""
+    made = functools.cache(lambda: session(model(), optimize=False))
+
+    def runs(dims: dict[str, int]) -> str | None:
+        feeds = random_inputs(made(), dims=dims)  # a model it cannot load fails here, as always
+        try:
+            run(made(), feeds)
+        except ValidationError as exc:
+            return str(exc)
+        return None
+
+    return runs
 
 
 def check_signature(original: dict[str, np.ndarray], pruned: dict[str, np.ndarray]) -> None:

@@ -251,8 +251,9 @@ def test_nothing_prunable_exit_code(tmp_path: Path, capsys) -> None:
 
 
 def test_input_dim_sizes_symbolic_dims(tmp_path: Path, capsys) -> None:
-    """A 3×3 convolution without padding cannot run on the default 1×1 input: validation fails
-    with a typed error (no output written); --input-dim gives the symbolic dims a size."""
+    """A 3×3 convolution without padding cannot run on a 1×1 input: SPA sizes the symbolic
+    dims by their names (32); --input-dim sizes them, and sizes that do not run fail
+    validation with a typed error (no output written)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
              [("w1", (8, 3, 3, 3)), ("w2", (4, 8, 1, 1))]]
@@ -266,8 +267,13 @@ def test_input_dim_sizes_symbolic_dims(tmp_path: Path, capsys) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                                 ir_version=10), str(src))
     out = tmp_path / "o.onnx"
-    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5"]) == ExitCode.VALIDATION_FAILED
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--input-dim", "height=1",
+                 "--input-dim", "width=1"]) == ExitCode.VALIDATION_FAILED
     assert "onnxruntime failed to run" in _err(capsys) and not out.exists()
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["input_dims"] == {"height": 32, "width": 32}
+    assert rep["input_dims_from"] == {"height": "name", "width": "name"}
     assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--check-masked",
                  "--input-dim", "height=6", "--input-dim", "width=5", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)

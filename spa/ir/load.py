@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from spa.errors import ModelLoadError, UnsupportedModelError
+from spa.errors import ModelLoadError, UnsupportedModelError, one_line
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
@@ -405,8 +405,7 @@ def _data_files(path: Path, model: onnx.ModelProto) -> tuple[Path, ...]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("…" if len(text) > 300 else "")
+    return one_line(exc)
 
 
 __all__ = ["LoadedModel", "load_model", "load_proto", "normal_graph"]
