@@ -120,6 +120,7 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     from spa import validate as val
     from spa.ir import to_onnx
     from spa.ir.save import TWO_GB, graph_bytes
+    from spa.ir.widen import uses_bfloat16, widened
 
     size = graph_bytes(analysis.model.graph)
     if size >= TWO_GB:  # checked before reading every weight into one protobuf
@@ -131,6 +132,8 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     present = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in wanted if n not in present)
+    if uses_bfloat16(analysis.model.graph):  # no bfloat16 kernels in onnxruntime's CPU
+        model = widened(model)
     sess = val.session(model)
     stats: dict[tuple[str, int], InputStats] = {}
     total = None if source is HessianSource.CALIBRATION else samples

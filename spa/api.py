@@ -46,6 +46,7 @@ from spa.ir.save import (
     write_proto,
     write_streamed,
 )
+from spa.ir.widen import uses_bfloat16, widened
 from spa.metrics import CostModel, file_size, latency_ms
 from spa.plan import Plan
 from spa.report import report_notes, report_table, write_report, write_text_atomic  # noqa: F401
@@ -216,9 +217,7 @@ def _plan(analysis: Analysis, options: PruneOptions, criterion_options: dict | N
           ) -> tuple[Plan, Criterion]:
     """``criterion_options`` adds what only a caller has (the torch front end's saliencies)."""
     if not analysis.prunable_groups:
-        reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
-        raise NothingPrunableError("no prunable channel group in the model"
-                                   + (f" (e.g. {'; '.join(reasons)})" if reasons else ""))
+        raise NothingPrunableError(_nothing_prunable(analysis))
     criterion = get_criterion(options.criterion, reduction=options.reduction,
                               normalization=options.normalization, seed=options.seed,
                               **_criterion_options(options),
@@ -240,6 +239,16 @@ def _plan(analysis: Analysis, options: PruneOptions, criterion_options: dict | N
     if getattr(criterion, "bias_compensation", False) and options.compensate:
         meta["bias_compensation"] = {"calib": options.calib}
     return alloc.run(analysis, scores, meta), criterion
+
+
+def _nothing_prunable(analysis: Analysis) -> str:
+    """Why no group can be pruned: no nodes at all, or the first few freeze reasons."""
+    if not analysis.model.graph.nodes:
+        return ("no prunable channel group in the model: its graph has no nodes (the outputs "
+                "are inputs or constants)")
+    reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
+    return "no prunable channel group in the model" + (
+        f" (e.g. {'; '.join(reasons)})" if reasons else "")
 
 
 def dry_run(model: PathLike | onnx.ModelProto | LoadedModel,
@@ -331,6 +340,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     before = CostModel(loaded.graph).count()
     channels_before = sum(g.size for g in analysis.prunable_groups)
     checks, oracle = _oracle_decision(analysis, the_plan, checks)
+    checks, widen = _bfloat16_checks(loaded, checks)
     with Staging(output, input_path=loaded.path, input_files=loaded.data_files) as stage:
         sources = _reference_models(analysis, the_plan, checks, stage)
         compensated, shifts = _compensate(analysis, the_plan, hessians, stats)
@@ -346,7 +356,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
             pruned = infer_shapes(to_onnx(loaded))
             emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
         t1 = time.perf_counter()
-        report_extra = _validate(*sources, pruned, checks) if sources else {}
+        report_extra = _validate(*sources, pruned, checks, widen=widen) if sources else {}
         t2 = time.perf_counter()
         # Measured on the emitted model (re-read in normal form), not derived from the plan.
         after = CostModel(emitted).count()
@@ -459,19 +469,34 @@ def _stage_copy(loaded: LoadedModel, model: onnx.ModelProto, base: Path | None,
     return path
 
 
+def _bfloat16_checks(loaded: LoadedModel, checks: CheckOptions) -> tuple[CheckOptions, bool]:
+    """Validation of a bfloat16 model runs float32 twins (spa/ir/widen.py: onnxruntime's CPU
+    has no bfloat16 kernels), whose latency says nothing of the model's: it is not measured.
+    Returns the checks to run and whether to widen."""
+    if not (checks.validate or checks.check_masked) or not uses_bfloat16(loaded.graph):
+        return checks, False
+    log.warning("bfloat16 model: onnxruntime has no bfloat16 kernels on CPU, so validation runs "
+                "float32 twins of the original and pruned models (weights widened exactly); "
+                "latency is not measured")
+    return dataclasses.replace(checks, latency=False), True
+
+
 def _validate(original: PathLike | onnx.ModelProto, masked, weight_free: set[str],
-              pruned: PathLike | onnx.ModelProto, checks: CheckOptions) -> dict:
+              pruned: PathLike | onnx.ModelProto, checks: CheckOptions, *,
+              widen: bool = False) -> dict:
     """Run the original, then the pruned model (one session at a time: memory), compare:
     signature; shape-valued outputs (``weight_free``) exactly; with the oracle, every output
-    against the masked original (integer and bool ones exactly)."""
+    against the masked original (integer and bool ones exactly). ``widen``: run their float32
+    twins."""
+    twin = widened if widen else (lambda model: model)
     extra: dict = {}
-    s = val.session(original)
+    s = val.session(twin(original), what="original model")
     feeds = val.random_inputs(s, dims=dict(checks.input_dims))
     out_orig = val.run(s, feeds)
     if checks.latency:
         extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs)
     s = None
-    s = val.session(pruned)
+    s = val.session(twin(pruned), what="pruned model")
     out_pruned = val.run(s, feeds)
     if checks.latency:
         extra["latency_ms_after"] = latency_ms(s, feeds, runs=checks.latency_runs)
@@ -479,7 +504,7 @@ def _validate(original: PathLike | onnx.ModelProto, masked, weight_free: set[str
     val.check_signature(out_orig, out_pruned)
     val.check_exact(out_orig, out_pruned, weight_free, what="original")
     if checks.check_masked:
-        out_masked = val.run(val.session(masked()), feeds)
+        out_masked = val.run(val.session(twin(masked()), what="masked original"), feeds)
         val.check_exact(out_masked, out_pruned, out_masked, what="masked original")
         c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)
         extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)

@@ -34,6 +34,11 @@ class ModelLoadError(SpaError):
     """The model file is missing, unreadable, not ONNX, truncated or otherwise invalid."""
 
 
+class InvalidModelError(ModelLoadError):
+    """The model breaks a rule of ONNX that onnx.checker does not test (node names unique in a
+    graph, a Conv weight that fits its input, shapes that infer without conflict)."""
+
+
 class UnsupportedModelError(SpaError):
     """The model is valid ONNX but uses something SPA cannot read (IR or opset version)."""
 

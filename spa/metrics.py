@@ -6,7 +6,8 @@ spaces shortened — all of them as in the plan for a prediction, none for the e
 "emitted equals predicted" is a real check of the rewrite, not of two formulas agreeing.
 
 FLOPs here are MACs of Conv, ConvTranspose, Gemm and MatMul (the usual convention); symbolic dims
-count as 1. Parameters are the elements of floating-point constants and of quantised
+count as 1. Parameters are the elements of floating-point constants (bfloat16 and float8
+included) and of quantised
 weights (the integer tensors DequantizeLinear reads).
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.context import static_shape
+from spa.ir.dtypes import is_floating
 from spa.progress import progress
 
 if TYPE_CHECKING:
@@ -50,8 +52,7 @@ class CostModel:
     def __init__(self, graph: gs.Graph):
         self._params: list[tuple[str, Shape]] = []
         for name, t in graph.tensors().items():
-            if isinstance(t, gs.Constant) and (np.issubdtype(t.dtype, np.floating)
-                                               or _is_quantized_weight(t)):
+            if isinstance(t, gs.Constant) and (is_floating(t.dtype) or _is_quantized_weight(t)):
                 self._params.append((name, tuple(int(d) for d in t.shape)))
         # Each MAC term: product of (tensor, axis) lengths times a constant factor.
         self._macs: list[tuple[list[tuple[str, Shape]], Callable[..., int]]] = []

@@ -46,13 +46,15 @@ _ORT_TYPES = {
 }
 
 
-def session(model, *, threads: int | None = None, spin: bool = True, optimize: bool = True
-            ) -> ort.InferenceSession:
+def session(model, *, threads: int | None = None, spin: bool = True, optimize: bool = True,
+            what: str = "model") -> ort.InferenceSession:
     """An onnxruntime CPU session for a path, serialized bytes or a ModelProto.
 
     ``spin=False`` stops idle worker threads from spinning after a run, so that several
     sessions timed in turn do not steal each other's cores; ``optimize=False`` skips graph
     optimisation (half the set-up time) for a session that only checks that a model runs.
+    ``what`` names the model in errors (the original model failing says the pruned one could
+    not be checked, not that it is bad).
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors reach the user in the exception, not on stderr in colour
@@ -74,7 +76,7 @@ def session(model, *, threads: int | None = None, spin: bool = True, optimize: b
     try:
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ValidationError(f"onnxruntime cannot load the model: {one_line(exc)}") from exc
+        raise ValidationError(f"onnxruntime cannot load the {what}: {one_line(exc)}") from exc
 
 
 def _serialized(model: onnx.ModelProto) -> bytes:

@@ -1,6 +1,9 @@
 """Bad input beyond tests/test_cli.py: each case ends in one typed line on stderr and exit code
 2, leaves every input file byte for byte as it was, and leaves nothing in the output directory
-(no file at ``-o``, no ``.data``, no ``.spa-*`` staging directory)."""
+(no file at ``-o``, no ``.data``, no ``.spa-*`` staging directory). A model that onnx.checker
+accepts but that breaks a rule of ONNX (a Conv weight that does not fit its input, repeated node
+names, shapes that conflict) is bad input too; a valid graph without nodes is not: it has
+nothing to prune (exit 4)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphs import IR_VERSION, Builder
 from test_cli import _conv_net
 
 from spa.cli import main
@@ -105,6 +109,45 @@ def _calib(arrays: dict[str, np.ndarray] | bytes | None) -> Callable[[Path], lis
     return make
 
 
+def _invalid(build: Callable[[], onnx.ModelProto]) -> Callable[[Path], list[str]]:
+    """A model that onnx.checker accepts but that breaks a rule of ONNX."""
+    def make(src: Path) -> list[str]:
+        src.mkdir()
+        onnx.save(build(), str(src / "net.onnx"))
+        return ["prune", str(src / "net.onnx")]
+
+    return make
+
+
+def _conv_weight_misfit() -> onnx.ModelProto:
+    """conv2 reads conv1's 8 channels with a weight made for 5."""
+    model = _conv_net()
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    w2.CopyFrom(onnx.numpy_helper.from_array(np.ones((6, 5, 3, 3), np.float32), "w2"))
+    return model
+
+
+def _renamed(count: int) -> Callable[[], onnx.ModelProto]:
+    """The first ``count`` nodes all named 'twin'."""
+    def build() -> onnx.ModelProto:
+        model = _conv_net()
+        for node in model.graph.node[:count]:
+            node.name = "twin"
+        return model
+
+    return build
+
+
+def _matmul_misfit() -> onnx.ModelProto:
+    """fc2 multiplies fc1's [2, 16] output by a [12, 4] weight."""
+    b = Builder()
+    h = b.op("Relu", b.op("MatMul", "x", b.weight(8, 16), name="fc1"))
+    b.op("MatMul", h, b.weight(12, 4), name="fc2", outputs=["y"])
+    graph = b.graph({"x": [2, 8]}, {"y": [2, 4]})
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)],
+                                  ir_version=IR_VERSION)
+
+
 X = np.zeros((8, 1, 3, 6, 6), np.float32)[:, 0]  # 8 samples of the [1, 3, 6, 6] input
 
 CASES = {
@@ -126,6 +169,16 @@ CASES = {
     "calibration arrays of the wrong rank": (_calib({"x": X[:, 0]}), "has shape [8, 6, 6]"),
     "calibration arrays of the wrong size": (_calib({"x": X[:, :, :4]}), "has shape [8, 3, 4, 6]"),
     "calibration arrays of the wrong kind": (_calib({"x": X.astype(bool)}), "holds bool"),
+    "conv weight that does not fit its input": (
+        _invalid(_conv_weight_misfit),
+        "invalid model: Conv node 'conv2' reads 8 input channels, but its weight 'w2' "
+        "[6, 5, 3, 3] (group=1) takes 5"),
+    "two nodes of one name": (_invalid(_renamed(2)), "node name 'twin' is given to 2 nodes "
+                              "(Conv, Relu); ONNX node names must be unique"),
+    "four nodes of one name": (_invalid(_renamed(4)), "node name 'twin' is given to 4 nodes"),
+    "matmul of misfit shapes": (_invalid(_matmul_misfit), "invalid model: shape inference finds "
+                                "a conflict: [ShapeInferenceError] Inference error(s): "
+                                "(op_type:MatMul, node name: fc2)"),
 }
 
 
@@ -186,3 +239,54 @@ def test_exit_code_and_stderr_of_the_real_process(tmp_path: Path) -> None:
     assert res.returncode == ExitCode.BAD_INPUT
     assert res.stderr.count("\n") == 1 and "is missing" in res.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("build", [_conv_weight_misfit, _renamed(3), _matmul_misfit],
+                         ids=["conv weight", "repeated names", "matmul"])
+def test_invalid_model_is_refused_by_analyze_too(tmp_path: Path, capsys, build) -> None:
+    path = tmp_path / "net.onnx"
+    onnx.save(build(), str(path))
+    assert main(["analyze", str(path)]) == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spa: error: ") and ("invalid model" in err or "must be unique" in err)
+
+
+@pytest.mark.parametrize("initializers", [False, True])
+def test_graph_without_nodes_has_nothing_to_prune(tmp_path: Path, capsys, initializers) -> None:
+    """A graph whose outputs are its input (or an initializer) is valid ONNX: ``analyze``
+    shows it, ``prune`` says there is nothing to prune and why (exit 4), and writes nothing."""
+    F = onnx.TensorProto.FLOAT
+    x = onnx.helper.make_tensor_value_info("x", F, [1, 3])
+    if initializers:
+        graph = onnx.helper.make_graph(
+            [], "empty", [x], [onnx.helper.make_tensor_value_info("w", F, [2, 3])],
+            [onnx.numpy_helper.from_array(np.ones((2, 3), np.float32), "w")])
+    else:
+        graph = onnx.helper.make_graph([], "empty", [x], [x])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)],
+                                   ir_version=IR_VERSION)
+    onnx.checker.check_model(model, full_check=True)
+    path, out = tmp_path / "empty.onnx", tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    onnx.save(model, str(path))
+    assert main(["analyze", str(path)]) == ExitCode.OK
+    assert "nodes 0" in capsys.readouterr().out
+    assert main(["prune", str(path), "-o", str(out)]) == ExitCode.NOTHING_PRUNABLE
+    err = capsys.readouterr().err.strip()
+    assert err == "spa: error: no prunable channel group in the model: its graph has no nodes " \
+                  "(the outputs are inputs or constants)"
+    assert list(out.parent.iterdir()) == []
+
+
+def test_unnamed_node_takes_no_name_in_use(tmp_path: Path, capsys) -> None:
+    """An unnamed node is named after its op and position; a node that already has that name
+    keeps it and the unnamed one takes another, so the pruned file's names stay unique."""
+    model = _conv_net()
+    model.graph.node[0].name = ""  # would become "Conv_0"
+    model.graph.node[1].name = "Conv_0"
+    path, out = tmp_path / "net.onnx", tmp_path / "pruned.onnx"
+    onnx.save(model, str(path))
+    assert main(["prune", str(path), "-o", str(out), "--check-masked", "--ratio", "0.5"]) \
+        == ExitCode.OK
+    names = [n.name for n in onnx.load(str(out)).graph.node]
+    assert sorted(names) == ["Conv_0", "Conv_0_2", "conv2", "conv3", "relu2"]

@@ -1,13 +1,17 @@
 """Normalisation of how a file stores its weights: ``Constant`` nodes (paddle2onnx), a weight
-read through ``Identity``, external data. Each form prunes under the masked oracle exactly as the
-initializer form does."""
+read through ``Identity``, external data, initializers that are graph inputs too (IR 3). Each
+form prunes under the masked oracle exactly as the initializer form does."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from graphs import Builder, init_shapes, init_value, kept_slices
-from oracle import group_sizes, prune_checked
+from oracle import group_sizes, prune_checked, save
+
+from spa.cli import main
+from spa.errors import ExitCode
 
 X = {"x": [1, 3, 4, 4]}
 PRUNED = {"c1.w": (4, 3, 3, 3), "c1.b": (4,), "c2.w": (4, 4, 3, 3), "c2.b": (4,)}
@@ -84,3 +88,45 @@ def test_external_data_with_shape_constants(tmp_path):
     inline = {i.name for i in onnx.load(str(out.path), load_external_data=False).graph.initializer
               if i.data_location != onnx.TensorProto.EXTERNAL}
     assert inline and all(init_value(out.path, n).dtype.kind == "i" for n in inline)
+
+
+def _ir3_model() -> onnx.ModelProto:
+    """c1 (3→8) → Relu → c2 (8→8) → Relu → c3 (8→4), as an IR 3 / opset 7 file lists it: every
+    initializer is a graph input too. c1 and c2 read one zero bias, which the import copies for
+    c2 (an initializer the file did not have)."""
+    b = Builder()
+    zero = b.const(np.zeros(8, np.float32), name="zero8")
+    h = b.op("Conv", "x", b.weight(8, 3, 3, 3, name="c1.w"), zero, name="c1", pads=[1] * 4)
+    h = b.op("Conv", b.op("Relu", h), b.weight(8, 8, 3, 3, name="c2.w"), zero, name="c2",
+             pads=[1] * 4)
+    y = b.conv(b.op("Relu", h), 8, 4, name="c3")
+    graph = b.graph(X, {y: [1, 4, 4, 4]})
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in graph.initializer)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 7)],
+                                   ir_version=3)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _declared(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+
+
+def test_ir3_initializers_stay_graph_inputs(tmp_path, capsys):
+    """The pruned file keeps IR 3 and its rule: each initializer, pruned or new, is declared
+    as a graph input of its new shape; the file passes the full check at IR 3."""
+    out = prune_checked(_ir3_model(), tmp_path, ratio=0.5)
+    pruned = onnx.load(str(out.path))
+    assert pruned.ir_version == 3 and pruned.opset_import[0].version == 7
+    onnx.checker.check_model(pruned, full_check=True)
+    declared = _declared(pruned)
+    assert declared == {"x": [1, 3, 4, 4], **{t.name: list(t.dims)
+                                              for t in pruned.graph.initializer}}
+    assert declared["c2.w"] == [4, 4, 3, 3] and declared["c3.w"] == [4, 4, 3, 3]
+    assert declared["zero8"] == declared["zero8__spa_copy1"] == [4]
+    src, cli_out = save(_ir3_model(), tmp_path / "ir3.onnx"), tmp_path / "cli.onnx"
+    assert main(["prune", str(src), "-o", str(cli_out), "--check-masked", "--ratio", "0.5"]) \
+        == ExitCode.OK
+    assert "numeric oracle (pruned == masked original): max |Δ| 0" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(str(cli_out)), full_check=True)

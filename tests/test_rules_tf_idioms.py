@@ -38,15 +38,16 @@ def _tensordot(b: Builder, t: str, cin: int, cout: int, read: list[int]) -> str:
     return b.op("Reshape", y, target, name="unflat")
 
 
-def _dense_on_nhwc(read: list[int]) -> onnx.ModelProto:
-    """Conv c1 (3→8) → NHWC → Dense 8→5 → BN as Mul/Add on the last axis → Relu → NCHW → c2."""
+def _dense_on_nhwc(read: list[int], size: int = 6) -> onnx.ModelProto:
+    """Conv c1 (3→8) → NHWC → Dense 8→5 → BN as Mul/Add on the last axis → Relu → NCHW → c2,
+    on ``size × size`` images."""
     b = Builder()
     t = b.op("Transpose", b.conv("x", 3, 8, name="c1"), perm=[0, 2, 3, 1])
     y = _tensordot(b, t, 8, 5, read)
     y = b.op("Add", b.op("Mul", y, b.weight(5, name="bn.scale")), b.weight(5, name="bn.shift"))
     y = b.op("Transpose", b.op("Relu", y), perm=[0, 3, 1, 2])
     out = b.conv(y, 5, 4, name="c2")
-    return b.model({"x": ["N", 3, 6, 6]}, {out: ["N", 4, 6, 6]}, opset=13)
+    return b.model({"x": ["N", 3, size, size]}, {out: ["N", 4, size, size]}, opset=13)
 
 
 def test_dense_on_nhwc_tensordot(tmp_path):
@@ -70,8 +71,9 @@ def test_dense_on_nhwc_tensordot(tmp_path):
 
 
 def test_tensordot_whose_target_reads_the_channel_dim_freezes():
-    # The target copies dim 3 (the channels) through Shape → Cast → Gather: fail closed.
-    m = _dense_on_nhwc(read=[0, 1, 2, 3])
+    # The target copies dim 3 (the channels, as many as the width here, so the model is valid)
+    # through Shape → Cast → Gather: fail closed.
+    m = _dense_on_nhwc(read=[0, 1, 3], size=8)
     g = group_of(m, "c1.w", 0)
     assert not g.prunable and any("'shape'" in r for r in g.frozen), g.frozen
 

@@ -178,9 +178,10 @@ class CouplingAnalysis:
         graph_outputs = frozenset(t.name for t in graph.outputs)
         out: dict[str, NodeCoupling] = {}
         unknown: set[str] = set()
+        taken = {node.name for node in graph.nodes}
         for i, node in enumerate(progress(graph.nodes, "analysis", unit="node")):
             if not node.name:
-                node.name = f"{node.op}_{i}"
+                node.name = _unused_name(f"{node.op}_{i}", taken)
             ctx = NodeContext(node, opset, consumers_of, hidden=self.hidden,
                               graph_outputs=graph_outputs)
             rule = lookup(node.domain or "", node.op, opset)
@@ -261,6 +262,17 @@ class CouplingAnalysis:
                        f"{n.op} node '{n.name}' does not map axis {k[1]} of '{k[0]}'",
                        couplings[node.name].handled | also_handled.get(node.name, set()))
         return frozen
+
+
+def _unused_name(stem: str, taken: set[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, … if another node has that name (an unnamed node
+    must not take a name in use: couplings, plans and onnxruntime key nodes by name)."""
+    name, k = stem, 1
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    taken.add(name)
+    return name
 
 
 def _has_subgraph(node: gs.Node) -> bool:

@@ -28,6 +28,7 @@ from onnx import external_data_helper, helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from spa.errors import ModelLoadError
+from spa.ir.dtypes import is_floating
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -192,10 +193,7 @@ def goes_external(t: gs.Constant) -> bool:
     data_type = _onnx_type(v)
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
         return False
-    dtype = _numpy_dtype(data_type)
-    floating = dtype is not None and dtype.kind == "f" or data_type in (
-        onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16)
-    return floating or int(np.prod(v.shape, dtype=np.int64)) > SMALL
+    return is_floating(data_type) or int(np.prod(v.shape, dtype=np.int64)) > SMALL
 
 
 def graph_bytes(graph: gs.Graph) -> int:

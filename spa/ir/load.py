@@ -23,8 +23,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
+from onnx_graphsurgeon.logger import G_LOGGER
 
-from spa.errors import ModelLoadError, UnsupportedModelError, one_line
+from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError, one_line
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
@@ -70,8 +71,8 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(f"{p}: not a readable ONNX model (truncated or another file type): "
                              f"{_one_line(exc)}") from exc
-    if not model.HasField("graph") or len(model.graph.node) == 0:
-        raise ModelLoadError(f"{p}: not an ONNX model (no graph or no nodes in it)")
+    if not model.HasField("graph"):  # a graph without nodes is valid (nothing to prune)
+        raise ModelLoadError(f"{p}: not an ONNX model (no graph in it)")
     external = any(external_data_helper.uses_external_data(t)
                    for t in external_data_helper._get_all_tensors(model))
     header = _header_of(model)
@@ -80,7 +81,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     if external:  # mapped on demand (spa/ir/external.py), not read into the protobuf
         check_external(model, p.parent, str(p))
     file_bytes = p.stat().st_size + sum(f.stat().st_size for f in data_files)
-    model = _with_inferred_shapes(model, str(p))
+    model = _with_inferred_shapes(model, str(p), strict=True)
     graph = import_graph(model, str(p), base_dir=p.parent if external else None, mapped=mapped)
     return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
                        file_bytes=file_bytes, opset=opset, data_files=data_files, mapped=mapped)
@@ -96,7 +97,7 @@ def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
 
 def normal_graph(model: onnx.ModelProto, name: str = "<model>") -> gs.Graph:
     """The graph of an in-memory model in normal form (its shapes inferred into ``model``)."""
-    return import_graph(_with_inferred_shapes(model, name), name)
+    return import_graph(_with_inferred_shapes(model, name, strict=True), name)
 
 
 def _read(path: Path) -> tuple[onnx.ModelProto, MappedFile | None]:
@@ -147,6 +148,7 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
         onnx.checker.check_model(weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
+    _check_node_names(model.graph, name)
     _check_tensor_sizes(model, name, mapped)
     graph = _import(model, base_dir, name, mapped)
     _constant_nodes_to_constants(graph)
@@ -184,7 +186,11 @@ def _toposort(graph: gs.Graph) -> None:
 
 def _import(model: onnx.ModelProto, base_dir: Path | None, name: str,
             mapped: MappedFile | None = None) -> gs.Graph:
-    graph = gs.import_onnx(model)
+    # onnx-graphsurgeon warns, on stdout (where --json keeps one JSON document), for every
+    # tensor of a type numpy lacks (bfloat16, float8); it keeps the ONNX type, which SPA reads
+    # (spa/ir/dtypes.py), so the warning says nothing a user can act on.
+    with G_LOGGER.suppress(G_LOGGER.ERROR):
+        graph = gs.import_onnx(model)
     if base_dir is not None:
         attach_external(graph, base_dir, name)
     inline_views(graph, mapped)
@@ -335,6 +341,36 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         _replace_uses(graph, out, src)
 
 
+def _check_node_names(graph: onnx.GraphProto, name: str) -> None:
+    """Node names are unique within each graph (ONNX IR: a node's name is its identity in the
+    graph's namespace; onnxruntime refuses a repeat, SPA's plans name nodes). Empty names are
+    not names. The checker does not test this."""
+    ops: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.name:
+            ops.setdefault(node.name, []).append(node.op_type)
+        for sub in _subgraphs(node):
+            _check_node_names(sub, name)
+    repeated = [(n, types) for n, types in ops.items() if len(types) > 1]
+    if repeated:
+        first, types = repeated[0]
+        more = f"; {len(repeated) - 1} more names repeat" if len(repeated) > 1 else ""
+        raise InvalidModelError(f"{name}: node name '{first}' is given to {len(types)} nodes "
+                                f"({', '.join(types)}){more}; ONNX node names must be unique "
+                                f"in a graph")
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held by ``node``'s attributes (If branches, Loop and Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
 def _check_tensor_sizes(model: onnx.ModelProto, name: str, mapped: MappedFile | None) -> None:
     """Each initializer's raw bytes match its dims (the checker runs on a weight-less copy).
     Lengths come from the file's layout when known (reading ``raw_data`` copies it)."""
@@ -349,11 +385,21 @@ def _check_tensor_sizes(model: onnx.ModelProto, name: str, mapped: MappedFile | 
 
 
 def _with_inferred_shapes(model: onnx.ModelProto, name: str,
-                          error: type[Exception] = ModelLoadError) -> onnx.ModelProto:
-    """Infer shapes on a weight-less copy (fast, and fine past 2 GB); keep them in ``model``."""
+                          error: type[Exception] = ModelLoadError, *, strict: bool = False
+                          ) -> onnx.ModelProto:
+    """Infer shapes on a weight-less copy (fast, and fine past 2 GB); keep them in ``model``.
+
+    ``strict`` (a model as read): a node whose shapes conflict (a MatMul of ``[2, 8]`` by
+    ``[12, 4]``, a declared shape that is not the inferred one) makes the model invalid, where
+    lenient inference would leave its outputs unknown and the channels frozen. It is the
+    inference of the full check (types checked too), which SPA's output passes."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), check_type=strict,
+                                                     strict_mode=strict, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
+        if strict:
+            raise InvalidModelError(f"{name}: invalid model: shape inference finds a conflict: "
+                                    f"{_one_line(exc)}") from exc
         raise error(f"{name}: shape inference failed: {_one_line(exc)}") from exc
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)

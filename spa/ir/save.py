@@ -24,15 +24,16 @@ from onnx import external_data_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import (
     OnnxExporter,
     check_duplicate_node_names,
-    dtype_to_onnx,
 )
 from onnx_graphsurgeon.ir.tensor import SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from spa.errors import OutputPathError, ValidationError
+from spa.ir.dtypes import is_floating, onnx_type
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
+from spa.ir.ir3 import check_declared, declare_initializers
 from spa.ir.load import LoadedModel, _one_line, _with_inferred_shapes, weightless
-from spa.ir.values import PLAIN_DTYPES
+from spa.ir.values import PLAIN_DTYPES, RAW_DTYPES
 from spa.ir.wire import binary_protobuf, serialized_pieces
 
 TWO_GB = 2 * 1024**3
@@ -54,6 +55,7 @@ def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None, *, references: b
     model = onnx.ModelProto()
     model.CopyFrom(loaded.proto_header)
     _export_graph_into(model.graph, graph)
+    declare_initializers(model)  # IR 3: initializers are graph inputs too
     return model
 
 
@@ -83,8 +85,8 @@ def _array_into(target: onnx.GraphProto, t: gs.Constant) -> bool:
     values = t._values
     if not isinstance(values, np.ndarray):
         return False
-    data_type = dtype_to_onnx(values.dtype)
-    if data_type not in PLAIN_DTYPES or dtype_to_onnx(t.export_dtype) != data_type:
+    data_type = onnx_type(values.dtype)  # not gs's dtype_to_onnx: it files e4m3fnuz as e4m3fn
+    if data_type not in RAW_DTYPES or onnx_type(t.export_dtype) != data_type:
         return False
     tensor = target.initializer.add()
     tensor.data_type = data_type
@@ -222,14 +224,14 @@ def full_check(model: onnx.ModelProto) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValidationError(f"the rewritten model fails onnx.checker: {_one_line(exc)}") \
             from exc
+    check_declared(model)  # the weight-less copy is IR 4, which lacks this rule of IR 3
 
 
 def _mark_weights_external(model: onnx.ModelProto, location: str) -> None:
     """Send every floating-point initializer to ``location``; integer tensors (shape constants,
     axes) stay inline, where shape inference and the checker can read them."""
     for t in model.graph.initializer:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-        if t.HasField("raw_data") and np.issubdtype(dtype, np.floating):
+        if t.HasField("raw_data") and is_floating(t.data_type):
             external_data_helper.set_external_data(t, location)
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import external_data_helper
+from onnx import external_data_helper, helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # Element types whose raw bytes are a numpy array as is (numpy_helper.to_array's result).
@@ -31,6 +31,25 @@ PLAIN_DTYPES = {getattr(onnx.TensorProto, n): np.dtype(d) for n, d in (
     ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64),
     ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
     ("BOOL", np.bool_))}
+# Also the element types numpy lacks whose raw bytes are an ``ml_dtypes`` array as is, one
+# element after another (not the packed 4-bit types): bfloat16 and the float8 family, where
+# this onnx reads them as ``ml_dtypes`` (older ones read bfloat16 as float32: not as is).
+_NARROW = {"BFLOAT16": 2, "FLOAT8E4M3FN": 1, "FLOAT8E4M3FNUZ": 1, "FLOAT8E5M2": 1,
+           "FLOAT8E5M2FNUZ": 1, "FLOAT8E8M0": 1}  # name → bytes an element
+
+
+def _narrow_dtypes() -> dict[int, np.dtype]:
+    out = {}
+    for name, size in _NARROW.items():
+        data_type = getattr(onnx.TensorProto, name, None)
+        dtype = None if data_type is None else np.dtype(
+            helper.tensor_dtype_to_np_dtype(data_type))
+        if dtype is not None and dtype.itemsize == size:
+            out[data_type] = dtype
+    return out
+
+
+RAW_DTYPES = {**PLAIN_DTYPES, **_narrow_dtypes()}
 
 
 @dataclass(frozen=True)
@@ -57,10 +76,10 @@ class InlineValues(LazyValues):
 
     def load(self) -> np.ndarray:
         t = self.tensor
-        dtype = PLAIN_DTYPES.get(t.data_type)
+        dtype = RAW_DTYPES.get(t.data_type)
         if dtype is None or sys.byteorder != "little" or not t.HasField("raw_data") \
                 or t.HasField("segment"):
-            return super().load()
+            return _to_array(t)
         shape = tuple(int(d) for d in t.dims)
         size = int(np.prod(shape, dtype=np.int64))
         span = self.mapped.spans.get(t.name) if self.mapped is not None else None
@@ -69,8 +88,14 @@ class InlineValues(LazyValues):
                                  offset=span[0]).reshape(shape)
         raw = t.raw_data
         if len(raw) != size * dtype.itemsize:
-            return super().load()  # let onnx raise its error
+            return _to_array(t)  # let onnx raise its error
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
+    """``LazyValues.load`` without its warning (printed on stdout) that bfloat16 and float8
+    values are cast: onnx reads them as ``ml_dtypes`` arrays of their own type."""
+    return np.array(numpy_helper.to_array(t))
 
 
 def inline_views(graph: gs.Graph, mapped: MappedFile | None = None) -> None:

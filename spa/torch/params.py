@@ -22,6 +22,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from spa.ir.dtypes import is_floating
+
 if TYPE_CHECKING:
     import onnx
     from torch import nn
@@ -83,7 +85,7 @@ def _data(t: gs.Constant) -> bool:
     bias-less conv, a ``torch.ones`` made in forward) is made from sizes at run time in the
     module, or else the final torch-vs-ONNX comparison says so."""
     values = np.asarray(t.values)
-    return (np.issubdtype(values.dtype, np.floating) and values.size > 1
+    return (is_floating(values.dtype) and values.size > 1
             and not np.all(values == values.flat[0]))
 
 

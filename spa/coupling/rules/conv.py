@@ -11,6 +11,9 @@ Conv ``Y = conv(X, W) + B`` with ``W: [O, C/g, *k]``:
   (``C/g == 1``) is the case where a group is one input channel and its ``O/C`` outputs.
   The rewrite sets ``group`` to the number of surviving groups.
 
+A weight whose input channels (``W.1 × g`` for Conv, ``W.0`` for ConvTranspose) differ from the
+input's makes the model invalid: the rule raises rather than freeze.
+
 ConvTranspose ``W: [C, O/g, *k]`` is the mirror image: ``W.0 ↔ X.1`` consumes, ``W.1`` (within a
 group) produces, and grouped ConvTranspose again removes whole groups.
 """
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from spa.coupling.registry import register
 from spa.coupling.types import KeptLookup, Role
+from spa.errors import InvalidModelError
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -33,8 +37,24 @@ def _common(ctx: NodeContext) -> tuple | None:
     if ctx.const(w) is None or ctx.rank(x) is None or ctx.rank(x) != ctx.rank(w):
         return None  # dynamic weights or unknown ranks: handle nothing, fail closed
     group = int(ctx.attr("group", 1))
+    _check_channels(ctx, x, w, group)
     ctx.identity(ctx.space(x, 0), ctx.space(y, 0))  # batch
     return x, w, y, group
+
+
+def _check_channels(ctx: NodeContext, x: gs.Tensor, w: gs.Tensor, group: int) -> None:
+    """A weight that does not fit its input makes the model invalid (onnxruntime fails on it;
+    neither onnx.checker nor shape inference tests it), which is no channel space to freeze:
+    Conv reads ``W.1 × group`` input channels, ConvTranspose ``W.0``."""
+    x_shape, w_shape = ctx.shape(x), ctx.shape(w)
+    channels = x_shape[1] if x_shape is not None and len(x_shape) > 1 else None
+    if not isinstance(channels, int) or w_shape is None or len(w_shape) < 2:
+        return
+    takes = w_shape[1] * group if ctx.node.op == "Conv" else w_shape[0]
+    if channels != takes:
+        raise InvalidModelError(
+            f"invalid model: {ctx.node.op} node '{ctx.name}' reads {channels} input channels, but "
+            f"its weight '{w.name}' {list(w_shape)} (group={group}) takes {takes}")
 
 
 def _group_hook(x_key: tuple[str, int], channels_per_group: int):

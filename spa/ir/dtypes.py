@@ -1,0 +1,42 @@
+"""Element types by what they hold, however they are spelt.
+
+An element type reaches SPA in three spellings: an ONNX ``TensorProto`` enum (onnx-graphsurgeon
+keeps the enum as the ``dtype`` of tensors whose type numpy lacks: bfloat16, the float8 family),
+a numpy dtype, or an ``ml_dtypes`` dtype (what ``onnx.numpy_helper`` reads those types as).
+numpy files ``ml_dtypes`` under kind ``'V'``, not under ``np.floating``, so ``np.issubdtype``
+says a bfloat16 weight is not a float (and raises on the enum). Every "is this a float" question
+in SPA goes through :func:`is_floating`, which answers on the ONNX enum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+# Every ONNX element type that holds real numbers in floating point (the newest ones only if
+# this onnx has them).
+FLOATING = frozenset(getattr(onnx.TensorProto, n) for n in (
+    "FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+    "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n))
+
+
+def onnx_type(dtype: object) -> int:
+    """The ONNX enum of ``dtype`` (an enum, a numpy or an ``ml_dtypes`` dtype, or a type);
+    ``UNDEFINED`` for what ONNX has no type for (None, objects)."""
+    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
+        return int(dtype)
+    if dtype is None:
+        return onnx.TensorProto.UNDEFINED
+    try:
+        return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    except (KeyError, TypeError, ValueError):
+        return onnx.TensorProto.UNDEFINED
+
+
+def is_floating(dtype: object) -> bool:
+    """True for every floating-point element type, bfloat16 and float8 included."""
+    return onnx_type(dtype) in FLOATING
+
+
+__all__ = ["FLOATING", "is_floating", "onnx_type"]
