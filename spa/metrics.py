@@ -5,10 +5,9 @@ shapes from a graph, and :meth:`CostModel.count` evaluates params and MACs with 
 spaces shortened — all of them as in the plan for a prediction, none for the emitted model. So
 "emitted equals predicted" is a real check of the rewrite, not of two formulas agreeing.
 
-FLOPs here are MACs of Conv, ConvTranspose, Gemm and MatMul (the usual convention); symbolic dims
-count as 1. Parameters are the elements of floating-point constants (bfloat16 and float8
-included) and of quantised
-weights (the integer tensors DequantizeLinear reads).
+FLOPs here are MACs of Conv, ConvTranspose, Gemm, MatMul and Einsum (the usual convention);
+symbolic dims count as 1. Parameters are the elements of floating-point constants (bfloat16 and
+float8 included) and of quantised weights (the integer tensors DequantizeLinear reads).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.context import static_shape
+from spa.coupling.rules import einsum
 from spa.ir.dtypes import is_floating
 from spa.progress import progress
 
@@ -81,6 +81,8 @@ def _mac_term(node: gs.Node):
     op = node.op
     ins = [t for t in node.inputs]
     outs = node.outputs
+    if op == "Einsum" and outs:
+        return _einsum_term(node)
     if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and outs:
         shapes = [_dims(t) for t in ins[:2]] + [_dims(outs[0])]
         if any(s is None for s in shapes):
@@ -96,6 +98,16 @@ def _mac_term(node: gs.Node):
             return [(y, ys), (x, xs)], lambda y_, x_: prod(y_) * x_[k_axis]
         return [(y, ys), (x, xs)], lambda y_, x_: prod(y_) * (x_[-1] if len(x_) > 1 else 1)
     return None
+
+
+def _einsum_term(node: gs.Node):
+    """One MAC per combination of index values (spa/coupling/rules/einsum.py)."""
+    eq = einsum.parse(str(node.attrs.get("equation", "")), len(node.inputs))
+    shapes = [_dims(t) for t in node.inputs]
+    if isinstance(eq, str) or any(s is None for s in shapes):
+        return None
+    return ([(t.name, s) for t, s in zip(node.inputs, shapes)],
+            lambda *s: einsum.macs(eq, s))
 
 
 def file_size(path: str | Path) -> int:

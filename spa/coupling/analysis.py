@@ -256,11 +256,9 @@ class CouplingAnalysis:
                 freeze(names, lambda k, n=node, d=dom:
                        f"no rule for op {d}{n.op} (node '{n.name}'): fail closed")
             else:
-                refusal = couplings[node.name].refusal
-                freeze(names, lambda k, n=node, r=refusal:
-                       f"{n.op} node '{n.name}': {r}" if r else
-                       f"{n.op} node '{n.name}' does not map axis {k[1]} of '{k[0]}'",
-                       couplings[node.name].handled | also_handled.get(node.name, set()))
+                c = couplings[node.name]
+                freeze(names, lambda k, n=node, c=c: _unhandled_reason(n, c, k),
+                       c.handled | also_handled.get(node.name, set()))
         return frozen
 
 
@@ -273,6 +271,15 @@ def _unused_name(stem: str, taken: set[str]) -> str:
         name = f"{stem}_{k}"
     taken.add(name)
     return name
+
+
+def _unhandled_reason(node: gs.Node, coupling: NodeCoupling, key: SpaceKey) -> str:
+    """Why ``node`` leaves ``key`` unhandled: the rule's reason for that space, else for the
+    node, else that it does not map it."""
+    why = coupling.reasons.get(key) or coupling.refusal
+    if why:
+        return f"{node.op} node '{node.name}': {why}"
+    return f"{node.op} node '{node.name}' does not map axis {key[1]} of '{key[0]}'"
 
 
 def _has_subgraph(node: gs.Node) -> bool:

@@ -4,6 +4,12 @@ Rules never touch the graph: they read shapes, attributes and constant inputs th
 :class:`NodeContext` and record edges (index maps between channel spaces), roles and an
 optional rewrite hook. Every space a rule couples counts as *handled* by the
 node; a live space the node does not handle is frozen by the analysis (fail closed).
+
+A rule that gives up, or leaves an axis alone on purpose, says why: :meth:`NodeContext.refuse`
+(handle nothing) or :meth:`NodeContext.decline` (keep what is handled; the reason for given
+spaces, or for any the node leaves unhandled). The reason is a fragment that the analysis prints
+after ``<Op> node '<name>': ``, so it does not name the node itself; it quotes tensor names
+(``'x'``) so that reasons can be counted with the names taken out.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from spa.coupling.types import Edge, MapKind, NodeCoupling, RewriteHook, Role, S
 from spa.ir.quant import weight_values
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,16 @@ def static_shape(t: gs.Tensor) -> tuple[int | None, ...] | None:
     if t.shape is None:
         return None
     return tuple(d if isinstance(d, int) and d >= 0 else None for d in t.shape)
+
+
+def axes_text(axes: Iterable[int]) -> str:
+    """``axis 2`` or ``axes [1, 2]``, for reasons."""
+    axes = sorted(axes)
+    return f"axis {axes[0]}" if len(axes) == 1 else f"axes {axes}"
+
+
+def _joined(old: str | None, reason: str) -> str:
+    return reason if old is None else old if reason in old.split("; ") else f"{old}; {reason}"
 
 
 class NodeContext:
@@ -205,10 +221,41 @@ class NodeContext:
             self.result.statistics.add(space.key)
 
     def refuse(self, reason: str) -> None:
-        """Handle none of this node's spaces, and say why: they freeze with ``reason``. Edges
-        recorded before still couple (a weight's output channels still form a group)."""
+        """Handle none of this node's spaces, and say why: they all freeze with ``reason``.
+        Edges recorded before still couple (a weight's output channels still form a group)."""
         self.result.handled.clear()
-        self.result.refusal = reason
+        self.result.reasons.clear()
+        self.decline(reason)
+
+    def decline(self, reason: str, *spaces: Space | None) -> None:
+        """Say why spaces this node leaves unhandled freeze, keeping those it handled. With
+        ``spaces``: why those do (an axis the op reduces, indexes, pads; unknown ones are
+        skipped); without: why any other does (a rule that gives up part-way). Reasons
+        accumulate, each once, in the order given."""
+        r = self.result
+        if not spaces:
+            r.refusal = _joined(r.refusal, reason)
+        for s in spaces:
+            if s is not None:
+                r.reasons[s.key] = _joined(r.reasons.get(s.key), reason)
+
+    # --- wording of reasons -----------------------------------------------------------------
+    def which(self, t: gs.Tensor | None) -> str:
+        """``input 1 'w'`` / ``output 0 'y'``: where ``t`` sits on this node, for reasons."""
+        if t is None:
+            return "a missing tensor"
+        for kind, tensors in (("input", self.node.inputs), ("output", self.node.outputs)):
+            for i, u in enumerate(tensors):
+                if u is t:
+                    return f"{kind} {i} '{t.name}'"
+        return f"'{t.name}'"
+
+    def unknown_rank(self, t: gs.Tensor | None) -> str:
+        return f"unknown rank of {self.which(t)}"
+
+    def not_constant(self, t: gs.Tensor | None, what: str = "weight") -> str:
+        """The reason for a parameter that is a graph input or computed at run time."""
+        return f"dynamic {what}: {self.which(t)} is not a constant"
 
     def on_rewrite(self, hook: RewriteHook) -> None:
         self.result.rewrite = hook
@@ -219,7 +266,35 @@ class NodeContext:
         for a, b in pairs:
             ra, rb = self.rank(a), self.rank(b)
             if ra is None or ra != rb:
+                if ra is not None or rb is not None:
+                    self.decline(self.unknown_rank(a if ra is None else b) if None in (ra, rb)
+                                 else f"{self.which(a)} has rank {ra} but {self.which(b)} {rb}")
                 continue
             for ax in range(ra):
                 if ax not in skip:
-                    self.identity(self.space(a, ax), self.space(b, ax))
+                    self.identity_axes(a, ax, b, ax)
+
+    def identity_axes(self, a: gs.Tensor | None, ax_a: int, b: gs.Tensor | None, ax_b: int
+                      ) -> bool:
+        """:meth:`identity` of axis ``ax_a`` of ``a`` and ``ax_b`` of ``b``; when they cannot
+        be coupled and one of them is a space that could be live, say why."""
+        sa, sb = self.space(a, ax_a), self.space(b, ax_b)
+        if self.identity(sa, sb):
+            return True
+        self.decline(self.lengths_differ(a, b, ax_a, ax_b), sa, sb)
+        return False
+
+    def lengths_differ(self, a: gs.Tensor, b: gs.Tensor, ax_a: int, ax_b: int) -> str:
+        """Why axis ``ax_a`` of ``a`` and axis ``ax_b`` of ``b`` could not be coupled."""
+        sa, sb = self.shape(a), self.shape(b)
+        for t, shape, ax in ((a, sa, ax_a), (b, sb, ax_b)):
+            if shape is None:
+                return self.unknown_rank(t)
+            if not -len(shape) <= ax < len(shape):
+                return f"{self.which(t)} has no axis {ax}"
+        la, lb = sa[ax_a], sb[ax_b]
+        if la is None or lb is None:
+            return f"unknown length of axis {ax_a if la is None else ax_b} of " \
+                   f"{self.which(a if la is None else b)}"
+        return f"axis {ax_a} of {self.which(a)} has length {la} but axis {ax_b} of " \
+               f"{self.which(b)} {lb}"

@@ -56,6 +56,7 @@ def _load_rule_families() -> None:
     from spa.coupling.rules import (  # noqa: F401
         attention,
         conv,
+        einsum,
         elementwise,
         gather,
         linear,

@@ -94,6 +94,10 @@ class NodeCoupling:
     statistics: set[SpaceKey] = field(default_factory=set)
     # Axes that index attention heads (declared by attention rules).
     heads: set[SpaceKey] = field(default_factory=set)
-    # Why the node handles nothing else (a known op SPA will not prune through); frozen spaces
-    # of the node carry this reason instead of the generic "does not map axis".
+    # Why the node handles nothing else (a known op SPA will not prune through, or a rule that
+    # gave up part-way); frozen spaces of the node carry this reason instead of the generic
+    # "does not map axis".
     refusal: str | None = None
+    # Why particular spaces stay unhandled (an axis the op reduces, indexes, pads, …): a frozen
+    # space with a reason here carries it instead of ``refusal``.
+    reasons: dict[SpaceKey, str] = field(default_factory=dict)

@@ -27,10 +27,11 @@ if TYPE_CHECKING:
 @register("Attention", opsets=(23, 10_000))
 def attention(ctx: NodeContext) -> None:
     q, k, v, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
-    ranks = {ctx.rank(t) for t in (q, k, v, y)}
-    if len(ranks) != 1 or len(ctx.outputs) != 1 or ctx.input(4) is not None:
-        return  # mixed ranks, KV-cache inputs or extra outputs: fail closed
-    rank = ranks.pop()
+    why = _unsupported(ctx, [ctx.rank(t) for t in (q, k, v, y)])
+    if why is not None:
+        ctx.refuse(why)
+        return
+    rank = ctx.rank(q)
     for t in (k, v, y):
         ctx.identity(ctx.space(q, 0), ctx.space(t, 0))
     if rank == 4:
@@ -42,6 +43,8 @@ def attention(ctx: NodeContext) -> None:
     elif rank == 3:
         nq, nkv = ctx.attr("q_num_heads"), ctx.attr("kv_num_heads")
         if nq is None or nkv is None:
+            ctx.decline("3-D inputs without q_num_heads and kv_num_heads: the heads are not "
+                        "known")
             return
         q_heads, kv_heads = ctx.virtual("q_heads", int(nq)), ctx.virtual("kv_heads", int(nkv))
         ctx.heads_axis(q_heads)
@@ -52,6 +55,7 @@ def attention(ctx: NodeContext) -> None:
         _couple_mask(ctx, q_heads)
         ctx.on_rewrite(_head_count_hook(q_heads, kv_heads))
     else:
+        ctx.decline(f"inputs of rank {rank}: only the 3-D and 4-D forms are mapped")
         return
     ctx.identity(ctx.space(q, -2 if rank == 4 else 1), ctx.space(y, -2 if rank == 4 else 1))
     ctx.identity(ctx.space(k, -2 if rank == 4 else 1), ctx.space(v, -2 if rank == 4 else 1))
@@ -60,6 +64,19 @@ def attention(ctx: NodeContext) -> None:
             ctx.identity(q_heads, kv_heads)
         else:
             ctx.block(q_heads, kv_heads)
+
+
+def _unsupported(ctx: NodeContext, ranks: list[int | None]) -> str | None:
+    """Why the node is outside the forms above (KV cache, extra outputs, ranks), or None."""
+    if ctx.input(4) is not None:
+        return "KV-cache inputs (past_key/past_value)"
+    if len(ctx.outputs) != 1:
+        return "extra outputs (present key/value or the QK scores)"
+    if None in ranks:
+        return "unknown rank of Q, K, V or the output"
+    if len(set(ranks)) != 1:
+        return f"Q, K, V and the output have different ranks {ranks}"
+    return None
 
 
 def _couple_mask(ctx: NodeContext, heads: Space | None) -> None:

@@ -33,9 +33,13 @@ if TYPE_CHECKING:
 
 
 def _common(ctx: NodeContext) -> tuple | None:
+    """``(x, w, y, group)`` with the batch axis coupled; None when the node is outside the rule
+    (a dynamic weight, an unknown rank): it then handles nothing, and says why."""
     x, w, y = ctx.input(0), ctx.input(1), ctx.output(0)
-    if ctx.const(w) is None or ctx.rank(x) is None or ctx.rank(x) != ctx.rank(w):
-        return None  # dynamic weights or unknown ranks: handle nothing, fail closed
+    why = _unsupported(ctx, x, w)
+    if why is not None:
+        ctx.refuse(why)
+        return None
     group = int(ctx.attr("group", 1))
     _check_channels(ctx, x, w, group)
     ctx.identity(ctx.space(x, 0), ctx.space(y, 0))  # batch
@@ -55,6 +59,16 @@ def _check_channels(ctx: NodeContext, x: gs.Tensor, w: gs.Tensor, group: int) ->
         raise InvalidModelError(
             f"invalid model: {ctx.node.op} node '{ctx.name}' reads {channels} input channels, but "
             f"its weight '{w.name}' {list(w_shape)} (group={group}) takes {takes}")
+
+
+def _unsupported(ctx: NodeContext, x: gs.Tensor, w: gs.Tensor) -> str | None:
+    if ctx.const(w) is None:
+        return ctx.not_constant(w)
+    if ctx.rank(x) is None:
+        return ctx.unknown_rank(x)
+    if ctx.rank(x) != ctx.rank(w):
+        return f"{ctx.which(x)} has rank {ctx.rank(x)} but the weight {ctx.rank(w)}"
+    return None
 
 
 def _group_hook(x_key: tuple[str, int], channels_per_group: int):
@@ -78,8 +92,8 @@ def _couple_groups(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor, group: int) -> 
 
 def _refuse_groups(ctx: NodeContext, group: int) -> None:
     """Without both channel counts the surviving groups cannot be counted: keep them all."""
-    ctx.refuse(f"{ctx.node.op} node '{ctx.name}' has group={group} but the channel count of its "
-               "input or output is unknown (or not a multiple of it)")
+    ctx.refuse(f"group={group} but the channel count of its input or output is unknown (or "
+               "not a multiple of it)")
 
 
 @register("Conv")

@@ -41,17 +41,24 @@ def couple_broadcast(ctx: NodeContext, inputs: list[gs.Tensor], y: gs.Tensor,
     last ``skip_last`` axes of every tensor (MatMul broadcasts only its batch dims)."""
     shape_y = ctx.shape(y)
     if shape_y is None:
+        ctx.decline(ctx.unknown_rank(y))
         return
     shape_y = shape_y[:len(shape_y) - skip_last]
     for t in inputs:
         shape_t = ctx.shape(t)
         if shape_t is None or len(shape_t) > len(shape_y) + skip_last:
+            ctx.decline(ctx.unknown_rank(t) if shape_t is None else
+                        f"{ctx.which(t)} has more axes than the output")
             continue
         shape_t = shape_t[:len(shape_t) - skip_last]
         lead = len(shape_y) - len(shape_t)
         for ax, length in enumerate(shape_t):
             if length is not None and length == shape_y[ax + lead]:
                 ctx.identity(ctx.space(t, ax), ctx.space(y, ax + lead))
+            elif (length is None) != (shape_y[ax + lead] is None):
+                # One side unknown: a live channel axis on the other cannot be followed.
+                ctx.decline(ctx.lengths_differ(t, y, ax, ax + lead), ctx.space(t, ax),
+                            ctx.space(y, ax + lead))
 
 
 @register(*UNARY)

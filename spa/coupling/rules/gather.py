@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from spa.coupling.registry import register
-from spa.coupling.rules.shape import rewrite_literals
+from spa.coupling.rules.shape import fixed_entry, rewrite_literals, unreadable_shape
 from spa.coupling.types import Role
 from spa.ir.shapevalue import DimRef, Lit, shape_entries
 
@@ -27,15 +27,17 @@ def gather(ctx: NodeContext) -> None:
     data, idx, y = ctx.input(0), ctx.input(1), ctx.output(0)
     rank, idx_rank = ctx.rank(data), ctx.rank(idx)
     if rank is None or idx_rank is None:
+        ctx.refuse(ctx.unknown_rank(data if rank is None else idx))
         return
     axis = int(ctx.attr("axis", 0)) % rank
+    ctx.decline(f"axis {axis} of '{data.name}' is indexed by '{idx.name}': pruning it would "
+                "change what the indices pick", ctx.space(data, axis))
     for ax in range(axis):
-        ctx.identity(ctx.space(data, ax), ctx.space(y, ax))
+        ctx.identity_axes(data, ax, y, ax)
     for ax in range(idx_rank):
-        ctx.identity(ctx.space(idx, ax), ctx.space(y, axis + ax))
+        ctx.identity_axes(idx, ax, y, axis + ax)
     for ax in range(axis + 1, rank):
-        out = ctx.space(y, ax - 1 + idx_rank)
-        ctx.identity(ctx.space(data, ax), out)
+        ctx.identity_axes(data, ax, y, ax - 1 + idx_rank)
         if ctx.const(data) is not None and axis == 0:
             ctx.role(ctx.space(data, ax), Role.PRODUCER)
 
@@ -45,7 +47,11 @@ def expand(ctx: NodeContext) -> None:
     x, shape_t, y = ctx.input(0), ctx.input(1), ctx.output(0)
     shape_x, shape_y = ctx.shape(x), ctx.shape(y)
     entries = shape_entries(shape_t, reader=(ctx.node, 1))
-    if shape_x is None or shape_y is None or entries is None:
+    if shape_x is None or shape_y is None:
+        ctx.refuse(ctx.unknown_rank(x if shape_x is None else y))
+        return
+    if entries is None:
+        ctx.refuse(unreadable_shape(ctx, shape_t))
         return
     lead_x, lead_e = len(shape_y) - len(shape_x), len(shape_y) - len(entries)
     literals = []
@@ -57,8 +63,13 @@ def expand(ctx: NodeContext) -> None:
             and e.rewritable_for(ctx.node)
         keeps = e == 1 or rewrite or (isinstance(e, DimRef) and e.tensor == x.name
                                       and e.axis == ax)
-        if length is not None and length == shape_y[o] and keeps \
-                and ctx.identity(ctx.space(x, ax), ctx.space(y, o)) and rewrite:
+        if length is None or length != shape_y[o]:  # broadcast from 1, or unknown
+            if length is not None and shape_y[o] is None:
+                ctx.decline(ctx.lengths_differ(x, y, ax, o), ctx.space(x, ax))
+        elif not keeps:
+            ctx.decline(fixed_entry(ctx, shape_t, o - lead_e, e), ctx.space(x, ax),
+                        ctx.space(y, o))
+        elif ctx.identity(ctx.space(x, ax), ctx.space(y, o)) and rewrite:
             literals.append((y.name, o, e))
     if literals:
         ctx.on_rewrite(rewrite_literals(literals))
@@ -70,6 +81,9 @@ def tile(ctx: NodeContext) -> None:
     repeats = ctx.const_ints(ctx.input(1))
     rank = ctx.rank(x)
     if rank is None or repeats is None or len(repeats) != rank:
+        ctx.refuse(ctx.unknown_rank(x) if rank is None else
+                   ctx.not_constant(ctx.input(1), "repeats") if repeats is None else
+                   f"{len(repeats)} repeats for rank {rank}")
         return
     for ax, r in enumerate(repeats):
         sx, sy = ctx.space(x, ax), ctx.space(y, ax)

@@ -14,6 +14,9 @@ MatMul of two activations (attention scores ``Q @ Kᵀ``, context ``P @ V``): th
 broadcast like element-wise ops (the head axis couples Q, K, V and the scores), ``A.-2 ↔ Y.-2``
 and ``B.-1 ↔ Y.-1``. The contracted axis is summed with no weight to zero it at, so it is left
 unhandled: heads are pruned whole, head_dim never.
+
+Fail closed, with the reason: a dynamic Gemm weight, a 1-D MatMul operand (a vector product), a
+constant MatMul operand of rank other than 2 (a batched weight), two constant operands.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from spa.coupling.rules.elementwise import couple_broadcast
 from spa.coupling.types import Role
 
 if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
     from spa.coupling.context import NodeContext
 
 
@@ -32,6 +37,9 @@ if TYPE_CHECKING:
 def gemm(ctx: NodeContext) -> None:
     a, b, c, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
     if ctx.const(b) is None or ctx.rank(a) != 2 or ctx.rank(b) != 2:
+        t = a if ctx.rank(a) != 2 else b
+        ctx.refuse(ctx.not_constant(b) if ctx.const(b) is None else ctx.unknown_rank(t)
+                   if ctx.rank(t) is None else f"{ctx.which(t)} of rank {ctx.rank(t)}")
         return
     trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
     b_k, b_n = ctx.space(b, 1 if trans_b else 0), ctx.space(b, 0 if trans_b else 1)
@@ -52,9 +60,10 @@ def gemm(ctx: NodeContext) -> None:
 def matmul(ctx: NodeContext) -> None:
     a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
-    if ra is None or rb is None or ry is None or ra < 2 or rb < 2:
-        return
-    if ctx.const(b) is not None and rb == 2 and ctx.const(a) is None:
+    why = _unsupported(ctx, a, b, y)
+    if why is not None:
+        ctx.refuse(why)
+    elif ctx.const(b) is not None and rb == 2 and ctx.const(a) is None:
         w_k, w_n = ctx.space(b, 0), ctx.space(b, 1)
         ctx.role(w_k, Role.CONSUMER)
         ctx.role(w_n, Role.PRODUCER)
@@ -66,7 +75,11 @@ def matmul(ctx: NodeContext) -> None:
         couple_broadcast(ctx, [a, b], y, skip_last=2)
         ctx.identity(ctx.space(a, -2), ctx.space(y, -2))
         ctx.identity(ctx.space(b, -1), ctx.space(y, -1))
-    elif ctx.const(a) is not None and ra == 2 and ctx.const(b) is None:
+        ctx.decline(f"axis {ra - 1} of '{a.name}' and axis {rb - 2} of '{b.name}' are summed "
+                    "over in a product of two activations, with no weight to remove a channel "
+                    "at (attention: heads prune whole, head_dim never)",
+                    ctx.space(a, -1), ctx.space(b, -2))
+    else:  # a constant on the left, by the checks above a 2-D one
         w_m, w_k = ctx.space(a, 0), ctx.space(a, 1)
         ctx.role(w_k, Role.CONSUMER)
         ctx.role(w_m, Role.PRODUCER)
@@ -75,3 +88,20 @@ def matmul(ctx: NodeContext) -> None:
         ctx.identity(ctx.space(b, -1), ctx.space(y, -1))
         for ax in range(rb - 2):
             ctx.identity(ctx.space(b, ax), ctx.space(y, ax + ry - rb))
+
+
+def _unsupported(ctx: NodeContext, a: gs.Tensor, b: gs.Tensor, y: gs.Tensor) -> str | None:
+    """Why a MatMul is none of the three forms above, or None."""
+    unknown = [t for t in (a, b, y) if ctx.rank(t) is None]
+    if unknown:
+        return ctx.unknown_rank(unknown[0])
+    ra, rb = ctx.rank(a), ctx.rank(b)
+    if ra < 2 or rb < 2:
+        return f"1-D {ctx.which(a if ra < 2 else b)}: a vector product"
+    const_a, const_b = ctx.const(a) is not None, ctx.const(b) is not None
+    if const_a and const_b:
+        return "both inputs are constants"
+    if (const_a and ra != 2) or (const_b and rb != 2):
+        w, rank = (a, ra) if const_a else (b, rb)
+        return f"constant {ctx.which(w)} of rank {rank}: only a 2-D weight is mapped"
+    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from spa.coupling.context import axes_text
 from spa.coupling.registry import register
 from spa.coupling.types import Role
 
@@ -37,6 +38,7 @@ def _per_channel(ctx: NodeContext, n_params: int) -> None:
 @register("BatchNormalization")
 def batch_norm(ctx: NodeContext) -> None:
     if len(ctx.outputs) != 1 or int(ctx.attr("training_mode", 0)):
+        ctx.refuse("training mode (it computes batch statistics and updates running ones)")
         return
     _per_channel(ctx, 4)
 
@@ -52,10 +54,12 @@ def layer_norm(ctx: NodeContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
     rank = ctx.rank(x)
     if rank is None or len(ctx.outputs) != 1:
+        ctx.refuse(ctx.unknown_rank(x) if rank is None else
+                   "statistics outputs (Mean/InvStdDev)")
         return
     axis = int(ctx.attr("axis", -1)) % rank
     for ax in range(axis):
-        ctx.identity(ctx.space(x, ax), ctx.space(y, ax))
+        ctx.identity_axes(x, ax, y, ax)
     if axis == rank - 1 and ctx.hidden:
         # Hidden-size pruning: the normalised axis goes with its scale and bias; the statistics
         # are then over fewer channels (outside the masked oracle, by design).
@@ -67,3 +71,13 @@ def layer_norm(ctx: NodeContext) -> None:
                 ctx.identity(sp, sy)
                 if i == 1:
                     ctx.role(sp, Role.SCALE)
+    ctx.decline(statistics_reason(f"normalises over {axes_text(range(axis, rank))} of "
+                                  f"'{x.name}'", axis == rank - 1 and not ctx.hidden),
+                *(ctx.space(t, ax) for t in (x, y) for ax in range(axis, rank)))
+
+
+def statistics_reason(what: str, hint_hidden: bool) -> str:
+    """Why a normalisation (or the mean of a decomposed one) keeps the axes its statistics run
+    over; ``hint_hidden``: it is the last axis, which ``--hidden`` would prune."""
+    hint = " (prune the hidden size with --hidden)" if hint_hidden else ""
+    return f"{what}: its statistics change when channels go{hint}"

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from spa.coupling.context import axes_text
 from spa.coupling.registry import register
+from spa.coupling.rules.norm import statistics_reason
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
@@ -31,10 +33,11 @@ _AXES_AS_INPUT = {op: (13 if op == "ReduceSum" else 18) for op in REDUCE}
           "GlobalLpPool")
 def pool(ctx: NodeContext) -> None:
     if len(ctx.outputs) != 1:
+        ctx.refuse("an Indices output: its flat positions count the channels")
         return
     x, y = ctx.input(0), ctx.output(0)
-    ctx.identity(ctx.space(x, 0), ctx.space(y, 0))
-    ctx.identity(ctx.space(x, 1), ctx.space(y, 1))
+    ctx.identity_axes(x, 0, y, 0)
+    ctx.identity_axes(x, 1, y, 1)
 
 
 def _couple_kept_axes(ctx: NodeContext, reduced: set[int], keepdims: bool) -> None:
@@ -44,7 +47,7 @@ def _couple_kept_axes(ctx: NodeContext, reduced: set[int], keepdims: bool) -> No
         if ax in reduced:
             out_ax += 1 if keepdims else 0
             continue
-        ctx.identity(ctx.space(x, ax), ctx.space(y, out_ax))
+        ctx.identity_axes(x, ax, y, out_ax)
         out_ax += 1
 
 
@@ -53,12 +56,14 @@ def reduce(ctx: NodeContext) -> None:
     x = ctx.input(0)
     rank = ctx.rank(x)
     if rank is None:
+        ctx.refuse(ctx.unknown_rank(x))
         return
     if ctx.opset >= _AXES_AS_INPUT[ctx.node.op]:
         axes_t = ctx.input(1)
         axes = [] if axes_t is None else ctx.const_ints(axes_t)
         if axes is None:
-            return  # axes computed at run time
+            ctx.refuse(ctx.not_constant(axes_t, "axes"))
+            return
     else:
         axes = list(ctx.attr("axes", []) or [])
     if not axes:
@@ -68,15 +73,21 @@ def reduce(ctx: NodeContext) -> None:
         axes = list(range(rank))
     reduced = {a % rank for a in axes}
     _couple_kept_axes(ctx, reduced, bool(int(ctx.attr("keepdims", 1))))
+    what = f"reduces over {axes_text(reduced)} of '{x.name}'"
+    spaces = [ctx.space(x, ax) for ax in sorted(reduced)]
     if ctx.node.op == "ReduceMean" and reduced == {rank - 1}:
         # The mean (or mean square) of a decomposed LayerNorm/RMSNorm over the hidden axis.
         ctx.statistics_over(ctx.space(x, rank - 1))
+        ctx.decline(statistics_reason(what, not ctx.hidden), *spaces)
+    else:
+        ctx.decline(f"{what}: every output mixes all its channels", *spaces)
 
 
 @register("Softmax", "LogSoftmax", "Hardmax", "LpNormalization")
 def softmax(ctx: NodeContext) -> None:
     io = ctx.data_io()
     if io is None:
+        ctx.refuse(ctx.unknown_rank(ctx.input(0)))
         return
     x, y, rank = io
     axis = int(ctx.attr("axis", -1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization"
@@ -85,13 +96,20 @@ def softmax(ctx: NodeContext) -> None:
     last = axis + 1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization" else rank
     for ax in range(rank):
         if not axis <= ax < last:
-            ctx.identity(ctx.space(x, ax), ctx.space(y, ax))
+            ctx.identity_axes(x, ax, y, ax)
+    ctx.decline(f"normalises over {axes_text(range(axis, last))} of '{x.name}': every output "
+                "depends on all its channels",
+                *(ctx.space(t, ax) for t in (x, y) for ax in range(axis, last)))
 
 
 @register("ArgMax", "ArgMin")
 def arg_reduce(ctx: NodeContext) -> None:
-    rank = ctx.rank(ctx.input(0))
+    x = ctx.input(0)
+    rank = ctx.rank(x)
     if rank is None:
+        ctx.refuse(ctx.unknown_rank(x))
         return
     axis = int(ctx.attr("axis", 0)) % rank
     _couple_kept_axes(ctx, {axis}, bool(int(ctx.attr("keepdims", 1))))
+    ctx.decline(f"returns positions along axis {axis} of '{x.name}': they change when "
+                "channels go", ctx.space(x, axis))

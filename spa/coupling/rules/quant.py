@@ -48,6 +48,8 @@ def quantize_linear(ctx: NodeContext) -> None:
     x, scale, zp, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
     shape, scale_shape = ctx.shape(x), ctx.shape(scale)
     if shape is None or scale_shape is None or y is None or len(ctx.outputs) != 1:
+        ctx.refuse(ctx.unknown_rank(x if shape is None else scale)
+                   if shape is None or scale_shape is None else f"{len(ctx.outputs)} outputs")
         return
     axis = per_axis(ctx.node, shape, scale_shape)
     if axis is False:
@@ -78,4 +80,4 @@ def integer_op(ctx: NodeContext) -> None:
             ctx.role(w_out, Role.PRODUCER)
             ctx.identity(w_out, ctx.space(ctx.output(0), y_axis))
     ctx.refuse("integer-domain quantised op: SPA prunes quantised models in QDQ form "
-               "(QuantizeLinear/DequantizeLinear around float ops), not this one; fail closed")
+               "(QuantizeLinear/DequantizeLinear around float ops), not this one")

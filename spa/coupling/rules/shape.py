@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
+from spa.coupling.context import axes_text
 from spa.coupling.registry import register
 from spa.ir.shapevalue import DimRef, Lit, shape_entries, shape_op_dims
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from spa.coupling.context import NodeContext
     from spa.coupling.types import KeptLookup
@@ -152,8 +153,12 @@ def _common_run(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, int]:
     return best
 
 
+_ONE_FACTOR = "the channels follow one factor, and only one that leads on to a layer mapping it"
+
+
 def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
-                   allowed_out: set[int] | None = None, copied: int = 0) -> list[int]:
+                   allowed_out: set[int] | None = None, copied: int = 0,
+                   fixed: Callable[[int], str] | None = None) -> list[int]:
     """Couple each factor group of a reshape; return the output axes that may change.
 
     One dim on each side: identity. Several dims merging into one, or one splitting into
@@ -161,31 +166,65 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
     the outermost one that leads somewhere, so ``C → heads × head_dim`` couples the heads).
     The first ``copied`` output dims are known to equal the input's (the target copies them), so
     they map one to one even between symbolic dims: ``x.view(n, c, -1)`` of ``[N, C, H, W]``.
+    An output axis outside ``allowed_out`` keeps its length, for the reason ``fixed(axis)``.
     """
     a, b = ctx.shape(x), ctx.shape(y)
     if a is None or b is None or 0 in a or 0 in b:
+        ctx.decline(ctx.unknown_rank(x if a is None else y) if a is None or b is None
+                    else "a dim of length 0")
         return []
 
-    def allowed(o: int) -> bool:
-        return allowed_out is None or o in allowed_out
+    def allowed(o: int, group: list[int]) -> bool:
+        """May output axis ``o`` change? If not, say why on it and the input axes ``group``."""
+        if allowed_out is None or o in allowed_out:
+            return True
+        if fixed is not None:
+            ctx.decline(fixed(o), ctx.space(y, o), *(ctx.space(x, i) for i in group))
+        return False
 
     changing: list[int] = []
     rest = static_factor_groups(a[copied:], b[copied:], (symbols(x, copied), symbols(y, copied)))
     groups = [([i], [i]) for i in range(copied)] \
         + [([i + copied for i in ga], [j + copied for j in gb]) for ga, gb in rest]
+    _decline_unmatched(ctx, x, y, groups)
     for n, (ga, gb) in enumerate(groups):
+        spaces = [ctx.space(x, i) for i in ga] + [ctx.space(y, o) for o in gb]
         if len(ga) == 1 and len(gb) == 1:
-            if allowed(gb[0]) and ctx.identity(ctx.space(x, ga[0]), ctx.space(y, gb[0])):
+            if allowed(gb[0], ga) and ctx.identity_axes(x, ga[0], y, gb[0]):
                 changing.append(gb[0])
         elif len(gb) == 1:  # merge: output feature f ↔ one of the input dims it combines
-            if allowed(gb[0]) and ctx.digits(ctx.space(y, gb[0]), [ctx.space(x, i) for i in ga],
-                                             f"group{n}", [a[i] for i in ga]):
+            parts = [ctx.space(x, i) for i in ga]
+            if allowed(gb[0], ga) and ctx.digits(ctx.space(y, gb[0]), parts, f"group{n}",
+                                                 [a[i] for i in ga]):
                 changing.append(gb[0])
+                ctx.decline(f"merges {axes_text(ga)} of '{x.name}' into axis {gb[0]}: "
+                            f"{_ONE_FACTOR}", *spaces)
         elif len(ga) == 1:  # split: input channel c ↔ one of the output dims it splits into
-            parts = [ctx.space(y, o) if allowed(o) else None for o in gb]
+            ok = [o for o in gb if allowed(o, ga)]
+            parts = [ctx.space(y, o) if o in ok else None for o in gb]
             if ctx.digits(ctx.space(x, ga[0]), parts, f"group{n}", [b[o] for o in gb]):
-                changing.extend(o for o in gb if allowed(o))
+                changing.extend(ok)
+                ctx.decline(f"splits axis {ga[0]} of '{x.name}' into {axes_text(gb)}: "
+                            f"{_ONE_FACTOR}", *spaces)
     return changing
+
+
+def _decline_unmatched(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
+                       groups: list[tuple[list[int], list[int]]]) -> None:
+    """Say which static dims the factor groups leave out: no run of dims with the same product
+    on the other side (symbolic dims around them, or a reshape that interleaves)."""
+    a, b = ctx.shape(x), ctx.shape(y)
+    in_x = {i for ga, _ in groups for i in ga}
+    in_y = {j for _, gb in groups for j in gb}
+    left = [ctx.space(x, i) for i, d in enumerate(a) if d not in (None, 1) and i not in in_x] \
+        + [ctx.space(y, j) for j, d in enumerate(b) if d not in (None, 1) and j not in in_y]
+    if left:
+        ctx.decline(f"cannot tell which dims of '{x.name}' {_dims(a)} become which of "
+                    f"'{y.name}' {_dims(b)}", *left)
+
+
+def _dims(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 @register("Reshape")
@@ -194,6 +233,10 @@ def reshape(ctx: NodeContext) -> None:
     entries = shape_entries(target, reader=(ctx.node, 1))
     out_shape = ctx.shape(y)
     if entries is None or out_shape is None or len(entries) != len(out_shape):
+        ctx.refuse(unreadable_shape(ctx, target) if entries is None else
+                   ctx.unknown_rank(y) if out_shape is None else
+                   f"{ctx.which(target)} has {len(entries)} entries but the output rank "
+                   f"{len(out_shape)}")
         return
     allow_zero = bool(int(ctx.attr("allowzero", 0)))
     allowed = set()
@@ -204,7 +247,8 @@ def reshape(ctx: NodeContext) -> None:
                                              and e.axis == o):
             allowed.add(o)  # copies input dim o; fine when input dim o is coupled to it
     changing = couple_regroup(ctx, x, y, allowed, _copied_prefix(entries, x, y, ctx.shape(x),
-                                                                 allow_zero))
+                                                                 allow_zero),
+                              lambda o: fixed_entry(ctx, target, o, entries[o]))
     literals = [(y.name, o, entries[o]) for o in changing
                 if isinstance(entries[o], Lit) and entries[o] > 0]
     if literals:
@@ -234,6 +278,24 @@ def _same_symbol(x: gs.Tensor, y: gs.Tensor, pos: int) -> bool:
     return isinstance(dx, str) and bool(dx) and dx == dy
 
 
+def unreadable_shape(ctx: NodeContext, t: gs.Tensor | None) -> str:
+    """The reason for a shape operand that is neither a constant nor a readable expression."""
+    return f"{ctx.which(t)} is computed in a way SPA cannot follow (it reads constants and " \
+           "Shape/Gather/Slice/Concat/Cast of dims)"
+
+
+def fixed_entry(ctx: NodeContext, t: gs.Tensor, pos: int, e: object) -> str:
+    """Why entry ``pos`` (``e``) of the shape operand ``t`` cannot follow its axis' length."""
+    where = f"entry {pos} of {ctx.which(t)}"
+    if isinstance(e, DimRef):
+        return f"{where} copies axis {e.axis} of '{e.tensor}'"
+    if e == 0:
+        return f"{where} is 0 with allowzero=1"
+    if isinstance(e, Lit) and e.source is not None and e > 0:
+        return f"{where} is the constant {int(e)}, also read by other nodes"
+    return f"{where} is the constant {e}, which SPA cannot rewrite"
+
+
 def rewrite_literals(literals: list[tuple[str, int, Lit]]):
     """Hook: set each literal shape entry to the surviving length of its output axis."""
 
@@ -254,14 +316,17 @@ def flatten(ctx: NodeContext) -> None:
 def transpose(ctx: NodeContext) -> None:
     io = ctx.data_io()
     if io is None:
+        ctx.refuse(ctx.unknown_rank(ctx.input(0)))
         return
     x, y, rank = io
     perm = ctx.attr("perm") or list(reversed(range(rank)))
     for k, p in enumerate(perm):
-        ctx.identity(ctx.space(x, int(p)), ctx.space(y, k))
+        ctx.identity_axes(x, int(p), y, k)
 
 
 def _axes(ctx: NodeContext, input_from: int) -> list[int] | None:
+    """The ``axes`` of (Un)Squeeze, from the opset where they are an input; None when they are
+    computed at run time."""
     if ctx.opset >= input_from:
         t = ctx.input(1)
         return [] if t is None else ctx.const_ints(t)
@@ -274,6 +339,7 @@ def squeeze(ctx: NodeContext) -> None:
     shape = ctx.shape(x)
     axes = _axes(ctx, 13)
     if shape is None or axes is None:
+        ctx.refuse(ctx.unknown_rank(x) if shape is None else ctx.not_constant(ctx.input(1), "axes"))
         return
     removed = {a % len(shape) for a in axes} if axes else {i for i, d in enumerate(shape) if d == 1}
     _couple_in_order(ctx, x, [ax for ax in range(len(shape)) if ax not in removed], y, None)
@@ -285,6 +351,8 @@ def unsqueeze(ctx: NodeContext) -> None:
     rank_y = ctx.rank(y)
     axes = _axes(ctx, 13)
     if rank_y is None or not axes:
+        ctx.refuse(ctx.unknown_rank(y) if rank_y is None else
+                   ctx.not_constant(ctx.input(1), "axes") if axes is None else "no axes")
         return
     inserted = {a % rank_y for a in axes}
     _couple_in_order(ctx, x, None, y, [ax for ax in range(rank_y) if ax not in inserted])
@@ -295,7 +363,7 @@ def _couple_in_order(ctx: NodeContext, x: gs.Tensor, x_axes: list[int] | None, y
     """Identity-couple the listed axes of ``x`` and ``y`` pairwise, in order (None: 0, 1, …)."""
     n = len(x_axes if x_axes is not None else y_axes)
     for a, b in zip(x_axes or range(n), y_axes or range(n)):
-        ctx.identity(ctx.space(x, a), ctx.space(y, b))
+        ctx.identity_axes(x, a, y, b)
 
 
 @register("Shape")
@@ -303,16 +371,21 @@ def shape_op(ctx: NodeContext) -> None:
     x, out = ctx.input(0), ctx.output(0)
     rank = ctx.rank(x)
     if rank is None:
+        ctx.refuse(ctx.unknown_rank(x))
         return
     if ctx.is_graph_output(out):
         ctx.refuse(f"its value is graph output '{out.name}', which must not change")
         return
     read = _dims_read(ctx, out, shape_op_dims(ctx.node, rank))
     if _only_copied_into_reshapes(ctx, x, out):
-        read = set()  # each dim read flows back into the same axis of a reshape of x
+        read = {}  # each dim read flows back into the same axis of a reshape of x
     for ax in range(rank):
         if ax not in read:
             ctx.handle(ctx.space(x, ax))
+    for reader in dict.fromkeys(read.values()):
+        axes = [ax for ax, r in read.items() if r == reader]
+        ctx.decline(f"the length of {axes_text(axes)} of '{x.name}' is read as a number by "
+                    f"{reader}", *(ctx.space(x, ax) for ax in axes))
 
 
 _SHAPE_PLUMBING = ("Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Identity")
@@ -345,9 +418,9 @@ def _only_copied_into_reshapes(ctx: NodeContext, x: gs.Tensor, out: gs.Tensor) -
 
 
 def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: Sequence[int], depth: int = 0
-               ) -> set[int]:
+               ) -> dict[int, str]:
     """Which input dims the Shape output's consumers actually read (``dims[k]``: the input dim
-    at position ``k`` of ``out``).
+    at position ``k`` of ``out``), each with what reads it.
 
     Cast/Identity pass the vector on; a constant-index Gather or Slice picks positions, and
     what *its* consumers read of them is followed too: tf2onnx reads the batch dim of an NHWC
@@ -355,16 +428,20 @@ def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: Sequence[int], depth: int
     """
     consumers = ctx.consumers(out)
     if not consumers or depth > 8 or ctx.is_graph_output(out):
-        return set(dims)  # a graph output (or read by no node): its values must not change
-    read: set[int] = set()
+        # A graph output (or read by no node, or too far to follow): its values must not change.
+        return dict.fromkeys(dims, f"graph output '{out.name}'" if ctx.is_graph_output(out)
+                             else f"'{out.name}', which SPA does not follow")
+    read: dict[int, str] = {}
     for consumer in consumers:
         if consumer.op in ("Cast", "Identity"):  # tf2onnx casts shapes to int32 and back
             picked = list(range(len(dims)))
         else:
             picked = _positions_picked(ctx, consumer, len(dims))
         if picked is None:
-            return set(dims)
-        read |= _dims_read(ctx, consumer.outputs[0], [dims[i] for i in picked], depth + 1)
+            return dict.fromkeys(dims, f"{consumer.op} node '{consumer.name}'")
+        for dim, reader in _dims_read(ctx, consumer.outputs[0], [dims[i] for i in picked],
+                                      depth + 1).items():
+            read.setdefault(dim, reader)
     return read
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.coupling.context import axes_text
 from spa.coupling.registry import register
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def concat(ctx: NodeContext) -> None:
     y = ctx.output(0)
     rank = ctx.rank(y)
     if rank is None:
+        ctx.refuse(ctx.unknown_rank(y))
         return
     axis = int(ctx.attr("axis")) % rank
     start = 0
@@ -47,8 +49,10 @@ def concat(ctx: NodeContext) -> None:
         ctx.same_axes([(x, y)], skip=[axis])
         sx = ctx.space(x, axis)
         if sx is None:
+            ctx.decline(_unknown_offset(ctx, x, axis))
             return
-        ctx.offset(sx, ctx.space(y, axis), start)
+        if not ctx.offset(sx, ctx.space(y, axis), start):
+            ctx.decline(ctx.lengths_differ(x, y, axis, axis), sx)
         start += sx.length
 
 
@@ -57,6 +61,7 @@ def split(ctx: NodeContext) -> None:
     x = ctx.input(0)
     rank = ctx.rank(x)
     if rank is None:
+        ctx.refuse(ctx.unknown_rank(x))
         return
     axis = int(ctx.attr("axis", 0)) % rank
     start = 0
@@ -64,10 +69,17 @@ def split(ctx: NodeContext) -> None:
         ctx.same_axes([(x, y)], skip=[axis])
         sy = ctx.space(y, axis)
         if sy is None:
+            ctx.decline(_unknown_offset(ctx, y, axis))
             return
-        ctx.offset(sy, ctx.space(x, axis), start)
+        if not ctx.offset(sy, ctx.space(x, axis), start):
+            ctx.decline(ctx.lengths_differ(y, x, axis, axis), sy)
         start += sy.length
     ctx.on_rewrite(_split_hook(ctx.opset, [(y.name, axis) for y in ctx.outputs]))
+
+
+def _unknown_offset(ctx: NodeContext, part: gs.Tensor, axis: int) -> str:
+    return f"unknown length of axis {axis} of {ctx.which(part)}: the offsets of the parts " \
+           "from there on are unknown"
 
 
 def _split_hook(opset: int, out_keys: list[tuple[str, int]]):
@@ -83,13 +95,17 @@ def _split_hook(opset: int, out_keys: list[tuple[str, int]]):
 
 
 def _slice_params(ctx: NodeContext, rank: int) -> list[tuple[int, int, int, int]] | None:
-    """(axis, start, end, step) per sliced axis with bounds clamped, or None if not constant."""
+    """(axis, start, end, step) per sliced axis with bounds clamped; None, with the reason
+    recorded on ``ctx``, when a bound is computed at run time or an axis' length is unknown."""
     if ctx.opset >= 10:
         vals = [ctx.const_ints(ctx.input(i)) if ctx.input(i) is not None else None
                 for i in range(1, 5)]
         starts, ends, axes, steps = vals
-        if starts is None or ends is None or (ctx.input(3) is not None and axes is None) \
-                or (ctx.input(4) is not None and steps is None):
+        dynamic = [ctx.input(i) for i, v in enumerate(vals, start=1)
+                   if ctx.input(i) is not None and v is None]
+        if starts is None or ends is None or dynamic:
+            ctx.decline(ctx.not_constant(dynamic[0], "bounds") if dynamic
+                        else "missing starts or ends")
             return None
     else:
         starts, ends = list(ctx.attr("starts")), list(ctx.attr("ends"))
@@ -102,6 +118,7 @@ def _slice_params(ctx: NodeContext, rank: int) -> list[tuple[int, int, int, int]
         ax %= rank
         length = shape[ax]
         if length is None:
+            ctx.decline(f"unknown length of the sliced axis {ax} of {ctx.which(ctx.input(0))}")
             return None
         s, e = (s + length if s < 0 else s), (e + length if e < 0 else e)
         s, e = min(max(s, 0), length), min(max(e, 0), length)
@@ -113,6 +130,7 @@ def _slice_params(ctx: NodeContext, rank: int) -> list[tuple[int, int, int, int]
 def slice_(ctx: NodeContext) -> None:
     io = ctx.data_io()
     if io is None:
+        ctx.refuse(ctx.unknown_rank(ctx.input(0)))
         return
     x, y, rank = io
     params = _slice_params(ctx, rank)
@@ -121,6 +139,10 @@ def slice_(ctx: NodeContext) -> None:
     ctx.same_axes([(x, y)], skip=[p[0] for p in params])
     coupled = [ctx.offset(ctx.space(y, ax), ctx.space(x, ax), s)
                for ax, s, _, step in params if step == 1]
+    for ax, _, _, step in params:
+        if step != 1:
+            ctx.decline(f"slices axis {ax} of '{x.name}' with step {step}", ctx.space(x, ax),
+                        ctx.space(y, ax))
     if any(coupled):
         ctx.on_rewrite(_slice_hook(ctx.opset, x.name, y.name, params))
 
@@ -151,33 +173,45 @@ def _slice_hook(opset: int, x_name: str, y_name: str, params: list[tuple[int, in
 def pad(ctx: NodeContext) -> None:
     io = ctx.data_io()
     if io is None:
+        ctx.refuse(ctx.unknown_rank(ctx.input(0)))
         return
     x, y, rank = io
     pads = ctx.const_ints(ctx.input(1)) if ctx.opset >= 11 else list(ctx.attr("pads", []))
     axes = list(range(rank))
-    if ctx.opset >= 18 and ctx.input(3) is not None:
-        axes = [a % rank for a in (ctx.const_ints(ctx.input(3)) or [])]
+    axes_t = ctx.input(3) if ctx.opset >= 18 else None
+    if axes_t is not None:
+        axes = [a % rank for a in (ctx.const_ints(axes_t) or [])]
     if pads is None or len(pads) != 2 * len(axes):
+        ctx.refuse(ctx.not_constant(ctx.input(1), "pads") if pads is None else
+                   ctx.not_constant(axes_t, "axes")
+                   if axes_t is not None and ctx.const_ints(axes_t) is None else
+                   f"{len(pads)} pads for {len(axes)} axes")
         return
     padded = {ax for k, ax in enumerate(axes) if pads[k] or pads[k + len(axes)]}
     ctx.same_axes([(x, y)], skip=sorted(padded))
+    if padded:
+        ctx.decline(f"pads {axes_text(padded)} of '{x.name}': the padded length is fixed",
+                    *(ctx.space(t, ax) for t in (x, y) for ax in padded))
 
 
 @register("Resize", "Upsample")
 def resize(ctx: NodeContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
     shape_x, shape_y = ctx.shape(x), ctx.shape(y)
-    if shape_x is None or shape_y is None or ctx.attr("axes") is not None \
-            or ctx.attr("coordinate_transformation_mode") == "tf_crop_and_resize":
+    why = _resize_unsupported(ctx, shape_x, shape_y)
+    if why is not None:
+        ctx.refuse(why)
         return
     sizes_t = ctx.input(3) if ctx.node.op == "Resize" and ctx.opset >= 11 else None
     sizes = ctx.const_ints(sizes_t) if sizes_t is not None else None
     if sizes_t is not None and sizes is None:
+        ctx.refuse(ctx.not_constant(sizes_t, "sizes"))
         return
     scales_at = 1 if ctx.node.op == "Upsample" or ctx.opset == 10 else 2
     scales_t = ctx.input(scales_at)
     scales = ctx.const(scales_t) if scales_t is not None else ctx.attr("scales")
     if scales is not None and len(np.asarray(scales).reshape(-1)) not in (0, len(shape_x)):
+        ctx.refuse(f"{np.asarray(scales).size} scales for rank {len(shape_x)}")
         return
     scales = None if scales is None or np.asarray(scales).size == 0 \
         else np.asarray(scales, dtype=np.float64).reshape(-1)
@@ -188,8 +222,27 @@ def resize(ctx: NodeContext) -> None:
                  and (scales is None or scales[ax] == 1.0)]
     for ax in unchanged:
         ctx.identity(ctx.space(x, ax), ctx.space(y, ax))
+    changed = [ax for ax, d in enumerate(shape_x) if d is not None and ax not in unchanged]
+    for ax in changed:
+        if shape_y[ax] is None:
+            ctx.decline(ctx.lengths_differ(x, y, ax, ax), ctx.space(x, ax))
+    resized = [ax for ax in changed if shape_y[ax] is not None]
+    if resized:
+        ctx.decline(f"resizes {axes_text(resized)} of '{x.name}'",
+                    *(ctx.space(t, ax) for t in (x, y) for ax in resized))
     if sizes:
         ctx.on_rewrite(_resize_hook([(y.name, ax) for ax in unchanged], sizes))
+
+
+def _resize_unsupported(ctx: NodeContext, shape_x: tuple | None, shape_y: tuple | None
+                        ) -> str | None:
+    if shape_x is None or shape_y is None:
+        return ctx.unknown_rank(ctx.input(0) if shape_x is None else ctx.output(0))
+    if ctx.attr("axes") is not None:
+        return "an axes attribute (opset 18)"
+    if ctx.attr("coordinate_transformation_mode") == "tf_crop_and_resize":
+        return "mode tf_crop_and_resize (its region of interest is in input coordinates)"
+    return None
 
 
 def _resize_hook(out_keys: list[tuple[str, int]], sizes: list[int]):
