@@ -72,6 +72,9 @@ HF_MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] =
     "hf_roberta": _hf("RobertaConfig", "RobertaModel", _ids, vocab_size=100, **SMALL),
     "hf_gpt2": _hf("GPT2Config", "GPT2Model", _ids, vocab_size=100, n_embd=64, n_layer=2,
                    n_head=4, n_positions=32),
+    # lm_head tied to the embedding (the vocabulary large enough that a second copy shows)
+    "hf_gpt2_lm": _hf("GPT2Config", "GPT2LMHeadModel", _ids, key="logits", vocab_size=1000,
+                      n_embd=64, n_layer=2, n_head=4, n_positions=32),
     "hf_llama": _hf("LlamaConfig", "LlamaModel", _ids, vocab_size=100, num_key_value_heads=2,
                     **SMALL),
     "hf_qwen2": _hf("Qwen2Config", "Qwen2Model", _ids, vocab_size=100, num_key_value_heads=2,

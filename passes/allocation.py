@@ -27,7 +27,7 @@ import numpy as np
 
 from spa.coupling.analysis import GroupKind
 from spa.errors import OptionError
-from spa.metrics import CostModel
+from spa.metrics import CostModel, Counts
 from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction, kept_indices
 
 if TYPE_CHECKING:
@@ -65,14 +65,14 @@ class Allocation:
         self.min_channels = min_channels
 
     def run(self, analysis: Analysis, scores: Scores, meta: dict | None = None) -> Plan:
-        cost = CostModel(analysis.model.graph)
-        before = cost.count()
+        cost = CostModel(analysis.model.graph, analysis.model.ties)
+        before = Counts(analysis.model.params, cost.count().flops)  # params: as in the file
         if self.target is Target.CHANNELS:
             keep = self._keep(analysis, scores, self.ratio)
         else:
             keep = self._search(analysis, scores, cost, before)
         plan = _make_plan(analysis, keep, meta or {}, scores.unscored)
-        after = cost.count(predicted_lengths(analysis, plan))
+        after = cost.count(kept_indices(analysis, plan))
         pred = Prediction(before.params, after.params, before.flops, after.flops)
         return Plan(plan.fingerprint, plan.groups, plan.frozen, pred, plan.meta)
 
@@ -102,8 +102,8 @@ class Allocation:
 
         def reduction(r: float) -> tuple[float, dict[int, np.ndarray]]:
             keep = self._keep(analysis, scores, r)
-            after = cost.count(predicted_lengths(analysis, _make_plan(analysis, keep, {},
-                                                                      scores.unscored)))
+            after = cost.count(kept_indices(analysis, _make_plan(analysis, keep, {},
+                                                                 scores.unscored)))
             value = after.params if self.target is Target.PARAMS else after.flops
             return (1.0 - value / base if base else 0.0), keep
 
@@ -148,6 +148,3 @@ def _make_plan(analysis: Analysis, keep: dict[int, np.ndarray], meta: dict,
                     for g in analysis.prunable_groups if g.id in unscored)
     return Plan(analysis.fingerprint, tuple(groups), frozen, None, meta)
 
-
-def predicted_lengths(analysis: Analysis, plan: Plan) -> dict:
-    return {key: int(idx.size) for key, idx in kept_indices(analysis, plan).items()}

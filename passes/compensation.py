@@ -5,6 +5,8 @@ groups may feed one layer, as in a concat), and the kept rows get
 ``W[K] -= Hinv[K,Q] · (Hinv[Q,Q])⁻¹ · W[Q]`` with the layer's ``Hinv = (H + λI)⁻¹`` — the
 closed form of OBSPA (passes/importance/obspa.py), exact for the joint removal. Runs on the
 full-size weights just before the rewrite slices them; it decides nothing the plan did not.
+A weight tied to another tensor of the file (spa/ir/tied.py: a tied ``lm_head`` is a view of the
+embedding) gets no update: one layer's update would untie it, and the file would hold it twice.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import onnx_graphsurgeon as gs
 from passes.hessian import damped_inverse
 from passes.importance.obspa import layer_rows, obs_remove
 from spa.ir.quant import quantized_weight, weight_values
+from spa.ir.tied import tied_names
 from spa.plan import kept_indices, removed_indices
 from spa.progress import progress
 
@@ -37,14 +40,19 @@ class Compensation:
     def run(self, analysis: Analysis, plan: Plan,
             hessians: dict[tuple[str, int], np.ndarray]) -> int:
         tensors = analysis.model.graph.tensors()
+        tied = tied_names(analysis.model.ties, analysis.model.graph)
         updated = 0
         skipped: list[str] = []
+        untied: list[str] = []
         removed = removed_indices(analysis, plan).items()
         for key, gone in progress(removed, "compensation", unit="layer"):
             h = hessians.get(key)
             t = tensors.get(key[0])
             if h is not None and quantized_weight(t) is not None:
                 skipped.append(key[0])
+                continue
+            if h is not None and key[0] in tied:
+                untied.append(key[0])
                 continue
             if h is None or not isinstance(t, gs.Constant) or h.ndim == 1:
                 continue  # not a consumer layer, or a diagonal H (no cross terms to use)
@@ -60,8 +68,15 @@ class Compensation:
             # channels without it (spa/coupling/rules/quant.py).
             log.warning("compensation not written into %d quantised weight(s) (%s): their "
                         "removed channels are dropped without an update", len(skipped),
-                        ", ".join(sorted(skipped)[:3]) + ("…" if len(skipped) > 3 else ""))
+                        _some(skipped))
+        if untied:
+            log.warning("compensation not written into %d tied weight(s) (%s): an update would "
+                        "untie them", len(untied), _some(untied))
         return updated
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(sorted(names)[:3]) + ("…" if len(names) > 3 else "")
 
 
 class BiasCompensation:

@@ -46,6 +46,7 @@ from spa.ir.save import (
     write_proto,
     write_streamed,
 )
+from spa.ir.tied import join_ties
 from spa.ir.widen import uses_bfloat16, widened
 from spa.metrics import CostModel, file_size, latency_ms
 from spa.plan import Plan
@@ -346,20 +347,24 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
         compensated, shifts = _compensate(analysis, the_plan, hessians, stats)
         Rewrite().run(analysis, the_plan)
         compensated += BiasCompensation().apply(analysis, the_plan, shifts)
+        join_ties(loaded.graph, loaded.ties)  # each tensor of the file written once
         if loaded.mapped is not None:  # what the export still reads is mapped again then
             loaded.mapped.release()
         if streamed(loaded):
             write_streamed(loaded, stage.model_path)
             pruned: PathLike | onnx.ModelProto = stage.model_path
-            emitted = load_model(stage.model_path).graph
+            reread = load_model(stage.model_path)
+            emitted = reread.graph, reread.ties
         else:
             pruned = infer_shapes(to_onnx(loaded))
             emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
         t1 = time.perf_counter()
         report_extra = _validate(*sources, pruned, checks, widen=widen) if sources else {}
         t2 = time.perf_counter()
-        # Measured on the emitted model (re-read in normal form), not derived from the plan.
-        after = CostModel(emitted).count()
+        # Measured on the emitted model (re-read in normal form), not derived from the plan;
+        # its normal form holds each tensor of its file once, as the input's count (read
+        # from its file: normal form may fold float shape arithmetic away) does.
+        after = CostModel(*emitted).count()
         if isinstance(pruned, onnx.ModelProto):
             full_check(pruned)
             write_proto(pruned, stage.model_path)
@@ -368,7 +373,7 @@ def apply_plan(analysis: Analysis, the_plan: Plan, output: PathLike,
     pred = the_plan.prediction
     report = PruneReport(
         input=str(loaded.path or "<memory>"), output=str(out),
-        params_before=before.params, params_after=after.params,
+        params_before=loaded.params, params_after=after.params,
         flops_before=before.flops, flops_after=after.flops,
         predicted_params_after=pred.params_after if pred else -1,
         predicted_flops_after=pred.flops_after if pred else -1,

@@ -7,7 +7,13 @@ spaces shortened — all of them as in the plan for a prediction, none for the e
 
 FLOPs here are MACs of Conv, ConvTranspose, Gemm, MatMul and Einsum (the usual convention);
 symbolic dims count as 1. Parameters are the elements of floating-point constants (bfloat16 and
-float8 included) and of quantised weights (the integer tensors DequantizeLinear reads).
+float8 included) and of quantised weights (spa/ir/params.py), those read in subgraphs (If, Loop)
+too, **each tensor of the file once**: a constant tied to another (spa/ir/tied.py) counts
+nothing when it is written as its derivation — a view always (the analysis slices it as its
+source), a copy when its kept values equal its source's. So the count of an emitted model,
+re-read, is that of its file, and the prediction that of the file to be written. A model as read
+is counted from its file (``LoadedModel.params``): its normal form may have folded float shape
+arithmetic away.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.context import static_shape
 from spa.coupling.rules import einsum
-from spa.ir.dtypes import is_floating
+from spa.ir.params import graph_constants, is_parameter
+from spa.ir.tied import Tie, Ties, live
 from spa.progress import progress
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from spa.coupling.types import SpaceKey
+
+    Kept = Mapping[SpaceKey, np.ndarray]
 
 Shape = tuple[int, ...]
 
@@ -47,13 +56,17 @@ def _dims(t: gs.Tensor) -> Shape | None:
 
 
 class CostModel:
-    """Params and MACs of a graph as functions of the lengths of its channel spaces."""
+    """Params and MACs of a graph as functions of the kept indices of its channel spaces;
+    ``ties`` are those of the graph's model (spa/ir/tied.py)."""
 
-    def __init__(self, graph: gs.Graph):
-        self._params: list[tuple[str, Shape]] = []
-        for name, t in graph.tensors().items():
-            if isinstance(t, gs.Constant) and (is_floating(t.dtype) or _is_quantized_weight(t)):
-                self._params.append((name, tuple(int(d) for d in t.shape)))
+    def __init__(self, graph: gs.Graph, ties: Ties | None = None):
+        constants = graph_constants(graph)
+        self._params = [(name, tuple(int(d) for d in t.shape)) for name, t in constants.items()
+                        if is_parameter(t)]
+        self._shapes = dict(self._params)
+        self._ties: dict[str, tuple[Tie, gs.Constant]] = {
+            name: (tie, constants[tie.source]) for name, tie in live(ties or {}, graph).items()
+            if name in self._shapes}
         # Each MAC term: product of (tensor, axis) lengths times a constant factor.
         self._macs: list[tuple[list[tuple[str, Shape]], Callable[..., int]]] = []
         for node in graph.nodes:
@@ -61,20 +74,40 @@ class CostModel:
             if term is not None:
                 self._macs.append(term)
 
-    def count(self, lengths: Mapping[SpaceKey, int] | None = None) -> Counts:
-        lengths = lengths or {}
-
-        def shape(name: str, base: Shape) -> Shape:
-            return tuple(lengths.get((name, ax), d) for ax, d in enumerate(base))
-
-        params = sum(prod(shape(n, s)) for n, s in self._params)
-        flops = sum(fn(*(shape(n, s) for n, s in tensors)) for tensors, fn in self._macs)
+    def count(self, kept: Kept | None = None) -> Counts:
+        """Params and MACs with the spaces in ``kept`` cut to those indices (none: as is)."""
+        kept = kept or {}
+        params = sum(prod(_cut(s, n, kept)) for n, s in self._params
+                     if not self._joined(n, kept))
+        flops = sum(fn(*(_cut(s, n, kept) for n, s in tensors)) for tensors, fn in self._macs)
         return Counts(int(params), int(flops))
 
+    def _joined(self, name: str, kept: Kept) -> bool:
+        """``name`` is tied, and will be written as its derivation (spa/ir/tied.py)."""
+        if name not in self._ties:
+            return False
+        tie, source = self._ties[name]
+        if not tie.is_copy:
+            return True
+        if tie.uniform:
+            return _cut(self._shapes[name], name, kept) \
+                == _cut(tuple(int(d) for d in source.shape), tie.source, kept)
+        values = np.asarray(source.values)  # the copy's values too (a vector)
+        return np.array_equal(_kept_values(values, name, kept),
+                              _kept_values(values, tie.source, kept))
 
-def _is_quantized_weight(t: gs.Constant) -> bool:
-    """An integer tensor a DequantizeLinear reads as its data: a quantised weight."""
-    return any(n.op == "DequantizeLinear" and n.inputs and n.inputs[0] is t for n in t.outputs)
+
+def _cut(shape: Shape, name: str, kept: Kept) -> Shape:
+    """``shape`` of tensor ``name`` with each axis in ``kept`` cut to its kept indices."""
+    return tuple(len(kept[(name, ax)]) if (name, ax) in kept else d
+                 for ax, d in enumerate(shape))
+
+
+def _kept_values(values: np.ndarray, name: str, kept: Kept) -> np.ndarray:
+    for ax in range(values.ndim):
+        if (name, ax) in kept:
+            values = np.take(values, kept[(name, ax)], axis=ax)
+    return values
 
 
 def _mac_term(node: gs.Node):

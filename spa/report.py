@@ -39,15 +39,14 @@ def _group_dict(g: Group) -> dict:
 
 
 def analysis_summary(analysis: Analysis) -> dict:
-    counts = CostModel(analysis.model.graph).count()
     groups = [g for g in analysis.groups if g.producers]
     return {
         "model": str(analysis.model.path or "<memory>"),
         "fingerprint": analysis.fingerprint,
         "opset": analysis.model.opset,
         "nodes": len(analysis.model.graph.nodes),
-        "params": counts.params,
-        "flops": counts.flops,
+        "params": analysis.model.params,  # as its file holds them
+        "flops": CostModel(analysis.model.graph).count().flops,
         "groups": [_group_dict(g) for g in groups],
         "prunable_groups": len(analysis.prunable_groups),
         "prunable_channels": sum(g.size for g in analysis.prunable_groups),

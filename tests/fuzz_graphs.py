@@ -512,20 +512,27 @@ class FuzzGraph:
         return True
 
     def tied(self) -> bool:
-        """A second conv that shares an existing conv's weight (tied weights)."""
+        """A second conv that shares an existing conv's weight (tied weights): as it is, or
+        through a ``Transpose`` that SPA folds into a view of it — the kernel flipped over its
+        diagonal, or the channel axes swapped (a tied decoder, from the first conv's output
+        channels back to its input channels)."""
         convs = [n for n in self.nodes if n.op_type == "Conv" and n.input[1] in self.inits
                  and not any(a.name == "group" and a.i > 1 for a in n.attribute)]
         if not convs:
             return False
         src = self.choice(convs)
         w = self.inits[src.input[1]]
-        x = self.pick(lambda a: a.c == w.shape[1])
+        how = self.choice(["shared", "kernel", "channels"])
+        cin, cout = (w.shape[0], w.shape[1]) if how == "channels" else (w.shape[1], w.shape[0])
+        x = self.pick(lambda a: a.c == cin)
         if x is None:
             return False
         k = w.shape[2]
-        y = self.op1("Conv", [x.name, src.input[1]], pads=[k // 2] * 4)
-        self.add(y, w.shape[0], x.h, x.w)
-        self.ops.append("tied")
+        perm = {"kernel": [0, 1, 3, 2], "channels": [1, 0, 2, 3]}.get(how)
+        wt = src.input[1] if perm is None else self.op1("Transpose", [src.input[1]], perm=perm)
+        y = self.op1("Conv", [x.name, wt], pads=[k // 2] * 4)
+        self.add(y, cout, x.h, x.w)
+        self.ops.append(f"tied:{how}")
         return True
 
     def folded_weight(self) -> bool:
@@ -834,8 +841,10 @@ def check_frozen_reasons(case: FuzzCase) -> None:
 
 def run_case(case: FuzzCase, out_dir: Path) -> str:
     """Prune ``case`` under the numeric oracle; return ``pruned``, ``unchanged`` (nothing was
-    removed) or ``frozen`` (NothingPrunableError, with reasons). Anything else raises."""
-    from oracle import prune_checked
+    removed) or ``frozen`` (NothingPrunableError, with reasons). Anything else raises. The
+    output holds no more parameters than the input, counted from the files' own tensors, each
+    once (a tied weight is written once)."""
+    from oracle import file_params, prune_checked
 
     from spa.api import analyze
     from spa.errors import NothingPrunableError
@@ -851,6 +860,7 @@ def run_case(case: FuzzCase, out_dir: Path) -> str:
         for g in analyze(case.model, ignore=ignore).groups:
             assert not g.prunable and (g.frozen or g.size <= 1 or not g.producers), g
         return "frozen"
+    assert file_params(out.path) <= file_params(out_dir / "model.onnx")
     if ignore:
         _check_ignored(case, ignore)
     if case.seed % 5 == 0:
@@ -861,7 +871,7 @@ def run_case(case: FuzzCase, out_dir: Path) -> str:
 def _prune_compensated(case: FuzzCase, out_dir: Path):
     """OBSPA with its weight update: outputs keep names, shapes and dtypes and stay finite, and
     the emitted model's counts equal the prediction (the masked oracle does not apply)."""
-    from oracle import Pruned, run_model
+    from oracle import Pruned, assert_file_params, run_model
 
     from spa.api import CheckOptions, PruneOptions, prune
 
@@ -869,6 +879,7 @@ def _prune_compensated(case: FuzzCase, out_dir: Path):
     onnx.save(case.model, str(src))
     report, plan = prune(src, out_dir / "pruned.onnx", PruneOptions(**case.options),
                          CheckOptions(latency=False, input_dims=tuple(case.dims.items())))
+    assert_file_params(report, src, out_dir / "pruned.onnx")
     assert report.params_after == report.predicted_params_after
     assert report.flops_after == report.predicted_flops_after
     outputs = run_model(out_dir / "pruned.onnx", dims=case.dims)

@@ -2,7 +2,9 @@
 
 1. pruned ≡ masked original (consumers' input slices of removed channels zeroed), relative 1e-4;
 2. ratio 0 ⇒ outputs equal to the original's;
-3. the emitted model's params and FLOPs equal the plan's prediction.
+3. the emitted model's params and FLOPs equal the plan's prediction;
+
+and the report's params are those of the files, each tensor once (:func:`file_params`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def prune_checked(model: Path | onnx.ModelProto, tmp_path: Path, *, expect_prune
     checks = CheckOptions(check_masked=True, rtol=RTOL, latency=False,
                           input_dims=tuple((dims or {}).items()))
     report, plan = prune(model, out, PruneOptions(**options), checks)
+    assert_file_params(report, model, out)
     assert report.params_after == report.predicted_params_after
     assert report.flops_after == report.predicted_flops_after
     if all(len(g.keep) == g.size for g in plan.groups):
@@ -54,6 +57,51 @@ def prune_checked(model: Path | onnx.ModelProto, tmp_path: Path, *, expect_prune
         assert report.params_after < report.params_before
         assert report.masked_relative_diff is not None and report.masked_relative_diff <= RTOL
     return Pruned(report, plan, out)
+
+
+def assert_file_params(report: PruneReport, model: Path, out: Path) -> None:
+    """The report counts the parameters of the files read and written."""
+    counted, files = (report.params_before, report.params_after), (file_params(model),
+                                                                   file_params(out))
+    assert counted == files, f"report counts {counted}, the files hold {files}"
+
+
+def file_params(path: Path) -> int:
+    """The parameters a model file holds, each tensor once: the floating-point initializers and
+    ``Constant`` nodes of its graph and subgraphs, and the integer tensors ``DequantizeLinear``
+    reads (quantised weights)."""
+    graphs = _graphs(onnx.load(str(path), load_external_data=False).graph)
+    nodes = [n for g in graphs for n in g.node]
+    quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    held = [_size(t) for g in graphs for t in g.initializer
+            if t.name in quantised or _floating(t)]
+    for a in (a for n in nodes if n.op_type == "Constant" for a in n.attribute):
+        if a.name == "value" and _floating(a.t):
+            held.append(_size(a.t))
+        elif a.name in ("value_float", "value_floats"):
+            held.append(1 if a.name == "value_float" else len(a.floats))
+    return sum(held)
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and its subgraphs (If branches, Loop and Scan bodies), recursively."""
+    subs = [g for n in graph.node for a in n.attribute
+            for g in ([a.g] if a.HasField("g") else a.graphs)]
+    return [graph, *(s for g in subs for s in _graphs(g))]
+
+
+_FLOATING = {getattr(onnx.TensorProto, n) for n in (
+    "FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+    "FLOAT8E5M2FNUZ") if hasattr(onnx.TensorProto, n)}
+
+
+def _floating(t: onnx.TensorProto) -> bool:
+    """Written out here, not taken from SPA: the oracle counts by its own path."""
+    return t.data_type in _FLOATING
+
+
+def _size(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64))
 
 
 def assert_masked_at(model: Path, pruned: Pruned, sizes: list[dict[str, int]]) -> list[float]:

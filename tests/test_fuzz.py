@@ -3,10 +3,12 @@ built op by op (``tests/fuzz_graphs.py``, 70%), transformer-like graphs (``tests
 20%) and random PyTorch CNNs exported by TorchScript (``tests/fuzz_torch.py``, 10%).
 
 For every seed SPA either prunes and the numeric oracle holds (pruned ≡ masked original, emitted
-params and FLOPs ≡ predicted, ratio-0 groups unchanged), or raises ``NothingPrunableError`` with
-every group frozen for a stated reason; channels touching an op without a rule are frozen with a
-reason naming it. Anything else — another exception, an oracle failure — fails the seed. Replay a
-seed with ``python tests/fuzz_graphs.py SEED`` (writes the model, prints the options).
+params and FLOPs ≡ predicted, ratio-0 groups unchanged; the report's params are those of the
+files, and the output holds no more than the input, each tensor counted once), or raises
+``NothingPrunableError`` with every group frozen for a stated reason; channels touching an op
+without a rule are frozen with a reason naming it. Anything else — another exception, an oracle
+failure — fails the seed. Replay a seed with ``python tests/fuzz_graphs.py SEED`` (writes the
+model, prints the options).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Coupling analysis: from a normalised graph to groups of channels that must go together.
 
 1. Every node's op rule records edges between channel spaces (index maps), roles and the spaces
-   it handles. A node without a rule handles nothing.
+   it handles. A node without a rule handles nothing. A folded view of a tied constant has a
+   stand-in node, coupled by its layout op's rule (spa/coupling/tied.py).
 2. The spaces and edges form a networkx graph. A connected component is *live* when it holds a
    producer (an output axis of a weight): only live spaces are channel spaces.
 3. Fail closed: a live space touched by a node that does not handle it, a graph input or output,
@@ -30,6 +31,7 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.context import NodeContext
 from spa.coupling.registry import ensure_loaded, lookup
+from spa.coupling.tied import tied_nodes
 from spa.coupling.types import Edge, NodeCoupling, RewriteHook, Role, SpaceKey
 from spa.coupling.unionfind import components
 from spa.ir.quant import is_weight
@@ -128,7 +130,8 @@ class CouplingAnalysis:
     def run(self, model: LoadedModel) -> Analysis:
         ensure_loaded()
         graph = model.graph
-        couplings, unknown = self._apply_rules(graph, model.opset)
+        nodes = [*graph.nodes, *tied_nodes(graph, model.ties)]
+        couplings, unknown = self._apply_rules(graph, nodes, model.opset)
         roles, lengths = self._roles_and_lengths(graph, couplings)
         space_graph = nx.Graph()
         candidates = []
@@ -144,7 +147,7 @@ class CouplingAnalysis:
         for e in candidates:
             on_candidates.setdefault(e.node, set()).update((e.a, e.b))
         every = set(space_graph.nodes) | {k for ks in on_candidates.values() for k in ks}
-        blocked = set(self._frozen(graph, couplings, unknown, every, on_candidates))
+        blocked = set(self._frozen(graph, nodes, couplings, unknown, every, on_candidates))
         chosen = _choose_digits(space_graph, candidates, roles, blocked)
         for e in chosen:
             space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
@@ -153,7 +156,7 @@ class CouplingAnalysis:
         edges = [e for c in couplings.values() for e in c.edges
                  if e.alternatives is None or id(e) in chosen_ids]
         live = self._live_spaces(space_graph, roles)
-        frozen = self._frozen(graph, couplings, unknown, live)
+        frozen = self._frozen(graph, nodes, couplings, unknown, live)
         tensors = graph.tensors()
         dense = {k for k in live if is_weight(tensors.get(k[0]))
                  and len(tensors[k[0]].shape or ()) == 2}
@@ -168,9 +171,10 @@ class CouplingAnalysis:
                         frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
                         hooks=hooks, fingerprint=fingerprint(graph), space_graph=space_graph)
 
-    def _apply_rules(self, graph: gs.Graph, opset: int
+    def _apply_rules(self, graph: gs.Graph, nodes: list[gs.Node], opset: int
                      ) -> tuple[dict[str, NodeCoupling], set[str]]:
-        """Run every node's rule; also return the names of nodes that have no rule."""
+        """Run the rule of every node of ``nodes`` (the graph's, then stand-ins); also return
+        the names of nodes that have no rule."""
         consumers_of: dict[str, list[gs.Node]] = {}
         for node in graph.nodes:
             for t in node.inputs:
@@ -178,8 +182,8 @@ class CouplingAnalysis:
         graph_outputs = frozenset(t.name for t in graph.outputs)
         out: dict[str, NodeCoupling] = {}
         unknown: set[str] = set()
-        taken = {node.name for node in graph.nodes}
-        for i, node in enumerate(progress(graph.nodes, "analysis", unit="node")):
+        taken = {node.name for node in nodes}
+        for i, node in enumerate(progress(nodes, "analysis", unit="node")):
             if not node.name:
                 node.name = _unused_name(f"{node.op}_{i}", taken)
             ctx = NodeContext(node, opset, consumers_of, hidden=self.hidden,
@@ -218,8 +222,9 @@ class CouplingAnalysis:
                 live.update(comp)
         return live
 
-    def _frozen(self, graph: gs.Graph, couplings: dict[str, NodeCoupling], unknown: set[str],
-                live: set[SpaceKey], also_handled: dict[str, set[SpaceKey]] | None = None
+    def _frozen(self, graph: gs.Graph, nodes: list[gs.Node],
+                couplings: dict[str, NodeCoupling], unknown: set[str], live: set[SpaceKey],
+                also_handled: dict[str, set[SpaceKey]] | None = None
                 ) -> dict[SpaceKey, set[str]]:
         """Why each of ``live`` must keep its length: a graph input/output, an ignored node, a
         node with subgraphs or no rule, or a node whose rule does not handle it (counting
@@ -242,7 +247,7 @@ class CouplingAnalysis:
             freeze([t.name], lambda k: f"graph output '{k[0]}' (axis {k[1]}) keeps its shape")
         for name, why in self.frozen_tensors.items():
             freeze([name], lambda k, w=why: w)
-        for node in graph.nodes:
+        for node in nodes:
             names = [t.name for t in (*node.inputs, *node.outputs) if t.name]
             names += sorted(_subgraph_outer_names(node))
             if any(fnmatch.fnmatchcase(node.name, pat) for pat in self.ignore):

@@ -218,10 +218,13 @@ def _value(node: gs.Node) -> np.ndarray | None:
     return None if fn is None else fn(node, values)
 
 
-def fold_constant_ops(graph: gs.Graph) -> int:
+def fold_constant_ops(graph: gs.Graph,
+                      on_layout: Callable[[gs.Node, gs.Constant], None] | None = None) -> int:
     """Replace each foldable node whose inputs are all constants by its value.
 
     Nodes are visited in topological order, so a chain of foldable nodes folds in one pass.
+    ``on_layout(node, constant)`` is told of each layout op folded, once its readers read the
+    constant (spa/ir/tied.py records views of weights that others still read).
     Returns how many *shape values* (small results of shape arithmetic, such as Resize scales or
     pads) were folded: those can make shapes known that inference left symbolic.
     """
@@ -241,5 +244,7 @@ def fold_constant_ops(graph: gs.Graph) -> int:
             for i, t in enumerate(consumer.inputs):
                 if t is out:
                     consumer.inputs[i] = const
+        if on_layout is not None and node.op in LAYOUT_FOLDERS:
+            on_layout(node, const)
         folded += int(_is_shape_value([const.values]) and node.op not in LAYOUT_FOLDERS)
     return folded

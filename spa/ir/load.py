@@ -4,6 +4,8 @@ Normal form, whatever the producer (PyTorch's two exporters, tf2onnx, paddle2onn
 
 * every weight is a ``gs.Constant`` — ``Constant`` nodes (paddle2onnx writes weights that way)
   are turned into constants, and ``Identity`` nodes whose input is a constant are bypassed;
+* a constant that normal form splits from a tensor others still read (a folded view, a copy)
+  is tied to it (spa/ir/tied.py), so that it is counted and written once;
 * every tensor carries the shape ONNX shape inference gives it (symbolic dims stay strings);
 * external data is read into memory with the tensors that use it.
 
@@ -12,6 +14,8 @@ The file on disk is only read, never written.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import mmap
 import os
@@ -28,7 +32,9 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError, one_line
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
+from spa.ir.params import stored_params
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
+from spa.ir.tied import Ties, record_copy, record_view, resolve
 from spa.ir.values import MappedFile, hold_weights, inline_views, restore_weights
 from spa.ir.wire import binary_protobuf, copy_without, raw_data_spans, unknown_fields
 
@@ -54,9 +60,11 @@ class LoadedModel:
     external_data: bool
     file_bytes: int
     opset: int
+    params: int  # the parameters the file holds, each tensor once (spa/ir/params.py)
     notes: list[str] = field(default_factory=list)
     data_files: tuple[Path, ...] = ()  # the external data files the model reads
     mapped: MappedFile | None = None  # the file its inline weights are read from
+    ties: Ties = field(default_factory=dict)  # constants split from one tensor of the file
 
 
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
@@ -82,21 +90,26 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         check_external(model, p.parent, str(p))
     file_bytes = p.stat().st_size + sum(f.stat().st_size for f in data_files)
     model = _with_inferred_shapes(model, str(p), strict=True)
-    graph = import_graph(model, str(p), base_dir=p.parent if external else None, mapped=mapped)
+    graph, ties = import_graph(model, str(p), base_dir=p.parent if external else None,
+                               mapped=mapped)
     return LoadedModel(path=p, graph=graph, proto_header=header, external_data=external,
-                       file_bytes=file_bytes, opset=opset, data_files=data_files, mapped=mapped)
+                       file_bytes=file_bytes, opset=opset, params=stored_params(model),
+                       data_files=data_files, mapped=mapped, ties=ties)
 
 
 def load_proto(model: onnx.ModelProto, name: str = "<model>") -> LoadedModel:
     """Normalise an in-memory model (tests and the Python API use this)."""
     opset = check_versions(model, name)
-    return LoadedModel(path=None, graph=normal_graph(model, name),
-                       proto_header=_header_of(model), external_data=False,
-                       file_bytes=model.ByteSize(), opset=opset)
+    params = stored_params(model)
+    graph, ties = normal_graph(model, name)
+    return LoadedModel(path=None, graph=graph, proto_header=_header_of(model),
+                       external_data=False, file_bytes=model.ByteSize(), opset=opset,
+                       params=params, ties=ties)
 
 
-def normal_graph(model: onnx.ModelProto, name: str = "<model>") -> gs.Graph:
-    """The graph of an in-memory model in normal form (its shapes inferred into ``model``)."""
+def normal_graph(model: onnx.ModelProto, name: str = "<model>") -> tuple[gs.Graph, Ties]:
+    """The graph of an in-memory model in normal form (its shapes inferred into ``model``),
+    and its ties."""
     return import_graph(_with_inferred_shapes(model, name, strict=True), name)
 
 
@@ -141,9 +154,10 @@ def check_versions(model: onnx.ModelProto, name: str) -> int:
 
 
 def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None, *,
-                 mapped: MappedFile | None = None) -> gs.Graph:
+                 mapped: MappedFile | None = None) -> tuple[gs.Graph, Ties]:
     """Check, import and normalise ``model``; external tensors are read from ``base_dir``,
-    inline ones from ``mapped`` (the file ``model`` was parsed from) when given."""
+    inline ones from ``mapped`` (the file ``model`` was parsed from) when given. Returns the
+    graph and the ties of the constants normal form split from one tensor."""
     try:
         onnx.checker.check_model(weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -153,8 +167,10 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
     graph = _import(model, base_dir, name, mapped)
     _constant_nodes_to_constants(graph)
     _bypass_constant_identities(graph)
-    shape_values_folded = fold_constant_ops(graph)
-    _unshare_constants(graph)
+    ties: Ties = {}
+    on_layout = functools.partial(record_view, ties)
+    shape_values_folded = fold_constant_ops(graph, on_layout)
+    _unshare_constants(graph, ties)
     _unshare_shape_targets(graph)
     _toposort(graph.cleanup(remove_unused_graph_inputs=False))
     # Propagate what folded shape arithmetic and refined Reshapes now tell to the ops after them
@@ -171,10 +187,10 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
         refined.ir_version = model.ir_version
         graph = _import(_with_inferred_shapes(refined, name), base_dir, name)
         restore_weights(graph, held)
-        shape_values_folded = fold_constant_ops(graph)
+        shape_values_folded = fold_constant_ops(graph, on_layout)
         if shape_values_folded:
             _toposort(graph.cleanup(remove_unused_graph_inputs=False))
-    return graph
+    return graph, resolve(ties, graph)
 
 
 def _toposort(graph: gs.Graph) -> None:
@@ -197,16 +213,19 @@ def _import(model: onnx.ModelProto, base_dir: Path | None, name: str,
     return graph
 
 
-def _unshare_constants(graph: gs.Graph) -> None:
-    """Give each reader of a deduplicated constant its own copy.
+def _unshare_constants(graph: gs.Graph, ties: Ties) -> None:
+    """Give each reader of a deduplicated constant its own copy, tied to it in ``ties``.
 
     Exporters merge initializers with equal values (every zero bias of a freshly initialised
     model becomes one tensor), which would couple unrelated channel spaces — a Q projection's
-    heads with the hidden size. Copies change no number. Only constants that can be such
-    accidents are copied: vectors, and tensors holding a single repeated value; a genuinely
-    tied weight matrix stays shared, and its readers stay coupled.
+    heads with the hidden size. Copies change no number, and are written as one tensor again
+    where they still agree (spa/ir/tied.py). Only constants that can be such accidents are
+    copied: vectors, and tensors holding a single repeated value; a genuinely tied weight matrix
+    stays shared, and its readers stay coupled.
     """
-    for name, t in list(graph.tensors().items()):
+    tensors = graph.tensors()
+    taken = set(tensors)  # a re-read output may hold copies its source no longer joined
+    for name, t in list(tensors.items()):
         readers: list[gs.Node] = []
         for node in t.outputs if isinstance(t, gs.Constant) else ():
             if all(node is not r for r in readers):
@@ -214,13 +233,17 @@ def _unshare_constants(graph: gs.Graph) -> None:
         if len(readers) < 2 or int(np.prod(t.shape, dtype=np.int64)) <= 1:
             continue
         values = np.asarray(t.values)
-        if values.ndim > 1 and not _all_equal(values):
+        uniform = _all_equal(values)
+        if values.ndim > 1 and not uniform:
             continue
-        for k, node in enumerate(readers[1:], start=1):
-            copy = gs.Constant(f"{name}__spa_copy{k}", values.copy())
+        names = (n for k in itertools.count(1) if (n := f"{name}__spa_copy{k}") not in taken)
+        for node, copy_name in zip(readers[1:], names):
+            taken.add(copy_name)
+            copy = gs.Constant(copy_name, values.copy())
             for i, inp in enumerate(node.inputs):
                 if inp is t:
                     node.inputs[i] = copy
+            record_copy(ties, copy, t, uniform)
 
 
 def _all_equal(values: np.ndarray) -> bool:

@@ -76,6 +76,23 @@ def _export_graph_into(target: onnx.GraphProto, graph: gs.Graph) -> None:
                                      for t in constants if isinstance(t._values, SparseValues))
     if graph.doc_string:
         target.doc_string = graph.doc_string
+    _drop_outer_initializers(target)
+
+
+def _drop_outer_initializers(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()
+                             ) -> None:
+    """Leave a constant that a subgraph (If branch, Loop body) reads from an enclosing scope in
+    that scope only: onnx-graphsurgeon writes it into the subgraph's initializers too, a second
+    copy of the weight (names are unique across scopes, so the name says it is the same)."""
+    for i in reversed(range(len(graph.initializer)) if outer else ()):
+        if graph.initializer[i].name in outer:
+            del graph.initializer[i]
+    scope: frozenset[str] | None = None
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in [a.g] if a.HasField("g") else a.graphs:
+                scope = scope or outer | {t.name for t in graph.initializer}
+                _drop_outer_initializers(sub, scope)
 
 
 def _array_into(target: onnx.GraphProto, t: gs.Constant) -> bool:

@@ -1,0 +1,69 @@
+"""What a parameter is, and how many a model file holds.
+
+A parameter is an element of a floating-point constant (an initializer, a ``Constant`` node) or
+of a quantised weight (the integer data a ``DequantizeLinear`` reads), in the graph or in its
+subgraphs, **each tensor once**. :func:`stored_params` counts a file as read; normal form may
+hold a tensor twice (spa/ir/tied.py) or fold shape arithmetic on float scalars away, so the
+count of a model as read is taken from its ModelProto, not from its normal form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spa.ir.dtypes import is_floating
+
+
+def is_parameter(t: gs.Tensor) -> bool:
+    """A floating-point constant, or the integer data a ``DequantizeLinear`` reads."""
+    if not isinstance(t, gs.Constant):
+        return False
+    return _floating(t.dtype) or any(
+        n.op == "DequantizeLinear" and n.inputs and n.inputs[0] is t for n in t.outputs)
+
+
+def graph_constants(graph: gs.Graph) -> dict[str, gs.Constant]:
+    """The constants of ``graph`` and of its subgraphs, by name (a subgraph reads the enclosing
+    scope's by name: the same tensor; names are unique across scopes)."""
+    found: dict[str, gs.Constant] = {}
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for name, t in g.tensors().items():
+            if isinstance(t, gs.Constant):
+                found.setdefault(name, t)
+    return found
+
+
+def stored_params(model: onnx.ModelProto) -> int:
+    """The parameters ``model`` holds (external tensors are counted from their dims)."""
+    graphs = _graphs(model.graph)
+    nodes = [n for g in graphs for n in g.node]
+    quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input}
+    total = sum(_size(t) for g in graphs for t in g.initializer
+                if t.name in quantised or _floating_type(t.data_type))
+    for a in (a for n in nodes if n.op_type == "Constant" for a in n.attribute):
+        if a.name == "value" and _floating_type(a.t.data_type):
+            total += _size(a.t)
+        elif a.name in ("value_float", "value_floats"):
+            total += 1 if a.name == "value_float" else len(a.floats)
+    return total
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and its subgraphs (If branches, Loop and Scan bodies), recursively."""
+    subs = [g for n in graph.node for a in n.attribute
+            for g in ([a.g] if a.HasField("g") else a.graphs)]
+    return [graph, *(s for g in subs for s in _graphs(g))]
+
+
+def _size(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64))
+
+
+def _floating_type(data_type: int) -> bool:
+    return is_floating(data_type)
+
+
+def _floating(dtype: object) -> bool:
+    return is_floating(dtype)
