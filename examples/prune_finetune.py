@@ -9,7 +9,10 @@ The model is the ResNet trained on scikit-learn's digits by the quality benchmar
 3. evaluate; fine-tune for ``--epochs`` epochs on the training split; evaluate;
 4. export the fine-tuned model to ONNX and check its accuracy in onnxruntime.
 
-    python examples/prune_finetune.py [--flops-cut 2] [--epochs 2] [--json out.json]
+    python -m examples.prune_finetune [--flops-cut 2] [--epochs 2] [--json out.json]
+
+(from the checkout's root: the example uses the quality benchmark's data and model code, which
+is not installed).
 """
 
 from __future__ import annotations
@@ -24,15 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import spa.torch as st
+from benchmarks.quality.digits import split_stats
+from benchmarks.quality.digits_models import build
+from benchmarks.quality.train_digits import CONFIGS, augment, evaluate_torch, train
+from spa import validate as val
+from spa.torch.export import export
 
-import spa.torch as st  # noqa: E402
-from benchmarks.quality.digits import split_stats  # noqa: E402
-from benchmarks.quality.digits_models import build  # noqa: E402
-from benchmarks.quality.train_digits import CONFIGS, augment, evaluate_torch, train  # noqa: E402
-from spa import validate as val  # noqa: E402
-from spa.torch.export import export  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WEIGHTS = ROOT / "benchmarks" / "quality" / "models" / "resnet_digits.pt"
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = build("resnet_digits", WEIGHTS)
     example = (torch.from_numpy(data.x_test[:1]),)
-    figures: dict = {"command": " ".join(["python", "examples/prune_finetune.py",
+    figures: dict = {"command": " ".join(["python", "-m", "examples.prune_finetune",
                                           *(argv if argv is not None else sys.argv[1:])])}
     figures["dense_accuracy"] = evaluate_torch(model, data.x_test, data.y_test)
 

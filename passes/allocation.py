@@ -31,8 +31,8 @@ from spa.metrics import CostModel, Counts
 from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction, kept_indices
 
 if TYPE_CHECKING:
-    from passes.importance.base import Scores
     from spa.coupling.analysis import Analysis, Group
+    from spa.passes.importance.base import Scores
 
 log = logging.getLogger(__name__)
 

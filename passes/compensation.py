@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.hessian import damped_inverse
-from passes.importance.obspa import layer_rows, obs_remove
 from spa.ir.quant import quantized_weight, weight_values
 from spa.ir.tied import tied_names
+from spa.passes.hessian import damped_inverse
+from spa.passes.importance.obspa import layer_rows, obs_remove
 from spa.plan import kept_indices, removed_indices
 from spa.progress import progress
 
@@ -92,7 +92,7 @@ class BiasCompensation:
 
     def shifts(self, analysis: Analysis, plan: Plan, stats: dict
                ) -> dict[str, tuple[np.ndarray, tuple[str, int]]]:
-        from passes.hessian import consumer_layers
+        from spa.passes.hessian import consumer_layers
 
         tensors = analysis.model.graph.tensors()
         layers = consumer_layers(analysis)

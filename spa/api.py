@@ -23,13 +23,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes.allocation import Allocation, Target
-from passes.compensation import BiasCompensation, Compensation
-from passes.hessian import HessianSource, collect, consumer_layers, input_stats
-from passes.importance import CRITERIA, Criterion, Normalization, Reduction, get_criterion
-from passes.importance.calibrated import Calibrated
-from passes.importance.obspa import OBSPA
-from passes.rewrite import Rewrite
 from spa import validate as val
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
@@ -49,6 +42,13 @@ from spa.ir.save import (
 from spa.ir.tied import join_ties
 from spa.ir.widen import uses_bfloat16, widened
 from spa.metrics import CostModel, file_size, latency_ms
+from spa.passes.allocation import Allocation, Target
+from spa.passes.compensation import BiasCompensation, Compensation
+from spa.passes.hessian import HessianSource, collect, consumer_layers, input_stats
+from spa.passes.importance import CRITERIA, Criterion, Normalization, Reduction, get_criterion
+from spa.passes.importance.calibrated import Calibrated
+from spa.passes.importance.obspa import OBSPA
+from spa.passes.rewrite import Rewrite
 from spa.plan import Plan
 from spa.report import report_notes, report_table, write_report, write_text_atomic  # noqa: F401
 
@@ -185,7 +185,7 @@ def _criterion_options(options: PruneOptions) -> dict:
 def _gradient_options(analysis: Analysis, options: PruneOptions) -> dict:
     """Saliencies for a gradient criterion on an ONNX file: the model runs in PyTorch on the
     ``--calib`` inputs and labels. Without ``--calib`` the criterion explains what it needs."""
-    from passes.importance.gradient import Gradient
+    from spa.passes.importance.gradient import Gradient
 
     cls = CRITERIA.get(options.criterion)
     if cls is None or not issubclass(cls, Gradient) or options.calib is None:

@@ -78,9 +78,9 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
 
 
 def _command_parsers(sub) -> None:
-    from passes.allocation import Target
-    from passes.hessian import HessianSource
-    from passes.importance import CRITERIA, Normalization, Reduction
+    from spa.passes.allocation import Target
+    from spa.passes.hessian import HessianSource
+    from spa.passes.importance import CRITERIA, Normalization, Reduction
 
     an = sub.add_parser("analyze", help=COMMANDS["analyze"])
     an.add_argument("model", help="ONNX file")
@@ -321,10 +321,10 @@ def _dry_run(args: argparse.Namespace, options) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from passes.allocation import Target
-    from passes.hessian import HessianSource
-    from passes.importance import Normalization, Reduction
     from spa.api import PruneOptions, prune
+    from spa.passes.allocation import Target
+    from spa.passes.hessian import HessianSource
+    from spa.passes.importance import Normalization, Reduction
 
     hidden = args.ratio if args.hidden is True else (args.hidden or None)
     options = PruneOptions(ratio=args.ratio, heads_ratio=args.heads_ratio,

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from graphs import IR_VERSION  # noqa: E402
 
-from passes.allocation import Target  # noqa: E402
+from spa.passes.allocation import Target  # noqa: E402
 
 CUSTOM_DOMAIN = "fuzz.custom"
 OPSETS = (13, 17, 18, 20)

@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.importance import Normalization, get_criterion
 from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, analyze, prune
 from spa.errors import OptionError
+from spa.passes.importance import Normalization, get_criterion
 
 RNG = np.random.default_rng(3)
 W1 = RNG.standard_normal((3, 4)).astype(np.float32)

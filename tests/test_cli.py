@@ -289,7 +289,7 @@ def test_version_and_help_import_no_heavy_module(argv: list[str]) -> None:
     code = "\n".join([
         "import sys", "from spa.cli import main", "try:", f"    main({argv!r})",
         "except SystemExit:", "    pass",
-        "print('HEAVY', [m for m in ('onnx', 'onnx_graphsurgeon', 'numpy', 'passes', 'spa.api')"
+        "print('HEAVY', [m for m in ('onnx', 'onnx_graphsurgeon', 'numpy', 'spa.passes', 'spa.api')"
         " if m in sys.modules])"])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in res.stdout, res.stdout

@@ -15,10 +15,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import spa.torch as st  # noqa: E402
-from passes.importance import get_criterion  # noqa: E402
 from spa.coupling.analysis import CouplingAnalysis  # noqa: E402
 from spa.errors import OptionError  # noqa: E402
 from spa.ir.load import load_model  # noqa: E402
+from spa.passes.importance import get_criterion  # noqa: E402
 from spa.torch.export import export  # noqa: E402
 from spa.torch.params import ParamMap  # noqa: E402
 from spa.torch.saliency import on_constants, saliency  # noqa: E402

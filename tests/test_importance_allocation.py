@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.allocation import Allocation, Target
-from passes.importance import Normalization, Reduction, get_criterion
 from spa.api import CheckOptions, PruneOptions, analyze, prune
 from spa.errors import OptionError
+from spa.passes.allocation import Allocation, Target
+from spa.passes.importance import Normalization, Reduction, get_criterion
 from tests.graphs import Builder, init_shapes
 from tests.oracle import prune_checked
 

@@ -11,10 +11,10 @@ import onnx
 import pytest
 
 from benchmarks.large_model import build, check_output, run_prune
-from passes.importance import get_criterion
 from spa.api import analyze
 from spa.ir.external import ExternalValues
 from spa.ir.load import load_model
+from spa.passes.importance import get_criterion
 from tests.oracle import prune_checked
 
 

@@ -10,12 +10,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.hessian import HessianSource, damped_inverse
-from passes.importance import get_criterion
-from passes.importance.obspa import obs_remove
 from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, analyze, apply, prune
 from spa.errors import OptionError
+from spa.passes.hessian import HessianSource, damped_inverse
+from spa.passes.importance import get_criterion
+from spa.passes.importance.obspa import obs_remove
 
 
 def test_obs_update_is_the_least_squares_refit() -> None:
@@ -37,7 +37,7 @@ def test_obs_update_is_the_least_squares_refit() -> None:
 
 
 def test_natural_images_are_standardised_correlated_and_smooth() -> None:
-    from passes.hessian import natural_images
+    from spa.passes.hessian import natural_images
 
     x = natural_images((4, 3, 32, 32), np.random.default_rng(0))
     np.testing.assert_allclose(x.mean(axis=(0, 2, 3)), 0, atol=1e-9)

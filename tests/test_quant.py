@@ -114,7 +114,7 @@ def test_importance_reads_the_dequantised_weights() -> None:
     quant = analyze(m)
     floats = _dequantised_copy(m)
     assert plan(quant).groups and plan(quant).groups[0].keep == plan(analyze(floats)).groups[0].keep
-    from passes.importance import get_criterion
+    from spa.passes.importance import get_criterion
 
     a = get_criterion("l1").run(quant).by_group
     b = get_criterion("l1").run(analyze(floats)).by_group

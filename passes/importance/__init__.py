@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from passes.importance import (  # noqa: F401  (importing registers the criteria)
+from spa.passes.importance import (  # noqa: F401  (importing registers the criteria)
     calibrated,
     gradient,
     magnitude,
     obspa,
     structure,
 )
-from passes.importance.base import (
+from spa.passes.importance.base import (
     CRITERIA,
     Criterion,
     Normalization,

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.hessian import HessianSource, InputStats, consumer_layers, input_stats
-from passes.importance.base import Criterion, along, normalise, register_criterion
-from passes.importance.obspa import producer_norms
 from spa.coupling.types import Role
 from spa.errors import OptionError
+from spa.passes.hessian import HessianSource, InputStats, consumer_layers, input_stats
+from spa.passes.importance.base import Criterion, along, normalise, register_criterion
+from spa.passes.importance.obspa import producer_norms
 
 if TYPE_CHECKING:
-    from passes.importance.base import Scores
     from spa.coupling.analysis import Analysis, Group, Member
+    from spa.passes.importance.base import Scores
 
 
 class Calibrated(Criterion):

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.importance.base import Criterion, Normalization, along, register_criterion
 from spa.errors import OptionError
+from spa.passes.importance.base import Criterion, Normalization, along, register_criterion
 
 if TYPE_CHECKING:
-    from passes.importance.base import Scores
     from spa.coupling.analysis import Analysis, Group, Member
+    from spa.passes.importance.base import Scores
 
 
 class Gradient(Criterion):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from passes.importance.base import Criterion, along, register_criterion
+from spa.passes.importance.base import Criterion, along, register_criterion
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Group, Member

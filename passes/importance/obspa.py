@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.hessian import HessianSource, collect, consumer_layers, damped_inverse
-from passes.importance.base import Criterion, Scores, normalise, register_criterion
 from spa.coupling.types import Role
 from spa.ir.quant import weight_values
+from spa.passes.hessian import HessianSource, collect, consumer_layers, damped_inverse
+from spa.passes.importance.base import Criterion, Scores, normalise, register_criterion
 from spa.progress import progress
 
 if TYPE_CHECKING:

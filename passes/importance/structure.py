@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.importance.base import Criterion, along, register_criterion
 from spa.coupling.types import Role
+from spa.passes.importance.base import Criterion, along, register_criterion
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Group, Member

@@ -180,8 +180,8 @@ def _attempt(module: nn.Module, inputs: tuple[torch.Tensor, ...], exported: Path
 
 def _gradient_options(module: nn.Module, options: api.PruneOptions, params: ParamMap,
                       batch: Batch | None, loss_fn: LossFn | None) -> dict:
-    from passes.importance import CRITERIA
-    from passes.importance.gradient import Gradient
+    from spa.passes.importance import CRITERIA
+    from spa.passes.importance.gradient import Gradient
 
     cls = CRITERIA.get(options.criterion)
     if cls is None or not issubclass(cls, Gradient):
@@ -218,9 +218,9 @@ def _heads_removed(analysis, the_plan: Plan) -> bool:
 
 
 def _options(options: api.PruneOptions | None, values: dict) -> api.PruneOptions:
-    from passes.allocation import Target
-    from passes.hessian import HessianSource
-    from passes.importance import Normalization, Reduction
+    from spa.passes.allocation import Target
+    from spa.passes.hessian import HessianSource
+    from spa.passes.importance import Normalization, Reduction
 
     options = options or api.PruneOptions()
     enums = {"target": Target, "hessian": HessianSource, "reduction": Reduction,
