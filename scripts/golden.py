@@ -109,6 +109,7 @@ def main() -> int:
     if args.mode == "compare":
         before = json.loads(Path(args.reference).read_text())["results"]
         models = {k: v for k, v in models.items() if any(r.startswith(f"{k}/") for r in before)}
+        before = {r: v for r, v in before.items() if r.split("/")[0] in models}  # --quick
     results = prune_all(models)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     revision = _run(["git", "describe", "--always", "--dirty"]).stdout.strip()
