@@ -5,6 +5,8 @@ Coverage (``coverage``), compile speed (``compile_speed``), speed of the result
 curves of the OBSPA issue); each writes ``benchmarks/results/<name>.json`` (and its plots).
 ``--quick`` runs the smaller version of each (16 coverage models, the two CNNs, one ratio, the
 digits ResNet at 2×) and writes ``<name>_quick.json`` instead, leaving the full results alone.
+A full run then regenerates the tables of ``benchmarks/README.md`` from the new results
+(``python -m benchmarks.tables --write``), so that the two are committed together.
 
     python -m benchmarks.run_all [--quick]
 """
@@ -33,6 +35,11 @@ def main() -> int:
         print(f"== {' '.join(cmd[1:])} ({time.strftime('%H:%M:%S')})", flush=True)
         if subprocess.run(cmd).returncode:
             failed.append(name)
+    if not args.quick:
+        from benchmarks import tables
+
+        tables.README.write_text(tables.update(tables.README.read_text()))
+        print(f"== wrote {tables.README}")
     print(f"== done at {time.strftime('%H:%M:%S')}; "
           + (f"failed: {', '.join(failed)}" if failed else "all succeeded"))
     return 1 if failed else 0

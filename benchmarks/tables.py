@@ -1,17 +1,33 @@
-"""Markdown tables of the SPA-versus-Torch-Pruning results, for the README.
+"""Markdown tables of the benchmark results, and benchmarks/README.md made from them.
 
-Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory}.json`` and prints the
-tables, so that every figure in the README is a figure of a recorded run.
+Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory,quality}.json`` and
+renders one table (with the command and revision that produced it) per file, so that every
+figure in the tables is a figure of a recorded run.
 
-    python -m benchmarks.tables [--quick]
+``benchmarks/README.md`` is hand-written prose around generated blocks. Each block sits between
+``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` lines; :func:`update` replaces
+what is between them by the table rendered from ``results/NAME.json`` and keeps everything else.
+``tests/test_benchmarks_readme.py`` fails when the committed file differs from :func:`update`
+of itself, i.e. when a result was re-recorded without regenerating the README.
+
+    python -m benchmarks.tables [--quick]   # print the tables
+    python -m benchmarks.tables --write     # regenerate the blocks of benchmarks/README.md
+    python -m benchmarks.tables --check     # exit 1 when benchmarks/README.md is stale
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
+from pathlib import Path
 
 from benchmarks.common import RESULTS
+
+README = Path(__file__).parent / "README.md"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>\w+) -->\n)(?P<body>.*?)(<!-- end generated: "
+                   r"(?P=name) -->)", re.DOTALL)
 
 
 def _load(name: str) -> dict | None:
@@ -115,11 +131,17 @@ def result_speed(d: dict) -> str:
     return "\n".join(lines)
 
 
+MEMORY_MODES = {"no_validate": "`--no-validate`", "no_check": "`--no-check`",
+                "validate": "default (validate, oracle where it applies)",
+                "check_masked": "`--check-masked`"}
+
+
 def memory(d: dict) -> str:
+    modes = list(next(iter(d["results"].values()))["modes"])  # the columns, as recorded
     lines = [f"Memory ({_load_note(d)}; importing SPA alone: "
              f"{d['baseline_import_rss_bytes'] / 2**20:.0f} MiB):", "",
-             "| model | file | `--no-validate` | default (validate) | `--check-masked` |",
-             "|---|---|---|---|---|"]
+             "| model | file | " + " | ".join(MEMORY_MODES.get(m, f"`{m}`") for m in modes)
+             + " |", "|---|---|" + "---|" * len(modes)]
     for r in d["results"].values():
         cells = [f"{m['peak_rss_bytes'] / 2**20:.0f} MiB = {m['rss_over_file']:.1f}× "
                  f"({m['wall_seconds']:.0f} s)" for m in r["modes"].values()]
@@ -128,16 +150,82 @@ def memory(d: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+QUALITY_METHODS = {  # results key → column title
+    "torch-pruning-magnitude": "Torch-Pruning magnitude", "l1": "SPA `l1`",
+    "flap": "SPA `flap` (calib)", "obspa-synthetic": "SPA `obspa` synthetic (data-free)",
+    "obspa-noise": "SPA `obspa` noise", "obspa-identity": "SPA `obspa` identity",
+    "obspa-calibration": "SPA `obspa` calibration"}
+
+
+def _metric(cell: dict) -> float | None:
+    return cell.get("accuracy", cell.get("top1_agreement"))
+
+
+def quality(d: dict) -> str:
+    """Accuracy (or top-1 agreement with the dense model) after pruning to each FLOPs cut,
+    without fine-tuning. A cut the model cannot reach is shown as the one it reached."""
+    lines = [f"Quality without fine-tuning (`{d['command']}`, {d['date']}):", "",
+             "| model, metric | FLOPs cut | " + " | ".join(QUALITY_METHODS.values()) + " |",
+             "|---|---|" + "---|" * len(QUALITY_METHODS)]
+    for model, res in d["results"].items():
+        dense = res["dense"]
+        metric = "test accuracy" if "accuracy" in dense else "top-1 agreement"
+        title = f"{model}, {metric} (dense {_metric(dense):.1%})"
+        for cut in d["reductions"]:
+            key = str(float(cut))
+            reached = [res[m][key].get("flops_reduction") for m in QUALITY_METHODS
+                       if key in res.get(m, {}) and "flops_reduction" in res[m][key]]
+            cut_text = f"{cut:g}×" + (f" (reached {reached[0]:.2f}×)"
+                                      if reached and reached[0] < 0.98 * cut else "")
+            cells = [f"{_metric(res[m][key]):.1%}" if key in res.get(m, {}) else "–"
+                     for m in QUALITY_METHODS]
+            lines.append(f"| {title} | {cut_text} | " + " | ".join(cells) + " |")
+            title = ""
+    return "\n".join(lines)
+
+
+RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
+          "memory": memory, "quality": quality}
+
+
+def render(name: str) -> str:
+    """The table of ``results/<name>.json``, or a line saying it was not run."""
+    d = _load(name)
+    return RENDER[name.removesuffix("_quick")](d) if d else f"({name}.json: not run)"
+
+
+def update(text: str) -> str:
+    """``text`` with every generated block rendered afresh from the results."""
+    def block(m: re.Match) -> str:
+        return f"{m.group(1)}\n{render(m.group('name'))}\n\n{m.group(4)}"
+
+    return BLOCK.sub(block, text)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the --quick results")
+    parser.add_argument("--quick", action="store_true", help="print the --quick results")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true",
+                        help="regenerate the tables in benchmarks/README.md")
+    action.add_argument("--check", action="store_true",
+                        help="exit 1 when benchmarks/README.md differs from what --write makes")
     args = parser.parse_args()
+    if args.write or args.check:
+        old = README.read_text()
+        new = update(old)
+        if args.check:
+            if new != old:
+                print("benchmarks/README.md is stale: run python -m benchmarks.tables --write",
+                      file=sys.stderr)
+            return int(new != old)
+        README.write_text(new)
+        return 0
     suffix = "_quick" if args.quick else ""
-    for name, render in (("coverage", coverage), ("compile_speed", compile_speed),
-                         ("result_speed", result_speed), ("memory", memory)):
-        d = _load(name + suffix)
-        print(render(d) if d else f"({name}{suffix}.json: not run)", end="\n\n")
+    for name in RENDER:
+        print(render(name + suffix), end="\n\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
