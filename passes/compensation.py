@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.coupling.registry import entry_of
 from spa.ir.quant import quantized_weight, weight_values
 from spa.ir.tied import tied_names
 from spa.passes.hessian import damped_inverse
@@ -86,8 +87,9 @@ class BiasCompensation:
     ``Q`` contributed ``Σ_{c∈Q} E[x_c] · W[c]`` on average; summed over kernel positions this is
     the shift of the layer's outputs. :meth:`shifts` computes it on the full-size weights before
     the rewrite; :meth:`apply` adds it, restricted to the surviving outputs, to the bias after
-    the rewrite. Conv and Gemm get a bias input if they had none; a MatMul uses the constant of
-    an Add that follows it, and is otherwise left alone.
+    the rewrite. Where the bias is comes from the op's registry entry (its bias slot,
+    spa/coupling/facts.py): an input (Conv, Gemm), created if the node had none, or the
+    constant of an Add that follows (MatMul); an op without a bias slot is left alone.
     """
 
     def shifts(self, analysis: Analysis, plan: Plan, stats: dict
@@ -114,21 +116,31 @@ class BiasCompensation:
         done = 0
         for name, (shift, out_key) in shifts.items():
             survivors = kept.get(out_key, np.arange(shift.size))
-            done += _add_to_bias(nodes[name], shift[survivors])
+            done += _add_to_bias(nodes[name], analysis.model.opset, shift[survivors])
         return done
 
 
-def _add_to_bias(node: gs.Node, shift: np.ndarray) -> int:
-    if node.op in ("Conv", "Gemm"):
-        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) \
-                and np.asarray(node.inputs[2].values).size == shift.size:
-            _shift_constant(node.inputs[2], shift)
-            return 1
-        if len(node.inputs) == 2:
-            node.inputs.append(gs.Constant(f"{node.name}__spa_bias", shift.astype(np.float32)))
-            return 1
+def _add_to_bias(node: gs.Node, opset: int, shift: np.ndarray) -> int:
+    """Add ``shift`` to the node's bias, at its op's bias slot: 1 if done, 0 if it has none."""
+    entry = entry_of(node, opset)
+    if entry is None or entry.bias is None:
         return 0
-    if node.op == "MatMul" and len(node.outputs[0].outputs) == 1:
+    slot = entry.bias
+    if slot.input is None:
+        return _add_to_following_bias(node, shift)
+    if len(node.inputs) > slot.input and isinstance(node.inputs[slot.input], gs.Constant) \
+            and np.asarray(node.inputs[slot.input].values).size == shift.size:
+        _shift_constant(node.inputs[slot.input], shift)
+        return 1
+    if len(node.inputs) == slot.input:
+        node.inputs.append(gs.Constant(f"{node.name}__spa_bias", shift.astype(np.float32)))
+        return 1
+    return 0
+
+
+def _add_to_following_bias(node: gs.Node, shift: np.ndarray) -> int:
+    """The bias of a layer with none of its own: the constant of the one Add reading it."""
+    if len(node.outputs[0].outputs) == 1:
         add = node.outputs[0].outputs[0]
         for t in add.inputs if add.op == "Add" else ():
             if isinstance(t, gs.Constant) and np.asarray(t.values).size == shift.size:

@@ -1,7 +1,8 @@
 """Layer-input second moments ``H = X Xᵀ`` for OBS, from data or data-free sources.
 
-A *consumer layer* is a node that reads a pruned channel through a weight's input axis (Conv,
-ConvTranspose, Gemm, MatMul). Its ``H`` is over the channels of that axis: the activation ``X``
+A *consumer layer* is a node that reads a pruned channel through a weight's input axis, of an
+op whose registry entry has a layer-input accessor (spa/coupling/facts.py: Conv, ConvTranspose,
+Gemm, MatMul). Its ``H`` is over the channels of that axis: the activation ``X``
 feeding it, channel axis last, every other axis (batch, spatial, sequence) a sample. For convs
 this treats kernel positions as independent rows of the weight (``H ⊗ I``), the usual structured
 approximation. Sources (``--hessian``):
@@ -29,6 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spa.coupling.registry import entry_of
 from spa.coupling.types import Role
 from spa.errors import OptionError
 from spa.ir.quant import is_weight
@@ -65,26 +67,26 @@ def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
     spaces = {m.space for g in analysis.prunable_groups for m in g.members
               if m.role is Role.CONSUMER}
     layers = {}
+    opset = analysis.model.opset
     for node in analysis.model.graph.nodes:
         for slot, t in enumerate(node.inputs):
             for axis in range(len(t.shape or ())) if is_weight(t) else ():  # or quantised
                 if (t.name, axis) in spaces:
-                    layer = _layer_of(node, slot, t, axis)
+                    layer = _layer_of(node, opset, slot, t, axis)
                     if layer is not None:
                         layers[(t.name, axis)] = layer
     return layers
 
 
-def _layer_of(node: gs.Node, slot: int, w: gs.Tensor, axis: int) -> ConsumerLayer | None:
-    op, ins = node.op, node.inputs
-    if op in ("Conv", "ConvTranspose") and slot == 1:
-        data, data_axis = ins[0], 1
-    elif op == "Gemm" and slot == 1:
-        data, data_axis = ins[0], 0 if node.attrs.get("transA", 0) else 1
-    elif op == "MatMul" and slot in (0, 1):
-        data, data_axis = ins[1 - slot], -1 if slot == 1 else -2
-    else:
+def _layer_of(node: gs.Node, opset: int, slot: int, w: gs.Tensor, axis: int
+              ) -> ConsumerLayer | None:
+    """The layer whose weight ``w`` is the node's input ``slot``, read from the op's registry
+    entry; None when the op has no layer-input accessor or ``slot`` is not its weight."""
+    entry = entry_of(node, opset)
+    found = None if entry is None or entry.layer_input is None else entry.layer_input(node, slot)
+    if found is None:
         return None
+    data, data_axis = found
     return ConsumerLayer(w.name, axis, data.name, data_axis, w.shape[axis], node.name)
 
 

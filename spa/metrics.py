@@ -5,15 +5,17 @@ shapes from a graph, and :meth:`CostModel.count` evaluates params and MACs with 
 spaces shortened — all of them as in the plan for a prediction, none for the emitted model. So
 "emitted equals predicted" is a real check of the rewrite, not of two formulas agreeing.
 
-FLOPs here are MACs of Conv, ConvTranspose, Gemm, MatMul and Einsum (the usual convention);
-symbolic dims count as 1. Parameters are the elements of floating-point constants (bfloat16 and
-float8 included) and of quantised weights (spa/ir/params.py), those read in subgraphs (If, Loop)
-too, **each tensor of the file once**: a constant tied to another (spa/ir/tied.py) counts
-nothing when it is written as its derivation — a view always (the analysis slices it as its
-source), a copy when its kept values equal its source's. So the count of an emitted model,
-re-read, is that of its file, and the prediction that of the file to be written. A model as read
-is counted from its file (``LoadedModel.params``): its normal form may have folded float shape
-arithmetic away.
+FLOPs here are MACs of the ops whose registry entry has a MAC term (spa/coupling/facts.py:
+Conv, ConvTranspose, Gemm, MatMul and Einsum, the usual convention), each stated in its family
+file; symbolic dims count as 1.
+
+Parameters are the elements of floating-point constants (bfloat16 and float8 included) and of
+quantised weights (spa/ir/params.py), those read in subgraphs (If, Loop) too, **each tensor of
+the file once**: a constant tied to another (spa/ir/tied.py) counts nothing when it is written
+as its derivation — a view always (the analysis slices it as its source), a copy when its kept
+values equal its source's. So the count of an emitted model, re-read, is that of its file, and
+the prediction that of the file to be written. A model as read is counted from its file
+(``LoadedModel.params``): its normal form may have folded float shape arithmetic away.
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.coupling.context import static_shape
-from spa.coupling.rules import einsum
+from spa.coupling.registry import entry_of
 from spa.ir.params import graph_constants, is_parameter
 from spa.ir.tied import Tie, Ties, live
 from spa.progress import progress
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
+    from spa.coupling.facts import MacTerm
     from spa.coupling.types import SpaceKey
 
     Kept = Mapping[SpaceKey, np.ndarray]
@@ -48,11 +50,6 @@ Shape = tuple[int, ...]
 class Counts:
     params: int
     flops: int
-
-
-def _dims(t: gs.Tensor) -> Shape | None:
-    s = static_shape(t)
-    return None if s is None else tuple(1 if d is None else d for d in s)
 
 
 class CostModel:
@@ -67,19 +64,16 @@ class CostModel:
         self._ties: dict[str, tuple[Tie, gs.Constant]] = {
             name: (tie, constants[tie.source]) for name, tie in live(ties or {}, graph).items()
             if name in self._shapes}
-        # Each MAC term: product of (tensor, axis) lengths times a constant factor.
-        self._macs: list[tuple[list[tuple[str, Shape]], Callable[..., int]]] = []
-        for node in graph.nodes:
-            term = _mac_term(node)
-            if term is not None:
-                self._macs.append(term)
+        self._macs = [term for node in graph.nodes
+                      if (term := _mac_term(node, graph.opset)) is not None]
 
     def count(self, kept: Kept | None = None) -> Counts:
         """Params and MACs with the spaces in ``kept`` cut to those indices (none: as is)."""
         kept = kept or {}
         params = sum(prod(_cut(s, n, kept)) for n, s in self._params
                      if not self._joined(n, kept))
-        flops = sum(fn(*(_cut(s, n, kept) for n, s in tensors)) for tensors, fn in self._macs)
+        flops = sum(term.count(*(_cut(s, n, kept) for n, s in term.tensors))
+                    for term in self._macs)
         return Counts(int(params), int(flops))
 
     def _joined(self, name: str, kept: Kept) -> bool:
@@ -110,37 +104,10 @@ def _kept_values(values: np.ndarray, name: str, kept: Kept) -> np.ndarray:
     return values
 
 
-def _mac_term(node: gs.Node):
-    op = node.op
-    ins = [t for t in node.inputs]
-    outs = node.outputs
-    if op == "Einsum" and outs:
-        return _einsum_term(node)
-    if op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and outs:
-        shapes = [_dims(t) for t in ins[:2]] + [_dims(outs[0])]
-        if any(s is None for s in shapes):
-            return None
-        (x, xs), (w, ws), (y, ys) = [(t.name, s) for t, s in zip([ins[0], ins[1], outs[0]],
-                                                                  shapes)]
-        if op == "Conv":
-            return [(y, ys), (w, ws)], lambda y_, w_: prod(y_) * prod(w_[1:])
-        if op == "ConvTranspose":
-            return [(x, xs), (w, ws)], lambda x_, w_: prod(x_) * prod(w_[1:])
-        if op == "Gemm":
-            k_axis = 0 if int(node.attrs.get("transA", 0)) else 1
-            return [(y, ys), (x, xs)], lambda y_, x_: prod(y_) * x_[k_axis]
-        return [(y, ys), (x, xs)], lambda y_, x_: prod(y_) * (x_[-1] if len(x_) > 1 else 1)
-    return None
-
-
-def _einsum_term(node: gs.Node):
-    """One MAC per combination of index values (spa/coupling/rules/einsum.py)."""
-    eq = einsum.parse(str(node.attrs.get("equation", "")), len(node.inputs))
-    shapes = [_dims(t) for t in node.inputs]
-    if isinstance(eq, str) or any(s is None for s in shapes):
-        return None
-    return ([(t.name, s) for t, s in zip(node.inputs, shapes)],
-            lambda *s: einsum.macs(eq, s))
+def _mac_term(node: gs.Node, opset: int) -> MacTerm | None:
+    """The node's MAC term, from its op's registry entry; None for ops with no MACs counted."""
+    entry = entry_of(node, opset)
+    return None if entry is None or entry.mac is None else entry.mac(node)
 
 
 def file_size(path: str | Path) -> int:

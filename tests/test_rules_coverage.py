@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from spa.coupling.registry import _RULES, ensure_loaded
+from spa.coupling.registry import RULES, ensure_loaded
 
 TESTS = Path(__file__).parent
 BUILDER_CALLS = ("op", "make_node")
@@ -70,7 +70,7 @@ def ops_with_tests() -> set[str]:
 
 def registered_ops() -> set[str]:
     ensure_loaded()
-    return {op for _, op in _RULES}
+    return {op for _, op in RULES.ops()}
 
 
 def test_every_registered_op_has_a_tiny_graph_test():

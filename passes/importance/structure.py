@@ -4,7 +4,9 @@
 geometric median is replaceable, so its score is the sum of its Euclidean distances to every
 other channel's weights, ``Σ_j ‖w_i − w_j‖``, computed through the Gram matrix.
 
-``bn_scale``: ``|γ|`` of the BatchNorm the channel passes through (network slimming). Inference
+``bn_scale``: ``|γ|`` of the BatchNorm the channel passes through (network slimming): a
+constant that some node reads at its op's *slimming scale* slot (the registry entry's fact,
+spa/coupling/rules/norm.py; BatchNormalization's input 1, at every opset). Inference
 exports usually fold BatchNorm into the convolution; a group with no BatchNorm is an error that
 says so and suggests a magnitude criterion.
 
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.coupling.registry import entries
 from spa.coupling.types import Role
 from spa.passes.importance.base import Criterion, along, register_criterion
 
@@ -46,7 +49,7 @@ class BNScale(Criterion):
 
     def scored(self, member: Member, tensor: gs.Tensor) -> bool:
         return member.role is Role.SCALE and isinstance(tensor, gs.Constant) and any(
-            n.op == "BatchNormalization" and n.inputs[1] is tensor for n in tensor.outputs)
+            _is_slimming_scale(n, tensor) for n in tensor.outputs)
 
     def unscorable(self, group: Group, tensors: dict[str, gs.Tensor]) -> str | None:
         if any(self.scored(m, tensors.get(m.space[0])) for m in group.members):
@@ -56,6 +59,14 @@ class BNScale(Criterion):
 
     def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
         return np.abs(along(weight, axis)).sum(axis=1)
+
+
+def _is_slimming_scale(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """``node`` reads ``tensor`` at its op's slimming-scale slot, at any opset (the slot of an op
+    does not move between opsets; the criterion sees no model to read one from)."""
+    slots = [e.slimming_scale for e in entries(node.domain, node.op)
+             if e.slimming_scale is not None]
+    return any(slot < len(node.inputs) and node.inputs[slot] is tensor for slot in slots)
 
 
 @register_criterion

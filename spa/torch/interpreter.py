@@ -11,6 +11,11 @@ to import without stubs), and its parameter names follow its own module tree, no
 initializers; the gradient criteria need the latter. The op set below covers the CNN and
 transformer graphs that SPA prunes; an op outside it is reported up front, with every
 unsupported op listed, rather than failing mid-forward.
+
+The torch functions are keyed like SPA's op registry, by ``(domain, op_type, opset range)``
+(:class:`spa.coupling.registry.OpTable`), and each node runs the function of the model's opset:
+Softmax, LogSoftmax and Hardmax before opset 13 flatten the input to 2-D at ``axis`` (default
+1) and normalise each row; from 13 on they work along ``axis`` (default -1).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
+from spa.coupling.registry import ALL_OPSETS, OpTable, domain_key
 from spa.errors import SpaError
 
 
@@ -36,15 +42,27 @@ class UnsupportedOpsError(SpaError):
 
 
 Op = Callable[[dict, list], "torch.Tensor | tuple[torch.Tensor, ...]"]
-OPS: dict[str, Op] = {}
+TORCH_OPS: OpTable[Op] = OpTable()
 
 
-def op(*names: str):
+def add(name: str, fn: Op, opsets: tuple[int, int] = ALL_OPSETS) -> None:
+    """Register ``fn`` as the torch function of the default-domain op ``name`` at ``opsets``."""
+    TORCH_OPS.add("", name, opsets, fn)
+
+
+def op(*names: str, opsets: tuple[int, int] = ALL_OPSETS) -> Callable[[Op], Op]:
+    """Decorator: register ``fn`` for each op in ``names`` at ``opsets``."""
     def deco(fn: Op) -> Op:
         for n in names:
-            OPS[n] = fn
+            add(n, fn, opsets)
         return fn
     return deco
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset (the newest onnx knows when it imports none)."""
+    versions = [o.version for o in model.opset_import if domain_key(o.domain) == ""]
+    return versions[0] if versions else onnx.defs.onnx_opset_version()
 
 
 def from_onnx(model: str | Path | onnx.ModelProto) -> OnnxModule:
@@ -59,12 +77,14 @@ class OnnxModule(nn.Module):
     def __init__(self, model: onnx.ModelProto):
         super().__init__()
         graph = model.graph
-        missing = Counter(n.op_type for n in graph.node
-                          if n.domain not in ("", "ai.onnx") or n.op_type not in OPS)
+        opset = opset_of(model)
+        fns = [TORCH_OPS.lookup(n.domain, n.op_type, opset) for n in graph.node]
+        missing = Counter(n.op_type for n, fn in zip(graph.node, fns) if fn is None)
         if missing:
             listed = ", ".join(f"{k} ({v}×)" for k, v in sorted(missing.items()))
-            raise UnsupportedOpsError(f"cannot run in PyTorch: {listed}; supported: "
-                                      f"{len(OPS)} ops (spa.torch.interpreter.OPS)")
+            raise UnsupportedOpsError(
+                f"cannot run in PyTorch at opset {opset}: {listed}; supported: "
+                f"{len(TORCH_OPS.ops())} ops (spa.torch.interpreter.TORCH_OPS)")
         self.params = nn.ParameterDict()
         self._attr_of: dict[str, str] = {}
         statistics = {n.input[i] for n in graph.node if n.op_type == "BatchNormalization"
@@ -76,7 +96,8 @@ class OnnxModule(nn.Module):
                 self.params[key] = nn.Parameter(value)
             else:
                 self.register_buffer(f"c_{key}", value)
-        self._nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in graph.node]
+        self._nodes = [(fn, list(n.input), list(n.output), _attrs(n))
+                       for n, fn in zip(graph.node, fns) if fn is not None]  # all, by now
         inits = {i.name for i in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in inits]
         self.output_names = [o.name for o in graph.output]
@@ -95,9 +116,9 @@ class OnnxModule(nn.Module):
     def forward(self, *inputs: torch.Tensor):
         env: dict[str, torch.Tensor] = dict(self.onnx_tensors())
         env.update(zip(self.input_names, inputs))
-        for op_type, ins, outs, attrs in self._nodes:
+        for fn, ins, outs, attrs in self._nodes:
             args = [env[i] if i else None for i in ins]
-            result = OPS[op_type](attrs, args)
+            result = fn(attrs, args)
             for name, value in zip(outs, result if isinstance(result, tuple) else (result,)):
                 if name:
                     env[name] = value
@@ -147,7 +168,7 @@ for _name, _fn in {
     "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge, "And":
     torch.logical_and, "Or": torch.logical_or, "MatMul": torch.matmul,
 }.items():
-    OPS[_name] = (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn)
+    add(_name, (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn))
 for _name, _fn in {
     "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": torch.exp,
     "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs, "Erf": torch.erf,
@@ -156,7 +177,7 @@ for _name, _fn in {
     "HardSwish": F.hardswish, "Sign": torch.sign, "Round": torch.round,
     "Identity": lambda x: x, "Softsign": F.softsign,
 }.items():
-    OPS[_name] = (lambda fn: lambda a, x: fn(x[0]))(_fn)
+    add(_name, (lambda fn: lambda a, x: fn(x[0]))(_fn))
 
 
 @op("Div")
@@ -211,8 +232,33 @@ def _prelu(a, x):
     return torch.where(x[0] >= 0, x[0], x[0] * x[1])
 
 
-OPS["Softmax"] = lambda a, x: torch.softmax(x[0], dim=a.get("axis", -1))
-OPS["LogSoftmax"] = lambda a, x: torch.log_softmax(x[0], dim=a.get("axis", -1))
+def _hardmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """1 at the first maximum along ``dim``, 0 elsewhere."""
+    hot = F.one_hot(x.argmax(dim=dim), x.shape[dim]).to(x.dtype)
+    return hot.movedim(-1, dim)
+
+
+def _along_axis(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Op:
+    """Opset 13 on: ``fn`` along ``axis`` (default -1)."""
+    return lambda a, x: fn(x[0], a.get("axis", -1))
+
+
+def _flattened(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Op:
+    """Before opset 13: ``fn`` over each row of the input flattened to 2-D at ``axis``
+    (default 1), i.e. jointly over the axes ``axis..-1``."""
+    def run(a, x):
+        axis = _axis(a.get("axis", 1), x[0].dim())
+        rows = x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)
+        return fn(rows, 1).reshape(x[0].shape)
+    return run
+
+
+_NORMALISE_ROWS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "Softmax": lambda t, dim: torch.softmax(t, dim), "Hardmax": _hardmax,
+    "LogSoftmax": lambda t, dim: torch.log_softmax(t, dim)}
+for _name, _rows in _NORMALISE_ROWS.items():
+    add(_name, _flattened(_rows), (1, 12))
+    add(_name, _along_axis(_rows), (13, ALL_OPSETS[1]))
 
 
 @op("Cast")
@@ -325,11 +371,11 @@ def _pool(a, x, kind: str):
               count_include_pad=bool(a.get("count_include_pad", 0)))
 
 
-OPS["MaxPool"] = lambda a, x: _pool(a, x, "max")
-OPS["AveragePool"] = lambda a, x: _pool(a, x, "avg")
-OPS["GlobalAveragePool"] = lambda a, x: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True)
-OPS["GlobalMaxPool"] = lambda a, x: x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True)
-OPS["Dropout"] = lambda a, x: x[0]
+add("MaxPool", lambda a, x: _pool(a, x, "max"))
+add("AveragePool", lambda a, x: _pool(a, x, "avg"))
+add("GlobalAveragePool", lambda a, x: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True))
+add("GlobalMaxPool", lambda a, x: x[0].amax(dim=tuple(range(2, x[0].dim())), keepdim=True))
+add("Dropout", lambda a, x: x[0])
 
 
 # ---- shapes, layout, indexing ---------------------------------------------------------------
@@ -469,10 +515,10 @@ def _reduce(fn):
     return run
 
 
-OPS["ReduceMean"] = _reduce(torch.mean)
-OPS["ReduceSum"] = _reduce(torch.sum)
-OPS["ReduceMax"] = _reduce(torch.amax)
-OPS["ReduceMin"] = _reduce(torch.amin)
+add("ReduceMean", _reduce(torch.mean))
+add("ReduceSum", _reduce(torch.sum))
+add("ReduceMax", _reduce(torch.amax))
+add("ReduceMin", _reduce(torch.amin))
 
 
 @op("Pad")

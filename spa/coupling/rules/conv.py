@@ -16,12 +16,19 @@ input's makes the model invalid: the rule raises rather than freeze.
 
 ConvTranspose ``W: [C, O/g, *k]`` is the mirror image: ``W.0 ↔ X.1`` consumes, ``W.1`` (within a
 group) produces, and grouped ConvTranspose again removes whole groups.
+
+Facts (spa/coupling/facts.py). MACs: Conv ``|Y| · |W[0]|`` (each output element reads
+``C/g · Πk`` inputs), ConvTranspose ``|X| · |W[0]|`` (each input element is scattered into
+``O/g · Πk`` outputs). Layer input of the weight: ``X``, channel axis 1. Bias: Conv's input 2
+(ConvTranspose's bias is not compensated).
 """
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
+from spa.coupling.facts import BiasSlot, MacTerm, mac_term
 from spa.coupling.registry import register
 from spa.coupling.types import KeptLookup, Role
 from spa.errors import InvalidModelError
@@ -96,7 +103,22 @@ def _refuse_groups(ctx: NodeContext, group: int) -> None:
                "not a multiple of it)")
 
 
-@register("Conv")
+def _conv_macs(node: gs.Node) -> MacTerm | None:
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    return mac_term([y, w], lambda y_, w_: prod(y_) * prod(w_[1:]), known=[x])
+
+
+def _conv_transpose_macs(node: gs.Node) -> MacTerm | None:
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    return mac_term([x, w], lambda x_, w_: prod(x_) * prod(w_[1:]), known=[y])
+
+
+def _layer_input(node: gs.Node, slot: int) -> tuple[gs.Tensor, int] | None:
+    """The weight (input 1) reads the channels of ``X`` (input 0) at axis 1."""
+    return (node.inputs[0], 1) if slot == 1 else None
+
+
+@register("Conv", mac=_conv_macs, layer_input=_layer_input, bias=BiasSlot(2))
 def conv(ctx: NodeContext) -> None:
     common = _common(ctx)
     if common is None:
@@ -116,7 +138,7 @@ def conv(ctx: NodeContext) -> None:
         _refuse_groups(ctx, group)
 
 
-@register("ConvTranspose")
+@register("ConvTranspose", mac=_conv_transpose_macs, layer_input=_layer_input)
 def conv_transpose(ctx: NodeContext) -> None:
     common = _common(ctx)
     if common is None:

@@ -23,8 +23,11 @@ ellipsis ``...``, a letter repeated within one operand (a diagonal), implicit ou
 upper-case letters, terms that do not match the operands' ranks, only constant operands.
 The equation carries no sizes, so pruning needs no rewrite.
 
-MACs (:func:`macs`): the product of the lengths of all distinct letters, one multiply-add per
-combination of index values (``n - 1`` times that for ``n`` operands).
+MACs (:func:`macs`, the entry's MAC term): the product of the lengths of all distinct letters,
+one multiply-add per combination of index values (``n - 1`` times that for ``n`` operands).
+A constant operand's contracted axis consumes channels, but not as a layer with one input
+(there may be several activations): it has no layer-input accessor, so OBS compensation
+leaves it alone.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING
 
+from spa.coupling.facts import MacTerm, mac_term
 from spa.coupling.registry import register
 from spa.coupling.types import Role
 
@@ -93,7 +97,17 @@ def macs(eq: Equation, shapes: Sequence[Sequence[int]]) -> int:
     return prod(length.values()) * max(1, len(eq.terms) - 1)
 
 
-@register("Einsum", opsets=(12, 10_000))
+def _macs(node: gs.Node) -> MacTerm | None:
+    """One MAC per combination of index values, over the operands' (cut) shapes."""
+    equation = node.attrs.get("equation", "")
+    eq = parse(str(equation), len(node.inputs))
+    if isinstance(eq, str):
+        return None
+    parsed: Equation = eq
+    return mac_term(node.inputs, lambda *s: macs(parsed, s))
+
+
+@register("Einsum", opsets=(12, 10_000), mac=_macs)
 def einsum(ctx: NodeContext) -> None:
     operands, y = ctx.inputs, ctx.output(0)
     eq = _equation(ctx, operands, y)

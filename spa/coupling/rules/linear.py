@@ -15,14 +15,21 @@ broadcast like element-wise ops (the head axis couples Q, K, V and the scores), 
 and ``B.-1 ↔ Y.-1``. The contracted axis is summed with no weight to zero it at, so it is left
 unhandled: heads are pruned whole, head_dim never.
 
+Facts (spa/coupling/facts.py). MACs: ``|Y| · K``, ``K`` read off ``A`` (Gemm: its axis 0 if
+``transA`` else 1; MatMul: its last axis). Layer inputs: Gemm's ``B`` reads ``A`` at its K axis;
+a MatMul weight reads the other operand (``A.-1`` for ``W`` on the right, ``X.-2`` on the
+left). Bias: Gemm's input 2 (``C``); a MatMul's is the constant of the Add that follows it.
+
 Fail closed, with the reason: a dynamic Gemm weight, a 1-D MatMul operand (a vector product), a
 constant MatMul operand of rank other than 2 (a batched weight), two constant operands.
 """
 
 from __future__ import annotations
 
+from math import prod
 from typing import TYPE_CHECKING
 
+from spa.coupling.facts import BiasSlot, MacTerm, mac_term
 from spa.coupling.registry import register
 from spa.coupling.rules.elementwise import couple_broadcast
 from spa.coupling.types import Role
@@ -33,7 +40,32 @@ if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
 
 
-@register("Gemm")
+def _gemm_macs(node: gs.Node) -> MacTerm | None:
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    k_axis = 0 if int(node.attrs.get("transA", 0)) else 1
+    return mac_term([y, x], lambda y_, x_: prod(y_) * x_[k_axis], known=[w])
+
+
+def _matmul_macs(node: gs.Node) -> MacTerm | None:
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+    return mac_term([y, x], lambda y_, x_: prod(y_) * (x_[-1] if len(x_) > 1 else 1),
+                    known=[w])
+
+
+def _gemm_input(node: gs.Node, slot: int) -> tuple[gs.Tensor, int] | None:
+    """``B`` (input 1) reads ``A``'s K axis: 0 if ``transA`` else 1."""
+    return (node.inputs[0], 0 if node.attrs.get("transA", 0) else 1) if slot == 1 else None
+
+
+def _matmul_input(node: gs.Node, slot: int) -> tuple[gs.Tensor, int] | None:
+    """A weight on the right reads the left operand's last axis; on the left, the right
+    operand's second-to-last."""
+    if slot not in (0, 1):
+        return None
+    return node.inputs[1 - slot], -1 if slot == 1 else -2
+
+
+@register("Gemm", mac=_gemm_macs, layer_input=_gemm_input, bias=BiasSlot(2))
 def gemm(ctx: NodeContext) -> None:
     a, b, c, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
     if ctx.const(b) is None or ctx.rank(a) != 2 or ctx.rank(b) != 2:
@@ -56,7 +88,7 @@ def gemm(ctx: NodeContext) -> None:
             ctx.identity(ctx.space(c, 0), ctx.space(y, 0))
 
 
-@register("MatMul")
+@register("MatMul", mac=_matmul_macs, layer_input=_matmul_input, bias=BiasSlot(None))
 def matmul(ctx: NodeContext) -> None:
     a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)

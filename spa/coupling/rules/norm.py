@@ -9,6 +9,9 @@ LayerNormalization and RMSNormalization normalise over axes ``axis..-1``: prunin
 change the statistics, so only the leading axes pass through and the normalised axes freeze if
 live — unless hidden-size pruning is on (``--hidden-ratio``), where a last-axis norm couples its
 axis with its scale and bias and the statistics change by design.
+
+Facts (spa/coupling/facts.py): BatchNormalization's scale ``γ`` (input 1) is its slimming scale,
+the ``|γ|`` network slimming (criterion ``bn_scale``) ranks channels by.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _per_channel(ctx: NodeContext, n_params: int) -> None:
                 ctx.role(sp, Role.SCALE)
 
 
-@register("BatchNormalization")
+@register("BatchNormalization", slimming_scale=1)
 def batch_norm(ctx: NodeContext) -> None:
     if len(ctx.outputs) != 1 or int(ctx.attr("training_mode", 0)):
         ctx.refuse("training mode (it computes batch statistics and updates running ones)")
