@@ -20,31 +20,28 @@ from __future__ import annotations
 
 import logging
 import math
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spa.choices import Target
 from spa.coupling.analysis import GroupKind
 from spa.errors import OptionError
 from spa.metrics import CostModel, Counts
+from spa.options import check_ratio
 from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction, kept_indices
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
     from spa.passes.importance.base import Scores
+    from spa.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 
-class Target(Enum):
-    CHANNELS = "channels"
-    PARAMS = "params"
-    FLOPS = "flops"
-
-
 class Allocation:
-    """``Allocation(ratio=0.3, ...).run(analysis, scores) -> Plan``."""
+    """``Allocation(ratio=0.3, ...).run(analysis, scores, recipe) -> Plan`` (the recipe is
+    recorded in the plan as is)."""
 
     def __init__(self, *, ratio: float, target: Target = Target.CHANNELS,
                  global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
@@ -52,8 +49,8 @@ class Allocation:
                  hidden_ratio: float | None = None):
         for name, value in (("ratio", ratio), ("heads ratio", heads_ratio),
                             ("mlp ratio", mlp_ratio), ("hidden ratio", hidden_ratio)):
-            if value is not None and not 0.0 <= value < 1.0:
-                raise OptionError(f"{name} must be in [0, 1), got {value}")
+            if value is not None:
+                check_ratio(value, name)
         self.kind_ratio = {GroupKind.HEADS: heads_ratio, GroupKind.NEURONS: mlp_ratio,
                            GroupKind.HIDDEN: hidden_ratio}
         if round_to < 1 or min_channels < 1:
@@ -64,17 +61,17 @@ class Allocation:
         self.round_to = round_to
         self.min_channels = min_channels
 
-    def run(self, analysis: Analysis, scores: Scores, meta: dict | None = None) -> Plan:
+    def run(self, analysis: Analysis, scores: Scores, recipe: Recipe | None = None) -> Plan:
         cost = CostModel(analysis.model.graph, analysis.model.ties)
         before = Counts(analysis.model.params, cost.count().flops)  # params: as in the file
         if self.target is Target.CHANNELS:
             keep = self._keep(analysis, scores, self.ratio)
         else:
             keep = self._search(analysis, scores, cost, before)
-        plan = _make_plan(analysis, keep, meta or {}, scores.unscored)
+        plan = _make_plan(analysis, keep, recipe, scores.unscored)
         after = cost.count(kept_indices(analysis, plan))
         pred = Prediction(before.params, after.params, before.flops, after.flops)
-        return Plan(plan.fingerprint, plan.groups, plan.frozen, pred, plan.meta)
+        return Plan(plan.fingerprint, plan.groups, plan.frozen, pred, plan.recipe)
 
     def _keep(self, analysis: Analysis, scores: Scores, ratio: float) -> dict[int, np.ndarray]:
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
@@ -102,7 +99,7 @@ class Allocation:
 
         def reduction(r: float) -> tuple[float, dict[int, np.ndarray]]:
             keep = self._keep(analysis, scores, r)
-            after = cost.count(kept_indices(analysis, _make_plan(analysis, keep, {},
+            after = cost.count(kept_indices(analysis, _make_plan(analysis, keep, None,
                                                                  scores.unscored)))
             value = after.params if self.target is Target.PARAMS else after.flops
             return (1.0 - value / base if base else 0.0), keep
@@ -138,7 +135,7 @@ def _global_counts(groups, scores: Scores, ratio: float, min_channels: int) -> d
     return counts
 
 
-def _make_plan(analysis: Analysis, keep: dict[int, np.ndarray], meta: dict,
+def _make_plan(analysis: Analysis, keep: dict[int, np.ndarray], recipe: Recipe | None,
                unscored: dict[int, str]) -> Plan:
     """The plan of ``keep``; groups the criterion could not score join the frozen ones."""
     groups = tuple(GroupPlan(g.id, g.name, g.size, tuple(int(i) for i in keep[g.id]))
@@ -146,5 +143,5 @@ def _make_plan(analysis: Analysis, keep: dict[int, np.ndarray], meta: dict,
     frozen = tuple(FrozenGroup(g.id, g.name, g.size, g.frozen) for g in analysis.frozen_groups)
     frozen += tuple(FrozenGroup(g.id, g.name, g.size, (unscored[g.id],))
                     for g in analysis.prunable_groups if g.id in unscored)
-    return Plan(analysis.fingerprint, tuple(groups), frozen, None, meta)
+    return Plan(analysis.fingerprint, tuple(groups), frozen, None, recipe)
 

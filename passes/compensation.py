@@ -3,8 +3,11 @@
 For each consumer layer, ``Q`` is the union of the input channels the plan removes (several
 groups may feed one layer, as in a concat), and the kept rows get
 ``W[K] -= Hinv[K,Q] · (Hinv[Q,Q])⁻¹ · W[Q]`` with the layer's ``Hinv = (H + λI)⁻¹`` — the
-closed form of OBSPA (passes/importance/obspa.py), exact for the joint removal. Runs on the
-full-size weights just before the rewrite slices them; it decides nothing the plan did not.
+closed form of OBSPA (passes/importance/obspa.py), exact for the joint removal. It reads the
+full-size weights and the layer statistics (passes/statistics.py) and mutates nothing: it
+returns the updated weights (:class:`WeightUpdates`), which the rewrite, the one mutating step,
+writes before it slices them; FLAP's bias shifts (:class:`BiasShifts`) likewise, added by the
+rewrite after slicing. It decides nothing the plan did not.
 A weight tied to another tensor of the file (spa/ir/tied.py: a tied ``lm_head`` is a view of the
 embedding) gets no update: one layer's update would untie it, and the file would hold it twice.
 """
@@ -12,6 +15,8 @@ embedding) gets no update: one layer's update would untie it, and the file would
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,27 +32,44 @@ from spa.progress import progress
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
+    from spa.passes.statistics import LayerStats
     from spa.plan import Plan
 
 log = logging.getLogger(__name__)
 
 
-class Compensation:
-    """``Compensation(damping=0.1).run(analysis, plan, hessians)``: update weights in place."""
+@dataclass(frozen=True)
+class WeightUpdates:
+    """The OBS-updated full-size weights, by tensor name; ``layers``: how many consumer
+    layers were updated."""
 
-    def __init__(self, *, damping: float = 0.1):
+    values: Mapping[str, np.ndarray]
+    layers: int
+
+
+@dataclass(frozen=True)
+class BiasShifts:
+    """Per consumer node, FLAP's output shift and the weight space of its outputs."""
+
+    by_node: Mapping[str, tuple[np.ndarray, tuple[str, int]]]
+
+
+class Compensation:
+    """``Compensation(damping=λ).run(analysis, plan, statistics) -> WeightUpdates``."""
+
+    def __init__(self, *, damping: float):
         self.damping = damping
 
-    def run(self, analysis: Analysis, plan: Plan,
-            hessians: dict[tuple[str, int], np.ndarray]) -> int:
+    def run(self, analysis: Analysis, plan: Plan, statistics: LayerStats) -> WeightUpdates:
         tensors = analysis.model.graph.tensors()
         tied = tied_names(analysis.model.ties, analysis.model.graph)
+        out: dict[str, np.ndarray] = {}
         updated = 0
         skipped: list[str] = []
         untied: list[str] = []
         removed = removed_indices(analysis, plan).items()
         for key, gone in progress(removed, "compensation", unit="layer"):
-            h = hessians.get(key)
+            h = statistics.hessian(key)
             t = tensors.get(key[0])
             if h is not None and quantized_weight(t) is not None:
                 skipped.append(key[0])
@@ -57,12 +79,12 @@ class Compensation:
                 continue
             if h is None or not isinstance(t, gs.Constant) or h.ndim == 1:
                 continue  # not a consumer layer, or a diagonal H (no cross terms to use)
-            values = np.asarray(t.values)
+            values = np.asarray(out.get(key[0], t.values))
             w = layer_rows(values, key[1])
             keep = np.setdiff1d(np.arange(w.shape[0]), gone)
             obs_remove(w, damped_inverse(h, self.damping), gone, keep)
             moved = np.moveaxis(values, key[1], 0).shape
-            t.values = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
+            out[key[0]] = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
             updated += 1
         if skipped:
             # A float update rounded back into int8 would be lossy: quantised layers lose their
@@ -73,7 +95,7 @@ class Compensation:
         if untied:
             log.warning("compensation not written into %d tied weight(s) (%s): an update would "
                         "untie them", len(untied), _some(untied))
-        return updated
+        return WeightUpdates(out, updated)
 
 
 def _some(names: list[str]) -> str:
@@ -85,19 +107,17 @@ class BiasCompensation:
 
     For a consumer layer with rows ``W[c]`` (input channel ``c`` first) the removed channels
     ``Q`` contributed ``Σ_{c∈Q} E[x_c] · W[c]`` on average; summed over kernel positions this is
-    the shift of the layer's outputs. :meth:`shifts` computes it on the full-size weights before
-    the rewrite; :meth:`apply` adds it, restricted to the surviving outputs, to the bias after
-    the rewrite. Where the bias is comes from the op's registry entry (its bias slot,
-    spa/coupling/facts.py): an input (Conv, Gemm), created if the node had none, or the
-    constant of an Add that follows (MatMul); an op without a bias slot is left alone.
+    the shift of the layer's outputs. :meth:`run` computes it on the full-size weights before
+    the rewrite; :func:`add_bias_shifts` (called by the rewrite) adds it, restricted to the
+    surviving outputs, to the bias after slicing. Where the bias is comes from the op's registry
+    entry (its bias slot, spa/coupling/facts.py): an input (Conv, Gemm), created if the node had
+    none, or the constant of an Add that follows (MatMul); an op without a bias slot is left
+    alone.
     """
 
-    def shifts(self, analysis: Analysis, plan: Plan, stats: dict
-               ) -> dict[str, tuple[np.ndarray, tuple[str, int]]]:
-        from spa.passes.hessian import consumer_layers
-
+    def run(self, analysis: Analysis, plan: Plan, statistics: LayerStats) -> BiasShifts:
         tensors = analysis.model.graph.tensors()
-        layers = consumer_layers(analysis)
+        layers, stats = statistics.layers, statistics.inputs
         out = {}
         for key, gone in removed_indices(analysis, plan).items():
             if key not in layers or key not in stats:
@@ -107,17 +127,18 @@ class BiasCompensation:
             shift = (stats[key].mean[gone] @ w[gone]).reshape(
                 np.moveaxis(values, key[1], 0).shape[1], -1).sum(axis=1)
             out[layers[key].node] = (shift, (key[0], 1 - key[1]))  # the weight's output axis
-        return out
+        return BiasShifts(out)
 
-    def apply(self, analysis: Analysis, plan: Plan,
-              shifts: dict[str, tuple[np.ndarray, tuple[str, int]]]) -> int:
-        kept = kept_indices(analysis, plan)
-        nodes = {n.name: n for n in analysis.model.graph.nodes}
-        done = 0
-        for name, (shift, out_key) in shifts.items():
-            survivors = kept.get(out_key, np.arange(shift.size))
-            done += _add_to_bias(nodes[name], analysis.model.opset, shift[survivors])
-        return done
+
+def add_bias_shifts(analysis: Analysis, plan: Plan, shifts: BiasShifts) -> int:
+    """Add the shifts to the rewritten graph's biases (the rewrite calls this after slicing)."""
+    kept = kept_indices(analysis, plan)
+    nodes = {n.name: n for n in analysis.model.graph.nodes}
+    done = 0
+    for name, (shift, out_key) in shifts.by_node.items():
+        survivors = kept.get(out_key, np.arange(shift.size))
+        done += _add_to_bias(nodes[name], analysis.model.opset, shift[survivors])
+    return done
 
 
 def _add_to_bias(node: gs.Node, opset: int, shift: np.ndarray) -> int:

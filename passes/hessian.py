@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spa.choices import HessianSource
 from spa.coupling.registry import entry_of
 from spa.coupling.types import Role
 from spa.errors import OptionError
@@ -41,13 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_DENSE = 4096  # above this many input channels a layer uses a diagonal H (memory, time)
-
-
-class HessianSource(Enum):
-    SYNTHETIC = "synthetic"
-    NOISE = "noise"
-    CALIBRATION = "calibration"
-    IDENTITY = "identity"
 
 
 @dataclass(frozen=True)
@@ -115,10 +108,12 @@ class InputStats:
 
 
 def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
-                source: HessianSource, *, samples: int = 32, seed: int = 0,
+                source: HessianSource, *, samples: int, seed: int = 0,
                 calib: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
                 ) -> dict[tuple[str, int], InputStats]:
-    """Statistics of every layer's input over the source's samples, one onnxruntime pass each."""
+    """Statistics of every layer's input over the source's samples, one onnxruntime pass each
+    (``samples``: how many synthetic batches; calibration data is read whole). The analysis
+    pass that runs this is passes/statistics.py."""
     from spa import validate as val
     from spa.ir import to_onnx
     from spa.ir.save import TWO_GB, graph_bytes
@@ -155,18 +150,6 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
                 s.total_abs += np.abs(x).sum(0)
                 s.gram += gram
     return stats
-
-
-def collect(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
-            source: HessianSource, *, samples: int = 32, seed: int = 0,
-            calib: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
-            ) -> dict[tuple[str, int], np.ndarray]:
-    """``H`` (float64, mean over samples) of every layer; diagonal (1-D) for very wide ones."""
-    if source is HessianSource.IDENTITY:
-        return {k: np.ones(layer.width) for k, layer in layers.items()}
-    stats = input_stats(analysis, layers, source, samples=samples, seed=seed, calib=calib,
-                        dims=dims)
-    return {k: s.second_moment for k, s in stats.items()}
 
 
 def _batches(sess, source: HessianSource, samples: int, seed: int,

@@ -1,37 +1,54 @@
 """Rewrite: the one mutating step. Applies a plan to the analysed graph, deciding nothing.
 
-For every channel space the plan shortens: a constant is sliced along the axis (``np.take`` of
-the surviving indices), an activation loses its stale shape (shapes are inferred afresh on
-export). Then each node whose tensors changed runs its rule's rewrite hook (``group`` of grouped
-convolutions, Reshape/Split/Slice/Resize constants). Constants orphaned by a hook are removed.
+First the compensated weights (passes/compensation.py's :class:`WeightUpdates`, full size) are
+written. Then, for every channel space the plan shortens: a constant is sliced along the axis
+(``np.take`` of the surviving indices), an activation loses its stale shape (shapes are inferred
+afresh on export). Each node whose tensors changed runs its rule's rewrite hook (``group`` of
+grouped convolutions, Reshape/Split/Slice/Resize constants). Constants orphaned by a hook are
+removed. Last, FLAP's bias shifts (:class:`BiasShifts`) are added to the surviving outputs.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.types import KeptLookup
+from spa.passes.compensation import add_bias_shifts
 from spa.plan import kept_indices
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
+    from spa.passes.compensation import BiasShifts, WeightUpdates
     from spa.plan import Plan
 
 log = logging.getLogger(__name__)
 
 
-class Rewrite:
-    """``Rewrite().run(analysis, plan)`` mutates ``analysis.model.graph`` in place."""
+@dataclass(frozen=True)
+class Rewritten:
+    """What the rewrite changed: channel spaces sliced, layers compensated (weights, biases)."""
 
-    def run(self, analysis: Analysis, plan: Plan) -> gs.Graph:
+    spaces: int
+    compensated: int
+
+
+class Rewrite:
+    """``Rewrite().run(analysis, plan, weights=…, shifts=…)`` mutates ``analysis.model.graph``
+    in place."""
+
+    def run(self, analysis: Analysis, plan: Plan, *, weights: WeightUpdates | None = None,
+            shifts: BiasShifts | None = None) -> Rewritten:
         plan.check_against(analysis)
         graph = analysis.model.graph
-        kept = kept_indices(analysis, plan)
         tensors = graph.tensors()
+        for name, values in (weights.values.items() if weights is not None else ()):
+            tensors[name].values = values
+        kept = kept_indices(analysis, plan)
         changed_tensors: set[str] = set()
         for (name, axis), idx in sorted(kept.items()):
             t = tensors.get(name)
@@ -50,4 +67,7 @@ class Rewrite:
                 hook(node, lookup)
         graph.cleanup(remove_unused_graph_inputs=False)
         log.info("rewrote %d channel spaces", len(kept))
-        return graph
+        compensated = weights.layers if weights is not None else 0
+        if shifts is not None:
+            compensated += add_bias_shifts(analysis, plan, shifts)
+        return Rewritten(len(kept), compensated)

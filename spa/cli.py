@@ -1,7 +1,10 @@
 """The ``spa`` command: a thin shell over :mod:`spa.api`.
 
-Flag choices come from the registries (criteria, targets, reductions), so a new criterion shows
-up in ``spa prune --help`` by itself. Errors a user can fix print one line and exit with a
+The options' flags are made from the option dataclasses (:class:`spa.api.PruneOptions`,
+:class:`spa.api.CheckOptions`: :mod:`spa.options`), which declare each default, help text and
+choice once; choices come from the enums and registries, so a new criterion shows up in
+``spa prune --help`` by itself. Only the command's own flags (``-o``, ``--plan``, ``--report``…)
+are written here. Errors a user can fix print one line and exit with a
 documented code (see :class:`spa.errors.ExitCode`); set ``SPA_DEBUG=1`` for tracebacks.
 
 For pipelines: every option can come from ``--config FILE.toml`` (:mod:`spa.config`; flags on
@@ -18,32 +21,13 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from spa.config import AppendOverride, config_defaults
+from spa.config import config_defaults
 from spa.errors import ExitCode, OptionError, SpaError
+from spa.options import add_flags, from_args
 from spa.progress import ProgressSettings, progress_settings
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,17 +62,14 @@ def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
 
 
 def _command_parsers(sub) -> None:
-    from spa.passes.allocation import Target
-    from spa.passes.hessian import HessianSource
-    from spa.passes.importance import CRITERIA, Normalization, Reduction
+    from spa.api import CheckOptions, PruneOptions
 
     an = sub.add_parser("analyze", help=COMMANDS["analyze"])
     an.add_argument("model", help="ONNX file")
     an.add_argument("--json", action="store_true", help="print the analysis as JSON")
     an.add_argument("--explain", action="store_true", help="list why each frozen group is frozen")
     _common_flags(an)
-    an.add_argument("--ignore", action=AppendOverride, default=[], metavar="GLOB",
-                    help="freeze every channel touching nodes whose name matches GLOB")
+    add_flags(an, PruneOptions, only=["ignore"])
     an.add_argument("--hidden", action="store_true",
                     help="analyse with hidden-size (residual stream) pruning enabled")
 
@@ -99,62 +80,16 @@ def _command_parsers(sub) -> None:
     pr.add_argument("--dry-run", action="store_true",
                     help="analyse and plan, print the plan summary and write no model (--plan, "
                     "--report and --report-html are still written when given)")
-    pr.add_argument("--ratio", type=_ratio, default=0.3,
-                    help="share of channels (or of params/FLOPs with --target) to remove, [0, 1)")
-    pr.add_argument("--heads-ratio", type=_ratio, default=None, metavar="R",
-                    help="share of attention heads to remove (default: --ratio)")
-    pr.add_argument("--mlp-ratio", type=_ratio, default=None, metavar="R",
-                    help="share of dense neurons (MLP widths) to remove (default: --ratio)")
-    pr.add_argument("--hidden", nargs="?", type=_ratio, const=True, default=False, metavar="R",
-                    help="also prune the hidden size (residual stream) of transformers, by R or "
-                    "by --ratio; norm statistics then change (outside the masked oracle)")
-    pr.add_argument("--target", choices=[t.value for t in Target], default="channels",
-                    help="what --ratio measures (params/flops: searched to meet the target)")
-    criteria_help = "; ".join(f"{n}: {c.help}" for n, c in sorted(CRITERIA.items()))
-    pr.add_argument("--criterion", choices=sorted(CRITERIA), default="l1", help=criteria_help)
-    pr.add_argument("--reduction", choices=[r.value for r in Reduction], default="mean",
-                    help="how a channel's scores over the group's weights are combined")
-    pr.add_argument("--normalization", choices=[n.value for n in Normalization],
-                    default="mean", help="per-group normalisation of channel scores")
-    pr.add_argument("--global", dest="global_ranking", action="store_true",
-                    help="rank channels across groups instead of the same ratio per group")
-    pr.add_argument("--round-to", type=_positive, default=1, metavar="N",
-                    help="keep channel counts a multiple of N")
-    pr.add_argument("--min-channels", type=_positive, default=1, metavar="N",
-                    help="never keep fewer than N channels in a group")
-    pr.add_argument("--ignore", action=AppendOverride, default=[], metavar="GLOB",
-                    help="freeze every channel touching nodes whose name matches GLOB")
-    pr.add_argument("--seed", type=int, default=0, help="seed of random scores and inputs")
+    add_flags(pr, PruneOptions, skip=["input_dims"], grouped=False)
     pr.add_argument("--plan", metavar="PLAN.json", help="also write the plan as JSON")
-    obs = pr.add_argument_group("OBSPA (--criterion obspa)")
-    obs.add_argument("--hessian", choices=[h.value for h in HessianSource], default="synthetic",
-                     help="where the layer Hessians come from (synthetic needs no data)")
-    obs.add_argument("--calib", metavar="FILE.npz",
-                     help="calibration inputs: arrays named after the graph inputs")
-    obs.add_argument("--damping", type=float, default=0.1,
-                     help="λ = damping × mean diagonal of each Hessian")
-    obs.add_argument("--samples", type=_positive, default=32,
-                     help="synthetic input samples for the Hessians")
-    obs.add_argument("--no-compensate", action="store_true",
-                     help="do not write the OBS update of the kept weights")
-    _check_flags(pr)
+    add_flags(pr, PruneOptions, grouped=True)
+    _check_flags(pr, CheckOptions)
 
     ap = sub.add_parser("apply", help=COMMANDS["apply"])
     ap.add_argument("model", help="ONNX file (never modified)")
     ap.add_argument("plan", help="plan JSON written by `spa prune --plan`")
     ap.add_argument("-o", "--output", help="where to write the pruned model (required)")
-    _check_flags(ap)
-
-
-def _input_dim(text: str) -> tuple[str, int]:
-    name, _, value = text.partition("=")
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if not name or size < 1:
-        raise argparse.ArgumentTypeError(f"expected NAME=SIZE with SIZE ≥ 1, got {text!r}")
-    return name, size
+    _check_flags(ap, CheckOptions)
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
@@ -165,27 +100,14 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
                    help="no progress bars and no notes on stderr (errors are still printed)")
 
 
-def _check_flags(p: argparse.ArgumentParser) -> None:
+def _check_flags(p: argparse.ArgumentParser, checks: type) -> None:
     _common_flags(p)
-    p.add_argument("--input-dim", action=AppendOverride, type=_input_dim, default=[],
-                   metavar="NAME=SIZE", help="size of a symbolic input dim (e.g. height=224) "
-                   "for the inputs SPA makes up; default: from the model's metadata, else the "
-                   "smallest size tried (batch 1, spatial 32..1024, sequence 8..128) at which "
-                   "onnxruntime runs it")
+    add_flags(p, checks, only=["input_dims"])
     p.add_argument("--report", metavar="REPORT.json", help="write the before/after report")
     p.add_argument("--report-html", metavar="REPORT.html",
                    help="write a self-contained HTML report (tables, per-group chart, frozen "
                    "groups and why, options, latency)")
-    oracle = p.add_mutually_exclusive_group()
-    oracle.add_argument("--check-masked", action="store_true",
-                        help="require the numeric oracle (pruned == masked original); it runs "
-                        "by default whenever it applies to the plan")
-    oracle.add_argument("--no-check", action="store_true",
-                        help="do not run the numeric oracle (the default runs it whenever the "
-                        "plan has no compensation and no normalisation over a pruned axis)")
-    p.add_argument("--no-validate", action="store_true",
-                   help="skip running original and pruned models in onnxruntime (and the "
-                   "numeric oracle, unless --check-masked)")
+    add_flags(p, checks, only=["check_masked", "validate", "latency"])
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
 
@@ -261,10 +183,7 @@ def _analyze(args: argparse.Namespace) -> int:
 def _checks(args: argparse.Namespace):
     from spa.api import CheckOptions
 
-    check_masked = True if args.check_masked else False if args.no_check else None
-    return CheckOptions(validate=not args.no_validate or args.check_masked,
-                        check_masked=check_masked, latency=not args.no_validate,
-                        input_dims=tuple(args.input_dim))
+    return from_args(CheckOptions, args)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -322,22 +241,8 @@ def _dry_run(args: argparse.Namespace, options) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from spa.api import PruneOptions, prune
-    from spa.passes.allocation import Target
-    from spa.passes.hessian import HessianSource
-    from spa.passes.importance import Normalization, Reduction
 
-    hidden = args.ratio if args.hidden is True else (args.hidden or None)
-    options = PruneOptions(ratio=args.ratio, heads_ratio=args.heads_ratio,
-                           mlp_ratio=args.mlp_ratio, hidden_ratio=hidden,
-                           target=Target(args.target),
-                           criterion=args.criterion, reduction=Reduction(args.reduction),
-                           normalization=Normalization(args.normalization),
-                           global_ranking=args.global_ranking, round_to=args.round_to,
-                           min_channels=args.min_channels, ignore=tuple(args.ignore),
-                           seed=args.seed, hessian=HessianSource(args.hessian),
-                           damping=args.damping, samples=args.samples, calib=args.calib,
-                           compensate=not args.no_compensate,
-                           input_dims=tuple(args.input_dim))
+    options = from_args(PruneOptions, args)
     _check_outputs(args)
     if args.dry_run:
         return _dry_run(args, options)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spa.errors import OptionError
+from spa.options import AppendOverride, FromConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,20 +32,7 @@ if TYPE_CHECKING:
 
 COMMAND_TABLES = ("analyze", "prune", "apply")
 _NOT_IN_FILE = {"help", "config", "version"}
-
-
-class FromConfig(list):
-    """A list default that came from the config file: the first flag on the command line
-    replaces it instead of appending to it (see :class:`AppendOverride`)."""
-
-
-class AppendOverride(argparse._AppendAction):
-    """``action="append"`` whose command-line values replace a config file's list."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if isinstance(getattr(namespace, self.dest, None), FromConfig):
-            setattr(namespace, self.dest, [])
-        super().__call__(parser, namespace, values, option_string)
+__all__ = ["AppendOverride", "FromConfig", "config_defaults", "find_config"]
 
 
 def find_config(argv: Sequence[str]) -> str | None:

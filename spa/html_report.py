@@ -66,14 +66,14 @@ def render_html(plan: Plan, report: PruneReport | None = None, *, model: str = "
             else f"{escape(model)}: nothing written, figures are predicted by the plan")
     body = [f"<h1>{title}</h1>", f'<p class="sub">{what}</p>',
             f'<p class="sub">criterion <span class="badge">'
-            f'{escape(str(plan.meta.get("criterion", "?")))}</span> · '
+            f'{escape(plan.recipe.criterion if plan.recipe else "?")}</span> · '
             f'{sum(1 for g in plan.groups if g.removed)} of {len(plan.groups)} prunable groups '
             f'pruned · {len(plan.frozen)} frozen · plan {escape(plan.fingerprint)}</p>',
             "<h2>Before and after</h2>", _summary_table(plan, report),
             "<h2>Latency</h2>", _latency_chart(report),
             "<h2>Channels kept per group</h2>", _channel_chart(plan),
             f"<h2>Frozen groups ({len(plan.frozen)})</h2>", _frozen_table(plan),
-            "<h2>Criterion and options</h2>", _options_table(plan.meta),
+            "<h2>Criterion and options</h2>", _options_table(plan.options()),
             "<h2>Validation</h2>", _validation(report)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{title}: {escape(model)}</title><style>{_CSS}</style></head>\n<body>\n"
@@ -91,8 +91,9 @@ def _rows(plan: Plan, report: PruneReport | None) -> list[tuple[str, float | Non
                 ("latency (ms)", report.latency_ms_before, report.latency_ms_after, ".3f"),
                 ("channels (prunable groups)", *channels, ",d")]
     p = plan.prediction
-    return [("params (predicted)", p and p.params_before, p and p.params_after, ",d"),
-            ("FLOPs (MACs, predicted)", p and p.flops_before, p and p.flops_after, ",d"),
+    params, flops = ((p.params_before, p.params_after), (p.flops_before, p.flops_after)) \
+        if p is not None else ((None, None), (None, None))
+    return [("params (predicted)", *params, ",d"), ("FLOPs (MACs, predicted)", *flops, ",d"),
             ("file size (bytes)", None, None, ",d"), ("latency (ms)", None, None, ".3f"),
             ("channels (prunable groups)", *channels, ",d")]
 

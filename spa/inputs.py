@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
+import numpy.typing as npt
 import onnx_graphsurgeon as gs
 
 from spa.errors import InputDimsError
@@ -138,7 +139,7 @@ def _kind_at(t: gs.Tensor, axis: int) -> Kind:
     return Kind.UNKNOWN
 
 
-def _is_float(dtype: object) -> bool:
+def _is_float(dtype: npt.DTypeLike) -> bool:
     try:
         return dtype is not None and np.issubdtype(np.dtype(dtype), np.floating)
     except TypeError:  # a type numpy does not know (bfloat16, say)
@@ -146,7 +147,7 @@ def _is_float(dtype: object) -> bool:
 
 
 def _channel_like(d: object) -> bool:
-    return isinstance(d, (int, np.integer)) and 0 < d <= 4
+    return isinstance(d, (int, np.integer)) and bool(0 < d <= 4)
 
 
 def from_metadata(dims: Mapping[str, SymbolicDim], inputs: Sequence[gs.Tensor],
@@ -159,8 +160,8 @@ def from_metadata(dims: Mapping[str, SymbolicDim], inputs: Sequence[gs.Tensor],
         spatial = [k for a, d in enumerate(t.shape or ()) if (k := dim_key(t.name, a, d))
                    and dims[k].kind is Kind.SPATIAL]
         if len(image) in (1, len(spatial)):
-            for k, n in zip(spatial, image * len(spatial) if len(image) == 1 else image):
-                sizes.setdefault(k, n)
+            for k, size in zip(spatial, image * len(spatial) if len(image) == 1 else image):
+                sizes.setdefault(k, size)
     return sizes
 
 

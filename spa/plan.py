@@ -4,24 +4,28 @@ Everything before the plan only reads the model; everything after only applies i
 the model it belongs to (a structural fingerprint) and, per group, the channels to keep
 (indices into the group's channels, which follow the order of its first producer's output axis).
 ``spa apply`` re-runs the (deterministic) analysis and refuses a plan that does not match.
+What the plan was made with is its typed :class:`~spa.recipe.Recipe` (format 2); a format-1
+plan's untyped ``meta`` is converted when it is read.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spa.errors import PlanMismatchError
+from spa.recipe import Recipe
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
     from spa.coupling.types import SpaceKey
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1: the recipe as an untyped meta dict
 
 
 @dataclass(frozen=True)
@@ -58,12 +62,17 @@ class Plan:
     groups: tuple[GroupPlan, ...]
     frozen: tuple[FrozenGroup, ...] = ()
     prediction: Prediction | None = None
-    meta: dict = field(default_factory=dict)
+    recipe: Recipe | None = None
 
     def to_json(self) -> str:
-        body = asdict(self)
+        body = {k: v for k, v in asdict(self).items() if k != "recipe"}
+        body["recipe"] = self.recipe.to_dict() if self.recipe is not None else None
         body["format"] = PLAN_FORMAT
         return json.dumps(body, indent=1, sort_keys=True)
+
+    def options(self) -> dict:
+        """The recipe as plain values, for reports (empty for a plan without one)."""
+        return self.recipe.to_dict() if self.recipe is not None else {}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
@@ -72,8 +81,9 @@ class Plan:
     def from_json(cls, text: str, source: str = "<plan>") -> Plan:
         try:
             body = json.loads(text)
-            if body.get("format") != PLAN_FORMAT:
-                raise PlanMismatchError(f"{source}: not a plan of format {PLAN_FORMAT}")
+            if body.get("format") not in READABLE_FORMATS:
+                raise PlanMismatchError(f"{source}: not a plan of format "
+                                        f"{' or '.join(map(str, READABLE_FORMATS))}")
             groups = tuple(GroupPlan(_integer(g["id"], "id"), str(g["name"]),
                                      _integer(g["size"], "size"),
                                      tuple(_integer(i, f"keep index of group {g['id']}")
@@ -82,7 +92,9 @@ class Plan:
                                        _integer(g["size"], "size"), tuple(g["reasons"]))
                            for g in body.get("frozen", ()))
             pred = Prediction(**body["prediction"]) if body.get("prediction") else None
-            return cls(str(body["fingerprint"]), groups, frozen, pred, body.get("meta", {}))
+            recipe = (Recipe.from_meta(body.get("meta") or {}) if body["format"] == 1
+                      else Recipe.from_dict(body["recipe"]) if body.get("recipe") else None)
+            return cls(str(body["fingerprint"]), groups, frozen, pred, recipe)
         except PlanMismatchError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -156,7 +156,7 @@ def plan_summary(plan: Plan, model: str) -> dict:
         "dry_run": True,
         "model": model,
         "fingerprint": plan.fingerprint,
-        "options": plan.meta,
+        "options": plan.options(),
         "params_before": pred.params_before if pred else None,
         "params_after": pred.params_after if pred else None,
         "flops_before": pred.flops_before if pred else None,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import onnx
@@ -93,13 +93,14 @@ def random_inputs(sess: ort.InferenceSession, *, seed: int = 0, dims: dict[str, 
     (keyed as :func:`spa.inputs.dim_key` says; SPA resolves them once, spa/inputs.py), or 1."""
     rng = np.random.default_rng(seed)
     dims = dims or {}
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
     for inp in sess.get_inputs():
         shape = [d if (key := dim_key(inp.name, a, d)) is None else dims.get(key, 1)
                  for a, d in enumerate(inp.shape)]
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None:
             raise ValidationError(f"input '{inp.name}' has type {inp.type}, which SPA cannot feed")
+        value: np.ndarray
         if np.issubdtype(dtype, np.floating):
             value = rng.standard_normal(shape)
         elif dtype is np.bool_:
@@ -195,9 +196,10 @@ def oracle_exemption(analysis: Analysis, plan: Plan) -> str | None:
     """Why pruned ≡ masked original cannot hold for ``plan``, or None when it must."""
     from spa.coupling.analysis import GroupKind
 
-    if plan.meta.get("compensation"):
+    recipe = plan.recipe
+    if recipe is not None and recipe.compensation is not None:
         return "the plan compensates the kept weights (OBSPA update; --no-compensate to check)"
-    if plan.meta.get("bias_compensation"):
+    if recipe is not None and recipe.bias_compensation is not None:
         return "the plan compensates biases for the removed channels"
     by_id = {g.id: g for g in analysis.groups}
     hidden = [gp.name for gp in plan.groups if gp.removed and by_id[gp.id].kind is GroupKind.HIDDEN]
@@ -241,6 +243,10 @@ _FLOAT_TENSOR_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.Ten
                        onnx.TensorProto.BFLOAT16}
 
 
+# Where to zero a weight: (axis, removed indices, the values to write there; None: zeros).
+_ZeroSlice: TypeAlias = tuple[int, np.ndarray, np.ndarray | None]
+
+
 def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
                  base_dir: Path | None = None) -> onnx.ModelProto:
     """The original model with every removed channel's consumer input-weight slice zeroed.
@@ -252,10 +258,10 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
 
     consumer_spaces = {m.space for g in analysis.groups for m in g.members
                        if m.role is Role.CONSUMER}
-    zero: dict[str, list[tuple[int, np.ndarray]]] = {}
+    zero: dict[str, list[_ZeroSlice]] = {}
     for (name, axis), idx in removed_indices(analysis, plan).items():
         if (name, axis) in consumer_spaces:
-            zero.setdefault(name, []).append((axis, idx))
+            zero.setdefault(name, []).append((axis, idx, None))
     masked = onnx.ModelProto()
     masked.CopyFrom(original)
     _through_dequantize(masked, zero, base_dir)
@@ -265,9 +271,11 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
         if init is None:
             continue
         arr = _array(init, base_dir).copy()
-        fill = slices[0][2] if len(slices[0]) > 2 else np.zeros_like(arr)
-        for axis, idx, *_ in slices:
-            index = [slice(None)] * arr.ndim
+        fill = slices[0][2]
+        if fill is None:
+            fill = np.zeros_like(arr)
+        for axis, idx, _ in slices:
+            index: list[slice | np.ndarray] = [slice(None)] * arr.ndim
             index[axis] = idx
             arr[tuple(index)] = fill[tuple(index)]
         init.CopyFrom(numpy_helper.from_array(arr, init.name))
@@ -278,7 +286,7 @@ def _array(init: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     return numpy_helper.to_array(init, str(base_dir) if base_dir is not None else "")
 
 
-def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list],
+def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list[_ZeroSlice]],
                         base_dir: Path | None) -> None:
     """A consumer weight that is a ``DequantizeLinear`` output is zeroed in its integer
     tensor, by writing the zero point there: ``(zp − zp) · scale = 0``."""
@@ -293,4 +301,4 @@ def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list],
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
         fill = zero_point_fill(q, zp, axis)
         slices = zero.pop(node.output[0])
-        zero.setdefault(node.input[0], []).extend((a, idx, fill) for a, idx in slices)
+        zero.setdefault(node.input[0], []).extend((a, idx, fill) for a, idx, _ in slices)

@@ -108,8 +108,9 @@ def assert_masked_at(model: Path, pruned: Pruned, sizes: list[dict[str, int]]) -
     """The masked oracle at several sizes of the symbolic input dims (one random input each):
     a model with dynamic dims must stay right at every size, not just the one SPA checked.
     Returns the relative difference at each size."""
-    analysis = analyze(model, ignore=tuple(pruned.plan.meta.get("ignore", ())),
-                       hidden=pruned.plan.meta.get("hidden_ratio") is not None)
+    recipe = pruned.plan.recipe
+    analysis = analyze(model, ignore=recipe.ignore if recipe else (),
+                       hidden=recipe is not None and recipe.hidden)
     masked = val.session(val.masked_model(to_onnx(analysis.model), analysis, pruned.plan))
     small = val.session(pruned.path)
     diffs = []

@@ -12,8 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, analyze, prune
+from spa.choices import HessianSource
 from spa.errors import OptionError
 from spa.passes.importance import Normalization, get_criterion
+from spa.passes.statistics import LayerStatistics
 
 RNG = np.random.default_rng(3)
 W1 = RNG.standard_normal((3, 4)).astype(np.float32)
@@ -42,8 +44,10 @@ def _mlp(w1: np.ndarray = W1, b1: np.ndarray = B1) -> onnx.ModelProto:
 def _scores(name: str) -> np.ndarray:
     analysis = analyze(_mlp())
     (group,) = analysis.prunable_groups
-    crit = get_criterion(name, normalization=Normalization.NONE, calib={"x": X})
-    return crit.run(analysis).by_group[group.id]
+    crit = get_criterion(name, normalization=Normalization.NONE)
+    stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=0,
+                            calib={"x": X}).run(analysis)
+    return crit.run(analysis, stats).by_group[group.id]
 
 
 def test_scores_match_hand_computation() -> None:

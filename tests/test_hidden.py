@@ -22,6 +22,7 @@ from spa import validate as val  # noqa: E402
 from spa.api import CheckOptions, PruneOptions, analyze, apply, prune  # noqa: E402
 from spa.coupling import GroupKind, Role  # noqa: E402
 from spa.plan import GroupPlan, Plan  # noqa: E402
+from spa.recipe import Recipe  # noqa: E402
 
 MODELS = ["vit", "bert", "gpt"]
 
@@ -85,7 +86,7 @@ def test_zeroed_hidden_channels_barely_move_the_output(paths, tmp_path: Path, na
     removed = np.arange(0, group.size, 4)  # a quarter of the hidden channels
     keep = tuple(int(i) for i in np.setdiff1d(np.arange(group.size), removed))
     plan = Plan(analysis.fingerprint, (GroupPlan(group.id, group.name, group.size, keep),),
-                meta={"hidden_ratio": 0.25})
+                recipe=Recipe.from_meta({"hidden_ratio": 0.25}))
     zeroed = tmp_path / "zeroed.onnx"
     _zero_channels(src, zeroed, removed)
     no_checks = CheckOptions(validate=False, latency=False)

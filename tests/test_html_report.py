@@ -18,6 +18,7 @@ from spa.cli import main
 from spa.errors import OutputPathError
 from spa.html_report import BAR_W, ROW, render_html, write_html_report
 from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction
+from spa.recipe import Recipe
 from tests.test_cli import _conv_net
 
 CHROMIUM = "/usr/bin/chromium"
@@ -73,7 +74,8 @@ def _synthetic_plan(n: int) -> Plan:
     frozen = (FrozenGroup(n, "fc.weight[0]", 1000,
                           tuple(f"reason {k} <b>not bold</b>" for k in range(7))),)
     pred = Prediction(25_000_000, 7_000_000, 4_000_000_000, 1_000_000_000)
-    return Plan("f" * 16, tuple(groups), frozen, pred, {"criterion": "l1", "ratio": 0.5})
+    return Plan("f" * 16, tuple(groups), frozen, pred,
+                Recipe.from_meta({"criterion": "l1", "ratio": 0.5}))
 
 
 def test_report_from_a_prune_holds_the_measured_numbers(model_path: Path, tmp_path: Path,

@@ -16,6 +16,7 @@ from spa.errors import OptionError
 from spa.passes.hessian import HessianSource, damped_inverse
 from spa.passes.importance import get_criterion
 from spa.passes.importance.obspa import obs_remove
+from spa.passes.statistics import LayerStatistics
 
 
 def test_obs_update_is_the_least_squares_refit() -> None:
@@ -70,7 +71,8 @@ def test_identity_hessian_orders_by_consumer_l2() -> None:
     w2 = (rng.standard_normal((12, 3)) * rng.uniform(0.1, 3, (12, 1))).astype(np.float32)
     analysis = analyze(_mlp(w1, w2))
     (group,) = analysis.prunable_groups
-    scores = get_criterion("obspa", hessian=HessianSource.IDENTITY).run(analysis).by_group
+    identity = LayerStatistics(source=HessianSource.IDENTITY, samples=1).run(analysis)
+    scores = get_criterion("obspa").run(analysis, identity).by_group
     order = np.argsort(scores[group.id], kind="stable")
     expected = np.argsort((w2.astype(np.float64) ** 2).sum(1), kind="stable")
     assert order.tolist() == expected.tolist()

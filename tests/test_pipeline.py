@@ -83,14 +83,14 @@ def test_config_table_wins_over_top_level_and_lists_are_replaced(
                 f'plan = "{plan}"\n"no-validate" = true\n\n[apply]\n"no_validate" = false\n')
     out = tmp_path / "p.onnx"
     assert main(["prune", str(model_path), "--config", str(cfg), "-o", str(out), "--json"]) == 0
-    meta = json.loads(plan.read_text())["meta"]
-    assert meta["ratio"] == 0.5 and meta["ignore"] == ["conv3"]
+    recipe = json.loads(plan.read_text())["recipe"]
+    assert recipe["ratio"] == 0.5 and recipe["ignore"] == ["conv3"]
     # conv3 ignored: conv2's 6 output channels are frozen; conv1's 8 are halved.
     assert json.loads(capsys.readouterr().out)["channels_after"] == 4
     assert main(["prune", str(model_path), "--config", str(cfg), "-o", str(out),
                  "--ignore", "conv1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert json.loads(plan.read_text())["meta"]["ignore"] == ["conv1"]  # replaced, not added
+    assert json.loads(plan.read_text())["recipe"]["ignore"] == ["conv1"]  # replaced, not added
     assert report["channels_after"] == 3  # now conv1's 8 are frozen and conv2's 6 halved
 
 
@@ -106,7 +106,7 @@ def test_config_symbolic_dims_table_and_hidden_flag(tmp_path: Path, capsys) -> N
                  "--plan", str(tmp_path / "plan.json"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["masked_relative_diff"] <= 1e-4 and report["params_after"] == PARAMS[0.5]
-    assert json.loads((tmp_path / "plan.json").read_text())["meta"]["hidden_ratio"] == 0.5
+    assert json.loads((tmp_path / "plan.json").read_text())["recipe"]["hidden_ratio"] == 0.5
 
 
 @pytest.mark.parametrize("text, key, expect", [

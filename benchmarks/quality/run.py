@@ -111,8 +111,7 @@ def peer_rows(name: str, reductions: list[float], workdir: Path, metric) -> dict
 
 def run_model(name: str, reductions: list[float], workdir: Path, peer: bool = True) -> dict:
     from spa.api import CheckOptions, PruneOptions, prune
-    from spa.passes.allocation import Target
-    from spa.passes.hessian import HessianSource
+    from spa.choices import HessianSource, Target
 
     path, calib, metric = _effnet(workdir) if name == "efficientnet_lite0" \
         else _digits(name, workdir)

@@ -15,30 +15,19 @@ A criterion only supplies :meth:`Criterion.local`; the rest is this one code pat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.choices import HessianSource, Normalization, Reduction
 from spa.errors import OptionError
 from spa.ir.quant import is_weight, weight_values
+from spa.options import option
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group, Member
-
-
-class Reduction(Enum):
-    MEAN = "mean"
-    SUM = "sum"
-    MAX = "max"
-
-
-class Normalization(Enum):
-    MEAN = "mean"
-    MAX = "max"
-    STANDARD = "standard"
-    NONE = "none"
+    from spa.passes.statistics import LayerStats
 
 
 @dataclass(frozen=True)
@@ -50,6 +39,18 @@ class Scores:
     # Groups the criterion cannot score, with the reason: they are not pruned (the plan lists
     # them as frozen) rather than stopping the run.
     unscored: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """The two steps every criterion shares (declared once; PruneOptions copies them)."""
+
+    reduction: Reduction = option(
+        Reduction.MEAN, enum=Reduction,
+        help="how a channel's scores over the group's weights are combined")
+    normalization: Normalization = option(
+        Normalization.MEAN, enum=Normalization,
+        help="per-group normalisation of channel scores")
 
 
 CRITERIA: dict[str, type[Criterion]] = {}
@@ -72,8 +73,15 @@ class Criterion:
     name: ClassVar[str]
     help: ClassVar[str]
 
-    def __init__(self, *, reduction: Reduction = Reduction.MEAN,
-                 normalization: Normalization = Normalization.MEAN, seed: int = 0):
+    #: The criterion's own options dataclass (fields named as PruneOptions' fields), or None.
+    Options: ClassVar[type | None] = None
+    #: Whether the plan's recipe writes the OBS update of the kept weights (compensation).
+    compensation: ClassVar[bool] = False
+    #: Whether the plan's recipe adds FLAP's bias shift (passes/compensation.py).
+    bias_compensation: ClassVar[bool] = False
+
+    def __init__(self, *, reduction: Reduction = ScoringOptions.reduction,
+                 normalization: Normalization = ScoringOptions.normalization, seed: int = 0):
         self.reduction = reduction
         self.normalization = normalization
         self.seed = seed
@@ -82,7 +90,12 @@ class Criterion:
         """Score of each index along ``axis`` of ``weight`` (length ``weight.shape[axis]``)."""
         raise NotImplementedError
 
-    def run(self, analysis: Analysis) -> Scores:
+    def statistics_source(self, calib_given: bool) -> HessianSource | None:
+        """The layer statistics (passes/statistics.py) :meth:`run` reads, or None (weights
+        only). ``calib_given``: whether calibration data is at hand."""
+        return None
+
+    def run(self, analysis: Analysis, statistics: LayerStats | None = None) -> Scores:
         tensors = analysis.model.graph.tensors()
         out, unscored = {}, {}
         for g in analysis.prunable_groups:

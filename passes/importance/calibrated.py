@@ -15,40 +15,46 @@ A group that no consumer layer reads through a weight falls back to its producer
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.choices import HessianSource
 from spa.coupling.types import Role
 from spa.errors import OptionError
-from spa.passes.hessian import HessianSource, InputStats, consumer_layers, input_stats
 from spa.passes.importance.base import Criterion, along, normalise, register_criterion
 from spa.passes.importance.obspa import producer_norms
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group, Member
+    from spa.passes.hessian import InputStats
     from spa.passes.importance.base import Scores
+    from spa.passes.statistics import LayerStats
 
 
 class Calibrated(Criterion):
-    """Base of the calibration criteria: collects the consumer layers' input statistics."""
+    """Base of the calibration criteria: they read the consumer layers' input statistics
+    (passes/statistics.py, from calibration data), handed to :meth:`run`."""
 
-    bias_compensation: ClassVar[bool] = False
-
-    def __init__(self, *, calib: dict[str, np.ndarray] | None = None, **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.calib = calib
-        self.stats: dict[tuple[str, int], InputStats] = {}
+        self.stats: Mapping[tuple[str, int], InputStats] = {}  # during run() only
 
-    def run(self, analysis: Analysis) -> Scores:
-        if not self.calib:
+    def statistics_source(self, calib_given: bool) -> HessianSource | None:
+        return HessianSource.CALIBRATION if calib_given else None
+
+    def run(self, analysis: Analysis, statistics: LayerStats | None = None) -> Scores:
+        if statistics is None or statistics.source is not HessianSource.CALIBRATION:
             raise OptionError(f"criterion {self.name} needs calibration data (--calib FILE.npz "
                               "with arrays named after the graph inputs); data-free criteria: "
                               "l1, l2, fpgm, lamp, obspa")
-        self.stats = input_stats(analysis, consumer_layers(analysis), HessianSource.CALIBRATION,
-                                 calib=self.calib)
-        return super().run(analysis)
+        self.stats = statistics.inputs
+        try:
+            return super().run(analysis)
+        finally:
+            self.stats = {}
 
     def scored(self, member: Member, tensor: gs.Tensor) -> bool:
         return member.role is Role.CONSUMER and member.space in self.stats

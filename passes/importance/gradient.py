@@ -35,6 +35,7 @@ from spa.passes.importance.base import Criterion, Normalization, along, register
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group, Member
     from spa.passes.importance.base import Scores
+    from spa.passes.statistics import LayerStats
 
 
 class Gradient(Criterion):
@@ -50,7 +51,7 @@ class Gradient(Criterion):
         if not self.absolute and self.normalization is Normalization.MEAN:
             self.normalization = Normalization.STANDARD  # a signed mean can be ~0 or negative
 
-    def run(self, analysis: Analysis) -> Scores:
+    def run(self, analysis: Analysis, statistics: LayerStats | None = None) -> Scores:
         if self.saliency is None:
             raise OptionError(
                 f"criterion {self.name} needs gradients: --calib FILE.npz with the graph "

@@ -18,19 +18,24 @@ at once, is the compensation written into the model (passes/compensation.py).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spa.choices import HessianSource
 from spa.coupling.types import Role
+from spa.errors import OptionError
 from spa.ir.quant import weight_values
-from spa.passes.hessian import HessianSource, collect, consumer_layers, damped_inverse
+from spa.options import option, positive
+from spa.passes.hessian import damped_inverse
 from spa.passes.importance.base import Criterion, Scores, normalise, register_criterion
 from spa.progress import progress
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
+    from spa.passes.statistics import LayerStats
 
 BATCHES = 16  # greedy removal in about this many batches per group
 
@@ -58,39 +63,59 @@ def obs_remove(w: np.ndarray, hinv: np.ndarray, q: np.ndarray, keep: np.ndarray)
     w[q] = 0
 
 
+GROUP = "OBSPA (--criterion obspa)"
+
+
+@dataclass(frozen=True)
+class OBSPAOptions:
+    """OBSPA's own options (and the compensation's: the same Hessians, the same damping)."""
+
+    hessian: HessianSource = option(
+        HessianSource.SYNTHETIC, enum=HessianSource, group=GROUP,
+        help="where the layer Hessians come from (synthetic needs no data)")
+    damping: float = option(0.1, parse=float, group=GROUP,
+                            help="λ = damping × mean diagonal of each Hessian")
+    samples: int = option(32, parse=positive, group=GROUP,
+                          help="synthetic input samples for the Hessians")
+
+
 @register_criterion
 class OBSPA(Criterion):
     name = "obspa"
     help = ("Optimal Brain Surgeon per group: greedy removal by OBS cost with the closed-form "
             "update of the kept weights (compensation); --hessian picks the data source")
 
-    def __init__(self, *, hessian: HessianSource = HessianSource.SYNTHETIC, damping: float = 0.1,
-                 samples: int = 32, calib: dict[str, np.ndarray] | None = None,
-                 dims: dict[str, int] | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.hessian, self.damping, self.samples, self.calib = hessian, damping, samples, calib
-        self.dims = dims
-        self.hessians: dict[tuple[str, int], np.ndarray] = {}
+    Options = OBSPAOptions
+    compensation = True
 
-    def run(self, analysis: Analysis) -> Scores:
-        layers = consumer_layers(analysis)
-        self.hessians = collect(analysis, layers, self.hessian, samples=self.samples,
-                                seed=self.seed, calib=self.calib, dims=self.dims)
+    def __init__(self, *, options: OBSPAOptions = OBSPAOptions(), **kwargs):
+        super().__init__(**kwargs)
+        self.options = options
+
+    def statistics_source(self, calib_given: bool) -> HessianSource:
+        return self.options.hessian
+
+    def run(self, analysis: Analysis, statistics: LayerStats | None = None) -> Scores:
+        if statistics is None:
+            raise OptionError("criterion obspa scores from layer statistics: run "
+                              "passes/statistics.py's LayerStatistics and pass its result")
         tensors = analysis.model.graph.tensors()
         out = {}
         for g in progress(analysis.prunable_groups, "obspa", unit="group"):
-            members = [m for m in g.members if m.role is Role.CONSUMER and m.space in layers]
+            members = [m for m in g.members
+                       if m.role is Role.CONSUMER and m.space in statistics.layers]
             if not members:  # nothing reads these channels through a weight: L2 of producers
                 out[g.id] = normalise(producer_norms(g, tensors), self.normalization)
                 continue
-            out[g.id] = self._elimination_order(g, members, tensors)
+            out[g.id] = self._elimination_order(g, members, tensors, statistics)
         return Scores(out, self.name)
 
-    def _elimination_order(self, g: Group, members, tensors) -> np.ndarray:
+    def _elimination_order(self, g: Group, members, tensors, statistics: LayerStats
+                           ) -> np.ndarray:
         state = []
         for m in members:
             w = layer_rows(weight_values(tensors[m.space[0]]), m.space[1])
-            hinv = damped_inverse(self.hessians[m.space], self.damping)
+            hinv = damped_inverse(statistics.hessian(m.space), self.options.damping)
             state.append((m, w, hinv))
         alive = np.ones(g.size, dtype=bool)
         score = np.zeros(g.size)

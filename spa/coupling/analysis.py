@@ -39,6 +39,7 @@ from spa.progress import progress
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Set as AbstractSet
 
     from spa.ir.load import LoadedModel
 
@@ -235,7 +236,7 @@ class CouplingAnalysis:
             live_axes.setdefault(key[0], []).append(key)
         frozen: dict[SpaceKey, set[str]] = {}
 
-        def freeze(names: Iterable[str], reason_of, handled: set[SpaceKey] = frozenset()):
+        def freeze(names: Iterable[str], reason_of, handled: AbstractSet[SpaceKey] = frozenset()):
             for name in names:
                 for key in live_axes.get(name, ()):
                     if key not in handled:
@@ -322,8 +323,8 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     comp_of: dict[SpaceKey, int] = {}
     anchored: set[int] = set()
     dead: set[object] = {k for k in blocked if k not in graph}
-    for i, comp in enumerate(nx.connected_components(graph)):
-        for k in comp:
+    for i, component in enumerate(nx.connected_components(graph)):
+        for k in component:
             comp_of[k] = i
             if roles.get(k) in (Role.PRODUCER, Role.CONSUMER):
                 anchored.add(i)
@@ -336,6 +337,7 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     touching: dict[object, set[str]] = {}
     by_alt: dict[str, list[Edge]] = {}
     for e in candidates:
+        assert e.alternatives is not None, "a digit candidate names its alternatives"
         touching.setdefault(comp(e.a), set()).add(e.alternatives)
         touching.setdefault(comp(e.b), set()).add(e.alternatives)
         by_alt.setdefault(e.alternatives, []).append(e)
@@ -395,9 +397,9 @@ def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey
     # Signature of each channel (atom): the sorted set of spaces it touches. The distinct
     # (atom, space) pairs, sorted, as one int64 key each (sorting 1-D keys is far faster than
     # a row-wise np.unique, or numpy 2's hashed 1-D one, in the same order).
-    key = np.sort(labels * len(spaces) + elem_space)
-    key = key[np.concatenate(([True], key[1:] != key[:-1]))]
-    pairs = np.stack([key // len(spaces), key % len(spaces)], axis=1)
+    codes = np.sort(labels * len(spaces) + elem_space)
+    codes = codes[np.concatenate(([True], codes[1:] != codes[:-1]))]
+    pairs = np.stack([codes // len(spaces), codes % len(spaces)], axis=1)
     atom_ids, starts = np.unique(pairs[:, 0], return_index=True)
     bounds = list(starts[1:]) + [len(pairs)]
     sig_of_atom: dict[int, tuple[int, ...]] = {}

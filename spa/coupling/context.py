@@ -94,6 +94,16 @@ class NodeContext:
     def attr(self, name: str, default: object = None) -> object:
         return self.node.attrs.get(name, default)
 
+    def attr_int(self, name: str, default: int | None = None) -> int:
+        """An integer attribute, ``default`` when absent (no default: a required attribute, whose
+        absence makes the model invalid and raises)."""
+        return int(self.node.attrs.get(name, default))
+
+    def attr_ints(self, name: str) -> list[int] | None:
+        """A list-of-integers attribute; None when absent."""
+        values = self.node.attrs.get(name)
+        return None if values is None else [int(v) for v in values]
+
     def shape(self, t: gs.Tensor | None) -> tuple[int | None, ...] | None:
         return None if t is None else static_shape(t)
 
@@ -292,6 +302,7 @@ class NodeContext:
                 return self.unknown_rank(t)
             if not -len(shape) <= ax < len(shape):
                 return f"{self.which(t)} has no axis {ax}"
+        assert sa is not None and sb is not None  # returned above otherwise
         la, lb = sa[ax_a], sb[ax_b]
         if la is None or lb is None:
             return f"unknown length of axis {ax_a if la is None else ax_b} of " \

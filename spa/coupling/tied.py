@@ -55,5 +55,7 @@ def _twin(t: gs.Constant) -> gs.Constant:
 
 @register(CHAIN, domain="spa")
 def chain(ctx: NodeContext) -> None:
-    ctx.refuse(f"'{ctx.output(0).name}' is a view of the tied constant '{ctx.input(0).name}' "
+    view, source = ctx.output(0), ctx.input(0)
+    assert view is not None and source is not None  # the chain node built here has both
+    ctx.refuse(f"'{view.name}' is a view of the tied constant '{source.name}' "
                f"through several layout ops ({ctx.attr('ops')}): its axes keep their length")

@@ -10,9 +10,15 @@ in SPA goes through :func:`is_floating`, which answers on the ONNX enum.
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import numpy as np
+import numpy.typing as npt
 import onnx
 from onnx import helper
+
+# An element type in any of its spellings: an ONNX enum, or what numpy takes as a dtype.
+ElementType: TypeAlias = int | np.integer | npt.DTypeLike | None
 
 # Every ONNX element type that holds real numbers in floating point (the newest ones only if
 # this onnx has them).
@@ -21,20 +27,20 @@ FLOATING = frozenset(getattr(onnx.TensorProto, n) for n in (
     "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n))
 
 
-def onnx_type(dtype: object) -> int:
+def onnx_type(dtype: ElementType) -> int:
     """The ONNX enum of ``dtype`` (an enum, a numpy or an ``ml_dtypes`` dtype, or a type);
-    ``UNDEFINED`` for what ONNX has no type for (None, objects)."""
-    if isinstance(dtype, (int, np.integer)) and not isinstance(dtype, bool):
-        return int(dtype)
-    if dtype is None:
+    ``UNDEFINED`` for what ONNX has no type for (None, booleans, objects)."""
+    if dtype is None or isinstance(dtype, bool):
         return onnx.TensorProto.UNDEFINED
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype)
     try:
         return int(helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
     except (KeyError, TypeError, ValueError):
         return onnx.TensorProto.UNDEFINED
 
 
-def is_floating(dtype: object) -> bool:
+def is_floating(dtype: ElementType) -> bool:
     """True for every floating-point element type, bfloat16 and float8 included."""
     return onnx_type(dtype) in FLOATING
 

@@ -130,15 +130,17 @@ class ExternalValues(LazyValues):
             return numpy_helper.to_array(self.tensor, str(self.base_dir))
         mapped = np.memmap(self.ref.path, dtype=dtype, mode="r", offset=self.ref.offset,
                            shape=shape)
-        mapped._spa_source = self  # the bytes of this array: copied file to file, re-exported
+        # The bytes of this array: copied file to file, re-exported. (numpy's stubs declare no
+        # instance attributes; the array takes this one like any Python object.)
+        mapped._spa_source = self  # type: ignore[attr-defined]
         return mapped
 
 
 def attach_external(graph: gs.Graph, base_dir: Path, name: str = "<model>") -> None:
     """Give every constant of ``graph`` that references external data mapped values."""
     for t in graph.tensors().values():
-        v = getattr(t, "_values", None)
-        if isinstance(t, gs.Constant) and type(v) is LazyValues and uses_external(v.tensor):
+        if isinstance(t, gs.Constant) and type(v := t._values) is LazyValues \
+                and uses_external(v.tensor):
             t._values = ExternalValues(v.tensor, base_dir, name)
 
 
@@ -247,7 +249,7 @@ def _write_values(fd: int, values, offset: int, length: int) -> None:
     flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
     if flat.size != length:
         raise ValueError(f"tensor of {flat.size} bytes laid out as {length}")
-    view, done = memoryview(flat), 0
+    view, done = flat.data, 0
     while done < length:
         done += os.pwrite(fd, view[done:], offset + done)
 

@@ -12,18 +12,16 @@ and TF-"same" pads are computed in float); anything else stays as it is.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TypeAlias
 
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
 _SMALL = 64  # shape arithmetic is folded only on tensors this small
 _LARGE = 1 << 16  # a constant Expand is folded only up to this many elements
-Folder = "Callable[[gs.Node, list[np.ndarray]], np.ndarray | None]"
+Folder: TypeAlias = Callable[[gs.Node, list[np.ndarray]], np.ndarray | None]
 
 
 def _axes(node: gs.Node, values: list[np.ndarray]) -> list[int] | None:

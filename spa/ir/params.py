@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from spa.ir.dtypes import is_floating
+from spa.ir.dtypes import ElementType, is_floating
 
 
 def is_parameter(t: gs.Tensor) -> bool:
@@ -65,5 +65,5 @@ def _floating_type(data_type: int) -> bool:
     return is_floating(data_type)
 
 
-def _floating(dtype: object) -> bool:
+def _floating(dtype: ElementType) -> bool:
     return is_floating(dtype)

@@ -59,8 +59,8 @@ def quantized_weight(t: gs.Tensor | None) -> QuantizedWeight | None:
         if -(-q.shape[axis] // block) == scale.shape[axis]:
             return QuantizedWeight(node, q, scale, zp, axis, block)
         return None
-    axis = per_axis(node, q.shape, scale.shape)
-    return None if axis is False else QuantizedWeight(node, q, scale, zp, axis)
+    per = per_axis(node, q.shape, scale.shape)
+    return None if per is False else QuantizedWeight(node, q, scale, zp, per)
 
 
 def per_axis(node: gs.Node, shape: tuple, scale_shape: tuple) -> int | None | bool:
@@ -88,6 +88,7 @@ def dequantize(w: QuantizedWeight) -> np.ndarray:
     scale = peek(w.scale)
     zp = np.zeros((), np.float32) if w.zero_point is None else peek(w.zero_point)
     if w.block_size:
+        assert w.axis is not None, "a blocked weight has an axis (quantized_weight)"
         n = q.shape[w.axis]
         scale = np.repeat(scale, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
         if zp.ndim:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
+from typing import TypeAlias
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -54,10 +55,14 @@ class Lit(int):
 
     def write(self, value: int) -> None:
         """Give the reading node a copy of its constant with this entry set to ``value``."""
+        assert self.source is not None, "only a rewritable entry (read from a node) is written"
         node, slot, pos = self.source
         values = np.array(node.inputs[slot].values, copy=True)
         values.reshape(-1)[pos] = value
         node.inputs[slot] = gs.Constant(f"{node.name}__spa_in{slot}", values)
+
+
+Entry: TypeAlias = Lit | DimRef  # one entry of a shape tensor: a literal or a dim read by Shape
 
 
 def shape_op_dims(node: gs.Node, rank: int) -> range:
@@ -70,7 +75,7 @@ def shape_op_dims(node: gs.Node, rank: int) -> range:
 
 
 def shape_entries(t: gs.Tensor | None, depth: int = 0,
-                  reader: tuple[gs.Node, int] | None = None) -> list | None:
+                  reader: tuple[gs.Node, int] | None = None) -> list[Entry] | None:
     """Entries of the 1-D shape tensor ``t``; ``reader`` is the (node, slot) reading it."""
     if t is None or depth > 12:
         return None
@@ -97,15 +102,19 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
         inner = shape_entries(node.inputs[0], depth + 1)
         return inner if inner is not None and len(inner) <= 1 else None
     if op == "Concat":
-        parts = [shape_entries(t, depth + 1, (node, i)) for i, t in enumerate(node.inputs)]
-        if any(p is None for p in parts):
-            return None
-        return [e for p in parts for e in p]
+        joined: list[Entry] = []
+        for i, part_t in enumerate(node.inputs):
+            part = shape_entries(part_t, depth + 1, (node, i))
+            if part is None:
+                return None
+            joined += part
+        return joined
     if op == "Slice" and len(node.inputs) >= 3:
         data = shape_entries(node.inputs[0], depth + 1)
-        bounds = [np.asarray(t.values).reshape(-1).tolist() if isinstance(t, gs.Constant) else None
-                  for t in node.inputs[1:5]]
-        if data is None or any(b is None for b in bounds) or any(len(b) != 1 for b in bounds) \
+        if data is None or not all(isinstance(b, gs.Constant) for b in node.inputs[1:5]):
+            return None
+        bounds = [np.asarray(b.values).reshape(-1).tolist() for b in node.inputs[1:5]]
+        if any(len(b) != 1 for b in bounds) \
                 or (len(bounds) > 2 and bounds[2] != [0]) or (len(bounds) > 3 and bounds[3] != [1]):
             return None
         return data[slice(int(bounds[0][0]), int(bounds[1][0]))]
@@ -119,7 +128,7 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
     return None
 
 
-def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list | None
+def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list[Entry] | None
                    ) -> tuple[int | None, ...] | None:
     """Expand's output shape where the target determines it (``-1`` never occurs in Expand)."""
     if in_shape is None or entries is None:
@@ -136,8 +145,9 @@ def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list | None
     return tuple(out)
 
 
-def resolve_reshape(in_shape: tuple[int | None, ...] | None, entries: list | None, x_name: str,
-                    inferred: tuple[int | None, ...] | None) -> tuple[int | None, ...] | None:
+def resolve_reshape(in_shape: tuple[int | None, ...] | None, entries: list[Entry] | None,
+                    x_name: str, inferred: tuple[int | None, ...] | None
+                    ) -> tuple[int | None, ...] | None:
     """The Reshape's output shape, static wherever the target determines it.
 
     ONNX shape inference gives up on ``[N, 8, 4, 4] → Concat(N, -1)``; here the symbolic ``N``

@@ -120,8 +120,10 @@ def steps_for(tie: Tie, shape: tuple[int, ...]) -> tuple[Step, ...]:
 def derive(steps: tuple[Step, ...], values: np.ndarray) -> np.ndarray:
     """``values`` through ``steps``, as spa/ir/fold.py evaluated them."""
     for s in steps:
-        values = LAYOUT_FOLDERS[s.op](gs.Node(s.op, attrs=s.attrs),
-                                      [values, *(v for _, v in s.args)])
+        out = LAYOUT_FOLDERS[s.op](gs.Node(s.op, attrs=s.attrs), [values, *(v for _, v in s.args)])
+        # Only Expand declines (past a size), and a step folded once folds no larger tensor again.
+        assert out is not None, f"{s.op} step '{s.node}' no longer folds"
+        values = out
     return np.asarray(values)
 
 

@@ -39,12 +39,13 @@ _NARROW = {"BFLOAT16": 2, "FLOAT8E4M3FN": 1, "FLOAT8E4M3FNUZ": 1, "FLOAT8E5M2": 
 
 
 def _narrow_dtypes() -> dict[int, np.dtype]:
-    out = {}
+    out: dict[int, np.dtype] = {}
     for name, size in _NARROW.items():
         data_type = getattr(onnx.TensorProto, name, None)
-        dtype = None if data_type is None else np.dtype(
-            helper.tensor_dtype_to_np_dtype(data_type))
-        if dtype is not None and dtype.itemsize == size:
+        if data_type is None:
+            continue  # not in this onnx version
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+        if dtype.itemsize == size:
             out[data_type] = dtype
     return out
 
@@ -83,7 +84,7 @@ class InlineValues(LazyValues):
         shape = tuple(int(d) for d in t.dims)
         size = int(np.prod(shape, dtype=np.int64))
         span = self.mapped.spans.get(t.name) if self.mapped is not None else None
-        if span is not None and span[1] == size * dtype.itemsize:
+        if self.mapped is not None and span is not None and span[1] == size * dtype.itemsize:
             return np.frombuffer(self.mapped.buffer, dtype=dtype, count=size,
                                  offset=span[0]).reshape(shape)
         raw = t.raw_data
@@ -102,8 +103,7 @@ def inline_views(graph: gs.Graph, mapped: MappedFile | None = None) -> None:
     """Make the inline constants of a freshly imported ``graph`` load as views (of ``mapped``,
     the file the graph was read from, where it holds them)."""
     for t in graph.tensors().values():
-        v = getattr(t, "_values", None)
-        if isinstance(t, gs.Constant) and type(v) is LazyValues \
+        if isinstance(t, gs.Constant) and type(v := t._values) is LazyValues \
                 and not external_data_helper.uses_external_data(v.tensor):
             t._values = InlineValues(v.tensor, mapped)
 

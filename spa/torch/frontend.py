@@ -30,12 +30,13 @@ import numpy as np
 import onnx
 import torch
 
-from spa import api
+from spa import api, pipeline
 from spa import validate as val
-from spa.coupling.analysis import CouplingAnalysis, GroupKind
+from spa.coupling.analysis import GroupKind
 from spa.errors import ValidationError
 from spa.ir.load import load_model
 from spa.ir.save import save_model
+from spa.options import replace_checked
 from spa.plan import Plan
 from spa.torch.export import eval_mode, export
 from spa.torch.modules import conv_groups, fix_attributes, write_back
@@ -143,21 +144,23 @@ def _attempt(module: nn.Module, inputs: tuple[torch.Tensor, ...], exported: Path
     loaded = load_model(exported)
     params = ParamMap.build(module, onnx.load(str(exported), load_external_data=False),
                             loaded.graph)
-    meta = the_plan.meta if the_plan is not None else {}
-    ignore = options.ignore if options is not None else tuple(meta.get("ignore", ()))
-    hidden = (options.hidden_ratio if options is not None else meta.get("hidden_ratio")) is not None
-    analysis = CouplingAnalysis(ignore=ignore, hidden=hidden,
-                                frozen_tensors=params.unmapped).run(loaded)
-    hessians = stats = None
+    recipe = the_plan.recipe if the_plan is not None else None
+    ignore = options.ignore if options is not None else recipe.ignore if recipe else ()
+    hidden = (options.hidden_ratio is not None if options is not None
+              else recipe is not None and recipe.hidden)
+    analysis = pipeline.analyse(loaded, ignore=ignore, hidden=hidden,
+                                frozen_tensors=params.unmapped)
+    statistics = None
     if the_plan is None:
-        the_plan, criterion = api._plan(analysis, options,
-                                        _gradient_options(module, options, params, batch, loss_fn))
-        hessians = getattr(criterion, "hessians", None)
-        stats = getattr(criterion, "stats", None)
+        assert options is not None  # a plan, or the options to make one
+        planned = pipeline.make_plan(
+            analysis, options,
+            saliency=lambda needs: on_constants(saliency(module, batch, needs, loss_fn), params))
+        the_plan, statistics = planned.plan, planned.statistics
     pruned_path = exported.with_name("pruned.onnx")
-    report = api.apply_plan(analysis, the_plan, pruned_path,
-                            api.CheckOptions(validate=True, latency=False),
-                            hessians=hessians, stats=stats)
+    report = pipeline.emit(analysis, the_plan, pruned_path,
+                           pipeline.CheckOptions(validate=True, latency=False),
+                           statistics=statistics)
     pruned = onnx.load(str(pruned_path))
     groups = conv_groups(pruned, params)
     trial = copy.deepcopy(module)
@@ -176,17 +179,6 @@ def _attempt(module: nn.Module, inputs: tuple[torch.Tensor, ...], exported: Path
     return TorchPruneReport(onnx=report, plan=the_plan, params_before=0, params_after=0,
                             max_abs_diff=c.max_abs, relative_diff=c.relative,
                             tensors_changed=changed)
-
-
-def _gradient_options(module: nn.Module, options: api.PruneOptions, params: ParamMap,
-                      batch: Batch | None, loss_fn: LossFn | None) -> dict:
-    from spa.passes.importance import CRITERIA
-    from spa.passes.importance.gradient import Gradient
-
-    cls = CRITERIA.get(options.criterion)
-    if cls is None or not issubclass(cls, Gradient):
-        return {}
-    return {"saliency": on_constants(saliency(module, batch, cls.needs, loss_fn), params)}
 
 
 def _compare(module: nn.Module, inputs: tuple[torch.Tensor, ...], pruned: onnx.ModelProto
@@ -218,23 +210,9 @@ def _heads_removed(analysis, the_plan: Plan) -> bool:
 
 
 def _options(options: api.PruneOptions | None, values: dict) -> api.PruneOptions:
-    from spa.passes.allocation import Target
-    from spa.passes.hessian import HessianSource
-    from spa.passes.importance import Normalization, Reduction
-
-    options = options or api.PruneOptions()
-    enums = {"target": Target, "hessian": HessianSource, "reduction": Reduction,
-             "normalization": Normalization}
-    values = {k: enums[k](v) if k in enums and isinstance(v, str) else v
-              for k, v in values.items()}
-    if "ignore" in values:
-        values["ignore"] = tuple(values["ignore"])
-    try:
-        return dataclasses.replace(options, **values)
-    except TypeError as exc:
-        from spa.errors import OptionError
-
-        raise OptionError(str(exc)) from None
+    """``options`` with the keywords given (field names of :class:`spa.api.PruneOptions`;
+    enum fields take members or their values)."""
+    return replace_checked(options or api.PruneOptions(), values)
 
 
 def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:

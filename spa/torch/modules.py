@@ -41,7 +41,7 @@ def write_back(module: nn.Module, params: ParamMap, pruned: onnx.ModelProto) -> 
     """Set every mapped parameter to its pruned (and possibly compensated) value; returns how
     many tensors changed."""
     values = {i.name: i for i in pruned.graph.initializer}
-    tensors = dict(module.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     changed = 0
     for pname, consts in params.by_param().items():
@@ -93,8 +93,8 @@ def fix_attributes(module: nn.Module, groups: dict[str, int]) -> None:
             m.num_embeddings, m.embedding_dim = m.weight.shape
         elif isinstance(m, nn.PReLU):
             m.num_parameters = m.weight.numel()
-        elif _is_conv1d(m):  # HuggingFace's Conv1D (GPT-2): weight [in, out], nf = out
-            m.nf = m.weight.shape[1]
+        elif (w := _conv1d_weight(m)) is not None:
+            m.nf = w.shape[1]
         _fix_heads(m)
 
 
@@ -112,29 +112,32 @@ def _fix_heads(m: nn.Module) -> None:
     if size_attr is None:
         return
     head_dim = getattr(m, size_attr)
-    children = {n: c for n, c in m.named_children() if _out_width(c) is not None}
-    fused = next((children[n] for n in FUSED_QKV if n in children), None)
-    query = next((children[n] for n in QUERY if n in children), None)
-    key = next((children[n] for n in KEY if n in children), None)
+    widths = {n: w for n, c in m.named_children() if (w := _out_width(c)) is not None}
+    fused = next((widths[n] for n in FUSED_QKV if n in widths), None)
+    query = next((widths[n] for n in QUERY if n in widths), None)
+    key = next((widths[n] for n in KEY if n in widths), None)
     if query is not None:
-        width = _out_width(query)
-    elif fused is not None and _out_width(fused) % 3 == 0:
-        width = _out_width(fused) // 3
+        width = query
+    elif fused is not None and fused % 3 == 0:
+        width = fused // 3
     else:
         return
     heads = width // head_dim
     _set_ints(m, HEAD_COUNT, heads)
     _set_ints(m, INNER_WIDTH, width)
     if key is not None:
-        kv_heads = _out_width(key) // head_dim
+        kv_heads = key // head_dim
         _set_ints(m, KV_HEAD_COUNT, kv_heads)
         if isinstance(getattr(m, "num_key_value_groups", None), int) and kv_heads:
             m.num_key_value_groups = heads // kv_heads
 
 
-def _is_conv1d(m: nn.Module) -> bool:
+def _conv1d_weight(m: nn.Module) -> torch.Tensor | None:
+    """The weight of a HuggingFace Conv1D (GPT-2: weight [in, out], ``nf`` = out), or None."""
     w = getattr(m, "weight", None)
-    return isinstance(getattr(m, "nf", None), int) and isinstance(w, torch.Tensor) and w.ndim == 2
+    is_conv1d = isinstance(getattr(m, "nf", None), int) and isinstance(w, torch.Tensor) \
+        and w.ndim == 2
+    return w if is_conv1d else None
 
 
 def _out_width(m: nn.Module) -> int | None:
@@ -142,8 +145,9 @@ def _out_width(m: nn.Module) -> int | None:
     parent, so their ``out_features`` may still be stale)."""
     if isinstance(m, nn.Linear):
         return m.weight.shape[0]
-    if _is_conv1d(m):
-        return m.weight.shape[1]
+    w = _conv1d_weight(m)
+    if w is not None:
+        return w.shape[1]
     return None
 
 

@@ -41,12 +41,12 @@ def attention(ctx: NodeContext) -> None:
         ctx.identity(kv_heads, ctx.space(v, 1))
         _couple_mask(ctx, ctx.space(y, 1))
     elif rank == 3:
-        nq, nkv = ctx.attr("q_num_heads"), ctx.attr("kv_num_heads")
-        if nq is None or nkv is None:
+        if ctx.attr("q_num_heads") is None or ctx.attr("kv_num_heads") is None:
             ctx.decline("3-D inputs without q_num_heads and kv_num_heads: the heads are not "
                         "known")
             return
-        q_heads, kv_heads = ctx.virtual("q_heads", int(nq)), ctx.virtual("kv_heads", int(nkv))
+        q_heads = ctx.virtual("q_heads", ctx.attr_int("q_num_heads"))
+        kv_heads = ctx.virtual("kv_heads", ctx.attr_int("kv_num_heads"))
         ctx.heads_axis(q_heads)
         ctx.block(ctx.space(q, 2), q_heads)
         ctx.block(ctx.space(y, 2), q_heads)

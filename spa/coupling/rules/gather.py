@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 def gather(ctx: NodeContext) -> None:
     data, idx, y = ctx.input(0), ctx.input(1), ctx.output(0)
     rank, idx_rank = ctx.rank(data), ctx.rank(idx)
-    if rank is None or idx_rank is None:
+    if data is None or idx is None or rank is None or idx_rank is None:
         ctx.refuse(ctx.unknown_rank(data if rank is None else idx))
         return
-    axis = int(ctx.attr("axis", 0)) % rank
+    axis = ctx.attr_int("axis", 0) % rank
     ctx.decline(f"axis {axis} of '{data.name}' is indexed by '{idx.name}': pruning it would "
                 "change what the indices pick", ctx.space(data, axis))
     for ax in range(axis):
@@ -47,21 +47,21 @@ def expand(ctx: NodeContext) -> None:
     x, shape_t, y = ctx.input(0), ctx.input(1), ctx.output(0)
     shape_x, shape_y = ctx.shape(x), ctx.shape(y)
     entries = shape_entries(shape_t, reader=(ctx.node, 1))
-    if shape_x is None or shape_y is None:
+    if x is None or y is None or shape_x is None or shape_y is None:
         ctx.refuse(ctx.unknown_rank(x if shape_x is None else y))
         return
     if entries is None:
         ctx.refuse(unreadable_shape(ctx, shape_t))
         return
     lead_x, lead_e = len(shape_y) - len(shape_x), len(shape_y) - len(entries)
-    literals = []
+    literals: list[tuple[str, int, Lit]] = []
     for ax, length in enumerate(shape_x):
         o = ax + lead_x
         e = entries[o - lead_e] if o >= lead_e else 1
         # An entry of 1 keeps the input dim; a literal equal to it must be rewritten.
-        rewrite = isinstance(e, Lit) and e == length and e != 1 \
-            and e.rewritable_for(ctx.node)
-        keeps = e == 1 or rewrite or (isinstance(e, DimRef) and e.tensor == x.name
+        rewrite = e if isinstance(e, Lit) and e == length and e != 1 \
+            and e.rewritable_for(ctx.node) else None
+        keeps = e == 1 or rewrite is not None or (isinstance(e, DimRef) and e.tensor == x.name
                                       and e.axis == ax)
         if length is None or length != shape_y[o]:  # broadcast from 1, or unknown
             if length is not None and shape_y[o] is None:
@@ -69,8 +69,8 @@ def expand(ctx: NodeContext) -> None:
         elif not keeps:
             ctx.decline(fixed_entry(ctx, shape_t, o - lead_e, e), ctx.space(x, ax),
                         ctx.space(y, o))
-        elif ctx.identity(ctx.space(x, ax), ctx.space(y, o)) and rewrite:
-            literals.append((y.name, o, e))
+        elif ctx.identity(ctx.space(x, ax), ctx.space(y, o)) and rewrite is not None:
+            literals.append((y.name, o, rewrite))
     if literals:
         ctx.on_rewrite(rewrite_literals(literals))
 

@@ -73,7 +73,7 @@ def gemm(ctx: NodeContext) -> None:
         ctx.refuse(ctx.not_constant(b) if ctx.const(b) is None else ctx.unknown_rank(t)
                    if ctx.rank(t) is None else f"{ctx.which(t)} of rank {ctx.rank(t)}")
         return
-    trans_a, trans_b = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    trans_a, trans_b = ctx.attr_int("transA", 0), ctx.attr_int("transB", 0)
     b_k, b_n = ctx.space(b, 1 if trans_b else 0), ctx.space(b, 0 if trans_b else 1)
     ctx.role(b_k, Role.CONSUMER)
     ctx.role(b_n, Role.PRODUCER)
@@ -95,7 +95,11 @@ def matmul(ctx: NodeContext) -> None:
     why = _unsupported(ctx, a, b, y)
     if why is not None:
         ctx.refuse(why)
-    elif ctx.const(b) is not None and rb == 2 and ctx.const(a) is None:
+        return
+    # _unsupported gave a reason otherwise:
+    assert a is not None and b is not None and ra is not None and rb is not None \
+        and ry is not None
+    if ctx.const(b) is not None and rb == 2 and ctx.const(a) is None:
         w_k, w_n = ctx.space(b, 0), ctx.space(b, 1)
         ctx.role(w_k, Role.CONSUMER)
         ctx.role(w_n, Role.PRODUCER)
@@ -122,12 +126,12 @@ def matmul(ctx: NodeContext) -> None:
             ctx.identity(ctx.space(b, ax), ctx.space(y, ax + ry - rb))
 
 
-def _unsupported(ctx: NodeContext, a: gs.Tensor, b: gs.Tensor, y: gs.Tensor) -> str | None:
+def _unsupported(ctx: NodeContext, a: gs.Tensor | None, b: gs.Tensor | None, y: gs.Tensor | None
+                 ) -> str | None:
     """Why a MatMul is none of the three forms above, or None."""
-    unknown = [t for t in (a, b, y) if ctx.rank(t) is None]
-    if unknown:
-        return ctx.unknown_rank(unknown[0])
-    ra, rb = ctx.rank(a), ctx.rank(b)
+    ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    if ra is None or rb is None or ry is None:
+        return ctx.unknown_rank(a if ra is None else b if rb is None else y)
     if ra < 2 or rb < 2:
         return f"1-D {ctx.which(a if ra < 2 else b)}: a vector product"
     const_a, const_b = ctx.const(a) is not None, ctx.const(b) is not None

@@ -40,7 +40,7 @@ def _per_channel(ctx: NodeContext, n_params: int) -> None:
 
 @register("BatchNormalization", slimming_scale=1)
 def batch_norm(ctx: NodeContext) -> None:
-    if len(ctx.outputs) != 1 or int(ctx.attr("training_mode", 0)):
+    if len(ctx.outputs) != 1 or ctx.attr_int("training_mode", 0):
         ctx.refuse("training mode (it computes batch statistics and updates running ones)")
         return
     _per_channel(ctx, 4)
@@ -56,11 +56,11 @@ def instance_norm(ctx: NodeContext) -> None:
 def layer_norm(ctx: NodeContext) -> None:
     x, y = ctx.input(0), ctx.output(0)
     rank = ctx.rank(x)
-    if rank is None or len(ctx.outputs) != 1:
+    if x is None or rank is None or len(ctx.outputs) != 1:
         ctx.refuse(ctx.unknown_rank(x) if rank is None else
                    "statistics outputs (Mean/InvStdDev)")
         return
-    axis = int(ctx.attr("axis", -1)) % rank
+    axis = ctx.attr_int("axis", -1) % rank
     for ax in range(axis):
         ctx.identity_axes(x, ax, y, ax)
     if axis == rank - 1 and ctx.hidden:

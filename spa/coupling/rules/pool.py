@@ -55,7 +55,7 @@ def _couple_kept_axes(ctx: NodeContext, reduced: set[int], keepdims: bool) -> No
 def reduce(ctx: NodeContext) -> None:
     x = ctx.input(0)
     rank = ctx.rank(x)
-    if rank is None:
+    if x is None or rank is None:
         ctx.refuse(ctx.unknown_rank(x))
         return
     if ctx.opset >= _AXES_AS_INPUT[ctx.node.op]:
@@ -65,14 +65,14 @@ def reduce(ctx: NodeContext) -> None:
             ctx.refuse(ctx.not_constant(axes_t, "axes"))
             return
     else:
-        axes = list(ctx.attr("axes", []) or [])
+        axes = ctx.attr_ints("axes") or []
     if not axes:
-        if int(ctx.attr("noop_with_empty_axes", 0)):
+        if ctx.attr_int("noop_with_empty_axes", 0):
             ctx.same_axes([(x, ctx.output(0))])
             return
         axes = list(range(rank))
     reduced = {a % rank for a in axes}
-    _couple_kept_axes(ctx, reduced, bool(int(ctx.attr("keepdims", 1))))
+    _couple_kept_axes(ctx, reduced, bool(ctx.attr_int("keepdims", 1)))
     what = f"reduces over {axes_text(reduced)} of '{x.name}'"
     spaces = [ctx.space(x, ax) for ax in sorted(reduced)]
     if ctx.node.op == "ReduceMean" and reduced == {rank - 1}:
@@ -90,8 +90,8 @@ def softmax(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(ctx.input(0)))
         return
     x, y, rank = io
-    axis = int(ctx.attr("axis", -1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization"
-                        else 1)) % rank
+    axis = ctx.attr_int("axis", -1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization"
+                        else 1) % rank
     # Before opset 13 Softmax flattens axes axis..-1 into one; all of them are normalised.
     last = axis + 1 if ctx.opset >= 13 or ctx.node.op == "LpNormalization" else rank
     for ax in range(rank):
@@ -106,10 +106,10 @@ def softmax(ctx: NodeContext) -> None:
 def arg_reduce(ctx: NodeContext) -> None:
     x = ctx.input(0)
     rank = ctx.rank(x)
-    if rank is None:
+    if x is None or rank is None:
         ctx.refuse(ctx.unknown_rank(x))
         return
-    axis = int(ctx.attr("axis", 0)) % rank
-    _couple_kept_axes(ctx, {axis}, bool(int(ctx.attr("keepdims", 1))))
+    axis = ctx.attr_int("axis", 0) % rank
+    _couple_kept_axes(ctx, {axis}, bool(ctx.attr_int("keepdims", 1)))
     ctx.decline(f"returns positions along axis {axis} of '{x.name}': they change when "
                 "channels go", ctx.space(x, axis))

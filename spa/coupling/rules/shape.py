@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.context import axes_text
 from spa.coupling.registry import register
-from spa.ir.shapevalue import DimRef, Lit, shape_entries, shape_op_dims
+from spa.ir.shapevalue import DimRef, Entry, Lit, shape_entries, shape_op_dims
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -58,13 +58,20 @@ def factor_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int
     return groups if i == len(ia) and j == len(ib) else []
 
 
+def _static(dims: Sequence[int | None]) -> tuple[int, ...]:
+    """``dims``, which the caller knows to be all static, typed so."""
+    out = tuple(d for d in dims if d is not None)
+    assert len(out) == len(dims), f"unknown dims in {dims}"
+    return out
+
+
 def _fill_single_unknown(a: tuple[int | None, ...], b: tuple[int | None, ...]
                          ) -> tuple[int | None, ...]:
     """``a`` with its one unknown dim solved from the element count, when ``b`` is static."""
     if a.count(None) != 1 or None in b:
         return a
     known = prod(d for d in a if d is not None)
-    total = prod(b)
+    total = prod(_static(b))
     if not known or total % known:
         return a
     return tuple(total // known if d is None else d for d in a)
@@ -86,14 +93,14 @@ def static_factor_groups(a: tuple[int | None, ...], b: tuple[int | None, ...],
         return between
     a, b = _fill_single_unknown(a, b), _fill_single_unknown(b, a)
     if None not in a and None not in b:
-        return factor_groups(a, b)
+        return factor_groups(_static(a), _static(b))
     if None not in a or None not in b:
         return []
     pa = [i for i, d in enumerate(a) if d is None]
     pb = [j for j, d in enumerate(b) if d is None]
-    ka, kb = _common_run(a[:pa[0]], b[:pb[0]])
-    groups = factor_groups(a[:ka], b[:kb])
-    sa, sb = a[pa[-1] + 1:], b[pb[-1] + 1:]
+    ka, kb = _common_run(_static(a[:pa[0]]), _static(b[:pb[0]]))
+    groups = factor_groups(_static(a[:ka]), _static(b[:kb]))
+    sa, sb = _static(a[pa[-1] + 1:]), _static(b[pb[-1] + 1:])
     ka, kb = _common_run(sa[::-1], sb[::-1])
     shift_a, shift_b = len(a) - ka, len(b) - kb
     groups += [([i + shift_a for i in ga], [j + shift_b for j in gb])
@@ -119,7 +126,7 @@ def _runs_between_symbols(a: tuple[int | None, ...], b: tuple[int | None, ...],
         return None
     groups: list[tuple[list[int], list[int]]] = []
     for lo_a, hi_a, lo_b, hi_b in zip([-1, *pa], [*pa, len(a)], [-1, *pb], [*pb, len(b)]):
-        ra, rb = a[lo_a + 1:hi_a], b[lo_b + 1:hi_b]
+        ra, rb = _static(a[lo_a + 1:hi_a]), _static(b[lo_b + 1:hi_b])
         if prod(ra) != prod(rb):
             return None
         groups += [([i + lo_a + 1 for i in ga], [j + lo_b + 1 for j in gb])
@@ -186,7 +193,7 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
     rest = static_factor_groups(a[copied:], b[copied:], (symbols(x, copied), symbols(y, copied)))
     groups = [([i], [i]) for i in range(copied)] \
         + [([i + copied for i in ga], [j + copied for j in gb]) for ga, gb in rest]
-    _decline_unmatched(ctx, x, y, groups)
+    _decline_unmatched(ctx, (x, a), (y, b), groups)
     for n, (ga, gb) in enumerate(groups):
         spaces = [ctx.space(x, i) for i in ga] + [ctx.space(y, o) for o in gb]
         if len(ga) == 1 and len(gb) == 1:
@@ -195,25 +202,26 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
         elif len(gb) == 1:  # merge: output feature f ↔ one of the input dims it combines
             parts = [ctx.space(x, i) for i in ga]
             if allowed(gb[0], ga) and ctx.digits(ctx.space(y, gb[0]), parts, f"group{n}",
-                                                 [a[i] for i in ga]):
+                                                 _static([a[i] for i in ga])):
                 changing.append(gb[0])
                 ctx.decline(f"merges {axes_text(ga)} of '{x.name}' into axis {gb[0]}: "
                             f"{_ONE_FACTOR}", *spaces)
         elif len(ga) == 1:  # split: input channel c ↔ one of the output dims it splits into
             ok = [o for o in gb if allowed(o, ga)]
             parts = [ctx.space(y, o) if o in ok else None for o in gb]
-            if ctx.digits(ctx.space(x, ga[0]), parts, f"group{n}", [b[o] for o in gb]):
+            if ctx.digits(ctx.space(x, ga[0]), parts, f"group{n}", _static([b[o] for o in gb])):
                 changing.extend(ok)
                 ctx.decline(f"splits axis {ga[0]} of '{x.name}' into {axes_text(gb)}: "
                             f"{_ONE_FACTOR}", *spaces)
     return changing
 
 
-def _decline_unmatched(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
+def _decline_unmatched(ctx: NodeContext, x_a: tuple[gs.Tensor, tuple[int | None, ...]],
+                       y_b: tuple[gs.Tensor, tuple[int | None, ...]],
                        groups: list[tuple[list[int], list[int]]]) -> None:
     """Say which static dims the factor groups leave out: no run of dims with the same product
     on the other side (symbolic dims around them, or a reshape that interleaves)."""
-    a, b = ctx.shape(x), ctx.shape(y)
+    (x, a), (y, b) = x_a, y_b
     in_x = {i for ga, _ in groups for i in ga}
     in_y = {j for _, gb in groups for j in gb}
     left = [ctx.space(x, i) for i, d in enumerate(a) if d not in (None, 1) and i not in in_x] \
@@ -232,13 +240,15 @@ def reshape(ctx: NodeContext) -> None:
     x, target, y = ctx.input(0), ctx.input(1), ctx.output(0)
     entries = shape_entries(target, reader=(ctx.node, 1))
     out_shape = ctx.shape(y)
-    if entries is None or out_shape is None or len(entries) != len(out_shape):
-        ctx.refuse(unreadable_shape(ctx, target) if entries is None else
+    if x is None or y is None or entries is None or out_shape is None \
+            or len(entries) != len(out_shape):
+        ctx.refuse(ctx.unknown_rank(x) if x is None else
+                   unreadable_shape(ctx, target) if entries is None else
                    ctx.unknown_rank(y) if out_shape is None else
                    f"{ctx.which(target)} has {len(entries)} entries but the output rank "
                    f"{len(out_shape)}")
         return
-    allow_zero = bool(int(ctx.attr("allowzero", 0)))
+    allow_zero = bool(ctx.attr_int("allowzero", 0))
     allowed = set()
     for o, e in enumerate(entries):
         if e == -1 or (isinstance(e, Lit) and e > 0 and e.rewritable_for(ctx.node)):
@@ -249,19 +259,20 @@ def reshape(ctx: NodeContext) -> None:
     changing = couple_regroup(ctx, x, y, allowed, _copied_prefix(entries, x, y, ctx.shape(x),
                                                                  allow_zero),
                               lambda o: fixed_entry(ctx, target, o, entries[o]))
-    literals = [(y.name, o, entries[o]) for o in changing
-                if isinstance(entries[o], Lit) and entries[o] > 0]
+    literals = [(y.name, o, e) for o in changing if isinstance(e := entries[o], Lit) and e > 0]
     if literals:
         ctx.on_rewrite(rewrite_literals(literals))
 
 
-def _copied_prefix(entries: list, x: gs.Tensor, y: gs.Tensor,
+def _copied_prefix(entries: list[Entry], x: gs.Tensor, y: gs.Tensor,
                    in_shape: tuple[int | None, ...] | None, allow_zero: bool) -> int:
     """How many leading target entries copy the input's dims at the same positions: a ``Shape``
     read of that very dim, or of a dim shape inference names like it (ONNX gives equal
     symbolic dims the same name), ``0`` (copy), or a literal equal to a static dim."""
+    if in_shape is None:
+        return 0
     n = 0
-    for pos, e in enumerate(entries[:len(in_shape or ())]):
+    for pos, e in enumerate(entries[:len(in_shape)]):
         if isinstance(e, DimRef):
             same = (e.tensor == x.name and e.axis == pos) or _same_symbol(x, y, pos)
         else:
@@ -319,7 +330,7 @@ def transpose(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(ctx.input(0)))
         return
     x, y, rank = io
-    perm = ctx.attr("perm") or list(reversed(range(rank)))
+    perm = ctx.attr_ints("perm") or list(reversed(range(rank)))
     for k, p in enumerate(perm):
         ctx.identity_axes(x, int(p), y, k)
 
@@ -330,7 +341,7 @@ def _axes(ctx: NodeContext, input_from: int) -> list[int] | None:
     if ctx.opset >= input_from:
         t = ctx.input(1)
         return [] if t is None else ctx.const_ints(t)
-    return [int(a) for a in (ctx.attr("axes") or [])]
+    return ctx.attr_ints("axes") or []
 
 
 @register("Squeeze")
@@ -361,7 +372,9 @@ def unsqueeze(ctx: NodeContext) -> None:
 def _couple_in_order(ctx: NodeContext, x: gs.Tensor, x_axes: list[int] | None, y: gs.Tensor,
                      y_axes: list[int] | None) -> None:
     """Identity-couple the listed axes of ``x`` and ``y`` pairwise, in order (None: 0, 1, …)."""
-    n = len(x_axes if x_axes is not None else y_axes)
+    listed = x_axes if x_axes is not None else y_axes
+    assert listed is not None, "the axes of one side are listed"
+    n = len(listed)
     for a, b in zip(x_axes or range(n), y_axes or range(n)):
         ctx.identity_axes(x, a, y, b)
 
@@ -370,8 +383,8 @@ def _couple_in_order(ctx: NodeContext, x: gs.Tensor, x_axes: list[int] | None, y
 def shape_op(ctx: NodeContext) -> None:
     x, out = ctx.input(0), ctx.output(0)
     rank = ctx.rank(x)
-    if rank is None:
-        ctx.refuse(ctx.unknown_rank(x))
+    if x is None or out is None or rank is None:
+        ctx.refuse(ctx.unknown_rank(x) if rank is None else "its output is not used")
         return
     if ctx.is_graph_output(out):
         ctx.refuse(f"its value is graph output '{out.name}', which must not change")
@@ -434,7 +447,7 @@ def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: Sequence[int], depth: int
     read: dict[int, str] = {}
     for consumer in consumers:
         if consumer.op in ("Cast", "Identity"):  # tf2onnx casts shapes to int32 and back
-            picked = list(range(len(dims)))
+            picked: list[int] | None = list(range(len(dims)))
         else:
             picked = _positions_picked(ctx, consumer, len(dims))
         if picked is None:

@@ -43,7 +43,7 @@ def concat(ctx: NodeContext) -> None:
     if rank is None:
         ctx.refuse(ctx.unknown_rank(y))
         return
-    axis = int(ctx.attr("axis")) % rank
+    axis = ctx.attr_int("axis") % rank
     start = 0
     for x in ctx.inputs:
         ctx.same_axes([(x, y)], skip=[axis])
@@ -63,7 +63,7 @@ def split(ctx: NodeContext) -> None:
     if rank is None:
         ctx.refuse(ctx.unknown_rank(x))
         return
-    axis = int(ctx.attr("axis", 0)) % rank
+    axis = ctx.attr_int("axis", 0) % rank
     start = 0
     for y in ctx.outputs:
         ctx.same_axes([(x, y)], skip=[axis])
@@ -103,16 +103,17 @@ def _slice_params(ctx: NodeContext, rank: int) -> list[tuple[int, int, int, int]
         starts, ends, axes, steps = vals
         dynamic = [ctx.input(i) for i, v in enumerate(vals, start=1)
                    if ctx.input(i) is not None and v is None]
-        if starts is None or ends is None or dynamic:
-            ctx.decline(ctx.not_constant(dynamic[0], "bounds") if dynamic
-                        else "missing starts or ends")
-            return None
     else:
-        starts, ends = list(ctx.attr("starts")), list(ctx.attr("ends"))
-        axes, steps = ctx.attr("axes"), None
+        starts, ends = ctx.attr_ints("starts"), ctx.attr_ints("ends")
+        axes, steps, dynamic = ctx.attr_ints("axes"), None, []
+    if starts is None or ends is None or dynamic:
+        ctx.decline(ctx.not_constant(dynamic[0], "bounds") if dynamic
+                    else "missing starts or ends")
+        return None
     axes = list(axes) if axes else list(range(len(starts)))
     steps = list(steps) if steps else [1] * len(starts)
     shape = ctx.shape(ctx.input(0))
+    assert shape is not None, "the caller knows the rank of input 0"
     out = []
     for ax, s, e, st in zip(axes, starts, ends, steps):
         ax %= rank
@@ -176,7 +177,7 @@ def pad(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(ctx.input(0)))
         return
     x, y, rank = io
-    pads = ctx.const_ints(ctx.input(1)) if ctx.opset >= 11 else list(ctx.attr("pads", []))
+    pads = ctx.const_ints(ctx.input(1)) if ctx.opset >= 11 else (ctx.attr_ints("pads") or [])
     axes = list(range(rank))
     axes_t = ctx.input(3) if ctx.opset >= 18 else None
     if axes_t is not None:
@@ -202,6 +203,8 @@ def resize(ctx: NodeContext) -> None:
     if why is not None:
         ctx.refuse(why)
         return
+    assert x is not None and y is not None and shape_x is not None and shape_y is not None, \
+        "_resize_unsupported gives a reason for unknown ranks"
     sizes_t = ctx.input(3) if ctx.node.op == "Resize" and ctx.opset >= 11 else None
     sizes = ctx.const_ints(sizes_t) if sizes_t is not None else None
     if sizes_t is not None and sizes is None:

@@ -1,0 +1,85 @@
+"""Layer statistics: an analysis pass over the consumer layers' inputs (passes/hessian.py).
+
+``LayerStatistics(source=…, samples=…, seed=…, calib=…, dims=…).run(analysis)`` runs the
+model once per sample batch in onnxruntime and returns :class:`LayerStats`, a frozen result
+that the pipeline hands, explicitly, to whoever needs it: OBSPA's scoring and the OBS
+compensation read its Hessians ``H = E[x xᵀ]``, the calibrated criteria (activation, Wanda,
+FLAP) and FLAP's bias compensation its per-channel means and variances. Nothing reads them
+back off a criterion. With ``HessianSource.IDENTITY`` no model runs: ``H = I``.
+
+Calibration data (``--calib FILE.npz``: arrays named after the graph inputs, first axis =
+samples) is read by :func:`load_calibration`, the one reader of that file.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from spa.choices import HessianSource
+from spa.errors import OptionError
+from spa.passes.hessian import ConsumerLayer, InputStats, consumer_layers, input_stats
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis
+
+LayerKey = tuple[str, int]  # (weight name, input axis)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Per consumer layer: where it reads its input, and that input's statistics."""
+
+    source: HessianSource
+    layers: Mapping[LayerKey, ConsumerLayer]
+    inputs: Mapping[LayerKey, InputStats]  # empty for the identity source
+
+    def hessian(self, key: LayerKey) -> np.ndarray | None:
+        """``H`` (float64, mean over samples) of a layer; diagonal (1-D) for very wide ones,
+        ``I`` (as a vector of ones) for the identity source; None for no such layer."""
+        layer = self.layers.get(key)
+        if layer is None:
+            return None
+        if self.source is HessianSource.IDENTITY:
+            return np.ones(layer.width)
+        stats = self.inputs.get(key)
+        return None if stats is None else stats.second_moment
+
+
+class LayerStatistics:
+    """The analysis pass: statistics of every consumer layer's input over ``source``."""
+
+    def __init__(self, *, source: HessianSource, samples: int, seed: int = 0,
+                 calib: Mapping[str, np.ndarray] | None = None,
+                 dims: Mapping[str, int] | None = None):
+        self.source, self.samples, self.seed = source, samples, seed
+        self.calib = dict(calib) if calib is not None else None
+        self.dims = dict(dims) if dims is not None else None
+
+    def run(self, analysis: Analysis) -> LayerStats:
+        layers = consumer_layers(analysis)
+        if self.source is HessianSource.IDENTITY:
+            return LayerStats(self.source, layers, {})
+        inputs = input_stats(analysis, layers, self.source, samples=self.samples,
+                             seed=self.seed, calib=self.calib, dims=self.dims)
+        return LayerStats(self.source, layers, inputs)
+
+
+def load_calibration(path: str | None) -> dict[str, np.ndarray] | None:
+    """Arrays named after the graph inputs, first axis = samples (``--calib FILE.npz``)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise OptionError(f"{path}: no such calibration file")
+    if not zipfile.is_zipfile(path):
+        raise OptionError(f"{path}: not an .npz file (save arrays with numpy.savez)")
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{path}: not a readable .npz of calibration arrays ({exc})") from exc

@@ -1,0 +1,91 @@
+"""The pipeline: the order of SPA's stages, each visited once.
+
+``prune``: load → analyse → input sizes → statistics → score → allocate → plan → compensate →
+rewrite → save → validate. ``apply``: load → analyse (with the plan's recipe) → input sizes →
+the saved plan → compensate (statistics recomputed from the recipe) → rewrite → save →
+validate. ``dry_run`` stops at the plan. The read-only stages are in
+:mod:`spa.pipeline.stages`, the rest in :mod:`spa.pipeline.emit`; the passes themselves are the
+pass library (``spa.passes``). Results flow forward as frozen values (the analysis, the layer
+statistics, the plan); only the rewrite mutates, and the model never comes back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from spa.coupling.analysis import Analysis
+from spa.ir.save import check_output_path
+from spa.pipeline.emit import PruneReport, emit
+from spa.pipeline.options import CheckOptions, PruneOptions
+from spa.pipeline.stages import (
+    ModelLike,
+    PathLike,
+    Planned,
+    SaliencySource,
+    analyse,
+    input_sizes,
+    load,
+    make_plan,
+    makes_inputs,
+)
+from spa.plan import Plan
+from spa.report import write_text_atomic
+
+__all__ = ["CheckOptions", "Planned", "PruneOptions", "PruneReport", "SaliencySource",
+           "analyse", "apply", "dry_run", "emit", "make_plan", "plan", "prune"]
+
+
+def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
+    """Input sizes → statistics → score → allocate, for an analysis made by the caller."""
+    dims = input_sizes(analysis, dict(options.input_dims), makes_inputs(options, None))
+    return make_plan(analysis, dataclasses.replace(options, input_dims=dims.items)).plan
+
+
+def dry_run(model: ModelLike, options: PruneOptions = PruneOptions(), *,
+            plan_path: PathLike | None = None) -> Plan:
+    """Load → analyse → plan, and write no model (``plan_path``: save the plan)."""
+    analysis = analyse(load(model), ignore=options.ignore,
+                       hidden=options.hidden_ratio is not None)
+    the_plan = plan(analysis, options)
+    if plan_path is not None:
+        write_text_atomic(plan_path, the_plan.to_json() + "\n")
+    return the_plan
+
+
+def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptions(),
+          checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None
+          ) -> tuple[PruneReport, Plan]:
+    t0 = time.perf_counter()
+    loaded = load(model)
+    check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
+    analysis = analyse(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
+    t1 = time.perf_counter()
+    dims = input_sizes(analysis, dict(options.input_dims) | dict(checks.input_dims),
+                       makes_inputs(options, checks))
+    options = dataclasses.replace(options, input_dims=dims.items)
+    checks = dataclasses.replace(checks, input_dims=dims.items)
+    t_dims = time.perf_counter()
+    planned = make_plan(analysis, options)
+    if plan_path is not None:
+        write_text_atomic(plan_path, planned.plan.to_json() + "\n")
+    t2 = time.perf_counter()
+    report = emit(analysis, planned.plan, output, checks, statistics=planned.statistics)
+    report.seconds.update(load_analyze=t1 - t0, input_sizes=t_dims - t1, plan=t2 - t_dims)
+    report.input_dims, report.input_dims_from = dims.sizes, dims.how
+    return report, planned.plan
+
+
+def apply(model: ModelLike, the_plan: Plan, output: PathLike,
+          checks: CheckOptions = CheckOptions()) -> PruneReport:
+    """Apply a saved plan; the analysis runs with the options the plan was made with."""
+    loaded = load(model)
+    check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
+    recipe = the_plan.recipe
+    analysis = analyse(loaded, ignore=recipe.ignore if recipe else (),
+                       hidden=recipe.hidden if recipe else False)
+    dims = input_sizes(analysis, dict(checks.input_dims),
+                       bool(checks.validate or checks.check_masked))
+    report = emit(analysis, the_plan, output, dataclasses.replace(checks, input_dims=dims.items))
+    report.input_dims, report.input_dims_from = dims.sizes, dims.how
+    return report

@@ -1,0 +1,139 @@
+"""Validation around the rewrite: what it compares against, and the comparison itself.
+
+Before the rewrite: :func:`oracle_decision` (whether the numeric oracle of DESIGN.md runs for
+this plan, and the words the report gives when it does not), :func:`bfloat16_checks` and
+:func:`reference_models` (the original, a maker of the masked original, the outputs no weight
+reaches, written to the staging directory). After it: :func:`run_checks` runs original and
+pruned model in onnxruntime on the same random inputs and compares them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from spa import validate as val
+from spa.ir import to_onnx
+from spa.ir.external import attach_external
+from spa.ir.save import Staging, streamed, write_proto, write_streamed
+from spa.ir.widen import uses_bfloat16, widened
+from spa.metrics import latency_ms
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis
+    from spa.ir.load import LoadedModel
+    from spa.pipeline.options import CheckOptions
+    from spa.plan import Plan
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+
+def oracle_decision(analysis: Analysis, the_plan: Plan, checks: CheckOptions
+                     ) -> tuple[CheckOptions, str]:
+    """Whether the numeric oracle runs (``checks.check_masked`` made a bool), and the words the
+    report gives when it does not."""
+    exemption = val.oracle_exemption(analysis, the_plan)
+    if checks.check_masked is False:
+        why = "off (--no-check)"
+    elif not checks.validate and checks.check_masked is None:
+        why = "not run (--no-validate)"
+    elif exemption is not None:
+        why = f"does not apply: {exemption}"
+        if checks.check_masked:
+            log.warning("the masked oracle does not apply: %s; validating without it",
+                        exemption)
+    else:
+        return dataclasses.replace(checks, validate=True, check_masked=True), "held"
+    return dataclasses.replace(checks, check_masked=False), why
+
+
+def reference_models(analysis: Analysis, the_plan: Plan, checks: CheckOptions,
+                      stage: Staging) -> tuple | None:
+    """What validation compares against, taken before the rewrite: the original model (the
+    normal form the analysis ran on), a maker of the masked original (the numeric oracle) and
+    the outputs no weight reaches. A streamed model's are written into the staging directory,
+    tensor by tensor."""
+    if not (checks.validate or checks.check_masked):
+        return None
+    loaded = analysis.model
+    if not streamed(loaded):
+        # On disk, not held: onnxruntime reads it when validation starts, after the rewrite.
+        original_path = stage.dir / "original.onnx"
+        proto = to_onnx(loaded)
+        weight_free = val.weight_free_outputs(proto)
+        write_proto(proto, original_path)
+        del proto
+        if not checks.check_masked:
+            return original_path, None, weight_free
+        return original_path, lambda: val.masked_model(onnx.load(str(original_path)), analysis,
+                                                       the_plan), weight_free
+    base = loaded.path.parent if loaded.path is not None else None
+    refs = to_onnx(loaded, references=True)
+    weight_free = val.weight_free_outputs(refs)
+    original = _stage_copy(loaded, refs, base, stage, "original")
+    if not checks.check_masked:
+        return original, None, weight_free
+    masked = val.masked_model(refs, analysis, the_plan, base_dir=base)
+    masked_path = _stage_copy(loaded, masked, base, stage, "masked")
+    return original, lambda: masked_path, weight_free
+
+
+def _stage_copy(loaded: LoadedModel, model: onnx.ModelProto, base: Path | None,
+                stage: Staging, label: str) -> Path:
+    """Write ``model`` (external tensors read from ``base``) into ``stage/label/``."""
+    graph = gs.import_onnx(model)
+    if base is not None:
+        attach_external(graph, base)
+    path = stage.dir / label / stage.model_path.name
+    path.parent.mkdir()
+    write_streamed(loaded, path, graph, check=False)
+    return path
+
+
+def bfloat16_checks(loaded: LoadedModel, checks: CheckOptions) -> tuple[CheckOptions, bool]:
+    """Validation of a bfloat16 model runs float32 twins (spa/ir/widen.py: onnxruntime's CPU
+    has no bfloat16 kernels), whose latency says nothing of the model's: it is not measured.
+    Returns the checks to run and whether to widen."""
+    if not (checks.validate or checks.check_masked) or not uses_bfloat16(loaded.graph):
+        return checks, False
+    log.warning("bfloat16 model: onnxruntime has no bfloat16 kernels on CPU, so validation runs "
+                "float32 twins of the original and pruned models (weights widened exactly); "
+                "latency is not measured")
+    return dataclasses.replace(checks, latency=False), True
+
+
+def run_checks(original: PathLike | onnx.ModelProto, masked, weight_free: set[str],
+              pruned: PathLike | onnx.ModelProto, checks: CheckOptions, *,
+              widen: bool = False) -> dict:
+    """Run the original, then the pruned model (one session at a time: memory), compare:
+    signature; shape-valued outputs (``weight_free``) exactly; with the oracle, every output
+    against the masked original (integer and bool ones exactly). ``widen``: run their float32
+    twins."""
+    twin = widened if widen else (lambda model: model)
+    extra: dict = {}
+    s = val.session(twin(original), what="original model")
+    feeds = val.random_inputs(s, dims=dict(checks.input_dims))
+    out_orig = val.run(s, feeds)
+    if checks.latency:
+        extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs)
+    s = None
+    s = val.session(twin(pruned), what="pruned model")
+    out_pruned = val.run(s, feeds)
+    if checks.latency:
+        extra["latency_ms_after"] = latency_ms(s, feeds, runs=checks.latency_runs)
+    s = None
+    val.check_signature(out_orig, out_pruned)
+    val.check_exact(out_orig, out_pruned, weight_free, what="original")
+    if checks.check_masked:
+        out_masked = val.run(val.session(twin(masked()), what="masked original"), feeds)
+        val.check_exact(out_masked, out_pruned, out_masked, what="masked original")
+        c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)
+        extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
+    return extra

@@ -1,0 +1,159 @@
+"""The stages after the plan: compensate → rewrite → save → validate, each once.
+
+:func:`compensate` turns the plan's recipes and the layer statistics into weight updates and
+bias shifts (read-only; statistics the planning computed are reused, a saved plan's are
+recomputed from its recipe). :func:`emit` then rewrites (the one mutating step: it writes the
+updates, slices, adds the shifts), re-infers shapes, validates with onnxruntime (and the
+numeric oracle) *before* writing, and writes atomically. A streamed model (external data, or
+over 2 GB) is written tensor by tensor and validated from its files; the input file stands for
+the original there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from spa.choices import HessianSource
+from spa.coupling.analysis import Analysis
+from spa.ir import to_onnx
+from spa.ir.load import import_graph, load_model
+from spa.ir.save import Staging, full_check, infer_shapes, streamed, write_proto, write_streamed
+from spa.ir.tied import join_ties
+from spa.metrics import CostModel, file_size
+from spa.passes.compensation import BiasCompensation, BiasShifts, Compensation, WeightUpdates
+from spa.passes.rewrite import Rewrite
+from spa.passes.statistics import LayerStatistics, LayerStats, load_calibration
+from spa.pipeline.checks import bfloat16_checks, oracle_decision, reference_models, run_checks
+from spa.pipeline.options import CheckOptions
+from spa.plan import Plan
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class PruneReport:
+    input: str
+    output: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    predicted_params_after: int
+    predicted_flops_after: int
+    bytes_before: int
+    bytes_after: int
+    groups: int
+    groups_pruned: int
+    channels_before: int
+    channels_after: int
+    frozen: list[dict]
+    latency_ms_before: float | None = None
+    latency_ms_after: float | None = None
+    masked_max_abs_diff: float | None = None
+    masked_relative_diff: float | None = None
+    # What became of the numeric oracle: "held", or why it did not run.
+    oracle: str = ""
+    compensated_layers: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    # The sizes SPA's made-up inputs gave the symbolic input dims, and how each was chosen
+    # ("flag", "metadata", "name", "position", "default", "searched": spa/inputs.py).
+    input_dims: dict[str, int] = field(default_factory=dict)
+    input_dims_from: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Compensated:
+    """What the rewrite writes besides slicing: OBS weight updates and FLAP bias shifts."""
+
+    weights: WeightUpdates | None = None
+    shifts: BiasShifts | None = None
+
+
+def compensate(analysis: Analysis, the_plan: Plan, statistics: LayerStats | None
+               ) -> Compensated:
+    """OBSPA's weight update and FLAP's bias shifts, as the plan's recipes say; ``statistics``
+    (from planning) are used when they came from the recipe's source, else recomputed."""
+    recipe = the_plan.recipe
+    if recipe is None:
+        return Compensated()
+    shifts = weights = None
+    if recipe.bias_compensation is not None:
+        stats = statistics
+        if stats is None or stats.source is not HessianSource.CALIBRATION:
+            stats = LayerStatistics(  # calibration data is read whole: no sample count
+                source=HessianSource.CALIBRATION, samples=0,
+                calib=load_calibration(recipe.bias_compensation.calib)).run(analysis)
+        shifts = BiasCompensation().run(analysis, the_plan, stats)
+    comp = recipe.compensation
+    if comp is not None:
+        stats = statistics
+        if stats is None or stats.source is not comp.hessian:
+            stats = LayerStatistics(source=comp.hessian, samples=comp.samples, seed=recipe.seed,
+                                    calib=load_calibration(comp.calib),
+                                    dims=dict(comp.input_dims)).run(analysis)
+        weights = Compensation(damping=comp.damping).run(analysis, the_plan, stats)
+    return Compensated(weights, shifts)
+
+
+def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
+         checks: CheckOptions = CheckOptions(), *, statistics: LayerStats | None = None
+         ) -> PruneReport:
+    """Compensate, rewrite, write to a staging directory, validate, then move into place.
+    Mutates ``analysis.model`` (it is consumed)."""
+    the_plan.check_against(analysis)  # before any work on the weights
+    loaded = analysis.model
+    t0 = time.perf_counter()
+    before = CostModel(loaded.graph).count()
+    channels_before = sum(g.size for g in analysis.prunable_groups)
+    checks, oracle = oracle_decision(analysis, the_plan, checks)
+    checks, widen = bfloat16_checks(loaded, checks)
+    with Staging(output, input_path=loaded.path, input_files=loaded.data_files) as stage:
+        sources = reference_models(analysis, the_plan, checks, stage)
+        updates = compensate(analysis, the_plan, statistics)
+        rewritten = Rewrite().run(analysis, the_plan, weights=updates.weights,
+                                  shifts=updates.shifts)
+        join_ties(loaded.graph, loaded.ties)  # each tensor of the file written once
+        if loaded.mapped is not None:  # what the export still reads is mapped again then
+            loaded.mapped.release()
+        if streamed(loaded):
+            write_streamed(loaded, stage.model_path)
+            pruned: PathLike | onnx.ModelProto = stage.model_path
+            reread = load_model(stage.model_path)
+            emitted = reread.graph, reread.ties
+        else:
+            pruned = infer_shapes(to_onnx(loaded))
+            emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
+        t1 = time.perf_counter()
+        report_extra = run_checks(*sources, pruned, checks, widen=widen) if sources else {}
+        t2 = time.perf_counter()
+        # Measured on the emitted model (re-read in normal form), not derived from the plan;
+        # its normal form holds each tensor of its file once, as the input's count (read
+        # from its file: normal form may fold float shape arithmetic away) does.
+        after = CostModel(*emitted).count()
+        if isinstance(pruned, onnx.ModelProto):
+            full_check(pruned)
+            write_proto(pruned, stage.model_path)
+        out = stage.commit()
+    t3 = time.perf_counter()
+    pred = the_plan.prediction
+    return PruneReport(
+        input=str(loaded.path or "<memory>"), output=str(out),
+        params_before=loaded.params, params_after=after.params,
+        flops_before=before.flops, flops_after=after.flops,
+        predicted_params_after=pred.params_after if pred else -1,
+        predicted_flops_after=pred.flops_after if pred else -1,
+        bytes_before=loaded.file_bytes, bytes_after=file_size(out),
+        groups=len(analysis.groups), groups_pruned=sum(1 for g in the_plan.groups if g.removed),
+        channels_before=channels_before,
+        channels_after=sum(len(g.keep) for g in the_plan.groups),
+        frozen=[{"group": f.id, "name": f.name, "channels": f.size, "reasons": list(f.reasons)}
+                for f in the_plan.frozen],
+        seconds={"rewrite": t1 - t0, "validate": t2 - t1, "save": t3 - t2},
+        compensated_layers=rewritten.compensated, oracle=oracle, **report_extra)

@@ -1,0 +1,122 @@
+"""The options of a run, declared once: :class:`PruneOptions` and :class:`CheckOptions`.
+
+Every field is a :func:`spa.options.option`: its default, its flag, its help and its choices
+(enum members, or the criterion registry) in one place. ``spa prune`` / ``spa apply`` build
+their flags from these dataclasses (:func:`spa.options.add_flags`), ``--config`` reads those
+flags' actions, and the Python API and ``spa.torch`` take the same dataclasses (or their field
+names as keywords). A criterion's own options (OBSPA's ``OBSPAOptions``) and the scoring steps
+(``ScoringOptions``) are declared by the pass that uses them and copied here field by field
+(:func:`spa.options.like`), so that ``PruneOptions(damping=0.05)`` stays flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from spa.choices import HessianSource, Normalization, Reduction, Target
+from spa.options import check_ratio, like, option, parse_input_dim, parse_ratio, positive
+from spa.passes.importance import CRITERIA
+from spa.passes.importance.base import ScoringOptions
+from spa.passes.importance.obspa import GROUP as OBSPA_GROUP
+from spa.passes.importance.obspa import OBSPAOptions
+
+_INPUT_DIM_HELP = ("size of a symbolic input dim (e.g. height=224) for the inputs SPA makes up; "
+                   "default: from the model's metadata, else the smallest size tried (batch 1, "
+                   "spatial 32..1024, sequence 8..128) at which onnxruntime runs it")
+InputDims = tuple[tuple[str, int], ...]
+
+
+def _criteria_help() -> str:
+    return "; ".join(f"{n}: {c.help}" for n, c in sorted(CRITERIA.items()))
+
+
+def _hidden(value: Any, args: argparse.Namespace) -> float | None:
+    """``--hidden`` alone prunes the hidden size by ``--ratio``; ``--hidden R`` by R."""
+    return args.ratio if value is True else (value or None)
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What to prune and how (``spa prune``'s options)."""
+
+    ratio: float = option(0.3, parse=parse_ratio, help="share of channels (or of params/FLOPs with "
+                          "--target) to remove, [0, 1)")
+    heads_ratio: float | None = option(None, parse=parse_ratio, metavar="R",
+                                       help="share of attention heads to remove (default: "
+                                       "--ratio)")
+    mlp_ratio: float | None = option(None, parse=parse_ratio, metavar="R",
+                                     help="share of dense neurons (MLP widths) to remove "
+                                     "(default: --ratio)")
+    # None: the hidden size (residual stream) is not pruned.
+    hidden_ratio: float | None = option(
+        None, name="--hidden", parse=parse_ratio, const=True, metavar="R", resolve=_hidden,
+        help="also prune the hidden size (residual stream) of transformers, by R or by "
+        "--ratio; norm statistics then change (outside the masked oracle)")
+    target: Target = option(Target.CHANNELS, enum=Target, help="what --ratio measures "
+                            "(params/flops: searched to meet the target)")
+    criterion: str = option("l1", choices=lambda: sorted(CRITERIA), help=_criteria_help)
+    reduction: Reduction = like(ScoringOptions, "reduction")
+    normalization: Normalization = like(ScoringOptions, "normalization")
+    global_ranking: bool = option(False, name="--global", help="rank channels across groups "
+                                  "instead of the same ratio per group")
+    round_to: int = option(1, parse=positive, metavar="N",
+                           help="keep channel counts a multiple of N")
+    min_channels: int = option(1, parse=positive, metavar="N",
+                               help="never keep fewer than N channels in a group")
+    ignore: tuple[str, ...] = option((), append=True, metavar="GLOB", help="freeze every "
+                                     "channel touching nodes whose name matches GLOB")
+    seed: int = option(0, parse=int, help="seed of random scores and inputs")
+    # OBSPA (criterion "obspa"): where H comes from, its damping, how many synthetic samples,
+    # calibration data (arrays named after the graph inputs), and whether to write the update.
+    hessian: HessianSource = like(OBSPAOptions, "hessian")
+    calib: str | None = option(None, metavar="FILE.npz", group=OBSPA_GROUP, help="calibration "
+                               "inputs: arrays named after the graph inputs")
+    damping: float = like(OBSPAOptions, "damping")
+    samples: int = like(OBSPAOptions, "samples")
+    compensate: bool = option(True, name="--no-compensate", negate=True, group=OBSPA_GROUP,
+                              help="do not write the OBS update of the kept weights")
+    # Sizes of symbolic input dims for the inputs SPA makes (synthetic Hessians): ("H", 224), …;
+    # the others are sized by spa/inputs.py, once per run.
+    input_dims: InputDims = option((), name="--input-dim", parse=parse_input_dim, append=True,
+                                   metavar="NAME=SIZE", help=_INPUT_DIM_HELP)
+
+    def __post_init__(self) -> None:
+        for name in ("ratio", "heads_ratio", "mlp_ratio", "hidden_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                check_ratio(value, name.replace("_", " "))
+
+    def criterion_options(self, cls: type) -> Any:
+        """The criterion class's own options dataclass, from the same-named fields."""
+        options = getattr(cls, "Options", None)
+        if options is None:
+            return None
+        return options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(options)})
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What validation runs. ``check_masked``: None (the default) runs the numeric oracle
+    whenever it applies to the plan (:func:`spa.validate.oracle_exemption`); True requires it
+    (a plan it cannot apply to is then validated without it, with a warning; it implies
+    ``validate``); False turns it off (``--no-check``)."""
+
+    validate: bool = option(True, name="--no-validate", negate=True, help="skip running "
+                            "original and pruned models in onnxruntime (and the numeric "
+                            "oracle, unless --check-masked)")
+    check_masked: bool | None = option(
+        None, off=("--no-check", "do not run the numeric oracle (the default runs it whenever "
+                   "the plan has no compensation and no normalisation over a pruned axis)"),
+        help="require the numeric oracle (pruned == masked original); it runs by default "
+        "whenever it applies to the plan")
+    rtol: float = 1e-4
+    latency: bool = option(True, name="--no-validate", negate=True, help="(with validation)")
+    latency_runs: int = 20
+    input_dims: InputDims = like(PruneOptions, "input_dims")  # for validation inputs
+
+    def __post_init__(self) -> None:
+        if self.check_masked:
+            object.__setattr__(self, "validate", True)

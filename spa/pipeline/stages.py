@@ -1,0 +1,153 @@
+"""The read-only stages: load → analyse → input sizes → statistics → score → allocate → plan.
+
+Each stage is one function that takes what it needs explicitly and returns a frozen result;
+:mod:`spa.pipeline` calls them in order, once each. :func:`make_plan` runs statistics, scoring
+and allocation for one analysis and returns the plan together with the layer statistics it
+computed (:class:`Planned`), which the compensation then reuses instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from spa import validate as val
+from spa.choices import HessianSource
+from spa.coupling.analysis import Analysis, CouplingAnalysis
+from spa.errors import NothingPrunableError, OptionError
+from spa.inputs import InputDims, resolve
+from spa.ir import to_onnx
+from spa.ir.load import LoadedModel, load_model, load_proto
+from spa.passes.allocation import Allocation
+from spa.passes.importance import CRITERIA, Criterion, get_criterion
+from spa.passes.importance.gradient import Gradient
+from spa.passes.importance.obspa import OBSPA
+from spa.passes.statistics import LayerStatistics, LayerStats, load_calibration
+from spa.pipeline.options import CheckOptions, PruneOptions
+from spa.plan import Plan
+from spa.recipe import BiasRecipe, CompensationRecipe, Recipe
+
+PathLike = str | os.PathLike[str]
+ModelLike = PathLike | onnx.ModelProto | LoadedModel
+#: Per-weight saliencies (by ONNX constant name) for a gradient criterion, given what the
+#: criterion needs ("wg" or "whg"): the PyTorch front end computes them on the user's module.
+SaliencySource = Callable[[str], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A plan, and the layer statistics its criterion read (None when it read none)."""
+
+    plan: Plan
+    statistics: LayerStats | None
+
+
+def load(model: ModelLike) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return load_proto(model)
+    return load_model(model)
+
+
+def analyse(model: LoadedModel, *, ignore: tuple[str, ...] = (), hidden: bool = False,
+            frozen_tensors: Mapping[str, str] | None = None) -> Analysis:
+    """Coupling analysis; ``hidden`` also makes the residual stream (hidden size) prunable."""
+    return CouplingAnalysis(ignore=ignore, hidden=hidden,
+                            frozen_tensors=frozen_tensors).run(model)
+
+
+def makes_inputs(options: PruneOptions, checks: CheckOptions | None) -> bool:
+    """Whether the run feeds made-up inputs: validation, or OBSPA's data-free Hessians."""
+    synthetic = CRITERIA.get(options.criterion) is OBSPA and options.hessian in (
+        HessianSource.SYNTHETIC, HessianSource.NOISE)
+    return synthetic or (checks is not None and bool(checks.validate or checks.check_masked))
+
+
+def input_sizes(analysis: Analysis, given: dict[str, int], needed: bool) -> InputDims:
+    """The symbolic input dims sized once per run (spa/inputs.py) when the run makes inputs
+    (``needed``) and can prune anything; else just the ``given`` ones. The statistics and
+    validation then take the same sizes."""
+    if not (needed and analysis.prunable_groups):
+        return InputDims(given, dict.fromkeys(given, "flag"))
+    loaded = analysis.model  # the original: its file, or the normal form of one in memory
+    metadata = {p.key: p.value for p in loaded.proto_header.metadata_props}
+    return resolve(loaded.graph.inputs, metadata, given,
+                   val.probe(lambda: loaded.path or to_onnx(loaded)))
+
+
+def make_plan(analysis: Analysis, options: PruneOptions, *,
+              saliency: SaliencySource | None = None) -> Planned:
+    """Statistics (when the criterion reads them) → score → allocate: the plan."""
+    if not analysis.prunable_groups:
+        raise NothingPrunableError(nothing_prunable(analysis))
+    criterion = _criterion(analysis, options, saliency)
+    source = criterion.statistics_source(options.calib is not None)
+    statistics = None
+    if source is not None:
+        statistics = LayerStatistics(source=source, samples=options.samples, seed=options.seed,
+                                     calib=load_calibration(options.calib),
+                                     dims=dict(options.input_dims)).run(analysis)
+    scores = criterion.run(analysis, statistics)
+    alloc = Allocation(ratio=options.ratio, target=options.target,
+                       global_ranking=options.global_ranking, round_to=options.round_to,
+                       min_channels=options.min_channels, heads_ratio=options.heads_ratio,
+                       mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio)
+    return Planned(alloc.run(analysis, scores, recipe(options, criterion)), statistics)
+
+
+def _criterion(analysis: Analysis, options: PruneOptions,
+               saliency: SaliencySource | None) -> Criterion:
+    cls = CRITERIA.get(options.criterion)
+    extra: dict = {}
+    if cls is not None and cls.Options is not None:
+        extra["options"] = options.criterion_options(cls)
+    if cls is not None and issubclass(cls, Gradient):
+        extra["saliency"] = _saliency(cls, analysis, options, saliency)
+    return get_criterion(options.criterion, reduction=options.reduction,
+                         normalization=options.normalization, seed=options.seed, **extra)
+
+
+def _saliency(cls: type[Gradient], analysis: Analysis, options: PruneOptions,
+              source: SaliencySource | None) -> Mapping[str, np.ndarray] | None:
+    """Saliencies for a gradient criterion: from the front end's ``source``, or, on an ONNX
+    file, the model run in PyTorch on the ``--calib`` inputs and labels. Without either the
+    criterion explains what it needs."""
+    if source is not None:
+        return source(cls.needs)
+    if options.calib is None:
+        return None
+    try:
+        from spa.torch.saliency import onnx_saliency
+    except ImportError as exc:
+        raise OptionError(f"criterion {options.criterion} needs PyTorch "
+                          "(pip install 'spa-prune[torch]')") from exc
+    return onnx_saliency(to_onnx(analysis.model), load_calibration(options.calib), cls.needs)
+
+
+def recipe(options: PruneOptions, criterion: Criterion) -> Recipe:
+    """What the plan records of ``options``: all ``spa apply`` needs to redo the analysis and
+    the compensation."""
+    comp = bias = None
+    if criterion.compensation and options.compensate:
+        comp = CompensationRecipe(options.hessian, options.damping, options.samples,
+                                  options.calib, options.input_dims)
+    if criterion.bias_compensation and options.compensate:
+        bias = BiasRecipe(options.calib)
+    return Recipe(options.criterion, options.ratio, options.heads_ratio, options.mlp_ratio,
+                  options.hidden_ratio, options.target, options.global_ranking,
+                  options.round_to, options.seed, options.ignore, comp, bias)
+
+
+def nothing_prunable(analysis: Analysis) -> str:
+    """Why no group can be pruned: no nodes at all, or the first few freeze reasons."""
+    if not analysis.model.graph.nodes:
+        return ("no prunable channel group in the model: its graph has no nodes (the outputs "
+                "are inputs or constants)")
+    reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
+    return "no prunable channel group in the model" + (
+        f" (e.g. {'; '.join(reasons)})" if reasons else "")

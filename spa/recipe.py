@@ -1,0 +1,114 @@
+"""What a plan was made with: the typed, versioned recipe stored in the plan (format 2).
+
+:class:`Recipe` holds the options that decide the plan and that ``spa apply`` needs again: the
+analysis options (``ignore``, whether the hidden size is prunable) and the compensation
+recipes. :class:`CompensationRecipe` is OBSPA's weight update (where its layer statistics come
+from, the damping), :class:`BiasRecipe` FLAP's bias shift. Both are written by the rewrite from
+layer statistics recomputed by ``spa apply`` from these fields, so a saved plan reproduces the
+pruned model byte for byte.
+
+Format-1 plans held the same facts in an untyped ``meta`` dict; :meth:`Recipe.from_meta`
+converts one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from spa.choices import HessianSource, Target
+
+
+@dataclass(frozen=True)
+class CompensationRecipe:
+    """OBSPA's update of the kept weights: the layer statistics' source and the damping."""
+
+    hessian: HessianSource
+    damping: float
+    samples: int
+    calib: str | None
+    input_dims: tuple[tuple[str, int], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hessian": self.hessian.value, "damping": self.damping, "samples": self.samples,
+                "calib": self.calib, "input_dims": dict(self.input_dims)}
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> CompensationRecipe:
+        dims = body.get("input_dims") or {}
+        return cls(HessianSource(body["hessian"]), float(body["damping"]), int(body["samples"]),
+                   body.get("calib"), tuple((str(k), int(v)) for k, v in dims.items()))
+
+
+@dataclass(frozen=True)
+class BiasRecipe:
+    """FLAP's bias compensation: the calibration inputs its layer means come from."""
+
+    calib: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"calib": self.calib}
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> BiasRecipe:
+        return cls(body.get("calib"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The options a plan was made with (a record: every field is given by the pipeline)."""
+
+    criterion: str
+    ratio: float
+    heads_ratio: float | None
+    mlp_ratio: float | None
+    hidden_ratio: float | None
+    target: Target
+    global_ranking: bool
+    round_to: int
+    seed: int
+    ignore: tuple[str, ...]
+    compensation: CompensationRecipe | None = None
+    bias_compensation: BiasRecipe | None = None
+
+    @property
+    def hidden(self) -> bool:
+        """Whether the analysis made the hidden size (residual stream) prunable."""
+        return self.hidden_ratio is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "criterion": self.criterion, "ratio": self.ratio, "heads_ratio": self.heads_ratio,
+            "mlp_ratio": self.mlp_ratio, "hidden_ratio": self.hidden_ratio,
+            "target": self.target.value, "global": self.global_ranking,
+            "round_to": self.round_to, "seed": self.seed, "ignore": list(self.ignore)}
+        if self.compensation is not None:
+            body["compensation"] = self.compensation.to_dict()
+        if self.bias_compensation is not None:
+            body["bias_compensation"] = self.bias_compensation.to_dict()
+        return body
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> Recipe:
+        comp, bias = body.get("compensation"), body.get("bias_compensation")
+        return cls(str(body["criterion"]), float(body["ratio"]), _ratio(body, "heads_ratio"),
+                   _ratio(body, "mlp_ratio"), _ratio(body, "hidden_ratio"),
+                   Target(body["target"]), bool(body["global"]), int(body["round_to"]),
+                   int(body["seed"]), tuple(str(g) for g in body["ignore"]),
+                   CompensationRecipe.from_dict(comp) if comp else None,
+                   BiasRecipe.from_dict(bias) if bias else None)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Recipe | None:
+        """A format-1 plan's ``meta`` (written with every key but possibly edited by hand:
+        missing keys take the values format 1 was written with)."""
+        if not meta:
+            return None
+        legacy = {"criterion": "?", "ratio": 0.0, "target": Target.CHANNELS.value,
+                  "global": False, "round_to": 1, "seed": 0, "ignore": []}
+        return cls.from_dict(legacy | meta)
+
+
+def _ratio(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    return None if value is None else float(value)
