@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.registry import entry_of
-from spa.ir.quant import quantized_weight, weight_values
+from spa.ir.quant import quantized_weight, weight_array
 from spa.ir.tied import tied_names
 from spa.passes.hessian import damped_inverse
 from spa.passes.importance.obspa import layer_rows, obs_remove
@@ -122,7 +122,7 @@ class BiasCompensation:
         for key, gone in removed_indices(analysis, plan).items():
             if key not in layers or key not in stats:
                 continue
-            values = weight_values(tensors[key[0]])  # dequantised
+            values = weight_array(tensors[key[0]])  # dequantised
             w = layer_rows(values, key[1])
             shift = (stats[key].mean[gone] @ w[gone]).reshape(
                 np.moveaxis(values, key[1], 0).shape[1], -1).sum(axis=1)

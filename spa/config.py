@@ -109,7 +109,7 @@ def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
     if action.type is None and not isinstance(value, str):
         raise OptionError(f"{where}: expected a string, got {value!r}")
     try:
-        converted = action.type(str(value)) if action.type else value
+        converted = action.type(str(value)) if callable(action.type) else value
     except argparse.ArgumentTypeError as exc:
         raise OptionError(f"{where}: {exc}") from None
     except (ValueError, TypeError):

@@ -11,6 +11,7 @@ plan's untyped ``meta`` is converted when it is read.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,7 +102,7 @@ class Plan:
             raise PlanMismatchError(f"{source}: not a valid SPA plan ({exc})") from exc
 
     @classmethod
-    def load(cls, path: str | Path) -> Plan:
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
         p = Path(path)
         if not p.is_file():
             raise PlanMismatchError(f"{p}: no such plan file")

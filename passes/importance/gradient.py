@@ -60,11 +60,16 @@ class Gradient(Criterion):
                 "lamp, obspa")
         return super().run(analysis)
 
+    @property
+    def _saliency(self) -> dict[str, np.ndarray]:
+        assert self.saliency is not None, "run() refuses a criterion without saliencies"
+        return self.saliency
+
     def scored(self, member: Member, tensor: gs.Tensor) -> bool:
-        return member.role.is_weight and tensor is not None and tensor.name in self.saliency
+        return member.role.is_weight and tensor is not None and tensor.name in self._saliency
 
     def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
-        s = np.asarray(self.saliency[member.space[0]], dtype=np.float64)
+        s = np.asarray(self._saliency[member.space[0]], dtype=np.float64)
         if s.shape != weight.shape:
             raise OptionError(f"saliency of '{member.space[0]}' has shape {s.shape}, the weight "
                               f"{weight.shape}")

@@ -41,4 +41,4 @@ class Random(Criterion):
 
     def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
         rng = np.random.default_rng([self.seed, group.id])
-        return rng.random(weight.shape[axis])
+        return rng.random((weight.shape[axis],))

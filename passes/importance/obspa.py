@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from spa.choices import HessianSource
 from spa.coupling.types import Role
 from spa.errors import OptionError
-from spa.ir.quant import weight_values
+from spa.ir.quant import weight_array
 from spa.options import option, positive
 from spa.passes.hessian import damped_inverse
 from spa.passes.importance.base import Criterion, Scores, normalise, register_criterion
@@ -114,8 +114,10 @@ class OBSPA(Criterion):
                            ) -> np.ndarray:
         state = []
         for m in members:
-            w = layer_rows(weight_values(tensors[m.space[0]]), m.space[1])
-            hinv = damped_inverse(statistics.hessian(m.space), self.options.damping)
+            w = layer_rows(weight_array(tensors[m.space[0]]), m.space[1])
+            h = statistics.hessian(m.space)
+            assert h is not None, f"{m.space}: members are chosen among the collected layers"
+            hinv = damped_inverse(h, self.options.damping)
             state.append((m, w, hinv))
         alive = np.ones(g.size, dtype=bool)
         score = np.zeros(g.size)
@@ -146,6 +148,6 @@ def producer_norms(g: Group, tensors: dict[str, gs.Tensor]) -> np.ndarray:
     channels through a weight)."""
     total = np.zeros(g.size)
     for m in g.producers:
-        rows = layer_rows(weight_values(tensors[m.space[0]]), m.space[1])
+        rows = layer_rows(weight_array(tensors[m.space[0]]), m.space[1])
         total += np.bincount(m.channels, weights=(rows[m.indices] ** 2).sum(1), minlength=g.size)
     return total

@@ -112,6 +112,14 @@ def weight_values(t: gs.Tensor | None) -> np.ndarray | None:
     return None if w is None else dequantize(w)
 
 
+def weight_array(t: gs.Tensor | None) -> np.ndarray:
+    """:func:`weight_values` of a tensor known to be a weight (a member of a group's weight
+    spaces): a caller's invariant, asserted."""
+    values = weight_values(t)
+    assert values is not None, f"'{getattr(t, 'name', t)}' is not a weight"
+    return values
+
+
 def is_weight(t: gs.Tensor | None) -> bool:
     """``t`` is a constant, or the DequantizeLinear of constants (without reading values)."""
     return isinstance(t, gs.Constant) or quantized_weight(t) is not None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,8 +56,19 @@ def oracle_decision(analysis: Analysis, the_plan: Plan, checks: CheckOptions
     return dataclasses.replace(checks, check_masked=False), why
 
 
+@dataclass(frozen=True)
+class References:
+    """What validation compares the pruned model against: the original (a file, or a model),
+    a maker of the masked original (None: the oracle does not run), and the outputs no weight
+    reaches (compared with the original's exactly)."""
+
+    original: PathLike | onnx.ModelProto
+    masked: Callable[[], PathLike | onnx.ModelProto] | None
+    weight_free: set[str]
+
+
 def reference_models(analysis: Analysis, the_plan: Plan, checks: CheckOptions,
-                      stage: Staging) -> tuple | None:
+                     stage: Staging) -> References | None:
     """What validation compares against, taken before the rewrite: the original model (the
     normal form the analysis ran on), a maker of the masked original (the numeric oracle) and
     the outputs no weight reaches. A streamed model's are written into the staging directory,
@@ -71,18 +84,18 @@ def reference_models(analysis: Analysis, the_plan: Plan, checks: CheckOptions,
         write_proto(proto, original_path)
         del proto
         if not checks.check_masked:
-            return original_path, None, weight_free
-        return original_path, lambda: val.masked_model(onnx.load(str(original_path)), analysis,
-                                                       the_plan), weight_free
+            return References(original_path, None, weight_free)
+        return References(original_path, lambda: val.masked_model(
+            onnx.load(str(original_path)), analysis, the_plan), weight_free)
     base = loaded.path.parent if loaded.path is not None else None
     refs = to_onnx(loaded, references=True)
     weight_free = val.weight_free_outputs(refs)
     original = _stage_copy(loaded, refs, base, stage, "original")
     if not checks.check_masked:
-        return original, None, weight_free
+        return References(original, None, weight_free)
     masked = val.masked_model(refs, analysis, the_plan, base_dir=base)
     masked_path = _stage_copy(loaded, masked, base, stage, "masked")
-    return original, lambda: masked_path, weight_free
+    return References(original, lambda: masked_path, weight_free)
 
 
 def _stage_copy(loaded: LoadedModel, model: onnx.ModelProto, base: Path | None,
@@ -109,7 +122,8 @@ def bfloat16_checks(loaded: LoadedModel, checks: CheckOptions) -> tuple[CheckOpt
     return dataclasses.replace(checks, latency=False), True
 
 
-def run_checks(original: PathLike | onnx.ModelProto, masked, weight_free: set[str],
+def run_checks(original: PathLike | onnx.ModelProto,
+               masked: Callable[[], PathLike | onnx.ModelProto] | None, weight_free: set[str],
               pruned: PathLike | onnx.ModelProto, checks: CheckOptions, *,
               widen: bool = False) -> dict:
     """Run the original, then the pruned model (one session at a time: memory), compare:
@@ -131,7 +145,7 @@ def run_checks(original: PathLike | onnx.ModelProto, masked, weight_free: set[st
     s = None
     val.check_signature(out_orig, out_pruned)
     val.check_exact(out_orig, out_pruned, weight_free, what="original")
-    if checks.check_masked:
+    if checks.check_masked and masked is not None:
         out_masked = val.run(val.session(twin(masked()), what="masked original"), feeds)
         val.check_exact(out_masked, out_pruned, out_masked, what="masked original")
         c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)

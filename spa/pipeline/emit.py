@@ -131,7 +131,8 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
             pruned = infer_shapes(to_onnx(loaded))
             emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
         t1 = time.perf_counter()
-        report_extra = run_checks(*sources, pruned, checks, widen=widen) if sources else {}
+        report_extra = {} if sources is None else run_checks(
+            sources.original, sources.masked, sources.weight_free, pruned, checks, widen=widen)
         t2 = time.perf_counter()
         # Measured on the emitted model (re-read in normal form), not derived from the plan;
         # its normal form holds each tensor of its file once, as the input's count (read

@@ -126,7 +126,9 @@ def _saliency(cls: type[Gradient], analysis: Analysis, options: PruneOptions,
     except ImportError as exc:
         raise OptionError(f"criterion {options.criterion} needs PyTorch "
                           "(pip install 'spa-prune[torch]')") from exc
-    return onnx_saliency(to_onnx(analysis.model), load_calibration(options.calib), cls.needs)
+    calib = load_calibration(options.calib)
+    assert calib is not None  # options.calib is a path here
+    return onnx_saliency(to_onnx(analysis.model), calib, cls.needs)
 
 
 def recipe(options: PruneOptions, criterion: Criterion) -> Recipe:

@@ -24,7 +24,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import onnx
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from spa.torch.saliency import Batch, LossFn
 
 log = logging.getLogger(__name__)
-Inputs = "torch.Tensor | tuple[torch.Tensor, ...]"
+Inputs: TypeAlias = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)

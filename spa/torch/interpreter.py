@@ -162,21 +162,23 @@ def _axis(a: int, rank: int) -> int:
 
 
 # ---- arithmetic and activations -------------------------------------------------------------
-for _name, _fn in {
+_BINARY: dict[str, Callable[..., torch.Tensor]] = {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow,
     "Max": torch.maximum, "Min": torch.minimum, "Equal": torch.eq, "Less": torch.lt,
     "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge, "And":
     torch.logical_and, "Or": torch.logical_or, "MatMul": torch.matmul,
-}.items():
-    add(_name, (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn))
-for _name, _fn in {
+}
+_UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": torch.exp,
     "Log": torch.log, "Sqrt": torch.sqrt, "Neg": torch.neg, "Abs": torch.abs, "Erf": torch.erf,
     "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil, "Sin": torch.sin,
     "Cos": torch.cos, "Not": torch.logical_not, "Softplus": F.softplus, "Mish": F.mish,
     "HardSwish": F.hardswish, "Sign": torch.sign, "Round": torch.round,
     "Identity": lambda x: x, "Softsign": F.softsign,
-}.items():
+}
+for _name, _fn in _BINARY.items():
+    add(_name, (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn))
+for _name, _fn in _UNARY.items():
     add(_name, (lambda fn: lambda a, x: fn(x[0]))(_fn))
 
 
@@ -366,9 +368,9 @@ def _pool(a, x, kind: str):
     if kind == "max":
         fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
         return fn(inp, kernel, strides, pads, dilation=a.get("dilations", 1), ceil_mode=ceil)
-    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
-    return fn(inp, kernel, strides, pads, ceil_mode=ceil,
-              count_include_pad=bool(a.get("count_include_pad", 0)))
+    avg: Callable[..., torch.Tensor] = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
+    return avg(inp, kernel, strides, pads, ceil_mode=ceil,
+               count_include_pad=bool(a.get("count_include_pad", 0)))
 
 
 add("MaxPool", lambda a, x: _pool(a, x, "max"))

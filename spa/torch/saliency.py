@@ -42,7 +42,7 @@ def first_tensor(output: object) -> torch.Tensor:
                       "loss of; pass loss_fn=")
 
 
-def saliency(module: nn.Module, batch: Batch, needs: str, loss_fn: LossFn | None = None,
+def saliency(module: nn.Module, batch: Batch | None, needs: str, loss_fn: LossFn | None = None,
              chunk: int | None = None) -> dict[str, np.ndarray]:
     """``{parameter name: w·g or w·Hg}`` for every parameter that requires grad.
 
