@@ -78,7 +78,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         model, mapped = _read(p)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise ModelLoadError(f"{p}: not a readable ONNX model (truncated or another file type): "
-                             f"{_one_line(exc)}") from exc
+                             f"{one_line(exc)}") from exc
     if not model.HasField("graph"):  # a graph without nodes is valid (nothing to prune)
         raise ModelLoadError(f"{p}: not an ONNX model (no graph in it)")
     external = any(external_data_helper.uses_external_data(t)
@@ -161,7 +161,7 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
     try:
         onnx.checker.check_model(weightless(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise ModelLoadError(f"{name}: fails onnx.checker: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"{name}: fails onnx.checker: {one_line(exc)}") from exc
     _check_node_names(model.graph, name)
     _check_tensor_sizes(model, name, mapped)
     graph = _import(model, base_dir, name, mapped)
@@ -422,8 +422,8 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         if strict:
             raise InvalidModelError(f"{name}: invalid model: shape inference finds a conflict: "
-                                    f"{_one_line(exc)}") from exc
-        raise error(f"{name}: shape inference failed: {_one_line(exc)}") from exc
+                                    f"{one_line(exc)}") from exc
+        raise error(f"{name}: shape inference failed: {one_line(exc)}") from exc
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred.graph.value_info)
     del model.graph.output[:]
@@ -471,10 +471,6 @@ def _data_files(path: Path, model: onnx.ModelProto) -> tuple[Path, ...]:
             if entry.key == "location" and entry.value not in seen:
                 seen[entry.value] = path.parent / entry.value
     return tuple(f for f in seen.values() if f.is_file())
-
-
-def _one_line(exc: BaseException) -> str:
-    return one_line(exc)
 
 
 __all__ = ["LoadedModel", "load_model", "load_proto", "normal_graph"]

@@ -13,14 +13,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from spa.ir.dtypes import ElementType, is_floating
+from spa.ir.dtypes import is_floating
 
 
 def is_parameter(t: gs.Tensor) -> bool:
     """A floating-point constant, or the integer data a ``DequantizeLinear`` reads."""
     if not isinstance(t, gs.Constant):
         return False
-    return _floating(t.dtype) or any(
+    return is_floating(t.dtype) or any(
         n.op == "DequantizeLinear" and n.inputs and n.inputs[0] is t for n in t.outputs)
 
 
@@ -41,9 +41,9 @@ def stored_params(model: onnx.ModelProto) -> int:
     nodes = [n for g in graphs for n in g.node]
     quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input}
     total = sum(_size(t) for g in graphs for t in g.initializer
-                if t.name in quantised or _floating_type(t.data_type))
+                if t.name in quantised or is_floating(t.data_type))
     for a in (a for n in nodes if n.op_type == "Constant" for a in n.attribute):
-        if a.name == "value" and _floating_type(a.t.data_type):
+        if a.name == "value" and is_floating(a.t.data_type):
             total += _size(a.t)
         elif a.name in ("value_float", "value_floats"):
             total += 1 if a.name == "value_float" else len(a.floats)
@@ -60,10 +60,3 @@ def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
 def _size(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64))
 
-
-def _floating_type(data_type: int) -> bool:
-    return is_floating(data_type)
-
-
-def _floating(dtype: ElementType) -> bool:
-    return is_floating(dtype)

@@ -28,11 +28,11 @@ from onnx_graphsurgeon.exporters.onnx_exporter import (
 from onnx_graphsurgeon.ir.tensor import SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from spa.errors import OutputPathError, ValidationError
+from spa.errors import OutputPathError, ValidationError, one_line
 from spa.ir.dtypes import is_floating, onnx_type
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
 from spa.ir.ir3 import check_declared, declare_initializers
-from spa.ir.load import LoadedModel, _one_line, _with_inferred_shapes, weightless
+from spa.ir.load import LoadedModel, _with_inferred_shapes, weightless
 from spa.ir.values import PLAIN_DTYPES, RAW_DTYPES
 from spa.ir.wire import binary_protobuf, serialized_pieces
 
@@ -155,7 +155,7 @@ class Staging:
             self.dir = Path(tempfile.mkdtemp(prefix=".spa-", dir=self.out.parent))
         except OSError as exc:
             raise OutputPathError(f"{self.out}: cannot write in {self.out.parent}: "
-                                  f"{_one_line(exc)}") from exc
+                                  f"{one_line(exc)}") from exc
         self.model_path = self.dir / self.out.name
 
     def __enter__(self) -> Staging:
@@ -171,7 +171,7 @@ class Staging:
                 os.replace(self.dir / data_name, self.out.parent / data_name)
             os.replace(self.model_path, self.out)
         except OSError as exc:
-            raise OutputPathError(f"{self.out}: cannot write: {_one_line(exc)}") from exc
+            raise OutputPathError(f"{self.out}: cannot write: {one_line(exc)}") from exc
         return self.out
 
 
@@ -193,7 +193,7 @@ def write_streamed(loaded: LoadedModel, model_path: Path, graph: gs.Graph | None
     try:
         model_path.write_bytes(model.SerializeToString())
     except OSError as exc:
-        raise OutputPathError(f"{model_path}: cannot write: {_one_line(exc)}") from exc
+        raise OutputPathError(f"{model_path}: cannot write: {one_line(exc)}") from exc
     return model
 
 
@@ -225,7 +225,7 @@ def write_proto(model: onnx.ModelProto, path: Path, *, external: bool = False) -
             with open(path, "wb") as f:
                 f.writelines(pieces)
     except OSError as exc:
-        raise OutputPathError(f"{path}: cannot write: {_one_line(exc)}") from exc
+        raise OutputPathError(f"{path}: cannot write: {one_line(exc)}") from exc
 
 
 def _needs_onnx_save(model: onnx.ModelProto, path: Path) -> bool:
@@ -239,7 +239,7 @@ def full_check(model: onnx.ModelProto) -> None:
     try:  # structure and strict shape inference; the weights are numpy-made, sized by design
         onnx.checker.check_model(weightless(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ValidationError(f"the rewritten model fails onnx.checker: {_one_line(exc)}") \
+        raise ValidationError(f"the rewritten model fails onnx.checker: {one_line(exc)}") \
             from exc
     check_declared(model)  # the weight-less copy is IR 4, which lacks this rule of IR 3
 
