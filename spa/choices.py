@@ -42,3 +42,11 @@ class HessianSource(Enum):
     NOISE = "noise"
     CALIBRATION = "calibration"
     IDENTITY = "identity"
+
+
+class AllocationMethod(Enum):
+    """How the budget is spread over the groups (``--allocation``)."""
+
+    UNIFORM = "uniform"  # the same ratio in every group
+    GLOBAL = "global"  # one ranking of normalised scores across groups
+    SENSITIVITY = "sensitivity"  # measured damage to the final outputs (passes/sensitivity.py)

@@ -108,6 +108,21 @@ def positive(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """Parser of a memory size: ``2GiB``, ``512MiB``, ``1.5GB``, ``1000000``."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB or 2GiB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
 def parse_input_dim(text: str) -> tuple[str, int]:
     """Parser of ``NAME=SIZE`` (a symbolic input dim's size)."""
     name, _, value = text.partition("=")

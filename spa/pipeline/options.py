@@ -16,8 +16,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from spa.choices import HessianSource, Normalization, Reduction, Target
-from spa.options import check_ratio, like, option, parse_input_dim, parse_ratio, positive
+from spa.calibration import CalibrationOptions
+from spa.calibration import GROUP as CALIB_GROUP
+from spa.choices import AllocationMethod, HessianSource, Normalization, Reduction, Target
+from spa.options import (
+    check_ratio,
+    like,
+    option,
+    parse_bytes,
+    parse_input_dim,
+    parse_ratio,
+    positive,
+)
 from spa.passes.importance import CRITERIA
 from spa.passes.importance.base import ScoringOptions
 from spa.passes.importance.obspa import GROUP as OBSPA_GROUP
@@ -61,7 +71,12 @@ class PruneOptions:
     reduction: Reduction = like(ScoringOptions, "reduction")
     normalization: Normalization = like(ScoringOptions, "normalization")
     global_ranking: bool = option(False, name="--global", help="rank channels across groups "
-                                  "instead of the same ratio per group")
+                                  "instead of the same ratio per group (--allocation global)")
+    # None: sensitivity with --calib, else uniform (or global with --global).
+    allocation: AllocationMethod | None = option(
+        None, enum=AllocationMethod, help="how the budget is spread over the groups: uniform "
+        "(same ratio per group), global (one ranking across groups) or sensitivity (measured "
+        "damage to the final outputs; default with --calib)")
     round_to: int = option(1, parse=positive, metavar="N",
                            help="keep channel counts a multiple of N")
     min_channels: int = option(1, parse=positive, metavar="N",
@@ -72,8 +87,26 @@ class PruneOptions:
     # OBSPA (criterion "obspa"): where H comes from, its damping, how many synthetic samples,
     # calibration data (arrays named after the graph inputs), and whether to write the update.
     hessian: HessianSource = like(OBSPAOptions, "hessian")
-    calib: str | None = option(None, metavar="FILE.npz", group=OBSPA_GROUP, help="calibration "
-                               "inputs: arrays named after the graph inputs")
+    calib: str | None = option(None, metavar="PATH", group=CALIB_GROUP, help="calibration "
+                               "data: an .npz of arrays named after the graph inputs, a folder "
+                               "of images, or a text file with one sample per line")
+    preprocess: str = like(CalibrationOptions, "preprocess")
+    image_size: int | None = like(CalibrationOptions, "image_size")
+    mean: tuple[float, ...] | None = like(CalibrationOptions, "mean")
+    std: tuple[float, ...] | None = like(CalibrationOptions, "std")
+    layout: str | None = like(CalibrationOptions, "layout")
+    tokenizer: str | None = like(CalibrationOptions, "tokenizer")
+    max_length: int = like(CalibrationOptions, "max_length")
+    held_out: float = like(CalibrationOptions, "held_out")
+    # None: on when calibration data is given (passes/reconstruction.py).
+    reconstruct: bool | None = option(
+        None, off=("--no-reconstruct", "do not refit the kept weights on calibration data"),
+        group=CALIB_GROUP, help="refit each layer's kept weights and bias (ridge least "
+        "squares) so that the pruned model's layer outputs match the dense model's on the "
+        "calibration data (default: on with --calib)")
+    calib_memory: int = option(2 << 30, parse=parse_bytes, metavar="SIZE", group=CALIB_GROUP,
+                               help="memory budget for the activations held during "
+                               "reconstruction and sensitivity (e.g. 512MiB, 2GiB)")
     damping: float = like(OBSPAOptions, "damping")
     samples: int = like(OBSPAOptions, "samples")
     compensate: bool = option(True, name="--no-compensate", negate=True, group=OBSPA_GROUP,
@@ -88,6 +121,26 @@ class PruneOptions:
             value = getattr(self, name)
             if value is not None:
                 check_ratio(value, name.replace("_", " "))
+
+    @property
+    def calibration(self) -> CalibrationOptions:
+        """How ``calib`` is read."""
+        return CalibrationOptions(**{f.name: getattr(self, f.name)
+                                     for f in dataclasses.fields(CalibrationOptions)})
+
+    @property
+    def allocation_method(self) -> AllocationMethod:
+        """``allocation``, with its default filled in."""
+        if self.allocation is not None:
+            return self.allocation
+        if self.global_ranking:
+            return AllocationMethod.GLOBAL
+        return AllocationMethod.SENSITIVITY if self.calib else AllocationMethod.UNIFORM
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether reconstruction runs: asked for, or by default with calibration data."""
+        return bool(self.calib) if self.reconstruct is None else self.reconstruct
 
     def criterion_options(self, cls: type) -> Any:
         """The criterion class's own options dataclass, from the same-named fields."""

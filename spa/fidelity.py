@@ -1,0 +1,94 @@
+"""Fidelity: how closely a pruned model still answers like the dense one, on held-out inputs.
+
+Three measures, over the model's float outputs, each sample compared with the dense model's
+answer to the same input:
+
+* ``agreement``: the share of samples whose arg-max over the last axis is the dense one's, for
+  the first output shaped like class scores (``[N, C]`` with ``C ≥ 2``; ``[N, T, C]``
+  averages over positions);
+* ``cosine``: the mean per-sample cosine similarity of the first float output (embeddings);
+* ``relative_error``: ``‖y − y_dense‖ / ‖y_dense‖`` over all float outputs together.
+
+:func:`headline` names the one a report leads with: agreement for classifiers, else cosine.
+:func:`compare` works on outputs already computed (the recovery loop's, in PyTorch);
+:func:`measure` runs both models in onnxruntime over the inputs, in chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+Outputs = Sequence[np.ndarray]
+
+
+def _float_outputs(outputs: Outputs) -> list[np.ndarray]:
+    return [np.asarray(o) for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)]
+
+
+def compare(reference: Outputs, other: Outputs) -> dict[str, float]:
+    """The fidelity measures of ``other`` against ``reference`` (outputs in the same order,
+    first axis = samples)."""
+    ref, out = _float_outputs(reference), _float_outputs(other)
+    if not ref or len(ref) != len(out):
+        return {}
+    metrics: dict[str, float] = {}
+    first_ref, first_out = ref[0].astype(np.float64), out[0].astype(np.float64)
+    if first_ref.ndim in (2, 3) and first_ref.shape[-1] >= 2 and first_ref.shape == first_out.shape:
+        metrics["agreement"] = float(np.mean(first_ref.argmax(-1) == first_out.argmax(-1)))
+    if first_ref.shape == first_out.shape and first_ref.size:
+        a = first_ref.reshape(len(first_ref), -1)
+        b = first_out.reshape(len(first_out), -1)
+        denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)
+        metrics["cosine"] = float(np.mean(cos))
+    num = sum(float(np.sum((r.astype(np.float64) - o) ** 2)) for r, o in zip(ref, out)
+              if r.shape == o.shape)
+    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    metrics["relative_error"] = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+    return metrics
+
+
+def headline(metrics: Mapping[str, float]) -> tuple[str, float] | None:
+    """The measure a report leads with, and its value (higher is better for both)."""
+    for name in ("agreement", "cosine"):
+        if name in metrics:
+            return name, metrics[name]
+    return None
+
+
+def better(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> bool:
+    """Whether ``candidate`` is the more faithful: the headline measure (ties broken by the
+    relative error), else the relative error alone."""
+    key = headline(incumbent)
+    if key is not None and key[0] in candidate and candidate[key[0]] != key[1]:
+        return candidate[key[0]] > key[1]
+    return candidate.get("relative_error", np.inf) < incumbent.get("relative_error", np.inf)
+
+
+def run_chunked(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
+                inputs: Mapping[str, np.ndarray], chunk: int = 32) -> list[np.ndarray]:
+    """``run`` over the samples of ``inputs`` in chunks, outputs concatenated per output."""
+    n = len(next(iter(inputs.values())))
+    parts: list[list[np.ndarray]] = []
+    for i in range(0, n, chunk):
+        outs = run({k: v[i:i + chunk] for k, v in inputs.items()})
+        parts = [[o] for o in outs] if not parts else [p + [o] for p, o in zip(parts, outs)]
+    return [np.concatenate(p) for p in parts]
+
+
+def measure(dense, pruned, inputs: Mapping[str, np.ndarray], *, chunk: int = 32
+            ) -> dict[str, float]:
+    """Run ``dense`` and ``pruned`` (paths or ModelProtos) in onnxruntime on ``inputs`` and
+    compare. The models must take a batch of ``chunk`` samples (a symbolic first axis, or a
+    fixed one that ``chunk`` is then set to)."""
+    from spa import validate as val
+
+    sessions = [val.session(m) for m in (dense, pruned)]
+    first = sessions[0].get_inputs()[0].shape[0]
+    if isinstance(first, int) and first > 0:
+        chunk = first
+    outs = [run_chunked(lambda feeds, s=s: [np.asarray(o) for o in s.run(None, feeds)],
+                        inputs, chunk) for s in sessions]
+    return compare(outs[0], outs[1])
