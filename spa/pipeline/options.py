@@ -16,8 +16,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from spa.calibration import CalibrationOptions
 from spa.calibration import GROUP as CALIB_GROUP
+from spa.calibration import CalibrationOptions
 from spa.choices import AllocationMethod, HessianSource, Normalization, Reduction, Target
 from spa.options import (
     check_ratio,
