@@ -78,6 +78,10 @@ def run_chunked(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
     return [np.concatenate(p) for p in parts]
 
 
+def _runner(sess) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    return lambda feeds: [np.asarray(o) for o in sess.run(None, feeds)]
+
+
 def measure(dense, pruned, inputs: Mapping[str, np.ndarray], *, chunk: int = 32
             ) -> dict[str, float]:
     """Run ``dense`` and ``pruned`` (paths or ModelProtos) in onnxruntime on ``inputs`` and
@@ -89,6 +93,5 @@ def measure(dense, pruned, inputs: Mapping[str, np.ndarray], *, chunk: int = 32
     first = sessions[0].get_inputs()[0].shape[0]
     if isinstance(first, int) and first > 0:
         chunk = first
-    outs = [run_chunked(lambda feeds, s=s: [np.asarray(o) for o in s.run(None, feeds)],
-                        inputs, chunk) for s in sessions]
+    outs = [run_chunked(_runner(s), inputs, chunk) for s in sessions]
     return compare(outs[0], outs[1])
