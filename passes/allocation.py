@@ -14,17 +14,28 @@ Constraints: keep at least ``min_channels`` per group (never zero; a head group 
 one head); with ``round_to = r`` the number of kept channels is rounded up to a multiple of ``r``
 (when the group has that many) — not for head groups, whose unit is already a whole head.
 Ties in score are broken by channel index, so plans are deterministic.
+
+Sensitivity allocation (``method=SENSITIVITY``, with the damage curves of
+passes/sensitivity.py): the budget goes where it hurts the final outputs least. Removal steps
+(one channel, or what keeps ``round_to``; a whole head) are ordered greedily by the damage they
+add per unit of budget they free (a channel; or, for params/FLOPs targets, the group's measured
+cost per channel); with convex curves this greedy order solves the knapsack exactly, and it is
+the textbook approximation otherwise. A channel budget takes the prefix of that order that
+removes its share of each pool's channels (a pool per kind with its own ratio); a params/FLOPs
+target takes the shortest prefix whose *counted* reduction (the cost model on the whole plan, so
+interactions between groups are counted) meets it, found by bisection.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spa.choices import Target
+from spa.choices import AllocationMethod, Target
 from spa.coupling.analysis import GroupKind
 from spa.errors import OptionError
 from spa.metrics import CostModel, Counts
@@ -34,6 +45,7 @@ from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction, kept_indices
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
     from spa.passes.importance.base import Scores
+    from spa.passes.sensitivity import Sensitivities
     from spa.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -46,7 +58,9 @@ class Allocation:
     def __init__(self, *, ratio: float, target: Target = Target.CHANNELS,
                  global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
                  heads_ratio: float | None = None, mlp_ratio: float | None = None,
-                 hidden_ratio: float | None = None):
+                 hidden_ratio: float | None = None,
+                 method: AllocationMethod | None = None,
+                 sensitivities: Sensitivities | None = None):
         for name, value in (("ratio", ratio), ("heads ratio", heads_ratio),
                             ("mlp ratio", mlp_ratio), ("hidden ratio", hidden_ratio)):
             if value is not None:
@@ -60,11 +74,20 @@ class Allocation:
         self.global_ranking = global_ranking
         self.round_to = round_to
         self.min_channels = min_channels
+        self.method = method or (AllocationMethod.GLOBAL if global_ranking
+                                 else AllocationMethod.UNIFORM)
+        self.global_ranking = self.method is AllocationMethod.GLOBAL
+        if self.method is AllocationMethod.SENSITIVITY and sensitivities is None:
+            raise OptionError("sensitivity allocation needs the measured damage curves "
+                              "(calibration data)")
+        self.sensitivities = sensitivities
 
     def run(self, analysis: Analysis, scores: Scores, recipe: Recipe | None = None) -> Plan:
         cost = CostModel(analysis.model.graph, analysis.model.ties)
         before = Counts(analysis.model.params, cost.count().flops)  # params: as in the file
-        if self.target is Target.CHANNELS:
+        if self.method is AllocationMethod.SENSITIVITY:
+            keep = self._by_sensitivity(analysis, scores, cost, before)
+        elif self.target is Target.CHANNELS:
             keep = self._keep(analysis, scores, self.ratio)
         else:
             keep = self._search(analysis, scores, cost, before)
@@ -118,6 +141,114 @@ class Allocation:
             else:
                 lo = mid
         return best[1]
+
+
+    def _by_sensitivity(self, analysis, scores, cost, before) -> dict[int, np.ndarray]:
+        from spa.passes.sensitivity import lowest
+
+        assert self.sensitivities is not None
+        groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
+        curves = self.sensitivities.curves
+        price = dict.fromkeys((g.id for g in groups), 1.0)
+        if self.target is not Target.CHANNELS:
+            price = self._cost_per_channel(analysis, groups, scores, cost)
+        removed = {g.id: 0 for g in groups}
+
+        def keep_of(counts: dict[int, int]) -> dict[int, np.ndarray]:
+            return {g.id: lowest(g, scores, counts[g.id]) for g in groups}
+
+        if self.target is Target.CHANNELS:
+            pools: dict[float, list] = {}
+            for g in groups:
+                pools.setdefault(self._ratio_for(g, self.ratio), []).append(g)
+            for ratio, pool in pools.items():
+                budget = math.floor(ratio * sum(g.size for g in pool))
+                for gid, count in self._greedy(pool, curves, price):
+                    if budget <= 0:
+                        break
+                    budget -= count - removed[gid]
+                    removed[gid] = count
+            return keep_of(removed)
+        steps = list(self._greedy(groups, curves, price))
+        base = before.params if self.target is Target.PARAMS else before.flops
+
+        def reduction(prefix: int) -> tuple[float, dict[int, np.ndarray]]:
+            counts = dict(removed)
+            for gid, count in steps[:prefix]:
+                counts[gid] = count
+            keep = keep_of(counts)
+            after = cost.count(kept_indices(analysis, _make_plan(analysis, keep, None,
+                                                                 scores.unscored)))
+            value = after.params if self.target is Target.PARAMS else after.flops
+            return (1.0 - value / base if base else 0.0), keep
+
+        lo, hi = 0, len(steps)
+        best = reduction(hi)
+        if best[0] < self.ratio:
+            log.warning("target %s reduction %.3f is out of reach; best is %.3f",
+                        self.target.value, self.ratio, best[0])
+            return best[1]
+        while lo < hi:  # the shortest prefix that meets the target
+            mid = (lo + hi) // 2
+            red, keep = reduction(mid)
+            if red >= self.ratio:
+                hi, best = mid, (red, keep)
+            else:
+                lo = mid + 1
+        return best[1]
+
+    def _cost_per_channel(self, analysis, groups, scores, cost) -> dict[int, float]:
+        """Params or MACs freed per channel of each group, alone at half its width."""
+        from spa.passes.sensitivity import lowest
+
+        full = cost.count()
+        base = full.params if self.target is Target.PARAMS else full.flops
+        out = {}
+        for g in groups:
+            half = max(1, g.size // 2)
+            plan = _make_plan(analysis, {h.id: (lowest(g, scores, half) if h.id == g.id
+                                                else np.arange(h.size)) for h in groups},
+                              None, scores.unscored)
+            after = cost.count(kept_indices(analysis, plan))
+            value = after.params if self.target is Target.PARAMS else after.flops
+            out[g.id] = max(base - value, 1) / half
+        return out
+
+    def _greedy(self, groups, curves, price):
+        """Removal steps ``(group id, removed channels after the step)`` in the order of least
+        damage added per unit of budget freed."""
+        heap: list[tuple[float, int, int, int]] = []
+        state = {g.id: 0 for g in groups}
+        by_id = {g.id: g for g in groups}
+
+        def push(g) -> None:
+            now = state[g.id]
+            nxt = self._next_count(g, now)
+            if nxt is None:
+                return
+            curve = curves.get(g.id)
+            added = 0.0 if curve is None else curve.at(nxt) - curve.at(now)
+            heapq.heappush(heap, (added / (price[g.id] * (nxt - now)), g.id, now, nxt))
+
+        for g in groups:
+            push(g)
+        while heap:
+            _, gid, now, nxt = heapq.heappop(heap)
+            if state[gid] != now:
+                continue
+            state[gid] = nxt
+            yield gid, nxt
+            push(by_id[gid])
+
+    def _next_count(self, group, removed: int) -> int | None:
+        """The next removal count of ``group`` that respects min_channels and round_to."""
+        floor = 1 if group.kind is GroupKind.HEADS else self.min_channels
+        limit = group.size - min(group.size, floor)
+        step = 1
+        if self.round_to > 1 and group.size >= self.round_to and group.kind is not GroupKind.HEADS:
+            step = (group.size - removed) % self.round_to or self.round_to
+        nxt = removed + step
+        return nxt if nxt <= limit else None
 
 
 def _global_counts(groups, scores: Scores, ratio: float, min_channels: int) -> dict[int, int]:

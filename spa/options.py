@@ -216,7 +216,7 @@ def from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
             value = not value
         elif spec.append:
             value = tuple(value)
-        elif spec.enum is not None:
+        elif spec.enum is not None and value is not None:
             value = spec.enum(value)
         if spec.resolve is not None:
             value = spec.resolve(value, args)
@@ -235,7 +235,8 @@ def replace_checked(options: Any, values: dict[str, Any]) -> Any:
     out = {}
     for name, value in values.items():
         spec = flag_of(fields[name])
-        if spec is not None and spec.enum is not None and not isinstance(value, Enum):
+        if spec is not None and spec.enum is not None and not isinstance(value, Enum) \
+                and value is not None:
             try:
                 value = spec.enum(value)
             except ValueError:

@@ -55,6 +55,40 @@ class BiasRecipe:
 
 
 @dataclass(frozen=True)
+class CalibrationRecipe:
+    """Where the calibration data came from and how it was read and split (spa/calibration.py),
+    so that ``spa apply`` reads the same samples."""
+
+    path: str
+    options: dict[str, Any]  # CalibrationOptions' fields
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "options": dict(self.options), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> CalibrationRecipe:
+        options = {k: (tuple(v) if isinstance(v, list) else v)
+                   for k, v in dict(body.get("options") or {}).items()}
+        return cls(str(body["path"]), options, int(body.get("seed", 0)))
+
+
+@dataclass(frozen=True)
+class ReconstructionRecipe:
+    """The layer-wise refit on the calibration data (passes/reconstruction.py)."""
+
+    rows: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> ReconstructionRecipe:
+        return cls(int(body["rows"]), int(body.get("seed", 0)))
+
+
+@dataclass(frozen=True)
 class Recipe:
     """The options a plan was made with (a record: every field is given by the pipeline)."""
 
@@ -70,6 +104,9 @@ class Recipe:
     ignore: tuple[str, ...]
     compensation: CompensationRecipe | None = None
     bias_compensation: BiasRecipe | None = None
+    allocation: str = "uniform"
+    calibration: CalibrationRecipe | None = None
+    reconstruction: ReconstructionRecipe | None = None
 
     @property
     def hidden(self) -> bool:
@@ -86,17 +123,27 @@ class Recipe:
             body["compensation"] = self.compensation.to_dict()
         if self.bias_compensation is not None:
             body["bias_compensation"] = self.bias_compensation.to_dict()
+        if self.allocation != "uniform":
+            body["allocation"] = self.allocation
+        if self.calibration is not None:
+            body["calibration"] = self.calibration.to_dict()
+        if self.reconstruction is not None:
+            body["reconstruction"] = self.reconstruction.to_dict()
         return body
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Recipe:
         comp, bias = body.get("compensation"), body.get("bias_compensation")
+        calib, rec = body.get("calibration"), body.get("reconstruction")
         return cls(str(body["criterion"]), float(body["ratio"]), _ratio(body, "heads_ratio"),
                    _ratio(body, "mlp_ratio"), _ratio(body, "hidden_ratio"),
                    Target(body["target"]), bool(body["global"]), int(body["round_to"]),
                    int(body["seed"]), tuple(str(g) for g in body["ignore"]),
                    CompensationRecipe.from_dict(comp) if comp else None,
-                   BiasRecipe.from_dict(bias) if bias else None)
+                   BiasRecipe.from_dict(bias) if bias else None,
+                   str(body.get("allocation", "uniform")),
+                   CalibrationRecipe.from_dict(calib) if calib else None,
+                   ReconstructionRecipe.from_dict(rec) if rec else None)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Recipe | None:

@@ -201,6 +201,9 @@ def oracle_exemption(analysis: Analysis, plan: Plan) -> str | None:
         return "the plan compensates the kept weights (OBSPA update; --no-compensate to check)"
     if recipe is not None and recipe.bias_compensation is not None:
         return "the plan compensates biases for the removed channels"
+    if recipe is not None and recipe.reconstruction is not None:
+        return ("the plan refits the kept weights on calibration data (--no-reconstruct to "
+                "check)")
     by_id = {g.id: g for g in analysis.groups}
     hidden = [gp.name for gp in plan.groups if gp.removed and by_id[gp.id].kind is GroupKind.HIDDEN]
     if hidden:

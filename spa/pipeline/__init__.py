@@ -24,10 +24,12 @@ from spa.pipeline.stages import (
     Planned,
     SaliencySource,
     analyse,
+    calibration,
     input_sizes,
     load,
     make_plan,
     makes_inputs,
+    recipe_calibration,
 )
 from spa.plan import Plan
 from spa.report import write_text_atomic
@@ -65,12 +67,14 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
                        makes_inputs(options, checks))
     options = dataclasses.replace(options, input_dims=dims.items)
     checks = dataclasses.replace(checks, input_dims=dims.items)
+    calib = calibration(analysis, options.calib, options.calibration, seed=options.seed)
     t_dims = time.perf_counter()
-    planned = make_plan(analysis, options)
+    planned = make_plan(analysis, options, calib=calib)
     if plan_path is not None:
         write_text_atomic(plan_path, planned.plan.to_json() + "\n")
     t2 = time.perf_counter()
-    report = emit(analysis, planned.plan, output, checks, statistics=planned.statistics)
+    report = emit(analysis, planned.plan, output, checks, statistics=planned.statistics,
+                  calib=calib, memory=options.calib_memory)
     report.seconds.update(load_analyze=t1 - t0, input_sizes=t_dims - t1, plan=t2 - t_dims)
     report.input_dims, report.input_dims_from = dims.sizes, dims.how
     return report, planned.plan
@@ -86,6 +90,7 @@ def apply(model: ModelLike, the_plan: Plan, output: PathLike,
                        hidden=recipe.hidden if recipe else False)
     dims = input_sizes(analysis, dict(checks.input_dims),
                        bool(checks.validate or checks.check_masked))
-    report = emit(analysis, the_plan, output, dataclasses.replace(checks, input_dims=dims.items))
+    report = emit(analysis, the_plan, output, dataclasses.replace(checks, input_dims=dims.items),
+                  calib=recipe_calibration(analysis, recipe))
     report.input_dims, report.input_dims_from = dims.sizes, dims.how
     return report

@@ -11,27 +11,34 @@ the original there.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import onnx
+from onnx import numpy_helper
 
+from spa import fidelity
+from spa.calibration import Calibration
 from spa.choices import HessianSource
 from spa.coupling.analysis import Analysis
+from spa.errors import OptionError
 from spa.ir import to_onnx
 from spa.ir.load import import_graph, load_model
 from spa.ir.save import Staging, full_check, infer_shapes, streamed, write_proto, write_streamed
 from spa.ir.tied import join_ties
 from spa.metrics import CostModel, file_size
 from spa.passes.compensation import BiasCompensation, BiasShifts, Compensation, WeightUpdates
+from spa.passes.reconstruction import Reconstruction
 from spa.passes.rewrite import Rewrite
-from spa.passes.statistics import LayerStatistics, LayerStats, load_calibration
+from spa.passes.statistics import LayerStatistics, LayerStats
 from spa.pipeline.checks import bfloat16_checks, oracle_decision, reference_models, run_checks
 from spa.pipeline.options import CheckOptions
-from spa.plan import Plan
+from spa.plan import Plan, kept_indices
 
 PathLike = str | os.PathLike[str]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +70,14 @@ class PruneReport:
     # ("flag", "metadata", "name", "position", "default", "searched": spa/inputs.py).
     input_dims: dict[str, int] = field(default_factory=dict)
     input_dims_from: dict[str, str] = field(default_factory=dict)
+    # How the budget was spread, and the calibration data (kind, samples for calibration and
+    # held out) when there was some.
+    allocation: str = "uniform"
+    calibration: dict = field(default_factory=dict)
+    # Held-out fidelity against the dense model after each stage ("pruned", "reconstructed",
+    # "recovered"): spa/fidelity.py's measures.
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
+    reconstruction: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +91,12 @@ class Compensated:
     shifts: BiasShifts | None = None
 
 
-def compensate(analysis: Analysis, the_plan: Plan, statistics: LayerStats | None
-               ) -> Compensated:
+def compensate(analysis: Analysis, the_plan: Plan, statistics: LayerStats | None,
+               calib: Calibration | None = None) -> Compensated:
     """OBSPA's weight update and FLAP's bias shifts, as the plan's recipes say; ``statistics``
-    (from planning) are used when they came from the recipe's source, else recomputed."""
+    (from planning) are used when they came from the recipe's source, else recomputed (on
+    ``calib``'s calibration samples)."""
+    arrays = calib.train if calib is not None else None
     recipe = the_plan.recipe
     if recipe is None:
         return Compensated()
@@ -89,34 +106,46 @@ def compensate(analysis: Analysis, the_plan: Plan, statistics: LayerStats | None
         if stats is None or stats.source is not HessianSource.CALIBRATION:
             stats = LayerStatistics(  # calibration data is read whole: no sample count
                 source=HessianSource.CALIBRATION, samples=0,
-                calib=load_calibration(recipe.bias_compensation.calib)).run(analysis)
+                calib=arrays).run(analysis)
         shifts = BiasCompensation().run(analysis, the_plan, stats)
     comp = recipe.compensation
     if comp is not None:
         stats = statistics
         if stats is None or stats.source is not comp.hessian:
             stats = LayerStatistics(source=comp.hessian, samples=comp.samples, seed=recipe.seed,
-                                    calib=load_calibration(comp.calib),
+                                    calib=arrays,
                                     dims=dict(comp.input_dims)).run(analysis)
         weights = Compensation(damping=comp.damping).run(analysis, the_plan, stats)
     return Compensated(weights, shifts)
 
 
 def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
-         checks: CheckOptions = CheckOptions(), *, statistics: LayerStats | None = None
-         ) -> PruneReport:
-    """Compensate, rewrite, write to a staging directory, validate, then move into place.
+         checks: CheckOptions = CheckOptions(), *, statistics: LayerStats | None = None,
+         calib: Calibration | None = None, memory: int = 2 << 30) -> PruneReport:
+    """Compensate, rewrite, reconstruct (on ``calib``, as the recipe says), write to a staging
+    directory, validate, then move into place. Held-out fidelity is measured after each stage.
     Mutates ``analysis.model`` (it is consumed)."""
     the_plan.check_against(analysis)  # before any work on the weights
     loaded = analysis.model
+    recipe = the_plan.recipe
+    refit = recipe.reconstruction if recipe is not None else None
+    if refit is not None and calib is None:
+        raise OptionError("the plan refits weights on calibration data, which was not given")
+    if calib is not None and streamed(loaded) and (refit is not None or calib.held_out):
+        raise OptionError("reconstruction and held-out fidelity hold the model in memory: "
+                          "models over 2 GB (or with external data) need --no-reconstruct and "
+                          "--held-out 0")
+    dense = to_onnx(loaded) if calib is not None and (refit or calib.held_out) else None
+    kept = kept_indices(analysis, the_plan)
     t0 = time.perf_counter()
+    faithful = _Fidelity()
     before = CostModel(loaded.graph).count()
     channels_before = sum(g.size for g in analysis.prunable_groups)
     checks, oracle = oracle_decision(analysis, the_plan, checks)
     checks, widen = bfloat16_checks(loaded, checks)
     with Staging(output, input_path=loaded.path, input_files=loaded.data_files) as stage:
         sources = reference_models(analysis, the_plan, checks, stage)
-        updates = compensate(analysis, the_plan, statistics)
+        updates = compensate(analysis, the_plan, statistics, calib)
         rewritten = Rewrite().run(analysis, the_plan, weights=updates.weights,
                                   shifts=updates.shifts)
         join_ties(loaded.graph, loaded.ties)  # each tensor of the file written once
@@ -129,6 +158,8 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
             emitted = reread.graph, reread.ties
         else:
             pruned = infer_shapes(to_onnx(loaded))
+            if dense is not None and calib is not None:
+                pruned = _reconstruct(dense, pruned, calib, kept, refit, memory, faithful)
             emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
         t1 = time.perf_counter()
         report_extra = {} if sources is None else run_checks(
@@ -157,4 +188,54 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         frozen=[{"group": f.id, "name": f.name, "channels": f.size, "reasons": list(f.reasons)}
                 for f in the_plan.frozen],
         seconds={"rewrite": t1 - t0, "validate": t2 - t1, "save": t3 - t2},
-        compensated_layers=rewritten.compensated, oracle=oracle, **report_extra)
+        compensated_layers=rewritten.compensated, oracle=oracle,
+        allocation=recipe.allocation if recipe is not None else "uniform",
+        calibration=_calibration_summary(calib), fidelity=faithful.stages,
+        reconstruction=faithful.reconstruction, **report_extra)
+
+
+@dataclass
+class _Fidelity:
+    """What the emit stage measured on the held-out samples, and the reconstruction's summary."""
+
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    reconstruction: dict = field(default_factory=dict)
+
+
+def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
+                 kept, refit, memory: int, faithful: _Fidelity) -> onnx.ModelProto:
+    """Held-out fidelity of the pruned model; with a reconstruction recipe, the refit (kept only
+    when held-out fidelity does not get worse) and its fidelity."""
+    if calib.held_out:
+        faithful.stages["pruned"] = fidelity.measure(dense, pruned, calib.held_out)
+    if refit is None:
+        return pruned
+    t0 = time.perf_counter()
+    done = Reconstruction(kept=kept, rows=refit.rows, memory=memory, seed=refit.seed).run(
+        dense, pruned, calib.train)
+    refitted = onnx.ModelProto()
+    refitted.CopyFrom(pruned)
+    for init in refitted.graph.initializer:
+        if init.name in done.values:
+            init.CopyFrom(numpy_helper.from_array(done.values[init.name], init.name))
+    faithful.reconstruction = done.summary() | {"seconds": time.perf_counter() - t0}
+    if not calib.held_out:
+        return refitted
+    after = fidelity.measure(dense, refitted, calib.held_out)
+    faithful.stages["reconstructed"] = after
+    if not fidelity.better(after, faithful.stages["pruned"]) and \
+            after != faithful.stages["pruned"]:
+        log.warning("reconstruction made held-out fidelity worse (%s → %s): the model is "
+                    "written without it", faithful.stages["pruned"], after)
+        faithful.reconstruction["kept"] = False
+        return pruned
+    faithful.reconstruction["kept"] = True
+    return refitted
+
+
+def _calibration_summary(calib: Calibration | None) -> dict:
+    if calib is None:
+        return {}
+    return {"path": calib.path, "kind": calib.kind,
+            "samples": len(next(iter(calib.train.values()))) if calib.train else 0,
+            "held_out": len(next(iter(calib.held_out.values()))) if calib.held_out else 0}

@@ -8,6 +8,7 @@ computed (:class:`Planned`), which the compensation then reuses instead of recom
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from spa import calibration as calib_data
 from spa import validate as val
-from spa.choices import HessianSource
+from spa.calibration import Calibration, CalibrationOptions
+from spa.choices import AllocationMethod, HessianSource
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
 from spa.inputs import InputDims, resolve
@@ -26,10 +29,17 @@ from spa.passes.allocation import Allocation
 from spa.passes.importance import CRITERIA, Criterion, get_criterion
 from spa.passes.importance.gradient import Gradient
 from spa.passes.importance.obspa import OBSPA
-from spa.passes.statistics import LayerStatistics, LayerStats, load_calibration
+from spa.passes.sensitivity import Sensitivities, Sensitivity
+from spa.passes.statistics import LayerStatistics, LayerStats
 from spa.pipeline.options import CheckOptions, PruneOptions
 from spa.plan import Plan
-from spa.recipe import BiasRecipe, CompensationRecipe, Recipe
+from spa.recipe import (
+    BiasRecipe,
+    CalibrationRecipe,
+    CompensationRecipe,
+    Recipe,
+    ReconstructionRecipe,
+)
 
 PathLike = str | os.PathLike[str]
 ModelLike = PathLike | onnx.ModelProto | LoadedModel
@@ -38,12 +48,17 @@ ModelLike = PathLike | onnx.ModelProto | LoadedModel
 SaliencySource = Callable[[str], Mapping[str, np.ndarray]]
 
 
+RECONSTRUCTION_ROWS = 8192  # least-squares rows per layer (passes/reconstruction.py)
+
+
 @dataclass(frozen=True)
 class Planned:
-    """A plan, and the layer statistics its criterion read (None when it read none)."""
+    """A plan, the layer statistics its criterion read (None when it read none) and the
+    sensitivities its allocation spent the budget against (None unless sensitivity)."""
 
     plan: Plan
     statistics: LayerStats | None
+    sensitivities: Sensitivities | None = None
 
 
 def load(model: ModelLike) -> LoadedModel:
@@ -80,55 +95,90 @@ def input_sizes(analysis: Analysis, given: dict[str, int], needed: bool) -> Inpu
                    val.probe(lambda: loaded.path or to_onnx(loaded)))
 
 
+def calibration(analysis: Analysis, path: str | None,
+                options: CalibrationOptions = CalibrationOptions(), *, seed: int = 0
+                ) -> Calibration | None:
+    """The calibration data (``--calib``), read once and split into train and held-out."""
+    if path is None:
+        return None
+    return calib_data.load(path, analysis.model.graph.inputs, options, seed=seed)
+
+
+def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibration | None:
+    """The calibration data a saved plan's recipe read (``spa apply``)."""
+    if the_recipe is None:
+        return None
+    cal = the_recipe.calibration
+    if cal is not None:
+        return calibration(analysis, cal.path, CalibrationOptions(**cal.options), seed=cal.seed)
+    legacy = next((r.calib for r in (the_recipe.compensation, the_recipe.bias_compensation)
+                   if r is not None and r.calib), None)  # plans from before the held-out split
+    return calibration(analysis, legacy, CalibrationOptions(held_out=0.0))
+
+
 def make_plan(analysis: Analysis, options: PruneOptions, *,
-              saliency: SaliencySource | None = None) -> Planned:
-    """Statistics (when the criterion reads them) → score → allocate: the plan."""
+              saliency: SaliencySource | None = None,
+              calib: Calibration | None = None) -> Planned:
+    """Statistics (when the criterion reads them) → score → sensitivities (when the allocation
+    spends against them) → allocate: the plan. ``calib``: the calibration data, already read
+    (else read here from ``options.calib``)."""
     if not analysis.prunable_groups:
         raise NothingPrunableError(nothing_prunable(analysis))
-    criterion = _criterion(analysis, options, saliency)
-    source = criterion.statistics_source(options.calib is not None)
+    if calib is None and options.calib is not None:
+        calib = calibration(analysis, options.calib, options.calibration, seed=options.seed)
+    criterion = _criterion(analysis, options, saliency, calib)
+    source = criterion.statistics_source(calib is not None)
     statistics = None
     if source is not None:
         statistics = LayerStatistics(source=source, samples=options.samples, seed=options.seed,
-                                     calib=load_calibration(options.calib),
+                                     calib=calib.train if calib is not None else None,
                                      dims=dict(options.input_dims)).run(analysis)
     scores = criterion.run(analysis, statistics)
+    method = options.allocation_method
+    sensitivities = None
+    if method is AllocationMethod.SENSITIVITY:
+        if calib is None:
+            raise OptionError("--allocation sensitivity measures each group's damage on "
+                              "calibration data: give --calib PATH")
+        sensitivities = Sensitivity(min_channels=options.min_channels).run(
+            analysis, to_onnx(analysis.model), scores, calib.train)
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,
                        min_channels=options.min_channels, heads_ratio=options.heads_ratio,
-                       mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio)
-    return Planned(alloc.run(analysis, scores, recipe(options, criterion)), statistics)
+                       mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio,
+                       method=method, sensitivities=sensitivities)
+    return Planned(alloc.run(analysis, scores, recipe(options, criterion)), statistics,
+                   sensitivities)
 
 
 def _criterion(analysis: Analysis, options: PruneOptions,
-               saliency: SaliencySource | None) -> Criterion:
+               saliency: SaliencySource | None, calib: Calibration | None) -> Criterion:
     cls = CRITERIA.get(options.criterion)
     extra: dict = {}
     if cls is not None and cls.Options is not None:
         extra["options"] = options.criterion_options(cls)
     if cls is not None and issubclass(cls, Gradient):
-        extra["saliency"] = _saliency(cls, analysis, options, saliency)
+        extra["saliency"] = _saliency(cls, analysis, options, saliency, calib)
     return get_criterion(options.criterion, reduction=options.reduction,
                          normalization=options.normalization, seed=options.seed, **extra)
 
 
 def _saliency(cls: type[Gradient], analysis: Analysis, options: PruneOptions,
-              source: SaliencySource | None) -> Mapping[str, np.ndarray] | None:
+              source: SaliencySource | None, calib: Calibration | None
+              ) -> Mapping[str, np.ndarray] | None:
     """Saliencies for a gradient criterion: from the front end's ``source``, or, on an ONNX
     file, the model run in PyTorch on the ``--calib`` inputs and labels. Without either the
     criterion explains what it needs."""
     if source is not None:
         return source(cls.needs)
-    if options.calib is None:
+    if calib is None:
         return None
     try:
         from spa.torch.saliency import onnx_saliency
     except ImportError as exc:
         raise OptionError(f"criterion {options.criterion} needs PyTorch "
                           "(pip install 'spa-prune[torch]')") from exc
-    calib = load_calibration(options.calib)
-    assert calib is not None  # options.calib is a path here
-    return onnx_saliency(to_onnx(analysis.model), calib, cls.needs)
+    return onnx_saliency(to_onnx(analysis.model), calib.train, cls.needs)
 
 
 def recipe(options: PruneOptions, criterion: Criterion) -> Recipe:
@@ -140,9 +190,16 @@ def recipe(options: PruneOptions, criterion: Criterion) -> Recipe:
                                   options.calib, options.input_dims)
     if criterion.bias_compensation and options.compensate:
         bias = BiasRecipe(options.calib)
+    cal = rec = None
+    if options.calib is not None:
+        cal = CalibrationRecipe(options.calib, dataclasses.asdict(options.calibration),
+                                options.seed)
+        if options.reconstructs:
+            rec = ReconstructionRecipe(RECONSTRUCTION_ROWS, options.seed)
     return Recipe(options.criterion, options.ratio, options.heads_ratio, options.mlp_ratio,
                   options.hidden_ratio, options.target, options.global_ranking,
-                  options.round_to, options.seed, options.ignore, comp, bias)
+                  options.round_to, options.seed, options.ignore, comp, bias,
+                  options.allocation_method.value, cal, rec)
 
 
 def nothing_prunable(analysis: Analysis) -> str:

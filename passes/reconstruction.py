@@ -1,0 +1,510 @@
+"""Reconstruction: refit each layer of the pruned model so that it answers like the dense one.
+
+Post-training, with no gradients. The layers (Conv, Gemm, and MatMul by a constant, with its
+bias: the Conv/Gemm bias input, or the constant of the one Add after a MatMul) are visited in
+topological order. For each, its kept weights and bias are refitted by ridge least squares in
+float64, so that its output on the *pruned* model's actual inputs — every earlier layer already
+refitted — matches the *dense* model's output (on the dense inputs) at the channels it kept::
+
+    W = argmin ‖X_pruned·W − Y_dense‖² + λ‖W − W₀‖²   (W₀: the weights after pruning)
+
+Pulling towards ``W₀`` rather than zero keeps a layer whose rows say little where it was. λ is
+chosen per layer among a few multiples of ``mean diag(XᵀX)`` by the error on validation rows
+(every 8th calibration sample, never fitted); the refit is kept only if it beats ``W₀`` there.
+Convolutions are fitted on im2col rows at sampled output positions (per group for grouped and
+depthwise convs), matmuls on sampled token rows.
+
+Activations come from onnxruntime, in chunks of samples: the pruned and the dense graphs are cut
+into segments at the layers, and each segment runs from the tensors live at its start (the
+*frontier*) for every chunk, so that the whole reconstruction costs about one pass of each model
+plus the solves. What the frontiers hold beyond ``memory`` bytes is spilled to a temporary
+directory (removed afterwards). The layers' refitted values are returned by initializer name; the
+caller writes them. Reproducible: the same data and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from spa.errors import OptionError
+from spa.progress import progress
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # λ / mean diag(XᵀX), tried per layer
+VALIDATION_EVERY = 8  # every 8th sample's rows judge λ and the refit, never fit
+
+
+@dataclass
+class LayerFit:
+    """One refitted layer: its node, and the relative output error on validation rows before
+    (the pruned weights) and after."""
+
+    node: str
+    before: float
+    after: float
+    ridge: float | None  # None: the pruned weights were kept
+
+
+@dataclass
+class Reconstructed:
+    """Refitted initializer values by name, and what each layer's refit achieved."""
+
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    layers: list[LayerFit] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        kept = [f for f in self.layers if f.ridge is not None]
+        return {"layers": len(self.layers), "refitted": len(kept),
+                "mean_error_before": _mean(f.before for f in self.layers),
+                "mean_error_after": _mean(f.after for f in self.layers)}
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    vals = [v for v in values if math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A refittable node: where its weight, bias, data input and fitted output are."""
+
+    index: int  # node position in the pruned graph
+    node: str
+    op: str
+    weight: str
+    bias: str | None
+    data: str
+    output: str  # the tensor matched to the dense model's (the Add's output for MatMul+Add)
+    out_axis: int  # the weight's output-channel axis
+
+
+class Reconstruction:
+    """``Reconstruction(kept=…, rows=…, memory=…, seed=…).run(dense, pruned, inputs)``.
+
+    ``kept``: per weight space ``(name, axis)``, the dense channels the pruned model kept
+    (:func:`spa.plan.kept_indices`), to line the dense outputs up with the pruned ones.
+    """
+
+    def __init__(self, *, kept: Mapping[tuple[str, int], np.ndarray], rows: int = 8192,
+                 memory: int = 2 << 30, seed: int = 0, chunk: int = 32):
+        self.kept, self.rows, self.memory = kept, rows, memory
+        self.seed, self.chunk = seed, chunk
+
+    def run(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
+            ) -> Reconstructed:
+        dense = _with_types(dense)
+        pruned = _with_types(pruned)
+        layers = _layers(pruned)
+        dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
+        layers = [la for la in layers if la.node in dense_pos]
+        n = len(next(iter(inputs.values())))
+        chunks = [{k: np.asarray(v[i:i + self.chunk]) for k, v in inputs.items()}
+                  for i in range(0, n, self.chunk)]
+        out = Reconstructed()
+        if not layers or not chunks:
+            return out
+        weights = {i.name: i for i in pruned.graph.initializer}
+        with _Frontiers(self.memory) as fronts:
+            p_runner = _Runner(pruned, fronts, "pruned", chunks)
+            d_runner = _Runner(dense, fronts, "dense", chunks)
+            for k, layer in enumerate(progress(layers, "reconstruction", unit="layer")):
+                target_stop = _producer_index(dense, layer.output) + 1
+                if target_stop <= d_runner.position:
+                    log.info("reconstruction stops at %s: the graphs' orders differ", layer.node)
+                    break
+                d_runner.advance(target_stop, want=(layer.output,))
+                p_runner.advance(layer.index, want=(layer.data,))
+                fit = self._fit(layer, pruned, weights, p_runner, d_runner, k)
+                out.layers.append(fit[0])
+                for name, value in fit[1].items():
+                    weights[name].CopyFrom(numpy_helper.from_array(value, name))
+                    out.values[name] = value
+        return out
+
+    def _fit(self, layer: _Layer, pruned: onnx.ModelProto,
+             weights: dict[str, onnx.TensorProto], p_runner: _Runner, d_runner: _Runner,
+             k: int) -> tuple[LayerFit, dict[str, np.ndarray]]:
+        node = pruned.graph.node[layer.index]
+        w0 = numpy_helper.to_array(weights[layer.weight]).astype(np.float64)
+        b0 = None if layer.bias is None else \
+            numpy_helper.to_array(weights[layer.bias]).astype(np.float64).reshape(-1)
+        design = _Design.of(layer, node, w0)
+        if design is None:
+            return LayerFit(layer.node, math.nan, math.nan, None), {}
+        total = sum(len(c[layer.data]) for c in p_runner.chunk_values(layer.data))
+        per_sample = max(1, math.ceil(self.rows / max(total, 1)))
+        fit, val = _Normal(design, b0 is not None), _Normal(design, b0 is not None)
+        sample = 0
+        for c, (x_chunk, y_chunk) in enumerate(zip(p_runner.chunk_values(layer.data),
+                                                   d_runner.chunk_values(layer.output))):
+            x, y = x_chunk[layer.data], y_chunk[layer.output]
+            y = self._kept_outputs(layer, y, design.out_axis_of_tensor)
+            rng = np.random.default_rng([self.seed, k, c])
+            xs, ys, owner = design.rows(x, y, per_sample, rng)
+            is_val = (owner + sample) % VALIDATION_EVERY == VALIDATION_EVERY - 1
+            fit.add(xs[~is_val], ys[~is_val])
+            val.add(xs[is_val], ys[is_val])
+            sample += len(x)
+        if fit.count == 0 or val.count == 0:
+            return LayerFit(layer.node, math.nan, math.nan, None), {}
+        theta0 = design.theta(w0, b0)
+        e0 = val.error(theta0)
+        best, best_err, best_ridge = theta0, e0, None
+        for ridge in RIDGES:
+            theta = fit.solve(theta0, ridge)
+            if theta is None:
+                continue
+            err = val.error(theta)
+            if err < best_err * (1 - 1e-6):
+                best, best_err, best_ridge = theta, err, ridge
+        if best_ridge is None:
+            return LayerFit(layer.node, e0, e0, None), {}
+        w, b = design.weights(best, w0.shape)
+        values = {layer.weight: w.astype(numpy_helper.to_array(weights[layer.weight]).dtype)}
+        if layer.bias is not None and b is not None:
+            dtype = numpy_helper.to_array(weights[layer.bias]).dtype
+            values[layer.bias] = b.reshape(numpy_helper.to_array(weights[layer.bias]).shape
+                                           ).astype(dtype)
+        return LayerFit(layer.node, e0, best_err, best_ridge), values
+
+    def _kept_outputs(self, layer: _Layer, y: np.ndarray, axis: int) -> np.ndarray:
+        idx = self.kept.get((layer.weight, layer.out_axis))
+        return y if idx is None else np.take(y, idx, axis=axis)
+
+
+# --- the layers and their least-squares designs ---------------------------------------------
+
+def _layers(model: onnx.ModelProto) -> list[_Layer]:
+    """The refittable nodes, in graph (topological) order: a float initializer weight read by
+    this node only, an optional float initializer bias, plain attributes."""
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+
+    def const(name: str, rank: int | None = None) -> bool:
+        init = inits.get(name)
+        return (init is not None and readers.get(name) == 1
+                and init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+                and (rank is None or len(init.dims) == rank))
+
+    found = []
+    for i, node in enumerate(model.graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv" and len(node.input) >= 2 and const(node.input[1], 4) \
+                and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if bias is None or const(bias, 1):
+                found.append(_Layer(i, node.name, "Conv", node.input[1], bias, node.input[0],
+                                    node.output[0], 0))
+        elif node.op_type == "Gemm" and const(node.input[1], 2) and not attrs.get("transA", 0) \
+                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0:
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if bias is None or (const(bias) and int(np.prod(inits[bias].dims)) == (
+                    inits[node.input[1]].dims[0 if attrs.get("transB", 0) else 1])):
+                found.append(_Layer(i, node.name, "Gemm", node.input[1], bias, node.input[0],
+                                    node.output[0], 0 if attrs.get("transB", 0) else 1))
+        elif node.op_type == "MatMul" and const(node.input[1], 2) and node.input[0] not in inits:
+            bias, output = None, node.output[0]
+            after = consumers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Add" and node.output[0] not in outputs:
+                other = [n for n in after[0].input if n != node.output[0]]
+                if len(other) == 1 and const(other[0], 1) \
+                        and inits[other[0]].dims[0] == inits[node.input[1]].dims[1]:
+                    bias, output = other[0], after[0].output[0]
+            found.append(_Layer(i, node.name, "MatMul", node.input[1], bias, node.input[0],
+                                output, 1))
+    return found
+
+
+@dataclass(frozen=True)
+class _Design:
+    """How a layer's input becomes least-squares rows: ``groups`` independent problems, each
+    with ``features`` inputs (plus a bias column) and ``outputs`` outputs."""
+
+    layer: _Layer
+    groups: int
+    features: int
+    outputs: int
+    kernel: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    trans_b: bool = False
+
+    @property
+    def out_axis_of_tensor(self) -> int:
+        return 1 if self.layer.op == "Conv" else -1
+
+    @classmethod
+    def of(cls, layer: _Layer, node: onnx.NodeProto, w: np.ndarray) -> _Design | None:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if layer.op == "Conv":
+            g = int(attrs.get("group", 1))
+            cout, cin_g, kh, kw = w.shape
+            if cout % g:
+                return None
+            pads = tuple(attrs.get("pads", (0, 0, 0, 0)))
+            return cls(layer, g, cin_g * kh * kw, cout // g, (kh, kw),
+                       tuple(attrs.get("strides", (1, 1))),  # type: ignore[arg-type]
+                       pads, tuple(attrs.get("dilations", (1, 1))))  # type: ignore[arg-type]
+        if layer.op == "Gemm":
+            trans = bool(attrs.get("transB", 0))
+            k, n = (w.shape[1], w.shape[0]) if trans else w.shape
+            return cls(layer, 1, k, n, trans_b=trans)
+        return cls(layer, 1, w.shape[0], w.shape[1])
+
+    def rows(self, x: np.ndarray, y: np.ndarray, per_sample: int, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sampled rows ``[R, groups, features]`` and targets ``[R, groups, outputs]``, and
+        the sample each row came from."""
+        if self.layer.op == "Conv":
+            return self._conv_rows(x, y, per_sample, rng)
+        xr = x.reshape(len(x), -1, x.shape[-1])
+        yr = y.reshape(len(y), -1, y.shape[-1])
+        positions = xr.shape[1]
+        take = min(per_sample, positions)
+        pos = np.stack([rng.choice(positions, take, replace=False) for _ in range(len(x))])
+        owner = np.repeat(np.arange(len(x)), take)
+        xs = xr[owner, pos.reshape(-1)].astype(np.float64)[:, None, :]
+        ys = yr[owner, pos.reshape(-1)].astype(np.float64)[:, None, :]
+        return xs, ys, owner
+
+    def _conv_rows(self, x, y, per_sample, rng):
+        n, c, h, w_ = x.shape
+        ho, wo = y.shape[2], y.shape[3]
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        t, left, b, r = self.pads
+        xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
+        take = min(per_sample, ho * wo)
+        flat = np.stack([rng.choice(ho * wo, take, replace=False) for _ in range(n)])
+        owner = np.repeat(np.arange(n), take)
+        oy, ox = np.divmod(flat.reshape(-1), wo)
+        hi = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [R, kh]
+        wi = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [R, kw]
+        patch = xp[owner[:, None, None, None], np.arange(c)[None, :, None, None],
+                   hi[:, None, :, None], wi[:, None, None, :]]  # [R, C, kh, kw]
+        xs = patch.reshape(len(owner), self.groups, -1).astype(np.float64)
+        ys = y[owner, :, oy, ox].astype(np.float64).reshape(len(owner), self.groups, -1)
+        return xs, ys, owner
+
+    def theta(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+        """The weights as ``[groups, features (+1 bias), outputs]``."""
+        if self.layer.op == "Conv":
+            t = w.reshape(self.groups, self.outputs, self.features).transpose(0, 2, 1)
+        else:
+            t = (w.T if self.trans_b else w)[None]
+        if b is not None:
+            t = np.concatenate([t, b.reshape(self.groups, 1, self.outputs)], axis=1)
+        return np.ascontiguousarray(t, dtype=np.float64)
+
+    def weights(self, theta: np.ndarray, shape: tuple[int, ...]
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        bias = theta[:, self.features, :].reshape(-1) if theta.shape[1] > self.features \
+            else None
+        t = theta[:, :self.features, :]
+        if self.layer.op == "Conv":
+            return t.transpose(0, 2, 1).reshape(shape), bias
+        w = t[0]
+        return (w.T if self.trans_b else w), bias
+
+
+class _Normal:
+    """The normal equations of one layer's rows, per group: ``XᵀX``, ``XᵀY``, ``‖Y‖²``."""
+
+    def __init__(self, design: _Design, bias: bool):
+        f = design.features + int(bias)
+        self.bias = bias
+        self.gram = np.zeros((design.groups, f, f))
+        self.cross = np.zeros((design.groups, f, design.outputs))
+        self.energy = 0.0
+        self.count = 0
+
+    def add(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        if not len(xs):
+            return
+        if self.bias:
+            xs = np.concatenate([xs, np.ones((*xs.shape[:2], 1))], axis=2)
+        self.gram += np.einsum("rgi,rgj->gij", xs, xs)
+        self.cross += np.einsum("rgi,rgo->gio", xs, ys)
+        self.energy += float(np.sum(ys * ys))
+        self.count += len(xs)
+
+    def error(self, theta: np.ndarray) -> float:
+        """``‖XΘ − Y‖² / ‖Y‖²`` from the accumulated sums."""
+        sq = np.einsum("gio,gij,gjo->", theta, self.gram, theta) \
+            - 2 * np.einsum("gio,gio->", theta, self.cross) + self.energy
+        return float(max(sq, 0.0) / max(self.energy, 1e-30))
+
+    def solve(self, theta0: np.ndarray, ridge: float) -> np.ndarray | None:
+        """``(XᵀX + λI)⁻¹ (XᵀY + λΘ₀)`` per group, λ relative to the mean diagonal."""
+        scale = np.einsum("gii->g", self.gram) / self.gram.shape[1]
+        lam = ridge * np.maximum(scale, 1e-12)[:, None, None]
+        eye = np.eye(self.gram.shape[1])[None]
+        try:
+            return np.linalg.solve(self.gram + lam * eye, self.cross + lam * theta0)
+        except np.linalg.LinAlgError:
+            return None
+
+
+# --- running the graphs segment by segment ---------------------------------------------------
+
+def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every tensor's element type known (for segment inputs)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - types of graph inputs/outputs suffice in most models
+        return model
+
+
+def _producer_index(model: onnx.ModelProto, tensor: str) -> int:
+    for i, node in enumerate(model.graph.node):
+        if tensor in node.output:
+            return i
+    raise OptionError(f"reconstruction: the dense model has no tensor '{tensor}'")
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every outer tensor a node reads, through its subgraphs too."""
+    names = {n for n in node.input if n}
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            inner = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for sub in g.node:
+                inner |= set(sub.output)
+            for sub in g.node:
+                names |= _node_inputs(sub) - inner
+            names |= {o.name for o in g.output} - inner
+    return names
+
+
+class _Frontiers:
+    """Per-chunk tensors held between segments; beyond ``memory`` bytes, spilled to disk."""
+
+    def __init__(self, memory: int):
+        self.memory, self.held = memory, 0
+        self.dir: Path | None = None
+        self.count = 0
+
+    def __enter__(self) -> _Frontiers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def keep(self, value: np.ndarray) -> np.ndarray:
+        if self.held + value.nbytes <= self.memory:
+            self.held += value.nbytes
+            return value
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="spa-reconstruction-"))
+            log.info("reconstruction spills activations beyond %d MiB to %s",
+                     self.memory >> 20, self.dir)
+        path = self.dir / f"{self.count}.npy"
+        self.count += 1
+        np.save(path, value)
+        return np.load(path, mmap_mode="r")
+
+    def release(self, value: np.ndarray) -> None:
+        if not isinstance(value, np.memmap):
+            self.held -= value.nbytes
+
+
+class _Runner:
+    """One model run forward over every chunk, a segment at a time, from its frontier."""
+
+    def __init__(self, model: onnx.ModelProto, fronts: _Frontiers, what: str,
+                 chunks: list[Arrays]):
+        self.model, self.fronts, self.what = model, fronts, what
+        self.nodes = list(model.graph.node)
+        self.inits = {i.name: i for i in model.graph.initializer}
+        self.types = {v.name: v.type for v in (*model.graph.input, *model.graph.value_info,
+                                               *model.graph.output)}
+        self.position = 0
+        self.graph_outputs = {o.name for o in model.graph.output}
+        self.reads = [_node_inputs(n) for n in self.nodes]
+        self.last_read: dict[str, int] = {}
+        for i, names in enumerate(self.reads):
+            for name in names:
+                self.last_read[name] = i
+        inputs = {i.name for i in model.graph.input} - set(self.inits)
+        self.values: list[Arrays] = [{k: fronts.keep(np.asarray(c[k])) for k in inputs if k in c}
+                                     for c in chunks]
+        self.extra: list[Arrays] = [{} for _ in chunks]
+
+    def chunk_values(self, name: str) -> list[Arrays]:
+        return [e if name in e else v for v, e in zip(self.values, self.extra)]
+
+    def advance(self, stop: int, *, want: tuple[str, ...]) -> None:
+        """Run nodes ``[position, stop)`` on every chunk; ``want``: tensors to expose (kept
+        until the next advance) besides the new frontier."""
+        from spa import validate as val
+
+        start = self.position
+        for exposed in self.extra:
+            for value in exposed.values():
+                self.fronts.release(value)
+            exposed.clear()
+        if stop <= start:
+            self._expose(want)
+            return
+        nodes = self.nodes[start:stop]
+        produced = {o for n in nodes for o in n.output if o}
+        read = set().union(*self.reads[start:stop])
+        outer = sorted(n for n in read if n not in produced and n not in self.inits)
+        live_after = sorted(t for t in produced
+                            if self.last_read.get(t, -1) >= stop or t in self.graph_outputs)
+        extra = [t for t in want if t in produced and t not in live_after]
+        seg = helper.make_graph(
+            nodes, f"segment_{start}_{stop}",
+            [self._info(n) for n in outer],
+            [self._info(n) for n in (*live_after, *extra)],
+            [self.inits[n] for n in sorted(read & set(self.inits))])
+        model = helper.make_model(seg, opset_imports=self.model.opset_import,
+                                  ir_version=self.model.ir_version)
+        sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}")
+        for values, ext in zip(self.values, self.extra):
+            feeds = {n: np.asarray(values[n]) for n in outer}
+            outs = val.run(sess, feeds)
+            for n in list(values):
+                if self.last_read.get(n, -1) < stop and n not in self.graph_outputs:
+                    self.fronts.release(values.pop(n))
+            for n in live_after:
+                values[n] = self.fronts.keep(outs[n])
+            for n in extra:
+                ext[n] = self.fronts.keep(outs[n])
+        self.position = stop
+        self._expose(want)
+
+    def _expose(self, want: tuple[str, ...]) -> None:
+        missing = [t for t in want if not all(t in v or t in e
+                                              for v, e in zip(self.values, self.extra))]
+        if missing:
+            raise OptionError(f"reconstruction: the {self.what} model's tensor {missing[0]} "
+                              "is not available where its layer needs it")
+
+    def _info(self, name: str) -> onnx.ValueInfoProto:
+        t = self.types.get(name)
+        if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
+            return helper.make_tensor_value_info(name, t.tensor_type.elem_type, None)
+        return helper.make_empty_tensor_value_info(name)
