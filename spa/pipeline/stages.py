@@ -101,7 +101,8 @@ def calibration(analysis: Analysis, path: str | None,
     """The calibration data (``--calib``), read once and split into train and held-out."""
     if path is None:
         return None
-    return calib_data.load(path, analysis.model.graph.inputs, options, seed=seed)
+    return calib_data.load(path, analysis.model.graph.inputs, options, seed=seed,
+                           graph=analysis.model.graph)
 
 
 def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibration | None:
