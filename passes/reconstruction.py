@@ -110,6 +110,10 @@ class Reconstruction:
         dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
         layers = [la for la in layers if la.node in dense_pos]
         n = len(next(iter(inputs.values())))
+        fixed = dense.graph.input[0].type.tensor_type.shape.dim[:1] if dense.graph.input else []
+        if fixed and fixed[0].dim_value > 0:
+            self.chunk = fixed[0].dim_value  # the model takes this many samples at a time
+            n -= n % self.chunk
         chunks = [{k: np.asarray(v[i:i + self.chunk]) for k, v in inputs.items()}
                   for i in range(0, n, self.chunk)]
         out = Reconstructed()

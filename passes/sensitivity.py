@@ -102,7 +102,7 @@ def _one_group_plan(analysis: Analysis, group: Group, scores: Scores, removed: i
 def _outputs(sess, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     from spa import validate as val
 
-    return [np.asarray(v, np.float64) for v in val.run(sess, dict(feeds)).values()
+    return [np.asarray(v, np.float64) for v in val.run_chunked(sess, dict(feeds)).values()
             if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
 

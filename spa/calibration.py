@@ -147,8 +147,35 @@ def load(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions = C
     ``inputs``, and split off the held-out share. With ``graph``, token ids are checked against
     the model's embedding."""
     kind, arrays = read(path, inputs, options, graph=graph)
-    train, held = split(arrays, options.held_out, seed=seed)
+    train, held = split(fitted(arrays, inputs), options.held_out, seed=seed)
     return Calibration(train, held, kind, str(path))
+
+
+def fitted(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> Arrays:
+    """The arrays for the graph inputs, cast to their element types (other arrays, such as the
+    labels of gradient criteria, pass as they are); an :class:`OptionError`
+    when one is missing, or its rank or a fixed dim (after the sample axis) does not fit."""
+    missing = [i.name for i in inputs if i.name not in arrays]
+    if missing:
+        raise OptionError(f"calibration data lacks arrays for graph inputs {missing}")
+    out = {}
+    for inp in inputs:
+        arr = np.asarray(arrays[inp.name])
+        shape = list(inp.shape or ())
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in shape]
+        if inp.shape is not None and (arr.ndim != len(fixed) or any(
+                d is not None and d != a for d, a in zip(fixed[1:], arr.shape[1:]))):
+            shown = [d if isinstance(d, int) else (d or "?") for d in shape]
+            raise OptionError(f"calibration array '{inp.name}' has shape {list(arr.shape)}; the "
+                              f"model's input is {shown} (first axis: samples)")
+        want = np.dtype(inp.dtype) if inp.dtype is not None else arr.dtype  # type: ignore[call-overload]
+        if arr.dtype != want:
+            if want.kind != arr.dtype.kind and not (want.kind in "iu" and arr.dtype.kind in "iu"):
+                raise OptionError(f"calibration array '{inp.name}' holds {arr.dtype}; the "
+                                  f"model's input is {want}")
+            arr = arr.astype(want)
+        out[inp.name] = arr
+    return out | {k: np.asarray(v) for k, v in arrays.items() if k not in out}  # e.g. labels
 
 
 def read(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
@@ -170,6 +197,8 @@ def read(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
 
 def read_npz(path: str | Path) -> Arrays:
     """Arrays named after the graph inputs, first axis = samples (``numpy.savez``)."""
+    if not zipfile.is_zipfile(path):
+        raise OptionError(f"{path}: not an .npz file (save arrays with numpy.savez)")
     try:
         with np.load(path) as data:
             return {k: data[k] for k in data.files}

@@ -16,7 +16,7 @@ answer to the same input:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -67,31 +67,10 @@ def better(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> bo
     return candidate.get("relative_error", np.inf) < incumbent.get("relative_error", np.inf)
 
 
-def run_chunked(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-                inputs: Mapping[str, np.ndarray], chunk: int = 32) -> list[np.ndarray]:
-    """``run`` over the samples of ``inputs`` in chunks, outputs concatenated per output."""
-    n = len(next(iter(inputs.values())))
-    parts: list[list[np.ndarray]] = []
-    for i in range(0, n, chunk):
-        outs = run({k: v[i:i + chunk] for k, v in inputs.items()})
-        parts = [[o] for o in outs] if not parts else [p + [o] for p, o in zip(parts, outs)]
-    return [np.concatenate(p) for p in parts]
-
-
-def _runner(sess) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    return lambda feeds: [np.asarray(o) for o in sess.run(None, feeds)]
-
-
-def measure(dense, pruned, inputs: Mapping[str, np.ndarray], *, chunk: int = 32
-            ) -> dict[str, float]:
-    """Run ``dense`` and ``pruned`` (paths or ModelProtos) in onnxruntime on ``inputs`` and
-    compare. The models must take a batch of ``chunk`` samples (a symbolic first axis, or a
-    fixed one that ``chunk`` is then set to)."""
+def measure(dense, pruned, inputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Run ``dense`` and ``pruned`` (paths or ModelProtos) in onnxruntime on ``inputs``, in
+    chunks the models take, and compare."""
     from spa import validate as val
 
-    sessions = [val.session(m) for m in (dense, pruned)]
-    first = sessions[0].get_inputs()[0].shape[0]
-    if isinstance(first, int) and first > 0:
-        chunk = first
-    outs = [run_chunked(_runner(s), inputs, chunk) for s in sessions]
+    outs = [list(val.run_chunked(val.session(m), dict(inputs)).values()) for m in (dense, pruned)]
     return compare(outs[0], outs[1])

@@ -119,6 +119,26 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, n
         raise ValidationError(f"onnxruntime failed to run the model: {one_line(exc)}") from exc
 
 
+def batch_of(sess: ort.InferenceSession, default: int = 32) -> int:
+    """How many samples to feed at once: the first input's fixed first dim, else ``default``."""
+    first = sess.get_inputs()[0].shape[0] if sess.get_inputs() else None
+    return first if isinstance(first, int) and first > 0 else default
+
+
+def run_chunked(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], chunk: int | None = None
+                ) -> dict[str, np.ndarray]:
+    """:func:`run` over the samples of ``inputs`` (first axis) in chunks the model takes
+    (:func:`batch_of`), outputs concatenated along the first axis."""
+    step = chunk or batch_of(sess)
+    inputs = {i.name: inputs[i.name] for i in sess.get_inputs()}  # not labels, say
+    n = len(next(iter(inputs.values())))
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, n, step):
+        for k, v in run(sess, {k: v[i:i + step] for k, v in inputs.items()}).items():
+            parts.setdefault(k, []).append(np.asarray(v))
+    return {k: np.concatenate(v) if v[0].ndim else v[-1] for k, v in parts.items()}
+
+
 def probe(model: Callable[[], object]) -> Callable[[dict[str, int]], str | None]:
     """Whether onnxruntime runs a model on random inputs with the given symbolic dim sizes:
     None when it does, else its message (for :func:`spa.inputs.resolve`). ``model`` makes the

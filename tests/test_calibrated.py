@@ -73,7 +73,8 @@ def test_flap_bias_compensation_is_exact_for_a_constant_channel(tmp_path: Path) 
     onnx.save(_mlp(w1, b1), str(src))
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=X)
-    opts = dict(ratio=0.25, criterion="flap", calib=str(calib))
+    opts = dict(ratio=0.25, criterion="flap", calib=str(calib), allocation="uniform",
+                reconstruct=False)
     rep, plan = prune(src, tmp_path / "c.onnx", PruneOptions(**opts), CheckOptions(latency=False))
     assert plan.groups[0].keep == (1, 2, 3) and rep.compensated_layers == 1
     prune(src, tmp_path / "n.onnx", PruneOptions(**opts, compensate=False),

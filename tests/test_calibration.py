@@ -401,7 +401,7 @@ def test_paths_that_are_not_calibration_data(tmp_path):
         read(str(fifo), image_input(1, 3, 8, 8), OPTS)
     bad_npz = tmp_path / "bad.npz"
     bad_npz.write_text("not a zip")
-    with pytest.raises(OptionError, match="not a readable .npz"):
+    with pytest.raises(OptionError, match="not an .npz file"):
         read(str(bad_npz), image_input(1, 3, 8, 8), OPTS)
 
 

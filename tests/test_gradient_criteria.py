@@ -154,7 +154,8 @@ def test_onnx_file_with_labels_gives_the_same_plan_as_the_module(criterion, tmp_
     np.savez(tmp_path / "batch.npz", **{name: x[:64].numpy(), "labels": y[:64].numpy()})
     code = main(["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--criterion", criterion,
                  "--ratio", "0.5", "--calib", str(tmp_path / "batch.npz"),
-                 "--plan", str(tmp_path / "plan.json"), "--no-validate"])
+                 "--plan", str(tmp_path / "plan.json"), "--no-validate", "--held-out", "0",
+                 "--allocation", "uniform", "--no-reconstruct"])
     assert code == 0
     from spa.plan import Plan
 

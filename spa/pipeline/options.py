@@ -132,7 +132,7 @@ class PruneOptions:
     def allocation_method(self) -> AllocationMethod:
         """``allocation``, with its default filled in."""
         if self.allocation is not None:
-            return self.allocation
+            return AllocationMethod(self.allocation)
         if self.global_ranking:
             return AllocationMethod.GLOBAL
         return AllocationMethod.SENSITIVITY if self.calib else AllocationMethod.UNIFORM
