@@ -1,0 +1,249 @@
+"""Post-training pipeline with calibration data: reconstruction (passes/reconstruction.py),
+sensitivity allocation (passes/sensitivity.py + passes/allocation.py) and held-out fidelity.
+
+Exactness where the algebra says so: a linear network whose pruned hidden layer still spans its
+input is rebuilt exactly by the least-squares refit of the next layer (MatMul+Add, and Conv
+with a 3×3 kernel), which no pruning criterion alone can do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from spa import validate as val
+from spa.api import CheckOptions, PruneOptions, prune
+from spa.cli import main
+from spa.errors import ExitCode
+from spa.plan import Plan
+
+RNG = np.random.default_rng(11)
+
+
+def _model(nodes, inits: dict[str, np.ndarray], x_shape, y_shape) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _linear_mlp() -> onnx.ModelProto:
+    """x[N,4] → MatMul(4→8) → Add → MatMul(8→3) → Add: linear, so 4 kept hidden channels of
+    rank 4 still carry all of x."""
+    inits = {"w1": RNG.standard_normal((4, 8)), "b1": RNG.standard_normal(8),
+             "w2": RNG.standard_normal((8, 3)), "b2": RNG.standard_normal(3)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("MatMul", ["hb", "w2"], ["z"], name="fc2"),
+             helper.make_node("Add", ["z", "b2"], ["y"], name="bias2")]
+    return _model(nodes, inits, ["N", 4], ["N", 3])
+
+
+def _linear_cnn() -> onnx.ModelProto:
+    """x[N,3,8,8] → Conv 1×1 (3→8) → Conv 3×3 pad 1 (8→5): linear in x."""
+    inits = {"w1": RNG.standard_normal((8, 3, 1, 1)), "b1": RNG.standard_normal(8),
+             "w2": RNG.standard_normal((5, 8, 3, 3)), "b2": RNG.standard_normal(5)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"),
+             helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2",
+                              pads=[1, 1, 1, 1])]
+    return _model(nodes, inits, ["N", 3, 8, 8], ["N", 5, 8, 8])
+
+
+def _relative_error(src: Path, out: Path, x: np.ndarray) -> float:
+    want = val.run(val.session(src), {"x": x})["y"].astype(np.float64)
+    got = val.run(val.session(out), {"x": x})["y"].astype(np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("make,x_shape", [(_linear_mlp, (64, 4)), (_linear_cnn, (24, 3, 8, 8))],
+                         ids=["matmul", "conv"])
+def test_reconstruction_rebuilds_what_the_kept_channels_still_span(make, x_shape, tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(make(), str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.standard_normal(x_shape).astype(np.float32))
+    test_x = RNG.standard_normal((16, *x_shape[1:])).astype(np.float32)
+    opts = dict(ratio=0.5, calib=str(calib), allocation="uniform")
+    rep, _ = prune(src, tmp_path / "r.onnx", PruneOptions(**opts), CheckOptions(latency=False))
+    prune(src, tmp_path / "n.onnx", PruneOptions(**opts, reconstruct=False),
+          CheckOptions(latency=False))
+    assert _relative_error(src, tmp_path / "n.onnx", test_x) > 0.1  # pruning alone hurts
+    assert _relative_error(src, tmp_path / "r.onnx", test_x) < 1e-3  # the refit undoes it
+    assert rep.fidelity["reconstructed"]["relative_error"] < 1e-3
+    assert rep.fidelity["pruned"]["relative_error"] > 0.1
+    assert rep.reconstruction["refitted"] >= 1 and rep.reconstruction["kept"] is True
+    assert rep.oracle.startswith("does not apply: the plan refits")
+
+
+def _cnn() -> onnx.ModelProto:
+    """A small ReLU CNN with a residual join and a grouped conv: Conv → Relu → Conv(group 2)
+    → Add(skip) → Relu → GlobalAveragePool → Flatten → Gemm."""
+    inits = {"w1": RNG.standard_normal((8, 3, 3, 3)) * 0.4, "b1": RNG.standard_normal(8) * 0.1,
+             "w2": RNG.standard_normal((8, 4, 3, 3)) * 0.3, "b2": RNG.standard_normal(8) * 0.1,
+             "w3": RNG.standard_normal((12, 8, 1, 1)) * 0.5, "b3": RNG.standard_normal(12) * 0.1,
+             "wf": RNG.standard_normal((6, 12)), "bf": RNG.standard_normal(6) * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4,
+                              group=2),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="skip"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3"),
+             helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    return _model(nodes, inits, ["N", 3, 8, 8], ["N", 6])
+
+
+@pytest.fixture()
+def cnn(tmp_path: Path) -> tuple[Path, Path]:
+    src = tmp_path / "cnn.onnx"
+    onnx.save(_cnn(), str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.standard_normal((80, 3, 8, 8)).astype(np.float32))
+    return src, calib
+
+
+def test_spa_apply_reproduces_the_reconstructed_model_byte_for_byte(cnn, tmp_path):
+    src, calib = cnn
+    out, plan = tmp_path / "p.onnx", tmp_path / "plan.json"
+    assert main(["prune", str(src), "-o", str(out), "--calib", str(calib), "--ratio", "0.5",
+                 "--plan", str(plan), "-q"]) == 0
+    recipe = json.loads(plan.read_text())["recipe"]
+    assert recipe["allocation"] == "sensitivity" and recipe["reconstruction"]["rows"] > 0
+    assert recipe["calibration"]["path"] == str(calib)
+    again = tmp_path / "again.onnx"
+    assert main(["apply", str(src), str(plan), "-o", str(again), "-q"]) == 0
+    assert out.read_bytes() == again.read_bytes()
+
+
+def test_a_tiny_memory_budget_spills_to_disk_and_changes_nothing(cnn, tmp_path):
+    src, calib = cnn
+    opts = dict(ratio=0.5, calib=str(calib), allocation="uniform")
+    prune(src, tmp_path / "big.onnx", PruneOptions(**opts), CheckOptions(latency=False))
+    prune(src, tmp_path / "small.onnx", PruneOptions(**opts, calib_memory=1),
+          CheckOptions(latency=False))
+    assert (tmp_path / "big.onnx").read_bytes() == (tmp_path / "small.onnx").read_bytes()
+    assert not list(Path("/tmp").glob("spa-reconstruction-*"))  # the spill is gone
+
+
+def test_reconstruction_that_hurts_held_out_fidelity_is_not_written(cnn, tmp_path, monkeypatch):
+    """The guard: a refit that makes held-out fidelity worse is dropped (here a sabotaged
+    one), and the written model is the plain pruned one."""
+    from spa.passes import reconstruction
+
+    src, calib = cnn
+    opts = dict(ratio=0.5, calib=str(calib), allocation="uniform")
+    prune(src, tmp_path / "plain.onnx", PruneOptions(**opts, reconstruct=False),
+          CheckOptions(latency=False))
+    real_run = reconstruction.Reconstruction.run
+
+    def sabotaged(self, dense, pruned, inputs):
+        done = real_run(self, dense, pruned, inputs)
+        done.values.update({k: -7.0 * v for k, v in done.values.items()})
+        return done
+
+    monkeypatch.setattr(reconstruction.Reconstruction, "run", sabotaged)
+    rep, _ = prune(src, tmp_path / "r.onnx", PruneOptions(**opts), CheckOptions(latency=False))
+    assert rep.reconstruction["kept"] is False
+    assert rep.fidelity["reconstructed"]["relative_error"] > \
+        rep.fidelity["pruned"]["relative_error"]
+    a, b = onnx.load(str(tmp_path / "plain.onnx")), onnx.load(str(tmp_path / "r.onnx"))
+    assert [numpy_helper.to_array(i).tobytes() for i in a.graph.initializer] == \
+        [numpy_helper.to_array(i).tobytes() for i in b.graph.initializer]
+
+
+def _two_layer() -> onnx.ModelProto:
+    """x → fc1 (8) → Relu → fc2 (8) → Relu → fc3: six of fc2's eight channels barely reach y,
+    every channel of fc1 does. Half of each group (uniform) cuts live channels; the same budget
+    spent by sensitivity takes the six idle ones and two of fc1's."""
+    w2, w3 = RNG.standard_normal((8, 8)), RNG.standard_normal((8, 4))
+    w2[:, 2:] *= 1e-3
+    w3[2:] *= 1e-3
+    inits = {"w1": RNG.standard_normal((6, 8)), "b1": np.zeros(8), "w2": w2, "b2": np.zeros(8),
+             "w3": w3, "b3": np.zeros(4)}
+    nodes = []
+    src = "x"
+    for i in (1, 2, 3):
+        nodes += [helper.make_node("MatMul", [src, f"w{i}"], [f"m{i}"], name=f"fc{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"bias{i}")]
+        src = f"a{i}"
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [src], [f"r{i}"], name=f"relu{i}"))
+            src = f"r{i}"
+    nodes[-1].output[0] = "y"
+    return _model(nodes, inits, ["N", 6], ["N", 4])
+
+
+def test_sensitivity_spends_the_budget_where_it_hurts_least(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_two_layer(), str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.standard_normal((100, 6)).astype(np.float32))
+    opts = dict(ratio=0.5, calib=str(calib), reconstruct=False)
+    rep_s, plan_s = prune(src, tmp_path / "s.onnx", PruneOptions(**opts),
+                          CheckOptions(latency=False))
+    rep_u, plan_u = prune(src, tmp_path / "u.onnx", PruneOptions(**opts, allocation="uniform"),
+                          CheckOptions(latency=False))
+    assert rep_s.allocation == "sensitivity" and rep_u.allocation == "uniform"
+    removed = lambda plan: sum(g.removed for g in plan.groups)  # noqa: E731
+    assert removed(plan_s) == removed(plan_u) == 8  # the same channel budget, spent differently
+    assert max(g.removed for g in plan_s.groups) >= 6  # the idle channels went first
+    assert rep_s.fidelity["pruned"]["relative_error"] < rep_u.fidelity["pruned"][
+        "relative_error"]
+    assert rep_s.oracle == "held"  # no refit: the masked oracle still applies
+
+
+def test_sensitivity_meets_a_flops_target(cnn, tmp_path):
+    src, calib = cnn
+    rep, _ = prune(src, tmp_path / "f.onnx", PruneOptions(ratio=0.4, target="flops",
+                                                          calib=str(calib)),
+                   CheckOptions(latency=False))
+    assert rep.flops_after <= 0.6 * rep.flops_before
+    assert rep.flops_after > 0.3 * rep.flops_before  # the shortest prefix, not everything
+
+
+def test_report_states_calibration_and_fidelity(cnn, tmp_path):
+    src, calib = cnn
+    report = tmp_path / "r.json"
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--calib", str(calib),
+                 "--ratio", "0.3", "--report", str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"] == {"path": str(calib), "kind": "npz", "samples": 72,
+                                   "held_out": 8}
+    assert set(body["fidelity"]) == {"pruned", "reconstructed"}
+    assert set(body["fidelity"]["pruned"]) >= {"agreement", "cosine", "relative_error"}
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--allocation", "sensitivity"], "give --calib PATH"),
+    (["--calib", "{few}", "--held-out", "0.5"], "too few to hold back"),
+])
+def test_bad_post_training_input_is_one_typed_line(argv, expect, tmp_path, capsys):
+    src = tmp_path / "cnn.onnx"
+    onnx.save(_cnn(), str(src))
+    np.savez(tmp_path / "few.npz", x=RNG.standard_normal((1, 3, 8, 8)).astype(np.float32))
+    argv = [a.format(few=tmp_path / "few.npz") for a in argv]
+    out = tmp_path / "p.onnx"
+    assert main(["prune", str(src), "-o", str(out), *argv]) == ExitCode.BAD_INPUT
+    assert expect in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "cnn.onnx", "few.npz"]
+
+
+def test_greedy_allocation_respects_round_to_and_min_channels(cnn, tmp_path):
+    src, calib = cnn
+    _, plan = prune(src, tmp_path / "p.onnx", PruneOptions(
+        ratio=0.6, calib=str(calib), round_to=4, min_channels=4, reconstruct=False),
+        CheckOptions(latency=False))
+    assert isinstance(plan, Plan)
+    for g in plan.groups:
+        assert len(g.keep) >= min(4, g.size)
+        assert len(g.keep) % 4 == 0 or len(g.keep) == g.size
