@@ -22,7 +22,7 @@ import json
 from html import escape
 from typing import TYPE_CHECKING
 
-from spa.report import input_dims_text, oracle_line, write_text_atomic
+from spa.report import fidelity_lines, input_dims_text, oracle_line, write_text_atomic
 
 if TYPE_CHECKING:
     import os
@@ -196,6 +196,7 @@ def _validation(report: PruneReport | None) -> str:
         lines.append(f"symbolic input dims of the inputs SPA made: {input_dims_text(report)}")
     if report.compensated_layers:
         lines.append(f"compensated layers (weights updated): {report.compensated_layers}")
+    lines.extend(fidelity_lines(report))
     lines.append(f"params and FLOPs measured on the written model; the plan predicted "
                  f"{report.predicted_params_after:,d} params, {report.predicted_flops_after:,d} "
                  "FLOPs")

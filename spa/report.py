@@ -94,7 +94,23 @@ def report_table(r: PruneReport) -> str:
     if r.input_dims:
         lines.append(f"symbolic input dims: {input_dims_text(r)}")
     lines.append(oracle_line(r))
+    lines.extend(fidelity_lines(r))
     return "\n".join(lines)
+
+
+def fidelity_lines(r: PruneReport) -> list[str]:
+    """The calibration data, the allocation, and held-out fidelity after each stage."""
+    lines = []
+    if r.calibration:
+        c = r.calibration
+        lines.append(f"calibration: {c['samples']} samples ({c['kind']}), {c['held_out']} held "
+                     f"out; allocation: {r.allocation}")
+    for stage, measures in r.fidelity.items():
+        text = ", ".join(f"{k} {v:.4f}" for k, v in measures.items())
+        lines.append(f"held-out fidelity after {stage}: {text}")
+    if r.reconstruction.get("kept") is False:
+        lines.append("reconstruction made held-out fidelity worse: written without it")
+    return lines
 
 
 def oracle_line(r: PruneReport) -> str:

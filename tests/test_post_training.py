@@ -214,12 +214,15 @@ def test_report_states_calibration_and_fidelity(cnn, tmp_path):
     src, calib = cnn
     report = tmp_path / "r.json"
     assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--calib", str(calib),
-                 "--ratio", "0.3", "--report", str(report), "-q"]) == 0
+                 "--ratio", "0.3", "--report", str(report), "--report-html",
+                 str(tmp_path / "r.html"), "-q"]) == 0
     body = json.loads(report.read_text())
     assert body["calibration"] == {"path": str(calib), "kind": "npz", "samples": 72,
                                    "held_out": 8}
     assert set(body["fidelity"]) == {"pruned", "reconstructed"}
     assert set(body["fidelity"]["pruned"]) >= {"agreement", "cosine", "relative_error"}
+    html = (tmp_path / "r.html").read_text()
+    assert "held-out fidelity after reconstructed: agreement" in html
 
 
 @pytest.mark.parametrize("argv,expect", [
