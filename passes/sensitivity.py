@@ -59,7 +59,7 @@ class Sensitivities:
 class Sensitivity:
     """``Sensitivity(ratios=…, samples=…).run(analysis, original, scores, inputs)``."""
 
-    def __init__(self, *, ratios: tuple[float, ...] = RATIOS, samples: int = 64,
+    def __init__(self, *, ratios: tuple[float, ...] = RATIOS, samples: int = 32,
                  min_channels: int = 1):
         self.ratios, self.samples, self.min_channels = ratios, samples, min_channels
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from spa.config import config_defaults
 from spa.errors import ExitCode, OptionError, SpaError
-from spa.options import add_flags, from_args
+from spa.options import add_flags, from_args, positive
 from spa.progress import ProgressSettings, progress_settings
 
 if TYPE_CHECKING:
@@ -40,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
 COMMANDS = {"analyze": "show channel groups, frozen groups and costs",
             "prune": "prune a model and write the smaller model",
-            "apply": "apply a saved plan to its model"}
+            "apply": "apply a saved plan to its model",
+            "recover": "distil the dense model into a pruned one (needs PyTorch)"}
 
 
 def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
@@ -82,6 +83,9 @@ def _command_parsers(sub) -> None:
                     "--report and --report-html are still written when given)")
     add_flags(pr, PruneOptions, skip=["input_dims"], grouped=False)
     pr.add_argument("--plan", metavar="PLAN.json", help="also write the plan as JSON")
+    pr.add_argument("--recover", nargs="?", const=200, type=positive, metavar="STEPS",
+                    help="after pruning, distil the dense model into the pruned one on --calib "
+                    "for STEPS steps (default 200; see spa recover); needs PyTorch")
     add_flags(pr, PruneOptions, grouped=True)
     _check_flags(pr, CheckOptions)
 
@@ -90,6 +94,25 @@ def _command_parsers(sub) -> None:
     ap.add_argument("plan", help="plan JSON written by `spa prune --plan`")
     ap.add_argument("-o", "--output", help="where to write the pruned model (required)")
     _check_flags(ap, CheckOptions)
+    _recover_parser(sub)
+
+
+def _recover_parser(sub) -> None:
+    from spa.calibration import CalibrationOptions
+    from spa.recovery import RecoverOptions
+
+    rc = sub.add_parser("recover", help=COMMANDS["recover"])
+    rc.add_argument("dense", help="the ONNX model that was pruned (the teacher; never modified)")
+    rc.add_argument("pruned", help="the pruned ONNX model (the student; never modified)")
+    rc.add_argument("-o", "--output", required=True, help="where to write the recovered model")
+    rc.add_argument("--calib", required=True, metavar="PATH",
+                    help="calibration data to distil on (a share is held out to judge)")
+    groups: dict = {}
+    add_flags(rc, RecoverOptions, groups=groups)
+    add_flags(rc, CalibrationOptions, groups=groups)
+    _common_flags(rc)
+    rc.add_argument("--report", metavar="REPORT.json", help="write the recovery report")
+    rc.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
 
 def _common_flags(p: argparse.ArgumentParser) -> None:
@@ -125,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse(parser, argv)
         _configure_logging(args)
         with progress_settings(ProgressSettings(enabled=False if args.quiet else None)):
-            return {"analyze": _analyze, "prune": _prune, "apply": _apply}[args.command](args)
+            return {"analyze": _analyze, "prune": _prune, "apply": _apply,
+                    "recover": _recover}[args.command](args)
     except SpaError as exc:
         if os.environ.get("SPA_DEBUG"):
             raise
@@ -246,8 +270,41 @@ def _prune(args: argparse.Namespace) -> int:
     _check_outputs(args)
     if args.dry_run:
         return _dry_run(args, options)
+    if args.recover:
+        return _prune_and_recover(args, options)
     report, the_plan = prune(args.model, args.output, options, _checks(args),
                              plan_path=args.plan)
+    return _finish(args, report, the_plan)
+
+
+def _prune_and_recover(args: argparse.Namespace, options) -> int:
+    """``spa prune --recover N``: prune into a staging directory beside the output, then
+    distil from there into the output (nothing is left behind if either step fails)."""
+    import tempfile
+    from pathlib import Path
+
+    from spa.api import prune
+    from spa.metrics import file_size
+    from spa.recovery import TORCH_MISSING, RecoverOptions
+
+    if not options.calib:
+        raise OptionError("--recover distils on calibration data: give --calib PATH")
+    try:
+        from spa.torch.recover import calibration_for, recover
+    except ImportError as exc:
+        raise OptionError(TORCH_MISSING) from exc
+    out = Path(args.output)
+    with tempfile.TemporaryDirectory(prefix=".spa-", dir=out.parent or ".") as tmp:
+        staged = Path(tmp) / out.name
+        report, the_plan = prune(args.model, staged, options, _checks(args),
+                                 plan_path=args.plan)
+        calib = calibration_for(args.model, options.calib, options.calibration,
+                                seed=options.seed)
+        done = recover(args.model, staged, out, calib,
+                       RecoverOptions(steps=args.recover, seed=options.seed))
+    report.output, report.bytes_after = str(out), file_size(out)
+    report.fidelity["recovered"] = done.fidelity_after
+    report.recovery = done.to_dict()
     return _finish(args, report, the_plan)
 
 
@@ -258,6 +315,44 @@ def _apply(args: argparse.Namespace) -> int:
     _check_outputs(args)
     the_plan = Plan.load(args.plan)
     return _finish(args, apply(args.model, the_plan, args.output, _checks(args)), the_plan)
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from spa.calibration import CalibrationOptions
+    from spa.ir.save import check_output_path
+    from spa.recovery import TORCH_MISSING, RecoverOptions
+    from spa.report import write_text_atomic
+
+    try:
+        from spa.torch.recover import calibration_for, recover
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        raise OptionError(TORCH_MISSING) from exc
+    for path in (args.output, args.report):
+        for model in (args.dense, args.pruned) if path else ():
+            check_output_path(path, input_path=Path(model))
+    options = from_args(RecoverOptions, args)
+    calibration = calibration_for(args.pruned, args.calib, from_args(CalibrationOptions, args),
+                                  seed=options.seed)
+    report = recover(args.dense, args.pruned, args.output, calibration, options)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: process 0 reports
+        return int(ExitCode.OK)
+    if args.report:
+        write_text_atomic(args.report, json.dumps(report.to_dict(), indent=1) + "\n")
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"{report.measure} on held-out samples: {_measured(report.fidelity_before)} -> "
+              f"{_measured(report.fidelity_after)} (lr {report.lr:g}, {report.steps} steps)")
+        print(f"wrote {report.output} ({report.kept})")
+    return int(ExitCode.OK)
+
+
+def _measured(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 if __name__ == "__main__":

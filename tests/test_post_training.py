@@ -250,3 +250,18 @@ def test_greedy_allocation_respects_round_to_and_min_channels(cnn, tmp_path):
     for g in plan.groups:
         assert len(g.keep) >= min(4, g.size)
         assert len(g.keep) % 4 == 0 or len(g.keep) == g.size
+
+
+def test_prune_with_recover_distils_and_reports_each_stage(cnn, tmp_path):
+    pytest.importorskip("torch")
+    src, calib = cnn
+    report, out = tmp_path / "r.json", tmp_path / "p.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--calib", str(calib), "--ratio", "0.5",
+                 "--recover", "5", "--report", str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert set(body["fidelity"]) == {"pruned", "reconstructed", "recovered"}
+    assert body["recovery"]["steps"] <= 5 and body["output"] == str(out)
+    assert body["fidelity"]["recovered"] == body["recovery"]["fidelity_after"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "cnn.onnx", "p.onnx",
+                                                          "r.json"]
+    val.run(val.session(out), {"x": np.zeros((2, 3, 8, 8), np.float32)})

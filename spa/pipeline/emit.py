@@ -78,6 +78,7 @@ class PruneReport:
     # "recovered"): spa/fidelity.py's measures.
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     reconstruction: dict = field(default_factory=dict)
+    recovery: dict = field(default_factory=dict)  # spa prune --recover: spa recover's report
 
     def to_dict(self) -> dict:
         return asdict(self)

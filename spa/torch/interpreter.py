@@ -15,7 +15,11 @@ unsupported op listed, rather than failing mid-forward.
 The torch functions are keyed like SPA's op registry, by ``(domain, op_type, opset range)``
 (:class:`spa.coupling.registry.OpTable`), and each node runs the function of the model's opset:
 Softmax, LogSoftmax and Hardmax before opset 13 flatten the input to 2-D at ``axis`` (default
-1) and normalise each row; from 13 on they work along ``axis`` (default -1).
+1) and normalise each row; from 13 on they work along ``axis`` (default -1). ReduceL2 reads
+its axes from the attribute before opset 18 and from its second input from 18 on.
+
+``forward(..., capture=names)`` also returns chosen intermediate values (distillation matches
+them, spa/torch/recover.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +117,15 @@ class OnnxModule(nn.Module):
             out[name] = self.params[key] if key in self.params else getattr(self, f"c_{key}")
         return out
 
-    def forward(self, *inputs: torch.Tensor):
+    def value_names(self) -> list[str]:
+        """The names of the values the nodes compute, in the order they are computed."""
+        return [name for _, _, outs, _ in self._nodes for name in outs if name]
+
+    def forward(self, *inputs: torch.Tensor, capture: Sequence[str] = ()):
+        """The graph outputs (one tensor, or a tuple of them). With ``capture`` (names of
+        :meth:`value_names`), ``(outputs, {name: value})`` with every output in the tuple:
+        distillation reads intermediate values through the forward pass, so that wrappers
+        such as DistributedDataParallel see them."""
         env: dict[str, torch.Tensor] = dict(self.onnx_tensors())
         env.update(zip(self.input_names, inputs))
         for fn, ins, outs, attrs in self._nodes:
@@ -123,6 +135,8 @@ class OnnxModule(nn.Module):
                 if name:
                     env[name] = value
         out = tuple(env[o] for o in self.output_names)
+        if capture:
+            return out, {name: env[name] for name in capture}
         return out[0] if len(out) == 1 else out
 
 
@@ -174,7 +188,7 @@ _UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "Reciprocal": torch.reciprocal, "Floor": torch.floor, "Ceil": torch.ceil, "Sin": torch.sin,
     "Cos": torch.cos, "Not": torch.logical_not, "Softplus": F.softplus, "Mish": F.mish,
     "HardSwish": F.hardswish, "Sign": torch.sign, "Round": torch.round,
-    "Identity": lambda x: x, "Softsign": F.softsign,
+    "Identity": lambda x: x, "Softsign": F.softsign, "IsNaN": torch.isnan,
 }
 for _name, _fn in _BINARY.items():
     add(_name, (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn))
@@ -400,10 +414,19 @@ def _transpose(a, x):
     return x[0].permute(a.get("perm", list(range(x[0].dim()))[::-1]))
 
 
-def _axes(a, x) -> list[int] | None:
-    if len(x) > 1 and x[1] is not None:
-        return _ints(x[1])
+def _axes_input(a, x) -> list[int] | None:
+    return _ints(x[1]) if len(x) > 1 and x[1] is not None else None
+
+
+def _axes_attribute(a, x) -> list[int] | None:
     return a.get("axes")
+
+
+def _axes(a, x) -> list[int] | None:
+    """From the second input (Squeeze/Unsqueeze/ReduceSum from opset 13, the other reductions
+    from 18) when present, else from the attribute."""
+    axes = _axes_input(a, x)
+    return _axes_attribute(a, x) if axes is None else axes
 
 
 @op("Squeeze")
@@ -463,6 +486,33 @@ def _gather(a, x):
     return out.reshape(*x[0].shape[:axis], *idx.shape, *x[0].shape[axis + 1:])
 
 
+@op("GatherElements")
+def _gather_elements(a, x):
+    axis = _axis(a.get("axis", 0), x[0].dim())
+    idx = x[1].long()
+    return torch.gather(x[0], axis, torch.where(idx < 0, idx + x[0].shape[axis], idx))
+
+
+@op("GatherND")
+def _gather_nd(a, x):
+    """Index tuples of length k in the last axis of ``indices`` pick slices of ``data``;
+    the first ``batch_dims`` axes of both are matched one to one (flattened to one here)."""
+    data, idx = x[0], x[1].long()
+    b, k = a.get("batch_dims", 0), x[1].shape[-1]
+    batch = int(np.prod(data.shape[:b]))
+    dims = data.shape[b:b + k]
+    rest = data.shape[b + k:]
+    flat = data.reshape(batch, int(np.prod(dims)), *rest)
+    tuples = idx.reshape(batch, -1, k)
+    size = torch.tensor(dims, dtype=torch.long, device=idx.device)
+    tuples = torch.where(tuples < 0, tuples + size, tuples)
+    strides = torch.tensor([int(np.prod(dims[j + 1:])) for j in range(k)], dtype=torch.long,
+                           device=idx.device)
+    linear = (tuples * strides).sum(-1)
+    rows = torch.arange(batch, device=idx.device).unsqueeze(1)
+    return flat[rows, linear].reshape(*idx.shape[:-1], *rest)
+
+
 @op("Shape")
 def _shape(a, x):
     dims = list(x[0].shape)
@@ -505,9 +555,9 @@ def _range(a, x):
     return torch.arange(x[0].item(), x[1].item(), x[2].item(), dtype=x[0].dtype)
 
 
-def _reduce(fn):
+def _reduce(fn, axes_of: Callable[[dict, list], list[int] | None] = _axes):
     def run(a, x):
-        axes = _axes(a, x)
+        axes = axes_of(a, x)
         keep = bool(a.get("keepdims", 1))
         if not axes:
             if a.get("noop_with_empty_axes", 0):
@@ -517,6 +567,13 @@ def _reduce(fn):
     return run
 
 
+def _l2(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    return torch.linalg.vector_norm(t, 2, dim=dim, keepdim=keepdim)
+
+
+# ReduceL2 takes its axes from an attribute before opset 18, from its second input from 18 on.
+add("ReduceL2", _reduce(_l2, _axes_attribute), (1, 17))
+add("ReduceL2", _reduce(_l2, _axes_input), (18, ALL_OPSETS[1]))
 add("ReduceMean", _reduce(torch.mean))
 add("ReduceSum", _reduce(torch.sum))
 add("ReduceMax", _reduce(torch.amax))
