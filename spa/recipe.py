@@ -62,15 +62,19 @@ class CalibrationRecipe:
     path: str
     options: dict[str, Any]  # CalibrationOptions' fields
     seed: int
+    input_dims: tuple[tuple[str, int], ...] = ()  # the sizes synthetic inputs were made at
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "options": dict(self.options), "seed": self.seed}
+        return {"path": self.path, "options": dict(self.options), "seed": self.seed,
+                "input_dims": dict(self.input_dims)}
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> CalibrationRecipe:
         options = {k: (tuple(v) if isinstance(v, list) else v)
                    for k, v in dict(body.get("options") or {}).items()}
-        return cls(str(body["path"]), options, int(body.get("seed", 0)))
+        dims = body.get("input_dims") or {}
+        return cls(str(body["path"]), options, int(body.get("seed", 0)),
+                   tuple((str(k), int(v)) for k, v in dims.items()))
 
 
 @dataclass(frozen=True)

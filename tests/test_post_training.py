@@ -265,3 +265,15 @@ def test_prune_with_recover_distils_and_reports_each_stage(cnn, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "cnn.onnx", "p.onnx",
                                                           "r.json"]
     val.run(val.session(out), {"x": np.zeros((2, 3, 8, 8), np.float32)})
+
+
+def test_data_free_calibration_is_synthetic_reported_and_reproducible(cnn, tmp_path):
+    src, _ = cnn
+    out, plan, report = tmp_path / "p.onnx", tmp_path / "plan.json", tmp_path / "r.json"
+    assert main(["prune", str(src), "-o", str(out), "--calib", "synthetic", "--ratio", "0.5",
+                 "--plan", str(plan), "--report", str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"]["kind"] == "synthetic (natural-image noise)"
+    assert body["allocation"] == "uniform" and body["reconstruction"]["layers"] >= 1
+    assert main(["apply", str(src), str(plan), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
+    assert out.read_bytes() == (tmp_path / "a.onnx").read_bytes()

@@ -67,7 +67,8 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
                        makes_inputs(options, checks))
     options = dataclasses.replace(options, input_dims=dims.items)
     checks = dataclasses.replace(checks, input_dims=dims.items)
-    calib = calibration(analysis, options.calib, options.calibration, seed=options.seed)
+    calib = calibration(analysis, options.calib, options.calibration, seed=options.seed,
+                        dims=dict(options.input_dims))
     t_dims = time.perf_counter()
     planned = make_plan(analysis, options, calib=calib)
     if plan_path is not None:

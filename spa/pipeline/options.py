@@ -89,7 +89,8 @@ class PruneOptions:
     hessian: HessianSource = like(OBSPAOptions, "hessian")
     calib: str | None = option(None, metavar="PATH", group=CALIB_GROUP, help="calibration "
                                "data: an .npz of arrays named after the graph inputs, a folder "
-                               "of images, or a text file with one sample per line")
+                               "of images, a text file with one sample per line, or 'synthetic' "
+                               "(data-free: natural-image noise made from the input signature)")
     preprocess: str = like(CalibrationOptions, "preprocess")
     image_size: int | None = like(CalibrationOptions, "image_size")
     mean: tuple[float, ...] | None = like(CalibrationOptions, "mean")
@@ -135,7 +136,9 @@ class PruneOptions:
             return AllocationMethod(self.allocation)
         if self.global_ranking:
             return AllocationMethod.GLOBAL
-        return AllocationMethod.SENSITIVITY if self.calib else AllocationMethod.UNIFORM
+        # Synthetic inputs: uniform measured better than their sensitivities (docs/cli.md).
+        return AllocationMethod.SENSITIVITY if self.calib and self.calib != "synthetic" \
+            else AllocationMethod.UNIFORM
 
     @property
     def reconstructs(self) -> bool:

@@ -79,7 +79,7 @@ def analyse(model: LoadedModel, *, ignore: tuple[str, ...] = (), hidden: bool = 
 def makes_inputs(options: PruneOptions, checks: CheckOptions | None) -> bool:
     """Whether the run feeds made-up inputs: validation, or OBSPA's data-free Hessians."""
     synthetic = CRITERIA.get(options.criterion) is OBSPA and options.hessian in (
-        HessianSource.SYNTHETIC, HessianSource.NOISE)
+        HessianSource.SYNTHETIC, HessianSource.NOISE) or options.calib == SYNTHETIC
     return synthetic or (checks is not None and bool(checks.validate or checks.check_masked))
 
 
@@ -95,14 +95,40 @@ def input_sizes(analysis: Analysis, given: dict[str, int], needed: bool) -> Inpu
                    val.probe(lambda: loaded.path or to_onnx(loaded)))
 
 
+SYNTHETIC = "synthetic"  # --calib synthetic: inputs made up from the model's input signature
+SYNTHETIC_SAMPLES = 256
+
+
 def calibration(analysis: Analysis, path: str | None,
-                options: CalibrationOptions = CalibrationOptions(), *, seed: int = 0
-                ) -> Calibration | None:
-    """The calibration data (``--calib``), read once and split into train and held-out."""
+                options: CalibrationOptions = CalibrationOptions(), *, seed: int = 0,
+                dims: Mapping[str, int] | None = None) -> Calibration | None:
+    """The calibration data (``--calib``), read once and split into train and held-out;
+    ``--calib synthetic``: natural-image noise for image inputs (passes/hessian.py), standard
+    normal values for other float inputs, sized by ``dims``."""
     if path is None:
         return None
+    if path == SYNTHETIC:
+        return _synthetic(analysis, options, seed, dict(dims or {}))
     return calib_data.load(path, analysis.model.graph.inputs, options, seed=seed,
                            graph=analysis.model.graph)
+
+
+def _synthetic(analysis: Analysis, options: CalibrationOptions, seed: int,
+               dims: dict[str, int]) -> Calibration:
+    from spa.passes.hessian import natural_images
+
+    loaded = analysis.model
+    sess = val.session(loaded.path or to_onnx(loaded), what="original model")
+    rng = np.random.default_rng([seed, 0x5E])
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(SYNTHETIC_SAMPLES):
+        for k, v in val.random_inputs(sess, seed=seed * 100_003 + i, dims=dims).items():
+            if v.ndim == 4 and np.issubdtype(v.dtype, np.floating) and v.shape[1] <= 4:
+                v = natural_images(v.shape, rng).astype(v.dtype)
+            parts.setdefault(k, []).append(v)
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    train, held = calib_data.split(arrays, options.held_out, seed=seed)
+    return Calibration(train, held, "synthetic (natural-image noise)", SYNTHETIC)
 
 
 def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibration | None:
@@ -111,7 +137,8 @@ def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibra
         return None
     cal = the_recipe.calibration
     if cal is not None:
-        return calibration(analysis, cal.path, CalibrationOptions(**cal.options), seed=cal.seed)
+        return calibration(analysis, cal.path, CalibrationOptions(**cal.options), seed=cal.seed,
+                           dims=dict(cal.input_dims))
     legacy = next((r.calib for r in (the_recipe.compensation, the_recipe.bias_compensation)
                    if r is not None and r.calib), None)  # plans from before the held-out split
     return calibration(analysis, legacy, CalibrationOptions(held_out=0.0))
@@ -126,7 +153,8 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
     if not analysis.prunable_groups:
         raise NothingPrunableError(nothing_prunable(analysis))
     if calib is None and options.calib is not None:
-        calib = calibration(analysis, options.calib, options.calibration, seed=options.seed)
+        calib = calibration(analysis, options.calib, options.calibration, seed=options.seed,
+                            dims=dict(options.input_dims))
     criterion = _criterion(analysis, options, saliency, calib)
     source = criterion.statistics_source(calib is not None)
     statistics = None
@@ -194,7 +222,7 @@ def recipe(options: PruneOptions, criterion: Criterion) -> Recipe:
     cal = rec = None
     if options.calib is not None:
         cal = CalibrationRecipe(options.calib, dataclasses.asdict(options.calibration),
-                                options.seed)
+                                options.seed, options.input_dims)
         if options.reconstructs:
             rec = ReconstructionRecipe(RECONSTRUCTION_ROWS, options.seed)
     return Recipe(options.criterion, options.ratio, options.heads_ratio, options.mlp_ratio,
