@@ -1,8 +1,8 @@
 """Markdown tables of the benchmark results, and benchmarks/README.md made from them.
 
-Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory,quality}.json`` and
-renders one table (with the command and revision that produced it) per file, so that every
-figure in the tables is a figure of a recorded run.
+Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory,quality,
+quality_pipeline}.json`` and renders one table (with the command and revision that produced it)
+per file, so that every figure in the tables is a figure of a recorded run.
 
 ``benchmarks/README.md`` is hand-written prose around generated blocks. Each block sits between
 ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` lines; :func:`update` replaces
@@ -184,8 +184,55 @@ def quality(d: dict) -> str:
     return "\n".join(lines)
 
 
+PIPELINE_VARIANTS = {  # results key → row title, in table order
+    "l1-uniform": "`l1`, uniform, no data", "data-free": "default, no data",
+    "data-free-r0.1": "default, no data, `--ratio 0.1`",
+    "obspa-calib-uniform": "`obspa` calibration, uniform, no reconstruction",
+    "post-obspa": "post-training `obspa` (sensitivity, reconstruction)",
+    "post-l1": "post-training `l1`", "recover": "post-training `obspa` + `spa recover`",
+    "tp-magnitude": "Torch-Pruning magnitude", "tp-recover": "Torch-Pruning + `spa recover`"}
+#: Which variant each target of ``pipeline.CUTS`` applies to.
+PIPELINE_TARGETS = {"post-obspa": "post", "recover": "recover", "data-free": "data-free",
+                    "data-free-r0.1": "data-free-r0.1"}
+
+
+def _pipeline_row(title: str, v: dict, key: str, target: float | None) -> str:
+    if "error" in v or key not in v:
+        reason = (v.get("error") or "?").strip().splitlines()[-1:] or ["?"]
+        return f"| | {title} | failed: {reason[0][:90]} | | | | | |"
+    check = "" if target is None else f"≥ {target:g} {'✓' if v[key] >= target else '✗'}"
+    rss = f"{v['peak_rss_bytes'] / 2**20:.0f} MiB" if v.get("peak_rss_bytes") else "–"
+    cuts = [f"÷{v[k]:.2f}" if v.get(k) else "–" for k in ("flops_reduction", "params_reduction")]
+    return (f"| | {title} | {v[key]:.4f} | {check} | {cuts[0]} | {cuts[1]} | "
+            f"{v['seconds']:.0f} s | {rss} |")
+
+
+def quality_pipeline(d: dict) -> str:
+    """Each model's variants on held-out data: metric, target, reductions, wall time, RSS."""
+    lines = [f"Pruned models that still do their job ({_load_note(d)}):", "",
+             "| model | variant | metric (held-out) | target | FLOPs | params | wall | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, res in d["results"].items():
+        key, rows = res["metric"], res["variants"]
+        dense = f"{rows['dense'][key]:.4f}" if "dense" in rows else "–"
+        lines.append(f"| **{model}** ({' '.join(res['cut'])}) | dense | {key} {dense} "
+                     "| | | | | |")
+        for label, title in PIPELINE_VARIANTS.items():
+            if label in rows:
+                target = res["targets"].get(PIPELINE_TARGETS.get(label, ""))
+                lines.append(_pipeline_row(title, rows[label], key, target))
+    cost = d.get("resnet50_cost")
+    if cost:
+        ok = cost.get("exit_code") == 0
+        lines += ["", f"Cost, ResNet-50 (random weights), {cost['calibration_images']} calibration "
+                  f"images: `{cost['command'].split(' -m ', 1)[-1]}`: "
+                  + (f"{cost['seconds']:.0f} s, peak RSS {cost['peak_rss_bytes'] / 2**30:.2f} GiB "
+                     f"(targets ≤ 180 s, ≤ 3 GiB)" if ok else "failed")]
+    return "\n".join(lines)
+
+
 RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
-          "memory": memory, "quality": quality}
+          "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline}
 
 
 def render(name: str) -> str:

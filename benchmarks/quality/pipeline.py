@@ -1,0 +1,350 @@
+"""Pruned models that still do their job (issue #14): SPA's CLI variants on real models and data.
+
+For each model of :mod:`.real` the dense model is pruned by ``spa prune`` (each variant in its own
+subprocess, exactly as a user would run it), then, where asked, recovered by ``spa recover``
+(distillation from the dense model on the calibration data), and every output is scored on the
+held-out evaluation data, which no calibration or recovery step sees. Variants:
+
+* ``l1-uniform``: ``--criterion l1 --allocation uniform`` (no data);
+* ``data-free``: the default criterion pipeline with no data (just the cut);
+* ``obspa-calib-uniform``: ``--criterion obspa --hessian calibration --calib C
+  --no-reconstruct --allocation uniform`` (the best before #14);
+* ``post-obspa``: ``--criterion obspa --hessian calibration --calib C`` (sensitivity allocation
+  and reconstruction, the defaults with ``--calib``); ``post-l1``: ``--criterion l1 --calib C``;
+* ``recover``: ``spa recover DENSE post-obspa -o OUT --calib C --time-budget S``;
+* ``tp-magnitude``: Torch-Pruning's ``MagnitudeImportance`` on the PyTorch model at the same
+  FLOPs (or the same heads/MLP ratios for MiniLM), exported to ONNX; ``tp-recover``: the same
+  ``spa recover`` budget from it.
+
+Each entry records the exact command, the metric, the FLOPs and params reductions (SPA's
+``--report`` JSON; SPA's counter on the ONNX file for Torch-Pruning), wall seconds and the peak RSS
+of the process (``os.wait4``). ``resnet50_cost`` times ``spa prune --calib FOLDER --target flops
+--ratio 0.5`` on a random-weight torchvision ResNet-50 with 256 photo crops. Results:
+``benchmarks/results/quality_pipeline.json`` and ``quality_pipeline_<model>.png``.
+
+    python -m benchmarks.quality.pipeline [--models mnist,effnet,minilm,resnet_digits,resnet50_cost]
+        [--variants dense,l1-uniform,...] [--quick] [--skip-recover] [--skip-tp] [--out NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import RESULTS, write_result
+from benchmarks.quality.real import BENCHES, CACHE, Bench
+
+SPA = [sys.executable, "-m", "spa"]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """How much each model is pruned, and what it must reach (the #14 targets)."""
+
+    flags: tuple[str, ...]
+    recover_seconds: int
+    targets: dict[str, float]  # variant family -> minimum of the headline metric
+
+
+CUTS: dict[str, Cut] = {
+    "mnist": Cut(("--target", "flops", "--ratio", "0.5"), 120,
+                 {"post": 0.985, "recover": 0.990}),
+    "effnet": Cut(("--target", "flops", "--ratio", f"{1 - 1 / 1.5:.6f}"), 600,
+                  {"post": 0.6, "recover": 0.75, "data-free-r0.1": 0.5}),
+    "minilm": Cut(("--heads-ratio", "0.3", "--mlp-ratio", "0.3", "--ratio", "0.3"), 300,
+                  {"post": 0.97, "recover": 0.98}),
+    "resnet_digits": Cut(("--target", "flops", "--ratio", "0.5"), 120,
+                         {"post": 0.99, "data-free": 0.90}),
+}
+RECOVERED_FROM = "post-obspa"
+
+
+def prune_variants(bench: Bench, cut: Cut) -> dict[str, list[str]]:
+    """label -> ``spa prune`` arguments after ``MODEL -o OUT`` for one model."""
+    calib = ["--calib", str(bench.calib), *bench.calib_flags]
+    variants = {
+        "l1-uniform": ["--criterion", "l1", "--allocation", "uniform"],
+        "data-free": [],
+        "obspa-calib-uniform": ["--criterion", "obspa", "--hessian", "calibration", *calib,
+                                "--no-reconstruct", "--allocation", "uniform"],
+        "post-obspa": ["--criterion", "obspa", "--hessian", "calibration", *calib],
+        "post-l1": ["--criterion", "l1", *calib],
+    }
+    out = {k: [*cut.flags, *v] for k, v in variants.items()}
+    if bench.name == "effnet":
+        out["data-free-r0.1"] = ["--ratio", "0.1"]
+    return out
+
+
+def run_measured(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
+    """Run ``cmd``; its exit code, wall seconds and peak RSS. The RSS is GNU time's ``%M`` of the
+    command alone: a child forked from this (large) process would count our pages too."""
+    rss_file = log.with_suffix(".rss")
+    timed = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd] \
+        if Path("/usr/bin/time").exists() else cmd
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        try:
+            code = subprocess.run(timed, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = -9
+    entry = {"command": shlex.join(cmd), "exit_code": code,
+             "seconds": time.perf_counter() - t0, "peak_rss_bytes": None}
+    rss = rss_file.read_text().split() if rss_file.exists() else []
+    if rss and rss[-1].isdigit():  # KiB; a killed command leaves a message instead
+        entry["peak_rss_bytes"] = int(rss[-1]) * 1024
+    if code:
+        entry["error"] = log.read_text(errors="replace")[-1500:]
+    return entry
+
+
+def _report_counts(report: Path) -> dict:
+    r = json.loads(report.read_text())
+    return {"flops_reduction": r["flops_before"] / r["flops_after"],
+            "params_reduction": r["params_before"] / r["params_after"]}
+
+
+def _onnx_counts_ratio(dense: Path, other: Path) -> dict:
+    from benchmarks.common import onnx_counts
+
+    a, b = onnx_counts(dense), onnx_counts(other)
+    return {"flops_reduction": a["flops"] / b["flops"],
+            "params_reduction": a["params"] / b["params"]}
+
+
+def spa_prune(bench: Bench, label: str, args: list[str], workdir: Path) -> dict:
+    out, report = workdir / f"{label}.onnx", workdir / f"{label}.report.json"
+    cmd = [*SPA, "prune", str(bench.dense), "-o", str(out), "--report", str(report), "-q",
+           "--no-validate", *args]
+    entry = run_measured(cmd, workdir / f"{label}.log")
+    if entry["exit_code"] == 0:
+        entry.update({**_report_counts(report), **bench.metric(out), "output": str(out)})
+    return entry
+
+
+def spa_recover(bench: Bench, pruned: Path, label: str, seconds: int, workdir: Path) -> dict:
+    out = workdir / f"{label}.onnx"
+    cmd = [*SPA, "recover", str(bench.dense), str(pruned), "-o", str(out), "--calib",
+           str(bench.calib), *bench.calib_flags, "--time-budget", str(seconds)]
+    entry = run_measured(cmd, workdir / f"{label}.log", timeout=seconds * 3 + 600)
+    if entry["exit_code"] == 0:
+        entry.update({**_onnx_counts_ratio(bench.dense, out), **bench.metric(out),
+                      "output": str(out)})
+    return entry
+
+
+def _print(model: str, label: str, entry: dict, key: str) -> None:
+    if entry.get("exit_code"):
+        last = entry.get("error", "").strip().splitlines()[-1:] or ["?"]
+        print(f"{model:14} {label:22} FAILED: {last[0][:150]}", flush=True)
+        return
+    print(f"{model:14} {label:22} {key} {entry.get(key, float('nan')):.4f}  "
+          f"FLOPs ÷{entry.get('flops_reduction', 1):.2f}  {entry.get('seconds', 0):.1f} s  "
+          f"{(entry.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB", flush=True)
+
+
+def run_model(name: str, variants: set[str] | None, recover: bool, tp: bool,
+              recover_seconds: int | None) -> dict:
+    bench = BENCHES[name]()
+    cut = CUTS[name]
+    seconds = recover_seconds or cut.recover_seconds
+    workdir = CACHE / "runs" / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    wanted = (lambda label: variants is None or label in variants)  # noqa: E731
+    rows: dict[str, dict] = {}
+    if wanted("dense"):
+        rows["dense"] = bench.metric(bench.dense)
+        _print(name, "dense", rows["dense"], bench.key)
+    for label, args in prune_variants(bench, cut).items():
+        if wanted(label):
+            rows[label] = spa_prune(bench, label, args, workdir)
+            _print(name, label, rows[label], bench.key)
+    pruned = workdir / f"{RECOVERED_FROM}.onnx"
+    if recover and wanted("recover") and rows.get(RECOVERED_FROM, {}).get("exit_code") == 0:
+        rows["recover"] = spa_recover(bench, pruned, "recover", seconds, workdir)
+        _print(name, "recover", rows["recover"], bench.key)
+    if tp and wanted("tp-magnitude"):
+        rows["tp-magnitude"] = tp_magnitude(bench, cut, workdir)
+        _print(name, "tp-magnitude", rows["tp-magnitude"], bench.key)
+        tp_out = rows["tp-magnitude"].get("output")
+        if recover and tp_out and wanted("tp-recover"):
+            rows["tp-recover"] = spa_recover(bench, Path(tp_out), "tp-recover", seconds, workdir)
+            _print(name, "tp-recover", rows["tp-recover"], bench.key)
+    return {"metric": bench.key, "dense_model": str(bench.dense), "calibration": str(bench.calib),
+            "calib_flags": bench.calib_flags, "cut": list(cut.flags), "targets": cut.targets,
+            "recover_seconds": seconds, "notes": bench.notes, "variants": rows}
+
+
+# --- Torch-Pruning ---------------------------------------------------------------------------
+
+def _tp_spec(name: str) -> tuple[Callable, Callable, tuple] | None:
+    """(build, ignored layers of the built module, example inputs) of each model's nn.Module."""
+    import torch
+
+    from benchmarks.quality import real
+
+    if name == "mnist":
+        return real.build_ccexam_mnist, lambda m: [m.classifier[-1]], (torch.zeros(1, 1, 28, 28),)
+    if name == "effnet":
+        from benchmarks.quality.effnet_lite0 import build_efficientnet_lite0
+
+        return build_efficientnet_lite0, lambda m: [m.classifier], (torch.zeros(1, 3, 224, 224),)
+    if name == "resnet_digits":
+        from benchmarks.quality.digits_models import build
+
+        return ((lambda: build(name, real.MODELS / f"{name}.pt")), lambda m: [m.fc],
+                (torch.zeros(1, 3, 32, 32),))
+    return None
+
+
+def tp_magnitude(bench: Bench, cut: Cut, workdir: Path) -> dict:
+    """Torch-Pruning's magnitude pruning at the model's cut, exported to ONNX and scored."""
+    out = workdir / "tp-magnitude.onnx"
+    t0 = time.perf_counter()
+    try:
+        if bench.name == "minilm":
+            from benchmarks.quality.tp_minilm import prune_minilm
+
+            prune_minilm(0.3, out)
+            command = "benchmarks.quality.tp_minilm.prune_minilm(0.3)"
+        else:
+            from benchmarks.quality.torch_pruning_baseline import export, prune_to_flops
+
+            spec = _tp_spec(bench.name)
+            if spec is None:
+                return {"error": f"no PyTorch model for {bench.name}"}
+            build, ignore, example = spec
+            reduction = 1 / (1 - float(cut.flags[cut.flags.index("--ratio") + 1]))
+            model = prune_to_flops(build, example[0], reduction, ignore)
+            export(model, example[0], out)
+            command = (f"benchmarks.quality.torch_pruning_baseline.prune_to_flops("
+                       f"{bench.name}, reduction={reduction:.4f})")
+    except Exception as exc:  # a peer failure is a result, not a crash of the benchmark
+        return {"error": f"{type(exc).__name__}: {exc}"[:1500]}
+    seconds = time.perf_counter() - t0
+    return {"command": command, "seconds": seconds, **_onnx_counts_ratio(bench.dense, out),
+            **bench.metric(out), "output": str(out)}
+
+
+# --- ResNet-50 cost run ----------------------------------------------------------------------
+
+def resnet50_cost(images: int = 256) -> dict:
+    """Wall time and peak RSS of ``spa prune --calib FOLDER --target flops --ratio 0.5`` on a
+    random-weight torchvision ResNet-50, calibrated with ``images`` photo views."""
+    import torch
+
+    from benchmarks.quality.real import CALIB_PHOTOS, write_views
+    from models.torchvision_compat import import_torchvision
+
+    workdir = CACHE / "resnet50_cost"
+    workdir.mkdir(parents=True, exist_ok=True)
+    dense = workdir / "resnet50.onnx"
+    if not dense.exists():
+        torch.manual_seed(0)
+        model = import_torchvision().models.resnet50(weights=None).eval()
+        from benchmarks.quality.torch_pruning_baseline import export
+
+        export(model, torch.zeros(1, 3, 224, 224), dense)
+    per_photo = -(-images // len(CALIB_PHOTOS))
+    folder = workdir / f"views_{images}"
+    if not folder.exists():
+        write_views(folder, dict.fromkeys(CALIB_PHOTOS, per_photo), seed=7)
+        for extra in sorted(folder.glob("*.png"))[images:]:
+            extra.unlink()
+    out, report = workdir / "pruned.onnx", workdir / "report.json"
+    cmd = [*SPA, "prune", str(dense), "-o", str(out), "--report", str(report), "-q",
+           "--calib", str(folder), "--target", "flops", "--ratio", "0.5"]
+    entry = run_measured(cmd, workdir / "prune.log")
+    if entry["exit_code"] == 0:
+        entry.update(_report_counts(report))
+    entry["calibration_images"] = len(list(folder.glob("*.png")))
+    entry["targets"] = {"seconds": 180, "peak_rss_bytes": 3 * 2**30}
+    return entry
+
+
+# --- plots and main --------------------------------------------------------------------------
+
+FAMILY_COLOURS = {"dense": "black", "data": "tab:grey", "calib": "tab:blue",
+                  "recover": "tab:green", "tp": "tab:red"}
+
+
+def _family(label: str) -> str:
+    if label.startswith("tp-"):
+        return "tp"
+    if label == "recover":
+        return "recover"
+    return "calib" if label.startswith(("post-", "obspa-")) else "data"
+
+
+def plot(name: str, result: dict, suffix: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, rows = result["metric"], result["variants"]
+    labels = [k for k, v in rows.items() if k != "dense" and key in v]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.5))
+    ax.barh(labels, [rows[k][key] for k in labels],
+            color=[FAMILY_COLOURS[_family(k)] for k in labels])
+    for i, k in enumerate(labels):
+        ax.text(rows[k][key], i, f" {rows[k][key]:.3f} (÷{rows[k]['flops_reduction']:.2f})",
+                va="center", fontsize=8)
+    if "dense" in rows:
+        ax.axvline(rows["dense"][key], color="black", linestyle=":", label="dense")
+    for family, target in result["targets"].items():
+        ax.axvline(target, linestyle="--", linewidth=0.8, color="tab:orange")
+        ax.text(target, -0.8, family, fontsize=7, color="tab:orange", ha="center")
+    ax.set_xlabel(key.replace("_", " ") + " (held-out)")
+    ax.set_xlim(0, 1.15)
+    ax.invert_yaxis()
+    ax.set_title(f"{name}: {' '.join(result['cut'])}")
+    fig.tight_layout()
+    path = RESULTS / f"quality_pipeline_{name}{suffix}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="mnist,effnet,minilm,resnet_digits,resnet50_cost")
+    parser.add_argument("--variants", help="comma-separated labels to run (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="mnist and resnet_digits, 20 s recovery, *_quick results")
+    parser.add_argument("--skip-recover", action="store_true")
+    parser.add_argument("--skip-tp", action="store_true")
+    parser.add_argument("--recover-seconds", type=int, help="override every recovery budget")
+    parser.add_argument("--out", default="quality_pipeline", help="results name")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    if args.quick:
+        args.models, args.recover_seconds = "mnist,resnet_digits", args.recover_seconds or 20
+        args.out += "_quick"
+    variants = set(args.variants.split(",")) if args.variants else None
+    results, cost = {}, None
+    for name in args.models.split(","):
+        if name == "resnet50_cost":
+            cost = resnet50_cost()
+            _print(name, "prune --calib", cost, "")
+            continue
+        results[name] = run_model(name, variants, not args.skip_recover, not args.skip_tp,
+                                  args.recover_seconds)
+        print(f"plot: {plot(name, results[name], args.out.removeprefix('quality_pipeline'))}")
+    path = write_result(args.out, {"results": results, "resnet50_cost": cost})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
