@@ -78,8 +78,11 @@ def prune_variants(bench: Bench, cut: Cut) -> dict[str, list[str]]:
         "post-l1": ["--criterion", "l1", *calib],
     }
     out = {k: [*cut.flags, *v] for k, v in variants.items()}
+    if bench.name != "minilm":  # image inputs: natural-image noise (no token synthesis)
+        out["data-free-synthetic"] = [*cut.flags, "--calib", "synthetic"]
     if bench.name == "effnet":
         out["data-free-r0.1"] = ["--ratio", "0.1"]
+        out["data-free-synthetic-r0.1"] = ["--ratio", "0.1", "--calib", "synthetic"]
     return out
 
 
