@@ -9,6 +9,7 @@ computed (:class:`Planned`), which the compensation then reuses instead of recom
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from spa.recipe import (
 )
 
 PathLike = str | os.PathLike[str]
+log = logging.getLogger(__name__)
 ModelLike = PathLike | onnx.ModelProto | LoadedModel
 #: Per-weight saliencies (by ONNX constant name) for a gradient criterion, given what the
 #: criterion needs ("wg" or "whg"): the PyTorch front end computes them on the user's module.
@@ -115,20 +117,41 @@ def calibration(analysis: Analysis, path: str | None,
 
 def _synthetic(analysis: Analysis, options: CalibrationOptions, seed: int,
                dims: dict[str, int]) -> Calibration:
+    """Inputs made from the model itself: model inversion (spa/torch/inversion.py: BatchNorm
+    matching, or class-conditional inversion when BN is folded) when PyTorch is installed, else
+    natural-image noise; the kind says which."""
+    loaded = analysis.model
+    model = loaded.path or to_onnx(loaded)
+    sess = val.session(model, what="original model")
+    one = val.random_inputs(sess, seed=seed, dims=dims)
+    pixels = max((v.shape[-1] * v.shape[-2] for v in one.values() if v.ndim == 4), default=0)
+    samples = SYNTHETIC_SAMPLES if pixels <= 64 * 64 else SYNTHETIC_SAMPLES // 4
+    try:
+        from spa.torch.inversion import synthesize
+    except ImportError:
+        arrays = _noise_inputs(sess, samples, seed, dims)
+        kind = "synthetic (natural-image noise; PyTorch would invert the model)"
+    else:
+        made = synthesize(model, samples, dims=dims, seed=seed)
+        log.info("synthetic calibration: %s", made.detail)
+        arrays, kind = made.arrays, f"synthetic ({made.method} inversion)"
+    train, held = calib_data.split(calib_data.fitted(arrays, loaded.graph.inputs),
+                                   options.held_out, seed=seed)
+    return Calibration(train, held, kind, SYNTHETIC)
+
+
+def _noise_inputs(sess, samples: int, seed: int, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """Natural-image noise for image inputs (passes/hessian.py), random values for others."""
     from spa.passes.hessian import natural_images
 
-    loaded = analysis.model
-    sess = val.session(loaded.path or to_onnx(loaded), what="original model")
     rng = np.random.default_rng([seed, 0x5E])
     parts: dict[str, list[np.ndarray]] = {}
-    for i in range(SYNTHETIC_SAMPLES):
+    for i in range(samples):
         for k, v in val.random_inputs(sess, seed=seed * 100_003 + i, dims=dims).items():
             if v.ndim == 4 and np.issubdtype(v.dtype, np.floating) and v.shape[1] <= 4:
                 v = natural_images(v.shape, rng).astype(v.dtype)
             parts.setdefault(k, []).append(v)
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    train, held = calib_data.split(arrays, options.held_out, seed=seed)
-    return Calibration(train, held, "synthetic (natural-image noise)", SYNTHETIC)
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibration | None:
