@@ -196,6 +196,10 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
     _decline_unmatched(ctx, (x, a), (y, b), groups)
     for n, (ga, gb) in enumerate(groups):
         spaces = [ctx.space(x, i) for i in ga] + [ctx.space(y, o) for o in gb]
+        if (len(ga) > 1 or len(gb) > 1) and None in [*(a[i] for i in ga), *(b[o] for o in gb)]:
+            ctx.decline(f"reshapes {axes_text(ga)} of '{x.name}' into {axes_text(gb)} through a "
+                        "symbolic dim: which channel lands where is not known", *spaces)
+            continue
         if len(ga) == 1 and len(gb) == 1:
             if allowed(gb[0], ga) and ctx.identity_axes(x, ga[0], y, gb[0]):
                 changing.append(gb[0])
