@@ -4,8 +4,8 @@ Three measures, over the model's float outputs, each sample compared with the de
 answer to the same input:
 
 * ``agreement``: the share of samples whose arg-max over the last axis is the dense one's, for
-  the first output shaped like class scores (``[N, C]`` with ``C ≥ 2``; ``[N, T, C]``
-  averages over positions);
+  a first output shaped like class scores (``[N, C]`` with ``C ≥ 2``, rows not unit vectors;
+  ``[N, T, C]`` averages over positions);
 * ``cosine``: the mean per-sample cosine similarity of the first float output (embeddings);
 * ``relative_error``: ``‖y − y_dense‖ / ‖y_dense‖`` over all float outputs together.
 
@@ -35,7 +35,7 @@ def compare(reference: Outputs, other: Outputs) -> dict[str, float]:
         return {}
     metrics: dict[str, float] = {}
     first_ref, first_out = ref[0].astype(np.float64), out[0].astype(np.float64)
-    if first_ref.ndim in (2, 3) and first_ref.shape[-1] >= 2 and first_ref.shape == first_out.shape:
+    if class_scores(first_ref) and first_ref.shape == first_out.shape:
         metrics["agreement"] = float(np.mean(first_ref.argmax(-1) == first_out.argmax(-1)))
     if first_ref.shape == first_out.shape and first_ref.size:
         a = first_ref.reshape(len(first_ref), -1)
@@ -48,6 +48,16 @@ def compare(reference: Outputs, other: Outputs) -> dict[str, float]:
     den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
     metrics["relative_error"] = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
     return metrics
+
+
+def class_scores(output: np.ndarray) -> bool:
+    """Whether an output looks like class scores: ``[N, C]`` (or ``[N, T, C]``) floats with
+    ``C ≥ 2`` whose rows are not unit vectors (unit rows are embeddings, whose arg-max is
+    noise)."""
+    if output.ndim not in (2, 3) or output.shape[-1] < 2 \
+            or not np.issubdtype(output.dtype, np.floating):
+        return False
+    return not np.allclose(np.linalg.norm(output, axis=-1), 1.0, atol=1e-3)
 
 
 def headline(metrics: Mapping[str, float]) -> tuple[str, float] | None:

@@ -206,8 +206,8 @@ def _write(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Model
     trained = written_back(pruned, distiller.student)
     if validate:
         _check_runs(pruned, trained, calibration.held_out)
-        before = distiller.judged(fidelity.measure(dense, pruned, calibration.held_out))
-        after = distiller.judged(fidelity.measure(dense, trained, calibration.held_out))
+        before = fidelity.measure(dense, pruned, calibration.held_out)
+        after = fidelity.measure(dense, trained, calibration.held_out)
     else:
         before, after = distiller.start_fidelity, torch_after
     better = fidelity.better(after, before)
@@ -339,10 +339,7 @@ class _Distiller:
         self.rng = np.random.default_rng([options.seed, 0xD2, world.rank])
         with torch.no_grad():
             self.held_teacher = self._outputs(self.teacher, self.held_data)
-        self.scores = [_class_scores(o) for o in self.held_teacher]
-        floats = [sc for o, sc in zip(self.held_teacher, self.scores)
-                  if np.issubdtype(o.dtype, np.floating)]
-        self.classifier = bool(floats) and floats[0]
+        self.scores = [fidelity.class_scores(o) for o in self.held_teacher]
         self.start_fidelity = self.evaluate()
         self.model: torch.nn.Module = self.student
         if world.size > 1:
@@ -381,17 +378,10 @@ class _Distiller:
         if self.world.rank == 0:
             self.student.eval()
             with torch.no_grad():
-                metrics = self.judged(fidelity.compare(
-                    self.held_teacher, self._outputs(self.student, self.held_data)))
+                metrics = fidelity.compare(
+                    self.held_teacher, self._outputs(self.student, self.held_data))
             self.student.train()
         return self.world.decide(metrics)
-
-    def judged(self, metrics: dict[str, float]) -> dict[str, float]:
-        """``metrics`` without the agreement when the first output is not class scores
-        (fidelity.py counts any ``[N, C]`` output, an embedding's arg-max is noise)."""
-        if self.classifier:
-            return metrics
-        return {k: v for k, v in metrics.items() if k != "agreement"}
 
     def choose_lr(self, steps: int | None, seconds: float | None
                   ) -> tuple[float, dict[float, dict[str, float]]]:
@@ -514,14 +504,6 @@ def _tensors(arrays: dict[str, np.ndarray], inputs: Sequence[GraphInput], what: 
 
 
 # ---- losses ---------------------------------------------------------------------------------
-def _class_scores(teacher: np.ndarray) -> bool:
-    """``[N, C]`` floats, ``C ≥ 2``, whose rows are not unit vectors (those are embeddings,
-    whose softmax says little)."""
-    if teacher.ndim != 2 or teacher.shape[1] < 2 or not np.issubdtype(teacher.dtype, np.floating):
-        return False
-    return not np.allclose(np.linalg.norm(teacher, axis=1), 1.0, atol=1e-3)
-
-
 def _output_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, scores: bool
                  ) -> torch.Tensor:
     if scores:
