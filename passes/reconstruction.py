@@ -14,29 +14,25 @@ chosen per layer among a few multiples of ``mean diag(XᵀX)`` by the error on v
 Convolutions are fitted on im2col rows at sampled output positions (per group for grouped and
 depthwise convs), matmuls on sampled token rows.
 
-Activations come from onnxruntime, in chunks of samples: the pruned and the dense graphs are cut
-into segments at the layers, and each segment runs from the tensors live at its start (the
-*frontier*) for every chunk, so that the whole reconstruction costs about one pass of each model
-plus the solves. What the frontiers hold beyond ``memory`` bytes is spilled to a temporary
-directory (removed afterwards). The layers' refitted values are returned by initializer name; the
-caller writes them. Reproducible: the same data and seed give the same bytes.
+Activations come from onnxruntime, in chunks of samples, a segment at a time
+(passes/segments.py), so that the whole reconstruction costs about one pass of each model plus
+the solves; ``memory`` bounds what is held, the rest is spilled to disk. The refitted values
+are returned by initializer name; the caller writes them. Reproducible: the same data and
+seed give the same bytes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spa.errors import OptionError
+from spa.passes.segments import Frontiers, Runner, producer_index, with_types
 from spa.progress import progress
 
 log = logging.getLogger(__name__)
@@ -104,8 +100,8 @@ class Reconstruction:
 
     def run(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
             ) -> Reconstructed:
-        dense = _with_types(dense)
-        pruned = _with_types(pruned)
+        dense = with_types(dense)
+        pruned = with_types(pruned)
         layers = _layers(pruned)
         dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
         layers = [la for la in layers if la.node in dense_pos]
@@ -120,11 +116,11 @@ class Reconstruction:
         if not layers or not chunks:
             return out
         weights = {i.name: i for i in pruned.graph.initializer}
-        with _Frontiers(self.memory) as fronts:
-            p_runner = _Runner(pruned, fronts, "pruned", chunks)
-            d_runner = _Runner(dense, fronts, "dense", chunks)
+        with Frontiers(self.memory) as fronts:
+            p_runner = Runner(pruned, fronts, "pruned", chunks)
+            d_runner = Runner(dense, fronts, "dense", chunks)
             for k, layer in enumerate(progress(layers, "reconstruction", unit="layer")):
-                target_stop = _producer_index(dense, layer.output) + 1
+                target_stop = producer_index(dense, layer.output) + 1
                 if target_stop <= d_runner.position:
                     log.info("reconstruction stops at %s: the graphs' orders differ", layer.node)
                     break
@@ -138,7 +134,7 @@ class Reconstruction:
         return out
 
     def _fit(self, layer: _Layer, pruned: onnx.ModelProto,
-             weights: dict[str, onnx.TensorProto], p_runner: _Runner, d_runner: _Runner,
+             weights: dict[str, onnx.TensorProto], p_runner: Runner, d_runner: Runner,
              k: int) -> tuple[LayerFit, dict[str, np.ndarray]]:
         node = pruned.graph.node[layer.index]
         w0 = numpy_helper.to_array(weights[layer.weight]).astype(np.float64)
@@ -367,148 +363,3 @@ class _Normal:
             return np.linalg.solve(self.gram + lam * eye, self.cross + lam * theta0)
         except np.linalg.LinAlgError:
             return None
-
-
-# --- running the graphs segment by segment ---------------------------------------------------
-
-def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every tensor's element type known (for segment inputs)."""
-    try:
-        return onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - types of graph inputs/outputs suffice in most models
-        return model
-
-
-def _producer_index(model: onnx.ModelProto, tensor: str) -> int:
-    for i, node in enumerate(model.graph.node):
-        if tensor in node.output:
-            return i
-    raise OptionError(f"reconstruction: the dense model has no tensor '{tensor}'")
-
-
-def _node_inputs(node: onnx.NodeProto) -> set[str]:
-    """Every outer tensor a node reads, through its subgraphs too."""
-    names = {n for n in node.input if n}
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            inner = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for sub in g.node:
-                inner |= set(sub.output)
-            for sub in g.node:
-                names |= _node_inputs(sub) - inner
-            names |= {o.name for o in g.output} - inner
-    return names
-
-
-class _Frontiers:
-    """Per-chunk tensors held between segments; beyond ``memory`` bytes, spilled to disk."""
-
-    def __init__(self, memory: int):
-        self.memory, self.held = memory, 0
-        self.dir: Path | None = None
-        self.count = 0
-
-    def __enter__(self) -> _Frontiers:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def keep(self, value: np.ndarray) -> np.ndarray:
-        if self.held + value.nbytes <= self.memory:
-            self.held += value.nbytes
-            return value
-        if self.dir is None:
-            self.dir = Path(tempfile.mkdtemp(prefix="spa-reconstruction-"))
-            log.info("reconstruction spills activations beyond %d MiB to %s",
-                     self.memory >> 20, self.dir)
-        path = self.dir / f"{self.count}.npy"
-        self.count += 1
-        np.save(path, value)
-        return np.load(path, mmap_mode="r")
-
-    def release(self, value: np.ndarray) -> None:
-        if not isinstance(value, np.memmap):
-            self.held -= value.nbytes
-
-
-class _Runner:
-    """One model run forward over every chunk, a segment at a time, from its frontier."""
-
-    def __init__(self, model: onnx.ModelProto, fronts: _Frontiers, what: str,
-                 chunks: list[Arrays]):
-        self.model, self.fronts, self.what = model, fronts, what
-        self.nodes = list(model.graph.node)
-        self.inits = {i.name: i for i in model.graph.initializer}
-        self.types = {v.name: v.type for v in (*model.graph.input, *model.graph.value_info,
-                                               *model.graph.output)}
-        self.position = 0
-        self.graph_outputs = {o.name for o in model.graph.output}
-        self.reads = [_node_inputs(n) for n in self.nodes]
-        self.last_read: dict[str, int] = {}
-        for i, names in enumerate(self.reads):
-            for name in names:
-                self.last_read[name] = i
-        inputs = {i.name for i in model.graph.input} - set(self.inits)
-        self.values: list[Arrays] = [{k: fronts.keep(np.asarray(c[k])) for k in inputs if k in c}
-                                     for c in chunks]
-        self.extra: list[Arrays] = [{} for _ in chunks]
-
-    def chunk_values(self, name: str) -> list[Arrays]:
-        return [e if name in e else v for v, e in zip(self.values, self.extra)]
-
-    def advance(self, stop: int, *, want: tuple[str, ...]) -> None:
-        """Run nodes ``[position, stop)`` on every chunk; ``want``: tensors to expose (kept
-        until the next advance) besides the new frontier."""
-        from spa import validate as val
-
-        start = self.position
-        for exposed in self.extra:
-            for value in exposed.values():
-                self.fronts.release(value)
-            exposed.clear()
-        if stop <= start:
-            self._expose(want)
-            return
-        nodes = self.nodes[start:stop]
-        produced = {o for n in nodes for o in n.output if o}
-        read = set().union(*self.reads[start:stop])
-        outer = sorted(n for n in read if n not in produced and n not in self.inits)
-        live_after = sorted(t for t in produced
-                            if self.last_read.get(t, -1) >= stop or t in self.graph_outputs)
-        extra = [t for t in want if t in produced and t not in live_after]
-        seg = helper.make_graph(
-            nodes, f"segment_{start}_{stop}",
-            [self._info(n) for n in outer],
-            [self._info(n) for n in (*live_after, *extra)],
-            [self.inits[n] for n in sorted(read & set(self.inits))])
-        model = helper.make_model(seg, opset_imports=self.model.opset_import,
-                                  ir_version=self.model.ir_version)
-        sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}")
-        for values, ext in zip(self.values, self.extra):
-            feeds = {n: np.asarray(values[n]) for n in outer}
-            outs = val.run(sess, feeds)
-            for n in list(values):
-                if self.last_read.get(n, -1) < stop and n not in self.graph_outputs:
-                    self.fronts.release(values.pop(n))
-            for n in live_after:
-                values[n] = self.fronts.keep(outs[n])
-            for n in extra:
-                ext[n] = self.fronts.keep(outs[n])
-        self.position = stop
-        self._expose(want)
-
-    def _expose(self, want: tuple[str, ...]) -> None:
-        missing = [t for t in want if not all(t in v or t in e
-                                              for v, e in zip(self.values, self.extra))]
-        if missing:
-            raise OptionError(f"reconstruction: the {self.what} model's tensor {missing[0]} "
-                              "is not available where its layer needs it")
-
-    def _info(self, name: str) -> onnx.ValueInfoProto:
-        t = self.types.get(name)
-        if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
-            return helper.make_tensor_value_info(name, t.tensor_type.elem_type, None)
-        return helper.make_empty_tensor_value_info(name)

@@ -56,7 +56,7 @@ class BiasRecipe:
 
 @dataclass(frozen=True)
 class CalibrationRecipe:
-    """Where the calibration data came from and how it was read and split (spa/calibration.py),
+    """Where the calibration data came from and how it was read and split (spa/calibration/),
     so that ``spa apply`` reads the same samples."""
 
     path: str

@@ -1,4 +1,4 @@
-"""``--calib`` readers (spa/calibration.py): image folders, text files, .npz, the held-out split.
+"""``--calib`` readers (spa/calibration/): image folders, text files, .npz, the held-out split.
 
 Images and tokenizers are made here (pillow, ``tokenizers``); expected values are worked out
 from the presets' formulas on constant or striped images, so every number is exact.

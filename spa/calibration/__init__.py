@@ -1,0 +1,243 @@
+"""Calibration data: what ``--calib PATH`` reads, and the held-out split every stage respects.
+
+``--calib`` takes what users have:
+
+* an ``.npz``: arrays named after the graph inputs, first axis = samples;
+* a folder of images: decoded with pillow, resized (shorter side) and centre-cropped to the
+  model's size, scaled by a preset (``imagenet``: ``(v/255 - mean)/std`` with ImageNet's mean
+  and std, after resizing to ``size/0.875``; ``unit``: ``v/255``; ``raw``: ``v``), laid out as
+  the model's one 4-D float input wants (NCHW or NHWC);
+* a text file, one sample per non-empty line: encoded by a ``tokenizers`` tokenizer, truncated
+  and padded to the model's sequence length, fed to the ids / attention mask / token type
+  inputs by their names. Ids the model's embedding has no row for are refused.
+
+:func:`load` reads it once per run into :class:`Calibration`: a seeded share
+(``--held-out``, default 10%) is held back and never used for statistics, reconstruction,
+sensitivity or recovery; it only measures fidelity (spa/fidelity.py).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spa.errors import OptionError
+from spa.options import option
+
+GROUP = "calibration data"
+Arrays = dict[str, np.ndarray]
+
+
+class InputSpec(Protocol):
+    """A graph input as the readers see it (a ``gs.Variable`` fits): name, dtype, shape
+    (ints, or str/None for symbolic dims)."""
+
+    name: str
+    dtype: object
+    shape: Sequence[int | str | None] | None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}"
+                                         ) from None
+
+
+def _share(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    from spa.options import positive
+
+    return positive(text)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Resize so the shorter side is ``size / crop``, centre-crop to ``size``, then
+    ``(v / scale - mean) / std``. Mean and std are RGB's (see :func:`_per_channel`)."""
+
+    crop: float
+    scale: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+PRESETS = {"imagenet": Preset(0.875, 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+           "unit": Preset(1.0, 255.0, (0.0,), (1.0,)),
+           "raw": Preset(1.0, 1.0, (0.0,), (1.0,))}
+
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How ``--calib`` is read (images: preset and overrides; text: tokenizer, length)."""
+
+    preprocess: str = option("imagenet", choices=tuple(PRESETS), group=GROUP,
+                             help="image folders: imagenet (scale to [0,1], ImageNet mean/std), "
+                             "unit (scale to [0,1]) or raw (0..255)")
+    image_size: int | None = option(None, parse=_positive, metavar="N", group=GROUP,
+                                    help="image folders: resize and centre-crop to N×N "
+                                    "(default: the model's static input size)")
+    mean: tuple[float, ...] | None = option(None, parse=_floats, metavar="M[,M,M]",
+                                            group=GROUP, help="image folders: per-channel mean "
+                                            "subtracted after scaling (overrides the preset)")
+    std: tuple[float, ...] | None = option(None, parse=_floats, metavar="S[,S,S]", group=GROUP,
+                                           help="image folders: per-channel std divided by "
+                                           "(overrides the preset)")
+    layout: str | None = option(None, choices=("nchw", "nhwc"), group=GROUP,
+                                help="image folders: the model's image layout (default: from "
+                                "its input shape)")
+    tokenizer: str | None = option(None, metavar="PATH", group=GROUP,
+                                   help="text files: a tokenizer.json, or a folder holding one")
+    max_length: int = option(128, parse=_positive, metavar="N", group=GROUP,
+                             help="text files: tokens per sample (truncated and padded)")
+    held_out: float = option(0.1, parse=_share, metavar="SHARE", group=GROUP,
+                             help="share of the calibration samples held back (seeded) to "
+                             "measure fidelity; never used to calibrate or recover")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration samples split once: ``train`` calibrates, ``held_out`` only measures."""
+
+    train: Arrays
+    held_out: Arrays
+    kind: str  # "npz", "images" or "text"
+    path: str
+
+    @property
+    def samples(self) -> int:
+        return _count(self.train) + _count(self.held_out)
+
+
+def _count(arrays: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(arrays.values()))) if arrays else 0
+
+
+def load(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions = CalibrationOptions(),
+         *, seed: int = 0, graph: gs.Graph | None = None) -> Calibration:
+    """Read ``path`` (an .npz, a folder of images or a text file) for a model with these graph
+    ``inputs``, and split off the held-out share. With ``graph``, token ids are checked against
+    the model's embedding."""
+    kind, arrays = read(path, inputs, options, graph=graph)
+    train, held = split(fitted(arrays, inputs), options.held_out, seed=seed)
+    return Calibration(train, held, kind, str(path))
+
+
+def fitted(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> Arrays:
+    """The arrays for the graph inputs, cast to their element types (other arrays, such as the
+    labels of gradient criteria, pass as they are); an :class:`OptionError`
+    when one is missing, or its rank or a fixed dim (after the sample axis) does not fit."""
+    missing = [i.name for i in inputs if i.name not in arrays]
+    if missing:
+        raise OptionError(f"calibration data lacks arrays for graph inputs {missing}")
+    out = {}
+    for inp in inputs:
+        arr = np.asarray(arrays[inp.name])
+        shape = list(inp.shape or ())
+        fixed = [d if isinstance(d, int) and d > 0 else None for d in shape]
+        if inp.shape is not None and (arr.ndim != len(fixed) or any(
+                d is not None and d != a for d, a in zip(fixed[1:], arr.shape[1:]))):
+            shown = [d if isinstance(d, int) else (d or "?") for d in shape]
+            raise OptionError(f"calibration array '{inp.name}' has shape {list(arr.shape)}; the "
+                              f"model's input is {shown} (first axis: samples)")
+        want = np.dtype(inp.dtype) if inp.dtype is not None else arr.dtype  # type: ignore[call-overload]
+        if arr.dtype != want:
+            if want.kind != arr.dtype.kind and not (want.kind in "iu" and arr.dtype.kind in "iu"):
+                raise OptionError(f"calibration array '{inp.name}' holds {arr.dtype}; the "
+                                  f"model's input is {want}")
+            arr = arr.astype(want)
+        out[inp.name] = arr
+    return out | {k: np.asarray(v) for k, v in arrays.items() if k not in out}  # e.g. labels
+
+
+def read(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
+         graph: gs.Graph | None = None) -> tuple[str, Arrays]:
+    """All samples of ``path``, by graph input name, and what kind of source it was."""
+    p = Path(path)
+    if not p.exists():
+        raise OptionError(f"{path}: no such calibration file or folder")
+    if p.is_dir():
+        return "images", read_images(p, inputs, options)
+    if p.is_file() and (p.suffix.lower() == ".npz" or zipfile.is_zipfile(p)):
+        return "npz", read_npz(p)
+    if p.is_file():
+        return "text", read_text(p, inputs, options, graph=graph)
+    raise OptionError(f"{path}: not calibration data SPA can read: give an .npz of arrays named "
+                      "after the graph inputs, a folder of images, or a text file with one "
+                      "sample per line")
+
+
+def read_npz(path: str | Path) -> Arrays:
+    """Arrays named after the graph inputs, first axis = samples (``numpy.savez``)."""
+    if not zipfile.is_zipfile(path):
+        raise OptionError(f"{path}: not an .npz file (save arrays with numpy.savez)")
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"{path}: not a readable .npz of calibration arrays ({exc})") from exc
+
+
+def split(arrays: Mapping[str, np.ndarray], share: float, *, seed: int = 0
+          ) -> tuple[Arrays, Arrays]:
+    """(train, held-out): a seeded ``share`` of the samples held back, at least one when
+    ``share > 0``; too few samples for both sides is an :class:`OptionError`."""
+    n = _count(arrays)
+    counts = {len(v) for v in arrays.values()}
+    if len(counts) > 1:
+        raise OptionError(f"calibration arrays have different sample counts {sorted(counts)}")
+    if share == 0.0:
+        return dict(arrays), {}
+    held = max(1, round(share * n))
+    if n - held < 1:
+        raise OptionError(f"calibration data has {n} sample(s): too few to hold back "
+                          f"{share:.0%} for measuring fidelity and calibrate on the rest (give "
+                          "more samples, or --held-out 0)")
+    order = np.random.default_rng([seed, 0x5A]).permutation(n)
+    held_idx, train_idx = np.sort(order[:held]), np.sort(order[held:])
+    return ({k: v[train_idx] for k, v in arrays.items()},
+            {k: v[held_idx] for k, v in arrays.items()})
+
+
+# Images -------------------------------------------------------------------------------------
+
+
+def _dtype(spec: InputSpec) -> np.dtype:
+    try:
+        return np.dtype(spec.dtype)  # type: ignore[call-overload]
+    except TypeError:  # an ONNX element type numpy has no dtype for (bfloat16, …)
+        return np.dtype(object)
+
+
+def _static(dim: object) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+# The readers of folders and text files (imported last: they use the names above).
+from spa.calibration.images import read_images  # noqa: E402
+from spa.calibration.text import embedding_rows, read_text  # noqa: E402
+
+__all__ = ["GROUP", "PRESETS", "Calibration", "CalibrationOptions", "InputSpec", "Preset",
+           "embedding_rows", "fitted", "load", "read", "read_images", "read_npz", "read_text",
+           "split"]
