@@ -7,6 +7,8 @@ answer to the same input:
   a first output shaped like class scores (``[N, C]`` with ``C ≥ 2``, rows not unit vectors;
   ``[N, T, C]`` averages over positions);
 * ``cosine``: the mean per-sample cosine similarity of the first float output (embeddings);
+* ``kl``: for class scores, the mean KL divergence of the pruned model's class probabilities
+  from the dense model's;
 * ``relative_error``: ``‖y − y_dense‖ / ‖y_dense‖`` over all float outputs together.
 
 :func:`headline` names the one a report leads with: agreement for classifiers, else cosine.
@@ -37,6 +39,7 @@ def compare(reference: Outputs, other: Outputs) -> dict[str, float]:
     first_ref, first_out = ref[0].astype(np.float64), out[0].astype(np.float64)
     if class_scores(first_ref) and first_ref.shape == first_out.shape:
         metrics["agreement"] = float(np.mean(first_ref.argmax(-1) == first_out.argmax(-1)))
+        metrics["kl"] = _kl(first_ref, first_out)
     if first_ref.shape == first_out.shape and first_ref.size:
         a = first_ref.reshape(len(first_ref), -1)
         b = first_out.reshape(len(first_out), -1)
@@ -48,6 +51,16 @@ def compare(reference: Outputs, other: Outputs) -> dict[str, float]:
     den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
     metrics["relative_error"] = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
     return metrics
+
+
+def _kl(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean ``KL(softmax(reference) ‖ softmax(other))`` over samples (and positions)."""
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(reference), log_softmax(other)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
 
 
 def class_scores(output: np.ndarray) -> bool:
@@ -69,12 +82,14 @@ def headline(metrics: Mapping[str, float]) -> tuple[str, float] | None:
 
 
 def better(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> bool:
-    """Whether ``candidate`` is the more faithful: the headline measure (ties broken by the
-    relative error), else the relative error alone."""
+    """Whether ``candidate`` is the more faithful: the headline measure, ties broken by the KL
+    divergence of the class probabilities (softmax ignores a shift of the logits, which the
+    relative error counts) or, without class scores, by the relative error."""
     key = headline(incumbent)
     if key is not None and key[0] in candidate and candidate[key[0]] != key[1]:
         return candidate[key[0]] > key[1]
-    return candidate.get("relative_error", np.inf) < incumbent.get("relative_error", np.inf)
+    tie = "kl" if "kl" in candidate and "kl" in incumbent else "relative_error"
+    return candidate.get(tie, np.inf) < incumbent.get(tie, np.inf)
 
 
 def measure(dense, pruned, inputs: Mapping[str, np.ndarray]) -> dict[str, float]:
