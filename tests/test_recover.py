@@ -27,6 +27,7 @@ from spa.calibration import Calibration, split  # noqa: E402
 from spa.cli import main  # noqa: E402
 from spa.errors import OptionError  # noqa: E402
 from spa.recovery import TORCH_MISSING, RecoverOptions  # noqa: E402
+from spa.torch import distill  # noqa: E402
 from spa.torch import recover as rec  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -78,8 +79,8 @@ def test_recovery_lowers_held_out_error(models, calibration, tmp_path):
     report = rec.recover(dense, pruned, out, calibration,
                          RecoverOptions(steps=50, batch_size=16, seed=0))
     assert report.kept == rec.KEPT_RECOVERED and report.world_size == 1
-    assert report.lr in rec.LR_TRIALS and set(report.lr_trials) == {
-        f"{lr:g}" for lr in rec.LR_TRIALS}
+    assert report.lr in distill.LR_TRIALS and set(report.lr_trials) == {
+        f"{lr:g}" for lr in distill.LR_TRIALS}
     chosen = report.lr_trials[f"{report.lr:g}"]
     assert not any(fidelity.better(m, chosen) for m in report.lr_trials.values())
     before = report.fidelity_before["relative_error"]
@@ -115,8 +116,10 @@ def test_shared_activations_are_matched_and_embeddings_recover(tmp_path):
           CheckOptions(validate=False, latency=False))
     samples = np.random.default_rng(0).standard_normal((160, 8)).astype(np.float32)
     calibration = Calibration(*split({"x": samples}, 0.2, seed=0), "npz", "memory")
-    distiller = rec._Distiller(onnx.load(str(dense)), onnx.load(str(pruned)), calibration,
-                               RecoverOptions(), rec._World(0, 1, torch.device("cpu")))
+    pruned_proto = onnx.load(str(pruned))
+    distiller = distill.Distiller(onnx.load(str(dense)), pruned_proto,
+                                  rec.graph_inputs(pruned_proto), calibration,
+                                  RecoverOptions(), distill.World(0, 1, torch.device("cpu")))
     residual = [n for n in distiller.matched if n.endswith("Add_output_0")]
     assert len(residual) == 3 and distiller.scores == [False]
     report = rec.recover(dense, pruned, tmp_path / "r.onnx", calibration,
@@ -141,7 +144,7 @@ def test_time_budget_bounds_the_run(models, calibration, tmp_path):
     dense, pruned = models
     report = rec.recover(dense, pruned, tmp_path / "r.onnx", calibration,
                          RecoverOptions(time_budget=2.0, batch_size=16))
-    assert report.steps > 0 and len(report.lr_trials) == len(rec.LR_TRIALS)
+    assert report.steps > 0 and len(report.lr_trials) == len(distill.LR_TRIALS)
     assert report.seconds < 2.0 + 3.0  # + set-up, validation and writing
     assert report.fidelity_after["relative_error"] < report.fidelity_before["relative_error"]
 
@@ -162,7 +165,7 @@ def test_interrupt_leaves_nothing(models, calibration, tmp_path, monkeypatch):
     dense, pruned = models
     out = tmp_path / "recovered.onnx"
     steps = []
-    original = rec._Distiller._step
+    original = distill.Distiller._step
 
     def interrupted(self, opt):
         steps.append(1)
@@ -170,12 +173,12 @@ def test_interrupt_leaves_nothing(models, calibration, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, opt)
 
-    monkeypatch.setattr(rec._Distiller, "_step", interrupted)
+    monkeypatch.setattr(distill.Distiller, "_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rec.recover(dense, pruned, out, calibration, RecoverOptions(steps=10, lr=1e-3))
     assert not out.exists() and _leftovers(tmp_path) == []
 
-    monkeypatch.setattr(rec._Distiller, "_step", original)
+    monkeypatch.setattr(distill.Distiller, "_step", original)
 
     def write_interrupted(model, path, **kw):
         path.write_bytes(b"half")
@@ -202,7 +205,7 @@ def test_mismatched_models_are_refused(models, calibration, tmp_path):
 def test_token_dropout_spares_first_and_last_tokens():
     mask = torch.ones(64, 20, dtype=torch.int64)
     mask[:, 15:] = 0
-    dropped = rec._drop_tokens(mask, np.random.default_rng(0))
+    dropped = distill._drop_tokens(mask, np.random.default_rng(0))
     assert (dropped[:, [0, 14]] == 1).all() and (dropped[:, 15:] == 0).all()
     share = 1 - dropped[:, 1:14].float().mean().item()
     assert 0.07 < share < 0.13
@@ -211,10 +214,10 @@ def test_token_dropout_spares_first_and_last_tokens():
 def test_image_augmentation_keeps_shape_and_layout():
     rng = np.random.default_rng(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    kinds = rec._input_kinds([rec.GraphInput("x", np.dtype("float32"), ("n", 3, 8, 8)),
-                              rec.GraphInput("y", np.dtype("float32"), ("n", 8, 8, 3))])
+    kinds = distill._input_kinds([rec.GraphInput("x", np.dtype("float32"), ("n", 3, 8, 8)),
+                                  rec.GraphInput("y", np.dtype("float32"), ("n", 8, 8, 3))])
     assert kinds.images == {0: 1, 1: 3} and kinds.mask is None
-    a, b = rec._augment([x, x.permute(0, 2, 3, 1)], kinds, rng)
+    a, b = distill._augment([x, x.permute(0, 2, 3, 1)], kinds, rng)
     assert a.shape == x.shape and b.shape == (2, 8, 8, 3)
     assert not torch.equal(a, x) and float(a.min()) >= 0 and float(a.max()) <= float(x.max())
 

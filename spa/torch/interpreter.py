@@ -19,7 +19,7 @@ Softmax, LogSoftmax and Hardmax before opset 13 flatten the input to 2-D at ``ax
 its axes from the attribute before opset 18 and from its second input from 18 on.
 
 ``forward(..., capture=names)`` also returns chosen intermediate values (distillation matches
-them, spa/torch/recover.py).
+them, spa/torch/distill.py).
 """
 
 from __future__ import annotations

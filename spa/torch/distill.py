@@ -1,0 +1,390 @@
+"""The training side of ``spa recover`` (:mod:`spa.torch.recover`): distil the dense model into
+the pruned one in PyTorch.
+
+Both models are ONNX files; :func:`spa.torch.from_onnx` makes them torch modules. The pruned
+one (the student) trains its float initializers; the dense one (the teacher) answers the same
+augmented batch. The loss, per float output ``s`` of the student and ``t`` of the teacher:
+
+* class scores (``[N, C]``, ``C ≥ 2``, rows not unit vectors):
+  ``T² · KL(softmax(t/T) ‖ softmax(s/T))``;
+* anything else (embeddings…): ``1 − cos(s, t) + ‖s − t‖² / ‖t‖²`` (per sample, averaged);
+
+plus ``0.1 ×`` the mean normalised squared error ``‖s − t‖² / ‖t‖²`` over up to 16 intermediate
+values both graphs still share (same name, same shape: residual streams when only inner widths
+were pruned), evenly spread through the graph.
+
+Augmentation, on the training split only: images (4-D float inputs) get random resized crops
+(area 0.6–1), horizontal flips and mixup (``λ ~ Beta(0.4, 0.4)``); token inputs with an
+attention mask get token dropout (10% of the attended tokens other than the first and the last
+are masked out). AdamW, cosine decay to 0 over the budget (steps or seconds).
+
+The learning rate is chosen on the held-out split, which never trains: unless given, each of
+:data:`LR_TRIALS` trains a short trial from the same start and the most faithful one (spa/
+fidelity.py) trains the full budget; held-out fidelity is measured every tenth of it and the
+best state is kept (early stopping after 3 evaluations without improvement).
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the student is wrapped in DistributedDataParallel, each
+process takes its share of every batch and process 0 makes every decision. Reading and writing
+the ONNX files is left to :mod:`spa.torch.recover`, the only module in ``spa`` that imports this
+one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from spa import fidelity
+from spa.calibration import Calibration
+from spa.errors import OptionError
+from spa.progress import progress
+from spa.recovery import RecoverOptions
+from spa.torch.interpreter import OnnxModule, from_onnx
+
+if TYPE_CHECKING:
+    from spa.torch.recover import GraphInput
+
+LR_TRIALS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+TRIAL_STEPS = 30  # at most; a fifth of the step budget when that is smaller
+MATCHED_MAX = 16  # intermediate values matched
+MATCHED_WEIGHT = 0.1
+EVALUATIONS = 10  # held-out evaluations over a run
+PATIENCE = 3
+MIXUP_ALPHA = 0.4
+CROP_AREA = (0.6, 1.0)
+TOKEN_DROPOUT = 0.1
+
+Batch = list[torch.Tensor]
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The headline measure, for logs and the progress bar: ``agreement 0.9812``."""
+    key = fidelity.headline(metrics)
+    return f"{key[0]} {key[1]:.4f}" if key else f"relative error {metrics['relative_error']:.4f}"
+
+
+@dataclass
+class World:
+    """This process's place among the ``torchrun`` processes (one process: rank 0 of 1)."""
+
+    rank: int
+    size: int
+    device: torch.device
+    owns_group: bool = False
+
+    @staticmethod
+    def start(device: str) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if cuda and not torch.cuda.is_available():
+            raise OptionError("--device cuda: PyTorch sees no CUDA device")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        where = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if size == 1:
+            return World(0, 1, where)
+        import torch.distributed as dist
+
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return World(dist.get_rank(), dist.get_world_size(), where, owns)
+
+    def decide(self, value: Any) -> Any:
+        """Process 0's ``value``, in every process."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def stop(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class Distiller:
+    """The student, the teacher, the data and one training run at a time. ``inputs`` are the
+    pruned model's graph inputs (:func:`spa.torch.recover.graph_inputs`)."""
+
+    def __init__(self, dense: onnx.ModelProto, pruned: onnx.ModelProto,
+                 inputs: Sequence[GraphInput], calibration: Calibration,
+                 options: RecoverOptions, world: World):
+        self.options, self.world = options, world
+        for i in inputs:
+            batch = i.shape[0] if i.shape else None
+            if isinstance(batch, int) and batch != 0:
+                raise OptionError(f"input '{i.name}' has a fixed batch size {batch}; spa "
+                                  "recover needs a symbolic batch axis (re-export the model "
+                                  "with a dynamic batch)")
+        self.train_data = _tensors(calibration.train, inputs, "training", world.device)
+        self.held_data = _tensors(calibration.held_out, inputs, "held-out", world.device)
+        self.kinds = _input_kinds(inputs)
+        self.student = from_onnx(pruned).to(world.device)
+        self.teacher = from_onnx(dense).to(world.device).eval().requires_grad_(False)
+        self.start_state = _state(self.student)
+        n = len(self.train_data[0])
+        if n < world.size:
+            raise OptionError(f"{n} training sample(s) cannot be shared by {world.size} "
+                              "processes")
+        self.batch = min(max(options.batch_size, world.size), n)
+        self.matched = self._matched()
+        # The batches are the same in every process (each takes its share); augmentation is
+        # drawn per process.
+        self.batches = np.random.default_rng([options.seed, 0xD1])
+        self.rng = np.random.default_rng([options.seed, 0xD2, world.rank])
+        with torch.no_grad():
+            self.held_teacher = self._outputs(self.teacher, self.held_data)
+        self.scores = [fidelity.class_scores(o) for o in self.held_teacher]
+        self.start_fidelity = self.evaluate()
+        self.model: torch.nn.Module = self.student
+        if world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [world.device.index] if world.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.student, device_ids=ids)
+
+    def _matched(self) -> list[str]:
+        """Up to :data:`MATCHED_MAX` intermediate values, evenly spread, that both graphs
+        compute under the same name and with the same shape."""
+        taught = set(self.teacher.value_names()) - set(self.student.output_names)
+        shared = [n for n in self.student.value_names() if n in taught]
+        if not shared:
+            return []
+        probe = [t[:2] for t in self.train_data]
+        with torch.no_grad():
+            _, s = self.student(*probe, capture=shared)
+            _, t = self.teacher(*probe, capture=shared)
+        same = [n for n in shared if s[n].is_floating_point() and s[n].shape == t[n].shape
+                and s[n].dim() > 0 and s[n].shape[0] == len(probe[0])]
+        if len(same) <= MATCHED_MAX:
+            return same
+        return [same[int(i)] for i in np.linspace(0, len(same) - 1, MATCHED_MAX).round()]
+
+    def _outputs(self, module: OnnxModule, data: Batch) -> list[np.ndarray]:
+        parts = []
+        for i in range(0, len(data[0]), self.batch):
+            out = module(*[t[i:i + self.batch] for t in data])
+            parts.append([o.detach().cpu().numpy() for o in _as_tuple(out)])
+        return [np.concatenate(p) for p in zip(*parts)]
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out fidelity of the student against the teacher (process 0's, everywhere)."""
+        metrics = None
+        if self.world.rank == 0:
+            self.student.eval()
+            with torch.no_grad():
+                metrics = fidelity.compare(
+                    self.held_teacher, self._outputs(self.student, self.held_data))
+            self.student.train()
+        return self.world.decide(metrics)
+
+    def choose_lr(self, steps: int | None, seconds: float | None
+                  ) -> tuple[float, dict[float, dict[str, float]]]:
+        """Each of :data:`LR_TRIALS` trains a short trial from the start; the most faithful
+        on the held-out split wins (process 0's choice, everywhere)."""
+        trial_steps = TRIAL_STEPS if steps is None else max(1, min(TRIAL_STEPS, steps // 5))
+        trial_seconds = None if seconds is None else seconds / (4 * len(LR_TRIALS))
+        results: dict[float, dict[str, float]] = {}
+        for lr in LR_TRIALS:
+            self._run(lr, trial_steps, trial_seconds, f"lr trial {lr:g}", evaluate=False)
+            results[lr] = self.evaluate()
+        best = LR_TRIALS[0]
+        for lr in LR_TRIALS[1:]:
+            if fidelity.better(results[lr], results[best]):
+                best = lr
+        return best, results
+
+    def train(self, lr: float, steps: int | None, seconds: float | None
+              ) -> tuple[int, dict[str, float]]:
+        """The full run; the student ends in its most faithful state. Returns the steps run
+        and that state's held-out fidelity."""
+        return self._run(lr, steps, seconds, "recover", evaluate=True)
+
+    def _run(self, lr: float, steps: int | None, seconds: float | None, desc: str, *,
+             evaluate: bool) -> tuple[int, dict[str, float]]:
+        self._load(self.start_state)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.options.weight_decay)
+        best, best_state, stale, next_eval = self.start_fidelity, self.start_state, 0, 1
+        start, ran = time.monotonic(), 0
+        bar = progress(_counter(steps), desc, total=steps, unit="step")
+        for step in bar:
+            done = self._done(step, steps, start, seconds)
+            if done >= 1.0:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * done))
+            loss = self._step(opt)
+            ran = step + 1
+            if not evaluate or self._done(ran, steps, start, seconds) * EVALUATIONS < next_eval:
+                continue
+            next_eval += 1
+            metrics = self.evaluate()
+            _postfix(bar, ran, loss, metrics)
+            if fidelity.better(metrics, best):
+                best, best_state, stale = metrics, _state(self.student), 0
+            else:
+                stale += 1
+                if stale >= PATIENCE:
+                    break
+        if evaluate:
+            self._load(best_state)
+        return ran, best
+
+    def _done(self, step: int, steps: int | None, start: float, seconds: float | None) -> float:
+        """How much of the budget is spent, in [0, 1] (process 0's clock)."""
+        parts = [] if steps is None else [step / max(steps, 1)]
+        if seconds is not None:
+            parts.append(self.world.decide((time.monotonic() - start) / max(seconds, 1e-9)))
+        return min(max(parts), 1.0)
+
+    def _step(self, opt: torch.optim.Optimizer) -> float:
+        idx = self.batches.choice(len(self.train_data[0]), self.batch, replace=False)
+        mine = torch.from_numpy(np.sort(idx[self.world.rank::self.world.size]))
+        batch = _augment([t[mine.to(t.device)] for t in self.train_data], self.kinds, self.rng)
+        with torch.no_grad():
+            t_out, t_mid = _forward(self.teacher, batch, self.matched)
+        s_out, s_mid = _forward(self.model, batch, self.matched)
+        loss = sum((_output_loss(s, t, self.options.temperature, scores)
+                    for s, t, scores in zip(s_out, t_out, self.scores)
+                    if t.is_floating_point()),
+                   torch.zeros((), device=self.world.device))
+        if self.matched:
+            loss = loss + MATCHED_WEIGHT * sum(_nmse(s_mid[n], t_mid[n])
+                                               for n in self.matched) / len(self.matched)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    def _load(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.student.params.items():
+                p.copy_(state[k])
+
+
+def _forward(module: torch.nn.Module, batch: Batch, capture: list[str]
+             ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    if capture:
+        return module(*batch, capture=capture)
+    return _as_tuple(module(*batch)), {}
+
+
+def _counter(steps: int | None) -> Iterator[int]:
+    return iter(range(steps)) if steps is not None else itertools.count()
+
+
+def _postfix(bar: Any, step: int, loss: float, metrics: dict[str, float]) -> None:
+    set_postfix = getattr(bar, "set_postfix", None)
+    if set_postfix is not None:
+        set_postfix(step=step, loss=f"{loss:.4g}", held_out=headline(metrics))
+
+
+def _state(module: OnnxModule) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in module.params.items()}
+
+
+def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+def _tensors(arrays: dict[str, np.ndarray], inputs: Sequence[GraphInput], what: str,
+             device: torch.device) -> Batch:
+    missing = [i.name for i in inputs if i.name not in arrays]
+    if missing:
+        raise OptionError(f"the {what} calibration samples lack the graph input(s) "
+                          f"{', '.join(missing)} (have: {', '.join(sorted(arrays))})")
+    return [torch.from_numpy(np.ascontiguousarray(arrays[i.name], dtype=i.dtype)).to(device)
+            for i in inputs]
+
+
+# ---- losses ---------------------------------------------------------------------------------
+def _output_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, scores: bool
+                 ) -> torch.Tensor:
+    if scores:
+        return F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                        log_target=True, reduction="batchmean") * temperature ** 2
+    if t.dim() < 2:
+        return _nmse(s, t)
+    cos = F.cosine_similarity(s.flatten(1), t.flatten(1), dim=1).mean()
+    return 1.0 - cos + _nmse(s, t)
+
+
+def _nmse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (s - t).pow(2).mean() / (t.pow(2).mean() + 1e-12)
+
+
+# ---- augmentation ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Kinds:
+    """Which inputs are images (and their channel axis) and which is an attention mask."""
+
+    images: dict[int, int] = field(default_factory=dict)  # input index → channel axis
+    mask: int | None = None
+
+
+def _input_kinds(inputs: Sequence[GraphInput]) -> _Kinds:
+    images = {}
+    for k, i in enumerate(inputs):
+        shape = list(i.shape or ())
+        if np.issubdtype(i.dtype, np.floating) and len(shape) == 4:
+            last_is_channels = shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4)
+            images[k] = 3 if last_is_channels else 1
+    tokens = [k for k, i in enumerate(inputs) if np.issubdtype(i.dtype, np.integer)
+              and len(i.shape or ()) == 2]
+    masks = [k for k in tokens if "mask" in inputs[k].name.lower()]
+    return _Kinds(images, masks[0] if masks and len(tokens) > 1 else None)
+
+
+def _augment(batch: Batch, kinds: _Kinds, rng: np.random.Generator) -> Batch:
+    out = list(batch)
+    for k, channels in kinds.images.items():
+        out[k] = _augment_images(out[k], channels, rng)
+    if kinds.mask is not None:
+        out[kinds.mask] = _drop_tokens(out[kinds.mask], rng)
+    return out
+
+
+def _augment_images(x: torch.Tensor, channels: int, rng: np.random.Generator) -> torch.Tensor:
+    """Random resized crops (same output size) with horizontal flips, then mixup."""
+    if channels == 3:
+        x = x.permute(0, 3, 1, 2)
+    n = x.shape[0]
+    area = rng.uniform(*CROP_AREA, n)
+    aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), n))
+    w, h = np.minimum(np.sqrt(area * aspect), 1.0), np.minimum(np.sqrt(area / aspect), 1.0)
+    flip = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0], theta[:, 1, 1] = w * flip, h
+    theta[:, 0, 2] = rng.uniform(-1, 1, n) * (1 - w)
+    theta[:, 1, 2] = rng.uniform(-1, 1, n) * (1 - h)
+    grid = F.affine_grid(torch.from_numpy(theta).to(x), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    lam = torch.from_numpy(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA, n)).to(x).view(n, 1, 1, 1)
+    x = lam * x + (1 - lam) * x[torch.from_numpy(rng.permutation(n)).to(x.device)]
+    return x.permute(0, 2, 3, 1) if channels == 3 else x
+
+
+def _drop_tokens(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Mask out :data:`TOKEN_DROPOUT` of the attended tokens, never the first (CLS) nor the
+    last attended one (SEP)."""
+    attended = (mask != 0).cpu().numpy()
+    positions = np.arange(mask.shape[1])
+    last = np.where(attended.any(1), mask.shape[1] - 1 - attended[:, ::-1].argmax(1), -1)
+    special = (positions[None] == 0) | (positions[None] == last[:, None])
+    drop = (rng.random(attended.shape) < TOKEN_DROPOUT) & attended & ~special
+    return torch.where(torch.from_numpy(drop).to(mask.device), torch.zeros_like(mask), mask)
