@@ -27,7 +27,7 @@ from spa.calibration import Calibration, split  # noqa: E402
 from spa.cli import main  # noqa: E402
 from spa.errors import OptionError  # noqa: E402
 from spa.recovery import TORCH_MISSING, RecoverOptions  # noqa: E402
-from spa.torch import distill  # noqa: E402
+from spa.torch import augment, distill  # noqa: E402
 from spa.torch import recover as rec  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -205,7 +205,7 @@ def test_mismatched_models_are_refused(models, calibration, tmp_path):
 def test_token_dropout_spares_first_and_last_tokens():
     mask = torch.ones(64, 20, dtype=torch.int64)
     mask[:, 15:] = 0
-    dropped = distill._drop_tokens(mask, np.random.default_rng(0))
+    dropped = augment.drop_tokens(mask, np.random.default_rng(0))
     assert (dropped[:, [0, 14]] == 1).all() and (dropped[:, 15:] == 0).all()
     share = 1 - dropped[:, 1:14].float().mean().item()
     assert 0.07 < share < 0.13
@@ -214,10 +214,10 @@ def test_token_dropout_spares_first_and_last_tokens():
 def test_image_augmentation_keeps_shape_and_layout():
     rng = np.random.default_rng(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    kinds = distill._input_kinds([rec.GraphInput("x", np.dtype("float32"), ("n", 3, 8, 8)),
+    kinds = augment.input_kinds([rec.GraphInput("x", np.dtype("float32"), ("n", 3, 8, 8)),
                                   rec.GraphInput("y", np.dtype("float32"), ("n", 8, 8, 3))])
     assert kinds.images == {0: 1, 1: 3} and kinds.mask is None
-    a, b = distill._augment([x, x.permute(0, 2, 3, 1)], kinds, rng)
+    a, b = augment.augment([x, x.permute(0, 2, 3, 1)], kinds, rng)
     assert a.shape == x.shape and b.shape == (2, 8, 8, 3)
     assert not torch.equal(a, x) and float(a.min()) >= 0 and float(a.max()) <= float(x.max())
 

@@ -36,7 +36,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,6 +49,7 @@ from spa.calibration import Calibration
 from spa.errors import OptionError
 from spa.progress import progress
 from spa.recovery import RecoverOptions
+from spa.torch.augment import augment, input_kinds
 from spa.torch.interpreter import OnnxModule, from_onnx
 
 if TYPE_CHECKING:
@@ -60,9 +61,6 @@ MATCHED_MAX = 16  # intermediate values matched
 MATCHED_WEIGHT = 0.1
 EVALUATIONS = 10  # held-out evaluations over a run
 PATIENCE = 3
-MIXUP_ALPHA = 0.4
-CROP_AREA = (0.6, 1.0)
-TOKEN_DROPOUT = 0.1
 
 Batch = list[torch.Tensor]
 
@@ -132,7 +130,7 @@ class Distiller:
                                   "with a dynamic batch)")
         self.train_data = _tensors(calibration.train, inputs, "training", world.device)
         self.held_data = _tensors(calibration.held_out, inputs, "held-out", world.device)
-        self.kinds = _input_kinds(inputs)
+        self.kinds = input_kinds(inputs)
         self.student = from_onnx(pruned).to(world.device)
         self.teacher = from_onnx(dense).to(world.device).eval().requires_grad_(False)
         self.start_state = _state(self.student)
@@ -255,7 +253,7 @@ class Distiller:
     def _step(self, opt: torch.optim.Optimizer) -> float:
         idx = self.batches.choice(len(self.train_data[0]), self.batch, replace=False)
         mine = torch.from_numpy(np.sort(idx[self.world.rank::self.world.size]))
-        batch = _augment([t[mine.to(t.device)] for t in self.train_data], self.kinds, self.rng)
+        batch = augment([t[mine.to(t.device)] for t in self.train_data], self.kinds, self.rng)
         with torch.no_grad():
             t_out, t_mid = _forward(self.teacher, batch, self.matched)
         s_out, s_mid = _forward(self.model, batch, self.matched)
@@ -326,65 +324,3 @@ def _output_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, scores: b
 
 def _nmse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (s - t).pow(2).mean() / (t.pow(2).mean() + 1e-12)
-
-
-# ---- augmentation ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Kinds:
-    """Which inputs are images (and their channel axis) and which is an attention mask."""
-
-    images: dict[int, int] = field(default_factory=dict)  # input index → channel axis
-    mask: int | None = None
-
-
-def _input_kinds(inputs: Sequence[GraphInput]) -> _Kinds:
-    images = {}
-    for k, i in enumerate(inputs):
-        shape = list(i.shape or ())
-        if np.issubdtype(i.dtype, np.floating) and len(shape) == 4:
-            last_is_channels = shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4)
-            images[k] = 3 if last_is_channels else 1
-    tokens = [k for k, i in enumerate(inputs) if np.issubdtype(i.dtype, np.integer)
-              and len(i.shape or ()) == 2]
-    masks = [k for k in tokens if "mask" in inputs[k].name.lower()]
-    return _Kinds(images, masks[0] if masks and len(tokens) > 1 else None)
-
-
-def _augment(batch: Batch, kinds: _Kinds, rng: np.random.Generator) -> Batch:
-    out = list(batch)
-    for k, channels in kinds.images.items():
-        out[k] = _augment_images(out[k], channels, rng)
-    if kinds.mask is not None:
-        out[kinds.mask] = _drop_tokens(out[kinds.mask], rng)
-    return out
-
-
-def _augment_images(x: torch.Tensor, channels: int, rng: np.random.Generator) -> torch.Tensor:
-    """Random resized crops (same output size) with horizontal flips, then mixup."""
-    if channels == 3:
-        x = x.permute(0, 3, 1, 2)
-    n = x.shape[0]
-    area = rng.uniform(*CROP_AREA, n)
-    aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), n))
-    w, h = np.minimum(np.sqrt(area * aspect), 1.0), np.minimum(np.sqrt(area / aspect), 1.0)
-    flip = np.where(rng.random(n) < 0.5, -1.0, 1.0)
-    theta = np.zeros((n, 2, 3))
-    theta[:, 0, 0], theta[:, 1, 1] = w * flip, h
-    theta[:, 0, 2] = rng.uniform(-1, 1, n) * (1 - w)
-    theta[:, 1, 2] = rng.uniform(-1, 1, n) * (1 - h)
-    grid = F.affine_grid(torch.from_numpy(theta).to(x), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    lam = torch.from_numpy(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA, n)).to(x).view(n, 1, 1, 1)
-    x = lam * x + (1 - lam) * x[torch.from_numpy(rng.permutation(n)).to(x.device)]
-    return x.permute(0, 2, 3, 1) if channels == 3 else x
-
-
-def _drop_tokens(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Mask out :data:`TOKEN_DROPOUT` of the attended tokens, never the first (CLS) nor the
-    last attended one (SEP)."""
-    attended = (mask != 0).cpu().numpy()
-    positions = np.arange(mask.shape[1])
-    last = np.where(attended.any(1), mask.shape[1] - 1 - attended[:, ::-1].argmax(1), -1)
-    special = (positions[None] == 0) | (positions[None] == last[:, None])
-    drop = (rng.random(attended.shape) < TOKEN_DROPOUT) & attended & ~special
-    return torch.where(torch.from_numpy(drop).to(mask.device), torch.zeros_like(mask), mask)

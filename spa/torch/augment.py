@@ -1,0 +1,83 @@
+"""Augmentation for distillation (spa/torch/distill.py): the teacher and the student see the
+same altered batch, so any plausible input teaches them to agree. Images (4-D float inputs):
+random resized crops, horizontal flips and mixup between calibration samples; token inputs
+with an attention mask: token dropout (masked positions, never the first token)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from spa.torch.recover import GraphInput
+
+MIXUP_ALPHA = 0.4
+CROP_AREA = (0.6, 1.0)
+TOKEN_DROPOUT = 0.1
+Batch = list[torch.Tensor]
+
+@dataclass(frozen=True)
+class Kinds:
+    """Which inputs are images (and their channel axis) and which is an attention mask."""
+
+    images: dict[int, int] = field(default_factory=dict)  # input index → channel axis
+    mask: int | None = None
+
+
+def input_kinds(inputs: Sequence[GraphInput]) -> Kinds:
+    images = {}
+    for k, i in enumerate(inputs):
+        shape = list(i.shape or ())
+        if np.issubdtype(i.dtype, np.floating) and len(shape) == 4:
+            last_is_channels = shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4)
+            images[k] = 3 if last_is_channels else 1
+    tokens = [k for k, i in enumerate(inputs) if np.issubdtype(i.dtype, np.integer)
+              and len(i.shape or ()) == 2]
+    masks = [k for k in tokens if "mask" in inputs[k].name.lower()]
+    return Kinds(images, masks[0] if masks and len(tokens) > 1 else None)
+
+
+def augment(batch: Batch, kinds: Kinds, rng: np.random.Generator) -> Batch:
+    out = list(batch)
+    for k, channels in kinds.images.items():
+        out[k] = _augment_images(out[k], channels, rng)
+    if kinds.mask is not None:
+        out[kinds.mask] = drop_tokens(out[kinds.mask], rng)
+    return out
+
+
+def _augment_images(x: torch.Tensor, channels: int, rng: np.random.Generator) -> torch.Tensor:
+    """Random resized crops (same output size) with horizontal flips, then mixup."""
+    if channels == 3:
+        x = x.permute(0, 3, 1, 2)
+    n = x.shape[0]
+    area = rng.uniform(*CROP_AREA, n)
+    aspect = np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3), n))
+    w, h = np.minimum(np.sqrt(area * aspect), 1.0), np.minimum(np.sqrt(area / aspect), 1.0)
+    flip = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0], theta[:, 1, 1] = w * flip, h
+    theta[:, 0, 2] = rng.uniform(-1, 1, n) * (1 - w)
+    theta[:, 1, 2] = rng.uniform(-1, 1, n) * (1 - h)
+    grid = F.affine_grid(torch.from_numpy(theta).to(x), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    lam = torch.from_numpy(rng.beta(MIXUP_ALPHA, MIXUP_ALPHA, n)).to(x).view(n, 1, 1, 1)
+    x = lam * x + (1 - lam) * x[torch.from_numpy(rng.permutation(n)).to(x.device)]
+    return x.permute(0, 2, 3, 1) if channels == 3 else x
+
+
+def drop_tokens(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Mask out :data:`TOKEN_DROPOUT` of the attended tokens, never the first (CLS) nor the
+    last attended one (SEP)."""
+    attended = (mask != 0).cpu().numpy()
+    positions = np.arange(mask.shape[1])
+    last = np.where(attended.any(1), mask.shape[1] - 1 - attended[:, ::-1].argmax(1), -1)
+    special = (positions[None] == 0) | (positions[None] == last[:, None])
+    drop = (rng.random(attended.shape) < TOKEN_DROPOUT) & attended & ~special
+    return torch.where(torch.from_numpy(drop).to(mask.device), torch.zeros_like(mask), mask)
