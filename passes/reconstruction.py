@@ -112,6 +112,9 @@ class Reconstruction:
             n -= n % self.chunk
         chunks = [{k: np.asarray(v[i:i + self.chunk]) for k, v in inputs.items()}
                   for i in range(0, n, self.chunk)]
+        mask = _attention_mask(dense)
+        self.valid = [None if mask is None or mask not in c else np.asarray(c[mask]) != 0
+                      for c in chunks]
         out = Reconstructed()
         if not layers or not chunks:
             return out
@@ -152,7 +155,7 @@ class Reconstruction:
             x, y = x_chunk[layer.data], y_chunk[layer.output]
             y = self._kept_outputs(layer, y, design.out_axis_of_tensor)
             rng = np.random.default_rng([self.seed, k, c])
-            xs, ys, owner = design.rows(x, y, per_sample, rng)
+            xs, ys, owner = design.rows(x, y, per_sample, rng, self.valid[c])
             is_val = (owner + sample) % VALIDATION_EVERY == VALIDATION_EVERY - 1
             fit.add(xs[~is_val], ys[~is_val])
             val.add(xs[is_val], ys[is_val])
@@ -182,6 +185,16 @@ class Reconstruction:
     def _kept_outputs(self, layer: _Layer, y: np.ndarray, axis: int) -> np.ndarray:
         idx = self.kept.get((layer.weight, layer.out_axis))
         return y if idx is None else np.take(y, idx, axis=axis)
+
+
+def _attention_mask(model: onnx.ModelProto) -> str | None:
+    """The graph input that masks padding tokens: 2-D integer or bool, named like a mask."""
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        if "mask" in i.name.lower() and len(t.shape.dim) == 2 and t.elem_type in (
+                onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
+            return i.name
+    return None
 
 
 # --- the layers and their least-squares designs ---------------------------------------------
@@ -272,20 +285,23 @@ class _Design:
             return cls(layer, 1, k, n, trans_b=trans)
         return cls(layer, 1, w.shape[0], w.shape[1])
 
-    def rows(self, x: np.ndarray, y: np.ndarray, per_sample: int, rng: np.random.Generator
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def rows(self, x: np.ndarray, y: np.ndarray, per_sample: int, rng: np.random.Generator,
+             valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sampled rows ``[R, groups, features]`` and targets ``[R, groups, outputs]``, and
-        the sample each row came from."""
+        the sample each row came from. ``valid`` (``[N, positions]``, from the attention
+        mask): token rows to sample from; padding says nothing of the layer."""
         if self.layer.op == "Conv":
             return self._conv_rows(x, y, per_sample, rng)
         xr = x.reshape(len(x), -1, x.shape[-1])
         yr = y.reshape(len(y), -1, y.shape[-1])
-        positions = xr.shape[1]
-        take = min(per_sample, positions)
-        pos = np.stack([rng.choice(positions, take, replace=False) for _ in range(len(x))])
-        owner = np.repeat(np.arange(len(x)), take)
-        xs = xr[owner, pos.reshape(-1)].astype(np.float64)[:, None, :]
-        ys = yr[owner, pos.reshape(-1)].astype(np.float64)[:, None, :]
+        if valid is None or valid.shape != xr.shape[:2]:
+            valid = np.ones(xr.shape[:2], dtype=bool)
+        picks = [rng.choice(np.flatnonzero(v), min(per_sample, int(v.sum())), replace=False)
+                 for v in valid]
+        owner = np.repeat(np.arange(len(x)), [len(p) for p in picks])
+        pos = np.concatenate(picks) if picks else np.zeros(0, int)
+        xs = xr[owner, pos].astype(np.float64)[:, None, :]
+        ys = yr[owner, pos].astype(np.float64)[:, None, :]
         return xs, ys, owner
 
     def _conv_rows(self, x, y, per_sample, rng):
