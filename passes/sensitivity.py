@@ -65,13 +65,13 @@ class Sensitivity:
 
     def run(self, analysis: Analysis, original: onnx.ModelProto, scores: Scores,
             inputs: Mapping[str, np.ndarray]) -> Sensitivities:
-        from spa import validate as val
 
         n = len(next(iter(inputs.values())))
         take = min(n, self.samples)
         feeds = {k: np.asarray(v[:take]) for k, v in inputs.items()}
-        reference = _outputs(val.session(original, what="original model"), feeds)
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
+        masked = _Masked(original, analysis)
+        reference = _outputs(masked.session, feeds)
         curves: dict[int, Curve] = {}
         for g in progress(groups, "sensitivity", unit="group"):
             counts = sorted({c for r in self.ratios
@@ -79,11 +79,62 @@ class Sensitivity:
                                               max(1, math.floor(r * g.size))))})
             damage = []
             for c in counts:
-                masked = val.masked_model(original, analysis, _one_group_plan(analysis, g,
-                                                                              scores, c))
-                damage.append(_damage(reference, _outputs(val.session(masked), feeds)))
+                plan = _one_group_plan(analysis, g, scores, c)
+                damage.append(_damage(reference, masked.outputs(plan, feeds)))
             curves[g.id] = Curve(tuple(counts), tuple(damage))
         return Sensitivities(curves, take)
+
+
+class _Masked:
+    """The original model with its float consumer weights fed as inputs (each initializer is
+    also declared a graph input, so a feed overrides it): one onnxruntime session answers for
+    every masked variant. A plan whose masking is not a plain initializer slice (a quantised
+    weight behind DequantizeLinear) gets a masked copy of its own."""
+
+    def __init__(self, original: onnx.ModelProto, analysis: Analysis):
+        from spa import validate as val
+        from spa.coupling.types import Role
+
+        self.original, self.analysis = original, analysis
+        self.inits = {i.name: i for i in original.graph.initializer
+                      if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)}
+        self.spaces = {m.space for g in analysis.groups for m in g.members
+                       if m.role is Role.CONSUMER}
+        names = sorted({name for name, _ in self.spaces if name in self.inits})
+        model = onnx.ModelProto()
+        model.CopyFrom(original)
+        declared = {i.name for i in model.graph.input}
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(n, self.inits[n].data_type, self.inits[n].dims)
+            for n in names if n not in declared)
+        self.session = val.session(model, what="original model")
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def outputs(self, plan: Plan, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        from spa import validate as val
+        from spa.plan import removed_indices
+
+        zero: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for (name, axis), idx in removed_indices(self.analysis, plan).items():
+            if (name, axis) in self.spaces:
+                zero.setdefault(name, []).append((axis, idx))
+        if any(name not in self.inits for name in zero):
+            copy = val.masked_model(self.original, self.analysis, plan)
+            return _outputs(val.session(copy), feeds)
+        weights = {}
+        for name, slices in zero.items():
+            arr = self._array(name).copy()
+            for axis, idx in slices:
+                index: list[slice | np.ndarray] = [slice(None)] * arr.ndim
+                index[axis] = idx
+                arr[tuple(index)] = 0
+            weights[name] = arr
+        return _outputs(self.session, feeds, weights)
+
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            self.arrays[name] = onnx.numpy_helper.to_array(self.inits[name])
+        return self.arrays[name]
 
 
 def lowest(group: Group, scores: Scores, removed: int) -> np.ndarray:
@@ -99,10 +150,13 @@ def _one_group_plan(analysis: Analysis, group: Group, scores: Scores, removed: i
                 None, None)
 
 
-def _outputs(sess, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def _outputs(sess, feeds: Mapping[str, np.ndarray],
+             weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """The float graph outputs, run in chunks of the model's batch (``weights`` go whole)."""
     from spa import validate as val
 
-    return [np.asarray(v, np.float64) for v in val.run_chunked(sess, dict(feeds)).values()
+    return [np.asarray(v, np.float64)
+            for v in val.run_chunked(sess, dict(feeds), whole=weights).values()
             if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
 

@@ -125,16 +125,19 @@ def batch_of(sess: ort.InferenceSession, default: int = 32) -> int:
     return first if isinstance(first, int) and first > 0 else default
 
 
-def run_chunked(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], chunk: int | None = None
-                ) -> dict[str, np.ndarray]:
+def run_chunked(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], chunk: int | None = None,
+                *, whole: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """:func:`run` over the samples of ``inputs`` (first axis) in chunks the model takes
-    (:func:`batch_of`), outputs concatenated along the first axis."""
+    (:func:`batch_of`), outputs concatenated along the first axis; ``whole``: feeds given
+    unsliced with every chunk (overridden initializers)."""
     step = chunk or batch_of(sess)
-    inputs = {i.name: inputs[i.name] for i in sess.get_inputs()}  # not labels, say
+    inputs = {i.name: inputs[i.name] for i in sess.get_inputs()  # not labels, say
+              if whole is None or i.name not in whole}
     n = len(next(iter(inputs.values())))
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, n, step):
-        for k, v in run(sess, {k: v[i:i + step] for k, v in inputs.items()}).items():
+        feeds = {k: v[i:i + step] for k, v in inputs.items()} | dict(whole or {})
+        for k, v in run(sess, feeds).items():
             parts.setdefault(k, []).append(np.asarray(v))
     return {k: np.concatenate(v) if v[0].ndim else v[-1] for k, v in parts.items()}
 
