@@ -378,7 +378,7 @@ def fortune_sets(root: Path = FORTUNES) -> tuple[list[str], list[str]]:
     return [s for s in fortune_text(calib_files, root) if s.lower() not in held], evaluation
 
 
-def minilm_bench(calib_lines: int = 4096, eval_lines: int = 1000, dynamo: bool = True,
+def minilm_bench(calib_lines: int = 1024, eval_lines: int = 1000, dynamo: bool = True,
                  seed: int = 0) -> Bench:
     calib_files, eval_files = fortune_split()
     calib_text, eval_text = fortune_sets()
