@@ -118,7 +118,7 @@ def _recover_parser(sub) -> None:
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml",
                    help="read options from a TOML file (keys: long option names, top level or "
-                   "in a [analyze]/[prune]/[apply] table); flags given here win")
+                   "in a [analyze]/[prune]/[apply]/[recover] table); flags given here win")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars and no notes on stderr (errors are still printed)")
 

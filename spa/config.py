@@ -30,7 +30,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-COMMAND_TABLES = ("analyze", "prune", "apply")
+COMMAND_TABLES = ("analyze", "prune", "apply", "recover")
 _NOT_IN_FILE = {"help", "config", "version"}
 __all__ = ["AppendOverride", "FromConfig", "config_defaults", "find_config"]
 

@@ -277,3 +277,13 @@ def test_two_processes_with_torchrun(models, tmp_path):
 
 def _held_out(tmp_path: Path) -> dict[str, np.ndarray]:
     return split(_samples(80), 0.1, seed=0)[1]
+
+
+def test_recover_reads_its_table_of_a_config_file(tmp_path):
+    from spa.cli import _parse, build_parser
+
+    config = tmp_path / "spa.toml"
+    config.write_text("[prune]\nratio = 0.5\n\n[recover]\nsteps = 3\nlr = 0.001\n")
+    args = _parse(build_parser(), ["recover", "d.onnx", "p.onnx", "-o", "o.onnx", "--calib",
+                                   "c.npz", "--config", str(config)])
+    assert (args.steps, args.lr) == (3, 0.001)
