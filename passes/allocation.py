@@ -21,7 +21,8 @@ passes/sensitivity.py): the budget goes where it hurts the final outputs least. 
 add per unit of budget they free (a channel; or, for params/FLOPs targets, the group's measured
 cost per channel); with convex curves this greedy order solves the knapsack exactly, and it is
 the textbook approximation otherwise. A channel budget takes the prefix of that order that
-removes its share of each pool's channels (a pool per kind with its own ratio); a params/FLOPs
+removes its share of each pool's channels (a pool per kind with its own ratio, and the heads
+apart from the channels); a params/FLOPs
 target takes the shortest prefix whose *counted* reduction (the cost model on the whole plan, so
 interactions between groups are counted) meets it, found by bisection.
 """
@@ -158,10 +159,14 @@ class Allocation:
             return {g.id: lowest(g, scores, counts[g.id]) for g in groups}
 
         if self.target is Target.CHANNELS:
-            pools: dict[float, list] = {}
+            # A pool per kind that has a ratio of its own, and heads never share one with
+            # channels (a head is not worth one neuron).
+            pools: dict[tuple[object, float], list] = {}
             for g in groups:
-                pools.setdefault(self._ratio_for(g, self.ratio), []).append(g)
-            for ratio, pool in pools.items():
+                own = self.kind_ratio.get(g.kind) is not None or g.kind is GroupKind.HEADS
+                pools.setdefault((g.kind if own else None, self._ratio_for(g, self.ratio)),
+                                 []).append(g)
+            for (_, ratio), pool in pools.items():
                 budget = math.floor(ratio * sum(g.size for g in pool))
                 for gid, count in self._greedy(pool, curves, price):
                     if budget <= 0:

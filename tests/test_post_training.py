@@ -282,3 +282,30 @@ def test_data_free_calibration_is_synthetic_reported_and_reproducible(cnn, tmp_p
     assert body["allocation"] == "uniform" and body["reconstruction"]["layers"] >= 1
     assert main(["apply", str(src), str(plan), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
     assert out.read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
+def test_sensitivity_keeps_each_kinds_budget(tmp_path):
+    """Heads and MLP neurons are separate pools, each losing its own share (a head is not one
+    neuron; mixed, the cheap neurons of two layers took the whole budget)."""
+    pytest.importorskip("torch")
+    from models import TRANSFORMER_MODELS
+    from models.export import export
+    from spa.api import analyze
+    from spa.coupling import GroupKind
+    from tests.oracle import prune_checked
+
+    path = export(sorted(TRANSFORMER_MODELS)[0], tmp_path / "t.onnx", exporter="torchscript")
+    sess = val.session(path)
+    np.savez(tmp_path / "calib.npz", **{k: np.concatenate(
+        [val.random_inputs(sess, seed=i)[k] for i in range(40)]) for k in
+        [i.name for i in sess.get_inputs()]})
+    groups = analyze(path).prunable_groups
+    pruned = prune_checked(path, tmp_path, ratio=0.3, heads_ratio=0.3, mlp_ratio=0.3,
+                           calib=str(tmp_path / "calib.npz"), reconstruct=False)
+    assert pruned.report.allocation == "sensitivity"
+    by_id = {g.id: g for g in pruned.plan.groups}
+    for kind in (GroupKind.HEADS, GroupKind.NEURONS):
+        mine = [g for g in groups if g.kind is kind]
+        assert mine
+        removed = sum(by_id[g.id].removed for g in mine)
+        assert removed == int(0.3 * sum(g.size for g in mine)), kind
