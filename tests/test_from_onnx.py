@@ -223,3 +223,22 @@ def test_minilm_dynamo_export_runs_in_torch(tmp_path, monkeypatch):
         got = st.from_onnx(path)(*[torch.from_numpy(v) for v in feeds.values()])
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("starts, ends, axes, steps", [
+    ([0], [4], [1], [1]), ([-1], [-100], [2], [-1]), ([3], [0], [1], [-2]),
+    ([10], [-10], [2], [-1]), ([1], [5], [2], [2]), ([4, -2], [-9, 0], [1, 2], [-1, -1])])
+def test_slice_with_any_step_matches_onnxruntime(starts, ends, axes, steps) -> None:
+    """Negative steps (a flip, as Torch-Pruning's exports of EfficientNet use) included."""
+    x = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6)
+    inits = [onnx.numpy_helper.from_array(np.array(v, np.int64), k)
+             for k, v in {"s": starts, "e": ends, "a": axes, "p": steps}.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s", "e", "a", "p"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    want = val.run(val.session(model), {"x": x})["y"]
+    got = st.from_onnx(model)(torch.from_numpy(x))
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    np.testing.assert_array_equal(got.detach().numpy(), want)

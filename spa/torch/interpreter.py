@@ -467,14 +467,18 @@ def _slice(a, x):
     starts, ends = _ints(x[1]), _ints(x[2])
     axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
     steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
-    index = [slice(None)] * x[0].dim()
+    out = x[0]
     for ax, s, e, st in zip(axes, starts, ends, steps):
-        if st < 0:
-            raise UnsupportedOpsError("Slice with a negative step")
-        n = x[0].shape[_axis(ax, x[0].dim())]
-        s, e = max(min(s + n if s < 0 else s, n), 0), max(min(e + n if e < 0 else e, n), 0)
-        index[_axis(ax, x[0].dim())] = slice(s, e, st)
-    return x[0][tuple(index)]
+        dim = _axis(ax, out.dim())
+        n = out.shape[dim]
+        s, e = s + n if s < 0 else s, e + n if e < 0 else e
+        if st > 0:
+            s, e = max(min(s, n), 0), max(min(e, n), 0)
+        else:  # ONNX clamps backwards slices to [-1, n-1]; torch has no negative steps
+            s, e = max(min(s, n - 1), -1), max(min(e, n - 1), -1)
+        picked = torch.arange(s, e, st, device=out.device)
+        out = torch.index_select(out, dim, picked)
+    return out
 
 
 @op("Gather")
