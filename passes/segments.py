@@ -141,7 +141,8 @@ class Runner:
             [self.inits[n] for n in sorted(read & set(self.inits))])
         model = helper.make_model(seg, opset_imports=self.model.opset_import,
                                   ir_version=self.model.ir_version)
-        sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}")
+        sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}",
+                           arena=False)
         for values, ext in zip(self.values, self.extra):
             feeds = {n: np.asarray(values[n]) for n in outer}
             outs = val.run(sess, feeds)

@@ -47,7 +47,7 @@ _ORT_TYPES = {
 
 
 def session(model, *, threads: int | None = None, spin: bool = True, optimize: bool = True,
-            what: str = "model") -> ort.InferenceSession:
+            what: str = "model", arena: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session for a path, serialized bytes or a ModelProto.
 
     ``spin=False`` stops idle worker threads from spinning after a run, so that several
@@ -65,6 +65,8 @@ def session(model, *, threads: int | None = None, spin: bool = True, optimize: b
         opts.inter_op_num_threads = 1
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not arena:  # many short-lived sessions: an arena each would keep its peak
+        opts.enable_cpu_mem_arena = False
     if isinstance(model, onnx.ModelProto):
         try:
             model = _serialized(model)
