@@ -327,9 +327,9 @@ def main() -> int:
     parser.add_argument("--skip-tp", action="store_true")
     parser.add_argument("--recover-seconds", type=int, help="override every recovery budget")
     parser.add_argument("--out", default="quality_pipeline", help="results name")
-    parser.add_argument("--fresh", action="store_true", help="drop the models not run now from "
-                        "the results file (default: they keep their earlier entries, each with "
-                        "its own command)")
+    parser.add_argument("--fresh", action="store_true", help="drop the models and variants not run "
+                        "now from the results file (default: they keep their earlier entries, "
+                        "each with its own command)")
     args = parser.parse_args()
     import torch
 
@@ -350,7 +350,10 @@ def main() -> int:
     previous = RESULTS / f"{args.out}.json"
     if previous.exists() and not args.fresh:  # models not run now keep their earlier entries
         old = json.loads(previous.read_text())
-        results = {**old.get("results", {}), **results}
+        merged = dict(old.get("results", {}))
+        for name, rows in results.items():  # per variant: a partial rerun updates its rows
+            merged[name] = {**merged.get(name, {}), **rows}
+        results = merged
         cost = cost if cost is not None else old.get("resnet50_cost")
     path = write_result(args.out, {"results": results, "resnet50_cost": cost})
     print(f"wrote {path}")
