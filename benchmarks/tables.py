@@ -187,13 +187,16 @@ def quality(d: dict) -> str:
 PIPELINE_VARIANTS = {  # results key → row title, in table order
     "l1-uniform": "`l1`, uniform, no data", "data-free": "default, no data",
     "data-free-r0.1": "default, no data, `--ratio 0.1`",
+    "data-free-synthetic": "`--calib synthetic` (data-free: inversion + reconstruction)",
+    "data-free-synthetic-r0.1": "`--calib synthetic`, `--ratio 0.1`",
     "obspa-calib-uniform": "`obspa` calibration, uniform, no reconstruction",
     "post-obspa": "post-training `obspa` (sensitivity, reconstruction)",
     "post-l1": "post-training `l1`", "recover": "post-training `obspa` + `spa recover`",
     "tp-magnitude": "Torch-Pruning magnitude", "tp-recover": "Torch-Pruning + `spa recover`"}
 #: Which variant each target of ``pipeline.CUTS`` applies to.
 PIPELINE_TARGETS = {"post-obspa": "post", "recover": "recover", "data-free": "data-free",
-                    "data-free-r0.1": "data-free-r0.1"}
+                    "data-free-r0.1": "data-free-r0.1", "data-free-synthetic": "data-free",
+                    "data-free-synthetic-r0.1": "data-free-r0.1"}
 
 
 def _pipeline_row(title: str, v: dict, key: str, target: float | None) -> str:
