@@ -124,14 +124,32 @@ def test_spa_apply_reproduces_the_reconstructed_model_byte_for_byte(cnn, tmp_pat
     assert out.read_bytes() == again.read_bytes()
 
 
-def test_a_tiny_memory_budget_spills_to_disk_and_changes_nothing(cnn, tmp_path):
+def test_a_tiny_memory_budget_spills_to_disk_and_changes_nothing(cnn, tmp_path, monkeypatch):
+    import tempfile
+
+    from spa.passes import segments
+
     src, calib = cnn
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    spilled = []
+    real_keep = segments.Frontiers.keep
+
+    def keep(self, value):
+        out = real_keep(self, value)
+        spilled.append(isinstance(out, np.memmap))
+        return out
+
+    monkeypatch.setattr(segments.Frontiers, "keep", keep)
     opts = dict(ratio=0.5, calib=str(calib), allocation="uniform")
     prune(src, tmp_path / "big.onnx", PruneOptions(**opts), CheckOptions(latency=False))
+    assert not any(spilled)
     prune(src, tmp_path / "small.onnx", PruneOptions(**opts, calib_memory=1),
           CheckOptions(latency=False))
+    assert any(spilled)
     assert (tmp_path / "big.onnx").read_bytes() == (tmp_path / "small.onnx").read_bytes()
-    assert not list(Path("/tmp").glob("spa-reconstruction-*"))  # the spill is gone
+    assert not list(scratch.iterdir())  # the spill is gone
 
 
 def test_reconstruction_that_hurts_held_out_fidelity_is_not_written(cnn, tmp_path, monkeypatch):
