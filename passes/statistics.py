@@ -7,22 +7,19 @@ compensation read its Hessians ``H = E[x xᵀ]``, the calibrated criteria (activ
 FLAP) and FLAP's bias compensation its per-channel means and variances. Nothing reads them
 back off a criterion. With ``HessianSource.IDENTITY`` no model runs: ``H = I``.
 
-Calibration data (``--calib FILE.npz``: arrays named after the graph inputs, first axis =
-samples) is read by :func:`load_calibration`, the one reader of that file.
+Calibration data is read, checked and split once per run by :mod:`spa.calibration`; this pass
+takes its training arrays (``calib``, named after the graph inputs, first axis = samples).
 """
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from spa.choices import HessianSource
-from spa.errors import OptionError
 from spa.passes.hessian import ConsumerLayer, InputStats, consumer_layers, input_stats
 
 if TYPE_CHECKING:
@@ -68,18 +65,3 @@ class LayerStatistics:
         inputs = input_stats(analysis, layers, self.source, samples=self.samples,
                              seed=self.seed, calib=self.calib, dims=self.dims)
         return LayerStats(self.source, layers, inputs)
-
-
-def load_calibration(path: str | None) -> dict[str, np.ndarray] | None:
-    """Arrays named after the graph inputs, first axis = samples (``--calib FILE.npz``)."""
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise OptionError(f"{path}: no such calibration file")
-    if not zipfile.is_zipfile(path):
-        raise OptionError(f"{path}: not an .npz file (save arrays with numpy.savez)")
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise OptionError(f"{path}: not a readable .npz of calibration arrays ({exc})") from exc
