@@ -160,9 +160,6 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
         if not calib:
             raise OptionError("--hessian calibration needs --calib FILE.npz")
         names = [i.name for i in sess.get_inputs()]
-        missing = [n for n in names if n not in calib]
-        if missing:
-            raise OptionError(f"calibration data lacks arrays for graph inputs {missing}")
         calib = _checked_calibration(sess, calib)
         batch = sess.get_inputs()[0].shape[0]
         step = batch if isinstance(batch, int) and batch > 0 else 8
@@ -183,27 +180,18 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
 
 
 def _checked_calibration(sess, calib: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays for the graph inputs, cast to their element type; an :class:`OptionError`
-    when one's rank or a fixed dim (after the sample axis) does not fit its input."""
+    """The arrays for the session's inputs, checked and cast by :func:`spa.calibration.fitted`
+    (the pipeline's calibration data already was; a caller of this pass may give raw arrays),
+    with one sample count."""
+    from types import SimpleNamespace
+
+    from spa.calibration import fitted
     from spa.validate import _ORT_TYPES
 
-    out, counts = {}, set()
-    for inp in sess.get_inputs():
-        arr = np.asarray(calib[inp.name])
-        want = _ORT_TYPES.get(inp.type)
-        fixed = [d if isinstance(d, int) and d > 0 else None for d in inp.shape]
-        if arr.ndim != len(fixed) or any(d is not None and d != a
-                                         for d, a in zip(fixed[1:], arr.shape[1:])):
-            raise OptionError(f"calibration array '{inp.name}' has shape {list(arr.shape)}; the "
-                              f"model's input is {list(inp.shape)} (first axis: samples)")
-        if want is not None and arr.dtype != want:
-            if np.dtype(want).kind != arr.dtype.kind and not (
-                    np.dtype(want).kind in "iu" and arr.dtype.kind in "iu"):
-                raise OptionError(f"calibration array '{inp.name}' holds {arr.dtype}; the "
-                                  f"model's input is {inp.type}")
-            arr = arr.astype(want)
-        out[inp.name] = arr
-        counts.add(len(arr))
+    specs = [SimpleNamespace(name=i.name, dtype=_ORT_TYPES.get(i.type), shape=i.shape)
+             for i in sess.get_inputs()]
+    out = {k: v for k, v in fitted(calib, specs).items() if k in {i.name for i in specs}}
+    counts = {len(v) for v in out.values()}
     if len(counts) > 1:
         raise OptionError(f"calibration arrays have different sample counts {sorted(counts)}")
     return out
