@@ -129,6 +129,11 @@ class Calibration:
     def samples(self) -> int:
         return _count(self.train) + _count(self.held_out)
 
+    def summary(self) -> dict:
+        """Where the data came from and how it was split (the report's ``calibration``)."""
+        return {"path": self.path, "kind": self.kind, "samples": _count(self.train),
+                "held_out": _count(self.held_out)}
+
 
 def _count(arrays: Mapping[str, np.ndarray]) -> int:
     return len(next(iter(arrays.values()))) if arrays else 0

@@ -191,7 +191,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         seconds={"rewrite": t1 - t0, "validate": t2 - t1, "save": t3 - t2},
         compensated_layers=rewritten.compensated, oracle=oracle,
         allocation=recipe.allocation if recipe is not None else "uniform",
-        calibration=_calibration_summary(calib), fidelity=faithful.stages,
+        calibration=calib.summary() if calib is not None else {}, fidelity=faithful.stages,
         reconstruction=faithful.reconstruction, **report_extra)
 
 
@@ -232,11 +232,3 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
         return pruned
     faithful.reconstruction["kept"] = True
     return refitted
-
-
-def _calibration_summary(calib: Calibration | None) -> dict:
-    if calib is None:
-        return {}
-    return {"path": calib.path, "kind": calib.kind,
-            "samples": len(next(iter(calib.train.values()))) if calib.train else 0,
-            "held_out": len(next(iter(calib.held_out.values()))) if calib.held_out else 0}
