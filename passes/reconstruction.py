@@ -106,15 +106,16 @@ class Reconstruction:
         dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
         layers = [la for la in layers if la.node in dense_pos]
         n = len(next(iter(inputs.values())))
+        step = self.chunk
         fixed = dense.graph.input[0].type.tensor_type.shape.dim[:1] if dense.graph.input else []
         if fixed and fixed[0].dim_value > 0:
-            self.chunk = fixed[0].dim_value  # the model takes this many samples at a time
-            n -= n % self.chunk
-        chunks = [{k: np.asarray(v[i:i + self.chunk]) for k, v in inputs.items()}
-                  for i in range(0, n, self.chunk)]
+            step = fixed[0].dim_value  # the model takes this many samples at a time
+            n -= n % step
+        chunks = [{k: np.asarray(v[i:i + step]) for k, v in inputs.items()}
+                  for i in range(0, n, step)]
         mask = _attention_mask(dense)
-        self.valid = [None if mask is None or mask not in c else np.asarray(c[mask]) != 0
-                      for c in chunks]
+        valid = [None if mask is None or mask not in c else np.asarray(c[mask]) != 0
+                 for c in chunks]
         out = Reconstructed()
         if not layers or not chunks:
             return out
@@ -129,7 +130,7 @@ class Reconstruction:
                     break
                 d_runner.advance(target_stop, want=(layer.output,))
                 p_runner.advance(layer.index, want=(layer.data,))
-                fit = self._fit(layer, pruned, weights, p_runner, d_runner, k)
+                fit = self._fit(layer, pruned, weights, (p_runner, d_runner), k, valid)
                 out.layers.append(fit[0])
                 for name, value in fit[1].items():
                     weights[name].CopyFrom(numpy_helper.from_array(value, name))
@@ -137,8 +138,11 @@ class Reconstruction:
         return out
 
     def _fit(self, layer: _Layer, pruned: onnx.ModelProto,
-             weights: dict[str, onnx.TensorProto], p_runner: Runner, d_runner: Runner,
-             k: int) -> tuple[LayerFit, dict[str, np.ndarray]]:
+             weights: dict[str, onnx.TensorProto], runners: tuple[Runner, Runner], k: int,
+             valid: list[np.ndarray | None]) -> tuple[LayerFit, dict[str, np.ndarray]]:
+        """Refit layer ``k`` on the pruned runner's inputs against the dense runner's outputs;
+        ``valid``: per chunk, the real-token positions (None: all)."""
+        p_runner, d_runner = runners
         node = pruned.graph.node[layer.index]
         w0 = numpy_helper.to_array(weights[layer.weight]).astype(np.float64)
         b0 = None if layer.bias is None else \
@@ -155,7 +159,7 @@ class Reconstruction:
             x, y = x_chunk[layer.data], y_chunk[layer.output]
             y = self._kept_outputs(layer, y, design.out_axis_of_tensor)
             rng = np.random.default_rng([self.seed, k, c])
-            xs, ys, owner = design.rows(x, y, per_sample, rng, self.valid[c])
+            xs, ys, owner = design.rows(x, y, per_sample, rng, valid[c])
             is_val = (owner + sample) % VALIDATION_EVERY == VALIDATION_EVERY - 1
             fit.add(xs[~is_val], ys[~is_val])
             val.add(xs[is_val], ys[is_val])
