@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 import onnx
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # λ / mean diag(XᵀX), tried per layer
+CORRECT_RESIDUAL = True
 VALIDATION_EVERY = 8  # every 8th sample's rows judge λ and the refit, never fit
 
 
@@ -84,6 +86,7 @@ class _Layer:
     data: str
     output: str  # the tensor matched to the dense model's (the Add's output for MatMul+Add)
     out_axis: int  # the weight's output-channel axis
+    residual: str | None = None  # the other input of the residual Add the output feeds
 
 
 class Reconstruction:
@@ -130,6 +133,9 @@ class Reconstruction:
                     break
                 d_runner.advance(target_stop, want=(layer.output,))
                 p_runner.advance(layer.index, want=(layer.data,))
+                if layer.residual is not None and not (p_runner.holds(layer.residual)
+                                                       and d_runner.holds(layer.residual)):
+                    layer = replace(layer, residual=None)
                 fit = self._fit(layer, pruned, weights, (p_runner, d_runner), k, valid)
                 out.layers.append(fit[0])
                 for name, value in fit[1].items():
@@ -158,6 +164,8 @@ class Reconstruction:
                                                    d_runner.chunk_values(layer.output))):
             x, y = x_chunk[layer.data], y_chunk[layer.output]
             y = self._kept_outputs(layer, y, design.out_axis_of_tensor)
+            if layer.residual is not None and CORRECT_RESIDUAL:
+                y = self._corrected(layer, y, design.out_axis_of_tensor, c, runners)
             rng = np.random.default_rng([self.seed, k, c])
             xs, ys, owner = design.rows(x, y, per_sample, rng, valid[c])
             is_val = (owner + sample) % VALIDATION_EVERY == VALIDATION_EVERY - 1
@@ -185,6 +193,19 @@ class Reconstruction:
             values[layer.bias] = b.reshape(numpy_helper.to_array(weights[layer.bias]).shape
                                            ).astype(dtype)
         return LayerFit(layer.node, e0, best_err, best_ridge), values
+
+    def _corrected(self, layer: _Layer, y: np.ndarray, axis: int, c: int,
+                   runners: tuple[Runner, Runner]) -> np.ndarray:
+        """The target of a layer whose output joins a residual stream: the dense output plus
+        what the pruned stream lost on the way (``r_dense − r_pruned``), so that the sum the
+        Add makes matches the dense model's, not only the layer's own term."""
+        p_runner, d_runner = runners
+        name = cast(str, layer.residual)
+        r_pruned = np.asarray(p_runner.chunk_values(name)[c][name])
+        r_dense = self._kept_outputs(layer, np.asarray(d_runner.chunk_values(name)[c][name]), axis)
+        if r_pruned.shape != y.shape or r_dense.shape != y.shape:
+            return y
+        return y + (r_dense.astype(np.float64) - r_pruned)
 
     def _kept_outputs(self, layer: _Layer, y: np.ndarray, axis: int) -> np.ndarray:
         idx = self.kept.get((layer.weight, layer.out_axis))
@@ -223,9 +244,10 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                 and init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
                 and (rank is None or len(init.dims) == rank))
 
-    found = []
+    found: list[_Layer] = []
     for i, node in enumerate(model.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        before = len(found)
         if node.op_type == "Conv" and len(node.input) >= 2 and const(node.input[1], 4) \
                 and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -249,6 +271,13 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                     bias, output = other[0], after[0].output[0]
             found.append(_Layer(i, node.name, "MatMul", node.input[1], bias, node.input[0],
                                 output, 1))
+        if len(found) == before:
+            continue
+        after = consumers.get(found[-1].output, [])
+        if len(after) == 1 and after[0].op_type == "Add" and found[-1].output not in outputs:
+            other = [n for n in after[0].input if n != found[-1].output]
+            if len(other) == 1 and other[0] not in inits:
+                found[-1] = replace(found[-1], residual=other[0])
     return found
 
 
@@ -363,15 +392,16 @@ class _Normal:
             return
         if self.bias:
             xs = np.concatenate([xs, np.ones((*xs.shape[:2], 1))], axis=2)
-        self.gram += np.einsum("rgi,rgj->gij", xs, xs)
-        self.cross += np.einsum("rgi,rgo->gio", xs, ys)
+        xt = xs.transpose(1, 2, 0)  # [groups, features, rows]: one BLAS product per group
+        self.gram += xt @ xs.transpose(1, 0, 2)
+        self.cross += xt @ ys.transpose(1, 0, 2)
         self.energy += float(np.sum(ys * ys))
         self.count += len(xs)
 
     def error(self, theta: np.ndarray) -> float:
         """``‖XΘ − Y‖² / ‖Y‖²`` from the accumulated sums."""
-        sq = np.einsum("gio,gij,gjo->", theta, self.gram, theta) \
-            - 2 * np.einsum("gio,gio->", theta, self.cross) + self.energy
+        sq = float(np.sum(theta * (self.gram @ theta))) \
+            - 2 * float(np.sum(theta * self.cross)) + self.energy
         return float(max(sq, 0.0) / max(self.energy, 1e-30))
 
     def solve(self, theta0: np.ndarray, ridge: float) -> np.ndarray | None:

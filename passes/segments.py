@@ -41,7 +41,7 @@ def producer_index(model: onnx.ModelProto, tensor: str) -> int:
     raise OptionError(f"reconstruction: the dense model has no tensor '{tensor}'")
 
 
-def _node_inputs(node: onnx.NodeProto) -> set[str]:
+def node_inputs(node: onnx.NodeProto) -> set[str]:
     """Every outer tensor a node reads, through its subgraphs too."""
     names = {n for n in node.input if n}
     for attr in node.attribute:
@@ -51,7 +51,7 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
             for sub in g.node:
                 inner |= set(sub.output)
             for sub in g.node:
-                names |= _node_inputs(sub) - inner
+                names |= node_inputs(sub) - inner
             names |= {o.name for o in g.output} - inner
     return names
 
@@ -101,7 +101,7 @@ class Runner:
                                                *model.graph.output)}
         self.position = 0
         self.graph_outputs = {o.name for o in model.graph.output}
-        self.reads = [_node_inputs(n) for n in self.nodes]
+        self.reads = [node_inputs(n) for n in self.nodes]
         self.last_read: dict[str, int] = {}
         for i, names in enumerate(self.reads):
             for name in names:
@@ -113,6 +113,10 @@ class Runner:
 
     def chunk_values(self, name: str) -> list[Arrays]:
         return [e if name in e else v for v, e in zip(self.values, self.extra)]
+
+    def holds(self, name: str) -> bool:
+        """Whether every chunk has ``name`` at the current position."""
+        return all(name in v or name in e for v, e in zip(self.values, self.extra))
 
     def advance(self, stop: int, *, want: tuple[str, ...]) -> None:
         """Run nodes ``[position, stop)`` on every chunk; ``want``: tensors to expose (kept

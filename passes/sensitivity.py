@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from spa.passes.segments import Frontiers, Runner, node_inputs, with_types
 from spa.plan import GroupPlan, Plan
 from spa.progress import progress
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 RATIOS = (0.125, 0.25, 0.5, 0.75)
+MACS_BUDGET = 2e12  # multiply-adds all masked runs may cost together, before samples fall
+MIN_SAMPLES = 8
+FRONTIER_MEMORY = 1 << 30  # the shared prefix's live tensors held in memory; beyond, on disk
 
 
 @dataclass(frozen=True)
@@ -60,36 +64,49 @@ class Sensitivity:
     """``Sensitivity(ratios=…, samples=…).run(analysis, original, scores, inputs)``."""
 
     def __init__(self, *, ratios: tuple[float, ...] = RATIOS, samples: int = 32,
-                 min_channels: int = 1):
+                 min_channels: int = 1, macs_budget: float = MACS_BUDGET):
         self.ratios, self.samples, self.min_channels = ratios, samples, min_channels
+        self.macs_budget = macs_budget  # fewer samples (down to MIN_SAMPLES) for big models
 
     def run(self, analysis: Analysis, original: onnx.ModelProto, scores: Scores,
             inputs: Mapping[str, np.ndarray]) -> Sensitivities:
 
-        n = len(next(iter(inputs.values())))
-        take = min(n, self.samples)
-        feeds = {k: np.asarray(v[:take]) for k, v in inputs.items()}
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
         masked = _Masked(original, analysis)
+        plans = {g.id: [_one_group_plan(analysis, g, scores, c) for c in self._counts(g)]
+                 for g in groups}
+        # a group's masks change nothing before its first consumer: run the shared prefix once
+        # and each group's suffix from there, groups in the order of their first consumers
+        starts = {g.id: masked.start(plans[g.id]) for g in groups}
+        order = sorted(groups, key=lambda g: starts[g.id])
+        suffix_macs = _suffix_macs(analysis, original)
+        per_sample = sum(len(plans[g.id]) * suffix_macs[starts[g.id]] for g in groups)
+        n = len(next(iter(inputs.values())))
+        take = min(n, self.samples, max(MIN_SAMPLES, int(self.macs_budget // max(per_sample, 1))))
+        feeds = {k: np.asarray(v[:take]) for k, v in inputs.items()}
         reference = _outputs(masked.session, feeds)
         curves: dict[int, Curve] = {}
-        for g in progress(groups, "sensitivity", unit="group"):
-            counts = sorted({c for r in self.ratios
-                             if 0 < (c := min(g.size - self.min_channels,
-                                              max(1, math.floor(r * g.size))))})
-            damage = []
-            for c in counts:
-                plan = _one_group_plan(analysis, g, scores, c)
-                damage.append(_damage(reference, masked.outputs(plan, feeds)))
-            curves[g.id] = Curve(tuple(counts), tuple(damage))
+        with Frontiers(FRONTIER_MEMORY) as fronts:
+            prefix = masked.runner(fronts, feeds)
+            for g in progress(order, "sensitivity", unit="group"):
+                damage = [_damage(reference, out) for out in masked.outputs(plans[g.id], prefix,
+                                                                              feeds)]
+                curves[g.id] = Curve(tuple(p.groups[0].size - len(p.groups[0].keep)
+                                           for p in plans[g.id]), tuple(damage))
         return Sensitivities(curves, take)
+
+    def _counts(self, g: Group) -> list[int]:
+        return sorted({c for r in self.ratios
+                       if 0 < (c := min(g.size - self.min_channels,
+                                        max(1, math.floor(r * g.size))))})
 
 
 class _Masked:
     """The original model with its float consumer weights fed as inputs (each initializer is
     also declared a graph input, so a feed overrides it): one onnxruntime session answers for
-    every masked variant. A plan whose masking is not a plain initializer slice (a quantised
-    weight behind DequantizeLinear) gets a masked copy of its own."""
+    every masked variant of the whole model, and one per starting node for its suffixes. A plan
+    whose masking is not a plain initializer slice (a quantised weight behind
+    DequantizeLinear) gets a whole masked copy of its own."""
 
     def __init__(self, original: onnx.ModelProto, analysis: Analysis):
         from spa import validate as val
@@ -107,20 +124,109 @@ class _Masked:
         model.graph.input.extend(
             onnx.helper.make_tensor_value_info(n, self.inits[n].data_type, self.inits[n].dims)
             for n in names if n not in declared)
-        self.session = val.session(model, what="original model")
+        self.model = with_types(model)
+        self.session = val.session(self.model, what="original model")
+        self.first_reader: dict[str, int] = {}
+        for i, node in enumerate(self.model.graph.node):
+            for name in node_inputs(node):
+                self.first_reader.setdefault(name, i)
         self.arrays: dict[str, np.ndarray] = {}
+        self.suffixes: dict[int, object] = {}
 
-    def outputs(self, plan: Plan, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        from spa import validate as val
+    def zeroed(self, plan: Plan) -> dict[str, list[tuple[int, np.ndarray]]]:
+        """The consumer weight slices the plan's mask zeroes, by initializer name."""
         from spa.plan import removed_indices
 
         zero: dict[str, list[tuple[int, np.ndarray]]] = {}
         for (name, axis), idx in removed_indices(self.analysis, plan).items():
             if (name, axis) in self.spaces:
                 zero.setdefault(name, []).append((axis, idx))
+        return zero
+
+    def start(self, plans: list[Plan]) -> int:
+        """The first node the plans' masks change (0: they need the whole masked copy)."""
+        names = {name for p in plans for name in self.zeroed(p)}
+        if not names or any(n not in self.inits for n in names):
+            return 0
+        return min(self.first_reader.get(n, 0) for n in names)
+
+    def runner(self, fronts: Frontiers, feeds: Mapping[str, np.ndarray]) -> Runner:
+        from spa import validate as val
+
+        step = val.batch_of(self.session)
+        n = len(next(iter(feeds.values())))
+        chunks = [{k: v[i:i + step] for k, v in feeds.items()} for i in range(0, n, step)]
+        return Runner(self.model, fronts, "original", chunks)
+
+    def outputs(self, plans: list[Plan], prefix: Runner, feeds: Mapping[str, np.ndarray]
+                ) -> list[list[np.ndarray]]:
+        """The float outputs of each plan's masked model; the prefix runner is advanced to
+        the plans' first changed node and runs the unchanged part once."""
+        from spa import validate as val
+
+        start = self.start(plans)
+        if start == 0 or start < prefix.position:
+            return [self._whole(plan, feeds) for plan in plans]
+        prefix.advance(start, want=())
+        sess, inputs, outputs = self._suffix(start)
+        results = []
+        for plan in plans:
+            weights = self._weights(self.zeroed(plan))
+            parts: dict[str, list[np.ndarray]] = {}
+            for values in prefix.values:
+                run = val.run(sess, {k: np.asarray(values[k]) for k in inputs} | weights)
+                for name in outputs:
+                    parts.setdefault(name, []).append(np.asarray(
+                        run[name] if name in run else values[name]))
+            results.append([np.asarray(np.concatenate(parts[o]), np.float64)
+                            for o in outputs if np.issubdtype(parts[o][0].dtype, np.floating)])
+        return results
+
+    def _whole(self, plan: Plan, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        from spa import validate as val
+
+        zero = self.zeroed(plan)
         if any(name not in self.inits for name in zero):
             copy = val.masked_model(self.original, self.analysis, plan)
             return _outputs(val.session(copy), feeds)
+        return _outputs(self.session, feeds, self._weights(zero))
+
+    def _suffix(self, start: int):
+        """A session of nodes ``[start:]``, fed the tensors live there and the overridable
+        consumer weights; its input and the graph's output names."""
+        from spa import validate as val
+
+        graph = self.model.graph
+        nodes = list(graph.node)[start:]
+        produced = {o for node in nodes for o in node.output if o}
+        read = set().union(*(node_inputs(node) for node in nodes))
+        inits = {i.name: i for i in graph.initializer}
+        types = {v.name: v.type for v in (*graph.input, *graph.value_info, *graph.output)}
+        declared = {i.name: i for i in graph.input}
+        outer = sorted(t for t in read if t not in produced and t not in inits)
+        outputs = [o.name for o in graph.output]
+        if start not in self.suffixes:
+            def info(name: str) -> onnx.ValueInfoProto:
+                if name in declared:
+                    return declared[name]
+                t = types.get(name)
+                if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
+                    return onnx.helper.make_tensor_value_info(name, t.tensor_type.elem_type,
+                                                              None)
+                return onnx.helper.make_empty_tensor_value_info(name)
+
+            overridable = sorted(n for n in read & set(inits) if n in declared)
+            suffix = onnx.helper.make_graph(
+                nodes, f"suffix_{start}", [info(n) for n in (*outer, *overridable)],
+                [info(o) for o in outputs if o in produced],
+                [inits[n] for n in sorted(read & set(inits))])
+            model = onnx.helper.make_model(suffix, opset_imports=self.model.opset_import,
+                                           ir_version=self.model.ir_version)
+            self.suffixes = {start: val.session(model, what=f"original model from node {start}",
+                                                arena=False)}
+        return self.suffixes[start], outer, outputs
+
+    def _weights(self, zero: dict[str, list[tuple[int, np.ndarray]]]) -> dict[str, np.ndarray]:
         weights = {}
         for name, slices in zero.items():
             arr = self._array(name).copy()
@@ -129,12 +235,22 @@ class _Masked:
                 index[axis] = idx
                 arr[tuple(index)] = 0
             weights[name] = arr
-        return _outputs(self.session, feeds, weights)
+        return weights
 
     def _array(self, name: str) -> np.ndarray:
         if name not in self.arrays:
             self.arrays[name] = onnx.numpy_helper.to_array(self.inits[name])
         return self.arrays[name]
+
+
+def _suffix_macs(analysis: Analysis, original: onnx.ModelProto) -> list[float]:
+    """Per node position, the multiply-adds of one sample from there to the end (the
+    registry's MAC terms at the graph's shapes; symbolic dims count as 1)."""
+    from spa.metrics import node_macs
+
+    macs = node_macs(analysis.model.graph)
+    per_node = [float(macs.get(node.name, 0)) for node in original.graph.node]
+    return [*np.cumsum(per_node[::-1])[::-1].tolist(), 0.0]
 
 
 def lowest(group: Group, scores: Scores, removed: int) -> np.ndarray:

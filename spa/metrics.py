@@ -91,6 +91,16 @@ class CostModel:
                               _kept_values(values, tie.source, kept))
 
 
+def node_macs(graph: gs.Graph) -> dict[str, int]:
+    """Each node's MACs at the graph's shapes, by node name (nodes with no MAC term: absent)."""
+    out = {}
+    for node in graph.nodes:
+        term = _mac_term(node, graph.opset)
+        if term is not None:
+            out[node.name] = int(term.count(*(s for _, s in term.tensors)))
+    return out
+
+
 def _cut(shape: Shape, name: str, kept: Kept) -> Shape:
     """``shape`` of tensor ``name`` with each axis in ``kept`` cut to its kept indices."""
     return tuple(len(kept[(name, ax)]) if (name, ax) in kept else d

@@ -327,3 +327,77 @@ def test_sensitivity_keeps_each_kinds_budget(tmp_path):
         assert mine
         removed = sum(by_id[g.id].removed for g in mine)
         assert removed == int(0.3 * sum(g.size for g in mine)), kind
+
+
+def _residual_mlp(rng: np.random.Generator, blocks: int, width: int, hidden: int
+                  ) -> onnx.ModelProto:
+    """x[N,6] → ``blocks`` × (h + fc2(Relu(fc1(h)))): the stream is the graph's input and
+    output, so only the hidden neurons prune, and what one block's cut loses from the stream
+    stays in it."""
+    inits, nodes, h = {}, [], "x"
+    for i in range(blocks):
+        inits |= {f"w1_{i}": rng.standard_normal((width, hidden)),
+                  f"b1_{i}": rng.standard_normal(hidden) * 0.1,
+                  f"w2_{i}": rng.standard_normal((hidden, width)) / np.sqrt(hidden),
+                  f"b2_{i}": np.zeros(width)}
+        nodes += [helper.make_node("MatMul", [h, f"w1_{i}"], [f"m1_{i}"], name=f"fc1_{i}"),
+                  helper.make_node("Add", [f"m1_{i}", f"b1_{i}"], [f"a1_{i}"], name=f"bias1_{i}"),
+                  helper.make_node("Relu", [f"a1_{i}"], [f"r_{i}"], name=f"relu_{i}"),
+                  helper.make_node("MatMul", [f"r_{i}", f"w2_{i}"], [f"m2_{i}"], name=f"fc2_{i}"),
+                  helper.make_node("Add", [f"m2_{i}", f"b2_{i}"], [f"a2_{i}"], name=f"bias2_{i}"),
+                  helper.make_node("Add", [h, f"a2_{i}"], [f"h_{i}"], name=f"res_{i}")]
+        h = f"h_{i}"
+    nodes[-1].output[0] = "y"
+    return _model(nodes, inits, ["N", width], ["N", width])
+
+
+BLOCKS_SEED, BLOCKS = 0, (2, 4, 16)  # seed, (blocks, width, hidden)
+
+
+def test_a_layer_feeding_a_residual_add_also_repairs_what_the_stream_lost(tmp_path, monkeypatch):
+    """Each block's second layer is refitted towards the dense *sum* at its residual Add, so
+    it also takes back what earlier blocks' cuts left in the stream; fitted to its own dense
+    output only, it cannot."""
+    from spa.passes import reconstruction
+
+    rng = np.random.default_rng(BLOCKS_SEED)
+    src = tmp_path / "m.onnx"
+    onnx.save(_residual_mlp(rng, *BLOCKS), str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((400, BLOCKS[1])).astype(np.float32))
+    test_x = rng.standard_normal((200, BLOCKS[1])).astype(np.float32)
+    opts = PruneOptions(ratio=0.5, calib=str(calib), allocation="uniform")
+    prune(src, tmp_path / "c.onnx", opts, CheckOptions(latency=False))
+    monkeypatch.setattr(reconstruction, "CORRECT_RESIDUAL", False)
+    prune(src, tmp_path / "o.onnx", opts, CheckOptions(latency=False))
+    prune(src, tmp_path / "n.onnx", PruneOptions(ratio=0.5, calib=str(calib),
+                                                 allocation="uniform", reconstruct=False),
+          CheckOptions(latency=False))
+    corrected = _relative_error(src, tmp_path / "c.onnx", test_x)
+    own_output = _relative_error(src, tmp_path / "o.onnx", test_x)
+    pruned = _relative_error(src, tmp_path / "n.onnx", test_x)
+    assert corrected < 0.95 * own_output < 0.5 * pruned, (corrected, own_output, pruned)
+
+
+def test_sensitivity_runs_each_group_from_its_first_consumer_as_the_whole_model_would(
+        cnn, tmp_path, monkeypatch):
+    """The shared prefix runs once and each group's masked runs start at its first consumer:
+    the damage curves equal those of whole-model runs, and a budget of multiply-adds cuts the
+    samples (never below the floor)."""
+    from spa.api import analyze
+    from spa.passes import sensitivity
+    from spa.passes.importance import get_criterion
+
+    src, calib = cnn
+    analysis = analyze(src)
+    scores = get_criterion("l1").run(analysis)
+    x = {"x": np.load(calib)["x"]}
+    model = onnx.load(str(src))
+    suffix = sensitivity.Sensitivity().run(analysis, model, scores, x)
+    monkeypatch.setattr(sensitivity._Masked, "start", lambda self, plans: 0)
+    whole = sensitivity.Sensitivity().run(analysis, model, scores, x)
+    assert suffix.samples == whole.samples == 32 and len(suffix.curves) >= 2
+    for gid, curve in whole.curves.items():
+        assert suffix.curves[gid].removed == curve.removed
+        np.testing.assert_allclose(suffix.curves[gid].damage, curve.damage, rtol=1e-4, atol=1e-9)
+    assert sensitivity.Sensitivity(macs_budget=1).run(analysis, model, scores, x).samples == 8
