@@ -1,0 +1,75 @@
+"""onnxruntime's fused normalisations over the hidden (last) axis.
+
+``SimplifiedLayerNormalization`` (RMSNorm; onnxruntime registers it in the *default* domain,
+where onnxruntime-genai's builder writes it): ``Y = X / rms(X) · scale`` over axes
+``axis..-1``, with an optional ``inv_std_var`` output. It maps as ONNX's RMSNormalization does
+(spa/coupling/rules/norm.py): the leading axes pass through; the normalised axes freeze, unless
+hidden-size pruning is on and only the last axis is normalised, where the axis goes with its
+scale and the statistics change by design (outside the masked oracle).
+
+``SkipLayerNormalization`` and ``SkipSimplifiedLayerNormalization`` (``com.microsoft``) add
+before they normalise over the last axis: ``S = input + skip (+ bias)``; ``output = LN(S) · γ
+(+ β)`` (or RMSNorm); optional outputs ``mean`` and ``inv_std_var`` (``[…, 1]``) and
+``input_skip_bias_sum`` ``= S``. ``skip`` broadcasts to ``input`` (it may lack leading axes).
+The leading axes of input, skip and every output are coupled as in an element-wise add; the
+last axis is the residual stream: it freezes, naming the statistics, unless hidden-size
+pruning is on, where input, skip, bias, the sum and the output go together with ``γ`` and ``β``.
+
+Fail closed: an input or output of unknown rank refuses the node; a normalised axis other
+than the last always freezes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from spa.coupling.context import axes_text
+from spa.coupling.registry import register
+from spa.coupling.rules.elementwise import couple_broadcast
+from spa.coupling.rules.norm import normalise, statistics_reason
+from spa.coupling.types import Role
+
+if TYPE_CHECKING:
+    from spa.coupling.context import NodeContext
+
+# SkipLayerNormalization's inputs: (γ, β, bias); SkipSimplifiedLayerNormalization has no β.
+_PARAMS = {"SkipLayerNormalization": (2, 3, 4), "SkipSimplifiedLayerNormalization": (2, None, 3)}
+_SUM_OUTPUT = 3  # input_skip_bias_sum
+
+
+@register("SimplifiedLayerNormalization")
+def simplified_layer_norm(ctx: NodeContext) -> None:
+    x, rank = ctx.input(0), ctx.rank(ctx.input(0))
+    if x is None or rank is None:
+        ctx.refuse(ctx.unknown_rank(x))
+        return
+    stats = ctx.output(1)
+    normalise(ctx, [ctx.input(1)], [stats] if stats is not None else [])
+
+
+@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+def skip_layer_norm(ctx: NodeContext) -> None:
+    x, skip, y = ctx.input(0), ctx.input(1), ctx.output(0)
+    rank = ctx.rank(x)
+    if x is None or skip is None or y is None or rank is None or ctx.rank(y) != rank:
+        ctx.refuse(ctx.unknown_rank(x if rank is None else y))
+        return
+    couple_broadcast(ctx, [x, skip], y, skip_last=1)
+    for out in ctx.outputs[1:]:
+        for ax in range(rank - 1):
+            ctx.identity_axes(y, ax, out, ax)
+    sy = ctx.space(y, -1)
+    added = [ctx.space(t, -1) for t in (x, skip, ctx.output(_SUM_OUTPUT))]
+    if not ctx.hidden:
+        ctx.decline(statistics_reason(f"normalises over {axes_text([rank - 1])} of '{x.name}'",
+                                      True), sy, *added)
+        return
+    gamma, beta, bias = (None if i is None else ctx.input(i) for i in _PARAMS[ctx.node.op])
+    for space in added:
+        ctx.identity(space, sy)
+    for param in (gamma, beta, bias):
+        sp = ctx.space(param, 0) if ctx.rank(param) == 1 else None
+        ctx.identity(sp, sy)
+        if param is gamma:
+            ctx.role(sp, Role.SCALE)
+    ctx.statistics_over(ctx.space(x, -1))
