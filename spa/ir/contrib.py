@@ -14,7 +14,8 @@ So the checker and ONNX shape inference run on a copy of the model, :func:`onnx_
   default-domain op neither knows stays where it is, and the checker refuses it as before;
 * ``FusedMatMul`` and ``FusedConv`` (a MatMul or Conv with an activation folded in, whose
   output shape is their plain op's) are replaced by the plain op, so that ONNX infers them and
-  the checker checks their attributes.
+  the checker checks their attributes; a FusedMatMul that reads an operand transposed has its
+  shape computed here from its inputs' (onnxruntime's inference does not know the op).
 
 onnxruntime validates the rest: the contrib nodes' shapes come from its symbolic shape
 inference (:func:`contrib_shapes`, run only when the model has such nodes), and every pruned
@@ -73,12 +74,12 @@ def onnx_view(light: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _to_plain(node: onnx.NodeProto) -> None:
-    """``FusedConv``/``FusedMatMul`` as the plain op of the same output shape, when it has one:
-    a FusedConv's optional 4th input ``Z`` (added after the convolution) has the output's
-    shape; a FusedMatMul with transposes keeps its own op (its outputs stay unknown)."""
+    """``FusedConv``/``FusedMatMul`` as the plain op of the same output shape: a FusedConv's
+    optional 4th input ``Z`` (added after the convolution) has the output's shape. A
+    FusedMatMul that reads an operand transposed keeps its own op (:func:`_fused_matmul`)."""
     op, extra = _PLAIN[(node.domain, node.op_type)]
-    attrs = {a.name: a for a in node.attribute}
-    if any(onnx.helper.get_attribute_value(attrs[t]) for t in _TRANSPOSES if t in attrs):
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if any(attrs.get(t) for t in _TRANSPOSES):
         return
     kept = [a for a in node.attribute if a.name not in extra and a.name not in _TRANSPOSES]
     del node.attribute[:]
@@ -93,26 +94,79 @@ def has_contrib(model: onnx.ModelProto) -> bool:
 
 
 def contrib_shapes(light: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The shapes and types of the contrib nodes' outputs in ``light`` (its ONNX shapes already
-    inferred), by onnxruntime's symbolic shape inference; ``[]`` when it cannot run.
+    """Shapes and types of the contrib nodes' outputs that ``light`` (its ONNX shapes already
+    inferred) lacks: by onnxruntime's symbolic shape inference, and by :func:`_fused_matmul`.
 
-    It stops at the first node it cannot infer: the contrib outputs after that one stay
-    unknown (and what they touch freezes)."""
-    wanted = {o for n in light.graph.node if (n.domain or "") not in ONNX_DOMAINS
-              for o in n.output if o}
+    onnxruntime's inference stops at the first node it cannot infer; the caller runs ONNX
+    inference with what was found and asks again, until nothing more is found. Outputs that
+    stay unknown freeze what they touch."""
+    g = light.graph
+    known = {vi.name: vi for vi in (*g.input, *g.value_info)
+             if vi.type.tensor_type.HasField("shape")}
+    known.update((t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+                 for t in g.initializer)
+    nodes = [n for n in light.graph.node if (n.domain or "") not in ONNX_DOMAINS]
+    wanted = {o for n in nodes for o in n.output if o and o not in known}
     if not wanted:
         return []
+    inferred, ops = _onnxruntime_shapes(light)
+    # Only the ops it has a formula for: for others it makes up a shape of the rank it finds.
+    from_ort = {o for n in nodes if n.op_type in ops for o in n.output}
+    found = {vi.name: vi for vi in inferred if vi.name in wanted & from_ort
+             and vi.type.tensor_type.HasField("shape")}
+    for node in nodes:
+        if node.op_type == "FusedMatMul" and node.output[0] in wanted:
+            vi = _fused_matmul(node, known)
+            if vi is not None:
+                found[vi.name] = vi
+    return list(found.values())
+
+
+def _onnxruntime_shapes(light: onnx.ModelProto
+                        ) -> tuple[list[onnx.ValueInfoProto], frozenset[str]]:
+    """The value infos onnxruntime's symbolic shape inference finds, and the op types it
+    has formulas for; nothing when it fails."""
     try:
-        inferred = _symbolic(light)
+        model, ops = _symbolic(light)
     except Exception as exc:  # noqa: BLE001 — a third-party tool; its failure is not the model's
         log.info("onnxruntime's symbolic shape inference failed (%s): contrib op outputs keep "
                  "unknown shapes", exc)
-        return []
-    return [vi for vi in inferred.graph.value_info
-            if vi.name in wanted and vi.type.tensor_type.HasField("shape")]
+        return [], frozenset()
+    return list(model.graph.value_info), ops
 
 
-def _symbolic(light: onnx.ModelProto) -> onnx.ModelProto:
+def _fused_matmul(node: onnx.NodeProto, known: dict[str, onnx.ValueInfoProto]
+                  ) -> onnx.ValueInfoProto | None:
+    """``Y = A' @ B'``: the batch dims broadcast, then ``[M, N]`` (``A'``, ``B'`` transposed
+    over their last two axes as ``transA``/``transB`` say); None when an input's shape is
+    unknown, an operand is 1-D or batch axes are transposed."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if len(node.input) < 2 or any(attrs.get(t) for t in _TRANSPOSES[2:]) \
+            or node.input[0] not in known or node.input[1] not in known:
+        return None
+    a, b = (_dims(known[name]) for name in node.input[:2])
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if attrs.get("transA"):
+        a[-2:] = a[-1], a[-2]
+    if attrs.get("transB"):
+        b[-2:] = b[-1], b[-2]
+    batch_a, batch_b = a[:-2], b[:-2]
+    rank = max(len(batch_a), len(batch_b))
+    batch_a = [1] * (rank - len(batch_a)) + batch_a
+    batch_b = [1] * (rank - len(batch_b)) + batch_b
+    batch = [y if x == 1 else x if y == 1 or x == y or not isinstance(y, int) else None
+             for x, y in zip(batch_a, batch_b)]
+    elem = known[node.input[0]].type.tensor_type.elem_type
+    return onnx.helper.make_tensor_value_info(node.output[0], elem, [*batch, a[-2], b[-1]])
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+            for d in vi.type.tensor_type.shape.dim]
+
+
+def _symbolic(light: onnx.ModelProto) -> tuple[onnx.ModelProto, frozenset[str]]:
     """``SymbolicShapeInference.infer_shapes`` without its ending, which writes the partial
     model into the working directory and raises when a node stays unknown."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
@@ -122,4 +176,4 @@ def _symbolic(light: onnx.ModelProto) -> onnx.ModelProto:
     while inference.run_:
         inference._infer_impl()
     inference._update_output_from_vi()
-    return inference.out_mp_
+    return inference.out_mp_, frozenset(inference.dispatcher_)

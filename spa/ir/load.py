@@ -422,8 +422,10 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     from onnxruntime, and ONNX inference then runs again to carry them to the ops after them."""
     try:
         inferred = _infer(onnx_view(weightless(model)), strict)
-        contrib = contrib_shapes(inferred)
-        if contrib:
+        for _ in range(_REFINE_ROUNDS):
+            contrib = contrib_shapes(inferred)
+            if not contrib:
+                break
             known = {vi.name for vi in contrib}
             kept = [vi for vi in inferred.graph.value_info if vi.name not in known]
             del inferred.graph.value_info[:]

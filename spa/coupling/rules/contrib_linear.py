@@ -99,12 +99,12 @@ mac, layer_input = conv_facts()
 @register("FusedConv", domain="com.microsoft", mac=mac, layer_input=layer_input,
           bias=BiasSlot(2))
 def fused_conv(ctx: NodeContext) -> None:
+    conv(ctx)  # first: a refused node's weight still makes its (frozen) group
     activation = ctx.attr("activation")
     if activation is not None and str(activation) not in ACTIVATIONS:
         ctx.refuse(f"attribute activation={activation!s} is not one of the element-wise "
                    f"activations {', '.join(ACTIVATIONS)}")
         return
-    conv(ctx)
     z = ctx.input(3)
     if z is not None:
         ctx.same_axes([(z, ctx.output(0))])

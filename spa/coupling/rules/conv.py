@@ -61,10 +61,10 @@ def _check_channels(ctx: NodeContext, x: gs.Tensor, w: gs.Tensor, group: int) ->
     channels = x_shape[1] if x_shape is not None and len(x_shape) > 1 else None
     if not isinstance(channels, int) or w_shape is None or len(w_shape) < 2:
         return
-    w_in = w_shape[1] if ctx.node.op == "Conv" else w_shape[0]
+    w_in = w_shape[1] if ctx.node.op != "ConvTranspose" else w_shape[0]
     if w_in is None:
         return  # a quantised weight whose shape is not inferred: nothing to check against
-    takes = w_in * group if ctx.node.op == "Conv" else w_in
+    takes = w_in * group if ctx.node.op != "ConvTranspose" else w_in
     if channels != takes:
         raise InvalidModelError(
             f"invalid model: {ctx.node.op} node '{ctx.name}' reads {channels} input channels, but "

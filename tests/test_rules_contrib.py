@@ -1,0 +1,248 @@
+"""Op rules for onnxruntime's contrib ops (norms, fused activations, FusedMatMul, FusedConv), each
+pruned under the masked oracle, and loading models that use them (spa/ir/contrib.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import IR_VERSION, Builder, group_of, init_shapes, init_value, kept_slices, reasons
+from onnx import helper
+from oracle import group_sizes, prune_checked
+
+from spa.api import CheckOptions, PruneOptions, analyze, prune
+from spa.coupling import GroupKind
+from spa.errors import ModelLoadError
+
+MS = "com.microsoft"
+X = [2, 3, 8]
+
+
+def contrib_model(b: Builder, inputs, outputs) -> onnx.ModelProto:
+    """The model of ``b`` importing ``com.microsoft``; not checked here (onnx does not know
+    the contrib ops SPA's loader is meant to accept)."""
+    imports = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    return helper.make_model(b.graph(inputs, outputs), opset_imports=imports,
+                             ir_version=IR_VERSION)
+
+
+def dense(b: Builder, x: str, k: int, n: int, name: str) -> str:
+    return b.op("MatMul", x, b.weight(k, n, name=f"{name}.w"), name=name)
+
+
+# --- loading ------------------------------------------------------------------------------------
+def test_default_domain_onnxruntime_op_loads_and_is_checked(tmp_path):
+    """SimplifiedLayerNormalization is in the default domain (as onnxruntime-genai writes it),
+    which onnx.checker refuses; the loader checks the rest and infers its output's shape."""
+    b = Builder()
+    h = dense(b, b.op("Relu", dense(b, "x", 8, 16, "fc1")), 16, 8, "fc2")
+    y = dense(b, b.op("SimplifiedLayerNormalization", h, b.weight(8, name="n.scale"),
+                      name="n", axis=-1, epsilon=1e-5), 8, 4, "head")
+    m = contrib_model(b, {"x": X}, {y: [2, 3, 4]})
+    with pytest.raises(onnx.checker.ValidationError, match="No Op registered"):
+        onnx.checker.check_model(m)
+    assert group_sizes(m) == [(16, True), (8, False), (4, False)]
+    assert any("SimplifiedLayerNormalization node 'n': normalises over axis 2" in r
+               for r in group_of(m, "fc2.w", 1).frozen)
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["fc1.w"] == (8, 8)
+
+
+def test_default_domain_op_neither_knows_is_refused(tmp_path):
+    b = Builder()
+    y = b.op("NoSuchNormalization", dense(b, "x", 8, 8, "fc"))
+    m = contrib_model(b, {"x": X}, {y: [2, 3, 8]})
+    with pytest.raises(ModelLoadError, match="No Op registered for NoSuchNormalization"):
+        analyze(m)
+
+
+def test_contrib_outputs_get_shapes_and_unknown_contrib_ops_freeze(tmp_path):
+    """The shape of a BiasGelu output comes from onnxruntime's symbolic shape inference, so the
+    MatMul after it couples; an op no rule knows (onnxruntime's ``Inverse``) freezes."""
+    b = Builder()
+    h = b.op("BiasGelu", dense(b, "x", 8, 16, "fc1"), b.weight(16, name="fc1.b"), domain=MS)
+    y = b.op("Inverse", dense(b, h, 16, 3, "fc2"), domain=MS, name="inv")
+    m = contrib_model(b, {"x": X}, {y: [2, 3, 3]})
+    g = group_of(m, "fc1.w", 1)
+    assert g.prunable and ("fc2.w", 0) in {mem.space for mem in g.consumers}
+    assert any("com.microsoft::Inverse" in r for r in reasons(m))
+
+
+# --- norms --------------------------------------------------------------------------------------
+SKIP_NORMS = ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"]
+
+
+def _skip_norm_model(op: str, *, sum_output: bool = False) -> onnx.ModelProto:
+    """``e = x @ E; y = SkipNorm(mlp(e), e) @ H``: the residual stream (8) and the MLP (16)."""
+    b = Builder()
+    e = dense(b, "x", 4, 8, "embed")
+    h = dense(b, b.op("Relu", dense(b, e, 8, 16, "fc1")), 16, 8, "fc2")
+    params = [b.weight(8, name="n.gamma")]
+    if op == "SkipLayerNormalization":
+        params.append(b.weight(8, name="n.beta"))
+    params.append(b.weight(8, name="n.bias"))
+    outs = ["n_out", "", "", "n_sum"] if sum_output else ["n_out"]
+    b.op(op, h, e, *params, outputs=outs, name="n", domain=MS, epsilon=1e-5)
+    y = dense(b, "n_out", 8, 4, "head")
+    outputs = {y: [2, 3, 4]}
+    if sum_output:
+        outputs[dense(b, "n_sum", 8, 2, "side")] = [2, 3, 2]
+    return contrib_model(b, {"x": [2, 3, 4]}, outputs)
+
+
+@pytest.mark.parametrize("op", SKIP_NORMS)
+@pytest.mark.parametrize("sum_output", [False, True], ids=["out", "out+sum"])
+def test_skip_norm_freezes_the_stream_and_the_mlp_prunes(tmp_path, op, sum_output):
+    m = _skip_norm_model(op, sum_output=sum_output)
+    stream = group_of(m, "embed.w", 1)
+    assert not stream.prunable
+    assert any(f"{op} node 'n': normalises over axis 2 of 'fc2_out" in r and "--hidden" in r
+               for r in stream.frozen), stream.frozen
+    assert group_of(m, "fc1.w", 1).prunable
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    rows = kept_slices(init_value(m, "fc1.w"), init_value(out.path, "fc1.w"), 1)
+    assert len(rows) == 8
+    assert kept_slices(init_value(m, "fc2.w"), init_value(out.path, "fc2.w"), 0) == rows
+    assert init_shapes(out.path)["n.gamma"] == (8,)
+
+
+@pytest.mark.parametrize("op", SKIP_NORMS)
+def test_skip_norm_with_hidden_pruning_slices_its_parameters(tmp_path, op):
+    """With --hidden the stream is one group: input, skip, bias, γ, β and the outputs."""
+    m = _skip_norm_model(op, sum_output=True)
+    (stream,) = [g for g in analyze(m, hidden=True).groups if g.kind is GroupKind.HIDDEN]
+    spaces = {mem.space for mem in stream.members}
+    params = ["n.gamma", "n.bias"] + (["n.beta"] if op == "SkipLayerNormalization" else [])
+    assert {(p, 0) for p in params} <= spaces and ("embed.w", 1) in spaces
+    assert {("head.w", 0), ("side.w", 0), ("fc1.w", 0)} <= spaces
+    onnx.save(m, tmp_path / "m.onnx")
+    report, _ = prune(tmp_path / "m.onnx", tmp_path / "h.onnx",
+                      PruneOptions(ratio=0.0, hidden_ratio=0.5), CheckOptions(latency=False))
+    assert report.params_after == report.predicted_params_after < report.params_before
+    cols = kept_slices(init_value(m, "embed.w"), init_value(tmp_path / "h.onnx", "embed.w"), 1)
+    assert len(cols) == 4
+    for p in params:
+        np.testing.assert_array_equal(init_value(tmp_path / "h.onnx", p), init_value(m, p)[cols])
+
+
+def test_simplified_layer_norm_with_hidden_pruning(tmp_path):
+    b = Builder()
+    e = dense(b, "x", 4, 8, "embed")
+    n = b.op("SimplifiedLayerNormalization", e, b.weight(8, name="n.scale"), outputs=["n", "r"],
+             name="n", axis=-1)[0]
+    y = dense(b, n, 8, 4, "head")
+    m = contrib_model(b, {"x": [2, 3, 4]}, {y: [2, 3, 4]})
+    (stream,) = [g for g in analyze(m, hidden=True).groups if g.kind is GroupKind.HIDDEN]
+    assert ("n.scale", 0) in {mem.space for mem in stream.members}
+    onnx.save(m, tmp_path / "m.onnx")
+    prune(tmp_path / "m.onnx", tmp_path / "h.onnx", PruneOptions(ratio=0.0, hidden_ratio=0.5),
+          CheckOptions(latency=False))
+    assert init_shapes(tmp_path / "h.onnx")["n.scale"] == (4,)
+
+
+# --- activations --------------------------------------------------------------------------------
+ACTIVATIONS = ["Gelu", "QuickGelu", "BiasGelu", "FastGelu"]
+
+
+@pytest.mark.parametrize("op", ACTIVATIONS)
+def test_fused_activation_between_dense_layers(tmp_path, op):
+    b = Builder()
+    h = dense(b, "x", 8, 16, "fc1")
+    extra = {"Gelu": [], "QuickGelu": [], "BiasGelu": [b.weight(16, name="act.bias")],
+             "FastGelu": [b.weight(16, name="act.bias")]}[op]
+    attrs = {"alpha": 1.5} if op == "QuickGelu" else {}
+    y = dense(b, b.op(op, h, *extra, domain=MS, name="act", **attrs), 16, 4, "fc2")
+    m = contrib_model(b, {"x": X}, {y: [2, 3, 4]})
+    assert group_sizes(m)[0] == (16, True)
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    rows = kept_slices(init_value(m, "fc1.w"), init_value(out.path, "fc1.w"), 1)
+    assert kept_slices(init_value(m, "fc2.w"), init_value(out.path, "fc2.w"), 0) == rows
+    if extra:
+        np.testing.assert_array_equal(init_value(out.path, "act.bias"),
+                                      init_value(m, "act.bias")[rows])
+
+
+def test_bias_add_couples_bias_and_skip():
+    """``X + bias + skip``: onnxruntime's CPU provider has no BiasAdd kernel (CUDA only), so no
+    oracle runs here; the coupling is Add's, whose oracle tests run."""
+    b = Builder()
+    h = b.op("BiasAdd", dense(b, "x", 8, 16, "fc1"), b.weight(16, name="act.bias"),
+             dense(b, "x", 8, 16, "skip"), domain=MS, name="act")
+    m = contrib_model(b, {"x": X}, {dense(b, h, 16, 4, "fc2"): [2, 3, 4]})
+    g = group_of(m, "fc1.w", 1)
+    assert g.prunable and {("act.bias", 0), ("skip.w", 1), ("fc2.w", 0)} <= {
+        mem.space for mem in g.members}
+
+
+# --- FusedMatMul --------------------------------------------------------------------------------
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_fused_matmul_with_a_constant_weight(tmp_path, trans_a, trans_b):
+    """``α · A' @ B'`` twice, with either operand read transposed; MACs are |Y| · K."""
+    b = Builder()
+
+    def layer(x: str, k: int, n: int, name: str, t_a: int) -> str:
+        w = b.weight(*((n, k) if trans_b else (k, n)), name=f"{name}.w")
+        return b.op("FusedMatMul", x, w, domain=MS, name=name, alpha=0.5, transA=t_a,
+                    transB=trans_b)
+
+    h = b.op("Relu", layer("x", 8, 16, "f1", trans_a))
+    y = layer(h, 16, 4, "f2", 0)
+    m = contrib_model(b, {"x": [2, 8, 3] if trans_a else X}, {y: [2, 3, 4]})
+    assert group_sizes(m) == [(16, True), (4, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert out.report.flops_before == 2 * 3 * 16 * 8 + 2 * 3 * 4 * 16
+    assert out.report.flops_after == 2 * 3 * 8 * 8 + 2 * 3 * 4 * 8
+    n_axis = 0 if trans_b else 1
+    rows = kept_slices(init_value(m, "f1.w"), init_value(out.path, "f1.w"), n_axis)
+    assert kept_slices(init_value(m, "f2.w"), init_value(out.path, "f2.w"), 1 - n_axis) == rows
+
+
+def test_fused_matmul_of_two_activations_freezes_the_contracted_axis():
+    """Attention scores ``Q @ Kᵀ · scale``: the contracted axis has no weight to zero."""
+    b = Builder()
+    q, k = dense(b, "x", 8, 16, "q"), dense(b, "x", 8, 16, "k")
+    y = b.op("FusedMatMul", q, k, domain=MS, name="scores", alpha=0.25, transB=1)
+    m = contrib_model(b, {"x": X}, {y: [2, 3, 3]})
+    assert any("FusedMatMul node 'scores': axis 2 of 'q_out0' and axis 2 of 'k_out0' are "
+               "summed over" in r for r in group_of(m, "q.w", 1).frozen)
+
+
+def test_fused_matmul_batch_transpose_freezes_with_the_attribute():
+    b = Builder()
+    y = b.op("FusedMatMul", dense(b, "x", 8, 16, "fc"), b.weight(16, 4), domain=MS, name="f",
+             transBatchA=1)
+    m = contrib_model(b, {"x": X}, {y: [2, 3, 4]})
+    assert any("transBatchA=1" in r for r in group_of(m, "fc.w", 1).frozen)
+
+
+# --- FusedConv ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["Relu", "Sigmoid", "LeakyRelu"])
+@pytest.mark.parametrize("with_z", [False, True], ids=["", "Z"])
+def test_fused_conv(tmp_path, activation, with_z):
+    b = Builder()
+    ins = ["x", b.weight(8, 3, 3, 3, name="fc.w"), b.weight(8, name="fc.b")]
+    if with_z:
+        ins.append(b.conv("x", 3, 8, name="z"))
+    params = {"activation_params": [0.1]} if activation == "LeakyRelu" else {}
+    h = b.op("FusedConv", *ins, domain=MS, name="fc", activation=activation, pads=[1] * 4,
+             kernel_shape=[3, 3], **params)
+    y = b.conv(h, 8, 4, name="c2")
+    m = contrib_model(b, {"x": [1, 3, 6, 6]}, {y: [1, 4, 6, 6]})
+    assert group_sizes(m)[0] == (8, True)
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert out.report.flops_before == 36 * 8 * 27 * (2 if with_z else 1) + 36 * 4 * 72
+    rows = kept_slices(init_value(m, "fc.w"), init_value(out.path, "fc.w"), 0)
+    assert kept_slices(init_value(m, "c2.w"), init_value(out.path, "c2.w"), 1) == rows
+    np.testing.assert_array_equal(init_value(out.path, "fc.b"), init_value(m, "fc.b")[rows])
+    if with_z:
+        assert kept_slices(init_value(m, "z.w"), init_value(out.path, "z.w"), 0) == rows
+
+
+def test_fused_conv_unknown_activation_freezes_with_the_attribute():
+    b = Builder()
+    h = b.op("FusedConv", "x", b.weight(8, 3, 3, 3, name="fc.w"), domain=MS, name="fc",
+             activation="Mish", pads=[1] * 4)
+    m = contrib_model(b, {"x": [1, 3, 6, 6]}, {b.conv(h, 8, 4, name="c2"): [1, 4, 6, 6]})
+    assert any("FusedConv node 'fc': attribute activation=Mish" in r
+               for r in group_of(m, "fc.w", 0).frozen)
