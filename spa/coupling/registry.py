@@ -133,6 +133,7 @@ def _load_rule_families() -> None:
     from spa.coupling import tied  # noqa: F401
     from spa.coupling.rules import (  # noqa: F401
         attention,
+        contrib_attention,
         contrib_elementwise,
         contrib_linear,
         contrib_norm,

@@ -1,0 +1,116 @@
+"""onnxruntime's fused ``Attention`` (``com.microsoft``): QKV projection and multi-head attention.
+
+``Attention(input [B, S, D], weights [D, Hq + Hk + Hv], bias [Hq + Hk + Hv], mask_index, …)``
+with ``num_heads = N`` projects ``input`` once, splits the columns into Q, K and V (sizes
+``qkv_hidden_sizes``, equal thirds when absent) and runs ``N`` heads, head ``h`` reading columns
+``[h·d, (h+1)·d)`` of each part (``d = size / N``, ``dv = Hv / N``). The output ``[B, S, Hv]``
+is the heads' contexts side by side. So:
+
+* ``input.2 ↔ weights.0`` (consumer; the hidden size), ``input.0/1 ↔ output.0/1``;
+* a virtual head axis of length ``N``: the Q, K and V columns of head ``h`` in ``weights.1``
+  (producer) and ``bias.0`` go with it (:meth:`NodeContext.sections`), and so do
+  ``output.2``'s block ``[h·dv, (h+1)·dv)`` and the head axis of an ``attention_bias`` input
+  (``[B, N, S, T]``) that has one.
+
+Heads are pruned whole; the rewrite sets ``num_heads`` (and ``qkv_hidden_sizes``) to what
+survives. ``d`` never changes, so an absent ``scale`` (``1/√d``) stays right.
+
+Facts: MACs ``B·S·D·(Hq+Hk+Hv)`` for the projection plus ``B·S·S·(Hq + Hv)`` for the scores
+and the context (the sequence length read off ``input``; symbolic dims count 1, as for a MatMul
+of two activations); the weight reads ``input`` at its last axis; the bias is input 2.
+
+Fail closed, with a reason naming what is not mapped: a KV cache (``past`` input, ``present``
+output), ``do_rotary``, a dynamic or non-2-D weight, an input of rank other than 3, sizes that
+``num_heads`` does not divide.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import TYPE_CHECKING
+
+from spa.coupling.facts import BiasSlot, MacTerm, mac_term
+from spa.coupling.registry import register
+from spa.coupling.types import Role
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+    from spa.coupling.context import NodeContext, Space
+    from spa.coupling.types import KeptLookup
+
+_PAST, _ATTENTION_BIAS = 4, 5
+
+
+def _macs(node: gs.Node) -> MacTerm | None:
+    x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
+
+    def count(x_: tuple[int, ...], w_: tuple[int, ...], y_: tuple[int, ...]) -> int:
+        tokens, seq = prod(x_[:-1]), x_[-2]
+        return tokens * x_[-1] * w_[1] + tokens * seq * ((w_[1] - y_[-1]) // 2 + y_[-1])
+
+    return mac_term([x, w, y], count) if len(x.shape or ()) == 3 else None
+
+
+def _layer_input(node: gs.Node, slot: int) -> tuple[gs.Tensor, int] | None:
+    return (node.inputs[0], -1) if slot == 1 else None
+
+
+@register("Attention", domain="com.microsoft", mac=_macs, layer_input=_layer_input,
+          bias=BiasSlot(2))
+def attention(ctx: NodeContext) -> None:
+    x, w, bias, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+    why = _unsupported(ctx)
+    if why is not None:
+        ctx.refuse(why)
+        return
+    w_shape = ctx.shape(w)
+    assert w_shape is not None and w_shape[1] is not None  # _unsupported said why otherwise
+    n_heads = ctx.attr_int("num_heads")
+    sizes = ctx.attr_ints("qkv_hidden_sizes") or [w_shape[1] // 3] * 3
+    if sum(sizes) != w_shape[1] or any(n % n_heads for n in sizes):
+        ctx.refuse(f"num_heads={n_heads} does not divide the Q, K, V sizes {sizes} of "
+                   f"{ctx.which(w)} {list(w_shape)}")
+        return
+    for ax in (0, 1):
+        ctx.identity_axes(x, ax, y, ax)
+    w_in, w_out = ctx.space(w, 0), ctx.space(w, 1)
+    ctx.role(w_in, Role.CONSUMER)
+    ctx.role(w_out, Role.PRODUCER)
+    ctx.identity(ctx.space(x, 2), w_in)
+    heads = ctx.virtual("heads", n_heads)
+    ctx.heads_axis(heads)
+    ctx.sections(w_out, heads, sizes)
+    ctx.sections(ctx.space(bias, 0), heads, sizes)
+    ctx.block(ctx.space(y, 2), heads)
+    relative = ctx.input(_ATTENTION_BIAS)
+    shape = ctx.shape(relative)
+    if shape is not None and len(shape) == 4 and shape[1] == n_heads > 1:
+        ctx.identity(ctx.space(relative, 1), heads)
+    ctx.on_rewrite(_head_count_hook(heads, sizes if ctx.attr("qkv_hidden_sizes") else None))
+
+
+def _unsupported(ctx: NodeContext) -> str | None:
+    """Why the node is outside the form above, or None."""
+    x, w = ctx.input(0), ctx.input(1)
+    if ctx.input(_PAST) is not None or ctx.output(1) is not None:
+        return "a KV cache (past input or present output) is not mapped"
+    if ctx.attr_int("do_rotary", 0):
+        return "attribute do_rotary=1 (rotary embedding inside the op) is not mapped"
+    if ctx.const(w) is None:
+        return ctx.not_constant(w)
+    if ctx.rank(x) != 3 or ctx.rank(w) != 2:
+        t = x if ctx.rank(x) != 3 else w
+        return ctx.unknown_rank(t) if ctx.rank(t) is None else \
+            f"{ctx.which(t)} of rank {ctx.rank(t)}"
+    return None
+
+
+def _head_count_hook(heads: Space, sizes: list[int] | None):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        n_kept = kept.count(heads.key)
+        node.attrs["num_heads"] = n_kept
+        if sizes is not None:
+            node.attrs["qkv_hidden_sizes"] = [n // heads.length * n_kept for n in sizes]
+
+    return hook
