@@ -6,7 +6,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from graphs import IR_VERSION, Builder, group_of, init_shapes, init_value, kept_slices, reasons
+from graphs import (
+    IR_VERSION,
+    Builder,
+    attr,
+    group_of,
+    init_shapes,
+    init_value,
+    kept_slices,
+    node_named,
+    reasons,
+)
 from onnx import helper
 from oracle import group_sizes, prune_checked
 
@@ -246,3 +256,52 @@ def test_fused_conv_unknown_activation_freezes_with_the_attribute():
     m = contrib_model(b, {"x": [1, 3, 6, 6]}, {b.conv(h, 8, 4, name="c2"): [1, 4, 6, 6]})
     assert any("FusedConv node 'fc': attribute activation=Mish" in r
                for r in group_of(m, "fc.w", 0).frozen)
+
+
+# --- Attention ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes", [None, [8, 8, 12]], ids=["thirds", "qkv_hidden_sizes"])
+@pytest.mark.parametrize("relative", [False, True], ids=["", "attention_bias"])
+def test_attention_prunes_heads(tmp_path, sizes, relative):
+    """4 heads of size 2 (V: 3 with ``qkv_hidden_sizes``) between an input and an output
+    projection; half the heads go, with their Q, K and V columns, bias and output rows."""
+    b = Builder()
+    hq, hk, hv = sizes or [8, 8, 8]
+    attrs = {"qkv_hidden_sizes": sizes} if sizes else {}
+    extra = ["", "", b.weight(1, 4, 4, 4, name="rel")] if relative else []
+    h = b.op("Attention", dense(b, "x", 6, 8, "embed"), b.weight(8, hq + hk + hv, name="qkv.w"),
+             b.weight(hq + hk + hv, name="qkv.b"), *extra, domain=MS, name="attn", num_heads=4,
+             **attrs)
+    y = dense(b, h, hv, 6, "o")
+    m = contrib_model(b, {"x": [2, 4, 6]}, {y: [2, 4, 6]})
+    heads = group_of(m, "qkv.w", 1)
+    assert heads.kind is GroupKind.HEADS and heads.size == 4 and heads.prunable
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    node = node_named(out.path, "attn")
+    assert attr(node, "num_heads") == 2
+    if sizes:
+        assert attr(node, "qkv_hidden_sizes") == [4, 4, 6]
+    cols = kept_slices(init_value(m, "qkv.w"), init_value(out.path, "qkv.w"), 1)
+    kept_heads = sorted({c % hq // (hq // 4) for c in cols[:hq // 2]})
+    assert len(kept_heads) == 2
+    q = [h * 2 + i for h in kept_heads for i in range(2)]
+    v = [hq + hk + h * (hv // 4) + i for h in kept_heads for i in range(hv // 4)]
+    assert cols == q + [hq + c for c in q] + v
+    assert kept_slices(init_value(m, "o.w"), init_value(out.path, "o.w"), 0) == \
+        [c - hq - hk for c in v]
+    if relative:
+        assert init_shapes(out.path)["rel"] == (1, 2, 4, 4)
+
+
+@pytest.mark.parametrize(("extra", "attrs", "reason"), [
+    (["", "past"], {}, "a KV cache (past input or present output) is not mapped"),
+    ([], {"do_rotary": 1}, "attribute do_rotary=1"),
+], ids=["past", "do_rotary"])
+def test_attention_forms_not_mapped_freeze_with_a_reason(extra, attrs, reason):
+    b = Builder()
+    h = b.op("Attention", dense(b, "x", 6, 8, "embed"), b.weight(8, 24, name="qkv.w"),
+             b.weight(24, name="qkv.b"), *extra, domain=MS, name="attn", num_heads=4, **attrs)
+    inputs = {"x": [2, 4, 6]}
+    if extra:
+        inputs["past"] = [2, 2, 4, 0, 2]
+    m = contrib_model(b, inputs, {dense(b, h, 8, 6, "o"): [2, 4, 6]})
+    assert any(f"Attention node 'attn': {reason}" in r for r in group_of(m, "qkv.w", 1).frozen)

@@ -88,15 +88,16 @@ def attention(ctx: NodeContext) -> None:
     if shape is not None and len(shape) == 4 and shape[1] == n_heads > 1:
         ctx.identity(ctx.space(relative, 1), heads)
     ctx.on_rewrite(_head_count_hook(heads, sizes if ctx.attr("qkv_hidden_sizes") else None))
+    # Last: a refused node's heads are still one (frozen) group, named by this reason.
+    if ctx.input(_PAST) is not None or ctx.output(1) is not None:
+        ctx.refuse("a KV cache (past input or present output) is not mapped")
+    elif ctx.attr_int("do_rotary", 0):
+        ctx.refuse("attribute do_rotary=1 (rotary embedding inside the op) is not mapped")
 
 
 def _unsupported(ctx: NodeContext) -> str | None:
-    """Why the node is outside the form above, or None."""
+    """Why the node's weight cannot be read as above, or None."""
     x, w = ctx.input(0), ctx.input(1)
-    if ctx.input(_PAST) is not None or ctx.output(1) is not None:
-        return "a KV cache (past input or present output) is not mapped"
-    if ctx.attr_int("do_rotary", 0):
-        return "attribute do_rotary=1 (rotary embedding inside the op) is not mapped"
     if ctx.const(w) is None:
         return ctx.not_constant(w)
     if ctx.rank(x) != 3 or ctx.rank(w) != 2:
