@@ -42,6 +42,7 @@ PRIVATE_DOMAIN = "spa.onnxruntime"
 # contrib op → the standard op with its output shape, and the attributes only the contrib op has
 _PLAIN = {("com.microsoft", "FusedConv"): ("Conv", ("activation", "activation_params")),
           ("com.microsoft", "FusedMatMul"): ("MatMul", ("alpha",))}
+Dim = int | str | None
 _TRANSPOSES = ("transA", "transB", "transBatchA", "transBatchB")
 
 
@@ -151,17 +152,24 @@ def _fused_matmul(node: onnx.NodeProto, known: dict[str, onnx.ValueInfoProto]
         a[-2:] = a[-1], a[-2]
     if attrs.get("transB"):
         b[-2:] = b[-1], b[-2]
-    batch_a, batch_b = a[:-2], b[:-2]
-    rank = max(len(batch_a), len(batch_b))
-    batch_a = [1] * (rank - len(batch_a)) + batch_a
-    batch_b = [1] * (rank - len(batch_b)) + batch_b
-    batch = [y if x == 1 else x if y == 1 or x == y or not isinstance(y, int) else None
-             for x, y in zip(batch_a, batch_b)]
+    rank = max(len(a), len(b))
+    pad_a: list[Dim] = [1] * (rank - len(a))
+    pad_b: list[Dim] = [1] * (rank - len(b))
+    batch = [_broadcast(x, y) for x, y in zip(pad_a + a[:-2], pad_b + b[:-2])]
     elem = known[node.input[0]].type.tensor_type.elem_type
     return onnx.helper.make_tensor_value_info(node.output[0], elem, [*batch, a[-2], b[-1]])
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+def _broadcast(x: Dim, y: Dim) -> Dim:
+    """The broadcast of two dims (a symbolic one broadcast with a fixed one > 1 is that one)."""
+    if x == 1 or x == y:
+        return y
+    if y == 1:
+        return x
+    return x if isinstance(x, int) else y if isinstance(y, int) else None
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[Dim]:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param or None
             for d in vi.type.tensor_type.shape.dim]
 
