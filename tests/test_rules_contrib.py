@@ -305,3 +305,47 @@ def test_attention_forms_not_mapped_freeze_with_a_reason(extra, attrs, reason):
         inputs["past"] = [2, 2, 4, 0, 2]
     m = contrib_model(b, inputs, {dense(b, h, 8, 6, "o"): [2, 4, 6]})
     assert any(f"Attention node 'attn': {reason}" in r for r in group_of(m, "qkv.w", 1).frozen)
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias+attention_bias"])
+def test_multi_head_attention_prunes_heads(tmp_path, cross, with_bias):
+    """Q, K (8 = 4 heads × 2) and V (12 = 4 × 3) from their own projections; half the heads
+    go from each projection's columns, the bias and the output projection's rows."""
+    b = Builder()
+    kv_in = "mem" if cross else "x"
+    q, k, v = dense(b, "x", 6, 8, "q"), dense(b, kv_in, 6, 8, "k"), dense(b, kv_in, 6, 12, "v")
+    extra = [b.weight(28, name="mha.b"), "", b.weight(1, 4, 4, 5 if cross else 4, name="rel")] \
+        if with_bias else []
+    h = b.op("MultiHeadAttention", q, k, v, *extra, domain=MS, name="mha", num_heads=4)
+    y = dense(b, h, 12, 6, "o")
+    inputs = {"x": [2, 4, 6], **({"mem": [2, 5, 6]} if cross else {})}
+    m = contrib_model(b, inputs, {y: [2, 4, 6]})
+    heads = group_of(m, "q.w", 1)
+    assert heads.kind is GroupKind.HEADS and heads.size == 4 and heads.prunable
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    assert attr(node_named(out.path, "mha"), "num_heads") == 2
+    q_cols = kept_slices(init_value(m, "q.w"), init_value(out.path, "q.w"), 1)
+    kept_heads = [c // 2 for c in q_cols[::2]]
+    assert q_cols == [h * 2 + i for h in kept_heads for i in range(2)]
+    assert kept_slices(init_value(m, "k.w"), init_value(out.path, "k.w"), 1) == q_cols
+    v_cols = [h * 3 + i for h in kept_heads for i in range(3)]
+    assert kept_slices(init_value(m, "v.w"), init_value(out.path, "v.w"), 1) == v_cols
+    assert kept_slices(init_value(m, "o.w"), init_value(out.path, "o.w"), 0) == v_cols
+    if with_bias:
+        np.testing.assert_array_equal(
+            init_value(out.path, "mha.b"),
+            init_value(m, "mha.b")[q_cols + [8 + c for c in q_cols] + [16 + c for c in v_cols]])
+        assert init_shapes(out.path)["rel"][1] == 2
+
+
+def test_multi_head_attention_with_a_kv_cache_freezes_its_heads():
+    b = Builder()
+    q, k, v = (dense(b, "x", 6, 8, n) for n in "qkv")
+    h = b.op("MultiHeadAttention", q, k, v, "", "", "", "past_k", "past_v", domain=MS,
+             outputs=["mha_out", "present_k", "present_v"], name="mha", num_heads=4)
+    m = contrib_model(b, {"x": [2, 4, 6], "past_k": [2, 4, 3, 2], "past_v": [2, 4, 3, 2]},
+                      {dense(b, h[0], 8, 6, "o"): [2, 4, 6], "present_k": [2, 4, 7, 2],
+                       "present_v": [2, 4, 7, 2]})
+    assert any("MultiHeadAttention node 'mha': a KV cache" in r
+               for r in group_of(m, "q.w", 1).frozen)

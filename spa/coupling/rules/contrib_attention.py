@@ -1,4 +1,4 @@
-"""onnxruntime's fused ``Attention`` (``com.microsoft``): QKV projection and multi-head attention.
+"""onnxruntime's fused attention ops (``com.microsoft``): ``Attention`` and ``MultiHeadAttention``.
 
 ``Attention(input [B, S, D], weights [D, Hq + Hk + Hv], bias [Hq + Hk + Hv], mask_index, …)``
 with ``num_heads = N`` projects ``input`` once, splits the columns into Q, K and V (sizes
@@ -19,8 +19,15 @@ Facts: MACs ``B·S·D·(Hq+Hk+Hv)`` for the projection plus ``B·S·S·(Hq + Hv)
 and the context (the sequence length read off ``input``; symbolic dims count 1, as for a MatMul
 of two activations); the weight reads ``input`` at its last axis; the bias is input 2.
 
-Fail closed, with a reason naming what is not mapped: a KV cache (``past`` input, ``present``
-output), ``do_rotary``, a dynamic or non-2-D weight, an input of rank other than 3, sizes that
+``MultiHeadAttention(query [B, S, D], key [B, L, D], value [B, L, Dv], bias [D + D + Dv], …)``
+is the same without the projection (Q, K and V come from the layers before it): head ``h`` owns
+block ``[h·d, (h+1)·d)`` of ``query.2`` and ``key.2`` and ``[h·dv, (h+1)·dv)`` of ``value.2``
+and ``output.2``; the bias splits as the QKV columns do; the rewrite sets ``num_heads``. MACs
+``B·S·L·(D + Dv)`` (scores and context).
+
+Fail closed, with a reason naming what is not mapped: a KV cache (``past`` inputs, ``present``
+outputs, a cache indirection), the QK output, ``do_rotary``, packed QKV or KV forms and
+head-split (4-D) keys, a dynamic or non-2-D weight, an input of rank other than 3, sizes that
 ``num_heads`` does not divide.
 """
 
@@ -115,3 +122,48 @@ def _head_count_hook(heads: Space, sizes: list[int] | None):
             node.attrs["qkv_hidden_sizes"] = [n // heads.length * n_kept for n in sizes]
 
     return hook
+
+
+def _mha_macs(node: gs.Node) -> MacTerm | None:
+    q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
+    return mac_term([q, k, v], lambda q_, k_, v_: prod(q_[:-1]) * k_[-2] * (q_[-1] + v_[-1])) \
+        if all(len(t.shape or ()) == 3 for t in (q, k, v)) else None
+
+
+# MultiHeadAttention's inputs and outputs that only its KV-cache (or debugging) forms have.
+_MHA_CACHE_INPUTS, _MHA_CACHE_OUTPUTS = (6, 7, 8, 9), (1, 2, 3)
+
+
+@register("MultiHeadAttention", domain="com.microsoft", mac=_mha_macs)
+def multi_head_attention(ctx: NodeContext) -> None:
+    q, k, v, bias, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.input(3), ctx.output(0)
+    ranks = [ctx.rank(t) for t in (q, k, v, y)]
+    if ranks != [3, 3, 3, 3]:
+        ctx.refuse(f"Q, K, V and output of ranks {ranks}: only separate 3-D Q, K and V are "
+                   "mapped (not packed QKV or KV, nor head-split keys)")
+        return
+    n_heads = ctx.attr_int("num_heads")
+    heads = ctx.virtual("heads", n_heads)
+    ctx.heads_axis(heads)
+    for t in (k, v, y):
+        ctx.identity_axes(q, 0, t, 0)
+    ctx.identity_axes(q, 1, y, 1)
+    ctx.identity_axes(k, 1, v, 1)
+    spaces = [ctx.space(t, 2) for t in (q, k, v, y)]
+    for space in spaces:
+        if not ctx.block(space, heads):
+            ctx.refuse(f"num_heads={n_heads} does not divide the hidden sizes "
+                       f"{[s.length if s else None for s in spaces]} of Q, K, V and output")
+            return
+    sq, sk, sv, _ = spaces
+    assert sq is not None and sk is not None and sv is not None  # block() coupled them
+    ctx.sections(ctx.space(bias, 0), heads, [sq.length, sk.length, sv.length])
+    relative = ctx.input(_ATTENTION_BIAS)
+    shape = ctx.shape(relative)
+    if shape is not None and len(shape) == 4 and shape[1] == n_heads > 1:
+        ctx.identity(ctx.space(relative, 1), heads)
+    ctx.on_rewrite(_head_count_hook(heads, None))
+    if any(ctx.input(i) is not None for i in _MHA_CACHE_INPUTS) \
+            or any(ctx.output(i) is not None for i in _MHA_CACHE_OUTPUTS):
+        ctx.refuse("a KV cache (past or present key/value, cache indirection) or the QK "
+                   "output is not mapped")
