@@ -29,6 +29,8 @@ MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"}
 NO_LAYER_INPUT = {
     "Einsum": "a contracted letter may be shared by several activations and constants: no one "
               "input X of a layer W·X for OBS (compensation leaves its weights alone)",
+    "MatMulNBits": "its consumer weights are packed N-bit blocks: an OBS update would have to be "
+                   "re-quantised (compensation leaves quantised weights alone)",
 }
 
 

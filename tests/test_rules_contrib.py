@@ -349,3 +349,87 @@ def test_multi_head_attention_with_a_kv_cache_freezes_its_heads():
                        "present_v": [2, 4, 7, 2]})
     assert any("MultiHeadAttention node 'mha': a KV cache" in r
                for r in group_of(m, "q.w", 1).frozen)
+
+
+# --- MatMulNBits --------------------------------------------------------------------------------
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis of ``values`` ``8 // bits`` a byte, low bits first (padded)."""
+    per = 8 // bits
+    pad = -values.shape[-1] % per
+    v = np.concatenate([values, np.zeros((*values.shape[:-1], pad), values.dtype)], -1)
+    v = v.reshape(*v.shape[:-1], -1, per).astype(np.uint8)
+    return np.bitwise_or.reduce(v << (np.arange(per, dtype=np.uint8) * bits), axis=-1)
+
+
+def nbits(b: Builder, x: str, k: int, n: int, name: str, *, zero_points: str | None = "packed",
+          bits: int = 4, block: int = 16, flat: bool = False) -> str:
+    """``x @ W`` with ``W [k, n]`` stored as MatMulNBits does: random ``bits``-bit values,
+    scales and zero points per row and block of ``k``; ``flat``: 1-D scales (older files)."""
+    blocks = -(-k // block)
+    q = b.rng.integers(0, 1 << bits, (n, blocks * block))
+    q[:, k:] = 0
+    ins = [x, b.const(_pack(q.reshape(n, blocks, block), bits), f"{name}.q", np.uint8)]
+    scales = b.rng.uniform(0.02, 0.1, (n, blocks)).astype(np.float32)
+    ins.append(b.const(scales.reshape(-1) if flat else scales, f"{name}.s"))
+    zp = b.rng.integers(0, 1 << bits, (n, blocks))
+    if zero_points == "packed":
+        ins.append(b.const(_pack(zp, bits), f"{name}.z", np.uint8))
+    elif zero_points == "float":
+        ins.append(b.const(zp.astype(np.float32), f"{name}.z"))
+    return b.op("MatMulNBits", *ins, domain=MS, name=name, K=k, N=n, bits=bits,
+                block_size=block)
+
+
+def _unpacked(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    per = 8 // bits
+    shifts = np.arange(per, dtype=np.uint8) * bits
+    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+@pytest.mark.parametrize(("zero_points", "bits"), [  # onnxruntime has no 8-bit float-zp kernel
+    ("packed", 4), ("float", 4), (None, 4), ("packed", 8), (None, 8)])
+def test_matmul_nbits_mlp_prunes_rows_and_whole_blocks(tmp_path, zero_points, bits):
+    """up (32 → 64) → Relu → down (64 → 16), blocks of 16: the 64 neurons are 4 channels of
+    16 (one block of ``down`` each); half go, the model stays N-bit."""
+    b = Builder()
+    y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up", zero_points=zero_points,
+                                     bits=bits)), 64, 16, "down", zero_points=zero_points,
+              bits=bits)
+    m = contrib_model(b, {"x": [2, 3, 32]}, {y: [2, 3, 16]})
+    assert group_sizes(m) == [(4, True), (16, False)]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    blob = 16 * bits // 8
+    shapes = init_shapes(out.path)
+    assert shapes["up.q"] == (32, 2, blob) and shapes["down.q"] == (16, 2, blob)
+    assert shapes["down.s"] == (16, 2)
+    rows = kept_slices(init_value(m, "up.q"), init_value(out.path, "up.q"), 0)
+    kept_blocks = sorted({r // 16 for r in rows})
+    assert rows == [k * 16 + i for k in kept_blocks for i in range(16)]
+    assert kept_slices(init_value(m, "down.q"), init_value(out.path, "down.q"), 1) == kept_blocks
+    np.testing.assert_array_equal(init_value(out.path, "down.s"),
+                                  init_value(m, "down.s")[:, kept_blocks])
+    if zero_points is not None:
+        zp = init_value(m, "down.z")
+        want = _unpacked(zp, bits, 4) if zero_points == "packed" else zp
+        got = init_value(out.path, "down.z")
+        got = _unpacked(got, bits, 2) if zero_points == "packed" else got
+        np.testing.assert_array_equal(got, want[:, kept_blocks])
+    assert {attr(node_named(out.path, n), a) for n, a in (("up", "N"), ("down", "K"))} == {32}
+    assert out.report.flops_before == 2 * 3 * (64 * 32 + 16 * 64)
+    assert out.report.flops_after == 2 * 3 * (32 * 32 + 16 * 32)
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"flat": True}, "1-D scales or zero points"),
+    ({"bits": 4, "block": 16, "k": 24}, "K=24 is not a whole number of blocks of 16"),
+], ids=["flat scales", "partial block"])
+def test_matmul_nbits_input_columns_freeze_with_a_reason(kwargs, why):
+    """Rows of the first layer could still go, but its consumer's columns cannot."""
+    k = kwargs.pop("k", 32)
+    b = Builder()
+    h = b.op("Relu", dense(b, "x", 8, k, "fc"))
+    y = nbits(b, h, k, 16, "down", **kwargs)
+    m = contrib_model(b, {"x": [2, 3, 8]}, {y: [2, 3, 16]})
+    assert any(f"MatMulNBits node 'down': input columns are pruned in whole quantisation "
+               f"blocks, but {why}" in r for r in group_of(m, "fc.w", 1).frozen)

@@ -137,6 +137,7 @@ def _load_rule_families() -> None:
         contrib_elementwise,
         contrib_linear,
         contrib_norm,
+        contrib_quant,
         conv,
         einsum,
         elementwise,
