@@ -396,6 +396,8 @@ def test_matmul_nbits_mlp_prunes_rows_and_whole_blocks(tmp_path, zero_points, bi
     y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up", zero_points=zero_points,
                                      bits=bits)), 64, 16, "down", zero_points=zero_points,
               bits=bits)
+    b.inits["up.q"][:16] = 0  # the least important channel: a kept set that is no prefix
+    b.inits["down.s"][:, 0] *= 0.01
     m = contrib_model(b, {"x": [2, 3, 32]}, {y: [2, 3, 16]})
     assert group_sizes(m) == [(4, True), (16, False)]
     out = prune_checked(m, tmp_path, ratio=0.5)
@@ -405,6 +407,7 @@ def test_matmul_nbits_mlp_prunes_rows_and_whole_blocks(tmp_path, zero_points, bi
     assert shapes["down.s"] == (16, 2)
     rows = kept_slices(init_value(m, "up.q"), init_value(out.path, "up.q"), 0)
     kept_blocks = sorted({r // 16 for r in rows})
+    assert 0 not in kept_blocks
     assert rows == [k * 16 + i for k in kept_blocks for i in range(16)]
     assert kept_slices(init_value(m, "down.q"), init_value(out.path, "down.q"), 1) == kept_blocks
     np.testing.assert_array_equal(init_value(out.path, "down.s"),
