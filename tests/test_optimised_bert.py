@@ -4,8 +4,9 @@ all-MiniLM-L6-v2's shape with two layers and random weights (HuggingFace ``BertM
 exported by PyTorch's TorchScript exporter at opset 17, then
 ``optimize_model(model_type="bert")``. With eager attention the optimiser fuses
 ``EmbedLayerNormalization``, ``Attention``, ``SkipLayerNormalization`` and ``BiasGelu``; with
-SDPA attention (transformers' default) only the last two. Before the contrib op rules, SPA
-pruned nothing in either graph (no prunable group: exit 4).
+SDPA attention (transformers' default) only the last two. The eager graph is also quantised
+to int4 by onnxruntime (``MatMulNBits``): heads and MLP still prune, in whole blocks. Before the
+contrib op rules, SPA pruned nothing in any of them (no prunable group: exit 4).
 """
 
 from __future__ import annotations
@@ -59,21 +60,39 @@ def _optimised(attention: str, d: Path) -> Path:
     return d / "opt.onnx"
 
 
+def _int4(path: Path) -> Path:
+    """``path`` with its MatMuls quantised to 4 bits by onnxruntime (``MatMulNBits``, blocks
+    of 32: one head, or 32 MLP neurons, a block)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=32, is_symmetric=False)
+    quantizer.process()
+    out = path.with_name("int4.onnx")
+    quantizer.model.save_model_to_file(str(out))
+    return out
+
+
 FUSED = {"eager": {"EmbedLayerNormalization": 1, "Attention": LAYERS,
                    "SkipLayerNormalization": 2 * LAYERS, "BiasGelu": LAYERS},
          "sdpa": {"SkipLayerNormalization": 2 * LAYERS, "BiasGelu": LAYERS}}
+# int4: the dense layers after the attention (output, MLP up and down) become MatMulNBits.
+FUSED["eager-int4"] = {**FUSED["eager"], "MatMulNBits": 3 * LAYERS}
 # Prunable groups (heads, MLP neurons) per attention form: the residual stream stays frozen by
 # the norms, and SDPA's head reshape (``view(B, S, -1, d)``) freezes the heads as it does in
 # the unoptimised export.
 PRUNABLE = {"eager": {GroupKind.HEADS: LAYERS, GroupKind.NEURONS: LAYERS},
             "sdpa": {GroupKind.NEURONS: LAYERS}}
+PRUNABLE["eager-int4"] = PRUNABLE["eager"]
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "eager-int4"])
 def test_optimised_bert_prunes_heads_and_mlp_under_the_oracle(tmp_path, attention):
     import onnx
 
-    path = _optimised(attention, tmp_path)
+    path = _optimised(attention.removesuffix("-int4"), tmp_path)
+    if attention.endswith("-int4"):
+        path = _int4(path)
     ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node
                   if n.domain == "com.microsoft")
     assert ops == Counter(FUSED[attention])

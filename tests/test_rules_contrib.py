@@ -400,6 +400,7 @@ def test_matmul_nbits_mlp_prunes_rows_and_whole_blocks(tmp_path, zero_points, bi
     b.inits["down.s"][:, 0] *= 0.01
     m = contrib_model(b, {"x": [2, 3, 32]}, {y: [2, 3, 16]})
     assert group_sizes(m) == [(4, True), (16, False)]
+    assert group_of(m, "up.q", 0).kind is GroupKind.NEURONS
     out = prune_checked(m, tmp_path, ratio=0.5)
     blob = 16 * bits // 8
     shapes = init_shapes(out.path)

@@ -236,6 +236,12 @@ class NodeContext:
         if space is not None:
             self.result.heads.add(space.key)
 
+    def dense_rows(self, space: Space | None) -> None:
+        """Declare that ``space`` holds the output rows of a dense layer whose weight is not
+        stored as a 2-D matrix (its groups are neurons, for ``--mlp-ratio``)."""
+        if space is not None:
+            self.result.dense.add(space.key)
+
     def statistics_over(self, space: Space | None) -> None:
         """``space`` feeds normalisation statistics: handled only with hidden-size pruning on."""
         if self.hidden and space is not None:

@@ -65,6 +65,7 @@ def matmul_nbits(ctx: NodeContext) -> None:
         return
     rows = ctx.space(b, 0)
     ctx.role(rows, Role.PRODUCER)
+    ctx.dense_rows(rows)
     ctx.identity(rows, ctx.space(y, -1))
     for ax in range((ctx.rank(a) or 1) - 1):
         ctx.identity_axes(a, ax, y, ax + (ctx.rank(y) or 0) - (ctx.rank(a) or 0))
