@@ -78,6 +78,18 @@ def test_contrib_outputs_get_shapes_and_unknown_contrib_ops_freeze(tmp_path):
     assert any("com.microsoft::Inverse" in r for r in reasons(m))
 
 
+def test_contrib_shape_that_conflicts_is_left_unknown():
+    """A contrib output whose shape cannot be inferred without a conflict (BiasGelu keeps its
+    input's 16 channels, the MatMul after it takes 15: onnxruntime's inference fails, and ONNX
+    inference would refuse its shape) is no reason to refuse the model: the output stays
+    unknown, and the group before it freezes."""
+    b = Builder()
+    h = b.op("BiasGelu", dense(b, "x", 8, 16, "fc1"), b.weight(16, name="fc1.b"), domain=MS,
+             name="gelu")
+    m = contrib_model(b, {"x": X}, {dense(b, h, 15, 4, "fc2"): [2, 3, 4]})
+    assert not group_of(m, "fc1.w", 1).prunable
+
+
 # --- norms --------------------------------------------------------------------------------------
 SKIP_NORMS = ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"]
 

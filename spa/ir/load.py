@@ -421,16 +421,7 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     onnxruntime's contrib ops are seen as spa/ir/contrib.py says: their outputs' shapes come
     from onnxruntime, and ONNX inference then runs again to carry them to the ops after them."""
     try:
-        inferred = _infer(onnx_view(weightless(model)), strict)
-        for _ in range(_REFINE_ROUNDS):
-            contrib = contrib_shapes(inferred)
-            if not contrib:
-                break
-            known = {vi.name for vi in contrib}
-            kept = [vi for vi in inferred.graph.value_info if vi.name not in known]
-            del inferred.graph.value_info[:]
-            inferred.graph.value_info.extend(kept + contrib)
-            inferred = _infer(inferred, strict)
+        inferred = _with_contrib_shapes(_infer(onnx_view(weightless(model)), strict), strict)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         if strict:
             raise InvalidModelError(f"{name}: invalid model: shape inference finds a conflict: "
@@ -441,6 +432,30 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
     return model
+
+
+def _with_contrib_shapes(inferred: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """``inferred`` with the shapes of its contrib ops' outputs (spa/ir/contrib.py) and what
+    ONNX inference then carries on, round by round until nothing is added. Shapes that conflict
+    with the rest are dropped: their outputs stay unknown (what they touch freezes), the model
+    is not refused for what onnxruntime's inference said."""
+    for _ in range(_REFINE_ROUNDS):
+        contrib = contrib_shapes(inferred)
+        if not contrib:
+            break
+        known = {vi.name for vi in contrib}
+        extended = onnx.ModelProto()
+        extended.CopyFrom(inferred)
+        kept = [vi for vi in extended.graph.value_info if vi.name not in known]
+        del extended.graph.value_info[:]
+        extended.graph.value_info.extend(kept + contrib)
+        try:
+            inferred = _infer(extended, strict)
+        except (onnx.shape_inference.InferenceError, ValueError) as exc:
+            log.info("contrib op shapes conflict with ONNX inference (%s): left unknown",
+                     one_line(exc))
+            break
+    return inferred
 
 
 def _infer(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
