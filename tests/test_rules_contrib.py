@@ -432,6 +432,9 @@ def test_matmul_nbits_mlp_prunes_rows_and_whole_blocks(tmp_path, zero_points, bi
         got = _unpacked(got, bits, 2) if zero_points == "packed" else got
         np.testing.assert_array_equal(got, want[:, kept_blocks])
     assert {attr(node_named(out.path, n), a) for n, a in (("up", "N"), ("down", "K"))} == {32}
+    scales = 64 * 2 + 16 * 4  # a float zero point as many again
+    assert out.report.params_before == 64 * 32 + 16 * 64 + scales * (
+        2 if zero_points == "float" else 1)
     assert out.report.flops_before == 2 * 3 * (64 * 32 + 16 * 64)
     assert out.report.flops_after == 2 * 3 * (32 * 32 + 16 * 32)
 
