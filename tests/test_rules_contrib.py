@@ -452,3 +452,58 @@ def test_matmul_nbits_input_columns_freeze_with_a_reason(kwargs, why):
     m = contrib_model(b, {"x": [2, 3, 8]}, {y: [2, 3, 16]})
     assert any(f"MatMulNBits node 'down': input columns are pruned in whole quantisation "
                f"blocks, but {why}" in r for r in group_of(m, "fc.w", 1).frozen)
+
+
+# --- GroupQueryAttention ------------------------------------------------------------------------
+def _gqa_model(*, rotary: bool = False, past: bool = False, **attrs) -> onnx.ModelProto:
+    """4 query heads and 2 KV heads of size 16 (onnxruntime's least with rotary) over a sequence
+    of 4 (no cache unless ``past``)."""
+    b = Builder()
+    q, k, v = dense(b, "x", 6, 64, "q"), dense(b, "x", 6, 32, "k"), dense(b, "x", 6, 32, "v")
+    ins = [q, k, v, "past_k" if past else "", "past_v" if past else "",
+           b.const(np.full(2, 3 + 3 * past, np.int32), "seqlens_k", np.int32),
+           b.const(np.array(4 + 3 * past, np.int32), "total_len", np.int32)]
+    if rotary:
+        angles = np.arange(7)[:, None] * (0.5 ** np.arange(8))[None, :]
+        ins += [b.const(np.cos(angles).astype(np.float32), "cos"),
+                b.const(np.sin(angles).astype(np.float32), "sin")]
+    outs = ["gqa_out", "present_k", "present_v"] if past else ["gqa_out"]
+    b.op("GroupQueryAttention", *ins, domain=MS, name="gqa", outputs=outs, num_heads=4,
+         kv_num_heads=2, do_rotary=int(rotary), **attrs)
+    outputs = {dense(b, "gqa_out", 64, 6, "o"): [2, 4, 6]}
+    inputs = {"x": [2, 4, 6]}
+    if past:
+        inputs.update(past_k=[2, 2, 3, 16], past_v=[2, 2, 3, 16])
+        outputs.update(present_k=[2, 2, 7, 16], present_v=[2, 2, 7, 16])
+    return contrib_model(b, inputs, outputs)
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["", "do_rotary"])
+def test_group_query_attention_prunes_kv_heads_with_their_query_heads(tmp_path, rotary):
+    m = _gqa_model(rotary=rotary)
+    heads = group_of(m, "q.w", 1)
+    assert heads.kind is GroupKind.HEADS and heads.size == 2 and heads.prunable
+    assert {("k.w", 1), ("v.w", 1), ("o.w", 0)} <= {mem.space for mem in heads.members}
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    node = node_named(out.path, "gqa")
+    assert (attr(node, "num_heads"), attr(node, "kv_num_heads")) == (2, 1)
+    kv = kept_slices(init_value(m, "k.w"), init_value(out.path, "k.w"), 1)
+    (kv_head,) = {c // 16 for c in kv}
+    q_cols = [kv_head * 32 + i for i in range(32)]  # its two query heads
+    assert kept_slices(init_value(m, "q.w"), init_value(out.path, "q.w"), 1) == q_cols
+    assert kept_slices(init_value(m, "o.w"), init_value(out.path, "o.w"), 0) == q_cols
+    assert kept_slices(init_value(m, "v.w"), init_value(out.path, "v.w"), 1) == kv
+
+
+def test_group_query_attention_cache_couples_and_keeps_the_signature():
+    """The KV cache's head axis goes with the KV heads; as a decoder's graph input and output it
+    keeps its shape, so the heads freeze naming it (not the op)."""
+    heads = group_of(_gqa_model(past=True), "q.w", 1)
+    assert {("past_k", 1), ("present_v", 1)} <= {mem.space for mem in heads.members}
+    assert "graph input 'past_k' (axis 1) keeps its shape" in heads.frozen
+
+
+def test_group_query_attention_quantised_cache_freezes_with_the_attribute():
+    m = _gqa_model(k_quant_type="PER_TENSOR")
+    assert any("GroupQueryAttention node 'gqa': attribute k_quant_type=PER_TENSOR" in r
+               for r in group_of(m, "q.w", 1).frozen)

@@ -167,3 +167,70 @@ def multi_head_attention(ctx: NodeContext) -> None:
             or any(ctx.output(i) is not None for i in _MHA_CACHE_OUTPUTS):
         ctx.refuse("a KV cache (past or present key/value, cache indirection) or the QK "
                    "output is not mapped")
+
+
+# GroupQueryAttention's inputs and outputs (by position).
+_GQA_PAST = (3, 4)
+_GQA_PRESENT = (1, 2)
+_GQA_ATTENTION_BIAS, _GQA_HEAD_SINK, _GQA_OUTPUT_QK = 10, 11, 3
+# Attributes of forms not mapped: a quantised KV cache (its scales are per KV head or tensor).
+_GQA_UNMAPPED = ("k_quant_type", "v_quant_type")
+
+
+def _gqa_macs(node: gs.Node) -> MacTerm | None:
+    q, k = node.inputs[0], node.inputs[1]
+    return mac_term([q, k], lambda q_, k_: 2 * prod(q_[:-1]) * k_[-2] * q_[-1]) \
+        if all(len(t.shape or ()) == 3 for t in (q, k)) else None
+
+
+@register("GroupQueryAttention", domain="com.microsoft", mac=_gqa_macs)
+def group_query_attention(ctx: NodeContext) -> None:
+    """``GroupQueryAttention(query [B, S, Hq·d], key, value [B, S, Hkv·d], past_key/value
+    [B, Hkv, P, d], …)``: query head ``h`` reads key/value head ``h // (Hq / Hkv)``, so a KV head
+    and its query heads are one channel. Rotary embedding (``do_rotary``), sliding windows,
+    softcap and q/k norms act within a head and are untouched. The past and present KV cache's
+    head axes go with the KV heads (they are graph inputs and outputs in a decoder, which keep
+    their shape: the heads then freeze, naming them). ``head_sink`` and a per-head
+    ``attention_bias`` go with the query heads; the rewrite sets ``num_heads`` and
+    ``kv_num_heads``."""
+    q, k, v, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+    unmapped = [f"{a}={ctx.attr(a)}" for a in _GQA_UNMAPPED
+                if str(ctx.attr(a, "NONE")).upper() != "NONE"]
+    if k is None or v is None or unmapped:
+        ctx.refuse(f"attribute {unmapped[0]} (a quantised KV cache) is not mapped" if unmapped
+                   else "packed QKV (no key and value inputs) is not mapped")
+        return
+    ranks = [ctx.rank(t) for t in (q, k, v, y)]
+    if ranks != [3, 3, 3, 3]:
+        ctx.refuse(f"Q, K, V and output of ranks {ranks}: only 3-D inputs are mapped")
+        return
+    q_heads = ctx.virtual("q_heads", ctx.attr_int("num_heads"))
+    kv_heads = ctx.virtual("kv_heads", ctx.attr_int("kv_num_heads"))
+    ctx.heads_axis(q_heads)
+    for t in (k, v, y):
+        ctx.identity_axes(q, 0, t, 0)
+    ctx.identity_axes(q, 1, y, 1)
+    couplings = [ctx.block(ctx.space(q, 2), q_heads), ctx.block(ctx.space(y, 2), q_heads),
+                 ctx.block(ctx.space(k, 2), kv_heads), ctx.block(ctx.space(v, 2), kv_heads),
+                 ctx.block(q_heads, kv_heads)]
+    if not all(couplings):
+        ctx.refuse(f"num_heads={q_heads.length} and kv_num_heads={kv_heads.length} do not "
+                   f"divide the widths of Q, K, V and output, or each other")
+        return
+    for t in (*(ctx.input(i) for i in _GQA_PAST), *(ctx.output(i) for i in _GQA_PRESENT)):
+        ctx.identity(ctx.space(t, 1), kv_heads)
+    sink = ctx.input(_GQA_HEAD_SINK)
+    ctx.identity(ctx.space(sink, 0), q_heads)
+    for t in (ctx.input(_GQA_ATTENTION_BIAS), ctx.output(_GQA_OUTPUT_QK)):
+        shape = ctx.shape(t)
+        if shape is not None and len(shape) == 4 and shape[1] == q_heads.length > 1:
+            ctx.identity(ctx.space(t, 1), q_heads)
+    ctx.on_rewrite(_gqa_hook(q_heads, kv_heads))
+
+
+def _gqa_hook(q_heads: Space, kv_heads: Space):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        node.attrs["num_heads"] = kept.count(q_heads.key)
+        node.attrs["kv_num_heads"] = kept.count(kv_heads.key)
+
+    return hook
