@@ -507,3 +507,43 @@ def test_group_query_attention_quantised_cache_freezes_with_the_attribute():
     m = _gqa_model(k_quant_type="PER_TENSOR")
     assert any("GroupQueryAttention node 'gqa': attribute k_quant_type=PER_TENSOR" in r
                for r in group_of(m, "q.w", 1).frozen)
+
+
+# --- EmbedLayerNormalization --------------------------------------------------------------------
+def _embed_model() -> onnx.ModelProto:
+    """BERT's fused embeddings (vocabulary 10, 4 positions, 2 segments, width 8) → a head."""
+    b = Builder()
+    ids = {"input_ids": ([2, 4], onnx.TensorProto.INT32),
+           "segment_ids": ([2, 4], onnx.TensorProto.INT32)}
+    b.op("EmbedLayerNormalization", "input_ids", "segment_ids", b.weight(10, 8, name="word"),
+         b.weight(4, 8, name="position"), b.weight(2, 8, name="segment"),
+         b.weight(8, name="gamma"), b.weight(8, name="beta"), domain=MS, name="eln",
+         outputs=["eln_out", "mask_index", "eln_sum"], epsilon=1e-12)
+    y = dense(b, b.op("Add", "eln_out", "eln_sum"), 8, 4, "head")
+    return contrib_model(b, ids, {y: [2, 4, 4]})
+
+
+def test_embed_layer_norm_freezes_the_stream_naming_its_statistics():
+    stream = group_of(_embed_model(), "word", 1)
+    assert not stream.prunable
+    assert any("EmbedLayerNormalization node 'eln': normalises over axis 2 of 'eln_out'" in r
+               for r in stream.frozen), stream.frozen
+
+
+def test_embed_layer_norm_with_hidden_pruning_slices_tables_and_norm(tmp_path):
+    m = _embed_model()
+    (stream,) = [g for g in analyze(m, hidden=True).groups if g.kind is GroupKind.HIDDEN]
+    assert {("word", 1), ("position", 1), ("segment", 1), ("gamma", 0), ("beta", 0),
+            ("head.w", 0)} <= {mem.space for mem in stream.members} and stream.prunable
+    onnx.save(m, tmp_path / "m.onnx")
+    report, _ = prune(tmp_path / "m.onnx", tmp_path / "h.onnx",
+                      PruneOptions(ratio=0.0, hidden_ratio=0.5), CheckOptions(latency=False))
+    assert report.params_after == report.predicted_params_after < report.params_before
+    cols = kept_slices(init_value(m, "word"), init_value(tmp_path / "h.onnx", "word"), 1)
+    assert len(cols) == 4
+    for name in ("position", "segment"):
+        np.testing.assert_array_equal(init_value(tmp_path / "h.onnx", name),
+                                      init_value(m, name)[:, cols])
+    for name in ("gamma", "beta"):
+        np.testing.assert_array_equal(init_value(tmp_path / "h.onnx", name),
+                                      init_value(m, name)[cols])

@@ -15,6 +15,13 @@ The leading axes of input, skip and every output are coupled as in an element-wi
 last axis is the residual stream: it freezes, naming the statistics, unless hidden-size
 pruning is on, where input, skip, bias, the sum and the output go together with ``γ`` and ``β``.
 
+``EmbedLayerNormalization`` (``com.microsoft``, BERT's fused embeddings):
+``S = word[input_ids] + position[position_ids] (+ segment[segment_ids])``,
+``output = LN(S) · γ + β``, with optional outputs ``mask_index`` (per batch) and
+``embedding_sum`` (``= S``). ``input_ids``' axes are the output's leading axes; the tables' axis
+1 (producers, as for a Gather of an embedding table) is the hidden axis of ``S``, of the output
+and of ``γ``/``β``: it freezes, naming the statistics, unless hidden-size pruning is on.
+
 Fail closed: an input or output of unknown rank refuses the node; a normalised axis other
 than the last always freezes.
 """
@@ -73,3 +80,37 @@ def skip_layer_norm(ctx: NodeContext) -> None:
         if param is gamma:
             ctx.role(sp, Role.SCALE)
     ctx.statistics_over(ctx.space(x, -1))
+
+
+# EmbedLayerNormalization: the tables (word, position, segment), then γ and β.
+_TABLES, _GAMMA, _BETA, _EMBEDDING_SUM = (2, 3, 4), 5, 6, 2
+
+
+@register("EmbedLayerNormalization", domain="com.microsoft")
+def embed_layer_norm(ctx: NodeContext) -> None:
+    ids, y = ctx.input(0), ctx.output(0)
+    if ids is None or y is None or ctx.rank(ids) != 2 or ctx.rank(y) != 3:
+        ctx.refuse(ctx.unknown_rank(ids if ctx.rank(ids) is None else y)
+                   if None in (ctx.rank(ids), ctx.rank(y)) else
+                   f"{ctx.which(ids)} of rank {ctx.rank(ids)}: only [batch, sequence] is mapped")
+        return
+    sums = [t for t in (y, ctx.output(_EMBEDDING_SUM)) if t is not None]
+    for t in sums:
+        for ax in (0, 1):
+            ctx.identity_axes(ids, ax, t, ax)
+    tables = [ctx.space(ctx.input(i), 1) for i in _TABLES]
+    for table in tables:
+        ctx.role(table, Role.PRODUCER)
+    hidden = [ctx.space(t, 2) for t in sums]
+    sy = hidden[0]
+    for space in (*hidden[1:], *tables):
+        ctx.identity(space, sy)
+    if not ctx.hidden:  # the coupled tables still make the (frozen) residual-stream group
+        ctx.refuse(statistics_reason(f"normalises over axis 2 of '{y.name}'", True))
+        return
+    for i in (_GAMMA, _BETA):
+        sp = ctx.space(ctx.input(i), 0)
+        ctx.identity(sp, sy)
+        if i == _GAMMA:
+            ctx.role(sp, Role.SCALE)
+    ctx.statistics_over(sy)
