@@ -547,3 +547,56 @@ def test_embed_layer_norm_with_hidden_pruning_slices_tables_and_norm(tmp_path):
     for name in ("gamma", "beta"):
         np.testing.assert_array_equal(init_value(tmp_path / "h.onnx", name),
                                       init_value(m, name)[cols])
+
+
+# --- RotaryEmbedding ----------------------------------------------------------------------------
+@pytest.mark.parametrize("num_heads", [2, 0], ids=["num_heads", "from_cache"])
+def test_rotary_embedding_passes_heads_to_attention(tmp_path, num_heads):
+    """Q and K rotated (2 heads of 16) before MultiHeadAttention: heads prune through it."""
+    b = Builder()
+    angles = np.arange(4)[:, None] * (0.5 ** np.arange(8))[None, :]
+    cache = [b.const(np.cos(angles).astype(np.float32), "cos"),
+             b.const(np.sin(angles).astype(np.float32), "sin")]
+    pos = b.const(np.tile(np.arange(4), (2, 1)), "pos")
+    q, k = (b.op("RotaryEmbedding", dense(b, "x", 6, 32, n), pos, *cache, domain=MS,
+                 name=f"rot_{n}", num_heads=num_heads) for n in "qk")
+    h = b.op("MultiHeadAttention", q, k, dense(b, "x", 6, 32, "v"), domain=MS, name="mha",
+             num_heads=2)
+    m = contrib_model(b, {"x": [2, 4, 6]}, {dense(b, h, 32, 6, "o"): [2, 4, 6]})
+    heads = group_of(m, "q.w", 1)
+    assert heads.kind is GroupKind.HEADS and heads.size == 2 and heads.prunable
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    assert attr(node_named(out.path, "rot_q"), "num_heads") == num_heads // 2
+    cols = kept_slices(init_value(m, "q.w"), init_value(out.path, "q.w"), 1)
+    assert len(cols) == 16 and kept_slices(init_value(m, "k.w"), init_value(out.path, "k.w"),
+                                           1) == cols
+
+
+def test_rotary_embedding_4d_passes_heads(tmp_path):
+    """``[B, N, S, H]``: the head axis passes through, head_size (mixed pairwise) does not."""
+    b = Builder()
+    x = b.op("Reshape", dense(b, "x", 6, 32, "q"), b.const([2, 4, 2, 16]))
+    x = b.op("Transpose", x, perm=[0, 2, 1, 3])
+    angles = np.arange(4)[:, None] * (0.5 ** np.arange(8))[None, :]
+    y = b.op("RotaryEmbedding", x, b.const(np.tile(np.arange(4), (2, 1)), "pos"),
+             b.const(np.cos(angles).astype(np.float32), "cos"),
+             b.const(np.sin(angles).astype(np.float32), "sin"), domain=MS, name="rot")
+    y = b.op("Reshape", b.op("Transpose", y, perm=[0, 2, 1, 3]), b.const([2, 4, 32]))
+    m = contrib_model(b, {"x": [2, 4, 6]}, {dense(b, y, 32, 6, "o"): [2, 4, 6]})
+    g = group_of(m, "q.w", 1)
+    assert g.prunable and g.size == 2
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    cols = kept_slices(init_value(m, "q.w"), init_value(out.path, "q.w"), 1)
+    assert len(cols) == 16 and cols in ([*range(16)], [*range(16, 32)])
+
+
+def test_rotary_embedding_packed_batching_freezes_with_the_attribute():
+    b = Builder()
+    angles = np.arange(4)[:, None] * (0.5 ** np.arange(8))[None, :]
+    y = b.op("RotaryEmbedding", dense(b, "x", 6, 32, "q"), b.const(np.arange(4), "pos"),
+             b.const(np.cos(angles).astype(np.float32), "cos"),
+             b.const(np.sin(angles).astype(np.float32), "sin"), domain=MS, name="rot",
+             num_heads=2, is_packed_batching=1)
+    m = contrib_model(b, {"x": [2, 4, 6]}, {dense(b, y, 32, 6, "o"): [2, 4, 6]})
+    assert "RotaryEmbedding node 'rot': attribute is_packed_batching=1 is not mapped" in \
+        group_of(m, "q.w", 1).frozen

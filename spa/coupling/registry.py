@@ -138,6 +138,7 @@ def _load_rule_families() -> None:
         contrib_linear,
         contrib_norm,
         contrib_quant,
+        contrib_rotary,
         conv,
         einsum,
         elementwise,
