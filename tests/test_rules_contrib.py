@@ -1,7 +1,11 @@
-"""Op rules for onnxruntime's contrib ops (norms, fused activations, FusedMatMul, FusedConv), each
-pruned under the masked oracle, and loading models that use them (spa/ir/contrib.py)."""
+"""Op rules for onnxruntime's contrib ops (norms, fused activations, FusedMatMul, FusedConv,
+Attention, MultiHeadAttention, GroupQueryAttention, RotaryEmbedding, MatMulNBits), each pruned
+under the masked oracle where onnxruntime's CPU provider runs it, and loading models that use them
+(spa/ir/contrib.py)."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -600,3 +604,34 @@ def test_rotary_embedding_packed_batching_freezes_with_the_attribute():
     m = contrib_model(b, {"x": [2, 4, 6]}, {dense(b, y, 32, 6, "o"): [2, 4, 6]})
     assert "RotaryEmbedding node 'rot': attribute is_packed_batching=1 is not mapped" in \
         group_of(m, "q.w", 1).frozen
+
+
+# --- a decoder block as onnxruntime-genai's builder writes it -----------------------------------
+def test_int4_decoder_block_prunes_kv_heads_and_mlp(tmp_path):
+    """RMSNorm → int4 Q/K/V → GroupQueryAttention (4 query heads, 2 KV heads of 16) → int4 O →
+    SkipSimplifiedLayerNormalization → int4 gated MLP (64 neurons) → residual: the KV heads and
+    the MLP prune under the oracle, in 16-channel blocks, and the weights stay int4."""
+    b = Builder()
+    n1 = b.op("SimplifiedLayerNormalization", "x", b.weight(32, name="n1"), name="n1", axis=-1)
+    q, k, v = (nbits(b, n1, 32, width, name) for name, width in (("q", 64), ("k", 32),
+                                                                   ("v", 32)))
+    attn = b.op("GroupQueryAttention", q, k, v, "", "",
+                b.const(np.full(1, 3, np.int32), "seqlens_k", np.int32),
+                b.const(np.array(4, np.int32), "total_len", np.int32), domain=MS, name="gqa",
+                num_heads=4, kv_num_heads=2)
+    o = nbits(b, attn, 64, 32, "o")
+    n2, _, _, res = b.op("SkipSimplifiedLayerNormalization", o, "x", b.weight(32, name="n2"),
+                         domain=MS, name="n2", outputs=["n2_out", "", "", "res"])
+    gate, up = nbits(b, n2, 32, 64, "gate"), nbits(b, n2, 32, 64, "up")
+    act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+    y = b.op("Add", res, nbits(b, act, 64, 32, "down"))
+    m = contrib_model(b, {"x": [1, 4, 32]}, {y: [1, 4, 32]})
+    kinds = Counter(g.kind for g in analyze(m).prunable_groups)
+    assert kinds == Counter({GroupKind.HEADS: 1, GroupKind.NEURONS: 1})
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5, mlp_ratio=0.5)
+    node = node_named(out.path, "gqa")
+    assert (attr(node, "num_heads"), attr(node, "kv_num_heads")) == (2, 1)
+    shapes = init_shapes(out.path)
+    assert shapes["q.q"][0] == 32 and shapes["k.q"][0] == 16 and shapes["o.q"][1] == 2
+    assert shapes["gate.q"][0] == shapes["up.q"][0] == 32 and shapes["down.q"][1] == 2
+    assert all(init_value(out.path, f"{n}.q").dtype == np.uint8 for n in ("q", "o", "down"))
