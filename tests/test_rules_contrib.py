@@ -6,6 +6,7 @@ under the masked oracle where onnxruntime's CPU provider runs it, and loading mo
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,6 +27,7 @@ from oracle import group_sizes, prune_checked
 
 from spa.api import CheckOptions, PruneOptions, analyze, prune
 from spa.coupling import GroupKind
+from spa.coupling.analysis import Group
 from spa.errors import ModelLoadError
 
 MS = "com.microsoft"
@@ -42,6 +44,24 @@ def contrib_model(b: Builder, inputs, outputs) -> onnx.ModelProto:
 
 def dense(b: Builder, x: str, k: int, n: int, name: str) -> str:
     return b.op("MatMul", x, b.weight(k, n, name=f"{name}.w"), name=name)
+
+
+def hidden_group(m: onnx.ModelProto) -> Group:
+    """The residual-stream group of ``m`` analysed with hidden-size pruning on."""
+    (stream,) = [g for g in analyze(m, hidden=True).groups if g.kind is GroupKind.HIDDEN]
+    return stream
+
+
+def prune_hidden(m: onnx.ModelProto, tmp_path: Path, producer: str) -> tuple[Path, list[int]]:
+    """Prune half the hidden size (outside the masked oracle: norm statistics change; the
+    pruned model is validated and its counts are the prediction); return the written file and
+    the kept columns (axis 1) of ``producer``."""
+    onnx.save(m, tmp_path / "m.onnx")
+    out = tmp_path / "h.onnx"
+    report, _ = prune(tmp_path / "m.onnx", out, PruneOptions(ratio=0.0, hidden_ratio=0.5),
+                      CheckOptions(latency=False))
+    assert report.params_after == report.predicted_params_after < report.params_before
+    return out, kept_slices(init_value(m, producer), init_value(out, producer), 1)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -136,19 +156,14 @@ def test_skip_norm_freezes_the_stream_and_the_mlp_prunes(tmp_path, op, sum_outpu
 def test_skip_norm_with_hidden_pruning_slices_its_parameters(tmp_path, op):
     """With --hidden the stream is one group: input, skip, bias, γ, β and the outputs."""
     m = _skip_norm_model(op, sum_output=True)
-    (stream,) = [g for g in analyze(m, hidden=True).groups if g.kind is GroupKind.HIDDEN]
-    spaces = {mem.space for mem in stream.members}
+    spaces = {mem.space for mem in hidden_group(m).members}
     params = ["n.gamma", "n.bias"] + (["n.beta"] if op == "SkipLayerNormalization" else [])
     assert {(p, 0) for p in params} <= spaces and ("embed.w", 1) in spaces
     assert {("head.w", 0), ("side.w", 0), ("fc1.w", 0)} <= spaces
-    onnx.save(m, tmp_path / "m.onnx")
-    report, _ = prune(tmp_path / "m.onnx", tmp_path / "h.onnx",
-                      PruneOptions(ratio=0.0, hidden_ratio=0.5), CheckOptions(latency=False))
-    assert report.params_after == report.predicted_params_after < report.params_before
-    cols = kept_slices(init_value(m, "embed.w"), init_value(tmp_path / "h.onnx", "embed.w"), 1)
+    out, cols = prune_hidden(m, tmp_path, "embed.w")
     assert len(cols) == 4
     for p in params:
-        np.testing.assert_array_equal(init_value(tmp_path / "h.onnx", p), init_value(m, p)[cols])
+        np.testing.assert_array_equal(init_value(out, p), init_value(m, p)[cols])
 
 
 def test_simplified_layer_norm_with_hidden_pruning(tmp_path):
@@ -158,12 +173,9 @@ def test_simplified_layer_norm_with_hidden_pruning(tmp_path):
              name="n", axis=-1)[0]
     y = dense(b, n, 8, 4, "head")
     m = contrib_model(b, {"x": [2, 3, 4]}, {y: [2, 3, 4]})
-    (stream,) = [g for g in analyze(m, hidden=True).groups if g.kind is GroupKind.HIDDEN]
-    assert ("n.scale", 0) in {mem.space for mem in stream.members}
-    onnx.save(m, tmp_path / "m.onnx")
-    prune(tmp_path / "m.onnx", tmp_path / "h.onnx", PruneOptions(ratio=0.0, hidden_ratio=0.5),
-          CheckOptions(latency=False))
-    assert init_shapes(tmp_path / "h.onnx")["n.scale"] == (4,)
+    assert ("n.scale", 0) in {mem.space for mem in hidden_group(m).members}
+    out, cols = prune_hidden(m, tmp_path, "embed.w")
+    np.testing.assert_array_equal(init_value(out, "n.scale"), init_value(m, "n.scale")[cols])
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -536,21 +548,15 @@ def test_embed_layer_norm_freezes_the_stream_naming_its_statistics():
 
 def test_embed_layer_norm_with_hidden_pruning_slices_tables_and_norm(tmp_path):
     m = _embed_model()
-    (stream,) = [g for g in analyze(m, hidden=True).groups if g.kind is GroupKind.HIDDEN]
+    stream = hidden_group(m)
     assert {("word", 1), ("position", 1), ("segment", 1), ("gamma", 0), ("beta", 0),
             ("head.w", 0)} <= {mem.space for mem in stream.members} and stream.prunable
-    onnx.save(m, tmp_path / "m.onnx")
-    report, _ = prune(tmp_path / "m.onnx", tmp_path / "h.onnx",
-                      PruneOptions(ratio=0.0, hidden_ratio=0.5), CheckOptions(latency=False))
-    assert report.params_after == report.predicted_params_after < report.params_before
-    cols = kept_slices(init_value(m, "word"), init_value(tmp_path / "h.onnx", "word"), 1)
+    out, cols = prune_hidden(m, tmp_path, "word")
     assert len(cols) == 4
     for name in ("position", "segment"):
-        np.testing.assert_array_equal(init_value(tmp_path / "h.onnx", name),
-                                      init_value(m, name)[:, cols])
+        np.testing.assert_array_equal(init_value(out, name), init_value(m, name)[:, cols])
     for name in ("gamma", "beta"):
-        np.testing.assert_array_equal(init_value(tmp_path / "h.onnx", name),
-                                      init_value(m, name)[cols])
+        np.testing.assert_array_equal(init_value(out, name), init_value(m, name)[cols])
 
 
 # --- RotaryEmbedding ----------------------------------------------------------------------------
