@@ -25,6 +25,10 @@ and would depend on the wording of an error; moving the node is exact.
 
 A contrib op whose shape neither can infer leaves its outputs without one; what they touch then
 freezes (fail closed), and the rest of the model still loads and prunes.
+
+Only the top-level graph is viewed so (a default-domain onnxruntime op inside an If or Loop
+body still fails the checker). The plain-op table is op knowledge outside the rule families
+(spa/coupling/rules/contrib_linear.py): it stays here because spa/ir sits below the registry.
 """
 
 from __future__ import annotations

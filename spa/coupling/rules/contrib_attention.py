@@ -1,4 +1,5 @@
-"""onnxruntime's fused attention ops (``com.microsoft``): ``Attention`` and ``MultiHeadAttention``.
+"""onnxruntime's fused attention ops (``com.microsoft``): ``Attention``, ``MultiHeadAttention`` and
+``GroupQueryAttention``.
 
 ``Attention(input [B, S, D], weights [D, Hq + Hk + Hv], bias [Hq + Hk + Hv], mask_index, …)``
 with ``num_heads = N`` projects ``input`` once, splits the columns into Q, K and V (sizes
@@ -25,10 +26,14 @@ block ``[h·d, (h+1)·d)`` of ``query.2`` and ``key.2`` and ``[h·dv, (h+1)·dv)
 and ``output.2``; the bias splits as the QKV columns do; the rewrite sets ``num_heads``. MACs
 ``B·S·L·(D + Dv)`` (scores and context).
 
-Fail closed, with a reason naming what is not mapped: a KV cache (``past`` inputs, ``present``
-outputs, a cache indirection), the QK output, ``do_rotary``, packed QKV or KV forms and
-head-split (4-D) keys, a dynamic or non-2-D weight, an input of rank other than 3, sizes that
-``num_heads`` does not divide.
+``GroupQueryAttention`` (grouped KV heads, rotary inside, KV cache): see
+:func:`group_query_attention`; a KV head and the query heads that read it are one channel.
+
+Fail closed, with a reason naming what is not mapped: for ``Attention`` and
+``MultiHeadAttention`` a KV cache (``past`` inputs, ``present`` outputs, a cache indirection),
+the QK output and ``do_rotary``; packed QKV or KV forms and head-split (4-D) keys; a quantised
+KV cache (``k_quant_type``/``v_quant_type``); a dynamic or non-2-D weight, an input of rank
+other than 3, sizes that the head counts do not divide.
 """
 
 from __future__ import annotations
