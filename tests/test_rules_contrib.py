@@ -25,6 +25,7 @@ from graphs import (
 from onnx import helper
 from oracle import group_sizes, prune_checked
 
+from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, analyze, prune
 from spa.coupling import GroupKind
 from spa.coupling.analysis import Group
@@ -641,3 +642,39 @@ def test_int4_decoder_block_prunes_kv_heads_and_mlp(tmp_path):
     assert shapes["q.q"][0] == 32 and shapes["k.q"][0] == 16 and shapes["o.q"][1] == 2
     assert shapes["gate.q"][0] == shapes["up.q"][0] == 32 and shapes["down.q"][1] == 2
     assert all(init_value(out.path, f"{n}.q").dtype == np.uint8 for n in ("q", "o", "down"))
+
+
+# --- FLAP bias compensation into fused biases ---------------------------------------------------
+@pytest.mark.parametrize("reader", ["SkipLayerNormalization", "BiasGelu"])
+def test_flap_compensation_goes_into_a_fused_bias(tmp_path, reader):
+    """fc1's neuron 0 is always gelu(2): FLAP removes it first and folds gelu(2)·W2[0] into the
+    bias that the op reading fc2 adds (no Add in the graph), so the pruned model equals the
+    original."""
+    b = Builder(seed=3)
+    w1 = b.rng.standard_normal((3, 4)).astype(np.float32)
+    w1[:, 0] = 0.0
+    b1 = np.array([2.0, 0.5, -0.2, 0.1], np.float32)
+    h = b.op("BiasGelu", b.op("MatMul", "x", b.const(w1, "fc1.w"), name="fc1"),
+             b.const(b1, "b1"), domain=MS, name="gelu1")
+    z = dense(b, h, 4, 4, "fc2")
+    if reader == "BiasGelu":
+        y = b.op("BiasGelu", z, b.weight(4, name="b2"), domain=MS, name="gelu2")
+        inputs = {"x": [1, 3]}
+    else:
+        y = b.op("SkipLayerNormalization", z, "s", b.weight(4, name="gamma"),
+                 b.weight(4, name="beta"), b.weight(4, name="b2"), domain=MS, name="ln")
+        inputs = {"x": [1, 3], "s": [1, 4]}
+    src = tmp_path / "m.onnx"
+    onnx.save(contrib_model(b, inputs, {y: [1, 4]}), str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{name: b.rng.standard_normal((24, shape[1])).astype(np.float32)
+                       for name, shape in inputs.items()})
+    opts = PruneOptions(ratio=0.25, criterion="flap", calib=str(calib), allocation="uniform",
+                        reconstruct=False)
+    report, plan = prune(src, tmp_path / "c.onnx", opts, CheckOptions(latency=False))
+    assert plan.groups[0].keep == (1, 2, 3) and report.compensated_layers == 1
+    ref, pruned = val.session(src), val.session(tmp_path / "c.onnx")
+    for seed in range(3):
+        feeds = val.random_inputs(ref, seed=seed)
+        np.testing.assert_allclose(val.run(pruned, feeds)[y], val.run(ref, feeds)[y],
+                                   rtol=1e-5, atol=1e-5)

@@ -10,6 +10,9 @@ like the element-wise ops of spa/coupling/rules/elementwise.py:
   broadcast to ``Y`` as in ``Add``, so the 1-D bias is sliced with the channels of ``Y``'s last
   axis and a full-shape ``skip`` is coupled axis by axis.
 
+Facts: the bias (input 1) is added to ``X`` (and to ``skip``): a MatMul read by one of these
+has its bias there (FLAP compensation).
+
 The activations are not odd functions (``gelu(0) = 0`` but a removed channel's value is not 0);
 the consumer's input weights of a removed channel go with it, as after any activation.
 """
@@ -22,6 +25,8 @@ from spa.coupling.registry import register
 from spa.coupling.rules.elementwise import couple_broadcast
 
 if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
     from spa.coupling.context import NodeContext
 
 
@@ -30,7 +35,12 @@ def unary(ctx: NodeContext) -> None:
     ctx.same_axes([(ctx.input(0), ctx.output(0))])
 
 
-@register("BiasGelu", "FastGelu", "BiasAdd", domain="com.microsoft")
+def _bias_input(node: gs.Node, slot: int) -> int | None:
+    """The bias (input 1) is added to ``X`` (input 0) and, in BiasAdd, to ``skip`` too."""
+    return 1 if slot == 0 or (slot == 2 and node.op == "BiasAdd") else None
+
+
+@register("BiasGelu", "FastGelu", "BiasAdd", domain="com.microsoft", adds_bias=_bias_input)
 def with_bias(ctx: NodeContext) -> None:
     y = ctx.output(0)
     if y is None:

@@ -14,6 +14,7 @@ before they normalise over the last axis: ``S = input + skip (+ bias)``; ``outpu
 The leading axes of input, skip and every output are coupled as in an element-wise add; the
 last axis is the residual stream: it freezes, naming the statistics, unless hidden-size
 pruning is on, where input, skip, bias, the sum and the output go together with ``γ`` and ``β``.
+Facts: the bias is added to input and skip (the bias of a MatMul the norm follows).
 
 ``EmbedLayerNormalization`` (``com.microsoft``, BERT's fused embeddings):
 ``S = word[input_ids] + position[position_ids] (+ segment[segment_ids])``,
@@ -37,6 +38,8 @@ from spa.coupling.rules.norm import normalise, statistics_reason
 from spa.coupling.types import Role
 
 if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
     from spa.coupling.context import NodeContext
 
 # SkipLayerNormalization's inputs: (γ, β, bias); SkipSimplifiedLayerNormalization has no β.
@@ -54,7 +57,13 @@ def simplified_layer_norm(ctx: NodeContext) -> None:
     normalise(ctx, [ctx.input(1)], [stats] if stats is not None else [])
 
 
-@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft")
+def _bias_input(node: gs.Node, slot: int) -> int | None:
+    """The optional bias is added to ``input`` and ``skip`` before the normalisation."""
+    return _PARAMS[node.op][2] if slot in (0, 1) else None
+
+
+@register("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", domain="com.microsoft",
+          adds_bias=_bias_input)
 def skip_layer_norm(ctx: NodeContext) -> None:
     x, skip, y = ctx.input(0), ctx.input(1), ctx.output(0)
     rank = ctx.rank(x)
