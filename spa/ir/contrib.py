@@ -106,11 +106,13 @@ def contrib_shapes(light: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     inference with what was found and asks again, until nothing more is found. Outputs that
     stay unknown freeze what they touch."""
     g = light.graph
+    nodes = [n for n in g.node if (n.domain or "") not in ONNX_DOMAINS]
+    if not nodes:  # most models: nothing to read
+        return []
     known = {vi.name: vi for vi in (*g.input, *g.value_info)
              if vi.type.tensor_type.HasField("shape")}
     known.update((t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
                  for t in g.initializer)
-    nodes = [n for n in light.graph.node if (n.domain or "") not in ONNX_DOMAINS]
     wanted = {o for n in nodes for o in n.output if o and o not in known}
     if not wanted:
         return []
