@@ -111,8 +111,8 @@ class BiasCompensation:
     the rewrite; :func:`add_bias_shifts` (called by the rewrite) adds it, restricted to the
     surviving outputs, to the bias after slicing. Where the bias is comes from the op's registry
     entry (its bias slot, spa/coupling/facts.py): an input (Conv, Gemm), created if the node had
-    none, or the constant of an Add that follows (MatMul); an op without a bias slot is left
-    alone.
+    none, or the constant that the op reading it adds (MatMul → Add, or a fused bias:
+    ``BiasGelu``, ``SkipLayerNormalization``); an op without a bias slot is left alone.
     """
 
     def run(self, analysis: Analysis, plan: Plan, statistics: LayerStats) -> BiasShifts:
@@ -148,7 +148,7 @@ def _add_to_bias(node: gs.Node, opset: int, shift: np.ndarray) -> int:
         return 0
     slot = entry.bias
     if slot.input is None:
-        return _add_to_following_bias(node, shift)
+        return _add_to_following_bias(node, opset, shift)
     if len(node.inputs) > slot.input and isinstance(node.inputs[slot.input], gs.Constant) \
             and np.asarray(node.inputs[slot.input].values).size == shift.size:
         _shift_constant(node.inputs[slot.input], shift)
@@ -159,14 +159,20 @@ def _add_to_bias(node: gs.Node, opset: int, shift: np.ndarray) -> int:
     return 0
 
 
-def _add_to_following_bias(node: gs.Node, shift: np.ndarray) -> int:
-    """The bias of a layer with none of its own: the constant of the one Add reading it."""
-    if len(node.outputs[0].outputs) == 1:
-        add = node.outputs[0].outputs[0]
-        for t in add.inputs if add.op == "Add" else ():
-            if isinstance(t, gs.Constant) and np.asarray(t.values).size == shift.size:
-                _shift_constant(t, shift)
-                return 1
+def _add_to_following_bias(node: gs.Node, opset: int, shift: np.ndarray) -> int:
+    """The bias of a layer with none of its own: the constant that the one node reading it adds
+    to it (an Add, or a fused bias: its op's added-bias fact)."""
+    if len(node.outputs[0].outputs) != 1:
+        return 0
+    reader = node.outputs[0].outputs[0]
+    entry = entry_of(reader, opset)
+    slots = [i for i, t in enumerate(reader.inputs) if t is node.outputs[0]]
+    slot = entry.adds_bias(reader, slots[0]) if entry is not None and entry.adds_bias \
+        and len(slots) == 1 else None
+    t = reader.inputs[slot] if slot is not None and slot < len(reader.inputs) else None
+    if isinstance(t, gs.Constant) and np.asarray(t.values).size == shift.size:
+        _shift_constant(t, shift)
+        return 1
     return 0
 
 

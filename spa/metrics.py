@@ -10,12 +10,13 @@ Conv, ConvTranspose, Gemm, MatMul and Einsum, the usual convention), each stated
 file; symbolic dims count as 1.
 
 Parameters are the elements of floating-point constants (bfloat16 and float8 included) and of
-quantised weights (spa/ir/params.py), those read in subgraphs (If, Loop) too, **each tensor of
-the file once**: a constant tied to another (spa/ir/tied.py) counts nothing when it is written
-as its derivation — a view always (the analysis slices it as its source), a copy when its kept
-values equal its source's. So the count of an emitted model, re-read, is that of its file, and
-the prediction that of the file to be written. A model as read is counted from its file
-(``LoadedModel.params``): its normal form may have folded float shape arithmetic away.
+quantised weights (spa/ir/params.py; a packed N-bit weight counts the values it holds), those
+read in subgraphs (If, Loop) too, **each tensor of the file once**: a constant tied to another
+(spa/ir/tied.py) counts nothing when it is written as its derivation — a view always (the
+analysis slices it as its source), a copy when its kept values equal its source's. So the
+count of an emitted model, re-read, is that of its file, and the prediction that of the file to
+be written. A model as read is counted from its file (``LoadedModel.params``): its normal
+form may have folded float shape arithmetic away.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.registry import entry_of
-from spa.ir.params import graph_constants, is_parameter
+from spa.ir.params import elements, graph_constants, is_parameter
 from spa.ir.tied import Tie, Ties, live
 from spa.progress import progress
 
@@ -61,6 +61,7 @@ class CostModel:
         self._params = [(name, tuple(int(d) for d in t.shape)) for name, t in constants.items()
                         if is_parameter(t)]
         self._shapes = dict(self._params)
+        self._constants = constants
         self._ties: dict[str, tuple[Tie, gs.Constant]] = {
             name: (tie, constants[tie.source]) for name, tie in live(ties or {}, graph).items()
             if name in self._shapes}
@@ -70,7 +71,7 @@ class CostModel:
     def count(self, kept: Kept | None = None) -> Counts:
         """Params and MACs with the spaces in ``kept`` cut to those indices (none: as is)."""
         kept = kept or {}
-        params = sum(prod(_cut(s, n, kept)) for n, s in self._params
+        params = sum(elements(self._constants[n], _cut(s, n, kept)) for n, s in self._params
                      if not self._joined(n, kept))
         flops = sum(term.count(*(_cut(s, n, kept) for n, s in term.tensors))
                     for term in self._macs)

@@ -68,13 +68,17 @@ def assert_file_params(report: PruneReport, model: Path, out: Path) -> None:
 
 def file_params(path: Path) -> int:
     """The parameters a model file holds, each tensor once: the floating-point initializers and
-    ``Constant`` nodes of its graph and subgraphs, and the integer tensors ``DequantizeLinear``
-    reads (quantised weights)."""
+    ``Constant`` nodes of its graph and subgraphs, the integer tensors ``DequantizeLinear``
+    reads (quantised weights), and the values packed in ``MatMulNBits`` weights."""
     graphs = _graphs(onnx.load(str(path), load_external_data=False).graph)
     nodes = [n for g in graphs for n in g.node]
     quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
-    held = [_size(t) for g in graphs for t in g.initializer
-            if t.name in quantised or _floating(t)]
+    # MatMulNBits' B [N, blocks, blob] holds block_size values a blob, several a byte
+    packed = {n.input[1]: next(a.i for a in n.attribute if a.name == "block_size")
+              for n in nodes if n.op_type == "MatMulNBits"}
+    held = [_size(t) // t.dims[-1] * packed[t.name] if t.name in packed else _size(t)
+            for g in graphs for t in g.initializer
+            if t.name in quantised or t.name in packed or _floating(t)]
     for a in (a for n in nodes if n.op_type == "Constant" for a in n.attribute):
         if a.name == "value" and _floating(a.t):
             held.append(_size(a.t))

@@ -74,7 +74,7 @@ CONTRIB = {
     "QLinearAdd": "qszqszsz", "QLinearMul": "qszqszsz", "QLinearAveragePool": "qszsz",
     "QLinearGlobalAveragePool": "qszsz", "QLinearLeakyRelu": "qszsz", "QLinearSigmoid": "qszsz",
     "QLinearConcat": "szqsz", "QGemm": "qszwsz", "DynamicQuantizeMatMul": "fwsz",
-    "MatMulIntegerToFloat": "qwssz", "MatMulNBits": "fws",
+    "MatMulIntegerToFloat": "qwssz",
 }
 
 

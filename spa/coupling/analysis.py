@@ -161,6 +161,7 @@ class CouplingAnalysis:
         tensors = graph.tensors()
         dense = {k for k in live if is_weight(tensors.get(k[0]))
                  and len(tensors[k[0]].shape or ()) == 2}
+        dense.update(*(c.dense for c in couplings.values()))
         statistics = set().union(*(c.statistics for c in couplings.values()))
         # Head axes: declared by attention rules, or the factor a reshape split a channel axis
         # into (C → heads × head_dim keeps the heads factor).

@@ -179,6 +179,18 @@ class NodeContext:
         self._edge(fine, coarse, idx, idx // k, MapKind.BLOCK)
         return True
 
+    def sections(self, fine: Space | None, coarse: Space | None, sizes: Sequence[int]) -> bool:
+        """Couple ``fine``, the concatenation of parts of ``sizes``, with ``coarse``: each part
+        is split into ``len(coarse)`` equal blocks, element ``c`` of part ``p`` going with
+        ``coarse[(c - start_p) // (sizes[p] / len(coarse))]`` (the columns of a fused QKV
+        projection: head ``h``'s Q, K and V columns all go with head ``h``)."""
+        if fine is None or coarse is None or coarse.length == 0 or sum(sizes) != fine.length \
+                or any(n % coarse.length for n in sizes):
+            return False
+        coarse_idx = np.concatenate([np.arange(n) // (n // coarse.length) for n in sizes])
+        self._edge(fine, coarse, np.arange(fine.length), coarse_idx, MapKind.BLOCK)
+        return True
+
     def digits(self, whole: Space | None, parts: Sequence[Space | None], label: str,
                lengths: Sequence[int]) -> bool:
         """Candidate couplings of ``whole`` with each axis of its factorisation ``parts``.
@@ -223,6 +235,12 @@ class NodeContext:
         """Declare that ``space`` indexes attention heads (for ``--heads-ratio``)."""
         if space is not None:
             self.result.heads.add(space.key)
+
+    def dense_rows(self, space: Space | None) -> None:
+        """Declare that ``space`` holds the output rows of a dense layer whose weight is not
+        stored as a 2-D matrix (its groups are neurons, for ``--mlp-ratio``)."""
+        if space is not None:
+            self.result.dense.add(space.key)
 
     def statistics_over(self, space: Space | None) -> None:
         """``space`` feeds normalisation statistics: handled only with hidden-size pruning on."""

@@ -12,6 +12,10 @@ branch on op names:
   ``H = X Xᵀ`` (passes/hessian.py). None when the input slot is not the layer's weight.
 * **bias slot** (:class:`BiasSlot`): where FLAP-style bias compensation adds the removed
   channels' mean contribution (passes/compensation.py).
+* **added bias** (:data:`AddsBiasFn`): for an op that adds a per-channel constant to one of its
+  inputs (``Add``; a fused bias such as ``BiasGelu``'s or ``SkipLayerNormalization``'s), the
+  input slot of that constant — where a layer with no bias of its own that it alone reads has
+  its bias.
 * **slimming scale** (an input slot): the per-channel ``γ`` whose magnitude network slimming
   ranks channels by (criterion ``bn_scale``, passes/importance/structure.py).
 """
@@ -44,13 +48,15 @@ class MacTerm:
 @dataclass(frozen=True)
 class BiasSlot:
     """Where a layer's bias is: its input ``input`` (created when the node has none), or — with
-    ``input`` None — the constant operand of the ``Add`` that alone reads its output (a MatMul
-    followed by its bias)."""
+    ``input`` None — the constant the node that alone reads its output adds to it (a MatMul
+    followed by its bias: an ``Add``, or an op with an added-bias fact)."""
 
     input: int | None
 
 
 MacFn = Callable[["gs.Node"], "MacTerm | None"]
+# (node, input slot of a layer's output) -> the input slot of the constant added to it
+AddsBiasFn = Callable[["gs.Node", int], "int | None"]
 # (node, input slot of the weight) -> (the activation the weight reads, its channel axis)
 LayerInputFn = Callable[["gs.Node", int], "tuple[gs.Tensor, int] | None"]
 

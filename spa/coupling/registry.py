@@ -2,7 +2,8 @@
 
 An entry (:class:`RuleEntry`) holds the op's coupling rule — ``rule(ctx: NodeContext) -> None``
 records couplings on ``ctx`` — and the op's other facts (spa/coupling/facts.py): its MAC term,
-the layer-input accessor of its consumer weights, its bias slot, its slimming scale. A family
+the layer-input accessor of its consumer weights, its bias slot, its slimming scale, the bias
+it adds. A family
 file registers them together, ``@register("Conv", mac=…, layer_input=…, bias=…)`` on the rule,
 so that everything about one op lives in one file. The rewrite hooks of rules that need one
 (a new ``group`` count, rewritten shape literals) depend on the node's own couplings and stay
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from spa.coupling.context import NodeContext
-    from spa.coupling.facts import BiasSlot, LayerInputFn, MacFn
+    from spa.coupling.facts import AddsBiasFn, BiasSlot, LayerInputFn, MacFn
 
 Rule = Callable[["NodeContext"], None]
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -84,6 +85,7 @@ class RuleEntry:
     layer_input: LayerInputFn | None = None
     bias: BiasSlot | None = None
     slimming_scale: int | None = None
+    adds_bias: AddsBiasFn | None = None
 
 
 RULES: OpTable[RuleEntry] = OpTable()
@@ -91,14 +93,14 @@ RULES: OpTable[RuleEntry] = OpTable()
 
 def register(*op_types: str, domain: str = "", opsets: tuple[int, int] = ALL_OPSETS,
              mac: MacFn | None = None, layer_input: LayerInputFn | None = None,
-             bias: BiasSlot | None = None, slimming_scale: int | None = None
-             ) -> Callable[[Rule], Rule]:
+             bias: BiasSlot | None = None, slimming_scale: int | None = None,
+             adds_bias: AddsBiasFn | None = None) -> Callable[[Rule], Rule]:
     """Decorator: register ``rule``, with the given facts, for each op type in ``op_types``."""
 
     def deco(rule: Rule) -> Rule:
         for op in op_types:
             entry = RuleEntry(domain, op, opsets[0], opsets[1], rule, mac, layer_input, bias,
-                              slimming_scale)
+                              slimming_scale, adds_bias)
             RULES.add(domain, op, opsets, entry)
         return rule
 
@@ -133,6 +135,12 @@ def _load_rule_families() -> None:
     from spa.coupling import tied  # noqa: F401
     from spa.coupling.rules import (  # noqa: F401
         attention,
+        contrib_attention,
+        contrib_elementwise,
+        contrib_linear,
+        contrib_norm,
+        contrib_quant,
+        contrib_rotary,
         conv,
         einsum,
         elementwise,

@@ -94,6 +94,9 @@ class NodeCoupling:
     statistics: set[SpaceKey] = field(default_factory=set)
     # Axes that index attention heads (declared by attention rules).
     heads: set[SpaceKey] = field(default_factory=set)
+    # Output axes of dense-layer weights stored other than as a 2-D matrix (a packed N-bit
+    # weight): their groups are neurons, as a 2-D weight's are.
+    dense: set[SpaceKey] = field(default_factory=set)
     # Why the node handles nothing else (a known op SPA will not prune through, or a rule that
     # gave up part-way); frozen spaces of the node carry this reason instead of the generic
     # "does not map axis".

@@ -30,6 +30,7 @@ from onnx import external_data_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError, one_line
+from spa.ir.contrib import contrib_shapes, onnx_view
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.params import stored_params
@@ -159,7 +160,7 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
     inline ones from ``mapped`` (the file ``model`` was parsed from) when given. Returns the
     graph and the ties of the constants normal form split from one tensor."""
     try:
-        onnx.checker.check_model(weightless(model))
+        onnx.checker.check_model(onnx_view(weightless(model)))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ModelLoadError(f"{name}: fails onnx.checker: {one_line(exc)}") from exc
     _check_node_names(model.graph, name)
@@ -415,10 +416,12 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     ``strict`` (a model as read): a node whose shapes conflict (a MatMul of ``[2, 8]`` by
     ``[12, 4]``, a declared shape that is not the inferred one) makes the model invalid, where
     lenient inference would leave its outputs unknown and the channels frozen. It is the
-    inference of the full check (types checked too), which SPA's output passes."""
+    inference of the full check (types checked too), which SPA's output passes.
+
+    onnxruntime's contrib ops are seen as spa/ir/contrib.py says: their outputs' shapes come
+    from onnxruntime, and ONNX inference then runs again to carry them to the ops after them."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(weightless(model), check_type=strict,
-                                                     strict_mode=strict, data_prop=True)
+        inferred = _with_contrib_shapes(_infer(onnx_view(weightless(model)), strict), strict)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         if strict:
             raise InvalidModelError(f"{name}: invalid model: shape inference finds a conflict: "
@@ -429,6 +432,35 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
     return model
+
+
+def _with_contrib_shapes(inferred: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    """``inferred`` with the shapes of its contrib ops' outputs (spa/ir/contrib.py) and what
+    ONNX inference then carries on, round by round until nothing is added. Shapes that conflict
+    with the rest are dropped: their outputs stay unknown (what they touch freezes), the model
+    is not refused for what onnxruntime's inference said."""
+    for _ in range(_REFINE_ROUNDS):
+        contrib = contrib_shapes(inferred)
+        if not contrib:
+            break
+        known = {vi.name for vi in contrib}
+        extended = onnx.ModelProto()
+        extended.CopyFrom(inferred)
+        kept = [vi for vi in extended.graph.value_info if vi.name not in known]
+        del extended.graph.value_info[:]
+        extended.graph.value_info.extend(kept + contrib)
+        try:
+            inferred = _infer(extended, strict)
+        except (onnx.shape_inference.InferenceError, ValueError) as exc:
+            log.info("contrib op shapes conflict with ONNX inference (%s): left unknown",
+                     one_line(exc))
+            break
+    return inferred
+
+
+def _infer(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(model, check_type=strict, strict_mode=strict,
+                                             data_prop=True)
 
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:

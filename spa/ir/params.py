@@ -2,7 +2,9 @@
 
 A parameter is an element of a floating-point constant (an initializer, a ``Constant`` node) or
 of a quantised weight (the integer data a ``DequantizeLinear`` reads), in the graph or in its
-subgraphs, **each tensor once**. :func:`stored_params` counts a file as read; normal form may
+subgraphs, **each tensor once**. A weight packed several values a byte (``MatMulNBits``'s
+``[N, k_blocks, blob]``) counts the values it holds, ``N · k_blocks · block_size``, not its
+bytes (:func:`elements`). :func:`stored_params` counts a file as read; normal form may
 hold a tensor twice (spa/ir/tied.py) or fold shape arithmetic on float scalars away, so the
 count of a model as read is taken from its ModelProto, not from its normal form.
 """
@@ -14,14 +16,24 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spa.ir.dtypes import is_floating
+from spa.ir.quant import PACKED_WEIGHTS, packed_block_size
 
 
 def is_parameter(t: gs.Tensor) -> bool:
-    """A floating-point constant, or the integer data a ``DequantizeLinear`` reads."""
+    """A floating-point constant, or the integer data a ``DequantizeLinear`` reads, or a packed
+    N-bit weight."""
     if not isinstance(t, gs.Constant):
         return False
-    return is_floating(t.dtype) or any(
+    return is_floating(t.dtype) or packed_block_size(t) is not None or any(
         n.op == "DequantizeLinear" and n.inputs and n.inputs[0] is t for n in t.outputs)
+
+
+def elements(t: gs.Tensor, shape: tuple[int, ...]) -> int:
+    """The parameters of parameter ``t`` at ``shape`` (its own, or cut by a plan)."""
+    block_size = packed_block_size(t)
+    if block_size is None:
+        return int(np.prod(shape, dtype=np.int64))
+    return int(np.prod(shape[:-1], dtype=np.int64)) * block_size
 
 
 def graph_constants(graph: gs.Graph) -> dict[str, gs.Constant]:
@@ -40,8 +52,12 @@ def stored_params(model: onnx.ModelProto) -> int:
     graphs = _graphs(model.graph)
     nodes = [n for g in graphs for n in g.node]
     quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input}
-    total = sum(_size(t) for g in graphs for t in g.initializer
-                if t.name in quantised or is_floating(t.data_type))
+    packed = {n.input[slot]: _block_size(n) for n in nodes
+              if (slot := PACKED_WEIGHTS.get((n.domain or "", n.op_type))) is not None
+              and len(n.input) > slot}
+    total = sum(_size(t) // t.dims[-1] * packed[t.name] if t.name in packed and t.dims
+                else _size(t) for g in graphs for t in g.initializer
+                if t.name in quantised or t.name in packed or is_floating(t.data_type))
     for a in (a for n in nodes if n.op_type == "Constant" for a in n.attribute):
         if a.name == "value" and is_floating(a.t.data_type):
             total += _size(a.t)
@@ -55,6 +71,10 @@ def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     subs = [g for n in graph.node for a in n.attribute
             for g in ([a.g] if a.HasField("g") else a.graphs)]
     return [graph, *(s for g in subs for s in _graphs(g))]
+
+
+def _block_size(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "block_size"), 0)
 
 
 def _size(t: onnx.TensorProto) -> int:

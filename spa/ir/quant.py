@@ -22,6 +22,9 @@ import onnx_graphsurgeon as gs
 from spa.ir.external import peek
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# Ops that read a weight packed several values a byte, ``[rows, blocks, blob]`` with
+# ``block_size`` values a blob: (domain, op) → the input slot of the weight.
+PACKED_WEIGHTS = {("com.microsoft", "MatMulNBits"): 1}
 
 
 @dataclass(frozen=True)
@@ -139,3 +142,13 @@ def zero_point_fill(q: np.ndarray, zero_point: np.ndarray | None, axis: int | No
     else:
         zp = zp.reshape(())
     return np.broadcast_to(zp, q.shape)
+
+
+def packed_block_size(t: gs.Tensor) -> int | None:
+    """``block_size`` of the op that reads ``t`` as a packed N-bit weight (``MatMulNBits``'s
+    ``B``), or None: ``t`` then holds ``prod(shape[:-1]) · block_size`` values."""
+    for node in t.outputs:
+        slot = PACKED_WEIGHTS.get((node.domain or "", node.op))
+        if slot is not None and len(node.inputs) > slot and node.inputs[slot] is t:
+            return int(node.attrs.get("block_size", 0)) or None
+    return None

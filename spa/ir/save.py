@@ -29,6 +29,7 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from spa.errors import OutputPathError, ValidationError, one_line
+from spa.ir.contrib import onnx_view
 from spa.ir.dtypes import is_floating, onnx_type
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
 from spa.ir.ir3 import check_declared, declare_initializers
@@ -237,7 +238,7 @@ def _needs_onnx_save(model: onnx.ModelProto, path: Path) -> bool:
 
 def full_check(model: onnx.ModelProto) -> None:
     try:  # structure and strict shape inference; the weights are numpy-made, sized by design
-        onnx.checker.check_model(weightless(model), full_check=True)
+        onnx.checker.check_model(onnx_view(weightless(model)), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValidationError(f"the rewritten model fails onnx.checker: {one_line(exc)}") \
             from exc

@@ -28,7 +28,7 @@ from __future__ import annotations
 from math import prod
 from typing import TYPE_CHECKING
 
-from spa.coupling.facts import BiasSlot, MacTerm, mac_term
+from spa.coupling.facts import BiasSlot, LayerInputFn, MacFn, MacTerm, mac_term
 from spa.coupling.registry import register
 from spa.coupling.types import KeptLookup, Role
 from spa.errors import InvalidModelError
@@ -61,10 +61,10 @@ def _check_channels(ctx: NodeContext, x: gs.Tensor, w: gs.Tensor, group: int) ->
     channels = x_shape[1] if x_shape is not None and len(x_shape) > 1 else None
     if not isinstance(channels, int) or w_shape is None or len(w_shape) < 2:
         return
-    w_in = w_shape[1] if ctx.node.op == "Conv" else w_shape[0]
+    w_in = w_shape[1] if ctx.node.op != "ConvTranspose" else w_shape[0]
     if w_in is None:
         return  # a quantised weight whose shape is not inferred: nothing to check against
-    takes = w_in * group if ctx.node.op == "Conv" else w_in
+    takes = w_in * group if ctx.node.op != "ConvTranspose" else w_in
     if channels != takes:
         raise InvalidModelError(
             f"invalid model: {ctx.node.op} node '{ctx.name}' reads {channels} input channels, but "
@@ -119,6 +119,11 @@ def _conv_transpose_macs(node: gs.Node) -> MacTerm | None:
 def _layer_input(node: gs.Node, slot: int) -> tuple[gs.Tensor, int] | None:
     """The weight (input 1) reads the channels of ``X`` (input 0) at axis 1."""
     return (node.inputs[0], 1) if slot == 1 else None
+
+
+def conv_facts() -> tuple[MacFn, LayerInputFn]:
+    """Conv's MAC term and layer-input accessor, for the ops that are a Conv and more."""
+    return _conv_macs, _layer_input
 
 
 @register("Conv", mac=_conv_macs, layer_input=_layer_input, bias=BiasSlot(2))

@@ -7,6 +7,8 @@ couples both branches; squeeze-and-excite's ``x * s`` couples ``s``'s channels w
 per-channel constant operand is sliced with the group); an axis of length 1 broadcast against a
 longer one is not coupled (it stays length 1). An axis whose length is unknown on either side is
 left unhandled and so freezes if it is a channel space.
+
+Facts: ``Add`` adds its other operand to each (the bias of a MatMul it follows, when constant).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ UNARY = (
     "Identity", "Cast", "Shrink", "BitwiseNot",
 )
 NARY = (
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Mod", "Equal", "Less",
+    "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Mod", "Equal", "Less",
     "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Where", "BitShift",
     "BitwiseAnd", "BitwiseOr", "BitwiseXor",
 )
@@ -87,7 +89,13 @@ def dropout(ctx: NodeContext) -> None:
     ctx.same_axes([(ctx.input(0), out) for out in ctx.outputs])
 
 
+def _other_operand(node: gs.Node, slot: int) -> int | None:
+    """``Add``'s bias for the operand at ``slot``: the other one."""
+    return 1 - slot if slot in (0, 1) and len(node.inputs) == 2 else None
+
+
 @register(*NARY)
+@register("Add", adds_bias=_other_operand)
 def nary(ctx: NodeContext) -> None:
     couple_broadcast(ctx, ctx.inputs, ctx.output(0))
 

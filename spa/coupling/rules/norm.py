@@ -23,6 +23,10 @@ from spa.coupling.registry import register
 from spa.coupling.types import Role
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import onnx_graphsurgeon as gs
+
     from spa.coupling.context import NodeContext
 
 
@@ -54,25 +58,37 @@ def instance_norm(ctx: NodeContext) -> None:
 @register("LayerNormalization", opsets=(17, 10_000))
 @register("RMSNormalization", opsets=(23, 10_000))
 def layer_norm(ctx: NodeContext) -> None:
-    x, y = ctx.input(0), ctx.output(0)
-    rank = ctx.rank(x)
+    x, rank = ctx.input(0), ctx.rank(ctx.input(0))
     if x is None or rank is None or len(ctx.outputs) != 1:
         ctx.refuse(ctx.unknown_rank(x) if rank is None else
                    "statistics outputs (Mean/InvStdDev)")
         return
+    normalise(ctx, [ctx.input(1), ctx.input(2)])
+
+
+def normalise(ctx: NodeContext, params: list[gs.Tensor | None],
+              statistics: Sequence[gs.Tensor] = ()) -> None:
+    """Input 0 normalised over axes ``axis..-1`` into output 0, with 1-D ``params`` (scale
+    first) applied per channel of the last axis and ``statistics`` outputs (``[…, 1, …]``)
+    sharing the leading axes."""
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    assert x is not None and rank is not None  # checked by the callers
     axis = ctx.attr_int("axis", -1) % rank
     for ax in range(axis):
         ctx.identity_axes(x, ax, y, ax)
+        for stat in statistics:
+            ctx.identity_axes(x, ax, stat, ax)
     if axis == rank - 1 and ctx.hidden:
         # Hidden-size pruning: the normalised axis goes with its scale and bias; the statistics
         # are then over fewer channels (outside the masked oracle, by design).
         sx, sy = ctx.space(x, axis), ctx.space(y, axis)
         if ctx.identity(sx, sy):
             ctx.statistics_over(sx)
-            for i, param in ((1, ctx.input(1)), (2, ctx.input(2))):
+            for i, param in enumerate(params):
                 sp = ctx.space(param, -1) if param is not None and ctx.rank(param) == 1 else None
                 ctx.identity(sp, sy)
-                if i == 1:
+                if i == 0:
                     ctx.role(sp, Role.SCALE)
     ctx.decline(statistics_reason(f"normalises over {axes_text(range(axis, rank))} of "
                                   f"'{x.name}'", axis == rank - 1 and not ctx.hidden),

@@ -39,8 +39,7 @@ if TYPE_CHECKING:
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd",
                "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool",
                "QLinearLeakyRelu", "QLinearSigmoid", "QLinearConcat", "QGemm",
-               "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-               "MatMulNBits")
+               "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 @register("QuantizeLinear", "DequantizeLinear", opsets=(10, 10_000))

@@ -1,0 +1,104 @@
+"""A BERT after onnxruntime's transformer optimiser prunes under the numeric oracle.
+
+all-MiniLM-L6-v2's shape with two layers and random weights (HuggingFace ``BertModel``),
+exported by PyTorch's TorchScript exporter at opset 17, then
+``optimize_model(model_type="bert")``. With eager attention the optimiser fuses
+``EmbedLayerNormalization``, ``Attention``, ``SkipLayerNormalization`` and ``BiasGelu``; with
+SDPA attention (transformers' default) only the last two. The eager graph is also quantised
+to int4 by onnxruntime (``MatMulNBits``): heads and MLP still prune, in whole blocks. Before the
+contrib op rules, SPA pruned nothing in any of them (no prunable group: exit 4).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from models.torchvision_compat import import_torchvision  # noqa: E402
+from spa.api import analyze  # noqa: E402
+from spa.coupling import GroupKind  # noqa: E402
+from tests.oracle import prune_checked  # noqa: E402
+
+HIDDEN, HEADS, LAYERS = 384, 12, 2
+
+
+def _optimised(attention: str, d: Path) -> Path:
+    try:  # transformers imports torchvision when installed; its C extension may not match
+        import_torchvision()
+    except ImportError:
+        pass
+    import transformers
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
+                                     vocab_size=1000)
+    config._attn_implementation = attention
+    model = LastHidden(transformers.BertModel(config).eval())
+    ids, mask = torch.randint(0, 1000, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+    dims = {0: "batch", 1: "sequence"}
+    torch.onnx.export(model, (ids, mask), str(d / "bert.onnx"), opset_version=17, dynamo=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                      dynamic_axes={"input_ids": dims, "attention_mask": dims, "hidden": dims})
+    optimised = optimize_model(str(d / "bert.onnx"), model_type="bert", num_heads=HEADS,
+                               hidden_size=HIDDEN)
+    optimised.save_model_to_file(str(d / "opt.onnx"))
+    return d / "opt.onnx"
+
+
+def _int4(path: Path) -> Path:
+    """``path`` with its MatMuls quantised to 4 bits by onnxruntime (``MatMulNBits``, blocks
+    of 32: one head, or 32 MLP neurons, a block)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=32, is_symmetric=False)
+    quantizer.process()
+    out = path.with_name("int4.onnx")
+    quantizer.model.save_model_to_file(str(out))
+    return out
+
+
+FUSED = {"eager": {"EmbedLayerNormalization": 1, "Attention": LAYERS,
+                   "SkipLayerNormalization": 2 * LAYERS, "BiasGelu": LAYERS},
+         "sdpa": {"SkipLayerNormalization": 2 * LAYERS, "BiasGelu": LAYERS}}
+# int4: the dense layers after the attention (output, MLP up and down) become MatMulNBits.
+FUSED["eager-int4"] = {**FUSED["eager"], "MatMulNBits": 3 * LAYERS}
+# Prunable groups (heads, MLP neurons) per attention form: the residual stream stays frozen by
+# the norms, and SDPA's head reshape (``view(B, S, -1, d)``) freezes the heads as it does in
+# the unoptimised export.
+PRUNABLE = {"eager": {GroupKind.HEADS: LAYERS, GroupKind.NEURONS: LAYERS},
+            "sdpa": {GroupKind.NEURONS: LAYERS}}
+PRUNABLE["eager-int4"] = PRUNABLE["eager"]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "eager-int4"])
+def test_optimised_bert_prunes_heads_and_mlp_under_the_oracle(tmp_path, attention):
+    import onnx
+
+    path = _optimised(attention.removesuffix("-int4"), tmp_path)
+    if attention.endswith("-int4"):
+        path = _int4(path)
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node
+                  if n.domain == "com.microsoft")
+    assert ops == Counter(FUSED[attention])
+    prunable = Counter(g.kind for g in analyze(path).prunable_groups)
+    assert prunable == Counter(PRUNABLE[attention])
+    out = prune_checked(path, tmp_path, ratio=0.3, mlp_ratio=0.3)
+    pruned = [g for g in out.plan.groups if len(g.keep) < g.size]
+    assert len(pruned) == sum(PRUNABLE[attention].values())
+    assert out.report.flops_after < out.report.flops_before
