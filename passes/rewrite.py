@@ -50,6 +50,9 @@ class Rewrite:
             tensors[name].values = values
         kept = kept_indices(analysis, plan)
         changed_tensors: set[str] = set()
+        # Graph inputs and outputs that change (KV-cache pairs, spa/coupling/analysis.py) keep
+        # their declared shape but for the pruned axis; other activations are inferred again.
+        signature = {t.name for t in (*graph.inputs, *graph.outputs)}
         for (name, axis), idx in sorted(kept.items()):
             t = tensors.get(name)
             if t is None:
@@ -57,6 +60,8 @@ class Rewrite:
             changed_tensors.add(name)
             if isinstance(t, gs.Constant):
                 t.values = np.take(np.asarray(t.values), idx, axis=axis)
+            elif name in signature:
+                t.shape = [*t.shape[:axis], len(idx), *t.shape[axis + 1:]]
             else:
                 t.shape = None
         lookup = KeptLookup(kept, analysis.lengths)

@@ -472,13 +472,15 @@ def test_matmul_nbits_input_columns_freeze_with_a_reason(kwargs, why):
 
 
 # --- GroupQueryAttention ------------------------------------------------------------------------
-def _gqa_model(*, rotary: bool = False, past: bool = False, **attrs) -> onnx.ModelProto:
+def _gqa_model(*, rotary: bool = False, past: bool = False, past_reader: bool = False,
+               **attrs) -> onnx.ModelProto:
     """4 query heads and 2 KV heads of size 16 (onnxruntime's least with rotary) over a sequence
-    of 4 (no cache unless ``past``)."""
-    b = Builder()
+    of 4 (no cache unless ``past``, then a batch of 1 as onnxruntime needs; ``past_reader``:
+    another node reads the past key too)."""
+    b, n = Builder(), 1 if past else 2
     q, k, v = dense(b, "x", 6, 64, "q"), dense(b, "x", 6, 32, "k"), dense(b, "x", 6, 32, "v")
     ins = [q, k, v, "past_k" if past else "", "past_v" if past else "",
-           b.const(np.full(2, 3 + 3 * past, np.int32), "seqlens_k", np.int32),
+           b.const(np.full(n, 3 + 3 * past, np.int32), "seqlens_k", np.int32),
            b.const(np.array(4 + 3 * past, np.int32), "total_len", np.int32)]
     if rotary:
         angles = np.arange(7)[:, None] * (0.5 ** np.arange(8))[None, :]
@@ -487,11 +489,13 @@ def _gqa_model(*, rotary: bool = False, past: bool = False, **attrs) -> onnx.Mod
     outs = ["gqa_out", "present_k", "present_v"] if past else ["gqa_out"]
     b.op("GroupQueryAttention", *ins, domain=MS, name="gqa", outputs=outs, num_heads=4,
          kv_num_heads=2, do_rotary=int(rotary), **attrs)
-    outputs = {dense(b, "gqa_out", 64, 6, "o"): [2, 4, 6]}
-    inputs = {"x": [2, 4, 6]}
+    outputs = {dense(b, "gqa_out", 64, 6, "o"): [n, 4, 6]}
+    inputs = {"x": [n, 4, 6]}
     if past:
-        inputs.update(past_k=[2, 2, 3, 16], past_v=[2, 2, 3, 16])
-        outputs.update(present_k=[2, 2, 7, 16], present_v=[2, 2, 7, 16])
+        inputs.update(past_k=[n, 2, 3, 16], past_v=[n, 2, 3, 16])
+        outputs.update(present_k=[n, 2, 7, 16], present_v=[n, 2, 7, 16])
+    if past_reader:
+        outputs[b.op("Neg", "past_k", name="reader")] = [n, 2, 3, 16]
     return contrib_model(b, inputs, outputs)
 
 
@@ -512,11 +516,33 @@ def test_group_query_attention_prunes_kv_heads_with_their_query_heads(tmp_path, 
     assert kept_slices(init_value(m, "v.w"), init_value(out.path, "v.w"), 1) == kv
 
 
-def test_group_query_attention_cache_couples_and_keeps_the_signature():
-    """The KV cache's head axis goes with the KV heads; as a decoder's graph input and output it
-    keeps its shape, so the heads freeze naming it (not the op)."""
-    heads = group_of(_gqa_model(past=True), "q.w", 1)
+def test_group_query_attention_cache_loses_the_pruned_kv_heads(tmp_path):
+    """A decoder's past cache (graph input) and present cache (graph output) go with the KV
+    heads: both lose the pruned head, the report lists them, and the pruned model, fed the past
+    at the kept heads, equals the masked original at the kept heads."""
+    m = _gqa_model(past=True)
+    heads = group_of(m, "q.w", 1)
     assert {("past_k", 1), ("present_v", 1)} <= {mem.space for mem in heads.members}
+    assert heads.prunable
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    assert out.report.signature_changes == [
+        "graph input 'past_k' axis 1: 2 -> 1", "graph input 'past_v' axis 1: 2 -> 1",
+        "graph output 'present_k' axis 1: 2 -> 1", "graph output 'present_v' axis 1: 2 -> 1"]
+    pruned = onnx.load(out.path)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in (*pruned.graph.input, *pruned.graph.output)}
+    assert shapes["past_k"] == [1, 1, 3, 16] and shapes["present_v"] == [1, 1, 7, 16]
+    assert shapes["x"] == [1, 4, 6]
+    kv = kept_slices(init_value(m, "k.w"), init_value(out.path, "k.w"), 1)
+    assert kv in (list(range(16)), list(range(16, 32)))  # one whole KV head
+    # Not a token decoder (its input is 'x'): the greedy loop says why it did not run.
+    assert "neither token inputs nor KV-cache pasts" in out.report.generation["not_run"]
+
+
+def test_group_query_attention_cache_read_elsewhere_keeps_the_signature():
+    """A past cache that another node reads too is no KV-cache pair: it keeps its shape, and
+    the heads freeze naming it (not the op)."""
+    heads = group_of(_gqa_model(past=True, past_reader=True), "q.w", 1)
     assert "graph input 'past_k' (axis 1) keeps its shape" in heads.frozen
 
 

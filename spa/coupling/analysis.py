@@ -6,7 +6,10 @@
 2. The spaces and edges form a networkx graph. A connected component is *live* when it holds a
    producer (an output axis of a weight): only live spaces are channel spaces.
 3. Fail closed: a live space touched by a node that does not handle it, a graph input or output,
-   or a node the user ignores is *frozen*, with the reason.
+   or a node the user ignores is *frozen*, with the reason. One exemption: a KV-cache pair
+   declared by an attention rule (the past cache a graph input that node alone reads, the present
+   cache a graph output, each in no other pair) may lose heads; both sides then lose the same
+   heads, since the rule couples both to the KV heads (:func:`kv_cache_pairs`).
 4. Element level: each live space contributes one element per index; the edges' index maps are
    unioned (numpy union-find). A component of elements is a *channel* (an atom): the indices,
    across all spaces, that must be removed together (a conv output channel with its BN entries
@@ -107,6 +110,8 @@ class Analysis:
     hooks: dict[str, RewriteHook]
     fingerprint: str
     space_graph: nx.Graph = field(repr=False)
+    # KV-cache pairs (past graph input space, present graph output space) that may lose heads.
+    kv_cache: tuple[tuple[SpaceKey, SpaceKey], ...] = ()
 
     @property
     def prunable_groups(self) -> list[Group]:
@@ -133,6 +138,8 @@ class CouplingAnalysis:
         graph = model.graph
         nodes = [*graph.nodes, *tied_nodes(graph, model.ties)]
         couplings, unknown = self._apply_rules(graph, nodes, model.opset)
+        caches = kv_cache_pairs(graph, couplings)
+        exempt = {k for pair in caches for k in pair}
         roles, lengths = self._roles_and_lengths(graph, couplings)
         space_graph = nx.Graph()
         candidates = []
@@ -148,7 +155,8 @@ class CouplingAnalysis:
         for e in candidates:
             on_candidates.setdefault(e.node, set()).update((e.a, e.b))
         every = set(space_graph.nodes) | {k for ks in on_candidates.values() for k in ks}
-        blocked = set(self._frozen(graph, nodes, couplings, unknown, every, on_candidates))
+        blocked = set(self._frozen(graph, nodes, couplings, unknown, every, exempt,
+                                   on_candidates))
         chosen = _choose_digits(space_graph, candidates, roles, blocked)
         for e in chosen:
             space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
@@ -157,7 +165,7 @@ class CouplingAnalysis:
         edges = [e for c in couplings.values() for e in c.edges
                  if e.alternatives is None or id(e) in chosen_ids]
         live = self._live_spaces(space_graph, roles)
-        frozen = self._frozen(graph, nodes, couplings, unknown, live)
+        frozen = self._frozen(graph, nodes, couplings, unknown, live, exempt)
         tensors = graph.tensors()
         dense = {k for k in live if is_weight(tensors.get(k[0]))
                  and len(tensors[k[0]].shape or ()) == 2}
@@ -171,7 +179,8 @@ class CouplingAnalysis:
         hooks = {name: c.rewrite for name, c in couplings.items() if c.rewrite is not None}
         return Analysis(model=model, groups=tuple(groups), lengths=lengths, roles=roles,
                         frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
-                        hooks=hooks, fingerprint=fingerprint(graph), space_graph=space_graph)
+                        hooks=hooks, fingerprint=fingerprint(graph), space_graph=space_graph,
+                        kv_cache=caches)
 
     def _apply_rules(self, graph: gs.Graph, nodes: list[gs.Node], opset: int
                      ) -> tuple[dict[str, NodeCoupling], set[str]]:
@@ -226,11 +235,12 @@ class CouplingAnalysis:
 
     def _frozen(self, graph: gs.Graph, nodes: list[gs.Node],
                 couplings: dict[str, NodeCoupling], unknown: set[str], live: set[SpaceKey],
+                exempt: AbstractSet[SpaceKey] = frozenset(),
                 also_handled: dict[str, set[SpaceKey]] | None = None
                 ) -> dict[SpaceKey, set[str]]:
-        """Why each of ``live`` must keep its length: a graph input/output, an ignored node, a
-        node with subgraphs or no rule, or a node whose rule does not handle it (counting
-        ``also_handled[node]`` as handled too)."""
+        """Why each of ``live`` must keep its length: a graph input/output (but for the KV-cache
+        spaces in ``exempt``), an ignored node, a node with subgraphs or no rule, or a node whose
+        rule does not handle it (counting ``also_handled[node]`` as handled too)."""
         also_handled = also_handled or {}
         live_axes: dict[str, list[SpaceKey]] = {}
         for key in live:
@@ -244,9 +254,11 @@ class CouplingAnalysis:
                         frozen.setdefault(key, set()).add(reason_of(key))
 
         for t in graph.inputs:
-            freeze([t.name], lambda k: f"graph input '{k[0]}' (axis {k[1]}) keeps its shape")
+            freeze([t.name], lambda k: f"graph input '{k[0]}' (axis {k[1]}) keeps its shape",
+                   exempt)
         for t in graph.outputs:
-            freeze([t.name], lambda k: f"graph output '{k[0]}' (axis {k[1]}) keeps its shape")
+            freeze([t.name], lambda k: f"graph output '{k[0]}' (axis {k[1]}) keeps its shape",
+                   exempt)
         for name, why in self.frozen_tensors.items():
             freeze([name], lambda k, w=why: w)
         for node in nodes:
@@ -267,6 +279,28 @@ class CouplingAnalysis:
                 freeze(names, lambda k, n=node, c=c: _unhandled_reason(n, c, k),
                        c.handled | also_handled.get(node.name, set()))
         return frozen
+
+
+def kv_cache_pairs(graph: gs.Graph, couplings: Mapping[str, NodeCoupling]
+                   ) -> tuple[tuple[SpaceKey, SpaceKey], ...]:
+    """The KV-cache pairs whose signature may change: declared by a node's rule, the past a
+    graph input that node alone reads, the present a graph output that node writes, and neither
+    tensor in another pair. Anything else keeps its shape (fail closed)."""
+    inputs = {t.name for t in graph.inputs}
+    outputs = {t.name for t in graph.outputs}
+    readers: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            readers.setdefault(t.name, set()).add(node.name)
+    declared = [(name, pair) for name, c in couplings.items() for pair in c.caches]
+    uses: dict[str, int] = {}
+    for _, (past, present) in declared:
+        for tensor in (past[0], present[0]):
+            uses[tensor] = uses.get(tensor, 0) + 1
+    return tuple(sorted(
+        (past, present) for name, (past, present) in declared
+        if past[0] in inputs and present[0] in outputs and readers.get(past[0]) == {name}
+        and uses[past[0]] == uses[present[0]] == 1))
 
 
 def _unused_name(stem: str, taken: set[str]) -> str:

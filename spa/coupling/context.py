@@ -161,6 +161,13 @@ class NodeContext:
         self._edge(a, b, idx, idx, MapKind.IDENTITY)
         return True
 
+    def kv_cache(self, past: Space | None, present: Space | None) -> None:
+        """``past`` (the cache the node reads) and ``present`` (the cache it writes, the past
+        with this step's keys or values appended) share a head axis: a KV-cache pair, whose
+        graph input and output may lose heads together (spa/coupling/analysis.py)."""
+        if past is not None and present is not None and past.length == present.length:
+            self.result.caches.append((past.key, present.key))
+
     def offset(self, part: Space | None, whole: Space | None, start: int) -> bool:
         """Couple ``part[i]`` with ``whole[start + i]`` (Concat input, Split/Slice output)."""
         if part is None or whole is None or start < 0 or start + part.length > whole.length:

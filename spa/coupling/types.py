@@ -104,3 +104,8 @@ class NodeCoupling:
     # Why particular spaces stay unhandled (an axis the op reduces, indexes, pads, …): a frozen
     # space with a reason here carries it instead of ``refusal``.
     reasons: dict[SpaceKey, str] = field(default_factory=dict)
+    # KV-cache pairs ``(past space, present space)``: the node reads the past cache and writes
+    # the present one with the same head axis. When the past is a graph input read by this node
+    # alone and the present a graph output, the pair may lose heads together (the one change of
+    # signature SPA makes; spa/coupling/analysis.py).
+    caches: list[tuple[SpaceKey, SpaceKey]] = field(default_factory=list)

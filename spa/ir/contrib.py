@@ -109,7 +109,9 @@ def contrib_shapes(light: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     nodes = [n for n in g.node if (n.domain or "") not in ONNX_DOMAINS]
     if not nodes:  # most models: nothing to read
         return []
-    known = {vi.name: vi for vi in (*g.input, *g.value_info)
+    # A graph output's declared shape is the model's contract (a decoder's present cache is
+    # ``total_sequence_length`` long where onnxruntime's formula says the past's length).
+    known = {vi.name: vi for vi in (*g.input, *g.output, *g.value_info)
              if vi.type.tensor_type.HasField("shape")}
     known.update((t.name, onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
                  for t in g.initializer)

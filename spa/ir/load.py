@@ -421,7 +421,8 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     onnxruntime's contrib ops are seen as spa/ir/contrib.py says: their outputs' shapes come
     from onnxruntime, and ONNX inference then runs again to carry them to the ops after them."""
     try:
-        inferred = _with_contrib_shapes(_infer(onnx_view(weightless(model)), strict), strict)
+        light = _without_constant_annotations(onnx_view(weightless(model)))
+        inferred = _with_contrib_shapes(_infer(light, strict), strict)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         if strict:
             raise InvalidModelError(f"{name}: invalid model: shape inference finds a conflict: "
@@ -431,6 +432,20 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     model.graph.value_info.extend(inferred.graph.value_info)
     del model.graph.output[:]
     model.graph.output.extend(inferred.graph.output)
+    return model
+
+
+def _without_constant_annotations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the declared shapes of ``Constant`` node outputs: a constant's shape
+    is its value's, the annotation adds nothing but can be wrong (onnxruntime-genai's builder
+    declares its ``[1]`` constants as scalars, which onnxruntime runs and strict inference
+    would call a conflict)."""
+    constants = {o for n in model.graph.node
+                 if n.op_type == "Constant" and n.domain in ("", "ai.onnx") for o in n.output}
+    kept = [vi for vi in model.graph.value_info if vi.name not in constants]
+    if len(kept) < len(model.graph.value_info):
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
     return model
 
 

@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spa import generation as gen
 from spa import validate as val
+from spa.errors import ValidationError
+from spa.generation import SignatureChange
 from spa.ir import to_onnx
 from spa.ir.external import attach_external
 from spa.ir.save import Staging, streamed, write_proto, write_streamed
@@ -125,29 +129,52 @@ def bfloat16_checks(loaded: LoadedModel, checks: CheckOptions) -> tuple[CheckOpt
 def run_checks(original: PathLike | onnx.ModelProto,
                masked: Callable[[], PathLike | onnx.ModelProto] | None, weight_free: set[str],
               pruned: PathLike | onnx.ModelProto, checks: CheckOptions, *,
-              widen: bool = False) -> dict:
+              widen: bool = False, change: SignatureChange | None = None) -> dict:
     """Run the original, then the pruned model (one session at a time: memory), compare:
     signature; shape-valued outputs (``weight_free``) exactly; with the oracle, every output
     against the masked original (integer and bool ones exactly). ``widen``: run their float32
-    twins."""
+    twins. ``change``: the KV-cache inputs and outputs the pruned model has narrower (fed and
+    compared at the kept heads); with the oracle, the greedy loop of spa/generation.py then
+    runs too."""
     twin = widened if widen else (lambda model: model)
+    change = change or SignatureChange()
     extra: dict = {}
     s = val.session(twin(original), what="original model")
     feeds = val.random_inputs(s, dims=dict(checks.input_dims))
-    out_orig = val.run(s, feeds)
+    out_orig = change.kept_outputs(val.run(s, feeds))
     if checks.latency:
         extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs)
     s = None
     s = val.session(twin(pruned), what="pruned model")
-    out_pruned = val.run(s, feeds)
+    out_pruned = val.run(s, change.pruned_feeds(feeds))
     if checks.latency:
-        extra["latency_ms_after"] = latency_ms(s, feeds, runs=checks.latency_runs)
-    s = None
+        extra["latency_ms_after"] = latency_ms(s, change.pruned_feeds(feeds),
+                                               runs=checks.latency_runs)
     val.check_signature(out_orig, out_pruned)
     val.check_exact(out_orig, out_pruned, weight_free, what="original")
     if checks.check_masked and masked is not None:
-        out_masked = val.run(val.session(twin(masked()), what="masked original"), feeds)
+        s_masked = val.session(twin(masked()), what="masked original")
+        out_masked = change.kept_outputs(val.run(s_masked, feeds))
         val.check_exact(out_masked, out_pruned, out_masked, what="masked original")
         c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)
         extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
+        if change:
+            extra["generation"] = _greedy_check(s_masked, s, change, dict(checks.input_dims))
     return extra
+
+
+def _greedy_check(masked: object, pruned: object, change: SignatureChange,
+                  dims: dict[str, int]) -> dict:
+    """The pruned decoder's greedy tokens equal the masked original's (spa/generation.py)."""
+    why = gen.loop_inputs(pruned, change)
+    if why is not None:
+        log.warning("the greedy generation check does not run: %s", why)
+        return {"tokens": 0, "equal": None, "not_run": why}
+    prompt = gen.prompt_for(pruned)
+    want, got = (gen.greedy_tokens(sess, change, prompt=prompt, steps=gen.GREEDY_STEPS,
+                                   dims=dims, pruned=sess is pruned) for sess in (masked, pruned))
+    if not np.array_equal(want, got):
+        first = int(np.flatnonzero(want != got)[0])
+        raise ValidationError(f"greedy generation differs from the masked original's at token "
+                              f"{first} of {want.size}: {got.tolist()} instead of {want.tolist()}")
+    return {"tokens": int(want.size), "equal": True}

@@ -24,6 +24,7 @@ from spa.calibration import Calibration
 from spa.choices import HessianSource
 from spa.coupling.analysis import Analysis
 from spa.errors import OptionError
+from spa.generation import signature_change
 from spa.ir import to_onnx
 from spa.ir.load import import_graph, load_model
 from spa.ir.save import Staging, full_check, infer_shapes, streamed, write_proto, write_streamed
@@ -79,6 +80,10 @@ class PruneReport:
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     reconstruction: dict = field(default_factory=dict)
     recovery: dict = field(default_factory=dict)  # spa prune --recover: spa recover's report
+    # The graph inputs and outputs pruning narrowed (KV-cache pairs: spa/generation.py), and
+    # the greedy generation check run on such a decoder (tokens compared, equal).
+    signature_changes: list[str] = field(default_factory=list)
+    generation: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +143,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
                           "--held-out 0")
     dense = to_onnx(loaded) if calib is not None and (refit or calib.held_out) else None
     kept = kept_indices(analysis, the_plan)
+    change = signature_change(analysis, the_plan)
     t0 = time.perf_counter()
     faithful = _Fidelity()
     before = CostModel(loaded.graph).count()
@@ -164,7 +170,8 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
             emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
         t1 = time.perf_counter()
         report_extra = {} if sources is None else run_checks(
-            sources.original, sources.masked, sources.weight_free, pruned, checks, widen=widen)
+            sources.original, sources.masked, sources.weight_free, pruned, checks, widen=widen,
+            change=change)
         t2 = time.perf_counter()
         # Measured on the emitted model (re-read in normal form), not derived from the plan;
         # its normal form holds each tensor of its file once, as the input's count (read
@@ -192,7 +199,8 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         compensated_layers=rewritten.compensated, oracle=oracle,
         allocation=recipe.allocation if recipe is not None else "uniform",
         calibration=calib.summary() if calib is not None else {}, fidelity=faithful.stages,
-        reconstruction=faithful.reconstruction, **report_extra)
+        reconstruction=faithful.reconstruction, signature_changes=change.describe(),
+        **report_extra)
 
 
 @dataclass

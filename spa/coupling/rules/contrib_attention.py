@@ -194,8 +194,9 @@ def group_query_attention(ctx: NodeContext) -> None:
     [B, Hkv, P, d], …)``: query head ``h`` reads key/value head ``h // (Hq / Hkv)``, so a KV head
     and its query heads are one channel. Rotary embedding (``do_rotary``), sliding windows,
     softcap and q/k norms act within a head and are untouched. The past and present KV cache's
-    head axes go with the KV heads (they are graph inputs and outputs in a decoder, which keep
-    their shape: the heads then freeze, naming them). ``head_sink`` and a per-head
+    head axes go with the KV heads: in a decoder they are graph inputs and outputs, a KV-cache
+    pair each (past key with present key, past value with present value), which lose the
+    pruned KV heads together. ``head_sink`` and a per-head
     ``attention_bias`` go with the query heads; the rewrite sets ``num_heads`` and
     ``kv_num_heads``."""
     q, k, v, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
@@ -222,8 +223,11 @@ def group_query_attention(ctx: NodeContext) -> None:
         ctx.refuse(f"num_heads={q_heads.length} and kv_num_heads={kv_heads.length} do not "
                    f"divide the widths of Q, K, V and output, or each other")
         return
-    for t in (*(ctx.input(i) for i in _GQA_PAST), *(ctx.output(i) for i in _GQA_PRESENT)):
-        ctx.identity(ctx.space(t, 1), kv_heads)
+    for past, present in zip(_GQA_PAST, _GQA_PRESENT, strict=True):
+        spaces = ctx.space(ctx.input(past), 1), ctx.space(ctx.output(present), 1)
+        for s in spaces:
+            ctx.identity(s, kv_heads)
+        ctx.kv_cache(*spaces)
     sink = ctx.input(_GQA_HEAD_SINK)
     ctx.identity(ctx.space(sink, 0), q_heads)
     for t in (ctx.input(_GQA_ATTENTION_BIAS), ctx.output(_GQA_OUTPUT_QK)):

@@ -1,0 +1,152 @@
+"""A decoder's KV-cache signature change, and the greedy generation loop that validates it.
+
+Pruning the KV heads of a decoder shrinks the head axis of its ``past`` cache inputs and
+``present`` cache outputs, pair by pair (spa/coupling/analysis.py finds the pairs). That is the
+one signature change SPA makes. :class:`SignatureChange` says which inputs and outputs lose
+which heads; the pruned model is fed the original's inputs with those heads taken out, and its
+outputs are compared with the reference's at the kept heads.
+
+A single run on random inputs does not show that the caches line up from one step to the next,
+so a decoder is also run as it is used: :func:`greedy_tokens` feeds a prompt with an empty
+cache, then one token a step, each step's ``present`` as the next step's ``past``, and takes the
+argmax of the last logits. The pruned model's tokens must equal the masked original's.
+
+The loop feeds a decoder of the usual signature: ``input_ids``, ``attention_mask``, optionally
+``position_ids``, the past caches, and a ``logits`` output (what transformers' exporters and
+onnxruntime-genai's builder write). Another signature is not guessed at: :func:`loop_inputs`
+says why, and the check is reported as not run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from spa.inputs import dim_key
+from spa.plan import kept_indices
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from spa.coupling.analysis import Analysis
+    from spa.plan import Plan
+
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class SignatureChange:
+    """Graph inputs and outputs that lose entries of one axis: name -> (axis, kept indices, old
+    length); and the KV-cache pairs, past input name -> present output name."""
+
+    inputs: dict[str, tuple[int, np.ndarray, int]] = field(default_factory=dict)
+    outputs: dict[str, tuple[int, np.ndarray, int]] = field(default_factory=dict)
+    caches: dict[str, str] = field(default_factory=dict)
+    head_axes: dict[str, int] = field(default_factory=dict)  # past input name -> its head axis
+
+    def __bool__(self) -> bool:
+        return bool(self.inputs or self.outputs)
+
+    def pruned_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The original's ``feeds`` as the pruned model takes them."""
+        return {k: _take(v, self.inputs.get(k)) for k, v in feeds.items()}
+
+    def kept_outputs(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A reference model's ``outputs`` at what the pruned model keeps."""
+        return {k: _take(v, self.outputs.get(k)) for k, v in outputs.items()}
+
+    def describe(self) -> list[str]:
+        """For the report: ``graph input 'past.0.key' axis 1: 2 -> 1``, one line a tensor."""
+        return [f"graph {side} '{name}' axis {axis}: {length} -> {kept.size}"
+                for side, changes in (("input", self.inputs), ("output", self.outputs))
+                for name, (axis, kept, length) in sorted(changes.items())]
+
+
+def _take(value: np.ndarray, change: tuple[int, np.ndarray, int] | None) -> np.ndarray:
+    return value if change is None else np.take(value, change[1], axis=change[0])
+
+
+def signature_change(analysis: Analysis, plan: Plan) -> SignatureChange:
+    """What ``plan`` changes of the graph's inputs and outputs: only KV-cache pairs can change
+    (the analysis freezes every other signature space), and a pair's two sides lose the same
+    entries because the attention rule couples both to its KV heads."""
+    kept = kept_indices(analysis, plan)
+    change = SignatureChange()
+    for past, present in analysis.kv_cache:
+        change.caches[past[0]] = present[0]
+        change.head_axes[past[0]] = past[1]
+        for key, side in ((past, change.inputs), (present, change.outputs)):
+            if key in kept:
+                side[key[0]] = (key[1], kept[key], analysis.lengths[key])
+    return change
+
+
+def loop_inputs(sess: ort.InferenceSession, change: SignatureChange) -> str | None:
+    """None when ``sess`` has the signature the greedy loop feeds, else why not."""
+    names = {i.name for i in sess.get_inputs()}
+    other = sorted(names - set(change.caches) - set(_TOKEN_INPUTS))
+    if other:
+        return f"inputs {other} are neither token inputs nor KV-cache pasts"
+    if "input_ids" not in names:
+        return "no 'input_ids' input"
+    if LOGITS not in {o.name for o in sess.get_outputs()}:
+        return f"no '{LOGITS}' output"
+    return None
+
+
+def greedy_tokens(sess: ort.InferenceSession, change: SignatureChange, *, prompt: np.ndarray,
+                  steps: int, dims: dict[str, int], pruned: bool) -> np.ndarray:
+    """``steps`` greedy tokens after ``prompt`` (``[1, P]`` int64): the prompt with an empty
+    cache, then one token a step, each ``present`` fed back as its ``past``. ``dims``: sizes of
+    the caches' other symbolic dims (spa/inputs.py); ``pruned``: the caches have the pruned
+    model's widths (else the original's)."""
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past = {name: np.zeros(_cache_shape(inputs[name], change, dims, pruned), np.float32)
+            for name in change.caches}
+    ids, length, tokens = prompt.astype(np.int64), 0, []
+    out_names = [LOGITS, *(change.caches[name] for name in past)]
+    for _ in range(steps):
+        length += ids.shape[1]
+        feeds = {"input_ids": ids, **past}
+        if "attention_mask" in inputs:
+            feeds["attention_mask"] = np.ones((1, length), np.int64)
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(length - ids.shape[1], length,
+                                              dtype=np.int64)[None]
+        logits, *presents = sess.run(out_names, feeds)
+        past = dict(zip(past, presents, strict=True))
+        token = int(np.argmax(logits[0, -1]))
+        tokens.append(token)
+        ids = np.array([[token]], np.int64)
+    return np.array(tokens)
+
+
+def _cache_shape(inp: ort.NodeArg, change: SignatureChange, dims: dict[str, int],
+                 pruned: bool) -> list[int]:
+    """An empty cache: batch 1, no past positions (the axis after the head axis: the caches
+    SPA pairs are laid out ``[batch, heads, positions, head size]``), other symbolic dims as
+    ``dims`` sizes them; the head axis the model's own (the original's before pruning)."""
+    head_axis = change.head_axes[inp.name]
+    shape = []
+    for a, d in enumerate(inp.shape):
+        key = dim_key(inp.name, a, d)
+        shape.append(0 if a == head_axis + 1 else 1 if a == 0 and key is not None
+                     else d if key is None else dims.get(key, 1))
+    if not pruned and inp.name in change.inputs:
+        shape[head_axis] = change.inputs[inp.name][2]
+    return shape
+
+
+GREEDY_STEPS = 32  # tokens generated by the check (issue #16 asks for 32)
+PROMPT_LENGTH = 8
+
+
+def prompt_for(sess: ort.InferenceSession, *, seed: int = 0) -> np.ndarray:
+    """A seeded ``[1, PROMPT_LENGTH]`` prompt of token ids the vocabulary (the logits' fixed
+    last dim) holds."""
+    logits = next(o for o in sess.get_outputs() if o.name == LOGITS)
+    vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else 2
+    return np.random.default_rng(seed).integers(0, vocab, size=(1, PROMPT_LENGTH))
