@@ -19,6 +19,7 @@ from spa import pipeline
 from spa.coupling.analysis import Analysis
 from spa.ir.load import LoadedModel
 from spa.pipeline import CheckOptions, PruneOptions, PruneReport
+from spa.pipeline.genai import is_genai_folder, prune_folder
 from spa.plan import Plan
 
 PathLike = str | os.PathLike[str]
@@ -70,7 +71,11 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
           checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None
           ) -> tuple[PruneReport, Plan]:
     """Prune ``model`` and write the smaller model to ``output``; returns the report and the
-    plan (``plan_path``: also save the plan for ``spa apply``)."""
+    plan (``plan_path``: also save the plan for ``spa apply``). An onnxruntime-genai folder
+    (``genai_config.json`` in it) is pruned into the folder ``output``
+    (spa/pipeline/genai.py)."""
+    if isinstance(model, (str, os.PathLike)) and is_genai_folder(model):
+        return prune_folder(model, output, options, checks, plan_path=plan_path)
     return pipeline.prune(model, output, options, checks, plan_path=plan_path)
 
 

@@ -223,8 +223,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if not getattr(args, "dry_run", False):
         paths.append(args.output)
     paths = [p for p in paths if p]
+    from spa.pipeline.genai import is_genai_folder
+
+    folder = args.output if is_genai_folder(args.model) else None  # checked as a folder there
     for p in paths:
-        check_output_path(p, input_path=Path(args.model))
+        if p is not folder:
+            check_output_path(p, input_path=Path(args.model))
     resolved = [Path(p).resolve() for p in paths]
     if len(set(resolved)) < len(resolved):
         raise OptionError(f"two outputs would be written to the same file: {', '.join(paths)}")

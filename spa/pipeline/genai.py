@@ -1,0 +1,185 @@
+"""onnxruntime-genai model folders in and out: ``spa prune model_dir/ -o out_dir/``.
+
+A folder written by ``python -m onnxruntime_genai.models.builder`` holds ``genai_config.json``
+(``model.decoder``: the ONNX file's name, the head counts, head size, hidden size and layer
+count the runtime sizes its KV cache by), the decoder (``model.onnx`` and its data file) and
+the tokenizer files. The decoder is pruned as any model; then:
+
+* the config must agree with the graph before anything is done (each attention node's
+  ``num_heads`` and ``kv_num_heads``, their count against the layers, the caches' head size),
+  else the folder is refused (exit 2) naming what disagrees;
+* the runtime sizes its caches from one ``num_key_value_heads`` for every layer, so the pruned
+  decoder's layers must keep equal head counts (a uniform heads ratio does), else the run stops
+  and nothing is written;
+* the config is rewritten with the counts the pruned graph has, every other file is copied;
+* all of it is written into a temporary folder beside ``out_dir`` and renamed into place last,
+  so a failed run leaves nothing half-written.
+
+Validation feeds the caches the sizes the config gives (a prompt of 8 after 8 past positions;
+the head size) unless ``--input-dim`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+
+from spa.errors import InvalidModelError, OptionError, OutputPathError
+
+if TYPE_CHECKING:
+    from spa.pipeline import CheckOptions, PruneOptions, PruneReport
+    from spa.plan import Plan
+
+CONFIG = "genai_config.json"
+_ATTENTION = ("GroupQueryAttention",)
+_PROMPT, _PAST = 8, 8  # the validation run's new and past positions
+
+
+def is_genai_folder(path: str | os.PathLike[str]) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """What the decoder's graph says of the numbers ``genai_config.json`` repeats."""
+
+    layers: int
+    heads: tuple[int, ...]  # num_heads of each attention node, in graph order
+    kv_heads: tuple[int, ...]
+    head_size: int | None  # the past caches' last dim, when fixed
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, past_key: str) -> Heads:
+        nodes = [n for n in model.graph.node if n.op_type in _ATTENTION]
+        attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+        past = next((i for i in model.graph.input if i.name == past_key % 0), None)
+        last = past.type.tensor_type.shape.dim[-1] if past is not None else None
+        return cls(len(nodes), tuple(int(a.get("num_heads", 0)) for a in attrs),
+                   tuple(int(a.get("kv_num_heads", 0)) for a in attrs),
+                   int(last.dim_value) if last is not None and last.HasField("dim_value")
+                   else None)
+
+
+def _decoder(config: dict) -> dict:
+    return config["model"]["decoder"]
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        _decoder(config)["filename"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidModelError(f"{folder / CONFIG}: not an onnxruntime-genai config with "
+                                f"model.decoder.filename ({exc})") from exc
+    return config
+
+
+def check_config(folder: Path, config: dict, heads: Heads) -> None:
+    """Refuse a folder whose config disagrees with its decoder, naming what disagrees."""
+    d = _decoder(config)
+    wrong = []
+    if heads.layers == 0:
+        wrong.append(f"the decoder has no {' or '.join(_ATTENTION)} node to check heads by")
+    if heads.layers and d.get("num_hidden_layers") != heads.layers:
+        wrong.append(f"num_hidden_layers={d.get('num_hidden_layers')}, the graph has "
+                     f"{heads.layers} attention nodes")
+    for key, counts in (("num_attention_heads", heads.heads),
+                        ("num_key_value_heads", heads.kv_heads)):
+        if any(c != d.get(key) for c in counts):
+            wrong.append(f"{key}={d.get(key)}, the attention nodes have {sorted(set(counts))}")
+    if heads.head_size is not None and d.get("head_size") != heads.head_size:
+        wrong.append(f"head_size={d.get('head_size')}, the KV caches' last dim is "
+                     f"{heads.head_size}")
+    if wrong:
+        raise InvalidModelError(f"{folder / CONFIG} disagrees with {d['filename']}: "
+                                + "; ".join(wrong))
+
+
+def pruned_config(config: dict, heads: Heads) -> dict:
+    """``config`` with the pruned decoder's head counts; one count for all layers or none."""
+    if len(set(heads.heads)) > 1 or len(set(heads.kv_heads)) > 1:
+        raise OptionError(f"the pruned layers keep different head counts (query {heads.heads}, "
+                          f"KV {heads.kv_heads}), which genai_config.json cannot express: "
+                          f"prune heads by one ratio for every layer (--heads-ratio)")
+    out = json.loads(json.dumps(config))
+    d = _decoder(out)
+    d["num_attention_heads"], d["num_key_value_heads"] = heads.heads[0], heads.kv_heads[0]
+    d["num_hidden_layers"] = heads.layers
+    return out
+
+
+def cache_dims(model: onnx.ModelProto, config: dict) -> dict[str, int]:
+    """Sizes for the decoder's symbolic dims that a validation run on made-up inputs needs
+    consistent: the prompt, the past length and their sum, the caches' head size."""
+    d = _decoder(config)
+    names = d.get("inputs", {})
+    inputs = {i.name: [x.dim_param for x in i.type.tensor_type.shape.dim]
+              for i in model.graph.input}
+    past = inputs.get(names.get("past_key_names", "past_key_values.%d.key") % 0, [])
+    wanted = [(inputs.get(names.get("input_ids", "input_ids"), []), 1, _PROMPT),
+              (inputs.get(names.get("attention_mask", "attention_mask"), []), 1, _PROMPT + _PAST),
+              (past, 2, _PAST), (past, 3, d.get("head_size"))]
+    return {dims[axis]: size for dims, axis, size in wanted
+            if len(dims) > axis and dims[axis] and isinstance(size, int)}
+
+
+def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                 options: PruneOptions, checks: CheckOptions, *,
+                 plan_path: str | os.PathLike[str] | None = None) -> tuple[PruneReport, Plan]:
+    """Prune the decoder of an onnxruntime-genai folder into ``out_dir`` (see the module)."""
+    from spa.pipeline import prune
+
+    src, out = Path(folder), Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputPathError(f"{out}: exists and is not an empty directory")
+    if not out.parent.is_dir():
+        raise OutputPathError(f"{out}: parent directory {out.parent} does not exist")
+    if options.hidden_ratio is not None:
+        raise OptionError("hidden-size pruning of an onnxruntime-genai folder is not supported "
+                          "(its config and embedding would change with it)")
+    config = read_config(src)
+    name = _decoder(config)["filename"]
+    header = onnx.load(str(src / name), load_external_data=False)
+    past_key = _decoder(config).get("inputs", {}).get("past_key_names", "past_key_values.%d.key")
+    check_config(src, config, Heads.of(header, past_key))
+    given = dict(checks.input_dims) | dict(options.input_dims)
+    dims = cache_dims(header, config)
+    checks = dataclasses.replace(checks, input_dims=tuple(
+        (dims | given).items()) if dims or given else checks.input_dims)
+    skip = {CONFIG, name, *_data_files(header)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        report, the_plan = prune(src / name, tmp / name, options, checks, plan_path=plan_path)
+        pruned = onnx.load(str(tmp / name), load_external_data=False)
+        new_config = pruned_config(config, Heads.of(pruned, past_key))
+        (tmp / CONFIG).write_text(json.dumps(new_config, indent=4) + "\n")
+        for f in sorted(src.iterdir()):
+            if f.name not in skip:
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private; the folder is the user's
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.output = str(out)
+    return report, the_plan
+
+
+def _data_files(model: onnx.ModelProto) -> set[str]:
+    return {e.value for t in model.graph.initializer for e in t.external_data
+            if e.key == "location"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
