@@ -94,8 +94,20 @@ def report_table(r: PruneReport) -> str:
     if r.input_dims:
         lines.append(f"symbolic input dims: {input_dims_text(r)}")
     lines.append(oracle_line(r))
+    lines.extend(signature_lines(r))
     lines.extend(fidelity_lines(r))
     return "\n".join(lines)
+
+
+def signature_lines(r: PruneReport) -> list[str]:
+    """The graph inputs and outputs pruning narrowed (KV caches), and the greedy check."""
+    lines = [f"signature changed: {c}" for c in r.signature_changes]
+    g = r.generation
+    if g.get("equal"):
+        lines.append(f"greedy generation: {g['tokens']} tokens equal to the masked original's")
+    elif g.get("not_run"):
+        lines.append(f"greedy generation: not run ({g['not_run']})")
+    return lines
 
 
 def fidelity_lines(r: PruneReport) -> list[str]:

@@ -1,0 +1,164 @@
+"""An onnxruntime-genai folder of a KV-cache decoder prunes its KV heads and MLP, and generates.
+
+A 2-layer Llama with GQA (hidden 64, 4 query heads, 2 KV heads, random weights, a word-level
+tokenizer), written by onnxruntime-genai's builder as int4 (``MatMulNBits``,
+``GroupQueryAttention`` with rotary inside, ``Skip``/``SimplifiedLayerNormalization``) with
+separate Q, K and V projections (``disable_qkv_fusion``; the packed projection is not mapped
+and freezes). Pruning half the heads narrows the ``past_key_values.*`` inputs and ``present.*``
+outputs; validation runs 32 greedy tokens against the masked original; onnxruntime-genai's
+``Generator`` runs the output folder and picks the same tokens as SPA's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+og = pytest.importorskip("onnxruntime_genai")
+
+import onnxruntime as ort  # noqa: E402
+
+from spa.api import CheckOptions, PruneOptions, analyze, prune  # noqa: E402
+from spa.coupling import GroupKind  # noqa: E402
+from spa.errors import ExitCode, InvalidModelError  # noqa: E402
+from spa.generation import SignatureChange, greedy_tokens  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, LAYERS = 1000, 2
+PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
+
+_MAKE = """
+import sys
+from models.torchvision_compat import import_torchvision
+try:
+    import_torchvision()
+except ImportError:
+    pass
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+torch.manual_seed(0)
+out, vocab = sys.argv[1], int(sys.argv[2])
+cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=int(sys.argv[3]),
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+LlamaForCausalLM(cfg).save_pretrained(out)
+words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                        unk_token="<unk>").save_pretrained(out)
+"""
+_BUILD = """
+import runpy, sys
+from models.torchvision_compat import import_torchvision
+try:
+    import_torchvision()
+except ImportError:
+    pass
+sys.argv = ["builder", *sys.argv[1:]]
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("genai")
+    run = dict(cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-c", _MAKE, str(d / "hf"), str(VOCAB), str(LAYERS)], **run)
+    subprocess.run([sys.executable, "-c", _BUILD, "-i", str(d / "hf"), "-o", str(d / "int4"),
+                    "-p", "int4", "-e", "cpu", "-c", str(d / "cache"),
+                    "--extra_options", "disable_qkv_fusion=true"], **run)
+    return d / "int4"
+
+
+def _generate(folder: Path, steps: int = 32) -> list[int]:
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([PROMPT], np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
+def _spa_tokens(model: Path, kv_heads: int) -> list[int]:
+    """SPA's greedy loop (spa/generation.py) on one decoder file, prompt ``PROMPT``."""
+    sess = ort.InferenceSession(str(model))
+    pasts = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    change = SignatureChange(caches={p: p.replace("past_key_values", "present") for p in pasts},
+                             head_axes=dict.fromkeys(pasts, 1))
+    assert all(i.shape[1] == kv_heads for i in sess.get_inputs() if i.name in pasts)
+    return greedy_tokens(sess, change, prompt=np.array([PROMPT]), steps=32,
+                         dims={"kv_cache_dim": 16}, pruned=True).tolist()
+
+
+def test_kv_heads_prune_through_the_cache(folder):
+    groups = analyze(folder / "model.onnx").prunable_groups
+    heads = [g for g in groups if g.kind is GroupKind.HEADS]
+    assert len(heads) == LAYERS and all(g.size == 2 for g in heads)  # the KV heads per layer
+    assert all(("past_key_values.0.key", 1) in {m.space for m in g.members}
+               or ("past_key_values.1.key", 1) in {m.space for m in g.members} for g in heads)
+
+
+def test_folder_prunes_and_generates(folder, tmp_path):
+    out = tmp_path / "pruned"
+    report, _ = prune(folder, out, PruneOptions(ratio=0.0, heads_ratio=0.5, mlp_ratio=0.5),
+                      CheckOptions(check_masked=True, latency=False))
+    assert report.generation == {"tokens": 32, "equal": True}
+    assert report.masked_relative_diff is not None and report.masked_relative_diff < 1e-4
+    assert len(report.signature_changes) == 4 * LAYERS
+    assert "graph input 'past_key_values.0.key' axis 1: 2 -> 1" in report.signature_changes
+    assert "graph output 'present.1.value' axis 1: 2 -> 1" in report.signature_changes
+    assert report.params_after < report.params_before
+    config = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    before = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 1)
+    assert {k: v for k, v in config.items() if "heads" not in k} == \
+        {k: v for k, v in before.items() if "heads" not in k}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (folder / name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]  # no staging left
+    # onnxruntime-genai runs the output folder and picks the tokens SPA's loop picks; the
+    # pruned model's tokens are not the original's (the check can fail).
+    tokens = _generate(out)
+    assert tokens == _spa_tokens(out / "model.onnx", kv_heads=1)
+    assert len(tokens) == 32 and tokens != _generate(folder)
+
+
+def test_folder_whose_config_disagrees_is_refused(folder, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((bad / "genai_config.json").read_text())
+    config["model"]["decoder"]["num_key_value_heads"] = 4
+    (bad / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidModelError, match=r"num_key_value_heads=4, the attention nodes "
+                                                r"have \[2\]") as err:
+        prune(bad, tmp_path / "out", PruneOptions(heads_ratio=0.5), CheckOptions(latency=False))
+    assert err.value.exit_code is ExitCode.BAD_INPUT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_cli_prunes_a_folder(folder, tmp_path, capsys):
+    from spa.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["prune", str(folder), "-o", str(out), "--heads-ratio", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "signature changed: graph input 'past_key_values.0.key' axis 1: 2 -> 1" in text
+    assert "greedy generation: 32 tokens equal to the masked original's" in text
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"][
+        "num_key_value_heads"] == 1
