@@ -3,8 +3,7 @@
 A 2-layer Llama with GQA (hidden 64, 4 query heads, 2 KV heads, random weights, a word-level
 tokenizer), written by onnxruntime-genai's builder as int4 (``MatMulNBits``,
 ``GroupQueryAttention`` with rotary inside, ``Skip``/``SimplifiedLayerNormalization``) with
-separate Q, K and V projections (``disable_qkv_fusion``; the packed projection is not mapped
-and freezes). Pruning half the heads narrows the ``past_key_values.*`` inputs and ``present.*``
+its fused ``[Q | K | V]`` projection (and, once, with separate ones: both prune alike). Pruning half the heads narrows the ``past_key_values.*`` inputs and ``present.*``
 outputs; validation runs 32 greedy tokens against the masked original; onnxruntime-genai's
 ``Generator`` runs the output folder and picks the same tokens as SPA's loop.
 """
@@ -70,14 +69,29 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def built(tmp_path_factory):
+    """``built(fused)``: the builder's folder of the model, with its fused ``[Q | K | V]``
+    projection (its default) or separate ones; each built once."""
     d = tmp_path_factory.mktemp("genai")
     run = dict(cwd=ROOT, check=True, capture_output=True, timeout=600)
     subprocess.run([sys.executable, "-c", _MAKE, str(d / "hf"), str(VOCAB), str(LAYERS)], **run)
-    subprocess.run([sys.executable, "-c", _BUILD, "-i", str(d / "hf"), "-o", str(d / "int4"),
-                    "-p", "int4", "-e", "cpu", "-c", str(d / "cache"),
-                    "--extra_options", "disable_qkv_fusion=true"], **run)
-    return d / "int4"
+    folders: dict[bool, Path] = {}
+
+    def build(fused: bool) -> Path:
+        if fused not in folders:
+            out = d / ("fused" if fused else "separate")
+            extra = [] if fused else ["--extra_options", "disable_qkv_fusion=true"]
+            subprocess.run([sys.executable, "-c", _BUILD, "-i", str(d / "hf"), "-o", str(out),
+                            "-p", "int4", "-e", "cpu", "-c", str(d / "cache"), *extra], **run)
+            folders[fused] = out
+        return folders[fused]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def folder(built) -> Path:
+    return built(True)
 
 
 def _generate(folder: Path, steps: int = 32) -> list[int]:
@@ -162,3 +176,16 @@ def test_cli_prunes_a_folder(folder, tmp_path, capsys):
     assert "greedy generation: 32 tokens equal to the masked original's" in text
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"][
         "num_key_value_heads"] == 1
+
+
+def test_separate_projections_prune_to_the_same_tokens(built, folder, tmp_path):
+    """The builder's separate Q, K, V projections (``disable_qkv_fusion``) hold the same
+    weights as its fused one: pruned by the same ratio, both folders generate the same tokens."""
+    tokens = []
+    for source in (folder, built(False)):
+        out = tmp_path / source.name
+        report, _ = prune(source, out, PruneOptions(ratio=0.0, heads_ratio=0.5),
+                          CheckOptions(check_masked=True, latency=False))
+        assert report.generation == {"tokens": 32, "equal": True}
+        tokens.append(_generate(out))
+    assert tokens[0] == tokens[1]

@@ -473,12 +473,15 @@ def test_matmul_nbits_input_columns_freeze_with_a_reason(kwargs, why):
 
 # --- GroupQueryAttention ------------------------------------------------------------------------
 def _gqa_model(*, rotary: bool = False, past: bool = False, past_reader: bool = False,
-               **attrs) -> onnx.ModelProto:
+               packed: bool = False, **attrs) -> onnx.ModelProto:
     """4 query heads and 2 KV heads of size 16 (onnxruntime's least with rotary) over a sequence
     of 4 (no cache unless ``past``, then a batch of 1 as onnxruntime needs; ``past_reader``:
-    another node reads the past key too)."""
+    another node reads the past key too; ``packed``: one projection ``[Q | K | V]``)."""
     b, n = Builder(), 1 if past else 2
-    q, k, v = dense(b, "x", 6, 64, "q"), dense(b, "x", 6, 32, "k"), dense(b, "x", 6, 32, "v")
+    if packed:
+        q, k, v = dense(b, "x", 6, 128, "qkv"), "", ""
+    else:
+        q, k, v = dense(b, "x", 6, 64, "q"), dense(b, "x", 6, 32, "k"), dense(b, "x", 6, 32, "v")
     ins = [q, k, v, "past_k" if past else "", "past_v" if past else "",
            b.const(np.full(n, 3 + 3 * past, np.int32), "seqlens_k", np.int32),
            b.const(np.array(4 + 3 * past, np.int32), "total_len", np.int32)]
@@ -537,6 +540,22 @@ def test_group_query_attention_cache_loses_the_pruned_kv_heads(tmp_path):
     assert kv in (list(range(16)), list(range(16, 32)))  # one whole KV head
     # Not a token decoder (its input is 'x'): the greedy loop says why it did not run.
     assert "neither token inputs nor KV-cache pasts" in out.report.generation["not_run"]
+
+
+@pytest.mark.parametrize("past", [False, True], ids=["", "past"])
+def test_group_query_attention_packed_qkv_prunes_kv_heads(tmp_path, past):
+    """Packed ``[Q | K | V]`` (64, 32, 32 columns): KV head j takes the j-th half of the Q
+    columns and the j-th 16 of the K and of the V columns."""
+    m = _gqa_model(packed=True, rotary=True, past=past)
+    heads = group_of(m, "qkv.w", 1)
+    assert heads.kind is GroupKind.HEADS and heads.size == 2 and heads.prunable
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    node = node_named(out.path, "gqa")
+    assert (attr(node, "num_heads"), attr(node, "kv_num_heads")) == (2, 1)
+    j = kept_slices(init_value(m, "o.w"), init_value(out.path, "o.w"), 0)[0] // 32
+    cols = [*range(32 * j, 32 * j + 32), *range(64 + 16 * j, 80 + 16 * j),
+            *range(96 + 16 * j, 112 + 16 * j)]
+    assert kept_slices(init_value(m, "qkv.w"), init_value(out.path, "qkv.w"), 1) == cols
 
 
 def test_group_query_attention_cache_read_elsewhere_keeps_the_signature():

@@ -192,7 +192,9 @@ def _gqa_macs(node: gs.Node) -> MacTerm | None:
 def group_query_attention(ctx: NodeContext) -> None:
     """``GroupQueryAttention(query [B, S, Hq·d], key, value [B, S, Hkv·d], past_key/value
     [B, Hkv, P, d], …)``: query head ``h`` reads key/value head ``h // (Hq / Hkv)``, so a KV head
-    and its query heads are one channel. Rotary embedding (``do_rotary``), sliding windows,
+    and its query heads are one channel. Packed (no key and value: ``query`` is
+    ``[Q | K | V]`` of widths ``Hq·d, Hkv·d, Hkv·d``, as onnxruntime-genai's builder fuses the
+    projections), KV head ``j`` is the ``j``-th block of each part. Rotary embedding (``do_rotary``), sliding windows,
     softcap and q/k norms act within a head and are untouched. The past and present KV cache's
     head axes go with the KV heads: in a decoder they are graph inputs and outputs, a KV-cache
     pair each (past key with present key, past value with present value), which lose the
@@ -202,12 +204,13 @@ def group_query_attention(ctx: NodeContext) -> None:
     q, k, v, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
     unmapped = [f"{a}={ctx.attr(a)}" for a in _GQA_UNMAPPED
                 if str(ctx.attr(a, "NONE")).upper() != "NONE"]
-    if k is None or v is None or unmapped:
+    packed = k is None and v is None
+    if (k is None) != (v is None) or unmapped:
         ctx.refuse(f"attribute {unmapped[0]} (a quantised KV cache) is not mapped" if unmapped
-                   else "packed QKV (no key and value inputs) is not mapped")
+                   else "only one of key and value given")
         return
-    ranks = [ctx.rank(t) for t in (q, k, v, y)]
-    if ranks != [3, 3, 3, 3]:
+    ranks = [ctx.rank(t) for t in (q, k, v, y) if t is not None or not packed]
+    if set(ranks) != {3}:
         ctx.refuse(f"Q, K, V and output of ranks {ranks}: only 3-D inputs are mapped")
         return
     q_heads = ctx.virtual("q_heads", ctx.attr_int("num_heads"))
@@ -216,9 +219,16 @@ def group_query_attention(ctx: NodeContext) -> None:
     for t in (k, v, y):
         ctx.identity_axes(q, 0, t, 0)
     ctx.identity_axes(q, 1, y, 1)
-    couplings = [ctx.block(ctx.space(q, 2), q_heads), ctx.block(ctx.space(y, 2), q_heads),
-                 ctx.block(ctx.space(k, 2), kv_heads), ctx.block(ctx.space(v, 2), kv_heads),
-                 ctx.block(q_heads, kv_heads)]
+    couplings = [ctx.block(ctx.space(y, 2), q_heads), ctx.block(q_heads, kv_heads)]
+    if packed:  # [Q | K | V]: KV head j's query heads are the j-th block of the Q part
+        width = ctx.space(q, 2)
+        n = q_heads.length + 2 * kv_heads.length
+        size = width.length // n if width is not None and width.length % n == 0 else 0
+        couplings.append(size > 0 and ctx.sections(width, kv_heads, [
+            q_heads.length * size, kv_heads.length * size, kv_heads.length * size]))
+    else:
+        couplings += [ctx.block(ctx.space(q, 2), q_heads), ctx.block(ctx.space(k, 2), kv_heads),
+                      ctx.block(ctx.space(v, 2), kv_heads)]
     if not all(couplings):
         ctx.refuse(f"num_heads={q_heads.length} and kv_num_heads={kv_heads.length} do not "
                    f"divide the widths of Q, K, V and output, or each other")
