@@ -3,10 +3,10 @@
 A 2-layer Llama with GQA (hidden 64, 4 query heads, 2 KV heads, random weights, a word-level
 tokenizer), written by onnxruntime-genai's builder as int4 (``MatMulNBits``,
 ``GroupQueryAttention`` with rotary inside, ``Skip``/``SimplifiedLayerNormalization``) with
-its fused ``[Q | K | V]`` projection (and, once, with separate ones: both prune alike). Pruning half the heads narrows the ``past_key_values.*`` inputs and ``present.*``
-outputs; validation runs 32 greedy tokens against the masked original; onnxruntime-genai's
-``Generator`` runs the output folder and picks the same tokens as SPA's loop.
-"""
+its fused ``[Q | K | V]`` projection (and, once, with separate ones: both prune alike).
+Pruning half the heads narrows the ``past_key_values.*`` inputs and ``present.*`` outputs;
+validation runs 32 greedy tokens against the masked original; onnxruntime-genai's
+``Generator`` runs the output folder and picks the same tokens as SPA's loop."""
 
 from __future__ import annotations
 

@@ -192,15 +192,14 @@ def _gqa_macs(node: gs.Node) -> MacTerm | None:
 def group_query_attention(ctx: NodeContext) -> None:
     """``GroupQueryAttention(query [B, S, Hq·d], key, value [B, S, Hkv·d], past_key/value
     [B, Hkv, P, d], …)``: query head ``h`` reads key/value head ``h // (Hq / Hkv)``, so a KV head
-    and its query heads are one channel. Packed (no key and value: ``query`` is
-    ``[Q | K | V]`` of widths ``Hq·d, Hkv·d, Hkv·d``, as onnxruntime-genai's builder fuses the
-    projections), KV head ``j`` is the ``j``-th block of each part. Rotary embedding (``do_rotary``), sliding windows,
-    softcap and q/k norms act within a head and are untouched. The past and present KV cache's
-    head axes go with the KV heads: in a decoder they are graph inputs and outputs, a KV-cache
-    pair each (past key with present key, past value with present value), which lose the
-    pruned KV heads together. ``head_sink`` and a per-head
-    ``attention_bias`` go with the query heads; the rewrite sets ``num_heads`` and
-    ``kv_num_heads``."""
+    and its query heads are one channel. Packed (no key and value: ``query`` is ``[Q | K | V]``
+    of widths ``Hq·d, Hkv·d, Hkv·d``, as onnxruntime-genai's builder fuses the projections), KV
+    head ``j`` is the ``j``-th block of each part. Rotary embedding (``do_rotary``), sliding
+    windows, softcap and q/k norms act within a head and are untouched. The past and present KV
+    cache's head axes go with the KV heads: in a decoder they are graph inputs and outputs, a
+    KV-cache pair each (past key with present key, past value with present value), which lose
+    the pruned KV heads together. ``head_sink`` and a per-head ``attention_bias`` go with the
+    query heads; the rewrite sets ``num_heads`` and ``kv_num_heads``."""
     q, k, v, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
     unmapped = [f"{a}={ctx.attr(a)}" for a in _GQA_UNMAPPED
                 if str(ctx.attr(a, "NONE")).upper() != "NONE"]
