@@ -186,9 +186,9 @@ def _checked_calibration(sess, calib: dict[str, np.ndarray]) -> dict[str, np.nda
     from types import SimpleNamespace
 
     from spa.calibration import fitted
-    from spa.validate import _ORT_TYPES
+    from spa.validate import ORT_TYPES
 
-    specs = [SimpleNamespace(name=i.name, dtype=_ORT_TYPES.get(i.type), shape=i.shape)
+    specs = [SimpleNamespace(name=i.name, dtype=ORT_TYPES.get(i.type), shape=i.shape)
              for i in sess.get_inputs()]
     out = {k: v for k, v in fitted(calib, specs).items() if k in {i.name for i in specs}}
     counts = {len(v) for v in out.values()}

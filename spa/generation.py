@@ -26,6 +26,7 @@ import numpy as np
 
 from spa.inputs import dim_key
 from spa.plan import kept_indices
+from spa.validate import ORT_TYPES
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -104,7 +105,8 @@ def greedy_tokens(sess: ort.InferenceSession, change: SignatureChange, *, prompt
     the caches' other symbolic dims (spa/inputs.py); ``pruned``: the caches have the pruned
     model's widths (else the original's)."""
     inputs = {i.name: i for i in sess.get_inputs()}
-    past = {name: np.zeros(_cache_shape(inputs[name], change, dims, pruned), np.float32)
+    past = {name: np.zeros(_cache_shape(inputs[name], change, dims, pruned),
+                           ORT_TYPES.get(inputs[name].type, np.float32))
             for name in change.caches}
     ids, length, tokens = prompt.astype(np.int64), 0, []
     out_names = [LOGITS, *(change.caches[name] for name in past)]

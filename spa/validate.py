@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from spa.plan import Plan
 
 ModelSource = "str | bytes | onnx.ModelProto"
-_ORT_TYPES = {
+ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
     "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
@@ -99,7 +99,7 @@ def random_inputs(sess: ort.InferenceSession, *, seed: int = 0, dims: dict[str, 
     for inp in sess.get_inputs():
         shape = [d if (key := dim_key(inp.name, a, d)) is None else dims.get(key, 1)
                  for a, d in enumerate(inp.shape)]
-        dtype = _ORT_TYPES.get(inp.type)
+        dtype = ORT_TYPES.get(inp.type)
         if dtype is None:
             raise ValidationError(f"input '{inp.name}' has type {inp.type}, which SPA cannot feed")
         value: np.ndarray
