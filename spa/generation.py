@@ -105,9 +105,10 @@ def greedy_tokens(sess: ort.InferenceSession, change: SignatureChange, *, prompt
     the caches' other symbolic dims (spa/inputs.py); ``pruned``: the caches have the pruned
     model's widths (else the original's)."""
     inputs = {i.name: i for i in sess.get_inputs()}
-    past: dict[str, np.ndarray] = {name: np.zeros(_cache_shape(inputs[name], change, dims, pruned),
-                           ORT_TYPES.get(inputs[name].type, np.float32))
-            for name in change.caches}
+    past: dict[str, np.ndarray] = {
+        name: np.zeros(_cache_shape(inputs[name], change, dims, pruned),
+                       ORT_TYPES.get(inputs[name].type, np.float32))
+        for name in change.caches}
     ids, length, tokens = prompt.astype(np.int64), 0, []
     out_names = [LOGITS, *(change.caches[name] for name in past)]
     for _ in range(steps):
