@@ -19,7 +19,7 @@ from spa import pipeline
 from spa.coupling.analysis import Analysis
 from spa.ir.load import LoadedModel
 from spa.pipeline import CheckOptions, PruneOptions, PruneReport
-from spa.pipeline.genai import is_genai_folder, prune_folder
+from spa.pipeline.genai import decoder_of, is_genai_folder, prune_folder
 from spa.plan import Plan
 
 PathLike = str | os.PathLike[str]
@@ -32,7 +32,8 @@ __all__ = ["CheckOptions", "PruneOptions", "PruneReport", "analyze", "apply", "d
 def analyze(model: ModelLike, *, ignore: tuple[str, ...] = (), hidden: bool = False
             ) -> Analysis:
     """Coupling analysis; ``hidden`` also makes the residual stream (hidden size) prunable."""
-    return pipeline.analyse(pipeline.load(model), ignore=tuple(ignore), hidden=hidden)
+    return pipeline.analyse(pipeline.load(decoder_of(model)), ignore=tuple(ignore),
+                            hidden=hidden)
 
 
 def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
@@ -44,7 +45,7 @@ def dry_run(model: ModelLike, options: PruneOptions = PruneOptions(), *,
             plan_path: PathLike | None = None) -> Plan:
     """Analyse and plan, and write no model: the plan holds every decision and the predicted
     params/FLOPs (``spa prune --dry-run``). ``plan_path`` saves it for ``spa apply``."""
-    return pipeline.dry_run(model, options, plan_path=plan_path)
+    return pipeline.dry_run(decoder_of(model), options, plan_path=plan_path)
 
 
 def _gc_paused(fn):

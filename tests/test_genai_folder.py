@@ -119,7 +119,7 @@ def _spa_tokens(model: Path, kv_heads: int) -> list[int]:
 
 
 def test_kv_heads_prune_through_the_cache(folder):
-    groups = analyze(folder / "model.onnx").prunable_groups
+    groups = analyze(folder).prunable_groups  # the folder: its decoder
     heads = [g for g in groups if g.kind is GroupKind.HEADS]
     assert len(heads) == LAYERS and all(g.size == 2 for g in heads)  # the KV heads per layer
     assert all(("past_key_values.0.key", 1) in {m.space for m in g.members}

@@ -35,6 +35,7 @@ from spa.errors import InvalidModelError, OptionError, OutputPathError
 
 if TYPE_CHECKING:
     from spa.pipeline import CheckOptions, PruneOptions, PruneReport
+    from spa.pipeline.stages import ModelLike
     from spa.plan import Plan
 
 CONFIG = "genai_config.json"
@@ -65,6 +66,14 @@ class Heads:
                    tuple(int(a.get("kv_num_heads", 0)) for a in attrs),
                    int(last.dim_value) if last is not None and last.HasField("dim_value")
                    else None)
+
+
+def decoder_of(model: ModelLike) -> ModelLike:
+    """``model``, or the decoder file of an onnxruntime-genai folder (``spa analyze`` and
+    ``spa prune --dry-run`` read the folder's decoder)."""
+    if isinstance(model, (str, os.PathLike)) and is_genai_folder(model):
+        return Path(model) / _decoder(read_config(Path(model)))["filename"]
+    return model
 
 
 def _decoder(config: dict) -> dict:
