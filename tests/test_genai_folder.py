@@ -27,7 +27,7 @@ import onnxruntime as ort  # noqa: E402
 
 from spa.api import CheckOptions, PruneOptions, analyze, prune  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
-from spa.errors import ExitCode, InvalidModelError  # noqa: E402
+from spa.errors import ExitCode, InvalidModelError, OptionError  # noqa: E402
 from spa.generation import SignatureChange, greedy_tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,3 +189,13 @@ def test_separate_projections_prune_to_the_same_tokens(built, folder, tmp_path):
         assert report.generation == {"tokens": 32, "equal": True}
         tokens.append(_generate(out))
     assert tokens[0] == tokens[1]
+
+
+def test_layers_left_with_different_head_counts_are_refused(folder, tmp_path):
+    """genai_config.json holds one head count for all layers: a plan that prunes one layer's
+    heads and not the other's stops, and nothing is written."""
+    keep_first = ("/model/layers.0/attn/GroupQueryAttention",)
+    with pytest.raises(OptionError, match=r"different head counts \(query \(4, 2\), KV \(2, 1\)\)"):
+        prune(folder, tmp_path / "out", PruneOptions(heads_ratio=0.5, ignore=keep_first),
+              CheckOptions(latency=False))
+    assert list(tmp_path.iterdir()) == []

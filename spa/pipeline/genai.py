@@ -116,7 +116,8 @@ def pruned_config(config: dict, heads: Heads) -> dict:
     if len(set(heads.heads)) > 1 or len(set(heads.kv_heads)) > 1:
         raise OptionError(f"the pruned layers keep different head counts (query {heads.heads}, "
                           f"KV {heads.kv_heads}), which genai_config.json cannot express: "
-                          f"prune heads by one ratio for every layer (--heads-ratio)")
+                          f"prune heads by the same ratio in every layer (uniform allocation, "
+                          f"not --global or sensitivity)")
     out = json.loads(json.dumps(config))
     d = _decoder(out)
     d["num_attention_heads"], d["num_key_value_heads"] = heads.heads[0], heads.kv_heads[0]
