@@ -60,7 +60,7 @@ class Heads:
     def of(cls, model: onnx.ModelProto, past_key: str) -> Heads:
         nodes = [n for n in model.graph.node if n.op_type in _ATTENTION]
         attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
-        past = next((i for i in model.graph.input if i.name == past_key % 0), None)
+        past = next((i for i in model.graph.input if i.name == _first(past_key)), None)
         last = past.type.tensor_type.shape.dim[-1] if past is not None else None
         return cls(len(nodes), tuple(int(a.get("num_heads", 0)) for a in attrs),
                    tuple(int(a.get("kv_num_heads", 0)) for a in attrs),
@@ -74,6 +74,11 @@ def decoder_of(model: ModelLike) -> ModelLike:
     if isinstance(model, (str, os.PathLike)) and is_genai_folder(model):
         return Path(model) / _decoder(read_config(Path(model)))["filename"]
     return model
+
+
+def _first(pattern: str) -> str:
+    """Layer 0's name in a config's ``past_key_values.%d.key`` pattern."""
+    return pattern.replace("%d", "0")
 
 
 def _decoder(config: dict) -> dict:
@@ -132,7 +137,7 @@ def cache_dims(model: onnx.ModelProto, config: dict) -> dict[str, int]:
     names = d.get("inputs", {})
     inputs = {i.name: [x.dim_param for x in i.type.tensor_type.shape.dim]
               for i in model.graph.input}
-    past = inputs.get(names.get("past_key_names", "past_key_values.%d.key") % 0, [])
+    past = inputs.get(_first(names.get("past_key_names", "past_key_values.%d.key")), [])
     wanted = [(inputs.get(names.get("input_ids", "input_ids"), []), 1, _PROMPT),
               (inputs.get(names.get("attention_mask", "attention_mask"), []), 1, _PROMPT + _PAST),
               (past, 2, _PAST), (past, 3, d.get("head_size"))]
