@@ -199,3 +199,15 @@ def test_layers_left_with_different_head_counts_are_refused(folder, tmp_path):
         prune(folder, tmp_path / "out", PruneOptions(heads_ratio=0.5, ignore=keep_first),
               CheckOptions(latency=False))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_decoder_file_alone_sizes_its_cache_dims(folder, tmp_path):
+    """The decoder file without its folder: the cache dims are sized from the attention op
+    (past 8, head size 16) and the mask spans past and prompt, without --input-dim."""
+    report, _ = prune(folder / "model.onnx", tmp_path / "pruned.onnx",
+                      PruneOptions(ratio=0.0, heads_ratio=0.5),
+                      CheckOptions(check_masked=True, latency=False))
+    assert report.input_dims == {"batch_size": 1, "sequence_length": 8,
+                                 "total_sequence_length": 16, "past_sequence_length": 8,
+                                 "kv_cache_dim": 16}
+    assert report.generation == {"tokens": 32, "equal": True}

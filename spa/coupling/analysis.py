@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from spa.coupling.context import NodeContext
 from spa.coupling.registry import ensure_loaded, lookup
 from spa.coupling.tied import tied_nodes
-from spa.coupling.types import Edge, NodeCoupling, RewriteHook, Role, SpaceKey
+from spa.coupling.types import Edge, KVCache, NodeCoupling, RewriteHook, Role, SpaceKey
 from spa.coupling.unionfind import components
 from spa.ir.quant import is_weight
 from spa.progress import progress
@@ -110,8 +110,8 @@ class Analysis:
     hooks: dict[str, RewriteHook]
     fingerprint: str
     space_graph: nx.Graph = field(repr=False)
-    # KV-cache pairs (past graph input space, present graph output space) that may lose heads.
-    kv_cache: tuple[tuple[SpaceKey, SpaceKey], ...] = ()
+    # KV-cache pairs (past graph input, present graph output) that may lose heads.
+    kv_cache: tuple[KVCache, ...] = ()
 
     @property
     def prunable_groups(self) -> list[Group]:
@@ -139,7 +139,7 @@ class CouplingAnalysis:
         nodes = [*graph.nodes, *tied_nodes(graph, model.ties)]
         couplings, unknown = self._apply_rules(graph, nodes, model.opset)
         caches = kv_cache_pairs(graph, couplings)
-        exempt = {k for pair in caches for k in pair}
+        exempt = {k for c in caches for k in (c.past, c.present)}
         roles, lengths = self._roles_and_lengths(graph, couplings)
         space_graph = nx.Graph()
         candidates = []
@@ -282,7 +282,7 @@ class CouplingAnalysis:
 
 
 def kv_cache_pairs(graph: gs.Graph, couplings: Mapping[str, NodeCoupling]
-                   ) -> tuple[tuple[SpaceKey, SpaceKey], ...]:
+                   ) -> tuple[KVCache, ...]:
     """The KV-cache pairs whose signature may change: declared by a node's rule, the past a
     graph input that node alone reads, the present a graph output that node writes, and neither
     tensor in another pair. Anything else keeps its shape (fail closed)."""
@@ -292,15 +292,15 @@ def kv_cache_pairs(graph: gs.Graph, couplings: Mapping[str, NodeCoupling]
     for node in graph.nodes:
         for t in node.inputs:
             readers.setdefault(t.name, set()).add(node.name)
-    declared = [(name, pair) for name, c in couplings.items() for pair in c.caches]
+    declared = [(name, cache) for name, c in couplings.items() for cache in c.caches]
     uses: dict[str, int] = {}
-    for _, (past, present) in declared:
-        for tensor in (past[0], present[0]):
+    for _, cache in declared:
+        for tensor in (cache.past[0], cache.present[0]):
             uses[tensor] = uses.get(tensor, 0) + 1
-    return tuple(sorted(
-        (past, present) for name, (past, present) in declared
-        if past[0] in inputs and present[0] in outputs and readers.get(past[0]) == {name}
-        and uses[past[0]] == uses[present[0]] == 1))
+    return tuple(sorted((
+        c for name, c in declared
+        if c.past[0] in inputs and c.present[0] in outputs and readers.get(c.past[0]) == {name}
+        and uses[c.past[0]] == uses[c.present[0]] == 1), key=lambda c: c.past))
 
 
 def _unused_name(stem: str, taken: set[str]) -> str:

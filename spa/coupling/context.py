@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.coupling.types import Edge, MapKind, NodeCoupling, RewriteHook, Role, SpaceKey
+from spa.coupling.types import (
+    Edge,
+    KVCache,
+    MapKind,
+    NodeCoupling,
+    RewriteHook,
+    Role,
+    SpaceKey,
+)
 from spa.ir.quant import weight_values
 
 if TYPE_CHECKING:
@@ -161,12 +169,12 @@ class NodeContext:
         self._edge(a, b, idx, idx, MapKind.IDENTITY)
         return True
 
-    def kv_cache(self, past: Space | None, present: Space | None) -> None:
-        """``past`` (the cache the node reads) and ``present`` (the cache it writes, the past
-        with this step's keys or values appended) share a head axis: a KV-cache pair, whose
+    def kv_cache(self, past: Space | None, present: Space | None, head_size: int) -> None:
+        """``past`` (the head axis of the cache the node reads) and ``present`` (of the cache it
+        writes, the past with this step's keys or values appended): a KV-cache pair, whose
         graph input and output may lose heads together (spa/coupling/analysis.py)."""
         if past is not None and present is not None and past.length == present.length:
-            self.result.caches.append((past.key, present.key))
+            self.result.caches.append(KVCache(past.key, present.key, head_size))
 
     def offset(self, part: Space | None, whole: Space | None, start: int) -> bool:
         """Couple ``part[i]`` with ``whole[start + i]`` (Concat input, Split/Slice output)."""

@@ -80,6 +80,17 @@ class KeptLookup:
         return int(self.kept(key).size)
 
 
+@dataclass(frozen=True)
+class KVCache:
+    """A KV-cache pair: the past cache a node reads and the present cache it writes (the past
+    with this step's keys or values appended), both ``[batch, heads, positions, head_size]``;
+    ``past`` and ``present`` are their head axes."""
+
+    past: SpaceKey
+    present: SpaceKey
+    head_size: int
+
+
 @dataclass
 class NodeCoupling:
     """What one op rule says about one node."""
@@ -104,8 +115,7 @@ class NodeCoupling:
     # Why particular spaces stay unhandled (an axis the op reduces, indexes, pads, …): a frozen
     # space with a reason here carries it instead of ``refusal``.
     reasons: dict[SpaceKey, str] = field(default_factory=dict)
-    # KV-cache pairs ``(past space, present space)``: the node reads the past cache and writes
-    # the present one with the same head axis. When the past is a graph input read by this node
-    # alone and the present a graph output, the pair may lose heads together (the one change of
+    # KV-cache pairs the node reads and writes: may lose heads together when the past is a
+    # graph input read by this node alone and the present a graph output (the one change of
     # signature SPA makes; spa/coupling/analysis.py).
-    caches: list[tuple[SpaceKey, SpaceKey]] = field(default_factory=list)
+    caches: list[KVCache] = field(default_factory=list)

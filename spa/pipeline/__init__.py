@@ -15,6 +15,7 @@ import dataclasses
 import time
 
 from spa.coupling.analysis import Analysis
+from spa.generation import cache_sizes
 from spa.ir.save import check_output_path
 from spa.pipeline.emit import PruneReport, emit
 from spa.pipeline.options import CheckOptions, PruneOptions
@@ -63,8 +64,8 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
     check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
     analysis = analyse(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
     t1 = time.perf_counter()
-    dims = input_sizes(analysis, dict(options.input_dims) | dict(checks.input_dims),
-                       makes_inputs(options, checks))
+    dims = input_sizes(analysis, cache_sizes(analysis) | dict(options.input_dims)
+                       | dict(checks.input_dims), makes_inputs(options, checks))
     options = dataclasses.replace(options, input_dims=dims.items)
     checks = dataclasses.replace(checks, input_dims=dims.items)
     calib = calibration(analysis, options.calib, options.calibration, seed=options.seed,
@@ -89,7 +90,7 @@ def apply(model: ModelLike, the_plan: Plan, output: PathLike,
     recipe = the_plan.recipe
     analysis = analyse(loaded, ignore=recipe.ignore if recipe else (),
                        hidden=recipe.hidden if recipe else False)
-    dims = input_sizes(analysis, dict(checks.input_dims),
+    dims = input_sizes(analysis, cache_sizes(analysis) | dict(checks.input_dims),
                        bool(checks.validate or checks.check_masked))
     report = emit(analysis, the_plan, output, dataclasses.replace(checks, input_dims=dims.items),
                   calib=recipe_calibration(analysis, recipe))

@@ -14,9 +14,6 @@ the tokenizer files. The decoder is pruned as any model; then:
 * the config is rewritten with the counts the pruned graph has, every other file is copied;
 * all of it is written into a temporary folder beside ``out_dir`` and renamed into place last,
   so a failed run leaves nothing half-written.
-
-Validation feeds the caches the sizes the config gives (a prompt of 8 after 8 past positions;
-the head size) unless ``--input-dim`` says otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ if TYPE_CHECKING:
 
 CONFIG = "genai_config.json"
 _ATTENTION = ("GroupQueryAttention",)
-_PROMPT, _PAST = 8, 8  # the validation run's new and past positions
 
 
 def is_genai_folder(path: str | os.PathLike[str]) -> bool:
@@ -130,21 +126,6 @@ def pruned_config(config: dict, heads: Heads) -> dict:
     return out
 
 
-def cache_dims(model: onnx.ModelProto, config: dict) -> dict[str, int]:
-    """Sizes for the decoder's symbolic dims that a validation run on made-up inputs needs
-    consistent: the prompt, the past length and their sum, the caches' head size."""
-    d = _decoder(config)
-    names = d.get("inputs", {})
-    inputs = {i.name: [x.dim_param for x in i.type.tensor_type.shape.dim]
-              for i in model.graph.input}
-    past = inputs.get(_first(names.get("past_key_names", "past_key_values.%d.key")), [])
-    wanted = [(inputs.get(names.get("input_ids", "input_ids"), []), 1, _PROMPT),
-              (inputs.get(names.get("attention_mask", "attention_mask"), []), 1, _PROMPT + _PAST),
-              (past, 2, _PAST), (past, 3, d.get("head_size"))]
-    return {dims[axis]: size for dims, axis, size in wanted
-            if len(dims) > axis and dims[axis] and isinstance(size, int)}
-
-
 def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                  options: PruneOptions, checks: CheckOptions, *,
                  plan_path: str | os.PathLike[str] | None = None) -> tuple[PruneReport, Plan]:
@@ -164,10 +145,6 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     header = onnx.load(str(src / name), load_external_data=False)
     past_key = _decoder(config).get("inputs", {}).get("past_key_names", "past_key_values.%d.key")
     check_config(src, config, Heads.of(header, past_key))
-    given = dict(checks.input_dims) | dict(options.input_dims)
-    dims = cache_dims(header, config)
-    checks = dataclasses.replace(checks, input_dims=tuple(
-        (dims | given).items()) if dims or given else checks.input_dims)
     skip = {CONFIG, name, *_data_files(header)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

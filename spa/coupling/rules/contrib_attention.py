@@ -226,7 +226,9 @@ def group_query_attention(ctx: NodeContext) -> None:
         couplings.append(size > 0 and ctx.sections(width, kv_heads, [
             q_heads.length * size, kv_heads.length * size, kv_heads.length * size]))
     else:
-        couplings += [ctx.block(ctx.space(q, 2), q_heads), ctx.block(ctx.space(k, 2), kv_heads),
+        k_width = ctx.space(k, 2)
+        size = k_width.length // kv_heads.length if k_width and kv_heads.length else 0
+        couplings += [ctx.block(ctx.space(q, 2), q_heads), ctx.block(k_width, kv_heads),
                       ctx.block(ctx.space(v, 2), kv_heads)]
     if not all(couplings):
         ctx.refuse(f"num_heads={q_heads.length} and kv_num_heads={kv_heads.length} do not "
@@ -236,7 +238,7 @@ def group_query_attention(ctx: NodeContext) -> None:
         spaces = ctx.space(ctx.input(past), 1), ctx.space(ctx.output(present), 1)
         for s in spaces:
             ctx.identity(s, kv_heads)
-        ctx.kv_cache(*spaces)
+        ctx.kv_cache(*spaces, head_size=size)
     sink = ctx.input(_GQA_HEAD_SINK)
     ctx.identity(ctx.space(sink, 0), q_heads)
     for t in (ctx.input(_GQA_ATTENTION_BIAS), ctx.output(_GQA_OUTPUT_QK)):
