@@ -275,6 +275,11 @@ def _prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, options)
     if args.recover:
+        from spa.pipeline.genai import is_genai_folder
+
+        if is_genai_folder(args.model):
+            raise OptionError("--recover distils one ONNX file: prune the folder, then recover "
+                              "its decoder file")
         return _prune_and_recover(args, options)
     report, the_plan = prune(args.model, args.output, options, _checks(args),
                              plan_path=args.plan)
