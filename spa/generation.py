@@ -19,11 +19,13 @@ says why, and the check is reported as not run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spa.errors import ValidationError
 from spa.inputs import dim_key
 from spa.plan import kept_indices
 from spa.validate import ORT_TYPES
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
     from spa.plan import Plan
 
+log = logging.getLogger(__name__)
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 LOGITS = "logits"
 
@@ -174,6 +177,24 @@ def cache_sizes(analysis: Analysis) -> dict[str, int]:
         if key is not None:
             sizes.setdefault(key, set()).add(n)
     return {k: next(iter(v)) for k, v in sizes.items() if len(v) == 1}
+
+
+def greedy_check(reference: ort.InferenceSession, pruned: ort.InferenceSession,
+                 change: SignatureChange, dims: dict[str, int]) -> dict:
+    """The pruned decoder's ``GREEDY_STEPS`` greedy tokens equal those of ``reference`` (the
+    masked original); for the report, how many were compared, or why the loop did not run."""
+    why = loop_inputs(pruned, change)
+    if why is not None:
+        log.warning("the greedy generation check does not run: %s", why)
+        return {"tokens": 0, "equal": None, "not_run": why}
+    prompt = prompt_for(pruned)
+    want, got = (greedy_tokens(sess, change, prompt=prompt, steps=GREEDY_STEPS, dims=dims,
+                               pruned=sess is pruned) for sess in (reference, pruned))
+    if not np.array_equal(want, got):
+        first = int(np.flatnonzero(want != got)[0])
+        raise ValidationError(f"greedy generation differs from the masked original's at token "
+                              f"{first} of {want.size}: {got.tolist()} instead of {want.tolist()}")
+    return {"tokens": int(want.size), "equal": True}
 
 
 def prompt_for(sess: ort.InferenceSession, *, seed: int = 0) -> np.ndarray:

@@ -27,8 +27,8 @@ import onnxruntime as ort  # noqa: E402
 
 from spa.api import CheckOptions, PruneOptions, analyze, prune  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
-from spa.errors import ExitCode, InvalidModelError, OptionError  # noqa: E402
-from spa.generation import SignatureChange, greedy_tokens  # noqa: E402
+from spa.errors import ExitCode, InvalidModelError, OptionError, ValidationError  # noqa: E402
+from spa.generation import SignatureChange, greedy_check, greedy_tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, LAYERS = 1000, 2
@@ -149,6 +149,16 @@ def test_folder_prunes_and_generates(folder, tmp_path):
     tokens = _generate(out)
     assert tokens == _spa_tokens(out / "model.onnx", kv_heads=1)
     assert len(tokens) == 32 and tokens != _generate(folder)
+    # The check fails where the tokens differ: the unmasked original is no reference.
+    original = ort.InferenceSession(str(folder / "model.onnx"))
+    pruned = ort.InferenceSession(str(out / "model.onnx"))
+    pasts = [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}")
+             for i in range(LAYERS) for kv in ("key", "value")]
+    change = SignatureChange(inputs={p: (1, np.array([0]), 2) for p, _ in pasts},
+                             caches=dict(pasts), head_axes={p: 1 for p, _ in pasts})
+    with pytest.raises(ValidationError, match="greedy generation differs from the masked "
+                                              "original's at token"):
+        greedy_check(original, pruned, change, {"kv_cache_dim": 16})
 
 
 def test_folder_whose_config_disagrees_is_refused(folder, tmp_path):

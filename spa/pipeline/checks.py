@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from spa import generation as gen
 from spa import validate as val
-from spa.errors import ValidationError
 from spa.generation import SignatureChange
 from spa.ir import to_onnx
 from spa.ir.external import attach_external
@@ -159,22 +157,5 @@ def run_checks(original: PathLike | onnx.ModelProto,
         c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)
         extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
         if change:
-            extra["generation"] = _greedy_check(s_masked, s, change, dict(checks.input_dims))
+            extra["generation"] = gen.greedy_check(s_masked, s, change, dict(checks.input_dims))
     return extra
-
-
-def _greedy_check(masked: object, pruned: object, change: SignatureChange,
-                  dims: dict[str, int]) -> dict:
-    """The pruned decoder's greedy tokens equal the masked original's (spa/generation.py)."""
-    why = gen.loop_inputs(pruned, change)
-    if why is not None:
-        log.warning("the greedy generation check does not run: %s", why)
-        return {"tokens": 0, "equal": None, "not_run": why}
-    prompt = gen.prompt_for(pruned)
-    want, got = (gen.greedy_tokens(sess, change, prompt=prompt, steps=gen.GREEDY_STEPS,
-                                   dims=dims, pruned=sess is pruned) for sess in (masked, pruned))
-    if not np.array_equal(want, got):
-        first = int(np.flatnonzero(want != got)[0])
-        raise ValidationError(f"greedy generation differs from the masked original's at token "
-                              f"{first} of {want.size}: {got.tolist()} instead of {want.tolist()}")
-    return {"tokens": int(want.size), "equal": True}
