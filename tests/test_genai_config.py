@@ -64,3 +64,21 @@ def test_output_folder_that_holds_files_is_refused(tmp_path):
     with pytest.raises(OutputPathError, match="exists and is not an empty directory"):
         prune(src, tmp_path / "out", PruneOptions(heads_ratio=0.5), CheckOptions(latency=False))
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_constant_declared_with_another_shape_loads():
+    """onnxruntime-genai's builder declares its ``[1]`` constants as scalars; onnxruntime runs
+    that, and the declared shape of a Constant adds nothing to its value's: not a conflict."""
+    from onnx import TensorProto, helper
+
+    from spa.ir.load import load_proto
+
+    one = helper.make_node("Constant", [], ["one"], value=helper.make_tensor(
+        "v", TensorProto.INT64, [1], [1]))
+    add = helper.make_node("Add", ["x", "one"], ["y"])
+    graph = helper.make_graph(
+        [one, add], "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [3])],
+        value_info=[helper.make_tensor_value_info("one", TensorProto.INT64, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert load_proto(model).graph.outputs[0].shape == [3]
