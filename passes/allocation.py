@@ -55,8 +55,8 @@ from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction, kept_indices
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
-    from spa.passes.latency import LatencyTable
     from spa.passes.importance.base import Scores
+    from spa.passes.latency import LatencyTable
     from spa.passes.sensitivity import Sensitivities
     from spa.recipe import Recipe
 
