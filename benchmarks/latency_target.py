@@ -28,7 +28,8 @@ DEFAULT_MODELS = ["resnet50", "mobilenet_v3_large"]
 
 def _table_seconds(dense: Path) -> dict:
     """Seconds to build the latency table in an empty cache, then to read it back."""
-    from spa.passes.latency import LatencyProfile, kernel_block
+    from spa.passes.latency import kernel_block
+    from spa.passes.latency_profile import LatencyProfile
     from spa.pipeline.stages import analyse, load
 
     analysis = analyse(load(dense))

@@ -21,13 +21,13 @@ from spa.passes.allocation import Allocation, importance_curves
 from spa.passes.importance import get_criterion
 from spa.passes.latency import (
     GroupLatency,
-    LatencyProfile,
     LatencyTable,
     check_provider,
     fit_points,
     kernel_block,
     snap,
 )
+from spa.passes.latency_profile import LatencyProfile
 from spa.pipeline.options import parse_round_to
 from spa.pipeline.stages import analyse
 
@@ -242,3 +242,35 @@ def test_cli_latency_target_reports_requested_and_predicted_speedup(
     widths = [numpy_helper.to_array(i).shape[0] for i in pruned.graph.initializer
               if i.name in ("w1", "w2")]
     assert all(w % 8 == 0 for w in widths)
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def _report(before: float, after: float, target: dict | None = None):
+    from spa.pipeline.emit import PruneReport
+
+    return PruneReport("m.onnx", "p.onnx", 100, 50, 1000, 500, 50, 500, 400, 200, 2, 2, 32, 16,
+                       [], latency_ms_before=before, latency_ms_after=after,
+                       latency_target=target or {})
+
+
+def test_report_warns_when_the_pruned_model_measures_slower() -> None:
+    from spa.report import report_notes
+
+    (note,) = report_notes(_report(2.0, 2.5))
+    assert note.startswith("warning: the pruned model measures slower") and "2.500" in note
+    assert report_notes(_report(2.0, 1.0)) == []
+
+
+def test_report_shows_requested_predicted_and_measured_speedup() -> None:
+    from spa.report import latency_lines, report_notes
+
+    target = {"requested_speedup": 2.0, "dense_ms": 10.0, "predicted_ms": 5.0, "cached": True,
+              "seconds": 0.1}
+    asked, measured = latency_lines(_report(8.0, 5.0, target))
+    assert "2.00x faster asked; table predicts 2.00x" in asked and "from cache" in asked
+    assert measured == "measured speed-up: 1.60x (prediction error +25.0%)"
+    (note,) = report_notes(_report(8.0, 5.0, target))  # 1.6x is short of 0.9 × 2x
+    assert "1.60x measured, 2.00x asked" in note
+    assert latency_lines(_report(8.0, 5.0)) == []  # no latency target, no lines

@@ -30,7 +30,8 @@ from spa.passes.allocation import Allocation
 from spa.passes.importance import CRITERIA, Criterion, get_criterion
 from spa.passes.importance.gradient import Gradient
 from spa.passes.importance.obspa import OBSPA
-from spa.passes.latency import LatencyProfile, LatencyTable
+from spa.passes.latency import LatencyTable
+from spa.passes.latency_profile import LatencyProfile
 from spa.passes.sensitivity import Sensitivities, Sensitivity
 from spa.passes.statistics import LayerStatistics, LayerStats
 from spa.pipeline.options import CheckOptions, PruneOptions
