@@ -119,6 +119,7 @@ class LatencyTable:
     noise: float = 0.0  # median relative spread of the timings
     seconds: float = 0.0  # to build, or to read when cached
     cached: bool = False
+    scale: float = 1.0  # the savings' correction by a measured plan (:meth:`corrected`)
 
     @property
     def fit(self) -> tuple[float, float]:
@@ -136,7 +137,7 @@ class LatencyTable:
         saves ``macs_saved`` MACs in all."""
         f, macs = self.raw(kept)
         alpha, beta = self.fit
-        return alpha * f - beta * max(macs - macs_saved, 0.0)
+        return self.scale * (alpha * f - beta * max(macs - macs_saved, 0.0))
 
     def predict(self, kept: Mapping[int, int], macs_saved: float) -> float:
         """Predicted latency of a plan, in milliseconds."""
@@ -146,7 +147,7 @@ class LatencyTable:
         body = dataclasses.asdict(self)
         body["groups"] = {str(k): dataclasses.asdict(v) for k, v in self.groups.items()}
         body["untimed"] = {str(k): v for k, v in self.untimed.items()}
-        del body["cached"], body["seconds"]
+        del body["cached"], body["seconds"], body["scale"]
         return json.dumps(body, indent=1)
 
     @classmethod
@@ -160,10 +161,20 @@ class LatencyTable:
                    tuple((float(a), float(b), float(c)) for a, b, c in body["points"]),
                    {int(k): v for k, v in body["untimed"].items()}, body["noise"])
 
+    def corrected(self, predicted_ms: float, measured_share: float) -> LatencyTable:
+        """The table with its savings scaled so that a plan it predicted at ``predicted_ms``
+        saves what it measured: ``measured_share`` of the dense latency."""
+        predicted_saving = self.dense_ms - predicted_ms
+        if predicted_saving <= 0:
+            return self
+        return dataclasses.replace(
+            self, scale=self.scale * max(measured_share, 0.0) * self.dense_ms / predicted_saving)
+
     def summary(self) -> dict:
         return {"dense_ms": self.dense_ms, "groups_timed": len(self.groups),
                 "groups_untimed": len(self.untimed), "fit": list(self.fit),
-                "noise": self.noise, "seconds": self.seconds, "cached": self.cached}
+                "noise": self.noise, "seconds": self.seconds, "cached": self.cached,
+                "scale": self.scale}
 
 
 def cache_dir() -> Path:

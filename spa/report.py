@@ -112,7 +112,18 @@ def latency_lines(r: PruneReport) -> list[str]:
     if achieved is None:
         return [line, "measured speed-up: not measured (validation off)"]
     error = (t["dense_ms"] / t["predicted_ms"]) / achieved - 1.0
-    return [line, f"measured speed-up: {achieved:.2f}x (prediction error {error:+.1%})"]
+    lines = [line, f"measured speed-up: {achieved:.2f}x (prediction error {error:+.1%})"]
+    first, second = t.get("first_try"), t.get("second_try")
+    if first and second:
+        lines[1:1] = [f"first plan measured {_speedup(first)}; planned again with the table's "
+                      f"savings scaled by {second['scale']:.2f}: {_speedup(second)}"
+                      + ("" if t["scale"] != 1.0 else ", further off: the first plan is kept")]
+    return lines
+
+
+def _speedup(measured: dict) -> str:
+    before, after = measured["latency_ms_before"], measured["latency_ms_after"]
+    return f"{before / after:.2f}x" if before and after else "not measured"
 
 
 def measured_speedup(r: PruneReport) -> float | None:
@@ -154,10 +165,11 @@ def report_notes(r: PruneReport) -> list[str]:
     notes = []
     achieved = measured_speedup(r)
     if achieved is not None and achieved < 1.0:
+        hint = ("" if r.latency_target else "; channel counts that are not multiples of the "
+                "kernel block defeat onnxruntime's blocked convolution kernels: try --round-to "
+                "auto, or --target latency")
         notes.append(f"warning: the pruned model measures slower than the dense one "
-                     f"({r.latency_ms_before:.3f} → {r.latency_ms_after:.3f} ms); channel "
-                     "counts that are not multiples of the kernel block defeat onnxruntime's "
-                     "blocked convolution kernels: try --round-to auto, or --target latency")
+                     f"({r.latency_ms_before:.3f} → {r.latency_ms_after:.3f} ms){hint}")
     asked = r.latency_target.get("requested_speedup")
     if asked and achieved is not None and achieved < 0.9 * asked:
         notes.append(f"note: {achieved:.2f}x measured, {asked:.2f}x asked: the latency table "

@@ -274,3 +274,34 @@ def test_report_shows_requested_predicted_and_measured_speedup() -> None:
     (note,) = report_notes(_report(8.0, 5.0, target))  # 1.6x is short of 0.9 × 2x
     assert "1.60x measured, 2.00x asked" in note
     assert latency_lines(_report(8.0, 5.0)) == []  # no latency target, no lines
+
+
+def test_a_missed_target_is_planned_again_with_the_measured_correction() -> None:
+    from spa.pipeline import latency_missed
+
+    table = _table({0: GroupLatency("a", 64, (32,), (4.0,), 0.0)})
+    assert table.predict({0: 32}, 0.0) == pytest.approx(6.0)
+    # Measured: the plan saved 20% of the dense latency, the table said 40%: savings halve.
+    fixed = table.corrected(predicted_ms=6.0, measured_share=0.2)
+    assert fixed.scale == pytest.approx(0.5)
+    assert fixed.predict({0: 32}, 0.0) == pytest.approx(8.0)
+    assert LatencyTable.from_json(fixed.to_json()).scale == 1.0  # the cache keeps the measured
+    target = {"requested_speedup": 2.0}
+    assert latency_missed(_report(10.0, 5.4, target)) is None  # 1.85x: within 10% of 2x
+    assert latency_missed(_report(10.0, 8.0, target)) == pytest.approx(0.2)
+    assert latency_missed(_report(10.0, 4.0, target)) == pytest.approx(0.6)  # overshoot too
+    assert latency_missed(_report(10.0, 8.0)) is None  # no latency target
+
+
+def test_report_tells_of_a_second_plan_and_which_one_was_kept() -> None:
+    from spa.report import latency_lines
+
+    tries = {"first_try": {"latency_ms_before": 10.0, "latency_ms_after": 8.0, "scale": 1.0},
+             "second_try": {"latency_ms_before": 10.0, "latency_ms_after": 5.0, "scale": 0.5}}
+    target = {"requested_speedup": 2.0, "dense_ms": 10.0, "predicted_ms": 5.0, "cached": True,
+              "seconds": 0.1, "scale": 0.5, **tries}
+    line = latency_lines(_report(10.0, 5.0, target))[1]
+    assert line == ("first plan measured 1.25x; planned again with the table's savings "
+                    "scaled by 0.50: 2.00x")
+    kept_first = latency_lines(_report(10.0, 8.0, target | {"scale": 1.0}))[1]
+    assert kept_first.endswith("further off: the first plan is kept")

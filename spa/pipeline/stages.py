@@ -186,10 +186,12 @@ def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibra
 
 def make_plan(analysis: Analysis, options: PruneOptions, *,
               saliency: SaliencySource | None = None,
-              calib: Calibration | None = None) -> Planned:
+              calib: Calibration | None = None,
+              table: LatencyTable | None = None) -> Planned:
     """Statistics (when the criterion reads them) → score → sensitivities (when the allocation
     spends against them) → allocate: the plan. ``calib``: the calibration data, already read
-    (else read here from ``options.calib``)."""
+    (else read here from ``options.calib``); ``table``: a latency target's table, already
+    measured (else measured here)."""
     if not analysis.prunable_groups:
         raise NothingPrunableError(nothing_prunable(analysis))
     if calib is None and options.calib is not None:
@@ -211,7 +213,8 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
                               "calibration data: give --calib PATH")
         sensitivities = Sensitivity(min_channels=options.min_channels).run(
             analysis, to_onnx(analysis.model), scores, calib.train)
-    table = latency_table(analysis, options) if options.target is Target.LATENCY else None
+    if table is None and options.target is Target.LATENCY:
+        table = latency_table(analysis, options)
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,
                        min_channels=options.min_channels, heads_ratio=options.heads_ratio,
