@@ -1,6 +1,7 @@
 """Latency target: ask for 1.5× and 2× faster, measure what comes out.
 
-For torchvision ResNet-50 and MobileNetV3-Large (random init, 224 px, ``zoo``): SPA's
+For torchvision ResNet-50 and MobileNetV3-Large (``zoo``) and timm's EfficientNet-Lite0 (random
+init, 224 px; the model on which ``--ratio 0.05`` alone runs 2.5× slower): SPA's
 ``--target latency`` with ``--ratio 1 − 1/s`` for requested speed-ups ``s`` of 1.5 and 2
 (L1 importance, ``--round-to auto``, one onnxruntime thread on the CPU), and, for comparison,
 ``--target flops`` at the same ratio. The latency table is built once in a fresh cache (its
@@ -8,7 +9,7 @@ build time is recorded), then read back (the cached time is recorded). Every pru
 the dense one are timed side by side in interleaved rounds, 1 thread, CPU time of the calling
 thread (robust to the load of a shared machine); achieved speed-up = dense / pruned.
 
-    python -m benchmarks.latency_target [--models resnet50 mobilenet_v3_large] [--rounds 7]
+    python -m benchmarks.latency_target [--models resnet50 ...] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -20,10 +21,27 @@ import time
 from pathlib import Path
 
 from benchmarks.common import side_by_side_latency, write_result
-from benchmarks.zoo import MODELS, export
+from benchmarks.tp_peer import default_recipe
+from benchmarks.zoo import MODELS, Entry, export
 
 SPEEDUPS = (1.5, 2.0)
-DEFAULT_MODELS = ["resnet50", "mobilenet_v3_large"]
+
+
+def _efficientnet_lite0():
+    import torch
+    from models.torchvision_compat import import_torchvision
+
+    import_torchvision()  # timm imports torchvision; its registrations are stubbed first
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
+    return model, (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)),)
+
+
+ENTRIES = {"resnet50": MODELS["resnet50"], "mobilenet_v3_large": MODELS["mobilenet_v3_large"],
+           "efficientnet_lite0": Entry("timm EfficientNet-Lite0, 224 px", _efficientnet_lite0,
+                                       lambda m: default_recipe(m, 1000))}
 
 
 def _table_seconds(dense: Path) -> dict:
@@ -60,7 +78,7 @@ def _prune(dense: Path, out: Path, target: str, ratio: float) -> dict:
 
 
 def measure(key: str, workdir: Path, rounds: int) -> dict:
-    entry = MODELS[key]
+    entry = ENTRIES[key]
     model, inputs = entry.build()
     dense = export(entry, model, inputs, workdir / f"{key}.onnx")
     del model
@@ -83,7 +101,7 @@ def measure(key: str, workdir: Path, rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(ENTRIES), choices=list(ENTRIES))
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="spa-latency-"))
