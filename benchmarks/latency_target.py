@@ -29,6 +29,7 @@ SPEEDUPS = (1.5, 2.0)
 
 def _efficientnet_lite0():
     import torch
+
     from models.torchvision_compat import import_torchvision
 
     import_torchvision()  # timm imports torchvision; its registrations are stubbed first

@@ -9,9 +9,10 @@ the dense model: the points of the overlap fit.
 
 *Noise.* With one thread on the CPU provider the calling thread runs the whole model, so its
 CPU time (``time.thread_time``) is what is measured: time spent preempted by other processes
-on a shared machine is not counted. A timed pair whose dense spread (interquartile range over
-median) exceeds ``NOISY`` is timed again with twice the runs; the table records the median
-spread and warns above it.
+on a shared machine is not counted. A pair runs at least ``runs`` times, and as often as fits
+``SUBGRAPH_MS`` of its time (up to 20 × ``runs``): the medians of fast subgraphs are otherwise
+noise. A pair whose dense spread (interquartile range over median) exceeds ``NOISY`` is timed
+again with twice the runs; the table records the median spread and warns above it.
 
 The table is cached on disk (``$SPA_CACHE_DIR/latency`` or ``~/.cache/spa/latency``), keyed by
 a hash of the model's bytes, its coupling fingerprint, the provider, threads, input sizes,
@@ -24,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import statistics
 import time
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
     from spa.ir.load import LoadedModel
 
 log = logging.getLogger(__name__)
+SUBGRAPH_MS = 40.0  # at least this much of a subgraph's time per timed pair (or 20 × runs)
+WHOLE_MS = 400.0  # and of the whole model per point of the fit
 
 
 class LatencyProfile:
@@ -184,14 +188,14 @@ class LatencyProfile:
             pruned = self.session(self._rewritten(dense, kept).SerializeToString())
             ta, tb = _interleaved((base, feeds), (pruned, val.random_inputs(pruned,
                                                                              dims=self.dims)),
-                                  runs=max(self.runs, 10), clock=self.clock)
+                                  runs=self._runs(base, feeds, WHOLE_MS), clock=self.clock)
             dense_times += ta
             f, over = LatencyTable("", "", 1, (), 0.0, table).raw(kept)
             points.append((statistics.median(ta) - statistics.median(tb), f,
                            max(over - saved_macs, 0.0)))
         if not points:
-            (dense_times,) = _interleaved((base, feeds), runs=max(self.runs, 10),
-                                          clock=self.clock)
+            runs = self._runs(base, feeds, WHOLE_MS)
+            (dense_times,) = _interleaved((base, feeds), runs=runs, clock=self.clock)
         return statistics.median(dense_times), tuple(points)
 
     def _macs_per_channel(self, analysis: Analysis, cost: CostModel, macs: int, gid: int,
@@ -216,11 +220,21 @@ class LatencyProfile:
         runs), and the dense timing's relative spread (timed again, longer, when noisy)."""
         a, b = self.session(dense), self.session(pruned)
         pairs = ((a, val.random_inputs(a)), (b, val.random_inputs(b)))
-        runs = self.runs
+        runs = self._runs(*pairs[0], SUBGRAPH_MS)
         ta, tb = _interleaved(*pairs, runs=runs, clock=self.clock)
         if _spread(ta) > NOISY:
             ta, tb = _interleaved(*pairs, runs=2 * runs, clock=self.clock)
         return statistics.median(ta) - statistics.median(tb), _spread(ta)
+
+
+    def _runs(self, sess, feeds, budget_ms: float) -> int:
+        """Runs enough for ``budget_ms`` of the session's time (fast subgraphs are timed more
+        often: their medians are otherwise noise), between ``runs`` and 20 × ``runs``."""
+        sess.run(None, feeds)
+        t0 = self.clock()
+        sess.run(None, feeds)
+        once = max((self.clock() - t0) * 1e3, 1e-3)
+        return int(min(max(self.runs, math.ceil(budget_ms / once)), 20 * self.runs))
 
 
 def _plan(analysis: Analysis, kept: Mapping[int, int]) -> Plan:
