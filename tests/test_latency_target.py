@@ -117,8 +117,10 @@ def test_prediction_is_dense_minus_savings_plus_the_fitted_overlap() -> None:
 
 
 def test_fit_never_adds_time_for_overlap() -> None:
-    # The whole model saved more than the groups' sum: β would be negative; it stays 0.
-    assert fit_points([(5.0, 3.0, 100.0), (9.0, 6.0, 400.0)]) == (1.0, 0.0)
+    # The whole model saves more than the groups' sum, more so the more they overlap: the
+    # free fit's β would be negative; it is 0, and α alone scales the sum (Σfy / Σff).
+    assert fit_points([(3.0, 3.0, 100.0), (7.0, 6.0, 400.0)]) == pytest.approx((51 / 45, 0.0))
+    assert fit_points([(5.0, 3.0, 100.0), (9.0, 6.0, 400.0)]) == pytest.approx((11 / 6, 0.005))
 
 
 def test_table_round_trips_through_json() -> None:
