@@ -47,8 +47,10 @@ _ORT_TYPES = {
 
 
 def session(model, *, threads: int | None = None, spin: bool = True, optimize: bool = True,
-            what: str = "model", arena: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a path, serialized bytes or a ModelProto.
+            what: str = "model", arena: bool = True, provider: str = "CPUExecutionProvider"
+            ) -> ort.InferenceSession:
+    """An onnxruntime session (CPU unless ``provider`` says) for a path, serialized bytes or a
+    ModelProto.
 
     ``spin=False`` stops idle worker threads from spinning after a run, so that several
     sessions timed in turn do not steal each other's cores; ``optimize=False`` skips graph
@@ -76,7 +78,8 @@ def session(model, *, threads: int | None = None, spin: bool = True, optimize: b
     elif not isinstance(model, bytes):
         model = str(model)
     try:
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=list(dict.fromkeys(
+            (provider, "CPUExecutionProvider"))))
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ValidationError(f"onnxruntime cannot load the {what}: {one_line(exc)}") from exc
 

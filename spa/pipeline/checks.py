@@ -132,13 +132,15 @@ def run_checks(original: PathLike | onnx.ModelProto,
     twins."""
     twin = widened if widen else (lambda model: model)
     extra: dict = {}
-    s = val.session(twin(original), what="original model")
+    s = val.session(twin(original), what="original model", threads=checks.latency_threads,
+                    provider=checks.provider)
     feeds = val.random_inputs(s, dims=dict(checks.input_dims))
     out_orig = val.run(s, feeds)
     if checks.latency:
         extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs)
     s = None
-    s = val.session(twin(pruned), what="pruned model")
+    s = val.session(twin(pruned), what="pruned model", threads=checks.latency_threads,
+                    provider=checks.provider)
     out_pruned = val.run(s, feeds)
     if checks.latency:
         extra["latency_ms_after"] = latency_ms(s, feeds, runs=checks.latency_runs)

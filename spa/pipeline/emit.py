@@ -79,6 +79,8 @@ class PruneReport:
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     reconstruction: dict = field(default_factory=dict)
     recovery: dict = field(default_factory=dict)  # spa prune --recover: spa recover's report
+    # --target latency: the table's summary, predicted ms and requested speed-up.
+    latency_target: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
