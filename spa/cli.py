@@ -15,6 +15,7 @@ else (notes, warnings, progress bars) goes to stderr; ``--quiet`` silences notes
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -147,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parse(parser, argv)
         _configure_logging(args)
+        _give_back_freed_memory()
         with progress_settings(ProgressSettings(enabled=False if args.quiet else None)):
             return {"analyze": _analyze, "prune": _prune, "apply": _apply,
                     "recover": _recover}[args.command](args)
@@ -157,6 +159,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     finally:
         logging.getLogger().setLevel(root_level)  # main() may be called in-process (tests)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def _give_back_freed_memory() -> None:
+    """Have glibc serve blocks of 8 MiB and up by mmap, so that they go back to the system
+    when freed. Its default threshold grows up to 32 MiB after the first big free, and then
+    the many short-lived weight copies a run makes (protos, onnxruntime sessions, segments)
+    stay on a fragmented heap: ResNet-50's post-training planning (256 images) peaked at
+    1.41 GB and kept 0.82 GB, and now 1.21 and 0.76 GB (1 MiB: 1.17 GB, but twice the system
+    time in page faults). Not glibc (macOS, musl): nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 8 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
