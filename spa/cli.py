@@ -19,7 +19,9 @@ import ctypes
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from spa.config import config_defaults
@@ -145,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(commands=any(a in COMMANDS for a in argv))
     root_level = logging.getLogger().level
+    terminate = _exit_cleanly_on_sigterm()
     try:
         args = _parse(parser, argv)
         _configure_logging(args)
@@ -159,6 +162,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     finally:
         logging.getLogger().setLevel(root_level)  # main() may be called in-process (tests)
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
+
+
+def _exit_cleanly_on_sigterm():
+    """SIGTERM (a CI timeout, ``kill``, a container stopping) becomes SystemExit(143), so that
+    the staged output, spilled activations and temporary files are removed on the way out as
+    on Ctrl-C; by default Python dies at once and leaves them. Returns the handler to restore
+    (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
