@@ -185,7 +185,7 @@ def through_chains(model: onnx.ModelProto, zero: dict[str, list[ZeroSlice]],
     output to its integers: each ``(axis, indices, fill)`` of ``zero`` on a chain's output
     becomes one on ``q`` (axis ``k`` of the output is ``perm[k]`` of ``q``), filled with the
     zero point, so that ``(zp − zp) · s = 0``. ``read`` gives an initializer's values."""
-    if not zero:
+    if not zero or not any(n.op_type == "Cast" for n in model.graph.node):
         return
     tensors = gs.import_onnx(model).tensors()
     inits = {t.name: t for t in model.graph.initializer}

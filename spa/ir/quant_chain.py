@@ -22,7 +22,8 @@ A chain SPA cannot slice is left unread and says why (:func:`dequant_chain` retu
 the layer reading it freezes with those words, spa/coupling/context.py): a scale or zero point
 that varies along several axes (one value per element, or per block), scale and zero point per
 different axes, a zero point that is no integer of ``q``'s type, an intermediate tensor or the
-integers read by another node, a scale or zero point that is not a constant.
+integers read by another node, a scale or zero point that is not a constant. 4-bit integers are
+not read as a chain at all (:data:`INTEGERS`): their Cast folds to a float constant, as before.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ from spa.ir.external import peek
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _T = onnx.TensorProto
-# Integer types a dequantising chain stores weights in.
-INTEGERS = frozenset(getattr(_T, n) for n in ("INT8", "UINT8", "INT16", "UINT16", "INT4", "UINT4")
-                     if hasattr(_T, n))
+# Integer types a dequantising chain stores weights in. Not 4-bit ones: onnx-graphsurgeon writes
+# a sliced int4 array back one value a byte, which its tensor rejects.
+INTEGERS = frozenset((_T.INT8, _T.UINT8, _T.INT16, _T.UINT16))
 
 
 @dataclass(frozen=True)
