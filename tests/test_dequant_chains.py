@@ -142,3 +142,18 @@ def test_element_wise_scale_freezes_with_the_reason(tmp_path):
     assert init_shapes(out.path)["l2.w"] == (16, 8)
     assert init_value(out.path, "l1.q").dtype == np.int8 and "Cast" in _ops(out.path)
 
+
+
+def test_gemm_weight_chain_with_trans_b(tmp_path):
+    """``Gemm(x, Cast(q [16, 8]) · s [16, 1], transB=1)``: output rows of q and their scales go
+    with the units the next Gemm's (per-tensor, zero-pointed) input columns lose."""
+    b = Builder()
+    w1 = chain(b, b.rng.standard_normal((16, 8)).astype(np.float32), 0, "g1")
+    h = b.op("Relu", b.op("Gemm", "x", w1, b.weight(16, name="g1.b"), transB=1, name="g1"))
+    w2 = chain(b, b.rng.standard_normal((4, 16)).astype(np.float32), None, "g2", zero=True)
+    y = b.op("Gemm", h, w2, transB=1, name="g2")
+    m = b.model({"x": [2, 8]}, {y: [2, 4]})
+    out = prune_checked(m, tmp_path, ratio=0.25)
+    shapes = init_shapes(out.path)
+    assert shapes["g1.q"] == (12, 8) and shapes["g1.s"] == (12, 1) and shapes["g1.b"] == (12,)
+    assert shapes["g2.q"] == (4, 12) and shapes["g2.zp"] == (1, 1)
