@@ -6,6 +6,7 @@ masked oracle; ``hidden_size`` is rewritten; what the rule does not map freezes 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from graphs import Builder, attr, init_shapes, init_value, kept_slices, node_named
 from oracle import prune_checked
@@ -104,3 +105,21 @@ def test_batch_first_layout_freezes_naming_the_attribute():
     out = recurrent(b, "LSTM", h, IN, 8, "rnn", states=False, layout=1)
     m = b.model({"x": [N, T, 3]}, {out[1]: [N, 1, 8]})
     assert "LSTM node 'rnn': layout=1 (batch-first) is not mapped" in frozen_text(m, "pre.w", 1)
+
+
+def test_zero_initial_state_built_at_run_time(tmp_path):
+    """``ConstantOfShape(Concat([1], N from Shape(x), [8]))`` as the LSTM's initial states (what
+    PyTorch exports with a dynamic batch): the literal 8 is rewritten with the units."""
+    b = Builder()
+    batch = b.op("Unsqueeze", b.op("Gather", b.op("Shape", "x"), b.const(1)), b.const([0]))
+    dims = b.op("Concat", b.const([1]), batch, b.const([8]), axis=0)
+    zeros = b.op("ConstantOfShape", dims, value=onnx.helper.make_tensor("v", 1, [1], [0.0]),
+                 name="zeros")
+    g = GATES["LSTM"]
+    ins = ["x", b.weight(1, g * 8, IN, name="rnn.W"), b.weight(1, g * 8, 8, name="rnn.R"),
+           b.weight(1, 2 * g * 8, name="rnn.B"), "", zeros, zeros]
+    out = b.op("LSTM", *ins, outputs=["rnn.y", "rnn.yh", "rnn.yc"], name="rnn", hidden_size=8)
+    m = b.model({"x": [T, "n", IN]}, {head(b, out[1], 8): ["n", 5]})
+    done = prune_checked(m, tmp_path, ratio=0.5, dims={"n": 3})
+    assert init_shapes(done.path)["rnn.W"] == (1, 16, IN)
+    assert attr(node_named(done.path, "rnn"), "hidden_size") == 4
