@@ -260,8 +260,8 @@ _SHAPE_SLOTS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
 
 
 def _unshare_shape_targets(graph: gs.Graph) -> None:
-    """Give each Reshape and Expand its own copy of a run-time target built by ``Concat``
-    (through any ``Cast``/``Identity``).
+    """Give each Reshape, Expand and ConstantOfShape its own copy of a run-time target built by
+    ``Concat`` (through any ``Cast``/``Identity``).
 
     Exporters build the target of ``view(B, S, heads, head_dim)`` once and feed it to every view
     of that shape — dynamo does so across all layers when ``B`` and ``S`` are symbolic. The
