@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from spa.errors import ValidationError, one_line
 from spa.inputs import dim_key
-from spa.ir.quant import zero_point_fill
+from spa.ir.quant import through_chains, zero_point_fill
 from spa.ir.wire import serialized_pieces
 from spa.plan import removed_indices
 
@@ -296,6 +296,7 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
     masked = onnx.ModelProto()
     masked.CopyFrom(original)
     _through_dequantize(masked, zero, base_dir)
+    through_chains(masked, zero, lambda init: _array(init, base_dir))  # Cast → Mul weights
     inits = {init.name: init for init in masked.graph.initializer}
     for name, slices in zero.items():
         init = inits.get(name)
