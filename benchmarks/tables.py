@@ -234,8 +234,27 @@ def quality_pipeline(d: dict) -> str:
     return "\n".join(lines)
 
 
+def latency_target(d: dict) -> str:
+    lines = [f"Latency target ({_load_note(d)}; load average "
+             f"{d['load_average_before'][0]:.1f} → {d['load_average_after'][0]:.1f}):", "",
+             "| model | latency table: build / cached | asked | `--target latency`: predicted → "
+             "measured (FLOPs) | `--target flops` at the same ratio: measured (FLOPs) |",
+             "|---|---|---|---|---|"]
+    for r in d["results"].values():
+        t = r["latency_table_seconds"]
+        for s in d["speedups"]:
+            lat, flops = r["runs"][f"latency_{s}x"], r["runs"][f"flops_{s}x"]
+            lines.append(
+                f"| {r['model']} | {t['build']:.1f} s / {t['cached']:.2f} s | ×{s:g} | "
+                f"×{lat['predicted_speedup_x']:.2f} → **×{lat['achieved_speedup_x']:.2f}** "
+                f"(÷{lat['flops_reduction_x']:.2f}) | ×{flops['achieved_speedup_x']:.2f} "
+                f"(÷{flops['flops_reduction_x']:.2f}) |")
+    return "\n".join(lines)
+
+
 RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
-          "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline}
+          "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline,
+          "latency_target": latency_target}
 
 
 def render(name: str) -> str:

@@ -25,6 +25,15 @@ removes its share of each pool's channels (a pool per kind with its own ratio, a
 apart from the channels); a params/FLOPs
 target takes the shortest prefix whose *counted* reduction (the cost model on the whole plan, so
 interactions between groups are counted) meets it, found by bisection.
+
+Latency target (``Target.LATENCY``, with a measured table of passes/latency.py): the budget is
+the predicted milliseconds saved, ``ratio`` the share of the dense latency to remove. A removal
+step's price is the milliseconds its group's table says it frees; a step that the table says
+frees nothing (a narrower width measured no faster) is merged with the next until one does, so
+no group is left at a width slower than a wider one. The objective is the sensitivity damage
+with calibration data, else the kept importance: the damage of removing a group's ``n`` lowest
+channels is the sum of their normalised scores (``global`` allocation, the default for this
+target); ``uniform`` searches one channel ratio for all groups instead.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,6 +56,7 @@ from spa.plan import FrozenGroup, GroupPlan, Plan, Prediction, kept_indices
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
     from spa.passes.importance.base import Scores
+    from spa.passes.latency import LatencyTable
     from spa.passes.sensitivity import Sensitivities
     from spa.recipe import Recipe
 
@@ -61,7 +72,8 @@ class Allocation:
                  heads_ratio: float | None = None, mlp_ratio: float | None = None,
                  hidden_ratio: float | None = None,
                  method: AllocationMethod | None = None,
-                 sensitivities: Sensitivities | None = None):
+                 sensitivities: Sensitivities | None = None,
+                 latency: LatencyTable | None = None):
         for name, value in (("ratio", ratio), ("heads ratio", heads_ratio),
                             ("mlp ratio", mlp_ratio), ("hidden ratio", hidden_ratio)):
             if value is not None:
@@ -82,12 +94,19 @@ class Allocation:
             raise OptionError("sensitivity allocation needs the measured damage curves "
                               "(calibration data)")
         self.sensitivities = sensitivities
+        if target is Target.LATENCY and latency is None:
+            raise OptionError("a latency target needs the measured latency table")
+        self.latency = latency
 
     def run(self, analysis: Analysis, scores: Scores, recipe: Recipe | None = None) -> Plan:
         cost = CostModel(analysis.model.graph, analysis.model.ties)
         before = Counts(analysis.model.params, cost.count().flops)  # params: as in the file
         if self.method is AllocationMethod.SENSITIVITY:
-            keep = self._by_sensitivity(analysis, scores, cost, before)
+            assert self.sensitivities is not None
+            keep = self._by_curves(analysis, scores, cost, before, self.sensitivities.curves)
+        elif self.target is Target.LATENCY and self.method is AllocationMethod.GLOBAL:
+            keep = self._by_curves(analysis, scores, cost, before, importance_curves(
+                analysis, scores))
         elif self.target is Target.CHANNELS:
             keep = self._keep(analysis, scores, self.ratio)
         else:
@@ -118,15 +137,12 @@ class Allocation:
         return ratio if explicit is None else explicit
 
     def _search(self, analysis, scores, cost, before) -> dict[int, np.ndarray]:
-        """Smallest channel ratio whose predicted params/FLOPs reduction reaches the target."""
-        base = before.params if self.target is Target.PARAMS else before.flops
+        """Smallest channel ratio whose predicted params/FLOPs/latency reduction reaches the
+        target."""
 
         def reduction(r: float) -> tuple[float, dict[int, np.ndarray]]:
             keep = self._keep(analysis, scores, r)
-            after = cost.count(kept_indices(analysis, _make_plan(analysis, keep, None,
-                                                                 scores.unscored)))
-            value = after.params if self.target is Target.PARAMS else after.flops
-            return (1.0 - value / base if base else 0.0), keep
+            return self._reduction(analysis, keep, scores, cost, before), keep
 
         lo, hi = 0.0, 0.99
         best = reduction(hi)
@@ -144,15 +160,27 @@ class Allocation:
         return best[1]
 
 
-    def _by_sensitivity(self, analysis, scores, cost, before) -> dict[int, np.ndarray]:
+    def _reduction(self, analysis, keep, scores, cost, before) -> float:
+        """The share of the params, MACs or (predicted) latency that ``keep`` removes."""
+        after = cost.count(kept_indices(analysis, _make_plan(analysis, keep, None,
+                                                             scores.unscored)))
+        if self.target is Target.LATENCY:
+            assert self.latency is not None
+            widths = {gid: len(k) for gid, k in keep.items()}
+            predicted = self.latency.predict(widths, before.flops - after.flops)
+            return 1.0 - predicted / self.latency.dense_ms if self.latency.dense_ms else 0.0
+        base = before.params if self.target is Target.PARAMS else before.flops
+        value = after.params if self.target is Target.PARAMS else after.flops
+        return 1.0 - value / base if base else 0.0
+
+    def _by_curves(self, analysis, scores, cost, before, curves) -> dict[int, np.ndarray]:
         from spa.passes.sensitivity import lowest
 
-        assert self.sensitivities is not None
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
-        curves = self.sensitivities.curves
         price = dict.fromkeys((g.id for g in groups), 1.0)
-        if self.target is not Target.CHANNELS:
+        if self.target in (Target.PARAMS, Target.FLOPS):
             price = self._cost_per_channel(analysis, groups, scores, cost)
+        freed = self._freed(price)
         removed = {g.id: 0 for g in groups}
 
         def keep_of(counts: dict[int, int]) -> dict[int, np.ndarray]:
@@ -168,24 +196,20 @@ class Allocation:
                                  []).append(g)
             for (_, ratio), pool in pools.items():
                 budget = math.floor(ratio * sum(g.size for g in pool))
-                for gid, count in self._greedy(pool, curves, price):
+                for gid, count in self._greedy(pool, curves, freed):
                     if budget <= 0:
                         break
                     budget -= count - removed[gid]
                     removed[gid] = count
             return keep_of(removed)
-        steps = list(self._greedy(groups, curves, price))
-        base = before.params if self.target is Target.PARAMS else before.flops
+        steps = list(self._greedy(groups, curves, freed))
 
         def reduction(prefix: int) -> tuple[float, dict[int, np.ndarray]]:
             counts = dict(removed)
             for gid, count in steps[:prefix]:
                 counts[gid] = count
             keep = keep_of(counts)
-            after = cost.count(kept_indices(analysis, _make_plan(analysis, keep, None,
-                                                                 scores.unscored)))
-            value = after.params if self.target is Target.PARAMS else after.flops
-            return (1.0 - value / base if base else 0.0), keep
+            return self._reduction(analysis, keep, scores, cost, before), keep
 
         lo, hi = 0, len(steps)
         best = reduction(hi)
@@ -219,9 +243,25 @@ class Allocation:
             out[g.id] = max(base - value, 1) / half
         return out
 
-    def _greedy(self, groups, curves, price):
+    def _freed(self, price: dict[int, float]):
+        """The budget a removal step ``(group, removed now, removed next)`` frees: ``price``
+        per channel, or the milliseconds of the latency table."""
+        if self.target is not Target.LATENCY:
+            return lambda g, now, nxt: price[g.id] * (nxt - now)
+        table = self.latency
+        assert table is not None
+
+        def ms(g, now: int, nxt: int) -> float:
+            row = table.groups.get(g.id)
+            if row is None:  # not timed: no known saving
+                return 0.0
+            return table.fit[0] * (row.saved(g.size - nxt) - row.saved(g.size - now))
+        return ms
+
+    def _greedy(self, groups, curves, freed):
         """Removal steps ``(group id, removed channels after the step)`` in the order of least
-        damage added per unit of budget freed."""
+        damage added per unit of budget freed; a step that frees nothing is merged with the
+        next ones until they do (or the group has none left)."""
         heap: list[tuple[float, int, int, int]] = []
         state = {g.id: 0 for g in groups}
         by_id = {g.id: g for g in groups}
@@ -229,11 +269,13 @@ class Allocation:
         def push(g) -> None:
             now = state[g.id]
             nxt = self._next_count(g, now)
+            while nxt is not None and (gain := freed(g, now, nxt)) <= 1e-12:
+                nxt = self._next_count(g, nxt)
             if nxt is None:
                 return
             curve = curves.get(g.id)
             added = 0.0 if curve is None else curve.at(nxt) - curve.at(now)
-            heapq.heappush(heap, (added / (price[g.id] * (nxt - now)), g.id, now, nxt))
+            heapq.heappush(heap, (added / gain, g.id, now, nxt))
 
         for g in groups:
             push(g)
@@ -254,6 +296,23 @@ class Allocation:
             step = (group.size - removed) % self.round_to or self.round_to
         nxt = removed + step
         return nxt if nxt <= limit else None
+
+
+@dataclass(frozen=True)
+class ImportanceCurve:
+    """The kept importance a group loses with its ``n`` lowest-scored channels: the sum of
+    their normalised scores (the damage curve of a data-free latency allocation)."""
+
+    lost: np.ndarray  # lost[n]: the n lowest scores summed; lost[0] = 0
+
+    def at(self, removed: int) -> float:
+        return float(self.lost[min(removed, len(self.lost) - 1)])
+
+
+def importance_curves(analysis: Analysis, scores: Scores) -> dict[int, ImportanceCurve]:
+    return {g.id: ImportanceCurve(np.concatenate(([0.0], np.cumsum(np.sort(
+        scores.by_group[g.id].astype(np.float64)))))) for g in analysis.prunable_groups
+        if g.id in scores.by_group}
 
 
 def _global_counts(groups, scores: Scores, ratio: float, min_channels: int) -> dict[int, int]:

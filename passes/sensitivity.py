@@ -10,6 +10,7 @@ streams and first layers are fragile, and uniform ratios cut them as deep as the
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -84,9 +85,9 @@ class Sensitivity:
         n = len(next(iter(inputs.values())))
         take = min(n, self.samples, max(MIN_SAMPLES, int(self.macs_budget // max(per_sample, 1))))
         feeds = {k: np.asarray(v[:take]) for k, v in inputs.items()}
-        reference = _outputs(masked.session, feeds)
         curves: dict[int, Curve] = {}
         with Frontiers(FRONTIER_MEMORY) as fronts:
+            reference = masked.reference(fronts, feeds)
             prefix = masked.runner(fronts, feeds)
             for g in progress(order, "sensitivity", unit="group"):
                 damage = [_damage(reference, out) for out in masked.outputs(plans[g.id], prefix,
@@ -109,7 +110,6 @@ class _Masked:
     DequantizeLinear) gets a whole masked copy of its own."""
 
     def __init__(self, original: onnx.ModelProto, analysis: Analysis):
-        from spa import validate as val
         from spa.coupling.types import Role
 
         self.original, self.analysis = original, analysis
@@ -117,21 +117,28 @@ class _Masked:
                       if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)}
         self.spaces = {m.space for g in analysis.groups for m in g.members
                        if m.role is Role.CONSUMER}
-        names = sorted({name for name, _ in self.spaces if name in self.inits})
-        model = onnx.ModelProto()
-        model.CopyFrom(original)
-        declared = {i.name for i in model.graph.input}
-        model.graph.input.extend(
-            onnx.helper.make_tensor_value_info(n, self.inits[n].data_type, self.inits[n].dims)
-            for n in names if n not in declared)
-        self.model = with_types(model)
-        self.session = val.session(self.model, what="original model")
+        self.overridable = {name for name, _ in self.spaces if name in self.inits}
+        self.model = with_types(original)
         self.first_reader: dict[str, int] = {}
         for i, node in enumerate(self.model.graph.node):
             for name in node_inputs(node):
                 self.first_reader.setdefault(name, i)
-        self.arrays: dict[str, np.ndarray] = {}
         self.suffixes: dict[int, object] = {}
+
+    @functools.cached_property
+    def session(self):
+        """The whole model, consumer weights overridable (made only when a plan needs it)."""
+        from spa import validate as val
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        declared = {i.name for i in model.graph.input}
+        model.graph.input.extend(self._declared(n) for n in sorted(self.overridable - declared))
+        return val.session(model, what="original model", arena=False)
+
+    def _declared(self, name: str) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(name, self.inits[name].data_type,
+                                                  self.inits[name].dims)
 
     def zeroed(self, plan: Plan) -> dict[str, list[tuple[int, np.ndarray]]]:
         """The consumer weight slices the plan's mask zeroes, by initializer name."""
@@ -151,12 +158,22 @@ class _Masked:
         return min(self.first_reader.get(n, 0) for n in names)
 
     def runner(self, fronts: Frontiers, feeds: Mapping[str, np.ndarray]) -> Runner:
-        from spa import validate as val
-
-        step = val.batch_of(self.session)
+        first = self.model.graph.input[0].type.tensor_type.shape.dim[:1]
+        step = first[0].dim_value if first and first[0].dim_value > 0 else 32
         n = len(next(iter(feeds.values())))
         chunks = [{k: v[i:i + step] for k, v in feeds.items()} for i in range(0, n, step)]
         return Runner(self.model, fronts, "original", chunks)
+
+    def reference(self, fronts: Frontiers, feeds: Mapping[str, np.ndarray]
+                  ) -> list[np.ndarray]:
+        """The unmasked model's float outputs, run a segment at a time (no whole session)."""
+        whole = self.runner(fronts, feeds)
+        whole.advance(len(self.model.graph.node), want=())
+        names = [o.name for o in self.model.graph.output]
+        if not all(whole.holds(n) for n in names):
+            return _outputs(self.session, feeds)
+        values = [np.concatenate([np.asarray(v[n]) for v in whole.values]) for n in names]
+        return [np.asarray(v, np.float64) for v in values if np.issubdtype(v.dtype, np.floating)]
 
     def outputs(self, plans: list[Plan], prefix: Runner, feeds: Mapping[str, np.ndarray]
                 ) -> list[list[np.ndarray]]:
@@ -202,7 +219,8 @@ class _Masked:
         read = set().union(*(node_inputs(node) for node in nodes))
         inits = {i.name: i for i in graph.initializer}
         types = {v.name: v.type for v in (*graph.input, *graph.value_info, *graph.output)}
-        declared = {i.name: i for i in graph.input}
+        declared = {i.name: i for i in graph.input} | {
+            n: self._declared(n) for n in self.overridable}
         outer = sorted(t for t in read if t not in produced and t not in inits)
         outputs = [o.name for o in graph.output]
         if start not in self.suffixes:
@@ -222,25 +240,21 @@ class _Masked:
                 [inits[n] for n in sorted(read & set(inits))])
             model = onnx.helper.make_model(suffix, opset_imports=self.model.opset_import,
                                            ir_version=self.model.ir_version)
-            self.suffixes = {start: val.session(model, what=f"original model from node {start}",
-                                                arena=False)}
+            self.suffixes.clear()  # one at a time: each holds the weights it reads
+            self.suffixes[start] = val.session(model, what=f"original model from node {start}",
+                                               arena=False)
         return self.suffixes[start], outer, outputs
 
     def _weights(self, zero: dict[str, list[tuple[int, np.ndarray]]]) -> dict[str, np.ndarray]:
         weights = {}
         for name, slices in zero.items():
-            arr = self._array(name).copy()
+            arr = onnx.numpy_helper.to_array(self.inits[name]).copy()
             for axis, idx in slices:
                 index: list[slice | np.ndarray] = [slice(None)] * arr.ndim
                 index[axis] = idx
                 arr[tuple(index)] = 0
             weights[name] = arr
         return weights
-
-    def _array(self, name: str) -> np.ndarray:
-        if name not in self.arrays:
-            self.arrays[name] = onnx.numpy_helper.to_array(self.inits[name])
-        return self.arrays[name]
 
 
 def _suffix_macs(analysis: Analysis, original: onnx.ModelProto) -> list[float]:

@@ -11,11 +11,13 @@ from enum import Enum
 
 
 class Target(Enum):
-    """What a ratio measures: channels, or parameters / MACs (searched to meet the target)."""
+    """What a ratio measures: channels, or parameters / MACs / measured latency (searched to
+    meet the target)."""
 
     CHANNELS = "channels"
     PARAMS = "params"
     FLOPS = "flops"
+    LATENCY = "latency"
 
 
 class Reduction(Enum):

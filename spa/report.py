@@ -96,6 +96,7 @@ def report_table(r: PruneReport) -> str:
     lines.append(oracle_line(r))
     lines.extend(signature_lines(r))
     lines.extend(fidelity_lines(r))
+    lines.extend(latency_lines(r))
     return "\n".join(lines)
 
 
@@ -108,6 +109,39 @@ def signature_lines(r: PruneReport) -> list[str]:
     elif g.get("not_run"):
         lines.append(f"greedy generation: not run ({g['not_run']})")
     return lines
+
+
+def latency_lines(r: PruneReport) -> list[str]:
+    """A latency target: the speed-up asked for, predicted by the table and measured."""
+    t = r.latency_target
+    if not t:
+        return []
+    line = (f"latency target: {t['requested_speedup']:.2f}x faster asked; table predicts "
+            f"{t['dense_ms'] / t['predicted_ms']:.2f}x ({t['dense_ms']:.3f} → "
+            f"{t['predicted_ms']:.3f} ms")
+    line += ", table read from cache)" if t["cached"] else f", table timed in {t['seconds']:.1f} s)"
+    achieved = measured_speedup(r)
+    if achieved is None:
+        return [line, "measured speed-up: not measured (validation off)"]
+    error = (t["dense_ms"] / t["predicted_ms"]) / achieved - 1.0
+    lines = [line, f"measured speed-up: {achieved:.2f}x (prediction error {error:+.1%})"]
+    first, second = t.get("first_try"), t.get("second_try")
+    if first and second:
+        lines[1:1] = [f"first plan measured {_speedup(first)}; planned again with the table's "
+                      f"savings scaled by {second['scale']:.2f}: {_speedup(second)}"
+                      + ("" if t["scale"] != 1.0 else ", further off: the first plan is kept")]
+    return lines
+
+
+def _speedup(measured: dict) -> str:
+    before, after = measured["latency_ms_before"], measured["latency_ms_after"]
+    return f"{before / after:.2f}x" if before and after else "not measured"
+
+
+def measured_speedup(r: PruneReport) -> float | None:
+    if not (r.latency_ms_before and r.latency_ms_after):
+        return None
+    return r.latency_ms_before / r.latency_ms_after
 
 
 def fidelity_lines(r: PruneReport) -> list[str]:
@@ -141,10 +175,18 @@ def input_dims_text(r: PruneReport) -> str:
 def report_notes(r: PruneReport) -> list[str]:
     """Advice about a result, for stderr (``--quiet`` drops it; ``--json`` keeps stdout clean)."""
     notes = []
-    if r.latency_ms_before and r.latency_ms_after and r.latency_ms_after > r.latency_ms_before \
-            and r.flops_after < r.flops_before:
-        notes.append("note: the pruned model runs slower; channel counts that are not multiples "
-                     "of 8 defeat onnxruntime's blocked convolution kernels: try --round-to 8")
+    achieved = measured_speedup(r)
+    if achieved is not None and achieved < 1.0:
+        hint = ("" if r.latency_target else "; channel counts that are not multiples of the "
+                "kernel block defeat onnxruntime's blocked convolution kernels: try --round-to "
+                "auto, or --target latency")
+        notes.append(f"warning: the pruned model measures slower than the dense one "
+                     f"({r.latency_ms_before:.3f} → {r.latency_ms_after:.3f} ms){hint}")
+    asked = r.latency_target.get("requested_speedup")
+    if asked and achieved is not None and achieved < 0.9 * asked:
+        notes.append(f"note: {achieved:.2f}x measured, {asked:.2f}x asked: the latency table "
+                     "over-predicted the saving (timing noise, or layers the table does not "
+                     "time); ask for more")
     return notes
 
 

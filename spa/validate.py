@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from spa.errors import ValidationError, one_line
 from spa.inputs import dim_key
-from spa.ir.quant import zero_point_fill
+from spa.ir.quant import through_chains, zero_point_fill
 from spa.ir.wire import serialized_pieces
 from spa.plan import removed_indices
 
@@ -47,8 +47,10 @@ ORT_TYPES = {
 
 
 def session(model, *, threads: int | None = None, spin: bool = True, optimize: bool = True,
-            what: str = "model", arena: bool = True) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a path, serialized bytes or a ModelProto.
+            what: str = "model", arena: bool = True, provider: str = "CPUExecutionProvider"
+            ) -> ort.InferenceSession:
+    """An onnxruntime session (CPU unless ``provider`` says) for a path, serialized bytes or a
+    ModelProto.
 
     ``spin=False`` stops idle worker threads from spinning after a run, so that several
     sessions timed in turn do not steal each other's cores; ``optimize=False`` skips graph
@@ -76,7 +78,8 @@ def session(model, *, threads: int | None = None, spin: bool = True, optimize: b
     elif not isinstance(model, bytes):
         model = str(model)
     try:
-        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, opts, providers=list(dict.fromkeys(
+            (provider, "CPUExecutionProvider"))))
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ValidationError(f"onnxruntime cannot load the {what}: {one_line(exc)}") from exc
 
@@ -293,6 +296,7 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
     masked = onnx.ModelProto()
     masked.CopyFrom(original)
     _through_dequantize(masked, zero, base_dir)
+    through_chains(masked, zero, lambda init: _array(init, base_dir))  # Cast → Mul weights
     inits = {init.name: init for init in masked.graph.initializer}
     for name, slices in zero.items():
         init = inits.get(name)

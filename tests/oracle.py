@@ -68,23 +68,36 @@ def assert_file_params(report: PruneReport, model: Path, out: Path) -> None:
 
 def file_params(path: Path) -> int:
     """The parameters a model file holds, each tensor once: the floating-point initializers and
-    ``Constant`` nodes of its graph and subgraphs, the integer tensors ``DequantizeLinear``
-    reads (quantised weights), and the values packed in ``MatMulNBits`` weights."""
+    ``Constant`` nodes of its graph and subgraphs, the integer tensors ``DequantizeLinear`` or
+    a Cast to float reads (quantised weights; a float zero point subtracted after the Cast is
+    not counted), and the values packed in ``MatMulNBits`` weights."""
     graphs = _graphs(onnx.load(str(path), load_external_data=False).graph)
     nodes = [n for g in graphs for n in g.node]
-    quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    integers = {t.name for g in graphs for t in g.initializer if not _floating(t)}
+    # integer weights dequantised by DequantizeLinear, or by Cast to float (then Sub of a zero
+    # point, which is not a parameter, and Mul by a scale)
+    casts = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Cast"
+             and n.input[0] in integers and _cast_to_float(n)}
+    quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"} | set(casts.values())
+    zero_points = {n.input[1] for n in nodes if n.op_type == "Sub" and n.input[0] in casts}
     # MatMulNBits' B [N, blocks, blob] holds block_size values a blob, several a byte
     packed = {n.input[1]: next(a.i for a in n.attribute if a.name == "block_size")
               for n in nodes if n.op_type == "MatMulNBits"}
     held = [_size(t) // t.dims[-1] * packed[t.name] if t.name in packed else _size(t)
             for g in graphs for t in g.initializer
-            if t.name in quantised or t.name in packed or _floating(t)]
+            if t.name in quantised or t.name in packed
+            or (_floating(t) and t.name not in zero_points)]
     for a in (a for n in nodes if n.op_type == "Constant" for a in n.attribute):
         if a.name == "value" and _floating(a.t):
             held.append(_size(a.t))
         elif a.name in ("value_float", "value_floats"):
             held.append(1 if a.name == "value_float" else len(a.floats))
     return sum(held)
+
+
+def _cast_to_float(node: onnx.NodeProto) -> bool:
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    return to in _FLOATING
 
 
 def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:

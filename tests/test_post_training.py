@@ -9,6 +9,7 @@ with a 3×3 kernel), which no pruning criterion alone can do.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -401,3 +402,35 @@ def test_sensitivity_runs_each_group_from_its_first_consumer_as_the_whole_model_
         assert suffix.curves[gid].removed == curve.removed
         np.testing.assert_allclose(suffix.curves[gid].damage, curve.damage, rtol=1e-4, atol=1e-9)
     assert sensitivity.Sensitivity(macs_budget=1).run(analysis, model, scores, x).samples == 8
+
+
+def test_sigterm_mid_run_leaves_no_spill_and_no_output(cnn, tmp_path):
+    """A run terminated while its activations are spilled (SIGTERM: a CI timeout, ``kill``)
+    exits 143 and removes the spill directory; no output is written."""
+    import subprocess
+    import sys
+
+    src, calib = cnn
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out.onnx"
+    script = f"""
+import os, signal, sys
+from spa import cli
+from spa.passes import segments
+real_keep = segments.Frontiers.keep
+def keep(self, value):
+    kept = real_keep(self, value)
+    if self.dir is not None:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return kept
+segments.Frontiers.keep = keep
+sys.exit(cli.main(["prune", {str(src)!r}, "-o", {str(out)!r}, "-q", "--calib", {str(calib)!r},
+                   "--allocation", "uniform", "--ratio", "0.5", "--calib-memory", "1"]))
+"""
+    env = dict(os.environ, TMPDIR=str(scratch))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 143, done.stderr.decode()
+    assert not [p for p in scratch.iterdir() if "spa" in p.name]  # the spill is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "cnn.onnx", "scratch"]

@@ -30,6 +30,7 @@ from spa.coupling.types import (
     SpaceKey,
 )
 from spa.ir.quant import weight_values
+from spa.ir.quant_chain import dequant_chain
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -297,8 +298,21 @@ class NodeContext:
         return f"unknown rank of {self.which(t)}"
 
     def not_constant(self, t: gs.Tensor | None, what: str = "weight") -> str:
-        """The reason for a parameter that is a graph input or computed at run time."""
+        """The reason for a parameter that is a graph input or computed at run time; for one
+        dequantised from integers by plain ops, why that chain has no slicable form."""
+        why = self.unsliceable_chain(t)
+        if why is not None:
+            return why
         return f"dynamic {what}: {self.which(t)} is not a constant"
+
+    def unsliceable_chain(self, t: gs.Tensor | None) -> str | None:
+        """Why ``t``, dequantised from an integer constant by plain ops (Cast, Sub, Mul,
+        Transpose), could not be read as a quantised weight (spa/ir/quant_chain.py); None when
+        ``t`` is no such tensor."""
+        chain = dequant_chain(t)
+        if not isinstance(chain, str):
+            return None
+        return f"{self.which(t)} is dequantised from integers by plain ops, but {chain}"
 
     def on_rewrite(self, hook: RewriteHook) -> None:
         self.result.rewrite = hook

@@ -149,6 +149,7 @@ def _load_rule_families() -> None:
         norm,
         pool,
         quant,
+        rnn,
         shape,
         slicing,
     )

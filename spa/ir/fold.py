@@ -19,6 +19,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from spa.ir.quant_chain import starts_chain
+
 _SMALL = 64  # shape arithmetic is folded only on tensors this small
 _LARGE = 1 << 16  # a constant Expand is folded only up to this many elements
 Folder: TypeAlias = Callable[[gs.Node, list[np.ndarray]], np.ndarray | None]
@@ -206,6 +208,8 @@ def _value(node: gs.Node) -> np.ndarray | None:
         return _static_dims_picked(node)
     if node.op == "CastLike":
         return _cast_like(node)
+    if starts_chain(node):
+        return None  # its integer data is the weight (spa/ir/quant_chain.py): kept integer
     ins = [t for t in node.inputs if t.name]
     if not ins or not all(isinstance(t, gs.Constant) for t in ins):
         return None

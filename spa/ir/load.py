@@ -255,9 +255,13 @@ def _all_equal(values: np.ndarray) -> bool:
     return bool(np.all(head == head[0])) and bool(np.all(flat == flat[0]))
 
 
+# Ops that read a target shape, whose literal entries the rewrite sets: op -> its input slot.
+_SHAPE_SLOTS = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
+
+
 def _unshare_shape_targets(graph: gs.Graph) -> None:
-    """Give each Reshape and Expand its own copy of a run-time target built by ``Concat``
-    (through any ``Cast``/``Identity``).
+    """Give each Reshape, Expand and ConstantOfShape its own copy of a run-time target built by
+    ``Concat`` (through any ``Cast``/``Identity``).
 
     Exporters build the target of ``view(B, S, heads, head_dim)`` once and feed it to every view
     of that shape — dynamo does so across all layers when ``B`` and ``S`` are symbolic. The
@@ -265,10 +269,11 @@ def _unshare_shape_targets(graph: gs.Graph) -> None:
     would make every layer's heads one decision, and the Reshape rule rightly refuses it: the
     heads froze. Copies of the small shape nodes change no number.
     """
-    for reader in [n for n in graph.nodes if n.op in ("Reshape", "Expand")
-                   and len(n.inputs) > 1]:
+    for reader in [n for n in graph.nodes if n.op in _SHAPE_SLOTS
+                   and len(n.inputs) > _SHAPE_SLOTS[n.op]]:
+        slot = _SHAPE_SLOTS[reader.op]
         chain: list[gs.Node] = []  # the target's producers, the reader's side first
-        t = reader.inputs[1]
+        t = reader.inputs[slot]
         while len(t.inputs) == 1 and t.inputs[0].op in ("Cast", "Identity", "Concat"):
             chain.append(t.inputs[0])
             if chain[-1].op == "Concat":
@@ -285,7 +290,7 @@ def _unshare_shape_targets(graph: gs.Graph) -> None:
             graph.nodes.append(gs.Node(node.op, f"{node.name}__spa_{reader.name}",
                                        dict(node.attrs), inputs, [new], domain=node.domain))
             target = new
-        reader.inputs[1] = target
+        reader.inputs[slot] = target
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:

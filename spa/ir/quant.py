@@ -10,27 +10,40 @@ weight and importance criteria score the numbers the layer multiplies by.
 
 Blocked quantisation (``block_size``: one scale per block of ``axis``) is dequantised too, so
 that its layer is seen as a layer; the quantisation rule then freezes its channels with a reason.
+
+A weight dequantised by plain ops (``Cast`` → ``Sub`` → ``Mul`` → ``Transpose``, recognised in
+spa/ir/quant_chain.py) is the same thing spelt otherwise: :func:`quantized_weight` reads it as
+one, with ``perm`` the Transpose after it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from spa.ir.external import peek
+from spa.ir.quant_chain import DequantChain, dequant_chain
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops that read a weight packed several values a byte, ``[rows, blocks, blob]`` with
 # ``block_size`` values a blob: (domain, op) → the input slot of the weight.
 PACKED_WEIGHTS = {("com.microsoft", "MatMulNBits"): 1}
+# Where the masked original zeroes a weight: (axis, removed indices, the values to write there;
+# None: zeros), as spa/validate.py keeps them.
+ZeroSlice: TypeAlias = tuple[int, np.ndarray, "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A ``DequantizeLinear`` whose inputs are all constants; ``axis`` None when per-tensor;
-    ``block_size`` > 0 when blocked (the scale has ``q``'s rank)."""
+    ``block_size`` > 0 when blocked (the scale has ``q``'s rank). A chain of plain ops
+    (spa/ir/quant_chain.py) has its Mul as ``node``, scale and zero point broadcast against
+    ``q`` and ``perm`` the Transpose of the dequantised values, if any."""
 
     node: gs.Node
     q: gs.Constant
@@ -38,6 +51,7 @@ class QuantizedWeight:
     zero_point: gs.Constant | None
     axis: int | None
     block_size: int = 0
+    perm: tuple[int, ...] | None = None
 
 
 def quantized_weight(t: gs.Tensor | None) -> QuantizedWeight | None:
@@ -47,7 +61,12 @@ def quantized_weight(t: gs.Tensor | None) -> QuantizedWeight | None:
         return None
     node = t.inputs[0]
     if node.op != "DequantizeLinear" or (node.domain or "") not in DEFAULT_DOMAINS:
-        return None
+        chain = dequant_chain(t)
+        if not isinstance(chain, DequantChain):
+            return None
+        mul = next(n for n in chain.nodes if n.op == "Mul")
+        return QuantizedWeight(mul, chain.q, chain.scale, chain.zero_point, chain.axis,
+                               perm=chain.perm)
     ins = [x for x in node.inputs]
     q, scale = ins[0], ins[1] if len(ins) > 1 else None
     zp = ins[2] if len(ins) > 2 and ins[2].name else None
@@ -96,14 +115,20 @@ def dequantize(w: QuantizedWeight) -> np.ndarray:
         scale = np.repeat(scale, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
         if zp.ndim:
             zp = np.repeat(zp, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
-    elif w.axis is not None:
-        bshape = [1] * q.ndim
-        bshape[w.axis] = scale.size
-        scale, zp = scale.reshape(bshape), zp.reshape(bshape)
-    else:
-        scale, zp = scale.reshape(()), zp.reshape(())
+    else:  # per-tensor (size 1) or per-axis, whatever their broadcast shapes
+        scale, zp = _along(scale, w.axis, q.ndim), _along(zp, w.axis, q.ndim)
     out = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
-    return out.astype(scale.dtype, copy=False)
+    out = out.astype(scale.dtype, copy=False)
+    return out if w.perm is None else np.transpose(out, w.perm)
+
+
+def _along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """``v`` (one value, or one per index of ``axis``) shaped to broadcast along ``axis``."""
+    if v.size == 1 or axis is None:
+        return v.reshape(())
+    shape = [1] * ndim
+    shape[axis] = v.size
+    return v.reshape(shape)
 
 
 def weight_values(t: gs.Tensor | None) -> np.ndarray | None:
@@ -152,3 +177,25 @@ def packed_block_size(t: gs.Tensor) -> int | None:
         if slot is not None and len(node.inputs) > slot and node.inputs[slot] is t:
             return int(node.attrs.get("block_size", 0)) or None
     return None
+
+
+def through_chains(model: onnx.ModelProto, zero: dict[str, list[ZeroSlice]],
+                   read: Callable[[onnx.TensorProto], np.ndarray]) -> None:
+    """The masked original's zeroing (spa/validate.py), moved from a dequantising chain's
+    output to its integers: each ``(axis, indices, fill)`` of ``zero`` on a chain's output
+    becomes one on ``q`` (axis ``k`` of the output is ``perm[k]`` of ``q``), filled with the
+    zero point, so that ``(zp − zp) · s = 0``. ``read`` gives an initializer's values."""
+    if not zero or not any(n.op_type == "Cast" for n in model.graph.node):
+        return
+    tensors = gs.import_onnx(model).tensors()
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in list(zero):
+        chain = dequant_chain(tensors.get(name))
+        if not isinstance(chain, DequantChain) or chain.q.name not in inits:
+            continue
+        q = read(inits[chain.q.name])
+        zp = None if chain.zero_point is None else read(inits[chain.zero_point.name])
+        fill = zero_point_fill(q, zp, chain.axis)
+        perm = chain.perm or tuple(range(q.ndim))
+        zero.setdefault(chain.q.name, []).extend((perm[a], idx, fill)
+                                                 for a, idx, _ in zero.pop(name))

@@ -137,17 +137,21 @@ def run_checks(original: PathLike | onnx.ModelProto,
     twin = widened if widen else (lambda model: model)
     change = change or SignatureChange()
     extra: dict = {}
-    s = val.session(twin(original), what="original model")
+    s = val.session(twin(original), what="original model", threads=checks.latency_threads,
+                    provider=checks.provider)
     feeds = val.random_inputs(s, dims=dict(checks.input_dims))
     out_orig = change.kept_outputs(val.run(s, feeds))
     if checks.latency:
         extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs)
     s = None
-    s = val.session(twin(pruned), what="pruned model")
+    s = val.session(twin(pruned), what="pruned model", threads=checks.latency_threads,
+                    provider=checks.provider)
     out_pruned = val.run(s, change.pruned_feeds(feeds))
     if checks.latency:
         extra["latency_ms_after"] = latency_ms(s, change.pruned_feeds(feeds),
                                                runs=checks.latency_runs)
+    if not change:  # a decoder's is kept for the greedy loop, run with the masked original's
+        s = None
     val.check_signature(out_orig, out_pruned)
     val.check_exact(out_orig, out_pruned, weight_free, what="original")
     if checks.check_masked and masked is not None:

@@ -84,6 +84,8 @@ class PruneReport:
     # the greedy generation check run on such a decoder (tokens compared, equal).
     signature_changes: list[str] = field(default_factory=list)
     generation: dict = field(default_factory=dict)
+    # --target latency: the table's summary, predicted ms and requested speed-up.
+    latency_target: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

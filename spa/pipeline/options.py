@@ -32,11 +32,20 @@ from spa.passes.importance import CRITERIA
 from spa.passes.importance.base import ScoringOptions
 from spa.passes.importance.obspa import GROUP as OBSPA_GROUP
 from spa.passes.importance.obspa import OBSPAOptions
+from spa.passes.latency import CPU_PROVIDER, kernel_block
+
+AUTO = "auto"
+LATENCY_GROUP = "latency target (--target latency)"
 
 _INPUT_DIM_HELP = ("size of a symbolic input dim (e.g. height=224) for the inputs SPA makes up; "
                    "default: from the model's metadata, else the smallest size tried (batch 1, "
                    "spatial 32..1024, sequence 8..128) at which onnxruntime runs it")
 InputDims = tuple[tuple[str, int], ...]
+
+
+def parse_round_to(text: str) -> int:
+    """Parser of ``--round-to``: an integer ≥ 1, or ``auto`` (this CPU's kernel block)."""
+    return kernel_block() if text == AUTO else positive(text)
 
 
 def _criteria_help() -> str:
@@ -66,7 +75,8 @@ class PruneOptions:
         help="also prune the hidden size (residual stream) of transformers, by R or by "
         "--ratio; norm statistics then change (outside the masked oracle)")
     target: Target = option(Target.CHANNELS, enum=Target, help="what --ratio measures "
-                            "(params/flops: searched to meet the target)")
+                            "(params/flops: searched to meet the target; latency: the share of "
+                            "the latency measured in onnxruntime with --provider and --threads)")
     criterion: str = option("l1", choices=lambda: sorted(CRITERIA), help=_criteria_help)
     reduction: Reduction = like(ScoringOptions, "reduction")
     normalization: Normalization = like(ScoringOptions, "normalization")
@@ -77,13 +87,19 @@ class PruneOptions:
         None, enum=AllocationMethod, help="how the budget is spread over the groups: uniform "
         "(same ratio per group), global (one ranking across groups) or sensitivity (measured "
         "damage to the final outputs; default with --calib)")
-    round_to: int = option(1, parse=positive, metavar="N",
-                           help="keep channel counts a multiple of N")
+    round_to: int = option(1, parse=parse_round_to, metavar="N",
+                           help="keep channel counts a multiple of N; 'auto': the block of "
+                           "onnxruntime's fast convolution kernels on this CPU (16 with "
+                           "AVX-512, 8 with AVX2)")
     min_channels: int = option(1, parse=positive, metavar="N",
                                help="never keep fewer than N channels in a group")
     ignore: tuple[str, ...] = option((), append=True, metavar="GLOB", help="freeze every "
                                      "channel touching nodes whose name matches GLOB")
     seed: int = option(0, parse=int, help="seed of random scores and inputs")
+    provider: str = option(CPU_PROVIDER, metavar="NAME", group=LATENCY_GROUP,
+                           help="onnxruntime execution provider that --target latency times on")
+    threads: int = option(1, parse=positive, metavar="N", group=LATENCY_GROUP,
+                          help="onnxruntime intra-op threads for --target latency's timing")
     # OBSPA (criterion "obspa"): where H comes from, its damping, how many synthetic samples,
     # calibration data (arrays named after the graph inputs), and whether to write the update.
     hessian: HessianSource = like(OBSPAOptions, "hessian")
@@ -118,6 +134,8 @@ class PruneOptions:
                                    metavar="NAME=SIZE", help=_INPUT_DIM_HELP)
 
     def __post_init__(self) -> None:
+        if self.round_to == AUTO:  # the Python API's round_to="auto"
+            object.__setattr__(self, "round_to", kernel_block())
         for name in ("ratio", "heads_ratio", "mlp_ratio", "hidden_ratio"):
             value = getattr(self, name)
             if value is not None:
@@ -136,6 +154,8 @@ class PruneOptions:
             return AllocationMethod(self.allocation)
         if self.global_ranking:
             return AllocationMethod.GLOBAL
+        if self.target is Target.LATENCY and not (self.calib and self.calib != "synthetic"):
+            return AllocationMethod.GLOBAL  # non-uniform widths: importance per millisecond
         # Synthetic inputs: uniform measured better than their sensitivities (docs/cli.md).
         return AllocationMethod.SENSITIVITY if self.calib and self.calib != "synthetic" \
             else AllocationMethod.UNIFORM
@@ -171,6 +191,8 @@ class CheckOptions:
     rtol: float = 1e-4
     latency: bool = option(True, name="--no-validate", negate=True, help="(with validation)")
     latency_runs: int = 20
+    latency_threads: int | None = None  # onnxruntime's default unless a latency target says
+    provider: str = CPU_PROVIDER
     input_dims: InputDims = like(PruneOptions, "input_dims")  # for validation inputs
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ import onnx
 from spa import calibration as calib_data
 from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
-from spa.choices import AllocationMethod, HessianSource
+from spa.choices import AllocationMethod, HessianSource, Target
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
 from spa.inputs import InputDims, resolve
@@ -30,6 +30,8 @@ from spa.passes.allocation import Allocation
 from spa.passes.importance import CRITERIA, Criterion, get_criterion
 from spa.passes.importance.gradient import Gradient
 from spa.passes.importance.obspa import OBSPA
+from spa.passes.latency import LatencyTable
+from spa.passes.latency_profile import LatencyProfile
 from spa.passes.sensitivity import Sensitivities, Sensitivity
 from spa.passes.statistics import LayerStatistics, LayerStats
 from spa.pipeline.options import CheckOptions, PruneOptions
@@ -61,6 +63,20 @@ class Planned:
     plan: Plan
     statistics: LayerStats | None
     sensitivities: Sensitivities | None = None
+    latency: Latency | None = None
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A latency target's table and what it predicts for the plan (milliseconds)."""
+
+    table: LatencyTable
+    predicted_ms: float
+    requested_speedup: float
+
+    def summary(self) -> dict:
+        return self.table.summary() | {"predicted_ms": self.predicted_ms,
+                                       "requested_speedup": self.requested_speedup}
 
 
 def load(model: ModelLike) -> LoadedModel:
@@ -81,7 +97,8 @@ def analyse(model: LoadedModel, *, ignore: tuple[str, ...] = (), hidden: bool = 
 def makes_inputs(options: PruneOptions, checks: CheckOptions | None) -> bool:
     """Whether the run feeds made-up inputs: validation, or OBSPA's data-free Hessians."""
     synthetic = CRITERIA.get(options.criterion) is OBSPA and options.hessian in (
-        HessianSource.SYNTHETIC, HessianSource.NOISE) or options.calib == SYNTHETIC
+        HessianSource.SYNTHETIC, HessianSource.NOISE) or options.calib == SYNTHETIC \
+        or options.target is Target.LATENCY
     return synthetic or (checks is not None and bool(checks.validate or checks.check_masked))
 
 
@@ -169,10 +186,12 @@ def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibra
 
 def make_plan(analysis: Analysis, options: PruneOptions, *,
               saliency: SaliencySource | None = None,
-              calib: Calibration | None = None) -> Planned:
+              calib: Calibration | None = None,
+              table: LatencyTable | None = None) -> Planned:
     """Statistics (when the criterion reads them) → score → sensitivities (when the allocation
     spends against them) → allocate: the plan. ``calib``: the calibration data, already read
-    (else read here from ``options.calib``)."""
+    (else read here from ``options.calib``); ``table``: a latency target's table, already
+    measured (else measured here)."""
     if not analysis.prunable_groups:
         raise NothingPrunableError(nothing_prunable(analysis))
     if calib is None and options.calib is not None:
@@ -194,13 +213,33 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
                               "calibration data: give --calib PATH")
         sensitivities = Sensitivity(min_channels=options.min_channels).run(
             analysis, to_onnx(analysis.model), scores, calib.train)
+    if table is None and options.target is Target.LATENCY:
+        table = latency_table(analysis, options)
     alloc = Allocation(ratio=options.ratio, target=options.target,
                        global_ranking=options.global_ranking, round_to=options.round_to,
                        min_channels=options.min_channels, heads_ratio=options.heads_ratio,
                        mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio,
-                       method=method, sensitivities=sensitivities)
-    return Planned(alloc.run(analysis, scores, recipe(options, criterion)), statistics,
-                   sensitivities)
+                       method=method, sensitivities=sensitivities, latency=table)
+    plan = alloc.run(analysis, scores, recipe(options, criterion))
+    latency = None
+    if table is not None:
+        pred = plan.prediction
+        saved = pred.flops_before - pred.flops_after if pred is not None else 0
+        predicted = table.predict({g.id: len(g.keep) for g in plan.groups}, saved)
+        latency = Latency(table, predicted, 1.0 / (1.0 - options.ratio))
+        log.info("latency target: %.3f ms dense, %.3f ms predicted (%.2fx; %.2fx asked)",
+                 table.dense_ms, predicted, table.dense_ms / max(predicted, 1e-9),
+                 latency.requested_speedup)
+    return Planned(plan, statistics, sensitivities, latency)
+
+
+def latency_table(analysis: Analysis, options: PruneOptions) -> LatencyTable:
+    """The measured latency table of the model (passes/latency.py), cached on disk."""
+    hidden = options.hidden_ratio is not None
+    return LatencyProfile(
+        reanalyse=lambda loaded: analyse(loaded, ignore=options.ignore, hidden=hidden),
+        provider=options.provider, threads=options.threads, dims=dict(options.input_dims),
+        block=options.round_to).run(analysis)
 
 
 def _criterion(analysis: Analysis, options: PruneOptions,

@@ -1,4 +1,4 @@
-"""Indexing and broadcasting by shape: Gather, Expand, Tile.
+"""Indexing and broadcasting by shape: Gather, Expand, Tile, ConstantOfShape.
 
 Gather along ``axis``: data axes before and after ``axis`` pass to the output unchanged, the
 indices' axes take its place; the gathered axis itself is unhandled (pruning it would change what
@@ -7,6 +7,10 @@ producers of the channels it emits (the hidden size, pruned only with ``--hidden
 
 Expand broadcasts like an element-wise op; its target shape's literal entries on a changing axis
 are rewritten. Tile couples output index ``i`` with input index ``i mod L`` on each tiled axis.
+ConstantOfShape fills every element with one value, so an axis whose length is a literal entry of
+its shape (a recurrent layer's zero initial state ``[D, N, H]``, built from ``x``'s batch size
+and the constant ``H``) may shrink freely, that entry rewritten; an entry copied from another
+tensor's dim, or a literal others read too, fixes its axis.
 """
 
 from __future__ import annotations
@@ -91,3 +95,27 @@ def tile(ctx: NodeContext) -> None:
             ctx.identity(sx, sy)
         else:
             ctx.cyclic(sy, sx)
+
+
+@register("ConstantOfShape")
+def constant_of_shape(ctx: NodeContext) -> None:
+    shape_t, y = ctx.input(0), ctx.output(0)
+    shape_y = ctx.shape(y)
+    entries = shape_entries(shape_t, reader=(ctx.node, 0))
+    if y is None or shape_y is None:
+        ctx.refuse(ctx.unknown_rank(y))
+        return
+    if entries is None or len(entries) != len(shape_y):
+        ctx.refuse(unreadable_shape(ctx, shape_t))
+        return
+    literals: list[tuple[str, int, Lit]] = []
+    for ax, e in enumerate(entries):
+        space = ctx.space(y, ax)
+        if isinstance(e, Lit) and e > 0 and e == shape_y[ax] and e.rewritable_for(ctx.node):
+            ctx.handle(space)
+            literals.append((y.name, ax, e))
+        else:
+            assert shape_t is not None  # entries were read from it
+            ctx.decline(fixed_entry(ctx, shape_t, ax, e), space)
+    if literals:
+        ctx.on_rewrite(rewrite_literals(literals))

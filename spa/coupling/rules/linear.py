@@ -21,7 +21,9 @@ a MatMul weight reads the other operand (``A.-1`` for ``W`` on the right, ``X.-2
 left). Bias: Gemm's input 2 (``C``); a MatMul's is the constant of the Add that follows it.
 
 Fail closed, with the reason: a dynamic Gemm weight, a 1-D MatMul operand (a vector product), a
-constant MatMul operand of rank other than 2 (a batched weight), two constant operands.
+constant MatMul operand of rank other than 2 (a batched weight), two constant operands, an
+operand dequantised from integers by plain ops in a form that cannot be sliced
+(spa/ir/quant_chain.py).
 """
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ def _unsupported(ctx: NodeContext, a: gs.Tensor | None, b: gs.Tensor | None, y: 
         return ctx.unknown_rank(a if ra is None else b if rb is None else y)
     if ra < 2 or rb < 2:
         return f"1-D {ctx.which(a if ra < 2 else b)}: a vector product"
+    chain = ctx.unsliceable_chain(b) or ctx.unsliceable_chain(a)
+    if chain is not None:
+        return chain
     const_a, const_b = ctx.const(a) is not None, ctx.const(b) is not None
     if const_a and const_b:
         return "both inputs are constants"

@@ -1,0 +1,106 @@
+"""An int8 BERT whose weights are dequantised by plain ops prunes heads and MLP, and stays int8.
+
+A two-layer HuggingFace ``BertModel`` (hidden 128, 2 heads, random weights, eager attention),
+exported by PyTorch's TorchScript exporter at opset 17; then every 2-D MatMul weight ``w [K, N]``
+becomes what shipped int8 encoders hold: ``q = round(w / s)`` in int8 with one scale per output
+column, dequantised in the graph by ``Cast → Mul(s [1, N])`` (:func:`int8_chains`). Before
+spa/ir/quant_chain.py those weights were run-time values: nothing in them pruned. Now the same
+groups prune as in the float model, under the numeric oracle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import onnx  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
+
+from models.torchvision_compat import import_torchvision  # noqa: E402
+from spa.api import analyze  # noqa: E402
+from spa.coupling import GroupKind  # noqa: E402
+from tests.graphs import init_value  # noqa: E402
+from tests.oracle import prune_checked  # noqa: E402
+
+HIDDEN, HEADS, LAYERS = 128, 2, 2
+
+
+def _bert(d: Path) -> Path:
+    try:  # transformers imports torchvision when installed; its C extension may not match
+        import_torchvision()
+    except ImportError:
+        pass
+    import transformers
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                     num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
+                                     vocab_size=1000)
+    config._attn_implementation = "eager"
+    model = LastHidden(transformers.BertModel(config).eval())
+    ids, mask = torch.randint(0, 1000, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+    dims = {0: "batch", 1: "sequence"}
+    torch.onnx.export(model, (ids, mask), str(d / "bert.onnx"), opset_version=17, dynamo=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                      dynamic_axes={"input_ids": dims, "attention_mask": dims, "hidden": dims})
+    return d / "bert.onnx"
+
+
+def int8_chains(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each 2-D float MatMul weight ``w [K, N]`` stored as int8 and dequantised
+    by ``Cast → Mul(scale [1, N])``, one scale per output column (symmetric)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
+            values = numpy_helper.to_array(w)
+            scale = np.maximum(np.abs(values).max(axis=0, keepdims=True), 1e-8) / 127.0
+            q = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+            w.CopyFrom(numpy_helper.from_array(q, w.name))
+            model.graph.initializer.append(numpy_helper.from_array(
+                scale.astype(np.float32), f"{w.name}.scale"))
+            nodes += [helper.make_node("Cast", [w.name], [f"{w.name}.f"], to=1,
+                                       name=f"{w.name}.cast"),
+                      helper.make_node("Mul", [f"{w.name}.f", f"{w.name}.scale"],
+                                       [f"{w.name}.dq"], name=f"{w.name}.mul")]
+            node.input[1] = f"{w.name}.dq"
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_int8_chain_bert_prunes_what_its_float_twin_prunes(tmp_path):
+    float_path = _bert(tmp_path)
+    model = int8_chains(onnx.load(str(float_path)))
+    chains = [n for n in model.graph.node if n.op_type == "Cast" and n.name.endswith(".cast")]
+    assert len(chains) == 6 * LAYERS  # Q, K, V, attention output, MLP up and down
+    path = tmp_path / "int8.onnx"
+    onnx.save(model, str(path))
+    kinds = [g.kind for g in analyze(path).prunable_groups]
+    assert sorted(kinds, key=str) == sorted((g.kind for g in analyze(float_path).prunable_groups),
+                                            key=str)
+    assert kinds.count(GroupKind.NEURONS) == LAYERS
+    out = prune_checked(path, tmp_path, mlp_ratio=0.3)
+    pruned = [g for g in out.plan.groups if len(g.keep) < g.size]
+    assert len(pruned) == LAYERS and all(len(g.keep) < 4 * HIDDEN for g in pruned)
+    assert out.report.params_after < out.report.params_before
+    ints = [n.input[0] for n in onnx.load(str(out.path)).graph.node if n.op_type == "Cast"
+            and n.name.endswith(".cast")]
+    assert len(ints) == 6 * LAYERS
+    assert all(init_value(out.path, name).dtype == np.int8 for name in ints)

@@ -1,0 +1,159 @@
+"""Weights dequantised by plain ops (spa/ir/quant_chain.py): ``int8 → Cast → (Sub zp) → Mul s
+(→ Transpose)`` prunes in its integer tensor, with its per-channel scales and zero points, under
+the masked oracle, and stays integer in the same chain of ops; a chain whose scale cannot be
+sliced freezes with the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graphs import Builder, init_shapes, init_value, kept_slices
+from oracle import RTOL, prune_checked
+
+from spa.api import analyze
+
+F32 = onnx.TensorProto.FLOAT
+
+
+def chain(b: Builder, w: np.ndarray, axis: int | None, name: str, *, zero: bool = False,
+          perm: list[int] | None = None) -> str:
+    """Quantise ``w`` (stored transposed by ``perm`` when given) per channel along ``axis`` of
+    the stored integers (per tensor when None) and dequantise it with plain ops."""
+    stored = np.transpose(w, np.argsort(perm)) if perm is not None else w
+    shape = [1] * stored.ndim
+    if axis is not None:
+        shape[axis] = stored.shape[axis]
+    other = tuple(a for a in range(stored.ndim) if a != axis)
+    scale = (np.abs(stored).max(axis=other if axis is not None else None) / 100.0)
+    scale = scale.astype(np.float32).reshape(shape)
+    zp = np.round(b.rng.uniform(-20, 20, scale.shape)).astype(np.float32) if zero \
+        else np.zeros(scale.shape, np.float32)
+    q = np.clip(np.round(stored / scale) + zp, -128, 127).astype(np.int8)
+    x = b.op("Cast", b.const(q, f"{name}.q", dtype=np.int8), to=F32, name=f"{name}.cast")
+    if zero:
+        x = b.op("Sub", x, b.const(zp, f"{name}.zp"), name=f"{name}.sub")
+    w_out = b.op("Mul", x, b.const(scale, f"{name}.s"), name=f"{name}.mul")
+    return b.op("Transpose", w_out, perm=perm, name=f"{name}.t") if perm is not None else w_out
+
+
+def mlp(*, axis1: int | None = 1, axis2: int | None = None, zero: bool = False,
+        perm: bool = False) -> onnx.ModelProto:
+    """``x [2, 8] → MatMul(chain w1 [8, 16]) → Relu → MatMul(chain w2 [16, 4])``; with
+    ``perm`` w1 is stored ``[16, 8]`` and transposed after its Mul."""
+    b = Builder()
+    w1 = b.rng.standard_normal((8, 16)).astype(np.float32)
+    t = [1, 0] if perm else None
+    h = b.op("Relu", b.op("MatMul", "x", chain(b, w1, axis1, "l1", zero=zero, perm=t),
+                          name="l1"))
+    w2 = chain(b, b.rng.standard_normal((16, 4)).astype(np.float32), axis2, "l2", zero=zero)
+    y = b.op("MatMul", h, w2, name="l2")
+    return b.model({"x": [2, 8]}, {y: [2, 4]})
+
+
+def _ops(path) -> list[str]:
+    return sorted(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_matmul_per_channel_scale_prunes_in_int8(tmp_path, zero):
+    m = mlp(zero=zero)
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert out.report.masked_relative_diff <= RTOL
+    shapes = init_shapes(out.path)
+    assert shapes["l1.q"] == (8, 8) and shapes["l1.s"] == (1, 8)  # per-channel scale sliced
+    assert shapes["l2.q"] == (8, 4) and shapes["l2.s"] == (1, 1)  # per tensor: untouched
+    if zero:
+        assert shapes["l1.zp"] == (1, 8)
+    assert init_value(out.path, "l1.q").dtype == init_value(out.path, "l2.q").dtype == np.int8
+    assert _ops(out.path) == _ops(tmp_path / "model.onnx")  # the same chain, still integer
+    cols = kept_slices(init_value(m, "l1.q"), init_value(out.path, "l1.q"), 1)
+    assert kept_slices(init_value(m, "l2.q"), init_value(out.path, "l2.q"), 0) == cols
+    assert out.report.params_before == 8 * 16 + 16 + 16 * 4 + 1  # zero points are not params
+
+
+def test_per_tensor_scales_prune_the_integers_alone(tmp_path):
+    out = prune_checked(mlp(axis1=None, zero=True), tmp_path, ratio=0.25)
+    shapes = init_shapes(out.path)
+    assert shapes["l1.q"] == (8, 12) and shapes["l2.q"] == (12, 4)
+    assert shapes["l1.s"] == shapes["l1.zp"] == (1, 1)
+
+
+def test_per_input_channel_scale_of_the_consumer_is_sliced(tmp_path):
+    """l2 scaled per input row (axis 0, the pruned axis of a consumer): its scales go too."""
+    out = prune_checked(mlp(axis2=0), tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["l2.s"] == (8, 1)
+
+
+def test_transposed_chain_prunes_its_stored_integers(tmp_path):
+    """``q [16, 8] → Cast → Mul s[16, 1] → Transpose → MatMul``: the channels are q's rows; the
+    rows of q and s go with l1's output channels, l2's input rows."""
+    m = mlp(axis1=0, perm=True)
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["l1.q"] == (8, 8) and init_shapes(out.path)["l1.s"] == (8, 1)
+    rows = kept_slices(init_value(m, "l1.q"), init_value(out.path, "l1.q"), 0)
+    assert kept_slices(init_value(m, "l2.q"), init_value(out.path, "l2.q"), 0) == rows
+    assert "Transpose" in _ops(out.path)
+
+
+def conv_net(*, zero: bool) -> onnx.ModelProto:
+    """``x → Conv(chain w [8, 3, 3, 3], per out-channel s[8, 1, 1, 1]) → Relu → Conv (float)``."""
+    b = Builder()
+    w = chain(b, b.rng.standard_normal((8, 3, 3, 3)).astype(np.float32), 0, "c1", zero=zero)
+    h = b.op("Relu", b.op("Conv", "x", w, b.weight(8, name="c1.b"), pads=[1] * 4, name="c1"))
+    y = b.conv(h, 8, 4, name="c2")
+    return b.model({"x": [1, 3, 6, 6]}, {y: [1, 4, 6, 6]})
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_conv_weight_chain_prunes_per_output_channel(tmp_path, zero):
+    out = prune_checked(conv_net(zero=zero), tmp_path, ratio=0.5)
+    shapes = init_shapes(out.path)
+    assert shapes["c1.q"] == (4, 3, 3, 3) and shapes["c1.s"] == (4, 1, 1, 1)
+    assert shapes["c1.b"] == (4,)
+    assert shapes["c2.w"] == (4, 4, 3, 3)
+    assert init_value(out.path, "c1.q").dtype == np.int8
+
+
+def _frozen(m: onnx.ModelProto, tensor: str, axis: int) -> str:
+    groups = [g for g in analyze(m).groups if any(s.space == (tensor, axis) for s in g.members)]
+    assert len(groups) == 1 and groups[0].frozen and not groups[0].prunable
+    return "\n".join(groups[0].frozen)
+
+
+def test_element_wise_scale_freezes_with_the_reason(tmp_path):
+    """A scale per element ``[8, 16]`` has no per-channel form: l1's channels freeze, saying
+    why, and its integers stay integer (the Cast is not folded into float)."""
+    b = Builder()
+    h0 = b.op("Relu", b.op("MatMul", "x", b.weight(8, 8, name="l0.w"), name="l0"))
+    q = b.const(b.rng.integers(-100, 100, (8, 16)), "l1.q", dtype=np.int8)
+    s = b.const(np.full((8, 16), 0.01, np.float32), "l1.s")
+    w = b.op("Mul", b.op("Cast", q, to=F32), s, name="l1.mul")
+    h = b.op("Relu", b.op("MatMul", h0, w, name="l1"))
+    h2 = b.op("Relu", b.op("MatMul", h, b.weight(16, 16, name="l2.w"), name="l2"))
+    y = b.op("MatMul", h2, b.weight(16, 4, name="l3.w"), name="l3")
+    m = b.model({"x": [2, 8]}, {y: [2, 4]})
+    text = _frozen(m, "l0.w", 1)
+    assert "MatMul node 'l1': input 1 'l1.mul_out0' " in text
+    assert "is dequantised from integers by plain ops, but its scale of shape [8, 16] on " \
+           "integers [8, 16] is neither per-tensor nor per-channel along one axis" in text
+    out = prune_checked(m, tmp_path, ratio=0.5)  # l2's group still prunes
+    assert init_shapes(out.path)["l2.w"] == (16, 8)
+    assert init_value(out.path, "l1.q").dtype == np.int8 and "Cast" in _ops(out.path)
+
+
+
+def test_gemm_weight_chain_with_trans_b(tmp_path):
+    """``Gemm(x, Cast(q [16, 8]) · s [16, 1], transB=1)``: output rows of q and their scales go
+    with the units the next Gemm's (per-tensor, zero-pointed) input columns lose."""
+    b = Builder()
+    w1 = chain(b, b.rng.standard_normal((16, 8)).astype(np.float32), 0, "g1")
+    h = b.op("Relu", b.op("Gemm", "x", w1, b.weight(16, name="g1.b"), transB=1, name="g1"))
+    w2 = chain(b, b.rng.standard_normal((4, 16)).astype(np.float32), None, "g2", zero=True)
+    y = b.op("Gemm", h, w2, transB=1, name="g2")
+    m = b.model({"x": [2, 8]}, {y: [2, 4]})
+    out = prune_checked(m, tmp_path, ratio=0.25)
+    shapes = init_shapes(out.path)
+    assert shapes["g1.q"] == (12, 8) and shapes["g1.s"] == (12, 1) and shapes["g1.b"] == (12,)
+    assert shapes["g2.q"] == (4, 12) and shapes["g2.zp"] == (1, 1)
