@@ -220,4 +220,5 @@ def test_decoder_file_alone_sizes_its_cache_dims(folder, tmp_path):
     assert report.input_dims == {"batch_size": 1, "sequence_length": 8,
                                  "total_sequence_length": 16, "past_sequence_length": 8,
                                  "kv_cache_dim": 16}
+    assert report.input_dims_from["kv_cache_dim"] == "kv cache"
     assert report.generation == {"tokens": 32, "equal": True}

@@ -72,8 +72,8 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
     check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
     analysis = analyse(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
     t1 = time.perf_counter()
-    dims = input_sizes(analysis, cache_sizes(analysis) | dict(options.input_dims)
-                       | dict(checks.input_dims), makes_inputs(options, checks))
+    given, cached = dict(options.input_dims) | dict(checks.input_dims), cache_sizes(analysis)
+    dims = input_sizes(analysis, cached | given, makes_inputs(options, checks))
     options = dataclasses.replace(options, input_dims=dims.items)
     checks = dataclasses.replace(checks, input_dims=dims.items)
     if options.target is Target.LATENCY:  # the achieved speed-up, timed as the table was
@@ -89,7 +89,7 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
     report = emit(analysis, planned.plan, output, checks, statistics=planned.statistics,
                   calib=calib, memory=options.calib_memory)
     report.seconds.update(load_analyze=t1 - t0, input_sizes=t_dims - t1, plan=t2 - t_dims)
-    report.input_dims, report.input_dims_from = dims.sizes, dims.how
+    report.input_dims, report.input_dims_from = dims.sizes, _how(dims.how, cached, given)
     if planned.latency is not None:
         report.latency_target = planned.latency.summary()
         again = _retry_latency(model, output, options, checks, calib, planned, report)
@@ -172,9 +172,15 @@ def apply(model: ModelLike, the_plan: Plan, output: PathLike,
     recipe = the_plan.recipe
     analysis = analyse(loaded, ignore=recipe.ignore if recipe else (),
                        hidden=recipe.hidden if recipe else False)
-    dims = input_sizes(analysis, cache_sizes(analysis) | dict(checks.input_dims),
-                       bool(checks.validate or checks.check_masked))
+    given, cached = dict(checks.input_dims), cache_sizes(analysis)
+    dims = input_sizes(analysis, cached | given, bool(checks.validate or checks.check_masked))
     report = emit(analysis, the_plan, output, dataclasses.replace(checks, input_dims=dims.items),
                   calib=recipe_calibration(analysis, recipe))
-    report.input_dims, report.input_dims_from = dims.sizes, dims.how
+    report.input_dims, report.input_dims_from = dims.sizes, _how(dims.how, cached, given)
     return report
+
+
+def _how(how: dict[str, str], cached: dict[str, int], given: dict[str, int]) -> dict[str, str]:
+    """How each symbolic dim was sized, "kv cache" for a decoder's cache dims (``cached``:
+    spa.generation.cache_sizes, which spa/inputs.py takes as given) that no flag gave."""
+    return how | {k: "kv cache" for k in cached if k in how and k not in given}

@@ -68,7 +68,8 @@ class PruneReport:
     compensated_layers: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     # The sizes SPA's made-up inputs gave the symbolic input dims, and how each was chosen
-    # ("flag", "metadata", "name", "position", "default", "searched": spa/inputs.py).
+    # ("flag", "metadata", "name", "position", "default", "searched": spa/inputs.py; "kv cache":
+    # a decoder's cache dims, spa.generation.cache_sizes).
     input_dims: dict[str, int] = field(default_factory=dict)
     input_dims_from: dict[str, str] = field(default_factory=dict)
     # How the budget was spread, and the calibration data (kind, samples for calibration and
