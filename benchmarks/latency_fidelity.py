@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks.common import onnx_counts, side_by_side_latency, write_result
 
-SPEEDUPS = (1.25, 1.5)
+SPEEDUPS = (1.5,)
 TP_RATIOS = (0.1, 0.2, 0.3, 0.4)
 #: SPA's runs at each ratio (all with --calib): the latency target, the FLOPs target, and the
 #: same channel ratio in every group.
