@@ -1,13 +1,18 @@
-"""Latency target: ask for 1.5× and 2× faster, measure what comes out.
+"""Latency target: ask for 1.5× and 2× faster, measure what comes out; and never slower.
 
-For torchvision ResNet-50 and MobileNetV3-Large (``zoo``) and timm's EfficientNet-Lite0 (random
-init, 224 px; the model on which ``--ratio 0.05`` alone runs 2.5× slower): SPA's
-``--target latency`` with ``--ratio 1 − 1/s`` for requested speed-ups ``s`` of 1.5 and 2
-(L1 importance, ``--round-to auto``, one onnxruntime thread on the CPU), and, for comparison,
-``--target flops`` at the same ratio. The latency table is built once in a fresh cache (its
-build time is recorded), then read back (the cached time is recorded). Every pruned model and
-the dense one are timed side by side in interleaved rounds, 1 thread, CPU time of the calling
-thread (robust to the load of a shared machine); achieved speed-up = dense / pruned.
+Models (random init): torchvision ResNet-50 and MobileNetV3-Large (``zoo``), timm's
+EfficientNet-Lite0 (224 px; the model on which ``--ratio 0.05`` alone runs 2.5× slower),
+ultralytics YOLOv8n from ``yolov8n.yaml`` (640 px, BatchNorm folded; ``pip install
+ultralytics``, a benchmark-only package, offline) and transformers BERT-base (``BertConfig()``
+defaults, sequence 128). SPA's ``--target latency`` with ``--ratio 1 − 1/s`` for requested
+speed-ups ``s`` of 1.5 and 2 (L1 importance, ``--round-to auto``, one onnxruntime thread on the
+CPU) and, at the same ratio, ``--target flops``, one channel ratio in every group, and
+Torch-Pruning's L1 magnitude pruning where the model has a recipe; at :data:`SMALL_RATIOS`, the
+default options (``--round-to 1``) and ``--round-to auto``. The latency table is built once in a
+fresh cache (its build time is recorded), then read back (the cached time is recorded). Every
+pruned model, the dense one and the dense one in a second session (the noise floor) are timed
+side by side in interleaved rounds, 1 thread, CPU time of the calling thread (robust to the load
+of a shared machine); achieved speed-up = dense / pruned, and a run below 1 is slower than dense.
 
     python -m benchmarks.latency_target [--models resnet50 ...] [--rounds 7]
 """
