@@ -238,23 +238,65 @@ def latency_target(d: dict) -> str:
     lines = [f"Latency target ({_load_note(d)}; load average "
              f"{d['load_average_before'][0]:.1f} → {d['load_average_after'][0]:.1f}):", "",
              "| model | latency table: build / cached | asked | `--target latency`: predicted → "
-             "measured (FLOPs) | `--target flops` at the same ratio: measured (FLOPs) |",
-             "|---|---|---|---|---|"]
+             "measured (FLOPs) | within ±10% | `--target flops` at the same ratio: measured "
+             "(FLOPs) |",
+             "|---|---|---|---|---|---|"]
     for r in d["results"].values():
         t = r["latency_table_seconds"]
         for s in d["speedups"]:
             lat, flops = r["runs"][f"latency_{s}x"], r["runs"][f"flops_{s}x"]
+            within = abs(lat["achieved_speedup_x"] / s - 1) <= 0.1
             lines.append(
                 f"| {r['model']} | {t['build']:.1f} s / {t['cached']:.2f} s | ×{s:g} | "
                 f"×{lat['predicted_speedup_x']:.2f} → **×{lat['achieved_speedup_x']:.2f}** "
-                f"(÷{lat['flops_reduction_x']:.2f}) | ×{flops['achieved_speedup_x']:.2f} "
-                f"(÷{flops['flops_reduction_x']:.2f}) |")
+                f"(÷{lat['flops_reduction_x']:.2f}) | {'yes' if within else '**no**'} | "
+                f"×{flops['achieved_speedup_x']:.2f} (÷{flops['flops_reduction_x']:.2f}) |")
+    return "\n".join([*lines, "", *_never_slower(d)])
+
+
+def _never_slower(d: dict) -> list[str]:
+    """Every run's measured speed-up over dense; below 1 (slower than dense) in bold."""
+    labels = list(dict.fromkeys(k for r in d["results"].values() for k in r["runs"]))
+    lines = ["Measured speed-up over dense of every run (**bold**: slower than dense; "
+             "`dense again`: the dense model in a second session, the run's noise floor; "
+             "`default`: the default options, `--round-to 1`; `auto`: `--round-to auto`; "
+             "`uniform`: one channel ratio in every group; `torch_pruning`: its L1 magnitude "
+             "pruning at the same channel ratio):", "",
+             "| model | dense | dense again | " + " | ".join(f"`{k}`" for k in labels) + " |",
+             "|---|---|---|" + "---|" * len(labels)]
+    for r in d["results"].values():
+        cells = []
+        for k in labels:
+            run = r["runs"].get(k)
+            x = run and run["achieved_speedup_x"]
+            cells.append("–" if x is None else f"**×{x:.2f}**" if x < 1 else f"×{x:.2f}")
+        lines.append(f"| {r['model']} | {r['latency_ms_dense']:.1f} ms | "
+                     f"×{r['dense_again_speedup_x']:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def latency_fidelity(d: dict) -> str:
+    metric = d["metric"]
+    lines = [f"Latency against fidelity, {d['model']} ({_load_note(d)}); dense "
+             f"{d['dense_latency_ms']:.2f} ms:", "",
+             f"| run | FLOPs | latency (speed-up) | held-out {metric.replace('_', ' ')} | "
+             f"Torch-Pruning at the same latency |", "|---|---|---|---|---|"]
+    for label, row in d["results"].items():
+        if "latency_ms" not in row:
+            lines.append(f"| `{label}` | failed | | | |")
+            continue
+        tp = row.get("torch_pruning_at_same_latency")
+        flops = f"÷{row['flops_reduction']:.2f}" if "flops_reduction" in row else ""
+        lines.append(f"| `{label}` | {flops} | {row['latency_ms']:.2f} ms "
+                     f"(×{row['speedup_x']:.2f}) | {row[metric]:.3f} | "
+                     + ("" if "torch_pruning_at_same_latency" not in row else
+                        "outside its range" if tp is None else f"{tp:.3f}") + " |")
     return "\n".join(lines)
 
 
 RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
           "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline,
-          "latency_target": latency_target}
+          "latency_target": latency_target, "latency_fidelity": latency_fidelity}
 
 
 def render(name: str) -> str:
