@@ -352,7 +352,9 @@ def main() -> int:
         old = json.loads(previous.read_text())
         merged = dict(old.get("results", {}))
         for name, rows in results.items():  # per variant: a partial rerun updates its rows
-            merged[name] = {**merged.get(name, {}), **rows}
+            before = merged.get(name, {})
+            merged[name] = {**before, **rows, "variants": {**before.get("variants", {}),
+                                                           **rows.get("variants", {})}}
         results = merged
         cost = cost if cost is not None else old.get("resnet50_cost")
     path = write_result(args.out, {"results": results, "resnet50_cost": cost})
