@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spa.passes.segments import Frontiers, Runner, producer_index, with_types
+from spa.passes.segments import Frontiers, Runner, fixed_batch, producer_index, with_types
 from spa.progress import progress
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,8 @@ class Reconstruction:
         dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
         layers = [la for la in layers if la.node in dense_pos]
         n = len(next(iter(inputs.values())))
-        step = self.chunk
-        fixed = dense.graph.input[0].type.tensor_type.shape.dim[:1] if dense.graph.input else []
-        if fixed and fixed[0].dim_value > 0:
-            step = fixed[0].dim_value  # the model takes this many samples at a time
+        step = fixed_batch(dense) or self.chunk
+        if fixed_batch(dense):  # the model takes this many samples at a time
             n -= n % step
         chunks = [{k: np.asarray(v[i:i + step]) for k, v in inputs.items()}
                   for i in range(0, n, step)]

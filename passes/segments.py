@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,12 @@ def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - types of graph inputs/outputs suffice in most models
         return model
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The first graph input's fixed first dim (the samples the model takes at a time)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim[:1] if model.graph.input else []
+    return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
 
 
 def producer_index(model: onnx.ModelProto, tensor: str) -> int:
@@ -131,20 +138,11 @@ class Runner:
         if stop <= start:
             self._expose(want)
             return
-        nodes = self.nodes[start:stop]
-        produced = {o for n in nodes for o in n.output if o}
-        read = set().union(*self.reads[start:stop])
-        outer = sorted(n for n in read if n not in produced and n not in self.inits)
+        produced = {o for n in self.nodes[start:stop] for o in n.output if o}
         live_after = sorted(t for t in produced
                             if self.last_read.get(t, -1) >= stop or t in self.graph_outputs)
         extra = [t for t in want if t in produced and t not in live_after]
-        seg = helper.make_graph(
-            nodes, f"segment_{start}_{stop}",
-            [self._info(n) for n in outer],
-            [self._info(n) for n in (*live_after, *extra)],
-            [self.inits[n] for n in sorted(read & set(self.inits))])
-        model = helper.make_model(seg, opset_imports=self.model.opset_import,
-                                  ir_version=self.model.ir_version)
+        model, outer = self.segment(stop, (*live_after, *extra))
         sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}",
                            arena=False)
         for values, ext in zip(self.values, self.extra):
@@ -159,6 +157,26 @@ class Runner:
                 ext[n] = self.fronts.keep(outs[n])
         self.position = stop
         self._expose(want)
+
+    def segment(self, stop: int, outputs: Sequence[str], *, overridable: Collection[str] = ()
+                ) -> tuple[onnx.ModelProto, list[str]]:
+        """The model of nodes ``[position, stop)`` answering ``outputs``, and the tensors it
+        reads from before (its inputs, sorted). The initializers it reads in ``overridable``
+        are also declared inputs, so that a feed replaces them."""
+        start = self.position
+        nodes = self.nodes[start:stop]
+        produced = {o for n in nodes for o in n.output if o}
+        read = set().union(*self.reads[start:stop])
+        outer = sorted(n for n in read if n not in produced and n not in self.inits)
+        inits = sorted(read & set(self.inits))
+        declared = [helper.make_tensor_value_info(n, self.inits[n].data_type, self.inits[n].dims)
+                    for n in inits if n in overridable]
+        seg = helper.make_graph(nodes, f"segment_{start}_{stop}",
+                                [*(self._info(n) for n in outer), *declared],
+                                [self._info(n) for n in outputs],
+                                [self.inits[n] for n in inits])
+        return helper.make_model(seg, opset_imports=self.model.opset_import,
+                                 ir_version=self.model.ir_version), outer
 
     def _expose(self, want: tuple[str, ...]) -> None:
         missing = [t for t in want if not all(t in v or t in e

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from spa.passes.segments import Frontiers, Runner, node_inputs, with_types
+from spa.passes.segments import Frontiers, Runner, fixed_batch, node_inputs, with_types
 from spa.plan import GroupPlan, Plan
 from spa.progress import progress
 
@@ -123,7 +123,7 @@ class _Masked:
         for i, node in enumerate(self.model.graph.node):
             for name in node_inputs(node):
                 self.first_reader.setdefault(name, i)
-        self.suffixes: dict[int, object] = {}
+        self.suffixes: dict[int, tuple[object, list[str]]] = {}
 
     @functools.cached_property
     def session(self):
@@ -133,12 +133,10 @@ class _Masked:
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
         declared = {i.name for i in model.graph.input}
-        model.graph.input.extend(self._declared(n) for n in sorted(self.overridable - declared))
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(n, self.inits[n].data_type, self.inits[n].dims)
+            for n in sorted(self.overridable - declared))
         return val.session(model, what="original model", arena=False)
-
-    def _declared(self, name: str) -> onnx.ValueInfoProto:
-        return onnx.helper.make_tensor_value_info(name, self.inits[name].data_type,
-                                                  self.inits[name].dims)
 
     def zeroed(self, plan: Plan) -> dict[str, list[tuple[int, np.ndarray]]]:
         """The consumer weight slices the plan's mask zeroes, by initializer name."""
@@ -158,8 +156,7 @@ class _Masked:
         return min(self.first_reader.get(n, 0) for n in names)
 
     def runner(self, fronts: Frontiers, feeds: Mapping[str, np.ndarray]) -> Runner:
-        first = self.model.graph.input[0].type.tensor_type.shape.dim[:1]
-        step = first[0].dim_value if first and first[0].dim_value > 0 else 32
+        step = fixed_batch(self.model) or 32
         n = len(next(iter(feeds.values())))
         chunks = [{k: v[i:i + step] for k, v in feeds.items()} for i in range(0, n, step)]
         return Runner(self.model, fronts, "original", chunks)
@@ -185,7 +182,8 @@ class _Masked:
         if start == 0 or start < prefix.position:
             return [self._whole(plan, feeds) for plan in plans]
         prefix.advance(start, want=())
-        sess, inputs, outputs = self._suffix(start)
+        sess, inputs = self._suffix(prefix)
+        outputs = [o.name for o in self.model.graph.output]
         results = []
         for plan in plans:
             weights = self._weights(self.zeroed(plan))
@@ -208,42 +206,22 @@ class _Masked:
             return _outputs(val.session(copy), feeds)
         return _outputs(self.session, feeds, self._weights(zero))
 
-    def _suffix(self, start: int):
-        """A session of nodes ``[start:]``, fed the tensors live there and the overridable
-        consumer weights; its input and the graph's output names."""
+    def _suffix(self, prefix: Runner):
+        """A session of the nodes from the prefix's position on, fed the tensors live there
+        and the overridable consumer weights; and its inputs from the prefix."""
         from spa import validate as val
 
-        graph = self.model.graph
-        nodes = list(graph.node)[start:]
-        produced = {o for node in nodes for o in node.output if o}
-        read = set().union(*(node_inputs(node) for node in nodes))
-        inits = {i.name: i for i in graph.initializer}
-        types = {v.name: v.type for v in (*graph.input, *graph.value_info, *graph.output)}
-        declared = {i.name: i for i in graph.input} | {
-            n: self._declared(n) for n in self.overridable}
-        outer = sorted(t for t in read if t not in produced and t not in inits)
-        outputs = [o.name for o in graph.output]
+        start = prefix.position
         if start not in self.suffixes:
-            def info(name: str) -> onnx.ValueInfoProto:
-                if name in declared:
-                    return declared[name]
-                t = types.get(name)
-                if t is not None and t.HasField("tensor_type") and t.tensor_type.elem_type:
-                    return onnx.helper.make_tensor_value_info(name, t.tensor_type.elem_type,
-                                                              None)
-                return onnx.helper.make_empty_tensor_value_info(name)
-
-            overridable = sorted(n for n in read & set(inits) if n in declared)
-            suffix = onnx.helper.make_graph(
-                nodes, f"suffix_{start}", [info(n) for n in (*outer, *overridable)],
-                [info(o) for o in outputs if o in produced],
-                [inits[n] for n in sorted(read & set(inits))])
-            model = onnx.helper.make_model(suffix, opset_imports=self.model.opset_import,
-                                           ir_version=self.model.ir_version)
+            produced = {o for node in self.model.graph.node[start:] for o in node.output}
+            model, outer = prefix.segment(
+                len(self.model.graph.node),
+                [o.name for o in self.model.graph.output if o.name in produced],
+                overridable=self.overridable)
             self.suffixes.clear()  # one at a time: each holds the weights it reads
-            self.suffixes[start] = val.session(model, what=f"original model from node {start}",
-                                               arena=False)
-        return self.suffixes[start], outer, outputs
+            self.suffixes[start] = (val.session(model, what=f"original model from node {start}",
+                                                arena=False), outer)
+        return self.suffixes[start]
 
     def _weights(self, zero: dict[str, list[tuple[int, np.ndarray]]]) -> dict[str, np.ndarray]:
         weights = {}
