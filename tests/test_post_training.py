@@ -179,14 +179,19 @@ def test_reconstruction_that_hurts_held_out_fidelity_is_not_written(cnn, tmp_pat
         [numpy_helper.to_array(i).tobytes() for i in b.graph.initializer]
 
 
-def _two_layer() -> onnx.ModelProto:
+TWO_LAYER_SEED = 0
+
+
+def _two_layer(seed: int = TWO_LAYER_SEED) -> onnx.ModelProto:
     """x → fc1 (8) → Relu → fc2 (8) → Relu → fc3: six of fc2's eight channels barely reach y,
     every channel of fc1 does. Half of each group (uniform) cuts live channels; the same budget
-    spent by sensitivity takes the six idle ones and two of fc1's."""
-    w2, w3 = RNG.standard_normal((8, 8)), RNG.standard_normal((8, 4))
+    spent by sensitivity takes the six idle ones and two of fc1's. Its own generator: drawn
+    from the module's, the weights depended on which tests ran before on the same worker."""
+    rng = np.random.default_rng(seed)
+    w2, w3 = rng.standard_normal((8, 8)), rng.standard_normal((8, 4))
     w2[:, 2:] *= 1e-3
     w3[2:] *= 1e-3
-    inits = {"w1": RNG.standard_normal((6, 8)), "b1": np.zeros(8), "w2": w2, "b2": np.zeros(8),
+    inits = {"w1": rng.standard_normal((6, 8)), "b1": np.zeros(8), "w2": w2, "b2": np.zeros(8),
              "w3": w3, "b3": np.zeros(4)}
     nodes = []
     src = "x"
@@ -201,11 +206,18 @@ def _two_layer() -> onnx.ModelProto:
     return _model(nodes, inits, ["N", 6], ["N", 4])
 
 
-def test_sensitivity_spends_the_budget_where_it_hurts_least(tmp_path):
+@pytest.mark.parametrize("seed", [
+    TWO_LAYER_SEED,
+    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
+        "known flaw: beyond its last measured removal (3/4 of a group) a damage curve is "
+        "extended with its last slope, flat over idle channels; so the allocation takes a "
+        "7th of fc2's 8 channels, a live one, as free (issue 14's note)")))])
+def test_sensitivity_spends_the_budget_where_it_hurts_least(tmp_path, seed):
     src = tmp_path / "m.onnx"
-    onnx.save(_two_layer(), str(src))
+    onnx.save(_two_layer(seed), str(src))
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=RNG.standard_normal((100, 6)).astype(np.float32))
+    x = np.random.default_rng(seed + 1).standard_normal((100, 6))
+    np.savez(calib, x=x.astype(np.float32))
     opts = dict(ratio=0.5, calib=str(calib), reconstruct=False)
     rep_s, plan_s = prune(src, tmp_path / "s.onnx", PruneOptions(**opts),
                           CheckOptions(latency=False))
