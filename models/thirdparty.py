@@ -11,6 +11,7 @@ SPA: install them for the sweep with ``pip install transformers`` and
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -59,6 +60,27 @@ def _hf(config_name: str, model_name: str, inputs: Callable[[], tuple[torch.Tens
         return FirstOutput(model, key).eval(), inputs()
 
     return build
+
+
+def bert_onnx(path: Path, *, attention: str = "eager", seq: int = 16, vocab_size: int = 1000,
+              **config) -> Path:
+    """A random-weight ``BertModel`` (``BertConfig(vocab_size=…, **config)``, ``attention``
+    the attention implementation) returning its last hidden state, exported by the
+    TorchScript exporter at opset 17 with inputs ``input_ids`` and ``attention_mask`` (batch
+    and sequence dynamic), traced on one sequence of ``seq`` tokens."""
+    _stub_torchvision()
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=vocab_size, **config)
+    cfg._attn_implementation = attention
+    model = FirstOutput(transformers.BertModel(cfg).eval()).eval()
+    ids, mask = torch.randint(0, vocab_size, (1, seq)), torch.ones(1, seq, dtype=torch.long)
+    dims = {0: "batch", 1: "sequence"}
+    torch.onnx.export(model, (ids, mask), str(path), opset_version=17, dynamo=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                      dynamic_axes={"input_ids": dims, "attention_mask": dims, "hidden": dims})
+    return path
 
 
 def _pixels(size: int = 32) -> Callable[[], tuple[torch.Tensor, ...]]:

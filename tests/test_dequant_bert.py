@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 import onnx  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
-from models.torchvision_compat import import_torchvision  # noqa: E402
+from models.thirdparty import bert_onnx  # noqa: E402
 from spa.api import analyze  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
 from tests.graphs import init_value  # noqa: E402
@@ -31,32 +31,9 @@ HIDDEN, HEADS, LAYERS = 128, 2, 2
 
 
 def _bert(d: Path) -> Path:
-    try:  # transformers imports torchvision when installed; its C extension may not match
-        import_torchvision()
-    except ImportError:
-        pass
-    import transformers
-
-    class LastHidden(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                     num_attention_heads=HEADS, intermediate_size=4 * HIDDEN,
-                                     vocab_size=1000)
-    config._attn_implementation = "eager"
-    model = LastHidden(transformers.BertModel(config).eval())
-    ids, mask = torch.randint(0, 1000, (1, 16)), torch.ones(1, 16, dtype=torch.long)
-    dims = {0: "batch", 1: "sequence"}
-    torch.onnx.export(model, (ids, mask), str(d / "bert.onnx"), opset_version=17, dynamo=False,
-                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
-                      dynamic_axes={"input_ids": dims, "attention_mask": dims, "hidden": dims})
-    return d / "bert.onnx"
+    return bert_onnx(d / "bert.onnx", attention="eager", hidden_size=HIDDEN,
+                     num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     intermediate_size=4 * HIDDEN)
 
 
 def int8_chains(model: onnx.ModelProto) -> onnx.ModelProto:
