@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from spa.coupling.analysis import GroupKind
 from spa.passes.segments import Frontiers, Runner, fixed_batch, node_inputs, with_types
 from spa.plan import GroupPlan, Plan
 from spa.progress import progress
@@ -97,9 +98,12 @@ class Sensitivity:
         return Sensitivities(curves, take)
 
     def _counts(self, g: Group) -> list[int]:
-        return sorted({c for r in self.ratios
-                       if 0 < (c := min(g.size - self.min_channels,
-                                        max(1, math.floor(r * g.size))))})
+        """The removed counts measured: one per ratio, and the most the allocation may remove
+        (a curve past its last measurement would extend a slope measured over idle channels,
+        and a group's last live channels would look free)."""
+        most = g.size - min(g.size, 1 if g.kind is GroupKind.HEADS else self.min_channels)
+        counts = {min(most, max(1, math.floor(r * g.size))) for r in self.ratios} | {most}
+        return sorted(c for c in counts if c > 0)
 
 
 class _Masked:

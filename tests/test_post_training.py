@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -20,7 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, prune
 from spa.cli import main
+from spa.coupling.analysis import GroupKind
 from spa.errors import ExitCode
+from spa.passes.sensitivity import Sensitivity
 from spa.plan import Plan
 
 RNG = np.random.default_rng(11)
@@ -206,12 +209,10 @@ def _two_layer(seed: int = TWO_LAYER_SEED) -> onnx.ModelProto:
     return _model(nodes, inits, ["N", 6], ["N", 4])
 
 
-@pytest.mark.parametrize("seed", [
-    TWO_LAYER_SEED,
-    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
-        "known flaw: beyond its last measured removal (3/4 of a group) a damage curve is "
-        "extended with its last slope, flat over idle channels; so the allocation takes a "
-        "7th of fc2's 8 channels, a live one, as free (issue 14's note)")))])
+# seed 3 caught a flaw: past its last measured removal (3/4 of a group) a damage curve extended
+# its last slope, flat over idle channels, so the allocation took a 7th of fc2's 8 channels, a
+# live one, as free; curves are now measured up to the most the allocation may remove
+@pytest.mark.parametrize("seed", [TWO_LAYER_SEED, 3])
 def test_sensitivity_spends_the_budget_where_it_hurts_least(tmp_path, seed):
     src = tmp_path / "m.onnx"
     onnx.save(_two_layer(seed), str(src))
@@ -230,6 +231,16 @@ def test_sensitivity_spends_the_budget_where_it_hurts_least(tmp_path, seed):
     assert rep_s.fidelity["pruned"]["relative_error"] < rep_u.fidelity["pruned"][
         "relative_error"]
     assert rep_s.oracle == "held"  # no refit: the masked oracle still applies
+
+
+@pytest.mark.parametrize("size,kind,min_channels,expect", [
+    (8, GroupKind.CHANNELS, 1, [1, 2, 4, 6, 7]),  # 1/8 … 3/4, and all but the last one
+    (8, GroupKind.CHANNELS, 3, [1, 2, 4, 5]),      # 3/4 is past the floor: 5 at most
+    (4, GroupKind.HEADS, 3, [1, 2, 3]),            # a head group keeps one head, as allocated
+    (1, GroupKind.CHANNELS, 1, [])])
+def test_sensitivity_measures_up_to_the_most_removable(size, kind, min_channels, expect):
+    group = SimpleNamespace(size=size, kind=kind)
+    assert Sensitivity(min_channels=min_channels)._counts(group) == expect
 
 
 def test_sensitivity_meets_a_flops_target(cnn, tmp_path):
