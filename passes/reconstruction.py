@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1)  # λ / mean diag(XᵀX), tried per layer
 CORRECT_RESIDUAL = True
+#: ``at(y, kept)``: a layer's sampled target rows taken from an output-shaped tensor, at the
+#: output channels ``kept`` (None: all).
+Rows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 VALIDATION_EVERY = 8  # every 8th sample's rows judge λ and the refit, never fit
 
 
@@ -161,11 +164,12 @@ class Reconstruction:
         for c, (x_chunk, y_chunk) in enumerate(zip(p_runner.chunk_values(layer.data),
                                                    d_runner.chunk_values(layer.output))):
             x, y = x_chunk[layer.data], y_chunk[layer.output]
-            y = self._kept_outputs(layer, y, design.out_axis_of_tensor)
-            if layer.residual is not None and CORRECT_RESIDUAL:
-                y = self._corrected(layer, y, design.out_axis_of_tensor, c, runners)
             rng = np.random.default_rng([self.seed, k, c])
-            xs, ys, owner = design.rows(x, y, per_sample, rng, valid[c])
+            xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c])
+            kept = self.kept.get((layer.weight, layer.out_axis))
+            ys = at(y, kept)
+            if layer.residual is not None and CORRECT_RESIDUAL:
+                ys = self._corrected(layer, ys, (y.shape, at, kept), c, runners)
             is_val = (owner + sample) % VALIDATION_EVERY == VALIDATION_EVERY - 1
             fit.add(xs[~is_val], ys[~is_val])
             val.add(xs[is_val], ys[is_val])
@@ -192,22 +196,23 @@ class Reconstruction:
                                            ).astype(dtype)
         return LayerFit(layer.node, e0, best_err, best_ridge), values
 
-    def _corrected(self, layer: _Layer, y: np.ndarray, axis: int, c: int,
+    def _corrected(self, layer: _Layer, ys: np.ndarray,
+                   rows: tuple[tuple[int, ...], Rows, np.ndarray | None], c: int,
                    runners: tuple[Runner, Runner]) -> np.ndarray:
-        """The target of a layer whose output joins a residual stream: the dense output plus
-        what the pruned stream lost on the way (``r_dense − r_pruned``), so that the sum the
-        Add makes matches the dense model's, not only the layer's own term."""
+        """The target rows of a layer whose output joins a residual stream: the dense output
+        plus what the pruned stream lost on the way (``r_dense − r_pruned``), so that the sum
+        the Add makes matches the dense model's, not only the layer's own term. Taken at the
+        sampled rows only (a whole chunk's correction in float64 is several of its copies)."""
+        dense_shape, at, kept = rows  # the dense output shape, its rows, the kept channels
         p_runner, d_runner = runners
         name = cast(str, layer.residual)
         r_pruned = np.asarray(p_runner.chunk_values(name)[c][name])
-        r_dense = self._kept_outputs(layer, np.asarray(d_runner.chunk_values(name)[c][name]), axis)
-        if r_pruned.shape != y.shape or r_dense.shape != y.shape:
-            return y
-        return y + (r_dense.astype(np.float64) - r_pruned)
-
-    def _kept_outputs(self, layer: _Layer, y: np.ndarray, axis: int) -> np.ndarray:
-        idx = self.kept.get((layer.weight, layer.out_axis))
-        return y if idx is None else np.take(y, idx, axis=axis)
+        r_dense = np.asarray(d_runner.chunk_values(name)[c][name])
+        if r_dense.shape != dense_shape or r_pruned.ndim != len(dense_shape) or sum(
+                a != b for a, b in zip(r_pruned.shape, dense_shape)) > 1:  # all but channels
+            return ys
+        lost, gained = at(r_dense, kept), at(r_pruned, None)
+        return ys + (lost - gained) if lost.shape == gained.shape == ys.shape else ys
 
 
 def _attention_mask(model: onnx.ModelProto) -> str | None:
@@ -294,10 +299,6 @@ class _Design:
     dilations: tuple[int, int] = (1, 1)
     trans_b: bool = False
 
-    @property
-    def out_axis_of_tensor(self) -> int:
-        return 1 if self.layer.op == "Conv" else -1
-
     @classmethod
     def of(cls, layer: _Layer, node: onnx.NodeProto, w: np.ndarray) -> _Design | None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -316,15 +317,17 @@ class _Design:
             return cls(layer, 1, k, n, trans_b=trans)
         return cls(layer, 1, w.shape[0], w.shape[1])
 
-    def rows(self, x: np.ndarray, y: np.ndarray, per_sample: int, rng: np.random.Generator,
-             valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sampled rows ``[R, groups, features]`` and targets ``[R, groups, outputs]``, and
-        the sample each row came from. ``valid`` (``[N, positions]``, from the attention
-        mask): token rows to sample from; padding says nothing of the layer."""
+    def rows(self, x: np.ndarray, out_shape: tuple[int, ...], per_sample: int,
+             rng: np.random.Generator, valid: np.ndarray | None = None
+             ) -> tuple[np.ndarray, Rows, np.ndarray]:
+        """Sampled rows ``[R, groups, features]``, how to take the matching target rows
+        ``[R, groups, outputs]`` from a tensor shaped like the output (``at(y, kept)``, with
+        the output channels ``kept``, None: all), and the sample each row came from. ``valid``
+        (``[N, positions]``, from the attention mask): token rows to sample from; padding says
+        nothing of the layer."""
         if self.layer.op == "Conv":
-            return self._conv_rows(x, y, per_sample, rng)
+            return self._conv_rows(x, out_shape, per_sample, rng)
         xr = x.reshape(len(x), -1, x.shape[-1])
-        yr = y.reshape(len(y), -1, y.shape[-1])
         if valid is None or valid.shape != xr.shape[:2]:
             valid = np.ones(xr.shape[:2], dtype=bool)
         picks = [rng.choice(np.flatnonzero(v), min(per_sample, int(v.sum())), replace=False)
@@ -332,12 +335,16 @@ class _Design:
         owner = np.repeat(np.arange(len(x)), [len(p) for p in picks])
         pos = np.concatenate(picks) if picks else np.zeros(0, int)
         xs = xr[owner, pos].astype(np.float64)[:, None, :]
-        ys = yr[owner, pos].astype(np.float64)[:, None, :]
-        return xs, ys, owner
 
-    def _conv_rows(self, x, y, per_sample, rng):
+        def at(y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
+            ys = y.reshape(len(y), -1, y.shape[-1])[owner, pos]
+            ys = ys if kept is None else ys[:, kept]
+            return ys.astype(np.float64)[:, None, :]
+        return xs, at, owner
+
+    def _conv_rows(self, x, out_shape, per_sample, rng):
         n, c, h, w_ = x.shape
-        ho, wo = y.shape[2], y.shape[3]
+        ho, wo = out_shape[2], out_shape[3]
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         t, left, b, r = self.pads
         xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
@@ -350,8 +357,12 @@ class _Design:
         patch = xp[owner[:, None, None, None], np.arange(c)[None, :, None, None],
                    hi[:, None, :, None], wi[:, None, None, :]]  # [R, C, kh, kw]
         xs = patch.reshape(len(owner), self.groups, -1).astype(np.float64)
-        ys = y[owner, :, oy, ox].astype(np.float64).reshape(len(owner), self.groups, -1)
-        return xs, ys, owner
+
+        def at(y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
+            ys = y[owner, :, oy, ox]  # [R, C]
+            ys = ys if kept is None else ys[:, kept]
+            return ys.astype(np.float64).reshape(len(owner), self.groups, -1)
+        return xs, at, owner
 
     def theta(self, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         """The weights as ``[groups, features (+1 bias), outputs]``."""
