@@ -6,6 +6,7 @@ calibration samples in onnxruntime; the damage is the relative squared error of 
 against the dense model's, ``‖y − y_dense‖² / ‖y_dense‖²``. The result, a damage curve per group,
 is what the sensitivity allocation (passes/allocation.py) spends the budget against: residual
 streams and first layers are fragile, and uniform ratios cut them as deep as the rest.
+:func:`zeroed_damage` measures the same damage for whole residual blocks (depth pruning).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -109,7 +110,8 @@ class _Masked:
     whose masking is not a plain initializer slice (a quantised weight behind
     DequantizeLinear) gets a whole masked copy of its own."""
 
-    def __init__(self, original: onnx.ModelProto, analysis: Analysis):
+    def __init__(self, original: onnx.ModelProto, analysis: Analysis,
+                 extra: Collection[str] = ()):
         from spa.coupling.types import Role
 
         self.original, self.analysis = original, analysis
@@ -117,7 +119,8 @@ class _Masked:
                       if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)}
         self.spaces = {m.space for g in analysis.groups for m in g.members
                        if m.role is Role.CONSUMER}
-        self.overridable = {name for name, _ in self.spaces if name in self.inits}
+        self.overridable = {name for name, _ in self.spaces if name in self.inits} | {
+            name for name in extra if name in self.inits}
         self.model = with_types(original)
         self.first_reader: dict[str, int] = {}
         for i, node in enumerate(self.model.graph.node):
@@ -233,6 +236,24 @@ class _Masked:
                 arr[tuple(index)] = 0
             weights[name] = arr
         return weights
+
+
+def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
+                  zero_sets: Sequence[Collection[str]], inputs: Mapping[str, np.ndarray], *,
+                  samples: int = 32) -> list[float]:
+    """The final-output damage of each set of float initializers zeroed whole (a residual
+    block's last layer: depth pruning), on the first ``samples`` of ``inputs``, one overridable
+    session for all sets."""
+    masked = _Masked(original, analysis, extra={n for z in zero_sets for n in z})
+    n = len(next(iter(inputs.values())))
+    feeds = {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()}
+    reference = _outputs(masked.session, feeds)
+    damage = []
+    for names in zero_sets:
+        weights = {name: np.zeros_like(onnx.numpy_helper.to_array(masked.inits[name]))
+                   for name in names}
+        damage.append(_damage(reference, _outputs(masked.session, feeds, weights)))
+    return damage
 
 
 def _suffix_macs(analysis: Analysis, original: onnx.ModelProto) -> list[float]:

@@ -1,0 +1,93 @@
+"""Tiny residual nets for the depth-pruning tests, built with :class:`Builder`.
+
+:func:`prenorm_transformer`: ``x [1, S, D]`` → ``layers`` pre-norm layers, each an attention
+sub-block ``x + o(attn(LN(x)))`` and an MLP sub-block ``x + down(relu(up(LN(x))))`` (four
+residual blocks per two layers) → final LayerNorm. :func:`residual_cnn`: a stem, identity-shortcut
+blocks ``relu(x + bn(conv(relu(conv(x)))))`` and one downsampling block with a projection
+shortcut. ``scale`` multiplies the named blocks' last weights (tiny or large branches).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from graphs import Builder
+
+S, D, H, HD, FF = 5, 16, 4, 4, 32
+
+
+def _w(b: Builder, *shape: int, name: str, scale: float = 0.3) -> str:
+    return b.const((b.rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _linear(b: Builder, x: str, n_in: int, n_out: int, name: str, scale: float = 0.3) -> str:
+    y = b.op("MatMul", x, _w(b, n_in, n_out, name=f"{name}.w", scale=scale), name=name)
+    return b.op("Add", y, _w(b, n_out, name=f"{name}.b", scale=scale), name=f"{name}.bias")
+
+
+def _ln(b: Builder, x: str, name: str) -> str:
+    scale = b.const(np.ones(D, np.float32) + 0.1 * b.rng.standard_normal(D).astype(np.float32),
+                    f"{name}.scale")
+    return b.op("LayerNormalization", x, scale, _w(b, D, name=f"{name}.bias"), name=name,
+                axis=-1)
+
+
+def _heads(b: Builder, x: str, name: str) -> str:
+    r = b.op("Reshape", x, b.const([1, S, H, HD], f"{name}.shape"), name=f"{name}.split")
+    return b.op("Transpose", r, perm=[0, 2, 1, 3], name=f"{name}.t")
+
+
+def attention(b: Builder, x: str, p: str, scale: float = 1.0) -> str:
+    h = _ln(b, x, f"{p}.ln1")
+    q, k, v = (_heads(b, _linear(b, h, D, D, f"{p}.{n}"), f"{p}.{n}") for n in "qkv")
+    kt = b.op("Transpose", k, perm=[0, 1, 3, 2], name=f"{p}.kt")
+    s = b.op("Mul", b.op("MatMul", q, kt, name=f"{p}.scores"),
+             b.const(np.float32(0.5), f"{p}.scale"), name=f"{p}.scale_mul")
+    ctx = b.op("MatMul", b.op("Softmax", s, name=f"{p}.softmax", axis=-1), v, name=f"{p}.ctx")
+    t = b.op("Transpose", ctx, perm=[0, 2, 1, 3], name=f"{p}.merge_t")
+    m = b.op("Reshape", t, b.const([1, S, D], f"{p}.merge.shape"), name=f"{p}.merge")
+    return b.op("Add", x, _linear(b, m, D, D, f"{p}.o", 0.3 * scale), name=f"{p}.res1")
+
+
+def mlp(b: Builder, x: str, p: str, scale: float = 1.0) -> str:
+    h = b.op("Relu", _linear(b, _ln(b, x, f"{p}.ln2"), D, FF, f"{p}.up"), name=f"{p}.relu")
+    return b.op("Add", x, _linear(b, h, FF, D, f"{p}.down", 0.3 * scale), name=f"{p}.res2")
+
+
+def prenorm_transformer(layers: int = 2, scales: dict[str, float] | None = None, seed: int = 0):
+    """The model; ``scales``: branch scale by residual Add name (``l0.res1``, ``l1.res2``…)."""
+    scales = scales or {}
+    b = Builder(seed)
+    x = "x"
+    for i in range(layers):
+        x = attention(b, x, f"l{i}", scales.get(f"l{i}.res1", 1.0))
+        x = mlp(b, x, f"l{i}", scales.get(f"l{i}.res2", 1.0))
+    b.op("LayerNormalization", x, b.const(np.ones(D, np.float32), "lnf.scale"),
+         b.const(np.zeros(D, np.float32), "lnf.bias"), name="lnf", axis=-1, outputs=["y"])
+    return b.model({"x": [1, S, D]}, {"y": [1, S, D]})
+
+
+def _basic(b: Builder, x: str, c: int, p: str, scale: float = 1.0) -> str:
+    h = b.op("Relu", b.bn(b.conv(x, c, c, name=f"{p}.conv1"), c, name=f"{p}.bn1"))
+    y = b.bn(b.conv(h, c, c, name=f"{p}.conv2"), c, name=f"{p}.bn2")
+    b.inits[f"{p}.bn2.scale"] *= np.float32(0.3 * scale)
+    b.inits[f"{p}.bn2.bias"] *= np.float32(0.3 * scale)
+    return b.op("Relu", b.op("Add", x, y, name=f"{p}.add"), name=f"{p}.out")
+
+
+def residual_cnn(scales: dict[str, float] | None = None, seed: int = 0):
+    """``x [1, 3, 8, 8]`` → stem (8) → blocks b0, b1 (identity) → down (8→16, stride 2,
+    projection shortcut) → block b2 (identity) → GlobalAveragePool → Flatten → Gemm (10)."""
+    scales = scales or {}
+    b = Builder(seed)
+    x = b.op("Relu", b.conv("x", 3, 8, name="stem"), name="stem.relu")
+    for p in ("b0", "b1"):
+        x = _basic(b, x, 8, p, scales.get(p, 1.0))
+    h = b.op("Relu", b.conv(x, 8, 16, name="down.conv1", strides=[2, 2]), name="down.relu")
+    y = b.conv(h, 16, 16, name="down.conv2")
+    short = b.conv(x, 8, 16, k=1, name="down.proj", strides=[2, 2])
+    x = b.op("Relu", b.op("Add", short, y, name="down.add"), name="down.out")
+    x = _basic(b, x, 16, "b2", scales.get("b2", 1.0))
+    f = b.op("Flatten", b.op("GlobalAveragePool", x, name="gap"), name="flat")
+    b.gemm(f, 16, 10, name="fc")
+    model = b.model({"x": [1, 3, 8, 8]}, {"fc_out0": [1, 10]})
+    return model
