@@ -1,0 +1,137 @@
+"""Depth pruning (passes/blocks.py, passes/depth.py): whole residual blocks removed.
+
+Every prune runs under the masked oracle (the branch's last layer zeroed: ``x + 0``) and the
+third oracle (params and FLOPs of the written file equal the plan's prediction).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from depth_graphs import prenorm_transformer, residual_cnn
+from graphs import init_shapes
+from oracle import prune_checked, save
+
+from spa.api import CheckOptions, PruneOptions, analyze, apply
+from spa.choices import DepthCriterion
+from spa.cli import main
+from spa.errors import ExitCode, OptionError
+from spa.passes.blocks import find_blocks
+from spa.plan import Plan
+
+EXACT = 1e-5
+
+
+def _branch_params(model: onnx.ModelProto, prefixes: tuple[str, ...]) -> int:
+    """Parameters of the initializers named ``<prefix>.…`` (a block's branch)."""
+    return sum(int(np.prod(s)) for n, s in init_shapes(model).items()
+               if n.startswith(prefixes) and not n.endswith(".shape"))
+
+
+def test_transformer_blocks_are_attention_and_mlp_sub_blocks() -> None:
+    blocks = find_blocks(analyze(prenorm_transformer()).model.graph)
+    assert [b.add for b in blocks.candidates] == ["l0.res1", "l0.res2", "l1.res1", "l1.res2"]
+    attn, mlp = blocks.candidates[:2]
+    assert attn.stream == "x" and set(attn.zero) == {"l0.o.w", "l0.o.b"}
+    assert set(mlp.zero) == {"l0.down.w", "l0.down.b"}
+    assert len(attn.nodes) == 22 and len(mlp.nodes) == 6
+
+
+@pytest.mark.parametrize("drop", [1, 2])
+def test_transformer_drops_blocks_under_the_oracle(tmp_path: Path, drop: int) -> None:
+    model = prenorm_transformer(scales={"l1.res2": 0.01, "l0.res2": 0.05})
+    done = prune_checked(model, tmp_path, ratio=0.0, drop_blocks=drop)
+    assert [b.add for b in done.plan.dropped] == {1: ["l1.res2"], 2: ["l0.res2", "l1.res2"]}[drop]
+    assert done.report.masked_max_abs_diff is not None and done.report.masked_max_abs_diff < EXACT
+    gone = tuple(f"{b.add[:2]}.{p}." for b in done.plan.dropped for p in ("ln2", "up", "down"))
+    assert done.report.params_before - done.report.params_after == _branch_params(model, gone)
+    written = onnx.load(str(done.path))
+    assert len(model.graph.node) - len(written.graph.node) == 7 * drop  # 6 branch nodes + Add
+    names = {n.name for n in written.graph.node}
+    assert not names & {b.add for b in done.plan.dropped} and "l0.res1" in names
+
+
+def test_dropping_an_attention_block_whose_stream_is_the_graph_input(tmp_path: Path) -> None:
+    model = prenorm_transformer(scales={"l0.res1": 0.001})
+    done = prune_checked(model, tmp_path, ratio=0.0, drop_blocks=1)
+    assert [b.add for b in done.plan.dropped] == ["l0.res1"]
+    assert done.report.masked_max_abs_diff < EXACT
+    params = _branch_params(model, ("l0.ln1.", "l0.q.", "l0.k.", "l0.v.", "l0.o.", "l0.scale"))
+    assert done.report.params_before - done.report.params_after == params
+
+
+def test_cnn_identity_blocks_are_candidates_projection_shortcut_is_not(tmp_path: Path) -> None:
+    model = residual_cnn(scales={"b1": 0.01})
+    blocks = find_blocks(analyze(model).model.graph)
+    assert [b.add for b in blocks.candidates] == ["b0.add", "b1.add", "b2.add"]
+    assert set(blocks.candidates[1].zero) == {"b1.bn2.scale", "b1.bn2.bias"}
+    done = prune_checked(model, tmp_path, ratio=0.0, drop_blocks=1)
+    assert [b.add for b in done.plan.dropped] == ["b1.add"]
+    assert done.report.masked_max_abs_diff < EXACT
+    branch = _branch_params(model, ("b1.conv1.", "b1.bn1.", "b1.conv2.", "b1.bn2."))
+    assert done.report.params_before - done.report.params_after == branch
+    names = {n.name for n in onnx.load(str(done.path)).graph.node}
+    assert "b1.out" in names and not names & {"b1.add", "b1.conv1", "b1.conv2"}
+
+
+def test_depth_and_width_in_one_plan_apply_gives_the_same_bytes(tmp_path: Path) -> None:
+    model = residual_cnn(scales={"b0": 0.01})
+    done = prune_checked(model, tmp_path, ratio=0.3, drop_blocks=1)
+    assert [b.add for b in done.plan.dropped] == ["b0.add"]
+    assert done.report.groups_pruned > 0
+    assert done.report.masked_relative_diff is not None and done.report.masked_relative_diff < 1e-4
+    # b0's inner group (conv1 → conv2) goes with the branch: not pruned
+    inner = next(g for g in done.plan.groups if "b0.conv1" in g.name)
+    assert not inner.removed
+    plan_path = tmp_path / "plan.json"
+    done.plan.save(plan_path)
+    again = Plan.load(plan_path)
+    assert again == done.plan
+    apply(tmp_path / "model.onnx", again, tmp_path / "again.onnx",
+          CheckOptions(check_masked=True, latency=False))
+    assert (tmp_path / "again.onnx").read_bytes() == done.path.read_bytes()
+
+
+def test_transformer_depth_and_width_oracle(tmp_path: Path) -> None:
+    done = prune_checked(prenorm_transformer(), tmp_path, ratio=0.25, depth_ratio=0.5)
+    assert len(done.plan.dropped) == 2
+    assert done.report.masked_relative_diff < 1e-4
+    assert len(done.report.dropped_blocks) == 2
+
+
+def test_the_tiny_branch_is_dropped_first_by_both_criteria() -> None:
+    from spa.api import plan
+
+    model = prenorm_transformer(scales={"l0.res2": 100.0, "l1.res1": 1e-3})
+    analysis = analyze(model)
+    for criterion in DepthCriterion:
+        p = plan(analysis, PruneOptions(ratio=0.0, drop_blocks=1, depth_criterion=criterion))
+        assert [b.add for b in p.dropped] == ["l1.res1"], criterion
+        scores = [b.score for b in p.dropped]
+        assert scores[0] < 1e-3
+
+
+def test_bad_depth_options() -> None:
+    with pytest.raises(OptionError, match="give one"):
+        PruneOptions(drop_blocks=1, depth_ratio=0.5)
+    with pytest.raises(OptionError, match=r"\[0, 1\)"):
+        PruneOptions(depth_ratio=1.0)
+    with pytest.raises(OptionError, match="at least 0"):
+        PruneOptions(drop_blocks=-1)
+
+
+def test_too_many_blocks_is_exit_2_naming_the_count(tmp_path: Path, capsys) -> None:
+    src = save(residual_cnn(), tmp_path / "cnn.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["prune", str(src), "-o", str(out), "--drop-blocks", "4"]) == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "the model has 3 candidate residual blocks" in err and not out.exists()
+    argv = ["prune", str(src), "-o", str(out), "--drop-blocks", "1", "--depth-ratio", "0.5"]
+    assert main(argv) == ExitCode.BAD_INPUT
+    assert "give one" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", str(src), "-o", str(out), "--depth-ratio", "1.5"])
+    assert exc.value.code == 2
