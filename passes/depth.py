@@ -2,9 +2,12 @@
 
 Each candidate block gets one measured score, lowest dropped first:
 
-* ``damage`` (default): the final-output damage of the block alone zeroed (its last layer's
-  weights and biases set to 0, which is exactly what dropping it does), on calibration or
-  synthetic inputs: ``‖y − y_dense‖² / ‖y_dense‖²``, measured by passes/sensitivity.py;
+* ``damage`` (default): the final-output damage of blocks zeroed (their last layer's weights
+  and biases set to 0, which is exactly what dropping them does), on calibration or synthetic
+  inputs: ``‖y − y_dense‖² / ‖y_dense‖²``, measured by passes/sensitivity.py. Selection is
+  greedy: each step drops the block whose removal, together with those already dropped,
+  damages least (blocks interact: the damage of two is not the sum of theirs), and the score
+  recorded is that joint damage;
 * ``cosine``: ShortGPT's block influence, ``1 − cos(x, x + f)`` of the block's input and output
   along the channel axis, averaged over positions and samples.
 
@@ -62,11 +65,16 @@ class Depth:
         n = self.how_many(len(blocks.candidates), blocks)
         if n == 0:
             return DepthChoice(blocks, {}, ())
-        scores = dict(zip((b.add for b in blocks.candidates),
-                          self.scores(analysis, original, blocks.candidates, inputs)))
-        order = sorted(range(len(blocks.candidates)),
-                       key=lambda i: (scores[blocks.candidates[i].add], i))
-        chosen = sorted(order[:n])
+        if self.criterion is DepthCriterion.DAMAGE:
+            scores = self.greedy(analysis, original, blocks.candidates, inputs, n)
+            picked = list(scores)[:n]
+        else:
+            scores = dict(zip((b.add for b in blocks.candidates),
+                              [1.0 - c for c in cosines(original, blocks.candidates, inputs,
+                                                        samples=self.samples)]))
+            picked = sorted(scores, key=lambda a: scores[a])[:n]
+        by_add = blocks.by_add()
+        chosen = sorted(blocks.candidates.index(by_add[a]) for a in picked)
         dropped = tuple(DroppedBlock(b.add, b.stream, b.branch, b.zero, scores[b.add])
                         for b in (blocks.candidates[i] for i in chosen))
         log.info("depth: dropping %d of %d residual blocks (%s): %s", n,
@@ -84,12 +92,21 @@ class Depth:
                               + (f" (not candidates: {why})" if why else ""))
         return n
 
-    def scores(self, analysis: Analysis, original: onnx.ModelProto, blocks: tuple[Block, ...],
-               inputs: Mapping[str, np.ndarray]) -> list[float]:
-        if self.criterion is DepthCriterion.COSINE:
-            return [1.0 - c for c in cosines(original, blocks, inputs, samples=self.samples)]
-        return zeroed_damage(original, analysis, [b.zero for b in blocks], inputs,
-                             samples=self.samples)
+    def greedy(self, analysis: Analysis, original: onnx.ModelProto, blocks: tuple[Block, ...],
+               inputs: Mapping[str, np.ndarray], n: int) -> dict[str, float]:
+        """Blocks in the order greedy selection drops them: each step drops the block whose
+        removal, with those already dropped, damages the final outputs least; its score is
+        that joint damage. The first step is each block's own damage."""
+        order: dict[str, float] = {}
+        gone: list[str] = []
+        left = list(blocks)
+        for _ in range(n):
+            damage = zeroed_damage(original, analysis, [(*gone, *b.zero) for b in left],
+                                   inputs, samples=self.samples)
+            best = min(range(len(left)), key=lambda i: (damage[i], i))
+            order[left[best].add] = damage[best]
+            gone.extend(left.pop(best).zero)
+        return order
 
 
 def cosines(original: onnx.ModelProto, blocks: tuple[Block, ...],
