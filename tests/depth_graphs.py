@@ -91,3 +91,24 @@ def residual_cnn(scales: dict[str, float] | None = None, seed: int = 0):
     b.gemm(f, 16, 10, name="fc")
     model = b.model({"x": [1, 3, 8, 8]}, {"fc_out0": [1, 10]})
     return model
+
+
+P = 3  # cached positions of the KV-cache decoder
+
+
+def kv_decoder(seed: int = 0):
+    """One pre-norm layer with a KV cache: ``x [1, S, D]``, ``past [1, P, D]`` → attention
+    sub-block whose keys (and values) are ``Concat(past, k)``, written as ``present``; then an
+    MLP sub-block and a final LayerNorm."""
+    b = Builder(seed)
+    h = _ln(b, "x", "l0.ln1")
+    q, k = (_linear(b, h, D, D, f"l0.{n}") for n in "qk")
+    kv = b.op("Concat", "past", k, axis=1, name="l0.cache", outputs=["present"])
+    kt = b.op("Transpose", kv, perm=[0, 2, 1], name="l0.kt")
+    p = b.op("Softmax", b.op("MatMul", q, kt, name="l0.scores"), axis=-1, name="l0.softmax")
+    o = _linear(b, b.op("MatMul", p, kv, name="l0.ctx"), D, D, "l0.o")
+    x = mlp(b, b.op("Add", "x", o, name="l0.res1"), "l0")
+    b.op("LayerNormalization", x, b.const(np.ones(D, np.float32), "lnf.scale"),
+         b.const(np.zeros(D, np.float32), "lnf.bias"), name="lnf", axis=-1, outputs=["y"])
+    return b.model({"x": [1, S, D], "past": [1, P, D]},
+                   {"y": [1, S, D], "present": [1, P + S, D]})

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from depth_graphs import prenorm_transformer, residual_cnn
+from depth_graphs import kv_decoder, prenorm_transformer, residual_cnn
 from graphs import init_shapes
 from oracle import prune_checked, save
 
@@ -135,3 +135,24 @@ def test_too_many_blocks_is_exit_2_naming_the_count(tmp_path: Path, capsys) -> N
     with pytest.raises(SystemExit) as exc:
         main(["prune", str(src), "-o", str(out), "--depth-ratio", "1.5"])
     assert exc.value.code == 2
+
+
+def test_kv_cache_attention_is_refused_naming_the_node_and_mlp_drops(tmp_path: Path) -> None:
+    model = kv_decoder()
+    blocks = find_blocks(analyze(model).model.graph)
+    assert [b.add for b in blocks.candidates] == ["l0.res2"]
+    assert "node 'l0.cache'" in blocks.refused["l0.res1"]
+    assert "graph output 'present'" in blocks.refused["l0.res1"]
+    done = prune_checked(model, tmp_path, ratio=0.0, drop_blocks=1)
+    assert [b.add for b in done.plan.dropped] == ["l0.res2"]
+    assert done.report.masked_max_abs_diff < EXACT
+    assert [o.name for o in onnx.load(str(done.path)).graph.output] == ["y", "present"]
+
+
+@pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
+def test_fused_residual_norms_are_not_candidates(op: str) -> None:
+    from test_rules_contrib import _skip_norm_model
+
+    blocks = find_blocks(analyze(_skip_norm_model(op)).model.graph)
+    assert blocks.candidates == ()
+    assert "fused residual" in blocks.refused["n"] and op in blocks.refused["n"]
