@@ -53,14 +53,18 @@ def mlp(b: Builder, x: str, p: str, scale: float = 1.0) -> str:
     return b.op("Add", x, _linear(b, h, FF, D, f"{p}.down", 0.3 * scale), name=f"{p}.res2")
 
 
-def prenorm_transformer(layers: int = 2, scales: dict[str, float] | None = None, seed: int = 0):
-    """The model; ``scales``: branch scale by residual Add name (``l0.res1``, ``l1.res2``…)."""
+def prenorm_transformer(layers: int = 2, scales: dict[str, float] | None = None, seed: int = 0,
+                        final_norm: bool = True):
+    """The model; ``scales``: branch scale by residual Add name (``l0.res1``, ``l1.res2``…);
+    without ``final_norm`` the last residual Add writes the graph output."""
     scales = scales or {}
     b = Builder(seed)
     x = "x"
     for i in range(layers):
         x = attention(b, x, f"l{i}", scales.get(f"l{i}.res1", 1.0))
         x = mlp(b, x, f"l{i}", scales.get(f"l{i}.res2", 1.0))
+    if not final_norm:
+        return b.model({"x": [1, S, D]}, {x: [1, S, D]})
     b.op("LayerNormalization", x, b.const(np.ones(D, np.float32), "lnf.scale"),
          b.const(np.zeros(D, np.float32), "lnf.bias"), name="lnf", axis=-1, outputs=["y"])
     return b.model({"x": [1, S, D]}, {"y": [1, S, D]})

@@ -156,3 +156,14 @@ def test_fused_residual_norms_are_not_candidates(op: str) -> None:
     blocks = find_blocks(analyze(_skip_norm_model(op)).model.graph)
     assert blocks.candidates == ()
     assert "fused residual" in blocks.refused["n"] and op in blocks.refused["n"]
+
+
+def test_a_block_writing_the_graph_output_becomes_identity(tmp_path: Path) -> None:
+    model = prenorm_transformer(layers=1, scales={"l0.res2": 1e-3}, final_norm=False)
+    done = prune_checked(model, tmp_path, ratio=0.0, drop_blocks=1)
+    assert [b.add for b in done.plan.dropped] == ["l0.res2"]
+    written = onnx.load(str(done.path))
+    last = next(n for n in written.graph.node if n.name == "l0.res2")
+    assert last.op_type == "Identity" and list(last.input) == ["l0.res1_out0"]
+    assert [o.name for o in written.graph.output] == ["l0.res2_out0"]
+    assert done.report.masked_max_abs_diff < EXACT
