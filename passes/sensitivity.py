@@ -250,10 +250,26 @@ def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
     reference = _outputs(masked.session, feeds)
     damage = []
     for names in zero_sets:
-        weights = {name: np.zeros_like(onnx.numpy_helper.to_array(masked.inits[name]))
-                   for name in names}
-        damage.append(_damage(reference, _outputs(masked.session, feeds, weights)))
+        if all(name in masked.inits for name in names):
+            weights = {name: np.zeros_like(onnx.numpy_helper.to_array(masked.inits[name]))
+                       for name in names}
+            damage.append(_damage(reference, _outputs(masked.session, feeds, weights)))
+        else:  # not overridable (float16, say): a zeroed copy of the whole model
+            damage.append(_damage(reference, _outputs(_zeroed(original, names), feeds)))
     return damage
+
+
+def _zeroed(original: onnx.ModelProto, names: Collection[str]):
+    """A session of ``original`` with the initializers ``names`` zeroed."""
+    from spa import validate as val
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    for init in copy.graph.initializer:
+        if init.name in names:
+            init.CopyFrom(onnx.numpy_helper.from_array(
+                np.zeros_like(onnx.numpy_helper.to_array(init)), init.name))
+    return val.session(copy, what="original model with a block zeroed", arena=False)
 
 
 def _suffix_macs(analysis: Analysis, original: onnx.ModelProto) -> list[float]:

@@ -167,3 +167,22 @@ def test_a_block_writing_the_graph_output_becomes_identity(tmp_path: Path) -> No
     assert last.op_type == "Identity" and list(last.input) == ["l0.res1_out0"]
     assert [o.name for o in written.graph.output] == ["l0.res2_out0"]
     assert done.report.masked_max_abs_diff < EXACT
+
+
+def test_plans_without_depth_keep_their_json_and_zeroed_copies_agree(tmp_path: Path) -> None:
+    """No "dropped" key without depth pruning (plans read and compare as before); the
+    overridable-session damage equals that of whole zeroed copies (the float16 path)."""
+    from spa.api import plan
+    from spa.ir import to_onnx
+    from spa.passes.sensitivity import _damage, _outputs, _zeroed, zeroed_damage
+
+    analysis = analyze(residual_cnn(scales={"b1": 0.01}))
+    assert '"dropped"' not in plan(analysis, PruneOptions(ratio=0.3)).to_json()
+    original = to_onnx(analysis.model)
+    blocks = find_blocks(analysis.model.graph).candidates
+    x = {"x": np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    fast = zeroed_damage(original, analysis, [b.zero for b in blocks], x)
+    dense = _outputs(_zeroed(original, ()), x)
+    slow = [_damage(dense, _outputs(_zeroed(original, b.zero), x)) for b in blocks]
+    np.testing.assert_allclose(fast, slow, rtol=1e-5)
+    assert fast[1] < 0.01 < min(fast[0], fast[2])
