@@ -7,7 +7,9 @@ subgraph of the stream ``x``:
   are ancestors of ``f``); it may also read *side* tensors that do not depend on ``x``
   (constants, an attention mask made once for all layers);
 * no tensor made inside the branch is read outside it (but ``f`` by the ``Add``), and none is a
-  graph output;
+  graph output, but for a KV cache: an attention branch of a decoder may write ``present``
+  caches whose ``past`` inputs only the branch reads (pairs found by the coupling analysis);
+  dropping the block removes both from the signature;
 * ``Add``'s output has ``x``'s shape (no broadcast of the stream by the branch).
 
 Dropping the block rewrites ``Add(x, f)`` into ``x``; the branch is then dead. Its numeric
@@ -25,6 +27,7 @@ The search is structural: no node or tensor names are matched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +52,7 @@ class Block:
     branch: str
     nodes: tuple[str, ...]
     zero: tuple[str, ...]
+    caches: tuple[tuple[str, str], ...] = ()  # KV-cache pairs (past input, present output)
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,18 @@ class FindBlocks:
     """``FindBlocks().run(analysis)``: the residual blocks of the analysed graph."""
 
     def run(self, analysis: Analysis) -> Blocks:
-        return find_blocks(analysis.model.graph)
+        return find_blocks(analysis.model.graph, kv_pairs(analysis))
 
 
-def find_blocks(graph: gs.Graph) -> Blocks:
+def kv_pairs(analysis: Analysis) -> dict[str, str]:
+    """The analysis's KV-cache pairs: present output name → past input name."""
+    return {c.present[0]: c.past[0] for c in analysis.kv_cache}
+
+
+def find_blocks(graph: gs.Graph, caches: Mapping[str, str] | None = None) -> Blocks:
+    """The residual blocks of ``graph``; ``caches`` (present output → past input: the KV-cache
+    pairs of spa/coupling/analysis.py) may go with a dropped attention branch."""
+    caches = caches or {}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     outputs = {t.name for t in graph.outputs}
     found: list[Block] = []
@@ -87,7 +99,7 @@ def find_blocks(graph: gs.Graph) -> Blocks:
             branch = _branch(x, f)
             if not branch:
                 continue
-            block = _block(node, x, f, branch, outputs, order)
+            block = _block(node, x, f, branch, outputs, order, caches, graph)
             if isinstance(block, str):
                 refused[node.name] = block
             else:
@@ -120,14 +132,18 @@ def _branch(x: gs.Tensor, f: gs.Tensor) -> list[gs.Node]:
 
 
 def _block(add: gs.Node, x: gs.Tensor, f: gs.Tensor, branch: list[gs.Node], outputs: set[str],
-           order: dict[int, int]) -> Block | str:
+           order: dict[int, int], caches: Mapping[str, str], graph: gs.Graph) -> Block | str:
     """The block, or why this residual add is not a candidate."""
     inside = {id(n) for n in branch}
+    pairs = []
     for n in branch:
         for t in n.outputs:
             if t.name in outputs:
-                return (f"node '{n.name}' of the branch writes graph output '{t.name}' (a KV "
-                        "cache or side output): dropping the block would remove it")
+                why = _cache_pair(n, t, caches, graph, inside)
+                if isinstance(why, str):
+                    return why
+                pairs.append(why)
+                continue
             leak = next((c for c in t.outputs if id(c) not in inside and c is not add), None)
             if leak is not None:
                 return (f"tensor '{t.name}' of the branch is also read by node '{leak.name}' "
@@ -139,7 +155,25 @@ def _block(add: gs.Node, x: gs.Tensor, f: gs.Tensor, branch: list[gs.Node], outp
     if isinstance(zero, str):
         return zero
     nodes = tuple(n.name for n in sorted(branch, key=lambda n: order[id(n)]))
-    return Block(add.name, x.name, f.name, nodes, zero)
+    return Block(add.name, x.name, f.name, nodes, zero, tuple(sorted(pairs)))
+
+
+def _cache_pair(n: gs.Node, t: gs.Tensor, caches: Mapping[str, str], graph: gs.Graph,
+                inside: set[int]) -> tuple[str, str] | str:
+    """(past, present) when graph output ``t`` of branch node ``n`` is a KV cache whose past
+    input only the branch reads (both go with the block), else why the block cannot go."""
+    past = caches.get(t.name)
+    if past is None:
+        return (f"node '{n.name}' of the branch writes graph output '{t.name}', which is not "
+                "a KV cache: dropping the block would remove it")
+    readers: list[gs.Node] = next((i.outputs for i in graph.inputs if i.name == past), [])
+    other = next((r for r in readers if id(r) not in inside), None)
+    if other is not None:
+        return (f"KV cache '{past}' of node '{n.name}' is also read by node '{other.name}' "
+                "outside the branch")
+    if any(o.name == past for o in graph.outputs):
+        return f"KV cache '{past}' is also a graph output"
+    return past, t.name
 
 
 def _tail(f: gs.Tensor, inside: set[int]) -> tuple[str, ...] | str:
@@ -181,13 +215,13 @@ def _tail(f: gs.Tensor, inside: set[int]) -> tuple[str, ...] | str:
     return tuple(dict.fromkeys(names))
 
 
-def dead_nodes(graph: gs.Graph, adds: set[str]) -> set[str]:
-    """The nodes no graph output depends on once each ``Add`` in ``adds`` is rewritten into
-    its stream input (what the rewrite's cleanup removes), by name."""
-    blocks = find_blocks(graph).by_add()
-    stream = {a: blocks[a].stream for a in adds}
+def dead_nodes(graph: gs.Graph, stream: Mapping[str, str],
+               removed: Collection[str] = ()) -> set[str]:
+    """The nodes no graph output (but the ``removed`` ones) depends on once each ``Add`` in
+    ``stream`` is rewritten into its stream input (what the rewrite's cleanup removes), by
+    name."""
     live: set[int] = set()
-    stack = [t.inputs[0] for t in graph.outputs if t.inputs]
+    stack = [t.inputs[0] for t in graph.outputs if t.inputs and t.name not in removed]
     while stack:
         n = stack.pop()
         if id(n) in live:

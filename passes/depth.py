@@ -31,7 +31,7 @@ from spa import validate as val
 from spa.choices import DepthCriterion
 from spa.errors import OptionError
 from spa.metrics import CostModel
-from spa.passes.blocks import Block, Blocks, dead_nodes, find_blocks
+from spa.passes.blocks import Block, Blocks, FindBlocks, dead_nodes
 from spa.passes.segments import with_types
 from spa.passes.sensitivity import zeroed_damage
 from spa.plan import DroppedBlock, GroupPlan, Plan, Prediction, kept_indices
@@ -61,7 +61,7 @@ class Depth:
 
     def run(self, analysis: Analysis, original: onnx.ModelProto,
             inputs: Mapping[str, np.ndarray]) -> DepthChoice:
-        blocks = find_blocks(analysis.model.graph)
+        blocks = FindBlocks().run(analysis)
         n = self.how_many(len(blocks.candidates), blocks)
         if n == 0:
             return DepthChoice(blocks, {}, ())
@@ -75,7 +75,7 @@ class Depth:
             picked = sorted(scores, key=lambda a: scores[a])[:n]
         by_add = blocks.by_add()
         chosen = sorted(blocks.candidates.index(by_add[a]) for a in picked)
-        dropped = tuple(DroppedBlock(b.add, b.stream, b.branch, b.zero, scores[b.add])
+        dropped = tuple(DroppedBlock(b.add, b.stream, b.branch, b.zero, scores[b.add], b.caches)
                         for b in (blocks.candidates[i] for i in chosen))
         log.info("depth: dropping %d of %d residual blocks (%s): %s", n,
                  len(blocks.candidates), self.criterion.value,
@@ -143,7 +143,8 @@ def with_depth(analysis: Analysis, plan: Plan, dropped: tuple[DroppedBlock, ...]
     if not dropped:
         return plan
     graph = analysis.model.graph
-    gone = dead_nodes(graph, {b.add for b in dropped})
+    gone = dead_nodes(graph, {b.add: b.stream for b in dropped},
+                      {present for b in dropped for _, present in b.caches})
     tensors = graph.tensors()
     by_id = {g.id: g for g in analysis.groups}
 

@@ -82,8 +82,9 @@ class Rewrite:
 
 def drop_blocks(graph: gs.Graph, plan: Plan) -> None:
     """Depth pruning: each dropped block's ``Add(x, f)`` becomes ``x`` (its readers read ``x``;
-    an ``Add`` that writes a graph output becomes ``Identity(x)``, keeping the output's name).
-    The branch is left dead for the cleanup."""
+    an ``Add`` that writes a graph output becomes ``Identity(x)``, keeping the output's name),
+    and the KV caches its branch reads and writes leave the graph's inputs and outputs. The
+    branch is left dead for the cleanup."""
     nodes = {n.name: n for n in graph.nodes}
     outputs = {id(t) for t in graph.outputs}
     for b in plan.dropped:
@@ -101,5 +102,9 @@ def drop_blocks(graph: gs.Graph, plan: Plan) -> None:
                 if t is out:
                     reader.inputs[i] = x
         add.outputs.clear()
+    gone = {name for b in plan.dropped for pair in b.caches for name in pair}
+    if gone:  # KV caches of dropped attention branches leave the signature
+        graph.inputs = [t for t in graph.inputs if t.name not in gone]
+        graph.outputs = [t for t in graph.outputs if t.name not in gone]
     if plan.dropped:
         log.info("dropped %d residual blocks", len(plan.dropped))

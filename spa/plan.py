@@ -61,6 +61,9 @@ class DroppedBlock:
     branch: str
     zero: tuple[str, ...]
     score: float
+    # KV-cache pairs (past input, present output) the branch reads and writes: both leave the
+    # graph's signature with it.
+    caches: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class Plan:
             recipe = (Recipe.from_meta(body.get("meta") or {}) if body["format"] == 1
                       else Recipe.from_dict(body["recipe"]) if body.get("recipe") else None)
             dropped = tuple(DroppedBlock(str(b["add"]), str(b["stream"]), str(b["branch"]),
-                                         tuple(str(z) for z in b["zero"]), float(b["score"]))
+                                         tuple(str(z) for z in b["zero"]), float(b["score"]),
+                                         tuple((str(p), str(q)) for p, q in b.get("caches", ())))
                             for b in body.get("dropped", ()))
             return cls(str(body["fingerprint"]), groups, frozen, pred, recipe, dropped)
         except PlanMismatchError:

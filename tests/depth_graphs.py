@@ -116,3 +116,27 @@ def kv_decoder(seed: int = 0):
          b.const(np.zeros(D, np.float32), "lnf.bias"), name="lnf", axis=-1, outputs=["y"])
     return b.model({"x": [1, S, D], "past": [1, P, D]},
                    {"y": [1, S, D], "present": [1, P + S, D]})
+
+
+def gqa_decoder(attn_scale: float = 1.0, seed: int = 0):
+    """``x [1, 4, 8]`` → attention sub-block ``x + o(GroupQueryAttention(q, k, v, past))``
+    (4 query heads, 2 KV heads of 16; caches ``past_k``/``past_v`` ``[1, 2, 3, 16]`` in,
+    ``present_k``/``present_v`` ``[1, 2, 7, 16]`` out) → MLP sub-block → ``y``."""
+    from onnx import helper
+
+    b = Builder(seed)
+    q, k, v = (b.op("MatMul", "x", _w(b, 8, n, name=f"a.{c}.w"), name=f"a.{c}")
+               for c, n in (("q", 64), ("k", 32), ("v", 32)))
+    attn = b.op("GroupQueryAttention", q, k, v, "past_k", "past_v",
+                b.const(np.full(1, 6, np.int32), "seqlens_k", np.int32),
+                b.const(np.array(7, np.int32), "total_len", np.int32), domain="com.microsoft",
+                name="a.gqa", outputs=["a.ctx", "present_k", "present_v"], num_heads=4,
+                kv_num_heads=2)[0]
+    x = b.op("Add", "x", _linear(b, attn, 64, 8, "a.o", 0.3 * attn_scale), name="a.res")
+    h = b.op("Relu", _linear(b, x, 8, 16, "m.up"), name="m.relu")
+    b.op("Add", x, _linear(b, h, 16, 8, "m.down"), name="m.res", outputs=["y"])
+    cache, present = [1, 2, 3, 16], [1, 2, 7, 16]
+    graph = b.graph({"x": [1, 4, 8], "past_k": cache, "past_v": cache},
+                    {"y": [1, 4, 8], "present_k": present, "present_v": present})
+    return helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])

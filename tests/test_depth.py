@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from depth_graphs import kv_decoder, prenorm_transformer, residual_cnn
+from depth_graphs import gqa_decoder, kv_decoder, prenorm_transformer, residual_cnn
 from graphs import init_shapes
 from oracle import prune_checked, save
 
@@ -186,3 +186,30 @@ def test_plans_without_depth_keep_their_json_and_zeroed_copies_agree(tmp_path: P
     slow = [_damage(dense, _outputs(_zeroed(original, b.zero), x)) for b in blocks]
     np.testing.assert_allclose(fast, slow, rtol=1e-5)
     assert fast[1] < 0.01 < min(fast[0], fast[2])
+
+
+def test_a_kv_cache_attention_block_drops_with_its_caches(tmp_path: Path) -> None:
+    """GroupQueryAttention with past/present caches (pairs found by the coupling analysis):
+    its block goes, and so do its two cache inputs and two cache outputs; the rest of the
+    outputs equal the masked original's."""
+    model = gqa_decoder(attn_scale=1e-3)
+    blocks = find_blocks(analyze(model).model.graph,
+                         {"present_k": "past_k", "present_v": "past_v"})
+    assert [b.add for b in blocks.candidates] == ["a.res", "m.res"]
+    assert blocks.candidates[0].caches == (("past_k", "present_k"), ("past_v", "present_v"))
+    done = prune_checked(model, tmp_path, ratio=0.0, drop_blocks=1)
+    assert [b.add for b in done.plan.dropped] == ["a.res"]
+    assert done.report.masked_max_abs_diff < EXACT
+    assert done.report.signature_changes == [
+        "graph input 'past_k' removed (dropped block)",
+        "graph input 'past_v' removed (dropped block)",
+        "graph output 'present_k' removed (dropped block)",
+        "graph output 'present_v' removed (dropped block)"]
+    written = onnx.load(str(done.path))
+    assert [i.name for i in written.graph.input] == ["x"]
+    assert [o.name for o in written.graph.output] == ["y"]
+    assert not any(n.op_type == "GroupQueryAttention" for n in written.graph.node)
+    params = _branch_params(model, ("a.q.", "a.k.", "a.v.", "a.o."))
+    assert done.report.params_before - done.report.params_after == params
+    # not a token decoder (its input is 'x'): the greedy loop says why it did not run
+    assert "neither token inputs nor KV-cache pasts" in done.report.generation["not_run"]
