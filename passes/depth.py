@@ -33,7 +33,7 @@ from spa.errors import OptionError
 from spa.metrics import CostModel
 from spa.passes.blocks import Block, Blocks, FindBlocks, dead_nodes
 from spa.passes.segments import with_types
-from spa.passes.sensitivity import zeroed_damage
+from spa.passes.sensitivity import batch_limit, zeroed_damage
 from spa.plan import DroppedBlock, GroupPlan, Plan, Prediction, kept_indices
 
 if TYPE_CHECKING:
@@ -121,7 +121,8 @@ def cosines(original: onnx.ModelProto, blocks: tuple[Block, ...],
         name, types.get(name, onnx.TensorProto.FLOAT), None) for name in sorted(outs - declared))
     sess = val.session(model, what="original model")
     n = len(next(iter(inputs.values())))
-    got = val.run_chunked(sess, {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()})
+    got = val.run_chunked(sess, {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()},
+                          batch_limit(original))
     return [_cosine(got[b.stream], got[_output(model, b)]) for b in blocks]
 
 
@@ -150,8 +151,8 @@ def with_depth(analysis: Analysis, plan: Plan, dropped: tuple[DroppedBlock, ...]
 
     def dead(name: str) -> bool:
         t = tensors.get(name)
-        if t is None:
-            return False
+        if t is None:  # a node's virtual space (a grouped conv's group axis): "<node>::…"
+            return name.partition("::")[0] in gone
         users = [*t.inputs, *t.outputs]
         return bool(users) and all(n.name in gone for n in users)
 

@@ -247,15 +247,17 @@ def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
     masked = _Masked(original, analysis, extra={n for z in zero_sets for n in z})
     n = len(next(iter(inputs.values())))
     feeds = {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()}
-    reference = _outputs(masked.session, feeds)
+    chunk = batch_limit(original)
+    reference = _outputs(masked.session, feeds, chunk=chunk)
     damage = []
     for names in zero_sets:
         if all(name in masked.inits for name in names):
             weights = {name: np.zeros_like(onnx.numpy_helper.to_array(masked.inits[name]))
                        for name in names}
-            damage.append(_damage(reference, _outputs(masked.session, feeds, weights)))
+            out = _outputs(masked.session, feeds, weights, chunk)
         else:  # not overridable (float16, say): a zeroed copy of the whole model
-            damage.append(_damage(reference, _outputs(_zeroed(original, names), feeds)))
+            out = _outputs(_zeroed(original, names), feeds, chunk=chunk)
+        damage.append(_damage(reference, out))
     return damage
 
 
@@ -296,13 +298,23 @@ def _one_group_plan(analysis: Analysis, group: Group, scores: Scores, removed: i
 
 
 def _outputs(sess, feeds: Mapping[str, np.ndarray],
-             weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    """The float graph outputs, run in chunks of the model's batch (``weights`` go whole)."""
+             weights: dict[str, np.ndarray] | None = None, chunk: int | None = None
+             ) -> list[np.ndarray]:
+    """The float graph outputs, run in chunks of the model's batch (or ``chunk`` samples;
+    ``weights`` go whole)."""
     from spa import validate as val
 
     return [np.asarray(v, np.float64)
-            for v in val.run_chunked(sess, dict(feeds), whole=weights).values()
+            for v in val.run_chunked(sess, dict(feeds), chunk, whole=weights).values()
             if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
+def batch_limit(model: onnx.ModelProto) -> int | None:
+    """The smallest fixed first dim of the graph inputs (a decoder's caches fixed at batch 1
+    behind symbolic token inputs): how many samples a run may feed at once; None: any."""
+    dims = [i.type.tensor_type.shape.dim[0].dim_value for i in model.graph.input
+            if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0]
+    return min(dims, default=None)
 
 
 def _damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:

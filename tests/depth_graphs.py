@@ -10,6 +10,7 @@ shortcut. ``scale`` multiplies the named blocks' last weights (tiny or large bra
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from graphs import Builder
 
 S, D, H, HD, FF = 5, 16, 4, 4, 32
@@ -138,5 +139,53 @@ def gqa_decoder(attn_scale: float = 1.0, seed: int = 0):
     cache, present = [1, 2, 3, 16], [1, 2, 7, 16]
     graph = b.graph({"x": [1, 4, 8], "past_k": cache, "past_v": cache},
                     {"y": [1, 4, 8], "present_k": present, "present_v": present})
+    return helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+VOCAB = 20
+
+
+def gqa_token_decoder(scales: dict[str, float] | None = None, layers: int = 2, seed: int = 0):
+    """A token decoder as onnxruntime-genai lays it out: ``input_ids [1, S]``,
+    ``attention_mask [1, T]`` (its length only), caches ``past_key_values.<i>.key/value``
+    ``[1, 2, P, 16]`` → embedding (vocab 20, hidden 8) → per layer an attention sub-block
+    (GroupQueryAttention, 4 query heads, 2 KV heads of 16, ``present.<i>.key/value`` out; its
+    residual Add is ``l<i>.res1``) and an MLP sub-block (``l<i>.res2``) → ``logits``."""
+    from onnx import helper
+
+    scales = scales or {}
+    b = Builder(seed)
+    # every position attends (the mask's values are not read: random validation masks)
+    length = b.op("Gather", b.op("Shape", "attention_mask"), b.const(1), axis=0)
+    total = b.op("Cast", length, to=onnx.TensorProto.INT32, name="total_len")
+    seqlens = b.op("Cast", b.op("Sub", b.op("Unsqueeze", length, b.const([0])), b.const(1)),
+                   to=onnx.TensorProto.INT32, name="seqlens_k")
+    x = b.op("Gather", _w(b, VOCAB, 8, name="embed", scale=1.0), "input_ids", name="embed")
+    inputs: dict = {"input_ids": (["batch", "seq"], onnx.TensorProto.INT64),
+                    "attention_mask": (["batch", "total"], onnx.TensorProto.INT64)}
+    outputs: dict = {}
+    for i in range(layers):
+        p = f"l{i}"
+        q, k, v = (b.op("MatMul", x, _w(b, 8, n, name=f"{p}.{c}.w"), name=f"{p}.{c}")
+                   for c, n in (("q", 64), ("k", 32), ("v", 32)))
+        past = [f"past_key_values.{i}.{kv}" for kv in ("key", "value")]
+        present = [f"present.{i}.{kv}" for kv in ("key", "value")]
+        attn = b.op("GroupQueryAttention", q, k, v, *past, seqlens, total,
+                    domain="com.microsoft", name=f"{p}.gqa", outputs=[f"{p}.ctx", *present],
+                    num_heads=4, kv_num_heads=2)[0]
+        o = _linear(b, attn, 64, 8, f"{p}.o", 0.3 * scales.get(f"{p}.res1", 1.0))
+        x = b.op("Add", x, o, name=f"{p}.res1")
+        h = b.op("Relu", _linear(b, x, 8, 16, f"{p}.up"), name=f"{p}.relu")
+        down = _linear(b, h, 16, 8, f"{p}.down", 0.3 * scales.get(f"{p}.res2", 1.0))
+        x = b.op("Add", x, down, name=f"{p}.res2")
+        for name in past:
+            inputs[name] = ([1, 2, "past", 16], onnx.TensorProto.FLOAT)
+        for name in present:
+            outputs[name] = ([1, 2, "total", 16], onnx.TensorProto.FLOAT)
+    b.op("MatMul", x, _w(b, 8, VOCAB, name="lm_head", scale=1.0), name="lm_head",
+         outputs=["logits"])
+    graph = b.graph(inputs, {"logits": (["batch", "seq", VOCAB], onnx.TensorProto.FLOAT)}
+                    | outputs)
     return helper.make_model(graph, ir_version=10, opset_imports=[
         helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])

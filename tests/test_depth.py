@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from depth_graphs import gqa_decoder, kv_decoder, prenorm_transformer, residual_cnn
+from depth_graphs import (
+    gqa_decoder,
+    gqa_token_decoder,
+    kv_decoder,
+    prenorm_transformer,
+    residual_cnn,
+)
 from graphs import init_shapes
 from oracle import prune_checked, save
 
@@ -213,3 +219,26 @@ def test_a_kv_cache_attention_block_drops_with_its_caches(tmp_path: Path) -> Non
     assert done.report.params_before - done.report.params_after == params
     # not a token decoder (its input is 'x'): the greedy loop says why it did not run
     assert "neither token inputs nor KV-cache pasts" in done.report.generation["not_run"]
+
+
+def test_token_decoder_drops_an_attention_layer_and_generates_as_the_masked_original(
+        tmp_path: Path) -> None:
+    """Depth and KV-head pruning in one plan on a two-layer GroupQueryAttention decoder: layer
+    0's attention goes with its caches, layer 1 loses a KV head in both its caches, and 32
+    greedy tokens equal the masked original's (the loop feeds the pruned model only the caches
+    it keeps); layer 0's heads are not pruned (they go with the branch)."""
+    model = gqa_token_decoder(scales={"l0.res1": 1e-3})
+    done = prune_checked(model, tmp_path, ratio=0.0, heads_ratio=0.5, drop_blocks=1)
+    assert [b.add for b in done.plan.dropped] == ["l0.res1"]
+    assert done.report.generation == {"tokens": 32, "equal": True}
+    assert done.report.signature_changes == [
+        *(f"graph {s} '{n}.1.{kv}' axis 1: 2 -> 1" for s, n in (
+            ("input", "past_key_values"), ("output", "present")) for kv in ("key", "value")),
+        *(f"graph {s} '{n}.0.{kv}' removed (dropped block)" for s, n in (
+            ("input", "past_key_values"), ("output", "present")) for kv in ("key", "value"))]
+    written = onnx.load(str(done.path))
+    assert [i.name for i in written.graph.input] == [
+        "input_ids", "attention_mask", "past_key_values.1.key", "past_key_values.1.value"]
+    gqa = [n for n in written.graph.node if n.op_type == "GroupQueryAttention"]
+    assert [n.name for n in gqa] == ["l1.gqa"]
+    assert {a.name: a.i for a in gqa[0].attribute} == {"num_heads": 2, "kv_num_heads": 1}
