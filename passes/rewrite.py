@@ -5,7 +5,8 @@ written. Then, for every channel space the plan shortens: a constant is sliced a
 (``np.take`` of the surviving indices), an activation loses its stale shape (shapes are inferred
 afresh on export). Each node whose tensors changed runs its rule's rewrite hook (``group`` of
 grouped convolutions, Reshape/Split/Slice/Resize constants). Constants orphaned by a hook are
-removed. Last, FLAP's bias shifts (:class:`BiasShifts`) are added to the surviving outputs.
+removed. Then the dropped residual blocks (depth pruning) are rewired past: ``Add(x, f)`` → ``x``.
+Last, FLAP's bias shifts (:class:`BiasShifts`) are added to the surviving outputs.
 """
 
 from __future__ import annotations
@@ -70,9 +71,40 @@ class Rewrite:
             if hook is not None and any(t.name in changed_tensors
                                         for t in (*node.inputs, *node.outputs)):
                 hook(node, lookup)
+        drop_blocks(graph, plan)
         graph.cleanup(remove_unused_graph_inputs=False)
         log.info("rewrote %d channel spaces", len(kept))
         compensated = weights.layers if weights is not None else 0
         if shifts is not None:
             compensated += add_bias_shifts(analysis, plan, shifts)
         return Rewritten(len(kept), compensated)
+
+
+def drop_blocks(graph: gs.Graph, plan: Plan) -> None:
+    """Depth pruning: each dropped block's ``Add(x, f)`` becomes ``x`` (its readers read ``x``;
+    an ``Add`` that writes a graph output becomes ``Identity(x)``, keeping the output's name),
+    and the KV caches its branch reads and writes leave the graph's inputs and outputs. The
+    branch is left dead for the cleanup."""
+    nodes = {n.name: n for n in graph.nodes}
+    outputs = {id(t) for t in graph.outputs}
+    for b in plan.dropped:
+        add = nodes[b.add]
+        # the stream: ``b.stream``, or what an earlier dropped block rewired it to
+        x = next(t for t in add.inputs if t.name != b.branch)
+        out = add.outputs[0]
+        if id(out) in outputs:
+            add.op = "Identity"
+            add.inputs.clear()
+            add.inputs.append(x)
+            continue
+        for reader in list(out.outputs):
+            for i, t in enumerate(reader.inputs):
+                if t is out:
+                    reader.inputs[i] = x
+        add.outputs.clear()
+    gone = {name for b in plan.dropped for pair in b.caches for name in pair}
+    if gone:  # KV caches of dropped attention branches leave the signature
+        graph.inputs = [t for t in graph.inputs if t.name not in gone]
+        graph.outputs = [t for t in graph.outputs if t.name not in gone]
+    if plan.dropped:
+        log.info("dropped %d residual blocks", len(plan.dropped))

@@ -6,6 +6,7 @@ calibration samples in onnxruntime; the damage is the relative squared error of 
 against the dense model's, ``‖y − y_dense‖² / ‖y_dense‖²``. The result, a damage curve per group,
 is what the sensitivity allocation (passes/allocation.py) spends the budget against: residual
 streams and first layers are fragile, and uniform ratios cut them as deep as the rest.
+:func:`zeroed_damage` measures the same damage for whole residual blocks (depth pruning).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -113,7 +114,8 @@ class _Masked:
     whose masking is not a plain initializer slice (a quantised weight behind
     DequantizeLinear) gets a whole masked copy of its own."""
 
-    def __init__(self, original: onnx.ModelProto, analysis: Analysis):
+    def __init__(self, original: onnx.ModelProto, analysis: Analysis,
+                 extra: Collection[str] = ()):
         from spa.coupling.types import Role
 
         self.original, self.analysis = original, analysis
@@ -121,7 +123,8 @@ class _Masked:
                       if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)}
         self.spaces = {m.space for g in analysis.groups for m in g.members
                        if m.role is Role.CONSUMER}
-        self.overridable = {name for name, _ in self.spaces if name in self.inits}
+        self.overridable = {name for name, _ in self.spaces if name in self.inits} | {
+            name for name in extra if name in self.inits}
         self.model = with_types(original)
         self.first_reader: dict[str, int] = {}
         for i, node in enumerate(self.model.graph.node):
@@ -239,6 +242,42 @@ class _Masked:
         return weights
 
 
+def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
+                  zero_sets: Sequence[Collection[str]], inputs: Mapping[str, np.ndarray], *,
+                  samples: int = 32) -> list[float]:
+    """The final-output damage of each set of float initializers zeroed whole (a residual
+    block's last layer: depth pruning), on the first ``samples`` of ``inputs``, one overridable
+    session for all sets."""
+    masked = _Masked(original, analysis, extra={n for z in zero_sets for n in z})
+    n = len(next(iter(inputs.values())))
+    feeds = {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()}
+    chunk = batch_limit(original)
+    reference = _outputs(masked.session, feeds, chunk=chunk)
+    damage = []
+    for names in zero_sets:
+        if all(name in masked.inits for name in names):
+            weights = {name: np.zeros_like(onnx.numpy_helper.to_array(masked.inits[name]))
+                       for name in names}
+            out = _outputs(masked.session, feeds, weights, chunk)
+        else:  # not overridable (float16, say): a zeroed copy of the whole model
+            out = _outputs(_zeroed(original, names), feeds, chunk=chunk)
+        damage.append(_damage(reference, out))
+    return damage
+
+
+def _zeroed(original: onnx.ModelProto, names: Collection[str]):
+    """A session of ``original`` with the initializers ``names`` zeroed."""
+    from spa import validate as val
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    for init in copy.graph.initializer:
+        if init.name in names:
+            init.CopyFrom(onnx.numpy_helper.from_array(
+                np.zeros_like(onnx.numpy_helper.to_array(init)), init.name))
+    return val.session(copy, what="original model with a block zeroed", arena=False)
+
+
 def _suffix_macs(analysis: Analysis, original: onnx.ModelProto) -> list[float]:
     """Per node position, the multiply-adds of one sample from there to the end (the
     registry's MAC terms at the graph's shapes; symbolic dims count as 1)."""
@@ -263,13 +302,23 @@ def _one_group_plan(analysis: Analysis, group: Group, scores: Scores, removed: i
 
 
 def _outputs(sess, feeds: Mapping[str, np.ndarray],
-             weights: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
-    """The float graph outputs, run in chunks of the model's batch (``weights`` go whole)."""
+             weights: dict[str, np.ndarray] | None = None, chunk: int | None = None
+             ) -> list[np.ndarray]:
+    """The float graph outputs, run in chunks of the model's batch (or ``chunk`` samples;
+    ``weights`` go whole)."""
     from spa import validate as val
 
     return [np.asarray(v, np.float64)
-            for v in val.run_chunked(sess, dict(feeds), whole=weights).values()
+            for v in val.run_chunked(sess, dict(feeds), chunk, whole=weights).values()
             if np.issubdtype(np.asarray(v).dtype, np.floating)]
+
+
+def batch_limit(model: onnx.ModelProto) -> int | None:
+    """The smallest fixed first dim of the graph inputs (a decoder's caches fixed at batch 1
+    behind symbolic token inputs): how many samples a run may feed at once; None: any."""
+    dims = [i.type.tensor_type.shape.dim[0].dim_value for i in model.graph.input
+            if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0]
+    return min(dims, default=None)
 
 
 def _damage(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:

@@ -52,3 +52,10 @@ class AllocationMethod(Enum):
     UNIFORM = "uniform"  # the same ratio in every group
     GLOBAL = "global"  # one ranking of normalised scores across groups
     SENSITIVITY = "sensitivity"  # measured damage to the final outputs (passes/sensitivity.py)
+
+
+class DepthCriterion(Enum):
+    """How residual blocks are scored for depth pruning (passes/depth.py; lowest dropped)."""
+
+    DAMAGE = "damage"  # final-output damage of the block zeroed (passes/sensitivity.py)
+    COSINE = "cosine"  # ShortGPT: 1 − cos(block input, block output)

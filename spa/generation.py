@@ -50,23 +50,31 @@ class SignatureChange:
     outputs: dict[str, tuple[int, np.ndarray, int]] = field(default_factory=dict)
     caches: dict[str, str] = field(default_factory=dict)
     head_axes: dict[str, int] = field(default_factory=dict)  # past input name -> its head axis
+    # KV-cache inputs and outputs removed with a dropped attention block (depth pruning)
+    removed: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
-        return bool(self.inputs or self.outputs)
+        return bool(self.inputs or self.outputs or self.removed)
 
     def pruned_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The original's ``feeds`` as the pruned model takes them."""
-        return {k: _take(v, self.inputs.get(k)) for k, v in feeds.items()}
+        return {k: _take(v, self.inputs.get(k)) for k, v in feeds.items()
+                if k not in self.removed}
 
     def kept_outputs(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A reference model's ``outputs`` at what the pruned model keeps."""
-        return {k: _take(v, self.outputs.get(k)) for k, v in outputs.items()}
+        return {k: _take(v, self.outputs.get(k)) for k, v in outputs.items()
+                if k not in self.removed}
 
     def describe(self) -> list[str]:
-        """For the report: ``graph input 'past.0.key' axis 1: 2 -> 1``, one line a tensor."""
+        """For the report: ``graph input 'past.0.key' axis 1: 2 -> 1``, one line a tensor;
+        ``graph input 'past.1.key' removed (dropped block)``."""
+        pasts = set(self.caches)
         return [f"graph {side} '{name}' axis {axis}: {length} -> {kept.size}"
                 for side, changes in (("input", self.inputs), ("output", self.outputs))
-                for name, (axis, kept, length) in sorted(changes.items())]
+                for name, (axis, kept, length) in sorted(changes.items())] + [
+            f"graph {'input' if name in pasts else 'output'} '{name}' removed (dropped block)"
+            for name in sorted(self.removed, key=lambda n: (n not in pasts, n))]
 
 
 def _take(value: np.ndarray, change: tuple[int, np.ndarray, int] | None) -> np.ndarray:
@@ -78,7 +86,8 @@ def signature_change(analysis: Analysis, plan: Plan) -> SignatureChange:
     (the analysis freezes every other signature space), and a pair's two sides lose the same
     entries because the attention rule couples both to its KV heads."""
     kept = kept_indices(analysis, plan)
-    change = SignatureChange()
+    change = SignatureChange(removed=frozenset(
+        name for b in plan.dropped for pair in b.caches for name in pair))
     for cache in analysis.kv_cache:
         past, present = cache.past, cache.present
         change.caches[past[0]] = present[0]
@@ -112,7 +121,7 @@ def greedy_tokens(sess: ort.InferenceSession, change: SignatureChange, *, prompt
     past: dict[str, np.ndarray] = {
         name: np.zeros(_cache_shape(inputs[name], change, dims, pruned),
                        ORT_TYPES.get(inputs[name].type, np.float32))
-        for name in change.caches}
+        for name in change.caches if not (pruned and name in change.removed)}
     ids, length, tokens = prompt.astype(np.int64), 0, []
     out_names = [LOGITS, *(change.caches[name] for name in past)]
     for _ in range(steps):

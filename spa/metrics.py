@@ -37,6 +37,7 @@ from spa.progress import progress
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from collections.abc import Set as AbstractSet
 
     from spa.coupling.facts import MacTerm
     from spa.coupling.types import SpaceKey
@@ -65,16 +66,20 @@ class CostModel:
         self._ties: dict[str, tuple[Tie, gs.Constant]] = {
             name: (tie, constants[tie.source]) for name, tie in live(ties or {}, graph).items()
             if name in self._shapes}
-        self._macs = [term for node in graph.nodes
+        self._macs = [(node.name, term) for node in graph.nodes
                       if (term := _mac_term(node, graph.opset)) is not None]
+        self._readers = {name: {n.name for n in t.outputs} for name, t in constants.items()}
 
-    def count(self, kept: Kept | None = None) -> Counts:
-        """Params and MACs with the spaces in ``kept`` cut to those indices (none: as is)."""
+    def count(self, kept: Kept | None = None, gone: AbstractSet[str] = frozenset()) -> Counts:
+        """Params and MACs with the spaces in ``kept`` cut to those indices (none: as is) and
+        without the nodes named in ``gone`` (dropped residual blocks), nor the constants only
+        they read."""
         kept = kept or {}
         params = sum(elements(self._constants[n], _cut(s, n, kept)) for n, s in self._params
-                     if not self._joined(n, kept))
+                     if not self._joined(n, kept)
+                     and not (gone and self._readers[n] and self._readers[n] <= gone))
         flops = sum(term.count(*(_cut(s, n, kept) for n, s in term.tensors))
-                    for term in self._macs)
+                    for name, term in self._macs if name not in gone)
         return Counts(int(params), int(flops))
 
     def _joined(self, name: str, kept: Kept) -> bool:

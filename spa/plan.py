@@ -50,6 +50,23 @@ class FrozenGroup:
 
 
 @dataclass(frozen=True)
+class DroppedBlock:
+    """A residual block depth pruning removes (passes/blocks.py): its ``Add`` node is rewritten
+    into the stream input ``stream``; the masked original zeroes the constants ``zero`` (the
+    branch's last layer) so that the branch output ``branch`` is exactly 0. ``score``: the
+    importance the block was chosen by (lowest first)."""
+
+    add: str
+    stream: str
+    branch: str
+    zero: tuple[str, ...]
+    score: float
+    # KV-cache pairs (past input, present output) the branch reads and writes: both leave the
+    # graph's signature with it.
+    caches: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Prediction:
     params_before: int
     params_after: int
@@ -64,9 +81,12 @@ class Plan:
     frozen: tuple[FrozenGroup, ...] = ()
     prediction: Prediction | None = None
     recipe: Recipe | None = None
+    dropped: tuple[DroppedBlock, ...] = ()  # depth pruning: whole residual blocks removed
 
     def to_json(self) -> str:
-        body = {k: v for k, v in asdict(self).items() if k != "recipe"}
+        body = {k: v for k, v in asdict(self).items() if k not in ("recipe", "dropped")}
+        if self.dropped:  # absent without depth pruning: such plans read as before
+            body["dropped"] = [asdict(b) for b in self.dropped]
         body["recipe"] = self.recipe.to_dict() if self.recipe is not None else None
         body["format"] = PLAN_FORMAT
         return json.dumps(body, indent=1, sort_keys=True)
@@ -95,7 +115,11 @@ class Plan:
             pred = Prediction(**body["prediction"]) if body.get("prediction") else None
             recipe = (Recipe.from_meta(body.get("meta") or {}) if body["format"] == 1
                       else Recipe.from_dict(body["recipe"]) if body.get("recipe") else None)
-            return cls(str(body["fingerprint"]), groups, frozen, pred, recipe)
+            dropped = tuple(DroppedBlock(str(b["add"]), str(b["stream"]), str(b["branch"]),
+                                         tuple(str(z) for z in b["zero"]), float(b["score"]),
+                                         tuple((str(p), str(q)) for p, q in b.get("caches", ())))
+                            for b in body.get("dropped", ()))
+            return cls(str(body["fingerprint"]), groups, frozen, pred, recipe, dropped)
         except PlanMismatchError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -115,6 +139,13 @@ class Plan:
                 f"plan was made for model {self.fingerprint}, this model is "
                 f"{analysis.fingerprint} (a different graph)")
         by_id = {g.id: g for g in analysis.groups}
+        nodes = {n.name: n for n in analysis.model.graph.nodes} if self.dropped else {}
+        for b in self.dropped:
+            add = nodes.get(b.add)
+            if add is None or add.op != "Add" or \
+                    sorted(t.name for t in add.inputs) != sorted((b.stream, b.branch)):
+                raise PlanMismatchError(f"plan drops block '{b.add}' = Add({b.stream}, "
+                                        f"{b.branch}), which is not in the model")
         for gp in self.groups:
             g = by_id.get(gp.id)
             if g is None or g.size != gp.size or g.name != gp.name:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,11 +94,21 @@ def report_table(r: PruneReport) -> str:
     lines.append(f"groups pruned: {r.groups_pruned} of {r.groups}; frozen groups: {len(r.frozen)}")
     if r.input_dims:
         lines.append(f"symbolic input dims: {input_dims_text(r)}")
+    lines.extend(dropped_lines(r.dropped_blocks))
     lines.append(oracle_line(r))
     lines.extend(signature_lines(r))
     lines.extend(fidelity_lines(r))
     lines.extend(latency_lines(r))
     return "\n".join(lines)
+
+
+def dropped_lines(dropped: list[dict]) -> list[str]:
+    """Depth pruning: the residual blocks removed and the score each was chosen by."""
+    if not dropped:
+        return []
+    return [f"residual blocks dropped: {len(dropped)}"] + [
+        f"  {b['add']}: Add({b['stream']}, {b['branch']}) score {b['score']:.4g}"
+        for b in dropped]
 
 
 def signature_lines(r: PruneReport) -> list[str]:
@@ -238,6 +249,7 @@ def plan_summary(plan: Plan, model: str) -> dict:
                     "removed": g.removed} for g in plan.groups],
         "frozen": [{"group": f.id, "name": f.name, "channels": f.size,
                     "reasons": list(f.reasons)} for f in plan.frozen],
+        "dropped_blocks": [asdict(b) for b in plan.dropped],
     }
 
 
@@ -262,4 +274,5 @@ def plan_text(s: dict) -> str:
                  f"frozen groups: {len(s['frozen'])}")
     lines += [f"{f['group']:>4} {f['channels']:>8} frozen   {f['name']}: {'; '.join(f['reasons'])}"
               for f in s["frozen"]]
+    lines += dropped_lines(s.get("dropped_blocks", []))
     return "\n".join(lines)

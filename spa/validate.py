@@ -2,8 +2,10 @@
 
 * :func:`check_signature`: the pruned model's outputs have the original's names, dtypes, shapes.
 * :func:`masked_model`: the original model with, for every removed channel, its input-weight
-  slice zeroed at every consumer — built from the plan and the group members alone, never with
-  the rewrite code, so the oracle stays independent of what it checks.
+  slice zeroed at every consumer, and for every dropped residual block the weights and biases
+  of its branch's last layer zeroed (the branch then adds exactly 0) — built from the plan and
+  the group members alone, never with the rewrite code, so the oracle stays independent of
+  what it checks.
 * :func:`check_close`: pruned outputs equal the masked original's to a tolerance relative to the
   output scale; :func:`check_exact`: integer and bool outputs equal the reference's exactly.
 * :func:`oracle_exemption`: why the numeric oracle cannot hold for a plan (compensated weights,
@@ -311,6 +313,9 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
             index[axis] = idx
             arr[tuple(index)] = fill[tuple(index)]
         init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    for name in (z for b in plan.dropped for z in b.zero):  # depth: the branch outputs 0
+        arr = np.zeros_like(_array(inits[name], base_dir))
+        inits[name].CopyFrom(numpy_helper.from_array(arr, name))
     return masked
 
 

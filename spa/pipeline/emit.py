@@ -87,6 +87,8 @@ class PruneReport:
     generation: dict = field(default_factory=dict)
     # --target latency: the table's summary, predicted ms and requested speed-up.
     latency_target: dict = field(default_factory=dict)
+    # Depth pruning: the residual blocks removed (spa.plan.DroppedBlock's fields).
+    dropped_blocks: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,7 +205,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         allocation=recipe.allocation if recipe is not None else "uniform",
         calibration=calib.summary() if calib is not None else {}, fidelity=faithful.stages,
         reconstruction=faithful.reconstruction, signature_changes=change.describe(),
-        **report_extra)
+        dropped_blocks=[asdict(b) for b in the_plan.dropped], **report_extra)
 
 
 @dataclass

@@ -149,6 +149,12 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         report, the_plan = prune(src / name, tmp / name, options, checks, plan_path=plan_path)
+        gone = [b.add for b in the_plan.dropped if b.caches]
+        if gone:
+            raise OptionError(f"dropping attention block '{gone[0]}' removes KV caches of one "
+                              f"layer, which {CONFIG} cannot describe (onnxruntime-genai expects "
+                              "every layer's): depth pruning of a genai folder's attention is "
+                              "not supported")
         pruned = onnx.load(str(tmp / name), load_external_data=False)
         new_config = pruned_config(config, Heads.of(pruned, past_key))
         (tmp / CONFIG).write_text(json.dumps(new_config, indent=4) + "\n")

@@ -18,7 +18,15 @@ from typing import Any
 
 from spa.calibration import GROUP as CALIB_GROUP
 from spa.calibration import CalibrationOptions
-from spa.choices import AllocationMethod, HessianSource, Normalization, Reduction, Target
+from spa.choices import (
+    AllocationMethod,
+    DepthCriterion,
+    HessianSource,
+    Normalization,
+    Reduction,
+    Target,
+)
+from spa.errors import OptionError
 from spa.options import (
     check_ratio,
     like,
@@ -36,6 +44,7 @@ from spa.passes.latency import CPU_PROVIDER, kernel_block
 
 AUTO = "auto"
 LATENCY_GROUP = "latency target (--target latency)"
+DEPTH_GROUP = "depth pruning (whole residual blocks)"
 
 _INPUT_DIM_HELP = ("size of a symbolic input dim (e.g. height=224) for the inputs SPA makes up; "
                    "default: from the model's metadata, else the smallest size tried (batch 1, "
@@ -128,6 +137,19 @@ class PruneOptions:
     samples: int = like(OBSPAOptions, "samples")
     compensate: bool = option(True, name="--no-compensate", negate=True, group=OBSPA_GROUP,
                               help="do not write the OBS update of the kept weights")
+    # Depth pruning (passes/depth.py): whole residual blocks, scored by --depth-criterion.
+    drop_blocks: int | None = option(None, parse=int, metavar="N", group=DEPTH_GROUP,
+                                     help="remove the N least important residual blocks "
+                                     "(Add(x, f(x)): transformer attention and MLP sub-blocks, "
+                                     "CNN blocks with identity shortcuts)")
+    depth_ratio: float | None = option(None, parse=parse_ratio, metavar="R", group=DEPTH_GROUP,
+                                       help="remove this share of the candidate residual "
+                                       "blocks, [0, 1)")
+    depth_criterion: DepthCriterion = option(
+        DepthCriterion.DAMAGE, enum=DepthCriterion, group=DEPTH_GROUP,
+        help="block score, lowest dropped first: damage (final-output error of the block "
+        "zeroed, on --calib or synthetic inputs) or cosine (ShortGPT: 1 - cos(block input, "
+        "block output))")
     # Sizes of symbolic input dims for the inputs SPA makes (synthetic Hessians): ("H", 224), …;
     # the others are sized by spa/inputs.py, once per run.
     input_dims: InputDims = option((), name="--input-dim", parse=parse_input_dim, append=True,
@@ -136,10 +158,20 @@ class PruneOptions:
     def __post_init__(self) -> None:
         if self.round_to == AUTO:  # the Python API's round_to="auto"
             object.__setattr__(self, "round_to", kernel_block())
-        for name in ("ratio", "heads_ratio", "mlp_ratio", "hidden_ratio"):
+        for name in ("ratio", "heads_ratio", "mlp_ratio", "hidden_ratio", "depth_ratio"):
             value = getattr(self, name)
             if value is not None:
                 check_ratio(value, name.replace("_", " "))
+        if self.drop_blocks is not None and self.depth_ratio is not None:
+            raise OptionError("--drop-blocks and --depth-ratio both say how many blocks to "
+                              "remove: give one")
+        if self.drop_blocks is not None and self.drop_blocks < 0:
+            raise OptionError(f"--drop-blocks must be at least 0, got {self.drop_blocks}")
+
+    @property
+    def drops_blocks(self) -> bool:
+        """Whether depth pruning was asked for."""
+        return bool(self.drop_blocks) or bool(self.depth_ratio)
 
     @property
     def calibration(self) -> CalibrationOptions:

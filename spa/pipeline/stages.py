@@ -27,6 +27,7 @@ from spa.inputs import InputDims, resolve
 from spa.ir import to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
 from spa.passes.allocation import Allocation
+from spa.passes.depth import Depth, with_depth
 from spa.passes.importance import CRITERIA, Criterion, get_criterion
 from spa.passes.importance.gradient import Gradient
 from spa.passes.importance.obspa import OBSPA
@@ -116,6 +117,7 @@ def input_sizes(analysis: Analysis, given: dict[str, int], needed: bool) -> Inpu
 
 SYNTHETIC = "synthetic"  # --calib synthetic: inputs made up from the model's input signature
 SYNTHETIC_SAMPLES = 256
+DEPTH_SAMPLES = 16  # synthetic inputs that score residual blocks without --calib
 
 
 def calibration(analysis: Analysis, path: str | None,
@@ -221,6 +223,8 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
                        mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio,
                        method=method, sensitivities=sensitivities, latency=table)
     plan = alloc.run(analysis, scores, recipe(options, criterion))
+    if options.drops_blocks:
+        plan = _depth(analysis, plan, options, calib)
     latency = None
     if table is not None:
         pred = plan.prediction
@@ -231,6 +235,21 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
                  table.dense_ms, predicted, table.dense_ms / max(predicted, 1e-9),
                  latency.requested_speedup)
     return Planned(plan, statistics, sensitivities, latency)
+
+
+def _depth(analysis: Analysis, plan: Plan, options: PruneOptions,
+           calib: Calibration | None) -> Plan:
+    """``plan`` with the residual blocks depth pruning drops, scored on the calibration data
+    or, without, on synthetic inputs (natural-image noise, random values)."""
+    original = to_onnx(analysis.model)
+    if calib is not None:
+        inputs = calib.train
+    else:
+        sess = val.session(original, what="original model")
+        inputs = _noise_inputs(sess, DEPTH_SAMPLES, options.seed, dict(options.input_dims))
+    choice = Depth(count=options.drop_blocks, ratio=options.depth_ratio,
+                   criterion=options.depth_criterion).run(analysis, original, inputs)
+    return with_depth(analysis, plan, choice.dropped)
 
 
 def latency_table(analysis: Analysis, options: PruneOptions) -> LatencyTable:
