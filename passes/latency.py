@@ -102,6 +102,14 @@ class GroupLatency:
         ys = np.array((*self.saved_ms[::-1], 0.0))
         return float(np.interp(kept, xs, ys))
 
+    def as_fast_wider(self, kept: int) -> int:
+        """The widest width ≥ ``kept`` (a measured one, or full width) that saves at least
+        what ``kept`` saves: a narrower width the table measured no faster is not worth its
+        lost channels."""
+        here = self.saved(kept)
+        wider = [k for k in (self.size, *self.kept) if k > kept and self.saved(k) >= here]
+        return max(wider, default=kept)
+
 
 @dataclass(frozen=True)
 class LatencyTable:
@@ -139,6 +147,11 @@ class LatencyTable:
         f, macs = self.raw(kept)
         alpha, beta = self.fit
         return self.scale * (alpha * f - beta * max(macs - macs_saved, 0.0))
+
+    def as_fast_wider(self, gid: int, kept: int) -> int:
+        """Group ``gid``'s :meth:`GroupLatency.as_fast_wider` (``kept`` when not timed)."""
+        row = self.groups.get(gid)
+        return kept if row is None else row.as_fast_wider(kept)
 
     def predict(self, kept: Mapping[int, int], macs_saved: float) -> float:
         """Predicted latency of a plan, in milliseconds."""

@@ -68,9 +68,11 @@ def test_kernel_block_from_cpuinfo_flags() -> None:
 
 
 def test_round_to_auto_is_this_cpus_block() -> None:
-    assert parse_round_to("auto") == kernel_block()
+    assert parse_round_to("auto") == "auto"
     assert parse_round_to("4") == 4
-    assert PruneOptions(round_to="auto").round_to == kernel_block()  # type: ignore[arg-type]
+    assert PruneOptions(round_to="auto").block == kernel_block()
+    assert PruneOptions().block == kernel_block()  # auto is the default
+    assert PruneOptions(round_to=4).block == 4
 
 
 def test_snap_rounds_kept_widths_up_to_the_block() -> None:
