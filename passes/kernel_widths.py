@@ -5,8 +5,11 @@ blocks of ``B`` channels (8 with AVX2, 16 with AVX-512; the ``blocked`` fact of
 spa/coupling/rules/conv.py says which weight spaces need them). A conv that misses them runs
 the plain NCHW kernel with reorders around it: EfficientNet-Lite0 at ``--ratio 0.05`` with
 exact counts ran at 0.41× the dense model's speed (1 thread, AVX-512). Rounding elsewhere buys
-nothing: MatMul/Gemm (transformers, classifier heads) have no blocked layout, so those groups
-keep their exact counts (and a model without such convs prunes as with ``--round-to 1``).
+nothing: MatMul/Gemm (transformers, classifier heads) have no blocked layout, and a conv's
+output channels are padded to a block whatever their count, so a group that only such convs
+produce and no blocked conv reads (a CNN's last conv before its classifier, a ViT's patch
+embedding) keeps its exact count, and a model without blocked convs prunes as with
+``--round-to 1``.
 
 Rule. A group's member space ``s`` that a blocked fact names holds ``u_s = |s ∩ group| / n``
 channels per group unit (``n``: the group's size; ``u > 1`` where a unit is a conv group or a

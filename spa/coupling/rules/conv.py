@@ -24,8 +24,9 @@ channels: 8 with AVX2, 16 with AVX-512; its ``NchwcTransformer``) when the weigh
 block costs a whole block); depthwise (``C/g == 1``, ``O == g``) needs ``O`` a multiple of ``B``;
 other grouped convs need ``C/g`` and ``O/g`` multiples of ``B``, which pruning (whole groups)
 never changes. Anything else runs the plain NCHW kernel, with reorders between it and its
-blocked neighbours. So the spaces whose kept counts should keep whole blocks are ``W.0`` and
-``W.1`` of ``g == 1`` convs and ``W.0`` of depthwise ones (the ``blocked`` fact).
+blocked neighbours. So the spaces whose kept counts should keep whole blocks (the ``blocked``
+fact) are ``W.1`` of ``g == 1`` convs and ``W.0`` of depthwise ones; ``W.0`` of a ``g == 1``
+conv is padded to a block anyway, and only its consumers decide whether rounding it pays.
 
 Facts (spa/coupling/facts.py). MACs: Conv ``|Y| · |W[0]|`` (each output element reads
 ``C/g · Πk`` inputs), ConvTranspose ``|X| · |W[0]|`` (each input element is scattered into
@@ -147,7 +148,7 @@ def _blocked(node: gs.Node) -> tuple[tuple[str, int], ...]:
         return ()
     group = int(node.attrs.get("group", 1))
     if group == 1:
-        return (w.name, 0), (w.name, 1)
+        return ((w.name, 1),)
     if w.shape[1] == 1 and w.shape[0] == group:  # depthwise
         return ((w.name, 0),)
     return ()
