@@ -43,8 +43,8 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np

@@ -41,7 +41,7 @@ class KernelWidths:
     def run(self, analysis: Analysis) -> dict[int, int]:
         if self.block <= 1:
             return {g.id: 1 for g in analysis.prunable_groups}
-        blocked = set()
+        blocked: set[tuple[str, int]] = set()
         opset = analysis.model.opset
         for node in analysis.model.graph.nodes:
             entry = entry_of(node, opset)

@@ -30,11 +30,11 @@ from spa.passes.allocation import Allocation
 from spa.passes.importance import CRITERIA, Criterion, get_criterion
 from spa.passes.importance.gradient import Gradient
 from spa.passes.importance.obspa import OBSPA
+from spa.passes.kernel_widths import KernelWidths
 from spa.passes.latency import LatencyTable
 from spa.passes.latency_profile import LatencyProfile
 from spa.passes.sensitivity import Sensitivities, Sensitivity
 from spa.passes.statistics import LayerStatistics, LayerStats
-from spa.passes.kernel_widths import KernelWidths
 from spa.pipeline.options import AUTO, CheckOptions, PruneOptions
 from spa.plan import Plan
 from spa.recipe import (
