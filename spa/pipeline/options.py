@@ -92,7 +92,8 @@ class PruneOptions:
     # AUTO: resolved to this CPU's block (:attr:`block`) where the kernels need it.
     round_to: int | str = option(AUTO, parse=parse_round_to, metavar="N",
                                  help="keep channel counts a multiple of N in every group; "
-                                 "'auto': in the groups of convolutions onnxruntime runs in "
+                                 "'auto' (the default): in the groups of convolutions "
+                                 "onnxruntime runs in "
                                  "its blocked layout, a multiple of its block on this CPU (16 "
                                  "with AVX-512, 8 with AVX2), other groups (MatMul, Gemm) "
                                  "exact")
