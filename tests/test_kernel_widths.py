@@ -118,3 +118,21 @@ def test_non_float_weights_do_not_round() -> None:
     y = b.conv(b.op("Relu", b.conv("x", 3, 32, dims=1, name="c1")), 32, 4, dims=1, name="c2")
     m = b.model({"x": [1, 3, 8]}, {y: [1, 4, 8]})
     assert _steps(m, ("c1.w", 0)) == [1]
+
+
+def test_apply_on_another_cpu_writes_the_same_model(tmp_path, monkeypatch) -> None:
+    """The plan holds the kept channels and the block it was made for: ``spa apply`` where the
+    CPU's block differs (8, AVX2) writes the same bytes, while planning there rounds to 8."""
+    from spa.api import CheckOptions, apply
+
+    m = _cnn()
+    made = prune_checked(m, tmp_path, ratio=0.3)
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(made.plan.to_json())
+    monkeypatch.setenv("SPA_KERNEL_BLOCK", "8")
+    applied = tmp_path / "applied.onnx"
+    apply(tmp_path / "model.onnx", plan_path, applied, CheckOptions(latency=False))
+    assert applied.read_bytes() == made.path.read_bytes()
+    here = prune_checked(m, tmp_path, ratio=0.3, name="avx2.onnx")
+    assert here.plan.recipe is not None and here.plan.recipe.round_to == 8
+    assert init_shapes(here.path)["c1.w"][0] == 24  # 23 → 24, where 16 gave 32
