@@ -2,17 +2,17 @@
 
 Models (random init): torchvision ResNet-50 and MobileNetV3-Large (``zoo``), timm's
 EfficientNet-Lite0 (224 px; the model on which ``--ratio 0.05`` alone runs 2.5× slower),
-ultralytics YOLOv8n from ``yolov8n.yaml`` (640 px, BatchNorm folded; ``pip install
-ultralytics``, a benchmark-only package, offline) and transformers BERT-base (``BertConfig()``
-defaults, sequence 128). SPA's ``--target latency`` with ``--ratio 1 − 1/s`` for requested
-speed-ups ``s`` of 1.5 and 2 (L1 importance, ``--round-to auto``, one onnxruntime thread on the
-CPU) and, at the same ratio, ``--target flops``, one channel ratio in every group, and
-Torch-Pruning's L1 magnitude pruning where the model has a recipe; at :data:`SMALL_RATIOS`, the
-default options (``--round-to 1``) and ``--round-to auto``. The latency table is built once in a
-fresh cache (its build time is recorded), then read back (the cached time is recorded). Every
-pruned model, the dense one and the dense one in a second session (the noise floor) are timed
-side by side in interleaved rounds, 1 thread, CPU time of the calling thread (robust to the load
-of a shared machine); achieved speed-up = dense / pruned, and a run below 1 is slower than dense.
+ultralytics YOLOv8n from ``yolov8n.yaml`` (640 px, BatchNorm folded; ``pip install ultralytics``, a
+benchmark-only package, offline) and transformers BERT-base (``BertConfig()`` defaults, sequence
+128). SPA's ``--target latency`` with ``--ratio 1 − 1/s`` for requested speed-ups ``s`` of 1.5 and
+2 (L1 importance, ``--round-to auto``, one onnxruntime thread on the CPU) and, at the same ratio,
+``--target flops``, one channel ratio in every group, and Torch-Pruning's L1 magnitude pruning
+where the model has a recipe; at :data:`SMALL_RATIOS`, exact counts (``--round-to 1``) and the
+default options (``--round-to auto``). The latency table is built once in a fresh cache (its build
+time is recorded), then read back (the cached time is recorded). Every pruned model, the dense one
+and the dense one in a second session (the noise floor) are timed side by side in interleaved
+rounds, 1 thread, CPU time of the calling thread (robust to the load of a shared machine); achieved
+speed-up = dense / pruned, and a run below 1 is slower than dense.
 
     python -m benchmarks.latency_target [--models resnet50 ...] [--rounds 7]
 """
@@ -140,8 +140,8 @@ def _torch_pruning(entry: Entry, ratio: float, out: Path) -> dict:
 
 def variants(block: int) -> dict[str, tuple[float, dict]]:
     """label → (ratio, PruneOptions fields) of the SPA runs: the latency target, the FLOPs
-    target and the uniform channel ratio at ``1 − 1/s``, and the defaults (``--round-to 1``)
-    and ``--round-to auto`` at small ratios (where unsnapped widths used to run slower)."""
+    target and the uniform channel ratio at ``1 − 1/s``, and exact counts (``--round-to 1``)
+    and the default ``--round-to auto`` at small ratios (where unsnapped widths run slower)."""
     from spa.choices import Target
 
     out: dict[str, tuple[float, dict]] = {}
@@ -150,8 +150,8 @@ def variants(block: int) -> dict[str, tuple[float, dict]]:
         out[f"flops_{s}x"] = (1 - 1 / s, {"target": Target.FLOPS, "round_to": block})
         out[f"uniform_{s}x"] = (1 - 1 / s, {"round_to": block})
     for r in SMALL_RATIOS:
-        out[f"default_{r}"] = (r, {})
-        out[f"auto_{r}"] = (r, {"round_to": block})
+        out[f"exact_{r}"] = (r, {"round_to": 1})
+        out[f"auto_{r}"] = (r, {})  # the default: --round-to auto
     return out
 
 

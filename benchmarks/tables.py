@@ -259,7 +259,8 @@ def _never_slower(d: dict) -> list[str]:
     labels = list(dict.fromkeys(k for r in d["results"].values() for k in r["runs"]))
     lines = ["Measured speed-up over dense of every run (**bold**: slower than dense; "
              "`dense again`: the dense model in a second session, the run's noise floor; "
-             "`default`: the default options, `--round-to 1`; `auto`: `--round-to auto`; "
+             "`default` (older runs): `--round-to 1`, the default then; `exact`: `--round-to 1`; "
+             "`auto`: `--round-to auto`, the default now; "
              "`uniform`: one channel ratio in every group; `torch_pruning`: its L1 magnitude "
              "pruning at the same channel ratio):", "",
              "| model | dense | dense again | " + " | ".join(f"`{k}`" for k in labels) + " |",
@@ -273,6 +274,30 @@ def _never_slower(d: dict) -> list[str]:
         lines.append(f"| {r['model']} | {r['latency_ms_dense']:.1f} ms | "
                      f"×{r['dense_again_speedup_x']:.2f} | " + " | ".join(cells) + " |")
     return lines
+
+
+def kernel_widths(d: dict) -> str:
+    lines = [f"Kernel-aware widths ({_load_note(d)}; block {d['kernel_block']}, 1 thread, load "
+             f"average {d['load_average_before'][0]:.1f} → {d['load_average_after'][0]:.1f}): "
+             "measured speed-up over dense (**bold**: slower than dense) and FLOPs reduction, "
+             "L1 with one channel ratio per group, exact counts (`--round-to 1`, the default "
+             "before) and `--round-to auto` (the default now); `dense again`: the dense model "
+             "in a second session, the run's noise floor.", "",
+             "| model | dense | dense again | ratio | exact | auto | groups rounded |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(run: dict) -> str:
+        x = run["speedup_x"]
+        return (f"**×{x:.2f}**" if x < 1 else f"×{x:.2f}") + f" (÷{run['flops_reduction_x']:.2f})"
+
+    for r in d["results"].values():
+        for i, ratio in enumerate(d["ratios"]):
+            exact, auto = r["runs"][f"exact_{ratio}"], r["runs"][f"auto_{ratio}"]
+            head = (f"| {r['model']} | {r['latency_ms_dense']:.1f} ms | "
+                    f"×{r['dense_again_speedup_x']:.2f} " if i == 0 else "| | | ")
+            lines.append(f"{head}| {ratio:g} | {cell(exact)} | {cell(auto)} | "
+                         f"{auto['groups_rounded']}/{auto['groups']} |")
+    return "\n".join(lines)
 
 
 def latency_fidelity(d: dict) -> str:
@@ -296,7 +321,8 @@ def latency_fidelity(d: dict) -> str:
 
 RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
           "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline,
-          "latency_target": latency_target, "latency_fidelity": latency_fidelity}
+          "latency_target": latency_target, "latency_fidelity": latency_fidelity,
+          "kernel_widths": kernel_widths}
 
 
 def render(name: str) -> str:

@@ -12,7 +12,9 @@ allocation; a params/FLOPs search varies only ``ratio``).
 
 Constraints: keep at least ``min_channels`` per group (never zero; a head group keeps at least
 one head); with ``round_to = r`` the number of kept channels is rounded up to a multiple of ``r``
-(when the group has that many) — not for head groups, whose unit is already a whole head.
+(when the group has that many) — not for head groups, whose unit is already a whole head. With
+``steps`` (group id → step, passes/kernel_widths.py: ``--round-to auto``) each group rounds to
+its own step instead, 1 (exact) where the runtime's kernels do not care.
 Ties in score are broken by channel index, so plans are deterministic.
 
 Sensitivity allocation (``method=SENSITIVITY``, with the damage curves of
@@ -41,6 +43,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,7 +76,8 @@ class Allocation:
                  hidden_ratio: float | None = None,
                  method: AllocationMethod | None = None,
                  sensitivities: Sensitivities | None = None,
-                 latency: LatencyTable | None = None):
+                 latency: LatencyTable | None = None,
+                 steps: Mapping[int, int] | None = None):
         for name, value in (("ratio", ratio), ("heads ratio", heads_ratio),
                             ("mlp ratio", mlp_ratio), ("hidden ratio", hidden_ratio)):
             if value is not None:
@@ -86,6 +90,7 @@ class Allocation:
         self.target = target
         self.global_ranking = global_ranking
         self.round_to = round_to
+        self.steps = steps
         self.min_channels = min_channels
         self.method = method or (AllocationMethod.GLOBAL if global_ranking
                                  else AllocationMethod.UNIFORM)
@@ -126,11 +131,22 @@ class Allocation:
         keep = {}
         for g in groups:
             k = min(g.size, max(counts[g.id], self.min_channels))
-            if self.round_to > 1 and g.size >= self.round_to and g.kind is not GroupKind.HEADS:
-                k = min(g.size, math.ceil(k / self.round_to) * self.round_to)
+            step = self.step(g)
+            if step > 1:
+                k = min(g.size, math.ceil(k / step) * step)
+            if self.target is Target.LATENCY and self.latency is not None:
+                k = self.latency.as_fast_wider(g.id, k)
             order = np.lexsort((np.arange(g.size), -scores.by_group[g.id]))
             keep[g.id] = np.sort(order[:k])
         return keep
+
+    def step(self, group: Group) -> int:
+        """What ``group``'s kept count is a multiple of (1: exact): its kernel step, or
+        ``round_to``; never for head groups, nor for a group smaller than its step."""
+        if group.kind is GroupKind.HEADS:
+            return 1
+        step = self.round_to if self.steps is None else self.steps.get(group.id, 1)
+        return step if group.size >= step else 1
 
     def _ratio_for(self, group: Group, ratio: float) -> float:
         explicit = self.kind_ratio.get(group.kind)
@@ -291,9 +307,8 @@ class Allocation:
         """The next removal count of ``group`` that respects min_channels and round_to."""
         floor = 1 if group.kind is GroupKind.HEADS else self.min_channels
         limit = group.size - min(group.size, floor)
-        step = 1
-        if self.round_to > 1 and group.size >= self.round_to and group.kind is not GroupKind.HEADS:
-            step = (group.size - removed) % self.round_to or self.round_to
+        block = self.step(group)
+        step = (group.size - removed) % block or block
         nxt = removed + step
         return nxt if nxt <= limit else None
 

@@ -43,12 +43,17 @@ NOISY = 0.15  # a timing spread above this share of the median is noise
 #: The block (in channels) of onnxruntime's NCHWc convolution kernels, by CPU feature flag.
 KERNEL_BLOCKS = (("avx512f", 16), ("avx2", 8), ("avx", 8))
 CPU_PROVIDER = "CPUExecutionProvider"
+BLOCK_ENV = "SPA_KERNEL_BLOCK"
 
 
 def kernel_block(cpuinfo: str | None = None) -> int:
     """The channel block onnxruntime's blocked (NCHWc) kernels use on this CPU: 16 with
     AVX-512, 8 with AVX2, else 1. ``cpuinfo``: the text of /proc/cpuinfo (read when None;
-    where there is none the answer is 1)."""
+    where there is none the answer is 1). ``$SPA_KERNEL_BLOCK`` overrides what this CPU says
+    (a plan for another machine's CPU; the test suite pins it, so that its counts do not
+    depend on the machine)."""
+    if cpuinfo is None and os.environ.get(BLOCK_ENV):
+        return int(os.environ[BLOCK_ENV])
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -102,6 +107,14 @@ class GroupLatency:
         ys = np.array((*self.saved_ms[::-1], 0.0))
         return float(np.interp(kept, xs, ys))
 
+    def as_fast_wider(self, kept: int) -> int:
+        """The widest width ≥ ``kept`` (a measured one, or full width) that saves at least
+        what ``kept`` saves: a narrower width the table measured no faster is not worth its
+        lost channels."""
+        here = self.saved(kept)
+        wider = [k for k in (self.size, *self.kept) if k > kept and self.saved(k) >= here]
+        return max(wider, default=kept)
+
 
 @dataclass(frozen=True)
 class LatencyTable:
@@ -139,6 +152,11 @@ class LatencyTable:
         f, macs = self.raw(kept)
         alpha, beta = self.fit
         return self.scale * (alpha * f - beta * max(macs - macs_saved, 0.0))
+
+    def as_fast_wider(self, gid: int, kept: int) -> int:
+        """Group ``gid``'s :meth:`GroupLatency.as_fast_wider` (``kept`` when not timed)."""
+        row = self.groups.get(gid)
+        return kept if row is None else row.as_fast_wider(kept)
 
     def predict(self, kept: Mapping[int, int], macs_saved: float) -> float:
         """Predicted latency of a plan, in milliseconds."""

@@ -128,8 +128,9 @@ def _latency_chart(report: PruneReport | None) -> str:
                     f'height="20" fill="{color}"><title>{value:.3f} ms</title></rect>'
                     f'<text x="{66 + 400 * value / top:.1f}" y="{y + 14}">{value:.3f} ms</text>')
     speed = f"{a / b:.2f}× faster" if b < a else f"{b / a:.2f}× slower"
-    note = "" if b < a else (' <span class="badge warn">slower: try --round-to 8 (channel counts '
-                             'that are multiples of 8 suit onnxruntime\'s kernels)</span>')
+    note = "" if b < a else (' <span class="badge warn">slower: keep the default --round-to '
+                             'auto (channel counts in whole blocks suit onnxruntime\'s '
+                             'kernels), or try --target latency</span>')
     return (f'<svg id="latency-chart" width="560" height="58" role="img" '
             f'aria-label="latency before and after">{"".join(bars)}</svg>'
             f'<p class="sub">median onnxruntime CPU latency: {speed}{note}</p>')

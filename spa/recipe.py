@@ -111,6 +111,10 @@ class Recipe:
     allocation: str = "uniform"
     calibration: CalibrationRecipe | None = None
     reconstruction: ReconstructionRecipe | None = None
+    # --round-to auto: round_to is this CPU's kernel block (resolved here, so that the plan
+    # says which block it was made for), applied only where the kernels need it
+    # (passes/kernel_widths.py): (group id, its step) for every prunable group.
+    kernel_steps: tuple[tuple[int, int], ...] | None = None
 
     @property
     def hidden(self) -> bool:
@@ -133,6 +137,9 @@ class Recipe:
             body["calibration"] = self.calibration.to_dict()
         if self.reconstruction is not None:
             body["reconstruction"] = self.reconstruction.to_dict()
+        if self.kernel_steps is not None:
+            body["round_to_auto"] = True
+            body["kernel_steps"] = {str(k): v for k, v in self.kernel_steps}
         return body
 
     @classmethod
@@ -147,7 +154,8 @@ class Recipe:
                    BiasRecipe.from_dict(bias) if bias else None,
                    str(body.get("allocation", "uniform")),
                    CalibrationRecipe.from_dict(calib) if calib else None,
-                   ReconstructionRecipe.from_dict(rec) if rec else None)
+                   ReconstructionRecipe.from_dict(rec) if rec else None,
+                   _steps(body.get("kernel_steps")))
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Recipe | None:
@@ -163,3 +171,7 @@ class Recipe:
 def _ratio(body: dict[str, Any], key: str) -> float | None:
     value = body.get(key)
     return None if value is None else float(value)
+
+
+def _steps(body: dict[str, Any] | None) -> tuple[tuple[int, int], ...] | None:
+    return None if body is None else tuple((int(k), int(v)) for k, v in body.items())

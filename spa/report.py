@@ -188,9 +188,9 @@ def report_notes(r: PruneReport) -> list[str]:
     notes = []
     achieved = measured_speedup(r)
     if achieved is not None and achieved < 1.0:
-        hint = ("" if r.latency_target else "; channel counts that are not multiples of the "
-                "kernel block defeat onnxruntime's blocked convolution kernels: try --round-to "
-                "auto, or --target latency")
+        hint = ("" if r.latency_target else "; channel counts that are not whole kernel "
+                "blocks defeat onnxruntime's blocked convolution kernels: keep the default "
+                "--round-to auto, or try --target latency")
         notes.append(f"warning: the pruned model measures slower than the dense one "
                      f"({r.latency_ms_before:.3f} → {r.latency_ms_after:.3f} ms){hint}")
     asked = r.latency_target.get("requested_speedup")

@@ -68,9 +68,11 @@ def test_kernel_block_from_cpuinfo_flags() -> None:
 
 
 def test_round_to_auto_is_this_cpus_block() -> None:
-    assert parse_round_to("auto") == kernel_block()
+    assert parse_round_to("auto") == "auto"
     assert parse_round_to("4") == 4
-    assert PruneOptions(round_to="auto").round_to == kernel_block()  # type: ignore[arg-type]
+    assert PruneOptions(round_to="auto").block == kernel_block()
+    assert PruneOptions().block == kernel_block()  # auto is the default
+    assert PruneOptions(round_to=4).block == 4
 
 
 def test_snap_rounds_kept_widths_up_to_the_block() -> None:
@@ -168,6 +170,33 @@ def test_allocator_never_stops_at_a_width_measured_slower_than_a_wider_one() -> 
         k = {g.id: len(g.keep) for g in plan.groups}[g2.id]
         saved = table.groups[g2.id].saved(k)
         assert all(table.groups[g2.id].saved(w) < saved for w in range(k + 1, 17)), (ratio, k)
+
+
+def test_as_fast_wider_is_the_widest_width_saving_as_much() -> None:
+    g = GroupLatency("g", 16, (12, 8, 4), (1.0, 0.5, 3.0), 0.0)
+    assert [g.as_fast_wider(k) for k in (16, 12, 10, 8, 6, 4)] == [16, 12, 12, 12, 6, 4]
+    # a width that saves nothing (or costs time) is not worth its channels: full width
+    assert GroupLatency("z", 16, (8,), (-0.2,), 0.0).as_fast_wider(8) == 16
+
+
+def test_uniform_latency_allocation_never_keeps_a_width_measured_slower_than_a_wider_one(
+        ) -> None:
+    """The same table as above, one channel ratio searched for every group (``uniform``):
+    g2 never stays at 8 or 10 (12 saves more), and g1, which saves nothing, stays whole."""
+    analysis = analyze(_convs())
+    g1, g2 = sorted(analysis.prunable_groups, key=lambda g: g.id)
+    table = _table({g1.id: GroupLatency("g1", 16, (12, 8, 4), (0.0, 0.0, 0.0), 0.0),
+                    g2.id: GroupLatency("g2", 16, (12, 8, 4), (1.0, 0.5, 3.0), 0.0)},
+                   dense=10.0)
+    scores = get_criterion("l1").run(analysis)
+    for ratio in (0.05, 0.1, 0.2, 0.3):
+        plan = Allocation(ratio=ratio, target=Target.LATENCY, method=AllocationMethod.UNIFORM,
+                          latency=table).run(analysis, scores)
+        k = {g.id: len(g.keep) for g in plan.groups}
+        assert k[g1.id] == 16
+        saved = table.groups[g2.id].saved(k[g2.id])
+        assert all(table.groups[g2.id].saved(w) < saved for w in range(k[g2.id] + 1, 17)), (
+            ratio, k)
 
 
 def test_importance_curve_is_the_sum_of_the_lowest_scores() -> None:

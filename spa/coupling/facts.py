@@ -18,6 +18,9 @@ branch on op names:
   its bias.
 * **slimming scale** (an input slot): the per-channel ``γ`` whose magnitude network slimming
   ranks channels by (criterion ``bn_scale``, passes/importance/structure.py).
+* **blocked axes** (:data:`BlockedFn`): the axes of a node's weight (``(tensor name, axis)``)
+  whose channel counts the runtime's fast blocked kernels need as multiples of their block
+  (onnxruntime's NCHWc convolutions); where the kept widths round to it (passes/kernel_widths.py).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class BiasSlot:
 
 
 MacFn = Callable[["gs.Node"], "MacTerm | None"]
+# node -> the (weight name, axis) spaces whose channel counts the blocked kernels need whole blocks
+BlockedFn = Callable[["gs.Node"], "tuple[tuple[str, int], ...]"]
 # (node, input slot of a layer's output) -> the input slot of the constant added to it
 AddsBiasFn = Callable[["gs.Node", int], "int | None"]
 # (node, input slot of the weight) -> (the activation the weight reads, its channel axis)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from spa.coupling.context import NodeContext
-    from spa.coupling.facts import AddsBiasFn, BiasSlot, LayerInputFn, MacFn
+    from spa.coupling.facts import AddsBiasFn, BiasSlot, BlockedFn, LayerInputFn, MacFn
 
 Rule = Callable[["NodeContext"], None]
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -86,6 +86,7 @@ class RuleEntry:
     bias: BiasSlot | None = None
     slimming_scale: int | None = None
     adds_bias: AddsBiasFn | None = None
+    blocked: BlockedFn | None = None
 
 
 RULES: OpTable[RuleEntry] = OpTable()
@@ -94,13 +95,14 @@ RULES: OpTable[RuleEntry] = OpTable()
 def register(*op_types: str, domain: str = "", opsets: tuple[int, int] = ALL_OPSETS,
              mac: MacFn | None = None, layer_input: LayerInputFn | None = None,
              bias: BiasSlot | None = None, slimming_scale: int | None = None,
-             adds_bias: AddsBiasFn | None = None) -> Callable[[Rule], Rule]:
+             adds_bias: AddsBiasFn | None = None,
+             blocked: BlockedFn | None = None) -> Callable[[Rule], Rule]:
     """Decorator: register ``rule``, with the given facts, for each op type in ``op_types``."""
 
     def deco(rule: Rule) -> Rule:
         for op in op_types:
             entry = RuleEntry(domain, op, opsets[0], opsets[1], rule, mac, layer_input, bias,
-                              slimming_scale, adds_bias)
+                              slimming_scale, adds_bias, blocked)
             RULES.add(domain, op, opsets, entry)
         return rule
 

@@ -52,9 +52,10 @@ _INPUT_DIM_HELP = ("size of a symbolic input dim (e.g. height=224) for the input
 InputDims = tuple[tuple[str, int], ...]
 
 
-def parse_round_to(text: str) -> int:
-    """Parser of ``--round-to``: an integer ≥ 1, or ``auto`` (this CPU's kernel block)."""
-    return kernel_block() if text == AUTO else positive(text)
+def parse_round_to(text: str) -> int | str:
+    """Parser of ``--round-to``: an integer ≥ 1, or ``auto`` (this CPU's kernel block, where
+    the kernels need it: passes/kernel_widths.py)."""
+    return AUTO if text == AUTO else positive(text)
 
 
 def _criteria_help() -> str:
@@ -96,10 +97,14 @@ class PruneOptions:
         None, enum=AllocationMethod, help="how the budget is spread over the groups: uniform "
         "(same ratio per group), global (one ranking across groups) or sensitivity (measured "
         "damage to the final outputs; default with --calib)")
-    round_to: int = option(1, parse=parse_round_to, metavar="N",
-                           help="keep channel counts a multiple of N; 'auto': the block of "
-                           "onnxruntime's fast convolution kernels on this CPU (16 with "
-                           "AVX-512, 8 with AVX2)")
+    # AUTO: resolved to this CPU's block (:attr:`block`) where the kernels need it.
+    round_to: int | str = option(AUTO, parse=parse_round_to, metavar="N",
+                                 help="keep channel counts a multiple of N in every group; "
+                                 "'auto' (the default): in the groups of convolutions "
+                                 "onnxruntime runs in "
+                                 "its blocked layout, a multiple of its block on this CPU (16 "
+                                 "with AVX-512, 8 with AVX2), other groups (MatMul, Gemm) "
+                                 "exact")
     min_channels: int = option(1, parse=positive, metavar="N",
                                help="never keep fewer than N channels in a group")
     ignore: tuple[str, ...] = option((), append=True, metavar="GLOB", help="freeze every "
@@ -156,8 +161,10 @@ class PruneOptions:
                                    metavar="NAME=SIZE", help=_INPUT_DIM_HELP)
 
     def __post_init__(self) -> None:
-        if self.round_to == AUTO:  # the Python API's round_to="auto"
-            object.__setattr__(self, "round_to", kernel_block())
+        if self.round_to != AUTO and (isinstance(self.round_to, bool) or not isinstance(
+                self.round_to, int) or self.round_to < 1):
+            raise OptionError(f"round_to must be an integer ≥ 1 or {AUTO!r}, got "
+                              f"{self.round_to!r}")
         for name in ("ratio", "heads_ratio", "mlp_ratio", "hidden_ratio", "depth_ratio"):
             value = getattr(self, name)
             if value is not None:
@@ -172,6 +179,11 @@ class PruneOptions:
     def drops_blocks(self) -> bool:
         """Whether depth pruning was asked for."""
         return bool(self.drop_blocks) or bool(self.depth_ratio)
+
+    @property
+    def block(self) -> int:
+        """``round_to`` resolved: this CPU's kernel block for ``auto``."""
+        return kernel_block() if self.round_to == AUTO else int(self.round_to)
 
     @property
     def calibration(self) -> CalibrationOptions:

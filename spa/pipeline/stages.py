@@ -31,11 +31,12 @@ from spa.passes.depth import Depth, with_depth
 from spa.passes.importance import CRITERIA, Criterion, get_criterion
 from spa.passes.importance.gradient import Gradient
 from spa.passes.importance.obspa import OBSPA
+from spa.passes.kernel_widths import KernelWidths
 from spa.passes.latency import LatencyTable
 from spa.passes.latency_profile import LatencyProfile
 from spa.passes.sensitivity import Sensitivities, Sensitivity
 from spa.passes.statistics import LayerStatistics, LayerStats
-from spa.pipeline.options import CheckOptions, PruneOptions
+from spa.pipeline.options import AUTO, CheckOptions, PruneOptions
 from spa.plan import Plan
 from spa.recipe import (
     BiasRecipe,
@@ -217,12 +218,13 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
             analysis, to_onnx(analysis.model), scores, calib.train)
     if table is None and options.target is Target.LATENCY:
         table = latency_table(analysis, options)
+    steps = kernel_steps(analysis, options)
     alloc = Allocation(ratio=options.ratio, target=options.target,
-                       global_ranking=options.global_ranking, round_to=options.round_to,
+                       global_ranking=options.global_ranking, round_to=options.block,
                        min_channels=options.min_channels, heads_ratio=options.heads_ratio,
                        mlp_ratio=options.mlp_ratio, hidden_ratio=options.hidden_ratio,
-                       method=method, sensitivities=sensitivities, latency=table)
-    plan = alloc.run(analysis, scores, recipe(options, criterion))
+                       method=method, sensitivities=sensitivities, latency=table, steps=steps)
+    plan = alloc.run(analysis, scores, recipe(options, criterion, steps))
     if options.drops_blocks:
         plan = _depth(analysis, plan, options, calib)
     latency = None
@@ -252,13 +254,21 @@ def _depth(analysis: Analysis, plan: Plan, options: PruneOptions,
     return with_depth(analysis, plan, choice.dropped)
 
 
+def kernel_steps(analysis: Analysis, options: PruneOptions) -> dict[int, int] | None:
+    """``--round-to auto``: each group's step (passes/kernel_widths.py); None: ``round_to``
+    in every group."""
+    if options.round_to != AUTO:
+        return None
+    return KernelWidths(block=options.block).run(analysis)
+
+
 def latency_table(analysis: Analysis, options: PruneOptions) -> LatencyTable:
     """The measured latency table of the model (passes/latency.py), cached on disk."""
     hidden = options.hidden_ratio is not None
     return LatencyProfile(
         reanalyse=lambda loaded: analyse(loaded, ignore=options.ignore, hidden=hidden),
         provider=options.provider, threads=options.threads, dims=dict(options.input_dims),
-        block=options.round_to).run(analysis)
+        block=options.block).run(analysis)
 
 
 def _criterion(analysis: Analysis, options: PruneOptions,
@@ -291,7 +301,8 @@ def _saliency(cls: type[Gradient], analysis: Analysis, options: PruneOptions,
     return onnx_saliency(to_onnx(analysis.model), calib.train, cls.needs)
 
 
-def recipe(options: PruneOptions, criterion: Criterion) -> Recipe:
+def recipe(options: PruneOptions, criterion: Criterion,
+           steps: Mapping[int, int] | None = None) -> Recipe:
     """What the plan records of ``options``: all ``spa apply`` needs to redo the analysis and
     the compensation."""
     comp = bias = None
@@ -308,8 +319,9 @@ def recipe(options: PruneOptions, criterion: Criterion) -> Recipe:
             rec = ReconstructionRecipe(RECONSTRUCTION_ROWS, options.seed)
     return Recipe(options.criterion, options.ratio, options.heads_ratio, options.mlp_ratio,
                   options.hidden_ratio, options.target, options.global_ranking,
-                  options.round_to, options.seed, options.ignore, comp, bias,
-                  options.allocation_method.value, cal, rec)
+                  options.block, options.seed, options.ignore, comp, bias,
+                  options.allocation_method.value, cal, rec,
+                  None if steps is None else tuple(sorted(steps.items())))
 
 
 def nothing_prunable(analysis: Analysis) -> str:

@@ -17,6 +17,17 @@ input's makes the model invalid: the rule raises rather than freeze.
 ConvTranspose ``W: [C, O/g, *k]`` is the mirror image: ``W.0 ↔ X.1`` consumes, ``W.1`` (within a
 group) produces, and grouped ConvTranspose again removes whole groups.
 
+Blocked kernels. onnxruntime's CPU provider runs a Conv in its NCHWc layout (blocks of ``B``
+channels: 8 with AVX2, 16 with AVX-512; its ``NchwcTransformer``) when the weight is a constant
+4-D float tensor and the channel counts fit the block: ``g == 1`` needs ``C`` a multiple of
+``B`` (or ``C < B``: the input is read unblocked) and pads ``O`` up to one (so an ``O`` short of a
+block costs a whole block); depthwise (``C/g == 1``, ``O == g``) needs ``O`` a multiple of ``B``;
+other grouped convs need ``C/g`` and ``O/g`` multiples of ``B``, which pruning (whole groups)
+never changes. Anything else runs the plain NCHW kernel, with reorders between it and its
+blocked neighbours. So the spaces whose kept counts should keep whole blocks (the ``blocked``
+fact) are ``W.1`` of ``g == 1`` convs and ``W.0`` of depthwise ones; ``W.0`` of a ``g == 1``
+conv is padded to a block anyway, and only its consumers decide whether rounding it pays.
+
 Facts (spa/coupling/facts.py). MACs: Conv ``|Y| · |W[0]|`` (each output element reads
 ``C/g · Πk`` inputs), ConvTranspose ``|X| · |W[0]|`` (each input element is scattered into
 ``O/g · Πk`` outputs). Layer input of the weight: ``X``, channel axis 1. Bias: Conv's input 2
@@ -126,7 +137,24 @@ def conv_facts() -> tuple[MacFn, LayerInputFn]:
     return _conv_macs, _layer_input
 
 
-@register("Conv", mac=_conv_macs, layer_input=_layer_input, bias=BiasSlot(2))
+def _blocked(node: gs.Node) -> tuple[tuple[str, int], ...]:
+    """The weight spaces whose kept counts keep onnxruntime's NCHWc kernels (module docstring);
+    none for a weight that is not a constant 4-D float32 tensor."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w, gs.Constant) or len(w.shape) != 4 or np.dtype(w.dtype) != np.float32:
+        return ()
+    group = int(node.attrs.get("group", 1))
+    if group == 1:
+        return ((w.name, 1),)
+    if w.shape[1] == 1 and w.shape[0] == group:  # depthwise
+        return ((w.name, 0),)
+    return ()
+
+
+@register("Conv", mac=_conv_macs, layer_input=_layer_input, bias=BiasSlot(2), blocked=_blocked)
 def conv(ctx: NodeContext) -> None:
     common = _common(ctx)
     if common is None:
