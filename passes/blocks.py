@@ -18,8 +18,20 @@ tail is the branch's last weighted producer (``Conv``, ``ConvTranspose``, ``Gemm
 with a constant weight; or a ``BatchNormalization``, whose scale and shift zeroed give 0),
 followed only by constant ``Add`` (a bias, zeroed too) and constant ``Mul`` (a layer scale: 0
 stays 0). A branch ending otherwise, or whose tail constants other nodes also read, is not a
-candidate, and the result says why. Fused residual adds (onnxruntime's
-``SkipLayerNormalization``) are not candidates either: the stream is added inside the norm.
+candidate, and the result says why.
+
+**Fused residual adds.** onnxruntime's ``SkipLayerNormalization`` and
+``SkipSimplifiedLayerNormalization`` (inputs ``input, skip, gamma[, beta][, bias]``; outputs the
+normalised sum, mean, inverse std, and ``input_skip_bias_sum``) add the stream inside the norm:
+the branch feeds ``input`` with the stream in ``skip``, or the other way round. A block there
+starts at the stream and, when the stream is itself the sum output (3) of such a norm, at that
+norm's normalised output (0) too, a function of the sum alone: that is where a pre-norm layer's
+branch reads. Dropping it rewrites the fused norm into the plain norm of the stream (same
+epsilon, gamma, beta) whose sum output is the stream itself. A ``bias`` of the fused norm is
+added to the branch only, so it goes with it: the masked original zeroes it with the branch's
+last layer. The fused norm's mean and inverse-std outputs must be unread, and its sum output
+must not be a graph output. A ``MatMulNBits`` last layer is zeroed by its scales (and bias):
+its dequantised weight ``(q − zero point) · scale`` is then exactly 0.
 
 The search is structural: no node or tensor names are matched.
 """
@@ -28,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,8 +50,14 @@ if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
 
 log = logging.getLogger(__name__)
-_WEIGHTED = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
-_FUSED_RESIDUAL = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+# op → the input slots zeroed to make its output 0 (MatMulNBits: scales and bias)
+_WEIGHTED = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,),
+             "MatMulNBits": (2, 5)}
+# fused residual norm → the plain norm it becomes without the branch, and its bias slot
+FUSED_RESIDUAL = {"SkipLayerNormalization": ("LayerNormalization", 4),
+                  "SkipSimplifiedLayerNormalization": ("SimplifiedLayerNormalization", 3)}
+SUM = 3  # a fused residual norm's input_skip_bias_sum output
+SKIP_EPSILON = 1e-12  # their epsilon when the attribute is absent (onnxruntime's schema)
 
 
 @dataclass(frozen=True)
@@ -88,18 +106,15 @@ def find_blocks(graph: gs.Graph, caches: Mapping[str, str] | None = None) -> Blo
     found: list[Block] = []
     refused: dict[str, str] = {}
     for node in graph.nodes:
-        if node.op in _FUSED_RESIDUAL:
-            refused[node.name] = (f"{node.op} node '{node.name}' adds the stream inside the "
-                                  "norm (a fused residual): not a depth candidate")
-            continue
-        if node.op != "Add" or len(node.inputs) != 2 or any(
-                isinstance(t, gs.Constant) for t in node.inputs):
+        if not is_residual(node):
             continue
         for x, f in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
             branch = _branch(x, f)
             if not branch:
                 continue
             block = _block(node, x, f, branch, outputs, order, caches, graph)
+            if isinstance(block, Block) and node.op in FUSED_RESIDUAL:
+                block = _fused(node, block, outputs)
             if isinstance(block, str):
                 refused[node.name] = block
             else:
@@ -108,10 +123,51 @@ def find_blocks(graph: gs.Graph, caches: Mapping[str, str] | None = None) -> Blo
     return Blocks(tuple(found), refused)
 
 
+def is_residual(node: gs.Node) -> bool:
+    """An ``Add`` of two computed tensors, or a fused residual norm with computed input and
+    skip: where a residual block may end."""
+    if node.op == "Add":
+        return len(node.inputs) == 2 and not any(isinstance(t, gs.Constant) for t in node.inputs)
+    return node.op in FUSED_RESIDUAL and len(node.inputs) >= 3 and not any(
+        isinstance(t, gs.Constant) for t in node.inputs[:2])
+
+
+def _fused(node: gs.Node, block: Block, outputs: set[str]) -> Block | str:
+    """``block`` ending in fused residual norm ``node``, with the norm's bias zeroed too, or
+    why the norm cannot become the plain norm of the stream."""
+    if any(i < len(node.outputs) and node.outputs[i].outputs for i in (1, 2)):
+        return (f"{node.op} node '{node.name}' has its mean or inverse-std output read: the "
+                "plain norm it would become does not write it")
+    if len(node.outputs) > SUM and node.outputs[SUM].name in outputs:
+        return (f"the sum output of {node.op} node '{node.name}' is a graph output: dropping "
+                "the block would rename it")
+    slot = FUSED_RESIDUAL[node.op][1]
+    bias = node.inputs[slot] if slot < len(node.inputs) and node.inputs[slot].name else None
+    if bias is None:
+        return block
+    if not isinstance(bias, gs.Constant) or len(bias.outputs) > 1:
+        return (f"the bias '{bias.name}' of {node.op} node '{node.name}' is computed or shared: "
+                "it cannot go with the branch")
+    return replace(block, zero=(*block.zero, bias.name) if np.any(np.asarray(bias.values))
+                   else block.zero)
+
+
+def _entries(x: gs.Tensor) -> list[gs.Tensor]:
+    """Where a branch of stream ``x`` may start: ``x``, and when ``x`` is a fused residual
+    norm's sum output, that norm's normalised output (a function of ``x`` alone)."""
+    p = x.inputs[0] if x.inputs else None
+    if p is not None and p.op in FUSED_RESIDUAL and len(p.outputs) > SUM \
+            and p.outputs[SUM] is x:
+        return [x, p.outputs[0]]
+    return [x]
+
+
 def _branch(x: gs.Tensor, f: gs.Tensor) -> list[gs.Node]:
-    """The nodes on paths from ``x`` to ``f`` (empty when ``f`` does not depend on ``x``)."""
+    """The nodes on paths from ``x`` (or the norm of it a fused residual norm writes) to ``f``
+    (empty when ``f`` does not depend on ``x``)."""
+    starts = {id(t) for t in _entries(x)}
     below: dict[int, gs.Node] = {}
-    stack = list(x.outputs)
+    stack = [n for t in _entries(x) for n in t.outputs]
     while stack:
         n = stack.pop()
         if id(n) in below:
@@ -127,7 +183,7 @@ def _branch(x: gs.Tensor, f: gs.Tensor) -> list[gs.Node]:
         if id(n) in branch or id(n) not in below:
             continue
         branch[id(n)] = n
-        stack.extend(t.inputs[0] for t in n.inputs if t is not x and t.inputs)
+        stack.extend(t.inputs[0] for t in n.inputs if id(t) not in starts and t.inputs)
     return list(branch.values())
 
 
@@ -221,17 +277,22 @@ def dead_nodes(graph: gs.Graph, stream: Mapping[str, str],
     ``stream`` is rewritten into its stream input (what the rewrite's cleanup removes), by
     name."""
     live: set[int] = set()
-    stack = [t.inputs[0] for t in graph.outputs if t.inputs and t.name not in removed]
+    seen: set[int] = set()
+    stack = [t for t in graph.outputs if t.inputs and t.name not in removed]
     while stack:
-        n = stack.pop()
-        if id(n) in live:
+        t = stack.pop()
+        if id(t) in seen:
             continue
-        live.add(id(n))
-        ins = [t for t in n.inputs if t.name == stream[n.name]] if n.name in stream \
+        seen.add(id(t))
+        n = t.inputs[0]
+        ins = [i for i in n.inputs if i.name == stream[n.name]] if n.name in stream \
             else n.inputs
-        stack.extend(t.inputs[0] for t in ins if t.inputs)
+        # a dropped fused residual norm's sum output is its stream: the norm need not run
+        if n.name not in stream or n.op not in FUSED_RESIDUAL or t is n.outputs[0]:
+            live.add(id(n))
+        stack.extend(i for i in ins if i.inputs)
         for g in _subgraphs(n):
-            stack.extend(t.inputs[0] for t in _outer_reads(g) if t.inputs)
+            stack.extend(i for i in _outer_reads(g) if i.inputs)
     return {n.name for n in graph.nodes if id(n) not in live}
 
 

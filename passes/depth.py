@@ -71,7 +71,7 @@ class Depth:
         else:
             scores = dict(zip((b.add for b in blocks.candidates),
                               [1.0 - c for c in cosines(original, blocks.candidates, inputs,
-                                                        samples=self.samples)]))
+                                                        analysis, samples=self.samples)]))
             picked = sorted(scores, key=lambda a: scores[a])[:n]
         by_add = blocks.by_add()
         chosen = sorted(blocks.candidates.index(by_add[a]) for a in picked)
@@ -110,7 +110,8 @@ class Depth:
 
 
 def cosines(original: onnx.ModelProto, blocks: tuple[Block, ...],
-            inputs: Mapping[str, np.ndarray], *, samples: int = SAMPLES) -> list[float]:
+            inputs: Mapping[str, np.ndarray], analysis: Analysis | None = None, *,
+            samples: int = SAMPLES) -> list[float]:
     """ShortGPT's cosine of each block's input and output (channel axis: 1 for 4-d
     activations, else the last), averaged over positions and samples."""
     model = with_types(original)
@@ -122,7 +123,7 @@ def cosines(original: onnx.ModelProto, blocks: tuple[Block, ...],
     sess = val.session(model, what="original model")
     n = len(next(iter(inputs.values())))
     got = val.run_chunked(sess, {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()},
-                          batch_limit(original))
+                          batch_limit(original, analysis))
     return [_cosine(got[b.stream], got[_output(model, b)]) for b in blocks]
 
 
@@ -161,7 +162,10 @@ def with_depth(analysis: Analysis, plan: Plan, dropped: tuple[DroppedBlock, ...]
                    else gp for gp in plan.groups)
     plan = replace(plan, groups=groups, dropped=dropped)
     cost = CostModel(graph, analysis.model.ties)
-    after = cost.count(kept_indices(analysis, plan), gone)
+    nodes = {n.name: n for n in graph.nodes}
+    biases = {t.name for b in dropped for t in nodes[b.add].inputs[2:]  # fused norms' biases
+              if t.name in b.zero}
+    after = cost.count(kept_indices(analysis, plan), gone, biases)
     pred = plan.prediction
     before = Prediction(analysis.model.params, 0, cost.count().flops, 0) if pred is None \
         else pred

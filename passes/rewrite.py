@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.types import KeptLookup
+from spa.passes.blocks import FUSED_RESIDUAL, SKIP_EPSILON, SUM
 from spa.passes.compensation import add_bias_shifts
 from spa.plan import kept_indices
 
@@ -90,17 +91,17 @@ def drop_blocks(graph: gs.Graph, plan: Plan) -> None:
     for b in plan.dropped:
         add = nodes[b.add]
         # the stream: ``b.stream``, or what an earlier dropped block rewired it to
-        x = next(t for t in add.inputs if t.name != b.branch)
+        x = next(t for t in add.inputs[:2] if t.name != b.branch)
+        if add.op in FUSED_RESIDUAL:
+            _unfuse(add, x)
+            continue
         out = add.outputs[0]
         if id(out) in outputs:
             add.op = "Identity"
             add.inputs.clear()
             add.inputs.append(x)
             continue
-        for reader in list(out.outputs):
-            for i, t in enumerate(reader.inputs):
-                if t is out:
-                    reader.inputs[i] = x
+        _reroute(out, x)
         add.outputs.clear()
     gone = {name for b in plan.dropped for pair in b.caches for name in pair}
     if gone:  # KV caches of dropped attention branches leave the signature
@@ -108,3 +109,33 @@ def drop_blocks(graph: gs.Graph, plan: Plan) -> None:
         graph.outputs = [t for t in graph.outputs if t.name not in gone]
     if plan.dropped:
         log.info("dropped %d residual blocks", len(plan.dropped))
+
+
+def _reroute(out: gs.Tensor, x: gs.Tensor) -> None:
+    """Every reader of ``out`` reads ``x`` instead."""
+    for reader in list(out.outputs):
+        for i, t in enumerate(reader.inputs):
+            if t is out:
+                reader.inputs[i] = x
+
+
+def _unfuse(node: gs.Node, x: gs.Tensor) -> None:
+    """A fused residual norm whose branch is dropped (passes/blocks.py): the plain norm of the
+    stream ``x`` (same epsilon, gamma, beta; its bias went with the branch), and the readers of
+    its sum output read ``x``."""
+    plain = FUSED_RESIDUAL[node.op][0]
+    if len(node.outputs) > SUM:
+        _reroute(node.outputs[SUM], x)
+    params = [node.inputs[2]]
+    if plain == "LayerNormalization" and len(node.inputs) > 3 and node.inputs[3].name:
+        params.append(node.inputs[3])  # beta
+    attrs: dict[str, object] = {"axis": -1,
+                                "epsilon": float(node.attrs.get("epsilon", SKIP_EPSILON))}
+    if plain == "SimplifiedLayerNormalization":
+        attrs["stash_type"] = 1
+    out = node.outputs[0]
+    node.inputs.clear()
+    node.inputs.extend([x, *params])
+    node.outputs.clear()
+    node.outputs.append(out)
+    node.op, node.domain, node.attrs = plain, "", attrs

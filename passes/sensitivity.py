@@ -251,11 +251,12 @@ def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
     masked = _Masked(original, analysis, extra={n for z in zero_sets for n in z})
     n = len(next(iter(inputs.values())))
     feeds = {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()}
-    chunk = batch_limit(original)
+    chunk = batch_limit(original, analysis)
     reference = _outputs(masked.session, feeds, chunk=chunk)
     damage = []
+    packed = _packed_once(original)
     for names in zero_sets:
-        if all(name in masked.inits for name in names):
+        if all(name in masked.inits and name not in packed for name in names):
             weights = {name: np.zeros_like(onnx.numpy_helper.to_array(masked.inits[name]))
                        for name in names}
             out = _outputs(masked.session, feeds, weights, chunk)
@@ -263,6 +264,14 @@ def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
             out = _outputs(_zeroed(original, names), feeds, chunk=chunk)
         damage.append(_damage(reference, out))
     return damage
+
+
+def _packed_once(original: onnx.ModelProto) -> set[str]:
+    """Initializers a fed override does not reach after a session's first run:
+    onnxruntime's ``MatMulNBits`` packs its weight with its scales once and keeps them
+    (measured: feeding other scales to a later run gives the first run's output)."""
+    return {name for node in original.graph.node if node.op_type == "MatMulNBits"
+            for name in node.input[1:]}
 
 
 def _zeroed(original: onnx.ModelProto, names: Collection[str]):
@@ -313,9 +322,13 @@ def _outputs(sess, feeds: Mapping[str, np.ndarray],
             if np.issubdtype(np.asarray(v).dtype, np.floating)]
 
 
-def batch_limit(model: onnx.ModelProto) -> int | None:
+def batch_limit(model: onnx.ModelProto, analysis: Analysis | None = None) -> int | None:
     """The smallest fixed first dim of the graph inputs (a decoder's caches fixed at batch 1
-    behind symbolic token inputs): how many samples a run may feed at once; None: any."""
+    behind symbolic token inputs): how many samples a run may feed at once; None: any. A
+    decoder with KV caches (``analysis.kv_cache``) is fed one sample at a time: onnxruntime's
+    GroupQueryAttention takes a prompt after a past only at batch 1."""
+    if analysis is not None and analysis.kv_cache:
+        return 1
     dims = [i.type.tensor_type.shape.dim[0].dim_value for i in model.graph.input
             if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value > 0]
     return min(dims, default=None)

@@ -98,6 +98,13 @@ def signature_change(analysis: Analysis, plan: Plan) -> SignatureChange:
     return change
 
 
+def decoder_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Random feeds of a KV-cache decoder made consistent: ``attention_mask`` all ones, over
+    past and new positions (onnxruntime's GroupQueryAttention reads the sequence lengths off
+    it; a random 0/1 mask can say fewer positions than the prompt has)."""
+    return {k: np.ones_like(v) if k == "attention_mask" else v for k, v in feeds.items()}
+
+
 def loop_inputs(sess: ort.InferenceSession, change: SignatureChange) -> str | None:
     """None when ``sess`` has the signature the greedy loop feeds, else why not."""
     names = {i.name for i in sess.get_inputs()}

@@ -70,13 +70,14 @@ class CostModel:
                       if (term := _mac_term(node, graph.opset)) is not None]
         self._readers = {name: {n.name for n in t.outputs} for name, t in constants.items()}
 
-    def count(self, kept: Kept | None = None, gone: AbstractSet[str] = frozenset()) -> Counts:
+    def count(self, kept: Kept | None = None, gone: AbstractSet[str] = frozenset(),
+              unread: AbstractSet[str] = frozenset()) -> Counts:
         """Params and MACs with the spaces in ``kept`` cut to those indices (none: as is) and
         without the nodes named in ``gone`` (dropped residual blocks), nor the constants only
-        they read."""
+        they read, nor the constants ``unread`` (a dropped fused residual norm's bias)."""
         kept = kept or {}
         params = sum(elements(self._constants[n], _cut(s, n, kept)) for n, s in self._params
-                     if not self._joined(n, kept)
+                     if not self._joined(n, kept) and n not in unread
                      and not (gone and self._readers[n] and self._readers[n] <= gone))
         flops = sum(term.count(*(_cut(s, n, kept) for n, s in term.tensors))
                     for name, term in self._macs if name not in gone)

@@ -49,6 +49,10 @@ class FrozenGroup:
     reasons: tuple[str, ...]
 
 
+# the nodes a dropped block ends in (passes/blocks.py): a residual Add or a fused residual norm
+RESIDUAL_OPS = frozenset({"Add", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization"})
+
+
 @dataclass(frozen=True)
 class DroppedBlock:
     """A residual block depth pruning removes (passes/blocks.py): its ``Add`` node is rewritten
@@ -142,8 +146,8 @@ class Plan:
         nodes = {n.name: n for n in analysis.model.graph.nodes} if self.dropped else {}
         for b in self.dropped:
             add = nodes.get(b.add)
-            if add is None or add.op != "Add" or \
-                    sorted(t.name for t in add.inputs) != sorted((b.stream, b.branch)):
+            if add is None or add.op not in RESIDUAL_OPS or \
+                    sorted(t.name for t in add.inputs[:2]) != sorted((b.stream, b.branch)):
                 raise PlanMismatchError(f"plan drops block '{b.add}' = Add({b.stream}, "
                                         f"{b.branch}), which is not in the model")
         for gp in self.groups:

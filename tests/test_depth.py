@@ -156,12 +156,32 @@ def test_kv_cache_attention_is_refused_naming_the_node_and_mlp_drops(tmp_path: P
 
 
 @pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
-def test_fused_residual_norms_are_not_candidates(op: str) -> None:
+@pytest.mark.parametrize("sum_output", [False, True], ids=["out", "out+sum"])
+def test_fused_residual_norm_becomes_the_plain_norm_of_the_stream(tmp_path: Path, op: str,
+                                                                  sum_output: bool) -> None:
+    """``SkipNorm(mlp(e), e, γ[, β], bias)``: the MLP feeds ``input``, the stream ``skip``.
+    Dropped, the node is the plain norm of ``e`` (same epsilon, γ, β) and its sum output is
+    ``e``; the bias goes with the branch (zeroed in the masked original)."""
     from test_rules_contrib import _skip_norm_model
 
-    blocks = find_blocks(analyze(_skip_norm_model(op)).model.graph)
-    assert blocks.candidates == ()
-    assert "fused residual" in blocks.refused["n"] and op in blocks.refused["n"]
+    model = _skip_norm_model(op, sum_output=sum_output)
+    blocks = find_blocks(analyze(model).model.graph)
+    assert [(b.add, b.stream, b.branch, b.zero) for b in blocks.candidates] == [
+        ("n", "embed_out0", "fc2_out0", ("fc2.w", "n.bias"))]
+    done = prune_checked(model, tmp_path, ratio=0.0, drop_blocks=1)
+    assert done.report.masked_max_abs_diff < EXACT
+    written = onnx.load(str(done.path))
+    norm = next(n for n in written.graph.node if n.name == "n")
+    plain = {"SkipLayerNormalization": "LayerNormalization",
+             "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization"}[op]
+    assert (norm.op_type, norm.domain, list(norm.output)) == (plain, "", ["n_out"])
+    assert list(norm.input) == ["embed_out0", "n.gamma"] + (
+        ["n.beta"] if op == "SkipLayerNormalization" else [])
+    assert onnx.helper.get_attribute_value(norm.attribute[1]) == pytest.approx(1e-5)
+    side = [n for n in written.graph.node if n.name.startswith("side")]
+    assert [n.input[0] for n in side] == (["embed_out0"] if sum_output else [])
+    assert done.report.params_before - done.report.params_after == \
+        _branch_params(model, ("fc1.", "fc2.")) + 8  # and the bias; γ (and β) stay
 
 
 def test_a_block_writing_the_graph_output_becomes_identity(tmp_path: Path) -> None:

@@ -111,7 +111,8 @@ def _array_into(target: onnx.GraphProto, t: gs.Constant) -> bool:
     tensor.name = t.name
     tensor.dims.extend(values.shape)
     tensor.raw_data = values.tobytes()
-    if t.data_location is not None:
+    # the bytes are inline: a constant loaded from a data file is not external here
+    if t.data_location not in (None, onnx.TensorProto.EXTERNAL):
         tensor.data_location = t.data_location
     return True
 

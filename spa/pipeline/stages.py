@@ -23,6 +23,7 @@ from spa.calibration import Calibration, CalibrationOptions
 from spa.choices import AllocationMethod, HessianSource, Target
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
+from spa.generation import decoder_feeds
 from spa.inputs import InputDims, resolve
 from spa.ir import to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
@@ -249,6 +250,8 @@ def _depth(analysis: Analysis, plan: Plan, options: PruneOptions,
     else:
         sess = val.session(original, what="original model")
         inputs = _noise_inputs(sess, DEPTH_SAMPLES, options.seed, dict(options.input_dims))
+        if analysis.kv_cache:
+            inputs = decoder_feeds(inputs)
     choice = Depth(count=options.drop_blocks, ratio=options.depth_ratio,
                    criterion=options.depth_criterion).run(analysis, original, inputs)
     return with_depth(analysis, plan, choice.dropped)
