@@ -31,6 +31,8 @@ from spa.plan import kept_indices
 from spa.validate import ORT_TYPES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import onnxruntime as ort
 
     from spa.coupling.analysis import Analysis
@@ -52,6 +54,7 @@ class SignatureChange:
     head_axes: dict[str, int] = field(default_factory=dict)  # past input name -> its head axis
     # KV-cache inputs and outputs removed with a dropped attention block (depth pruning)
     removed: frozenset[str] = frozenset()
+    depth: bool = False  # the plan drops residual blocks: the loop also reports logits
 
     def __bool__(self) -> bool:
         return bool(self.inputs or self.outputs or self.removed)
@@ -87,7 +90,8 @@ def signature_change(analysis: Analysis, plan: Plan) -> SignatureChange:
     entries because the attention rule couples both to its KV heads."""
     kept = kept_indices(analysis, plan)
     change = SignatureChange(removed=frozenset(
-        name for b in plan.dropped for pair in b.caches for name in pair))
+        name for b in plan.dropped for pair in b.caches for name in pair),
+        depth=bool(plan.dropped))
     for cache in analysis.kv_cache:
         past, present = cache.past, cache.present
         change.caches[past[0]] = present[0]
@@ -119,11 +123,14 @@ def loop_inputs(sess: ort.InferenceSession, change: SignatureChange) -> str | No
 
 
 def greedy_tokens(sess: ort.InferenceSession, change: SignatureChange, *, prompt: np.ndarray,
-                  steps: int, dims: dict[str, int], pruned: bool) -> np.ndarray:
+                  steps: int, dims: dict[str, int], pruned: bool,
+                  logits: list[np.ndarray] | None = None, forced: np.ndarray | None = None
+                  ) -> np.ndarray:
     """``steps`` greedy tokens after ``prompt`` (``[1, P]`` int64): the prompt with an empty
     cache, then one token a step, each ``present`` fed back as its ``past``. ``dims``: sizes of
     the caches' other symbolic dims (spa/inputs.py); ``pruned``: the caches have the pruned
-    model's widths (else the original's)."""
+    model's widths (else the original's). ``logits`` collects each step's last logits;
+    ``forced``: tokens fed instead of the argmax (teacher forcing)."""
     inputs = {i.name: i for i in sess.get_inputs()}
     past: dict[str, np.ndarray] = {
         name: np.zeros(_cache_shape(inputs[name], change, dims, pruned),
@@ -139,11 +146,13 @@ def greedy_tokens(sess: ort.InferenceSession, change: SignatureChange, *, prompt
         if "position_ids" in inputs:
             feeds["position_ids"] = np.arange(length - ids.shape[1], length,
                                               dtype=np.int64)[None]
-        logits, *presents = sess.run(out_names, feeds)
+        last, *presents = sess.run(out_names, feeds)
         past = dict(zip(past, presents, strict=True))
-        token = int(np.argmax(logits[0, -1]))
+        token = int(np.argmax(last[0, -1]))
         tokens.append(token)
-        ids = np.array([[token]], np.int64)
+        if logits is not None:
+            logits.append(np.asarray(last[0, -1], np.float64))
+        ids = np.array([[token if forced is None else int(forced[len(tokens) - 1])]], np.int64)
     return np.array(tokens)
 
 
@@ -196,21 +205,48 @@ def cache_sizes(analysis: Analysis) -> dict[str, int]:
 
 
 def greedy_check(reference: ort.InferenceSession, pruned: ort.InferenceSession,
-                 change: SignatureChange, dims: dict[str, int]) -> dict:
+                 change: SignatureChange, dims: dict[str, int], *,
+                 dense: Callable[[], ort.InferenceSession] | None = None) -> dict:
     """The pruned decoder's ``GREEDY_STEPS`` greedy tokens equal those of ``reference`` (the
-    masked original); for the report, how many were compared, or why the loop did not run."""
+    masked original); for the report, how many were compared, or why the loop did not run.
+    ``dense`` (depth plans): makes a session of the unmasked original, for the per-token
+    logits report of :func:`depth_logits`."""
     why = loop_inputs(pruned, change)
     if why is not None:
         log.warning("the greedy generation check does not run: %s", why)
         return {"tokens": 0, "equal": None, "not_run": why}
     prompt = prompt_for(pruned)
+    logits: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     want, got = (greedy_tokens(sess, change, prompt=prompt, steps=GREEDY_STEPS, dims=dims,
-                               pruned=sess is pruned) for sess in (reference, pruned))
+                               pruned=sess is pruned, logits=kept)
+                 for sess, kept in zip((reference, pruned), logits))
     if not np.array_equal(want, got):
         first = int(np.flatnonzero(want != got)[0])
         raise ValidationError(f"greedy generation differs from the masked original's at token "
                               f"{first} of {want.size}: {got.tolist()} instead of {want.tolist()}")
-    return {"tokens": int(want.size), "equal": True}
+    result: dict = {"tokens": int(want.size), "equal": True}
+    if dense is not None:
+        result |= depth_logits(dense(), change, prompt, dims, got, *logits)
+    return result
+
+
+def depth_logits(dense: ort.InferenceSession, change: SignatureChange, prompt: np.ndarray,
+                 dims: dict[str, int], got: np.ndarray, masked: list[np.ndarray],
+                 pruned: list[np.ndarray]) -> dict:
+    """What the report says of a depth-pruned decoder's generation: per token, the largest
+    logit difference from the masked original (0 up to float error: masked == pruned); how
+    many of the dense original's own greedy tokens the pruned model picks; and per token, the
+    relative logits difference ``‖l − l_dense‖ / ‖l_dense‖`` with the dense original fed the
+    pruned model's tokens (teacher forcing: both see the same prefix)."""
+    forced: list[np.ndarray] = []
+    free = greedy_tokens(dense, change, prompt=prompt, steps=got.size, dims=dims, pruned=False)
+    greedy_tokens(dense, change, prompt=prompt, steps=got.size, dims=dims, pruned=False,
+                  logits=forced, forced=got)
+    return {"logits_max_abs_diff": [float(np.max(np.abs(p - m))) for p, m in zip(pruned, masked)],
+            "dense_tokens_equal": int(np.sum(free == got)),
+            "dense_logits_relative_diff": [
+                float(np.linalg.norm(p - d) / max(float(np.linalg.norm(d)), 1e-30))
+                for p, d in zip(pruned, forced)]}
 
 
 def prompt_for(sess: ort.InferenceSession, *, seed: int = 0) -> np.ndarray:

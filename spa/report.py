@@ -17,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from spa.coupling.types import Role
 from spa.errors import OutputPathError
 from spa.inputs import InputDims
@@ -107,7 +109,7 @@ def dropped_lines(dropped: list[dict]) -> list[str]:
     if not dropped:
         return []
     return [f"residual blocks dropped: {len(dropped)}"] + [
-        f"  {b['add']}: Add({b['stream']}, {b['branch']}) score {b['score']:.4g}"
+        f"  {b['add']}: {b['stream']} + {b['branch']} score {b['score']:.4g}"
         for b in dropped]
 
 
@@ -119,6 +121,13 @@ def signature_lines(r: PruneReport) -> list[str]:
         lines.append(f"greedy generation: {g['tokens']} tokens equal to the masked original's")
     elif g.get("not_run"):
         lines.append(f"greedy generation: not run ({g['not_run']})")
+    if g.get("dense_logits_relative_diff"):
+        rel = g["dense_logits_relative_diff"]
+        lines.append(f"depth: per-token logits max |Δ| {max(g['logits_max_abs_diff']):.2g} from "
+                     f"the masked original's; the dense original's greedy tokens: "
+                     f"{g['dense_tokens_equal']} of {len(rel)} equal; its logits on the same "
+                     f"tokens differ by {float(np.median(rel)):.3g} (median relative, max "
+                     f"{max(rel):.3g})")
     return lines
 
 

@@ -150,7 +150,10 @@ def run_checks(original: PathLike | onnx.ModelProto,
     if checks.latency:
         extra["latency_ms_after"] = latency_ms(s, change.pruned_feeds(feeds),
                                                runs=checks.latency_runs)
-    if not change:  # a decoder's is kept for the greedy loop, run with the masked original's
+    # a decoder's session is kept for the greedy loop, run with the masked original's: when
+    # its signature changed, or (depth pruning) blocks were dropped
+    generate = bool(change) or (change.depth and bool(change.caches))
+    if not generate:
         s = None
     val.check_signature(out_orig, out_pruned)
     val.check_exact(out_orig, out_pruned, weight_free, what="original")
@@ -160,6 +163,9 @@ def run_checks(original: PathLike | onnx.ModelProto,
         val.check_exact(out_masked, out_pruned, out_masked, what="masked original")
         c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)
         extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
-        if change:
-            extra["generation"] = gen.greedy_check(s_masked, s, change, dict(checks.input_dims))
+        if generate:
+            dense = (lambda: val.session(twin(original), what="original model")) \
+                if change.depth else None
+            extra["generation"] = gen.greedy_check(s_masked, s, change, dict(checks.input_dims),
+                                                   dense=dense)
     return extra

@@ -11,6 +11,11 @@ the tokenizer files. The decoder is pruned as any model; then:
 * the runtime sizes its caches from one ``num_key_value_heads`` for every layer, so the pruned
   decoder's layers must keep equal head counts (a uniform heads ratio does), else the run stops
   and nothing is written;
+* depth pruning may drop attention blocks, and their KV caches with them: the caches left are
+  renumbered ``0 … L−1`` in layer order (the config's ``%d`` name patterns) and
+  ``num_hidden_layers`` becomes their count ``L``, the number of caches the runtime feeds (an
+  attention block dropped alone, its MLP kept, is such a layer too: the config's layer count
+  is the attention nodes' count, checked so above);
 * the config is rewritten with the counts the pruned graph has, every other file is copied;
 * all of it is written into a temporary folder beside ``out_dir`` and renamed into place last,
   so a failed run leaves nothing half-written.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -143,19 +149,20 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     config = read_config(src)
     name = _decoder(config)["filename"]
     header = onnx.load(str(src / name), load_external_data=False)
-    past_key = _decoder(config).get("inputs", {}).get("past_key_names", "past_key_values.%d.key")
+    past_key = cache_patterns(config)[0]
     check_config(src, config, Heads.of(header, past_key))
     skip = {CONFIG, name, *_data_files(header)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         report, the_plan = prune(src / name, tmp / name, options, checks, plan_path=plan_path)
-        gone = [b.add for b in the_plan.dropped if b.caches]
-        if gone:
-            raise OptionError(f"dropping attention block '{gone[0]}' removes KV caches of one "
-                              f"layer, which {CONFIG} cannot describe (onnxruntime-genai expects "
-                              "every layer's): depth pruning of a genai folder's attention is "
-                              "not supported")
         pruned = onnx.load(str(tmp / name), load_external_data=False)
+        renamed = renumber_caches(pruned, config)
+        if renamed:
+            onnx.save_model(pruned, str(tmp / name))  # the graph only: the data file stays
+            report.signature_changes.extend(
+                f"graph {'input' if old in inputs else 'output'} '{old}' renamed '{new}'"
+                for inputs in [{i.name for i in header.graph.input}]
+                for old, new in renamed.items())
         new_config = pruned_config(config, Heads.of(pruned, past_key))
         (tmp / CONFIG).write_text(json.dumps(new_config, indent=4) + "\n")
         for f in sorted(src.iterdir()):
@@ -170,6 +177,41 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         raise
     report.output = str(out)
     return report, the_plan
+
+
+def renumber_caches(model: onnx.ModelProto, config: dict) -> dict[str, str]:
+    """Rename the KV caches of ``model`` left after depth pruning dropped attention blocks
+    so that their layer numbers run 0, 1, … again, in order (onnxruntime-genai feeds
+    ``num_hidden_layers`` caches by the config's ``%d`` name patterns); old name → new name,
+    the ones that change."""
+    patterns = cache_patterns(config)
+    names = [*(i.name for i in model.graph.input), *(o.name for o in model.graph.output)]
+    renamed: dict[str, str] = {}
+    for pattern in patterns:
+        regex = re.compile(re.escape(pattern).replace("%d", r"(\d+)") + "$")
+        found = sorted((int(m.group(1)), n) for n in names if (m := regex.match(n)))
+        renamed |= {n: pattern.replace("%d", str(new)) for new, (old, n) in enumerate(found)
+                    if new != old}
+    if renamed:
+        for values in (model.graph.input, model.graph.output, model.graph.value_info):
+            for v in values:
+                v.name = renamed.get(v.name, v.name)
+        for node in model.graph.node:
+            for field in (node.input, node.output):
+                field[:] = [renamed.get(n, n) for n in field]
+    return renamed
+
+
+_CACHE_NAMES = (("inputs", "past_key_names", "past_key_values.%d.key"),
+                ("inputs", "past_value_names", "past_key_values.%d.value"),
+                ("outputs", "present_key_names", "present.%d.key"),
+                ("outputs", "present_value_names", "present.%d.value"))
+
+
+def cache_patterns(config: dict) -> list[str]:
+    """The config's KV-cache name patterns (past key, past value, present key, present value)."""
+    d = _decoder(config)
+    return [d.get(side, {}).get(key, default) for side, key, default in _CACHE_NAMES]
 
 
 def _data_files(model: onnx.ModelProto) -> set[str]:
