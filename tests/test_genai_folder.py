@@ -42,14 +42,16 @@ try:
 except ImportError:
     pass
 import torch
+import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 torch.manual_seed(0)
-out, vocab = sys.argv[1], int(sys.argv[2])
-cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=int(sys.argv[3]),
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-LlamaForCausalLM(cfg).save_pretrained(out)
+out, vocab, kind = sys.argv[1], int(sys.argv[2]), sys.argv[4]  # kind: Llama, Qwen2
+cfg = getattr(transformers, f"{kind}Config")(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=int(sys.argv[3]),
+    num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+    max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+getattr(transformers, f"{kind}ForCausalLM")(cfg).save_pretrained(out)
 words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
 tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
 tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -68,22 +70,33 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 """
 
 
+def make_hf(d: Path, kind: str = "Llama", layers: int = LAYERS) -> Path:
+    """A random-init HuggingFace ``kind`` model (Llama, Qwen2) and its tokenizer in ``d/hf``."""
+    subprocess.run([sys.executable, "-c", _MAKE, str(d / "hf"), str(VOCAB), str(layers), kind],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return d / "hf"
+
+
+def build_folder(hf: Path, out: Path, *extra: str) -> Path:
+    """The builder's int4 CPU folder of ``hf`` in ``out``."""
+    subprocess.run([sys.executable, "-c", _BUILD, "-i", str(hf), "-o", str(out), "-p", "int4",
+                    "-e", "cpu", "-c", str(out.parent / "cache"), *extra],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """``built(fused)``: the builder's folder of the model, with its fused ``[Q | K | V]``
     projection (its default) or separate ones; each built once."""
     d = tmp_path_factory.mktemp("genai")
-    run = dict(cwd=ROOT, check=True, capture_output=True, timeout=600)
-    subprocess.run([sys.executable, "-c", _MAKE, str(d / "hf"), str(VOCAB), str(LAYERS)], **run)
+    hf = make_hf(d)
     folders: dict[bool, Path] = {}
 
     def build(fused: bool) -> Path:
         if fused not in folders:
-            out = d / ("fused" if fused else "separate")
             extra = [] if fused else ["--extra_options", "disable_qkv_fusion=true"]
-            subprocess.run([sys.executable, "-c", _BUILD, "-i", str(d / "hf"), "-o", str(out),
-                            "-p", "int4", "-e", "cpu", "-c", str(d / "cache"), *extra], **run)
-            folders[fused] = out
+            folders[fused] = build_folder(hf, d / ("fused" if fused else "separate"), *extra)
         return folders[fused]
 
     return build
