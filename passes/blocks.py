@@ -135,7 +135,8 @@ def is_residual(node: gs.Node) -> bool:
 def _fused(node: gs.Node, block: Block, outputs: set[str]) -> Block | str:
     """``block`` ending in fused residual norm ``node``, with the norm's bias zeroed too, or
     why the norm cannot become the plain norm of the stream."""
-    if any(i < len(node.outputs) and node.outputs[i].outputs for i in (1, 2)):
+    if any(i < len(node.outputs) and (node.outputs[i].outputs or node.outputs[i].name in outputs)
+           for i in (1, 2)):
         return (f"{node.op} node '{node.name}' has its mean or inverse-std output read: the "
                 "plain norm it would become does not write it")
     if len(node.outputs) > SUM and node.outputs[SUM].name in outputs:
