@@ -187,7 +187,7 @@ def renumber_caches(model: onnx.ModelProto, config: dict) -> dict[str, str]:
     patterns = cache_patterns(config)
     names = [*(i.name for i in model.graph.input), *(o.name for o in model.graph.output)]
     renamed: dict[str, str] = {}
-    for pattern in patterns:
+    for pattern in (p for p in patterns if "%d" in p):  # one layer's caches: a plain name
         regex = re.compile(re.escape(pattern).replace("%d", r"(\d+)") + "$")
         found = sorted((int(m.group(1)), n) for n in names if (m := regex.match(n)))
         renamed |= {n: pattern.replace("%d", str(new)) for new, (old, n) in enumerate(found)
