@@ -112,15 +112,17 @@ class _Masked:
     also declared a graph input, so a feed overrides it): one onnxruntime session answers for
     every masked variant of the whole model, and one per starting node for its suffixes. A plan
     whose masking is not a plain initializer slice (a quantised weight behind
-    DequantizeLinear) gets a whole masked copy of its own."""
+    DequantizeLinear, a MatMulNBits scale) gets a whole masked copy of its own."""
 
     def __init__(self, original: onnx.ModelProto, analysis: Analysis,
                  extra: Collection[str] = ()):
         from spa.coupling.types import Role
 
         self.original, self.analysis = original, analysis
+        packed = _packed_once(original)  # a feed would not reach them: masked copies instead
         self.inits = {i.name: i for i in original.graph.initializer
-                      if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)}
+                      if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+                      and i.name not in packed}
         self.spaces = {m.space for g in analysis.groups for m in g.members
                        if m.role is Role.CONSUMER}
         self.overridable = {name for name, _ in self.spaces if name in self.inits} | {
@@ -254,13 +256,12 @@ def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
     chunk = batch_limit(original, analysis)
     reference = _outputs(masked.session, feeds, chunk=chunk)
     damage = []
-    packed = _packed_once(original)
     for names in zero_sets:
-        if all(name in masked.inits and name not in packed for name in names):
+        if all(name in masked.inits for name in names):
             weights = {name: np.zeros_like(onnx.numpy_helper.to_array(masked.inits[name]))
                        for name in names}
             out = _outputs(masked.session, feeds, weights, chunk)
-        else:  # not overridable (float16, say): a zeroed copy of the whole model
+        else:  # not overridable (float16, packed once): a zeroed copy of the whole model
             out = _outputs(_zeroed(original, names), feeds, chunk=chunk)
         damage.append(_damage(reference, out))
     return damage

@@ -723,3 +723,30 @@ def test_flap_compensation_goes_into_a_fused_bias(tmp_path, reader):
         feeds = val.random_inputs(ref, seed=seed)
         np.testing.assert_allclose(val.run(pruned, feeds)[y], val.run(ref, feeds)[y],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nbits_sensitivity_is_measured_on_masked_copies(tmp_path):
+    """onnxruntime packs a MatMulNBits weight with its scales at a session's first run and keeps
+    them, so a fed override of the scales does not reach it (every curve measured 0 then): each
+    point of a damage curve equals the damage of its own masked copy of the model."""
+    from spa.passes import sensitivity
+    from spa.passes.importance import get_criterion
+
+    b = Builder()
+    y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up")), 64, 16, "down")
+    m = contrib_model(b, {"x": ["N", 3, 32]}, {y: ["N", 3, 16]})
+    src = tmp_path / "m.onnx"
+    onnx.save(m, str(src))
+    analysis = analyze(src)
+    scores = get_criterion("l1").run(analysis)
+    x = {"x": np.random.default_rng(0).standard_normal((16, 3, 32)).astype(np.float32)}
+    found = sensitivity.Sensitivity().run(analysis, m, scores, x)
+    reference = sensitivity._outputs(val.session(m), x)
+    assert found.curves
+    for gid, curve in found.curves.items():
+        group = next(g for g in analysis.groups if g.id == gid)
+        for removed, damage in zip(curve.removed, curve.damage):
+            plan = sensitivity._one_group_plan(analysis, group, scores, removed)
+            copy = val.masked_model(m, analysis, plan)
+            want = sensitivity._damage(reference, sensitivity._outputs(val.session(copy), x))
+            assert want > 1e-4 and damage == pytest.approx(want, rel=1e-5), (gid, removed)
