@@ -16,7 +16,8 @@ depthwise convs), matmuls on sampled token rows.
 
 Activations come from onnxruntime, in chunks of samples, a segment at a time
 (passes/segments.py), so that the whole reconstruction costs about one pass of each model plus
-the solves; ``memory`` bounds what is held, the rest is spilled to disk. The refitted values
+the solves; ``memory`` bounds what is held (activations and the two models' weights), the
+rest is spilled to disk. The refitted values
 are returned by initializer name; the caller writes them. Reproducible: the same data and
 seed give the same bytes.
 """
@@ -124,7 +125,10 @@ class Reconstruction:
         if not layers or not chunks:
             return out
         weights = {i.name: i for i in pruned.graph.initializer}
-        with Frontiers(self.memory) as fronts:
+        # the budget covers the two models too: each runner holds its model, and its
+        # segment's session a copy of those weights
+        models = 2 * (_weight_bytes(dense) + _weight_bytes(pruned))
+        with Frontiers(max(self.memory - models, self.memory // 4)) as fronts:
             p_runner = Runner(pruned, fronts, "pruned", chunks)
             d_runner = Runner(dense, fronts, "dense", chunks)
             for k, layer in enumerate(progress(layers, "reconstruction", unit="layer")):
@@ -142,6 +146,7 @@ class Reconstruction:
                 for name, value in fit[1].items():
                     weights[name].CopyFrom(numpy_helper.from_array(value, name))
                     out.values[name] = value
+                fronts.evict()
         return out
 
     def _fit(self, layer: _Layer, pruned: onnx.ModelProto,
@@ -213,6 +218,12 @@ class Reconstruction:
             return ys
         lost, gained = at(r_dense, kept), at(r_pruned, None)
         return ys + (lost - gained) if lost.shape == gained.shape == ys.shape else ys
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of the model's initializers (held in memory)."""
+    return sum(len(i.raw_data) or numpy_helper.to_array(i).nbytes
+               for i in model.graph.initializer)
 
 
 def _attention_mask(model: onnx.ModelProto) -> str | None:

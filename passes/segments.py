@@ -11,8 +11,10 @@ are spilled to a temporary directory beyond it (removed on exit).
 from __future__ import annotations
 
 import logging
+import mmap
 import shutil
 import tempfile
+import weakref
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -70,6 +72,7 @@ class Frontiers:
         self.memory, self.held = memory, 0
         self.dir: Path | None = None
         self.count = 0
+        self.spilled: list[weakref.ref[np.ndarray]] = []
 
     def __enter__(self) -> Frontiers:
         return self
@@ -89,7 +92,19 @@ class Frontiers:
         path = self.dir / f"{self.count}.npy"
         self.count += 1
         np.save(path, value)
-        return np.load(path, mmap_mode="r")
+        mapped = np.load(path, mmap_mode="r")
+        self.spilled.append(weakref.ref(mapped))
+        return mapped
+
+    def evict(self) -> None:
+        """Unmap the pages of spilled tensors read so far (they are read again from the file
+        when needed): a mapped page counts in the process's resident memory, and reading a
+        stage's spilled activations would map them all."""
+        self.spilled = [ref for ref in self.spilled if ref() is not None]
+        for ref in self.spilled:
+            mapped = getattr(ref(), "_mmap", None)
+            if mapped is not None and not mapped.closed and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def release(self, value: np.ndarray) -> None:
         if not isinstance(value, np.memmap):
