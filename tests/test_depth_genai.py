@@ -10,6 +10,7 @@ others are renumbered, and onnxruntime-genai's ``Generator`` runs the output fol
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,29 +59,73 @@ def test_blocks_are_the_fused_norms_of_each_layer(folder: Path) -> None:
 
 
 def test_mlp_kv_heads_and_a_quarter_of_the_blocks(folder: Path, tmp_path: Path) -> None:
+    """The measured scores choose: zeroing an attention block of these random models damages the
+    final outputs 0.02-0.04 (relative squared error), an MLP block under 1e-4, so the quarter of
+    the blocks that goes is the MLP of the last two layers; no cache leaves the signature."""
     out = tmp_path / "pruned"
     report, plan = prune(folder, out, PruneOptions(ratio=0.0, mlp_ratio=0.5, heads_ratio=0.5,
                                                    depth_ratio=0.25),
                          CheckOptions(check_masked=True, latency=False))
-    kind = json.loads((folder / "genai_config.json").read_text())["model"]["type"]
-    dropped = {"llama": [0, 1], "qwen2": [0, 2]}[kind]  # greedy final-output damage
     assert [_layer(b.add) for b in plan.dropped] == [
-        f"layers.{i}/post_attention_layernorm" for i in dropped]
+        "layers.3/input_layernorm", "layers.4/final_norm_layernorm"]  # MLP of layers 2 and 3
+    assert all(b.score < 1e-3 for b in plan.dropped)
+    assert (report.params_before, report.flops_before) == (286_736, 211_456)
+    assert report.params_after == report.predicted_params_after < 0.7 * report.params_before
+    assert report.flops_after == report.predicted_flops_after < 0.6 * report.flops_before
+    assert report.masked_max_abs_diff < EXACT
+    g = report.generation
+    assert (g["tokens"], g["equal"]) == (32, True) and max(g["logits_max_abs_diff"]) < EXACT
+    config = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert [config[k] for k in ("num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads")] == [LAYERS, 2, 1]
+    tokens = _generate(out)
+    assert len(tokens) == 32 and tokens == _spa_tokens(out / "model.onnx", kv_heads=1)
+
+
+def test_attention_blocks_leave_with_their_caches_renumbered(folder: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """Whatever blocks the scores choose, the folder stays consistent: with a scorer that
+    prefers the attention of layers 0 and 1, their caches leave the signature, the others are
+    renumbered from 0, ``num_hidden_layers`` follows, and onnxruntime-genai runs the folder.
+
+    The builder's ``accuracy_level=4`` quantises MatMulNBits' activations to int8 per block,
+    which turns the float-rounding differences between pruned and masked models (1e-7) into
+    1e-3 at a few steps (Qwen2, this plan: from the 15th token; tokens part at the 25th);
+    with float activations (level 0, here) the same plan agrees to 2e-7 at every step."""
+    from spa.passes import depth
+
+    copy = tmp_path / "level0"
+    shutil.copytree(folder, copy)
+    model = onnx.load(str(copy / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    onnx.save(model, str(copy / "model.onnx"))
+    folder = copy
+    def attention_first(original, analysis, zero_sets, inputs, **_):
+        return [0.0 if any(f"layers.{i}.attn.o_proj" in z[-1] for i in (0, 1)) else 1.0
+                for z in zero_sets]  # each set: the blocks dropped so far, then its own
+    monkeypatch.setattr(depth, "zeroed_damage", attention_first)
+    out = tmp_path / "pruned"
+    report, plan = prune(folder, out, PruneOptions(ratio=0.0, mlp_ratio=0.5, heads_ratio=0.5,
+                                                   depth_ratio=0.25),
+                         CheckOptions(check_masked=True, latency=False))
+    assert [_layer(b.add) for b in plan.dropped] == [
+        f"layers.{i}/post_attention_layernorm" for i in (0, 1)]
     assert (report.params_before, report.params_after) == (286_736, 197_968)
     assert (report.flops_before, report.flops_after) == (211_456, 125_440)
     assert report.masked_max_abs_diff < EXACT
     g = report.generation
     assert (g["tokens"], g["equal"]) == (32, True) and max(g["logits_max_abs_diff"]) < EXACT
     assert len(g["dense_logits_relative_diff"]) == 32 and 0 <= g["dense_tokens_equal"] <= 32
-    assert min(g["dense_logits_relative_diff"]) > 0.1  # the dense original is no reference
     config = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     assert [config[k] for k in ("num_hidden_layers", "num_attention_heads",
                                 "num_key_value_heads")] == [2, 2, 1]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert [i.name for i in model.graph.input if i.name.startswith("past")] == [
         f"past_key_values.{i}.{kv}" for kv in ("key", "value") for i in range(2)]
-    kept = min(set(range(LAYERS)) - set(dropped))  # the first attention left: now layer 0
-    assert f"graph input 'past_key_values.{kept}.key' renamed 'past_key_values.0.key'" \
+    assert "graph input 'past_key_values.2.key' renamed 'past_key_values.0.key'" \
         in report.signature_changes
     tokens = _generate(out)
     assert len(tokens) == 32 and tokens == _spa_tokens(out / "model.onnx", kv_heads=1)
