@@ -1,0 +1,75 @@
+"""A GPT-2 exported in the graph form onnxruntime's transformer optimiser fuses.
+
+onnxruntime's GPT-2 attention fusion (``FusionGptAttentionNoPast``) matches the attention
+that transformers 4.x traced to: the causal mask sliced from a ``bias`` buffer by the scores'
+sizes, ``Where`` instead of an added mask, ``Conv1D`` as ``addmm`` (``Gemm``), and a graph with
+one input (``input_ids``). transformers 5 builds its masks otherwise and the fusion no longer
+matches, so this module runs a random-weight HuggingFace ``GPT2Model``'s own layers (embeddings,
+``c_attn``, ``c_proj``, MLP, norms) through that older attention. It returns the last hidden
+state; no KV cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.thirdparty import _stub_torchvision
+
+
+class LegacyGPT2(nn.Module):
+    """``model``'s layers, attention as transformers 4.x wrote it (``GPT2Attention._attn``)."""
+
+    def __init__(self, model: nn.Module, n_positions: int):
+        super().__init__()
+        self.model = model
+        self.heads = model.config.n_head
+        causal = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool))
+        self.register_buffer("bias", causal.view(1, 1, n_positions, n_positions))
+
+    def _split(self, x: torch.Tensor, key: bool = False) -> torch.Tensor:
+        x = x.view(*x.size()[:-1], self.heads, x.size(-1) // self.heads)
+        return x.permute(0, 2, 3, 1) if key else x.permute(0, 2, 1, 3)
+
+    def _attention(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = block.attn.c_attn(x).split(x.size(-1), dim=2)
+        q, k, v = self._split(q), self._split(k, key=True), self._split(v)
+        w = torch.matmul(q, k) / (float(v.size(-1)) ** 0.5)
+        nd, ns = w.size(-2), w.size(-1)
+        w = torch.where(self.bias[:, :, ns - nd:ns, :ns], w, torch.tensor(-1e4))
+        a = torch.matmul(nn.functional.softmax(w, dim=-1), v).permute(0, 2, 1, 3).contiguous()
+        return block.attn.c_proj(a.view(*a.size()[:-2], a.size(-2) * a.size(-1)))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(0, ids.size(-1), dtype=torch.long).unsqueeze(0)
+        h = self.model.wte(ids) + self.model.wpe(positions)
+        for block in self.model.h:
+            h = h + self._attention(block, block.ln_1(h))
+            h = h + block.mlp(block.ln_2(h))
+        return self.model.ln_f(h)
+
+
+def gpt2_onnx(path: Path, *, seq: int = 16, vocab_size: int = 1000, n_positions: int = 64,
+              **config) -> Path:
+    """A random-weight ``GPT2Model`` (``GPT2Config(vocab_size=…, **config)``) in the legacy
+    form above, exported by the TorchScript exporter at opset 17 with input ``input_ids``
+    (batch and sequence dynamic), traced on one sequence of ``seq`` tokens. Biases are random,
+not HuggingFace's zeros."""
+    _stub_torchvision()
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, **config)
+    model = LegacyGPT2(transformers.GPT2Model(cfg).eval(), n_positions).eval()
+    with torch.no_grad():  # HF's zero biases would hide a wrong bias slice from the oracle
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.02)
+    ids = torch.randint(0, vocab_size, (1, seq))
+    dims = {0: "batch", 1: "sequence"}
+    torch.onnx.export(model, (ids,), str(path), opset_version=17, dynamo=False,
+                      input_names=["input_ids"], output_names=["hidden"],
+                      dynamic_axes={"input_ids": dims, "hidden": dims})
+    return path
