@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.thirdparty import _stub_torchvision
+from models.thirdparty import _stub_torchvision, random_biases
 
 
 class LegacyGPT2(nn.Module):
@@ -55,18 +55,15 @@ def gpt2_onnx(path: Path, *, seq: int = 16, vocab_size: int = 1000, n_positions:
               **config) -> Path:
     """A random-weight ``GPT2Model`` (``GPT2Config(vocab_size=…, **config)``) in the legacy
     form above, exported by the TorchScript exporter at opset 17 with input ``input_ids``
-    (batch and sequence dynamic), traced on one sequence of ``seq`` tokens. Biases are random,
-not HuggingFace's zeros."""
+    (batch and sequence dynamic), traced on one sequence of ``seq`` tokens. Biases are random
+(:func:`~models.thirdparty.random_biases`)."""
     _stub_torchvision()
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, **config)
     model = LegacyGPT2(transformers.GPT2Model(cfg).eval(), n_positions).eval()
-    with torch.no_grad():  # HF's zero biases would hide a wrong bias slice from the oracle
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0, 0.02)
+    random_biases(model)
     ids = torch.randint(0, vocab_size, (1, seq))
     dims = {0: "batch", 1: "sequence"}
     torch.onnx.export(model, (ids,), str(path), opset_version=17, dynamo=False,

@@ -67,3 +67,12 @@ def test_optimised_gpt2_prunes_heads_and_mlp_under_the_oracle(tmp_path, models, 
     # FLOPs counted by hand on the written model's shapes
     assert (out.report.flops_before, out.report.flops_after) == \
         (_macs(HEADS, 4 * HIDDEN), _macs(HEADS // 2, 2 * HIDDEN))
+
+
+def test_optimised_gpt2_drops_a_block_under_the_oracle(tmp_path, models):
+    """The fused residual norms (``SkipLayerNormalization``) end four blocks; the one dropped
+    (the last MLP, by the default score) leaves the plain norm of the stream."""
+    out = prune_checked(models["optimised"], tmp_path, ratio=0, drop_blocks=1)
+    assert len(out.plan.dropped) == 1
+    mlp = 2 * HIDDEN * 4 * HIDDEN
+    assert out.report.flops_before - out.report.flops_after == mlp
