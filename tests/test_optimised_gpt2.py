@@ -7,6 +7,10 @@ opset 17, then ``optimize_model(model_type="gpt2")``. The optimiser fuses the ca
 (``EmbedLayerNormalization``), the residual norms (``SkipLayerNormalization``) and the tanh GELU
 (``FastGelu`` with its bias). The same groups prune before and after it: each layer's heads
 and MLP neurons; the residual stream stays frozen by its norms.
+
+With a KV cache (``past_<i>`` ``[2, B, N, P, d]`` in, ``present_<i>`` out, as onnxruntime's
+GPT-2 tools export it) the fused ``Attention`` reads and writes the cache; a layer's heads
+prune with it, and the cache loses those heads on both sides.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ def models(tmp_path_factory) -> dict[str, Path]:
     plain = gpt2_onnx(d / "gpt2.onnx", n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS)
     optimised = optimize_model(str(plain), model_type="gpt2", num_heads=HEADS, hidden_size=HIDDEN)
     optimised.save_model_to_file(str(d / "opt.onnx"))
-    return {"plain": plain, "optimised": d / "opt.onnx"}
+    cached = gpt2_onnx(d / "past.onnx", n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, past=True)
+    optimize_model(str(cached), model_type="gpt2", num_heads=HEADS,
+                   hidden_size=HIDDEN).save_model_to_file(str(d / "past_opt.onnx"))
+    return {"plain": plain, "optimised": d / "opt.onnx", "cache": d / "past_opt.onnx"}
 
 
 def test_the_optimiser_fuses_gpt2(models):
@@ -76,3 +83,24 @@ def test_optimised_gpt2_drops_a_block_under_the_oracle(tmp_path, models):
     assert len(out.plan.dropped) == 1
     mlp = 2 * HIDDEN * 4 * HIDDEN
     assert out.report.flops_before - out.report.flops_after == mlp
+
+
+def test_optimised_gpt2_with_a_kv_cache_prunes_heads_and_the_cache(tmp_path, models):
+    """Layer 1's heads prune with its cache. Layer 0's cache is also read by the position
+    ids' ``Shape`` (the past length), so its shape stays and its heads are frozen."""
+    import onnx
+
+    graph = onnx.load(str(models["cache"])).graph
+    assert Counter(n.op_type for n in graph.node if n.domain == "com.microsoft") == \
+        Counter(FUSED)
+    heads = [g for g in analyze(models["cache"]).groups if g.kind is GroupKind.HEADS]
+    assert [g.prunable for g in heads] == [False, True]
+    assert heads[0].frozen == ("graph input 'past_0' (axis 2) keeps its shape",
+                               "graph output 'present_0' (axis 2) keeps its shape")
+    out = prune_checked(models["cache"], tmp_path, heads_ratio=0.5, mlp_ratio=0.5,
+                        dims={"past": 3})
+    assert out.report.signature_changes == ["graph input 'past_1' axis 2: 4 -> 2",
+                                            "graph output 'present_1' axis 2: 4 -> 2"]
+    pruned = onnx.load(str(out.path)).graph
+    assert [a.i for n in pruned.node if n.op_type == "Attention" for a in n.attribute
+            if a.name == "num_heads"] == [HEADS, HEADS // 2]
