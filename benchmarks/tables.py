@@ -1,8 +1,8 @@
 """Markdown tables of the benchmark results, and benchmarks/README.md made from them.
 
 Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory,quality,
-quality_pipeline}.json`` and renders one table (with the command and revision that produced it)
-per file, so that every figure in the tables is a figure of a recorded run.
+quality_pipeline,genai_folder}.json`` and renders one table (with the command and revision
+that produced it) per file, so that every figure in the tables is a figure of a recorded run.
 
 ``benchmarks/README.md`` is hand-written prose around generated blocks. Each block sits between
 ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` lines; :func:`update` replaces
@@ -147,6 +147,36 @@ def memory(d: dict) -> str:
                  f"({m['wall_seconds']:.0f} s)" for m in r["modes"].values()]
         lines.append(f"| {r['model']} | {r['file_bytes'] / 2**20:.0f} MiB | " + " | ".join(cells)
                      + " |")
+    return "\n".join(lines)
+
+
+def genai_folder(d: dict) -> str:
+    """Folder → folder seconds and peak RSS of ``spa prune`` on an int4 onnxruntime-genai
+    folder, params and FLOPs from its report, and whether the Generator runs the output."""
+    lines = [f"onnxruntime-genai int4 folder, {d['model']}, model files "
+             f"{d['model_bytes'] / 2**20:.0f} MiB ({_load_note(d)}; median of {d['runs']}):", "",
+             "| variant | command | seconds (plan, validate) | peak RSS (× model) | params | "
+             "FLOPs (MACs) | validation | Generator |", "|---|---|---|---|---|---|---|---|"]
+    for label, r in d["results"].items():
+        if r.get("exit_code"):
+            rss, error = r["peak_rss_bytes"] or 0, " ".join(r["error"]).replace("|", "\\|")
+            lines.append(f"| {label} | `{r['command']}` | {r['seconds']:.1f} | "
+                         f"{rss / 2**20:.0f} MiB ({rss / d['model_bytes']:.2f}×) | | | exit "
+                         f"{r['exit_code']}: {error} | |")
+            continue
+        gen = r["generation_check"]
+        check = (f"oracle {r['masked_relative_diff']:.1e}" if r["masked_relative_diff"] is not None
+                 else "no oracle") + (f", {gen['tokens']} greedy tokens "
+                                      f"{'equal' if gen['equal'] else 'differ'}" if gen else "")
+        if r["dropped_blocks"]:
+            check += (f"; {r['dropped_blocks']} blocks dropped, the dense original's greedy "
+                      f"tokens: {gen['dense_tokens_equal']} of {gen['tokens']}")
+        lines.append(
+            f"| {label} | `{r['command']}` | {r['seconds_median']:.1f} "
+            f"({r['stage_seconds']['plan']:.1f}, {r['stage_seconds']['validate']:.1f}) | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB ({r['rss_over_model']:.2f}×) | "
+            f"{r['params_before']:,} → {r['params_after']:,} | {r['flops_before']:,} → "
+            f"{r['flops_after']:,} | {check} | {r['generator_tokens']} tokens |")
     return "\n".join(lines)
 
 
@@ -322,7 +352,7 @@ def latency_fidelity(d: dict) -> str:
 RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
           "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline,
           "latency_target": latency_target, "latency_fidelity": latency_fidelity,
-          "kernel_widths": kernel_widths}
+          "kernel_widths": kernel_widths, "genai_folder": genai_folder}
 
 
 def render(name: str) -> str:

@@ -62,12 +62,23 @@ def _hf(config_name: str, model_name: str, inputs: Callable[[], tuple[torch.Tens
     return build
 
 
+def random_biases(model: nn.Module, std: float = 0.02) -> None:
+    """Draw ``model``'s biases at random. HuggingFace initialises them to zero, so the
+    TorchScript exporter stores one zero tensor for all of them (shared by every layer), and a
+    wrong bias slice would not show in the oracle."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, std)
+
+
 def bert_onnx(path: Path, *, attention: str = "eager", seq: int = 16, vocab_size: int = 1000,
-              **config) -> Path:
+              biases: bool = False, **config) -> Path:
     """A random-weight ``BertModel`` (``BertConfig(vocab_size=…, **config)``, ``attention``
     the attention implementation) returning its last hidden state, exported by the
     TorchScript exporter at opset 17 with inputs ``input_ids`` and ``attention_mask`` (batch
-    and sequence dynamic), traced on one sequence of ``seq`` tokens."""
+    and sequence dynamic), traced on one sequence of ``seq`` tokens. ``biases``: random biases
+    (:func:`random_biases`), not zeros."""
     _stub_torchvision()
     import transformers
 
@@ -75,6 +86,8 @@ def bert_onnx(path: Path, *, attention: str = "eager", seq: int = 16, vocab_size
     cfg = transformers.BertConfig(vocab_size=vocab_size, **config)
     cfg._attn_implementation = attention
     model = FirstOutput(transformers.BertModel(cfg).eval()).eval()
+    if biases:
+        random_biases(model)
     ids, mask = torch.randint(0, vocab_size, (1, seq)), torch.ones(1, seq, dtype=torch.long)
     dims = {0: "batch", 1: "sequence"}
     torch.onnx.export(model, (ids, mask), str(path), opset_version=17, dynamo=False,

@@ -11,8 +11,6 @@ validation runs 32 greedy tokens against the masked original; onnxruntime-genai'
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,64 +23,20 @@ og = pytest.importorskip("onnxruntime_genai")
 
 import onnxruntime as ort  # noqa: E402
 
+from models import genai_llm  # noqa: E402
+from models.genai_llm import build_folder  # noqa: E402
 from spa.api import CheckOptions, PruneOptions, analyze, prune  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
 from spa.errors import ExitCode, InvalidModelError, OptionError, ValidationError  # noqa: E402
 from spa.generation import SignatureChange, greedy_check, greedy_tokens  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB, LAYERS = 1000, 2
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
-
-_MAKE = """
-import sys
-from models.torchvision_compat import import_torchvision
-try:
-    import_torchvision()
-except ImportError:
-    pass
-import torch
-import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-torch.manual_seed(0)
-out, vocab, kind = sys.argv[1], int(sys.argv[2]), sys.argv[4]  # kind: Llama, Qwen2
-cfg = getattr(transformers, f"{kind}Config")(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=int(sys.argv[3]),
-    num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-    max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-getattr(transformers, f"{kind}ForCausalLM")(cfg).save_pretrained(out)
-words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
-tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-tok.pre_tokenizer = pre_tokenizers.Whitespace()
-PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                        unk_token="<unk>").save_pretrained(out)
-"""
-_BUILD = """
-import runpy, sys
-from models.torchvision_compat import import_torchvision
-try:
-    import_torchvision()
-except ImportError:
-    pass
-sys.argv = ["builder", *sys.argv[1:]]
-runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
-"""
 
 
 def make_hf(d: Path, kind: str = "Llama", layers: int = LAYERS) -> Path:
     """A random-init HuggingFace ``kind`` model (Llama, Qwen2) and its tokenizer in ``d/hf``."""
-    subprocess.run([sys.executable, "-c", _MAKE, str(d / "hf"), str(VOCAB), str(layers), kind],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
-    return d / "hf"
-
-
-def build_folder(hf: Path, out: Path, *extra: str) -> Path:
-    """The builder's int4 CPU folder of ``hf`` in ``out``."""
-    subprocess.run([sys.executable, "-c", _BUILD, "-i", str(hf), "-o", str(out), "-p", "int4",
-                    "-e", "cpu", "-c", str(out.parent / "cache"), *extra],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
-    return out
+    return genai_llm.make_hf(d, kind, layers, vocab=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -108,16 +62,7 @@ def folder(built) -> Path:
 
 
 def _generate(folder: Path, steps: int = 32) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + steps, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([PROMPT], np.int32))
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    return tokens
+    return genai_llm.generate(folder, PROMPT, steps)
 
 
 def _spa_tokens(model: Path, kv_heads: int) -> list[int]:

@@ -22,17 +22,18 @@ pytest.importorskip("transformers")
 from models.thirdparty import bert_onnx  # noqa: E402
 from spa.api import analyze  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
+from spa.passes.blocks import find_blocks  # noqa: E402
 from tests.oracle import prune_checked  # noqa: E402
 
 HIDDEN, HEADS, LAYERS = 384, 12, 2
 
 
-def _optimised(attention: str, d: Path) -> Path:
+def _optimised(attention: str, d: Path, *, biases: bool = False) -> Path:
     from onnxruntime.transformers.optimizer import optimize_model
 
     bert_onnx(d / "bert.onnx", attention=attention, hidden_size=HIDDEN,
               num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-              intermediate_size=4 * HIDDEN)
+              intermediate_size=4 * HIDDEN, biases=biases)
     optimised = optimize_model(str(d / "bert.onnx"), model_type="bert", num_heads=HEADS,
                                hidden_size=HIDDEN)
     optimised.save_model_to_file(str(d / "opt.onnx"))
@@ -81,3 +82,30 @@ def test_optimised_bert_prunes_heads_and_mlp_under_the_oracle(tmp_path, attentio
     pruned = [g for g in out.plan.groups if len(g.keep) < g.size]
     assert len(pruned) == sum(PRUNABLE[attention].values())
     assert out.report.flops_after < out.report.flops_before
+
+
+def test_optimised_bert_drops_post_norm_blocks_under_the_oracle(tmp_path):
+    """Post-norm layers (``SkipLayerNormalization(branch, stream, …, bias)`` after the attention
+    and after the MLP) are four candidate blocks; dropping one leaves the plain norm of the
+    stream, which the masked original (the branch's weight and bias zeroed) computes too."""
+    import onnx
+
+    path = _optimised("eager", tmp_path, biases=True)
+    blocks = find_blocks(analyze(path).model.graph)
+    assert len(blocks.candidates) == 2 * LAYERS and not blocks.refused
+    for drop, width in ((1, {}), (2, {"heads_ratio": 0.5, "mlp_ratio": 0.5})):
+        out = prune_checked(path, tmp_path, name=f"drop{drop}.onnx", ratio=0, drop_blocks=drop,
+                            **width)
+        assert len(out.plan.dropped) == drop
+        norms = Counter(n.op_type for n in onnx.load(str(out.path)).graph.node
+                        if n.op_type.endswith("LayerNormalization"))
+        assert norms == Counter({"SkipLayerNormalization": 2 * LAYERS - drop,
+                                 "LayerNormalization": drop, "EmbedLayerNormalization": 1})
+
+
+def test_optimised_bert_with_shared_zero_biases_has_no_blocks(tmp_path):
+    """HuggingFace's zero biases are one tensor in the export (the exporter stores equal
+    constants once), so each fused norm's bias is shared: it cannot go with one branch."""
+    blocks = find_blocks(analyze(_optimised("eager", tmp_path)).model.graph)
+    assert not blocks.candidates
+    assert all("is computed or shared" in why for why in blocks.refused.values())

@@ -336,6 +336,25 @@ def test_attention_forms_not_mapped_freeze_with_a_reason(extra, attrs, reason):
     assert any(f"Attention node 'attn': {reason}" in r for r in group_of(m, "qkv.w", 1).frozen)
 
 
+def test_attention_cache_loses_the_pruned_heads(tmp_path):
+    """``past`` ``[2, B, N, P, d]`` (a graph input) and ``present`` ``[2, B, N, P + S, d]`` (a
+    graph output) go with the heads: both lose the pruned ones, and the pruned model, fed the
+    past at the kept heads, equals the masked original (GPT-2's causal attention)."""
+    b = Builder()
+    b.op("Attention", dense(b, "x", 6, 8, "embed"), b.weight(8, 24, name="qkv.w"),
+         b.weight(24, name="qkv.b"), "", "past", domain=MS, name="attn",
+         outputs=["attn_out", "present"], num_heads=4, unidirectional=1)
+    m = contrib_model(b, {"x": [1, 4, 6], "past": [2, 1, 4, 3, 2]},
+                      {dense(b, "attn_out", 8, 6, "o"): [1, 4, 6], "present": [2, 1, 4, 7, 2]})
+    heads = group_of(m, "qkv.w", 1)
+    assert {("past", 2), ("present", 2)} <= {mem.space for mem in heads.members}
+    assert heads.prunable
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    assert attr(node_named(out.path, "attn"), "num_heads") == 2
+    assert out.report.signature_changes == ["graph input 'past' axis 2: 4 -> 2",
+                                            "graph output 'present' axis 2: 4 -> 2"]
+
+
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias+attention_bias"])
 def test_multi_head_attention_prunes_heads(tmp_path, cross, with_bias):

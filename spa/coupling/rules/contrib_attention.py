@@ -15,6 +15,10 @@ is the heads' contexts side by side. So:
 
 Heads are pruned whole; the rewrite sets ``num_heads`` (and ``qkv_hidden_sizes``) to what
 survives. ``d`` never changes, so an absent ``scale`` (``1/√d``) stays right.
+A KV cache (GPT-2 as onnxruntime's tools export it: ``past [2, B, N, P, d]`` read, ``present
+[2, B, N, P + S, d]`` written, keys and values of head ``h`` at index ``h`` of axis 2) goes with
+the heads; as graph input and output they are a KV-cache pair, which lose the pruned heads
+together. ``unidirectional`` (a causal mask) acts within a head.
 
 Facts: MACs ``B·S·D·(Hq+Hk+Hv)`` for the projection plus ``B·S·S·(Hq + Hv)`` for the scores
 and the context (the sequence length read off ``input``; symbolic dims count 1, as for a MatMul
@@ -29,8 +33,10 @@ and ``output.2``; the bias splits as the QKV columns do; the rewrite sets ``num_
 ``GroupQueryAttention`` (grouped KV heads, rotary inside, KV cache): see
 :func:`group_query_attention`; a KV head and the query heads that read it are one channel.
 
-Fail closed, with a reason naming what is not mapped: for ``Attention`` and
-``MultiHeadAttention`` a KV cache (``past`` inputs, ``present`` outputs, a cache indirection),
+Fail closed, with a reason naming what is not mapped: for ``Attention`` a cache in another
+form (a past without a present or the other way round, K and V of different head sizes,
+``past_sequence_length``, a shared past/present buffer), for ``MultiHeadAttention`` a KV cache
+(``past`` inputs, ``present`` outputs, a cache indirection),
 the QK output and ``do_rotary``; packed QKV or KV forms and head-split (4-D) keys; a quantised
 KV cache (``k_quant_type``/``v_quant_type``); a dynamic or non-2-D weight, an input of rank
 other than 3, sizes that the head counts do not divide.
@@ -52,6 +58,7 @@ if TYPE_CHECKING:
     from spa.coupling.types import KeptLookup
 
 _PAST, _ATTENTION_BIAS = 4, 5
+_CACHE_EXTRA = (6, 7)  # past_sequence_length, cache_indirection
 
 
 def _macs(node: gs.Node) -> MacTerm | None:
@@ -101,9 +108,15 @@ def attention(ctx: NodeContext) -> None:
         ctx.identity(ctx.space(relative, 1), heads)
     ctx.on_rewrite(_head_count_hook(heads, sizes if ctx.attr("qkv_hidden_sizes") else None))
     # Last: a refused node's heads are still one (frozen) group, named by this reason.
-    if ctx.input(_PAST) is not None or ctx.output(1) is not None:
-        ctx.refuse("a KV cache (past input or present output) is not mapped")
-    elif ctx.attr_int("do_rotary", 0):
+    why = _cache_unsupported(ctx, sizes, n_heads)
+    if why is not None:
+        ctx.refuse(why)
+    elif ctx.input(_PAST) is not None:
+        spaces = ctx.space(ctx.input(_PAST), 2), ctx.space(ctx.output(1), 2)
+        for s in spaces:
+            ctx.identity(s, heads)
+        ctx.kv_cache(*spaces, head_size=sizes[1] // n_heads)
+    if ctx.attr_int("do_rotary", 0):
         ctx.refuse("attribute do_rotary=1 (rotary embedding inside the op) is not mapped")
 
 
@@ -116,6 +129,21 @@ def _unsupported(ctx: NodeContext) -> str | None:
         t = x if ctx.rank(x) != 3 else w
         return ctx.unknown_rank(t) if ctx.rank(t) is None else \
             f"{ctx.which(t)} of rank {ctx.rank(t)}"
+    return None
+
+
+def _cache_unsupported(ctx: NodeContext, sizes: list[int], n_heads: int) -> str | None:
+    """Why the node's KV cache cannot go with its heads, or None (no cache, or a mapped one:
+    ``past`` ``[2, B, N, P, d]`` read and ``present`` ``[2, B, N, P + S, d]`` written, K and V
+    of one head size, nothing else about the cache given)."""
+    past, present = ctx.input(_PAST), ctx.output(1)
+    if past is None and present is None:
+        return None
+    shapes = [ctx.shape(t) for t in (past, present)]
+    extra = [ctx.input(i) is not None for i in _CACHE_EXTRA]
+    if any(s is None or len(s) != 5 or s[2] != n_heads for s in shapes) \
+            or sizes[1] != sizes[2] or any(extra) or ctx.attr_int("past_present_share_buffer", 0):
+        return "a KV cache (past input or present output) is not mapped"
     return None
 
 
