@@ -4,14 +4,11 @@ A random-init Llama with GQA (hidden 768, 8 layers, MLP 3072, 12 query heads and
 64, vocab 16000), written by onnxruntime-genai's builder as an int4 CPU folder
 (:mod:`models.genai_llm`; built once, cached under ``build/genai_bench/``).
 
-The builder writes ``accuracy_level=4``: onnxruntime quantises each ``MatMulNBits`` input to
-int8 per block. Pruning changes the float summation order a little (fewer heads), an input near
-an int8 rounding boundary then lands one step away, and the logits move by 0.007–0.008 of
-their scale (about one int8 step, 1/128) from the masked original's: the oracle (relative
-1e-4) refuses the model (exit 3). Each layer alone at level 4 agrees to 3e-7, and the whole
-folder at level 4 in all layers but one passes. So the variants run on a copy at
-``accuracy_level=0`` (float compute, the same weights and graph); ``builder_default`` records
-one run on the folder as built. Each variant runs
+The builder writes ``accuracy_level=4`` (onnxruntime quantises each ``MatMulNBits`` input to
+int8 per block); the variants run on the folder as built: the oracle compares the pruned and
+the masked model with float activations (spa/pipeline/checks.py's ``float_session``; at level 4
+int8 rounding turned float error into 0.008 of the logits' scale and validation refused the
+model). Each variant runs
 ``python -m spa prune DIR -o OUT …`` as a subprocess, folder to folder, with validation on (the
 default: the masked oracle and, for width-only plans, 32 greedy tokens against the masked
 original): wall seconds (median of ``--runs``) and peak RSS (GNU time's ``%M``, of the command
@@ -51,22 +48,6 @@ def folder() -> Path:
     out = WORK / "int4"
     if not (out / "genai_config.json").exists():
         build_folder(make_hf(WORK, "Llama", LAYERS, vocab=VOCAB, sizes=SIZES), out)
-    return out
-
-
-def float_compute(src: Path) -> Path:
-    """A copy of the folder ``src`` whose ``MatMulNBits`` compute in float (``accuracy_level``
-    0); the weights file is copied as it is."""
-    import onnx
-
-    out = WORK / "int4_float_compute"
-    if not (out / "genai_config.json").exists():
-        shutil.copytree(src, out)
-        model = onnx.load(str(src / "model.onnx"), load_external_data=False)
-        for a in (a for n in model.graph.node if n.op_type == "MatMulNBits"
-                  for a in n.attribute if a.name == "accuracy_level"):
-            a.i = 0
-        onnx.save(model, str(out / "model.onnx"))
     return out
 
 
@@ -119,12 +100,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    built = folder()
-    dense = float_compute(built)
+    dense = folder()
     config = json.loads((dense / "genai_config.json").read_text())["model"]["decoder"]
     results = {label: measure(dense, label, flags, args.runs)
                for label, flags in VARIANTS.items()}
-    results["builder_default"] = measure(built, "builder_default", VARIANTS["width"], 1)
     write_result("genai_folder", {
         "model": f"int4 Llama, GQA: hidden {SIZES['hidden_size']}, {LAYERS} layers, MLP "
                  f"{SIZES['intermediate_size']}, {SIZES['num_attention_heads']} heads / "
