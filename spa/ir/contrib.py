@@ -124,8 +124,9 @@ def contrib_shapes(light: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     found = {vi.name: vi for vi in inferred if vi.name in wanted & from_ort
              and vi.type.tensor_type.HasField("shape")}
     for node in nodes:
-        if node.op_type == "FusedMatMul" and node.output[0] in wanted:
-            vi = _fused_matmul(node, known)
+        if node.output and node.output[0] in wanted and node.output[0] not in found:
+            shape = _OWN_SHAPES.get(node.op_type)
+            vi = shape(node, known) if shape is not None else None
             if vi is not None:
                 found[vi.name] = vi
     return list(found.values())
@@ -166,6 +167,24 @@ def _fused_matmul(node: onnx.NodeProto, known: dict[str, onnx.ValueInfoProto]
     batch = [_broadcast(x, y) for x, y in zip(pad_a + a[:-2], pad_b + b[:-2])]
     elem = known[node.input[0]].type.tensor_type.elem_type
     return onnx.helper.make_tensor_value_info(node.output[0], elem, [*batch, a[-2], b[-1]])
+
+
+def _matmul_nbits(node: onnx.NodeProto, known: dict[str, onnx.ValueInfoProto]
+                  ) -> onnx.ValueInfoProto | None:
+    """``Y = A @ W`` with ``W [K, N]`` block-quantised: ``A``'s dims, the last one ``N``; None
+    when ``A``'s shape is unknown (onnxruntime's inference stops on some graphs before it)."""
+    n = next((a.i for a in node.attribute if a.name == "N"), 0)
+    if not node.input or node.input[0] not in known or n <= 0:
+        return None
+    a = _dims(known[node.input[0]])
+    if not a:
+        return None
+    elem = known[node.input[0]].type.tensor_type.elem_type
+    return onnx.helper.make_tensor_value_info(node.output[0], elem, [*a[:-1], n])
+
+
+#: Contrib ops whose output shape SPA works out itself, where onnxruntime's inference does not.
+_OWN_SHAPES = {"FusedMatMul": _fused_matmul, "MatMulNBits": _matmul_nbits}
 
 
 def _broadcast(x: Dim, y: Dim) -> Dim:

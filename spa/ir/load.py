@@ -49,6 +49,7 @@ _SMALL_TENSOR = 64
 # as soon as one changes nothing). Swin-T needs 8: each stage's window padding folds only once the
 # stage before it has static shapes.
 _REFINE_ROUNDS = 16
+_CONTRIB_ROUNDS = 64  # a round per layer of contrib ops in a row (an int4 encoder: 4 a block)
 
 
 @dataclass
@@ -454,12 +455,26 @@ def _without_constant_annotations(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def with_contrib_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (its ONNX shapes inferred) or, when it has contrib ops, a copy with their
+    outputs' shapes too: onnx's inference knows none of them, and a rewritten model's
+    MatMulNBits would count no multiply-adds."""
+    if not any((n.domain or "") not in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    shaped = _with_contrib_shapes(weightless(model), strict=False)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(shaped.graph.value_info)
+    return copy
+
+
 def _with_contrib_shapes(inferred: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
     """``inferred`` with the shapes of its contrib ops' outputs (spa/ir/contrib.py) and what
     ONNX inference then carries on, round by round until nothing is added. Shapes that conflict
     with the rest are dropped: their outputs stay unknown (what they touch freezes), the model
     is not refused for what onnxruntime's inference said."""
-    for _ in range(_REFINE_ROUNDS):
+    for _ in range(_CONTRIB_ROUNDS):
         contrib = contrib_shapes(inferred)
         if not contrib:
             break

@@ -26,7 +26,7 @@ from spa.coupling.analysis import Analysis
 from spa.errors import OptionError
 from spa.generation import signature_change
 from spa.ir import to_onnx
-from spa.ir.load import import_graph, load_model
+from spa.ir.load import import_graph, load_model, with_contrib_shapes
 from spa.ir.save import Staging, full_check, infer_shapes, streamed, write_proto, write_streamed
 from spa.ir.tied import join_ties
 from spa.metrics import CostModel, file_size
@@ -172,7 +172,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
             pruned = infer_shapes(to_onnx(loaded))
             if dense is not None and calib is not None:
                 pruned = _reconstruct(dense, pruned, calib, kept, refit, memory, faithful)
-            emitted = import_graph(pruned, "the rewritten model")  # its shapes inferred once
+            emitted = import_graph(with_contrib_shapes(pruned), "the rewritten model")
         t1 = time.perf_counter()
         report_extra = {} if sources is None else run_checks(
             sources.original, sources.masked, sources.weight_free, pruned, checks, widen=widen,
