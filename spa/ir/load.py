@@ -30,7 +30,7 @@ from onnx import external_data_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError, one_line
-from spa.ir.contrib import contrib_shapes, onnx_view
+from spa.ir.contrib import contrib_shapes, has_contrib, onnx_view
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.params import stored_params
@@ -459,7 +459,7 @@ def with_contrib_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` (its ONNX shapes inferred) or, when it has contrib ops, a copy with their
     outputs' shapes too: onnx's inference knows none of them, and a rewritten model's
     MatMulNBits would count no multiply-adds."""
-    if not any((n.domain or "") not in ("", "ai.onnx") for n in model.graph.node):
+    if not has_contrib(model):
         return model
     shaped = _with_contrib_shapes(weightless(model), strict=False)
     copy = onnx.ModelProto()
