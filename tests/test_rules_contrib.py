@@ -769,3 +769,17 @@ def test_matmul_nbits_sensitivity_is_measured_on_masked_copies(tmp_path):
             copy = val.masked_model(m, analysis, plan)
             want = sensitivity._damage(reference, sensitivity._outputs(val.session(copy), x))
             assert want > 1e-4 and damage == pytest.approx(want, rel=1e-5), (gid, removed)
+
+
+def test_matmul_nbits_output_shape_when_onnxruntime_finds_none():
+    """SPA's own MatMulNBits shape (onnxruntime's symbolic inference stops early on some
+    graphs, an int4 MiniLM's pruned file then counted no multiply-adds): A's dims, the last N."""
+    from spa.ir.contrib import _OWN_SHAPES
+
+    node = helper.make_node("MatMulNBits", ["a", "w", "s"], ["y"], domain=MS, K=32, N=64,
+                            bits=4, block_size=16)
+    a = helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [2, "seq", 32])
+    vi = _OWN_SHAPES["MatMulNBits"](node, {"a": a})
+    assert vi is not None and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim] == [2, "seq", 64]
+    assert _OWN_SHAPES["MatMulNBits"](node, {}) is None  # A unknown: nothing made up
