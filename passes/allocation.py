@@ -121,23 +121,53 @@ class Allocation:
         pred = Prediction(before.params, after.params, before.flops, after.flops)
         return Plan(plan.fingerprint, plan.groups, plan.frozen, pred, plan.recipe)
 
-    def _keep(self, analysis: Analysis, scores: Scores, ratio: float) -> dict[int, np.ndarray]:
+    def _keep(self, analysis: Analysis, scores: Scores, ratio: float, *,
+              rounded: bool = True) -> dict[int, np.ndarray]:
+        """Each group's kept channels at ``ratio``: its highest-scored ``count``, the count
+        rounded up to the group's step (exact with ``rounded=False``)."""
+        counts = self._counts(analysis, scores, ratio)
+        if rounded:
+            counts = {gid: self._round_up(self._group(analysis, gid), k)
+                      for gid, k in counts.items()}
+        return self._select(analysis, scores, counts)
+
+    def _counts(self, analysis: Analysis, scores: Scores, ratio: float) -> dict[int, int]:
+        """Kept counts at ``ratio`` before rounding, at least ``min_channels``."""
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
         if self.global_ranking:
             counts = _global_counts(groups, scores, ratio, self.min_channels)
         else:
             counts = {g.id: g.size - math.floor(self._ratio_for(g, ratio) * g.size)
                       for g in groups}
+        return {g.id: min(g.size, max(counts[g.id], self.min_channels)) for g in groups}
+
+    def _round_up(self, group: Group, k: int) -> int:
+        step = self.step(group)
+        if step > 1:
+            k = min(group.size, math.ceil(k / step) * step)
+        if self.target is Target.LATENCY and self.latency is not None:
+            k = self.latency.as_fast_wider(group.id, k)
+        return k
+
+    def _round_down(self, group: Group, k: int) -> int | None:
+        """``k`` rounded down to the group's step, or None where that is ``k`` itself or
+        below ``min_channels`` (or zero)."""
+        step = self.step(group)
+        down = k // step * step
+        return down if step > 1 and down != k and down >= max(1, self.min_channels) else None
+
+    @staticmethod
+    def _group(analysis: Analysis, gid: int) -> Group:
+        return next(g for g in analysis.prunable_groups if g.id == gid)
+
+    @staticmethod
+    def _select(analysis: Analysis, scores: Scores,
+                counts: Mapping[int, int]) -> dict[int, np.ndarray]:
         keep = {}
-        for g in groups:
-            k = min(g.size, max(counts[g.id], self.min_channels))
-            step = self.step(g)
-            if step > 1:
-                k = min(g.size, math.ceil(k / step) * step)
-            if self.target is Target.LATENCY and self.latency is not None:
-                k = self.latency.as_fast_wider(g.id, k)
-            order = np.lexsort((np.arange(g.size), -scores.by_group[g.id]))
-            keep[g.id] = np.sort(order[:k])
+        for g in analysis.prunable_groups:
+            if g.id in counts:
+                order = np.lexsort((np.arange(g.size), -scores.by_group[g.id]))
+                keep[g.id] = np.sort(order[:counts[g.id]])
         return keep
 
     def step(self, group: Group) -> int:
@@ -154,18 +184,34 @@ class Allocation:
 
     def _search(self, analysis, scores, cost, before) -> dict[int, np.ndarray]:
         """Smallest channel ratio whose predicted params/FLOPs/latency reduction reaches the
-        target."""
+        target. With kernel steps and a params/FLOPs target, the ratio is searched with exact
+        counts, which the groups then round onto their steps (:meth:`_to_steps`)."""
+        stepped = self.target is not Target.LATENCY and any(
+            self.step(g) > 1 for g in analysis.prunable_groups if g.id in scores.by_group)
+        if stepped:
+            ratio, _ = self._bisect(analysis, scores, cost, before, rounded=False)
+            if ratio is not None:
+                keep = self._to_steps(analysis, scores, cost, before, ratio)
+                if keep is not None:
+                    return keep
+        return self._bisect(analysis, scores, cost, before, rounded=True)[1]
+
+    def _bisect(self, analysis, scores, cost, before, *, rounded: bool
+                ) -> tuple[float | None, dict[int, np.ndarray]]:
+        """``(ratio, kept)`` at the smallest ratio that reaches the target (ratio None: out of
+        reach, the kept channels at the largest ratio)."""
 
         def reduction(r: float) -> tuple[float, dict[int, np.ndarray]]:
-            keep = self._keep(analysis, scores, r)
+            keep = self._keep(analysis, scores, r, rounded=rounded)
             return self._reduction(analysis, keep, scores, cost, before), keep
 
         lo, hi = 0.0, 0.99
         best = reduction(hi)
         if best[0] < self.ratio:
-            log.warning("target %s reduction %.3f is out of reach; best is %.3f",
-                        self.target.value, self.ratio, best[0])
-            return best[1]
+            if rounded:
+                log.warning("target %s reduction %.3f is out of reach; best is %.3f",
+                            self.target.value, self.ratio, best[0])
+            return None, best[1]
         for _ in range(30):
             mid = (lo + hi) / 2
             red, keep = reduction(mid)
@@ -173,8 +219,44 @@ class Allocation:
                 hi, best = mid, (red, keep)
             else:
                 lo = mid
-        return best[1]
+        return hi, best[1]
 
+    def _to_steps(self, analysis, scores, cost, before, ratio: float
+                  ) -> dict[int, np.ndarray] | None:
+        """The exact counts at ``ratio`` (which meet the target) moved onto each group's step:
+        every group rounds up, then the groups that round down by the smallest share of their
+        size do, as few as meet the target again. Rounding every group up in lockstep
+        overshot instead: a digits ResNet asked for ÷2 FLOPs got ÷3.75, because the bisection
+        can only move all groups a whole block at once. None: even rounding every group
+        down misses the target."""
+        exact = self._counts(analysis, scores, ratio)
+        up = {gid: self._round_up(self._group(analysis, gid), k) for gid, k in exact.items()}
+        downs = []
+        for gid, k in exact.items():
+            down = self._round_down(self._group(analysis, gid), k)
+            if down is not None and down < up[gid]:
+                downs.append(((k - down) / self._group(analysis, gid).size, gid, down))
+        downs.sort()
+
+        def reduction(prefix: int) -> tuple[float, dict[int, np.ndarray]]:
+            counts = dict(up)
+            for _, gid, down in downs[:prefix]:
+                counts[gid] = down
+            keep = self._select(analysis, scores, counts)
+            return self._reduction(analysis, keep, scores, cost, before), keep
+
+        lo, hi = 0, len(downs)
+        best = reduction(hi)
+        if best[0] < self.ratio:
+            return None
+        while lo < hi:  # the fewest groups rounded down that meet the target
+            mid = (lo + hi) // 2
+            red, keep = reduction(mid)
+            if red >= self.ratio:
+                hi, best = mid, (red, keep)
+            else:
+                lo = mid + 1
+        return best[1]
 
     def _reduction(self, analysis, keep, scores, cost, before) -> float:
         """The share of the params, MACs or (predicted) latency that ``keep`` removes."""

@@ -136,3 +136,31 @@ def test_apply_on_another_cpu_writes_the_same_model(tmp_path, monkeypatch) -> No
     here = prune_checked(m, tmp_path, ratio=0.3, name="avx2.onnx")
     assert here.plan.recipe is not None and here.plan.recipe.round_to == 8
     assert init_shapes(here.path)["c1.w"][0] == 24  # 23 → 24, where 16 gave 32
+
+
+@pytest.mark.parametrize("target, ratio", [("flops", 0.5), ("flops", 0.3), ("params", 0.5)])
+def test_uniform_target_is_not_overshot(tmp_path, target, ratio) -> None:
+    """A params/FLOPs target with uniform allocation: five groups of 32 channels, each a whole
+    block either way (16 or 32 kept). Moving every group a block at once, as the bisection on
+    rounded counts did, can only remove about 3/4 of the MACs or nothing; rounding each group
+    up or down from the exact counts lands near the target, with every count still a block
+    multiple."""
+    b = Builder()
+    y = "x"
+    for i, c in enumerate((3, 32, 32, 32, 32, 32)[:-1]):
+        y = b.op("Relu", b.conv(y, c, 32, name=f"c{i}"))
+    y = b.conv(y, 32, 16, k=1, name="head")
+    m = b.model({"x": [1, 3, 8, 8]}, {y: [1, 16, 8, 8]})
+    lockstep = prune_checked(m, tmp_path, ratio=ratio, target=target, round_to=1,
+                             name="exact.onnx")
+    out = prune_checked(m, tmp_path, ratio=ratio, target=target, name=f"{target}.onnx")
+    rep = out.report
+    before, after = ((rep.flops_before, rep.flops_after) if target == "flops"
+                     else (rep.params_before, rep.params_after))
+    reached = 1 - after / before
+    assert ratio <= reached <= ratio + 0.2, reached
+    shapes = init_shapes(out.path)
+    assert all(shapes[f"c{i}.w"][0] in (16, 32) for i in range(5))
+    # the exact counts meet the target too, closer still
+    exact = lockstep.report
+    assert 1 - exact.flops_after / exact.flops_before >= (ratio if target == "flops" else 0)
