@@ -197,9 +197,17 @@ def report_notes(r: PruneReport) -> list[str]:
     notes = []
     achieved = measured_speedup(r)
     if achieved is not None and achieved < 1.0:
-        hint = ("" if r.latency_target else "; channel counts that are not whole kernel "
-                "blocks defeat onnxruntime's blocked convolution kernels: keep the default "
-                "--round-to auto, or try --target latency")
+        if r.latency_target:
+            hint = ""
+        elif r.off_block_groups:
+            hint = (f"; {r.off_block_groups} pruned group(s) left whole kernel blocks, which "
+                    "defeats onnxruntime's blocked convolution kernels: use --round-to auto "
+                    "(the default), or try --target latency")
+        else:
+            hint = ("; no convolution left its kernel blocks, so this is timing noise or "
+                    "kernels the runtime prefers at the dense widths: time the model at its "
+                    "real input sizes (--input-dim), or try --target latency, which measures "
+                    "the widths")
         notes.append(f"warning: the pruned model measures slower than the dense one "
                      f"({r.latency_ms_before:.3f} → {r.latency_ms_after:.3f} ms){hint}")
     asked = r.latency_target.get("requested_speedup")

@@ -278,20 +278,40 @@ def test_cli_latency_target_reports_requested_and_predicted_speedup(
 # --- the report -----------------------------------------------------------------------------
 
 
-def _report(before: float, after: float, target: dict | None = None):
+def _report(before: float, after: float, target: dict | None = None, off_block: int = 0):
     from spa.pipeline.emit import PruneReport
 
     return PruneReport("m.onnx", "p.onnx", 100, 50, 1000, 500, 50, 500, 400, 200, 2, 2, 32, 16,
                        [], latency_ms_before=before, latency_ms_after=after,
-                       latency_target=target or {})
+                       latency_target=target or {}, off_block_groups=off_block)
 
 
 def test_report_warns_when_the_pruned_model_measures_slower() -> None:
+    """The hint blames the blocked conv kernels only when some pruned group left them."""
     from spa.report import report_notes
 
-    (note,) = report_notes(_report(2.0, 2.5))
+    (note,) = report_notes(_report(2.0, 2.5, off_block=3))
     assert note.startswith("warning: the pruned model measures slower") and "2.500" in note
+    assert "3 pruned group(s) left whole kernel blocks" in note
+    (note,) = report_notes(_report(2.0, 2.5))
+    assert "left whole kernel blocks" not in note and "timing noise" in note
     assert report_notes(_report(2.0, 1.0)) == []
+
+
+@pytest.mark.parametrize("round_to, off", [(1, 1), ("auto", 0)])
+def test_report_counts_groups_off_the_kernel_blocks(tmp_path, round_to, off) -> None:
+    """A conv group of 32 pruned to 23 (exact) leaves the blocks of 16; auto keeps 32 or 16;
+    a Gemm group never counts."""
+    from graphs import Builder
+    from oracle import prune_checked
+
+    b = Builder()
+    y = b.op("Relu", b.conv("x", 3, 32, name="c1"))
+    y = b.op("Flatten", b.op("GlobalAveragePool", b.conv(y, 32, 8, k=1, name="c2")))
+    y = b.gemm(b.op("Relu", b.gemm(y, 8, 40, name="fc1")), 40, 4, name="fc2")
+    m = b.model({"x": [1, 3, 6, 6]}, {y: [1, 4]})
+    out = prune_checked(m, tmp_path, ratio=0.3, round_to=round_to)
+    assert out.report.off_block_groups == off
 
 
 def test_report_shows_requested_predicted_and_measured_speedup() -> None:

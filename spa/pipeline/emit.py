@@ -27,10 +27,20 @@ from spa.errors import OptionError
 from spa.generation import signature_change
 from spa.ir import to_onnx
 from spa.ir.load import import_graph, load_model, with_contrib_shapes
-from spa.ir.save import Staging, full_check, infer_shapes, streamed, write_proto, write_streamed
+from spa.ir.save import (
+    Staging,
+    full_check,
+    infer_shapes,
+    known_dims,
+    streamed,
+    write_proto,
+    write_streamed,
+)
 from spa.ir.tied import join_ties
-from spa.metrics import CostModel, file_size
+from spa.metrics import CostModel, cut_shapes, file_size
 from spa.passes.compensation import BiasCompensation, BiasShifts, Compensation, WeightUpdates
+from spa.passes.kernel_widths import KernelWidths
+from spa.passes.latency import kernel_block
 from spa.passes.reconstruction import Reconstruction
 from spa.passes.rewrite import Rewrite
 from spa.passes.statistics import LayerStatistics, LayerStats
@@ -89,6 +99,10 @@ class PruneReport:
     latency_target: dict = field(default_factory=dict)
     # Depth pruning: the residual blocks removed (spa.plan.DroppedBlock's fields).
     dropped_blocks: list[dict] = field(default_factory=list)
+    # Pruned groups whose dense width was whole kernel blocks of this CPU's blocked
+    # convolutions and whose kept width is not (passes/kernel_widths.py): what makes a conv
+    # net slower after pruning.
+    off_block_groups: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,6 +162,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
                           "--held-out 0")
     dense = to_onnx(loaded) if calib is not None and (refit or calib.held_out) else None
     kept = kept_indices(analysis, the_plan)
+    declared = cut_shapes(loaded.graph, kept)  # before the rewrite changes the graph
     change = signature_change(analysis, the_plan)
     t0 = time.perf_counter()
     faithful = _Fidelity()
@@ -169,7 +184,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
             reread = load_model(stage.model_path)
             emitted = reread.graph, reread.ties
         else:
-            pruned = infer_shapes(to_onnx(loaded))
+            pruned = known_dims(infer_shapes(to_onnx(loaded)), declared)
             if dense is not None and calib is not None:
                 pruned = _reconstruct(dense, pruned, calib, kept, refit, memory, faithful)
             emitted = import_graph(with_contrib_shapes(pruned), "the rewritten model")
@@ -205,7 +220,15 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         allocation=recipe.allocation if recipe is not None else "uniform",
         calibration=calib.summary() if calib is not None else {}, fidelity=faithful.stages,
         reconstruction=faithful.reconstruction, signature_changes=change.describe(),
-        dropped_blocks=[asdict(b) for b in the_plan.dropped], **report_extra)
+        dropped_blocks=[asdict(b) for b in the_plan.dropped],
+        off_block_groups=off_block_groups(analysis, the_plan), **report_extra)
+
+
+def off_block_groups(analysis: Analysis, the_plan: Plan) -> int:
+    """How many pruned groups left whole kernel blocks (:attr:`PruneReport.off_block_groups`)."""
+    steps = KernelWidths(block=kernel_block()).run(analysis)
+    return sum(1 for g in the_plan.groups if g.removed and (step := steps.get(g.id, 1)) > 1
+               and g.size % step == 0 and len(g.keep) % step)
 
 
 @dataclass
