@@ -108,6 +108,18 @@ def node_macs(graph: gs.Graph) -> dict[str, int]:
     return out
 
 
+def cut_shapes(graph: gs.Graph, kept: Kept) -> dict[str, tuple[int | None, ...]]:
+    """The activations' declared shapes with each pruned axis cut to its kept count (None:
+    a dim not known as a number)."""
+    out = {}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Variable) and t.shape is not None:
+            out[name] = tuple(len(kept[(name, ax)]) if (name, ax) in kept
+                              else (d if isinstance(d, int) and d > 0 else None)
+                              for ax, d in enumerate(t.shape))
+    return out
+
+
 def _cut(shape: Shape, name: str, kept: Kept) -> Shape:
     """``shape`` of tensor ``name`` with each axis in ``kept`` cut to its kept indices."""
     return tuple(len(kept[(name, ax)]) if (name, ax) in kept else d

@@ -126,6 +126,24 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return _with_inferred_shapes(model, "the rewritten model", ValidationError)
 
 
+def known_dims(model: onnx.ModelProto,
+               shapes: dict[str, tuple[int | None, ...]]) -> onnx.ModelProto:
+    """``model`` with the dims that shape inference left unknown filled from ``shapes`` (the
+    input's declared shapes, cut to the kept channels), where the ranks agree. A head count
+    computed at run time (``Reshape(x, Concat(Shape(x)[:2], [-1]))``) is beyond ONNX
+    inference; without this, the written file knew less than the one read, and its MACs
+    counted such a dim as 1. Dims inference found are never changed."""
+    for vi in model.graph.value_info:
+        known = shapes.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if known is None or len(dims) != len(known):
+            continue
+        for dim, value in zip(dims, known):
+            if value is not None and not dim.HasField("dim_value"):
+                dim.dim_value = value
+    return model
+
+
 def check_output_path(out: str | os.PathLike[str], *, input_path: Path | None,
                       input_files: tuple[Path, ...] = ()) -> Path:
     """Reject an output path that cannot be written before any work is done (``input_files``:
