@@ -164,3 +164,19 @@ def test_uniform_target_is_not_overshot(tmp_path, target, ratio) -> None:
     # the exact counts meet the target too, closer still
     exact = lockstep.report
     assert 1 - exact.flops_after / exact.flops_before >= (ratio if target == "flops" else 0)
+
+
+def test_exact_groups_take_back_what_a_block_overshot(tmp_path) -> None:
+    """An MNIST-like CNN: c1's 32 channels move a whole block (16 or 32: they feed a blocked
+    conv), c2's 64 and fc1's 128 are exact (a Gemm reads them). When rounding c1 down
+    overshoots, the exact groups prune less, so the FLOPs cut lands on the target."""
+    b = Builder()
+    y = b.op("Relu", b.conv("x", 1, 32, name="c1"))
+    y = b.op("Flatten", b.op("Relu", b.conv(y, 32, 64, name="c2")))
+    y = b.gemm(b.op("Relu", b.gemm(y, 64 * 36, 128, name="fc1")), 128, 10, name="fc2")
+    m = b.model({"x": [1, 1, 6, 6]}, {y: [1, 10]})
+    out = prune_checked(m, tmp_path, ratio=0.5, target="flops")
+    shapes = init_shapes(out.path)
+    assert shapes["c1.w"][0] in (16, 32)
+    reached = 1 - out.report.flops_after / out.report.flops_before
+    assert 0.5 <= reached <= 0.52, reached
