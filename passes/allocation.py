@@ -4,7 +4,10 @@
 * ``channels`` target, global: the ``ratio`` share of all prunable channels with the lowest
   normalised scores go, wherever they are;
 * ``params`` / ``flops`` targets: bisection on the channel ratio until the predicted reduction of
-  the model's parameters or MACs reaches the target.
+  the model's parameters or MACs reaches the target. With kernel steps (below), the ratio is
+  searched with exact counts; then every stepped group rounds up, as few as meet the target
+  again round down (the smallest share of their size first), and the groups without a step
+  move back to the smallest ratio that still meets it (:meth:`Allocation._to_steps`).
 
 Per-kind ratios: attention-head groups use ``heads_ratio``, dense-neuron groups (MLP widths)
 ``mlp_ratio`` and the residual stream ``hidden_ratio`` when given, instead of ``ratio`` (uniform

@@ -15,8 +15,9 @@ Rule. A group's member space ``s`` that a blocked fact names holds ``u_s = |s âˆ
 channels per group unit (``n``: the group's size; ``u > 1`` where a unit is a conv group or a
 repeated channel), so ``k`` kept units give ``kÂ·u_s`` channels there, a whole number of blocks
 when ``k`` is a multiple of ``B / gcd(B, u_s)``. The group's step is the least common multiple
-over its blocked members (1 with none); the allocation rounds kept counts up to it, and leaves
-exact a group smaller than its step (it cannot reach a block). Attention-head groups are never
+over its blocked members (1 with none); the allocation keeps counts on it (rounding up, or
+down where a params/FLOPs target needs it: passes/allocation.py), and leaves exact a group
+smaller than its step (it cannot reach a block). Attention-head groups are never
 rounded (their unit is a whole head).
 """
 
