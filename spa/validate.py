@@ -298,7 +298,7 @@ def masked_model(original: onnx.ModelProto, analysis: Analysis, plan: Plan, *,
     masked = onnx.ModelProto()
     masked.CopyFrom(original)
     _through_dequantize(masked, zero, base_dir)
-    through_chains(masked, zero, lambda init: _array(init, base_dir))  # Cast → Mul weights
+    through_chains(masked, zero, base_dir)  # Cast → Mul weights
     inits = {init.name: init for init in masked.graph.initializer}
     for name, slices in zero.items():
         init = inits.get(name)

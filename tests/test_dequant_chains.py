@@ -6,6 +6,7 @@ sliced freezes with the reason.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -13,43 +14,52 @@ from graphs import Builder, init_shapes, init_value, kept_slices
 from oracle import RTOL, prune_checked
 
 from spa.api import analyze
+from spa.ir.packed import own_dtype
 
 F32 = onnx.TensorProto.FLOAT
 
 
 def chain(b: Builder, w: np.ndarray, axis: int | None, name: str, *, zero: bool = False,
-          perm: list[int] | None = None) -> str:
+          perm: list[int] | None = None, dtype=np.int8) -> str:
     """Quantise ``w`` (stored transposed by ``perm`` when given) per channel along ``axis`` of
-    the stored integers (per tensor when None) and dequantise it with plain ops."""
+    the stored integers (per tensor when None) into ``dtype`` and dequantise it with plain
+    ops."""
+    info = ml_dtypes.iinfo(dtype)
+    mid, half = (int(info.max) + int(info.min) + 1) // 2, (int(info.max) - int(info.min)) // 2
     stored = np.transpose(w, np.argsort(perm)) if perm is not None else w
     shape = [1] * stored.ndim
     if axis is not None:
         shape[axis] = stored.shape[axis]
     other = tuple(a for a in range(stored.ndim) if a != axis)
-    scale = (np.abs(stored).max(axis=other if axis is not None else None) / 100.0)
+    scale = (np.abs(stored).max(axis=other if axis is not None else None) / (half * 0.8))
     scale = scale.astype(np.float32).reshape(shape)
-    zp = np.round(b.rng.uniform(-20, 20, scale.shape)).astype(np.float32) if zero \
-        else np.zeros(scale.shape, np.float32)
-    q = np.clip(np.round(stored / scale) + zp, -128, 127).astype(np.int8)
-    x = b.op("Cast", b.const(q, f"{name}.q", dtype=np.int8), to=F32, name=f"{name}.cast")
-    if zero:
+    zp = mid + np.round(b.rng.uniform(-half / 6, half / 6, scale.shape)).astype(np.float32) \
+        if zero or mid else np.zeros(scale.shape, np.float32)
+    q = np.clip(np.round(stored / scale) + zp, info.min, info.max).astype(dtype)
+    x = b.op("Cast", b.const(q, f"{name}.q", dtype=dtype), to=F32, name=f"{name}.cast")
+    if zero or mid:
         x = b.op("Sub", x, b.const(zp, f"{name}.zp"), name=f"{name}.sub")
     w_out = b.op("Mul", x, b.const(scale, f"{name}.s"), name=f"{name}.mul")
     return b.op("Transpose", w_out, perm=perm, name=f"{name}.t") if perm is not None else w_out
 
 
 def mlp(*, axis1: int | None = 1, axis2: int | None = None, zero: bool = False,
-        perm: bool = False) -> onnx.ModelProto:
-    """``x [2, 8] → MatMul(chain w1 [8, 16]) → Relu → MatMul(chain w2 [16, 4])``; with
-    ``perm`` w1 is stored ``[16, 8]`` and transposed after its Mul."""
+        perm: bool = False, dtype=np.int8, dims: tuple[int, int, int] = (8, 16, 4)
+        ) -> onnx.ModelProto:
+    """``x [2, 8] → MatMul(chain w1 [8, 16]) → Relu → MatMul(chain w2 [16, 4])`` (widths
+    ``dims``); with ``perm`` w1 is stored ``[16, 8]`` and transposed after its Mul. 4-bit
+    integers need opset 21."""
+    n_in, hidden, n_out = dims
     b = Builder()
-    w1 = b.rng.standard_normal((8, 16)).astype(np.float32)
+    w1 = b.rng.standard_normal((n_in, hidden)).astype(np.float32)
     t = [1, 0] if perm else None
-    h = b.op("Relu", b.op("MatMul", "x", chain(b, w1, axis1, "l1", zero=zero, perm=t),
-                          name="l1"))
-    w2 = chain(b, b.rng.standard_normal((16, 4)).astype(np.float32), axis2, "l2", zero=zero)
+    h = b.op("Relu", b.op("MatMul", "x", chain(b, w1, axis1, "l1", zero=zero, perm=t,
+                                               dtype=dtype), name="l1"))
+    w2 = chain(b, b.rng.standard_normal((hidden, n_out)).astype(np.float32), axis2, "l2",
+               zero=zero, dtype=dtype)
     y = b.op("MatMul", h, w2, name="l2")
-    return b.model({"x": [2, 8]}, {y: [2, 4]})
+    return b.model({"x": [2, n_in]}, {y: [2, n_out]},
+                   opset=21 if np.dtype(dtype) in (ml_dtypes.int4, ml_dtypes.uint4) else 17)
 
 
 def _ops(path) -> list[str]:
@@ -157,3 +167,73 @@ def test_gemm_weight_chain_with_trans_b(tmp_path):
     shapes = init_shapes(out.path)
     assert shapes["g1.q"] == (12, 8) and shapes["g1.s"] == (12, 1) and shapes["g1.b"] == (12,)
     assert shapes["g2.q"] == (4, 12) and shapes["g2.zp"] == (1, 1)
+
+
+
+INT4 = {onnx.TensorProto.INT4: ml_dtypes.int4, onnx.TensorProto.UINT4: ml_dtypes.uint4}
+needs_4bit = pytest.mark.skipif(not own_dtype(onnx.TensorProto.INT4),
+                                reason="this onnx reads int4 unpacked into int8")
+
+
+def _packed(path, name: str) -> onnx.TensorProto:
+    return next(t for t in onnx.load(str(path)).graph.initializer if t.name == name)
+
+
+def _assert_4bit(path, data_type: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The named integers of ``path`` are ``data_type`` of these shapes, two values a byte."""
+    for name, shape in shapes.items():
+        t = _packed(path, name)
+        assert (t.data_type, tuple(t.dims)) == (data_type, shape)
+        assert len(t.raw_data) == -(-int(np.prod(shape)) // 2)
+
+
+@needs_4bit
+@pytest.mark.parametrize("data_type", list(INT4))
+@pytest.mark.parametrize(("axis1", "axis2", "perm"), [(1, None, False), (None, 0, False),
+                                                       (0, 0, True)])
+def test_4bit_chains_prune_and_stay_packed(tmp_path, data_type, axis1, axis2, perm):
+    """int4 (zero points 0 ± 1) and uint4 (8 ± 1) chains, scaled along the pruned axis, the
+    other one, or per tensor, and through a Transpose: the integers are sliced with their
+    scales and zero points and written 4-bit, two values a byte (an int8 l1.q: 64 bytes)."""
+    m = mlp(axis1=axis1, axis2=axis2, perm=perm, zero=True, dtype=INT4[data_type])
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    _assert_4bit(out.path, data_type, {"l1.q": (8, 8), "l2.q": (8, 4)})  # l1.q [16, 8]: perm
+    shapes = init_shapes(out.path)
+    scale1 = {1: (1, 8), None: (1, 1), 0: (8, 1)}[axis1]
+    assert shapes["l1.s"] == shapes["l1.zp"] == scale1
+    assert shapes["l2.s"] == shapes["l2.zp"] == {None: (1, 1), 0: (8, 1)}[axis2]
+    assert _ops(out.path) == _ops(tmp_path / "model.onnx")
+    axis = 0 if perm else 1
+    kept = kept_slices(init_value(m, "l1.q"), init_value(out.path, "l1.q"), axis)
+    assert kept_slices(init_value(m, "l2.q"), init_value(out.path, "l2.q"), 0) == kept
+    assert out.report.params_after == 8 * 8 + 8 * 4 + sum(np.prod(shapes[s])
+                                                          for s in ("l1.s", "l2.s"))
+
+
+@needs_4bit
+@pytest.mark.parametrize("data_type", list(INT4))
+def test_4bit_odd_counts_end_in_half_a_byte(tmp_path, data_type):
+    """``[5, 13]`` and ``[13, 3]`` integers (65 and 39 values, a half byte each) keep 7
+    channels: ``[5, 7]`` and ``[7, 3]``, 35 and 21 values in 18 and 11 bytes."""
+    m = mlp(zero=True, dtype=INT4[data_type], dims=(5, 13, 3))
+    out = prune_checked(m, tmp_path, ratio=6 / 13)
+    _assert_4bit(out.path, data_type, {"l1.q": (5, 7), "l2.q": (7, 3)})
+    cols = kept_slices(init_value(m, "l1.q"), init_value(out.path, "l1.q"), 1)
+    assert (init_value(out.path, "l2.q") == init_value(m, "l2.q")[cols]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, pytest.param(ml_dtypes.uint4, marks=needs_4bit)])
+def test_chains_in_external_data(tmp_path, dtype):
+    """A model whose integers, scales and zero points are all in a data file: the masked
+    original reads the chain from there, and the pruned integers are written to the output's
+    data file (4-bit ones packed: 64 × 8 values, 256 bytes)."""
+    m = mlp(zero=True, dtype=dtype, dims=(64, 16, 8))
+    path = tmp_path / "model.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    out = prune_checked(path, tmp_path, ratio=0.5)
+    t = next(t for t in onnx.load(str(out.path), load_external_data=False).graph.initializer
+             if t.name == "l1.q")
+    length = next(int(e.value) for e in t.external_data if e.key == "length")
+    assert tuple(t.dims) == (64, 8) and length == 64 * 8 * np.dtype(dtype).itemsize // (
+        2 if dtype is ml_dtypes.uint4 else 1)

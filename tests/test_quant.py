@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -23,6 +24,7 @@ from spa import validate as val
 from spa.api import analyze, plan
 from spa.errors import NothingPrunableError
 from spa.ir.load import load_proto
+from spa.ir.packed import own_dtype
 from spa.ir.quant import dequantize, quantized_weight
 
 X = {"x": [1, 3, 6, 6]}
@@ -32,13 +34,14 @@ def qweight(b: Builder, w: np.ndarray, axis: int | None, name: str, *, zero: int
             bits: type = np.int8) -> str:
     """Quantise ``w`` (per-axis along ``axis``, per-tensor when None) and dequantise it in the
     graph: ``DequantizeLinear(q, scale, zp) → float``; return the DQ output."""
+    info = ml_dtypes.iinfo(bits)
     other = tuple(a for a in range(w.ndim) if a != axis) if axis is not None else None
-    scale = (np.abs(w).max(axis=other) / 100.0).astype(np.float32)
+    scale = (np.abs(w).max(axis=other) / min(100, int(info.max) - zero)).astype(np.float32)
     shape = [1] * w.ndim
     if axis is not None:
         shape[axis] = w.shape[axis]
     zp = np.full(scale.shape, zero, bits)
-    q = np.clip(np.round(w / scale.reshape(shape)) + zero, -128, 127).astype(bits)
+    q = np.clip(np.round(w / scale.reshape(shape)) + zero, info.min, info.max).astype(bits)
     attrs = {"axis": axis} if axis is not None else {}
     return b.op("DequantizeLinear", b.const(q, f"{name}.q", dtype=bits),
                 b.const(scale, f"{name}.s"), b.const(zp, f"{name}.zp", dtype=bits),
@@ -105,6 +108,29 @@ def test_matmul_weights_per_column_and_per_tensor(tmp_path: Path, axis: int | No
     assert shapes["fc1.q"] == (16, 9) and shapes["fc2.q"] == (9, 5)
     assert shapes["fc1.s"] == ((9,) if axis == 1 else ())
     assert shapes["fc2.s"] == ((5,) if axis == 1 else ())  # the output's columns stay
+
+
+@pytest.mark.skipif(not own_dtype(TensorProto.INT4), reason="this onnx reads int4 as int8")
+@pytest.mark.parametrize(("bits", "data_type", "zero"), [(ml_dtypes.int4, TensorProto.INT4, 0),
+                                                         (ml_dtypes.uint4, TensorProto.UINT4, 8)])
+def test_4bit_weights_through_dequantize_stay_packed(tmp_path: Path, bits: type, data_type: int,
+                                                     zero: int) -> None:
+    """int4 and uint4 ``DequantizeLinear`` weights (opset 21), scaled per output column and per
+    input row: pruned in their integers, scales and zero points, written 4-bit, two values a
+    byte (SPA could not load such a file: it took their bytes for one value each)."""
+    b = Builder()
+    h = b.op("MatMul", "x", qweight(b, b.rng.standard_normal((16, 12)), 1, "fc1", zero=zero,
+                                    bits=bits), name="fc1")
+    h = b.op("Relu", b.op("Add", h, b.weight(12, name="fc1.b")))
+    y = b.op("MatMul", h, qweight(b, b.rng.standard_normal((12, 5)), 0, "fc2", zero=zero,
+                                  bits=bits), name="fc2")
+    out = prune_checked(b.model({"x": [2, 16]}, {y: [2, 5]}, opset=21), tmp_path, ratio=0.25)
+    written = {t.name: t for t in onnx.load(str(out.path)).graph.initializer}
+    for name, dims in (("fc1.q", [16, 9]), ("fc2.q", [9, 5]), ("fc1.zp", [9]), ("fc2.zp", [9])):
+        t = written[name]
+        assert (t.data_type, list(t.dims)) == (data_type, dims)
+        assert len(t.raw_data) == -(-int(np.prod(dims)) // 2)  # fc2.q: 45 values, 23 bytes
+    assert out.report.params_after == 16 * 9 + 9 * 5 + 9 + 9 + 9  # q, scales, bias: values
 
 
 def test_importance_reads_the_dequantised_weights() -> None:

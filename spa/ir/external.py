@@ -29,6 +29,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from spa.errors import ModelLoadError
 from spa.ir.dtypes import is_floating
+from spa.ir.packed import BITS, is_packed, nbytes, packed_bytes, raw_length
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -62,7 +63,7 @@ def external_ref(tensor: onnx.TensorProto, base_dir: Path, name: str = "<model>"
         raise ModelLoadError(f"{where}: external data file {location!r} is missing "
                              f"(looked in {base_dir})")
     offset = int(info.offset or 0)
-    expected = _expected_bytes(tensor)
+    expected = raw_length(tensor.data_type, tensor.dims)
     length = int(info.length) if info.length else expected
     if expected is not None and length != expected:
         raise ModelLoadError(f"{where}: external data length {length} does not match its shape "
@@ -74,26 +75,15 @@ def external_ref(tensor: onnx.TensorProto, base_dir: Path, name: str = "<model>"
     return ExternalRef(path, offset, length)
 
 
-def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
-    dtype = _numpy_dtype(tensor.data_type)
-    if dtype is None:
-        return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
-
-
 def _numpy_dtype(data_type: int) -> np.dtype | None:
     """The dtype whose bytes are the tensor's bytes; None for packed (4-bit) and strings."""
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) \
-            or data_type in _PACKED:
+            or data_type in BITS:
         return None
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
     except (KeyError, TypeError, ValueError):
         return None
-
-
-_PACKED = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2",
-                                                   "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 def uses_external(tensor: onnx.TensorProto) -> bool:
@@ -200,7 +190,7 @@ def goes_external(t: gs.Constant) -> bool:
 
 def graph_bytes(graph: gs.Graph) -> int:
     """Bytes of every constant of ``graph``, without loading any."""
-    return sum(int(t._values.nbytes) for t in graph.tensors().values()
+    return sum(nbytes(t._values) for t in graph.tensors().values()
                if isinstance(t, gs.Constant) and hasattr(t._values, "nbytes"))
 
 
@@ -233,7 +223,7 @@ def _layout(graph: gs.Graph) -> Iterator[tuple[gs.Constant, int, int]]:
         if not isinstance(t, gs.Constant) or t.name in seen or not goes_external(t):
             continue
         seen.add(t.name)
-        length = int(t._values.nbytes)
+        length = nbytes(t._values)
         if length >= ALIGN:
             offset = -(-offset // ALIGN) * ALIGN
         yield t, offset, length
@@ -246,7 +236,8 @@ def _write_values(fd: int, values, offset: int, length: int) -> None:
         _copy_range(ref, fd, offset, length)
         return
     arr = values.load() if isinstance(values, LazyValues) else np.asarray(values)
-    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    flat = np.frombuffer(packed_bytes(arr), np.uint8) if is_packed(arr) \
+        else np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
     if flat.size != length:
         raise ValueError(f"tensor of {flat.size} bytes laid out as {length}")
     view, done = flat.data, 0

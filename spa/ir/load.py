@@ -33,6 +33,7 @@ from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError,
 from spa.ir.contrib import contrib_shapes, has_contrib, onnx_view
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
+from spa.ir.packed import raw_length
 from spa.ir.params import stored_params
 from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
 from spa.ir.tied import Ties, record_copy, record_view, resolve
@@ -407,9 +408,8 @@ def _check_tensor_sizes(model: onnx.ModelProto, name: str, mapped: MappedFile | 
     spans = mapped.spans if mapped is not None else {}
     for t in model.graph.initializer:
         if t.HasField("raw_data") and t.data_type != onnx.TensorProto.STRING:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
             length = spans[t.name][1] if t.name in spans else len(t.raw_data)
-            if length != int(np.prod(t.dims, dtype=np.int64)) * itemsize:
+            if length != raw_length(t.data_type, t.dims):
                 raise ModelLoadError(f"{name}: tensor '{t.name}' holds {length} bytes, "
                                      f"not the {list(t.dims)} its shape says")
 

@@ -6,7 +6,8 @@ reads), in the graph or in its subgraphs, **each tensor once**. A zero point is 
 float constant a ``Sub`` takes from such a Cast counts no more than a DequantizeLinear's integer
 zero point does (normal form turns the one into the other, spa/ir/quant_chain.py). A weight
 packed several values a byte (``MatMulNBits``'s ``[N, k_blocks, blob]``) counts the values it
-holds, ``N · k_blocks · block_size``, not its bytes (:func:`elements`). :func:`stored_params`
+holds, ``N · k_blocks · block_size``, not its bytes (:func:`elements`); so does a tensor of a
+4-bit type (``INT4``/``UINT4``, two values a byte on disk): its dims. :func:`stored_params`
 counts a file as read; normal form may hold a tensor twice (spa/ir/tied.py) or fold shape
 arithmetic on float scalars away, so the count of a model as read is taken from its ModelProto,
 not from its normal form.

@@ -18,15 +18,15 @@ one, with ``perm`` the Transpose after it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeAlias
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from spa.ir.external import peek
+from spa.ir.external import attach_external, peek
 from spa.ir.quant_chain import DequantChain, dequant_chain
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -180,21 +180,25 @@ def packed_block_size(t: gs.Tensor) -> int | None:
 
 
 def through_chains(model: onnx.ModelProto, zero: dict[str, list[ZeroSlice]],
-                   read: Callable[[onnx.TensorProto], np.ndarray]) -> None:
+                   base_dir: Path | None) -> None:
     """The masked original's zeroing (spa/validate.py), moved from a dequantising chain's
     output to its integers: each ``(axis, indices, fill)`` of ``zero`` on a chain's output
     becomes one on ``q`` (axis ``k`` of the output is ``perm[k]`` of ``q``), filled with the
-    zero point, so that ``(zp − zp) · s = 0``. ``read`` gives an initializer's values."""
+    zero point, so that ``(zp − zp) · s = 0``. ``base_dir``: where ``model``'s external data
+    is (the chain is read from its tensors)."""
     if not zero or not any(n.op_type == "Cast" for n in model.graph.node):
         return
-    tensors = gs.import_onnx(model).tensors()
-    inits = {t.name: t for t in model.graph.initializer}
+    graph = gs.import_onnx(model)
+    if base_dir is not None:
+        attach_external(graph, base_dir)
+    tensors = graph.tensors()
+    inits = {t.name for t in model.graph.initializer}
     for name in list(zero):
         chain = dequant_chain(tensors.get(name))
         if not isinstance(chain, DequantChain) or chain.q.name not in inits:
             continue
-        q = read(inits[chain.q.name])
-        zp = None if chain.zero_point is None else read(inits[chain.zero_point.name])
+        q = peek(chain.q)
+        zp = None if chain.zero_point is None else peek(chain.zero_point)
         fill = zero_point_fill(q, zp, chain.axis)
         perm = chain.perm or tuple(range(q.ndim))
         zero.setdefault(chain.q.name, []).extend((perm[a], idx, fill)

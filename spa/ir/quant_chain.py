@@ -22,8 +22,12 @@ A chain SPA cannot slice is left unread and says why (:func:`dequant_chain` retu
 the layer reading it freezes with those words, spa/coupling/context.py): a scale or zero point
 that varies along several axes (one value per element, or per block), scale and zero point per
 different axes, a zero point that is no integer of ``q``'s type, an intermediate tensor or the
-integers read by another node, a scale or zero point that is not a constant. 4-bit integers are
-not read as a chain at all (:data:`INTEGERS`): their Cast folds to a float constant, as before.
+integers read by another node, a scale or zero point that is not a constant.
+
+``q`` may be 4-bit (``INT4``/``UINT4``, opset 21; onnxruntime casts them on CPU): read as an
+``ml_dtypes`` array of one value an element, sliced like any other, and packed two values a byte
+again when written (spa/ir/packed.py), so the written weight stays 4-bit. (An onnx that reads
+them unpacked into 8-bit arrays leaves them unread, :data:`INTEGERS`.)
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ import onnx_graphsurgeon as gs
 
 from spa.ir.dtypes import is_floating, onnx_type
 from spa.ir.external import peek
+from spa.ir.packed import integer_range, own_dtype
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _T = onnx.TensorProto
-# Integer types a dequantising chain stores weights in. Not 4-bit ones: onnx-graphsurgeon writes
-# a sliced int4 array back one value a byte, which its tensor rejects.
-INTEGERS = frozenset((_T.INT8, _T.UINT8, _T.INT16, _T.UINT16))
+# Integer types a dequantising chain stores weights in; the 4-bit ones where this onnx reads
+# them as 4-bit arrays (spa/ir/packed.py), else their Cast folds to a float constant.
+INTEGERS = frozenset((_T.INT8, _T.UINT8, _T.INT16, _T.UINT16)) \
+    | frozenset(t for t in (_T.INT4, _T.UINT4) if own_dtype(t))
 
 
 @dataclass(frozen=True)
@@ -153,9 +159,9 @@ def _chain(nodes: tuple[gs.Node, ...], q: gs.Constant, scale_t: gs.Constant,
 def _integer_of(values: np.ndarray, dtype: np.dtype) -> bool:
     """Every value is an integer ``dtype`` holds."""
     v = np.asarray(values, np.float64)
-    info = np.iinfo(dtype) if dtype.kind in "iu" else None
-    return info is not None and bool(np.all(v == np.round(v))) and (
-        v.size == 0 or (v.min() >= info.min and v.max() <= info.max))
+    bounds = integer_range(dtype)
+    return bounds is not None and bool(np.all(v == np.round(v))) and (
+        v.size == 0 or (v.min() >= bounds[0] and v.max() <= bounds[1]))
 
 
 def _axis_of(t: gs.Constant, shape: tuple[int, ...]) -> int | None | bool:

@@ -34,11 +34,11 @@ from spa.ir.dtypes import is_floating, onnx_type
 from spa.ir.external import graph_bytes, materialise, unload, write_graph
 from spa.ir.ir3 import check_declared, declare_initializers
 from spa.ir.load import LoadedModel, _with_inferred_shapes, weightless
-from spa.ir.values import PLAIN_DTYPES, RAW_DTYPES
+from spa.ir.packed import is_packed, packed_bytes, raw_length
+from spa.ir.values import RAW_DTYPES
 from spa.ir.wire import binary_protobuf, serialized_pieces
 
 TWO_GB = 2 * 1024**3
-_ITEMSIZE = {k: d.itemsize for k, d in PLAIN_DTYPES.items()}
 
 
 def to_onnx(loaded: LoadedModel, graph: gs.Graph | None = None, *, references: bool = False
@@ -98,19 +98,21 @@ def _drop_outer_initializers(graph: onnx.GraphProto, outer: frozenset[str] = fro
 
 def _array_into(target: onnx.GraphProto, t: gs.Constant) -> bool:
     """Add ``t`` to ``target``'s initializers as onnx-graphsurgeon exports an array of a plain
-    type (``make_tensor`` from its bytes), but built in place, not made and then copied in.
+    type (``make_tensor`` from its bytes), but built in place, not made and then copied in; an
+    array of a packed type (int4) packed, which onnx-graphsurgeon cannot (spa/ir/packed.py).
     False (nothing added) for anything else: lazy values, a type to convert on export."""
     values = t._values
     if not isinstance(values, np.ndarray):
         return False
     data_type = onnx_type(values.dtype)  # not gs's dtype_to_onnx: it files e4m3fnuz as e4m3fn
-    if data_type not in RAW_DTYPES or onnx_type(t.export_dtype) != data_type:
+    if (data_type not in RAW_DTYPES and not is_packed(values)) \
+            or onnx_type(t.export_dtype) != data_type:
         return False
     tensor = target.initializer.add()
     tensor.data_type = data_type
     tensor.name = t.name
     tensor.dims.extend(values.shape)
-    tensor.raw_data = values.tobytes()
+    tensor.raw_data = packed_bytes(values) if is_packed(values) else values.tobytes()
     # the bytes are inline: a constant loaded from a data file is not external here
     if t.data_location not in (None, onnx.TensorProto.EXTERNAL):
         tensor.data_location = t.data_location
@@ -279,7 +281,5 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     for t in model.graph.initializer:
         if not t.HasField("raw_data"):
             continue
-        itemsize = _ITEMSIZE.get(t.data_type)
-        total += (int(np.prod(t.dims, dtype=np.int64)) * itemsize if itemsize
-                  else len(t.raw_data))
+        total += raw_length(t.data_type, t.dims) or len(t.raw_data)
     return total
