@@ -44,16 +44,37 @@ def concat(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(y))
         return
     axis = ctx.attr_int("axis") % rank
+    ctx.same_axes([(x, y) for x in ctx.inputs], skip=[axis])
     start = 0
     for x in ctx.inputs:
-        ctx.same_axes([(x, y)], skip=[axis])
         sx = ctx.space(x, axis)
-        if sx is None:
+        if sx is None:  # the other axes stay coupled: a cache's positions are symbolic
             ctx.decline(_unknown_offset(ctx, x, axis))
-            return
+            break
         if not ctx.offset(sx, ctx.space(y, axis), start):
             ctx.decline(ctx.lengths_differ(x, y, axis, axis), sx)
         start += sx.length
+    _kv_cache(ctx, y, axis)
+
+
+def _kv_cache(ctx: NodeContext, y: gs.Tensor, axis: int) -> None:
+    """Declare ``past`` → ``y`` a KV-cache pair when ``past``, an input read from outside
+    the graph, is laid out ``[batch, heads, positions, head_size]`` (rank 4, positions
+    symbolic: they grow a step at a time, head size known) and the Concat appends along the
+    positions (axis 2). The analysis accepts the pair only when the past is a graph input
+    this node alone reads and ``y`` a graph output (spa/coupling/analysis.py)."""
+    if axis != 2:  # along another axis (the heads, say), the input keeps its shape
+        return
+    for x in ctx.inputs:
+        shape = ctx.shape(x)
+        if _read_from_outside(x) and shape is not None and len(shape) == 4 \
+                and shape[2] is None and shape[3] is not None:
+            ctx.kv_cache(ctx.space(x, 1), ctx.space(y, 1), head_size=shape[3])
+
+
+def _read_from_outside(t: gs.Tensor) -> bool:
+    """A tensor no node writes: a graph input (or an outer-scope name in a subgraph)."""
+    return isinstance(t, gs.Variable) and not t.inputs
 
 
 @register("Split")

@@ -1,0 +1,77 @@
+"""A KV cache joined by plain ops: ``present = Concat(past [B, H, P, d], k [B, H, S, d], axis=2)``.
+
+Decoders exported without onnxruntime's attention ops (transformers through torch.onnx,
+optimum) append this step's keys and values to the past cache with a Concat along the
+positions, and write the result as the ``present`` graph output. The Concat's rule declares
+the pair on the head axis (spa/coupling/rules/slicing.py): the heads prune, and the past input
+and present output lose the same heads. Anything else keeps the cache's shape, so its heads
+freeze: the past also read by another node, the present not a graph output, a Concat along
+the heads.
+"""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from attn_graphs import HD, D, H, S, head_columns, kept, linear, merge_heads, sdpa, split_heads
+from graphs import Builder, group_of
+
+from tests.oracle import prune_checked
+
+PAST = "past"  # the symbolic number of past positions
+
+
+def _cached_attention(*, axis: int = 2, reader: bool = False, present_out: bool = True
+                      ) -> onnx.ModelProto:
+    """Self-attention on ``x [1, S, D]`` whose keys and values are appended to ``past_k`` and
+    ``past_v`` ``[1, H, past, HD]`` (``axis``: the Concat's; ``reader``: a Neg also reads
+    ``past_k``; ``present_out``: the joined caches are graph outputs)."""
+    b = Builder()
+    q, k, v = (split_heads(b, linear(b, "x", D, D, n), H, f"split_{n}") for n in "qkv")
+    k = b.op("Concat", "past_k", k, name="cat_k", outputs=["present_k"], axis=axis)
+    v = b.op("Concat", "past_v", v, name="cat_v", outputs=["present_v"], axis=axis)
+    y = linear(b, merge_heads(b, sdpa(b, q, k, v)), D, D, "o")
+    cache, present = ([1, H, PAST, HD], [1, H, "total", HD]) if axis == 2 else \
+        ([1, PAST, S, HD], [1, "total", S, HD])
+    inputs = {"x": [1, S, D], "past_k": cache, "past_v": cache}
+    outputs = {y: [1, S, D]}
+    if present_out:
+        outputs |= dict.fromkeys(("present_k", "present_v"), present)
+    if reader:
+        outputs[b.op("Neg", "past_k", name="reader")] = cache
+    return b.model(inputs, outputs)
+
+
+def test_plain_concat_cache_loses_the_pruned_heads(tmp_path):
+    m = _cached_attention()
+    heads = group_of(m, "q.w", 1)
+    assert heads.prunable
+    assert {("past_k", 1), ("past_v", 1), ("present_k", 1), ("present_v", 1)} <= \
+        {mem.space for mem in heads.members}
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5, dims={PAST: 3})
+    assert out.report.signature_changes == [
+        "graph input 'past_k' axis 1: 4 -> 2", "graph input 'past_v' axis 1: 4 -> 2",
+        "graph output 'present_k' axis 1: 4 -> 2", "graph output 'present_v' axis 1: 4 -> 2"]
+    kept_heads = [c // HD for c in kept(m, out.path, "q.w", 1)[::HD]]
+    for n in "qkv":
+        assert kept(m, out.path, f"{n}.w", 1) == head_columns(kept_heads)
+    pruned = onnx.load(out.path).graph
+    dims = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
+            for vi in (*pruned.input, *pruned.output)}
+    assert dims["past_k"] == dims["past_v"] == [1, 2, PAST, HD]
+    assert dims["present_k"][:2] == dims["present_v"][:2] == [1, 2]
+
+
+@pytest.mark.parametrize("kwargs", [{"reader": True}, {"present_out": False}, {"axis": 1}],
+                         ids=["past-read-twice", "present-not-output", "along-heads"])
+def test_other_concat_caches_keep_their_shape(kwargs):
+    """Fail closed: the past key also read by another node, the joined cache not a graph
+    output, or a Concat along the heads: no pair, the past keeps its shape, the heads freeze."""
+    heads = group_of(_cached_attention(**kwargs), "k.w", 1)
+    assert not heads.prunable
+    if "axis" in kwargs:  # the joined heads' offsets past the cache are unknown
+        assert heads.frozen == ("Reshape node 'split_k': splits axis 2 of 'k.add_out0' into axes "
+                                "[2, 3]: the channels follow one factor, and only one that leads "
+                                "on to a layer mapping it",)
+    else:
+        assert "graph input 'past_k' (axis 1) keeps its shape" in heads.frozen
