@@ -24,8 +24,10 @@ import onnx_graphsurgeon as gs
 class DimRef:
     tensor: str
     axis: int
-    # The dim's static length where shape inference knows it (not part of the identity).
+    # The dim's static length where shape inference knows it, else its symbolic name (ONNX
+    # shape inference names dims it proves equal alike); not part of the identity.
     length: int | None = field(default=None, compare=False)
+    symbol: str | None = field(default=None, compare=False)
 
 
 class Lit(int):
@@ -93,9 +95,7 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
         src = node.inputs[0]
         if src.shape is None:
             return None
-        return [DimRef(src.name, ax, src.shape[ax] if isinstance(src.shape[ax], int)
-                       and src.shape[ax] >= 0 else None)
-                for ax in shape_op_dims(node, len(src.shape))]
+        return [_dim_ref(src, ax) for ax in shape_op_dims(node, len(src.shape))]
     if op in ("Cast", "Identity"):
         return shape_entries(node.inputs[0], depth + 1)
     if op in ("Squeeze", "Unsqueeze"):
@@ -128,6 +128,13 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
     return None
 
 
+def _dim_ref(src: gs.Tensor, axis: int) -> DimRef:
+    d = src.shape[axis]
+    if isinstance(d, int) and d >= 0:
+        return DimRef(src.name, axis, d)
+    return DimRef(src.name, axis, symbol=d if isinstance(d, str) and d else None)
+
+
 def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list[Entry] | None
                    ) -> tuple[int | None, ...] | None:
     """Expand's output shape where the target determines it (``-1`` never occurs in Expand)."""
@@ -146,30 +153,39 @@ def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list[Entry]
 
 
 def resolve_reshape(in_shape: tuple[int | None, ...] | None, entries: list[Entry] | None,
-                    x_name: str, inferred: tuple[int | None, ...] | None
+                    x_name: str, inferred: tuple[int | None, ...] | None,
+                    in_symbols: tuple[str | None, ...] = ()
                     ) -> tuple[int | None, ...] | None:
     """The Reshape's output shape, static wherever the target determines it.
 
     ONNX shape inference gives up on ``[N, 8, 4, 4] → Concat(N, -1)``; here the symbolic ``N``
-    of the target cancels the input's ``N`` and ``-1`` resolves to 128.
+    of the target cancels the input's ``N`` and ``-1`` resolves to 128. ``in_symbols``: the
+    input's symbolic dim names; a dim of another tensor named alike cancels too (GPT-2 reshapes
+    its values by the key's shape: ``v.view(*k.shape[:-1], -1, d)``).
     """
     if in_shape is None or entries is None:
         return inferred
-    symbols = [f"{x_name}:{k}" for k, d in enumerate(in_shape) if d is None]
+
+    def symbol(k: int) -> str:
+        named = in_symbols[k] if k < len(in_symbols) else None
+        return f"dim:{named}" if named else f"{x_name}:{k}"
+
+    symbols = [symbol(k) for k, d in enumerate(in_shape) if d is None]
     static = prod(d for d in in_shape if d is not None)
     out: list[int | str | None] = []
     for pos, e in enumerate(entries):
         if isinstance(e, DimRef) and e.tensor != x_name:
             # A dim of another tensor (tf2onnx's Tensordot copies [N, H, W] of the tensor it
-            # flattened): its static length, or a symbol no dim of the input cancels.
-            out.append(e.length if e.length is not None else f"{e.tensor}:{e.axis}")
+            # flattened): its static length, or its symbol (cancelled by an input dim of that
+            # name only).
+            out.append(e.length if e.length is not None else
+                       f"dim:{e.symbol}" if e.symbol else f"{e.tensor}:{e.axis}")
         elif isinstance(e, DimRef):
-            out.append(in_shape[e.axis] if in_shape[e.axis] is not None
-                       else f"{x_name}:{e.axis}")
+            out.append(in_shape[e.axis] if in_shape[e.axis] is not None else symbol(e.axis))
         elif e == 0:
             if pos >= len(in_shape):
                 return inferred
-            out.append(in_shape[pos] if in_shape[pos] is not None else f"{x_name}:{pos}")
+            out.append(in_shape[pos] if in_shape[pos] is not None else symbol(pos))
         else:
             out.append(e)
     if None in out:
