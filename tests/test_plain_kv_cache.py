@@ -21,11 +21,12 @@ from tests.oracle import prune_checked
 PAST = "past"  # the symbolic number of past positions
 
 
-def _cached_attention(*, axis: int = 2, reader: bool = False, present_out: bool = True
+def _cached_attention(*, axis: int = 2, reader: str | None = None, present_out: bool = True
                       ) -> onnx.ModelProto:
     """Self-attention on ``x [1, S, D]`` whose keys and values are appended to ``past_k`` and
-    ``past_v`` ``[1, H, past, HD]`` (``axis``: the Concat's; ``reader``: a Neg also reads
-    ``past_k``; ``present_out``: the joined caches are graph outputs)."""
+    ``past_v`` ``[1, H, past, HD]`` (``axis``: the Concat's; ``reader``: another node that
+    reads ``past_k``: ``Neg``, ``Shape`` to read the past length (axis 2), ``Shape*`` to read
+    all dims; ``present_out``: the joined caches are graph outputs)."""
     b = Builder()
     q, k, v = (split_heads(b, linear(b, "x", D, D, n), H, f"split_{n}") for n in "qkv")
     k = b.op("Concat", "past_k", k, name="cat_k", outputs=["present_k"], axis=axis)
@@ -37,13 +38,21 @@ def _cached_attention(*, axis: int = 2, reader: bool = False, present_out: bool 
     outputs = {y: [1, S, D]}
     if present_out:
         outputs |= dict.fromkeys(("present_k", "present_v"), present)
-    if reader:
+    if reader == "Neg":
         outputs[b.op("Neg", "past_k", name="reader")] = cache
+    elif reader is not None:
+        dims = b.op("Shape", "past_k", name="reader")
+        if reader == "Shape":
+            dims = b.op("Gather", dims, b.const([2]))
+        outputs[dims] = ([1 if reader == "Shape" else 4], onnx.TensorProto.INT64)
     return b.model(inputs, outputs)
 
 
-def test_plain_concat_cache_loses_the_pruned_heads(tmp_path):
-    m = _cached_attention()
+@pytest.mark.parametrize("reader", [None, "Shape"], ids=["", "past-length-read"])
+def test_plain_concat_cache_loses_the_pruned_heads(tmp_path, reader):
+    """The heads prune with the caches; a Shape that reads the past length (as transformers
+    does for the position ids) reads no head, and the past still pairs."""
+    m = _cached_attention(reader=reader)
     heads = group_of(m, "q.w", 1)
     assert heads.prunable
     assert {("past_k", 1), ("past_v", 1), ("present_k", 1), ("present_v", 1)} <= \
@@ -62,11 +71,14 @@ def test_plain_concat_cache_loses_the_pruned_heads(tmp_path):
     assert dims["present_k"][:2] == dims["present_v"][:2] == [1, 2]
 
 
-@pytest.mark.parametrize("kwargs", [{"reader": True}, {"present_out": False}, {"axis": 1}],
-                         ids=["past-read-twice", "present-not-output", "along-heads"])
+@pytest.mark.parametrize("kwargs", [{"reader": "Neg"}, {"reader": "Shape*"},
+                                    {"present_out": False}, {"axis": 1}],
+                         ids=["past-read-twice", "heads-read", "present-not-output",
+                              "along-heads"])
 def test_other_concat_caches_keep_their_shape(kwargs):
-    """Fail closed: the past key also read by another node, the joined cache not a graph
-    output, or a Concat along the heads: no pair, the past keeps its shape, the heads freeze."""
+    """Fail closed: the past key also read by another node (or its head count read as a
+    number), the joined cache not a graph output, or a Concat along the heads: no pair, the
+    past keeps its shape, the heads freeze."""
     heads = group_of(_cached_attention(**kwargs), "k.w", 1)
     assert not heads.prunable
     if "axis" in kwargs:  # the joined heads' offsets past the cache are unknown

@@ -284,8 +284,10 @@ class CouplingAnalysis:
 def kv_cache_pairs(graph: gs.Graph, couplings: Mapping[str, NodeCoupling]
                    ) -> tuple[KVCache, ...]:
     """The KV-cache pairs whose signature may change: declared by a node's rule, the past a
-    graph input that node alone reads, the present a graph output that node writes, and neither
-    tensor in another pair. Anything else keeps its shape (fail closed)."""
+    graph input that node alone reads (but for nodes that tolerate its head axis changing and
+    couple it to nothing: a ``Shape`` reading the past length), the present a graph output
+    that node writes, and neither tensor in another pair. Anything else keeps its shape (fail
+    closed)."""
     inputs = {t.name for t in graph.inputs}
     outputs = {t.name for t in graph.outputs}
     readers: dict[str, set[str]] = {}
@@ -299,8 +301,15 @@ def kv_cache_pairs(graph: gs.Graph, couplings: Mapping[str, NodeCoupling]
             uses[tensor] = uses.get(tensor, 0) + 1
     return tuple(sorted((
         c for name, c in declared
-        if c.past[0] in inputs and c.present[0] in outputs and readers.get(c.past[0]) == {name}
+        if c.past[0] in inputs and c.present[0] in outputs and name in readers.get(c.past[0], ())
+        and all(_indifferent(couplings.get(r), c.past) for r in readers[c.past[0]] - {name})
         and uses[c.past[0]] == uses[c.present[0]] == 1), key=lambda c: c.past))
+
+
+def _indifferent(coupling: NodeCoupling | None, key: SpaceKey) -> bool:
+    """Whether a node's rule lets axis ``key`` change and couples it to nothing."""
+    return coupling is not None and key in coupling.handled \
+        and not any(key in (e.a, e.b) for e in coupling.edges)
 
 
 def _unused_name(stem: str, taken: set[str]) -> str:
