@@ -71,11 +71,13 @@ def test_plain_concat_cache_loses_the_pruned_heads(tmp_path, reader):
     assert dims["present_k"][:2] == dims["present_v"][:2] == [1, 2]
 
 
-@pytest.mark.parametrize("kwargs", [{"reader": "Neg"}, {"reader": "Shape*"},
-                                    {"present_out": False}, {"axis": 1}],
-                         ids=["past-read-twice", "heads-read", "present-not-output",
-                              "along-heads"])
-def test_other_concat_caches_keep_their_shape(kwargs):
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"reader": "Neg"}, "the past 'past_k' is also read by node 'reader'"),
+    ({"reader": "Shape*"}, "the past 'past_k' is also read by node 'reader'"),
+    ({"present_out": False}, "'present_k' is no graph output"),
+    ({"axis": 1}, None),
+], ids=["past-read-twice", "heads-read", "present-not-output", "along-heads"])
+def test_other_concat_caches_keep_their_shape(kwargs, why):
     """Fail closed: the past key also read by another node (or its head count read as a
     number), the joined cache not a graph output, or a Concat along the heads: no pair, the
     past keeps its shape, the heads freeze."""
@@ -86,4 +88,5 @@ def test_other_concat_caches_keep_their_shape(kwargs):
                                 "[2, 3]: the channels follow one factor, and only one that leads "
                                 "on to a layer mapping it",)
     else:
-        assert "graph input 'past_k' (axis 1) keeps its shape" in heads.frozen
+        assert "graph input 'past_k' (axis 1) keeps its shape: node 'cat_k' pairs 'past_k' " \
+            f"and 'present_k' as a KV cache, but {why}" in heads.frozen
