@@ -7,9 +7,10 @@
    producer (an output axis of a weight): only live spaces are channel spaces.
 3. Fail closed: a live space touched by a node that does not handle it, a graph input or output,
    or a node the user ignores is *frozen*, with the reason. One exemption: a KV-cache pair
-   declared by an attention rule (the past cache a graph input that node alone reads, the present
-   cache a graph output, each in no other pair) may lose heads; both sides then lose the same
-   heads, since the rule couples both to the KV heads (:func:`kv_cache_pairs`).
+   declared by a rule (an attention op's, or a Concat appending to a past cache) — the past
+   cache a graph input that node alone reads (others may read its other dims: a Shape), the
+   present cache a graph output, each in no other pair — may lose heads; both sides then lose
+   the same heads, since the rule couples both to the KV heads (:func:`kv_cache_pairs`).
 4. Element level: each live space contributes one element per index; the edges' index maps are
    unioned (numpy union-find). A component of elements is a *channel* (an atom): the indices,
    across all spaces, that must be removed together (a conv output channel with its BN entries

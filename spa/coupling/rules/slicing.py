@@ -6,6 +6,12 @@ other axes are coupled identically. Split is its mirror image. Slice with step 1
 freely (the rewrite recomputes ``start``/``end`` by counting survivors). Pad and Resize couple
 the axes they leave alone (no padding, scale 1). Every constant that names a length on a pruned
 axis (split sizes, slice bounds, Resize ``sizes``) is rewritten from the plan.
+
+A decoder exported with plain ops appends this step's keys or values to its cache with
+``present = Concat(past [B, H, P, d], k [B, H, S, d], axis=2)``: a graph input so joined along
+its symbolic positions is declared a KV-cache pair with the output on the head axis (axis 1,
+coupled identically above), which the analysis accepts when the past is read by nothing else
+that cares about its heads and the present is a graph output.
 """
 
 from __future__ import annotations
