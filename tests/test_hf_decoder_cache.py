@@ -10,8 +10,9 @@ the pruned decoder (each step's presents fed back as pasts) equal the masked ori
 A Llama of the same size does not prune its heads yet: its attention output is viewed by the
 hidden state's shape, ``reshape(*hidden.shape[:-1], -1)``, and ONNX shape inference loses the
 batch and sequence names through rotary embedding and the mask, so which dims the ``-1``
-merges cannot be told; grouped-query heads also freeze at ``repeat_kv``'s Expand, whose
-target is computed through a ``Where``. Both keep their caches' shapes (fail closed).
+merges cannot be told. With grouped-query heads (``repeat_kv``'s Expand is followed) the query
+heads stop there too, and the key's reshape keeps its head_dim factor, which the scores
+contract. Both keep their caches' shapes (fail closed) and prune their MLP.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def test_llama_heads_and_cache_stay_frozen(tmp_path, kv_heads):
     assert len(a.kv_cache) == 2 * LAYERS  # declared by the Concats, but ...
     heads = [g for g in a.groups if g.kind is GroupKind.HEADS]
     assert heads and not any(g.prunable for g in heads)  # ... the heads do not reach them
-    why = "cannot tell which dims" if kv_heads == HEADS else "Expand node"
+    why = "cannot tell which dims" if kv_heads == HEADS else \
+        "summed over in a product of two activations"
     assert all(any(why in r for r in g.frozen) for g in heads)
     out = prune_checked(path, tmp_path, heads_ratio=0.5, mlp_ratio=0.5)
     assert out.report.signature_changes == [] and out.report.generation == {}  # the MLP only

@@ -13,7 +13,19 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from attn_graphs import HD, D, H, S, head_columns, kept, linear, merge_heads, sdpa, split_heads
+from attn_graphs import (
+    HD,
+    KV,
+    D,
+    H,
+    S,
+    head_columns,
+    kept,
+    linear,
+    merge_heads,
+    sdpa,
+    split_heads,
+)
 from graphs import Builder, group_of
 
 from tests.oracle import prune_checked
@@ -90,3 +102,44 @@ def test_other_concat_caches_keep_their_shape(kwargs, why):
     else:
         assert "graph input 'past_k' (axis 1) keeps its shape: node 'cat_k' pairs 'past_k' " \
             f"and 'present_k' as a KV cache, but {why}" in heads.frozen
+
+
+def _repeat_kv(b: Builder, t: str, where: bool) -> str:
+    """transformers' ``repeat_kv``: ``[B, KV, T, d] → [B, KV, H/KV, T, d] → [B, H, T, d]``, the
+    targets built from ``t``'s own run-time shape; ``where``: the Expand target as TorchScript
+    writes ``expand``, ``Where(Equal(s, -1), 1, Reshape(s, [-1]))``."""
+    shape = b.op("Shape", t)
+    n, total = (b.op("Gather", shape, b.const([a])) for a in (0, 2))
+    target = b.op("Concat", n, b.const([KV, H // KV]), total, b.const([HD]), axis=0)
+    if where:
+        target = b.op("Reshape", target, b.const([-1]))
+        target = b.op("Where", b.op("Equal", target, b.const([-1] * 5)), b.const([1] * 5),
+                      target)
+    wide = b.op("Expand", b.op("Unsqueeze", t, b.const([2])), target)
+    return b.op("Reshape", wide, b.op("Concat", n, b.const([H]), total, b.const([HD]), axis=0))
+
+
+@pytest.mark.parametrize("where", [False, True], ids=["", "torchscript-expand"])
+def test_grouped_query_cache_loses_the_pruned_kv_heads(tmp_path, where):
+    """Grouped-query attention: KV heads cached, then repeated to the query heads. A KV head
+    prunes with its query heads and its cache entries."""
+    b = Builder()
+    q = split_heads(b, linear(b, "x", D, D, "q"), H, "split_q")
+    k, v = (split_heads(b, linear(b, "x", D, KV * HD, n), KV, f"split_{n}") for n in "kv")
+    k = b.op("Concat", "past_k", k, name="cat_k", outputs=["present_k"], axis=2)
+    v = b.op("Concat", "past_v", v, name="cat_v", outputs=["present_v"], axis=2)
+    k, v = (_repeat_kv(b, t, where) for t in (k, v))
+    y = linear(b, merge_heads(b, sdpa(b, q, k, v)), D, D, "o")
+    m = b.model({"x": [1, S, D], "past_k": [1, KV, PAST, HD], "past_v": [1, KV, PAST, HD]},
+                {y: [1, S, D], "present_k": [1, KV, "total", HD],
+                 "present_v": [1, KV, "total", HD]})
+    heads = group_of(m, "k.w", 1)
+    assert heads.prunable and heads.size == KV
+    assert {("q.w", 1), ("past_k", 1), ("present_v", 1)} <= {mem.space for mem in heads.members}
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5, dims={PAST: 3})
+    assert out.report.signature_changes == [
+        "graph input 'past_k' axis 1: 2 -> 1", "graph input 'past_v' axis 1: 2 -> 1",
+        "graph output 'present_k' axis 1: 2 -> 1", "graph output 'present_v' axis 1: 2 -> 1"]
+    kv = kept(m, out.path, "k.w", 1)
+    assert kv in (head_columns([0]), head_columns([1]))
+    assert kept(m, out.path, "q.w", 1) == head_columns([2 * (kv[0] // HD), 2 * (kv[0] // HD) + 1])

@@ -42,18 +42,13 @@ class Lit(int):
 
     def rewritable_for(self, reader: gs.Node) -> bool:
         """True when changing this entry changes only what ``reader`` sees: it is read by
-        ``reader`` itself, or by a node whose only consumer is ``reader``, possibly through a
-        chain of single-consumer Cast/Identity nodes (tf2onnx builds targets in int32)."""
+        ``reader`` itself, or every path from the node reading it leads to ``reader`` through
+        Cast/Identity (tf2onnx builds targets in int32), flattening Reshapes and Where's
+        branches, or ends at an ``Equal`` with negative constants (true neither before nor
+        after: TorchScript's ``expand`` target, ``Where(Equal(s, -1), 1, s)``)."""
         if self.source is None:
             return False
-        node = self.source[0]
-        while node is not reader:
-            if len(node.outputs) != 1 or len(node.outputs[0].outputs) != 1:
-                return False
-            node = node.outputs[0].outputs[0]
-            if node is not reader and node.op not in ("Cast", "Identity"):
-                return False
-        return True
+        return _only_reaches(self.source[0], reader, 0)
 
     def write(self, value: int) -> None:
         """Give the reading node a copy of its constant with this entry set to ``value``."""
@@ -62,6 +57,24 @@ class Lit(int):
         values = np.array(node.inputs[slot].values, copy=True)
         values.reshape(-1)[pos] = value
         node.inputs[slot] = gs.Constant(f"{node.name}__spa_in{slot}", values)
+
+
+def _only_reaches(node: gs.Node, reader: gs.Node, depth: int) -> bool:
+    """Whether every use of ``node``'s value ends at ``reader`` (see :meth:`Lit.rewritable_for`)."""
+    if node is reader:
+        return True
+    if depth > 8 or len(node.outputs) != 1 or not node.outputs[0].outputs:
+        return False  # no reader known: a graph output, or nothing reads it
+    out = node.outputs[0]
+    for c in out.outputs:
+        if c is reader or (c.op == "Equal" and any(_negatives(t) for t in c.inputs)):
+            continue
+        through = c.op in ("Cast", "Identity") or (c.op == "Reshape" and c.inputs[0] is out
+                                                   and _flattens(c)) \
+            or (c.op == "Where" and c.inputs[0] is not out)
+        if not (through and _only_reaches(c, reader, depth + 1)):
+            return False
+    return True
 
 
 Entry: TypeAlias = Lit | DimRef  # one entry of a shape tensor: a literal or a dim read by Shape
@@ -125,7 +138,40 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
             return None
         return [data[int(i)] for i in np.asarray(idx.values).reshape(-1)
                 if -len(data) <= int(i) < len(data)]
+    if op == "Reshape" and _flattens(node):
+        return shape_entries(node.inputs[0], depth + 1)
+    if op == "Where" and len(node.inputs) == 3:
+        return _where_otherwise(node, depth)
     return None
+
+
+def _flattens(node: gs.Node) -> bool:
+    """A Reshape of a 1-D tensor to ``[-1]`` (a no-op on shape vectors)."""
+    x, target = node.inputs[0], node.inputs[1]
+    return isinstance(target, gs.Constant) and np.asarray(target.values).tolist() == [-1] \
+        and x.shape is not None and len(x.shape) == 1
+
+
+def _negatives(t: gs.Tensor) -> bool:
+    """A constant whose entries are all negative: never a dim, nor a count SPA writes."""
+    return isinstance(t, gs.Constant) and np.asarray(t.values).size > 0 \
+        and bool((np.asarray(t.values) < 0).all())
+
+
+def _where_otherwise(node: gs.Node, depth: int) -> list[Entry] | None:
+    """``Where(Equal(s, c), x, s)`` with ``c`` negative: ``s`` itself, whose entries (dims and
+    non-negative literals) never equal ``c`` (TorchScript's ``expand`` writes it to replace
+    ``-1`` entries)."""
+    cond, s = node.inputs[0], node.inputs[2]
+    if len(cond.inputs) != 1 or cond.inputs[0].op != "Equal":
+        return None
+    a, c = cond.inputs[0].inputs
+    if a is not s or not _negatives(c):
+        return None
+    entries = shape_entries(s, depth + 1)
+    if entries is None or any(isinstance(e, Lit) and e < 0 for e in entries):
+        return None
+    return entries
 
 
 def _dim_ref(src: gs.Tensor, axis: int) -> DimRef:
