@@ -33,12 +33,13 @@ from tests.oracle import prune_checked
 PAST = "past"  # the symbolic number of past positions
 
 
-def _cached_attention(*, axis: int = 2, reader: str | None = None, present_out: bool = True
-                      ) -> onnx.ModelProto:
+def _cached_attention(*, axis: int = 2, reader: str | None = None,
+                      present_out: bool | str = True) -> onnx.ModelProto:
     """Self-attention on ``x [1, S, D]`` whose keys and values are appended to ``past_k`` and
     ``past_v`` ``[1, H, past, HD]`` (``axis``: the Concat's; ``reader``: another node that
     reads ``past_k``: ``Neg``, ``Shape`` to read the past length (axis 2), ``Shape*`` to read
-    all dims; ``present_out``: the joined caches are graph outputs)."""
+    all dims; ``present_out``: the joined caches are graph outputs, ``"Identity"``: through an
+    Identity, named ``present_k.out``)."""
     b = Builder()
     q, k, v = (split_heads(b, linear(b, "x", D, D, n), H, f"split_{n}") for n in "qkv")
     k = b.op("Concat", "past_k", k, name="cat_k", outputs=["present_k"], axis=axis)
@@ -48,7 +49,10 @@ def _cached_attention(*, axis: int = 2, reader: str | None = None, present_out: 
         ([1, PAST, S, HD], [1, "total", S, HD])
     inputs = {"x": [1, S, D], "past_k": cache, "past_v": cache}
     outputs = {y: [1, S, D]}
-    if present_out:
+    if present_out == "Identity":
+        outputs |= {b.op("Identity", "present_k", outputs=["present_k.out"]): present,
+                    b.op("Identity", "present_v", outputs=["present_v.out"]): present}
+    elif present_out:
         outputs |= dict.fromkeys(("present_k", "present_v"), present)
     if reader == "Neg":
         outputs[b.op("Neg", "past_k", name="reader")] = cache
@@ -60,19 +64,23 @@ def _cached_attention(*, axis: int = 2, reader: str | None = None, present_out: 
     return b.model(inputs, outputs)
 
 
-@pytest.mark.parametrize("reader", [None, "Shape"], ids=["", "past-length-read"])
-def test_plain_concat_cache_loses_the_pruned_heads(tmp_path, reader):
+@pytest.mark.parametrize(("kwargs", "suffix"), [({}, ""), ({"reader": "Shape"}, ""),
+                                               ({"present_out": "Identity"}, ".out")],
+                         ids=["", "past-length-read", "present-through-identity"])
+def test_plain_concat_cache_loses_the_pruned_heads(tmp_path, kwargs, suffix):
     """The heads prune with the caches; a Shape that reads the past length (as transformers
-    does for the position ids) reads no head, and the past still pairs."""
-    m = _cached_attention(reader=reader)
+    does for the position ids) reads no head, and the past still pairs; so does a present
+    written out through an Identity."""
+    m = _cached_attention(**kwargs)
     heads = group_of(m, "q.w", 1)
     assert heads.prunable
-    assert {("past_k", 1), ("past_v", 1), ("present_k", 1), ("present_v", 1)} <= \
-        {mem.space for mem in heads.members}
+    assert {("past_k", 1), ("past_v", 1), (f"present_k{suffix}", 1),
+            (f"present_v{suffix}", 1)} <= {mem.space for mem in heads.members}
     out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5, dims={PAST: 3})
     assert out.report.signature_changes == [
         "graph input 'past_k' axis 1: 4 -> 2", "graph input 'past_v' axis 1: 4 -> 2",
-        "graph output 'present_k' axis 1: 4 -> 2", "graph output 'present_v' axis 1: 4 -> 2"]
+        f"graph output 'present_k{suffix}' axis 1: 4 -> 2",
+        f"graph output 'present_v{suffix}' axis 1: 4 -> 2"]
     kept_heads = [c // HD for c in kept(m, out.path, "q.w", 1)[::HD]]
     for n in "qkv":
         assert kept(m, out.path, f"{n}.w", 1) == head_columns(kept_heads)
@@ -80,7 +88,7 @@ def test_plain_concat_cache_loses_the_pruned_heads(tmp_path, reader):
     dims = {vi.name: [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim]
             for vi in (*pruned.input, *pruned.output)}
     assert dims["past_k"] == dims["past_v"] == [1, 2, PAST, HD]
-    assert dims["present_k"][:2] == dims["present_v"][:2] == [1, 2]
+    assert dims[f"present_k{suffix}"][:2] == dims[f"present_v{suffix}"][:2] == [1, 2]
 
 
 @pytest.mark.parametrize(("kwargs", "why"), [

@@ -68,14 +68,26 @@ def _kv_cache(ctx: NodeContext, y: gs.Tensor, axis: int) -> None:
     the graph, is laid out ``[batch, heads, positions, head_size]`` (rank 4, positions
     symbolic: they grow a step at a time, head size known) and the Concat appends along the
     positions (axis 2). The analysis accepts the pair only when the past is a graph input
-    this node alone reads and ``y`` a graph output (spa/coupling/analysis.py)."""
+    this node alone reads and ``y`` (or the Identity an exporter wrote it through) a graph
+    output (spa/coupling/analysis.py)."""
     if axis != 2:  # along another axis (the heads, say), the input keeps its shape
         return
+    present = _written_as(ctx, y)
     for x in ctx.inputs:
         shape = ctx.shape(x)
         if _read_from_outside(x) and shape is not None and len(shape) == 4 \
                 and shape[2] is None and shape[3] is not None:
-            ctx.kv_cache(ctx.space(x, 1), ctx.space(y, 1), head_size=shape[3])
+            ctx.kv_cache(ctx.space(x, 1), ctx.space(present, 1), head_size=shape[3])
+
+
+def _written_as(ctx: NodeContext, y: gs.Tensor, depth: int = 0) -> gs.Tensor:
+    """The graph output ``y`` leaves as: ``y``, or the one graph output written from it
+    through Identity nodes (the Identity rule couples their axes); else ``y``."""
+    if ctx.is_graph_output(y) or depth > 4:
+        return y
+    ends = {id(t): t for c in ctx.consumers(y) if c.op == "Identity" and c.outputs
+            for t in [_written_as(ctx, c.outputs[0], depth + 1)] if ctx.is_graph_output(t)}
+    return next(iter(ends.values())) if len(ends) == 1 else y
 
 
 def _read_from_outside(t: gs.Tensor) -> bool:
