@@ -89,6 +89,26 @@ def test_run_time_view_with_symbolic_dims(tmp_path):
     _check_sizes(src, out, NHW)
 
 
+def test_values_viewed_by_the_keys_shape(tmp_path):
+    """GPT-2 (transformers 5) views its values by the key's shape: ``v.view(*k.shape[:-1], -1,
+    d)``. ONNX shape inference cannot tell the ``-1``; K and V have the same symbolic dims
+    (one Split made both), so the ``-1`` is the head count and V's heads prune with Q's."""
+    b = Builder()
+    q, k, v = b.op("Split", linear(b, "x", D, 3 * D, "qkv"), axis=2, outputs=3)
+    n, s = _dims_of(b, k, 0, 1)
+    target = b.op("Concat", n, s, b.const([-1, HD]), axis=0)
+    q, k, v = (b.op("Transpose", b.op("Reshape", t, target), perm=[0, 2, 1, 3]) for t in (q, k, v))
+    ctx = b.op("Transpose", sdpa(b, q, k, v), perm=[0, 2, 1, 3])
+    y = linear(b, b.op("Reshape", ctx, b.op("Concat", n, s, b.const([-1]), axis=0)), D, D, "o")
+    m = b.model({"x": ["N", "S", D]}, {y: ["N", "S", D]})
+    g = group_of(m, "qkv.w", 1)
+    assert g.prunable and g.size == H
+    src = _save(m, tmp_path)
+    out = prune_checked(src, tmp_path, ratio=0.0, heads_ratio=0.5, dims={"N": 2, "S": 5})
+    assert init_shapes(out.path)["qkv.w"] == (D, 3 * D // 2)
+    _check_sizes(src, out, NS)
+
+
 @pytest.mark.parametrize("model", ["resnet_basic", "efficientnet", "densenet", "unet"])
 def test_reference_cnn_with_dynamic_axes(tmp_path, model):
     """TorchScript export with symbolic batch, height and width: every group but the

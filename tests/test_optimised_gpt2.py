@@ -10,7 +10,8 @@ and MLP neurons; the residual stream stays frozen by its norms.
 
 With a KV cache (``past_<i>`` ``[2, B, N, P, d]`` in, ``present_<i>`` out, as onnxruntime's
 GPT-2 tools export it) the fused ``Attention`` reads and writes the cache; a layer's heads
-prune with it, and the cache loses those heads on both sides.
+prune with it, and the cache loses those heads on both sides. Layer 0's past is also read by
+a ``Shape`` (the past length, for the position ids), which reads no head: it prunes too.
 """
 
 from __future__ import annotations
@@ -86,21 +87,21 @@ def test_optimised_gpt2_drops_a_block_under_the_oracle(tmp_path, models):
 
 
 def test_optimised_gpt2_with_a_kv_cache_prunes_heads_and_the_cache(tmp_path, models):
-    """Layer 1's heads prune with its cache. Layer 0's cache is also read by the position
-    ids' ``Shape`` (the past length), so its shape stays and its heads are frozen."""
+    """Each layer's heads prune with its cache. Layer 0's cache is also read by the position
+    ids' ``Shape``, which reads the past length only (not the heads)."""
     import onnx
 
     graph = onnx.load(str(models["cache"])).graph
     assert Counter(n.op_type for n in graph.node if n.domain == "com.microsoft") == \
         Counter(FUSED)
     heads = [g for g in analyze(models["cache"]).groups if g.kind is GroupKind.HEADS]
-    assert [g.prunable for g in heads] == [False, True]
-    assert heads[0].frozen == ("graph input 'past_0' (axis 2) keeps its shape",
-                               "graph output 'present_0' (axis 2) keeps its shape")
+    assert [g.prunable for g in heads] == [True, True]
     out = prune_checked(models["cache"], tmp_path, heads_ratio=0.5, mlp_ratio=0.5,
                         dims={"past": 3})
-    assert out.report.signature_changes == ["graph input 'past_1' axis 2: 4 -> 2",
-                                            "graph output 'present_1' axis 2: 4 -> 2"]
+    assert out.report.signature_changes == [f"graph {side} '{name}_{i}' axis 2: 4 -> 2"
+                                            for side, name in (("input", "past"),
+                                                               ("output", "present"))
+                                            for i in range(LAYERS)]
     pruned = onnx.load(str(out.path)).graph
     assert [a.i for n in pruned.node if n.op_type == "Attention" for a in n.attribute
-            if a.name == "num_heads"] == [HEADS, HEADS // 2]
+            if a.name == "num_heads"] == [HEADS // 2] * LAYERS

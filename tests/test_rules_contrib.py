@@ -581,7 +581,9 @@ def test_group_query_attention_cache_read_elsewhere_keeps_the_signature():
     """A past cache that another node reads too is no KV-cache pair: it keeps its shape, and
     the heads freeze naming it (not the op)."""
     heads = group_of(_gqa_model(past=True, past_reader=True), "q.w", 1)
-    assert "graph input 'past_k' (axis 1) keeps its shape" in heads.frozen
+    assert "graph input 'past_k' (axis 1) keeps its shape: node 'gqa' pairs 'past_k' and " \
+        "'present_k' as a KV cache, but the past 'past_k' is also read by node 'reader'" \
+        in heads.frozen
 
 
 def test_group_query_attention_quantised_cache_freezes_with_the_attribute():

@@ -7,9 +7,10 @@
    producer (an output axis of a weight): only live spaces are channel spaces.
 3. Fail closed: a live space touched by a node that does not handle it, a graph input or output,
    or a node the user ignores is *frozen*, with the reason. One exemption: a KV-cache pair
-   declared by an attention rule (the past cache a graph input that node alone reads, the present
-   cache a graph output, each in no other pair) may lose heads; both sides then lose the same
-   heads, since the rule couples both to the KV heads (:func:`kv_cache_pairs`).
+   declared by a rule (an attention op's, or a Concat appending to a past cache) — the past
+   cache a graph input that node alone reads (others may read its other dims: a Shape), the
+   present cache a graph output, each in no other pair — may lose heads; both sides then lose
+   the same heads, since the rule couples both to the KV heads (:func:`kv_cache_pairs`).
 4. Element level: each live space contributes one element per index; the edges' index maps are
    unioned (numpy union-find). A component of elements is a *channel* (an atom): the indices,
    across all spaces, that must be removed together (a conv output channel with its BN entries
@@ -138,7 +139,7 @@ class CouplingAnalysis:
         graph = model.graph
         nodes = [*graph.nodes, *tied_nodes(graph, model.ties)]
         couplings, unknown = self._apply_rules(graph, nodes, model.opset)
-        caches = kv_cache_pairs(graph, couplings)
+        caches, refused = kv_cache_pairs(graph, couplings)
         exempt = {k for c in caches for k in (c.past, c.present)}
         roles, lengths = self._roles_and_lengths(graph, couplings)
         space_graph = nx.Graph()
@@ -156,7 +157,7 @@ class CouplingAnalysis:
             on_candidates.setdefault(e.node, set()).update((e.a, e.b))
         every = set(space_graph.nodes) | {k for ks in on_candidates.values() for k in ks}
         blocked = set(self._frozen(graph, nodes, couplings, unknown, every, exempt,
-                                   on_candidates))
+                                   on_candidates, refused))
         chosen = _choose_digits(space_graph, candidates, roles, blocked)
         for e in chosen:
             space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
@@ -165,7 +166,7 @@ class CouplingAnalysis:
         edges = [e for c in couplings.values() for e in c.edges
                  if e.alternatives is None or id(e) in chosen_ids]
         live = self._live_spaces(space_graph, roles)
-        frozen = self._frozen(graph, nodes, couplings, unknown, live, exempt)
+        frozen = self._frozen(graph, nodes, couplings, unknown, live, exempt, notes=refused)
         tensors = graph.tensors()
         dense = {k for k in live if is_weight(tensors.get(k[0]))
                  and len(tensors[k[0]].shape or ()) == 2}
@@ -236,12 +237,14 @@ class CouplingAnalysis:
     def _frozen(self, graph: gs.Graph, nodes: list[gs.Node],
                 couplings: dict[str, NodeCoupling], unknown: set[str], live: set[SpaceKey],
                 exempt: AbstractSet[SpaceKey] = frozenset(),
-                also_handled: dict[str, set[SpaceKey]] | None = None
-                ) -> dict[SpaceKey, set[str]]:
+                also_handled: dict[str, set[SpaceKey]] | None = None,
+                notes: Mapping[SpaceKey, str] | None = None) -> dict[SpaceKey, set[str]]:
         """Why each of ``live`` must keep its length: a graph input/output (but for the KV-cache
-        spaces in ``exempt``), an ignored node, a node with subgraphs or no rule, or a node whose
-        rule does not handle it (counting ``also_handled[node]`` as handled too)."""
+        spaces in ``exempt``; ``notes`` says why a refused cache's may not change), an ignored
+        node, a node with subgraphs or no rule, or a node whose rule does not handle it
+        (counting ``also_handled[node]`` as handled too)."""
         also_handled = also_handled or {}
+        notes = notes or {}
         live_axes: dict[str, list[SpaceKey]] = {}
         for key in live:
             live_axes.setdefault(key[0], []).append(key)
@@ -253,12 +256,12 @@ class CouplingAnalysis:
                     if key not in handled:
                         frozen.setdefault(key, set()).add(reason_of(key))
 
-        for t in graph.inputs:
-            freeze([t.name], lambda k: f"graph input '{k[0]}' (axis {k[1]}) keeps its shape",
-                   exempt)
-        for t in graph.outputs:
-            freeze([t.name], lambda k: f"graph output '{k[0]}' (axis {k[1]}) keeps its shape",
-                   exempt)
+        def signature(side: str):
+            return lambda k: f"graph {side} '{k[0]}' (axis {k[1]}) keeps its shape" + (
+                f": {notes[k]}" if k in notes else "")
+
+        freeze([t.name for t in graph.inputs], signature("input"), exempt)
+        freeze([t.name for t in graph.outputs], signature("output"), exempt)
         for name, why in self.frozen_tensors.items():
             freeze([name], lambda k, w=why: w)
         for node in nodes:
@@ -282,10 +285,12 @@ class CouplingAnalysis:
 
 
 def kv_cache_pairs(graph: gs.Graph, couplings: Mapping[str, NodeCoupling]
-                   ) -> tuple[KVCache, ...]:
+                   ) -> tuple[tuple[KVCache, ...], dict[SpaceKey, str]]:
     """The KV-cache pairs whose signature may change: declared by a node's rule, the past a
-    graph input that node alone reads, the present a graph output that node writes, and neither
-    tensor in another pair. Anything else keeps its shape (fail closed)."""
+    graph input that node alone reads (but for nodes that tolerate its head axis changing and
+    couple it to nothing: a ``Shape`` reading the past length), the present a graph output
+    that node writes, and neither tensor in another pair. Anything else keeps its shape (fail
+    closed); the second result says why, for both sides of each declared pair refused."""
     inputs = {t.name for t in graph.inputs}
     outputs = {t.name for t in graph.outputs}
     readers: dict[str, set[str]] = {}
@@ -297,10 +302,33 @@ def kv_cache_pairs(graph: gs.Graph, couplings: Mapping[str, NodeCoupling]
     for _, cache in declared:
         for tensor in (cache.past[0], cache.present[0]):
             uses[tensor] = uses.get(tensor, 0) + 1
-    return tuple(sorted((
-        c for name, c in declared
-        if c.past[0] in inputs and c.present[0] in outputs and readers.get(c.past[0]) == {name}
-        and uses[c.past[0]] == uses[c.present[0]] == 1), key=lambda c: c.past))
+
+    def refusal(name: str, c: KVCache) -> str | None:
+        past, present = c.past[0], c.present[0]
+        if past not in inputs or present not in outputs:
+            return f"'{past}' is no graph input" if past not in inputs else \
+                f"'{present}' is no graph output"
+        others = sorted(r for r in readers.get(past, set()) - {name}
+                        if not _indifferent(couplings.get(r), c.past))
+        if others:
+            return f"the past '{past}' is also read by node '{others[0]}'"
+        if uses[past] != 1 or uses[present] != 1:
+            return f"'{past if uses[past] != 1 else present}' is in several caches"
+        return None
+
+    verdicts = [(c, refusal(name, c)) for name, c in declared]
+    refused = {key: f"node '{name}' pairs '{c.past[0]}' and '{c.present[0]}' as a KV cache, "
+                    f"but {why}"
+               for (name, _), (c, why) in zip(declared, verdicts) if why is not None
+               for key in (c.past, c.present)}
+    return tuple(sorted((c for c, why in verdicts if why is None), key=lambda c: c.past)), \
+        refused
+
+
+def _indifferent(coupling: NodeCoupling | None, key: SpaceKey) -> bool:
+    """Whether a node's rule lets axis ``key`` change and couples it to nothing."""
+    return coupling is not None and key in coupling.handled \
+        and not any(key in (e.a, e.b) for e in coupling.edges)
 
 
 def _unused_name(stem: str, taken: set[str]) -> str:

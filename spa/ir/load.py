@@ -310,7 +310,8 @@ def _refine_shapes(graph: gs.Graph) -> bool:
             d if isinstance(d, int) and d >= 0 else None for d in out.shape)
         entries = shape_entries(node.inputs[1])
         if node.op == "Reshape":
-            resolved = resolve_reshape(in_shape, entries, node.inputs[0].name, known)
+            names = tuple(d if isinstance(d, str) else None for d in node.inputs[0].shape)
+            resolved = resolve_reshape(in_shape, entries, node.inputs[0].name, known, names)
         else:
             resolved = resolve_expand(in_shape, entries)
             if known is not None and resolved is not None and len(known) == len(resolved):

@@ -24,8 +24,10 @@ import onnx_graphsurgeon as gs
 class DimRef:
     tensor: str
     axis: int
-    # The dim's static length where shape inference knows it (not part of the identity).
+    # The dim's static length where shape inference knows it, else its symbolic name (ONNX
+    # shape inference names dims it proves equal alike); not part of the identity.
     length: int | None = field(default=None, compare=False)
+    symbol: str | None = field(default=None, compare=False)
 
 
 class Lit(int):
@@ -40,18 +42,13 @@ class Lit(int):
 
     def rewritable_for(self, reader: gs.Node) -> bool:
         """True when changing this entry changes only what ``reader`` sees: it is read by
-        ``reader`` itself, or by a node whose only consumer is ``reader``, possibly through a
-        chain of single-consumer Cast/Identity nodes (tf2onnx builds targets in int32)."""
+        ``reader`` itself, or every path from the node reading it leads to ``reader`` through
+        Cast/Identity (tf2onnx builds targets in int32), flattening Reshapes and Where's
+        branches, or ends at an ``Equal`` with negative constants (true neither before nor
+        after: TorchScript's ``expand`` target, ``Where(Equal(s, -1), 1, s)``)."""
         if self.source is None:
             return False
-        node = self.source[0]
-        while node is not reader:
-            if len(node.outputs) != 1 or len(node.outputs[0].outputs) != 1:
-                return False
-            node = node.outputs[0].outputs[0]
-            if node is not reader and node.op not in ("Cast", "Identity"):
-                return False
-        return True
+        return _only_reaches(self.source[0], reader, 0)
 
     def write(self, value: int) -> None:
         """Give the reading node a copy of its constant with this entry set to ``value``."""
@@ -60,6 +57,24 @@ class Lit(int):
         values = np.array(node.inputs[slot].values, copy=True)
         values.reshape(-1)[pos] = value
         node.inputs[slot] = gs.Constant(f"{node.name}__spa_in{slot}", values)
+
+
+def _only_reaches(node: gs.Node, reader: gs.Node, depth: int) -> bool:
+    """Whether every use of ``node``'s value ends at ``reader`` (see :meth:`Lit.rewritable_for`)."""
+    if node is reader:
+        return True
+    if depth > 8 or len(node.outputs) != 1 or not node.outputs[0].outputs:
+        return False  # no reader known: a graph output, or nothing reads it
+    out = node.outputs[0]
+    for c in out.outputs:
+        if c is reader or (c.op == "Equal" and any(_negatives(t) for t in c.inputs)):
+            continue
+        through = c.op in ("Cast", "Identity") or (c.op == "Reshape" and c.inputs[0] is out
+                                                   and _flattens(c)) \
+            or (c.op == "Where" and c.inputs[0] is not out)
+        if not (through and _only_reaches(c, reader, depth + 1)):
+            return False
+    return True
 
 
 Entry: TypeAlias = Lit | DimRef  # one entry of a shape tensor: a literal or a dim read by Shape
@@ -93,9 +108,7 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
         src = node.inputs[0]
         if src.shape is None:
             return None
-        return [DimRef(src.name, ax, src.shape[ax] if isinstance(src.shape[ax], int)
-                       and src.shape[ax] >= 0 else None)
-                for ax in shape_op_dims(node, len(src.shape))]
+        return [_dim_ref(src, ax) for ax in shape_op_dims(node, len(src.shape))]
     if op in ("Cast", "Identity"):
         return shape_entries(node.inputs[0], depth + 1)
     if op in ("Squeeze", "Unsqueeze"):
@@ -125,7 +138,47 @@ def shape_entries(t: gs.Tensor | None, depth: int = 0,
             return None
         return [data[int(i)] for i in np.asarray(idx.values).reshape(-1)
                 if -len(data) <= int(i) < len(data)]
+    if op == "Reshape" and _flattens(node):
+        return shape_entries(node.inputs[0], depth + 1)
+    if op == "Where" and len(node.inputs) == 3:
+        return _where_otherwise(node, depth)
     return None
+
+
+def _flattens(node: gs.Node) -> bool:
+    """A Reshape of a 1-D tensor to ``[-1]`` (a no-op on shape vectors)."""
+    x, target = node.inputs[0], node.inputs[1]
+    return isinstance(target, gs.Constant) and np.asarray(target.values).tolist() == [-1] \
+        and x.shape is not None and len(x.shape) == 1
+
+
+def _negatives(t: gs.Tensor) -> bool:
+    """A constant whose entries are all negative: never a dim, nor a count SPA writes."""
+    return isinstance(t, gs.Constant) and np.asarray(t.values).size > 0 \
+        and bool((np.asarray(t.values) < 0).all())
+
+
+def _where_otherwise(node: gs.Node, depth: int) -> list[Entry] | None:
+    """``Where(Equal(s, c), x, s)`` with ``c`` negative: ``s`` itself, whose entries (dims and
+    non-negative literals) never equal ``c`` (TorchScript's ``expand`` writes it to replace
+    ``-1`` entries)."""
+    cond, s = node.inputs[0], node.inputs[2]
+    if len(cond.inputs) != 1 or cond.inputs[0].op != "Equal":
+        return None
+    a, c = cond.inputs[0].inputs
+    if a is not s or not _negatives(c):
+        return None
+    entries = shape_entries(s, depth + 1)
+    if entries is None or any(isinstance(e, Lit) and e < 0 for e in entries):
+        return None
+    return entries
+
+
+def _dim_ref(src: gs.Tensor, axis: int) -> DimRef:
+    d = src.shape[axis]
+    if isinstance(d, int) and d >= 0:
+        return DimRef(src.name, axis, d)
+    return DimRef(src.name, axis, symbol=d if isinstance(d, str) and d else None)
 
 
 def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list[Entry] | None
@@ -146,30 +199,39 @@ def resolve_expand(in_shape: tuple[int | None, ...] | None, entries: list[Entry]
 
 
 def resolve_reshape(in_shape: tuple[int | None, ...] | None, entries: list[Entry] | None,
-                    x_name: str, inferred: tuple[int | None, ...] | None
+                    x_name: str, inferred: tuple[int | None, ...] | None,
+                    in_symbols: tuple[str | None, ...] = ()
                     ) -> tuple[int | None, ...] | None:
     """The Reshape's output shape, static wherever the target determines it.
 
     ONNX shape inference gives up on ``[N, 8, 4, 4] → Concat(N, -1)``; here the symbolic ``N``
-    of the target cancels the input's ``N`` and ``-1`` resolves to 128.
+    of the target cancels the input's ``N`` and ``-1`` resolves to 128. ``in_symbols``: the
+    input's symbolic dim names; a dim of another tensor named alike cancels too (GPT-2 reshapes
+    its values by the key's shape: ``v.view(*k.shape[:-1], -1, d)``).
     """
     if in_shape is None or entries is None:
         return inferred
-    symbols = [f"{x_name}:{k}" for k, d in enumerate(in_shape) if d is None]
+
+    def symbol(k: int) -> str:
+        named = in_symbols[k] if k < len(in_symbols) else None
+        return f"dim:{named}" if named else f"{x_name}:{k}"
+
+    symbols = [symbol(k) for k, d in enumerate(in_shape) if d is None]
     static = prod(d for d in in_shape if d is not None)
     out: list[int | str | None] = []
     for pos, e in enumerate(entries):
         if isinstance(e, DimRef) and e.tensor != x_name:
             # A dim of another tensor (tf2onnx's Tensordot copies [N, H, W] of the tensor it
-            # flattened): its static length, or a symbol no dim of the input cancels.
-            out.append(e.length if e.length is not None else f"{e.tensor}:{e.axis}")
+            # flattened): its static length, or its symbol (cancelled by an input dim of that
+            # name only).
+            out.append(e.length if e.length is not None else
+                       f"dim:{e.symbol}" if e.symbol else f"{e.tensor}:{e.axis}")
         elif isinstance(e, DimRef):
-            out.append(in_shape[e.axis] if in_shape[e.axis] is not None
-                       else f"{x_name}:{e.axis}")
+            out.append(in_shape[e.axis] if in_shape[e.axis] is not None else symbol(e.axis))
         elif e == 0:
             if pos >= len(in_shape):
                 return inferred
-            out.append(in_shape[pos] if in_shape[pos] is not None else f"{x_name}:{pos}")
+            out.append(in_shape[pos] if in_shape[pos] is not None else symbol(pos))
         else:
             out.append(e)
     if None in out:

@@ -6,6 +6,12 @@ other axes are coupled identically. Split is its mirror image. Slice with step 1
 freely (the rewrite recomputes ``start``/``end`` by counting survivors). Pad and Resize couple
 the axes they leave alone (no padding, scale 1). Every constant that names a length on a pruned
 axis (split sizes, slice bounds, Resize ``sizes``) is rewritten from the plan.
+
+A decoder exported with plain ops appends this step's keys or values to its cache with
+``present = Concat(past [B, H, P, d], k [B, H, S, d], axis=2)``: a graph input so joined along
+its symbolic positions is declared a KV-cache pair with the output on the head axis (axis 1,
+coupled identically above), which the analysis accepts when the past is read by nothing else
+that cares about its heads and the present is a graph output.
 """
 
 from __future__ import annotations
@@ -44,16 +50,49 @@ def concat(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(y))
         return
     axis = ctx.attr_int("axis") % rank
+    ctx.same_axes([(x, y) for x in ctx.inputs], skip=[axis])
     start = 0
     for x in ctx.inputs:
-        ctx.same_axes([(x, y)], skip=[axis])
         sx = ctx.space(x, axis)
-        if sx is None:
+        if sx is None:  # the other axes stay coupled: a cache's positions are symbolic
             ctx.decline(_unknown_offset(ctx, x, axis))
-            return
+            break
         if not ctx.offset(sx, ctx.space(y, axis), start):
             ctx.decline(ctx.lengths_differ(x, y, axis, axis), sx)
         start += sx.length
+    _kv_cache(ctx, y, axis)
+
+
+def _kv_cache(ctx: NodeContext, y: gs.Tensor, axis: int) -> None:
+    """Declare ``past`` → ``y`` a KV-cache pair when ``past``, an input read from outside
+    the graph, is laid out ``[batch, heads, positions, head_size]`` (rank 4, positions
+    symbolic: they grow a step at a time, head size known) and the Concat appends along the
+    positions (axis 2). The analysis accepts the pair only when the past is a graph input
+    this node alone reads and ``y`` (or the Identity an exporter wrote it through) a graph
+    output (spa/coupling/analysis.py)."""
+    if axis != 2:  # along another axis (the heads, say), the input keeps its shape
+        return
+    present = _written_as(ctx, y)
+    for x in ctx.inputs:
+        shape = ctx.shape(x)
+        if _read_from_outside(x) and shape is not None and len(shape) == 4 \
+                and shape[2] is None and shape[3] is not None:
+            ctx.kv_cache(ctx.space(x, 1), ctx.space(present, 1), head_size=shape[3])
+
+
+def _written_as(ctx: NodeContext, y: gs.Tensor, depth: int = 0) -> gs.Tensor:
+    """The graph output ``y`` leaves as: ``y``, or the one graph output written from it
+    through Identity nodes (the Identity rule couples their axes); else ``y``."""
+    if ctx.is_graph_output(y) or depth > 4:
+        return y
+    ends = {id(t): t for c in ctx.consumers(y) if c.op == "Identity" and c.outputs
+            for t in [_written_as(ctx, c.outputs[0], depth + 1)] if ctx.is_graph_output(t)}
+    return next(iter(ends.values())) if len(ends) == 1 else y
+
+
+def _read_from_outside(t: gs.Tensor) -> bool:
+    """A tensor no node writes: a graph input (or an outer-scope name in a subgraph)."""
+    return isinstance(t, gs.Variable) and not t.inputs
 
 
 @register("Split")
