@@ -15,7 +15,8 @@ from benchmarks.common import RESULTS
 
 #: Series of the plots: label → prefix of the runs in the results.
 SERIES = {"SPA uniform": "uniform_", "SPA --target flops": "flops_",
-          "SPA --target latency": "latency_", "Torch-Pruning (L1)": "torch_pruning_"}
+          "SPA --target latency": "latency_", "Torch-Pruning (L1)": "torch_pruning_",
+          "Torch-Pruning (L1, round_to block)": "tp_rounded_"}
 
 
 def _axes(title: str, xlabel: str):
