@@ -361,3 +361,22 @@ def test_report_tells_of_a_second_plan_and_which_one_was_kept() -> None:
                     "scaled by 0.50: 2.00x")
     kept_first = latency_lines(_report(10.0, 8.0, target | {"scale": 1.0}))[1]
     assert kept_first.endswith("further off: the first plan is kept")
+
+
+def test_report_latency_uses_the_given_clock() -> None:
+    """latency_ms times with the clock it is given (the checks pass ``time.thread_time`` for a
+    one-thread CPU session): a fake clock that ticks 2 ms per read gives 2 ms a run."""
+    import itertools
+
+    from spa.metrics import latency_ms
+
+    class Session:
+        runs = 0
+
+        def run(self, *_):
+            Session.runs += 1
+
+    ticks = itertools.count(step=0.002)
+    assert latency_ms(Session(), {}, runs=5, warmup=1, clock=lambda: next(ticks)) == \
+        pytest.approx(2.0)
+    assert Session.runs == 6

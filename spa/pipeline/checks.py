@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from spa.ir.external import attach_external
 from spa.ir.save import Staging, streamed, write_proto, write_streamed
 from spa.ir.widen import uses_bfloat16, widened
 from spa.metrics import latency_ms
+from spa.passes.latency import CPU_PROVIDER
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -179,15 +181,20 @@ def run_checks(original: PathLike | onnx.ModelProto,
                     provider=checks.provider)
     feeds = val.random_inputs(s, dims=dict(checks.input_dims))
     out_orig = change.kept_outputs(val.run(s, feeds))
+    # one CPU thread runs in the calling thread: its CPU time, which the load of a shared
+    # machine does not inflate (the latency table times the same way)
+    clock = time.thread_time if checks.latency_threads == 1 and \
+        checks.provider == CPU_PROVIDER else time.perf_counter
     if checks.latency:
-        extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs)
+        extra["latency_ms_before"] = latency_ms(s, feeds, runs=checks.latency_runs,
+                                                clock=clock)
     s = None
     s = val.session(twin(pruned), what="pruned model", threads=checks.latency_threads,
                     provider=checks.provider)
     out_pruned = val.run(s, change.pruned_feeds(feeds))
     if checks.latency:
         extra["latency_ms_after"] = latency_ms(s, change.pruned_feeds(feeds),
-                                               runs=checks.latency_runs)
+                                               runs=checks.latency_runs, clock=clock)
     # a decoder's session is kept for the greedy loop, run with the masked original's: when
     # its signature changed, or (depth pruning) blocks were dropped
     generate = bool(change) or (change.depth and bool(change.caches))
