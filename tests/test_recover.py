@@ -212,6 +212,28 @@ def test_token_dropout_spares_first_and_last_tokens():
     assert 0.07 < share < 0.13
 
 
+def test_token_batches_are_cut_after_the_last_attended_column():
+    def tokens(length: int | str) -> list[rec.GraphInput]:
+        return [rec.GraphInput(n, np.dtype("int64"), ("batch", length))
+                for n in ("input_ids", "attention_mask")]
+
+    mask = torch.zeros(3, 10, dtype=torch.int64)
+    mask[0, :4], mask[1, :6], mask[2, :2] = 1, 1, 1
+    ids = torch.arange(30).reshape(3, 10)
+    kinds = augment.input_kinds(tokens("sequence"))
+    assert kinds.mask == 1 and kinds.trimmed == (0, 1)
+    cut_ids, cut_mask = augment.trim_padding([ids, mask], kinds)
+    assert cut_ids.shape == cut_mask.shape == (3, 6)
+    assert torch.equal(cut_ids, ids[:, :6]) and torch.equal(cut_mask, mask[:, :6])
+    # A fixed sequence length is never cut; nor is a batch whose last column is attended.
+    fixed = augment.input_kinds(tokens(10))
+    assert fixed.mask == 1 and fixed.trimmed == ()
+    assert augment.trim_padding([ids, mask], fixed)[0].shape == (3, 10)
+    mask[2, 9] = 1
+    assert augment.trim_padding([ids, mask], kinds)[0].shape == (3, 10)
+    assert augment.trim_padding([ids, torch.zeros_like(mask)], kinds)[0].shape == (3, 1)
+
+
 def test_image_augmentation_keeps_shape_and_layout():
     rng = np.random.default_rng(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)

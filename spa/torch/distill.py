@@ -16,7 +16,8 @@ were pruned), evenly spread through the graph.
 Augmentation, on the training split only: images (4-D float inputs) get random resized crops
 (area 0.6–1), horizontal flips and mixup (``λ ~ Beta(0.4, 0.4)``); token inputs with an
 attention mask get token dropout (10% of the attended tokens other than the first and the last
-are masked out). AdamW, cosine decay to 0 over the budget (steps or seconds).
+are masked out), and training batches of tokens are cut after their last attended column.
+AdamW, cosine decay to 0 over the budget (steps or seconds).
 
 The learning rate is chosen on the held-out split, which never trains: unless given, each of
 :data:`LR_TRIALS` trains a short trial from the same start and the most faithful one (spa/
@@ -49,7 +50,7 @@ from spa.calibration import Calibration
 from spa.errors import OptionError
 from spa.progress import progress
 from spa.recovery import RecoverOptions
-from spa.torch.augment import augment, input_kinds
+from spa.torch.augment import augment, input_kinds, trim_padding
 from spa.torch.interpreter import OnnxModule, from_onnx
 
 if TYPE_CHECKING:
@@ -253,7 +254,8 @@ class Distiller:
     def _step(self, opt: torch.optim.Optimizer) -> float:
         idx = self.batches.choice(len(self.train_data[0]), self.batch, replace=False)
         mine = torch.from_numpy(np.sort(idx[self.world.rank::self.world.size]))
-        batch = augment([t[mine.to(t.device)] for t in self.train_data], self.kinds, self.rng)
+        batch = trim_padding([t[mine.to(t.device)] for t in self.train_data], self.kinds)
+        batch = augment(batch, self.kinds, self.rng)
         with torch.no_grad():
             t_out, t_mid = _forward(self.teacher, batch, self.matched)
         s_out, s_mid = _forward(self.model, batch, self.matched)
