@@ -46,7 +46,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,8 +130,8 @@ class Allocation:
         rounded up to the group's step (exact with ``rounded=False``)."""
         counts = self._counts(analysis, scores, ratio)
         if rounded:
-            counts = {gid: self._round_up(self._group(analysis, gid), k)
-                      for gid, k in counts.items()}
+            by_id = _by_id(analysis)
+            counts = {gid: self._round_up(by_id[gid], k) for gid, k in counts.items()}
         return self._select(analysis, scores, counts)
 
     def _counts(self, analysis: Analysis, scores: Scores, ratio: float) -> dict[int, int]:
@@ -158,10 +158,6 @@ class Allocation:
         step = self.step(group)
         down = k // step * step
         return down if step > 1 and down != k and down >= max(1, self.min_channels) else None
-
-    @staticmethod
-    def _group(analysis: Analysis, gid: int) -> Group:
-        return next(g for g in analysis.prunable_groups if g.id == gid)
 
     @staticmethod
     def _select(analysis: Analysis, scores: Scores,
@@ -208,21 +204,14 @@ class Allocation:
             keep = self._keep(analysis, scores, r, rounded=rounded)
             return self._reduction(analysis, keep, scores, cost, before), keep
 
-        lo, hi = 0.0, 0.99
-        best = reduction(hi)
+        best = reduction(0.99)
         if best[0] < self.ratio:
             if rounded:
                 log.warning("target %s reduction %.3f is out of reach; best is %.3f",
                             self.target.value, self.ratio, best[0])
             return None, best[1]
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            red, keep = reduction(mid)
-            if red >= self.ratio:
-                hi, best = mid, (red, keep)
-            else:
-                lo = mid
-        return hi, best[1]
+        ratio, (_, keep) = _least_ratio(reduction, self.ratio, 0.99, best, 30)
+        return ratio, keep
 
     def _to_steps(self, analysis, scores, cost, before, ratio: float
                   ) -> dict[int, np.ndarray] | None:
@@ -233,12 +222,13 @@ class Allocation:
         can only move all groups a whole block at once. None: even rounding every group
         down misses the target."""
         exact = self._counts(analysis, scores, ratio)
-        up = {gid: self._round_up(self._group(analysis, gid), k) for gid, k in exact.items()}
+        by_id = _by_id(analysis)
+        up = {gid: self._round_up(by_id[gid], k) for gid, k in exact.items()}
         downs = []
         for gid, k in exact.items():
-            down = self._round_down(self._group(analysis, gid), k)
+            down = self._round_down(by_id[gid], k)
             if down is not None and down < up[gid]:
-                downs.append(((k - down) / self._group(analysis, gid).size, gid, down))
+                downs.append(((k - down) / by_id[gid].size, gid, down))
         downs.sort()
 
         def reduction(prefix: int) -> tuple[float, dict[int, np.ndarray]]:
@@ -248,17 +238,11 @@ class Allocation:
             keep = self._select(analysis, scores, counts)
             return self._reduction(analysis, keep, scores, cost, before), keep
 
-        lo, hi = 0, len(downs)
-        best = reduction(hi)
+        best = reduction(len(downs))
         if best[0] < self.ratio:
             return None
-        while lo < hi:  # the fewest groups rounded down that meet the target
-            mid = (lo + hi) // 2
-            red, keep = reduction(mid)
-            if red >= self.ratio:
-                hi, best = mid, (red, keep)
-            else:
-                lo = mid + 1
+        # the fewest groups rounded down that meet the target
+        best = _shortest_prefix(reduction, self.ratio, len(downs), best)
         return self._rebalance(analysis, scores, cost, before, ratio,
                                {gid: len(k) for gid, k in best[1].items()})
 
@@ -278,15 +262,7 @@ class Allocation:
         best = reduction(ratio)
         if not free:
             return best[1]
-        lo, hi = 0.0, ratio
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            red, keep = reduction(mid)
-            if red >= self.ratio:
-                hi, best = mid, (red, keep)
-            else:
-                lo = mid
-        return best[1]
+        return _least_ratio(reduction, self.ratio, ratio, best, 20)[1][1]
 
     def _reduction(self, analysis, keep, scores, cost, before) -> float:
         """The share of the params, MACs or (predicted) latency that ``keep`` removes."""
@@ -339,20 +315,12 @@ class Allocation:
             keep = keep_of(counts)
             return self._reduction(analysis, keep, scores, cost, before), keep
 
-        lo, hi = 0, len(steps)
-        best = reduction(hi)
+        best = reduction(len(steps))
         if best[0] < self.ratio:
             log.warning("target %s reduction %.3f is out of reach; best is %.3f",
                         self.target.value, self.ratio, best[0])
             return best[1]
-        while lo < hi:  # the shortest prefix that meets the target
-            mid = (lo + hi) // 2
-            red, keep = reduction(mid)
-            if red >= self.ratio:
-                hi, best = mid, (red, keep)
-            else:
-                lo = mid + 1
-        return best[1]
+        return _shortest_prefix(reduction, self.ratio, len(steps), best)[1]
 
     def _cost_per_channel(self, analysis, groups, scores, cost) -> dict[int, float]:
         """Params or MACs freed per channel of each group, alone at half its width."""
@@ -423,6 +391,43 @@ class Allocation:
         step = (group.size - removed) % block or block
         nxt = removed + step
         return nxt if nxt <= limit else None
+
+
+Searched = tuple[float, dict[int, np.ndarray]]  # (reduction, kept channels)
+
+
+def _least_ratio(reduction: Callable[[float], Searched], target: float, hi: float,
+                 best: Searched, iterations: int) -> tuple[float, Searched]:
+    """Bisection on ``[0, hi]`` (``best``: what ``hi`` gives, which meets ``target``) for the
+    smallest ratio whose reduction meets ``target``: that ratio and what it gives."""
+    lo = 0.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        red, keep = reduction(mid)
+        if red >= target:
+            hi, best = mid, (red, keep)
+        else:
+            lo = mid
+    return hi, best
+
+
+def _shortest_prefix(reduction: Callable[[int], Searched], target: float, n: int,
+                     best: Searched) -> Searched:
+    """The shortest prefix of ``n`` ordered steps whose reduction meets ``target`` (``best``:
+    what all ``n`` give, which meets it)."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        red, keep = reduction(mid)
+        if red >= target:
+            hi, best = mid, (red, keep)
+        else:
+            lo = mid + 1
+    return best
+
+
+def _by_id(analysis: Analysis) -> dict[int, Group]:
+    return {g.id: g for g in analysis.prunable_groups}
 
 
 @dataclass(frozen=True)
