@@ -399,7 +399,9 @@ def _recover(args: argparse.Namespace) -> int:
 
 
 def _measured(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    from spa import fidelity
+
+    return fidelity.describe(metrics)
 
 
 if __name__ == "__main__":

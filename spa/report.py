@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spa import fidelity
 from spa.coupling.types import Role
 from spa.errors import OutputPathError
 from spa.inputs import InputDims
@@ -172,8 +173,7 @@ def fidelity_lines(r: PruneReport) -> list[str]:
         lines.append(f"calibration: {c['samples']} samples ({c['kind']}), {c['held_out']} held "
                      f"out; allocation: {r.allocation}")
     for stage, measures in r.fidelity.items():
-        text = ", ".join(f"{k} {v:.4f}" for k, v in measures.items())
-        lines.append(f"held-out fidelity after {stage}: {text}")
+        lines.append(f"held-out fidelity after {stage}: {fidelity.describe(measures)}")
     if r.reconstruction.get("kept") is False:
         lines.append("reconstruction made held-out fidelity worse: written without it")
     return lines

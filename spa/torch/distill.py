@@ -11,7 +11,7 @@ augmented batch. The loss, per float output ``s`` of the student and ``t`` of th
 
 plus ``0.1 ×`` the mean normalised squared error ``‖s − t‖² / ‖t‖²`` over up to 16 intermediate
 values both graphs still share (same name, same shape: residual streams when only inner widths
-were pruned), evenly spread through the graph.
+were pruned) and pruning moved, evenly spread through the graph, the last one always among them.
 
 Augmentation, on the training split only: images (4-D float inputs) get random resized crops
 (area 0.6–1), horizontal flips and mixup (``λ ~ Beta(0.4, 0.4)``); token inputs with an
@@ -159,8 +159,9 @@ class Distiller:
             self.model = DistributedDataParallel(self.student, device_ids=ids)
 
     def _matched(self) -> list[str]:
-        """Up to :data:`MATCHED_MAX` intermediate values, evenly spread, that both graphs
-        compute under the same name and with the same shape."""
+        """Up to :data:`MATCHED_MAX` intermediate values, evenly spread (first and last
+        included), that both graphs compute under the same name and with the same shape, and
+        that pruning changed."""
         taught = set(self.teacher.value_names()) - set(self.student.output_names)
         shared = [n for n in self.student.value_names() if n in taught]
         if not shared:
@@ -169,11 +170,13 @@ class Distiller:
         with torch.no_grad():
             _, s = self.student(*probe, capture=shared)
             _, t = self.teacher(*probe, capture=shared)
-        same = [n for n in shared if s[n].is_floating_point() and s[n].shape == t[n].shape
-                and s[n].dim() > 0 and s[n].shape[0] == len(probe[0])]
-        if len(same) <= MATCHED_MAX:
-            return same
-        return [same[int(i)] for i in np.linspace(0, len(same) - 1, MATCHED_MAX).round()]
+        # Values pruning left exactly as they were (embeddings, masks) teach nothing.
+        moved = [n for n in shared if s[n].is_floating_point() and s[n].shape == t[n].shape
+                 and s[n].dim() > 0 and s[n].shape[0] == len(probe[0])
+                 and not torch.equal(s[n], t[n])]
+        if len(moved) <= MATCHED_MAX:
+            return moved
+        return [moved[int(i)] for i in np.linspace(0, len(moved) - 1, MATCHED_MAX).round()]
 
     def _outputs(self, module: OnnxModule, data: Batch) -> list[np.ndarray]:
         parts = []
@@ -293,7 +296,11 @@ def pick_lr(start: dict[str, float], results: dict[float, dict[str, float]]) -> 
 
 
 def _score(metrics: dict[str, float]) -> float:
-    """The headline measure, or the negated relative error: higher is more faithful."""
+    """Higher is more faithful: the negated KL divergence of class scores (agreement moves in
+    steps of one held-out sample, too coarse to weigh gains of a few steps), else the headline
+    measure, else the negated relative error."""
+    if "kl" in metrics:
+        return -metrics["kl"]
     key = fidelity.headline(metrics)
     return key[1] if key else -metrics["relative_error"]
 

@@ -1,0 +1,46 @@
+"""Which of two held-out measurements is the more faithful (spa/fidelity.py)."""
+
+import numpy as np
+import pytest
+
+from spa import fidelity
+
+
+def _scores(n: int, flips: int, strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class scores of ``n`` samples, all ``[0, 3]``, and a copy whose first ``flips``
+    samples prefer the other class by ``strength`` (small: a flip that costs little KL)."""
+    dense = np.tile([0.0, 3.0], (n, 1))
+    other = dense.copy()
+    other[:flips] = [strength, 0.0]
+    return dense, other
+
+
+def test_an_agreement_within_sampling_noise_is_decided_by_kl():
+    dense, a = _scores(26, flips=8, strength=3.0)
+    _, b = _scores(26, flips=9, strength=0.01)
+    ma, mb = fidelity.compare([dense], [a]), fidelity.compare([dense], [b])
+    assert ma["samples"] == mb["samples"] == 26
+    assert mb["agreement"] < ma["agreement"] and mb["kl"] < ma["kl"]
+    # One image of 26 is 0.038 of agreement: b's much lower KL wins.
+    assert fidelity.better(mb, ma) and not fidelity.better(ma, mb)
+
+
+def test_an_agreement_beyond_sampling_noise_decides():
+    dense, a = _scores(1000, flips=100, strength=3.0)
+    _, b = _scores(1000, flips=200, strength=0.01)
+    ma, mb = fidelity.compare([dense], [a]), fidelity.compare([dense], [b])
+    assert mb["kl"] < ma["kl"]
+    assert ma["agreement"] - mb["agreement"] == pytest.approx(0.1)  # 2 standard errors: 0.03
+    assert fidelity.better(ma, mb) and not fidelity.better(mb, ma)
+
+
+def test_measures_without_a_sample_count_compare_by_the_headline():
+    a = {"agreement": 0.65, "kl": 0.3}
+    b = {"agreement": 0.62, "kl": 0.1}
+    assert fidelity.better(a, b)
+
+
+def test_describe_names_the_sample_count():
+    dense, a = _scores(26, flips=8, strength=3.0)
+    text = fidelity.describe(fidelity.compare([dense], [a]))
+    assert text.startswith("agreement 0.6923, kl ") and text.endswith("(of 26 samples)")
