@@ -159,6 +159,8 @@ def test_worse_recovery_writes_the_start_unchanged(models, calibration, tmp_path
     assert report.kept == rec.KEPT_START
     assert report.fidelity_after == report.fidelity_before
     assert out.read_bytes() == pruned.read_bytes()
+    # Every evaluation was worse, so the run ended in its start: said as such.
+    assert "no state of the run was more faithful than the start" in caplog.text
     assert "writing the pruned model unchanged" in caplog.text
 
 

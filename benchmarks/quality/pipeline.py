@@ -346,7 +346,7 @@ def main() -> int:
             continue
         results[name] = run_model(name, variants, not args.skip_recover, not args.skip_tp,
                                   args.recover_seconds)
-        print(f"plot: {plot(name, results[name], args.out.removeprefix('quality_pipeline'))}")
+    run_now = list(results)
     previous = RESULTS / f"{args.out}.json"
     if previous.exists() and not args.fresh:  # models not run now keep their earlier entries
         old = json.loads(previous.read_text())
@@ -359,6 +359,8 @@ def main() -> int:
         cost = cost if cost is not None else old.get("resnet50_cost")
     path = write_result(args.out, {"results": results, "resnet50_cost": cost})
     print(f"wrote {path}")
+    for name in run_now:  # each plot shows all of the model's rows, earlier ones included
+        print(f"plot: {plot(name, results[name], args.out.removeprefix('quality_pipeline'))}")
     return 0
 
 

@@ -182,8 +182,13 @@ def _write(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Model
     better = fidelity.better(after, before)
     with Staging(output) as stage:
         if not better:
-            log.warning("recover: held-out fidelity got worse (%s → %s); writing the pruned "
-                        "model unchanged", headline(before), headline(after))
+            if after == before:  # the run kept its start: no evaluation beat it
+                log.warning("recover: no state of the run was more faithful than the start on "
+                            "the held-out split (%s); writing the pruned model unchanged",
+                            fidelity.describe(before))
+            else:
+                log.warning("recover: held-out fidelity got worse (%s → %s); writing the "
+                            "pruned model unchanged", headline(before), headline(after))
             _write_start(pruned, pruned_source, stage.model_path)
         else:
             write_proto(trained, stage.model_path)
