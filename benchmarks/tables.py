@@ -222,9 +222,11 @@ PIPELINE_VARIANTS = {  # results key → row title, in table order
     "obspa-calib-uniform": "`obspa` calibration, uniform, no reconstruction",
     "post-obspa": "post-training `obspa` (sensitivity, reconstruction)",
     "post-l1": "post-training `l1`", "recover": "post-training `obspa` + `spa recover`",
+    "recover-long": "the same, longer: `spa recover --time-budget 1200`, 4096 lines",
     "tp-magnitude": "Torch-Pruning magnitude", "tp-recover": "Torch-Pruning + `spa recover`"}
 #: Which variant each target of ``pipeline.CUTS`` applies to.
-PIPELINE_TARGETS = {"post-obspa": "post", "recover": "recover", "data-free": "data-free",
+PIPELINE_TARGETS = {"post-obspa": "post", "recover": "recover", "recover-long": "recover",
+                    "data-free": "data-free",
                     "data-free-r0.1": "data-free-r0.1", "data-free-synthetic": "data-free",
                     "data-free-synthetic-r0.1": "data-free-r0.1"}
 

@@ -12,6 +12,8 @@ held-out evaluation data, which no calibration or recovery step sees. Variants:
 * ``post-obspa``: ``--criterion obspa --hessian calibration --calib C`` (sensitivity allocation
   and reconstruction, the defaults with ``--calib``); ``post-l1``: ``--criterion l1 --calib C``;
 * ``recover``: ``spa recover DENSE post-obspa -o OUT --calib C --time-budget S``;
+  ``recover-long`` (MiniLM): the same from a larger calibration set for longer
+  (:data:`LONG_RECOVERY`);
 * ``tp-magnitude``: Torch-Pruning's ``MagnitudeImportance`` on the PyTorch model at the same
   FLOPs (or the same heads/MLP ratios for MiniLM), exported to ONNX; ``tp-recover``: the same
   ``spa recover`` budget from it.
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import RESULTS, write_result
-from benchmarks.quality.real import BENCHES, CACHE, Bench
+from benchmarks.quality.real import BENCHES, CACHE, Bench, minilm_bench
 
 SPA = [sys.executable, "-m", "spa"]
 
@@ -64,6 +66,20 @@ CUTS: dict[str, Cut] = {
                          {"post": 0.99, "data-free": 0.90}),
 }
 RECOVERED_FROM = "post-obspa"
+
+
+@dataclass(frozen=True)
+class LongRecovery:
+    """``recover-long``: the same start recovered longer on a larger calibration set (SPA only;
+    the Torch-Pruning rows keep the ``recover`` budget). The issue sets no recovery time for
+    MiniLM, and there the budget, not the loop, is the limit."""
+
+    bench: Callable[[], Bench]
+    seconds: int
+
+
+LONG_RECOVERY: dict[str, LongRecovery] = {
+    "minilm": LongRecovery(lambda: minilm_bench(calib_lines=4096), 1200)}
 
 
 def prune_variants(bench: Bench, cut: Cut) -> dict[str, list[str]]:
@@ -174,6 +190,12 @@ def run_model(name: str, variants: set[str] | None, recover: bool, tp: bool,
     if recover and wanted("recover") and rows.get(RECOVERED_FROM, {}).get("exit_code") == 0:
         rows["recover"] = spa_recover(bench, pruned, "recover", seconds, workdir)
         _print(name, "recover", rows["recover"], bench.key)
+    long = LONG_RECOVERY.get(name)
+    if recover and long and wanted("recover-long") \
+            and rows.get(RECOVERED_FROM, {}).get("exit_code") == 0:
+        rows["recover-long"] = spa_recover(long.bench(), pruned, "recover-long", long.seconds,
+                                           workdir)
+        _print(name, "recover-long", rows["recover-long"], bench.key)
     if tp and wanted("tp-magnitude"):
         rows["tp-magnitude"] = tp_magnitude(bench, cut, workdir)
         _print(name, "tp-magnitude", rows["tp-magnitude"], bench.key)
@@ -282,7 +304,7 @@ FAMILY_COLOURS = {"dense": "black", "data": "tab:grey", "calib": "tab:blue",
 def _family(label: str) -> str:
     if label.startswith("tp-"):
         return "tp"
-    if label == "recover":
+    if label.startswith("recover"):
         return "recover"
     return "calib" if label.startswith(("post-", "obspa-")) else "data"
 
