@@ -48,7 +48,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -210,7 +210,7 @@ class Allocation:
                 log.warning("target %s reduction %.3f is out of reach; best is %.3f",
                             self.target.value, self.ratio, best[0])
             return None, best[1]
-        ratio, (_, keep) = _least_ratio(reduction, self.ratio, 0.99, best, 30)
+        ratio, (_, keep) = least_ratio(reduction, self.ratio, 0.99, best, 30)
         return ratio, keep
 
     def _to_steps(self, analysis, scores, cost, before, ratio: float
@@ -262,7 +262,7 @@ class Allocation:
         best = reduction(ratio)
         if not free:
             return best[1]
-        return _least_ratio(reduction, self.ratio, ratio, best, 20)[1][1]
+        return least_ratio(reduction, self.ratio, ratio, best, 20)[1][1]
 
     def _reduction(self, analysis, keep, scores, cost, before) -> float:
         """The share of the params, MACs or (predicted) latency that ``keep`` removes."""
@@ -394,12 +394,14 @@ class Allocation:
 
 
 Searched = tuple[float, dict[int, np.ndarray]]  # (reduction, kept channels)
+T = TypeVar("T")
 
 
-def _least_ratio(reduction: Callable[[float], Searched], target: float, hi: float,
-                 best: Searched, iterations: int) -> tuple[float, Searched]:
+def least_ratio(reduction: Callable[[float], tuple[float, T]], target: float, hi: float,
+                best: tuple[float, T], iterations: int) -> tuple[float, tuple[float, T]]:
     """Bisection on ``[0, hi]`` (``best``: what ``hi`` gives, which meets ``target``) for the
-    smallest ratio whose reduction meets ``target``: that ratio and what it gives."""
+    smallest ratio whose reduction meets ``target``: that ratio and what it gives, as
+    ``(reduction, result)``. Also the Torch-Pruning baseline's ratio search."""
     lo = 0.0
     for _ in range(iterations):
         mid = (lo + hi) / 2

@@ -368,6 +368,7 @@ def _recover(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spa.calibration import CalibrationOptions
+    from spa.fidelity import describe
     from spa.ir.save import check_output_path
     from spa.recovery import TORCH_MISSING, RecoverOptions
     from spa.report import write_text_atomic
@@ -392,16 +393,10 @@ def _recover(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
-        print(f"{report.measure} on held-out samples: {_measured(report.fidelity_before)} -> "
-              f"{_measured(report.fidelity_after)} (lr {report.lr:g}, {report.steps} steps)")
+        print(f"{report.measure} on held-out samples: {describe(report.fidelity_before)} -> "
+              f"{describe(report.fidelity_after)} (lr {report.lr:g}, {report.steps} steps)")
         print(f"wrote {report.output} ({report.kept})")
     return int(ExitCode.OK)
-
-
-def _measured(metrics: dict[str, float]) -> str:
-    from spa import fidelity
-
-    return fidelity.describe(metrics)
 
 
 if __name__ == "__main__":

@@ -187,12 +187,12 @@ def run_model(name: str, variants: set[str] | None, recover: bool, tp: bool,
             rows[label] = spa_prune(bench, label, args, workdir)
             _print(name, label, rows[label], bench.key)
     pruned = workdir / f"{RECOVERED_FROM}.onnx"
-    if recover and wanted("recover") and rows.get(RECOVERED_FROM, {}).get("exit_code") == 0:
+    started = recover and rows.get(RECOVERED_FROM, {}).get("exit_code") == 0
+    if started and wanted("recover"):
         rows["recover"] = spa_recover(bench, pruned, "recover", seconds, workdir)
         _print(name, "recover", rows["recover"], bench.key)
     long = LONG_RECOVERY.get(name)
-    if recover and long and wanted("recover-long") \
-            and rows.get(RECOVERED_FROM, {}).get("exit_code") == 0:
+    if started and long and wanted("recover-long"):
         rows["recover-long"] = spa_recover(long.bench(), pruned, "recover-long", long.seconds,
                                            workdir)
         _print(name, "recover-long", rows["recover-long"], bench.key)

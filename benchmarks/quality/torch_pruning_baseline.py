@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spa.passes.allocation import least_ratio
+
 
 def prune_to_flops(build: Callable[[], nn.Module], example: torch.Tensor, reduction: float,
                    ignore: Callable[[nn.Module], list[nn.Module]]) -> nn.Module:
@@ -25,22 +27,14 @@ def prune_to_flops(build: Callable[[], nn.Module], example: torch.Tensor, reduct
     dense = build()
     base, _ = tp_peer.count(dense, example)
 
-    def pruned(ratio: float) -> tuple[nn.Module, float]:
+    def pruned(ratio: float) -> tuple[float, nn.Module]:
         model = copy.deepcopy(dense)
         tp_peer.prune(model, example, ratio, tp_peer.TPRecipe(ignored=ignore(model)))
         macs, _ = tp_peer.count(model, example)
-        return model, base / macs
+        return base / macs, model
 
-    lo, hi = 0.0, 0.95
-    best = pruned(hi)
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        model, red = pruned(mid)
-        if red >= reduction:
-            hi, best = mid, (model, red)
-        else:
-            lo = mid
-    return best[0].eval()
+    _, (_, model) = least_ratio(pruned, reduction, 0.95, pruned(0.95), 14)
+    return model.eval()
 
 
 def export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
