@@ -16,7 +16,9 @@ were pruned) and pruning moved, evenly spread through the graph, the last one al
 Augmentation, on the training split only: images (4-D float inputs) get random resized crops
 (area 0.6–1), horizontal flips and mixup (``λ ~ Beta(0.4, 0.4)``); token inputs with an
 attention mask get token dropout (10% of the attended tokens other than the first and the last
-are masked out), and training batches of tokens are cut after their last attended column.
+are masked out), and training batches of tokens are cut after their last attended column, each
+made of samples of similar length (:class:`spa.torch.augment.Batches`). Every run (each
+learning-rate trial, the full run) draws the same batches and augmentation.
 AdamW, cosine decay to 0 over the budget (steps or seconds).
 
 The learning rate is chosen on the held-out split, which never trains: unless given, each of
@@ -51,7 +53,7 @@ from spa.calibration import Calibration
 from spa.errors import OptionError
 from spa.progress import progress
 from spa.recovery import RecoverOptions
-from spa.torch.augment import augment, input_kinds, trim_padding
+from spa.torch.augment import Batches, augment, input_kinds, trim_padding
 from spa.torch.interpreter import OnnxModule, from_onnx
 
 if TYPE_CHECKING:
@@ -143,10 +145,7 @@ class Distiller:
                               "processes")
         self.batch = min(max(options.batch_size, world.size), n)
         self.matched = self._matched()
-        # The batches are the same in every process (each takes its share); augmentation is
-        # drawn per process.
-        self.batches = np.random.default_rng([options.seed, 0xD1])
-        self.rng = np.random.default_rng([options.seed, 0xD2, world.rank])
+        self.batches, self.rng = self._draws()
         with torch.no_grad():
             self.held_teacher = self._outputs(self.teacher, self.held_data)
         self.scores = [fidelity.class_scores(o) for o in self.held_teacher]
@@ -177,6 +176,15 @@ class Distiller:
         if len(moved) <= MATCHED_MAX:
             return moved
         return [moved[int(i)] for i in np.linspace(0, len(moved) - 1, MATCHED_MAX).round()]
+
+    def _draws(self) -> tuple[Batches, np.random.Generator]:
+        """The batches and the augmentation draws of one run, the same for every run (the
+        learning-rate trials compare like with like). The batches are the same in every process
+        (each takes its share); augmentation is drawn per process."""
+        seed = self.options.seed
+        return (Batches(self.train_data, self.kinds, self.batch,
+                        np.random.default_rng([seed, 0xD1])),
+                np.random.default_rng([seed, 0xD2, self.world.rank]))
 
     def _outputs(self, module: OnnxModule, data: Batch) -> list[np.ndarray]:
         parts = []
@@ -217,6 +225,7 @@ class Distiller:
     def _run(self, lr: float, steps: int | None, seconds: float | None, desc: str, *,
              evaluate: bool) -> tuple[int, dict[str, float]]:
         self._load(self.start_state)
+        self.batches, self.rng = self._draws()
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.options.weight_decay)
         best, best_state, stale, next_eval = self.start_fidelity, self.start_state, 0, 1
@@ -253,7 +262,7 @@ class Distiller:
         return min(max(parts), 1.0)
 
     def _step(self, opt: torch.optim.Optimizer) -> float:
-        idx = self.batches.choice(len(self.train_data[0]), self.batch, replace=False)
+        idx = self.batches.next()
         mine = torch.from_numpy(np.sort(idx[self.world.rank::self.world.size]))
         batch = trim_padding([t[mine.to(t.device)] for t in self.train_data], self.kinds)
         batch = augment(batch, self.kinds, self.rng)
