@@ -296,6 +296,18 @@ def test_token_batches_group_samples_of_similar_length():
     assert all(np.array_equal(a, again.next()) for a in epoch)
 
 
+def test_normalised_squared_error_is_the_ratio_of_means():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 8, 5, 5, generator=g, requires_grad=True)
+    t = torch.randn(4, 8, 5, 5, generator=g)  # the teacher's value
+    loss = distill._nmse(s, t)
+    expected = ((s - t) ** 2).mean() / (t ** 2).mean()
+    assert abs(loss.item() - expected.item()) < 1e-6 * expected.item()
+    loss.backward()
+    grad = 2 * (s - t).detach() / s.numel() / (t.detach() ** 2).mean()
+    assert torch.allclose(s.grad, grad, rtol=1e-5, atol=1e-9)
+
+
 def test_image_augmentation_keeps_shape_and_layout():
     rng = np.random.default_rng(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
