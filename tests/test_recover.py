@@ -222,7 +222,6 @@ def test_a_larger_learning_rate_wins_with_half_the_best_trial_gain():
     assert distill.pick_lr({"relative_error": 0.4}, worse) == 1e-3
 
 
-
 def test_classifier_trials_are_weighed_by_kl_not_one_sample_flips():
     # 26 held-out images: one image is 0.038 of agreement, within sampling noise.
     start = {"agreement": 0.6538, "kl": 0.126, "samples": 26}
@@ -234,6 +233,7 @@ def test_classifier_trials_are_weighed_by_kl_not_one_sample_flips():
     big = {lr: {**m, "samples": 1000} for lr, m in trials.items()}
     assert distill.pick_lr({**start, "samples": 1000}, big) == 1e-3
 
+
 def test_token_dropout_spares_first_and_last_tokens():
     mask = torch.ones(64, 20, dtype=torch.int64)
     mask[:, 15:] = 0
@@ -244,17 +244,16 @@ def test_token_dropout_spares_first_and_last_tokens():
 
 
 def test_token_batches_are_cut_after_the_last_attended_column():
-    tokens = _token_inputs
     mask = torch.zeros(3, 10, dtype=torch.int64)
     mask[0, :4], mask[1, :6], mask[2, :2] = 1, 1, 1
     ids = torch.arange(30).reshape(3, 10)
-    kinds = augment.input_kinds(tokens("sequence"))
+    kinds = augment.input_kinds(_token_inputs("sequence"))
     assert kinds.mask == 1 and kinds.trimmed == (0, 1)
     cut_ids, cut_mask = augment.trim_padding([ids, mask], kinds)
     assert cut_ids.shape == cut_mask.shape == (3, 6)
     assert torch.equal(cut_ids, ids[:, :6]) and torch.equal(cut_mask, mask[:, :6])
     # A fixed sequence length is never cut; nor is a batch whose last column is attended.
-    fixed = augment.input_kinds(tokens(10))
+    fixed = augment.input_kinds(_token_inputs(10))
     assert fixed.mask == 1 and fixed.trimmed == ()
     assert augment.trim_padding([ids, mask], fixed)[0].shape == (3, 10)
     mask[2, 9] = 1

@@ -77,9 +77,7 @@ class Batches:
         self.n, self.size, self.rng = len(batch[0]), size, rng
         self.lengths = None
         if kinds.mask is not None and kinds.trimmed:
-            attended = (batch[kinds.mask] != 0).cpu().numpy()
-            self.lengths = np.where(attended.any(1),
-                                    attended.shape[1] - attended[:, ::-1].argmax(1), 0)
+            self.lengths = attended_lengths(batch[kinds.mask])
         self.pending: list[np.ndarray] = []
 
     def next(self) -> np.ndarray:
@@ -133,7 +131,13 @@ def drop_tokens(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     last attended one (SEP)."""
     attended = (mask != 0).cpu().numpy()
     positions = np.arange(mask.shape[1])
-    last = np.where(attended.any(1), mask.shape[1] - 1 - attended[:, ::-1].argmax(1), -1)
+    last = attended_lengths(mask) - 1  # -1: nothing attended
     special = (positions[None] == 0) | (positions[None] == last[:, None])
     drop = (rng.random(attended.shape) < TOKEN_DROPOUT) & attended & ~special
     return torch.where(torch.from_numpy(drop).to(mask.device), torch.zeros_like(mask), mask)
+
+
+def attended_lengths(mask: torch.Tensor) -> np.ndarray:
+    """Per sample, one past its last attended column (0 when it attends to nothing)."""
+    attended = (mask != 0).cpu().numpy()
+    return np.where(attended.any(1), attended.shape[1] - attended[:, ::-1].argmax(1), 0)
