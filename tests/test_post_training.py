@@ -166,7 +166,8 @@ def test_a_tiny_memory_budget_spills_to_disk_and_changes_nothing(cnn, tmp_path, 
 
 def test_reconstruction_that_hurts_held_out_fidelity_is_not_written(cnn, tmp_path, monkeypatch):
     """The guard: a refit that makes held-out fidelity worse is dropped (here a sabotaged
-    one), and the written model is the plain pruned one."""
+    one: the refitted classifier negated, so that it ranks the classes backwards), and the
+    written model is the plain pruned one."""
     from spa.passes import reconstruction
 
     src, calib = cnn
@@ -177,7 +178,8 @@ def test_reconstruction_that_hurts_held_out_fidelity_is_not_written(cnn, tmp_pat
 
     def sabotaged(self, dense, pruned, inputs):
         done = real_run(self, dense, pruned, inputs)
-        done.values.update({k: -7.0 * v for k, v in done.values.items()})
+        assert {"wf", "bf"} <= set(done.values)
+        done.values.update({k: -done.values[k] for k in ("wf", "bf")})
         return done
 
     monkeypatch.setattr(reconstruction.Reconstruction, "run", sabotaged)
@@ -465,3 +467,17 @@ sys.exit(cli.main(["prune", {str(src)!r}, "-o", {str(out)!r}, "-q", "--calib", {
     assert done.returncode == 143, done.stderr.decode()
     assert not [p for p in scratch.iterdir() if "spa" in p.name]  # the spill is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "cnn.onnx", "scratch"]
+
+
+def test_reconstruction_validates_on_contiguous_runs_of_an_eighth_of_the_samples():
+    from spa.passes.reconstruction import validation_samples
+
+    held = validation_samples(640)  # e.g. 40 photos x 16 views, in folder order
+    assert held.sum() == 80
+    starts = np.flatnonzero(np.diff(held.astype(int)) == 1) + 1
+    assert list(starts) == [280, 600] and held[280:320].all() and held[600:640].all()
+    views = held.reshape(40, 16)  # interleaved, every photo would be on both sides
+    assert set(np.flatnonzero(views.all(1))) == {18, 19, 38, 39}  # wholly held out
+    assert set(np.flatnonzero(views.any(1) & ~views.all(1))) == {17, 37}  # a run's edge
+    few = validation_samples(20)  # too few for runs: every 8th
+    assert list(np.flatnonzero(few)) == [7, 15]

