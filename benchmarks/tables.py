@@ -238,7 +238,9 @@ def _pipeline_row(title: str, v: dict, key: str, target: float | None) -> str:
     check = "" if target is None else f"≥ {target:g} {'✓' if v[key] >= target else '✗'}"
     rss = f"{v['peak_rss_bytes'] / 2**20:.0f} MiB" if v.get("peak_rss_bytes") else "–"
     cuts = [f"÷{v[k]:.2f}" if v.get(k) else "–" for k in ("flops_reduction", "params_reduction")]
-    return (f"| | {title} | {v[key]:.4f} | {check} | {cuts[0]} | {cuts[1]} | "
+    alone = v.get(f"{key}_sk5")  # EfficientNet-Lite0: the five scikit photos alone
+    also = "" if alone is None else f" (5 scikit photos: {alone:.4f})"
+    return (f"| | {title} | {v[key]:.4f}{also} | {check} | {cuts[0]} | {cuts[1]} | "
             f"{v['seconds']:.0f} s | {rss} |")
 
 
