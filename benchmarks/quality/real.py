@@ -219,46 +219,38 @@ def imagenet_view(path: Path, mean: Sequence[float], std: Sequence[float], resiz
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def effnet_bench(seed: int = 0, wide: bool = True) -> Bench:
-    """EfficientNet-Lite0 on photo views. ``wide``: calibrate on :data:`CALIB_PHOTOS` and
-    :data:`WIDE_CALIB_PHOTOS`, evaluate on :data:`EVAL_PHOTOS` and :data:`WIDE_EVAL_PHOTOS`
-    (the headline over all 15 evaluation photos, ``*_sk5`` over the first five alone);
-    otherwise the scikit-image/scikit-learn photos alone."""
+def effnet_bench(seed: int = 0) -> Bench:
+    """EfficientNet-Lite0 on photo views: calibrated on :data:`CALIB_PHOTOS` and
+    :data:`WIDE_CALIB_PHOTOS`, scored on :data:`EVAL_PHOTOS` and :data:`WIDE_EVAL_PHOTOS` (the
+    headline over all 15 evaluation photos, ``top1_agreement_sk5`` over the first five alone)."""
     from benchmarks.quality.evaluate import predict_logits, top1_agreement, topk_agreement
 
     dense = MODELS / "efficientnet_lite0.onnx"
-    calib_photos = {**CALIB_PHOTOS, **(WIDE_CALIB_PHOTOS if wide else {})}
-    tag = "wide_" if wide else ""
-    calib = _cached(CACHE / "effnet" / f"calib_views_{tag}{seed}",
+    calib_photos = CALIB_PHOTOS | WIDE_CALIB_PHOTOS
+    calib = _cached(CACHE / "effnet" / f"calib_views_wide_{seed}",
                     lambda p: write_views(p, calib_photos, seed))
-    evaluation = _cached(CACHE / "effnet" / f"eval_views_{seed}",
-                         lambda p: write_views(p, EVAL_PHOTOS, seed + 1))
-    files = sorted(evaluation.glob("*.png"))
-    eval_photos = dict(EVAL_PHOTOS)
-    if wide:
-        eval_photos |= WIDE_EVAL_PHOTOS
-        files += sorted(_cached(CACHE / "effnet" / f"eval_views_wide_{seed}",
-                                lambda p: write_views(p, WIDE_EVAL_PHOTOS, seed + 1)).glob("*.png"))
-    x = np.stack([imagenet_view(p, EFFNET_MEAN, EFFNET_STD) for p in files])
-    sk5 = np.array([p.parent == evaluation for p in files])
+    sk5, wide = (sorted(_cached(CACHE / "effnet" / f"eval_views_{tag}{seed}",
+                                lambda p, photos=photos: write_views(p, photos, seed + 1)
+                                ).glob("*.png"))
+                 for tag, photos in (("", EVAL_PHOTOS), ("wide_", WIDE_EVAL_PHOTOS)))
+    x = np.stack([imagenet_view(p, EFFNET_MEAN, EFFNET_STD) for p in sk5 + wide])
     ref = predict_logits(dense, x, batch_size=32)
+    first = slice(len(sk5))
 
     def metric(p: Path) -> dict:
         logits = predict_logits(p, x, batch_size=32)
-        out = {"top1_agreement": top1_agreement(ref, logits),
-               "top5_agreement": topk_agreement(ref, logits, k=5)}
-        if wide:
-            out["top1_agreement_sk5"] = top1_agreement(ref[sk5], logits[sk5])
-        return out
+        return {"top1_agreement": top1_agreement(ref, logits),
+                "top5_agreement": topk_agreement(ref, logits, k=5),
+                "top1_agreement_sk5": top1_agreement(ref[first], logits[first])}
 
     flags = ["--preprocess", "imagenet", "--image-size", "224", "--mean", "0.5,0.5,0.5",
              "--std", "0.5,0.5,0.5"]
     return Bench("effnet", dense, calib, metric, "top1_agreement", flags,
-                 notes={"calibration_photos": calib_photos, "evaluation_photos": eval_photos,
+                 notes={"calibration_photos": calib_photos,
+                        "evaluation_photos": EVAL_PHOTOS | WIDE_EVAL_PHOTOS,
                         "evaluation_views": len(x),
                         "top1_agreement_sk5": "top-1 agreement on the views of the five "
-                                              "scikit-image/scikit-learn evaluation photos alone"
-                                              if wide else None})
+                                              "scikit-image/scikit-learn evaluation photos alone"})
 
 
 # --- all-MiniLM-L6-v2 on fortunes -----------------------------------------------------------

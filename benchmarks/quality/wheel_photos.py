@@ -33,8 +33,9 @@ __all__ = ["IMAGENET", "SOURCES", "wheel_photo"]
 
 @dataclass(frozen=True)
 class Source:
-    """A photo file ``member`` inside the wheel of ``requirement`` (``raw``: bz2 raw bytes of
-    ``shape`` instead of an image file)."""
+    """A photo file ``member`` inside the wheel of ``requirement`` (``raw_shape``: bz2 raw bytes
+    of that shape instead of an image file; ``matplotlib``: under the installed package's data
+    path)."""
 
     requirement: str
     member: str
@@ -56,7 +57,7 @@ SOURCES: dict[str, Source] = {
     "department_store": Source("mahotas==1.4.19", "mahotas/demos/data/DepartmentStore.jpg"),
     "luispedro": Source("mahotas==1.4.19", "mahotas/demos/data/luispedro.jpg"),
     "raccoon": Source("scipy==1.9.3", "scipy/misc/face.dat", raw_shape=(768, 1024, 3)),
-    "grace_hopper": Source("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    "grace_hopper": Source("matplotlib", "sample_data/grace_hopper.jpg"),  # its data path
 }
 
 
@@ -80,7 +81,7 @@ def _read(source: Source) -> bytes:
     if source.requirement == "matplotlib":  # installed with the bench extra
         import matplotlib
 
-        return (Path(matplotlib.get_data_path()) / source.member.split("/", 1)[1]).read_bytes()
+        return (Path(matplotlib.get_data_path()) / source.member).read_bytes()
     with zipfile.ZipFile(_wheel(source.requirement)) as z:
         return z.read(source.member)
 
