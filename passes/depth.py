@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from spa import validate as val
+from spa.calibration import spread
 from spa.choices import DepthCriterion
 from spa.errors import OptionError
 from spa.metrics import CostModel
@@ -121,9 +122,7 @@ def cosines(original: onnx.ModelProto, blocks: tuple[Block, ...],
     model.graph.output.extend(onnx.helper.make_tensor_value_info(
         name, types.get(name, onnx.TensorProto.FLOAT), None) for name in sorted(outs - declared))
     sess = val.session(model, what="original model")
-    n = len(next(iter(inputs.values())))
-    got = val.run_chunked(sess, {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()},
-                          batch_limit(original, analysis))
+    got = val.run_chunked(sess, spread(inputs, samples), batch_limit(original, analysis))
     return [_cosine(got[b.stream], got[_output(model, b)]) for b in blocks]
 
 

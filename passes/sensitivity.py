@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from spa.calibration import spread
 from spa.coupling.analysis import GroupKind
 from spa.passes.segments import Frontiers, Runner, fixed_batch, node_inputs, with_types
 from spa.plan import GroupPlan, Plan
@@ -86,7 +87,7 @@ class Sensitivity:
         per_sample = sum(len(plans[g.id]) * suffix_macs[starts[g.id]] for g in groups)
         n = len(next(iter(inputs.values())))
         take = min(n, self.samples, max(MIN_SAMPLES, int(self.macs_budget // max(per_sample, 1))))
-        feeds = {k: np.asarray(v[:take]) for k, v in inputs.items()}
+        feeds = spread(inputs, take)
         curves: dict[int, Curve] = {}
         with Frontiers(FRONTIER_MEMORY) as fronts:
             reference = masked.reference(fronts, feeds)
@@ -248,11 +249,10 @@ def zeroed_damage(original: onnx.ModelProto, analysis: Analysis,
                   zero_sets: Sequence[Collection[str]], inputs: Mapping[str, np.ndarray], *,
                   samples: int = 32) -> list[float]:
     """The final-output damage of each set of float initializers zeroed whole (a residual
-    block's last layer: depth pruning), on the first ``samples`` of ``inputs``, one overridable
-    session for all sets."""
+    block's last layer: depth pruning), on ``samples`` of ``inputs`` spread over them, one
+    overridable session for all sets."""
     masked = _Masked(original, analysis, extra={n for z in zero_sets for n in z})
-    n = len(next(iter(inputs.values())))
-    feeds = {k: np.asarray(v[:min(n, samples)]) for k, v in inputs.items()}
+    feeds = spread(inputs, samples)
     chunk = batch_limit(original, analysis)
     reference = _outputs(masked.session, feeds, chunk=chunk)
     damage = []

@@ -437,6 +437,34 @@ def test_sensitivity_runs_each_group_from_its_first_consumer_as_the_whole_model_
     assert sensitivity.Sensitivity(macs_budget=1).run(analysis, model, scores, x).samples == 8
 
 
+def test_sensitivity_measures_samples_spread_over_the_set_not_its_first_run(cnn):
+    """Calibration data comes in runs of related samples (views of one photo, lines of one
+    document): the samples measured are spread over the whole set, not its first 32, which
+    here would all be views of the first photo."""
+    from spa.api import analyze
+    from spa.calibration import spread
+    from spa.passes.importance import get_criterion
+
+    src, calib = cnn
+    analysis, model = analyze(src), onnx.load(str(src))
+    scores = get_criterion("l1").run(analysis)
+    x = np.load(calib)["x"]
+    a, b = x[:1], x[1:2]
+    runs = np.concatenate([np.repeat(a, 48, 0), np.repeat(b, 48, 0)])  # two "photos" in order
+    picked = spread({"x": runs}, 32)["x"]
+    assert len(picked) == 32 and (picked == a).all(axis=(1, 2, 3)).sum() == 16
+    measured = Sensitivity().run(analysis, model, scores, {"x": runs})
+    balanced = Sensitivity().run(analysis, model, scores,
+                                 {"x": np.concatenate([np.repeat(a, 16, 0), np.repeat(b, 16, 0)])})
+    first_run = Sensitivity().run(analysis, model, scores, {"x": np.repeat(a, 32, 0)})
+    assert measured.samples == 32 and len(measured.curves) >= 2
+    for gid, curve in balanced.curves.items():
+        np.testing.assert_allclose(measured.curves[gid].damage, curve.damage, rtol=1e-5)
+    assert any(not np.allclose(first_run.curves[g].damage, c.damage, rtol=1e-2)
+               for g, c in balanced.curves.items())
+    assert len(spread({"x": runs}, 500)["x"]) == 96  # never more than there are
+
+
 def test_sigterm_mid_run_leaves_no_spill_and_no_output(cnn, tmp_path):
     """A run terminated while its activations are spilled (SIGTERM: a CI timeout, ``kill``)
     exits 143 and removes the spill directory; no output is written."""

@@ -225,6 +225,17 @@ def split(arrays: Mapping[str, np.ndarray], share: float, *, seed: int = 0
             {k: v[held_idx] for k, v in arrays.items()})
 
 
+def spread(arrays: Mapping[str, np.ndarray], count: int) -> Arrays:
+    """``count`` samples evenly spaced over the whole set (all of them when there are no more).
+    Calibration data comes in runs of related samples (views of one photo, lines of one
+    document): the first ``count`` would measure one photo."""
+    n = _count(arrays)
+    if count >= n:
+        return {k: np.asarray(v) for k, v in arrays.items()}
+    idx = np.unique(np.linspace(0, n - 1, max(count, 1)).round().astype(np.int64))
+    return {k: np.asarray(v[idx]) for k, v in arrays.items()}
+
+
 # Images -------------------------------------------------------------------------------------
 
 
@@ -245,4 +256,4 @@ from spa.calibration.text import embedding_rows, read_text  # noqa: E402
 
 __all__ = ["GROUP", "PRESETS", "Calibration", "CalibrationOptions", "InputSpec", "Preset",
            "embedding_rows", "fitted", "load", "read", "read_images", "read_npz", "read_text",
-           "split"]
+           "split", "spread"]
