@@ -140,6 +140,27 @@ class _Normalised(torch.nn.Module):
         return torch.nn.functional.normalize(self.net(x), dim=-1)
 
 
+def test_channels_last_training_layout_changes_no_value(models):
+    """Recovery trains convolutions in channels-last memory (faster on CPU): the module computes
+    the same outputs, and the written model holds the same bytes in ONNX's C order."""
+    from spa.torch.interpreter import from_onnx
+
+    pruned = onnx.load(str(models[1]))
+    x = torch.from_numpy(_samples(8)["x"])
+    plain = from_onnx(pruned).eval()
+    nhwc = distill._channels_last(from_onnx(pruned).eval())
+    convs = [p for p in nhwc.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last)
+                         and not p.is_contiguous() for p in convs)
+    (fed,) = distill._nhwc([x])
+    assert fed.is_contiguous(memory_format=torch.channels_last) and torch.equal(fed, x)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(fed), plain(x), rtol=1e-5, atol=1e-6)
+    written = rec.written_back(pruned, nhwc)
+    assert [i.SerializeToString() for i in written.graph.initializer] == \
+        [i.SerializeToString() for i in pruned.graph.initializer]
+
+
 def test_time_budget_bounds_the_run(models, calibration, tmp_path):
     """With --time-budget the trials and the run share the seconds; no step count is set."""
     dense, pruned = models

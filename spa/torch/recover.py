@@ -222,7 +222,8 @@ def written_back(pruned: onnx.ModelProto, student: OnnxModule) -> onnx.ModelProt
             array = value.detach().cpu().numpy()
             assert list(array.shape) == list(init.dims), init.name
             dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-            init.CopyFrom(numpy_helper.from_array(array.astype(dtype), init.name))
+            init.CopyFrom(numpy_helper.from_array(  # C order whatever the training layout
+                np.ascontiguousarray(array, dtype=dtype), init.name))
     return model
 
 
