@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -244,6 +245,20 @@ def _pipeline_row(title: str, v: dict, key: str, target: float | None) -> str:
             f"{v['seconds']:.0f} s | {rss} |")
 
 
+def _seed_rows(rows: dict, key: str, target: float | None) -> list[str]:
+    """The post-obspa row under other ``--seed`` values, and the median over all seeds."""
+    seeded = {int(label.rsplit("seed", 1)[1]): v for label, v in rows.items()
+              if label.startswith("post-obspa-seed")}
+    if not seeded or key not in rows.get("post-obspa", {}):
+        return []
+    out = [_pipeline_row(f"the same, `--seed {s}`", seeded[s], key, target) for s in sorted(seeded)]
+    values = [rows["post-obspa"][key], *(v[key] for v in seeded.values() if key in v)]
+    check = "" if target is None else \
+        f"≥ {target:g} {'✓' if statistics.median(values) >= target else '✗'}"
+    return [*out, f"| | median over seeds 0–{max(seeded)} | {statistics.median(values):.4f} "
+            f"(of {', '.join(f'{x:.4f}' for x in values)}) | {check} | | | | |"]
+
+
 def quality_pipeline(d: dict) -> str:
     """Each model's variants on held-out data: metric, target, reductions, wall time, RSS."""
     lines = [f"Pruned models that still do their job ({_load_note(d)}):", "",
@@ -258,6 +273,8 @@ def quality_pipeline(d: dict) -> str:
             if label in rows:
                 target = res["targets"].get(PIPELINE_TARGETS.get(label, ""))
                 lines.append(_pipeline_row(title, rows[label], key, target))
+            if label == "post-obspa":
+                lines.extend(_seed_rows(rows, key, res["targets"].get("post")))
     cost = d.get("resnet50_cost")
     if cost:
         ok = cost.get("exit_code") == 0
