@@ -324,8 +324,9 @@ def _forward(module: torch.nn.Module, batch: Batch, capture: list[str]
 
 def _channels_last(module: OnnxModule) -> OnnxModule:
     """4-D weights (convolutions) in channels-last memory, as :func:`_nhwc` lays out images:
-    PyTorch's CPU convolutions, depthwise ones above all, train about 1.7× faster so (an
-    EfficientNet-Lite0 step at batch 32: 3.0 → 1.8 s). Values and shapes are unchanged."""
+    PyTorch's CPU convolutions, depthwise ones above all, train faster so (an EfficientNet-Lite0
+    step at batch 32, teacher, student and backward: 4.6 → 3.3 s). Values and shapes are
+    unchanged."""
     with torch.no_grad():
         for p in itertools.chain(module.parameters(), module.buffers()):
             if p.dim() == 4:
