@@ -236,7 +236,7 @@ def _pipeline_row(title: str, v: dict, key: str, target: float | None) -> str:
     if "error" in v or key not in v:
         reason = (v.get("error") or "?").strip().splitlines()[-1:] or ["?"]
         return f"| | {title} | failed: {reason[0][:90]} | | | | | |"
-    check = "" if target is None else f"≥ {target:g} {'✓' if v[key] >= target else '✗'}"
+    check = _check(v[key], target)
     rss = f"{v['peak_rss_bytes'] / 2**20:.0f} MiB" if v.get("peak_rss_bytes") else "–"
     cuts = [f"÷{v[k]:.2f}" if v.get(k) else "–" for k in ("flops_reduction", "params_reduction")]
     alone = v.get(f"{key}_sk5")  # EfficientNet-Lite0: the five scikit photos alone
@@ -253,10 +253,14 @@ def _seed_rows(rows: dict, key: str, target: float | None) -> list[str]:
         return []
     out = [_pipeline_row(f"the same, `--seed {s}`", seeded[s], key, target) for s in sorted(seeded)]
     values = [rows["post-obspa"][key], *(v[key] for v in seeded.values() if key in v)]
-    check = "" if target is None else \
-        f"≥ {target:g} {'✓' if statistics.median(values) >= target else '✗'}"
-    return [*out, f"| | median over seeds 0–{max(seeded)} | {statistics.median(values):.4f} "
-            f"(of {', '.join(f'{x:.4f}' for x in values)}) | {check} | | | | |"]
+    median = statistics.median(values)
+    return [*out, f"| | median over seeds 0–{max(seeded)} | {median:.4f} "
+            f"(of {', '.join(f'{x:.4f}' for x in values)}) | {_check(median, target)} | | | | |"]
+
+
+def _check(value: float, target: float | None) -> str:
+    """The target cell: ``≥ target`` and whether ``value`` meets it (empty without a target)."""
+    return "" if target is None else f"≥ {target:g} {'✓' if value >= target else '✗'}"
 
 
 def quality_pipeline(d: dict) -> str:
