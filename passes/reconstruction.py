@@ -10,7 +10,8 @@ refitted — matches the *dense* model's output (on the dense inputs) at the cha
 
 Pulling towards ``W₀`` rather than zero keeps a layer whose rows say little where it was. λ is
 chosen per layer among a few multiples of ``mean diag(XᵀX)`` by the error on validation rows
-(an eighth of the calibration samples, never fitted; :func:`validation_samples`); the refit is
+(an eighth of the calibration samples in contiguous runs, never fitted;
+:func:`spa.calibration.validation_runs`); the refit is
 kept only if it beats ``W₀`` there.
 Convolutions are fitted on im2col rows at sampled output positions (per group for grouped and
 depthwise convs), matmuls on sampled token rows.
@@ -35,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from spa.calibration import validation_runs
 from spa.passes.segments import Frontiers, Runner, fixed_batch, producer_index, with_types
 from spa.progress import progress
 
@@ -46,8 +48,6 @@ CORRECT_RESIDUAL = True
 #: ``at(y, kept)``: a layer's sampled target rows taken from an output-shaped tensor, at the
 #: output channels ``kept`` (None: all).
 Rows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
-VALIDATION_EVERY = 8  # an eighth of the samples judge λ and the refit, never fit
-VALIDATION_BLOCKS = 2  # ... in this many contiguous runs (validation_samples)
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Reconstruction:
         total = sum(len(c[layer.data]) for c in p_runner.chunk_values(layer.data))
         per_sample = max(1, math.ceil(self.rows / max(total, 1)))
         fit, val = _Normal(design, b0 is not None), _Normal(design, b0 is not None)
-        is_sample_val = validation_samples(total)
+        is_sample_val = validation_runs(total)
         sample = 0
         for c, (x_chunk, y_chunk) in enumerate(zip(p_runner.chunk_values(layer.data),
                                                    d_runner.chunk_values(layer.output))):
@@ -221,25 +221,6 @@ class Reconstruction:
             return ys
         lost, gained = at(r_dense, kept), at(r_pruned, None)
         return ys + (lost - gained) if lost.shape == gained.shape == ys.shape else ys
-
-
-def validation_samples(n: int) -> np.ndarray:
-    """Which of ``n`` calibration samples (in the order given) judge λ: an eighth of them, as
-    :data:`VALIDATION_BLOCKS` contiguous runs (the last sixteenth of each half), or every 8th
-    when there are too few samples for runs.
-
-    Runs, not every 8th sample: calibration data often comes in runs of related samples (views
-    of one photo, frames of one clip, lines of one document), and rows interleaved with the
-    fitted ones then share their photo, so validation cannot see a refit that learns the
-    photos. Measured on EfficientNet-Lite0 calibrated on views of 28 photos (24 each, folder
-    order) at a 1.5x FLOPs cut: every 8th sample, held-out top-1 agreement on 15 other photos
-    0.511 (48 layers refitted); runs, 0.572 (37 refitted); no reconstruction, 0.550. On
-    MiniLM (fortunes lines) the two agree (cosine 0.9164 and 0.9159)."""
-    parts = VALIDATION_EVERY * VALIDATION_BLOCKS
-    index = np.arange(n)
-    if n < 2 * parts:
-        return index % VALIDATION_EVERY == VALIDATION_EVERY - 1
-    return index * parts // n % VALIDATION_EVERY == VALIDATION_EVERY - 1
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:

@@ -45,7 +45,7 @@ class RecoverOptions:
                                        "number of steps (the learning-rate trials included)")
     lr: float | None = option(None, parse=_positive_float, metavar="LR", group=GROUP,
                               help="learning rate (default: the best of 1e-5..1e-3 in short "
-                              "trials, judged on the held-out split)")
+                              "trials, judged on validation runs of the training samples)")
     batch_size: int = option(32, parse=positive, metavar="N", group=GROUP,
                              help="samples per step, over all processes (capped by the "
                              "training samples)")

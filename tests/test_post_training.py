@@ -498,14 +498,14 @@ sys.exit(cli.main(["prune", {str(src)!r}, "-o", {str(out)!r}, "-q", "--calib", {
 
 
 def test_reconstruction_validates_on_contiguous_runs_of_an_eighth_of_the_samples():
-    from spa.passes.reconstruction import validation_samples
+    from spa.calibration import validation_runs
 
-    held = validation_samples(640)  # e.g. 40 photos x 16 views, in folder order
+    held = validation_runs(640)  # e.g. 40 photos x 16 views, in folder order
     assert held.sum() == 80
     starts = np.flatnonzero(np.diff(held.astype(int)) == 1) + 1
     assert list(starts) == [280, 600] and held[280:320].all() and held[600:640].all()
     views = held.reshape(40, 16)  # interleaved, every photo would be on both sides
     assert set(np.flatnonzero(views.all(1))) == {18, 19, 38, 39}  # wholly held out
     assert set(np.flatnonzero(views.any(1) & ~views.all(1))) == {17, 37}  # a run's edge
-    few = validation_samples(20)  # too few for runs: every 8th
+    few = validation_runs(20)  # too few for runs: every 8th
     assert list(np.flatnonzero(few)) == [7, 15]

@@ -95,6 +95,24 @@ def test_recovery_lowers_held_out_error(models, calibration, tmp_path):
     assert 0 < report.steps <= 50 and _leftovers(tmp_path) == []
 
 
+def test_recovery_is_judged_on_runs_of_the_training_samples_not_the_held_out_split():
+    """The learning rate and early stopping are judged on two contiguous runs of the training
+    samples (views of one photo come in runs; a random pick would share their photos), which
+    never train; the held-out split stays out of both. Under 8 training samples the held-out
+    split judges."""
+    ids = np.arange(200, dtype=np.float32)
+    train, held = split({"x": ids}, 0.2, seed=0)
+    fit, judge = distill.judged(Calibration(train, held, "npz", "memory"))
+    assert len(judge["x"]) == 20 and len(fit["x"]) == 140
+    assert sorted([*fit["x"], *judge["x"]]) == sorted(train["x"])  # disjoint, complete
+    position = np.flatnonzero(np.isin(train["x"], judge["x"]))
+    assert list(position) == [*range(70, 80), *range(150, 160)]  # the last 16th of each half
+    assert not set(judge["x"]) & set(held["x"])
+    few = Calibration({"x": ids[:6]}, {"x": ids[6:8]}, "npz", "memory")
+    fit, judge = distill.judged(few)
+    assert list(fit["x"]) == list(ids[:6]) and list(judge["x"]) == [6, 7]
+
+
 def test_shared_activations_are_matched_and_embeddings_recover(tmp_path):
     """A residual MLP with an L2-normalised embedding: pruning the inner widths leaves the
     residual stream, which the student is pulled towards; the output is not class scores."""

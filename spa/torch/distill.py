@@ -21,11 +21,13 @@ made of samples of similar length (:class:`spa.torch.augment.Batches`). Every ru
 learning-rate trial, the full run) draws the same batches and augmentation.
 AdamW, cosine decay to 0 over the budget (steps or seconds).
 
-The learning rate is chosen on the held-out split, which never trains: unless given, each of
-:data:`LR_TRIALS` trains a short trial from the same start and the most faithful one (spa/
-fidelity.py), or a larger one that gained at least half as much over the start
-(:func:`pick_lr`), trains the full budget; held-out fidelity is measured every tenth of it and the
-best state is kept (early stopping after 3 evaluations without improvement).
+The learning rate is chosen on validation runs of the training samples (:func:`judged`), which
+never train: unless given, each of :data:`LR_TRIALS` trains a short trial from the same start and
+the most faithful one (spa/fidelity.py), or a larger one that gained at least half as much over
+the start (:func:`pick_lr`), trains the full budget; fidelity on the validation runs is measured
+every tenth of it and the best state is kept (early stopping after 3 evaluations without
+improvement). The held-out split only measures the result (:mod:`spa.torch.recover` keeps the
+start when it is not more faithful there).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the student is wrapped in DistributedDataParallel, each
 process takes its share of every batch and process 0 makes every decision. Reading and writing
@@ -49,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from spa import fidelity
-from spa.calibration import Calibration
+from spa.calibration import Arrays, Calibration, validation_runs
 from spa.errors import OptionError
 from spa.progress import progress
 from spa.recovery import RecoverOptions
@@ -133,7 +135,9 @@ class Distiller:
                 raise OptionError(f"input '{i.name}' has a fixed batch size {batch}; spa "
                                   "recover needs a symbolic batch axis (re-export the model "
                                   "with a dynamic batch)")
-        self.train_data = _tensors(calibration.train, inputs, "training", world.device)
+        train, judge = judged(calibration)
+        self.train_data = _tensors(train, inputs, "training", world.device)
+        self.judge_data = _tensors(judge, inputs, "validation", world.device)
         self.held_data = _tensors(calibration.held_out, inputs, "held-out", world.device)
         self.kinds = input_kinds(inputs)
         self.student = _channels_last(from_onnx(pruned).to(world.device))
@@ -148,9 +152,11 @@ class Distiller:
         self.matched = self._matched()
         self.batches, self.rng = self._draws()
         with torch.no_grad():
+            self.judge_teacher = self._outputs(self.teacher, self.judge_data)
             self.held_teacher = self._outputs(self.teacher, self.held_data)
         self.scores = [fidelity.class_scores(o) for o in self.held_teacher]
         self.start_fidelity = self.evaluate()
+        self.start_held_out = self.held_out_fidelity()
         self.model: torch.nn.Module = self.student
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -195,20 +201,27 @@ class Distiller:
         return [np.concatenate(p) for p in zip(*parts)]
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out fidelity of the student against the teacher (process 0's, everywhere)."""
+        """The student's fidelity to the teacher on the validation samples, which judge the
+        learning rate and early stopping (process 0's, everywhere)."""
+        return self._fidelity(self.judge_teacher, self.judge_data)
+
+    def held_out_fidelity(self) -> dict[str, float]:
+        """The student's fidelity to the teacher on the held-out split, which only measures."""
+        return self._fidelity(self.held_teacher, self.held_data)
+
+    def _fidelity(self, teacher: list[np.ndarray], data: Batch) -> dict[str, float]:
         metrics = None
         if self.world.rank == 0:
             self.student.eval()
             with torch.no_grad():
-                metrics = fidelity.compare(
-                    self.held_teacher, self._outputs(self.student, self.held_data))
+                metrics = fidelity.compare(teacher, self._outputs(self.student, data))
             self.student.train()
         return self.world.decide(metrics)
 
     def choose_lr(self, steps: int | None, seconds: float | None
                   ) -> tuple[float, dict[float, dict[str, float]]]:
         """Each of :data:`LR_TRIALS` trains a short trial from the start; the most faithful
-        on the held-out split wins (process 0's choice, everywhere)."""
+        on the validation runs wins (process 0's choice, everywhere)."""
         trial_steps = TRIAL_STEPS if steps is None else max(1, min(TRIAL_STEPS, steps // 5))
         trial_seconds = None if seconds is None else seconds / (4 * len(LR_TRIALS))
         results: dict[float, dict[str, float]] = {}
@@ -286,6 +299,25 @@ class Distiller:
         with torch.no_grad():
             for k, p in self.student.params.items():
                 p.copy_(state[k])
+
+
+def judged(calibration: Calibration) -> tuple[Arrays, Arrays]:
+    """(training, validation) samples: the validation runs of the training split
+    (:func:`spa.calibration.validation_runs`), which never train; the held-out split judges
+    instead when the training split is too small to give up runs (under 8 samples).
+
+    Not the held-out split: it is a seeded random share of the samples, so with data in runs
+    (views of one photo, lines of one document) its samples share their photo with training
+    samples, and it rewards a run that learns the calibration photos. Measured on
+    EfficientNet-Lite0 at a 1.5x FLOPs cut, calibrated on views of 28 photos: judged on the
+    held-out split, recovery chose 1e-5 and trained 67 steps, held-out agreement 0.806 → 0.851
+    but top-1 agreement on 15 other photos 0.542 → 0.511; judged on runs, it kept its start."""
+    n = len(next(iter(calibration.train.values())))
+    runs = validation_runs(n)
+    if not runs.any():
+        return dict(calibration.train), dict(calibration.held_out)
+    return ({k: v[~runs] for k, v in calibration.train.items()},
+            {k: v[runs] for k, v in calibration.train.items()})
 
 
 def pick_lr(start: dict[str, float], results: dict[float, dict[str, float]]) -> float:

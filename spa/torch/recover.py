@@ -153,9 +153,10 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
         lr, trials = options.lr, dict[float, dict[str, float]]()
     else:
         lr, trials = distiller.choose_lr(steps, seconds)
-        log.info("recover: learning rate %g chosen on the held-out split", lr)
+        log.info("recover: learning rate %g chosen on the validation runs", lr)
     remaining = None if seconds is None else max(seconds - (time.monotonic() - start_time), 0)
-    steps_run, torch_after = distiller.train(lr, steps, remaining)
+    steps_run, _ = distiller.train(lr, steps, remaining)
+    torch_after = distiller.held_out_fidelity()  # every process (a collective under torchrun)
     report = None
     if world.rank == 0:
         report = _write(dense, pruned, pruned_source, distiller, output, calibration,
@@ -178,13 +179,14 @@ def _write(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Model
         before = fidelity.measure(dense, pruned, calibration.held_out)
         after = fidelity.measure(dense, trained, calibration.held_out)
     else:
-        before, after = distiller.start_fidelity, torch_after
+        before, after = distiller.start_held_out, torch_after
     better = fidelity.better(after, before)
     with Staging(output) as stage:
         if not better:
             if after == before:  # the run kept its start: no evaluation beat it
                 log.warning("recover: no state of the run was more faithful than the start on "
-                            "the held-out split (%s); writing the pruned model unchanged",
+                            "the validation runs (held-out %s); writing the pruned model "
+                            "unchanged",
                             fidelity.describe(before))
             else:
                 log.warning("recover: held-out fidelity got worse (%s → %s); writing the "
