@@ -65,18 +65,20 @@ def median_seconds(fn: Callable[[], object], runs: int) -> tuple[float, list[flo
 
 def side_by_side_latency(paths: dict[str, Path], *, threads: int, rounds: int = 7,
                          runs_per_round: int = 10,
-                         clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                         clock: Callable[[], float] = time.perf_counter,
+                         dims: dict[str, int] | None = None) -> dict[str, float]:
     """Median latency (ms) of each model, measured in interleaved rounds so that machine noise
     hits all of them alike.
 
     ``clock=time.thread_time`` with ``threads=1`` measures the CPU time of the calling thread,
     which runs the whole model when onnxruntime has one intra-op thread: time the thread spends
-    preempted by other processes is not counted, so the figure holds on a loaded machine."""
+    preempted by other processes is not counted, so the figure holds on a loaded machine.
+    ``dims`` sizes the inputs' symbolic dims (:func:`spa.validate.random_inputs`; else 1)."""
     from spa import validate as val
 
     # No spinning: an idle session's spinning workers would slow the next one down.
     sessions = {k: val.session(p, threads=threads, spin=False) for k, p in paths.items()}
-    feeds = val.random_inputs(next(iter(sessions.values())))
+    feeds = val.random_inputs(next(iter(sessions.values())), dims=dims)
     for s in sessions.values():
         for _ in range(3):
             s.run(None, feeds)

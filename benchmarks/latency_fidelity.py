@@ -1,4 +1,4 @@
-"""Against Torch-Pruning at equal measured latency: EfficientNet-Lite0 with real weights.
+"""Against Torch-Pruning at equal measured latency: EfficientNet-Lite0 and MiniLM, real weights.
 
 SPA ``--target latency --ratio 1 − 1/s --round-to auto --calib C`` (L1; sensitivity allocation
 and reconstruction, the defaults with ``--calib``; the calibration views of
@@ -14,7 +14,14 @@ this network slower than dense on onnxruntime's blocked kernels), and with its `
 set to the kernel block (``tp_rounded_*``), so that it has points at SPA's latencies; its
 fidelity at a latency is the better of the two series there.
 
-    python -m benchmarks.latency_fidelity [--rounds 7]
+all-MiniLM-L6-v2 (``--model minilm``, real weights, written to ``latency_fidelity_minilm.json``)
+the same way: SPA's runs with the quality pipeline's fortune calibration sentences, and
+Torch-Pruning's magnitude pruning of whole heads and MLP neurons, hidden size kept
+(:mod:`benchmarks.quality.tp_minilm`), at the ratios :data:`MINILM_TP_RATIOS`; scored by the
+cosine of sentence embeddings with the dense model's on the evaluation sentences, and timed on
+one sequence of :data:`MINILM_TOKENS` tokens.
+
+    python -m benchmarks.latency_fidelity [--model effnet|minilm] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -22,14 +29,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import onnx_counts, side_by_side_latency, write_result
+from benchmarks.quality.real import Bench, effnet_bench, minilm_bench
 
 SPEEDUPS = (1.5, 2.0)
 TP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+MINILM_TP_RATIOS = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8)
+MINILM_TOKENS = 128  # timed on one sequence of this many tokens (the calibration's max length)
 #: SPA's runs at each ratio (all with --calib): the latency target, the FLOPs target, and the
 #: same channel ratio in every group.
 VARIANTS = {"latency": ["--target", "latency"], "flops": ["--target", "flops"],
@@ -59,17 +71,60 @@ def at_latency(points: list[tuple[float, float]], ms: float) -> float | None:
     return float(np.interp(ms, xs, ys))
 
 
-def main() -> None:
-    from benchmarks.quality.pipeline import spa_prune
-    from benchmarks.quality.real import effnet_bench
+def _effnet_tp(workdir: Path) -> Iterator[tuple[str, Path, dict]]:
+    """Torch-Pruning's EfficientNet-Lite0 outputs: exact counts, then rounded to the block."""
     from spa.passes.latency import kernel_block
 
+    for r, round_to in [(r, b) for b in (None, kernel_block()) for r in TP_RATIOS]:
+        label = f"tp_rounded_{r}" if round_to else f"torch_pruning_{r}"
+        yield label, _torch_pruning(r, workdir / f"{label}.onnx", round_to), {
+            "ratio": r, "round_to": round_to}
+
+
+def _minilm_tp(workdir: Path) -> Iterator[tuple[str, Path, dict]]:
+    """Torch-Pruning's MiniLM outputs: a share of the heads and MLP neurons of every layer."""
+    from benchmarks.quality.tp_minilm import prune_minilm
+
+    for r in MINILM_TP_RATIOS:
+        label = f"torch_pruning_{r}"
+        yield label, prune_minilm(r, workdir / f"{label}.onnx"), {"ratio": r}
+
+
+@dataclass(frozen=True)
+class Model:
+    """One benchmarked model: its quality bench, what it is called, SPA's extra flags, its
+    Torch-Pruning outputs, the dims it is timed at and where the result goes."""
+
+    bench: Callable[[], Bench]
+    title: str
+    flags: tuple[str, ...]
+    torch_pruning: Callable[[Path], Iterator[tuple[str, Path, dict]]]
+    dims: dict[str, int]
+    result: str
+
+
+MODELS = {
+    "effnet": Model(effnet_bench, "EfficientNet-Lite0 (timm, ImageNet weights), 224 px", (),
+                    _effnet_tp, {}, "latency_fidelity"),
+    "minilm": Model(minilm_bench, f"all-MiniLM-L6-v2 (sentence embeddings), 1 x "
+                    f"{MINILM_TOKENS} tokens",
+                    ("--input-dim", "batch=1", "--input-dim", f"sequence={MINILM_TOKENS}"),
+                    _minilm_tp, {"batch": 1, "sequence": MINILM_TOKENS},
+                    "latency_fidelity_minilm"),
+}
+
+
+def main() -> None:
+    from benchmarks.quality.pipeline import spa_prune
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="effnet")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    model = MODELS[args.model]
     workdir = Path(tempfile.mkdtemp(prefix="spa-latency-fidelity-"))
-    bench = effnet_bench()
-    calib = ["--calib", str(bench.calib), *bench.calib_flags]
+    bench = model.bench()
+    calib = ["--calib", str(bench.calib), *bench.calib_flags, *model.flags]
     dense_flops = onnx_counts(bench.dense)["flops"]
     rows: dict[str, dict] = {}
     paths = {"dense": bench.dense}
@@ -79,30 +134,36 @@ def main() -> None:
             rows[label] = spa_prune(bench, label, [
                 *flags, "--ratio", f"{1 - 1 / s:.6f}",
                 *calib], workdir) | {"requested_x": s}
-            paths[label] = Path(rows[label]["output"])
+            if rows[label]["exit_code"] == 0:
+                paths[label] = Path(rows[label]["output"])
             print(label, rows[label].get(bench.key), flush=True)
-    for r, round_to in [(r, b) for b in (None, kernel_block()) for r in TP_RATIOS]:
-        label = f"tp_rounded_{r}" if round_to else f"torch_pruning_{r}"
-        paths[label] = _torch_pruning(r, workdir / f"{label}.onnx", round_to)
-        flops = onnx_counts(paths[label])["flops"]
-        rows[label] = {"ratio": r, "round_to": round_to, "flops_reduction": dense_flops / flops,
-                       **bench.metric(paths[label]), "output": str(paths[label])}
+    for label, path, about in model.torch_pruning(workdir):
+        paths[label] = path
+        flops = onnx_counts(path)["flops"]
+        rows[label] = {**about, "flops_reduction": dense_flops / flops, **bench.metric(path),
+                       "output": str(path)}
         print(label, rows[label][bench.key], flush=True)
-    lat = side_by_side_latency(paths, threads=1, rounds=args.rounds, clock=time.thread_time)
+    lat = side_by_side_latency(paths, threads=1, rounds=args.rounds, clock=time.thread_time,
+                               dims=model.dims)
     for label, row in rows.items():
-        row["latency_ms"] = lat[label]
-        row["speedup_x"] = lat["dense"] / lat[label]
+        if label in lat:
+            row["latency_ms"] = lat[label]
+            row["speedup_x"] = lat["dense"] / lat[label]
     series = [[(row["latency_ms"], row[bench.key]) for label, row in rows.items()
-               if label.startswith(prefix)] for prefix in ("torch_pruning_", "tp_rounded_")]
+               if label.startswith(prefix) and "latency_ms" in row]
+              for prefix in ("torch_pruning_", "tp_rounded_")]
     for s in SPEEDUPS:
         for kind in VARIANTS:
             row = rows[f"spa_{kind}_{s}x"]
-            found = [v for tp in series if (v := at_latency(tp, row["latency_ms"])) is not None]
+            if "latency_ms" not in row:
+                continue
+            found = [v for tp in series if tp
+                     and (v := at_latency(tp, row["latency_ms"])) is not None]
             row["torch_pruning_at_same_latency"] = max(found, default=None)
-    body = {"model": "EfficientNet-Lite0 (timm, ImageNet weights), 224 px",
-            "metric": bench.key, "threads": 1, "dense_latency_ms": lat["dense"],
-            "notes": bench.notes, "results": rows}
-    path = write_result("latency_fidelity", body)
+    body = {"model": model.title, "metric": bench.key, "threads": 1,
+            "dims": model.dims, "dense_latency_ms": lat["dense"], "notes": bench.notes,
+            "results": rows}
+    path = write_result(model.result, body)
     print(f"wrote {path}")
 
 

@@ -2,7 +2,7 @@
 fidelity (real weights), for SPA (uniform channel ratio, FLOPs target, latency target) and
 Torch-Pruning, one file per model: ``results/latency_target_<model>.png``.
 
-Reads ``results/latency_target.json`` and ``results/latency_fidelity.json``; measures nothing.
+Reads ``results/latency_target.json`` and ``results/latency_fidelity*.json``; measures nothing.
 
     python -m benchmarks.latency_plots
 """
@@ -54,8 +54,9 @@ def random_weights(d: dict) -> None:
         _save(fig, ax, key)
 
 
-def real_weights(d: dict) -> None:
-    """Latency against held-out top-1 agreement, ``latency_fidelity.json``."""
+def real_weights(d: dict, name: str = "efficientnet_lite0_real") -> None:
+    """Latency against held-out fidelity (top-1 agreement, or embedding cosine),
+    ``latency_fidelity*.json``."""
     fig, ax = _axes(d["model"], f"held-out {d['metric'].replace('_', ' ')} with dense")
     ax.scatter([1.0], [d["dense_latency_ms"]], c="k", marker="*", s=80, label="dense")
     for label, prefix in SERIES.items():
@@ -63,11 +64,13 @@ def real_weights(d: dict) -> None:
                      if name.removeprefix("spa_").startswith(prefix))
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
-    _save(fig, ax, "efficientnet_lite0_real")
+    _save(fig, ax, name)
 
 
 def main() -> None:
-    for name, plot in (("latency_target", random_weights), ("latency_fidelity", real_weights)):
+    plots = (("latency_target", random_weights), ("latency_fidelity", real_weights),
+             ("latency_fidelity_minilm", lambda d: real_weights(d, "minilm_real")))
+    for name, plot in plots:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             plot(json.loads(path.read_text()))

@@ -379,6 +379,7 @@ def latency_fidelity(d: dict) -> str:
 RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
           "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline,
           "latency_target": latency_target, "latency_fidelity": latency_fidelity,
+          "latency_fidelity_minilm": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder}
 
 

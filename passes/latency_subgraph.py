@@ -74,12 +74,12 @@ def group_nodes(graph: onnx.GraphProto, group: Group) -> tuple[frozenset[str], s
     inits = {i.name for i in graph.initializer}
     made = {o for n in chosen.values() for o in n.output}
     for t in (t for n in chosen.values() for t in n.input if t):
-        if t not in made and t not in inits and not _static_shape(infos.get(t)):
+        if t not in made and t not in inits and not static_shape(infos.get(t)):
             return frozenset(), f"shape inference gives no fixed shape to {t}"
     return frozenset(chosen), ""
 
 
-def _static_shape(info: onnx.ValueInfoProto | None) -> bool:
+def static_shape(info: onnx.ValueInfoProto | None) -> bool:
     if info is None or not info.type.tensor_type.HasField("shape"):
         return False
     return all(d.HasField("dim_value") for d in info.type.tensor_type.shape.dim)

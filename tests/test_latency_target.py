@@ -380,3 +380,29 @@ def test_report_latency_uses_the_given_clock() -> None:
     assert latency_ms(Session(), {}, runs=5, warmup=1, clock=lambda: next(ticks)) == \
         pytest.approx(2.0)
     assert Session.runs == 6
+
+
+def test_values_shape_inference_leaves_unsized_are_sized_by_a_run(tmp_path: Path) -> None:
+    """Shape inference stops short on some exports (all-MiniLM-L6-v2's dynamo export: no
+    LayerNorm output had a shape, so no group was timed and ``--target latency`` pruned
+    nothing); one onnxruntime run sizes what it left, and the group can be timed."""
+    from spa.ir.save import infer_shapes
+    from spa.passes.latency_subgraph import group_nodes
+
+    shaped = infer_shapes(_convs())
+    for v in shaped.graph.value_info:  # as if inference had stopped at relu1
+        if v.name in ("r1", "c2"):
+            v.CopyFrom(helper.make_tensor_value_info(v.name, TensorProto.FLOAT,
+                                                     ["a", 16, "b", "c"]))
+    profile = LatencyProfile(reanalyse=analyse, block=4, runs=3)
+    path = tmp_path / "m.onnx"
+    onnx.save(_convs(), path)
+    second = next(g for g in analyze(str(path)).prunable_groups
+                  if any(m.space[0] == "c2" for m in g.members))
+    assert "no fixed shape to r1" in group_nodes(shaped.graph, second)[1]
+    sized = profile._sized(shaped)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in sized.graph.value_info}
+    assert shapes["r1"] == shapes["c2"] == [1, 16, 16, 16]
+    assert group_nodes(sized.graph, second)[1] == ""
+    assert profile._sized(sized) is sized  # nothing left to size: no run
