@@ -143,16 +143,16 @@ class LatencyProfile:
         exports: on all-MiniLM-L6-v2's dynamo export no LayerNorm output has a shape, and
         without this no group of it could be timed (``--target latency`` pruned nothing)."""
         graph = model.graph
-        infos = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
+        infos = {v.name: v for v in (*graph.input, *graph.value_info)}
+        declared = {v.name for v in graph.output}  # their shapes are the model's contract
         missing = [o for n in graph.node for o in n.output
-                   if o and not static_shape(infos.get(o))
+                   if o and o not in declared and not static_shape(infos.get(o))
                    and infos.get(o, onnx.ValueInfoProto()).type.tensor_type.elem_type]
         if not missing:
             return model
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
-        probe.graph.output.extend(infos[o] for o in missing if o not in
-                                  {v.name for v in graph.output})
+        probe.graph.output.extend(infos[o] for o in missing)
         sess = self._session(probe.SerializeToString())
         values = dict(zip(missing, sess.run(missing, val.random_inputs(sess))))
         out = onnx.ModelProto()
@@ -163,7 +163,7 @@ class LatencyProfile:
         out.graph.value_info.extend(
             onnx.helper.make_tensor_value_info(name, infos[name].type.tensor_type.elem_type,
                                                list(value.shape))
-            for name, value in values.items() if name not in {v.name for v in graph.output})
+            for name, value in values.items())
         return out
 
     def _build(self, analysis: Analysis, key: str) -> LatencyTable:

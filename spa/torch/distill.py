@@ -163,7 +163,6 @@ class Distiller:
             self.held_teacher = self._outputs(self.teacher, self.held_data)
         self.scores = [fidelity.class_scores(o) for o in self.held_teacher]
         self.start_fidelity = self.evaluate()
-        self.start_held_out = self.held_out_fidelity()
         self.model: torch.nn.Module = self.student
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel

@@ -148,6 +148,9 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
     start_time = time.monotonic()
     torch.manual_seed(options.seed)
     distiller = Distiller(dense, pruned, graph_inputs(pruned), calibration, options, world)
+    # Without validation, held-out fidelity is measured here, in torch (a collective under
+    # torchrun, so in every process); with it, onnxruntime measures the written models.
+    start_held = None if validate else distiller.held_out_fidelity()
     steps, seconds = options.budget()
     if options.lr is not None:
         lr, trials = options.lr, dict[float, dict[str, float]]()
@@ -156,11 +159,11 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
         log.info("recover: learning rate %g chosen on the validation runs", lr)
     remaining = None if seconds is None else max(seconds - (time.monotonic() - start_time), 0)
     steps_run, _ = distiller.train(lr, steps, remaining)
-    torch_after = distiller.held_out_fidelity()  # every process (a collective under torchrun)
+    torch_held = None if start_held is None else (start_held, distiller.held_out_fidelity())
     report = None
     if world.rank == 0:
         report = _write(dense, pruned, pruned_source, distiller, output, calibration,
-                        validate, torch_after)
+                        torch_held)
         report = dataclasses.replace(
             report, lr=lr, lr_trials={f"{k:g}": v for k, v in trials.items()},
             steps=steps_run, seconds=round(time.monotonic() - start_time, 3),
@@ -170,16 +173,18 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
 
 
 def _write(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Model,
-           distiller: Distiller, output: Path, calibration: Calibration, validate: bool,
-           torch_after: dict[str, float]) -> RecoverReport:
-    """Write the trained model, or the start when it is not more faithful; validated."""
+           distiller: Distiller, output: Path, calibration: Calibration,
+           torch_held: tuple[dict[str, float], dict[str, float]] | None) -> RecoverReport:
+    """Write the trained model, or the start when it is not more faithful on the held-out
+    split: measured in onnxruntime (validated), or ``torch_held`` (before, after) when given
+    (validation off)."""
     trained = written_back(pruned, distiller.student)
-    if validate:
+    if torch_held is None:
         _check_runs(pruned, trained, calibration.held_out)
         before = fidelity.measure(dense, pruned, calibration.held_out)
         after = fidelity.measure(dense, trained, calibration.held_out)
     else:
-        before, after = distiller.start_held_out, torch_after
+        before, after = torch_held
     better = fidelity.better(after, before)
     with Staging(output) as stage:
         if not better:
