@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from spa import validate as val
+from spa.coupling.analysis import GroupKind
 from spa.errors import OptionError
 from spa.ir import to_onnx
 from spa.ir.save import infer_shapes
@@ -54,15 +55,16 @@ from spa.plan import GroupPlan, Plan, kept_indices
 from spa.progress import progress
 
 if TYPE_CHECKING:
-    from spa.coupling.analysis import Analysis
+    from spa.coupling.analysis import Analysis, Group
     from spa.ir.load import LoadedModel
 
 log = logging.getLogger(__name__)
 SUBGRAPH_MS = 40.0  # at least this much of a subgraph's time per timed pair (or 20 × runs)
 WHOLE_MS = 400.0  # and of the whole model per point of the fit
 #: Part of the cache key: a table cached by an earlier way of measuring is not read (2: values
-#: shape inference leaves unsized are sized by a run, so more groups are timed).
-TABLE_VERSION = 2
+#: shape inference leaves unsized are sized by a run, so more groups are timed; 3: each group's
+#: narrowest width is timed, and head groups' widths are whole heads, not kernel blocks).
+TABLE_VERSION = 3
 
 
 class LatencyProfile:
@@ -174,7 +176,8 @@ class LatencyProfile:
         nodes = {gid: group_nodes(shaped.graph, g) for gid, g in groups.items()}
         untimed = {gid: why for gid, (_, why) in nodes.items() if why}
         timed = [gid for gid in groups if gid not in untimed]
-        widths = {gid: _widths(groups[gid].size, self.fractions, self.block) for gid in timed}
+        widths = {gid: _widths(groups[gid].size, self.fractions, self._block(groups[gid]))
+                  for gid in timed}
         out: dict[int, list[float]] = {gid: [] for gid in timed}
         spreads: list[float] = []
         batches = colours({gid: nodes[gid][0] for gid in timed})
@@ -230,6 +233,12 @@ class LatencyProfile:
             runs = self._runs(base, feeds, WHOLE_MS)
             (dense_times,) = _interleaved((base, feeds), runs=runs, clock=self.clock)
         return statistics.median(dense_times), tuple(points)
+
+    def _block(self, group: Group) -> int:
+        """What ``group``'s timed widths are multiples of: the kernel block, but for a head
+        group, whose unit is a whole head (BERT's 12 heads snapped to AVX2's block of 8 were
+        timed at 8 heads only, and 4 heads at a block of 4 not at all)."""
+        return 1 if group.kind is GroupKind.HEADS else self.block
 
     def _macs_per_channel(self, analysis: Analysis, cost: CostModel, macs: int, gid: int,
                           widths: list[int]) -> float:

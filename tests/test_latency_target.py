@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from spa.api import PruneOptions, analyze
 from spa.choices import AllocationMethod, Target
 from spa.cli import main
+from spa.coupling import GroupKind
 from spa.errors import OptionError
 from spa.passes.allocation import Allocation, importance_curves
 from spa.passes.importance import get_criterion
@@ -406,3 +407,31 @@ def test_values_shape_inference_leaves_unsized_are_sized_by_a_run(tmp_path: Path
     assert shapes["r1"] == shapes["c2"] == [1, 16, 16, 16]
     assert group_nodes(sized.graph, second)[1] == ""
     assert profile._sized(sized) is sized  # nothing left to size: no run
+
+
+def test_head_groups_are_timed_in_whole_heads_down_to_the_narrowest_width(
+        tmp_path: Path, monkeypatch) -> None:
+    """A head group's widths are heads, not kernel blocks (12 heads snapped to AVX2's block of
+    8 were timed at 8 heads only; these 4 heads at a block of 4 had no width at all, so
+    ``--target latency`` could not prune a head), and every group is also timed at its
+    narrowest width, one block or one head (else the allocator claims no time below a quarter
+    of a group)."""
+    from attn_graphs import D, H, X3, mha
+    from graphs import Builder
+
+    monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path / "cache"))
+    b = Builder()
+    analysis = analyze(str(_saved(tmp_path, b.model(X3, {mha(b, "x"): [1, 5, D]}))))
+    heads = next(g for g in analysis.prunable_groups if g.kind is GroupKind.HEADS)
+    assert heads.size == H == 4
+    table = LatencyProfile(reanalyse=analyse, block=4, runs=3).run(analysis)
+    assert table.groups[heads.id].kept == (3, 2, 1)  # ¾, ½, ¼ and the narrowest: one head
+    convs = analyze(str(_saved(tmp_path, _convs(width=32))))
+    rows = LatencyProfile(reanalyse=analyse, block=4, runs=3).run(convs).groups.values()
+    assert all(row.kept == (24, 16, 8, 4) for row in rows)  # … and one block of 4
+
+
+def _saved(tmp_path: Path, model: onnx.ModelProto) -> Path:
+    path = tmp_path / f"{model.graph.name or 'model'}.onnx"
+    onnx.save(model, path)
+    return path
