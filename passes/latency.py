@@ -19,7 +19,8 @@ MACs one channel of ``g`` carries alone; ``ΔMACs``: the cost model on the whole
 with ``α, β ≥ 0`` fitted (least squares) to the whole model measured at the table's widths in
 every group at once: the subgraphs give each group's share, the whole model the scale and the
 overlap. (1 thread, benchmarks/latency_target.py: plans for 1.5× and 2× on ResNet-50,
-MobileNetV3-Large and EfficientNet-Lite0 measured −4.5% to +6% off the speed-up asked for.)
+MobileNetV3-Large, EfficientNet-Lite0, YOLOv8n and BERT-base measured −7.8% to +4.2% off the
+speed-up asked for.)
 The prediction's error on a plan is measured by the caller against the pruned model.
 
 The table is measured by :class:`spa.passes.latency_profile.LatencyProfile` and cached on disk.

@@ -416,7 +416,7 @@ def test_head_groups_are_timed_in_whole_heads_down_to_the_narrowest_width(
     ``--target latency`` could not prune a head), and every group is also timed at its
     narrowest width, one block or one head (else the allocator claims no time below a quarter
     of a group)."""
-    from attn_graphs import D, H, X3, mha
+    from attn_graphs import X3, D, H, mha
     from graphs import Builder
 
     monkeypatch.setenv("SPA_CACHE_DIR", str(tmp_path / "cache"))
