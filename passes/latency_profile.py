@@ -39,7 +39,7 @@ from spa.coupling.analysis import GroupKind
 from spa.errors import OptionError
 from spa.ir import to_onnx
 from spa.ir.save import infer_shapes
-from spa.metrics import CostModel
+from spa.metrics import CostModel, interleaved_times
 from spa.passes.latency import (
     CPU_PROVIDER,
     FRACTIONS,
@@ -222,16 +222,16 @@ class LatencyProfile:
             plan = _plan(analysis, kept)
             saved_macs = macs - cost.count(kept_indices(analysis, plan)).flops
             pruned = self.session(self._rewritten(dense, kept).SerializeToString())
-            ta, tb = _interleaved((base, feeds), (pruned, val.random_inputs(pruned,
-                                                                             dims=self.dims)),
-                                  runs=self._runs(base, feeds, WHOLE_MS), clock=self.clock)
+            pruned_feeds = val.random_inputs(pruned, dims=self.dims)
+            ta, tb = interleaved_times((base, feeds), (pruned, pruned_feeds),
+                                       runs=self._runs(base, feeds, WHOLE_MS), clock=self.clock)
             dense_times += ta
             f, over = LatencyTable("", "", 1, (), 0.0, table).raw(kept)
             points.append((statistics.median(ta) - statistics.median(tb), f,
                            max(over - saved_macs, 0.0)))
         if not points:
             runs = self._runs(base, feeds, WHOLE_MS)
-            (dense_times,) = _interleaved((base, feeds), runs=runs, clock=self.clock)
+            (dense_times,) = interleaved_times((base, feeds), runs=runs, clock=self.clock)
         return statistics.median(dense_times), tuple(points)
 
     def _block(self, group: Group) -> int:
@@ -263,9 +263,9 @@ class LatencyProfile:
         a, b = self.session(dense), self.session(pruned)
         pairs = ((a, val.random_inputs(a)), (b, val.random_inputs(b)))
         runs = self._runs(*pairs[0], SUBGRAPH_MS)
-        ta, tb = _interleaved(*pairs, runs=runs, clock=self.clock)
+        ta, tb = interleaved_times(*pairs, runs=runs, clock=self.clock)
         if _spread(ta) > NOISY:
-            ta, tb = _interleaved(*pairs, runs=2 * runs, clock=self.clock)
+            ta, tb = interleaved_times(*pairs, runs=2 * runs, clock=self.clock)
         return statistics.median(ta) - statistics.median(tb), _spread(ta)
 
 
@@ -284,21 +284,6 @@ def _plan(analysis: Analysis, kept: Mapping[int, int]) -> Plan:
     return Plan(analysis.fingerprint, tuple(
         GroupPlan(gid, by_id[gid].name, by_id[gid].size, tuple(range(k)))
         for gid, k in sorted(kept.items())))
-
-
-def _interleaved(*pairs, runs: int, clock: Callable[[], float] = time.perf_counter
-                 ) -> list[list[float]]:
-    """Times (ms, by ``clock``) of ``runs`` rounds, each running every (session, feeds) once
-    in turn."""
-    times: list[list[float]] = [[] for _ in pairs]
-    for s, feeds in pairs:  # warm-up
-        s.run(None, feeds)
-    for _ in range(runs):
-        for i, (s, feeds) in enumerate(pairs):
-            t0 = clock()
-            s.run(None, feeds)
-            times[i].append((clock() - t0) * 1e3)
-    return times
 
 
 def _spread(times: list[float]) -> float:

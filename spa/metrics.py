@@ -160,3 +160,22 @@ def latency_ms(session, feeds: dict[str, np.ndarray], *, runs: int = 20, warmup:
         session.run(None, feeds)
         times.append((clock() - t0) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_times(*pairs, runs: int, warmup: int = 1,
+                      clock: Callable[[], float] = time.perf_counter,
+                      label: str | None = None) -> list[list[float]]:
+    """Times (ms, by ``clock``) of ``runs`` rounds, each running every ``(session, feeds)``
+    once in turn: load on the machine and its drifts (clock, caches) shift all of them alike,
+    where timing one model after the other lets them fall on one side only. ``label``: a
+    progress bar of that name over the rounds."""
+    times: list[list[float]] = [[] for _ in pairs]
+    for s, feeds in pairs:
+        for _ in range(warmup):
+            s.run(None, feeds)
+    for _ in (range(runs) if label is None else progress(range(runs), label, unit="round")):
+        for i, (s, feeds) in enumerate(pairs):
+            t0 = clock()
+            s.run(None, feeds)
+            times[i].append((clock() - t0) * 1e3)
+    return times

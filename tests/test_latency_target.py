@@ -383,6 +383,59 @@ def test_report_latency_uses_the_given_clock() -> None:
     assert Session.runs == 6
 
 
+def test_interleaved_rounds_run_every_model_once_per_round() -> None:
+    """Each round runs every session once, in turn, after the warm-up runs: a drift of the
+    machine falls on both models alike."""
+    import itertools
+
+    from spa.metrics import interleaved_times
+
+    order: list[str] = []
+
+    class Session:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, *_):
+            order.append(self.name)
+
+    ticks = itertools.count(step=0.001)
+    a, b = interleaved_times((Session("a"), {}), (Session("b"), {}), runs=3, warmup=2,
+                             clock=lambda: next(ticks))
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert a == b == [pytest.approx(1.0)] * 3
+
+
+def test_checks_time_dense_and_pruned_interleaved_below_the_size_bound(
+        tmp_path: Path, monkeypatch) -> None:
+    """Validation times the dense and the pruned model in interleaved rounds (timed one after
+    the other inside ``spa prune``, all-MiniLM-L6-v2 pruned for 2x measured x1.84, against
+    x1.98-x2.00 interleaved); above ``INTERLEAVED_BYTES`` together, one session at a time."""
+    import spa.pipeline.checks as checks
+
+    rounds: list[int] = []
+    real = checks.interleaved_times
+
+    def spy(*pairs, **kwargs):
+        rounds.append(len(pairs))
+        return real(*pairs, **kwargs)
+
+    monkeypatch.setattr(checks, "interleaved_times", spy)
+    path = _saved(tmp_path, _convs())
+    out = tmp_path / "p.onnx"
+    report = tmp_path / "r.json"
+    argv = ["prune", str(path), "-o", str(out), "--ratio", "0.5", "--report", str(report), "-q"]
+    assert main(argv) == 0
+    assert rounds == [2]
+    body = json.loads(report.read_text())
+    assert body["latency_ms_before"] > 0 and body["latency_ms_after"] > 0
+    monkeypatch.setattr(checks, "INTERLEAVED_BYTES", 0)
+    rounds.clear()
+    assert main(argv) == 0
+    assert rounds == []
+    assert json.loads(report.read_text())["latency_ms_after"] > 0
+
+
 def test_values_shape_inference_leaves_unsized_are_sized_by_a_run(tmp_path: Path) -> None:
     """Shape inference stops short on some exports (all-MiniLM-L6-v2's dynamo export: no
     LayerNorm output had a shape, so no group was timed and ``--target latency`` pruned
