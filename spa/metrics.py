@@ -152,13 +152,8 @@ def latency_ms(session, feeds: dict[str, np.ndarray], *, runs: int = 20, warmup:
     """Median time of ``session.run`` over ``runs`` runs, in milliseconds: wall time, or
     ``clock`` (``time.thread_time`` for a one-thread CPU session, which runs in the calling
     thread: the time a shared machine's other load takes is not counted)."""
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in progress(range(runs), "latency", unit="run"):
-        t0 = clock()
-        session.run(None, feeds)
-        times.append((clock() - t0) * 1e3)
+    (times,) = interleaved_times((session, feeds), runs=runs, warmup=warmup, clock=clock,
+                                 label="latency")
     return statistics.median(times)
 
 

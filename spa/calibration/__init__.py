@@ -127,15 +127,16 @@ class Calibration:
 
     @property
     def samples(self) -> int:
-        return _count(self.train) + _count(self.held_out)
+        return sample_count(self.train) + sample_count(self.held_out)
 
     def summary(self) -> dict:
         """Where the data came from and how it was split (the report's ``calibration``)."""
-        return {"path": self.path, "kind": self.kind, "samples": _count(self.train),
-                "held_out": _count(self.held_out)}
+        return {"path": self.path, "kind": self.kind, "samples": sample_count(self.train),
+                "held_out": sample_count(self.held_out)}
 
 
-def _count(arrays: Mapping[str, np.ndarray]) -> int:
+def sample_count(arrays: Mapping[str, np.ndarray]) -> int:
+    """How many samples ``arrays`` hold (the length of each array; 0 without arrays)."""
     return len(next(iter(arrays.values()))) if arrays else 0
 
 
@@ -208,7 +209,7 @@ def split(arrays: Mapping[str, np.ndarray], share: float, *, seed: int = 0
           ) -> tuple[Arrays, Arrays]:
     """(train, held-out): a seeded ``share`` of the samples held back, at least one when
     ``share > 0``; too few samples for both sides is an :class:`OptionError`."""
-    n = _count(arrays)
+    n = sample_count(arrays)
     counts = {len(v) for v in arrays.values()}
     if len(counts) > 1:
         raise OptionError(f"calibration arrays have different sample counts {sorted(counts)}")
@@ -253,7 +254,7 @@ def spread(arrays: Mapping[str, np.ndarray], count: int) -> Arrays:
     """``count`` samples evenly spaced over the whole set (all of them when there are no more).
     Calibration data comes in runs of related samples (views of one photo, lines of one
     document): the first ``count`` would measure one photo."""
-    n = _count(arrays)
+    n = sample_count(arrays)
     if count >= n:
         return {k: np.asarray(v) for k, v in arrays.items()}
     idx = np.unique(np.linspace(0, n - 1, max(count, 1)).round().astype(np.int64))

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from spa import fidelity
-from spa.calibration import Arrays, Calibration, validation_runs
+from spa.calibration import Arrays, Calibration, sample_count, validation_runs
 from spa.errors import OptionError
 from spa.progress import progress
 from spa.recovery import RecoverOptions
@@ -321,8 +321,7 @@ def judged(calibration: Calibration) -> tuple[Arrays, Arrays]:
     3e-5 and trained 59 steps, held-out agreement fell 0.806 → 0.716, so the start was written
     (0.542). On data in random order it changes little: MNIST test accuracy 0.9912 → 0.9905
     (the start kept), MiniLM held-out-text cosine 0.9412 → 0.9403."""
-    n = len(next(iter(calibration.train.values())))
-    runs = validation_runs(n)
+    runs = validation_runs(sample_count(calibration.train))
     if not runs.any():
         return dict(calibration.train), dict(calibration.held_out)
     return ({k: v[~runs] for k, v in calibration.train.items()},
