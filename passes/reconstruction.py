@@ -59,6 +59,7 @@ class LayerFit:
     before: float
     after: float
     ridge: float | None  # None: the pruned weights were kept
+    rows: int = 0  # least-squares rows sampled (fitted and validation)
 
 
 @dataclass
@@ -103,9 +104,20 @@ class Reconstruction:
     """
 
     def __init__(self, *, kept: Mapping[tuple[str, int], np.ndarray], rows: int = 8192,
-                 memory: int = 2 << 30, seed: int = 0, chunk: int = 32):
+                 memory: int = 2 << 30, seed: int = 0, chunk: int = 32,
+                 max_rows: int | None = None, row_macs: int | None = None):
         self.kept, self.rows, self.memory = kept, rows, memory
         self.seed, self.chunk = seed, chunk
+        self.max_rows, self.row_macs = max_rows, row_macs
+
+    def layer_rows(self, features: int) -> int:
+        """The rows sampled for a layer of ``features`` inputs: ``rows``, raised towards
+        ``max_rows`` while the normal equations cost at most ``row_macs`` multiply-adds
+        (rows × features²), so that narrow and mid-width layers get many rows per unknown
+        and the widest keep the floor's cost."""
+        if self.max_rows is None or self.row_macs is None:
+            return self.rows
+        return max(self.rows, min(self.max_rows, self.row_macs // max(features, 1) ** 2))
 
     def run(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
             ) -> Reconstructed:
@@ -165,7 +177,8 @@ class Reconstruction:
         if design is None:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
         total = sum(len(c[layer.data]) for c in p_runner.chunk_values(layer.data))
-        per_sample = max(1, math.ceil(self.rows / max(total, 1)))
+        per_sample = max(1, math.ceil(self.layer_rows(design.features + int(b0 is not None))
+                                      / max(total, 1)))
         fit, val = _Normal(design, b0 is not None), _Normal(design, b0 is not None)
         is_sample_val = validation_runs(total)
         sample = 0
@@ -194,15 +207,16 @@ class Reconstruction:
             err = val.error(theta)
             if err < best_err * (1 - 1e-6):
                 best, best_err, best_ridge = theta, err, ridge
+        rows = fit.count + val.count
         if best_ridge is None:
-            return LayerFit(layer.node, e0, e0, None), {}
+            return LayerFit(layer.node, e0, e0, None, rows), {}
         w, b = design.weights(best, w0.shape)
         values = {layer.weight: w.astype(numpy_helper.to_array(weights[layer.weight]).dtype)}
         if layer.bias is not None and b is not None:
             dtype = numpy_helper.to_array(weights[layer.bias]).dtype
             values[layer.bias] = b.reshape(numpy_helper.to_array(weights[layer.bias]).shape
                                            ).astype(dtype)
-        return LayerFit(layer.node, e0, best_err, best_ridge), values
+        return LayerFit(layer.node, e0, best_err, best_ridge, rows), values
 
     def _corrected(self, layer: _Layer, ys: np.ndarray,
                    rows: tuple[tuple[int, ...], Rows, np.ndarray | None], c: int,

@@ -83,13 +83,21 @@ class ReconstructionRecipe:
 
     rows: int
     seed: int
+    max_rows: int | None = None  # None (plans before it): ``rows`` in every layer
+    row_macs: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "seed": self.seed}
+        body: dict[str, Any] = {"rows": self.rows, "seed": self.seed}
+        if self.max_rows is not None:
+            body |= {"max_rows": self.max_rows, "row_macs": self.row_macs}
+        return body
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> ReconstructionRecipe:
-        return cls(int(body["rows"]), int(body.get("seed", 0)))
+        def number(key: str) -> int | None:
+            return None if body.get(key) is None else int(body[key])
+        return cls(int(body["rows"]), int(body.get("seed", 0)), number("max_rows"),
+                   number("row_macs"))
 
 
 @dataclass(frozen=True)

@@ -509,3 +509,29 @@ def test_reconstruction_validates_on_contiguous_runs_of_an_eighth_of_the_samples
     assert set(np.flatnonzero(views.any(1) & ~views.all(1))) == {17, 37}  # a run's edge
     few = validation_runs(20)  # too few for runs: every 8th
     assert list(np.flatnonzero(few)) == [7, 15]
+
+
+def test_reconstruction_samples_more_rows_where_the_normal_equations_stay_cheap(cnn):
+    from spa.passes.reconstruction import Reconstruction
+    from spa.recipe import ReconstructionRecipe
+
+    # rows per layer: the floor, raised to the ceiling while rows x features^2 <= row_macs
+    rec = Reconstruction(kept={}, rows=64, max_rows=4096, row_macs=4096 * 30**2)
+    assert [rec.layer_rows(f) for f in (9, 30, 31, 60, 1000)] == [4096, 4096, 3836, 1024, 64]
+    assert Reconstruction(kept={}, rows=64).layer_rows(9) == 64  # no ceiling: the floor
+    # plans written before the ceiling replay with the floor in every layer, as they did
+    old = ReconstructionRecipe.from_dict({"rows": 8192, "seed": 0})
+    assert (old.max_rows, old.row_macs) == (None, None) and old.to_dict() == {"rows": 8192,
+                                                                               "seed": 0}
+    new = ReconstructionRecipe(8192, 0, 65536, 1 << 36)
+    assert ReconstructionRecipe.from_dict(new.to_dict()) == new
+    # on the model: 80 samples of 8x8 positions; conv1 reads 3x3x3 (+ bias) = 28 features,
+    # conv3 8 (+1): both get the ceiling's rows (52 positions a sample), the floor's 64 rows
+    # would be one position a sample
+    src, calib = cnn
+    model, x = onnx.load(str(src)), dict(np.load(calib))
+    for ceiling, want in ((None, 80), (4096, 80 * 52)):
+        done = Reconstruction(kept={}, rows=64, max_rows=ceiling, row_macs=4096 * 30**2
+                              ).run(model, model, x)
+        fits = {f.node: f.rows for f in done.layers}
+        assert fits["conv1"] == fits["conv3"] == want, fits

@@ -248,7 +248,8 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
     if refit is None:
         return pruned
     t0 = time.perf_counter()
-    done = Reconstruction(kept=kept, rows=refit.rows, memory=memory, seed=refit.seed).run(
+    done = Reconstruction(kept=kept, rows=refit.rows, memory=memory, seed=refit.seed,
+                          max_rows=refit.max_rows, row_macs=refit.row_macs).run(
         dense, pruned, calib.train)
     refitted = onnx.ModelProto()
     refitted.CopyFrom(pruned)

@@ -55,7 +55,12 @@ ModelLike = PathLike | onnx.ModelProto | LoadedModel
 SaliencySource = Callable[[str], Mapping[str, np.ndarray]]
 
 
-RECONSTRUCTION_ROWS = 8192  # least-squares rows per layer (passes/reconstruction.py)
+#: Least-squares rows per layer (passes/reconstruction.py): at least ``RECONSTRUCTION_ROWS``, up
+#: to ``RECONSTRUCTION_MAX_ROWS`` while a layer's normal equations cost at most
+#: ``RECONSTRUCTION_ROW_MACS`` multiply-adds (65536 rows up to 1024 inputs, the floor from 2896).
+RECONSTRUCTION_ROWS = 8192
+RECONSTRUCTION_MAX_ROWS = 65536
+RECONSTRUCTION_ROW_MACS = 1 << 36
 
 
 @dataclass(frozen=True)
@@ -319,7 +324,8 @@ def recipe(options: PruneOptions, criterion: Criterion,
         cal = CalibrationRecipe(options.calib, dataclasses.asdict(options.calibration),
                                 options.seed, options.input_dims)
         if options.reconstructs:
-            rec = ReconstructionRecipe(RECONSTRUCTION_ROWS, options.seed)
+            rec = ReconstructionRecipe(RECONSTRUCTION_ROWS, options.seed,
+                                       RECONSTRUCTION_MAX_ROWS, RECONSTRUCTION_ROW_MACS)
     return Recipe(options.criterion, options.ratio, options.heads_ratio, options.mlp_ratio,
                   options.hidden_ratio, options.target, options.global_ranking,
                   options.block, options.seed, options.ignore, comp, bias,
