@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spa.calibration import validation_runs
+from spa.calibration import sample_count, validation_runs
 from spa.passes.segments import Frontiers, Runner, fixed_batch, producer_index, with_types
 from spa.progress import progress
 
@@ -126,7 +126,7 @@ class Reconstruction:
         layers = _layers(pruned)
         dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
         layers = [la for la in layers if la.node in dense_pos]
-        n = len(next(iter(inputs.values())))
+        n = sample_count(inputs)
         step = fixed_batch(dense) or self.chunk
         if fixed_batch(dense):  # the model takes this many samples at a time
             n -= n % step

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from spa.calibration import spread
+from spa.calibration import sample_count, spread
 from spa.coupling.analysis import GroupKind
 from spa.passes.segments import Frontiers, Runner, fixed_batch, node_inputs, with_types
 from spa.plan import GroupPlan, Plan
@@ -85,7 +85,7 @@ class Sensitivity:
         order = sorted(groups, key=lambda g: starts[g.id])
         suffix_macs = _suffix_macs(analysis, original)
         per_sample = sum(len(plans[g.id]) * suffix_macs[starts[g.id]] for g in groups)
-        n = len(next(iter(inputs.values())))
+        n = sample_count(inputs)
         take = min(n, self.samples, max(MIN_SAMPLES, int(self.macs_budget // max(per_sample, 1))))
         feeds = spread(inputs, take)
         curves: dict[int, Curve] = {}
@@ -167,7 +167,7 @@ class _Masked:
 
     def runner(self, fronts: Frontiers, feeds: Mapping[str, np.ndarray]) -> Runner:
         step = fixed_batch(self.model) or 32
-        n = len(next(iter(feeds.values())))
+        n = sample_count(feeds)
         chunks = [{k: v[i:i + step] for k, v in feeds.items()} for i in range(0, n, step)]
         return Runner(self.model, fronts, "original", chunks)
 
