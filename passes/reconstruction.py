@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spa.calibration import sample_count, validation_runs
+from spa.calibration import attention_mask, sample_count, validation_runs
 from spa.passes.segments import Frontiers, Runner, fixed_batch, producer_index, with_types
 from spa.progress import progress
 
@@ -132,7 +132,7 @@ class Reconstruction:
             n -= n % step
         chunks = [{k: np.asarray(v[i:i + step]) for k, v in inputs.items()}
                   for i in range(0, n, step)]
-        mask = _attention_mask(dense)
+        mask = attention_mask(dense)
         valid = [None if mask is None or mask not in c else np.asarray(c[mask]) != 0
                  for c in chunks]
         out = Reconstructed()
@@ -241,16 +241,6 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
     """The bytes of the model's initializers (held in memory)."""
     return sum(len(i.raw_data) or numpy_helper.to_array(i).nbytes
                for i in model.graph.initializer)
-
-
-def _attention_mask(model: onnx.ModelProto) -> str | None:
-    """The graph input that masks padding tokens: 2-D integer or bool, named like a mask."""
-    for i in model.graph.input:
-        t = i.type.tensor_type
-        if "mask" in i.name.lower() and len(t.shape.dim) == 2 and t.elem_type in (
-                onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
-            return i.name
-    return None
 
 
 # --- the layers and their least-squares designs ---------------------------------------------

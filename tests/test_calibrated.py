@@ -87,3 +87,45 @@ def test_flap_bias_compensation_is_exact_for_a_constant_channel(tmp_path: Path) 
         bare = val.run(val.session(tmp_path / "n.onnx"), feeds)["y"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(bare, want - 2.0 * W2[0], rtol=1e-5, atol=1e-6)
+
+
+def _token_mlp() -> onnx.ModelProto:
+    """x[N,T,3] → the MLP of :func:`_mlp` per token, its output zeroed at padding
+    (attention_mask[N,T] = 0): one group of 4 channels, read per token."""
+    inits = [numpy_helper.from_array(v, k) for k, v in
+             {"w1": W1, "b1": B1, "w2": W2, "b2": B2,
+              "axes": np.array([-1], np.int64)}.items()]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Add", ["z", "b2"], ["zb"], name="bias2"),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["mu"]),
+             helper.make_node("Mul", ["zb", "mu"], ["y"], name="masked")]
+    graph = helper.make_graph(
+        nodes, "token_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 3]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_layer_statistics_leave_out_padding_tokens() -> None:
+    # 8 samples of 6 tokens, the last ones padding; padding rows hold large values, as a
+    # padded position's activations can.
+    x = RNG.standard_normal((8, 6, 3)).astype(np.float32)
+    lengths = np.array([6, 2, 3, 1, 4, 5, 2, 3])
+    mask = (np.arange(6)[None] < lengths[:, None]).astype(np.int64)
+    x[mask == 0] = 5.0
+    analysis = analyze(_token_mlp())
+    (group,) = analysis.prunable_groups
+    stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=0,
+                            calib={"x": x, "attention_mask": mask}).run(analysis)
+    r = np.maximum(x[mask != 0].astype(np.float64) @ W1 + B1, 0)  # real tokens only
+    (inputs,) = stats.inputs.values()
+    assert inputs.n == lengths.sum()
+    np.testing.assert_allclose(inputs.gram, r.T @ r, rtol=1e-6)
+    crit = get_criterion("activation", normalization=Normalization.NONE)
+    np.testing.assert_allclose(crit.run(analysis, stats).by_group[group.id], np.abs(r).mean(0),
+                               rtol=1e-6)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from spa.errors import OptionError
@@ -248,6 +249,26 @@ def validation_runs(n: int) -> np.ndarray:
     if n < 2 * parts:
         return index % VALIDATION_EVERY == VALIDATION_EVERY - 1
     return index * parts // n % VALIDATION_EVERY == VALIDATION_EVERY - 1
+
+
+def attention_mask(model: onnx.ModelProto) -> str | None:
+    """The graph input that masks padding tokens: 2-D integer or bool, named like a mask. Its
+    zeros are padding, which no statistic or fit counts as data."""
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        if "mask" in i.name.lower() and len(t.shape.dim) == 2 and t.elem_type in (
+                onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
+            return i.name
+    return None
+
+
+def real_rows(x: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """A layer input ``x`` (channels last) as rows of channels, without the rows at padding
+    tokens when ``real`` (``[samples, tokens]``, False at padding) lines up with its leading
+    axes."""
+    if real is not None and x.ndim == 3 and x.shape[:2] == real.shape:
+        return x[real]
+    return x.reshape(-1, x.shape[-1])
 
 
 def spread(arrays: Mapping[str, np.ndarray], count: int) -> Arrays:
