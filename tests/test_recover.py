@@ -422,3 +422,53 @@ def test_recover_reads_its_table_of_a_config_file(tmp_path):
     args = _parse(build_parser(), ["recover", "d.onnx", "p.onnx", "-o", "o.onnx", "--calib",
                                    "c.npz", "--config", str(config)])
     assert (args.steps, args.lr) == (3, 0.001)
+
+
+class _Pooled(torch.nn.Module):
+    """Token ids → embedding → MLP per token → mean over the attended tokens: a sentence
+    embedding ``[N, 8]`` (``tokens=True``: the per-token states ``[N, T, 8]`` instead)."""
+
+    def __init__(self, tokens: bool = False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+        self.tokens = tokens
+
+    def forward(self, ids, mask):
+        h = self.emb(ids)
+        h = h + self.b(torch.relu(self.a(h)))
+        if self.tokens:
+            return h
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_evaluation_cuts_padding_when_no_output_has_a_token_axis(tmp_path, tokens):
+    torch.manual_seed(0)
+    dense, pruned = tmp_path / "dense.onnx", tmp_path / "pruned.onnx"
+    axes = {"ids": {0: "n", 1: "t"}, "mask": {0: "n", 1: "t"},
+            "out": {0: "n", 1: "t"} if tokens else {0: "n"}}
+    torch.onnx.export(_Pooled(tokens).eval(), (torch.zeros(2, 5, dtype=torch.int64),
+                                               torch.ones(2, 5, dtype=torch.int64)),
+                      str(dense), input_names=["ids", "mask"], output_names=["out"],
+                      dynamic_axes=axes, dynamo=False)
+    prune(dense, pruned, PruneOptions(ratio=0.5, reconstruct=False),
+          CheckOptions(validate=False, latency=False))
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, 96)  # in random order, padded to 40
+    mask = (np.arange(40)[None] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, 50, (96, 40)) * mask
+    calibration = Calibration(*split({"ids": ids, "mask": mask}, 0.25, seed=0), "npz", "memory")
+    proto = onnx.load(str(pruned))
+    distiller = distill.Distiller(onnx.load(str(dense)), proto, rec.graph_inputs(proto),
+                                  calibration, RecoverOptions(batch_size=8),
+                                  distill.World(0, 1, torch.device("cpu")))
+    assert distiller.cut_outputs is not tokens
+    with torch.no_grad():
+        got = distiller._outputs(distiller.student, distiller.held_data)[0]
+        distiller.cut_outputs = False
+        whole = distiller._outputs(distiller.student, distiller.held_data)[0]
+    assert got.shape == whole.shape == ((24, 8) if not tokens else (24, 40, 8))
+    # Each sample's embedding is where it was, whatever batch its length put it in.
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
