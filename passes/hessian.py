@@ -114,7 +114,7 @@ class InputStats:
 def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
                 source: HessianSource, *, samples: int, seed: int = 0,
                 calib: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
-                ) -> dict[tuple[str, int], InputStats]:
+                skip_padding: bool = True) -> dict[tuple[str, int], InputStats]:
     """Statistics of every layer's input over the source's samples, one onnxruntime pass each
     (``samples``: how many synthetic batches; calibration data is read whole). The analysis
     pass that runs this is passes/statistics.py."""
@@ -139,7 +139,8 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     sess = val.session(model)
     stats: dict[tuple[str, int], InputStats] = {}
     total = None if source is HessianSource.CALIBRATION else samples
-    mask = attention_mask(model) if source is HessianSource.CALIBRATION else None
+    calibrated = source is HessianSource.CALIBRATION and skip_padding
+    mask = attention_mask(model) if calibrated else None
     for feeds in progress(_batches(sess, source, samples, seed, calib, dims), "hessians", total,
                           unit="batch"):
         outs = val.run(sess, feeds)

@@ -53,8 +53,9 @@ class LayerStatistics:
 
     def __init__(self, *, source: HessianSource, samples: int, seed: int = 0,
                  calib: Mapping[str, np.ndarray] | None = None,
-                 dims: Mapping[str, int] | None = None):
+                 dims: Mapping[str, int] | None = None, skip_padding: bool = True):
         self.source, self.samples, self.seed = source, samples, seed
+        self.skip_padding = skip_padding  # False: as plans before it, padding rows count
         self.calib = dict(calib) if calib is not None else None
         self.dims = dict(dims) if dims is not None else None
 
@@ -63,5 +64,6 @@ class LayerStatistics:
         if self.source is HessianSource.IDENTITY:
             return LayerStats(self.source, layers, {})
         inputs = input_stats(analysis, layers, self.source, samples=self.samples,
-                             seed=self.seed, calib=self.calib, dims=self.dims)
+                             seed=self.seed, calib=self.calib, dims=self.dims,
+                             skip_padding=self.skip_padding)
         return LayerStats(self.source, layers, inputs)

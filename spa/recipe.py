@@ -28,16 +28,19 @@ class CompensationRecipe:
     samples: int
     calib: str | None
     input_dims: tuple[tuple[str, int], ...]
+    skip_padding: bool = False  # False (plans before it): statistics counted padding tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hessian": self.hessian.value, "damping": self.damping, "samples": self.samples,
+        body = {"hessian": self.hessian.value, "damping": self.damping, "samples": self.samples,
                 "calib": self.calib, "input_dims": dict(self.input_dims)}
+        return body | ({"skip_padding": True} if self.skip_padding else {})
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> CompensationRecipe:
         dims = body.get("input_dims") or {}
         return cls(HessianSource(body["hessian"]), float(body["damping"]), int(body["samples"]),
-                   body.get("calib"), tuple((str(k), int(v)) for k, v in dims.items()))
+                   body.get("calib"), tuple((str(k), int(v)) for k, v in dims.items()),
+                   bool(body.get("skip_padding", False)))
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,14 @@ class BiasRecipe:
     """FLAP's bias compensation: the calibration inputs its layer means come from."""
 
     calib: str | None
+    skip_padding: bool = False  # as CompensationRecipe's
 
     def to_dict(self) -> dict[str, Any]:
-        return {"calib": self.calib}
+        return {"calib": self.calib} | ({"skip_padding": True} if self.skip_padding else {})
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> BiasRecipe:
-        return cls(body.get("calib"))
+        return cls(body.get("calib"), bool(body.get("skip_padding", False)))
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,55 @@ def test_layer_statistics_leave_out_padding_tokens() -> None:
     crit = get_criterion("activation", normalization=Normalization.NONE)
     np.testing.assert_allclose(crit.run(analysis, stats).by_group[group.id], np.abs(r).mean(0),
                                rtol=1e-6)
+
+
+def test_plans_before_padding_was_skipped_replay_with_padding_rows() -> None:
+    from spa.recipe import BiasRecipe, CompensationRecipe
+
+    old = {"hessian": "calibration", "damping": 0.01, "samples": 8, "calib": "c.txt",
+           "input_dims": {}}
+    comp = CompensationRecipe.from_dict(old)
+    assert not comp.skip_padding and comp.to_dict() == old  # a saved plan reads back as it was
+    new = CompensationRecipe.from_dict(old | {"skip_padding": True})
+    assert new.skip_padding and new.to_dict()["skip_padding"] is True
+    assert not BiasRecipe.from_dict({"calib": "c.txt"}).skip_padding
+    assert BiasRecipe.from_dict(BiasRecipe("c.txt", True).to_dict()).skip_padding
+    # The statistics an old plan's replay computes count every token, padding included.
+    x = RNG.standard_normal((8, 5, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0, 0]] * 8, np.int64)
+    analysis = analyze(_token_mlp())
+    counted = {skip: next(iter(LayerStatistics(
+        source=HessianSource.CALIBRATION, samples=0, calib={"x": x, "attention_mask": mask},
+        skip_padding=skip).run(analysis).inputs.values())).n for skip in (False, True)}
+    assert counted == {False: 40, True: 16}
+
+
+def test_a_plan_replays_its_padding_choice_byte_for_byte(tmp_path: Path) -> None:
+    """OBSPA with a calibration Hessian on a token model: ``spa apply`` of the plan writes the
+    pruned file again; the same plan marked as made before padding was skipped writes another."""
+    import json
+
+    from spa.api import apply
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_token_mlp(), src)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 6, 3)).astype(np.float32)
+    mask = (np.arange(6)[None] < rng.integers(1, 7, 32)[:, None]).astype(np.int64)
+    x[mask == 0] = 4.0
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x, attention_mask=mask)
+    opts = PruneOptions(ratio=0.5, criterion="obspa", hessian=HessianSource.CALIBRATION,
+                        calib=str(calib), reconstruct=False, allocation="uniform", round_to=1)
+    checks = CheckOptions(validate=False, latency=False)
+    _, the_plan = prune(src, tmp_path / "p.onnx", opts, checks)
+    assert the_plan.recipe.compensation.skip_padding
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(the_plan.to_json())
+    apply(src, plan_file, tmp_path / "again.onnx", checks)
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "p.onnx").read_bytes()
+    body = json.loads(the_plan.to_json())
+    del body["recipe"]["compensation"]["skip_padding"]
+    plan_file.write_text(json.dumps(body))
+    apply(src, plan_file, tmp_path / "old.onnx", checks)
+    assert (tmp_path / "old.onnx").read_bytes() != (tmp_path / "p.onnx").read_bytes()

@@ -130,16 +130,16 @@ def compensate(analysis: Analysis, the_plan: Plan, statistics: LayerStats | None
         stats = statistics
         if stats is None or stats.source is not HessianSource.CALIBRATION:
             stats = LayerStatistics(  # calibration data is read whole: no sample count
-                source=HessianSource.CALIBRATION, samples=0,
-                calib=arrays).run(analysis)
+                source=HessianSource.CALIBRATION, samples=0, calib=arrays,
+                skip_padding=recipe.bias_compensation.skip_padding).run(analysis)
         shifts = BiasCompensation().run(analysis, the_plan, stats)
     comp = recipe.compensation
     if comp is not None:
         stats = statistics
         if stats is None or stats.source is not comp.hessian:
             stats = LayerStatistics(source=comp.hessian, samples=comp.samples, seed=recipe.seed,
-                                    calib=arrays,
-                                    dims=dict(comp.input_dims)).run(analysis)
+                                    calib=arrays, dims=dict(comp.input_dims),
+                                    skip_padding=comp.skip_padding).run(analysis)
         weights = Compensation(damping=comp.damping).run(analysis, the_plan, stats)
     return Compensated(weights, shifts)
 

@@ -316,9 +316,10 @@ def recipe(options: PruneOptions, criterion: Criterion,
     comp = bias = None
     if criterion.compensation and options.compensate:
         comp = CompensationRecipe(options.hessian, options.damping, options.samples,
-                                  options.calib, options.input_dims)
+                                  options.calib, options.input_dims,
+                                  skip_padding=options.hessian is HessianSource.CALIBRATION)
     if criterion.bias_compensation and options.compensate:
-        bias = BiasRecipe(options.calib)
+        bias = BiasRecipe(options.calib, skip_padding=True)
     cal = rec = None
     if options.calib is not None:
         cal = CalibrationRecipe(options.calib, dataclasses.asdict(options.calibration),
