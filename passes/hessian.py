@@ -11,7 +11,8 @@ approximation. Sources (``--hessian``):
   a model with an attention-mask input, the rows at padding tokens are left out
   (:func:`spa.calibration.real_rows`): fortunes padded to 128 tokens are five sixths padding,
   and all-MiniLM-L6-v2's ``H`` was mostly theirs (heads + MLP 0.3, held-out cosine 0.9351 →
-  0.9399);
+  0.9399); when every input is a token tensor, batches are made of samples of similar length
+  and cut after their last attended column (:func:`spa.calibration.chunked`);
 * ``synthetic`` (default, no data): seeded random inputs shaped like the graph inputs. Image
   inputs (``[N, C≤4, H, W]`` floats) get *natural-image-like* noise: a power spectrum falling as
   ``1/f²`` (as photographs do), channels strongly correlated (as RGB is), standardised per
@@ -119,7 +120,7 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     (``samples``: how many synthetic batches; calibration data is read whole). The analysis
     pass that runs this is passes/statistics.py."""
     from spa import validate as val
-    from spa.calibration import attention_mask, real_rows
+    from spa.calibration import attention_mask, padding_cut, real_rows
     from spa.ir import to_onnx
     from spa.ir.save import TWO_GB, graph_bytes
     from spa.ir.widen import uses_bfloat16, widened
@@ -141,8 +142,10 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     total = None if source is HessianSource.CALIBRATION else samples
     calibrated = source is HessianSource.CALIBRATION and skip_padding
     mask = attention_mask(model) if calibrated else None
-    for feeds in progress(_batches(sess, source, samples, seed, calib, dims), "hessians", total,
-                          unit="batch"):
+    fixed_batch = isinstance(sess.get_inputs()[0].shape[0], int)
+    cut = padding_cut(model) if calibrated and not fixed_batch else None
+    for feeds in progress(_batches(sess, source, samples, seed, calib, dims, cut), "hessians",
+                          total, unit="batch"):
         outs = val.run(sess, feeds)
         real = None if mask is None or mask not in feeds else np.asarray(feeds[mask]) != 0
         for key, layer in layers.items():
@@ -161,8 +164,12 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
 
 
 def _batches(sess, source: HessianSource, samples: int, seed: int,
-             calib: dict[str, np.ndarray] | None, dims: dict[str, int] | None = None):
+             calib: dict[str, np.ndarray] | None, dims: dict[str, int] | None = None,
+             cut: str | None = None):
+    """The feeds, a batch at a time; ``cut``: the attention mask by which calibration
+    batches are made of samples of similar length and cut (:func:`spa.calibration.chunked`)."""
     from spa import validate as val
+    from spa.calibration import chunked
 
     if source is HessianSource.CALIBRATION:
         if not calib:
@@ -175,8 +182,8 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
         if n < step:
             raise OptionError(f"calibration data has {n} samples, fewer than the model's "
                               f"batch size {step}")
-        for i in range(0, n - step + 1, step):
-            yield {k: calib[k][i:i + step] for k in names}
+        whole = {k: calib[k][:n - n % step] for k in names}  # full batches only
+        yield from chunked(whole, step, cut)[1]
         return
     for i in range(samples):
         feeds = val.random_inputs(sess, seed=seed * 100_003 + i, dims=dims)

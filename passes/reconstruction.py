@@ -17,9 +17,10 @@ Convolutions are fitted on im2col rows at sampled output positions (per group fo
 depthwise convs), matmuls on sampled token rows.
 
 Activations come from onnxruntime, in chunks of samples, a segment at a time
-(passes/segments.py), so that the whole reconstruction costs about one pass of each model plus
-the solves; ``memory`` bounds what is held (activations and the two models' weights), the
-rest is spilled to disk. The refitted values
+(passes/segments.py), so that the whole reconstruction costs about one pass of each model
+plus the solves; for a token model, chunks of similar length cut after their last attended
+column (``cut_padding``, :func:`spa.calibration.chunked`). ``memory`` bounds what is held
+(activations and the two models' weights), the rest is spilled to disk. The refitted values
 are returned by initializer name; the caller writes them. Reproducible: the same data and
 seed give the same bytes.
 """
@@ -36,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spa.calibration import attention_mask, sample_count, validation_runs
+from spa.calibration import attention_mask, chunked, padding_cut, sample_count, validation_runs
 from spa.passes.segments import Frontiers, Runner, fixed_batch, producer_index, with_types
 from spa.progress import progress
 
@@ -105,10 +106,12 @@ class Reconstruction:
 
     def __init__(self, *, kept: Mapping[tuple[str, int], np.ndarray], rows: int = 8192,
                  memory: int = 2 << 30, seed: int = 0, chunk: int = 32,
-                 max_rows: int | None = None, row_macs: int | None = None):
+                 max_rows: int | None = None, row_macs: int | None = None,
+                 cut_padding: bool = False):
         self.kept, self.rows, self.memory = kept, rows, memory
         self.seed, self.chunk = seed, chunk
         self.max_rows, self.row_macs = max_rows, row_macs
+        self.cut_padding = cut_padding  # chunks of similar length, cut (spa.calibration.chunked)
 
     def layer_rows(self, features: int) -> int:
         """The rows sampled for a layer of ``features`` inputs: ``rows``, raised towards
@@ -130,8 +133,8 @@ class Reconstruction:
         step = fixed_batch(dense) or self.chunk
         if fixed_batch(dense):  # the model takes this many samples at a time
             n -= n % step
-        chunks = [{k: np.asarray(v[i:i + step]) for k, v in inputs.items()}
-                  for i in range(0, n, step)]
+        cut = padding_cut(dense) if self.cut_padding else None
+        index, chunks = chunked({k: v[:n] for k, v in inputs.items()}, step, cut)
         mask = attention_mask(dense)
         valid = [None if mask is None or mask not in c else np.asarray(c[mask]) != 0
                  for c in chunks]
@@ -155,7 +158,8 @@ class Reconstruction:
                 if layer.residual is not None and not (p_runner.holds(layer.residual)
                                                        and d_runner.holds(layer.residual)):
                     layer = replace(layer, residual=None)
-                fit = self._fit(layer, pruned, weights, (p_runner, d_runner), k, valid)
+                fit = self._fit(layer, pruned, weights, (p_runner, d_runner), k,
+                                (index, valid))
                 out.layers.append(fit[0])
                 for name, value in fit[1].items():
                     weights[name].CopyFrom(numpy_helper.from_array(value, name))
@@ -165,9 +169,11 @@ class Reconstruction:
 
     def _fit(self, layer: _Layer, pruned: onnx.ModelProto,
              weights: dict[str, onnx.TensorProto], runners: tuple[Runner, Runner], k: int,
-             valid: list[np.ndarray | None]) -> tuple[LayerFit, dict[str, np.ndarray]]:
+             chunks: tuple[list[np.ndarray], list[np.ndarray | None]]
+             ) -> tuple[LayerFit, dict[str, np.ndarray]]:
         """Refit layer ``k`` on the pruned runner's inputs against the dense runner's outputs;
-        ``valid``: per chunk, the real-token positions (None: all)."""
+        ``chunks``: per chunk, its sample indices and the real-token positions (None: all)."""
+        index, valid = chunks
         p_runner, d_runner = runners
         node = pruned.graph.node[layer.index]
         w0 = numpy_helper.to_array(weights[layer.weight]).astype(np.float64)
@@ -181,6 +187,9 @@ class Reconstruction:
                                       / max(total, 1)))
         fit, val = _Normal(design, b0 is not None), _Normal(design, b0 is not None)
         is_sample_val = validation_runs(total)
+        # validation samples by index when the layer's first axis is the samples (chunks of
+        # similar length hold them out of order), else by position (samples and tokens merged)
+        by_sample = total == sum(map(len, index))
         sample = 0
         for c, (x_chunk, y_chunk) in enumerate(zip(p_runner.chunk_values(layer.data),
                                                    d_runner.chunk_values(layer.output))):
@@ -191,7 +200,7 @@ class Reconstruction:
             ys = at(y, kept)
             if layer.residual is not None and CORRECT_RESIDUAL:
                 ys = self._corrected(layer, ys, (y.shape, at, kept), c, runners)
-            is_val = is_sample_val[owner + sample]
+            is_val = is_sample_val[index[c][owner] if by_sample else owner + sample]
             fit.add(xs[~is_val], ys[~is_val])
             val.add(xs[is_val], ys[is_val])
             sample += len(x)

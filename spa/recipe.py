@@ -89,19 +89,20 @@ class ReconstructionRecipe:
     seed: int
     max_rows: int | None = None  # None (plans before it): ``rows`` in every layer
     row_macs: int | None = None
+    cut_padding: bool = False  # False (plans before it): chunks in order, padded
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"rows": self.rows, "seed": self.seed}
         if self.max_rows is not None:
             body |= {"max_rows": self.max_rows, "row_macs": self.row_macs}
-        return body
+        return body | ({"cut_padding": True} if self.cut_padding else {})
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> ReconstructionRecipe:
         def number(key: str) -> int | None:
             return None if body.get(key) is None else int(body[key])
         return cls(int(body["rows"]), int(body.get("seed", 0)), number("max_rows"),
-                   number("row_macs"))
+                   number("row_macs"), bool(body.get("cut_padding", False)))
 
 
 @dataclass(frozen=True)

@@ -428,3 +428,45 @@ def test_split_holds_at_least_one_and_refuses_too_few():
     assert len(train["m"]) == 1 and held == {}
     with pytest.raises(OptionError, match="different sample counts"):
         split({"a": np.zeros(3), "b": np.zeros(4)}, 0.1)
+
+
+def test_chunks_of_similar_length_are_cut_after_their_last_attended_column():
+    from spa.calibration import attended_lengths, chunked
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 12, 50)
+    mask = (np.arange(12)[None] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, 99, (50, 12)) * mask
+    index, chunks = chunked({"ids": ids, "mask": mask}, 8, "mask")
+    assert sorted(np.concatenate(index).tolist()) == list(range(50))  # every sample once
+    assert [len(i) for i in index] == [8] * 6 + [2]
+    for idx, chunk in zip(index, chunks):
+        width = max(int(lengths[idx].max()), 1)
+        assert chunk["ids"].shape == chunk["mask"].shape == (len(idx), width)
+        np.testing.assert_array_equal(chunk["ids"], ids[idx, :width])
+        assert (mask[idx, width:] == 0).all()  # only padding was cut
+    widths = [c["ids"].shape[1] for c in chunks]
+    assert widths == sorted(widths) and sum(widths) * 8 < 0.7 * 50 * 12
+    np.testing.assert_array_equal(attended_lengths(mask), lengths)
+    # Without a mask: chunks in order, as they were.
+    index, chunks = chunked({"ids": ids}, 8)
+    assert np.concatenate(index).tolist() == list(range(50))
+    np.testing.assert_array_equal(np.concatenate([c["ids"] for c in chunks]), ids)
+
+
+def test_padding_is_cut_only_when_every_input_is_a_token_axis_int():
+    from onnx import TensorProto, helper
+
+    from spa.calibration import padding_cut
+
+    def model(*inputs):
+        graph = helper.make_graph([], "g", [helper.make_tensor_value_info(n, t, s)
+                                            for n, t, s in inputs], [])
+        return helper.make_model(graph)
+
+    ids = ("input_ids", TensorProto.INT64, ["N", "T"])
+    mask = ("attention_mask", TensorProto.INT64, ["N", "T"])
+    assert padding_cut(model(ids, mask)) == "attention_mask"
+    assert padding_cut(model(ids)) is None  # no mask
+    assert padding_cut(model(("input_ids", TensorProto.INT64, ["N", 128]), mask)) is None
+    assert padding_cut(model(ids, mask, ("past", TensorProto.FLOAT, ["N", 2, "P", 8]))) is None

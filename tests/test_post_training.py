@@ -535,3 +535,78 @@ def test_reconstruction_samples_more_rows_where_the_normal_equations_stay_cheap(
                               ).run(model, model, x)
         fits = {f.node: f.rows for f in done.layers}
         assert fits["conv1"] == fits["conv3"] == want, fits
+
+
+def _token_model(w2: np.ndarray) -> onnx.ModelProto:
+    """ids[N,T] → embedding[50,8] → fc1 (8→16) → Relu → fc2 (16→8) → out[N,T,8] · mask."""
+    from onnx import TensorProto, helper
+
+    g = np.random.default_rng(11)
+    inits = {"emb": g.standard_normal((50, 8)), "w1": g.standard_normal((8, 16)),
+             "b1": g.standard_normal(16) * 0.1, "w2": w2, "b2": np.full(8, 0.2),
+             "axes": np.array([-1])}
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"),
+             helper.make_node("Relu", ["hb"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Add", ["z", "b2"], ["zb"], name="bias2"),
+             helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["mu"]),
+             helper.make_node("Mul", ["zb", "mu"], ["out"], name="masked")]
+    graph = helper.make_graph(
+        nodes, "tokens", [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "T"])
+                          for n in ("ids", "mask")],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", 8])],
+        [numpy_helper.from_array(np.asarray(v, np.int64 if k == "axes" else np.float32), k)
+         for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_reconstruction_runs_token_chunks_cut_after_their_padding(monkeypatch):
+    """Chunks of similar length, cut after their last attended column, refit as the padded
+    chunks do (fc2's dense weights come back from a perturbed start either way) for a fraction
+    of the token positions."""
+    from spa.passes import reconstruction
+
+    w2 = np.random.default_rng(12).standard_normal((16, 8))
+    dense = _token_model(w2)
+    start = _token_model(w2 + np.random.default_rng(13).standard_normal((16, 8)))
+    rng = np.random.default_rng(14)
+    lengths = np.clip(rng.lognormal(np.log(6), 0.6, 256).astype(int), 1, 64)
+    mask = (np.arange(64)[None] < lengths[:, None]).astype(np.int64)
+    data = {"ids": rng.integers(1, 50, (256, 64)) * mask, "mask": mask}
+    widths: list[int] = []
+    real_chunked = reconstruction.chunked
+
+    def spy(*args):
+        index, chunks = real_chunked(*args)
+        widths.append(sum(c["ids"].size for c in chunks))
+        return index, chunks
+
+    monkeypatch.setattr(reconstruction, "chunked", spy)
+    off = np.linalg.norm(numpy_helper.to_array(start.graph.initializer[3]) - w2)
+    for cut in (False, True):
+        done = reconstruction.Reconstruction(kept={}, rows=4096, seed=0, chunk=32,
+                                             cut_padding=cut).run(dense, start, data)
+        assert np.linalg.norm(done.values["w2"] - w2) < 0.01 * off
+    assert widths[0] == 256 * 64 and widths[1] < 0.25 * widths[0]
+
+
+def test_token_statistics_from_cut_chunks_count_the_real_tokens_once():
+    from spa.api import analyze
+    from spa.choices import HessianSource
+    from spa.passes.statistics import LayerStatistics
+
+    model = _token_model(np.random.default_rng(12).standard_normal((16, 8)))
+    rng = np.random.default_rng(15)
+    lengths = rng.integers(1, 20, 40)
+    mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int64)
+    ids = rng.integers(1, 50, (40, 20)) * mask
+    stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=0,
+                            calib={"ids": ids, "mask": mask}).run(analyze(model))
+    inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    r = np.maximum(inits["emb"][ids[mask != 0]] @ inits["w1"] + inits["b1"], 0)  # fc2's input
+    (fc2,) = [s for key, s in stats.inputs.items() if key[0] == "w2"]
+    assert fc2.n == lengths.sum()
+    np.testing.assert_allclose(fc2.gram, r.T @ r, rtol=1e-5)

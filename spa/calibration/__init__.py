@@ -262,6 +262,53 @@ def attention_mask(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def padding_cut(model: onnx.ModelProto) -> str | None:
+    """The attention mask when the model's padding can be cut off: every graph input is a 2-D
+    integer or bool tensor with a symbolic second (token) axis (ids, mask, type and position
+    ids), so a batch of samples fits any length from its last attended column on. None
+    otherwise (image or embedding inputs, a fixed sequence length, caches)."""
+    mask = attention_mask(model)
+    inits = {i.name for i in model.graph.initializer}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        t = i.type.tensor_type
+        if len(t.shape.dim) != 2 or t.shape.dim[1].HasField("dim_value") or t.elem_type not in (
+                onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
+            return None
+    return mask
+
+
+def chunked(arrays: Mapping[str, np.ndarray], step: int, mask: str | None = None
+            ) -> tuple[list[np.ndarray], list[Arrays]]:
+    """``arrays`` in chunks of at most ``step`` samples: each chunk's sample indices and its
+    arrays. With ``mask`` (:func:`padding_cut`), samples are grouped by attended length and
+    each chunk ends after its last attended column: calibration text padded to 128 tokens
+    (fortunes: 21 tokens a line on average) then costs what its tokens do."""
+    n = sample_count(arrays)
+    if mask is None:
+        index = [np.arange(i, min(i + step, n)) for i in range(0, n, step)]
+        return index, [{k: np.asarray(v[i:i + step]) for k, v in arrays.items()}
+                       for i in range(0, n, step)]
+    lengths = attended_lengths(np.asarray(arrays[mask]))
+    order = np.argsort(lengths, kind="stable")
+    index = [order[i:i + step] for i in range(0, n, step)]
+    width = np.shape(arrays[mask])[1]
+    chunks = []
+    for idx in index:
+        length = max(int(lengths[idx].max()), 1)
+        chunks.append({k: np.asarray(v[idx])[:, :length] if np.ndim(v) == 2 and
+                       np.shape(v)[1] == width else np.asarray(v[idx]) for k, v in arrays.items()})
+    return index, chunks
+
+
+def attended_lengths(mask: np.ndarray) -> np.ndarray:
+    """Per sample of a ``[samples, tokens]`` attention mask, one past its last attended column
+    (0 when it attends to nothing)."""
+    attended = np.asarray(mask) != 0
+    return np.where(attended.any(1), attended.shape[1] - attended[:, ::-1].argmax(1), 0)
+
+
 def real_rows(x: np.ndarray, real: np.ndarray | None) -> np.ndarray:
     """A layer input ``x`` (channels last) as rows of channels, without the rows at padding
     tokens when ``real`` (``[samples, tokens]``, False at padding) lines up with its leading

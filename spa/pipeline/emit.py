@@ -249,7 +249,8 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
         return pruned
     t0 = time.perf_counter()
     done = Reconstruction(kept=kept, rows=refit.rows, memory=memory, seed=refit.seed,
-                          max_rows=refit.max_rows, row_macs=refit.row_macs).run(
+                          max_rows=refit.max_rows, row_macs=refit.row_macs,
+                          cut_padding=refit.cut_padding).run(
         dense, pruned, calib.train)
     refitted = onnx.ModelProto()
     refitted.CopyFrom(pruned)

@@ -326,7 +326,8 @@ def recipe(options: PruneOptions, criterion: Criterion,
                                 options.seed, options.input_dims)
         if options.reconstructs:
             rec = ReconstructionRecipe(RECONSTRUCTION_ROWS, options.seed,
-                                       RECONSTRUCTION_MAX_ROWS, RECONSTRUCTION_ROW_MACS)
+                                       RECONSTRUCTION_MAX_ROWS, RECONSTRUCTION_ROW_MACS,
+                                       cut_padding=True)
     return Recipe(options.criterion, options.ratio, options.heads_ratio, options.mlp_ratio,
                   options.hidden_ratio, options.target, options.global_ranking,
                   options.block, options.seed, options.ignore, comp, bias,

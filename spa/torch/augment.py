@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spa import calibration
+
 if TYPE_CHECKING:
     from spa.torch.recover import GraphInput
 
@@ -139,5 +141,4 @@ def drop_tokens(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 def attended_lengths(mask: torch.Tensor) -> np.ndarray:
     """Per sample, one past its last attended column (0 when it attends to nothing)."""
-    attended = (mask != 0).cpu().numpy()
-    return np.where(attended.any(1), attended.shape[1] - attended[:, ::-1].argmax(1), 0)
+    return calibration.attended_lengths(mask.cpu().numpy())
