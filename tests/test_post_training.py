@@ -537,8 +537,9 @@ def test_reconstruction_samples_more_rows_where_the_normal_equations_stay_cheap(
         assert fits["conv1"] == fits["conv3"] == want, fits
 
 
-def _token_model(w2: np.ndarray) -> onnx.ModelProto:
-    """ids[N,T] → embedding[50,8] → fc1 (8→16) → Relu → fc2 (16→8) → out[N,T,8] · mask."""
+def _token_model(w2: np.ndarray, pooled: bool = False) -> onnx.ModelProto:
+    """ids[N,T] → embedding[50,8] → fc1 (8→16) → Relu → fc2 (16→8) → out[N,T,8] · mask
+    (``pooled``: summed over the tokens, out[N,8])."""
     from onnx import TensorProto, helper
 
     g = np.random.default_rng(11)
@@ -553,14 +554,34 @@ def _token_model(w2: np.ndarray) -> onnx.ModelProto:
              helper.make_node("Add", ["z", "b2"], ["zb"], name="bias2"),
              helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT),
              helper.make_node("Unsqueeze", ["m", "axes"], ["mu"]),
-             helper.make_node("Mul", ["zb", "mu"], ["out"], name="masked")]
+             helper.make_node("Mul", ["zb", "mu"], ["tokens" if pooled else "out"],
+                              name="masked")]
+    if pooled:
+        inits["tokens_axis"] = np.array([1])
+        nodes.append(helper.make_node("ReduceSum", ["tokens", "tokens_axis"], ["out"],
+                                      keepdims=0, name="pool"))
     graph = helper.make_graph(
         nodes, "tokens", [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "T"])
                           for n in ("ids", "mask")],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", "T", 8])],
-        [numpy_helper.from_array(np.asarray(v, np.int64 if k == "axes" else np.float32), k)
-         for k, v in inits.items()])
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                       ["N", 8] if pooled else ["N", "T", 8])],
+        [numpy_helper.from_array(np.asarray(v, np.int64 if "axes" in k or "axis" in k
+                                            else np.float32), k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def _count_token_positions(monkeypatch, module) -> list[int]:
+    """Per call of ``module.chunked``, the token positions its chunks hold (filled as called)."""
+    fed: list[int] = []
+    real = module.chunked
+
+    def spy(*args):
+        index, chunks = real(*args)
+        fed.append(sum(c["ids"].size for c in chunks))
+        return index, chunks
+
+    monkeypatch.setattr(module, "chunked", spy)
+    return fed
 
 
 def test_reconstruction_runs_token_chunks_cut_after_their_padding(monkeypatch):
@@ -576,15 +597,7 @@ def test_reconstruction_runs_token_chunks_cut_after_their_padding(monkeypatch):
     lengths = np.clip(rng.lognormal(np.log(6), 0.6, 256).astype(int), 1, 64)
     mask = (np.arange(64)[None] < lengths[:, None]).astype(np.int64)
     data = {"ids": rng.integers(1, 50, (256, 64)) * mask, "mask": mask}
-    widths: list[int] = []
-    real_chunked = reconstruction.chunked
-
-    def spy(*args):
-        index, chunks = real_chunked(*args)
-        widths.append(sum(c["ids"].size for c in chunks))
-        return index, chunks
-
-    monkeypatch.setattr(reconstruction, "chunked", spy)
+    widths = _count_token_positions(monkeypatch, reconstruction)
     off = np.linalg.norm(numpy_helper.to_array(start.graph.initializer[3]) - w2)
     for cut in (False, True):
         done = reconstruction.Reconstruction(kept={}, rows=4096, seed=0, chunk=32,
@@ -610,3 +623,28 @@ def test_token_statistics_from_cut_chunks_count_the_real_tokens_once():
     (fc2,) = [s for key, s in stats.inputs.items() if key[0] == "w2"]
     assert fc2.n == lengths.sum()
     np.testing.assert_allclose(fc2.gram, r.T @ r, rtol=1e-5)
+
+
+def test_sensitivity_of_a_pooled_token_model_runs_cut_chunks_and_measures_the_same(monkeypatch):
+    from spa.api import analyze
+    from spa.passes import sensitivity
+    from spa.passes.importance import get_criterion
+
+    model = _token_model(np.random.default_rng(12).standard_normal((16, 8)), pooled=True)
+    rng = np.random.default_rng(16)
+    lengths = rng.integers(1, 30, 64)
+    mask = (np.arange(30)[None] < lengths[:, None]).astype(np.int64)
+    data = {"ids": rng.integers(1, 50, (64, 30)) * mask, "mask": mask}
+    analysis = analyze(model)
+    scores = get_criterion("l1").run(analysis)
+    fed = _count_token_positions(monkeypatch, sensitivity)
+    cut = sensitivity.Sensitivity(samples=64).run(analysis, model, scores, data).curves
+    assert max(fed) < 0.8 * 64 * 30  # every run fed cut chunks (two of 32, by length)
+    monkeypatch.setattr(sensitivity, "padding_cut", lambda model: None)
+    fed.clear()
+    whole = sensitivity.Sensitivity(samples=64).run(analysis, model, scores, data).curves
+    assert min(fed) == 64 * 30
+    assert cut.keys() == whole.keys() and cut
+    for g in cut:
+        assert cut[g].removed == whole[g].removed
+        np.testing.assert_allclose(cut[g].damage, whole[g].damage, rtol=1e-5, atol=1e-9)

@@ -279,6 +279,17 @@ def padding_cut(model: onnx.ModelProto) -> str | None:
     return mask
 
 
+def tokenless_outputs(model: onnx.ModelProto) -> bool:
+    """Whether every graph output has a known shape with fixed sizes after its first (batch)
+    axis, so no output grows with the sequence and cutting padding changes no output's shape."""
+    for o in model.graph.output:
+        t = o.type.tensor_type
+        if not t.HasField("shape") or not all(d.HasField("dim_value") and d.dim_value > 0
+                                              for d in t.shape.dim[1:]):
+            return False
+    return True
+
+
 def chunked(arrays: Mapping[str, np.ndarray], step: int, mask: str | None = None
             ) -> tuple[list[np.ndarray], list[Arrays]]:
     """``arrays`` in chunks of at most ``step`` samples: each chunk's sample indices and its

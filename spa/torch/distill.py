@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from spa import fidelity
-from spa.calibration import Arrays, Calibration, sample_count, validation_runs
+from spa.calibration import Arrays, Calibration, sample_count, tokenless_outputs, validation_runs
 from spa.errors import OptionError
 from spa.progress import progress
 from spa.recovery import RecoverOptions
@@ -147,7 +147,7 @@ class Distiller:
         self.judge_data = _tensors(judge, inputs, "validation", world.device)
         self.held_data = _tensors(calibration.held_out, inputs, "held-out", world.device)
         self.kinds = input_kinds(inputs)
-        self.cut_outputs = bool(self.kinds.trimmed) and _tokenless(pruned)
+        self.cut_outputs = bool(self.kinds.trimmed) and tokenless_outputs(pruned)
         self.student = _channels_last(from_onnx(pruned).to(world.device))
         self.teacher = _channels_last(
             from_onnx(dense).to(world.device).eval().requires_grad_(False))
@@ -393,17 +393,6 @@ def _nhwc(batch: Batch) -> Batch:
     """Float 4-D inputs (images) in channels-last memory; the same values."""
     return [t.contiguous(memory_format=torch.channels_last)
             if t.dim() == 4 and t.is_floating_point() else t for t in batch]
-
-
-def _tokenless(model: onnx.ModelProto) -> bool:
-    """Whether every graph output has a known shape with fixed sizes after its first (batch)
-    axis, so no output grows with the sequence and cutting padding changes no output's shape."""
-    for o in model.graph.output:
-        t = o.type.tensor_type
-        if not t.HasField("shape") or not all(d.HasField("dim_value") and d.dim_value > 0
-                                              for d in t.shape.dim[1:]):
-            return False
-    return True
 
 
 def _counter(steps: int | None) -> Iterator[int]:
