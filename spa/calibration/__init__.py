@@ -251,13 +251,16 @@ def validation_runs(n: int) -> np.ndarray:
     return index * parts // n % VALIDATION_EVERY == VALIDATION_EVERY - 1
 
 
+#: element types of token inputs (ids, masks, type and position ids)
+TOKEN_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)
+
+
 def attention_mask(model: onnx.ModelProto) -> str | None:
     """The graph input that masks padding tokens: 2-D integer or bool, named like a mask. Its
     zeros are padding, which no statistic or fit counts as data."""
     for i in model.graph.input:
         t = i.type.tensor_type
-        if "mask" in i.name.lower() and len(t.shape.dim) == 2 and t.elem_type in (
-                onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
+        if "mask" in i.name.lower() and len(t.shape.dim) == 2 and t.elem_type in TOKEN_TYPES:
             return i.name
     return None
 
@@ -273,8 +276,8 @@ def padding_cut(model: onnx.ModelProto) -> str | None:
         if i.name in inits:
             continue
         t = i.type.tensor_type
-        if len(t.shape.dim) != 2 or t.shape.dim[1].HasField("dim_value") or t.elem_type not in (
-                onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
+        if len(t.shape.dim) != 2 or t.shape.dim[1].HasField("dim_value") \
+                or t.elem_type not in TOKEN_TYPES:
             return None
     return mask
 
