@@ -195,7 +195,7 @@ class Reconstruction:
                                                    d_runner.chunk_values(layer.output))):
             x, y = x_chunk[layer.data], y_chunk[layer.output]
             rng = np.random.default_rng([self.seed, k, c])
-            xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c])
+            xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c], b0 is not None)
             kept = self.kept.get((layer.weight, layer.out_axis))
             ys = at(y, kept)
             if layer.residual is not None and CORRECT_RESIDUAL:
@@ -345,15 +345,15 @@ class _Design:
         return cls(layer, 1, w.shape[0], w.shape[1])
 
     def rows(self, x: np.ndarray, out_shape: tuple[int, ...], per_sample: int,
-             rng: np.random.Generator, valid: np.ndarray | None = None
+             rng: np.random.Generator, valid: np.ndarray | None = None, bias: bool = False
              ) -> tuple[np.ndarray, Rows, np.ndarray]:
-        """Sampled rows ``[R, groups, features]``, how to take the matching target rows
-        ``[R, groups, outputs]`` from a tensor shaped like the output (``at(y, kept)``, with
-        the output channels ``kept``, None: all), and the sample each row came from. ``valid``
-        (``[N, positions]``, from the attention mask): token rows to sample from; padding says
-        nothing of the layer."""
+        """Sampled rows ``[R, groups, features]`` (and a column of ones if ``bias``), how to
+        take the matching target rows ``[R, groups, outputs]`` from a tensor shaped like the
+        output (``at(y, kept)``, with the output channels ``kept``, None: all), and the sample
+        each row came from. ``valid`` (``[N, positions]``, from the attention mask): token rows
+        to sample from; padding says nothing of the layer."""
         if self.layer.op == "Conv":
-            return self._conv_rows(x, out_shape, per_sample, rng)
+            return self._conv_rows(x, out_shape, per_sample, rng, bias)
         xr = x.reshape(len(x), -1, x.shape[-1])
         if valid is None or valid.shape != xr.shape[:2]:
             valid = np.ones(xr.shape[:2], dtype=bool)
@@ -361,7 +361,8 @@ class _Design:
                  for v in valid]
         owner = np.repeat(np.arange(len(x)), [len(p) for p in picks])
         pos = np.concatenate(picks) if picks else np.zeros(0, int)
-        xs = xr[owner, pos].astype(np.float64)[:, None, :]
+        xs = self._with_bias(len(owner), bias)
+        xs[:, 0, :self.features] = xr[owner, pos]
 
         def at(y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
             ys = y.reshape(len(y), -1, y.shape[-1])[owner, pos]
@@ -369,21 +370,32 @@ class _Design:
             return ys.astype(np.float64)[:, None, :]
         return xs, at, owner
 
-    def _conv_rows(self, x, out_shape, per_sample, rng):
+    def _with_bias(self, count: int, bias: bool) -> np.ndarray:
+        """Rows ``[count, groups, features (+1)]`` to fill, the bias column already ones."""
+        xs = np.empty((count, self.groups, self.features + int(bias)))
+        if bias:
+            xs[:, :, self.features] = 1.0
+        return xs
+
+    def _conv_rows(self, x, out_shape, per_sample, rng, bias):
         n, c, h, w_ = x.shape
         ho, wo = out_shape[2], out_shape[3]
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         t, left, b, r = self.pads
-        xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)))
         take = min(per_sample, ho * wo)
         flat = np.stack([rng.choice(ho * wo, take, replace=False) for _ in range(n)])
         owner = np.repeat(np.arange(n), take)
         oy, ox = np.divmod(flat.reshape(-1), wo)
-        hi = oy[:, None] * sh + np.arange(kh)[None, :] * dh  # [R, kh]
-        wi = ox[:, None] * sw + np.arange(kw)[None, :] * dw  # [R, kw]
-        patch = xp[owner[:, None, None, None], np.arange(c)[None, :, None, None],
-                   hi[:, None, :, None], wi[:, None, None, :]]  # [R, C, kh, kw]
-        xs = patch.reshape(len(owner), self.groups, -1).astype(np.float64)
+        # channels last, padded: each kernel offset's patch column is one gather of whole
+        # channel rows (the same values as indexing the NCHW tensor, far fewer cache misses)
+        xp = np.zeros((n, h + t + b, w_ + left + r, c), dtype=x.dtype)
+        xp[:, t:t + h, left:left + w_] = x.transpose(0, 2, 3, 1)
+        xs = self._with_bias(len(owner), bias)
+        cols = xs[:, :, :self.features].reshape(len(owner), self.groups, -1, kh, kw)  # a view
+        for i in range(kh):
+            for j in range(kw):
+                cols[..., i, j] = xp[owner, oy * sh + i * dh, ox * sw + j * dw].reshape(
+                    len(owner), self.groups, -1)
 
         def at(y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
             ys = y[owner, :, oy, ox]  # [R, C]
@@ -417,17 +429,15 @@ class _Normal:
 
     def __init__(self, design: _Design, bias: bool):
         f = design.features + int(bias)
-        self.bias = bias
         self.gram = np.zeros((design.groups, f, f))
         self.cross = np.zeros((design.groups, f, design.outputs))
         self.energy = 0.0
         self.count = 0
 
     def add(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        """Rows ``xs`` (with their bias column of ones when the layer has a bias)."""
         if not len(xs):
             return
-        if self.bias:
-            xs = np.concatenate([xs, np.ones((*xs.shape[:2], 1))], axis=2)
         xt = xs.transpose(1, 2, 0)  # [groups, features, rows]: one BLAS product per group
         self.gram += xt @ xs.transpose(1, 0, 2)
         self.cross += xt @ ys.transpose(1, 0, 2)

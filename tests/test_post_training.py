@@ -648,3 +648,35 @@ def test_sensitivity_of_a_pooled_token_model_runs_cut_chunks_and_measures_the_sa
     for g in cut:
         assert cut[g].removed == whole[g].removed
         np.testing.assert_allclose(cut[g].damage, whole[g].damage, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("groups,kernel,stride,pads,dilation,bias", [
+    (1, 3, 1, (1, 1, 1, 1), 1, True), (1, 1, 2, (0, 0, 0, 0), 1, False),
+    (4, 3, 2, (0, 1, 1, 0), 2, True), (8, 5, 1, (2, 2, 2, 2), 1, False)])
+def test_conv_rows_are_the_im2col_patches_at_the_sampled_positions(groups, kernel, stride, pads,
+                                                                   dilation, bias):
+    from spa.passes.reconstruction import _Design, _Layer
+
+    n, c, h = 3, 8, 9
+    x = RNG.standard_normal((n, c, h, h)).astype(np.float32)
+    ho = (h + pads[0] + pads[2] - dilation * (kernel - 1) - 1) // stride + 1
+    design = _Design(_Layer(0, "conv", "Conv", "w", "b" if bias else None, "x", "y", 0), groups,
+                     c // groups * kernel ** 2, 2, (kernel, kernel), (stride, stride), pads,
+                     (dilation, dilation))
+    y = RNG.standard_normal((n, 2 * groups, ho, ho)).astype(np.float32)
+    xs, at, owner = design.rows(x, y.shape, 5, np.random.default_rng(0), bias=bias)
+    assert xs.shape == (n * 5, groups, design.features + bias) and xs.dtype == np.float64
+    # the naive im2col: every row is the zero-padded receptive field of one output position
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    ys = at(y, None)
+    for r in range(len(owner)):
+        hits = np.argwhere((y[owner[r]].transpose(1, 2, 0) == ys[r].reshape(-1)).all(-1))
+        assert len(hits) == 1  # the target row names the output position it came from
+        oy, ox = hits[0] * stride
+        patch = padded[owner[r], :, oy:oy + dilation * (kernel - 1) + 1:dilation,
+                       ox:ox + dilation * (kernel - 1) + 1:dilation]
+        expect = patch.reshape(groups, -1)
+        if bias:
+            expect = np.concatenate([expect, np.ones((groups, 1))], axis=1)
+        np.testing.assert_array_equal(xs[r], expect)
+    assert list(np.bincount(owner)) == [5] * n
