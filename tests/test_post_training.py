@@ -427,7 +427,20 @@ def test_sensitivity_runs_each_group_from_its_first_consumer_as_the_whole_model_
     scores = get_criterion("l1").run(analysis)
     x = {"x": np.load(calib)["x"]}
     model = onnx.load(str(src))
+    fed_weights, real = [], sensitivity._Masked._suffix
+
+    def spy(self, prefix, fed):
+        sess, outer = real(self, prefix, fed)
+        fed_weights.append(({i.name for i in sess.get_overridable_initializers()}, set(fed),
+                            self.overridable))
+        return sess, outer
+
+    monkeypatch.setattr(sensitivity._Masked, "_suffix", spy)
     suffix = sensitivity.Sensitivity().run(analysis, model, scores, x)
+    # a suffix takes as inputs only the weights its plans zero; the others stay constants
+    # (onnxruntime prepacks those), yet the curves match whole-model runs below
+    assert fed_weights and all(taken == fed & every and taken < every
+                               for taken, fed, every in fed_weights)
     monkeypatch.setattr(sensitivity._Masked, "start", lambda self, plans: 0)
     whole = sensitivity.Sensitivity().run(analysis, model, scores, x)
     assert suffix.samples == whole.samples == 32 and len(suffix.curves) >= 2
