@@ -183,9 +183,9 @@ class Reconstruction:
         if design is None:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
         total = sum(len(c[layer.data]) for c in p_runner.chunk_values(layer.data))
-        per_sample = max(1, math.ceil(self.layer_rows(design.features + int(b0 is not None))
+        per_sample = max(1, math.ceil(self.layer_rows(design.columns)
                                       / max(total, 1)))
-        fit, val = _Normal(design, b0 is not None), _Normal(design, b0 is not None)
+        fit, val = _Normal(design), _Normal(design)
         is_sample_val = validation_runs(total)
         # validation samples by index when the layer's first axis is the samples (chunks of
         # similar length hold them out of order), else by position (samples and tokens merged)
@@ -195,7 +195,7 @@ class Reconstruction:
                                                    d_runner.chunk_values(layer.output))):
             x, y = x_chunk[layer.data], y_chunk[layer.output]
             rng = np.random.default_rng([self.seed, k, c])
-            xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c], b0 is not None)
+            xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c])
             kept = self.kept.get((layer.weight, layer.out_axis))
             ys = at(y, kept)
             if layer.residual is not None and CORRECT_RESIDUAL:
@@ -345,15 +345,15 @@ class _Design:
         return cls(layer, 1, w.shape[0], w.shape[1])
 
     def rows(self, x: np.ndarray, out_shape: tuple[int, ...], per_sample: int,
-             rng: np.random.Generator, valid: np.ndarray | None = None, bias: bool = False
+             rng: np.random.Generator, valid: np.ndarray | None = None
              ) -> tuple[np.ndarray, Rows, np.ndarray]:
-        """Sampled rows ``[R, groups, features]`` (and a column of ones if ``bias``), how to
+        """Sampled rows ``[R, groups, columns]`` (a last column of ones with a bias), how to
         take the matching target rows ``[R, groups, outputs]`` from a tensor shaped like the
         output (``at(y, kept)``, with the output channels ``kept``, None: all), and the sample
         each row came from. ``valid`` (``[N, positions]``, from the attention mask): token rows
         to sample from; padding says nothing of the layer."""
         if self.layer.op == "Conv":
-            return self._conv_rows(x, out_shape, per_sample, rng, bias)
+            return self._conv_rows(x, out_shape, per_sample, rng)
         xr = x.reshape(len(x), -1, x.shape[-1])
         if valid is None or valid.shape != xr.shape[:2]:
             valid = np.ones(xr.shape[:2], dtype=bool)
@@ -361,7 +361,7 @@ class _Design:
                  for v in valid]
         owner = np.repeat(np.arange(len(x)), [len(p) for p in picks])
         pos = np.concatenate(picks) if picks else np.zeros(0, int)
-        xs = self._with_bias(len(owner), bias)
+        xs = self._empty_rows(len(owner))
         xs[:, 0, :self.features] = xr[owner, pos]
 
         def at(y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
@@ -370,14 +370,18 @@ class _Design:
             return ys.astype(np.float64)[:, None, :]
         return xs, at, owner
 
-    def _with_bias(self, count: int, bias: bool) -> np.ndarray:
-        """Rows ``[count, groups, features (+1)]`` to fill, the bias column already ones."""
-        xs = np.empty((count, self.groups, self.features + int(bias)))
-        if bias:
-            xs[:, :, self.features] = 1.0
+    @property
+    def columns(self) -> int:
+        """Unknowns per group and output: the features, and the bias if the layer has one."""
+        return self.features + int(self.layer.bias is not None)
+
+    def _empty_rows(self, count: int) -> np.ndarray:
+        """Rows ``[count, groups, columns]`` to fill, the bias column already ones."""
+        xs = np.empty((count, self.groups, self.columns))
+        xs[:, :, self.features:] = 1.0
         return xs
 
-    def _conv_rows(self, x, out_shape, per_sample, rng, bias):
+    def _conv_rows(self, x, out_shape, per_sample, rng):
         n, c, h, w_ = x.shape
         ho, wo = out_shape[2], out_shape[3]
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
@@ -390,7 +394,7 @@ class _Design:
         # channel rows (the same values as indexing the NCHW tensor, far fewer cache misses)
         xp = np.zeros((n, h + t + b, w_ + left + r, c), dtype=x.dtype)
         xp[:, t:t + h, left:left + w_] = x.transpose(0, 2, 3, 1)
-        xs = self._with_bias(len(owner), bias)
+        xs = self._empty_rows(len(owner))
         cols = xs[:, :, :self.features].reshape(len(owner), self.groups, -1, kh, kw)  # a view
         for i in range(kh):
             for j in range(kw):
@@ -427,8 +431,8 @@ class _Design:
 class _Normal:
     """The normal equations of one layer's rows, per group: ``XᵀX``, ``XᵀY``, ``‖Y‖²``."""
 
-    def __init__(self, design: _Design, bias: bool):
-        f = design.features + int(bias)
+    def __init__(self, design: _Design):
+        f = design.columns
         self.gram = np.zeros((design.groups, f, f))
         self.cross = np.zeros((design.groups, f, design.outputs))
         self.energy = 0.0

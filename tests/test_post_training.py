@@ -677,7 +677,7 @@ def test_conv_rows_are_the_im2col_patches_at_the_sampled_positions(groups, kerne
                      c // groups * kernel ** 2, 2, (kernel, kernel), (stride, stride), pads,
                      (dilation, dilation))
     y = RNG.standard_normal((n, 2 * groups, ho, ho)).astype(np.float32)
-    xs, at, owner = design.rows(x, y.shape, 5, np.random.default_rng(0), bias=bias)
+    xs, at, owner = design.rows(x, y.shape, 5, np.random.default_rng(0))
     assert xs.shape == (n * 5, groups, design.features + bias) and xs.dtype == np.float64
     # the naive im2col: every row is the zero-padded receptive field of one output position
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
