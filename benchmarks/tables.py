@@ -245,14 +245,14 @@ def _pipeline_row(title: str, v: dict, key: str, target: float | None) -> str:
             f"{v['seconds']:.0f} s | {rss} |")
 
 
-def _seed_rows(rows: dict, key: str, target: float | None) -> list[str]:
-    """The post-obspa row under other ``--seed`` values, and the median over all seeds."""
+def _seed_rows(rows: dict, base: str, key: str, target: float | None) -> list[str]:
+    """The ``base`` row under other ``--seed`` values, and the median over all seeds."""
     seeded = {int(label.rsplit("seed", 1)[1]): v for label, v in rows.items()
-              if label.startswith("post-obspa-seed")}
-    if not seeded or key not in rows.get("post-obspa", {}):
+              if label.startswith(f"{base}-seed")}
+    if not seeded or key not in rows.get(base, {}):
         return []
     out = [_pipeline_row(f"the same, `--seed {s}`", seeded[s], key, target) for s in sorted(seeded)]
-    values = [rows["post-obspa"][key], *(v[key] for v in seeded.values() if key in v)]
+    values = [rows[base][key], *(v[key] for _, v in sorted(seeded.items()) if key in v)]
     median = statistics.median(values)
     return [*out, f"| | median over seeds 0–{max(seeded)} | {median:.4f} "
             f"(of {', '.join(f'{x:.4f}' for x in values)}) | {_check(median, target)} | | | | |"]
@@ -277,8 +277,7 @@ def quality_pipeline(d: dict) -> str:
             if label in rows:
                 target = res["targets"].get(PIPELINE_TARGETS.get(label, ""))
                 lines.append(_pipeline_row(title, rows[label], key, target))
-            if label == "post-obspa":
-                lines.extend(_seed_rows(rows, key, res["targets"].get("post")))
+                lines.extend(_seed_rows(rows, label, key, target))
     cost = d.get("resnet50_cost")
     if cost:
         ok = cost.get("exit_code") == 0

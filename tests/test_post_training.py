@@ -331,7 +331,7 @@ def test_data_free_calibration_is_synthetic_reported_and_reproducible(cnn, tmp_p
     except ImportError:
         made = "synthetic (natural-image noise; PyTorch would invert the model)"
     assert body["calibration"]["kind"] == made
-    assert body["allocation"] == "uniform" and body["reconstruction"]["layers"] >= 1
+    assert body["allocation"] == "sensitivity" and body["reconstruction"]["layers"] >= 1
     assert main(["apply", str(src), str(plan), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
     assert out.read_bytes() == (tmp_path / "a.onnx").read_bytes()
 

@@ -92,7 +92,7 @@ class PruneOptions:
     normalization: Normalization = like(ScoringOptions, "normalization")
     global_ranking: bool = option(False, name="--global", help="rank channels across groups "
                                   "instead of the same ratio per group (--allocation global)")
-    # None: sensitivity with --calib, else uniform (or global with --global).
+    # None: sensitivity with --calib (synthetic too), else uniform (or global with --global).
     allocation: AllocationMethod | None = option(
         None, enum=AllocationMethod, help="how the budget is spread over the groups: uniform "
         "(same ratio per group), global (one ranking across groups) or sensitivity (measured "
@@ -200,9 +200,9 @@ class PruneOptions:
             return AllocationMethod.GLOBAL
         if self.target is Target.LATENCY and not (self.calib and self.calib != "synthetic"):
             return AllocationMethod.GLOBAL  # non-uniform widths: importance per millisecond
-        # Synthetic inputs: uniform measured better than their sensitivities (docs/cli.md).
-        return AllocationMethod.SENSITIVITY if self.calib and self.calib != "synthetic" \
-            else AllocationMethod.UNIFORM
+        # Synthetic inputs too: their sensitivities keep far more of a compact network than
+        # one ratio everywhere (docs/cli.md).
+        return AllocationMethod.SENSITIVITY if self.calib else AllocationMethod.UNIFORM
 
     @property
     def reconstructs(self) -> bool:
