@@ -107,7 +107,7 @@ def prune_variants(bench: Bench, cut: Cut) -> dict[str, list[str]]:
         out["data-free-r0.1"] = ["--ratio", "0.1"]
         out["data-free-synthetic-r0.1"] = ["--ratio", "0.1", "--calib", "synthetic"]
     for seed in SEEDS.get(bench.name, ()):
-        for label in SEEDED:
+        for label in (v for v in SEEDED if v in out):
             out[f"{label}-seed{seed}"] = [*out[label], "--seed", str(seed)]
     return out
 
