@@ -66,9 +66,9 @@ CUTS: dict[str, Cut] = {
                          {"post": 0.99, "data-free": 0.90}),
 }
 RECOVERED_FROM = "post-obspa"
-#: The post-obspa row again under these ``--seed`` values (the held-out split, and with it the
-#: samples every later stage reads). EfficientNet-Lite0 is scored on views of 15 photos, and one
-#: run's agreement moves by up to 0.06 between seeds: the table also shows the median.
+#: The :data:`SEEDED` rows again under these ``--seed`` values (the held-out split, and with it
+#: the samples every later stage reads). EfficientNet-Lite0 is scored on views of 15 photos, and
+#: one run's agreement moves by up to 0.06 between seeds: the table also shows the median.
 SEEDS: dict[str, tuple[int, ...]] = {"effnet": (1, 2)}
 #: Variants that run again under each of the model's :data:`SEEDS` (for ``--calib synthetic``
 #: the seed also draws the inverted images).
