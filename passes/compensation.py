@@ -15,7 +15,7 @@ embedding) gets no update: one layer's update would untie it, and the file would
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,37 +55,18 @@ class BiasShifts:
 
 
 class Compensation:
-    """``Compensation(damping=λ).run(analysis, plan, statistics) -> WeightUpdates``."""
+    """``Compensation(damping=λ).run(analysis, plan, statistics) -> WeightUpdates``;
+    ``reuse_inverses``: keep each layer's ``(H + λI)⁻¹`` between runs (the sensitivity measures
+    many one-group plans against the same statistics)."""
 
-    def __init__(self, *, damping: float):
+    def __init__(self, *, damping: float, reuse_inverses: bool = False):
         self.damping = damping
+        self.inverses: dict[tuple[str, int], np.ndarray] | None = {} if reuse_inverses else None
 
     def run(self, analysis: Analysis, plan: Plan, statistics: LayerStats) -> WeightUpdates:
-        tensors = analysis.model.graph.tensors()
-        tied = tied_names(analysis.model.ties, analysis.model.graph)
-        out: dict[str, np.ndarray] = {}
-        updated = 0
-        skipped: list[str] = []
-        untied: list[str] = []
         removed = removed_indices(analysis, plan).items()
-        for key, gone in progress(removed, "compensation", unit="layer"):
-            h = statistics.hessian(key)
-            t = tensors.get(key[0])
-            if h is not None and quantized_weight(t) is not None:
-                skipped.append(key[0])
-                continue
-            if h is not None and key[0] in tied:
-                untied.append(key[0])
-                continue
-            if h is None or not isinstance(t, gs.Constant) or h.ndim == 1:
-                continue  # not a consumer layer, or a diagonal H (no cross terms to use)
-            values = np.asarray(out.get(key[0], t.values))
-            w = layer_rows(values, key[1])
-            keep = np.setdiff1d(np.arange(w.shape[0]), gone)
-            obs_remove(w, damped_inverse(h, self.damping), gone, keep)
-            moved = np.moveaxis(values, key[1], 0).shape
-            out[key[0]] = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
-            updated += 1
+        out, updated, skipped, untied = self._update(
+            analysis, progress(removed, "compensation", unit="layer"), statistics)
         if skipped:
             # A float update rounded back into int8 would be lossy: quantised layers lose their
             # channels without it (spa/coupling/rules/quant.py).
@@ -96,6 +77,48 @@ class Compensation:
             log.warning("compensation not written into %d tied weight(s) (%s): an update would "
                         "untie them", len(untied), _some(untied))
         return WeightUpdates(out, updated)
+
+    def values(self, analysis: Analysis, plan: Plan,
+               statistics: LayerStats) -> Mapping[str, np.ndarray]:
+        """The updated full-size weights alone, with no progress and no warnings."""
+        return self._update(analysis, removed_indices(analysis, plan).items(), statistics)[0]
+
+    def _update(self, analysis: Analysis, removed: Iterable[tuple[tuple[str, int], np.ndarray]],
+                statistics: LayerStats
+                ) -> tuple[dict[str, np.ndarray], int, list[str], list[str]]:
+        tensors = analysis.model.graph.tensors()
+        tied = tied_names(analysis.model.ties, analysis.model.graph)
+        out: dict[str, np.ndarray] = {}
+        updated = 0
+        skipped: list[str] = []
+        untied: list[str] = []
+        for key, gone in removed:
+            h = statistics.hessian(key)
+            t = tensors.get(key[0])
+            if h is not None and quantized_weight(t) is not None:
+                skipped.append(key[0])
+                continue
+            if h is not None and key[0] in tied:
+                untied.append(key[0])
+                continue
+            if h is None or not isinstance(t, gs.Constant) or h.ndim == 1:
+                continue  # not a consumer layer, or a diagonal H (no cross terms to use)
+            values = out[key[0]] if key[0] in out else np.array(t.values)  # never a view
+            w = layer_rows(values, key[1])
+            keep = np.setdiff1d(np.arange(w.shape[0]), gone)
+            obs_remove(w, self._inverse(key, h), gone, keep)
+            moved = np.moveaxis(values, key[1], 0).shape
+            out[key[0]] = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
+            updated += 1
+        return out, updated, skipped, untied
+
+    def _inverse(self, key: tuple[str, int], h: np.ndarray) -> np.ndarray:
+        """``(H + λI)⁻¹``, a copy the OBS removal may update in place."""
+        if self.inverses is None:
+            return damped_inverse(h, self.damping)
+        if key not in self.inverses:
+            self.inverses[key] = damped_inverse(h, self.damping)
+        return self.inverses[key].copy()
 
 
 def _some(names: list[str]) -> str:

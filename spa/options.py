@@ -78,6 +78,26 @@ def flag_of(field: dataclasses.Field) -> Flag | None:
     return field.metadata.get(_KEY)
 
 
+def enum_values(obj: Any) -> None:
+    """Turn the enum options of a frozen dataclass given as their values (``"calibration"``
+    from the Python API, as the CLI parses them) into the enum's members. A string left as it
+    is would compare unequal to every member and silently choose none of them."""
+    for field in dataclasses.fields(obj):
+        spec = flag_of(field)
+        value = getattr(obj, field.name)
+        if spec is not None and spec.enum is not None and isinstance(value, str):
+            object.__setattr__(obj, field.name, _member(field.name, spec.enum, value))
+
+
+def _member(name: str, enum: type[Enum], value: Any) -> Enum:
+    """``enum(value)``; an unknown value is an :class:`OptionError` listing the known ones."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise OptionError(f"{name}: {value!r} is not one of "
+                          f"{', '.join(str(e.value) for e in enum)}") from None
+
+
 def check_ratio(value: float, what: str = "ratio") -> float:
     """A ratio of something to remove lies in [0, 1); the one check every front end uses."""
     if not 0.0 <= value < 1.0:
@@ -237,11 +257,7 @@ def replace_checked(options: Any, values: dict[str, Any]) -> Any:
         spec = flag_of(fields[name])
         if spec is not None and spec.enum is not None and not isinstance(value, Enum) \
                 and value is not None:
-            try:
-                value = spec.enum(value)
-            except ValueError:
-                raise OptionError(f"{name}: {value!r} is not one of "
-                                  f"{', '.join(e.value for e in spec.enum)}") from None
+            value = _member(name, spec.enum, value)
         elif isinstance(value, list):
             value = tuple(value)
         out[name] = value

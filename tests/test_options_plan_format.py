@@ -16,6 +16,7 @@ import pytest
 from spa.api import CheckOptions, PruneOptions, analyze, apply, plan, prune
 from spa.choices import HessianSource, Target
 from spa.cli import build_parser
+from spa.errors import OptionError
 from spa.options import flag_of, from_args
 from spa.passes.compensation import Compensation
 from spa.passes.importance.obspa import OBSPA, OBSPAOptions
@@ -62,6 +63,16 @@ def test_a_ratio_is_checked_in_one_place() -> None:
 
     with pytest.raises(OptionError, match=r"heads ratio must be in \[0, 1\), got 1.5"):
         PruneOptions(heads_ratio=1.5)
+
+
+def test_an_enum_option_is_taken_by_its_value_or_refused() -> None:
+    """``PruneOptions(hessian="calibration")`` means the member, as the CLI's parse does; a
+    plain string would compare unequal to every member, and the statistics would silently have
+    been drawn from random inputs instead of the calibration data."""
+    assert PruneOptions(hessian="calibration").hessian is HessianSource.CALIBRATION
+    assert PruneOptions(target="latency").target is Target.LATENCY
+    with pytest.raises(OptionError, match="hessian: 'calib' is not one of synthetic"):
+        PruneOptions(hessian="calib")
 
 
 def test_plan_recipe_is_typed_and_round_trips(model_path: Path) -> None:

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, prune
+from spa.choices import HessianSource
 from spa.cli import main
 from spa.coupling.analysis import GroupKind
 from spa.errors import ExitCode
@@ -28,6 +29,7 @@ from spa.passes.sensitivity import Sensitivity
 from spa.plan import Plan
 
 RNG = np.random.default_rng(11)
+CALIBRATION = HessianSource.CALIBRATION
 
 
 def _model(nodes, inits: dict[str, np.ndarray], x_shape, y_shape) -> onnx.ModelProto:
@@ -334,6 +336,60 @@ def test_data_free_calibration_is_synthetic_reported_and_reproducible(cnn, tmp_p
     assert body["allocation"] == "sensitivity" and body["reconstruction"]["layers"] >= 1
     assert main(["apply", str(src), str(plan), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
     assert out.read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
+def test_sensitivity_measures_the_damage_the_compensation_leaves(tmp_path, monkeypatch):
+    """With OBSPA's weight update, a group's damage curve is that of the compensated model the
+    emit writes, not of its channels zeroed. In the linear MLP, the hidden layer is affine in
+    x (rank 5 with its bias): removing up to 3 of its 8 channels is undone exactly by the
+    update of the next layer (damping ~0), while zeroed they cost a share of the output."""
+    from spa.api import analyze
+    from spa.pipeline.stages import make_plan
+
+    monkeypatch.setattr(sys.modules[__name__], "RNG", np.random.default_rng(1))
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(_linear_mlp(), str(src))
+    np.savez(calib, x=np.random.default_rng(2).standard_normal((80, 4)).astype(np.float32))
+    curves = {}
+    for compensate in (True, False):
+        options = PruneOptions(ratio=0.5, criterion="obspa", hessian=CALIBRATION,
+                               calib=str(calib), compensate=compensate, damping=1e-8)
+        sens = make_plan(analyze(src), options).sensitivities
+        assert sens is not None and len(sens.curves) == 1
+        curves[compensate] = next(iter(sens.curves.values()))
+    updated, zeroed = curves[True], curves[False]
+    assert updated.removed == zeroed.removed == (1, 2, 4, 6, 7)
+    assert max(updated.damage[:2]) < 1e-10 < 1e-2 < min(zeroed.damage[:2]), (updated, zeroed)
+    assert all(u < z for u, z in zip(updated.damage, zeroed.damage)), (updated, zeroed)
+
+
+def test_sensitivity_judges_the_update_on_samples_it_was_not_fitted_to(tmp_path, monkeypatch):
+    """An update fitted to fewer samples than its layer has inputs reproduces those samples
+    (almost) exactly: judged on them, removals look nearly free. The sensitivity fits it
+    without the validation runs and measures the damage on them (x[64] → 128 → ReLU → 4, 72
+    samples: 57 fit, 8 judge)."""
+    from spa.api import analyze
+    from spa.pipeline import stages
+
+    rng = np.random.default_rng(5)
+    inits = {"w1": rng.standard_normal((64, 128)) / 8, "w2": rng.standard_normal((128, 4))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(_model(nodes, inits, ["N", 64], ["N", 4]), str(src))
+    np.savez(calib, x=rng.standard_normal((72, 64)).astype(np.float32))
+    options = PruneOptions(ratio=0.5, criterion="obspa", hessian=CALIBRATION,
+                           calib=str(calib), damping=1e-8)
+    judged = stages.make_plan(analyze(src), options).sensitivities
+    monkeypatch.setattr(stages, "MIN_SAMPLES", 10**9)  # too few to hold out: fit on all
+    in_sample = stages.make_plan(analyze(src), options).sensitivities
+    assert judged is not None and in_sample is not None
+    assert judged.samples == 8 and in_sample.samples == 32
+    (cv,), (fit,) = judged.curves.values(), in_sample.curves.values()
+    assert cv.removed == fit.removed == (16, 32, 64, 96, 127)
+    # in-sample the removals look 16-35x cheaper than they are on the judged samples
+    assert all(f < 0.2 * c for f, c in zip(fit.damage[:2], cv.damage[:2])), (cv, fit)
 
 
 def test_sensitivity_keeps_each_kinds_budget(tmp_path):

@@ -29,6 +29,7 @@ from spa.choices import (
 from spa.errors import OptionError
 from spa.options import (
     check_ratio,
+    enum_values,
     like,
     option,
     parse_bytes,
@@ -161,6 +162,7 @@ class PruneOptions:
                                    metavar="NAME=SIZE", help=_INPUT_DIM_HELP)
 
     def __post_init__(self) -> None:
+        enum_values(self)
         if self.round_to != AUTO and (isinstance(self.round_to, bool) or not isinstance(
                 self.round_to, int) or self.round_to < 1):
             raise OptionError(f"round_to must be an integer ≥ 1 or {AUTO!r}, got "

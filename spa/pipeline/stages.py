@@ -28,6 +28,7 @@ from spa.inputs import InputDims, resolve
 from spa.ir import to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
 from spa.passes.allocation import Allocation
+from spa.passes.compensation import Compensation
 from spa.passes.depth import Depth, with_depth
 from spa.passes.importance import CRITERIA, Criterion, get_criterion
 from spa.passes.importance.gradient import Gradient
@@ -35,7 +36,7 @@ from spa.passes.importance.obspa import OBSPA
 from spa.passes.kernel_widths import KernelWidths
 from spa.passes.latency import LatencyTable
 from spa.passes.latency_profile import LatencyProfile
-from spa.passes.sensitivity import Sensitivities, Sensitivity
+from spa.passes.sensitivity import MIN_SAMPLES, Sensitivities, Sensitivity
 from spa.passes.statistics import LayerStatistics, LayerStats
 from spa.pipeline.options import AUTO, CheckOptions, PruneOptions
 from spa.plan import Plan
@@ -53,6 +54,7 @@ ModelLike = PathLike | onnx.ModelProto | LoadedModel
 #: Per-weight saliencies (by ONNX constant name) for a gradient criterion, given what the
 #: criterion needs ("wg" or "whg"): the PyTorch front end computes them on the user's module.
 SaliencySource = Callable[[str], Mapping[str, np.ndarray]]
+WeightUpdate = Callable[[Plan], Mapping[str, np.ndarray]]
 
 
 #: Least-squares rows per layer (passes/reconstruction.py): at least ``RECONSTRUCTION_ROWS``, up
@@ -220,8 +222,9 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
         if calib is None:
             raise OptionError("--allocation sensitivity measures each group's damage on "
                               "calibration data: give --calib PATH")
-        sensitivities = Sensitivity(min_channels=options.min_channels).run(
-            analysis, to_onnx(analysis.model), scores, calib.train)
+        update, judged = _compensation(analysis, options, criterion, statistics, calib)
+        sensitivities = Sensitivity(min_channels=options.min_channels, update=update).run(
+            analysis, to_onnx(analysis.model), scores, judged)
     if table is None and options.target is Target.LATENCY:
         table = latency_table(analysis, options)
     steps = kernel_steps(analysis, options)
@@ -243,6 +246,33 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
                  table.dense_ms, predicted, table.dense_ms / max(predicted, 1e-9),
                  latency.requested_speedup)
     return Planned(plan, statistics, sensitivities, latency)
+
+
+def _compensation(analysis: Analysis, options: PruneOptions, criterion: Criterion,
+                  statistics: LayerStats | None, calib: Calibration
+                  ) -> tuple[WeightUpdate | None, Mapping[str, np.ndarray]]:
+    """OBSPA's weight update of a plan, for the sensitivity to measure each group's damage as
+    the written model will have it (the removed channels' consumers compensated, not merely
+    zeroed), and the samples to measure it on. From calibration Hessians the update is fitted
+    without the validation runs (:func:`spa.calibration.validation_runs`) and the damage is
+    measured on them: judged on the samples it was fitted to, an update looks as good as it
+    overfits (EfficientNet-Lite0 on views of 28 photos: its classifier, fed one pooled row per
+    view, lost half its inputs). No update when the recipe compensates nothing, or from other
+    statistics than these (the emit recomputes those: spa/pipeline/emit.py). With fewer than
+    :data:`~spa.passes.sensitivity.MIN_SAMPLES` validation samples, fitted and measured on all."""
+    if not (criterion.compensation and options.compensate) or statistics is None \
+            or statistics.source is not options.hessian:
+        return None, calib.train
+    judged = calib.train
+    runs = calib_data.validation_runs(calib_data.sample_count(calib.train))
+    if statistics.source is HessianSource.CALIBRATION and runs.sum() >= MIN_SAMPLES:
+        judged = {k: np.asarray(v)[runs] for k, v in calib.train.items()}
+        statistics = LayerStatistics(
+            source=statistics.source, samples=options.samples, seed=options.seed,
+            calib={k: np.asarray(v)[~runs] for k, v in calib.train.items()},
+            dims=dict(options.input_dims)).run(analysis)
+    comp = Compensation(damping=options.damping, reuse_inverses=True)
+    return (lambda plan: comp.values(analysis, plan, statistics)), judged
 
 
 def _depth(analysis: Analysis, plan: Plan, options: PruneOptions,
