@@ -29,7 +29,10 @@ the textbook approximation otherwise. A channel budget takes the prefix of that 
 removes its share of each pool's channels (a pool per kind with its own ratio, and the heads
 apart from the channels); a params/FLOPs
 target takes the shortest prefix whose *counted* reduction (the cost model on the whole plan, so
-interactions between groups are counted) meets it, found by bisection.
+interactions between groups are counted) meets it, found by bisection, less the steps it does
+not need: the crossing step can be large (16 of a conv's 32 channels), and the last steps that
+can be undone with the target still met are (the MNIST CNN at 2× FLOPs, OBSPA: ÷3.63 → ÷2.00,
+held-out accuracy 0.9893 → 0.9903).
 
 Latency target (``Target.LATENCY``, with a measured table of passes/latency.py): the budget is
 the predicted milliseconds saved, ``ratio`` the share of the dense latency to remove. A removal
@@ -242,7 +245,7 @@ class Allocation:
         if best[0] < self.ratio:
             return None
         # the fewest groups rounded down that meet the target
-        best = _shortest_prefix(reduction, self.ratio, len(downs), best)
+        best = _shortest_prefix(reduction, self.ratio, len(downs), best)[1]
         return self._rebalance(analysis, scores, cost, before, ratio,
                                {gid: len(k) for gid, k in best[1].items()})
 
@@ -320,7 +323,35 @@ class Allocation:
             log.warning("target %s reduction %.3f is out of reach; best is %.3f",
                         self.target.value, self.ratio, best[0])
             return best[1]
-        return _shortest_prefix(reduction, self.ratio, len(steps), best)[1]
+        prefix = _shortest_prefix(reduction, self.ratio, len(steps), best)[0]
+        counts = dict(removed)
+        for gid, count in steps[:prefix]:
+            counts[gid] = count
+        if self.target is Target.LATENCY:
+            return keep_of(counts)
+        return keep_of(self._trimmed(analysis, scores, cost, before, steps[:prefix], counts,
+                                     keep_of))
+
+    def _trimmed(self, analysis, scores, cost, before, taken: list[tuple[int, int]],
+                 counts: dict[int, int], keep_of) -> dict[int, int]:
+        """``counts`` without the steps the target does not need. The shortest prefix ends
+        with the step that crosses the target, and that step may be large (half a conv's
+        channels, in blocks of 16) and make earlier steps superfluous: each of the last
+        :data:`TRIMMED` steps, the most damaging per unit of budget first, is undone if the
+        counted reduction still meets the target without it. Undoing never adds damage."""
+        before_step = {}
+        previous: dict[int, int] = {}
+        for i, (gid, count) in enumerate(taken):
+            before_step[i] = previous.get(gid, 0)
+            previous[gid] = count
+        for i in range(len(taken) - 1, max(len(taken) - 1 - TRIMMED, -1), -1):
+            gid, count = taken[i]
+            if counts[gid] != count:  # a later step of its group is still taken
+                continue
+            trial = {**counts, gid: before_step[i]}
+            if self._reduction(analysis, keep_of(trial), scores, cost, before) >= self.ratio:
+                counts = trial
+        return counts
 
     def _cost_per_channel(self, analysis, groups, scores, cost) -> dict[int, float]:
         """Params or MACs freed per channel of each group, alone at half its width."""
@@ -394,6 +425,7 @@ class Allocation:
 
 
 Searched = tuple[float, dict[int, np.ndarray]]  # (reduction, kept channels)
+TRIMMED = 64  # the last steps of a params/FLOPs target's prefix tried undone
 T = TypeVar("T")
 
 
@@ -414,9 +446,9 @@ def least_ratio(reduction: Callable[[float], tuple[float, T]], target: float, hi
 
 
 def _shortest_prefix(reduction: Callable[[int], Searched], target: float, n: int,
-                     best: Searched) -> Searched:
+                     best: Searched) -> tuple[int, Searched]:
     """The shortest prefix of ``n`` ordered steps whose reduction meets ``target`` (``best``:
-    what all ``n`` give, which meets it)."""
+    what all ``n`` give, which meets it): its length and what it gives."""
     lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi) // 2
@@ -425,7 +457,7 @@ def _shortest_prefix(reduction: Callable[[int], Searched], target: float, n: int
             hi, best = mid, (red, keep)
         else:
             lo = mid + 1
-    return best
+    return hi, best
 
 
 def _by_id(analysis: Analysis) -> dict[int, Group]:

@@ -177,3 +177,19 @@ def test_bn_scale_freezes_groups_without_batchnorm(tmp_path) -> None:
     frozen = {f.size: f.reasons for f in pruned.plan.frozen}
     assert "no BatchNormalization" in frozen[6][0]
     assert init_shapes(pruned.path)["c2.w"] == (6, 2, 3, 3)
+
+
+def test_a_flops_target_undoes_the_steps_it_does_not_need(monkeypatch) -> None:
+    """The shortest prefix of the greedy order ends with the step that crosses the target, and
+    a large one can make earlier steps superfluous: those are undone, the most damaging per
+    unit of budget (the latest) first, while the counted reduction still meets the target.
+    Here a channel of group 2 frees 10 units, of groups 0 and 1 one unit each."""
+    alloc = Allocation(ratio=0.5, target=Target.FLOPS)
+    price = {0: 1, 1: 1, 2: 10}
+    monkeypatch.setattr(alloc, "_reduction", lambda analysis, counts, scores, cost, before:
+                        sum(price[g] * n for g, n in counts.items()) / 100)
+    taken = [(0, 10), (1, 10), (0, 20), (2, 3)]  # reduction 0.6 after the crossing step
+    counts = {0: 20, 1: 10, 2: 3}
+    trimmed = alloc._trimmed(None, None, None, None, taken, counts, lambda c: c)
+    # (2, 3) is needed, (0, 20) is not (0.5 without it), then (1, 10) and (0, 10) are
+    assert trimmed == {0: 10, 1: 10, 2: 3}
