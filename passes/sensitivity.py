@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 RATIOS = (0.125, 0.25, 0.5, 0.75)
 MACS_BUDGET = 2e12  # multiply-adds all masked runs may cost together, before samples fall
 MIN_SAMPLES = 8
+#: A plan's updated full-size consumer weights, by initializer name (the compensation's).
+WeightUpdate = Callable[[Plan], Mapping[str, np.ndarray]]
 FRONTIER_MEMORY = 1 << 30  # the shared prefix's live tensors held in memory; beyond, on disk
 
 
@@ -81,11 +83,11 @@ class Sensitivities:
 
 class Sensitivity:
     """``Sensitivity(ratios=…, samples=…, update=…).run(analysis, original, scores, inputs)``;
-    ``update``: a plan's updated full-size consumer weights, by name (the compensation's)."""
+    ``update``: the compensation's weights for a plan (:data:`WeightUpdate`)."""
 
     def __init__(self, *, ratios: tuple[float, ...] = RATIOS, samples: int = 32,
                  min_channels: int = 1, macs_budget: float = MACS_BUDGET,
-                 update: Callable[[Plan], Mapping[str, np.ndarray]] | None = None):
+                 update: WeightUpdate | None = None):
         self.ratios, self.samples, self.min_channels = ratios, samples, min_channels
         self.update = update
         self.macs_budget = macs_budget  # fewer samples (down to MIN_SAMPLES) for big models
@@ -147,7 +149,7 @@ class _Masked:
 
     def __init__(self, original: onnx.ModelProto, analysis: Analysis,
                  extra: Collection[str] = (),
-                 update: Callable[[Plan], Mapping[str, np.ndarray]] | None = None):
+                 update: WeightUpdate | None = None):
         from spa.coupling.types import Role
 
         self.original, self.analysis, self.update = original, analysis, update
@@ -249,7 +251,7 @@ class _Masked:
             return _outputs(val.session(copy), feeds)
         return _outputs(self.session, feeds, self._weights(zero, plan))
 
-    def inits_dtype(self, name: str) -> np.dtype:
+    def _dtype(self, name: str) -> np.dtype:
         return onnx.helper.tensor_dtype_to_np_dtype(self.inits[name].data_type)
 
     def _suffix(self, prefix: Runner, fed: Collection[str]):
@@ -274,7 +276,7 @@ class _Masked:
         weights = {}
         updated = self.update(plan) if self.update is not None and plan is not None else {}
         for name, slices in zero.items():
-            arr = np.array(updated[name], dtype=self.inits_dtype(name)) if name in updated \
+            arr = np.array(updated[name], dtype=self._dtype(name)) if name in updated \
                 else onnx.numpy_helper.to_array(self.inits[name]).copy()
             for axis, idx in slices:
                 index: list[slice | np.ndarray] = [slice(None)] * arr.ndim

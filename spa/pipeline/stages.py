@@ -36,7 +36,7 @@ from spa.passes.importance.obspa import OBSPA
 from spa.passes.kernel_widths import KernelWidths
 from spa.passes.latency import LatencyTable
 from spa.passes.latency_profile import LatencyProfile
-from spa.passes.sensitivity import MIN_SAMPLES, Sensitivities, Sensitivity
+from spa.passes.sensitivity import MIN_SAMPLES, Sensitivities, Sensitivity, WeightUpdate
 from spa.passes.statistics import LayerStatistics, LayerStats
 from spa.pipeline.options import AUTO, CheckOptions, PruneOptions
 from spa.plan import Plan
@@ -54,7 +54,6 @@ ModelLike = PathLike | onnx.ModelProto | LoadedModel
 #: Per-weight saliencies (by ONNX constant name) for a gradient criterion, given what the
 #: criterion needs ("wg" or "whg"): the PyTorch front end computes them on the user's module.
 SaliencySource = Callable[[str], Mapping[str, np.ndarray]]
-WeightUpdate = Callable[[Plan], Mapping[str, np.ndarray]]
 
 
 #: Least-squares rows per layer (passes/reconstruction.py): at least ``RECONSTRUCTION_ROWS``, up
