@@ -329,29 +329,10 @@ class Allocation:
             counts[gid] = count
         if self.target is Target.LATENCY:
             return keep_of(counts)
-        return keep_of(self._trimmed(analysis, scores, cost, before, steps[:prefix], counts,
-                                     keep_of))
 
-    def _trimmed(self, analysis, scores, cost, before, taken: list[tuple[int, int]],
-                 counts: dict[int, int], keep_of) -> dict[int, int]:
-        """``counts`` without the steps the target does not need. The shortest prefix ends
-        with the step that crosses the target, and that step may be large (half a conv's
-        channels, in blocks of 16) and make earlier steps superfluous: each of the last
-        :data:`TRIMMED` steps, the most damaging per unit of budget first, is undone if the
-        counted reduction still meets the target without it. Undoing never adds damage."""
-        before_step = {}
-        previous: dict[int, int] = {}
-        for i, (gid, count) in enumerate(taken):
-            before_step[i] = previous.get(gid, 0)
-            previous[gid] = count
-        for i in range(len(taken) - 1, max(len(taken) - 1 - TRIMMED, -1), -1):
-            gid, count = taken[i]
-            if counts[gid] != count:  # a later step of its group is still taken
-                continue
-            trial = {**counts, gid: before_step[i]}
-            if self._reduction(analysis, keep_of(trial), scores, cost, before) >= self.ratio:
-                counts = trial
-        return counts
+        def meets(trial: dict[int, int]) -> bool:
+            return self._reduction(analysis, keep_of(trial), scores, cost, before) >= self.ratio
+        return keep_of(_trimmed(steps[:prefix], counts, meets))
 
     def _cost_per_channel(self, analysis, groups, scores, cost) -> dict[int, float]:
         """Params or MACs freed per channel of each group, alone at half its width."""
@@ -458,6 +439,28 @@ def _shortest_prefix(reduction: Callable[[int], Searched], target: float, n: int
         else:
             lo = mid + 1
     return hi, best
+
+
+def _trimmed(taken: list[tuple[int, int]], counts: dict[int, int],
+             meets: Callable[[dict[int, int]], bool]) -> dict[int, int]:
+    """``counts`` (after the ``taken`` steps) without the steps the target does not need. The
+    shortest prefix ends with the step that crosses the target, and that step may be large
+    (half a conv's channels, in blocks of 16) and make earlier steps superfluous: each of the
+    last :data:`TRIMMED` steps, the most damaging per unit of budget first, is undone if the
+    plan still ``meets`` the target without it. Undoing never adds damage."""
+    before_step: list[int] = []
+    previous: dict[int, int] = {}
+    for gid, count in taken:
+        before_step.append(previous.get(gid, 0))
+        previous[gid] = count
+    for i in range(len(taken) - 1, max(len(taken) - 1 - TRIMMED, -1), -1):
+        gid, count = taken[i]
+        if counts[gid] != count:  # a later step of its group is still taken
+            continue
+        trial = {**counts, gid: before_step[i]}
+        if meets(trial):
+            counts = trial
+    return counts
 
 
 def _by_id(analysis: Analysis) -> dict[int, Group]:

@@ -56,8 +56,8 @@ class BiasShifts:
 
 class Compensation:
     """``Compensation(damping=λ).run(analysis, plan, statistics) -> WeightUpdates``;
-    ``reuse_inverses``: keep each layer's ``(H + λI)⁻¹`` between runs (the sensitivity measures
-    many one-group plans against the same statistics)."""
+    ``reuse_inverses``: keep the last plan's layers' ``(H + λI)⁻¹`` for the next run (the
+    sensitivity measures several cuts of one group in a row against the same statistics)."""
 
     def __init__(self, *, damping: float, reuse_inverses: bool = False):
         self.damping = damping
@@ -92,6 +92,7 @@ class Compensation:
         updated = 0
         skipped: list[str] = []
         untied: list[str] = []
+        used: set[tuple[str, int]] = set()
         for key, gone in removed:
             h = statistics.hessian(key)
             t = tensors.get(key[0])
@@ -107,9 +108,14 @@ class Compensation:
             w = layer_rows(values, key[1])
             keep = np.setdiff1d(np.arange(w.shape[0]), gone)
             obs_remove(w, self._inverse(key, h), gone, keep)
+            used.add(key)
             moved = np.moveaxis(values, key[1], 0).shape
             out[key[0]] = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
             updated += 1
+        if self.inverses is not None:  # only this plan's layers: the next plan is most often
+            # another cut of the same group (the sensitivity's order), and every layer's
+            # inverse kept would double the memory of the statistics
+            self.inverses = {k: v for k, v in self.inverses.items() if k in used}
         return out, updated, skipped, untied
 
     def _inverse(self, key: tuple[str, int], h: np.ndarray) -> np.ndarray:

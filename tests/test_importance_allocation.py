@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from spa.api import CheckOptions, PruneOptions, analyze, prune
 from spa.errors import OptionError
-from spa.passes.allocation import Allocation, Target
+from spa.passes.allocation import Allocation, Target, _trimmed
 from spa.passes.importance import Normalization, Reduction, get_criterion
 from tests.graphs import Builder, init_shapes
 from tests.oracle import prune_checked
@@ -179,17 +179,17 @@ def test_bn_scale_freezes_groups_without_batchnorm(tmp_path) -> None:
     assert init_shapes(pruned.path)["c2.w"] == (6, 2, 3, 3)
 
 
-def test_a_flops_target_undoes_the_steps_it_does_not_need(monkeypatch) -> None:
+def test_a_flops_target_undoes_the_steps_it_does_not_need() -> None:
     """The shortest prefix of the greedy order ends with the step that crosses the target, and
     a large one can make earlier steps superfluous: those are undone, the most damaging per
     unit of budget (the latest) first, while the counted reduction still meets the target.
     Here a channel of group 2 frees 10 units, of groups 0 and 1 one unit each."""
-    alloc = Allocation(ratio=0.5, target=Target.FLOPS)
     price = {0: 1, 1: 1, 2: 10}
-    monkeypatch.setattr(alloc, "_reduction", lambda analysis, counts, scores, cost, before:
-                        sum(price[g] * n for g, n in counts.items()) / 100)
+
+    def meets(counts: dict[int, int]) -> bool:  # a reduction of 0.5
+        return sum(price[g] * n for g, n in counts.items()) / 100 >= 0.5
+
     taken = [(0, 10), (1, 10), (0, 20), (2, 3)]  # reduction 0.6 after the crossing step
-    counts = {0: 20, 1: 10, 2: 3}
-    trimmed = alloc._trimmed(None, None, None, None, taken, counts, lambda c: c)
+    trimmed = _trimmed(taken, {0: 20, 1: 10, 2: 3}, meets)
     # (2, 3) is needed, (0, 20) is not (0.5 without it), then (1, 10) and (0, 10) are
     assert trimmed == {0: 10, 1: 10, 2: 3}
