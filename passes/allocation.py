@@ -10,8 +10,9 @@
   move back to the smallest ratio that still meets it (:meth:`Allocation._to_steps`).
 
 Per-kind ratios: attention-head groups use ``heads_ratio``, dense-neuron groups (MLP widths)
-``mlp_ratio`` and the residual stream ``hidden_ratio`` when given, instead of ``ratio`` (uniform
-allocation; a params/FLOPs search varies only ``ratio``).
+``mlp_ratio`` and the residual stream ``hidden_ratio`` when given, instead of ``ratio``; a
+params/FLOPs search varies only ``ratio``. The global ranking ranks within each such pool, at its
+ratio (before, it read ``ratio`` alone: ``--global --heads-ratio 0.3 --ratio 0`` pruned nothing).
 
 Constraints: keep at least ``min_channels`` per group (never zero; a head group keeps at least
 one head); with ``round_to = r`` the number of kept channels is rounded up to a multiple of ``r``
@@ -140,8 +141,10 @@ class Allocation:
     def _counts(self, analysis: Analysis, scores: Scores, ratio: float) -> dict[int, int]:
         """Kept counts at ``ratio`` before rounding, at least ``min_channels``."""
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
-        if self.global_ranking:
-            counts = _global_counts(groups, scores, ratio, self.min_channels)
+        if self.global_ranking:  # ranked across the groups of each pool, at its ratio
+            counts = {}
+            for (_, pool_ratio), pool in self._pools(groups, ratio, heads_apart=False).items():
+                counts |= _global_counts(pool, scores, pool_ratio, self.min_channels)
         else:
             counts = {g.id: g.size - math.floor(self._ratio_for(g, ratio) * g.size)
                       for g in groups}
@@ -179,6 +182,18 @@ class Allocation:
             return 1
         step = self.round_to if self.steps is None else self.steps.get(group.id, 1)
         return step if group.size >= step else 1
+
+    def _pools(self, groups: list[Group], ratio: float, *, heads_apart: bool
+               ) -> dict[tuple[GroupKind | None, float], list[Group]]:
+        """The groups that share one budget, by (kind, its ratio): a pool per kind that has a
+        ratio of its own (``--heads-ratio``, ``--mlp-ratio``, ``--hidden-ratio``), the head
+        groups apart too with ``heads_apart``, and the rest (kind None) at ``ratio``."""
+        pools: dict[tuple[GroupKind | None, float], list[Group]] = {}
+        for g in groups:
+            own = self.kind_ratio.get(g.kind) is not None or (
+                heads_apart and g.kind is GroupKind.HEADS)
+            pools.setdefault((g.kind if own else None, self._ratio_for(g, ratio)), []).append(g)
+        return pools
 
     def _ratio_for(self, group: Group, ratio: float) -> float:
         explicit = self.kind_ratio.get(group.kind)
@@ -294,14 +309,8 @@ class Allocation:
             return {g.id: lowest(g, scores, counts[g.id]) for g in groups}
 
         if self.target is Target.CHANNELS:
-            # A pool per kind that has a ratio of its own, and heads never share one with
-            # channels (a head is not worth one neuron).
-            pools: dict[tuple[object, float], list] = {}
-            for g in groups:
-                own = self.kind_ratio.get(g.kind) is not None or g.kind is GroupKind.HEADS
-                pools.setdefault((g.kind if own else None, self._ratio_for(g, self.ratio)),
-                                 []).append(g)
-            for (_, ratio), pool in pools.items():
+            # heads never share a pool with channels (a head is not worth one neuron)
+            for (_, ratio), pool in self._pools(groups, self.ratio, heads_apart=True).items():
                 budget = math.floor(ratio * sum(g.size for g in pool))
                 for gid, count in self._greedy(pool, curves, freed):
                     if budget <= 0:

@@ -188,9 +188,11 @@ def _gemm(b: Builder, x: str, n_in: int, n_out: int, name: str) -> str:
                 weight(b, n_out, name=f"{name}.b"), name=name, transB=1)
 
 
-def test_attention_and_mlp_with_gemm_trans_b(tmp_path):
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_attention_and_mlp_with_gemm_trans_b(tmp_path, allocation):
     """x [S, D] (no batch axis): Gemm projections with transB=1 feed a head split, and a Gemm
-    MLP; heads and neurons prune by rows of the ``[out, in]`` weights."""
+    MLP; heads and neurons prune by rows of the ``[out, in]`` weights. The global ranking reads
+    the family ratios too (it once read ``ratio`` alone, and pruned nothing at 0)."""
     b = Builder()
     q, k, v = (split_heads(b, _gemm(b, "x", D, D, n), H, f"split_{n}") for n in "qkv")
     ctx = merge_heads(b, sdpa(b, q, k, v))  # [1, S, D]
@@ -209,7 +211,8 @@ def test_attention_and_mlp_with_gemm_trans_b(tmp_path):
     assert heads.kind is GroupKind.HEADS and heads.size == H and heads.prunable
     g = group_of(m, "fc1.w", 0)
     assert g.kind is GroupKind.NEURONS and g.size == F and g.prunable
-    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5, mlp_ratio=0.5)
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5, mlp_ratio=0.5,
+                        allocation=allocation)
     for n in "qkv":
         assert kept(m, out.path, f"{n}.w", 0) == head_columns([0, 3])
         assert kept(m, out.path, f"{n}.b", 0) == head_columns([0, 3])
