@@ -21,7 +21,12 @@ Torch-Pruning's magnitude pruning of whole heads and MLP neurons, hidden size ke
 cosine of sentence embeddings with the dense model's on the evaluation sentences, and timed on
 one sequence of :data:`MINILM_TOKENS` tokens.
 
+``--criterion obspa`` runs SPA with ``--criterion obspa --hessian calibration`` (its best
+post-training setting: OBSPA's compensation, and the sensitivity measured on the compensated
+model) and writes ``<result>_obspa.json``; ``--variants`` picks SPA's runs.
+
     python -m benchmarks.latency_fidelity [--model effnet|minilm] [--rounds 7]
+        [--criterion l1|obspa] [--variants latency,flops,uniform]
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ MINILM_TOKENS = 128  # timed on one sequence of this many tokens (the calibratio
 #: same channel ratio in every group.
 VARIANTS = {"latency": ["--target", "latency"], "flops": ["--target", "flops"],
             "uniform": ["--allocation", "uniform"]}
+#: SPA's criterion flags, by ``--criterion``.
+CRITERIA = {"l1": [], "obspa": ["--criterion", "obspa", "--hessian", "calibration"]}
 
 
 def _torch_pruning(ratio: float, out: Path, round_to: int | None = None) -> Path:
@@ -120,16 +127,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="effnet")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--criterion", choices=sorted(CRITERIA), default="l1")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="SPA's runs, of: " + ", ".join(VARIANTS))
     args = parser.parse_args()
     model = MODELS[args.model]
+    variants = {k: VARIANTS[k] for k in args.variants.split(",")}
     workdir = Path(tempfile.mkdtemp(prefix="spa-latency-fidelity-"))
     bench = model.bench()
-    calib = ["--calib", str(bench.calib), *bench.calib_flags, *model.flags]
+    calib = ["--calib", str(bench.calib), *bench.calib_flags, *model.flags,
+             *CRITERIA[args.criterion]]
     dense_flops = onnx_counts(bench.dense)["flops"]
     rows: dict[str, dict] = {}
     paths = {"dense": bench.dense}
     for s in SPEEDUPS:
-        for kind, flags in VARIANTS.items():
+        for kind, flags in variants.items():
             label = f"spa_{kind}_{s}x"
             rows[label] = spa_prune(bench, label, [
                 *flags, "--ratio", f"{1 - 1 / s:.6f}",
@@ -153,7 +165,7 @@ def main() -> None:
                if label.startswith(prefix) and "latency_ms" in row]
               for prefix in ("torch_pruning_", "tp_rounded_")]
     for s in SPEEDUPS:
-        for kind in VARIANTS:
+        for kind in variants:
             row = rows[f"spa_{kind}_{s}x"]
             if "latency_ms" not in row:
                 continue
@@ -162,8 +174,9 @@ def main() -> None:
             row["torch_pruning_at_same_latency"] = max(found, default=None)
     body = {"model": model.title, "metric": bench.key, "threads": 1,
             "dims": model.dims, "dense_latency_ms": lat["dense"], "notes": bench.notes,
-            "results": rows}
-    path = write_result(model.result, body)
+            "criterion": args.criterion, "results": rows}
+    suffix = "" if args.criterion == "l1" else f"_{args.criterion}"
+    path = write_result(model.result + suffix, body)
     print(f"wrote {path}")
 
 

@@ -358,7 +358,9 @@ def kernel_widths(d: dict) -> str:
 
 def latency_fidelity(d: dict) -> str:
     metric = d["metric"]
-    lines = [f"Latency against fidelity, {d['model']} ({_load_note(d)}); dense "
+    criterion = d.get("criterion", "l1")
+    spa = "" if criterion == "l1" else f", SPA with `--criterion {criterion}`"
+    lines = [f"Latency against fidelity, {d['model']}{spa} ({_load_note(d)}); dense "
              f"{d['dense_latency_ms']:.2f} ms:", "",
              f"| run | FLOPs | latency (speed-up) | held-out {metric.replace('_', ' ')} | "
              f"Torch-Pruning at the same latency |", "|---|---|---|---|---|"]
@@ -379,6 +381,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline,
           "latency_target": latency_target, "latency_fidelity": latency_fidelity,
           "latency_fidelity_minilm": latency_fidelity,
+          "latency_fidelity_obspa": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder}
 
 
