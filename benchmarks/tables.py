@@ -285,6 +285,10 @@ def quality_pipeline(d: dict) -> str:
                   f"images: `{cost['command'].split(' -m ', 1)[-1]}`: "
                   + (f"{cost['seconds']:.0f} s, peak RSS {cost['peak_rss_bytes'] / 2**30:.2f} GiB "
                      f"(targets ≤ 180 s, ≤ 3 GiB)" if ok else "failed")]
+        if ok and "dense_pass_seconds" in cost:
+            lines[-1] += (f"; on this machine one dense onnxruntime pass over the same number of "
+                          f"inputs takes {cost['dense_pass_seconds']:.1f} s, so the run costs "
+                          f"{cost['seconds_in_dense_passes']:.1f} such passes")
     return "\n".join(lines)
 
 

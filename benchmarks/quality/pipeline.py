@@ -301,8 +301,32 @@ def resnet50_cost(images: int = 256) -> dict:
     if entry["exit_code"] == 0:
         entry.update(_report_counts(report))
     entry["calibration_images"] = len(list(folder.glob("*.png")))
+    # this machine's speed, for the seconds to be compared across machines: one forward pass
+    # of the dense model over as many inputs, in onnxruntime (median of 3)
+    entry["dense_pass_seconds"] = dense_pass_seconds(dense, entry["calibration_images"])
+    entry["seconds_in_dense_passes"] = entry["seconds"] / entry["dense_pass_seconds"]
     entry["targets"] = {"seconds": 180, "peak_rss_bytes": 3 * 2**30}
     return entry
+
+
+def dense_pass_seconds(model: Path, samples: int, batch: int = 32, repeats: int = 3) -> float:
+    """Median wall seconds of one onnxruntime pass of ``model`` over ``samples`` random
+    ``[batch, 3, 224, 224]`` inputs (the session made and warmed up first)."""
+    import numpy as np
+
+    from spa import validate as val
+
+    sess = val.session(model)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32)
+    val.run(sess, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(-(-samples // batch)):
+            val.run(sess, {name: x})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 # --- plots and main --------------------------------------------------------------------------
