@@ -142,7 +142,7 @@ class Allocation:
         """Kept counts at ``ratio`` before rounding, at least ``min_channels``."""
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
         if self.global_ranking:  # ranked across the groups of each pool, at its ratio
-            counts = {}
+            counts: dict[int, int] = {}
             for (_, pool_ratio), pool in self._pools(groups, ratio, heads_apart=False).items():
                 counts |= _global_counts(pool, scores, pool_ratio, self.min_channels)
         else:
