@@ -49,8 +49,8 @@ ORT_TYPES = {
 
 
 def session(model, *, threads: int | None = None, spin: bool = True, optimize: bool = True,
-            what: str = "model", arena: bool = True, provider: str = "CPUExecutionProvider"
-            ) -> ort.InferenceSession:
+            what: str = "model", arena: bool = True, provider: str = "CPUExecutionProvider",
+            fuse_qdq: bool = True) -> ort.InferenceSession:
     """An onnxruntime session (CPU unless ``provider`` says) for a path, serialized bytes or a
     ModelProto.
 
@@ -58,7 +58,8 @@ def session(model, *, threads: int | None = None, spin: bool = True, optimize: b
     sessions timed in turn do not steal each other's cores; ``optimize=False`` skips graph
     optimisation (half the set-up time) for a session that only checks that a model runs.
     ``what`` names the model in errors (the original model failing says the pruned one could
-    not be checked, not that it is bad).
+    not be checked, not that it is bad). ``fuse_qdq=False`` runs QuantizeLinear/DequantizeLinear
+    pairs as they stand, around float kernels, instead of fusing them into integer ones.
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors reach the user in the exception, not on stderr in colour
@@ -71,6 +72,8 @@ def session(model, *, threads: int | None = None, spin: bool = True, optimize: b
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not arena:  # many short-lived sessions: an arena each would keep its peak
         opts.enable_cpu_mem_arena = False
+    if not fuse_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if isinstance(model, onnx.ModelProto):
         try:
             model = _serialized(model)
