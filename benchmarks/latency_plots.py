@@ -57,7 +57,9 @@ def random_weights(d: dict) -> None:
 def real_weights(d: dict, name: str = "efficientnet_lite0_real") -> None:
     """Latency against held-out fidelity (top-1 agreement, or embedding cosine),
     ``latency_fidelity*.json``."""
-    fig, ax = _axes(d["model"], f"held-out {d['metric'].replace('_', ' ')} with dense")
+    criterion = d.get("criterion", "l1")
+    title = d["model"] + ("" if criterion == "l1" else f", SPA --criterion {criterion}")
+    fig, ax = _axes(title, f"held-out {d['metric'].replace('_', ' ')} with dense")
     ax.scatter([1.0], [d["dense_latency_ms"]], c="k", marker="*", s=80, label="dense")
     for label, prefix in SERIES.items():
         pts = sorted((row[d["metric"]], row["latency_ms"]) for name, row in d["results"].items()
@@ -69,7 +71,9 @@ def real_weights(d: dict, name: str = "efficientnet_lite0_real") -> None:
 
 def main() -> None:
     plots = (("latency_target", random_weights), ("latency_fidelity", real_weights),
-             ("latency_fidelity_minilm", lambda d: real_weights(d, "minilm_real")))
+             ("latency_fidelity_minilm", lambda d: real_weights(d, "minilm_real")),
+             ("latency_fidelity_obspa",
+              lambda d: real_weights(d, "efficientnet_lite0_real_obspa")))
     for name, plot in plots:
         path = RESULTS / f"{name}.json"
         if path.is_file():
