@@ -373,6 +373,14 @@ def plot(name: str, result: dict, suffix: str = "") -> Path:
     return path
 
 
+def _result_name(name: str) -> str:
+    """``--out``: a name in benchmarks/results, not a path (the plots are named after it)."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{name!r} is a path; give a results name, "
+                                         "written as benchmarks/results/NAME.json")
+    return name
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mnist,effnet,minilm,resnet_digits,resnet50_cost")
@@ -382,7 +390,8 @@ def main() -> int:
     parser.add_argument("--skip-recover", action="store_true")
     parser.add_argument("--skip-tp", action="store_true")
     parser.add_argument("--recover-seconds", type=int, help="override every recovery budget")
-    parser.add_argument("--out", default="quality_pipeline", help="results name")
+    parser.add_argument("--out", default="quality_pipeline", type=_result_name,
+                        help="results name (written as benchmarks/results/NAME.json)")
     parser.add_argument("--fresh", action="store_true", help="drop the models and variants not run "
                         "now from the results file (default: they keep their earlier entries, "
                         "each with its own command)")
