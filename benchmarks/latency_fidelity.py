@@ -135,8 +135,8 @@ def main() -> None:
     variants = {k: VARIANTS[k] for k in args.variants.split(",")}
     workdir = Path(tempfile.mkdtemp(prefix="spa-latency-fidelity-"))
     bench = model.bench()
-    calib = ["--calib", str(bench.calib), *bench.calib_flags, *model.flags,
-             *CRITERIA[args.criterion]]
+    common = ["--calib", str(bench.calib), *bench.calib_flags, *model.flags,
+              *CRITERIA[args.criterion]]  # every SPA run's flags
     dense_flops = onnx_counts(bench.dense)["flops"]
     rows: dict[str, dict] = {}
     paths = {"dense": bench.dense}
@@ -145,7 +145,7 @@ def main() -> None:
             label = f"spa_{kind}_{s}x"
             rows[label] = spa_prune(bench, label, [
                 *flags, "--ratio", f"{1 - 1 / s:.6f}",
-                *calib], workdir) | {"requested_x": s}
+                *common], workdir) | {"requested_x": s}
             if rows[label]["exit_code"] == 0:
                 paths[label] = Path(rows[label]["output"])
             print(label, rows[label].get(bench.key), flush=True)

@@ -132,11 +132,12 @@ def bfloat16_checks(loaded: LoadedModel, checks: CheckOptions) -> tuple[CheckOpt
 
 def float_session(model: PathLike | onnx.ModelProto, what: str
                   ) -> ort.InferenceSession | None:
-    """A session of ``model`` with its MatMulNBits computing on float activations
-    (``accuracy_level`` 0), for the oracle; None when no MatMulNBits quantises them. At levels
-    1-4 onnxruntime quantises the activations (to int8 at 4, as onnxruntime-genai's builder
-    writes), and a float-rounding difference between the pruned and the masked model (1e-7)
-    flips an int8 rounding now and then: 1e-3 in the outputs, no pruning error. The model
+    """A session of ``model`` for the oracle whose quantised parts compute on float
+    activations; None when nothing in it quantises them. MatMulNBits run at
+    ``accuracy_level`` 0: at levels 1-4 onnxruntime quantises the activations (to int8 at 4,
+    as onnxruntime-genai's builder writes), and a float-rounding difference between the pruned
+    and the masked model (1e-7) flips an int8 rounding now and then: 1e-3 in the outputs, no
+    pruning error. The model
     itself (latency, the written file) keeps its level. A file's level-0 copy is written beside
     it (its external data stays where it is) and removed once the session holds the model.
     A QDQ model (QuantizeLinear nodes) runs its pairs around float kernels, not fused into
@@ -151,10 +152,9 @@ def float_session(model: PathLike | onnx.ModelProto, what: str
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     proto = model if isinstance(model, onnx.ModelProto) else \
         onnx.load(str(path), load_external_data=False)
+    qdq = any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     if not levels(proto):
-        if any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
-            return val.session(model, what=what, fuse_qdq=False)
-        return None
+        return val.session(model, what=what, fuse_qdq=False) if qdq else None
     if path is None:  # a copy: the model itself keeps its level
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
@@ -162,12 +162,12 @@ def float_session(model: PathLike | onnx.ModelProto, what: str
     for a in levels(proto):
         a.i = 0
     if path is None:
-        return val.session(proto, what=what)
+        return val.session(proto, what=what, fuse_qdq=not qdq)
     fd, name = tempfile.mkstemp(prefix=".spa-level0-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     try:
         onnx.save(proto, name)
-        return val.session(name, what=what)
+        return val.session(name, what=what, fuse_qdq=not qdq)
     finally:
         os.unlink(name)
 
