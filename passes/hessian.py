@@ -120,7 +120,7 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     (``samples``: how many synthetic batches; calibration data is read whole). The analysis
     pass that runs this is passes/statistics.py."""
     from spa import validate as val
-    from spa.calibration import attention_mask, padding_cut, real_rows
+    from spa.calibration import attention_mask, padding_cut
     from spa.ir import to_onnx
     from spa.ir.save import TWO_GB, graph_bytes
     from spa.ir.widen import uses_bfloat16, widened
@@ -148,19 +148,35 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
                           total, unit="batch"):
         outs = val.run(sess, feeds)
         real = None if mask is None or mask not in feeds else np.asarray(feeds[mask]) != 0
+        # layers reading the same input (q, k and v; a ResNet stage's first conv and its
+        # shortcut) share one batch's sums: computed once per input
+        sums: dict[tuple[str, int, bool], tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
         for key, layer in layers.items():
-            x = np.moveaxis(np.asarray(outs[layer.data], np.float64), layer.data_axis, -1)
-            x = real_rows(x, real)
-            gram = np.einsum("ij,ij->j", x, x) if layer.width > MAX_DENSE else x.T @ x
+            site = (layer.data, layer.data_axis, layer.width > MAX_DENSE)
+            if site not in sums:
+                sums[site] = _sums(outs[layer.data], layer.data_axis, real, site[2])
+            n, total_, total_abs, gram = sums[site]
             s = stats.get(key)
-            if s is None:
-                stats[key] = InputStats(x.shape[0], x.sum(0), np.abs(x).sum(0), gram)
+            if s is None:  # copies: each layer's sums grow on their own
+                stats[key] = InputStats(n, total_.copy(), total_abs.copy(), gram.copy())
             else:
-                s.n += x.shape[0]
-                s.total += x.sum(0)
-                s.total_abs += np.abs(x).sum(0)
+                s.n += n
+                s.total += total_
+                s.total_abs += total_abs
                 s.gram += gram
     return stats
+
+
+def _sums(value: np.ndarray, axis: int, real: np.ndarray | None, diagonal: bool
+          ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of a layer input as rows of channels (``axis``), in float64 (cast after
+    the rows are gathered, one copy): their count, ``Σ x``, ``Σ |x|`` and ``Σ x xᵀ`` (``Σ x²``
+    when ``diagonal``)."""
+    from spa.calibration import real_rows
+
+    x = real_rows(np.moveaxis(np.asarray(value), axis, -1), real).astype(np.float64, copy=False)
+    gram = np.einsum("ij,ij->j", x, x) if diagonal else x.T @ x
+    return x.shape[0], x.sum(0), np.abs(x).sum(0), gram
 
 
 def _batches(sess, source: HessianSource, samples: int, seed: int,

@@ -59,6 +59,29 @@ def test_scores_match_hand_computation() -> None:
     np.testing.assert_allclose(_scores("flap"), (w2**2).sum(1) * r.var(0), rtol=1e-5, atol=1e-9)
 
 
+def test_layers_reading_one_input_get_its_statistics_each() -> None:
+    """Two consumers of the hidden activation (fc2 and a second head on it): the batch sums
+    are computed once per input and each layer accumulates its own copy over the 24
+    one-sample batches (shared arrays would add every batch twice)."""
+    model = _mlp()
+    w3 = RNG.standard_normal((4, 2)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w3, "w3"))
+    model.graph.node[4].output[0] = "y0"
+    model.graph.node.extend([helper.make_node("MatMul", ["r", "w3"], ["z3"], name="fc3"),
+                             helper.make_node("Add", ["y0", "z3"], ["y"], name="join")])
+    analysis = analyze(model)
+    stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=0,
+                            calib={"x": X}).run(analysis)
+    r = np.maximum(X.astype(np.float64) @ W1 + B1, 0)
+    assert {key for key in stats.inputs} == {("w2", 0), ("w3", 0)}
+    for key in (("w2", 0), ("w3", 0)):
+        np.testing.assert_allclose(stats.hessian(key), r.T @ r / len(r), rtol=1e-6)
+        np.testing.assert_allclose(stats.inputs[key].mean, r.mean(0), rtol=1e-6, atol=1e-9)
+    a, b = stats.inputs[("w2", 0)], stats.inputs[("w3", 0)]
+    assert a.n == b.n == len(X)
+    assert not np.shares_memory(a.gram, b.gram) and not np.shares_memory(a.total, b.total)
+
+
 def test_calibration_criteria_need_calibration_data() -> None:
     with pytest.raises(OptionError, match="--calib"):
         get_criterion("wanda").run(analyze(_mlp()))
