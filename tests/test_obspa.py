@@ -132,3 +132,31 @@ def test_calibration_source(resnet: Path, tmp_path) -> None:
     with pytest.raises(OptionError, match="lacks arrays"):
         prune(resnet, tmp_path / "q.onnx", PruneOptions(
             ratio=0.3, criterion="obspa", hessian=HessianSource.CALIBRATION, calib=str(calib)))
+
+
+def test_hessians_come_from_the_calibration_data_when_it_is_given(resnet: Path, tmp_path
+                                                                   ) -> None:
+    """``--criterion obspa --calib DATA`` without ``--hessian`` measures the Hessians on the
+    data (the plan's compensation recipe says so, and equals the explicit flag's plan); without
+    data, or with ``--calib synthetic``, they stay synthetic; an explicit source wins."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(5).standard_normal((16, 3, 32, 32)
+                                                                   ).astype(np.float32))
+    assert PruneOptions(criterion="obspa").hessian_source is HessianSource.SYNTHETIC
+    assert PruneOptions(calib="synthetic").hessian_source is HessianSource.SYNTHETIC
+    assert PruneOptions(calib=str(calib), hessian="noise").hessian_source is HessianSource.NOISE
+    obspa = get_criterion("obspa")  # the pass alone: data given or not
+    assert obspa.statistics_source(True) is HessianSource.CALIBRATION
+    assert obspa.statistics_source(False) is HessianSource.SYNTHETIC
+    checks = CheckOptions(validate=False, latency=False)
+    plans = {}
+    for name, hessian in (("default", None), ("explicit", HessianSource.CALIBRATION)):
+        _, plans[name] = prune(resnet, tmp_path / f"{name}.onnx", PruneOptions(
+            ratio=0.3, criterion="obspa", calib=str(calib), hessian=hessian,
+            allocation="uniform", reconstruct=False), checks)
+    comp = plans["default"].recipe.compensation
+    assert comp is not None and comp.hessian is HessianSource.CALIBRATION
+    assert (tmp_path / "default.onnx").read_bytes() == (tmp_path / "explicit.onnx").read_bytes()
+    _, synthetic = prune(resnet, tmp_path / "s.onnx", PruneOptions(
+        ratio=0.3, criterion="obspa", samples=4), checks)
+    assert synthetic.recipe.compensation.hessian is HessianSource.SYNTHETIC

@@ -41,7 +41,9 @@ def test_obspa_defaults_are_declared_once() -> None:
         assert by_name[f.name].default == f.default
         assert flag_of(by_name[f.name]) is flag_of(f)  # the same declaration, copied
     options = PruneOptions(criterion="obspa", damping=0.05, samples=4)
-    assert options.criterion_options(OBSPA) == OBSPAOptions(damping=0.05, samples=4)
+    # the criterion gets the Hessian source resolved: synthetic, as no --calib data is given
+    assert options.criterion_options(OBSPA) == OBSPAOptions(
+        hessian=HessianSource.SYNTHETIC, damping=0.05, samples=4)
 
 
 def test_cli_defaults_are_the_dataclass_defaults(tmp_path: Path) -> None:

@@ -70,9 +70,12 @@ GROUP = "OBSPA (--criterion obspa)"
 class OBSPAOptions:
     """OBSPA's own options (and the compensation's: the same Hessians, the same damping)."""
 
-    hessian: HessianSource = option(
-        HessianSource.SYNTHETIC, enum=HessianSource, group=GROUP,
-        help="where the layer Hessians come from (synthetic needs no data)")
+    # None: calibration when data is given, else synthetic (:meth:`OBSPA.statistics_source`;
+    # spa prune: PruneOptions.hessian_source, where --calib synthetic is no data).
+    hessian: HessianSource | None = option(
+        None, enum=HessianSource, group=GROUP,
+        help="where OBSPA's layer Hessians come from (default: calibration when --calib gives "
+        "data, else synthetic, which needs none)")
     damping: float = option(0.1, parse=float, group=GROUP,
                             help="λ = damping × mean diagonal of each Hessian")
     samples: int = option(32, parse=positive, group=GROUP,
@@ -93,7 +96,9 @@ class OBSPA(Criterion):
         self.options = options
 
     def statistics_source(self, calib_given: bool) -> HessianSource:
-        return self.options.hessian
+        if self.options.hessian is not None:
+            return HessianSource(self.options.hessian)
+        return HessianSource.CALIBRATION if calib_given else HessianSource.SYNTHETIC
 
     def run(self, analysis: Analysis, statistics: LayerStats | None = None) -> Scores:
         if statistics is None:

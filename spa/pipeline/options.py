@@ -43,6 +43,8 @@ from spa.passes.importance.obspa import GROUP as OBSPA_GROUP
 from spa.passes.importance.obspa import OBSPAOptions
 from spa.passes.latency import CPU_PROVIDER, kernel_block
 
+SYNTHETIC = "synthetic"  # --calib synthetic: inputs made up from the model's input signature
+
 AUTO = "auto"
 LATENCY_GROUP = "latency target (--target latency)"
 DEPTH_GROUP = "depth pruning (whole residual blocks)"
@@ -117,7 +119,8 @@ class PruneOptions:
                           help="onnxruntime intra-op threads for --target latency's timing")
     # OBSPA (criterion "obspa"): where H comes from, its damping, how many synthetic samples,
     # calibration data (arrays named after the graph inputs), and whether to write the update.
-    hessian: HessianSource = like(OBSPAOptions, "hessian")
+    # None: calibration with --calib data, else synthetic (:attr:`hessian_source`).
+    hessian: HessianSource | None = like(OBSPAOptions, "hessian")
     calib: str | None = option(None, metavar="PATH", group=CALIB_GROUP, help="calibration "
                                "data: an .npz of arrays named after the graph inputs, a folder "
                                "of images, a text file with one sample per line, or 'synthetic' "
@@ -188,6 +191,20 @@ class PruneOptions:
         return kernel_block() if self.round_to == AUTO else int(self.round_to)
 
     @property
+    def hessian_source(self) -> HessianSource:
+        """``hessian``, with its default filled in: the data given is what OBSPA's Hessians
+        are measured on (all-MiniLM-L6-v2 heads+MLP 0.3 with 1024 calibration lines: held-out
+        cosine 0.918 from synthetic Hessians, 0.954 from the calibration data)."""
+        if self.hessian is not None:
+            return HessianSource(self.hessian)
+        return HessianSource.CALIBRATION if self.calib_data else HessianSource.SYNTHETIC
+
+    @property
+    def calib_data(self) -> bool:
+        """Whether ``--calib`` gives data (not ``synthetic``, inputs made up from the model)."""
+        return bool(self.calib) and self.calib != SYNTHETIC
+
+    @property
     def calibration(self) -> CalibrationOptions:
         """How ``calib`` is read."""
         return CalibrationOptions(**{f.name: getattr(self, f.name)
@@ -200,7 +217,7 @@ class PruneOptions:
             return AllocationMethod(self.allocation)
         if self.global_ranking:
             return AllocationMethod.GLOBAL
-        if self.target is Target.LATENCY and not (self.calib and self.calib != "synthetic"):
+        if self.target is Target.LATENCY and not self.calib_data:
             return AllocationMethod.GLOBAL  # non-uniform widths: importance per millisecond
         # Synthetic inputs too: their sensitivities keep far more of a compact network than
         # one ratio everywhere (docs/cli.md).
@@ -216,7 +233,10 @@ class PruneOptions:
         options = getattr(cls, "Options", None)
         if options is None:
             return None
-        return options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(options)})
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(options)}
+        if "hessian" in values:
+            values["hessian"] = self.hessian_source
+        return options(**values)
 
 
 @dataclass(frozen=True)

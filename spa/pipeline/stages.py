@@ -38,7 +38,7 @@ from spa.passes.latency import LatencyTable
 from spa.passes.latency_profile import LatencyProfile
 from spa.passes.sensitivity import MIN_SAMPLES, Sensitivities, Sensitivity, WeightUpdate
 from spa.passes.statistics import LayerStatistics, LayerStats
-from spa.pipeline.options import AUTO, CheckOptions, PruneOptions
+from spa.pipeline.options import AUTO, SYNTHETIC, CheckOptions, PruneOptions
 from spa.plan import Plan
 from spa.recipe import (
     BiasRecipe,
@@ -105,7 +105,7 @@ def analyse(model: LoadedModel, *, ignore: tuple[str, ...] = (), hidden: bool = 
 
 def makes_inputs(options: PruneOptions, checks: CheckOptions | None) -> bool:
     """Whether the run feeds made-up inputs: validation, or OBSPA's data-free Hessians."""
-    synthetic = CRITERIA.get(options.criterion) is OBSPA and options.hessian in (
+    synthetic = CRITERIA.get(options.criterion) is OBSPA and options.hessian_source in (
         HessianSource.SYNTHETIC, HessianSource.NOISE) or options.calib == SYNTHETIC \
         or options.target is Target.LATENCY
     return synthetic or (checks is not None and bool(checks.validate or checks.check_masked))
@@ -123,7 +123,6 @@ def input_sizes(analysis: Analysis, given: dict[str, int], needed: bool) -> Inpu
                    val.probe(lambda: loaded.path or to_onnx(loaded)))
 
 
-SYNTHETIC = "synthetic"  # --calib synthetic: inputs made up from the model's input signature
 SYNTHETIC_SAMPLES = 256
 DEPTH_SAMPLES = 16  # synthetic inputs that score residual blocks without --calib
 
@@ -260,7 +259,7 @@ def _compensation(analysis: Analysis, options: PruneOptions, criterion: Criterio
     statistics than these (the emit recomputes those: spa/pipeline/emit.py). With fewer than
     :data:`~spa.passes.sensitivity.MIN_SAMPLES` validation samples, fitted and measured on all."""
     if not (criterion.compensation and options.compensate) or statistics is None \
-            or statistics.source is not options.hessian:
+            or statistics.source is not options.hessian_source:
         return None, calib.train
     judged = calib.train
     runs = calib_data.validation_runs(calib_data.sample_count(calib.train))
@@ -344,9 +343,9 @@ def recipe(options: PruneOptions, criterion: Criterion,
     the compensation."""
     comp = bias = None
     if criterion.compensation and options.compensate:
-        comp = CompensationRecipe(options.hessian, options.damping, options.samples,
+        comp = CompensationRecipe(options.hessian_source, options.damping, options.samples,
                                   options.calib, options.input_dims,
-                                  skip_padding=options.hessian is HessianSource.CALIBRATION)
+                                  skip_padding=options.hessian_source is HessianSource.CALIBRATION)
     if criterion.bias_compensation and options.compensate:
         bias = BiasRecipe(options.calib, skip_padding=True)
     cal = rec = None
