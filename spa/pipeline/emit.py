@@ -37,6 +37,7 @@ from spa.ir.save import (
     write_streamed,
 )
 from spa.ir.tied import join_ties
+from spa.memory import release
 from spa.metrics import CostModel, cut_shapes, file_size
 from spa.passes.compensation import BiasCompensation, BiasShifts, Compensation, WeightUpdates
 from spa.passes.kernel_widths import KernelWidths
@@ -248,6 +249,7 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
     if refit is None:
         return pruned
     t0 = time.perf_counter()
+    release()  # what planning dropped: the reconstruction's activations fill the budget
     done = Reconstruction(kept=kept, rows=refit.rows, memory=memory, seed=refit.seed,
                           max_rows=refit.max_rows, row_macs=refit.row_macs,
                           cut_padding=refit.cut_padding).run(
