@@ -147,7 +147,7 @@ class Reconstruction:
         # the budget covers the two models too (each runner holds its model, and its
         # segment's session a copy of those weights) and the chunk at work: a segment's
         # outputs, the float64 rows (ResNet-50, 256 images, 2 GiB: with all of the rest held,
-        # the process grew by 2.15 GiB during reconstruction)
+        # the process grew by 2.1 GiB during reconstruction)
         models = 2 * (_weight_bytes(dense) + _weight_bytes(pruned))
         held = max(self.memory - models - self.memory // WORKING_SHARE, self.memory // 4)
         with Frontiers(held) as fronts:

@@ -4,7 +4,7 @@ A run pauses Python's cyclic collector (:func:`spa.api._gc_paused`), so the grap
 drops stay until a collection; and glibc's allocator keeps freed heap pages in the process
 (numpy's and onnxruntime's buffers up to tens of MB come from the heap once a larger block has
 been freed). Both count as resident memory. On the ResNet-50 cost run (256 calibration images),
-when reconstruction starts: 928 MB resident, 690 MB after a collection and ``malloc_trim``.
+when reconstruction starts: 906 MiB resident, 674 MiB after a collection and ``malloc_trim``.
 """
 
 from __future__ import annotations
