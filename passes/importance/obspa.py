@@ -82,6 +82,14 @@ class OBSPAOptions:
                           help="synthetic input samples for the Hessians")
 
 
+def hessian_source(given: HessianSource | str | None, data: bool) -> HessianSource:
+    """The Hessian source asked for (``given``), or by default the data when there is some
+    (``data``), else synthetic inputs."""
+    if given is not None:
+        return HessianSource(given)
+    return HessianSource.CALIBRATION if data else HessianSource.SYNTHETIC
+
+
 @register_criterion
 class OBSPA(Criterion):
     name = "obspa"
@@ -96,9 +104,7 @@ class OBSPA(Criterion):
         self.options = options
 
     def statistics_source(self, calib_given: bool) -> HessianSource:
-        if self.options.hessian is not None:
-            return HessianSource(self.options.hessian)
-        return HessianSource.CALIBRATION if calib_given else HessianSource.SYNTHETIC
+        return hessian_source(self.options.hessian, calib_given)
 
     def run(self, analysis: Analysis, statistics: LayerStats | None = None) -> Scores:
         if statistics is None:

@@ -40,7 +40,7 @@ from spa.options import (
 from spa.passes.importance import CRITERIA
 from spa.passes.importance.base import ScoringOptions
 from spa.passes.importance.obspa import GROUP as OBSPA_GROUP
-from spa.passes.importance.obspa import OBSPAOptions
+from spa.passes.importance.obspa import OBSPAOptions, hessian_source
 from spa.passes.latency import CPU_PROVIDER, kernel_block
 
 SYNTHETIC = "synthetic"  # --calib synthetic: inputs made up from the model's input signature
@@ -195,9 +195,7 @@ class PruneOptions:
         """``hessian``, with its default filled in: the data given is what OBSPA's Hessians
         are measured on (all-MiniLM-L6-v2 heads+MLP 0.3 with 1024 calibration lines: held-out
         cosine 0.918 from synthetic Hessians, 0.954 from the calibration data)."""
-        if self.hessian is not None:
-            return HessianSource(self.hessian)
-        return HessianSource.CALIBRATION if self.calib_data else HessianSource.SYNTHETIC
+        return hessian_source(self.hessian, self.calib_data)
 
     @property
     def calib_data(self) -> bool:
