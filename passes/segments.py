@@ -81,10 +81,14 @@ class Frontiers:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def keep(self, value: np.ndarray) -> np.ndarray:
+    def keep(self, value: np.ndarray, *, own: bool = False) -> np.ndarray:
+        """``value``, held in memory while the budget allows, else spilled to disk and mapped.
+        ``own``: ``value`` is a view of memory it must not hold on to (an onnxruntime output
+        lives in its session's arena and would keep the arena's region alive): a value held
+        in memory is copied (a spilled one is written out anyway)."""
         if self.held + value.nbytes <= self.memory:
             self.held += value.nbytes
-            return value
+            return value.copy() if own and not value.flags.owndata else value
         if self.dir is None:
             self.dir = Path(tempfile.mkdtemp(prefix="spa-reconstruction-"))
             log.info("reconstruction spills activations beyond %d MiB to %s",
@@ -158,8 +162,11 @@ class Runner:
                             if self.last_read.get(t, -1) >= stop or t in self.graph_outputs)
         extra = [t for t in want if t in produced and t not in live_after]
         model, outer = self.segment(stop, (*live_after, *extra))
-        sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}",
-                           arena=False)
+        # with onnxruntime's memory arena, each chunk's run reuses the buffers of the one
+        # before (without, every run page-faults fresh ones: ResNet-50's stage-1 tensors are
+        # 100 MB a chunk); the outputs are copied out of it (`own`), so that what is held
+        # does not pin the arena, and the arena goes with the session
+        sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}")
         for values, ext in zip(self.values, self.extra):
             feeds = {n: np.asarray(values[n]) for n in outer}
             outs = val.run(sess, feeds)
@@ -167,9 +174,9 @@ class Runner:
                 if self.last_read.get(n, -1) < stop and n not in self.graph_outputs:
                     self.fronts.release(values.pop(n))
             for n in live_after:
-                values[n] = self.fronts.keep(outs[n])
+                values[n] = self.fronts.keep(outs[n], own=True)
             for n in extra:
-                ext[n] = self.fronts.keep(outs[n])
+                ext[n] = self.fronts.keep(outs[n], own=True)
         self.position = stop
         self._expose(want)
 
