@@ -168,7 +168,7 @@ def test_a_tiny_memory_budget_spills_to_disk_and_changes_nothing(cnn, tmp_path, 
 
 def test_segment_outputs_held_own_their_memory_not_the_sessions_arena():
     """A segment's outputs are views of its onnxruntime session's arena: held as they are, they
-    would pin the arena's regions (ResNet-50's cost run: 2.9 -> 4.7 GB). The values a runner
+    would pin the arena's regions (ResNet-50's cost run: 2.8 -> 4.5 GiB). The values a runner
     holds own their memory (or are spilled to disk), and it still answers as the whole model."""
     from spa.passes import segments
 
