@@ -9,6 +9,7 @@ with a 3×3 kernel), which no pruning criterion alone can do.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -645,6 +646,53 @@ def test_reconstruction_samples_more_rows_where_the_normal_equations_stay_cheap(
                               ).run(model, model, x)
         fits = {f.node: f.rows for f in done.layers}
         assert fits["conv1"] == fits["conv3"] == want, fits
+
+
+def _ridge_problem(rows: int, noise: float, seed: int):
+    """Fit and validation normal equations of a noisy 40-feature linear map."""
+    from spa.passes.reconstruction import _Normal
+
+    g = np.random.default_rng(seed)
+    design = SimpleNamespace(columns=40, groups=1, outputs=3)
+    truth = g.standard_normal((40, 3))
+    fit, held = _Normal(design), _Normal(design)  # type: ignore[arg-type]
+    for normal, n in ((fit, rows), (held, 400)):
+        x = g.standard_normal((n, 1, 40)) * np.linspace(0.05, 1, 40)  # ill-conditioned
+        normal.add(x, x @ truth + noise * g.standard_normal((n, 1, 3)))
+    return fit, held, np.zeros((1, 40, 3))
+
+
+def test_ridge_search_walks_to_the_grids_best_in_fewer_solves(monkeypatch):
+    """The search walks downhill over RIDGES from the last layer's choice: the same ridge as
+    solving all of them, in two solves from an edge that is the best, three from a middle."""
+    from spa.passes import reconstruction as rec
+
+    solved: list[float] = []
+    real = rec._Normal.solve
+    monkeypatch.setattr(rec._Normal, "solve",
+                        lambda self, t, r: solved.append(r) or real(self, t, r))
+    best_seen = set()
+    for rows, noise, seed in ((2000, 0.01, 0), (60, 1.0, 1), (45, 3.0, 2), (50, 0.3, 3)):
+        fit, held, theta0 = _ridge_problem(rows, noise, seed)
+        every = [held.error(real(fit, theta0, r)) for r in rec.RIDGES]
+        best = int(np.argmin(every))
+        best_seen.add(best)
+        for start in range(len(rec.RIDGES)):
+            solved.clear()
+            ridge, theta, err = rec._ridge_search(fit, held, theta0, start)
+            assert ridge == rec.RIDGES[best] and err == every[best], (rows, noise, start)
+            assert np.array_equal(theta, real(fit, theta0, rec.RIDGES[best]))
+            assert len(solved) == len(set(solved)) <= len(rec.RIDGES)  # none solved twice
+            if start == best:
+                assert len(solved) == (2 if best in (0, len(rec.RIDGES) - 1) else 3)
+    assert len(best_seen) >= 3, best_seen  # the problems' best ridges differ
+    # a solve that fails (a singular system) is passed over; none succeeding: no ridge
+    fit, held, theta0 = _ridge_problem(60, 1.0, 1)
+    monkeypatch.setattr(rec._Normal, "solve",
+                        lambda self, t, r: None if r < 1e-2 else real(self, t, r))
+    assert rec._ridge_search(fit, held, theta0, 0)[0] in (1e-2, 1e-1)
+    monkeypatch.setattr(rec._Normal, "solve", lambda self, t, r: None)
+    assert rec._ridge_search(fit, held, theta0, 1) == (None, None, math.inf)
 
 
 def _token_model(w2: np.ndarray, pooled: bool = False) -> onnx.ModelProto:
