@@ -98,6 +98,7 @@ class _Layer:
     output: str  # the tensor matched to the dense model's (the Add's output for MatMul+Add)
     out_axis: int  # the weight's output-channel axis
     residual: str | None = None  # the other input of the residual Add the output feeds
+    joined: str | None = None  # that Add's output (the stream with the layer's term added)
 
 
 class Reconstruction:
@@ -160,11 +161,12 @@ class Reconstruction:
                 if target_stop <= d_runner.position:
                     log.info("reconstruction stops at %s: the graphs' orders differ", layer.node)
                     break
-                d_runner.advance(target_stop, want=(layer.output,))
+                layer = _joined(layer, (dense, pruned), target_stop)
+                if layer.joined is not None:  # the dense sum, through the residual Add
+                    d_runner.advance(target_stop + 1, want=(layer.joined,))
+                else:
+                    d_runner.advance(target_stop, want=(layer.output,))
                 p_runner.advance(layer.index, want=(layer.data,))
-                if layer.residual is not None and not (p_runner.holds(layer.residual)
-                                                       and d_runner.holds(layer.residual)):
-                    layer = replace(layer, residual=None)
                 fit = self._fit(layer, pruned, weights, (p_runner, d_runner), k,
                                 (index, valid), start)
                 out.layers.append(fit[0])
@@ -202,15 +204,19 @@ class Reconstruction:
         # similar length hold them out of order), else by position (samples and tokens merged)
         by_sample = total == sum(map(len, index))
         sample = 0
+        target = layer.joined or layer.output
         for c, (x_chunk, y_chunk) in enumerate(zip(p_runner.chunk_values(layer.data),
-                                                   d_runner.chunk_values(layer.output))):
-            x, y = x_chunk[layer.data], y_chunk[layer.output]
+                                                   d_runner.chunk_values(target))):
+            x, y = x_chunk[layer.data], y_chunk[target]
             rng = np.random.default_rng([self.seed, k, c])
             xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c])
             kept = self.kept.get((layer.weight, layer.out_axis))
             ys = at(y, kept)
-            if layer.residual is not None and CORRECT_RESIDUAL:
-                ys = self._corrected(layer, ys, (y.shape, at, kept), c, runners)
+            if layer.joined is not None:
+                corrected = self._corrected(layer, (ys, y.shape), at, c, p_runner)
+                if corrected is None:  # the streams do not line up: the layer keeps its weights
+                    return LayerFit(layer.node, math.nan, math.nan, None), {}
+                ys = corrected
             is_val = is_sample_val[index[c][owner] if by_sample else owner + sample]
             fit.add(xs[~is_val], ys[~is_val])
             val.add(xs[is_val], ys[is_val])
@@ -233,23 +239,67 @@ class Reconstruction:
                                            ).astype(dtype)
         return LayerFit(layer.node, e0, best_err, best_ridge, rows), values
 
-    def _corrected(self, layer: _Layer, ys: np.ndarray,
-                   rows: tuple[tuple[int, ...], Rows, np.ndarray | None], c: int,
-                   runners: tuple[Runner, Runner]) -> np.ndarray:
-        """The target rows of a layer whose output joins a residual stream: the dense output
-        plus what the pruned stream lost on the way (``r_dense − r_pruned``), so that the sum
-        the Add makes matches the dense model's, not only the layer's own term. Taken at the
-        sampled rows only (a whole chunk's correction in float64 is several of its copies)."""
-        dense_shape, at, kept = rows  # the dense output shape, its rows, the kept channels
-        p_runner, d_runner = runners
+    def _corrected(self, layer: _Layer, target: tuple[np.ndarray, tuple[int, ...]], at: Rows,
+                   c: int, p_runner: Runner) -> np.ndarray | None:
+        """The target rows of a layer whose output joins a residual stream: the dense *sum*
+        (``target``: the residual Add's rows, and its shape) less the pruned stream, i.e.
+        ``y_dense + (r_dense − r_pruned)``, so that the sum the Add makes matches the dense
+        model's, not only the layer's own term: the layer repairs what the stream lost
+        upstream. Taken at the sampled rows only (a whole chunk's correction in float64 is
+        several of its copies), and from the sum the dense segment makes anyway: two gathers,
+        not three. None: the pruned stream is not held, or its shape is not the layer's (a
+        broadcast the shapes did not show)."""
+        ys, shape = target
         name = cast(str, layer.residual)
-        r_pruned = np.asarray(p_runner.chunk_values(name)[c][name])
-        r_dense = np.asarray(d_runner.chunk_values(name)[c][name])
-        if r_dense.shape != dense_shape or r_pruned.ndim != len(dense_shape) or sum(
-                a != b for a, b in zip(r_pruned.shape, dense_shape)) > 1:  # all but channels
-            return ys
-        lost, gained = at(r_dense, kept), at(r_pruned, None)
-        return ys + (lost - gained) if lost.shape == gained.shape == ys.shape else ys
+        if not p_runner.holds(name):
+            log.info("reconstruction keeps %s: its residual stream is not held", layer.node)
+            return None
+        stream = np.asarray(p_runner.chunk_values(name)[c][name])
+        axis = 1 if layer.op == "Conv" else len(shape) - 1  # the channels
+        gained = None if stream.ndim != len(shape) or any(
+            a != b for i, (a, b) in enumerate(zip(stream.shape, shape)) if i != axis) \
+            else at(stream, None)
+        if gained is None or gained.shape != ys.shape:
+            log.info("reconstruction keeps %s: its residual stream does not line up", layer.node)
+            return None
+        ys -= gained
+        return ys
+
+
+def _joined(layer: _Layer, models: tuple[onnx.ModelProto, onnx.ModelProto], stop: int
+            ) -> _Layer:
+    """The layer, fitted through its residual Add (``joined``: see ``_corrected``) when that
+    Add is the dense model's next node (``stop``), its two inputs have the same known rank and
+    sizes in each model (no broadcast), and the stream exists before the layer in both; else
+    fitted alone."""
+    alone = replace(layer, residual=None, joined=None)
+    if layer.joined is None or layer.residual is None or not CORRECT_RESIDUAL:
+        return alone
+    dense, pruned = models
+    if stop >= len(dense.graph.node) or layer.joined not in dense.graph.node[stop].output:
+        return alone
+    for model, before in ((dense, stop - 1), (pruned, layer.index)):
+        made = {o for n in model.graph.node[:before] for o in n.output}
+        if layer.residual not in made | {i.name for i in model.graph.input}:
+            return alone
+        shapes = _shapes(model)
+        term, stream = shapes.get(layer.output), shapes.get(layer.residual)
+        if term is None or stream is None or len(term) != len(stream) or any(
+                a != b for a, b in zip(term, stream) if isinstance(a, int) or isinstance(b, int)):
+            return alone  # (named dims may differ in name only: shape inference's unk__N)
+    return layer
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str, ...]]:
+    """The tensors whose every dim is known (a value or a name), by name."""
+    found: dict[str, tuple[int | str, ...]] = {}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            dims = tuple(d.dim_value or d.dim_param or None
+                         for d in vi.type.tensor_type.shape.dim)
+            if None not in dims:
+                found[vi.name] = cast(tuple[int | str, ...], dims)
+    return found
 
 
 def _ridge_search(fit: _Normal, val: _Normal, theta0: np.ndarray, start: int
@@ -346,7 +396,7 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
         if len(after) == 1 and after[0].op_type == "Add" and found[-1].output not in outputs:
             other = [n for n in after[0].input if n != found[-1].output]
             if len(other) == 1 and other[0] not in inits:
-                found[-1] = replace(found[-1], residual=other[0])
+                found[-1] = replace(found[-1], residual=other[0], joined=after[0].output[0])
     return found
 
 

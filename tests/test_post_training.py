@@ -511,6 +511,31 @@ def test_a_layer_feeding_a_residual_add_also_repairs_what_the_stream_lost(tmp_pa
     assert corrected < 0.95 * own_output < 0.5 * pruned, (corrected, own_output, pruned)
 
 
+def test_a_layer_is_fitted_through_its_residual_add_only_where_both_streams_line_up():
+    """``a`` and ``b`` meet in an Add: ``b`` (the stream ``a`` exists before it) is fitted
+    through the Add, to the dense sum less the pruned stream; ``a`` (its stream comes later,
+    as ResNet's downsample before conv3) and ``c`` (added to a broadcast [N, 1] mean) alone."""
+    from spa.passes.reconstruction import _joined, _layers
+    from spa.passes.segments import producer_index, with_types
+
+    g = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="a"),
+             helper.make_node("MatMul", ["x", "wb"], ["b"], name="b"),
+             helper.make_node("Add", ["a", "b"], ["s"], name="join"),
+             helper.make_node("ReduceMean", ["s"], ["m"], axes=[1], keepdims=1, name="mean"),
+             helper.make_node("MatMul", ["s", "wc"], ["c"], name="c"),
+             helper.make_node("Add", ["c", "m"], ["y"], name="shift")]
+    model = with_types(_model(nodes, {k: g.standard_normal((8, 8)) for k in ("wa", "wb", "wc")},
+                              ["N", 8], ["N", 8]))
+    layers = {la.node: la for la in _layers(model)}
+    assert (layers["a"].residual, layers["b"].residual, layers["c"].residual) == ("b", "a", "m")
+    fitted = {name: _joined(la, (model, model), producer_index(model, la.output) + 1)
+              for name, la in layers.items()}
+    assert fitted["b"].joined == "s" and fitted["b"].residual == "a"
+    assert fitted["a"].joined is fitted["a"].residual is None
+    assert fitted["c"].joined is fitted["c"].residual is None
+
+
 def test_sensitivity_runs_each_group_from_its_first_consumer_as_the_whole_model_would(
         cnn, tmp_path, monkeypatch):
     """The shared prefix runs once and each group's masked runs start at its first consumer:
