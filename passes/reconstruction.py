@@ -218,8 +218,11 @@ class Reconstruction:
                     return LayerFit(layer.node, math.nan, math.nan, None), {}
                 ys = corrected
             is_val = is_sample_val[index[c][owner] if by_sample else owner + sample]
-            fit.add(xs[~is_val], ys[~is_val])
-            val.add(xs[is_val], ys[is_val])
+            for normal, rows in ((fit, ~is_val), (val, is_val)):
+                if rows.all():  # most chunks: no copy of the float64 rows (ResNet-50: 5 s)
+                    normal.add(xs, ys)
+                elif rows.any():
+                    normal.add(xs[rows], ys[rows])
             sample += len(x)
         if fit.count == 0 or val.count == 0:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
