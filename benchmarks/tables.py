@@ -289,6 +289,12 @@ def quality_pipeline(d: dict) -> str:
             lines[-1] += (f"; on this machine one dense onnxruntime pass over the same number of "
                           f"inputs takes {cost['dense_pass_seconds']:.1f} s, so the run costs "
                           f"{cost['seconds_in_dense_passes']:.1f} such passes")
+        if ok and cost.get("runs"):
+            runs = cost["runs"]
+            lines[-1] += (f". That run is the median of {len(runs)}, in the order run: "
+                          + ", ".join(f"{r['seconds']:.0f} s ({r['seconds_in_dense_passes']:.1f} "
+                                      f"passes of {r['dense_pass_seconds']:.1f} s, peak "
+                                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB)" for r in runs))
     return "\n".join(lines)
 
 
