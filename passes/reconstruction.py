@@ -153,6 +153,7 @@ class Reconstruction:
         models = 2 * (_weight_bytes(dense) + _weight_bytes(pruned))
         held = max(self.memory - models - self.memory // WORKING_SHARE, self.memory // 4)
         start = 0  # the ridge search starts at the last refitted layer's choice
+        facts = (_Tensors.of(dense), _Tensors.of(pruned))
         with Frontiers(held) as fronts:
             p_runner = Runner(pruned, fronts, "pruned", chunks)
             d_runner = Runner(dense, fronts, "dense", chunks)
@@ -161,7 +162,7 @@ class Reconstruction:
                 if target_stop <= d_runner.position:
                     log.info("reconstruction stops at %s: the graphs' orders differ", layer.node)
                     break
-                layer = _joined(layer, (dense, pruned), target_stop)
+                layer = _joined(layer, facts, target_stop)
                 if layer.joined is not None:  # the dense sum, through the residual Add
                     d_runner.advance(target_stop + 1, want=(layer.joined,))
                 else:
@@ -269,8 +270,30 @@ class Reconstruction:
         return ys
 
 
-def _joined(layer: _Layer, models: tuple[onnx.ModelProto, onnx.ModelProto], stop: int
-            ) -> _Layer:
+@dataclass(frozen=True)
+class _Tensors:
+    """What :func:`_joined` asks of a model's tensors: the node position making each (-1: a
+    graph input), and the shapes whose every dim is known (a value or a name)."""
+
+    made_at: dict[str, int]
+    shapes: dict[str, tuple[int | str, ...]]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> _Tensors:
+        graph = model.graph
+        made_at = {i.name: -1 for i in graph.input}
+        made_at.update((o, i) for i, n in enumerate(graph.node) for o in n.output)
+        shapes: dict[str, tuple[int | str, ...]] = {}
+        for vi in (*graph.input, *graph.value_info, *graph.output):
+            if vi.type.tensor_type.HasField("shape"):
+                dims = tuple(d.dim_value or d.dim_param or None
+                             for d in vi.type.tensor_type.shape.dim)
+                if None not in dims:
+                    shapes[vi.name] = cast(tuple[int | str, ...], dims)
+        return cls(made_at, shapes)
+
+
+def _joined(layer: _Layer, models: tuple[_Tensors, _Tensors], stop: int) -> _Layer:
     """The layer, fitted through its residual Add (``joined``: see ``_corrected``) when that
     Add is the dense model's next node (``stop``), its two inputs have the same known rank and
     sizes in each model (no broadcast), and the stream exists before the layer in both; else
@@ -279,30 +302,16 @@ def _joined(layer: _Layer, models: tuple[onnx.ModelProto, onnx.ModelProto], stop
     if layer.joined is None or layer.residual is None or not CORRECT_RESIDUAL:
         return alone
     dense, pruned = models
-    if stop >= len(dense.graph.node) or layer.joined not in dense.graph.node[stop].output:
+    if dense.made_at.get(layer.joined) != stop:
         return alone
     for model, before in ((dense, stop - 1), (pruned, layer.index)):
-        made = {o for n in model.graph.node[:before] for o in n.output}
-        if layer.residual not in made | {i.name for i in model.graph.input}:
+        if model.made_at.get(layer.residual, before) >= before:
             return alone
-        shapes = _shapes(model)
-        term, stream = shapes.get(layer.output), shapes.get(layer.residual)
+        term, stream = model.shapes.get(layer.output), model.shapes.get(layer.residual)
         if term is None or stream is None or len(term) != len(stream) or any(
                 a != b for a, b in zip(term, stream) if isinstance(a, int) or isinstance(b, int)):
             return alone  # (named dims may differ in name only: shape inference's unk__N)
     return layer
-
-
-def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str, ...]]:
-    """The tensors whose every dim is known (a value or a name), by name."""
-    found: dict[str, tuple[int | str, ...]] = {}
-    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
-        if vi.type.tensor_type.HasField("shape"):
-            dims = tuple(d.dim_value or d.dim_param or None
-                         for d in vi.type.tensor_type.shape.dim)
-            if None not in dims:
-                found[vi.name] = cast(tuple[int | str, ...], dims)
-    return found
 
 
 def _ridge_search(fit: _Normal, val: _Normal, theta0: np.ndarray, start: int
