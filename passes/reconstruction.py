@@ -39,8 +39,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from spa.calibration import attention_mask, chunked, padding_cut, sample_count, validation_runs
+from spa.errors import OptionError
+from spa.ir.contrib import value_dims
 from spa.memory import release
-from spa.passes.segments import Frontiers, Runner, fixed_batch, producer_index, with_types
+from spa.passes.segments import Frontiers, Runner, fixed_batch, with_types
 from spa.progress import progress
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,7 @@ class Reconstruction:
             p_runner = Runner(pruned, fronts, "pruned", chunks)
             d_runner = Runner(dense, fronts, "dense", chunks)
             for k, layer in enumerate(progress(layers, "reconstruction", unit="layer")):
-                target_stop = producer_index(dense, layer.output) + 1
+                target_stop = facts[0].producer(layer.output) + 1
                 if target_stop <= d_runner.position:
                     log.info("reconstruction stops at %s: the graphs' orders differ", layer.node)
                     break
@@ -272,8 +274,8 @@ class Reconstruction:
 
 @dataclass(frozen=True)
 class _Tensors:
-    """What :func:`_joined` asks of a model's tensors: the node position making each (-1: a
-    graph input), and the shapes whose every dim is known (a value or a name)."""
+    """What reconstruction asks of a model's tensors, found once: the node position making
+    each (-1: a graph input), and the shapes whose every dim is known (a value or a name)."""
 
     made_at: dict[str, int]
     shapes: dict[str, tuple[int | str, ...]]
@@ -286,11 +288,16 @@ class _Tensors:
         shapes: dict[str, tuple[int | str, ...]] = {}
         for vi in (*graph.input, *graph.value_info, *graph.output):
             if vi.type.tensor_type.HasField("shape"):
-                dims = tuple(d.dim_value or d.dim_param or None
-                             for d in vi.type.tensor_type.shape.dim)
+                dims = tuple(value_dims(vi))
                 if None not in dims:
                     shapes[vi.name] = cast(tuple[int | str, ...], dims)
         return cls(made_at, shapes)
+
+    def producer(self, tensor: str) -> int:
+        """The position of the node making ``tensor``."""
+        if self.made_at.get(tensor, -1) < 0:
+            raise OptionError(f"reconstruction: the dense model has no tensor '{tensor}'")
+        return self.made_at[tensor]
 
 
 def _joined(layer: _Layer, models: tuple[_Tensors, _Tensors], stop: int) -> _Layer:

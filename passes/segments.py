@@ -43,13 +43,6 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0].dim_value if dims and dims[0].dim_value > 0 else None
 
 
-def producer_index(model: onnx.ModelProto, tensor: str) -> int:
-    for i, node in enumerate(model.graph.node):
-        if tensor in node.output:
-            return i
-    raise OptionError(f"reconstruction: the dense model has no tensor '{tensor}'")
-
-
 def node_inputs(node: onnx.NodeProto) -> set[str]:
     """Every outer tensor a node reads, through its subgraphs too."""
     names = {n for n in node.input if n}

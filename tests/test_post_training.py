@@ -516,7 +516,7 @@ def test_a_layer_is_fitted_through_its_residual_add_only_where_both_streams_line
     through the Add, to the dense sum less the pruned stream; ``a`` (its stream comes later,
     as ResNet's downsample before conv3) and ``c`` (added to a broadcast [N, 1] mean) alone."""
     from spa.passes.reconstruction import _joined, _layers, _Tensors
-    from spa.passes.segments import producer_index, with_types
+    from spa.passes.segments import with_types
 
     g = np.random.default_rng(3)
     nodes = [helper.make_node("MatMul", ["x", "wa"], ["a"], name="a"),
@@ -530,7 +530,7 @@ def test_a_layer_is_fitted_through_its_residual_add_only_where_both_streams_line
     layers = {la.node: la for la in _layers(model)}
     assert (layers["a"].residual, layers["b"].residual, layers["c"].residual) == ("b", "a", "m")
     facts = _Tensors.of(model)
-    fitted = {name: _joined(la, (facts, facts), producer_index(model, la.output) + 1)
+    fitted = {name: _joined(la, (facts, facts), facts.producer(la.output) + 1)
               for name, la in layers.items()}
     assert fitted["b"].joined == "s" and fitted["b"].residual == "a"
     assert fitted["a"].joined is fitted["a"].residual is None

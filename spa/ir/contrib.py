@@ -154,7 +154,7 @@ def _fused_matmul(node: onnx.NodeProto, known: dict[str, onnx.ValueInfoProto]
     if len(node.input) < 2 or any(attrs.get(t) for t in _TRANSPOSES[2:]) \
             or node.input[0] not in known or node.input[1] not in known:
         return None
-    a, b = (_dims(known[name]) for name in node.input[:2])
+    a, b = (value_dims(known[name]) for name in node.input[:2])
     if len(a) < 2 or len(b) < 2:
         return None
     if attrs.get("transA"):
@@ -176,7 +176,7 @@ def _matmul_nbits(node: onnx.NodeProto, known: dict[str, onnx.ValueInfoProto]
     n = next((a.i for a in node.attribute if a.name == "N"), 0)
     if not node.input or node.input[0] not in known or n <= 0:
         return None
-    a = _dims(known[node.input[0]])
+    a = value_dims(known[node.input[0]])
     if not a:
         return None
     elem = known[node.input[0]].type.tensor_type.elem_type
@@ -196,7 +196,8 @@ def _broadcast(x: Dim, y: Dim) -> Dim:
     return x if isinstance(x, int) else y if isinstance(y, int) else None
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[Dim]:
+def value_dims(vi: onnx.ValueInfoProto) -> list[Dim]:
+    """A typed tensor's dims: a size, a name, or None (not known)."""
     return [d.dim_value if d.HasField("dim_value") else d.dim_param or None
             for d in vi.type.tensor_type.shape.dim]
 

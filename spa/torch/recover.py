@@ -35,6 +35,7 @@ from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
 from spa.calibration import load as load_calibration
 from spa.errors import ModelLoadError, OptionError, one_line
+from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
 from spa.recovery import RecoverOptions
 from spa.torch.distill import Distiller, World, headline
@@ -86,9 +87,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
         if i.name in inits:
             continue
         t = i.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                     for d in t.shape.dim)
-        out.append(GraphInput(i.name, helper.tensor_dtype_to_np_dtype(t.elem_type), dims))
+        out.append(GraphInput(i.name, helper.tensor_dtype_to_np_dtype(t.elem_type),
+                              tuple(value_dims(i))))
     return out
 
 
