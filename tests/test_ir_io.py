@@ -113,3 +113,37 @@ def test_pruned_file_is_what_onnx_save_writes(tmp_path):
     onnx.save_model(onnx.load_from_string(written), str(again))
     assert again.read_bytes() == written
     assert onnx.load_from_string(written).graph.initializer[0].dims[0] == 4
+
+
+def test_a_session_takes_the_large_weights_beside_the_bytes_and_answers_the_same():
+    """``validate.session`` hands a ModelProto's large plain initializers to onnxruntime beside
+    its bytes (external data filled from memory) rather than inside them: the same outputs,
+    small ones (a Reshape's shape) stay inside, and a feed still overrides an initializer
+    that is also an input (sensitivity's fed weights)."""
+    from spa import validate as val
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)  # 8 KiB: apart
+    b = rng.standard_normal(64).astype(np.float32)  # 256 B: inside
+    shape = np.array([-1, 8, 8], np.int64)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+         helper.make_node("Reshape", ["h", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (b, "b"), (shape, "shape"))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    apart = val._Apart()
+    data = val._serialized(m, apart)
+    assert apart.names == ["w"] and len(data) < w.nbytes < len(m.SerializeToString())
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    expected = (x @ w.T + b).reshape(-1, 8, 8)
+    sess = val.session(m)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+    fed = sess.run(None, {"x": x, "w": 2 * w})[0]
+    np.testing.assert_allclose(fed, (x @ (2 * w).T + b).reshape(-1, 8, 8), rtol=1e-5, atol=1e-5)
+    import onnxruntime as ort
+
+    inside = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.array_equal(sess.run(None, {"x": x})[0], inside.run(None, {"x": x})[0])

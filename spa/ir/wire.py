@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
@@ -37,14 +38,18 @@ def binary_protobuf(path: Path) -> bool:
     return fmt in (None, "protobuf")
 
 
-def serialized_pieces(model: onnx.ModelProto) -> list[bytes]:
-    """Pieces whose concatenation is ``model.SerializeToString()``."""
+def serialized_pieces(model: onnx.ModelProto,
+                      initializer: Callable[[onnx.TensorProto], bytes] | None = None
+                      ) -> list[bytes]:
+    """Pieces whose concatenation is ``model.SerializeToString()``; ``initializer``: what to
+    write for each of the graph's initializers instead of its own bytes (its serialised body;
+    not called when the model is serialised whole, as one with unknown fields is)."""
     if not model.HasField("graph") or unknown_fields(model) or unknown_fields(model.graph):
         return [model.SerializeToString()]
     graph = model.graph
     inits = []
     for t in graph.initializer:
-        body = t.SerializeToString()
+        body = t.SerializeToString() if initializer is None else initializer(t)
         inits += [_tag(_INITIALIZER) + _varint(len(body)), body]
     low, high = _split(_serialize_without(graph, "initializer"), _INITIALIZER)
     graph_len = len(low) + len(high) + sum(len(p) for p in inits)
