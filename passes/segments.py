@@ -22,11 +22,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spa.errors import OptionError
+from spa.errors import OptionError, ValidationError
 
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
+#: the types of outputs written into arrays of our own (Frontiers.buffer)
+_FLOATS: dict[int, np.dtype] = {onnx.TensorProto.FLOAT: np.dtype(np.float32),
+                                onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+                                onnx.TensorProto.FLOAT16: np.dtype(np.float16)}
 
 
 def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -59,26 +63,58 @@ def node_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 class Frontiers:
-    """Per-chunk tensors held between segments; beyond ``memory`` bytes, spilled to disk."""
+    """Per-chunk tensors held between segments; beyond ``memory`` bytes, spilled to disk.
+
+    The arrays it hands out for onnxruntime to write a segment's outputs into
+    (:meth:`buffer`) come back when their tensors are released, and are handed out again for
+    the next tensor of the same shape: onnxruntime writes into pages already mapped, where
+    copying each output out of its arena into a fresh array cost ResNet-50's reconstruction
+    about 8 s (the free arrays count against ``memory`` as held ones do, and go first when a
+    tensor needs the room)."""
 
     def __init__(self, memory: int):
         self.memory, self.held = memory, 0
         self.dir: Path | None = None
         self.count = 0
         self.spilled: list[weakref.ref[np.ndarray]] = []
+        self.free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self.pooled = 0  # bytes of the free arrays
+        self.mine: dict[int, weakref.ref[np.ndarray]] = {}  # arrays handed out by buffer()
 
     def __enter__(self) -> Frontiers:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.drop_free()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """An array to write a new tensor into (then :meth:`keep` it): a free one of this
+        shape, else a new one while the budget holds it; None: none fits (onnxruntime
+        allocates the output itself, and :meth:`keep` spills it)."""
+        key = (tuple(shape), np.dtype(dtype).str)
+        free = self.free.get(key)
+        if free:
+            array = free.pop()
+            self.pooled -= array.nbytes
+            return array
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if self.held + nbytes > self.memory:
+            return None
+        if self.held + self.pooled + nbytes > self.memory:
+            self.drop_free()
+        array = np.empty(shape, dtype)
+        self.mine[id(array)] = weakref.ref(array)
+        return array
 
     def keep(self, value: np.ndarray, *, own: bool = False) -> np.ndarray:
         """``value``, held in memory while the budget allows, else spilled to disk and mapped.
         ``own``: ``value`` is a view of memory it must not hold on to (an onnxruntime output
         lives in its session's arena and would keep the arena's region alive): a value held
         in memory is copied (a spilled one is written out anyway)."""
+        if self.held + self.pooled + value.nbytes > self.memory:
+            self.drop_free()
         if self.held + value.nbytes <= self.memory:
             self.held += value.nbytes
             return value.copy() if own and not value.flags.owndata else value
@@ -89,6 +125,7 @@ class Frontiers:
         path = self.dir / f"{self.count}.npy"
         self.count += 1
         np.save(path, value)
+        self.recycle(value)
         mapped = np.load(path, mmap_mode="r")
         self.spilled.append(weakref.ref(mapped))
         return mapped
@@ -98,14 +135,33 @@ class Frontiers:
         when needed): a mapped page counts in the process's resident memory, and reading a
         stage's spilled activations would map them all."""
         self.spilled = [ref for ref in self.spilled if ref() is not None]
+        self.mine = {key: ref for key, ref in self.mine.items() if ref() is not None}
         for ref in self.spilled:
             mapped = getattr(ref(), "_mmap", None)
             if mapped is not None and not mapped.closed and hasattr(mmap, "MADV_DONTNEED"):
                 mapped.madvise(mmap.MADV_DONTNEED)
 
     def release(self, value: np.ndarray) -> None:
-        if not isinstance(value, np.memmap):
-            self.held -= value.nbytes
+        """``value`` is no longer held; an array of :meth:`buffer`'s is free for the next."""
+        if isinstance(value, np.memmap):
+            return
+        self.held -= value.nbytes
+        self.recycle(value)
+
+    def recycle(self, array: np.ndarray) -> None:
+        """``array``, if :meth:`buffer` handed it out, is free for the next tensor."""
+        ref = self.mine.get(id(array))
+        if ref is not None and ref() is array:
+            self.free.setdefault((array.shape, array.dtype.str), []).append(array)
+            self.pooled += array.nbytes
+
+    def drop_free(self) -> None:
+        """Let the free arrays go (their memory back to the system)."""
+        for arrays in self.free.values():
+            for array in arrays:
+                self.mine.pop(id(array), None)
+        self.free.clear()
+        self.pooled = 0
 
 
 class Runner:
@@ -129,6 +185,9 @@ class Runner:
         self.values: list[Arrays] = [{k: fronts.keep(np.asarray(c[k])) for k in inputs if k in c}
                                      for c in chunks]
         self.extra: list[Arrays] = [{} for _ in chunks]
+        self.samples = [len(next(iter(c.values()))) if c else 0 for c in chunks]
+        first = model.graph.input[0].type.tensor_type.shape.dim[:1] if model.graph.input else []
+        self.batch = first[0].dim_param if first and first[0].dim_param else None
 
     def chunk_values(self, name: str) -> list[Arrays]:
         return [e if name in e else v for v, e in zip(self.values, self.extra)]
@@ -157,12 +216,13 @@ class Runner:
         model, outer = self.segment(stop, (*live_after, *extra))
         # with onnxruntime's memory arena, each chunk's run reuses the buffers of the one
         # before (without, every run page-faults fresh ones: ResNet-50's stage-1 tensors are
-        # 100 MB a chunk); the outputs are copied out of it (`own`), so that what is held
-        # does not pin the arena, and the arena goes with the session
+        # 100 MB a chunk); the outputs go to arrays of our own (Frontiers.buffer), or are
+        # copied out of it (`own`), so that what is held does not pin the arena, and the
+        # arena goes with the session
         sess = val.session(model, what=f"{self.what} model's segment {start}..{stop}")
-        for values, ext in zip(self.values, self.extra):
+        for values, ext, samples in zip(self.values, self.extra, self.samples):
             feeds = {n: np.asarray(values[n]) for n in outer}
-            outs = val.run(sess, feeds)
+            outs = self._run(sess, feeds, (*live_after, *extra), samples)
             for n in list(values):
                 if self.last_read.get(n, -1) < stop and n not in self.graph_outputs:
                     self.fronts.release(values.pop(n))
@@ -172,6 +232,46 @@ class Runner:
                 ext[n] = self.fronts.keep(outs[n], own=True)
         self.position = stop
         self._expose(want)
+
+    def _run(self, sess, feeds: Arrays, outputs: Sequence[str], samples: int) -> Arrays:
+        """The segment's outputs on one chunk, written into :meth:`Frontiers.buffer` arrays
+        when the shapes of all are known (their dims fixed, or the samples' symbol), else
+        onnxruntime's own."""
+        from spa import validate as val
+
+        shapes = [self._shape(n, samples) for n in outputs]
+        buffers: dict[str, np.ndarray] = {}
+        for name, shape in zip(outputs, shapes):
+            if shape is None:
+                break
+            buffer = self.fronts.buffer(*shape)
+            if buffer is None:
+                break
+            buffers[name] = buffer
+        if len(buffers) == len(outputs):
+            try:
+                return val.run_into(sess, feeds, buffers)
+            except ValidationError:
+                pass  # the shapes inferred were not the run's: as onnxruntime allocates
+        for buffer in buffers.values():
+            self.fronts.recycle(buffer)
+        return val.run(sess, feeds)
+
+    def _shape(self, name: str, samples: int) -> tuple[tuple[int, ...], np.dtype] | None:
+        """The shape and type of ``name`` on a chunk of ``samples`` (None: not known)."""
+        t = self.types.get(name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        dtype = _FLOATS.get(t.tensor_type.elem_type)
+        dims = []
+        for d in t.tensor_type.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            elif self.batch is not None and d.dim_param == self.batch:
+                dims.append(samples)
+            else:
+                return None
+        return (tuple(dims), dtype) if dtype is not None else None
 
     def segment(self, stop: int, outputs: Sequence[str], *, overridable: Collection[str] = ()
                 ) -> tuple[onnx.ModelProto, list[str]]:

@@ -175,6 +175,22 @@ def run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, n
         raise ValidationError(f"onnxruntime failed to run the model: {one_line(exc)}") from exc
 
 
+def run_into(sess: ort.InferenceSession, feeds: dict[str, np.ndarray],
+             outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`run`, its outputs written into the arrays ``outputs`` (C-contiguous, of the
+    outputs' shapes and types: else a ValidationError) instead of onnxruntime's memory."""
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name, array in outputs.items():
+        binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    try:
+        sess.run_with_iobinding(binding)
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ValidationError(f"onnxruntime failed to run the model: {one_line(exc)}") from exc
+    return dict(outputs)
+
+
 def batch_of(sess: ort.InferenceSession, default: int = 32) -> int:
     """How many samples to feed at once: the first input's fixed first dim, else ``default``."""
     first = sess.get_inputs()[0].shape[0] if sess.get_inputs() else None

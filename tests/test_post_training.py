@@ -208,6 +208,58 @@ def test_frontiers_copy_only_what_they_are_told_not_to_pin():
         np.testing.assert_array_equal(spilled, base[:6])
 
 
+def test_segment_outputs_are_written_into_arrays_the_frontiers_hand_out_again():
+    """With every output's shape known (fixed dims and the samples' symbol), a segment's
+    outputs are written into arrays of the frontiers' own, no copy out of onnxruntime's arena;
+    a released one is handed out again for the next tensor of its shape. The runner answers as
+    the whole model, as with copies."""
+    from spa.passes import segments
+
+    model = segments.with_types(_cnn())
+    x = RNG.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    expected = val.run(val.session(model), {"x": x})
+    out = model.graph.output[0].name
+    with segments.Frontiers(1 << 20) as fronts:
+        runner = segments.Runner(model, fronts, "dense", [{"x": x[:4]}, {"x": x[4:]}])
+        runner.advance(3, want=("c2",))  # conv1, relu1, conv2: r1 and c2 per chunk
+        made = [chunk[k] for chunk in runner.values for k in chunk]
+        assert len(made) == 4 and all(id(a) in fronts.mine for a in made)
+        assert fronts.pooled == 0 and fronts.held == sum(a.nbytes for a in made)  # x gone
+        runner.advance(4, want=("s",))  # the skip Add: r1 and c2 go, s [4, 8, 8, 8] comes
+        sums = [chunk["s"] for chunk in runner.values]
+        # the first chunk's r1 and c2 go after its run: the second chunk's sum takes one
+        assert not any(sums[0] is a for a in made) and any(sums[1] is a for a in made)
+        assert fronts.pooled == 3 * sums[0].nbytes  # the other three, free for the next
+        runner.advance(len(model.graph.node), want=())
+        got = np.concatenate([np.asarray(v[out]) for v in runner.values])
+        np.testing.assert_allclose(got, expected[out], rtol=1e-5, atol=1e-6)
+
+
+def test_frontiers_hand_out_only_arrays_of_their_own_and_within_the_budget():
+    from spa.passes import segments
+
+    shape, dtype = (4, 8), np.dtype(np.float32)
+    nbytes = 4 * 8 * 4
+    with segments.Frontiers(2 * nbytes) as fronts:
+        given = np.zeros(shape, dtype)  # the caller's (a calibration chunk): never reused
+        fronts.release(fronts.keep(given))
+        first = fronts.buffer(shape, dtype)
+        assert first is not None and first is not given
+        assert fronts.keep(first, own=True) is first  # its own memory: no copy
+        fronts.release(first)
+        assert fronts.pooled == nbytes and fronts.buffer(shape, dtype) is first
+        fronts.keep(first)
+        other = fronts.buffer((8, 8), dtype)  # one more tensor twice the size: over budget
+        assert other is None
+        second = fronts.buffer(shape, dtype)
+        assert second is not None and second is not first
+        fronts.keep(second)
+        fronts.release(second)
+        assert fronts.pooled == nbytes
+        fronts.keep(np.ones(shape, dtype))  # needs the free array's room: it goes
+        assert fronts.pooled == 0 and not fronts.free
+
+
 def test_reconstruction_that_hurts_held_out_fidelity_is_not_written(cnn, tmp_path, monkeypatch):
     """The guard: a refit that makes held-out fidelity worse is dropped (here a sabotaged
     one: the refitted classifier negated, so that it ranks the classes backwards), and the
