@@ -559,7 +559,7 @@ class _Normal:
         xt = xs.transpose(1, 2, 0)  # [groups, features, rows]: one BLAS product per group
         self.gram += xt @ xs.transpose(1, 0, 2)
         self.cross += xt @ ys.transpose(1, 0, 2)
-        self.energy += float(np.sum(ys * ys))
+        self.energy += float(np.vdot(ys, ys))  # (no squared copy of the rows)
         self.count += len(xs)
 
     def error(self, theta: np.ndarray) -> float:
@@ -572,8 +572,9 @@ class _Normal:
         """``(XᵀX + λI)⁻¹ (XᵀY + λΘ₀)`` per group, λ relative to the mean diagonal."""
         scale = np.einsum("gii->g", self.gram) / self.gram.shape[1]
         lam = ridge * np.maximum(scale, 1e-12)[:, None, None]
-        eye = np.eye(self.gram.shape[1])[None]
+        damped = self.gram.copy()
+        np.einsum("gii->gi", damped)[...] += lam[:, :, 0]  # λ on the diagonal
         try:
-            return np.linalg.solve(self.gram + lam * eye, self.cross + lam * theta0)
+            return np.linalg.solve(damped, self.cross + lam * theta0)
         except np.linalg.LinAlgError:
             return None
