@@ -42,7 +42,7 @@ from spa.calibration import attention_mask, chunked, padding_cut, sample_count, 
 from spa.errors import OptionError
 from spa.ir.contrib import value_dims
 from spa.memory import release
-from spa.passes.segments import Frontiers, Runner, fixed_batch, with_types
+from spa.passes.segments import Frontiers, Runner, fixed_batch, unmap, with_types
 from spa.progress import progress
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,7 @@ class Reconstruction:
                 elif rows.any():
                     normal.add(xs[rows], ys[rows])
             sample += len(x)
+            unmap(x, y)  # a spilled chunk's pages, read: not resident until the layer is done
         if fit.count == 0 or val.count == 0:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
         theta0 = design.theta(w0, b0)
@@ -260,11 +261,13 @@ class Reconstruction:
         if not p_runner.holds(name):
             log.info("reconstruction keeps %s: its residual stream is not held", layer.node)
             return None
-        stream = np.asarray(p_runner.chunk_values(name)[c][name])
+        held = p_runner.chunk_values(name)[c][name]
+        stream = np.asarray(held)
         axis = 1 if layer.op == "Conv" else len(shape) - 1  # the channels
         gained = None if stream.ndim != len(shape) or any(
             a != b for i, (a, b) in enumerate(zip(stream.shape, shape)) if i != axis) \
             else at(stream, None)
+        unmap(held)
         if gained is None or gained.shape != ys.shape:
             log.info("reconstruction keeps %s: its residual stream does not line up", layer.node)
             return None

@@ -136,10 +136,7 @@ class Frontiers:
         stage's spilled activations would map them all."""
         self.spilled = [ref for ref in self.spilled if ref() is not None]
         self.mine = {key: ref for key, ref in self.mine.items() if ref() is not None}
-        for ref in self.spilled:
-            mapped = getattr(ref(), "_mmap", None)
-            if mapped is not None and not mapped.closed and hasattr(mmap, "MADV_DONTNEED"):
-                mapped.madvise(mmap.MADV_DONTNEED)
+        unmap(*(ref() for ref in self.spilled))
 
     def release(self, value: np.ndarray) -> None:
         """``value`` is no longer held; an array of :meth:`buffer`'s is free for the next."""
@@ -162,6 +159,17 @@ class Frontiers:
                 self.mine.pop(id(array), None)
         self.free.clear()
         self.pooled = 0
+
+
+def unmap(*values: np.ndarray | None) -> None:
+    """Unmap the pages read of those ``values`` that are spilled tensors (mapped files): read
+    chunk after chunk, one layer's spilled input would otherwise stay resident whole until the
+    layer is done (EfficientNet-Lite0 on 700 calibration views, a 2 GiB budget: the process
+    peaked at 4.6 GB in reconstruction)."""
+    for value in values:
+        mapped = getattr(value, "_mmap", None)
+        if mapped is not None and not mapped.closed and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 class Runner:
@@ -223,6 +231,7 @@ class Runner:
         for values, ext, samples in zip(self.values, self.extra, self.samples):
             feeds = {n: np.asarray(values[n]) for n in outer}
             outs = self._run(sess, feeds, (*live_after, *extra), samples)
+            unmap(*(values[n] for n in outer))  # (feeds: plain arrays, no file to unmap)
             for n in list(values):
                 if self.last_read.get(n, -1) < stop and n not in self.graph_outputs:
                     self.fronts.release(values.pop(n))
