@@ -28,9 +28,7 @@ log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 #: the types of outputs written into arrays of our own (Frontiers.buffer)
-_FLOATS: dict[int, np.dtype] = {onnx.TensorProto.FLOAT: np.dtype(np.float32),
-                                onnx.TensorProto.DOUBLE: np.dtype(np.float64),
-                                onnx.TensorProto.FLOAT16: np.dtype(np.float16)}
+_FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16})
 
 
 def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -271,7 +269,8 @@ class Runner:
         t = self.types.get(name)
         if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
             return None
-        dtype = _FLOATS.get(t.tensor_type.elem_type)
+        if t.tensor_type.elem_type not in _FLOATS:
+            return None
         dims = []
         for d in t.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value > 0:
@@ -280,7 +279,7 @@ class Runner:
                 dims.append(samples)
             else:
                 return None
-        return (tuple(dims), dtype) if dtype is not None else None
+        return tuple(dims), helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type)
 
     def segment(self, stop: int, outputs: Sequence[str], *, overridable: Collection[str] = ()
                 ) -> tuple[onnx.ModelProto, list[str]]:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from spa.errors import ValidationError, one_line
 from spa.inputs import dim_key
@@ -111,27 +111,24 @@ class _Apart:
     segment of each model)."""
 
     SIZE = 1 << 10  # smaller initializers (shapes, axes, scales) stay inside the bytes
-    TYPES: dict[int, type] = {
-        onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-        onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT8: np.int8,
-        onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT32: np.int32,
-        onnx.TensorProto.INT64: np.int64}
+    TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                       onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32,
+                       onnx.TensorProto.INT64})
 
     def __init__(self) -> None:
         self.names: list[str] = []
-        self.values: list[ort.OrtValue] = []
-        self._arrays: list[np.ndarray] = []
+        self.values: list[ort.OrtValue] = []  # (each holds its array: a view of the proto's)
 
     def body(self, tensor: onnx.TensorProto) -> bytes:
         """What the bytes hold for ``tensor``: itself, or a reference to its value apart."""
-        dtype = self.TYPES.get(tensor.data_type)
-        raw = tensor.raw_data if dtype is not None and tensor.data_location == \
-            onnx.TensorProto.DEFAULT and not tensor.external_data else b""
-        if len(raw) < self.SIZE or len(raw) != np.dtype(dtype).itemsize * int(
+        plain = tensor.data_type in self.TYPES and not tensor.external_data \
+            and tensor.data_location == onnx.TensorProto.DEFAULT
+        raw = tensor.raw_data if plain else b""
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type) if plain else None
+        if dtype is None or len(raw) < self.SIZE or len(raw) != dtype.itemsize * int(
                 np.prod(tensor.dims, dtype=np.int64)):
             return tensor.SerializeToString()
         array = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
-        self._arrays.append(array)
         self.names.append(tensor.name)
         self.values.append(ort.OrtValue.ortvalue_from_numpy(array))
         ref = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
