@@ -70,3 +70,17 @@ def test_links_point_at_files_and_headings_that_exist(page):
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_machine_records_the_cpu_model_and_its_widest_vector_extension(tmp_path):
+    from benchmarks.common import cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu sse4_2 avx avx2 "
+                    "avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    assert cpu(info) == {"model": "AMD EPYC 9B14", "simd": "avx512f"}
+    info.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2\n")
+    assert cpu(info) == {"model": "AMD EPYC", "simd": "avx2"}
+    info.write_text("Features\t: fp asimd evtstrm\n")  # aarch64: no model name, Features
+    assert cpu(info) == {"model": "", "simd": "asimd"}
+    assert cpu(tmp_path / "missing") == {}
