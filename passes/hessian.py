@@ -115,10 +115,11 @@ class InputStats:
 def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
                 source: HessianSource, *, samples: int, seed: int = 0,
                 calib: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
-                skip_padding: bool = True) -> dict[tuple[str, int], InputStats]:
+                skip_padding: bool = True) -> Split:
     """Statistics of every layer's input over the source's samples, one onnxruntime pass each
-    (``samples``: how many synthetic batches; calibration data is read whole). The analysis
-    pass that runs this is passes/statistics.py."""
+    (``samples``: how many synthetic batches; calibration data is read whole), and with a free
+    batch axis the same without the calibration data's validation runs (:func:`_batches`).
+    The analysis pass that runs this is passes/statistics.py."""
     from spa import validate as val
     from spa.calibration import attention_mask, padding_cut
     from spa.ir import to_onnx
@@ -138,14 +139,15 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     if uses_bfloat16(analysis.model.graph):  # no bfloat16 kernels in onnxruntime's CPU
         model = widened(model)
     sess = val.session(model)
-    stats: dict[tuple[str, int], InputStats] = {}
+    # per part of the samples (0: fitted, 1: validation runs; synthetic: all 0)
+    parts: tuple[dict[tuple[str, int], InputStats], ...] = ({}, {})
     total = None if source is HessianSource.CALIBRATION else samples
     calibrated = source is HessianSource.CALIBRATION and skip_padding
     mask = attention_mask(model) if calibrated else None
     fixed_batch = isinstance(sess.get_inputs()[0].shape[0], int)
     cut = padding_cut(model) if calibrated and not fixed_batch else None
-    for feeds in progress(_batches(sess, source, samples, seed, calib, dims, cut), "hessians",
-                          total, unit="batch"):
+    for part, feeds in progress(_batches(sess, source, samples, seed, calib, dims, cut),
+                                "hessians", total, unit="batch"):
         outs = val.run(sess, feeds)
         real = None if mask is None or mask not in feeds else np.asarray(feeds[mask]) != 0
         # layers reading the same input (q, k and v; a ResNet stage's first conv and its
@@ -155,16 +157,37 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
             site = (layer.data, layer.data_axis, layer.width > MAX_DENSE)
             if site not in sums:
                 sums[site] = _sums(outs[layer.data], layer.data_axis, real, site[2])
-            n, total_, total_abs, gram = sums[site]
-            s = stats.get(key)
-            if s is None:  # copies: each layer's sums grow on their own
-                stats[key] = InputStats(n, total_.copy(), total_abs.copy(), gram.copy())
-            else:
-                s.n += n
-                s.total += total_
-                s.total_abs += total_abs
-                s.gram += gram
-    return stats
+            _add(parts[part], key, sums[site])
+    if not parts[1]:
+        return Split(parts[0], None)
+    for key, s in parts[0].items():  # the runs' sums become the whole's, in place (every
+        # layer is in every batch): two sets of sums held, not three
+        _add(parts[1], key, (s.n, s.total, s.total_abs, s.gram))
+    return Split(parts[1], parts[0])
+
+
+@dataclass(frozen=True)
+class Split:
+    """Statistics over all the samples, and over the fitted ones alone (without the
+    validation runs, :func:`spa.calibration.validation_runs`; None: not split)."""
+
+    whole: dict[tuple[str, int], InputStats]
+    fitted: dict[tuple[str, int], InputStats] | None
+
+
+def _add(stats: dict[tuple[str, int], InputStats], key: tuple[str, int],
+         sums: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Add one batch's sums to a layer's (a copy at first: each layer's sums grow on their
+    own)."""
+    n, total_, total_abs, gram = sums
+    s = stats.get(key)
+    if s is None:
+        stats[key] = InputStats(n, total_.copy(), total_abs.copy(), gram.copy())
+    else:
+        s.n += n
+        s.total += total_
+        s.total_abs += total_abs
+        s.gram += gram
 
 
 def _sums(value: np.ndarray, axis: int, real: np.ndarray | None, diagonal: bool
@@ -182,10 +205,14 @@ def _sums(value: np.ndarray, axis: int, real: np.ndarray | None, diagonal: bool
 def _batches(sess, source: HessianSource, samples: int, seed: int,
              calib: dict[str, np.ndarray] | None, dims: dict[str, int] | None = None,
              cut: str | None = None):
-    """The feeds, a batch at a time; ``cut``: the attention mask by which calibration
-    batches are made of samples of similar length and cut (:func:`spa.calibration.chunked`)."""
+    """``(part, feeds)`` a batch at a time; ``cut``: the attention mask by which calibration
+    batches are made of samples of similar length and cut (:func:`spa.calibration.chunked`).
+    With a free batch axis, calibration batches are each of one part: 0, the samples fitted,
+    or 1, the validation runs (:func:`spa.calibration.validation_runs`), so that the pass
+    gives the statistics without the runs too, from the same runs of the model (the
+    sensitivity fits its compensation on them and judges it on the runs)."""
     from spa import validate as val
-    from spa.calibration import chunked
+    from spa.calibration import chunked, validation_runs
 
     if source is HessianSource.CALIBRATION:
         if not calib:
@@ -199,7 +226,14 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
             raise OptionError(f"calibration data has {n} samples, fewer than the model's "
                               f"batch size {step}")
         whole = {k: calib[k][:n - n % step] for k in names}  # full batches only
-        yield from chunked(whole, step, cut)[1]
+        if isinstance(batch, int) and batch > 0:  # fixed: parts would not fill batches
+            for chunk in chunked(whole, step, cut)[1]:
+                yield 0, chunk
+            return
+        runs = validation_runs(n)[:n - n % step]
+        for part, pick in ((0, ~runs), (1, runs)):
+            for chunk in chunked({k: v[pick] for k, v in whole.items()}, step, cut)[1]:
+                yield part, chunk
         return
     for i in range(samples):
         feeds = val.random_inputs(sess, seed=seed * 100_003 + i, dims=dims)
@@ -207,7 +241,7 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
             rng = np.random.default_rng([seed, i, 7])
             feeds = {k: natural_images(v.shape, rng).astype(v.dtype) if _is_image(v) else v
                      for k, v in feeds.items()}
-        yield feeds
+        yield 0, feeds
 
 
 def _checked_calibration(sess, calib: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -35,6 +35,15 @@ class LayerStats:
     source: HessianSource
     layers: Mapping[LayerKey, ConsumerLayer]
     inputs: Mapping[LayerKey, InputStats]  # empty for the identity source
+    # the same without the calibration data's validation runs (None: not split)
+    fitted: Mapping[LayerKey, InputStats] | None = None
+
+    def without_runs(self) -> LayerStats | None:
+        """These statistics over the samples fitted alone, without the validation runs
+        (:func:`spa.calibration.validation_runs`); None when they were not kept apart."""
+        if self.fitted is None:
+            return None
+        return LayerStats(self.source, self.layers, self.fitted)
 
     def hessian(self, key: LayerKey) -> np.ndarray | None:
         """``H`` (float64, mean over samples) of a layer; diagonal (1-D) for very wide ones,
@@ -63,7 +72,7 @@ class LayerStatistics:
         layers = consumer_layers(analysis)
         if self.source is HessianSource.IDENTITY:
             return LayerStats(self.source, layers, {})
-        inputs = input_stats(analysis, layers, self.source, samples=self.samples,
-                             seed=self.seed, calib=self.calib, dims=self.dims,
-                             skip_padding=self.skip_padding)
-        return LayerStats(self.source, layers, inputs)
+        split = input_stats(analysis, layers, self.source, samples=self.samples,
+                            seed=self.seed, calib=self.calib, dims=self.dims,
+                            skip_padding=self.skip_padding)
+        return LayerStats(self.source, layers, split.whole, split.fitted)

@@ -870,23 +870,62 @@ def test_reconstruction_runs_token_chunks_cut_after_their_padding(monkeypatch):
     assert widths[0] == 256 * 64 and widths[1] < 0.25 * widths[0]
 
 
-def test_token_statistics_from_cut_chunks_count_the_real_tokens_once():
+def _token_statistics(samples: int, seed: int):
+    """Calibration statistics of the token model over ``samples`` random samples of random
+    lengths: (ids, mask, the statistics, fc2's input of the given ids and mask in float64)."""
     from spa.api import analyze
     from spa.choices import HessianSource
     from spa.passes.statistics import LayerStatistics
 
     model = _token_model(np.random.default_rng(12).standard_normal((16, 8)))
-    rng = np.random.default_rng(15)
-    lengths = rng.integers(1, 20, 40)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 20, samples)
     mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int64)
-    ids = rng.integers(1, 50, (40, 20)) * mask
+    ids = rng.integers(1, 50, (samples, 20)) * mask
     stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=0,
                             calib={"ids": ids, "mask": mask}).run(analyze(model))
     inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
-    r = np.maximum(inits["emb"][ids[mask != 0]] @ inits["w1"] + inits["b1"], 0)  # fc2's input
+
+    def fc2_input(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.maximum(inits["emb"][ids[mask != 0]] @ inits["w1"] + inits["b1"], 0)
+    return ids, mask, stats, fc2_input
+
+
+def _fc2(stats):
     (fc2,) = [s for key, s in stats.inputs.items() if key[0] == "w2"]
-    assert fc2.n == lengths.sum()
-    np.testing.assert_allclose(fc2.gram, r.T @ r, rtol=1e-5)
+    return fc2
+
+
+def test_token_statistics_from_cut_chunks_count_the_real_tokens_once():
+    ids, mask, stats, fc2_input = _token_statistics(40, 15)
+    r = fc2_input(ids, mask)
+    assert _fc2(stats).n == mask.sum() == len(r)
+    np.testing.assert_allclose(_fc2(stats).gram, r.T @ r, rtol=1e-5)
+
+
+def test_statistics_keep_the_fitted_samples_apart_in_the_same_pass():
+    """One pass gives the statistics of all samples and of the fitted ones alone (without the
+    validation runs, which the sensitivity judges its compensation on): the same sums as
+    computed by hand on each set."""
+    from spa.api import analyze
+    from spa.calibration import validation_runs
+    from spa.choices import HessianSource
+    from spa.passes.statistics import LayerStatistics
+
+    ids, mask, stats, fc2_input = _token_statistics(140, 17)
+    ids, mask = ids[:136], mask[:136]  # whole batches of 8
+    runs = validation_runs(140)[:136]
+    assert 0 < runs.sum() < 136
+    fitted = stats.without_runs()
+    assert fitted is not None
+    for got, pick in ((stats, np.ones(136, bool)), (fitted, ~runs)):
+        r = fc2_input(ids[pick], mask[pick])
+        assert _fc2(got).n == len(r)
+        np.testing.assert_allclose(_fc2(got).gram, r.T @ r, rtol=1e-5)
+    # synthetic inputs have no runs to keep apart
+    model = _token_model(np.random.default_rng(12).standard_normal((16, 8)))
+    synthetic = LayerStatistics(source=HessianSource.SYNTHETIC, samples=2).run(analyze(model))
+    assert synthetic.without_runs() is None
 
 
 def test_sensitivity_of_a_pooled_token_model_runs_cut_chunks_and_measures_the_same(monkeypatch):

@@ -265,7 +265,8 @@ def _compensation(analysis: Analysis, options: PruneOptions, criterion: Criterio
     runs = calib_data.validation_runs(calib_data.sample_count(calib.train))
     if statistics.source is HessianSource.CALIBRATION and runs.sum() >= MIN_SAMPLES:
         judged = {k: np.asarray(v)[runs] for k, v in calib.train.items()}
-        statistics = LayerStatistics(
+        # kept apart in the same pass (a free batch axis), else measured again
+        statistics = statistics.without_runs() or LayerStatistics(
             source=statistics.source, samples=options.samples, seed=options.seed,
             calib={k: np.asarray(v)[~runs] for k, v in calib.train.items()},
             dims=dict(options.input_dims)).run(analysis)
