@@ -115,11 +115,12 @@ class InputStats:
 def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer],
                 source: HessianSource, *, samples: int, seed: int = 0,
                 calib: dict[str, np.ndarray] | None = None, dims: dict[str, int] | None = None,
-                skip_padding: bool = True) -> Split:
+                skip_padding: bool = True, keep_fitted: bool = False) -> Split:
     """Statistics of every layer's input over the source's samples, one onnxruntime pass each
-    (``samples``: how many synthetic batches; calibration data is read whole), and with a free
-    batch axis the same without the calibration data's validation runs (:func:`_batches`).
-    The analysis pass that runs this is passes/statistics.py."""
+    (``samples``: how many synthetic batches; calibration data is read whole). With
+    ``keep_fitted`` and a free batch axis, also the same without the calibration data's
+    validation runs: their batches come last (:func:`_batches`), and the sums are copied as
+    the first of them arrives. The analysis pass that runs this is passes/statistics.py."""
     from spa import validate as val
     from spa.calibration import attention_mask, padding_cut
     from spa.ir import to_onnx
@@ -139,8 +140,8 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     if uses_bfloat16(analysis.model.graph):  # no bfloat16 kernels in onnxruntime's CPU
         model = widened(model)
     sess = val.session(model)
-    # per part of the samples (0: fitted, 1: validation runs; synthetic: all 0)
-    parts: tuple[dict[tuple[str, int], InputStats], ...] = ({}, {})
+    stats: dict[tuple[str, int], InputStats] = {}
+    fitted: dict[tuple[str, int], InputStats] | None = None
     total = None if source is HessianSource.CALIBRATION else samples
     calibrated = source is HessianSource.CALIBRATION and skip_padding
     mask = attention_mask(model) if calibrated else None
@@ -148,6 +149,9 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     cut = padding_cut(model) if calibrated and not fixed_batch else None
     for part, feeds in progress(_batches(sess, source, samples, seed, calib, dims, cut),
                                 "hessians", total, unit="batch"):
+        if part == 1 and keep_fitted and fitted is None:  # the fitted samples' sums are done
+            fitted = {key: InputStats(s.n, s.total.copy(), s.total_abs.copy(), s.gram.copy())
+                      for key, s in stats.items()}
         outs = val.run(sess, feeds)
         real = None if mask is None or mask not in feeds else np.asarray(feeds[mask]) != 0
         # layers reading the same input (q, k and v; a ResNet stage's first conv and its
@@ -157,13 +161,16 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
             site = (layer.data, layer.data_axis, layer.width > MAX_DENSE)
             if site not in sums:
                 sums[site] = _sums(outs[layer.data], layer.data_axis, real, site[2])
-            _add(parts[part], key, sums[site])
-    if not parts[1]:
-        return Split(parts[0], None)
-    for key, s in parts[0].items():  # the runs' sums become the whole's, in place (every
-        # layer is in every batch): two sets of sums held, not three
-        _add(parts[1], key, (s.n, s.total, s.total_abs, s.gram))
-    return Split(parts[1], parts[0])
+            n, total_, total_abs, gram = sums[site]
+            s = stats.get(key)
+            if s is None:  # copies: each layer's sums grow on their own
+                stats[key] = InputStats(n, total_.copy(), total_abs.copy(), gram.copy())
+            else:
+                s.n += n
+                s.total += total_
+                s.total_abs += total_abs
+                s.gram += gram
+    return Split(stats, fitted)
 
 
 @dataclass(frozen=True)
@@ -173,21 +180,6 @@ class Split:
 
     whole: dict[tuple[str, int], InputStats]
     fitted: dict[tuple[str, int], InputStats] | None
-
-
-def _add(stats: dict[tuple[str, int], InputStats], key: tuple[str, int],
-         sums: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> None:
-    """Add one batch's sums to a layer's (a copy at first: each layer's sums grow on their
-    own)."""
-    n, total_, total_abs, gram = sums
-    s = stats.get(key)
-    if s is None:
-        stats[key] = InputStats(n, total_.copy(), total_abs.copy(), gram.copy())
-    else:
-        s.n += n
-        s.total += total_
-        s.total_abs += total_abs
-        s.gram += gram
 
 
 def _sums(value: np.ndarray, axis: int, real: np.ndarray | None, diagonal: bool
@@ -207,10 +199,11 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
              cut: str | None = None):
     """``(part, feeds)`` a batch at a time; ``cut``: the attention mask by which calibration
     batches are made of samples of similar length and cut (:func:`spa.calibration.chunked`).
-    With a free batch axis, calibration batches are each of one part: 0, the samples fitted,
-    or 1, the validation runs (:func:`spa.calibration.validation_runs`), so that the pass
-    gives the statistics without the runs too, from the same runs of the model (the
-    sensitivity fits its compensation on them and judges it on the runs)."""
+    With a free batch axis, calibration batches are each of one part, the samples fitted (0)
+    first, then the validation runs (1, :func:`spa.calibration.validation_runs`), whether or
+    not the pass keeps the fitted part's statistics apart (the sensitivity fits its
+    compensation on them and judges it on the runs): the whole set's sums are added in one
+    order, so ``spa apply``, which does not keep them, writes the same bytes."""
     from spa import validate as val
     from spa.calibration import chunked, validation_runs
 
@@ -226,7 +219,7 @@ def _batches(sess, source: HessianSource, samples: int, seed: int,
             raise OptionError(f"calibration data has {n} samples, fewer than the model's "
                               f"batch size {step}")
         whole = {k: calib[k][:n - n % step] for k in names}  # full batches only
-        if isinstance(batch, int) and batch > 0:  # fixed: parts would not fill batches
+        if step == batch:  # a fixed batch: parts would not fill batches
             for chunk in chunked(whole, step, cut)[1]:
                 yield 0, chunk
             return

@@ -62,8 +62,10 @@ class LayerStatistics:
 
     def __init__(self, *, source: HessianSource, samples: int, seed: int = 0,
                  calib: Mapping[str, np.ndarray] | None = None,
-                 dims: Mapping[str, int] | None = None, skip_padding: bool = True):
+                 dims: Mapping[str, int] | None = None, skip_padding: bool = True,
+                 keep_fitted: bool = False):
         self.source, self.samples, self.seed = source, samples, seed
+        self.keep_fitted = keep_fitted  # also the statistics without the validation runs
         self.skip_padding = skip_padding  # False: as plans before it, padding rows count
         self.calib = dict(calib) if calib is not None else None
         self.dims = dict(dims) if dims is not None else None
@@ -74,5 +76,5 @@ class LayerStatistics:
             return LayerStats(self.source, layers, {})
         split = input_stats(analysis, layers, self.source, samples=self.samples,
                             seed=self.seed, calib=self.calib, dims=self.dims,
-                            skip_padding=self.skip_padding)
+                            skip_padding=self.skip_padding, keep_fitted=self.keep_fitted)
         return LayerStats(self.source, layers, split.whole, split.fitted)

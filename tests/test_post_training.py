@@ -870,7 +870,7 @@ def test_reconstruction_runs_token_chunks_cut_after_their_padding(monkeypatch):
     assert widths[0] == 256 * 64 and widths[1] < 0.25 * widths[0]
 
 
-def _token_statistics(samples: int, seed: int):
+def _token_statistics(samples: int, seed: int, *, keep_fitted: bool = False):
     """Calibration statistics of the token model over ``samples`` random samples of random
     lengths: (ids, mask, the statistics, fc2's input of the given ids and mask in float64)."""
     from spa.api import analyze
@@ -883,7 +883,8 @@ def _token_statistics(samples: int, seed: int):
     mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int64)
     ids = rng.integers(1, 50, (samples, 20)) * mask
     stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=0,
-                            calib={"ids": ids, "mask": mask}).run(analyze(model))
+                            calib={"ids": ids, "mask": mask},
+                            keep_fitted=keep_fitted).run(analyze(model))
     inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
 
     def fc2_input(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -912,7 +913,12 @@ def test_statistics_keep_the_fitted_samples_apart_in_the_same_pass():
     from spa.choices import HessianSource
     from spa.passes.statistics import LayerStatistics
 
-    ids, mask, stats, fc2_input = _token_statistics(140, 17)
+    ids, mask, stats, fc2_input = _token_statistics(140, 17, keep_fitted=True)
+    # not asked for, none are kept, and the whole set's sums are the same to the bit (spa
+    # apply replays a plan without them)
+    alone = _token_statistics(140, 17)[2]
+    assert alone.without_runs() is None
+    assert np.array_equal(_fc2(alone).gram, _fc2(stats).gram)
     ids, mask = ids[:136], mask[:136]  # whole batches of 8
     runs = validation_runs(140)[:136]
     assert 0 < runs.sum() < 136
@@ -924,7 +930,8 @@ def test_statistics_keep_the_fitted_samples_apart_in_the_same_pass():
         np.testing.assert_allclose(_fc2(got).gram, r.T @ r, rtol=1e-5)
     # synthetic inputs have no runs to keep apart
     model = _token_model(np.random.default_rng(12).standard_normal((16, 8)))
-    synthetic = LayerStatistics(source=HessianSource.SYNTHETIC, samples=2).run(analyze(model))
+    synthetic = LayerStatistics(source=HessianSource.SYNTHETIC, samples=2,
+                                keep_fitted=True).run(analyze(model))
     assert synthetic.without_runs() is None
 
 

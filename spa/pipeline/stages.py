@@ -208,13 +208,18 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
                             dims=dict(options.input_dims))
     criterion = _criterion(analysis, options, saliency, calib)
     source = criterion.statistics_source(calib is not None)
+    method = options.allocation_method
     statistics = None
     if source is not None:
+        # the sensitivity's compensation is fitted without the validation runs: their sums
+        # are kept apart in the same pass
+        apart = method is AllocationMethod.SENSITIVITY and \
+            source is HessianSource.CALIBRATION and _compensates(criterion, options, source)
         statistics = LayerStatistics(source=source, samples=options.samples, seed=options.seed,
                                      calib=calib.train if calib is not None else None,
-                                     dims=dict(options.input_dims)).run(analysis)
+                                     dims=dict(options.input_dims),
+                                     keep_fitted=apart).run(analysis)
     scores = criterion.run(analysis, statistics)
-    method = options.allocation_method
     sensitivities = None
     if method is AllocationMethod.SENSITIVITY:
         if calib is None:
@@ -223,6 +228,8 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
         update, judged = _compensation(analysis, options, criterion, statistics, calib)
         sensitivities = Sensitivity(min_channels=options.min_channels, update=update).run(
             analysis, to_onnx(analysis.model), scores, judged)
+        if statistics is not None:  # the emit reads the whole set's alone
+            statistics = dataclasses.replace(statistics, fitted=None)
     if table is None and options.target is Target.LATENCY:
         table = latency_table(analysis, options)
     steps = kernel_steps(analysis, options)
@@ -258,8 +265,7 @@ def _compensation(analysis: Analysis, options: PruneOptions, criterion: Criterio
     view, lost half its inputs). No update when the recipe compensates nothing, or from other
     statistics than these (the emit recomputes those: spa/pipeline/emit.py). With fewer than
     :data:`~spa.passes.sensitivity.MIN_SAMPLES` validation samples, fitted and measured on all."""
-    if not (criterion.compensation and options.compensate) or statistics is None \
-            or statistics.source is not options.hessian_source:
+    if statistics is None or not _compensates(criterion, options, statistics.source):
         return None, calib.train
     judged = calib.train
     runs = calib_data.validation_runs(calib_data.sample_count(calib.train))
@@ -272,6 +278,13 @@ def _compensation(analysis: Analysis, options: PruneOptions, criterion: Criterio
             dims=dict(options.input_dims)).run(analysis)
     comp = Compensation(damping=options.damping, reuse_inverses=True)
     return (lambda plan: comp.values(analysis, plan, statistics)), judged
+
+
+def _compensates(criterion: Criterion, options: PruneOptions, source: HessianSource) -> bool:
+    """Whether plans carry the compensation's update fitted on statistics from ``source``
+    (the emit recomputes any other source's)."""
+    return bool(criterion.compensation and options.compensate) \
+        and source is options.hessian_source
 
 
 def _depth(analysis: Analysis, plan: Plan, options: PruneOptions,
