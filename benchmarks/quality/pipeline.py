@@ -200,17 +200,15 @@ def run_model(name: str, variants: set[str] | None, recover: bool, tp: bool,
     if wanted("dense"):
         rows["dense"] = bench.metric(bench.dense)
         _print(name, "dense", rows["dense"], bench.key)
-    variants_of = prune_variants(bench, cut)
-    for label, args in variants_of.items():
+    for label, args in prune_variants(bench, cut).items():
         if wanted(label):
             rows[label] = spa_prune(bench, label, args, workdir)
             _print(name, label, rows[label], bench.key)
     for label, more in MORE_DATA.get(name, {}).items():
         if wanted(label):
             data = more()
-            args = [*variants_of[RECOVERED_FROM]]
-            args[args.index("--calib") + 1] = str(data.calib)
-            rows[label] = spa_prune(data, label, args, workdir)
+            rows[label] = spa_prune(data, label, prune_variants(data, cut)[RECOVERED_FROM],
+                                    workdir)
             _print(name, label, rows[label], bench.key)
 
     def started(label: str) -> bool:
