@@ -95,6 +95,40 @@ def test_recovery_lowers_held_out_error(models, calibration, tmp_path):
     assert 0 < report.steps <= 50 and _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("rates, forced, chosen", [
+    ((*distill.LR_TRIALS, 0.3), None, 1e-3),  # the pick (1e-3) beats a rate that diverges
+    ((1e-5, 1e-3), 1e-5, 1e-3),  # a pick made too small (forced) loses to the larger rate
+])
+def test_a_long_budget_checks_the_picked_rate_against_the_next_larger_one(
+        models, calibration, tmp_path, monkeypatch, rates, forced, chosen):
+    """With checks allowed (here from 1 step: 5% of 50 steps is 2), the trials' pick and the
+    next larger rate each train 2 steps from the start, and the more faithful one on the
+    validation runs trains the full budget; the report lists both checks."""
+    dense, pruned = models
+    monkeypatch.setattr(distill, "CHECK_MIN_STEPS", 1)
+    monkeypatch.setattr(distill, "LR_TRIALS", rates)
+    if forced is not None:
+        monkeypatch.setattr(distill, "pick_lr", lambda start, results: forced)
+    report = rec.recover(dense, pruned, tmp_path / "r.onnx", calibration,
+                         RecoverOptions(steps=50, batch_size=16, seed=0))
+    trials = {float(k): m for k, m in report.lr_trials.items()}
+    pick = distill.pick_lr(report.fidelity_before, trials)
+    larger = rates[rates.index(pick) + 1]
+    assert set(report.lr_checks) == {f"{pick:g}", f"{larger:g}"}
+    a, b = report.lr_checks[f"{pick:g}"], report.lr_checks[f"{larger:g}"]
+    assert report.lr == (larger if fidelity.better(b, a) else pick) == chosen
+
+
+def test_checks_take_a_share_of_the_budget_and_only_when_it_is_long():
+    steps = distill.Distiller.check_steps
+    assert distill.CHECK_MIN_STEPS == 120 and distill.CHECK_SHARE == 0.05
+    assert steps(2400, None, 1.0) == 120 and steps(2399, None, 1.0) == 0
+    assert steps(None, 3600.0, 0.5) == 360  # an hour at 0.5 s a step: 7200 steps
+    assert steps(None, 300.0, 0.5) == 0  # 30 steps: no more than a trial says
+    assert steps(3000, 3600.0, 0.5) == 150  # both budgets: the smaller
+    assert steps(None, None, 0.5) == 0
+
+
 def test_recovery_is_judged_on_runs_of_the_training_samples_not_the_held_out_split():
     """The learning rate and early stopping are judged on two contiguous runs of the training
     samples (views of one photo come in runs; a random pick would share their photos), which

@@ -65,6 +65,8 @@ class RecoverReport:
     world_size: int
     output: str
     measure: str = ""  # the headline measure's name (agreement or cosine)
+    # learning rate → validation-run fidelity after its longer check (spa.torch.distill)
+    lr_checks: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,9 +155,10 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
     start_held = None if validate else distiller.held_out_fidelity()
     steps, seconds = options.budget()
     if options.lr is not None:
-        lr, trials = options.lr, dict[float, dict[str, float]]()
+        lr = options.lr
+        trials, checks = dict[float, dict[str, float]](), dict[float, dict[str, float]]()
     else:
-        lr, trials = distiller.choose_lr(steps, seconds)
+        lr, trials, checks = distiller.choose_lr(steps, seconds)
         log.info("recover: learning rate %g chosen on the validation runs", lr)
     remaining = None if seconds is None else max(seconds - (time.monotonic() - start_time), 0)
     steps_run, _ = distiller.train(lr, steps, remaining)
@@ -166,6 +169,7 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
                         torch_held)
         report = dataclasses.replace(
             report, lr=lr, lr_trials={f"{k:g}": v for k, v in trials.items()},
+            lr_checks={f"{k:g}": v for k, v in checks.items()},
             steps=steps_run, seconds=round(time.monotonic() - start_time, 3),
             device=str(world.device), world_size=world.size)
     result: RecoverReport = world.decide(report)
