@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from spa.options import option, positive
+from spa.options import option, positive, share
 
 GROUP = "recovery"
 TORCH_MISSING = "spa recover needs PyTorch: pip install 'spa-prune[torch]'"
@@ -51,6 +51,11 @@ class RecoverOptions:
                              "training samples)")
     temperature: float = option(1.0, parse=_positive_float, metavar="T", group=GROUP,
                                 help="softmax temperature of the KL loss on class scores")
+    token_dropout: float = option(0.3, parse=share, metavar="SHARE", group=GROUP,
+                                  help="token models: share of the attended tokens masked out "
+                                  "in each training batch, for both models (0: none, and "
+                                  "the dense model answers each training sample once, "
+                                  "before training)")
     weight_decay: float = option(0.01, parse=_non_negative_float, metavar="W", group=GROUP,
                                  help="AdamW weight decay")
     seed: int = option(0, parse=int, group=GROUP,

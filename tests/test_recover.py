@@ -147,20 +147,20 @@ def test_recovery_is_judged_on_runs_of_the_training_samples_not_the_held_out_spl
     assert list(fit["x"]) == list(ids[:6]) and list(judge["x"]) == [6, 7]
 
 
-def test_shared_activations_are_matched_and_embeddings_recover(tmp_path):
-    """A residual MLP with an L2-normalised embedding: pruning the inner widths leaves the
-    residual stream, which the student is pulled towards; the output is not class scores."""
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+    def forward(self, x):
+        return x + self.b(torch.relu(self.a(x)))
 
-        def forward(self, x):
-            return x + self.b(torch.relu(self.a(x)))
 
+def _residual_mlp(tmp_path: Path) -> tuple[Path, Path, Calibration, distill.Distiller]:
+    """(dense, pruned, calibration, distiller): three residual blocks and an L2-normalised
+    6-wide embedding, the blocks' inner widths pruned by half."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(Block(), Block(), Block(), torch.nn.Linear(8, 6)).eval()
+    net = torch.nn.Sequential(_Block(), _Block(), _Block(), torch.nn.Linear(8, 6)).eval()
     dense, pruned = tmp_path / "dense.onnx", tmp_path / "pruned.onnx"
     torch.onnx.export(_Normalised(net), (torch.randn(2, 8),), str(dense), input_names=["x"],
                       output_names=["emb"], dynamic_axes={"x": {0: "n"}, "emb": {0: "n"}},
@@ -173,14 +173,45 @@ def test_shared_activations_are_matched_and_embeddings_recover(tmp_path):
     distiller = distill.Distiller(onnx.load(str(dense)), pruned_proto,
                                   rec.graph_inputs(pruned_proto), calibration,
                                   RecoverOptions(), distill.World(0, 1, torch.device("cpu")))
+    return dense, pruned, calibration, distiller
+
+
+def test_shared_activations_are_matched_and_embeddings_recover(tmp_path):
+    """A residual MLP with an L2-normalised embedding: pruning the inner widths leaves the
+    residual stream, which the student is pulled towards; the output is not class scores."""
+    dense, pruned, calibration, distiller = _residual_mlp(tmp_path)
     residual = [n for n in distiller.matched if n.endswith("Add_output_0")]
     assert len(residual) == 3 and distiller.scores == [False]
+    # Batches are not augmented: the teacher answered every training sample once, outputs and
+    # matched values, in order.
+    assert distiller.answers is not None and list(distiller.answers[1]) == distiller.matched
+    with torch.no_grad():
+        live = distiller.teacher(*distiller.train_data, capture=distiller.matched)
+    torch.testing.assert_close(distiller.answers[0][0], live[0][0])
+    torch.testing.assert_close(distiller.answers[1][residual[1]], live[1][residual[1]])
     report = rec.recover(dense, pruned, tmp_path / "r.onnx", calibration,
                          RecoverOptions(steps=50, batch_size=16))
     before = report.fidelity_before["relative_error"]
     after = report.fidelity_after["relative_error"]
     assert before > 0.15 and after < 0.7 * before  # measured: 0.206 -> 0.103
     assert report.measure == "cosine" and "agreement" not in report.fidelity_after
+
+
+@pytest.mark.parametrize("values, matched", [(2, 2), (-1, None)])
+def test_answers_keep_what_fits_in_their_memory(tmp_path, monkeypatch, values, matched):
+    """Room for the outputs and two matched values keeps two of the three, the first and the
+    last; no room for the outputs leaves the teacher answering each batch, with all three."""
+    *_, distiller = _residual_mlp(tmp_path)
+    n = len(distiller.train_data[0])
+    outputs, value = n * 6 * 4, n * 8 * 4  # float32 [n, 6] and [n, 8]
+    monkeypatch.setattr(distill, "ANSWERS_BYTES", outputs + values * value)
+    names = distiller.matched
+    got = distiller._answers()
+    if matched is None:
+        assert got is None and distiller.matched == names
+    else:
+        assert got is not None and distiller.matched == [names[0], names[-1]]
+        assert list(got[1]) == distiller.matched
 
 
 class _Normalised(torch.nn.Module):
@@ -310,7 +341,7 @@ def test_classifier_trials_are_weighed_by_kl_not_one_sample_flips():
 def test_token_dropout_spares_first_and_last_tokens():
     mask = torch.ones(64, 20, dtype=torch.int64)
     mask[:, 15:] = 0
-    dropped = augment.drop_tokens(mask, np.random.default_rng(0))
+    dropped = augment.drop_tokens(mask, np.random.default_rng(0), 0.1)
     assert (dropped[:, [0, 14]] == 1).all() and (dropped[:, 15:] == 0).all()
     share = 1 - dropped[:, 1:14].float().mean().item()
     assert 0.07 < share < 0.13
@@ -386,7 +417,7 @@ def test_image_augmentation_keeps_shape_and_layout():
     kinds = augment.input_kinds([rec.GraphInput("x", np.dtype("float32"), ("n", 3, 8, 8)),
                                   rec.GraphInput("y", np.dtype("float32"), ("n", 8, 8, 3))])
     assert kinds.images == {0: 1, 1: 3} and kinds.mask is None
-    a, b = augment.augment([x, x.permute(0, 2, 3, 1)], kinds, rng)
+    a, b = augment.augment([x, x.permute(0, 2, 3, 1)], kinds, rng, 0.0)
     assert a.shape == x.shape and b.shape == (2, 8, 8, 3)
     assert not torch.equal(a, x) and float(a.min()) >= 0 and float(a.max()) <= float(x.max())
 
@@ -477,8 +508,10 @@ class _Pooled(torch.nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-@pytest.mark.parametrize("tokens", [False, True])
-def test_evaluation_cuts_padding_when_no_output_has_a_token_axis(tmp_path, tokens):
+def _pooled_distiller(tmp_path: Path, tokens: bool, options: RecoverOptions
+                     ) -> distill.Distiller:
+    """:class:`_Pooled` and its inner widths pruned by half, on 96 random sentences of 1 to
+    29 tokens padded to 40, in random order."""
     torch.manual_seed(0)
     dense, pruned = tmp_path / "dense.onnx", tmp_path / "pruned.onnx"
     axes = {"ids": {0: "n", 1: "t"}, "mask": {0: "n", 1: "t"},
@@ -490,14 +523,61 @@ def test_evaluation_cuts_padding_when_no_output_has_a_token_axis(tmp_path, token
     prune(dense, pruned, PruneOptions(ratio=0.5, reconstruct=False),
           CheckOptions(validate=False, latency=False))
     rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 30, 96)  # in random order, padded to 40
+    lengths = rng.integers(1, 30, 96)
     mask = (np.arange(40)[None] < lengths[:, None]).astype(np.int64)
     ids = rng.integers(1, 50, (96, 40)) * mask
     calibration = Calibration(*split({"ids": ids, "mask": mask}, 0.25, seed=0), "npz", "memory")
     proto = onnx.load(str(pruned))
-    distiller = distill.Distiller(onnx.load(str(dense)), proto, rec.graph_inputs(proto),
-                                  calibration, RecoverOptions(batch_size=8),
-                                  distill.World(0, 1, torch.device("cpu")))
+    return distill.Distiller(onnx.load(str(dense)), proto, rec.graph_inputs(proto),
+                             calibration, options, distill.World(0, 1, torch.device("cpu")))
+
+
+def test_a_sentence_model_is_answered_once_and_trains_the_same(tmp_path):
+    """Without token dropout the teacher answers each training sentence once (cut after its
+    batch's last attended column, like the training batches), and five steps train the
+    student as the teacher answering each batch does; the shared per-token states are then
+    not matched (they have a token axis). With token dropout, it answers each batch."""
+    distiller = _pooled_distiller(tmp_path, False, RecoverOptions(batch_size=8,
+                                                                   token_dropout=0.0))
+    assert distiller.answers is not None and distiller.matched == []
+    distiller._run(1e-2, 5, None, "answered once", evaluate=False)
+    once = distill._state(distiller.student)
+    distiller.answers = None
+    distiller._run(1e-2, 5, None, "answered each batch", evaluate=False)
+    each = distill._state(distiller.student)
+    moved = [k for k, v in each.items() if not torch.equal(v, distiller.start_state[k])]
+    assert moved
+    for k in each:
+        torch.testing.assert_close(once[k], each[k], rtol=1e-4, atol=1e-6)
+    dropping = _pooled_distiller(tmp_path, False, RecoverOptions(batch_size=8))
+    assert RecoverOptions().token_dropout > 0 and dropping.answers is None and dropping.matched
+
+
+def test_onnxruntime_answers_augmented_batches_as_the_torch_teacher(models, calibration,
+                                                                    tmp_path):
+    """On CPU the teacher answers each augmented batch in onnxruntime: the same outputs and
+    matched values as its torch module (images: crops, flips and mixup; tokens: dropout)."""
+    proto = onnx.load(str(models[1]))
+    images = distill.Distiller(onnx.load(str(models[0])), proto, rec.graph_inputs(proto),
+                               calibration, RecoverOptions(batch_size=16),
+                               distill.World(0, 1, torch.device("cpu")))
+    tokens = _pooled_distiller(tmp_path, False, RecoverOptions(batch_size=8,
+                                                                token_dropout=0.2))
+    assert tokens.matched
+    for distiller in (images, tokens):
+        assert distiller.answers is None and distiller.ort_teacher is not None
+        for _ in range(3):
+            _, batch = distiller._batch()
+            out, mid = distiller.ort_teacher(batch)
+            with torch.no_grad():
+                want, want_mid = distill._forward(distiller.teacher, batch, distiller.matched)
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(mid, want_mid, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_evaluation_cuts_padding_when_no_output_has_a_token_axis(tmp_path, tokens):
+    distiller = _pooled_distiller(tmp_path, tokens, RecoverOptions(batch_size=8))
     assert distiller.cut_outputs is not tokens
     with torch.no_grad():
         got = distiller._outputs(distiller.student, distiller.held_data)[0]

@@ -55,15 +55,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _share(text: str) -> float:
-    import argparse
+    from spa.options import share
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+    return share(text)
 
 
 def _positive(text: str) -> int:

@@ -1,7 +1,8 @@
 """Augmentation for distillation (spa/torch/distill.py): the teacher and the student see the
 same altered batch, so any plausible input teaches them to agree. Images (4-D float inputs):
 random resized crops, horizontal flips and mixup between calibration samples; token inputs
-with an attention mask: token dropout (masked positions, never the first token).
+with an attention mask: token dropout when asked (``--token-dropout``: masked positions, never
+the first or last attended token).
 
 Not an augmentation but done on the same training batches: when every token input has a
 symbolic sequence axis, the columns after the batch's last attended token are cut off
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 MIXUP_ALPHA = 0.4
 CROP_AREA = (0.6, 1.0)
-TOKEN_DROPOUT = 0.1
 POOL_BATCHES = 16  # token batches are made this many at a time from samples of similar length
 Batch = list[torch.Tensor]
 
@@ -99,12 +99,18 @@ class Batches:
         self.pending = [batches[k] for k in self.rng.permutation(len(batches))]
 
 
-def augment(batch: Batch, kinds: Kinds, rng: np.random.Generator) -> Batch:
+def augmented(kinds: Kinds, token_dropout: float) -> bool:
+    """Whether :func:`augment` alters training batches of these inputs."""
+    return bool(kinds.images) or (kinds.mask is not None and token_dropout > 0)
+
+
+def augment(batch: Batch, kinds: Kinds, rng: np.random.Generator, token_dropout: float
+            ) -> Batch:
     out = list(batch)
     for k, channels in kinds.images.items():
         out[k] = _augment_images(out[k], channels, rng)
-    if kinds.mask is not None:
-        out[kinds.mask] = drop_tokens(out[kinds.mask], rng)
+    if kinds.mask is not None and token_dropout > 0:
+        out[kinds.mask] = drop_tokens(out[kinds.mask], rng, token_dropout)
     return out
 
 
@@ -128,14 +134,14 @@ def _augment_images(x: torch.Tensor, channels: int, rng: np.random.Generator) ->
     return x.permute(0, 2, 3, 1) if channels == 3 else x
 
 
-def drop_tokens(mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Mask out :data:`TOKEN_DROPOUT` of the attended tokens, never the first (CLS) nor the
-    last attended one (SEP)."""
+def drop_tokens(mask: torch.Tensor, rng: np.random.Generator, share: float) -> torch.Tensor:
+    """Mask out ``share`` of the attended tokens, never the first (CLS) nor the last attended
+    one (SEP)."""
     attended = (mask != 0).cpu().numpy()
     positions = np.arange(mask.shape[1])
     last = attended_lengths(mask) - 1  # -1: nothing attended
     special = (positions[None] == 0) | (positions[None] == last[:, None])
-    drop = (rng.random(attended.shape) < TOKEN_DROPOUT) & attended & ~special
+    drop = (rng.random(attended.shape) < share) & attended & ~special
     return torch.where(torch.from_numpy(drop).to(mask.device), torch.zeros_like(mask), mask)
 
 

@@ -41,6 +41,17 @@ from spa.coupling.registry import ALL_OPSETS, OpTable, domain_key
 from spa.errors import SpaError
 
 
+def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` that also outputs the values ``names`` (untyped: this interpreter
+    and onnxruntime take them so, whatever their type)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    present = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(helper.make_empty_tensor_value_info(n)
+                             for n in names if n not in present)
+    return copy
+
+
 class UnsupportedOpsError(SpaError):
     """The ONNX model uses ops that spa.torch.from_onnx cannot run in PyTorch."""
 

@@ -192,24 +192,14 @@ def _taps(proto: onnx.ModelProto, method: Method) -> list[tuple[str, tuple[str, 
     return []
 
 
-def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``proto`` that also outputs ``names`` (the interpreter returns graph outputs)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    present = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                             for n in names if n not in present)
-    return copy
-
-
 def _invert(proto: onnx.ModelProto, start: dict[str, np.ndarray],
             fixed: dict[str, np.ndarray], method: Method, steps: int | None,
             weights: Weights, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], str]:
     """Adam on the image inputs from ``start``; the other inputs stay ``fixed``."""
-    from spa.torch.interpreter import from_onnx
+    from spa.torch.interpreter import from_onnx, with_outputs
 
     taps = _taps(proto, method)
-    module = from_onnx(_with_outputs(proto, [t for t, _ in taps]))
+    module = from_onnx(with_outputs(proto, [t for t, _ in taps]))
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
