@@ -575,6 +575,24 @@ def test_onnxruntime_answers_augmented_batches_as_the_torch_teacher(models, cali
             torch.testing.assert_close(mid, want_mid, rtol=1e-4, atol=1e-5)
 
 
+def test_a_teacher_onnxruntime_cannot_take_is_answered_in_torch(models, calibration,
+                                                                 monkeypatch):
+    """onnxruntime takes models from memory up to 2 GB; past that, the torch module answers."""
+    import spa.validate
+
+    def refuse(*args, **kwargs):
+        raise spa.validate.ValidationError("the model is too large to pass to onnxruntime")
+
+    monkeypatch.setattr(spa.validate, "session", refuse)
+    proto = onnx.load(str(models[1]))
+    distiller = distill.Distiller(onnx.load(str(models[0])), proto, rec.graph_inputs(proto),
+                                  calibration, RecoverOptions(batch_size=16),
+                                  distill.World(0, 1, torch.device("cpu")))
+    assert distiller.ort_teacher is None and distiller.answers is None
+    ran, _ = distiller._run(1e-3, 2, None, "torch teacher", evaluate=False)
+    assert ran == 2
+
+
 @pytest.mark.parametrize("tokens", [False, True])
 def test_evaluation_cuts_padding_when_no_output_has_a_token_axis(tmp_path, tokens):
     distiller = _pooled_distiller(tmp_path, tokens, RecoverOptions(batch_size=8))

@@ -1,8 +1,8 @@
 """Augmentation for distillation (spa/torch/distill.py): the teacher and the student see the
 same altered batch, so any plausible input teaches them to agree. Images (4-D float inputs):
 random resized crops, horizontal flips and mixup between calibration samples; token inputs
-with an attention mask: token dropout when asked (``--token-dropout``: masked positions, never
-the first or last attended token).
+with an attention mask: token dropout (``--token-dropout``, default 0.3: masked positions,
+never the first or last attended token).
 
 Not an augmentation but done on the same training batches: when every token input has a
 symbolic sequence axis, the columns after the batch's last attended token are cut off
