@@ -29,7 +29,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spa.errors import OptionError
-from spa.options import option
+from spa.options import option, positive, share
 
 GROUP = "calibration data"
 Arrays = dict[str, np.ndarray]
@@ -52,18 +52,6 @@ def _floats(text: str) -> tuple[float, ...]:
 
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}"
                                          ) from None
-
-
-def _share(text: str) -> float:
-    from spa.options import share
-
-    return share(text)
-
-
-def _positive(text: str) -> int:
-    from spa.options import positive
-
-    return positive(text)
 
 
 @dataclass(frozen=True)
@@ -90,7 +78,7 @@ class CalibrationOptions:
     preprocess: str = option("imagenet", choices=tuple(PRESETS), group=GROUP,
                              help="image folders: imagenet (scale to [0,1], ImageNet mean/std), "
                              "unit (scale to [0,1]) or raw (0..255)")
-    image_size: int | None = option(None, parse=_positive, metavar="N", group=GROUP,
+    image_size: int | None = option(None, parse=positive, metavar="N", group=GROUP,
                                     help="image folders: resize and centre-crop to N×N "
                                     "(default: the model's static input size)")
     mean: tuple[float, ...] | None = option(None, parse=_floats, metavar="M[,M,M]",
@@ -104,9 +92,9 @@ class CalibrationOptions:
                                 "its input shape)")
     tokenizer: str | None = option(None, metavar="PATH", group=GROUP,
                                    help="text files: a tokenizer.json, or a folder holding one")
-    max_length: int = option(128, parse=_positive, metavar="N", group=GROUP,
+    max_length: int = option(128, parse=positive, metavar="N", group=GROUP,
                              help="text files: tokens per sample (truncated and padded)")
-    held_out: float = option(0.1, parse=_share, metavar="SHARE", group=GROUP,
+    held_out: float = option(0.1, parse=share, metavar="SHARE", group=GROUP,
                              help="share of the calibration samples held back (seeded) to "
                              "measure fidelity; never used to calibrate or recover")
 
