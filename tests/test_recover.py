@@ -576,7 +576,7 @@ def test_onnxruntime_answers_augmented_batches_as_the_torch_teacher(models, cali
 
 
 def test_a_teacher_onnxruntime_cannot_take_is_answered_in_torch(models, calibration,
-                                                                 monkeypatch):
+                                                                 monkeypatch, caplog):
     """onnxruntime takes models from memory up to 2 GB; past that, the torch module answers."""
     import spa.validate
 
@@ -585,10 +585,13 @@ def test_a_teacher_onnxruntime_cannot_take_is_answered_in_torch(models, calibrat
 
     monkeypatch.setattr(spa.validate, "session", refuse)
     proto = onnx.load(str(models[1]))
-    distiller = distill.Distiller(onnx.load(str(models[0])), proto, rec.graph_inputs(proto),
-                                  calibration, RecoverOptions(batch_size=16),
-                                  distill.World(0, 1, torch.device("cpu")))
+    with caplog.at_level(logging.INFO, logger="spa.torch.distill"):
+        distiller = distill.Distiller(onnx.load(str(models[0])), proto,
+                                      rec.graph_inputs(proto), calibration,
+                                      RecoverOptions(batch_size=16),
+                                      distill.World(0, 1, torch.device("cpu")))
     assert distiller.ort_teacher is None and distiller.answers is None
+    assert "teacher answers in torch (the model is too large" in caplog.text
     ran, _ = distiller._run(1e-3, 2, None, "torch teacher", evaluate=False)
     assert ran == 2
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import math
 import os
 import time
@@ -91,6 +92,7 @@ FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW (torch ≥ 2.4)
 ANSWERS_BYTES = 1 << 30  # at most, the teacher's answers on the training samples held
 
 Batch = list[torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def headline(metrics: dict[str, float]) -> str:
@@ -442,7 +444,8 @@ class _OrtTeacher:
         memory, or an op it lacks): then the torch module answers."""
         try:
             return cls(dense, inputs, capture)
-        except ValidationError:
+        except ValidationError as exc:
+            log.info("recover: the teacher answers in torch (%s)", exc)
             return None
 
     def __call__(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
