@@ -185,8 +185,10 @@ def test_shared_activations_are_matched_and_embeddings_recover(tmp_path):
     # Batches are not augmented: the teacher answered every training sample once, outputs and
     # matched values, in order.
     assert distiller.answers is not None and list(distiller.answers[1]) == distiller.matched
+    assert distiller.teacher is None and distiller.ort_teacher is None  # nothing else answers
     with torch.no_grad():
-        live = distiller.teacher(*distiller.train_data, capture=distiller.matched)
+        live = distill._teacher(onnx.load(str(dense)), torch.device("cpu"))(
+            *distiller.train_data, capture=distiller.matched)
     torch.testing.assert_close(distiller.answers[0][0], live[0][0])
     torch.testing.assert_close(distiller.answers[1][residual[1]], live[1][residual[1]])
     report = rec.recover(dense, pruned, tmp_path / "r.onnx", calibration,
@@ -543,6 +545,8 @@ def test_a_sentence_model_is_answered_once_and_trains_the_same(tmp_path):
     distiller._run(1e-2, 5, None, "answered once", evaluate=False)
     once = distill._state(distiller.student)
     distiller.answers = None
+    distiller.teacher = distill._teacher(onnx.load(str(tmp_path / "dense.onnx")),
+                                         torch.device("cpu"))
     distiller._run(1e-2, 5, None, "answered each batch", evaluate=False)
     each = distill._state(distiller.student)
     moved = [k for k, v in each.items() if not torch.equal(v, distiller.start_state[k])]
@@ -564,13 +568,17 @@ def test_onnxruntime_answers_augmented_batches_as_the_torch_teacher(models, cali
     tokens = _pooled_distiller(tmp_path, False, RecoverOptions(batch_size=8,
                                                                 token_dropout=0.2))
     assert tokens.matched
-    for distiller in (images, tokens):
+    cpu = torch.device("cpu")
+    for distiller, dense in ((images, models[0]), (tokens, tmp_path / "dense.onnx")):
+        # onnxruntime holds the only copy of the teacher's weights while training
         assert distiller.answers is None and distiller.ort_teacher is not None
+        assert distiller.teacher is None
+        teacher = distill._teacher(onnx.load(str(dense)), cpu)
         for _ in range(3):
             _, batch = distiller._batch()
             out, mid = distiller.ort_teacher(batch)
             with torch.no_grad():
-                want, want_mid = distill._forward(distiller.teacher, batch, distiller.matched)
+                want, want_mid = distill._forward(teacher, batch, distiller.matched)
             torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(mid, want_mid, rtol=1e-4, atol=1e-5)
 
@@ -591,6 +599,7 @@ def test_a_teacher_onnxruntime_cannot_take_is_answered_in_torch(models, calibrat
                                       RecoverOptions(batch_size=16),
                                       distill.World(0, 1, torch.device("cpu")))
     assert distiller.ort_teacher is None and distiller.answers is None
+    assert distiller.teacher is not None
     assert "teacher answers in torch (the model is too large" in caplog.text
     ran, _ = distiller._run(1e-3, 2, None, "torch teacher", evaluate=False)
     assert ran == 2

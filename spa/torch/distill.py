@@ -171,22 +171,24 @@ class Distiller:
         self.kinds = input_kinds(inputs)
         self.cut_outputs = bool(self.kinds.trimmed) and tokenless_outputs(pruned)
         self.student = _channels_last(from_onnx(pruned).to(world.device))
-        self.teacher = _channels_last(
-            from_onnx(dense).to(world.device).eval().requires_grad_(False))
+        teacher = _teacher(dense, world.device)
         self.start_state = _state(self.student)
         n = len(self.train_data[0])
         if n < world.size:
             raise OptionError(f"{n} training sample(s) cannot be shared by {world.size} "
                               "processes")
         self.batch = min(max(options.batch_size, world.size), n)
-        self.matched = self._matched()
+        self.matched = self._matched(teacher)
         self.batches, self.rng = self._draws()
         with torch.no_grad():
-            self.judge_teacher = self._outputs(self.teacher, self.judge_data)
-            self.held_teacher = self._outputs(self.teacher, self.held_data)
-            self.answers = self._answers()
-        self.ort_teacher = (_OrtTeacher.start(dense, inputs, self.matched)
-                            if self.answers is None and world.device.type == "cpu" else None)
+            self.judge_teacher = self._outputs(teacher, self.judge_data)
+            self.held_teacher = self._outputs(teacher, self.held_data)
+            self.answers = self._answers(teacher)
+        # Training holds one copy of the teacher: the torch module answers each batch only
+        # off CPU; on CPU it goes before onnxruntime loads the dense weights.
+        self.teacher = teacher if self.answers is None and world.device.type != "cpu" else None
+        del teacher
+        self.ort_teacher = self._onnxruntime_teacher(dense, inputs)
         self.scores = [fidelity.class_scores(o) for o in self.held_teacher]
         self.start_fidelity = self.evaluate()
         self.model: torch.nn.Module = self.student
@@ -196,25 +198,26 @@ class Distiller:
             ids = [world.device.index] if world.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.student, device_ids=ids)
 
-    def _matched(self) -> list[str]:
+    def _matched(self, teacher: OnnxModule) -> list[str]:
         """Up to :data:`MATCHED_MAX` intermediate values, evenly spread (first and last
         included), that both graphs compute under the same name and with the same shape, and
         that pruning changed."""
-        taught = set(self.teacher.value_names()) - set(self.student.output_names)
+        taught = set(teacher.value_names()) - set(self.student.output_names)
         shared = [n for n in self.student.value_names() if n in taught]
         if not shared:
             return []
         probe = [t[:2] for t in self.train_data]
         with torch.no_grad():
             _, s = self.student(*probe, capture=shared)
-            _, t = self.teacher(*probe, capture=shared)
+            _, t = teacher(*probe, capture=shared)
         # Values pruning left exactly as they were (embeddings, masks) teach nothing.
         moved = [n for n in shared if s[n].is_floating_point() and s[n].shape == t[n].shape
                  and s[n].dim() > 0 and s[n].shape[0] == len(probe[0])
                  and not torch.equal(s[n], t[n])]
         return _spread(moved, MATCHED_MAX)
 
-    def _answers(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]] | None:
+    def _answers(self, teacher: OnnxModule
+                 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]] | None:
         """The teacher's outputs and matched values on every training sample, in order,
         computed once before training; None when the teacher answers each batch instead: the
         batches are augmented (:func:`spa.torch.augment.augmented`), or its outputs on all
@@ -230,8 +233,7 @@ class Distiller:
                 self.kinds.trimmed and not self.cut_outputs):
             return None
         n = len(self.train_data[0])
-        outputs, values = _forward(self.teacher, [t[:1] for t in self.train_data],
-                                   self.matched)
+        outputs, values = _forward(teacher, [t[:1] for t in self.train_data], self.matched)
         held = n * sum(o.element_size() * o.numel() for o in outputs)
         if held > ANSWERS_BYTES:
             return None
@@ -239,9 +241,22 @@ class Distiller:
         fit = 0 if self.kinds.trimmed else int((ANSWERS_BYTES - held) // each)
         self.matched = _spread(self.matched, fit)
         answers = [torch.from_numpy(a).to(self.world.device)
-                   for a in self._outputs(self.teacher, self.train_data, self.matched)]
+                   for a in self._outputs(teacher, self.train_data, self.matched)]
         k = len(answers) - len(self.matched)
         return answers[:k], dict(zip(self.matched, answers[k:]))
+
+    def _onnxruntime_teacher(self, dense: onnx.ModelProto, inputs: Sequence[GraphInput]
+                             ) -> _OrtTeacher | None:
+        """onnxruntime answering each training batch on CPU; None when the teacher answered
+        every sample once (:meth:`_answers`), off CPU, or when onnxruntime cannot take the
+        model: then the torch module is built again to answer."""
+        if self.answers is not None or self.world.device.type != "cpu":
+            return None
+        gc.collect()  # the torch module's weights, before onnxruntime loads its own
+        ort = _OrtTeacher.start(dense, inputs, self.matched)
+        if ort is None:
+            self.teacher = _teacher(dense, self.world.device)
+        return ort
 
     def _draws(self) -> tuple[Batches, np.random.Generator]:
         """The batches and the augmentation draws of one run, the same for every run (the
@@ -400,6 +415,7 @@ class Distiller:
         elif self.ort_teacher is not None:
             t_out, t_mid = self.ort_teacher(batch)
         else:
+            assert self.teacher is not None
             with torch.no_grad():
                 t_out, t_mid = _forward(self.teacher, batch, self.matched)
         s_out, s_mid = _forward(self.model, batch, self.matched)
@@ -517,6 +533,11 @@ def _spread(names: list[str], most: int) -> list[str]:
     if most <= 0:
         return []
     return [names[int(i)] for i in np.linspace(0, len(names) - 1, most).round()]
+
+
+def _teacher(dense: onnx.ModelProto, device: torch.device) -> OnnxModule:
+    """The dense model as a frozen torch module."""
+    return _channels_last(from_onnx(dense).to(device).eval().requires_grad_(False))
 
 
 def _channels_last(module: OnnxModule) -> OnnxModule:
