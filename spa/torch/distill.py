@@ -184,9 +184,9 @@ class Distiller:
             self.judge_teacher = self._outputs(teacher, self.judge_data)
             self.held_teacher = self._outputs(teacher, self.held_data)
             self.answers = self._answers(teacher)
-        # Training holds one copy of the teacher: the torch module answers each batch only
-        # off CPU; on CPU it goes before onnxruntime loads the dense weights.
-        self.teacher = teacher if self.answers is None and world.device.type != "cpu" else None
+        # The torch module answers each batch unless the samples are answered once; on CPU
+        # onnxruntime takes over (training holds one runnable copy of the teacher).
+        self.teacher: OnnxModule | None = teacher if self.answers is None else None
         del teacher
         self.ort_teacher = self._onnxruntime_teacher(dense, inputs)
         self.scores = [fidelity.class_scores(o) for o in self.held_teacher]
@@ -247,11 +247,12 @@ class Distiller:
 
     def _onnxruntime_teacher(self, dense: onnx.ModelProto, inputs: Sequence[GraphInput]
                              ) -> _OrtTeacher | None:
-        """onnxruntime answering each training batch on CPU; None when the teacher answered
-        every sample once (:meth:`_answers`), off CPU, or when onnxruntime cannot take the
-        model: then the torch module is built again to answer."""
-        if self.answers is not None or self.world.device.type != "cpu":
+        """On CPU, onnxruntime in place of the torch module answering each training batch;
+        None when nothing answers each batch (the samples were answered once), off CPU, or
+        when onnxruntime cannot take the model: then the torch module is built again."""
+        if self.teacher is None or self.world.device.type != "cpu":
             return None
+        self.teacher = None
         gc.collect()  # the torch module's weights, before onnxruntime loads its own
         ort = _OrtTeacher.start(dense, inputs, self.matched)
         if ort is None:
