@@ -394,7 +394,8 @@ def _recover(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         print(f"{report.measure} on held-out samples: {describe(report.fidelity_before)} -> "
-              f"{describe(report.fidelity_after)} (lr {report.lr:g}, {report.steps} steps)")
+              f"{describe(report.fidelity_after)} (lr {report.lr:g}, matched weight "
+              f"{report.matched_weight:g}, {report.steps} steps)")
         print(f"wrote {report.output} ({report.kept})")
     return int(ExitCode.OK)
 

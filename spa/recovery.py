@@ -46,6 +46,10 @@ class RecoverOptions:
     lr: float | None = option(None, parse=_positive_float, metavar="LR", group=GROUP,
                               help="learning rate (default: the best of 1e-5..1e-3 in short "
                               "trials, judged on validation runs of the training samples)")
+    matched_weight: float | None = option(
+        None, parse=_non_negative_float, metavar="W", group=GROUP,
+        help="weight of the loss on intermediate values both models share (default: 0.1, or 10 "
+        "when a longer check on validation runs of the training samples favours it; 0: none)")
     batch_size: int = option(32, parse=positive, metavar="N", group=GROUP,
                              help="samples per step, over all processes (capped by the "
                              "training samples)")

@@ -117,6 +117,33 @@ def test_a_long_budget_checks_the_picked_rate_against_the_next_larger_one(
     assert set(report.lr_checks) == {f"{pick:g}", f"{larger:g}"}
     a, b = report.lr_checks[f"{pick:g}"], report.lr_checks[f"{larger:g}"]
     assert report.lr == (larger if fidelity.better(b, a) else pick) == chosen
+    # Nothing both graphs share was moved by pruning (every width changed): no weight to check.
+    assert report.weight_checks == {} and report.matched_weight == distill.MATCHED_WEIGHT
+
+
+def test_a_long_budget_checks_a_heavier_matched_value_weight(tmp_path, monkeypatch):
+    """After the learning rate's checks, the chosen rate trains one more check with the
+    matched-value loss weighted :data:`MATCHED_HEAVY`; the more faithful weight on the validation
+    runs trains the full budget. A weight the user gives is not checked."""
+    dense, pruned, calibration, distiller = _residual_mlp(tmp_path)
+    assert distiller.matched
+    monkeypatch.setattr(distill, "CHECK_MIN_STEPS", 1)
+    report = rec.recover(dense, pruned, tmp_path / "r.onnx", calibration,
+                         RecoverOptions(steps=50, batch_size=16))
+    base = report.lr_checks[f"{report.lr:g}"]
+    light, heavy = f"{distill.MATCHED_WEIGHT:g}", f"{distill.MATCHED_HEAVY:g}"
+    assert set(report.weight_checks) == {light, heavy}
+    assert report.weight_checks[light] == base
+    assert report.weight_checks[heavy] != base  # the weight changes training
+    assert report.matched_weight == (distill.MATCHED_HEAVY
+                                     if fidelity.better(report.weight_checks[heavy], base)
+                                     else distill.MATCHED_WEIGHT)
+    given = rec.recover(dense, pruned, tmp_path / "g.onnx", calibration,
+                        RecoverOptions(steps=50, batch_size=16, matched_weight=3.0))
+    assert given.matched_weight == 3.0 and given.weight_checks == {}
+    # The pick is the largest rate: checked alone only as the weight check's base.
+    assert report.lr == distill.LR_TRIALS[-1] and given.lr == report.lr
+    assert set(report.lr_checks) == {f"{report.lr:g}"} and given.lr_checks == {}
 
 
 def test_checks_take_a_share_of_the_budget_and_only_when_it_is_long():

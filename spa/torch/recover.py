@@ -38,7 +38,7 @@ from spa.errors import ModelLoadError, OptionError, one_line
 from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
 from spa.recovery import RecoverOptions
-from spa.torch.distill import Distiller, World, headline
+from spa.torch.distill import Distiller, Runs, World, headline
 from spa.torch.interpreter import OnnxModule
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class RecoverReport:
     measure: str = ""  # the headline measure's name (agreement or cosine)
     # learning rate → validation-run fidelity after its longer check (spa.torch.distill)
     lr_checks: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    matched_weight: float = 0.0  # of the matched intermediate values' loss
+    # matched-value loss weight → validation-run fidelity after its check at the chosen rate
+    weight_checks: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,10 +159,13 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
     steps, seconds = options.budget()
     if options.lr is not None:
         lr = options.lr
-        trials, checks = dict[float, dict[str, float]](), dict[float, dict[str, float]]()
+        trials, checks, weights = Runs(), Runs(), Runs()
     else:
-        lr, trials, checks = distiller.choose_lr(steps, seconds)
+        lr, trials, checks, weights = distiller.choose_lr(steps, seconds)
         log.info("recover: learning rate %g chosen on the validation runs", lr)
+        if weights:
+            log.info("recover: matched-value loss weight %g chosen on the validation runs",
+                     distiller.matched_weight)
     remaining = None if seconds is None else max(seconds - (time.monotonic() - start_time), 0)
     steps_run, _ = distiller.train(lr, steps, remaining)
     torch_held = None if start_held is None else (start_held, distiller.held_out_fidelity())
@@ -170,6 +176,8 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
         report = dataclasses.replace(
             report, lr=lr, lr_trials={f"{k:g}": v for k, v in trials.items()},
             lr_checks={f"{k:g}": v for k, v in checks.items()},
+            matched_weight=distiller.matched_weight,
+            weight_checks={f"{k:g}": v for k, v in weights.items()},
             steps=steps_run, seconds=round(time.monotonic() - start_time, 3),
             device=str(world.device), world_size=world.size)
     result: RecoverReport = world.decide(report)
