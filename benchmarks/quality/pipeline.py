@@ -169,12 +169,16 @@ def spa_prune(bench: Bench, label: str, args: list[str], workdir: Path) -> dict:
 
 def spa_recover(bench: Bench, pruned: Path, label: str, seconds: int, workdir: Path) -> dict:
     out = workdir / f"{label}.onnx"
+    report = workdir / f"{label}.report.json"
     cmd = [*SPA, "recover", str(bench.dense), str(pruned), "-o", str(out), "--calib",
-           str(bench.calib), *bench.calib_flags, "--time-budget", str(seconds)]
+           str(bench.calib), *bench.calib_flags, "--time-budget", str(seconds),
+           "--report", str(report)]
     entry = run_measured(cmd, workdir / f"{label}.log", timeout=seconds * 3 + 600)
     if entry["exit_code"] == 0:
+        done = json.loads(report.read_text())
         entry.update({**_onnx_counts_ratio(bench.dense, out), **bench.metric(out),
-                      "output": str(out)})
+                      "output": str(out),
+                      "recovery": {k: done[k] for k in ("lr", "matched_weight", "steps", "kept")}})
     return entry
 
 
