@@ -21,8 +21,12 @@ held-out evaluation data, which no calibration or recovery step sees. Variants:
 
 Each entry records the exact command, the metric, the FLOPs and params reductions (SPA's
 ``--report`` JSON; SPA's counter on the ONNX file for Torch-Pruning), wall seconds and the peak RSS
-of the process (``os.wait4``). ``resnet50_cost`` times ``spa prune --calib FOLDER --target flops
---ratio 0.5`` on a random-weight torchvision ResNet-50 with 256 photo crops. Results:
+of the process (``os.wait4``), and where it ran (``ran``: revision, date, CPU; a partial rerun
+keeps the other rows, so the file's header describes only the last run; rows written before
+this field have none: benchmarks/README.md lists their revisions), and for ``spa recover``
+the learning rate, matched-value weight, steps and kept model from its report.
+``resnet50_cost`` times ``spa prune --calib FOLDER --target flops --ratio 0.5`` on a
+random-weight torchvision ResNet-50 with 256 photo crops. Results:
 ``benchmarks/results/quality_pipeline.json`` and ``quality_pipeline_<model>.png``.
 
     python -m benchmarks.quality.pipeline [--models mnist,effnet,minilm,resnet_digits,resnet50_cost]
@@ -41,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, cpu, revision, write_result
 from benchmarks.quality.real import BENCHES, CACHE, Bench, minilm_bench
 
 SPA = [sys.executable, "-m", "spa"]
@@ -446,6 +450,9 @@ def main() -> int:
             continue
         results[name] = run_model(name, variants, not args.skip_recover, not args.skip_tp,
                                   args.recover_seconds)
+        for entry in results[name]["variants"].values():  # rows outlive the file's header
+            entry["ran"] = {"revision": revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "cpu": cpu()}
     run_now = list(results)
     previous = RESULTS / f"{args.out}.json"
     if previous.exists() and not args.fresh:  # models not run now keep their earlier entries
