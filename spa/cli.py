@@ -393,9 +393,10 @@ def _recover(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
+        weight = f", matched weight {report.matched_weight:g}" if report.matched_weight else ""
         print(f"{report.measure} on held-out samples: {describe(report.fidelity_before)} -> "
-              f"{describe(report.fidelity_after)} (lr {report.lr:g}, matched weight "
-              f"{report.matched_weight:g}, {report.steps} steps)")
+              f"{describe(report.fidelity_after)} (lr {report.lr:g}{weight}, "
+              f"{report.steps} steps)")
         print(f"wrote {report.output} ({report.kept})")
     return int(ExitCode.OK)
 

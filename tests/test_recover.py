@@ -118,7 +118,7 @@ def test_a_long_budget_checks_the_picked_rate_against_the_next_larger_one(
     a, b = report.lr_checks[f"{pick:g}"], report.lr_checks[f"{larger:g}"]
     assert report.lr == (larger if fidelity.better(b, a) else pick) == chosen
     # Nothing both graphs share was moved by pruning (every width changed): no weight to check.
-    assert report.weight_checks == {} and report.matched_weight == distill.MATCHED_WEIGHT
+    assert report.weight_checks == {} and report.matched_weight == 0.0
 
 
 def test_a_long_budget_checks_a_heavier_matched_value_weight(tmp_path, monkeypatch):

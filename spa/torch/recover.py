@@ -67,7 +67,7 @@ class RecoverReport:
     measure: str = ""  # the headline measure's name (agreement or cosine)
     # learning rate → validation-run fidelity after its longer check (spa.torch.distill)
     lr_checks: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
-    matched_weight: float = 0.0  # of the matched intermediate values' loss
+    matched_weight: float = 0.0  # of the matched intermediate values' loss; 0 when none
     # matched-value loss weight → validation-run fidelity after its check at the chosen rate
     weight_checks: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
@@ -176,7 +176,7 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
         report = dataclasses.replace(
             report, lr=lr, lr_trials={f"{k:g}": v for k, v in trials.items()},
             lr_checks={f"{k:g}": v for k, v in checks.items()},
-            matched_weight=distiller.matched_weight,
+            matched_weight=distiller.matched_weight if distiller.matched else 0.0,
             weight_checks={f"{k:g}": v for k, v in weights.items()},
             steps=steps_run, seconds=round(time.monotonic() - start_time, 3),
             device=str(world.device), world_size=world.size)
