@@ -443,6 +443,7 @@ def main() -> int:
         args.out += "_quick"
     variants = set(args.variants.split(",")) if args.variants else None
     results, cost = {}, None
+    where = {"revision": revision(), "cpu": cpu()}
     for name in args.models.split(","):
         if name == "resnet50_cost":
             cost = resnet50_cost(runs=args.cost_runs)
@@ -451,8 +452,7 @@ def main() -> int:
         results[name] = run_model(name, variants, not args.skip_recover, not args.skip_tp,
                                   args.recover_seconds)
         for entry in results[name]["variants"].values():  # rows outlive the file's header
-            entry["ran"] = {"revision": revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                            "cpu": cpu()}
+            entry["ran"] = {**where, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     run_now = list(results)
     previous = RESULTS / f"{args.out}.json"
     if previous.exists() and not args.fresh:  # models not run now keep their earlier entries

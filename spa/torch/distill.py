@@ -85,11 +85,11 @@ if TYPE_CHECKING:
 LR_TRIALS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 TRIAL_STEPS = 30  # at most; a fifth of the step budget when that is smaller
 TRIAL_GAIN_SHARE = 0.5  # a larger learning rate wins with this share of the best trial's gain
-CHECK_SHARE = 0.05  # of the budget, each of the two longer trials that check the pick
+CHECK_SHARE = 0.05  # of the budget, each longer trial checking the rate's pick or the weight
 CHECK_MIN_STEPS = 4 * TRIAL_STEPS  # shorter checks say no more than the trials: not run
 MATCHED_MAX = 16  # intermediate values matched
 MATCHED_WEIGHT = 0.1
-MATCHED_HEAVY = 10.0  # the weight checked against MATCHED_WEIGHT (Distiller.choose_weight)
+MATCHED_HEAVY = 10.0  # the weight checked against MATCHED_WEIGHT (Distiller._choose_weight)
 EVALUATIONS = 10  # held-out evaluations over a run
 PATIENCE = 3
 FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW (torch ≥ 2.4)
@@ -451,7 +451,7 @@ class Distiller:
                    torch.zeros((), device=self.world.device))
         if self.matched:
             loss = loss + self.matched_weight * sum(_nmse(s_mid[n], t_mid[n])
-                                               for n in self.matched) / len(self.matched)
+                                                    for n in self.matched) / len(self.matched)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -174,14 +174,18 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
         report = _write(dense, pruned, pruned_source, distiller, output, calibration,
                         torch_held)
         report = dataclasses.replace(
-            report, lr=lr, lr_trials={f"{k:g}": v for k, v in trials.items()},
-            lr_checks={f"{k:g}": v for k, v in checks.items()},
+            report, lr=lr, lr_trials=_keyed(trials), lr_checks=_keyed(checks),
             matched_weight=distiller.matched_weight if distiller.matched else 0.0,
-            weight_checks={f"{k:g}": v for k, v in weights.items()},
+            weight_checks=_keyed(weights),
             steps=steps_run, seconds=round(time.monotonic() - start_time, 3),
             device=str(world.device), world_size=world.size)
     result: RecoverReport = world.decide(report)
     return result
+
+
+def _keyed(runs: Runs) -> dict[str, dict[str, float]]:
+    """``runs`` keyed by the rate or weight as printed (JSON keys are strings)."""
+    return {f"{k:g}": v for k, v in runs.items()}
 
 
 def _write(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Model,
