@@ -14,7 +14,8 @@ held-out evaluation data, which no calibration or recovery step sees. Variants:
 * ``recover``: ``spa recover DENSE post-obspa -o OUT --calib C --time-budget S``;
   ``recover-long`` (MiniLM): the same from a larger calibration set for longer
   (:data:`LONG_RECOVERY`); ``post-obspa-4096`` (MiniLM, :data:`MORE_DATA`): ``post-obspa`` on
-  4096 calibration lines, and ``recover-hour``: an hour's recovery from it on 16384 lines;
+  4096 calibration lines, and ``recover-hour`` / ``recover-2h``: one or two hours' recovery from
+  it on 16384 lines;
 * ``tp-magnitude``: Torch-Pruning's ``MagnitudeImportance`` on the PyTorch model at the same
   FLOPs (or the same heads/MLP ratios for MiniLM), exported to ONNX; ``tp-recover``: the same
   ``spa recover`` budget from it.
@@ -98,7 +99,9 @@ MORE_DATA: dict[str, dict[str, Callable[[], Bench]]] = {
 LONG_RECOVERY: dict[str, dict[str, LongRecovery]] = {
     "minilm": {"recover-long": LongRecovery(lambda: minilm_bench(calib_lines=4096), 1200),
                "recover-hour": LongRecovery(lambda: minilm_bench(calib_lines=16384), 3600,
-                                            "post-obspa-4096")}}
+                                            "post-obspa-4096"),
+               "recover-2h": LongRecovery(lambda: minilm_bench(calib_lines=16384), 7200,
+                                          "post-obspa-4096")}}
 
 
 def prune_variants(bench: Bench, cut: Cut) -> dict[str, list[str]]:
