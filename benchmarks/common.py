@@ -64,16 +64,20 @@ def _versions(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def revision() -> str:
-    """The commit the benchmark ran (``SPA_REVISION`` for a run from an exported snapshot)."""
+    """The commit the benchmark ran, with ``-dirty`` appended when tracked files differ from it
+    (the run measured uncommitted code); ``SPA_REVISION`` for a run from an exported snapshot."""
     import subprocess
 
     if os.environ.get("SPA_REVISION"):
         return os.environ["SPA_REVISION"]
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=here, check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}-dirty" if changed else head
 
 
 def median_seconds(fn: Callable[[], object], runs: int) -> tuple[float, list[float]]:

@@ -22,10 +22,11 @@ held-out evaluation data, which no calibration or recovery step sees. Variants:
 
 Each entry records the exact command, the metric, the FLOPs and params reductions (SPA's
 ``--report`` JSON; SPA's counter on the ONNX file for Torch-Pruning), wall seconds and the peak RSS
-of the process (``os.wait4``), and where it ran (``ran``: revision, date, CPU; a partial rerun
-keeps the other rows, so the file's header describes only the last run; rows written before
-this field have none: benchmarks/README.md lists their revisions), and for ``spa recover``
-the learning rate, matched-value weight, steps and kept model from its report.
+of the process (``os.wait4``), and where it ran (``ran``: revision, suffixed ``-dirty`` for
+uncommitted code, date, CPU; a partial rerun keeps the other rows, so the file's header describes
+only the last run; rows written before this field have none: benchmarks/README.md lists their
+revisions), and for ``spa recover`` the learning rate, matched-value weight, steps and kept
+model from its report.
 ``resnet50_cost`` times ``spa prune --calib FOLDER --target flops --ratio 0.5`` on a
 random-weight torchvision ResNet-50 with 256 photo crops. Results:
 ``benchmarks/results/quality_pipeline.json`` and ``quality_pipeline_<model>.png``.
