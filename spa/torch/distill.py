@@ -224,7 +224,7 @@ class Distiller:
         return _spread(moved, MATCHED_MAX)
 
     def _answers(self, teacher: OnnxModule
-                 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]] | None:
+                 ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]] | None:
         """The teacher's outputs and matched values on every training sample, in order,
         computed once before training; None when the teacher answers each batch instead: the
         batches are augmented (:func:`spa.torch.augment.augmented`), or its outputs on all
@@ -249,8 +249,7 @@ class Distiller:
         self.matched = _spread(self.matched, fit)
         answers = [torch.from_numpy(a).to(self.world.device)
                    for a in self._outputs(teacher, self.train_data, self.matched)]
-        k = len(answers) - len(self.matched)
-        return answers[:k], dict(zip(self.matched, answers[k:]))
+        return _named_tail(answers, self.matched)
 
     def _onnxruntime_teacher(self, dense: onnx.ModelProto, inputs: Sequence[GraphInput]
                              ) -> _OrtTeacher | None:
@@ -493,8 +492,7 @@ class _OrtTeacher:
     def __call__(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         feed = {n: np.ascontiguousarray(t.numpy()) for n, t in zip(self.inputs, batch)}
         got = [torch.from_numpy(a) for a in self.session.run(self.outputs + self.capture, feed)]
-        k = len(self.outputs)
-        return tuple(got[:k]), dict(zip(self.capture, got[k:]))
+        return _named_tail(got, self.capture)
 
 
 def judged(calibration: Calibration) -> tuple[Arrays, Arrays]:
@@ -550,6 +548,14 @@ def _forward(module: torch.nn.Module, batch: Batch, capture: list[str]
     if capture:
         return module(*batch, capture=capture)
     return _as_tuple(module(*batch)), {}
+
+
+def _named_tail(flat: Sequence[torch.Tensor], names: Sequence[str]
+                ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """A flat list of a model's outputs followed by its captured ``names``, split in two: the
+    outputs, and the captured values by name."""
+    k = len(flat) - len(names)
+    return tuple(flat[:k]), dict(zip(names, flat[k:]))
 
 
 def _spread(names: list[str], most: int) -> list[str]:
