@@ -226,10 +226,11 @@ PIPELINE_VARIANTS = {  # results key → row title, in table order
     "recover-long": "the same, longer: `spa recover --time-budget 1200`, 4096 lines",
     "post-obspa-4096": "post-training `obspa`, 4096 calibration lines",
     "recover-hour": "and from it `spa recover --time-budget 3600`, 16384 lines",
+    "recover-2h": "and from it `spa recover --time-budget 7200`, 16384 lines",
     "tp-magnitude": "Torch-Pruning magnitude", "tp-recover": "Torch-Pruning + `spa recover`"}
 #: Which variant each target of ``pipeline.CUTS`` applies to.
 PIPELINE_TARGETS = {"post-obspa": "post", "recover": "recover", "recover-long": "recover",
-                    "post-obspa-4096": "post", "recover-hour": "recover",
+                    "post-obspa-4096": "post", "recover-hour": "recover", "recover-2h": "recover",
                     "data-free": "data-free",
                     "data-free-r0.1": "data-free-r0.1", "data-free-synthetic": "data-free",
                     "data-free-synthetic-r0.1": "data-free-r0.1"}
