@@ -63,9 +63,15 @@ def _versions(names: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+#: What ``revision`` does not count as uncommitted code (git pathspecs from the top).
+NOT_CODE = (":(top,exclude)benchmarks/results", ":(top,exclude)*.md")
+
+
 def revision() -> str:
-    """The commit the benchmark ran, with ``-dirty`` appended when tracked files differ from it
-    (the run measured uncommitted code); ``SPA_REVISION`` for a run from an exported snapshot."""
+    """The commit the benchmark ran, with ``-dirty`` appended when tracked files other than
+    results and Markdown differ from it (the run measured uncommitted code; results written by an
+    earlier benchmark of the same session do not count); ``SPA_REVISION`` for a run from an
+    exported snapshot."""
     import subprocess
 
     if os.environ.get("SPA_REVISION"):
@@ -74,7 +80,8 @@ def revision() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=here, check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ":(top)", *NOT_CODE],
+                                 cwd=here).returncode
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}-dirty" if changed else head
