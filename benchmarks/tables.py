@@ -227,6 +227,8 @@ PIPELINE_VARIANTS = {  # results key → row title, in table order
     "post-obspa-4096": "post-training `obspa`, 4096 calibration lines",
     "recover-hour": "and from it `spa recover --time-budget 3600`, 16384 lines",
     "recover-2h": "and from it `spa recover --time-budget 7200`, 16384 lines",
+    "post-obspa-4096-heads": "post-training `obspa`, 4096 lines, heads 0.3 alone (MLP whole)",
+    "post-obspa-4096-mlp": "post-training `obspa`, 4096 lines, MLP 0.3 alone (heads whole)",
     "tp-magnitude": "Torch-Pruning magnitude", "tp-recover": "Torch-Pruning + `spa recover`"}
 #: Which variant each target of ``pipeline.CUTS`` applies to.
 PIPELINE_TARGETS = {"post-obspa": "post", "recover": "recover", "recover-long": "recover",

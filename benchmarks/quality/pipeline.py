@@ -15,7 +15,8 @@ held-out evaluation data, which no calibration or recovery step sees. Variants:
   ``recover-long`` (MiniLM): the same from a larger calibration set for longer
   (:data:`LONG_RECOVERY`); ``post-obspa-4096`` (MiniLM, :data:`MORE_DATA`): ``post-obspa`` on
   4096 calibration lines, and ``recover-hour`` / ``recover-2h``: one or two hours' recovery from
-  it on 16384 lines;
+  it on 16384 lines; ``post-obspa-4096-heads`` / ``-mlp`` (:data:`SHARES`): the same with the
+  heads' or the MLP's share alone, to show which costs the cosine;
 * ``tp-magnitude``: Torch-Pruning's ``MagnitudeImportance`` on the PyTorch model at the same
   FLOPs (or the same heads/MLP ratios for MiniLM), exported to ONNX; ``tp-recover``: the same
   ``spa recover`` budget from it.
@@ -97,6 +98,14 @@ class LongRecovery:
 #: variant's flags are ``post-obspa``'s.
 MORE_DATA: dict[str, dict[str, Callable[[], Bench]]] = {
     "minilm": {"post-obspa-4096": lambda: minilm_bench(calib_lines=4096)}}
+#: Where the damage comes from (no target): ``post-obspa-4096`` with one family's share alone,
+#: the other kept whole; label -> (the :data:`MORE_DATA` row it varies, its cut flags).
+SHARES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "minilm": {
+        "post-obspa-4096-heads": ("post-obspa-4096",
+                                  ("--heads-ratio", "0.3", "--mlp-ratio", "0", "--ratio", "0.3")),
+        "post-obspa-4096-mlp": ("post-obspa-4096",
+                                ("--heads-ratio", "0", "--mlp-ratio", "0.3", "--ratio", "0.3"))}}
 LONG_RECOVERY: dict[str, dict[str, LongRecovery]] = {
     "minilm": {"recover-long": LongRecovery(lambda: minilm_bench(calib_lines=4096), 1200),
                "recover-hour": LongRecovery(lambda: minilm_bench(calib_lines=16384), 3600,
@@ -220,6 +229,13 @@ def run_model(name: str, variants: set[str] | None, recover: bool, tp: bool,
         if wanted(label):
             data = more()
             rows[label] = spa_prune(data, label, prune_variants(data, cut)[RECOVERED_FROM],
+                                    workdir)
+            _print(name, label, rows[label], bench.key)
+    for label, (base, flags) in SHARES.get(name, {}).items():
+        if wanted(label):
+            data = MORE_DATA[name][base]()
+            share = Cut(flags, cut.recover_seconds, {})
+            rows[label] = spa_prune(data, label, prune_variants(data, share)[RECOVERED_FROM],
                                     workdir)
             _print(name, label, rows[label], bench.key)
 
