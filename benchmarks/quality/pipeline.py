@@ -137,6 +137,15 @@ def prune_variants(bench: Bench, cut: Cut) -> dict[str, list[str]]:
     return out
 
 
+def other_data_variants(name: str, cut: Cut) -> dict[str, tuple[Callable[[], Bench], Cut]]:
+    """label -> (its bench, its cut) of the ``post-obspa`` rows on another calibration set:
+    :data:`MORE_DATA` at the model's cut, and :data:`SHARES` at their own."""
+    out = {label: (more, cut) for label, more in MORE_DATA.get(name, {}).items()}
+    out.update({label: (MORE_DATA[name][base], Cut(flags, cut.recover_seconds, {}))
+                for label, (base, flags) in SHARES.get(name, {}).items()})
+    return out
+
+
 def run_measured(cmd: list[str], log: Path, timeout: float | None = None) -> dict:
     """Run ``cmd``; its exit code, wall seconds and peak RSS. The RSS is GNU time's ``%M`` of the
     command alone: a child forked from this (large) process would count our pages too."""
@@ -225,17 +234,10 @@ def run_model(name: str, variants: set[str] | None, recover: bool, tp: bool,
         if wanted(label):
             rows[label] = spa_prune(bench, label, args, workdir)
             _print(name, label, rows[label], bench.key)
-    for label, more in MORE_DATA.get(name, {}).items():
+    for label, (more, its_cut) in other_data_variants(name, cut).items():
         if wanted(label):
             data = more()
-            rows[label] = spa_prune(data, label, prune_variants(data, cut)[RECOVERED_FROM],
-                                    workdir)
-            _print(name, label, rows[label], bench.key)
-    for label, (base, flags) in SHARES.get(name, {}).items():
-        if wanted(label):
-            data = MORE_DATA[name][base]()
-            share = Cut(flags, cut.recover_seconds, {})
-            rows[label] = spa_prune(data, label, prune_variants(data, share)[RECOVERED_FROM],
+            rows[label] = spa_prune(data, label, prune_variants(data, its_cut)[RECOVERED_FROM],
                                     workdir)
             _print(name, label, rows[label], bench.key)
 
