@@ -70,8 +70,8 @@ NOT_CODE = (":(top,exclude)benchmarks/results", ":(top,exclude)*.md")
 def revision() -> str:
     """The commit the benchmark ran, with ``-dirty`` appended when tracked files other than
     results and Markdown differ from it (the run measured uncommitted code; results written by an
-    earlier benchmark of the same session do not count); ``SPA_REVISION`` for a run from an
-    exported snapshot."""
+    earlier benchmark of the same session do not count); ``unknown`` when git cannot tell;
+    ``SPA_REVISION`` for a run from an exported snapshot."""
     import subprocess
 
     if os.environ.get("SPA_REVISION"):
@@ -83,6 +83,8 @@ def revision() -> str:
         changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ":(top)", *NOT_CODE],
                                  cwd=here).returncode
     except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    if changed not in (0, 1):  # not "same" or "differs": git failed, so nothing is known
         return "unknown"
     return f"{head}-dirty" if changed else head
 

@@ -84,3 +84,18 @@ def test_machine_records_the_cpu_model_and_its_widest_vector_extension(tmp_path)
     info.write_text("Features\t: fp asimd evtstrm\n")  # aarch64: no model name, Features
     assert cpu(info) == {"model": "", "simd": "asimd"}
     assert cpu(tmp_path / "missing") == {}
+
+
+def test_revision_says_dirty_only_when_git_says_the_code_differs(monkeypatch):
+    """``git diff --quiet`` exits 0 (same), 1 (differs) or anything else (git failed): a
+    failure stamps the row ``unknown``, not ``-dirty``."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from benchmarks import common
+
+    monkeypatch.delenv("SPA_REVISION", raising=False)
+    for code, want in ((0, "abc"), (1, "abc-dirty"), (128, "unknown")):
+        monkeypatch.setattr(subprocess, "run", lambda args, code=code, **kw: SimpleNamespace(
+            stdout="abc\n", returncode=0 if "rev-parse" in args else code))
+        assert common.revision() == want, code
