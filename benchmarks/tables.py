@@ -375,8 +375,9 @@ def kernel_widths(d: dict) -> str:
 def minilm_mlp_joint_fit(d: dict) -> str:
     lines = [f"Fitting each all-MiniLM-L6-v2 MLP whole ({_load_note(d)}): both projections "
              f"through the GELU, Adam ({d['steps']} steps, lr {d['lr']:g}) from SPA's refitted "
-             f"weights, on the rows SPA fits ({d['calibration_lines']} calibration lines, "
-             f"{d['held_out_lines']} of them held out to choose the step and to measure); "
+             f"weights, on rows of the kind SPA fits (the attended tokens of "
+             f"{d['calibration_lines']} calibration lines, {d['held_out_lines']} of them held "
+             "out to choose the step and to measure); "
              "relative squared error of each MLP's residual sum on the held-out lines, and the "
              "benchmark's cosine on the 1000 evaluation sentences.", "",
              "| MLP | neurons kept | SPA (layer-wise ridge) | joint fit | change |",

@@ -8,7 +8,7 @@ up projection is fitted to the dense pre-activations of the neurons it kept, and
 projection to the dense output on the GELU of those. Here, layer by layer in order, both
 projections of each MLP are fitted *together* through the GELU (Adam on the summed squared
 error, from SPA's weights, PyTorch autograd: gradients, so this is an upper estimate of what a
-gradient-free nonlinear refit could reach). Rows and targets are the ones SPA fits: the real
+gradient-free nonlinear refit could reach). Rows and targets are of the kind SPA fits: the real
 (attended) tokens of the benchmark's calibration lines, the pruned model's inputs to the MLP
 (every earlier MLP already refitted) against the dense model's residual sum less the pruned
 stream; a seeded fifth of the lines is held out, and each MLP keeps the step with the least
