@@ -102,11 +102,12 @@ def _conv_stats(path: Path, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]
     import onnx
     import onnxruntime as ort
 
+    from spa.torch.interpreter import with_outputs
+
     model = onnx.load(str(path))
     names = [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in names)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(with_outputs(model, names).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
     outs = [sess.run(names, {"input": x[i:i + 16]}) for i in range(0, len(x), 16)]
     stats = []
     for k in range(len(names)):

@@ -55,12 +55,9 @@ def _mlps(model: onnx.ModelProto) -> list[dict[str, str]]:
 
 def _tokens(model: onnx.ModelProto, names: list[str], feeds: list[dict]) -> list[np.ndarray]:
     """The ``names`` tensors at the real tokens of every batch of ``feeds``, stacked."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                              for t in names)
-    sess = val.session(probe)
+    from spa.torch.interpreter import with_outputs
+
+    sess = val.session(with_outputs(model, names))
     out: list[list[np.ndarray]] = [[] for _ in names]
     for f in feeds:
         real_tokens = f["attention_mask"].astype(bool)
