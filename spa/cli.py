@@ -394,7 +394,10 @@ def _recover(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         weight = f", matched weight {report.matched_weight:g}" if report.matched_weight else ""
-        print(f"{report.measure} on held-out samples: {describe(report.fidelity_before)} -> "
+        source = report.calibration.get("held_out_path")
+        where = f" of {source}" if source else ""
+        print(f"{report.measure} on held-out samples{where}: "
+              f"{describe(report.fidelity_before)} -> "
               f"{describe(report.fidelity_after)} (lr {report.lr:g}{weight}, "
               f"{report.steps} steps)")
         print(f"wrote {report.output} ({report.kept})")

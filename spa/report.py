@@ -170,8 +170,9 @@ def fidelity_lines(r: PruneReport) -> list[str]:
     lines = []
     if r.calibration:
         c = r.calibration
+        source = f" (from {c['held_out_path']})" if c.get("held_out_path") else ""
         lines.append(f"calibration: {c['samples']} samples ({c['kind']}), {c['held_out']} held "
-                     f"out; allocation: {r.allocation}")
+                     f"out{source}; allocation: {r.allocation}")
     for stage, measures in r.fidelity.items():
         lines.append(f"held-out fidelity after {stage}: {fidelity.describe(measures)}")
     if r.reconstruction.get("kept") is False:

@@ -392,6 +392,21 @@ def test_npz_and_load(tmp_path):
     assert len(calib.held_out["x"]) == 1 and len(calib.train["x"]) == 9
 
 
+def test_held_out_data_is_read_like_calib_and_calib_calibrates_whole(tmp_path):
+    """An image folder as held-out data goes through the same preset as --calib's folder."""
+    inputs = image_input(1, 3, 8, 8)
+    calib = save(save(tmp_path / "calib", "a.png", (8, 8), COLOUR), "b.png", (8, 8), (0, 0, 0))
+    held = save(tmp_path / "held", "c.png", (16, 12), (200, 100, 50))
+    options = replace(OPTS, preprocess="unit", held_out_data=str(held))
+    loaded = load(str(calib), inputs, options, seed=3)
+    assert len(loaded.train["x"]) == 2 and loaded.held_out_path == str(held)
+    np.testing.assert_array_equal(loaded.held_out["x"], images(held, inputs, preprocess="unit"))
+    assert loaded.summary()["held_out_path"] == str(held)
+    np.savez(tmp_path / "other.npz", y=np.zeros((3, 3, 8, 8), np.float32))
+    with pytest.raises(OptionError, match="--held-out-data: calibration data lacks arrays"):
+        load(str(calib), inputs, replace(options, held_out_data=str(tmp_path / "other.npz")))
+
+
 def test_paths_that_are_not_calibration_data(tmp_path):
     with pytest.raises(OptionError, match="no such calibration file or folder"):
         read(str(tmp_path / "missing"), image_input(1, 3, 8, 8), OPTS)

@@ -401,20 +401,58 @@ def test_report_states_calibration_and_fidelity(cnn, tmp_path):
     assert "held-out fidelity after reconstructed: agreement" in html
 
 
+def test_held_out_data_measures_fidelity_on_other_samples_and_apply_reads_it(cnn, tmp_path):
+    """``--held-out-data``: every --calib sample calibrates, fidelity is measured on the other
+    file (what onnxruntime says of the written model there), and the plan's recipe keeps it
+    for ``spa apply``."""
+    from spa import fidelity
+
+    src, calib = cnn
+    held = tmp_path / "held.npz"
+    x = RNG.standard_normal((12, 3, 8, 8)).astype(np.float32)
+    np.savez(held, x=x)
+    out, report, plan = tmp_path / "p.onnx", tmp_path / "r.json", tmp_path / "plan.json"
+    assert main(["prune", str(src), "-o", str(out), "--calib", str(calib), "--ratio", "0.5",
+                 "--held-out-data", str(held), "--report", str(report), "--plan", str(plan),
+                 "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"] == {"path": str(calib), "kind": "npz", "samples": 80,
+                                   "held_out": 12, "held_out_path": str(held)}
+    stage = "reconstructed" if body["reconstruction"]["kept"] else "pruned"
+    again = fidelity.measure(src, out, {"x": x})
+    assert again["relative_error"] == pytest.approx(body["fidelity"][stage]["relative_error"],
+                                                    rel=1e-5)
+    # the held-out share of --calib alone judges differently: fewer samples calibrate
+    share = tmp_path / "share.onnx"
+    assert main(["prune", str(src), "-o", str(share), "--calib", str(calib), "--ratio", "0.5",
+                 "-q"]) == 0
+    assert share.read_bytes() != out.read_bytes()
+    assert json.loads(plan.read_text())["recipe"]["calibration"]["options"][
+        "held_out_data"] == str(held)
+    applied = tmp_path / "applied.onnx"
+    assert main(["apply", str(src), str(plan), "-o", str(applied), "-q"]) == 0
+    assert applied.read_bytes() == out.read_bytes()
+
+
 @pytest.mark.parametrize("argv,expect", [
     (["--allocation", "sensitivity"], "give --calib PATH"),
     (["--calib", "{few}", "--held-out", "0.5"], "too few to hold back"),
+    (["--held-out-data", "{few}"], "--held-out-data measures fidelity"),
+    (["--calib", "{few}", "--held-out-data", "{missing}"], "no such file or folder"),
+    (["--calib", "{few}", "--held-out-data", "{empty}"], "no samples"),
 ])
 def test_bad_post_training_input_is_one_typed_line(argv, expect, tmp_path, capsys):
     src = tmp_path / "cnn.onnx"
     onnx.save(_cnn(), str(src))
     np.savez(tmp_path / "few.npz", x=RNG.standard_normal((1, 3, 8, 8)).astype(np.float32))
-    argv = [a.format(few=tmp_path / "few.npz") for a in argv]
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 3, 8, 8), np.float32))
+    argv = [a.format(few=tmp_path / "few.npz", missing=tmp_path / "missing.npz",
+                     empty=tmp_path / "empty.npz") for a in argv]
     out = tmp_path / "p.onnx"
     assert main(["prune", str(src), "-o", str(out), *argv]) == ExitCode.BAD_INPUT
     assert expect in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "cnn.onnx", "few.npz"]
+        "cnn.onnx", "empty.npz", "few.npz"]
 
 
 def test_greedy_allocation_respects_round_to_and_min_channels(cnn, tmp_path):

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 from spa import fidelity  # noqa: E402
 from spa.api import CheckOptions, PruneOptions, prune  # noqa: E402
-from spa.calibration import Calibration, split  # noqa: E402
+from spa.calibration import Calibration, CalibrationOptions, split  # noqa: E402
 from spa.cli import main  # noqa: E402
 from spa.errors import OptionError  # noqa: E402
 from spa.recovery import TORCH_MISSING, RecoverOptions  # noqa: E402
@@ -470,6 +470,27 @@ def test_cli_end_to_end(models, tmp_path, capsys):
     assert printed["kept"] == rec.KEPT_RECOVERED and out.exists()
     assert printed["fidelity_after"]["relative_error"] < printed["fidelity_before"][
         "relative_error"]
+
+
+def test_cli_held_out_data_trains_on_all_of_calib_and_measures_on_the_other_file(
+        models, tmp_path, capsys):
+    dense, pruned = models
+    held = tmp_path / "held.npz"
+    x = np.random.default_rng(5).standard_normal((24, 3, 16, 16)).astype(np.float32)
+    np.savez(held, x=x)
+    out, calib = tmp_path / "r.onnx", _npz(tmp_path)
+    assert main(["recover", str(dense), str(pruned), "-o", str(out), "--calib", str(calib),
+                 "--held-out-data", str(held), "--steps", "20", "--lr", "1e-3",
+                 "--batch-size", "16", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert f"on held-out samples of {held}:" in printed
+    report = rec.recover(dense, pruned, tmp_path / "again.onnx", rec.calibration_for(
+        pruned, str(calib), CalibrationOptions(held_out_data=str(held))),
+        RecoverOptions(steps=20, lr=1e-3, batch_size=16))
+    assert report.calibration == {"path": str(calib), "kind": "npz", "samples": 80,
+                                  "held_out": 24, "held_out_path": str(held)}
+    assert report.fidelity_before == fidelity.measure(dense, pruned, {"x": x})
+    assert (tmp_path / "again.onnx").read_bytes() == out.read_bytes()
 
 
 def test_without_torch_the_command_says_how_to_install(models, tmp_path):

@@ -97,6 +97,11 @@ class CalibrationOptions:
     held_out: float = option(0.1, parse=share, metavar="SHARE", group=GROUP,
                              help="share of the calibration samples held back (seeded) to "
                              "measure fidelity; never used to calibrate or recover")
+    held_out_data: str | None = option(None, metavar="PATH", group=GROUP,
+                                       help="measure fidelity on these samples (read like "
+                                       "--calib) instead of a share of --calib, which then "
+                                       "calibrates whole: give samples from other sources "
+                                       "(photos, documents) than the calibration's")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Calibration:
     held_out: Arrays
     kind: str  # "npz", "images" or "text"
     path: str
+    held_out_path: str | None = None  # --held-out-data; None: a share of ``path``
 
     @property
     def samples(self) -> int:
@@ -114,8 +120,9 @@ class Calibration:
 
     def summary(self) -> dict:
         """Where the data came from and how it was split (the report's ``calibration``)."""
-        return {"path": self.path, "kind": self.kind, "samples": sample_count(self.train),
-                "held_out": sample_count(self.held_out)}
+        out = {"path": self.path, "kind": self.kind, "samples": sample_count(self.train),
+               "held_out": sample_count(self.held_out)}
+        return out | ({"held_out_path": self.held_out_path} if self.held_out_path else {})
 
 
 def sample_count(arrays: Mapping[str, np.ndarray]) -> int:
@@ -129,8 +136,41 @@ def load(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions = C
     ``inputs``, and split off the held-out share. With ``graph``, token ids are checked against
     the model's embedding."""
     kind, arrays = read(path, inputs, options, graph=graph)
-    train, held = split(fitted(arrays, inputs), options.held_out, seed=seed)
-    return Calibration(train, held, kind, str(path))
+    train, held = held_out(fitted(arrays, inputs), inputs, options, seed=seed, graph=graph)
+    return Calibration(train, held, kind, str(path), options.held_out_data)
+
+
+def held_out(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec],
+             options: CalibrationOptions, *, seed: int = 0, graph: gs.Graph | None = None
+             ) -> tuple[Arrays, Arrays]:
+    """(train, held-out) of the calibration ``arrays``: with ``--held-out-data``, all of them
+    and that data (read and preprocessed as ``--calib`` is); else :func:`split`'s seeded share.
+
+    A share of the calibration samples is held out from the same sources: views of the same
+    photos, lines of the same documents. Fidelity on it can promise more than the model keeps
+    on new sources (EfficientNet-Lite0 calibrated on 28 photos, 1.5x FLOPs cut: reconstruction
+    lifts top-1 agreement on the held-out share 0.66 → 0.84, on 15 other photos 0.65 → 0.67);
+    other sources' samples say what it keeps."""
+    if options.held_out_data is None:
+        return split(arrays, options.held_out, seed=seed)
+    where = options.held_out_data
+    if not Path(where).exists():
+        raise OptionError(f"--held-out-data {where}: no such file or folder")
+    counts = {len(v) for v in arrays.values()}
+    if len(counts) > 1:
+        raise OptionError(f"calibration arrays have different sample counts {sorted(counts)}")
+    try:
+        _, read_back = read(where, inputs, options, graph=graph)
+        held = {k: v for k, v in fitted(read_back, inputs).items() if k in arrays}
+    except OptionError as exc:
+        raise OptionError(f"--held-out-data: {exc}") from None
+    counts = {len(v) for v in held.values()}
+    if len(counts) > 1:
+        raise OptionError(f"--held-out-data {where}: arrays of different sample counts "
+                          f"{sorted(counts)}")
+    if not held or sample_count(held) == 0:
+        raise OptionError(f"--held-out-data {where}: no samples")
+    return dict(arrays), held
 
 
 def fitted(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> Arrays:

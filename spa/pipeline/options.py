@@ -133,6 +133,7 @@ class PruneOptions:
     tokenizer: str | None = like(CalibrationOptions, "tokenizer")
     max_length: int = like(CalibrationOptions, "max_length")
     held_out: float = like(CalibrationOptions, "held_out")
+    held_out_data: str | None = like(CalibrationOptions, "held_out_data")
     # None: on when calibration data is given (passes/reconstruction.py).
     reconstruct: bool | None = option(
         None, off=("--no-reconstruct", "do not refit the kept weights on calibration data"),
@@ -179,6 +180,9 @@ class PruneOptions:
                               "remove: give one")
         if self.drop_blocks is not None and self.drop_blocks < 0:
             raise OptionError(f"--drop-blocks must be at least 0, got {self.drop_blocks}")
+        if self.held_out_data is not None and not self.calib:
+            raise OptionError("--held-out-data measures fidelity against the calibration "
+                              "stages: it needs --calib")
 
     @property
     def drops_blocks(self) -> bool:

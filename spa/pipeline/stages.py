@@ -161,9 +161,10 @@ def _synthetic(analysis: Analysis, options: CalibrationOptions, seed: int,
         made = synthesize(model, samples, dims=dims, seed=seed)
         log.info("synthetic calibration: %s", made.detail)
         arrays, kind = made.arrays, f"synthetic ({made.method} inversion)"
-    train, held = calib_data.split(calib_data.fitted(arrays, loaded.graph.inputs),
-                                   options.held_out, seed=seed)
-    return Calibration(train, held, kind, SYNTHETIC)
+    train, held = calib_data.held_out(calib_data.fitted(arrays, loaded.graph.inputs),
+                                      loaded.graph.inputs, options, seed=seed,
+                                      graph=loaded.graph)
+    return Calibration(train, held, kind, SYNTHETIC, options.held_out_data)
 
 
 def _noise_inputs(sess, samples: int, seed: int, dims: dict[str, int]) -> dict[str, np.ndarray]:

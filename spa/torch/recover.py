@@ -70,6 +70,8 @@ class RecoverReport:
     matched_weight: float = 0.0  # of the matched intermediate values' loss; 0 when none
     # matched-value loss weight → validation-run fidelity after its check at the chosen rate
     weight_checks: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # the samples trained on and held out (:meth:`spa.calibration.Calibration.summary`)
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,7 +180,8 @@ def _recover(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Mod
             matched_weight=distiller.matched_weight if distiller.matched else 0.0,
             weight_checks=_keyed(weights),
             steps=steps_run, seconds=round(time.monotonic() - start_time, 3),
-            device=str(world.device), world_size=world.size)
+            device=str(world.device), world_size=world.size,
+            calibration=calibration.summary())
     result: RecoverReport = world.decide(report)
     return result
 
