@@ -390,6 +390,47 @@ def minilm_mlp_joint_fit(d: dict) -> str:
     return "\n".join(lines)
 
 
+def held_out_sources(d: dict) -> str:
+    held, n = d["held_out_photos"], len(d["calibrating_photos"])
+    lines = [f"Held-out fidelity judged two ways ({_load_note(d)}): EfficientNet-Lite0 at the "
+             f"1.5x FLOPs cut, calibrated on the views of {n} photos; held out either a share "
+             f"of those views or (`--held-out-data`) the views of {len(held)} other photos "
+             f"({', '.join(held)}). Top-1 agreement with the dense model (KL divergence) on "
+             "what was held out, and on the views of the benchmark's "
+             f"{len(d['evaluation_photos'])} evaluation photos, which no run sees.", "",
+             "| run | judged on | held out: before | held out: after | kept | "
+             "15 evaluation photos |", "|---|---|---|---|---|---|"]
+
+    def cell(m: dict) -> str:
+        return f"{m['agreement']:.3f} ({m['kl']:.3f})"
+
+    def where(r: dict) -> str:
+        c = r["calibration"]
+        return f"{c['held_out']} views of " + ("other photos" if c.get("held_out_path")
+                                               else "the same photos (share)")
+
+    for label, r in d["prune"].items():
+        if r.get("exit_code"):
+            lines.append(f"| prune, {label} | failed | | | | |")
+            continue
+        f = r["fidelity"]
+        after = f.get("reconstructed", f["pruned"])
+        kept = "reconstructed" if r["reconstruction_kept"] else "pruned"
+        lines.append(f"| prune (pruned → reconstructed) | {where(r)} | {cell(f['pruned'])} | "
+                     f"{cell(after)} | {kept} | {r['evaluation']['top1_agreement']:.3f} |")
+    start = d["evaluation_start"]["top1_agreement"]
+    for label, r in d["recover"].items():
+        if r.get("exit_code"):
+            lines.append(f"| recover, {label} | failed | | | | |")
+            continue
+        kept = "trained" if r["kept"].startswith("recovered") else "start"
+        lines.append(f"| recover from the share's model ({r['steps']} steps; start "
+                     f"{start:.3f}) | {where(r)} | {cell(r['fidelity_before'])} | "
+                     f"{cell(r['fidelity_after'])} | {kept} | "
+                     f"{r['evaluation']['top1_agreement']:.3f} |")
+    return "\n".join(lines)
+
+
 def latency_fidelity(d: dict) -> str:
     metric = d["metric"]
     criterion = d.get("criterion", "l1")
@@ -417,7 +458,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "latency_fidelity_minilm": latency_fidelity,
           "latency_fidelity_obspa": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder,
-          "minilm_mlp_joint_fit": minilm_mlp_joint_fit}
+          "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources}
 
 
 def render(name: str) -> str:
