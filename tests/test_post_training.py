@@ -434,6 +434,27 @@ def test_held_out_data_measures_fidelity_on_other_samples_and_apply_reads_it(cnn
     assert applied.read_bytes() == out.read_bytes()
 
 
+def test_data_free_pruning_is_judged_on_real_held_out_data(cnn, tmp_path):
+    """``--calib synthetic --held-out-data``: made-up inputs calibrate, every one of them, and
+    the user's samples measure fidelity."""
+    from spa import fidelity
+
+    src, _ = cnn
+    held = tmp_path / "held.npz"
+    x = RNG.standard_normal((10, 3, 8, 8)).astype(np.float32)
+    np.savez(held, x=x)
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(src), "-o", str(out), "--calib", "synthetic", "--ratio", "0.5",
+                 "--held-out-data", str(held), "--no-reconstruct", "--report", str(report),
+                 "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"]["held_out"] == 10 and body["calibration"]["samples"] > 10
+    assert body["calibration"]["held_out_path"] == str(held)
+    again = fidelity.measure(src, out, {"x": x})
+    assert again["relative_error"] == pytest.approx(
+        body["fidelity"]["pruned"]["relative_error"], rel=1e-5)
+
+
 @pytest.mark.parametrize("argv,expect", [
     (["--allocation", "sensitivity"], "give --calib PATH"),
     (["--calib", "{few}", "--held-out", "0.5"], "too few to hold back"),
