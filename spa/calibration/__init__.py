@@ -156,21 +156,24 @@ def held_out(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec],
     where = options.held_out_data
     if not Path(where).exists():
         raise OptionError(f"--held-out-data {where}: no such file or folder")
-    counts = {len(v) for v in arrays.values()}
-    if len(counts) > 1:
-        raise OptionError(f"calibration arrays have different sample counts {sorted(counts)}")
+    _samples(arrays, "calibration arrays")
     try:
         _, read_back = read(where, inputs, options, graph=graph)
         held = {k: v for k, v in fitted(read_back, inputs).items() if k in arrays}
     except OptionError as exc:
         raise OptionError(f"--held-out-data: {exc}") from None
-    counts = {len(v) for v in held.values()}
-    if len(counts) > 1:
-        raise OptionError(f"--held-out-data {where}: arrays of different sample counts "
-                          f"{sorted(counts)}")
-    if not held or sample_count(held) == 0:
+    if _samples(held, f"--held-out-data {where}: arrays") == 0:
         raise OptionError(f"--held-out-data {where}: no samples")
     return dict(arrays), held
+
+
+def _samples(arrays: Mapping[str, np.ndarray], what: str) -> int:
+    """The sample count all ``arrays`` share (0 without arrays); an :class:`OptionError` naming
+    ``what`` when they differ."""
+    counts = {len(v) for v in arrays.values()}
+    if len(counts) > 1:
+        raise OptionError(f"{what} have different sample counts {sorted(counts)}")
+    return counts.pop() if counts else 0
 
 
 def fitted(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> Arrays:
@@ -232,10 +235,7 @@ def split(arrays: Mapping[str, np.ndarray], share: float, *, seed: int = 0
           ) -> tuple[Arrays, Arrays]:
     """(train, held-out): a seeded ``share`` of the samples held back, at least one when
     ``share > 0``; too few samples for both sides is an :class:`OptionError`."""
-    n = sample_count(arrays)
-    counts = {len(v) for v in arrays.values()}
-    if len(counts) > 1:
-        raise OptionError(f"calibration arrays have different sample counts {sorted(counts)}")
+    n = _samples(arrays, "calibration arrays")
     if share == 0.0:
         return dict(arrays), {}
     held = max(1, round(share * n))
