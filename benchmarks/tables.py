@@ -399,7 +399,7 @@ def held_out_sources(d: dict) -> str:
              "what was held out, and on the views of the benchmark's "
              f"{len(d['evaluation_photos'])} evaluation photos, which no run sees.", "",
              "| run | judged on | held out: before | held out: after | kept | "
-             "15 evaluation photos |", "|---|---|---|---|---|---|"]
+             f"{len(d['evaluation_photos'])} evaluation photos |", "|---|---|---|---|---|---|"]
 
     def cell(m: dict) -> str:
         return f"{m['agreement']:.3f} ({m['kl']:.3f})"
