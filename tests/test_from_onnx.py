@@ -120,6 +120,18 @@ def test_gather_elements_matches_onnxruntime(axis):
                              {"x": _DATA, "i": idx})
 
 
+@pytest.mark.parametrize(("data", "idx"), [
+    (np.array([5.0, 6.0, 7.0], np.float32), np.array(-1, np.int64)),  # a scalar from a vector
+    (_DATA, np.array(-2, np.int64)),
+    (_DATA, np.array([[0, 1], [1, 0]], np.int64)),
+])
+def test_gather_matches_onnxruntime(data, idx):
+    """Gather of a scalar index: a vector's entry is a scalar (a shape's dim, as transformers'
+    exports read a KV cache's past length)."""
+    _agrees_with_onnxruntime(_single_op("Gather", {"x": data}, 13, {"i": idx}),
+                             {"x": data})
+
+
 @pytest.mark.parametrize(("batch_dims", "idx"), [
     (0, np.array([[0, 1], [1, -1]], dtype=np.int64)),          # slices of rank 1
     (0, np.array([[[1, 2, 3]], [[0, 0, -4]]], dtype=np.int64)),  # scalars, extra index axes

@@ -498,7 +498,7 @@ def _gather(a, x):
     idx = x[1].long()
     idx = torch.where(idx < 0, idx + x[0].shape[axis], idx)
     out = torch.index_select(x[0], axis, idx.reshape(-1))
-    return out.reshape(*x[0].shape[:axis], *idx.shape, *x[0].shape[axis + 1:])
+    return out.reshape((*x[0].shape[:axis], *idx.shape, *x[0].shape[axis + 1:]))  # () too
 
 
 @op("GatherElements")
