@@ -12,6 +12,11 @@ answer to the same input:
 * ``relative_error``: ``‖y − y_dense‖ / ‖y_dense‖`` over all float outputs together;
 * ``samples``: with agreement, how many samples it counts (its resolution).
 
+Outputs with a value per token (``[N, T, …]`` beside an ``[N, T]`` attention mask: a
+decoder's logits, a token classifier's scores) are compared at the attended tokens only: with
+calibration lines of 20 tokens padded to 128, the padding's outputs would otherwise make most
+of the measure.
+
 :func:`headline` names the one a report leads with: agreement for classifiers, else cosine.
 :func:`compare` works on outputs already computed (the recovery loop's, in PyTorch);
 :func:`measure` runs both models in onnxruntime over the inputs, in chunks.
@@ -20,8 +25,13 @@ answer to the same input:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
+
+if TYPE_CHECKING:
+    from spa.generation import SignatureChange
 
 Outputs = Sequence[np.ndarray]
 
@@ -30,17 +40,33 @@ def _float_outputs(outputs: Outputs) -> list[np.ndarray]:
     return [np.asarray(o) for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)]
 
 
-def compare(reference: Outputs, other: Outputs) -> dict[str, float]:
+def _per_token(output: np.ndarray, real: np.ndarray | None) -> bool:
+    """Whether ``output`` is ``[N, T, C]`` beside the ``[N, T]`` mask ``real`` (a KV cache's
+    ``[N, heads, T, head size]`` is not: its axis 1 is not the tokens')."""
+    return real is not None and output.ndim == 3 and output.shape[:2] == real.shape
+
+
+def compare(reference: Outputs, other: Outputs, real: np.ndarray | None = None
+            ) -> dict[str, float]:
     """The fidelity measures of ``other`` against ``reference`` (outputs in the same order,
-    first axis = samples)."""
+    first axis = samples). ``real``: the ``[N, T]`` attention mask's attended tokens, where
+    outputs with a value per token are compared (padding's values count as equal)."""
     ref, out = _float_outputs(reference), _float_outputs(other)
     if not ref or len(ref) != len(out):
         return {}
+    real = None if real is None else np.asarray(real) != 0
+    if real is not None:  # the padding's values, set equal (zero) in both
+        pad = ~real
+        ref, out = ([np.where(pad[..., None], 0, o) if _per_token(o, real) and o.shape == p.shape
+                     else o
+                     for o, p in zip(side, partner)]
+                    for side, partner in ((ref, out), (out, ref)))
     metrics: dict[str, float] = {}
     first_ref, first_out = ref[0].astype(np.float64), out[0].astype(np.float64)
     if class_scores(first_ref) and first_ref.shape == first_out.shape:
-        metrics["agreement"] = float(np.mean(first_ref.argmax(-1) == first_out.argmax(-1)))
-        metrics["kl"] = _kl(first_ref, first_out)
+        at = real if _per_token(first_ref, real) else ...
+        metrics["agreement"] = float(np.mean(first_ref[at].argmax(-1) == first_out[at].argmax(-1)))
+        metrics["kl"] = _kl(first_ref[at], first_out[at])
         metrics["samples"] = len(first_ref)
     if first_ref.shape == first_out.shape and first_ref.size:
         a = first_ref.reshape(len(first_ref), -1)
@@ -116,10 +142,21 @@ def _within_noise(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
     return abs(p - q) <= max(noise, 1.0 / n)
 
 
-def measure(dense, pruned, inputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+def measure(dense, pruned, inputs: Mapping[str, np.ndarray],
+            change: SignatureChange | None = None) -> dict[str, float]:
     """Run ``dense`` and ``pruned`` (paths or ModelProtos) in onnxruntime on ``inputs``, in
-    chunks the models take, and compare."""
+    chunks the models take, and compare. ``change``: the pruned model's signature change (a
+    decoder's KV caches lose heads): it is fed the inputs at the heads it kept, and compared at
+    those of the dense outputs."""
     from spa import validate as val
+    from spa.calibration import attention_mask
 
-    outs = [list(val.run_chunked(val.session(m), dict(inputs)).values()) for m in (dense, pruned)]
-    return compare(outs[0], outs[1])
+    feeds = dict(inputs)
+    ref = val.run_chunked(val.session(dense), feeds)
+    out = val.run_chunked(val.session(pruned), change.pruned_feeds(feeds) if change else feeds)
+    if change:
+        ref = change.kept_outputs(ref)
+    mask = attention_mask(dense if isinstance(dense, onnx.ModelProto)
+                          else onnx.load(str(dense), load_external_data=False))
+    return compare(list(ref.values()), [out[k] for k in ref],
+                   feeds.get(mask) if mask is not None else None)

@@ -44,3 +44,24 @@ def test_describe_names_the_sample_count():
     dense, a = _scores(26, flips=8, strength=3.0)
     text = fidelity.describe(fidelity.compare([dense], [a]))
     assert text.startswith("agreement 0.6923, kl ") and text.endswith("(of 26 samples)")
+
+
+def test_per_token_outputs_are_compared_at_attended_tokens():
+    rng = np.random.default_rng(0)
+    real = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+    logits = rng.standard_normal((2, 4, 5))
+    cache = rng.standard_normal((2, 4, 4, 3))  # [N, heads, T, head size]: heads == T here
+    other = logits.copy()
+    other[real == 0] = -logits[real == 0]  # padding's outputs change: the argmax flips there
+    other_cache = cache * 1.5
+    whole = fidelity.compare([logits, cache], [other, other_cache])
+    assert whole["agreement"] == pytest.approx(5 / 8)
+    masked = fidelity.compare([logits, cache], [other, other_cache], real)
+    assert masked["agreement"] == 1.0 and masked["cosine"] == pytest.approx(1.0)
+    assert masked["kl"] == pytest.approx(0.0, abs=1e-12)
+    # only the cache differs now, all of it counted: 0.5 of its norm over both outputs' norms
+    num, den = 0.25 * np.sum(cache ** 2), np.sum(logits[real == 1] ** 2) + np.sum(cache ** 2)
+    assert masked["relative_error"] == pytest.approx(np.sqrt(num / den))
+    other[0, 1] = -logits[0, 1]  # one attended token's answer flips: 1 of the 5 counted
+    assert fidelity.compare([logits, cache], [other, cache], real)["agreement"] == \
+        pytest.approx(4 / 5)
