@@ -128,8 +128,10 @@ class Reconstruction:
             return self.rows
         return max(self.rows, min(self.max_rows, self.row_macs // max(features, 1) ** 2))
 
-    def run(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
-            ) -> Reconstructed:
+    def run(self, dense: onnx.ModelProto, pruned: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
+            *, pruned_feeds: Callable[[Arrays], Arrays] | None = None) -> Reconstructed:
+        """Refit ``pruned``'s layers on ``inputs``; ``pruned_feeds``: a chunk of the dense
+        model's inputs as the pruned model takes them (a decoder's caches lose heads)."""
         dense = with_types(dense)
         pruned = with_types(pruned)
         layers = _layers(pruned)
@@ -157,7 +159,8 @@ class Reconstruction:
         start = 0  # the ridge search starts at the last refitted layer's choice
         facts = (_Tensors.of(dense), _Tensors.of(pruned))
         with Frontiers(held) as fronts:
-            p_runner = Runner(pruned, fronts, "pruned", chunks)
+            p_runner = Runner(pruned, fronts, "pruned",
+                              [pruned_feeds(c) for c in chunks] if pruned_feeds else chunks)
             d_runner = Runner(dense, fronts, "dense", chunks)
             for k, layer in enumerate(progress(layers, "reconstruction", unit="layer")):
                 target_stop = facts[0].producer(layer.output) + 1

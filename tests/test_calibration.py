@@ -27,6 +27,7 @@ from spa.calibration import (
     read,
     split,
 )
+from spa.calibration.text import ID_RANGE, random_tokens
 from spa.errors import OptionError
 from spa.ir.load import load_model
 
@@ -302,10 +303,61 @@ def test_text_input_names(tmp_path):
                             Spec("segment_ids", np.dtype(np.int64), [1, 2])], opts)
     np.testing.assert_array_equal(arrays["input_mask"], [[1, 1], [1, 1], [1, 0]])
     assert arrays["input_mask"].dtype == np.float32
-    with pytest.raises(OptionError, match="'position_ids' is none of these"):
-        read(path, bert_inputs(4) + [Spec("position_ids", np.dtype(np.int64), [1, 4])], opts)
+    with pytest.raises(OptionError, match="'pixel_values' is none of these"):
+        read(path, bert_inputs(4) + [Spec("pixel_values", np.dtype(np.int64), [1, 4])], opts)
     with pytest.raises(OptionError, match="one token-ids input"):
         read(path, bert_inputs(4)[1:], opts)
+
+
+def decoder_inputs(cache_shape: list) -> list[Spec]:
+    return [Spec("input_ids", np.dtype(np.int64), ["batch", "sequence"]),
+            Spec("attention_mask", np.dtype(np.int64), ["batch", "total"]),
+            Spec("position_ids", np.dtype(np.int64), ["batch", "sequence"]),
+            Spec("past_key_values.0.key", np.dtype(np.float32), cache_shape),
+            Spec("past_key_values.0.value", np.dtype(np.float16), cache_shape)]
+
+
+def test_decoder_prompts_positions_and_empty_caches(tmp_path):
+    tok = tokenizer_file(tmp_path / "tok")
+    _, arrays = read(str(text_file(tmp_path)), decoder_inputs(["batch", 4, "past", 8]),
+                     replace(OPTS, tokenizer=str(tok), max_length=4))
+    np.testing.assert_array_equal(arrays["input_ids"], [[2, 3, 0, 0], [4, 5, 4, 5], [1, 0, 0, 0]])
+    # as transformers counts positions: attended tokens from 0, padding at 1
+    np.testing.assert_array_equal(arrays["position_ids"],
+                                  [[0, 1, 1, 1], [0, 1, 2, 3], [0, 1, 1, 1]])
+    for kv, dtype in (("key", np.float32), ("value", np.float16)):
+        cache = arrays[f"past_key_values.0.{kv}"]
+        assert cache.shape == (3, 4, 0, 8) and cache.dtype == dtype  # one empty past a line
+    left = tokenizer_file(tmp_path / "left", pad={"direction": "left", "pad_id": 0})
+    _, arrays = read(str(text_file(tmp_path, "hello world\n")),
+                     decoder_inputs(["batch", 4, "past", 8])[:3],
+                     replace(OPTS, tokenizer=str(left), max_length=4))
+    np.testing.assert_array_equal(arrays["attention_mask"], [[0, 0, 1, 1]])
+    np.testing.assert_array_equal(arrays["position_ids"], [[1, 1, 0, 1]])
+
+
+def test_cache_without_one_symbolic_past_dim_is_refused(tmp_path):
+    opts = replace(OPTS, tokenizer=str(tokenizer_file(tmp_path / "tok")))
+    with pytest.raises(OptionError, match="KV-cache input 'past_key_values.0.key' has shape "
+                                          r"\['batch', 'heads', 'past', 8\]: SPA fills an empty"):
+        read(str(text_file(tmp_path)), decoder_inputs(["batch", "heads", "past", 8]), opts)
+
+
+def test_random_tokens(tmp_path):
+    graph = load_model(embedding_model(tmp_path, 5)).graph
+    rng = np.random.default_rng(0)
+    cache = Spec("past.0.key", np.dtype(np.float32), ["b", 1, "p", 2])
+    arrays = random_tokens([*graph.inputs, cache], 64, {}, rng, graph=graph)
+    assert arrays is not None and arrays["input_ids"].shape == (64, 4)
+    assert set(np.unique(arrays["input_ids"])) == set(range(5))  # the embedding's rows
+    np.testing.assert_array_equal(arrays["attention_mask"], np.ones((64, 4)))
+    assert random_tokens(list(graph.inputs), 2, {}, rng, graph=graph) is None  # an encoder
+    made = random_tokens(decoder_inputs(["batch", 2, "past", 3]), 2, {"sequence": 6}, rng)
+    assert made is not None and made["input_ids"].shape == (2, 6)
+    assert made["input_ids"].max() < ID_RANGE
+    np.testing.assert_array_equal(made["position_ids"], [list(range(6))] * 2)
+    assert made["past_key_values.0.key"].shape == (2, 2, 0, 3)
+    assert random_tokens(image_input(1, 3, 8, 8), 2, {}, rng) is None  # not token inputs
 
 
 def test_tokenizer_errors(tmp_path):

@@ -17,9 +17,12 @@ contract. Both keep their caches' shapes (fail closed) and prune their MLP.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 pytest.importorskip("torch")
@@ -27,7 +30,9 @@ pytest.importorskip("transformers")
 
 from models.hf_decoder import decoder_onnx  # noqa: E402
 from spa.api import analyze  # noqa: E402
+from spa.cli import main  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
+from spa.errors import ExitCode  # noqa: E402
 from tests.oracle import prune_checked  # noqa: E402
 
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 4, 32, 50
@@ -84,3 +89,94 @@ def test_llama_heads_and_cache_stay_frozen(tmp_path, kv_heads):
     assert all(any(why in r for r in g.frozen) for g in heads)
     out = prune_checked(path, tmp_path, heads_ratio=0.5, mlp_ratio=0.5)
     assert out.report.signature_changes == [] and out.report.generation == {}  # the MLP only
+
+
+WORDS = "the a cat dog sat on mat ran far big small red blue house tree sun moon day".split()
+
+
+def _text(path: Path, lines: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("".join(" ".join(rng.choice(WORDS, rng.integers(3, 12))) + "\n"
+                            for _ in range(lines)), encoding="utf-8")
+    return path
+
+
+def test_gpt2_calibrated_on_text_prompts(tmp_path, gpt2):
+    """Calibration text feeds a decoder as prompts (ids, mask, empty caches); the pruned model,
+    whose caches lost heads, is fed them at its kept heads, and held-out fidelity counts the
+    attended tokens' next-token answers, as onnxruntime gives them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
+                                                                enumerate(WORDS)}}, "[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    calib, held = _text(tmp_path / "calib.txt", 120, 0), _text(tmp_path / "held.txt", 30, 1)
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(gpt2), "-o", str(out), "--calib", str(calib), "--tokenizer",
+                 str(tmp_path / "tokenizer.json"), "--max-length", "12", "--held-out-data",
+                 str(held), "--heads-ratio", "0.5", "--mlp-ratio", "0.5", "--report",
+                 str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"]["kind"] == "text" and body["calibration"]["held_out"] == 30
+    assert len(body["signature_changes"]) == 4 * LAYERS
+    assert body["reconstruction"]["layers"] > 0
+    # held-out fidelity, computed here: each attended token's argmax, dense against pruned
+    tok.enable_padding(length=12, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(12)
+    enc = tok.encode_batch(held.read_text().splitlines())
+    ids = np.array([e.ids for e in enc], np.int64)
+    mask = np.array([e.attention_mask for e in enc], np.int64)
+    logits = []
+    for path in (gpt2, out):
+        shapes = _shapes(path)  # the pruned caches' heads: as sensitivity spread them
+        feeds = {"input_ids": ids, "attention_mask": mask} | {
+            f"past_key_values.{n}": np.zeros((len(ids), shapes[f"past_key_values.{n}"][1], 0,
+                                              HIDDEN // HEADS), np.float32) for n in NAMES}
+        logits.append(ort.InferenceSession(str(path)).run(["logits"], feeds)[0])
+    real = mask == 1
+    agreement = np.mean(logits[0][real].argmax(-1) == logits[1][real].argmax(-1))
+    stage = "reconstructed" if body["reconstruction"]["kept"] else "pruned"
+    assert body["fidelity"][stage]["agreement"] == pytest.approx(agreement)
+    assert 0.5 < agreement < 1.0  # counted at 30 × 7 tokens, not at the padding
+
+
+def test_gpt2_data_free_prompts(tmp_path, gpt2):
+    """``--calib synthetic`` gives a decoder random prompts with empty caches (model inversion
+    would take its caches for images)."""
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(gpt2), "-o", str(out), "--calib", "synthetic", "--heads-ratio",
+                 "0.5", "--mlp-ratio", "0.5", "--report", str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"]["kind"] == "synthetic (random token ids)"
+    assert body["fidelity"]["pruned"]["samples"] == body["calibration"]["held_out"] > 0
+
+
+def test_gpt2_recovers_from_text_prompts_unless_its_caches_lost_heads(tmp_path, gpt2):
+    """``spa recover`` distils a decoder on text prompts (empty caches: no image to augment)
+    when its KV heads are kept; one whose caches lost heads is refused, by name, before any
+    work (teacher and student would need different caches)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
+                                                                enumerate(WORDS)}}, "[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = _text(tmp_path / "calib.txt", 80, 0)
+    calib = ["--calib", str(text), "--tokenizer", str(tmp_path / "tokenizer.json"),
+             "--max-length", "12"]
+    mlp, heads = tmp_path / "mlp.onnx", tmp_path / "heads.onnx"
+    for out, ratios in ((mlp, ["--heads-ratio", "0", "--mlp-ratio", "0.5"]),
+                        (heads, ["--heads-ratio", "0.5", "--mlp-ratio", "0"])):
+        assert main(["prune", str(gpt2), "-o", str(out), *calib, *ratios, "-q"]) == 0
+    out, report = tmp_path / "rec.onnx", tmp_path / "rec.json"
+    assert main(["recover", str(gpt2), str(mlp), "-o", str(out), *calib, "--steps", "10",
+                 "--report", str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"]["kind"] == "text" and 1 <= body["steps"] <= 10
+    assert body["fidelity_before"]["samples"] == body["calibration"]["held_out"] == 8
+    assert out.exists()
+    refused = tmp_path / "refused.onnx"
+    assert main(["recover", str(gpt2), str(heads), "-o", str(refused), *calib, "--steps",
+                 "10", "-q"]) == ExitCode.BAD_INPUT
+    assert not refused.exists()

@@ -300,8 +300,8 @@ def test_reconstruction_that_hurts_held_out_fidelity_is_not_written(cnn, tmp_pat
           CheckOptions(latency=False))
     real_run = reconstruction.Reconstruction.run
 
-    def sabotaged(self, dense, pruned, inputs):
-        done = real_run(self, dense, pruned, inputs)
+    def sabotaged(self, dense, pruned, inputs, **kwargs):
+        done = real_run(self, dense, pruned, inputs, **kwargs)
         assert {"wf", "bf"} <= set(done.values)
         done.values.update({k: -done.values[k] for k in ("wf", "bf")})
         return done

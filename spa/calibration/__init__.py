@@ -8,8 +8,9 @@
   and std, after resizing to ``size/0.875``; ``unit``: ``v/255``; ``raw``: ``v``), laid out as
   the model's one 4-D float input wants (NCHW or NHWC);
 * a text file, one sample per non-empty line: encoded by a ``tokenizers`` tokenizer, truncated
-  and padded to the model's sequence length, fed to the ids / attention mask / token type
-  inputs by their names. Ids the model's embedding has no row for are refused.
+  and padded to the model's sequence length, fed to the ids / attention mask / token type /
+  position inputs by their names; a decoder's KV-cache inputs get empty caches (each line is a
+  prompt). Ids the model's embedding has no row for are refused.
 
 :func:`load` reads it once per run into :class:`Calibration`: a seeded share
 (``--held-out``, default 10%) is held back and never used for statistics, reconstruction,
@@ -131,18 +132,21 @@ def sample_count(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def load(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions = CalibrationOptions(),
-         *, seed: int = 0, graph: gs.Graph | None = None) -> Calibration:
+         *, seed: int = 0, graph: gs.Graph | None = None, dims: Mapping[str, int] | None = None
+         ) -> Calibration:
     """Read ``path`` (an .npz, a folder of images or a text file) for a model with these graph
     ``inputs``, and split off the held-out share. With ``graph``, token ids are checked against
-    the model's embedding."""
-    kind, arrays = read(path, inputs, options, graph=graph)
-    train, held = held_out(fitted(arrays, inputs), inputs, options, seed=seed, graph=graph)
+    the model's embedding; ``dims``: sizes of symbolic input dims (a text file's empty KV
+    caches take their head counts and sizes from it when symbolic)."""
+    kind, arrays = read(path, inputs, options, graph=graph, dims=dims)
+    train, held = held_out(fitted(arrays, inputs), inputs, options, seed=seed, graph=graph,
+                           dims=dims)
     return Calibration(train, held, kind, str(path), options.held_out_data)
 
 
 def held_out(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec],
-             options: CalibrationOptions, *, seed: int = 0, graph: gs.Graph | None = None
-             ) -> tuple[Arrays, Arrays]:
+             options: CalibrationOptions, *, seed: int = 0, graph: gs.Graph | None = None,
+             dims: Mapping[str, int] | None = None) -> tuple[Arrays, Arrays]:
     """(train, held-out) of the calibration ``arrays``: with ``--held-out-data``, all of them
     and that data (read and preprocessed as ``--calib`` is); else :func:`split`'s seeded share.
 
@@ -158,7 +162,7 @@ def held_out(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec],
         raise OptionError(f"--held-out-data {where}: no such file or folder")
     _samples(arrays, "calibration arrays")
     try:
-        _, read_back = read(where, inputs, options, graph=graph)
+        _, read_back = read(where, inputs, options, graph=graph, dims=dims)
         held = {k: v for k, v in fitted(read_back, inputs).items() if k in arrays}
     except OptionError as exc:
         raise OptionError(f"--held-out-data: {exc}") from None
@@ -204,7 +208,8 @@ def fitted(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> Arr
 
 
 def read(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
-         graph: gs.Graph | None = None) -> tuple[str, Arrays]:
+         graph: gs.Graph | None = None, dims: Mapping[str, int] | None = None
+         ) -> tuple[str, Arrays]:
     """All samples of ``path``, by graph input name, and what kind of source it was."""
     p = Path(path)
     if not p.exists():
@@ -214,7 +219,7 @@ def read(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
     if p.is_file() and (p.suffix.lower() == ".npz" or zipfile.is_zipfile(p)):
         return "npz", read_npz(p)
     if p.is_file():
-        return "text", read_text(p, inputs, options, graph=graph)
+        return "text", read_text(p, inputs, options, graph=graph, dims=dims)
     raise OptionError(f"{path}: not calibration data SPA can read: give an .npz of arrays named "
                       "after the graph inputs, a folder of images, or a text file with one "
                       "sample per line")

@@ -1,10 +1,10 @@
 """Calibration text: one sample per line, encoded by a ``tokenizers`` tokenizer (imported only
-when needed) into the ids / attention mask / token type inputs, checked against the model's
-embedding."""
+when needed) into the ids / attention mask / token type / position inputs, checked against the
+model's embedding. A decoder's KV-cache inputs get empty caches: each line is a prompt."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,19 +13,25 @@ import onnx_graphsurgeon as gs
 
 from spa.calibration import Arrays, CalibrationOptions, InputSpec, _dtype, _static
 from spa.errors import OptionError
+from spa.inputs import dim_key
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-_ROLES = (("ids", ("input_ids",)), ("mask", ("mask",)), ("types", ("token_type", "segment")))
+_ROLES = (("ids", ("input_ids",)), ("mask", ("mask",)), ("types", ("token_type", "segment")),
+          ("positions", ("position",)))
+ID_RANGE = 1000  # synthetic ids are drawn from [0, ID_RANGE) when no embedding table is found
+_CACHE_PARTS = ("past", "cache")  # a decoder's KV-cache inputs: past_key_values.0.key, …
 # Ops between a token-ids input and its embedding's Gather that keep the ids' values.
 _KEEPS_VALUES = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 
 
 def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
-              graph: gs.Graph | None = None) -> Arrays:
+              graph: gs.Graph | None = None, dims: Mapping[str, int] | None = None) -> Arrays:
     """One sample per non-empty line of ``path``, tokenised and fed to the model's token ids,
-    attention mask and token type inputs; with ``graph``, ids the embedding lacks are refused."""
+    attention mask, token type and position inputs; a decoder's KV-cache inputs are empty (no
+    past: the line is the prompt; their symbolic head counts and sizes from ``dims``). With
+    ``graph``, ids the embedding lacks are refused."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -35,22 +41,97 @@ def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptio
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise OptionError(f"{path}: no non-empty line to calibrate on")
-    roles = {spec.name: _role(spec.name) for spec in inputs}
-    ids_specs = [spec for spec in inputs if roles[spec.name] == "ids"]
-    if len(ids_specs) != 1:
-        raise OptionError(f"a text file feeds one token-ids input (named like input_ids); the "
-                          f"model has {[s.name for s in ids_specs]}")
+    roles = token_roles(inputs)
+    ids_spec = next(spec for spec in inputs if roles[spec.name] == "ids")
     tokenizer = _tokenizer(options.tokenizer)
-    encodings = _encode(tokenizer, lines, _sequence_length(ids_specs[0], options))
-    columns = {"ids": np.array([e.ids for e in encodings], np.int64),
-               "mask": np.array([e.attention_mask for e in encodings], np.int64),
-               "types": np.array([e.type_ids for e in encodings], np.int64)}
-    rows = None if graph is None else embedding_rows(graph, ids_specs[0].name)
-    top = int(columns["ids"].max())
+    encodings = _encode(tokenizer, lines, _sequence_length(ids_spec, options))
+    ids = np.array([e.ids for e in encodings], np.int64)
+    rows = None if graph is None else embedding_rows(graph, ids_spec.name)
+    top = int(ids.max())
     if rows is not None and top >= rows:
         raise OptionError(f"the tokenizer gives ids up to {top} but the model's embedding has "
                           f"{rows} rows: wrong tokenizer? (--tokenizer {options.tokenizer})")
-    return {spec.name: columns[roles[spec.name]].astype(_dtype(spec)) for spec in inputs}
+    return token_arrays(inputs, roles, ids, np.array([e.attention_mask for e in encodings]),
+                        np.array([e.type_ids for e in encodings]), dims or {})
+
+
+def random_tokens(inputs: Sequence[InputSpec], samples: int, dims: Mapping[str, int],
+                  rng: np.random.Generator, *, graph: gs.Graph | None = None) -> Arrays | None:
+    """Synthetic prompts for a decoder whose inputs are all token inputs and KV caches
+    (:func:`token_roles`): ids uniform over the embedding's rows (:data:`ID_RANGE` when none is
+    found), every token attended, type ids 0, positions counted, empty caches; as many tokens
+    as the ids' dim (its size in ``dims``, spa/inputs.py, when symbolic). None for a model with
+    other inputs or without caches.
+
+    Encoders keep spa/torch/inversion.py's draws, a random integer in every token input, the
+    mask too. Measured on all-MiniLM-L6-v2 (heads and MLP 0.3, cosine on held-out text), these
+    prompts instead: 0.62 against 0.56 with one ratio per group, 0.55 against 0.69 by
+    sensitivity; random ids say little either way (give text)."""
+    try:
+        roles = token_roles(inputs)
+    except OptionError:
+        return None
+    if "cache" not in roles.values():
+        return None
+    ids_spec = next(spec for spec in inputs if roles[spec.name] == "ids")
+    rows = None if graph is None else embedding_rows(graph, ids_spec.name)
+    dim = list(ids_spec.shape or (None, None))[-1]
+    key = dim_key(ids_spec.name, 1, dim)
+    shape = (samples, dims.get(key, 1) if key is not None else int(dim))  # type: ignore[arg-type]
+    ids = rng.integers(0, rows or ID_RANGE, size=shape)
+    return token_arrays(inputs, roles, ids, np.ones(shape, np.int64), np.zeros(shape, np.int64),
+                        dims)
+
+
+def token_roles(inputs: Sequence[InputSpec]) -> dict[str, str]:
+    """Each graph input's role by its name: ids, mask, types, positions, or a decoder's KV
+    cache; an :class:`OptionError` for an input of none of these, or without exactly one ids
+    input."""
+    roles = {spec.name: "cache" if is_cache(spec) else _role(spec.name) for spec in inputs}
+    ids = [name for name, role in roles.items() if role == "ids"]
+    if len(ids) != 1:
+        raise OptionError(f"a text file feeds one token-ids input (named like input_ids); the "
+                          f"model has {ids}")
+    return roles
+
+
+def token_arrays(inputs: Sequence[InputSpec], roles: dict[str, str], ids: np.ndarray,
+                 mask: np.ndarray, types: np.ndarray, dims: Mapping[str, int]) -> Arrays:
+    """The inputs by role from ``[samples, tokens]`` ids, attention mask and type ids:
+    positions as transformers counts them (attended tokens from 0, padding at 1), KV caches
+    empty (each sample is a prompt)."""
+    columns = {"ids": ids, "mask": mask, "types": types,
+               "positions": np.where(mask != 0, np.cumsum(mask, 1) - 1, 1)}
+    return {spec.name: _empty_cache(spec, len(ids), dims) if roles[spec.name] == "cache"
+            else columns[roles[spec.name]].astype(_dtype(spec)) for spec in inputs}
+
+
+def is_cache(spec: InputSpec) -> bool:
+    """A decoder's KV-cache (past) input: floats of rank 3 or more, named like past or cache."""
+    low = spec.name.lower()
+    return any(part in low for part in _CACHE_PARTS) and _dtype(spec).kind == "f" \
+        and len(spec.shape or ()) >= 3
+
+
+def _empty_cache(spec: InputSpec, samples: int, dims: Mapping[str, int]) -> np.ndarray:
+    """An empty past for each sample: its past-length dim (the symbolic one named like past,
+    else the only symbolic one after the samples) is 0; the others (heads, head size) are
+    fixed or sized in ``dims``."""
+    shape = list(spec.shape or ())
+    symbolic = [i for i in range(1, len(shape)) if not _static(shape[i])]
+    named = [i for i in symbolic if "past" in str(shape[i]).lower()]
+    past = named if len(named) == 1 else symbolic if len(symbolic) == 1 else []
+    sizes = [samples]
+    for i in range(1, len(shape)):
+        key = dim_key(spec.name, i, shape[i])
+        size = 0 if past and i == past[0] else dims.get(key) if key is not None else shape[i]
+        if not past or not isinstance(size, int):
+            raise OptionError(f"KV-cache input {spec.name!r} has shape {shape}: SPA fills an "
+                              "empty cache when one dim after the first is its past length "
+                              "(symbolic, named like past, or the only symbolic one) and the "
+                              "others have sizes (give an .npz)")
+        sizes.append(size)
+    return np.zeros(sizes, _dtype(spec))
 
 
 def _role(name: str) -> str:
@@ -60,8 +141,9 @@ def _role(name: str) -> str:
     for role, parts in _ROLES:
         if any(part in low for part in parts):
             return role
-    raise OptionError(f"a text file fills inputs named like input_ids, attention_mask and "
-                      f"token_type_ids; the model's input {name!r} is none of these (give an .npz)")
+    raise OptionError(f"a text file fills inputs named like input_ids, attention_mask, "
+                      f"token_type_ids, position_ids and past_key_values; the model's input "
+                      f"{name!r} is none of these (give an .npz)")
 
 
 def _tokenizer(path: str | None) -> Tokenizer:

@@ -24,7 +24,7 @@ from spa.calibration import Calibration
 from spa.choices import HessianSource
 from spa.coupling.analysis import Analysis
 from spa.errors import OptionError
-from spa.generation import signature_change
+from spa.generation import SignatureChange, signature_change
 from spa.ir import to_onnx
 from spa.ir.load import import_graph, load_model, with_contrib_shapes
 from spa.ir.save import (
@@ -187,7 +187,8 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         else:
             pruned = known_dims(infer_shapes(to_onnx(loaded)), declared)
             if dense is not None and calib is not None:
-                pruned = _reconstruct(dense, pruned, calib, kept, refit, memory, faithful)
+                pruned = _reconstruct(dense, pruned, calib, kept, refit, memory, faithful,
+                                      change)
             emitted = import_graph(with_contrib_shapes(pruned), "the rewritten model")
         t1 = time.perf_counter()
         report_extra = {} if sources is None else run_checks(
@@ -241,11 +242,13 @@ class _Fidelity:
 
 
 def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
-                 kept, refit, memory: int, faithful: _Fidelity) -> onnx.ModelProto:
+                 kept, refit, memory: int, faithful: _Fidelity, change: SignatureChange
+                 ) -> onnx.ModelProto:
     """Held-out fidelity of the pruned model; with a reconstruction recipe, the refit (kept only
-    when held-out fidelity does not get worse) and its fidelity."""
+    when held-out fidelity does not get worse) and its fidelity. ``change``: how the pruned
+    model's inputs differ (a decoder's caches lose heads)."""
     if calib.held_out:
-        faithful.stages["pruned"] = fidelity.measure(dense, pruned, calib.held_out)
+        faithful.stages["pruned"] = fidelity.measure(dense, pruned, calib.held_out, change)
     if refit is None:
         return pruned
     t0 = time.perf_counter()
@@ -253,7 +256,7 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
     done = Reconstruction(kept=kept, rows=refit.rows, memory=memory, seed=refit.seed,
                           max_rows=refit.max_rows, row_macs=refit.row_macs,
                           cut_padding=refit.cut_padding).run(
-        dense, pruned, calib.train)
+        dense, pruned, calib.train, pruned_feeds=change.pruned_feeds)
     refitted = onnx.ModelProto()
     refitted.CopyFrom(pruned)
     for init in refitted.graph.initializer:
@@ -262,7 +265,7 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
     faithful.reconstruction = done.summary() | {"seconds": time.perf_counter() - t0}
     if not calib.held_out:
         return refitted
-    after = fidelity.measure(dense, refitted, calib.held_out)
+    after = fidelity.measure(dense, refitted, calib.held_out, change)
     faithful.stages["reconstructed"] = after
     if not fidelity.better(after, faithful.stages["pruned"]) and \
             after != faithful.stages["pruned"]:

@@ -20,6 +20,7 @@ import onnx
 from spa import calibration as calib_data
 from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
+from spa.calibration.text import random_tokens
 from spa.choices import AllocationMethod, HessianSource, Target
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
@@ -138,7 +139,7 @@ def calibration(analysis: Analysis, path: str | None,
     if path == SYNTHETIC:
         return _synthetic(analysis, options, seed, dict(dims or {}))
     return calib_data.load(path, analysis.model.graph.inputs, options, seed=seed,
-                           graph=analysis.model.graph)
+                           graph=analysis.model.graph, dims=dims)
 
 
 def _synthetic(analysis: Analysis, options: CalibrationOptions, seed: int,
@@ -147,6 +148,21 @@ def _synthetic(analysis: Analysis, options: CalibrationOptions, seed: int,
     matching, or class-conditional inversion when BN is folded) when PyTorch is installed, else
     natural-image noise; the kind says which."""
     loaded = analysis.model
+    tokens = random_tokens(loaded.graph.inputs, SYNTHETIC_SAMPLES, dims,
+                           np.random.default_rng([seed, 0x70]), graph=loaded.graph)
+    if tokens is not None:  # token inputs only: nothing to invert or to draw as images
+        arrays, kind = tokens, "synthetic (random token ids)"
+    else:
+        arrays, kind = _synthetic_arrays(loaded, seed, dims)
+    train, held = calib_data.held_out(calib_data.fitted(arrays, loaded.graph.inputs),
+                                      loaded.graph.inputs, options, seed=seed,
+                                      graph=loaded.graph, dims=dims)
+    return Calibration(train, held, kind, SYNTHETIC, options.held_out_data)
+
+
+def _synthetic_arrays(loaded: LoadedModel, seed: int, dims: dict[str, int]
+                      ) -> tuple[dict[str, np.ndarray], str]:
+    """Synthetic samples of a model with inputs other than tokens, and how they were made."""
     model = loaded.path or to_onnx(loaded)
     sess = val.session(model, what="original model")
     one = val.random_inputs(sess, seed=seed, dims=dims)
@@ -155,16 +171,11 @@ def _synthetic(analysis: Analysis, options: CalibrationOptions, seed: int,
     try:
         from spa.torch.inversion import synthesize
     except ImportError:
-        arrays = _noise_inputs(sess, samples, seed, dims)
-        kind = "synthetic (natural-image noise; PyTorch would invert the model)"
-    else:
-        made = synthesize(model, samples, dims=dims, seed=seed)
-        log.info("synthetic calibration: %s", made.detail)
-        arrays, kind = made.arrays, f"synthetic ({made.method} inversion)"
-    train, held = calib_data.held_out(calib_data.fitted(arrays, loaded.graph.inputs),
-                                      loaded.graph.inputs, options, seed=seed,
-                                      graph=loaded.graph)
-    return Calibration(train, held, kind, SYNTHETIC, options.held_out_data)
+        return (_noise_inputs(sess, samples, seed, dims),
+                "synthetic (natural-image noise; PyTorch would invert the model)")
+    made = synthesize(model, samples, dims=dims, seed=seed)
+    log.info("synthetic calibration: %s", made.detail)
+    return made.arrays, f"synthetic ({made.method} inversion)"
 
 
 def _noise_inputs(sess, samples: int, seed: int, dims: dict[str, int]) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from spa import calibration
+from spa.calibration.text import is_cache
 
 if TYPE_CHECKING:
     from spa.torch.recover import GraphInput
@@ -45,7 +46,7 @@ def input_kinds(inputs: Sequence[GraphInput]) -> Kinds:
     images = {}
     for k, i in enumerate(inputs):
         shape = list(i.shape or ())
-        if np.issubdtype(i.dtype, np.floating) and len(shape) == 4:
+        if np.issubdtype(i.dtype, np.floating) and len(shape) == 4 and not is_cache(i):
             last_is_channels = shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4)
             images[k] = 3 if last_is_channels else 1
     tokens = [k for k, i in enumerate(inputs) if np.issubdtype(i.dtype, np.integer)

@@ -312,7 +312,8 @@ class Distiller:
         if self.world.rank == 0:
             self.student.eval()
             with torch.no_grad():
-                metrics = fidelity.compare(teacher, self._outputs(self.student, data))
+                real = None if self.kinds.mask is None else data[self.kinds.mask].cpu().numpy()
+                metrics = fidelity.compare(teacher, self._outputs(self.student, data), real)
             self.student.train()
         return self.world.decide(metrics)
 

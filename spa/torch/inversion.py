@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper
 
+from spa.calibration.text import ID_RANGE
 from spa.errors import OptionError
 from spa.passes.hessian import natural_images
 
@@ -57,7 +58,6 @@ STEPS = 200
 MIN_STEPS = 40
 BATCH = 32  # samples per optimisation step (mini-batches cycle over the set)
 SMALL = 64 * 64  # pixels up to which the full step count runs at full resolution
-ID_RANGE = 1000  # integer ids are drawn from [0, ID_RANGE) when no embedding table is found
 
 
 class Method(str, Enum):

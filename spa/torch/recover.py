@@ -129,7 +129,8 @@ def recover(dense: Model, pruned: Model, output: str | os.PathLike[str],
 
 
 def check_interfaces(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
-    """The student must take the teacher's inputs and give its outputs (names, count)."""
+    """The student must take the teacher's inputs and give its outputs (names, count), and
+    take inputs of the same fixed sizes: both are fed the same samples."""
     for what, a, b in (("inputs", [i.name for i in graph_inputs(dense)],
                         [i.name for i in graph_inputs(pruned)]),
                        ("outputs", [o.name for o in dense.graph.output],
@@ -138,6 +139,16 @@ def check_interfaces(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
             raise OptionError(f"the dense and pruned models have different graph {what}: "
                               f"{a} (dense) vs {b} (pruned); recover the pruned model with the "
                               "model it was pruned from")
+    for d, p in zip(graph_inputs(dense), graph_inputs(pruned)):
+        d_shape, p_shape = list(d.shape or ()), list(p.shape or ())
+        if len(d_shape) != len(p_shape) or any(
+                isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y
+                for x, y in zip(d_shape, p_shape)):
+            raise OptionError(f"graph input {d.name!r} is {d_shape} in the dense model and "
+                              f"{p_shape} in the pruned one (a decoder's KV cache that lost "
+                              "heads): recovery feeds both the same samples, and does not yet "
+                              "distil a decoder whose caches were pruned (prune its MLP and "
+                              "keep the KV heads: --heads-ratio 0)")
 
 
 def _proto(model: Model) -> onnx.ModelProto:
