@@ -459,6 +459,21 @@ def test_held_out_data_is_read_like_calib_and_calib_calibrates_whole(tmp_path):
         load(str(calib), inputs, replace(options, held_out_data=str(tmp_path / "other.npz")))
 
 
+def test_held_out_arrays_of_different_sample_counts_are_refused(tmp_path):
+    """A two-input model's held-out .npz must give each input as many samples."""
+    inputs = [Spec("a", np.dtype(np.float32), ["n", 2]), Spec("b", np.dtype(np.float32), ["n", 3])]
+    np.savez(tmp_path / "calib.npz", a=np.zeros((10, 2), np.float32),
+             b=np.zeros((10, 3), np.float32))
+    held = tmp_path / "held.npz"
+    np.savez(held, a=np.zeros((4, 2), np.float32), b=np.zeros((5, 3), np.float32))
+    with pytest.raises(OptionError, match=r"--held-out-data .*held.npz: arrays have different "
+                                          r"sample counts \[4, 5\]"):
+        load(str(tmp_path / "calib.npz"), inputs, replace(OPTS, held_out_data=str(held)))
+    np.savez(held, a=np.zeros((4, 2), np.float32), b=np.ones((4, 3), np.float32))
+    loaded = load(str(tmp_path / "calib.npz"), inputs, replace(OPTS, held_out_data=str(held)))
+    assert (loaded.samples, len(loaded.held_out["b"])) == (14, 4)
+
+
 def test_paths_that_are_not_calibration_data(tmp_path):
     with pytest.raises(OptionError, match="no such calibration file or folder"):
         read(str(tmp_path / "missing"), image_input(1, 3, 8, 8), OPTS)
