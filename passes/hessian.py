@@ -146,7 +146,7 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     calibrated = source is HessianSource.CALIBRATION and skip_padding
     mask = attention_mask(model) if calibrated else None
     fixed_batch = isinstance(sess.get_inputs()[0].shape[0], int)
-    cut = padding_cut(model) if calibrated and not fixed_batch else None
+    cut = padding_cut(model, calib) if calibrated and not fixed_batch else None
     for part, feeds in progress(_batches(sess, source, samples, seed, calib, dims, cut),
                                 "hessians", total, unit="batch"):
         if part == 1 and keep_fitted and fitted is None:  # the fitted samples' sums are done

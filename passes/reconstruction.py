@@ -141,7 +141,7 @@ class Reconstruction:
         step = fixed_batch(dense) or self.chunk
         if fixed_batch(dense):  # the model takes this many samples at a time
             n -= n % step
-        cut = padding_cut(dense) if self.cut_padding else None
+        cut = padding_cut(dense, inputs) if self.cut_padding else None
         index, chunks = chunked({k: v[:n] for k, v in inputs.items()}, step, cut)
         mask = attention_mask(dense)
         valid = [None if mask is None or mask not in c else np.asarray(c[mask]) != 0
@@ -201,7 +201,8 @@ class Reconstruction:
         design = _Design.of(layer, node, w0)
         if design is None:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
-        total = sum(len(c[layer.data]) for c in p_runner.chunk_values(layer.data))
+        total = sum(len(_by_token(c[layer.data], v)) for c, v in
+                    zip(p_runner.chunk_values(layer.data), valid))
         per_sample = max(1, math.ceil(self.layer_rows(design.columns)
                                       / max(total, 1)))
         fit, val = _Normal(design), _Normal(design)
@@ -213,7 +214,8 @@ class Reconstruction:
         target = layer.joined or layer.output
         for c, (x_chunk, y_chunk) in enumerate(zip(p_runner.chunk_values(layer.data),
                                                    d_runner.chunk_values(target))):
-            x, y = x_chunk[layer.data], y_chunk[target]
+            x_held, y_held = x_chunk[layer.data], y_chunk[target]
+            x, y = _by_token(x_held, valid[c]), _by_token(y_held, valid[c])
             rng = np.random.default_rng([self.seed, k, c])
             xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c])
             kept = self.kept.get((layer.weight, layer.out_axis))
@@ -230,7 +232,7 @@ class Reconstruction:
                 elif rows.any():
                     normal.add(xs[rows], ys[rows])
             sample += len(x)
-            unmap(x, y)  # a spilled chunk's pages, read: not resident until the layer is done
+            unmap(x_held, y_held)  # a spilled chunk's pages: not resident until the layer is done
         if fit.count == 0 or val.count == 0:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
         theta0 = design.theta(w0, b0)
@@ -276,6 +278,16 @@ class Reconstruction:
             return None
         ys -= gained
         return ys
+
+
+def _by_token(x: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """A layer's ``[samples × tokens, channels]`` rows (GPT-2's Conv1D flattens its input
+    before the product) as ``[samples, tokens, channels]``, lined up with the ``[samples,
+    tokens]`` attention mask ``valid``, so that padding is left out as for 3-D inputs; other
+    values as they are."""
+    if valid is not None and x.ndim == 2 and len(x) == valid.size and valid.ndim == 2:
+        return x.reshape(*valid.shape, x.shape[-1])
+    return x
 
 
 @dataclass(frozen=True)

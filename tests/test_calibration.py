@@ -336,6 +336,23 @@ def test_decoder_prompts_positions_and_empty_caches(tmp_path):
     np.testing.assert_array_equal(arrays["position_ids"], [[1, 1, 0, 1]])
 
 
+def test_pack_joins_the_lines_into_windows_without_padding(tmp_path):
+    tok = str(tokenizer_file(tmp_path / "tok"))
+    path = str(text_file(tmp_path))  # tokens: 2 3 | 4 5 4 5 4 5 | 1
+    _, arrays = read(path, decoder_inputs(["batch", 4, "past", 8]),
+                     replace(OPTS, tokenizer=tok, max_length=3, pack=True))
+    np.testing.assert_array_equal(arrays["input_ids"], [[2, 3, 4], [5, 4, 5], [4, 5, 1]])
+    np.testing.assert_array_equal(arrays["attention_mask"], np.ones((3, 3)))
+    np.testing.assert_array_equal(arrays["position_ids"], [[0, 1, 2]] * 3)
+    assert arrays["past_key_values.0.key"].shape == (3, 4, 0, 8)
+    _, arrays = read(path, bert_inputs("T"), replace(OPTS, tokenizer=tok, max_length=4,
+                                                     pack=True))
+    np.testing.assert_array_equal(arrays["input_ids"], [[2, 3, 4, 5], [4, 5, 4, 5]])  # tail: 1
+    with pytest.raises(OptionError, match="samples.txt: 9 tokens, fewer than one packed sample "
+                                          "of 10 "):
+        read(path, bert_inputs("T"), replace(OPTS, tokenizer=tok, max_length=10, pack=True))
+
+
 def test_cache_without_one_symbolic_past_dim_is_refused(tmp_path):
     opts = replace(OPTS, tokenizer=str(tokenizer_file(tmp_path / "tok")))
     with pytest.raises(OptionError, match="KV-cache input 'past_key_values.0.key' has shape "
@@ -551,4 +568,20 @@ def test_padding_is_cut_only_when_every_input_is_a_token_axis_int():
     assert padding_cut(model(ids, mask)) == "attention_mask"
     assert padding_cut(model(ids)) is None  # no mask
     assert padding_cut(model(("input_ids", TensorProto.INT64, ["N", 128]), mask)) is None
-    assert padding_cut(model(ids, mask, ("past", TensorProto.FLOAT, ["N", 2, "P", 8]))) is None
+    decoder = model(ids, mask, ("past", TensorProto.FLOAT, ["N", 2, "P", 8]))
+    assert padding_cut(decoder) is None
+    # a prompt's empty cache: the mask spans the prompt alone, which cuts like an encoder's
+    assert padding_cut(decoder, {"past": np.zeros((3, 2, 0, 8))}) == "attention_mask"
+    assert padding_cut(decoder, {"past": np.zeros((3, 2, 1, 8))}) is None
+
+
+def test_real_rows_line_up_with_the_mask_three_d_or_flattened():
+    from spa.calibration import real_rows
+
+    real = np.array([[True, True, False], [True, False, False]])
+    x = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    np.testing.assert_array_equal(real_rows(x, real), x[[0, 0, 1], [0, 1, 0]])
+    # GPT-2's Conv1D input: [samples × tokens, channels]
+    np.testing.assert_array_equal(real_rows(x.reshape(6, 4), real), x[[0, 0, 1], [0, 1, 0]])
+    assert real_rows(x.reshape(6, 4), None).shape == (6, 4)
+    assert real_rows(x[:, 0], real).shape == (2, 4)  # pooled: one row a sample, kept

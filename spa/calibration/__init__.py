@@ -95,6 +95,10 @@ class CalibrationOptions:
                                    help="text files: a tokenizer.json, or a folder holding one")
     max_length: int = option(128, parse=positive, metavar="N", group=GROUP,
                              help="text files: tokens per sample (truncated and padded)")
+    pack: bool = option(False, name="--pack", group=GROUP,
+                        help="text files: join the lines' tokens and cut them into samples of "
+                        "--max-length tokens, no padding (windows of a corpus, as decoder LLMs "
+                        "are calibrated) instead of one padded sample a line")
     held_out: float = option(0.1, parse=share, metavar="SHARE", group=GROUP,
                              help="share of the calibration samples held back (seeded) to "
                              "measure fidelity; never used to calibrate or recover")
@@ -292,15 +296,19 @@ def attention_mask(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def padding_cut(model: onnx.ModelProto) -> str | None:
+def padding_cut(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray] | None = None
+                ) -> str | None:
     """The attention mask when the model's padding can be cut off: every graph input is a 2-D
     integer or bool tensor with a symbolic second (token) axis (ids, mask, type and position
-    ids), so a batch of samples fits any length from its last attended column on. None
-    otherwise (image or embedding inputs, a fixed sequence length, caches)."""
+    ids), or, in ``arrays``, empty (a decoder's KV caches when each sample is a prompt: the
+    mask then spans the prompt alone), so a batch of samples fits any length from its last
+    attended column on. None otherwise (image or embedding inputs, a fixed sequence length,
+    caches that hold a past)."""
     mask = attention_mask(model)
     inits = {i.name for i in model.graph.initializer}
     for i in model.graph.input:
-        if i.name in inits:
+        if i.name in inits or (arrays is not None and i.name in arrays
+                               and np.size(arrays[i.name]) == 0):
             continue
         t = i.type.tensor_type
         if len(t.shape.dim) != 2 or t.shape.dim[1].HasField("dim_value") \
@@ -353,9 +361,12 @@ def attended_lengths(mask: np.ndarray) -> np.ndarray:
 def real_rows(x: np.ndarray, real: np.ndarray | None) -> np.ndarray:
     """A layer input ``x`` (channels last) as rows of channels, without the rows at padding
     tokens when ``real`` (``[samples, tokens]``, False at padding) lines up with its leading
-    axes."""
+    axes, or with its rows when samples and tokens were flattened into one axis (GPT-2's
+    Conv1D: ``[samples × tokens, channels]``)."""
     if real is not None and x.ndim == 3 and x.shape[:2] == real.shape:
         return x[real]
+    if real is not None and x.ndim == 2 and len(x) == real.size:
+        return x[real.reshape(-1)]
     return x.reshape(-1, x.shape[-1])
 
 
