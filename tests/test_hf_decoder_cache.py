@@ -180,3 +180,42 @@ def test_gpt2_recovers_from_text_prompts_unless_its_caches_lost_heads(tmp_path, 
     assert main(["recover", str(gpt2), str(heads), "-o", str(refused), *calib, "--steps",
                  "10", "-q"]) == ExitCode.BAD_INPUT
     assert not refused.exists()
+
+
+def test_padding_changes_nothing_in_a_calibrated_decoder(tmp_path, gpt2):
+    """GPT-2's Conv1D flattens samples and tokens into one axis before its product: those
+    rows are lined up with the attention mask too, so prompts padded to 12 or to 40 tokens
+    give the same statistics, refit and file (before, the padding's rows entered both)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
+                                                                enumerate(WORDS)}}, "[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = _text(tmp_path / "calib.txt", 80, 0)  # at most 11 words a line
+    outs = []
+    for length in (12, 40):
+        outs.append(tmp_path / f"p{length}.onnx")
+        assert main(["prune", str(gpt2), "-o", str(outs[-1]), "--calib", str(text),
+                     "--tokenizer", str(tmp_path / "tokenizer.json"), "--max-length",
+                     str(length), "--heads-ratio", "0.5", "--mlp-ratio", "0.5", "--criterion",
+                     "obspa", "--hessian", "calibration", "-q"]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_gpt2_calibrated_on_packed_text(tmp_path, gpt2):
+    """``--pack``: the corpus's tokens in windows of ``--max-length``, each a full prompt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
+                                                                enumerate(WORDS)}}, "[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = _text(tmp_path / "calib.txt", 80, 0)
+    words = len(text.read_text().split())
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    assert main(["prune", str(gpt2), "-o", str(out), "--calib", str(text), "--tokenizer",
+                 str(tmp_path / "tokenizer.json"), "--pack", "--max-length", "16",
+                 "--heads-ratio", "0.5", "--report", str(report), "-q"]) == 0
+    calibration = json.loads(report.read_text())["calibration"]
+    assert calibration["samples"] + calibration["held_out"] == words // 16

@@ -44,15 +44,21 @@ def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptio
     roles = token_roles(inputs)
     ids_spec = next(spec for spec in inputs if roles[spec.name] == "ids")
     tokenizer = _tokenizer(options.tokenizer)
-    encodings = _encode(tokenizer, lines, _sequence_length(ids_spec, options))
-    ids = np.array([e.ids for e in encodings], np.int64)
+    length = _sequence_length(ids_spec, options)
+    if options.pack:
+        ids = _packed(tokenizer, lines, length, path)
+        mask, types = np.ones_like(ids), np.zeros_like(ids)
+    else:
+        encodings = _encode(tokenizer, lines, length)
+        ids = np.array([e.ids for e in encodings], np.int64)
+        mask = np.array([e.attention_mask for e in encodings])
+        types = np.array([e.type_ids for e in encodings])
     rows = None if graph is None else embedding_rows(graph, ids_spec.name)
     top = int(ids.max())
     if rows is not None and top >= rows:
         raise OptionError(f"the tokenizer gives ids up to {top} but the model's embedding has "
                           f"{rows} rows: wrong tokenizer? (--tokenizer {options.tokenizer})")
-    return token_arrays(inputs, roles, ids, np.array([e.attention_mask for e in encodings]),
-                        np.array([e.type_ids for e in encodings]), dims or {})
+    return token_arrays(inputs, roles, ids, mask, types, dims or {})
 
 
 def random_tokens(inputs: Sequence[InputSpec], samples: int, dims: Mapping[str, int],
@@ -185,6 +191,19 @@ def _encode(tokenizer: Tokenizer, lines: list[str], length: int) -> list[Any]:
     tokenizer.enable_padding(length=length, pad_id=padding["pad_id"], pad_token=pad_token,
                              pad_type_id=padding["pad_type_id"], direction=padding["direction"])
     return tokenizer.encode_batch(lines)
+
+
+def _packed(tokenizer: Tokenizer, lines: list[str], length: int, path: Path) -> np.ndarray:
+    """``--pack``: every line's tokens (with the special tokens the tokenizer adds to each),
+    joined in order and cut into ``[samples, length]`` windows; the tail that does not fill
+    one is dropped."""
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    ids = np.fromiter((t for e in tokenizer.encode_batch(lines) for t in e.ids), np.int64)
+    if len(ids) < length:
+        raise OptionError(f"{path}: {len(ids)} tokens, fewer than one packed sample of "
+                          f"{length} (--max-length)")
+    return ids[:len(ids) - len(ids) % length].reshape(-1, length)
 
 
 def _pad_id(tokenizer: Tokenizer) -> int:

@@ -132,6 +132,7 @@ class PruneOptions:
     layout: str | None = like(CalibrationOptions, "layout")
     tokenizer: str | None = like(CalibrationOptions, "tokenizer")
     max_length: int = like(CalibrationOptions, "max_length")
+    pack: bool = like(CalibrationOptions, "pack")
     held_out: float = like(CalibrationOptions, "held_out")
     held_out_data: str | None = like(CalibrationOptions, "held_out_data")
     # None: on when calibration data is given (passes/reconstruction.py).
