@@ -74,9 +74,9 @@ def compare(reference: Outputs, other: Outputs, real: np.ndarray | None = None
         denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cos = np.where(denom > 0, (a * b).sum(1) / np.maximum(denom, 1e-30), 1.0)
         metrics["cosine"] = float(np.mean(cos))
-    num = sum(float(np.sum((r.astype(np.float64) - o) ** 2)) for r, o in zip(ref, out)
-              if r.shape == o.shape)
-    den = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
+    same = [(r.astype(np.float64), o) for r, o in zip(ref, out) if r.shape == o.shape]
+    num = sum(float(np.sum((r - o) ** 2)) for r, o in same)
+    den = sum(float(np.sum(r ** 2)) for r, _ in same)
     metrics["relative_error"] = float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
     return metrics
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -152,11 +153,14 @@ def test_gpt2_data_free_prompts(tmp_path, gpt2):
     assert body["fidelity"]["pruned"]["samples"] == body["calibration"]["held_out"] > 0
 
 
-def test_gpt2_recovers_from_text_prompts_unless_its_caches_lost_heads(tmp_path, gpt2):
-    """``spa recover`` distils a decoder on text prompts (empty caches: no image to augment)
-    when its KV heads are kept; one whose caches lost heads is refused, by name, before any
-    work (teacher and student would need different caches)."""
+def test_gpt2_recovers_from_text_prompts(tmp_path, gpt2):
+    """``spa recover`` distils a decoder on text prompts, its caches pruned or not: the
+    teacher makes its own empty caches from the student's (no image to augment in them), and
+    the caches that lost heads are left out of the loss and the fidelity. Caches that hold a
+    past cannot be fed to both: refused, by name, before any work."""
     from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from spa.torch.recover import fed_like_student
 
     tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
                                                                 enumerate(WORDS)}}, "[UNK]"))
@@ -165,20 +169,40 @@ def test_gpt2_recovers_from_text_prompts_unless_its_caches_lost_heads(tmp_path, 
     text = _text(tmp_path / "calib.txt", 80, 0)
     calib = ["--calib", str(text), "--tokenizer", str(tmp_path / "tokenizer.json"),
              "--max-length", "12"]
-    mlp, heads = tmp_path / "mlp.onnx", tmp_path / "heads.onnx"
-    for out, ratios in ((mlp, ["--heads-ratio", "0", "--mlp-ratio", "0.5"]),
-                        (heads, ["--heads-ratio", "0.5", "--mlp-ratio", "0"])):
-        assert main(["prune", str(gpt2), "-o", str(out), *calib, *ratios, "-q"]) == 0
-    out, report = tmp_path / "rec.onnx", tmp_path / "rec.json"
-    assert main(["recover", str(gpt2), str(mlp), "-o", str(out), *calib, "--steps", "10",
-                 "--report", str(report), "-q"]) == 0
-    body = json.loads(report.read_text())
-    assert body["calibration"]["kind"] == "text" and 1 <= body["steps"] <= 10
-    assert body["fidelity_before"]["samples"] == body["calibration"]["held_out"] == 8
-    assert out.exists()
+    for label, ratios in (("mlp", ["--heads-ratio", "0", "--mlp-ratio", "0.5"]),
+                          ("heads", ["--heads-ratio", "0.5", "--mlp-ratio", "0"])):
+        pruned = tmp_path / f"{label}.onnx"
+        assert main(["prune", str(gpt2), "-o", str(pruned), *calib, *ratios, "-q"]) == 0
+        out, report = tmp_path / f"rec-{label}.onnx", tmp_path / f"rec-{label}.json"
+        assert main(["recover", str(gpt2), str(pruned), "-o", str(out), *calib, "--steps",
+                     "10", "--report", str(report), "-q"]) == 0
+        body = json.loads(report.read_text())
+        assert body["calibration"]["kind"] == "text" and 1 <= body["steps"] <= 10
+        assert body["fidelity_before"]["samples"] == body["calibration"]["held_out"] == 8
+        assert _shapes(out) == _shapes(pruned)
+    # the teacher fed the student's empty caches answers as with its own
+    shapes = _shapes(pruned)
+    n = 3
+    feeds = {"input_ids": np.array([[2, 3, 4]] * n), "attention_mask": np.ones((n, 3), np.int64)}
+    own = feeds | {f"past_key_values.{k}": np.zeros((n, HEADS, 0, HIDDEN // HEADS), np.float32)
+                   for k in NAMES}
+    theirs = feeds | {f"past_key_values.{k}": np.zeros(
+        (n, shapes[f"past_key_values.{k}"][1], 0, HIDDEN // HEADS), np.float32) for k in NAMES}
+    calibration = SimpleNamespace(train={k: v[:2] for k, v in theirs.items()},
+                                  held_out={k: v[2:] for k, v in theirs.items()})
+    teacher = fed_like_student(onnx.load(str(gpt2)), onnx.load(str(pruned)), calibration)
+    want = ort.InferenceSession(str(gpt2)).run(None, own)
+    got = ort.InferenceSession(teacher.SerializeToString()).run(None, theirs)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    past = tmp_path / "past.npz"
+    np.savez(past, input_ids=feeds["input_ids"].repeat(8, 0),
+             attention_mask=np.ones((24, 4), np.int64),
+             **{f"past_key_values.{k}": np.zeros((24, shapes[f"past_key_values.{k}"][1], 1,
+                                                   HIDDEN // HEADS), np.float32) for k in NAMES})
     refused = tmp_path / "refused.onnx"
-    assert main(["recover", str(gpt2), str(heads), "-o", str(refused), *calib, "--steps",
-                 "10", "-q"]) == ExitCode.BAD_INPUT
+    assert main(["recover", str(gpt2), str(pruned), "-o", str(refused), "--calib", str(past),
+                 "--steps", "10", "-q"]) == ExitCode.BAD_INPUT
     assert not refused.exists()
 
 

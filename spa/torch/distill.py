@@ -445,9 +445,10 @@ class Distiller:
             with torch.no_grad():
                 t_out, t_mid = _forward(self.teacher, batch, self.matched)
         s_out, s_mid = _forward(self.model, batch, self.matched)
+        # a decoder's caches that lost heads teach nothing head by head: left out
         loss = sum((_output_loss(s, t, self.options.temperature, scores)
                     for s, t, scores in zip(s_out, t_out, self.scores)
-                    if t.is_floating_point()),
+                    if t.is_floating_point() and s.shape == t.shape),
                    torch.zeros((), device=self.world.device))
         if self.matched:
             loss = loss + self.matched_weight * sum(_nmse(s_mid[n], t_mid[n])

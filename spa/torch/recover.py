@@ -114,6 +114,7 @@ def recover(dense: Model, pruned: Model, output: str | os.PathLike[str],
     options = options or RecoverOptions()
     dense_proto, pruned_proto = _proto(dense), _proto(pruned)
     check_interfaces(dense_proto, pruned_proto)
+    dense_proto = fed_like_student(dense_proto, pruned_proto, calibration)
     for source in (dense, pruned):
         check_output_path(output, input_path=None if isinstance(source, onnx.ModelProto)
                           else Path(source))
@@ -129,8 +130,7 @@ def recover(dense: Model, pruned: Model, output: str | os.PathLike[str],
 
 
 def check_interfaces(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
-    """The student must take the teacher's inputs and give its outputs (names, count), and
-    take inputs of the same fixed sizes: both are fed the same samples."""
+    """The student must take the teacher's inputs and give its outputs (names, count)."""
     for what, a, b in (("inputs", [i.name for i in graph_inputs(dense)],
                         [i.name for i in graph_inputs(pruned)]),
                        ("outputs", [o.name for o in dense.graph.output],
@@ -139,16 +139,68 @@ def check_interfaces(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
             raise OptionError(f"the dense and pruned models have different graph {what}: "
                               f"{a} (dense) vs {b} (pruned); recover the pruned model with the "
                               "model it was pruned from")
-    for d, p in zip(graph_inputs(dense), graph_inputs(pruned)):
-        d_shape, p_shape = list(d.shape or ()), list(p.shape or ())
-        if len(d_shape) != len(p_shape) or any(
-                isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y
-                for x, y in zip(d_shape, p_shape)):
-            raise OptionError(f"graph input {d.name!r} is {d_shape} in the dense model and "
-                              f"{p_shape} in the pruned one (a decoder's KV cache that lost "
-                              "heads): recovery feeds both the same samples, and does not yet "
-                              "distil a decoder whose caches were pruned (prune its MLP and "
-                              "keep the KV heads: --heads-ratio 0)")
+
+
+def _fixed_axes(a: Sequence[int | str | None], b: Sequence[int | str | None]) -> list[int]:
+    """The axes where two shapes have different fixed sizes (all of them if ranks differ)."""
+    if len(a) != len(b):
+        return list(range(max(len(a), len(b))))
+    return [k for k, (x, y) in enumerate(zip(a, b))
+            if isinstance(x, int) and isinstance(y, int) and x > 0 and y > 0 and x != y]
+
+
+def fed_like_student(dense: onnx.ModelProto, pruned: onnx.ModelProto,
+                     calibration: Calibration) -> onnx.ModelProto:
+    """``dense`` taking the pruned model's inputs, so that teacher and student are fed the
+    same samples. Only a decoder's KV caches that lost heads differ, and only empty ones (each
+    sample a prompt, as text calibration gives) can be fed to both: the teacher makes its own
+    empty caches from the student's (a slice of one head, expanded to its head count: no
+    value is made up). Other differences are an :class:`OptionError` naming the input."""
+    wants = {i.name: i for i in graph_inputs(dense)}
+    changed: dict[str, tuple[list[int], Sequence[int | str | None]]] = {}
+    for given in graph_inputs(pruned):
+        wanted = wants[given.name]
+        axes = _fixed_axes(wanted.shape or (), given.shape or ())
+        if not axes:
+            continue
+        if len(wanted.shape or ()) != len(given.shape or ()) or any(
+                np.size(part.get(given.name, 0)) != 0
+                for part in (calibration.train, calibration.held_out)):
+            raise OptionError(f"graph input {given.name!r} is {list(wanted.shape or ())} in the "
+                              f"dense model and {list(given.shape or ())} in the pruned one: "
+                              "recovery feeds both the same samples, which only an empty KV "
+                              "cache (a prompt, as text calibration gives) allows")
+        changed[given.name] = (axes, wanted.shape or ())
+    if not changed:
+        return dense
+    model = onnx.ModelProto()
+    model.CopyFrom(dense)
+    graph = model.graph
+    made: list[onnx.NodeProto] = []
+    for name, (axes, shape) in changed.items():
+        own = f"{name}/dense_heads"
+        for node in graph.node:
+            node.input[:] = [own if x == name else x for x in node.input]
+        ones = [0] * len(axes), [1] * len(axes)
+        made += [
+            helper.make_node("Slice", [name, f"{own}/starts", f"{own}/ends", f"{own}/axes"],
+                             [f"{own}/one"]),
+            helper.make_node("Expand", [f"{own}/one", f"{own}/shape"], [own])]
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(ones[0], np.int64), f"{own}/starts"),
+            numpy_helper.from_array(np.array(ones[1], np.int64), f"{own}/ends"),
+            numpy_helper.from_array(np.array(axes, np.int64), f"{own}/axes"),
+            numpy_helper.from_array(np.array([shape[k] if k in axes else 1
+                                              for k in range(len(shape))], np.int64),
+                                    f"{own}/shape")])
+        value = next(i for i in graph.input if i.name == name)
+        size = next(i for i in graph_inputs(pruned) if i.name == name).shape or ()
+        for k in axes:
+            value.type.tensor_type.shape.dim[k].dim_value = int(size[k])  # type: ignore[arg-type]
+    nodes = [*made, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
 
 
 def _proto(model: Model) -> onnx.ModelProto:
