@@ -431,6 +431,32 @@ def held_out_sources(d: dict) -> str:
     return "\n".join(lines)
 
 
+def decoder_calibration(d: dict) -> str:
+    m, dense = d["model"], d["dense"]
+    lines = [f"A decoder calibrated on text ({_load_note(d)}): GPT-2, {m['layers']} layers, "
+             f"hidden {m['hidden']}, {m['heads']} heads, trained here for {m['train_steps']} "
+             f"steps on the calibration fortunes; dense perplexity {dense['perplexity']:.1f} on "
+             f"{d['evaluation_sentences']} evaluation sentences ({dense['positions']} "
+             f"next-token positions). Calibrated rows: {d['calibration_lines']} calibration "
+             "sentences.", "",
+             "| heads and MLP | run | FLOPs | next-token agreement with the dense model | "
+             "perplexity | held-out fidelity (report): pruned → reconstructed | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in d["variants"].items():
+        variant, ratio = label.rsplit("-", 1)
+        if r.get("exit_code"):
+            lines.append(f"| {ratio} | `{variant}` | failed | | | | |")
+            continue
+        e, f = r["evaluation"], r["fidelity"]
+        held = "" if not f else f"{f['pruned']['agreement']:.3f} → " + (
+            f"{f['reconstructed']['agreement']:.3f}" if "reconstructed" in f else "–") + \
+            f" ({r['calibration']['held_out']} samples)"
+        lines.append(f"| {ratio} | `{variant}` | ÷{r['flops_reduction']:.2f} | "
+                     f"{e['agreement']:.3f} | {e['perplexity']:.1f} | {held} | "
+                     f"{r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def latency_fidelity(d: dict) -> str:
     metric = d["metric"]
     criterion = d.get("criterion", "l1")
@@ -458,7 +484,8 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "latency_fidelity_minilm": latency_fidelity,
           "latency_fidelity_obspa": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder,
-          "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources}
+          "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources,
+          "decoder_calibration": decoder_calibration}
 
 
 def render(name: str) -> str:
