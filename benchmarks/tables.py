@@ -454,6 +454,17 @@ def decoder_calibration(d: dict) -> str:
         lines.append(f"| {ratio} | `{variant}` | ÷{r['flops_reduction']:.2f} | "
                      f"{e['agreement']:.3f} | {e['perplexity']:.1f} | {held} | "
                      f"{r['seconds']:.0f} |")
+    for label, r in d.get("recover", {}).items():
+        ratio = label.rsplit("-", 1)[1]
+        if r.get("exit_code"):
+            lines.append(f"| {ratio} | `recover` | failed | | | | |")
+            continue
+        e = r["evaluation"]
+        wrote = "trained" if r["kept"].startswith("recovered") else "its start"
+        lines.append(f"| {ratio} | `recover` from `post-obspa-lines` ({r['steps']} steps, lr "
+                     f"{r['lr']:g}; wrote {wrote}) | | {e['agreement']:.3f} | "
+                     f"{e['perplexity']:.1f} | {r['fidelity_before']['agreement']:.3f} → "
+                     f"{r['fidelity_after']['agreement']:.3f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -13,7 +13,9 @@ and at 0.5 (the pruned heads' KV-cache heads with them), each way:
 * ``l1-uniform``: no data (SPA's default);
 * ``post-obspa-lines``: ``--calib-lines`` calibration sentences, each a prompt padded to 64
   tokens (OBSPA on calibration Hessians, sensitivity allocation, reconstruction);
-* ``post-obspa-pack``: the same sentences ``--pack``'ed into 64-token windows.
+* ``post-obspa-pack``: the same sentences ``--pack``'ed into 64-token windows;
+* ``recover``: ``spa recover`` from ``post-obspa-lines`` on the same sentences, for
+  ``--recover-seconds`` (its caches lost heads: the teacher makes its own empty ones).
 
 Evaluated on 1000 sentences of the evaluation fortunes (never used to train or calibrate), each
 a prompt: the share of attended positions whose next-token arg-max is the dense model's, and
@@ -147,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--calib-lines", type=int, default=1024)
+    parser.add_argument("--recover-seconds", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     calib_text, eval_text = real.fortune_sets()
@@ -171,7 +174,8 @@ def main() -> None:
                             "train_seconds": train_seconds if train_seconds > 1 else None},
                   "cuts": CUTS, "calibration_lines": args.calib_lines,
                   "evaluation_sentences": len(evaluation),
-                  "dense": evaluate(reference, reference, ids, mask), "variants": {}}
+                  "dense": evaluate(reference, reference, ids, mask), "variants": {},
+                  "recover": {}}
     calibrated = ["--calib", str(calib), "--tokenizer", str(tok), *CALIBRATED]
     variants = {"l1-uniform": ["--criterion", "l1", "--allocation", "uniform"],
                 "post-obspa-lines": calibrated, "post-obspa-pack": [*calibrated, "--pack"]}
@@ -190,6 +194,20 @@ def main() -> None:
         body["variants"][label] = entry
         print(label, json.dumps({k: entry.get(k) for k in ("evaluation", "fidelity")}),
               flush=True)
+    for ratio in CUTS:
+        label, start = f"recover-{ratio}", WORK / f"post-obspa-lines-{ratio}.onnx"
+        out, report = WORK / f"{label}.onnx", WORK / f"{label}.report.json"
+        entry = run_measured([*SPA, "recover", str(dense), str(start), "-o", str(out),
+                              *calibrated[:4], "--max-length", str(WINDOW), "--time-budget",
+                              str(args.recover_seconds), "--report", str(report)],
+                             WORK / f"{label}.log")
+        if entry["exit_code"] == 0:
+            r = json.loads(report.read_text())
+            entry.update({k: r[k] for k in ("fidelity_before", "fidelity_after", "kept",
+                                            "steps", "lr")})
+            entry["evaluation"] = evaluate(reference, logits(out, ids, mask), ids, mask)
+        body["recover"][label] = entry
+        print(label, json.dumps({k: entry.get(k) for k in ("evaluation", "kept")}), flush=True)
     write_result("decoder_calibration", body)
 
 
