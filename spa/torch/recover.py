@@ -164,8 +164,9 @@ def fed_like_student(dense: onnx.ModelProto, pruned: onnx.ModelProto,
         if not axes:
             continue
         if len(wanted.shape or ()) != len(given.shape or ()) or any(
-                np.size(part.get(given.name, 0)) != 0
-                for part in (calibration.train, calibration.held_out)):
+                np.size(part[given.name]) != 0 for part in (calibration.train,
+                                                             calibration.held_out)
+                if given.name in part):
             raise OptionError(f"graph input {given.name!r} is {list(wanted.shape or ())} in the "
                               f"dense model and {list(given.shape or ())} in the pruned one: "
                               "recovery feeds both the same samples, which only an empty KV "
@@ -181,14 +182,13 @@ def fed_like_student(dense: onnx.ModelProto, pruned: onnx.ModelProto,
         own = f"{name}/dense_heads"
         for node in graph.node:
             node.input[:] = [own if x == name else x for x in node.input]
-        ones = [0] * len(axes), [1] * len(axes)
         made += [
             helper.make_node("Slice", [name, f"{own}/starts", f"{own}/ends", f"{own}/axes"],
                              [f"{own}/one"]),
             helper.make_node("Expand", [f"{own}/one", f"{own}/shape"], [own])]
         graph.initializer.extend([
-            numpy_helper.from_array(np.array(ones[0], np.int64), f"{own}/starts"),
-            numpy_helper.from_array(np.array(ones[1], np.int64), f"{own}/ends"),
+            numpy_helper.from_array(np.zeros(len(axes), np.int64), f"{own}/starts"),
+            numpy_helper.from_array(np.ones(len(axes), np.int64), f"{own}/ends"),
             numpy_helper.from_array(np.array(axes, np.int64), f"{own}/axes"),
             numpy_helper.from_array(np.array([shape[k] if k in axes else 1
                                               for k in range(len(shape))], np.int64),
