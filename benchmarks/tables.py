@@ -423,10 +423,9 @@ def held_out_sources(d: dict) -> str:
         if r.get("exit_code"):
             lines.append(f"| recover, {label} | failed | | | | |")
             continue
-        kept = "trained" if r["kept"].startswith("recovered") else "start"
         lines.append(f"| recover from the share's model ({r['steps']} steps; start "
                      f"{start:.3f}) | {where(r)} | {cell(r['fidelity_before'])} | "
-                     f"{cell(r['fidelity_after'])} | {kept} | "
+                     f"{cell(r['fidelity_after'])} | {_written(r)} | "
                      f"{r['evaluation']['top1_agreement']:.3f} |")
     return "\n".join(lines)
 
@@ -456,16 +455,19 @@ def decoder_calibration(d: dict) -> str:
                      f"{r['seconds']:.0f} |")
     for label, r in d.get("recover", {}).items():
         ratio = label.rsplit("-", 1)[1]
-        if r.get("exit_code"):
-            lines.append(f"| {ratio} | `recover` | failed | | | | |")
-            continue
-        e = r["evaluation"]
-        wrote = "trained" if r["kept"].startswith("recovered") else "its start"
-        lines.append(f"| {ratio} | `recover` from `post-obspa-lines` ({r['steps']} steps, lr "
-                     f"{r['lr']:g}; wrote {wrote}) | | {e['agreement']:.3f} | "
-                     f"{e['perplexity']:.1f} | {r['fidelity_before']['agreement']:.3f} → "
+        lines.append(f"| {ratio} | `recover` | failed | | | | |" if r.get("exit_code") else
+                     f"| {ratio} | `recover` from `post-obspa-lines` ({r['steps']} steps, lr "
+                     f"{r['lr']:g}; wrote: {_written(r)}) | | "
+                     f"{r['evaluation']['agreement']:.3f} | "
+                     f"{r['evaluation']['perplexity']:.1f} | "
+                     f"{r['fidelity_before']['agreement']:.3f} → "
                      f"{r['fidelity_after']['agreement']:.3f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def _written(recovered: dict) -> str:
+    """What ``spa recover`` wrote: the trained model or its start (its report's ``kept``)."""
+    return "trained" if recovered["kept"].startswith("recovered") else "start"
 
 
 def latency_fidelity(d: dict) -> str:
