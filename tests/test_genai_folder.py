@@ -185,7 +185,9 @@ def test_decoder_file_alone_sizes_its_cache_dims(folder, tmp_path):
 def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
     """A text file calibrates the builder's decoder: each line a prompt (ids, mask, empty
     caches whose head size is the symbolic ``kv_cache_dim``), run through its
-    GroupQueryAttention; sensitivity spreads the heads, and generation still validates."""
+    GroupQueryAttention; sensitivity spreads the heads, and generation still validates. The
+    weights stay in external data: reconstruction is off by default (asked for, it is refused)
+    and held-out fidelity is measured by onnxruntime from the two folders' files."""
     from spa.cli import main
 
     words = [f"w{k}" for k in range(100, 400)]
@@ -193,14 +195,20 @@ def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
     text = tmp_path / "prompts.txt"
     text.write_text("".join(" ".join(rng.choice(words, rng.integers(4, 20))) + "\n"
                             for _ in range(64)), encoding="utf-8")
+    calib = ["--calib", str(text), "--tokenizer", str(folder / "tokenizer.json"),
+             "--max-length", "24"]
     out, report = tmp_path / "cal", tmp_path / "r.json"
     assert main(["prune", str(folder), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio",
-                 "0.3", "--calib", str(text), "--tokenizer", str(folder / "tokenizer.json"),
-                 "--max-length", "24", "--no-reconstruct", "--held-out", "0", "--report",
-                 str(report)]) == 0
+                 "0.3", *calib, "--report", str(report)]) == 0
     assert "greedy generation: 32 tokens equal to the masked original's" in \
         capsys.readouterr().out
     body = json.loads(report.read_text())
-    assert body["calibration"] == {"path": str(text), "kind": "text", "samples": 64,
-                                   "held_out": 0}
+    assert body["calibration"] == {"path": str(text), "kind": "text", "samples": 58,
+                                   "held_out": 6}
     assert body["allocation"] == "sensitivity" and body["groups_pruned"] > 0
+    assert body["reconstruction"] == {} and list(body["fidelity"]) == ["pruned"]
+    assert 0 < body["fidelity"]["pruned"]["agreement"] < 1  # at 6 prompts' tokens
+    refused = tmp_path / "refused"
+    assert main(["prune", str(folder), "-o", str(refused), "--heads-ratio", "0.5", *calib,
+                 "--reconstruct"]) == ExitCode.BAD_INPUT
+    assert "need --no-reconstruct" in capsys.readouterr().err and not refused.exists()

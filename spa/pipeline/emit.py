@@ -157,11 +157,11 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
     refit = recipe.reconstruction if recipe is not None else None
     if refit is not None and calib is None:
         raise OptionError("the plan refits weights on calibration data, which was not given")
-    if calib is not None and streamed(loaded) and (refit is not None or calib.held_out):
-        raise OptionError("reconstruction and held-out fidelity hold the model in memory: "
-                          "models over 2 GB (or with external data) need --no-reconstruct and "
-                          "--held-out 0")
-    dense = to_onnx(loaded) if calib is not None and (refit or calib.held_out) else None
+    if calib is not None and streamed(loaded) and refit is not None:
+        raise OptionError("reconstruction holds the model in memory: models over 2 GB (or with "
+                          "external data) need --no-reconstruct")
+    dense = to_onnx(loaded) if calib is not None and (refit or calib.held_out) \
+        and not streamed(loaded) else None
     kept = kept_indices(analysis, the_plan)
     declared = cut_shapes(loaded.graph, kept)  # before the rewrite changes the graph
     change = signature_change(analysis, the_plan)
@@ -182,6 +182,10 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         if streamed(loaded):
             write_streamed(loaded, stage.model_path)
             pruned: PathLike | onnx.ModelProto = stage.model_path
+            if calib is not None and calib.held_out and loaded.path is not None:
+                # onnxruntime reads both files (and their data) itself
+                faithful.stages["pruned"] = fidelity.measure(loaded.path, pruned,
+                                                             calib.held_out, change)
             reread = load_model(stage.model_path)
             emitted = reread.graph, reread.ties
         else:

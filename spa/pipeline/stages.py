@@ -28,6 +28,7 @@ from spa.generation import decoder_feeds
 from spa.inputs import InputDims, resolve
 from spa.ir import to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
+from spa.ir.save import streamed
 from spa.passes.allocation import Allocation
 from spa.passes.compensation import Compensation
 from spa.passes.depth import Depth, with_depth
@@ -215,6 +216,10 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
     measured (else measured here)."""
     if not analysis.prunable_groups:
         raise NothingPrunableError(nothing_prunable(analysis))
+    if options.calib is not None and options.reconstruct is None and streamed(analysis.model):
+        log.info("reconstruction is off by default for a model over 2 GB or with external "
+                 "data: it holds the model in memory (--reconstruct asks for it)")
+        options = dataclasses.replace(options, reconstruct=False)
     if calib is None and options.calib is not None:
         calib = calibration(analysis, options.calib, options.calibration, seed=options.seed,
                             dims=dict(options.input_dims))
