@@ -664,3 +664,22 @@ def test_evaluation_cuts_padding_when_no_output_has_a_token_axis(tmp_path, token
     assert got.shape == whole.shape == ((24, 8) if not tokens else (24, 40, 8))
     # Each sample's embedding is where it was, whatever batch its length put it in.
     np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_outputs_are_distilled_at_attended_tokens():
+    """A decoder's logits ``[N, T, V]`` beside the ``[N, T]`` mask: the loss reads the attended
+    tokens' rows only, as fidelity does; pooled outputs and unmatched shapes pass whole."""
+    import torch
+
+    s, t = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    real = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    a, b = distill.attended(s, t, real)
+    assert a.shape == b.shape == (5, 5)
+    assert torch.equal(a, s[real]) and torch.equal(b, t[real])
+    t_pad = t.clone()
+    t_pad[~real] = 100.0  # the teacher's answers at padding change: the loss does not
+    assert torch.equal(distill._output_loss(*distill.attended(s, t, real), 1.0, True),
+                       distill._output_loss(*distill.attended(s, t_pad, real), 1.0, True))
+    pooled = torch.randn(2, 5)
+    assert distill.attended(pooled, pooled, real)[0] is pooled
+    assert distill.attended(s, t, None)[0] is s

@@ -445,8 +445,9 @@ class Distiller:
             with torch.no_grad():
                 t_out, t_mid = _forward(self.teacher, batch, self.matched)
         s_out, s_mid = _forward(self.model, batch, self.matched)
+        real = None if self.kinds.mask is None else batch[self.kinds.mask] != 0
         # a decoder's caches that lost heads teach nothing head by head: left out
-        loss = sum((_output_loss(s, t, self.options.temperature, scores)
+        loss = sum((_output_loss(*attended(s, t, real), self.options.temperature, scores)
                     for s, t, scores in zip(s_out, t_out, self.scores)
                     if t.is_floating_point() and s.shape == t.shape),
                    torch.zeros((), device=self.world.device))
@@ -621,6 +622,16 @@ def _tensors(arrays: dict[str, np.ndarray], inputs: Sequence[GraphInput], what: 
 
 
 # ---- losses ---------------------------------------------------------------------------------
+def attended(s: torch.Tensor, t: torch.Tensor, real: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher outputs with a value per token (``[N, T, C]`` beside the ``[N, T]``
+    attention mask ``real``) at the attended tokens, ``[K, C]``, as fidelity compares them (a
+    decoder's logits at padding teach nothing); other outputs as they are."""
+    if real is not None and s.dim() == 3 and s.shape[:2] == real.shape:
+        return s[real], t[real]
+    return s, t
+
+
 def _output_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, scores: bool
                  ) -> torch.Tensor:
     if scores:
