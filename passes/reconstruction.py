@@ -38,7 +38,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spa.calibration import attention_mask, chunked, padding_cut, sample_count, validation_runs
+from spa.calibration import (
+    attention_mask,
+    by_token,
+    chunked,
+    padding_cut,
+    sample_count,
+    validation_runs,
+)
 from spa.errors import OptionError
 from spa.ir.contrib import value_dims
 from spa.memory import release
@@ -201,7 +208,7 @@ class Reconstruction:
         design = _Design.of(layer, node, w0)
         if design is None:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
-        total = sum(len(_by_token(c[layer.data], v)) for c, v in
+        total = sum(len(by_token(c[layer.data], v)) for c, v in
                     zip(p_runner.chunk_values(layer.data), valid))
         per_sample = max(1, math.ceil(self.layer_rows(design.columns)
                                       / max(total, 1)))
@@ -215,7 +222,7 @@ class Reconstruction:
         for c, (x_chunk, y_chunk) in enumerate(zip(p_runner.chunk_values(layer.data),
                                                    d_runner.chunk_values(target))):
             x_held, y_held = x_chunk[layer.data], y_chunk[target]
-            x, y = _by_token(x_held, valid[c]), _by_token(y_held, valid[c])
+            x, y = by_token(x_held, valid[c]), by_token(y_held, valid[c])
             rng = np.random.default_rng([self.seed, k, c])
             xs, at, owner = design.rows(x, y.shape, per_sample, rng, valid[c])
             kept = self.kept.get((layer.weight, layer.out_axis))
@@ -278,16 +285,6 @@ class Reconstruction:
             return None
         ys -= gained
         return ys
-
-
-def _by_token(x: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    """A layer's ``[samples × tokens, channels]`` rows (GPT-2's Conv1D flattens its input
-    before the product) as ``[samples, tokens, channels]``, lined up with the ``[samples,
-    tokens]`` attention mask ``valid``, so that padding is left out as for 3-D inputs; other
-    values as they are."""
-    if valid is not None and x.ndim == 2 and len(x) == valid.size and valid.ndim == 2:
-        return x.reshape(*valid.shape, x.shape[-1])
-    return x
 
 
 @dataclass(frozen=True)

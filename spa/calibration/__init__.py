@@ -358,15 +358,24 @@ def attended_lengths(mask: np.ndarray) -> np.ndarray:
     return np.where(attended.any(1), attended.shape[1] - attended[:, ::-1].argmax(1), 0)
 
 
+def by_token(x: np.ndarray, real: np.ndarray | None) -> np.ndarray:
+    """A layer value's ``[samples × tokens, channels]`` rows (GPT-2's Conv1D flattens its input
+    before the product) as ``[samples, tokens, channels]``, lined up with the ``[samples,
+    tokens]`` attention mask ``real``, so that padding is left out as for 3-D values; other
+    values as they are."""
+    if real is not None and x.ndim == 2 and real.ndim == 2 and len(x) == real.size:
+        return x.reshape(*real.shape, x.shape[-1])
+    return x
+
+
 def real_rows(x: np.ndarray, real: np.ndarray | None) -> np.ndarray:
     """A layer input ``x`` (channels last) as rows of channels, without the rows at padding
     tokens when ``real`` (``[samples, tokens]``, False at padding) lines up with its leading
-    axes, or with its rows when samples and tokens were flattened into one axis (GPT-2's
-    Conv1D: ``[samples × tokens, channels]``)."""
+    axes, or with its rows when samples and tokens were flattened into one axis
+    (:func:`by_token`)."""
+    x = by_token(x, real)
     if real is not None and x.ndim == 3 and x.shape[:2] == real.shape:
         return x[real]
-    if real is not None and x.ndim == 2 and len(x) == real.size:
-        return x[real.reshape(-1)]
     return x.reshape(-1, x.shape[-1])
 
 
