@@ -25,7 +25,7 @@ of the measure.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import onnx
@@ -40,9 +40,20 @@ def _float_outputs(outputs: Outputs) -> list[np.ndarray]:
     return [np.asarray(o) for o in outputs if np.issubdtype(np.asarray(o).dtype, np.floating)]
 
 
-def _per_token(output: np.ndarray, real: np.ndarray | None) -> bool:
+class Shaped(Protocol):
+    """An array or a tensor: what :func:`per_token` reads."""
+
+    @property
+    def ndim(self) -> int: ...
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def per_token(output: Shaped, real: Shaped | None) -> bool:
     """Whether ``output`` is ``[N, T, C]`` beside the ``[N, T]`` mask ``real`` (a KV cache's
-    ``[N, heads, T, head size]`` is not: its axis 1 is not the tokens')."""
+    ``[N, heads, T, head size]`` is not: its axis 1 is not the tokens'); numpy arrays here,
+    torch tensors in the recovery loss."""
     return real is not None and output.ndim == 3 and output.shape[:2] == real.shape
 
 
@@ -57,14 +68,14 @@ def compare(reference: Outputs, other: Outputs, real: np.ndarray | None = None
     real = None if real is None else np.asarray(real) != 0
     if real is not None:  # the padding's values, set equal (zero) in both
         pad = ~real
-        ref, out = ([np.where(pad[..., None], 0, o) if _per_token(o, real) and o.shape == p.shape
+        ref, out = ([np.where(pad[..., None], 0, o) if per_token(o, real) and o.shape == p.shape
                      else o
                      for o, p in zip(side, partner)]
                     for side, partner in ((ref, out), (out, ref)))
     metrics: dict[str, float] = {}
     first_ref, first_out = ref[0].astype(np.float64), out[0].astype(np.float64)
     if class_scores(first_ref) and first_ref.shape == first_out.shape:
-        at = real if _per_token(first_ref, real) else ...
+        at = real if per_token(first_ref, real) else ...
         metrics["agreement"] = float(np.mean(first_ref[at].argmax(-1) == first_out[at].argmax(-1)))
         metrics["kl"] = _kl(first_ref[at], first_out[at])
         metrics["samples"] = len(first_ref)

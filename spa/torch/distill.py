@@ -627,7 +627,7 @@ def attended(s: torch.Tensor, t: torch.Tensor, real: torch.Tensor | None
     """Student and teacher outputs with a value per token (``[N, T, C]`` beside the ``[N, T]``
     attention mask ``real``) at the attended tokens, ``[K, C]``, as fidelity compares them (a
     decoder's logits at padding teach nothing); other outputs as they are."""
-    if real is not None and s.dim() == 3 and s.shape[:2] == real.shape:
+    if fidelity.per_token(s, real):
         return s[real], t[real]
     return s, t
 
