@@ -157,11 +157,12 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
     refit = recipe.reconstruction if recipe is not None else None
     if refit is not None and calib is None:
         raise OptionError("the plan refits weights on calibration data, which was not given")
-    if calib is not None and streamed(loaded) and refit is not None:
+    on_disk = streamed(loaded)  # the input's weights are never held whole
+    if calib is not None and on_disk and refit is not None:
         raise OptionError("reconstruction holds the model in memory: models over 2 GB (or with "
                           "external data) need --no-reconstruct")
     dense = to_onnx(loaded) if calib is not None and (refit or calib.held_out) \
-        and not streamed(loaded) else None
+        and not on_disk else None
     kept = kept_indices(analysis, the_plan)
     declared = cut_shapes(loaded.graph, kept)  # before the rewrite changes the graph
     change = signature_change(analysis, the_plan)
@@ -179,7 +180,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         join_ties(loaded.graph, loaded.ties)  # each tensor of the file written once
         if loaded.mapped is not None:  # what the export still reads is mapped again then
             loaded.mapped.release()
-        if streamed(loaded):
+        if streamed(loaded):  # after the rewrite: the pruned weights' size
             write_streamed(loaded, stage.model_path)
             pruned: PathLike | onnx.ModelProto = stage.model_path
             if calib is not None and calib.held_out and loaded.path is not None:

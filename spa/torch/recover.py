@@ -157,7 +157,9 @@ def fed_like_student(dense: onnx.ModelProto, pruned: onnx.ModelProto,
     empty caches from the student's (a slice of one head, expanded to its head count: no
     value is made up). Other differences are an :class:`OptionError` naming the input."""
     wants = {i.name: i for i in graph_inputs(dense)}
-    changed: dict[str, tuple[list[int], Sequence[int | str | None]]] = {}
+    # name -> (the axes that differ, the dense model's shape, the pruned model's)
+    changed: dict[str, tuple[list[int], Sequence[int | str | None],
+                             Sequence[int | str | None]]] = {}
     for given in graph_inputs(pruned):
         wanted = wants[given.name]
         axes = _fixed_axes(wanted.shape or (), given.shape or ())
@@ -171,14 +173,14 @@ def fed_like_student(dense: onnx.ModelProto, pruned: onnx.ModelProto,
                               f"dense model and {list(given.shape or ())} in the pruned one: "
                               "recovery feeds both the same samples, which only an empty KV "
                               "cache (a prompt, as text calibration gives) allows")
-        changed[given.name] = (axes, wanted.shape or ())
+        changed[given.name] = (axes, wanted.shape or (), given.shape or ())
     if not changed:
         return dense
     model = onnx.ModelProto()
     model.CopyFrom(dense)
     graph = model.graph
     made: list[onnx.NodeProto] = []
-    for name, (axes, shape) in changed.items():
+    for name, (axes, shape, size) in changed.items():
         own = f"{name}/dense_heads"
         for node in graph.node:
             node.input[:] = [own if x == name else x for x in node.input]
@@ -194,7 +196,6 @@ def fed_like_student(dense: onnx.ModelProto, pruned: onnx.ModelProto,
                                               for k in range(len(shape))], np.int64),
                                     f"{own}/shape")])
         value = next(i for i in graph.input if i.name == name)
-        size = next(i for i in graph_inputs(pruned) if i.name == name).shape or ()
         for k in axes:
             value.type.tensor_type.shape.dim[k].dim_value = int(size[k])  # type: ignore[arg-type]
     nodes = [*made, *graph.node]
