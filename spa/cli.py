@@ -384,7 +384,7 @@ def _recover(args: argparse.Namespace) -> int:
             check_output_path(path, input_path=Path(model))
     options = from_args(RecoverOptions, args)
     calibration = calibration_for(args.pruned, args.calib, from_args(CalibrationOptions, args),
-                                  seed=options.seed)
+                                  seed=options.seed, tokenizer_from=(args.dense, args.pruned))
     report = recover(args.dense, args.pruned, args.output, calibration, options)
     if os.environ.get("RANK", "0") != "0":  # torchrun: process 0 reports
         return int(ExitCode.OK)

@@ -27,7 +27,7 @@ from spa.calibration import (
     read,
     split,
 )
-from spa.calibration.text import ID_RANGE, random_tokens
+from spa.calibration.text import ID_RANGE, default_tokenizer, random_tokens
 from spa.errors import OptionError
 from spa.ir.load import load_model
 
@@ -382,12 +382,56 @@ def test_tokenizer_errors(tmp_path):
     with pytest.raises(OptionError, match="needs --tokenizer"):
         read(path, bert_inputs(4), OPTS)
     (tmp_path / "no_tok").mkdir()
-    with pytest.raises(OptionError, match="no_tok: no such tokenizer.json"):
+    with pytest.raises(OptionError, match="no_tok: the folder holds no tokenizer.json"):
         read(path, bert_inputs(4), replace(OPTS, tokenizer=str(tmp_path / "no_tok")))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(OptionError, match="bad.json: not a readable tokenizer.json"):
         read(path, bert_inputs(4), replace(OPTS, tokenizer=str(bad)))
+
+
+def test_the_tokenizer_beside_the_model(tmp_path):
+    """A text file without ``--tokenizer`` takes the tokenizer saved beside the first model
+    that has one: a tokenizer.json, or vocab files with their tokenizer_config.json."""
+    text = str(text_file(tmp_path))
+    bare, saved, vocab = (tmp_path / name for name in ("bare", "saved", "vocab"))
+    for folder in (bare, saved, vocab):
+        folder.mkdir()
+    tokenizer_file(saved)
+    (vocab / "vocab.txt").write_text("[PAD]\n")
+    assert default_tokenizer(text, None, saved / "m.onnx") == str(saved)
+    assert default_tokenizer(text, None, bare / "m.onnx", saved / "m.onnx") == str(saved)
+    assert default_tokenizer(text, None, saved) == str(saved)  # a model folder (genai)
+    assert default_tokenizer(text, "mine.json", saved / "m.onnx") == "mine.json"
+    assert default_tokenizer(text, None, bare / "m.onnx") is None
+    assert default_tokenizer(text, None, vocab / "m.onnx") is None  # vocab.txt alone: not one
+    (vocab / "tokenizer_config.json").write_text("{}")
+    assert default_tokenizer(text, None, vocab / "m.onnx") == str(vocab)
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x=np.zeros(2))
+    for calib in (str(npz), str(tmp_path), "synthetic", None):  # no text to tokenize
+        assert default_tokenizer(calib, None, saved / "m.onnx") is None
+
+
+def test_a_wordpiece_folder_is_converted_by_transformers(tmp_path, monkeypatch):
+    """A BERT folder with a vocab.txt and no tokenizer.json: transformers' AutoTokenizer
+    converts it (lower-cased WordPiece, [CLS] … [SEP], its [PAD] id); without transformers the
+    message says what to install."""
+    pytest.importorskip("transformers")
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    words = ["[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "play", "##ing", "[PAD]"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
+    path = str(text_file(tmp_path, "Hello PLAYING world\nworld\n"))
+    _, arrays = read(path, bert_inputs(6), replace(OPTS, tokenizer=str(folder)))
+    np.testing.assert_array_equal(arrays["input_ids"], [[1, 4, 6, 7, 5, 2], [1, 5, 2, 8, 8, 8]])
+    np.testing.assert_array_equal(arrays["attention_mask"],
+                                  [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(OptionError, match="converting its vocab.txt needs transformers"):
+        read(path, bert_inputs(6), replace(OPTS, tokenizer=str(folder)))
 
 
 def test_text_file_errors(tmp_path):

@@ -187,7 +187,8 @@ def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
     caches whose head size is the symbolic ``kv_cache_dim``), run through its
     GroupQueryAttention; sensitivity spreads the heads, and generation still validates. The
     weights stay in external data: reconstruction is off by default (asked for, it is refused)
-    and held-out fidelity is measured by onnxruntime from the two folders' files."""
+    and held-out fidelity is measured by onnxruntime from the two folders' files. The
+    folder's own tokenizer.json tokenizes the text (no ``--tokenizer``)."""
     from spa.cli import main
 
     words = [f"w{k}" for k in range(100, 400)]
@@ -195,8 +196,7 @@ def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
     text = tmp_path / "prompts.txt"
     text.write_text("".join(" ".join(rng.choice(words, rng.integers(4, 20))) + "\n"
                             for _ in range(64)), encoding="utf-8")
-    calib = ["--calib", str(text), "--tokenizer", str(folder / "tokenizer.json"),
-             "--max-length", "24"]
+    calib = ["--calib", str(text), "--max-length", "24"]
     out, report = tmp_path / "cal", tmp_path / "r.json"
     assert main(["prune", str(folder), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio",
                  "0.3", *calib, "--report", str(report)]) == 0

@@ -18,6 +18,7 @@ contract. Both keep their caches' shapes (fail closed) and prune their MLP.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,16 +103,22 @@ def _text(path: Path, lines: int, seed: int) -> Path:
     return path
 
 
-def test_gpt2_calibrated_on_text_prompts(tmp_path, gpt2):
-    """Calibration text feeds a decoder as prompts (ids, mask, empty caches); the pruned model,
-    whose caches lost heads, is fed them at its kept heads, and held-out fidelity counts the
-    attended tokens' next-token answers, as onnxruntime gives them."""
+def _word_tokenizer(folder: Path):
+    """A word-level tokenizer of :data:`WORDS` saved as ``folder/tokenizer.json``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
                                                                 enumerate(WORDS)}}, "[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    tok.save(str(folder / "tokenizer.json"))
+    return tok
+
+
+def test_gpt2_calibrated_on_text_prompts(tmp_path, gpt2):
+    """Calibration text feeds a decoder as prompts (ids, mask, empty caches); the pruned model,
+    whose caches lost heads, is fed them at its kept heads, and held-out fidelity counts the
+    attended tokens' next-token answers, as onnxruntime gives them."""
+    tok = _word_tokenizer(tmp_path)
     calib, held = _text(tmp_path / "calib.txt", 120, 0), _text(tmp_path / "held.txt", 30, 1)
     out, report = tmp_path / "p.onnx", tmp_path / "r.json"
     assert main(["prune", str(gpt2), "-o", str(out), "--calib", str(calib), "--tokenizer",
@@ -158,14 +165,9 @@ def test_gpt2_recovers_from_text_prompts(tmp_path, gpt2):
     teacher makes its own empty caches from the student's (no image to augment in them), and
     the caches that lost heads are left out of the loss and the fidelity. Caches that hold a
     past cannot be fed to both: refused, by name, before any work."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from spa.torch.recover import fed_like_student
 
-    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
-                                                                enumerate(WORDS)}}, "[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    _word_tokenizer(tmp_path)
     text = _text(tmp_path / "calib.txt", 80, 0)
     calib = ["--calib", str(text), "--tokenizer", str(tmp_path / "tokenizer.json"),
              "--max-length", "12"]
@@ -210,12 +212,7 @@ def test_padding_changes_nothing_in_a_calibrated_decoder(tmp_path, gpt2):
     """GPT-2's Conv1D flattens samples and tokens into one axis before its product: those
     rows are lined up with the attention mask too, so prompts padded to 12 or to 40 tokens
     give the same statistics, refit and file (before, the padding's rows entered both)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
-                                                                enumerate(WORDS)}}, "[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    _word_tokenizer(tmp_path)
     text = _text(tmp_path / "calib.txt", 80, 0)  # at most 11 words a line
     outs = []
     for length in (12, 40):
@@ -229,12 +226,7 @@ def test_padding_changes_nothing_in_a_calibrated_decoder(tmp_path, gpt2):
 
 def test_gpt2_calibrated_on_packed_text(tmp_path, gpt2):
     """``--pack``: the corpus's tokens in windows of ``--max-length``, each a full prompt."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in
-                                                                enumerate(WORDS)}}, "[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    _word_tokenizer(tmp_path)
     text = _text(tmp_path / "calib.txt", 80, 0)
     words = len(text.read_text().split())
     out, report = tmp_path / "p.onnx", tmp_path / "r.json"
@@ -243,3 +235,31 @@ def test_gpt2_calibrated_on_packed_text(tmp_path, gpt2):
                  "--heads-ratio", "0.5", "--report", str(report), "-q"]) == 0
     calibration = json.loads(report.read_text())["calibration"]
     assert calibration["samples"] + calibration["held_out"] == words // 16
+
+
+def test_the_tokenizer_saved_beside_the_model(tmp_path, gpt2):
+    """Without ``--tokenizer``, a text file is tokenized by the ``tokenizer.json`` saved beside
+    the model (an Optimum export, a genai folder): the same file as with the flag, the path in
+    the plan's recipe; ``spa recover`` finds it beside the dense model. A model with none
+    beside it is refused, saying so, and nothing is written."""
+    export = tmp_path / "export"
+    export.mkdir()
+    shutil.copy(gpt2, export / "model.onnx")
+    _word_tokenizer(export)
+    text = _text(tmp_path / "calib.txt", 60, 0)
+    args = ["--calib", str(text), "--max-length", "12", "--heads-ratio", "0.5", "-q"]
+    given, found = tmp_path / "given.onnx", tmp_path / "found.onnx"
+    assert main(["prune", str(export / "model.onnx"), "-o", str(given), *args,
+                 "--tokenizer", str(export / "tokenizer.json")]) == 0
+    assert main(["prune", str(export / "model.onnx"), "-o", str(found), *args,
+                 "--plan", str(tmp_path / "plan.json")]) == 0
+    assert found.read_bytes() == given.read_bytes()
+    recipe = json.loads((tmp_path / "plan.json").read_text())["recipe"]
+    assert recipe["calibration"]["options"]["tokenizer"] == str(export)
+    recovered = tmp_path / "recovered.onnx"
+    assert main(["recover", str(export / "model.onnx"), str(found), "-o", str(recovered),
+                 "--calib", str(text), "--max-length", "12", "--steps", "2", "-q"]) == 0
+    assert recovered.exists()
+    alone = tmp_path / "alone.onnx"
+    assert main(["prune", str(gpt2), "-o", str(alone), *args]) == ExitCode.BAD_INPUT
+    assert not alone.exists()

@@ -92,7 +92,9 @@ class CalibrationOptions:
                                 help="image folders: the model's image layout (default: from "
                                 "its input shape)")
     tokenizer: str | None = option(None, metavar="PATH", group=GROUP,
-                                   help="text files: a tokenizer.json, or a folder holding one")
+                                   help="text files: a tokenizer.json, or a folder holding one "
+                                   "(or the vocab files transformers converts); default: the "
+                                   "one saved beside the model")
     max_length: int = option(128, parse=positive, metavar="N", group=GROUP,
                              help="text files: tokens per sample (truncated and padded)")
     pack: bool = option(False, name="--pack", group=GROUP,

@@ -4,6 +4,9 @@ model's embedding. A decoder's KV-cache inputs get empty caches: each line is a 
 
 from __future__ import annotations
 
+import logging
+import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +21,16 @@ from spa.inputs import dim_key
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+log = logging.getLogger(__name__)
+
 _ROLES = (("ids", ("input_ids",)), ("mask", ("mask",)), ("types", ("token_type", "segment")),
           ("positions", ("position",)))
 ID_RANGE = 1000  # synthetic ids are drawn from [0, ID_RANGE) when no embedding table is found
 _CACHE_PARTS = ("past", "cache")  # a decoder's KV-cache inputs: past_key_values.0.key, …
+# A HuggingFace folder's tokenizer files that transformers converts when no tokenizer.json is
+# saved (BERT's WordPiece, GPT-2's byte-level BPE, SentencePiece), and the config beside them.
+_CONVERTED = ("vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+_CONFIG = "tokenizer_config.json"
 # Ops between a token-ids input and its embedding's Gather that keep the ids' values.
 _KEEPS_VALUES = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 
@@ -152,6 +161,26 @@ def _role(name: str) -> str:
                       f"{name!r} is none of these (give an .npz)")
 
 
+def default_tokenizer(calib: str | None, tokenizer: str | None,
+                      *models: str | os.PathLike[str] | None) -> str | None:
+    """``--tokenizer`` with its default: when ``calib`` is a text file and no tokenizer was
+    given, the one saved beside the first of ``models`` (files or folders) that has one, as
+    HuggingFace's ``save_pretrained``, Optimum's exports and onnxruntime-genai's folders leave
+    it: a ``tokenizer.json``, or :data:`_CONVERTED` files with their ``tokenizer_config.json``."""
+    if tokenizer is not None or calib is None or not Path(calib).is_file() \
+            or zipfile.is_zipfile(calib):  # (an .npz, or not a file: no text to tokenize)
+        return tokenizer
+    for model in models:
+        if model is None:
+            continue
+        folder = Path(model) if Path(model).is_dir() else Path(model).parent
+        if (folder / "tokenizer.json").is_file() or (folder / _CONFIG).is_file() and any(
+                (folder / name).is_file() for name in _CONVERTED):
+            log.info("--tokenizer: the one beside the model, in %s", folder)
+            return str(folder)
+    return None
+
+
 def _tokenizer(path: str | None) -> Tokenizer:
     try:
         from tokenizers import Tokenizer
@@ -160,7 +189,9 @@ def _tokenizer(path: str | None) -> Tokenizer:
                           "pip install 'spa-prune[text]'") from None
     if path is None:
         raise OptionError("a text file as --calib needs --tokenizer (a tokenizer.json, or a "
-                          "folder holding one)")
+                          "folder holding one), and none is saved beside the model")
+    if Path(path).is_dir() and not (Path(path) / "tokenizer.json").is_file():
+        return _converted(Path(path))
     file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise OptionError(f"--tokenizer {path}: no such tokenizer.json")
@@ -169,6 +200,36 @@ def _tokenizer(path: str | None) -> Tokenizer:
     except Exception as exc:  # tokenizers raises a bare Exception for every parse error
         raise OptionError(f"--tokenizer {file}: not a readable tokenizer.json "
                           f"({' '.join(str(exc).split())})") from None
+
+
+def _converted(folder: Path) -> Tokenizer:
+    """The tokenizer of a HuggingFace folder without a ``tokenizer.json`` (a BERT
+    ``vocab.txt``, GPT-2's ``vocab.json`` and ``merges.txt``, a SentencePiece model), converted
+    by transformers' ``AutoTokenizer`` offline, with its padding token and side."""
+    found = [name for name in _CONVERTED if (folder / name).is_file()]
+    if not found:
+        raise OptionError(f"--tokenizer {folder}: the folder holds no tokenizer.json (nor "
+                          f"{', '.join(_CONVERTED)} for transformers to convert)")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise OptionError(f"--tokenizer {folder}: no tokenizer.json; converting its "
+                          f"{', '.join(found)} needs transformers (pip install transformers), "
+                          "or save one with transformers elsewhere: AutoTokenizer."
+                          "from_pretrained(FOLDER).save_pretrained(FOLDER)") from None
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds here (ValueError, OSError, …)
+        raise OptionError(f"--tokenizer {folder}: transformers could not read its "
+                          f"{', '.join(found)} ({' '.join(str(exc).split())[:300]})") from None
+    backend = getattr(loaded, "backend_tokenizer", None)
+    if backend is None:
+        raise OptionError(f"--tokenizer {folder}: transformers read it as "
+                          f"{type(loaded).__name__}, which has no fast (tokenizers) form")
+    if loaded.pad_token_id is not None and backend.padding is None:
+        backend.enable_padding(pad_id=loaded.pad_token_id, pad_token=loaded.pad_token,
+                               direction=loaded.padding_side)
+    return backend
 
 
 def _sequence_length(spec: InputSpec, options: CalibrationOptions) -> int:

@@ -37,6 +37,7 @@ from spa.pipeline.stages import (
     make_plan,
     makes_inputs,
     recipe_calibration,
+    with_tokenizer,
 )
 from spa.plan import Plan
 from spa.report import write_text_atomic
@@ -74,7 +75,7 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
     t1 = time.perf_counter()
     given, cached = dict(options.input_dims) | dict(checks.input_dims), cache_sizes(analysis)
     dims = input_sizes(analysis, cached | given, makes_inputs(options, checks))
-    options = dataclasses.replace(options, input_dims=dims.items)
+    options = with_tokenizer(analysis, dataclasses.replace(options, input_dims=dims.items))
     checks = dataclasses.replace(checks, input_dims=dims.items)
     if options.target is Target.LATENCY:  # the achieved speed-up, timed as the table was
         checks = dataclasses.replace(checks, latency_threads=options.threads,

@@ -20,7 +20,7 @@ import onnx
 from spa import calibration as calib_data
 from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
-from spa.calibration.text import random_tokens
+from spa.calibration.text import default_tokenizer, random_tokens
 from spa.choices import AllocationMethod, HessianSource, Target
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
@@ -193,6 +193,14 @@ def _noise_inputs(sess, samples: int, seed: int, dims: dict[str, int]) -> dict[s
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def with_tokenizer(analysis: Analysis, options: PruneOptions) -> PruneOptions:
+    """``options`` with ``--tokenizer`` defaulted to the one saved beside the model when a
+    text file calibrates (recorded so in the plan's recipe)."""
+    found = default_tokenizer(options.calib, options.tokenizer, analysis.model.path)
+    return options if found == options.tokenizer else \
+        dataclasses.replace(options, tokenizer=found)
+
+
 def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibration | None:
     """The calibration data a saved plan's recipe read (``spa apply``)."""
     if the_recipe is None:
@@ -220,6 +228,7 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
         log.info("reconstruction is off by default for a model over 2 GB or with external "
                  "data: it holds the model in memory (--reconstruct asks for it)")
         options = dataclasses.replace(options, reconstruct=False)
+    options = with_tokenizer(analysis, options)
     if calib is None and options.calib is not None:
         calib = calibration(analysis, options.calib, options.calibration, seed=options.seed,
                             dims=dict(options.input_dims))

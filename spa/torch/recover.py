@@ -34,6 +34,7 @@ from spa import fidelity
 from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
 from spa.calibration import load as load_calibration
+from spa.calibration.text import default_tokenizer
 from spa.errors import ModelLoadError, OptionError, one_line
 from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
@@ -100,10 +101,16 @@ def graph_inputs(model: onnx.ModelProto) -> list[GraphInput]:
 
 
 def calibration_for(model: Model, path: str, options: CalibrationOptions | None = None, *,
-                    seed: int = 0) -> Calibration:
-    """``--calib PATH`` read for ``model``'s inputs, split into training and held-out samples."""
-    return load_calibration(path, graph_inputs(_proto(model)), options or CalibrationOptions(),
-                            seed=seed)
+                    seed: int = 0, tokenizer_from: Sequence[Model] = ()) -> Calibration:
+    """``--calib PATH`` read for ``model``'s inputs, split into training and held-out samples;
+    a text file without ``--tokenizer`` takes the one saved beside the first model of
+    ``tokenizer_from`` (default: ``model``) that has one."""
+    options = options or CalibrationOptions()
+    files = [m for m in (tokenizer_from or (model,)) if isinstance(m, (str, os.PathLike))]
+    found = default_tokenizer(path, options.tokenizer, *files)
+    if found != options.tokenizer:
+        options = dataclasses.replace(options, tokenizer=found)
+    return load_calibration(path, graph_inputs(_proto(model)), options, seed=seed)
 
 
 def recover(dense: Model, pruned: Model, output: str | os.PathLike[str],
