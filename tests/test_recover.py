@@ -683,3 +683,26 @@ def test_per_token_outputs_are_distilled_at_attended_tokens():
     pooled = torch.randn(2, 5)
     assert distill.attended(pooled, pooled, real)[0] is pooled
     assert distill.attended(s, t, None)[0] is s
+
+
+def test_matched_values_are_distilled_at_attended_tokens(tmp_path):
+    """The per-token values both graphs share (a pooled sentence model's token states) are
+    matched at the attended tokens only: the teacher's values at padding change nothing."""
+    distiller = _pooled_distiller(tmp_path, False, RecoverOptions(batch_size=8))
+    ids, mask = (t[:8] for t in distiller.train_data)
+    real = mask != 0
+    assert (~real).any()
+    with torch.no_grad():
+        _, s = distiller.student(ids, mask, capture=distiller.matched)
+        _, t = distill._teacher(onnx.load(str(tmp_path / "dense.onnx")), torch.device("cpu"))(
+            ids, mask, capture=distiller.matched)
+    per_token = [n for n in distiller.matched if fidelity.per_token(t[n], real)]
+    assert per_token
+    padded = dict(t)
+    for n in per_token:
+        padded[n] = t[n].clone()
+        padded[n][~real] = 100.0
+    loss = distill.matched_loss(s, t, distiller.matched, real)
+    assert float(loss) > 0
+    assert torch.equal(loss, distill.matched_loss(s, padded, distiller.matched, real))
+    assert not torch.equal(loss, distill.matched_loss(s, padded, distiller.matched, None))

@@ -55,7 +55,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -452,8 +452,7 @@ class Distiller:
                     if t.is_floating_point() and s.shape == t.shape),
                    torch.zeros((), device=self.world.device))
         if self.matched:
-            loss = loss + self.matched_weight * sum(_nmse(s_mid[n], t_mid[n])
-                                                    for n in self.matched) / len(self.matched)
+            loss = loss + self.matched_weight * matched_loss(s_mid, t_mid, self.matched, real)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -630,6 +629,13 @@ def attended(s: torch.Tensor, t: torch.Tensor, real: torch.Tensor | None
     if fidelity.per_token(s, real):
         return s[real], t[real]
     return s, t
+
+
+def matched_loss(s: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
+                 names: Sequence[str], real: torch.Tensor | None) -> torch.Tensor:
+    """The mean normalised squared error of the matched intermediate values ``names``, each
+    with a value per token (a transformer's residual stream) at the attended tokens only."""
+    return sum(_nmse(*attended(s[n], t[n], real)) for n in names) / len(names)
 
 
 def _output_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, scores: bool
