@@ -120,6 +120,27 @@ def test_large_model_is_written_with_external_data(tmp_path: Path, monkeypatch) 
                                                                         "w2": [2, 2]}
 
 
+def test_large_model_held_out_fidelity_is_read_from_the_files(tmp_path: Path, monkeypatch,
+                                                              caplog) -> None:
+    """A streamed model's held-out fidelity is measured by onnxruntime from the input and
+    output files; given in memory, it has no input file to read, and the log says it was not
+    measured rather than passing over it."""
+    import spa.ir.save as save
+
+    monkeypatch.setattr(save, "TWO_GB", 16)
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(_mlp(), str(src))
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(20, 2)).astype(np.float32))
+    options = PruneOptions(ratio=0.5, calib=str(calib), allocation="uniform")
+    checks = CheckOptions(latency=False)
+    report, _ = prune(src, tmp_path / "o.onnx", options, checks)
+    assert report.calibration["held_out"] == 2 and list(report.fidelity) == ["pruned"]
+    assert 0 <= report.fidelity["pruned"]["relative_error"] < 1
+    with caplog.at_level("WARNING"):
+        report, _ = prune(_mlp(), tmp_path / "p.onnx", options, checks)
+    assert report.fidelity == {} and "held-out fidelity is not measured" in caplog.text
+
+
 def test_fpgm_is_the_sum_of_distances_to_other_channels() -> None:
     def dist_sums(rows: np.ndarray) -> np.ndarray:
         return np.array([sum(np.linalg.norm(r - o) for o in rows) for r in rows])

@@ -187,6 +187,10 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
                 # onnxruntime reads both files (and their data) itself
                 faithful.stages["pruned"] = fidelity.measure(loaded.path, pruned,
                                                              calib.held_out, change)
+            elif calib is not None and calib.held_out:
+                log.warning("held-out fidelity is not measured: onnxruntime reads a model over "
+                            "2 GB from its file, and this one was given in memory (save it "
+                            "with its weights as external data, and prune the file)")
             reread = load_model(stage.model_path)
             emitted = reread.graph, reread.ties
         else:
