@@ -174,6 +174,53 @@ def test_files_sorted_by_name_any_case_of_extension(tmp_path):
     np.testing.assert_allclose(x[:, 0, 0, 0], [10, 200, 100, 50], atol=2)  # JPEG is lossy
 
 
+def test_class_subfolders_are_read_and_hidden_files_left_out(tmp_path):
+    """An ImageFolder layout (one subfolder per class) is read whole, sorted by path; hidden
+    files (macOS's ``._a.png``) and folders are not images."""
+    folder = save(tmp_path / "imgs", "z.png", (8, 8), 30, mode="L")
+    save(folder / "cat", "b.png", (8, 8), 20, mode="L")
+    save(folder / "ant", "a.png", (8, 8), 10, mode="L")
+    save(folder / "ant" / "deep", "c.png", (8, 8), 15, mode="L")
+    (folder / "cat" / "._b.png").write_bytes(b"AppleDouble")
+    save(folder / ".cache", "d.png", (8, 8), 99, mode="L")
+    x = images(folder, image_input("n", 1, 8, 8), preprocess="raw")
+    np.testing.assert_array_equal(x[:, 0, 0, 0], [10, 15, 20, 30])
+
+
+@pytest.mark.parametrize("wanted", [2, 5, 9])
+def test_calib_samples_reads_a_seeded_subset_of_the_files(tmp_path, wanted):
+    """``--calib-samples N`` decodes a seeded N of the files (in order), the same N for the
+    same seed, all of them when N is not smaller."""
+    folder = tmp_path / "imgs"
+    for k in range(6):
+        save(folder, f"{k}.png", (4, 4), 10 * k, mode="L")
+    inputs = image_input("n", 1, 4, 4)
+    opts = replace(OPTS, preprocess="raw", calib_samples=wanted)
+    picks = [read(str(folder), inputs, opts, seed=seed)[1]["x"][:, 0, 0, 0] // 10
+             for seed in (0, 0, 1)]
+    assert len(picks[0]) == min(wanted, 6) and np.all(np.diff(picks[0]) > 0)
+    np.testing.assert_array_equal(picks[0], picks[1])
+    if wanted < 6:
+        assert not np.array_equal(picks[0], picks[2])  # (seeds 0 and 1 differ here)
+
+
+def test_calib_samples_takes_lines_windows_and_rows(tmp_path):
+    """The same seeded choice for text lines, --pack windows and .npz rows."""
+    tok = str(tokenizer_file(tmp_path / "tok"))
+    text = str(text_file(tmp_path, "".join(f"{'hello ' * (k + 1)}\n" for k in range(8))))
+    opts = replace(OPTS, tokenizer=tok, max_length=10, calib_samples=3)
+    _, lines = read(text, bert_inputs(10), opts, seed=0)
+    lengths = lines["attention_mask"].sum(1)  # line k has k + 1 words
+    assert len(lengths) == 3 and np.all(np.diff(lengths) > 0)
+    _, windows = read(text, bert_inputs(4), replace(opts, max_length=4, pack=True), seed=0)
+    assert windows["input_ids"].shape == (3, 4)  # 36 tokens: 9 windows, 3 of them
+    npz = tmp_path / "x.npz"
+    np.savez(npz, x=np.arange(10.0)[:, None], y=np.arange(10))
+    _, rows = read(str(npz), [Spec("x", np.dtype(np.float64), ["n", 1])], opts, seed=0)
+    assert rows["x"].shape == (3, 1)
+    np.testing.assert_array_equal(rows["x"][:, 0], rows["y"])  # the same rows of each array
+
+
 def test_output_takes_the_inputs_dtype(tmp_path):
     folder = save(tmp_path / "imgs", "a.png", (8, 8), COLOUR)
     assert images(folder, image_input(1, 3, 8, 8, dtype=np.float16)).dtype == np.float16

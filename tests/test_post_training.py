@@ -139,6 +139,27 @@ def test_spa_apply_reproduces_the_reconstructed_model_byte_for_byte(cnn, tmp_pat
     assert out.read_bytes() == again.read_bytes()
 
 
+def test_calib_samples_is_in_the_recipe_and_apply_reads_the_same_samples(cnn, tmp_path):
+    """``--calib-samples 40`` calibrates on a seeded 40 of the 80 samples (36 and 4 held out);
+    the recipe records it, so ``spa apply`` reads the same 40 and writes the same bytes."""
+    src, calib = cnn
+    out, plan, report = tmp_path / "p.onnx", tmp_path / "plan.json", tmp_path / "r.json"
+    assert main(["prune", str(src), "-o", str(out), "--calib", str(calib), "--calib-samples",
+                 "40", "--ratio", "0.5", "--plan", str(plan), "--report", str(report),
+                 "-q"]) == 0
+    body = json.loads(report.read_text())["calibration"]
+    assert (body["samples"], body["held_out"]) == (36, 4)
+    assert json.loads(plan.read_text())["recipe"]["calibration"]["options"][
+        "calib_samples"] == 40
+    again = tmp_path / "again.onnx"
+    assert main(["apply", str(src), str(plan), "-o", str(again), "-q"]) == 0
+    assert out.read_bytes() == again.read_bytes()
+    whole = tmp_path / "whole.onnx"
+    assert main(["prune", str(src), "-o", str(whole), "--calib", str(calib), "--ratio", "0.5",
+                 "-q"]) == 0
+    assert whole.read_bytes() != out.read_bytes()
+
+
 def test_a_tiny_memory_budget_spills_to_disk_and_changes_nothing(cnn, tmp_path, monkeypatch):
     import tempfile
 

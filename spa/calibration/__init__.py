@@ -19,6 +19,7 @@ sensitivity or recovery; it only measures fidelity (spa/fidelity.py).
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import onnx_graphsurgeon as gs
 from spa.errors import OptionError
 from spa.options import option, positive, share
 
+log = logging.getLogger(__name__)
 GROUP = "calibration data"
 Arrays = dict[str, np.ndarray]
 
@@ -101,6 +103,10 @@ class CalibrationOptions:
                         help="text files: join the lines' tokens and cut them into samples of "
                         "--max-length tokens, no padding (windows of a corpus, as decoder LLMs "
                         "are calibrated) instead of one padded sample a line")
+    calib_samples: int | None = option(None, parse=positive, metavar="N", group=GROUP,
+                                       help="read a seeded N of the samples (image files, "
+                                       "text lines, --pack windows, .npz rows) of --calib and "
+                                       "of --held-out-data, not all (default: all)")
     held_out: float = option(0.1, parse=share, metavar="SHARE", group=GROUP,
                              help="share of the calibration samples held back (seeded) to "
                              "measure fidelity; never used to calibrate or recover")
@@ -144,7 +150,7 @@ def load(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions = C
     ``inputs``, and split off the held-out share. With ``graph``, token ids are checked against
     the model's embedding; ``dims``: sizes of symbolic input dims (a text file's empty KV
     caches take their head counts and sizes from it when symbolic)."""
-    kind, arrays = read(path, inputs, options, graph=graph, dims=dims)
+    kind, arrays = read(path, inputs, options, graph=graph, dims=dims, seed=seed)
     train, held = held_out(fitted(arrays, inputs), inputs, options, seed=seed, graph=graph,
                            dims=dims)
     return Calibration(train, held, kind, str(path), options.held_out_data)
@@ -168,7 +174,7 @@ def held_out(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec],
         raise OptionError(f"--held-out-data {where}: no such file or folder")
     _samples(arrays, "calibration arrays")
     try:
-        _, read_back = read(where, inputs, options, graph=graph, dims=dims)
+        _, read_back = read(where, inputs, options, graph=graph, dims=dims, seed=seed)
         held = {k: v for k, v in fitted(read_back, inputs).items() if k in arrays}
     except OptionError as exc:
         raise OptionError(f"--held-out-data: {exc}") from None
@@ -214,21 +220,42 @@ def fitted(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> Arr
 
 
 def read(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
-         graph: gs.Graph | None = None, dims: Mapping[str, int] | None = None
+         graph: gs.Graph | None = None, dims: Mapping[str, int] | None = None, seed: int = 0
          ) -> tuple[str, Arrays]:
-    """All samples of ``path``, by graph input name, and what kind of source it was."""
+    """The samples of ``path`` (all, or ``--calib-samples`` of them, chosen with ``seed``), by
+    graph input name, and what kind of source it was."""
     p = Path(path)
     if not p.exists():
         raise OptionError(f"{path}: no such calibration file or folder")
     if p.is_dir():
-        return "images", read_images(p, inputs, options)
+        return "images", read_images(p, inputs, options, seed=seed)
     if p.is_file() and (p.suffix.lower() == ".npz" or zipfile.is_zipfile(p)):
-        return "npz", read_npz(p)
+        arrays = read_npz(p)
+        if options.calib_samples is None:  # (rows already in memory: no note)
+            return "npz", arrays
+        rows = chosen(_samples(arrays, f"{path}: arrays"), options, seed, "rows")
+        return "npz", {k: v[rows] for k, v in arrays.items()}
     if p.is_file():
-        return "text", read_text(p, inputs, options, graph=graph, dims=dims)
+        return "text", read_text(p, inputs, options, graph=graph, dims=dims, seed=seed)
     raise OptionError(f"{path}: not calibration data SPA can read: give an .npz of arrays named "
                       "after the graph inputs, a folder of images, or a text file with one "
                       "sample per line")
+
+
+LARGE = 20_000  # samples read whole without --calib-samples: a note suggests it above this
+
+
+def chosen(count: int, options: CalibrationOptions, seed: int, what: str) -> np.ndarray:
+    """The indices (in order) of the samples read out of ``count``: a seeded
+    ``--calib-samples`` of them, or all (with a note when they are many)."""
+    wanted = options.calib_samples
+    if wanted is None or wanted >= count:
+        if wanted is None and count > LARGE:
+            log.info("calibration: reading all %d %s (--calib-samples N reads a seeded N)",
+                     count, what)
+        return np.arange(count)
+    log.info("calibration: %d of the %d %s (--calib-samples)", wanted, count, what)
+    return np.sort(np.random.default_rng([seed, 0x5B]).choice(count, wanted, replace=False))
 
 
 def read_npz(path: str | Path) -> Arrays:

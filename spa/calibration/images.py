@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from spa.calibration import PRESETS, Arrays, CalibrationOptions, InputSpec, _dtype, _static
+from spa.calibration import (
+    PRESETS,
+    Arrays,
+    CalibrationOptions,
+    InputSpec,
+    _dtype,
+    _static,
+    chosen,
+)
 from spa.errors import OptionError
 
 if TYPE_CHECKING:
@@ -22,9 +30,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # pillow's mode for a model's channel count
 
 
-def read_images(folder: Path, inputs: Sequence[InputSpec], options: CalibrationOptions
-                ) -> Arrays:
-    """Every image of ``folder`` (sorted by name) as one batch for the model's image input."""
+def read_images(folder: Path, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
+                seed: int = 0) -> Arrays:
+    """Every image of ``folder`` and its subfolders (sorted by path; hidden files and folders
+    left out), or a seeded ``--calib-samples`` of them, as one batch for the model's image
+    input. Each image is decoded, resized and cropped in turn: only the model-sized arrays are
+    held (a phone's 12-megapixel photo is 36 MB decoded)."""
     pil = _pillow()
     spec = _image_input(inputs)
     layout = _layout(spec, options)
@@ -34,21 +45,35 @@ def read_images(folder: Path, inputs: Sequence[InputSpec], options: CalibrationO
     if channels not in _MODES:
         raise OptionError(f"image input {spec.name!r} {shape} has {channels} channels; a folder "
                           "of images gives 1 (grey), 3 (RGB) or 4 (RGBA)")
-    entries = sorted(f for f in folder.iterdir() if f.is_file())
+    entries = sorted(f for f in folder.rglob("*") if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(folder).parts))
     files = [f for f in entries if f.suffix.lower() in IMAGE_SUFFIXES]
-    images = _decode(pil, files, _MODES[channels])
-    if not images:
-        raise OptionError(f"{folder}: no readable image (tried {len(files)} image file(s) of "
-                          f"{len(entries)} file(s); extensions read: {', '.join(IMAGE_SUFFIXES)})")
-    size = _image_size(spec, hw, options, images)
+    files = [files[i] for i in chosen(len(files), options, seed, "image files")]
+    size = _image_size(spec, hw, options, pil, files)
     preset = PRESETS[options.preprocess]
     mean = _per_channel(options.mean, "--mean", channels, preset.mean, 0.0)
     std = _per_channel(options.std, "--std", channels, preset.std, 1.0)
-    batch = np.stack([(np.asarray(_fit(pil, im, size, preset.crop), np.float32).reshape(
-        *size, channels) / preset.scale - mean) / std for im in images])
+    batch, bad = [], []
+    for f in files:
+        try:
+            with pil.open(f) as image:
+                fitted = _fit(pil, image.convert(_MODES[channels]), size, preset.crop)
+        except (OSError, ValueError, pil.DecompressionBombError) as exc:
+            bad.append(f"{f.relative_to(folder)} ({exc})")
+            continue
+        batch.append((np.asarray(fitted, np.float32).reshape(*size, channels)
+                      / preset.scale - mean) / std)
+    if bad:
+        log.warning("calibration: skipped %d unreadable image file(s): %s", len(bad),
+                    "; ".join(bad))
+    if not batch:
+        raise OptionError(f"{folder}: no readable image (tried {len(files)} image file(s) of "
+                          f"{len(entries)} file(s), subfolders included; extensions read: "
+                          f"{', '.join(IMAGE_SUFFIXES)})")
+    stacked = np.stack(batch)
     if layout == "nchw":
-        batch = batch.transpose(0, 3, 1, 2)
-    return {spec.name: np.ascontiguousarray(batch, dtype=_dtype(spec))}
+        stacked = stacked.transpose(0, 3, 1, 2)
+    return {spec.name: np.ascontiguousarray(stacked, dtype=_dtype(spec))}
 
 
 def _pillow() -> Any:
@@ -86,30 +111,25 @@ def _layout(spec: InputSpec, options: CalibrationOptions) -> str:
                       "give --layout nchw or nhwc")
 
 
-def _decode(pil: Any, files: Sequence[Path], mode: str) -> list[Image]:
-    """The readable ones of ``files`` in pillow ``mode``; the others are skipped with a warning."""
-    images, bad = [], []
-    for f in files:
-        try:
-            with pil.open(f) as image:
-                images.append(image.convert(mode))
-        except (OSError, ValueError, pil.DecompressionBombError) as exc:
-            bad.append(f"{f.name} ({exc})")
-    if bad:
-        log.warning("calibration: skipped %d unreadable image file(s): %s", len(bad),
-                    "; ".join(bad))
-    return images
-
-
 def _image_size(spec: InputSpec, hw: Sequence[int | str | None], options: CalibrationOptions,
-                images: Sequence[Image]) -> tuple[int, int]:
-    """(height, width): ``--image-size``, else the model's, else the images' own common size."""
+                pil: Any, files: Sequence[Path]) -> tuple[int, int]:
+    """(height, width): ``--image-size``, else the model's, else the images' own common size
+    (read from the files' headers; a file that does not open is left to the decoding)."""
     if options.image_size:
         return options.image_size, options.image_size
     h, w = hw
     if _static(h) and _static(w):
         return int(h), int(w)  # type: ignore[arg-type]
-    sizes = sorted({im.size for im in images})
+    found = set()
+    for f in files:
+        try:
+            with pil.open(f) as image:
+                found.add(image.size)
+        except (OSError, ValueError, pil.DecompressionBombError):
+            continue
+    sizes = sorted(found)
+    if not sizes:
+        return 1, 1  # no readable image: the decoding says so
     if len(sizes) > 1:
         shown = ", ".join(f"{a}×{b}" for a, b in sizes[:4]) + (" …" if len(sizes) > 4 else "")
         raise OptionError(f"image input {spec.name!r} has symbolic height/width {list(hw)} and the "

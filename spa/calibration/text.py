@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.calibration import Arrays, CalibrationOptions, InputSpec, _dtype, _static
+from spa.calibration import Arrays, CalibrationOptions, InputSpec, _dtype, _static, chosen
 from spa.errors import OptionError
 from spa.inputs import dim_key
 
@@ -36,7 +36,8 @@ _KEEPS_VALUES = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
 
 
 def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
-              graph: gs.Graph | None = None, dims: Mapping[str, int] | None = None) -> Arrays:
+              graph: gs.Graph | None = None, dims: Mapping[str, int] | None = None,
+              seed: int = 0) -> Arrays:
     """One sample per non-empty line of ``path``, tokenised and fed to the model's token ids,
     attention mask, token type and position inputs; a decoder's KV-cache inputs are empty (no
     past: the line is the prompt; their symbolic head counts and sizes from ``dims``). With
@@ -56,8 +57,10 @@ def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptio
     length = _sequence_length(ids_spec, options)
     if options.pack:
         ids = _packed(tokenizer, lines, length, path)
+        ids = ids[chosen(len(ids), options, seed, "packed windows")]
         mask, types = np.ones_like(ids), np.zeros_like(ids)
     else:
+        lines = [lines[i] for i in chosen(len(lines), options, seed, "lines")]
         encodings = _encode(tokenizer, lines, length)
         ids = np.array([e.ids for e in encodings], np.int64)
         mask = np.array([e.attention_mask for e in encodings])

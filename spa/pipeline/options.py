@@ -133,6 +133,7 @@ class PruneOptions:
     tokenizer: str | None = like(CalibrationOptions, "tokenizer")
     max_length: int = like(CalibrationOptions, "max_length")
     pack: bool = like(CalibrationOptions, "pack")
+    calib_samples: int | None = like(CalibrationOptions, "calib_samples")
     held_out: float = like(CalibrationOptions, "held_out")
     held_out_data: str | None = like(CalibrationOptions, "held_out_data")
     # None: on when calibration data is given (passes/reconstruction.py).

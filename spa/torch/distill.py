@@ -635,7 +635,8 @@ def matched_loss(s: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor],
                  names: Sequence[str], real: torch.Tensor | None) -> torch.Tensor:
     """The mean normalised squared error of the matched intermediate values ``names``, each
     with a value per token (a transformer's residual stream) at the attended tokens only."""
-    return sum(_nmse(*attended(s[n], t[n], real)) for n in names) / len(names)
+    losses = [_nmse(*attended(s[n], t[n], real)) for n in names]
+    return sum(losses[1:], losses[0]) / len(losses)
 
 
 def _output_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, scores: bool
