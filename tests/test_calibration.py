@@ -481,6 +481,26 @@ def test_a_wordpiece_folder_is_converted_by_transformers(tmp_path, monkeypatch):
         read(path, bert_inputs(6), replace(OPTS, tokenizer=str(folder)))
 
 
+def test_json_lines_take_the_text_field_and_pairs(tmp_path):
+    """A .jsonl line is a JSON string or an object's "text" (with "text_pair": a second segment,
+    token type 1); other fields are left alone, empty texts skipped, and a line that is not
+    JSON, or has no text string, is refused naming its line number."""
+    tok = str(tokenizer_file(tmp_path / "tok"))
+    path = tmp_path / "data.jsonl"
+    path.write_text('"hello world"\n\n{"text": "a b", "label": 3}\n'
+                    '{"text": "hello", "text_pair": "b a"}\n{"text": "  "}\n')
+    _, arrays = read(str(path), bert_inputs(4), replace(OPTS, tokenizer=tok))
+    np.testing.assert_array_equal(arrays["input_ids"], [[2, 3, 0, 0], [4, 5, 0, 0], [2, 5, 4, 0]])
+    np.testing.assert_array_equal(arrays["token_type_ids"],
+                                  [[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]])
+    for bad, message in (('{"text": "a"}\n{"txt": "b"}\n', r"line 2: .*found keys \['txt'\]"),
+                         ('"a"\n[1, 2]\n', "line 2: .*found list"),
+                         ('"a"\n\n{"text": "b"\n', "line 3 is not JSON")):
+        path.write_text(bad)
+        with pytest.raises(OptionError, match=message):
+            read(str(path), bert_inputs(4), replace(OPTS, tokenizer=tok))
+
+
 def test_text_file_errors(tmp_path):
     tok = str(tokenizer_file(tmp_path / "tok"))
     binary = tmp_path / "model.onnx"

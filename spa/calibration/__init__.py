@@ -3,14 +3,18 @@
 ``--calib`` takes what users have:
 
 * an ``.npz``: arrays named after the graph inputs, first axis = samples;
-* a folder of images: decoded with pillow, resized (shorter side) and centre-cropped to the
-  model's size, scaled by a preset (``imagenet``: ``(v/255 - mean)/std`` with ImageNet's mean
-  and std, after resizing to ``size/0.875``; ``unit``: ``v/255``; ``raw``: ``v``), laid out as
-  the model's one 4-D float input wants (NCHW or NHWC);
-* a text file, one sample per non-empty line: encoded by a ``tokenizers`` tokenizer, truncated
-  and padded to the model's sequence length, fed to the ids / attention mask / token type /
-  position inputs by their names; a decoder's KV-cache inputs get empty caches (each line is a
-  prompt). Ids the model's embedding has no row for are refused.
+* a folder of images (its sub-folders too): decoded with pillow, resized (shorter side) and
+  centre-cropped to the model's size, scaled by a preset (``imagenet``: ``(v/255 - mean)/std``
+  with ImageNet's mean and std, after resizing to ``size/0.875``; ``unit``: ``v/255``; ``raw``:
+  ``v``), laid out as the model's one 4-D float input wants (NCHW or NHWC);
+* a text file, one sample per non-empty line (JSON Lines: a string, or an object's ``"text"``
+  and ``"text_pair"``): encoded by a ``tokenizers`` tokenizer (``--tokenizer``, else the one
+  saved beside the model), truncated and padded to the model's sequence length, fed to the
+  ids / attention mask / token type / position inputs by their names; a decoder's KV-cache
+  inputs get empty caches (each line is a prompt). Ids the model's embedding has no row for
+  are refused.
+
+``--calib-samples N`` reads a seeded N of the samples instead of all.
 
 :func:`load` reads it once per run into :class:`Calibration`: a seeded share
 (``--held-out``, default 10%) is held back and never used for statistics, reconstruction,

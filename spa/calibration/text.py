@@ -4,6 +4,7 @@ model's embedding. A decoder's KV-cache inputs get empty caches: each line is a 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import zipfile
@@ -31,6 +32,8 @@ _CACHE_PARTS = ("past", "cache")  # a decoder's KV-cache inputs: past_key_values
 # saved (BERT's WordPiece, GPT-2's byte-level BPE, SentencePiece), and the config beside them.
 _CONVERTED = ("vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 _CONFIG = "tokenizer_config.json"
+JSON_LINES = (".jsonl", ".ndjson")  # a JSON string or {"text": …, "text_pair": …} a line
+Sample = str | tuple[str, str]  # a line's text, or a pair of segments
 # Ops between a token-ids input and its embedding's Gather that keep the ids' values.
 _KEEPS_VALUES = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 
@@ -48,7 +51,7 @@ def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptio
         raise OptionError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); --calib "
                           "takes an .npz, a folder of images or a text file with one sample per "
                           "line") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = _samples(path, text)
     if not lines:
         raise OptionError(f"{path}: no non-empty line to calibrate on")
     roles = token_roles(inputs)
@@ -71,6 +74,36 @@ def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptio
         raise OptionError(f"the tokenizer gives ids up to {top} but the model's embedding has "
                           f"{rows} rows: wrong tokenizer? (--tokenizer {options.tokenizer})")
     return token_arrays(inputs, roles, ids, mask, types, dims or {})
+
+
+def _samples(path: Path, text: str) -> list[Sample]:
+    """The non-empty lines of ``text``, each a sample; in a JSON Lines file (``.jsonl``,
+    ``.ndjson``: the form datasets are exported in), each line is a JSON string or an object
+    whose ``"text"`` is the sample, with ``"text_pair"`` its second segment (token type 1)
+    when given, as transformers names them."""
+    if path.suffix.lower() not in JSON_LINES:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    out: list[Sample] = []
+    for k, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"{path}: line {k} is not JSON ({exc.msg}, column {exc.colno})"
+                              ) from None
+        if isinstance(value, dict):
+            first, second = value.get("text"), value.get("text_pair")
+        else:
+            first, second = value, None
+        if not isinstance(first, str) or second is not None and not isinstance(second, str):
+            found = f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__
+            raise OptionError(f"{path}: line {k}: a JSON Lines sample is a string, or an object "
+                              f"with a \"text\" string (and a \"text_pair\" string for a "
+                              f"second segment); found {found}")
+        if first.strip():
+            out.append(first if second is None else (first, second))
+    return out
 
 
 def random_tokens(inputs: Sequence[InputSpec], samples: int, dims: Mapping[str, int],
@@ -245,7 +278,7 @@ def _sequence_length(spec: InputSpec, options: CalibrationOptions) -> int:
     return int(last) if _static(last) else options.max_length  # type: ignore[arg-type]
 
 
-def _encode(tokenizer: Tokenizer, lines: list[str], length: int) -> list[Any]:
+def _encode(tokenizer: Tokenizer, lines: list[Sample], length: int) -> list[Any]:
     """``lines`` truncated and padded to ``length`` tokens, with the tokenizer's own padding
     (id, token, side) if it has one, else ``[PAD]``/``<pad>``'s id, else 0."""
     padding = tokenizer.padding or {"pad_id": _pad_id(tokenizer), "pad_type_id": 0,
@@ -257,7 +290,7 @@ def _encode(tokenizer: Tokenizer, lines: list[str], length: int) -> list[Any]:
     return tokenizer.encode_batch(lines)
 
 
-def _packed(tokenizer: Tokenizer, lines: list[str], length: int, path: Path) -> np.ndarray:
+def _packed(tokenizer: Tokenizer, lines: list[Sample], length: int, path: Path) -> np.ndarray:
     """``--pack``: every line's tokens (with the special tokens the tokenizer adds to each),
     joined in order and cut into ``[samples, length]`` windows; the tail that does not fill
     one is dropped."""
