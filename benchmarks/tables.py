@@ -222,6 +222,8 @@ PIPELINE_VARIANTS = {  # results key → row title, in table order
     "data-free-synthetic-r0.1": "`--calib synthetic`, `--ratio 0.1`",
     "obspa-calib-uniform": "`obspa` calibration, uniform, no reconstruction",
     "post-obspa": "post-training `obspa` (sensitivity, reconstruction)",
+    "post-obspa-exact": "the same, exact channel counts (`--round-to 1`, not kernel blocks)",
+    "recover-exact": "and from it `spa recover`",
     "post-l1": "post-training `l1`", "recover": "post-training `obspa` + `spa recover`",
     "recover-long": "the same, longer: `spa recover --time-budget 1200`, 4096 lines",
     "post-obspa-4096": "post-training `obspa`, 4096 calibration lines",
@@ -232,6 +234,7 @@ PIPELINE_VARIANTS = {  # results key → row title, in table order
     "tp-magnitude": "Torch-Pruning magnitude", "tp-recover": "Torch-Pruning + `spa recover`"}
 #: Which variant each target of ``pipeline.CUTS`` applies to.
 PIPELINE_TARGETS = {"post-obspa": "post", "recover": "recover", "recover-long": "recover",
+                    "post-obspa-exact": "post", "recover-exact": "recover",
                     "post-obspa-4096": "post", "recover-hour": "recover", "recover-2h": "recover",
                     "data-free": "data-free",
                     "data-free-r0.1": "data-free-r0.1", "data-free-synthetic": "data-free",
@@ -247,6 +250,9 @@ def _pipeline_row(title: str, v: dict, key: str, target: float | None) -> str:
     cuts = [f"÷{v[k]:.2f}" if v.get(k) else "–" for k in ("flops_reduction", "params_reduction")]
     alone = v.get(f"{key}_sk5")  # EfficientNet-Lite0: the five scikit photos alone
     also = "" if alone is None else f" (5 scikit photos: {alone:.4f})"
+    if v.get("latency_ms"):  # timed side by side with the dense model
+        title += (f"; {v['latency_ms']:.2f} ms, dense {v['dense_latency_ms']:.2f} ms "
+                  f"(×{v['dense_latency_ms'] / v['latency_ms']:.2f})")
     return (f"| | {title} | {v[key]:.4f}{also} | {check} | {cuts[0]} | {cuts[1]} | "
             f"{v['seconds']:.0f} s | {rss} |")
 
