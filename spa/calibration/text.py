@@ -51,7 +51,7 @@ def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptio
         raise OptionError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); --calib "
                           "takes an .npz, a folder of images or a text file with one sample per "
                           "line") from None
-    lines = _samples(path, text)
+    lines = _lines_of(path, text)
     if not lines:
         raise OptionError(f"{path}: no non-empty line to calibrate on")
     roles = token_roles(inputs)
@@ -76,7 +76,7 @@ def read_text(path: Path, inputs: Sequence[InputSpec], options: CalibrationOptio
     return token_arrays(inputs, roles, ids, mask, types, dims or {})
 
 
-def _samples(path: Path, text: str) -> list[Sample]:
+def _lines_of(path: Path, text: str) -> list[Sample]:
     """The non-empty lines of ``text``, each a sample; in a JSON Lines file (``.jsonl``,
     ``.ndjson``: the form datasets are exported in), each line is a JSON string or an object
     whose ``"text"`` is the sample, with ``"text_pair"`` its second segment (token type 1)
