@@ -224,6 +224,8 @@ PIPELINE_VARIANTS = {  # results key → row title, in table order
     "post-obspa": "post-training `obspa` (sensitivity, reconstruction)",
     "post-obspa-exact": "the same, exact channel counts (`--round-to 1`, not kernel blocks)",
     "recover-exact": "and from it `spa recover`",
+    "post-obspa-latency": "post-training `obspa`, `--target latency --ratio 0.21` instead "
+                          "(2 threads; a smaller FLOPs cut)",
     "post-l1": "post-training `l1`", "recover": "post-training `obspa` + `spa recover`",
     "recover-long": "the same, longer: `spa recover --time-budget 1200`, 4096 lines",
     "post-obspa-4096": "post-training `obspa`, 4096 calibration lines",
