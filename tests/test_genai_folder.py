@@ -204,7 +204,7 @@ def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
         capsys.readouterr().out
     body = json.loads(report.read_text())
     assert body["calibration"] == {"path": str(text), "kind": "text", "samples": 58,
-                                   "held_out": 6}
+                                   "held_out": 6, "tokenizer": str(folder)}
     assert body["allocation"] == "sensitivity" and body["groups_pruned"] > 0
     assert body["reconstruction"] == {} and list(body["fidelity"]) == ["pruned"]
     assert 0 < body["fidelity"]["pruned"]["agreement"] < 1  # at 6 prompts' tokens

@@ -252,8 +252,11 @@ def test_the_tokenizer_saved_beside_the_model(tmp_path, gpt2):
     assert main(["prune", str(export / "model.onnx"), "-o", str(given), *args,
                  "--tokenizer", str(export / "tokenizer.json")]) == 0
     assert main(["prune", str(export / "model.onnx"), "-o", str(found), *args,
-                 "--plan", str(tmp_path / "plan.json")]) == 0
+                 "--plan", str(tmp_path / "plan.json"), "--report", str(tmp_path / "r.json")]
+                ) == 0
     assert found.read_bytes() == given.read_bytes()
+    assert json.loads((tmp_path / "r.json").read_text())["calibration"]["tokenizer"] == \
+        str(export)
     recipe = json.loads((tmp_path / "plan.json").read_text())["recipe"]
     assert recipe["calibration"]["options"]["tokenizer"] == str(export)
     recovered = tmp_path / "recovered.onnx"

@@ -130,6 +130,7 @@ class Calibration:
     kind: str  # "npz", "images" or "text"
     path: str
     held_out_path: str | None = None  # --held-out-data; None: a share of ``path``
+    tokenizer: str | None = None  # the tokenizer a text file was read with
 
     @property
     def samples(self) -> int:
@@ -139,7 +140,8 @@ class Calibration:
         """Where the data came from and how it was split (the report's ``calibration``)."""
         out = {"path": self.path, "kind": self.kind, "samples": sample_count(self.train),
                "held_out": sample_count(self.held_out)}
-        return out | ({"held_out_path": self.held_out_path} if self.held_out_path else {})
+        out |= {"held_out_path": self.held_out_path} if self.held_out_path else {}
+        return out | ({"tokenizer": self.tokenizer} if self.tokenizer else {})
 
 
 def sample_count(arrays: Mapping[str, np.ndarray]) -> int:
@@ -157,7 +159,8 @@ def load(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions = C
     kind, arrays = read(path, inputs, options, graph=graph, dims=dims, seed=seed)
     train, held = held_out(fitted(arrays, inputs), inputs, options, seed=seed, graph=graph,
                            dims=dims)
-    return Calibration(train, held, kind, str(path), options.held_out_data)
+    return Calibration(train, held, kind, str(path), options.held_out_data,
+                       options.tokenizer if kind == "text" else None)
 
 
 def held_out(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec],
