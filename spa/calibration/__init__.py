@@ -234,19 +234,30 @@ def read(path: str, inputs: Sequence[InputSpec], options: CalibrationOptions, *,
     p = Path(path)
     if not p.exists():
         raise OptionError(f"{path}: no such calibration file or folder")
-    if p.is_dir():
-        return "images", read_images(p, inputs, options, seed=seed)
-    if p.is_file() and (p.suffix.lower() == ".npz" or zipfile.is_zipfile(p)):
+    kind = source_kind(p)
+    if kind == "images":
+        return kind, read_images(p, inputs, options, seed=seed)
+    if kind == "npz":
         arrays = read_npz(p)
         if options.calib_samples is None:  # (rows already in memory: no note)
-            return "npz", arrays
+            return kind, arrays
         rows = chosen(_samples(arrays, f"{path}: arrays"), options, seed, "rows")
-        return "npz", {k: v[rows] for k, v in arrays.items()}
-    if p.is_file():
-        return "text", read_text(p, inputs, options, graph=graph, dims=dims, seed=seed)
+        return kind, {k: v[rows] for k, v in arrays.items()}
+    if kind == "text":
+        return kind, read_text(p, inputs, options, graph=graph, dims=dims, seed=seed)
     raise OptionError(f"{path}: not calibration data SPA can read: give an .npz of arrays named "
                       "after the graph inputs, a folder of images, or a text file with one "
                       "sample per line")
+
+
+def source_kind(path: Path) -> str | None:
+    """What ``--calib`` reads at ``path``: "images" (a folder), "npz" (a file named so, or any
+    zip), "text" (another file); None when it is neither a file nor a folder."""
+    if path.is_dir():
+        return "images"
+    if path.is_file():
+        return "npz" if path.suffix.lower() == ".npz" or zipfile.is_zipfile(path) else "text"
+    return None
 
 
 LARGE = 20_000  # samples read whole without --calib-samples: a note suggests it above this

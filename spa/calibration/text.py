@@ -4,18 +4,26 @@ model's embedding. A decoder's KV-cache inputs get empty caches: each line is a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.calibration import Arrays, CalibrationOptions, InputSpec, _dtype, _static, chosen
+from spa.calibration import (
+    Arrays,
+    CalibrationOptions,
+    InputSpec,
+    _dtype,
+    _static,
+    chosen,
+    source_kind,
+)
 from spa.errors import OptionError
 from spa.inputs import dim_key
 
@@ -197,14 +205,31 @@ def _role(name: str) -> str:
                       f"{name!r} is none of these (give an .npz)")
 
 
+class _Tokenized(Protocol):
+    """Options that name a tokenizer: :class:`CalibrationOptions` and ``PruneOptions``."""
+
+    @property
+    def tokenizer(self) -> str | None: ...
+
+
+_Options = TypeVar("_Options", bound=_Tokenized)
+
+
+def with_tokenizer(options: _Options, calib: str | None,
+                   *models: str | os.PathLike[str] | None) -> _Options:
+    """``options`` with ``--tokenizer`` defaulted (:func:`default_tokenizer`)."""
+    found = default_tokenizer(calib, options.tokenizer, *models)
+    return options if found == options.tokenizer else \
+        dataclasses.replace(options, tokenizer=found)  # type: ignore[type-var]  # both are dataclasses
+
+
 def default_tokenizer(calib: str | None, tokenizer: str | None,
                       *models: str | os.PathLike[str] | None) -> str | None:
     """``--tokenizer`` with its default: when ``calib`` is a text file and no tokenizer was
     given, the one saved beside the first of ``models`` (files or folders) that has one, as
     HuggingFace's ``save_pretrained``, Optimum's exports and onnxruntime-genai's folders leave
     it: a ``tokenizer.json``, or :data:`_CONVERTED` files with their ``tokenizer_config.json``."""
-    if tokenizer is not None or calib is None or not Path(calib).is_file() \
-            or zipfile.is_zipfile(calib):  # (an .npz, or not a file: no text to tokenize)
+    if tokenizer is not None or calib is None or source_kind(Path(calib)) != "text":
         return tokenizer
     for model in models:
         if model is None:

@@ -20,7 +20,8 @@ import onnx
 from spa import calibration as calib_data
 from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
-from spa.calibration.text import default_tokenizer, random_tokens
+from spa.calibration.text import random_tokens
+from spa.calibration.text import with_tokenizer as text_tokenizer
 from spa.choices import AllocationMethod, HessianSource, Target
 from spa.coupling.analysis import Analysis, CouplingAnalysis
 from spa.errors import NothingPrunableError, OptionError
@@ -196,9 +197,7 @@ def _noise_inputs(sess, samples: int, seed: int, dims: dict[str, int]) -> dict[s
 def with_tokenizer(analysis: Analysis, options: PruneOptions) -> PruneOptions:
     """``options`` with ``--tokenizer`` defaulted to the one saved beside the model when a
     text file calibrates (recorded so in the plan's recipe)."""
-    found = default_tokenizer(options.calib, options.tokenizer, analysis.model.path)
-    return options if found == options.tokenizer else \
-        dataclasses.replace(options, tokenizer=found)
+    return text_tokenizer(options, options.calib, analysis.model.path)
 
 
 def recipe_calibration(analysis: Analysis, the_recipe: Recipe | None) -> Calibration | None:

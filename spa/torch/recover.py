@@ -34,7 +34,7 @@ from spa import fidelity
 from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
 from spa.calibration import load as load_calibration
-from spa.calibration.text import default_tokenizer
+from spa.calibration.text import with_tokenizer
 from spa.errors import ModelLoadError, OptionError, one_line
 from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
@@ -105,11 +105,8 @@ def calibration_for(model: Model, path: str, options: CalibrationOptions | None 
     """``--calib PATH`` read for ``model``'s inputs, split into training and held-out samples;
     a text file without ``--tokenizer`` takes the one saved beside the first model of
     ``tokenizer_from`` (default: ``model``) that has one."""
-    options = options or CalibrationOptions()
     files = [m for m in (tokenizer_from or (model,)) if isinstance(m, (str, os.PathLike))]
-    found = default_tokenizer(path, options.tokenizer, *files)
-    if found != options.tokenizer:
-        options = dataclasses.replace(options, tokenizer=found)
+    options = with_tokenizer(options or CalibrationOptions(), path, *files)
     return load_calibration(path, graph_inputs(_proto(model)), options, seed=seed)
 
 
