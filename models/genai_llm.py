@@ -65,9 +65,10 @@ def make_hf(d: Path, kind: str = "Llama", layers: int = 2, *, vocab: int = 1000,
     return d / "hf"
 
 
-def build_folder(hf: Path, out: Path, *extra: str) -> Path:
-    """The builder's int4 CPU folder of ``hf`` in ``out``."""
-    subprocess.run([sys.executable, "-c", _BUILD, "-i", str(hf), "-o", str(out), "-p", "int4",
+def build_folder(hf: Path, out: Path, *extra: str, precision: str = "int4") -> Path:
+    """The builder's CPU folder of ``hf`` in ``out`` (int4 ``MatMulNBits`` weights, or fp32
+    ``MatMul`` ones)."""
+    subprocess.run([sys.executable, "-c", _BUILD, "-i", str(hf), "-o", str(out), "-p", precision,
                     "-e", "cpu", "-c", str(out.parent / "cache"), *extra],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     return out

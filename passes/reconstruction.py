@@ -36,6 +36,7 @@ from typing import cast
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from spa.calibration import (
@@ -376,6 +377,15 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 
 # --- the layers and their least-squares designs ---------------------------------------------
+
+def refits_any(graph: gs.Graph) -> bool:
+    """Whether ``graph`` has a node of a kind :func:`_layers` refits: a Conv, Gemm or MatMul
+    whose weight is a float constant (a quantized model's ``MatMulNBits`` is not one)."""
+    return any(node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1
+               and isinstance(w := node.inputs[1], gs.Constant)
+               and np.dtype(w.dtype) in (np.float32, np.float64)
+               for node in graph.nodes)
+
 
 def _layers(model: onnx.ModelProto) -> list[_Layer]:
     """The refittable nodes, in graph (topological) order: a float initializer weight read by

@@ -23,6 +23,7 @@ import onnx
 from onnx import helper
 
 from spa.errors import OptionError, ValidationError
+from spa.ir.load import with_contrib_shapes
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,13 @@ _FLOATS = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.Tenso
 
 
 def with_types(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every tensor's element type known (for segment inputs)."""
+    """The model with every tensor's element type known (for segment inputs), contrib ops'
+    outputs (an onnxruntime-genai decoder's GroupQueryAttention) included."""
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - types of graph inputs/outputs suffice in most models
         return model
+    return with_contrib_shapes(model)
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:

@@ -41,17 +41,19 @@ def make_hf(d: Path, kind: str = "Llama", layers: int = LAYERS) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """``built(fused)``: the builder's folder of the model, with its fused ``[Q | K | V]``
-    projection (its default) or separate ones; each built once."""
+    """``built(fused)``: the builder's int4 folder of the model, with its fused ``[Q | K | V]``
+    projection (its default) or separate ones (or, ``precision="fp32"``, float weights); each
+    built once."""
     d = tmp_path_factory.mktemp("genai")
     hf = make_hf(d)
-    folders: dict[bool, Path] = {}
+    folders: dict[tuple[bool, str], Path] = {}
 
-    def build(fused: bool) -> Path:
-        if fused not in folders:
+    def build(fused: bool, precision: str = "int4") -> Path:
+        if (fused, precision) not in folders:
             extra = [] if fused else ["--extra_options", "disable_qkv_fusion=true"]
-            folders[fused] = build_folder(hf, d / ("fused" if fused else "separate"), *extra)
-        return folders[fused]
+            name = ("fused" if fused else "separate") + ("" if precision == "int4" else precision)
+            folders[fused, precision] = build_folder(hf, d / name, *extra, precision=precision)
+        return folders[fused, precision]
 
     return build
 
@@ -182,24 +184,30 @@ def test_decoder_file_alone_sizes_its_cache_dims(folder, tmp_path):
     assert report.generation == {"tokens": 32, "equal": True}
 
 
-def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
-    """A text file calibrates the builder's decoder: each line a prompt (ids, mask, empty
-    caches whose head size is the symbolic ``kv_cache_dim``), run through its
-    GroupQueryAttention; sensitivity spreads the heads, and generation still validates. The
-    weights stay in external data: reconstruction is off by default (asked for, it is refused)
-    and held-out fidelity is measured by onnxruntime from the two folders' files. The
-    folder's own tokenizer.json tokenizes the text (no ``--tokenizer``)."""
-    from spa.cli import main
-
+def _prompts(tmp_path: Path) -> Path:
     words = [f"w{k}" for k in range(100, 400)]
     rng = np.random.default_rng(0)
     text = tmp_path / "prompts.txt"
     text.write_text("".join(" ".join(rng.choice(words, rng.integers(4, 20))) + "\n"
                             for _ in range(64)), encoding="utf-8")
-    calib = ["--calib", str(text), "--max-length", "24"]
+    return text
+
+
+def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
+    """A text file calibrates the builder's decoder: each line a prompt (ids, mask, empty
+    caches whose head size is the symbolic ``kv_cache_dim``), run through its
+    GroupQueryAttention; sensitivity spreads the heads, and generation still validates. The
+    int4 weights (``MatMulNBits``) leave reconstruction nothing to refit: it is off, and the
+    numeric oracle and greedy generation check the folder; held-out fidelity is measured by
+    onnxruntime from the two folders' files. The folder's own tokenizer.json tokenizes the
+    text (no ``--tokenizer``)."""
+    from spa.cli import main
+
+    text = _prompts(tmp_path)
     out, report = tmp_path / "cal", tmp_path / "r.json"
     assert main(["prune", str(folder), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio",
-                 "0.3", *calib, "--report", str(report)]) == 0
+                 "0.3", "--calib", str(text), "--max-length", "24", "--report",
+                 str(report)]) == 0
     assert "greedy generation: 32 tokens equal to the masked original's" in \
         capsys.readouterr().out
     body = json.loads(report.read_text())
@@ -208,7 +216,24 @@ def test_folder_calibrated_on_text_prompts(folder, tmp_path, capsys):
     assert body["allocation"] == "sensitivity" and body["groups_pruned"] > 0
     assert body["reconstruction"] == {} and list(body["fidelity"]) == ["pruned"]
     assert 0 < body["fidelity"]["pruned"]["agreement"] < 1  # at 6 prompts' tokens
-    refused = tmp_path / "refused"
-    assert main(["prune", str(folder), "-o", str(refused), "--heads-ratio", "0.5", *calib,
-                 "--reconstruct"]) == ExitCode.BAD_INPUT
-    assert "need --no-reconstruct" in capsys.readouterr().err and not refused.exists()
+
+
+def test_float_folder_is_reconstructed_in_its_data_file_and_generates(built, tmp_path):
+    """The builder's fp32 folder keeps float MatMul weights in external data (a
+    SimplifiedLayerNormalization before the first projection, GroupQueryAttention after it,
+    both onnxruntime ops onnx cannot type): calibrated on text, its projections are refitted
+    by default, held-out fidelity gets better, the weights stay in a data file, and
+    onnxruntime-genai generates with the folder."""
+    from spa.cli import main
+
+    source = built(True, "fp32")
+    out, report = tmp_path / "cal", tmp_path / "r.json"
+    assert main(["prune", str(source), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio",
+                 "0.3", "--calib", str(_prompts(tmp_path)), "--max-length", "24", "--report",
+                 str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["reconstruction"]["kept"] and body["reconstruction"]["refitted"] > 0
+    before, after = body["fidelity"]["pruned"], body["fidelity"]["reconstructed"]
+    assert after["kl"] < before["kl"] and after["relative_error"] < before["relative_error"]
+    assert (out / "model.onnx.data").stat().st_size > 100_000
+    assert len(_generate(out, 8)) == 8

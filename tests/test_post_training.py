@@ -139,6 +139,52 @@ def test_spa_apply_reproduces_the_reconstructed_model_byte_for_byte(cnn, tmp_pat
     assert out.read_bytes() == again.read_bytes()
 
 
+def test_external_data_is_refitted_as_the_same_weights_inline(cnn, tmp_path):
+    """Weights in a data file (as onnxruntime-genai's builder and dynamo exports leave them)
+    are reconstructed by default, like the same weights inline: the written file keeps a data
+    file, and its weights are the inline run's, bit for bit. Over 2 GB (lowered here)
+    reconstruction is off by default, and asked for it is refused before any work."""
+    src, calib = cnn
+    ext = tmp_path / "ext" / "cnn.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(ext), save_as_external_data=True,
+                    location="cnn.onnx.data", size_threshold=0)
+    runs = {}
+    for name, model in (("inline", src), ("external", ext)):
+        out, report = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+        assert main(["prune", str(model), "-o", str(out), "--calib", str(calib), "--ratio",
+                     "0.5", "--report", str(report), "-q"]) == 0
+        body = json.loads(report.read_text())
+        assert body["reconstruction"]["kept"] and body["reconstruction"]["layers"] > 0
+        assert set(body["fidelity"]) == {"pruned", "reconstructed"}
+        runs[name] = {t.name: numpy_helper.to_array(t, str(tmp_path))
+                      for t in onnx.load(str(out)).graph.initializer}, body["fidelity"]
+    assert (tmp_path / "external.onnx.data").stat().st_size > 0
+    assert not (tmp_path / "inline.onnx.data").exists()
+    (inline, faithful), (external, faithful_ext) = runs["inline"], runs["external"]
+    assert faithful == faithful_ext and inline.keys() == external.keys()
+    for name, values in inline.items():
+        assert values.tobytes() == external[name].tobytes(), name
+
+
+def test_over_2gb_reconstruction_is_off_by_default_and_refused_when_asked(cnn, tmp_path,
+                                                                         monkeypatch, capsys):
+    import spa.ir.save as save
+
+    monkeypatch.setattr(save, "TWO_GB", 1024)
+    src, calib = cnn
+    report = tmp_path / "r.json"
+    assert main(["prune", str(src), "-o", str(tmp_path / "p.onnx"), "--calib", str(calib),
+                 "--ratio", "0.5", "--report", str(report), "-q"]) == 0
+    body = json.loads(report.read_text())
+    assert body["reconstruction"] == {} and list(body["fidelity"]) == ["pruned"]
+    refused = tmp_path / "refused.onnx"
+    assert main(["prune", str(src), "-o", str(refused), "--calib", str(calib), "--ratio",
+                 "0.5", "--reconstruct", "-q"]) == ExitCode.BAD_INPUT
+    assert "models over 2 GB need --no-reconstruct" in capsys.readouterr().err
+    assert not refused.exists() and not (tmp_path / "refused.onnx.data").exists()
+
+
 def test_calib_samples_is_in_the_recipe_and_apply_reads_the_same_samples(cnn, tmp_path):
     """``--calib-samples 40`` calibrates on a seeded 40 of the 80 samples (36 and 4 held out);
     the recipe records it, so ``spa apply`` reads the same 40 and writes the same bytes."""

@@ -457,12 +457,14 @@ def _without_constant_annotations(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def with_contrib_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (its ONNX shapes inferred) or, when it has contrib ops, a copy with their
-    outputs' shapes too: onnx's inference knows none of them, and a rewritten model's
-    MatMulNBits would count no multiply-adds."""
-    if not has_contrib(model):
+    """``model`` (its ONNX shapes inferred) or, when it has contrib ops (onnxruntime's
+    default-domain ones too, seen as spa/ir/contrib.py says), a copy with their outputs'
+    shapes too: onnx's inference knows none of them, and a rewritten model's MatMulNBits would
+    count no multiply-adds."""
+    light = onnx_view(weightless(model))
+    if not has_contrib(light):
         return model
-    shaped = _with_contrib_shapes(weightless(model), strict=False)
+    shaped = _with_contrib_shapes(light, strict=False)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     del copy.graph.value_info[:]

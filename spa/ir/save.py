@@ -202,6 +202,17 @@ def streamed(loaded: LoadedModel) -> bool:
     return loaded.external_data or graph_bytes(loaded.graph) >= TWO_GB
 
 
+TOO_BIG_TO_REFIT = ("reconstruction holds the model in memory: models over 2 GB need "
+                    "--no-reconstruct")
+
+
+def one_protobuf(loaded: LoadedModel) -> bool:
+    """Whether the weights fit one protobuf (under 2 GB), as onnxruntime takes a model from
+    memory: reconstruction holds the dense and the pruned model so, whatever file form the
+    weights came in (external data included)."""
+    return graph_bytes(loaded.graph) < TWO_GB
+
+
 def write_streamed(loaded: LoadedModel, model_path: Path, graph: gs.Graph | None = None, *,
                    check: bool = True) -> onnx.ModelProto:
     """Write ``graph`` as ``model_path`` + ``<name>.data``, one tensor at a time; the graph's

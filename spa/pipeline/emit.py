@@ -16,7 +16,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from spa import fidelity
@@ -28,10 +30,12 @@ from spa.generation import SignatureChange, signature_change
 from spa.ir import to_onnx
 from spa.ir.load import import_graph, load_model, with_contrib_shapes
 from spa.ir.save import (
+    TOO_BIG_TO_REFIT,
     Staging,
     full_check,
     infer_shapes,
     known_dims,
+    one_protobuf,
     streamed,
     write_proto,
     write_streamed,
@@ -157,12 +161,12 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
     refit = recipe.reconstruction if recipe is not None else None
     if refit is not None and calib is None:
         raise OptionError("the plan refits weights on calibration data, which was not given")
-    on_disk = streamed(loaded)  # the input's weights are never held whole
-    if calib is not None and on_disk and refit is not None:
-        raise OptionError("reconstruction holds the model in memory: models over 2 GB (or with "
-                          "external data) need --no-reconstruct")
-    dense = to_onnx(loaded) if calib is not None and (refit or calib.held_out) \
-        and not on_disk else None
+    on_disk = streamed(loaded)  # written tensor by tensor, with a data file
+    if calib is not None and refit is not None and not one_protobuf(loaded):
+        raise OptionError(TOO_BIG_TO_REFIT)
+    # external data under 2 GB is held whole for a refit; else onnxruntime reads the files
+    dense = to_onnx(loaded) if calib is not None and \
+        (refit is not None or (calib.held_out and not on_disk)) else None
     kept = kept_indices(analysis, the_plan)
     declared = cut_shapes(loaded.graph, kept)  # before the rewrite changes the graph
     change = signature_change(analysis, the_plan)
@@ -181,13 +185,22 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         if loaded.mapped is not None:  # what the export still reads is mapped again then
             loaded.mapped.release()
         if streamed(loaded):  # after the rewrite: the pruned weights' size
+            if dense is not None and calib is not None:  # refitted in memory, written streamed
+                _, values = _reconstruct(dense, known_dims(infer_shapes(to_onnx(loaded)),
+                                                           declared),
+                                         calib, kept, refit, memory, faithful, change)
+                del dense
+                for t in loaded.graph.tensors().values():
+                    if isinstance(t, gs.Constant) and t.name in values:
+                        t.values = values[t.name]
             write_streamed(loaded, stage.model_path)
             pruned: PathLike | onnx.ModelProto = stage.model_path
-            if calib is not None and calib.held_out and loaded.path is not None:
-                # onnxruntime reads both files (and their data) itself
+            if "pruned" in faithful.stages or calib is None or not calib.held_out:
+                pass  # measured in memory around the refit, or nothing to measure
+            elif loaded.path is not None:  # onnxruntime reads both files (and their data)
                 faithful.stages["pruned"] = fidelity.measure(loaded.path, pruned,
                                                              calib.held_out, change)
-            elif calib is not None and calib.held_out:
+            else:
                 log.warning("held-out fidelity is not measured: onnxruntime reads a model over "
                             "2 GB from its file, and this one was given in memory (save it "
                             "with its weights as external data, and prune the file)")
@@ -196,8 +209,8 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         else:
             pruned = known_dims(infer_shapes(to_onnx(loaded)), declared)
             if dense is not None and calib is not None:
-                pruned = _reconstruct(dense, pruned, calib, kept, refit, memory, faithful,
-                                      change)
+                pruned, _ = _reconstruct(dense, pruned, calib, kept, refit, memory, faithful,
+                                         change)
             emitted = import_graph(with_contrib_shapes(pruned), "the rewritten model")
         t1 = time.perf_counter()
         report_extra = {} if sources is None else run_checks(
@@ -252,14 +265,15 @@ class _Fidelity:
 
 def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibration,
                  kept, refit, memory: int, faithful: _Fidelity, change: SignatureChange
-                 ) -> onnx.ModelProto:
+                 ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Held-out fidelity of the pruned model; with a reconstruction recipe, the refit (kept only
     when held-out fidelity does not get worse) and its fidelity. ``change``: how the pruned
-    model's inputs differ (a decoder's caches lose heads)."""
+    model's inputs differ (a decoder's caches lose heads). Returns the model to write and the
+    refitted values it holds by initializer name (none when the refit was not kept)."""
     if calib.held_out:
         faithful.stages["pruned"] = fidelity.measure(dense, pruned, calib.held_out, change)
     if refit is None:
-        return pruned
+        return pruned, {}
     t0 = time.perf_counter()
     release()  # what planning dropped: the reconstruction's activations fill the budget
     done = Reconstruction(kept=kept, rows=refit.rows, memory=memory, seed=refit.seed,
@@ -273,7 +287,7 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
             init.CopyFrom(numpy_helper.from_array(done.values[init.name], init.name))
     faithful.reconstruction = done.summary() | {"seconds": time.perf_counter() - t0}
     if not calib.held_out:
-        return refitted
+        return refitted, done.values
     after = fidelity.measure(dense, refitted, calib.held_out, change)
     faithful.stages["reconstructed"] = after
     if not fidelity.better(after, faithful.stages["pruned"]) and \
@@ -281,6 +295,6 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
         log.warning("reconstruction made held-out fidelity worse (%s → %s): the model is "
                     "written without it", faithful.stages["pruned"], after)
         faithful.reconstruction["kept"] = False
-        return pruned
+        return pruned, {}
     faithful.reconstruction["kept"] = True
-    return refitted
+    return refitted, done.values

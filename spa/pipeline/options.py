@@ -141,8 +141,8 @@ class PruneOptions:
         None, off=("--no-reconstruct", "do not refit the kept weights on calibration data"),
         group=CALIB_GROUP, help="refit each layer's kept weights and bias (ridge least "
         "squares) so that the pruned model's layer outputs match the dense model's on the "
-        "calibration data (default: on with --calib, except for models over 2 GB or with "
-        "external data, which it would hold in memory)")
+        "calibration data (default: on with --calib, except for models over 2 GB, which it "
+        "would hold in memory)")
     calib_memory: int = option(2 << 30, parse=parse_bytes, metavar="SIZE", group=CALIB_GROUP,
                                help="memory budget for the activations held during "
                                "reconstruction and sensitivity (e.g. 512MiB, 2GiB)")

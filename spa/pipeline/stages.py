@@ -29,7 +29,7 @@ from spa.generation import decoder_feeds
 from spa.inputs import InputDims, resolve
 from spa.ir import to_onnx
 from spa.ir.load import LoadedModel, load_model, load_proto
-from spa.ir.save import streamed
+from spa.ir.save import TOO_BIG_TO_REFIT, one_protobuf
 from spa.passes.allocation import Allocation
 from spa.passes.compensation import Compensation
 from spa.passes.depth import Depth, with_depth
@@ -39,6 +39,7 @@ from spa.passes.importance.obspa import OBSPA
 from spa.passes.kernel_widths import KernelWidths
 from spa.passes.latency import LatencyTable
 from spa.passes.latency_profile import LatencyProfile
+from spa.passes.reconstruction import refits_any
 from spa.passes.sensitivity import MIN_SAMPLES, Sensitivities, Sensitivity, WeightUpdate
 from spa.passes.statistics import LayerStatistics, LayerStats
 from spa.pipeline.options import AUTO, SYNTHETIC, CheckOptions, PruneOptions
@@ -223,9 +224,16 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
     measured (else measured here)."""
     if not analysis.prunable_groups:
         raise NothingPrunableError(nothing_prunable(analysis))
-    if options.calib is not None and options.reconstruct is None and streamed(analysis.model):
-        log.info("reconstruction is off by default for a model over 2 GB or with external "
-                 "data: it holds the model in memory (--reconstruct asks for it)")
+    if options.calib is not None and options.reconstruct is not False \
+            and not one_protobuf(analysis.model):
+        if options.reconstruct:  # before any work
+            raise OptionError(TOO_BIG_TO_REFIT)
+        log.info("reconstruction is off by default for a model over 2 GB: it holds the model "
+                 "in memory")
+        options = dataclasses.replace(options, reconstruct=False)
+    if options.calib is not None and options.reconstruct is None \
+            and not refits_any(analysis.model.graph):
+        log.info("reconstruction is off: no Conv, Gemm or MatMul has float weights to refit")
         options = dataclasses.replace(options, reconstruct=False)
     options = with_tokenizer(analysis, options)
     if calib is None and options.calib is not None:
