@@ -22,7 +22,7 @@ from graphs import (
     node_named,
     reasons,
 )
-from onnx import helper
+from onnx import helper, numpy_helper
 from oracle import group_sizes, prune_checked
 
 from spa import validate as val
@@ -771,6 +771,80 @@ def test_matmul_nbits_sensitivity_is_measured_on_masked_copies(tmp_path):
             copy = val.masked_model(m, analysis, plan)
             want = sensitivity._damage(reference, sensitivity._outputs(val.session(copy), x))
             assert want > 1e-4 and damage == pytest.approx(want, rel=1e-5), (gid, removed)
+
+
+@pytest.mark.parametrize("zero_points", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_nbits_codes_are_what_onnxruntime_computes(zero_points, bits):
+    """spa/ir/nbits.py's layout is onnxruntime's: a weight rounded to the codes of given scales
+    and zero points, run by a MatMulNBits session, gives ``x @ dequantize(...)``; rounding is
+    to the nearest step (within half a step), and rounding the held weight again gives back
+    the same codes."""
+    from spa.ir import nbits as nb
+
+    rng = np.random.default_rng(bits)
+    k, n, block, top = 64, 24, 16, (1 << bits) - 1
+    scales = rng.uniform(0.01, 0.2, (n, k // block)).astype(np.float32)
+    zp = rng.integers(0, top + 1, (n, k // block))
+    step = np.repeat(scales.astype(np.float64), block, axis=1).T  # [K, N]
+    centre = np.repeat(zp if zero_points else np.full(zp.shape, 1 << (bits - 1)), block,
+                       axis=1).T
+    w = (rng.uniform(0, top, (k, n)) - centre) * step  # inside each block's range
+    packed_zp = nb.pack(zp.astype(np.uint8), bits) if zero_points else None
+    q = nb.requantize(w, scales, packed_zp, bits, block)
+    assert q.shape == (n, k // block, block * bits // 8) and q.dtype == np.uint8
+    held = nb.dequantize(q, scales, packed_zp, bits, block, k)
+    assert np.all(np.abs(held - w) <= step * 0.5 + 1e-9) and np.abs(held - w).max() > 0
+    np.testing.assert_array_equal(nb.requantize(held, scales, packed_zp, bits, block), q)
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scales, "s")]
+    ins = ["x", "q", "s"]
+    if packed_zp is not None:
+        inits.append(numpy_helper.from_array(packed_zp, "z"))
+        ins.append("z")
+    node = helper.make_node("MatMulNBits", ins, ["y"], domain=MS, K=k, N=n, bits=bits,
+                            block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", onnx.TensorProto.FLOAT, [5, k])], [helper.make_tensor_value_info(
+            "y", onnx.TensorProto.FLOAT, [5, n])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                helper.make_opsetid(MS, 1)])
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    got = val.run(val.session(m), {"x": x})["y"]
+    np.testing.assert_allclose(got, x.astype(np.float64) @ held, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("zero_points", ["packed", None])
+def test_matmul_nbits_layers_are_refitted_and_stay_n_bit(tmp_path, zero_points):
+    """Reconstruction refits a MatMulNBits layer in float and rounds the refit to new codes on
+    the layer's own scales and zero points (kept only where that beats the pruned weights on
+    validation rows): held-out error falls, the written weights are still 4-bit blocks of the
+    pruned shapes, and the scales and zero points are the pruned model's."""
+    b = Builder()
+    h = b.op("Relu", nbits(b, "x", 32, 64, "up", zero_points=zero_points))
+    y = nbits(b, h, 64, 16, "down", zero_points=zero_points)
+    m = contrib_model(b, {"x": ["N", 3, 32]}, {y: ["N", 3, 16]})
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(m, str(src))
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((200, 3, 32)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    report, _ = prune(src, out, PruneOptions(ratio=0.5, calib=str(calib),
+                                             allocation="uniform"),
+                      CheckOptions(latency=False))
+    assert report.reconstruction["kept"] and report.reconstruction["refitted"] >= 1
+    before, after = report.fidelity["pruned"], report.fidelity["reconstructed"]
+    assert after["relative_error"] < 0.9 * before["relative_error"]
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer}
+    assert written["down.q"].dtype == np.uint8 and written["down.q"].shape == (16, 2, 8)
+    assert written["down.s"].shape == (16, 2) and written["down.s"].dtype == np.float32
+    assert ("down.z" in written) == (zero_points is not None)
+    pruned_only = tmp_path / "plain.onnx"
+    prune(src, pruned_only, PruneOptions(ratio=0.5, calib=str(calib), allocation="uniform",
+                                         reconstruct=False), CheckOptions(latency=False))
+    plain = {i.name: numpy_helper.to_array(i)
+             for i in onnx.load(str(pruned_only)).graph.initializer}
+    assert not np.array_equal(written["down.q"], plain["down.q"])
+    for name in ("down.s", *(["down.z"] if zero_points else [])):
+        np.testing.assert_array_equal(written[name], plain[name])
 
 
 def test_matmul_nbits_output_shape_when_onnxruntime_finds_none():

@@ -233,7 +233,8 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
         options = dataclasses.replace(options, reconstruct=False)
     if options.calib is not None and options.reconstruct is None \
             and not refits_any(analysis.model.graph):
-        log.info("reconstruction is off: no Conv, Gemm or MatMul has float weights to refit")
+        log.info("reconstruction is off: no Conv, Gemm or MatMul has float weights to refit, nor "
+                 "a MatMulNBits its blocks")
         options = dataclasses.replace(options, reconstruct=False)
     options = with_tokenizer(analysis, options)
     if calib is None and options.calib is not None:

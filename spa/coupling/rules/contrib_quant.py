@@ -42,6 +42,7 @@ import onnx_graphsurgeon as gs
 from spa.coupling.facts import MacTerm, mac_term
 from spa.coupling.registry import register
 from spa.coupling.types import Role
+from spa.ir.nbits import pack, unpack
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext, Space
@@ -145,11 +146,4 @@ def _hook(rows: Space | None, blocks: Space | None, bits: int, block_size: int):
 def repack(packed: np.ndarray, keep: np.ndarray, bits: int) -> np.ndarray:
     """Rows of ``bits``-bit values packed low bits first (``[rows, bytes]``), with only the
     values at ``keep`` of each row, packed again."""
-    per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    values = ((packed[:, :, None] >> shifts) & mask).reshape(packed.shape[0], -1)[:, keep]
-    padded = np.zeros((values.shape[0], -(-values.shape[1] // per_byte) * per_byte), np.uint8)
-    padded[:, :values.shape[1]] = values
-    groups = padded.reshape(values.shape[0], -1, per_byte).astype(np.uint8)
-    return np.bitwise_or.reduce(groups << shifts, axis=2).astype(np.uint8)
+    return pack(unpack(packed, bits)[:, keep], bits)

@@ -1,0 +1,84 @@
+"""all-MiniLM-L6-v2 in int4 (``MatMulNBits``), pruned with and without reconstruction.
+
+    python -m benchmarks.quality.int4_minilm
+
+The benchmark's sentence encoder (benchmarks/quality/real.py: the dynamo export, 1024
+calibration lines of fortunes, 1000 evaluation sentences of other fortunes files) quantised
+by onnxruntime's ``MatMulNBitsQuantizer`` (4 bits, blocks of 32, with zero points: every
+projection of attention and MLP becomes a MatMulNBits), then pruned as the quality table's
+MiniLM rows are (heads 0.3, MLP 0.3, ``--criterion obspa --hessian calibration``): heads and
+MLP neurons go in whole quantisation blocks (32: one head, or 32 neurons), and no OBS update
+reaches the packed weights. Each variant runs ``spa prune`` in its own process:
+
+* ``--no-reconstruct``: sensitivity allocation only;
+* the default: reconstruction, each MatMulNBits refitted in float and rounded to new codes on
+  its own scales (spa/passes/reconstruction.py).
+
+Scored by the mean cosine of the embeddings with the int4 model's, and with the float model's,
+on the evaluation sentences (never used to calibrate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import write_result
+from benchmarks.quality import real
+
+WORK = real.CACHE / "minilm_int4"
+FLAGS = ["--heads-ratio", "0.3", "--mlp-ratio", "0.3", "--ratio", "0.3", "--criterion", "obspa",
+         "--hessian", "calibration"]
+VARIANTS = {"no-reconstruct": ["--no-reconstruct"], "reconstruct": []}
+
+
+def int4(dense: Path) -> Path:
+    """``dense`` quantised to 4 bits by onnxruntime (cached)."""
+    out = WORK / "minilm_int4.onnx"
+    if not out.exists():
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        WORK.mkdir(parents=True, exist_ok=True)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(dense)), block_size=32,
+                                         is_symmetric=False)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out))
+    return out
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    bench = real.minilm_bench()
+    quantized = int4(bench.dense)
+    texts = (real.CACHE / "minilm" / "eval_1000.txt").read_text(encoding="utf-8").splitlines()
+    float_ref, int4_ref = real.embed(bench.dense, texts), real.embed(quantized, texts)
+    rows = []
+    for label, extra in VARIANTS.items():
+        out, report = WORK / f"{label}.onnx", WORK / f"{label}.json"
+        argv = [sys.executable, "-m", "spa", "prune", str(quantized), "-o", str(out),
+                "--calib", str(bench.calib), *bench.flags, *FLAGS, *extra, "--report",
+                str(report), "-q"]
+        t0 = time.perf_counter()
+        subprocess.run(argv, check=True)
+        seconds = time.perf_counter() - t0
+        body = json.loads(report.read_text())
+        embedded = real.embed(out, texts)
+        rows.append({"variant": label, "argv": argv[2:], "seconds": round(seconds, 1),
+                     "cosine_int4": real.mean_cosine(int4_ref, embedded),
+                     "cosine_float": real.mean_cosine(float_ref, embedded),
+                     "flops_before": body["flops_before"], "flops_after": body["flops_after"],
+                     "reconstruction": body["reconstruction"], "fidelity": body["fidelity"]})
+        print(label, f"{rows[-1]['cosine_int4']:.4f}", flush=True)
+    write_result("int4_minilm", {
+        "model": "all-MiniLM-L6-v2, MatMulNBits 4 bits, blocks of 32, zero points",
+        "evaluation_sentences": len(texts),
+        "int4_vs_float_cosine": real.mean_cosine(float_ref, int4_ref), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

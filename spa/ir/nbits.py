@@ -1,0 +1,58 @@
+"""onnxruntime's ``MatMulNBits`` weight format: packing, dequantising, quantising again.
+
+The logical weight ``W [K, N]`` is stored row by row of ``Wᵀ``: ``B [N, k_blocks, blob]``
+(uint8, ``bits`` bits a value, packed low bits first along K, ``block_size`` values a block),
+``scales [N, k_blocks]`` and optional zero points, packed like ``B`` along the blocks
+(``[N, ⌈k_blocks·bits/8⌉]``; absent: ``2^(bits−1)``). A value is ``(q − zero_point) · scale``.
+:func:`requantize` rounds a changed weight to the codes of the same scales and zero points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Rows of ``bits``-bit values packed low bits first (``[rows, bytes]``), unpacked
+    (``[rows, bytes · 8/bits]``, uint8)."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], -1).astype(np.uint8)
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Rows of ``bits``-bit values (``[rows, count]``) packed low bits first, the last byte
+    of a row padded with zeros."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    count = values.shape[-1]
+    padded = np.zeros((*values.shape[:-1], -(-count // per_byte) * per_byte), np.uint8)
+    padded[..., :count] = values
+    groups = padded.reshape(*values.shape[:-1], -1, per_byte)
+    return np.bitwise_or.reduce(groups << shifts, axis=-1).astype(np.uint8)
+
+
+def dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+               block_size: int, k: int) -> np.ndarray:
+    """The float64 weight ``W [K, N]`` of a MatMulNBits' ``B``, scales and packed zero
+    points."""
+    n, blocks = scales.shape
+    q = unpack(b, bits).reshape(n, blocks, -1)[:, :, :block_size].astype(np.float64)
+    zp = np.full((n, blocks), float(1 << (bits - 1))) if zero_points is None \
+        else unpack(zero_points, bits)[:, :blocks].astype(np.float64)
+    w = (q - zp[:, :, None]) * scales.astype(np.float64)[:, :, None]
+    return w.reshape(n, -1)[:, :k].T
+
+
+def requantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+               block_size: int) -> np.ndarray:
+    """``W [K, N]`` rounded to the codes of the given scales and packed zero points: ``B``."""
+    k, n = w.shape
+    blocks = scales.shape[1]
+    zp = np.full((n, blocks), float(1 << (bits - 1))) if zero_points is None \
+        else unpack(zero_points, bits)[:, :blocks].astype(np.float64)
+    step = scales.astype(np.float64)
+    step = np.where(step != 0, step, 1.0)
+    q = np.rint(w.T.reshape(n, blocks, block_size) / step[:, :, None] + zp[:, :, None])
+    return pack(np.clip(q, 0, (1 << bits) - 1).astype(np.uint8), bits)
