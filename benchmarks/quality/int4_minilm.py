@@ -61,7 +61,7 @@ def main() -> None:
     for label, extra in VARIANTS.items():
         out, report = WORK / f"{label}.onnx", WORK / f"{label}.json"
         argv = [sys.executable, "-m", "spa", "prune", str(quantized), "-o", str(out),
-                "--calib", str(bench.calib), *bench.flags, *FLAGS, *extra, "--report",
+                "--calib", str(bench.calib), *bench.calib_flags, *FLAGS, *extra, "--report",
                 str(report), "-q"]
         t0 = time.perf_counter()
         subprocess.run(argv, check=True)
