@@ -50,6 +50,7 @@ from spa.calibration import (
 from spa.errors import OptionError
 from spa.ir import nbits
 from spa.ir.contrib import value_dims
+from spa.ir.quant import quantized_weight
 from spa.memory import release
 from spa.passes.segments import Frontiers, Runner, fixed_batch, unmap, with_types
 from spa.progress import progress
@@ -110,7 +111,8 @@ class _Layer:
     out_axis: int  # the weight's output-channel axis
     residual: str | None = None  # the other input of the residual Add the output feeds
     joined: str | None = None  # that Add's output (the stream with the layer's term added)
-    nbits: NBits | None = None  # a MatMulNBits' block-quantised weight (``weight`` is its B)
+    codec: NBits | QDQ | None = None  # a quantised weight (``weight``: its integer tensor)
+    bias_codec: QDQ | None = None  # a bias dequantised from int32 (``bias``: its integers)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,47 @@ class NBits:
 
     def _held(self, b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None) -> np.ndarray:
         return nbits.dequantize(b, scales, zp, self.bits, self.block_size, self.k)
+
+
+@dataclass(frozen=True)
+class QDQ:
+    """How a weight reached through ``DequantizeLinear`` is held: its integer tensor (the
+    layer's ``weight``, int8 or uint8 and the like), and the scale and zero point (None: 0),
+    one value or one per index of ``axis``. Dequantised in the weight's own layout."""
+
+    scale: str
+    zero_point: str | None
+    axis: int | None
+
+    def weight(self, q: onnx.TensorProto, weights: Mapping[str, onnx.TensorProto]
+               ) -> np.ndarray:
+        """The dequantised weight (float64)."""
+        values = numpy_helper.to_array(q)
+        scale, zp = self._own(weights, values.ndim)
+        return (values.astype(np.float64) - zp) * scale
+
+    def requantized(self, w: np.ndarray, name: str,
+                    weights: Mapping[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray]:
+        """``W`` as the layer can hold it: new codes on its own scale and zero point, clipped
+        to the integer type's range (a zero scale keeps its codes). The codes, and the weight
+        they hold."""
+        old = numpy_helper.to_array(weights[name])
+        scale, zp = self._own(weights, old.ndim)
+        info = np.iinfo(old.dtype)
+        step = np.where(scale != 0, scale, 1.0)
+        codes = np.where(scale != 0, np.clip(np.rint(w / step + zp), info.min, info.max), old)
+        codes = codes.astype(old.dtype)
+        return codes, (codes.astype(np.float64) - zp) * scale
+
+    def _own(self, weights: Mapping[str, onnx.TensorProto], ndim: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+        shape = [1] * ndim
+        if self.axis is not None:
+            shape[self.axis] = -1
+        scale = numpy_helper.to_array(weights[self.scale]).astype(np.float64).reshape(shape)
+        zp = np.zeros(()) if self.zero_point is None else \
+            numpy_helper.to_array(weights[self.zero_point]).astype(np.float64).reshape(shape)
+        return scale, zp
 
 
 class Reconstruction:
@@ -244,9 +287,11 @@ class Reconstruction:
         p_runner, d_runner = runners
         node = pruned.graph.node[layer.index]
         w0 = numpy_helper.to_array(weights[layer.weight]).astype(np.float64) \
-            if layer.nbits is None else layer.nbits.weight(weights[layer.weight], weights)
-        b0 = None if layer.bias is None else \
-            numpy_helper.to_array(weights[layer.bias]).astype(np.float64).reshape(-1)
+            if layer.codec is None else layer.codec.weight(weights[layer.weight], weights)
+        b0 = None if layer.bias is None else (
+            numpy_helper.to_array(weights[layer.bias]).astype(np.float64)
+            if layer.bias_codec is None else
+            layer.bias_codec.weight(weights[layer.bias], weights)).reshape(-1)
         design = _Design.of(layer, node, w0)
         if design is None:
             return LayerFit(layer.node, math.nan, math.nan, None), {}
@@ -293,18 +338,27 @@ class Reconstruction:
         if best_ridge is None or best is None:
             return LayerFit(layer.node, e0, e0, None, rows), {}
         w, b = design.weights(best, w0.shape)
-        if layer.nbits is not None:  # the refit as the layer can hold it: quantised again
-            codes, held = layer.nbits.requantized(w, layer.weight, weights)
-            best_err = val.error(design.theta(held, b))
+        values = {}
+        for name, codec, value in ((layer.weight, layer.codec, w),
+                                   (layer.bias, layer.bias_codec, b)):
+            if name is None or value is None:
+                continue
+            old = numpy_helper.to_array(weights[name])
+            if name == layer.bias:  # (a weight is in its own layout already: a MatMulNBits'
+                value = value.reshape(old.shape)  # [K, N], not its packed B)
+            if codec is None:
+                values[name] = value.astype(old.dtype)
+                continue
+            # the refit as the layer can hold it: quantised again, on its own scales
+            values[name], held = codec.requantized(value, name, weights)
+            if name == layer.weight:
+                w = held
+            else:
+                b = held.reshape(-1)
+        if layer.codec is not None or layer.bias_codec is not None:
+            best_err = val.error(design.theta(w, b))
             if best_err >= e0 * (1 - 1e-6):
                 return LayerFit(layer.node, e0, e0, None, rows), {}
-            values = {layer.weight: codes}
-        else:
-            values = {layer.weight: w.astype(numpy_helper.to_array(weights[layer.weight]).dtype)}
-        if layer.bias is not None and b is not None:
-            dtype = numpy_helper.to_array(weights[layer.bias]).dtype
-            values[layer.bias] = b.reshape(numpy_helper.to_array(weights[layer.bias]).shape
-                                           ).astype(dtype)
         return LayerFit(layer.node, e0, best_err, best_ridge, rows), values
 
     def _corrected(self, layer: _Layer, target: tuple[np.ndarray, tuple[int, ...]], at: Rows,
@@ -428,11 +482,19 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
 
 def refits_any(graph: gs.Graph) -> bool:
     """Whether ``graph`` may have a node of a kind :func:`_layers` refits: a Conv, Gemm or
-    MatMul whose weight is a float constant, or a MatMulNBits with a constant weight."""
-    return any(node.op in ("Conv", "Gemm", "MatMul", "MatMulNBits") and len(node.inputs) > 1
-               and isinstance(w := node.inputs[1], gs.Constant)
-               and np.dtype(w.dtype) in ((np.uint8,) if node.op == "MatMulNBits"
-                                         else (np.float32, np.float64))
+    MatMul whose weight is a float constant or an integer one dequantised, or a MatMulNBits
+    with a constant weight."""
+    def refittable(node: gs.Node) -> bool:
+        w = node.inputs[1] if len(node.inputs) > 1 else None
+        if node.op == "MatMulNBits":
+            return isinstance(w, gs.Constant) and np.dtype(w.dtype) == np.uint8
+        if isinstance(w, gs.Constant):
+            return np.dtype(w.dtype) in (np.float32, np.float64)
+        quantized = quantized_weight(w)
+        return quantized is not None and quantized.node.op == "DequantizeLinear" \
+            and not quantized.block_size and np.dtype(quantized.q.dtype).kind in "iu"
+
+    return any(node.op in ("Conv", "Gemm", "MatMul", "MatMulNBits") and refittable(node)
                for node in graph.nodes)
 
 
@@ -456,39 +518,58 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                 and init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
                 and (rank is None or len(init.dims) == rank))
 
+    dequantized = {n.output[0]: n for n in model.graph.node
+                   if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")}
+
+    def weight(name: str, rank: int) -> tuple[str, QDQ | None] | None:
+        """The layer's weight: a float initializer, or the integer one a DequantizeLinear
+        read by this node only dequantises (its name, and how it is held)."""
+        if const(name, rank):
+            return name, None
+        dq = dequantized.get(name)
+        if dq is None or readers.get(name) != 1:
+            return None
+        codec = _qdq(dq, inits, readers, rank)
+        return None if codec is None else (dq.input[0], codec)
+
     found: list[_Layer] = []
     for i, node in enumerate(model.graph.node):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         before = len(found)
-        if node.op_type == "Conv" and len(node.input) >= 2 and const(node.input[1], 4) \
+        if node.op_type == "Conv" and len(node.input) >= 2 \
+                and (w := weight(node.input[1], 4)) is not None \
                 and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"):
-            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if bias is None or const(bias, 1):
-                found.append(_Layer(i, node.name, "Conv", node.input[1], bias, node.input[0],
-                                    node.output[0], 0))
-        elif node.op_type == "Gemm" and const(node.input[1], 2) and not attrs.get("transA", 0) \
+            bias = weight(node.input[2], 1) if len(node.input) > 2 and node.input[2] \
+                else (None, None)
+            if bias is not None:
+                found.append(_Layer(i, node.name, "Conv", w[0], bias[0], node.input[0],
+                                    node.output[0], 0, codec=w[1], bias_codec=bias[1]))
+        elif node.op_type == "Gemm" and (w := weight(node.input[1], 2)) is not None \
+                and not attrs.get("transA", 0) \
                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0:
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             if bias is None or (const(bias) and int(np.prod(inits[bias].dims)) == (
-                    inits[node.input[1]].dims[0 if attrs.get("transB", 0) else 1])):
-                found.append(_Layer(i, node.name, "Gemm", node.input[1], bias, node.input[0],
-                                    node.output[0], 0 if attrs.get("transB", 0) else 1))
-        elif node.op_type == "MatMul" and const(node.input[1], 2) and node.input[0] not in inits:
+                    inits[w[0]].dims[0 if attrs.get("transB", 0) else 1])):
+                found.append(_Layer(i, node.name, "Gemm", w[0], bias, node.input[0],
+                                    node.output[0], 0 if attrs.get("transB", 0) else 1,
+                                    codec=w[1]))
+        elif node.op_type == "MatMul" and (w := weight(node.input[1], 2)) is not None \
+                and node.input[0] not in inits:
             bias, output = None, node.output[0]
             after = consumers.get(node.output[0], [])
             if len(after) == 1 and after[0].op_type == "Add" and node.output[0] not in outputs:
                 other = [n for n in after[0].input if n != node.output[0]]
                 if len(other) == 1 and const(other[0], 1) \
-                        and inits[other[0]].dims[0] == inits[node.input[1]].dims[1]:
+                        and inits[other[0]].dims[0] == inits[w[0]].dims[1]:
                     bias, output = other[0], after[0].output[0]
-            found.append(_Layer(i, node.name, "MatMul", node.input[1], bias, node.input[0],
-                                output, 1))
+            found.append(_Layer(i, node.name, "MatMul", w[0], bias, node.input[0],
+                                output, 1, codec=w[1]))
         elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft" \
                 and (codec := _nbits(node, attrs, inits, readers)) is not None:
             bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
             if bias is None or const(bias, 1):
                 found.append(_Layer(i, node.name, "MatMulNBits", node.input[1], bias,
-                                    node.input[0], node.output[0], 0, nbits=codec))
+                                    node.input[0], node.output[0], 0, codec=codec))
         if len(found) == before:
             continue
         after = consumers.get(found[-1].output, [])
@@ -497,6 +578,39 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
             if len(other) == 1 and other[0] not in inits:
                 found[-1] = replace(found[-1], residual=other[0], joined=after[0].output[0])
     return found
+
+
+_INTEGERS = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+             onnx.TensorProto.UINT16, onnx.TensorProto.INT32)
+
+
+def _qdq(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
+         readers: Mapping[str, int], rank: int) -> QDQ | None:
+    """A DequantizeLinear whose weight reconstruction can refit: its integer tensor of
+    ``rank``, scale and zero point initializers read by it only, one scale or one per index of
+    its axis (not blocked)."""
+    def own(i: int) -> onnx.TensorProto | None:
+        name = dq.input[i] if len(dq.input) > i else ""
+        init = inits.get(name)
+        return init if init is not None and readers.get(name) == 1 else None
+
+    q, scale = own(0), own(1)
+    has_zp = len(dq.input) > 2 and bool(dq.input[2])
+    zp = own(2) if has_zp else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    if q is None or scale is None or q.data_type not in _INTEGERS or len(q.dims) != rank \
+            or scale.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) \
+            or (has_zp and (zp is None or zp.data_type != q.data_type
+                            or list(zp.dims) != list(scale.dims))) \
+            or attrs.get("block_size", 0):
+        return None
+    size = int(np.prod(scale.dims, dtype=np.int64))
+    if size == 1 and len(scale.dims) <= 1:
+        return QDQ(scale.name, zp.name if zp is not None else None, None)
+    axis = int(attrs.get("axis", 1))
+    if len(scale.dims) != 1 or not -rank <= axis < rank or q.dims[axis % rank] != size:
+        return None
+    return QDQ(scale.name, zp.name if zp is not None else None, axis % rank)
 
 
 def _nbits(node: onnx.NodeProto, attrs: dict, inits: Mapping[str, onnx.TensorProto],

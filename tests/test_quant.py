@@ -328,3 +328,38 @@ def test_quantised_model_with_external_data(tmp_path: Path) -> None:
     assert inits["c1.q"].data_type == TensorProto.INT8
     assert inits["c1.q"].data_location == TensorProto.EXTERNAL
     assert list(inits["c1.q"].dims) == [4, 3, 3, 3] and list(inits["c2.q"].dims) == [4, 4, 3, 3]
+
+
+def test_quantize_static_model_is_refitted_in_its_integers(tmp_path: Path) -> None:
+    """With calibration data, reconstruction refits a QDQ model's layers through their
+    DequantizeLinear: each Conv's int8 weight and int32 bias get new codes on their own scales
+    and zero points (kept where that beats the pruned weights on validation rows). Held-out
+    error falls, the model stays quantised with the same scales as without the refit, and the
+    input file is left as it was."""
+    from spa.api import CheckOptions, PruneOptions, prune
+
+    src = _quantize_static("resnet_basic", tmp_path)
+    before = src.read_bytes()
+    inp = onnx.load(str(src)).graph.input[0]
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    calib = tmp_path / "calib.npz"
+    rng = np.random.default_rng(1)
+    np.savez(calib, **{inp.name: rng.standard_normal((96, *shape[1:])).astype(np.float32)})
+    runs = {}
+    for refit in (False, True):
+        out = tmp_path / f"refit_{refit}.onnx"
+        report, _ = prune(src, out, PruneOptions(ratio=0.5, calib=str(calib),
+                                                 allocation="uniform", reconstruct=refit),
+                          CheckOptions(latency=False))
+        runs[refit] = report, {t.name: numpy_helper.to_array(t)
+                               for t in onnx.load(str(out)).graph.initializer}
+    (plain_report, plain), (report, refitted) = runs[False], runs[True]
+    assert report.reconstruction["kept"] and report.reconstruction["refitted"] >= 3
+    pruned, after = report.fidelity["pruned"], report.fidelity["reconstructed"]
+    assert pruned == plain_report.fidelity["pruned"]
+    assert after["relative_error"] < 0.9 * pruned["relative_error"]
+    assert plain.keys() == refitted.keys()
+    changed = [n for n in plain if not np.array_equal(plain[n], refitted[n])]
+    assert changed and all(refitted[n].dtype in (np.int8, np.int32) for n in changed)
+    assert any(refitted[n].dtype == np.int32 for n in changed)  # a bias, in its codes
+    assert src.read_bytes() == before
