@@ -417,6 +417,26 @@ def int4_minilm(d: dict) -> str:
     return "\n".join(lines)
 
 
+def int8_effnet(d: dict) -> str:
+    lines = [f"EfficientNet-Lite0 in int8 ({_load_note(d)}): {d['model']}; the int8 model's "
+             f"top-1 agreement with the float model {d['int8_vs_float_top1']:.4f} on the "
+             f"{d['evaluation_views']} evaluation views. 1.5x FLOPs cut, calibrated on the "
+             "benchmark's calibration views.", "",
+             "| run | FLOPs | top-1 agreement with the int8 model | with the float model | "
+             "held-out agreement (report): pruned → reconstructed | layers refitted | kept | "
+             "seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        f, rec = r["fidelity"], r["reconstruction"]
+        held = f"{f['pruned']['agreement']:.3f}" + (
+            f" → {f['reconstructed']['agreement']:.3f}" if "reconstructed" in f else "")
+        refit = f"{rec['refitted']} of {rec['layers']}" if rec else "–"
+        kept = ("yes" if rec["kept"] else "no") if rec else ""
+        lines.append(f"| `{r['variant']}` | ÷{r['flops_before'] / r['flops_after']:.2f} | "
+                     f"{r['top1_int8']:.4f} | {r['top1_float']:.4f} | {held} | {refit} | "
+                     f"{kept} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def held_out_sources(d: dict) -> str:
     held, n = d["held_out_photos"], len(d["calibrating_photos"])
     lines = [f"Held-out fidelity judged two ways ({_load_note(d)}): EfficientNet-Lite0 at the "
@@ -525,7 +545,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "latency_fidelity_obspa": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder,
           "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources,
-          "int4_minilm": int4_minilm,
+          "int4_minilm": int4_minilm, "int8_effnet": int8_effnet,
           "decoder_calibration": decoder_calibration}
 
 
