@@ -398,43 +398,48 @@ def minilm_mlp_joint_fit(d: dict) -> str:
     return "\n".join(lines)
 
 
-def int4_minilm(d: dict) -> str:
-    lines = [f"all-MiniLM-L6-v2 in int4 ({_load_note(d)}): {d['model']}; the int4 model's "
-             f"cosine to the float model's embeddings {d['int4_vs_float_cosine']:.4f} on the "
-             f"{d['evaluation_sentences']} evaluation sentences. Heads 0.3 + MLP 0.3, "
-             "calibrated on the benchmark's 1024 lines.", "",
-             "| run | FLOPs | cosine to the int4 model | cosine to the float model | "
-             "held-out (report): pruned → reconstructed | layers refitted | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    for r in d["rows"]:
+def _refit_rows(rows: list[dict], scores: tuple[str, str], held: str, digits: int
+                ) -> list[str]:
+    """The rows of a quantised-model table (benchmarks/quality/quantized.py): FLOPs, the two
+    ``scores``, the report's held-out ``held`` metric before and after reconstruction, how many
+    layers were refitted, whether the refit was kept, and the wall time."""
+    lines = []
+    for r in rows:
         f, rec = r["fidelity"], r["reconstruction"]
-        held = f"{f['pruned']['cosine']:.4f}" + (
-            f" → {f['reconstructed']['cosine']:.4f}" if "reconstructed" in f else "")
-        refit = f"{rec['refitted']} of {rec['layers']}" if rec else "–"
+        kept = f"{f['pruned'][held]:.{digits}f}" + (
+            f" → {f['reconstructed'][held]:.{digits}f}" if "reconstructed" in f else "")
+        refit = f"{rec['refitted']} of {rec['layers']} | {'yes' if rec['kept'] else 'no'}" \
+            if rec else "– | "
         lines.append(f"| `{r['variant']}` | ÷{r['flops_before'] / r['flops_after']:.2f} | "
-                     f"{r['cosine_int4']:.4f} | {r['cosine_float']:.4f} | {held} | {refit} | "
+                     f"{r[scores[0]]:.4f} | {r[scores[1]]:.4f} | {kept} | {refit} | "
                      f"{r['seconds']:.0f} |")
-    return "\n".join(lines)
+    return lines
+
+
+_REFIT_COLUMNS = ("held-out {0} (report): pruned → reconstructed | layers refitted | kept | "
+                  "seconds |", "|---|---|---|---|---|---|---|---|")
+
+
+def int4_minilm(d: dict) -> str:
+    return "\n".join([
+        f"all-MiniLM-L6-v2 in int4 ({_load_note(d)}): {d['model']}; the int4 model's cosine "
+        f"to the float model's embeddings {d['int4_vs_float_cosine']:.4f} on the "
+        f"{d['evaluation_sentences']} evaluation sentences. Heads 0.3 + MLP 0.3, calibrated on "
+        "the benchmark's 1024 lines.", "",
+        "| run | FLOPs | cosine to the int4 model | cosine to the float model | "
+        + _REFIT_COLUMNS[0].format("cosine"), _REFIT_COLUMNS[1],
+        *_refit_rows(d["rows"], ("cosine_int4", "cosine_float"), "cosine", 4)])
 
 
 def int8_effnet(d: dict) -> str:
-    lines = [f"EfficientNet-Lite0 in int8 ({_load_note(d)}): {d['model']}; the int8 model's "
-             f"top-1 agreement with the float model {d['int8_vs_float_top1']:.4f} on the "
-             f"{d['evaluation_views']} evaluation views. 1.5x FLOPs cut, calibrated on the "
-             "benchmark's calibration views.", "",
-             "| run | FLOPs | top-1 agreement with the int8 model | with the float model | "
-             "held-out agreement (report): pruned → reconstructed | layers refitted | kept | "
-             "seconds |", "|---|---|---|---|---|---|---|---|"]
-    for r in d["rows"]:
-        f, rec = r["fidelity"], r["reconstruction"]
-        held = f"{f['pruned']['agreement']:.3f}" + (
-            f" → {f['reconstructed']['agreement']:.3f}" if "reconstructed" in f else "")
-        refit = f"{rec['refitted']} of {rec['layers']}" if rec else "–"
-        kept = ("yes" if rec["kept"] else "no") if rec else ""
-        lines.append(f"| `{r['variant']}` | ÷{r['flops_before'] / r['flops_after']:.2f} | "
-                     f"{r['top1_int8']:.4f} | {r['top1_float']:.4f} | {held} | {refit} | "
-                     f"{kept} | {r['seconds']:.0f} |")
-    return "\n".join(lines)
+    return "\n".join([
+        f"EfficientNet-Lite0 in int8 ({_load_note(d)}): {d['model']}; the int8 model's top-1 "
+        f"agreement with the float model {d['int8_vs_float_top1']:.4f} on the "
+        f"{d['evaluation_views']} evaluation views. 1.5x FLOPs cut, calibrated on the "
+        "benchmark's calibration views.", "",
+        "| run | FLOPs | top-1 agreement with the int8 model | with the float model | "
+        + _REFIT_COLUMNS[0].format("agreement"), _REFIT_COLUMNS[1],
+        *_refit_rows(d["rows"], ("top1_int8", "top1_float"), "agreement", 3)])
 
 
 def held_out_sources(d: dict) -> str:

@@ -21,19 +21,15 @@ on the evaluation sentences (never used to calibrate).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from benchmarks.common import write_result
 from benchmarks.quality import real
+from benchmarks.quality.quantized import prune_variants
 
 WORK = real.CACHE / "minilm_int4"
 FLAGS = ["--heads-ratio", "0.3", "--mlp-ratio", "0.3", "--ratio", "0.3", "--criterion", "obspa",
          "--hessian", "calibration"]
-VARIANTS = {"no-reconstruct": ["--no-reconstruct"], "reconstruct": []}
 
 
 def int4(dense: Path) -> Path:
@@ -57,23 +53,13 @@ def main() -> None:
     quantized = int4(bench.dense)
     texts = (real.CACHE / "minilm" / "eval_1000.txt").read_text(encoding="utf-8").splitlines()
     float_ref, int4_ref = real.embed(bench.dense, texts), real.embed(quantized, texts)
-    rows = []
-    for label, extra in VARIANTS.items():
-        out, report = WORK / f"{label}.onnx", WORK / f"{label}.json"
-        argv = [sys.executable, "-m", "spa", "prune", str(quantized), "-o", str(out),
-                "--calib", str(bench.calib), *bench.calib_flags, *FLAGS, *extra, "--report",
-                str(report), "-q"]
-        t0 = time.perf_counter()
-        subprocess.run(argv, check=True)
-        seconds = time.perf_counter() - t0
-        body = json.loads(report.read_text())
+
+    def score(out: Path) -> dict:
         embedded = real.embed(out, texts)
-        rows.append({"variant": label, "argv": argv[2:], "seconds": round(seconds, 1),
-                     "cosine_int4": real.mean_cosine(int4_ref, embedded),
-                     "cosine_float": real.mean_cosine(float_ref, embedded),
-                     "flops_before": body["flops_before"], "flops_after": body["flops_after"],
-                     "reconstruction": body["reconstruction"], "fidelity": body["fidelity"]})
-        print(label, f"{rows[-1]['cosine_int4']:.4f}", flush=True)
+        return {"cosine_int4": real.mean_cosine(int4_ref, embedded),
+                "cosine_float": real.mean_cosine(float_ref, embedded)}
+
+    rows = prune_variants(quantized, bench, FLAGS, WORK, score)
     write_result("int4_minilm", {
         "model": "all-MiniLM-L6-v2, MatMulNBits 4 bits, blocks of 32, zero points",
         "evaluation_sentences": len(texts),

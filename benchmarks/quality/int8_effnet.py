@@ -20,11 +20,7 @@ evaluation photos (never used to quantise, calibrate or refit).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +28,11 @@ import numpy as np
 from benchmarks.common import write_result
 from benchmarks.quality import real
 from benchmarks.quality.evaluate import predict_logits, top1_agreement
+from benchmarks.quality.quantized import prune_variants
 
 WORK = real.CACHE / "effnet_int8"
 FLAGS = ["--target", "flops", "--ratio", "0.333333", "--criterion", "obspa", "--hessian",
          "calibration"]
-VARIANTS = {"no-reconstruct": ["--no-reconstruct"], "reconstruct": []}
 QUANTIZATION_VIEWS = 64
 
 
@@ -75,23 +71,13 @@ def main() -> None:
     x = np.stack([real.imagenet_view(p, real.EFFNET_MEAN, real.EFFNET_STD) for p in views])
     float_ref = predict_logits(bench.dense, x, batch_size=32)
     int8_ref = predict_logits(quantized, x, batch_size=32)
-    rows = []
-    for label, extra in VARIANTS.items():
-        out, report = WORK / f"{label}.onnx", WORK / f"{label}.json"
-        argv = [sys.executable, "-m", "spa", "prune", str(quantized), "-o", str(out),
-                "--calib", str(bench.calib), *bench.calib_flags, *FLAGS, *extra, "--report",
-                str(report), "-q"]
-        t0 = time.perf_counter()
-        subprocess.run(argv, check=True)
-        seconds = time.perf_counter() - t0
-        body = json.loads(report.read_text())
+
+    def score(out: Path) -> dict:
         logits = predict_logits(out, x, batch_size=32)
-        rows.append({"variant": label, "argv": argv[2:], "seconds": round(seconds, 1),
-                     "top1_int8": top1_agreement(int8_ref, logits),
-                     "top1_float": top1_agreement(float_ref, logits),
-                     "flops_before": body["flops_before"], "flops_after": body["flops_after"],
-                     "reconstruction": body["reconstruction"], "fidelity": body["fidelity"]})
-        print(label, f"{rows[-1]['top1_int8']:.4f}", flush=True)
+        return {"top1_int8": top1_agreement(int8_ref, logits),
+                "top1_float": top1_agreement(float_ref, logits)}
+
+    rows = prune_variants(quantized, bench, FLAGS, WORK, score)
     write_result("int8_effnet", {
         "model": "EfficientNet-Lite0, quantize_static QDQ: int8 weights per channel, uint8 "
                  f"activations, {QUANTIZATION_VIEWS} calibration views",
