@@ -112,7 +112,14 @@ class _Layer:
     residual: str | None = None  # the other input of the residual Add the output feeds
     joined: str | None = None  # that Add's output (the stream with the layer's term added)
     codec: NBits | QDQ | None = None  # a quantised weight (``weight``: its integer tensor)
+    #: where the pruned model is run to before the fit: the node, or the first DequantizeLinear
+    #: of its weight or bias (spa-internal order: see :func:`_weights_by_their_layers`)
+    fed_from: int | None = None
     bias_codec: QDQ | None = None  # a bias dequantised from int32 (``bias``: its integers)
+
+    @property
+    def fed_at(self) -> int:
+        return self.index if self.fed_from is None else self.fed_from
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,7 @@ class Reconstruction:
         """Refit ``pruned``'s layers on ``inputs``; ``pruned_feeds``: a chunk of the dense
         model's inputs as the pruned model takes them (a decoder's caches lose heads)."""
         dense = with_types(dense)
-        pruned = with_types(pruned)
+        pruned = _weights_by_their_layers(with_types(pruned))
         layers = _layers(pruned)
         dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
         layers = [la for la in layers if la.node in dense_pos]
@@ -263,7 +270,7 @@ class Reconstruction:
                     d_runner.advance(target_stop + 1, want=(layer.joined,))
                 else:
                     d_runner.advance(target_stop, want=(layer.output,))
-                p_runner.advance(layer.index, want=(layer.data,))
+                p_runner.advance(layer.fed_at, want=(layer.data,))
                 fit = self._fit(layer, pruned, weights, (p_runner, d_runner), k,
                                 (index, valid), start)
                 out.layers.append(fit[0])
@@ -498,6 +505,38 @@ def refits_any(graph: gs.Graph) -> bool:
                for node in graph.nodes)
 
 
+def _weights_by_their_layers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` (a copy, when anything moves) with each DequantizeLinear of initializers that
+    one node reads moved to just before that node. The pruned model is run up to a layer, the
+    layer refitted, and the run goes on from there: a weight dequantised earlier would have
+    been held from before the refit, and later layers fitted to what the refit no longer
+    computes (a QDQ model's layers, each fitted on the others' old weights)."""
+    inits = {i.name for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes = list(model.graph.node)
+    movable = {n.output[0]: k for k, n in enumerate(nodes)
+               if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")
+               and len(n.output) == 1 and readers.get(n.output[0]) == 1
+               and all(i in inits or not i for i in n.input)}
+    order: list[int] = []
+    moving = set(movable.values())
+    for k, node in enumerate(nodes):
+        if k in moving:
+            continue
+        order.extend(movable[i] for i in node.input if i in movable)
+        order.append(k)
+    if order == list(range(len(nodes))):
+        return model
+    moved = onnx.ModelProto()
+    moved.CopyFrom(model)
+    del moved.graph.node[:]
+    moved.graph.node.extend(nodes[k] for k in order)
+    return moved
+
+
 def _layers(model: onnx.ModelProto) -> list[_Layer]:
     """The refittable nodes, in graph (topological) order: a float initializer weight read by
     this node only, an optional float initializer bias, plain attributes."""
@@ -521,6 +560,8 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
     dequantized = {n.output[0]: n for n in model.graph.node
                    if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")}
 
+    position = {n.output[0]: i for i, n in enumerate(model.graph.node) if n.output}
+
     def weight(name: str, rank: int) -> tuple[str, QDQ | None] | None:
         """The layer's weight: a float initializer, or the integer one a DequantizeLinear
         read by this node only dequantises (its name, and how it is held)."""
@@ -531,6 +572,13 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
             return None
         codec = _qdq(dq, inits, readers, rank)
         return None if codec is None else (dq.input[0], codec)
+
+    def fed_from(node: onnx.NodeProto, i: int) -> int | None:
+        """The first of the DequantizeLinear nodes feeding ``node`` its weight or bias, when
+        they run right before it (else None: the node's own position)."""
+        first = min((position[n] for n in node.input[1:] if n in dequantized), default=i)
+        return first if first < i and all(position.get(o, -1) >= first for o in node.input[1:]
+                                           if o in dequantized) else None
 
     found: list[_Layer] = []
     for i, node in enumerate(model.graph.node):
@@ -543,7 +591,8 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                 else (None, None)
             if bias is not None:
                 found.append(_Layer(i, node.name, "Conv", w[0], bias[0], node.input[0],
-                                    node.output[0], 0, codec=w[1], bias_codec=bias[1]))
+                                    node.output[0], 0, codec=w[1], bias_codec=bias[1],
+                                    fed_from=fed_from(node, i)))
         elif node.op_type == "Gemm" and (w := weight(node.input[1], 2)) is not None \
                 and not attrs.get("transA", 0) \
                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0:
@@ -552,7 +601,7 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                     inits[w[0]].dims[0 if attrs.get("transB", 0) else 1])):
                 found.append(_Layer(i, node.name, "Gemm", w[0], bias, node.input[0],
                                     node.output[0], 0 if attrs.get("transB", 0) else 1,
-                                    codec=w[1]))
+                                    codec=w[1], fed_from=fed_from(node, i)))
         elif node.op_type == "MatMul" and (w := weight(node.input[1], 2)) is not None \
                 and node.input[0] not in inits:
             bias, output = None, node.output[0]
@@ -563,7 +612,7 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                         and inits[other[0]].dims[0] == inits[w[0]].dims[1]:
                     bias, output = other[0], after[0].output[0]
             found.append(_Layer(i, node.name, "MatMul", w[0], bias, node.input[0],
-                                output, 1, codec=w[1]))
+                                output, 1, codec=w[1], fed_from=fed_from(node, i)))
         elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft" \
                 and (codec := _nbits(node, attrs, inits, readers)) is not None:
             bias = node.input[5] if len(node.input) > 5 and node.input[5] else None

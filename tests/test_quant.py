@@ -363,3 +363,31 @@ def test_quantize_static_model_is_refitted_in_its_integers(tmp_path: Path) -> No
     assert changed and all(refitted[n].dtype in (np.int8, np.int32) for n in changed)
     assert any(refitted[n].dtype == np.int32 for n in changed)  # a bias, in its codes
     assert src.read_bytes() == before
+
+
+def test_reconstruction_runs_each_weight_dequantisation_after_the_refits_before_it() -> None:
+    """The pruned model is run a segment at a time, refitting a layer between two. A weight's
+    DequantizeLinear placed early in the graph (all at the top, here) would run before the
+    layers above it are refitted, and its output be held: the layers after them would be
+    fitted to weights the written model no longer has (EfficientNet-Lite0 in int8: held-out
+    agreement 0.179 → 0.000 with such fits, 0.761 without). Reconstruction moves each one to
+    just before its layer and runs the model to it, not past it."""
+    from spa.passes.reconstruction import _layers, _weights_by_their_layers
+
+    m = conv_net()
+    nodes = list(m.graph.node)
+    weights = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0].endswith(".q")]
+    top = onnx.ModelProto()
+    top.CopyFrom(m)
+    del top.graph.node[:]
+    top.graph.node.extend(weights + [n for n in nodes if n not in weights])
+    moved = _weights_by_their_layers(top)
+    order = [n.name for n in moved.graph.node]
+    assert order.index("c1.dq") == order.index("c1") - 1
+    assert order.index("c2.dq") == order.index("c2") - 1
+    assert [n.name for n in top.graph.node][:2] == ["c1.dq", "c2.dq"]  # the input is a copy
+    layers = {la.node: la for la in _layers(moved)}
+    for name in ("c1", "c2"):
+        assert layers[name].weight == f"{name}.q" and layers[name].codec is not None
+        assert layers[name].fed_at == order.index(f"{name}.dq") < layers[name].index
+    assert _weights_by_their_layers(moved) is moved  # nothing left to move
