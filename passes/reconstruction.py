@@ -597,11 +597,14 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                 and not attrs.get("transA", 0) \
                 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0:
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if bias is None or (const(bias) and int(np.prod(inits[bias].dims)) == (
+            held = (bias, None) if bias is not None and const(bias) else \
+                weight(bias, 1) if bias is not None else (None, None)
+            if held is not None and (held[0] is None or int(np.prod(inits[held[0]].dims)) == (
                     inits[w[0]].dims[0 if attrs.get("transB", 0) else 1])):
-                found.append(_Layer(i, node.name, "Gemm", w[0], bias, node.input[0],
+                found.append(_Layer(i, node.name, "Gemm", w[0], held[0], node.input[0],
                                     node.output[0], 0 if attrs.get("transB", 0) else 1,
-                                    codec=w[1], fed_from=fed_from(node, i)))
+                                    codec=w[1], bias_codec=held[1],
+                                    fed_from=fed_from(node, i)))
         elif node.op_type == "MatMul" and (w := weight(node.input[1], 2)) is not None \
                 and node.input[0] not in inits:
             bias, output = None, node.output[0]

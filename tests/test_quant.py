@@ -362,6 +362,7 @@ def test_quantize_static_model_is_refitted_in_its_integers(tmp_path: Path) -> No
     changed = [n for n in plain if not np.array_equal(plain[n], refitted[n])]
     assert changed and all(refitted[n].dtype in (np.int8, np.int32) for n in changed)
     assert any(refitted[n].dtype == np.int32 for n in changed)  # a bias, in its codes
+    assert report.reconstruction["layers"] == 16  # 15 Conv and the Gemm (a dequantised bias)
     assert src.read_bytes() == before
 
 
