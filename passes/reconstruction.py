@@ -538,8 +538,9 @@ def _weights_by_their_layers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _layers(model: onnx.ModelProto) -> list[_Layer]:
-    """The refittable nodes, in graph (topological) order: a float initializer weight read by
-    this node only, an optional float initializer bias, plain attributes."""
+    """The refittable nodes, in graph (topological) order: a weight read by this node only (a
+    float initializer, an integer one dequantised by a DequantizeLinear, or a MatMulNBits'
+    blocks), an optional bias (a float initializer, or dequantised), plain attributes."""
     inits = {i.name: i for i in model.graph.initializer}
     readers: dict[str, int] = {}
     for node in model.graph.node:
@@ -574,11 +575,10 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
         return None if codec is None else (dq.input[0], codec)
 
     def fed_from(node: onnx.NodeProto, i: int) -> int | None:
-        """The first of the DequantizeLinear nodes feeding ``node`` its weight or bias, when
-        they run right before it (else None: the node's own position)."""
+        """The first of the DequantizeLinear nodes feeding ``node`` its weight or bias (run
+        right before it: :func:`_weights_by_their_layers`), or None: nothing dequantised."""
         first = min((position[n] for n in node.input[1:] if n in dequantized), default=i)
-        return first if first < i and all(position.get(o, -1) >= first for o in node.input[1:]
-                                           if o in dequantized) else None
+        return first if first < i else None
 
     found: list[_Layer] = []
     for i, node in enumerate(model.graph.node):
