@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.registry import entry_of
-from spa.ir.quant import quantized_weight, weight_array
+from spa.ir.quant import QuantizedWeight, quantized_weight, requantized, weight_array
 from spa.ir.tied import tied_names
 from spa.passes.hessian import damped_inverse
 from spa.passes.importance.obspa import layer_rows, obs_remove
@@ -68,8 +68,8 @@ class Compensation:
         out, updated, skipped, untied = self._update(
             analysis, progress(removed, "compensation", unit="layer"), statistics)
         if skipped:
-            # A float update rounded back into int8 would be lossy: quantised layers lose their
-            # channels without it (spa/coupling/rules/quant.py).
+            # Blocked, chained or packed quantisation: the update has no codes to go into here
+            # (spa/coupling/rules/quant.py), and those layers lose their channels without it.
             log.warning("compensation not written into %d quantised weight(s) (%s): their "
                         "removed channels are dropped without an update", len(skipped),
                         _some(skipped))
@@ -93,18 +93,24 @@ class Compensation:
         skipped: list[str] = []
         untied: list[str] = []
         used: set[tuple[str, int]] = set()
+        coded: dict[str, QuantizedWeight] = {}  # updated in float, written in their codes
         for key, gone in removed:
             h = statistics.hessian(key)
             t = tensors.get(key[0])
-            if h is not None and quantized_weight(t) is not None:
+            quantized = quantized_weight(t) if h is not None else None
+            if quantized is not None and (quantized.node.op != "DequantizeLinear"
+                                          or quantized.block_size or quantized.perm
+                                          or np.dtype(quantized.q.dtype).kind not in "iu"):
                 skipped.append(key[0])
                 continue
             if h is not None and key[0] in tied:
                 untied.append(key[0])
                 continue
-            if h is None or not isinstance(t, gs.Constant) or h.ndim == 1:
+            if h is None or h.ndim == 1 or (quantized is None and not isinstance(t, gs.Constant)):
                 continue  # not a consumer layer, or a diagonal H (no cross terms to use)
-            values = out[key[0]] if key[0] in out else np.array(t.values)  # never a view
+            if quantized is not None:
+                coded[key[0]] = quantized
+            values = out[key[0]] if key[0] in out else np.array(weight_array(t))  # never a view
             w = layer_rows(values, key[1])
             keep = np.setdiff1d(np.arange(w.shape[0]), gone)
             obs_remove(w, self._inverse(key, h), gone, keep)
@@ -112,6 +118,8 @@ class Compensation:
             moved = np.moveaxis(values, key[1], 0).shape
             out[key[0]] = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
             updated += 1
+        for name, quantized in coded.items():  # a DequantizeLinear weight: new codes, own scale
+            out[quantized.q.name] = requantized(quantized, out.pop(name))
         if self.inverses is not None:  # only this plan's layers: the next plan is most often
             # another cut of the same group (the sensitivity's order), and every layer's
             # inverse kept would double the memory of the statistics

@@ -50,7 +50,7 @@ from spa.calibration import (
 from spa.errors import OptionError
 from spa.ir import nbits
 from spa.ir.contrib import value_dims
-from spa.ir.quant import quantized_weight
+from spa.ir.quant import codes_on, quantized_weight
 from spa.memory import release
 from spa.passes.segments import Frontiers, Runner, fixed_batch, unmap, with_types
 from spa.progress import progress
@@ -184,10 +184,7 @@ class QDQ:
         they hold."""
         old = numpy_helper.to_array(weights[name])
         scale, zp = self._own(weights, old.ndim)
-        info = np.iinfo(old.dtype)
-        step = np.where(scale != 0, scale, 1.0)
-        codes = np.where(scale != 0, np.clip(np.rint(w / step + zp), info.min, info.max), old)
-        codes = codes.astype(old.dtype)
+        codes = codes_on(w, scale, zp, old)
         return codes, (codes.astype(np.float64) - zp) * scale
 
     def _own(self, weights: Mapping[str, onnx.TensorProto], ndim: int

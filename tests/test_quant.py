@@ -188,22 +188,40 @@ def test_masked_original_writes_the_zero_point(tmp_path: Path) -> None:
     prune_checked(m, tmp_path, ratio=0.5)  # and the pruned model equals it
 
 
-def test_obspa_compensation_is_not_written_into_int8(tmp_path: Path, caplog) -> None:
-    """OBSPA scores quantised layers on their dequantised weights, but its float update is not
-    rounded into the integer tensors: the kept slices are the original integers, and the run
-    says so."""
+def test_obspa_compensation_is_written_in_the_int8_codes(tmp_path: Path) -> None:
+    """OBSPA's update is computed on the dequantised weights and written as new codes of the
+    integer tensor on its own scales and zero points: the model stays int8 with the same
+    scales, and on samples like the calibration data it answers closer to the original than
+    the same cut without the update."""
     from spa.api import CheckOptions, PruneOptions, prune
 
     m = conv_net()
-    src = tmp_path / "m.onnx"
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
     onnx.save(m, str(src))
-    with caplog.at_level(logging.WARNING):
-        report, _ = prune(src, tmp_path / "o.onnx", PruneOptions(ratio=0.5, criterion="obspa"),
-                          CheckOptions(latency=False))
-    assert report.compensated_layers == 0
-    assert any("quantised weight" in r.message for r in caplog.records)
-    kept = kept_slices(init_value(m, "c2.q"), init_value(tmp_path / "o.onnx", "c2.q"), 1)
-    assert len(kept) == 4  # the integer columns survive unchanged (kept_slices matches values)
+    rng = np.random.default_rng(3)
+    np.savez(calib, x=rng.standard_normal((64, 3, 6, 6)).astype(np.float32))
+    x = {"x": rng.standard_normal((32, 1, 3, 6, 6)).astype(np.float32)}
+    outs = {}
+    for compensate in (True, False):
+        out = tmp_path / f"o{compensate}.onnx"
+        report, _ = prune(src, out, PruneOptions(
+            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
+            allocation="uniform", reconstruct=False, compensate=compensate),
+            CheckOptions(latency=False))
+        assert report.compensated_layers == int(compensate)
+        outs[compensate] = out
+    original = val.session(m)
+    error = {}
+    for compensate, out in outs.items():
+        sess = val.session(onnx.load(str(out)))
+        ref = np.concatenate([next(iter(val.run(original, {"x": s}).values())) for s in x["x"]])
+        got = np.concatenate([next(iter(val.run(sess, {"x": s}).values())) for s in x["x"]])
+        error[compensate] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert error[True] < 0.9 * error[False], error
+    same, updated = init_value(outs[False], "c2.q"), init_value(outs[True], "c2.q")
+    assert updated.dtype == np.int8 and updated.shape == same.shape
+    assert not np.array_equal(updated, same)
+    np.testing.assert_array_equal(init_value(outs[True], "c2.s"), init_value(outs[False], "c2.s"))
 
 
 def test_blocked_quantisation_freezes_with_a_reason() -> None:

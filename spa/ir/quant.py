@@ -122,6 +122,28 @@ def dequantize(w: QuantizedWeight) -> np.ndarray:
     return out if w.perm is None else np.transpose(out, w.perm)
 
 
+def codes_on(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | float,
+             old: np.ndarray) -> np.ndarray:
+    """``values`` as integer codes of ``old``'s type on the given scale and zero point
+    (broadcast against ``values``): rounded to the nearest step, clipped to the type's range;
+    where the scale is 0, ``old``'s codes stay."""
+    info = np.iinfo(old.dtype)
+    scale = np.asarray(scale, np.float64)
+    step = np.where(scale != 0, scale, 1.0)
+    codes = np.clip(np.rint(values / step + np.asarray(zero_point, np.float64)),
+                    info.min, info.max)
+    return np.where(scale != 0, codes, old).astype(old.dtype)
+
+
+def requantized(w: QuantizedWeight, values: np.ndarray) -> np.ndarray:
+    """The dequantised-layout ``values`` of a DequantizeLinear weight (not blocked, not a
+    chain) as new codes of its integer tensor on its own scale and zero point."""
+    q = peek(w.q)
+    scale = _along(peek(w.scale), w.axis, q.ndim)
+    zp = np.zeros(()) if w.zero_point is None else _along(peek(w.zero_point), w.axis, q.ndim)
+    return codes_on(values, scale, zp, q)
+
+
 def _along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
     """``v`` (one value, or one per index of ``axis``) shaped to broadcast along ``axis``."""
     if v.size == 1 or axis is None:
