@@ -23,7 +23,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.registry import entry_of
-from spa.ir.quant import QuantizedWeight, quantized_weight, requantized, weight_array
+from spa.ir.quant import (
+    QuantizedWeight,
+    has_codes,
+    quantized_weight,
+    requantized,
+    weight_array,
+)
 from spa.ir.tied import tied_names
 from spa.passes.hessian import damped_inverse
 from spa.passes.importance.obspa import layer_rows, obs_remove
@@ -98,9 +104,7 @@ class Compensation:
             h = statistics.hessian(key)
             t = tensors.get(key[0])
             quantized = quantized_weight(t) if h is not None else None
-            if quantized is not None and (quantized.node.op != "DequantizeLinear"
-                                          or quantized.block_size or quantized.perm
-                                          or np.dtype(quantized.q.dtype).kind not in "iu"):
+            if quantized is not None and not has_codes(quantized):
                 skipped.append(key[0])
                 continue
             if h is not None and key[0] in tied:

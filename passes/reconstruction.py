@@ -50,7 +50,7 @@ from spa.calibration import (
 from spa.errors import OptionError
 from spa.ir import nbits
 from spa.ir.contrib import value_dims
-from spa.ir.quant import codes_on, quantized_weight
+from spa.ir.quant import along, codes_on, has_codes, quantized_weight
 from spa.memory import release
 from spa.passes.segments import Frontiers, Runner, fixed_batch, unmap, with_types
 from spa.progress import progress
@@ -173,9 +173,8 @@ class QDQ:
     def weight(self, q: onnx.TensorProto, weights: Mapping[str, onnx.TensorProto]
                ) -> np.ndarray:
         """The dequantised weight (float64)."""
-        values = numpy_helper.to_array(q)
-        scale, zp = self._own(weights, values.ndim)
-        return (values.astype(np.float64) - zp) * scale
+        codes = numpy_helper.to_array(q)
+        return self._held(codes, *self._own(weights, codes.ndim))
 
     def requantized(self, w: np.ndarray, name: str,
                     weights: Mapping[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray]:
@@ -185,17 +184,19 @@ class QDQ:
         old = numpy_helper.to_array(weights[name])
         scale, zp = self._own(weights, old.ndim)
         codes = codes_on(w, scale, zp, old)
-        return codes, (codes.astype(np.float64) - zp) * scale
+        return codes, self._held(codes, scale, zp)
 
     def _own(self, weights: Mapping[str, onnx.TensorProto], ndim: int
              ) -> tuple[np.ndarray, np.ndarray]:
-        shape = [1] * ndim
-        if self.axis is not None:
-            shape[self.axis] = -1
-        scale = numpy_helper.to_array(weights[self.scale]).astype(np.float64).reshape(shape)
+        """The scale and zero point (float64), shaped to broadcast along the axis."""
+        scale = numpy_helper.to_array(weights[self.scale]).astype(np.float64)
         zp = np.zeros(()) if self.zero_point is None else \
-            numpy_helper.to_array(weights[self.zero_point]).astype(np.float64).reshape(shape)
-        return scale, zp
+            numpy_helper.to_array(weights[self.zero_point]).astype(np.float64)
+        return along(scale, self.axis, ndim), along(zp, self.axis, ndim)
+
+    @staticmethod
+    def _held(codes: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+        return (codes.astype(np.float64) - zp) * scale
 
 
 class Reconstruction:
@@ -343,22 +344,20 @@ class Reconstruction:
             return LayerFit(layer.node, e0, e0, None, rows), {}
         w, b = design.weights(best, w0.shape)
         values = {}
-        for name, codec, value in ((layer.weight, layer.codec, w),
-                                   (layer.bias, layer.bias_codec, b)):
-            if name is None or value is None:
-                continue
-            old = numpy_helper.to_array(weights[name])
-            if name == layer.bias:  # (a weight is in its own layout already: a MatMulNBits'
-                value = value.reshape(old.shape)  # [K, N], not its packed B)
-            if codec is None:
-                values[name] = value.astype(old.dtype)
-                continue
-            # the refit as the layer can hold it: quantised again, on its own scales
-            values[name], held = codec.requantized(value, name, weights)
-            if name == layer.weight:
-                w = held
-            else:
+        # a quantised weight or bias takes the refit as it can hold it: new codes on its own
+        # scales (and the error is judged on what they hold)
+        if layer.codec is not None:  # (in its own layout: a MatMulNBits' [K, N], not its B)
+            values[layer.weight], w = layer.codec.requantized(w, layer.weight, weights)
+        else:
+            values[layer.weight] = w.astype(numpy_helper.to_array(weights[layer.weight]).dtype)
+        if layer.bias is not None and b is not None:
+            old = numpy_helper.to_array(weights[layer.bias])
+            if layer.bias_codec is not None:
+                values[layer.bias], held = layer.bias_codec.requantized(
+                    b.reshape(old.shape), layer.bias, weights)
                 b = held.reshape(-1)
+            else:
+                values[layer.bias] = b.reshape(old.shape).astype(old.dtype)
         if layer.codec is not None or layer.bias_codec is not None:
             best_err = val.error(design.theta(w, b))
             if best_err >= e0 * (1 - 1e-6):
@@ -495,8 +494,7 @@ def refits_any(graph: gs.Graph) -> bool:
         if isinstance(w, gs.Constant):
             return np.dtype(w.dtype) in (np.float32, np.float64)
         quantized = quantized_weight(w)
-        return quantized is not None and quantized.node.op == "DequantizeLinear" \
-            and not quantized.block_size and np.dtype(quantized.q.dtype).kind in "iu"
+        return quantized is not None and has_codes(quantized)
 
     return any(node.op in ("Conv", "Gemm", "MatMul", "MatMulNBits") and refittable(node)
                for node in graph.nodes)

@@ -39,8 +39,7 @@ def dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     points."""
     n, blocks = scales.shape
     q = unpack(b, bits).reshape(n, blocks, -1)[:, :, :block_size].astype(np.float64)
-    zp = np.full((n, blocks), float(1 << (bits - 1))) if zero_points is None \
-        else unpack(zero_points, bits)[:, :blocks].astype(np.float64)
+    zp = _zero_points(zero_points, scales.shape, bits)
     w = (q - zp[:, :, None]) * scales.astype(np.float64)[:, :, None]
     return w.reshape(n, -1)[:, :k].T
 
@@ -50,9 +49,16 @@ def requantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     """``W [K, N]`` rounded to the codes of the given scales and packed zero points: ``B``."""
     k, n = w.shape
     blocks = scales.shape[1]
-    zp = np.full((n, blocks), float(1 << (bits - 1))) if zero_points is None \
-        else unpack(zero_points, bits)[:, :blocks].astype(np.float64)
+    zp = _zero_points(zero_points, scales.shape, bits)
     step = scales.astype(np.float64)
     step = np.where(step != 0, step, 1.0)
     q = np.rint(w.T.reshape(n, blocks, block_size) / step[:, :, None] + zp[:, :, None])
     return pack(np.clip(q, 0, (1 << bits) - 1).astype(np.uint8), bits)
+
+
+def _zero_points(packed: np.ndarray | None, shape: tuple[int, ...], bits: int) -> np.ndarray:
+    """The zero point of each row and block (``shape``: the scales'), float64: unpacked, or the
+    implicit ``2^(bits−1)``."""
+    if packed is None:
+        return np.full(shape, float(1 << (bits - 1)))
+    return unpack(packed, bits)[:, :shape[1]].astype(np.float64)

@@ -116,10 +116,18 @@ def dequantize(w: QuantizedWeight) -> np.ndarray:
         if zp.ndim:
             zp = np.repeat(zp, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
     else:  # per-tensor (size 1) or per-axis, whatever their broadcast shapes
-        scale, zp = _along(scale, w.axis, q.ndim), _along(zp, w.axis, q.ndim)
+        scale, zp = along(scale, w.axis, q.ndim), along(zp, w.axis, q.ndim)
     out = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
     out = out.astype(scale.dtype, copy=False)
     return out if w.perm is None else np.transpose(out, w.perm)
+
+
+def has_codes(w: QuantizedWeight) -> bool:
+    """Whether new values of ``w`` can be written as codes of its integer tensor on its own
+    scale and zero point (:func:`requantized`): a DequantizeLinear (not a chain of plain ops),
+    not blocked, of an integer type."""
+    return w.node.op == "DequantizeLinear" and not w.block_size \
+        and np.dtype(w.q.dtype).kind in "iu"
 
 
 def codes_on(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | float,
@@ -136,15 +144,15 @@ def codes_on(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | flo
 
 
 def requantized(w: QuantizedWeight, values: np.ndarray) -> np.ndarray:
-    """The dequantised-layout ``values`` of a DequantizeLinear weight (not blocked, not a
-    chain) as new codes of its integer tensor on its own scale and zero point."""
+    """The dequantised-layout ``values`` of a weight that :func:`has_codes` as new codes of its
+    integer tensor on its own scale and zero point."""
     q = peek(w.q)
-    scale = _along(peek(w.scale), w.axis, q.ndim)
-    zp = np.zeros(()) if w.zero_point is None else _along(peek(w.zero_point), w.axis, q.ndim)
+    scale = along(peek(w.scale), w.axis, q.ndim)
+    zp = np.zeros(()) if w.zero_point is None else along(peek(w.zero_point), w.axis, q.ndim)
     return codes_on(values, scale, zp, q)
 
 
-def _along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+def along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
     """``v`` (one value, or one per index of ``axis``) shaped to broadcast along ``axis``."""
     if v.size == 1 or axis is None:
         return v.reshape(())

@@ -195,15 +195,15 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
                         t.values = values[t.name]
             write_streamed(loaded, stage.model_path)
             pruned: PathLike | onnx.ModelProto = stage.model_path
-            if "pruned" in faithful.stages or calib is None or not calib.held_out:
-                pass  # measured in memory around the refit, or nothing to measure
-            elif loaded.path is not None:  # onnxruntime reads both files (and their data)
-                faithful.stages["pruned"] = fidelity.measure(loaded.path, pruned,
-                                                             calib.held_out, change)
-            else:
-                log.warning("held-out fidelity is not measured: onnxruntime reads a model over "
-                            "2 GB from its file, and this one was given in memory (save it "
-                            "with its weights as external data, and prune the file)")
+            if calib is not None and calib.held_out and "pruned" not in faithful.stages:
+                # (a refit measured it in memory)
+                if loaded.path is not None:  # onnxruntime reads both files (and their data)
+                    faithful.stages["pruned"] = fidelity.measure(loaded.path, pruned,
+                                                                 calib.held_out, change)
+                else:
+                    log.warning("held-out fidelity is not measured: onnxruntime reads a model "
+                                "over 2 GB from its file, and this one was given in memory (save "
+                                "it with its weights as external data, and prune the file)")
             reread = load_model(stage.model_path)
             emitted = reread.graph, reread.ties
         else:
