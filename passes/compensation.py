@@ -8,6 +8,9 @@ full-size weights and the layer statistics (passes/statistics.py) and mutates no
 returns the updated weights (:class:`WeightUpdates`), which the rewrite, the one mutating step,
 writes before it slices them; FLAP's bias shifts (:class:`BiasShifts`) likewise, added by the
 rewrite after slicing. It decides nothing the plan did not.
+A quantised weight is updated in float and written as new codes on its own scales and zero
+points: a ``DequantizeLinear``'s integers, or a ``MatMulNBits``' packed ``B`` (whose consumer
+space, its scales' blocks, stands for ``block_size`` input columns each; spa/ir/quant.py).
 A weight tied to another tensor of the file (spa/ir/tied.py: a tied ``lm_head`` is a view of the
 embedding) gets no update: one layer's update would untie it, and the file would hold it twice.
 """
@@ -24,15 +27,18 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.registry import entry_of
 from spa.ir.quant import (
+    PackedWeight,
     QuantizedWeight,
     has_codes,
+    layer_weight,
+    packed_weight,
     quantized_weight,
     requantized,
     weight_array,
 )
 from spa.ir.tied import tied_names
 from spa.passes.hessian import damped_inverse
-from spa.passes.importance.obspa import layer_rows, obs_remove
+from spa.passes.importance.obspa import expanded, from_rows, layer_rows, obs_remove
 from spa.plan import kept_indices, removed_indices
 from spa.progress import progress
 
@@ -99,31 +105,40 @@ class Compensation:
         skipped: list[str] = []
         untied: list[str] = []
         used: set[tuple[str, int]] = set()
-        coded: dict[str, QuantizedWeight] = {}  # updated in float, written in their codes
+        # updated in float, written in their codes: a DequantizeLinear's integers, a packed B
+        coded: dict[str, QuantizedWeight | PackedWeight] = {}
         for key, gone in removed:
             h = statistics.hessian(key)
-            t = tensors.get(key[0])
+            t = layer_weight(tensors.get(key[0]))  # a MatMulNBits' B, not its scales
+            name = t.name if t is not None else key[0]
             quantized = quantized_weight(t) if h is not None else None
             if quantized is not None and not has_codes(quantized):
-                skipped.append(key[0])
+                skipped.append(name)
                 continue
-            if h is not None and key[0] in tied:
-                untied.append(key[0])
+            if h is not None and name in tied:
+                untied.append(name)
                 continue
             if h is None or h.ndim == 1 or (quantized is None and not isinstance(t, gs.Constant)):
                 continue  # not a consumer layer, or a diagonal H (no cross terms to use)
+            packed = packed_weight(t)
             if quantized is not None:
-                coded[key[0]] = quantized
-            values = out[key[0]] if key[0] in out else np.array(weight_array(t))  # never a view
-            w = layer_rows(values, key[1])
+                coded[name] = quantized
+            elif packed is not None:
+                coded[name] = packed
+            values = out[name] if name in out else np.array(weight_array(t))  # never a view
+            per = statistics.layers[key].per
+            w = layer_rows(values, key[1], per)
+            gone = expanded(gone, per)
             keep = np.setdiff1d(np.arange(w.shape[0]), gone)
             obs_remove(w, self._inverse(key, h), gone, keep)
             used.add(key)
-            moved = np.moveaxis(values, key[1], 0).shape
-            out[key[0]] = np.moveaxis(w.reshape(moved), 0, key[1]).astype(values.dtype)
+            out[name] = from_rows(w, values.shape, key[1], per).astype(values.dtype)
             updated += 1
-        for name, quantized in coded.items():  # a DequantizeLinear weight: new codes, own scale
-            out[quantized.q.name] = requantized(quantized, out.pop(name))
+        for name, weight in coded.items():  # new codes on the weight's own scales
+            if isinstance(weight, PackedWeight):
+                out[name] = weight.codes(out.pop(name))
+            else:
+                out[weight.q.name] = requantized(weight, out.pop(name))
         if self.inverses is not None:  # only this plan's layers: the next plan is most often
             # another cut of the same group (the sensitivity's order), and every layer's
             # inverse kept would double the memory of the statistics
@@ -163,8 +178,9 @@ class BiasCompensation:
         for key, gone in removed_indices(analysis, plan).items():
             if key not in layers or key not in stats:
                 continue
-            values = weight_array(tensors[key[0]])  # dequantised
-            w = layer_rows(values, key[1])
+            values = weight_array(layer_weight(tensors[key[0]]))  # dequantised
+            w = layer_rows(values, key[1], layers[key].per)
+            gone = expanded(gone, layers[key].per)
             shift = (stats[key].mean[gone] @ w[gone]).reshape(
                 np.moveaxis(values, key[1], 0).shape[1], -1).sum(axis=1)
             out[layers[key].node] = (shift, (key[0], 1 - key[1]))  # the weight's output axis

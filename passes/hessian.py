@@ -35,6 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spa.choices import HessianSource
+from spa.coupling.facts import LayerInput
 from spa.coupling.registry import entry_of
 from spa.coupling.types import Role
 from spa.errors import OptionError
@@ -50,7 +51,9 @@ MAX_DENSE = 4096  # above this many input channels a layer uses a diagonal H (me
 
 @dataclass(frozen=True)
 class ConsumerLayer:
-    """A weight whose input axis ``axis`` reads channel ``i`` of ``data``'s axis ``data_axis``."""
+    """A weight whose input axis ``axis`` reads channel ``i`` of ``data``'s axis ``data_axis``;
+    with ``per`` > 1, index ``i`` of the axis reads channels ``i·per … (i+1)·per − 1`` (a
+    ``MatMulNBits``' quantisation block). ``width``: ``data``'s channels, ``H``'s size."""
 
     weight: str
     axis: int
@@ -58,6 +61,7 @@ class ConsumerLayer:
     data_axis: int
     width: int
     node: str
+    per: int = 1
 
 
 def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
@@ -84,8 +88,8 @@ def _layer_of(node: gs.Node, opset: int, slot: int, w: gs.Tensor, axis: int
     found = None if entry is None or entry.layer_input is None else entry.layer_input(node, slot)
     if found is None:
         return None
-    data, data_axis = found
-    return ConsumerLayer(w.name, axis, data.name, data_axis, w.shape[axis], node.name)
+    data, data_axis, per = LayerInput(*found)
+    return ConsumerLayer(w.name, axis, data.name, data_axis, w.shape[axis] * per, node.name, per)
 
 
 @dataclass

@@ -145,7 +145,8 @@ class _Masked:
     also declared a graph input, so a feed overrides it): one onnxruntime session answers for
     every masked variant of the whole model, and one per starting node for its suffixes. A plan
     whose masking is not a plain initializer slice (a quantised weight behind
-    DequantizeLinear, a MatMulNBits scale) gets a whole masked copy of its own."""
+    DequantizeLinear, a MatMulNBits scale) gets a whole masked copy of its own, with the
+    plan's compensated weights (``update``) in it."""
 
     def __init__(self, original: onnx.ModelProto, analysis: Analysis,
                  extra: Collection[str] = (),
@@ -247,7 +248,8 @@ class _Masked:
 
         zero = self.zeroed(plan)
         if any(name not in self.inits for name in zero):
-            copy = val.masked_model(self.original, self.analysis, plan)
+            updated = self.update(plan) if self.update is not None else {}
+            copy = val.masked_model(_with_values(self.original, updated), self.analysis, plan)
             return _outputs(val.session(copy), feeds)
         return _outputs(self.session, feeds, self._weights(zero, plan))
 
@@ -314,6 +316,22 @@ def _packed_once(original: onnx.ModelProto) -> set[str]:
     (measured: feeding other scales to a later run gives the first run's output)."""
     return {name for node in original.graph.node if node.op_type == "MatMulNBits"
             for name in node.input[1:]}
+
+
+def _with_values(original: onnx.ModelProto, values: Mapping[str, np.ndarray]
+                 ) -> onnx.ModelProto:
+    """``original``, or a copy with the initializers named in ``values`` holding them (in
+    their own types): a plan's compensated weights, float or codes."""
+    if not values:
+        return original
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    for init in copy.graph.initializer:
+        if init.name in values:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            init.CopyFrom(onnx.numpy_helper.from_array(
+                np.asarray(values[init.name]).astype(dtype), init.name))
+    return copy
 
 
 def _zeroed(original: onnx.ModelProto, names: Collection[str]):

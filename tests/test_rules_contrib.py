@@ -444,7 +444,7 @@ def test_matmul_nbits_mlp_prunes_rows_and_whole_blocks(tmp_path, zero_points, bi
     y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up", zero_points=zero_points,
                                      bits=bits)), 64, 16, "down", zero_points=zero_points,
               bits=bits)
-    b.inits["up.q"][:16] = 0  # the least important channel: a kept set that is no prefix
+    b.inits["up.s"][:16] *= 0.01  # the least important channel: a kept set that is no prefix
     b.inits["down.s"][:, 0] *= 0.01
     m = contrib_model(b, {"x": [2, 3, 32]}, {y: [2, 3, 16]})
     assert group_sizes(m) == [(4, True), (16, False)]
@@ -859,3 +859,135 @@ def test_matmul_nbits_output_shape_when_onnxruntime_finds_none():
     assert vi is not None and vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert [d.dim_value or d.dim_param for d in vi.type.tensor_type.shape.dim] == [2, "seq", 64]
     assert _OWN_SHAPES["MatMulNBits"](node, {}) is None  # A unknown: nothing made up
+
+
+@pytest.mark.parametrize("zero_points", ["packed", "float", None])
+def test_packed_weight_values_are_what_onnxruntime_multiplies(zero_points):
+    """What criteria and OBS read of a MatMulNBits' ``B`` (spa/ir/quant.py's weight_values:
+    ``[N, k_blocks, block_size]``) is the weight onnxruntime multiplies by, with packed, float
+    or implicit zero points; and rounded back to codes on its own scales it is ``B`` again."""
+    import onnx_graphsurgeon as gs
+
+    from spa.ir.quant import layer_weight, packed_weight, weight_values
+
+    b = Builder()
+    y = nbits(b, "x", 32, 24, "w", zero_points=zero_points)
+    m = contrib_model(b, {"x": [5, 32]}, {y: [5, 24]})
+    tensors = gs.import_onnx(m).tensors()
+    values = weight_values(tensors["w.q"])
+    assert values.shape == (24, 2, 16)
+    assert layer_weight(tensors["w.s"]) is tensors["w.q"]  # the consumer space's weights
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    got = val.run(val.session(m), {"x": x})[y]
+    np.testing.assert_allclose(got, x.astype(np.float64) @ values.reshape(24, 32).T,
+                               rtol=1e-4, atol=1e-5)
+    packed = packed_weight(tensors["w.q"])
+    assert packed is not None
+    np.testing.assert_array_equal(packed.codes(values), init_value(m, "w.q"))
+
+
+def test_obspa_update_is_written_in_matmul_nbits_codes(tmp_path):
+    """OBSPA sees a MatMulNBits' input columns (its Hessian over ``K``; a block of columns is
+    one index of the consumer space) and writes its update of the kept blocks as new codes on
+    their own scales and zero points: the model stays 4-bit with the same scales, and on
+    samples like the calibration data it answers closer to the original than the same cut
+    without the update."""
+    b = Builder()
+    up = b.op("Relu", nbits(b, "x", 32, 64, "up"))
+    y = nbits(b, up, 64, 16, "down")
+    m = contrib_model(b, {"x": [1, 3, 32]}, {y: [1, 3, 16]})
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(m, src)
+    rng = np.random.default_rng(5)
+    mix = rng.standard_normal((32, 32))  # correlated inputs: the update has cross terms to use
+    np.savez(calib, x=(rng.standard_normal((64, 3, 32)) @ mix).astype(np.float32))
+    x = (rng.standard_normal((32, 3, 32)) @ mix).astype(np.float32)
+    error, outs = {}, {}
+    for compensate in (True, False):
+        out = tmp_path / f"o{compensate}.onnx"
+        report, _ = prune(src, out, PruneOptions(
+            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
+            allocation="uniform", reconstruct=False, compensate=compensate),
+            CheckOptions(latency=False))
+        assert report.compensated_layers == int(compensate)
+        want = np.concatenate([val.run(val.session(m), {"x": s[None]})[y] for s in x])
+        sess = val.session(onnx.load(str(out)))
+        got = np.concatenate([val.run(sess, {"x": s[None]})[y] for s in x])
+        error[compensate] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        outs[compensate] = out
+    assert error[True] < 0.9 * error[False], error
+    same, updated = init_value(outs[False], "down.q"), init_value(outs[True], "down.q")
+    assert updated.dtype == np.uint8 and updated.shape == same.shape == (16, 2, 8)
+    assert not np.array_equal(updated, same)
+    for name in ("down.s", "down.z", "up.q"):
+        np.testing.assert_array_equal(init_value(outs[True], name), init_value(outs[False], name))
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "activation", "flap"])
+def test_calibrated_criteria_score_matmul_nbits_blocks_by_their_columns(tmp_path, criterion):
+    """The calibrated criteria read a MatMulNBits' input columns and its dequantised weights,
+    a block's score the sum of its columns': the MLP keeps the blocks that score highest by
+    hand (Wanda ``Σ|W[c]|·‖x_c‖``, activation ``E|x_c|``, FLAP ``‖W[c]‖²·Var x_c``), under the
+    numeric oracle (FLAP's bias shift off: MatMulNBits has no bias slot to take it)."""
+    from spa.ir.nbits import dequantize
+
+    b = Builder()
+    hidden = b.op("Relu", nbits(b, "x", 32, 64, "up"))
+    y = nbits(b, hidden, 64, 16, "down")
+    m = contrib_model(b, {"x": [1, 3, 32]}, {y: [1, 3, 16]})
+    rng = np.random.default_rng(2)
+    data = rng.standard_normal((64, 3, 32)).astype(np.float32)
+    data *= rng.uniform(0.2, 3.0, 32).astype(np.float32)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=data)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    probe.graph.output.append(helper.make_tensor_value_info(hidden, onnx.TensorProto.FLOAT,
+                                                            None))
+    sess = val.session(probe)
+    xs = np.concatenate([val.run(sess, {"x": s[None]})[hidden].reshape(-1, 64) for s in data])
+    xs = xs.astype(np.float64)
+    w = dequantize(init_value(m, "down.q"), init_value(m, "down.s"), init_value(m, "down.z"),
+                   4, 16, 64)  # [K, N]
+    column = {"wanda": np.abs(w).sum(1) * np.sqrt((xs ** 2).mean(0)),
+              "activation": np.abs(xs).mean(0),
+              "flap": (w ** 2).sum(1) * xs.var(0)}[criterion]
+    want = sorted(np.argsort(-column.reshape(4, 16).sum(1))[:2].tolist())
+    out = prune_checked(m, tmp_path, ratio=0.5, criterion=criterion, calib=str(calib),
+                        allocation="uniform", reconstruct=False, compensate=False)
+    kept = kept_slices(init_value(m, "down.s"), init_value(out.path, "down.s"), 1)
+    assert kept == want, (kept, column.reshape(4, 16).sum(1))
+
+
+def test_matmul_nbits_sensitivity_sees_the_obs_update(tmp_path):
+    """The masked copies a MatMulNBits' damage curve is measured on hold the plan's OBS update
+    (new codes of ``B``), as the written model will: with correlated inputs every point of the
+    down projection's curve is less damaging with the update than without."""
+    from spa.choices import HessianSource
+    from spa.passes import sensitivity
+    from spa.passes.compensation import Compensation
+    from spa.passes.importance import get_criterion
+    from spa.passes.statistics import LayerStatistics
+
+    b = Builder()
+    y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up")), 64, 16, "down")
+    m = contrib_model(b, {"x": ["N", 3, 32]}, {y: ["N", 3, 16]})
+    src = tmp_path / "m.onnx"
+    onnx.save(m, str(src))
+    analysis = analyze(src)
+    rng = np.random.default_rng(4)
+    x = {"x": (rng.standard_normal((48, 3, 32)) @ rng.standard_normal((32, 32))
+               ).astype(np.float32)}
+    stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=1, calib=x).run(analysis)
+    assert stats.layers[("down.s", 1)].per == 16 and stats.hessian(("down.s", 1)).shape == (64, 64)
+    scores = get_criterion("obspa").run(analysis, stats)
+    comp = Compensation(damping=0.1)
+    curves = {}
+    for update in (None, lambda plan: comp.values(analysis, plan, stats)):
+        found = sensitivity.Sensitivity(update=update).run(analysis, m, scores, x)
+        gid = next(g.id for g in analysis.groups if any(mm.space == ("down.s", 1)
+                                                         for mm in g.members))
+        curves[update is None] = found.curves[gid]
+    plain, updated = curves[True], curves[False]
+    assert plain.removed == updated.removed and len(plain.removed) >= 2
+    assert all(u < p for u, p in zip(updated.damage, plain.damage)), (updated, plain)

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from spa.choices import HessianSource, Normalization, Reduction
 from spa.errors import OptionError
-from spa.ir.quant import is_weight, weight_values
+from spa.ir.quant import is_weight, layer_weight, weight_values
 from spa.options import option
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class Criterion:
             t = tensors.get(m.space[0])
             if not self.scored(m, t):
                 continue
-            values = np.asarray(weight_values(t), dtype=np.float64)  # dequantised
+            values = np.asarray(weight_values(layer_weight(t)), dtype=np.float64)  # dequantised
             local = self.local(values, m.space[1], m, group)[m.indices]
             per_member.append(np.bincount(m.channels, weights=local, minlength=group.size))
         if not per_member:

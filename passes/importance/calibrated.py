@@ -24,12 +24,12 @@ import onnx_graphsurgeon as gs
 from spa.choices import HessianSource
 from spa.coupling.types import Role
 from spa.errors import OptionError
-from spa.passes.importance.base import Criterion, along, normalise, register_criterion
-from spa.passes.importance.obspa import producer_norms
+from spa.passes.importance.base import Criterion, normalise, register_criterion
+from spa.passes.importance.obspa import layer_rows, producer_norms
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group, Member
-    from spa.passes.hessian import InputStats
+    from spa.passes.hessian import ConsumerLayer, InputStats
     from spa.passes.importance.base import Scores
     from spa.passes.statistics import LayerStats
 
@@ -38,9 +38,10 @@ class Calibrated(Criterion):
     """Base of the calibration criteria: they read the consumer layers' input statistics
     (passes/statistics.py, from calibration data), handed to :meth:`run`."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.stats: Mapping[tuple[str, int], InputStats] = {}  # during run() only
+        self.layers: Mapping[tuple[str, int], ConsumerLayer] = {}  # likewise
 
     def statistics_source(self, calib_given: bool) -> HessianSource | None:
         return HessianSource.CALIBRATION if calib_given else None
@@ -50,11 +51,23 @@ class Calibrated(Criterion):
             raise OptionError(f"criterion {self.name} needs calibration data (--calib FILE.npz "
                               "with arrays named after the graph inputs); data-free criteria: "
                               "l1, l2, fpgm, lamp, obspa")
-        self.stats = statistics.inputs
+        self.stats, self.layers = statistics.inputs, statistics.layers
         try:
             return super().run(analysis)
         finally:
-            self.stats = {}
+            self.stats, self.layers = {}, {}
+
+    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
+        """:meth:`column`'s scores, summed over the channels of each index of ``axis`` (one; a
+        ``MatMulNBits``' block of input columns)."""
+        per = self.layers[member.space].per
+        rows = layer_rows(weight, axis, per)
+        return self.column(rows, self.stats[member.space]).reshape(-1, per).sum(axis=1)
+
+    def column(self, rows: np.ndarray, s: InputStats) -> np.ndarray:
+        """The score of each input channel of a layer: its weight ``rows`` (input channel first,
+        :func:`~spa.passes.importance.obspa.layer_rows`) and its input statistics ``s``."""
+        raise NotImplementedError
 
     def scored(self, member: Member, tensor: gs.Tensor) -> bool:
         return member.role is Role.CONSUMER and member.space in self.stats
@@ -70,8 +83,7 @@ class Activation(Calibrated):
     name = "activation"
     help = "mean |activation| of each channel at its consumers (needs --calib)"
 
-    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
-        s = self.stats[member.space]
+    def column(self, rows: np.ndarray, s: InputStats) -> np.ndarray:
         return s.total_abs / max(s.n, 1)
 
 
@@ -85,8 +97,8 @@ class Wanda(Calibrated):
     name = "wanda"
     help = "structured Wanda: |W| of a channel's input weights times its input norm (--calib)"
 
-    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
-        return np.abs(along(weight, axis)).sum(axis=1) * _rms(self.stats[member.space])
+    def column(self, rows: np.ndarray, s: InputStats) -> np.ndarray:
+        return np.abs(rows).sum(axis=1) * _rms(s)
 
 
 @register_criterion
@@ -96,5 +108,5 @@ class FLAP(Calibrated):
             "with the removed channels' mean folded into the bias (--calib)")
     bias_compensation = True
 
-    def local(self, weight: np.ndarray, axis: int, member: Member, group: Group) -> np.ndarray:
-        return np.square(along(weight, axis)).sum(axis=1) * self.stats[member.space].variance
+    def column(self, rows: np.ndarray, s: InputStats) -> np.ndarray:
+        return np.square(rows).sum(axis=1) * s.variance

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from spa.choices import HessianSource
 from spa.coupling.types import Role
 from spa.errors import OptionError
-from spa.ir.quant import weight_array
+from spa.ir.quant import layer_weight, weight_array
 from spa.options import option, positive
 from spa.passes.hessian import damped_inverse
 from spa.passes.importance.base import Criterion, Scores, normalise, register_criterion
@@ -40,9 +40,32 @@ if TYPE_CHECKING:
 BATCHES = 16  # greedy removal in about this many batches per group
 
 
-def layer_rows(values: np.ndarray, axis: int) -> np.ndarray:
-    """The weight with its input axis first and the rest flattened, in float64."""
-    return np.moveaxis(np.asarray(values, np.float64), axis, 0).reshape(values.shape[axis], -1)
+def layer_rows(values: np.ndarray, axis: int, per: int = 1) -> np.ndarray:
+    """The weight with its input axis first and the rest flattened, in float64; with ``per``
+    > 1 (spa/coupling/facts.py's LayerInput), index ``i`` of ``axis`` holds rows
+    ``i·per … (i+1)·per − 1`` on the values' last axis."""
+    rows = np.moveaxis(np.asarray(values, np.float64), axis, 0)
+    if per > 1:
+        rows = np.moveaxis(rows, -1, 1)
+    return rows.reshape(values.shape[axis] * per, -1)
+
+
+def from_rows(rows: np.ndarray, shape: tuple[int, ...], axis: int, per: int = 1) -> np.ndarray:
+    """:func:`layer_rows`' inverse: ``rows`` in the layout of values of ``shape``."""
+    moved = list(np.moveaxis(np.empty(shape, np.bool_), axis, 0).shape)
+    if per > 1:
+        moved.insert(1, moved.pop())
+    out = rows.reshape(moved)
+    if per > 1:
+        out = np.moveaxis(out, 1, -1)
+    return np.moveaxis(out, 0, axis)
+
+
+def expanded(indices: np.ndarray, per: int) -> np.ndarray:
+    """The rows (:func:`layer_rows`) of indices of a weight space with ``per`` rows each."""
+    if per == 1:
+        return indices
+    return (np.asarray(indices)[:, None] * per + np.arange(per)).reshape(-1)
 
 
 def obs_cost(w_q: np.ndarray, hinv_qq: np.ndarray) -> float:
@@ -125,11 +148,12 @@ class OBSPA(Criterion):
                            ) -> np.ndarray:
         state = []
         for m in members:
-            w = layer_rows(weight_array(tensors[m.space[0]]), m.space[1])
+            per = statistics.layers[m.space].per
+            w = layer_rows(weight_array(layer_weight(tensors[m.space[0]])), m.space[1], per)
             h = statistics.hessian(m.space)
             assert h is not None, f"{m.space}: members are chosen among the collected layers"
             hinv = damped_inverse(h, self.options.damping)
-            state.append((m, w, hinv))
+            state.append((m, per, w, hinv))
         alive = np.ones(g.size, dtype=bool)
         score = np.zeros(g.size)
         removed = 0
@@ -137,18 +161,18 @@ class OBSPA(Criterion):
         while alive.sum() > 1:
             cand = np.flatnonzero(alive)
             cost = np.zeros(cand.size)
-            for m, w, hinv in state:
+            for m, per, w, hinv in state:
                 for j, c in enumerate(cand):
-                    q = m.indices[m.channels == c]
+                    q = expanded(m.indices[m.channels == c], per)
                     cost[j] += obs_cost(w[q], hinv[q] if hinv.ndim == 1 else hinv[np.ix_(q, q)])
             take = cand[np.lexsort((cand, cost))[:min(batch, cand.size - 1)]]
             for c in take:
                 score[c] = removed
                 removed += 1
             alive[take] = False
-            for m, w, hinv in state:
-                q = m.indices[np.isin(m.channels, take)]
-                keep = m.indices[np.isin(m.channels, np.flatnonzero(alive))]
+            for m, per, w, hinv in state:
+                q = expanded(m.indices[np.isin(m.channels, take)], per)
+                keep = expanded(m.indices[np.isin(m.channels, np.flatnonzero(alive))], per)
                 obs_remove(w, hinv, q, keep)
         score[alive] = removed
         return score

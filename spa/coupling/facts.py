@@ -9,7 +9,8 @@ branch on op names:
   spaces cut to a plan's kept indices. None for a node whose shapes are unknown.
 * **layer-input accessor** (:data:`LayerInputFn`): for a weight that *consumes* channels, the
   activation whose channels it reads and that activation's channel axis — the ``X`` of OBS's
-  ``H = X Xᵀ`` (passes/hessian.py). None when the input slot is not the layer's weight.
+  ``H = X Xᵀ`` (passes/hessian.py) — as a :class:`LayerInput`, or a plain ``(data, axis)``.
+  None when the input slot is not the layer's weight.
 * **bias slot** (:class:`BiasSlot`): where FLAP-style bias compensation adds the removed
   channels' mean contribution (passes/compensation.py).
 * **added bias** (:data:`AddsBiasFn`): for an op that adds a per-channel constant to one of its
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from spa.coupling.context import static_shape
 
@@ -57,13 +58,24 @@ class BiasSlot:
     input: int | None
 
 
+class LayerInput(NamedTuple):
+    """What a consumer weight reads: ``data`` at its channel axis ``axis``; ``per`` channels of
+    ``data`` for one index of the weight's space (1; a ``MatMulNBits``' quantisation block:
+    its space indexes blocks of ``per`` input columns, and its weight values hold them on
+    their last axis, spa/ir/quant.py's :func:`~spa.ir.quant.weight_values`)."""
+
+    data: gs.Tensor
+    axis: int
+    per: int = 1
+
+
 MacFn = Callable[["gs.Node"], "MacTerm | None"]
 # node -> the (weight name, axis) spaces whose channel counts the blocked kernels need whole blocks
 BlockedFn = Callable[["gs.Node"], "tuple[tuple[str, int], ...]"]
 # (node, input slot of a layer's output) -> the input slot of the constant added to it
 AddsBiasFn = Callable[["gs.Node", int], "int | None"]
 # (node, input slot of the weight) -> (the activation the weight reads, its channel axis)
-LayerInputFn = Callable[["gs.Node", int], "tuple[gs.Tensor, int] | None"]
+LayerInputFn = Callable[["gs.Node", int], "LayerInput | tuple[gs.Tensor, int] | None"]
 
 
 def dims(t: gs.Tensor) -> Shape | None:

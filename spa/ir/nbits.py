@@ -33,15 +33,22 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     return np.bitwise_or.reduce(groups << shifts, axis=-1).astype(np.uint8)
 
 
+def blocks(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+           block_size: int) -> np.ndarray:
+    """The float64 values ``B [N, k_blocks, blob]`` stands for, block by block:
+    ``[N, k_blocks, block_size]`` (``B``'s first two axes, its bytes unpacked). Zero points
+    packed, absent, or float (``[N, k_blocks]``, as the scales)."""
+    n, count = scales.shape
+    q = unpack(b, bits).reshape(n, count, -1)[:, :, :block_size].astype(np.float64)
+    zp = _zero_points(zero_points, scales.shape, bits)
+    return (q - zp[:, :, None]) * scales.astype(np.float64)[:, :, None]
+
+
 def dequantize(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
                block_size: int, k: int) -> np.ndarray:
-    """The float64 weight ``W [K, N]`` of a MatMulNBits' ``B``, scales and packed zero
-    points."""
-    n, blocks = scales.shape
-    q = unpack(b, bits).reshape(n, blocks, -1)[:, :, :block_size].astype(np.float64)
-    zp = _zero_points(zero_points, scales.shape, bits)
-    w = (q - zp[:, :, None]) * scales.astype(np.float64)[:, :, None]
-    return w.reshape(n, -1)[:, :k].T
+    """The float64 weight ``W [K, N]`` of a MatMulNBits' ``B``, scales and zero points."""
+    w = blocks(b, scales, zero_points, bits, block_size)
+    return w.reshape(w.shape[0], -1)[:, :k].T
 
 
 def requantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
@@ -57,8 +64,10 @@ def requantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
 
 
 def _zero_points(packed: np.ndarray | None, shape: tuple[int, ...], bits: int) -> np.ndarray:
-    """The zero point of each row and block (``shape``: the scales'), float64: unpacked, or the
-    implicit ``2^(bits−1)``."""
+    """The zero point of each row and block (``shape``: the scales'), float64: unpacked, as
+    given when float, or the implicit ``2^(bits−1)``."""
     if packed is None:
         return np.full(shape, float(1 << (bits - 1)))
+    if packed.dtype.kind == "f":
+        return packed.astype(np.float64).reshape(shape)
     return unpack(packed, bits)[:, :shape[1]].astype(np.float64)

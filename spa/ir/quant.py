@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spa.ir import nbits
 from spa.ir.external import attach_external, peek
 from spa.ir.quant_chain import DequantChain, dequant_chain
 
@@ -163,7 +164,12 @@ def along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
 
 def weight_values(t: gs.Tensor | None) -> np.ndarray | None:
     """The float values a constant or a dequantised constant holds; None for anything else.
-    External tensors are mapped for the caller only (spa/ir/external.py, :func:`peek`)."""
+    A packed N-bit weight (:func:`packed_weight`) gives its values block by block, float64
+    ``[N, k_blocks, block_size]``: its own first two axes, so that its channel spaces index
+    them. External tensors are mapped for the caller only (spa/ir/external.py, :func:`peek`)."""
+    packed = packed_weight(t)
+    if packed is not None:
+        return packed.values()
     if isinstance(t, gs.Constant):
         return peek(t)
     w = quantized_weight(t)
@@ -197,6 +203,66 @@ def zero_point_fill(q: np.ndarray, zero_point: np.ndarray | None, axis: int | No
     else:
         zp = zp.reshape(())
     return np.broadcast_to(zp, q.shape)
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A constant read as a packed N-bit weight: ``MatMulNBits``' ``B`` (spa/ir/nbits.py), with
+    its node's scales, zero points (None: the implicit ones), ``bits`` and ``block_size``."""
+
+    node: gs.Node
+    b: gs.Constant
+    scales: gs.Constant
+    zero_points: gs.Constant | None
+    bits: int
+    block_size: int
+
+    def values(self) -> np.ndarray:
+        """``[N, k_blocks, block_size]``, float64 (:func:`spa.ir.nbits.blocks`)."""
+        zp = None if self.zero_points is None else peek(self.zero_points)
+        return nbits.blocks(peek(self.b), peek(self.scales), zp, self.bits, self.block_size)
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (as :meth:`values` gives them) rounded to new codes on this weight's own
+        scales and zero points: a new ``B``."""
+        n, count, size = values.shape
+        zp = None if self.zero_points is None else peek(self.zero_points)
+        return nbits.requantize(values.reshape(n, count * size).T, peek(self.scales), zp,
+                                self.bits, size).reshape(peek(self.b).shape)
+
+
+def packed_weight(t: gs.Tensor | None) -> PackedWeight | None:
+    """The packed N-bit weight ``t`` is (``MatMulNBits``' ``B``, its scales and zero points
+    constants of shape ``[N, k_blocks]`` or packed, no ``g_idx``), or None."""
+    if not isinstance(t, gs.Constant) or len(t.shape or ()) != 3:
+        return None
+    for node in t.outputs:
+        if PACKED_WEIGHTS.get((node.domain or "", node.op)) != 1 or node.inputs[1] is not t \
+                or len(node.inputs) < 3:
+            continue
+        scales = node.inputs[2]
+        zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        g_idx = len(node.inputs) > 4 and node.inputs[4].name
+        bits, size = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 0))
+        if not isinstance(scales, gs.Constant) or len(scales.shape or ()) != 2 or g_idx \
+                or (zp is not None and not isinstance(zp, gs.Constant)) or size <= 0 \
+                or bits not in (2, 4, 8) or tuple(scales.shape) != tuple(t.shape[:2]):
+            return None
+        return PackedWeight(node, t, scales, zp, bits, size)
+    return None
+
+
+def layer_weight(t: gs.Tensor | None) -> gs.Tensor | None:
+    """The tensor holding the weights that a weight space of ``t`` indexes: for the scales of a
+    packed N-bit weight (where ``MatMulNBits`` has its consumer space, so that the masked
+    original zeroes a block exactly), that weight; else ``t``. What criteria score."""
+    if isinstance(t, gs.Constant):
+        for node in t.outputs:
+            if PACKED_WEIGHTS.get((node.domain or "", node.op)) == 1 \
+                    and len(node.inputs) > 2 and node.inputs[2] is t:
+                b = node.inputs[1]
+                return b if packed_weight(b) is not None else t
+    return t
 
 
 def packed_block_size(t: gs.Tensor) -> int | None:

@@ -21,9 +21,10 @@ A value dequantises as ``(q − zero_point) · scale`` of its row and block.
 * The masked original zeroes a removed block through its scales: ``(q − zp) · 0 = 0`` whatever
   the packed values and zero points hold.
 
-Facts: MACs ``|Y| · K`` (``K`` read off ``A``), as a MatMul's. No layer-input accessor and no
-bias slot: an OBS update or a FLAP shift is a float change that the packed integers cannot take
-without re-quantising (compensation leaves these layers alone, as other quantised weights).
+Facts: MACs ``|Y| · K`` (``K`` read off ``A``), as a MatMul's. Layer input: ``A``'s last axis,
+``block_size`` columns to an index of the consumer space (the scales' blocks), so that OBS sees
+the columns' Hessian and updates the kept blocks' values, written as new codes on their own
+scales and zero points (passes/compensation.py). No bias slot (FLAP's shift is not written).
 
 Fail closed, with a reason: a dynamic or misshapen ``B``, ``g_idx``, prepacked weights. Input
 columns only (rows still prune): ``K`` not a multiple of ``block_size``, 1-D scales or zero
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.coupling.facts import MacTerm, mac_term
+from spa.coupling.facts import LayerInput, MacTerm, mac_term
 from spa.coupling.registry import register
 from spa.coupling.types import Role
 from spa.ir.nbits import pack, unpack
@@ -51,12 +52,21 @@ if TYPE_CHECKING:
 _SCALES, _ZERO_POINTS, _G_IDX, _BIAS = 2, 3, 4, 5
 
 
+def _layer_input(node: gs.Node, slot: int) -> LayerInput | None:
+    """The scales (where the consumer space is) read ``A``'s last axis a block at a time."""
+    a, k, size = node.inputs[0], int(node.attrs.get("K", 0)), int(node.attrs.get("block_size", 0))
+    rank = len(a.shape) if a.shape is not None else 0
+    if slot != _SCALES or rank == 0 or size <= 0 or k % size:
+        return None
+    return LayerInput(a, rank - 1, size)
+
+
 def _macs(node: gs.Node) -> MacTerm | None:
     a, b, y = node.inputs[0], node.inputs[1], node.outputs[0]
     return mac_term([y, a], lambda y_, a_: prod(y_) * a_[-1], known=[b])
 
 
-@register("MatMulNBits", domain="com.microsoft", mac=_macs)
+@register("MatMulNBits", domain="com.microsoft", mac=_macs, layer_input=_layer_input)
 def matmul_nbits(ctx: NodeContext) -> None:
     a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
     scales, zp, bias = ctx.input(_SCALES), ctx.input(_ZERO_POINTS), ctx.input(_BIAS)
@@ -111,7 +121,7 @@ def _couple_blocks(ctx: NodeContext) -> None:
 def _unsupported(ctx: NodeContext) -> str | None:
     b, y = ctx.input(1), ctx.output(0)
     shape = ctx.shape(b)
-    if ctx.const(b) is None:
+    if not isinstance(b, gs.Constant):  # (its values are not read: dequantising costs)
         return ctx.not_constant(b)
     if shape is None or len(shape) != 3 or shape[0] != ctx.attr_int("N"):
         return f"{ctx.which(b)} of shape {list(shape or [])} is not [N, k_blocks, blob]"
