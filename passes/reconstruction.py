@@ -50,7 +50,7 @@ from spa.calibration import (
 from spa.errors import OptionError
 from spa.ir import nbits
 from spa.ir.contrib import value_dims
-from spa.ir.quant import along, codes_on, has_codes, quantized_weight
+from spa.ir.quant import codes_on, has_codes, quantized_weight, spread
 from spa.memory import release
 from spa.passes.segments import Frontiers, Runner, fixed_batch, unmap, with_types
 from spa.progress import progress
@@ -169,12 +169,13 @@ class QDQ:
     scale: str
     zero_point: str | None
     axis: int | None
+    block_size: int = 0  # blocked (opset 21): one scale per block of the axis
 
     def weight(self, q: onnx.TensorProto, weights: Mapping[str, onnx.TensorProto]
                ) -> np.ndarray:
         """The dequantised weight (float64)."""
         codes = numpy_helper.to_array(q)
-        return self._held(codes, *self._own(weights, codes.ndim))
+        return self._held(codes, *self._own(weights, codes.shape))
 
     def requantized(self, w: np.ndarray, name: str,
                     weights: Mapping[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray]:
@@ -182,17 +183,18 @@ class QDQ:
         to the integer type's range (a zero scale keeps its codes). The codes, and the weight
         they hold."""
         old = numpy_helper.to_array(weights[name])
-        scale, zp = self._own(weights, old.ndim)
+        scale, zp = self._own(weights, old.shape)
         codes = codes_on(w, scale, zp, old)
         return codes, self._held(codes, scale, zp)
 
-    def _own(self, weights: Mapping[str, onnx.TensorProto], ndim: int
+    def _own(self, weights: Mapping[str, onnx.TensorProto], shape: tuple[int, ...]
              ) -> tuple[np.ndarray, np.ndarray]:
-        """The scale and zero point (float64), shaped to broadcast along the axis."""
+        """The scale and zero point (float64), shaped to broadcast against the codes."""
         scale = numpy_helper.to_array(weights[self.scale]).astype(np.float64)
         zp = np.zeros(()) if self.zero_point is None else \
             numpy_helper.to_array(weights[self.zero_point]).astype(np.float64)
-        return along(scale, self.axis, ndim), along(zp, self.axis, ndim)
+        return spread(scale, self.axis, shape, self.block_size), \
+            spread(zp, self.axis, shape, self.block_size)
 
     @staticmethod
     def _held(codes: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
@@ -628,14 +630,15 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
 
 
 _INTEGERS = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
-             onnx.TensorProto.UINT16, onnx.TensorProto.INT32)
+             onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.INT4,
+             onnx.TensorProto.UINT4)
 
 
 def _qdq(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
          readers: Mapping[str, int], rank: int) -> QDQ | None:
     """A DequantizeLinear whose weight reconstruction can refit: its integer tensor of
     ``rank``, scale and zero point initializers read by it only, one scale or one per index of
-    its axis (not blocked)."""
+    its axis, or one per block of its axis (opset 21's ``block_size``)."""
     def own(i: int) -> onnx.TensorProto | None:
         name = dq.input[i] if len(dq.input) > i else ""
         init = inits.get(name)
@@ -648,9 +651,15 @@ def _qdq(dq: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
     if q is None or scale is None or q.data_type not in _INTEGERS or len(q.dims) != rank \
             or scale.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) \
             or (has_zp and (zp is None or zp.data_type != q.data_type
-                            or list(zp.dims) != list(scale.dims))) \
-            or attrs.get("block_size", 0):
+                            or list(zp.dims) != list(scale.dims))):
         return None
+    block = int(attrs.get("block_size", 0) or 0)
+    if block:  # the scale of q's rank, ⌈n / block⌉ on the axis
+        axis = int(attrs.get("axis", 1)) % rank
+        dims = [-(-d // block) if i == axis else d for i, d in enumerate(q.dims)]
+        if list(scale.dims) != dims:
+            return None
+        return QDQ(scale.name, zp.name if zp is not None else None, axis, block)
     size = int(np.prod(scale.dims, dtype=np.int64))
     if size == 1 and len(scale.dims) <= 1:
         return QDQ(scale.name, zp.name if zp is not None else None, None)

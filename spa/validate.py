@@ -398,6 +398,7 @@ def _through_dequantize(model: onnx.ModelProto, zero: dict[str, list[_ZeroSlice]
         zp = _array(inits[node.input[2]], base_dir) \
             if len(node.input) > 2 and node.input[2] in inits else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % max(q.ndim, 1)
-        fill = zero_point_fill(q, zp, axis)
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        fill = zero_point_fill(q, zp, axis, block)
         slices = zero.pop(node.output[0])
         zero.setdefault(node.input[0], []).extend((a, idx, fill) for a, idx, _ in slices)

@@ -5,7 +5,8 @@ exported by PyTorch's TorchScript exporter at opset 17, then
 ``optimize_model(model_type="bert")``. With eager attention the optimiser fuses
 ``EmbedLayerNormalization``, ``Attention``, ``SkipLayerNormalization`` and ``BiasGelu``; with
 SDPA attention (transformers' default) only the last two. The eager graph is also quantised
-to int4 by onnxruntime (``MatMulNBits``): heads and MLP still prune, in whole blocks. Before the
+to int4 by onnxruntime, as ``MatMulNBits`` and in QDQ form (blocked ``DequantizeLinear``): heads
+and MLP still prune, in whole blocks. Before the
 contrib op rules, SPA pruned nothing in any of them (no prunable group: exit 4).
 """
 
@@ -40,13 +41,22 @@ def _optimised(attention: str, d: Path, *, biases: bool = False) -> Path:
     return d / "opt.onnx"
 
 
-def _int4(path: Path) -> Path:
+def _int4(path: Path, qdq: bool = False) -> Path:
     """``path`` with its MatMuls quantised to 4 bits by onnxruntime (``MatMulNBits``, blocks
-    of 32: one head, or 32 MLP neurons, a block)."""
+    of 32: one head, or 32 MLP neurons, a block); ``qdq``: the same in QDQ form (a blocked
+    uint4 ``DequantizeLinear`` before each MatMul, opset 21)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=32, is_symmetric=False)
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=False,
+        quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), block_size=32, is_symmetric=False,
+                                     algo_config=config)
     quantizer.process()
     out = path.with_name("int4.onnx")
     quantizer.model.save_model_to_file(str(out))
@@ -63,19 +73,24 @@ FUSED["eager-int4"] = {**FUSED["eager"], "MatMulNBits": 3 * LAYERS}
 # the unoptimised export.
 PRUNABLE = {"eager": {GroupKind.HEADS: LAYERS, GroupKind.NEURONS: LAYERS},
             "sdpa": {GroupKind.NEURONS: LAYERS}}
-PRUNABLE["eager-int4"] = PRUNABLE["eager"]
+# int4 in QDQ form: the MatMuls stay, each after a blocked DequantizeLinear.
+FUSED["eager-int4-qdq"] = FUSED["eager"]
+PRUNABLE["eager-int4"] = PRUNABLE["eager-int4-qdq"] = PRUNABLE["eager"]
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa", "eager-int4"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", "eager-int4", "eager-int4-qdq"])
 def test_optimised_bert_prunes_heads_and_mlp_under_the_oracle(tmp_path, attention):
     import onnx
 
-    path = _optimised(attention.removesuffix("-int4"), tmp_path)
-    if attention.endswith("-int4"):
-        path = _int4(path)
-    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node
-                  if n.domain == "com.microsoft")
+    path = _optimised(attention.split("-")[0], tmp_path)
+    if "-int4" in attention:
+        path = _int4(path, qdq=attention.endswith("-qdq"))
+    nodes = onnx.load(str(path)).graph.node
+    ops = Counter(n.op_type for n in nodes if n.domain == "com.microsoft")
     assert ops == Counter(FUSED[attention])
+    blocked = [n for n in nodes if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" and a.i == 32 for a in n.attribute)]
+    assert len(blocked) == (3 * LAYERS if attention.endswith("-qdq") else 0)
     prunable = Counter(g.kind for g in analyze(path).prunable_groups)
     assert prunable == Counter(PRUNABLE[attention])
     out = prune_checked(path, tmp_path, ratio=0.3, mlp_ratio=0.3)

@@ -4,7 +4,8 @@ Weights reached through ``DequantizeLinear`` are pruned in their integer tensor 
 their per-axis scales and zero points; activation Quantize/Dequantize pairs pass channels
 through; the model stays quantised. Everything runs under the masked oracle, whose masked
 original writes the zero point into a removed channel's integer slice (``q = zp`` ⇒ ``w = 0``).
-Integer-domain ops and blocked quantisation freeze with a reason.
+Blocked quantisation (opset 21) prunes its blocked axis in whole blocks; integer-domain ops
+freeze with a reason.
 """
 
 from __future__ import annotations
@@ -224,17 +225,117 @@ def test_obspa_compensation_is_written_in_the_int8_codes(tmp_path: Path) -> None
     np.testing.assert_array_equal(init_value(outs[True], "c2.s"), init_value(outs[False], "c2.s"))
 
 
-def test_blocked_quantisation_freezes_with_a_reason() -> None:
+def blocked_weight(b: Builder, w: np.ndarray, block: int, name: str, *,
+                   bits: type = ml_dtypes.uint4) -> str:
+    """``w [K, N]`` quantised in blocks of ``block`` rows per column (opset 21's blocked
+    DequantizeLinear, axis 0, as onnxruntime's MatMulNBitsQuantizer writes int4 in QDQ form):
+    asymmetric, a scale and zero point per block and column; return the DQ output."""
+    info = ml_dtypes.iinfo(bits)
+    k, n = w.shape
+    blocks = w.reshape(-1, block, n)
+    low, high = blocks.min(1), blocks.max(1)
+    scale = ((high - low) / (int(info.max) - int(info.min))).astype(np.float32)
+    zp = np.clip(np.round(info.min - low / scale), info.min, info.max)
+    q = np.clip(np.round(blocks / scale[:, None]) + zp[:, None], info.min, info.max)
+    return b.op("DequantizeLinear", b.const(q.reshape(k, n).astype(bits), f"{name}.q", dtype=bits),
+                b.const(scale, f"{name}.s"), b.const(zp.astype(bits), f"{name}.zp", dtype=bits),
+                name=f"{name}.dq", axis=0, block_size=block)
+
+
+def _blocked_mlp(b: Builder, bits: type = ml_dtypes.uint4, k2: int = 16) -> tuple[str, str]:
+    """x [1, 3, 8] → fc1 (8 → k2, blocks of 4) → Relu → fc2 (k2 → 6, blocks of 4): fc1's
+    outputs are fc2's blocked input rows."""
+    w1 = blocked_weight(b, b.rng.standard_normal((8, k2)).astype(np.float32), 4, "fc1",
+                        bits=bits)
+    w2 = blocked_weight(b, b.rng.standard_normal((k2, 6)).astype(np.float32), 4, "fc2",
+                        bits=bits) if k2 % 4 == 0 else None
+    h = b.op("Relu", b.op("MatMul", "x", w1, name="fc1"))
+    if w2 is None:  # a last block of 2 rows: the scale has ⌈k2 / 4⌉ rows
+        w = b.rng.standard_normal((k2, 6)).astype(np.float32)
+        q = np.clip(np.round(w * 4) + 8, 0, 15).astype(bits)
+        w2 = b.op("DequantizeLinear", b.const(q, "fc2.q", dtype=bits),
+                  b.const(np.full((-(-k2 // 4), 6), 0.25, np.float32), "fc2.s"),
+                  b.const(np.full((-(-k2 // 4), 6), 8, bits), "fc2.zp", dtype=bits),
+                  name="fc2.dq", axis=0, block_size=4)
+    return b.op("MatMul", h, w2, name="fc2"), h
+
+
+@pytest.mark.parametrize("bits", [ml_dtypes.uint4, ml_dtypes.int4, np.int8])
+def test_blocked_quantisation_prunes_whole_blocks(tmp_path: Path, bits) -> None:
+    """Blocked DequantizeLinear (int4 in QDQ form): fc1's 16 outputs are fc2's input rows in
+    blocks of 4, so the MLP is a group of 4 channels of 4 neurons; half go under the numeric
+    oracle. fc1's columns and their blocked scales are sliced index by index, fc2's rows and
+    scales block by block, and the integers keep their type."""
     b = Builder()
-    w = b.rng.standard_normal((8, 4)).astype(np.float32)
-    q = b.const(np.round(w * 20).astype(np.int8), "fc1.q", dtype=np.int8)
-    s = b.const(np.full((4, 4), 0.05, np.float32), "fc1.s")  # one scale per 2 rows
-    dq = b.op("DequantizeLinear", q, s, name="fc1.dq", axis=0, block_size=2)
-    h = b.op("Relu", b.op("MatMul", "x", dq, name="fc1"))
-    y = b.op("MatMul", h, b.weight(4, 3, name="fc2.w"), name="fc2")
-    m = b.model({"x": [1, 8]}, {y: [1, 3]}, opset=21)
+    y, _ = _blocked_mlp(b, bits)
+    m = b.model({"x": [1, 3, 8]}, {y: [1, 3, 6]}, opset=21)
+    (group,) = analyze(m).prunable_groups
+    assert group.size == 4
+    out = prune_checked(m, tmp_path, ratio=0.5, criterion="l1")
+    shapes = init_shapes(out.path)
+    assert shapes["fc1.q"] == (8, 8) and shapes["fc1.s"] == (2, 8)
+    assert shapes["fc2.q"] == (8, 6) and shapes["fc2.s"] == (2, 6) and shapes["fc2.zp"] == (2, 6)
+    blocks = kept_slices(init_value(m, "fc2.s"), init_value(out.path, "fc2.s"), 0)
+    rows = [r for k in blocks for r in range(4 * k, 4 * k + 4)]
+    np.testing.assert_array_equal(init_value(out.path, "fc2.q"), init_value(m, "fc2.q")[rows])
+    np.testing.assert_array_equal(init_value(out.path, "fc1.q"),
+                                  init_value(m, "fc1.q")[:, rows])
+    q = onnx.load(str(out.path)).graph.initializer
+    kinds = {i.name: i.data_type for i in q}
+    assert kinds["fc2.q"] == kinds["fc2.zp"] == onnx.helper.np_dtype_to_tensor_dtype(
+        np.dtype(bits))
+
+
+def test_blocked_quantisation_with_a_part_block_freezes_with_a_reason() -> None:
+    """A blocked axis that is no whole number of blocks (18 rows, blocks of 4: the last holds
+    2) cannot go block by block: its channels freeze, and the reason says why."""
+    b = Builder()
+    y, _ = _blocked_mlp(b, k2=18)
+    m = b.model({"x": [1, 3, 8]}, {y: [1, 3, 6]}, opset=21)
     assert not analyze(m).prunable_groups
-    assert any("blocked" in r and "fc1.dq" in r for r in reasons(m))
+    assert any("not a whole number of blocks of 4" in r and "fc2.dq" in r for r in reasons(m))
+
+
+def test_blocked_codes_take_the_obs_update_and_the_refit(tmp_path: Path) -> None:
+    """OBSPA's update and reconstruction's refit (each alone: on this two-layer net the refit
+    finds nothing to add to the update, which is already the least-squares fit of the same
+    rows) reach blocked int4 weights as new codes on their own blocks' scales and zero points:
+    each lowers the output error against the original on samples like the calibration data;
+    the scales are those of the file."""
+    from spa.api import CheckOptions, PruneOptions, prune
+
+    b = Builder()
+    y, _ = _blocked_mlp(b, k2=32)
+    m = b.model({"x": [1, 3, 8]}, {y: [1, 3, 6]}, opset=21)
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(m, str(src))
+    rng = np.random.default_rng(6)
+    mix = rng.standard_normal((8, 8))
+    np.savez(calib, x=(rng.standard_normal((96, 3, 8)) @ mix).astype(np.float32))
+    x = (rng.standard_normal((48, 1, 3, 8)) @ mix).astype(np.float32)
+    original = val.session(m)
+    ref = np.concatenate([val.run(original, {"x": s})[y] for s in x])
+    error, outs = {}, {}
+    for name, compensate, reconstruct in (("plain", False, False), ("obs", True, False),
+                                          ("refit", False, True)):
+        out = tmp_path / f"{name}.onnx"
+        report, _ = prune(src, out, PruneOptions(
+            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
+            allocation="uniform", reconstruct=reconstruct, compensate=compensate),
+            CheckOptions(latency=False))
+        assert report.compensated_layers == int(compensate)
+        assert not reconstruct or report.reconstruction["refitted"] >= 1
+        sess = val.session(onnx.load(str(out)))
+        got = np.concatenate([val.run(sess, {"x": s})[y] for s in x])
+        error[name] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        outs[name] = out
+    assert error["obs"] < 0.9 * error["plain"] and error["refit"] < 0.9 * error["plain"], error
+    for name in ("fc2.s", "fc2.zp"):
+        np.testing.assert_array_equal(init_value(outs["refit"], name),
+                                      init_value(outs["plain"], name))
+    for name in ("obs", "refit"):
+        assert not np.array_equal(init_value(outs[name], "fc2.q"),
+                                  init_value(outs["plain"], "fc2.q"))
 
 
 def test_integer_domain_ops_freeze_with_a_reason(tmp_path: Path) -> None:

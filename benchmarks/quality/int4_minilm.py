@@ -7,8 +7,9 @@ calibration lines of fortunes, 1000 evaluation sentences of other fortunes files
 by onnxruntime's ``MatMulNBitsQuantizer`` (4 bits, blocks of 32, with zero points: every
 projection of attention and MLP becomes a MatMulNBits), then pruned as the quality table's
 MiniLM rows are (heads 0.3, MLP 0.3, ``--criterion obspa --hessian calibration``): heads and
-MLP neurons go in whole quantisation blocks (32: one head, or 32 neurons), and no OBS update
-reaches the packed weights. Each variant runs ``spa prune`` in its own process:
+MLP neurons go in whole quantisation blocks (32: one head, or 32 neurons), and OBSPA's update
+is written as new codes on each layer's own scales. Each variant runs ``spa prune`` in its own
+process:
 
 * ``--no-reconstruct``: sensitivity allocation only;
 * the default: reconstruction, each MatMulNBits refitted in float and rounded to new codes on

@@ -8,8 +8,8 @@ SPA keeps the model quantised (the DequantizeLinear is never folded into a float
 this module gives the float value such a weight stands for, so that rules see a constant
 weight and importance criteria score the numbers the layer multiplies by.
 
-Blocked quantisation (``block_size``: one scale per block of ``axis``) is dequantised too, so
-that its layer is seen as a layer; the quantisation rule then freezes its channels with a reason.
+Blocked quantisation (``block_size``: one scale per block of ``axis``, opset 21) is dequantised
+the same way, each scale and zero point repeated over its block (:func:`spread`).
 
 A weight dequantised by plain ops (``Cast`` → ``Sub`` → ``Mul`` → ``Transpose``, recognised in
 spa/ir/quant_chain.py) is the same thing spelt otherwise: :func:`quantized_weight` reads it as
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import numpy as np
 import onnx
@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from spa.ir import nbits
 from spa.ir.external import attach_external, peek
+from spa.ir.packed import integer_range
 from spa.ir.quant_chain import DequantChain, dequant_chain
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -110,25 +111,28 @@ def dequantize(w: QuantizedWeight) -> np.ndarray:
     q = peek(w.q)
     scale = peek(w.scale)
     zp = np.zeros((), np.float32) if w.zero_point is None else peek(w.zero_point)
-    if w.block_size:
-        assert w.axis is not None, "a blocked weight has an axis (quantized_weight)"
-        n = q.shape[w.axis]
-        scale = np.repeat(scale, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
-        if zp.ndim:
-            zp = np.repeat(zp, w.block_size, axis=w.axis).take(np.arange(n), axis=w.axis)
-    else:  # per-tensor (size 1) or per-axis, whatever their broadcast shapes
-        scale, zp = along(scale, w.axis, q.ndim), along(zp, w.axis, q.ndim)
+    scale = spread(scale, w.axis, q.shape, w.block_size)
+    zp = spread(zp, w.axis, q.shape, w.block_size)
     out = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
     out = out.astype(scale.dtype, copy=False)
     return out if w.perm is None else np.transpose(out, w.perm)
 
 
+def spread(v: np.ndarray, axis: int | None, shape: tuple[int, ...], block_size: int = 0
+           ) -> np.ndarray:
+    """A scale or zero point ``v`` shaped to broadcast against integers of ``shape``: one
+    value, one per index of ``axis``, or (``block_size``) one per block of ``axis``, repeated
+    over the block."""
+    if block_size and np.ndim(v) and axis is not None:
+        return np.repeat(v, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
+    return along(v, axis, len(shape))
+
+
 def has_codes(w: QuantizedWeight) -> bool:
     """Whether new values of ``w`` can be written as codes of its integer tensor on its own
-    scale and zero point (:func:`requantized`): a DequantizeLinear (not a chain of plain ops),
-    not blocked, of an integer type."""
-    return w.node.op == "DequantizeLinear" and not w.block_size \
-        and np.dtype(w.q.dtype).kind in "iu"
+    scale and zero point (:func:`requantized`): a DequantizeLinear (not a chain of plain ops)
+    of an integer type (8 to 32 bits, or packed 4 and 2 bits), per tensor, axis or block."""
+    return w.node.op == "DequantizeLinear" and integer_range(np.dtype(w.q.dtype)) is not None
 
 
 def codes_on(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | float,
@@ -136,21 +140,20 @@ def codes_on(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | flo
     """``values`` as integer codes of ``old``'s type on the given scale and zero point
     (broadcast against ``values``): rounded to the nearest step, clipped to the type's range;
     where the scale is 0, ``old``'s codes stay."""
-    info = np.iinfo(old.dtype)
+    low, high = cast(tuple[int, int], integer_range(old.dtype))
     scale = np.asarray(scale, np.float64)
     step = np.where(scale != 0, scale, 1.0)
-    codes = np.clip(np.rint(values / step + np.asarray(zero_point, np.float64)),
-                    info.min, info.max)
-    return np.where(scale != 0, codes, old).astype(old.dtype)
+    codes = np.clip(np.rint(values / step + np.asarray(zero_point, np.float64)), low, high)
+    return np.where(scale != 0, codes, old.astype(np.float64)).astype(old.dtype)
 
 
 def requantized(w: QuantizedWeight, values: np.ndarray) -> np.ndarray:
     """The dequantised-layout ``values`` of a weight that :func:`has_codes` as new codes of its
     integer tensor on its own scale and zero point."""
     q = peek(w.q)
-    scale = along(peek(w.scale), w.axis, q.ndim)
-    zp = np.zeros(()) if w.zero_point is None else along(peek(w.zero_point), w.axis, q.ndim)
-    return codes_on(values, scale, zp, q)
+    zp = np.zeros(()) if w.zero_point is None \
+        else spread(peek(w.zero_point), w.axis, q.shape, w.block_size)
+    return codes_on(values, spread(peek(w.scale), w.axis, q.shape, w.block_size), zp, q)
 
 
 def along(v: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
@@ -189,13 +192,16 @@ def is_weight(t: gs.Tensor | None) -> bool:
     return isinstance(t, gs.Constant) or quantized_weight(t) is not None
 
 
-def zero_point_fill(q: np.ndarray, zero_point: np.ndarray | None, axis: int | None
-                    ) -> np.ndarray:
+def zero_point_fill(q: np.ndarray, zero_point: np.ndarray | None, axis: int | None,
+                    block_size: int = 0) -> np.ndarray:
     """``q``-shaped array of the zero point: where ``q`` holds it, the weight is exactly 0
-    (how the masked original zeroes a quantised weight's slice)."""
+    (how the masked original zeroes a quantised weight's slice); ``block_size``: one zero point
+    per block of ``axis``."""
     if zero_point is None:
         return np.zeros_like(q)
     zp = np.asarray(zero_point).astype(q.dtype)
+    if block_size and zp.ndim == q.ndim:
+        return spread(zp, axis, q.shape, block_size)
     if axis is not None and zp.size > 1:
         bshape = [1] * q.ndim
         bshape[axis] = zp.size

@@ -15,14 +15,19 @@ consumer axes sit on the DQ output, and this rule slices the integer tensor ``q`
 weight ``[K, N]`` per-column, axis 1; a conv weight scaled per input channel, axis 1).
 The model stays quantised: nothing is folded into float.
 
-Fail closed, with a reason: blocked quantisation (``block_size``, a scale of the data's rank),
-a scale whose length fits no axis, and the integer-domain ops (QLinearConv, QLinearMatMul,
+*Blocked* (opset 21, ``block_size``: ``s`` and ``zp`` of the data's rank, one value per block of
+``axis``, as onnxruntime's ``MatMulNBitsQuantizer`` writes int4 weights in QDQ form): index ``c``
+of ``axis`` goes with block ``c // block_size`` of the scale and zero point, so channels on that
+axis go in whole blocks (as a ``MatMulNBits``' input columns, spa/coupling/rules/contrib_quant.py),
+and every other axis index by index.
+
+Fail closed, with a reason: a blocked axis that is not a whole number of blocks, a scale whose
+length fits no axis, and the integer-domain ops (QLinearConv, QLinearMatMul,
 ConvInteger, MatMulInteger, …: their weights, scales and zero points are interleaved inputs
 with no per-channel rule here; a QDQ export of the same model prunes).
 
-OBSPA's compensation does not write into quantised weights (passes/compensation.py): a float
-update rounded back to int8 would be lossy, so those layers lose their channels without an
-update, and the run says so.
+OBSPA's update and reconstruction's refit are computed on the dequantised weight and written as
+new codes of ``q`` on its own scales and zero points (spa/ir/quant.py's ``requantized``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ def quantize_linear(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(x if shape is None else scale)
                    if shape is None or scale_shape is None else f"{len(ctx.outputs)} outputs")
         return
+    block = int(ctx.node.attrs.get("block_size", 0) or 0)
+    if block > 0:
+        _blocked(ctx, shape, scale_shape, block)
+        return
     axis = per_axis(ctx.node, shape, scale_shape)
     if axis is False:
         ctx.refuse(f"quantisation with scale {list(scale_shape)} on data {list(shape)} "
@@ -59,6 +68,34 @@ def quantize_linear(ctx: NodeContext) -> None:
     if axis is not None:
         for param in (scale, zp):
             ctx.identity(ctx.space(param, 0), ctx.space(y, axis))
+
+
+def _blocked(ctx: NodeContext, shape: tuple, scale_shape: tuple, block: int) -> None:
+    """Blocked quantisation (opset 21): ``s`` and ``zp`` of ``x``'s rank, ``⌈n / block⌉`` long on
+    ``axis`` and as ``x`` on every other axis. Index ``c`` of ``y``'s ``axis`` goes with block
+    ``c // block`` of theirs (so a channel there is a whole block: its values keep their scale
+    and zero point, and the pruned layer computes what the masked original does); every other
+    axis index by index."""
+    x, scale, zp, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.output(0)
+    rank = len(shape)
+    if len(scale_shape) != rank or rank == 0:
+        ctx.refuse(f"blocked quantisation with scale {list(scale_shape)} on data {list(shape)}: "
+                   "the scale must have the data's rank")
+        return
+    axis = int(ctx.node.attrs.get("axis", 1)) % rank
+    ctx.same_axes([(x, y)], skip=[axis])
+    params = [p for p in (scale, zp) if p is not None]
+    for param in params:
+        for j in range(rank):
+            if j != axis:
+                ctx.identity(ctx.space(param, j), ctx.space(y, j))
+    blocked = ctx.space(y, axis)
+    if all(ctx.block(blocked, ctx.space(param, axis)) for param in params):
+        ctx.identity(ctx.space(x, axis), blocked)
+    else:
+        ctx.decline(f"blocked quantisation: axis {axis} of {list(shape)} is not a whole number "
+                    f"of blocks of {block}", blocked, ctx.space(x, axis),
+                    *(ctx.space(p, axis) for p in params))
 
 
 # Integer-domain ops with a constant weight: (weight input, its output axis, output axis).
