@@ -421,9 +421,12 @@ _REFIT_COLUMNS = ("held-out {0} (report): pruned → reconstructed | layers refi
 
 
 def int4_minilm(d: dict) -> str:
+    to_float = d["int4_vs_float_cosine"]
+    to_float = ", ".join(f"{form} {c:.4f}" for form, c in to_float.items()) \
+        if isinstance(to_float, dict) else f"{to_float:.4f}"
     return "\n".join([
         f"all-MiniLM-L6-v2 in int4 ({_load_note(d)}): {d['model']}; the int4 model's cosine "
-        f"to the float model's embeddings {d['int4_vs_float_cosine']:.4f} on the "
+        f"to the float model's embeddings {to_float} on the "
         f"{d['evaluation_sentences']} evaluation sentences. Heads 0.3 + MLP 0.3, calibrated on "
         "the benchmark's 1024 lines.", "",
         "| run | FLOPs | cosine to the int4 model | cosine to the float model | "
