@@ -1,7 +1,8 @@
 """Reconstruction: refit each layer of the pruned model so that it answers like the dense one.
 
 Post-training, with no gradients. The layers (Conv, Gemm, and MatMul by a constant, with its
-bias: the Conv/Gemm bias input, or the constant of the one Add after a MatMul) are visited in
+bias: the Conv/Gemm/MatMulNBits bias input, or the constant of the one Add after a MatMul or a
+MatMulNBits without one) are visited in
 topological order. For each, its kept weights and bias are refitted by ridge least squares in
 float64, so that its output on the *pruned* model's actual inputs — every earlier layer already
 refitted — matches the *dense* model's output (on the dense inputs) at the channels it kept::
@@ -571,6 +572,17 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
         codec = _qdq(dq, inits, readers, rank)
         return None if codec is None else (dq.input[0], codec)
 
+    def added_bias(node: onnx.NodeProto, width: int) -> tuple[str | None, str]:
+        """The bias of a layer with none of its own: the float constant of ``width`` values
+        that the one Add reading its output adds (that Add's output is then the layer's);
+        else ``(None, its own output)``."""
+        after = consumers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add" and node.output[0] not in outputs:
+            other = [n for n in after[0].input if n != node.output[0]]
+            if len(other) == 1 and const(other[0], 1) and inits[other[0]].dims[0] == width:
+                return other[0], after[0].output[0]
+        return None, node.output[0]
+
     def fed_from(node: onnx.NodeProto, i: int) -> int | None:
         """The first of the DequantizeLinear nodes feeding ``node`` its weight or bias (run
         right before it: :func:`_weights_by_their_layers`), or None: nothing dequantised."""
@@ -604,21 +616,17 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                                     fed_from=fed_from(node, i)))
         elif node.op_type == "MatMul" and (w := weight(node.input[1], 2)) is not None \
                 and node.input[0] not in inits:
-            bias, output = None, node.output[0]
-            after = consumers.get(node.output[0], [])
-            if len(after) == 1 and after[0].op_type == "Add" and node.output[0] not in outputs:
-                other = [n for n in after[0].input if n != node.output[0]]
-                if len(other) == 1 and const(other[0], 1) \
-                        and inits[other[0]].dims[0] == inits[w[0]].dims[1]:
-                    bias, output = other[0], after[0].output[0]
-            found.append(_Layer(i, node.name, "MatMul", w[0], bias, node.input[0],
+            added, output = added_bias(node, inits[w[0]].dims[1])
+            found.append(_Layer(i, node.name, "MatMul", w[0], added, node.input[0],
                                 output, 1, codec=w[1], fed_from=fed_from(node, i)))
         elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft" \
                 and (codec := _nbits(node, attrs, inits, readers)) is not None:
-            bias = node.input[5] if len(node.input) > 5 and node.input[5] else None
-            if bias is None or const(bias, 1):
-                found.append(_Layer(i, node.name, "MatMulNBits", node.input[1], bias,
-                                    node.input[0], node.output[0], 0, codec=codec))
+            own = node.input[5] if len(node.input) > 5 and node.input[5] else None
+            added, output = (own, node.output[0]) if own is not None \
+                else added_bias(node, int(attrs.get("N", 0)))
+            if added is None or const(added, 1):
+                found.append(_Layer(i, node.name, "MatMulNBits", node.input[1], added,
+                                    node.input[0], output, 0, codec=codec))
         if len(found) == before:
             continue
         after = consumers.get(found[-1].output, [])

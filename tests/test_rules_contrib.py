@@ -991,3 +991,31 @@ def test_matmul_nbits_sensitivity_sees_the_obs_update(tmp_path):
     plain, updated = curves[True], curves[False]
     assert plain.removed == updated.removed and len(plain.removed) >= 2
     assert all(u < p for u, p in zip(updated.damage, plain.damage)), (updated, plain)
+
+
+def test_matmul_nbits_bias_add_is_refitted_with_its_layer(tmp_path):
+    """A MatMulNBits without a bias input of its own, followed by an ``Add`` of a constant (as
+    onnxruntime's quantiser leaves a Linear's bias), is refitted with that bias: the refit
+    changes the ``Add``'s constant, and the held-out error falls (without OBSPA's update, which
+    on two layers leaves the refit nothing to add)."""
+    b = Builder()
+    up = b.op("Add", nbits(b, "x", 32, 64, "up"), b.weight(64, name="up.b"))
+    y = b.op("Add", nbits(b, b.op("Relu", up), 64, 16, "down"), b.weight(16, name="down.b"))
+    m = contrib_model(b, {"x": [1, 3, 32]}, {y: [1, 3, 16]})
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(m, src)
+    rng = np.random.default_rng(8)
+    np.savez(calib, x=(rng.standard_normal((128, 3, 32)) + 0.5).astype(np.float32))
+    outs, reports = {}, {}
+    for reconstruct in (False, True):
+        out = tmp_path / f"o{reconstruct}.onnx"
+        reports[reconstruct], _ = prune(src, out, PruneOptions(
+            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
+            allocation="uniform", reconstruct=reconstruct, compensate=False),
+            CheckOptions(latency=False))
+        outs[reconstruct] = out
+    fit = reports[True].reconstruction
+    assert fit["layers"] == 2 and fit["refitted"] >= 1 and fit["kept"]
+    fidelity = reports[True].fidelity
+    assert fidelity["reconstructed"]["relative_error"] < fidelity["pruned"]["relative_error"]
+    assert not np.allclose(init_value(outs[True], "down.b"), init_value(outs[False], "down.b"))
