@@ -172,3 +172,36 @@ def assert_same_outputs(a: Path, b: Path, dims: dict[str, int] | None = None) ->
 def group_sizes(model: Path | onnx.ModelProto) -> list[tuple[int, bool]]:
     """(channels, prunable) of each group that has a producer."""
     return [(g.size, g.prunable) for g in analyze(model).groups if g.producers]
+
+
+def prune_obspa(src: Path, out: Path, calib: Path, **options) -> PruneReport:
+    """``src`` cut by half with OBSPA on Hessians from the calibration file ``calib``, each group
+    alike (``allocation="uniform"``) and no reconstruction unless ``options`` say otherwise:
+    how the tests measure what the update and the refit each do."""
+    report, _ = prune(src, out, PruneOptions(**{
+        "ratio": 0.5, "criterion": "obspa", "hessian": "calibration", "calib": str(calib),
+        "allocation": "uniform", "reconstruct": False, **options}), CheckOptions(latency=False))
+    return report
+
+
+def output_error(original: Path | onnx.ModelProto, pruned: Path, samples: np.ndarray) -> float:
+    """``‖y_pruned − y_original‖ / ‖y_original‖`` of the first output over ``samples`` of the one
+    input, each (``samples[i]``) a whole feed."""
+    sessions = [val.session(original), val.session(onnx.load(str(pruned)))]
+    name = sessions[0].get_inputs()[0].name
+    ref, got = (np.concatenate([next(iter(val.run(s, {name: x}).values())) for x in samples])
+                for s in sessions)
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def with_and_without_update(original: onnx.ModelProto, src: Path, calib: Path,
+                            samples: np.ndarray) -> tuple[dict[bool, Path], dict[bool, float]]:
+    """:func:`prune_obspa` of ``src`` with OBSPA's update (True) and without (False), written
+    beside it: the files and their :func:`output_error` against ``original`` on ``samples``."""
+    outs, error = {}, {}
+    for compensate in (True, False):
+        out = src.with_name(f"o{compensate}.onnx")
+        assert prune_obspa(src, out, calib, compensate=compensate).compensated_layers == \
+            int(compensate)
+        outs[compensate], error[compensate] = out, output_error(original, out, samples)
+    return outs, error

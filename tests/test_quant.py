@@ -19,7 +19,7 @@ import onnx
 import pytest
 from graphs import Builder, init_shapes, init_value, kept_slices, reasons
 from onnx import TensorProto, helper, numpy_helper
-from oracle import RTOL, prune_checked
+from oracle import RTOL, output_error, prune_checked, prune_obspa, with_and_without_update
 
 from spa import validate as val
 from spa.api import analyze, plan
@@ -194,30 +194,14 @@ def test_obspa_compensation_is_written_in_the_int8_codes(tmp_path: Path) -> None
     integer tensor on its own scales and zero points: the model stays int8 with the same
     scales, and on samples like the calibration data it answers closer to the original than
     the same cut without the update."""
-    from spa.api import CheckOptions, PruneOptions, prune
 
     m = conv_net()
     src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
     onnx.save(m, str(src))
     rng = np.random.default_rng(3)
     np.savez(calib, x=rng.standard_normal((64, 3, 6, 6)).astype(np.float32))
-    x = {"x": rng.standard_normal((32, 1, 3, 6, 6)).astype(np.float32)}
-    outs = {}
-    for compensate in (True, False):
-        out = tmp_path / f"o{compensate}.onnx"
-        report, _ = prune(src, out, PruneOptions(
-            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
-            allocation="uniform", reconstruct=False, compensate=compensate),
-            CheckOptions(latency=False))
-        assert report.compensated_layers == int(compensate)
-        outs[compensate] = out
-    original = val.session(m)
-    error = {}
-    for compensate, out in outs.items():
-        sess = val.session(onnx.load(str(out)))
-        ref = np.concatenate([next(iter(val.run(original, {"x": s}).values())) for s in x["x"]])
-        got = np.concatenate([next(iter(val.run(sess, {"x": s}).values())) for s in x["x"]])
-        error[compensate] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    x = rng.standard_normal((32, 1, 3, 6, 6)).astype(np.float32)
+    outs, error = with_and_without_update(m, src, calib, x)
     assert error[True] < 0.9 * error[False], error
     same, updated = init_value(outs[False], "c2.q"), init_value(outs[True], "c2.q")
     assert updated.dtype == np.int8 and updated.shape == same.shape
@@ -302,7 +286,6 @@ def test_blocked_codes_take_the_obs_update_and_the_refit(tmp_path: Path) -> None
     rows) reach blocked int4 weights as new codes on their own blocks' scales and zero points:
     each lowers the output error against the original on samples like the calibration data;
     the scales are those of the file."""
-    from spa.api import CheckOptions, PruneOptions, prune
 
     b = Builder()
     y, _ = _blocked_mlp(b, k2=32)
@@ -313,22 +296,14 @@ def test_blocked_codes_take_the_obs_update_and_the_refit(tmp_path: Path) -> None
     mix = rng.standard_normal((8, 8))
     np.savez(calib, x=(rng.standard_normal((96, 3, 8)) @ mix).astype(np.float32))
     x = (rng.standard_normal((48, 1, 3, 8)) @ mix).astype(np.float32)
-    original = val.session(m)
-    ref = np.concatenate([val.run(original, {"x": s})[y] for s in x])
     error, outs = {}, {}
     for name, compensate, reconstruct in (("plain", False, False), ("obs", True, False),
                                           ("refit", False, True)):
         out = tmp_path / f"{name}.onnx"
-        report, _ = prune(src, out, PruneOptions(
-            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
-            allocation="uniform", reconstruct=reconstruct, compensate=compensate),
-            CheckOptions(latency=False))
+        report = prune_obspa(src, out, calib, reconstruct=reconstruct, compensate=compensate)
         assert report.compensated_layers == int(compensate)
         assert not reconstruct or report.reconstruction["refitted"] >= 1
-        sess = val.session(onnx.load(str(out)))
-        got = np.concatenate([val.run(sess, {"x": s})[y] for s in x])
-        error[name] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-        outs[name] = out
+        outs[name], error[name] = out, output_error(m, out, x)
     assert error["obs"] < 0.9 * error["plain"] and error["refit"] < 0.9 * error["plain"], error
     for name in ("fc2.s", "fc2.zp"):
         np.testing.assert_array_equal(init_value(outs["refit"], name),

@@ -23,7 +23,7 @@ from graphs import (
     reasons,
 )
 from onnx import helper, numpy_helper
-from oracle import group_sizes, prune_checked
+from oracle import group_sizes, prune_checked, prune_obspa, with_and_without_update
 
 from spa import validate as val
 from spa.api import CheckOptions, PruneOptions, analyze, prune
@@ -746,6 +746,17 @@ def test_flap_compensation_goes_into_a_fused_bias(tmp_path, reader):
                                    rtol=1e-5, atol=1e-5)
 
 
+def _nbits_mlp(tmp_path: Path):
+    """up (32 → 64) → Relu → down (64 → 16), MatMulNBits in blocks of 16, any batch: the model
+    and its analysis (of the saved file)."""
+    b = Builder()
+    y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up")), 64, 16, "down")
+    m = contrib_model(b, {"x": ["N", 3, 32]}, {y: ["N", 3, 16]})
+    src = tmp_path / "m.onnx"
+    onnx.save(m, str(src))
+    return m, analyze(src)
+
+
 def test_matmul_nbits_sensitivity_is_measured_on_masked_copies(tmp_path):
     """onnxruntime packs a MatMulNBits weight with its scales at a session's first run and keeps
     them, so a fed override of the scales does not reach it (every curve measured 0 then): each
@@ -753,12 +764,7 @@ def test_matmul_nbits_sensitivity_is_measured_on_masked_copies(tmp_path):
     from spa.passes import sensitivity
     from spa.passes.importance import get_criterion
 
-    b = Builder()
-    y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up")), 64, 16, "down")
-    m = contrib_model(b, {"x": ["N", 3, 32]}, {y: ["N", 3, 16]})
-    src = tmp_path / "m.onnx"
-    onnx.save(m, str(src))
-    analysis = analyze(src)
+    m, analysis = _nbits_mlp(tmp_path)
     scores = get_criterion("l1").run(analysis)
     x = {"x": np.random.default_rng(0).standard_normal((16, 3, 32)).astype(np.float32)}
     found = sensitivity.Sensitivity().run(analysis, m, scores, x)
@@ -901,20 +907,8 @@ def test_obspa_update_is_written_in_matmul_nbits_codes(tmp_path):
     rng = np.random.default_rng(5)
     mix = rng.standard_normal((32, 32))  # correlated inputs: the update has cross terms to use
     np.savez(calib, x=(rng.standard_normal((64, 3, 32)) @ mix).astype(np.float32))
-    x = (rng.standard_normal((32, 3, 32)) @ mix).astype(np.float32)
-    error, outs = {}, {}
-    for compensate in (True, False):
-        out = tmp_path / f"o{compensate}.onnx"
-        report, _ = prune(src, out, PruneOptions(
-            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
-            allocation="uniform", reconstruct=False, compensate=compensate),
-            CheckOptions(latency=False))
-        assert report.compensated_layers == int(compensate)
-        want = np.concatenate([val.run(val.session(m), {"x": s[None]})[y] for s in x])
-        sess = val.session(onnx.load(str(out)))
-        got = np.concatenate([val.run(sess, {"x": s[None]})[y] for s in x])
-        error[compensate] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-        outs[compensate] = out
+    x = (rng.standard_normal((32, 1, 3, 32)) @ mix).astype(np.float32)
+    outs, error = with_and_without_update(m, src, calib, x)
     assert error[True] < 0.9 * error[False], error
     same, updated = init_value(outs[False], "down.q"), init_value(outs[True], "down.q")
     assert updated.dtype == np.uint8 and updated.shape == same.shape == (16, 2, 8)
@@ -969,12 +963,7 @@ def test_matmul_nbits_sensitivity_sees_the_obs_update(tmp_path):
     from spa.passes.importance import get_criterion
     from spa.passes.statistics import LayerStatistics
 
-    b = Builder()
-    y = nbits(b, b.op("Relu", nbits(b, "x", 32, 64, "up")), 64, 16, "down")
-    m = contrib_model(b, {"x": ["N", 3, 32]}, {y: ["N", 3, 16]})
-    src = tmp_path / "m.onnx"
-    onnx.save(m, str(src))
-    analysis = analyze(src)
+    m, analysis = _nbits_mlp(tmp_path)
     rng = np.random.default_rng(4)
     x = {"x": (rng.standard_normal((48, 3, 32)) @ rng.standard_normal((32, 32))
                ).astype(np.float32)}
@@ -1008,12 +997,9 @@ def test_matmul_nbits_bias_add_is_refitted_with_its_layer(tmp_path):
     np.savez(calib, x=(rng.standard_normal((128, 3, 32)) + 0.5).astype(np.float32))
     outs, reports = {}, {}
     for reconstruct in (False, True):
-        out = tmp_path / f"o{reconstruct}.onnx"
-        reports[reconstruct], _ = prune(src, out, PruneOptions(
-            ratio=0.5, criterion="obspa", hessian="calibration", calib=str(calib),
-            allocation="uniform", reconstruct=reconstruct, compensate=False),
-            CheckOptions(latency=False))
-        outs[reconstruct] = out
+        outs[reconstruct] = tmp_path / f"o{reconstruct}.onnx"
+        reports[reconstruct] = prune_obspa(src, outs[reconstruct], calib,
+                                           reconstruct=reconstruct, compensate=False)
     fit = reports[True].reconstruction
     assert fit["layers"] == 2 and fit["refitted"] >= 1 and fit["kept"]
     fidelity = reports[True].fidelity
