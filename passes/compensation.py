@@ -210,10 +210,17 @@ def _add_to_bias(node: gs.Node, opset: int, shift: np.ndarray) -> int:
             and np.asarray(node.inputs[slot.input].values).size == shift.size:
         _shift_constant(node.inputs[slot.input], shift)
         return 1
-    if len(node.inputs) == slot.input:
-        node.inputs.append(gs.Constant(f"{node.name}__spa_bias", shift.astype(np.float32)))
+    if len(node.inputs) <= slot.input:  # after empty optional inputs, if it has fewer
+        node.inputs.extend(gs.Variable.empty() for _ in range(slot.input - len(node.inputs)))
+        node.inputs.append(gs.Constant(f"{node.name}__spa_bias", shift.astype(_float(node))))
         return 1
     return 0
+
+
+def _float(node: gs.Node) -> type | np.dtype:
+    """The float type of ``node``'s output (a new bias's), float32 when unknown."""
+    dtype = node.outputs[0].dtype
+    return np.dtype(dtype) if dtype is not None and np.dtype(dtype).kind == "f" else np.float32
 
 
 def _add_to_following_bias(node: gs.Node, opset: int, shift: np.ndarray) -> int:

@@ -24,7 +24,8 @@ A value dequantises as ``(q − zero_point) · scale`` of its row and block.
 Facts: MACs ``|Y| · K`` (``K`` read off ``A``), as a MatMul's. Layer input: ``A``'s last axis,
 ``block_size`` columns to an index of the consumer space (the scales' blocks), so that OBS sees
 the columns' Hessian and updates the kept blocks' values, written as new codes on their own
-scales and zero points (passes/compensation.py). No bias slot (FLAP's shift is not written).
+scales and zero points (passes/compensation.py). Bias slot: input 5 (FLAP's shift; created, after
+empty optional inputs, when the node has none).
 
 Fail closed, with a reason: a dynamic or misshapen ``B``, ``g_idx``, prepacked weights. Input
 columns only (rows still prune): ``K`` not a multiple of ``block_size``, 1-D scales or zero
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.coupling.facts import LayerInput, MacTerm, mac_term
+from spa.coupling.facts import BiasSlot, LayerInput, MacTerm, mac_term
 from spa.coupling.registry import register
 from spa.coupling.types import Role
 from spa.ir.nbits import pack, unpack
@@ -66,7 +67,8 @@ def _macs(node: gs.Node) -> MacTerm | None:
     return mac_term([y, a], lambda y_, a_: prod(y_) * a_[-1], known=[b])
 
 
-@register("MatMulNBits", domain="com.microsoft", mac=_macs, layer_input=_layer_input)
+@register("MatMulNBits", domain="com.microsoft", mac=_macs, layer_input=_layer_input,
+          bias=BiasSlot(_BIAS))
 def matmul_nbits(ctx: NodeContext) -> None:
     a, b, y = ctx.input(0), ctx.input(1), ctx.output(0)
     scales, zp, bias = ctx.input(_SCALES), ctx.input(_ZERO_POINTS), ctx.input(_BIAS)
