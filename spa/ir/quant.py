@@ -200,15 +200,7 @@ def zero_point_fill(q: np.ndarray, zero_point: np.ndarray | None, axis: int | No
     if zero_point is None:
         return np.zeros_like(q)
     zp = np.asarray(zero_point).astype(q.dtype)
-    if block_size and zp.ndim == q.ndim:
-        return spread(zp, axis, q.shape, block_size)
-    if axis is not None and zp.size > 1:
-        bshape = [1] * q.ndim
-        bshape[axis] = zp.size
-        zp = zp.reshape(bshape)
-    else:
-        zp = zp.reshape(())
-    return np.broadcast_to(zp, q.shape)
+    return np.broadcast_to(spread(zp, axis, q.shape, block_size), q.shape)
 
 
 @dataclass(frozen=True)
