@@ -4,7 +4,8 @@ The logical weight ``W [K, N]`` is stored row by row of ``Wᵀ``: ``B [N, k_bloc
 (uint8, ``bits`` bits a value, packed low bits first along K, ``block_size`` values a block),
 ``scales [N, k_blocks]`` and optional zero points, packed like ``B`` along the blocks
 (``[N, ⌈k_blocks·bits/8⌉]``; absent: ``2^(bits−1)``). A value is ``(q − zero_point) · scale``.
-:func:`requantize` rounds a changed weight to the codes of the same scales and zero points.
+:func:`requantize` rounds a changed weight to the codes of given scales and zero points, the
+layer's own or fresh ones (:func:`fitted_scales`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ def requantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     step = np.where(step != 0, step, 1.0)
     q = np.rint(w.T.reshape(n, blocks, block_size) / step[:, :, None] + zp[:, :, None])
     return pack(np.clip(q, 0, (1 << bits) - 1).astype(np.uint8), bits)
+
+
+def fitted_scales(w: np.ndarray, bits: int, block_size: int, zero_points: bool
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales and zero points fitted to ``W [K, N]`` block by block, as onnxruntime's quantiser
+    rounds to the nearest (each block's range, 0 included, over the ``2^bits − 1`` steps): the
+    scales ``[N, k_blocks]`` (float64), and the zero points packed (``zero_points``) or None,
+    the range then centred on the implicit ``2^(bits−1)``."""
+    k, n = w.shape
+    blocks = w.T.reshape(n, k // block_size, block_size)
+    low, high = np.minimum(blocks.min(2), 0.0), np.maximum(blocks.max(2), 0.0)
+    top = (1 << bits) - 1
+    if not zero_points:
+        centre = 1 << (bits - 1)
+        scales = np.maximum(-low / centre, high / (top - centre))
+        return np.where(scales > 0, scales, 1.0), None
+    scales = np.where(high > low, (high - low) / top, 1.0)
+    zp = np.clip(np.rint(-low / scales), 0, top).astype(np.uint8)
+    return scales, pack(zp, bits)
 
 
 def _zero_points(packed: np.ndarray | None, shape: tuple[int, ...], bits: int) -> np.ndarray:
