@@ -416,33 +416,36 @@ def _refit_rows(rows: list[dict], scores: tuple[str, str], held: str, digits: in
     return lines
 
 
-_REFIT_COLUMNS = ("held-out {0} (report): pruned → reconstructed | layers refitted | kept | "
-                  "seconds |", "|---|---|---|---|---|---|---|---|")
+def _refit_table(intro: str, score_columns: str, rows: list[dict], scores: tuple[str, str],
+                 held: str, digits: int) -> str:
+    """A quantised-model table: ``intro``, then the header (the two ``score_columns``, then the
+    report's held-out ``held`` metric and the refit) and :func:`_refit_rows`."""
+    return "\n".join([
+        intro, "",
+        f"| run | FLOPs | {score_columns} | held-out {held} (report): pruned → reconstructed | "
+        "layers refitted | kept | seconds |", "|---|---|---|---|---|---|---|---|",
+        *_refit_rows(rows, scores, held, digits)])
 
 
 def int4_minilm(d: dict) -> str:
-    to_float = d["int4_vs_float_cosine"]
-    to_float = ", ".join(f"{form} {c:.4f}" for form, c in to_float.items()) \
-        if isinstance(to_float, dict) else f"{to_float:.4f}"
-    return "\n".join([
+    to_float = ", ".join(f"{form} {c:.4f}" for form, c in d["int4_vs_float_cosine"].items())
+    return _refit_table(
         f"all-MiniLM-L6-v2 in int4 ({_load_note(d)}): {d['model']}; the int4 model's cosine "
         f"to the float model's embeddings {to_float} on the "
         f"{d['evaluation_sentences']} evaluation sentences. Heads 0.3 + MLP 0.3, calibrated on "
-        "the benchmark's 1024 lines.", "",
-        "| run | FLOPs | cosine to the int4 model | cosine to the float model | "
-        + _REFIT_COLUMNS[0].format("cosine"), _REFIT_COLUMNS[1],
-        *_refit_rows(d["rows"], ("cosine_int4", "cosine_float"), "cosine", 4)])
+        "the benchmark's 1024 lines.",
+        "cosine to the int4 model | cosine to the float model", d["rows"],
+        ("cosine_int4", "cosine_float"), "cosine", 4)
 
 
 def int8_effnet(d: dict) -> str:
-    return "\n".join([
+    return _refit_table(
         f"EfficientNet-Lite0 in int8 ({_load_note(d)}): {d['model']}; the int8 model's top-1 "
         f"agreement with the float model {d['int8_vs_float_top1']:.4f} on the "
         f"{d['evaluation_views']} evaluation views. 1.5x FLOPs cut, calibrated on the "
-        "benchmark's calibration views.", "",
-        "| run | FLOPs | top-1 agreement with the int8 model | with the float model | "
-        + _REFIT_COLUMNS[0].format("agreement"), _REFIT_COLUMNS[1],
-        *_refit_rows(d["rows"], ("top1_int8", "top1_float"), "agreement", 3)])
+        "benchmark's calibration views.",
+        "top-1 agreement with the int8 model | with the float model", d["rows"],
+        ("top1_int8", "top1_float"), "agreement", 3)
 
 
 def held_out_sources(d: dict) -> str:

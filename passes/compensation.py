@@ -80,8 +80,8 @@ class Compensation:
         out, updated, skipped, untied = self._update(
             analysis, progress(removed, "compensation", unit="layer"), statistics)
         if skipped:
-            # Blocked, chained or packed quantisation: the update has no codes to go into here
-            # (spa/coupling/rules/quant.py), and those layers lose their channels without it.
+            # Chained quantisation (plain Mul/Sub ops) or codes of no integer type: the update
+            # has no codes to go into, and those layers lose their channels without it.
             log.warning("compensation not written into %d quantised weight(s) (%s): their "
                         "removed channels are dropped without an update", len(skipped),
                         _some(skipped))

@@ -338,13 +338,10 @@ def _zeroed(original: onnx.ModelProto, names: Collection[str]):
     """A session of ``original`` with the initializers ``names`` zeroed."""
     from spa import validate as val
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(original)
-    for init in copy.graph.initializer:
-        if init.name in names:
-            init.CopyFrom(onnx.numpy_helper.from_array(
-                np.zeros_like(onnx.numpy_helper.to_array(init)), init.name))
-    return val.session(copy, what="original model with a block zeroed", arena=False)
+    zeros = {init.name: np.zeros_like(onnx.numpy_helper.to_array(init))
+             for init in original.graph.initializer if init.name in names}
+    return val.session(_with_values(original, zeros), what="original model with a block zeroed",
+                       arena=False)
 
 
 def _suffix_macs(analysis: Analysis, original: onnx.ModelProto) -> list[float]:

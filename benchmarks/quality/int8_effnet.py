@@ -6,8 +6,8 @@ The quality table's EfficientNet-Lite0 (ImageNet weights) quantised by onnxrunti
 ``quantize_static`` in QDQ form (int8 weights per channel, uint8 activations), calibrated on 64
 views of the benchmark's calibration photos; then pruned as the table's ``post-obspa`` row is
 (a 1.5x FLOPs cut, ``--criterion obspa --hessian calibration``, the calibration views). The
-weights are pruned in their int8 tensors with their scales, and no OBS update reaches them.
-Each variant runs ``spa prune`` in its own process:
+weights are pruned in their int8 tensors with their scales, and OBSPA's update is written as new
+codes on each weight's own scales. Each variant runs ``spa prune`` in its own process:
 
 * ``--no-reconstruct``: sensitivity allocation only;
 * the default: reconstruction, each Conv's int8 weight and int32 bias refitted through its
