@@ -263,7 +263,7 @@ class Reconstruction:
         held = max(self.memory - models - self.memory // WORKING_SHARE, self.memory // 4)
         start = 0  # the ridge search starts at the last refitted layer's choice
         facts = (_Tensors.of(dense), _Tensors.of(pruned))
-        with Frontiers(held) as fronts:
+        with Frontiers(held, "--calib-memory") as fronts:
             p_runner = Runner(pruned, fronts, "pruned",
                               [pruned_feeds(c) for c in chunks] if pruned_feeds else chunks)
             d_runner = Runner(dense, fronts, "dense", chunks)

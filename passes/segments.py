@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from spa.errors import OptionError, ValidationError
+from spa.errors import OptionError, SpillError, ValidationError
 from spa.ir.load import with_contrib_shapes
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,13 @@ def node_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _amount(nbytes: int) -> str:
+    """``nbytes`` for a person: 3.2 MiB, 512 KiB, 40 bytes."""
+    if nbytes >= 1 << 20:
+        return f"{nbytes / (1 << 20):.1f} MiB"
+    return f"{nbytes >> 10} KiB" if nbytes >= 1 << 10 else f"{nbytes} bytes"
+
+
 class Frontiers:
     """Per-chunk tensors held between segments; beyond ``memory`` bytes, spilled to disk.
 
@@ -73,8 +80,9 @@ class Frontiers:
     about 8 s (the free arrays count against ``memory`` as held ones do, and go first when a
     tensor needs the room)."""
 
-    def __init__(self, memory: int):
+    def __init__(self, memory: int, budget: str = ""):
         self.memory, self.held = memory, 0
+        self.budget = budget  # the option that sets ``memory``, named when spilling fails
         self.dir: Path | None = None
         self.count = 0
         self.spilled: list[weakref.ref[np.ndarray]] = []
@@ -119,17 +127,28 @@ class Frontiers:
         if self.held + value.nbytes <= self.memory:
             self.held += value.nbytes
             return value.copy() if own and not value.flags.owndata else value
-        if self.dir is None:
-            self.dir = Path(tempfile.mkdtemp(prefix="spa-reconstruction-"))
-            log.info("reconstruction spills activations beyond %d MiB to %s",
-                     self.memory >> 20, self.dir)
-        path = self.dir / f"{self.count}.npy"
-        self.count += 1
-        np.save(path, value)
+        try:
+            if self.dir is None:
+                self.dir = Path(tempfile.mkdtemp(prefix="spa-reconstruction-"))
+                log.info("reconstruction spills activations beyond %d MiB to %s",
+                         self.memory >> 20, self.dir)
+            path = self.dir / f"{self.count}.npy"
+            self.count += 1
+            np.save(path, value)
+        except OSError as exc:
+            raise self._spill_failed(exc, value.nbytes) from exc
         self.recycle(value)
         mapped = np.load(path, mmap_mode="r")
         self.spilled.append(weakref.ref(mapped))
         return mapped
+
+    def _spill_failed(self, exc: OSError, nbytes: int) -> SpillError:
+        where = self.dir if self.dir is not None else Path(tempfile.gettempdir())
+        more = f", or raise {self.budget} to hold more in memory" if self.budget else ""
+        return SpillError(
+            f"activations beyond {_amount(self.memory)} are spilled to disk, and writing "
+            f"{_amount(nbytes)} more to {where} failed ({exc.strerror or exc}): free space "
+            f"there or point TMPDIR at a larger disk{more}")
 
     def evict(self) -> None:
         """Unmap the pages of spilled tensors read so far (they are read again from the file

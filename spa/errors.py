@@ -59,6 +59,11 @@ class OutputPathError(SpaError):
     """The output path cannot be written (a directory, a missing parent, no permission)."""
 
 
+class SpillError(SpaError):
+    """Activations beyond the memory budget could not be spilled to disk (a full disk, a
+    temporary directory that cannot be written)."""
+
+
 class ValidationError(SpaError):
     """The pruned model failed validation (onnxruntime, shapes, or the numeric oracle)."""
 

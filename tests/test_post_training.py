@@ -234,6 +234,38 @@ def test_a_tiny_memory_budget_spills_to_disk_and_changes_nothing(cnn, tmp_path, 
     assert not list(scratch.iterdir())  # the spill is gone
 
 
+def test_a_full_disk_for_the_spill_is_a_clear_error_and_leaves_nothing(cnn, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Reconstruction spills beyond --calib-memory; a disk with no room for it (every spill
+    file is /dev/full, which answers writes with ENOSPC) stops the run with exit 2 and a
+    message naming the directory, the cause and the ways out; nothing is written."""
+    import tempfile
+
+    from spa.passes import segments
+
+    src, calib = cnn
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    for k in range(64):
+        (spill / f"{k}.npy").symlink_to("/dev/full")
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(**how):
+        return str(spill) if how.get("prefix") == "spa-reconstruction-" else real_mkdtemp(**how)
+
+    monkeypatch.setattr(segments.tempfile, "mkdtemp", mkdtemp)
+    out = tmp_path / "out.onnx"
+    code = main(["prune", str(src), "-o", str(out), "-q", "--calib", str(calib),
+                 "--allocation", "uniform", "--ratio", "0.5", "--calib-memory", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("spa: error: activations beyond ") and err.count("\n") == 1
+    assert f"to {spill} failed (No space left on device)" in err
+    assert "point TMPDIR at a larger disk, or raise --calib-memory" in err
+    assert not spill.exists() and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "cnn.onnx"]
+
+
 def test_segment_outputs_held_own_their_memory_not_the_sessions_arena():
     """A segment's outputs are views of its onnxruntime session's arena: held as they are, they
     would pin the arena's regions (ResNet-50's cost run: 2.8 -> 4.5 GiB). The values a runner

@@ -509,7 +509,9 @@ def test_two_processes_with_torchrun(models, tmp_path):
     """``torchrun --nproc-per-node 2``: gloo on CPU, DDP student; process 0 alone writes."""
     dense, pruned = models
     out, report = tmp_path / "r.onnx", tmp_path / "r.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    scratch = tmp_path / "tmp"  # torchrun's own log folder goes here, not in /tmp
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "spa", "recover", str(dense), str(pruned), "-o", str(out), "--calib",
