@@ -51,6 +51,7 @@ from spa.calibration import (
 from spa.errors import OptionError
 from spa.ir import nbits
 from spa.ir.contrib import value_dims
+from spa.ir.packed import integer_range
 from spa.ir.quant import codes_on, has_codes, quantized_weight, spread
 from spa.memory import release
 from spa.passes.segments import Frontiers, Runner, fixed_batch, unmap, with_types
@@ -186,22 +187,55 @@ class QDQ:
 
     def requantized(self, w: np.ndarray, name: str, weights: Mapping[str, onnx.TensorProto]
                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """``W`` as the layer can hold it: new codes on its own scale and zero point, clipped
-        to the integer type's range (a zero scale keeps its codes). The codes by initializer
-        name, and the weight they hold."""
+        """``W`` as the layer can hold it: new codes, clipped to the integer type's range (a
+        zero scale keeps its codes). Blocked, on scales and zero points fitted to it block by
+        block, as for a MatMulNBits (:meth:`NBits.requantized`); else on its own. The codes
+        (and the blocks' new scales and zero points) by initializer name, and the weight they
+        hold."""
         old = numpy_helper.to_array(weights[name])
-        scale, zp = self._own(weights, old.shape)
-        codes = codes_on(w, scale, zp, old)
-        return {name: codes}, self._held(codes, scale, zp)
+        scale, zp = self._stored(weights)
+        out: dict[str, np.ndarray] = {}
+        if self.block_size:
+            scale, zp = self._fitted(w, old.dtype, scale, zp)
+            out[self.scale] = scale
+            if self.zero_point is not None and zp is not None:
+                out[self.zero_point] = zp
+        scale, zp = self._spread(scale, zp, old.shape)
+        codes = out[name] = codes_on(w, scale, zp, old)
+        return out, self._held(codes, scale, zp)
+
+    def _fitted(self, w: np.ndarray, dtype: np.dtype, scale: np.ndarray, zp: np.ndarray | None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scales (and zero points, when stored) fitted to ``w``'s blocks along the axis
+        (:func:`spa.ir.nbits.fitted_steps`), in the types of the ones they replace; the codes
+        are of ``dtype``."""
+        assert self.axis is not None
+        low, high = cast(tuple[int, int], integer_range(dtype))
+        along = np.moveaxis(w, self.axis, -1)
+        count = scale.shape[self.axis]
+        padded = np.zeros((*along.shape[:-1], count * self.block_size))  # zeros: in any range
+        padded[..., :along.shape[-1]] = along
+        blocks = padded.reshape(*along.shape[:-1], count, self.block_size)
+        steps, points = nbits.fitted_steps(blocks, low, high, None if zp is not None else 0.0)
+        fitted = np.moveaxis(steps, -1, self.axis).astype(scale.dtype)
+        return fitted, None if zp is None else np.moveaxis(points, -1, self.axis).astype(zp.dtype)
 
     def _own(self, weights: Mapping[str, onnx.TensorProto], shape: tuple[int, ...]
              ) -> tuple[np.ndarray, np.ndarray]:
         """The scale and zero point (float64), shaped to broadcast against the codes."""
-        scale = numpy_helper.to_array(weights[self.scale]).astype(np.float64)
-        zp = np.zeros(()) if self.zero_point is None else \
-            numpy_helper.to_array(weights[self.zero_point]).astype(np.float64)
-        return spread(scale, self.axis, shape, self.block_size), \
-            spread(zp, self.axis, shape, self.block_size)
+        return self._spread(*self._stored(weights), shape)
+
+    def _stored(self, weights: Mapping[str, onnx.TensorProto]
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+        zp = None if self.zero_point is None \
+            else numpy_helper.to_array(weights[self.zero_point])
+        return numpy_helper.to_array(weights[self.scale]), zp
+
+    def _spread(self, scale: np.ndarray, zp: np.ndarray | None, shape: tuple[int, ...]
+                ) -> tuple[np.ndarray, np.ndarray]:
+        zero = np.zeros(()) if zp is None else zp.astype(np.float64)
+        return spread(scale.astype(np.float64), self.axis, shape, self.block_size), \
+            spread(zero, self.axis, shape, self.block_size)
 
     @staticmethod
     def _held(codes: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:

@@ -283,9 +283,9 @@ def test_blocked_quantisation_with_a_part_block_freezes_with_a_reason() -> None:
 def test_blocked_codes_take_the_obs_update_and_the_refit(tmp_path: Path) -> None:
     """OBSPA's update and reconstruction's refit (each alone: on this two-layer net the refit
     finds nothing to add to the update, which is already the least-squares fit of the same
-    rows) reach blocked int4 weights as new codes on their own blocks' scales and zero points:
-    each lowers the output error against the original on samples like the calibration data;
-    the scales are those of the file."""
+    rows) reach blocked int4 weights as new codes: the update on its own blocks' scales and
+    zero points, the refit on ones fitted to it block by block (as a MatMulNBits' refit).
+    Each lowers the output error against the original on samples like the calibration data."""
 
     b = Builder()
     y, _ = _blocked_mlp(b, k2=32)
@@ -306,8 +306,11 @@ def test_blocked_codes_take_the_obs_update_and_the_refit(tmp_path: Path) -> None
         outs[name], error[name] = out, output_error(m, out, x)
     assert error["obs"] < 0.9 * error["plain"] and error["refit"] < 0.9 * error["plain"], error
     for name in ("fc2.s", "fc2.zp"):
-        np.testing.assert_array_equal(init_value(outs["refit"], name),
-                                      init_value(outs["plain"], name))
+        plain = init_value(outs["plain"], name)
+        np.testing.assert_array_equal(init_value(outs["obs"], name), plain)
+        refit = init_value(outs["refit"], name)
+        assert refit.dtype == plain.dtype and refit.shape == plain.shape
+        assert not np.array_equal(refit, plain)
     for name in ("obs", "refit"):
         assert not np.array_equal(init_value(outs[name], "fc2.q"),
                                   init_value(outs["plain"], "fc2.q"))

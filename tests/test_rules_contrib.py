@@ -1068,3 +1068,35 @@ def test_nbits_fitted_scales_hold_the_weight_within_half_a_step(zero_points, bit
     step = np.repeat(scales.astype(np.float64), block, axis=1).T
     assert np.all(np.abs(held - w) <= step * (0.5 + 1e-6))
     _assert_kernel_multiplies_by(held, q, scales, zp, bits, block, rng)
+
+
+@pytest.mark.parametrize("low,high", [(-8, 7), (0, 15), (-128, 127)])
+@pytest.mark.parametrize("fixed", [None, 0.0, "centre"])
+def test_fitted_steps_hold_each_block_within_half_a_step(low, high, fixed):
+    """The scales and zero points fitted to blocks for a signed or unsigned code range (a
+    blocked QDQ weight's, int4/uint4/int8): fitted, or around a zero point that stays (0, or
+    the range's centre). Each value of a block whose range its zero point can reach is held
+    within half a step, the codes in range; the scales are the least that do it (some value
+    reaches the end of the range on one side)."""
+    from spa.ir import nbits as nb
+
+    rng = np.random.default_rng(high - low)
+    blocks = rng.standard_normal((5, 3, 32)) * rng.uniform(0.1, 2.0, (5, 3, 1))
+    if fixed == 0.0 and low == 0:
+        blocks = np.abs(blocks)  # an unsigned range about 0 holds only what is positive
+    zero = (low + high + 1) // 2 if fixed == "centre" else fixed
+    scales, zp = nb.fitted_steps(blocks, low, high, zero)
+    assert scales.shape == zp.shape == (5, 3) and np.all(scales > 0)
+    if zero is not None:
+        assert np.all(zp == zero)
+    assert np.all(zp == np.rint(zp)) and np.all((low <= zp) & (zp <= high))
+    codes = np.rint(blocks / scales[..., None] + zp[..., None])
+    assert np.all((low <= codes) & (codes <= high))
+    held = (codes - zp[..., None]) * scales[..., None]
+    assert np.all(np.abs(held - blocks) <= scales[..., None] * (0.5 + 1e-9))
+    ends = blocks / scales[..., None] + zp[..., None]
+    if zero is None:  # the block's range spans all the codes
+        np.testing.assert_allclose(ends.max(-1) - ends.min(-1), high - low)
+    else:  # one end reaches the end of the range on its side
+        gap = np.minimum(np.abs(ends.max(-1) - high), np.abs(ends.min(-1) - low))
+        assert np.all(gap < 1e-9), gap

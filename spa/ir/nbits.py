@@ -66,21 +66,37 @@ def requantize(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
 
 def fitted_scales(w: np.ndarray, bits: int, block_size: int, zero_points: bool
                   ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scales and zero points fitted to ``W [K, N]`` block by block, as onnxruntime's quantiser
-    rounds to the nearest (each block's range, 0 included, over the ``2^bits − 1`` steps): the
-    scales ``[N, k_blocks]`` (float64), and the zero points packed (``zero_points``) or None,
-    the range then centred on the implicit ``2^(bits−1)``."""
+    """Scales and zero points fitted to ``W [K, N]`` block by block (:func:`fitted_steps`, as
+    onnxruntime's quantiser rounds): the scales ``[N, k_blocks]`` (float64), and the zero
+    points packed (``zero_points``) or None, the range then centred on the implicit
+    ``2^(bits−1)``."""
     k, n = w.shape
     blocks = w.T.reshape(n, k // block_size, block_size)
-    low, high = np.minimum(blocks.min(2), 0.0), np.maximum(blocks.max(2), 0.0)
     top = (1 << bits) - 1
     if not zero_points:
-        centre = 1 << (bits - 1)
-        scales = np.maximum(-low / centre, high / (top - centre))
-        return np.where(scales > 0, scales, 1.0), None
-    scales = np.where(high > low, (high - low) / top, 1.0)
-    zp = np.clip(np.rint(-low / scales), 0, top).astype(np.uint8)
-    return scales, pack(zp, bits)
+        return fitted_steps(blocks, 0, top, float(1 << (bits - 1)))[0], None
+    scales, zp = fitted_steps(blocks, 0, top)
+    return scales, pack(zp.astype(np.uint8), bits)
+
+
+def fitted_steps(blocks: np.ndarray, low: int, high: int,
+                 zero_point: np.ndarray | float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The scale and zero point that round each block (``blocks [..., size]``) to the nearest
+    of the integer codes ``low…high``: the block's range, 0 included, over the steps. A
+    ``zero_point`` given (one, or one per block) stays, and the scale is the least that holds
+    the range on its side of it; else it is fitted, asymmetric (float64 zero points on the
+    integer grid). A block of zeros takes scale 1."""
+    least = np.minimum(blocks.min(-1), 0.0)
+    most = np.maximum(blocks.max(-1), 0.0)
+    if zero_point is None:
+        scales = np.where(most > least, (most - least) / (high - low), 1.0)
+        return scales, np.clip(np.rint(low - least / scales), low, high)
+    z = np.broadcast_to(np.asarray(zero_point, np.float64), least.shape)
+    below = np.divide(-least, z - low, out=np.zeros_like(least), where=z > low)
+    above = np.divide(most, high - z, out=np.zeros_like(most), where=z < high)
+    scales = np.maximum(below, above)
+    return np.where(scales > 0, scales, 1.0), z
 
 
 def _zero_points(packed: np.ndarray | None, shape: tuple[int, ...], bits: int) -> np.ndarray:
