@@ -9,7 +9,8 @@ returns the updated weights (:class:`WeightUpdates`), which the rewrite, the one
 writes before it slices them; FLAP's bias shifts (:class:`BiasShifts`) likewise, added by the
 rewrite after slicing. It decides nothing the plan did not.
 A quantised weight is updated in float and written as new codes on its own scales and zero
-points: a ``DequantizeLinear``'s integers, or a ``MatMulNBits``' packed ``B`` (whose consumer
+points: a ``DequantizeLinear``'s or a chain of plain ops' integers (spa/ir/quant_chain.py),
+or a ``MatMulNBits``' packed ``B`` (whose consumer
 space, its scales' blocks, stands for ``block_size`` input columns each; spa/ir/quant.py).
 A weight tied to another tensor of the file (spa/ir/tied.py: a tied ``lm_head`` is a view of the
 embedding) gets no update: one layer's update would untie it, and the file would hold it twice.
@@ -80,8 +81,8 @@ class Compensation:
         out, updated, skipped, untied = self._update(
             analysis, progress(removed, "compensation", unit="layer"), statistics)
         if skipped:
-            # Chained quantisation (plain Mul/Sub ops) or codes of no integer type: the update
-            # has no codes to go into, and those layers lose their channels without it.
+            # Codes of no integer type (float 8): the update has no codes to go into, and
+            # those layers lose their channels without it.
             log.warning("compensation not written into %d quantised weight(s) (%s): their "
                         "removed channels are dropped without an update", len(skipped),
                         _some(skipped))

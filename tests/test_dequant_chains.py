@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import Builder, init_shapes, init_value, kept_slices
-from oracle import RTOL, prune_checked
+from oracle import RTOL, prune_checked, with_and_without_update
 
 from spa.api import analyze
 from spa.ir.packed import own_dtype
@@ -237,3 +237,33 @@ def test_chains_in_external_data(tmp_path, dtype):
     length = next(int(e.value) for e in t.external_data if e.key == "length")
     assert tuple(t.dims) == (64, 8) and length == 64 * 8 * np.dtype(dtype).itemsize // (
         2 if dtype is ml_dtypes.uint4 else 1)
+
+
+@pytest.mark.parametrize("perm", [False, True])
+def test_obspa_update_is_written_in_the_chains_integers(tmp_path, perm):
+    """OBSPA's update reaches a chain's integers as a DequantizeLinear's do: computed on the
+    dequantised weight (through the Transpose, when the consumer's chain has one: stored
+    ``[6, 32]``, scaled per stored row) and written as new codes on its own scales and zero
+    points. On samples like the calibration data the model answers closer to the original
+    than the same cut without the update; it stays int8, scales and zero points as they were."""
+    b = Builder()
+    w1, w2 = b.rng.standard_normal((8, 32)), b.rng.standard_normal((32, 6))
+    h = b.op("Relu", b.op("MatMul", "x", chain(b, w1.astype(np.float32), 1, "l1", zero=True),
+                          name="l1"))
+    w2_out = chain(b, w2.astype(np.float32), 0 if perm else 1, "l2", zero=True,
+                   perm=[1, 0] if perm else None)
+    m = b.model({"x": [2, 8]}, {b.op("MatMul", h, w2_out, name="l2"): [2, 6]})
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(m, str(src))
+    rng = np.random.default_rng(4)
+    mix = rng.standard_normal((8, 8))
+    np.savez(calib, x=(rng.standard_normal((256, 8)) @ mix).astype(np.float32))
+    x = (rng.standard_normal((64, 2, 8)) @ mix).astype(np.float32)
+    outs, error = with_and_without_update(m, src, calib, x)
+    assert error[True] < 0.9 * error[False], error
+    same, updated = init_value(outs[False], "l2.q"), init_value(outs[True], "l2.q")
+    assert updated.dtype == np.int8 and updated.shape == same.shape == ((6, 16) if perm
+                                                                        else (16, 6))
+    assert not np.array_equal(updated, same)
+    for name in ("l2.s", "l2.zp", "l1.q"):
+        np.testing.assert_array_equal(init_value(outs[True], name), init_value(outs[False], name))

@@ -14,8 +14,8 @@ runs ``spa prune`` in its own process:
 
 * ``--no-reconstruct``: sensitivity allocation only;
 * the default: reconstruction, each MatMulNBits refitted in float with its bias and rounded to
-  codes on scales fitted to the refit, each blocked DequantizeLinear's weight on its blocks'
-  own scales (spa/passes/reconstruction.py).
+  codes on scales fitted to the refit, each blocked DequantizeLinear's weight likewise
+  (spa/passes/reconstruction.py).
 
 Scored by the mean cosine of the embeddings with the int4 model's (of the same form), and with
 the float model's, on the evaluation sentences (never used to calibrate).

@@ -130,9 +130,9 @@ def spread(v: np.ndarray, axis: int | None, shape: tuple[int, ...], block_size: 
 
 def has_codes(w: QuantizedWeight) -> bool:
     """Whether new values of ``w`` can be written as codes of its integer tensor on its own
-    scale and zero point (:func:`requantized`): a DequantizeLinear (not a chain of plain ops)
-    of an integer type (8 to 32 bits, or packed 4 and 2 bits), per tensor, axis or block."""
-    return w.node.op == "DequantizeLinear" and integer_range(np.dtype(w.q.dtype)) is not None
+    scale and zero point (:func:`requantized`): a DequantizeLinear or a chain of plain ops, of
+    an integer type (8 to 32 bits, or packed 4 and 2 bits), per tensor, axis or block."""
+    return integer_range(np.dtype(w.q.dtype)) is not None
 
 
 def codes_on(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | float,
@@ -149,8 +149,10 @@ def codes_on(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | flo
 
 def requantized(w: QuantizedWeight, values: np.ndarray) -> np.ndarray:
     """The dequantised-layout ``values`` of a weight that :func:`has_codes` as new codes of its
-    integer tensor on its own scale and zero point."""
+    integer tensor on its own scale and zero point (a chain's Transpose undone)."""
     q = peek(w.q)
+    if w.perm is not None:
+        values = np.transpose(values, np.argsort(w.perm))
     zp = np.zeros(()) if w.zero_point is None \
         else spread(peek(w.zero_point), w.axis, q.shape, w.block_size)
     return codes_on(values, spread(peek(w.scale), w.axis, q.shape, w.block_size), zp, q)
