@@ -2,10 +2,11 @@
 
 Post-training, with no gradients. The layers (Conv, Gemm, and MatMul by a constant, with its
 bias: the Conv/Gemm/MatMulNBits bias input, or the constant of the one Add after a MatMul or a
-MatMulNBits without one) are visited in
-topological order. For each, its kept weights and bias are refitted by ridge least squares in
-float64, so that its output on the *pruned* model's actual inputs — every earlier layer already
-refitted — matches the *dense* model's output (on the dense inputs) at the channels it kept::
+MatMulNBits without one; a weight may be a float constant, or integers dequantised by a
+DequantizeLinear or a chain of plain ops) are visited in topological order. For each, its
+kept weights and bias are refitted by ridge least squares in float64, so that its output on
+the *pruned* model's actual inputs — every earlier layer already refitted — matches the
+*dense* model's output (on the dense inputs) at the channels it kept::
 
     W = argmin ‖X_pruned·W − Y_dense‖² + λ‖W − W₀‖²   (W₀: the weights after pruning)
 
@@ -51,8 +52,10 @@ from spa.calibration import (
 from spa.errors import OptionError
 from spa.ir import nbits
 from spa.ir.contrib import value_dims
+from spa.ir.dtypes import onnx_type
 from spa.ir.packed import integer_range
 from spa.ir.quant import codes_on, has_codes, quantized_weight, spread
+from spa.ir.quant_chain import DequantChain, dequant_chain
 from spa.memory import release
 from spa.passes.segments import Frontiers, Runner, fixed_batch, unmap, with_types
 from spa.progress import progress
@@ -110,7 +113,7 @@ class _Layer:
     bias: str | None
     data: str
     output: str  # the tensor matched to the dense model's (the Add's output for MatMul+Add)
-    out_axis: int  # the weight's output-channel axis
+    out_axis: int  # the weight's output-channel axis (of the stored integers, if chained)
     residual: str | None = None  # the other input of the residual Add the output feeds
     joined: str | None = None  # that Add's output (the stream with the layer's term added)
     codec: NBits | QDQ | None = None  # a quantised weight (``weight``: its integer tensor)
@@ -170,20 +173,28 @@ class NBits:
 
 @dataclass(frozen=True)
 class QDQ:
-    """How a weight reached through ``DequantizeLinear`` is held: its integer tensor (the
-    layer's ``weight``, int8 or uint8 and the like), and the scale and zero point (None: 0),
-    one value or one per index of ``axis``. Dequantised in the weight's own layout."""
+    """How a weight reached through ``DequantizeLinear`` (or a chain of plain ops that does the
+    same, spa/ir/quant_chain.py) is held: its integer tensor (the layer's ``weight``, int8 or
+    uint8 and the like), and the scale and zero point (None: 0), one value or one per index of
+    ``axis``. Dequantised in the integers' layout, then transposed by a chain's ``perm``."""
 
     scale: str
     zero_point: str | None
     axis: int | None
     block_size: int = 0  # blocked (opset 21): one scale per block of the axis
+    perm: tuple[int, ...] | None = None  # a chain's Transpose after the dequantisation
 
     def weight(self, q: onnx.TensorProto, weights: Mapping[str, onnx.TensorProto]
                ) -> np.ndarray:
-        """The dequantised weight (float64)."""
+        """The dequantised weight (float64), as the layer reads it."""
         codes = numpy_helper.to_array(q)
-        return self._held(codes, *self._own(weights, codes.shape))
+        return self._laid(self._held(codes, *self._own(weights, codes.shape)))
+
+    def _laid(self, w: np.ndarray, back: bool = False) -> np.ndarray:
+        """``w`` in the integers' layout as the layer reads it (``back``: the other way)."""
+        if self.perm is None:
+            return w
+        return np.transpose(w, np.argsort(self.perm) if back else self.perm)
 
     def requantized(self, w: np.ndarray, name: str, weights: Mapping[str, onnx.TensorProto]
                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -193,6 +204,7 @@ class QDQ:
         (and the blocks' new scales and zero points) by initializer name, and the weight they
         hold."""
         old = numpy_helper.to_array(weights[name])
+        w = self._laid(w, back=True)
         scale, zp = self._stored(weights)
         out: dict[str, np.ndarray] = {}
         if self.block_size:
@@ -202,7 +214,7 @@ class QDQ:
                 out[self.zero_point] = zp
         scale, zp = self._spread(scale, zp, old.shape)
         codes = out[name] = codes_on(w, scale, zp, old)
-        return out, self._held(codes, scale, zp)
+        return out, self._laid(self._held(codes, scale, zp))
 
     def _fitted(self, w: np.ndarray, dtype: np.dtype, scale: np.ndarray, zp: np.ndarray | None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -560,13 +572,22 @@ def _weights_by_their_layers(model: onnx.ModelProto) -> onnx.ModelProto:
                if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")
                and len(n.output) == 1 and readers.get(n.output[0]) == 1
                and all(i in inits or not i for i in n.input)}
+    made_by = {o: k for k, n in enumerate(nodes) for o in n.output}
+    for out, chain in _chains(model).items():  # a chain's ops, from its Cast on
+        if readers.get(out) == 1:
+            movable.update((o, made_by[o]) for o in chain.outputs)
     order: list[int] = []
     moving = set(movable.values())
-    for k, node in enumerate(nodes):
-        if k in moving:
-            continue
-        order.extend(movable[i] for i in node.input if i in movable)
+
+    def emit(k: int) -> None:
+        for i in nodes[k].input:
+            if i in movable:
+                emit(movable[i])
         order.append(k)
+
+    for k in range(len(nodes)):
+        if k not in moving:
+            emit(k)
     if order == list(range(len(nodes))):
         return model
     moved = onnx.ModelProto()
@@ -574,6 +595,34 @@ def _weights_by_their_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     del moved.graph.node[:]
     moved.graph.node.extend(nodes[k] for k in order)
     return moved
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A weight dequantised by plain ops (spa/ir/quant_chain.py): its integers, how they are
+    held, and its ops' outputs in order (Cast first)."""
+
+    q: str
+    codec: QDQ
+    outputs: tuple[str, ...]
+
+
+def _chains(model: onnx.ModelProto) -> dict[str, _Chain]:
+    """The chains of plain ops that dequantise a weight, by the tensor they compute (the one
+    place that recognises them, :func:`spa.ir.quant_chain.dequant_chain`, reads the graph)."""
+    if not any(n.op_type == "Cast" for n in model.graph.node):
+        return {}
+    found = {}
+    for node in gs.import_onnx(model).nodes:
+        if node.op not in ("Mul", "Transpose") or len(node.outputs) != 1:
+            continue
+        chain = dequant_chain(node.outputs[0])
+        if isinstance(chain, DequantChain) and onnx_type(chain.q.dtype) in _INTEGERS:
+            zp = chain.zero_point.name if chain.zero_point is not None else None
+            found[chain.out.name] = _Chain(chain.q.name, QDQ(chain.scale.name, zp, chain.axis,
+                                                             perm=chain.perm),
+                                           tuple(n.outputs[0].name for n in chain.nodes))
+    return found
 
 
 def _layers(model: onnx.ModelProto) -> list[_Layer]:
@@ -599,14 +648,22 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
 
     dequantized = {n.output[0]: n for n in model.graph.node
                    if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")}
+    chains = _chains(model)
 
     position = {n.output[0]: i for i, n in enumerate(model.graph.node) if n.output}
+    # where a dequantised weight starts being computed: its DequantizeLinear, its chain's Cast
+    starts = {name: position[name] for name in dequantized}
+    starts.update((name, position[c.outputs[0]]) for name, c in chains.items())
 
     def weight(name: str, rank: int) -> tuple[str, QDQ | None] | None:
         """The layer's weight: a float initializer, or the integer one a DequantizeLinear
         read by this node only dequantises (its name, and how it is held)."""
         if const(name, rank):
             return name, None
+        chain = chains.get(name)
+        if chain is not None and readers.get(name) == 1 and chain.q in inits \
+                and len(inits[chain.q].dims) == rank:
+            return chain.q, chain.codec
         dq = dequantized.get(name)
         if dq is None or readers.get(name) != 1:
             return None
@@ -625,9 +682,9 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
         return None, node.output[0]
 
     def fed_from(node: onnx.NodeProto, i: int) -> int | None:
-        """The first of the DequantizeLinear nodes feeding ``node`` its weight or bias (run
-        right before it: :func:`_weights_by_their_layers`), or None: nothing dequantised."""
-        first = min((position[n] for n in node.input[1:] if n in dequantized), default=i)
+        """The first of the nodes dequantising ``node``'s weight or bias (run right before it:
+        :func:`_weights_by_their_layers`), or None: nothing dequantised."""
+        first = min((starts[n] for n in node.input[1:] if n in starts), default=i)
         return first if first < i else None
 
     found: list[_Layer] = []
@@ -670,6 +727,9 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                                     node.input[0], output, 0, codec=codec))
         if len(found) == before:
             continue
+        codec = found[-1].codec
+        if isinstance(codec, QDQ) and codec.perm is not None:  # the axis of the stored integers
+            found[-1] = replace(found[-1], out_axis=codec.perm[found[-1].out_axis])
         after = consumers.get(found[-1].output, [])
         if len(after) == 1 and after[0].op_type == "Add" and found[-1].output not in outputs:
             other = [n for n in after[0].input if n != found[-1].output]

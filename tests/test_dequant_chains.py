@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from graphs import Builder, init_shapes, init_value, kept_slices
-from oracle import RTOL, prune_checked, with_and_without_update
+from oracle import RTOL, output_error, prune_checked, prune_obspa, with_and_without_update
 
 from spa.api import analyze
 from spa.ir.packed import own_dtype
@@ -239,6 +239,52 @@ def test_chains_in_external_data(tmp_path, dtype):
         2 if dtype is ml_dtypes.uint4 else 1)
 
 
+def _chain_mlp(tmp_path, perm: bool):
+    """``x [2, 8] → MatMul(chain l1) → Relu → MatMul(chain l2) → MatMul(chain l3)``, int8 with
+    zero points; l2 stored transposed (``[24, 32]``, scaled per stored row) when ``perm``; the
+    model saved, calibration data and samples like it written beside it."""
+    b = Builder()
+    w1, w2, w3 = (b.rng.standard_normal(s).astype(np.float32) for s in ((8, 32), (32, 24),
+                                                                        (24, 6)))
+    h = b.op("Relu", b.op("MatMul", "x", chain(b, w1, 1, "l1", zero=True), name="l1"))
+    h = b.op("MatMul", h, chain(b, w2, 0 if perm else 1, "l2", zero=True,
+                                perm=[1, 0] if perm else None), name="l2")
+    y = b.op("MatMul", b.op("Relu", h), chain(b, w3, 1, "l3", zero=True), name="l3")
+    m = b.model({"x": [2, 8]}, {y: [2, 6]})
+    src, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(m, str(src))
+    rng = np.random.default_rng(4)
+    mix = rng.standard_normal((8, 8))
+    np.savez(calib, x=(rng.standard_normal((256, 8)) @ mix).astype(np.float32))
+    return m, src, calib, (rng.standard_normal((64, 2, 8)) @ mix).astype(np.float32)
+
+
+@pytest.mark.parametrize("perm", [False, True])
+def test_reconstruction_refits_chained_weights_in_their_integers(tmp_path, perm):
+    """Reconstruction refits a layer whose weight a chain of plain ops dequantises, as a
+    DequantizeLinear's: fitted in float on the dequantised weight (through the Transpose) and
+    rounded to new codes on its own scales and zero points, the chain's ops run right before
+    their layer (a later layer is fitted on the refit, not on the old codes). Held-out error
+    falls; the model stays int8 in the same chain of ops, scales and zero points as they were."""
+    m, src, calib, x = _chain_mlp(tmp_path, perm)
+    plain, refit = tmp_path / "plain.onnx", tmp_path / "refit.onnx"
+    prune_obspa(src, plain, calib, compensate=False)  # the update alone is the fit of l2's
+    report = prune_obspa(src, refit, calib, compensate=False, reconstruct=True)  # rows
+    assert report.reconstruction["kept"] and report.reconstruction["refitted"] >= 2
+    before, after = report.fidelity["pruned"], report.fidelity["reconstructed"]
+    assert after["relative_error"] < 0.9 * before["relative_error"], (before, after)
+    assert output_error(m, refit, x) < 0.9 * output_error(m, plain, x)
+    assert _ops(refit) == _ops(src)
+    changed = [n for n in ("l1.q", "l2.q", "l3.q")
+               if not np.array_equal(init_value(refit, n), init_value(plain, n))]
+    assert len(changed) >= 2, changed
+    for name in ("l1", "l2", "l3"):
+        assert init_value(refit, f"{name}.q").dtype == np.int8
+        for part in ("s", "zp"):
+            np.testing.assert_array_equal(init_value(refit, f"{name}.{part}"),
+                                          init_value(plain, f"{name}.{part}"))
+
+
 @pytest.mark.parametrize("perm", [False, True])
 def test_obspa_update_is_written_in_the_chains_integers(tmp_path, perm):
     """OBSPA's update reaches a chain's integers as a DequantizeLinear's do: computed on the
@@ -267,3 +313,30 @@ def test_obspa_update_is_written_in_the_chains_integers(tmp_path, perm):
     assert not np.array_equal(updated, same)
     for name in ("l2.s", "l2.zp", "l1.q"):
         np.testing.assert_array_equal(init_value(outs[True], name), init_value(outs[False], name))
+
+
+def test_reconstruction_runs_each_chain_right_before_its_layer(tmp_path):
+    """A chain's ops placed at the top of the graph move, in their order, to just before the
+    layer that reads the weight (as a DequantizeLinear does: a weight computed early would be
+    held from before the refits above it), and the layer is run to from its chain's Cast."""
+    from spa.passes.reconstruction import _layers, _weights_by_their_layers
+
+    m = _chain_mlp(tmp_path, True)[0]
+    nodes = list(m.graph.node)
+    chained = [n for n in nodes if n.name.split(".")[-1] in ("cast", "sub", "mul", "t")]
+    top = onnx.ModelProto()
+    top.CopyFrom(m)
+    del top.graph.node[:]
+    top.graph.node.extend(chained + [n for n in nodes if n not in chained])
+    moved = _weights_by_their_layers(top)
+    order = [n.name for n in moved.graph.node]
+    for name, ops in (("l1", ("cast", "sub", "mul")), ("l2", ("cast", "sub", "mul", "t")),
+                      ("l3", ("cast", "sub", "mul"))):
+        at = order.index(name)
+        assert order[at - len(ops):at] == [f"{name}.{op}" for op in ops], order
+    layers = {la.node: la for la in _layers(moved)}
+    assert [la.weight for la in layers.values()] == ["l1.q", "l2.q", "l3.q"]
+    assert layers["l2"].out_axis == 0  # l2's outputs are the rows of its stored [24, 32]
+    for name in ("l1", "l2", "l3"):
+        assert layers[name].fed_at == order.index(f"{name}.cast") < layers[name].index
+    assert _weights_by_their_layers(moved) is moved
