@@ -9,10 +9,12 @@ returns the updated weights (:class:`WeightUpdates`), which the rewrite, the one
 writes before it slices them; FLAP's bias shifts (:class:`BiasShifts`) likewise, added by the
 rewrite after slicing. It decides nothing the plan did not.
 A quantised weight is updated in float and written as new codes on its own scales and zero
-points: a ``DequantizeLinear``'s or a chain of plain ops' integers (spa/ir/quant_chain.py),
-or a ``MatMulNBits``' packed ``B`` (whose consumer
-space, its scales' blocks, stands for ``block_size`` input columns each; spa/ir/quant.py).
-A weight tied to another tensor of the file (spa/ir/tied.py: a tied ``lm_head`` is a view of the
+points: a ``DequantizeLinear``'s or a chain of plain ops' integers (spa/ir/quant_chain.py), or
+a ``MatMulNBits``' packed ``B`` (whose consumer space, its scales' blocks, stands for
+``block_size`` input columns each; spa/ir/quant.py). A weight several nodes read (ALBERT's
+layers share theirs) gets one update, from the statistics of all its uses (passes/hessian.py),
+and FLAP's shift goes into the bias after each use, from that use's own input mean. A weight
+tied to another tensor of the file (spa/ir/tied.py: a tied ``lm_head`` is a view of the
 embedding) gets no update: one layer's update would untie it, and the file would hold it twice.
 """
 
@@ -182,9 +184,10 @@ class BiasCompensation:
             values = weight_array(layer_weight(tensors[key[0]]))  # dequantised
             w = layer_rows(values, key[1], layers[key].per)
             gone = expanded(gone, layers[key].per)
-            shift = (stats[key].mean[gone] @ w[gone]).reshape(
-                np.moveaxis(values, key[1], 0).shape[1], -1).sum(axis=1)
-            out[layers[key].node] = (shift, (key[0], 1 - key[1]))  # the weight's output axis
+            for node, mean in stats[key].means(layers[key]).items():  # each use of a shared
+                shift = (mean[gone] @ w[gone]).reshape(  # weight on its own input's mean
+                    np.moveaxis(values, key[1], 0).shape[1], -1).sum(axis=1)
+                out[node] = (shift, (key[0], 1 - key[1]))  # the weight's output axis
         return BiasShifts(out)
 
 

@@ -27,7 +27,7 @@ All layers' inputs are collected in one onnxruntime pass per sample batch.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,10 +50,21 @@ MAX_DENSE = 4096  # above this many input channels a layer uses a diagonal H (me
 
 
 @dataclass(frozen=True)
+class Use:
+    """A node reading a consumer layer's weight, and where its input is."""
+
+    data: str
+    data_axis: int
+    node: str
+
+
+@dataclass(frozen=True)
 class ConsumerLayer:
     """A weight whose input axis ``axis`` reads channel ``i`` of ``data``'s axis ``data_axis``;
     with ``per`` > 1, index ``i`` of the axis reads channels ``i·per … (i+1)·per − 1`` (a
-    ``MatMulNBits``' quantisation block). ``width``: ``data``'s channels, ``H``'s size."""
+    ``MatMulNBits``' quantisation block). ``width``: ``data``'s channels, ``H``'s size.
+    ``also``: the other nodes reading the same weight (ALBERT's layers share theirs); the
+    statistics sum over every use, as the weight's one update must serve them all."""
 
     weight: str
     axis: int
@@ -62,21 +73,31 @@ class ConsumerLayer:
     width: int
     node: str
     per: int = 1
+    also: tuple[Use, ...] = ()
+
+    @property
+    def uses(self) -> tuple[Use, ...]:
+        return (Use(self.data, self.data_axis, self.node), *self.also)
 
 
 def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
     """Every consumer weight space of a prunable group whose node SPA can read an input from."""
     spaces = {m.space for g in analysis.prunable_groups for m in g.members
               if m.role is Role.CONSUMER}
-    layers = {}
+    layers: dict[tuple[str, int], ConsumerLayer] = {}
     opset = analysis.model.opset
     for node in analysis.model.graph.nodes:
         for slot, t in enumerate(node.inputs):
             for axis in range(len(t.shape or ())) if is_weight(t) else ():  # or quantised
                 if (t.name, axis) in spaces:
                     layer = _layer_of(node, opset, slot, t, axis)
-                    if layer is not None:
+                    first = layers.get((t.name, axis))
+                    if layer is None:
+                        continue
+                    if first is None:
                         layers[(t.name, axis)] = layer
+                    elif (first.width, first.per) == (layer.width, layer.per):
+                        layers[(t.name, axis)] = replace(first, also=(*first.also, *layer.uses))
     return layers
 
 
@@ -94,16 +115,34 @@ def _layer_of(node: gs.Node, opset: int, slot: int, w: gs.Tensor, axis: int
 
 @dataclass
 class InputStats:
-    """Per-channel statistics of one consumer layer's input, summed over samples."""
+    """Per-channel statistics of one consumer layer's input, summed over samples (and over
+    the uses of a shared weight; ``by_use``: each use's count and ``Σ x`` then, by node)."""
 
     n: int
     total: np.ndarray  # Σ x
     total_abs: np.ndarray  # Σ |x|
     gram: np.ndarray  # Σ x xᵀ (or Σ x² when the layer is too wide for a dense matrix)
+    by_use: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     @property
     def mean(self) -> np.ndarray:
         return self.total / max(self.n, 1)
+
+    def means(self, layer: ConsumerLayer) -> dict[str, np.ndarray]:
+        """The input's mean at each node using the layer's weight."""
+        if not self.by_use:
+            return {layer.node: self.mean}
+        return {node: total / max(n, 1) for node, (n, total) in self.by_use.items()}
+
+    def copy(self) -> InputStats:
+        return InputStats(self.n, self.total.copy(), self.total_abs.copy(), self.gram.copy(),
+                          {k: (n, t.copy()) for k, (n, t) in self.by_use.items()})
+
+    def add(self, n: int, total: np.ndarray, total_abs: np.ndarray, gram: np.ndarray) -> None:
+        self.n += n
+        self.total += total
+        self.total_abs += total_abs
+        self.gram += gram
 
     @property
     def second_moment(self) -> np.ndarray:
@@ -137,7 +176,7 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
                           f"which takes models up to 2 GB; this one holds {size / 1e9:.1f} GB "
                           "of weights: use a data-free magnitude criterion (l1, l2, fpgm, lamp)")
     model = to_onnx(analysis.model)
-    wanted = sorted({layer.data for layer in layers.values()})
+    wanted = sorted({use.data for layer in layers.values() for use in layer.uses})
     present = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
                               for n in wanted if n not in present)
@@ -154,26 +193,26 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     for part, feeds in progress(_batches(sess, source, samples, seed, calib, dims, cut),
                                 "hessians", total, unit="batch"):
         if part == 1 and keep_fitted and fitted is None:  # the fitted samples' sums are done
-            fitted = {key: InputStats(s.n, s.total.copy(), s.total_abs.copy(), s.gram.copy())
-                      for key, s in stats.items()}
+            fitted = {key: s.copy() for key, s in stats.items()}
         outs = val.run(sess, feeds)
         real = None if mask is None or mask not in feeds else np.asarray(feeds[mask]) != 0
         # layers reading the same input (q, k and v; a ResNet stage's first conv and its
         # shortcut) share one batch's sums: computed once per input
         sums: dict[tuple[str, int, bool], tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
         for key, layer in layers.items():
-            site = (layer.data, layer.data_axis, layer.width > MAX_DENSE)
-            if site not in sums:
-                sums[site] = _sums(outs[layer.data], layer.data_axis, real, site[2])
-            n, total_, total_abs, gram = sums[site]
-            s = stats.get(key)
-            if s is None:  # copies: each layer's sums grow on their own
-                stats[key] = InputStats(n, total_.copy(), total_abs.copy(), gram.copy())
-            else:
-                s.n += n
-                s.total += total_
-                s.total_abs += total_abs
-                s.gram += gram
+            for use in layer.uses:
+                site = (use.data, use.data_axis, layer.width > MAX_DENSE)
+                if site not in sums:
+                    sums[site] = _sums(outs[use.data], use.data_axis, real, site[2])
+                n, total_, total_abs, gram = sums[site]
+                s = stats.get(key)
+                if s is None:  # copies: each layer's sums grow on their own
+                    s = stats[key] = InputStats(n, total_.copy(), total_abs.copy(), gram.copy())
+                else:
+                    s.add(n, total_, total_abs, gram)
+                if layer.also:
+                    seen, summed = s.by_use.get(use.node, (0, np.zeros_like(total_)))
+                    s.by_use[use.node] = (seen + n, summed + total_)
     return Split(stats, fitted)
 
 

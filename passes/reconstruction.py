@@ -727,9 +727,9 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
                                     node.input[0], output, 0, codec=codec))
         if len(found) == before:
             continue
-        codec = found[-1].codec
-        if isinstance(codec, QDQ) and codec.perm is not None:  # the axis of the stored integers
-            found[-1] = replace(found[-1], out_axis=codec.perm[found[-1].out_axis])
+        stored = found[-1].codec
+        if isinstance(stored, QDQ) and stored.perm is not None:  # the axis of the integers
+            found[-1] = replace(found[-1], out_axis=stored.perm[found[-1].out_axis])
         after = consumers.get(found[-1].output, [])
         if len(after) == 1 and after[0].op_type == "Add" and found[-1].output not in outputs:
             other = [n for n in after[0].input if n != found[-1].output]

@@ -112,6 +112,72 @@ def test_flap_bias_compensation_is_exact_for_a_constant_channel(tmp_path: Path) 
         np.testing.assert_allclose(bare, want - 2.0 * W2[0], rtol=1e-5, atol=1e-6)
 
 
+W2S = RNG.standard_normal((4, 3)).astype(np.float32)  # back to the input width
+B2S = np.array([0.3, -0.1, 0.2], np.float32)
+
+
+def _shared_mlp(w1: np.ndarray = W1, b1: np.ndarray = B1) -> onnx.ModelProto:
+    """x[N,3] → MLP → MLP → y[N,3], the two MLPs one set of weights (as ALBERT's layers): one
+    group of 4 hidden channels, each of w1, b1, w2, b2 read by two nodes."""
+    inits = [numpy_helper.from_array(v, k) for k, v in
+             {"w1": w1, "b1": b1, "w2": W2S, "b2": B2S}.items()]
+    nodes = []
+    x = "x"
+    for i in range(2):
+        nodes += [helper.make_node("MatMul", [x, "w1"], [f"h{i}"], name=f"fc1_{i}"),
+                  helper.make_node("Add", [f"h{i}", "b1"], [f"hb{i}"], name=f"bias1_{i}"),
+                  helper.make_node("Relu", [f"hb{i}"], [f"r{i}"], name=f"act{i}"),
+                  helper.make_node("MatMul", [f"r{i}", "w2"], [f"z{i}"], name=f"fc2_{i}"),
+                  helper.make_node("Add", [f"z{i}", "b2"], [x := f"y{i}"], name=f"bias2_{i}")]
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(nodes, "shared_mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_a_weight_shared_by_two_layers_gets_the_statistics_of_both_uses() -> None:
+    """ALBERT's layers share their weights: the one OBS update of w2 must serve both nodes
+    reading it, so its H is over both uses' inputs (it was the last use's alone); FLAP's
+    shift needs each use's own mean."""
+    analysis = analyze(_shared_mlp())
+    stats = LayerStatistics(source=HessianSource.CALIBRATION, samples=0,
+                            calib={"x": X}).run(analysis)
+    layer = stats.layers[("w2", 0)]
+    assert [u.node for u in layer.uses] == ["fc2_0", "fc2_1"]
+    x = X.astype(np.float64)
+    r0 = np.maximum(x @ W1 + B1, 0)
+    r1 = np.maximum((r0 @ W2S + B2S) @ W1 + B1, 0)
+    both = np.concatenate([r0, r1])
+    np.testing.assert_allclose(stats.hessian(("w2", 0)), both.T @ both / len(both), rtol=1e-6)
+    means = stats.inputs[("w2", 0)].means(layer)
+    np.testing.assert_allclose(means["fc2_0"], r0.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(means["fc2_1"], r1.mean(0), rtol=1e-6, atol=1e-9)
+    assert stats.inputs[("w2", 0)].n == 2 * len(X)
+
+
+def test_flap_shifts_the_bias_after_every_use_of_a_shared_weight(tmp_path: Path) -> None:
+    """Hidden channel 0 is always relu(0 + 2) = 2, at both uses of the shared MLP: FLAP
+    removes it and folds 2·w2[0] into the bias after each use (it shifted the last use's
+    alone), and the pruned model equals the original."""
+    w1, b1 = W1.copy(), B1.copy()
+    w1[:, 0], b1[0] = 0.0, 2.0
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(_shared_mlp(w1, b1), str(src))
+    np.savez(calib, x=X)
+    rep, plan = prune(src, tmp_path / "c.onnx",
+                      PruneOptions(ratio=0.25, criterion="flap", calib=str(calib),
+                                   allocation="uniform", reconstruct=False),
+                      CheckOptions(latency=False))
+    assert plan.groups[0].keep == (1, 2, 3) and rep.compensated_layers == 2
+    ref, got = val.session(src), val.session(tmp_path / "c.onnx")
+    for i in range(4):
+        feeds = val.random_inputs(ref, seed=i)
+        np.testing.assert_allclose(val.run(got, feeds)["y"], val.run(ref, feeds)["y"],
+                                   rtol=1e-5, atol=1e-6)
+
+
 def _token_mlp() -> onnx.ModelProto:
     """x[N,T,3] → the MLP of :func:`_mlp` per token, its output zeroed at padding
     (attention_mask[N,T] = 0): one group of 4 channels, read per token."""
