@@ -39,6 +39,7 @@ def _group_dict(g: Group) -> dict:
         "consumers": [f"{m.space[0]}[{m.space[1]}]" for m in g.consumers],
         "members": len([m for m in g.members if m.role is not Role.VIRTUAL]),
         "frozen": list(g.frozen),
+        **({"via": list(g.via)} if g.via else {}),
     }
 
 
@@ -71,6 +72,7 @@ def analysis_text(analysis: Analysis, *, explain: bool = False) -> str:
         lines.append(f"{g['id']:>4} {g['channels']:>8} {status:<8} {flow}")
         if explain and g["frozen"]:
             lines.extend(f"{'':>14}because {r}" for r in g["frozen"])
+            lines.extend(f"{'':>14}tied by {r}" for r in g.get("via", ()))
     if not explain and s["frozen_groups"]:
         lines.append("\n(run with --explain to see why groups are frozen)")
     return "\n".join(lines)

@@ -64,6 +64,42 @@ def test_grouped_conv_prunes_whole_groups(tmp_path):
     assert in_blocks == out_blocks  # group k's inputs and outputs go together
 
 
+def test_grouped_conv_tying_a_group_to_frozen_channels_says_so(tmp_path, capsys):
+    """A grouped Conv's MLP between a graph input and output (SqueezeBERT's, in one layer):
+    whole groups take their input and output channels together, so the hidden channels freeze
+    with the graph's. The reason names the graph's side; ``via`` (and the error) name the
+    grouped Convs that tie them, which the frozen spaces' reasons do not."""
+    import onnx
+
+    from spa.api import analyze
+    from spa.cli import main
+    from spa.pipeline.stages import nothing_prunable
+
+    b = Builder()
+    h = b.op("Relu", b.conv("x", 8, 16, k=1, dims=1, group=2, name="up"))
+    y = b.conv(h, 16, 8, k=1, dims=1, group=2, name="down")
+    m = b.model({"x": [1, 8, 6]}, {y: [1, 8, 6]})
+    analysis = analyze(m)
+    assert not analysis.prunable_groups
+    (tied,) = [g for g in analysis.frozen_groups if g.via]
+    assert tied.size == 2 and all("graph" in r for r in tied.frozen)
+    assert tied.via == (
+        "Conv node 'down' has group=2: SPA removes whole groups, each 8 input and 4 output "
+        "channels at once, so its input and output channels are pruned together",
+        "Conv node 'up' has group=2: SPA removes whole groups, each 4 input and 8 output "
+        "channels at once, so its input and output channels are pruned together")
+    assert nothing_prunable(analysis).endswith(f"; channels are tied to frozen ones where "
+                                               f"{tied.via[0]}")
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "-q"]) == 4
+    assert f"where {tied.via[0]}\n" in capsys.readouterr().err
+    # a depthwise conv (a group is one channel) ties nothing it does not say
+    b = Builder()
+    y = b.conv(b.op("Relu", b.conv("x", 8, 8, k=1, dims=1, group=8, name="dw")), 8, 4, k=1,
+               dims=1, name="pw")
+    assert not any(g.via for g in analyze(b.model({"x": [1, 8, 6]}, {y: [1, 4, 6]})).groups)
+
+
 def test_depthwise_conv(tmp_path):
     b = Builder()
     y = b.conv("x", 3, 8, name="c1")

@@ -78,6 +78,9 @@ class Group:
     members: tuple[Member, ...]
     frozen: tuple[str, ...] = ()
     kind: GroupKind = GroupKind.CHANNELS
+    # of a frozen group: how its channels are tied to the frozen ones (rules' notes, such as a
+    # grouped Conv removing whole groups)
+    via: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -176,7 +179,9 @@ class CouplingAnalysis:
         # into (C → heads × head_dim keeps the heads factor).
         heads = set().union(*(c.heads for c in couplings.values()))
         heads.update(e.b for e in chosen if lengths[e.b] < lengths[e.a])
-        groups = _build_groups(edges, live, lengths, roles, frozen, dense, statistics, heads)
+        notes = {k: v for c in couplings.values() for k, v in c.notes.items()}
+        groups = _build_groups(edges, live, lengths, roles, frozen, dense, statistics, heads,
+                               notes)
         hooks = {name: c.rewrite for name, c in couplings.items() if c.rewrite is not None}
         return Analysis(model=model, groups=tuple(groups), lengths=lengths, roles=roles,
                         frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
@@ -433,8 +438,8 @@ def _kind(members: list[Member], dense: set[SpaceKey], statistics: set[SpaceKey]
 
 def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey, int],
                   roles: dict[SpaceKey, Role], frozen: dict[SpaceKey, set[str]],
-                  dense: set[SpaceKey], statistics: set[SpaceKey], heads: set[SpaceKey]
-                  ) -> list[Group]:
+                  dense: set[SpaceKey], statistics: set[SpaceKey], heads: set[SpaceKey],
+                  notes: Mapping[SpaceKey, str]) -> list[Group]:
     # Deterministic space order: producers first, then by the order rules recorded them.
     order: dict[SpaceKey, int] = {}
     for e in edges:
@@ -499,8 +504,10 @@ def _build_groups(edges: list[Edge], live: set[SpaceKey], lengths: dict[SpaceKey
             channel = lut_vals[np.searchsorted(lut_keys, labels[chunk])]
             members.append(Member(key, roles[key], elem_pos[chunk], channel))
             reasons.update(frozen.get(key, ()))
+        # how a frozen group came to hold what freezes it
+        via = sorted({notes[m.space] for m in members if m.space in notes}) if reasons else []
         groups.append(Group(id=len(groups), size=len(local), members=tuple(members),
-                            frozen=tuple(sorted(reasons)),
+                            frozen=tuple(sorted(reasons)), via=tuple(via),
                             kind=_kind(members, dense, statistics, heads)))
     return groups
 

@@ -271,6 +271,11 @@ class NodeContext:
         self.result.reasons.clear()
         self.decline(reason)
 
+    def note(self, space: Space, text: str) -> None:
+        """Say how this node ties ``space``'s channels to others, for the reasons of a frozen
+        group that holds it (it freezes nothing)."""
+        self.result.notes[space.key] = text
+
     def decline(self, reason: str, *spaces: Space | None) -> None:
         """Say why spaces this node leaves unhandled freeze, keeping those it handled. With
         ``spaces``: why those do (an axis the op reduces, indexes, pads; unknown ones are

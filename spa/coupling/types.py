@@ -119,3 +119,7 @@ class NodeCoupling:
     # graph input read by this node alone and the present a graph output (the one change of
     # signature SPA makes; spa/coupling/analysis.py).
     caches: list[KVCache] = field(default_factory=list)
+    # How the node ties channels together that a reader of a frozen group's reasons would not
+    # guess (a grouped Conv removes whole groups: its input and output channels go together);
+    # said beside the reasons of a group holding the space, when the group freezes.
+    notes: dict[SpaceKey, str] = field(default_factory=dict)

@@ -417,5 +417,7 @@ def nothing_prunable(analysis: Analysis) -> str:
         return ("no prunable channel group in the model: its graph has no nodes (the outputs "
                 "are inputs or constants)")
     reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
+    via = sorted({r for g in analysis.frozen_groups for r in g.via})[:1]
     return "no prunable channel group in the model" + (
-        f" (e.g. {'; '.join(reasons)})" if reasons else "")
+        f" (e.g. {'; '.join(reasons)})" if reasons else "") + (
+        f"; channels are tied to frozen ones where {via[0]}" if via else "")

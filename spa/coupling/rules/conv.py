@@ -107,6 +107,11 @@ def _couple_groups(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor, group: int) -> 
     groups = ctx.virtual("groups", group)
     ctx.block(sx, groups)
     ctx.block(sy, groups)
+    if sx.length > group:  # not depthwise: a group is several channels on each side
+        ctx.note(groups, f"{ctx.node.op} node '{ctx.node.name}' has group={group}: SPA removes "
+                         f"whole groups, each {sx.length // group} input and "
+                         f"{sy.length // group} output channels at once, so its input and "
+                         "output channels are pruned together")
     ctx.on_rewrite(_group_hook(sx.key, sx.length // group))
     return True
 
