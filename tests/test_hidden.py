@@ -56,6 +56,29 @@ def test_hidden_fed_by_a_graph_input_stays_frozen(tmp_path: Path) -> None:
     assert group.frozen == ("graph input 'input' (axis 2) keeps its shape",)
 
 
+def test_a_kind_ratio_that_removes_nothing_says_why(tmp_path: Path, caplog) -> None:
+    """``--hidden`` on a model whose residual stream cannot change (torch_encoder's is its
+    input), ``--heads-ratio`` on a convnet with no heads: each is a warning naming why, and the
+    rest of the plan goes ahead."""
+    from graphs import Builder
+
+    src = export("torch_encoder", tmp_path / "te.onnx")
+    with caplog.at_level("WARNING", logger="spa.pipeline.stages"):
+        prune(src, tmp_path / "h.onnx", PruneOptions(ratio=0.25, hidden_ratio=0.25),
+              CheckOptions(latency=False))
+    assert caplog.messages == ["--hidden 0.25 removes nothing: no hidden-size group is "
+                               "prunable: graph input 'input' (axis 2) keeps its shape"]
+    caplog.clear()
+    b = Builder()
+    y = b.conv(b.op("Relu", b.conv("x", 3, 8, name="c1")), 8, 4, name="c2")
+    with caplog.at_level("WARNING", logger="spa.pipeline.stages"):
+        report, _ = prune(b.model({"x": [1, 3, 4, 4]}, {y: [1, 4, 4, 4]}), tmp_path / "c.onnx",
+                          PruneOptions(ratio=0.5, heads_ratio=0.5), CheckOptions(latency=False))
+    assert caplog.messages == ["--heads-ratio 0.5 removes nothing: no attention-head group is "
+                               "prunable (the model has none)"]
+    assert report.params_after < report.params_before
+
+
 def _zero_channels(src: Path, dst: Path, removed: np.ndarray) -> None:
     """Zero the removed hidden channels in every constant of the residual-stream group."""
     analysis = analyze(src, hidden=True)

@@ -23,7 +23,7 @@ from spa.calibration import Calibration, CalibrationOptions
 from spa.calibration.text import random_tokens
 from spa.calibration.text import with_tokenizer as text_tokenizer
 from spa.choices import AllocationMethod, HessianSource, Target
-from spa.coupling.analysis import Analysis, CouplingAnalysis
+from spa.coupling.analysis import Analysis, CouplingAnalysis, GroupKind
 from spa.errors import NothingPrunableError, OptionError
 from spa.generation import decoder_feeds
 from spa.inputs import InputDims, resolve
@@ -224,6 +224,7 @@ def make_plan(analysis: Analysis, options: PruneOptions, *,
     measured (else measured here)."""
     if not analysis.prunable_groups:
         raise NothingPrunableError(nothing_prunable(analysis))
+    _warn_unused_kind_ratios(analysis, options)
     if options.calib is not None and options.reconstruct is not False \
             and not one_protobuf(analysis.model):
         if options.reconstruct:  # before any work
@@ -409,6 +410,24 @@ def recipe(options: PruneOptions, criterion: Criterion,
                   options.block, options.seed, options.ignore, comp, bias,
                   options.allocation_method.value, cal, rec,
                   None if steps is None else tuple(sorted(steps.items())))
+
+
+KIND_FLAGS = ((GroupKind.HEADS, "heads_ratio", "--heads-ratio", "attention-head"),
+              (GroupKind.NEURONS, "mlp_ratio", "--mlp-ratio", "MLP-neuron"),
+              (GroupKind.HIDDEN, "hidden_ratio", "--hidden", "hidden-size"))
+
+
+def _warn_unused_kind_ratios(analysis: Analysis, options: PruneOptions) -> None:
+    """A per-kind ratio asked for where no group of that kind can be pruned does nothing: say
+    so, with why (the first frozen group of the kind's first reason)."""
+    for kind, field_name, flag, what in KIND_FLAGS:
+        asked = getattr(options, field_name)
+        if not asked or any(g.kind is kind for g in analysis.prunable_groups):
+            continue
+        frozen = [g for g in analysis.frozen_groups if g.kind is kind]
+        why = f": {frozen[0].frozen[0]}" if frozen else ""
+        log.warning("%s %g removes nothing: no %s group is prunable%s", flag, asked, what,
+                    why or " (the model has none)")
 
 
 def nothing_prunable(analysis: Analysis) -> str:
