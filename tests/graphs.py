@@ -171,3 +171,15 @@ def group_of(model: onnx.ModelProto, tensor: str, axis: int) -> Group:
 def reasons(model: onnx.ModelProto) -> list[str]:
     """Every freeze reason of every group that has a producer."""
     return [r for g in analyze(model).groups if g.producers for r in g.frozen]
+
+
+def with_nodes_first(model: onnx.ModelProto, first) -> onnx.ModelProto:
+    """A copy of ``model`` with the nodes ``first`` picks (a predicate) at the top of the graph,
+    in their order, the rest after them (still topological when ``first`` reads constants)."""
+    nodes = list(model.graph.node)
+    top = [n for n in nodes if first(n)]
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(top + [n for n in nodes if n not in top])
+    return out

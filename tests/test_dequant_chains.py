@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from graphs import Builder, init_shapes, init_value, kept_slices
+from graphs import Builder, init_shapes, init_value, kept_slices, with_nodes_first
 from oracle import RTOL, output_error, prune_checked, prune_obspa, with_and_without_update
 
 from spa.api import analyze
@@ -321,13 +321,8 @@ def test_reconstruction_runs_each_chain_right_before_its_layer(tmp_path):
     held from before the refits above it), and the layer is run to from its chain's Cast."""
     from spa.passes.reconstruction import _layers, _weights_by_their_layers
 
-    m = _chain_mlp(tmp_path, True)[0]
-    nodes = list(m.graph.node)
-    chained = [n for n in nodes if n.name.split(".")[-1] in ("cast", "sub", "mul", "t")]
-    top = onnx.ModelProto()
-    top.CopyFrom(m)
-    del top.graph.node[:]
-    top.graph.node.extend(chained + [n for n in nodes if n not in chained])
+    top = with_nodes_first(_chain_mlp(tmp_path, True)[0],
+                           lambda n: n.name.split(".")[-1] in ("cast", "sub", "mul", "t"))
     moved = _weights_by_their_layers(top)
     order = [n.name for n in moved.graph.node]
     for name, ops in (("l1", ("cast", "sub", "mul")), ("l2", ("cast", "sub", "mul", "t")),

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from graphs import Builder, init_shapes, init_value, kept_slices, reasons
+from graphs import Builder, init_shapes, init_value, kept_slices, reasons, with_nodes_first
 from onnx import TensorProto, helper, numpy_helper
 from oracle import RTOL, output_error, prune_checked, prune_obspa, with_and_without_update
 
@@ -472,13 +472,8 @@ def test_reconstruction_runs_each_weight_dequantisation_after_the_refits_before_
     just before its layer and runs the model to it, not past it."""
     from spa.passes.reconstruction import _layers, _weights_by_their_layers
 
-    m = conv_net()
-    nodes = list(m.graph.node)
-    weights = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0].endswith(".q")]
-    top = onnx.ModelProto()
-    top.CopyFrom(m)
-    del top.graph.node[:]
-    top.graph.node.extend(weights + [n for n in nodes if n not in weights])
+    top = with_nodes_first(conv_net(), lambda n: n.op_type == "DequantizeLinear"
+                           and n.input[0].endswith(".q"))
     moved = _weights_by_their_layers(top)
     order = [n.name for n in moved.graph.node]
     assert order.index("c1.dq") == order.index("c1") - 1
