@@ -196,13 +196,16 @@ class QDQ:
             return w
         return np.transpose(w, np.argsort(self.perm) if back else self.perm)
 
-    def requantized(self, w: np.ndarray, name: str, weights: Mapping[str, onnx.TensorProto]
+    def requantized(self, w: np.ndarray, name: str, weights: Mapping[str, onnx.TensorProto],
+                    *, widen: bool = False, rescale: np.ndarray | None = None
                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """``W`` as the layer can hold it: new codes, clipped to the integer type's range (a
         zero scale keeps its codes). Blocked, on scales and zero points fitted to it block by
-        block, as for a MatMulNBits (:meth:`NBits.requantized`); else on its own. The codes
-        (and the blocks' new scales and zero points) by initializer name, and the weight they
-        hold."""
+        block, as for a MatMulNBits (:meth:`NBits.requantized`); else on its own, but for
+        ``widen`` (per axis): an index whose values the codes cannot reach gets the least scale
+        that reaches them, about its own zero point; ``rescale``: the scales times it (a bias
+        whose weight's scales widened). The codes (and any new scales and zero points) by
+        initializer name, and the weight they hold."""
         old = numpy_helper.to_array(weights[name])
         w = self._laid(w, back=True)
         scale, zp = self._stored(weights)
@@ -212,6 +215,13 @@ class QDQ:
             out[self.scale] = scale
             if self.zero_point is not None and zp is not None:
                 out[self.zero_point] = zp
+        elif widen and self.axis is not None:
+            wider = self._widened(w, old.dtype, scale, zp)
+            if wider is not None:
+                scale = out[self.scale] = wider
+        elif rescale is not None:
+            scale = out[self.scale] = (scale.astype(np.float64) * rescale.reshape(scale.shape)
+                                       ).astype(scale.dtype)
         scale, zp = self._spread(scale, zp, old.shape)
         codes = out[name] = codes_on(w, scale, zp, old)
         return out, self._laid(self._held(codes, scale, zp))
@@ -231,6 +241,22 @@ class QDQ:
         steps, points = nbits.fitted_steps(blocks, low, high, None if zp is not None else 0.0)
         fitted = np.moveaxis(steps, -1, self.axis).astype(scale.dtype)
         return fitted, None if zp is None else np.moveaxis(points, -1, self.axis).astype(zp.dtype)
+
+    def _widened(self, w: np.ndarray, dtype: np.dtype, scale: np.ndarray, zp: np.ndarray | None
+                 ) -> np.ndarray | None:
+        """The per-axis scales, each grown to the least that holds its index's values about its
+        zero point (:func:`spa.ir.nbits.fitted_steps`) where the codes would clip them; None
+        when none would."""
+        assert self.axis is not None
+        low, high = cast(tuple[int, int], integer_range(dtype))
+        rows = np.moveaxis(w, self.axis, 0).reshape(w.shape[self.axis], -1)
+        zero = np.zeros(rows.shape[0]) if zp is None else zp.astype(np.float64).reshape(-1)
+        needed = nbits.fitted_steps(rows, low, high, zero)[0]
+        old = scale.astype(np.float64).reshape(-1)
+        grow = (old > 0) & (needed > old)
+        if not grow.any():
+            return None
+        return np.where(grow, needed, old).astype(scale.dtype).reshape(scale.shape)
 
     def _own(self, weights: Mapping[str, onnx.TensorProto], shape: tuple[int, ...]
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -401,7 +427,15 @@ class Reconstruction:
         values = {}
         # a quantised weight or bias takes the refit as it can hold it: new codes on its own
         # scales (and the error is judged on what they hold)
-        if layer.codec is not None:  # (in its own layout: a MatMulNBits' [K, N], not its B)
+        rescale = None  # how much a per-channel weight's scales widened, for its int32 bias
+        if isinstance(layer.codec, QDQ):
+            widen = _widens(layer, weights)
+            held, w = layer.codec.requantized(w, layer.weight, weights, widen=widen)
+            if widen and layer.codec.scale in held:
+                rescale = held[layer.codec.scale].astype(np.float64) / numpy_helper.to_array(
+                    weights[layer.codec.scale]).astype(np.float64)
+            values.update(held)
+        elif layer.codec is not None:  # (in its own layout: a MatMulNBits' [K, N], not its B)
             held, w = layer.codec.requantized(w, layer.weight, weights)
             values.update(held)
         else:
@@ -409,7 +443,8 @@ class Reconstruction:
         if layer.bias is not None and b is not None:
             old = numpy_helper.to_array(weights[layer.bias])
             if layer.bias_codec is not None:
-                codes, b = layer.bias_codec.requantized(b.reshape(old.shape), layer.bias, weights)
+                codes, b = layer.bias_codec.requantized(b.reshape(old.shape), layer.bias, weights,
+                                                        rescale=rescale)
                 values.update(codes)
                 b = b.reshape(-1)
             else:
@@ -447,6 +482,21 @@ class Reconstruction:
             return None
         ys -= gained
         return ys
+
+
+def _widens(layer: _Layer, weights: Mapping[str, onnx.TensorProto]) -> bool:
+    """Whether a refit may widen the layer's per-output-channel weight scales where its codes
+    would clip: its bias, if quantised, has one scale per output channel, which widens with
+    them (an int32 bias is held on the input's scale times the weight's, and onnxruntime's
+    fused integer kernels read it so)."""
+    codec, bias = layer.codec, layer.bias_codec
+    if not isinstance(codec, QDQ) or codec.block_size or codec.axis != layer.out_axis:
+        return False
+    if bias is None:
+        return layer.bias is None or layer.bias in weights
+    size = int(np.prod(weights[codec.scale].dims))
+    return bias.axis == 0 and int(np.prod(weights[bias.scale].dims)) == size \
+        and not bias.block_size
 
 
 @dataclass(frozen=True)

@@ -430,9 +430,10 @@ def test_quantised_model_with_external_data(tmp_path: Path) -> None:
 def test_quantize_static_model_is_refitted_in_its_integers(tmp_path: Path) -> None:
     """With calibration data, reconstruction refits a QDQ model's layers through their
     DequantizeLinear: each Conv's int8 weight and int32 bias get new codes on their own scales
-    and zero points (kept where that beats the pruned weights on validation rows). Held-out
-    error falls, the model stays quantised with the same scales as without the refit, and the
-    input file is left as it was."""
+    and zero points (kept where that beats the pruned weights on validation rows), a channel's
+    weight scale widened where the refit's codes would clip, and its bias scale by the same
+    factor. Held-out error falls, the model stays quantised, and the input file is left as it
+    was."""
     from spa.api import CheckOptions, PruneOptions, prune
 
     src = _quantize_static("resnet_basic", tmp_path)
@@ -457,10 +458,49 @@ def test_quantize_static_model_is_refitted_in_its_integers(tmp_path: Path) -> No
     assert after["relative_error"] < 0.9 * pruned["relative_error"]
     assert plain.keys() == refitted.keys()
     changed = [n for n in plain if not np.array_equal(plain[n], refitted[n])]
-    assert changed and all(refitted[n].dtype in (np.int8, np.int32) for n in changed)
+    assert changed and all(refitted[n].dtype in (np.int8, np.int32, np.float32) for n in changed)
     assert any(refitted[n].dtype == np.int32 for n in changed)  # a bias, in its codes
     assert report.reconstruction["layers"] == 16  # 15 Conv and the Gemm (a dequantised bias)
+    model = onnx.load(str(tmp_path / "refit_True.onnx"))
+    scale_of = {n.output[0]: n.input[1] for n in model.graph.node
+                if n.op_type == "DequantizeLinear"}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2:
+            ws, bs = scale_of[node.input[1]], scale_of[node.input[2]]
+            assert np.all(refitted[ws] >= plain[ws])  # scales only widen
+            np.testing.assert_allclose(refitted[bs] / plain[bs], refitted[ws] / plain[ws],
+                                       rtol=1e-6)
     assert src.read_bytes() == before
+
+
+def test_a_refit_beyond_a_channels_codes_widens_its_scale_and_its_bias_scale() -> None:
+    """Reconstruction's codec for a per-channel int8 weight: a channel whose refit the codes
+    cannot reach (channel 0: twice its old range) gets the least scale that reaches it, about
+    its zero point, and holds it within half a step; the other channels keep their scales and
+    codes. The int32 bias of that layer takes the same factor on its scale."""
+    from spa.passes.reconstruction import QDQ
+
+    rng = np.random.default_rng(2)
+    old_scale = np.full(4, 0.01, np.float32)
+    w = rng.uniform(-1.2, 1.2, (4, 6)).astype(np.float64)
+    w[0] *= 2.0  # channel 0 reaches 2.4: 240 steps of 0.01, beyond int8
+    codes = np.clip(np.rint(w / 0.01), -127, 127).astype(np.int8)
+    weights = {"q": numpy_helper.from_array(codes, "q"),
+               "s": numpy_helper.from_array(old_scale, "s"),
+               "bq": numpy_helper.from_array(np.zeros(4, np.int32), "bq"),
+               "bs": numpy_helper.from_array(np.full(4, 1e-4, np.float32), "bs")}
+    codec, bias = QDQ("s", None, 0), QDQ("bs", None, 0)
+    out, held = codec.requantized(w, "q", weights, widen=True)
+    scale = out["s"]
+    assert scale[0] == pytest.approx(max(-w[0].min() / 128, w[0].max() / 127), rel=1e-6)
+    np.testing.assert_array_equal(scale[1:], old_scale[1:])
+    assert np.all(np.abs(held - w) <= scale.astype(np.float64)[:, None] * (0.5 + 1e-6))
+    plain, _ = codec.requantized(w, "q", weights)  # without widening: channel 0 clips
+    assert "s" not in plain and np.abs(plain["q"][0]).max() == 127
+    np.testing.assert_array_equal(out["q"][1:], plain["q"][1:])
+    ratio = scale.astype(np.float64) / old_scale
+    b_out, _ = bias.requantized(np.full(4, 0.05), "bq", weights, rescale=ratio)
+    np.testing.assert_allclose(b_out["bs"], 1e-4 * ratio, rtol=1e-6)
 
 
 def test_reconstruction_runs_each_weight_dequantisation_after_the_refits_before_it() -> None:
