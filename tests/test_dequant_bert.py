@@ -20,8 +20,8 @@ pytest.importorskip("transformers")
 
 import ml_dtypes  # noqa: E402
 import onnx  # noqa: E402
-from onnx import helper, numpy_helper, version_converter  # noqa: E402
 
+from benchmarks.quality.int8_chain_minilm import int8_chains  # noqa: E402
 from models.thirdparty import bert_onnx  # noqa: E402
 from spa.api import analyze  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
@@ -38,39 +38,10 @@ def _bert(d: Path) -> Path:
                      intermediate_size=4 * HIDDEN)
 
 
-def int8_chains(model: onnx.ModelProto, dtype=np.int8) -> onnx.ModelProto:
-    """``model`` with each 2-D float MatMul weight ``w [K, N]`` stored as int8 (or ``dtype``)
-    and dequantised by ``Cast → Mul(scale [1, N])``, one scale per output column (symmetric).
-    A 4-bit ``dtype`` needs opset 21: the model is converted first."""
-    top = int(ml_dtypes.iinfo(dtype).max)
-    if top < 127:
-        model = version_converter.convert_version(model, 21)
-    inits = {t.name: t for t in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
-        if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
-            values = numpy_helper.to_array(w)
-            scale = np.maximum(np.abs(values).max(axis=0, keepdims=True), 1e-8) / top
-            q = np.clip(np.round(values / scale), -top, top).astype(dtype)
-            w.CopyFrom(numpy_helper.from_array(q, w.name))
-            model.graph.initializer.append(numpy_helper.from_array(
-                scale.astype(np.float32), f"{w.name}.scale"))
-            nodes += [helper.make_node("Cast", [w.name], [f"{w.name}.f"], to=1,
-                                       name=f"{w.name}.cast"),
-                      helper.make_node("Mul", [f"{w.name}.f", f"{w.name}.scale"],
-                                       [f"{w.name}.dq"], name=f"{w.name}.mul")]
-            node.input[1] = f"{w.name}.dq"
-        nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def test_int8_chain_bert_prunes_what_its_float_twin_prunes(tmp_path):
     float_path = _bert(tmp_path)
     model = int8_chains(onnx.load(str(float_path)))
+    onnx.checker.check_model(model, full_check=True)
     chains = [n for n in model.graph.node if n.op_type == "Cast" and n.name.endswith(".cast")]
     assert len(chains) == 6 * LAYERS  # Q, K, V, attention output, MLP up and down
     path = tmp_path / "int8.onnx"
@@ -95,7 +66,9 @@ def test_int4_chain_bert_prunes_and_stays_int4(tmp_path):
     as the float model's do (512 → 359 at 0.3), under the oracle (measured 3e-7), and its 12
     weights stay int4, packed: 157,440 bytes for 314,880 values."""
     path = tmp_path / "int4.onnx"
-    onnx.save(int8_chains(onnx.load(str(_bert(tmp_path))), ml_dtypes.int4), str(path))
+    model = int8_chains(onnx.load(str(_bert(tmp_path))), ml_dtypes.int4)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
     out = prune_checked(path, tmp_path, mlp_ratio=0.3)
     assert [len(g.keep) for g in out.plan.groups if len(g.keep) < g.size] == [359] * LAYERS
     written = onnx.load(str(out.path)).graph

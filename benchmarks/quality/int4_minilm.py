@@ -62,9 +62,7 @@ def int4(dense: Path, form: str = "nbits") -> Path:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    bench = real.minilm_bench()
-    texts = (real.CACHE / "minilm" / "eval_1000.txt").read_text(encoding="utf-8").splitlines()
-    float_ref = real.embed(bench.dense, texts)
+    bench, texts, float_ref = real.minilm_evaluation()
     rows, to_float = [], {}
     for form in FORMS:
         quantized = int4(bench.dense, form)

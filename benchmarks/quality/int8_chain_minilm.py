@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper, numpy_helper, version_converter
 
 from benchmarks.common import write_result
 from benchmarks.quality import real
@@ -32,25 +33,25 @@ from benchmarks.quality.quantized import prune_variants
 WORK = real.CACHE / "minilm_int8_chain"
 
 
-def int8_chains(dense: Path) -> Path:
-    """``dense`` with each 2-D float MatMul weight ``w [K, N]`` stored as int8 and dequantised
-    by ``Cast → Mul(scale [1, N])`` (cached)."""
-    out = WORK / "minilm_int8_chain.onnx"
-    if out.exists():
-        return out
-    model = onnx.load(str(dense))
+def int8_chains(model: onnx.ModelProto, dtype=np.int8) -> onnx.ModelProto:
+    """``model`` with each 2-D float MatMul weight ``w [K, N]`` stored as int8 (or ``dtype``)
+    and dequantised by ``Cast → Mul(scale [1, N])``, one scale per output column (symmetric).
+    A 4-bit ``dtype`` needs opset 21: the model is converted first. (Also the tests' int8 BERT,
+    tests/test_dequant_bert.py.)"""
+    top = int(ml_dtypes.iinfo(dtype).max)
+    if top < 127:
+        model = version_converter.convert_version(model, 21)
     inits = {t.name: t for t in model.graph.initializer}
     nodes = []
     for node in model.graph.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 \
-            else None
+        w = inits.get(node.input[1]) if node.op_type == "MatMul" else None
         if w is not None and len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
             values = numpy_helper.to_array(w)
-            scale = np.maximum(np.abs(values).max(axis=0, keepdims=True), 1e-8) / 127
-            q = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+            scale = np.maximum(np.abs(values).max(axis=0, keepdims=True), 1e-8) / top
+            q = np.clip(np.round(values / scale), -top, top).astype(dtype)
             w.CopyFrom(numpy_helper.from_array(q, w.name))
-            model.graph.initializer.append(
-                numpy_helper.from_array(scale.astype(np.float32), f"{w.name}.scale"))
+            model.graph.initializer.append(numpy_helper.from_array(
+                scale.astype(np.float32), f"{w.name}.scale"))
             nodes += [helper.make_node("Cast", [w.name], [f"{w.name}.f"], to=1,
                                        name=f"{w.name}.cast"),
                       helper.make_node("Mul", [f"{w.name}.f", f"{w.name}.scale"],
@@ -59,17 +60,22 @@ def int8_chains(dense: Path) -> Path:
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    WORK.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out))
+    return model
+
+
+def chained(dense: Path) -> Path:
+    """``dense`` in int8 chains (:func:`int8_chains`), cached."""
+    out = WORK / "minilm_int8_chain.onnx"
+    if not out.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        onnx.save(int8_chains(onnx.load(str(dense))), str(out))
     return out
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    bench = real.minilm_bench()
-    texts = (real.CACHE / "minilm" / "eval_1000.txt").read_text(encoding="utf-8").splitlines()
-    float_ref = real.embed(bench.dense, texts)
-    quantized = int8_chains(bench.dense)
+    bench, texts, float_ref = real.minilm_evaluation()
+    quantized = chained(bench.dense)
     int8_ref = real.embed(quantized, texts)
 
     def score(out: Path) -> dict:

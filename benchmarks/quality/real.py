@@ -395,6 +395,14 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(axis=1).mean())
 
 
+def minilm_evaluation() -> tuple[Bench, list[str], np.ndarray]:
+    """The MiniLM benchmark (:func:`minilm_bench`), its evaluation sentences, and the float
+    model's embeddings of them: what the quantised MiniLM benchmarks score against."""
+    bench = minilm_bench()
+    texts = (CACHE / "minilm" / "eval_1000.txt").read_text(encoding="utf-8").splitlines()
+    return bench, texts, embed(bench.dense, texts)
+
+
 def fortune_sets(root: Path = FORTUNES) -> tuple[list[str], list[str]]:
     """(calibration, evaluation) sentences: of :func:`fortune_split`'s files, with any sentence
     that also occurs in an evaluation file (case-insensitive) dropped from calibration."""
