@@ -427,15 +427,21 @@ def _refit_table(intro: str, score_columns: str, rows: list[dict], scores: tuple
         *_refit_rows(rows, scores, held, digits)])
 
 
-def int4_minilm(d: dict) -> str:
-    to_float = ", ".join(f"{form} {c:.4f}" for form, c in d["int4_vs_float_cosine"].items())
+def _minilm_refit_table(d: dict, form: str, kind: str, to_float: str) -> str:
+    """A quantised all-MiniLM-L6-v2 table (:func:`_refit_table`): ``form`` as the title says it,
+    ``kind`` the quantised model's (int4, int8), and its cosine ``to_float``."""
     return _refit_table(
-        f"all-MiniLM-L6-v2 in int4 ({_load_note(d)}): {d['model']}; the int4 model's cosine "
+        f"all-MiniLM-L6-v2 {form} ({_load_note(d)}): {d['model']}; the {kind} model's cosine "
         f"to the float model's embeddings {to_float} on the "
         f"{d['evaluation_sentences']} evaluation sentences. Heads 0.3 + MLP 0.3, calibrated on "
         "the benchmark's 1024 lines.",
-        "cosine to the int4 model | cosine to the float model", d["rows"],
-        ("cosine_int4", "cosine_float"), "cosine", 4)
+        f"cosine to the {kind} model | cosine to the float model", d["rows"],
+        (f"cosine_{kind}", "cosine_float"), "cosine", 4)
+
+
+def int4_minilm(d: dict) -> str:
+    to_float = ", ".join(f"{form} {c:.4f}" for form, c in d["int4_vs_float_cosine"].items())
+    return _minilm_refit_table(d, "in int4", "int4", to_float)
 
 
 def int8_effnet(d: dict) -> str:
@@ -449,13 +455,8 @@ def int8_effnet(d: dict) -> str:
 
 
 def int8_chain_minilm(d: dict) -> str:
-    return _refit_table(
-        f"all-MiniLM-L6-v2 with int8 chains ({_load_note(d)}): {d['model']}; the int8 model's "
-        f"cosine to the float model's embeddings {d['int8_vs_float_cosine']:.4f} on the "
-        f"{d['evaluation_sentences']} evaluation sentences. Heads 0.3 + MLP 0.3, calibrated on "
-        "the benchmark's 1024 lines.",
-        "cosine to the int8 model | cosine to the float model", d["rows"],
-        ("cosine_int8", "cosine_float"), "cosine", 4)
+    return _minilm_refit_table(d, "with int8 chains", "int8",
+                               f"{d['int8_vs_float_cosine']:.4f}")
 
 
 def held_out_sources(d: dict) -> str:
