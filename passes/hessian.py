@@ -91,9 +91,9 @@ def consumer_layers(analysis: Analysis) -> dict[tuple[str, int], ConsumerLayer]:
             for axis in range(len(t.shape or ())) if is_weight(t) else ():  # or quantised
                 if (t.name, axis) in spaces:
                     layer = _layer_of(node, opset, slot, t, axis)
-                    first = layers.get((t.name, axis))
                     if layer is None:
                         continue
+                    first = layers.get((t.name, axis))
                     if first is None:
                         layers[(t.name, axis)] = layer
                     elif (first.width, first.per) == (layer.width, layer.per):

@@ -310,8 +310,10 @@ class Reconstruction:
         """Refit ``pruned``'s layers on ``inputs``; ``pruned_feeds``: a chunk of the dense
         model's inputs as the pruned model takes them (a decoder's caches lose heads)."""
         dense = with_types(dense)
-        pruned = _weights_by_their_layers(with_types(pruned))
-        layers = _layers(pruned)
+        pruned = with_types(pruned)
+        chains = _chains(pruned)  # by output name: the same after the reorder
+        pruned = _weights_by_their_layers(pruned, chains)
+        layers = _layers(pruned, chains)
         dense_pos = {n.name: i for i, n in enumerate(dense.graph.node)}
         layers = [la for la in layers if la.node in dense_pos]
         n = sample_count(inputs)
@@ -492,8 +494,8 @@ def _widens(layer: _Layer, weights: Mapping[str, onnx.TensorProto]) -> bool:
     codec, bias = layer.codec, layer.bias_codec
     if not isinstance(codec, QDQ) or codec.block_size or codec.axis != layer.out_axis:
         return False
-    if bias is None:
-        return layer.bias is None or layer.bias in weights
+    if bias is None:  # a float bias, or none: nothing held on the weight's scales
+        return True
     size = int(np.prod(weights[codec.scale].dims))
     return bias.axis == 0 and int(np.prod(weights[bias.scale].dims)) == size \
         and not bias.block_size
@@ -606,47 +608,6 @@ def refits_any(graph: gs.Graph) -> bool:
                for node in graph.nodes)
 
 
-def _weights_by_their_layers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` (a copy, when anything moves) with each DequantizeLinear of initializers that
-    one node reads moved to just before that node. The pruned model is run up to a layer, the
-    layer refitted, and the run goes on from there: a weight dequantised earlier would have
-    been held from before the refit, and later layers fitted to what the refit no longer
-    computes (a QDQ model's layers, each fitted on the others' old weights)."""
-    inits = {i.name for i in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    nodes = list(model.graph.node)
-    movable = {n.output[0]: k for k, n in enumerate(nodes)
-               if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")
-               and len(n.output) == 1 and readers.get(n.output[0]) == 1
-               and all(i in inits or not i for i in n.input)}
-    made_by = {o: k for k, n in enumerate(nodes) for o in n.output}
-    for out, chain in _chains(model).items():  # a chain's ops, from its Cast on
-        if readers.get(out) == 1:
-            movable.update((o, made_by[o]) for o in chain.outputs)
-    order: list[int] = []
-    moving = set(movable.values())
-
-    def emit(k: int) -> None:
-        for i in nodes[k].input:
-            if i in movable:
-                emit(movable[i])
-        order.append(k)
-
-    for k in range(len(nodes)):
-        if k not in moving:
-            emit(k)
-    if order == list(range(len(nodes))):
-        return model
-    moved = onnx.ModelProto()
-    moved.CopyFrom(model)
-    del moved.graph.node[:]
-    moved.graph.node.extend(nodes[k] for k in order)
-    return moved
-
-
 @dataclass(frozen=True)
 class _Chain:
     """A weight dequantised by plain ops (spa/ir/quant_chain.py): its integers, how they are
@@ -675,7 +636,51 @@ def _chains(model: onnx.ModelProto) -> dict[str, _Chain]:
     return found
 
 
-def _layers(model: onnx.ModelProto) -> list[_Layer]:
+def _weights_by_their_layers(model: onnx.ModelProto, chains: Mapping[str, _Chain] | None = None
+                             ) -> onnx.ModelProto:
+    """``model`` (a copy, when anything moves) with each DequantizeLinear of initializers that
+    one node reads moved to just before that node. The pruned model is run up to a layer, the
+    layer refitted, and the run goes on from there: a weight dequantised earlier would have
+    been held from before the refit, and later layers fitted to what the refit no longer
+    computes (a QDQ model's layers, each fitted on the others' old weights)."""
+    inits = {i.name for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    nodes = list(model.graph.node)
+    movable = {n.output[0]: k for k, n in enumerate(nodes)
+               if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")
+               and len(n.output) == 1 and readers.get(n.output[0]) == 1
+               and all(i in inits or not i for i in n.input)}
+    made_by = {o: k for k, n in enumerate(nodes) for o in n.output}
+    chains = _chains(model) if chains is None else chains
+    for out, chain in chains.items():  # a chain's ops, from its Cast on
+        if readers.get(out) == 1:
+            movable.update((o, made_by[o]) for o in chain.outputs)
+    order: list[int] = []
+    moving = set(movable.values())
+
+    def emit(k: int) -> None:
+        for i in nodes[k].input:
+            if i in movable:
+                emit(movable[i])
+        order.append(k)
+
+    for k in range(len(nodes)):
+        if k not in moving:
+            emit(k)
+    if order == list(range(len(nodes))):
+        return model
+    moved = onnx.ModelProto()
+    moved.CopyFrom(model)
+    del moved.graph.node[:]
+    moved.graph.node.extend(nodes[k] for k in order)
+    return moved
+
+
+def _layers(model: onnx.ModelProto, chains: Mapping[str, _Chain] | None = None
+            ) -> list[_Layer]:
     """The refittable nodes, in graph (topological) order: a weight read by this node only (a
     float initializer, an integer one dequantised by a DequantizeLinear, or a MatMulNBits'
     blocks), an optional bias (a float initializer, or dequantised), plain attributes."""
@@ -698,7 +703,7 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
 
     dequantized = {n.output[0]: n for n in model.graph.node
                    if n.op_type == "DequantizeLinear" and (n.domain or "") in ("", "ai.onnx")}
-    chains = _chains(model)
+    chains = _chains(model) if chains is None else chains
 
     position = {n.output[0]: i for i, n in enumerate(model.graph.node) if n.output}
     # where a dequantised weight starts being computed: its DequantizeLinear, its chain's Cast
@@ -706,8 +711,9 @@ def _layers(model: onnx.ModelProto) -> list[_Layer]:
     starts.update((name, position[c.outputs[0]]) for name, c in chains.items())
 
     def weight(name: str, rank: int) -> tuple[str, QDQ | None] | None:
-        """The layer's weight: a float initializer, or the integer one a DequantizeLinear
-        read by this node only dequantises (its name, and how it is held)."""
+        """The layer's weight: a float initializer, or the integer one a DequantizeLinear (or
+        a chain of plain ops) read by this node only dequantises (its name, and how it is
+        held)."""
         if const(name, rank):
             return name, None
         chain = chains.get(name)

@@ -155,9 +155,10 @@ def float_session(model: PathLike | onnx.ModelProto, what: str
     path = None if isinstance(model, onnx.ModelProto) else Path(model)
     proto = model if isinstance(model, onnx.ModelProto) else \
         onnx.load(str(path), load_external_data=False)
-    qdq = any(n.op_type == "QuantizeLinear" or n.op_type == "DequantizeLinear"
-              and any(a.name == "block_size" and a.i for a in n.attribute)
-              for n in proto.graph.node)
+    qdq = any(n.op_type == "QuantizeLinear" or (
+        n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i
+                                                for a in n.attribute))
+        for n in proto.graph.node)
     if not levels(proto):
         return val.session(model, what=what, fuse_qdq=False) if qdq else None
     if path is None:  # a copy: the model itself keeps its level
