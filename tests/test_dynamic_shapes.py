@@ -219,6 +219,49 @@ def test_static_dim_read_at_run_time_is_rewritten(tmp_path):
     _check_sizes(src, out, NS)
 
 
+def _merge_by_another_tensor(mask_batch: str) -> onnx.ModelProto:
+    """Attention whose scores add a mask ``[mask_batch, 1, S, S]`` and whose heads merge by the
+    *input's* leading dims, ``reshape(*x.shape[:-1], -1)`` (Llama's TorchScript form). With a
+    mask batch named apart from the input's, ONNX inference loses the batch through the
+    broadcast: the merge gives ``[N, S, ?]``."""
+    b = Builder()
+    split = _heads_target(b, "x", H)
+    q, k, v = (b.op("Transpose", b.op("Reshape", linear(b, "x", D, D, n), split),
+                    perm=[0, 2, 1, 3]) for n in "qkv")
+    ctx = b.op("Transpose", sdpa(b, q, k, v, mask="mask"), perm=[0, 2, 1, 3])
+    merge = b.op("Concat", *_dims_of(b, "x", 0, 1), b.const([-1]), axis=0)
+    y = linear(b, b.op("Reshape", ctx, merge, name="merge"), D, D, "o")
+    return b.model({"x": ["N", "S", D], "mask": [mask_batch, 1, "S", "S"]}, {y: ["N", "S", D]})
+
+
+def test_merge_dim_fixed_by_the_product_after_it(tmp_path):
+    """The output projection's weight ``[D, D]`` says the merged dim is ``D`` (a MatMul runs
+    only when its contracted dims are equal): ``heads × head_dim`` merges into it and the heads
+    prune, at every batch the mask broadcasts to."""
+    m = _merge_by_another_tensor("B")
+    inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    merged = next(vi for vi in inferred.graph.value_info if vi.name == "merge_out0")
+    assert merged.type.tensor_type.shape.dim[2].dim_value == 0  # ONNX alone: unknown
+    assert group_of(m, "q.w", 1).prunable
+    src = _save(m, tmp_path)
+    out = prune_checked(src, tmp_path, ratio=0.5, dims={"N": 2, "S": 5, "B": 2})
+    assert init_shapes(out.path)["o.w"] == (D // 2, D)
+    _check_sizes(src, out, [{**d, "B": d["N"]} for d in NS] + [{"N": 3, "S": 4, "B": 1}])
+
+
+def test_products_that_disagree_fix_no_dim(tmp_path):
+    """Two products contracting the same unknown dim against 16 and 8: no run could satisfy
+    both, so the dim stays unknown and the heads freeze (fail closed)."""
+    m = _merge_by_another_tensor("B")
+    extra = onnx.helper.make_node("MatMul", ["merge_out0", "w8"], ["y8"], name="other")
+    m.graph.node.append(extra)
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((D // 2, 3), np.float32),
+                                                            "w8"))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("y8", onnx.TensorProto.FLOAT, None))
+    group = group_of(m, "q.w", 1)
+    assert not group.prunable and any("cannot tell which dims" in r for r in group.frozen)
+
+
 def _export_transformer(name: str, path, exporter: str) -> None:
     import models
     from models.export import _quiet
@@ -260,10 +303,11 @@ def test_bert_with_dynamic_batch_and_sequence(tmp_path):
     _prune_transformer(tmp_path, "bert", "torchscript")
 
 
-@pytest.mark.xfail(strict=True, reason="TorchScript writes repeat_kv's expand target as "
-                   "Where(Equal(shape, -1), 1, shape), which SPA does not evaluate: the GQA "
-                   "heads freeze (fail closed; the model stays right). Dynamo's form prunes.")
 def test_gpt_torchscript_with_dynamic_sequence(tmp_path):
+    """TorchScript writes repeat_kv's expand target as ``Where(Equal(shape, -1), 1, shape)``,
+    which ONNX inference cannot read: it names the expanded dims afresh, and the Reshape after
+    the Expand could not tell that ``kv × n_rep`` merges between the same batch and sequence.
+    SPA names them from the target (spa/ir/load.py): the GQA heads prune."""
     _prune_transformer(tmp_path, "gpt", "torchscript")
 
 

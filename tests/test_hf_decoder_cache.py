@@ -7,12 +7,13 @@ pairs its past and present on the head axis (spa/coupling/rules/slicing.py), so 
 prune with its four cache tensors; the oracle holds on random inputs, and 32 greedy tokens of
 the pruned decoder (each step's presents fed back as pasts) equal the masked original's.
 
-A Llama of the same size does not prune its heads yet: its attention output is viewed by the
-hidden state's shape, ``reshape(*hidden.shape[:-1], -1)``, and ONNX shape inference loses the
-batch and sequence names through rotary embedding and the mask, so which dims the ``-1``
-merges cannot be told. With grouped-query heads (``repeat_kv``'s Expand is followed) the query
-heads stop there too, and the key's reshape keeps its head_dim factor, which the scores
-contract. Both keep their caches' shapes (fail closed) and prune their MLP.
+A Llama of the same size views its attention output by the hidden state's shape,
+``reshape(*hidden.shape[:-1], -1)``, and ONNX shape inference loses the batch and sequence
+names through rotary embedding and the mask: the Reshape gives ``[batch, sequence, ?]``. The
+output projection's weight fixes that ``?`` (a MatMul runs only when its contracted dims are
+equal), so ``heads × head_dim`` merges into it; with grouped-query heads, ``repeat_kv``'s
+Expand (its target read through ``Where``) keeps the batch and total names. Both prune their
+heads, caches and MLP at batch 2 (spa/ir/load.py).
 """
 
 from __future__ import annotations
@@ -80,17 +81,20 @@ def test_gpt2_prunes_heads_mlp_and_the_cache(tmp_path, gpt2):
 
 
 @pytest.mark.parametrize("kv_heads", [HEADS, 2], ids=["mha", "gqa"])
-def test_llama_heads_and_cache_stay_frozen(tmp_path, kv_heads):
+def test_llama_prunes_heads_and_cache_at_any_batch(tmp_path, kv_heads):
     path = decoder_onnx(tmp_path / "llama.onnx", "Llama", num_key_value_heads=kv_heads, **LLAMA)
     a = analyze(path)
-    assert len(a.kv_cache) == 2 * LAYERS  # declared by the Concats, but ...
-    heads = [g for g in a.groups if g.kind is GroupKind.HEADS]
-    assert heads and not any(g.prunable for g in heads)  # ... the heads do not reach them
-    why = "cannot tell which dims" if kv_heads == HEADS else \
-        "summed over in a product of two activations"
-    assert all(any(why in r for r in g.frozen) for g in heads)
-    out = prune_checked(path, tmp_path, heads_ratio=0.5, mlp_ratio=0.5)
-    assert out.report.signature_changes == [] and out.report.generation == {}  # the MLP only
+    heads = sorted(g.size for g in a.groups if g.kind is GroupKind.HEADS and g.prunable)
+    assert heads == [kv_heads] * LAYERS  # a group per layer: its key/value heads
+    out = prune_checked(path, tmp_path, heads_ratio=0.5, mlp_ratio=0.5,
+                        dims={"batch": 2, "sequence": 3, "past": 4, "total": 7})
+    assert out.report.masked_relative_diff < 1e-6
+    assert out.report.signature_changes == [
+        f"graph {side} '{name}.{n}' axis 1: {kv_heads} -> {kv_heads // 2}"
+        for side, name in (("input", "past_key_values"), ("output", "present")) for n in NAMES]
+    assert out.report.generation == {"tokens": 32, "equal": True}
+    assert _shapes(out.path)["past_key_values.0.key"] == \
+        ["batch", kv_heads // 2, "past", HIDDEN // HEADS]
 
 
 WORDS = "the a cat dog sat on mat ran far big small red blue house tree sun moon day".split()

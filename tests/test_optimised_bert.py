@@ -69,10 +69,10 @@ FUSED = {"eager": {"EmbedLayerNormalization": 1, "Attention": LAYERS,
 # int4: the dense layers after the attention (output, MLP up and down) become MatMulNBits.
 FUSED["eager-int4"] = {**FUSED["eager"], "MatMulNBits": 3 * LAYERS}
 # Prunable groups (heads, MLP neurons) per attention form: the residual stream stays frozen by
-# the norms, and SDPA's head reshape (``view(B, S, -1, d)``) freezes the heads as it does in
-# the unoptimised export.
+# the norms. SDPA's heads merge by the hidden state's leading dims, which ONNX inference loses
+# (``[?, ?, ?]``); the output projection's weight fixes the merged dim (spa/ir/load.py).
 PRUNABLE = {"eager": {GroupKind.HEADS: LAYERS, GroupKind.NEURONS: LAYERS},
-            "sdpa": {GroupKind.NEURONS: LAYERS}}
+            "sdpa": {GroupKind.HEADS: LAYERS, GroupKind.NEURONS: LAYERS}}
 # int4 in QDQ form: the MatMuls stay, each after a blocked DequantizeLinear.
 FUSED["eager-int4-qdq"] = FUSED["eager"]
 PRUNABLE["eager-int4"] = PRUNABLE["eager-int4-qdq"] = PRUNABLE["eager"]

@@ -35,7 +35,7 @@ from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.packed import raw_length
 from spa.ir.params import stored_params
-from spa.ir.shapevalue import resolve_expand, resolve_reshape, shape_entries
+from spa.ir.shapevalue import DimRef, Entry, resolve_expand, resolve_reshape, shape_entries
 from spa.ir.tied import Ties, record_copy, record_view, resolve
 from spa.ir.values import MappedFile, hold_weights, inline_views, restore_weights
 from spa.ir.wire import binary_protobuf, copy_without, raw_data_spans, unknown_fields
@@ -316,12 +316,89 @@ def _refine_shapes(graph: gs.Graph) -> bool:
             resolved = resolve_expand(in_shape, entries)
             if known is not None and resolved is not None and len(known) == len(resolved):
                 resolved = tuple(k if k is not None else r for k, r in zip(known, resolved))
+            changed |= _name_expanded_dims(node, entries)
         if resolved is None or resolved == known or None not in (known or (None,)):
             continue
         old = list(out.shape) if out.shape is not None else [None] * len(resolved)
         out.shape = [r if r is not None else o for r, o in zip(resolved, old)]
         changed = True
-    return changed
+    return _fill_contracted_dims(graph) or changed
+
+
+def _name_expanded_dims(node: gs.Node, entries: list[Entry] | None) -> bool:
+    """Name the symbolic dims of an Expand's output that its target copies: an input dim named
+    ``s`` (or of length 1) expanded to an entry read from a dim named ``s`` is ``s``. ONNX
+    inference cannot read a target computed through ``Where`` and names such dims afresh
+    (``unk__42``): transformers' ``repeat_kv`` expands ``[batch, kv, 1, total, d]`` to
+    ``[batch, kv, n_rep, total, d]``, and the Reshape after it only regroups ``kv × n_rep`` when
+    both sides show the same ``batch`` and ``total``. True if a dim was named."""
+    x, out = node.inputs[0].shape, node.outputs[0].shape
+    if x is None or out is None or entries is None or len(out) != len(entries) \
+            or len(x) > len(out):
+        return False
+    x = [1] * (len(out) - len(x)) + list(x)
+    named = list(out)
+    for k, (d, e, o) in enumerate(zip(x, entries, out)):
+        if isinstance(o, int) and o >= 0 or not isinstance(e, DimRef) or e.symbol is None:
+            continue
+        if d == e.symbol or d == 1:
+            named[k] = e.symbol
+    if named == list(out):
+        return False
+    node.outputs[0].shape = named
+    return True
+
+
+def _fill_contracted_dims(graph: gs.Graph) -> bool:
+    """Fill a dim that ONNX inference left unknown on one side of a MatMul's (or Gemm's)
+    contraction where the other side's is static: the product runs only when the two are
+    equal, so in every run of the model the unknown one has the other's length.
+
+    TorchScript exports of Llama-style attention view the heads' output by the hidden state's
+    leading dims, ``reshape(*hidden.shape[:-1], -1)``, and inference loses them through the
+    mask and the rotary embedding: the ``Reshape`` gives ``[batch, sequence, ?]``. The output
+    projection's weight ``[heads·head_dim, hidden]`` says the last dim is ``heads·head_dim``,
+    which makes the merge of ``heads × head_dim`` readable (the leading dims then hold the rest,
+    row by row). Products that disagree leave the dim unknown (the model could not run).
+    True if a dim was filled."""
+    found: dict[tuple[str, int], set[int]] = {}
+    tensors: dict[str, gs.Tensor] = {}
+
+    def require(t: gs.Tensor, axis: int, other: gs.Tensor, other_axis: int) -> None:
+        s, o = t.shape, other.shape
+        if s is None or o is None or not (-len(s) <= axis < len(s)) \
+                or not (-len(o) <= other_axis < len(o)):
+            return
+        length = o[other_axis]
+        if _static_dim(s[axis]) is None and _static_dim(length) is not None:
+            tensors[t.name] = t
+            found.setdefault((t.name, axis % len(s)), set()).add(int(length))
+
+    for node in graph.nodes:
+        a, b = ([*node.inputs[:2], gs.Variable("")])[:2]
+        if (node.domain or "") not in ("", "ai.onnx") or not (a.name and b.name):
+            continue
+        if node.op == "MatMul":
+            b_k = -2 if len(b.shape or ()) >= 2 else 0
+            require(a, -1, b, b_k)
+            require(b, b_k, a, -1)
+        elif node.op == "Gemm":
+            a_k = 0 if int(node.attrs.get("transA", 0)) else 1
+            b_k = 1 if int(node.attrs.get("transB", 0)) else 0
+            require(a, a_k, b, b_k)
+            require(b, b_k, a, a_k)
+    filled = False
+    for (name, axis), lengths in found.items():
+        if len(lengths) == 1:
+            shape = list(tensors[name].shape)
+            shape[axis] = lengths.pop()
+            tensors[name].shape = shape
+            filled = True
+    return filled
+
+
+def _static_dim(d: object) -> int | None:
+    return d if isinstance(d, int) and d >= 0 else None
 
 
 def _constant_nodes_to_constants(graph: gs.Graph) -> None:
