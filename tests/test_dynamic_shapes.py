@@ -262,6 +262,19 @@ def test_products_that_disagree_fix_no_dim(tmp_path):
     assert not group.prunable and any("cannot tell which dims" in r for r in group.frozen)
 
 
+def test_a_graph_input_keeps_its_symbolic_contracted_dim(tmp_path):
+    """``x [N, K] @ W [16, 8]`` says K is 16 in every run, but ``x`` is the model's signature:
+    its declared ``K`` is kept, in the analysis and in the written model."""
+    b = Builder()
+    y = b.op("Relu", linear(b, "x", D, 8, "fc1"))
+    y = linear(b, y, 8, 3, "fc2")
+    m = b.model({"x": ["N", "K"]}, {y: ["N", 3]})
+    out = prune_checked(_save(m, tmp_path), tmp_path, ratio=0.5, dims={"N": 2, "K": D})
+    dims = onnx.load(str(out.path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["N", "K"]
+    assert init_shapes(out.path)["fc1.w"] == (D, 4)
+
+
 def _export_transformer(name: str, path, exporter: str) -> None:
     import models
     from models.export import _quiet

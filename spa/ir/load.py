@@ -359,14 +359,16 @@ def _fill_contracted_dims(graph: gs.Graph) -> bool:
     mask and the rotary embedding: the ``Reshape`` gives ``[batch, sequence, ?]``. The output
     projection's weight ``[heads·head_dim, hidden]`` says the last dim is ``heads·head_dim``,
     which makes the merge of ``heads × head_dim`` readable (the leading dims then hold the rest,
-    row by row). Products that disagree leave the dim unknown (the model could not run).
+    row by row). Products that disagree leave the dim unknown (the model could not run). The
+    graph's inputs and outputs keep their declared shapes: they are the model's signature.
     True if a dim was filled."""
     found: dict[tuple[str, int], set[int]] = {}
     tensors: dict[str, gs.Tensor] = {}
+    signature = {t.name for t in (*graph.inputs, *graph.outputs)}
 
     def require(t: gs.Tensor, axis: int, other: gs.Tensor, other_axis: int) -> None:
         s, o = t.shape, other.shape
-        if s is None or o is None or not (-len(s) <= axis < len(s)) \
+        if t.name in signature or s is None or o is None or not (-len(s) <= axis < len(s)) \
                 or not (-len(o) <= other_axis < len(o)):
             return
         length = o[other_axis]
