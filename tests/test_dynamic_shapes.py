@@ -201,6 +201,21 @@ def test_grouped_query_attention_with_symbolic_sequence(tmp_path):
     _check_sizes(src, out, NS)
 
 
+def test_multi_query_attention_prunes_query_heads(tmp_path):
+    """One key/value head expanded to every query head, ``[B, 1, 1, S, d] → [B, 1, H, S, d]``
+    (Falcon's multi-query attention): the expanded axis holds copies of one value, so query heads
+    go freely, the Expand's and the Reshape's literal ``H`` rewritten; the key/value head stays."""
+    m = _two_layers(kv=1)
+    for n in (1, 2):
+        g = group_of(m, f"q{n}.w", 1)
+        assert g.prunable and g.size == H
+    src = _save(m, tmp_path)
+    out = prune_checked(src, tmp_path, heads_ratio=0.5, dims={"N": 2, "S": 5})
+    shapes = init_shapes(out.path)
+    assert shapes["q1.w"] == (D, D // 2) and shapes["k1.w"] == (D, HD)
+    _check_sizes(src, out, NS)
+
+
 def test_static_dim_read_at_run_time_is_rewritten(tmp_path):
     """``B, S, C = x.shape; ctx.reshape(B, S, C)``: with symbolic B and S the merge target reads
     C from ``x`` at run time. C is static (16), so SPA folds it to a literal and writes the

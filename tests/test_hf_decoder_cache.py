@@ -97,6 +97,42 @@ def test_llama_prunes_heads_and_cache_at_any_batch(tmp_path, kv_heads):
         ["batch", kv_heads // 2, "past", HIDDEN // HEADS]
 
 
+# Other decoders' configs at the same widths: (config, KV heads, heads pruned, cache signature
+# changes). Falcon's one key/value head is broadcast to the query heads by Expand: the query
+# heads prune, the cache keeps its one head.
+_WIDTHS = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+           "vocab_size": VOCAB}
+DECODERS = {
+    "Mistral": ({**LLAMA, "num_key_value_heads": 2, "sliding_window": None}, 2, True),
+    "Qwen2": ({**LLAMA, "num_key_value_heads": 2}, 2, True),
+    "Gemma": ({**LLAMA, "num_key_value_heads": 2, "head_dim": HIDDEN // HEADS}, 2, True),
+    "Phi": ({**LLAMA}, HEADS, True),
+    "GPTNeoX": ({**LLAMA}, HEADS, True),
+    "OPT": ({**_WIDTHS, "ffn_dim": 64, "max_position_embeddings": 64,
+             "word_embed_proj_dim": HIDDEN}, HEADS, True),
+    "Falcon": ({**_WIDTHS, "new_decoder_architecture": False, "multi_query": True}, HEADS,
+               False),
+}
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=[] if k == "Falcon" else
+                                               pytest.mark.slow) for k in DECODERS])
+def test_decoders_prune_heads_at_any_batch(tmp_path, kind):
+    """TorchScript exports with a dynamic batch: the heads of each layer prune (with their cache
+    where the heads are the cache's), under the oracle at batch 2."""
+    config, groups, cached = DECODERS[kind]
+    path = decoder_onnx(tmp_path / f"{kind}.onnx", kind, **config)
+    heads = sorted(g.size for g in analyze(path).groups if g.kind is GroupKind.HEADS
+                   and g.prunable)
+    assert heads == [groups] * LAYERS
+    out = prune_checked(path, tmp_path, heads_ratio=0.5, mlp_ratio=0.5,
+                        dims={"batch": 2, "sequence": 3, "past": 4, "total": 7})
+    assert out.report.masked_relative_diff < 1e-6
+    assert len(out.report.signature_changes) == (4 * LAYERS if cached else 0)
+    if cached:
+        assert out.report.generation == {"tokens": 32, "equal": True}
+
+
 WORDS = "the a cat dog sat on mat ran far big small red blue house tree sun moon day".split()
 
 

@@ -6,7 +6,9 @@ the indices point at). A constant table gathered on axis 0 is an embedding: its 
 producers of the channels it emits (the hidden size, pruned only with ``--hidden``).
 
 Expand broadcasts like an element-wise op; its target shape's literal entries on a changing axis
-are rewritten. Tile couples output index ``i`` with input index ``i mod L`` on each tiled axis.
+are rewritten. An axis broadcast from 1 to a literal count holds copies of one value, so it may
+shrink freely, the literal rewritten (multi-query attention expanding its one key/value head to
+the query heads). Tile couples output index ``i`` with input index ``i mod L`` on each tiled axis.
 ConstantOfShape fills every element with one value, so an axis whose length is a literal entry of
 its shape (a recurrent layer's zero initial state ``[D, N, H]``, built from ``x``'s batch size
 and the constant ``H``) may shrink freely, that entry rewritten; an entry copied from another
@@ -67,7 +69,13 @@ def expand(ctx: NodeContext) -> None:
             and e.rewritable_for(ctx.node) else None
         keeps = e == 1 or rewrite is not None or (isinstance(e, DimRef) and e.tensor == x.name
                                       and e.axis == ax)
-        if length is None or length != shape_y[o]:  # broadcast from 1, or unknown
+        if length == 1 and isinstance(e, Lit) and e > 1 and e == shape_y[o] \
+                and e.rewritable_for(ctx.node):
+            # Copies of one value, the count a literal: any of them may go (Falcon's one key/value
+            # head broadcast to its query heads), the count rewritten.
+            ctx.handle(ctx.space(y, o))
+            literals.append((y.name, o, e))
+        elif length is None or length != shape_y[o]:  # broadcast from 1, or unknown
             if length is not None and shape_y[o] is None:
                 ctx.decline(ctx.lengths_differ(x, y, ax, o), ctx.space(x, ax))
         elif not keeps:
