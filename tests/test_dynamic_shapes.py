@@ -290,6 +290,28 @@ def test_a_graph_input_keeps_its_symbolic_contracted_dim(tmp_path):
     assert init_shapes(out.path)["fc1.w"] == (D, 4)
 
 
+def test_expand_keeping_dims_by_minus_one(tmp_path):
+    """``g.expand(-1, S, -1)``: TorchScript writes the target as ``Where(Equal(t, -1), 1, t)``
+    with ``t = [-1, S, -1]``, each ``-1`` ("keep this dim") replaced by 1. SPA reads it so, and
+    the gate's channels, kept by the Expand, prune with the layer they scale."""
+    b = Builder()
+    h = b.op("Relu", linear(b, "x", D, 8, "fc1"))
+    gate = b.op("Sigmoid", linear(b, b.op("ReduceMean", "x", axes=[1], keepdims=1), D, 8,
+                                  "g"))
+    minus = b.const([-1])
+    target = b.op("Concat", minus, *_dims_of(b, "x", 1), minus, axis=0)
+    keep = b.op("Where", b.op("Equal", target, b.const([-1, -1, -1])),
+                b.const([1, 1, 1]), target)
+    y = linear(b, b.op("Mul", h, b.op("Expand", gate, keep, name="expand")), 8, 3, "fc2")
+    m = b.model({"x": ["N", "S", D]}, {y: ["N", "S", 3]})
+    g = group_of(m, "fc1.w", 1)
+    assert g.prunable and any(mem.space == ("g.w", 1) for mem in g.members)
+    src = _save(m, tmp_path)
+    out = prune_checked(src, tmp_path, ratio=0.5, dims={"N": 2, "S": 5})
+    assert init_shapes(out.path)["g.w"] == (D, 4)
+    _check_sizes(src, out, NS)
+
+
 def _export_transformer(name: str, path, exporter: str) -> None:
     import models
     from models.export import _quiet

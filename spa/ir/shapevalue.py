@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import prod
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -159,19 +159,32 @@ def _negatives(t: gs.Tensor) -> bool:
 
 
 def _where_otherwise(node: gs.Node, depth: int) -> list[Entry] | None:
-    """``Where(Equal(s, c), x, s)`` with ``c`` negative: ``s`` itself, whose entries (dims and
-    non-negative literals) never equal ``c`` (TorchScript's ``expand`` writes it to replace
-    ``-1`` entries)."""
-    cond, s = node.inputs[0], node.inputs[2]
+    """``Where(Equal(s, c), x, s)`` with ``c`` negative: ``s`` with its literal entries equal to
+    ``c`` replaced by ``x``'s (TorchScript's ``expand`` writes it to replace ``-1`` entries,
+    "keep this dim", by 1). Dims never equal ``c``; a literal that does needs ``x`` constant."""
+    cond, x, s = node.inputs
     if len(cond.inputs) != 1 or cond.inputs[0].op != "Equal":
         return None
     a, c = cond.inputs[0].inputs
     if a is not s or not _negatives(c):
         return None
     entries = shape_entries(s, depth + 1)
-    if entries is None or any(isinstance(e, Lit) and e < 0 for e in entries):
+    if entries is None:
         return None
-    return entries
+    negative = [i for i, e in enumerate(entries) if isinstance(e, Lit) and e < 0]
+    if not negative:
+        return entries
+    cs = np.broadcast_to(np.asarray(cast(gs.Constant, c).values).reshape(-1), (len(entries),))
+    xs = np.asarray(x.values).reshape(-1) if isinstance(x, gs.Constant) else None
+    if xs is None or xs.size not in (1, len(entries)):
+        return None
+    xs = np.broadcast_to(xs, (len(entries),))
+    out = list(entries)
+    for i in negative:
+        if entries[i] != int(cs[i]):
+            return None  # a negative literal Where keeps: not a shape
+        out[i] = Lit(int(xs[i]))
+    return out
 
 
 def _dim_ref(src: gs.Tensor, axis: int) -> DimRef:
