@@ -108,25 +108,40 @@ def inline_views(graph: gs.Graph, mapped: MappedFile | None = None) -> None:
             t._values = InlineValues(v.tensor, mapped)
 
 
-def hold_weights(graph: gs.Graph, small: int) -> dict[str, LazyValues]:
-    """Swap every unloaded inline constant of more than ``small`` elements for a header-only
-    tensor (name, type, dims); return the values taken, by name."""
-    held: dict[str, LazyValues] = {}
+def hold_weights(graph: gs.Graph, small: int) -> dict[str, LazyValues | np.ndarray]:
+    """Swap every unloaded inline constant of more than ``small`` elements, and every loaded
+    one of a sub-byte type, for a header-only tensor (name, type, dims); return the values
+    taken, by name. onnx-graphsurgeon exports a loaded int4/uint4 array unpacked, a byte an
+    element, which onnx refuses (a quantised model's 4-bit zero points, once read)."""
+    held: dict[str, LazyValues | np.ndarray] = {}
     for name, t in graph.tensors().items():
         v = getattr(t, "_values", None)
-        if not isinstance(t, gs.Constant) or type(v) is not InlineValues \
-                or int(np.prod(v.tensor.dims, dtype=np.int64)) <= small:
+        if not isinstance(t, gs.Constant):
             continue
-        header = onnx.TensorProto(name=v.tensor.name, data_type=v.tensor.data_type,
-                                  dims=v.tensor.dims)
-        if v.tensor.HasField("data_location"):
-            header.data_location = v.tensor.data_location
+        if type(v) is InlineValues and int(np.prod(v.tensor.dims, dtype=np.int64)) > small:
+            header = onnx.TensorProto(name=v.tensor.name, data_type=v.tensor.data_type,
+                                      dims=v.tensor.dims)
+            if v.tensor.HasField("data_location"):
+                header.data_location = v.tensor.data_location
+        elif isinstance(v, np.ndarray) and v.dtype.itemsize == 1 \
+                and helper.np_dtype_to_tensor_dtype(v.dtype) in SUB_BYTE_TYPES:
+            header = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(
+                v.dtype), dims=v.shape)
+        else:
+            continue
         held[name] = v
         t._values = LazyValues(header)
     return held
 
 
-def restore_weights(graph: gs.Graph, held: dict[str, LazyValues]) -> None:
+#: Element types stored several to a byte (numpy holds them a byte each).
+SUB_BYTE_TYPES = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                            onnx.TensorProto.FLOAT4E2M1}
+                           | {getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2")
+                              if hasattr(onnx.TensorProto, n)})
+
+
+def restore_weights(graph: gs.Graph, held: dict[str, LazyValues | np.ndarray]) -> None:
     """Give the constants of ``graph`` the values :func:`hold_weights` took, by name."""
     for name, t in graph.tensors().items():
         if name in held and isinstance(t, gs.Constant):
