@@ -186,29 +186,17 @@ def test_shared_run_time_head_targets_prune_per_layer(tmp_path):
     _check_sizes(src, Pruned(report, custom, tmp_path / "pruned.onnx"), NS)
 
 
-def test_grouped_query_attention_with_symbolic_sequence(tmp_path):
+@pytest.mark.parametrize("kv", [KV, 1], ids=["gqa", "mqa"])
+def test_grouped_query_attention_with_symbolic_sequence(tmp_path, kv):
     """``[B, kv, H/kv, S, d] → [B, H, S, d]`` with symbolic ``B`` and ``S``: the run between
     them regroups (the same symbols on both sides), so a KV head and its query heads prune
-    together."""
-    m = _two_layers(kv=KV)
+    together. With one KV head (Falcon's multi-query attention) the expanded axis holds copies
+    of one value, so the query heads go freely, the Expand's and the Reshape's literal ``H``
+    rewritten, and the KV head stays."""
+    m = _two_layers(kv=kv)
     for n in (1, 2):
-        g = group_of(m, f"k{n}.w", 1)
-        assert g.prunable and g.size == KV
-    src = _save(m, tmp_path)
-    out = prune_checked(src, tmp_path, ratio=0.5, dims={"N": 2, "S": 5})
-    shapes = init_shapes(out.path)
-    assert shapes["q1.w"] == (D, D // 2) and shapes["k1.w"] == (D, HD)
-    _check_sizes(src, out, NS)
-
-
-def test_multi_query_attention_prunes_query_heads(tmp_path):
-    """One key/value head expanded to every query head, ``[B, 1, 1, S, d] → [B, 1, H, S, d]``
-    (Falcon's multi-query attention): the expanded axis holds copies of one value, so query heads
-    go freely, the Expand's and the Reshape's literal ``H`` rewritten; the key/value head stays."""
-    m = _two_layers(kv=1)
-    for n in (1, 2):
-        g = group_of(m, f"q{n}.w", 1)
-        assert g.prunable and g.size == H
+        g = group_of(m, f"k{n}.w" if kv > 1 else f"q{n}.w", 1)
+        assert g.prunable and g.size == (kv if kv > 1 else H)
     src = _save(m, tmp_path)
     out = prune_checked(src, tmp_path, heads_ratio=0.5, dims={"N": 2, "S": 5})
     shapes = init_shapes(out.path)
