@@ -304,10 +304,8 @@ def _refine_shapes(graph: gs.Graph) -> bool:
                 or node.inputs[0].shape is None:
             continue
         out = node.outputs[0]
-        in_shape = tuple(d if isinstance(d, int) and d >= 0 else None
-                         for d in node.inputs[0].shape)
-        known = None if out.shape is None else tuple(
-            d if isinstance(d, int) and d >= 0 else None for d in out.shape)
+        in_shape = tuple(_static_dim(d) for d in node.inputs[0].shape)
+        known = None if out.shape is None else tuple(_static_dim(d) for d in out.shape)
         entries = shape_entries(node.inputs[1])
         if node.op == "Reshape":
             names = tuple(d if isinstance(d, str) else None for d in node.inputs[0].shape)
@@ -400,6 +398,7 @@ def _fill_contracted_dims(graph: gs.Graph) -> bool:
 
 
 def _static_dim(d: object) -> int | None:
+    """A dim's length, None when symbolic or unknown."""
     return d if isinstance(d, int) and d >= 0 else None
 
 

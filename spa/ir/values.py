@@ -25,6 +25,9 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper, helper, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from spa.ir.dtypes import onnx_type
+from spa.ir.packed import is_packed
+
 # Element types whose raw bytes are a numpy array as is (numpy_helper.to_array's result).
 PLAIN_DTYPES = {getattr(onnx.TensorProto, n): np.dtype(d) for n, d in (
     ("FLOAT", np.float32), ("DOUBLE", np.float64), ("FLOAT16", np.float16),
@@ -110,9 +113,10 @@ def inline_views(graph: gs.Graph, mapped: MappedFile | None = None) -> None:
 
 def hold_weights(graph: gs.Graph, small: int) -> dict[str, LazyValues | np.ndarray]:
     """Swap every unloaded inline constant of more than ``small`` elements, and every loaded
-    one of a sub-byte type, for a header-only tensor (name, type, dims); return the values
+    one of a packed type, for a header-only tensor (name, type, dims); return the values
     taken, by name. onnx-graphsurgeon exports a loaded int4/uint4 array unpacked, a byte an
-    element, which onnx refuses (a quantised model's 4-bit zero points, once read)."""
+    element, which onnx refuses (a quantised model's 4-bit zero points, once read; see
+    spa/ir/packed.py)."""
     held: dict[str, LazyValues | np.ndarray] = {}
     for name, t in graph.tensors().items():
         v = getattr(t, "_values", None)
@@ -123,22 +127,13 @@ def hold_weights(graph: gs.Graph, small: int) -> dict[str, LazyValues | np.ndarr
                                       dims=v.tensor.dims)
             if v.tensor.HasField("data_location"):
                 header.data_location = v.tensor.data_location
-        elif isinstance(v, np.ndarray) and v.dtype.itemsize == 1 \
-                and helper.np_dtype_to_tensor_dtype(v.dtype) in SUB_BYTE_TYPES:
-            header = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(
-                v.dtype), dims=v.shape)
+        elif isinstance(v, np.ndarray) and is_packed(v):
+            header = onnx.TensorProto(name=name, data_type=onnx_type(v.dtype), dims=v.shape)
         else:
             continue
         held[name] = v
         t._values = LazyValues(header)
     return held
-
-
-#: Element types stored several to a byte (numpy holds them a byte each).
-SUB_BYTE_TYPES = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
-                            onnx.TensorProto.FLOAT4E2M1}
-                           | {getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2")
-                              if hasattr(onnx.TensorProto, n)})
 
 
 def restore_weights(graph: gs.Graph, held: dict[str, LazyValues | np.ndarray]) -> None:
