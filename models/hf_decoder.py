@@ -78,3 +78,23 @@ def decoder_onnx(path: Path, kind: str = "GPT2", *, seq: int = 3, past: int = 2,
                       input_names=["input_ids", "attention_mask", *inputs],
                       output_names=["logits", *outputs], dynamic_axes=dims)
     return path
+
+
+# Small decoders of each architecture at the same widths (2 layers, hidden 32, 4 heads of 8):
+# ``kind → (config, KV heads, whether the heads are the cache's)``. Falcon's one key/value head
+# is broadcast to its query heads: its query heads prune, the cache keeps its one head.
+LLAMA_WIDTHS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "vocab_size": 50, "max_position_embeddings": 64}
+_WIDTHS = {k: LLAMA_WIDTHS[k] for k in ("hidden_size", "num_hidden_layers",
+                                        "num_attention_heads", "vocab_size")}
+DECODERS: dict[str, tuple[dict, int, bool]] = {
+    "Llama": ({**LLAMA_WIDTHS, "num_key_value_heads": 2}, 2, True),
+    "Mistral": ({**LLAMA_WIDTHS, "num_key_value_heads": 2, "sliding_window": None}, 2, True),
+    "Qwen2": ({**LLAMA_WIDTHS, "num_key_value_heads": 2}, 2, True),
+    "Gemma": ({**LLAMA_WIDTHS, "num_key_value_heads": 2, "head_dim": 8}, 2, True),
+    "Phi": ({**LLAMA_WIDTHS}, 4, True),
+    "GPTNeoX": ({**LLAMA_WIDTHS}, 4, True),
+    "OPT": ({**_WIDTHS, "ffn_dim": 64, "max_position_embeddings": 64,
+             "word_embed_proj_dim": 32}, 4, True),
+    "Falcon": ({**_WIDTHS, "new_decoder_architecture": False, "multi_query": True}, 4, False),
+}

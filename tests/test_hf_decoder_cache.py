@@ -31,7 +31,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from models.hf_decoder import decoder_onnx  # noqa: E402
+from models.hf_decoder import DECODERS, LLAMA_WIDTHS, decoder_onnx  # noqa: E402
 from spa.api import analyze  # noqa: E402
 from spa.cli import main  # noqa: E402
 from spa.coupling import GroupKind  # noqa: E402
@@ -40,8 +40,6 @@ from tests.oracle import prune_checked  # noqa: E402
 
 LAYERS, HEADS, HIDDEN, VOCAB = 2, 4, 32, 50
 NAMES = [f"{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
-LLAMA = {"hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": LAYERS,
-         "num_attention_heads": HEADS, "vocab_size": VOCAB, "max_position_embeddings": 64}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +80,8 @@ def test_gpt2_prunes_heads_mlp_and_the_cache(tmp_path, gpt2):
 
 @pytest.mark.parametrize("kv_heads", [HEADS, 2], ids=["mha", "gqa"])
 def test_llama_prunes_heads_and_cache_at_any_batch(tmp_path, kv_heads):
-    path = decoder_onnx(tmp_path / "llama.onnx", "Llama", num_key_value_heads=kv_heads, **LLAMA)
+    path = decoder_onnx(tmp_path / "llama.onnx", "Llama",
+                        **{**LLAMA_WIDTHS, "num_key_value_heads": kv_heads})
     a = analyze(path)
     heads = sorted(g.size for g in a.groups if g.kind is GroupKind.HEADS and g.prunable)
     assert heads == [kv_heads] * LAYERS  # a group per layer: its key/value heads
@@ -97,26 +96,9 @@ def test_llama_prunes_heads_and_cache_at_any_batch(tmp_path, kv_heads):
         ["batch", kv_heads // 2, "past", HIDDEN // HEADS]
 
 
-# Other decoders' configs at the same widths: (config, KV heads, heads pruned, cache signature
-# changes). Falcon's one key/value head is broadcast to the query heads by Expand: the query
-# heads prune, the cache keeps its one head.
-_WIDTHS = {"hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-           "vocab_size": VOCAB}
-DECODERS = {
-    "Mistral": ({**LLAMA, "num_key_value_heads": 2, "sliding_window": None}, 2, True),
-    "Qwen2": ({**LLAMA, "num_key_value_heads": 2}, 2, True),
-    "Gemma": ({**LLAMA, "num_key_value_heads": 2, "head_dim": HIDDEN // HEADS}, 2, True),
-    "Phi": ({**LLAMA}, HEADS, True),
-    "GPTNeoX": ({**LLAMA}, HEADS, True),
-    "OPT": ({**_WIDTHS, "ffn_dim": 64, "max_position_embeddings": 64,
-             "word_embed_proj_dim": HIDDEN}, HEADS, True),
-    "Falcon": ({**_WIDTHS, "new_decoder_architecture": False, "multi_query": True}, HEADS,
-               False),
-}
-
-
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=[] if k == "Falcon" else
-                                               pytest.mark.slow) for k in DECODERS])
+                                               pytest.mark.slow) for k in DECODERS
+                                  if k != "Llama"])  # Llama: the test above
 def test_decoders_prune_heads_at_any_batch(tmp_path, kind):
     """TorchScript exports with a dynamic batch: the heads of each layer prune (with their cache
     where the heads are the cache's), under the oracle at batch 2."""
