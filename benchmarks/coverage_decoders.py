@@ -12,53 +12,28 @@ Results: ``results/coverage_decoders.json``.
 
 from __future__ import annotations
 
-import collections
 import tempfile
 import time
-import traceback
+from functools import partial
 from pathlib import Path
 
 from benchmarks.common import write_result
-from benchmarks.coverage_transformers import _reason_kind
+from benchmarks.coverage_transformers import survey
 
 DIMS = (("batch", 2), ("sequence", 3), ("past", 4), ("total", 7))
 
 
-def survey(kind: str, config: dict, workdir: Path) -> dict:
-    from models.hf_decoder import decoder_onnx
-    from spa.api import CheckOptions, PruneOptions, analyze, prune
-
-    entry: dict = {"model": kind, "config": config}
-    try:
-        path = decoder_onnx(workdir / f"{kind}.onnx", kind, **config)
-        analysis = analyze(path)
-        kinds = collections.Counter((g.kind.value, g.prunable) for g in analysis.groups
-                                    if g.producers)
-        entry["groups"] = {f"{k}{'' if ok else '_frozen'}": n for (k, ok), n in kinds.items()}
-        reasons = collections.Counter(_reason_kind(r) for g in analysis.frozen_groups
-                                      for r in g.frozen)
-        entry["freeze_reasons"] = dict(reasons.most_common(4))
-        report, _ = prune(path, workdir / f"{kind}_pruned.onnx",
-                          PruneOptions(ratio=0.0, heads_ratio=0.5, mlp_ratio=0.5),
-                          CheckOptions(check_masked=True, latency=False, input_dims=DIMS))
-        entry.update(pruned=True, params=[report.params_before, report.params_after],
-                     flops_ratio=report.flops_after / report.flops_before,
-                     oracle_relative_diff=report.masked_relative_diff,
-                     signature_changes=len(report.signature_changes),
-                     generation=report.generation)
-    except Exception as exc:  # record, do not stop the survey
-        entry.update(pruned=False, error=f"{type(exc).__name__}: {exc}"[:400],
-                     where=traceback.format_exc().splitlines()[-3:])
-    return entry
-
-
 def main() -> None:
-    from models.hf_decoder import DECODERS
+    from models.hf_decoder import DECODERS, decoder_onnx
 
     workdir = Path(tempfile.mkdtemp(prefix="spa-dec-"))
     rows = []
     for kind, (config, _, _) in DECODERS.items():
-        row = survey(kind, config, workdir)
+        row = survey(kind, partial(decoder_onnx, kind=kind, **config), workdir, dims=DIMS,
+                     more=lambda r: {"params": [r.params_before, r.params_after],
+                                     "signature_changes": len(r.signature_changes),
+                                     "generation": r.generation})
+        row["config"] = config
         rows.append(row)
         print(f"{kind:10} groups={row.get('groups')} params={row.get('params')} "
               f"oracle={row.get('oracle_relative_diff')} cache={row.get('signature_changes')} "

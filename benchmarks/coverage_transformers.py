@@ -15,7 +15,9 @@ import re
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import write_result
 
@@ -25,14 +27,17 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"'[^']*'", "'…'", reason)
 
 
-def survey(name: str, build, workdir: Path) -> dict:
-    from models.export import export_module
+def survey(name: str, export: Callable[[Path], Path], workdir: Path, *,
+           dims: tuple[tuple[str, int], ...] = (), more: Callable[[Any], dict] | None = None,
+           ) -> dict:
+    """Export (``export(path)`` writes the model there), analyse, and prune heads and MLP at 0.5
+    under the numeric oracle (``dims``: its symbolic input dims); ``more(report)`` adds fields.
+    A failure is recorded, not raised."""
     from spa.api import CheckOptions, PruneOptions, analyze, prune
 
     entry: dict = {"model": name}
     try:
-        module, inputs = build()
-        path = export_module(module, inputs, workdir / f"{name}.onnx", exporter="dynamo")
+        path = export(workdir / f"{name}.onnx")
         analysis = analyze(path)
         kinds = collections.Counter((g.kind.value, g.prunable) for g in analysis.groups
                                     if g.producers)
@@ -42,14 +47,25 @@ def survey(name: str, build, workdir: Path) -> dict:
         entry["freeze_reasons"] = dict(reasons.most_common(6))
         report, _ = prune(path, workdir / f"{name}_pruned.onnx",
                           PruneOptions(ratio=0.0, heads_ratio=0.5, mlp_ratio=0.5),
-                          CheckOptions(check_masked=True, latency=False))
+                          CheckOptions(check_masked=True, latency=False, input_dims=dims))
         entry.update(pruned=True, params_ratio=report.params_after / report.params_before,
                      flops_ratio=report.flops_after / report.flops_before,
-                     oracle_relative_diff=report.masked_relative_diff)
+                     oracle_relative_diff=report.masked_relative_diff,
+                     **(more(report) if more else {}))
     except Exception as exc:  # record, do not stop the survey
         entry.update(pruned=False, error=f"{type(exc).__name__}: {exc}"[:400],
                      where=traceback.format_exc().splitlines()[-3:])
     return entry
+
+
+def _dynamo(build) -> Callable[[Path], Path]:
+    def export(path: Path) -> Path:
+        from models.export import export_module
+
+        module, inputs = build()
+        return export_module(module, inputs, path, exporter="dynamo")
+
+    return export
 
 
 def main() -> None:
@@ -58,7 +74,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="spa-cov-"))
     rows = []
     for name, build in {**HF_MODELS, **VISION_TRANSFORMERS}.items():
-        row = survey(name, build, workdir)
+        row = survey(name, _dynamo(build), workdir)
         rows.append(row)
         print(f"{name:24} pruned={row.get('pruned')} groups={row.get('groups')} "
               f"params×{row.get('params_ratio', 0):.2f} {row.get('error', '')[:120]}")
