@@ -337,7 +337,7 @@ def _name_expanded_dims(node: gs.Node, entries: list[Entry] | None) -> bool:
     x = [1] * (len(out) - len(x)) + list(x)
     named = list(out)
     for k, (d, e, o) in enumerate(zip(x, entries, out)):
-        if isinstance(o, int) and o >= 0 or not isinstance(e, DimRef) or e.symbol is None:
+        if _static_dim(o) is not None or not isinstance(e, DimRef) or e.symbol is None:
             continue
         if d == e.symbol or d == 1:
             named[k] = e.symbol

@@ -174,17 +174,23 @@ def _where_otherwise(node: gs.Node, depth: int) -> list[Entry] | None:
     negative = [i for i, e in enumerate(entries) if isinstance(e, Lit) and e < 0]
     if not negative:
         return entries
-    cs = np.broadcast_to(np.asarray(cast(gs.Constant, c).values).reshape(-1), (len(entries),))
-    xs = np.asarray(x.values).reshape(-1) if isinstance(x, gs.Constant) else None
-    if xs is None or xs.size not in (1, len(entries)):
+    cs = _spread(cast(gs.Constant, c), len(entries))
+    xs = _spread(x, len(entries)) if isinstance(x, gs.Constant) else None
+    if cs is None or xs is None:
         return None
-    xs = np.broadcast_to(xs, (len(entries),))
     out = list(entries)
     for i in negative:
         if entries[i] != int(cs[i]):
             return None  # a negative literal Where keeps: not a shape
         out[i] = Lit(int(xs[i]))
     return out
+
+
+def _spread(t: gs.Constant, n: int) -> np.ndarray | None:
+    """A constant's values as ``n`` entries (one value is every entry's); None when it holds
+    neither one nor ``n``."""
+    v = np.asarray(t.values).reshape(-1)
+    return np.broadcast_to(v, (n,)) if v.size in (1, n) else None
 
 
 def _dim_ref(src: gs.Tensor, axis: int) -> DimRef:
