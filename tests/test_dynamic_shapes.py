@@ -278,6 +278,32 @@ def test_a_graph_input_keeps_its_symbolic_contracted_dim(tmp_path):
     assert init_shapes(out.path)["fc1.w"] == (D, 4)
 
 
+def test_heads_behind_a_mask_cut_at_run_time(tmp_path):
+    """A causal mask ``[N, 1, M, M]`` cut to the keys' length, ``mask[..., :S]`` with ``S``
+    read at run time (🤗 Optimum's Falcon): ONNX inference leaves every dim of the cut unknown,
+    the scores it is added to lose their batch, and the context's view by the input's dims,
+    ``view(N, H, S, d)``, could not be read. The cut keeps the mask's dims on the axes it does
+    not slice (spa/ir/load.py), so the scores keep ``N`` and the heads prune."""
+    b = Builder()
+    split = _heads_target(b, "x", H)
+    q, k, v = (b.op("Transpose", b.op("Reshape", linear(b, "x", D, D, n), split),
+                    perm=[0, 2, 1, 3]) for n in "qkv")
+    s = _dims_of(b, "x", 1)[0]
+    mask = b.op("Slice", "mask", b.const([0]), s, b.const([3]), name="cut")
+    context = sdpa(b, q, k, v, mask=mask)
+    n, s = _dims_of(b, "x", 0, 1)
+    context = b.op("Reshape", context, b.op("Concat", n, b.const([H]), s, b.const([HD]), axis=0))
+    merge = b.op("Concat", *_dims_of(b, "x", 0, 1), b.const([D]), axis=0)
+    y = linear(b, b.op("Reshape", b.op("Transpose", context, perm=[0, 2, 1, 3]), merge), D, D,
+               "o")
+    m = b.model({"x": ["N", "S", D], "mask": ["N", 1, "S", "M"]}, {y: ["N", "S", D]})
+    assert group_of(m, "q.w", 1).prunable
+    src = _save(m, tmp_path)
+    out = prune_checked(src, tmp_path, ratio=0.5, dims={"N": 2, "S": 5, "M": 7})
+    assert init_shapes(out.path)["o.w"] == (D // 2, D)
+    _check_sizes(src, out, [{**d, "M": d["S"] + 2} for d in NS])
+
+
 def test_expand_keeping_dims_by_minus_one(tmp_path):
     """``g.expand(-1, S, -1)``: TorchScript writes the target as ``Where(Equal(t, -1), 1, t)``
     with ``t = [-1, S, -1]``, each ``-1`` ("keep this dim") replaced by 1. SPA reads it so, and

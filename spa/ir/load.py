@@ -50,6 +50,7 @@ _SMALL_TENSOR = 64
 # as soon as one changes nothing). Swin-T needs 8: each stage's window padding folds only once the
 # stage before it has static shapes.
 _REFINE_ROUNDS = 16
+_MADE_UP = "unk__"  # the prefix of the dims ONNX shape inference names itself
 _CONTRIB_ROUNDS = 64  # a round per layer of contrib ops in a row (an int4 encoder: 4 a block)
 
 
@@ -188,12 +189,25 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
         del refined.opset_import[:]
         refined.opset_import.extend(model.opset_import)
         refined.ir_version = model.ir_version
+        _forget_made_up_dims(refined.graph)
         graph = _import(_with_inferred_shapes(refined, name), base_dir, name)
         restore_weights(graph, held)
         shape_values_folded = fold_constant_ops(graph, on_layout)
         if shape_values_folded:
             _toposort(graph.cleanup(remove_unused_graph_inputs=False))
     return graph, resolve(ties, graph)
+
+
+def _forget_made_up_dims(graph: onnx.GraphProto) -> None:
+    """Clear the dims ONNX inference named afresh (``unk__7``) in ``graph``'s value_info, so
+    that the next inference, which keeps a named dim it is given, names them from what the
+    refined shapes now tell: ``Cast(Expand(x, t))`` keeps the ``unk__55`` it was given first
+    after the Expand's output has become ``batch_size``, and the rotary cosine multiplying the
+    heads then hides their batch from the Reshape that merges them."""
+    for vi in graph.value_info:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param.startswith(_MADE_UP):
+                d.ClearField("dim_param")
 
 
 def _toposort(graph: gs.Graph) -> None:
@@ -300,6 +314,8 @@ def _refine_shapes(graph: gs.Graph) -> bool:
     run-time target such as ``x.view(x.size(0), -1)``); True if any dim was filled."""
     changed = False
     for node in graph.nodes:
+        if node.op == "Slice":
+            changed |= _keep_unsliced_dims(node)
         if node.op not in ("Reshape", "Expand") or len(node.inputs) < 2 \
                 or node.inputs[0].shape is None:
             continue
@@ -321,6 +337,35 @@ def _refine_shapes(graph: gs.Graph) -> bool:
         out.shape = [r if r is not None else o for r, o in zip(resolved, old)]
         changed = True
     return _fill_contracted_dims(graph) or changed
+
+
+def _keep_unsliced_dims(node: gs.Node) -> bool:
+    """Give a Slice's output the input's dims on the axes it does not slice. ONNX inference
+    leaves every output dim unknown when a bound is computed at run time: a causal mask cut to
+    the keys' length, ``mask[:, :, :, :total]``, loses its batch, and the attention scores it
+    is added to lose theirs. Only static dims and names the model gave are copied (a made-up
+    name is cleared for the next round). True if a dim was filled."""
+    x, y = node.inputs[0], node.outputs[0]
+    axes = node.inputs[3] if len(node.inputs) > 3 else None
+    if x.shape is None or y.shape is None or len(x.shape) != len(y.shape) or axes is None \
+            or not isinstance(axes, gs.Constant):
+        return False
+    rank = len(x.shape)
+    sliced = {int(a) % rank for a in np.asarray(axes.values).reshape(-1)}
+    shape, changed = list(y.shape), False
+    for ax, d in enumerate(x.shape):
+        if ax in sliced or not _unknown(shape[ax]) or _unknown(d):
+            continue
+        shape[ax] = d
+        changed = True
+    if changed:
+        y.shape = shape
+    return changed
+
+
+def _unknown(d: object) -> bool:
+    """A dim nothing is known of: missing, or a name ONNX inference made up."""
+    return d is None or (isinstance(d, str) and d.startswith(_MADE_UP))
 
 
 def _name_expanded_dims(node: gs.Node, entries: list[Entry] | None) -> bool:
