@@ -37,6 +37,7 @@ from oracle import prune_checked
 
 from spa import validate as val
 from spa.api import analyze
+from spa.coupling import GroupKind
 
 
 # --- grouped-query attention ---------------------------------------------------------------
@@ -143,6 +144,39 @@ def test_mqa_kv_broadcast_by_matmul(tmp_path):
     assert kept(m, out.path, "q.w", 1) == kept(m, out.path, "o.w", 0) == head_columns([0, 3])
     assert init_shapes(out.path)["k.w"] == init_shapes(out.path)["v.w"] == (D, HD)
     assert input_value(out.path, "split_k", 1).tolist() == [1, S, 1, HD]
+
+
+@pytest.mark.parametrize("scalar", [False, True], ids=["list", "scalar"])
+def test_mqa_fused_qkv_key_and_value_picked_by_gather(tmp_path, scalar):
+    """Falcon-7B as 🤗 Optimum exports it: one projection ``[D, (H + 2)·HD]`` viewed
+    ``[1, S, H + 2, HD]``; the query heads are ``Slice(0, -2)``, the key and value heads
+    ``Gather([-2])`` and ``Gather([-1])`` (scalars, dropping the axis, in Falcon-40B's layout).
+    The query heads prune under the oracle, the key and value heads stay, and the Gathers'
+    indices are renumbered among the kept heads."""
+    b = Builder()
+    fused = b.op("Reshape", linear(b, "x", D, (H + 2) * HD, "qkv"), b.const([1, S, H + 2, HD]),
+                 name="split")
+    q = b.op("Slice", fused, b.const([0]), b.const([-2]), b.const([2]), name="q_slice")
+
+    def picked(at: int, n: str) -> str:
+        g = b.op("Gather", fused, b.const(at if scalar else [at], f"idx_{n}"), axis=2,
+                 name=f"pick_{n}")
+        return b.op("Unsqueeze", g, b.const([2])) if scalar else g
+
+    k, v = (b.op("Transpose", t, perm=[0, 2, 1, 3])
+            for t in (picked(-2, "k"), picked(-1, "v")))
+    context = sdpa(b, b.op("Transpose", q, perm=[0, 2, 1, 3]), k, v)
+    y = residual_norm(b, "x", linear(b, merge_heads(b, context), D, D, "o"))
+    damp_heads(b, RANKING, cols=("qkv",))
+    m = b.model(X3, {y: [1, S, D]})
+    groups = [g for g in analyze(m).groups if any(mem.space == ("qkv.w", 1) for mem in g.members)]
+    assert [(g.kind, g.size) for g in groups if g.prunable] == [(GroupKind.HEADS, H)]
+    assert [g.size for g in groups if not g.prunable] == [1, 1]  # the key and the value head
+    out = prune_checked(m, tmp_path, ratio=0.0, heads_ratio=0.5)
+    assert kept(m, out.path, "qkv.w", 1) == head_columns([0, 3, 4, 5])
+    assert kept(m, out.path, "o.w", 0) == head_columns([0, 3])
+    assert input_value(out.path, "pick_k", 1).tolist() == (2 if scalar else [2])
+    assert input_value(out.path, "pick_v", 1).tolist() == (3 if scalar else [3])
 
 
 def test_fused_qkv_gqa_split(tmp_path):

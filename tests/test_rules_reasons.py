@@ -56,8 +56,9 @@ def test_elementwise_behind_an_unknown_rank():
 
 # --- gather.py --------------------------------------------------------------------------------
 def test_gather_on_the_channel_axis():
-    m = after_stem(lambda b, c: b.op("Gather", c, b.const([0, 2], "idx"), axis=1,
-                                     name="pick"), [1, 2, 4, 4])
+    """Indices that repeat one (distinct ones pick channels: test_rules_shape.py)."""
+    m = after_stem(lambda b, c: b.op("Gather", c, b.const([0, 2, 0], "idx"), axis=1,
+                                     name="pick"), [1, 3, 4, 4])
     assert "Gather node 'pick': axis 1 of 'c1_out0' is indexed by 'idx': pruning it would " \
         "change what the indices pick" in frozen_text(m, "c1.w")
 

@@ -20,6 +20,8 @@ from graphs import (
 )
 from oracle import group_sizes, prune_checked
 
+from spa.api import analyze
+
 INT64_MAX = np.iinfo(np.int64).max
 X = {"x": [1, 3, 4, 4]}
 
@@ -135,6 +137,45 @@ def test_slice_step_2_on_channels_freezes(tmp_path):
     out = prune_checked(m, tmp_path, ratio=0.5)  # the stem still prunes
     shapes = init_shapes(out.path)
     assert shapes["c1.w"] == (8, 3, 3, 3) and shapes["stem.w"] == (3, 3, 3, 3)
+
+
+@pytest.mark.parametrize("indices", [[5, -8, 2], [1, 3]], ids=["reordered", "in-order"])
+def test_gather_picks_channels(tmp_path, indices):
+    """``Gather(x, indices, axis=1)`` by constant, distinct indices: output channel ``j`` goes
+    with input channel ``indices[j]`` (negative ones counted from the end), the channels no
+    index picks go with nothing, and the rewrite renumbers the indices among those kept."""
+    b = Builder()
+    x = b.conv("x", 3, 8, name="c1")
+    picked = b.op("Gather", x, b.const(indices), axis=1, name="pick")
+    y = b.conv(picked, len(indices), 4, name="c2")
+    m = b.model(X, {y: [1, 4, 4, 4]})
+    # Each picked channel is one with c2's input column; the others are consumed by nobody.
+    assert sorted(group_sizes(m)) == sorted([(4, False), (len(indices), True),
+                                             (8 - len(indices), True)])
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    rows = _kept(m, out, "c1.b")
+    picks = [i % 8 for i in indices]
+    kept_picks = [j for j, i in enumerate(picks) if i in rows]
+    assert _kept(m, out, "c2.w", 1) == kept_picks and 0 < len(kept_picks) < len(picks)
+    assert input_value(out.path, "pick", 1).tolist() == [rows.index(picks[j]) for j in kept_picks]
+
+
+def test_gather_by_a_scalar_keeps_its_channel(tmp_path):
+    """``x[:, 5]``: the channel a scalar index picks stays (its axis is gone, nothing could take
+    it along) and the index is renumbered; the other channels are consumed by nobody."""
+    b = Builder()
+    picked = b.op("Gather", b.stem("x", 3, 8), b.const(5), axis=1, name="pick")
+    y = b.op("Unsqueeze", picked, b.const([1]))
+    m = b.model(X, {y: [1, 1, 4, 4]})
+    frozen = [g for g in analyze(m).groups if not g.prunable
+              and any(mem.space == ("c1.w", 0) for mem in g.members)]
+    assert [(g.size, g.frozen) for g in frozen] == [(1, (
+        "Gather node 'pick' picks channel 5 of axis 1 of 'c1_out0' by a scalar index: it "
+        "stays",))]
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    rows = _kept(m, out, "c1.b")
+    assert 5 in rows and len(rows) < 8
+    assert input_value(out.path, "pick", 1).tolist() == rows.index(5)
 
 
 # --- pooling and reductions ------------------------------------------------------------------

@@ -160,7 +160,7 @@ class CouplingAnalysis:
             on_candidates.setdefault(e.node, set()).update((e.a, e.b))
         every = set(space_graph.nodes) | {k for ks in on_candidates.values() for k in ks}
         blocked = set(self._frozen(graph, nodes, couplings, unknown, every, exempt,
-                                   on_candidates, refused))
+                                   on_candidates, refused, pins=False))
         chosen = _choose_digits(space_graph, candidates, roles, blocked)
         for e in chosen:
             space_graph.add_edge(e.a, e.b, node=e.node, kind=e.kind.value)
@@ -243,11 +243,14 @@ class CouplingAnalysis:
                 couplings: dict[str, NodeCoupling], unknown: set[str], live: set[SpaceKey],
                 exempt: AbstractSet[SpaceKey] = frozenset(),
                 also_handled: dict[str, set[SpaceKey]] | None = None,
-                notes: Mapping[SpaceKey, str] | None = None) -> dict[SpaceKey, set[str]]:
+                notes: Mapping[SpaceKey, str] | None = None, pins: bool = True
+                ) -> dict[SpaceKey, set[str]]:
         """Why each of ``live`` must keep its length: a graph input/output (but for the KV-cache
         spaces in ``exempt``; ``notes`` says why a refused cache's may not change), an ignored
         node, a node with subgraphs or no rule, or a node whose rule does not handle it
-        (counting ``also_handled[node]`` as handled too)."""
+        (counting ``also_handled[node]`` as handled too), or a space a rule pins (``pins``: not
+        in the digits look-ahead, which judges whole spaces, while a pin keeps only the elements
+        coupled to it)."""
         also_handled = also_handled or {}
         notes = notes or {}
         live_axes: dict[str, list[SpaceKey]] = {}
@@ -269,6 +272,10 @@ class CouplingAnalysis:
         freeze([t.name for t in graph.outputs], signature("output"), exempt)
         for name, why in self.frozen_tensors.items():
             freeze([name], lambda k, w=why: w)
+        for c in couplings.values() if pins else ():
+            for key, why in c.pinned.items():
+                if key in live:
+                    frozen.setdefault(key, set()).add(why)
         for node in nodes:
             names = [t.name for t in (*node.inputs, *node.outputs) if t.name]
             names += sorted(_subgraph_outer_names(node))

@@ -185,6 +185,16 @@ class NodeContext:
         self._edge(part, whole, idx, idx + start, MapKind.OFFSET)
         return True
 
+    def pick(self, picked: Space | None, source: Space | None, indices: Sequence[int]) -> bool:
+        """Couple ``picked[j]`` with ``source[indices[j]]`` (a Gather by constant indices, in
+        range and non-negative); ``source``'s other elements are left free."""
+        if picked is None or source is None or len(indices) != picked.length \
+                or any(not 0 <= i < source.length for i in indices):
+            return False
+        self._edge(picked, source, np.arange(picked.length), np.asarray(indices, dtype=np.int64),
+                   MapKind.PICK)
+        return True
+
     def block(self, fine: Space | None, coarse: Space | None) -> bool:
         """Couple ``fine[i]`` with ``coarse[i // k]``, ``k = len(fine) / len(coarse)``."""
         if fine is None or coarse is None or coarse.length == 0 \
@@ -270,6 +280,11 @@ class NodeContext:
         self.result.handled.clear()
         self.result.reasons.clear()
         self.decline(reason)
+
+    def pin(self, space: Space, reason: str) -> None:
+        """Keep every element of ``space`` (a virtual space: a tensor's axis is frozen by
+        declining it), with ``reason``: whatever is coupled to it freezes."""
+        self.result.pinned[space.key] = reason
 
     def note(self, space: Space, text: str) -> None:
         """Say how this node ties ``space``'s channels to others, for the reasons of a frozen

@@ -42,6 +42,7 @@ class MapKind(Enum):
     OFFSET = "offset"
     BLOCK = "block"
     DIGIT = "digit"  # one axis of a factorised reshape: c ↔ (c // stride) % length
+    PICK = "pick"  # a Gather by constant indices: output j ↔ input indices[j]
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,6 @@ class NodeCoupling:
     # guess (a grouped Conv removes whole groups: its input and output channels go together);
     # said beside the reasons of a group holding the space, when the group freezes.
     notes: dict[SpaceKey, str] = field(default_factory=dict)
+    # Spaces (virtual ones, whose names are no tensor's) the node keeps whole, and why: a
+    # channel a Gather picks by a scalar index stays, so its group freezes.
+    pinned: dict[SpaceKey, str] = field(default_factory=dict)

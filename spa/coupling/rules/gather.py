@@ -1,9 +1,12 @@
 """Indexing and broadcasting by shape: Gather, Expand, Tile, ConstantOfShape.
 
 Gather along ``axis``: data axes before and after ``axis`` pass to the output unchanged, the
-indices' axes take its place; the gathered axis itself is unhandled (pruning it would change what
-the indices point at). A constant table gathered on axis 0 is an embedding: its other axes are
-producers of the channels it emits (the hidden size, pruned only with ``--hidden``).
+indices' axes take its place. Constant, distinct indices (a list or a scalar) pick channels of
+the gathered axis: output ``j`` goes with input ``indices[j]``, a scalar's channel stays, the
+channels no index picks may go, and the rewrite renumbers the indices. Otherwise the gathered
+axis is unhandled (pruning it would change what the indices point at). A constant table
+gathered on axis 0 is an embedding: its other axes are producers of the channels it emits (the
+hidden size, pruned only with ``--hidden``).
 
 Expand broadcasts like an element-wise op; its target shape's literal entries on a changing axis
 are rewritten. An axis broadcast from 1 to a literal count holds copies of one value, so it may
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+import onnx_graphsurgeon as gs
+
 from spa.coupling.registry import register
 from spa.coupling.rules.shape import fixed_entry, rewrite_literals, unreadable_shape
 from spa.coupling.types import Role
@@ -26,6 +32,7 @@ from spa.ir.shapevalue import DimRef, Lit, shape_entries
 
 if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
+    from spa.coupling.types import KeptLookup, SpaceKey
 
 
 @register("Gather")
@@ -36,8 +43,9 @@ def gather(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(data if rank is None else idx))
         return
     axis = ctx.attr_int("axis", 0) % rank
-    ctx.decline(f"axis {axis} of '{data.name}' is indexed by '{idx.name}': pruning it would "
-                "change what the indices pick", ctx.space(data, axis))
+    if not _picks(ctx, data, idx, y, axis, idx_rank):
+        ctx.decline(f"axis {axis} of '{data.name}' is indexed by '{idx.name}': pruning it "
+                    "would change what the indices pick", ctx.space(data, axis))
     for ax in range(axis):
         ctx.identity_axes(data, ax, y, ax)
     for ax in range(idx_rank):
@@ -46,6 +54,52 @@ def gather(ctx: NodeContext) -> None:
         ctx.identity_axes(data, ax, y, ax - 1 + idx_rank)
         if ctx.const(data) is not None and axis == 0:
             ctx.role(ctx.space(data, ax), Role.PRODUCER)
+
+
+def _picks(ctx: NodeContext, data: gs.Tensor, idx: gs.Tensor, y: gs.Tensor, axis: int,
+           idx_rank: int) -> bool:
+    """Map a channel axis indexed by constant indices: output ``j`` of a 1-D index list is
+    input ``indices[j]``; a scalar index's channel is pinned (its axis is gone, so it stays).
+    The channels no index picks may go. The rewrite renumbers the indices among the kept
+    channels (Falcon's fused query/key/value heads: the query heads sliced, the key and value
+    heads gathered at ``[-2]`` and ``[-1]``). False when the indices are not constant, of
+    higher rank, out of range, or repeat one (the output's axis then takes the indices along,
+    and the indexed axis is not pruned)."""
+    source = ctx.space(data, axis)
+    indices = ctx.const(idx) if idx_rank <= 1 else None
+    if source is None or indices is None or ctx.const(data) is not None:
+        return False
+    picks = [int(i) + source.length if int(i) < 0 else int(i)
+             for i in np.asarray(indices).reshape(-1)]
+    if len(set(picks)) < len(picks):
+        return False  # a repeat (GQA's KV heads by [0, 0, 1, 1]): the indices go with the output
+    if idx_rank == 1:
+        picked = ctx.space(y, axis)
+        mapped = ctx.pick(picked, source, picks)
+    else:
+        picked = ctx.virtual("picked", 1)
+        mapped = ctx.pick(picked, source, picks)
+        ctx.pin(picked, f"Gather node '{ctx.node.name}' picks channel {picks[0]} of axis {axis} "
+                        f"of '{data.name}' by a scalar index: it stays")
+    if mapped:
+        ctx.on_rewrite(_renumber_hook((data.name, axis), (y.name, axis) if idx_rank else None,
+                                      picks, np.asarray(indices).dtype))
+    return mapped
+
+
+def _renumber_hook(source: SpaceKey, picked: SpaceKey | None, picks: list[int],
+                   dtype: np.dtype):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        if not kept.changed(source) and (picked is None or not kept.changed(picked)):
+            return
+        chosen = np.asarray(picks)[kept.kept(picked)] if picked is not None \
+            else np.asarray(picks)
+        renumbered = np.searchsorted(kept.kept(source), chosen)
+        shape = () if picked is None else renumbered.shape
+        node.inputs[1] = gs.Constant(f"{node.name}__spa_indices",
+                                     renumbered.astype(dtype).reshape(shape))
+
+    return hook
 
 
 @register("Expand")
