@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from graphs import Builder, group_of, init_shapes
 from oracle import prune_checked
+
+from spa.api import PruneOptions, prune
+from spa.errors import NothingPrunableError
 
 I64, BOOL = onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 X = {"x": [1, 3, 4, 4]}
@@ -170,3 +174,45 @@ def test_subgraph_reading_a_bias_vector(tmp_path):
     got = run_model(out.path)[total]
     bias = next(onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name == "c1.b")
     np.testing.assert_allclose(got, bias.sum(), rtol=1e-5)
+
+
+def test_branches_that_name_their_shape_ops_alike(tmp_path):
+    """🤗 Optimum's merged decoders hold the decoder with and without a cache as the two branches
+    of one ``If``, with the same node and tensor names in each. onnx's strict inference with
+    data propagation calls a ``Shape`` read in both a conflict ("Data for input 0 already
+    exists"), and SPA refused such models as invalid; they are valid, and onnxruntime runs them.
+    They now load; the layers outside the ``If`` prune under the oracle."""
+    b = Builder()
+    r = b.op("Relu", b.stem("x", 3, 8), name="act")
+    y = b.conv(r, 8, 4, name="c2")
+    nodes = [onnx.helper.make_node("Shape", ["x"], ["dims"], name="/decoder/Shape"),
+             onnx.helper.make_node("Reshape", ["x", "dims"], ["same"], name="/decoder/Reshape")]
+    branch = onnx.helper.make_graph(
+        nodes, "branch", [], [onnx.helper.make_tensor_value_info("same", onnx.TensorProto.FLOAT,
+                                                                 None)])
+    flag = b.op("Greater", b.op("ReduceSum", "x", keepdims=0), b.const(np.float32(0)))
+    z = b.op("If", flag, name="optimum::if", then_branch=branch, else_branch=branch)
+    m = b.model(X, {y: [1, 4, 4, 4], z: [1, 3, 4, 4]})
+    try:
+        onnx.shape_inference.infer_shapes(m, check_type=True, strict_mode=True, data_prop=True)
+        raise AssertionError("onnx's strict inference no longer fails here: drop the retry")
+    except onnx.shape_inference.InferenceError as exc:
+        assert "already exists" in str(exc)
+    out = prune_checked(m, tmp_path, ratio=0.5)
+    assert init_shapes(out.path)["c1.w"][0] == 4
+
+
+def test_a_model_whose_layers_are_all_in_a_subgraph(tmp_path):
+    """Nothing outside the ``If``: the error says where the layers are."""
+    b = Builder()
+    sub = _sub_builder(1)
+    inner = sub.conv("x", 3, 4, name="inner")
+    branch = sub.graph({}, {inner: [1, 4, 4, 4]})
+    flag = b.op("Greater", b.op("ReduceSum", "x", keepdims=0), b.const(np.float32(0)))
+    z = b.op("If", flag, name="merged", then_branch=branch, else_branch=branch)
+    path = tmp_path / "m.onnx"
+    onnx.save(b.model(X, {z: [1, 4, 4, 4]}), str(path))
+    with pytest.raises(NothingPrunableError, match="its layers are inside the subgraphs of If "
+                                                   "node 'merged', which SPA does not prune"):
+        prune(path, tmp_path / "out.onnx", PruneOptions(ratio=0.5))
+    assert not (tmp_path / "out.onnx").exists()

@@ -208,7 +208,7 @@ class CouplingAnalysis:
             rule = lookup(node.domain or "", node.op, opset)
             if rule is None:
                 unknown.add(node.name)
-            elif not _has_subgraph(node):
+            elif not has_subgraph(node):
                 rule(ctx)
             out[node.name] = ctx.result
         return out, unknown
@@ -282,7 +282,7 @@ class CouplingAnalysis:
             if any(fnmatch.fnmatchcase(node.name, pat) for pat in self.ignore):
                 freeze(names, lambda k, n=node: f"{n.op} node '{n.name}' is ignored (--ignore)")
                 continue
-            if _has_subgraph(node):
+            if has_subgraph(node):
                 why = f"{node.op} node '{node.name}' has subgraphs; channels entering them freeze"
                 freeze(names, lambda k, w=why: w)
             elif node.name in unknown:
@@ -363,7 +363,7 @@ def _unhandled_reason(node: gs.Node, coupling: NodeCoupling, key: SpaceKey) -> s
     return f"{node.op} node '{node.name}' does not map axis {key[1]} of '{key[0]}'"
 
 
-def _has_subgraph(node: gs.Node) -> bool:
+def has_subgraph(node: gs.Node) -> bool:
     return any(isinstance(v, gs.Graph) or (isinstance(v, list) and v
                                             and isinstance(v[0], gs.Graph))
                for v in node.attrs.values())

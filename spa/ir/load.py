@@ -620,8 +620,20 @@ def _with_contrib_shapes(inferred: onnx.ModelProto, strict: bool) -> onnx.ModelP
 
 
 def _infer(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
-    return onnx.shape_inference.infer_shapes(model, check_type=strict, strict_mode=strict,
-                                             data_prop=True)
+    """ONNX inference with data propagation (strict: conflicts raise). Strict inference with
+    data propagation fails on valid subgraphs: onnx 1.23 calls the ``then`` and ``else``
+    branches' nodes that share a name a conflict ("Data for input 0 already exists"; 🤗
+    Optimum's merged decoders, whose If holds the decoder with and without a cache). A model
+    with subgraphs is then valid when strict inference without data propagation passes, and
+    its shapes are the lenient inference's, with it."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=strict, strict_mode=strict,
+                                                 data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        if not strict or not any(_subgraphs(n) for n in model.graph.node):
+            raise
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=False)
+    return onnx.shape_inference.infer_shapes(model, data_prop=True)
 
 
 def weightless(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -23,7 +23,7 @@ from spa.calibration import Calibration, CalibrationOptions
 from spa.calibration.text import random_tokens
 from spa.calibration.text import with_tokenizer as text_tokenizer
 from spa.choices import AllocationMethod, HessianSource, Target
-from spa.coupling.analysis import Analysis, CouplingAnalysis, GroupKind
+from spa.coupling.analysis import Analysis, CouplingAnalysis, GroupKind, has_subgraph
 from spa.errors import NothingPrunableError, OptionError
 from spa.generation import decoder_feeds
 from spa.inputs import InputDims, resolve
@@ -436,6 +436,10 @@ def nothing_prunable(analysis: Analysis) -> str:
         return ("no prunable channel group in the model: its graph has no nodes (the outputs "
                 "are inputs or constants)")
     reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
+    holder = next((n for n in analysis.model.graph.nodes if has_subgraph(n)), None)
+    if not reasons and holder is not None:
+        return ("no prunable channel group in the model: its layers are inside the subgraphs of "
+                f"{holder.op} node '{holder.name}', which SPA does not prune")
     via = sorted({r for g in analysis.frozen_groups for r in g.via})[:1]
     return "no prunable channel group in the model" + (
         f" (e.g. {'; '.join(reasons)})" if reasons else "") + (
