@@ -9,7 +9,11 @@ A graph input's dim is fixed (an integer) or symbolic: a name (``height``) or, u
    or an image size (``imgsz``, ``image_size``, ``img_size``, ``input_size``: ``640`` or
    ``[640, 640]``, as Ultralytics writes) for the spatial dims of an input, height then width.
    Taken as given;
-3. its *kind*, from its name (``batch``, ``N``, ``bs`` …; ``height``, ``width``, ``h``, ``w``
+3. ``weight`` — a dim a layer contracts with a static weight dim, read straight from the
+   input: the channels of a Conv's input (the weight's input channels times its groups),
+   the last dim of a MatMul's or Gemm's (the weight's rows). No run has another size
+   (🤗 Optimum's ViT names its image channels ``num_channels``);
+4. its *kind*, from its name (``batch``, ``N``, ``bs`` …; ``height``, ``width``, ``h``, ``w``
    …; ``seq``, ``sequence_length``, ``S``, ``tokens`` …) or else from its position (axis 0:
    batch; the axes around a fixed channel count ≤ 4 of a rank-4 float input, NCHW or NHWC:
    spatial; axis 1 of a rank-2 integer input: sequence), gives a ladder of sizes::
@@ -165,6 +169,47 @@ def from_metadata(dims: Mapping[str, SymbolicDim], inputs: Sequence[gs.Tensor],
     return sizes
 
 
+def from_weights(inputs: Sequence[gs.Tensor]) -> dict[str, int]:
+    """Sizes a layer reading an input fixes: the length of the weight dim it contracts with
+    the input's (a Conv's input channels, a MatMul's or Gemm's inner dim), by dim key. Dims
+    that two layers would size differently are left out."""
+    found: dict[str, set[int]] = {}
+    for t in inputs:
+        shape = list(t.shape or ())
+        for node, x in _readers(t):
+            axis, length = _contracted(node, x, len(shape))
+            key = dim_key(t.name, axis, shape[axis]) if axis is not None else None
+            if key is not None and length:
+                found.setdefault(key, set()).add(length)
+    return {k: lengths.pop() for k, lengths in found.items() if len(lengths) == 1}
+
+
+def _readers(t: gs.Tensor, depth: int = 0) -> Iterator[tuple[gs.Node, gs.Tensor]]:
+    """The nodes reading ``t``, or reading it through Casts and Identities (CLIP casts its
+    pixels to the convolution's type first), each with the tensor it reads."""
+    for node in t.outputs if isinstance(t, gs.Variable) and depth < 4 else ():
+        if node.op in ("Cast", "Identity") and node.outputs:
+            yield from _readers(node.outputs[0], depth + 1)
+        else:
+            yield node, t
+
+
+def _contracted(node: gs.Node, x: gs.Tensor, rank: int) -> tuple[int | None, int]:
+    """(axis of ``x``, length) that ``node``'s constant weight contracts ``x`` with; (None, 0)
+    when it has none."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if node.inputs[0] is not x or not isinstance(w, gs.Constant) or rank < 2:
+        return None, 0
+    shape = w.shape
+    if node.op == "Conv" and len(shape) == rank:
+        return 1, int(shape[1]) * int(node.attrs.get("group", 1))
+    if node.op == "MatMul" and len(shape) >= 2:
+        return rank - 1, int(shape[-2])
+    if node.op == "Gemm" and rank == 2 and len(shape) == 2 and not node.attrs.get("transA", 0):
+        return 1, int(shape[1 if node.attrs.get("transB", 0) else 0])
+    return None, 0
+
+
 def _ints(text: str) -> list[int]:
     values = [int(v) for v in re.findall(r"\d+", text)]
     return values if values and all(v > 0 for v in values) and len(values) <= 3 else []
@@ -179,6 +224,9 @@ def resolve(inputs: Sequence[gs.Tensor], metadata: Mapping[str, str],
     for k, n in from_metadata(dims, inputs, metadata).items():
         if k not in sizes:
             sizes[k], how[k] = n, "metadata"
+    for k, n in from_weights(inputs).items():
+        if k in dims and k not in sizes:
+            sizes[k], how[k] = n, "weight"
     open_dims = [d for k, d in dims.items() if k not in sizes]
     found = _climb(open_dims, sizes, probe) if any(len(d.kind.ladder) > 1 for d in open_dims) \
         else {d.key: d.kind.ladder[0] for d in open_dims}

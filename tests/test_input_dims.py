@@ -143,6 +143,31 @@ def test_attention_with_a_baked_in_mask_finds_its_sequence_length(tmp_path, capf
     assert init_shapes(tmp_path / "p.onnx")["fc1.w"] == (8, 16)
 
 
+def _vit_stem() -> onnx.ModelProto:
+    """🤗 Optimum's ViT inputs: ``pixel_values [batch_size, num_channels, height, width]``,
+    cast before the patch embedding (as CLIP's is); a linear layer on ``features [N, K]``."""
+    b = Builder()
+    x = b.op("Cast", "pixel_values", to=TensorProto.FLOAT)
+    y = b.conv(b.op("Relu", b.conv(x, 3, 8, k=4, strides=[4, 4], pads=[0] * 4, name="patch")),
+               8, 4, k=1, name="c2")
+    z = b.op("MatMul", b.op("Relu", b.op("MatMul", "features", b.weight(6, 8, name="fc1.w"))),
+             b.weight(8, 2, name="fc2.w"))
+    return b.model({"pixel_values": ["batch_size", "num_channels", "height", "width"],
+                    "features": ["N", "K"]},
+                   {y: ["batch_size", 4, None, None], z: ["N", 2]})
+
+
+def test_dims_a_weight_contracts_take_its_length(tmp_path, capfd):
+    """``num_channels`` is what the patch embedding's weight reads (3), ``K`` what the first
+    MatMul's does (6): no run has another size, so neither is searched (the ladder of an
+    unknown dim, 1, 8, 32, 128, holds neither)."""
+    code, report = _prune(tmp_path, _vit_stem())
+    assert code == ExitCode.OK
+    assert _dims_reported(report) == {
+        "batch_size": (1, "name"), "num_channels": (3, "weight"), "height": (32, "name"),
+        "width": (32, "name"), "N": (1, "name"), "K": (6, "weight")}
+
+
 def test_no_size_runs_the_model_one_line_exit_2(tmp_path, capfd):
     code, _ = _prune(tmp_path, _fixed_5x5())
     assert code == ExitCode.BAD_INPUT
