@@ -127,6 +127,22 @@ def test_slice_channels(tmp_path, case):
     assert start == sum(r < lo for r in rows) and end - start == len(inside)
 
 
+def test_slice_by_a_run_time_bound_passes_the_other_axes(tmp_path):
+    """``c[:, :, :h // 2]`` with ``h`` read at run time (T5's relative position bias is cut so,
+    ``bias[:, :, -length:, :]``, and its heads pass): the bound is not known, but the axes the
+    Slice does not cut pass unchanged, so c1's channels prune with c2's input."""
+    b = Builder()
+    x = b.stem("x", 3, 8)
+    half = b.op("Div", b.op("Slice", b.op("Shape", "x"), b.const([2]), b.const([3])),
+                b.const([2]))
+    cut = b.op("Slice", x, b.const([0]), half, b.const([2]), name="cut")
+    y = b.conv(cut, 8, 4, name="c2")
+    m = b.model({"x": [1, 3, "h", 4]}, {y: [1, 4, None, 4]})
+    assert group_of(m, "c1.w", 0).prunable
+    out = prune_checked(m, tmp_path, ratio=0.5, dims={"h": 6})
+    assert init_shapes(out.path)["c1.w"][0] == 4 and init_shapes(out.path)["c2.w"][1] == 4
+
+
 def test_slice_step_2_on_channels_freezes(tmp_path):
     b = Builder()
     x = b.stem("x", 3, 8)

@@ -175,6 +175,9 @@ def slice_(ctx: NodeContext) -> None:
     x, y, rank = io
     params = _slice_params(ctx, rank)
     if params is None:
+        sliced = _sliced_axes(ctx, rank)
+        if sliced is not None:  # bounds read at run time, on known axes: the others pass
+            ctx.same_axes([(x, y)], skip=sliced)
         return
     ctx.same_axes([(x, y)], skip=[p[0] for p in params])
     coupled = [ctx.offset(ctx.space(y, ax), ctx.space(x, ax), s)
@@ -185,6 +188,23 @@ def slice_(ctx: NodeContext) -> None:
                         ctx.space(y, ax))
     if any(coupled):
         ctx.on_rewrite(_slice_hook(ctx.opset, x.name, y.name, params))
+
+
+def _sliced_axes(ctx: NodeContext, rank: int) -> list[int] | None:
+    """The axes a Slice cuts when its ``axes`` are constant (or absent: the first as many as
+    it has starts), whatever its bounds; None when they are not known. T5's relative position
+    bias, ``bias[:, :, -length:, :]``, cuts its positions by a length read at run time, and its
+    heads pass unchanged."""
+    if ctx.opset < 10:
+        axes = ctx.attr_ints("axes")
+        return [a % rank for a in axes] if axes else None
+    axes_t = ctx.input(3)
+    if axes_t is not None:
+        axes = ctx.const_ints(axes_t)
+        return None if axes is None else [a % rank for a in axes]
+    starts = ctx.shape(ctx.input(1))
+    count = starts[0] if starts is not None and len(starts) == 1 else None
+    return None if count is None else list(range(min(count, rank)))
 
 
 def _slice_hook(opset: int, x_name: str, y_name: str, params: list[tuple[int, int, int, int]]):
