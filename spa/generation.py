@@ -19,8 +19,10 @@ says why, and the check is reported as not run.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -100,6 +102,50 @@ def signature_change(analysis: Analysis, plan: Plan) -> SignatureChange:
             if key in kept:
                 side[key[0]] = (key[1], kept[key], analysis.lengths[key])
     return change
+
+
+#: Where a 🤗 Transformers ``config.json`` states the key/value heads, by architecture.
+KV_HEADS_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
+HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads")  # when the KV heads are these
+
+
+def config_mismatch(model_path: str | None, change: SignatureChange) -> str | None:
+    """What a ``config.json`` beside the input (a 🤗 Optimum or Transformers folder) says
+    that the pruned caches no longer match, for a warning; None when nothing is amiss.
+    Optimum's ``ORTModelForCausalLM`` makes the first step's empty caches from the config's
+    key/value head count, so the pruned decoder would not run under it until the count is
+    updated; layers that keep different counts cannot be described by one."""
+    if model_path is None or not change.inputs:
+        return None
+    path = Path(model_path).parent / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    key = next((k for k in KV_HEADS_KEYS if k in config), None)
+    heads = next((k for k in HEADS_KEYS if k in config), None)
+    kept = sorted({len(k) for name, (_, k, _) in change.inputs.items() if name in change.caches})
+    if not kept or (key is None and heads is None):
+        return None
+    if key is None:
+        counts = kept[0] if len(kept) == 1 else kept
+        return (f"{path} states {heads}={config[heads]} and no key/value head count, and the "
+                f"pruned caches have {counts} heads: runtimes that size the caches from the "
+                f"config (🤗 Optimum's ORTModelForCausalLM, which derives the head size from "
+                f"{heads} too) cannot run the pruned model; no edit of the config fixes that")
+    if len(kept) > 1:
+        return (f"{path} states one {key} ({config[key]}) for every layer, but the pruned "
+                f"layers keep {kept} key/value heads: runtimes that size the caches from it "
+                "(🤗 Optimum's ORTModelForCausalLM) cannot run the model; prune heads by one "
+                "ratio in every layer (uniform allocation)")
+    if config[key] == kept[0]:
+        return None
+    return (f"{path} states {key}={config[key]}, but the pruned caches have {kept[0]} "
+            "key/value heads: runtimes that size the caches from it (🤗 Optimum's "
+            f"ORTModelForCausalLM does for Llama-like models) need {key}={kept[0]} in the config "
+            "beside the pruned model")
 
 
 def decoder_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -288,3 +288,26 @@ def test_the_tokenizer_saved_beside_the_model(tmp_path, gpt2):
     alone = tmp_path / "alone.onnx"
     assert main(["prune", str(gpt2), "-o", str(alone), *args]) == ExitCode.BAD_INPUT
     assert not alone.exists()
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"num_key_value_heads": 2}, "states num_key_value_heads=2, but the pruned caches have 1 "
+                                 "key/value heads"),
+    ({"num_attention_heads": 2}, "states num_attention_heads=2 and no key/value head count, "
+                                 "and the pruned caches have 1 heads"),
+    ({"num_key_value_heads": 1}, None),
+], ids=["kv-count", "heads-only", "agrees"])
+def test_a_config_beside_the_decoder_that_the_pruned_caches_contradict(tmp_path, caplog, config,
+                                                                       words):
+    """🤗 Optimum's ``ORTModelForCausalLM`` makes the first step's empty caches from the
+    ``config.json`` beside the decoder: a pruned model whose caches lost heads is said not to
+    run under it until the count there agrees (or at all, when the config has only a head
+    count, from which Optimum also derives the head size)."""
+    path = decoder_onnx(tmp_path / "llama.onnx", "Llama",
+                        **{**LLAMA_WIDTHS, "num_key_value_heads": 2})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = prune_checked(path, tmp_path, heads_ratio=0.5, mlp_ratio=0.5,
+                        dims={"batch": 2, "sequence": 3, "past": 4, "total": 7})
+    assert out.report.signature_changes
+    found = [r.getMessage() for r in caplog.records if "config.json" in r.getMessage()]
+    assert [words in m for m in found] == ([True] if words else [])

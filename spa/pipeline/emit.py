@@ -26,7 +26,7 @@ from spa.calibration import Calibration
 from spa.choices import HessianSource
 from spa.coupling.analysis import Analysis
 from spa.errors import OptionError
-from spa.generation import SignatureChange, signature_change
+from spa.generation import SignatureChange, config_mismatch, signature_change
 from spa.ir import to_onnx
 from spa.ir.load import import_graph, load_model, with_contrib_shapes
 from spa.ir.save import (
@@ -226,6 +226,9 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
             write_proto(pruned, stage.model_path)
         out = stage.commit()
     t3 = time.perf_counter()
+    mismatch = config_mismatch(str(loaded.path) if loaded.path else None, change)
+    if mismatch is not None:
+        log.warning("%s", mismatch)
     pred = the_plan.prediction
     return PruneReport(
         input=str(loaded.path or "<memory>"), output=str(out),
