@@ -44,6 +44,7 @@ import numpy.typing as npt
 import onnx_graphsurgeon as gs
 
 from spa.errors import InputDimsError
+from spa.ir.load import contracted_axes
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +204,12 @@ def _contracted(node: gs.Node, x: gs.Tensor, rank: int) -> tuple[int | None, int
     shape = w.shape
     if node.op == "Conv" and len(shape) == rank:
         return 1, int(shape[1]) * int(node.attrs.get("group", 1))
-    if node.op == "MatMul" and len(shape) >= 2:
-        return rank - 1, int(shape[-2])
-    if node.op == "Gemm" and rank == 2 and len(shape) == 2 and not node.attrs.get("transA", 0):
-        return 1, int(shape[1 if node.attrs.get("transB", 0) else 0])
-    return None, 0
+    axes = contracted_axes(node)
+    if axes is None or len(shape) < 2:
+        return None, 0  # no product by a matrix
+    if node.op == "Gemm" and (rank != 2 or len(shape) != 2 or axes[0] != 1):
+        return None, 0  # a Gemm reading x transposed
+    return axes[0] % rank, int(shape[axes[1]])
 
 
 def _ints(text: str) -> list[int]:

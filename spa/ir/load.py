@@ -421,17 +421,11 @@ def _fill_contracted_dims(graph: gs.Graph) -> bool:
 
     for node in graph.nodes:
         a, b = ([*node.inputs[:2], gs.Variable("")])[:2]
-        if (node.domain or "") not in ("", "ai.onnx") or not (a.name and b.name):
+        axes = contracted_axes(node)
+        if (node.domain or "") not in ("", "ai.onnx") or not (a.name and b.name) or axes is None:
             continue
-        if node.op == "MatMul":
-            b_k = -2 if len(b.shape or ()) >= 2 else 0
-            require(a, -1, b, b_k)
-            require(b, b_k, a, -1)
-        elif node.op == "Gemm":
-            a_k = 0 if int(node.attrs.get("transA", 0)) else 1
-            b_k = 1 if int(node.attrs.get("transB", 0)) else 0
-            require(a, a_k, b, b_k)
-            require(b, b_k, a, a_k)
+        require(a, axes[0], b, axes[1])
+        require(b, axes[1], a, axes[0])
     filled = False
     for (name, axis), lengths in found.items():
         if len(lengths) == 1:
@@ -440,6 +434,17 @@ def _fill_contracted_dims(graph: gs.Graph) -> bool:
             tensors[name].shape = shape
             filled = True
     return filled
+
+
+def contracted_axes(node: gs.Node) -> tuple[int, int] | None:
+    """The axes of input 0 and input 1 a MatMul or Gemm sums over (a MatMul by a vector sums
+    its only axis); None for any other op."""
+    if node.op == "MatMul" and len(node.inputs) > 1:
+        return -1, -2 if len(node.inputs[1].shape or ()) >= 2 else 0
+    if node.op == "Gemm":
+        return (0 if int(node.attrs.get("transA", 0)) else 1,
+                1 if int(node.attrs.get("transB", 0)) else 0)
+    return None
 
 
 def _static_dim(d: object) -> int | None:

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 
 from spa.coupling.registry import register
 from spa.coupling.rules.shape import fixed_entry, rewrite_literals, unreadable_shape
+from spa.coupling.rules.slicing import new_const
 from spa.coupling.types import Role
 from spa.ir.shapevalue import DimRef, Lit, shape_entries
 
@@ -96,8 +97,7 @@ def _renumber_hook(source: SpaceKey, picked: SpaceKey | None, picks: list[int],
             else np.asarray(picks)
         renumbered = np.searchsorted(kept.kept(source), chosen)
         shape = () if picked is None else renumbered.shape
-        node.inputs[1] = gs.Constant(f"{node.name}__spa_indices",
-                                     renumbered.astype(dtype).reshape(shape))
+        node.inputs[1] = new_const(node, "indices", renumbered.reshape(shape), dtype=dtype)
 
     return hook
 

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from spa.coupling.types import KeptLookup
 
 
-def _new_const(node: gs.Node, label: str, values: list[int] | np.ndarray, dtype=np.int64
-               ) -> gs.Constant:
+def new_const(node: gs.Node, label: str, values: list[int] | np.ndarray, dtype=np.int64
+              ) -> gs.Constant:
     return gs.Constant(f"{node.name}__spa_{label}", np.asarray(values, dtype=dtype))
 
 
@@ -126,7 +126,7 @@ def _split_hook(opset: int, out_keys: list[tuple[str, int]]):
         sizes = [kept.count(k) for k in out_keys]
         if opset >= 13:
             node.attrs.pop("num_outputs", None)
-            _set_input(node, 1, _new_const(node, "split", sizes))
+            _set_input(node, 1, new_const(node, "split", sizes))
         else:
             node.attrs["split"] = sizes
 
@@ -219,8 +219,8 @@ def _slice_hook(opset: int, x_name: str, y_name: str, params: list[tuple[int, in
             axes.append(ax)
             steps.append(step)
         if opset >= 10:
-            new = [_new_const(node, "starts", starts), _new_const(node, "ends", ends),
-                   _new_const(node, "axes", axes), _new_const(node, "steps", steps)]
+            new = [new_const(node, "starts", starts), new_const(node, "ends", ends),
+                   new_const(node, "axes", axes), new_const(node, "steps", steps)]
             for i, const in enumerate(new, start=1):
                 _set_input(node, i, const)
         else:
@@ -312,6 +312,6 @@ def _resize_hook(out_keys: list[tuple[str, int]], sizes: list[int]):
         new = list(sizes)
         for key in out_keys:
             new[key[1]] = kept.count(key)
-        node.inputs[3] = _new_const(node, "sizes", new)
+        node.inputs[3] = new_const(node, "sizes", new)
 
     return hook
