@@ -518,3 +518,17 @@ def _make_plan(analysis: Analysis, keep: dict[int, np.ndarray], recipe: Recipe |
                     for g in analysis.prunable_groups if g.id in unscored)
     return Plan(analysis.fingerprint, tuple(groups), frozen, None, recipe)
 
+
+
+def with_keep(analysis: Analysis, plan: Plan, keep: Mapping[int, np.ndarray]) -> Plan:
+    """``plan`` with the groups of ``keep`` keeping those channels instead (another file of the
+    same model decided them: spa/pipeline/family.py), its prediction counted again."""
+    groups = tuple(GroupPlan(gp.id, gp.name, gp.size, tuple(int(i) for i in keep[gp.id]))
+                   if gp.id in keep else gp for gp in plan.groups)
+    cost = CostModel(analysis.model.graph, analysis.model.ties)
+    before = Counts(analysis.model.params, cost.count().flops)
+    moved = Plan(plan.fingerprint, groups, plan.frozen, None, plan.recipe, plan.dropped)
+    after = cost.count(kept_indices(analysis, moved))
+    return Plan(plan.fingerprint, groups, plan.frozen,
+                Prediction(before.params, after.params, before.flops, after.flops),
+                plan.recipe, plan.dropped)

@@ -19,14 +19,15 @@ from spa import pipeline
 from spa.coupling.analysis import Analysis
 from spa.ir.load import LoadedModel
 from spa.pipeline import CheckOptions, PruneOptions, PruneReport
+from spa.pipeline.family import FamilyReport, prune_together
 from spa.pipeline.genai import decoder_of, is_genai_folder, prune_folder
 from spa.plan import Plan
 
 PathLike = str | os.PathLike[str]
 ModelLike = PathLike | onnx.ModelProto | LoadedModel
 
-__all__ = ["CheckOptions", "PruneOptions", "PruneReport", "analyze", "apply", "dry_run", "plan",
-           "prune"]
+__all__ = ["CheckOptions", "FamilyReport", "PruneOptions", "PruneReport", "analyze", "apply",
+           "dry_run", "plan", "prune", "prune_family"]
 
 
 def analyze(model: ModelLike, *, ignore: tuple[str, ...] = (), hidden: bool = False
@@ -86,3 +87,12 @@ def apply(model: ModelLike, plan_file: PathLike | Plan, output: PathLike,
     """Apply a saved plan; the analysis runs with the options the plan was made with."""
     the_plan = plan_file if isinstance(plan_file, Plan) else Plan.load(plan_file)
     return pipeline.apply(model, the_plan, output, checks)
+
+
+@_gc_paused
+def prune_family(folder: PathLike, output: PathLike, options: PruneOptions = PruneOptions(),
+                 checks: CheckOptions = CheckOptions()) -> FamilyReport:
+    """Prune the ONNX files of one model in ``folder`` together (a 🤗 Optimum seq2seq export:
+    the decoders' caches and shared weights lose the same channels) into the folder
+    ``output`` (spa/pipeline/family.py)."""
+    return prune_together(folder, output, options, checks)

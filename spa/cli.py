@@ -261,9 +261,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if not getattr(args, "dry_run", False):
         paths.append(args.output)
     paths = [p for p in paths if p]
-    from spa.pipeline.genai import is_genai_folder
-
-    folder = args.output if is_genai_folder(args.model) else None  # checked as a folder there
+    folder = args.output if Path(args.model).is_dir() else None  # checked as a folder there
     for p in paths:
         if p is not folder:
             check_output_path(p, input_path=Path(args.model))
@@ -310,11 +308,13 @@ def _prune(args: argparse.Namespace) -> int:
 
     options = from_args(PruneOptions, args)
     _check_outputs(args)
+    from spa.pipeline.genai import is_genai_folder
+
+    if os.path.isdir(args.model) and not is_genai_folder(args.model):
+        return _prune_family(args, options)
     if args.dry_run:
         return _dry_run(args, options)
     if args.recover:
-        from spa.pipeline.genai import is_genai_folder
-
         if is_genai_folder(args.model):
             raise OptionError("--recover distils one ONNX file: prune the folder, then recover "
                               "its decoder file")
@@ -322,6 +322,41 @@ def _prune(args: argparse.Namespace) -> int:
     report, the_plan = prune(args.model, args.output, options, _checks(args),
                              plan_path=args.plan)
     return _finish(args, report, the_plan)
+
+
+def _prune_family(args: argparse.Namespace, options) -> int:
+    """``spa prune folder/ -o out/``: the ONNX files of one model, pruned together
+    (spa/pipeline/family.py)."""
+    from spa.api import prune_family
+    from spa.report import report_notes, report_table, write_text_atomic
+
+    refused = [flag for flag, given in (("--dry-run", args.dry_run), ("--plan", args.plan),
+                                        ("--report-html", args.report_html),
+                                        ("--recover", args.recover)) if given]
+    if refused:
+        raise OptionError(f"{', '.join(refused)}: not for a folder of ONNX files (they are "
+                          "pruned together, each with its own plan); prune one file to use "
+                          f"{'them' if len(refused) > 1 else 'it'}")
+    family = prune_family(args.model, args.output, options, _checks(args))
+    if args.report:
+        write_text_atomic(args.report, json.dumps(family.to_dict(), indent=1) + "\n")
+    for name, why in family.skipped.items():
+        _note(args, f"{name}: {why}")
+    for text in family.kept_whole:
+        _note(args, text)
+    for report in family.reports.values():
+        for note in report_notes(report):
+            _note(args, note)
+    if args.json:
+        print(json.dumps(family.to_dict(), indent=1))
+        return int(ExitCode.OK)
+    for name, report in family.reports.items():
+        print(f"{name}:")
+        print(report_table(report))
+    print(f"{family.ties} channel spaces tied between files; {family.followed} groups follow "
+          "another file's")
+    print(f"wrote {family.output}")
+    return int(ExitCode.OK)
 
 
 def _prune_and_recover(args: argparse.Namespace, options) -> int:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from spa.errors import ValidationError
+from spa.errors import PlanMismatchError, ValidationError
 from spa.inputs import dim_key
 from spa.plan import kept_indices
 from spa.validate import ORT_TYPES
@@ -101,6 +101,15 @@ def signature_change(analysis: Analysis, plan: Plan) -> SignatureChange:
         for key, side in ((past, change.inputs), (present, change.outputs)):
             if key in kept:
                 side[key[0]] = (key[1], kept[key], analysis.lengths[key])
+    inputs = {t.name for t in analysis.model.graph.inputs}
+    for key in sorted(k for k in kept if k[0] in analysis.free):  # another file's caches
+        side = change.inputs if key[0] in inputs else change.outputs
+        if key[0] in side and side[key[0]][0] == key[1]:
+            continue  # a KV-cache pair of this file too
+        if key[0] in side:
+            raise PlanMismatchError(f"the plan narrows two axes of '{key[0]}', which another "
+                                    "file of the model reads or writes")
+        side[key[0]] = (key[1], kept[key], analysis.lengths[key])
     return change
 
 

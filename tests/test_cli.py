@@ -117,8 +117,13 @@ def test_bad_model_files(model_path: Path, tmp_path: Path, capsys, content, expe
 
 
 def test_directory_as_model_and_as_output(model_path: Path, tmp_path: Path, capsys) -> None:
+    # a folder is the files of one model (spa/pipeline/family.py), pruned into another folder
     assert main(["prune", str(tmp_path), "-o", str(tmp_path / "o.onnx")]) == ExitCode.BAD_INPUT
-    assert "is a directory" in _err(capsys)
+    assert "cannot be in the input folder" in _err(capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["prune", str(empty), "-o", str(tmp_path / "o")]) == ExitCode.BAD_INPUT
+    assert "is a directory with no ONNX file in it" in _err(capsys)
     assert main(["prune", str(model_path), "-o", str(tmp_path)]) == ExitCode.BAD_INPUT
     assert "output path is a directory" in _err(capsys)
     missing = tmp_path / "nowhere" / "o.onnx"

@@ -116,6 +116,9 @@ class Analysis:
     space_graph: nx.Graph = field(repr=False)
     # KV-cache pairs (past graph input, present graph output) that may lose heads.
     kv_cache: tuple[KVCache, ...] = ()
+    # Graph inputs and outputs another file of the same model writes or reads (a seq2seq
+    # decoder's caches: spa/pipeline/family.py), which may lose channels as that file's do.
+    free: tuple[str, ...] = ()
 
     @property
     def prunable_groups(self) -> list[Group]:
@@ -130,12 +133,15 @@ class CouplingAnalysis:
     """The analysis pass: ``CouplingAnalysis(ignore=[...]).run(model) -> Analysis``."""
 
     def __init__(self, *, ignore: Sequence[str] = (), hidden: bool = False,
-                 frozen_tensors: Mapping[str, str] | None = None):
+                 frozen_tensors: Mapping[str, str] | None = None, free: Sequence[str] = ()):
         self.ignore = tuple(ignore)
         self.hidden = hidden
         # Tensors a caller cannot follow (the PyTorch front end: a constant with no parameter
         # behind it), each with the reason; every live axis of them freezes.
         self.frozen_tensors = dict(frozen_tensors or {})
+        # Graph inputs and outputs whose shape may change (every axis): a caller that prunes
+        # the file reading or writing them alike (spa/pipeline/family.py) asks for it.
+        self.free = tuple(free)
 
     def run(self, model: LoadedModel) -> Analysis:
         ensure_loaded()
@@ -144,6 +150,9 @@ class CouplingAnalysis:
         couplings, unknown = self._apply_rules(graph, nodes, model.opset)
         caches, refused = kv_cache_pairs(graph, couplings)
         exempt = {k for c in caches for k in (c.past, c.present)}
+        signature = {t.name: t for t in (*graph.inputs, *graph.outputs)}
+        exempt.update((name, axis) for name in self.free if name in signature
+                      for axis in range(len(signature[name].shape or ())))
         roles, lengths = self._roles_and_lengths(graph, couplings)
         space_graph = nx.Graph()
         candidates = []
@@ -186,7 +195,8 @@ class CouplingAnalysis:
         return Analysis(model=model, groups=tuple(groups), lengths=lengths, roles=roles,
                         frozen_spaces={k: tuple(sorted(v)) for k, v in frozen.items()},
                         hooks=hooks, fingerprint=fingerprint(graph), space_graph=space_graph,
-                        kv_cache=caches)
+                        kv_cache=caches,
+                        free=tuple(name for name in self.free if name in signature))
 
     def _apply_rules(self, graph: gs.Graph, nodes: list[gs.Node], opset: int
                      ) -> tuple[dict[str, NodeCoupling], set[str]]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +146,43 @@ def known_dims(model: onnx.ModelProto,
             if value is not None and not dim.HasField("dim_value"):
                 dim.dim_value = value
     return model
+
+
+def check_output_folder(out: Path) -> None:
+    """Reject an output folder that cannot be written (it must be absent or empty, its parent
+    must exist) before any work is done."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputPathError(f"{out}: exists and is not an empty directory")
+    if not out.parent.is_dir():
+        raise OutputPathError(f"{out}: parent directory {out.parent} does not exist")
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed into place when the block ends and removed
+    when it raises: a failed run leaves nothing half-written (``out``: absent or empty)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private; the folder is the user's
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def external_data_files(model: onnx.ModelProto) -> set[str]:
+    """The file names ``model``'s initializers keep their data in."""
+    return {e.value for t in model.graph.initializer for e in t.external_data
+            if e.key == "location"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_output_path(out: str | os.PathLike[str], *, input_path: Path | None,

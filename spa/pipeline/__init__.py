@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 
+from spa.calibration import Calibration
 from spa.choices import Target
 from spa.coupling.analysis import Analysis
 from spa.generation import cache_sizes
@@ -43,8 +44,9 @@ from spa.plan import Plan
 from spa.report import write_text_atomic
 
 log = logging.getLogger(__name__)
-__all__ = ["CheckOptions", "Planned", "PruneOptions", "PruneReport", "SaliencySource",
-           "analyse", "apply", "dry_run", "emit", "make_plan", "plan", "prune"]
+__all__ = ["CheckOptions", "Planned", "Prepared", "PruneOptions", "PruneReport",
+           "SaliencySource", "analyse", "apply", "dry_run", "emit", "finish", "make_plan", "plan",
+           "prepare", "prune"]
 
 
 def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
@@ -71,7 +73,34 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
     t0 = time.perf_counter()
     loaded = load(model)
     check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
-    analysis = analyse(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None)
+    loading = time.perf_counter() - t0
+    prepared = prepare(loaded, options, checks)
+    prepared.seconds["load_analyze"] += loading
+    return finish(model, prepared, output, plan_path=plan_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A model analysed and planned, not yet written: what :func:`finish` emits. ``seconds``:
+    the stages' times so far."""
+
+    analysis: Analysis
+    planned: Planned
+    options: PruneOptions
+    checks: CheckOptions
+    calib: Calibration | None
+    dims_sizes: dict[str, int]
+    dims_from: dict[str, str]
+    seconds: dict[str, float]
+
+
+def prepare(loaded: LoadedModel, options: PruneOptions, checks: CheckOptions, *,
+            free: tuple[str, ...] = ()) -> Prepared:
+    """Analyse → input sizes → calibration → plan (``free``: graph inputs and outputs that may
+    change shape, spa/pipeline/family.py)."""
+    t0 = time.perf_counter()
+    analysis = analyse(loaded, ignore=options.ignore, hidden=options.hidden_ratio is not None,
+                       free=free)
     t1 = time.perf_counter()
     given, cached = dict(options.input_dims) | dict(checks.input_dims), cache_sizes(analysis)
     dims = input_sizes(analysis, cached | given, makes_inputs(options, checks))
@@ -84,13 +113,28 @@ def prune(model: ModelLike, output: PathLike, options: PruneOptions = PruneOptio
                         dims=dict(options.input_dims))
     t_dims = time.perf_counter()
     planned = make_plan(analysis, options, calib=calib)
+    t2 = time.perf_counter()
+    return Prepared(analysis, planned, options, checks, calib, dims.sizes,
+                    _how(dims.how, cached, given),
+                    {"load_analyze": t1 - t0, "input_sizes": t_dims - t1, "plan": t2 - t_dims})
+
+
+def finish(model: ModelLike, prepared: Prepared, output: PathLike, *,
+           plan_path: PathLike | None = None) -> tuple[PruneReport, Plan]:
+    """Save the plan (``plan_path``), rewrite, save and validate a model :func:`prepare` made;
+    a missed latency target is planned and emitted once more."""
+    t_start = time.perf_counter()
+    analysis, planned, options, checks = (prepared.analysis, prepared.planned,
+                                          prepared.options, prepared.checks)
+    calib = prepared.calib
     if plan_path is not None:
         write_text_atomic(plan_path, planned.plan.to_json() + "\n")
-    t2 = time.perf_counter()
+    seconds = dict(prepared.seconds)
+    seconds["plan"] += time.perf_counter() - t_start
     report = emit(analysis, planned.plan, output, checks, statistics=planned.statistics,
                   calib=calib, memory=options.calib_memory)
-    report.seconds.update(load_analyze=t1 - t0, input_sizes=t_dims - t1, plan=t2 - t_dims)
-    report.input_dims, report.input_dims_from = dims.sizes, _how(dims.how, cached, given)
+    report.seconds.update(seconds)
+    report.input_dims, report.input_dims_from = prepared.dims_sizes, prepared.dims_from
     if planned.latency is not None:
         report.latency_target = planned.latency.summary()
         again = _retry_latency(model, output, options, checks, calib, planned, report)

@@ -28,13 +28,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import onnx
 
-from spa.errors import InvalidModelError, OptionError, OutputPathError
+from spa.errors import InvalidModelError, OptionError
+from spa.ir.save import check_output_folder, external_data_files, staged_folder
 
 if TYPE_CHECKING:
     from spa.pipeline import CheckOptions, PruneOptions, PruneReport
@@ -139,10 +139,7 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     from spa.pipeline import prune
 
     src, out = Path(folder), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputPathError(f"{out}: exists and is not an empty directory")
-    if not out.parent.is_dir():
-        raise OutputPathError(f"{out}: parent directory {out.parent} does not exist")
+    check_output_folder(out)
     if options.hidden_ratio is not None:
         raise OptionError("hidden-size pruning of an onnxruntime-genai folder is not supported "
                           "(its config and embedding would change with it)")
@@ -151,9 +148,8 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     header = onnx.load(str(src / name), load_external_data=False)
     past_key = cache_patterns(config)[0]
     check_config(src, config, Heads.of(header, past_key))
-    skip = {CONFIG, name, *_data_files(header)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    skip = {CONFIG, name, *external_data_files(header)}
+    with staged_folder(out) as tmp:
         report, the_plan = prune(src / name, tmp / name, options, checks, plan_path=plan_path)
         pruned = onnx.load(str(tmp / name), load_external_data=False)
         renamed = renumber_caches(pruned, config)
@@ -168,13 +164,6 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         for f in sorted(src.iterdir()):
             if f.name not in skip:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private; the folder is the user's
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.output = str(out)
     return report, the_plan
 
@@ -212,14 +201,3 @@ def cache_patterns(config: dict) -> list[str]:
     """The config's KV-cache name patterns (past key, past value, present key, present value)."""
     d = _decoder(config)
     return [d.get(side, {}).get(key, default) for side, key, default in _CACHE_NAMES]
-
-
-def _data_files(model: onnx.ModelProto) -> set[str]:
-    return {e.value for t in model.graph.initializer for e in t.external_data
-            if e.key == "location"}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -101,10 +101,12 @@ def load(model: ModelLike) -> LoadedModel:
 
 
 def analyse(model: LoadedModel, *, ignore: tuple[str, ...] = (), hidden: bool = False,
-            frozen_tensors: Mapping[str, str] | None = None) -> Analysis:
-    """Coupling analysis; ``hidden`` also makes the residual stream (hidden size) prunable."""
-    return CouplingAnalysis(ignore=ignore, hidden=hidden,
-                            frozen_tensors=frozen_tensors).run(model)
+            frozen_tensors: Mapping[str, str] | None = None, free: tuple[str, ...] = ()
+            ) -> Analysis:
+    """Coupling analysis; ``hidden`` also makes the residual stream (hidden size) prunable;
+    ``free``: graph inputs and outputs that may change shape (spa/pipeline/family.py)."""
+    return CouplingAnalysis(ignore=ignore, hidden=hidden, frozen_tensors=frozen_tensors,
+                            free=free).run(model)
 
 
 def makes_inputs(options: PruneOptions, checks: CheckOptions | None) -> bool:

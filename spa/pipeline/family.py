@@ -1,0 +1,364 @@
+"""The files of one model, pruned together: ``spa prune folder/ -o out_folder/``.
+
+🤗 Optimum exports a seq2seq model (T5, BART, Marian, …) as several ONNX files:
+``encoder_model.onnx``; ``decoder_model.onnx``, the first step, which writes the caches
+(``present.N.decoder.key``, ``present.N.encoder.key``, …); ``decoder_with_past_model.onnx``, the
+steps after, which reads them back (``past_key_values.N.…``); and ``decoder_model_merged.onnx``,
+the two decoders as the branches of one ``If``. Pruned one by one, the with-past decoder loses
+cache heads that the first-step decoder keeps (its caches are plain graph outputs there), and
+the two no longer run together. A folder of ONNX files (no ``genai_config.json``: that is an
+onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
+
+* **Tensors between files.** A graph output of one file that another file reads as an input
+  (``present.X`` → ``past_key_values.X`` or ``past.X``) may change shape in both
+  (:class:`~spa.coupling.analysis.CouplingAnalysis` ``free``).
+* **Ties.** A channel space of one file is tied to one of another file when it is the same axis
+  of such a tensor, or of a weight both files hold (the same bytes, shape and type; a weight
+  that is not unique in its file ties nothing). Tied spaces must lose the same entries. The
+  groups they touch form components; in each, the group with the most members decides (the
+  first-step decoder holds the cross-attention's key and value weights, which the with-past
+  decoder only reads as caches), by its own file's plan, and every other group follows it entry
+  by entry. A component that cannot follow (a member frozen or unscored in its file, spaces of
+  different lengths, entries that do not line up, a weight one file prunes and another keeps)
+  keeps all of its channels in every file, and the report says why.
+* **Checks.** Each file is validated as ``spa prune`` validates it (the numeric oracle against
+  its masked original, the greedy check for a decoder). Then across files: every weight two
+  files share must be byte-identical after pruning, and each tensor passed between files must
+  have the same shape on both sides; else nothing is written.
+* ``*_merged.onnx`` files are left out (SPA does not prune inside an ``If``'s branches, and a
+  runtime such as Optimum's loads the two decoders when the merged one is missing); every other
+  file (configs, tokenizer) is copied. Everything is written into a temporary folder beside the
+  output and renamed into place last.
+
+Data-free only: calibration data for a decoder would have to come from the encoder's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from spa.choices import Target
+from spa.errors import OptionError, OutputPathError, ValidationError
+from spa.ir.load import load_model
+from spa.ir.save import check_output_folder, external_data_files, staged_folder
+from spa.passes.allocation import with_keep
+from spa.pipeline import finish, prepare
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis, Group
+    from spa.coupling.types import SpaceKey
+    from spa.pipeline import CheckOptions, PruneOptions, PruneReport
+    from spa.plan import Plan
+
+log = logging.getLogger(__name__)
+MERGED = "_merged.onnx"
+#: How a tensor another file reads back is named on each side: output prefix -> input prefixes.
+_PASSED = {"present": ("past_key_values", "past")}
+
+Site = tuple[str, "SpaceKey"]  # a channel space of one file: (file name, space)
+GroupRef = tuple[str, int]  # a group of one file: (file name, group id)
+
+
+@dataclass
+class FamilyReport:
+    """Each file's report by name, the files left out and why, and the ties between files."""
+
+    reports: dict[str, PruneReport]
+    skipped: dict[str, str] = field(default_factory=dict)
+    ties: int = 0  # tied space pairs
+    followed: int = 0  # groups whose channels another file's group decided
+    kept_whole: list[str] = field(default_factory=list)  # components kept whole, and why
+    output: str = ""
+
+    def to_dict(self) -> dict:
+        return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
+                "skipped": self.skipped, "tied_spaces": self.ties,
+                "groups_following": self.followed, "kept_whole": self.kept_whole}
+
+
+def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                 options: PruneOptions, checks: CheckOptions) -> FamilyReport:
+    """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module)."""
+    src, out = Path(folder), Path(out_dir)
+    onnx_files = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file())
+    if not onnx_files:
+        raise OptionError(f"{src}: is a directory with no ONNX file in it")
+    _refuse(options)
+    check_output_folder(out)
+    if out.resolve().is_relative_to(src.resolve()):
+        raise OutputPathError(f"{out}: the pruned folder cannot be in the input folder {src}")
+    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in onnx_files}
+    data = {d for h in headers.values() for d in external_data_files(h)}
+    skipped = {n: "holds the decoders as the branches of an If, which SPA does not prune "
+               "inside; left out of the pruned folder (runtimes load the two decoders instead)"
+               for n in onnx_files if n.endswith(MERGED)}
+    names = [n for n in onnx_files if n not in skipped]
+    if not names:
+        raise OptionError(f"{src}: every ONNX file in it is a merged decoder ({MERGED})")
+    headers = {n: headers[n] for n in names}
+    free = _passed(headers)
+    prepared = {n: prepare(load_model(str(src / n)), options, checks, free=tuple(sorted(free[n])))
+                for n in names}
+    analyses = {n: p.analysis for n, p in prepared.items()}
+    plans = {n: p.planned.plan for n, p in prepared.items()}
+    sites = _tied_sites(analyses, headers)
+    keep, followed, whole = _follow(analyses, plans, sites)
+    for text in whole:
+        log.warning("%s", text)
+    with staged_folder(out) as tmp:
+        reports = {}
+        for n in names:
+            plan = with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
+            done = dataclasses.replace(prepared[n], planned=dataclasses.replace(
+                prepared[n].planned, plan=plan))
+            reports[n] = finish(src / n, done, tmp / n)[0]
+            reports[n].output = str(out / n)
+        _check_written(tmp, names, sites)
+        for f in sorted(src.iterdir()):
+            if f.name not in headers and f.name not in skipped and f.name not in data:
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+    return FamilyReport(reports, skipped, len(sites), followed, whole, str(out))
+
+
+def _refuse(options: PruneOptions) -> None:
+    """What a folder cannot be pruned with, before any work."""
+    if options.calib is not None:
+        raise OptionError("calibration data for a folder of files is not supported: a decoder's "
+                          "inputs come from the encoder's outputs. Prune the folder data-free, "
+                          "or one file at a time with --calib")
+    if options.target is Target.LATENCY:
+        raise OptionError("--target latency times one file: prune the folder with "
+                          "--target flops or params")
+    if options.criterion == "obspa" and options.compensate:
+        raise OptionError("OBSPA's compensation reads each file's own inputs, so the weights "
+                          "two files share would be updated differently: prune the folder "
+                          "with --no-compensate or a criterion that reads the weights alone")
+    if options.drops_blocks:
+        raise OptionError("depth pruning of a folder of files is not supported")
+
+
+def _passed(headers: Mapping[str, onnx.ModelProto]) -> dict[str, set[str]]:
+    """Per file, its graph inputs and outputs that another file writes or reads back."""
+    inputs = {n: {i.name for i in h.graph.input} for n, h in headers.items()}
+    outputs = {n: {o.name for o in h.graph.output} for n, h in headers.items()}
+    free: dict[str, set[str]] = {n: set() for n in headers}
+    for a, b, out, inp in _passings(inputs, outputs):
+        free[a].add(out)
+        free[b].add(inp)
+    return free
+
+
+def _passings(inputs: Mapping[str, set[str]], outputs: Mapping[str, set[str]]
+              ) -> Iterable[tuple[str, str, str, str]]:
+    """(writer file, reader file, output name, input name) of every tensor passed on."""
+    for a, outs in outputs.items():
+        for out in sorted(outs):
+            head, dot, rest = out.partition(".")
+            for prefix in _PASSED.get(head, ()) if dot else ():
+                for b, ins in inputs.items():
+                    if b != a and f"{prefix}.{rest}" in ins:
+                        yield a, b, out, f"{prefix}.{rest}"
+
+
+def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.ModelProto]
+                ) -> list[tuple[Site, Site]]:
+    """Pairs of channel spaces of two files that must lose the same entries: an axis of a
+    tensor passed between them, or of a weight both hold."""
+    live = {n: {m.space for g in a.groups for m in g.members} for n, a in analyses.items()}
+    pairs: list[tuple[Site, Site]] = []
+    inputs = {n: {i.name for i in h.graph.input} for n, h in headers.items()}
+    outputs = {n: {o.name for o in h.graph.output} for n, h in headers.items()}
+    ranks = {n: {v.name: len(v.type.tensor_type.shape.dim)
+                 for v in (*h.graph.input, *h.graph.output)} for n, h in headers.items()}
+    for a, b, out, inp in _passings(inputs, outputs):
+        for axis in range(ranks[a][out]):
+            if (out, axis) in live[a] or (inp, axis) in live[b]:
+                pairs.append(((a, (out, axis)), (b, (inp, axis))))
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for n, analysis in analyses.items():
+        for digest, name in _weights(analysis.model.graph, {k[0] for k in live[n]}).items():
+            owners.setdefault(digest, []).append((n, name))
+    for held in owners.values():
+        first, *others = held
+        for other in others:
+            axes = {k[1] for n, name in (first, other) for k in live[n] if k[0] == name}
+            pairs += [((first[0], (first[1], ax)), (other[0], (other[1], ax)))
+                      for ax in sorted(axes)]
+    return pairs
+
+
+def _weights(graph: gs.Graph, names: set[str]) -> dict[str, str]:
+    """The weights among ``names`` (rank 2 and up) by a digest of their type, shape and bytes,
+    those alone in their file with it."""
+    seen: dict[str, list[str]] = {}
+    tensors = graph.tensors()
+    for name in sorted(names):
+        t = tensors.get(name)
+        if isinstance(t, gs.Constant) and len(t.shape) >= 2:
+            v = np.ascontiguousarray(t.values)
+            h = hashlib.sha256(f"{v.dtype}{v.shape}".encode())
+            h.update(v.tobytes())
+            seen.setdefault(h.hexdigest(), []).append(name)
+    return {d: ns[0] for d, ns in seen.items() if len(ns) == 1}
+
+
+def _follow(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
+            pairs: list[tuple[Site, Site]]
+            ) -> tuple[dict[str, dict[int, np.ndarray]], int, list[str]]:
+    """Each file's groups whose channels a tied group decides (their kept channels), how many
+    follow, and the components kept whole, with why."""
+    on: dict[Site, list[GroupRef]] = {}
+    groups: dict[GroupRef, Group] = {}
+    for n, a in analyses.items():
+        for g in a.groups:
+            groups[(n, g.id)] = g
+            for m in g.members:
+                on.setdefault((n, m.space), []).append((n, g.id))
+    links = nx.Graph()
+    for s, t in pairs:
+        refs = on.get(s, []) + on.get(t, [])
+        links.add_nodes_from(refs)
+        links.add_edges_from(zip(refs, refs[1:]))
+    planned = {(n, gp.id): np.asarray(gp.keep) for n, p in plans.items() for gp in p.groups}
+    keep: dict[str, dict[int, np.ndarray]] = {n: {} for n in analyses}
+    whole: list[str] = []
+    followed = 0
+    for comp in sorted(map(sorted, nx.connected_components(links))):
+        files = {n for n, _ in comp}
+        if len(files) < 2 or not any(r in planned for r in comp):
+            continue  # within one file, or nothing in it could lose channels anyway
+        why = _unfollowable(comp, groups, planned, pairs, on)
+        decided = None if why else _propagate(comp, groups, planned, pairs, on)
+        if decided is None or (why := _mismatch(comp, groups, decided, pairs, analyses)):
+            names = ", ".join(f"{groups[r].name} in {r[0]}" for r in comp)
+            whole.append(f"{names}: kept whole, {why or 'the entries do not line up'}")
+            decided = {r: np.arange(groups[r].size) for r in comp}
+        for r, k in decided.items():
+            if r in planned and not np.array_equal(k, planned[r]):
+                followed += 1
+            if r in planned:
+                keep[r[0]][r[1]] = k
+    return keep, followed, whole
+
+
+def _unfollowable(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
+                  planned: Mapping[GroupRef, np.ndarray], pairs: list[tuple[Site, Site]],
+                  on: Mapping[Site, list[GroupRef]]) -> str | None:
+    """Why a component cannot lose channels at all, or None."""
+    for r in comp:
+        if r not in planned:
+            g = groups[r]
+            reasons = sorted(g.frozen) or ["unscored"]
+            more = f"; and {len(reasons) - 1} more" if len(reasons) > 1 else ""
+            return f"{g.name} cannot lose channels in {r[0]} ({reasons[0]}{more})"
+    for s, t in pairs:
+        if s in on and t in on and any(r in comp for r in on[s]):
+            continue
+        if any(x in on and any(r in comp for r in on[x]) for x in (s, t)):
+            one, other = (s, t) if s in on else (t, s)
+            return (f"'{one[1][0]}' axis {one[1][1]} is a channel space in {one[0]} but not "
+                    f"'{other[1][0]}' in {other[0]}")
+    return None
+
+
+def _leader(comp: list[GroupRef], groups: Mapping[GroupRef, Group]) -> GroupRef:
+    """The group whose file's plan decides: the one with the most members (most weights)."""
+    return max(comp, key=lambda r: len(groups[r].members))  # the first of equals: by name
+
+
+def _propagate(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
+               planned: Mapping[GroupRef, np.ndarray], pairs: list[tuple[Site, Site]],
+               on: Mapping[Site, list[GroupRef]]) -> dict[GroupRef, np.ndarray] | None:
+    """From the leader's plan, each group's kept channels so that tied spaces lose the same
+    entries; None when a group would have to lose part of a channel."""
+    tied: dict[Site, list[Site]] = {}
+    for s, t in pairs:
+        tied.setdefault(s, []).append(t)
+        tied.setdefault(t, []).append(s)
+    lead = _leader(comp, groups)
+    decided = {lead: planned[lead]}
+    todo = [lead]
+    while todo:
+        r = todo.pop()
+        gone = np.ones(groups[r].size, bool)
+        gone[decided[r]] = False
+        for m in groups[r].members:
+            removed = set(m.indices[gone[m.channels]].tolist())
+            for t in tied.get((r[0], m.space), ()):
+                for h in on.get(t, ()):
+                    for mh in (x for x in groups[h].members if x.space == t[1]):
+                        out = np.isin(mh.indices, list(removed))
+                        drop = set(mh.channels[out].tolist())
+                        if drop & set(mh.channels[~out].tolist()):
+                            return None  # a channel partly removed
+                        k = np.setdiff1d(np.arange(groups[h].size), sorted(drop))
+                        if h in decided:
+                            if not np.array_equal(decided[h], k):
+                                return None
+                        elif k.size == 0:
+                            return None
+                        else:
+                            decided[h] = k
+                            todo.append(h)
+    missing = [r for r in comp if r not in decided]
+    return None if missing else decided
+
+
+def _mismatch(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
+              decided: Mapping[GroupRef, np.ndarray], pairs: list[tuple[Site, Site]],
+              analyses: Mapping[str, Analysis]) -> str | None:
+    """Why the decided channels leave two tied spaces with different entries, or None."""
+    kept: dict[Site, np.ndarray] = {}
+    for r in comp:
+        g = groups[r]
+        gone = np.ones(g.size, bool)
+        gone[decided[r]] = False
+        for m in g.members:
+            site = (r[0], m.space)
+            length = analyses[r[0]].lengths[m.space]
+            mask = kept.setdefault(site, np.ones(length, bool))
+            mask[m.indices[gone[m.channels]]] = False
+    for s, t in pairs:
+        if s in kept and t in kept and (kept[s].shape != kept[t].shape
+                                        or not np.array_equal(kept[s], kept[t])):
+            return (f"'{s[1][0]}' in {s[0]} and '{t[1][0]}' in {t[0]} (axis {s[1][1]}) would "
+                    f"lose different entries")
+    return None
+
+
+def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]]) -> None:
+    """The pruned files agree: shared weights byte-identical, passed tensors the same shape."""
+    written = {n: onnx.load(str(folder / n)) for n in names}
+    values = {n: {i.name: i for i in m.graph.initializer} for n, m in written.items()}
+    dims = {n: {v.name: [d.dim_value if d.HasField("dim_value") else None
+                         for d in v.type.tensor_type.shape.dim]
+                for v in (*m.graph.input, *m.graph.output)} for n, m in written.items()}
+    for (a, (x, ax)), (b, (y, _)) in pairs:
+        if x in dims[a] and y in dims[b]:
+            if dims[a][x][ax] != dims[b][y][ax]:
+                raise ValidationError(
+                    f"'{x}' in {a} and '{y}' in {b} have {dims[a][x][ax]} and {dims[b][y][ax]} "
+                    f"entries on axis {ax} after pruning: the files would not run together")
+        elif x in values[a] and y in values[b]:
+            va, vb = (numpy_helper.to_array(values[n][w]) for n, w in ((a, x), (b, y)))
+            if va.shape != vb.shape or not np.array_equal(va, vb):
+                raise ValidationError(
+                    f"weight '{x}' of {a} and '{y}' of {b} were the same before pruning and "
+                    f"differ after: the files would not be one model")
+
+
+__all__ = ["FamilyReport", "prune_together"]

@@ -1,0 +1,172 @@
+"""The files of one model pruned together (spa/pipeline/family.py).
+
+``tests/models/optimum_bart/``: the two decoders 🤗 Optimum exports for a random BART
+(hidden 64, 4 heads, 2 decoder layers): ``decoder_model.onnx`` writes the caches
+(``present.N.{decoder,encoder}.{key,value}``), ``decoder_with_past_model.onnx`` reads them back
+(``past_key_values.N.…``). Pruned one file at a time, the with-past decoder loses cache heads the
+first-step decoder keeps; pruned as a folder, the two lose the same heads and still decode as
+one model: each step the with-past decoder takes matches a full run of the first-step decoder
+over the whole prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from spa.api import CheckOptions, PruneOptions, prune, prune_family
+from spa.cli import main
+from spa.errors import ExitCode, ValidationError
+from spa.pipeline import family
+
+BART = Path(__file__).parent / "models" / "optimum_bart"
+HEADS = PruneOptions(heads_ratio=0.5, mlp_ratio=0.5)
+CHECKS = CheckOptions(input_dims=(("batch_size", 2),))
+
+
+def _folder(tmp_path: Path) -> Path:
+    """The fixture, with a merged decoder (a copy: left out by name) beside it."""
+    src = tmp_path / "bart"
+    shutil.copytree(BART, src)
+    shutil.copy(src / "decoder_model.onnx", src / "decoder_model_merged.onnx")
+    return src
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def _decode(folder: Path, steps: int = 4) -> float:
+    """The worst relative difference between the with-past decoder's logits, step by step on the
+    caches the first-step decoder and then itself wrote, and the first-step decoder's logits
+    over the whole prefix: 0 up to rounding when the two files are one model."""
+    first = ort.InferenceSession(str(folder / "decoder_model.onnx"))
+    later = ort.InferenceSession(str(folder / "decoder_with_past_model.onnx"))
+    rng = np.random.default_rng(0)
+    encoded = rng.standard_normal((1, 6, 64)).astype(np.float32)
+    mask = np.ones((1, 6), np.int64)
+    tokens = rng.integers(0, 100, (1, 2 + steps)).astype(np.int64)
+
+    def full(t: int) -> dict[str, np.ndarray]:
+        names = [o.name for o in first.get_outputs()]
+        return dict(zip(names, first.run(None, {"input_ids": tokens[:, :t],
+                                                "encoder_hidden_states": encoded,
+                                                "encoder_attention_mask": mask})))
+
+    past = {k.replace("present", "past_key_values"): v for k, v in full(2).items()
+            if k.startswith("present")}
+    reads = {i.name for i in later.get_inputs()}
+    names = [o.name for o in later.get_outputs()]
+    worst = 0.0
+    for t in range(2, 2 + steps):
+        feeds = {"input_ids": tokens[:, t:t + 1], "encoder_attention_mask": mask,
+                 **{k: v for k, v in past.items() if k in reads}}
+        out = dict(zip(names, later.run(None, feeds)))
+        ref = full(t + 1)["logits"][0, -1]
+        worst = max(worst, float(np.abs(out["logits"][0, -1] - ref).max() / np.abs(ref).max()))
+        past.update({k.replace("present", "past_key_values"): v for k, v in out.items()
+                     if k.startswith("present")})
+    return worst
+
+
+def _heads(model: Path, name: str) -> int:
+    m = onnx.load(str(model), load_external_data=False)
+    v = next(v for v in (*m.graph.input, *m.graph.output) if v.name == name)
+    return v.type.tensor_type.shape.dim[1].dim_value
+
+
+def test_a_folder_prunes_its_decoders_alike(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    before = _digest(src)
+    out = tmp_path / "small"
+    done = prune_family(src, out, HEADS, CHECKS)
+    assert _digest(src) == before  # the input is never modified
+    assert sorted(f.name for f in out.iterdir()) == [
+        "config.json", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+    assert "decoder_model_merged.onnx" in done.skipped
+    for name in ("present.0.decoder.key", "present.1.encoder.value"):
+        assert _heads(out / "decoder_model.onnx", name) == 2  # 4 heads before
+    assert _heads(out / "decoder_with_past_model.onnx", "past_key_values.1.encoder.value") == 2
+    first = done.reports["decoder_model.onnx"]
+    assert first.params_after < 0.62 * first.params_before  # heads too: 115,703 -> 68,087
+    for report in done.reports.values():
+        assert report.masked_relative_diff is not None and report.masked_relative_diff < 1e-5
+    assert done.followed >= 1  # the cross-attention heads: decided where their weights are
+    assert _decode(BART) < 1e-5
+    assert _decode(out) < 1e-5
+    # every weight the two files share is still the same
+    a, b = (onnx.load(str(out / n)) for n in ("decoder_model.onnx",
+                                              "decoder_with_past_model.onnx"))
+    shared = {hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest()
+              for t in a.graph.initializer if len(t.dims) == 2}
+    same = [t for t in b.graph.initializer if len(t.dims) == 2 and hashlib.sha256(
+        numpy_helper.to_array(t).tobytes()).hexdigest() in shared]
+    assert len(same) == sum(1 for t in b.graph.initializer if len(t.dims) == 2) >= 16
+
+
+def test_one_file_at_a_time_breaks_the_pair(tmp_path: Path) -> None:
+    out = tmp_path / "apart"
+    out.mkdir()
+    for name in ("decoder_model.onnx", "decoder_with_past_model.onnx"):
+        prune(BART / name, out / name, HEADS, CHECKS)
+    assert _heads(out / "decoder_model.onnx", "present.0.decoder.key") == 4
+    assert _heads(out / "decoder_with_past_model.onnx", "past_key_values.0.decoder.key") == 2
+    with pytest.raises(Exception, match="past_key_values"):
+        _decode(out)
+
+
+def test_a_shared_weight_written_differently_is_caught(tmp_path: Path) -> None:
+    out = tmp_path / "small"
+    prune_family(BART, out, HEADS, CHECKS)
+    analyses = {n: family.prepare(family.load_model(str(BART / n)), HEADS, CHECKS).analysis
+                for n in ("decoder_model.onnx", "decoder_with_past_model.onnx")}
+    headers = {n: onnx.load(str(BART / n)) for n in analyses}
+    pairs = family._tied_sites(analyses, headers)
+    weights = [p for p in pairs if not p[0][1][0].startswith("present")]
+    assert weights
+    family._check_written(out, sorted(analyses), pairs)  # as written: they agree
+    (_, (name, _)), _ = weights[0]
+    model = onnx.load(str(out / "decoder_model.onnx"))
+    t = next(t for t in model.graph.initializer if t.name == name)
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.001, name))
+    onnx.save(model, str(out / "decoder_model.onnx"))
+    with pytest.raises(ValidationError, match="differ after"):
+        family._check_written(out, sorted(analyses), pairs)
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--calib", "x.npz"], "calibration data for a folder"),
+    (["--criterion", "obspa"], "--no-compensate"),
+    (["--target", "latency"], "--target latency times one file"),
+    (["--plan", "p.json"], "--plan: not for a folder"),
+])
+def test_what_a_folder_refuses(tmp_path: Path, capsys, flags: list[str], expect: str) -> None:
+    out = tmp_path / "small"
+    assert main(["prune", str(BART), "-o", str(out), *flags]) == ExitCode.BAD_INPUT
+    assert expect in capsys.readouterr().err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_the_cli_prunes_a_folder(tmp_path: Path, capsys) -> None:
+    src = _folder(tmp_path)
+    out = tmp_path / "small"
+    report = tmp_path / "r.json"
+    assert main(["prune", str(src), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio", "0.5",
+                 "--input-dim", "batch_size=2", "--report", str(report)]) == ExitCode.OK
+    text = capsys.readouterr()
+    assert "decoder_with_past_model.onnx:" in text.out and f"wrote {out}" in text.out
+    assert "decoder_model_merged.onnx: holds the decoders" in text.err
+    assert '"groups_following"' in report.read_text()
+    assert _decode(out) < 1e-5
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    assert main(["prune", str(src), "-o", str(tmp_path / "taken")]) == ExitCode.BAD_INPUT
+    assert "not an empty directory" in capsys.readouterr().err
