@@ -123,7 +123,9 @@ def config_mismatch(model_path: str | None, change: SignatureChange) -> str | No
     that the pruned caches no longer match, for a warning; None when nothing is amiss.
     Optimum's ``ORTModelForCausalLM`` makes the first step's empty caches from the config's
     key/value head count, so the pruned decoder would not run under it until the count is
-    updated; layers that keep different counts cannot be described by one."""
+    updated; layers that keep different counts cannot be described by one. Not for a seq2seq
+    model (``is_encoder_decoder``): ``ORTModelForSeq2SeqLM`` runs the first step with the
+    decoder without a past, and the pruned T5 folder generates with its config unchanged."""
     if model_path is None or not change.inputs:
         return None
     path = Path(model_path).parent / "config.json"
@@ -131,8 +133,8 @@ def config_mismatch(model_path: str | None, change: SignatureChange) -> str | No
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict):
-        return None
+    if not isinstance(config, dict) or config.get("is_encoder_decoder"):
+        return None  # a seq2seq decoder's first step has no past: no cache is sized from it
     key = next((k for k in KV_HEADS_KEYS if k in config), None)
     heads = next((k for k in HEADS_KEYS if k in config), None)
     kept = sorted({len(k) for name, (_, k, _) in change.inputs.items() if name in change.caches})

@@ -296,7 +296,8 @@ def test_the_tokenizer_saved_beside_the_model(tmp_path, gpt2):
     ({"num_attention_heads": 2}, "states num_attention_heads=2 and no key/value head count, "
                                  "and the pruned caches have 1 heads"),
     ({"num_key_value_heads": 1}, None),
-], ids=["kv-count", "heads-only", "agrees"])
+    ({"num_attention_heads": 2, "is_encoder_decoder": True}, None),
+], ids=["kv-count", "heads-only", "agrees", "seq2seq"])
 def test_a_config_beside_the_decoder_that_the_pruned_caches_contradict(tmp_path, caplog, config,
                                                                        words):
     """🤗 Optimum's ``ORTModelForCausalLM`` makes the first step's empty caches from the
