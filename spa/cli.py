@@ -355,6 +355,11 @@ def _prune_family(args: argparse.Namespace, options) -> int:
         print(report_table(report))
     print(f"{family.ties} channel spaces tied between files; {family.followed} groups follow "
           "another file's")
+    for pair, step in family.steps.items():
+        print(f"step check {pair}: " + (step if isinstance(step, str) else
+              f"{step['steps']} tokens decoded on the caches match a run over the whole prefix "
+              f"(relative {step['relative_diff']:.1e}; originals "
+              f"{step['relative_diff_original']:.1e})"))
     print(f"wrote {family.output}")
     return int(ExitCode.OK)
 

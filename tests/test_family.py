@@ -141,6 +141,19 @@ def test_a_shared_weight_written_differently_is_caught(tmp_path: Path) -> None:
         family._check_written(out, sorted(analyses), pairs)
 
 
+def test_the_step_check_catches_decoders_that_part(tmp_path: Path, monkeypatch) -> None:
+    """Each file pruned by its own plan (the ties not followed, the weight check off): the
+    caches keep their shapes, but the cross-attention heads the two decoders keep differ, and
+    the step check refuses to write the folder."""
+    monkeypatch.setattr(family, "_follow", lambda analyses, plans, pairs: (
+        {n: {} for n in analyses}, 0, []))
+    monkeypatch.setattr(family, "_check_written", lambda *args: None)
+    out = tmp_path / "small"
+    with pytest.raises(ValidationError, match="does not continue what the pruned"):
+        prune_family(BART, out, HEADS, CHECKS)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flags, expect", [
     (["--calib", "x.npz"], "calibration data for a folder"),
     (["--criterion", "obspa"], "--no-compensate"),
@@ -165,6 +178,7 @@ def test_the_cli_prunes_a_folder(tmp_path: Path, capsys) -> None:
     assert "decoder_with_past_model.onnx:" in text.out and f"wrote {out}" in text.out
     assert "decoder_model_merged.onnx: holds the decoders" in text.err
     assert '"groups_following"' in report.read_text()
+    assert "step check decoder_model.onnx -> decoder_with_past_model.onnx: 3 tokens" in text.out
     assert _decode(out) < 1e-5
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")

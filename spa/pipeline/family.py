@@ -24,7 +24,10 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
 * **Checks.** Each file is validated as ``spa prune`` validates it (the numeric oracle against
   its masked original, the greedy check for a decoder). Then across files: every weight two
   files share must be byte-identical after pruning, and each tensor passed between files must
-  have the same shape on both sides; else nothing is written.
+  have the same shape on both sides; and a file that reads back what another writes must
+  continue it (:func:`_steps_checked`: a decoder with past, fed the first-step decoder's caches
+  and then its own, gives the logits the first-step decoder gives over the whole prefix, as the
+  original files do); else nothing is written.
 * ``*_merged.onnx`` files are left out (SPA does not prune inside an ``If``'s branches, and a
   runtime such as Optimum's loads the two decoders when the merged one is missing); every other
   file (configs, tokenizer) is copied. Everything is written into a temporary folder beside the
@@ -49,8 +52,10 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx import numpy_helper
 
+from spa import validate as val
 from spa.choices import Target
 from spa.errors import OptionError, OutputPathError, ValidationError
 from spa.ir.load import load_model
@@ -83,11 +88,14 @@ class FamilyReport:
     followed: int = 0  # groups whose channels another file's group decided
     kept_whole: list[str] = field(default_factory=list)  # components kept whole, and why
     output: str = ""
+    # "writer -> reader": the step check (relative difference, steps) or why it did not run
+    steps: dict[str, dict | str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
                 "skipped": self.skipped, "tied_spaces": self.ties,
-                "groups_following": self.followed, "kept_whole": self.kept_whole}
+                "groups_following": self.followed, "kept_whole": self.kept_whole,
+                "step_checks": self.steps}
 
 
 def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -128,10 +136,14 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
             reports[n] = finish(src / n, done, tmp / n)[0]
             reports[n].output = str(out / n)
         _check_written(tmp, names, sites)
+        steps = {f"{a} -> {b}": _steps_checked(src, tmp, a, b, dict(prepared[a].checks.input_dims),
+                                               prepared[a].checks.rtol)
+                 for a, b in sorted({(a, b) for a, b, _, _ in _passings(
+                     *_signatures(headers))})} if checks.validate else {}
         for f in sorted(src.iterdir()):
             if f.name not in headers and f.name not in skipped and f.name not in data:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-    return FamilyReport(reports, skipped, len(sites), followed, whole, str(out))
+    return FamilyReport(reports, skipped, len(sites), followed, whole, str(out), steps)
 
 
 def _refuse(options: PruneOptions) -> None:
@@ -151,12 +163,17 @@ def _refuse(options: PruneOptions) -> None:
         raise OptionError("depth pruning of a folder of files is not supported")
 
 
+def _signatures(headers: Mapping[str, onnx.ModelProto]
+                ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Each file's graph input names, and its output names."""
+    return ({n: {i.name for i in h.graph.input} for n, h in headers.items()},
+            {n: {o.name for o in h.graph.output} for n, h in headers.items()})
+
+
 def _passed(headers: Mapping[str, onnx.ModelProto]) -> dict[str, set[str]]:
     """Per file, its graph inputs and outputs that another file writes or reads back."""
-    inputs = {n: {i.name for i in h.graph.input} for n, h in headers.items()}
-    outputs = {n: {o.name for o in h.graph.output} for n, h in headers.items()}
     free: dict[str, set[str]] = {n: set() for n in headers}
-    for a, b, out, inp in _passings(inputs, outputs):
+    for a, b, out, inp in _passings(*_signatures(headers)):
         free[a].add(out)
         free[b].add(inp)
     return free
@@ -180,8 +197,7 @@ def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.Mod
     tensor passed between them, or of a weight both hold."""
     live = {n: {m.space for g in a.groups for m in g.members} for n, a in analyses.items()}
     pairs: list[tuple[Site, Site]] = []
-    inputs = {n: {i.name for i in h.graph.input} for n, h in headers.items()}
-    outputs = {n: {o.name for o in h.graph.output} for n, h in headers.items()}
+    inputs, outputs = _signatures(headers)
     ranks = {n: {v.name: len(v.type.tensor_type.shape.dim)
                  for v in (*h.graph.input, *h.graph.output)} for n, h in headers.items()}
     for a, b, out, inp in _passings(inputs, outputs):
@@ -338,6 +354,87 @@ def _mismatch(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
             return (f"'{s[1][0]}' in {s[0]} and '{t[1][0]}' in {t[0]} (axis {s[1][1]}) would "
                     f"lose different entries")
     return None
+
+
+STEPS = 3  # tokens the step check decodes with the reader
+
+
+def _steps_checked(src: Path, out: Path, writer: str, reader: str, dims: dict[str, int],
+                   rtol: float) -> dict | str:
+    """Whether the pruned ``reader`` continues what the pruned ``writer`` wrote, as a decoder
+    with past continues the first-step decoder: on the writer's caches for a prefix, and then
+    its own, ``STEPS`` tokens one at a time, its logits must match the writer's over the whole
+    prefix at the last token (relative ``rtol``), as they do for the original files (else the
+    check does not run: the files are not such a pair). The result, or why it did not run."""
+    first, later = (val.session(str(out / n), what=n) for n in (writer, reader))
+    why = _not_a_pair(first, later)
+    if why:
+        return f"not run: {why}"
+    originals = (val.session(str(src / writer), what=writer),
+                 val.session(str(src / reader), what=reader))
+    before = _step_difference(*originals, dims)
+    if not before <= rtol:
+        return f"not run: the original files differ by {before:.1e} step by step"
+    after = _step_difference(first, later, dims)
+    if not after <= rtol:
+        raise ValidationError(
+            f"the pruned {reader} does not continue what the pruned {writer} writes: its logits "
+            f"differ from a run over the whole prefix by {after:.1e} (relative; the original "
+            f"files: {before:.1e}, allowed {rtol:.0e})")
+    return {"steps": STEPS, "relative_diff": after, "relative_diff_original": before}
+
+
+def _not_a_pair(first: ort.InferenceSession, later: ort.InferenceSession) -> str | None:
+    """None when ``later`` reads what ``first`` writes and the token inputs both take, else
+    why the step check cannot feed them."""
+    fed = {i.name for i in first.get_inputs()}
+    own = [i.name for i in later.get_inputs() if i.name not in fed and not any(
+        i.name.startswith(p + ".") for ps in _PASSED.values() for p in ps)]
+    if own:
+        return f"inputs {own} are neither the first file's nor caches it writes"
+    if "input_ids" not in fed or "logits" not in {o.name for o in first.get_outputs()} \
+            or "logits" not in {o.name for o in later.get_outputs()}:
+        return "no 'input_ids' input and 'logits' output"
+    ids = next(i for i in first.get_inputs() if i.name == "input_ids")
+    if len(ids.shape) != 2 or isinstance(ids.shape[1], int):
+        return "'input_ids' has no symbolic sequence axis"
+    by_length = [i.name for i in first.get_inputs()
+                 if i.name != "input_ids" and ids.shape[1] in i.shape]
+    if by_length:
+        return f"inputs {by_length} are sized by the token sequence too"
+    return None
+
+
+def _step_difference(first: ort.InferenceSession, later: ort.InferenceSession,
+                     dims: dict[str, int]) -> float:
+    """The worst relative difference, over ``STEPS`` steps, between ``later``'s last logits
+    on the caches written so far and ``first``'s over the whole prefix."""
+    feeds = {k: np.ones_like(v) if "mask" in k else v
+             for k, v in val.random_inputs(first, dims=dims).items()}
+    prefix = feeds["input_ids"].shape[1]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 2, (feeds["input_ids"].shape[0], prefix + STEPS)).astype(
+        feeds["input_ids"].dtype)
+
+    def whole(t: int) -> dict[str, np.ndarray]:
+        return val.run(first, {**feeds, "input_ids": ids[:, :t]})
+
+    def read_back(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {f"{p}.{k.partition('.')[2]}": v for k, v in outputs.items()
+                for p in _PASSED.get(k.partition(".")[0], ())}
+
+    wanted = {i.name for i in later.get_inputs()}
+    past = read_back(whole(prefix))
+    worst = 0.0
+    for t in range(prefix, prefix + STEPS):
+        step = val.run(later, {**{k: v for k, v in feeds.items() if k in wanted},
+                               **{k: v for k, v in past.items() if k in wanted},
+                               "input_ids": ids[:, t:t + 1]})
+        ref = whole(t + 1)["logits"][:, -1]
+        worst = max(worst, float(np.abs(step["logits"][:, -1] - ref).max()
+                                 / max(float(np.abs(ref).max()), 1e-30)))
+        past.update(read_back(step))
+    return worst
 
 
 def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]]) -> None:
