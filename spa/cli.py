@@ -344,6 +344,9 @@ def _prune_family(args: argparse.Namespace, options) -> int:
         _note(args, f"{name}: {why}")
     for text in family.kept_whole:
         _note(args, text)
+    for key, (before, after) in family.config_edits.items():
+        _note(args, f"config.json: {key} {before} -> {after}, the key/value heads the pruned "
+                    "caches keep (runtimes size the first step's caches from it)")
     for report in family.reports.values():
         for note in report_notes(report):
             _note(args, note)

@@ -124,20 +124,14 @@ def config_mismatch(model_path: str | None, change: SignatureChange) -> str | No
     Optimum's ``ORTModelForCausalLM`` makes the first step's empty caches from the config's
     key/value head count, so the pruned decoder would not run under it until the count is
     updated; layers that keep different counts cannot be described by one. Not for a seq2seq
-    model (``is_encoder_decoder``): ``ORTModelForSeq2SeqLM`` runs the first step with the
-    decoder without a past, and the pruned T5 folder generates with its config unchanged."""
+    model (:func:`read_config`)."""
     if model_path is None or not change.inputs:
         return None
     path = Path(model_path).parent / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+    config = read_config(path)
+    if config is None:
         return None
-    if not isinstance(config, dict) or config.get("is_encoder_decoder"):
-        return None  # a seq2seq decoder's first step has no past: no cache is sized from it
-    key = next((k for k in KV_HEADS_KEYS if k in config), None)
-    heads = next((k for k in HEADS_KEYS if k in config), None)
-    kept = sorted({len(k) for name, (_, k, _) in change.inputs.items() if name in change.caches})
+    key, heads, kept = _cache_counts(config, change)
     if not kept or (key is None and heads is None):
         return None
     if key is None:
@@ -157,6 +151,40 @@ def config_mismatch(model_path: str | None, change: SignatureChange) -> str | No
             "key/value heads: runtimes that size the caches from it (🤗 Optimum's "
             f"ORTModelForCausalLM does for Llama-like models) need {key}={kept[0]} in the config "
             "beside the pruned model")
+
+
+def read_config(path: Path) -> dict | None:
+    """A 🤗 ``config.json`` that runtimes size a decoder's caches from; None when there is
+    none, or it is a seq2seq model's (``is_encoder_decoder``: ``ORTModelForSeq2SeqLM`` runs the
+    first step with the decoder without a past, and the pruned T5 folder generates with its
+    config unchanged)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("is_encoder_decoder"):
+        return None
+    return config
+
+
+def _cache_counts(config: dict, change: SignatureChange
+                  ) -> tuple[str | None, str | None, list[int]]:
+    """The config's key/value head count key, its head count key, and the head counts the
+    pruned caches keep (one per layer count seen)."""
+    key = next((k for k in KV_HEADS_KEYS if k in config), None)
+    heads = next((k for k in HEADS_KEYS if k in config), None)
+    kept = sorted({len(k) for name, (_, k, _) in change.inputs.items() if name in change.caches})
+    return key, heads, kept
+
+
+def config_edit(config: dict, change: SignatureChange) -> dict[str, int]:
+    """What to set in ``config`` (:func:`read_config`) for the pruned caches: their one
+    key/value head count, when the config states one that differs (the fix
+    :func:`config_mismatch` asks for); else nothing."""
+    key, _, kept = _cache_counts(config, change)
+    if key is None or len(kept) != 1 or config[key] == kept[0]:
+        return {}
+    return {key: kept[0]}
 
 
 def decoder_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

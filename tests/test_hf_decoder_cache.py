@@ -312,3 +312,26 @@ def test_a_config_beside_the_decoder_that_the_pruned_caches_contradict(tmp_path,
     assert out.report.signature_changes
     found = [r.getMessage() for r in caplog.records if "config.json" in r.getMessage()]
     assert [words in m for m in found] == ([True] if words else [])
+
+
+def test_a_folder_writes_the_config_its_pruned_caches_need(tmp_path, caplog):
+    """Pruned as a folder (spa/pipeline/family.py), a decoder's ``config.json`` is written with
+    the key/value head count its caches keep, the rest as it was, and no warning is given:
+    the folder runs under 🤗 Optimum's ``ORTModelForCausalLM`` as it is (checked on Optimum's
+    Llama export: it generates; the file pruned alone, beside the old config, does not)."""
+    src = tmp_path / "llama"
+    src.mkdir()
+    decoder_onnx(src / "model.onnx", "Llama", **{**LLAMA_WIDTHS, "num_key_value_heads": 2})
+    config = {"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2,
+              "hidden_size": 32}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "small"
+    assert main(["prune", str(src), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio", "0.5",
+                 "--input-dim", "batch=2", "--input-dim", "sequence=3", "--input-dim", "past=4",
+                 "--input-dim", "total=7"]) == ExitCode.OK
+    assert json.loads((out / "config.json").read_text()) == {**config, "num_key_value_heads": 1}
+    assert json.loads((src / "config.json").read_text()) == config
+    assert not [r for r in caplog.records if "config.json" in r.getMessage()]
+    past = next(i for i in onnx.load(str(out / "model.onnx")).graph.input
+                if i.name.startswith("past"))
+    assert past.type.tensor_type.shape.dim[1].dim_value == 1

@@ -226,7 +226,8 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
             write_proto(pruned, stage.model_path)
         out = stage.commit()
     t3 = time.perf_counter()
-    mismatch = config_mismatch(str(loaded.path) if loaded.path else None, change)
+    mismatch = config_mismatch(str(loaded.path) if loaded.path else None, change) \
+        if checks.config_warning else None
     if mismatch is not None:
         log.warning("%s", mismatch)
     pred = the_plan.prediction

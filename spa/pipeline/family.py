@@ -30,8 +30,10 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
   original files do); else nothing is written.
 * ``*_merged.onnx`` files are left out (SPA does not prune inside an ``If``'s branches, and a
   runtime such as Optimum's loads the two decoders when the merged one is missing); every other
-  file (configs, tokenizer) is copied. Everything is written into a temporary folder beside the
-  output and renamed into place last.
+  file (configs, tokenizer) is copied, and a ``config.json`` that states the key/value head
+  count the pruned caches no longer have (``num_key_value_heads``: Optimum's
+  ``ORTModelForCausalLM`` sizes the first step's caches from it) is written with their count.
+  Everything is written into a temporary folder beside the output and renamed into place last.
 
 Data-free only: calibration data for a decoder would have to come from the encoder's outputs.
 """
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -58,6 +61,7 @@ from onnx import numpy_helper
 from spa import validate as val
 from spa.choices import Target
 from spa.errors import OptionError, OutputPathError, ValidationError
+from spa.generation import config_edit, read_config, signature_change
 from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
@@ -71,6 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MERGED = "_merged.onnx"
+CONFIG = "config.json"  # 🤗 Transformers' model config
 #: How a tensor another file reads back is named on each side: output prefix -> input prefixes.
 _PASSED = {"present": ("past_key_values", "past")}
 
@@ -90,12 +95,13 @@ class FamilyReport:
     output: str = ""
     # "writer -> reader": the step check (relative difference, steps) or why it did not run
     steps: dict[str, dict | str] = field(default_factory=dict)
+    config_edits: dict[str, list] = field(default_factory=dict)  # key: [before, after]
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
                 "skipped": self.skipped, "tied_spaces": self.ties,
                 "groups_following": self.followed, "kept_whole": self.kept_whole,
-                "step_checks": self.steps}
+                "step_checks": self.steps, "config_edits": self.config_edits}
 
 
 def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -127,12 +133,18 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
     keep, followed, whole = _follow(analyses, plans, sites)
     for text in whole:
         log.warning("%s", text)
+    plans = {n: with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
+             for n in names}
+    config = read_config(src / CONFIG)
+    edits = _config_edits(config, analyses, plans) if config is not None else {}
+    if edits:  # the copy says what the pruned caches hold: no warning that it does not
+        checks = dataclasses.replace(checks, config_warning=False)
     with staged_folder(out) as tmp:
         reports = {}
         for n in names:
-            plan = with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
             done = dataclasses.replace(prepared[n], planned=dataclasses.replace(
-                prepared[n].planned, plan=plan))
+                prepared[n].planned, plan=plans[n]), checks=dataclasses.replace(
+                prepared[n].checks, config_warning=checks.config_warning))
             reports[n] = finish(src / n, done, tmp / n)[0]
             reports[n].output = str(out / n)
         _check_written(tmp, names, sites)
@@ -143,7 +155,23 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
         for f in sorted(src.iterdir()):
             if f.name not in headers and f.name not in skipped and f.name not in data:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-    return FamilyReport(reports, skipped, len(sites), followed, whole, str(out), steps)
+        if config is not None and edits:
+            (tmp / CONFIG).write_text(json.dumps(config | edits, indent=2, sort_keys=True)
+                                      + "\n")
+    return FamilyReport(reports, skipped, len(sites), followed, whole, str(out), steps,
+                        {k: [config[k], v] for k, v in edits.items()} if config else {})
+
+
+def _config_edits(config: dict, analyses: Mapping[str, Analysis],
+                  plans: Mapping[str, Plan]) -> dict[str, int]:
+    """What to set in the folder's ``config.json`` for the pruned caches (🤗 Optimum's
+    ``ORTModelForCausalLM`` sizes the first step's from its key/value head count); nothing when
+    the files would need different values."""
+    edits: dict[str, set[int]] = {}
+    for n, analysis in analyses.items():
+        for k, v in config_edit(config, signature_change(analysis, plans[n])).items():
+            edits.setdefault(k, set()).add(v)
+    return {k: vs.pop() for k, vs in edits.items() if len(vs) == 1}
 
 
 def _refuse(options: PruneOptions) -> None:

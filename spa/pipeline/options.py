@@ -265,6 +265,9 @@ class CheckOptions:
     latency_threads: int | None = None  # onnxruntime's default unless a latency target says
     provider: str = CPU_PROVIDER
     input_dims: InputDims = like(PruneOptions, "input_dims")  # for validation inputs
+    # warn when a config.json beside the input contradicts the pruned caches (a folder of
+    # files rewrites it instead: spa/pipeline/family.py)
+    config_warning: bool = True
 
     def __post_init__(self) -> None:
         if self.check_masked:
