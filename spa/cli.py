@@ -330,13 +330,15 @@ def _prune_family(args: argparse.Namespace, options) -> int:
     from spa.api import prune_family
     from spa.report import report_notes, report_table, write_text_atomic
 
-    refused = [flag for flag, given in (("--dry-run", args.dry_run), ("--plan", args.plan),
+    refused = [flag for flag, given in (("--plan", args.plan),
                                         ("--report-html", args.report_html),
                                         ("--recover", args.recover)) if given]
     if refused:
         raise OptionError(f"{', '.join(refused)}: not for a folder of ONNX files (they are "
                           "pruned together, each with its own plan); prune one file to use "
                           f"{'them' if len(refused) > 1 else 'it'}")
+    if args.dry_run:
+        return _dry_run_family(args, options)
     family = prune_family(args.model, args.output, options, _checks(args))
     if args.report:
         write_text_atomic(args.report, json.dumps(family.to_dict(), indent=1) + "\n")
@@ -364,6 +366,33 @@ def _prune_family(args: argparse.Namespace, options) -> int:
               f"(relative {step['relative_diff']:.1e}; originals "
               f"{step['relative_diff_original']:.1e})"))
     print(f"wrote {family.output}")
+    return int(ExitCode.OK)
+
+
+def _dry_run_family(args: argparse.Namespace, options) -> int:
+    """``spa prune folder/ --dry-run``: each file's plan, the ties followed; nothing written."""
+    from pathlib import Path
+
+    from spa.pipeline.family import plan_together
+    from spa.report import plan_summary, plan_text, write_text_atomic
+
+    together = plan_together(args.model, options, _checks(args))
+    summary = {"files": {n: plan_summary(p, str(Path(args.model) / n))
+                         for n, p in together.plans.items()},
+               "skipped": together.skipped, "tied_spaces": len(together.sites),
+               "groups_following": together.followed, "kept_whole": together.kept_whole}
+    if args.report:
+        write_text_atomic(args.report, json.dumps(summary, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return int(ExitCode.OK)
+    for name, why in together.skipped.items():
+        _note(args, f"{name}: {why}")
+    for name, one in summary["files"].items():
+        print(f"{name}:")
+        print(plan_text(one))
+    print(f"{len(together.sites)} channel spaces tied between files; {together.followed} "
+          "groups follow another file's")
     return int(ExitCode.OK)
 
 

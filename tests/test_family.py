@@ -12,6 +12,7 @@ over the whole prefix.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,22 @@ def test_a_folder_prunes_its_decoders_alike(tmp_path: Path) -> None:
     assert len(same) == sum(1 for t in b.graph.initializer if len(t.dims) == 2) >= 16
 
 
+def test_a_file_with_nothing_to_prune_is_copied_as_it_is(tmp_path: Path) -> None:
+    src = tmp_path / "bart"
+    shutil.copytree(BART, src)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y])),
+        str(src / "postprocess.onnx"))
+    out = tmp_path / "small"
+    done = prune_family(src, out, HEADS, CHECKS)
+    assert (out / "postprocess.onnx").read_bytes() == (src / "postprocess.onnx").read_bytes()
+    assert "nothing to prune in it" in done.skipped["postprocess.onnx"]
+    assert sorted(done.reports) == ["decoder_model.onnx", "decoder_with_past_model.onnx"]
+    assert _decode(out) < 1e-5
+
+
 def test_one_file_at_a_time_breaks_the_pair(tmp_path: Path) -> None:
     out = tmp_path / "apart"
     out.mkdir()
@@ -152,6 +169,20 @@ def test_the_step_check_catches_decoders_that_part(tmp_path: Path, monkeypatch) 
     with pytest.raises(ValidationError, match="does not continue what the pruned"):
         prune_family(BART, out, HEADS, CHECKS)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_dry_run_of_a_folder_plans_each_file_and_writes_nothing(tmp_path: Path, capsys
+                                                                   ) -> None:
+    src = _folder(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["prune", str(src), "--dry-run", "--heads-ratio", "0.5", "--json"]) == ExitCode.OK
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(summary["files"]) == ["decoder_model.onnx", "decoder_with_past_model.onnx"]
+    first, later = (summary["files"][n] for n in sorted(summary["files"]))
+    assert first["params_after"] < first["params_before"]
+    assert later["params_after"] < later["params_before"]
+    assert summary["groups_following"] >= 1 and summary["tied_spaces"] >= 16
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("flags, expect", [

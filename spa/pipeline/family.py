@@ -60,12 +60,12 @@ from onnx import numpy_helper
 
 from spa import validate as val
 from spa.choices import Target
-from spa.errors import OptionError, OutputPathError, ValidationError
+from spa.errors import NothingPrunableError, OptionError, OutputPathError, ValidationError
 from spa.generation import config_edit, read_config, signature_change
 from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
-from spa.pipeline import finish, prepare
+from spa.pipeline import Prepared, analyse, finish, prepare
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
@@ -104,17 +104,30 @@ class FamilyReport:
                 "step_checks": self.steps, "config_edits": self.config_edits}
 
 
-def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                 options: PruneOptions, checks: CheckOptions) -> FamilyReport:
-    """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module)."""
-    src, out = Path(folder), Path(out_dir)
+@dataclass
+class FamilyPlan:
+    """The files of a folder analysed and planned together, nothing written yet."""
+
+    src: Path
+    headers: dict[str, onnx.ModelProto]  # the files pruned or copied (graphs only)
+    data: set[str]  # the external data files of every ONNX file in the folder
+    skipped: dict[str, str]  # file -> why it is not pruned
+    prepared: dict[str, Prepared]
+    analyses: dict[str, Analysis]
+    plans: dict[str, Plan]  # the ties followed
+    sites: list[tuple[Site, Site]]
+    followed: int
+    kept_whole: list[str]
+
+
+def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
+                  checks: CheckOptions) -> FamilyPlan:
+    """Analyse and plan the ONNX files of ``folder`` together (see the module)."""
+    src = Path(folder)
     onnx_files = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file())
     if not onnx_files:
         raise OptionError(f"{src}: is a directory with no ONNX file in it")
     _refuse(options)
-    check_output_folder(out)
-    if out.resolve().is_relative_to(src.resolve()):
-        raise OutputPathError(f"{out}: the pruned folder cannot be in the input folder {src}")
     headers = {n: onnx.load(str(src / n), load_external_data=False) for n in onnx_files}
     data = {d for h in headers.values() for d in external_data_files(h)}
     skipped = {n: "holds the decoders as the branches of an If, which SPA does not prune "
@@ -125,40 +138,76 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
         raise OptionError(f"{src}: every ONNX file in it is a merged decoder ({MERGED})")
     headers = {n: headers[n] for n in names}
     free = _passed(headers)
-    prepared = {n: prepare(load_model(str(src / n)), options, checks, free=tuple(sorted(free[n])))
-                for n in names}
-    analyses = {n: p.analysis for n, p in prepared.items()}
+    prepared: dict[str, Prepared] = {}
+    analyses: dict[str, Analysis] = {}
+    unchanged: dict[str, NothingPrunableError] = {}
+    for n in names:
+        try:
+            prepared[n] = prepare(load_model(str(src / n)), options, checks,
+                                  free=tuple(sorted(free[n])))
+            analyses[n] = prepared[n].analysis
+        except NothingPrunableError as exc:  # copied as it is; what it ties to keeps whole
+            unchanged[n] = exc
+            analyses[n] = analyse(load_model(str(src / n)), ignore=options.ignore,
+                                  hidden=options.hidden_ratio is not None,
+                                  free=tuple(sorted(free[n])))
+    if not prepared:
+        raise next(iter(unchanged.values()))
+    skipped.update({n: f"nothing to prune in it ({str(e).splitlines()[0]}); copied as it is"
+                    for n, e in unchanged.items()})
     plans = {n: p.planned.plan for n, p in prepared.items()}
     sites = _tied_sites(analyses, headers)
     keep, followed, whole = _follow(analyses, plans, sites)
     for text in whole:
         log.warning("%s", text)
     plans = {n: with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
-             for n in names}
+             for n in plans}
+    return FamilyPlan(src, headers, data, skipped, prepared, analyses, plans, sites, followed,
+                      whole)
+
+
+def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                   options: PruneOptions, checks: CheckOptions) -> FamilyReport:
+    """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module)."""
+    src, out = Path(folder), Path(out_dir)
+    if any(f.suffix == ".onnx" for f in src.iterdir()):  # else plan_together says so
+        check_output_folder(out)
+        if out.resolve().is_relative_to(src.resolve()):
+            raise OutputPathError(f"{out}: the pruned folder cannot be in the input folder "
+                                  f"{src}")
+    fp = plan_together(src, options, checks)
     config = read_config(src / CONFIG)
-    edits = _config_edits(config, analyses, plans) if config is not None else {}
+    edits = _config_edits(config, fp.analyses, fp.plans) if config is not None else {}
     if edits:  # the copy says what the pruned caches hold: no warning that it does not
         checks = dataclasses.replace(checks, config_warning=False)
     with staged_folder(out) as tmp:
         reports = {}
-        for n in names:
-            done = dataclasses.replace(prepared[n], planned=dataclasses.replace(
-                prepared[n].planned, plan=plans[n]), checks=dataclasses.replace(
-                prepared[n].checks, config_warning=checks.config_warning))
+        for n, header in fp.headers.items():
+            if n not in fp.prepared:  # nothing to prune in it
+                for name in (n, *sorted(external_data_files(header))):
+                    shutil.copy2(src / name, tmp / name)
+                continue
+            done = dataclasses.replace(fp.prepared[n], planned=dataclasses.replace(
+                fp.prepared[n].planned, plan=fp.plans[n]), checks=dataclasses.replace(
+                fp.prepared[n].checks, config_warning=checks.config_warning))
             reports[n] = finish(src / n, done, tmp / n)[0]
             reports[n].output = str(out / n)
-        _check_written(tmp, names, sites)
-        steps = {f"{a} -> {b}": _steps_checked(src, tmp, a, b, dict(prepared[a].checks.input_dims),
-                                               prepared[a].checks.rtol)
-                 for a, b in sorted({(a, b) for a, b, _, _ in _passings(
-                     *_signatures(headers))})} if checks.validate else {}
+        _check_written(tmp, list(fp.headers), fp.sites)
+        steps: dict[str, dict | str] = {}
+        for a, b in sorted({(a, b) for a, b, _, _ in _passings(*_signatures(fp.headers))}):
+            sized = fp.prepared.get(a) or fp.prepared.get(b)
+            if checks.validate and sized is not None:
+                steps[f"{a} -> {b}"] = _steps_checked(src, tmp, a, b,
+                                                      dict(sized.checks.input_dims),
+                                                      sized.checks.rtol)
         for f in sorted(src.iterdir()):
-            if f.name not in headers and f.name not in skipped and f.name not in data:
+            if f.name not in fp.headers and f.name not in fp.skipped and f.name not in fp.data:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         if config is not None and edits:
             (tmp / CONFIG).write_text(json.dumps(config | edits, indent=2, sort_keys=True)
                                       + "\n")
-    return FamilyReport(reports, skipped, len(sites), followed, whole, str(out), steps,
+    return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
+                        str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {})
 
 
@@ -168,8 +217,8 @@ def _config_edits(config: dict, analyses: Mapping[str, Analysis],
     ``ORTModelForCausalLM`` sizes the first step's from its key/value head count); nothing when
     the files would need different values."""
     edits: dict[str, set[int]] = {}
-    for n, analysis in analyses.items():
-        for k, v in config_edit(config, signature_change(analysis, plans[n])).items():
+    for n, plan in plans.items():
+        for k, v in config_edit(config, signature_change(analyses[n], plan)).items():
             edits.setdefault(k, set()).add(v)
     return {k: vs.pop() for k, vs in edits.items() if len(vs) == 1}
 
@@ -306,7 +355,7 @@ def _unfollowable(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
     for r in comp:
         if r not in planned:
             g = groups[r]
-            reasons = sorted(g.frozen) or ["unscored"]
+            reasons = sorted(g.frozen) or ["not pruned in that file"]
             more = f"; and {len(reasons) - 1} more" if len(reasons) > 1 else ""
             return f"{g.name} cannot lose channels in {r[0]} ({reasons[0]}{more})"
     for s, t in pairs:
@@ -486,4 +535,4 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
                     f"differ after: the files would not be one model")
 
 
-__all__ = ["FamilyReport", "prune_together"]
+__all__ = ["FamilyPlan", "FamilyReport", "plan_together", "prune_together"]
