@@ -116,6 +116,13 @@ def signature_change(analysis: Analysis, plan: Plan) -> SignatureChange:
 #: Where a 🤗 Transformers ``config.json`` states the key/value heads, by architecture.
 KV_HEADS_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")
 HEADS_KEYS = ("num_attention_heads", "n_head", "num_heads")  # when the KV heads are these
+#: The ``model_type``\ s whose caches 🤗 Optimum's ``ORTModelForCausalLM`` sizes by the config's
+#: key/value head count (optimum-onnx 0.1.0, modeling_decoder.py); the others' by
+#: ``num_attention_heads``, even when the config states a key/value head count (Phi-3).
+KV_SIZED = frozenset({
+    "arcee", "deepseek_v3", "cohere", "gemma", "gemma3_text", "glm", "granite", "gpt_oss",
+    "helium", "mistral", "llama", "nemotron", "qwen2", "qwen3", "qwen3_moe", "smollm3",
+    "stablelm", "falcon"})
 
 
 def config_mismatch(model_path: str | None, change: SignatureChange) -> str | None:
@@ -136,6 +143,13 @@ def config_mismatch(model_path: str | None, change: SignatureChange) -> str | No
         return None
     if key is None:
         counts = kept[0] if len(kept) == 1 else kept
+        stated = next((k for k in KV_HEADS_KEYS if k in config), None)
+        if stated is not None and heads is not None:  # a model_type sized by the heads
+            return (f"{path} states {stated}={config[stated]}, but 🤗 Optimum's "
+                    f"ORTModelForCausalLM sizes a {config.get('model_type')}'s caches (and "
+                    f"their head size) from {heads}={config[heads]}, and the pruned caches have "
+                    f"{counts} heads: it cannot run the pruned model, and no edit of the "
+                    "config fixes that")
         return (f"{path} states {heads}={config[heads]} and no key/value head count, and the "
                 f"pruned caches have {counts} heads: runtimes that size the caches from the "
                 f"config (🤗 Optimum's ORTModelForCausalLM, which derives the head size from "
@@ -169,9 +183,12 @@ def read_config(path: Path) -> dict | None:
 
 def _cache_counts(config: dict, change: SignatureChange
                   ) -> tuple[str | None, str | None, list[int]]:
-    """The config's key/value head count key, its head count key, and the head counts the
-    pruned caches keep (one per layer count seen)."""
-    key = next((k for k in KV_HEADS_KEYS if k in config), None)
+    """The config's key/value head count key (None unless runtimes size the caches by it:
+    :data:`KV_SIZED`, or a config that does not say its model type), its head count key, and
+    the head counts the pruned caches keep (one per layer count seen)."""
+    typed = config.get("model_type")
+    key = next((k for k in KV_HEADS_KEYS if k in config), None) \
+        if typed is None or typed in KV_SIZED else None
     heads = next((k for k in HEADS_KEYS if k in config), None)
     kept = sorted({len(k) for name, (_, k, _) in change.inputs.items() if name in change.caches})
     return key, heads, kept
