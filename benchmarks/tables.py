@@ -1,8 +1,9 @@
 """Markdown tables of the benchmark results, and benchmarks/README.md made from them.
 
 Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory,quality,
-quality_pipeline,genai_folder}.json`` and renders one table (with the command and revision
-that produced it) per file, so that every figure in the tables is a figure of a recorded run.
+quality_pipeline,genai_folder,optimum_exports}.json`` and renders one table (with the command
+and revision that produced it) per file, so that every figure in the tables is a figure of a
+recorded run.
 
 ``benchmarks/README.md`` is hand-written prose around generated blocks. Each block sits between
 ``<!-- generated: NAME -->`` and ``<!-- end generated: NAME -->`` lines; :func:`update` replaces
@@ -178,6 +179,37 @@ def genai_folder(d: dict) -> str:
             f"{r['peak_rss_bytes'] / 2**20:.0f} MiB ({r['rss_over_model']:.2f}×) | "
             f"{r['params_before']:,} → {r['params_after']:,} | {r['flops_before']:,} → "
             f"{r['flops_after']:,} | {check} | {r['generator_tokens']} tokens |")
+    return "\n".join(lines)
+
+
+def optimum_exports(d: dict) -> str:
+    """Each 🤗 Optimum export: params of each file before → after and groups pruned, the
+    oracle, the folder's step check and config edits, and whether Optimum's runtime
+    generates with the pruned folder."""
+    lines = [f"🤗 Optimum exports, `spa prune … {' '.join(d['flags'])}` ({_load_note(d)}; "
+             f"exported with {', '.join(d['side_venv'][:3])}):", "",
+             "| export | pruned as | params by file (groups pruned) | oracle (relative) | "
+             "folder checks | generates under Optimum |", "|---|---|---|---|---|---|"]
+    for name, m in d["models"].items():
+        if "export" in m or m.get("exit"):
+            why = m["export"]["error"] if "export" in m else " ".join(m["error"])
+            lines.append(f"| {name} | | failed: {why.replace('|', '/')} | | | |")
+            continue
+        files = "; ".join(f"{n.removesuffix('.onnx')} {f['params_before']:,} → "
+                          f"{f['params_after']:,} ({f['groups_pruned']} of {f['groups']})"
+                          for n, f in m["files"].items())
+        oracle = max((f["masked_relative_diff"] or 0.0) for f in m["files"].values())
+        checks = []
+        steps = [s["relative_diff"] for s in m.get("step_checks", {}).values()
+                 if isinstance(s, dict)]
+        if steps:
+            checks.append(f"step check {max(steps):.1e}")
+        checks += [f"config {k} {a} → {b}" for k, (a, b) in m.get("config_edits", {}).items()]
+        gen = m.get("generate_pruned")
+        runs = "" if gen is None else "yes" if "tokens" in gen else \
+            "no: " + gen["error"].split("\n")[0].replace("|", "/")[:90]
+        lines.append(f"| {name} | {'file' if m['kind'] == 'encoder' else 'folder'} | {files} | "
+                     f"{oracle:.1e} | {', '.join(checks)} | {runs} |")
     return "\n".join(lines)
 
 
@@ -566,6 +598,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "latency_fidelity_minilm": latency_fidelity,
           "latency_fidelity_obspa": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder,
+          "optimum_exports": optimum_exports,
           "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources,
           "int4_minilm": int4_minilm, "int8_effnet": int8_effnet,
           "int8_chain_minilm": int8_chain_minilm,

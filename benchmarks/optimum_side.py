@@ -1,0 +1,134 @@
+"""The half of :mod:`benchmarks.optimum_exports` that runs in the venv of 🤗 Optimum (its own:
+optimum-onnx 0.1.0 needs transformers 4.57, older than this project's). It does not import
+SPA. Two commands, each printing one JSON line:
+
+    python benchmarks/optimum_side.py export NAME HF_DIR ONNX_DIR
+        build NAME's random model from its config (seeded, hidden 64, 4 heads, 2 layers),
+        save it to HF_DIR and export it with ``optimum-cli export onnx``'s own function
+    python benchmarks/optimum_side.py generate NAME ONNX_DIR
+        load the folder with Optimum's ORTModel class for NAME's task and generate greedily
+        (the tokens, or the error)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+ENCODER = dict(SMALL, intermediate_size=128, max_position_embeddings=64)
+DECODER = dict(SMALL, intermediate_size=128, max_position_embeddings=128)
+SEQ2SEQ = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+               vocab_size=100, max_position_embeddings=64)
+T5 = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16,
+          vocab_size=100, decoder_start_token_id=0)
+
+#: name: (config class, model class, its config, Optimum's task, kind: encoder, seq2seq,
+#: speech or decoder)
+MODELS = {
+    "bert": ("BertConfig", "BertModel", ENCODER, "feature-extraction", "encoder"),
+    "roberta": ("RobertaConfig", "RobertaModel", ENCODER, "feature-extraction", "encoder"),
+    "distilbert": ("DistilBertConfig", "DistilBertModel",
+                   dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=100,
+                        max_position_embeddings=64), "feature-extraction", "encoder"),
+    "albert": ("AlbertConfig", "AlbertModel", dict(ENCODER, embedding_size=32),
+               "feature-extraction", "encoder"),
+    "electra": ("ElectraConfig", "ElectraModel", dict(ENCODER, embedding_size=32),
+                "feature-extraction", "encoder"),
+    "deberta-v2": ("DebertaV2Config", "DebertaV2Model", ENCODER, "feature-extraction",
+                   "encoder"),
+    "mpnet": ("MPNetConfig", "MPNetModel", ENCODER, "feature-extraction", "encoder"),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", ENCODER, "feature-extraction",
+                    "encoder"),
+    "vit": ("ViTConfig", "ViTModel",
+            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=128, image_size=32, patch_size=8),
+            "feature-extraction", "encoder"),
+    "bart": ("BartConfig", "BartForConditionalGeneration", SEQ2SEQ,
+             "text2text-generation-with-past", "seq2seq"),
+    "marian": ("MarianConfig", "MarianMTModel",
+               dict(SEQ2SEQ, decoder_start_token_id=0, pad_token_id=1),
+               "text2text-generation-with-past", "seq2seq"),
+    "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", SEQ2SEQ,
+                "text2text-generation-with-past", "seq2seq"),
+    "t5": ("T5Config", "T5ForConditionalGeneration", T5, "text2text-generation-with-past",
+           "seq2seq"),
+    "mt5": ("MT5Config", "MT5ForConditionalGeneration", T5, "text2text-generation-with-past",
+            "seq2seq"),
+    "whisper": ("WhisperConfig", "WhisperForConditionalGeneration",
+                dict(SEQ2SEQ, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                     decoder_start_token_id=0, num_mel_bins=80, max_source_positions=1500,
+                     max_target_positions=64),
+                "automatic-speech-recognition-with-past", "speech"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(DECODER, num_key_value_heads=2),
+              "text-generation-with-past", "decoder"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(DECODER, num_key_value_heads=2),
+              "text-generation-with-past", "decoder"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(DECODER, num_key_value_heads=4),
+                "text-generation-with-past", "decoder"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(DECODER, num_key_value_heads=2,
+                                                       head_dim=16),
+              "text-generation-with-past", "decoder"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(DECODER, num_key_value_heads=2),
+                "text-generation-with-past", "decoder"),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(DECODER, num_key_value_heads=2),
+                 "text-generation-with-past", "decoder"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM",
+             dict(DECODER, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                  bos_token_id=1), "text-generation-with-past", "decoder"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=128),
+             "text-generation-with-past", "decoder"),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(SMALL, new_decoder_architecture=False, multi_query=True),
+               "text-generation-with-past", "decoder"),
+}
+PROMPT = [5, 17, 42, 8, 99, 3]
+
+
+def export(name: str, hf_dir: str, onnx_dir: str) -> dict:
+    import torch
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    config_class, model_class, config, task, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+    model.save_pretrained(hf_dir)
+    main_export(hf_dir, output=onnx_dir, task=task)
+    return {"exported": True}
+
+
+def generate(name: str, onnx_dir: str) -> dict:
+    import torch
+    from optimum import onnxruntime as ort_models
+
+    kind = MODELS[name][4]
+    if kind == "encoder":
+        return {"generate": "not a generator"}
+    cls = {"seq2seq": "ORTModelForSeq2SeqLM", "speech": "ORTModelForSpeechSeq2Seq",
+           "decoder": "ORTModelForCausalLM"}[kind]
+    model = getattr(ort_models, cls).from_pretrained(onnx_dir, use_cache=True)
+    torch.manual_seed(0)
+    if kind == "speech":
+        feeds = {"input_features": torch.randn(1, 80, 3000)}
+    else:
+        ids = torch.tensor([PROMPT])
+        feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = model.generate(**feeds, max_new_tokens=8, do_sample=False)
+    return {"runtime": cls, "tokens": out[0].tolist()}
+
+
+def main(argv: list[str]) -> None:
+    try:
+        result = export(*argv[1:]) if argv[0] == "export" else generate(*argv[1:])
+    except Exception as exc:  # reported, not raised: the benchmark records what failed
+        result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                  "trace": traceback.format_exc()[-1500:]}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
