@@ -25,6 +25,14 @@ SEQ2SEQ = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention
 T5 = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16,
           vocab_size=100, decoder_start_token_id=0)
 
+
+
+def _causal(name: str, **extra: object) -> tuple[str, str, dict, str, str]:
+    """A decoder-only model's entry of :data:`MODELS`."""
+    return (f"{name}Config", f"{name}ForCausalLM", dict(DECODER, **extra),
+            "text-generation-with-past", "decoder")
+
+
 #: name: (config class, model class, its config, Optimum's task, kind: encoder, seq2seq,
 #: speech or decoder)
 MODELS = {
@@ -62,22 +70,12 @@ MODELS = {
                      decoder_start_token_id=0, num_mel_bins=80, max_source_positions=1500,
                      max_target_positions=64),
                 "automatic-speech-recognition-with-past", "speech"),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(DECODER, num_key_value_heads=2),
-              "text-generation-with-past", "decoder"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(DECODER, num_key_value_heads=2),
-              "text-generation-with-past", "decoder"),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(DECODER, num_key_value_heads=4),
-                "text-generation-with-past", "decoder"),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(DECODER, num_key_value_heads=2,
-                                                       head_dim=16),
-              "text-generation-with-past", "decoder"),
-    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(DECODER, num_key_value_heads=2),
-                "text-generation-with-past", "decoder"),
-    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(DECODER, num_key_value_heads=2),
-                 "text-generation-with-past", "decoder"),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM",
-             dict(DECODER, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                  bos_token_id=1), "text-generation-with-past", "decoder"),
+    **{name.lower(): _causal(name, **extra) for name, extra in (
+        ("Llama", dict(num_key_value_heads=2)), ("Qwen2", dict(num_key_value_heads=2)),
+        ("Mistral", dict(num_key_value_heads=4)),
+        ("Gemma", dict(num_key_value_heads=2, head_dim=16)),
+        ("Granite", dict(num_key_value_heads=2)), ("StableLm", dict(num_key_value_heads=2)),
+        ("Phi3", dict(num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=1)))},
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
              dict(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=128),
              "text-generation-with-past", "decoder"),

@@ -377,8 +377,8 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
     from spa.report import plan_summary, plan_text, write_text_atomic
 
     together = plan_together(args.model, options, _checks(args))
-    summary = {"files": {n: plan_summary(p, str(Path(args.model) / n))
-                         for n, p in together.plans.items()},
+    files = {n: plan_summary(p, str(Path(args.model) / n)) for n, p in together.plans.items()}
+    summary = {"files": files,
                "skipped": together.skipped, "tied_spaces": len(together.sites),
                "groups_following": together.followed, "kept_whole": together.kept_whole}
     if args.report:
@@ -388,7 +388,7 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
         return int(ExitCode.OK)
     for name, why in together.skipped.items():
         _note(args, f"{name}: {why}")
-    for name, one in summary["files"].items():
+    for name, one in files.items():
         print(f"{name}:")
         print(plan_text(one))
     print(f"{len(together.sites)} channel spaces tied between files; {together.followed} "
