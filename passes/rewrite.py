@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.coupling.types import KeptLookup
+from spa.ir.load import SELECT
 from spa.passes.blocks import FUSED_RESIDUAL, SKIP_EPSILON, SUM
 from spa.passes.compensation import add_bias_shifts
 from spa.plan import kept_indices
@@ -73,12 +74,25 @@ class Rewrite:
                                         for t in (*node.inputs, *node.outputs)):
                 hook(node, lookup)
         drop_blocks(graph, plan)
+        _drop_whole_selects(graph)
         graph.cleanup(remove_unused_graph_inputs=False)
         log.info("rewrote %d channel spaces", len(kept))
         compensated = weights.layers if weights is not None else 0
         if shifts is not None:
             compensated += add_bias_shifts(analysis, plan, shifts)
         return Rewritten(len(kept), compensated)
+
+
+def _drop_whole_selects(graph: gs.Graph) -> None:
+    """The loader's per-layer views of a shared attention bias (spa/ir/load.py ``SELECT``)
+    that still take every head read the bias itself again: the written model has them only
+    where a layer lost heads."""
+    for node in [n for n in graph.nodes if n.name.endswith(SELECT)]:
+        data, idx = node.inputs[0], node.inputs[1]
+        heads = data.shape[1] if data.shape is not None and len(data.shape) > 1 else None
+        if isinstance(idx, gs.Constant) and isinstance(heads, int) \
+                and np.array_equal(np.asarray(idx.values).reshape(-1), np.arange(heads)):
+            _reroute(node.outputs[0], data)
 
 
 def drop_blocks(graph: gs.Graph, plan: Plan) -> None:

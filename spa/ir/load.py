@@ -195,6 +195,8 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
         shape_values_folded = fold_constant_ops(graph, on_layout)
         if shape_values_folded:
             _toposort(graph.cleanup(remove_unused_graph_inputs=False))
+    if _select_shared_head_biases(graph):
+        _toposort(graph)
     return graph, resolve(ties, graph)
 
 
@@ -307,6 +309,54 @@ def _unshare_shape_targets(graph: gs.Graph) -> None:
                                        dict(node.attrs), inputs, [new], domain=node.domain))
             target = new
         reader.inputs[slot] = target
+
+
+#: Marks the ``Gather`` nodes by which :func:`_select_shared_head_biases` gives each reader of a
+#: shared attention bias its own heads (spa/coupling/rules/gather.py; the rewrite drops those
+#: that keep every head: passes/rewrite.py).
+SELECT = "__spa_select"
+
+
+def _select_shared_head_biases(graph: gs.Graph) -> bool:
+    """Give each layer its own view of an attention bias that several layers add to their
+    scores: a ``Gather`` of all its heads (``arange(H)`` on axis 1) before each reader.
+
+    T5 computes its relative position bias (with the mask added, ``[B, H, T, T]``) in its
+    first layer and every later layer adds that same tensor to its scores; MPNet expands one
+    for all of its layers. Read directly, the bias couples every layer's heads: a head could
+    only go from all layers at once. Through its own Gather, each layer's heads go alone (the
+    rewrite keeps the indices of the heads that layer kept; the bias itself stays whole).
+    Copies change no number. A tensor qualifies when it is 4-D with a static head axis
+    (axis 1, more than one head) and every reader is an ``Add`` whose other input is 4-D with
+    as many heads. True when any was found."""
+    found = False
+    outputs = {t.name for t in graph.outputs}
+    for t in [t for t in graph.tensors().values() if isinstance(t, gs.Variable)]:
+        shape = t.shape
+        if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or shape[1] < 2 \
+                or t.name in outputs:
+            continue
+        readers = list(t.outputs)
+        if len(readers) < 2 or any(not _adds_to_heads(r, t, shape[1]) for r in readers):
+            continue
+        for r in readers:
+            out = gs.Variable(f"{t.name}{SELECT}_{r.name}", dtype=t.dtype, shape=list(shape))
+            idx = gs.Constant(f"{t.name}{SELECT}_{r.name}_indices",
+                              np.arange(shape[1], dtype=np.int64))
+            graph.nodes.append(gs.Node("Gather", f"{r.name}{SELECT}", {"axis": 1}, [t, idx],
+                                       [out]))
+            r.inputs[[i for i, x in enumerate(r.inputs) if x is t][0]] = out
+        found = True
+    return found
+
+
+def _adds_to_heads(node: gs.Node, t: gs.Tensor, heads: int) -> bool:
+    """``node`` adds ``t`` to another 4-D tensor of ``heads`` heads (an attention's scores)."""
+    if node.op != "Add" or len(node.inputs) != 2:
+        return False
+    other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+    return other is not t and other.shape is not None and len(other.shape) == 4 \
+        and other.shape[1] == heads
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:

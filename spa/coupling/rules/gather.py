@@ -29,6 +29,7 @@ from spa.coupling.registry import register
 from spa.coupling.rules.shape import fixed_entry, rewrite_literals, unreadable_shape
 from spa.coupling.rules.slicing import new_const
 from spa.coupling.types import Role
+from spa.ir.load import SELECT
 from spa.ir.shapevalue import DimRef, Lit, shape_entries
 
 if TYPE_CHECKING:
@@ -44,7 +45,9 @@ def gather(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(data if rank is None else idx))
         return
     axis = ctx.attr_int("axis", 0) % rank
-    if not _picks(ctx, data, idx, y, axis, idx_rank):
+    if ctx.node.name.endswith(SELECT) and _selects(ctx, data, idx, y, axis):
+        pass
+    elif not _picks(ctx, data, idx, y, axis, idx_rank):
         ctx.decline(f"axis {axis} of '{data.name}' is indexed by '{idx.name}': pruning it "
                     "would change what the indices pick", ctx.space(data, axis))
     for ax in range(axis):
@@ -86,6 +89,29 @@ def _picks(ctx: NodeContext, data: gs.Tensor, idx: gs.Tensor, y: gs.Tensor, axis
         ctx.on_rewrite(_renumber_hook((data.name, axis), (y.name, axis) if idx_rank else None,
                                       picks, np.asarray(indices).dtype))
     return mapped
+
+
+def _selects(ctx: NodeContext, data: gs.Tensor, idx: gs.Tensor, y: gs.Tensor, axis: int
+             ) -> bool:
+    """A reader's own view of a shared attention bias (spa/ir/load.py
+    ``_select_shared_head_biases``): its heads go with the reader's alone, the bias stays
+    whole, and the rewrite keeps the indices of the heads the reader kept."""
+    indices = ctx.const(idx)
+    picked, source = ctx.space(y, axis), ctx.space(data, axis)
+    if indices is None or picked is None or source is None:
+        return False
+    ctx.handle(picked)
+    ctx.decline(f"Gather node '{ctx.node.name}' gives one layer its own heads of '{data.name}',"
+                " which stays whole", source)
+    name, dtype = (y.name, axis), np.asarray(indices).dtype
+
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        if kept.changed(name):
+            chosen = np.asarray(indices).reshape(-1)[kept.kept(name)]
+            node.inputs[1] = new_const(node, "indices", chosen, dtype=dtype)
+
+    ctx.on_rewrite(hook)
+    return True
 
 
 def _renumber_hook(source: SpaceKey, picked: SpaceKey | None, picks: list[int],
