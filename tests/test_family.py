@@ -128,6 +128,33 @@ def test_a_file_with_nothing_to_prune_is_copied_as_it_is(tmp_path: Path) -> None
     assert _decode(out) < 1e-5
 
 
+def test_a_folder_whose_files_pass_nothing_takes_calibration_data(tmp_path: Path) -> None:
+    """A folder of one model file (a decoder beside its config, here a small conv net) is
+    calibrated and reconstructed as the file alone would be, its other files copied."""
+    src = tmp_path / "net"
+    src.mkdir()
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 6, 6])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 3, 3)))]
+    nodes = [onnx.helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", pads=[1] * 4),
+             onnx.helper.make_node("Relu", ["a"], ["r"], name="r1"),
+             onnx.helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", pads=[1] * 4)]
+    onnx.save(onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "net", [x], [y], inits),
+        opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10), str(src / "net.onnx"))
+    (src / "labels.txt").write_text("a\nb\n")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((40, 3, 6, 6)).astype(np.float32))
+    out = tmp_path / "small"
+    done = prune_family(src, out, PruneOptions(ratio=0.5, calib=str(calib)), CheckOptions())
+    report = done.reports["net.onnx"]
+    assert report.params_after < report.params_before
+    assert report.calibration["samples"] == 36 and report.reconstruction
+    assert (out / "labels.txt").read_text() == "a\nb\n"
+
+
 def test_one_file_at_a_time_breaks_the_pair(tmp_path: Path) -> None:
     out = tmp_path / "apart"
     out.mkdir()
@@ -186,7 +213,7 @@ def test_a_dry_run_of_a_folder_plans_each_file_and_writes_nothing(tmp_path: Path
 
 
 @pytest.mark.parametrize("flags, expect", [
-    (["--calib", "x.npz"], "calibration data for a folder"),
+    (["--calib", "x.npz"], "calibration data for files that pass tensors"),
     (["--criterion", "obspa"], "--no-compensate"),
     (["--target", "latency"], "--target latency times one file"),
     (["--plan", "p.json"], "--plan: not for a folder"),

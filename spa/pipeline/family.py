@@ -35,7 +35,10 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
   ``ORTModelForCausalLM`` sizes the first step's caches from it) is written with their count.
   Everything is written into a temporary folder beside the output and renamed into place last.
 
-Data-free only: calibration data for a decoder would have to come from the encoder's outputs.
+Files that pass tensors to each other are pruned data-free only (calibration data for a
+decoder would have to come from the encoder's outputs; OBSPA's compensation and a latency
+target read each file alone); a folder whose files pass nothing (a decoder's ``model.onnx``
+beside its ``config.json``) takes the options one file takes, depth pruning aside.
 """
 
 from __future__ import annotations
@@ -127,7 +130,8 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
     onnx_files = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file())
     if not onnx_files:
         raise OptionError(f"{src}: is a directory with no ONNX file in it")
-    _refuse(options)
+    if options.drops_blocks:
+        raise OptionError("depth pruning of a folder of files is not supported")
     headers = {n: onnx.load(str(src / n), load_external_data=False) for n in onnx_files}
     data = {d for h in headers.values() for d in external_data_files(h)}
     skipped = {n: "holds the decoders as the branches of an If, which SPA does not prune "
@@ -138,6 +142,8 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
         raise OptionError(f"{src}: every ONNX file in it is a merged decoder ({MERGED})")
     headers = {n: headers[n] for n in names}
     free = _passed(headers)
+    if any(free.values()):
+        _refuse(options)
     prepared: dict[str, Prepared] = {}
     analyses: dict[str, Analysis] = {}
     unchanged: dict[str, NothingPrunableError] = {}
@@ -224,11 +230,13 @@ def _config_edits(config: dict, analyses: Mapping[str, Analysis],
 
 
 def _refuse(options: PruneOptions) -> None:
-    """What a folder cannot be pruned with, before any work."""
+    """What files that pass tensors to each other cannot be pruned with, before any work (a
+    folder whose files do not, such as a decoder's ``model.onnx`` beside its config, takes
+    every option one file takes but depth pruning)."""
     if options.calib is not None:
-        raise OptionError("calibration data for a folder of files is not supported: a decoder's "
-                          "inputs come from the encoder's outputs. Prune the folder data-free, "
-                          "or one file at a time with --calib")
+        raise OptionError("calibration data for files that pass tensors to each other is not "
+                          "supported: a decoder's inputs come from the encoder's outputs. Prune "
+                          "the folder data-free, or one file at a time with --calib")
     if options.target is Target.LATENCY:
         raise OptionError("--target latency times one file: prune the folder with "
                           "--target flops or params")
@@ -236,8 +244,6 @@ def _refuse(options: PruneOptions) -> None:
         raise OptionError("OBSPA's compensation reads each file's own inputs, so the weights "
                           "two files share would be updated differently: prune the folder "
                           "with --no-compensate or a criterion that reads the weights alone")
-    if options.drops_blocks:
-        raise OptionError("depth pruning of a folder of files is not supported")
 
 
 def _signatures(headers: Mapping[str, onnx.ModelProto]
@@ -532,7 +538,9 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
             if va.shape != vb.shape or not np.array_equal(va, vb):
                 raise ValidationError(
                     f"weight '{x}' of {a} and '{y}' of {b} were the same before pruning and "
-                    f"differ after: the files would not be one model")
+                    f"differ after: the files would not be one model (calibration and "
+                    f"compensation refit each file alone: prune such files one at a time, or "
+                    f"without them)")
 
 
 __all__ = ["FamilyPlan", "FamilyReport", "plan_together", "prune_together"]
