@@ -232,8 +232,20 @@ def _note(args: argparse.Namespace, text: str) -> None:
 
 def _analyze(args: argparse.Namespace) -> int:
     from spa.api import analyze
+    from spa.pipeline.genai import is_genai_folder
     from spa.report import analysis_summary, analysis_text
 
+    if os.path.isdir(args.model) and not is_genai_folder(args.model):
+        from spa.pipeline.family import analyse_together
+
+        files = analyse_together(args.model, ignore=tuple(args.ignore), hidden=args.hidden)
+        if args.json:
+            print(json.dumps({"files": {n: analysis_summary(a) for n, a in files.items()}},
+                             indent=1))
+        for name, analysis in files.items() if not args.json else ():
+            print(f"{name}:")
+            print(analysis_text(analysis, explain=args.explain))
+        return int(ExitCode.OK)
     analysis = analyze(args.model, ignore=tuple(args.ignore), hidden=args.hidden)
     if args.json:
         print(json.dumps(analysis_summary(analysis), indent=1))

@@ -212,6 +212,19 @@ def test_a_dry_run_of_a_folder_plans_each_file_and_writes_nothing(tmp_path: Path
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+def test_analyze_reads_a_folder_as_it_is_pruned(tmp_path: Path, capsys) -> None:
+    """``spa analyze folder/`` analyses each file with the caches between files free: the
+    first-step decoder's heads are prunable there, frozen when the file is analysed alone."""
+    src = _folder(tmp_path)
+    assert main(["analyze", str(src), "--json"]) == ExitCode.OK
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert sorted(files) == ["decoder_model.onnx", "decoder_with_past_model.onnx"]
+    together = sum(g["prunable"] for g in files["decoder_model.onnx"]["groups"])
+    assert main(["analyze", str(src / "decoder_model.onnx"), "--json"]) == ExitCode.OK
+    alone = sum(g["prunable"] for g in json.loads(capsys.readouterr().out)["groups"])
+    assert (together, alone) == (6, 2)
+
+
 @pytest.mark.parametrize("flags, expect", [
     (["--calib", "x.npz"], "calibration data for files that pass tensors"),
     (["--criterion", "obspa"], "--no-compensate"),

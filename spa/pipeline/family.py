@@ -123,6 +123,21 @@ class FamilyPlan:
     kept_whole: list[str]
 
 
+def analyse_together(folder: str | os.PathLike[str], *, ignore: tuple[str, ...] = (),
+                     hidden: bool = False) -> dict[str, Analysis]:
+    """Each ONNX file of ``folder`` (merged decoders aside) analysed as :func:`plan_together`
+    analyses it: the tensors passed between files may change shape (``spa analyze
+    folder/``)."""
+    src = Path(folder)
+    names = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file()
+                   and not f.name.endswith(MERGED))
+    if not names:
+        raise OptionError(f"{src}: is a directory with no ONNX file to analyse in it")
+    free = _passed({n: onnx.load(str(src / n), load_external_data=False) for n in names})
+    return {n: analyse(load_model(str(src / n)), ignore=ignore, hidden=hidden,
+                       free=tuple(sorted(free[n]))) for n in names}
+
+
 def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
                   checks: CheckOptions) -> FamilyPlan:
     """Analyse and plan the ONNX files of ``folder`` together (see the module)."""
@@ -543,4 +558,4 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
                     f"without them)")
 
 
-__all__ = ["FamilyPlan", "FamilyReport", "plan_together", "prune_together"]
+__all__ = ["FamilyPlan", "FamilyReport", "analyse_together", "plan_together", "prune_together"]
