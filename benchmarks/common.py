@@ -69,9 +69,10 @@ NOT_CODE = (":(top,exclude)benchmarks/results", ":(top,exclude)*.md")
 
 def revision() -> str:
     """The commit the benchmark ran, with ``-dirty`` appended when tracked files other than
-    results and Markdown differ from it (the run measured uncommitted code; results written by an
-    earlier benchmark of the same session do not count); ``unknown`` when git cannot tell;
-    ``SPA_REVISION`` for a run from an exported snapshot."""
+    results and Markdown differ from it, or files git does not track are there (the run
+    measured uncommitted code; results written by an earlier benchmark of the same session do
+    not count); ``unknown`` when git cannot tell; ``SPA_REVISION`` for a run from an exported
+    snapshot."""
     import subprocess
 
     if os.environ.get("SPA_REVISION"):
@@ -82,11 +83,15 @@ def revision() -> str:
                               cwd=here, check=True).stdout.strip()
         changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ":(top)", *NOT_CODE],
                                  cwd=here).returncode
+        # a file git does not track yet (a new benchmark script) is uncommitted code too
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--",
+                                    ":(top)", *NOT_CODE], capture_output=True, text=True,
+                                   cwd=here, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     if changed not in (0, 1):  # not "same" or "differs": git failed, so nothing is known
         return "unknown"
-    return f"{head}-dirty" if changed else head
+    return f"{head}-dirty" if changed or untracked else head
 
 
 def median_seconds(fn: Callable[[], object], runs: int) -> tuple[float, list[float]]:

@@ -88,14 +88,17 @@ def test_machine_records_the_cpu_model_and_its_widest_vector_extension(tmp_path)
 
 def test_revision_says_dirty_only_when_git_says_the_code_differs(monkeypatch):
     """``git diff --quiet`` exits 0 (same), 1 (differs) or anything else (git failed): a
-    failure stamps the row ``unknown``, not ``-dirty``."""
+    failure stamps the row ``unknown``, not ``-dirty``; a file git does not track yet (a new
+    benchmark script) is uncommitted code too."""
     import subprocess
     from types import SimpleNamespace
 
     from benchmarks import common
 
     monkeypatch.delenv("SPA_REVISION", raising=False)
-    for code, want in ((0, "abc"), (1, "abc-dirty"), (128, "unknown")):
-        monkeypatch.setattr(subprocess, "run", lambda args, code=code, **kw: SimpleNamespace(
-            stdout="abc\n", returncode=0 if "rev-parse" in args else code))
-        assert common.revision() == want, code
+    for code, untracked, want in ((0, "", "abc"), (1, "", "abc-dirty"), (128, "", "unknown"),
+                                  (0, "benchmarks/new.py\n", "abc-dirty")):
+        monkeypatch.setattr(subprocess, "run", lambda args, code=code, untracked=untracked, **kw:
+                            SimpleNamespace(stdout=untracked if "ls-files" in args else "abc\n",
+                                            returncode=0 if "diff" not in args else code))
+        assert common.revision() == want, (code, untracked)
