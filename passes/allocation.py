@@ -123,10 +123,8 @@ class Allocation:
             keep = self._keep(analysis, scores, self.ratio)
         else:
             keep = self._search(analysis, scores, cost, before)
-        plan = _make_plan(analysis, keep, recipe, scores.unscored)
-        after = cost.count(kept_indices(analysis, plan))
-        pred = Prediction(before.params, after.params, before.flops, after.flops)
-        return Plan(plan.fingerprint, plan.groups, plan.frozen, pred, plan.recipe)
+        return _predicted(analysis, _make_plan(analysis, keep, recipe, scores.unscored), cost,
+                          before)
 
     def _keep(self, analysis: Analysis, scores: Scores, ratio: float, *,
               rounded: bool = True) -> dict[int, np.ndarray]:
@@ -526,9 +524,14 @@ def with_keep(analysis: Analysis, plan: Plan, keep: Mapping[int, np.ndarray]) ->
     groups = tuple(GroupPlan(gp.id, gp.name, gp.size, tuple(int(i) for i in keep[gp.id]))
                    if gp.id in keep else gp for gp in plan.groups)
     cost = CostModel(analysis.model.graph, analysis.model.ties)
-    before = Counts(analysis.model.params, cost.count().flops)
-    moved = Plan(plan.fingerprint, groups, plan.frozen, None, plan.recipe, plan.dropped)
-    after = cost.count(kept_indices(analysis, moved))
-    return Plan(plan.fingerprint, groups, plan.frozen,
+    return _predicted(analysis, Plan(plan.fingerprint, groups, plan.frozen, None, plan.recipe,
+                                     plan.dropped),
+                      cost, Counts(analysis.model.params, cost.count().flops))
+
+
+def _predicted(analysis: Analysis, plan: Plan, cost: CostModel, before: Counts) -> Plan:
+    """``plan`` with its prediction: params and FLOPs ``before`` and after its cut."""
+    after = cost.count(kept_indices(analysis, plan))
+    return Plan(plan.fingerprint, plan.groups, plan.frozen,
                 Prediction(before.params, after.params, before.flops, after.flops),
                 plan.recipe, plan.dropped)

@@ -129,10 +129,7 @@ def analyse_together(folder: str | os.PathLike[str], *, ignore: tuple[str, ...] 
     analyses it: the tensors passed between files may change shape (``spa analyze
     folder/``)."""
     src = Path(folder)
-    names = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file()
-                   and not f.name.endswith(MERGED))
-    if not names:
-        raise OptionError(f"{src}: is a directory with no ONNX file to analyse in it")
+    names = _model_files(src)[1]
     free = _passed({n: onnx.load(str(src / n), load_external_data=False) for n in names})
     return {n: analyse(load_model(str(src / n)), ignore=ignore, hidden=hidden,
                        free=tuple(sorted(free[n]))) for n in names}
@@ -142,19 +139,14 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
                   checks: CheckOptions) -> FamilyPlan:
     """Analyse and plan the ONNX files of ``folder`` together (see the module)."""
     src = Path(folder)
-    onnx_files = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file())
-    if not onnx_files:
-        raise OptionError(f"{src}: is a directory with no ONNX file in it")
+    onnx_files, names = _model_files(src)
     if options.drops_blocks:
         raise OptionError("depth pruning of a folder of files is not supported")
     headers = {n: onnx.load(str(src / n), load_external_data=False) for n in onnx_files}
     data = {d for h in headers.values() for d in external_data_files(h)}
     skipped = {n: "holds the decoders as the branches of an If, which SPA does not prune "
                "inside; left out of the pruned folder (runtimes load the two decoders instead)"
-               for n in onnx_files if n.endswith(MERGED)}
-    names = [n for n in onnx_files if n not in skipped]
-    if not names:
-        raise OptionError(f"{src}: every ONNX file in it is a merged decoder ({MERGED})")
+               for n in onnx_files if n not in names}
     headers = {n: headers[n] for n in names}
     free = _passed(headers)
     if any(free.values()):
@@ -163,13 +155,13 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
     analyses: dict[str, Analysis] = {}
     unchanged: dict[str, NothingPrunableError] = {}
     for n in names:
+        loaded = load_model(str(src / n))
         try:
-            prepared[n] = prepare(load_model(str(src / n)), options, checks,
-                                  free=tuple(sorted(free[n])))
+            prepared[n] = prepare(loaded, options, checks, free=tuple(sorted(free[n])))
             analyses[n] = prepared[n].analysis
         except NothingPrunableError as exc:  # copied as it is; what it ties to keeps whole
             unchanged[n] = exc
-            analyses[n] = analyse(load_model(str(src / n)), ignore=options.ignore,
+            analyses[n] = analyse(loaded, ignore=options.ignore,
                                   hidden=options.hidden_ratio is not None,
                                   free=tuple(sorted(free[n])))
     if not prepared:
@@ -191,11 +183,10 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
                    options: PruneOptions, checks: CheckOptions) -> FamilyReport:
     """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module)."""
     src, out = Path(folder), Path(out_dir)
-    if any(f.suffix == ".onnx" for f in src.iterdir()):  # else plan_together says so
-        check_output_folder(out)
-        if out.resolve().is_relative_to(src.resolve()):
-            raise OutputPathError(f"{out}: the pruned folder cannot be in the input folder "
-                                  f"{src}")
+    _model_files(src)  # a folder with nothing to prune says so before the output is judged
+    check_output_folder(out)
+    if out.resolve().is_relative_to(src.resolve()):
+        raise OutputPathError(f"{out}: the pruned folder cannot be in the input folder {src}")
     fp = plan_together(src, options, checks)
     config = read_config(src / CONFIG)
     edits = _config_edits(config, fp.analyses, fp.plans) if config is not None else {}
@@ -230,6 +221,18 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
     return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {})
+
+
+def _model_files(src: Path) -> tuple[list[str], list[str]]:
+    """The ONNX files of ``src``, and those SPA prunes (all but merged decoders), by name;
+    an error when there are none of the latter."""
+    onnx_files = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file())
+    if not onnx_files:
+        raise OptionError(f"{src}: is a directory with no ONNX file in it")
+    names = [n for n in onnx_files if not n.endswith(MERGED)]
+    if not names:
+        raise OptionError(f"{src}: every ONNX file in it is a merged decoder ({MERGED})")
+    return onnx_files, names
 
 
 def _config_edits(config: dict, analyses: Mapping[str, Analysis],

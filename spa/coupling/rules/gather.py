@@ -45,9 +45,8 @@ def gather(ctx: NodeContext) -> None:
         ctx.refuse(ctx.unknown_rank(data if rank is None else idx))
         return
     axis = ctx.attr_int("axis", 0) % rank
-    if ctx.node.name.endswith(SELECT) and _selects(ctx, data, idx, y, axis):
-        pass
-    elif not _picks(ctx, data, idx, y, axis, idx_rank):
+    selected = ctx.node.name.endswith(SELECT) and _selects(ctx, data, idx, y, axis)
+    if not selected and not _picks(ctx, data, idx, y, axis, idx_rank):
         ctx.decline(f"axis {axis} of '{data.name}' is indexed by '{idx.name}': pruning it "
                     "would change what the indices pick", ctx.space(data, axis))
     for ax in range(axis):
@@ -103,14 +102,10 @@ def _selects(ctx: NodeContext, data: gs.Tensor, idx: gs.Tensor, y: gs.Tensor, ax
     ctx.handle(picked)
     ctx.decline(f"Gather node '{ctx.node.name}' gives one layer its own heads of '{data.name}',"
                 " which stays whole", source)
-    name, dtype = (y.name, axis), np.asarray(indices).dtype
-
-    def hook(node: gs.Node, kept: KeptLookup) -> None:
-        if kept.changed(name):
-            chosen = np.asarray(indices).reshape(-1)[kept.kept(name)]
-            node.inputs[1] = new_const(node, "indices", chosen, dtype=dtype)
-
-    ctx.on_rewrite(hook)
+    # the source never changes, so renumbering keeps the picks of the heads the reader kept
+    ctx.on_rewrite(_renumber_hook(source.key, picked.key,
+                                  [int(i) for i in np.asarray(indices).reshape(-1)],
+                                  np.asarray(indices).dtype))
     return True
 
 
