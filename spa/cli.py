@@ -242,9 +242,10 @@ def _analyze(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"files": {n: analysis_summary(a) for n, a in files.items()}},
                              indent=1))
-        for name, analysis in files.items() if not args.json else ():
-            print(f"{name}:")
-            print(analysis_text(analysis, explain=args.explain))
+        else:
+            for name, analysis in files.items():
+                print(f"{name}:")
+                print(analysis_text(analysis, explain=args.explain))
         return int(ExitCode.OK)
     analysis = analyze(args.model, ignore=tuple(args.ignore), hidden=args.hidden)
     if args.json:
@@ -370,8 +371,7 @@ def _prune_family(args: argparse.Namespace, options) -> int:
     for name, report in family.reports.items():
         print(f"{name}:")
         print(report_table(report))
-    print(f"{family.ties} channel spaces tied between files; {family.followed} groups follow "
-          "another file's")
+    print(_ties(family.ties, family.followed))
     for pair, step in family.steps.items():
         print(f"step check {pair}: " + (step if isinstance(step, str) else
               f"{step['steps']} tokens decoded on the caches match a run over the whole prefix "
@@ -403,9 +403,12 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
     for name, one in files.items():
         print(f"{name}:")
         print(plan_text(one))
-    print(f"{len(together.sites)} channel spaces tied between files; {together.followed} "
-          "groups follow another file's")
+    print(_ties(len(together.sites), together.followed))
     return int(ExitCode.OK)
+
+
+def _ties(tied: int, followed: int) -> str:
+    return f"{tied} channel spaces tied between files; {followed} groups follow another file's"
 
 
 def _prune_and_recover(args: argparse.Namespace, options) -> int:
