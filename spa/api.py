@@ -19,15 +19,15 @@ from spa import pipeline
 from spa.coupling.analysis import Analysis
 from spa.ir.load import LoadedModel
 from spa.pipeline import CheckOptions, PruneOptions, PruneReport
-from spa.pipeline.family import FamilyReport, prune_together
+from spa.pipeline.family import FamilyReport, apply_together, prune_together
 from spa.pipeline.genai import decoder_of, is_genai_folder, prune_folder
-from spa.plan import Plan
+from spa.plan import FolderPlan, Plan
 
 PathLike = str | os.PathLike[str]
 ModelLike = PathLike | onnx.ModelProto | LoadedModel
 
-__all__ = ["CheckOptions", "FamilyReport", "PruneOptions", "PruneReport", "analyze", "apply",
-           "dry_run", "plan", "prune", "prune_family"]
+__all__ = ["CheckOptions", "FamilyReport", "FolderPlan", "PruneOptions", "PruneReport", "analyze",
+           "apply", "apply_family", "dry_run", "plan", "prune", "prune_family"]
 
 
 def analyze(model: ModelLike, *, ignore: tuple[str, ...] = (), hidden: bool = False
@@ -91,8 +91,19 @@ def apply(model: ModelLike, plan_file: PathLike | Plan, output: PathLike,
 
 @_gc_paused
 def prune_family(folder: PathLike, output: PathLike, options: PruneOptions = PruneOptions(),
-                 checks: CheckOptions = CheckOptions()) -> FamilyReport:
+                 checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None
+                 ) -> FamilyReport:
     """Prune the ONNX files of one model in ``folder`` together (a 🤗 Optimum seq2seq export:
     the decoders' caches and shared weights lose the same channels) into the folder
-    ``output`` (spa/pipeline/family.py)."""
-    return prune_together(folder, output, options, checks)
+    ``output`` (spa/pipeline/family.py); ``plan_path``: also save the files' plans, for
+    :func:`apply_family`."""
+    return prune_together(folder, output, options, checks, plan_path=plan_path)
+
+
+@_gc_paused
+def apply_family(folder: PathLike, plan_file: PathLike | FolderPlan, output: PathLike,
+                 checks: CheckOptions = CheckOptions()) -> FamilyReport:
+    """Apply the plans :func:`prune_family` saved to the files of ``folder``, written into the
+    folder ``output`` as it writes them."""
+    saved = plan_file if isinstance(plan_file, FolderPlan) else FolderPlan.load(plan_file)
+    return apply_together(folder, saved, output, checks)

@@ -93,7 +93,8 @@ def _command_parsers(sub) -> None:
     _check_flags(pr, CheckOptions)
 
     ap = sub.add_parser("apply", help=COMMANDS["apply"])
-    ap.add_argument("model", help="ONNX file (never modified)")
+    ap.add_argument("model", help="ONNX file, or a folder `spa prune folder/ --plan` planned "
+                    "(never modified)")
     ap.add_argument("plan", help="plan JSON written by `spa prune --plan`")
     ap.add_argument("-o", "--output", help="where to write the pruned model (required)")
     _check_flags(ap, CheckOptions)
@@ -341,18 +342,26 @@ def _prune_family(args: argparse.Namespace, options) -> int:
     """``spa prune folder/ -o out/``: the ONNX files of one model, pruned together
     (spa/pipeline/family.py)."""
     from spa.api import prune_family
-    from spa.report import report_notes, report_table, write_text_atomic
 
-    refused = [flag for flag, given in (("--plan", args.plan),
-                                        ("--report-html", args.report_html),
-                                        ("--recover", args.recover)) if given]
+    _refuse_for_folders(args, ("--report-html", args.report_html), ("--recover", args.recover))
+    if args.dry_run:
+        return _dry_run_family(args, options)
+    return _family_done(args, prune_family(args.model, args.output, options, _checks(args),
+                                           plan_path=args.plan))
+
+
+def _refuse_for_folders(args: argparse.Namespace, *flags: tuple[str, object]) -> None:
+    refused = [flag for flag, given in flags if given]
     if refused:
         raise OptionError(f"{', '.join(refused)}: not for a folder of ONNX files (they are "
                           "pruned together, each with its own plan); prune one file to use "
                           f"{'them' if len(refused) > 1 else 'it'}")
-    if args.dry_run:
-        return _dry_run_family(args, options)
-    family = prune_family(args.model, args.output, options, _checks(args))
+
+
+def _family_done(args: argparse.Namespace, family) -> int:
+    """Report a folder written by ``spa prune folder/`` or ``spa apply folder/``."""
+    from spa.report import report_notes, report_table, write_text_atomic
+
     if args.report:
         write_text_atomic(args.report, json.dumps(family.to_dict(), indent=1) + "\n")
     for name, why in family.skipped.items():
@@ -389,6 +398,8 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
     from spa.report import plan_summary, plan_text, write_text_atomic
 
     together = plan_together(args.model, options, _checks(args))
+    if args.plan:
+        write_text_atomic(args.plan, together.saved().to_json() + "\n")
     files = {n: plan_summary(p, str(Path(args.model) / n)) for n, p in together.plans.items()}
     summary = {"files": files,
                "skipped": together.skipped, "tied_spaces": len(together.sites),
@@ -407,8 +418,10 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
     return int(ExitCode.OK)
 
 
-def _ties(tied: int, followed: int) -> str:
-    return f"{tied} channel spaces tied between files; {followed} groups follow another file's"
+def _ties(tied: int, followed: int | None) -> str:
+    return f"{tied} channel spaces tied between files; " + (
+        "the plans lose the same entries of each" if followed is None
+        else f"{followed} groups follow another file's")
 
 
 def _prune_and_recover(args: argparse.Namespace, options) -> int:
@@ -444,9 +457,16 @@ def _prune_and_recover(args: argparse.Namespace, options) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     from spa.api import apply
+    from spa.pipeline.genai import is_genai_folder
     from spa.plan import Plan
 
     _check_outputs(args)
+    if os.path.isdir(args.model) and not is_genai_folder(args.model):
+        from spa.api import apply_family
+
+        _refuse_for_folders(args, ("--report-html", args.report_html))
+        return _family_done(args, apply_family(args.model, args.plan, args.output,
+                                               _checks(args)))
     the_plan = Plan.load(args.plan)
     return _finish(args, apply(args.model, the_plan, args.output, _checks(args)), the_plan)
 

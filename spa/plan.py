@@ -87,13 +87,16 @@ class Plan:
     recipe: Recipe | None = None
     dropped: tuple[DroppedBlock, ...] = ()  # depth pruning: whole residual blocks removed
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
         body = {k: v for k, v in asdict(self).items() if k not in ("recipe", "dropped")}
         if self.dropped:  # absent without depth pruning: such plans read as before
             body["dropped"] = [asdict(b) for b in self.dropped]
         body["recipe"] = self.recipe.to_dict() if self.recipe is not None else None
         body["format"] = PLAN_FORMAT
-        return json.dumps(body, indent=1, sort_keys=True)
+        return body
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     def options(self) -> dict:
         """The recipe as plain values, for reports (empty for a plan without one)."""
@@ -106,6 +109,16 @@ class Plan:
     def from_json(cls, text: str, source: str = "<plan>") -> Plan:
         try:
             body = json.loads(text)
+        except ValueError as exc:
+            raise PlanMismatchError(f"{source}: not a valid SPA plan ({exc})") from exc
+        if isinstance(body, dict) and FOLDER_KEY in body:
+            raise PlanMismatchError(f"{source}: the plan of a folder of ONNX files (spa prune "
+                                    "folder/ --plan): apply it to that folder")
+        return cls.from_dict(body, source)
+
+    @classmethod
+    def from_dict(cls, body: dict, source: str = "<plan>") -> Plan:
+        try:
             if body.get("format") not in READABLE_FORMATS:
                 raise PlanMismatchError(f"{source}: not a plan of format "
                                         f"{' or '.join(map(str, READABLE_FORMATS))}")
@@ -131,10 +144,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
-        p = Path(path)
-        if not p.is_file():
-            raise PlanMismatchError(f"{p}: no such plan file")
-        return cls.from_json(p.read_text(), str(p))
+        return cls.from_json(*_read(path))
 
     def check_against(self, analysis: Analysis) -> None:
         """Raise :class:`PlanMismatchError` unless this plan can be applied to ``analysis``."""
@@ -162,6 +172,57 @@ class Plan:
                     or np.any(np.diff(keep) <= 0):
                 raise PlanMismatchError(f"plan group {gp.id} ({gp.name}): keep indices must be "
                                         f"sorted, unique, non-empty and below {g.size}")
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[str, str]:
+    p = Path(path)
+    if not p.is_file():
+        raise PlanMismatchError(f"{p}: no such plan file")
+    return p.read_text(), str(p)
+
+
+FOLDER_KEY = "folder_format"  # the key that marks a folder's plan, and its format
+FOLDER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """The plans of a folder's ONNX files pruned together (spa/pipeline/family.py): each pruned
+    file's plan by name, and the files with nothing to prune, copied as they are. Merged
+    decoders are in neither: they are left out of the pruned folder."""
+
+    files: dict[str, Plan]
+    copied: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({FOLDER_KEY: FOLDER_FORMAT, "copied": sorted(self.copied),
+                           "files": {n: p.to_dict() for n, p in self.files.items()}},
+                          indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<plan>") -> FolderPlan:
+        try:
+            body = json.loads(text)
+            if not isinstance(body, dict):
+                raise TypeError("not a JSON object")
+            if FOLDER_KEY not in body:
+                if "format" in body:
+                    raise PlanMismatchError(f"{source}: the plan of one ONNX file: apply it to "
+                                            "that file, not to a folder")
+                raise KeyError(FOLDER_KEY)
+            if body[FOLDER_KEY] != FOLDER_FORMAT:
+                raise PlanMismatchError(f"{source}: not a folder plan of format {FOLDER_FORMAT}")
+            files = {str(n): Plan.from_dict(p, f"{source}, file {n}")
+                     for n, p in body["files"].items()}
+            return cls(files, tuple(str(n) for n in body["copied"]))
+        except PlanMismatchError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PlanMismatchError(f"{source}: not a valid SPA folder plan ({exc})") from exc
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FolderPlan:
+        return cls.from_json(*_read(path))
 
 
 def _integer(value: object, what: str) -> int:

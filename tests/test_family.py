@@ -22,10 +22,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from spa.api import CheckOptions, PruneOptions, prune, prune_family
+from spa.api import CheckOptions, PruneOptions, apply_family, prune, prune_family
 from spa.cli import main
-from spa.errors import ExitCode, ValidationError
+from spa.errors import ExitCode, PlanMismatchError, ValidationError
 from spa.pipeline import family
+from spa.plan import FolderPlan, Plan
 
 BART = Path(__file__).parent / "models" / "optimum_bart"
 HEADS = PruneOptions(heads_ratio=0.5, mlp_ratio=0.5)
@@ -121,11 +122,16 @@ def test_a_file_with_nothing_to_prune_is_copied_as_it_is(tmp_path: Path) -> None
         [onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", [x], [y])),
         str(src / "postprocess.onnx"))
     out = tmp_path / "small"
-    done = prune_family(src, out, HEADS, CHECKS)
+    done = prune_family(src, out, HEADS, CHECKS, plan_path=tmp_path / "plan.json")
     assert (out / "postprocess.onnx").read_bytes() == (src / "postprocess.onnx").read_bytes()
     assert "nothing to prune in it" in done.skipped["postprocess.onnx"]
     assert sorted(done.reports) == ["decoder_model.onnx", "decoder_with_past_model.onnx"]
     assert _decode(out) < 1e-5
+    saved = FolderPlan.load(tmp_path / "plan.json")
+    assert saved.copied == ("postprocess.onnx",)  # applied, it is copied again
+    again = apply_family(src, saved, tmp_path / "again", CHECKS)
+    assert "copied as it is" in again.skipped["postprocess.onnx"]
+    assert _digest(tmp_path / "again") == _digest(out)
 
 
 def test_a_folder_whose_files_pass_nothing_takes_calibration_data(tmp_path: Path) -> None:
@@ -148,11 +154,17 @@ def test_a_folder_whose_files_pass_nothing_takes_calibration_data(tmp_path: Path
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=rng.standard_normal((40, 3, 6, 6)).astype(np.float32))
     out = tmp_path / "small"
-    done = prune_family(src, out, PruneOptions(ratio=0.5, calib=str(calib)), CheckOptions())
+    plan = tmp_path / "plan.json"
+    done = prune_family(src, out, PruneOptions(ratio=0.5, calib=str(calib)), CheckOptions(),
+                        plan_path=plan)
     report = done.reports["net.onnx"]
     assert report.params_after < report.params_before
     assert report.calibration["samples"] == 36 and report.reconstruction
     assert (out / "labels.txt").read_text() == "a\nb\n"
+    # the plan's recipe names the data: applied, the refit is made again, byte for byte
+    again = apply_family(src, plan, tmp_path / "again", CheckOptions())
+    assert again.reports["net.onnx"].reconstruction
+    assert _digest(tmp_path / "again") == _digest(out)
 
 
 def test_one_file_at_a_time_breaks_the_pair(tmp_path: Path) -> None:
@@ -229,7 +241,7 @@ def test_analyze_reads_a_folder_as_it_is_pruned(tmp_path: Path, capsys) -> None:
     (["--calib", "x.npz"], "calibration data for files that pass tensors"),
     (["--criterion", "obspa"], "--no-compensate"),
     (["--target", "latency"], "--target latency times one file"),
-    (["--plan", "p.json"], "--plan: not for a folder"),
+    (["--report-html", "r.html"], "--report-html: not for a folder"),
 ])
 def test_what_a_folder_refuses(tmp_path: Path, capsys, flags: list[str], expect: str) -> None:
     out = tmp_path / "small"
@@ -255,3 +267,60 @@ def test_the_cli_prunes_a_folder(tmp_path: Path, capsys) -> None:
     (tmp_path / "taken" / "x").write_text("")
     assert main(["prune", str(src), "-o", str(tmp_path / "taken")]) == ExitCode.BAD_INPUT
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_a_saved_folder_plan_applies_to_the_same_bytes(tmp_path: Path, capsys) -> None:
+    """``spa prune folder/ --plan`` saves every file's plan; ``spa apply folder/ plan.json``
+    writes the same folder, byte for byte, checked as the prune was."""
+    src = _folder(tmp_path)
+    plan = tmp_path / "plan.json"
+    done = prune_family(src, tmp_path / "a", HEADS, CHECKS, plan_path=plan)
+    saved = FolderPlan.load(plan)
+    assert sorted(saved.files) == sorted(done.reports) and saved.copied == ()
+    assert main(["apply", str(src), str(plan), "-o", str(tmp_path / "b"),
+                 "--input-dim", "batch_size=2"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "step check decoder_model.onnx -> decoder_with_past_model.onnx: 3 tokens" in out
+    assert "the plans lose the same entries of each" in out
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert len(_digest(tmp_path / "b")) == 3  # both decoders and the config
+    # a dry run saves the same plan
+    assert main(["prune", str(src), "--dry-run", "--heads-ratio", "0.5", "--mlp-ratio", "0.5",
+                 "--plan", str(tmp_path / "dry.json")]) == ExitCode.OK
+    assert (tmp_path / "dry.json").read_text() == plan.read_text()
+
+
+def test_a_folder_plan_whose_files_part_is_refused(tmp_path: Path) -> None:
+    """Plans edited so that a cache's heads differ between the decoders are refused before any
+    work, naming the tensors."""
+    plan = tmp_path / "plan.json"
+    prune_family(BART, tmp_path / "a", HEADS, CHECKS, plan_path=plan)
+    body = json.loads(plan.read_text())
+    heads = [g for g in body["files"]["decoder_with_past_model.onnx"]["groups"]
+             if g["size"] == 4]
+    assert any(g["keep"] != [0, 1] for g in heads)
+    for g in heads:
+        g["keep"] = [0, 1]
+    plan.write_text(json.dumps(body))
+    out = tmp_path / "b"
+    with pytest.raises(PlanMismatchError, match="would lose different entries"):
+        apply_family(BART, plan, out, CHECKS)
+    assert not out.exists()
+
+
+def test_plans_of_one_file_and_of_a_folder_are_not_mixed_up(tmp_path: Path, capsys) -> None:
+    plan = tmp_path / "plan.json"
+    prune_family(BART, tmp_path / "a", HEADS, CHECKS, plan_path=plan)
+    with pytest.raises(PlanMismatchError, match="the plan of a folder of ONNX files"):
+        Plan.load(plan)
+    one = tmp_path / "one.json"
+    prune(BART / "decoder_model.onnx", tmp_path / "one.onnx", HEADS, CHECKS, plan_path=one)
+    with pytest.raises(PlanMismatchError, match="the plan of one ONNX file"):
+        FolderPlan.load(one)
+    other = tmp_path / "other"  # a folder with one more ONNX file than the plan knows
+    shutil.copytree(BART, other)
+    shutil.copy(other / "decoder_model.onnx", other / "encoder_model.onnx")
+    assert main(["apply", str(other), str(plan), "-o", str(tmp_path / "b")]) \
+        == ExitCode.BAD_INPUT
+    assert "encoder_model.onnx" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

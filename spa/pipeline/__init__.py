@@ -45,8 +45,8 @@ from spa.report import write_text_atomic
 
 log = logging.getLogger(__name__)
 __all__ = ["CheckOptions", "Planned", "Prepared", "PruneOptions", "PruneReport",
-           "SaliencySource", "analyse", "apply", "dry_run", "emit", "finish", "make_plan", "plan",
-           "prepare", "prune"]
+           "SaliencySource", "analyse", "analyse_as_planned", "applied", "apply", "dry_run",
+           "emit", "finish", "make_plan", "plan", "prepare", "prune"]
 
 
 def plan(analysis: Analysis, options: PruneOptions = PruneOptions()) -> Plan:
@@ -214,9 +214,21 @@ def apply(model: ModelLike, the_plan: Plan, output: PathLike,
     """Apply a saved plan; the analysis runs with the options the plan was made with."""
     loaded = load(model)
     check_output_path(output, input_path=loaded.path, input_files=loaded.data_files)
+    return applied(analyse_as_planned(loaded, the_plan), the_plan, output, checks)
+
+
+def analyse_as_planned(loaded: LoadedModel, the_plan: Plan, *,
+                       free: tuple[str, ...] = ()) -> Analysis:
+    """The analysis with the options the plan was made with (``free``: as in :func:`prepare`)."""
     recipe = the_plan.recipe
-    analysis = analyse(loaded, ignore=recipe.ignore if recipe else (),
-                       hidden=recipe.hidden if recipe else False)
+    return analyse(loaded, ignore=recipe.ignore if recipe else (),
+                   hidden=recipe.hidden if recipe else False, free=free)
+
+
+def applied(analysis: Analysis, the_plan: Plan, output: PathLike,
+            checks: CheckOptions = CheckOptions()) -> PruneReport:
+    """Emit ``the_plan`` on ``analysis`` (consumed), calibrated as its recipe says."""
+    recipe = the_plan.recipe
     given, cached = dict(checks.input_dims), cache_sizes(analysis)
     dims = input_sizes(analysis, cached | given, bool(checks.validate or checks.check_masked))
     report = emit(analysis, the_plan, output, dataclasses.replace(checks, input_dims=dims.items),

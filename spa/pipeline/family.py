@@ -49,7 +49,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,12 +63,20 @@ from onnx import numpy_helper
 
 from spa import validate as val
 from spa.choices import Target
-from spa.errors import NothingPrunableError, OptionError, OutputPathError, ValidationError
+from spa.errors import (
+    NothingPrunableError,
+    OptionError,
+    OutputPathError,
+    PlanMismatchError,
+    ValidationError,
+)
 from spa.generation import config_edit, read_config, signature_change
 from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
-from spa.pipeline import Prepared, analyse, finish, prepare
+from spa.pipeline import Prepared, analyse, analyse_as_planned, applied, finish, prepare
+from spa.plan import FolderPlan, removed_indices
+from spa.report import write_text_atomic
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
@@ -93,7 +101,8 @@ class FamilyReport:
     reports: dict[str, PruneReport]
     skipped: dict[str, str] = field(default_factory=dict)
     ties: int = 0  # tied space pairs
-    followed: int = 0  # groups whose channels another file's group decided
+    followed: int | None = 0  # groups whose channels another file's group decided (None: a
+    # saved plan decided every group)
     kept_whole: list[str] = field(default_factory=list)  # components kept whole, and why
     output: str = ""
     # "writer -> reader": the step check (relative difference, steps) or why it did not run
@@ -119,8 +128,12 @@ class FamilyPlan:
     analyses: dict[str, Analysis]
     plans: dict[str, Plan]  # the ties followed
     sites: list[tuple[Site, Site]]
-    followed: int
+    followed: int | None  # None: saved plans, checked to lose the same entries of tied spaces
     kept_whole: list[str]
+
+    def saved(self) -> FolderPlan:
+        """The plans as ``spa apply folder/`` reads them back."""
+        return FolderPlan(dict(self.plans), tuple(n for n in self.headers if n not in self.plans))
 
 
 def analyse_together(folder: str | os.PathLike[str], *, ignore: tuple[str, ...] = (),
@@ -142,12 +155,9 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
     onnx_files, names = _model_files(src)
     if options.drops_blocks:
         raise OptionError("depth pruning of a folder of files is not supported")
-    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in onnx_files}
-    data = {d for h in headers.values() for d in external_data_files(h)}
-    skipped = {n: "holds the decoders as the branches of an If, which SPA does not prune "
-               "inside; left out of the pruned folder (runtimes load the two decoders instead)"
-               for n in onnx_files if n not in names}
-    headers = {n: headers[n] for n in names}
+    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in names}
+    data = _data_files(src, onnx_files, headers)
+    skipped = _left_out(onnx_files, names)
     free = _passed(headers)
     if any(free.values()):
         _refuse(options)
@@ -180,14 +190,81 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
 
 
 def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                   options: PruneOptions, checks: CheckOptions) -> FamilyReport:
-    """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module)."""
+                   options: PruneOptions, checks: CheckOptions, *,
+                   plan_path: str | os.PathLike[str] | None = None) -> FamilyReport:
+    """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module); the
+    plans, as one :class:`~spa.plan.FolderPlan`, also to ``plan_path``."""
+    src, out = _output_checked(folder, out_dir)
+    fp = plan_together(src, options, checks)
+    if plan_path is not None:
+        write_text_atomic(plan_path, fp.saved().to_json() + "\n")
+
+    def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
+        done = dataclasses.replace(fp.prepared[n], planned=dataclasses.replace(
+            fp.prepared[n].planned, plan=fp.plans[n]), checks=dataclasses.replace(
+            fp.prepared[n].checks, config_warning=checks.config_warning))
+        return finish(src / n, done, path)[0]
+
+    return _write_together(fp, out, checks, write)
+
+
+def apply_together(folder: str | os.PathLike[str], saved: FolderPlan,
+                   out_dir: str | os.PathLike[str], checks: CheckOptions) -> FamilyReport:
+    """Apply a folder's saved plans (``spa prune folder/ --plan``) to its files, checked and
+    written as :func:`prune_together` writes them: ``spa apply folder/ plan.json -o out/``.
+    Each file's plan must match the file, and the plans must lose the same entries of every
+    tied channel space, or nothing is done."""
+    src, out = _output_checked(folder, out_dir)
+    onnx_files, names = _model_files(src)
+    listed = sorted({*saved.files, *saved.copied})
+    if listed != names:
+        raise PlanMismatchError(f"the plan is for the files {listed}; {src} holds {names} "
+                                f"(merged decoders aside)")
+    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in names}
+    free = _passed(headers)
+    any_plan = next(iter(saved.files.values()), None)
+    analyses = {}
+    for n in names:
+        plan = saved.files.get(n, any_plan)  # a copied file is analysed as the others were
+        loaded = load_model(str(src / n))
+        if plan is None:
+            raise PlanMismatchError(f"the plan prunes none of the files in {src}")
+        analyses[n] = analyse_as_planned(loaded, plan, free=tuple(sorted(free[n])))
+        if n in saved.files:
+            try:
+                saved.files[n].check_against(analyses[n])
+            except PlanMismatchError as exc:
+                raise PlanMismatchError(f"{n}: {exc}") from exc
+    sites = _tied_sites(analyses, headers)
+    broken = _ties_broken(analyses, saved.files, sites)
+    if broken:
+        raise PlanMismatchError(f"{broken}: the files would not run together")
+    fp = FamilyPlan(src, headers, _data_files(src, onnx_files, headers), _left_out(
+        onnx_files, names) | {n: "nothing to prune in it when planned; copied as it is"
+                              for n in saved.copied}, {}, analyses, dict(saved.files), sites,
+        None, [])
+
+    def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
+        return applied(analyses[n], saved.files[n], path, checks)
+
+    return _write_together(fp, out, checks, write)
+
+
+def _output_checked(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
+                    ) -> tuple[Path, Path]:
     src, out = Path(folder), Path(out_dir)
     _model_files(src)  # a folder with nothing to prune says so before the output is judged
     check_output_folder(out)
     if out.resolve().is_relative_to(src.resolve()):
         raise OutputPathError(f"{out}: the pruned folder cannot be in the input folder {src}")
-    fp = plan_together(src, options, checks)
+    return src, out
+
+
+def _write_together(fp: FamilyPlan, out: Path, checks: CheckOptions,
+                    write: Callable[[str, Path, CheckOptions], PruneReport]) -> FamilyReport:
+    """Write the folder ``fp`` plans into ``out``: each planned file by ``write`` (name, path,
+    checks), the others copied; the files checked together (see the module)."""
+    src = fp.src
     config = read_config(src / CONFIG)
     edits = _config_edits(config, fp.analyses, fp.plans) if config is not None else {}
     if edits:  # the copy says what the pruned caches hold: no warning that it does not
@@ -195,23 +272,19 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
     with staged_folder(out) as tmp:
         reports = {}
         for n, header in fp.headers.items():
-            if n not in fp.prepared:  # nothing to prune in it
+            if n not in fp.plans:  # nothing to prune in it
                 for name in (n, *sorted(external_data_files(header))):
                     shutil.copy2(src / name, tmp / name)
                 continue
-            done = dataclasses.replace(fp.prepared[n], planned=dataclasses.replace(
-                fp.prepared[n].planned, plan=fp.plans[n]), checks=dataclasses.replace(
-                fp.prepared[n].checks, config_warning=checks.config_warning))
-            reports[n] = finish(src / n, done, tmp / n)[0]
+            reports[n] = write(n, tmp / n, checks)
             reports[n].output = str(out / n)
         _check_written(tmp, list(fp.headers), fp.sites)
         steps: dict[str, dict | str] = {}
         for a, b in sorted({(a, b) for a, b, _, _ in _passings(*_signatures(fp.headers))}):
-            sized = fp.prepared.get(a) or fp.prepared.get(b)
+            sized = reports.get(a) or reports.get(b)
             if checks.validate and sized is not None:
-                steps[f"{a} -> {b}"] = _steps_checked(src, tmp, a, b,
-                                                      dict(sized.checks.input_dims),
-                                                      sized.checks.rtol)
+                steps[f"{a} -> {b}"] = _steps_checked(src, tmp, a, b, dict(sized.input_dims),
+                                                      checks.rtol)
         for f in sorted(src.iterdir()):
             if f.name not in fp.headers and f.name not in fp.skipped and f.name not in fp.data:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
@@ -221,6 +294,33 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
     return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {})
+
+
+def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
+                 pairs: list[tuple[Site, Site]]) -> str | None:
+    """Which two tied spaces the plans leave with different entries, or None."""
+    removed = {n: removed_indices(analyses[n], p) for n, p in plans.items()}
+    none = np.zeros(0, np.int64)
+    for (a, s), (b, t) in pairs:
+        ra, rb = (removed.get(n, {}).get(k, none) for n, k in ((a, s), (b, t)))
+        if not np.array_equal(ra, rb):
+            return (f"'{s[0]}' in {a} and '{t[0]}' in {b} (axis {s[1]}) would lose different "
+                    f"entries")
+    return None
+
+
+def _left_out(onnx_files: list[str], names: list[str]) -> dict[str, str]:
+    """The merged decoders among ``onnx_files``, and why they are left out."""
+    return {n: "holds the decoders as the branches of an If, which SPA does not prune inside; "
+            "left out of the pruned folder (runtimes load the two decoders instead)"
+            for n in onnx_files if n not in names}
+
+
+def _data_files(src: Path, onnx_files: list[str], headers: Mapping[str, onnx.ModelProto]
+                ) -> set[str]:
+    """The external data files of every ONNX file of ``src`` (``headers``: those loaded)."""
+    return {d for n in onnx_files for d in external_data_files(
+        headers[n] if n in headers else onnx.load(str(src / n), load_external_data=False))}
 
 
 def _model_files(src: Path) -> tuple[list[str], list[str]]:
@@ -561,4 +661,5 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
                     f"without them)")
 
 
-__all__ = ["FamilyPlan", "FamilyReport", "analyse_together", "plan_together", "prune_together"]
+__all__ = ["FamilyPlan", "FamilyReport", "analyse_together", "apply_together", "plan_together",
+           "prune_together"]
