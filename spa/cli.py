@@ -381,6 +381,11 @@ def _family_done(args: argparse.Namespace, family) -> int:
         print(f"{name}:")
         print(report_table(report))
     print(_ties(family.ties, family.followed))
+    for name, done in family.merged.items():
+        print(f"{name}: its branches pruned as {' and '.join(done['branches'].values())}, "
+              "merged back" + (f" (each answers as its file: relative "
+                               f"{done['relative_diff']:.1e})" if "relative_diff" in done
+                               else ""))
     for pair, step in family.steps.items():
         print(f"step check {pair}: " + (step if isinstance(step, str) else
               f"{step['steps']} tokens decoded on the caches match a run over the whole prefix "

@@ -29,6 +29,7 @@ from spa.pipeline import family
 from spa.plan import FolderPlan, Plan
 
 BART = Path(__file__).parent / "models" / "optimum_bart"
+MERGED = Path(__file__).parent / "models" / "optimum_bart_merged" / "decoder_model_merged.onnx"
 HEADS = PruneOptions(heads_ratio=0.5, mlp_ratio=0.5)
 CHECKS = CheckOptions(input_dims=(("batch_size", 2),))
 
@@ -75,6 +76,39 @@ def _decode(folder: Path, steps: int = 4) -> float:
         worst = max(worst, float(np.abs(out["logits"][0, -1] - ref).max() / np.abs(ref).max()))
         past.update({k.replace("present", "past_key_values"): v for k, v in out.items()
                      if k.startswith("present")})
+    return worst
+
+
+def _decode_merged(folder: Path, steps: int = 4) -> float:
+    """:func:`_decode` through the merged decoder, as a runtime drives it: the first step down
+    its no-past branch, fed the placeholder caches a runtime sizes from the config (4 heads,
+    length 0), then the with-past branch on the decoder caches written so far (the encoder's
+    come from the first step: the with-past branch writes placeholders for them)."""
+    sess = ort.InferenceSession(str(folder / "decoder_model_merged.onnx"))
+    rng = np.random.default_rng(0)
+    encoded = rng.standard_normal((1, 6, 64)).astype(np.float32)
+    mask = np.ones((1, 6), np.int64)
+    tokens = rng.integers(0, 100, (1, 2 + steps)).astype(np.int64)
+    names = [o.name for o in sess.get_outputs()]
+    empty = {i.name: np.zeros((1, 4, 0, 16), np.float32) for i in sess.get_inputs()
+             if i.name.startswith("past_key_values")}
+
+    def run(ids: np.ndarray, past: dict[str, np.ndarray], cached: bool) -> dict[str, np.ndarray]:
+        return dict(zip(names, sess.run(None, {
+            "input_ids": ids, "encoder_hidden_states": encoded, "encoder_attention_mask": mask,
+            "use_cache_branch": np.array([cached]), **past})))
+
+    def read_back(out: dict[str, np.ndarray], *kinds: str) -> dict[str, np.ndarray]:
+        return {k.replace("present", "past_key_values"): v for k, v in out.items()
+                if k.startswith("present") and k.split(".")[2] in kinds}
+
+    past = read_back(run(tokens[:, :2], empty, False), "decoder", "encoder")
+    worst = 0.0
+    for t in range(2, 2 + steps):
+        out = run(tokens[:, t:t + 1], past, True)
+        ref = run(tokens[:, :t + 1], empty, False)["logits"][0, -1]
+        worst = max(worst, float(np.abs(out["logits"][0, -1] - ref).max() / np.abs(ref).max()))
+        past.update(read_back(out, "decoder"))
     return worst
 
 
@@ -259,7 +293,8 @@ def test_the_cli_prunes_a_folder(tmp_path: Path, capsys) -> None:
                  "--input-dim", "batch_size=2", "--report", str(report)]) == ExitCode.OK
     text = capsys.readouterr()
     assert "decoder_with_past_model.onnx:" in text.out and f"wrote {out}" in text.out
-    assert "decoder_model_merged.onnx: holds the decoders" in text.err
+    assert "decoder_model_merged.onnx: a merged decoder SPA cannot split: its graph is not a " \
+        "single If" in text.err
     assert '"groups_following"' in report.read_text()
     assert "step check decoder_model.onnx -> decoder_with_past_model.onnx: 3 tokens" in text.out
     assert _decode(out) < 1e-5
@@ -324,3 +359,79 @@ def test_plans_of_one_file_and_of_a_folder_are_not_mixed_up(tmp_path: Path, caps
         == ExitCode.BAD_INPUT
     assert "encoder_model.onnx" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_merged_decoder_is_pruned_through_its_branches(tmp_path: Path, capsys) -> None:
+    """Optimum's merged decoder (one If, a decoder in each branch) is split, its branches pruned
+    with the two separate decoders (the weights they share tie them to the same heads) and
+    merged back; a runtime drives it as before, placeholder caches of the original head count
+    in the first step included."""
+    src = tmp_path / "bart"
+    shutil.copytree(BART, src)
+    shutil.copy(MERGED, src)
+    before = _digest(src)
+    assert _decode_merged(src) < 1e-5
+    out = tmp_path / "small"
+    assert main(["prune", str(src), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio", "0.5",
+                 "--json"]) == ExitCode.OK
+    done = json.loads(capsys.readouterr().out)
+    assert _digest(src) == before
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "decoder_model.onnx", "decoder_model_merged.onnx",
+        "decoder_with_past_model.onnx"]
+    assert done["merged"]["decoder_model_merged.onnx"]["relative_diff"] < 1e-6
+    branch = done["files"]["decoder_model_merged.else_branch.onnx"]
+    assert branch["output"] == str(out / "decoder_model_merged.onnx")
+    assert branch["params_after"] == done["files"]["decoder_model.onnx"]["params_after"] \
+        < 0.62 * branch["params_before"]
+    for name in ("present.0.decoder.key", "present.1.encoder.value"):
+        assert _heads(out / "decoder_model_merged.onnx", name) == 2  # as the separate ones
+        assert _heads(out / "decoder_model.onnx", name) == 2
+    assert _decode_merged(out) < 1e-5
+    assert _decode(out) < 1e-5
+    # the with-past branch's placeholder encoder caches say the kept head count too
+    m = onnx.load(str(out / "decoder_model_merged.onnx"))
+    then = next(a.g for a in m.graph.node[0].attribute if a.name == "then_branch")
+    held = [numpy_helper.to_array(n.attribute[0].t).shape for n in then.node
+            if n.op_type == "Constant" and n.output[0].startswith("present.")]
+    assert held and all(h == (0, 2, 1, 16) for h in held)
+
+
+def test_a_folder_of_an_encoder_side_and_a_merged_decoder_alone(tmp_path: Path) -> None:
+    """transformers.js folders ship the merged decoder without the separate ones: its two
+    branches are then the only decoders, tied to each other by their caches and weights."""
+    src = tmp_path / "web"
+    src.mkdir()
+    shutil.copy(MERGED, src)
+    shutil.copy(BART / "config.json", src)
+    out = tmp_path / "small"
+    plan = tmp_path / "plan.json"
+    done = prune_family(src, out, HEADS, CHECKS, plan_path=plan)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "decoder_model_merged.onnx"]
+    assert sorted(done.steps) == [
+        "decoder_model_merged.else_branch.onnx -> decoder_model_merged.then_branch.onnx"]
+    assert _heads(out / "decoder_model_merged.onnx", "present.1.decoder.value") == 2
+    assert _decode_merged(out) < 1e-5
+    again = apply_family(src, plan, tmp_path / "again", CHECKS)  # the plan names the branches
+    assert sorted(again.reports) == sorted(done.reports)
+    assert _digest(tmp_path / "again") == _digest(out)
+
+
+def test_a_merged_decoder_that_parts_from_its_branches_is_caught(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    src = tmp_path / "web"
+    src.mkdir()
+    shutil.copy(MERGED, src)
+
+    def doubled(template, pieces):  # one weight the branches share, doubled
+        merged = real(template, pieces)
+        w = next(t for t in merged.graph.initializer if len(t.dims) == 2)
+        w.CopyFrom(numpy_helper.from_array(2 * numpy_helper.to_array(w), w.name))
+        return merged
+
+    real = family.merge
+    monkeypatch.setattr(family, "merge", doubled)
+    out = tmp_path / "small"
+    with pytest.raises(ValidationError, match="merged back, its branches answer"):
+        prune_family(src, out, HEADS, CHECKS)
+    assert not out.exists()

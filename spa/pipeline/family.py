@@ -28,10 +28,15 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
   continue it (:func:`_steps_checked`: a decoder with past, fed the first-step decoder's caches
   and then its own, gives the logits the first-step decoder gives over the whole prefix, as the
   original files do); else nothing is written.
-* ``*_merged.onnx`` files are left out (SPA does not prune inside an ``If``'s branches, and a
-  runtime such as Optimum's loads the two decoders when the merged one is missing); every other
-  file (configs, tokenizer) is copied, and a ``config.json`` that states the key/value head
-  count the pruned caches no longer have (``num_key_value_heads``: Optimum's
+* **Merged decoders.** A ``*_merged.onnx`` file (the two decoders as the branches of one
+  ``If``) is split into one file per branch (spa/pipeline/merged.py), pruned with the others
+  as ``<stem>.then_branch.onnx`` and ``<stem>.else_branch.onnx`` (the names the reports and
+  plans use), and merged back; the merged file written must answer as its pruned branches
+  do. One SPA cannot split (not a single ``If`` over two plain branches, weights in external
+  data, or branches that do not answer as the file does) is left out, and a runtime such as
+  Optimum's loads the separate decoders instead.
+* Every other file (configs, tokenizer) is copied, and a ``config.json`` that states the
+  key/value head count the pruned caches no longer have (``num_key_value_heads``: Optimum's
   ``ORTModelForCausalLM`` sizes the first step's caches from it) is written with their count.
   Everything is written into a temporary folder beside the output and renamed into place last.
 
@@ -49,7 +54,9 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +82,7 @@ from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
 from spa.pipeline import Prepared, analyse, analyse_as_planned, applied, finish, prepare
+from spa.pipeline.merged import BRANCHES, agreement, merge, piece_name, split
 from spa.plan import FolderPlan, removed_indices
 from spa.report import write_text_atomic
 
@@ -108,12 +116,15 @@ class FamilyReport:
     # "writer -> reader": the step check (relative difference, steps) or why it did not run
     steps: dict[str, dict | str] = field(default_factory=dict)
     config_edits: dict[str, list] = field(default_factory=dict)  # key: [before, after]
+    # merged decoders pruned through their branches: the branches' files, the merged check
+    merged: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
                 "skipped": self.skipped, "tied_spaces": self.ties,
                 "groups_following": self.followed, "kept_whole": self.kept_whole,
-                "step_checks": self.steps, "config_edits": self.config_edits}
+                "step_checks": self.steps, "config_edits": self.config_edits,
+                "merged": self.merged}
 
 
 @dataclass
@@ -141,23 +152,29 @@ def analyse_together(folder: str | os.PathLike[str], *, ignore: tuple[str, ...] 
     """Each ONNX file of ``folder`` (merged decoders aside) analysed as :func:`plan_together`
     analyses it: the tensors passed between files may change shape (``spa analyze
     folder/``)."""
-    src = Path(folder)
-    names = _model_files(src)[1]
-    free = _passed({n: onnx.load(str(src / n), load_external_data=False) for n in names})
-    return {n: analyse(load_model(str(src / n)), ignore=ignore, hidden=hidden,
-                       free=tuple(sorted(free[n]))) for n in names}
+    from spa.pipeline import CheckOptions
+
+    with _opened(folder, CheckOptions()) as view:
+        names, src = view.onnx_files, view.path
+        free = _passed({n: onnx.load(str(src / n), load_external_data=False) for n in names})
+        return {n: analyse(load_model(str(src / n)), ignore=ignore, hidden=hidden,
+                           free=tuple(sorted(free[n]))) for n in names}
 
 
 def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
                   checks: CheckOptions) -> FamilyPlan:
-    """Analyse and plan the ONNX files of ``folder`` together (see the module)."""
-    src = Path(folder)
-    onnx_files, names = _model_files(src)
+    """Analyse and plan the ONNX files of ``folder`` together (see the module); the plan reads
+    nothing from the folder once made (``spa prune folder/ --dry-run``)."""
+    with _opened(folder, checks) as view:
+        return _planned(view, options, checks)
+
+
+def _planned(view: _View, options: PruneOptions, checks: CheckOptions) -> FamilyPlan:
+    src, names = view.path, view.onnx_files
     if options.drops_blocks:
         raise OptionError("depth pruning of a folder of files is not supported")
     headers = {n: onnx.load(str(src / n), load_external_data=False) for n in names}
-    data = _data_files(src, onnx_files, headers)
-    skipped = _left_out(onnx_files, names)
+    skipped = dict(view.left_out)
     free = _passed(headers)
     if any(free.values()):
         _refuse(options)
@@ -185,8 +202,8 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
         log.warning("%s", text)
     plans = {n: with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
              for n in plans}
-    return FamilyPlan(src, headers, data, skipped, prepared, analyses, plans, sites, followed,
-                      whole)
+    return FamilyPlan(src, headers, view.data, skipped, prepared, analyses, plans, sites,
+                      followed, whole)
 
 
 def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -194,18 +211,19 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
                    plan_path: str | os.PathLike[str] | None = None) -> FamilyReport:
     """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module); the
     plans, as one :class:`~spa.plan.FolderPlan`, also to ``plan_path``."""
-    src, out = _output_checked(folder, out_dir)
-    fp = plan_together(src, options, checks)
-    if plan_path is not None:
-        write_text_atomic(plan_path, fp.saved().to_json() + "\n")
+    out = _output_checked(folder, out_dir)
+    with _opened(folder, checks) as view:
+        fp = _planned(view, options, checks)
+        if plan_path is not None:
+            write_text_atomic(plan_path, fp.saved().to_json() + "\n")
 
-    def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
-        done = dataclasses.replace(fp.prepared[n], planned=dataclasses.replace(
-            fp.prepared[n].planned, plan=fp.plans[n]), checks=dataclasses.replace(
-            fp.prepared[n].checks, config_warning=checks.config_warning))
-        return finish(src / n, done, path)[0]
+        def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
+            done = dataclasses.replace(fp.prepared[n], planned=dataclasses.replace(
+                fp.prepared[n].planned, plan=fp.plans[n]), checks=dataclasses.replace(
+                fp.prepared[n].checks, config_warning=checks.config_warning))
+            return finish(view.path / n, done, path)[0]
 
-    return _write_together(fp, out, checks, write)
+        return _write_together(fp, view, out, checks, write)
 
 
 def apply_together(folder: str | os.PathLike[str], saved: FolderPlan,
@@ -214,12 +232,18 @@ def apply_together(folder: str | os.PathLike[str], saved: FolderPlan,
     written as :func:`prune_together` writes them: ``spa apply folder/ plan.json -o out/``.
     Each file's plan must match the file, and the plans must lose the same entries of every
     tied channel space, or nothing is done."""
-    src, out = _output_checked(folder, out_dir)
-    onnx_files, names = _model_files(src)
+    out = _output_checked(folder, out_dir)
+    with _opened(folder, checks) as view:
+        return _applied_together(view, saved, out, checks)
+
+
+def _applied_together(view: _View, saved: FolderPlan, out: Path, checks: CheckOptions
+                      ) -> FamilyReport:
+    src, names = view.path, view.onnx_files
     listed = sorted({*saved.files, *saved.copied})
     if listed != names:
-        raise PlanMismatchError(f"the plan is for the files {listed}; {src} holds {names} "
-                                f"(merged decoders aside)")
+        raise PlanMismatchError(f"the plan is for the files {listed}; {view.src} holds {names} "
+                                f"(a merged decoder as its two branches)")
     headers = {n: onnx.load(str(src / n), load_external_data=False) for n in names}
     free = _passed(headers)
     any_plan = next(iter(saved.files.values()), None)
@@ -228,7 +252,7 @@ def apply_together(folder: str | os.PathLike[str], saved: FolderPlan,
         plan = saved.files.get(n, any_plan)  # a copied file is analysed as the others were
         loaded = load_model(str(src / n))
         if plan is None:
-            raise PlanMismatchError(f"the plan prunes none of the files in {src}")
+            raise PlanMismatchError(f"the plan prunes none of the files in {view.src}")
         analyses[n] = analyse_as_planned(loaded, plan, free=tuple(sorted(free[n])))
         if n in saved.files:
             try:
@@ -239,31 +263,113 @@ def apply_together(folder: str | os.PathLike[str], saved: FolderPlan,
     broken = _ties_broken(analyses, saved.files, sites)
     if broken:
         raise PlanMismatchError(f"{broken}: the files would not run together")
-    fp = FamilyPlan(src, headers, _data_files(src, onnx_files, headers), _left_out(
-        onnx_files, names) | {n: "nothing to prune in it when planned; copied as it is"
-                              for n in saved.copied}, {}, analyses, dict(saved.files), sites,
-        None, [])
+    fp = FamilyPlan(src, headers, view.data, view.left_out | {
+        n: "nothing to prune in it when planned; copied as it is" for n in saved.copied}, {},
+        analyses, dict(saved.files), sites, None, [])
 
     def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
         return applied(analyses[n], saved.files[n], path, checks)
 
-    return _write_together(fp, out, checks, write)
+    return _write_together(fp, view, out, checks, write)
 
 
-def _output_checked(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
-                    ) -> tuple[Path, Path]:
+def _output_checked(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     src, out = Path(folder), Path(out_dir)
-    _model_files(src)  # a folder with nothing to prune says so before the output is judged
+    _onnx_files(src)  # a folder with nothing to prune says so before the output is judged
     check_output_folder(out)
     if out.resolve().is_relative_to(src.resolve()):
         raise OutputPathError(f"{out}: the pruned folder cannot be in the input folder {src}")
-    return src, out
+    return out
 
 
-def _write_together(fp: FamilyPlan, out: Path, checks: CheckOptions,
+@dataclass
+class _View:
+    """What a folder is planned and pruned from: ``path`` links every entry of the input
+    folder ``src`` but its merged decoders; a merged decoder SPA splits is there as its two
+    branches' files (spa/pipeline/merged.py), to be merged back once pruned."""
+
+    src: Path
+    path: Path
+    onnx_files: list[str]  # the files pruned or copied, by name in ``path``
+    merged: dict[str, onnx.ModelProto]  # merged decoders split, by name: the original
+    left_out: dict[str, str]  # merged decoders not split, and why
+    data: set[str]  # the external data files of every ONNX file of ``src``
+
+
+@contextmanager
+def _opened(folder: str | os.PathLike[str], checks: CheckOptions) -> Iterator[_View]:
+    """The :class:`_View` of ``folder``, in a temporary folder removed on exit."""
+    src = Path(folder)
+    onnx_files = _onnx_files(src)
+    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in onnx_files}
+    data = {d for h in headers.values() for d in external_data_files(h)}
+    with tempfile.TemporaryDirectory(prefix="spa-folder-") as tmp:
+        path = Path(tmp)
+        merged: dict[str, onnx.ModelProto] = {}
+        left_out: dict[str, str] = {}
+        for n in (n for n in onnx_files if n.endswith(MERGED)):
+            done = _split_into(headers[n], n, path, checks)
+            if isinstance(done, str):
+                left_out[n] = (f"a merged decoder SPA cannot split: {done}; left out of the "
+                               "pruned folder (runtimes such as Optimum's load the separate "
+                               "decoders instead)")
+            else:
+                merged[n] = done
+        for f in sorted(src.iterdir()):
+            if not f.name.endswith(MERGED) or f.name not in headers:
+                os.symlink(f.resolve(), path / f.name)
+        names = sorted(f.name for f in path.iterdir() if f.suffix == ".onnx" and f.is_file())
+        if not names:
+            raise OptionError(f"{src}: every ONNX file in it is a merged decoder SPA cannot "
+                              f"split ({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+        yield _View(src, path, names, merged, left_out, data)
+
+
+def _split_into(model: onnx.ModelProto, name: str, path: Path, checks: CheckOptions
+                ) -> onnx.ModelProto | str:
+    """Save the branches of the merged decoder ``model`` into ``path``, and return it; or why
+    it is not split (its branches, split apart, must answer as it does)."""
+    pieces = split(model)
+    if isinstance(pieces, str):
+        return pieces
+    cond = model.graph.node[0].input[0]
+    worst = agreement(model, pieces, cond, dict(checks.input_dims))
+    if not worst <= checks.rtol:
+        return f"its branches, split apart, do not answer as it does (relative {worst:.1e})"
+    for branch, piece in pieces.items():
+        onnx.save(piece, str(path / piece_name(name, branch)))
+    return model
+
+
+def _merged_back(tmp: Path, name: str, template: onnx.ModelProto, checks: CheckOptions,
+                 reports: Mapping[str, PruneReport]) -> dict:
+    """Merge the pruned branches of ``name`` in ``tmp`` back into it (their files removed);
+    it must answer as they do."""
+    files = {b: tmp / piece_name(name, b) for b in BRANCHES}
+    onnx.save(merge(template, {b: onnx.load(str(f)) for b, f in files.items()}),
+              str(tmp / name))
+    done: dict = {"branches": {b: f.name for b, f in files.items()}}
+    if checks.validate:
+        dims = dict(checks.input_dims)
+        for f in files.values():
+            if f.name in reports:
+                dims |= reports[f.name].input_dims
+        worst = agreement(str(tmp / name), {b: str(f) for b, f in files.items()},
+                          template.graph.node[0].input[0], dims)
+        if not worst <= checks.rtol:
+            raise ValidationError(f"{name}: merged back, its branches answer {worst:.1e} "
+                                  f"(relative) apart from their pruned files")
+        done["relative_diff"] = worst
+    for f in files.values():
+        f.unlink()
+    return done
+
+
+def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions,
                     write: Callable[[str, Path, CheckOptions], PruneReport]) -> FamilyReport:
     """Write the folder ``fp`` plans into ``out``: each planned file by ``write`` (name, path,
-    checks), the others copied; the files checked together (see the module)."""
+    checks), the others copied, merged decoders merged back; the files checked together (see
+    the module)."""
     src = fp.src
     config = read_config(src / CONFIG)
     edits = _config_edits(config, fp.analyses, fp.plans) if config is not None else {}
@@ -285,6 +391,11 @@ def _write_together(fp: FamilyPlan, out: Path, checks: CheckOptions,
             if checks.validate and sized is not None:
                 steps[f"{a} -> {b}"] = _steps_checked(src, tmp, a, b, dict(sized.input_dims),
                                                       checks.rtol)
+        merged = {n: _merged_back(tmp, n, t, checks, reports) for n, t in view.merged.items()}
+        for n, done in merged.items():
+            for piece in done["branches"].values():
+                if piece in reports:
+                    reports[piece].output = str(out / n)
         for f in sorted(src.iterdir()):
             if f.name not in fp.headers and f.name not in fp.skipped and f.name not in fp.data:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
@@ -293,7 +404,7 @@ def _write_together(fp: FamilyPlan, out: Path, checks: CheckOptions,
                                       + "\n")
     return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
                         str(out), steps,
-                        {k: [config[k], v] for k, v in edits.items()} if config else {})
+                        {k: [config[k], v] for k, v in edits.items()} if config else {}, merged)
 
 
 def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
@@ -309,30 +420,12 @@ def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
     return None
 
 
-def _left_out(onnx_files: list[str], names: list[str]) -> dict[str, str]:
-    """The merged decoders among ``onnx_files``, and why they are left out."""
-    return {n: "holds the decoders as the branches of an If, which SPA does not prune inside; "
-            "left out of the pruned folder (runtimes load the two decoders instead)"
-            for n in onnx_files if n not in names}
-
-
-def _data_files(src: Path, onnx_files: list[str], headers: Mapping[str, onnx.ModelProto]
-                ) -> set[str]:
-    """The external data files of every ONNX file of ``src`` (``headers``: those loaded)."""
-    return {d for n in onnx_files for d in external_data_files(
-        headers[n] if n in headers else onnx.load(str(src / n), load_external_data=False))}
-
-
-def _model_files(src: Path) -> tuple[list[str], list[str]]:
-    """The ONNX files of ``src``, and those SPA prunes (all but merged decoders), by name;
-    an error when there are none of the latter."""
+def _onnx_files(src: Path) -> list[str]:
+    """The ONNX files of ``src`` by name; an error when there are none."""
     onnx_files = sorted(f.name for f in src.iterdir() if f.suffix == ".onnx" and f.is_file())
     if not onnx_files:
         raise OptionError(f"{src}: is a directory with no ONNX file in it")
-    names = [n for n in onnx_files if not n.endswith(MERGED)]
-    if not names:
-        raise OptionError(f"{src}: every ONNX file in it is a merged decoder ({MERGED})")
-    return onnx_files, names
+    return onnx_files
 
 
 def _config_edits(config: dict, analyses: Mapping[str, Analysis],
