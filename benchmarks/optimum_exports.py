@@ -17,7 +17,10 @@ Per export: params before and after and groups pruned of each file, the numeric 
 relative difference, the folder's step check and config edits; then, back in Optimum's venv,
 each folder generates 8 greedy tokens under its ORTModel class (``ORTModelForSeq2SeqLM``,
 ``ORTModelForSpeechSeq2Seq``, ``ORTModelForCausalLM``), dense and pruned (the tokens, or the
-error). Random weights: the tokens say the folder runs, not how well.
+error). A pruned seq2seq folder holds the merged decoder too (pruned through its branches),
+which Optimum loads when it is there: it generates once with it and once with the separate
+decoders alone (a copy without it). Random weights: the tokens say the folder runs, not how
+well.
 
     python -m benchmarks.optimum_exports [--only bart,llama]
 """
@@ -39,6 +42,7 @@ WORK = ROOT / "build" / "optimum"
 VENV = WORK / "venv"
 SIDE = ("torch==2.13.0", "transformers==4.57.6", "optimum-onnx==0.1.0", "onnx==1.23.2",
         "onnxruntime==1.32.0")
+MERGED = "decoder_model_merged.onnx"  # pruned through its branches; Optimum prefers it
 FLAGS = ["--heads-ratio", "0.5", "--mlp-ratio", "0.5", "--input-dim", "batch_size=2"]
 
 
@@ -81,7 +85,7 @@ def prune(name: str, folder: Path) -> dict:
                               "masked_relative_diff")} for n, r in files.items()}}
     if kind != "encoder":
         entry.update({k: report[k] for k in ("skipped", "step_checks", "config_edits",
-                                             "kept_whole", "groups_following")})
+                                             "kept_whole", "groups_following", "merged")})
     return entry
 
 
@@ -107,12 +111,23 @@ def main() -> None:
         if entry["kind"] != "encoder":
             entry["generate_dense"] = side(python, "generate", name, str(exported))
             if entry["exit"] == 0:
-                entry["generate_pruned"] = side(python, "generate", name,
-                                                str(ROOT / entry["output"]))
+                pruned = ROOT / entry["output"]
+                entry["generate_pruned"] = side(python, "generate", name, str(pruned))
+                if (pruned / MERGED).exists():  # Optimum ran it: now the decoders alone
+                    entry["generate_separate"] = side(python, "generate", name,
+                                                      str(_without_merged(pruned)))
         results[name] = entry
         print(f"{name}: {_line(entry)}")
     write_result("optimum_exports", {
         "side_venv": list(SIDE), "flags": FLAGS, "models": results})
+
+
+def _without_merged(folder: Path) -> Path:
+    """A copy of the pruned ``folder`` without its merged decoder, which Optimum prefers."""
+    out = folder.with_name(folder.name + "-separate")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns(MERGED))
+    return out
 
 
 def _line(entry: dict) -> str:

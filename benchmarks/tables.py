@@ -208,6 +208,13 @@ def optimum_exports(d: dict) -> str:
         gen = m.get("generate_pruned")
         runs = "" if gen is None else "yes" if "tokens" in gen else \
             "no: " + gen["error"].split("\n")[0].replace("|", "/")[:90]
+        apart = m.get("generate_separate")
+        if gen is not None and "tokens" in gen and apart is not None:
+            runs += (" (merged decoder; the separate decoders alone: the same tokens)"
+                     if apart.get("tokens") == gen["tokens"] else
+                     f" (merged decoder; the separate decoders alone: {apart})")
+        checks += [f"merged decoder = its branches ({done['relative_diff']:.0e})"
+                   for done in m.get("merged", {}).values() if "relative_diff" in done]
         lines.append(f"| {name} | {'file' if m['kind'] == 'encoder' else 'folder'} | {files} | "
                      f"{oracle:.1e} | {', '.join(checks)} | {runs} |")
     return "\n".join(lines)
