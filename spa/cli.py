@@ -371,6 +371,14 @@ def _family_done(args: argparse.Namespace, family) -> int:
     for key, (before, after) in family.config_edits.items():
         _note(args, f"config.json: {key} {before} -> {after}, the key/value heads the pruned "
                     "caches keep (runtimes size the first step's caches from it)")
+    for name, held in family.placeholders.items():
+        _note(args, f"{name}: {held['inputs']} pruned cache inputs declare their head axis "
+                    f"symbolic, so that the first step takes the empty caches of "
+                    f"{held['placeholder_heads']} heads that runtimes make from config.json "
+                    "(no edit of it can say the heads kept)" + (
+                        f"; checked: it answers as on empty caches of the heads kept "
+                        f"(relative {held['check']:.1e})" if isinstance(held.get("check"), float)
+                        else f"; {held['check']}" if "check" in held else ""))
     for report in family.reports.values():
         for note in report_notes(report):
             _note(args, note)

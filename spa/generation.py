@@ -149,16 +149,21 @@ def config_mismatch(model_path: str | None, change: SignatureChange) -> str | No
                     f"ORTModelForCausalLM sizes a {config.get('model_type')}'s caches (and "
                     f"their head size) from {heads}={config[heads]}, and the pruned caches have "
                     f"{counts} heads: it cannot run the pruned model, and no edit of the "
-                    "config fixes that")
+                    "config fixes that; prune the folder instead (spa prune folder/ -o out/): "
+                    "the pruned cache inputs then take the placeholder caches it makes")
         return (f"{path} states {heads}={config[heads]} and no key/value head count, and the "
                 f"pruned caches have {counts} heads: runtimes that size the caches from the "
                 f"config (🤗 Optimum's ORTModelForCausalLM, which derives the head size from "
-                f"{heads} too) cannot run the pruned model; no edit of the config fixes that")
+                f"{heads} too) cannot run the pruned model; no edit of the config fixes that; "
+                "prune the folder instead (spa prune folder/ -o out/): the pruned cache inputs "
+                "then take the placeholder caches such runtimes make")
     if len(kept) > 1:
         return (f"{path} states one {key} ({config[key]}) for every layer, but the pruned "
                 f"layers keep {kept} key/value heads: runtimes that size the caches from it "
                 "(🤗 Optimum's ORTModelForCausalLM) cannot run the model; prune heads by one "
-                "ratio in every layer (uniform allocation)")
+                "ratio in every layer (uniform allocation), or prune the folder (spa prune "
+                "folder/ -o out/): the pruned cache inputs then take the placeholder caches "
+                "such runtimes make")
     if config[key] == kept[0]:
         return None
     return (f"{path} states {key}={config[key]}, but the pruned caches have {kept[0]} "
@@ -202,6 +207,23 @@ def config_edit(config: dict, change: SignatureChange) -> dict[str, int]:
     if key is None or len(kept) != 1 or config[key] == kept[0]:
         return {}
     return {key: kept[0]}
+
+
+def placeholder_count(config: dict, change: SignatureChange) -> int | None:
+    """The head count of the empty caches a runtime feeds the first step, sized from
+    ``config`` (🤗 Optimum's ``ORTModelForCausalLM``: the key/value head count for
+    :data:`KV_SIZED` model types, else ``num_attention_heads``), when the pruned caches do not
+    all have it and no :func:`config_edit` can say theirs (another model type, or layers that
+    keep different counts); None otherwise. Such a decoder runs there once its pruned cache
+    inputs declare their head axis symbolic: the placeholders are empty, and what is
+    concatenated to nothing is never read."""
+    key, heads, kept = _cache_counts(config, change)
+    if not kept or (key is not None and len(kept) == 1):
+        return None  # nothing pruned, or the edit says the one count
+    stated = config.get(key or heads or "")
+    if not isinstance(stated, int) or isinstance(stated, bool) or kept == [stated]:
+        return None
+    return stated
 
 
 def decoder_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

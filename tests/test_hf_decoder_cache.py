@@ -324,8 +324,12 @@ def test_a_folder_writes_the_config_its_pruned_caches_need(tmp_path, caplog, mod
     the key/value head count its caches keep, the rest as it was, and no warning is given:
     the folder runs under 🤗 Optimum's ``ORTModelForCausalLM`` as it is (checked on Optimum's
     Llama export: it generates; the file pruned alone, beside the old config, does not). A
-    Phi-3's caches Optimum sizes by its head count, which no edit can fix: the config is
-    copied as it is, with the warning."""
+    Phi-3's caches Optimum sizes by its head count (4), which no edit of the config can make
+    the one key/value head kept: the config is copied as it is, and the pruned cache inputs
+    declare their head axis symbolic instead, so that the first step takes Optimum's
+    placeholder caches (4 heads, length 0) and answers as on empty caches of one head
+    (checked on Optimum's Phi-3 and GPT-2 exports: they generate, and their cached steps give
+    the logits of a run over the whole sequence)."""
     src = tmp_path / "llama"
     src.mkdir()
     decoder_onnx(src / "model.onnx", "Llama", **{**LLAMA_WIDTHS, "num_key_value_heads": 2})
@@ -333,14 +337,31 @@ def test_a_folder_writes_the_config_its_pruned_caches_need(tmp_path, caplog, mod
               "hidden_size": 32}
     (src / "config.json").write_text(json.dumps(config))
     out = tmp_path / "small"
+    report = tmp_path / "report.json"
     assert main(["prune", str(src), "-o", str(out), "--heads-ratio", "0.5", "--mlp-ratio", "0.5",
                  "--input-dim", "batch=2", "--input-dim", "sequence=3", "--input-dim", "past=4",
-                 "--input-dim", "total=7"]) == ExitCode.OK
+                 "--input-dim", "total=7", "--report", str(report)]) == ExitCode.OK
     edited = {**config, "num_key_value_heads": 1} if model_type == "llama" else config
     assert json.loads((out / "config.json").read_text()) == edited
     assert json.loads((src / "config.json").read_text()) == config
-    warned = [r for r in caplog.records if "config.json" in r.getMessage()]
-    assert len(warned) == (model_type == "phi3")
-    past = next(i for i in onnx.load(str(out / "model.onnx")).graph.input
-                if i.name.startswith("past"))
-    assert past.type.tensor_type.shape.dim[1].dim_value == 1
+    assert not [r for r in caplog.records if "config.json" in r.getMessage()]
+    pasts = [i for i in onnx.load(str(out / "model.onnx")).graph.input
+             if i.name.startswith("past")]
+    heads = {i.type.tensor_type.shape.dim[1].dim_value or i.type.tensor_type.shape.dim[1].dim_param
+             for i in pasts}
+    held = json.loads(report.read_text())["placeholder_caches"]
+    if model_type == "llama":
+        assert heads == {1} and held == {}
+        return
+    assert heads == {f"{i.name}.axis1" for i in pasts}
+    assert held["model.onnx"]["placeholder_heads"] == 4 and held["model.onnx"]["check"] == 0.0
+    # what Optimum feeds the first step: 4 heads of nothing; the logits of 1 head of nothing
+    sess = ort.InferenceSession(str(out / "model.onnx"))
+    ids = np.array([[3, 7]], np.int64)
+
+    def first(heads: int) -> np.ndarray:
+        return sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                     **{i.name: np.zeros((1, heads, 0, 8), np.float32)
+                                        for i in pasts}})[0]
+
+    assert np.array_equal(first(4), first(1))

@@ -77,7 +77,13 @@ from spa.errors import (
     PlanMismatchError,
     ValidationError,
 )
-from spa.generation import config_edit, read_config, signature_change
+from spa.generation import (
+    config_edit,
+    decoder_feeds,
+    placeholder_count,
+    read_config,
+    signature_change,
+)
 from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
@@ -118,13 +124,15 @@ class FamilyReport:
     config_edits: dict[str, list] = field(default_factory=dict)  # key: [before, after]
     # merged decoders pruned through their branches: the branches' files, the merged check
     merged: dict[str, dict] = field(default_factory=dict)
+    # decoders whose pruned cache inputs declare their head axis symbolic (see _symbolic_heads)
+    placeholders: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
                 "skipped": self.skipped, "tied_spaces": self.ties,
                 "groups_following": self.followed, "kept_whole": self.kept_whole,
                 "step_checks": self.steps, "config_edits": self.config_edits,
-                "merged": self.merged}
+                "merged": self.merged, "placeholder_caches": self.placeholders}
 
 
 @dataclass
@@ -373,8 +381,9 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     src = fp.src
     config = read_config(src / CONFIG)
     edits = _config_edits(config, fp.analyses, fp.plans) if config is not None else {}
-    if edits:  # the copy says what the pruned caches hold: no warning that it does not
-        checks = dataclasses.replace(checks, config_warning=False)
+    held = _placeholder_caches(config, fp.analyses, fp.plans) if config is not None else {}
+    if edits or held:  # the copy says what the pruned caches hold, or the file takes what
+        checks = dataclasses.replace(checks, config_warning=False)  # runtimes make of it
     with staged_folder(out) as tmp:
         reports = {}
         for n, header in fp.headers.items():
@@ -384,6 +393,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                 continue
             reports[n] = write(n, tmp / n, checks)
             reports[n].output = str(out / n)
+        placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
         steps: dict[str, dict | str] = {}
         for a, b in sorted({(a, b) for a, b, _, _ in _passings(*_signatures(fp.headers))}):
@@ -404,7 +414,8 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                                       + "\n")
     return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
                         str(out), steps,
-                        {k: [config[k], v] for k, v in edits.items()} if config else {}, merged)
+                        {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
+                        placeholders)
 
 
 def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
@@ -438,6 +449,65 @@ def _config_edits(config: dict, analyses: Mapping[str, Analysis],
         for k, v in config_edit(config, signature_change(analyses[n], plan)).items():
             edits.setdefault(k, set()).add(v)
     return {k: vs.pop() for k, vs in edits.items() if len(vs) == 1}
+
+
+Cache = tuple[int, int]  # a pruned cache input's head axis, and the heads it keeps
+
+
+def _placeholder_caches(config: dict, analyses: Mapping[str, Analysis],
+                        plans: Mapping[str, Plan]) -> dict[str, tuple[int, dict[str, Cache]]]:
+    """Per file whose pruned caches the folder's config cannot describe
+    (:func:`spa.generation.placeholder_count`): the head count of the placeholder caches a
+    runtime feeds its first step, and its pruned cache inputs."""
+    out = {}
+    for n, plan in plans.items():
+        change = signature_change(analyses[n], plan)
+        count = placeholder_count(config, change)
+        if count is not None:
+            out[n] = (count, {name: (axis, len(kept)) for name, (axis, kept, _)
+                              in change.inputs.items() if name in change.caches})
+    return out
+
+
+def _symbolic_heads(path: Path, count: int, caches: Mapping[str, Cache],
+                    checks: CheckOptions) -> dict:
+    """Declare the head axis of the pruned cache inputs of the decoder at ``path`` symbolic, so
+    that the first step takes the placeholder caches a runtime sizes from the config (``count``
+    heads, length 0: 🤗 Optimum's ``ORTModelForCausalLM`` for GPT-2, Phi-3 and the others it
+    sizes by ``num_attention_heads``). Checked: one token decoded on such placeholders gives
+    the logits it gives on empty caches of the kept head counts."""
+    model = onnx.load(str(path), load_external_data=False)
+    for v in model.graph.input:
+        if v.name in caches:
+            axis = caches[v.name][0]
+            v.type.tensor_type.shape.dim[axis].dim_param = f"{v.name}.axis{axis}"
+    onnx.save(model, str(path))
+    done: dict = {"placeholder_heads": count, "inputs": len(caches)}
+    if not checks.validate:
+        return done
+    sess = val.session(str(path), what=path.name)
+    feeds = decoder_feeds(val.random_inputs(sess, dims={}))  # one token, batch 1
+    declared = {i.name: i.shape for i in sess.get_inputs()}
+
+    def empty(name: str, heads: int) -> np.ndarray:
+        axis = caches[name][0]
+        shape = [heads if a == axis else 0 if isinstance(d, str) and a > 0 else s
+                 for a, (d, s) in enumerate(zip(declared[name], feeds[name].shape))]
+        return np.zeros(shape, feeds[name].dtype)
+
+    try:
+        own = val.run(sess, feeds | {k: empty(k, c[1]) for k, c in caches.items()})["logits"]
+    except (ValidationError, KeyError) as exc:
+        done["check"] = f"not run: {str(exc).splitlines()[0]}"
+        return done
+    given = val.run(sess, feeds | {k: empty(k, count) for k in caches})["logits"]
+    diff = float(np.abs(given - own).max() / max(float(np.abs(own).max()), 1e-30))
+    if not diff <= checks.rtol:
+        raise ValidationError(f"{path.name}: fed placeholder caches of {count} heads, the first "
+                              f"step answers {diff:.1e} (relative) apart from empty caches of "
+                              "the heads it keeps")
+    done["check"] = diff
+    return done
 
 
 def _refuse(options: PruneOptions) -> None:
