@@ -27,10 +27,13 @@ from spa.ir.load import SELECT  # noqa: E402
 from tests.oracle import prune_checked  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def t5(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def t5(tmp_path_factory, request) -> Path:
+    """The T5 encoder; exported by dynamo (static sizes) its bias is folded into a constant
+    both layers add to their scores."""
     module, inputs = HF_MODELS["hf_t5_encoder"]()
-    return export_module(module, inputs, tmp_path_factory.mktemp("t5") / "t5.onnx")
+    return export_module(module, inputs, tmp_path_factory.mktemp("t5") / "t5.onnx",
+                         exporter=request.param)
 
 
 def _selects(path: Path) -> dict[str, list[int]]:
@@ -63,3 +66,26 @@ def test_a_model_that_keeps_its_heads_reads_the_bias_as_before(t5: Path, tmp_pat
     assert ops.count("Gather") == [n.op_type for n in onnx.load(str(t5)).graph.node
                                    ].count("Gather")
     assert np.isclose(done.report.masked_relative_diff or 0.0, 0.0, atol=1e-5)
+
+
+def test_a_constant_two_convolutions_add_is_no_attention_bias(tmp_path: Path) -> None:
+    """A constant 4-D tensor two layers add is given views only when they add it to attention
+    scores (a MatMul's output): two Conv outputs keep reading it directly."""
+    from onnx import TensorProto, helper
+
+    from spa.ir.load import load_model
+
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (4, 4, 1, 1)), ("w2", (4, 4, 1, 1)), ("bias", (1, 4, 2, 2)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Add", ["c1", "bias"], ["a1"], name="add1"),
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2"),
+             helper.make_node("Add", ["c2", "bias"], ["y"], name="add2")]
+    path = tmp_path / "convs.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    graph = load_model(str(path)).graph
+    assert [n.name for n in graph.nodes if n.name.endswith(SELECT)] == []

@@ -328,16 +328,20 @@ def _select_shared_head_biases(graph: gs.Graph) -> bool:
     rewrite keeps the indices of the heads that layer kept; the bias itself stays whole).
     Copies change no number. A tensor qualifies when it is 4-D with a static head axis
     (axis 1, more than one head) and every reader is an ``Add`` whose other input is 4-D with
-    as many heads. True when any was found."""
+    as many heads. A constant (the bias of an export with static sizes, folded) qualifies only
+    when each of those inputs is attention scores: a ``MatMul``'s output, scaled or not.
+    True when any was found."""
     found = False
     outputs = {t.name for t in graph.outputs}
-    for t in [t for t in graph.tensors().values() if isinstance(t, gs.Variable)]:
+    for t in list(graph.tensors().values()):
         shape = t.shape
         if shape is None or len(shape) != 4 or not isinstance(shape[1], int) or shape[1] < 2 \
                 or t.name in outputs:
             continue
         readers = list(t.outputs)
         if len(readers) < 2 or any(not _adds_to_heads(r, t, shape[1]) for r in readers):
+            continue
+        if isinstance(t, gs.Constant) and not all(_adds_to_scores(r, t) for r in readers):
             continue
         for r in readers:
             out = gs.Variable(f"{t.name}{SELECT}_{r.name}", dtype=t.dtype, shape=list(shape))
@@ -357,6 +361,22 @@ def _adds_to_heads(node: gs.Node, t: gs.Tensor, heads: int) -> bool:
     other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
     return other is not t and other.shape is not None and len(other.shape) == 4 \
         and other.shape[1] == heads
+
+
+def _adds_to_scores(node: gs.Node, t: gs.Tensor) -> bool:
+    """The other input of the ``Add`` ``node`` is a ``MatMul``'s output, or one scaled by a
+    ``Mul`` or ``Div``: attention scores."""
+    other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+    for _ in range(2):
+        made = other.inputs[0] if other.inputs else None
+        if made is None:
+            return False
+        if made.op == "MatMul":
+            return True
+        if made.op not in ("Mul", "Div"):
+            return False
+        other = made.inputs[0]
+    return False
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:

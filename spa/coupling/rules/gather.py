@@ -116,7 +116,8 @@ def _renumber_hook(source: SpaceKey, picked: SpaceKey | None, picks: list[int],
             return
         chosen = np.asarray(picks)[kept.kept(picked)] if picked is not None \
             else np.asarray(picks)
-        renumbered = np.searchsorted(kept.kept(source), chosen)
+        renumbered = np.searchsorted(kept.kept(source), chosen) if kept.changed(source) \
+            else chosen  # a source that keeps every channel (a constant is not looked up)
         shape = () if picked is None else renumbered.shape
         node.inputs[1] = new_const(node, "indices", renumbered.reshape(shape), dtype=dtype)
 
