@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,10 +109,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<plan>") -> Plan:
-        try:
+        with _valid(source, "plan"):
             body = json.loads(text)
-        except ValueError as exc:
-            raise PlanMismatchError(f"{source}: not a valid SPA plan ({exc})") from exc
         if isinstance(body, dict) and FOLDER_KEY in body:
             raise PlanMismatchError(f"{source}: the plan of a folder of ONNX files (spa prune "
                                     "folder/ --plan): apply it to that folder")
@@ -118,7 +118,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, body: dict, source: str = "<plan>") -> Plan:
-        try:
+        with _valid(source, "plan"):
             if body.get("format") not in READABLE_FORMATS:
                 raise PlanMismatchError(f"{source}: not a plan of format "
                                         f"{' or '.join(map(str, READABLE_FORMATS))}")
@@ -137,10 +137,6 @@ class Plan:
                                          tuple((str(p), str(q)) for p, q in b.get("caches", ())))
                             for b in body.get("dropped", ()))
             return cls(str(body["fingerprint"]), groups, frozen, pred, recipe, dropped)
-        except PlanMismatchError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PlanMismatchError(f"{source}: not a valid SPA plan ({exc})") from exc
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
@@ -174,6 +170,17 @@ class Plan:
                                         f"sorted, unique, non-empty and below {g.size}")
 
 
+@contextmanager
+def _valid(source: str, what: str) -> Iterator[None]:
+    """Malformed JSON content read inside it becomes a :class:`PlanMismatchError`."""
+    try:
+        yield
+    except PlanMismatchError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PlanMismatchError(f"{source}: not a valid SPA {what} ({exc})") from exc
+
+
 def _read(path: str | os.PathLike[str]) -> tuple[str, str]:
     p = Path(path)
     if not p.is_file():
@@ -201,7 +208,7 @@ class FolderPlan:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<plan>") -> FolderPlan:
-        try:
+        with _valid(source, "folder plan"):
             body = json.loads(text)
             if not isinstance(body, dict):
                 raise TypeError("not a JSON object")
@@ -215,10 +222,6 @@ class FolderPlan:
             files = {str(n): Plan.from_dict(p, f"{source}, file {n}")
                      for n, p in body["files"].items()}
             return cls(files, tuple(str(n) for n in body["copied"]))
-        except PlanMismatchError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PlanMismatchError(f"{source}: not a valid SPA folder plan ({exc})") from exc
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FolderPlan:
