@@ -343,11 +343,66 @@ def _prune_family(args: argparse.Namespace, options) -> int:
     (spa/pipeline/family.py)."""
     from spa.api import prune_family
 
-    _refuse_for_folders(args, ("--report-html", args.report_html), ("--recover", args.recover))
+    _refuse_for_folders(args, ("--report-html", args.report_html))
     if args.dry_run:
         return _dry_run_family(args, options)
+    if args.recover:
+        return _prune_family_and_recover(args, options)
     return _family_done(args, prune_family(args.model, args.output, options, _checks(args),
                                            plan_path=args.plan))
+
+
+def _prune_family_and_recover(args: argparse.Namespace, options) -> int:
+    """``spa prune folder/ -o out/ --recover N``: a folder whose one pruned file passes
+    nothing to the others (a decoder beside its config and tokenizer) is pruned into a
+    staging folder, then that file is distilled into the output folder, the rest copied."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from spa.api import prune_family
+    from spa.ir.save import external_data_files, staged_folder
+    from spa.metrics import file_size
+
+    recover, calibration_for, recover_options = _recovery(options)
+    out, src = Path(args.output), Path(args.model)
+    with tempfile.TemporaryDirectory(prefix=".spa-", dir=out.parent or ".") as tmp:
+        staged = Path(tmp) / out.name
+        family = prune_family(src, staged, options, _checks(args), plan_path=args.plan)
+        if len(family.reports) != 1:
+            raise OptionError(f"--recover distils one pruned file, and {len(family.reports)} "
+                              f"were pruned ({', '.join(family.reports)}): prune the folder, "
+                              "then recover each file with spa recover")
+        (name, report), = family.reports.items()
+        calib = calibration_for(str(src / name), options.calib, options.calibration,
+                                seed=options.seed)
+        data = external_data_files(onnx.load(str(staged / name), load_external_data=False))
+        with staged_folder(out) as final:
+            for f in staged.iterdir():
+                if f.name != name and f.name not in data:
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, final / f.name)
+            done = recover(str(src / name), str(staged / name), final / name, calib,
+                           recover_options(args.recover, options.seed))
+    report.output, report.bytes_after = str(out / name), file_size(out / name)
+    report.fidelity["recovered"] = done.fidelity_after
+    report.recovery = done.to_dict()
+    return _family_done(args, family)
+
+
+def _recovery(options):
+    """spa.torch.recover's ``recover``, ``calibration_for`` and the options maker; a clear
+    error without calibration data or without PyTorch."""
+    from spa.recovery import TORCH_MISSING, RecoverOptions
+
+    if not options.calib:
+        raise OptionError("--recover distils on calibration data: give --calib PATH")
+    try:
+        from spa.torch.recover import calibration_for, recover
+    except ImportError as exc:
+        raise OptionError(TORCH_MISSING) from exc
+    return recover, calibration_for, lambda steps, seed: RecoverOptions(steps=steps, seed=seed)
 
 
 def _refuse_for_folders(args: argparse.Namespace, *flags: tuple[str, object]) -> None:
@@ -445,14 +500,8 @@ def _prune_and_recover(args: argparse.Namespace, options) -> int:
 
     from spa.api import prune
     from spa.metrics import file_size
-    from spa.recovery import TORCH_MISSING, RecoverOptions
 
-    if not options.calib:
-        raise OptionError("--recover distils on calibration data: give --calib PATH")
-    try:
-        from spa.torch.recover import calibration_for, recover
-    except ImportError as exc:
-        raise OptionError(TORCH_MISSING) from exc
+    recover, calibration_for, recover_options = _recovery(options)
     out = Path(args.output)
     with tempfile.TemporaryDirectory(prefix=".spa-", dir=out.parent or ".") as tmp:
         staged = Path(tmp) / out.name
@@ -461,7 +510,7 @@ def _prune_and_recover(args: argparse.Namespace, options) -> int:
         calib = calibration_for(args.model, options.calib, options.calibration,
                                 seed=options.seed)
         done = recover(args.model, staged, out, calib,
-                       RecoverOptions(steps=args.recover, seed=options.seed))
+                       recover_options(args.recover, options.seed))
     report.output, report.bytes_after = str(out), file_size(out)
     report.fidelity["recovered"] = done.fidelity_after
     report.recovery = done.to_dict()

@@ -168,9 +168,9 @@ def test_a_file_with_nothing_to_prune_is_copied_as_it_is(tmp_path: Path) -> None
     assert _digest(tmp_path / "again") == _digest(out)
 
 
-def test_a_folder_whose_files_pass_nothing_takes_calibration_data(tmp_path: Path) -> None:
-    """A folder of one model file (a decoder beside its config, here a small conv net) is
-    calibrated and reconstructed as the file alone would be, its other files copied."""
+def _conv_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder of one model file (a small conv net) beside a labels file, and 40 calibration
+    samples for it."""
     src = tmp_path / "net"
     src.mkdir()
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 6, 6])
@@ -187,6 +187,13 @@ def test_a_folder_whose_files_pass_nothing_takes_calibration_data(tmp_path: Path
     (src / "labels.txt").write_text("a\nb\n")
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=rng.standard_normal((40, 3, 6, 6)).astype(np.float32))
+    return src, calib
+
+
+def test_a_folder_whose_files_pass_nothing_takes_calibration_data(tmp_path: Path) -> None:
+    """A folder of one model file (a decoder beside its config, here a small conv net) is
+    calibrated and reconstructed as the file alone would be, its other files copied."""
+    src, calib = _conv_folder(tmp_path)
     out = tmp_path / "small"
     plan = tmp_path / "plan.json"
     done = prune_family(src, out, PruneOptions(ratio=0.5, calib=str(calib)), CheckOptions(),
@@ -199,6 +206,30 @@ def test_a_folder_whose_files_pass_nothing_takes_calibration_data(tmp_path: Path
     again = apply_family(src, plan, tmp_path / "again", CheckOptions())
     assert again.reports["net.onnx"].reconstruction
     assert _digest(tmp_path / "again") == _digest(out)
+
+
+def test_a_folder_whose_files_pass_nothing_recovers_its_pruned_file(tmp_path: Path,
+                                                                    capsys) -> None:
+    """``--recover`` distils the one pruned file of such a folder into the output folder, the
+    other files copied beside it; a folder that pruned several files is refused."""
+    pytest.importorskip("torch")
+    src, calib = _conv_folder(tmp_path)
+    out = tmp_path / "small"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--calib", str(calib),
+                 "--recover", "2", "--json", "-q"]) == ExitCode.OK
+    done = json.loads(capsys.readouterr().out)["files"]["net.onnx"]
+    assert done["recovery"]["steps"] >= 1 and "recovered" in done["fidelity"]
+    assert done["output"] == str(out / "net.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "net.onnx"]
+    assert ort.InferenceSession(str(out / "net.onnx")).run(
+        None, {"x": np.zeros((1, 3, 6, 6), np.float32)})[0].shape[1] == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    shutil.copy(src / "net.onnx", src / "other.onnx")  # two files to prune: which to distil?
+    again = tmp_path / "again"
+    assert main(["prune", str(src), "-o", str(again), "--ratio", "0.5", "--calib", str(calib),
+                 "--recover", "2", "-q"]) == ExitCode.BAD_INPUT
+    assert "--recover distils one pruned file, and 2 were pruned" in capsys.readouterr().err
+    assert not again.exists()
 
 
 def test_one_file_at_a_time_breaks_the_pair(tmp_path: Path) -> None:
