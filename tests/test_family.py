@@ -79,12 +79,13 @@ def _decode(folder: Path, steps: int = 4) -> float:
     return worst
 
 
-def _decode_merged(folder: Path, steps: int = 4) -> float:
+def _decode_merged(folder: Path, steps: int = 4, name: str = "decoder_model_merged.onnx"
+                   ) -> float:
     """:func:`_decode` through the merged decoder, as a runtime drives it: the first step down
     its no-past branch, fed the placeholder caches a runtime sizes from the config (4 heads,
     length 0), then the with-past branch on the decoder caches written so far (the encoder's
     come from the first step: the with-past branch writes placeholders for them)."""
-    sess = ort.InferenceSession(str(folder / "decoder_model_merged.onnx"))
+    sess = ort.InferenceSession(str(folder / name))
     rng = np.random.default_rng(0)
     encoded = rng.standard_normal((1, 6, 64)).astype(np.float32)
     mask = np.ones((1, 6), np.int64)
@@ -446,6 +447,29 @@ def test_a_folder_of_an_encoder_side_and_a_merged_decoder_alone(tmp_path: Path) 
     again = apply_family(src, plan, tmp_path / "again", CHECKS)  # the plan names the branches
     assert sorted(again.reports) == sorted(done.reports)
     assert _digest(tmp_path / "again") == _digest(out)
+
+
+def test_a_merged_decoder_is_known_by_its_graph(tmp_path: Path) -> None:
+    """transformers.js folders hold variants (``decoder_model_merged_quantized.onnx``): a file
+    whose graph is a single If is split as a merged decoder whatever its name; the caches tie
+    the variants' heads alike. Read whole, its step check against the other files' branches
+    could not run (its with-past branch writes placeholder caches)."""
+    src = tmp_path / "web"
+    src.mkdir()
+    shutil.copy(MERGED, src)
+    shutil.copy(MERGED, src / "decoder_model_merged_quantized.onnx")
+    out = tmp_path / "small"
+    done = prune_family(src, out, HEADS, CHECKS)
+    assert sorted(done.merged) == ["decoder_model_merged.onnx",
+                                   "decoder_model_merged_quantized.onnx"]
+    for name in done.merged:
+        assert _heads(out / name, "present.1.decoder.value") == 2
+        assert _decode_merged(out, name=name) < 1e-5
+    kept = [np.asarray(numpy_helper.to_array(t)) for t in onnx.load(
+        str(out / "decoder_model_merged.onnx")).graph.initializer]
+    again = [np.asarray(numpy_helper.to_array(t)) for t in onnx.load(
+        str(out / "decoder_model_merged_quantized.onnx")).graph.initializer]
+    assert len(kept) == len(again) and all(np.array_equal(a, b) for a, b in zip(kept, again))
 
 
 def test_a_merged_decoder_that_parts_from_its_branches_is_caught(tmp_path: Path,

@@ -28,8 +28,9 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
   continue it (:func:`_steps_checked`: a decoder with past, fed the first-step decoder's caches
   and then its own, gives the logits the first-step decoder gives over the whole prefix, as the
   original files do); else nothing is written.
-* **Merged decoders.** A ``*_merged.onnx`` file (the two decoders as the branches of one
-  ``If``) is split into one file per branch (spa/pipeline/merged.py), pruned with the others
+* **Merged decoders.** A ``*_merged.onnx`` file, or any whose graph is a single ``If`` (the
+  two decoders as its branches; transformers.js folders hold ``*_merged_quantized.onnx``
+  variants too), is split into one file per branch (spa/pipeline/merged.py), pruned with the others
   as ``<stem>.then_branch.onnx`` and ``<stem>.else_branch.onnx`` (the names the reports and
   plans use), and merged back; the merged file written must answer as its pruned branches
   do. One SPA cannot split (not a single ``If`` over two plain branches, weights in external
@@ -88,7 +89,7 @@ from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
 from spa.pipeline import Prepared, analyse, analyse_as_planned, applied, finish, prepare
-from spa.pipeline.merged import BRANCHES, agreement, merge, piece_name, split
+from spa.pipeline.merged import BRANCHES, agreement, is_merged, merge, piece_name, split
 from spa.plan import FolderPlan, removed_indices
 from spa.report import write_text_atomic
 
@@ -315,16 +316,17 @@ def _opened(folder: str | os.PathLike[str], checks: CheckOptions) -> Iterator[_V
         path = Path(tmp)
         merged: dict[str, onnx.ModelProto] = {}
         left_out: dict[str, str] = {}
-        for n in (n for n in onnx_files if n.endswith(MERGED)):
+        # by name, or by its graph: transformers.js folders hold *_merged_quantized.onnx too
+        for n in (n for n in onnx_files if n.endswith(MERGED) or is_merged(headers[n])):
             done = _split_into(headers[n], n, path, checks)
-            if isinstance(done, str):
+            if not isinstance(done, str):
+                merged[n] = done
+            elif n.endswith(MERGED):
                 left_out[n] = (f"a merged decoder SPA cannot split: {done}; left out of the "
                                "pruned folder (runtimes such as Optimum's load the separate "
                                "decoders instead)")
-            else:
-                merged[n] = done
         for f in sorted(src.iterdir()):
-            if not f.name.endswith(MERGED) or f.name not in headers:
+            if f.name not in merged and f.name not in left_out:
                 os.symlink(f.resolve(), path / f.name)
         names = sorted(f.name for f in path.iterdir() if f.suffix == ".onnx" and f.is_file())
         if not names:
@@ -736,7 +738,10 @@ def _steps_checked(src: Path, out: Path, writer: str, reader: str, dims: dict[st
         return f"not run: {why}"
     originals = (val.session(str(src / writer), what=writer),
                  val.session(str(src / reader), what=reader))
-    before = _step_difference(*originals, dims)
+    try:
+        before = _step_difference(*originals, dims)
+    except ValidationError as exc:  # such as a merged decoder that is no file of the pair
+        return f"not run: the original files do not run step by step ({exc})"
     if not before <= rtol:
         return f"not run: the original files differ by {before:.1e} step by step"
     after = _step_difference(first, later, dims)

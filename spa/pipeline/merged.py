@@ -42,11 +42,17 @@ def piece_name(merged: str, branch: str) -> str:
     return f"{Path(merged).stem}.{branch}.onnx"
 
 
+def is_merged(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s graph is a single ``If``, as a merged decoder's is."""
+    nodes = model.graph.node
+    return len(nodes) == 1 and nodes[0].op_type == "If"
+
+
 def split(model: onnx.ModelProto) -> dict[str, onnx.ModelProto] | str:
     """Each branch of a merged decoder as a model of its own, by attribute name; or why
     ``model`` is not a merged decoder SPA can split."""
     g = model.graph
-    if len(g.node) != 1 or g.node[0].op_type != "If" or g.node[0].domain not in ("", "ai.onnx"):
+    if not is_merged(model) or g.node[0].domain not in ("", "ai.onnx"):
         return "its graph is not a single If"
     node = g.node[0]
     inputs = {i.name: i for i in g.input}
@@ -253,4 +259,4 @@ def _output_type(declared: onnx.ValueInfoProto, graphs: list[onnx.GraphProto]
     return out
 
 
-__all__ = ["BRANCHES", "agreement", "merge", "piece_name", "split"]
+__all__ = ["BRANCHES", "agreement", "is_merged", "merge", "piece_name", "split"]
