@@ -343,7 +343,6 @@ def _prune_family(args: argparse.Namespace, options) -> int:
     (spa/pipeline/family.py)."""
     from spa.api import prune_family
 
-    _refuse_for_folders(args, ("--report-html", args.report_html))
     if args.dry_run:
         return _dry_run_family(args, options)
     if args.recover:
@@ -405,20 +404,15 @@ def _recovery(options):
     return recover, calibration_for, lambda steps, seed: RecoverOptions(steps=steps, seed=seed)
 
 
-def _refuse_for_folders(args: argparse.Namespace, *flags: tuple[str, object]) -> None:
-    refused = [flag for flag, given in flags if given]
-    if refused:
-        raise OptionError(f"{', '.join(refused)}: not for a folder of ONNX files (they are "
-                          "pruned together, each with its own plan); prune one file to use "
-                          f"{'them' if len(refused) > 1 else 'it'}")
-
-
 def _family_done(args: argparse.Namespace, family) -> int:
     """Report a folder written by ``spa prune folder/`` or ``spa apply folder/``."""
+    from spa.html_report import write_folder_html
     from spa.report import report_notes, report_table, write_text_atomic
 
     if args.report:
         write_text_atomic(args.report, json.dumps(family.to_dict(), indent=1) + "\n")
+    if args.report_html:
+        write_folder_html(args.report_html, family.plans, family, folder=args.model)
     for name, why in family.skipped.items():
         _note(args, f"{name}: {why}")
     for text in family.kept_whole:
@@ -468,6 +462,10 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
     together = plan_together(args.model, options, _checks(args))
     if args.plan:
         write_text_atomic(args.plan, together.saved().to_json() + "\n")
+    if args.report_html:
+        from spa.html_report import write_folder_html
+
+        write_folder_html(args.report_html, together.plans, folder=args.model)
     files = {n: plan_summary(p, str(Path(args.model) / n)) for n, p in together.plans.items()}
     summary = {"files": files,
                "skipped": together.skipped, "tied_spaces": len(together.sites),
@@ -526,7 +524,6 @@ def _apply(args: argparse.Namespace) -> int:
     if os.path.isdir(args.model) and not is_genai_folder(args.model):
         from spa.api import apply_family
 
-        _refuse_for_folders(args, ("--report-html", args.report_html))
         return _family_done(args, apply_family(args.model, args.plan, args.output,
                                                _checks(args)))
     the_plan = Plan.load(args.plan)

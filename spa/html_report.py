@@ -19,6 +19,8 @@ the plan and the measured :class:`~spa.api.PruneReport`. Every text is escaped.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from html import escape
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     import os
 
     from spa.api import PruneReport
+    from spa.pipeline.family import FamilyReport
     from spa.plan import Plan
 
 ROW = 18  # px per group in the channel chart
@@ -58,8 +61,6 @@ def write_html_report(path: str | os.PathLike[str], plan: Plan,
 
 
 def render_html(plan: Plan, report: PruneReport | None = None, *, model: str = "") -> str:
-    from spa import __version__
-
     model = report.input if report is not None else model
     title = "SPA pruning report" if report is not None else "SPA pruning plan (dry run)"
     what = (f"{escape(model)} → {escape(report.output)}" if report is not None
@@ -69,16 +70,79 @@ def render_html(plan: Plan, report: PruneReport | None = None, *, model: str = "
             f'{escape(plan.recipe.criterion if plan.recipe else "?")}</span> · '
             f'{sum(1 for g in plan.groups if g.removed)} of {len(plan.groups)} prunable groups '
             f'pruned · {len(plan.frozen)} frozen · plan {escape(plan.fingerprint)}</p>',
-            "<h2>Before and after</h2>", _summary_table(plan, report),
-            "<h2>Latency</h2>", _latency_chart(report),
-            "<h2>Channels kept per group</h2>", _channel_chart(plan),
-            f"<h2>Frozen groups ({len(plan.frozen)})</h2>", _frozen_table(plan),
-            "<h2>Criterion and options</h2>", _options_table(plan.options()),
-            "<h2>Validation</h2>", _validation(report)]
+            *_sections(plan, report)]
+    return _page(f"{title}: {model}", body)
+
+
+def _page(title: str, body: list[str]) -> str:
+    from spa import __version__
+
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{title}: {escape(model)}</title><style>{_CSS}</style></head>\n<body>\n"
+            f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body)
             + f"\n<p class=\"sub\">made by spa {escape(__version__)}</p>\n</body></html>\n")
+
+
+def _sections(plan: Plan, report: PruneReport | None, h: str = "h2") -> list[str]:
+    """The page's sections about one model, under ``h`` headings."""
+    return [f"<{h}>Before and after</{h}>", _summary_table(plan, report),
+            f"<{h}>Latency</{h}>", _latency_chart(report),
+            f"<{h}>Channels kept per group</{h}>", _channel_chart(plan),
+            f"<{h}>Frozen groups ({len(plan.frozen)})</{h}>", _frozen_table(plan),
+            f"<{h}>Criterion and options</{h}>", _options_table(plan.options()),
+            f"<{h}>Validation</{h}>", _validation(report)]
+
+
+def write_folder_html(path: str | os.PathLike[str], plans: Mapping[str, Plan],
+                      family: FamilyReport | None = None, *, folder: str = "") -> None:
+    """The page of a folder of ONNX files pruned together (spa/pipeline/family.py), or planned
+    (``family`` None: a dry run): what ties the files, then each file's sections."""
+    write_text_atomic(path, render_folder_html(plans, family, folder=folder))
+
+
+def render_folder_html(plans: Mapping[str, Plan], family: FamilyReport | None = None, *,
+                       folder: str = "") -> str:
+    title = ("SPA pruning report: a folder" if family is not None
+             else "SPA pruning plan (dry run): a folder")
+    what = (f"{escape(folder)} → {escape(family.output)}" if family is not None
+            else f"{escape(folder)}: nothing written, figures are predicted by the plans")
+    body = [f"<h1>{title}</h1>", f'<p class="sub">{what}</p>', "<h2>The files together</h2>",
+            "<ul>" + "".join(f"<li>{escape(x)}</li>" for x in _folder_lines(plans, family))
+            + "</ul>"]
+    for k, (name, plan) in enumerate(plans.items()):
+        report = family.reports.get(name) if family is not None else None
+        sections = "\n".join(_sections(plan, report, "h3"))
+        body += [f'<h2 id="file-{k}">{escape(name)}</h2>',
+                 f'<p class="sub">criterion <span class="badge">'
+                 f'{escape(plan.recipe.criterion if plan.recipe else "?")}</span> · '
+                 f'{sum(1 for g in plan.groups if g.removed)} of {len(plan.groups)} prunable '
+                 f'groups pruned · {len(plan.frozen)} frozen · plan {escape(plan.fingerprint)}'
+                 "</p>",
+                 re.sub(r'id="([\w-]+)"', rf'id="\1-{k}"', sections)]
+    return _page(f"{title}: {folder}", body)
+
+
+def _folder_lines(plans: Mapping[str, Plan], family: FamilyReport | None) -> list[str]:
+    lines = [f"files pruned: {', '.join(plans) or 'none'}"]
+    if family is None:
+        return lines
+    lines += [f"{n}: {why}" for n, why in family.skipped.items()]
+    lines.append(f"{family.ties} channel spaces tied between files; " + (
+        "the saved plans lose the same entries of each" if family.followed is None
+        else f"{family.followed} groups follow another file's"))
+    lines += family.kept_whole
+    lines += [f"{n}: its branches pruned as {' and '.join(d['branches'].values())} and merged "
+              "back" + (f" (each answers as its file: relative {d['relative_diff']:.1e})"
+                        if "relative_diff" in d else "") for n, d in family.merged.items()]
+    lines += [f"step check {pair}: " + (step if isinstance(step, str) else
+              f"{step['steps']} tokens decoded on the caches match a run over the whole "
+              f"prefix (relative {step['relative_diff']:.1e})")
+              for pair, step in family.steps.items()]
+    lines += [f"config.json: {k} {a} → {b}" for k, (a, b) in family.config_edits.items()]
+    lines += [f"{n}: {d['inputs']} pruned cache inputs declare their head axis symbolic "
+              f"(placeholder caches of {d['placeholder_heads']} heads)"
+              for n, d in family.placeholders.items()]
+    return lines
 
 
 def _rows(plan: Plan, report: PruneReport | None) -> list[tuple[str, float | None,

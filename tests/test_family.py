@@ -307,7 +307,6 @@ def test_analyze_reads_a_folder_as_it_is_pruned(tmp_path: Path, capsys) -> None:
     (["--calib", "x.npz"], "calibration data for files that pass tensors"),
     (["--criterion", "obspa"], "--no-compensate"),
     (["--target", "latency"], "--target latency times one file"),
-    (["--report-html", "r.html"], "--report-html: not for a folder"),
 ])
 def test_what_a_folder_refuses(tmp_path: Path, capsys, flags: list[str], expect: str) -> None:
     out = tmp_path / "small"
@@ -490,3 +489,31 @@ def test_a_merged_decoder_that_parts_from_its_branches_is_caught(tmp_path: Path,
     with pytest.raises(ValidationError, match="merged back, its branches answer"):
         prune_family(src, out, HEADS, CHECKS)
     assert not out.exists()
+
+
+def test_a_folder_gets_one_html_page(tmp_path: Path) -> None:
+    """``--report-html`` for a folder: what ties the files, then each file's sections (its ids
+    made unique per file); a dry run's page holds the plans' predictions."""
+    import re
+
+    src = tmp_path / "bart"
+    shutil.copytree(BART, src)
+    shutil.copy(MERGED, src)
+    page, dry = tmp_path / "r.html", tmp_path / "dry.html"
+    assert main(["prune", str(src), "-o", str(tmp_path / "small"), "--heads-ratio", "0.5",
+                 "--report-html", str(page), "-q"]) == ExitCode.OK
+    assert main(["prune", str(src), "--dry-run", "--heads-ratio", "0.5", "--report-html",
+                 str(dry), "-q"]) == ExitCode.OK
+    for path, measured in ((page, True), (dry, False)):
+        text = path.read_text()
+        names = re.findall(r'<h2 id="file-\d+">([^<]+)</h2>', text)
+        assert names == ["decoder_model.onnx", "decoder_model_merged.else_branch.onnx",
+                         "decoder_model_merged.then_branch.onnx",
+                         "decoder_with_past_model.onnx"]
+        ids = re.findall(r' id="([^"]+)"', text)
+        assert len(ids) == len(set(ids)) > 4 * 4
+        assert ("step check decoder_model.onnx -&gt; decoder_with_past_model.onnx" in text) \
+            is measured
+        assert ("its branches pruned as" in text) is measured
+        assert "<script" not in text and "http" not in text.replace(
+            "http-equiv", "")  # self-contained

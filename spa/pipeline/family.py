@@ -127,6 +127,7 @@ class FamilyReport:
     merged: dict[str, dict] = field(default_factory=dict)
     # decoders whose pruned cache inputs declare their head axis symbolic (see _symbolic_heads)
     placeholders: dict[str, dict] = field(default_factory=dict)
+    plans: dict[str, Plan] = field(default_factory=dict)  # each pruned file's (for the HTML page)
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
@@ -417,7 +418,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
-                        placeholders)
+                        placeholders, dict(fp.plans))
 
 
 def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
