@@ -448,6 +448,14 @@ def test_a_folder_of_an_encoder_side_and_a_merged_decoder_alone(tmp_path: Path) 
     assert _digest(tmp_path / "again") == _digest(out)
 
 
+def test_a_merged_decoder_alone_points_to_its_folder(tmp_path: Path, capsys) -> None:
+    assert main(["prune", str(MERGED), "-o", str(tmp_path / "m.onnx")]) \
+        == ExitCode.NOTHING_PRUNABLE
+    assert "pruned through its two branches when its folder is pruned: spa prune folder/ -o " \
+        "out/" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_merged_decoder_is_known_by_its_graph(tmp_path: Path) -> None:
     """transformers.js folders hold variants (``decoder_model_merged_quantized.onnx``): a file
     whose graph is a single If is split as a merged decoder whatever its name; the caches tie

@@ -440,8 +440,12 @@ def nothing_prunable(analysis: Analysis) -> str:
     reasons = sorted({r for g in analysis.frozen_groups for r in g.frozen})[:3]
     holder = next((n for n in analysis.model.graph.nodes if has_subgraph(n)), None)
     if not reasons and holder is not None:
+        merged = holder.op == "If" and len(analysis.model.graph.nodes) == 1
         return ("no prunable channel group in the model: its layers are inside the subgraphs of "
-                f"{holder.op} node '{holder.name}', which SPA does not prune")
+                f"{holder.op} node '{holder.name}', which SPA does not prune" + (
+                    "; a merged decoder (its graph is one If) is pruned through its two "
+                    "branches when its folder is pruned: spa prune folder/ -o out/"
+                    if merged else ""))
     via = sorted({r for g in analysis.frozen_groups for r in g.via})[:1]
     return "no prunable channel group in the model" + (
         f" (e.g. {'; '.join(reasons)})" if reasons else "") + (
