@@ -121,9 +121,10 @@ def merge(template: onnx.ModelProto, pieces: Mapping[str, onnx.ModelProto]) -> o
             nodes, was.name, [], [written.get(o.name, o) for o in was.output],
             value_info=list(sub.value_info))
     _fit_placeholders(graphs)
-    order = [t.name for t in g.initializer]
+    order = [t.name for t in g.initializer]  # the original's first, then the new ones
+    first = set(order)
     ordered = [weights[n] for n in order if n in weights] + \
-        [t for n, t in weights.items() if n not in set(order)]
+        [t for n, t in weights.items() if n not in first]
     inputs = [_input_type(i, [pieces[name].graph for name in BRANCHES]) for i in g.input]
     outputs = [_output_type(o, [graphs[name] for name in BRANCHES]) for o in g.output]
     attrs = {a.name: a for a in node.attribute}
