@@ -454,7 +454,6 @@ def _family_done(args: argparse.Namespace, family) -> int:
 
 def _dry_run_family(args: argparse.Namespace, options) -> int:
     """``spa prune folder/ --dry-run``: each file's plan, the ties followed; nothing written."""
-    from pathlib import Path
 
     from spa.pipeline.family import plan_together
     from spa.report import plan_summary, plan_text, write_text_atomic
@@ -466,7 +465,7 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
         from spa.html_report import write_folder_html
 
         write_folder_html(args.report_html, together.plans, folder=args.model)
-    files = {n: plan_summary(p, str(Path(args.model) / n)) for n, p in together.plans.items()}
+    files = {n: plan_summary(p, together.origins[n]) for n, p in together.plans.items()}
     summary = {"files": files,
                "skipped": together.skipped, "tied_spaces": len(together.sites),
                "groups_following": together.followed, "kept_whole": together.kept_whole}

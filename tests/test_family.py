@@ -413,6 +413,8 @@ def test_a_merged_decoder_is_pruned_through_its_branches(tmp_path: Path, capsys)
     assert done["merged"]["decoder_model_merged.onnx"]["relative_diff"] < 1e-6
     branch = done["files"]["decoder_model_merged.else_branch.onnx"]
     assert branch["output"] == str(out / "decoder_model_merged.onnx")
+    assert branch["input"] == f"{src / 'decoder_model_merged.onnx'} (else_branch)"
+    assert done["files"]["decoder_model.onnx"]["input"] == str(src / "decoder_model.onnx")
     assert branch["params_after"] == done["files"]["decoder_model.onnx"]["params_after"] \
         < 0.62 * branch["params_before"]
     for name in ("present.0.decoder.key", "present.1.encoder.value"):

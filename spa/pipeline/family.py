@@ -151,6 +151,7 @@ class FamilyPlan:
     sites: list[tuple[Site, Site]]
     followed: int | None  # None: saved plans, checked to lose the same entries of tied spaces
     kept_whole: list[str]
+    origins: dict[str, str]  # each file's path in the input folder, a branch's: its merged file
 
     def saved(self) -> FolderPlan:
         """The plans as ``spa apply folder/`` reads them back."""
@@ -213,7 +214,7 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions) -> Family
     plans = {n: with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
              for n in plans}
     return FamilyPlan(src, headers, view.data, skipped, prepared, analyses, plans, sites,
-                      followed, whole)
+                      followed, whole, view.origins())
 
 
 def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -275,7 +276,7 @@ def _applied_together(view: _View, saved: FolderPlan, out: Path, checks: CheckOp
         raise PlanMismatchError(f"{broken}: the files would not run together")
     fp = FamilyPlan(src, headers, view.data, view.left_out | {
         n: "nothing to prune in it when planned; copied as it is" for n in saved.copied}, {},
-        analyses, dict(saved.files), sites, None, [])
+        analyses, dict(saved.files), sites, None, [], view.origins())
 
     def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
         return applied(analyses[n], saved.files[n], path, checks)
@@ -304,6 +305,12 @@ class _View:
     merged: dict[str, onnx.ModelProto]  # merged decoders split, by name: the original
     left_out: dict[str, str]  # merged decoders not split, and why
     data: set[str]  # the external data files of every ONNX file of ``src``
+
+    def origins(self) -> dict[str, str]:
+        """Each file's path in ``src``; a branch's, its merged file's and the branch."""
+        branches = {piece_name(m, b): f"{self.src / m} ({b})" for m in self.merged
+                    for b in BRANCHES}
+        return {n: branches.get(n, str(self.src / n)) for n in self.onnx_files}
 
 
 @contextmanager
@@ -395,7 +402,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                     shutil.copy2(src / name, tmp / name)
                 continue
             reports[n] = write(n, tmp / n, checks)
-            reports[n].output = str(out / n)
+            reports[n].input, reports[n].output = fp.origins[n], str(out / n)
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
         steps: dict[str, dict | str] = {}
