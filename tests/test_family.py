@@ -460,8 +460,9 @@ def test_a_merged_decoder_alone_points_to_its_folder(tmp_path: Path, capsys) -> 
 
 def test_a_merged_decoder_is_known_by_its_graph(tmp_path: Path) -> None:
     """transformers.js folders hold variants (``decoder_model_merged_quantized.onnx``): a file
-    whose graph is a single If is split as a merged decoder whatever its name; the caches tie
-    the variants' heads alike. Read whole, its step check against the other files' branches
+    whose graph is a single If is split as a merged decoder whatever its name; here the copy's
+    weights, byte for byte the same, tie its heads to the plain one's (variants pass nothing
+    to each other). Read whole, its step check against the other files' branches
     could not run (its with-past branch writes placeholder caches)."""
     src = tmp_path / "web"
     src.mkdir()
@@ -479,6 +480,32 @@ def test_a_merged_decoder_is_known_by_its_graph(tmp_path: Path) -> None:
     again = [np.asarray(numpy_helper.to_array(t)) for t in onnx.load(
         str(out / "decoder_model_merged_quantized.onnx")).graph.initializer]
     assert len(kept) == len(again) and all(np.array_equal(a, b) for a, b in zip(kept, again))
+
+
+def test_a_variant_passes_nothing_to_the_plain_files(tmp_path: Path) -> None:
+    """A quantised variant SPA cannot split (``quantize_dynamic`` puts a DynamicQuantizeLinear
+    beside the If; here an Identity) is copied as it is, and its caches, though named as the
+    plain files' are, tie nothing: the plain merged decoder still loses heads."""
+    src = tmp_path / "web"
+    src.mkdir()
+    shutil.copy(MERGED, src)
+    m = onnx.load(str(MERGED))
+    m.graph.node.append(onnx.helper.make_node("Identity", ["input_ids"], ["ids"], name="extra"))
+    m.graph.output.append(onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64,
+                                                             None))
+    onnx.save(m, str(src / "decoder_model_merged_quantized.onnx"))
+    out = tmp_path / "small"
+    done = prune_family(src, out, HEADS, CHECKS)
+    assert "copied as it is" in done.skipped["decoder_model_merged_quantized.onnx"]
+    assert done.kept_whole == [] and done.steps and all(
+        "quantized" not in pair for pair in done.steps)
+    assert _heads(out / "decoder_model_merged.onnx", "present.1.decoder.value") == 2
+    assert (out / "decoder_model_merged_quantized.onnx").read_bytes() == \
+        (src / "decoder_model_merged_quantized.onnx").read_bytes()
+    assert [family.variant(n) for n in ("decoder_model_merged_quantized.onnx",
+                                        "encoder_model_fp16.onnx", "decoder_model.onnx",
+                                        "decoder_model_merged_q4f16.then_branch.onnx")] == [
+        "_quantized", "_fp16", "", "_q4f16"]
 
 
 def test_a_merged_decoder_that_parts_from_its_branches_is_caught(tmp_path: Path,

@@ -9,8 +9,9 @@ cache heads that the first-step decoder keeps (its caches are plain graph output
 the two no longer run together. A folder of ONNX files (no ``genai_config.json``: that is an
 onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
 
-* **Tensors between files.** A graph output of one file that another file reads as an input
-  (``present.X`` → ``past_key_values.X`` or ``past.X``) may change shape in both
+* **Tensors between files.** A graph output of one file that another file of the same
+  precision variant (:func:`variant`) reads as an input (``present.X`` → ``past_key_values.X``
+  or ``past.X``) may change shape in both
   (:class:`~spa.coupling.analysis.CouplingAnalysis` ``free``).
 * **Ties.** A channel space of one file is tied to one of another file when it is the same axis
   of such a tensor, or of a weight both files hold (the same bytes, shape and type; a weight
@@ -555,14 +556,27 @@ def _passed(headers: Mapping[str, onnx.ModelProto]) -> dict[str, set[str]]:
 
 def _passings(inputs: Mapping[str, set[str]], outputs: Mapping[str, set[str]]
               ) -> Iterable[tuple[str, str, str, str]]:
-    """(writer file, reader file, output name, input name) of every tensor passed on."""
+    """(writer file, reader file, output name, input name) of every tensor passed on, between
+    files of one variant (:func:`variant`)."""
     for a, outs in outputs.items():
         for out in sorted(outs):
             head, dot, rest = out.partition(".")
             for prefix in _PASSED.get(head, ()) if dot else ():
                 for b, ins in inputs.items():
-                    if b != a and f"{prefix}.{rest}" in ins:
+                    if b != a and f"{prefix}.{rest}" in ins and variant(a) == variant(b):
                         yield a, b, out, f"{prefix}.{rest}"
+
+
+#: How transformers.js names a folder's other precisions of the same files
+#: (``decoder_model_merged_quantized.onnx`` beside ``decoder_model_merged.onnx``).
+VARIANTS = ("_quantized", "_fp16", "_int8", "_uint8", "_q4f16", "_q4", "_bnb4", "_q8")
+
+
+def variant(name: str) -> str:
+    """Which precision variant a file is (``""``: the plain files): files of different
+    variants are different copies of the model, and pass nothing to each other."""
+    stem = name.removesuffix(".onnx").split(".")[0]  # a merged decoder's branch: its file's
+    return next((v for v in VARIANTS if stem.endswith(v)), "")
 
 
 def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.ModelProto]
