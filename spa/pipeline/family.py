@@ -97,6 +97,7 @@ from spa.report import write_text_atomic
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group
     from spa.coupling.types import SpaceKey
+    from spa.generation import SignatureChange
     from spa.pipeline import CheckOptions, PruneOptions, PruneReport
     from spa.plan import Plan
 
@@ -167,10 +168,9 @@ def analyse_together(folder: str | os.PathLike[str], *, ignore: tuple[str, ...] 
     from spa.pipeline import CheckOptions
 
     with _opened(folder, CheckOptions()) as view:
-        names, src = view.onnx_files, view.path
-        free = _passed({n: onnx.load(str(src / n), load_external_data=False) for n in names})
-        return {n: analyse(load_model(str(src / n)), ignore=ignore, hidden=hidden,
-                           free=tuple(sorted(free[n]))) for n in names}
+        free = _passed(view.headers)
+        return {n: analyse(load_model(str(view.path / n)), ignore=ignore, hidden=hidden,
+                           free=tuple(sorted(free[n]))) for n in view.onnx_files}
 
 
 def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
@@ -182,10 +182,9 @@ def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
 
 
 def _planned(view: _View, options: PruneOptions, checks: CheckOptions) -> FamilyPlan:
-    src, names = view.path, view.onnx_files
+    src, names, headers = view.path, view.onnx_files, view.headers
     if options.drops_blocks:
         raise OptionError("depth pruning of a folder of files is not supported")
-    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in names}
     skipped = dict(view.left_out)
     free = _passed(headers)
     if any(free.values()):
@@ -251,12 +250,11 @@ def apply_together(folder: str | os.PathLike[str], saved: FolderPlan,
 
 def _applied_together(view: _View, saved: FolderPlan, out: Path, checks: CheckOptions
                       ) -> FamilyReport:
-    src, names = view.path, view.onnx_files
+    src, names, headers = view.path, view.onnx_files, view.headers
     listed = sorted({*saved.files, *saved.copied})
     if listed != names:
         raise PlanMismatchError(f"the plan is for the files {listed}; {view.src} holds {names} "
                                 f"(a merged decoder as its two branches)")
-    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in names}
     free = _passed(headers)
     any_plan = next(iter(saved.files.values()), None)
     analyses = {}
@@ -303,6 +301,7 @@ class _View:
     src: Path
     path: Path
     onnx_files: list[str]  # the files pruned or copied, by name in ``path``
+    headers: dict[str, onnx.ModelProto]  # their graphs, read once (external data not read)
     merged: dict[str, onnx.ModelProto]  # merged decoders split, by name: the original
     left_out: dict[str, str]  # merged decoders not split, and why
     data: set[str]  # the external data files of every ONNX file of ``src``
@@ -341,7 +340,10 @@ def _opened(folder: str | os.PathLike[str], checks: CheckOptions) -> Iterator[_V
         if not names:
             raise OptionError(f"{src}: every ONNX file in it is a merged decoder SPA cannot "
                               f"split ({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
-        yield _View(src, path, names, merged, left_out, data)
+        # each graph once: the input's as read above, a branch's from its file
+        headers = {n: headers[n] if n in headers else
+                   onnx.load(str(path / n), load_external_data=False) for n in names}
+        yield _View(src, path, names, headers, merged, left_out, data)
 
 
 def _split_into(model: onnx.ModelProto, name: str, path: Path, checks: CheckOptions
@@ -391,8 +393,10 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     the module)."""
     src = fp.src
     config = read_config(src / CONFIG)
-    edits = _config_edits(config, fp.analyses, fp.plans) if config is not None else {}
-    held = _placeholder_caches(config, fp.analyses, fp.plans) if config is not None else {}
+    changes = {n: signature_change(fp.analyses[n], p) for n, p in fp.plans.items()} \
+        if config is not None else {}
+    edits = _config_edits(config, changes) if config is not None else {}
+    held = _placeholder_caches(config, changes) if config is not None else {}
     if edits or held:  # the copy says what the pruned caches hold, or the file takes what
         checks = dataclasses.replace(checks, config_warning=False)  # runtimes make of it
     with staged_folder(out) as tmp:
@@ -450,14 +454,13 @@ def _onnx_files(src: Path) -> list[str]:
     return onnx_files
 
 
-def _config_edits(config: dict, analyses: Mapping[str, Analysis],
-                  plans: Mapping[str, Plan]) -> dict[str, int]:
+def _config_edits(config: dict, changes: Mapping[str, SignatureChange]) -> dict[str, int]:
     """What to set in the folder's ``config.json`` for the pruned caches (🤗 Optimum's
     ``ORTModelForCausalLM`` sizes the first step's from its key/value head count); nothing when
     the files would need different values."""
     edits: dict[str, set[int]] = {}
-    for n, plan in plans.items():
-        for k, v in config_edit(config, signature_change(analyses[n], plan)).items():
+    for change in changes.values():
+        for k, v in config_edit(config, change).items():
             edits.setdefault(k, set()).add(v)
     return {k: vs.pop() for k, vs in edits.items() if len(vs) == 1}
 
@@ -465,14 +468,13 @@ def _config_edits(config: dict, analyses: Mapping[str, Analysis],
 Cache = tuple[int, int]  # a pruned cache input's head axis, and the heads it keeps
 
 
-def _placeholder_caches(config: dict, analyses: Mapping[str, Analysis],
-                        plans: Mapping[str, Plan]) -> dict[str, tuple[int, dict[str, Cache]]]:
+def _placeholder_caches(config: dict, changes: Mapping[str, SignatureChange]
+                        ) -> dict[str, tuple[int, dict[str, Cache]]]:
     """Per file whose pruned caches the folder's config cannot describe
     (:func:`spa.generation.placeholder_count`): the head count of the placeholder caches a
     runtime feeds its first step, and its pruned cache inputs."""
     out = {}
-    for n, plan in plans.items():
-        change = signature_change(analyses[n], plan)
+    for n, change in changes.items():
         count = placeholder_count(config, change)
         if count is not None:
             out[n] = (count, {name: (axis, len(kept)) for name, (axis, kept, _)
