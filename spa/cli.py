@@ -407,27 +407,20 @@ def _recovery(options):
 def _family_done(args: argparse.Namespace, family) -> int:
     """Report a folder written by ``spa prune folder/`` or ``spa apply folder/``."""
     from spa.html_report import write_folder_html
-    from spa.report import report_notes, report_table, write_text_atomic
+    from spa.report import (
+        folder_lines,
+        folder_notes,
+        report_notes,
+        report_table,
+        write_text_atomic,
+    )
 
     if args.report:
         write_text_atomic(args.report, json.dumps(family.to_dict(), indent=1) + "\n")
     if args.report_html:
         write_folder_html(args.report_html, family.plans, family, folder=args.model)
-    for name, why in family.skipped.items():
-        _note(args, f"{name}: {why}")
-    for text in family.kept_whole:
-        _note(args, text)
-    for key, (before, after) in family.config_edits.items():
-        _note(args, f"config.json: {key} {before} -> {after}, the key/value heads the pruned "
-                    "caches keep (runtimes size the first step's caches from it)")
-    for name, held in family.placeholders.items():
-        _note(args, f"{name}: {held['inputs']} pruned cache inputs declare their head axis "
-                    f"symbolic, so that the first step takes the empty caches of "
-                    f"{held['placeholder_heads']} heads that runtimes make from config.json "
-                    "(no edit of it can say the heads kept)" + (
-                        f"; checked: it answers as on empty caches of the heads kept "
-                        f"(relative {held['check']:.1e})" if isinstance(held.get("check"), float)
-                        else f"; {held['check']}" if "check" in held else ""))
+    for note in folder_notes(family):
+        _note(args, note)
     for report in family.reports.values():
         for note in report_notes(report):
             _note(args, note)
@@ -437,26 +430,16 @@ def _family_done(args: argparse.Namespace, family) -> int:
     for name, report in family.reports.items():
         print(f"{name}:")
         print(report_table(report))
-    print(_ties(family.ties, family.followed))
-    for name, done in family.merged.items():
-        print(f"{name}: its branches pruned as {' and '.join(done['branches'].values())}, "
-              "merged back" + (f" (each answers as its file: relative "
-                               f"{done['relative_diff']:.1e})" if "relative_diff" in done
-                               else ""))
-    for pair, step in family.steps.items():
-        print(f"step check {pair}: " + (step if isinstance(step, str) else
-              f"{step['steps']} tokens decoded on the caches match a run over the whole prefix "
-              f"(relative {step['relative_diff']:.1e}; originals "
-              f"{step['relative_diff_original']:.1e})"))
+    for line in folder_lines(family):
+        print(line)
     print(f"wrote {family.output}")
     return int(ExitCode.OK)
 
 
 def _dry_run_family(args: argparse.Namespace, options) -> int:
     """``spa prune folder/ --dry-run``: each file's plan, the ties followed; nothing written."""
-
     from spa.pipeline.family import plan_together
-    from spa.report import plan_summary, plan_text, write_text_atomic
+    from spa.report import plan_summary, plan_text, ties_line, write_text_atomic
 
     together = plan_together(args.model, options, _checks(args))
     if args.plan:
@@ -479,14 +462,8 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
     for name, one in files.items():
         print(f"{name}:")
         print(plan_text(one))
-    print(_ties(len(together.sites), together.followed))
+    print(ties_line(len(together.sites), together.followed))
     return int(ExitCode.OK)
-
-
-def _ties(tied: int, followed: int | None) -> str:
-    return f"{tied} channel spaces tied between files; " + (
-        "the plans lose the same entries of each" if followed is None
-        else f"{followed} groups follow another file's")
 
 
 def _prune_and_recover(args: argparse.Namespace, options) -> int:

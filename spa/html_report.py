@@ -24,7 +24,14 @@ from collections.abc import Mapping
 from html import escape
 from typing import TYPE_CHECKING
 
-from spa.report import fidelity_lines, input_dims_text, oracle_line, write_text_atomic
+from spa.report import (
+    fidelity_lines,
+    folder_lines,
+    folder_notes,
+    input_dims_text,
+    oracle_line,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     import os
@@ -124,25 +131,7 @@ def render_folder_html(plans: Mapping[str, Plan], family: FamilyReport | None = 
 
 def _folder_lines(plans: Mapping[str, Plan], family: FamilyReport | None) -> list[str]:
     lines = [f"files pruned: {', '.join(plans) or 'none'}"]
-    if family is None:
-        return lines
-    lines += [f"{n}: {why}" for n, why in family.skipped.items()]
-    lines.append(f"{family.ties} channel spaces tied between files; " + (
-        "the saved plans lose the same entries of each" if family.followed is None
-        else f"{family.followed} groups follow another file's"))
-    lines += family.kept_whole
-    lines += [f"{n}: its branches pruned as {' and '.join(d['branches'].values())} and merged "
-              "back" + (f" (each answers as its file: relative {d['relative_diff']:.1e})"
-                        if "relative_diff" in d else "") for n, d in family.merged.items()]
-    lines += [f"step check {pair}: " + (step if isinstance(step, str) else
-              f"{step['steps']} tokens decoded on the caches match a run over the whole "
-              f"prefix (relative {step['relative_diff']:.1e})")
-              for pair, step in family.steps.items()]
-    lines += [f"config.json: {k} {a} → {b}" for k, (a, b) in family.config_edits.items()]
-    lines += [f"{n}: {d['inputs']} pruned cache inputs declare their head axis symbolic "
-              f"(placeholder caches of {d['placeholder_heads']} heads)"
-              for n, d in family.placeholders.items()]
-    return lines
+    return lines if family is None else lines + folder_notes(family) + folder_lines(family)
 
 
 def _rows(plan: Plan, report: PruneReport | None) -> list[tuple[str, float | None,

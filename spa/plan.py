@@ -195,8 +195,9 @@ FOLDER_FORMAT = 1
 @dataclass(frozen=True)
 class FolderPlan:
     """The plans of a folder's ONNX files pruned together (spa/pipeline/family.py): each pruned
-    file's plan by name, and the files with nothing to prune, copied as they are. Merged
-    decoders are in neither: they are left out of the pruned folder."""
+    file's plan by name, and the files with nothing to prune, copied as they are. A merged
+    decoder is there as its two branches (``<stem>.then_branch.onnx``, ``.else_branch``); one
+    SPA cannot split is in neither, left out of the pruned folder."""
 
     files: dict[str, Plan]
     copied: tuple[str, ...] = ()

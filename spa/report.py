@@ -28,6 +28,7 @@ from spa.metrics import CostModel
 if TYPE_CHECKING:
     from spa.api import PruneReport
     from spa.coupling.analysis import Analysis, Group
+    from spa.pipeline.family import FamilyReport
     from spa.plan import Plan
 
 
@@ -279,6 +280,45 @@ def plan_summary(plan: Plan, model: str) -> dict:
                     "reasons": list(f.reasons)} for f in plan.frozen],
         "dropped_blocks": [asdict(b) for b in plan.dropped],
     }
+
+
+def ties_line(tied: int, followed: int | None) -> str:
+    """How the files of a folder are tied (``followed`` None: saved plans decided)."""
+    return f"{tied} channel spaces tied between files; " + (
+        "the plans lose the same entries of each" if followed is None
+        else f"{followed} groups follow another file's")
+
+
+def folder_notes(family: FamilyReport) -> list[str]:
+    """What a folder's report says beside its files' tables: files left out or copied, tied
+    groups kept whole, config edits, placeholder caches."""
+    notes = [f"{name}: {why}" for name, why in family.skipped.items()] + family.kept_whole
+    notes += [f"config.json: {key} {before} -> {after}, the key/value heads the pruned caches "
+              "keep (runtimes size the first step's caches from it)"
+              for key, (before, after) in family.config_edits.items()]
+    for name, held in family.placeholders.items():
+        check = held.get("check")
+        notes.append(
+            f"{name}: {held['inputs']} pruned cache inputs declare their head axis symbolic, so "
+            f"that the first step takes the empty caches of {held['placeholder_heads']} heads "
+            "that runtimes make from config.json (no edit of it can say the heads kept)" + (
+                f"; checked: it answers as on empty caches of the heads kept (relative "
+                f"{check:.1e})" if isinstance(check, float) else f"; {check}" if check else ""))
+    return notes
+
+
+def folder_lines(family: FamilyReport) -> list[str]:
+    """What a folder's files do together: ties, merged decoders, step checks."""
+    lines = [ties_line(family.ties, family.followed)]
+    lines += [f"{name}: its branches pruned as {' and '.join(done['branches'].values())}, "
+              "merged back" + (f" (each answers as its file: relative "
+                               f"{done['relative_diff']:.1e})" if "relative_diff" in done
+                               else "") for name, done in family.merged.items()]
+    lines += [f"step check {pair}: " + (step if isinstance(step, str) else
+              f"{step['steps']} tokens decoded on the caches match a run over the whole prefix "
+              f"(relative {step['relative_diff']:.1e}; originals "
+              f"{step['relative_diff_original']:.1e})") for pair, step in family.steps.items()]
+    return lines
 
 
 def plan_text(s: dict) -> str:
