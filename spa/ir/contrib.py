@@ -202,6 +202,11 @@ def value_dims(vi: onnx.ValueInfoProto) -> list[Dim]:
             for d in vi.type.tensor_type.shape.dim]
 
 
+def fixed_dims(vi: onnx.ValueInfoProto) -> list[int | None]:
+    """A typed tensor's fixed sizes, None where a dim is named or not known."""
+    return [d if isinstance(d, int) else None for d in value_dims(vi)]
+
+
 def _symbolic(light: onnx.ModelProto) -> tuple[onnx.ModelProto, frozenset[str]]:
     """``SymbolicShapeInference.infer_shapes`` without its ending, which writes the partial
     model into the working directory and raises when a node stays unknown."""

@@ -358,7 +358,7 @@ def _adds_to_heads(node: gs.Node, t: gs.Tensor, heads: int) -> bool:
     """``node`` adds ``t`` to another 4-D tensor of ``heads`` heads (an attention's scores)."""
     if node.op != "Add" or len(node.inputs) != 2:
         return False
-    other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+    other = _other_input(node, t)
     return other is not t and other.shape is not None and len(other.shape) == 4 \
         and other.shape[1] == heads
 
@@ -366,7 +366,7 @@ def _adds_to_heads(node: gs.Node, t: gs.Tensor, heads: int) -> bool:
 def _adds_to_scores(node: gs.Node, t: gs.Tensor) -> bool:
     """The other input of the ``Add`` ``node`` is a ``MatMul``'s output, or one scaled by a
     ``Mul`` or ``Div``: attention scores."""
-    other = node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+    other = _other_input(node, t)
     for _ in range(2):
         made = other.inputs[0] if other.inputs else None
         if made is None:
@@ -377,6 +377,11 @@ def _adds_to_scores(node: gs.Node, t: gs.Tensor) -> bool:
             return False
         other = made.inputs[0]
     return False
+
+
+def _other_input(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
+    """The input of the two-input ``node`` that is not ``t`` (``t`` itself when it is both)."""
+    return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
 
 
 def _refine_shapes(graph: gs.Graph) -> bool:

@@ -86,6 +86,7 @@ from spa.generation import (
     read_config,
     signature_change,
 )
+from spa.ir.contrib import fixed_dims
 from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
@@ -834,9 +835,8 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
     """The pruned files agree: shared weights byte-identical, passed tensors the same shape."""
     written = {n: onnx.load(str(folder / n)) for n in names}
     values = {n: {i.name: i for i in m.graph.initializer} for n, m in written.items()}
-    dims = {n: {v.name: [d.dim_value if d.HasField("dim_value") else None
-                         for d in v.type.tensor_type.shape.dim]
-                for v in (*m.graph.input, *m.graph.output)} for n, m in written.items()}
+    dims = {n: {v.name: fixed_dims(v) for v in (*m.graph.input, *m.graph.output)}
+            for n, m in written.items()}
     for (a, (x, ax)), (b, (y, _)) in pairs:
         if x in dims[a] and y in dims[b]:
             if dims[a][x][ax] != dims[b][y][ax]:

@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from spa import validate as val
+from spa.ir.contrib import fixed_dims
 
 #: The If's branch attributes, each split into a file named ``<stem>.<attribute>.onnx``.
 BRANCHES = ("then_branch", "else_branch")
@@ -197,17 +198,12 @@ def _unique(name: str, taken: Mapping[str, object]) -> str:
     return out
 
 
-def _dims(v: onnx.ValueInfoProto) -> list[int | None]:
-    return [d.dim_value if d.HasField("dim_value") else None
-            for d in v.type.tensor_type.shape.dim]
-
-
 def _fit_placeholders(graphs: Mapping[str, onnx.GraphProto]) -> None:
     """A branch output made by an empty Constant (a placeholder: the with-past branch writes
     ``(0, heads, 1, head size)`` where the first step writes the encoder's caches) takes the
     other branch's sizes on its non-empty axes, so both branches say the same head count."""
     for name, graph in graphs.items():
-        others = {o.name: _dims(o) for n, gr in graphs.items() if n != name for o in gr.output}
+        others = {o.name: fixed_dims(o) for n, gr in graphs.items() if n != name for o in gr.output}
         made = {o: n for n in graph.node for o in n.output}
         for out in graph.output:
             n = made.get(out.name)
@@ -239,7 +235,7 @@ def _input_type(declared: onnx.ValueInfoProto, graphs: list[onnx.GraphProto]
     out = onnx.ValueInfoProto()
     out.CopyFrom(found[0])
     if len(found) < len(graphs):
-        was = _dims(declared)
+        was = fixed_dims(declared)
         for axis, d in enumerate(out.type.tensor_type.shape.dim):
             if axis < len(was) and d.HasField("dim_value") and d.dim_value != was[axis]:
                 d.dim_param = f"{declared.name}.axis{axis}"
@@ -252,7 +248,7 @@ def _output_type(declared: onnx.ValueInfoProto, graphs: list[onnx.GraphProto]
     non-zero size they agree on at each axis)."""
     out = onnx.ValueInfoProto()
     out.CopyFrom(declared)
-    found = [_dims(o) for gr in graphs for o in gr.output if o.name == declared.name]
+    found = [fixed_dims(o) for gr in graphs for o in gr.output if o.name == declared.name]
     for axis, d in enumerate(out.type.tensor_type.shape.dim):
         sizes = {f[axis] for f in found if axis < len(f) and f[axis]}
         if d.HasField("dim_value") and len(sizes) == 1:
