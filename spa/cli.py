@@ -441,7 +441,7 @@ def _dry_run_family(args: argparse.Namespace, options) -> int:
     from spa.pipeline.family import plan_together
     from spa.report import plan_summary, plan_text, ties_line, write_text_atomic
 
-    together = plan_together(args.model, options, _checks(args))
+    together = plan_together(args.model, options, _checks(args), plan_path=args.plan)
     if args.plan:
         write_text_atomic(args.plan, together.saved().to_json() + "\n")
     if args.report_html:

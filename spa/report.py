@@ -291,7 +291,8 @@ def ties_line(tied: int, followed: int | None) -> str:
 
 def folder_notes(family: FamilyReport) -> list[str]:
     """What a folder's report says beside its files' tables: files left out or copied, tied
-    groups kept whole, config edits, placeholder caches."""
+    groups kept whole, config edits, placeholder caches, decoders' made calibration samples,
+    refitted values taken."""
     notes = [f"{name}: {why}" for name, why in family.skipped.items()] + family.kept_whole
     notes += [f"config.json: {key} {before} -> {after}, the key/value heads the pruned caches "
               "keep (runtimes size the first step's caches from it)"
@@ -304,6 +305,12 @@ def folder_notes(family: FamilyReport) -> list[str]:
             "that runtimes make from config.json (no edit of it can say the heads kept)" + (
                 f"; checked: it answers as on empty caches of the heads kept (relative "
                 f"{check:.1e})" if isinstance(check, float) else f"; {check}" if check else ""))
+    notes += [f"{name}: calibrated on samples made from {how['from']}'s: its "
+              f"'{how['encoder_output']}' and {how['tokens']} tokens the dense model decodes "
+              f"greedily from decoder_start_token_id {how['decoder_start_token_id']}"
+              for name, how in family.decoder_samples.items()]
+    notes += [f"{name}: took {took['values']} refitted values of {took['from']} (they share "
+              "those weights)" for name, took in family.refits_taken.items()]
     return notes
 
 

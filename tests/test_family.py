@@ -267,7 +267,7 @@ def test_the_step_check_catches_decoders_that_part(tmp_path: Path, monkeypatch) 
     """Each file pruned by its own plan (the ties not followed, the weight check off): the
     caches keep their shapes, but the cross-attention heads the two decoders keep differ, and
     the step check refuses to write the folder."""
-    monkeypatch.setattr(family, "_follow", lambda analyses, plans, pairs: (
+    monkeypatch.setattr(family, "_follow", lambda analyses, plans, pairs, prefer=(): (
         {n: {} for n in analyses}, 0, []))
     monkeypatch.setattr(family, "_check_written", lambda *args: None)
     out = tmp_path / "small"
@@ -304,7 +304,8 @@ def test_analyze_reads_a_folder_as_it_is_pruned(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("flags, expect", [
-    (["--calib", "x.npz"], "calibration data for files that pass tensors"),
+    (["--calib", "x.npz"], "reads 'encoder_hidden_states' from an encoder, and no other file"),
+    (["--calib", "synthetic"], "--calib synthetic makes each file's inputs alone"),
     (["--criterion", "obspa"], "--no-compensate"),
     (["--target", "latency"], "--target latency times one file"),
 ])

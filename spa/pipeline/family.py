@@ -42,10 +42,13 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
   ``ORTModelForCausalLM`` sizes the first step's caches from it) is written with their count.
   Everything is written into a temporary folder beside the output and renamed into place last.
 
-Files that pass tensors to each other are pruned data-free only (calibration data for a
-decoder would have to come from the encoder's outputs; OBSPA's compensation and a latency
-target read each file alone); a folder whose files pass nothing (a decoder's ``model.onnx``
-beside its ``config.json``) takes the options one file takes, depth pruning aside.
+* **Calibration data** (spa/pipeline/encdec.py): the encoder reads ``--calib``; the
+  first-step decoder is calibrated on samples made from the encoder's by the dense model; the
+  other decoders follow its plan (a calibrated file's group leads its component) and take its
+  refitted values before the checks above run. OBSPA's compensation and a latency target read
+  each file alone, and are refused for files that pass tensors to each other; a folder whose
+  files pass nothing (a decoder's ``model.onnx`` beside its ``config.json``) takes the options
+  one file takes, depth pruning aside.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +93,7 @@ from spa.ir.contrib import fixed_dims
 from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
-from spa.pipeline import Prepared, analyse, analyse_as_planned, applied, finish, prepare
+from spa.pipeline import Prepared, analyse, analyse_as_planned, applied, encdec, finish, prepare
 from spa.pipeline.merged import BRANCHES, agreement, is_merged, merge, piece_name, split
 from spa.plan import FolderPlan, removed_indices
 from spa.report import write_text_atomic
@@ -131,13 +134,18 @@ class FamilyReport:
     # decoders whose pruned cache inputs declare their head axis symbolic (see _symbolic_heads)
     placeholders: dict[str, dict] = field(default_factory=dict)
     plans: dict[str, Plan] = field(default_factory=dict)  # each pruned file's (for the HTML page)
+    # decoders calibrated on samples made from the encoder's (spa/pipeline/encdec.py): how
+    decoder_samples: dict[str, dict] = field(default_factory=dict)
+    # files that took the refitted values of the file of their variant that was calibrated
+    refits_taken: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
                 "skipped": self.skipped, "tied_spaces": self.ties,
                 "groups_following": self.followed, "kept_whole": self.kept_whole,
                 "step_checks": self.steps, "config_edits": self.config_edits,
-                "merged": self.merged, "placeholder_caches": self.placeholders}
+                "merged": self.merged, "placeholder_caches": self.placeholders,
+                "decoder_samples": self.decoder_samples, "refits_taken": self.refits_taken}
 
 
 @dataclass
@@ -155,6 +163,7 @@ class FamilyPlan:
     followed: int | None  # None: saved plans, checked to lose the same entries of tied spaces
     kept_whole: list[str]
     origins: dict[str, str]  # each file's path in the input folder, a branch's: its merged file
+    made: dict[str, dict] = field(default_factory=dict)  # decoders' samples made (encdec.py)
 
     def saved(self) -> FolderPlan:
         """The plans as ``spa apply folder/`` reads them back."""
@@ -175,28 +184,37 @@ def analyse_together(folder: str | os.PathLike[str], *, ignore: tuple[str, ...] 
 
 
 def plan_together(folder: str | os.PathLike[str], options: PruneOptions,
-                  checks: CheckOptions) -> FamilyPlan:
+                  checks: CheckOptions, *, plan_path: str | os.PathLike[str] | None = None
+                  ) -> FamilyPlan:
     """Analyse and plan the ONNX files of ``folder`` together (see the module); the plan reads
-    nothing from the folder once made (``spa prune folder/ --dry-run``)."""
+    nothing from the folder once made (``spa prune folder/ --dry-run``). ``plan_path``: where
+    the plans will be saved (a decoder's made calibration samples are saved beside it)."""
     with _opened(folder, checks) as view:
-        return _planned(view, options, checks)
+        return _planned(view, options, checks, plan_path)
 
 
-def _planned(view: _View, options: PruneOptions, checks: CheckOptions) -> FamilyPlan:
+def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
+             plan_path: str | os.PathLike[str] | None = None) -> FamilyPlan:
     src, names, headers = view.path, view.onnx_files, view.headers
     if options.drops_blocks:
         raise OptionError("depth pruning of a folder of files is not supported")
     skipped = dict(view.left_out)
     free = _passed(headers)
+    per_file = dict.fromkeys(names, options)
+    made: dict[str, dict] = {}
     if any(free.values()):
         _refuse(options)
+        if options.calib_data:
+            calibrated = encdec.plan_options(src, names, headers, free, options,
+                                             _samples_dir(view, plan_path), variant)
+            per_file, made = calibrated.options, calibrated.made
     prepared: dict[str, Prepared] = {}
     analyses: dict[str, Analysis] = {}
     unchanged: dict[str, NothingPrunableError] = {}
     for n in names:
         loaded = load_model(str(src / n))
         try:
-            prepared[n] = prepare(loaded, options, checks, free=tuple(sorted(free[n])))
+            prepared[n] = prepare(loaded, per_file[n], checks, free=tuple(sorted(free[n])))
             analyses[n] = prepared[n].analysis
         except NothingPrunableError as exc:  # copied as it is; what it ties to keeps whole
             unchanged[n] = exc
@@ -209,13 +227,22 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions) -> Family
                     for n, e in unchanged.items()})
     plans = {n: p.planned.plan for n, p in prepared.items()}
     sites = _tied_sites(analyses, headers)
-    keep, followed, whole = _follow(analyses, plans, sites)
+    keep, followed, whole = _follow(analyses, plans, sites, prefer={
+        n for n in prepared if per_file[n].calib_data})
     for text in whole:
         log.warning("%s", text)
     plans = {n: with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
              for n in plans}
     return FamilyPlan(src, headers, view.data, skipped, prepared, analyses, plans, sites,
-                      followed, whole, view.origins())
+                      followed, whole, view.origins(), made)
+
+
+def _samples_dir(view: _View, plan_path: str | os.PathLike[str] | None) -> Path:
+    """Where a decoder's made calibration samples go: beside a saved plan, whose recipe names
+    them for ``spa apply`` (``<plan name>.<decoder>.calib.npz``); else the view's folder."""
+    if plan_path is None:
+        return view.scratch / "made."
+    return Path(plan_path).parent / f"{Path(plan_path).name}."
 
 
 def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -225,7 +252,7 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
     plans, as one :class:`~spa.plan.FolderPlan`, also to ``plan_path``."""
     out = _output_checked(folder, out_dir)
     with _opened(folder, checks) as view:
-        fp = _planned(view, options, checks)
+        fp = _planned(view, options, checks, plan_path)
         if plan_path is not None:
             write_text_atomic(plan_path, fp.saved().to_json() + "\n")
 
@@ -306,6 +333,7 @@ class _View:
     merged: dict[str, onnx.ModelProto]  # merged decoders split, by name: the original
     left_out: dict[str, str]  # merged decoders not split, and why
     data: set[str]  # the external data files of every ONNX file of ``src``
+    scratch: Path  # a temporary folder beside, for what is made on the way
 
     def origins(self) -> dict[str, str]:
         """Each file's path in ``src``; a branch's, its merged file's and the branch."""
@@ -321,7 +349,8 @@ def _opened(folder: str | os.PathLike[str], checks: CheckOptions) -> Iterator[_V
     onnx_files = _onnx_files(src)
     headers = {n: onnx.load(str(src / n), load_external_data=False) for n in onnx_files}
     data = {d for h in headers.values() for d in external_data_files(h)}
-    with tempfile.TemporaryDirectory(prefix="spa-folder-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spa-folder-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="spa-scratch-") as scratch:
         path = Path(tmp)
         merged: dict[str, onnx.ModelProto] = {}
         left_out: dict[str, str] = {}
@@ -344,7 +373,7 @@ def _opened(folder: str | os.PathLike[str], checks: CheckOptions) -> Iterator[_V
         # each graph once: the input's as read above, a branch's from its file
         headers = {n: headers[n] if n in headers else
                    onnx.load(str(path / n), load_external_data=False) for n in names}
-        yield _View(src, path, names, headers, merged, left_out, data)
+        yield _View(src, path, names, headers, merged, left_out, data, Path(scratch))
 
 
 def _split_into(model: onnx.ModelProto, name: str, path: Path, checks: CheckOptions
@@ -393,6 +422,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     checks), the others copied, merged decoders merged back; the files checked together (see
     the module)."""
     src = fp.src
+    free = {n for n, names in _passed(fp.headers).items() if names}
     config = read_config(src / CONFIG)
     changes = {n: signature_change(fp.analyses[n], p) for n, p in fp.plans.items()} \
         if config is not None else {}
@@ -409,6 +439,11 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                 continue
             reports[n] = write(n, tmp / n, checks)
             reports[n].input, reports[n].output = fp.origins[n], str(out / n)
+        sources = _refit_sources(fp)
+        passing = {n: a for n, a in fp.analyses.items() if n in fp.plans and n in free}
+        taken = encdec.take_refits(tmp, sources, passing, variant) if sources else {}
+        for n, count in taken.items():  # its oracle judged the weights it had before
+            _took(reports[n], count, sources[variant(n)])
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
         steps: dict[str, dict | str] = {}
@@ -431,7 +466,30 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
-                        placeholders, dict(fp.plans))
+                        placeholders, dict(fp.plans), dict(fp.made),
+                        {n: {"from": sources[variant(n)], "values": k} for n, k in taken.items()})
+
+
+def _took(report: PruneReport, count: int, source: str) -> None:
+    """Say in ``report`` that its file took ``count`` refitted values of ``source`` after its
+    own checks ran: the numeric oracle judged the values before."""
+    before = (f" (before: max |Δ| {report.masked_max_abs_diff:.3g})"
+              if report.masked_max_abs_diff is not None else "")
+    report.masked_max_abs_diff = report.masked_relative_diff = None
+    report.oracle = (f"does not apply: it took {count} refitted values of {source}{before}; "
+                     "checked with it by the folder's checks")
+
+
+def _refit_sources(fp: FamilyPlan) -> dict[str, str]:
+    """Per precision variant, the file that passes tensors to others and whose plan refits
+    weights on calibration data (spa/pipeline/encdec.py): the others of its variant take its
+    refitted values."""
+    free = _passed(fp.headers)
+    out: dict[str, str] = {}
+    for n, p in sorted(fp.plans.items()):
+        if free[n] and p.recipe is not None and p.recipe.reconstruction is not None:
+            out.setdefault(variant(n), n)
+    return out
 
 
 def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
@@ -528,10 +586,11 @@ def _refuse(options: PruneOptions) -> None:
     """What files that pass tensors to each other cannot be pruned with, before any work (a
     folder whose files do not, such as a decoder's ``model.onnx`` beside its config, takes
     every option one file takes but depth pruning)."""
-    if options.calib is not None:
-        raise OptionError("calibration data for files that pass tensors to each other is not "
-                          "supported: a decoder's inputs come from the encoder's outputs. Prune "
-                          "the folder data-free, or one file at a time with --calib")
+    if options.calib is not None and not options.calib_data:
+        raise OptionError("--calib synthetic makes each file's inputs alone, and files that "
+                          "pass tensors to each other would be calibrated apart: give data "
+                          "(the encoder's, or the decoder's when there is no encoder), or "
+                          "prune the folder without --calib")
     if options.target is Target.LATENCY:
         raise OptionError("--target latency times one file: prune the folder with "
                           "--target flops or params")
@@ -624,10 +683,11 @@ def _weights(graph: gs.Graph, names: set[str]) -> dict[str, str]:
 
 
 def _follow(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
-            pairs: list[tuple[Site, Site]]
+            pairs: list[tuple[Site, Site]], prefer: Collection[str] = ()
             ) -> tuple[dict[str, dict[int, np.ndarray]], int, list[str]]:
     """Each file's groups whose channels a tied group decides (their kept channels), how many
-    follow, and the components kept whole, with why."""
+    follow, and the components kept whole, with why; a group of a ``prefer`` file (one
+    planned on calibration data) decides before the others."""
     on: dict[Site, list[GroupRef]] = {}
     groups: dict[GroupRef, Group] = {}
     for n, a in analyses.items():
@@ -649,7 +709,7 @@ def _follow(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
         if len(files) < 2 or not any(r in planned for r in comp):
             continue  # within one file, or nothing in it could lose channels anyway
         why = _unfollowable(comp, groups, planned, pairs, on)
-        decided = None if why else _propagate(comp, groups, planned, pairs, on)
+        decided = None if why else _propagate(comp, groups, planned, pairs, on, prefer)
         if decided is None or (why := _mismatch(comp, groups, decided, pairs, analyses)):
             names = ", ".join(f"{groups[r].name} in {r[0]}" for r in comp)
             whole.append(f"{names}: kept whole, {why or 'the entries do not line up'}")
@@ -682,21 +742,24 @@ def _unfollowable(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
     return None
 
 
-def _leader(comp: list[GroupRef], groups: Mapping[GroupRef, Group]) -> GroupRef:
-    """The group whose file's plan decides: the one with the most members (most weights)."""
-    return max(comp, key=lambda r: len(groups[r].members))  # the first of equals: by name
+def _leader(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
+            prefer: Collection[str] = ()) -> GroupRef:
+    """The group whose file's plan decides: one of a ``prefer`` file first, then the one with
+    the most members (most weights)."""
+    return max(comp, key=lambda r: (r[0] in prefer, len(groups[r].members)))  # first of equals
 
 
 def _propagate(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
                planned: Mapping[GroupRef, np.ndarray], pairs: list[tuple[Site, Site]],
-               on: Mapping[Site, list[GroupRef]]) -> dict[GroupRef, np.ndarray] | None:
+               on: Mapping[Site, list[GroupRef]], prefer: Collection[str] = ()
+               ) -> dict[GroupRef, np.ndarray] | None:
     """From the leader's plan, each group's kept channels so that tied spaces lose the same
     entries; None when a group would have to lose part of a channel."""
     tied: dict[Site, list[Site]] = {}
     for s, t in pairs:
         tied.setdefault(s, []).append(t)
         tied.setdefault(t, []).append(s)
-    lead = _leader(comp, groups)
+    lead = _leader(comp, groups, prefer)
     decided = {lead: planned[lead]}
     todo = [lead]
     while todo:
@@ -848,9 +911,8 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
             if va.shape != vb.shape or not np.array_equal(va, vb):
                 raise ValidationError(
                     f"weight '{x}' of {a} and '{y}' of {b} were the same before pruning and "
-                    f"differ after: the files would not be one model (calibration and "
-                    f"compensation refit each file alone: prune such files one at a time, or "
-                    f"without them)")
+                    f"differ after: the files would not be one model (a value refitted in "
+                    f"one file that the others did not take)")
 
 
 __all__ = ["FamilyPlan", "FamilyReport", "analyse_together", "apply_together", "plan_together",

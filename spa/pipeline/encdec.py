@@ -1,0 +1,326 @@
+"""Calibration data for a folder whose files pass caches to each other (``spa prune folder/
+--calib C``): each file gets the samples it can be calibrated on, or none and follows.
+
+* A file that passes nothing (an encoder, a decoder's ``model.onnx``) reads ``--calib`` as one
+  file does.
+* Of the files that write caches and read none back (a first-step decoder, the no-past branch
+  of a merged one), the first by name of each precision variant (family.variant) is the
+  **source**. When it reads an encoder's outputs (``encoder_hidden_states``), its samples are
+  made from the encoder's, in the same order: the dense encoder's outputs on them, their
+  attention mask, and the :data:`DECODER_TOKENS` tokens the dense model decodes greedily from
+  the config's ``decoder_start_token_id`` (pad tokens after EOS, as batched generation feeds
+  them). Same order, same count, same seed: its held-out samples are the encoder's. A source
+  that reads no encoder (a decoder-only model exported as two files) reads ``--calib``.
+* Every other file (the decoders that read caches back, the other writers) gets no data: it is
+  planned data-free, follows the source's plan through the weights they share (the family
+  prefers a calibrated file's plan), and takes the source's refitted
+  weights (:func:`take_refits`), so that the files stay one model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from spa import calibration as calib_data
+from spa import validate as val
+from spa.calibration.text import with_tokenizer
+from spa.choices import AllocationMethod, HessianSource
+from spa.errors import OptionError
+from spa.ir.load import load_model
+
+if TYPE_CHECKING:
+    from spa.coupling.analysis import Analysis
+    from spa.pipeline import PruneOptions
+
+log = logging.getLogger(__name__)
+DECODER_TOKENS = 32  # tokens decoded greedily per calibration sample for a decoder's samples
+CHUNK = 16  # samples run at once through the dense encoder and decoder
+HIDDEN = "encoder_hidden_states"
+CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class Feeds:
+    """How the source decoder's inputs are made: from the ``encoder`` file's output
+    ``hidden`` (to ``hidden_in``), its input ``mask`` (to ``mask_in``), and decoded tokens
+    (``ids``)."""
+
+    encoder: str
+    hidden: str
+    hidden_in: str
+    ids: str
+    mask: str | None = None
+    mask_in: str | None = None
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """Each file's options (with or without data), the sources by variant, and the samples
+    made for a decoder (file -> how)."""
+
+    options: dict[str, PruneOptions]
+    sources: dict[str, str]  # variant -> the file whose refits the others of it take
+    made: dict[str, dict]
+
+
+def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelProto],
+                 free: Mapping[str, set[str]], options: PruneOptions, work: Path,
+                 variant_of: Callable[[str], str]) -> Calibrated:
+    """Per file of the folder at ``path``, the options it is planned with (see the module);
+    made samples are saved as ``<work><decoder stem>.calib.npz``."""
+    readers = {n for n in names if _reads_back(headers[n], free[n])}
+    sources: dict[str, str] = {}
+    for n in names:
+        if free[n] and n not in readers:
+            sources.setdefault(variant_of(n), n)
+    out: dict[str, PruneOptions] = {}
+    made: dict[str, dict] = {}
+    none = _without_data(options)
+    for n in names:
+        if not free[n]:
+            out[n] = options
+        elif n not in sources.values():
+            out[n] = none
+        else:
+            feeds = feeds_for(headers, n, [m for m in names if not free[m]
+                                        and variant_of(m) == variant_of(n)])
+            if feeds is None:
+                out[n] = options
+                continue
+            out[n], made[n] = _made(path, n, feeds, options, work)
+    return Calibrated(out, sources, made)
+
+
+def _reads_back(header: onnx.ModelProto, free: set[str]) -> bool:
+    return any(i.name in free for i in header.graph.input)
+
+
+def _without_data(options: PruneOptions) -> PruneOptions:
+    """``options`` for a file that follows: no data, and nothing that needs it."""
+    return dataclasses.replace(
+        options, calib=None, held_out_data=None, tokenizer=None, reconstruct=None,
+        hessian=None if options.hessian is HessianSource.CALIBRATION else options.hessian,
+        allocation=None if options.allocation is AllocationMethod.SENSITIVITY
+        else options.allocation)
+
+
+def _float_rank(v: onnx.ValueInfoProto, rank: int) -> bool:
+    t = v.type.tensor_type
+    return t.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and \
+        len(t.shape.dim) == rank
+
+
+def feeds_for(headers: Mapping[str, onnx.ModelProto], decoder: str, encoders: list[str]
+           ) -> Feeds | None:
+    """How ``decoder``'s samples are made from one of ``encoders``; None when it reads no
+    encoder output (it reads ``--calib`` itself)."""
+    inputs = list(headers[decoder].graph.input)
+    hidden_in = next((i.name for i in inputs if i.name == HIDDEN), None) or next(
+        (i.name for i in inputs if _float_rank(i, 3)), None)
+    if hidden_in is None:
+        return None
+    found = [e for e in sorted(encoders, key=lambda e: ("encoder" not in e, e))
+             if sum(_float_rank(o, 3) for o in headers[e].graph.output) == 1]
+    if not found:
+        raise OptionError(f"{decoder}: reads '{hidden_in}' from an encoder, and no other file "
+                          "of the folder has one such output to make its calibration samples")
+    enc = found[0]
+    hidden = next(o.name for o in headers[enc].graph.output if _float_rank(o, 3))
+    enc_inputs = {i.name for i in headers[enc].graph.input}
+    ids = mask = mask_in = None
+    for i in inputs:
+        if i.name == hidden_in:
+            continue
+        if "mask" in i.name and "attention_mask" in enc_inputs:
+            mask, mask_in = "attention_mask", i.name
+        elif i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
+                and ids is None:
+            ids = i.name
+        else:
+            raise OptionError(f"{decoder}: cannot make calibration samples for its input "
+                              f"'{i.name}' (it takes {hidden_in} from {enc}, token ids and an "
+                              "encoder attention mask)")
+    if ids is None:
+        raise OptionError(f"{decoder}: has no token id input to decode calibration samples")
+    return Feeds(enc, hidden, hidden_in, ids, mask, mask_in)
+
+
+def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: Path
+          ) -> tuple[PruneOptions, dict]:
+    """The decoder's options reading samples made from the encoder's (saved at ``work`` +
+    name)."""
+    config = read_token_config(path)
+    start = config.get("decoder_start_token_id")
+    if not isinstance(start, int):
+        raise OptionError(f"{decoder}: {path / CONFIG} states no decoder_start_token_id: "
+                          "cannot decode calibration samples for it")
+    eos, pad = config.get("eos_token_id"), config.get("pad_token_id")
+    enc_model = load_model(str(path / feeds.encoder))
+    opts = with_tokenizer(options, options.calib, path / feeds.encoder)
+    assert opts.calib is not None, "only options with calibration data come here"
+    calib = _made_file(path, decoder, feeds, opts, opts.calib, enc_model, (start, eos, pad),
+                       Path(f"{work}{Path(decoder).stem}.calib.npz"))
+    held = None
+    if options.held_out_data:
+        held = _made_file(path, decoder, feeds, dataclasses.replace(opts, calib_samples=None),
+                          options.held_out_data, enc_model, (start, eos, pad),
+                          Path(f"{work}{Path(decoder).stem}.held_out.npz"))
+    how = {"from": feeds.encoder, "encoder_output": feeds.hidden, "tokens": DECODER_TOKENS,
+           "decoder_start_token_id": start}
+    return dataclasses.replace(_without_data(options), calib=str(calib), held_out_data=held,
+                               reconstruct=options.reconstruct, hessian=options.hessian,
+                               allocation=options.allocation, calib_samples=None,
+                               pack=False), how
+
+
+def read_token_config(path: Path) -> dict:
+    """The folder's config.json with its generation_config.json's token ids over it."""
+    out: dict = {}
+    for name in (CONFIG, "generation_config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                out |= {k: v for k, v in json.loads(f.read_text(encoding="utf-8")).items()
+                        if v is not None}
+            except (OSError, ValueError) as exc:
+                raise OptionError(f"{f}: not readable JSON ({exc})") from None
+    return out
+
+
+def _made_file(path: Path, decoder: str, feeds: Feeds, opts: PruneOptions, source: str,
+               enc_model, tokens: tuple, out: Path) -> str:
+    """Read ``source`` as the encoder's samples, make the decoder's, save them at ``out``."""
+    inputs = enc_model.graph.inputs
+    try:
+        _, arrays = calib_data.read(source, inputs, opts.calibration, graph=enc_model.graph,
+                                    seed=opts.seed)
+        arrays = calib_data.fitted(arrays, inputs)
+    except OptionError as exc:
+        raise OptionError(f"{feeds.encoder}: {exc}") from None
+    made = decoder_samples(path / feeds.encoder, path / decoder, feeds, arrays, *tokens)
+    np.savez(out, **made)  # type: ignore[arg-type]  # (numpy's stub: a key could be allow_pickle)
+    log.info("%s: %d calibration samples decoded by the dense model from %s's", decoder,
+             calib_data.sample_count(made), feeds.encoder)
+    return str(out)
+
+
+def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
+                    arrays: Mapping[str, np.ndarray], start: int, eos: object, pad: object,
+                    tokens: int = DECODER_TOKENS) -> dict[str, np.ndarray]:
+    """The dense decoder's inputs on the encoder's samples ``arrays``: the encoder's outputs,
+    the attention mask, and ``tokens`` ids decoded greedily from ``start`` (``pad`` after an
+    ``eos``), in the samples' order."""
+    enc = val.session(str(encoder), what=encoder.name)
+    dec = val.session(str(decoder), what=decoder.name)
+    enc_in = [i.name for i in enc.get_inputs()]
+    id_type = next(np.int32 if "int32" in i.type else np.int64 for i in dec.get_inputs()
+                   if i.name == feeds.ids)
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    fill = pad if isinstance(pad, int) else start
+    parts: dict[str, list[np.ndarray]] = {}
+    n = calib_data.sample_count(arrays)
+    for lo in range(0, n, CHUNK):
+        chunk = {k: np.asarray(arrays[k][lo:lo + CHUNK]) for k in enc_in}
+        hidden = val.run(enc, chunk)[feeds.hidden]
+        fed = {feeds.hidden_in: hidden}
+        if feeds.mask is not None and feeds.mask_in is not None:
+            fed[feeds.mask_in] = chunk[feeds.mask]
+        ids = np.full((len(hidden), 1), start, id_type)
+        done = np.zeros(len(hidden), bool)
+        while ids.shape[1] < tokens:
+            logits = val.run(dec, fed | {feeds.ids: ids})["logits"][:, -1]
+            nxt = np.where(done, fill, logits.argmax(-1)).astype(id_type)
+            done |= np.isin(nxt, list(eos_ids))
+            ids = np.concatenate([ids, nxt[:, None]], axis=1)
+        for k, v in (fed | {feeds.ids: ids}).items():
+            parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def take_refits(folder: Path, sources: Mapping[str, str], originals: Mapping[str, Analysis],
+                variant_of: Callable[[str], str]) -> dict[str, int]:
+    """Write into each pruned file of ``folder`` the values its variant's source file was
+    written with, for every initializer of the same role (:func:`_roles`) in the two before
+    pruning: what reconstruction refitted in the source. ``originals``: the analyses (the
+    original graphs) of the source and of the files that may take its values (those that
+    pass tensors: an encoder refits its own). Returns the values taken per file (files whose
+    values were already equal are not rewritten)."""
+    taken: dict[str, int] = {}
+    for var, src in sources.items():
+        if src not in originals:
+            continue
+        src_written = onnx.load(str(folder / src))
+        src_values = {i.name: i for i in src_written.graph.initializer}
+        src_roles = _roles(originals[src])
+        for n in originals:
+            if n == src or variant_of(n) != var or not (folder / n).is_file():
+                continue
+            pairs = _same(src_roles, _roles(originals[n]))
+            if not pairs:
+                continue
+            model = onnx.load(str(folder / n))
+            count = 0
+            for init in model.graph.initializer:
+                s = pairs.get(init.name)
+                if s is None or s not in src_values:
+                    continue
+                new = numpy_helper.to_array(src_values[s])
+                old = numpy_helper.to_array(init)
+                if new.shape == old.shape and new.dtype == old.dtype and \
+                        not np.array_equal(new, old):
+                    init.CopyFrom(numpy_helper.from_array(new, init.name))
+                    count += 1
+            if count:
+                onnx.save(model, str(folder / n))
+                taken[n] = count
+    return taken
+
+
+LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits")
+
+
+def _roles(analysis: Analysis) -> dict[str, str]:
+    """A file's float initializers by what they are, where reconstruction may refit them: a
+    layer's weight by a digest of its type, shape and bytes (unique in the file); its bias
+    (the layer's bias input, or the constant of the one Add after it) as that weight's bias.
+    Biases are often equal (zeros) and copied apart per reader under numbered names, so their
+    bytes and names say nothing about which layer they belong to."""
+    graph = analysis.model.graph
+    digests: dict[str, list[str]] = {}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and t.values.ndim:
+            v = np.ascontiguousarray(t.values)
+            h = hashlib.sha256(f"{v.dtype}{v.shape}".encode())
+            h.update(v.tobytes())
+            digests.setdefault(h.hexdigest(), []).append(name)
+    out = {ns[0]: d for d, ns in digests.items() if len(ns) == 1}
+    for node in graph.nodes:
+        if node.op not in LAYERS or len(node.inputs) < 2 or node.inputs[1].name not in out:
+            continue
+        weight = out[node.inputs[1].name]
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.op != "MatMulNBits" else None
+        if bias is None and len(node.outputs[0].outputs) == 1:
+            add = node.outputs[0].outputs[0]
+            if add.op == "Add":
+                bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
+        if isinstance(bias, gs.Constant) and bias.name not in out:
+            out[bias.name] = f"bias of {weight}"
+    return out
+
+
+def _same(a: Mapping[str, str], b: Mapping[str, str]) -> dict[str, str]:
+    """Names in ``b`` -> the names in ``a`` of the same role (each role once in a file)."""
+    by_role = {r: n for n, r in a.items()}
+    return {n: by_role[r] for n, r in b.items() if r in by_role}

@@ -1,0 +1,186 @@
+"""A seq2seq folder pruned with calibration data (spa/pipeline/encdec.py).
+
+The random BART of ``tests/models/optimum_bart`` with its encoder
+(``tests/models/optimum_bart_encoder``): ``--calib`` gives the encoder's samples; the first-step
+decoder is calibrated on samples made from them (the dense encoder's outputs and the tokens the
+dense model decodes); the with-past decoder and the merged decoder's branches follow its plan
+and take its refitted weights, so that the folder still decodes as one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from spa.api import PruneOptions, apply_family, prune_family
+from spa.cli import main
+from spa.errors import ExitCode, OptionError, ValidationError
+from spa.pipeline import encdec
+from tests.test_family import BART, CHECKS, MERGED, _decode, _decode_merged
+
+ENCODER = Path(__file__).parent / "models" / "optimum_bart_encoder" / "encoder_model.onnx"
+FLAGS = ["--heads-ratio", "0.5", "--mlp-ratio", "0.5", "--input-dim", "batch_size=2"]
+
+
+def _folder(tmp_path: Path, merged: bool = False) -> Path:
+    src = tmp_path / "bart"
+    shutil.copytree(BART, src)
+    shutil.copy(ENCODER, src)
+    if merged:
+        shutil.copy(MERGED, src)
+    return src
+
+
+def _samples(path: Path, count: int = 48, seed: int = 0) -> Path:
+    """Encoder samples: token ids over the vocabulary, masked after a random length."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, 100, (count, 12))
+    mask = np.ones_like(ids)
+    for i, n in enumerate(rng.integers(5, 13, count)):
+        ids[i, n:], mask[i, n:] = 1, 0
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    return path
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_the_decoder_is_calibrated_on_what_the_encoder_and_the_dense_model_make(
+        tmp_path: Path, capsys) -> None:
+    src = _folder(tmp_path, merged=True)
+    calib = _samples(tmp_path / "enc.npz")
+    before = _digest(src)
+    out = tmp_path / "small"
+    assert main(["prune", str(src), "-o", str(out), *FLAGS, "--calib", str(calib),
+                 "--json"]) == ExitCode.OK
+    done = json.loads(capsys.readouterr().out)
+    assert _digest(src) == before
+    assert done["decoder_samples"] == {"decoder_model.onnx": {
+        "from": "encoder_model.onnx", "encoder_output": "last_hidden_state", "tokens": 32,
+        "decoder_start_token_id": 2}}
+    files = done["files"]
+    for name in ("encoder_model.onnx", "decoder_model.onnx"):
+        fid = files[name]["fidelity"]
+        assert files[name]["calibration"]["samples"] + files[name]["calibration"]["held_out"] \
+            == 48
+        # reconstruction lowers the held-out error of both files' outputs
+        assert fid["reconstructed"]["relative_error"] < 0.5 * fid["pruned"]["relative_error"]
+    followers = ("decoder_with_past_model.onnx", "decoder_model_merged.then_branch.onnx",
+                 "decoder_model_merged.else_branch.onnx")
+    assert sorted(done["refits_taken"]) == sorted(followers)
+    for name in followers:
+        assert done["refits_taken"][name]["from"] == "decoder_model.onnx"
+        assert done["refits_taken"][name]["values"] > 10
+        assert files[name]["fidelity"] == {}  # no data of their own
+        assert files[name]["oracle"].startswith("does not apply: it took")
+    # one model still: the with-past decoder continues the first-step decoder, down the merged
+    # file's branches too, on the refitted weights
+    assert _decode(out) < 1e-5
+    assert _decode_merged(out) < 1e-5
+    assert all(step["relative_diff"] < 1e-5 for step in done["step_checks"].values())
+    # ... which the with-past decoder did take: it differs from the same cut without data
+    bare = tmp_path / "bare"
+    assert main(["prune", str(src), "-o", str(bare), *FLAGS, "-q"]) == ExitCode.OK
+    capsys.readouterr()
+    mine, theirs = (_weights(f / "decoder_with_past_model.onnx") for f in (out, bare))
+    assert any(v.shape == theirs[k].shape and not np.array_equal(v, theirs[k])
+               for k, v in mine.items() if k in theirs)
+
+
+def test_decoder_samples_are_the_dense_models_greedy_decode(tmp_path: Path) -> None:
+    src = _folder(tmp_path)
+    arrays = dict(np.load(_samples(tmp_path / "enc.npz", count=6)))
+    headers = {n: onnx.load(str(src / n)) for n in ("encoder_model.onnx", "decoder_model.onnx")}
+    feeds = encdec.feeds_for(headers, "decoder_model.onnx", ["encoder_model.onnx"])
+    assert feeds == encdec.Feeds("encoder_model.onnx", "last_hidden_state",
+                                 "encoder_hidden_states", "input_ids", "attention_mask",
+                                 "encoder_attention_mask")
+    made = encdec.decoder_samples(src / "encoder_model.onnx", src / "decoder_model.onnx", feeds,
+                                  arrays, 2, 2, 1, tokens=8)
+    enc = ort.InferenceSession(str(src / "encoder_model.onnx"))
+    hidden = enc.run(None, arrays)[0]
+    np.testing.assert_array_equal(made["encoder_hidden_states"], hidden)
+    np.testing.assert_array_equal(made["encoder_attention_mask"], arrays["attention_mask"])
+    ids = made["input_ids"]
+    assert ids.shape == (6, 8) and (ids[:, 0] == 2).all()
+    dec = ort.InferenceSession(str(src / "decoder_model.onnx"))
+    logits = dec.run(["logits"], {"input_ids": ids, "encoder_hidden_states": hidden,
+                                  "encoder_attention_mask": arrays["attention_mask"]})[0]
+    for row, scores in zip(ids, logits):
+        ended = False
+        for t in range(1, 8):  # each token the argmax after its prefix, pad after EOS
+            assert row[t] == (1 if ended else scores[t - 1].argmax())
+            ended = ended or row[t] == 2
+
+
+def test_a_saved_plan_names_the_made_samples_and_applies_to_the_same_bytes(
+        tmp_path: Path, capsys) -> None:
+    src = _folder(tmp_path)
+    calib = _samples(tmp_path / "enc.npz")
+    plan = tmp_path / "plans" / "p.json"
+    plan.parent.mkdir()
+    out = tmp_path / "small"
+    assert main(["prune", str(src), "-o", str(out), *FLAGS, "--calib", str(calib), "--plan",
+                 str(plan), "-q"]) == ExitCode.OK
+    made = plan.parent / "p.json.decoder_model.calib.npz"
+    assert sorted(p.name for p in plan.parent.iterdir()) == ["p.json", made.name]
+    recipe = json.loads(plan.read_text())["files"]["decoder_model.onnx"]["recipe"]
+    assert recipe["calibration"]["path"] == str(made)
+    again = tmp_path / "again"
+    apply_family(src, plan, again, CHECKS)
+    capsys.readouterr()
+    assert _digest(again) == _digest(out)
+
+
+def test_what_a_seq2seq_folder_with_data_refuses(tmp_path: Path, capsys) -> None:
+    src = _folder(tmp_path)
+    calib = _samples(tmp_path / "enc.npz")
+    out = tmp_path / "small"
+    # no decoder_start_token_id: the decoder's samples cannot be decoded
+    config = json.loads((src / "config.json").read_text())
+    del config["decoder_start_token_id"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert main(["prune", str(src), "-o", str(out), *FLAGS, "--calib", str(calib)]) \
+        == ExitCode.BAD_INPUT
+    assert "states no decoder_start_token_id" in capsys.readouterr().err
+    shutil.copy(BART / "config.json", src)
+    # samples that are not the encoder's: it is named
+    np.savez(tmp_path / "wrong.npz", input_ids=np.zeros((8, 4), np.int64))
+    assert main(["prune", str(src), "-o", str(out), *FLAGS, "--calib",
+                 str(tmp_path / "wrong.npz")]) == ExitCode.BAD_INPUT
+    assert "encoder_model.onnx: calibration data lacks arrays for graph inputs " \
+        "['attention_mask']" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_follower_that_keeps_its_own_weights_is_caught(tmp_path: Path,
+                                                        monkeypatch) -> None:
+    """Without the refitted values taken, the two decoders' shared weights differ: the folder
+    is refused, and nothing is written."""
+    monkeypatch.setattr(encdec, "take_refits", lambda *args: {})
+    src = _folder(tmp_path)
+    calib = _samples(tmp_path / "enc.npz")
+    out = tmp_path / "small"
+    with pytest.raises(ValidationError, match="were the same before pruning and differ after"):
+        prune_family(src, out, PruneOptions(heads_ratio=0.5, mlp_ratio=0.5, calib=str(calib)),
+                     CHECKS)
+    assert not out.exists()
+
+
+def test_a_decoder_without_an_encoder_beside_it_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OptionError, match="reads 'encoder_hidden_states' from an encoder"):
+        encdec.feeds_for({n: onnx.load(str(BART / n), load_external_data=False)
+                          for n in ("decoder_model.onnx",)}, "decoder_model.onnx", [])
