@@ -98,18 +98,13 @@ def main() -> None:
     python = venv()
     results = {}
     for name in names:
-        exported, done = WORK / "onnx" / name, WORK / "onnx" / f"{name}.exported"
-        if not done.exists():
-            shutil.rmtree(exported, ignore_errors=True)
-            made = side(python, "export", name, str(WORK / "hf" / name), str(exported))
-            if "error" in made:
-                results[name] = {"export": made}
-                print(f"{name}: export failed: {made['error']}")
-                continue
-            done.touch()
-        entry = {"kind": MODELS[name][4], "task": MODELS[name][3], **prune(name, exported)}
+        folder = exported(python, name)
+        if isinstance(folder, dict):
+            results[name] = folder
+            continue
+        entry = {"kind": MODELS[name][4], "task": MODELS[name][3], **prune(name, folder)}
         if entry["kind"] != "encoder":
-            entry["generate_dense"] = side(python, "generate", name, str(exported))
+            entry["generate_dense"] = side(python, "generate", name, str(folder))
             if entry["exit"] == 0:
                 pruned = ROOT / entry["output"]
                 entry["generate_pruned"] = side(python, "generate", name, str(pruned))
@@ -120,6 +115,19 @@ def main() -> None:
         print(f"{name}: {_line(entry)}")
     write_result("optimum_exports", {
         "side_venv": list(SIDE), "flags": FLAGS, "models": results})
+
+
+def exported(python: Path, name: str) -> Path | dict:
+    """NAME's export folder, made once in Optimum's venv; or ``{"export": error}``."""
+    folder, done = WORK / "onnx" / name, WORK / "onnx" / f"{name}.exported"
+    if not done.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        made = side(python, "export", name, str(WORK / "hf" / name), str(folder))
+        if "error" in made:
+            print(f"{name}: export failed: {made['error']}")
+            return {"export": made}
+        done.touch()
+    return folder
 
 
 def _without_merged(folder: Path) -> Path:

@@ -1,7 +1,8 @@
 """Markdown tables of the benchmark results, and benchmarks/README.md made from them.
 
 Reads ``benchmarks/results/{coverage,compile_speed,result_speed,memory,quality,
-quality_pipeline,genai_folder,optimum_exports}.json`` and renders one table (with the command
+quality_pipeline,genai_folder,optimum_exports,
+seq2seq_calibration}.json`` and renders one table (with the command
 and revision that produced it) per file, so that every figure in the tables is a figure of a
 recorded run.
 
@@ -217,6 +218,37 @@ def optimum_exports(d: dict) -> str:
                    for done in m.get("merged", {}).values() if "relative_diff" in done]
         lines.append(f"| {name} | {'file' if m['kind'] == 'encoder' else 'folder'} | {files} | "
                      f"{oracle:.1e} | {', '.join(checks)} | {runs} |")
+    return "\n".join(lines)
+
+
+def seq2seq_calibration(d: dict) -> str:
+    """Each seq2seq export pruned without data and with it: held-out next-token agreement and
+    KL divergence of the decoder (teacher forced on the dense decode), the share of tokens a
+    free-running decode keeps, and whether the calibrated folder generates under Optimum."""
+    lines = [f"Seq2seq folders with and without `--calib`, `spa prune … {' '.join(d['flags'])}` "
+             f"({_load_note(d)}); held out: next-token agreement / KL divergence teacher forced "
+             f"on the dense model's {d['measured_tokens']}-token decode, tokens of a free "
+             "decode equal to the dense one:", "",
+             "| export | samples (held out) | data-free | `--calib` | `--calib --no-reconstruct`"
+             " | the calibrated folder under Optimum |", "|---|---|---|---|---|---|"]
+
+    def cell(v: dict) -> str:
+        if v.get("exit"):
+            return "failed: " + " ".join(v.get("error", [])).replace("|", "/")
+        h = v["held_out"]
+        return (f"{h['teacher_forced_agreement']:.3f} / {h['teacher_forced_kl']:.2e} / "
+                f"{h['decoded_token_agreement']:.3f}")
+
+    for name, m in d["models"].items():
+        if "export" in m:
+            lines.append(f"| {name} | export failed | | | | |")
+            continue
+        gen = m["calibrated"].get("generate", {})
+        runs = "yes" if "tokens" in gen else \
+            "no: " + str(gen.get("error", "not run")).split("\n")[0].replace("|", "/")[:80]
+        lines.append(f"| {name} | {m['calibration_samples']} ({m['held_out_samples']}) | "
+                     f"{cell(m['data-free'])} | {cell(m['calibrated'])} | "
+                     f"{cell(m['calibrated, no reconstruction'])} | {runs} |")
     return "\n".join(lines)
 
 
@@ -605,7 +637,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "latency_fidelity_minilm": latency_fidelity,
           "latency_fidelity_obspa": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder,
-          "optimum_exports": optimum_exports,
+          "optimum_exports": optimum_exports, "seq2seq_calibration": seq2seq_calibration,
           "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources,
           "int4_minilm": int4_minilm, "int8_effnet": int8_effnet,
           "int8_chain_minilm": int8_chain_minilm,
