@@ -100,6 +100,36 @@ def test_the_decoder_is_calibrated_on_what_the_encoder_and_the_dense_model_make(
                for k, v in mine.items() if k in theirs)
 
 
+def test_a_text_file_calibrates_the_folder_with_the_tokenizer_beside_it(tmp_path: Path,
+                                                                       capsys) -> None:
+    """The encoder's samples from lines of text, read with the folder's own tokenizer, which
+    the saved plan names where it is."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = _folder(tmp_path)
+    words = ["<s>", "<pad>", "</s>", "<unk>", *(f"w{i}" for i in range(4, 100))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(" ".join(f"w{i}" for i in rng.integers(4, 100, rng.integers(3, 10)))
+                            + "\n" for _ in range(40)))
+    out, plan = tmp_path / "small", tmp_path / "plan.json"
+    assert main(["prune", str(src), "-o", str(out), *FLAGS, "--calib", str(text),
+                 "--max-length", "12", "--plan", str(plan), "--json"]) == ExitCode.OK
+    done = json.loads(capsys.readouterr().out)
+    cal = done["files"]["encoder_model.onnx"]["calibration"]
+    assert (cal["kind"], cal["samples"] + cal["held_out"]) == ("text", 40)
+    assert cal["tokenizer"] == str(src)
+    assert done["files"]["decoder_model.onnx"]["calibration"]["samples"] == cal["samples"]
+    assert "tokenizer.json" in {p.name for p in out.iterdir()}  # copied with the folder
+    assert _decode(out) < 1e-5
+    # the plan names the input folder's tokenizer (not a temporary one): apply reads it again
+    apply_family(src, plan, tmp_path / "again", CHECKS)
+    assert _digest(tmp_path / "again") == _digest(out)
+
+
 def test_decoder_samples_are_the_dense_models_greedy_decode(tmp_path: Path) -> None:
     src = _folder(tmp_path)
     arrays = dict(np.load(_samples(tmp_path / "enc.npz", count=6)))

@@ -74,6 +74,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from spa import validate as val
+from spa.calibration.text import with_tokenizer
 from spa.choices import Target
 from spa.errors import (
     NothingPrunableError,
@@ -200,6 +201,9 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
         raise OptionError("depth pruning of a folder of files is not supported")
     skipped = dict(view.left_out)
     free = _passed(headers)
+    # the tokenizer beside the files, named by the input folder: the view's is temporary (a
+    # saved plan's recipe names it for spa apply)
+    options = with_tokenizer(options, options.calib, view.src)
     per_file = dict.fromkeys(names, options)
     made: dict[str, dict] = {}
     if any(free.values()):
