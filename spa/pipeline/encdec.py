@@ -42,6 +42,7 @@ from spa.ir.load import load_model
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
+    from spa.ir.load import LoadedModel
     from spa.pipeline import PruneOptions
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Feeds:
     ids: str
     mask: str | None = None
     mask_in: str | None = None
+    logits: str = "logits"  # the decoder's output whose last position names the next token
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def feeds_for(headers: Mapping[str, onnx.ModelProto], decoder: str, encoders: li
     for i in inputs:
         if i.name == hidden_in:
             continue
-        if "mask" in i.name and "attention_mask" in enc_inputs:
+        if "encoder" in i.name and "mask" in i.name and "attention_mask" in enc_inputs:
             mask, mask_in = "attention_mask", i.name
         elif i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) \
                 and ids is None:
@@ -154,7 +156,13 @@ def feeds_for(headers: Mapping[str, onnx.ModelProto], decoder: str, encoders: li
                               "encoder attention mask)")
     if ids is None:
         raise OptionError(f"{decoder}: has no token id input to decode calibration samples")
-    return Feeds(enc, hidden, hidden_in, ids, mask, mask_in)
+    outputs = list(headers[decoder].graph.output)
+    logits = next((o.name for o in outputs if o.name == "logits"), None) or next(
+        (o.name for o in outputs if _float_rank(o, 3)), None)
+    if logits is None:
+        raise OptionError(f"{decoder}: has no output of next-token scores [batch, tokens, "
+                          "vocabulary] to decode calibration samples with")
+    return Feeds(enc, hidden, hidden_in, ids, mask, mask_in, logits)
 
 
 def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: Path
@@ -174,8 +182,8 @@ def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: P
                        Path(f"{work}{Path(decoder).stem}.calib.npz"))
     held = None
     if options.held_out_data:
-        held = _made_file(path, decoder, feeds, dataclasses.replace(opts, calib_samples=None),
-                          options.held_out_data, enc_model, (start, eos, pad),
+        held = _made_file(path, decoder, feeds, opts, options.held_out_data, enc_model,
+                          (start, eos, pad),
                           Path(f"{work}{Path(decoder).stem}.held_out.npz"))
     how = {"from": feeds.encoder, "encoder_output": feeds.hidden, "tokens": DECODER_TOKENS,
            "decoder_start_token_id": start}
@@ -200,7 +208,7 @@ def read_token_config(path: Path) -> dict:
 
 
 def _made_file(path: Path, decoder: str, feeds: Feeds, opts: PruneOptions, source: str,
-               enc_model, tokens: tuple, out: Path) -> str:
+               enc_model: LoadedModel, tokens: tuple[int, object, object], out: Path) -> str:
     """Read ``source`` as the encoder's samples, make the decoder's, save them at ``out``."""
     inputs = enc_model.graph.inputs
     try:
@@ -240,7 +248,7 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
         ids = np.full((len(hidden), 1), start, id_type)
         done = np.zeros(len(hidden), bool)
         while ids.shape[1] < tokens:
-            logits = val.run(dec, fed | {feeds.ids: ids})["logits"][:, -1]
+            logits = val.run(dec, fed | {feeds.ids: ids})[feeds.logits][:, -1]
             nxt = np.where(done, fill, logits.argmax(-1)).astype(id_type)
             done |= np.isin(nxt, list(eos_ids))
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
