@@ -311,6 +311,9 @@ def folder_notes(family: FamilyReport) -> list[str]:
               for name, how in family.decoder_samples.items()]
     notes += [f"{name}: took {took['values']} refitted values of {took['from']} (they share "
               "those weights)" for name, took in family.refits_taken.items()]
+    notes += [f"held-out fidelity of {pair}, the pruned files together (the encoder's outputs "
+              f"into the decoder, on the dense model's decode): {fidelity.describe(m)}"
+              for pair, m in family.together.items()]
     return notes
 
 

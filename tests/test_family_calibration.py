@@ -78,6 +78,12 @@ def test_the_decoder_is_calibrated_on_what_the_encoder_and_the_dense_model_make(
             == 48
         # reconstruction lowers the held-out error of both files' outputs
         assert fid["reconstructed"]["relative_error"] < 0.5 * fid["pruned"]["relative_error"]
+    # the two pruned files together: the pruned encoder's outputs into the pruned decoder
+    joint = done["held_out_together"]["encoder_model.onnx -> decoder_model.onnx"]
+    alone = files["decoder_model.onnx"]["fidelity"]["reconstructed"]
+    assert joint["samples"] == alone["samples"] == 5
+    assert alone["relative_error"] < joint["relative_error"] < 0.05  # the encoder's error too
+    assert joint["agreement"] > 0.95
     followers = ("decoder_with_past_model.onnx", "decoder_model_merged.then_branch.onnx",
                  "decoder_model_merged.else_branch.onnx")
     assert sorted(done["refits_taken"]) == sorted(followers)

@@ -34,6 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from spa import calibration as calib_data
+from spa import fidelity
 from spa import validate as val
 from spa.calibration.text import with_tokenizer
 from spa.choices import AllocationMethod, HessianSource
@@ -294,6 +295,24 @@ def take_refits(folder: Path, sources: Mapping[str, str], originals: Mapping[str
                 onnx.save(model, str(folder / n))
                 taken[n] = count
     return taken
+
+
+def together(original: Path, written: Path, feeds: Feeds, decoder: str,
+             encoder_held: Mapping[str, np.ndarray], decoder_held: Mapping[str, np.ndarray]
+             ) -> dict[str, float]:
+    """Held-out fidelity of the pruned encoder and decoder in ``written`` run together: the
+    pruned encoder's outputs on its held-out samples fed to the pruned decoder with the dense
+    model's decoded tokens, against the dense decoder (in ``original``) on the dense encoder's
+    outputs (the decoder's held-out samples, made from the same samples in the same order)."""
+    enc = val.session(str(written / feeds.encoder), what=feeds.encoder)
+    hidden = val.run_chunked(enc, {i.name: np.asarray(encoder_held[i.name])
+                                   for i in enc.get_inputs()})[feeds.hidden]
+    dense = val.session(str(original / decoder), what=decoder)
+    pruned = val.session(str(written / decoder), what=decoder)
+    fed = {i.name: np.asarray(decoder_held[i.name]) for i in dense.get_inputs()}
+    ref = val.run_chunked(dense, fed)[feeds.logits]
+    out = val.run_chunked(pruned, fed | {feeds.hidden_in: hidden})[feeds.logits]
+    return fidelity.compare([ref], [out])
 
 
 LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits")

@@ -139,6 +139,8 @@ class FamilyReport:
     decoder_samples: dict[str, dict] = field(default_factory=dict)
     # files that took the refitted values of the file of their variant that was calibrated
     refits_taken: dict[str, dict] = field(default_factory=dict)
+    # "encoder -> decoder": held-out fidelity of the two pruned files run together
+    together: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
@@ -146,7 +148,8 @@ class FamilyReport:
                 "groups_following": self.followed, "kept_whole": self.kept_whole,
                 "step_checks": self.steps, "config_edits": self.config_edits,
                 "merged": self.merged, "placeholder_caches": self.placeholders,
-                "decoder_samples": self.decoder_samples, "refits_taken": self.refits_taken}
+                "decoder_samples": self.decoder_samples, "refits_taken": self.refits_taken,
+                "held_out_together": self.together}
 
 
 @dataclass
@@ -448,6 +451,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
         taken = encdec.take_refits(tmp, sources, passing, variant) if sources else {}
         for n, count in taken.items():  # its oracle judged the weights it had before
             _took(reports[n], count, sources[variant(n)])
+        joint = _together(fp, tmp) if checks.validate else {}
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
         steps: dict[str, dict | str] = {}
@@ -471,7 +475,23 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
                         placeholders, dict(fp.plans), dict(fp.made),
-                        {n: {"from": sources[variant(n)], "values": k} for n, k in taken.items()})
+                        {n: {"from": sources[variant(n)], "values": k} for n, k in taken.items()},
+                        joint)
+
+
+def _together(fp: FamilyPlan, written: Path) -> dict[str, dict[str, float]]:
+    """Per decoder calibrated on samples made from an encoder's, the held-out fidelity of the
+    two pruned files run together (:func:`spa.pipeline.encdec.together`)."""
+    out = {}
+    for d, how in fp.made.items():
+        e = how["from"]
+        held = [fp.prepared[n].calib if n in fp.prepared else None for n in (e, d)]
+        if held[0] is not None and held[1] is not None:
+            feeds = encdec.feeds_for(fp.headers, d, [e])
+            assert feeds is not None, "a decoder whose samples were made reads an encoder"
+            out[f"{e} -> {d}"] = encdec.together(fp.src, written, feeds, d, held[0].held_out,
+                                                 held[1].held_out)
+    return out
 
 
 def _took(report: PruneReport, count: int, source: str) -> None:
