@@ -216,6 +216,24 @@ def test_a_follower_that_keeps_its_own_weights_is_caught(tmp_path: Path,
     assert not out.exists()
 
 
+def test_a_precision_variant_takes_the_refits_of_weights_it_holds_byte_for_byte(
+        tmp_path: Path) -> None:
+    """Only the plain files' first-step decoder is calibrated; a variant's decoders follow and
+    take its refitted values where they held the same weights (here: copies of the plain
+    files under transformers.js's ``_quantized`` names), so the tied weights stay equal."""
+    src = _folder(tmp_path)
+    for name in ("encoder_model", "decoder_model", "decoder_with_past_model"):
+        shutil.copy(src / f"{name}.onnx", src / f"{name}_quantized.onnx")
+    calib = _samples(tmp_path / "enc.npz")
+    done = prune_family(src, tmp_path / "small", PruneOptions(
+        heads_ratio=0.5, mlp_ratio=0.5, calib=str(calib)), CHECKS)
+    assert sorted(done.decoder_samples) == ["decoder_model.onnx"]
+    assert sorted(done.refits_taken) == ["decoder_model_quantized.onnx",
+                                         "decoder_with_past_model.onnx",
+                                         "decoder_with_past_model_quantized.onnx"]
+    assert all(s["relative_diff"] < 1e-5 for s in done.steps.values()) and len(done.steps) == 2
+
+
 def test_a_decoder_without_an_encoder_beside_it_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="reads 'encoder_hidden_states' from an encoder"):
         encdec.feeds_for({n: onnx.load(str(BART / n), load_external_data=False)

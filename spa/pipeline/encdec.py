@@ -3,14 +3,16 @@
 
 * A file that passes nothing (an encoder, a decoder's ``model.onnx``) reads ``--calib`` as one
   file does.
-* Of the files that write caches and read none back (a first-step decoder, the no-past branch
-  of a merged one), the first by name of each precision variant (family.variant) is the
-  **source**. When it reads an encoder's outputs (``encoder_hidden_states``), its samples are
-  made from the encoder's, in the same order: the dense encoder's outputs on them, their
-  attention mask, and the :data:`DECODER_TOKENS` tokens the dense model decodes greedily from
-  the config's ``decoder_start_token_id`` (pad tokens after EOS, as batched generation feeds
-  them). Same order, same count, same seed: its held-out samples are the encoder's. A source
-  that reads no encoder (a decoder-only model exported as two files) reads ``--calib``.
+* Of the plain files that write caches and read none back (a first-step decoder, the no-past
+  branch of a merged one), the first by name is the **source** (a precision variant's
+  decoders, family.variant, get no data: their quantised weights' refits would not be
+  matched across files). When it reads an encoder's outputs (``encoder_hidden_states``),
+  its samples are made from the encoder's, in the same order: the dense encoder's outputs on
+  them, their attention mask, and the :data:`DECODER_TOKENS` tokens the dense model decodes
+  greedily from the config's ``decoder_start_token_id`` (pad tokens after EOS, as batched
+  generation feeds them). Same order, same count, same seed: its held-out samples are the
+  encoder's. A source that reads no encoder (a decoder-only model exported as two files)
+  reads ``--calib``.
 * Every other file (the decoders that read caches back, the other writers) gets no data: it is
   planned data-free, follows the source's plan through the weights they share (the family
   prefers a calibrated file's plan), and takes the source's refitted
@@ -70,11 +72,10 @@ class Feeds:
 
 @dataclass(frozen=True)
 class Calibrated:
-    """Each file's options (with or without data), the sources by variant, and the samples
-    made for a decoder (file -> how)."""
+    """Each file's options (with or without data), and the samples made for a decoder (file
+    -> how)."""
 
     options: dict[str, PruneOptions]
-    sources: dict[str, str]  # variant -> the file whose refits the others of it take
     made: dict[str, dict]
 
 
@@ -84,17 +85,16 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
     """Per file of the folder at ``path``, the options it is planned with (see the module);
     made samples are saved as ``<work><decoder stem>.calib.npz``."""
     readers = {n for n in names if _reads_back(headers[n], free[n])}
-    sources: dict[str, str] = {}
-    for n in names:
-        if free[n] and n not in readers:
-            sources.setdefault(variant_of(n), n)
+    # the plain files' first writer (a quantised variant's refits would not be matched)
+    source = next((n for n in names if free[n] and n not in readers and not variant_of(n)),
+                  None)
     out: dict[str, PruneOptions] = {}
     made: dict[str, dict] = {}
     none = _without_data(options)
     for n in names:
         if not free[n]:
             out[n] = options
-        elif n not in sources.values():
+        elif n != source:
             out[n] = none
         else:
             feeds = feeds_for(headers, n, [m for m in names if not free[m]
@@ -103,7 +103,7 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
                 out[n] = options
                 continue
             out[n], made[n] = _made(path, n, feeds, options, work)
-    return Calibrated(out, sources, made)
+    return Calibrated(out, made)
 
 
 def _reads_back(header: onnx.ModelProto, free: set[str]) -> bool:
@@ -258,42 +258,36 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def take_refits(folder: Path, sources: Mapping[str, str], originals: Mapping[str, Analysis],
-                variant_of: Callable[[str], str]) -> dict[str, int]:
-    """Write into each pruned file of ``folder`` the values its variant's source file was
+def take_refits(folder: Path, source: str, originals: Mapping[str, Analysis]
+                ) -> dict[str, int]:
+    """Write into each other pruned file of ``folder`` the values the ``source`` file was
     written with, for every initializer of the same role (:func:`_roles`) in the two before
-    pruning: what reconstruction refitted in the source. ``originals``: the analyses (the
-    original graphs) of the source and of the files that may take its values (those that
-    pass tensors: an encoder refits its own). Returns the values taken per file (files whose
-    values were already equal are not rewritten)."""
+    pruning: what reconstruction refitted in the source. A precision variant's weights are
+    other bytes (int8, float16) and take nothing; a copy of the same bytes takes them.
+    ``originals``: the analyses (the original graphs) of the source and of the files that
+    may take its values (those that pass tensors: an encoder refits its own). Returns the
+    values taken per file (files whose values were already equal are not rewritten)."""
     taken: dict[str, int] = {}
-    for var, src in sources.items():
-        if src not in originals:
+    written = {i.name: i for i in onnx.load(str(folder / source)).graph.initializer}
+    roles = _roles(originals[source])
+    for n in originals:
+        pairs = _same(roles, _roles(originals[n])) if n != source else {}
+        if not pairs or not (folder / n).is_file():
             continue
-        src_written = onnx.load(str(folder / src))
-        src_values = {i.name: i for i in src_written.graph.initializer}
-        src_roles = _roles(originals[src])
-        for n in originals:
-            if n == src or variant_of(n) != var or not (folder / n).is_file():
+        model = onnx.load(str(folder / n))
+        count = 0
+        for init in model.graph.initializer:
+            s = pairs.get(init.name)
+            if s is None or s not in written:
                 continue
-            pairs = _same(src_roles, _roles(originals[n]))
-            if not pairs:
-                continue
-            model = onnx.load(str(folder / n))
-            count = 0
-            for init in model.graph.initializer:
-                s = pairs.get(init.name)
-                if s is None or s not in src_values:
-                    continue
-                new = numpy_helper.to_array(src_values[s])
-                old = numpy_helper.to_array(init)
-                if new.shape == old.shape and new.dtype == old.dtype and \
-                        not np.array_equal(new, old):
-                    init.CopyFrom(numpy_helper.from_array(new, init.name))
-                    count += 1
-            if count:
-                onnx.save(model, str(folder / n))
-                taken[n] = count
+            new, old = numpy_helper.to_array(written[s]), numpy_helper.to_array(init)
+            if new.shape == old.shape and new.dtype == old.dtype and \
+                    not np.array_equal(new, old):
+                init.CopyFrom(numpy_helper.from_array(new, init.name))
+                count += 1
+        if count:
+            onnx.save(model, str(folder / n))
+            taken[n] = count
     return taken
 
 

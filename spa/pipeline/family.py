@@ -446,11 +446,11 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                 continue
             reports[n] = write(n, tmp / n, checks)
             reports[n].input, reports[n].output = fp.origins[n], str(out / n)
-        sources = _refit_sources(fp)
+        source = _refit_source(fp, free)
         passing = {n: a for n, a in fp.analyses.items() if n in fp.plans and n in free}
-        taken = encdec.take_refits(tmp, sources, passing, variant) if sources else {}
+        taken = encdec.take_refits(tmp, source, passing) if source else {}
         for n, count in taken.items():  # its oracle judged the weights it had before
-            _took(reports[n], count, sources[variant(n)])
+            _took(reports[n], count, str(source))
         joint = _together(fp, tmp) if checks.validate else {}
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
@@ -475,7 +475,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
                         placeholders, dict(fp.plans), dict(fp.made),
-                        {n: {"from": sources[variant(n)], "values": k} for n, k in taken.items()},
+                        {n: {"from": source, "values": k} for n, k in taken.items()},
                         joint)
 
 
@@ -504,16 +504,12 @@ def _took(report: PruneReport, count: int, source: str) -> None:
                      "checked with it by the folder's checks")
 
 
-def _refit_sources(fp: FamilyPlan) -> dict[str, str]:
-    """Per precision variant, the file that passes tensors to others and whose plan refits
-    weights on calibration data (spa/pipeline/encdec.py): the others of its variant take its
+def _refit_source(fp: FamilyPlan, free: Collection[str]) -> str | None:
+    """The file among those that pass tensors to others (``free``) whose plan refits weights
+    on calibration data (spa/pipeline/encdec.py: one, a plain file): the others take its
     refitted values."""
-    free = _passed(fp.headers)
-    out: dict[str, str] = {}
-    for n, p in sorted(fp.plans.items()):
-        if free[n] and p.recipe is not None and p.recipe.reconstruction is not None:
-            out.setdefault(variant(n), n)
-    return out
+    return next((n for n, p in sorted(fp.plans.items()) if n in free and p.recipe is not None
+                 and p.recipe.reconstruction is not None), None)
 
 
 def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
