@@ -58,8 +58,8 @@ CONFIG = "config.json"
 @dataclass(frozen=True)
 class Feeds:
     """How the source decoder's inputs are made: from the ``encoder`` file's output
-    ``hidden`` (to ``hidden_in``), its input ``mask`` (to ``mask_in``), and decoded tokens
-    (``ids``)."""
+    ``hidden`` (to ``hidden_in``), its input ``mask`` (to ``mask_in``), and tokens (``ids``)
+    decoded by the arg-max of its ``logits``."""
 
     encoder: str
     hidden: str
@@ -126,7 +126,7 @@ def _float_rank(v: onnx.ValueInfoProto, rank: int) -> bool:
 
 
 def feeds_for(headers: Mapping[str, onnx.ModelProto], decoder: str, encoders: list[str]
-           ) -> Feeds | None:
+              ) -> Feeds | None:
     """How ``decoder``'s samples are made from one of ``encoders``; None when it reads no
     encoder output (it reads ``--calib`` itself)."""
     inputs = list(headers[decoder].graph.input)
