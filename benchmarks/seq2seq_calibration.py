@@ -37,6 +37,7 @@ import onnx
 
 from benchmarks.common import write_result
 from benchmarks.optimum_exports import FLAGS, ROOT, WORK, exported, side, venv
+from benchmarks.optimum_side import REVERSE, reverse_batch
 from spa import validate as val
 from spa.pipeline import encdec
 
@@ -100,12 +101,13 @@ def measure(dense: Path, pruned: Path, held: dict) -> dict:
             "positions": int(live.sum())}
 
 
-def prune(name: str, dense: Path, label: str, flags: list[str], calib: Path) -> dict:
+def prune(name: str, dense: Path, label: str, flags: list[str], calib: Path,
+          cut: list[str] = FLAGS) -> dict:
     out = WORK / "calibrated" / f"{name}-{label.replace(', ', '-').replace(' ', '-')}"
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     args = [x for f in flags for x in ([f, str(calib)] if f == "--calib" else [f])]
-    cmd = [sys.executable, "-m", "spa", "prune", str(dense), "-o", str(out), *FLAGS, *args,
+    cmd = [sys.executable, "-m", "spa", "prune", str(dense), "-o", str(out), *cut, *args,
            "--json", "-q"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     entry: dict = {"command": " ".join(cmd[1:]), "exit": done.returncode}
@@ -123,14 +125,67 @@ def prune(name: str, dense: Path, label: str, flags: list[str], calib: Path) -> 
     return entry
 
 
+def reversing(dense: Path, folder: Path, ids: np.ndarray, mask: np.ndarray,
+              labels: np.ndarray) -> float:
+    """The share of sequences ``folder`` reverses exactly, decoding greedily to its EOS."""
+    headers = {n: onnx.load(str(dense / n), load_external_data=False) for n in (ENCODER, DECODER)}
+    feeds = encdec.feeds_for(headers, DECODER, [ENCODER])
+    assert feeds is not None
+    eos, pad = REVERSE["eos_token_id"], REVERSE["pad_token_id"]
+    out = encdec.decoder_samples(folder / ENCODER, folder / DECODER, feeds,
+                                 {"input_ids": ids, "attention_mask": mask},
+                                 REVERSE["decoder_start_token_id"], eos, pad,
+                                 labels.shape[1] + 1)[feeds.ids][:, 1:]
+    want = np.where(labels == -100, pad, labels)
+    return float(np.mean((out == want).all(axis=1)))
+
+
+#: The trained BART's cuts (heads and MLP ratios), each data-free and with --calib.
+TRAINED_CUTS = (0.25, 0.5)
+
+
+def trained(python: Path) -> dict:
+    """The BART trained to reverse sequences (benchmarks/optimum_side.py ``train``): exact
+    reversals of 512 held-out sequences, dense and pruned with and without ``--calib`` (256
+    other sequences)."""
+    dense, done = WORK / "onnx" / "reverse", WORK / "onnx" / "reverse.exported"
+    entry: dict = {}
+    if not done.exists():
+        shutil.rmtree(dense, ignore_errors=True)
+        entry["training"] = side(python, "train", str(WORK / "hf" / "reverse"), str(dense))
+        if "error" in entry["training"]:
+            return entry
+        done.touch()
+    ids, mask, _ = reverse_batch(np.random.default_rng(1), CALIB)
+    calib = WORK / "calibrated" / "reverse.calib.npz"
+    calib.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(calib, input_ids=ids, attention_mask=mask)
+    held = reverse_batch(np.random.default_rng(2), 512)
+    entry["dense"] = reversing(dense, dense, *held)
+    for ratio in TRAINED_CUTS:
+        cut = ["--heads-ratio", str(ratio), "--mlp-ratio", str(ratio)]
+        for label, flags in VARIANTS.items():
+            row = prune("reverse", dense, f"{ratio}-{label}", flags, calib, cut)
+            if row["exit"] == 0:
+                out = row.pop("output")
+                row["exact_reversals"] = reversing(dense, out, *held)
+                row["held_out"] = measure(dense, out, {"input_ids": held[0],
+                                                       "attention_mask": held[1]})
+            entry[f"{ratio} {label}"] = row
+            print(f"reverse {ratio} {label}: {row.get('exact_reversals', row.get('error'))}")
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", help="comma-separated names (default: all seq2seq exports)")
+    ap.add_argument("--only", help="comma-separated names (default: all seq2seq exports and "
+                    "'reverse', the trained BART)")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(NAMES)
+    exports = [n for n in names if n != "reverse"]
     python = venv()
     results: dict = {}
-    for name in names:
+    for name in exports:
         dense = exported(python, name)
         if isinstance(dense, dict):
             results[name] = dense
@@ -152,6 +207,8 @@ def main() -> None:
             entry[label] = done
             print(f"{name} {label}: {done.get('held_out', done.get('error'))}")
         results[name] = entry
+    if args.only is None or "reverse" in names:
+        results["reverse"] = trained(python)
     write_result("seq2seq_calibration", {
         "flags": FLAGS, "decoder_tokens": encdec.DECODER_TOKENS, "measured_tokens": TOKENS,
         "models": results})

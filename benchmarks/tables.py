@@ -240,6 +240,8 @@ def seq2seq_calibration(d: dict) -> str:
                 f"{h['decoded_token_agreement']:.3f}")
 
     for name, m in d["models"].items():
+        if name == "reverse":
+            continue
         if "export" in m:
             lines.append(f"| {name} | export failed | | | | |")
             continue
@@ -249,6 +251,22 @@ def seq2seq_calibration(d: dict) -> str:
         lines.append(f"| {name} | {m['calibration_samples']} ({m['held_out_samples']}) | "
                      f"{cell(m['data-free'])} | {cell(m['calibrated'])} | "
                      f"{cell(m['calibrated, no reconstruction'])} | {runs} |")
+    rev = d["models"].get("reverse")
+    if rev and "dense" in rev:
+        lines += ["", "The BART trained to reverse sequences of symbols (`python "
+                  "benchmarks/optimum_side.py train`, hidden 64, 2+2 layers; held out: 512 new "
+                  f"sequences, of which the dense folder reverses {rev['dense']:.3f}); exact "
+                  "reversals, greedy to EOS:", "",
+                  "| heads and MLP ratio | decoder params | data-free | `--calib` | "
+                  "`--calib --no-reconstruct` |", "|---|---|---|---|---|"]
+        for ratio in sorted({k.split()[0] for k in rev if k[0].isdigit()}):
+            row = {v: rev.get(f"{ratio} {v}", {}) for v in
+                   ("data-free", "calibrated", "calibrated, no reconstruction")}
+            before, after = row["calibrated"].get("params", {}).get("decoder_model.onnx",
+                                                                    (0, 0))
+            lines.append(f"| {ratio} | {before:,} → {after:,} | " + " | ".join(
+                f"{r['exact_reversals']:.3f}" if "exact_reversals" in r else "failed"
+                for r in row.values()) + " |")
     return "\n".join(lines)
 
 
