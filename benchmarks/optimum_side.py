@@ -11,6 +11,8 @@ SPA. Two commands, each printing one JSON line:
     python benchmarks/optimum_side.py train HF_DIR ONNX_DIR [STEPS]
         train a small BART to reverse sequences of symbols (:data:`REVERSE`), save and
         export it: a seq2seq model with weights that do something
+    python benchmarks/optimum_side.py reverse-eval ONNX_DIR [SEED] [COUNT]
+        the share of held-out sequences that folder reverses under ORTModelForSeq2SeqLM
 """
 
 from __future__ import annotations
@@ -175,9 +177,31 @@ def generate(name: str, onnx_dir: str) -> dict:
     return {"runtime": cls, "tokens": out[0].tolist()}
 
 
+def reverse_eval(onnx_dir: str, seed: str = "2", count: str = "512") -> dict:
+    """The share of ``count`` held-out sequences (``seed``) that ``onnx_dir`` reverses exactly
+    when Optimum's ORTModelForSeq2SeqLM generates (greedy, with its caches: the merged
+    decoder, or the two decoders)."""
+    import numpy as np
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    model = ORTModelForSeq2SeqLM.from_pretrained(onnx_dir, use_cache=True)
+    ids, mask, labels = reverse_batch(np.random.default_rng(int(seed)), int(count))
+    out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                         max_new_tokens=labels.shape[1], do_sample=False, num_beams=1).numpy()
+    pad = REVERSE["pad_token_id"]
+    got = np.full(labels.shape, pad, np.int64)
+    width = min(labels.shape[1], out.shape[1] - 1)
+    got[:, :width] = out[:, 1:1 + width]
+    want = np.where(labels == -100, pad, labels)
+    return {"runtime": "ORTModelForSeq2SeqLM", "exact": float(np.mean((got == want).all(1))),
+            "sequences": int(count)}
+
+
 def main(argv: list[str]) -> None:
     try:
-        command = {"export": export, "generate": generate, "train": train}[argv[0]]
+        command = {"export": export, "generate": generate, "train": train,
+                   "reverse-eval": reverse_eval}[argv[0]]
         result = command(*argv[1:])
     except Exception as exc:  # reported, not raised: the benchmark records what failed
         result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",

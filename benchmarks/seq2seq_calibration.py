@@ -147,7 +147,8 @@ TRAINED_CUTS = (0.25, 0.5)
 def trained(python: Path) -> dict:
     """The BART trained to reverse sequences (benchmarks/optimum_side.py ``train``): exact
     reversals of 512 held-out sequences, dense and pruned with and without ``--calib`` (256
-    other sequences)."""
+    other sequences), decoded by :func:`reversing` and generated under Optimum's
+    ORTModelForSeq2SeqLM (its caches, the merged decoder: ``reverse-eval``)."""
     dense, done = WORK / "onnx" / "reverse", WORK / "onnx" / "reverse.exported"
     entry: dict = {}
     if not done.exists():
@@ -162,6 +163,7 @@ def trained(python: Path) -> dict:
     np.savez(calib, input_ids=ids, attention_mask=mask)
     held = reverse_batch(np.random.default_rng(2), 512)
     entry["dense"] = reversing(dense, dense, *held)
+    entry["dense_under_optimum"] = side(python, "reverse-eval", str(dense))
     for ratio in TRAINED_CUTS:
         cut = ["--heads-ratio", str(ratio), "--mlp-ratio", str(ratio)]
         for label, flags in VARIANTS.items():
@@ -169,6 +171,7 @@ def trained(python: Path) -> dict:
             if row["exit"] == 0:
                 out = row.pop("output")
                 row["exact_reversals"] = reversing(dense, out, *held)
+                row["under_optimum"] = side(python, "reverse-eval", str(out))
                 row["held_out"] = measure(dense, out, {"input_ids": held[0],
                                                        "attention_mask": held[1]})
             entry[f"{ratio} {label}"] = row
