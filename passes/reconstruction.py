@@ -608,6 +608,12 @@ def refits_any(graph: gs.Graph) -> bool:
                for node in graph.nodes)
 
 
+def refitted_tensors(model: onnx.ModelProto) -> list[tuple[str, str | None]]:
+    """The initializers :class:`Reconstruction` may refit in ``model``: each layer's weight
+    (the stored integers of a dequantised one) and its bias, or None (:func:`_layers`)."""
+    return [(layer.weight, layer.bias) for layer in _layers(model)]
+
+
 @dataclass(frozen=True)
 class _Chain:
     """A weight dequantised by plain ops (spa/ir/quant_chain.py): its integers, how they are

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from spa.calibration.text import with_tokenizer
 from spa.choices import AllocationMethod, HessianSource
 from spa.errors import OptionError
 from spa.ir.load import load_model
+from spa.passes.reconstruction import refitted_tensors
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis
@@ -188,10 +190,9 @@ def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: P
                           Path(f"{work}{Path(decoder).stem}.held_out.npz"))
     how = {"from": feeds.encoder, "encoder_output": feeds.hidden, "tokens": DECODER_TOKENS,
            "decoder_start_token_id": start}
-    return dataclasses.replace(_without_data(options), calib=str(calib), held_out_data=held,
-                               reconstruct=options.reconstruct, hessian=options.hessian,
-                               allocation=options.allocation, calib_samples=None,
-                               pack=False), how
+    # the made samples are read whole, as they are (no tokenizer, no --calib-samples again)
+    return dataclasses.replace(options, calib=str(calib), held_out_data=held, tokenizer=None,
+                               calib_samples=None, pack=False), how
 
 
 def read_token_config(path: Path) -> dict:
@@ -261,20 +262,21 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
 def take_refits(folder: Path, source: str, originals: Mapping[str, Analysis]
                 ) -> dict[str, int]:
     """Write into each other pruned file of ``folder`` the values the ``source`` file was
-    written with, for every initializer of the same role (:func:`_roles`) in the two before
-    pruning: what reconstruction refitted in the source. A precision variant's weights are
-    other bytes (int8, float16) and take nothing; a copy of the same bytes takes them.
-    ``originals``: the analyses (the original graphs) of the source and of the files that
-    may take its values (those that pass tensors: an encoder refits its own). Returns the
-    values taken per file (files whose values were already equal are not rewritten)."""
+    written with, for every tensor of the same role (:func:`_roles`) in the two: what
+    reconstruction refitted in the source. A precision variant's weights are other bytes
+    (int8, float16) and take nothing; a copy of the same bytes takes them. ``originals``:
+    the analyses (the original graphs) of the source and of the files that may take its
+    values (those that pass tensors: an encoder refits its own). Returns the values taken per
+    file (files whose values were already equal are not rewritten)."""
     taken: dict[str, int] = {}
-    written = {i.name: i for i in onnx.load(str(folder / source)).graph.initializer}
-    roles = _roles(originals[source])
+    model = onnx.load(str(folder / source))
+    written = {i.name: i for i in model.graph.initializer}
+    roles = _roles(originals[source], model)
     for n in originals:
-        pairs = _same(roles, _roles(originals[n])) if n != source else {}
-        if not pairs or not (folder / n).is_file():
+        if n == source or not (folder / n).is_file():
             continue
         model = onnx.load(str(folder / n))
+        pairs = _same(roles, _roles(originals[n], model))
         count = 0
         for init in model.graph.initializer:
             s = pairs.get(init.name)
@@ -309,35 +311,31 @@ def together(original: Path, written: Path, feeds: Feeds, decoder: str,
     return fidelity.compare([ref], [out])
 
 
-LAYERS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulNBits")
+def digest(values: np.ndarray) -> str:
+    """A digest of an array's type, shape and bytes (a weight two files hold alike)."""
+    v = np.ascontiguousarray(values)
+    h = hashlib.sha256(f"{v.dtype}{v.shape}".encode())
+    h.update(v.tobytes())
+    return h.hexdigest()
 
 
-def _roles(analysis: Analysis) -> dict[str, str]:
-    """A file's float initializers by what they are, where reconstruction may refit them: a
-    layer's weight by a digest of its type, shape and bytes (unique in the file); its bias
-    (the layer's bias input, or the constant of the one Add after it) as that weight's bias.
-    Biases are often equal (zeros) and copied apart per reader under numbered names, so their
-    bytes and names say nothing about which layer they belong to."""
-    graph = analysis.model.graph
-    digests: dict[str, list[str]] = {}
-    for name, t in graph.tensors().items():
-        if isinstance(t, gs.Constant) and t.values.dtype.kind == "f" and t.values.ndim:
-            v = np.ascontiguousarray(t.values)
-            h = hashlib.sha256(f"{v.dtype}{v.shape}".encode())
-            h.update(v.tobytes())
-            digests.setdefault(h.hexdigest(), []).append(name)
-    out = {ns[0]: d for d, ns in digests.items() if len(ns) == 1}
-    for node in graph.nodes:
-        if node.op not in LAYERS or len(node.inputs) < 2 or node.inputs[1].name not in out:
-            continue
-        weight = out[node.inputs[1].name]
-        bias = node.inputs[2] if len(node.inputs) > 2 and node.op != "MatMulNBits" else None
-        if bias is None and len(node.outputs[0].outputs) == 1:
-            add = node.outputs[0].outputs[0]
-            if add.op == "Add":
-                bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
-        if isinstance(bias, gs.Constant) and bias.name not in out:
-            out[bias.name] = f"bias of {weight}"
+def _roles(analysis: Analysis, written: onnx.ModelProto) -> dict[str, str]:
+    """What each tensor reconstruction may refit in the pruned file ``written``
+    (:func:`spa.passes.reconstruction.refitted_tensors`) is: a layer's weight by the digest of
+    its original bytes (in ``analysis``; unique among the layers' weights), its bias as that
+    weight's bias. Biases are often equal (zeros) and copied apart per reader under numbered
+    names, so their bytes and names say nothing about which layer they belong to."""
+    tensors = analysis.model.graph.tensors()
+    layers = [(tensors[w], b) for w, b in refitted_tensors(written)
+              if isinstance(tensors.get(w), gs.Constant)]
+    digests = [digest(w.values) for w, _ in layers]
+    once = {d for d, k in Counter(digests).items() if k == 1}
+    out: dict[str, str] = {}
+    for (w, b), d in zip(layers, digests):
+        if d in once:
+            out[w.name] = d
+            if b is not None:
+                out[b] = f"bias of {d}"
     return out
 
 

@@ -54,7 +54,6 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -695,10 +694,7 @@ def _weights(graph: gs.Graph, names: set[str]) -> dict[str, str]:
     for name in sorted(names):
         t = tensors.get(name)
         if isinstance(t, gs.Constant) and len(t.shape) >= 2:
-            v = np.ascontiguousarray(t.values)
-            h = hashlib.sha256(f"{v.dtype}{v.shape}".encode())
-            h.update(v.tobytes())
-            seen.setdefault(h.hexdigest(), []).append(name)
+            seen.setdefault(encdec.digest(t.values), []).append(name)
     return {d: ns[0] for d, ns in seen.items() if len(ns) == 1}
 
 
