@@ -8,7 +8,11 @@ The 🤗 Optimum exports of :mod:`benchmarks.optimum_exports` (random weights, s
 * ``calibrated``: ``--calib`` of the encoder's samples (the decoder's are made from them:
   the dense encoder's outputs and 32 greedily decoded tokens), sensitivity allocation and
   reconstruction, the with-past decoders taking the first-step decoder's refitted weights;
-* ``calibrated, no reconstruction``: the same with ``--no-reconstruct``.
+* ``calibrated, no reconstruction``: the same with ``--no-reconstruct``;
+* ``data-free, obspa``: no data, ``--criterion obspa`` (synthetic Hessian, the kept weights
+  compensated; the with-past decoders take the first-step decoder's compensated weights);
+* ``calibrated, obspa``: ``--calib`` and ``--criterion obspa`` (the Hessian from the
+  calibration samples, then reconstruction).
 
 Samples are seeded random token ids over each model's vocabulary (lengths 6–16, masked after),
 or standard normal log-mel features for Whisper: random models answer nothing a corpus could
@@ -17,8 +21,8 @@ dense folder decodes 16 tokens greedily, on past EOS (random models often end at
 pruned folder is then fed the dense tokens (teacher forcing: next-token agreement with the
 dense model and the KL divergence of its distribution, at every position) and decodes on its
 own (the share of positions whose token matches the dense decode, and of whole sequences).
-Finally each calibrated folder generates 8 tokens under Optimum's ORTModel class in its venv,
-as :mod:`benchmarks.optimum_exports` runs them.
+Finally each calibrated folder, and each compensated without data, generates 8 tokens under
+Optimum's ORTModel class in its venv, as :mod:`benchmarks.optimum_exports` runs them.
 
     python -m benchmarks.seq2seq_calibration [--only bart,t5]
 """
@@ -45,7 +49,10 @@ NAMES = ("bart", "marian", "pegasus", "t5", "mt5", "whisper")
 CALIB, HELD_OUT, TOKENS = 256, 64, 16
 ENCODER, DECODER = "encoder_model.onnx", "decoder_model.onnx"
 VARIANTS = {"data-free": [], "calibrated": ["--calib"],
-            "calibrated, no reconstruction": ["--calib", "--no-reconstruct"]}
+            "calibrated, no reconstruction": ["--calib", "--no-reconstruct"],
+            "data-free, obspa": ["--criterion", "obspa"],
+            "calibrated, obspa": ["--calib", "--criterion", "obspa"]}
+GENERATED = ("calibrated", "data-free, obspa")  # the variants run under Optimum too
 
 
 def samples(folder: Path, count: int, seed: int) -> dict[str, np.ndarray]:
@@ -205,7 +212,7 @@ def main() -> None:
             if done["exit"] == 0:
                 out = done.pop("output")
                 done["held_out"] = measure(dense, out, held)
-                if label == "calibrated":
+                if label in GENERATED:
                     done["generate"] = side(python, "generate", name, str(out))
             entry[label] = done
             print(f"{name} {label}: {done.get('held_out', done.get('error'))}")

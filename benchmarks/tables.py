@@ -230,52 +230,68 @@ def _reversals(row: dict) -> str:
                                               if under else "")
 
 
+#: seq2seq_calibration's variants, in its tables' column order (results key → column title)
+SEQ2SEQ_VARIANTS = {"data-free": "data-free", "data-free, obspa": "data-free `obspa`",
+                    "calibrated": "`--calib`",
+                    "calibrated, no reconstruction": "`--calib --no-reconstruct`",
+                    "calibrated, obspa": "`--calib --criterion obspa`"}
+
+
 def seq2seq_calibration(d: dict) -> str:
     """Each seq2seq export pruned without data and with it: held-out next-token agreement and
     KL divergence of the decoder (teacher forced on the dense decode), the share of tokens a
-    free-running decode keeps, and whether the calibrated folder generates under Optimum."""
+    free-running decode keeps, and whether the calibrated folder, and the one compensated
+    without data, generate under Optimum."""
+    titles = {k: v for k, v in SEQ2SEQ_VARIANTS.items()
+              if any(k in m for m in d["models"].values())}
     lines = [f"Seq2seq folders with and without `--calib`, `spa prune … {' '.join(d['flags'])}` "
              f"({_load_note(d)}); held out: next-token agreement / KL divergence teacher forced "
              f"on the dense model's {d['measured_tokens']}-token decode, tokens of a free "
              "decode equal to the dense one:", "",
-             "| export | samples (held out) | data-free | `--calib` | `--calib --no-reconstruct`"
-             " | the calibrated folder under Optimum |", "|---|---|---|---|---|---|"]
+             "| export | samples (held out) | " + " | ".join(titles.values())
+             + " | generates under Optimum (`--calib`, data-free `obspa`) |",
+             "|---|---|" + "---|" * len(titles) + "---|"]
 
     def cell(v: dict) -> str:
+        if not v:
+            return "not run"
         if v.get("exit"):
             return "failed: " + " ".join(v.get("error", [])).replace("|", "/")
         h = v["held_out"]
         return (f"{h['teacher_forced_agreement']:.3f} / {h['teacher_forced_kl']:.2e} / "
                 f"{h['decoded_token_agreement']:.3f}")
 
+    def runs(v: dict) -> str:
+        gen = v.get("generate", {})
+        return "yes" if "tokens" in gen else \
+            "no: " + str(gen.get("error", "not run")).split("\n")[0].replace("|", "/")[:80]
+
     for name, m in d["models"].items():
         if name == "reverse":
             continue
         if "export" in m:
-            lines.append(f"| {name} | export failed | | | | |")
+            lines.append(f"| {name} | export failed |" + " |" * (len(titles) + 1))
             continue
-        gen = m["calibrated"].get("generate", {})
-        runs = "yes" if "tokens" in gen else \
-            "no: " + str(gen.get("error", "not run")).split("\n")[0].replace("|", "/")[:80]
+        gen = ", ".join(runs(m[k]) for k in ("calibrated", "data-free, obspa") if k in m)
         lines.append(f"| {name} | {m['calibration_samples']} ({m['held_out_samples']}) | "
-                     f"{cell(m['data-free'])} | {cell(m['calibrated'])} | "
-                     f"{cell(m['calibrated, no reconstruction'])} | {runs} |")
+                     + " | ".join(cell(m.get(k, {})) for k in titles) + f" | {gen} |")
     rev = d["models"].get("reverse")
     if rev and "dense" in rev:
+        kinds = {k: v for k, v in titles.items()
+                 if any(r.endswith(f" {k}") for r in rev if r[0].isdigit())}
         lines += ["", "The BART trained to reverse sequences of symbols (`python "
                   "benchmarks/optimum_side.py train`, hidden 64, 2+2 layers; held out: 512 new "
                   f"sequences, of which the dense folder reverses {rev['dense']:.3f}); exact "
                   "reversals, greedy to EOS (in brackets: generated under Optimum's "
                   "`ORTModelForSeq2SeqLM`, with its caches and the merged decoder):", "",
-                  "| heads and MLP ratio | decoder params | data-free | `--calib` | "
-                  "`--calib --no-reconstruct` |", "|---|---|---|---|---|"]
+                  "| heads and MLP ratio | decoder params | " + " | ".join(kinds.values())
+                  + " |", "|---|---|" + "---|" * len(kinds)]
         for ratio in sorted({k.split()[0] for k in rev if k[0].isdigit()}):
-            row = {v: rev.get(f"{ratio} {v}", {}) for v in
-                   ("data-free", "calibrated", "calibrated, no reconstruction")}
+            row = {v: rev.get(f"{ratio} {v}", {}) for v in kinds}
             before, after = row["calibrated"].get("params", {}).get("decoder_model.onnx",
                                                                     (0, 0))
             lines.append(f"| {ratio} | {before:,} → {after:,} | " + " | ".join(
-                _reversals(r) for r in row.values()) + " |")
+                _reversals(r) if r else "not run" for r in row.values()) + " |")
     return "\n".join(lines)
 
 

@@ -309,8 +309,9 @@ def folder_notes(family: FamilyReport) -> list[str]:
               f"'{how['encoder_output']}' and {how['tokens']} tokens the dense model decodes "
               f"greedily from decoder_start_token_id {how['decoder_start_token_id']}"
               for name, how in family.decoder_samples.items()]
-    notes += [f"{name}: took {took['values']} refitted values of {took['from']} (they share "
-              "those weights)" for name, took in family.refits_taken.items()]
+    notes += [f"{name}: took {took['values']} {took['how']} values of "
+              f"{took['from']} (they share those weights)"
+              for name, took in family.refits_taken.items()]
     notes += [f"held-out fidelity of {pair}, the pruned files together (the encoder's outputs "
               f"into the decoder, on the dense model's decode): {fidelity.describe(m)}"
               for pair, m in family.together.items()]

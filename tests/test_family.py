@@ -306,7 +306,6 @@ def test_analyze_reads_a_folder_as_it_is_pruned(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("flags, expect", [
     (["--calib", "x.npz"], "reads 'encoder_hidden_states' from an encoder, and no other file"),
     (["--calib", "synthetic"], "--calib synthetic makes each file's inputs alone"),
-    (["--criterion", "obspa"], "--no-compensate"),
     (["--target", "latency"], "--target latency times one file"),
 ])
 def test_what_a_folder_refuses(tmp_path: Path, capsys, flags: list[str], expect: str) -> None:

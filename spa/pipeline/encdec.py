@@ -17,6 +17,9 @@
   planned data-free, follows the source's plan through the weights they share (the family
   prefers a calibrated file's plan), and takes the source's refitted
   weights (:func:`take_refits`), so that the files stay one model.
+
+The same sources (:func:`sources`, one per precision variant) give their compensated values
+(OBSPA's update, with or without data) to the files of their variant that pass caches.
 """
 
 from __future__ import annotations
@@ -86,10 +89,8 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
                  variant_of: Callable[[str], str]) -> Calibrated:
     """Per file of the folder at ``path``, the options it is planned with (see the module);
     made samples are saved as ``<work><decoder stem>.calib.npz``."""
-    readers = {n for n in names if _reads_back(headers[n], free[n])}
     # the plain files' first writer (a quantised variant's refits would not be matched)
-    source = next((n for n in names if free[n] and n not in readers and not variant_of(n)),
-                  None)
+    source = sources(names, headers, free, variant_of).get("")
     out: dict[str, PruneOptions] = {}
     made: dict[str, dict] = {}
     none = _without_data(options)
@@ -106,6 +107,18 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
                 continue
             out[n], made[n] = _made(path, n, feeds, options, work)
     return Calibrated(out, made)
+
+
+def sources(names: list[str], headers: Mapping[str, onnx.ModelProto],
+            free: Mapping[str, set[str]], variant_of: Callable[[str], str]) -> dict[str, str]:
+    """Per precision variant (``""``: the plain files), the first of its files by name that
+    writes caches and reads none back: the one whose refitted or compensated values the
+    variant's other files that pass caches take (:func:`take_refits`)."""
+    out: dict[str, str] = {}
+    for n in names:
+        if free[n] and not _reads_back(headers[n], free[n]):
+            out.setdefault(variant_of(n), n)
+    return out
 
 
 def _reads_back(header: onnx.ModelProto, free: set[str]) -> bool:
@@ -259,15 +272,16 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def take_refits(folder: Path, source: str, originals: Mapping[str, Analysis]
+def take_refits(folder: Path, source: str, originals: Mapping[str, Mapping[str, str]]
                 ) -> dict[str, int]:
     """Write into each other pruned file of ``folder`` the values the ``source`` file was
     written with, for every tensor of the same role (:func:`_roles`) in the two: what
-    reconstruction refitted in the source. A precision variant's weights are other bytes
-    (int8, float16) and take nothing; a copy of the same bytes takes them. ``originals``:
-    the analyses (the original graphs) of the source and of the files that may take its
-    values (those that pass tensors: an encoder refits its own). Returns the values taken per
-    file (files whose values were already equal are not rewritten)."""
+    reconstruction refitted, or OBSPA's compensation updated, in the source. A precision
+    variant's weights are other bytes (int8, float16) and take nothing; a copy of the same
+    bytes takes them. ``originals``: the digests of the weights before pruning
+    (:func:`weight_digests`) of the source and of the files that may take its values (those
+    that pass tensors: an encoder refits its own). Returns the values taken per file (files
+    whose values were already equal are not rewritten)."""
     taken: dict[str, int] = {}
     model = onnx.load(str(folder / source))
     written = {i.name: i for i in model.graph.initializer}
@@ -319,21 +333,28 @@ def digest(values: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _roles(analysis: Analysis, written: onnx.ModelProto) -> dict[str, str]:
+def weight_digests(analysis: Analysis) -> dict[str, str]:
+    """The digest of each weight (a constant of two or more dims) of ``analysis``' graph, taken
+    before the file is written: writing updates the graph's weights in place (OBSPA's
+    compensation, each file from its own statistics)."""
+    return {name: digest(t.values) for name, t in analysis.model.graph.tensors().items()
+            if isinstance(t, gs.Constant) and len(t.shape) >= 2}
+
+
+def _roles(digests: Mapping[str, str], written: onnx.ModelProto) -> dict[str, str]:
     """What each tensor reconstruction may refit in the pruned file ``written``
     (:func:`spa.passes.reconstruction.refitted_tensors`) is: a layer's weight by the digest of
-    its original bytes (in ``analysis``; unique among the layers' weights), its bias as that
-    weight's bias. Biases are often equal (zeros) and copied apart per reader under numbered
-    names, so their bytes and names say nothing about which layer they belong to."""
-    tensors = analysis.model.graph.tensors()
-    layers = [(tensors[w], b) for w, b in refitted_tensors(written)
-              if isinstance(tensors.get(w), gs.Constant)]
-    digests = [digest(w.values) for w, _ in layers]
-    once = {d for d, k in Counter(digests).items() if k == 1}
+    its original bytes (``digests``, :func:`weight_digests`; unique among the layers'
+    weights), its bias as that weight's bias. Biases are often equal (zeros) and copied apart
+    per reader under numbered names, so their bytes and names say nothing about which layer
+    they belong to."""
+    layers = [(w, b) for w, b in refitted_tensors(written) if w in digests]
+    once = {d for d, k in Counter(digests[w] for w, _ in layers).items() if k == 1}
     out: dict[str, str] = {}
-    for (w, b), d in zip(layers, digests):
+    for w, b in layers:
+        d = digests[w]
         if d in once:
-            out[w.name] = d
+            out[w] = d
             if b is not None:
                 out[b] = f"bias of {d}"
     return out

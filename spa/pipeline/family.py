@@ -44,11 +44,13 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
 
 * **Calibration data** (spa/pipeline/encdec.py): the encoder reads ``--calib``; the
   first-step decoder is calibrated on samples made from the encoder's by the dense model; the
-  other decoders follow its plan (a calibrated file's group leads its component) and take its
-  refitted values before the checks above run. OBSPA's compensation and a latency target read
-  each file alone, and are refused for files that pass tensors to each other; a folder whose
-  files pass nothing (a decoder's ``model.onnx`` beside its ``config.json``) takes the options
-  one file takes, depth pruning aside.
+  other decoders follow its plan (a calibrated file's group leads its component).
+* **Values one file changes** (reconstruction's refits, OBSPA's compensation, each file from
+  its own statistics): the files that pass caches take those of their variant's first-step
+  decoder (:func:`_refits_taken`) before the checks above run, which then hold for the values
+  written. A latency target times each file alone, and is refused for files that pass
+  tensors to each other; a folder whose files pass nothing (a decoder's ``model.onnx`` beside
+  its ``config.json``) takes the options one file takes, depth pruning aside.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ if TYPE_CHECKING:
     from spa.generation import SignatureChange
     from spa.pipeline import CheckOptions, PruneOptions, PruneReport
     from spa.plan import Plan
+    from spa.recipe import Recipe
 
 log = logging.getLogger(__name__)
 MERGED = "_merged.onnx"
@@ -136,7 +139,7 @@ class FamilyReport:
     plans: dict[str, Plan] = field(default_factory=dict)  # each pruned file's (for the HTML page)
     # decoders calibrated on samples made from the encoder's (spa/pipeline/encdec.py): how
     decoder_samples: dict[str, dict] = field(default_factory=dict)
-    # files that took the refitted values of the file of their variant that was calibrated
+    # files that took the values a file of theirs refitted or compensated (_refits_taken)
     refits_taken: dict[str, dict] = field(default_factory=dict)
     # "encoder -> decoder": held-out fidelity of the two pruned files run together
     together: dict[str, dict] = field(default_factory=dict)
@@ -428,7 +431,6 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     checks), the others copied, merged decoders merged back; the files checked together (see
     the module)."""
     src = fp.src
-    free = {n for n, names in _passed(fp.headers).items() if names}
     config = read_config(src / CONFIG)
     changes = {n: signature_change(fp.analyses[n], p) for n, p in fp.plans.items()} \
         if config is not None else {}
@@ -436,6 +438,10 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     held = _placeholder_caches(config, changes) if config is not None else {}
     if edits or held:  # the copy says what the pruned caches hold, or the file takes what
         checks = dataclasses.replace(checks, config_warning=False)  # runtimes make of it
+    passed = _passed(fp.headers)
+    # the weights as they were: writing a file updates its graph's in place
+    digests = {n: encdec.weight_digests(a) for n, a in fp.analyses.items()
+               if n in fp.plans and passed[n]}
     with staged_folder(out) as tmp:
         reports = {}
         for n, header in fp.headers.items():
@@ -445,11 +451,9 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                 continue
             reports[n] = write(n, tmp / n, checks)
             reports[n].input, reports[n].output = fp.origins[n], str(out / n)
-        source = _refit_source(fp, free)
-        passing = {n: a for n, a in fp.analyses.items() if n in fp.plans and n in free}
-        taken = encdec.take_refits(tmp, source, passing) if source else {}
-        for n, count in taken.items():  # its oracle judged the weights it had before
-            _took(reports[n], count, str(source))
+        taken = _refits_taken(fp, tmp, digests)
+        for n, took in taken.items():  # its oracle judged the weights it had before
+            _took(reports[n], took)
         joint = _together(fp, tmp) if checks.validate else {}
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
@@ -474,7 +478,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
                         placeholders, dict(fp.plans), dict(fp.made),
-                        {n: {"from": source, "values": k} for n, k in taken.items()},
+                        taken,
                         joint)
 
 
@@ -493,22 +497,56 @@ def _together(fp: FamilyPlan, written: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def _took(report: PruneReport, count: int, source: str) -> None:
-    """Say in ``report`` that its file took ``count`` refitted values of ``source`` after its
-    own checks ran: the numeric oracle judged the values before."""
+def _took(report: PruneReport, took: Mapping[str, object]) -> None:
+    """Say in ``report`` that its file took values of another (``took``: see
+    :func:`_refits_taken`) after its own checks ran: the numeric oracle judged the values
+    before."""
     before = (f" (before: max |Δ| {report.masked_max_abs_diff:.3g})"
               if report.masked_max_abs_diff is not None else "")
     report.masked_max_abs_diff = report.masked_relative_diff = None
-    report.oracle = (f"does not apply: it took {count} refitted values of {source}{before}; "
-                     "checked with it by the folder's checks")
+    report.oracle = (f"does not apply: it took {took['values']} {took['how']} values of "
+                     f"{took['from']}{before}; checked with it by the folder's checks")
 
 
-def _refit_source(fp: FamilyPlan, free: Collection[str]) -> str | None:
-    """The file among those that pass tensors to others (``free``) whose plan refits weights
-    on calibration data (spa/pipeline/encdec.py: one, a plain file): the others take its
-    refitted values."""
-    return next((n for n, p in sorted(fp.plans.items()) if n in free and p.recipe is not None
-                 and p.recipe.reconstruction is not None), None)
+def _refits_taken(fp: FamilyPlan, tmp: Path, digests: Mapping[str, Mapping[str, str]]
+                  ) -> dict[str, dict]:
+    """Write into the files in ``tmp`` that pass caches the values their source changed
+    (:func:`spa.pipeline.encdec.sources`: refitted on calibration data, or compensated by
+    OBSPA), so that they stay one model: first the plain files' source's, which every other
+    such file takes (a precision variant's copies of the same bytes too), then each variant's
+    own source's, which that variant's files take (its int8 or float16 weights match nothing
+    of the plain files). ``digests``: the weights of the files that pass caches before they
+    were written (:func:`spa.pipeline.encdec.weight_digests`). Returns, per file that took
+    values, how many (``values``), from which sources (``from``) and how they were changed
+    there (``how``)."""
+    passed = _passed(fp.headers)
+    taken: dict[str, dict] = {}
+    for kind, source in sorted(encdec.sources(list(fp.headers), fp.headers, passed,
+                                              variant).items()):
+        plan = fp.plans.get(source)
+        how = _changed(plan.recipe) if plan is not None and plan.recipe is not None else ""
+        if not how:
+            continue
+        files = {n: d for n, d in digests.items() if not kind or variant(n) == kind}
+        for n, count in encdec.take_refits(tmp, source, files).items():
+            had = taken.setdefault(n, {"from": source, "values": 0, "how": how})
+            if had["from"] != source:
+                had["from"] += f", {source}"
+                had["how"] = _joined(had["how"], how)
+            had["values"] += count
+    return taken
+
+
+def _changed(recipe: Recipe) -> str:
+    """How a plan's written weights differ from the input's: "compensated" (OBSPA's update,
+    FLAP's bias shifts), "refitted" (reconstruction), both, or "" (neither)."""
+    return " and ".join(word for word, step in (
+        ("compensated", recipe.compensation or recipe.bias_compensation),
+        ("refitted", recipe.reconstruction)) if step is not None)
+
+
+def _joined(a: str, b: str) -> str:
+    return " and ".join(dict.fromkeys([*a.split(" and "), *b.split(" and ")]))
 
 
 def _ties_broken(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
@@ -613,10 +651,6 @@ def _refuse(options: PruneOptions) -> None:
     if options.target is Target.LATENCY:
         raise OptionError("--target latency times one file: prune the folder with "
                           "--target flops or params")
-    if options.criterion == "obspa" and options.compensate:
-        raise OptionError("OBSPA's compensation reads each file's own inputs, so the weights "
-                          "two files share would be updated differently: prune the folder "
-                          "with --no-compensate or a criterion that reads the weights alone")
 
 
 def _signatures(headers: Mapping[str, onnx.ModelProto]
@@ -927,8 +961,8 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
             if va.shape != vb.shape or not np.array_equal(va, vb):
                 raise ValidationError(
                     f"weight '{x}' of {a} and '{y}' of {b} were the same before pruning and "
-                    f"differ after: the files would not be one model (a value refitted in "
-                    f"one file that the others did not take)")
+                    f"differ after: the files would not be one model (a value refitted or "
+                    f"compensated in one file that the others did not take)")
 
 
 __all__ = ["FamilyPlan", "FamilyReport", "analyse_together", "apply_together", "plan_together",
