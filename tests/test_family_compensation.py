@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from spa.api import PruneOptions, prune_family
@@ -126,3 +127,29 @@ def test_compensation_keeps_a_trained_folder_working_without_data(tmp_path: Path
     assert sorted(done.refits_taken) == ["decoder_with_past_model.onnx"]
     assert reversing(REVERSE, l1, *held) < 0.2
     assert reversing(REVERSE, obspa, *held) > 0.5
+
+
+@pytest.mark.parametrize("criterion, how", [("flap", "compensated and refitted"),
+                                            ("wanda", "refitted")])
+def test_a_criterion_that_needs_data_plans_the_followers_by_weights(
+        tmp_path: Path, capsys, caplog, criterion: str, how: str) -> None:
+    """The files that read caches back get no data: a criterion that scores from data only
+    stands in as l2 there (their shared groups follow the calibrated decoder's choice); FLAP's
+    bias shifts are taken with the refits."""
+    from tests.test_family_calibration import _samples
+
+    src = _folder(tmp_path)
+    out = tmp_path / "small"
+    plan = tmp_path / "p.json"
+    assert main(["prune", str(src), "-o", str(out), *FLAGS, "--criterion", criterion,
+                 "--calib", str(_samples(tmp_path / "enc.npz")), "--plan", str(plan),
+                 "--json"]) == ExitCode.OK
+    text = capsys.readouterr()
+    assert f"criterion {criterion} scores from data" in caplog.text
+    assert "planned by l2" in caplog.text
+    done = json.loads(text.out)
+    assert done["refits_taken"]["decoder_with_past_model.onnx"]["how"] == how
+    recipes = {n: f["recipe"] for n, f in json.loads(plan.read_text())["files"].items()}
+    assert recipes["decoder_model.onnx"]["criterion"] == criterion
+    assert recipes["decoder_with_past_model.onnx"]["criterion"] == "l2"
+    assert _decode(out) < 1e-5

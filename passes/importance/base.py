@@ -61,6 +61,11 @@ def register_criterion(cls: type[Criterion]) -> type[Criterion]:
     return cls
 
 
+def data_free() -> str:
+    """The criteria that score without data, for messages."""
+    return ", ".join(sorted(n for n, c in CRITERIA.items() if not c.needs_data))
+
+
 def get_criterion(name: str, **options) -> Criterion:
     if name not in CRITERIA:
         raise OptionError(f"unknown criterion '{name}' (choose from {', '.join(sorted(CRITERIA))})")
@@ -79,6 +84,9 @@ class Criterion:
     compensation: ClassVar[bool] = False
     #: Whether the plan's recipe adds FLAP's bias shift (passes/compensation.py).
     bias_compensation: ClassVar[bool] = False
+    #: Whether it scores from calibration data only (layer inputs, gradients): no data, no
+    #: scores.
+    needs_data: ClassVar[bool] = False
 
     def __init__(self, *, reduction: Reduction = ScoringOptions.reduction,
                  normalization: Normalization = ScoringOptions.normalization, seed: int = 0):

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from spa.choices import HessianSource
 from spa.coupling.types import Role
 from spa.errors import OptionError
-from spa.passes.importance.base import Criterion, normalise, register_criterion
+from spa.passes.importance.base import Criterion, data_free, normalise, register_criterion
 from spa.passes.importance.obspa import layer_rows, producer_norms
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ class Calibrated(Criterion):
     """Base of the calibration criteria: they read the consumer layers' input statistics
     (passes/statistics.py, from calibration data), handed to :meth:`run`."""
 
+    needs_data = True
+
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.stats: Mapping[tuple[str, int], InputStats] = {}  # during run() only
@@ -49,8 +51,8 @@ class Calibrated(Criterion):
     def run(self, analysis: Analysis, statistics: LayerStats | None = None) -> Scores:
         if statistics is None or statistics.source is not HessianSource.CALIBRATION:
             raise OptionError(f"criterion {self.name} needs calibration data (--calib FILE.npz "
-                              "with arrays named after the graph inputs); data-free criteria: "
-                              "l1, l2, fpgm, lamp, obspa")
+                              f"with arrays named after the graph inputs); data-free criteria: "
+                              f"{data_free()}")
         self.stats, self.layers = statistics.inputs, statistics.layers
         try:
             return super().run(analysis)

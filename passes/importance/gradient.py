@@ -30,7 +30,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spa.errors import OptionError
-from spa.passes.importance.base import Criterion, Normalization, along, register_criterion
+from spa.passes.importance.base import (
+    Criterion,
+    Normalization,
+    along,
+    data_free,
+    register_criterion,
+)
 
 if TYPE_CHECKING:
     from spa.coupling.analysis import Analysis, Group, Member
@@ -44,6 +50,7 @@ class Gradient(Criterion):
     #: What the saliency is made of ("wg": w·g, "whg": w·Hg) and whether to take |·|.
     needs: ClassVar[str] = "wg"
     absolute: ClassVar[bool] = True
+    needs_data = True
 
     def __init__(self, *, saliency: dict[str, np.ndarray] | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -56,8 +63,7 @@ class Gradient(Criterion):
             raise OptionError(
                 f"criterion {self.name} needs gradients: --calib FILE.npz with the graph "
                 "inputs and integer 'labels', or from Python spa.torch.prune(module, inputs, "
-                f"criterion='{self.name}', batch=(x, y)); data-free criteria: l1, l2, fpgm, "
-                "lamp, obspa")
+                f"criterion='{self.name}', batch=(x, y)); data-free criteria: {data_free()}")
         return super().run(analysis)
 
     @property

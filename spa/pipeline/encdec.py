@@ -46,6 +46,7 @@ from spa.calibration.text import with_tokenizer
 from spa.choices import AllocationMethod, HessianSource
 from spa.errors import OptionError
 from spa.ir.load import load_model
+from spa.passes.importance import CRITERIA
 from spa.passes.reconstruction import refitted_tensors
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 DECODER_TOKENS = 32  # tokens decoded greedily per calibration sample for a decoder's samples
 CHUNK = 16  # samples run at once through the dense encoder and decoder
 HIDDEN = "encoder_hidden_states"
+STAND_IN = "l2"  # the criterion of a file without data whose asked one needs data
 CONFIG = "config.json"
 
 
@@ -94,6 +96,10 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
     out: dict[str, PruneOptions] = {}
     made: dict[str, dict] = {}
     none = _without_data(options)
+    if none.criterion != options.criterion:
+        log.warning("criterion %s scores from data, which the files that read caches back do "
+                    "not get: they are planned by %s, and their groups tied to the calibrated "
+                    "files follow those files' choice", options.criterion, none.criterion)
     for n in names:
         if not free[n]:
             out[n] = options
@@ -126,9 +132,12 @@ def _reads_back(header: onnx.ModelProto, free: set[str]) -> bool:
 
 
 def _without_data(options: PruneOptions) -> PruneOptions:
-    """``options`` for a file that follows: no data, and nothing that needs it."""
+    """``options`` for a file that follows: no data, and nothing that needs it (a criterion
+    that scores from data only is stood in for by :data:`STAND_IN`: the groups the file
+    shares with the calibrated one follow that file's choice)."""
     return dataclasses.replace(
         options, calib=None, held_out_data=None, tokenizer=None, reconstruct=None,
+        criterion=STAND_IN if CRITERIA[options.criterion].needs_data else options.criterion,
         hessian=None if options.hessian is HessianSource.CALIBRATION else options.hessian,
         allocation=None if options.allocation is AllocationMethod.SENSITIVITY
         else options.allocation)
