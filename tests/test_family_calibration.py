@@ -73,6 +73,9 @@ def test_the_decoder_is_calibrated_on_what_the_encoder_and_the_dense_model_make(
         "from": "encoder_model.onnx", "encoder_output": "last_hidden_state", "tokens": 32,
         "decoder_start_token_id": 2}}
     files = done["files"]
+    # the made samples were not kept (no --plan): the report names no path that is gone
+    assert files["decoder_model.onnx"]["calibration"]["path"] is None
+    assert files["encoder_model.onnx"]["calibration"]["path"] == str(calib)
     for name in ("encoder_model.onnx", "decoder_model.onnx"):
         fid = files[name]["fidelity"]
         assert files[name]["calibration"]["samples"] + files[name]["calibration"]["held_out"] \
@@ -196,9 +199,12 @@ def test_a_saved_plan_names_the_made_samples_and_applies_to_the_same_bytes(
     plan = tmp_path / "plans" / "p.json"
     plan.parent.mkdir()
     out = tmp_path / "small"
+    report = tmp_path / "r.json"
     assert main(["prune", str(src), "-o", str(out), *FLAGS, "--calib", str(calib), "--plan",
-                 str(plan), "-q"]) == ExitCode.OK
+                 str(plan), "--report", str(report), "-q"]) == ExitCode.OK
     made = plan.parent / "p.json.decoder_model.calib.npz"
+    assert json.loads(report.read_text())["files"]["decoder_model.onnx"]["calibration"][
+        "path"] == str(made)
     assert sorted(p.name for p in plan.parent.iterdir()) == ["p.json", made.name]
     recipe = json.loads(plan.read_text())["files"]["decoder_model.onnx"]["recipe"]
     assert recipe["calibration"]["path"] == str(made)

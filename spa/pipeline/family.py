@@ -451,6 +451,11 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                 continue
             reports[n] = write(n, tmp / n, checks)
             reports[n].input, reports[n].output = fp.origins[n], str(out / n)
+        for n in fp.made:  # made samples not saved beside a plan are gone after the run
+            c = reports[n].calibration if n in reports else None
+            for key in ("path", "held_out_path"):
+                if c and c.get(key) and Path(c[key]).is_relative_to(view.scratch):
+                    c[key] = None
         taken = _refits_taken(fp, tmp, digests)
         for n, took in taken.items():  # its oracle judged the weights it had before
             _took(reports[n], took)
