@@ -43,7 +43,7 @@ from benchmarks.common import write_result
 from benchmarks.optimum_exports import FLAGS, ROOT, WORK, exported, side, venv
 from benchmarks.optimum_side import REVERSE, reverse_batch
 from spa import validate as val
-from spa.pipeline import encdec
+from spa.pipeline import PruneOptions, encdec
 
 NAMES = ("bart", "marian", "pegasus", "t5", "mt5", "whisper")
 CALIB, HELD_OUT, TOKENS = 256, 64, 16
@@ -220,7 +220,7 @@ def main() -> None:
     if args.only is None or "reverse" in names:
         results["reverse"] = trained(python)
     write_result("seq2seq_calibration", {
-        "flags": FLAGS, "decoder_tokens": encdec.DECODER_TOKENS, "measured_tokens": TOKENS,
+        "flags": FLAGS, "decoder_tokens": PruneOptions().decoder_tokens, "measured_tokens": TOKENS,
         "models": results})
 
 

@@ -271,3 +271,18 @@ def test_a_decoder_without_an_encoder_beside_it_is_refused(tmp_path: Path) -> No
     with pytest.raises(OptionError, match="reads 'encoder_hidden_states' from an encoder"):
         encdec.feeds_for({n: onnx.load(str(BART / n), load_external_data=False)
                           for n in ("decoder_model.onnx",)}, "decoder_model.onnx", [])
+
+
+def test_decoder_tokens_sets_the_length_of_the_made_samples(tmp_path: Path, capsys) -> None:
+    src = _folder(tmp_path)
+    plan = tmp_path / "p.json"
+    assert main(["prune", str(src), "--dry-run", *FLAGS, "--calib",
+                 str(_samples(tmp_path / "enc.npz")), "--decoder-tokens", "12", "--plan",
+                 str(plan), "-q"]) == ExitCode.OK
+    made = np.load(tmp_path / "p.json.decoder_model.calib.npz")
+    assert made["input_ids"].shape == (48, 12)
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", str(src), "--dry-run", *FLAGS, "--calib", str(tmp_path / "enc.npz"),
+              "--decoder-tokens", "0"])
+    assert exc.value.code == ExitCode.BAD_INPUT
+    assert "--decoder-tokens: must be at least 1, got 0" in capsys.readouterr().err

@@ -8,7 +8,7 @@
   decoders, family.variant, get no data: their quantised weights' refits would not be
   matched across files). When it reads an encoder's outputs (``encoder_hidden_states``),
   its samples are made from the encoder's, in the same order: the dense encoder's outputs on
-  them, their attention mask, and the :data:`DECODER_TOKENS` tokens the dense model decodes
+  them, their attention mask, and the ``--decoder-tokens`` tokens the dense model decodes
   greedily from the config's ``decoder_start_token_id`` (pad tokens after EOS, as batched
   generation feeds them). Same order, same count, same seed: its held-out samples are the
   encoder's. A source that reads no encoder (a decoder-only model exported as two files)
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     from spa.pipeline import PruneOptions
 
 log = logging.getLogger(__name__)
-DECODER_TOKENS = 32  # tokens decoded greedily per calibration sample for a decoder's samples
 CHUNK = 16  # samples run at once through the dense encoder and decoder
 HIDDEN = "encoder_hidden_states"
 STAND_IN = "l2"  # the criterion of a file without data whose asked one needs data
@@ -203,14 +202,15 @@ def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: P
     enc_model = load_model(str(path / feeds.encoder))
     opts = with_tokenizer(options, options.calib, path / feeds.encoder)
     assert opts.calib is not None, "only options with calibration data come here"
-    calib = _made_file(path, decoder, feeds, opts, opts.calib, enc_model, (start, eos, pad),
+    tokens = (start, eos, pad, options.decoder_tokens)
+    calib = _made_file(path, decoder, feeds, opts, opts.calib, enc_model, tokens,
                        Path(f"{work}{Path(decoder).stem}.calib.npz"))
     held = None
     if options.held_out_data:
-        held = _made_file(path, decoder, feeds, opts, options.held_out_data, enc_model,
-                          (start, eos, pad),
+        held = _made_file(path, decoder, feeds, opts, options.held_out_data, enc_model, tokens,
                           Path(f"{work}{Path(decoder).stem}.held_out.npz"))
-    how = {"from": feeds.encoder, "encoder_output": feeds.hidden, "tokens": DECODER_TOKENS,
+    how = {"from": feeds.encoder, "encoder_output": feeds.hidden,
+           "tokens": options.decoder_tokens,
            "decoder_start_token_id": start}
     # the made samples are read whole, as they are (no tokenizer, no --calib-samples again)
     return dataclasses.replace(options, calib=str(calib), held_out_data=held, tokenizer=None,
@@ -232,7 +232,8 @@ def read_token_config(path: Path) -> dict:
 
 
 def _made_file(path: Path, decoder: str, feeds: Feeds, opts: PruneOptions, source: str,
-               enc_model: LoadedModel, tokens: tuple[int, object, object], out: Path) -> str:
+               enc_model: LoadedModel, tokens: tuple[int, object, object, int], out: Path
+               ) -> str:
     """Read ``source`` as the encoder's samples, make the decoder's, save them at ``out``."""
     inputs = enc_model.graph.inputs
     try:
@@ -250,7 +251,7 @@ def _made_file(path: Path, decoder: str, feeds: Feeds, opts: PruneOptions, sourc
 
 def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
                     arrays: Mapping[str, np.ndarray], start: int, eos: object, pad: object,
-                    tokens: int = DECODER_TOKENS) -> dict[str, np.ndarray]:
+                    tokens: int) -> dict[str, np.ndarray]:
     """The dense decoder's inputs on the encoder's samples ``arrays``: the encoder's outputs,
     the attention mask, and ``tokens`` ids decoded greedily from ``start`` (``pad`` after an
     ``eos``), in the samples' order."""

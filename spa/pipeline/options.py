@@ -136,6 +136,10 @@ class PruneOptions:
     calib_samples: int | None = like(CalibrationOptions, "calib_samples")
     held_out: float = like(CalibrationOptions, "held_out")
     held_out_data: str | None = like(CalibrationOptions, "held_out_data")
+    decoder_tokens: int = option(32, parse=positive, metavar="N", group=CALIB_GROUP,
+                                 help="a seq2seq folder's first-step decoder is calibrated on "
+                                 "N tokens per sample, decoded greedily by the dense model "
+                                 "from the encoder's samples")
     # None: on when calibration data is given (passes/reconstruction.py).
     reconstruct: bool | None = option(
         None, off=("--no-reconstruct", "do not refit the kept weights on calibration data"),
