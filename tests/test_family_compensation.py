@@ -9,40 +9,19 @@ byte-identical and the folder decodes as one model.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from spa.api import PruneOptions, prune_family
 from spa.cli import main
 from spa.errors import ExitCode
-from tests.test_family import BART, CHECKS, MERGED, _decode, _decode_merged
-from tests.test_family_calibration import ENCODER, FLAGS, REVERSE
+from tests.test_family import CHECKS, _decode, _decode_merged
+from tests.test_family_calibration import FLAGS, REVERSE, _digest, _folder, _weights
 
 OBSPA = ["--criterion", "obspa"]
-
-
-def _folder(tmp_path: Path, merged: bool = False) -> Path:
-    src = tmp_path / "bart"
-    shutil.copytree(BART, src)
-    shutil.copy(ENCODER, src)
-    if merged:
-        shutil.copy(MERGED, src)
-    return src
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
-
-
-def _weights(path: Path) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
 
 
 def test_the_followers_take_the_compensated_weights(tmp_path: Path, capsys) -> None:

@@ -438,10 +438,11 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     held = _placeholder_caches(config, changes) if config is not None else {}
     if edits or held:  # the copy says what the pruned caches hold, or the file takes what
         checks = dataclasses.replace(checks, config_warning=False)  # runtimes make of it
+    sources = _value_sources(fp)
     passed = _passed(fp.headers)
     # the weights as they were: writing a file updates its graph's in place
     digests = {n: encdec.weight_digests(a) for n, a in fp.analyses.items()
-               if n in fp.plans and passed[n]}
+               if n in fp.plans and passed[n]} if sources else {}
     with staged_folder(out) as tmp:
         reports = {}
         for n, header in fp.headers.items():
@@ -456,7 +457,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
             for key in ("path", "held_out_path"):
                 if c and c.get(key) and Path(c[key]).is_relative_to(view.scratch):
                     c[key] = None
-        taken = _refits_taken(fp, tmp, digests)
+        taken = _refits_taken(tmp, sources, digests)
         for n, took in taken.items():  # its oracle judged the weights it had before
             _took(reports[n], took)
         joint = _together(fp, tmp) if checks.validate else {}
@@ -513,25 +514,32 @@ def _took(report: PruneReport, took: Mapping[str, object]) -> None:
                      f"{took['from']}{before}; checked with it by the folder's checks")
 
 
-def _refits_taken(fp: FamilyPlan, tmp: Path, digests: Mapping[str, Mapping[str, str]]
-                  ) -> dict[str, dict]:
-    """Write into the files in ``tmp`` that pass caches the values their source changed
-    (:func:`spa.pipeline.encdec.sources`: refitted on calibration data, or compensated by
-    OBSPA), so that they stay one model: first the plain files' source's, which every other
-    such file takes (a precision variant's copies of the same bytes too), then each variant's
-    own source's, which that variant's files take (its int8 or float16 weights match nothing
-    of the plain files). ``digests``: the weights of the files that pass caches before they
-    were written (:func:`spa.pipeline.encdec.weight_digests`). Returns, per file that took
-    values, how many (``values``), from which sources (``from``) and how they were changed
-    there (``how``)."""
-    passed = _passed(fp.headers)
-    taken: dict[str, dict] = {}
-    for kind, source in sorted(encdec.sources(list(fp.headers), fp.headers, passed,
-                                              variant).items()):
+def _value_sources(fp: FamilyPlan) -> list[tuple[str, str, str]]:
+    """``(variant, source, how)`` per precision variant whose source
+    (:func:`spa.pipeline.encdec.sources`) is written with values other than the input's:
+    refitted on calibration data, or compensated (:func:`_changed`)."""
+    out = []
+    for kind, source in sorted(encdec.sources(list(fp.headers), fp.headers,
+                                              _passed(fp.headers), variant).items()):
         plan = fp.plans.get(source)
         how = _changed(plan.recipe) if plan is not None and plan.recipe is not None else ""
-        if not how:
-            continue
+        if how:
+            out.append((kind, source, how))
+    return out
+
+
+def _refits_taken(tmp: Path, sources: list[tuple[str, str, str]],
+                  digests: Mapping[str, Mapping[str, str]]) -> dict[str, dict]:
+    """Write into the files in ``tmp`` that pass caches the values their source changed
+    (:func:`_value_sources`), so that they stay one model: first the plain files' source's,
+    which every other such file takes (a precision variant's copies of the same bytes too),
+    then each variant's own source's, which that variant's files take (its int8 or float16
+    weights match nothing of the plain files). ``digests``: the weights of the files that
+    pass caches before they were written (:func:`spa.pipeline.encdec.weight_digests`).
+    Returns, per file that took values, how many (``values``), from which sources
+    (``from``) and how they were changed there (``how``)."""
+    taken: dict[str, dict] = {}
+    for kind, source, how in sources:
         files = {n: d for n, d in digests.items() if not kind or variant(n) == kind}
         for n, count in encdec.take_refits(tmp, source, files).items():
             had = taken.setdefault(n, {"from": source, "values": 0, "how": how})
