@@ -175,6 +175,15 @@ class LatencyProfile:
         groups = {g.id: g for g in analysis.prunable_groups}
         nodes = {gid: group_nodes(shaped.graph, g) for gid, g in groups.items()}
         untimed = {gid: why for gid, (_, why) in nodes.items() if why}
+        from spa.ir.load import load_proto
+
+        # the timed copy has static dims: a group it does not find the same cannot be rewritten
+        # there (a with-past decoder's self-attention heads, tied to caches of a fixed length)
+        again = {g.id: g.name for g in self.reanalyse(load_proto(onnx.load_from_string(
+            dense_bytes))).prunable_groups}
+        untimed |= {gid: "not prunable in the copy timed at static input sizes"
+                    for gid, g in groups.items() if gid not in untimed
+                    and again.get(gid) != g.name}
         timed = [gid for gid in groups if gid not in untimed]
         widths = {gid: _widths(groups[gid].size, self.fractions, self._block(groups[gid]))
                   for gid in timed}

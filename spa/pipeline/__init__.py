@@ -120,9 +120,10 @@ def prepare(loaded: LoadedModel, options: PruneOptions, checks: CheckOptions, *,
 
 
 def finish(model: ModelLike, prepared: Prepared, output: PathLike, *,
-           plan_path: PathLike | None = None) -> tuple[PruneReport, Plan]:
+           plan_path: PathLike | None = None, retry: bool = True) -> tuple[PruneReport, Plan]:
     """Save the plan (``plan_path``), rewrite, save and validate a model :func:`prepare` made;
-    a missed latency target is planned and emitted once more."""
+    a missed latency target is planned and emitted once more (unless not ``retry``: a file of
+    a folder, whose plan ties to the others')."""
     t_start = time.perf_counter()
     analysis, planned, options, checks = (prepared.analysis, prepared.planned,
                                           prepared.options, prepared.checks)
@@ -137,7 +138,8 @@ def finish(model: ModelLike, prepared: Prepared, output: PathLike, *,
     report.input_dims, report.input_dims_from = prepared.dims_sizes, prepared.dims_from
     if planned.latency is not None:
         report.latency_target = planned.latency.summary()
-        again = _retry_latency(model, output, options, checks, calib, planned, report)
+        again = _retry_latency(model, output, options, checks, calib, planned, report) \
+            if retry else None
         if again is not None:
             report, planned = again
             if plan_path is not None:

@@ -48,9 +48,10 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
 * **Values one file changes** (reconstruction's refits, OBSPA's compensation, each file from
   its own statistics): the files that pass caches take those of their variant's first-step
   decoder (:func:`_refits_taken`) before the checks above run, which then hold for the values
-  written. A latency target times each file alone, and is refused for files that pass
-  tensors to each other; a folder whose files pass nothing (a decoder's ``model.onnx`` beside
-  its ``config.json``) takes the options one file takes, depth pruning aside.
+  written. A latency target times and plans each file, the tied groups then follow one plan,
+  and no file is planned again when it misses; a folder whose files pass nothing (a
+  decoder's ``model.onnx`` beside its ``config.json``) takes the options one file takes,
+  depth pruning aside.
 """
 
 from __future__ import annotations
@@ -76,7 +77,6 @@ from onnx import numpy_helper
 
 from spa import validate as val
 from spa.calibration.text import with_tokenizer
-from spa.choices import Target
 from spa.errors import (
     NothingPrunableError,
     OptionError,
@@ -95,7 +95,16 @@ from spa.ir.contrib import fixed_dims
 from spa.ir.load import load_model
 from spa.ir.save import check_output_folder, external_data_files, staged_folder
 from spa.passes.allocation import with_keep
-from spa.pipeline import Prepared, analyse, analyse_as_planned, applied, encdec, finish, prepare
+from spa.pipeline import (
+    Prepared,
+    analyse,
+    analyse_as_planned,
+    applied,
+    encdec,
+    finish,
+    latency_missed,
+    prepare,
+)
 from spa.pipeline.merged import BRANCHES, agreement, is_merged, merge, piece_name, split
 from spa.plan import FolderPlan, removed_indices
 from spa.report import write_text_atomic
@@ -266,10 +275,18 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
             write_text_atomic(plan_path, fp.saved().to_json() + "\n")
 
         def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
+            own = fp.prepared[n].planned
+            # a plan that follows another file's is not the one its latency table predicted
             done = dataclasses.replace(fp.prepared[n], planned=dataclasses.replace(
-                fp.prepared[n].planned, plan=fp.plans[n]), checks=dataclasses.replace(
+                own, plan=fp.plans[n], latency=own.latency if fp.plans[n] == own.plan
+                else None), checks=dataclasses.replace(
                 fp.prepared[n].checks, config_warning=checks.config_warning))
-            return finish(view.path / n, done, path)[0]
+            report = finish(view.path / n, done, path, retry=False)[0]
+            if done.planned.latency is not None and (saved := latency_missed(report)):
+                log.warning("%s: latency target missed: %.0f%% of the latency saved, %.0f%% "
+                            "asked (a folder's files are not planned again: their plans tie)",
+                            n, saved * 100, options.ratio * 100)
+            return report
 
         return _write_together(fp, view, out, checks, write)
 
@@ -661,9 +678,6 @@ def _refuse(options: PruneOptions) -> None:
                           "pass tensors to each other would be calibrated apart: give data "
                           "(the encoder's, or the decoder's when there is no encoder), or "
                           "prune the folder without --calib")
-    if options.target is Target.LATENCY:
-        raise OptionError("--target latency times one file: prune the folder with "
-                          "--target flops or params")
 
 
 def _signatures(headers: Mapping[str, onnx.ModelProto]

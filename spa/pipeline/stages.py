@@ -353,7 +353,8 @@ def latency_table(analysis: Analysis, options: PruneOptions) -> LatencyTable:
     """The measured latency table of the model (passes/latency.py), cached on disk."""
     hidden = options.hidden_ratio is not None
     return LatencyProfile(
-        reanalyse=lambda loaded: analyse(loaded, ignore=options.ignore, hidden=hidden),
+        reanalyse=lambda loaded: analyse(loaded, ignore=options.ignore, hidden=hidden,
+                                         free=analysis.free),
         provider=options.provider, threads=options.threads, dims=dict(options.input_dims),
         block=options.block).run(analysis)
 
