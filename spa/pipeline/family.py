@@ -455,8 +455,8 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     held = _placeholder_caches(config, changes) if config is not None else {}
     if edits or held:  # the copy says what the pruned caches hold, or the file takes what
         checks = dataclasses.replace(checks, config_warning=False)  # runtimes make of it
-    sources = _value_sources(fp)
     passed = _passed(fp.headers)
+    sources = _value_sources(fp, passed)
     # the weights as they were: writing a file updates its graph's in place
     digests = {n: encdec.weight_digests(a) for n, a in fp.analyses.items()
                if n in fp.plans and passed[n]} if sources else {}
@@ -531,13 +531,15 @@ def _took(report: PruneReport, took: Mapping[str, object]) -> None:
                      f"{took['from']}{before}; checked with it by the folder's checks")
 
 
-def _value_sources(fp: FamilyPlan) -> list[tuple[str, str, str]]:
+def _value_sources(fp: FamilyPlan, passed: Mapping[str, set[str]]
+                   ) -> list[tuple[str, str, str]]:
     """``(variant, source, how)`` per precision variant whose source
-    (:func:`spa.pipeline.encdec.sources`) is written with values other than the input's:
-    refitted on calibration data, or compensated (:func:`_changed`)."""
+    (:func:`spa.pipeline.encdec.sources`; ``passed``: each file's tensors passed between
+    files, :func:`_passed`) is written with values other than the input's: refitted on
+    calibration data, or compensated (:func:`_changed`)."""
     out = []
-    for kind, source in sorted(encdec.sources(list(fp.headers), fp.headers,
-                                              _passed(fp.headers), variant).items()):
+    for kind, source in sorted(encdec.sources(list(fp.headers), fp.headers, passed,
+                                              variant).items()):
         plan = fp.plans.get(source)
         how = _changed(plan.recipe) if plan is not None and plan.recipe is not None else ""
         if how:
