@@ -126,6 +126,7 @@ def test_a_criterion_that_needs_data_plans_the_followers_by_weights(
     text = capsys.readouterr()
     assert f"criterion {criterion} scores from data" in caplog.text
     assert "planned by l2" in caplog.text
+    assert "which decoder_with_past_model.onnx do not get" in caplog.text
     done = json.loads(text.out)
     assert done["refits_taken"]["decoder_with_past_model.onnx"]["how"] == how
     recipes = {n: f["recipe"] for n, f in json.loads(plan.read_text())["files"].items()}

@@ -95,10 +95,6 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
     out: dict[str, PruneOptions] = {}
     made: dict[str, dict] = {}
     none = _without_data(options)
-    if none.criterion != options.criterion:
-        log.warning("criterion %s scores from data, which the files that read caches back do "
-                    "not get: they are planned by %s, and their groups tied to the calibrated "
-                    "files follow those files' choice", options.criterion, none.criterion)
     for n in names:
         if not free[n]:
             out[n] = options
@@ -111,6 +107,11 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
                 out[n] = options
                 continue
             out[n], made[n] = _made(path, n, feeds, options, work)
+    followers = [n for n in names if out[n] is none]
+    if followers and none.criterion != options.criterion:
+        log.warning("criterion %s scores from data, which %s do not get: they are planned by "
+                    "%s, and their groups tied to the calibrated files follow those files' "
+                    "choice", options.criterion, ", ".join(followers), none.criterion)
     return Calibrated(out, made)
 
 
