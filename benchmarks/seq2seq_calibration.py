@@ -127,6 +127,10 @@ def prune(name: str, dense: Path, label: str, flags: list[str], calib: Path,
                        for n, r in report["files"].items()}
     entry["fidelity"] = {n: r["fidelity"] for n, r in report["files"].items() if r["fidelity"]}
     entry["refits_taken"] = report["refits_taken"]
+    if report.get("recovery"):  # --recover (benchmarks/seq2seq_recovery.py)
+        entry["recovery"] = {k: report["recovery"][k] for k in (
+            "fidelity_before", "fidelity_after", "kept", "steps", "lr", "seconds", "values",
+            "trained", "taken")}
     entry["step_checks"] = {k: v if isinstance(v, str) else v["relative_diff"]
                             for k, v in report["step_checks"].items()}
     return entry
@@ -151,24 +155,39 @@ def reversing(dense: Path, folder: Path, ids: np.ndarray, mask: np.ndarray,
 TRAINED_CUTS = (0.25, 0.5)
 
 
+def reverse_folder(python: Path, entry: dict) -> Path | None:
+    """The trained BART's Optimum folder, trained and exported in Optimum's venv on the first
+    run (what that printed goes in ``entry["training"]``); None when that failed."""
+    dense, done = WORK / "onnx" / "reverse", WORK / "onnx" / "reverse.exported"
+    if not done.exists():
+        shutil.rmtree(dense, ignore_errors=True)
+        entry["training"] = side(python, "train", str(WORK / "hf" / "reverse"), str(dense))
+        if "error" in entry["training"]:
+            return None
+        done.touch()
+    return dense
+
+
+def reverse_data() -> tuple[Path, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The trained BART's calibration file (``CALIB`` sequences, seed 1) and 512 held-out
+    sequences (seed 2) with their reversals."""
+    ids, mask, _ = reverse_batch(np.random.default_rng(1), CALIB)
+    calib = WORK / "calibrated" / "reverse.calib.npz"
+    calib.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(calib, input_ids=ids, attention_mask=mask)
+    return calib, reverse_batch(np.random.default_rng(2), 512)
+
+
 def trained(python: Path) -> dict:
     """The BART trained to reverse sequences (benchmarks/optimum_side.py ``train``): exact
     reversals of 512 held-out sequences, dense and pruned with and without ``--calib`` (256
     other sequences), decoded by :func:`reversing` and generated under Optimum's
     ORTModelForSeq2SeqLM (its caches, the merged decoder: ``reverse-eval``)."""
-    dense, done = WORK / "onnx" / "reverse", WORK / "onnx" / "reverse.exported"
     entry: dict = {}
-    if not done.exists():
-        shutil.rmtree(dense, ignore_errors=True)
-        entry["training"] = side(python, "train", str(WORK / "hf" / "reverse"), str(dense))
-        if "error" in entry["training"]:
-            return entry
-        done.touch()
-    ids, mask, _ = reverse_batch(np.random.default_rng(1), CALIB)
-    calib = WORK / "calibrated" / "reverse.calib.npz"
-    calib.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(calib, input_ids=ids, attention_mask=mask)
-    held = reverse_batch(np.random.default_rng(2), 512)
+    dense = reverse_folder(python, entry)
+    if dense is None:
+        return entry
+    calib, held = reverse_data()
     entry["dense"] = reversing(dense, dense, *held)
     entry["dense_under_optimum"] = side(python, "reverse-eval", str(dense))
     for ratio in TRAINED_CUTS:

@@ -295,6 +295,36 @@ def seq2seq_calibration(d: dict) -> str:
     return "\n".join(lines)
 
 
+def seq2seq_recovery(d: dict) -> str:
+    """The trained BART pruned from two starts, with and without ``--recover``: exact
+    reversals (under Optimum), the recovery's held-out agreement before → after, wall time."""
+    rev = d["models"]["reverse"]
+    if "dense" not in rev:
+        return f"The trained BART could not be made: {rev.get('training')}"
+    lines = [f"The trained BART, pruned with `--calib` of {d['calibration_sequences']} sequences "
+             f"({_load_note(d)}); exact reversals of {d['held_out_sequences']} held-out "
+             f"sequences (the dense folder: {rev['dense']:.3f}), greedy to EOS, in brackets "
+             "generated under Optimum's `ORTModelForSeq2SeqLM`; the recovery's held-out "
+             "agreement with the dense model's tokens (teacher forced, on its own held-out "
+             "share of the calibration sequences), before → after:", "",
+             "| heads and MLP ratio | start | exact reversals | with `--recover "
+             f"{d['steps']}` | recovery's held-out agreement | wall (without → with) |",
+             "|---|---|---|---|---|---|"]
+    for key, row in rev.items():
+        if not key[0].isdigit() or ", recover" in key:
+            continue
+        ratio, start = key.split(" ", 1)
+        rec = rev.get(f"{key}, recover {d['steps']}", {})
+        fid = rec.get("recovery", {})
+        moved = (f"{fid['fidelity_before']['agreement']:.3f} → "
+                 f"{fid['fidelity_after']['agreement']:.3f}"
+                 + ("" if fid["kept"] == "recovered" else " (start kept)")) if fid else "–"
+        lines.append(f"| {ratio} | {start} | {_reversals(row)} | "
+                     f"{_reversals(rec) if rec else 'not run'} | {moved} | "
+                     f"{row.get('seconds', 0):.0f} s → {rec.get('seconds', 0):.0f} s |")
+    return "\n".join(lines)
+
+
 QUALITY_METHODS = {  # results key → column title
     "torch-pruning-magnitude": "Torch-Pruning magnitude", "l1": "SPA `l1`",
     "flap": "SPA `flap` (calib)", "obspa-synthetic": "SPA `obspa` synthetic (data-free)",
@@ -681,6 +711,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "latency_fidelity_obspa": latency_fidelity,
           "kernel_widths": kernel_widths, "genai_folder": genai_folder,
           "optimum_exports": optimum_exports, "seq2seq_calibration": seq2seq_calibration,
+          "seq2seq_recovery": seq2seq_recovery,
           "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources,
           "int4_minilm": int4_minilm, "int8_effnet": int8_effnet,
           "int8_chain_minilm": int8_chain_minilm,

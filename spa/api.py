@@ -21,6 +21,7 @@ from spa.ir.load import LoadedModel
 from spa.pipeline import CheckOptions, PruneOptions, PruneReport
 from spa.pipeline.family import FamilyReport, apply_together, prune_together
 from spa.pipeline.genai import decoder_of, is_genai_folder, prune_folder
+from spa.pipeline.joined import Distil
 from spa.plan import FolderPlan, Plan
 
 PathLike = str | os.PathLike[str]
@@ -91,13 +92,14 @@ def apply(model: ModelLike, plan_file: PathLike | Plan, output: PathLike,
 
 @_gc_paused
 def prune_family(folder: PathLike, output: PathLike, options: PruneOptions = PruneOptions(),
-                 checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None
-                 ) -> FamilyReport:
+                 checks: CheckOptions = CheckOptions(), *, plan_path: PathLike | None = None,
+                 distil: Distil | None = None) -> FamilyReport:
     """Prune the ONNX files of one model in ``folder`` together (a 🤗 Optimum seq2seq export:
     the decoders' caches and shared weights lose the same channels) into the folder
     ``output`` (spa/pipeline/family.py); ``plan_path``: also save the files' plans, for
-    :func:`apply_family`."""
-    return prune_together(folder, output, options, checks, plan_path=plan_path)
+    :func:`apply_family`; ``distil`` (:func:`spa.torch.recover.joint_distiller`): distil the
+    pruned encoder and decoder together before the folder is checked and written."""
+    return prune_together(folder, output, options, checks, plan_path=plan_path, distil=distil)
 
 
 @_gc_paused

@@ -352,9 +352,11 @@ def _prune_family(args: argparse.Namespace, options) -> int:
 
 
 def _prune_family_and_recover(args: argparse.Namespace, options) -> int:
-    """``spa prune folder/ -o out/ --recover N``: a folder whose one pruned file passes
-    nothing to the others (a decoder beside its config and tokenizer) is pruned into a
-    staging folder, then that file is distilled into the output folder, the rest copied."""
+    """``spa prune folder/ -o out/ --recover N``: a folder whose files pass caches (a seq2seq
+    export) has its encoder and first-step decoder distilled together before it is checked
+    and written (spa/pipeline/joined.py); a folder whose one pruned file passes nothing to the
+    others (a decoder beside its config and tokenizer) is pruned into a staging folder, then
+    that file is distilled into the output folder, the rest copied."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -364,8 +366,16 @@ def _prune_family_and_recover(args: argparse.Namespace, options) -> int:
     from spa.api import prune_family
     from spa.ir.save import external_data_files, staged_folder
     from spa.metrics import file_size
+    from spa.pipeline.family import passes_between
 
     recover, calibration_for, recover_options = _recovery(options)
+    if passes_between(args.model):  # one model in several files: trained as one
+        from spa.torch.recover import joint_distiller
+
+        distil = joint_distiller(recover_options(args.recover, options.seed))
+        return _family_done(args, prune_family(args.model, args.output, options,
+                                               _checks(args), plan_path=args.plan,
+                                               distil=distil))
     out, src = Path(args.output), Path(args.model)
     with tempfile.TemporaryDirectory(prefix=".spa-", dir=out.parent or ".") as tmp:
         staged = Path(tmp) / out.name

@@ -315,7 +315,26 @@ def folder_notes(family: FamilyReport) -> list[str]:
     notes += [f"held-out fidelity of {pair}, the pruned files together (the encoder's outputs "
               f"into the decoder, on the dense model's decode): {fidelity.describe(m)}"
               for pair, m in family.together.items()]
-    return notes
+    return notes + _recovery_notes(family.recovery)
+
+
+def _recovery_notes(rec: dict) -> list[str]:
+    """``--recover`` on a folder: the encoder and decoder distilled together, and the files
+    that took the trained values."""
+    if not rec:
+        return []
+    before, after = rec["fidelity_before"], rec["fidelity_after"]
+    key = fidelity.headline(before)
+    name, (a, b) = (key[0], (before[key[0]], after[key[0]])) if key else (
+        "relative_error", (before["relative_error"], after["relative_error"]))
+    head = (f"recovery: {rec['encoder']} and {rec['decoder']} distilled together "
+            f"({rec['steps']} steps at lr {rec['lr']:g}, {rec['seconds']:.0f} s, "
+            f"{rec['values']} values trained): held-out {name} {a:.4f} -> {b:.4f} (of "
+            f"{int(before['samples'])} samples); " + (
+                "written" if rec["kept"] == "recovered"
+                else f"the pruned values written ({rec['kept']})"))
+    return [head] + [f"{name}: took {count} values of {rec['decoder']} trained by the recovery "
+                     "(they share those weights)" for name, count in rec["taken"].items()]
 
 
 def folder_lines(family: FamilyReport) -> list[str]:

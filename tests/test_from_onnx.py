@@ -144,6 +144,23 @@ def test_gather_nd_matches_onnxruntime(batch_dims, idx):
         {"x": _DATA, "i": idx})
 
 
+@pytest.mark.parametrize(("reduction", "idx"), [
+    ("none", np.array([[0, 1], [1, -1]], dtype=np.int64)),       # rows of the last axis
+    ("none", np.array([[1]], dtype=np.int64)),                    # a whole slice
+    ("add", np.array([[0, 2, 1], [0, 2, 1]], dtype=np.int64)),   # the same scalar twice
+    ("mul", np.array([[1, 0], [0, 2]], dtype=np.int64)),
+    ("max", np.array([[1, 1, 3], [0, -1, 0]], dtype=np.int64)),
+    ("min", np.array([[0]], dtype=np.int64)),
+])
+def test_scatter_nd_matches_onnxruntime(reduction, idx):
+    """BART's and T5's decoders shift their labels right with a ScatterND."""
+    updates = _RNG.standard_normal((*idx.shape[:-1], *_DATA.shape[idx.shape[-1]:])).astype(
+        np.float32)
+    _agrees_with_onnxruntime(
+        _single_op("ScatterND", {"x": _DATA, "i": idx, "u": updates}, 18, reduction=reduction),
+        {"x": _DATA, "i": idx, "u": updates})
+
+
 def test_isnan_matches_onnxruntime():
     x = np.array([[1.0, np.nan, -np.inf], [np.nan, 0.0, 2.0]], dtype=np.float32)
     _agrees_with_onnxruntime(_single_op("IsNaN", {"x": x}, 20, out=TensorProto.BOOL), {"x": x})

@@ -286,7 +286,7 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
 def take_refits(folder: Path, source: str, originals: Mapping[str, Mapping[str, str]]
                 ) -> dict[str, int]:
     """Write into each other pruned file of ``folder`` the values the ``source`` file was
-    written with, for every tensor of the same role (:func:`_roles`) in the two: what
+    written with, for every tensor of the same role (:func:`roles`) in the two: what
     reconstruction refitted, or OBSPA's compensation updated, in the source. A precision
     variant's weights are other bytes (int8, float16) and take nothing; a copy of the same
     bytes takes them. ``originals``: the digests of the weights before pruning
@@ -296,12 +296,12 @@ def take_refits(folder: Path, source: str, originals: Mapping[str, Mapping[str, 
     taken: dict[str, int] = {}
     model = onnx.load(str(folder / source))
     written = {i.name: i for i in model.graph.initializer}
-    roles = _roles(originals[source], model)
+    source_roles = roles(originals[source], model)
     for n in originals:
         if n == source or not (folder / n).is_file():
             continue
         model = onnx.load(str(folder / n))
-        pairs = _same(roles, _roles(originals[n], model))
+        pairs = _same(source_roles, roles(originals[n], model))
         count = 0
         for init in model.graph.initializer:
             s = pairs.get(init.name)
@@ -352,7 +352,7 @@ def weight_digests(analysis: Analysis) -> dict[str, str]:
             if isinstance(t, gs.Constant) and len(t.shape) >= 2}
 
 
-def _roles(digests: Mapping[str, str], written: onnx.ModelProto) -> dict[str, str]:
+def roles(digests: Mapping[str, str], written: onnx.ModelProto) -> dict[str, str]:
     """What each tensor reconstruction may refit in the pruned file ``written``
     (:func:`spa.passes.reconstruction.refitted_tensors`) is: a layer's weight by the digest of
     its original bytes (``digests``, :func:`weight_digests`; unique among the layers'

@@ -102,6 +102,7 @@ from spa.pipeline import (
     applied,
     encdec,
     finish,
+    joined,
     latency_missed,
     prepare,
 )
@@ -152,6 +153,8 @@ class FamilyReport:
     refits_taken: dict[str, dict] = field(default_factory=dict)
     # "encoder -> decoder": held-out fidelity of the two pruned files run together
     together: dict[str, dict] = field(default_factory=dict)
+    # --recover: the encoder and decoder distilled together (spa/pipeline/joined.py)
+    recovery: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"output": self.output, "files": {k: r.to_dict() for k, r in self.reports.items()},
@@ -160,7 +163,7 @@ class FamilyReport:
                 "step_checks": self.steps, "config_edits": self.config_edits,
                 "merged": self.merged, "placeholder_caches": self.placeholders,
                 "decoder_samples": self.decoder_samples, "refits_taken": self.refits_taken,
-                "held_out_together": self.together}
+                "held_out_together": self.together, "recovery": self.recovery}
 
 
 @dataclass
@@ -265,12 +268,19 @@ def _samples_dir(view: _View, plan_path: str | os.PathLike[str] | None) -> Path:
 
 def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                    options: PruneOptions, checks: CheckOptions, *,
-                   plan_path: str | os.PathLike[str] | None = None) -> FamilyReport:
+                   plan_path: str | os.PathLike[str] | None = None,
+                   distil: joined.Distil | None = None) -> FamilyReport:
     """Prune the ONNX files of ``folder`` together into ``out_dir`` (see the module); the
-    plans, as one :class:`~spa.plan.FolderPlan`, also to ``plan_path``."""
+    plans, as one :class:`~spa.plan.FolderPlan`, also to ``plan_path``. With ``distil``
+    (``--recover``), the pruned encoder and first-step decoder are then distilled together
+    (spa/pipeline/joined.py) before the folder's checks."""
     out = _output_checked(folder, out_dir)
     with _opened(folder, checks) as view:
         fp = _planned(view, options, checks, plan_path)
+        if distil is not None and not fp.made:
+            raise OptionError(f"--recover distils a folder's encoder and decoder together, "
+                              f"and {view.src} has no decoder calibrated on samples made from "
+                              f"an encoder's (give --calib for the encoder)")
         if plan_path is not None:
             write_text_atomic(plan_path, fp.saved().to_json() + "\n")
 
@@ -288,7 +298,7 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
                             n, saved * 100, options.ratio * 100)
             return report
 
-        return _write_together(fp, view, out, checks, write)
+        return _write_together(fp, view, out, checks, write, distil)
 
 
 def apply_together(folder: str | os.PathLike[str], saved: FolderPlan,
@@ -335,6 +345,14 @@ def _applied_together(view: _View, saved: FolderPlan, out: Path, checks: CheckOp
         return applied(analyses[n], saved.files[n], path, checks)
 
     return _write_together(fp, view, out, checks, write)
+
+
+def passes_between(folder: str | os.PathLike[str]) -> bool:
+    """Whether some ONNX file of ``folder`` reads back what another writes (a merged decoder:
+    its branches): its files are one model, trained together by ``--recover``."""
+    src = Path(folder)
+    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in _onnx_files(src)}
+    return any(map(is_merged, headers.values())) or any(_passed(headers).values())
 
 
 def _output_checked(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
@@ -443,10 +461,11 @@ def _merged_back(tmp: Path, name: str, template: onnx.ModelProto, checks: CheckO
 
 
 def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions,
-                    write: Callable[[str, Path, CheckOptions], PruneReport]) -> FamilyReport:
+                    write: Callable[[str, Path, CheckOptions], PruneReport],
+                    distil: joined.Distil | None = None) -> FamilyReport:
     """Write the folder ``fp`` plans into ``out``: each planned file by ``write`` (name, path,
-    checks), the others copied, merged decoders merged back; the files checked together (see
-    the module)."""
+    checks), the others copied, merged decoders merged back, the encoder and decoder distilled
+    together by ``distil`` when given; the files checked together (see the module)."""
     src = fp.src
     config = read_config(src / CONFIG)
     changes = {n: signature_change(fp.analyses[n], p) for n, p in fp.plans.items()} \
@@ -459,7 +478,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
     sources = _value_sources(fp, passed)
     # the weights as they were: writing a file updates its graph's in place
     digests = {n: encdec.weight_digests(a) for n, a in fp.analyses.items()
-               if n in fp.plans and passed[n]} if sources else {}
+               if n in fp.plans and passed[n]} if sources or distil else {}
     with staged_folder(out) as tmp:
         reports = {}
         for n, header in fp.headers.items():
@@ -477,6 +496,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
         taken = _refits_taken(tmp, sources, digests)
         for n, took in taken.items():  # its oracle judged the weights it had before
             _took(reports[n], took)
+        recovery = _recovered(fp, tmp, digests, distil, reports) if distil else {}
         joint = _together(fp, tmp) if checks.validate else {}
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
@@ -502,7 +522,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                         {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
                         placeholders, dict(fp.plans), dict(fp.made),
                         taken,
-                        joint)
+                        joint, recovery)
 
 
 def _together(fp: FamilyPlan, written: Path) -> dict[str, dict[str, float]]:
@@ -520,15 +540,39 @@ def _together(fp: FamilyPlan, written: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def _took(report: PruneReport, took: Mapping[str, object]) -> None:
+def _recovered(fp: FamilyPlan, tmp: Path, digests: Mapping[str, Mapping[str, str]],
+               distil: joined.Distil, reports: Mapping[str, PruneReport]) -> dict:
+    """The first decoder calibrated on an encoder's samples and that encoder, distilled
+    together in ``tmp`` (:func:`spa.pipeline.joined.recovered`); the files that took the
+    trained values say so in their reports."""
+    decoder, how = next(iter(fp.made.items()))
+    encoder = how["from"]
+    feeds = encdec.feeds_for(fp.headers, decoder, [encoder])
+    assert feeds is not None, "a decoder whose samples were made reads an encoder"
+    cals = [fp.prepared[n].calib for n in (encoder, decoder)]
+    if cals[0] is None or cals[1] is None:
+        raise OptionError(f"--recover: {encoder} or {decoder} was not calibrated")
+    done = joined.recovered(fp.src, tmp, encoder, decoder, feeds, (cals[0], cals[1]), digests,
+                            distil)
+    for n, count in done["trained"].items():
+        if count:
+            other = decoder if n == encoder else encoder
+            _took(reports[n], {}, f"{count} of its values were trained with {other}'s by "
+                                  "--recover")
+    for n, count in done["taken"].items():
+        _took(reports[n], {"values": count, "how": "recovered", "from": decoder})
+    return done
+
+
+def _took(report: PruneReport, took: Mapping[str, object], what: str = "") -> None:
     """Say in ``report`` that its file took values of another (``took``: see
-    :func:`_refits_taken`) after its own checks ran: the numeric oracle judged the values
-    before."""
+    :func:`_refits_taken`), or ``what`` happened to its values, after its own checks ran: the
+    numeric oracle judged the values before."""
     before = (f" (before: max |Δ| {report.masked_max_abs_diff:.3g})"
               if report.masked_max_abs_diff is not None else "")
     report.masked_max_abs_diff = report.masked_relative_diff = None
-    report.oracle = (f"does not apply: it took {took['values']} {took['how']} values of "
-                     f"{took['from']}{before}; checked with it by the folder's checks")
+    what = what or f"it took {took['values']} {took['how']} values of {took['from']}"
+    report.oracle = f"does not apply: {what}{before}; checked with it by the folder's checks"
 
 
 def _value_sources(fp: FamilyPlan, passed: Mapping[str, set[str]]

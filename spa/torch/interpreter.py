@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -526,6 +527,37 @@ def _gather_nd(a, x):
     linear = (tuples * strides).sum(-1)
     rows = torch.arange(batch, device=idx.device).unsqueeze(1)
     return flat[rows, linear].reshape(*idx.shape[:-1], *rest)
+
+
+@op("ScatterND")
+def _scatter_nd(a, x):
+    """A copy of ``data`` with the slices that index tuples (the last axis of ``indices``)
+    pick replaced by ``updates``, or combined with them (``reduction``: add, mul, max, min;
+    BART's and T5's decoders shift their labels right with one)."""
+    data, idx, updates = x[0], x[1].long(), x[2]
+    k = idx.shape[-1]
+    dims, rest = data.shape[:k], data.shape[k:]
+    size = torch.tensor(dims, dtype=torch.long, device=idx.device)
+    tuples = idx.reshape(-1, k)
+    tuples = torch.where(tuples < 0, tuples + size, tuples)
+    strides = torch.tensor([int(np.prod(dims[j + 1:])) for j in range(k)], dtype=torch.long,
+                           device=idx.device)
+    linear = (tuples * strides).sum(-1)
+    flat = data.reshape(int(np.prod(dims)), *rest).clone()
+    values = updates.reshape(len(linear), *rest).to(flat.dtype)
+    how = a.get("reduction", "none")
+    if how == "none":
+        flat[linear] = values
+    elif how == "add":
+        flat = flat.index_put((linear,), values, accumulate=True)
+    elif how in ("mul", "max", "min"):
+        with warnings.catch_warnings():  # "index_reduce() is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            flat = flat.index_reduce(0, linear, values,
+                                     {"mul": "prod", "max": "amax", "min": "amin"}[how])
+    else:
+        raise UnsupportedOpsError(f"ScatterND reduction {how}")
+    return flat.reshape(data.shape)
 
 
 @op("Shape")

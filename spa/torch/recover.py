@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from spa.calibration.text import with_tokenizer
 from spa.errors import ModelLoadError, OptionError, one_line
 from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
+from spa.pipeline.joined import Distil
 from spa.recovery import RecoverOptions
 from spa.torch.distill import Distiller, Runs, World, headline
 from spa.torch.interpreter import OnnxModule
@@ -131,6 +133,25 @@ def recover(dense: Model, pruned: Model, output: str | os.PathLike[str],
                         world, validate)
     finally:
         world.stop()
+
+
+def joint_distiller(options: RecoverOptions) -> Distil:
+    """``spa prune folder/ --recover``: distil an encoder and decoder joined into one graph
+    (spa/pipeline/joined.py), as :func:`recover` distils one file, in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise OptionError("--recover on a folder trains in one process: run it without "
+                          "torchrun")
+
+    def distil(dense: onnx.ModelProto, pruned: onnx.ModelProto, calibration: Calibration,
+               work: Path) -> tuple[onnx.ModelProto | None, dict]:
+        with tempfile.TemporaryDirectory(prefix=".spa-recover-", dir=work) as tmp:
+            path = Path(tmp) / "joined.onnx"
+            done = recover(dense, pruned, path, calibration, options)
+            trained = onnx.load(str(path)) if done.kept == KEPT_RECOVERED else None
+        report = done.to_dict()
+        del report["output"]  # a scratch file
+        return trained, report
+    return distil
 
 
 def check_interfaces(dense: onnx.ModelProto, pruned: onnx.ModelProto) -> None:

@@ -1,0 +1,223 @@
+"""An encoder and its first-step decoder as one graph, trained together (``spa prune folder/
+--calib C --recover N``, spa/pipeline/family.py).
+
+A seq2seq folder's files are one model: distilling the encoder and the decoder apart would
+train each against the dense model's tensors between them, and every file that reads back the
+decoder's caches must keep the values the decoder has. So the pruned encoder and first-step
+decoder are joined into one graph (:func:`joined`): the encoder's inputs and the tokens the
+dense model decoded in, the decoder's logits out, the encoder's output and attention mask wired
+into the decoder. The dense pair is joined the same way and is the teacher
+(spa/torch/recover.py distils and judges it like any one-file model).
+
+Which values train (:func:`trainable`):
+
+* the encoder's, except a weight another file holds byte for byte (a shared embedding): those
+  must stay the same in every file;
+* the decoder's layers' weights and biases that have a role in it (:func:`encdec.roles`): the
+  files that read its caches back (the with-past decoder, a merged decoder's branches) take
+  them by role afterwards (:func:`encdec.take_refits`), as they take reconstruction's refits;
+* nothing else of the decoder (its embeddings and normalisations): the other decoders hold
+  them too, and nothing says which of theirs is which.
+
+What does not train is a ``Constant`` node of the joined graph, so it is not a parameter.
+:func:`written_apart` writes the trained values back into the two files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from spa.calibration import Calibration, sample_count
+from spa.errors import OptionError
+from spa.pipeline import encdec
+
+ENCODER = "encoder/"  # the prefix of the encoder's names in the joined graph
+DECODER = "decoder/"
+DECODER_IDS = "decoder_input_ids"  # the joined graph's input of the decoder's tokens
+#: The encoder's attention mask, renamed: the joined graph's logits have a value per decoder
+#: token, and a mask over the encoder's tokens must not be read as theirs (spa.fidelity).
+MASK = "encoder_attention"
+#: ``distil(dense, pruned, calibration, work)``: the pruned joined graph distilled from the
+#: dense one on ``calibration`` (scratch files in the folder ``work``), or None when the start
+#: was more faithful on the held-out samples; and the run's report (spa/torch/recover.py
+#: :func:`~spa.torch.recover.joint_distiller`).
+Distil = Callable[[onnx.ModelProto, onnx.ModelProto, Calibration, Path],
+                  "tuple[onnx.ModelProto | None, dict]"]
+
+
+def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encdec.Feeds,
+              calibrations: tuple[Calibration, Calibration],
+              digests: Mapping[str, Mapping[str, str]], distil: Distil) -> dict:
+    """Distil the pruned ``encoder`` and ``decoder`` in ``written`` from the dense ones in
+    ``src`` together, write the trained values back, and have the files that pass caches take
+    the decoder's (``digests``: their weights before pruning, :func:`encdec.weight_digests`).
+    The report: the distillation's, the values each file was written with (``trained``) and
+    took (``taken``)."""
+    enc, dec = (onnx.load(str(written / n)) for n in (encoder, decoder))
+    others = [onnx.load(str(f)) for f in sorted(written.glob("*.onnx"))
+              if f.name not in (encoder, decoder)]
+    train = trainable(enc, dec, digests[decoder], others)
+    dense = joined(onnx.load(str(src / encoder)), onnx.load(str(src / decoder)), feeds)
+    trained, report = distil(dense, joined(enc, dec, feeds, train),
+                             calibration(*calibrations, feeds), written)
+    done = {"encoder": encoder, "decoder": decoder, "values": len(train), "trained": {},
+            "taken": {}}
+    if trained is not None:
+        done["trained"] = written_apart(trained, written, encoder, decoder)
+        done["taken"] = encdec.take_refits(written, decoder, digests)
+    return report | done
+
+
+def joined(encoder: onnx.ModelProto, decoder: onnx.ModelProto, feeds: encdec.Feeds,
+           train: Collection[str] | None = None) -> onnx.ModelProto:
+    """The encoder and the decoder as one graph (see the module); ``train``: the joined
+    names of the initializers that stay initializers (None: all), the others become
+    ``Constant`` nodes."""
+    inits = {i.name for i in encoder.graph.initializer}
+    enc_inputs = [i for i in encoder.graph.input if i.name not in inits]
+    outside = {i.name: (MASK if i.name == feeds.mask else i.name) for i in enc_inputs}
+    enc = _renamed(encoder.graph, ENCODER, outside)
+    hidden = ENCODER + feeds.hidden
+    dec_inits = {i.name for i in decoder.graph.initializer}
+    wired = {feeds.hidden_in: hidden, feeds.ids: DECODER_IDS}
+    if feeds.mask_in is not None:
+        wired[feeds.mask_in] = MASK
+    extra = [i.name for i in decoder.graph.input if i.name not in dec_inits and i.name not in wired]
+    if extra:
+        raise OptionError(f"cannot train the encoder and decoder together: the decoder reads "
+                          f"{extra} besides the encoder's outputs and its tokens")
+    dec = _renamed(decoder.graph, DECODER, wired)
+    logits = DECODER + feeds.logits
+    ids = next(i for i in decoder.graph.input if i.name == feeds.ids)
+    inputs = [_value(i, outside[i.name]) for i in enc_inputs] + [_value(ids, DECODER_IDS)]
+    out = next(o for o in decoder.graph.output if o.name == feeds.logits)
+    nodes = _needed([*enc.node, *dec.node], {logits})
+    read = {i for n in nodes for i in n.input}
+    consts, kept = [], []
+    for init in [*enc.initializer, *dec.initializer]:
+        if init.name not in read:
+            continue
+        if train is None or init.name in train:
+            kept.append(init)
+        else:
+            consts.append(helper.make_node("Constant", [], [init.name], value=init,
+                                           name=f"frozen:{init.name}"))
+    graph = helper.make_graph([*consts, *nodes], "encoder_decoder", inputs,
+                              [_value(out, logits)], kept)
+    opsets: dict[str, int] = {}
+    for o in [*encoder.opset_import, *decoder.opset_import]:
+        opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
+                                                    for d, v in sorted(opsets.items())])
+    model.ir_version = max(encoder.ir_version, decoder.ir_version)
+    return model
+
+
+def trainable(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
+              decoder_digests: Mapping[str, str], others: Collection[onnx.ModelProto]
+              ) -> set[str]:
+    """The joined names of the values that train (see the module). ``decoder_digests``: the
+    decoder's weights before pruning (:func:`encdec.weight_digests`); ``others``: the folder's
+    other written files."""
+    held = {encdec.digest(numpy_helper.to_array(i)) for m in (decoder, *others)
+            for i in m.graph.initializer if len(i.dims) >= 2}
+    values = {i.name: numpy_helper.to_array(i) for i in encoder.graph.initializer}
+    out = {ENCODER + n for n, v in values.items() if _trains(v)
+           and (v.ndim < 2 or encdec.digest(v) not in held)}
+    return out | {DECODER + n for n in encdec.roles(decoder_digests, decoder)}
+
+
+def calibration(encoder: Calibration, decoder: Calibration, feeds: encdec.Feeds
+                ) -> Calibration:
+    """The joined graph's samples: the encoder's, with the tokens of the decoder's samples
+    (made from the encoder's in the same order, spa/pipeline/encdec.py)."""
+    def arrays(enc: Mapping[str, np.ndarray], dec: Mapping[str, np.ndarray]
+               ) -> dict[str, np.ndarray]:
+        if sample_count(enc) != sample_count(dec):
+            raise OptionError(f"the encoder has {sample_count(enc)} samples and the decoder "
+                              f"{sample_count(dec)}: they are not one set")
+        return {(MASK if k == feeds.mask else k): v for k, v in enc.items()} | {
+            DECODER_IDS: dec[feeds.ids]}
+
+    return Calibration(arrays(encoder.train, decoder.train),
+                       arrays(encoder.held_out, decoder.held_out), encoder.kind,
+                       encoder.path, encoder.held_out_path, encoder.tokenizer)
+
+
+def written_apart(trained: onnx.ModelProto, folder: Path, encoder: str, decoder: str
+                  ) -> dict[str, int]:
+    """Write the trained initializers of the joined graph back into ``folder``'s ``encoder``
+    and ``decoder`` files (same names, shapes and types); the values changed per file."""
+    values = {i.name: i for i in trained.graph.initializer}
+    changed = {}
+    for name, prefix in ((encoder, ENCODER), (decoder, DECODER)):
+        model = onnx.load(str(folder / name))
+        count = 0
+        for init in model.graph.initializer:
+            new = values.get(prefix + init.name)
+            if new is None:
+                continue
+            a, b = numpy_helper.to_array(new), numpy_helper.to_array(init)
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise OptionError(f"{name}: the trained '{init.name}' is {a.dtype}{a.shape}, "
+                                  f"the file's {b.dtype}{b.shape}")
+            if not np.array_equal(a, b):
+                init.CopyFrom(numpy_helper.from_array(a, init.name))
+                count += 1
+        if count:
+            onnx.save(model, str(folder / name))
+        changed[name] = count
+    return changed
+
+
+def _renamed(graph: onnx.GraphProto, prefix: str, outside: Mapping[str, str]
+             ) -> onnx.GraphProto:
+    """A copy of ``graph`` with every name prefixed, except the inputs in ``outside``
+    (renamed to their value there)."""
+    def name(n: str) -> str:
+        return n if not n else outside.get(n, prefix + n)
+
+    out = onnx.GraphProto()
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):
+            raise OptionError(f"cannot train the encoder and decoder together: node "
+                              f"'{node.name}' ({node.op_type}) holds a subgraph")
+        copy = out.node.add()
+        copy.CopyFrom(node)
+        copy.name = prefix + node.name
+        copy.input[:] = [name(i) for i in node.input]
+        copy.output[:] = [name(o) for o in node.output]
+    for init in graph.initializer:
+        copy = out.initializer.add()
+        copy.CopyFrom(init)
+        copy.name = name(init.name)
+    return out
+
+
+def _needed(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """The ``nodes`` the ``outputs`` are computed from, in their order."""
+    wanted, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in wanted for o in node.output):
+            keep.append(node)
+            wanted.update(i for i in node.input if i)
+    return keep[::-1]
+
+
+def _value(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(info)
+    out.name = name
+    return out
+
+
+def _trains(value: np.ndarray) -> bool:
+    """A float tensor that is not a scalar (a scale, an epsilon) or a mask (±inf or ±finfo.max
+    entries), as spa.torch.from_onnx makes parameters."""
+    return value.dtype.kind == "f" and value.ndim > 0 and bool((np.abs(value) < 1e30).all())
