@@ -52,6 +52,9 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
   and no file is planned again when it misses; a folder whose files pass nothing (a
   decoder's ``model.onnx`` beside its ``config.json``) takes the options one file takes,
   depth pruning aside.
+* **Recovery** (``--recover``, given ``distil``): the pruned encoder and first-step decoder
+  are distilled together, joined into one graph (spa/pipeline/joined.py), after the values
+  are taken and before the checks; the files that pass caches take the trained values too.
 """
 
 from __future__ import annotations
