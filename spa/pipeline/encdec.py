@@ -302,20 +302,33 @@ def take_refits(folder: Path, source: str, originals: Mapping[str, Mapping[str, 
             continue
         model = onnx.load(str(folder / n))
         pairs = _same(source_roles, roles(originals[n], model))
-        count = 0
-        for init in model.graph.initializer:
-            s = pairs.get(init.name)
-            if s is None or s not in written:
-                continue
-            new, old = numpy_helper.to_array(written[s]), numpy_helper.to_array(init)
-            if new.shape == old.shape and new.dtype == old.dtype and \
-                    not np.array_equal(new, old):
-                init.CopyFrom(numpy_helper.from_array(new, init.name))
-                count += 1
+        count = replace_values(model, {k: written[s] for k, s in pairs.items() if s in written})
         if count:
             onnx.save(model, str(folder / n))
             taken[n] = count
     return taken
+
+
+def replace_values(model: onnx.ModelProto, values: Mapping[str, onnx.TensorProto], *,
+                   strict: bool = False) -> int:
+    """Write ``values`` (by ``model``'s initializer names) into ``model`` where they differ
+    from its own; how many were written. A value of another shape or type is skipped, or with
+    ``strict`` an error."""
+    count = 0
+    for init in model.graph.initializer:
+        value = values.get(init.name)
+        if value is None:
+            continue
+        new, old = numpy_helper.to_array(value), numpy_helper.to_array(init)
+        if new.shape != old.shape or new.dtype != old.dtype:
+            if strict:
+                raise OptionError(f"'{init.name}' is {old.dtype}{old.shape}, the value to "
+                                  f"write {new.dtype}{new.shape}")
+            continue
+        if not np.array_equal(new, old):
+            init.CopyFrom(numpy_helper.from_array(new, init.name))
+            count += 1
+    return count
 
 
 def together(original: Path, written: Path, feeds: Feeds, decoder: str,

@@ -153,22 +153,15 @@ def written_apart(trained: onnx.ModelProto, folder: Path, encoder: str, decoder:
                   ) -> dict[str, int]:
     """Write the trained initializers of the joined graph back into ``folder``'s ``encoder``
     and ``decoder`` files (same names, shapes and types); the values changed per file."""
-    values = {i.name: i for i in trained.graph.initializer}
     changed = {}
     for name, prefix in ((encoder, ENCODER), (decoder, DECODER)):
         model = onnx.load(str(folder / name))
-        count = 0
-        for init in model.graph.initializer:
-            new = values.get(prefix + init.name)
-            if new is None:
-                continue
-            a, b = numpy_helper.to_array(new), numpy_helper.to_array(init)
-            if a.shape != b.shape or a.dtype != b.dtype:
-                raise OptionError(f"{name}: the trained '{init.name}' is {a.dtype}{a.shape}, "
-                                  f"the file's {b.dtype}{b.shape}")
-            if not np.array_equal(a, b):
-                init.CopyFrom(numpy_helper.from_array(a, init.name))
-                count += 1
+        values = {i.name.removeprefix(prefix): i for i in trained.graph.initializer
+                  if i.name.startswith(prefix)}
+        try:
+            count = encdec.replace_values(model, values, strict=True)
+        except OptionError as exc:
+            raise OptionError(f"{name}: trained {exc}") from None
         if count:
             onnx.save(model, str(folder / name))
         changed[name] = count
