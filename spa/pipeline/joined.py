@@ -42,6 +42,11 @@ DECODER_IDS = "decoder_input_ids"  # the joined graph's input of the decoder's t
 #: The encoder's attention mask, renamed: the joined graph's logits have a value per decoder
 #: token, and a mask over the encoder's tokens must not be read as theirs (spa.fidelity).
 MASK = "encoder_attention"
+#: An input no node reads, of the decoder's tokens whose logits count: up to its first EOS
+#: (the logits after it predict padding). Distillation and fidelity read the first input named
+#: like a mask as the one over the logits' tokens (spa.fidelity ``per_token``); its length is
+#: static, so that no token input is cut to its last attended column (spa/torch/augment.py).
+DECODER_MASK = "decoder_attention_mask"
 #: ``distil(dense, pruned, calibration, work)``: the pruned joined graph distilled from the
 #: dense one on ``calibration`` (scratch files in the folder ``work``), or None when the start
 #: was more faithful on the held-out samples; and the run's report (spa/torch/recover.py
@@ -62,9 +67,12 @@ def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encde
     others = [onnx.load(str(f)) for f in sorted(written.glob("*.onnx"))
               if f.name not in (encoder, decoder)]
     train = trainable(enc, dec, digests[decoder], others)
-    dense = joined(onnx.load(str(src / encoder)), onnx.load(str(src / decoder)), feeds)
-    trained, report = distil(dense, joined(enc, dec, feeds, train),
-                             calibration(*calibrations, feeds), written)
+    tokens = np.shape(calibrations[1].train[feeds.ids])[1]
+    dense = joined(onnx.load(str(src / encoder)), onnx.load(str(src / decoder)), feeds, tokens)
+    eos = encdec.read_token_config(src).get("eos_token_id")
+    samples = calibration(*calibrations, feeds, set(eos if isinstance(eos, list) else [eos])
+                          - {None})
+    trained, report = distil(dense, joined(enc, dec, feeds, tokens, train), samples, written)
     done = {"encoder": encoder, "decoder": decoder, "values": len(train), "trained": {},
             "taken": {}}
     if trained is not None:
@@ -74,10 +82,10 @@ def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encde
 
 
 def joined(encoder: onnx.ModelProto, decoder: onnx.ModelProto, feeds: encdec.Feeds,
-           train: Collection[str] | None = None) -> onnx.ModelProto:
-    """The encoder and the decoder as one graph (see the module); ``train``: the joined
-    names of the initializers that stay initializers (None: all), the others become
-    ``Constant`` nodes."""
+           tokens: int, train: Collection[str] | None = None) -> onnx.ModelProto:
+    """The encoder and the decoder as one graph (see the module), fed ``tokens`` decoder
+    tokens; ``train``: the joined names of the initializers that stay initializers (None:
+    all), the others become ``Constant`` nodes."""
     inits = {i.name for i in encoder.graph.initializer}
     enc_inputs = [i for i in encoder.graph.input if i.name not in inits]
     outside = {i.name: (MASK if i.name == feeds.mask else i.name) for i in enc_inputs}
@@ -94,7 +102,10 @@ def joined(encoder: onnx.ModelProto, decoder: onnx.ModelProto, feeds: encdec.Fee
     dec = _renamed(decoder.graph, DECODER, wired)
     logits = DECODER + feeds.logits
     ids = next(i for i in decoder.graph.input if i.name == feeds.ids)
-    inputs = [_value(i, outside[i.name]) for i in enc_inputs] + [_value(ids, DECODER_IDS)]
+    batch = ids.type.tensor_type.shape.dim[0]
+    mask = helper.make_tensor_value_info(DECODER_MASK, onnx.TensorProto.INT64, [
+        batch.dim_param or batch.dim_value or None, tokens])
+    inputs = [mask, *(_value(i, outside[i.name]) for i in enc_inputs), _value(ids, DECODER_IDS)]
     out = next(o for o in decoder.graph.output if o.name == feeds.logits)
     nodes = _needed([*enc.node, *dec.node], {logits})
     read = {i for n in nodes for i in n.input}
@@ -132,21 +143,32 @@ def trainable(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
     return out | {DECODER + n for n in encdec.roles(decoder_digests, decoder)}
 
 
-def calibration(encoder: Calibration, decoder: Calibration, feeds: encdec.Feeds
-                ) -> Calibration:
+def calibration(encoder: Calibration, decoder: Calibration, feeds: encdec.Feeds,
+                eos: Collection[int]) -> Calibration:
     """The joined graph's samples: the encoder's, with the tokens of the decoder's samples
-    (made from the encoder's in the same order, spa/pipeline/encdec.py)."""
+    (made from the encoder's in the same order, spa/pipeline/encdec.py) and the mask of those
+    whose logits count (up to the first of the ``eos`` ids)."""
     def arrays(enc: Mapping[str, np.ndarray], dec: Mapping[str, np.ndarray]
                ) -> dict[str, np.ndarray]:
         if sample_count(enc) != sample_count(dec):
             raise OptionError(f"the encoder has {sample_count(enc)} samples and the decoder "
                               f"{sample_count(dec)}: they are not one set")
-        return {(MASK if k == feeds.mask else k): v for k, v in enc.items()} | {
-            DECODER_IDS: dec[feeds.ids]}
+        ids = np.asarray(dec[feeds.ids])
+        return {DECODER_MASK: decoded_mask(ids, eos)} | {
+            (MASK if k == feeds.mask else k): v for k, v in enc.items()} | {DECODER_IDS: ids}
 
     return Calibration(arrays(encoder.train, decoder.train),
                        arrays(encoder.held_out, decoder.held_out), encoder.kind,
                        encoder.path, encoder.held_out_path, encoder.tokenizer)
+
+
+def decoded_mask(ids: np.ndarray, eos: Collection[int]) -> np.ndarray:
+    """1 at the positions of greedily decoded ``ids`` (``[samples, tokens]``, the start token
+    first) whose logits chose a token, up to and including the one that chose the first EOS;
+    0 after it, where the logits predict what follows an EOS (padding)."""
+    ends = np.isin(ids[:, 1:], list(eos))
+    last = np.where(ends.any(1), ends.argmax(1), ids.shape[1] - 1)  # the logit that chose EOS
+    return (np.arange(ids.shape[1])[None, :] <= last[:, None]).astype(np.int64)
 
 
 def written_apart(trained: onnx.ModelProto, folder: Path, encoder: str, decoder: str

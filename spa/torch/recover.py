@@ -141,6 +141,9 @@ def joint_distiller(options: RecoverOptions) -> Distil:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise OptionError("--recover on a folder trains in one process: run it without "
                           "torchrun")
+    # the joined graph's mask says which decoder logits count, and no node reads it: dropping
+    # its tokens would only drop terms of the loss
+    options = dataclasses.replace(options, token_dropout=0.0)
 
     def distil(dense: onnx.ModelProto, pruned: onnx.ModelProto, calibration: Calibration,
                work: Path) -> tuple[onnx.ModelProto | None, dict]:
