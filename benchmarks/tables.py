@@ -305,8 +305,9 @@ def seq2seq_recovery(d: dict) -> str:
              f"({_load_note(d)}); exact reversals of {d['held_out_sequences']} held-out "
              f"sequences (the dense folder: {rev['dense']:.3f}), greedy to EOS, in brackets "
              "generated under Optimum's `ORTModelForSeq2SeqLM`; the recovery's held-out "
-             "agreement with the dense model's tokens (teacher forced, on its own held-out "
-             "share of the calibration sequences), before → after:", "",
+             "agreement with the dense model's tokens (teacher forced, at the positions up to "
+             "the one that chose EOS, on its own held-out share of the calibration "
+             "sequences), before → after:", "",
              "| heads and MLP ratio | start | exact reversals | with `--recover "
              f"{d['steps']}` | recovery's held-out agreement | wall (without → with) |",
              "|---|---|---|---|---|---|"]

@@ -525,6 +525,11 @@ def _recover(args: argparse.Namespace) -> int:
     from spa.recovery import TORCH_MISSING, RecoverOptions
     from spa.report import write_text_atomic
 
+    folders = [m for m in (args.dense, args.pruned) if os.path.isdir(m)]
+    if folders:
+        raise OptionError(f"spa recover distils one ONNX file into another, and {folders[0]} is "
+                          "a folder: a seq2seq export's files are recovered together when it "
+                          "is pruned (spa prune FOLDER -o OUT --calib PATH --recover STEPS)")
     try:
         from spa.torch.recover import calibration_for, recover
     except ImportError as exc:

@@ -158,3 +158,9 @@ def test_what_recovering_a_folder_needs(tmp_path: Path, capsys) -> None:
         == ExitCode.BAD_INPUT
     assert "give --calib" in capsys.readouterr().err
     assert not out.exists()
+    # spa recover takes files: a folder is sent to spa prune --recover
+    calib = _samples(tmp_path / "enc.npz")
+    assert main(["recover", str(src), str(src), "-o", str(out), "--calib", str(calib)]) \
+        == ExitCode.BAD_INPUT
+    assert "spa prune FOLDER -o OUT --calib PATH --recover STEPS" in capsys.readouterr().err
+    assert not out.exists()
