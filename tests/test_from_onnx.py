@@ -271,3 +271,73 @@ def test_slice_with_any_step_matches_onnxruntime(starts, ends, axes, steps) -> N
     got = st.from_onnx(model)(torch.from_numpy(x))
     got = got[0] if isinstance(got, (tuple, list)) else got
     np.testing.assert_array_equal(got.detach().numpy(), want)
+
+
+_INTS = np.array([[7, -7, 5], [-5, 9, -9]], dtype=np.int64)
+_DIV = np.array([[3, 3, -2], [2, -4, 4]], dtype=np.int64)
+_MORE = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+_IMAGE = np.random.default_rng(2).standard_normal((1, 8, 4, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("op_type", "inputs", "opset", "constants", "attrs", "out"), [
+    ("Mod", {"x": _INTS, "d": _DIV}, 13, {}, {}, TensorProto.INT64),
+    ("Mod", {"x": _DATA, "d": np.float32(0.7) + _MORE}, 13, {}, {"fmod": 1}, TensorProto.FLOAT),
+    ("CumSum", {"x": _DATA}, 14, {"a": np.array(1, np.int64)}, {}, TensorProto.FLOAT),
+    ("CumSum", {"x": _DATA}, 14, {"a": np.array(-1, np.int64)},
+     {"exclusive": 1, "reverse": 1}, TensorProto.FLOAT),
+    ("CumSum", {"x": _INTS}, 14, {"a": np.array(1, np.int64)}, {"exclusive": 1},
+     TensorProto.INT64),
+    ("ArgMax", {"x": _DATA}, 13, {}, {"axis": 1}, TensorProto.INT64),
+    ("ArgMin", {"x": _DATA}, 13, {}, {"axis": -1, "keepdims": 0}, TensorProto.INT64),
+    ("ArgMax", {"x": np.array([[1, 3, 3, 0]], np.float32)}, 13, {},
+     {"axis": 1, "select_last_index": 1}, TensorProto.INT64),
+    ("ReduceProd", {"x": _DATA}, 13, {}, {"axes": [1]}, TensorProto.FLOAT),
+    ("ReduceProd", {"x": _DATA}, 18, {"a": np.array([0, 2], np.int64)}, {}, TensorProto.FLOAT),
+    ("ReduceLogSumExp", {"x": _DATA}, 18, {"a": np.array([-1], np.int64)}, {"keepdims": 0},
+     TensorProto.FLOAT),
+    ("ReduceSumSquare", {"x": _DATA}, 17, {}, {"axes": [0, 1]}, TensorProto.FLOAT),
+    ("ReduceL1", {"x": _DATA}, 18, {}, {}, TensorProto.FLOAT),
+    ("Mean", {"x": _DATA, "y2": _MORE}, 13, {}, {}, TensorProto.FLOAT),
+    ("Xor", {"x": _INTS > 0, "y2": _DIV > 0}, 13, {}, {}, TensorProto.BOOL),
+    ("IsInf", {"x": np.array([1.0, np.inf, -np.inf, np.nan], np.float32)}, 20, {},
+     {"detect_negative": 0}, TensorProto.BOOL),
+    ("Selu", {"x": _DATA}, 13, {}, {}, TensorProto.FLOAT),
+    ("Celu", {"x": _DATA}, 13, {}, {"alpha": 0.5}, TensorProto.FLOAT),
+    ("ThresholdedRelu", {"x": _DATA}, 13, {}, {"alpha": 0.2}, TensorProto.FLOAT),
+    ("Atan", {"x": _DATA}, 13, {}, {}, TensorProto.FLOAT),
+    ("Cosh", {"x": _DATA}, 13, {}, {}, TensorProto.FLOAT),
+    ("Size", {"x": _DATA}, 13, {}, {}, TensorProto.INT64),
+    ("DepthToSpace", {"x": _IMAGE}, 13, {}, {"blocksize": 2}, TensorProto.FLOAT),
+    ("DepthToSpace", {"x": _IMAGE}, 13, {}, {"blocksize": 2, "mode": "CRD"}, TensorProto.FLOAT),
+    ("SpaceToDepth", {"x": _IMAGE}, 13, {}, {"blocksize": 2}, TensorProto.FLOAT),
+    ("ScatterElements", {"x": _DATA}, 18,
+     {"i": np.array([[[0, 2, 1, 0]]], np.int64), "u": np.ones((1, 1, 4), np.float32)},
+     {"axis": 1}, TensorProto.FLOAT),
+    ("ScatterElements", {"x": _DATA}, 18,
+     {"i": np.array([[[0, 0, -1, 0]]], np.int64), "u": np.ones((1, 1, 4), np.float32)},
+     {"axis": 1, "reduction": "add"}, TensorProto.FLOAT),
+    ("GroupNormalization", {"x": _IMAGE}, 21,
+     {"s": np.linspace(0.5, 2, 8, dtype=np.float32), "b": np.linspace(-1, 1, 8, dtype=np.float32)},
+     {"num_groups": 4}, TensorProto.FLOAT),
+    ("LpNormalization", {"x": _DATA}, 13, {}, {"axis": 1, "p": 1}, TensorProto.FLOAT),
+])
+def test_more_ops_match_onnxruntime(op_type, inputs, opset, constants, attrs, out):
+    """Ops of the exports spa recover trains: RoBERTa's and MPNet's position ids (CumSum),
+    PyTorch's MultiheadAttention (Mod), detection and super-resolution heads."""
+    _agrees_with_onnxruntime(_single_op(op_type, inputs, opset, constants, out, **attrs),
+                             inputs)
+
+
+def test_top_k_gives_values_and_indices():
+    node = helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=1, largest=0)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, _DATA.shape)],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("i", TensorProto.INT64, None)],
+        [onnx.numpy_helper.from_array(np.array([2], np.int64), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    want = val.run(val.session(model), {"x": _DATA})
+    with torch.no_grad():
+        values, idx = st.from_onnx(model)(torch.from_numpy(_DATA))
+    np.testing.assert_allclose(values.numpy(), want["v"], rtol=1e-6)
+    np.testing.assert_array_equal(idx.numpy(), want["i"])

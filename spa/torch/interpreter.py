@@ -15,8 +15,11 @@ unsupported op listed, rather than failing mid-forward.
 The torch functions are keyed like SPA's op registry, by ``(domain, op_type, opset range)``
 (:class:`spa.coupling.registry.OpTable`), and each node runs the function of the model's opset:
 Softmax, LogSoftmax and Hardmax before opset 13 flatten the input to 2-D at ``axis`` (default
-1) and normalise each row; from 13 on they work along ``axis`` (default -1). ReduceL2 reads
-its axes from the attribute before opset 18 and from its second input from 18 on.
+1) and normalise each row; from 13 on they work along ``axis`` (default -1). ReduceL2 (and
+ReduceL1, ReduceSumSquare, ReduceProd, ReduceLogSumExp) reads its axes from the attribute
+before opset 18 and from its second input from 18 on. Opset 18's GroupNormalization scales
+per group, 21's per channel: a scale of ``num_groups`` entries is spread over each group's
+channels.
 
 ``forward(..., capture=names)`` also returns chosen intermediate values (distillation matches
 them, spa/torch/distill.py).
@@ -192,7 +195,8 @@ _BINARY: dict[str, Callable[..., torch.Tensor]] = {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": torch.pow,
     "Max": torch.maximum, "Min": torch.minimum, "Equal": torch.eq, "Less": torch.lt,
     "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge, "And":
-    torch.logical_and, "Or": torch.logical_or, "MatMul": torch.matmul,
+    torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
+    "MatMul": torch.matmul,
 }
 _UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Exp": torch.exp,
@@ -201,6 +205,8 @@ _UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "Cos": torch.cos, "Not": torch.logical_not, "Softplus": F.softplus, "Mish": F.mish,
     "HardSwish": F.hardswish, "Sign": torch.sign, "Round": torch.round,
     "Identity": lambda x: x, "Softsign": F.softsign, "IsNaN": torch.isnan,
+    "Tan": torch.tan, "Atan": torch.atan, "Asin": torch.asin, "Acos": torch.acos,
+    "Sinh": torch.sinh, "Cosh": torch.cosh,
 }
 for _name, _fn in _BINARY.items():
     add(_name, (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn))
@@ -226,6 +232,43 @@ def _sum(a, x):
     for t in x[1:]:
         out = out + t
     return out
+
+
+@op("Mean")
+def _mean(a, x):
+    return _sum(a, x) / len(x)
+
+
+@op("Mod")
+def _mod(a, x):
+    """``fmod=1``: the sign of the dividend (C's fmod); else of the divisor (Python's %)."""
+    return torch.fmod(x[0], x[1]) if a.get("fmod", 0) else torch.remainder(x[0], x[1])
+
+
+@op("IsInf")
+def _isinf(a, x):
+    pos = x[0] == float("inf") if a.get("detect_positive", 1) else torch.zeros_like(
+        x[0], dtype=torch.bool)
+    neg = x[0] == float("-inf") if a.get("detect_negative", 1) else torch.zeros_like(
+        x[0], dtype=torch.bool)
+    return pos | neg
+
+
+@op("Selu")
+def _selu(a, x):
+    alpha, gamma = a.get("alpha", 1.67326319217681884765625), a.get("gamma",
+                                                                       1.05070102214813232421875)
+    return gamma * torch.where(x[0] > 0, x[0], alpha * (torch.exp(x[0]) - 1))
+
+
+@op("Celu")
+def _celu(a, x):
+    return F.celu(x[0], a.get("alpha", 1.0))
+
+
+@op("ThresholdedRelu")
+def _thresholded_relu(a, x):
+    return torch.where(x[0] > a.get("alpha", 1.0), x[0], torch.zeros_like(x[0]))
 
 
 @op("LeakyRelu")
@@ -619,12 +662,126 @@ def _l2(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
 
 
 # ReduceL2 takes its axes from an attribute before opset 18, from its second input from 18 on.
-add("ReduceL2", _reduce(_l2, _axes_attribute), (1, 17))
-add("ReduceL2", _reduce(_l2, _axes_input), (18, ALL_OPSETS[1]))
+def _l1(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    return t.abs().sum(dim=dim, keepdim=keepdim)
+
+
+def _sum_square(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    return (t * t).sum(dim=dim, keepdim=keepdim)
+
+
+def _prod(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    for d in sorted(dim, reverse=True):
+        t = t.prod(dim=d, keepdim=keepdim)
+    return t
+
+
+# ReduceL2 takes its axes from an attribute before opset 18, from its second input from 18 on
+# (as do ReduceL1, ReduceSumSquare, ReduceProd and ReduceLogSumExp).
+for _name, _fn in (("ReduceL2", _l2), ("ReduceL1", _l1), ("ReduceSumSquare", _sum_square),
+                   ("ReduceProd", _prod), ("ReduceLogSumExp", torch.logsumexp)):
+    add(_name, _reduce(_fn, _axes_attribute), (1, 17))
+    add(_name, _reduce(_fn, _axes_input), (18, ALL_OPSETS[1]))
 add("ReduceMean", _reduce(torch.mean))
 add("ReduceSum", _reduce(torch.sum))
 add("ReduceMax", _reduce(torch.amax))
 add("ReduceMin", _reduce(torch.amin))
+
+
+def _arg(largest: bool) -> Op:
+    """ArgMax / ArgMin (indices: not differentiable; exports that pick by score read them)."""
+    def run(a, x):
+        axis = _axis(a.get("axis", 0), x[0].dim())
+        t = x[0].flip(axis) if a.get("select_last_index", 0) else x[0]
+        idx = t.argmax(axis, keepdim=True) if largest else t.argmin(axis, keepdim=True)
+        if a.get("select_last_index", 0):
+            idx = x[0].shape[axis] - 1 - idx
+        return idx if a.get("keepdims", 1) else idx.squeeze(axis)
+    return run
+
+
+add("ArgMax", _arg(True))
+add("ArgMin", _arg(False))
+
+
+@op("TopK")
+def _topk(a, x):
+    k = int(x[1].reshape(-1)[0]) if len(x) > 1 else int(a["k"])
+    axis = _axis(a.get("axis", -1), x[0].dim())
+    values, idx = torch.topk(x[0], k, dim=axis, largest=bool(a.get("largest", 1)),
+                             sorted=True)
+    return values, idx
+
+
+@op("CumSum")
+def _cumsum(a, x):
+    axis = _axis(int(x[1].reshape(-1)[0]), x[0].dim())
+    t = x[0].flip(axis) if a.get("reverse", 0) else x[0]
+    out = torch.cumsum(t, axis)
+    if a.get("exclusive", 0):
+        out = out - t
+    return out.flip(axis) if a.get("reverse", 0) else out
+
+
+@op("Size")
+def _size(a, x):
+    return torch.tensor(x[0].numel(), dtype=torch.int64)
+
+
+@op("DepthToSpace")
+def _depth_to_space(a, x):
+    b = int(a["blocksize"])
+    n, c, h, w = x[0].shape
+    if a.get("mode", "DCR") == "DCR":
+        t = x[0].reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
+    else:
+        t = x[0].reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
+    return t.reshape(n, c // (b * b), h * b, w * b)
+
+
+@op("SpaceToDepth")
+def _space_to_depth(a, x):
+    b = int(a["blocksize"])
+    n, c, h, w = x[0].shape
+    t = x[0].reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+    return t.reshape(n, c * b * b, h // b, w // b)
+
+
+@op("ScatterElements")
+def _scatter_elements(a, x):
+    axis = _axis(a.get("axis", 0), x[0].dim())
+    idx = x[1].long()
+    idx = torch.where(idx < 0, idx + x[0].shape[axis], idx)
+    how = a.get("reduction", "none")
+    if how == "none":
+        return x[0].scatter(axis, idx, x[2])
+    reduce = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}.get(how)
+    if reduce is None:
+        raise UnsupportedOpsError(f"ScatterElements reduction {how}")
+    return x[0].scatter_reduce(axis, idx, x[2], reduce)
+
+
+@op("GroupNormalization")
+def _group_norm(a, x):
+    """Opset 18 gives one scale and bias per group, 21 one per channel."""
+    groups, eps = int(a["num_groups"]), a.get("epsilon", 1e-5)
+    n, c = x[0].shape[:2]
+    t = x[0].reshape(n, groups, -1)
+    mean = t.mean(-1, keepdim=True)
+    var = t.var(-1, unbiased=False, keepdim=True)
+    t = ((t - mean) / torch.sqrt(var + eps)).reshape(x[0].shape)
+    scale, bias = x[1], x[2]
+    if scale.numel() == groups and groups != c:
+        scale, bias = (v.repeat_interleave(c // groups) for v in (scale, bias))
+    view = (1, c) + (1,) * (x[0].dim() - 2)
+    return t * scale.reshape(view) + bias.reshape(view)
+
+
+@op("LpNormalization")
+def _lp_norm(a, x):
+    axis = _axis(a.get("axis", -1), x[0].dim())
+    p = int(a.get("p", 2))
+    return x[0] / torch.linalg.vector_norm(x[0], p, dim=axis, keepdim=True)
 
 
 @op("Pad")
