@@ -341,3 +341,58 @@ def test_top_k_gives_values_and_indices():
         values, idx = st.from_onnx(model)(torch.from_numpy(_DATA))
     np.testing.assert_allclose(values.numpy(), want["v"], rtol=1e-6)
     np.testing.assert_array_equal(idx.numpy(), want["i"])
+
+
+def _contrib_op(op_type: str, inputs: dict[str, np.ndarray],
+                constants: dict[str, np.ndarray], **attrs) -> onnx.ModelProto:
+    """A one-node model of the onnxruntime contrib op ``op_type``; an empty name in
+    ``constants`` order leaves an optional input out."""
+    vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+          for n, v in inputs.items()]
+    names = [*inputs, *constants]
+    node = helper.make_node(op_type, [n if not n.startswith("_") else "" for n in names], ["y"],
+                            domain="com.microsoft", **attrs)
+    inits = [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()
+             if not n.startswith("_")]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph([node], "g", vi, [y], inits),
+                             opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("com.microsoft", 1)])
+
+
+_X = np.random.default_rng(3).standard_normal((2, 5, 8)).astype(np.float32)
+_W = (np.random.default_rng(4).standard_normal((8, 24)) * 0.3).astype(np.float32)
+_B = np.random.default_rng(5).standard_normal(24).astype(np.float32)
+_V = np.linspace(-1, 1, 8, dtype=np.float32)
+
+
+@pytest.mark.parametrize(("op_type", "extra", "constants", "attrs"), [
+    ("Gelu", {}, {}, {}),
+    ("BiasGelu", {}, {"b": _V}, {}),
+    ("FastGelu", {}, {"b": _V}, {}),
+    ("FastGelu", {}, {}, {}),
+    ("QuickGelu", {}, {}, {"alpha": 1.5}),
+    ("SkipLayerNormalization", {"s": _X[::-1].copy()},
+     {"g": _V + 2, "be": _V, "bi": _V * 0.5}, {"epsilon": 1e-5}),
+    ("SkipSimplifiedLayerNormalization", {"s": _X[::-1].copy()}, {"g": _V + 2},
+     {"epsilon": 1e-6}),
+    ("Attention", {}, {"w": _W, "b": _B}, {"num_heads": 2}),
+    ("Attention", {"m": np.array([3, 5], np.int32)}, {"w": _W, "b": _B}, {"num_heads": 2}),
+    ("Attention", {"m": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)},
+     {"w": _W, "b": _B}, {"num_heads": 4, "unidirectional": 1}),
+    ("Attention", {}, {"w": _W[:, :20], "b": _B[:20]},
+     {"num_heads": 2, "qkv_hidden_sizes": [8, 8, 4], "scale": 0.3}),
+])
+def test_contrib_ops_match_onnxruntime(op_type, extra, constants, attrs):
+    """onnxruntime's fused ops (its transformer optimiser's output), as spa recover trains
+    them."""
+    inputs = {"x": _X, **extra}
+    if op_type == "Attention" and "m" in extra:  # the mask index comes after the bias
+        model = _contrib_op(op_type, {"x": _X}, constants, **attrs)
+        node = model.graph.node[0]
+        node.input.append("m")
+        model.graph.input.append(helper.make_tensor_value_info(
+            "m", TensorProto.INT32, extra["m"].shape))
+    else:
+        model = _contrib_op(op_type, inputs, constants, **attrs)
+    _agrees_with_onnxruntime(model, inputs)

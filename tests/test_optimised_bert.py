@@ -124,3 +124,34 @@ def test_optimised_bert_with_shared_zero_biases_has_no_blocks(tmp_path):
     blocks = find_blocks(analyze(_optimised("eager", tmp_path)).model.graph)
     assert not blocks.candidates
     assert all("is computed or shared" in why for why in blocks.refused.values())
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_from_onnx_runs_the_pruned_optimised_bert(tmp_path, attention):
+    """spa recover trains such a model: ``from_onnx`` runs its contrib ops
+    (EmbedLayerNormalization with its mask index, Attention, SkipLayerNormalization,
+    BiasGelu) as onnxruntime does, on padded samples, dense and pruned."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from spa.torch import from_onnx
+
+    path = _optimised(attention, tmp_path)
+    out = prune_checked(path, tmp_path, ratio=0.3, mlp_ratio=0.3)
+    rng = np.random.default_rng(0)
+    for model in (path, out.path):
+        sess = ort.InferenceSession(str(model))
+        feeds = {}
+        for i in sess.get_inputs():
+            dtype = np.int32 if "int32" in i.type else np.int64
+            feeds[i.name] = rng.integers(1, 100, (2, 9)).astype(dtype)
+        mask = next(n for n in feeds if "mask" in n)
+        feeds[mask][:] = 1
+        feeds[mask][1, 6:] = 0
+        want = sess.run(None, feeds)
+        module = from_onnx(model)
+        with torch.no_grad():
+            got = module(*[torch.from_numpy(feeds[n]) for n in module.input_names])
+        got = got if isinstance(got, tuple) else (got,)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.numpy(), w, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,9 @@ Softmax, LogSoftmax and Hardmax before opset 13 flatten the input to 2-D at ``ax
 ReduceL1, ReduceSumSquare, ReduceProd, ReduceLogSumExp) reads its axes from the attribute
 before opset 18 and from its second input from 18 on. Opset 18's GroupNormalization scales
 per group, 21's per channel: a scale of ``num_groups`` entries is spread over each group's
-channels.
+channels. onnxruntime's contrib ops (``com.microsoft``) that its transformer optimiser fuses
+into BERT and GPT-2 run too (``Attention`` without a past, ``EmbedLayerNormalization``,
+``SkipLayerNormalization``, the GELUs), matched against onnxruntime in the tests.
 
 ``forward(..., capture=names)`` also returns chosen intermediate values (distillation matches
 them, spa/torch/distill.py).
@@ -825,3 +827,122 @@ def _einsum(a, x):
 def _trilu(a, x):
     k = int(x[1].item()) if len(x) > 1 and x[1] is not None else 0
     return torch.triu(x[0], k) if a.get("upper", 1) else torch.tril(x[0], k)
+
+
+# ---- onnxruntime's contrib ops (com.microsoft), as its transformer optimiser fuses them -----
+MS = "com.microsoft"
+
+
+def ms_op(*names: str) -> Callable[[Op], Op]:
+    """Decorator: register ``fn`` for each contrib op in ``names`` (any opset)."""
+    def deco(fn: Op) -> Op:
+        for n in names:
+            TORCH_OPS.add(MS, n, ALL_OPSETS, fn)
+        return fn
+    return deco
+
+
+def _given(x: list, i: int) -> torch.Tensor | None:
+    """The optional input ``i`` (None when absent or empty)."""
+    return x[i] if len(x) > i and x[i] is not None and x[i].numel() else None
+
+
+def _biased(x: list) -> torch.Tensor:
+    bias = _given(x, 1)
+    return x[0] if bias is None else x[0] + bias
+
+
+ms_op("Gelu")(lambda a, x: F.gelu(x[0]))
+ms_op("BiasGelu")(lambda a, x: F.gelu(_biased(x)))
+ms_op("FastGelu")(lambda a, x: F.gelu(_biased(x), approximate="tanh"))
+ms_op("QuickGelu")(lambda a, x: x[0] * torch.sigmoid(a.get("alpha", 1.702) * x[0]))
+
+
+def _skip_sum(x: list) -> torch.Tensor:
+    """SkipLayerNormalization's input + skip (+ bias, its fifth input)."""
+    total = x[0] + x[1]
+    bias = _given(x, 4)
+    return total if bias is None else total + bias
+
+
+@ms_op("SkipLayerNormalization")
+def _skip_layernorm(a, x):
+    """Outputs: the normalised sum, its mean and inverse standard deviation, the sum."""
+    total = _skip_sum(x)
+    mean = total.mean(-1, keepdim=True)
+    inv = torch.rsqrt(total.var(-1, unbiased=False, keepdim=True) + a.get("epsilon", 1e-12))
+    out = (total - mean) * inv * x[2]
+    beta = _given(x, 3)
+    return (out if beta is None else out + beta), mean, inv, total
+
+
+@ms_op("SkipSimplifiedLayerNormalization")
+def _skip_rmsnorm(a, x):
+    """Outputs: the RMS-normalised sum (input, skip, gamma, bias), unused, the inverse RMS,
+    the sum."""
+    total = x[0] + x[1]
+    bias = _given(x, 3)
+    total = total if bias is None else total + bias
+    inv = torch.rsqrt((total * total).mean(-1, keepdim=True) + a.get("epsilon", 1e-12))
+    return total * inv * x[2], inv, inv, total
+
+
+@ms_op("EmbedLayerNormalization")
+def _embed_layernorm(a, x):
+    """Word + position (+ segment) embeddings, layer-normalised; the mask index (the count of
+    ones of each row of the mask, int32); the sum before the norm."""
+    ids = x[0].long()
+    n, s = ids.shape
+    positions = _given(x, 8)
+    pos = (torch.arange(s, device=ids.device).expand(n, s) if positions is None
+           else positions.long().expand(n, s))
+    total = F.embedding(ids, x[2]) + F.embedding(pos, x[3])
+    segments, table = _given(x, 1), _given(x, 4)
+    if segments is not None and table is not None:
+        total = total + F.embedding(segments.long(), table)
+    out = F.layer_norm(total, total.shape[-1:], x[5], x[6], eps=a.get("epsilon", 1e-12))
+    mask = _given(x, 7)
+    count = (mask.ne(0).sum(-1) if mask is not None
+             else torch.full((n,), s, device=ids.device)).to(torch.int32)
+    return out, count, total
+
+
+@ms_op("Attention")
+def _ms_attention(a, x):
+    """Multi-head self-attention on one packed QKV projection (no past). The mask index: the
+    valid length of each sequence (``[B]``) or a 0/1 mask of keys (``[B, S]``); masked scores
+    get ``mask_filter_value`` added, as onnxruntime does."""
+    if _given(x, 4) is not None or _given(x, 5) is not None:
+        raise UnsupportedOpsError("Attention with a past or an attention bias")
+    heads = int(a["num_heads"])
+    hidden = x[1].shape[1]
+    sizes = list(a.get("qkv_hidden_sizes") or [hidden // 3] * 3)
+    qkv = torch.matmul(x[0], x[1])
+    bias = _given(x, 2)
+    if bias is not None:
+        qkv = qkv + bias
+    q, k, v = torch.split(qkv, sizes, dim=-1)
+    n, s = x[0].shape[:2]
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n, s, heads, -1).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    fill = a.get("mask_filter_value", -10000.0)
+    mask = _given(x, 3)
+    if mask is not None:
+        if mask.dim() == 1 and mask.shape[0] == n:
+            keep = torch.arange(s, device=mask.device)[None, :] < mask.long()[:, None]
+        elif mask.dim() == 2:
+            keep = mask.ne(0)
+        else:
+            raise UnsupportedOpsError(f"Attention with a mask index of shape "
+                                      f"{list(mask.shape)}")
+        scores = scores + (~keep)[:, None, None, :].to(scores.dtype) * fill
+    if a.get("unidirectional", 0):
+        causal = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores + causal.to(scores.dtype) * fill
+    out = torch.matmul(torch.softmax(scores, -1), v)
+    return out.transpose(1, 2).reshape(n, s, -1)
