@@ -552,9 +552,11 @@ def _recovered(fp: FamilyPlan, tmp: Path, digests: Mapping[str, Mapping[str, str
     encoder = how["from"]
     feeds = encdec.feeds_for(fp.headers, decoder, [encoder])
     assert feeds is not None, "a decoder whose samples were made reads an encoder"
-    cals = [fp.prepared[n].calib for n in (encoder, decoder)]
+    cals = [fp.prepared[n].calib if n in fp.prepared else None for n in (encoder, decoder)]
     if cals[0] is None or cals[1] is None:
-        raise OptionError(f"--recover: {encoder} or {decoder} was not calibrated")
+        raise OptionError(f"--recover trains {encoder} with {decoder}, and "
+                          f"{encoder if cals[0] is None else decoder} has nothing to prune "
+                          "or no calibration samples")
     done = joined.recovered(fp.src, tmp, encoder, decoder, feeds, (cals[0], cals[1]), digests,
                             distil)
     for n, count in done["trained"].items():

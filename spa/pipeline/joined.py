@@ -4,10 +4,11 @@
 A seq2seq folder's files are one model: distilling the encoder and the decoder apart would
 train each against the dense model's tensors between them, and every file that reads back the
 decoder's caches must keep the values the decoder has. So the pruned encoder and first-step
-decoder are joined into one graph (:func:`joined`): the encoder's inputs and the tokens the
-dense model decoded in, the decoder's logits out, the encoder's output and attention mask wired
-into the decoder. The dense pair is joined the same way and is the teacher
-(spa/torch/recover.py distils and judges it like any one-file model).
+decoder are joined into one graph (:func:`joined`): the encoder's inputs, the tokens the
+dense model decoded and a mask of those whose logits count (:func:`decoded_mask`) in, the
+decoder's logits out, the encoder's output and attention mask wired into the decoder. The
+dense pair is joined the same way and is the teacher (spa/torch/recover.py distils and judges
+it like any one-file model).
 
 Which values train (:func:`trainable`):
 
