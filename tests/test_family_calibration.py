@@ -190,6 +190,16 @@ def test_decoder_samples_are_the_dense_models_greedy_decode(tmp_path: Path) -> N
         for t in range(1, 8):  # each token the argmax after its prefix, pad after EOS
             assert row[t] == (1 if ended else scores[t - 1].argmax())
             ended = ended or row[t] == 2
+    # decoded on the caches by the with-past decoder, one token a run: the same samples
+    cached = encdec.decoder_samples(src / "encoder_model.onnx", src / "decoder_model.onnx",
+                                    feeds, arrays, 2, 2, 1, tokens=8,
+                                    step=src / "decoder_with_past_model.onnx")
+    assert sorted(cached) == sorted(made)
+    for k, v in made.items():
+        np.testing.assert_array_equal(cached[k], v)
+    assert encdec.stepper("decoder_model.onnx", sorted(p.name for p in src.glob("*.onnx")),
+                          {p.name: onnx.load(str(p)) for p in src.glob("*.onnx")},
+                          lambda n: "") == "decoder_with_past_model.onnx"
 
 
 def test_a_saved_plan_names_the_made_samples_and_applies_to_the_same_bytes(

@@ -59,6 +59,27 @@ CHUNK = 16  # samples run at once through the dense encoder and decoder
 HIDDEN = "encoder_hidden_states"
 STAND_IN = "l2"  # the criterion of a file without data whose asked one needs data
 CONFIG = "config.json"
+#: A graph output's name prefix → the input prefixes another file reads it back under
+#: (``present.0.decoder.key`` → ``past_key_values.0.decoder.key``).
+PASSED = {"present": ("past_key_values", "past")}
+
+
+def read_back(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``outputs`` that another file reads back (the caches), under the names it reads them."""
+    return {f"{p}.{k.partition('.')[2]}": v for k, v in outputs.items()
+            for p in PASSED.get(k.partition(".")[0], ())}
+
+
+def stepper(decoder: str, names: list[str], headers: Mapping[str, onnx.ModelProto],
+            variant_of: Callable[[str], str]) -> str | None:
+    """A file of ``decoder``'s variant that reads its caches back (a with-past decoder, the
+    with-past branch of a merged one), which decodes a token on them; None without one."""
+    back = set(read_back({o.name: np.zeros(0) for o in headers[decoder].graph.output}))
+    for n in names:
+        if n != decoder and variant_of(n) == variant_of(decoder) \
+                and back & {i.name for i in headers[n].graph.input}:
+            return n
+    return None
 
 
 @dataclass(frozen=True)
@@ -106,7 +127,8 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
             if feeds is None:
                 out[n] = options
                 continue
-            out[n], made[n] = _made(path, n, feeds, options, work)
+            out[n], made[n] = _made(path, n, feeds, options, work,
+                                    stepper(n, names, headers, variant_of))
     followers = [n for n in names if out[n] is none]
     if followers and none.criterion != options.criterion:
         log.warning("criterion %s scores from data, which %s do not get: they are planned by "
@@ -190,10 +212,10 @@ def feeds_for(headers: Mapping[str, onnx.ModelProto], decoder: str, encoders: li
     return Feeds(enc, hidden, hidden_in, ids, mask, mask_in, logits)
 
 
-def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: Path
-          ) -> tuple[PruneOptions, dict]:
+def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: Path,
+          step: str | None = None) -> tuple[PruneOptions, dict]:
     """The decoder's options reading samples made from the encoder's (saved at ``work`` +
-    name)."""
+    name), decoded on the caches by ``step`` when given."""
     config = read_token_config(path)
     start = config.get("decoder_start_token_id")
     if not isinstance(start, int):
@@ -205,11 +227,11 @@ def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: P
     assert opts.calib is not None, "only options with calibration data come here"
     tokens = (start, eos, pad, options.decoder_tokens)
     calib = _made_file(path, decoder, feeds, opts, opts.calib, enc_model, tokens,
-                       Path(f"{work}{Path(decoder).stem}.calib.npz"))
+                       Path(f"{work}{Path(decoder).stem}.calib.npz"), step)
     held = None
     if options.held_out_data:
         held = _made_file(path, decoder, feeds, opts, options.held_out_data, enc_model, tokens,
-                          Path(f"{work}{Path(decoder).stem}.held_out.npz"))
+                          Path(f"{work}{Path(decoder).stem}.held_out.npz"), step)
     how = {"from": feeds.encoder, "encoder_output": feeds.hidden,
            "tokens": options.decoder_tokens,
            "decoder_start_token_id": start}
@@ -233,8 +255,8 @@ def read_token_config(path: Path) -> dict:
 
 
 def _made_file(path: Path, decoder: str, feeds: Feeds, opts: PruneOptions, source: str,
-               enc_model: LoadedModel, tokens: tuple[int, object, object, int], out: Path
-               ) -> str:
+               enc_model: LoadedModel, tokens: tuple[int, object, object, int], out: Path,
+               step: str | None = None) -> str:
     """Read ``source`` as the encoder's samples, make the decoder's, save them at ``out``."""
     inputs = enc_model.graph.inputs
     try:
@@ -243,7 +265,8 @@ def _made_file(path: Path, decoder: str, feeds: Feeds, opts: PruneOptions, sourc
         arrays = calib_data.fitted(arrays, inputs)
     except OptionError as exc:
         raise OptionError(f"{feeds.encoder}: {exc}") from None
-    made = decoder_samples(path / feeds.encoder, path / decoder, feeds, arrays, *tokens)
+    made = decoder_samples(path / feeds.encoder, path / decoder, feeds, arrays, *tokens,
+                           step=None if step is None else path / step)
     np.savez(out, **made)  # type: ignore[arg-type]  # (numpy's stub: a key could be allow_pickle)
     log.info("%s: %d calibration samples decoded by the dense model from %s's", decoder,
              calib_data.sample_count(made), feeds.encoder)
@@ -252,12 +275,16 @@ def _made_file(path: Path, decoder: str, feeds: Feeds, opts: PruneOptions, sourc
 
 def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
                     arrays: Mapping[str, np.ndarray], start: int, eos: object, pad: object,
-                    tokens: int) -> dict[str, np.ndarray]:
+                    tokens: int, step: Path | None = None) -> dict[str, np.ndarray]:
     """The dense decoder's inputs on the encoder's samples ``arrays``: the encoder's outputs,
     the attention mask, and ``tokens`` ids decoded greedily from ``start`` (``pad`` after an
-    ``eos``), in the samples' order."""
+    ``eos``), in the samples' order. With ``step`` (a decoder that reads ``decoder``'s caches
+    back), each token after the first is decoded on the caches, one token a run, instead of
+    running ``decoder`` over the whole prefix again (the same tokens but where two scores tie
+    to float rounding)."""
     enc = val.session(str(encoder), what=encoder.name)
     dec = val.session(str(decoder), what=decoder.name)
+    later = None if step is None else val.session(str(step), what=step.name)
     enc_in = [i.name for i in enc.get_inputs()]
     id_type = next(np.int32 if "int32" in i.type else np.int64 for i in dec.get_inputs()
                    if i.name == feeds.ids)
@@ -273,11 +300,19 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
             fed[feeds.mask_in] = chunk[feeds.mask]
         ids = np.full((len(hidden), 1), start, id_type)
         done = np.zeros(len(hidden), bool)
+        out = val.run(dec, fed | {feeds.ids: ids})
+        past = read_back(out)
         while ids.shape[1] < tokens:
-            logits = val.run(dec, fed | {feeds.ids: ids})[feeds.logits][:, -1]
-            nxt = np.where(done, fill, logits.argmax(-1)).astype(id_type)
+            if later is None:  # the whole prefix again
+                out = val.run(dec, fed | {feeds.ids: ids}) if ids.shape[1] > 1 else out
+            nxt = np.where(done, fill, out[feeds.logits][:, -1].argmax(-1)).astype(id_type)
             done |= np.isin(nxt, list(eos_ids))
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
+            if later is not None and ids.shape[1] < tokens:
+                wanted = {i.name for i in later.get_inputs()}
+                out = val.run(later, {k: v for k, v in (fed | past).items() if k in wanted}
+                              | {feeds.ids: nxt[:, None]})
+                past.update(read_back(out))
         for k, v in (fed | {feeds.ids: ids}).items():
             parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}

@@ -124,8 +124,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MERGED = "_merged.onnx"
 CONFIG = "config.json"  # 🤗 Transformers' model config
-#: How a tensor another file reads back is named on each side: output prefix -> input prefixes.
-_PASSED = {"present": ("past_key_values", "past")}
 
 Site = tuple[str, "SpaceKey"]  # a channel space of one file: (file name, space)
 GroupRef = tuple[str, int]  # a group of one file: (file name, group id)
@@ -754,7 +752,7 @@ def _passings(inputs: Mapping[str, set[str]], outputs: Mapping[str, set[str]]
     for a, outs in outputs.items():
         for out in sorted(outs):
             head, dot, rest = out.partition(".")
-            for prefix in _PASSED.get(head, ()) if dot else ():
+            for prefix in encdec.PASSED.get(head, ()) if dot else ():
                 for b, ins in inputs.items():
                     if b != a and f"{prefix}.{rest}" in ins and variant(a) == variant(b):
                         yield a, b, out, f"{prefix}.{rest}"
@@ -974,7 +972,7 @@ def _not_a_pair(first: ort.InferenceSession, later: ort.InferenceSession) -> str
     why the step check cannot feed them."""
     fed = {i.name for i in first.get_inputs()}
     own = [i.name for i in later.get_inputs() if i.name not in fed and not any(
-        i.name.startswith(p + ".") for ps in _PASSED.values() for p in ps)]
+        i.name.startswith(p + ".") for ps in encdec.PASSED.values() for p in ps)]
     if own:
         return f"inputs {own} are neither the first file's nor caches it writes"
     if "input_ids" not in fed or "logits" not in {o.name for o in first.get_outputs()} \
@@ -1004,12 +1002,8 @@ def _step_difference(first: ort.InferenceSession, later: ort.InferenceSession,
     def whole(t: int) -> dict[str, np.ndarray]:
         return val.run(first, {**feeds, "input_ids": ids[:, :t]})
 
-    def read_back(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {f"{p}.{k.partition('.')[2]}": v for k, v in outputs.items()
-                for p in _PASSED.get(k.partition(".")[0], ())}
-
     wanted = {i.name for i in later.get_inputs()}
-    past = read_back(whole(prefix))
+    past = encdec.read_back(whole(prefix))
     worst = 0.0
     for t in range(prefix, prefix + STEPS):
         step = val.run(later, {**{k: v for k, v in feeds.items() if k in wanted},
@@ -1018,7 +1012,7 @@ def _step_difference(first: ort.InferenceSession, later: ort.InferenceSession,
         ref = whole(t + 1)["logits"][:, -1]
         worst = max(worst, float(np.abs(step["logits"][:, -1] - ref).max()
                                  / max(float(np.abs(ref).max()), 1e-30)))
-        past.update(read_back(step))
+        past.update(encdec.read_back(step))
     return worst
 
 
