@@ -205,3 +205,19 @@ def with_and_without_update(original: onnx.ModelProto, src: Path, calib: Path,
             int(compensate)
         outs[compensate], error[compensate] = out, output_error(original, out, samples)
     return outs, error
+
+
+def runs_as_onnxruntime(model: Path, feeds: dict[str, np.ndarray], tol: float = RTOL) -> None:
+    """``spa.torch.from_onnx(model)`` gives onnxruntime's outputs on ``feeds`` (relative and
+    absolute ``tol``): what ``spa recover`` trains is the model as written."""
+    import torch
+
+    from spa.torch import from_onnx
+
+    want = val.run(val.session(model), feeds)
+    module = from_onnx(model)
+    with torch.no_grad():
+        got = module(*[torch.from_numpy(feeds[n]) for n in module.input_names])
+    got = got if isinstance(got, tuple) else (got,)
+    for g, name in zip(got, module.output_names):
+        np.testing.assert_allclose(g.numpy(), want[name], rtol=tol, atol=tol)
