@@ -313,7 +313,8 @@ def folder_notes(family: FamilyReport) -> list[str]:
               f"{took['from']} (they share those weights)"
               for name, took in family.refits_taken.items()]
     notes += [f"held-out fidelity of {pair}, the pruned files together (the encoder's outputs "
-              f"into the decoder, on the dense model's decode): {fidelity.describe(m)}"
+              f"into the decoder, on the dense model's decode up to its EOS): "
+              f"{fidelity.describe(m)}"
               for pair, m in family.together.items()]
     return notes + _recovery_notes(family.recovery)
 

@@ -163,7 +163,7 @@ def test_a_trained_model_keeps_doing_its_job_only_with_calibration(tmp_path: Pat
     assert reversing(REVERSE, bare, *held) < 0.2
     assert reversing(REVERSE, fitted, *held) > 0.95
     joint = done.together["encoder_model.onnx -> decoder_model.onnx"]
-    assert joint["agreement"] > 0.9  # on the dense decode, past EOS too
+    assert joint["agreement"] > 0.95  # on the dense decode, up to its EOS
 
 
 def test_decoder_samples_are_the_dense_models_greedy_decode(tmp_path: Path) -> None:

@@ -147,8 +147,8 @@ def test_the_logits_that_count_end_with_the_one_that_chose_eos() -> None:
                     [0, 2, 1, 1, 1, 1],    # EOS at once
                     [0, 5, 9, 6, 9, 1]])   # the first of two EOS ids (9)
     want = [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
-    np.testing.assert_array_equal(joined.decoded_mask(ids[:3], {2}), want[:3])
-    np.testing.assert_array_equal(joined.decoded_mask(ids[3:], {2, 9}), want[3:])
+    np.testing.assert_array_equal(encdec.decoded_mask(ids[:3], {2}), want[:3])
+    np.testing.assert_array_equal(encdec.decoded_mask(ids[3:], {2, 9}), want[3:])
 
 
 def test_what_recovering_a_folder_needs(tmp_path: Path, capsys) -> None:

@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -240,6 +240,21 @@ def _made(path: Path, decoder: str, feeds: Feeds, options: PruneOptions, work: P
                                calib_samples=None, pack=False), how
 
 
+def decoded_mask(ids: np.ndarray, eos: Collection[int]) -> np.ndarray:
+    """1 at the positions of greedily decoded ``ids`` (``[samples, tokens]``, the start token
+    first) whose logits chose a token, up to and including the one that chose the first EOS;
+    0 after it, where the logits predict what follows an EOS (padding)."""
+    ends = np.isin(ids[:, 1:], list(eos))
+    last = np.where(ends.any(1), ends.argmax(1), ids.shape[1] - 1)  # the logit that chose EOS
+    return (np.arange(ids.shape[1])[None, :] <= last[:, None]).astype(np.int64)
+
+
+def eos_ids(path: Path) -> set[int]:
+    """The EOS token ids of the folder at ``path`` (config.json, generation_config.json)."""
+    eos = read_token_config(path).get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
 def read_token_config(path: Path) -> dict:
     """The folder's config.json with its generation_config.json's token ids over it."""
     out: dict = {}
@@ -288,7 +303,7 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
     enc_in = [i.name for i in enc.get_inputs()]
     id_type = next(np.int32 if "int32" in i.type else np.int64 for i in dec.get_inputs()
                    if i.name == feeds.ids)
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    ends = set(eos if isinstance(eos, list) else [eos]) - {None}
     fill = pad if isinstance(pad, int) else start
     parts: dict[str, list[np.ndarray]] = {}
     n = calib_data.sample_count(arrays)
@@ -306,7 +321,7 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
             if later is None:  # the whole prefix again
                 out = val.run(dec, fed | {feeds.ids: ids}) if ids.shape[1] > 1 else out
             nxt = np.where(done, fill, out[feeds.logits][:, -1].argmax(-1)).astype(id_type)
-            done |= np.isin(nxt, list(eos_ids))
+            done |= np.isin(nxt, list(ends))
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
             if later is not None and ids.shape[1] < tokens:
                 wanted = {i.name for i in later.get_inputs()}
@@ -367,12 +382,14 @@ def replace_values(model: onnx.ModelProto, values: Mapping[str, onnx.TensorProto
 
 
 def together(original: Path, written: Path, feeds: Feeds, decoder: str,
-             encoder_held: Mapping[str, np.ndarray], decoder_held: Mapping[str, np.ndarray]
-             ) -> dict[str, float]:
+             encoder_held: Mapping[str, np.ndarray], decoder_held: Mapping[str, np.ndarray],
+             eos: set[int] | None = None) -> dict[str, float]:
     """Held-out fidelity of the pruned encoder and decoder in ``written`` run together: the
     pruned encoder's outputs on its held-out samples fed to the pruned decoder with the dense
     model's decoded tokens, against the dense decoder (in ``original``) on the dense encoder's
-    outputs (the decoder's held-out samples, made from the same samples in the same order)."""
+    outputs (the decoder's held-out samples, made from the same samples in the same order).
+    With ``eos``, at the positions up to the one that chose the first EOS
+    (:func:`decoded_mask`; after it the logits predict padding)."""
     enc = val.session(str(written / feeds.encoder), what=feeds.encoder)
     hidden = val.run_chunked(enc, {i.name: np.asarray(encoder_held[i.name])
                                    for i in enc.get_inputs()})[feeds.hidden]
@@ -381,7 +398,8 @@ def together(original: Path, written: Path, feeds: Feeds, decoder: str,
     fed = {i.name: np.asarray(decoder_held[i.name]) for i in dense.get_inputs()}
     ref = val.run_chunked(dense, fed)[feeds.logits]
     out = val.run_chunked(pruned, fed | {feeds.hidden_in: hidden})[feeds.logits]
-    return fidelity.compare([ref], [out])
+    real = decoded_mask(np.asarray(fed[feeds.ids]), eos).astype(bool) if eos else None
+    return fidelity.compare([ref], [out], real)
 
 
 def digest(values: np.ndarray) -> str:

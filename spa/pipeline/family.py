@@ -537,7 +537,7 @@ def _together(fp: FamilyPlan, written: Path) -> dict[str, dict[str, float]]:
             feeds = encdec.feeds_for(fp.headers, d, [e])
             assert feeds is not None, "a decoder whose samples were made reads an encoder"
             out[f"{e} -> {d}"] = encdec.together(fp.src, written, feeds, d, held[0].held_out,
-                                                 held[1].held_out)
+                                                 held[1].held_out, encdec.eos_ids(fp.src))
     return out
 
 

@@ -5,8 +5,8 @@ A seq2seq folder's files are one model: distilling the encoder and the decoder a
 train each against the dense model's tensors between them, and every file that reads back the
 decoder's caches must keep the values the decoder has. So the pruned encoder and first-step
 decoder are joined into one graph (:func:`joined`): the encoder's inputs, the tokens the
-dense model decoded and a mask of those whose logits count (:func:`decoded_mask`) in, the
-decoder's logits out, the encoder's output and attention mask wired into the decoder. The
+dense model decoded and a mask of those whose logits count (:func:`encdec.decoded_mask`)
+in, the decoder's logits out, the encoder's output and attention mask wired into the decoder. The
 dense pair is joined the same way and is the teacher (spa/torch/recover.py distils and judges
 it like any one-file model).
 
@@ -70,9 +70,7 @@ def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encde
     train = trainable(enc, dec, digests[decoder], others)
     tokens = np.shape(calibrations[1].train[feeds.ids])[1]
     dense = joined(onnx.load(str(src / encoder)), onnx.load(str(src / decoder)), feeds, tokens)
-    eos = encdec.read_token_config(src).get("eos_token_id")
-    samples = calibration(*calibrations, feeds, set(eos if isinstance(eos, list) else [eos])
-                          - {None})
+    samples = calibration(*calibrations, feeds, encdec.eos_ids(src))
     trained, report = distil(dense, joined(enc, dec, feeds, tokens, train), samples, written)
     done = {"encoder": encoder, "decoder": decoder, "values": len(train), "trained": {},
             "taken": {}}
@@ -155,21 +153,12 @@ def calibration(encoder: Calibration, decoder: Calibration, feeds: encdec.Feeds,
             raise OptionError(f"the encoder has {sample_count(enc)} samples and the decoder "
                               f"{sample_count(dec)}: they are not one set")
         ids = np.asarray(dec[feeds.ids])
-        return {DECODER_MASK: decoded_mask(ids, eos)} | {
+        return {DECODER_MASK: encdec.decoded_mask(ids, eos)} | {
             (MASK if k == feeds.mask else k): v for k, v in enc.items()} | {DECODER_IDS: ids}
 
     return Calibration(arrays(encoder.train, decoder.train),
                        arrays(encoder.held_out, decoder.held_out), encoder.kind,
                        encoder.path, encoder.held_out_path, encoder.tokenizer)
-
-
-def decoded_mask(ids: np.ndarray, eos: Collection[int]) -> np.ndarray:
-    """1 at the positions of greedily decoded ``ids`` (``[samples, tokens]``, the start token
-    first) whose logits chose a token, up to and including the one that chose the first EOS;
-    0 after it, where the logits predict what follows an EOS (padding)."""
-    ends = np.isin(ids[:, 1:], list(eos))
-    last = np.where(ends.any(1), ends.argmax(1), ids.shape[1] - 1)  # the logit that chose EOS
-    return (np.arange(ids.shape[1])[None, :] <= last[:, None]).astype(np.int64)
 
 
 def written_apart(trained: onnx.ModelProto, folder: Path, encoder: str, decoder: str
