@@ -164,3 +164,28 @@ def test_what_recovering_a_folder_needs(tmp_path: Path, capsys) -> None:
         == ExitCode.BAD_INPUT
     assert "spa prune FOLDER -o OUT --calib PATH --recover STEPS" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_joined_samples_leave_the_encoders_padding_out() -> None:
+    """Every sample's padding after the last column any of them attends to is cut from the
+    encoder's token inputs (distillation cuts none of the joined graph's); the decoder's
+    tokens and their mask are as made."""
+    from spa.calibration import Calibration
+
+    def enc(lengths: list[int]) -> dict[str, np.ndarray]:
+        mask = (np.arange(12)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+        return {"input_ids": np.where(mask == 1, 7, 1), "attention_mask": mask}
+
+    def dec(n: int) -> dict[str, np.ndarray]:
+        return {"input_ids": np.tile([2, 5, 2, 1], (n, 1))}
+
+    feeds = encdec.Feeds("encoder_model.onnx", "last_hidden_state", "encoder_hidden_states",
+                         "input_ids", "attention_mask", "encoder_attention_mask")
+    encoder = Calibration(enc([3, 9, 4]), enc([5]), "npz", "x.npz")
+    decoder = Calibration(dec(3), dec(1), "npz", "y.npz")
+    cut = joined.calibration(encoder, decoder, feeds, {2})
+    assert cut.train["input_ids"].shape == (3, 9) and cut.held_out[joined.MASK].shape == (1, 9)
+    np.testing.assert_array_equal(cut.train[joined.MASK], encoder.train["attention_mask"][:, :9])
+    np.testing.assert_array_equal(cut.train[joined.DECODER_MASK], [[1, 1, 0, 0]] * 3)
+    whole = joined.calibration(encoder, decoder, feeds, {2}, cut=False)
+    assert whole.train["input_ids"].shape == (3, 12)

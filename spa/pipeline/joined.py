@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from spa.calibration import Calibration, sample_count
+from spa.calibration import Calibration, attended_lengths, sample_count
 from spa.errors import OptionError
 from spa.pipeline import encdec
 
@@ -70,7 +70,7 @@ def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encde
     train = trainable(enc, dec, digests[decoder], others)
     tokens = np.shape(calibrations[1].train[feeds.ids])[1]
     dense = joined(onnx.load(str(src / encoder)), onnx.load(str(src / decoder)), feeds, tokens)
-    samples = calibration(*calibrations, feeds, encdec.eos_ids(src))
+    samples = calibration(*calibrations, feeds, encdec.eos_ids(src), _symbolic_tokens(enc))
     trained, report = distil(dense, joined(enc, dec, feeds, tokens, train), samples, written)
     done = {"encoder": encoder, "decoder": decoder, "values": len(train), "trained": {},
             "taken": {}}
@@ -143,22 +143,47 @@ def trainable(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
 
 
 def calibration(encoder: Calibration, decoder: Calibration, feeds: encdec.Feeds,
-                eos: Collection[int]) -> Calibration:
+                eos: Collection[int], cut: bool = True) -> Calibration:
     """The joined graph's samples: the encoder's, with the tokens of the decoder's samples
     (made from the encoder's in the same order, spa/pipeline/encdec.py) and the mask of those
-    whose logits count (up to the first of the ``eos`` ids)."""
+    whose logits count (up to the first of the ``eos`` ids). With ``cut`` (the encoder's
+    token axis is symbolic), its token inputs are cut after the last column any sample
+    attends to (text padded to ``--max-length``): distillation cuts no padding of the joined
+    graph batch by batch (:data:`MASK`)."""
+    width = _attended_width(feeds.mask, encoder.train, encoder.held_out) if cut else None
+
     def arrays(enc: Mapping[str, np.ndarray], dec: Mapping[str, np.ndarray]
                ) -> dict[str, np.ndarray]:
         if sample_count(enc) != sample_count(dec):
             raise OptionError(f"the encoder has {sample_count(enc)} samples and the decoder "
                               f"{sample_count(dec)}: they are not one set")
         ids = np.asarray(dec[feeds.ids])
+        cut = {k: (v[:, :width] if width is not None and np.ndim(v) == 2 else v)
+               for k, v in enc.items()}
         return {DECODER_MASK: encdec.decoded_mask(ids, eos)} | {
-            (MASK if k == feeds.mask else k): v for k, v in enc.items()} | {DECODER_IDS: ids}
+            (MASK if k == feeds.mask else k): v for k, v in cut.items()} | {DECODER_IDS: ids}
 
     return Calibration(arrays(encoder.train, decoder.train),
                        arrays(encoder.held_out, decoder.held_out), encoder.kind,
                        encoder.path, encoder.held_out_path, encoder.tokenizer)
+
+
+def _symbolic_tokens(model: onnx.ModelProto) -> bool:
+    """Whether every 2-D graph input of ``model`` has a token axis of no fixed length."""
+    inits = {i.name for i in model.graph.initializer}
+    dims = [i.type.tensor_type.shape.dim for i in model.graph.input if i.name not in inits]
+    return all(d[1].dim_value <= 0 for d in dims if len(d) == 2)
+
+
+def _attended_width(mask: str | None, *splits: Mapping[str, np.ndarray]) -> int | None:
+    """One past the last column of ``mask`` any sample of ``splits`` attends to, when every
+    2-D input of the splits is that wide (token inputs); None otherwise."""
+    if mask is None or any(mask not in s for s in splits):
+        return None
+    full = np.shape(splits[0][mask])[1]
+    if any(np.ndim(v) == 2 and np.shape(v)[1] != full for s in splits for v in s.values()):
+        return None
+    return max(1, *(int(attended_lengths(np.asarray(s[mask])).max(initial=0)) for s in splits))
 
 
 def written_apart(trained: onnx.ModelProto, folder: Path, encoder: str, decoder: str
