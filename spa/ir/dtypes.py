@@ -45,4 +45,12 @@ def is_floating(dtype: ElementType) -> bool:
     return onnx_type(dtype) in FLOATING
 
 
-__all__ = ["FLOATING", "is_floating", "onnx_type"]
+def is_trainable(values: np.ndarray) -> bool:
+    """Whether training changes these initializer values (``spa.torch.from_onnx`` makes them
+    parameters): float tensors, except scalars (a scale, an epsilon) and masks (±inf or
+    ±finfo.max entries), whose gradients are meaningless or not finite."""
+    return (is_floating(values.dtype) and values.ndim > 0
+            and bool((np.abs(values) < 1e30).all()))
+
+
+__all__ = ["FLOATING", "is_floating", "is_trainable", "onnx_type"]

@@ -70,18 +70,6 @@ def read_back(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             for p in PASSED.get(k.partition(".")[0], ())}
 
 
-def stepper(decoder: str, names: list[str], headers: Mapping[str, onnx.ModelProto],
-            variant_of: Callable[[str], str]) -> str | None:
-    """A file of ``decoder``'s variant that reads its caches back (a with-past decoder, the
-    with-past branch of a merged one), which decodes a token on them; None without one."""
-    back = set(read_back({o.name: np.zeros(0) for o in headers[decoder].graph.output}))
-    for n in names:
-        if n != decoder and variant_of(n) == variant_of(decoder) \
-                and back & {i.name for i in headers[n].graph.input}:
-            return n
-    return None
-
-
 @dataclass(frozen=True)
 class Feeds:
     """How the source decoder's inputs are made: from the ``encoder`` file's output
@@ -108,9 +96,11 @@ class Calibrated:
 
 def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelProto],
                  free: Mapping[str, set[str]], options: PruneOptions, work: Path,
-                 variant_of: Callable[[str], str]) -> Calibrated:
+                 variant_of: Callable[[str], str], readers: Mapping[str, str]) -> Calibrated:
     """Per file of the folder at ``path``, the options it is planned with (see the module);
-    made samples are saved as ``<work><decoder stem>.calib.npz``."""
+    made samples are saved as ``<work><decoder stem>.calib.npz``. ``readers``: per file that
+    writes caches, the first file that reads them back (a with-past decoder: the made samples
+    are decoded on the caches by it)."""
     # the plain files' first writer (a quantised variant's refits would not be matched)
     source = sources(names, headers, free, variant_of).get("")
     out: dict[str, PruneOptions] = {}
@@ -127,8 +117,7 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
             if feeds is None:
                 out[n] = options
                 continue
-            out[n], made[n] = _made(path, n, feeds, options, work,
-                                    stepper(n, names, headers, variant_of))
+            out[n], made[n] = _made(path, n, feeds, options, work, readers.get(n))
     followers = [n for n in names if out[n] is none]
     if followers and none.criterion != options.criterion:
         log.warning("criterion %s scores from data, which %s do not get: they are planned by "
@@ -251,8 +240,12 @@ def decoded_mask(ids: np.ndarray, eos: Collection[int]) -> np.ndarray:
 
 def eos_ids(path: Path) -> set[int]:
     """The EOS token ids of the folder at ``path`` (config.json, generation_config.json)."""
-    eos = read_token_config(path).get("eos_token_id")
-    return set(eos if isinstance(eos, list) else [eos]) - {None}
+    return _ids(read_token_config(path).get("eos_token_id"))
+
+
+def _ids(value: object) -> set[int]:
+    """A config's token id entry (an id, a list of them, or none) as a set."""
+    return set(value if isinstance(value, list) else [value]) - {None}
 
 
 def read_token_config(path: Path) -> dict:
@@ -300,10 +293,11 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
     enc = val.session(str(encoder), what=encoder.name)
     dec = val.session(str(decoder), what=decoder.name)
     later = None if step is None else val.session(str(step), what=step.name)
+    wanted = set() if later is None else {i.name for i in later.get_inputs()}
     enc_in = [i.name for i in enc.get_inputs()]
     id_type = next(np.int32 if "int32" in i.type else np.int64 for i in dec.get_inputs()
                    if i.name == feeds.ids)
-    ends = set(eos if isinstance(eos, list) else [eos]) - {None}
+    ends = _ids(eos)
     fill = pad if isinstance(pad, int) else start
     parts: dict[str, list[np.ndarray]] = {}
     n = calib_data.sample_count(arrays)
@@ -324,7 +318,6 @@ def decoder_samples(encoder: Path, decoder: Path, feeds: Feeds,
             done |= np.isin(nxt, list(ends))
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
             if later is not None and ids.shape[1] < tokens:
-                wanted = {i.name for i in later.get_inputs()}
                 out = val.run(later, {k: v for k, v in (fed | past).items() if k in wanted}
                               | {feeds.ids: nxt[:, None]})
                 past.update(read_back(out))

@@ -227,8 +227,11 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
     if any(free.values()):
         _refuse(options)
         if options.calib_data:
+            readers: dict[str, str] = {}
+            for a, b in _pairs(headers):
+                readers.setdefault(a, b)
             calibrated = encdec.plan_options(src, names, headers, free, options,
-                                             _samples_dir(view, plan_path), variant)
+                                             _samples_dir(view, plan_path), variant, readers)
             per_file, made = calibrated.options, calibrated.made
     prepared: dict[str, Prepared] = {}
     analyses: dict[str, Analysis] = {}
@@ -502,7 +505,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites)
         steps: dict[str, dict | str] = {}
-        for a, b in sorted({(a, b) for a, b, _, _ in _passings(*_signatures(fp.headers))}):
+        for a, b in _pairs(fp.headers):
             sized = reports.get(a) or reports.get(b)
             if checks.validate and sized is not None:
                 steps[f"{a} -> {b}"] = _steps_checked(src, tmp, a, b, dict(sized.input_dims),
@@ -743,6 +746,11 @@ def _passed(headers: Mapping[str, onnx.ModelProto]) -> dict[str, set[str]]:
         free[a].add(out)
         free[b].add(inp)
     return free
+
+
+def _pairs(headers: Mapping[str, onnx.ModelProto]) -> list[tuple[str, str]]:
+    """(writer, reader) of the files one of which reads back what the other writes, sorted."""
+    return sorted({(a, b) for a, b, _, _ in _passings(*_signatures(headers))})
 
 
 def _passings(inputs: Mapping[str, set[str]], outputs: Mapping[str, set[str]]

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from spa.calibration import Calibration, attended_lengths, sample_count
 from spa.errors import OptionError
+from spa.ir.dtypes import is_trainable
 from spa.pipeline import encdec
 
 ENCODER = "encoder/"  # the prefix of the encoder's names in the joined graph
@@ -137,7 +138,7 @@ def trainable(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
     held = {encdec.digest(numpy_helper.to_array(i)) for m in (decoder, *others)
             for i in m.graph.initializer if len(i.dims) >= 2}
     values = {i.name: numpy_helper.to_array(i) for i in encoder.graph.initializer}
-    out = {ENCODER + n for n, v in values.items() if _trains(v)
+    out = {ENCODER + n for n, v in values.items() if is_trainable(v)
            and (v.ndim < 2 or encdec.digest(v) not in held)}
     return out | {DECODER + n for n in encdec.roles(decoder_digests, decoder)}
 
@@ -246,8 +247,3 @@ def _value(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
     out.name = name
     return out
 
-
-def _trains(value: np.ndarray) -> bool:
-    """A float tensor that is not a scalar (a scale, an epsilon) or a mask (±inf or ±finfo.max
-    entries), as spa.torch.from_onnx makes parameters."""
-    return value.dtype.kind == "f" and value.ndim > 0 and bool((np.abs(value) < 1e30).all())

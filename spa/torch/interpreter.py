@@ -45,6 +45,7 @@ from torch import nn
 
 from spa.coupling.registry import ALL_OPSETS, OpTable, domain_key
 from spa.errors import SpaError
+from spa.ir.dtypes import is_trainable
 
 
 def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -111,9 +112,10 @@ class OnnxModule(nn.Module):
         statistics = {n.input[i] for n in graph.node if n.op_type == "BatchNormalization"
                       for i in (3, 4) if len(n.input) > i}  # running mean/var: not trained
         for init in graph.initializer:
-            value = torch.from_numpy(np.array(numpy_helper.to_array(init), copy=True))
+            array = numpy_helper.to_array(init)
+            value = torch.from_numpy(np.array(array, copy=True))
             key = _key(init.name, self._attr_of)
-            if _is_weight(value) and init.name not in statistics:
+            if is_trainable(array) and init.name not in statistics:
                 self.params[key] = nn.Parameter(value)
             else:
                 self.register_buffer(f"c_{key}", value)
@@ -155,13 +157,6 @@ class OnnxModule(nn.Module):
         if capture:
             return out, {name: env[name] for name in capture}
         return out[0] if len(out) == 1 else out
-
-
-def _is_weight(value: torch.Tensor) -> bool:
-    """Float tensors are trained, except scalars (a scale, an epsilon) and masks (±inf or
-    ±finfo.max entries), whose gradients are meaningless or not finite."""
-    return (value.is_floating_point() and value.dim() > 0
-            and bool((value.abs() < 1e30).all()))
 
 
 def _key(name: str, attr_of: dict[str, str]) -> str:
