@@ -76,7 +76,7 @@ def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encde
     done = {"encoder": encoder, "decoder": decoder, "values": len(train), "trained": {},
             "taken": {}}
     if trained is not None:
-        done["trained"] = written_apart(trained, written, encoder, decoder)
+        done["trained"] = written_apart(trained, written, (encoder, enc), (decoder, dec))
         done["taken"] = encdec.take_refits(written, decoder, digests)
     return report | done
 
@@ -187,13 +187,14 @@ def _attended_width(mask: str | None, *splits: Mapping[str, np.ndarray]) -> int 
     return max(1, *(int(attended_lengths(np.asarray(s[mask])).max(initial=0)) for s in splits))
 
 
-def written_apart(trained: onnx.ModelProto, folder: Path, encoder: str, decoder: str
+def written_apart(trained: onnx.ModelProto, folder: Path,
+                  encoder: tuple[str, onnx.ModelProto], decoder: tuple[str, onnx.ModelProto]
                   ) -> dict[str, int]:
     """Write the trained initializers of the joined graph back into ``folder``'s ``encoder``
-    and ``decoder`` files (same names, shapes and types); the values changed per file."""
+    and ``decoder`` files (each its name and its model as read from there; same names, shapes
+    and types); the values changed per file."""
     changed = {}
-    for name, prefix in ((encoder, ENCODER), (decoder, DECODER)):
-        model = onnx.load(str(folder / name))
+    for (name, model), prefix in ((encoder, ENCODER), (decoder, DECODER)):
         values = {i.name.removeprefix(prefix): i for i in trained.graph.initializer
                   if i.name.startswith(prefix)}
         try:
