@@ -324,14 +324,11 @@ def _recovery_notes(rec: dict) -> list[str]:
     that took the trained values."""
     if not rec:
         return []
-    before, after = rec["fidelity_before"], rec["fidelity_after"]
-    key = fidelity.headline(before)
-    name, (a, b) = (key[0], (before[key[0]], after[key[0]])) if key else (
-        "relative_error", (before["relative_error"], after["relative_error"]))
+    before, after, name = rec["fidelity_before"], rec["fidelity_after"], rec["measure"]
     head = (f"recovery: {rec['encoder']} and {rec['decoder']} distilled together "
             f"({rec['steps']} steps at lr {rec['lr']:g}, {rec['seconds']:.0f} s, "
-            f"{rec['values']} values trained): held-out {name} {a:.4f} -> {b:.4f} (of "
-            f"{int(before['samples'])} samples); " + (
+            f"{rec['values']} values trained): held-out {name} {before[name]:.4f} -> "
+            f"{after[name]:.4f} (of {int(before['samples'])} samples); " + (
                 "written" if rec["kept"] == "recovered"
                 else f"the pruned values written ({rec['kept']})"))
     return [head] + [f"{name}: took {count} values of {rec['decoder']} trained by the recovery "

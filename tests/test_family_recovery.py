@@ -81,6 +81,7 @@ def _nudged(dense, pruned, calibration, work):
         init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.01),
                                               init.name))
     return trained, {"kept": "recovered", "steps": 0, "lr": 0.0, "seconds": 0.0,
+                     "measure": "relative_error",
                      "fidelity_before": {"relative_error": 0.5, "samples": 1},
                      "fidelity_after": {"relative_error": 0.4, "samples": 1}}
 
