@@ -15,6 +15,7 @@ The file on disk is only read, never written.
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 import logging
 import mmap
@@ -576,6 +577,50 @@ def _bypass_constant_identities(graph: gs.Graph) -> None:
         _replace_uses(graph, out, src)
 
 
+def sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put ``graph``'s nodes in topological order when they are not (onnxruntime's float16
+    converter writes some after their readers; onnxruntime sorts them itself, onnx.checker
+    refuses them): a stable order, each node as early as its inputs allow and otherwise as
+    written. A node reads what its subgraphs read from outside them. Whether nodes moved;
+    a cycle leaves them as they are, for the checker to name."""
+    made = {o: k for k, node in enumerate(graph.node) for o in node.output if o}
+    needs = [sorted({made[x] for x in _reads(node) if x in made and made[x] != k})
+             for k, node in enumerate(graph.node)]
+    if all(d < k for k, deps in enumerate(needs) for d in deps):
+        return False
+    waiting = [len(deps) for deps in needs]
+    readers: dict[int, list[int]] = {}
+    for k, deps in enumerate(needs):
+        for d in deps:
+            readers.setdefault(d, []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers.get(k, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(graph.node):
+        return False
+    nodes = [graph.node[k] for k in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names ``node`` reads: its inputs, and what the nodes of its subgraphs read."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for g in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+            for inner in g.node:
+                names |= _reads(inner)
+    return names
+
+
 def _check_node_names(graph: onnx.GraphProto, name: str) -> None:
     """Node names are unique within each graph (ONNX IR: a node's name is its identity in the
     graph's namespace; onnxruntime refuses a repeat, SPA's plans name nodes). Empty names are
@@ -629,7 +674,11 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     inference of the full check (types checked too), which SPA's output passes.
 
     onnxruntime's contrib ops are seen as spa/ir/contrib.py says: their outputs' shapes come
-    from onnxruntime, and ONNX inference then runs again to carry them to the ops after them."""
+    from onnxruntime, and ONNX inference then runs again to carry them to the ops after them.
+    A model as read whose nodes are out of topological order is put in order first
+    (:func:`sort_nodes`)."""
+    if strict and sort_nodes(model.graph):
+        log.info("%s: its nodes were not in topological order; read in that order", name)
     try:
         light = _without_constant_annotations(onnx_view(weightless(model)))
         inferred = _with_contrib_shapes(_infer(light, strict), strict)
