@@ -309,14 +309,23 @@ def folder_notes(family: FamilyReport) -> list[str]:
               f"'{how['encoder_output']}' and {how['tokens']} tokens the dense model decodes "
               f"greedily from decoder_start_token_id {how['decoder_start_token_id']}"
               for name, how in family.decoder_samples.items()]
-    notes += [f"{name}: took {took['values']} {took['how']} values of "
-              f"{took['from']} (they share those weights)"
-              for name, took in family.refits_taken.items()]
+    notes += [_taken_note(name, took) for name, took in family.refits_taken.items()]
     notes += [f"held-out fidelity of {pair}, the pruned files together (the encoder's outputs "
               f"into the decoder, on the dense model's decode up to its EOS): "
               f"{fidelity.describe(m)}"
               for pair, m in family.together.items()]
     return notes + _recovery_notes(family.recovery)
+
+
+def _taken_note(name: str, took: dict) -> str:
+    """What a file took of another's written values (FamilyReport.refits_taken)."""
+    if took.get("how") != "float16-cast":
+        return (f"{name}: took {took['values']} {took['how']} values of {took['from']} (they "
+                "share those weights)")
+    check = (f"; answers as it within relative {took['relative_diff']:.1e} (the input files: "
+             f"{took['relative_diff_before']:.1e})" if "relative_diff" in took else "")
+    return (f"{name}: a float16 copy of {took['from']}: planned as it, and took {took['values']} "
+            f"of its written values, cast{check}")
 
 
 def _recovery_notes(rec: dict) -> list[str]:

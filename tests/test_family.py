@@ -267,7 +267,7 @@ def test_the_step_check_catches_decoders_that_part(tmp_path: Path, monkeypatch) 
     """Each file pruned by its own plan (the ties not followed, the weight check off): the
     caches keep their shapes, but the cross-attention heads the two decoders keep differ, and
     the step check refuses to write the folder."""
-    monkeypatch.setattr(family, "_follow", lambda analyses, plans, pairs, prefer=(): (
+    monkeypatch.setattr(family, "_follow", lambda analyses, plans, pairs, prefer=(), last=(): (
         {n: {} for n in analyses}, 0, []))
     monkeypatch.setattr(family, "_check_written", lambda *args: None)
     out = tmp_path / "small"

@@ -105,7 +105,7 @@ def plan_options(path: Path, names: list[str], headers: Mapping[str, onnx.ModelP
     source = sources(names, headers, free, variant_of).get("")
     out: dict[str, PruneOptions] = {}
     made: dict[str, dict] = {}
-    none = _without_data(options)
+    none = without_data(options)
     for n in names:
         if not free[n]:
             out[n] = options
@@ -142,7 +142,7 @@ def _reads_back(header: onnx.ModelProto, free: set[str]) -> bool:
     return any(i.name in free for i in header.graph.input)
 
 
-def _without_data(options: PruneOptions) -> PruneOptions:
+def without_data(options: PruneOptions) -> PruneOptions:
     """``options`` for a file that follows: no data, and nothing that needs it (a criterion
     that scores from data only is stood in for by :data:`STAND_IN`: the groups the file
     shares with the calibrated one follow that file's choice)."""

@@ -52,6 +52,8 @@ onnxruntime-genai folder, spa/pipeline/genai.py) is pruned as one model:
   and no file is planned again when it misses; a folder whose files pass nothing (a
   decoder's ``model.onnx`` beside its ``config.json``) takes the options one file takes,
   depth pruning aside.
+* **Float16 copies** (spa/pipeline/variants.py): ``model_fp16.onnx``, the plain file's values
+  cast, ties to it weight by weight, is planned as it and takes its written values, cast.
 * **Recovery** (``--recover``, given ``distil``): the pruned encoder and first-step decoder
   are distilled together, joined into one graph (spa/pipeline/joined.py), after the values
   are taken and before the checks; the files that pass caches take the trained values too.
@@ -110,6 +112,15 @@ from spa.pipeline import (
     prepare,
 )
 from spa.pipeline.merged import BRANCHES, agreement, is_merged, merge, piece_name, split
+from spa.pipeline.variants import (
+    LIMITS,
+    CastCopy,
+    cast_copies,
+    lowered,
+    lowered_options,
+    lowered_taken,
+    same_bits,
+)
 from spa.plan import FolderPlan, removed_indices
 from spa.report import write_text_atomic
 
@@ -183,6 +194,7 @@ class FamilyPlan:
     kept_whole: list[str]
     origins: dict[str, str]  # each file's path in the input folder, a branch's: its merged file
     made: dict[str, dict] = field(default_factory=dict)  # decoders' samples made (encdec.py)
+    copies: dict[str, CastCopy] = field(default_factory=dict)  # float16 variants: their file
 
     def saved(self) -> FolderPlan:
         """The plans as ``spa apply folder/`` reads them back."""
@@ -233,13 +245,19 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
             calibrated = encdec.plan_options(src, names, headers, free, options,
                                              _samples_dir(view, plan_path), variant, readers)
             per_file, made = calibrated.options, calibrated.made
+    loaded_all = {n: load_model(str(src / n)) for n in names}
+    copies = cast_copies({n: m.graph for n, m in loaded_all.items()})
+    asked = dict(per_file)
+    for n in copies:  # planned as the file it is a copy of: its groups follow that file's
+        per_file[n] = lowered_options(options)
     prepared: dict[str, Prepared] = {}
     analyses: dict[str, Analysis] = {}
     unchanged: dict[str, NothingPrunableError] = {}
     for n in names:
-        loaded = load_model(str(src / n))
+        loaded = loaded_all.pop(n)
         try:
-            prepared[n] = prepare(loaded, per_file[n], checks, free=tuple(sorted(free[n])))
+            prepared[n] = prepare(loaded, per_file[n], _own_checks(checks, n in copies),
+                                  free=tuple(sorted(free[n])))
             analyses[n] = prepared[n].analysis
         except NothingPrunableError as exc:  # copied as it is; what it ties to keeps whole
             unchanged[n] = exc
@@ -250,16 +268,55 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
         raise next(iter(unchanged.values()))
     skipped.update({n: f"nothing to prune in it ({str(e).splitlines()[0]}); copied as it is"
                     for n, e in unchanged.items()})
+    copies = {n: c for n, c in copies.items() if n in prepared and c.plain in prepared}
     plans = {n: p.planned.plan for n, p in prepared.items()}
-    sites = _tied_sites(analyses, headers)
-    keep, followed, whole = _follow(analyses, plans, sites, prefer={
-        n for n in prepared if per_file[n].calib_data})
+    prefer = {n for n in prepared if per_file[n].calib_data}
+    parted = _parted(analyses, plans, headers, copies, prefer)
+    for n, why in parted.items():  # planned again as a file of its own, with the options
+        log.warning("%s: pruned apart, not as a float16 copy of %s: %s", n, copies[n].plain,
+                    why)
+        del copies[n]
+        per_file[n] = asked[n]
+        prepared[n] = prepare(load_model(str(src / n)), asked[n], checks,
+                              free=tuple(sorted(free[n])))
+        analyses[n], plans[n] = prepared[n].analysis, prepared[n].planned.plan
+    sites = _tied_sites(analyses, headers, copies)
+    keep, followed, whole = _follow(analyses, plans, sites, prefer=prefer, last=copies)
     for text in whole:
         log.warning("%s", text)
     plans = {n: with_keep(analyses[n], plans[n], keep[n]) if keep[n] else plans[n]
              for n in plans}
     return FamilyPlan(src, headers, view.data, skipped, prepared, analyses, plans, sites,
-                      followed, whole, view.origins(), made)
+                      followed, whole, view.origins(), made, copies)
+
+
+def _parted(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
+            headers: Mapping[str, onnx.ModelProto], copies: Mapping[str, CastCopy],
+            prefer: Collection[str]) -> dict[str, str]:
+    """The float16 copies that cannot follow their plain file (a group the copy cannot prune,
+    such as a cache only the plain files pass on): tied to it, they would keep channels
+    whole in the plain file too. Each with why."""
+    apart = _follow(analyses, plans, _tied_sites(analyses, headers), prefer=prefer)[0]
+    out = {}
+    for n, copy in copies.items():
+        keep, _, whole = _follow(analyses, plans, _tied_sites(analyses, headers, {n: copy}),
+                                 prefer=prefer, last={n})
+        if any(f not in copies and f in plans
+               and _kept(keep[f], plans[f]) != _kept(apart[f], plans[f]) for f in analyses):
+            out[n] = next((w for w in whole if f" in {n}" in w), "its ties keep channels")
+    return out
+
+
+def _kept(keep: Mapping[int, np.ndarray], plan: Plan) -> dict[int, tuple[int, ...]]:
+    """A file's groups' kept channels: as ties decided them (``keep``), else as planned."""
+    return {g.id: tuple(np.asarray(keep.get(g.id, g.keep)).tolist()) for g in plan.groups}
+
+
+def _own_checks(checks: CheckOptions, copy: bool) -> CheckOptions:
+    """A float16 copy's own numeric oracle does not run: its masked original and pruned model
+    part by float16's rounding (1e-4 of the output scale on all-MiniLM-L6-v2), and it is
+    checked against its plain file instead (spa/pipeline/variants.py)."""
+    return dataclasses.replace(checks, check_masked=False) if copy else checks
 
 
 def _samples_dir(view: _View, plan_path: str | os.PathLike[str] | None) -> Path:
@@ -337,16 +394,20 @@ def _applied_together(view: _View, saved: FolderPlan, out: Path, checks: CheckOp
                 saved.files[n].check_against(analyses[n])
             except PlanMismatchError as exc:
                 raise PlanMismatchError(f"{n}: {exc}") from exc
-    sites = _tied_sites(analyses, headers)
+    copies = {n: c for n, c in cast_copies({n: a.model.graph for n, a in analyses.items()
+                                            }).items()  # those pruned as copies (_parted)
+              if not _ties_broken(analyses, saved.files, _tied_sites(analyses, headers,
+                                                                     {n: c}))}
+    sites = _tied_sites(analyses, headers, copies)
     broken = _ties_broken(analyses, saved.files, sites)
     if broken:
         raise PlanMismatchError(f"{broken}: the files would not run together")
     fp = FamilyPlan(src, headers, view.data, view.left_out | {
         n: "nothing to prune in it when planned; copied as it is" for n in saved.copied}, {},
-        analyses, dict(saved.files), sites, None, [], view.origins())
+        analyses, dict(saved.files), sites, None, [], view.origins(), copies=copies)
 
     def write(n: str, path: Path, checks: CheckOptions) -> PruneReport:
-        return applied(analyses[n], saved.files[n], path, checks)
+        return applied(analyses[n], saved.files[n], path, _own_checks(checks, n in copies))
 
     return _write_together(fp, view, out, checks, write)
 
@@ -501,9 +562,14 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
         for n, took in taken.items():  # its oracle judged the weights it had before
             _took(reports[n], took)
         recovery = _recovered(fp, tmp, digests, distil, reports) if distil else {}
+        for n, took in lowered_taken(tmp, fp.copies, src if checks.validate else None,
+                                     reports).items():
+            _took(reports[n], took, f"a float16 copy of {took['from']}, it took "
+                                    f"{took['values']} of its written values, cast")
+            taken[n] = took
         joint = _together(fp, tmp) if checks.validate else {}
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
-        _check_written(tmp, list(fp.headers), fp.sites)
+        _check_written(tmp, list(fp.headers), fp.sites, fp.copies)
         steps: dict[str, dict | str] = {}
         for a, b in _pairs(fp.headers):
             sized = reports.get(a) or reports.get(b)
@@ -778,10 +844,11 @@ def variant(name: str) -> str:
     return next((v for v in VARIANTS if stem.endswith(v)), "")
 
 
-def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.ModelProto]
-                ) -> list[tuple[Site, Site]]:
+def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.ModelProto],
+                copies: Mapping[str, CastCopy] | None = None) -> list[tuple[Site, Site]]:
     """Pairs of channel spaces of two files that must lose the same entries: an axis of a
-    tensor passed between them, or of a weight both hold."""
+    tensor passed between them, or of a weight both hold (the same bytes, or in a float16
+    variant the same values cast: ``copies``, :func:`spa.pipeline.variants.cast_copies`)."""
     live = {n: {m.space for g in a.groups for m in g.members} for n, a in analyses.items()}
     pairs: list[tuple[Site, Site]] = []
     inputs, outputs = _signatures(headers)
@@ -795,6 +862,10 @@ def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.Mod
     for n, analysis in analyses.items():
         for digest, name in _weights(analysis.model.graph, {k[0] for k in live[n]}).items():
             owners.setdefault(digest, []).append((n, name))
+    for n, copy in (copies or {}).items():
+        if copy.plain in analyses:
+            owners.update({f"{n}:{name}": [(copy.plain, name), (n, name)]
+                           for name in copy.names})
     for held in owners.values():
         first, *others = held
         for other in others:
@@ -817,7 +888,8 @@ def _weights(graph: gs.Graph, names: set[str]) -> dict[str, str]:
 
 
 def _follow(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
-            pairs: list[tuple[Site, Site]], prefer: Collection[str] = ()
+            pairs: list[tuple[Site, Site]], prefer: Collection[str] = (),
+            last: Collection[str] = ()
             ) -> tuple[dict[str, dict[int, np.ndarray]], int, list[str]]:
     """Each file's groups whose channels a tied group decides (their kept channels), how many
     follow, and the components kept whole, with why; a group of a ``prefer`` file (one
@@ -843,7 +915,7 @@ def _follow(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
         if len(files) < 2 or not any(r in planned for r in comp):
             continue  # within one file, or nothing in it could lose channels anyway
         why = _unfollowable(comp, groups, planned, pairs, on)
-        decided = None if why else _propagate(comp, groups, planned, pairs, on, prefer)
+        decided = None if why else _propagate(comp, groups, planned, pairs, on, prefer, last)
         if decided is None or (why := _mismatch(comp, groups, decided, pairs, analyses)):
             names = ", ".join(f"{groups[r].name} in {r[0]}" for r in comp)
             whole.append(f"{names}: kept whole, {why or 'the entries do not line up'}")
@@ -877,23 +949,24 @@ def _unfollowable(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
 
 
 def _leader(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
-            prefer: Collection[str] = ()) -> GroupRef:
-    """The group whose file's plan decides: one of a ``prefer`` file first, then the one with
-    the most members (most weights)."""
-    return max(comp, key=lambda r: (r[0] in prefer, len(groups[r].members)))  # first of equals
+            prefer: Collection[str] = (), last: Collection[str] = ()) -> GroupRef:
+    """The group whose file's plan decides: one of a ``prefer`` file first, then one not of a
+    ``last`` file (a float16 copy), then the one with the most members (most weights)."""
+    return max(comp, key=lambda r: (r[0] in prefer, r[0] not in last,
+                                    len(groups[r].members)))  # the first of equals
 
 
 def _propagate(comp: list[GroupRef], groups: Mapping[GroupRef, Group],
                planned: Mapping[GroupRef, np.ndarray], pairs: list[tuple[Site, Site]],
-               on: Mapping[Site, list[GroupRef]], prefer: Collection[str] = ()
-               ) -> dict[GroupRef, np.ndarray] | None:
+               on: Mapping[Site, list[GroupRef]], prefer: Collection[str] = (),
+               last: Collection[str] = ()) -> dict[GroupRef, np.ndarray] | None:
     """From the leader's plan, each group's kept channels so that tied spaces lose the same
     entries; None when a group would have to lose part of a channel."""
     tied: dict[Site, list[Site]] = {}
     for s, t in pairs:
         tied.setdefault(s, []).append(t)
         tied.setdefault(t, []).append(s)
-    lead = _leader(comp, groups, prefer)
+    lead = _leader(comp, groups, prefer, last)
     decided = {lead: planned[lead]}
     todo = [lead]
     while todo:
@@ -1024,8 +1097,11 @@ def _step_difference(first: ort.InferenceSession, later: ort.InferenceSession,
     return worst
 
 
-def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]]) -> None:
-    """The pruned files agree: shared weights byte-identical, passed tensors the same shape."""
+def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]],
+                   copies: Mapping[str, CastCopy] | None = None) -> None:
+    """The pruned files agree: shared weights byte-identical (a float16 copy's: its plain
+    file's cast), passed tensors the same shape."""
+    limits = {n: c.limits for n, c in (copies or {}).items()}
     written = {n: onnx.load(str(folder / n)) for n in names}
     values = {n: {i.name: i for i in m.graph.initializer} for n, m in written.items()}
     dims = {n: {v.name: fixed_dims(v) for v in (*m.graph.input, *m.graph.output)}
@@ -1038,7 +1114,9 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
                     f"entries on axis {ax} after pruning: the files would not run together")
         elif x in values[a] and y in values[b]:
             va, vb = (numpy_helper.to_array(values[n][w]) for n, w in ((a, x), (b, y)))
-            if va.shape != vb.shape or not np.array_equal(va, vb):
+            if va.dtype != vb.dtype and va.shape == vb.shape:  # a float16 copy's weight
+                va = lowered(va, vb.dtype, limits.get(b, LIMITS[0]))
+            if va.shape != vb.shape or not same_bits(va, vb):
                 raise ValidationError(
                     f"weight '{x}' of {a} and '{y}' of {b} were the same before pruning and "
                     f"differ after: the files would not be one model (a value refitted or "
