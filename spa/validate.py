@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
@@ -256,6 +257,29 @@ def closeness(reference: dict[str, np.ndarray], other: dict[str, np.ndarray]) ->
             worst = max(worst, float(np.max(np.abs(ref64 - oth64))))
             scale = max(scale, float(np.max(np.abs(ref64))))
     return Closeness(worst, scale)
+
+
+def worst_relative(reference: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]
+                   ) -> float:
+    """The largest difference of any output of ``other`` from ``reference``'s, relative to
+    that output's own scale in ``reference``; inf when an output is missing or changes
+    shape (two files that should answer alike: a merged decoder and its branch, a float16
+    copy and its plain file)."""
+    worst = 0.0
+    for name, ref in reference.items():
+        got = other.get(name)
+        if got is None or got.shape != ref.shape:
+            return float("inf")
+        if ref.size:
+            scale = max(float(np.abs(ref).max()), 1e-30)
+            worst = max(worst, float(np.abs(got.astype(np.float64) - ref).max()) / scale)
+    return worst
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays of one dtype and shape hold the same bytes (NaN equal to itself)."""
+    return a.dtype == b.dtype and a.shape == b.shape and \
+        np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
 def check_close(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarray], *,

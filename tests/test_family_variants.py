@@ -133,7 +133,7 @@ def test_cast_copies_finds_the_weights_and_how_they_were_cast(tmp_path: Path) ->
 def test_lowered_casts_as_the_float16_converters_do() -> None:
     x = np.array([0, 1e-9, -1e-9, 3e-8, 8e-8, -8e-8, 1.5, -2.25, 7e4, -7e4, 2e4, np.inf, -np.inf,
                   np.nan, 6.1e-5, 0.1], np.float32)
-    assert variants.same_bits(variants.lowered(x, np.float16), convert_np_to_float16(x))
+    assert val.same_bits(variants.lowered(x, np.float16), convert_np_to_float16(x))
     occ = variants.lowered(x, np.float16, variants.LIMITS[1])  # onnxconverter-common's limits
     assert occ[1] == np.float16(1e-7) and occ[10] == np.float16(1e4) and occ[8] == np.float16(1e4)
     assert np.isnan(occ[13]) and occ[11] == np.inf and occ[6] == np.float16(1.5)

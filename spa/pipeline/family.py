@@ -119,7 +119,7 @@ from spa.pipeline.variants import (
     lowered,
     lowered_options,
     lowered_taken,
-    same_bits,
+    variant,
 )
 from spa.plan import FolderPlan, removed_indices
 from spa.report import write_text_atomic
@@ -271,7 +271,8 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
     copies = {n: c for n, c in copies.items() if n in prepared and c.plain in prepared}
     plans = {n: p.planned.plan for n, p in prepared.items()}
     prefer = {n for n in prepared if per_file[n].calib_data}
-    parted = _parted(analyses, plans, headers, copies, prefer)
+    sites = _tied_sites(analyses, headers)
+    parted = _parted(analyses, plans, sites, copies, prefer)
     for n, why in parted.items():  # planned again as a file of its own, with the options
         log.warning("%s: pruned apart, not as a float16 copy of %s: %s", n, copies[n].plain,
                     why)
@@ -280,7 +281,9 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
         prepared[n] = prepare(load_model(str(src / n)), asked[n], checks,
                               free=tuple(sorted(free[n])))
         analyses[n], plans[n] = prepared[n].analysis, prepared[n].planned.plan
-    sites = _tied_sites(analyses, headers, copies)
+    if parted:
+        sites = _tied_sites(analyses, headers)
+    sites += _copy_sites(analyses, copies)
     keep, followed, whole = _follow(analyses, plans, sites, prefer=prefer, last=copies)
     for text in whole:
         log.warning("%s", text)
@@ -291,15 +294,17 @@ def _planned(view: _View, options: PruneOptions, checks: CheckOptions,
 
 
 def _parted(analyses: Mapping[str, Analysis], plans: Mapping[str, Plan],
-            headers: Mapping[str, onnx.ModelProto], copies: Mapping[str, CastCopy],
+            sites: list[tuple[Site, Site]], copies: Mapping[str, CastCopy],
             prefer: Collection[str]) -> dict[str, str]:
     """The float16 copies that cannot follow their plain file (a group the copy cannot prune,
     such as a cache only the plain files pass on): tied to it, they would keep channels
-    whole in the plain file too. Each with why."""
-    apart = _follow(analyses, plans, _tied_sites(analyses, headers), prefer=prefer)[0]
+    whole in the plain file too. Each with why; ``sites``: the ties without the copies'."""
+    if not copies:
+        return {}
+    apart = _follow(analyses, plans, sites, prefer=prefer)[0]
     out = {}
     for n, copy in copies.items():
-        keep, _, whole = _follow(analyses, plans, _tied_sites(analyses, headers, {n: copy}),
+        keep, _, whole = _follow(analyses, plans, sites + _copy_sites(analyses, {n: copy}),
                                  prefer=prefer, last={n})
         if any(f not in copies and f in plans
                and _kept(keep[f], plans[f]) != _kept(apart[f], plans[f]) for f in analyses):
@@ -394,11 +399,10 @@ def _applied_together(view: _View, saved: FolderPlan, out: Path, checks: CheckOp
                 saved.files[n].check_against(analyses[n])
             except PlanMismatchError as exc:
                 raise PlanMismatchError(f"{n}: {exc}") from exc
-    copies = {n: c for n, c in cast_copies({n: a.model.graph for n, a in analyses.items()
-                                            }).items()  # those pruned as copies (_parted)
-              if not _ties_broken(analyses, saved.files, _tied_sites(analyses, headers,
-                                                                     {n: c}))}
-    sites = _tied_sites(analyses, headers, copies)
+    found = cast_copies({n: a.model.graph for n, a in analyses.items()})
+    copies = {n: c for n, c in found.items()  # those pruned as copies (see _parted)
+              if not _ties_broken(analyses, saved.files, _copy_sites(analyses, {n: c}))}
+    sites = _tied_sites(analyses, headers) + _copy_sites(analyses, copies)
     broken = _ties_broken(analyses, saved.files, sites)
     if broken:
         raise PlanMismatchError(f"{broken}: the files would not run together")
@@ -832,24 +836,12 @@ def _passings(inputs: Mapping[str, set[str]], outputs: Mapping[str, set[str]]
                         yield a, b, out, f"{prefix}.{rest}"
 
 
-#: How transformers.js names a folder's other precisions of the same files
-#: (``decoder_model_merged_quantized.onnx`` beside ``decoder_model_merged.onnx``).
-VARIANTS = ("_quantized", "_fp16", "_int8", "_uint8", "_q4f16", "_q4", "_bnb4", "_q8")
-
-
-def variant(name: str) -> str:
-    """Which precision variant a file is (``""``: the plain files): files of different
-    variants are different copies of the model, and pass nothing to each other."""
-    stem = name.removesuffix(".onnx").split(".")[0]  # a merged decoder's branch: its file's
-    return next((v for v in VARIANTS if stem.endswith(v)), "")
-
-
-def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.ModelProto],
-                copies: Mapping[str, CastCopy] | None = None) -> list[tuple[Site, Site]]:
+def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.ModelProto]
+                ) -> list[tuple[Site, Site]]:
     """Pairs of channel spaces of two files that must lose the same entries: an axis of a
-    tensor passed between them, or of a weight both hold (the same bytes, or in a float16
-    variant the same values cast: ``copies``, :func:`spa.pipeline.variants.cast_copies`)."""
-    live = {n: {m.space for g in a.groups for m in g.members} for n, a in analyses.items()}
+    tensor passed between them, or of a weight both hold (the same bytes; a float16 copy's
+    weights: :func:`_copy_sites`)."""
+    live = _live(analyses)
     pairs: list[tuple[Site, Site]] = []
     inputs, outputs = _signatures(headers)
     ranks = {n: {v.name: len(v.type.tensor_type.shape.dim)
@@ -862,17 +854,32 @@ def _tied_sites(analyses: Mapping[str, Analysis], headers: Mapping[str, onnx.Mod
     for n, analysis in analyses.items():
         for digest, name in _weights(analysis.model.graph, {k[0] for k in live[n]}).items():
             owners.setdefault(digest, []).append((n, name))
-    for n, copy in (copies or {}).items():
-        if copy.plain in analyses:
-            owners.update({f"{n}:{name}": [(copy.plain, name), (n, name)]
-                           for name in copy.names})
     for held in owners.values():
         first, *others = held
-        for other in others:
-            axes = {k[1] for n, name in (first, other) for k in live[n] if k[0] == name}
-            pairs += [((first[0], (first[1], ax)), (other[0], (other[1], ax)))
-                      for ax in sorted(axes)]
+        pairs += [p for other in others for p in _axes_tied(live, first, other)]
     return pairs
+
+
+def _copy_sites(analyses: Mapping[str, Analysis], copies: Mapping[str, CastCopy]
+                ) -> list[tuple[Site, Site]]:
+    """The channel spaces a float16 copy's weights tie to its plain file's (the same name:
+    :func:`spa.pipeline.variants.cast_copies`)."""
+    live = _live(analyses)
+    return [p for n, copy in copies.items() if copy.plain in analyses for name in copy.names
+            for p in _axes_tied(live, (copy.plain, name), (n, name))]
+
+
+def _live(analyses: Mapping[str, Analysis]) -> dict[str, set[SpaceKey]]:
+    """Each file's channel spaces."""
+    return {n: {m.space for g in a.groups for m in g.members} for n, a in analyses.items()}
+
+
+def _axes_tied(live: Mapping[str, set[SpaceKey]], first: tuple[str, str],
+               other: tuple[str, str]) -> list[tuple[Site, Site]]:
+    """The pairs of a weight held by two files (file, name): each axis a channel space in
+    either."""
+    axes = {k[1] for n, name in (first, other) for k in live[n] if k[0] == name}
+    return [((first[0], (first[1], ax)), (other[0], (other[1], ax))) for ax in sorted(axes)]
 
 
 def _weights(graph: gs.Graph, names: set[str]) -> dict[str, str]:
@@ -1116,7 +1123,7 @@ def _check_written(folder: Path, names: list[str], pairs: list[tuple[Site, Site]
             va, vb = (numpy_helper.to_array(values[n][w]) for n, w in ((a, x), (b, y)))
             if va.dtype != vb.dtype and va.shape == vb.shape:  # a float16 copy's weight
                 va = lowered(va, vb.dtype, limits.get(b, LIMITS[0]))
-            if va.shape != vb.shape or not same_bits(va, vb):
+            if va.shape != vb.shape or not val.same_bits(va, vb):
                 raise ValidationError(
                     f"weight '{x}' of {a} and '{y}' of {b} were the same before pruning and "
                     f"differ after: the files would not be one model (a value refitted or "

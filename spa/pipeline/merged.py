@@ -156,13 +156,7 @@ def agreement(merged: onnx.ModelProto | str, pieces: Mapping[str, str | onnx.Mod
         wanted = {i.name for i in own[name].get_inputs()}
         got = val.run(own[name], {k: v for k, v in feeds.items() if k in wanted})
         ran = val.run(whole, {**feeds, cond: np.array([flag])})
-        for k, v in got.items():
-            ref = ran[k]
-            if ref.shape != v.shape:
-                return float("inf")
-            if v.size:
-                scale = max(float(np.abs(v).max()), 1e-30)
-                worst = max(worst, float(np.abs(ref.astype(np.float64) - v).max()) / scale)
+        worst = max(worst, val.worst_relative(got, ran))
     return worst
 
 
@@ -186,8 +180,7 @@ def _copied(node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def _same(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
-    x, y = numpy_helper.to_array(a), numpy_helper.to_array(b)
-    return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    return val.same_bits(numpy_helper.to_array(a), numpy_helper.to_array(b))
 
 
 def _unique(name: str, taken: Mapping[str, object]) -> str:

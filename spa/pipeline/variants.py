@@ -9,7 +9,7 @@ weights in float64 and the copy's are float16), so the file a browser loads woul
 than the plain one. Instead:
 
 * **Found by its values** (:func:`cast_copies`): a file whose name is a plain file's with a
-  precision suffix (:func:`spa.pipeline.family.variant`), every float initializer of two or
+  precision suffix (:func:`variant`), every float initializer of two or
   more dims of which is the same-named initializer of the plain file, cast (as
   onnxruntime's converter or onnxconverter-common's casts: :data:`LIMITS`), at least one of
   them float16. Anything else (int8, int4, a weight of its own) is not a copy and is pruned
@@ -39,6 +39,7 @@ from onnx import numpy_helper
 
 from spa import validate as val
 from spa.errors import ValidationError
+from spa.ir.dtypes import is_floating
 from spa.pipeline import encdec
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 #: the two input files show on the same inputs (and within ``FLOOR`` whatever that is).
 SPREAD = 8.0
 FLOOR = 1e-2
+#: How transformers.js names a folder's other precisions of the same files
+#: (``decoder_model_merged_quantized.onnx`` beside ``decoder_model_merged.onnx``).
+VARIANTS = ("_quantized", "_fp16", "_int8", "_uint8", "_q4f16", "_q4", "_bnb4", "_q8")
 SUFFIXES = ("_fp16",)  # the variants float16 copies are named with (transformers.js's)
 
 #: How the float16 converters cast (the smallest and largest magnitude a non-zero finite value
@@ -84,18 +88,24 @@ def lowered(values: np.ndarray, dtype: np.dtype, limits: tuple[float, float] = L
     return x.astype(np.float16)
 
 
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two arrays of one dtype and shape hold the same bytes (NaN equal to itself)."""
-    return a.dtype == b.dtype and a.shape == b.shape and \
-        np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+def variant(name: str) -> str:
+    """Which precision variant a file is (``""``: the plain files): files of different
+    variants are different copies of the model, and pass nothing to each other."""
+    return next((v for v in VARIANTS if _stem(name).endswith(v)), "")
 
 
-def plain_name(name: str, suffixes: tuple[str, ...] = SUFFIXES) -> str | None:
-    """The plain file a variant file ``name`` would be a copy of (a merged decoder's branch:
-    its merged file's), or None."""
-    stem = name.removesuffix(".onnx").split(".")[0]
-    suffix = next((s for s in suffixes if stem.endswith(s)), None)
-    return None if suffix is None else name.replace(stem, stem.removesuffix(suffix), 1)
+def _stem(name: str) -> str:
+    return name.removesuffix(".onnx").split(".")[0]  # a merged decoder's branch: its file's
+
+
+def plain_name(name: str) -> str | None:
+    """The plain file a float16 variant file ``name`` would be a copy of (a merged decoder's
+    branch: its merged file's), or None."""
+    suffix = variant(name)
+    if suffix not in SUFFIXES:
+        return None
+    stem = _stem(name)
+    return name.replace(stem, stem.removesuffix(suffix), 1)
 
 
 def cast_copies(graphs: Mapping[str, gs.Graph]) -> dict[str, CastCopy]:
@@ -125,13 +135,13 @@ def _cast_of(plain: Mapping[str, gs.Constant], copy: Mapping[str, gs.Constant],
     its own."""
     names, values, halved = [], [], False
     for name, t in sorted(copy.items()):
-        if t.dtype.kind != "f":
+        if not is_floating(t.dtype):
             continue
         other = plain.get(name)
         mine = np.asarray(t.values)
         same = other is not None and tuple(other.shape) == tuple(t.shape) \
-            and other.dtype.kind == "f" \
-            and same_bits(lowered(np.asarray(other.values), mine.dtype, limits), mine)
+            and is_floating(other.dtype) \
+            and val.same_bits(lowered(np.asarray(other.values), mine.dtype, limits), mine)
         if len(t.shape) >= 2:
             if not same:
                 return None
@@ -193,20 +203,10 @@ def _answers(original: Path, written: Path, copy: str, plain: str, dims: dict[st
     for folder in (original, written):
         a, b = (val.session(str(folder / n), what=n) for n in (plain, copy))
         feeds = val.random_inputs(a, dims=dims)
-        ra = val.run(a, feeds)
         rb = val.run(b, {i.name: feeds[i.name].astype(np.float16)
                          if i.type == "tensor(float16)" else feeds[i.name]
                          for i in b.get_inputs()})
-        worst = 0.0
-        for k, ref in ra.items():
-            got = rb.get(k)
-            if got is None or got.shape != ref.shape:
-                worst = float("inf")
-            elif ref.size:
-                scale = max(float(np.abs(ref).max()), 1e-30)
-                diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-                worst = max(worst, float(diff.max()) / scale)
-        spreads.append(worst)
+        spreads.append(val.worst_relative(val.run(a, feeds), rb))
     before, after = spreads
     if not after <= max(SPREAD * before, FLOOR):
         raise ValidationError(f"{copy}: pruned, it answers {after:.1e} (relative) apart from "
@@ -215,5 +215,5 @@ def _answers(original: Path, written: Path, copy: str, plain: str, dims: dict[st
     return {"relative_diff": after, "relative_diff_before": before}
 
 
-__all__ = ["CastCopy", "cast_copies", "lowered", "lowered_options", "lowered_taken",
-           "plain_name", "same_bits"]
+__all__ = ["VARIANTS", "CastCopy", "cast_copies", "lowered", "lowered_options",
+           "lowered_taken", "plain_name", "variant"]
