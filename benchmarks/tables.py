@@ -589,6 +589,27 @@ def int4_minilm(d: dict) -> str:
     return _minilm_refit_table(d, "in int4", "int4", to_float)
 
 
+def fp16_copy(d: dict) -> str:
+    lines = [f"A folder of all-MiniLM-L6-v2 and its float16 copy ({_load_note(d)}): {d['model']};"
+             f" the unpruned copy's cosine to the float32 model's embeddings "
+             f"{d['fp16_vs_float_cosine']:.4f} on the {d['evaluation_sentences']} evaluation "
+             "sentences. Heads 0.3 + MLP 0.3, calibrated on the benchmark's 1024 lines; cosine "
+             "to the dense float32 model's embeddings.", "",
+             "| criterion | run | model.onnx | model_fp16.onnx | copy vs plain (relative; input "
+             "files) | seconds |", "|---|---|---|---|---|---|"]
+    for row in d["rows"]:
+        def cell(name: str, row: dict = row) -> str:
+            key = f"cosine_{name}"
+            return f"{row[key]:.4f}" if key in row else ""
+        taken = row.get("taken") or {}
+        check = (f"{taken['relative_diff']:.1e}; {taken['relative_diff_before']:.1e}"
+                 if "relative_diff" in taken else "")
+        failed = f"exit {row['exit']}: {row['error']}" if row["exit"] else ""
+        lines.append(f"| {row['criterion']} | {row['run']} | {cell('model.onnx')} | "
+                     f"{cell('model_fp16.onnx') or failed} | {check} | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def int8_effnet(d: dict) -> str:
     return _refit_table(
         f"EfficientNet-Lite0 in int8 ({_load_note(d)}): {d['model']}; the int8 model's top-1 "
@@ -714,7 +735,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "optimum_exports": optimum_exports, "seq2seq_calibration": seq2seq_calibration,
           "seq2seq_recovery": seq2seq_recovery,
           "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources,
-          "int4_minilm": int4_minilm, "int8_effnet": int8_effnet,
+          "int4_minilm": int4_minilm, "int8_effnet": int8_effnet, "fp16_copy": fp16_copy,
           "int8_chain_minilm": int8_chain_minilm,
           "decoder_calibration": decoder_calibration}
 
