@@ -178,7 +178,8 @@ def input_stats(analysis: Analysis, layers: dict[tuple[str, int], ConsumerLayer]
     model = to_onnx(analysis.model)
     wanted = sorted({use.data for layer in layers.values() for use in layer.uses})
     present = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+    # untyped: onnxruntime takes each at its own type (a float16 model's are float16)
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n)
                               for n in wanted if n not in present)
     if uses_bfloat16(analysis.model.graph):  # no bfloat16 kernels in onnxruntime's CPU
         model = widened(model)

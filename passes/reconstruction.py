@@ -442,6 +442,8 @@ class Reconstruction:
             values.update(held)
         else:
             values[layer.weight] = w.astype(numpy_helper.to_array(weights[layer.weight]).dtype)
+            if values[layer.weight].dtype == np.float16:  # judged as float16 holds it
+                w = values[layer.weight].astype(np.float64)
         if layer.bias is not None and b is not None:
             old = numpy_helper.to_array(weights[layer.bias])
             if layer.bias_codec is not None:
@@ -451,7 +453,10 @@ class Reconstruction:
                 b = b.reshape(-1)
             else:
                 values[layer.bias] = b.reshape(old.shape).astype(old.dtype)
-        if layer.codec is not None or layer.bias_codec is not None:
+                if old.dtype == np.float16:
+                    b = values[layer.bias].astype(np.float64).reshape(-1)
+        if layer.codec is not None or layer.bias_codec is not None \
+                or any(v.dtype == np.float16 for v in values.values()):
             best_err = val.error(design.theta(w, b))
             if best_err >= e0 * (1 - 1e-6):
                 return LayerFit(layer.node, e0, e0, None, rows), {}
@@ -600,7 +605,7 @@ def refits_any(graph: gs.Graph) -> bool:
         if node.op == "MatMulNBits":
             return isinstance(w, gs.Constant) and np.dtype(w.dtype) == np.uint8
         if isinstance(w, gs.Constant):
-            return np.dtype(w.dtype) in (np.float32, np.float64)
+            return np.dtype(w.dtype) in _REFIT_FLOATS
         quantized = quantized_weight(w)
         return quantized is not None and has_codes(quantized)
 
@@ -704,7 +709,7 @@ def _layers(model: onnx.ModelProto, chains: Mapping[str, _Chain] | None = None
     def const(name: str, rank: int | None = None) -> bool:
         init = inits.get(name)
         return (init is not None and readers.get(name) == 1
-                and init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+                and onnx.helper.tensor_dtype_to_np_dtype(init.data_type) in _REFIT_FLOATS
                 and (rank is None or len(init.dims) == rank))
 
     dequantized = {n.output[0]: n for n in model.graph.node
@@ -800,6 +805,8 @@ def _layers(model: onnx.ModelProto, chains: Mapping[str, _Chain] | None = None
     return found
 
 
+#: the float weights refitted in place (a float16 one is fitted in float64, judged as written)
+_REFIT_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _INTEGERS = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
              onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.INT4,
              onnx.TensorProto.UINT4)

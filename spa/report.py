@@ -186,8 +186,9 @@ def fidelity_lines(r: PruneReport) -> list[str]:
 def oracle_line(r: PruneReport) -> str:
     """One line on the numeric oracle: its figures when it ran, else why it did not."""
     if r.masked_relative_diff is not None:
+        how = "" if r.oracle in (None, "held") else f", {r.oracle.removeprefix('held ')}"
         return (f"numeric oracle (pruned == masked original): max |Δ| "
-                f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g})")
+                f"{r.masked_max_abs_diff:.3g} (relative {r.masked_relative_diff:.2g}{how})")
     return f"numeric oracle (pruned == masked original): {r.oracle or 'not run'}"
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -29,7 +30,7 @@ from spa.generation import SignatureChange
 from spa.ir import to_onnx
 from spa.ir.external import attach_external
 from spa.ir.save import Staging, streamed, write_proto, write_streamed
-from spa.ir.widen import uses_bfloat16, widened
+from spa.ir.widen import uses_bfloat16, uses_float16, widened
 from spa.metrics import file_size, interleaved_times, latency_ms
 from spa.passes.latency import CPU_PROVIDER
 
@@ -130,6 +131,13 @@ def bfloat16_checks(loaded: LoadedModel, checks: CheckOptions) -> tuple[CheckOpt
     return dataclasses.replace(checks, latency=False), True
 
 
+def float16_oracle(loaded: LoadedModel, checks: CheckOptions) -> bool:
+    """Whether the oracle compares float32 twins of the pruned model and the masked original:
+    a float16 model's own rounding is at the oracle's tolerance (spa/ir/widen.py). The files
+    themselves still run for everything else."""
+    return bool(checks.check_masked) and uses_float16(loaded.graph)
+
+
 def float_session(model: PathLike | onnx.ModelProto, what: str
                   ) -> ort.InferenceSession | None:
     """A session of ``model`` for the oracle whose quantised parts compute on float
@@ -193,15 +201,17 @@ def _bytes(model: PathLike | onnx.ModelProto) -> int:
 def run_checks(original: PathLike | onnx.ModelProto,
                masked: Callable[[], PathLike | onnx.ModelProto] | None, weight_free: set[str],
               pruned: PathLike | onnx.ModelProto, checks: CheckOptions, *,
-              widen: bool = False, change: SignatureChange | None = None) -> dict:
+              widen: bool = False, half: bool = False, change: SignatureChange | None = None
+               ) -> dict:
     """Run the original, then the pruned model (one session at a time: memory), compare:
     signature; shape-valued outputs (``weight_free``) exactly; with the oracle, every output
     against the masked original (integer and bool ones exactly). ``widen``: run their float32
-    twins. ``change``: the KV-cache inputs and outputs the pruned model has narrower (fed and
-    compared at the kept heads); with the oracle, the greedy loop of spa/generation.py then
-    runs too. Their latencies are timed in interleaved rounds when the two models together
-    are at most :data:`INTERLEAVED_BYTES` (both sessions are alive then), else one after the
-    other."""
+    twins; ``half``: compare the pruned model and the masked original as float32 twins of
+    their float16 (:func:`float16_oracle`). ``change``: the KV-cache inputs and outputs the
+    pruned model has narrower (fed and compared at the kept heads); with the oracle, the
+    greedy loop of spa/generation.py then runs too. Their latencies are timed in interleaved
+    rounds when the two models together are at most :data:`INTERLEAVED_BYTES` (both sessions
+    are alive then), else one after the other."""
     twin = widened if widen else (lambda model: model)
     change = change or SignatureChange()
     extra: dict = {}
@@ -240,11 +250,17 @@ def run_checks(original: PathLike | onnx.ModelProto,
     val.check_signature(out_orig, out_pruned)
     val.check_exact(out_orig, out_pruned, weight_free, what="original")
     if checks.check_masked and masked is not None:
-        reference = twin(masked())
+        exact = (lambda model: widened(model, half=True)) if half else twin
+        if half:  # float16 inputs fed as float32 to the twins
+            feeds = {k: v.astype(np.float32) if v.dtype == np.float16 else v
+                     for k, v in feeds.items()}
+            s = val.session(exact(pruned), what="pruned model (float32 twin)")
+            out_pruned = val.run(s, change.pruned_feeds(feeds))
+        reference = exact(masked())
         s_masked = float_session(reference, "masked original") or \
             val.session(reference, what="masked original")
         out_masked = change.kept_outputs(val.run(s_masked, feeds))
-        s_float = float_session(twin(pruned), "pruned model (float activations)")
+        s_float = float_session(exact(pruned), "pruned model (float activations)")
         if s_float is not None:  # compared with float activations, as the masked original
             s = s_float
             out_pruned = val.run(s, change.pruned_feeds(feeds))
@@ -252,7 +268,7 @@ def run_checks(original: PathLike | onnx.ModelProto,
         c = val.check_close(out_masked, out_pruned, rtol=checks.rtol)
         extra.update(masked_max_abs_diff=c.max_abs, masked_relative_diff=c.relative)
         if generate:
-            dense = (lambda: val.session(twin(original), what="original model")) \
+            dense = (lambda: val.session(exact(original), what="original model")) \
                 if change.depth else None
             extra["generation"] = gen.greedy_check(s_masked, s, change, dict(checks.input_dims),
                                                    dense=dense)

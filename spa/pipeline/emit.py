@@ -49,7 +49,13 @@ from spa.passes.latency import kernel_block
 from spa.passes.reconstruction import Reconstruction
 from spa.passes.rewrite import Rewrite
 from spa.passes.statistics import LayerStatistics, LayerStats
-from spa.pipeline.checks import bfloat16_checks, oracle_decision, reference_models, run_checks
+from spa.pipeline.checks import (
+    bfloat16_checks,
+    float16_oracle,
+    oracle_decision,
+    reference_models,
+    run_checks,
+)
 from spa.pipeline.options import CheckOptions
 from spa.plan import Plan, kept_indices
 
@@ -78,7 +84,8 @@ class PruneReport:
     latency_ms_after: float | None = None
     masked_max_abs_diff: float | None = None
     masked_relative_diff: float | None = None
-    # What became of the numeric oracle: "held", or why it did not run.
+    # What became of the numeric oracle: "held" (on float32 twins for a float16 model, and
+    # says so), or why it did not run.
     oracle: str = ""
     compensated_layers: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -176,6 +183,9 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
     channels_before = sum(g.size for g in analysis.prunable_groups)
     checks, oracle = oracle_decision(analysis, the_plan, checks)
     checks, widen = bfloat16_checks(loaded, checks)
+    half = float16_oracle(loaded, checks)
+    if half:
+        oracle = "held on float32 twins (float16 rounding is at its tolerance)"
     with Staging(output, input_path=loaded.path, input_files=loaded.data_files) as stage:
         sources = reference_models(analysis, the_plan, checks, stage)
         updates = compensate(analysis, the_plan, statistics, calib)
@@ -215,7 +225,7 @@ def emit(analysis: Analysis, the_plan: Plan, output: PathLike,
         t1 = time.perf_counter()
         report_extra = {} if sources is None else run_checks(
             sources.original, sources.masked, sources.weight_free, pruned, checks, widen=widen,
-            change=change)
+            half=half, change=change)
         t2 = time.perf_counter()
         # Measured on the emitted model (re-read in normal form), not derived from the plan;
         # its normal form holds each tensor of its file once, as the input's count (read

@@ -318,9 +318,10 @@ def _kept(keep: Mapping[int, np.ndarray], plan: Plan) -> dict[int, tuple[int, ..
 
 
 def _own_checks(checks: CheckOptions, copy: bool) -> CheckOptions:
-    """A float16 copy's own numeric oracle does not run: its masked original and pruned model
-    part by float16's rounding (1e-4 of the output scale on all-MiniLM-L6-v2), and it is
-    checked against its plain file instead (spa/pipeline/variants.py)."""
+    """A float16 copy's own numeric oracle does not run: the copy is written with its plain
+    file's values cast (refitted, compensated or trained there), which its own masked
+    original does not hold; it is checked against its plain file instead
+    (spa/pipeline/variants.py)."""
     return dataclasses.replace(checks, check_masked=False) if copy else checks
 
 
