@@ -10,9 +10,9 @@ calibration lines, each run ``spa`` in its own process:
 
 * ``folder``: ``spa prune FOLDER/``: the copy follows ``model.onnx`` and takes its written
   values, cast (spa/pipeline/variants.py);
-* ``fp16 alone``: ``spa prune model_fp16.onnx``, the float16 file pruned on its own, as a
-  folder pruned it before the copy followed its plain file (no refit: reconstruction refits
-  float32/64 weights only).
+* ``fp16 alone``: ``spa prune model_fp16.onnx``, the float16 file pruned on its own: its own
+  calibration and plan (refitted in float16 since edb2075; at d38c9a3 it was not refitted,
+  0.8187, and failed with ``--criterion obspa``).
 
 Each with the default criterion and with ``--criterion obspa``. Scored by the mean cosine of
 the embeddings with the dense float32 model's on the evaluation sentences (never used to

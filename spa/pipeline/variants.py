@@ -4,9 +4,8 @@ transformers.js folders (and others) hold a model at several precisions. A float
 by casting (onnxconverter-common's or onnxruntime's ``convert_float_to_float16``) holds the
 plain file's values, cast: the same initializer names and shapes, each float value cast to
 float16 the way those converters cast it (:func:`lowered`). Pruned apart, such a copy would be
-planned on its own scores and, with calibration data, get no refit (reconstruction refits float
-weights in float64 and the copy's are float16), so the file a browser loads would answer worse
-than the plain one. Instead:
+planned on its own scores and calibrated again (its own sensitivity and refit, twice the
+work), and its groups could lose other channels than the plain file's. Instead:
 
 * **Found by its values** (:func:`cast_copies`): a file whose name is a plain file's with a
   precision suffix (:func:`variant`), every float initializer of two or
