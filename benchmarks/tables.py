@@ -610,6 +610,33 @@ def fp16_copy(d: dict) -> str:
     return "\n".join(lines)
 
 
+def q8_copy(d: dict) -> str:
+    lat = d["latency_ms"]
+    dims = ", ".join(f"{k}={v}" for k, v in d["latency_dims"].items())
+    lines = [f"A folder of all-MiniLM-L6-v2 and its int8 copy ({_load_note(d)}): {d['model']}. "
+             "Heads 0.3 + MLP 0.3, calibrated on the benchmark's 1024 lines; cosine to the dense "
+             f"float32 model's embeddings on the {d['evaluation_sentences']} evaluation "
+             "sentences; latency: median ms, side by side in one run (one thread, its CPU time; "
+             f"{dims}). `input` is the int8 file as it was written before: copied unpruned.", "",
+             "| criterion | run | model.onnx | model_quantized.onnx | copy vs plain (relative; "
+             "input files) | int8 ms | plain ms | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for row in d["rows"]:
+        def cell(name: str, row: dict = row) -> str:
+            key = f"cosine_{name}"
+            return f"{row[key]:.4f}" if key in row else ""
+        taken = row.get("taken") or {}
+        check = (f"{taken['relative_diff']:.1e}; {taken['relative_diff_before']:.1e}"
+                 if "relative_diff" in taken else row.get("skipped") or "")
+        failed = f"exit {row['exit']}: {row['error']}" if row["exit"] else ""
+        key = "input" if row["run"] == "input" else row["criterion"]
+        q8, plain = lat.get(f"{key} model_quantized.onnx"), lat.get(f"{key} model.onnx")
+        lines.append(f"| {row['criterion'] or '—'} | {row['run']} | {cell('model.onnx')} | "
+                     f"{cell('model_quantized.onnx') or failed} | {check} | "
+                     f"{'' if q8 is None else f'{q8:.2f}'} | "
+                     f"{'' if plain is None else f'{plain:.2f}'} | {row['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def int8_effnet(d: dict) -> str:
     return _refit_table(
         f"EfficientNet-Lite0 in int8 ({_load_note(d)}): {d['model']}; the int8 model's top-1 "
@@ -736,6 +763,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "seq2seq_recovery": seq2seq_recovery,
           "minilm_mlp_joint_fit": minilm_mlp_joint_fit, "held_out_sources": held_out_sources,
           "int4_minilm": int4_minilm, "int8_effnet": int8_effnet, "fp16_copy": fp16_copy,
+          "q8_copy": q8_copy,
           "int8_chain_minilm": int8_chain_minilm,
           "decoder_calibration": decoder_calibration}
 

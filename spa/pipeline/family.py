@@ -112,6 +112,7 @@ from spa.pipeline import (
     prepare,
 )
 from spa.pipeline.merged import BRANCHES, agreement, is_merged, merge, piece_name, split
+from spa.pipeline.requantize import requantizable, requantized
 from spa.pipeline.variants import (
     LIMITS,
     CastCopy,
@@ -572,6 +573,14 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
             _took(reports[n], took, f"a float16 copy of {took['from']}, it took "
                                     f"{took['values']} of its written values, cast")
             taken[n] = took
+        found = requantizable(src, [n for n in fp.headers if n not in fp.plans],
+                              set(reports))
+        again = requantized(src, tmp, found, {n: reports[n].input_dims for n in reports},
+                            checks.validate)
+        taken |= {n: took for n, took in again.items() if isinstance(took, dict)}
+        skipped = {n: f"{why}; not made again from its pruned plain file: {again[n]}"
+                   if isinstance(again.get(n), str) else why
+                   for n, why in fp.skipped.items() if n not in taken}
         joint = _together(fp, tmp) if checks.validate else {}
         placeholders = {n: _symbolic_heads(tmp / n, *held[n], checks) for n in held}
         _check_written(tmp, list(fp.headers), fp.sites, fp.copies)
@@ -592,7 +601,7 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
         if config is not None and edits:
             (tmp / CONFIG).write_text(json.dumps(config | edits, indent=2, sort_keys=True)
                                       + "\n")
-    return FamilyReport(reports, fp.skipped, len(fp.sites), fp.followed, fp.kept_whole,
+    return FamilyReport(reports, skipped, len(fp.sites), fp.followed, fp.kept_whole,
                         str(out), steps,
                         {k: [config[k], v] for k, v in edits.items()} if config else {}, merged,
                         placeholders, dict(fp.plans), dict(fp.made),

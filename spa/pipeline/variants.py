@@ -97,11 +97,11 @@ def _stem(name: str) -> str:
     return name.removesuffix(".onnx").split(".")[0]  # a merged decoder's branch: its file's
 
 
-def plain_name(name: str) -> str | None:
-    """The plain file a float16 variant file ``name`` would be a copy of (a merged decoder's
-    branch: its merged file's), or None."""
+def plain_name(name: str, suffixes: tuple[str, ...] = SUFFIXES) -> str | None:
+    """The plain file a variant file ``name`` (float16 by default; of ``suffixes``) would be a
+    copy of (a merged decoder's branch: its merged file's), or None."""
     suffix = variant(name)
-    if suffix not in SUFFIXES:
+    if suffix not in suffixes:
         return None
     stem = _stem(name)
     return name.replace(stem, stem.removesuffix(suffix), 1)
@@ -188,16 +188,17 @@ def lowered_taken(folder: Path, copies: Mapping[str, CastCopy], original: Path |
             onnx.save(model, str(folder / n))
         took: dict = {"from": copy.plain, "values": count, "how": "float16-cast"}
         if original is not None:
-            took |= _answers(original, folder, n, copy.plain,
-                             dict(reports[copy.plain].input_dims))
+            took |= answers(original, folder, n, copy.plain,
+                            dict(reports[copy.plain].input_dims), "float16 copy")
         out[n] = took
     return out
 
 
-def _answers(original: Path, written: Path, copy: str, plain: str, dims: dict[str, int]
-             ) -> dict[str, float]:
+def answers(original: Path, written: Path, copy: str, plain: str, dims: dict[str, int],
+            what: str) -> dict[str, float]:
     """The relative difference between the pruned copy and plain file on seeded random
-    inputs, against the input files' on the same inputs; an error past :data:`SPREAD`."""
+    inputs, against the input files' on the same inputs; an error past :data:`SPREAD` (``what``
+    the copy is of its plain file, for the message)."""
     spreads = []
     for folder in (original, written):
         a, b = (val.session(str(folder / n), what=n) for n in (plain, copy))
@@ -209,10 +210,10 @@ def _answers(original: Path, written: Path, copy: str, plain: str, dims: dict[st
     before, after = spreads
     if not after <= max(SPREAD * before, FLOOR):
         raise ValidationError(f"{copy}: pruned, it answers {after:.1e} (relative) apart from "
-                              f"the pruned {plain}, whose float16 copy it is ({before:.1e} "
+                              f"the pruned {plain}, whose {what} it is ({before:.1e} "
                               "before pruning): the variant would not be the same model")
     return {"relative_diff": after, "relative_diff_before": before}
 
 
-__all__ = ["VARIANTS", "CastCopy", "cast_copies", "lowered", "lowered_options",
+__all__ = ["VARIANTS", "CastCopy", "answers", "cast_copies", "lowered", "lowered_options",
            "lowered_taken", "plain_name", "variant"]

@@ -1,0 +1,167 @@
+"""Dynamically quantised copies of a folder's files: ``model_quantized.onnx`` beside
+``model.onnx``.
+
+transformers.js folders hold ``model_quantized.onnx`` (int8: what its WASM backend loads by
+default), made from the plain file by onnxruntime's ``quantize_dynamic``: MatMuls become
+``DynamicQuantizeLinear → MatMulInteger → Cast → Mul``, embeddings ``DequantizeLinear``. SPA does
+not prune integer-domain ops (spa/coupling/rules/quant.py), so such a file was copied as it was:
+the browser kept running the dense model. Instead:
+
+* **Found by reproduction** (:func:`settings_of`): the settings are read off the file — the
+  weight type from its ``MatMulInteger`` weights' element type, per-channel from their zero
+  points' length, a reduced range tried when every code fits in 7 bits — and the file counts as
+  a copy only if ``quantize_dynamic`` of the input plain file with them gives it again, node for
+  node and value for value. Anything else (another tool's quantisation, a hand edit, weights in
+  external data) is copied as it is, as before, and the report says why.
+* **Written as the pruned plain file quantised the same way** (:func:`requantized`): the same
+  call on what SPA wrote for the plain file, so its refits, OBSPA's compensation and
+  ``--recover``'s training are in it, and its channels are the plain file's.
+* **Checked**, with validation on: on seeded random inputs it answers as the pruned plain file
+  within :data:`spa.pipeline.variants.SPREAD` times the two input files' difference (floor
+  :data:`~spa.pipeline.variants.FLOOR`), as a float16 copy is.
+
+``spa apply folder/`` writes the same bytes: the quantisation is a function of the written
+plain file.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from spa.errors import one_line
+from spa.ir.save import external_data_files
+from spa.pipeline.variants import answers, plain_name
+
+log = logging.getLogger(__name__)
+
+#: the variants transformers.js names its quantize_dynamic files with (q8, int8, uint8)
+SUFFIXES = ("_quantized", "_int8", "_uint8")
+_WEIGHTED = {"MatMulInteger": 1, "ConvInteger": 1}  # op -> its weight's input slot
+_ZERO_POINT = {"MatMulInteger": 3, "ConvInteger": 3}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``quantize_dynamic`` arguments that made a file."""
+
+    weight_type: str  # "QInt8" or "QUInt8"
+    per_channel: bool
+    reduce_range: bool
+
+
+def settings_of(plain: Path, quantized: Path) -> Settings | str:
+    """The settings with which ``quantize_dynamic(plain)`` gives ``quantized`` again, or why
+    there are none."""
+    for path in (plain, quantized):
+        header = onnx.load(str(path), load_external_data=False)
+        if external_data_files(header):
+            return f"{path.name} holds weights in external data (not quantised again)"
+    model = onnx.load(str(quantized))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights, zero_points = [], []
+    for node in model.graph.node:
+        slot = _WEIGHTED.get(node.op_type)
+        if slot is None or node.domain not in ("", "ai.onnx"):
+            continue
+        w = inits.get(node.input[slot]) if len(node.input) > slot else None
+        if w is None:
+            return f"{node.op_type} node '{node.name}' has no constant weight"
+        weights.append(numpy_helper.to_array(w))
+        zp = node.input[_ZERO_POINT[node.op_type]] if len(node.input) > 3 else ""
+        zero_points.append(numpy_helper.to_array(inits[zp]) if zp in inits else None)
+    if not weights:
+        return "no MatMulInteger or ConvInteger weight: not a quantize_dynamic file"
+    types = {w.dtype for w in weights}
+    if len(types) != 1 or next(iter(types)) not in (np.int8, np.uint8):
+        return f"weights of element types {sorted(map(str, types))}"
+    signed = next(iter(types)) == np.int8
+    per_channel = any(zp is not None and zp.size > 1 for zp in zero_points)
+    low, high = (-64, 63) if signed else (0, 127)
+    narrow = all(int(w.min()) >= low and int(w.max()) <= high for w in weights)
+    target = _signature(model)
+    for reduce_range in ((True, False) if narrow else (False,)):
+        s = Settings("QInt8" if signed else "QUInt8", per_channel, reduce_range)
+        with tempfile.TemporaryDirectory(prefix="spa-quantize-") as tmp:
+            out = Path(tmp) / quantized.name
+            _quantize(plain, out, s)
+            if _signature(onnx.load(str(out))) == target:
+                return s
+    return ("quantize_dynamic of the input plain file does not give it again (weight type "
+            f"{'QInt8' if signed else 'QUInt8'}, per_channel={per_channel}, reduce_range "
+            f"{'tried both ways' if narrow else 'False'})")
+
+
+def _quantize(src: Path, dst: Path, s: Settings) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # onnxruntime's quantizer logs a pre-processing hint on the root logger at WARNING
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(src, dst, per_channel=s.per_channel, reduce_range=s.reduce_range,
+                         weight_type=getattr(QuantType, s.weight_type))
+    finally:
+        root.setLevel(level)
+
+
+def _signature(model: onnx.ModelProto) -> tuple:
+    """The model's nodes (in order, with their attributes) and its initializers' values."""
+    nodes = [(n.op_type, n.domain, n.name, tuple(n.input), tuple(n.output),
+              tuple(a.SerializeToString(deterministic=True) for a in n.attribute))
+             for n in model.graph.node]
+    inits = sorted((i.name, i.data_type, tuple(i.dims), numpy_helper.to_array(i).tobytes())
+                   for i in model.graph.initializer)
+    return nodes, inits
+
+
+def requantizable(src: Path, names: list[str], pruned: set[str]) -> dict[str, Settings | str]:
+    """For each variant among ``names`` (files not pruned) whose plain file in ``src`` is
+    among ``pruned``: its settings, or why it is not a ``quantize_dynamic`` copy."""
+    out: dict[str, Settings | str] = {}
+    for n in names:
+        plain = plain_name(n, SUFFIXES)
+        if plain is not None and plain in pruned:
+            out[n] = settings_of(src / plain, src / n)
+    return out
+
+
+def requantized(src: Path, folder: Path, found: Mapping[str, Settings | str],
+                dims: Mapping[str, Mapping[str, int]], validate: bool) -> dict[str, dict | str]:
+    """Write over each copy in ``folder`` (the staged output) its pruned plain file quantised
+    with the copy's settings; with ``validate``, check that it answers as that file. Per
+    copy: from which file, the settings, and the check's relative differences; or why it
+    stays as it was (``quantize_dynamic`` failed on the pruned file: the input copy is put
+    back, as before)."""
+    out: dict[str, dict | str] = {}
+    for n, s in found.items():
+        if isinstance(s, str):
+            out[n] = s
+            continue
+        plain = plain_name(n, SUFFIXES)
+        assert plain is not None
+        try:
+            _quantize(folder / plain, folder / n, s)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
+            shutil.copy2(src / n, folder / n)
+            out[n] = f"quantize_dynamic failed on the pruned {plain}: {one_line(exc)}"
+            log.warning("%s: copied as it is: %s", n, out[n])
+            continue
+        took: dict = {"from": plain, "how": "quantize_dynamic", "settings": asdict(s)}
+        if validate:
+            took |= answers(src, folder, n, plain, dict(dims.get(plain, {})),
+                            "quantize_dynamic copy")
+        out[n] = took
+    return out
+
+
+__all__ = ["Settings", "requantizable", "requantized", "settings_of"]

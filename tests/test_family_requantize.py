@@ -1,0 +1,128 @@
+"""``quantize_dynamic`` copies in a folder (spa/pipeline/requantize.py): transformers.js's
+``model_quantized.onnx`` beside ``model.onnx`` is made again from the pruned plain file with the
+settings that made it, instead of being copied unpruned; a file those settings do not reproduce
+is copied as it is, and the report says why."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from spa.api import PruneOptions, apply_family, prune_family
+from spa.cli import main
+from spa.errors import ExitCode
+from spa.pipeline import requantize, variants
+from tests.test_family import CHECKS
+from tests.test_family_variants import _mlp, _outputs, _relative
+
+SETTINGS = [requantize.Settings("QInt8", False, False), requantize.Settings("QUInt8", True, True)]
+
+
+def _folder(tmp_path: Path, s: requantize.Settings, edit=None) -> tuple[Path, Path]:
+    """The MLP and its ``quantize_dynamic`` copy with settings ``s`` (``edit``: changed after),
+    and calibration samples beside it."""
+    src = tmp_path / "mlp"
+    src.mkdir()
+    onnx.save(_mlp(), str(src / "model.onnx"))
+    quantize_dynamic(src / "model.onnx", src / "model_quantized.onnx", per_channel=s.per_channel,
+                     reduce_range=s.reduce_range, weight_type=getattr(QuantType, s.weight_type))
+    if edit is not None:
+        copy = onnx.load(str(src / "model_quantized.onnx"))
+        edit(copy)
+        onnx.save(copy, str(src / "model_quantized.onnx"))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(2).standard_normal((256, 6)).astype(np.float32))
+    return src, calib
+
+
+def _integer_weights(path: Path) -> dict[str, tuple[int, ...]]:
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.name: tuple(inits[n.input[1]].dims) for n in model.graph.node
+            if n.op_type == "MatMulInteger"}
+
+
+@pytest.mark.parametrize("s", SETTINGS, ids=["int8-per-tensor", "uint8-per-channel-reduced"])
+def test_a_quantize_dynamic_copy_is_made_again_from_the_pruned_file(tmp_path: Path, s) -> None:
+    src, calib = _folder(tmp_path, s)
+    assert requantize.settings_of(src / "model.onnx", src / "model_quantized.onnx") == s
+    out = tmp_path / "small"
+    done = prune_family(src, out, PruneOptions(ratio=0.5, calib=str(calib)), CHECKS)
+    # the copy is the refitted plain file quantised with the same settings, node for node
+    again = tmp_path / "again.onnx"
+    requantize._quantize(out / "model.onnx", again, s)
+    assert requantize._signature(onnx.load(str(again))) == \
+        requantize._signature(onnx.load(str(out / "model_quantized.onnx")))
+    assert done.reports["model.onnx"].fidelity["reconstructed"]
+    shapes = _integer_weights(out / "model_quantized.onnx")
+    assert sorted(shapes.values()) == sorted([(6, 12), (12, 12), (12, 4)])
+    assert "model_quantized.onnx" not in done.skipped
+    took = done.refits_taken["model_quantized.onnx"]
+    assert took["from"] == "model.onnx" and took["how"] == "quantize_dynamic"
+    assert took["settings"] == {"weight_type": s.weight_type, "per_channel": s.per_channel,
+                                "reduce_range": s.reduce_range}
+    assert 0 < took["relative_diff"] <= max(variants.SPREAD * took["relative_diff_before"],
+                                            variants.FLOOR)
+    # on other inputs it answers as the pruned plain file, within int8's precision
+    x = np.random.default_rng(9).standard_normal((64, 6)).astype(np.float32)
+    assert _relative(_outputs(out / "model.onnx", x),
+                     _outputs(out / "model_quantized.onnx", x)) < 0.1
+
+
+def test_a_file_the_settings_do_not_reproduce_is_copied_as_it_is(tmp_path: Path) -> None:
+    """One code changed by hand: no settings give the file again, so it is another model,
+    copied unpruned, and the report says why."""
+    def edit(m: onnx.ModelProto) -> None:
+        w = next(i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8
+                 and len(i.dims) == 2)
+        codes = numpy_helper.to_array(w).copy()
+        codes[0, 0] = 1 if codes[0, 0] != 1 else 2
+        w.CopyFrom(numpy_helper.from_array(codes, w.name))
+
+    src, calib = _folder(tmp_path, SETTINGS[0], edit)
+    out = tmp_path / "small"
+    done = prune_family(src, out, PruneOptions(ratio=0.5), CHECKS)
+    assert (out / "model_quantized.onnx").read_bytes() == \
+        (src / "model_quantized.onnx").read_bytes()
+    why = done.skipped["model_quantized.onnx"]
+    assert "copied as it is; not made again from its pruned plain file" in why
+    assert "does not give it again" in why
+    assert "model_quantized.onnx" not in done.refits_taken
+
+
+def test_a_saved_folder_plan_applies_to_the_same_bytes(tmp_path: Path, capsys) -> None:
+    src, calib = _folder(tmp_path, SETTINGS[1])
+    plan, first, again = tmp_path / "plan.json", tmp_path / "a", tmp_path / "b"
+    assert main(["prune", str(src), "-o", str(first), "--ratio", "0.5", "--calib", str(calib),
+                 "--plan", str(plan)]) == ExitCode.OK
+    assert "model_quantized.onnx: quantize_dynamic of model.onnx" in capsys.readouterr().err
+    apply_family(src, plan, again, CHECKS)
+    digest = {d: {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in d.iterdir()}
+              for d in (first, again)}
+    assert digest[first] == digest[again]
+
+
+def test_a_quantisation_that_fails_on_the_pruned_file_leaves_the_copy_as_it_was(
+        tmp_path: Path, monkeypatch) -> None:
+    src, _ = _folder(tmp_path, SETTINGS[0])
+    out = tmp_path / "small"
+    quantize = requantize._quantize
+
+    def failing(a: Path, b: Path, s: requantize.Settings) -> None:
+        if b.parent.name.startswith("spa-quantize-"):  # the input plain file, reproduced
+            return quantize(a, b, s)
+        b.write_bytes(b"half-written")  # the pruned one
+        raise RuntimeError("unsupported node")
+
+    monkeypatch.setattr(requantize, "_quantize", failing)
+    done = prune_family(src, out, PruneOptions(ratio=0.5), CHECKS)
+    assert (out / "model_quantized.onnx").read_bytes() == \
+        (src / "model_quantized.onnx").read_bytes()
+    assert "quantize_dynamic failed on the pruned model.onnx: unsupported node" in \
+        done.skipped["model_quantized.onnx"]
