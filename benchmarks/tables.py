@@ -598,16 +598,23 @@ def fp16_copy(d: dict) -> str:
              "| criterion | run | model.onnx | model_fp16.onnx | copy vs plain (relative; input "
              "files) | seconds |", "|---|---|---|---|---|---|"]
     for row in d["rows"]:
-        def cell(name: str, row: dict = row) -> str:
-            key = f"cosine_{name}"
-            return f"{row[key]:.4f}" if key in row else ""
-        taken = row.get("taken") or {}
-        check = (f"{taken['relative_diff']:.1e}; {taken['relative_diff_before']:.1e}"
-                 if "relative_diff" in taken else "")
-        failed = f"exit {row['exit']}: {row['error']}" if row["exit"] else ""
-        lines.append(f"| {row['criterion']} | {row['run']} | {cell('model.onnx')} | "
-                     f"{cell('model_fp16.onnx') or failed} | {check} | {row['seconds']:.0f} |")
+        plain, copy, check = _copy_cells(row, "model_fp16.onnx")
+        lines.append(f"| {row['criterion']} | {row['run']} | {plain} | {copy} | {check} | "
+                     f"{row['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def _copy_cells(row: dict, copy: str) -> tuple[str, str, str]:
+    """A folder-with-a-copy row's cells: the plain file's cosine, the copy's (or how the run
+    failed), and the copy's check against the plain file (or why it was copied as it was)."""
+    def cell(name: str) -> str:
+        key = f"cosine_{name}"
+        return f"{row[key]:.4f}" if key in row else ""
+    taken = row.get("taken") or {}
+    check = (f"{taken['relative_diff']:.1e}; {taken['relative_diff_before']:.1e}"
+             if "relative_diff" in taken else row.get("skipped") or "")
+    failed = f"exit {row['exit']}: {row['error']}" if row["exit"] else ""
+    return cell("model.onnx"), cell(copy) or failed, check
 
 
 def q8_copy(d: dict) -> str:
@@ -621,19 +628,12 @@ def q8_copy(d: dict) -> str:
              "| criterion | run | model.onnx | model_quantized.onnx | copy vs plain (relative; "
              "input files) | int8 ms | plain ms | seconds |", "|---|---|---|---|---|---|---|---|"]
     for row in d["rows"]:
-        def cell(name: str, row: dict = row) -> str:
-            key = f"cosine_{name}"
-            return f"{row[key]:.4f}" if key in row else ""
-        taken = row.get("taken") or {}
-        check = (f"{taken['relative_diff']:.1e}; {taken['relative_diff_before']:.1e}"
-                 if "relative_diff" in taken else row.get("skipped") or "")
-        failed = f"exit {row['exit']}: {row['error']}" if row["exit"] else ""
+        plain, copy, check = _copy_cells(row, "model_quantized.onnx")
         key = "input" if row["run"] == "input" else row["criterion"]
-        q8, plain = lat.get(f"{key} model_quantized.onnx"), lat.get(f"{key} model.onnx")
-        lines.append(f"| {row['criterion'] or '—'} | {row['run']} | {cell('model.onnx')} | "
-                     f"{cell('model_quantized.onnx') or failed} | {check} | "
-                     f"{'' if q8 is None else f'{q8:.2f}'} | "
-                     f"{'' if plain is None else f'{plain:.2f}'} | {row['seconds']:.0f} |")
+        ms = [lat.get(f"{key} {n}") for n in ("model_quantized.onnx", "model.onnx")]
+        times = " | ".join("" if t is None else f"{t:.2f}" for t in ms)
+        lines.append(f"| {row['criterion'] or '—'} | {row['run']} | {plain} | {copy} | {check} "
+                     f"| {times} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
 

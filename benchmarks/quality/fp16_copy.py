@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.common import write_result
 from benchmarks.quality import real
 
@@ -58,25 +60,39 @@ def _run(argv: list[str]) -> tuple[int, float, str]:
     return done.returncode, round(time.perf_counter() - t0, 1), error
 
 
+def folder_row(evaluation: tuple[real.Bench, list[str], np.ndarray], src: Path,
+               criterion: str, copy: str) -> tuple[dict, Path]:
+    """``spa prune src/`` (the MiniLM folder holding ``model.onnx`` and ``copy``) with the
+    calibration lines and ``CRITERIA[criterion]``, into ``src``'s sibling
+    ``folder_{criterion}``: the row (exit, seconds, both files' cosines, what the report says
+    the copy took or why it was copied) and the output folder."""
+    bench, texts, float_ref = evaluation
+    flags = ["--calib", str(bench.calib), *bench.calib_flags, *FLAGS, *CRITERIA[criterion]]
+    out = src.parent / f"folder_{criterion}"
+    report = out.with_suffix(".json")
+    shutil.rmtree(out, ignore_errors=True)
+    code, seconds, error = _run([sys.executable, "-m", "spa", "prune", str(src), "-o",
+                                 str(out), *flags, "--report", str(report), "-q"])
+    row: dict = {"criterion": criterion, "run": "folder", "exit": code, "seconds": seconds,
+                 "error": error}
+    if code == 0:
+        body = json.loads(report.read_text())
+        row |= {f"cosine_{n}": real.mean_cosine(float_ref, real.embed(out / n, texts))
+                for n in ("model.onnx", copy)}
+        row["taken"] = body["refits_taken"].get(copy)
+        row["skipped"] = body["skipped"].get(copy)
+    return row, out
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    bench, texts, float_ref = real.minilm_evaluation()
+    evaluation = real.minilm_evaluation()
+    bench, texts, float_ref = evaluation
     src = folder(bench.dense)
     rows = []
     for criterion, extra in CRITERIA.items():
         flags = ["--calib", str(bench.calib), *bench.calib_flags, *FLAGS, *extra]
-        out, report = WORK / f"folder_{criterion}", WORK / f"folder_{criterion}.json"
-        shutil.rmtree(out, ignore_errors=True)
-        code, seconds, error = _run([sys.executable, "-m", "spa", "prune", str(src), "-o",
-                                     str(out), *flags, "--report", str(report), "-q"])
-        row: dict = {"criterion": criterion, "run": "folder", "exit": code, "seconds": seconds,
-                     "error": error}
-        if code == 0:
-            body = json.loads(report.read_text())
-            row |= {f"cosine_{n}": real.mean_cosine(float_ref, real.embed(out / n, texts))
-                    for n in ("model.onnx", "model_fp16.onnx")}
-            row["taken"] = body["refits_taken"].get("model_fp16.onnx")
-        rows.append(row)
+        rows.append(folder_row(evaluation, src, criterion, "model_fp16.onnx")[0])
         alone = WORK / f"alone_{criterion}.onnx"
         code, seconds, error = _run([sys.executable, "-m", "spa", "prune",
                                      str(src / "model_fp16.onnx"), "-o", str(alone), *flags,

@@ -20,15 +20,13 @@ input copy, each pruned copy and each pruned plain file.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from benchmarks.common import side_by_side_latency, write_result
 from benchmarks.quality import real
-from benchmarks.quality.fp16_copy import CRITERIA, FLAGS, _run
+from benchmarks.quality.fp16_copy import CRITERIA, folder_row
 
 WORK = real.CACHE / "minilm_q8"
 SETTINGS = {"per_channel": True, "reduce_range": True, "weight_type": "QUInt8"}
@@ -52,26 +50,16 @@ def folder(dense: Path) -> Path:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
-    bench, texts, float_ref = real.minilm_evaluation()
+    evaluation = real.minilm_evaluation()
+    bench, texts, float_ref = evaluation
     src = folder(bench.dense)
     rows = [{"criterion": "", "run": "input", "exit": 0, "seconds": 0.0, "error": "",
              "cosine_model_quantized.onnx": real.mean_cosine(
                  float_ref, real.embed(src / "model_quantized.onnx", texts))}]
     timed = {"input model_quantized.onnx": src / "model_quantized.onnx"}
-    for criterion, extra in CRITERIA.items():
-        flags = ["--calib", str(bench.calib), *bench.calib_flags, *FLAGS, *extra]
-        out, report = WORK / f"folder_{criterion}", WORK / f"folder_{criterion}.json"
-        shutil.rmtree(out, ignore_errors=True)
-        code, seconds, error = _run([sys.executable, "-m", "spa", "prune", str(src), "-o",
-                                     str(out), *flags, "--report", str(report), "-q"])
-        row: dict = {"criterion": criterion, "run": "folder", "exit": code, "seconds": seconds,
-                     "error": error}
-        if code == 0:
-            body = json.loads(report.read_text())
-            row |= {f"cosine_{n}": real.mean_cosine(float_ref, real.embed(out / n, texts))
-                    for n in ("model.onnx", "model_quantized.onnx")}
-            row["taken"] = body["refits_taken"].get("model_quantized.onnx")
-            row["skipped"] = body["skipped"].get("model_quantized.onnx")
+    for criterion in CRITERIA:
+        row, out = folder_row(evaluation, src, criterion, "model_quantized.onnx")
+        if row["exit"] == 0:
             timed |= {f"{criterion} {n}": out / n for n in ("model_quantized.onnx", "model.onnx")}
         rows.append(row)
         print(rows[-1], flush=True)
