@@ -21,7 +21,26 @@ from spa.pipeline import requantize, variants
 from tests.test_family import CHECKS
 from tests.test_family_variants import _mlp, _outputs, _relative
 
-SETTINGS = [requantize.Settings("QInt8", False, False), requantize.Settings("QUInt8", True, True)]
+SETTINGS = [requantize.Settings("QInt8", False, False), requantize.Settings("QUInt8", True, True),
+            requantize.Settings("QInt8", False, False, "transformers.js")]
+
+
+def _transformers_js(src: Path, dst: Path, s: requantize.Settings) -> None:
+    """The int8 file as transformers.js's scripts/quantize.py makes it: onnxruntime's
+    ONNXQuantizer on the model as read, subgraphs quantised, constant MatMul weights only."""
+    from onnxruntime.quantization import QuantizationMode
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    q = ONNXQuantizer(onnx.load(str(src)), s.per_channel, s.reduce_range,
+                      mode=QuantizationMode.IntegerOps, static=False,
+                      weight_qType=getattr(QuantType, s.weight_type),
+                      activation_qType=QuantType.QUInt8, tensors_range=None,
+                      nodes_to_quantize=[], nodes_to_exclude=[],
+                      op_types_to_quantize=set(IntegerOpsRegistry),
+                      extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
+    q.quantize_model()
+    onnx.save(q.model.model, str(dst))
 
 
 def _folder(tmp_path: Path, s: requantize.Settings, edit=None) -> tuple[Path, Path]:
@@ -30,8 +49,12 @@ def _folder(tmp_path: Path, s: requantize.Settings, edit=None) -> tuple[Path, Pa
     src = tmp_path / "mlp"
     src.mkdir()
     onnx.save(_mlp(), str(src / "model.onnx"))
-    quantize_dynamic(src / "model.onnx", src / "model_quantized.onnx", per_channel=s.per_channel,
-                     reduce_range=s.reduce_range, weight_type=getattr(QuantType, s.weight_type))
+    if s.tool == "transformers.js":
+        _transformers_js(src / "model.onnx", src / "model_quantized.onnx", s)
+    else:
+        quantize_dynamic(src / "model.onnx", src / "model_quantized.onnx",
+                         per_channel=s.per_channel, reduce_range=s.reduce_range,
+                         weight_type=getattr(QuantType, s.weight_type))
     if edit is not None:
         copy = onnx.load(str(src / "model_quantized.onnx"))
         edit(copy)
@@ -48,7 +71,8 @@ def _integer_weights(path: Path) -> dict[str, tuple[int, ...]]:
             if n.op_type == "MatMulInteger"}
 
 
-@pytest.mark.parametrize("s", SETTINGS, ids=["int8-per-tensor", "uint8-per-channel-reduced"])
+@pytest.mark.parametrize("s", SETTINGS, ids=["int8-per-tensor", "uint8-per-channel-reduced",
+                                              "transformers.js"])
 def test_a_quantize_dynamic_copy_is_made_again_from_the_pruned_file(tmp_path: Path, s) -> None:
     src, calib = _folder(tmp_path, s)
     assert requantize.settings_of(src / "model.onnx", src / "model_quantized.onnx") == s
@@ -64,9 +88,9 @@ def test_a_quantize_dynamic_copy_is_made_again_from_the_pruned_file(tmp_path: Pa
     assert sorted(shapes.values()) == sorted([(6, 12), (12, 12), (12, 4)])
     assert "model_quantized.onnx" not in done.skipped
     took = done.refits_taken["model_quantized.onnx"]
-    assert took["from"] == "model.onnx" and took["how"] == "quantize_dynamic"
+    assert took["from"] == "model.onnx" and took["how"] == "quantised again"
     assert took["settings"] == {"weight_type": s.weight_type, "per_channel": s.per_channel,
-                                "reduce_range": s.reduce_range}
+                                "reduce_range": s.reduce_range, "tool": s.tool}
     assert 0 < took["relative_diff"] <= max(variants.SPREAD * took["relative_diff_before"],
                                             variants.FLOOR)
     # on other inputs it answers as the pruned plain file, within int8's precision
@@ -101,7 +125,8 @@ def test_a_saved_folder_plan_applies_to_the_same_bytes(tmp_path: Path, capsys) -
     plan, first, again = tmp_path / "plan.json", tmp_path / "a", tmp_path / "b"
     assert main(["prune", str(src), "-o", str(first), "--ratio", "0.5", "--calib", str(calib),
                  "--plan", str(plan)]) == ExitCode.OK
-    assert "model_quantized.onnx: quantize_dynamic of model.onnx" in capsys.readouterr().err
+    assert "model_quantized.onnx: model.onnx dynamically quantised (as quantize_dynamic" in \
+        capsys.readouterr().err
     apply_family(src, plan, again, CHECKS)
     digest = {d: {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in d.iterdir()}
               for d in (first, again)}

@@ -2,17 +2,19 @@
 ``model.onnx``.
 
 transformers.js folders hold ``model_quantized.onnx`` (int8: what its WASM backend loads by
-default), made from the plain file by onnxruntime's ``quantize_dynamic``: MatMuls become
+default), made from the plain file by onnxruntime's dynamic quantiser (``quantize_dynamic``, or
+its ``ONNXQuantizer`` called as transformers.js's scripts/quantize.py calls it): MatMuls become
 ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul``, embeddings ``DequantizeLinear``. SPA does
 not prune integer-domain ops (spa/coupling/rules/quant.py), so such a file was copied as it was:
 the browser kept running the dense model. Instead:
 
 * **Found by reproduction** (:func:`settings_of`): the settings are read off the file — the
   weight type from its ``MatMulInteger`` weights' element type, per-channel from their zero
-  points' length, a reduced range tried when every code fits in 7 bits — and the file counts as
-  a copy only if ``quantize_dynamic`` of the input plain file with them gives it again, node for
-  node and value for value. Anything else (another tool's quantisation, a hand edit, weights in
-  external data) is copied as it is, as before, and the report says why.
+  points' length, a reduced range tried when every code fits in 7 bits, each of the two ways
+  of calling the quantiser (:data:`TOOLS`) — and the file counts as a copy only if quantising
+  the input plain file with them gives it again, node for node and value for value. Anything
+  else (another tool's quantisation, a hand edit, weights in external data) is copied as it
+  is, as before, and the report says why.
 * **Written as the pruned plain file quantised the same way** (:func:`requantized`): the same
   call on what SPA wrote for the plain file, so its refits, OBSPA's compensation and
   ``--recover``'s training are in it, and its channels are the plain file's.
@@ -51,11 +53,19 @@ _ZERO_POINT = {"MatMulInteger": 3, "ConvInteger": 3}
 
 @dataclass(frozen=True)
 class Settings:
-    """The ``quantize_dynamic`` arguments that made a file."""
+    """The quantiser's arguments that made a file, and how it was called."""
 
     weight_type: str  # "QInt8" or "QUInt8"
     per_channel: bool
     reduce_range: bool
+    tool: str = "quantize_dynamic"  # one of TOOLS
+
+
+#: How the quantiser is called: ``quantize_dynamic`` (shape inference first, subgraphs left
+#: float), or ``ONNXQuantizer`` on the model as read with subgraphs quantised too, as
+#: transformers.js's scripts/quantize.py calls it for its ``_quantized``, ``_int8`` and
+#: ``_uint8`` files. The two write different node names, so each is tried.
+TOOLS = ("quantize_dynamic", "transformers.js")
 
 
 def settings_of(plain: Path, quantized: Path) -> Settings | str:
@@ -88,28 +98,42 @@ def settings_of(plain: Path, quantized: Path) -> Settings | str:
     low, high = (-64, 63) if signed else (0, 127)
     narrow = all(int(w.min()) >= low and int(w.max()) <= high for w in weights)
     target = _signature(model)
-    for reduce_range in ((True, False) if narrow else (False,)):
-        s = Settings("QInt8" if signed else "QUInt8", per_channel, reduce_range)
-        with tempfile.TemporaryDirectory(prefix="spa-quantize-") as tmp:
-            out = Path(tmp) / quantized.name
-            _quantize(plain, out, s)
-            if _signature(onnx.load(str(out))) == target:
-                return s
-    return ("quantize_dynamic of the input plain file does not give it again (weight type "
+    for tool in TOOLS:
+        for reduce_range in ((True, False) if narrow else (False,)):
+            s = Settings("QInt8" if signed else "QUInt8", per_channel, reduce_range, tool)
+            with tempfile.TemporaryDirectory(prefix="spa-quantize-") as tmp:
+                out = Path(tmp) / quantized.name
+                _quantize(plain, out, s)
+                if _signature(onnx.load(str(out))) == target:
+                    return s
+    return ("quantising the input plain file does not give it again (weight type "
             f"{'QInt8' if signed else 'QUInt8'}, per_channel={per_channel}, reduce_range "
-            f"{'tried both ways' if narrow else 'False'})")
+            f"{'either way' if narrow else 'False'}, by {' or '.join(TOOLS)})")
 
 
 def _quantize(src: Path, dst: Path, s: Settings) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantizationMode, QuantType, quantize_dynamic
+    from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     # onnxruntime's quantizer logs a pre-processing hint on the root logger at WARNING
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    weights = getattr(QuantType, s.weight_type)
     try:
-        quantize_dynamic(src, dst, per_channel=s.per_channel, reduce_range=s.reduce_range,
-                         weight_type=getattr(QuantType, s.weight_type))
+        if s.tool == "quantize_dynamic":
+            quantize_dynamic(src, dst, per_channel=s.per_channel, reduce_range=s.reduce_range,
+                             weight_type=weights)
+            return
+        quantizer = ONNXQuantizer(
+            onnx.load(str(src)), s.per_channel, s.reduce_range, mode=QuantizationMode.IntegerOps,
+            static=False, weight_qType=weights, activation_qType=QuantType.QUInt8,
+            tensors_range=None, nodes_to_quantize=[], nodes_to_exclude=[],
+            op_types_to_quantize=set(IntegerOpsRegistry), extra_options={
+                "EnableSubgraph": True, "MatMulConstBOnly": True})
+        quantizer.quantize_model()
+        onnx.save(quantizer.model.model, str(dst))
     finally:
         root.setLevel(level)
 
@@ -156,10 +180,10 @@ def requantized(src: Path, folder: Path, found: Mapping[str, Settings | str],
             out[n] = f"quantize_dynamic failed on the pruned {plain}: {one_line(exc)}"
             log.warning("%s: copied as it is: %s", n, out[n])
             continue
-        took: dict = {"from": plain, "how": "quantize_dynamic", "settings": asdict(s)}
+        took: dict = {"from": plain, "how": "quantised again", "settings": asdict(s)}
         if validate:
             took |= answers(src, folder, n, plain, dict(dims.get(plain, {})),
-                            "quantize_dynamic copy")
+                            "dynamically quantised copy")
         out[n] = took
     return out
 
