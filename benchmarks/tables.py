@@ -620,20 +620,25 @@ def _copy_cells(row: dict, copy: str) -> tuple[str, str, str]:
 def q8_copy(d: dict) -> str:
     lat = d["latency_ms"]
     dims = ", ".join(f"{k}={v}" for k, v in d["latency_dims"].items())
-    lines = [f"A folder of all-MiniLM-L6-v2 and its int8 copy ({_load_note(d)}): {d['model']}. "
-             "Heads 0.3 + MLP 0.3, calibrated on the benchmark's 1024 lines; cosine to the dense "
-             f"float32 model's embeddings on the {d['evaluation_sentences']} evaluation "
-             "sentences; latency: median ms, side by side in one run (one thread, its CPU time; "
-             f"{dims}). `input` is the int8 file as it was written before: copied unpruned.", "",
-             "| criterion | run | model.onnx | model_quantized.onnx | copy vs plain (relative; "
-             "input files) | int8 ms | plain ms | seconds |", "|---|---|---|---|---|---|---|---|"]
+    ways = "; ".join(f"{k}: " + ", ".join(f"{a}={v}" for a, v in s.items())
+                     for k, s in d["quantisers"].items())
+    lines = [f"A folder of all-MiniLM-L6-v2 and its int8 copy ({_load_note(d)}), quantised two "
+             f"ways ({ways}). Heads 0.3 + MLP 0.3, calibrated on the benchmark's 1024 lines; "
+             "cosine to the dense float32 model's embeddings on the "
+             f"{d['evaluation_sentences']} evaluation sentences; latency: median ms, side by "
+             f"side in one run (one thread, its CPU time; {dims}; the dense float32 model "
+             f"{lat['dense model.onnx']:.1f} ms). `input` is the int8 file as it was written "
+             "before: copied unpruned.", "",
+             "| quantiser | criterion | run | model.onnx | model_quantized.onnx | copy vs plain "
+             "(relative; input files) | int8 ms | plain ms | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in d["rows"]:
         plain, copy, check = _copy_cells(row, "model_quantized.onnx")
-        key = "input" if row["run"] == "input" else row["criterion"]
+        key = f"{row['quantiser']} {'input' if row['run'] == 'input' else row['criterion']}"
         ms = [lat.get(f"{key} {n}") for n in ("model_quantized.onnx", "model.onnx")]
         times = " | ".join("" if t is None else f"{t:.2f}" for t in ms)
-        lines.append(f"| {row['criterion'] or '—'} | {row['run']} | {plain} | {copy} | {check} "
-                     f"| {times} | {row['seconds']:.0f} |")
+        lines.append(f"| {row['quantiser']} | {row['criterion'] or '—'} | {row['run']} | "
+                     f"{plain} | {copy} | {check} | {times} | {row['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -80,7 +80,7 @@ def test_a_quantize_dynamic_copy_is_made_again_from_the_pruned_file(tmp_path: Pa
     done = prune_family(src, out, PruneOptions(ratio=0.5, calib=str(calib)), CHECKS)
     # the copy is the refitted plain file quantised with the same settings, node for node
     again = tmp_path / "again.onnx"
-    requantize._quantize(out / "model.onnx", again, s)
+    requantize.quantize(out / "model.onnx", again, s)
     assert requantize._signature(onnx.load(str(again))) == \
         requantize._signature(onnx.load(str(out / "model_quantized.onnx")))
     assert done.reports["model.onnx"].fidelity["reconstructed"]
@@ -137,7 +137,7 @@ def test_a_quantisation_that_fails_on_the_pruned_file_leaves_the_copy_as_it_was(
         tmp_path: Path, monkeypatch) -> None:
     src, _ = _folder(tmp_path, SETTINGS[0])
     out = tmp_path / "small"
-    quantize = requantize._quantize
+    quantize = requantize.quantize
 
     def failing(a: Path, b: Path, s: requantize.Settings) -> None:
         if b.parent.name.startswith("spa-quantize-"):  # the input plain file, reproduced
@@ -145,7 +145,7 @@ def test_a_quantisation_that_fails_on_the_pruned_file_leaves_the_copy_as_it_was(
         b.write_bytes(b"half-written")  # the pruned one
         raise RuntimeError("unsupported node")
 
-    monkeypatch.setattr(requantize, "_quantize", failing)
+    monkeypatch.setattr(requantize, "quantize", failing)
     done = prune_family(src, out, PruneOptions(ratio=0.5), CHECKS)
     assert (out / "model_quantized.onnx").read_bytes() == \
         (src / "model_quantized.onnx").read_bytes()

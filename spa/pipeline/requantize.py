@@ -103,7 +103,7 @@ def settings_of(plain: Path, quantized: Path) -> Settings | str:
             s = Settings("QInt8" if signed else "QUInt8", per_channel, reduce_range, tool)
             with tempfile.TemporaryDirectory(prefix="spa-quantize-") as tmp:
                 out = Path(tmp) / quantized.name
-                _quantize(plain, out, s)
+                quantize(plain, out, s)
                 if _signature(onnx.load(str(out))) == target:
                     return s
     return ("quantising the input plain file does not give it again (weight type "
@@ -111,7 +111,7 @@ def settings_of(plain: Path, quantized: Path) -> Settings | str:
             f"{'either way' if narrow else 'False'}, by {' or '.join(TOOLS)})")
 
 
-def _quantize(src: Path, dst: Path, s: Settings) -> None:
+def quantize(src: Path, dst: Path, s: Settings) -> None:
     from onnxruntime.quantization import QuantizationMode, QuantType, quantize_dynamic
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.registry import IntegerOpsRegistry
@@ -174,7 +174,7 @@ def requantized(src: Path, folder: Path, found: Mapping[str, Settings | str],
         plain = plain_name(n, SUFFIXES)
         assert plain is not None
         try:
-            _quantize(folder / plain, folder / n, s)
+            quantize(folder / plain, folder / n, s)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
             shutil.copy2(src / n, folder / n)
             out[n] = f"quantize_dynamic failed on the pruned {plain}: {one_line(exc)}"
@@ -188,4 +188,4 @@ def requantized(src: Path, folder: Path, found: Mapping[str, Settings | str],
     return out
 
 
-__all__ = ["Settings", "requantizable", "requantized", "settings_of"]
+__all__ = ["TOOLS", "Settings", "quantize", "requantizable", "requantized", "settings_of"]
