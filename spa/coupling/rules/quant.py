@@ -116,4 +116,6 @@ def integer_op(ctx: NodeContext) -> None:
             ctx.role(w_out, Role.PRODUCER)
             ctx.identity(w_out, ctx.space(ctx.output(0), y_axis))
     ctx.refuse("integer-domain quantised op: SPA prunes quantised models in QDQ form "
-               "(QuantizeLinear/DequantizeLinear around float ops), not this one")
+               "(QuantizeLinear/DequantizeLinear around float ops), not this one; prune the "
+               "float model and quantise it after (in a folder beside its float file, a "
+               "dynamically quantised copy is made again from the pruned one)")
