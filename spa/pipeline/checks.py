@@ -251,16 +251,17 @@ def run_checks(original: PathLike | onnx.ModelProto,
     val.check_exact(out_orig, out_pruned, weight_free, what="original")
     if checks.check_masked and masked is not None:
         exact = (lambda model: widened(model, half=True)) if half else twin
+        compared = exact(pruned)  # the pruned model as the oracle runs it
         if half:  # float16 inputs fed as float32 to the twins
             feeds = {k: v.astype(np.float32) if v.dtype == np.float16 else v
                      for k, v in feeds.items()}
-            s = val.session(exact(pruned), what="pruned model (float32 twin)")
+            s = val.session(compared, what="pruned model (float32 twin)")
             out_pruned = val.run(s, change.pruned_feeds(feeds))
         reference = exact(masked())
         s_masked = float_session(reference, "masked original") or \
             val.session(reference, what="masked original")
         out_masked = change.kept_outputs(val.run(s_masked, feeds))
-        s_float = float_session(exact(pruned), "pruned model (float activations)")
+        s_float = float_session(compared, "pruned model (float activations)")
         if s_float is not None:  # compared with float activations, as the masked original
             s = s_float
             out_pruned = val.run(s, change.pruned_feeds(feeds))

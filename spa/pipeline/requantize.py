@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 #: the variants transformers.js names its quantize_dynamic files with (q8, int8, uint8)
 SUFFIXES = ("_quantized", "_int8", "_uint8")
-_WEIGHTED = {"MatMulInteger": 1, "ConvInteger": 1}  # op -> its weight's input slot
-_ZERO_POINT = {"MatMulInteger": 3, "ConvInteger": 3}
+#: op -> the input slots of its weight and of the weight's zero point
+_SLOTS = {"MatMulInteger": (1, 3), "ConvInteger": (1, 3)}
 
 
 @dataclass(frozen=True)
@@ -69,24 +69,25 @@ TOOLS = ("quantize_dynamic", "transformers.js")
 
 
 def settings_of(plain: Path, quantized: Path) -> Settings | str:
-    """The settings with which ``quantize_dynamic(plain)`` gives ``quantized`` again, or why
-    there are none."""
-    for path in (plain, quantized):
-        header = onnx.load(str(path), load_external_data=False)
+    """The settings with which quantising ``plain`` (one of :data:`TOOLS`) gives ``quantized``
+    again, or why there are none."""
+    model = onnx.load(str(quantized), load_external_data=False)  # whole when none is external
+    for path, header in ((plain, onnx.load(str(plain), load_external_data=False)),
+                         (quantized, model)):
         if external_data_files(header):
             return f"{path.name} holds weights in external data (not quantised again)"
-    model = onnx.load(str(quantized))
     inits = {i.name: i for i in model.graph.initializer}
     weights, zero_points = [], []
     for node in model.graph.node:
-        slot = _WEIGHTED.get(node.op_type)
-        if slot is None or node.domain not in ("", "ai.onnx"):
+        slots = _SLOTS.get(node.op_type)
+        if slots is None or node.domain not in ("", "ai.onnx"):
             continue
+        slot, zp_slot = slots
         w = inits.get(node.input[slot]) if len(node.input) > slot else None
         if w is None:
             return f"{node.op_type} node '{node.name}' has no constant weight"
         weights.append(numpy_helper.to_array(w))
-        zp = node.input[_ZERO_POINT[node.op_type]] if len(node.input) > 3 else ""
+        zp = node.input[zp_slot] if len(node.input) > zp_slot else ""
         zero_points.append(numpy_helper.to_array(inits[zp]) if zp in inits else None)
     if not weights:
         return "no MatMulInteger or ConvInteger weight: not a quantize_dynamic file"
@@ -112,6 +113,7 @@ def settings_of(plain: Path, quantized: Path) -> Settings | str:
 
 
 def quantize(src: Path, dst: Path, s: Settings) -> None:
+    """Write ``src`` quantised with ``s`` (the way ``s.tool`` calls the quantiser) to ``dst``."""
     from onnxruntime.quantization import QuantizationMode, QuantType, quantize_dynamic
     from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
     from onnxruntime.quantization.registry import IntegerOpsRegistry
@@ -150,7 +152,7 @@ def _signature(model: onnx.ModelProto) -> tuple:
 
 def requantizable(src: Path, names: list[str], pruned: set[str]) -> dict[str, Settings | str]:
     """For each variant among ``names`` (files not pruned) whose plain file in ``src`` is
-    among ``pruned``: its settings, or why it is not a ``quantize_dynamic`` copy."""
+    among ``pruned``: its settings, or why it is not a dynamically quantised copy."""
     out: dict[str, Settings | str] = {}
     for n in names:
         plain = plain_name(n, SUFFIXES)
@@ -164,8 +166,8 @@ def requantized(src: Path, folder: Path, found: Mapping[str, Settings | str],
     """Write over each copy in ``folder`` (the staged output) its pruned plain file quantised
     with the copy's settings; with ``validate``, check that it answers as that file. Per
     copy: from which file, the settings, and the check's relative differences; or why it
-    stays as it was (``quantize_dynamic`` failed on the pruned file: the input copy is put
-    back, as before)."""
+    stays as it was (the quantiser failed on the pruned file: the input copy is put back, as
+    before)."""
     out: dict[str, dict | str] = {}
     for n, s in found.items():
         if isinstance(s, str):
@@ -177,7 +179,7 @@ def requantized(src: Path, folder: Path, found: Mapping[str, Settings | str],
             quantize(folder / plain, folder / n, s)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
             shutil.copy2(src / n, folder / n)
-            out[n] = f"quantize_dynamic failed on the pruned {plain}: {one_line(exc)}"
+            out[n] = f"{s.tool} failed on the pruned {plain}: {one_line(exc)}"
             log.warning("%s: copied as it is: %s", n, out[n])
             continue
         took: dict = {"from": plain, "how": "quantised again", "settings": asdict(s)}
