@@ -320,10 +320,10 @@ def folder_notes(family: FamilyReport) -> list[str]:
 
 def _taken_note(name: str, took: dict) -> str:
     """What a file took of another's written values (FamilyReport.refits_taken)."""
+    check = (f"; answers as it within relative {took['relative_diff']:.1e} (the input files: "
+             f"{took['relative_diff_before']:.1e})" if "relative_diff" in took else "")
     if took.get("how") == "quantised again":
         s = took["settings"]
-        check = (f"; answers as it within relative {took['relative_diff']:.1e} (the input "
-                 f"files: {took['relative_diff_before']:.1e})" if "relative_diff" in took else "")
         return (f"{name}: {took['from']} dynamically quantised (as {s['tool']} quantised it: "
                 f"weight_type {s['weight_type']}, per_channel={s['per_channel']}, "
                 f"reduce_range={s['reduce_range']}), made again from the pruned "
@@ -331,8 +331,6 @@ def _taken_note(name: str, took: dict) -> str:
     if took.get("how") != "float16-cast":
         return (f"{name}: took {took['values']} {took['how']} values of {took['from']} (they "
                 "share those weights)")
-    check = (f"; answers as it within relative {took['relative_diff']:.1e} (the input files: "
-             f"{took['relative_diff_before']:.1e})" if "relative_diff" in took else "")
     return (f"{name}: a float16 copy of {took['from']}: planned as it, and took {took['values']} "
             f"of its written values, cast{check}")
 
