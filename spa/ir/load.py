@@ -31,6 +31,7 @@ from onnx import external_data_helper
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError, one_line
+from spa.ir.computed import fold_computed_weights
 from spa.ir.contrib import contrib_shapes, has_contrib, onnx_view
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
@@ -174,7 +175,8 @@ def import_graph(model: onnx.ModelProto, name: str, base_dir: Path | None = None
     _bypass_constant_identities(graph)
     ties: Ties = {}
     on_layout = functools.partial(record_view, ties)
-    shape_values_folded = fold_constant_ops(graph, on_layout)
+    # a weight computed at run time left its layer's output shapes unknown: infer them again
+    shape_values_folded = fold_constant_ops(graph, on_layout) + fold_computed_weights(graph, name)
     _unshare_constants(graph, ties)
     _unshare_shape_targets(graph)
     _toposort(graph.cleanup(remove_unused_graph_inputs=False))
