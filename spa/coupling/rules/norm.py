@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from spa.coupling.context import NodeContext
 
 
-def _per_channel(ctx: NodeContext, n_params: int) -> None:
+def _per_channel(ctx: NodeContext, n_params: int, skip: Sequence[int] = ()) -> None:
     x, y = ctx.input(0), ctx.output(0)
-    ctx.same_axes([(x, y)])
+    ctx.same_axes([(x, y)], skip)
     for i in range(1, 1 + n_params):
         p = ctx.input(i)
         if p is not None:
@@ -52,7 +52,21 @@ def batch_norm(ctx: NodeContext) -> None:
 
 @register("InstanceNormalization")
 def instance_norm(ctx: NodeContext) -> None:
-    _per_channel(ctx, 2)
+    """Each (sample, channel) normalised over the axes after the channel: those keep every
+    element, which matters where a reshape made them channels (a ``GroupNorm(1, C)`` export
+    views ``[N, C, H, W]`` as ``[N, 1, C·H·W]``)."""
+    x, y = ctx.input(0), ctx.output(0)
+    rank = ctx.rank(x)
+    _per_channel(ctx, 2, skip=range(2, rank or 2))
+    reason = statistics_reason(f"InstanceNormalization node '{ctx.node.name}' normalises "
+                               f"over {axes_text(range(2, rank or 2))} of "
+                               f"'{getattr(x, 'name', '')}'", False)
+    for t in (x, y):
+        for ax in range(2, rank or 2):
+            space = ctx.space(t, ax)
+            if space is not None:
+                ctx.handle(space)
+                ctx.pin(space, reason)
 
 
 @register("LayerNormalization", opsets=(17, 10_000))

@@ -5,10 +5,14 @@ Reshape/Flatten: input and output dims are cut into *factor groups* with equal p
 on each side the axes are coupled identically; when several input dims merge into one output dim,
 the outermost input dim ``C`` is block-coupled with the output (feature ``f`` belongs to channel
 ``f // (H·W)``); when one input dim splits into several output dims (``C → heads × d``), the input
-is block-coupled with the outermost output dim. Inner dims of a group are never coupled, so they
-freeze if anything makes them channel spaces (channel shuffles freeze that way). A Reshape whose
-target is a constant has its literal entries rewritten; a run-time target (``Shape → Gather →
-Concat``) is accepted where the entry of a coupled output dim is ``-1`` or copies the input dim.
+is block-coupled with the outermost output dim; when several regroup into several with the
+outer dims one a multiple of the other (``[C, H, W] → [G, C/G·H·W]``, a GroupNorm's view), or
+the first dims after the copied ones are so (symbolic dims after them), those outer dims are
+block-coupled (channel ``c`` in row ``c // (C/G)``). Inner dims of a group are never coupled, so
+they freeze if anything makes them channel spaces (channel shuffles freeze that way). A Reshape
+whose target is a constant has its literal entries rewritten; a run-time target (``Shape →
+Gather → Concat``) is accepted where the entry of a coupled output dim is ``-1`` or copies the
+input dim (or the dim of the tensor whose GroupNorm view it restores: :func:`restored_view`).
 
 Transpose couples output axis ``k`` with input axis ``perm[k]``. Shape reads dims: a dim it
 reads (directly or through constant-index Gather/Slice) is unhandled, so a channel space whose
@@ -193,6 +197,8 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
     rest = static_factor_groups(a[copied:], b[copied:], (symbols(x, copied), symbols(y, copied)))
     groups = [([i], [i]) for i in range(copied)] \
         + [([i + copied for i in ga], [j + copied for j in gb]) for ga, gb in rest]
+    if _leading_blocks(a, b, copied, groups):
+        groups.append(([copied], [copied]))
     _decline_unmatched(ctx, (x, a), (y, b), groups)
     for n, (ga, gb) in enumerate(groups):
         spaces = [ctx.space(x, i) for i in ga] + [ctx.space(y, o) for o in gb]
@@ -200,24 +206,62 @@ def couple_regroup(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor,
             ctx.decline(f"reshapes {axes_text(ga)} of '{x.name}' into {axes_text(gb)} through a "
                         "symbolic dim: which channel lands where is not known", *spaces)
             continue
-        if len(ga) == 1 and len(gb) == 1:
+        if len(ga) == 1 and len(gb) == 1 and a[ga[0]] == b[gb[0]]:
             if allowed(gb[0], ga) and ctx.identity_axes(x, ga[0], y, gb[0]):
                 changing.append(gb[0])
-        elif len(gb) == 1:  # merge: output feature f ↔ one of the input dims it combines
+        elif len(gb) == 1 and len(ga) > 1:  # merge: feature f ↔ one of the dims it combines
             parts = [ctx.space(x, i) for i in ga]
             if allowed(gb[0], ga) and ctx.digits(ctx.space(y, gb[0]), parts, f"group{n}",
                                                  _static([a[i] for i in ga])):
                 changing.append(gb[0])
                 ctx.decline(f"merges {axes_text(ga)} of '{x.name}' into axis {gb[0]}: "
                             f"{_ONE_FACTOR}", *spaces)
-        elif len(ga) == 1:  # split: input channel c ↔ one of the output dims it splits into
+        elif len(ga) == 1 and len(gb) > 1:  # split: channel c ↔ one of the dims it splits into
             ok = [o for o in gb if allowed(o, ga)]
             parts = [ctx.space(y, o) if o in ok else None for o in gb]
             if ctx.digits(ctx.space(x, ga[0]), parts, f"group{n}", _static([b[o] for o in gb])):
                 changing.extend(ok)
                 ctx.decline(f"splits axis {ga[0]} of '{x.name}' into {axes_text(gb)}: "
                             f"{_ONE_FACTOR}", *spaces)
+        elif _outer_blocks(ctx, (x, a, ga), (y, b, gb), f"group{n}") and allowed(gb[0], ga):
+            changing.append(gb[0])
+            ctx.decline(f"regroups {axes_text(ga)} of '{x.name}' into {axes_text(gb)}: only "
+                        "the outer dims' common blocks map", *spaces)
     return changing
+
+
+def _leading_blocks(a: tuple[int | None, ...], b: tuple[int | None, ...], lead: int,
+                    groups: list[tuple[list[int], list[int]]]) -> bool:
+    """Whether the first dims after the ``lead`` copied ones are static, of different
+    lengths, one a multiple of the other, and in no factor group (symbolic dims follow):
+    ``[N, C, H, W] → [N, G, -1]`` with ``H``, ``W`` symbolic. Both sides hold the same
+    elements after the copied dims, so the outer dims still map in blocks
+    (:func:`_outer_blocks`) whatever the symbolic dims are."""
+    if lead >= len(a) or lead >= len(b) or any(lead in ga or lead in gb for ga, gb in groups):
+        return False
+    ca, cb = a[lead], b[lead]
+    return ca is not None and cb is not None and ca > 1 and cb > 1 and ca != cb \
+        and (ca % cb == 0 or cb % ca == 0)
+
+
+def _outer_blocks(ctx: NodeContext, xa: tuple[gs.Tensor, tuple[int | None, ...], list[int]],
+                  yb: tuple[gs.Tensor, tuple[int | None, ...], list[int]], label: str) -> bool:
+    """Dims regrouped into others, the outer of one side a multiple of the other's: ``[C, H,
+    W] → [G, C/G·H·W]`` (a group normalisation's view, and back). Input channel ``c`` then
+    lands in output row ``c // (C/G)`` whatever the inner dims are, since both sides hold the
+    same elements (``C·H·W = G·R`` gives ``R = C/G·H·W``): the larger outer dim is
+    digit-coupled, in blocks, with the smaller."""
+    (x, a, ga), (y, b, gb) = xa, yb
+    ca, cb = a[ga[0]], b[gb[0]]
+    if ca is None or cb is None or ca == cb:
+        return False
+    if ca % cb == 0:
+        return ctx.digits(ctx.space(x, ga[0]), [ctx.space(y, gb[0]), None], label,
+                          (cb, ca // cb))
+    if cb % ca == 0:
+        return ctx.digits(ctx.space(y, gb[0]), [ctx.space(x, ga[0]), None], label,
+                          (ca, cb // ca))
+    return False
 
 
 def _decline_unmatched(ctx: NodeContext, x_a: tuple[gs.Tensor, tuple[int | None, ...]],
@@ -257,9 +301,9 @@ def reshape(ctx: NodeContext) -> None:
     for o, e in enumerate(entries):
         if e == -1 or (isinstance(e, Lit) and e > 0 and e.rewritable_for(ctx.node)):
             allowed.add(o)
-        elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.tensor == x.name
-                                             and e.axis == o):
-            allowed.add(o)  # copies input dim o; fine when input dim o is coupled to it
+        elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.axis == o and (
+                e.tensor == x.name or e.tensor == getattr(restored_view(ctx.node), "name", 0))):
+            allowed.add(o)  # copies input dim o (or of the tensor whose view it restores)
     changing = couple_regroup(ctx, x, y, allowed, _copied_prefix(entries, x, y, ctx.shape(x),
                                                                  allow_zero),
                               lambda o: fixed_entry(ctx, target, o, entries[o]))
@@ -412,7 +456,8 @@ def _only_copied_into_reshapes(ctx: NodeContext, x: gs.Tensor, out: gs.Tensor) -
     """True when ``Shape(x)`` only feeds Reshape targets of ``x`` itself (through Gather,
     Unsqueeze, Concat, …) and every dim of ``x`` lands at its own position: ``x.view(x.size(0),
     x.size(1), -1)``. Such a target is re-read at run time and stays right when the dim shrinks.
-    """
+    A group normalisation's view of ``x`` restored to its shape counts as ``x``
+    (:func:`restored_view`)."""
     stack, seen = [out], set()
     while stack:
         t = stack.pop()
@@ -422,7 +467,8 @@ def _only_copied_into_reshapes(ctx: NodeContext, x: gs.Tensor, out: gs.Tensor) -
         if ctx.is_graph_output(t) or not ctx.consumers(t):
             return False  # the dims' values leave the graph (or go nowhere a reshape reads)
         for c in ctx.consumers(t):
-            if c.op == "Reshape" and c.inputs[1] is t and c.inputs[0] is x:
+            if c.op == "Reshape" and c.inputs[1] is t \
+                    and any(v is x for v in (c.inputs[0], restored_view(c))):
                 entries = shape_entries(t)
                 if entries is None or any(isinstance(e, DimRef) and e.tensor == x.name
                                           and e.axis != pos for pos, e in enumerate(entries)):
@@ -432,6 +478,21 @@ def _only_copied_into_reshapes(ctx: NodeContext, x: gs.Tensor, out: gs.Tensor) -
             else:
                 return False
     return True
+
+
+def restored_view(node: gs.Node) -> gs.Tensor | None:
+    """``x`` when the Reshape ``node`` restores a group normalisation's view of it to its
+    shape: ``Reshape(InstanceNormalization(Reshape(x, [N, G, -1])), Shape(x))``, as PyTorch
+    exports ``GroupNorm``. The view and the normalisation keep every element where it was, so
+    each axis of the output is that axis of ``x``; the views' rule couples the channels of both
+    with the same groups (:func:`_outer_blocks`), so their lengths stay equal when groups go."""
+    norm = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
+    if norm is None or norm.op != "InstanceNormalization" or not norm.inputs[0].inputs:
+        return None
+    view = norm.inputs[0].inputs[0]
+    x = view.inputs[0] if view.op == "Reshape" and view.inputs else None
+    shape = node.inputs[1].inputs[0] if len(node.inputs) > 1 and node.inputs[1].inputs else None
+    return x if shape is not None and shape.op == "Shape" and shape.inputs[0] is x else None
 
 
 def _dims_read(ctx: NodeContext, out: gs.Tensor, dims: Sequence[int], depth: int = 0
