@@ -1,0 +1,157 @@
+"""Models whose every channel froze before: GroupNorm and weights the graph computes.
+
+    python -m benchmarks.structure_models [--ratio 0.3]
+
+Exported by PyTorch's TorchScript exporter (opset 17, random weights, batch 1):
+
+* timm ``resnetv2_50x1_bit`` (BiT: GroupNorm on the residual stream, standardised convs), at
+  224 px: no prunable group before (GroupNorm's ``Reshape [N, 32, -1]`` mapped no channel);
+* timm ``nf_resnet26`` and ``nfnet_l0`` (NF-Nets: each conv weight standardised in the graph),
+  at 224 px: no prunable group, and only the SE convs', before (spa/ir/computed.py);
+* diffusers ``UNet2DModel`` (two levels, 32 and 64 channels, GroupNorm(8), self-attention at
+  the second) at 32 px, and the decoder of an ``AutoencoderKL`` of the same widths at a 16 px
+  latent: the diffusion model's two halves (skipped without ``diffusers``).
+
+Each is pruned at ``--ratio`` (default options: the numeric oracle runs) by ``spa prune`` in
+its own process; recorded: the groups prunable, params and FLOPs before and after, the
+oracle's relative difference, and latency medians of the dense and pruned files side by side
+(one thread, its CPU time: :func:`benchmarks.common.side_by_side_latency`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import onnx_counts, side_by_side_latency, write_result
+
+WORK = Path("build") / "structure_models"
+
+
+def _torch():
+    from models.torchvision_compat import import_torchvision
+
+    import_torchvision()  # its registrations stubbed, so that timm and diffusers import
+    import torch
+    return torch
+
+
+def _timm(name: str):
+    import timm
+
+    torch = _torch()
+    return timm.create_model(name, pretrained=False).eval(), (torch.randn(1, 3, 224, 224),)
+
+
+def _unet():
+    torch = _torch()
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(32, 64), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x, t):
+            return self.unet(x, t).sample
+
+    return Denoiser(), (torch.randn(1, 3, 32, 32), torch.tensor([10]))
+
+
+def _vae_decoder():
+    torch = _torch()
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                        layers_per_block=1, norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2).eval()
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z):
+            return self.vae.decode(z).sample
+
+    return Decoder(), (torch.randn(1, 4, 16, 16),)
+
+
+MODELS = {"timm resnetv2_50x1_bit (BiT)": lambda: _timm("resnetv2_50x1_bit"),
+          "timm nf_resnet26": lambda: _timm("nf_resnet26"),
+          "timm nfnet_l0": lambda: _timm("nfnet_l0"),
+          "diffusers UNet2DModel": _unet,
+          "diffusers AutoencoderKL decoder": _vae_decoder}
+
+
+def export(label: str, path: Path) -> str | None:
+    """Export ``label``'s model to ``path`` (cached); the reason when it cannot be built."""
+    if path.exists():
+        return None
+    try:
+        module, example = MODELS[label]()
+    except ImportError as exc:
+        return f"not installed: {exc.name}"
+    torch = _torch()
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17)
+    return None
+
+
+def row(label: str, dense: Path, ratio: float) -> dict:
+    out, report = dense.with_name(dense.stem + "_pruned.onnx"), dense.with_suffix(".json")
+    analyzed = subprocess.run([sys.executable, "-m", "spa", "analyze", str(dense), "--json"],
+                              capture_output=True, text=True)
+    groups = json.loads(analyzed.stdout)["groups"] if analyzed.returncode == 0 else []
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "spa", "prune", str(dense), "-o", str(out),
+                           "--ratio", str(ratio), "--report", str(report), "-q"],
+                          capture_output=True, text=True)
+    seconds = round(time.perf_counter() - t0, 1)
+    body: dict = {"model": label, "groups": len(groups),
+                  "prunable": sum(1 for g in groups if g.get("prunable")),
+                  "exit": done.returncode, "seconds": seconds,
+                  "error": done.stderr.strip().splitlines()[-1] if done.returncode else ""}
+    if done.returncode:
+        return body
+    r = json.loads(report.read_text())
+    before, after = onnx_counts(dense), onnx_counts(out)
+    ms = side_by_side_latency({"dense": dense, "pruned": out}, threads=1,
+                              clock=time.thread_time)
+    return body | {"groups_pruned": r.get("groups_pruned"),
+                   "oracle_relative": r.get("masked_relative_diff"),
+                   "params": [before["params"], after["params"]],
+                   "flops": [before["flops"], after["flops"]],
+                   "latency_ms": [round(ms["dense"], 3), round(ms["pruned"], 3)]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratio", type=float, default=0.3)
+    args = parser.parse_args(argv)
+    rows, skipped = [], {}
+    for label in MODELS:
+        path = WORK / (label.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
+        why = export(label, path)
+        if why is not None:
+            skipped[label] = why
+            continue
+        rows.append(row(label, path, args.ratio))
+        print(json.dumps(rows[-1]), flush=True)
+    print(write_result("structure_models", {"ratio": args.ratio, "rows": rows,
+                                            "skipped": skipped}))
+
+
+if __name__ == "__main__":
+    main()
