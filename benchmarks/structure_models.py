@@ -41,9 +41,9 @@ def _torch():
 
 
 def _timm(name: str):
+    torch = _torch()
     import timm
 
-    torch = _torch()
     return timm.create_model(name, pretrained=False).eval(), (torch.randn(1, 3, 224, 224),)
 
 

@@ -758,6 +758,28 @@ def latency_fidelity(d: dict) -> str:
     return "\n".join(lines)
 
 
+def structure_models(d: dict) -> str:
+    """Models with GroupNorm or weights the graph computes: groups, cuts, oracle, latency."""
+    lines = [f"Models whose channels froze before ({_load_note(d)}): TorchScript exports, "
+             f"random weights, `spa prune --ratio {d['ratio']}` (default options, the oracle "
+             "on); params and FLOPs by SPA's counter (a computed weight counted once, folded); "
+             "latency: median ms of the dense and pruned files side by side, one thread.", "",
+             "| model | groups prunable | params | FLOPs (MACs) | oracle (relative) | latency "
+             "ms | seconds |", "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if r["exit"]:
+            lines.append(f"| {r['model']} | {r['prunable']} of {r['groups']} | exit "
+                         f"{r['exit']}: {r['error']} | | | | {r['seconds']:.0f} |")
+            continue
+        (p0, p1), (f0, f1), (t0, t1) = r["params"], r["flops"], r["latency_ms"]
+        lines.append(f"| {r['model']} | {r['prunable']} of {r['groups']} | {p0 / 1e6:.2f}M → "
+                     f"{p1 / 1e6:.2f}M | {f0 / 1e6:.0f}M → {f1 / 1e6:.0f}M (÷{f0 / f1:.2f}) | "
+                     f"{r['oracle_relative']:.1e} | {t0:.2f} → {t1:.2f} (×{t0 / t1:.2f}) | "
+                     f"{r['seconds']:.0f} |")
+    lines += [f"| {label} | skipped: {why} | | | | | |" for label, why in d["skipped"].items()]
+    return "\n".join(lines)
+
+
 RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": result_speed,
           "memory": memory, "quality": quality, "quality_pipeline": quality_pipeline,
           "latency_target": latency_target, "latency_fidelity": latency_fidelity,
@@ -770,7 +792,7 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "int4_minilm": int4_minilm, "int8_effnet": int8_effnet, "fp16_copy": fp16_copy,
           "q8_copy": q8_copy,
           "int8_chain_minilm": int8_chain_minilm,
-          "decoder_calibration": decoder_calibration}
+          "decoder_calibration": decoder_calibration, "structure_models": structure_models}
 
 
 def render(name: str) -> str:
