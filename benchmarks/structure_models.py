@@ -8,6 +8,8 @@ Exported by PyTorch's TorchScript exporter (opset 17, random weights, batch 1):
   224 px: no prunable group before (GroupNorm's ``Reshape [N, 32, -1]`` mapped no channel);
 * timm ``nf_resnet26`` and ``nfnet_l0`` (NF-Nets: each conv weight standardised in the graph),
   at 224 px: no prunable group, and only the SE convs', before (spa/ir/computed.py);
+* torchvision ``swin_v2_t`` at 224 px: its attention heads froze before (each block zeroes
+  the key's third of its ``qkv`` bias in the graph: a ``ScatterND`` of constants, now folded);
 * diffusers ``UNet2DModel`` (two levels, 32 and 64 channels, GroupNorm(8), self-attention at
   the second) at 32 px, and the decoder of an ``AutoencoderKL`` of the same widths at a 16 px
   latent: the diffusion model's two halves (skipped without ``diffusers``).
@@ -87,9 +89,17 @@ def _vae_decoder():
     return Decoder(), (torch.randn(1, 4, 16, 16),)
 
 
+def _swin_v2():
+    torch = _torch()
+    import torchvision
+
+    return torchvision.models.swin_v2_t().eval(), (torch.randn(1, 3, 224, 224),)
+
+
 MODELS = {"timm resnetv2_50x1_bit (BiT)": lambda: _timm("resnetv2_50x1_bit"),
           "timm nf_resnet26": lambda: _timm("nf_resnet26"),
           "timm nfnet_l0": lambda: _timm("nfnet_l0"),
+          "torchvision swin_v2_t": _swin_v2,
           "diffusers UNet2DModel": _unet,
           "diffusers AutoencoderKL decoder": _vae_decoder}
 

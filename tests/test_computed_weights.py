@@ -172,3 +172,51 @@ def test_torch_exports_of_standardised_and_weight_normed_layers_prune(tmp_path: 
     assert pruned.report.masked_relative_diff < 1e-5
     ops = {n.op_type for n in onnx.load(str(pruned.path)).graph.node}
     assert not ops & {"BatchNormalization", "ReduceL2", "Div"}
+
+
+def test_a_bias_computed_from_constants_prunes(tmp_path: Path) -> None:
+    """torchvision's Swin V2 zeroes a third of its qkv bias in the graph (``ScatterND``) before
+    the Add after its MatMul: the bias is folded, and the MatMul's channels prune with it."""
+    inits = [_init("w1", RNG.standard_normal((8, 16)).astype(np.float32)),
+             _init("b1", RNG.standard_normal(16).astype(np.float32)),
+             _init("at", np.arange(4, 8, dtype=np.int64).reshape(4, 1)),
+             _init("zeros", np.zeros(4, np.float32)),
+             _init("w2", RNG.standard_normal((16, 4)).astype(np.float32))]
+    nodes = [helper.make_node("ScatterND", ["b1", "at", "zeros"], ["bias"], name="zero_k"),
+             helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("Add", ["h", "bias"], ["hb"], name="fc1_bias"),
+             helper.make_node("Relu", ["hb"], ["a"], name="relu"),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="fc2")]
+    src = tmp_path / "model.onnx"
+    onnx.save(_model(nodes, inits, [2, 8], [2, 4]), str(src))
+    assert [g.prunable for g in analyze(src).groups if g.size == 16] == [True]
+    pruned = prune_checked(src, tmp_path, ratio=0.5)
+    written = onnx.load(str(pruned.path))
+    assert "ScatterND" not in {n.op_type for n in written.graph.node}
+    # the bias written is the one the graph computed, at the kept channels
+    want = numpy_helper.to_array(inits[1]).copy()
+    want[4:8] = 0
+    keep, = [g.keep for g in pruned.plan.groups if g.size == 16]
+    bias, = [numpy_helper.to_array(i) for i in written.graph.initializer if tuple(i.dims) == (8,)]
+    np.testing.assert_array_equal(bias, want[np.asarray(keep)])
+
+
+def test_a_mask_added_to_attention_scores_is_not_folded() -> None:
+    """A mask made of constants added to a product of two activations (attention scores) is
+    no layer's bias: it stays as the graph computes it."""
+    from spa.ir.computed import computed_weights
+    from spa.ir.load import load_proto
+
+    inits = [_init("tri", np.triu(np.full((16, 16), -1e4, np.float32), 1)),
+             _init("neg", np.float32(1.0))]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1], name="t"),
+             helper.make_node("MatMul", ["x", "xt"], ["scores"], name="qk"),
+             helper.make_node("Mul", ["tri", "neg"], ["mask"], name="mask"),
+             helper.make_node("Add", ["scores", "mask"], ["y"], name="masked")]
+    graph = helper.make_graph(nodes, "attn", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 16, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    loaded = load_proto(model)
+    assert "Mul" in {n.op for n in loaded.graph.nodes}
+    assert computed_weights(loaded.graph) == []

@@ -6,9 +6,11 @@ by a ``BatchNormalization`` in training mode, then scaled by a gain), weight nor
 (``g · v / ‖v‖``), a parametrisation left in the graph. No rule can slice such a weight, since
 no layer reads a constant, so every channel it touches freezes ("the weight is no constant").
 
-The tensors computed from constants alone that a layer (:data:`LAYERS`) reads are *computed
-weights*; :func:`fold_computed_weights` evaluates them with onnxruntime, which runs the
-model, so each becomes the constant the model used anyway (the same kernels, the same values),
+The tensors computed from constants alone that a layer (:data:`LAYERS`) reads, or that is
+added to a weighted layer's output (its bias), are *computed weights* (torchvision's Swin V2
+zeroes the key's third of its ``qkv`` bias in the graph, a ``ScatterND``);
+:func:`fold_computed_weights` evaluates them with onnxruntime, which runs the model, so each
+becomes the constant the model used anyway (the same kernels, the same values),
 and the ops that made it are left with no reader. Only what a layer reads is folded: shape
 arithmetic, position tables and attention masks made from constants are spa/ir/fold.py's
 concern, and stay as they are here. A computed weight is folded only when its type is a float
@@ -23,6 +25,7 @@ loader infers shapes again (spa/ir/load.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import numpy as np
 import onnx
@@ -45,6 +48,20 @@ def _foldable(node: gs.Node) -> bool:
             and not any(isinstance(v, gs.Graph) or (isinstance(v, list) and v
                                                       and isinstance(v[0], gs.Graph))
                         for v in node.attrs.values()))
+
+
+def _reads_weights(node: gs.Node, made: Collection[str]) -> bool:
+    """A layer (:data:`LAYERS`), or the ``Add`` of a layer's bias: its other input is the
+    output of a layer with a weight (a constant, or one ``made`` of constants), as exporters
+    add a MatMul's bias; not a mask added to attention scores (a product of activations)."""
+    if (node.domain or "") not in DEFAULT_DOMAINS:
+        return False
+    if node.op in LAYERS:
+        return True
+    return node.op == "Add" and any(
+        len(t.inputs) == 1 and t.inputs[0].op in LAYERS
+        and any(isinstance(w, gs.Constant) or w.name in made for w in t.inputs[0].inputs)
+        for t in node.inputs if isinstance(t, gs.Variable) and t.name not in made)
 
 
 def _made_of(t: gs.Tensor, made: dict[str, gs.Node]) -> tuple[list[gs.Node], list[gs.Constant]]:
@@ -76,7 +93,7 @@ def computed_weights(graph: gs.Graph) -> list[tuple[gs.Variable, list[gs.Node], 
     outputs = {t.name for t in graph.outputs}
     found: list[tuple[gs.Variable, list[gs.Node], int]] = []
     for node in graph.nodes:
-        if node.op not in LAYERS or (node.domain or "") not in DEFAULT_DOMAINS:
+        if not _reads_weights(node, made):
             continue
         for t in node.inputs:
             if not isinstance(t, gs.Variable) or t.name not in made or t.name in outputs \
