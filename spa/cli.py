@@ -353,51 +353,17 @@ def _prune_family(args: argparse.Namespace, options) -> int:
 
 def _prune_family_and_recover(args: argparse.Namespace, options) -> int:
     """``spa prune folder/ -o out/ --recover N``: a folder whose files pass caches (a seq2seq
-    export) has its encoder and first-step decoder distilled together before it is checked
-    and written (spa/pipeline/joined.py); a folder whose one pruned file passes nothing to the
-    others (a decoder beside its config and tokenizer) is pruned into a staging folder, then
-    that file is distilled into the output folder, the rest copied."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    import onnx
-
+    export) has its encoder and first-step decoder distilled together, else its one
+    calibrated file is distilled alone (its with-past twin, float16 and int8 copies then take
+    the trained values), before the folder is checked and written
+    (spa/pipeline/family.py, spa/pipeline/joined.py)."""
     from spa.api import prune_family
-    from spa.ir.save import external_data_files, staged_folder
-    from spa.metrics import file_size
-    from spa.pipeline.family import passes_between
+    from spa.torch.recover import joint_distiller
 
-    recover, calibration_for, recover_options = _recovery(options)
-    if passes_between(args.model):  # one model in several files: trained as one
-        from spa.torch.recover import joint_distiller
-
-        distil = joint_distiller(recover_options(args.recover, options.seed))
-        return _family_done(args, prune_family(args.model, args.output, options,
-                                               _checks(args), plan_path=args.plan,
-                                               distil=distil))
-    out, src = Path(args.output), Path(args.model)
-    with tempfile.TemporaryDirectory(prefix=".spa-", dir=out.parent or ".") as tmp:
-        staged = Path(tmp) / out.name
-        family = prune_family(src, staged, options, _checks(args), plan_path=args.plan)
-        if len(family.reports) != 1:
-            raise OptionError(f"--recover distils one pruned file, and {len(family.reports)} "
-                              f"were pruned ({', '.join(family.reports)}): prune the folder, "
-                              "then recover each file with spa recover")
-        (name, report), = family.reports.items()
-        calib = calibration_for(str(src / name), options.calib, options.calibration,
-                                seed=options.seed)
-        data = external_data_files(onnx.load(str(staged / name), load_external_data=False))
-        with staged_folder(out) as final:
-            for f in staged.iterdir():
-                if f.name != name and f.name not in data:
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, final / f.name)
-            done = recover(str(src / name), str(staged / name), final / name, calib,
-                           recover_options(args.recover, options.seed))
-    report.output, report.bytes_after = str(out / name), file_size(out / name)
-    report.fidelity["recovered"] = done.fidelity_after
-    report.recovery = done.to_dict()
-    return _family_done(args, family)
+    _, _, recover_options = _recovery(options)
+    distil = joint_distiller(recover_options(args.recover, options.seed))
+    return _family_done(args, prune_family(args.model, args.output, options, _checks(args),
+                                           plan_path=args.plan, distil=distil))
 
 
 def _recovery(options):

@@ -336,18 +336,21 @@ def _taken_note(name: str, took: dict) -> str:
 
 
 def _recovery_notes(rec: dict) -> list[str]:
-    """``--recover`` on a folder: the encoder and decoder distilled together, and the files
-    that took the trained values."""
+    """``--recover`` on a folder: the encoder and decoder distilled together (or its one
+    calibrated file alone), and the files that took the trained values."""
     if not rec:
         return []
     before, after, name = rec["fidelity_before"], rec["fidelity_after"], rec["measure"]
-    head = (f"recovery: {rec['encoder']} and {rec['decoder']} distilled together "
-            f"({rec['steps']} steps at lr {rec['lr']:g}, {rec['seconds']:.0f} s, "
+    source = rec.get("file") or rec["decoder"]
+    what = (f"{rec['file']} distilled" if "file" in rec
+            else f"{rec['encoder']} and {rec['decoder']} distilled together")
+    head = (f"recovery: {what} ({rec['steps']} steps at lr {rec['lr']:g}, {rec['seconds']:.0f} s, "
             f"{rec['values']} values trained): held-out {name} {before[name]:.4f} -> "
-            f"{after[name]:.4f} (of {int(before['samples'])} samples); " + (
+            f"{after[name]:.4f}" + (f" (of {int(before['samples'])} samples)"
+                                    if "samples" in before else "") + "; " + (
                 "written" if rec["kept"] == "recovered"
                 else f"the pruned values written ({rec['kept']})"))
-    return [head] + [f"{name}: took {count} values of {rec['decoder']} trained by the recovery "
+    return [head] + [f"{name}: took {count} values of {source} trained by the recovery "
                      "(they share those weights)" for name, count in rec["taken"].items()]
 
 

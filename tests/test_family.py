@@ -575,3 +575,39 @@ def test_a_latency_target_plans_the_folder_as_one(tmp_path: Path, capsys) -> Non
     assert done["groups_following"] >= 1
     assert all(s["relative_diff"] < 1e-5 for s in done["step_checks"].values())
     assert _decode(out) < 1e-5
+
+
+def test_a_folder_with_a_float16_copy_recovers_its_plain_file(tmp_path: Path,
+                                                              capsys) -> None:
+    """transformers.js's layout: ``net.onnx`` beside its float16 copy. ``--recover`` distils
+    the plain file alone (the copy is not calibrated), and the copy takes the trained values,
+    cast: the two stay one model."""
+    pytest.importorskip("torch")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, calib = _conv_folder(tmp_path)
+    onnx.save(convert_float_to_float16(onnx.load(str(src / "net.onnx")), keep_io_types=True),
+              str(src / "net_fp16.onnx"))
+    flags = ["--ratio", "0.5", "--calib", str(calib), "--round-to", "1", "--json", "-q"]
+    start, out = tmp_path / "start", tmp_path / "small"
+    assert main(["prune", str(src), "-o", str(start), *flags]) == ExitCode.OK
+    capsys.readouterr()
+    assert main(["prune", str(src), "-o", str(out), *flags, "--recover", "20"]) == ExitCode.OK
+    body = json.loads(capsys.readouterr().out)
+    plain = body["files"]["net.onnx"]
+    assert plain["recovery"]["steps"] >= 1 and "recovered" in plain["fidelity"]
+    assert body["recovery"]["file"] == "net.onnx" and body["recovery"]["values"] == 2
+    trained = {k: v for k, v in _weights(out / "net.onnx").items()}
+    before = _weights(start / "net.onnx")
+    if body["recovery"]["kept"] == "recovered":
+        assert any(not np.array_equal(trained[k], before[k]) for k in trained)
+        assert "trained by --recover" in plain["oracle"]
+    # the copy holds the plain file's written values, cast to float16
+    copy = _weights(out / "net_fp16.onnx")
+    for k, v in trained.items():
+        np.testing.assert_array_equal(copy[k], v.astype(np.float16))
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+            if len(i.dims) >= 2}

@@ -6,6 +6,7 @@ is copied as it is, and the report says why."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +152,27 @@ def test_a_quantisation_that_fails_on_the_pruned_file_leaves_the_copy_as_it_was(
         (src / "model_quantized.onnx").read_bytes()
     assert "quantize_dynamic failed on the pruned model.onnx: unsupported node" in \
         done.skipped["model_quantized.onnx"]
+
+
+def test_recover_trains_the_plain_file_and_the_copy_is_made_from_it(tmp_path: Path,
+                                                                    capsys) -> None:
+    """``--recover`` on such a folder distils ``model.onnx`` alone; the int8 copy is then
+    quantised from the trained file, not from the one before training."""
+    pytest.importorskip("torch")
+    s = SETTINGS[0]
+    src, calib = _folder(tmp_path, s)
+    out = tmp_path / "small"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--calib", str(calib),
+                 "--recover", "20", "--json", "-q"]) == ExitCode.OK
+    body = json.loads(capsys.readouterr().out)
+    assert body["recovery"]["file"] == "model.onnx" and body["recovery"]["steps"] >= 1
+    assert body["refits_taken"]["model_quantized.onnx"]["how"] == "quantised again"
+    again = tmp_path / "again.onnx"
+    requantize.quantize(out / "model.onnx", again, s)
+    assert requantize._signature(onnx.load(str(again))) == \
+        requantize._signature(onnx.load(str(out / "model_quantized.onnx")))
+    if body["recovery"]["kept"] == "recovered":  # the copy is not the one made before training
+        start = tmp_path / "start"
+        prune_family(src, start, PruneOptions(ratio=0.5, calib=str(calib)), CHECKS)
+        assert requantize._signature(onnx.load(str(start / "model_quantized.onnx"))) != \
+            requantize._signature(onnx.load(str(out / "model_quantized.onnx")))

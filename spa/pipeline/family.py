@@ -346,9 +346,7 @@ def prune_together(folder: str | os.PathLike[str], out_dir: str | os.PathLike[st
     with _opened(folder, checks) as view:
         fp = _planned(view, options, checks, plan_path)
         if distil is not None and not fp.made:
-            raise OptionError(f"--recover distils a folder's encoder and decoder together, "
-                              f"and {view.src} has no decoder calibrated on samples made from "
-                              f"an encoder's (give --calib for the encoder)")
+            _trained_alone(fp, view.src)  # refused before anything is written
         if plan_path is not None:
             write_text_atomic(plan_path, fp.saved().to_json() + "\n")
 
@@ -416,14 +414,6 @@ def _applied_together(view: _View, saved: FolderPlan, out: Path, checks: CheckOp
         return applied(analyses[n], saved.files[n], path, _own_checks(checks, n in copies))
 
     return _write_together(fp, view, out, checks, write)
-
-
-def passes_between(folder: str | os.PathLike[str]) -> bool:
-    """Whether some ONNX file of ``folder`` reads back what another writes (a merged decoder:
-    its branches): its files are one model, trained together by ``--recover``."""
-    src = Path(folder)
-    headers = {n: onnx.load(str(src / n), load_external_data=False) for n in _onnx_files(src)}
-    return any(map(is_merged, headers.values())) or any(_passed(headers).values())
 
 
 def _output_checked(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
@@ -536,8 +526,10 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
                     distil: joined.Distil | None = None) -> FamilyReport:
     """Write the folder ``fp`` plans into ``out``: each planned file by ``write`` (name, path,
     checks), the others copied, merged decoders merged back, the encoder and decoder distilled
-    together by ``distil`` when given; the files checked together (see the module)."""
+    together by ``distil`` when given (or, with no encoder, the one calibrated file alone);
+    the files checked together (see the module)."""
     src = fp.src
+    alone = _trained_alone(fp, src) if distil is not None and not fp.made else None
     config = read_config(src / CONFIG)
     changes = {n: signature_change(fp.analyses[n], p) for n, p in fp.plans.items()} \
         if config is not None else {}
@@ -567,7 +559,8 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
         taken = _refits_taken(tmp, sources, digests)
         for n, took in taken.items():  # its oracle judged the weights it had before
             _took(reports[n], took)
-        recovery = _recovered(fp, tmp, digests, distil, reports) if distil else {}
+        recovery = {} if distil is None else _recovered(fp, tmp, digests, distil, reports) \
+            if alone is None else _recovered_alone(fp, tmp, digests, distil, reports, alone)
         for n, took in lowered_taken(tmp, fp.copies, src if checks.validate else None,
                                      reports).items():
             _took(reports[n], took, f"a float16 copy of {took['from']}, it took "
@@ -647,6 +640,42 @@ def _recovered(fp: FamilyPlan, tmp: Path, digests: Mapping[str, Mapping[str, str
                                   "--recover")
     for n, count in done["taken"].items():
         _took(reports[n], {"values": count, "how": "recovered", "from": decoder})
+    return done
+
+
+def _trained_alone(fp: FamilyPlan, src: Path) -> str:
+    """The file ``--recover`` distils in a folder with no encoder: its one calibrated plain
+    file, whose float16 copies take the trained values cast, whose int8 copies are quantised
+    from it again, and whose with-past twins take them by role. An error when there are
+    several (which to train?) or none."""
+    plain = [n for n in fp.plans if n not in fp.copies]
+    calibrated = [n for n in plain if n in fp.prepared and fp.prepared[n].calib is not None]
+    if not calibrated:
+        raise OptionError(f"--recover distils on calibration data, and no file of {src} was "
+                          "calibrated: give --calib PATH")
+    if len(calibrated) > 1:
+        raise OptionError(f"--recover distils one pruned file, and {len(calibrated)} were "
+                          f"pruned ({', '.join(calibrated)}): prune the folder, then recover "
+                          "each file with spa recover")
+    return calibrated[0]
+
+
+def _recovered_alone(fp: FamilyPlan, tmp: Path, digests: Mapping[str, Mapping[str, str]],
+                     distil: joined.Distil, reports: Mapping[str, PruneReport],
+                     name: str) -> dict:
+    """The folder's one trained file (:func:`_trained_alone`) distilled on its own in
+    ``tmp`` (:func:`spa.pipeline.joined.recovered_alone`); its report and those of the files
+    that took the trained values say so."""
+    calib = fp.prepared[name].calib
+    assert calib is not None, "a file trained alone was calibrated"
+    done = joined.recovered_alone(fp.src, tmp, name, calib, digests, distil)
+    report = reports[name]
+    report.recovery = {k: v for k, v in done.items() if k not in ("trained", "taken")}
+    report.fidelity["recovered"] = done["fidelity_after"]
+    if done["trained"].get(name):
+        _took(report, {}, f"{done['trained'][name]} of its values were trained by --recover")
+    for n, count in done["taken"].items():
+        _took(reports[n], {"values": count, "how": "recovered", "from": name})
     return done
 
 

@@ -26,8 +26,9 @@ What does not train is a ``Constant`` node of the joined graph, so it is not a p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -49,12 +50,16 @@ MASK = "encoder_attention"
 #: like a mask as the one over the logits' tokens (spa.fidelity ``per_token``); its length is
 #: static, so that no token input is cut to its last attended column (spa/torch/augment.py).
 DECODER_MASK = "decoder_attention_mask"
-#: ``distil(dense, pruned, calibration, work)``: the pruned joined graph distilled from the
-#: dense one on ``calibration`` (scratch files in the folder ``work``), or None when the start
-#: was more faithful on the held-out samples; and the run's report (spa/torch/recover.py
-#: :func:`~spa.torch.recover.joint_distiller`).
-Distil = Callable[[onnx.ModelProto, onnx.ModelProto, Calibration, Path],
-                  "tuple[onnx.ModelProto | None, dict]"]
+class Distil(Protocol):
+    """``distil(dense, pruned, calibration, work)``: the pruned graph distilled from the dense
+    one on ``calibration`` (scratch files in the folder ``work``), or None when the start was
+    more faithful on the held-out samples; and the run's report
+    (:func:`~spa.torch.recover.joint_distiller`). ``joined``: the graphs are an encoder and
+    decoder joined (:func:`joined`), whose token mask no node reads."""
+
+    def __call__(self, dense: onnx.ModelProto, pruned: onnx.ModelProto,
+                 calibration: Calibration, work: Path, *, joined: bool = True
+                 ) -> tuple[onnx.ModelProto | None, dict]: ...
 
 
 def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encdec.Feeds,
@@ -79,6 +84,58 @@ def recovered(src: Path, written: Path, encoder: str, decoder: str, feeds: encde
         done["trained"] = written_apart(trained, written, (encoder, enc), (decoder, dec))
         done["taken"] = encdec.take_refits(written, decoder, digests)
     return report | done
+
+
+def recovered_alone(src: Path, written: Path, name: str, calibration: Calibration,
+                    digests: Mapping[str, Mapping[str, str]], distil: Distil) -> dict:
+    """Distil the pruned file ``name`` in ``written`` from the dense one in ``src`` on its
+    own calibration (a folder with no encoder: a decoder beside its with-past twin, a file
+    beside its float16 or int8 copies), write the trained values back, and have the files
+    that pass caches with it take them by role (``digests``: their weights before pruning).
+    Only the values that have a role train when such files take them (:func:`trainable`'s
+    rule for a decoder); else every trainable value."""
+    model = onnx.load(str(written / name))
+    train = set(encdec.roles(digests[name], model)) if name in digests else None
+    values = [i for i in model.graph.initializer if i.name in train] if train is not None \
+        else [i for i in model.graph.initializer if is_trainable(numpy_helper.to_array(i))]
+    student = _frozen(model, train)
+    trained, report = distil(onnx.load(str(src / name)), student, calibration, written,
+                             joined=False)
+    done = {"file": name, "values": len(values), "trained": {}, "taken": {}}
+    if trained is not None:
+        done["trained"] = {name: _written_back(trained, written, name, model, "")}
+        if name in digests:  # files pass caches with it: they take its trained values
+            done["taken"] = encdec.take_refits(written, name, digests)
+    return report | done
+
+
+def _frozen(model: onnx.ModelProto, train: Collection[str] | None) -> onnx.ModelProto:
+    """``model`` with the initializers not in ``train`` (None: none) as ``Constant`` nodes,
+    which do not train."""
+    if train is None:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    consts, kept = _split(list(model.graph.initializer), train)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    nodes = [*consts, *model.graph.node]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _split(inits: list[onnx.TensorProto], train: Collection[str] | None
+           ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``inits`` parted into ``Constant`` nodes (those not in ``train``) and the rest."""
+    consts, kept = [], []
+    for init in inits:
+        if train is None or init.name in train:
+            kept.append(init)
+        else:
+            consts.append(helper.make_node("Constant", [], [init.name], value=init,
+                                           name=f"frozen:{init.name}"))
+    return consts, kept
 
 
 def joined(encoder: onnx.ModelProto, decoder: onnx.ModelProto, feeds: encdec.Feeds,
@@ -109,15 +166,8 @@ def joined(encoder: onnx.ModelProto, decoder: onnx.ModelProto, feeds: encdec.Fee
     out = next(o for o in decoder.graph.output if o.name == feeds.logits)
     nodes = _needed([*enc.node, *dec.node], {logits})
     read = {i for n in nodes for i in n.input}
-    consts, kept = [], []
-    for init in [*enc.initializer, *dec.initializer]:
-        if init.name not in read:
-            continue
-        if train is None or init.name in train:
-            kept.append(init)
-        else:
-            consts.append(helper.make_node("Constant", [], [init.name], value=init,
-                                           name=f"frozen:{init.name}"))
+    consts, kept = _split([i for i in [*enc.initializer, *dec.initializer] if i.name in read],
+                          train)
     graph = helper.make_graph([*consts, *nodes], "encoder_decoder", inputs,
                               [_value(out, logits)], kept)
     opsets: dict[str, int] = {}
@@ -193,18 +243,23 @@ def written_apart(trained: onnx.ModelProto, folder: Path,
     """Write the trained initializers of the joined graph back into ``folder``'s ``encoder``
     and ``decoder`` files (each its name and its model as read from there; same names, shapes
     and types); the values changed per file."""
-    changed = {}
-    for (name, model), prefix in ((encoder, ENCODER), (decoder, DECODER)):
-        values = {i.name.removeprefix(prefix): i for i in trained.graph.initializer
-                  if i.name.startswith(prefix)}
-        try:
-            count = encdec.replace_values(model, values, strict=True)
-        except OptionError as exc:
-            raise OptionError(f"{name}: trained {exc}") from None
-        if count:
-            onnx.save(model, str(folder / name))
-        changed[name] = count
-    return changed
+    return {name: _written_back(trained, folder, name, model, prefix)
+            for (name, model), prefix in ((encoder, ENCODER), (decoder, DECODER))}
+
+
+def _written_back(trained: onnx.ModelProto, folder: Path, name: str, model: onnx.ModelProto,
+                  prefix: str) -> int:
+    """Write the initializers of ``trained`` named ``prefix`` + a name of ``model``'s into
+    ``model`` and save it as ``folder / name`` when any changed; how many did."""
+    values = {i.name.removeprefix(prefix): i for i in trained.graph.initializer
+              if i.name.startswith(prefix)}
+    try:
+        count = encdec.replace_values(model, values, strict=True)
+    except OptionError as exc:
+        raise OptionError(f"{name}: trained {exc}") from None
+    if count:
+        onnx.save(model, str(folder / name))
+    return count
 
 
 def _renamed(graph: onnx.GraphProto, prefix: str, outside: Mapping[str, str]

@@ -137,19 +137,21 @@ def recover(dense: Model, pruned: Model, output: str | os.PathLike[str],
 
 def joint_distiller(options: RecoverOptions) -> Distil:
     """``spa prune folder/ --recover``: distil an encoder and decoder joined into one graph
-    (spa/pipeline/joined.py), as :func:`recover` distils one file, in one process."""
+    (spa/pipeline/joined.py), or a folder's one trained file, as :func:`recover` distils one
+    file, in one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise OptionError("--recover on a folder trains in one process: run it without "
                           "torchrun")
     # the joined graph's mask says which decoder logits count, and no node reads it: dropping
     # its tokens would only drop terms of the loss
-    options = dataclasses.replace(options, token_dropout=0.0)
+    options_joined = dataclasses.replace(options, token_dropout=0.0)
 
     def distil(dense: onnx.ModelProto, pruned: onnx.ModelProto, calibration: Calibration,
-               work: Path) -> tuple[onnx.ModelProto | None, dict]:
+               work: Path, *, joined: bool = True) -> tuple[onnx.ModelProto | None, dict]:
         with tempfile.TemporaryDirectory(prefix=".spa-recover-", dir=work) as tmp:
             path = Path(tmp) / "joined.onnx"
-            done = recover(dense, pruned, path, calibration, options)
+            done = recover(dense, pruned, path, calibration,
+                           options_joined if joined else options)
             trained = onnx.load(str(path)) if done.kept == KEPT_RECOVERED else None
         report = done.to_dict()
         del report["output"]  # a scratch file
