@@ -125,3 +125,22 @@ def test_what_still_freezes(tmp_path: Path) -> None:
                               opset_imports=[helper.make_opsetid("", 17)])
     six, = [g for g in analyze(model).groups if g.size == 6]
     assert not six.prunable
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_group_normalization_op_prunes_whole_groups(tmp_path: Path, residual: bool) -> None:
+    """PyTorch's dynamo exporter at opset 21 writes ``GroupNormalization`` (scale and bias per
+    channel): its channels go a group at a time and ``num_groups`` follows."""
+    torch.manual_seed(0)
+    src = tmp_path / "gn21.onnx"
+    torch.onnx.export(_Block(residual=residual).eval(), (torch.randn(1, 3, 8, 8),), str(src),
+                      dynamo=True, opset_version=21)
+    assert "GroupNormalization" in {n.op_type for n in onnx.load(str(src)).graph.node}
+    assert [g.size for g in analyze(src).groups if g.prunable] == ([8] if residual else [8, 32])
+    pruned = prune_checked(src, tmp_path, ratio=0.25, round_to=1)
+    written = onnx.load(str(pruned.path))
+    norm, = [n for n in written.graph.node if n.op_type == "GroupNormalization"]
+    assert {a.name: helper.get_attribute_value(a) for a in norm.attribute}["num_groups"] == 6
+    inits = {i.name: numpy_helper.to_array(i).shape for i in written.graph.initializer}
+    assert inits[norm.input[1]] == inits[norm.input[2]] == (24,)
+

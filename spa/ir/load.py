@@ -32,7 +32,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError, one_line
 from spa.ir.computed import fold_computed_weights
-from spa.ir.contrib import contrib_shapes, has_contrib, onnx_view
+from spa.ir.contrib import contrib_shapes, has_contrib, onnx_view, shape_stand_ins
 from spa.ir.external import attach_external, check_external, unload
 from spa.ir.fold import fold_constant_ops
 from spa.ir.packed import raw_length
@@ -682,7 +682,7 @@ def _with_inferred_shapes(model: onnx.ModelProto, name: str,
     if strict and sort_nodes(model.graph):
         log.info("%s: its nodes were not in topological order; read in that order", name)
     try:
-        light = _without_constant_annotations(onnx_view(weightless(model)))
+        light = _without_constant_annotations(shape_stand_ins(onnx_view(weightless(model))))
         inferred = _with_contrib_shapes(_infer(light, strict), strict)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
         if strict:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from spa.coupling.context import NodeContext
+    from spa.coupling.types import KeptLookup
 
 
 def _per_channel(ctx: NodeContext, n_params: int, skip: Sequence[int] = ()) -> None:
@@ -67,6 +68,51 @@ def instance_norm(ctx: NodeContext) -> None:
             if space is not None:
                 ctx.handle(space)
                 ctx.pin(space, reason)
+
+
+@register("GroupNormalization", opsets=(21, 10_000))
+def group_norm(ctx: NodeContext) -> None:
+    """``GroupNormalization`` (what PyTorch's dynamo exporter writes at opset 21 and later):
+    statistics per sample and group of ``C / num_groups`` channels, over those channels and
+    the spatial axes. Channels go a whole group at a time (a virtual space of the groups, as a
+    grouped conv's), ``num_groups`` becomes the groups kept; scale and bias are per channel.
+    The spatial axes keep every element. (Opset 18's form, parameters per group, is
+    deprecated: onnx.checker refuses it.)"""
+    x, y = ctx.input(0), ctx.output(0)
+    rank, groups = ctx.rank(x), ctx.attr_int("num_groups", 0)
+    sx, sy = ctx.space(x, 1), ctx.space(y, 1)
+    if rank is None or sx is None or groups < 1 or sx.length % groups:
+        ctx.refuse(ctx.unknown_rank(x) if rank is None else
+                   f"num_groups={groups} does not divide the {sx.length if sx else '?'} "
+                   "channels")
+        return
+    ctx.same_axes([(x, y)], skip=range(2, rank))
+    virtual = ctx.virtual("groups", groups)
+    ctx.block(sx, virtual)
+    for i in (1, 2):
+        param = ctx.space(ctx.input(i), 0)
+        ctx.identity(param, sy)
+        if i == 1 and param is not None:
+            ctx.role(param, Role.SCALE)
+    if groups > 1 and sx.length > groups:
+        ctx.note(virtual, f"GroupNormalization node '{ctx.node.name}' has num_groups={groups}:"
+                          f" SPA removes whole groups of {sx.length // groups} channels")
+    reason = statistics_reason(f"GroupNormalization node '{ctx.node.name}' normalises over "
+                               f"{axes_text(range(2, rank))} of '{getattr(x, 'name', '')}'", False)
+    for t in (x, y):
+        for ax in range(2, rank):
+            space = ctx.space(t, ax)
+            if space is not None:
+                ctx.handle(space)
+                ctx.pin(space, reason)
+    ctx.on_rewrite(_groups_hook(sx.key, sx.length // groups))
+
+
+def _groups_hook(x_key: tuple[str, int], per_group: int):
+    def hook(node: gs.Node, kept: KeptLookup) -> None:
+        node.attrs["num_groups"] = kept.count(x_key) // per_group
+
+    return hook
 
 
 @register("LayerNormalization", opsets=(17, 10_000))
