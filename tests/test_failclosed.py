@@ -94,11 +94,12 @@ def test_softmax_over_spatial_axis_does_not_freeze(tmp_path):
     assert init_shapes(out.path)["c2.w"] == (4, 4, 3, 3)
 
 
-def test_group_norm_freezes_its_channels(tmp_path):
-    """GroupNorm statistics change when channels go (DESIGN.md): its channels freeze, the stem
+def test_group_norm_of_one_group_freezes_its_channels(tmp_path):
+    """GroupNorm statistics change when channels go (DESIGN.md): with one group over every
+    channel nothing can go (whole groups can: tests/test_rules_linear_norm.py); the stem
     still prunes."""
     b = Builder()
-    x = b.op("GroupNormalization", b.stem("x", 3, 8), b.weight(8), b.weight(8), num_groups=2,
+    x = b.op("GroupNormalization", b.stem("x", 3, 8), b.weight(8), b.weight(8), num_groups=1,
              name="gn")
     y = b.conv(x, 8, 4, name="c2")
     m = b.model(X, {y: [1, 4, 4, 4]}, opset=21)

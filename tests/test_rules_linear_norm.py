@@ -1,11 +1,14 @@
 """Op rules for dense layers (Gemm, MatMul with a constant weight) and per-channel norms
-(BatchNormalization, InstanceNormalization, PRelu), each pruned under the masked oracle."""
+(BatchNormalization, InstanceNormalization, GroupNormalization, PRelu), each pruned under the
+masked oracle."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from graphs import Builder, group_of, init_shapes, init_value, kept_slices
+from onnx import helper
 from oracle import group_sizes, prune_checked
 
 
@@ -90,6 +93,23 @@ def test_instance_norm_between_convs(tmp_path):
     shapes = init_shapes(out.path)
     assert shapes["in.scale"] == shapes["in.bias"] == (4,)
     assert shapes["c2.w"] == (4, 4, 3, 3)
+
+
+def test_group_normalization_loses_whole_groups(tmp_path):
+    """Statistics per group of 2 channels: a whole group leaves the others' unchanged, so the
+    8 channels prune 2 at a time, with the scale and bias, and num_groups follows."""
+    b = Builder()
+    y = b.op("GroupNormalization", b.conv("x", 3, 8, name="c1"), b.weight(8, name="gn.scale"),
+             b.weight(8, name="gn.bias"), num_groups=4, name="gn")
+    y = b.conv(b.op("Relu", y), 8, 4, name="c2")
+    m = b.model({"x": [1, 3, 4, 4]}, {y: [1, 4, 4, 4]}, opset=21)
+    assert group_sizes(m) == [(4, True), (4, False)]  # 4 groups of 2 channels
+    out = prune_checked(m, tmp_path, ratio=0.5, round_to=1)
+    shapes = init_shapes(out.path)
+    assert shapes["gn.scale"] == shapes["gn.bias"] == (4,)
+    assert shapes["c1.w"] == (4, 3, 3, 3) and shapes["c2.w"] == (4, 4, 3, 3)
+    gn, = [n for n in onnx.load(str(out.path)).graph.node if n.op_type == "GroupNormalization"]
+    assert {a.name: helper.get_attribute_value(a) for a in gn.attribute}["num_groups"] == 2
 
 
 def test_prelu_per_channel_slope(tmp_path):

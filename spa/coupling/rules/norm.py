@@ -86,6 +86,13 @@ def group_norm(ctx: NodeContext) -> None:
                    f"num_groups={groups} does not divide the {sx.length if sx else '?'} "
                    "channels")
         return
+    if groups == 1:  # statistics over every channel: none can go
+        ctx.same_axes([(x, y)], skip=range(1, rank))
+        ctx.decline(statistics_reason(f"GroupNormalization node '{ctx.node.name}' has one "
+                                      "group, normalising over every channel", False),
+                    sx, sy, ctx.space(ctx.input(1), 0), ctx.space(ctx.input(2), 0),
+                    *(ctx.space(t, ax) for t in (x, y) for ax in range(2, rank)))
+        return
     ctx.same_axes([(x, y)], skip=range(2, rank))
     virtual = ctx.virtual("groups", groups)
     ctx.block(sx, virtual)
@@ -94,7 +101,7 @@ def group_norm(ctx: NodeContext) -> None:
         ctx.identity(param, sy)
         if i == 1 and param is not None:
             ctx.role(param, Role.SCALE)
-    if groups > 1 and sx.length > groups:
+    if sx.length > groups:
         ctx.note(virtual, f"GroupNormalization node '{ctx.node.name}' has num_groups={groups}:"
                           f" SPA removes whole groups of {sx.length // groups} channels")
     reason = statistics_reason(f"GroupNormalization node '{ctx.node.name}' normalises over "
