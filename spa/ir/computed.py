@@ -32,6 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spa.ir.dtypes import is_floating, onnx_type
+from spa.ir.fold import redirect
 from spa.ir.quant_chain import DEFAULT_DOMAINS, starts_chain
 
 log = logging.getLogger(__name__)
@@ -119,10 +120,7 @@ def fold_computed_weights(graph: gs.Graph, name: str = "model") -> int:
         const = gs.Constant(t.name, np.array(value))
         producer = t.inputs[0]
         producer.outputs[producer.outputs.index(t)] = gs.Variable(f"{t.name}/unread")
-        for reader in list(t.outputs):
-            for i, x in enumerate(reader.inputs):
-                if x is t:
-                    reader.inputs[i] = const
+        redirect(t, const)
         folded += 1
     if folded:  # the file's parameter count (the report's "before") holds what made them
         log.warning("note: %s: %d weights the graph computes from constants were folded into "

@@ -220,6 +220,14 @@ def _value(node: gs.Node) -> np.ndarray | None:
     return None if fn is None else fn(node, values)
 
 
+def redirect(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` instead (graph outputs stay)."""
+    for reader in list(old.outputs):
+        for i, t in enumerate(reader.inputs):
+            if t is old:
+                reader.inputs[i] = new
+
+
 def fold_constant_ops(graph: gs.Graph,
                       on_layout: Callable[[gs.Node, gs.Constant], None] | None = None) -> int:
     """Replace each foldable node whose inputs are all constants by its value.
@@ -242,10 +250,7 @@ def fold_constant_ops(graph: gs.Graph,
             continue
         const = gs.Constant(out.name, np.array(value))  # np.array keeps 0-d values 0-d
         node.outputs.clear()
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = const
+        redirect(out, const)
         if on_layout is not None and node.op in LAYOUT_FOLDERS:
             on_layout(node, const)
         folded += int(_is_shape_value([const.values]) and node.op not in LAYOUT_FOLDERS)

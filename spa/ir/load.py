@@ -34,7 +34,7 @@ from spa.errors import InvalidModelError, ModelLoadError, UnsupportedModelError,
 from spa.ir.computed import fold_computed_weights
 from spa.ir.contrib import contrib_shapes, has_contrib, onnx_view, shape_stand_ins
 from spa.ir.external import attach_external, check_external, unload
-from spa.ir.fold import fold_constant_ops
+from spa.ir.fold import fold_constant_ops, redirect
 from spa.ir.packed import raw_length
 from spa.ir.params import stored_params
 from spa.ir.shapevalue import DimRef, Entry, resolve_expand, resolve_reshape, shape_entries
@@ -545,10 +545,7 @@ def _constant_nodes_to_constants(graph: gs.Graph) -> None:
 
 def _replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
     """Make every reader of ``old`` (nodes and graph outputs) read ``new`` instead."""
-    for consumer in list(old.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is old:
-                consumer.inputs[i] = new
+    redirect(old, new)
     for i, t in enumerate(graph.outputs):
         if t is old:
             graph.outputs[i] = new

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spa.ir.fold import LAYOUT_FOLDERS
+from spa.ir.fold import LAYOUT_FOLDERS, redirect
 from spa.ir.params import graph_constants, is_parameter
 
 log = logging.getLogger(__name__)
@@ -154,21 +154,14 @@ def join_ties(graph: gs.Graph, ties: Ties) -> int:
                 "a copy" if tie.is_copy else "its view", tie.source)
             continue
         if tie.is_copy:
-            _redirect(derived, source)
+            redirect(derived, source)
             constants[name] = source  # a view of the copy reads its source
         else:
-            _redirect(derived, _layout_nodes(graph, tie, derived, source))
+            redirect(derived, _layout_nodes(graph, tie, derived, source))
         joined += 1
     if joined:
         graph.cleanup(remove_unused_graph_inputs=False).toposort(mode="nodes")
     return joined
-
-
-def _redirect(old: gs.Tensor, new: gs.Tensor) -> None:
-    for reader in list(old.outputs):
-        for i, t in enumerate(reader.inputs):
-            if t is old:
-                reader.inputs[i] = new
 
 
 def _layout_nodes(graph: gs.Graph, tie: Tie, derived: gs.Constant, source: gs.Constant

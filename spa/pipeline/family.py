@@ -559,8 +559,10 @@ def _write_together(fp: FamilyPlan, view: _View, out: Path, checks: CheckOptions
         taken = _refits_taken(tmp, sources, digests)
         for n, took in taken.items():  # its oracle judged the weights it had before
             _took(reports[n], took)
-        recovery = {} if distil is None else _recovered(fp, tmp, digests, distil, reports) \
-            if alone is None else _recovered_alone(fp, tmp, digests, distil, reports, alone)
+        recovery: dict = {}
+        if distil is not None:
+            recovery = _recovered(fp, tmp, digests, distil, reports) if alone is None \
+                else _recovered_alone(fp, tmp, digests, distil, reports, alone)
         for n, took in lowered_taken(tmp, fp.copies, src if checks.validate else None,
                                      reports).items():
             _took(reports[n], took, f"a float16 copy of {took['from']}, it took "

@@ -92,9 +92,11 @@ def _unsupported(ctx: NodeContext, x: gs.Tensor, w: gs.Tensor) -> str | None:
     return None
 
 
-def _group_hook(x_key: tuple[str, int], channels_per_group: int):
+def group_count_hook(x_key: tuple[str, int], channels_per_group: int, attr: str = "group"):
+    """Hook: set the node's group count ``attr`` to the groups its input space ``x_key``
+    kept (a grouped conv's ``group``, a GroupNormalization's ``num_groups``)."""
     def hook(node: gs.Node, kept: KeptLookup) -> None:
-        node.attrs["group"] = kept.count(x_key) // channels_per_group
+        node.attrs[attr] = kept.count(x_key) // channels_per_group
 
     return hook
 
@@ -112,7 +114,7 @@ def _couple_groups(ctx: NodeContext, x: gs.Tensor, y: gs.Tensor, group: int) -> 
                          f"whole groups, each {sx.length // group} input and "
                          f"{sy.length // group} output channels at once, so its input and "
                          "output channels are pruned together")
-    ctx.on_rewrite(_group_hook(sx.key, sx.length // group))
+    ctx.on_rewrite(group_count_hook(sx.key, sx.length // group))
     return True
 
 

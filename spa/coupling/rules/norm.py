@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from spa.coupling.context import axes_text
 from spa.coupling.registry import register
+from spa.coupling.rules.conv import group_count_hook
 from spa.coupling.types import Role
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
     from spa.coupling.context import NodeContext
-    from spa.coupling.types import KeptLookup
 
 
 def _per_channel(ctx: NodeContext, n_params: int, skip: Sequence[int] = ()) -> None:
@@ -56,14 +56,20 @@ def instance_norm(ctx: NodeContext) -> None:
     """Each (sample, channel) normalised over the axes after the channel: those keep every
     element, which matters where a reshape made them channels (a ``GroupNorm(1, C)`` export
     views ``[N, C, H, W]`` as ``[N, 1, C·H·W]``)."""
+    rank = ctx.rank(ctx.input(0)) or 2
+    _per_channel(ctx, 2, skip=range(2, rank))
+    _pin_normalised(ctx, rank)
+
+
+def _pin_normalised(ctx: NodeContext, rank: int) -> None:
+    """Keep every element of the axes ``2..rank`` of input 0 and output 0, which the node
+    normalises over (per sample and channel or group), with the statistics reason."""
     x, y = ctx.input(0), ctx.output(0)
-    rank = ctx.rank(x)
-    _per_channel(ctx, 2, skip=range(2, rank or 2))
-    reason = statistics_reason(f"InstanceNormalization node '{ctx.node.name}' normalises "
-                               f"over {axes_text(range(2, rank or 2))} of "
-                               f"'{getattr(x, 'name', '')}'", False)
+    reason = statistics_reason(f"{ctx.node.op} node '{ctx.node.name}' normalises over "
+                               f"{axes_text(range(2, rank))} of '{getattr(x, 'name', '')}'",
+                               False)
     for t in (x, y):
-        for ax in range(2, rank or 2):
+        for ax in range(2, rank):
             space = ctx.space(t, ax)
             if space is not None:
                 ctx.handle(space)
@@ -104,22 +110,8 @@ def group_norm(ctx: NodeContext) -> None:
     if sx.length > groups:
         ctx.note(virtual, f"GroupNormalization node '{ctx.node.name}' has num_groups={groups}:"
                           f" SPA removes whole groups of {sx.length // groups} channels")
-    reason = statistics_reason(f"GroupNormalization node '{ctx.node.name}' normalises over "
-                               f"{axes_text(range(2, rank))} of '{getattr(x, 'name', '')}'", False)
-    for t in (x, y):
-        for ax in range(2, rank):
-            space = ctx.space(t, ax)
-            if space is not None:
-                ctx.handle(space)
-                ctx.pin(space, reason)
-    ctx.on_rewrite(_groups_hook(sx.key, sx.length // groups))
-
-
-def _groups_hook(x_key: tuple[str, int], per_group: int):
-    def hook(node: gs.Node, kept: KeptLookup) -> None:
-        node.attrs["num_groups"] = kept.count(x_key) // per_group
-
-    return hook
+    _pin_normalised(ctx, rank)
+    ctx.on_rewrite(group_count_hook(sx.key, sx.length // groups, "num_groups"))
 
 
 @register("LayerNormalization", opsets=(17, 10_000))

@@ -297,12 +297,14 @@ def reshape(ctx: NodeContext) -> None:
                    f"{len(out_shape)}")
         return
     allow_zero = bool(ctx.attr_int("allowzero", 0))
+    viewed = restored_view(ctx.node)
+    copies = {x.name} | ({viewed.name} if viewed is not None else set())
     allowed = set()
     for o, e in enumerate(entries):
         if e == -1 or (isinstance(e, Lit) and e > 0 and e.rewritable_for(ctx.node)):
             allowed.add(o)
-        elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.axis == o and (
-                e.tensor == x.name or e.tensor == getattr(restored_view(ctx.node), "name", 0))):
+        elif (e == 0 and not allow_zero) or (isinstance(e, DimRef) and e.tensor in copies
+                                             and e.axis == o):
             allowed.add(o)  # copies input dim o (or of the tensor whose view it restores)
     changing = couple_regroup(ctx, x, y, allowed, _copied_prefix(entries, x, y, ctx.shape(x),
                                                                  allow_zero),
