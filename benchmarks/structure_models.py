@@ -1,6 +1,6 @@
-"""Models whose every channel froze before: GroupNorm and weights the graph computes.
+"""Models whose channels froze before: GroupNorm, weights the graph computes, channel shuffles.
 
-    python -m benchmarks.structure_models [--ratio 0.3]
+    python -m benchmarks.structure_models [--ratio 0.3] [--only LABEL ...]
 
 Exported by PyTorch's TorchScript exporter (opset 17, random weights, batch 1):
 
@@ -12,12 +12,17 @@ Exported by PyTorch's TorchScript exporter (opset 17, random weights, batch 1):
   the key's third of its ``qkv`` bias in the graph: a ``ScatterND`` of constants, now folded);
 * diffusers ``UNet2DModel`` (two levels, 32 and 64 channels, GroupNorm(8), self-attention at
   the second) at 32 px, and the decoder of an ``AutoencoderKL`` of the same widths at a 16 px
-  latent: the diffusion model's two halves (skipped without ``diffusers``).
+  latent: the diffusion model's two halves (skipped without ``diffusers``);
+* torchvision ``shufflenet_v2_x1_0`` at 224 px: the channel shuffle after every unit froze 36%
+  of its channels before (spa/coupling/analysis.py ``_agree``). A shuffled channel goes with
+  one channel of each conv it reaches, so exact counts leave onnxruntime's kernel blocks there:
+  the model is also pruned with ``--round-to 1`` and with ``--target latency``.
 
-Each is pruned at ``--ratio`` (default options: the numeric oracle runs) by ``spa prune`` in
-its own process; recorded: the groups prunable, params and FLOPs before and after, the
-oracle's relative difference, and latency medians of the dense and pruned files side by side
-(one thread, its CPU time: :func:`benchmarks.common.side_by_side_latency`).
+Each is pruned at ``--ratio`` (default options, plus a row's own flags: the numeric oracle
+runs) by ``spa prune`` in its own process; recorded: the groups prunable, params and FLOPs
+before and after, the oracle's relative difference, and latency medians of the dense and
+pruned files side by side (one thread, its CPU time:
+:func:`benchmarks.common.side_by_side_latency`).
 """
 
 from __future__ import annotations
@@ -89,19 +94,23 @@ def _vae_decoder():
     return Decoder(), (torch.randn(1, 4, 16, 16),)
 
 
-def _swin_v2():
+def _torchvision(name: str):
     torch = _torch()
     import torchvision
 
-    return torchvision.models.swin_v2_t().eval(), (torch.randn(1, 3, 224, 224),)
+    return getattr(torchvision.models, name)().eval(), (torch.randn(1, 3, 224, 224),)
 
 
 MODELS = {"timm resnetv2_50x1_bit (BiT)": lambda: _timm("resnetv2_50x1_bit"),
           "timm nf_resnet26": lambda: _timm("nf_resnet26"),
           "timm nfnet_l0": lambda: _timm("nfnet_l0"),
-          "torchvision swin_v2_t": _swin_v2,
+          "torchvision swin_v2_t": lambda: _torchvision("swin_v2_t"),
           "diffusers UNet2DModel": _unet,
-          "diffusers AutoencoderKL decoder": _vae_decoder}
+          "diffusers AutoencoderKL decoder": _vae_decoder,
+          "torchvision shufflenet_v2_x1_0": lambda: _torchvision("shufflenet_v2_x1_0")}
+#: Rows beyond each model's default run: model label -> the extra flags of each.
+VARIANTS = {"torchvision shufflenet_v2_x1_0": (("--round-to", "1"),
+                                               ("--target", "latency", "--threads", "1"))}
 
 
 def export(label: str, path: Path) -> str | None:
@@ -119,17 +128,19 @@ def export(label: str, path: Path) -> str | None:
     return None
 
 
-def row(label: str, dense: Path, ratio: float) -> dict:
-    out, report = dense.with_name(dense.stem + "_pruned.onnx"), dense.with_suffix(".json")
+def row(label: str, dense: Path, ratio: float, flags: tuple[str, ...] = ()) -> dict:
+    tag = "".join(f.strip("-").replace("-", "") for f in flags)
+    out = dense.with_name(f"{dense.stem}_pruned{tag}.onnx")
+    report = out.with_suffix(".json")
     analyzed = subprocess.run([sys.executable, "-m", "spa", "analyze", str(dense), "--json"],
                               capture_output=True, text=True)
     groups = json.loads(analyzed.stdout)["groups"] if analyzed.returncode == 0 else []
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "spa", "prune", str(dense), "-o", str(out),
-                           "--ratio", str(ratio), "--report", str(report), "-q"],
+                           "--ratio", str(ratio), *flags, "--report", str(report), "-q"],
                           capture_output=True, text=True)
     seconds = round(time.perf_counter() - t0, 1)
-    body: dict = {"model": label, "groups": len(groups),
+    body: dict = {"model": label, "flags": " ".join(flags), "groups": len(groups),
                   "prunable": sum(1 for g in groups if g.get("prunable")),
                   "exit": done.returncode, "seconds": seconds,
                   "error": done.stderr.strip().splitlines()[-1] if done.returncode else ""}
@@ -149,18 +160,22 @@ def row(label: str, dense: Path, ratio: float) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--only", nargs="+", choices=list(MODELS), metavar="LABEL",
+                        help="these models alone (the result is then written as "
+                             "structure_models_only)")
     args = parser.parse_args(argv)
     rows, skipped = [], {}
-    for label in MODELS:
+    for label in args.only or MODELS:
         path = WORK / (label.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
         why = export(label, path)
         if why is not None:
             skipped[label] = why
             continue
-        rows.append(row(label, path, args.ratio))
-        print(json.dumps(rows[-1]), flush=True)
-    print(write_result("structure_models", {"ratio": args.ratio, "rows": rows,
-                                            "skipped": skipped}))
+        for flags in ((), *VARIANTS.get(label, ())):
+            rows.append(row(label, path, args.ratio, flags))
+            print(json.dumps(rows[-1]), flush=True)
+    name = "structure_models_only" if args.only else "structure_models"
+    print(write_result(name, {"ratio": args.ratio, "rows": rows, "skipped": skipped}))
 
 
 if __name__ == "__main__":

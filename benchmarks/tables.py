@@ -759,7 +759,8 @@ def latency_fidelity(d: dict) -> str:
 
 
 def structure_models(d: dict) -> str:
-    """Models with GroupNorm or weights the graph computes: groups, cuts, oracle, latency."""
+    """Models with GroupNorm, weights the graph computes or channel shuffles: groups, cuts,
+    oracle, latency."""
     lines = [f"Models whose channels froze before ({_load_note(d)}): TorchScript exports, "
              f"random weights, `spa prune --ratio {d['ratio']}` (default options, the oracle "
              "on); params and FLOPs by SPA's counter (a computed weight counted once, folded); "
@@ -767,12 +768,13 @@ def structure_models(d: dict) -> str:
              "| model | groups prunable | params | FLOPs (MACs) | oracle (relative) | latency "
              "ms | seconds |", "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
+        model = f"{r['model']}, `{r['flags']}`" if r.get("flags") else r["model"]
         if r["exit"]:
-            lines.append(f"| {r['model']} | {r['prunable']} of {r['groups']} | exit "
+            lines.append(f"| {model} | {r['prunable']} of {r['groups']} | exit "
                          f"{r['exit']}: {r['error']} | | | | {r['seconds']:.0f} |")
             continue
         (p0, p1), (f0, f1), (t0, t1) = r["params"], r["flops"], r["latency_ms"]
-        lines.append(f"| {r['model']} | {r['prunable']} of {r['groups']} | {p0 / 1e6:.2f}M → "
+        lines.append(f"| {model} | {r['prunable']} of {r['groups']} | {p0 / 1e6:.2f}M → "
                      f"{p1 / 1e6:.2f}M | {f0 / 1e6:.0f}M → {f1 / 1e6:.0f}M (÷{f0 / f1:.2f}) | "
                      f"{r['oracle_relative']:.1e} | {t0:.2f} → {t1:.2f} (×{t0 / t1:.2f}) | "
                      f"{r['seconds']:.0f} |")

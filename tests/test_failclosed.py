@@ -58,20 +58,23 @@ def test_op_without_rule_in_runnable_domain_freezes_under_oracle(tmp_path):
     assert shapes["cA.w"] == (8, 3, 3, 3) and shapes["cB.w"] == (4, 3, 3, 3)
 
 
-def test_channel_shuffle_freezes(tmp_path):
-    """Reshape [1,8,4,4]→[1,2,4,4,4] → Transpose(0,2,1,3,4) → Reshape back: channel c of the
-    output is input channel (c % 2)·4 + c // 2 — an interleaving SPA does not map, so it must
-    freeze (the alternative, passing the oracle, would also be acceptable; it freezes today)."""
+def test_reshape_interleaving_a_spatial_factor_into_the_channels_freezes(tmp_path):
+    """Reshape [1,4,4,4]→[1,4,2,2,4] → Transpose(0,2,1,3,4) → Reshape [1,8,2,4]: channel j of
+    the output is input channel j % 4 of the row half j // 4, so the merge's outer factor comes
+    from H, not from the channels. SPA follows one factor of a merge, and here the one both
+    reshapes reach is H's: the channels freeze, and the model still prunes elsewhere under the
+    oracle (a channel shuffle, whose factors are both channels, prunes:
+    tests/test_channel_shuffle.py)."""
     b = Builder()
-    x = b.op("Reshape", b.stem("x", 3, 8), b.const([1, 2, 4, 4, 4]), name="split_groups")
-    x = b.op("Transpose", x, perm=[0, 2, 1, 3, 4], name="shuffle")
-    x = b.op("Reshape", x, b.const([1, 8, 4, 4]), name="merge_groups")
+    x = b.op("Reshape", b.stem("x", 3, 4), b.const([1, 4, 2, 2, 4]), name="split_rows")
+    x = b.op("Transpose", x, perm=[0, 2, 1, 3, 4], name="rows_out")
+    x = b.op("Reshape", x, b.const([1, 8, 2, 4]), name="merge_rows")
     y = b.conv(x, 8, 4, name="c2")
-    m = b.model(X, {y: [1, 4, 4, 4]})
-    assert any("'merge_groups'" in r for r in _frozen_reasons(m, "c1.w"))
+    m = b.model(X, {y: [1, 4, 2, 4]})
+    assert any("'merge_rows'" in r for r in _frozen_reasons(m, "c1.w"))
     out = prune_checked(m, tmp_path, ratio=0.5)  # the stem still prunes
     shapes = init_shapes(out.path)
-    assert shapes["c1.w"] == (8, 3, 3, 3) and shapes["c2.w"] == (4, 8, 3, 3)
+    assert shapes["c1.w"] == (4, 3, 3, 3) and shapes["c2.w"] == (4, 8, 3, 3)
     assert shapes["stem.w"] == (3, 3, 3, 3)
 
 

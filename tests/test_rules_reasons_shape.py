@@ -41,15 +41,17 @@ def test_reshape_between_symbolic_dims():
         "'r_out0' [1, ?]" in frozen_text(m, "c1.w")
 
 
-def test_channel_shuffle_merges_two_factors_into_the_channels():
+def test_merge_of_a_spatial_factor_into_the_channels():
+    """``[1, C, 4, 4] → [1, C, 2, 2, 4] → [1, 2, C, 2, 4] → [1, 2C, 2, 4]``: the merge's outer
+    factor is a half of H, which the split reaches too; the channels are its inner factor."""
     def build(b, c):
-        t = b.op("Transpose", b.op("Reshape", c, b.const([1, 2, 2, 4, 4])), perm=[0, 2, 1, 3, 4],
-                 name="shuffle")
-        merged = b.op("Reshape", t, b.const([1, C, 4, 4]), name="merge_groups")
-        return b.conv(merged, C, 2, name="c2")
+        t = b.op("Transpose", b.op("Reshape", c, b.const([1, C, 2, 2, 4])),
+                 perm=[0, 2, 1, 3, 4], name="rows_out")
+        merged = b.op("Reshape", t, b.const([1, 2 * C, 2, 4]), name="merge_rows")
+        return b.conv(merged, 2 * C, 2, name="c2")
 
-    m = after_stem(build, [1, 2, 4, 4])
-    assert "Reshape node 'merge_groups': merges axes [1, 2] of 'shuffle_out0' into axis 1: " \
+    m = after_stem(build, [1, 2, 2, 4])
+    assert "Reshape node 'merge_rows': merges axes [1, 2] of 'rows_out_out0' into axis 1: " \
         "the channels follow one factor" in frozen_text(m, "c1.w")
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -42,7 +43,7 @@ from spa.ir.quant import is_weight
 from spa.progress import progress
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from collections.abc import Set as AbstractSet
 
     from spa.ir.load import LoadedModel
@@ -402,8 +403,9 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     that unbinds it. An axis that would freeze anyway (the head_dim contracted in ``Q·Kᵀ``, an
     unbound axis, a graph output) is passed over. Of the rest, the axis reached by the most
     reshapes wins (heads over V's head_dim even when heads are the inner factor, as in einops
-    ``(d h)``); ties go to the outermost. When every candidate would freeze, the outermost is
-    kept, so that the group freezes with the reason of what blocks it.
+    ``(d h)``); ties go to the outermost, unless another reshape chose a tied one
+    (:func:`_agree`). When every candidate would freeze, the outermost is kept, so that the
+    group freezes with the reason of what blocks it.
     """
     comp_of: dict[SpaceKey, int] = {}
     anchored: set[int] = set()
@@ -426,19 +428,45 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
         touching.setdefault(comp(e.a), set()).add(e.alternatives)
         touching.setdefault(comp(e.b), set()).add(e.alternatives)
         by_alt.setdefault(e.alternatives, []).append(e)
-    chosen = []
-    for edges in by_alt.values():
+    choice: dict[str, Edge] = {}
+    tied: dict[str, list[Edge]] = {}
+    for alt, edges in by_alt.items():
         eligible = [(len(touching[comp(e.b)]), -i, e) for i, e in enumerate(edges)
                     if comp(e.b) in anchored or len(touching[comp(e.b)]) >= 2]
         alive = [c for c in eligible if comp(c[2].b) not in dead]
         if alive:
             # The axis most reshapes agree on (the heads, met by the Q/K/V splits and the merge;
             # V's head_dim meets only its split and the merge); ties go to the outermost.
-            chosen.append(max(alive, key=lambda c: c[:2])[2])
+            best = max(alive, key=lambda c: c[:2])
+            choice[alt] = best[2]
+            tied[alt] = [c[2] for c in alive if c[0] == best[0]]
         elif eligible:
             # Everything freezes anyway: keep the outermost, whose blocker names the reason.
-            chosen.append(eligible[0][2])
-    return chosen
+            choice[alt] = eligible[0][2]
+    _agree(choice, tied, comp)
+    return list(choice.values())
+
+
+def _agree(choice: dict[str, Edge], tied: Mapping[str, list[Edge]],
+           comp: Callable[[SpaceKey], object]) -> None:
+    """Make tied choices meet: a reshape whose axis no other reshape chose, with a tied
+    candidate that another did choose, takes that one instead (in graph order).
+
+    A channel shuffle (``[C] → [g, C/g]``, Transpose, ``[C/g, g] → [C]``) reaches both its
+    factors from both reshapes, so each keeps its outermost: the split the group index, the
+    merge the channel within a group, and neither leads on. Taking the merge's choice at the
+    split couples channel ``c`` of the input with the ``g`` outputs ``(c mod C/g)·g + j``.
+    """
+    chosen_by = Counter(comp(e.b) for e in choice.values())
+    for alt, edges in tied.items():
+        own = comp(choice[alt].b)
+        if chosen_by[own] > 1:
+            continue
+        met = [e for e in edges if chosen_by[comp(e.b)] > (comp(e.b) == own)]
+        if met:
+            chosen_by[own] -= 1
+            chosen_by[comp(met[0].b)] += 1
+            choice[alt] = met[0]
 
 
 def _kind(members: list[Member], dense: set[SpaceKey], statistics: set[SpaceKey],

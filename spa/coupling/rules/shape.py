@@ -8,8 +8,10 @@ the outermost input dim ``C`` is block-coupled with the output (feature ``f`` be
 is block-coupled with the outermost output dim; when several regroup into several with the
 outer dims one a multiple of the other (``[C, H, W] → [G, C/G·H·W]``, a GroupNorm's view), or
 the first dims after the copied ones are so (symbolic dims after them), those outer dims are
-block-coupled (channel ``c`` in row ``c // (C/G)``). Inner dims of a group are never coupled, so
-they freeze if anything makes them channel spaces (channel shuffles freeze that way). A Reshape
+block-coupled (channel ``c`` in row ``c // (C/G)``). Each factor of a split or merge is a
+candidate, and the analysis keeps one per reshape (spa/coupling/analysis.py ``_choose_digits``:
+a channel shuffle's split and merge keep the same one, so its channels prune in interleaved
+sets); a factor not kept freezes if anything makes it a channel space. A Reshape
 whose target is a constant has its literal entries rewritten; a run-time target (``Shape →
 Gather → Concat``) is accepted where the entry of a coupled output dim is ``-1`` or copies the
 input dim (or the dim of the tensor whose GroupNorm view it restores: :func:`restored_view`).
