@@ -1,4 +1,4 @@
-"""Models whose channels froze before: GroupNorm, weights the graph computes, channel shuffles.
+"""Models whose channels froze before: GroupNorm, computed weights, channel and pixel shuffles.
 
     python -m benchmarks.structure_models [--ratio 0.3] [--only LABEL ...]
 
@@ -16,7 +16,10 @@ Exported by PyTorch's TorchScript exporter (opset 17, random weights, batch 1):
 * torchvision ``shufflenet_v2_x1_0`` at 224 px: the channel shuffle after every unit froze 36%
   of its channels before (spa/coupling/analysis.py ``_agree``). A shuffled channel goes with
   one channel of each conv it reaches, so exact counts leave onnxruntime's kernel blocks there:
-  the model is also pruned with ``--round-to 1`` and with ``--target latency``.
+  the model is also pruned with ``--round-to 1`` and with ``--target latency``;
+* an EDSR-style ×4 super-resolution network (:func:`_edsr`) at 48 px: PyTorch exports its
+  ``PixelShuffle`` upsamplers as ``DepthToSpace``, which had no rule, so the upsampling convs
+  froze before.
 
 Each is pruned at ``--ratio`` (default options, plus a row's own flags: the numeric oracle
 runs) by ``spa prune`` in its own process; recorded: the groups prunable, params and FLOPs
@@ -101,13 +104,47 @@ def _torchvision(name: str):
     return getattr(torchvision.models, name)().eval(), (torch.randn(1, 3, 224, 224),)
 
 
+def _edsr():
+    """An EDSR-style ×4 super-resolution network (Lim et al. 2017, as torchvision has none):
+    a head conv, 8 residual blocks of 64 channels, two ``conv 64→256 → PixelShuffle(2)``
+    upsamplers, and a tail conv to RGB, at a 48 px input."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(64, 64, 3, padding=1))
+
+        def forward(self, x):
+            return x + 0.1 * self.body(x)
+
+    class EDSR(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(3, 64, 3, padding=1)
+            self.body = nn.Sequential(*(Block() for _ in range(8)),
+                                      nn.Conv2d(64, 64, 3, padding=1))
+            self.up = nn.Sequential(*(m for _ in range(2) for m in
+                                      (nn.Conv2d(64, 256, 3, padding=1), nn.PixelShuffle(2))))
+            self.tail = nn.Conv2d(64, 3, 3, padding=1)
+
+        def forward(self, x):
+            h = self.head(x)
+            return self.tail(self.up(h + self.body(h)))
+
+    return EDSR().eval(), (torch.randn(1, 3, 48, 48),)
+
+
 MODELS = {"timm resnetv2_50x1_bit (BiT)": lambda: _timm("resnetv2_50x1_bit"),
           "timm nf_resnet26": lambda: _timm("nf_resnet26"),
           "timm nfnet_l0": lambda: _timm("nfnet_l0"),
           "torchvision swin_v2_t": lambda: _torchvision("swin_v2_t"),
           "diffusers UNet2DModel": _unet,
           "diffusers AutoencoderKL decoder": _vae_decoder,
-          "torchvision shufflenet_v2_x1_0": lambda: _torchvision("shufflenet_v2_x1_0")}
+          "torchvision shufflenet_v2_x1_0": lambda: _torchvision("shufflenet_v2_x1_0"),
+          "EDSR-style super-resolution (PixelShuffle)": _edsr}
 #: Rows beyond each model's default run: model label -> the extra flags of each.
 VARIANTS = {"torchvision shufflenet_v2_x1_0": (("--round-to", "1"),
                                                ("--target", "latency", "--threads", "1"))}

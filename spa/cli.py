@@ -161,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"spa: error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    except BrokenPipeError:  # `spa analyze model.onnx | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush too
+        return 128 + signal.SIGPIPE
     finally:
         logging.getLogger().setLevel(root_level)  # main() may be called in-process (tests)
         if terminate is not None:

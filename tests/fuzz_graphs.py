@@ -393,7 +393,20 @@ class FuzzGraph:
 
     def reshape(self) -> bool:
         x = self.pick()
-        mode = self.choice(["hw", "hw", "runtime", "groups", "shuffle"])
+        mode = self.choice(["hw", "hw", "runtime", "groups", "shuffle", "pixel"])
+        if mode == "pixel":  # DepthToSpace then SpaceToDepth back, or the other way round
+            d2s = {"mode": self.choice(["CRD", "DCR"]), "blocksize": 2}
+            if x.c % 4 == 0:
+                t = self.op1("Relu", [self.op1("DepthToSpace", [x.name], **d2s)])
+                y = self.op1("SpaceToDepth", [t], blocksize=2)
+            elif x.h % 2 == 0 and x.w % 2 == 0:
+                t = self.op1("Relu", [self.op1("SpaceToDepth", [x.name], blocksize=2)])
+                y = self.op1("DepthToSpace", [t], **d2s)
+            else:
+                return False
+            self.add(y, x.c, x.h, x.w)
+            self.ops.append(f"reshape:pixel:{d2s['mode']}")
+            return True
         if mode in ("groups", "shuffle"):
             divs = [d for d in range(2, x.c) if x.c % d == 0]
             if not divs:

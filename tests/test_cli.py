@@ -92,6 +92,17 @@ def test_python_dash_m_spa_works(model_path: Path, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["prunable_groups"] == 2
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(model_path: Path) -> None:
+    """``spa analyze model.onnx | head -1``: the pipe closes after one line; spa leaves quietly
+    with 141 (128 + SIGPIPE), as shell tools do, instead of a BrokenPipeError traceback."""
+    spa = subprocess.Popen([sys.executable, "-m", "spa", "analyze", str(model_path),
+                            "--explain"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert spa.stdout is not None and spa.stderr is not None
+    spa.stdout.close()  # the reader is gone before spa writes a line
+    err = spa.stderr.read().decode()
+    assert spa.wait(timeout=120) == 141 and err == "", err
+
+
 def _err(capsys) -> str:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err

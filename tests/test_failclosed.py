@@ -58,24 +58,22 @@ def test_op_without_rule_in_runnable_domain_freezes_under_oracle(tmp_path):
     assert shapes["cA.w"] == (8, 3, 3, 3) and shapes["cB.w"] == (4, 3, 3, 3)
 
 
-def test_reshape_interleaving_a_spatial_factor_into_the_channels_freezes(tmp_path):
-    """Reshape [1,4,4,4]→[1,4,2,2,4] → Transpose(0,2,1,3,4) → Reshape [1,8,2,4]: channel j of
-    the output is input channel j % 4 of the row half j // 4, so the merge's outer factor comes
-    from H, not from the channels. SPA follows one factor of a merge, and here the one both
-    reshapes reach is H's: the channels freeze, and the model still prunes elsewhere under the
-    oracle (a channel shuffle, whose factors are both channels, prunes:
-    tests/test_channel_shuffle.py)."""
+def test_merge_of_two_layers_channels_keeps_one_factor(tmp_path):
+    """The outer product of two convs' channels (``[1, 2, 1, H, W] · [1, 1, 4, H, W]``, as in
+    bilinear pooling) merged into 8 channels: output channel ``4a + b`` needs channel ``a`` of
+    one conv and ``b`` of the other. SPA follows one factor of a merge, the outer one, so the
+    other conv's channels freeze, and the model still prunes elsewhere under the oracle."""
     b = Builder()
-    x = b.op("Reshape", b.stem("x", 3, 4), b.const([1, 4, 2, 2, 4]), name="split_rows")
-    x = b.op("Transpose", x, perm=[0, 2, 1, 3, 4], name="rows_out")
-    x = b.op("Reshape", x, b.const([1, 8, 2, 4]), name="merge_rows")
-    y = b.conv(x, 8, 4, name="c2")
-    m = b.model(X, {y: [1, 4, 2, 4]})
-    assert any("'merge_rows'" in r for r in _frozen_reasons(m, "c1.w"))
-    out = prune_checked(m, tmp_path, ratio=0.5)  # the stem still prunes
+    a = b.op("Unsqueeze", b.conv("x", 3, 2, name="ca"), b.const([2]), name="ua")
+    c = b.op("Unsqueeze", b.conv("x", 3, 4, name="cb"), b.const([1]), name="ub")
+    x = b.op("Reshape", b.op("Mul", a, c, name="outer"), b.const([1, 8, 4, 4]),
+             name="merge_pairs")
+    m = b.model(X, {b.conv(x, 8, 4, name="c2"): [1, 4, 4, 4]})
+    assert any("'merge_pairs'" in r for r in _frozen_reasons(m, "cb.w"))
+    out = prune_checked(m, tmp_path, ratio=0.5, round_to=1)
     shapes = init_shapes(out.path)
-    assert shapes["c1.w"] == (4, 3, 3, 3) and shapes["c2.w"] == (4, 8, 3, 3)
-    assert shapes["stem.w"] == (3, 3, 3, 3)
+    assert shapes["ca.w"] == (1, 3, 3, 3) and shapes["cb.w"] == (4, 3, 3, 3)
+    assert shapes["c2.w"] == (4, 4, 3, 3)
 
 
 def test_softmax_over_channels_freezes(tmp_path):

@@ -41,17 +41,16 @@ def test_reshape_between_symbolic_dims():
         "'r_out0' [1, ?]" in frozen_text(m, "c1.w")
 
 
-def test_merge_of_a_spatial_factor_into_the_channels():
-    """``[1, C, 4, 4] → [1, C, 2, 2, 4] → [1, 2, C, 2, 4] → [1, 2C, 2, 4]``: the merge's outer
-    factor is a half of H, which the split reaches too; the channels are its inner factor."""
-    def build(b, c):
-        t = b.op("Transpose", b.op("Reshape", c, b.const([1, C, 2, 2, 4])),
-                 perm=[0, 2, 1, 3, 4], name="rows_out")
-        merged = b.op("Reshape", t, b.const([1, 2 * C, 2, 4]), name="merge_rows")
-        return b.conv(merged, 2 * C, 2, name="c2")
-
-    m = after_stem(build, [1, 2, 2, 4])
-    assert "Reshape node 'merge_rows': merges axes [1, 2] of 'rows_out_out0' into axis 1: " \
+def test_merge_of_two_factors_that_both_lead_to_layers():
+    """``[1, 2, 4, H, W] → [1, 8, H, W]`` where the 2 and the 4 are two convs' channels (an
+    outer product): the merge keeps the outer factor, and the inner one's channels freeze."""
+    b = Builder()
+    a = b.op("Unsqueeze", b.conv("x", 3, 2, name="ca"), b.const([2]), name="ua")
+    c = b.op("Unsqueeze", b.conv("x", 3, C, name="c1"), b.const([1]), name="ub")
+    x = b.op("Reshape", b.op("Mul", a, c, name="outer"), b.const([1, 2 * C, 4, 4]),
+             name="merge_pairs")
+    m = b.model({"x": [1, 3, 4, 4]}, {b.conv(x, 2 * C, 2, name="c2"): [1, 2, 4, 4]})
+    assert "Reshape node 'merge_pairs': merges axes [1, 2] of 'outer_out0' into axis 1: " \
         "the channels follow one factor" in frozen_text(m, "c1.w")
 
 

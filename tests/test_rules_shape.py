@@ -358,6 +358,61 @@ def test_squeeze_unsqueeze_around_gemm(tmp_path, opset):
     assert shapes["fc.w"] == (3, 4) and shapes["c2.w"] == (4, 3, 1, 1)
 
 
+# --- DepthToSpace / SpaceToDepth / pixel (un)shuffle views --------------------------------------
+@pytest.mark.parametrize("mode, taken", [("CRD", lambda c: [4 * c + k for k in range(4)]),
+                                         ("DCR", lambda c: [c + 2 * k for k in range(4)])])
+def test_depth_to_space(tmp_path, mode, taken):
+    """c1's 8 channels are 2 output channels of 4 pixels each: CRD (PyTorch's PixelShuffle)
+    takes them in blocks, DCR (the default, TensorFlow's) one from each quarter."""
+    b = Builder()
+    x = b.op("DepthToSpace", b.stem("x", 3, 8), blocksize=2, mode=mode, name="d2s")
+    m = b.model(X, {b.conv(x, 2, 4, name="c2"): [1, 4, 8, 8]})
+    assert group_of(m, "c1.w", 0).size == 2
+    out = prune_checked(m, tmp_path, ratio=0.5, round_to=1)
+    kept = _kept(m, out, "c2.w", axis=1)
+    assert len(kept) == 1 and _kept(m, out, "c1.b") == taken(kept[0])
+
+
+def test_space_to_depth(tmp_path):
+    """Input channel c goes to the outputs c, c + 2, c + 4, c + 6 (one per pixel of the 2 × 2
+    block)."""
+    b = Builder()
+    x = b.op("SpaceToDepth", b.stem("x", 3, 2), blocksize=2, name="s2d")
+    m = b.model(X, {b.conv(x, 8, 4, name="c2"): [1, 4, 2, 2]})
+    assert group_of(m, "c1.w", 0).size == 2
+    out = prune_checked(m, tmp_path, ratio=0.5, round_to=1)
+    kept = _kept(m, out, "c1.b")
+    assert len(kept) == 1 and _kept(m, out, "c2.w", axis=1) == [kept[0] + 2 * k for k in range(4)]
+
+
+def test_pixel_unshuffle_view(tmp_path):
+    """PyTorch writes PixelUnshuffle as ``Reshape [N, C, H/2, 2, W/2, 2]``, ``Transpose``,
+    ``Reshape [N, 4C, H/2, W/2]``: the merge's factors are C and two halves of H and W, which
+    lead nowhere (a conv's spatial axes freeze), so the channels follow C, in blocks of 4."""
+    b = Builder()
+    x = b.op("Reshape", b.stem("x", 3, 4), b.const([1, 4, 2, 2, 2, 2]), name="split_pixels")
+    x = b.op("Transpose", x, perm=[0, 1, 3, 5, 2, 4], name="pixels_in")
+    x = b.op("Reshape", x, b.const([1, 16, 2, 2]), name="merge_pixels")
+    m = b.model(X, {b.conv(x, 16, 4, name="c2"): [1, 4, 2, 2]})
+    out = prune_checked(m, tmp_path, ratio=0.5, round_to=1)
+    kept = _kept(m, out, "c1.b")
+    assert len(kept) == 2
+    assert _kept(m, out, "c2.w", axis=1) == [4 * c + k for c in kept for k in range(4)]
+
+
+def test_spatial_factor_merged_outside_the_channels(tmp_path):
+    """``[1, C, 4, 4] → [1, C, 2, 2, 4] → [1, 2, C, 2, 4] → [1, 2C, 2, 4]``: the merge's outer
+    factor is a half of H, so channel c goes to c and c + C."""
+    b = Builder()
+    x = b.op("Reshape", b.stem("x", 3, 4), b.const([1, 4, 2, 2, 4]), name="split_rows")
+    x = b.op("Transpose", x, perm=[0, 2, 1, 3, 4], name="rows_out")
+    x = b.op("Reshape", x, b.const([1, 8, 2, 4]), name="merge_rows")
+    m = b.model(X, {b.conv(x, 8, 4, name="c2"): [1, 4, 2, 4]})
+    out = prune_checked(m, tmp_path, ratio=0.5, round_to=1)
+    kept = _kept(m, out, "c1.b")
+    assert len(kept) == 2 and _kept(m, out, "c2.w", axis=1) == kept + [c + 4 for c in kept]
+
+
 # --- Pad, Resize, Dropout -------------------------------------------------------------------
 def test_pad_spatial_only(tmp_path):
     b = Builder()

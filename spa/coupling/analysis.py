@@ -401,7 +401,9 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     their whole axis): the head axis of ``[B, S, H, d]`` joins the Q/K/V splits and the merge
     before the output projection, while the ``3`` of a fused QKV reshape ends at the Gather
     that unbinds it. An axis that would freeze anyway (the head_dim contracted in ``Q·Kᵀ``, an
-    unbound axis, a graph output) is passed over. Of the rest, the axis reached by the most
+    unbound axis, a graph output) is passed over, and a reshape that factorises such an axis
+    reaches nothing: a pixel unshuffle's split of H and W into halves does not make those
+    halves lead on, so its merge keeps the channels. Of the rest, the axis reached by the most
     reshapes wins (heads over V's head_dim even when heads are the inner factor, as in einops
     ``(d h)``); ties go to the outermost, unless another reshape chose a tied one
     (:func:`_agree`). When every candidate would freeze, the outermost is kept, so that the
@@ -425,14 +427,16 @@ def _choose_digits(graph: nx.Graph, candidates: list[Edge], roles: dict[SpaceKey
     by_alt: dict[str, list[Edge]] = {}
     for e in candidates:
         assert e.alternatives is not None, "a digit candidate names its alternatives"
+        by_alt.setdefault(e.alternatives, []).append(e)
+        if comp(e.a) in dead:  # a factor of an axis that freezes anyway leads nowhere
+            continue
         touching.setdefault(comp(e.a), set()).add(e.alternatives)
         touching.setdefault(comp(e.b), set()).add(e.alternatives)
-        by_alt.setdefault(e.alternatives, []).append(e)
     choice: dict[str, Edge] = {}
     tied: dict[str, list[Edge]] = {}
     for alt, edges in by_alt.items():
-        eligible = [(len(touching[comp(e.b)]), -i, e) for i, e in enumerate(edges)
-                    if comp(e.b) in anchored or len(touching[comp(e.b)]) >= 2]
+        eligible = [(len(touching.get(comp(e.b), ())), -i, e) for i, e in enumerate(edges)
+                    if comp(e.b) in anchored or len(touching.get(comp(e.b), ())) >= 2]
         alive = [c for c in eligible if comp(c[2].b) not in dead]
         if alive:
             # The axis most reshapes agree on (the heads, met by the Q/K/V splits and the merge;

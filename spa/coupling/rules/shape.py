@@ -1,4 +1,5 @@
-"""Ops that move axes around: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Shape.
+"""Ops that move axes around: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Shape,
+DepthToSpace, SpaceToDepth.
 
 Reshape/Flatten: input and output dims are cut into *factor groups* with equal products
 (``[N, C, H, W] → [N, C·H·W]`` is ``{N}→{N}``, ``{C,H,W}→{CHW}``). In a group with one non-1 dim
@@ -385,6 +386,38 @@ def transpose(ctx: NodeContext) -> None:
     perm = ctx.attr_ints("perm") or list(reversed(range(rank)))
     for k, p in enumerate(perm):
         ctx.identity_axes(x, int(p), y, k)
+
+
+@register("DepthToSpace")
+def depth_to_space(ctx: NodeContext) -> None:
+    """``[N, C·b², H, W] → [N, C, H·b, W·b]``: output channel ``c`` takes the ``b²`` input
+    channels ``c·b² + k`` (mode CRD, PyTorch's ``PixelShuffle``) or ``k·C + c`` (DCR, the
+    default, TensorFlow's), one per pixel of its ``b × b`` block."""
+    _space_to_channels(ctx, ctx.input(0), ctx.output(0), dcr=ctx.attr("mode", "DCR") != "CRD")
+
+
+@register("SpaceToDepth")
+def space_to_depth(ctx: NodeContext) -> None:
+    """``[N, C, H, W] → [N, b²·C, H/b, W/b]``: input channel ``c`` goes to the ``b²`` output
+    channels ``k·C + c`` (PyTorch exports ``PixelUnshuffle`` as reshapes instead, which map the
+    same way)."""
+    _space_to_channels(ctx, ctx.output(0), ctx.input(0), dcr=True)
+
+
+def _space_to_channels(ctx: NodeContext, deep: gs.Tensor | None, shallow: gs.Tensor | None,
+                       *, dcr: bool) -> None:
+    """Couple the batch axes, and the ``b²``-times deeper channel axis with the shallow one:
+    cyclically (``k·C + c ↔ c``) or in blocks (``c·b² + k ↔ c``). The spatial axes change
+    length, so they freeze if anything makes them channel spaces."""
+    if ctx.rank(deep) != 4 or ctx.rank(shallow) != 4:
+        ctx.refuse("only 4-D inputs are mapped" if deep is not None and shallow is not None
+                   else ctx.unknown_rank(deep if ctx.rank(deep) is None else shallow))
+        return
+    ctx.identity_axes(deep, 0, shallow, 0)
+    fine, coarse = ctx.space(deep, 1), ctx.space(shallow, 1)
+    if not (ctx.cyclic(fine, coarse) if dcr else ctx.block(fine, coarse)):
+        ctx.decline("the channel counts are unknown or not a multiple of each other", fine,
+                    coarse)
 
 
 def _axes(ctx: NodeContext, input_from: int) -> list[int] | None:
