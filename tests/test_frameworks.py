@@ -33,6 +33,7 @@ CASES = {
                                           40 / 41, 0.53),
     "keras_idioms": ("keras", ["idioms"], 6 / 7, 0.57),
     "keras_idioms_opset11": ("keras", ["idioms", "--opset", "11"], 6 / 7, 0.57),
+    "keras_pixel_shuffle": ("keras", ["pixel_shuffle"], 4 / 5, 0.6),
     "keras_digits_cnn": ("keras", ["digits_cnn"], 4 / 5, 0.55),
     "keras_digits_cnn_nchw": ("keras", ["digits_cnn", "--nchw"], 4 / 5, 0.55),
     "jax_mlp": ("jax", ["mlp"], 2 / 3, 0.67),
@@ -57,7 +58,9 @@ def export(case: str, out_dir: Path) -> Path:
 @pytest.mark.parametrize("case", CASES)
 def test_exported_model_prunes_under_the_oracle(tmp_path, case):
     _, _, least_prunable, most_flops = CASES[case]
-    cut = prune_framework_model(export(case, tmp_path), tmp_path, ratio=0.3)
+    # Exact channel counts: the FLOPs bound is about the structure, not this CPU's kernel
+    # blocks (--round-to auto, the default since these bounds were measured).
+    cut = prune_framework_model(export(case, tmp_path), tmp_path, ratio=0.3, round_to=1)
     assert cut.prunable / cut.groups >= least_prunable - 1e-9
     assert cut.flops_ratio <= most_flops
     assert cut.pruned.report.masked_relative_diff < 1e-4

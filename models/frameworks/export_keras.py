@@ -108,6 +108,23 @@ def idioms(size: int) -> tf.keras.Model:
     return model
 
 
+def pixel_shuffle(size: int) -> tf.keras.Model:
+    """A random-init ESPCN-style ×2 super-resolution network in TensorFlow's own ops:
+    ``tf.nn.space_to_depth`` on the input side and ``tf.nn.depth_to_space`` (DCR order, unlike
+    PyTorch's PixelShuffle) before the last conv."""
+    tf.keras.utils.set_random_seed(0)
+    layers = tf.keras.layers
+    inp = tf.keras.Input((size, size, 3))
+    x = layers.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    x = layers.Lambda(lambda t: tf.nn.space_to_depth(t, 2))(x)  # 64 channels at size / 2
+    x = layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = layers.Conv2D(48, 3, padding="same", activation="relu")(x)
+    x = layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2))(x)  # 12 channels at size
+    x = layers.Conv2D(12 * 4, 3, padding="same", activation="relu")(x)
+    x = layers.Lambda(lambda t: tf.nn.depth_to_space(t, 2))(x)  # 12 channels at size · 2
+    return tf.keras.Model(inp, layers.Conv2D(3, 3, padding="same")(x))
+
+
 def export(model: tf.keras.Model, out: Path, *, nchw: bool, opset: int | None) -> None:
     shape = (None, *model.input_shape[1:])
     spec = (tf.TensorSpec(shape, tf.float32, name=INPUT),)
@@ -118,7 +135,7 @@ def export(model: tf.keras.Model, out: Path, *, nchw: bool, opset: int | None) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", choices=[*APPLICATIONS, "digits_cnn", "idioms"])
+    p.add_argument("model", choices=[*APPLICATIONS, "digits_cnn", "idioms", "pixel_shuffle"])
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--size", type=int, default=96, help="input height/width (applications)")
     p.add_argument("--nchw", action="store_true", help="tf2onnx --inputs-as-nchw")
@@ -131,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"keras test accuracy {acc:.4f}")
     elif args.model == "idioms":
         model = idioms(args.size // 3)
+    elif args.model == "pixel_shuffle":
+        model = pixel_shuffle(args.size // 3)
     else:
         model = applications(args.model, args.size)
     export(model, args.output, nchw=args.nchw, opset=args.opset)
