@@ -2,7 +2,8 @@
 
 For each model (random init, see ``coverage_models``): export to ONNX (TorchScript exporter,
 opset 17; the dynamo exporter when that fails; a model neither exports is an *export failure*,
-not SPA's), prune with SPA at ratio 0.3 under the numeric oracle (outputs validated and
+not SPA's), prune with SPA at ratio 0.3 (exact channel counts, ``--round-to 1``) under the
+numeric oracle (outputs validated and
 ``check_masked``), and record *pruned* (FLOPs/params reduction, oracle difference), *frozen*
 (nothing prunable, with the reasons) or *error*. Then Torch-Pruning prunes the same
 ``nn.Module`` at ratio 0.3 with its examples' recipe (``tp_peer``): *pruned and runs* (forward
@@ -109,7 +110,10 @@ def spa_stage(source: str, name: str, workdir: Path) -> dict:
     del built
     t0 = time.perf_counter()
     try:
-        report, plan = prune(dense, workdir / f"{name}_spa.onnx", PruneOptions(ratio=RATIO),
+        # Exact channel counts, as Torch-Pruning's recipes have them: the default --round-to
+        # auto keeps whole kernel blocks, a latency choice that would blur the structural one.
+        report, plan = prune(dense, workdir / f"{name}_spa.onnx",
+                             PruneOptions(ratio=RATIO, round_to=1),
                              CheckOptions(check_masked=True, latency=False))
     except NothingPrunableError as exc:
         analysis = analyze(dense)
