@@ -759,8 +759,8 @@ def latency_fidelity(d: dict) -> str:
 
 
 def structure_models(d: dict) -> str:
-    """Models with GroupNorm, weights the graph computes or channel shuffles: groups, cuts,
-    oracle, latency."""
+    """Models with GroupNorm, weights the graph computes, channel or pixel shuffles: groups,
+    cuts, oracle, latency."""
     lines = [f"Models whose channels froze before ({_load_note(d)}): TorchScript exports, "
              f"random weights, `spa prune --ratio {d['ratio']}` (default options, the oracle "
              "on); params and FLOPs by SPA's counter (a computed weight counted once, folded); "

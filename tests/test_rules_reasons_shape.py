@@ -74,10 +74,13 @@ def test_shape_whose_channel_count_is_read_as_a_number():
         "number by ReduceProd node 'count'" in frozen_text(m, "c1.w")
 
 
-@pytest.mark.parametrize("op", ["Transpose", "Flatten"])
-def test_shape_ops_behind_an_unknown_rank(op):
-    m = behind_unknown_rank(lambda b, u: b.op(op, u, name="n"), [None, None])
+@pytest.mark.parametrize("op, attrs", [("Transpose", {}), ("Flatten", {}),
+                                       ("DepthToSpace", {"blocksize": 2}),
+                                       ("SpaceToDepth", {"blocksize": 2})])
+def test_shape_ops_behind_an_unknown_rank(op, attrs):
+    m = behind_unknown_rank(lambda b, u: b.op(op, u, name="n", **attrs), [None, None])
     assert rule_reason(m, "n") == "unknown rank of input 0 'foo_out0'"
+
 
 
 # --- slicing.py -------------------------------------------------------------------------------

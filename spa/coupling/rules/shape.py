@@ -393,7 +393,7 @@ def depth_to_space(ctx: NodeContext) -> None:
     """``[N, C·b², H, W] → [N, C, H·b, W·b]``: output channel ``c`` takes the ``b²`` input
     channels ``c·b² + k`` (mode CRD, PyTorch's ``PixelShuffle``) or ``k·C + c`` (DCR, the
     default, TensorFlow's), one per pixel of its ``b × b`` block."""
-    _space_to_channels(ctx, ctx.input(0), ctx.output(0), dcr=ctx.attr("mode", "DCR") != "CRD")
+    _space_to_channels(ctx, deep_input=True, dcr=ctx.attr("mode", "DCR") != "CRD")
 
 
 @register("SpaceToDepth")
@@ -401,18 +401,20 @@ def space_to_depth(ctx: NodeContext) -> None:
     """``[N, C, H, W] → [N, b²·C, H/b, W/b]``: input channel ``c`` goes to the ``b²`` output
     channels ``k·C + c`` (PyTorch exports ``PixelUnshuffle`` as reshapes instead, which map the
     same way)."""
-    _space_to_channels(ctx, ctx.output(0), ctx.input(0), dcr=True)
+    _space_to_channels(ctx, deep_input=False, dcr=True)
 
 
-def _space_to_channels(ctx: NodeContext, deep: gs.Tensor | None, shallow: gs.Tensor | None,
-                       *, dcr: bool) -> None:
-    """Couple the batch axes, and the ``b²``-times deeper channel axis with the shallow one:
-    cyclically (``k·C + c ↔ c``) or in blocks (``c·b² + k ↔ c``). The spatial axes change
-    length, so they freeze if anything makes them channel spaces."""
-    if ctx.rank(deep) != 4 or ctx.rank(shallow) != 4:
-        ctx.refuse("only 4-D inputs are mapped" if deep is not None and shallow is not None
-                   else ctx.unknown_rank(deep if ctx.rank(deep) is None else shallow))
+def _space_to_channels(ctx: NodeContext, *, deep_input: bool, dcr: bool) -> None:
+    """Couple the batch axes, and the ``b²``-times deeper channel axis (the input's when
+    ``deep_input``) with the shallow one: cyclically (``k·C + c ↔ c``) or in blocks
+    (``c·b² + k ↔ c``). The spatial axes change length, so they freeze if anything makes them
+    channel spaces."""
+    x, y = ctx.input(0), ctx.output(0)
+    unknown = [t for t in (x, y) if ctx.rank(t) is None]
+    if unknown or ctx.rank(x) != 4 or ctx.rank(y) != 4:
+        ctx.refuse(ctx.unknown_rank(unknown[0]) if unknown else "only 4-D inputs are mapped")
         return
+    deep, shallow = (x, y) if deep_input else (y, x)
     ctx.identity_axes(deep, 0, shallow, 0)
     fine, coarse = ctx.space(deep, 1), ctx.space(shallow, 1)
     if not (ctx.cyclic(fine, coarse) if dcr else ctx.block(fine, coarse)):
