@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa.api import CheckOptions, PruneOptions, analyze, prune
+from spa.choices import AllocationMethod
 from spa.errors import OptionError
 from spa.passes.allocation import Allocation, Target, _trimmed
 from spa.passes.importance import Normalization, Reduction, get_criterion
@@ -214,3 +215,46 @@ def test_a_flops_target_undoes_the_steps_it_does_not_need() -> None:
     trimmed = _trimmed(taken, {0: 20, 1: 10, 2: 3}, meets)
     # (2, 3) is needed, (0, 20) is not (0.5 without it), then (1, 10) and (0, 10) are
     assert trimmed == {0: 10, 1: 10, 2: 3}
+
+
+def _with_squeeze_excite() -> onnx.ModelProto:
+    """conv a (4→16, 3×3 on 16×16) → Relu, gated by a squeeze-and-excite branch (pool, 1×1 conv
+    16→8 's1', Relu, 1×1 conv 8→16, Sigmoid), → conv b (16→4): a's 16 channels cost 16·16 MACs
+    per weight, s1's 8 channels one each."""
+    b = Builder(seed=3)
+    a = b.op("Relu", b.conv("x", 4, 16, name="a"))
+    gate = b.op("Sigmoid", b.conv(b.op("Relu", b.conv(b.op("GlobalAveragePool", a), 16, 8, k=1,
+                                                       name="s1")), 8, 16, k=1, name="s2"))
+    b.conv(b.op("Mul", a, gate), 16, 4, name="b")
+    return b.model({"x": [1, 4, 16, 16]}, {"b_out0": [1, 4, 16, 16]})
+
+
+def test_sensitivity_at_a_channel_ratio_frees_the_uniform_plans_macs() -> None:
+    """``--ratio`` with calibration data frees as many MACs as one ratio in every group would,
+    removing them where the measured damage is least. Counting channels instead, the cheapest
+    damage was the squeeze-and-excite channels, which cost almost nothing: the budget of 12
+    channels went 7 to s1 and 5 to a, and the plan removed 5/8 of the uniform plan's MACs."""
+    from spa.passes.sensitivity import Curve, Sensitivities
+
+    model = _with_squeeze_excite()
+    analysis = analyze(model)
+    assert sorted(g.size for g in analysis.prunable_groups) == [8, 16]
+    scores = get_criterion("l1").run(analysis)
+    damage = {16: 1.0, 8: 0.01}  # per channel: s1's channels are nearly free to remove
+    curves = {g.id: Curve(tuple(range(1, g.size)),
+                          tuple(damage[g.size] * k for k in range(1, g.size)))
+              for g in analysis.prunable_groups}
+    uniform = Allocation(ratio=0.5).run(analysis, scores).prediction
+    plan = Allocation(ratio=0.5, method=AllocationMethod.SENSITIVITY,
+                      sensitivities=Sensitivities(curves, 8)).run(analysis, scores)
+    kept = {g.size: len(g.keep) for g in plan.groups}
+    assert uniform is not None and plan.prediction is not None
+    cut = 1 - plan.prediction.flops_after / plan.prediction.flops_before
+    uniform_cut = 1 - uniform.flops_after / uniform.flops_before
+    assert cut >= uniform_cut  # the uniform plan's compute, at least
+    # per MAC freed, s1's channels are the dearer (0.01 for 32 MACs, against 1 for 18,432):
+    # a gives up one channel more than its uniform share instead of s1 its four
+    assert kept == {8: 8, 16: 7}
+    # and no more than it needs: one channel of a less would miss the uniform plan's compute
+    a_share = 16 * 16 * (4 * 9 + 4 * 9 + 8) / plan.prediction.flops_before
+    assert cut - uniform_cut < a_share
