@@ -543,6 +543,31 @@ def minilm_mlp_joint_fit(d: dict) -> str:
     return "\n".join(lines)
 
 
+def ratio_budget(d: dict) -> str:
+    """``--ratio`` with calibration data, allocated by sensitivity or one ratio per group: the
+    reductions of each run and its held-out score."""
+    lines = [f"`--ratio` with calibration data ({_load_note(d)}):", "",
+             "| model | `--ratio` | allocation | FLOPs | params | channels kept | held-out |",
+             "|---|---|---|---|---|---|---|"]
+    for model, rows in d["models"].items():
+        for label, r in rows.items():
+            ratio, allocation = label.rsplit("-", 1)[1], label.split("-")[1]
+            if r["exit_code"]:
+                lines.append(f"| {model} | {ratio} | {allocation} | failed (exit "
+                             f"{r['exit_code']}) | | | |")
+                continue
+            if "evaluation" in r:
+                e = r["evaluation"]
+                held = f"top-1 {e['top1_agreement']:.4f}, top-5 {e['top5_agreement']:.4f}"
+            else:
+                f = r["fidelity"]["reconstructed" if r["reconstruction_kept"] else "pruned"]
+                held = f"relative error {f['relative_error']:.4f}, cosine {f['cosine']:.5f}"
+            kept, before = r["channels"]
+            lines.append(f"| {model} | {ratio} | {allocation} | ×{r['flops']:.3f} | "
+                         f"×{r['params']:.3f} | {kept} of {before} | {held} |")
+    return "\n".join(lines)
+
+
 def _refit_rows(rows: list[dict], scores: tuple[str, str], held: str, digits: int
                 ) -> list[str]:
     """The rows of a quantised-model table (benchmarks/quality/quantized.py): FLOPs, the two
@@ -794,7 +819,8 @@ RENDER = {"coverage": coverage, "compile_speed": compile_speed, "result_speed": 
           "int4_minilm": int4_minilm, "int8_effnet": int8_effnet, "fp16_copy": fp16_copy,
           "q8_copy": q8_copy,
           "int8_chain_minilm": int8_chain_minilm,
-          "decoder_calibration": decoder_calibration, "structure_models": structure_models}
+          "decoder_calibration": decoder_calibration, "structure_models": structure_models,
+          "ratio_budget": ratio_budget}
 
 
 def render(name: str) -> str:

@@ -60,7 +60,7 @@ def _counts(report: Path) -> dict:
     return {"flops": r["flops_after"] / r["flops_before"],
             "params": r["params_after"] / r["params_before"],
             "channels": [r["channels_after"], r["channels_before"]],
-            "fidelity": r["fidelity"]}
+            "fidelity": r["fidelity"], "reconstruction_kept": r["reconstruction"].get("kept")}
 
 
 def run(label: str, dense: Path, args: list[str], work: Path) -> dict:

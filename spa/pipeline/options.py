@@ -75,7 +75,9 @@ class PruneOptions:
     """What to prune and how (``spa prune``'s options)."""
 
     ratio: float = option(0.3, parse=parse_ratio, help="share of channels (or of params/FLOPs with "
-                          "--target) to remove, [0, 1)")
+                          "--target) to remove, [0, 1); allocated by sensitivity (the default "
+                          "with --calib), the MACs that share of every group's channels "
+                          "would free")
     heads_ratio: float | None = option(None, parse=parse_ratio, metavar="R",
                                        help="share of attention heads to remove (default: "
                                        "--ratio)")
