@@ -76,8 +76,8 @@ class PruneOptions:
 
     ratio: float = option(0.3, parse=parse_ratio, help="share of channels (or of params/FLOPs with "
                           "--target) to remove, [0, 1); allocated by sensitivity (the default "
-                          "with --calib), the MACs that share of every group's channels "
-                          "would free")
+                          "with --calib), the MACs that share of each channel group would "
+                          "free (heads: that share of all heads)")
     heads_ratio: float | None = option(None, parse=parse_ratio, metavar="R",
                                        help="share of attention heads to remove (default: "
                                        "--ratio)")
