@@ -322,29 +322,12 @@ class Allocation:
                     removed[gid] = count
             return keep_of(removed)
         steps = list(self._greedy(groups, curves, freed))
-
-        def reduction(prefix: int) -> tuple[float, dict[int, np.ndarray]]:
-            counts = dict(removed)
-            for gid, count in steps[:prefix]:
-                counts[gid] = count
-            keep = keep_of(counts)
-            return self._reduction(analysis, keep, scores, cost, before), keep
-
-        best = reduction(len(steps))
-        if best[0] < self.ratio:
+        best, counts = self._spend(analysis, scores, cost, before, steps, keep_of,
+                                   self.ratio, trim=self.target is not Target.LATENCY)
+        if best is not None:
             log.warning("target %s reduction %.3f is out of reach; best is %.3f",
-                        self.target.value, self.ratio, best[0])
-            return best[1]
-        prefix = _shortest_prefix(reduction, self.ratio, len(steps), best)[0]
-        counts = dict(removed)
-        for gid, count in steps[:prefix]:
-            counts[gid] = count
-        if self.target is Target.LATENCY:
-            return keep_of(counts)
-
-        def meets(trial: dict[int, int]) -> bool:
-            return self._reduction(analysis, keep_of(trial), scores, cost, before) >= self.ratio
-        return keep_of(_trimmed(steps[:prefix], counts, meets))
+                        self.target.value, self.ratio, best)
+        return keep_of(counts)
 
     def _uniform_macs(self, analysis, scores, cost, before, pool, steps, keep_of
                       ) -> dict[int, int]:
@@ -356,13 +339,20 @@ class Allocation:
         bottlenecks, and 0.4% of its MACs, where one ratio in every group removes 34%."""
         ids = {g.id for g in pool}
         uniform = self._keep(analysis, scores, self.ratio)
-        none = {g.id: 0 for g in analysis.prunable_groups if g.id in scores.by_group}
-        whole = keep_of(none)
+        whole = keep_of(dict.fromkeys(uniform, 0))
         goal = self._reduction(analysis, {gid: uniform[gid] if gid in ids else k
                                           for gid, k in whole.items()}, scores, cost, before)
+        _, counts = self._spend(analysis, scores, cost, before, steps, keep_of, goal)
+        return {gid: k for gid, k in counts.items() if gid in ids}
 
+    def _spend(self, analysis, scores, cost, before, steps, keep_of, goal: float, *,
+               trim: bool = True) -> tuple[float | None, dict[int, int]]:
+        """The removed counts after the shortest prefix of ``steps`` (ordered removal steps,
+        from nothing removed) whose counted reduction meets ``goal``, less the steps it does
+        not need (with ``trim``); and None in front, or, when even all of them fall short, the
+        reduction they reach, with all of them taken."""
         def counts_of(prefix: int) -> dict[int, int]:
-            counts = dict(none)
+            counts = {g.id: 0 for g in analysis.prunable_groups if g.id in scores.by_group}
             for gid, count in steps[:prefix]:
                 counts[gid] = count
             return counts
@@ -372,11 +362,14 @@ class Allocation:
             return self._reduction(analysis, keep, scores, cost, before), keep
 
         best = reduction(len(steps))
-        prefix = len(steps) if best[0] < goal else \
-            _shortest_prefix(reduction, goal, len(steps), best)[0]
-        counts = _trimmed(steps[:prefix], counts_of(prefix), lambda trial: self._reduction(
-            analysis, keep_of(trial), scores, cost, before) >= goal)
-        return {gid: k for gid, k in counts.items() if gid in ids}
+        if best[0] < goal:
+            return best[0], counts_of(len(steps))
+        prefix = _shortest_prefix(reduction, goal, len(steps), best)[0]
+        counts = counts_of(prefix)
+        if trim:
+            counts = _trimmed(steps[:prefix], counts, lambda trial: self._reduction(
+                analysis, keep_of(trial), scores, cost, before) >= goal)
+        return None, counts
 
     def _cost_per_channel(self, analysis, groups, scores, cost) -> dict[int, float]:
         """Params or MACs freed per channel of each group, alone at half its width."""
