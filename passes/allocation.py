@@ -298,21 +298,17 @@ class Allocation:
         from spa.passes.sensitivity import lowest
 
         groups = [g for g in analysis.prunable_groups if g.id in scores.by_group]
-        price = {}
-        if self.target is not Target.LATENCY:  # MACs per channel for a channel budget too
-            price = self._cost_per_channel(analysis, groups, scores, cost)
-        freed = self._freed(price)
-        removed = {g.id: 0 for g in groups}
 
         def keep_of(counts: dict[int, int]) -> dict[int, np.ndarray]:
             return {g.id: lowest(g, scores, counts[g.id]) for g in groups}
 
         if self.target is Target.CHANNELS:
+            removed = {g.id: 0 for g in groups}
             # heads never share a pool with channels (a head is not worth one neuron)
             for (kind, ratio), pool in self._pools(groups, self.ratio, heads_apart=True).items():
                 if kind is None:  # --ratio's pool: its groups differ in cost
-                    removed |= self._uniform_macs(analysis, scores, cost, before, pool, list(
-                        self._greedy(pool, curves, freed)), keep_of)
+                    removed |= self._uniform_macs(analysis, scores, cost, before, pool, curves,
+                                                  keep_of)
                     continue
                 budget = math.floor(ratio * sum(g.size for g in pool))
                 for gid, count in self._greedy(pool, curves, lambda g, now, nxt: nxt - now):
@@ -321,7 +317,9 @@ class Allocation:
                     budget -= count - removed[gid]
                     removed[gid] = count
             return keep_of(removed)
-        steps = list(self._greedy(groups, curves, freed))
+        price = {} if self.target is Target.LATENCY else \
+            self._cost_per_channel(analysis, groups, scores, cost)
+        steps = list(self._greedy(groups, curves, self._freed(price)))
         best, counts = self._spend(analysis, scores, cost, before, steps, keep_of,
                                    self.ratio, trim=self.target is not Target.LATENCY)
         if best is not None:
@@ -329,11 +327,11 @@ class Allocation:
                         self.target.value, self.ratio, best)
         return keep_of(counts)
 
-    def _uniform_macs(self, analysis, scores, cost, before, pool, steps, keep_of
+    def _uniform_macs(self, analysis, scores, cost, before, pool, curves, keep_of
                       ) -> dict[int, int]:
         """Removed counts of ``pool`` (the groups at ``--ratio``) that free as many MACs as
         one ratio in each of them would (the uniform plan, rounded as it rounds), taking the
-        removal steps ``steps`` (least damage per MAC first) in order, less those not needed.
+        removal steps in order of least damage per MAC freed, less those not needed.
         Counted in channels, the least damage went to channels that cost nothing: RegNetY-
         400MF at ``--ratio 0.3`` lost 30% of its channels, all in squeeze-and-excite
         bottlenecks, and 0.4% of its MACs, where one ratio in every group removes 34%."""
@@ -342,6 +340,8 @@ class Allocation:
         whole = keep_of(dict.fromkeys(uniform, 0))
         goal = self._reduction(analysis, {gid: uniform[gid] if gid in ids else k
                                           for gid, k in whole.items()}, scores, cost, before)
+        steps = list(self._greedy(pool, curves, self._freed(self._cost_per_channel(
+            analysis, pool, scores, cost))))
         _, counts = self._spend(analysis, scores, cost, before, steps, keep_of, goal)
         return {gid: k for gid, k in counts.items() if gid in ids}
 
@@ -372,16 +372,17 @@ class Allocation:
         return None, counts
 
     def _cost_per_channel(self, analysis, groups, scores, cost) -> dict[int, float]:
-        """Params or MACs freed per channel of each group, alone at half its width."""
+        """Params or MACs freed per channel of each of ``groups``, alone at half its width."""
         from spa.passes.sensitivity import lowest
 
         full = cost.count()
         base = full.params if self.target is Target.PARAMS else full.flops
+        scored = [h for h in analysis.prunable_groups if h.id in scores.by_group]
         out = {}
         for g in groups:
             half = max(1, g.size // 2)
             plan = _make_plan(analysis, {h.id: (lowest(g, scores, half) if h.id == g.id
-                                                else np.arange(h.size)) for h in groups},
+                                                else np.arange(h.size)) for h in scored},
                               None, scores.unscored)
             after = cost.count(kept_indices(analysis, plan))
             value = after.params if self.target is Target.PARAMS else after.flops

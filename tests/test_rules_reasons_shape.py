@@ -82,7 +82,6 @@ def test_shape_ops_behind_an_unknown_rank(op, attrs):
     assert rule_reason(m, "n") == "unknown rank of input 0 'foo_out0'"
 
 
-
 # --- slicing.py -------------------------------------------------------------------------------
 def test_concat_after_a_part_of_unknown_length():
     m = after_stem(lambda b, c: b.op("Concat", "z", c, name="cat", axis=1), [1, None, 4, 4],
