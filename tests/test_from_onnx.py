@@ -42,8 +42,10 @@ def _check(name: str, exporter: str, tmp_path) -> None:
         np.testing.assert_allclose(o.numpy(), e, rtol=1e-4, atol=1e-5 * float(np.abs(e).max()))
 
     graph = onnx.load(str(dst)).graph
-    stats = {n.input[i] for n in graph.node if n.op_type == "BatchNormalization" for i in (3, 4)}
-    arrays = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name not in stats]
+    no_grad = {"BatchNormalization": (3, 4), "Resize": (1, 2)}
+    fixed = {n.input[i] for n in graph.node for i in no_grad.get(n.op_type, ())
+             if len(n.input) > i}
+    arrays = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.name not in fixed]
     n_float = sum(1 for a in arrays if a.dtype.kind == "f" and a.ndim and np.abs(a).max() < 1e30)
     assert len(list(module.parameters())) == n_float
     target = torch.randn_like(out[0])
@@ -84,6 +86,35 @@ def test_unsupported_ops_are_listed_up_front():
                                              helper.make_opsetid("my.ops", 1)])
     with pytest.raises(st.UnsupportedOpsError, match=r"Custom \(1×\), Det \(1×\)"):
         st.from_onnx(model)
+
+
+def test_resize_scales_and_batchnorm_statistics_are_buffers():
+    """Float inputs no gradient reaches (a resize's region and scales, BatchNorm's running
+    statistics) are buffers: every parameter of the module gets a gradient."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    rng = np.random.default_rng(0)
+    consts = {"w": rng.standard_normal((2, 2, 1, 1)).astype(np.float32),
+              "roi": np.array([], np.float32), "scales": np.array([1, 1, 2, 2], np.float32),
+              "g": np.ones(2, np.float32), "b": np.zeros(2, np.float32),
+              "m": np.full(2, 0.5, np.float32), "v": np.full(2, 2.0, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("Resize", ["c", "roi", "scales"], ["r"], mode="nearest"),
+             helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["y"])]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y],
+                          [onnx.numpy_helper.from_array(v, n) for n, v in consts.items()]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    module = st.from_onnx(model)
+    feeds = {"x": rng.standard_normal((1, 2, 4, 4)).astype(np.float32)}
+    expected = val.run(val.session(model), feeds)["y"]
+    out = module(torch.from_numpy(feeds["x"]))
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    out.pow(2).sum().backward()
+    tensors = module.onnx_tensors()
+    params = {n for n, t in tensors.items() if isinstance(t, torch.nn.Parameter)}
+    assert params == {"w", "g", "b"}
+    assert all(tensors[n].grad is not None for n in params)
 
 
 def _single_op(op_type: str, inputs: dict[str, np.ndarray], opset: int,

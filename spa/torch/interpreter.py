@@ -4,7 +4,7 @@ For fine-tuning a pruned model whose PyTorch source the user does not have (it c
 TensorFlow, JAX, or a model zoo). The module interprets the graph node by node with torch ops;
 every float weight initializer becomes an ``nn.Parameter`` (``module.onnx_tensors()`` maps the
 initializer names to them, so gradients map one to one onto the ONNX constants); integer
-constants, scalars, masks and BatchNorm running statistics become buffers.
+constants, scalars, masks, BatchNorm running statistics and Resize scales become buffers.
 
 Why not onnx2torch: it needs torchvision (which has no CPU build to match torch here and fails
 to import without stubs), and its parameter names follow its own module tree, not the ONNX
@@ -93,6 +93,12 @@ def from_onnx(model: str | Path | onnx.ModelProto) -> OnnxModule:
     return OnnxModule(proto)
 
 
+# float inputs that training must not change: BatchNorm's running mean and variance, and the
+# region and scales of a resize (no gradient reaches them: an optimiser would hold them as
+# parameters that never move)
+_FIXED_INPUTS = {"BatchNormalization": (3, 4), "Resize": (1, 2), "Upsample": (1,)}
+
+
 class OnnxModule(nn.Module):
     """Interprets an ONNX graph; float initializers are parameters."""
 
@@ -109,13 +115,13 @@ class OnnxModule(nn.Module):
                 f"{len(TORCH_OPS.ops())} ops (spa.torch.interpreter.TORCH_OPS)")
         self.params = nn.ParameterDict()
         self._attr_of: dict[str, str] = {}
-        statistics = {n.input[i] for n in graph.node if n.op_type == "BatchNormalization"
-                      for i in (3, 4) if len(n.input) > i}  # running mean/var: not trained
+        fixed = {n.input[i] for n in graph.node for i in _FIXED_INPUTS.get(n.op_type, ())
+                 if len(n.input) > i}
         for init in graph.initializer:
             array = numpy_helper.to_array(init)
             value = torch.from_numpy(np.array(array, copy=True))
             key = _key(init.name, self._attr_of)
-            if is_trainable(array) and init.name not in statistics:
+            if is_trainable(array) and init.name not in fixed:
                 self.params[key] = nn.Parameter(value)
             else:
                 self.register_buffer(f"c_{key}", value)
