@@ -21,7 +21,8 @@ before opset 18 and from its second input from 18 on. Opset 18's GroupNormalizat
 per group, 21's per channel: a scale of ``num_groups`` entries is spread over each group's
 channels. onnxruntime's contrib ops (``com.microsoft``) that its transformer optimiser fuses
 into BERT and GPT-2 run too (``Attention`` without a past, ``EmbedLayerNormalization``,
-``SkipLayerNormalization``, the GELUs), matched against onnxruntime in the tests.
+``SkipLayerNormalization``, the GELUs), matched against onnxruntime in the tests. LSTM, GRU and
+RNN run step by step (spa/torch/recurrent.py).
 
 ``forward(..., capture=names)`` also returns chosen intermediate values (distillation matches
 them, spa/torch/distill.py).
@@ -46,6 +47,7 @@ from torch import nn
 from spa.coupling.registry import ALL_OPSETS, OpTable, domain_key
 from spa.errors import SpaError
 from spa.ir.dtypes import is_trainable
+from spa.torch import recurrent
 
 
 def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -113,6 +115,13 @@ class OnnxModule(nn.Module):
             raise UnsupportedOpsError(
                 f"cannot run in PyTorch at opset {opset}: {listed}; supported: "
                 f"{len(TORCH_OPS.ops())} ops (spa.torch.interpreter.TORCH_OPS)")
+        for n in graph.node:
+            if n.op_type in recurrent.GATES and n.domain in ("", "ai.onnx"):
+                attrs = _attrs(n)
+                try:
+                    recurrent.activations(n.op_type, attrs, recurrent.directions(attrs))
+                except ValueError as e:
+                    raise UnsupportedOpsError(f"node {n.name}: {e}") from None
         self.params = nn.ParameterDict()
         self._attr_of: dict[str, str] = {}
         fixed = {n.input[i] for n in graph.node for i in _FIXED_INPUTS.get(n.op_type, ())
@@ -828,6 +837,21 @@ def _einsum(a, x):
 def _trilu(a, x):
     k = int(x[1].item()) if len(x) > 1 and x[1] is not None else 0
     return torch.triu(x[0], k) if a.get("upper", 1) else torch.tril(x[0], k)
+
+
+@op("LSTM")
+def _lstm(a, x):
+    return recurrent.run("LSTM", a, x)
+
+
+@op("GRU")
+def _gru(a, x):
+    return recurrent.run("GRU", a, x)
+
+
+@op("RNN")
+def _rnn(a, x):
+    return recurrent.run("RNN", a, x)
 
 
 # ---- onnxruntime's contrib ops (com.microsoft), as its transformer optimiser fuses them -----
