@@ -131,12 +131,34 @@ def better(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> bo
     """Whether ``candidate`` is the more faithful: the headline measure, ties broken by the KL
     divergence of the class probabilities (softmax ignores a shift of the logits, which the
     relative error counts) or, without class scores, by the relative error."""
+    name = deciding(candidate, incumbent)
+    if name in ("agreement", "cosine"):
+        return candidate[name] > incumbent[name]
+    return candidate.get(name, np.inf) < incumbent.get(name, np.inf)
+
+
+def deciding(candidate: Mapping[str, float], incumbent: Mapping[str, float]) -> str:
+    """The measure :func:`better` decides by: the headline one, unless the two are equal or
+    (agreements) within their sampling noise; then ``kl``, else ``relative_error``."""
     key = headline(incumbent)
     if key is not None and key[0] in candidate and candidate[key[0]] != key[1] \
             and not _within_noise(candidate, incumbent):
-        return candidate[key[0]] > key[1]
-    tie = "kl" if "kl" in candidate and "kl" in incumbent else "relative_error"
-    return candidate.get(tie, np.inf) < incumbent.get(tie, np.inf)
+        return key[0]
+    return "kl" if "kl" in candidate and "kl" in incumbent else "relative_error"
+
+
+def change(before: Mapping[str, float], after: Mapping[str, float]) -> str:
+    """How fidelity moved, by the measure that decides whether ``after`` is better: ``agreement
+    0.8333 → 0.7500``, or ``kl 0.0018 → 0.0020 (agreement 0.8333 → 1.0000 is within the
+    sampling noise of 6 samples)``."""
+    name = deciding(after, before)
+    text = f"{name} {before.get(name, np.nan):.4f} → {after.get(name, np.nan):.4f}"
+    key = headline(before)
+    if key is not None and key[0] != name and key[0] in after:
+        why = f"within the sampling noise of {int(before['samples'])} samples" \
+            if key[1] != after[key[0]] and "samples" in before else "unchanged"
+        text += f" ({key[0]} {key[1]:.4f} → {after[key[0]]:.4f} is {why})"
+    return text
 
 
 def _within_noise(a: Mapping[str, float], b: Mapping[str, float]) -> bool:

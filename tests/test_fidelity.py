@@ -34,6 +34,23 @@ def test_an_agreement_beyond_sampling_noise_decides():
     assert fidelity.better(ma, mb) and not fidelity.better(mb, ma)
 
 
+def test_change_names_the_measure_that_decides():
+    """A warning that fidelity got worse shows the measure that decided: an agreement that
+    rose within its sampling noise is not the reason (it read "agreement 0.8333 → 1.0000"
+    as worse)."""
+    before = {"agreement": 5 / 6, "kl": 0.0018, "samples": 6}
+    after = {"agreement": 1.0, "kl": 0.0020, "samples": 6}
+    assert not fidelity.better(after, before) and fidelity.deciding(after, before) == "kl"
+    assert fidelity.change(before, after) == (
+        "kl 0.0018 → 0.0020 (agreement 0.8333 → 1.0000 is within the sampling noise of 6 "
+        "samples)")
+    far = {"agreement": 0.5, "kl": 0.0010, "samples": 1000}
+    assert fidelity.change({**far, "agreement": 0.7}, far) == "agreement 0.7000 → 0.5000"
+    assert fidelity.change({"cosine": 0.9, "relative_error": 0.2},
+                           {"cosine": 0.9, "relative_error": 0.3}) == (
+        "relative_error 0.2000 → 0.3000 (cosine 0.9000 → 0.9000 is unchanged)")
+
+
 def test_measures_without_a_sample_count_compare_by_the_headline():
     a = {"agreement": 0.65, "kl": 0.3}
     b = {"agreement": 0.62, "kl": 0.1}

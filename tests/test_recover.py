@@ -95,6 +95,35 @@ def test_recovery_lowers_held_out_error(models, calibration, tmp_path):
     assert 0 < report.steps <= 50 and _leftovers(tmp_path) == []
 
 
+def test_a_model_fixed_at_one_sample_trains_one_sample_at_a_time(models, calibration,
+                                                                  tmp_path):
+    """An export with a static batch of 1 (its shapes may hold it) trains in chunks of one:
+    the same steps as the symbolic-batch model's, to float rounding. It was refused before
+    ("spa recover needs a symbolic batch axis")."""
+    dense, pruned = models
+    fixed = []
+    for path in (dense, pruned):
+        model = onnx.load(str(path))
+        for v in (*model.graph.input, *model.graph.output):
+            v.type.tensor_type.shape.dim[0].dim_value = 1
+        fixed.append(tmp_path / f"fixed_{path.name}")
+        onnx.save(model, str(fixed[-1]))
+    options = RecoverOptions(steps=20, batch_size=16, seed=0, lr=1e-3)
+    free = rec.recover(dense, pruned, tmp_path / "free.onnx", calibration, options)
+    one = rec.recover(*fixed, tmp_path / "one.onnx", calibration, options)
+    assert free.kept == one.kept == rec.KEPT_RECOVERED and one.steps == free.steps > 0
+    for k, v in free.fidelity_after.items():
+        assert one.fidelity_after[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert one.fidelity_after["relative_error"] < 0.9 * one.fidelity_before["relative_error"]
+
+
+def test_inputs_fixing_different_batch_sizes_are_refused():
+    inputs = [rec.GraphInput("a", np.dtype(np.float32), (1, 3)),
+              rec.GraphInput("b", np.dtype(np.float32), (2, 3))]
+    with pytest.raises(OptionError, match=r"different batch sizes \[1, 2\]: 'a' 1, 'b' 2"):
+        distill.fixed_batch(inputs)
+
+
 @pytest.mark.parametrize("rates, forced, chosen", [
     ((*distill.LR_TRIALS, 0.3), None, 1e-3),  # the pick (1e-3) beats a rate that diverges
     ((1e-5, 1e-3), 1e-5, 1e-3),  # a pick made too small (forced) loses to the larger rate

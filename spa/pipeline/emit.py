@@ -306,8 +306,8 @@ def _reconstruct(dense: onnx.ModelProto, pruned: onnx.ModelProto, calib: Calibra
     faithful.stages["reconstructed"] = after
     if not fidelity.better(after, faithful.stages["pruned"]) and \
             after != faithful.stages["pruned"]:
-        log.warning("reconstruction made held-out fidelity worse (%s → %s): the model is "
-                    "written without it", faithful.stages["pruned"], after)
+        log.warning("reconstruction made held-out fidelity worse (%s): the model is written "
+                    "without it", fidelity.change(faithful.stages["pruned"], after))
         faithful.reconstruction["kept"] = False
         return pruned, {}
     faithful.reconstruction["kept"] = True

@@ -55,7 +55,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -163,12 +163,10 @@ class Distiller:
                  inputs: Sequence[GraphInput], calibration: Calibration,
                  options: RecoverOptions, world: World):
         self.options, self.world = options, world
-        for i in inputs:
-            batch = i.shape[0] if i.shape else None
-            if isinstance(batch, int) and batch != 0:
-                raise OptionError(f"input '{i.name}' has a fixed batch size {batch}; spa "
-                                  "recover needs a symbolic batch axis (re-export the model "
-                                  "with a dynamic batch)")
+        self.fixed = fixed_batch(inputs)
+        if self.fixed is not None:
+            log.info("recover: the inputs take %d sample(s) at a time: every batch runs in "
+                     "chunks of that many", self.fixed)
         train, judge = judged(calibration)
         self.train_data = _tensors(train, inputs, "training", world.device)
         self.judge_data = _tensors(judge, inputs, "validation", world.device)
@@ -213,10 +211,10 @@ class Distiller:
         shared = [n for n in self.student.value_names() if n in taught]
         if not shared:
             return []
-        probe = [t[:2] for t in self.train_data]
+        probe = [t[:self.fixed or 2] for t in self.train_data]
         with torch.no_grad():
-            _, s = self.student(*probe, capture=shared)
-            _, t = teacher(*probe, capture=shared)
+            _, s = _forward(self.student, probe, shared, self.fixed)
+            _, t = _forward(teacher, probe, shared, self.fixed)
         # Values pruning left exactly as they were (embeddings, masks) teach nothing.
         moved = [n for n in shared if s[n].is_floating_point() and s[n].shape == t[n].shape
                  and s[n].dim() > 0 and s[n].shape[0] == len(probe[0])
@@ -240,7 +238,10 @@ class Distiller:
                 self.kinds.trimmed and not self.cut_outputs):
             return None
         n = len(self.train_data[0])
-        outputs, values = _forward(teacher, [t[:1] for t in self.train_data], self.matched)
+        outputs, values = _forward(teacher, [t[:self.fixed or 1] for t in self.train_data],
+                                   self.matched, self.fixed)
+        outputs = tuple(o[:1] for o in outputs)  # one sample's
+        values = {n: v[:1] for n, v in values.items()}
         held = n * sum(o.element_size() * o.numel() for o in outputs)
         if held > ANSWERS_BYTES:
             return None
@@ -260,7 +261,7 @@ class Distiller:
             return None
         self.teacher = None
         gc.collect()  # the torch module's weights, before onnxruntime loads its own
-        ort = _OrtTeacher.start(dense, inputs, self.matched)
+        ort = _OrtTeacher.start(dense, inputs, self.matched, self.fixed)
         if ort is None:
             self.teacher = _teacher(dense, self.world.device)
         return ort
@@ -292,7 +293,7 @@ class Distiller:
             batch = [t[idx] for t in data]
             if self.cut_outputs:
                 batch = trim_padding(batch, self.kinds)
-            out, mid = _forward(module, _nhwc(batch), list(capture))
+            out, mid = _forward(module, _nhwc(batch), list(capture), self.fixed)
             parts.append([o.detach().cpu().numpy()
                           for o in (*out, *(mid[n] for n in capture))])
         back = np.argsort(order)
@@ -443,8 +444,8 @@ class Distiller:
         else:
             assert self.teacher is not None
             with torch.no_grad():
-                t_out, t_mid = _forward(self.teacher, batch, self.matched)
-        s_out, s_mid = _forward(self.model, batch, self.matched)
+                t_out, t_mid = _forward(self.teacher, batch, self.matched, self.fixed)
+        s_out, s_mid = _forward(self.model, batch, self.matched, self.fixed)
         real = None if self.kinds.mask is None else batch[self.kinds.mask] != 0
         # a decoder's caches that lost heads teach nothing head by head: left out
         loss = sum((_output_loss(*attended(s, t, real), self.options.temperature, scores)
@@ -471,9 +472,10 @@ class _OrtTeacher:
     spin after a run, so they leave the cores to the student's step."""
 
     def __init__(self, dense: onnx.ModelProto, inputs: Sequence[GraphInput],
-                 capture: list[str]):
+                 capture: list[str], fixed: int | None = None):
         from spa.validate import session
 
+        self.fixed = fixed
         self.inputs = [i.name for i in inputs]
         self.outputs = [o.name for o in dense.graph.output]
         self.capture = capture
@@ -481,17 +483,20 @@ class _OrtTeacher:
                                spin=False, what="dense model")
 
     @classmethod
-    def start(cls, dense: onnx.ModelProto, inputs: Sequence[GraphInput], capture: list[str]
-              ) -> _OrtTeacher | None:
+    def start(cls, dense: onnx.ModelProto, inputs: Sequence[GraphInput], capture: list[str],
+              fixed: int | None = None) -> _OrtTeacher | None:
         """The teacher in onnxruntime, or None when onnxruntime cannot load it (over 2 GB in
         memory, or an op it lacks): then the torch module answers."""
         try:
-            return cls(dense, inputs, capture)
+            return cls(dense, inputs, capture, fixed)
         except ValidationError as exc:
             log.info("recover: the teacher answers in torch (%s)", exc)
             return None
 
     def __call__(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        return in_chunks(self._run, batch, self.fixed)
+
+    def _run(self, batch: Batch) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         feed = {n: np.ascontiguousarray(t.numpy()) for n, t in zip(self.inputs, batch)}
         got = [torch.from_numpy(a) for a in self.session.run(self.outputs + self.capture, feed)]
         return _named_tail(got, self.capture)
@@ -545,11 +550,47 @@ def _score(metrics: dict[str, float]) -> float:
     return key[1] if key else -metrics["relative_error"]
 
 
-def _forward(module: torch.nn.Module, batch: Batch, capture: list[str]
-             ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    if capture:
-        return module(*batch, capture=capture)
-    return _as_tuple(module(*batch)), {}
+Answer = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # outputs, captured values
+
+
+def _forward(module: torch.nn.Module, batch: Batch, capture: list[str],
+             fixed: int | None = None) -> Answer:
+    """``module``'s outputs and ``capture``d values on ``batch`` (``fixed`` samples at a
+    time when its inputs take that many)."""
+    def run(part: Batch) -> Answer:
+        if capture:
+            return module(*part, capture=capture)
+        return _as_tuple(module(*part)), {}
+    return in_chunks(run, batch, fixed)
+
+
+def fixed_batch(inputs: Sequence[GraphInput]) -> int | None:
+    """The batch size the graph's inputs are fixed at (an export with a static batch: the
+    graph may hold it in its shapes, so it runs only that many samples at a time); None
+    when their batch axis is symbolic. OptionError when two inputs fix different sizes."""
+    sizes = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int)
+             and i.shape[0] > 0}
+    if len(sizes) > 1:
+        raise OptionError(f"the inputs fix different batch sizes {sorted(sizes)}: "
+                          + ", ".join(f"'{i.name}' {i.shape[0]}" for i in inputs if i.shape))
+    return sizes.pop() if sizes else None
+
+
+def in_chunks(run: Callable[[Batch], Answer], batch: Batch, fixed: int | None) -> Answer:
+    """``run`` on ``batch``, or, when the inputs take ``fixed`` samples at a time, on chunks
+    of that many (the last one filled up with copies of its last sample), the answers joined
+    on the batch axis; autograd flows through the join, so a step's gradient is the whole
+    batch's."""
+    n = len(batch[0])
+    if fixed is None or n == fixed:
+        return run(batch)
+    parts: list[Answer] = []
+    for start in range(0, n, fixed):
+        idx = torch.arange(start, start + fixed).clamp(max=n - 1).to(batch[0].device)
+        parts.append(run([t[idx] for t in batch]))
+    outs = tuple(torch.cat(o)[:n] for o in zip(*(p[0] for p in parts)))
+    mids = {k: torch.cat([p[1][k] for p in parts])[:n] for k in parts[0][1]}
+    return outs, mids
 
 
 def _named_tail(flat: Sequence[torch.Tensor], names: Sequence[str]

@@ -41,7 +41,7 @@ from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
 from spa.pipeline.joined import Distil
 from spa.recovery import RecoverOptions
-from spa.torch.distill import Distiller, Runs, World, headline
+from spa.torch.distill import Distiller, Runs, World
 from spa.torch.interpreter import OnnxModule
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def _write(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Model
     (validation off)."""
     trained = written_back(pruned, distiller.student)
     if torch_held is None:
-        _check_runs(pruned, trained, calibration.held_out)
+        _check_runs(pruned, trained, calibration.held_out, distiller.fixed or 2)
         before = fidelity.measure(dense, pruned, calibration.held_out)
         after = fidelity.measure(dense, trained, calibration.held_out)
     else:
@@ -307,8 +307,8 @@ def _write(dense: onnx.ModelProto, pruned: onnx.ModelProto, pruned_source: Model
                             "unchanged",
                             fidelity.describe(before))
             else:
-                log.warning("recover: held-out fidelity got worse (%s → %s); writing the "
-                            "pruned model unchanged", headline(before), headline(after))
+                log.warning("recover: held-out fidelity got worse (%s); writing the pruned "
+                            "model unchanged", fidelity.change(before, after))
             _write_start(pruned, pruned_source, stage.model_path)
         else:
             write_proto(trained, stage.model_path)
@@ -348,8 +348,9 @@ def written_back(pruned: onnx.ModelProto, student: OnnxModule) -> onnx.ModelProt
 
 
 def _check_runs(pruned: onnx.ModelProto, trained: onnx.ModelProto,
-                held_out: dict[str, np.ndarray]) -> None:
-    """onnxruntime runs the trained model with the pruned model's output names and shapes."""
-    feeds = {k: v[:2] for k, v in held_out.items()}
+                held_out: dict[str, np.ndarray], take: int) -> None:
+    """onnxruntime runs the trained model with the pruned model's output names and shapes, on
+    ``take`` held-out samples (repeated if there are fewer: a model fixed at that batch)."""
+    feeds = {k: v[np.arange(take) % len(v)] for k, v in held_out.items()}
     start = val.run(val.session(pruned, what="the pruned model"), feeds)
     val.check_signature(start, val.run(val.session(trained), feeds))
