@@ -15,9 +15,10 @@ from spa.torch.inversion import Weights, synthesize
 torch.set_num_threads(1)
 
 
-def _classifier(bn: bool, seed: int = 0) -> onnx.ModelProto:
+def _classifier(bn: bool, seed: int = 0, fixed: bool = False) -> onnx.ModelProto:
     """image [batch, 3, 16, 16] → Conv(8) [→ BatchNorm] → Relu → GlobalAveragePool → Gemm(4), the
-    class k scoring channels 2k and 2k+1 (so every class is reachable)."""
+    class k scoring channels 2k and 2k+1 (so every class is reachable). ``fixed``: exported
+    with a batch of 1, which a Reshape to ``[1, 8]`` holds (in place of the Flatten)."""
     rng = np.random.default_rng(seed)
     inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(np.kron(np.eye(4), [[1, 1]]).astype(np.float32), "fc")]
@@ -30,12 +31,16 @@ def _classifier(bn: bool, seed: int = 0) -> onnx.ModelProto:
                                       ["b"]))
     nodes += [helper.make_node("Relu", ["b" if bn else "c"], ["r"]),
               helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+              helper.make_node("Reshape", ["p", "to"], ["f"]) if fixed else
               helper.make_node("Flatten", ["p"], ["f"]),
               helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    if fixed:
+        inits.append(numpy_helper.from_array(np.array([1, 8], np.int64), "to"))
+    batch = 1 if fixed else "batch"
     graph = helper.make_graph(
         nodes, "classifier",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -80,6 +85,17 @@ def test_batchnorm_matching_reduces_the_batchnorm_loss() -> None:
     s = synthesize(model, 16, steps=60, weights=Weights(classes=0.0))
     assert s.method == "batchnorm" and "1 BatchNorm inputs" in s.detail
     assert _bn_loss(model, s.arrays["image"]) < 0.5 * _bn_loss(model, noise)
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_a_model_fixed_at_one_sample_inverts_as_the_symbolic_one(bn) -> None:
+    """A graph holding its batch of 1 in a Reshape runs one sample at a time (the statistics
+    and class terms still over the whole batch): the same images as the symbolic-batch
+    model's. It crashed before (the Reshape met 8 samples)."""
+    free = synthesize(_classifier(bn=bn), 8, steps=20)
+    one = synthesize(_classifier(bn=bn, fixed=True), 8, steps=20)
+    assert one.method == free.method == ("batchnorm" if bn else "classes")
+    np.testing.assert_allclose(one.arrays["image"], free.arrays["image"], rtol=1e-4, atol=1e-4)
 
 
 def test_class_term_moves_predictions_towards_the_targets() -> None:

@@ -55,7 +55,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,7 @@ from spa.torch.augment import (
     input_kinds,
     trim_padding,
 )
-from spa.torch.interpreter import OnnxModule, from_onnx, with_outputs
+from spa.torch.interpreter import Answer, OnnxModule, from_onnx, in_chunks, with_outputs
 
 if TYPE_CHECKING:
     from spa.torch.recover import GraphInput
@@ -550,9 +550,6 @@ def _score(metrics: dict[str, float]) -> float:
     return key[1] if key else -metrics["relative_error"]
 
 
-Answer = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # outputs, captured values
-
-
 def _forward(module: torch.nn.Module, batch: Batch, capture: list[str],
              fixed: int | None = None) -> Answer:
     """``module``'s outputs and ``capture``d values on ``batch`` (``fixed`` samples at a
@@ -576,21 +573,6 @@ def fixed_batch(inputs: Sequence[GraphInput]) -> int | None:
     return sizes.pop() if sizes else None
 
 
-def in_chunks(run: Callable[[Batch], Answer], batch: Batch, fixed: int | None) -> Answer:
-    """``run`` on ``batch``, or, when the inputs take ``fixed`` samples at a time, on chunks
-    of that many (the last one filled up with copies of its last sample), the answers joined
-    on the batch axis; autograd flows through the join, so a step's gradient is the whole
-    batch's."""
-    n = len(batch[0])
-    if fixed is None or n == fixed:
-        return run(batch)
-    parts: list[Answer] = []
-    for start in range(0, n, fixed):
-        idx = torch.arange(start, start + fixed).clamp(max=n - 1).to(batch[0].device)
-        parts.append(run([t[idx] for t in batch]))
-    outs = tuple(torch.cat(o)[:n] for o in zip(*(p[0] for p in parts)))
-    mids = {k: torch.cat([p[1][k] for p in parts])[:n] for k in parts[0][1]}
-    return outs, mids
 
 
 def _named_tail(flat: Sequence[torch.Tensor], names: Sequence[str]

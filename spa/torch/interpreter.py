@@ -138,6 +138,11 @@ class OnnxModule(nn.Module):
                        for n, fn in zip(graph.node, fns) if fn is not None]  # all, by now
         inits = {i.name for i in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in inits]
+        #: the batch size the inputs fix (the graph may hold it in its shapes: run it that many
+        #: samples at a time, :func:`in_chunks`), None when any is symbolic
+        fixed = {i.type.tensor_type.shape.dim[0].dim_value for i in graph.input
+                 if i.name not in inits and i.type.tensor_type.shape.dim}
+        self.fixed_batch = fixed.pop() if len(fixed) == 1 and 0 not in fixed else None
         self.output_names = [o.name for o in graph.output]
 
     def onnx_names(self) -> dict[str, str]:
@@ -172,6 +177,27 @@ class OnnxModule(nn.Module):
         if capture:
             return out, {name: env[name] for name in capture}
         return out[0] if len(out) == 1 else out
+
+
+Answer = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # outputs, captured values
+
+
+def in_chunks(run: Callable[[list[torch.Tensor]], Answer], batch: list[torch.Tensor],
+              fixed: int | None) -> Answer:
+    """``run`` on ``batch``, or, when the inputs take ``fixed`` samples at a time, on chunks
+    of that many (the last one filled up with copies of its last sample), the answers joined
+    on the batch axis; autograd flows through the join, so a step's gradient is the whole
+    batch's."""
+    n = len(batch[0])
+    if fixed is None or n == fixed:
+        return run(batch)
+    parts: list[Answer] = []
+    for start in range(0, n, fixed):
+        idx = torch.arange(start, start + fixed).clamp(max=n - 1).to(batch[0].device)
+        parts.append(run([t[idx] for t in batch]))
+    outs = tuple(torch.cat(o)[:n] for o in zip(*(p[0] for p in parts)))
+    mids = {k: torch.cat([p[1][k] for p in parts])[:n] for k in parts[0][1]}
+    return outs, mids
 
 
 def _key(name: str, attr_of: dict[str, str]) -> str:

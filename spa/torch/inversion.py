@@ -51,6 +51,7 @@ from onnx import helper
 from spa.calibration.text import ID_RANGE
 from spa.errors import OptionError
 from spa.passes.hessian import natural_images
+from spa.torch.interpreter import Answer, in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,11 @@ def _run(module, feeds: dict[str, torch.Tensor], fixed: dict[str, np.ndarray],
          rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     args = [feeds[n] if n in feeds else torch.from_numpy(fixed[n][rows.numpy()])
             for n in module.input_names]
-    out = module(*args)
-    return out if isinstance(out, tuple) else (out,)
+
+    def run(part: list[torch.Tensor]) -> Answer:
+        out = module(*part)
+        return (out if isinstance(out, tuple) else (out,)), {}
+    return in_chunks(run, args, module.fixed_batch)[0]  # a fixed-batch export: in chunks
 
 
 def _targets(module, images: dict[str, torch.Tensor], fixed: dict[str, np.ndarray],
