@@ -21,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import spa.torch as st  # noqa: E402
 from spa import fidelity  # noqa: E402
 from spa.api import CheckOptions, PruneOptions, prune  # noqa: E402
 from spa.calibration import Calibration, CalibrationOptions, split  # noqa: E402
@@ -118,10 +119,15 @@ def test_a_model_fixed_at_one_sample_trains_one_sample_at_a_time(models, calibra
 
 
 def test_inputs_fixing_different_batch_sizes_are_refused():
-    inputs = [rec.GraphInput("a", np.dtype(np.float32), (1, 3)),
-              rec.GraphInput("b", np.dtype(np.float32), (2, 3))]
+    inputs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [b, 3])
+              for n, b in (("a", 1), ("b", 2))]
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Add", ["a", "b"], ["y"])], "g",
+                                   inputs, [onnx.helper.make_tensor_value_info(
+                                       "y", onnx.TensorProto.FLOAT, None)])
+    module = st.from_onnx(onnx.helper.make_model(graph))
+    assert module.fixed_sizes == {"a": 1, "b": 2} and module.fixed_batch is None
     with pytest.raises(OptionError, match=r"different batch sizes \[1, 2\]: 'a' 1, 'b' 2"):
-        distill.fixed_batch(inputs)
+        distill.fixed_batch(module)
 
 
 @pytest.mark.parametrize("rates, forced, chosen", [

@@ -163,10 +163,6 @@ class Distiller:
                  inputs: Sequence[GraphInput], calibration: Calibration,
                  options: RecoverOptions, world: World):
         self.options, self.world = options, world
-        self.fixed = fixed_batch(inputs)
-        if self.fixed is not None:
-            log.info("recover: the inputs take %d sample(s) at a time: every batch runs in "
-                     "chunks of that many", self.fixed)
         train, judge = judged(calibration)
         self.train_data = _tensors(train, inputs, "training", world.device)
         self.judge_data = _tensors(judge, inputs, "validation", world.device)
@@ -174,6 +170,7 @@ class Distiller:
         self.kinds = input_kinds(inputs)
         self.cut_outputs = bool(self.kinds.trimmed) and tokenless_outputs(pruned)
         self.student = _channels_last(from_onnx(pruned).to(world.device))
+        self.fixed = fixed_batch(self.student)
         teacher = _teacher(dense, world.device)
         self.start_state = _state(self.student)
         n = len(self.train_data[0])
@@ -561,16 +558,18 @@ def _forward(module: torch.nn.Module, batch: Batch, capture: list[str],
     return in_chunks(run, batch, fixed)
 
 
-def fixed_batch(inputs: Sequence[GraphInput]) -> int | None:
-    """The batch size the graph's inputs are fixed at (an export with a static batch: the
-    graph may hold it in its shapes, so it runs only that many samples at a time); None
-    when their batch axis is symbolic. OptionError when two inputs fix different sizes."""
-    sizes = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int)
-             and i.shape[0] > 0}
-    if len(sizes) > 1:
-        raise OptionError(f"the inputs fix different batch sizes {sorted(sizes)}: "
-                          + ", ".join(f"'{i.name}' {i.shape[0]}" for i in inputs if i.shape))
-    return sizes.pop() if sizes else None
+def fixed_batch(student: OnnxModule) -> int | None:
+    """The batch size the student's inputs fix (:attr:`OnnxModule.fixed_batch`: every batch
+    then runs in chunks of that many samples), None when its batch axis is symbolic;
+    OptionError when two inputs fix different sizes."""
+    sizes = student.fixed_sizes
+    if len(set(sizes.values())) > 1:
+        raise OptionError(f"the inputs fix different batch sizes {sorted(set(sizes.values()))}: "
+                          + ", ".join(f"'{k}' {v}" for k, v in sizes.items()))
+    if student.fixed_batch is not None:
+        log.info("recover: the inputs take %d sample(s) at a time: every batch runs in chunks "
+                 "of that many", student.fixed_batch)
+    return student.fixed_batch
 
 
 

@@ -138,11 +138,13 @@ class OnnxModule(nn.Module):
                        for n, fn in zip(graph.node, fns) if fn is not None]  # all, by now
         inits = {i.name for i in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in inits]
-        #: the batch size the inputs fix (the graph may hold it in its shapes: run it that many
-        #: samples at a time, :func:`in_chunks`), None when any is symbolic
-        fixed = {i.type.tensor_type.shape.dim[0].dim_value for i in graph.input
-                 if i.name not in inits and i.type.tensor_type.shape.dim}
-        self.fixed_batch = fixed.pop() if len(fixed) == 1 and 0 not in fixed else None
+        #: input name → the batch size it fixes (an export with a static batch may hold it in
+        #: its shapes: run it that many samples at a time, :func:`in_chunks`)
+        self.fixed_sizes = {i.name: d[0].dim_value for i in graph.input if i.name not in inits
+                            and (d := i.type.tensor_type.shape.dim) and d[0].dim_value > 0}
+        sizes = set(self.fixed_sizes.values())
+        #: the one batch size the inputs fix; None when none does (or they differ)
+        self.fixed_batch = sizes.pop() if len(sizes) == 1 else None
         self.output_names = [o.name for o in graph.output]
 
     def onnx_names(self) -> dict[str, str]:
