@@ -351,12 +351,62 @@ _IMAGE = np.random.default_rng(2).standard_normal((1, 8, 4, 6)).astype(np.float3
      {"s": np.linspace(0.5, 2, 8, dtype=np.float32), "b": np.linspace(-1, 1, 8, dtype=np.float32)},
      {"num_groups": 4}, TensorProto.FLOAT),
     ("LpNormalization", {"x": _DATA}, 13, {}, {"axis": 1, "p": 1}, TensorProto.FLOAT),
+    ("Asinh", {"x": _DATA}, 13, {}, {}, TensorProto.FLOAT),
+    ("Acosh", {"x": np.abs(_DATA) + 1}, 13, {}, {}, TensorProto.FLOAT),
+    ("Atanh", {"x": np.tanh(_DATA)}, 13, {}, {}, TensorProto.FLOAT),
+    ("Shrink", {"x": _DATA}, 13, {}, {"lambd": 0.3, "bias": 0.1}, TensorProto.FLOAT),
+    ("ReduceLogSum", {"x": np.abs(_DATA) + 0.1}, 13, {}, {"axes": [1]}, TensorProto.FLOAT),
+    ("ReduceLogSum", {"x": np.abs(_DATA) + 0.1}, 18, {"a": np.array([0, 2], np.int64)},
+     {"keepdims": 0}, TensorProto.FLOAT),
+    ("LpPool", {"x": _IMAGE}, 18, {}, {"kernel_shape": [2, 3], "strides": [1, 2],
+                                       "pads": [1, 0, 0, 1], "p": 3}, TensorProto.FLOAT),
+    ("GlobalLpPool", {"x": _IMAGE}, 13, {}, {"p": 1}, TensorProto.FLOAT),
+    ("Upsample", {"x": _IMAGE}, 9, {"s": np.array([1, 1, 2, 3], np.float32)}, {},
+     TensorProto.FLOAT),
+    ("Upsample", {"x": _IMAGE}, 9, {"s": np.array([1, 1, 2, 2.5], np.float32)},
+     {"mode": "linear"}, TensorProto.FLOAT),
+    *[("Resize", {"x": _IMAGE}, 13, {"r": np.array([], np.float32), "s": np.array(
+        scales, np.float32)}, attrs, TensorProto.FLOAT) for scales, attrs in [
+        ([1, 1, 1.5, 2], {"mode": "linear", "coordinate_transformation_mode": "asymmetric"}),
+        ([1, 1, 1.5, 2.5], {}),  # nearest, half_pixel, round_prefer_floor
+        ([1, 1, 3, 3], {"coordinate_transformation_mode": "asymmetric",
+                        "nearest_mode": "round_prefer_ceil"}),
+        ([1, 1, 0.5, 0.7], {"nearest_mode": "ceil"}),
+        ([1, 1, 2, 1.5], {"mode": "linear"}),
+        ([1, 1, 0.75, 0.6], {"mode": "linear"}),
+        ([1, 1, 2, 3], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
+        ([1, 1, 1.5, 1.5], {"mode": "linear",
+                            "coordinate_transformation_mode": "pytorch_half_pixel"})]],
+    ("Resize", {"x": _IMAGE}, 13, {"r": np.array([], np.float32), "e": np.array([], np.float32),
+                                   "z": np.array([1, 8, 7, 5], np.int64)},
+     {"mode": "linear"}, TensorProto.FLOAT),
+    ("SimplifiedLayerNormalization", {"x": _DATA}, 17, {"g": np.linspace(0.5, 2, 4,
+                                                                         dtype=np.float32)},
+     {"epsilon": 1e-5}, TensorProto.FLOAT),
 ])
 def test_more_ops_match_onnxruntime(op_type, inputs, opset, constants, attrs, out):
     """Ops of the exports spa recover trains: RoBERTa's and MPNet's position ids (CumSum),
     PyTorch's MultiheadAttention (Mod), detection and super-resolution heads."""
     _agrees_with_onnxruntime(_single_op(op_type, inputs, opset, constants, out, **attrs),
                              inputs)
+
+
+@pytest.mark.parametrize("activation, params, z", [
+    (None, [], False), ("Relu", [], True), ("LeakyRelu", [0.2], False),
+    ("Clip", [-0.5, 0.5], True), ("HardSigmoid", [0.3, 0.4], False), ("Sigmoid", [], False)])
+def test_fused_conv_matches_onnxruntime(activation, params, z):
+    """onnxruntime's optimiser fuses Conv with its activation (FusedConv, optionally a sum
+    input Z): such a saved model trains too."""
+    rng = np.random.default_rng(6)
+    consts = {"w": rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.3,
+              "b": rng.standard_normal(4).astype(np.float32)}
+    if z:
+        consts["z"] = rng.standard_normal((1, 4, 4, 6)).astype(np.float32)
+    attrs = {"pads": [1, 1, 1, 1]}
+    if activation:
+        attrs |= {"activation": activation} | ({"activation_params": params} if params else {})
+    model = _contrib_op("FusedConv", {"x": _IMAGE}, consts, **attrs)
+    _agrees_with_onnxruntime(model, {"x": _IMAGE})
 
 
 def test_top_k_gives_values_and_indices():
@@ -407,6 +457,7 @@ _V = np.linspace(-1, 1, 8, dtype=np.float32)
      {"g": _V + 2, "be": _V, "bi": _V * 0.5}, {"epsilon": 1e-5}),
     ("SkipSimplifiedLayerNormalization", {"s": _X[::-1].copy()}, {"g": _V + 2},
      {"epsilon": 1e-6}),
+    ("FusedMatMul", {}, {"w": _W.T.copy()}, {"transB": 1, "alpha": 0.5}),
     ("Attention", {}, {"w": _W, "b": _B}, {"num_heads": 2}),
     ("Attention", {"m": np.array([3, 5], np.int32)}, {"w": _W, "b": _B}, {"num_heads": 2}),
     ("Attention", {"m": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)},

@@ -246,7 +246,8 @@ _UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "HardSwish": F.hardswish, "Sign": torch.sign, "Round": torch.round,
     "Identity": lambda x: x, "Softsign": F.softsign, "IsNaN": torch.isnan,
     "Tan": torch.tan, "Atan": torch.atan, "Asin": torch.asin, "Acos": torch.acos,
-    "Sinh": torch.sinh, "Cosh": torch.cosh,
+    "Sinh": torch.sinh, "Cosh": torch.cosh, "Asinh": torch.asinh, "Acosh": torch.acosh,
+    "Atanh": torch.atanh,
 }
 for _name, _fn in _BINARY.items():
     add(_name, (lambda fn: lambda a, x: fn(x[0], x[1]))(_fn))
@@ -259,6 +260,18 @@ def _div(a, x):
     if not x[0].is_floating_point() and not x[1].is_floating_point():
         return torch.div(x[0], x[1], rounding_mode="trunc")
     return x[0] / x[1]
+
+
+@op("Shrink")
+def _shrink(a, x):
+    lambd, bias = a.get("lambd", 0.5), a.get("bias", 0.0)
+    return torch.where(x[0] < -lambd, x[0] + bias,
+                       torch.where(x[0] > lambd, x[0] - bias, torch.zeros_like(x[0])))
+
+
+@op("Swish")
+def _swish(a, x):
+    return x[0] * torch.sigmoid(a.get("alpha", 1.0) * x[0])
 
 
 @op("Where")
@@ -459,7 +472,7 @@ def _layernorm(a, x):
                         eps=a.get("epsilon", 1e-5))
 
 
-@op("RMSNormalization")
+@op("RMSNormalization", "SimplifiedLayerNormalization")
 def _rmsnorm(a, x):
     axis = _axis(a.get("axis", -1), x[0].dim())
     dims = tuple(range(axis, x[0].dim()))
@@ -480,6 +493,22 @@ def _pool(a, x, kind: str):
     avg: Callable[..., torch.Tensor] = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[spatial - 1]
     return avg(inp, kernel, strides, pads, ceil_mode=ceil,
                count_include_pad=bool(a.get("count_include_pad", 0)))
+
+
+@op("LpPool")
+def _lp_pool(a, x):
+    """``(Σ |x|^p)^(1/p)`` over each window: an average pool of ``|x|^p`` (zero padding, every
+    position counted) times the window's size."""
+    p = float(a.get("p", 2))
+    powered = {**a, "count_include_pad": 1}
+    total = _pool(powered, [x[0].abs().pow(p)], "avg") * float(np.prod(a["kernel_shape"]))
+    return total.pow(1.0 / p)
+
+
+@op("GlobalLpPool")
+def _global_lp_pool(a, x):
+    p = float(a.get("p", 2))
+    return x[0].abs().pow(p).sum(dim=tuple(range(2, x[0].dim())), keepdim=True).pow(1.0 / p)
 
 
 add("MaxPool", lambda a, x: _pool(a, x, "max"))
@@ -697,6 +726,10 @@ def _reduce(fn, axes_of: Callable[[dict, list], list[int] | None] = _axes):
     return run
 
 
+def _log_sum(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
+    return torch.log(t.sum(dim=dim, keepdim=keepdim))
+
+
 def _l2(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
     return torch.linalg.vector_norm(t, 2, dim=dim, keepdim=keepdim)
 
@@ -719,7 +752,8 @@ def _prod(t: torch.Tensor, dim: tuple[int, ...], keepdim: bool) -> torch.Tensor:
 # ReduceL2 takes its axes from an attribute before opset 18, from its second input from 18 on
 # (as do ReduceL1, ReduceSumSquare, ReduceProd and ReduceLogSumExp).
 for _name, _fn in (("ReduceL2", _l2), ("ReduceL1", _l1), ("ReduceSumSquare", _sum_square),
-                   ("ReduceProd", _prod), ("ReduceLogSumExp", torch.logsumexp)):
+                   ("ReduceProd", _prod), ("ReduceLogSumExp", torch.logsumexp),
+                   ("ReduceLogSum", _log_sum)):
     add(_name, _reduce(_fn, _axes_attribute), (1, 17))
     add(_name, _reduce(_fn, _axes_input), (18, ALL_OPSETS[1]))
 add("ReduceMean", _reduce(torch.mean))
@@ -840,20 +874,73 @@ def _pad(a, x):
 
 @op("Resize")
 def _resize(a, x):
+    """Nearest and linear resizes, axis by axis, with every coordinate mapping of the spec but
+    ``tf_crop_and_resize`` and ``half_pixel_symmetric``, and every ``nearest_mode``: source
+    positions computed as onnxruntime computes them (torch's interpolate maps half-pixel
+    only, and its nearest is ``asymmetric`` rounded down: TF1 exports' ``asymmetric`` linear
+    resizes came out wrong). Output lengths: ``sizes``, else ``⌊length · scale⌋``."""
     mode = a.get("mode", "nearest")
-    spatial = x[0].dim() - 2
-    sizes = _ints(x[3]) if len(x) > 3 and x[3] is not None else None
-    scales = x[2].reshape(-1).tolist() if len(x) > 2 and x[2] is not None and x[2].numel() \
-        else None
-    if mode not in ("nearest", "linear"):
-        raise UnsupportedOpsError(f"Resize mode {mode}")
-    kwargs = {"size": sizes[2:]} if sizes else {"scale_factor": scales[2:]}
-    if mode == "linear":
-        kwargs["mode"] = ("linear", "bilinear", "trilinear")[spatial - 1]
-        kwargs["align_corners"] = a.get("coordinate_transformation_mode") == "align_corners"
-    else:
-        kwargs["mode"] = "nearest"
-    return F.interpolate(x[0], **kwargs)
+    coords = a.get("coordinate_transformation_mode", "half_pixel")
+    if mode not in ("nearest", "linear") or coords not in _COORDS \
+            or a.get("antialias", 0) or a.get("axes") is not None \
+            or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
+        raise UnsupportedOpsError(f"Resize mode {mode}, coordinate_transformation_mode {coords}"
+                                  " (antialias, axes and keep_aspect_ratio_policy unset only)")
+    sizes = _ints(_given(x, 3))
+    scales = [float(s) for s in _given(x, 2).reshape(-1).tolist()] if sizes is None else \
+        [m / n for m, n in zip(sizes, x[0].shape)]
+    out = sizes or [int(math.floor(n * s)) for n, s in zip(x[0].shape, scales)]
+    nearest = a.get("nearest_mode", "round_prefer_floor") if mode == "nearest" else None
+    return _resampled(x[0], out, scales, coords, nearest)
+
+
+@op("Upsample")
+def _upsample(a, x):
+    """Opset 7–9 (Resize's predecessor): scales by attribute (7) or input (9), nearest
+    (rounded down) or linear, asymmetric coordinates."""
+    scales = [float(s) for s in (a["scales"] if "scales" in a else x[1].reshape(-1).tolist())]
+    mode = a.get("mode", "nearest")
+    if mode not in ("nearest", "linear", "bilinear"):
+        raise UnsupportedOpsError(f"Upsample mode {mode}")
+    out = [int(math.floor(n * s)) for n, s in zip(x[0].shape, scales)]
+    return _resampled(x[0], out, scales, "asymmetric", "floor" if mode == "nearest" else None)
+
+
+# source position of output index i, from (i, input length, output length, scale)
+_COORDS: dict[str, Callable[[torch.Tensor, int, int, float], torch.Tensor]] = {
+    "half_pixel": lambda i, n, m, s: (i + 0.5) / s - 0.5,
+    "pytorch_half_pixel": lambda i, n, m, s: (i + 0.5) / s - 0.5 if m > 1 else i * 0.0,
+    "align_corners": lambda i, n, m, s: i * ((n - 1) / (m - 1)) if m > 1 else i * 0.0,
+    "asymmetric": lambda i, n, m, s: i / s,
+}
+_ROUND: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "round_prefer_floor": lambda c: torch.ceil(c - 0.5),
+    "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+}
+
+
+def _resampled(t: torch.Tensor, sizes: list[int], scales: list[float], coords: str,
+               nearest: str | None) -> torch.Tensor:
+    """``t`` resampled to ``sizes`` axis by axis: source positions by ``coords``; the
+    ``nearest`` rounding of them, else linear between the two neighbours (positions clamped to
+    the input)."""
+    if nearest is not None and nearest not in _ROUND:
+        raise UnsupportedOpsError(f"Resize nearest_mode {nearest}")
+    for axis, (n, m, s) in enumerate(zip(t.shape, sizes, scales)):
+        if n == m:
+            continue
+        pos = _COORDS[coords](torch.arange(m, dtype=torch.float64), n, m, s)
+        if nearest is not None:
+            t = t.index_select(axis, _ROUND[nearest](pos).clamp(0, n - 1).long())
+            continue
+        pos = pos.clamp(0, n - 1)
+        lo = pos.floor().long()
+        hi = (lo + 1).clamp(max=n - 1)
+        w = (pos - lo).to(t.dtype).reshape([-1 if d == axis else 1 for d in range(t.dim())])
+        t = t.index_select(axis, lo) * (1 - w) + t.index_select(axis, hi) * w
+    return t
 
 
 @op("Einsum")
@@ -927,6 +1014,42 @@ def _skip_layernorm(a, x):
     out = (total - mean) * inv * x[2]
     beta = _given(x, 3)
     return (out if beta is None else out + beta), mean, inv, total
+
+
+@ms_op("FusedMatMul")
+def _fused_matmul(a, x):
+    """``alpha · op(A) @ op(B)``, ``transA``/``transB`` swapping the last two axes (the
+    batch transposes, ``transBatchA``/``transBatchB``, are not run)."""
+    if a.get("transBatchA", 0) or a.get("transBatchB", 0):
+        raise UnsupportedOpsError("FusedMatMul with transBatchA or transBatchB")
+    A = x[0].transpose(-1, -2) if a.get("transA", 0) else x[0]
+    B = x[1].transpose(-1, -2) if a.get("transB", 0) else x[1]
+    return (A @ B) * a.get("alpha", 1.0)
+
+
+_FUSED_ACTIVATIONS: dict[str, Callable[[torch.Tensor, list[float]], torch.Tensor]] = {
+    "Relu": lambda t, p: F.relu(t), "Tanh": lambda t, p: torch.tanh(t),
+    "Sigmoid": lambda t, p: torch.sigmoid(t),
+    "LeakyRelu": lambda t, p: F.leaky_relu(t, p[0] if p else 0.01),
+    "Clip": lambda t, p: torch.clamp(t, p[0], p[1]),
+    "HardSigmoid": lambda t, p: torch.clamp(t * (p[0] if p else 0.2) + (p[1] if p else 0.5),
+                                            0, 1),
+}
+
+
+@ms_op("FusedConv")
+def _fused_conv(a, x):
+    """onnxruntime's Conv with its activation fused: ``act(conv(X, W, B) + Z)``."""
+    y = _conv(a, x[:3])
+    z = _given(x, 3)
+    y = y if z is None else y + z
+    name = a.get("activation")
+    if name is None:
+        return y
+    fn = _FUSED_ACTIVATIONS.get(name)
+    if fn is None:
+        raise UnsupportedOpsError(f"FusedConv activation {name}")
+    return fn(y, list(a.get("activation_params", [])))
 
 
 @ms_op("SkipSimplifiedLayerNormalization")
