@@ -355,6 +355,7 @@ _IMAGE = np.random.default_rng(2).standard_normal((1, 8, 4, 6)).astype(np.float3
     ("Acosh", {"x": np.abs(_DATA) + 1}, 13, {}, {}, TensorProto.FLOAT),
     ("Atanh", {"x": np.tanh(_DATA)}, 13, {}, {}, TensorProto.FLOAT),
     ("Shrink", {"x": _DATA}, 13, {}, {"lambd": 0.3, "bias": 0.1}, TensorProto.FLOAT),
+    ("Swish", {"x": _DATA}, 24, {}, {"alpha": 0.7}, TensorProto.FLOAT),
     ("ReduceLogSum", {"x": np.abs(_DATA) + 0.1}, 13, {}, {"axes": [1]}, TensorProto.FLOAT),
     ("ReduceLogSum", {"x": np.abs(_DATA) + 0.1}, 18, {"a": np.array([0, 2], np.int64)},
      {"keepdims": 0}, TensorProto.FLOAT),
