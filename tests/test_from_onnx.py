@@ -378,6 +378,10 @@ _IMAGE = np.random.default_rng(2).standard_normal((1, 8, 4, 6)).astype(np.float3
         ([1, 1, 2, 3], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
         ([1, 1, 1.5, 1.5], {"mode": "linear",
                             "coordinate_transformation_mode": "pytorch_half_pixel"})]],
+    ("Resize", {"x": _IMAGE}, 10, {"s": np.array([1, 1, 1.5, 2.5], np.float32)}, {},
+     TensorProto.FLOAT),  # opset 10: (X, scales), asymmetric, rounded down
+    ("Resize", {"x": _IMAGE}, 10, {"s": np.array([1, 1, 1.5, 2], np.float32)},
+     {"mode": "linear"}, TensorProto.FLOAT),
     ("Resize", {"x": _IMAGE}, 13, {"r": np.array([], np.float32), "e": np.array([], np.float32),
                                    "z": np.array([1, 8, 7, 5], np.int64)},
      {"mode": "linear"}, TensorProto.FLOAT),

@@ -872,7 +872,14 @@ def _pad(a, x):
     return F.pad(x[0], flat, mode=mode, value=value if mode == "constant" else None)
 
 
-@op("Resize")
+@op("Resize", opsets=(10, 10))
+def _resize_10(a, x):
+    """Opset 10's Resize takes (X, scales): no region, no sizes, asymmetric coordinates."""
+    return _resize({"coordinate_transformation_mode": "asymmetric",
+                    "nearest_mode": "floor", **a}, [x[0], None, x[1]])
+
+
+@op("Resize", opsets=(11, ALL_OPSETS[1]))
 def _resize(a, x):
     """Nearest and linear resizes, axis by axis, with every coordinate mapping of the spec but
     ``tf_crop_and_resize`` and ``half_pixel_symmetric``, and every ``nearest_mode``: source
