@@ -396,6 +396,54 @@ def test_more_ops_match_onnxruntime(op_type, inputs, opset, constants, attrs, ou
                              inputs)
 
 
+_KV = np.random.default_rng(7).standard_normal((2, 7, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("cross, bias, mask, attn_bias, attrs", [
+    (False, False, None, False, {}),
+    (False, True, None, False, {"scale": 0.3}),
+    (True, True, "keys", False, {}),
+    (True, False, "lengths", True, {"mask_filter_value": -1000.0}),
+    (False, True, None, True, {"unidirectional": 1}),
+])
+def test_multi_head_attention_matches_onnxruntime(cross, bias, mask, attn_bias, attrs):
+    """onnxruntime's MultiHeadAttention (its optimiser's form for ViT-like and CLIP graphs),
+    separate 3-D query, key and value, self or cross, with the optional bias, key padding mask
+    and attention bias."""
+    kv = _KV if cross else _X
+    feeds = {"q": _X, "k": kv, "v": kv}
+    names = ["q", "k", "v", "", "", ""]
+    consts = {}
+    if bias:
+        consts["b"] = _B
+        names[3] = "b"
+    if mask == "keys":
+        feeds["m"] = (np.arange(kv.shape[1])[None] < np.array([[4], [7]])).astype(np.int32)
+        names[4] = "m"
+    elif mask == "lengths":
+        feeds["m"] = np.array([3, 6], np.int32)
+        names[4] = "m"
+    if attn_bias:
+        consts["ab"] = np.random.default_rng(8).standard_normal(
+            (1, 2, _X.shape[1], kv.shape[1])).astype(np.float32)
+        names[5] = "ab"
+    while not names[-1]:
+        names.pop()
+    node = helper.make_node("MultiHeadAttention", names, ["y"], domain="com.microsoft",
+                            num_heads=2, **attrs)
+    vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+          for n, v in feeds.items()]
+    graph = helper.make_graph([node], "g", vi, [helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, None)], [onnx.numpy_helper.from_array(v, n)
+                                         for n, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    expected = val.run(val.session(model), feeds)["y"]
+    with torch.no_grad():
+        got = st.from_onnx(model)(*[torch.from_numpy(v) for v in feeds.values()])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation, params, z", [
     (None, [], False), ("Relu", [], True), ("LeakyRelu", [0.2], False),
     ("Clip", [-0.5, 0.5], True), ("HardSigmoid", [0.3, 0.4], False), ("Sigmoid", [], False)])

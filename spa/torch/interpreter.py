@@ -1090,6 +1090,56 @@ def _embed_layernorm(a, x):
     return out, count, total
 
 
+def _attend(a: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention of ``[B, heads, S, d]`` queries over ``[B, heads, L, d]``
+    keys, as onnxruntime's Attention and MultiHeadAttention compute it: the key mask (valid
+    lengths ``[B]`` or a 0/1 ``[B, L]``) and ``unidirectional`` add ``mask_filter_value`` to
+    the masked scores, ``bias`` (``[B or 1, heads or 1, S, L]``) is added as it is."""
+    n, s, length = q.shape[0], q.shape[2], k.shape[2]
+    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    fill = a.get("mask_filter_value", -10000.0)
+    if mask is not None:
+        if mask.dim() == 1 and mask.shape[0] == n:
+            keep = torch.arange(length, device=mask.device)[None, :] < mask.long()[:, None]
+        elif mask.dim() == 2:
+            keep = mask.ne(0)
+        else:
+            raise UnsupportedOpsError(f"attention with a key mask of shape {list(mask.shape)}")
+        scores = scores + (~keep)[:, None, None, :].to(scores.dtype) * fill
+    if bias is not None:
+        scores = scores + bias
+    if a.get("unidirectional", 0):
+        causal = torch.ones(s, length, dtype=torch.bool, device=scores.device).triu(
+            1 + length - s)
+        scores = scores + causal.to(scores.dtype) * fill
+    return torch.matmul(torch.softmax(scores, -1), v)
+
+
+@ms_op("MultiHeadAttention")
+def _ms_multi_head_attention(a, x):
+    """onnxruntime's MultiHeadAttention with separate 3-D query, key and value (``[B, S, D]``,
+    ``[B, L, D]``, ``[B, L, Dv]``), an optional packed bias ``[D + D + Dv]``, key padding mask
+    and attention bias; no past, no packed or 4-D forms."""
+    q, k, v = x[0], _given(x, 1), _given(x, 2)
+    if k is None or v is None or q.dim() != 3 or k.dim() != 3 or v.dim() != 3 \
+            or any(_given(x, i) is not None for i in range(6, len(x))):
+        raise UnsupportedOpsError("MultiHeadAttention other than 3-D query, key and value "
+                                  "without a past")
+    heads = int(a["num_heads"])
+    bias = _given(x, 3)
+    if bias is not None:
+        bq, bk, bv = torch.split(bias, [q.shape[-1], k.shape[-1], v.shape[-1]])
+        q, k, v = q + bq, k + bk, v + bv
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    out = _attend(a, split(q), split(k), split(v), _given(x, 4), _given(x, 5))
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
 @ms_op("Attention")
 def _ms_attention(a, x):
     """Multi-head self-attention on one packed QKV projection (no past). The mask index: the
@@ -1110,22 +1160,5 @@ def _ms_attention(a, x):
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(n, s, heads, -1).transpose(1, 2)
 
-    q, k, v = split(q), split(k), split(v)
-    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    fill = a.get("mask_filter_value", -10000.0)
-    mask = _given(x, 3)
-    if mask is not None:
-        if mask.dim() == 1 and mask.shape[0] == n:
-            keep = torch.arange(s, device=mask.device)[None, :] < mask.long()[:, None]
-        elif mask.dim() == 2:
-            keep = mask.ne(0)
-        else:
-            raise UnsupportedOpsError(f"Attention with a mask index of shape "
-                                      f"{list(mask.shape)}")
-        scores = scores + (~keep)[:, None, None, :].to(scores.dtype) * fill
-    if a.get("unidirectional", 0):
-        causal = torch.ones(s, s, dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores + causal.to(scores.dtype) * fill
-    out = torch.matmul(torch.softmax(scores, -1), v)
+    out = _attend(a, split(q), split(k), split(v), _given(x, 3))
     return out.transpose(1, 2).reshape(n, s, -1)
