@@ -396,6 +396,37 @@ def test_more_ops_match_onnxruntime(op_type, inputs, opset, constants, attrs, ou
                              inputs)
 
 
+_AQ = np.random.default_rng(9).standard_normal((2, 4, 5, 8)).astype(np.float32)
+_AK = np.random.default_rng(10).standard_normal((2, 2, 6, 8)).astype(np.float32)
+_AV = np.random.default_rng(11).standard_normal((2, 2, 6, 8)).astype(np.float32)
+
+
+def _flat(t: np.ndarray) -> np.ndarray:
+    return t.transpose(0, 2, 1, 3).reshape(t.shape[0], t.shape[2], -1)
+
+
+@pytest.mark.parametrize("feeds, attrs", [
+    ({"q": _AQ, "k": _AK, "v": _AV}, {"is_causal": 1}),
+    ({"q": _AQ, "k": _AK, "v": _AV,
+      "m": np.random.default_rng(12).random((2, 1, 5, 6)) > 0.3}, {}),
+    ({"q": _AQ, "k": _AK, "v": _AV,
+      "m": np.random.default_rng(13).standard_normal((5, 6)).astype(np.float32)},
+     {"softcap": 2.0, "scale": 0.5}),
+    ({"q": _AQ, "k": _AK, "v": _AV}, {"softcap": 1.5, "is_causal": 1}),
+    ({"q": _flat(_AQ), "k": _flat(_AK), "v": _flat(_AV)}, {"q_num_heads": 4, "kv_num_heads": 2}),
+], ids=["gqa-causal", "bool-mask", "float-mask-softcap-scale", "softcap-causal", "3-D"])
+def test_onnx_attention_matches_onnxruntime(feeds, attrs):
+    """ONNX's Attention (opset 23), the dynamo exporter's scaled dot-product attention: 4
+    query heads over 2 key/value heads, masks, causal, softcap, and the 3-D form."""
+    node = helper.make_node("Attention", list(feeds), ["y"], **attrs)
+    vi = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+          for n, v in feeds.items()]
+    graph = helper.make_graph([node], "g", vi, [helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, None)])
+    _agrees_with_onnxruntime(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 23)]), feeds)
+
+
 _KV = np.random.default_rng(7).standard_normal((2, 7, 8)).astype(np.float32)
 
 

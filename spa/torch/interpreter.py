@@ -901,6 +901,42 @@ def _resize(a, x):
     return _resampled(x[0], out, scales, coords, nearest)
 
 
+@op("Attention", opsets=(23, ALL_OPSETS[1]))
+def _attention(a, x):
+    """ONNX's Attention (opset 23; the dynamo exporter's form of scaled dot-product attention):
+    4-D ``[B, heads, S, d]`` inputs, or 3-D ones with ``q_num_heads``/``kv_num_heads``; a key
+    head serves ``q_heads / kv_heads`` query heads in turn (grouped-query attention); a bool
+    mask keeps its true scores, a float one is added; ``is_causal`` keeps the upper-left
+    triangle; ``softcap`` caps the scores before the mask. No past: refused by name."""
+    q, k, v = x[0], x[1], x[2]
+    if any(_given(x, i) is not None for i in range(4, len(x))):
+        raise UnsupportedOpsError("Attention with a past (past_key/past_value) or "
+                                  "nonpad_kv_seqlen")
+    flat = q.dim() == 3
+    if flat:
+        qh, kh = int(a["q_num_heads"]), int(a["kv_num_heads"])
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
+                   for t, h in ((q, qh), (k, kh), (v, kh)))
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    cap = a.get("softcap", 0.0)
+    if cap:
+        scores = cap * torch.tanh(scores / cap)
+    mask = _given(x, 3)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool \
+            else scores + mask
+    if a.get("is_causal", 0):
+        s, length = scores.shape[-2:]
+        future = torch.ones(s, length, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, -math.inf)
+    out = torch.matmul(torch.softmax(scores, -1), v)
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1) if flat else out
+
+
 @op("Upsample")
 def _upsample(a, x):
     """Opset 7–9 (Resize's predecessor): scales by attribute (7) or input (9), nearest
