@@ -1070,16 +1070,6 @@ def _fused_matmul(a, x):
     return (A @ B) * a.get("alpha", 1.0)
 
 
-_FUSED_ACTIVATIONS: dict[str, Callable[[torch.Tensor, list[float]], torch.Tensor]] = {
-    "Relu": lambda t, p: F.relu(t), "Tanh": lambda t, p: torch.tanh(t),
-    "Sigmoid": lambda t, p: torch.sigmoid(t),
-    "LeakyRelu": lambda t, p: F.leaky_relu(t, p[0] if p else 0.01),
-    "Clip": lambda t, p: torch.clamp(t, p[0], p[1]),
-    "HardSigmoid": lambda t, p: torch.clamp(t * (p[0] if p else 0.2) + (p[1] if p else 0.5),
-                                            0, 1),
-}
-
-
 @ms_op("FusedConv")
 def _fused_conv(a, x):
     """onnxruntime's Conv with its activation fused: ``act(conv(X, W, B) + Z)``."""
@@ -1087,12 +1077,15 @@ def _fused_conv(a, x):
     z = _given(x, 3)
     y = y if z is None else y + z
     name = a.get("activation")
+    params = list(a.get("activation_params", []))
     if name is None:
         return y
-    fn = _FUSED_ACTIVATIONS.get(name)
+    if name == "Clip":
+        return torch.clamp(y, params[0], params[1])
+    fn = recurrent.activation(name, *params[:2])  # LeakyRelu's alpha, HardSigmoid's alpha, beta
     if fn is None:
         raise UnsupportedOpsError(f"FusedConv activation {name}")
-    return fn(y, list(a.get("activation_params", [])))
+    return fn(y)
 
 
 @ms_op("SkipSimplifiedLayerNormalization")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +57,32 @@ def activations(op: str, attrs: dict, directions: int) -> list[list[Act]]:
     alphas, betas = list(attrs.get("activation_alpha", ())), list(attrs.get("activation_beta", ()))
     fns: list[Act] = []
     for name in names:
-        known = {k.lower(): v for k, v in _ACTIVATIONS.items()}.get(name.lower())
+        known = _known(name)
         if known is None:
             raise ValueError(f"{op} activation {name} is not supported; supported: "
                              f"{', '.join(_ACTIVATIONS)}")
-        fn, da, db = known
-        a = (alphas.pop(0) if alphas else da) if da is not None else None
-        b = (betas.pop(0) if betas else db) if db is not None else None
-        fns.append(functools.partial(_apply, fn, a, b))
+        _, da, db = known
+        a = alphas.pop(0) if da is not None and alphas else None
+        b = betas.pop(0) if db is not None and betas else None
+        fns.append(cast(Act, activation(name, a, b)))
     return [fns[d * per:(d + 1) * per] for d in range(directions)]
+
+
+def activation(name: str, alpha: float | None = None, beta: float | None = None
+               ) -> Act | None:
+    """The activation function ``name`` (any case) with ``alpha`` and ``beta`` where it takes
+    them (its defaults when None); None when it is not one of :data:`_ACTIVATIONS`. Also
+    onnxruntime's FusedConv's."""
+    known = _known(name)
+    if known is None:
+        return None
+    fn, da, db = known
+    return functools.partial(_apply, fn, da if alpha is None else alpha,
+                             db if beta is None else beta)
+
+
+def _known(name: str) -> tuple[Callable[..., torch.Tensor], float | None, float | None] | None:
+    return {k.lower(): v for k, v in _ACTIVATIONS.items()}.get(name.lower())
 
 
 def _apply(fn: Callable[..., torch.Tensor], a: float | None, b: float | None,
