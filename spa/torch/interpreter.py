@@ -1191,3 +1191,7 @@ def _ms_attention(a, x):
 
     out = _attend(a, split(q), split(k), split(v), _given(x, 3))
     return out.transpose(1, 2).reshape(n, s, -1)
+
+
+# ---- ops kept in their own modules (they register themselves with ``op``) -------------------
+from spa.torch import tensor_ops, vision_ops  # noqa: E402,F401

@@ -1,0 +1,7 @@
+"""ONNX's sampling, pooling-by-region and detection ops in torch, for ``spa.torch.from_onnx``.
+
+(Being written: see the functions below; each registers itself with
+:func:`spa.torch.interpreter.op`.)
+"""
+
+from __future__ import annotations
