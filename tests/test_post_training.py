@@ -9,6 +9,7 @@ with a 3×3 kernel), which no pruning criterion alone can do.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -616,6 +617,35 @@ def test_data_free_calibration_is_synthetic_reported_and_reproducible(cnn, tmp_p
     assert body["allocation"] == "sensitivity" and body["reconstruction"]["layers"] >= 1
     assert main(["apply", str(src), str(plan), "-o", str(tmp_path / "a.onnx"), "-q"]) == 0
     assert out.read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
+def test_data_free_calibration_falls_back_to_noise_when_inversion_cannot_run(cnn, tmp_path,
+                                                                            caplog):
+    """A model onnxruntime runs but spa.torch.from_onnx cannot (here a contrib ExpandDims
+    after the classifier) still prunes with ``--calib synthetic``: natural-image noise
+    calibrates, the report's kind says so and a warning names the op. Before, the prune
+    stopped on the interpreter's error."""
+    pytest.importorskip("torch")
+    src, _ = cnn
+    model = onnx.load(str(src))
+    model.graph.node[-1].output[0] = "logits"
+    model.graph.node.append(helper.make_node("ExpandDims", ["logits", "axis"], ["y"],
+                                             name="expand", domain="com.microsoft"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int32), "axis"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                 ["N", 1, 6]))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(src))
+    out, report = tmp_path / "p.onnx", tmp_path / "r.json"
+    with caplog.at_level(logging.WARNING):
+        assert main(["prune", str(src), "-o", str(out), "--calib", "synthetic", "--ratio",
+                     "0.5", "--report", str(report)]) == 0
+    body = json.loads(report.read_text())
+    assert body["calibration"]["kind"] == ("synthetic (natural-image noise; the model could "
+                                           "not be inverted in PyTorch)")
+    assert any("ExpandDims" in r.getMessage() and "inversion" in r.getMessage()
+               for r in caplog.records)
+    assert body["reconstruction"]["layers"] >= 1
 
 
 def test_sensitivity_measures_the_damage_the_compensation_leaves(tmp_path, monkeypatch):

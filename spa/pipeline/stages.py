@@ -150,8 +150,9 @@ def calibration(analysis: Analysis, path: str | None,
 def _synthetic(analysis: Analysis, options: CalibrationOptions, seed: int,
                dims: dict[str, int]) -> Calibration:
     """Inputs made from the model itself: model inversion (spa/torch/inversion.py: BatchNorm
-    matching, or class-conditional inversion when BN is folded) when PyTorch is installed, else
-    natural-image noise; the kind says which."""
+    matching, or class-conditional inversion when BN is folded) when PyTorch is installed and
+    runs the model, else natural-image noise (with a warning saying why); the kind says
+    which."""
     loaded = analysis.model
     tokens = random_tokens(loaded.graph.inputs, SYNTHETIC_SAMPLES, dims,
                            np.random.default_rng([seed, 0x70]), graph=loaded.graph)
@@ -174,11 +175,20 @@ def _synthetic_arrays(loaded: LoadedModel, seed: int, dims: dict[str, int]
     pixels = max((v.shape[-1] * v.shape[-2] for v in one.values() if v.ndim == 4), default=0)
     samples = SYNTHETIC_SAMPLES if pixels <= 64 * 64 else SYNTHETIC_SAMPLES // 4
     try:
+        from spa.torch.interpreter import UnsupportedOpsError
         from spa.torch.inversion import synthesize
     except ImportError:
         return (_noise_inputs(sess, samples, seed, dims),
                 "synthetic (natural-image noise; PyTorch would invert the model)")
-    made = synthesize(model, samples, dims=dims, seed=seed)
+    try:
+        made = synthesize(model, samples, dims=dims, seed=seed)
+    except (UnsupportedOpsError, RuntimeError) as exc:  # RuntimeError: torch's own errors
+        # the noise still calibrates (verification judges the model either way): say why the
+        # better source was not used rather than stop the prune
+        log.warning("model inversion could not run (%s: %s); natural-image noise calibrates "
+                    "instead", type(exc).__name__, exc)
+        return (_noise_inputs(sess, samples, seed, dims),
+                "synthetic (natural-image noise; the model could not be inverted in PyTorch)")
     log.info("synthetic calibration: %s", made.detail)
     return made.arrays, f"synthetic ({made.method} inversion)"
 
