@@ -79,12 +79,12 @@ def test_unsupported_ops_are_listed_up_front():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     nodes = [helper.make_node("Relu", ["x"], ["a"]),
-             helper.make_node("Det", ["a"], ["b"]),
+             helper.make_node("StringNormalizer", ["a"], ["b"]),
              helper.make_node("Custom", ["b"], ["y"], domain="my.ops")]
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
                               opset_imports=[helper.make_opsetid("", 17),
                                              helper.make_opsetid("my.ops", 1)])
-    with pytest.raises(st.UnsupportedOpsError, match=r"Custom \(1×\), Det \(1×\)"):
+    with pytest.raises(st.UnsupportedOpsError, match=r"Custom \(1×\), StringNormalizer \(1×\)"):
         st.from_onnx(model)
 
 
@@ -347,6 +347,9 @@ _IMAGE = np.random.default_rng(2).standard_normal((1, 8, 4, 6)).astype(np.float3
     ("ScatterElements", {"x": _DATA}, 18,
      {"i": np.array([[[0, 0, -1, 0]]], np.int64), "u": np.ones((1, 1, 4), np.float32)},
      {"axis": 1, "reduction": "add"}, TensorProto.FLOAT),
+    ("Scatter", {"x": _DATA}, 10,  # ScatterElements by its opset-9/10 name
+     {"i": np.array([[[0, 2, 1, 0]]], np.int64), "u": np.ones((1, 1, 4), np.float32)},
+     {"axis": 1}, TensorProto.FLOAT),
     ("GroupNormalization", {"x": _IMAGE}, 21,
      {"s": np.linspace(0.5, 2, 8, dtype=np.float32), "b": np.linspace(-1, 1, 8, dtype=np.float32)},
      {"num_groups": 4}, TensorProto.FLOAT),

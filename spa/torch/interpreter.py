@@ -24,8 +24,14 @@ into BERT and GPT-2 run too (``Attention`` without a past, ``EmbedLayerNormaliza
 ``SkipLayerNormalization``, the GELUs), matched against onnxruntime in the tests. LSTM, GRU and
 RNN run step by step (spa/torch/recurrent.py).
 
-``forward(..., capture=names)`` also returns chosen intermediate values (distillation matches
-them, spa/torch/distill.py).
+Control flow runs too (spa/torch/control_flow.py): If, Loop and Scan, whose subgraphs are
+compiled with the module (their outer-scope values become inputs of their node, their float
+initializers parameters like the main graph's, their ops checked up front with it), and the
+sequence and optional ops (a sequence is a list of tensors, an empty optional None).
+
+``forward(..., capture=names)`` also returns chosen intermediate values of the main graph
+(distillation matches them, spa/torch/distill.py); values inside subgraphs are not
+capturable.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import onnx
@@ -65,8 +72,15 @@ class UnsupportedOpsError(SpaError):
     """The ONNX model uses ops that spa.torch.from_onnx cannot run in PyTorch."""
 
 
-Op = Callable[[dict, list], "torch.Tensor | tuple[torch.Tensor, ...]"]
+#: what a name holds while the graph runs: a tensor, a sequence (a list of tensors), or None
+#: (an empty optional, an absent input)
+Value: TypeAlias = torch.Tensor | list[torch.Tensor] | None
+#: the torch function of an op: (its attributes, its input values) → its output value(s)
+Op = Callable[[dict, list], "Value | tuple[Value, ...]"]
 TORCH_OPS: OpTable[Op] = OpTable()
+#: a node as the module runs it: function, input names (then, for a node with subgraphs, the
+#: outer values they read), output names, attributes (subgraphs compiled)
+Step = tuple[Op, list[str], list[str], dict]
 
 
 def add(name: str, fn: Op, opsets: tuple[int, int] = ALL_OPSETS) -> None:
@@ -108,34 +122,18 @@ class OnnxModule(nn.Module):
         super().__init__()
         graph = model.graph
         opset = opset_of(model)
-        fns = [TORCH_OPS.lookup(n.domain, n.op_type, opset) for n in graph.node]
-        missing = Counter(n.op_type for n, fn in zip(graph.node, fns) if fn is None)
-        if missing:
-            listed = ", ".join(f"{k} ({v}×)" for k, v in sorted(missing.items()))
-            raise UnsupportedOpsError(
-                f"cannot run in PyTorch at opset {opset}: {listed}; supported: "
-                f"{len(TORCH_OPS.ops())} ops (spa.torch.interpreter.TORCH_OPS)")
-        for n in graph.node:
-            if n.op_type in recurrent.GATES and n.domain in ("", "ai.onnx"):
-                attrs = _attrs(n)
-                try:
-                    recurrent.activations(n.op_type, attrs, recurrent.directions(attrs))
-                except ValueError as e:
-                    raise UnsupportedOpsError(f"node {n.name}: {e}") from None
+        _check_supported(graph, opset)
         self.params = nn.ParameterDict()
         self._attr_of: dict[str, str] = {}
-        fixed = {n.input[i] for n in graph.node for i in _FIXED_INPUTS.get(n.op_type, ())
-                 if len(n.input) > i}
+        fixed = {n.input[i] for n in control_flow.all_nodes(graph)
+                 for i in _FIXED_INPUTS.get(n.op_type, ()) if len(n.input) > i}
+
+        def keep(name: str, init: onnx.TensorProto) -> None:
+            self._keep(name, init, trainable=init.name not in fixed)
+
         for init in graph.initializer:
-            array = numpy_helper.to_array(init)
-            value = torch.from_numpy(np.array(array, copy=True))
-            key = _key(init.name, self._attr_of)
-            if is_trainable(array) and init.name not in fixed:
-                self.params[key] = nn.Parameter(value)
-            else:
-                self.register_buffer(f"c_{key}", value)
-        self._nodes = [(fn, list(n.input), list(n.output), _attrs(n))
-                       for n, fn in zip(graph.node, fns) if fn is not None]  # all, by now
+            keep(init.name, init)
+        self._nodes: list[Step] = control_flow.compile_nodes(graph, opset, keep)
         inits = {i.name for i in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in inits]
         #: input name → the batch size it fixes (an export with a static batch may hold it in
@@ -147,38 +145,77 @@ class OnnxModule(nn.Module):
         self.fixed_batch = sizes.pop() if len(sizes) == 1 else None
         self.output_names = [o.name for o in graph.output]
 
+    def _keep(self, name: str, init: onnx.TensorProto, *, trainable: bool) -> None:
+        """Store ``init`` under ``name``: a parameter if training may change it, else a
+        buffer."""
+        array = numpy_helper.to_array(init)
+        value = torch.from_numpy(np.array(array, copy=True))
+        key = _key(name, self._attr_of)
+        if trainable and is_trainable(array):
+            self.params[key] = nn.Parameter(value)
+        else:
+            self.register_buffer(f"c_{key}", value)
+
     def onnx_names(self) -> dict[str, str]:
         """Initializer name → the key it is stored under (``params.<key>`` for weights)."""
         return dict(self._attr_of)
 
     def onnx_tensors(self) -> dict[str, torch.Tensor]:
-        """Initializer name → its parameter or buffer."""
+        """Initializer name → its parameter or buffer (a subgraph's initializer under its
+        name, or ``name@k`` when another subgraph's has that name: spa/torch/control_flow.py)."""
         out = {}
         for name, key in self._attr_of.items():
             out[name] = self.params[key] if key in self.params else getattr(self, f"c_{key}")
         return out
 
     def value_names(self) -> list[str]:
-        """The names of the values the nodes compute, in the order they are computed."""
+        """The names of the values the main graph's nodes compute, in the order they are
+        computed (values inside subgraphs are not among them)."""
         return [name for _, _, outs, _ in self._nodes for name in outs if name]
 
     def forward(self, *inputs: torch.Tensor, capture: Sequence[str] = ()):
-        """The graph outputs (one tensor, or a tuple of them). With ``capture`` (names of
-        :meth:`value_names`), ``(outputs, {name: value})`` with every output in the tuple:
-        distillation reads intermediate values through the forward pass, so that wrappers
-        such as DistributedDataParallel see them."""
-        env: dict[str, torch.Tensor] = dict(self.onnx_tensors())
+        """The graph outputs (one value, or a tuple of them; a sequence output is a list of
+        tensors). With ``capture`` (names of :meth:`value_names`), ``(outputs, {name:
+        value})`` with every output in the tuple: distillation reads intermediate values
+        through the forward pass, so that wrappers such as DistributedDataParallel see
+        them."""
+        env: dict[str, Value] = dict(self.onnx_tensors())
         env.update(zip(self.input_names, inputs))
-        for fn, ins, outs, attrs in self._nodes:
-            args = [env[i] if i else None for i in ins]
-            result = fn(attrs, args)
-            for name, value in zip(outs, result if isinstance(result, tuple) else (result,)):
-                if name:
-                    env[name] = value
+        run_nodes(self._nodes, env)
         out = tuple(env[o] for o in self.output_names)
         if capture:
             return out, {name: env[name] for name in capture}
         return out[0] if len(out) == 1 else out
+
+
+def run_nodes(steps: Sequence[Step], env: dict[str, Value]) -> None:
+    """Run ``steps`` in order on the values of ``env``, adding their outputs to it (the
+    main graph's walk, and every subgraph's)."""
+    for fn, ins, outs, attrs in steps:
+        result = fn(attrs, [env[i] if i else None for i in ins])
+        for name, value in zip(outs, result if isinstance(result, tuple) else (result,)):
+            if name:
+                env[name] = value
+
+
+def _check_supported(graph: onnx.GraphProto, opset: int) -> None:
+    """UnsupportedOpsError listing every op of ``graph`` and its subgraphs that has no torch
+    function at ``opset``, or a recurrent node with an activation recurrent.py lacks."""
+    nodes = list(control_flow.all_nodes(graph))
+    missing = Counter(n.op_type for n in nodes if TORCH_OPS.lookup(n.domain, n.op_type, opset)
+                      is None)
+    if missing:
+        listed = ", ".join(f"{k} ({v}×)" for k, v in sorted(missing.items()))
+        raise UnsupportedOpsError(
+            f"cannot run in PyTorch at opset {opset}: {listed}; supported: "
+            f"{len(TORCH_OPS.ops())} ops (spa.torch.interpreter.TORCH_OPS)")
+    for n in nodes:
+        if n.op_type in recurrent.GATES and n.domain in ("", "ai.onnx"):
+            attrs = attributes(n)
+            try:
+                recurrent.activations(n.op_type, attrs, recurrent.directions(attrs))
+            except ValueError as e:
+                raise UnsupportedOpsError(f"node {n.name}: {e}") from None
 
 
 Answer = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]  # outputs, captured values
@@ -210,7 +247,9 @@ def _key(name: str, attr_of: dict[str, str]) -> str:
     return key
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def attributes(node: onnx.NodeProto) -> dict:
+    """The node's attributes as its torch function takes them: tensors as torch tensors,
+    strings decoded (graphs as they are: control_flow.py compiles them)."""
     out = {}
     for a in node.attribute:
         v = helper.get_attribute_value(a)
@@ -226,7 +265,13 @@ def _ints(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
 
 
-def _axis(a: int, rank: int) -> int:
+def int_of(t: torch.Tensor) -> int:
+    """The first entry of ``t`` as an int (a scalar input, or one of shape ``[1]``)."""
+    return int(t.reshape(-1)[0])
+
+
+def positive_axis(a: int, rank: int) -> int:
+    """Axis ``a`` of a rank-``rank`` tensor, counted from the front."""
     return a + rank if a < 0 else a
 
 
@@ -371,7 +416,7 @@ def _flattened(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Op:
     """Before opset 13: ``fn`` over each row of the input flattened to 2-D at ``axis``
     (default 1), i.e. jointly over the axes ``axis..-1``."""
     def run(a, x):
-        axis = _axis(a.get("axis", 1), x[0].dim())
+        axis = positive_axis(a.get("axis", 1), x[0].dim())
         rows = x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)
         return fn(rows, 1).reshape(x[0].shape)
     return run
@@ -387,7 +432,7 @@ for _name, _rows in _NORMALISE_ROWS.items():
 
 @op("Cast")
 def _cast(a, x):
-    return x[0].to(_DTYPES[int(a["to"])])
+    return x[0].to(torch_dtype(int(a["to"]), "Cast to"))
 
 
 @op("CastLike")
@@ -395,9 +440,28 @@ def _cast_like(a, x):
     return x[0].to(x[1].dtype)
 
 
-_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32,
-           7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64,
-           16: torch.bfloat16}
+#: ONNX element type → torch dtype, for ops that take a ``dtype``/``to`` attribute
+DTYPES: dict[int, torch.dtype] = {
+    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.UINT16: torch.uint16,
+    onnx.TensorProto.UINT32: torch.uint32, onnx.TensorProto.UINT64: torch.uint64,
+    onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.COMPLEX64: torch.complex64,
+    onnx.TensorProto.COMPLEX128: torch.complex128,
+    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
+    onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
+    onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2,
+    onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
+}
+
+
+def torch_dtype(code: int, what: str) -> torch.dtype:
+    """The torch dtype of ONNX element type ``code``; ``what`` names the op and attribute."""
+    if code not in DTYPES:
+        raise UnsupportedOpsError(f"{what}={onnx.TensorProto.DataType.Name(code)}")
+    return DTYPES[code]
 
 
 # ---- layers ---------------------------------------------------------------------------------
@@ -466,7 +530,7 @@ def _instancenorm(a, x):
 
 @op("LayerNormalization")
 def _layernorm(a, x):
-    axis = _axis(a.get("axis", -1), x[0].dim())
+    axis = positive_axis(a.get("axis", -1), x[0].dim())
     shape = x[0].shape[axis:]
     return F.layer_norm(x[0], shape, x[1], x[2] if len(x) > 2 else None,
                         eps=a.get("epsilon", 1e-5))
@@ -474,7 +538,7 @@ def _layernorm(a, x):
 
 @op("RMSNormalization", "SimplifiedLayerNormalization")
 def _rmsnorm(a, x):
-    axis = _axis(a.get("axis", -1), x[0].dim())
+    axis = positive_axis(a.get("axis", -1), x[0].dim())
     dims = tuple(range(axis, x[0].dim()))
     ms = x[0].pow(2).mean(dim=dims, keepdim=True)
     return x[0] * torch.rsqrt(ms + a.get("epsilon", 1e-5)) * x[1]
@@ -521,7 +585,7 @@ add("Dropout", lambda a, x: x[0])
 # ---- shapes, layout, indexing ---------------------------------------------------------------
 @op("Flatten")
 def _flatten(a, x):
-    axis = _axis(a.get("axis", 1), x[0].dim())
+    axis = positive_axis(a.get("axis", 1), x[0].dim())
     return x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)
 
 
@@ -558,14 +622,14 @@ def _squeeze(a, x):
     axes = _axes(a, x)
     if axes is None:
         return x[0].squeeze()
-    return x[0].squeeze(tuple(_axis(i, x[0].dim()) for i in axes))
+    return x[0].squeeze(tuple(positive_axis(i, x[0].dim()) for i in axes))
 
 
 @op("Unsqueeze")
 def _unsqueeze(a, x):
     out = x[0]
     rank = out.dim() + len(_axes(a, x))
-    for ax in sorted(_axis(i, rank) for i in _axes(a, x)):
+    for ax in sorted(positive_axis(i, rank) for i in _axes(a, x)):
         out = out.unsqueeze(ax)
     return out
 
@@ -577,7 +641,7 @@ def _concat(a, x):
 
 @op("Split")
 def _split(a, x):
-    axis = _axis(a.get("axis", 0), x[0].dim())
+    axis = positive_axis(a.get("axis", 0), x[0].dim())
     sizes = _ints(x[1]) if len(x) > 1 and x[1] is not None else a.get("split")
     if sizes is None:
         n = a["num_outputs"]
@@ -593,7 +657,7 @@ def _slice(a, x):
     steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
     out = x[0]
     for ax, s, e, st in zip(axes, starts, ends, steps):
-        dim = _axis(ax, out.dim())
+        dim = positive_axis(ax, out.dim())
         n = out.shape[dim]
         s, e = s + n if s < 0 else s, e + n if e < 0 else e
         if st > 0:
@@ -607,7 +671,7 @@ def _slice(a, x):
 
 @op("Gather")
 def _gather(a, x):
-    axis = _axis(a.get("axis", 0), x[0].dim())
+    axis = positive_axis(a.get("axis", 0), x[0].dim())
     idx = x[1].long()
     idx = torch.where(idx < 0, idx + x[0].shape[axis], idx)
     out = torch.index_select(x[0], axis, idx.reshape(-1))
@@ -616,7 +680,7 @@ def _gather(a, x):
 
 @op("GatherElements")
 def _gather_elements(a, x):
-    axis = _axis(a.get("axis", 0), x[0].dim())
+    axis = positive_axis(a.get("axis", 0), x[0].dim())
     idx = x[1].long()
     return torch.gather(x[0], axis, torch.where(idx < 0, idx + x[0].shape[axis], idx))
 
@@ -676,8 +740,8 @@ def _scatter_nd(a, x):
 def _shape(a, x):
     dims = list(x[0].shape)
     rank = len(dims)
-    lo = _axis(a.get("start", 0), rank)
-    hi = _axis(a["end"], rank) if "end" in a else rank
+    lo = positive_axis(a.get("start", 0), rank)
+    hi = positive_axis(a["end"], rank) if "end" in a else rank
     return torch.tensor(dims[max(lo, 0):min(hi, rank)], dtype=torch.int64)
 
 
@@ -765,7 +829,7 @@ add("ReduceMin", _reduce(torch.amin))
 def _arg(largest: bool) -> Op:
     """ArgMax / ArgMin (indices: not differentiable; exports that pick by score read them)."""
     def run(a, x):
-        axis = _axis(a.get("axis", 0), x[0].dim())
+        axis = positive_axis(a.get("axis", 0), x[0].dim())
         t = x[0].flip(axis) if a.get("select_last_index", 0) else x[0]
         idx = t.argmax(axis, keepdim=True) if largest else t.argmin(axis, keepdim=True)
         if a.get("select_last_index", 0):
@@ -781,20 +845,10 @@ add("ArgMin", _arg(False))
 @op("TopK")
 def _topk(a, x):
     k = int(x[1].reshape(-1)[0]) if len(x) > 1 else int(a["k"])
-    axis = _axis(a.get("axis", -1), x[0].dim())
+    axis = positive_axis(a.get("axis", -1), x[0].dim())
     values, idx = torch.topk(x[0], k, dim=axis, largest=bool(a.get("largest", 1)),
                              sorted=True)
     return values, idx
-
-
-@op("CumSum")
-def _cumsum(a, x):
-    axis = _axis(int(x[1].reshape(-1)[0]), x[0].dim())
-    t = x[0].flip(axis) if a.get("reverse", 0) else x[0]
-    out = torch.cumsum(t, axis)
-    if a.get("exclusive", 0):
-        out = out - t
-    return out.flip(axis) if a.get("reverse", 0) else out
 
 
 @op("Size")
@@ -821,9 +875,9 @@ def _space_to_depth(a, x):
     return t.reshape(n, c * b * b, h // b, w // b)
 
 
-@op("ScatterElements")
+@op("ScatterElements", "Scatter")  # Scatter (opsets 9-10): ScatterElements by its old name
 def _scatter_elements(a, x):
-    axis = _axis(a.get("axis", 0), x[0].dim())
+    axis = positive_axis(a.get("axis", 0), x[0].dim())
     idx = x[1].long()
     idx = torch.where(idx < 0, idx + x[0].shape[axis], idx)
     how = a.get("reduction", "none")
@@ -853,7 +907,7 @@ def _group_norm(a, x):
 
 @op("LpNormalization")
 def _lp_norm(a, x):
-    axis = _axis(a.get("axis", -1), x[0].dim())
+    axis = positive_axis(a.get("axis", -1), x[0].dim())
     p = int(a.get("p", 2))
     return x[0] / torch.linalg.vector_norm(x[0], p, dim=axis, keepdim=True)
 
@@ -893,8 +947,8 @@ def _resize(a, x):
             or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise UnsupportedOpsError(f"Resize mode {mode}, coordinate_transformation_mode {coords}"
                                   " (antialias, axes and keep_aspect_ratio_policy unset only)")
-    sizes = _ints(_given(x, 3))
-    scales = [float(s) for s in _given(x, 2).reshape(-1).tolist()] if sizes is None else \
+    sizes = _ints(given(x, 3))
+    scales = [float(s) for s in given(x, 2).reshape(-1).tolist()] if sizes is None else \
         [m / n for m, n in zip(sizes, x[0].shape)]
     out = sizes or [int(math.floor(n * s)) for n, s in zip(x[0].shape, scales)]
     nearest = a.get("nearest_mode", "round_prefer_floor") if mode == "nearest" else None
@@ -909,7 +963,7 @@ def _attention(a, x):
     mask keeps its true scores, a float one is added; ``is_causal`` keeps the upper-left
     triangle; ``softcap`` caps the scores before the mask. No past: refused by name."""
     q, k, v = x[0], x[1], x[2]
-    if any(_given(x, i) is not None for i in range(4, len(x))):
+    if any(given(x, i) is not None for i in range(4, len(x))):
         raise UnsupportedOpsError("Attention with a past (past_key/past_value) or "
                                   "nonpad_kv_seqlen")
     flat = q.dim() == 3
@@ -925,7 +979,7 @@ def _attention(a, x):
     cap = a.get("softcap", 0.0)
     if cap:
         scores = cap * torch.tanh(scores / cap)
-    mask = _given(x, 3)
+    mask = given(x, 3)
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool \
             else scores + mask
@@ -1025,13 +1079,13 @@ def ms_op(*names: str) -> Callable[[Op], Op]:
     return deco
 
 
-def _given(x: list, i: int) -> torch.Tensor | None:
+def given(x: list, i: int) -> torch.Tensor | None:
     """The optional input ``i`` (None when absent or empty)."""
     return x[i] if len(x) > i and x[i] is not None and x[i].numel() else None
 
 
 def _biased(x: list) -> torch.Tensor:
-    bias = _given(x, 1)
+    bias = given(x, 1)
     return x[0] if bias is None else x[0] + bias
 
 
@@ -1044,7 +1098,7 @@ ms_op("QuickGelu")(lambda a, x: x[0] * torch.sigmoid(a.get("alpha", 1.702) * x[0
 def _skip_sum(x: list) -> torch.Tensor:
     """SkipLayerNormalization's input + skip (+ bias, its fifth input)."""
     total = x[0] + x[1]
-    bias = _given(x, 4)
+    bias = given(x, 4)
     return total if bias is None else total + bias
 
 
@@ -1055,7 +1109,7 @@ def _skip_layernorm(a, x):
     mean = total.mean(-1, keepdim=True)
     inv = torch.rsqrt(total.var(-1, unbiased=False, keepdim=True) + a.get("epsilon", 1e-12))
     out = (total - mean) * inv * x[2]
-    beta = _given(x, 3)
+    beta = given(x, 3)
     return (out if beta is None else out + beta), mean, inv, total
 
 
@@ -1074,7 +1128,7 @@ def _fused_matmul(a, x):
 def _fused_conv(a, x):
     """onnxruntime's Conv with its activation fused: ``act(conv(X, W, B) + Z)``."""
     y = _conv(a, x[:3])
-    z = _given(x, 3)
+    z = given(x, 3)
     y = y if z is None else y + z
     name = a.get("activation")
     params = list(a.get("activation_params", []))
@@ -1093,7 +1147,7 @@ def _skip_rmsnorm(a, x):
     """Outputs: the RMS-normalised sum (input, skip, gamma, bias), unused, the inverse RMS,
     the sum."""
     total = x[0] + x[1]
-    bias = _given(x, 3)
+    bias = given(x, 3)
     total = total if bias is None else total + bias
     inv = torch.rsqrt((total * total).mean(-1, keepdim=True) + a.get("epsilon", 1e-12))
     return total * inv * x[2], inv, inv, total
@@ -1105,15 +1159,15 @@ def _embed_layernorm(a, x):
     ones of each row of the mask, int32); the sum before the norm."""
     ids = x[0].long()
     n, s = ids.shape
-    positions = _given(x, 8)
+    positions = given(x, 8)
     pos = (torch.arange(s, device=ids.device).expand(n, s) if positions is None
            else positions.long().expand(n, s))
     total = F.embedding(ids, x[2]) + F.embedding(pos, x[3])
-    segments, table = _given(x, 1), _given(x, 4)
+    segments, table = given(x, 1), given(x, 4)
     if segments is not None and table is not None:
         total = total + F.embedding(segments.long(), table)
     out = F.layer_norm(total, total.shape[-1:], x[5], x[6], eps=a.get("epsilon", 1e-12))
-    mask = _given(x, 7)
+    mask = given(x, 7)
     count = (mask.ne(0).sum(-1) if mask is not None
              else torch.full((n,), s, device=ids.device)).to(torch.int32)
     return out, count, total
@@ -1151,13 +1205,13 @@ def _ms_multi_head_attention(a, x):
     """onnxruntime's MultiHeadAttention with separate 3-D query, key and value (``[B, S, D]``,
     ``[B, L, D]``, ``[B, L, Dv]``), an optional packed bias ``[D + D + Dv]``, key padding mask
     and attention bias; no past, no packed or 4-D forms."""
-    q, k, v = x[0], _given(x, 1), _given(x, 2)
+    q, k, v = x[0], given(x, 1), given(x, 2)
     if k is None or v is None or q.dim() != 3 or k.dim() != 3 or v.dim() != 3 \
-            or any(_given(x, i) is not None for i in range(6, len(x))):
+            or any(given(x, i) is not None for i in range(6, len(x))):
         raise UnsupportedOpsError("MultiHeadAttention other than 3-D query, key and value "
                                   "without a past")
     heads = int(a["num_heads"])
-    bias = _given(x, 3)
+    bias = given(x, 3)
     if bias is not None:
         bq, bk, bv = torch.split(bias, [q.shape[-1], k.shape[-1], v.shape[-1]])
         q, k, v = q + bq, k + bk, v + bv
@@ -1165,7 +1219,7 @@ def _ms_multi_head_attention(a, x):
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
-    out = _attend(a, split(q), split(k), split(v), _given(x, 4), _given(x, 5))
+    out = _attend(a, split(q), split(k), split(v), given(x, 4), given(x, 5))
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
 
 
@@ -1174,13 +1228,13 @@ def _ms_attention(a, x):
     """Multi-head self-attention on one packed QKV projection (no past). The mask index: the
     valid length of each sequence (``[B]``) or a 0/1 mask of keys (``[B, S]``); masked scores
     get ``mask_filter_value`` added, as onnxruntime does."""
-    if _given(x, 4) is not None or _given(x, 5) is not None:
+    if given(x, 4) is not None or given(x, 5) is not None:
         raise UnsupportedOpsError("Attention with a past or an attention bias")
     heads = int(a["num_heads"])
     hidden = x[1].shape[1]
     sizes = list(a.get("qkv_hidden_sizes") or [hidden // 3] * 3)
     qkv = torch.matmul(x[0], x[1])
-    bias = _given(x, 2)
+    bias = given(x, 2)
     if bias is not None:
         qkv = qkv + bias
     q, k, v = torch.split(qkv, sizes, dim=-1)
@@ -1189,9 +1243,10 @@ def _ms_attention(a, x):
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(n, s, heads, -1).transpose(1, 2)
 
-    out = _attend(a, split(q), split(k), split(v), _given(x, 3))
+    out = _attend(a, split(q), split(k), split(v), given(x, 3))
     return out.transpose(1, 2).reshape(n, s, -1)
 
 
 # ---- ops kept in their own modules (they register themselves with ``op``) -------------------
-from spa.torch import tensor_ops, vision_ops  # noqa: E402,F401
+import spa.torch.control_flow as control_flow  # noqa: E402
+from spa.torch import region_ops, signal_ops, tensor_ops, vision_ops  # noqa: E402,F401

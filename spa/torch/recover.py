@@ -41,8 +41,9 @@ from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
 from spa.pipeline.joined import Distil
 from spa.recovery import RecoverOptions
+from spa.torch import control_flow
 from spa.torch.distill import Distiller, Runs, World
-from spa.torch.interpreter import OnnxModule
+from spa.torch.interpreter import OnnxModule, opset_of
 
 log = logging.getLogger(__name__)
 
@@ -332,12 +333,14 @@ def _write_start(pruned: onnx.ModelProto, source: Model, path: Path) -> None:
 
 def written_back(pruned: onnx.ModelProto, student: OnnxModule) -> onnx.ModelProto:
     """A copy of ``pruned`` with each trained initializer's values replaced (same name, dtype
-    and shape)."""
+    and shape), those of subgraphs (If, Loop, Scan bodies) too."""
     model = onnx.ModelProto()
     model.CopyFrom(pruned)
     tensors = student.onnx_tensors()
-    for init in model.graph.initializer:
-        value = tensors.get(init.name)
+    slots = [(i.name, i) for i in model.graph.initializer]
+    slots += control_flow.subgraph_initializers(model.graph, opset_of(model)).items()
+    for name, init in slots:
+        value = tensors.get(name)
         if isinstance(value, torch.nn.Parameter):
             array = value.detach().cpu().numpy()
             assert list(array.shape) == list(init.dims), init.name
