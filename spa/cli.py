@@ -372,10 +372,13 @@ def _prune_family_and_recover(args: argparse.Namespace, options) -> int:
 def _recovery(options):
     """spa.torch.recover's ``recover``, ``calibration_for`` and the options maker; a clear
     error without calibration data or without PyTorch."""
-    from spa.recovery import TORCH_MISSING, RecoverOptions
+    from spa.pipeline.options import SYNTHETIC
+    from spa.recovery import SYNTHETIC_REFUSED, TORCH_MISSING, RecoverOptions
 
     if not options.calib:
         raise OptionError("--recover distils on calibration data: give --calib PATH")
+    if options.calib == SYNTHETIC:
+        raise OptionError(f"--recover: {SYNTHETIC_REFUSED}, or prune without --recover")
     try:
         from spa.torch.recover import calibration_for, recover
     except ImportError as exc:

@@ -14,6 +14,10 @@ from spa.options import option, positive, share
 
 GROUP = "recovery"
 TORCH_MISSING = "spa recover needs PyTorch: pip install 'spa-prune[torch]'"
+#: why ``--calib synthetic`` does not train: the held-out check would be synthetic too
+SYNTHETIC_REFUSED = ("recovery distils on real calibration data, and --calib synthetic has "
+                     "none (nothing would check the training against real inputs): give "
+                     "--calib PATH")
 
 
 def _number_above(low: float, *, inclusive: bool) -> Callable[[str], float]:

@@ -561,6 +561,8 @@ def test_data_free_pruning_is_judged_on_real_held_out_data(cnn, tmp_path):
     (["--held-out-data", "{few}"], "--held-out-data measures fidelity"),
     (["--calib", "{few}", "--held-out-data", "{missing}"], "no such file or folder"),
     (["--calib", "{few}", "--held-out-data", "{empty}"], "no samples"),
+    # refused before pruning (the message named a missing file "synthetic" after it, before)
+    (["--calib", "synthetic", "--recover", "5"], "--calib synthetic has none"),
 ])
 def test_bad_post_training_input_is_one_typed_line(argv, expect, tmp_path, capsys):
     src = tmp_path / "cnn.onnx"

@@ -373,6 +373,16 @@ def test_mismatched_models_are_refused(models, calibration, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_synthetic_calibration_is_refused_by_name(models, tmp_path, capsys):
+    """`spa recover --calib synthetic` trains on nothing real: refused (exit 2) with the
+    reason, not as a missing file named "synthetic"."""
+    dense, pruned = models
+    out = tmp_path / "r.onnx"
+    assert main(["recover", str(dense), str(pruned), "-o", str(out), "--calib", "synthetic",
+                 "-q"]) == 2
+    assert "--calib synthetic has none" in capsys.readouterr().err and not out.exists()
+
+
 def test_a_larger_learning_rate_wins_with_half_the_best_trial_gain():
     # The post-training MiniLM's trials (held-out cosine from 0.92266): 1e-5 and 3e-5 gained
     # about the same in a few steps; 3e-5 then gained more over the full run.

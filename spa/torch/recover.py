@@ -40,7 +40,8 @@ from spa.errors import ModelLoadError, OptionError, one_line
 from spa.ir.contrib import value_dims
 from spa.ir.save import Staging, check_output_path, write_proto
 from spa.pipeline.joined import Distil
-from spa.recovery import RecoverOptions
+from spa.pipeline.options import SYNTHETIC
+from spa.recovery import SYNTHETIC_REFUSED, RecoverOptions
 from spa.torch import control_flow
 from spa.torch.distill import Distiller, Runs, World
 from spa.torch.interpreter import OnnxModule, opset_of
@@ -108,6 +109,8 @@ def calibration_for(model: Model, path: str, options: CalibrationOptions | None 
     """``--calib PATH`` read for ``model``'s inputs, split into training and held-out samples;
     a text file without ``--tokenizer`` takes the one saved beside the first model of
     ``tokenizer_from`` (default: ``model``) that has one."""
+    if path == SYNTHETIC:
+        raise OptionError(f"spa recover: {SYNTHETIC_REFUSED}")
     files = [m for m in (tokenizer_from or (model,)) if isinstance(m, (str, os.PathLike))]
     options = with_tokenizer(options or CalibrationOptions(), path, *files)
     return load_calibration(path, graph_inputs(_proto(model)), options, seed=seed)
