@@ -7,6 +7,7 @@ reach, and a few optimizer steps lower a loss. Unsupported ops are listed up fro
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,27 @@ def test_resize_scales_and_batchnorm_statistics_are_buffers():
     params = {n for n, t in tensors.items() if isinstance(t, torch.nn.Parameter)}
     assert params == {"w", "g", "b"}
     assert all(tensors[n].grad is not None for n in params)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_masks_are_buffers_in_float16_too(dtype):
+    """A mask filled with the type's lowest value (what float16 exports hold: -65504) is a
+    buffer; a float16 mask was a parameter before, compared against 1e30 (inf in float16,
+    with an overflow warning)."""
+    mask = np.array([[0, np.finfo(dtype).min, 0]], dtype)
+    weight = np.array([[0.5, -1.0, 2.0]], dtype)
+    x = helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                      [2, 3])
+    nodes = [helper.make_node("Mul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "m"], ["y"])]
+    y = helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
+    inits = [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(mask, "m")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensors = st.from_onnx(model).onnx_tensors()
+    assert isinstance(tensors["w"], torch.nn.Parameter)
+    assert not isinstance(tensors["m"], torch.nn.Parameter)
 
 
 def _single_op(op_type: str, inputs: dict[str, np.ndarray], opset: int,
@@ -380,7 +402,12 @@ _IMAGE = np.random.default_rng(2).standard_normal((1, 8, 4, 6)).astype(np.float3
         ([1, 1, 0.75, 0.6], {"mode": "linear"}),
         ([1, 1, 2, 3], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
         ([1, 1, 1.5, 1.5], {"mode": "linear",
-                            "coordinate_transformation_mode": "pytorch_half_pixel"})]],
+                            "coordinate_transformation_mode": "pytorch_half_pixel"}),
+        # F.interpolate's cases (interpreter._interpolated): a bilinear 2× upsample, a nearest
+        # 4× one from asymmetric positions rounded down, a bilinear downsample
+        ([1, 1, 2, 2], {"mode": "linear"}),
+        ([1, 1, 4, 2], {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
+        ([1, 1, 0.5, 0.5], {"mode": "linear"})]],
     ("Resize", {"x": _IMAGE}, 10, {"s": np.array([1, 1, 1.5, 2.5], np.float32)}, {},
      TensorProto.FLOAT),  # opset 10: (X, scales), asymmetric, rounded down
     ("Resize", {"x": _IMAGE}, 10, {"s": np.array([1, 1, 1.5, 2], np.float32)},
@@ -494,6 +521,31 @@ def test_fused_conv_matches_onnxruntime(activation, params, z):
         attrs |= {"activation": activation} | ({"activation_params": params} if params else {})
     model = _contrib_op("FusedConv", {"x": _IMAGE}, consts, **attrs)
     _agrees_with_onnxruntime(model, {"x": _IMAGE})
+
+
+@pytest.mark.parametrize("shape, sizes, coords, nearest", [
+    ((2, 3, 5, 6), [2, 3, 10, 12], "half_pixel", None),
+    ((2, 3, 8, 6), [2, 3, 5, 4], "half_pixel", None),
+    ((2, 3, 7), [2, 3, 14], "pytorch_half_pixel", None),
+    ((1, 2, 3, 4, 5), [1, 2, 6, 8, 10], "half_pixel", None),
+    ((2, 3, 5, 6), [2, 3, 20, 12], "asymmetric", "floor"),
+])
+def test_resize_through_interpolate_equals_the_general_path(shape, sizes, coords, nearest,
+                                                             monkeypatch):
+    """Where F.interpolate computes the same source positions (interpreter._interpolated), its
+    values and gradients are those of the axis-by-axis path it stands in for."""
+    from spa.torch import interpreter
+
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    scales = [m / n for n, m in zip(shape, sizes)]
+    assert interpreter._interpolated(x, sizes, scales, coords, nearest) is not None
+    fast = interpreter._resampled(x, sizes, scales, coords, nearest)
+    (g_fast,) = torch.autograd.grad((fast * fast).sum(), x)
+    monkeypatch.setattr(interpreter, "_interpolated", lambda *args: None)
+    slow = interpreter._resampled(x, sizes, scales, coords, nearest)
+    (g_slow,) = torch.autograd.grad((slow * slow).sum(), x)
+    np.testing.assert_allclose(fast.detach().numpy(), slow.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(g_fast.numpy(), g_slow.numpy(), atol=1e-12)
 
 
 def test_top_k_gives_values_and_indices():

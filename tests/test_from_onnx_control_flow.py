@@ -96,10 +96,8 @@ def test_if_runs_the_branch_its_condition_picks_and_trains_it(cond):
             np.testing.assert_allclose(params[name].grad.numpy(), grad, rtol=1e-6)
 
 
-def test_branch_initializers_of_one_name_are_kept_apart():
-    """Both branches hold a ``k`` (legal: neither sees the other's): two parameters, the
-    second named ``k@1``."""
-    model = _model('''
+#: both branches hold a ``k`` (legal: neither sees the other's)
+TWO_KS = _model('''
 agraph (bool c, float[2] x) => (float[2] y, float[2] z) <float[2] s = {1.0, 2.0}> {
   z = Add(x, s)
   y = If(c) <then_branch = t () => (float[2] o) <float[2] k = {5.0, 7.0}> {
@@ -110,6 +108,11 @@ agraph (bool c, float[2] x) => (float[2] y, float[2] z) <float[2] s = {1.0, 2.0}
                o2 = Sub(x, k)
              }>
 }''')
+
+
+def test_branch_initializers_of_one_name_are_kept_apart():
+    """Two parameters for the branches' ``k``s, the second named ``k@1``."""
+    model = TWO_KS
     for cond in (True, False):
         module = _agrees(model, {"c": np.array(cond), "x": np.array([1.0, -2.0], np.float32)})
     assert {n: t.tolist() for n, t in module.onnx_tensors().items()} == {
@@ -122,16 +125,7 @@ def test_trained_branch_initializers_are_written_back_into_their_subgraphs():
     alone before, and trained branch values were lost)."""
     from spa.torch.recover import written_back
 
-    model = _model('''
-agraph (bool c, float[2] x) => (float[2] y) <float[2] s = {1.0, 2.0}> {
-  y = If(c) <then_branch = t () => (float[2] o) <float[2] k = {5.0, 7.0}> {
-               m = Mul(x, k)
-               o = Add(m, s)
-             },
-             else_branch = e () => (float[2] o2) <float[2] k = {-1.0, 3.0}> {
-               o2 = Sub(x, k)
-             }>
-}''')
+    model = TWO_KS
     module = st.from_onnx(model)
     with torch.no_grad():
         for i, p in enumerate(module.onnx_tensors().values()):

@@ -16,8 +16,9 @@ from onnx import TensorProto, helper
 
 torch = pytest.importorskip("torch")
 
+from interpreted import ours, theirs  # noqa: E402
+
 import spa.torch as st  # noqa: E402
-from spa import validate as val  # noqa: E402
 from spa.torch.interpreter import UnsupportedOpsError  # noqa: E402
 
 RNG = np.random.default_rng(0)
@@ -41,16 +42,6 @@ def _model(op_type: str, feeds: dict[str, np.ndarray],
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def _ours(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    with torch.no_grad():
-        got = st.from_onnx(model)(*[torch.from_numpy(v) for v in feeds.values()])
-    return [t.numpy() for t in (got if isinstance(got, tuple) else (got,))]
-
-
-def _theirs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return list(val.run(val.session(model), feeds).values())
-
-
 def _same(got: list[np.ndarray], want: list[np.ndarray], tol: float) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -59,7 +50,7 @@ def _same(got: list[np.ndarray], want: list[np.ndarray], tol: float) -> None:
 
 
 def _agrees(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tol: float = 1e-6) -> None:
-    _same(_ours(model, feeds), _theirs(model, feeds), tol)
+    _same(ours(model, feeds), theirs(model, feeds), tol)
 
 
 def _i64(v) -> np.ndarray:
@@ -121,7 +112,7 @@ def test_tensor_ops_match_onnxruntime(op_type, feeds, consts, opset, outputs, at
 def test_nonzero_of_a_scalar_is_empty_by_spec(value, want):
     """The spec: a scalar's NonZero is ``(0, N)``; onnxruntime gives ``[[0]]``, ``(1, 1)``."""
     feeds = {"x": np.array(value, np.float32)}
-    got = _ours(_model("NonZero", feeds, opset=13), feeds)[0]
+    got = ours(_model("NonZero", feeds, opset=13), feeds)[0]
     assert got.shape == want and got.dtype == np.int64
 
 
@@ -180,7 +171,7 @@ def _random(op_type: str, feeds: dict[str, np.ndarray], opset: int = 21, **attrs
     """(ours, onnxruntime's) outputs of one random node (opset 21: onnxruntime has no kernels
     for opset 22's versions)."""
     model = _model(op_type, feeds, opset=opset, **attrs)
-    return _ours(model, feeds)[0], _theirs(model, feeds)[0]
+    return ours(model, feeds)[0], theirs(model, feeds)[0]
 
 
 @pytest.mark.parametrize("op_type, feeds, attrs, mean, std", [
@@ -279,7 +270,7 @@ def test_irfft_of_odd_length_reads_half_the_bins_plus_one():
     """IRFFT to 7 points from 5 bins uses bins 0..3, as numpy's irfft and ONNX's reference do;
     onnxruntime also reads bin 4 (off by up to 0.3 here)."""
     feeds = {"x": _HALF}
-    got = _ours(_model("DFT", feeds, {"n": _i64(7)}, 17, inverse=1, onesided=1), feeds)[0]
+    got = ours(_model("DFT", feeds, {"n": _i64(7)}, 17, inverse=1, onesided=1), feeds)[0]
     want = np.fft.irfft(_HALF[..., 0] + 1j * _HALF[..., 1], n=7, axis=1)[..., None]
     np.testing.assert_allclose(got, want, rtol=FFT_TOL, atol=FFT_TOL)
 
@@ -309,7 +300,7 @@ def test_stft_matches_onnxruntime(signal, step, window, length, onesided):
 def test_stft_frame_length_defaults_to_the_signal():
     """Neither window nor frame_length: one frame of the whole signal (onnxruntime fails)."""
     feeds = {"x": _SIGNAL}
-    got = _ours(_model("STFT", feeds, {"s": _i64(4)}, 17), feeds)[0]
+    got = ours(_model("STFT", feeds, {"s": _i64(4)}, 17), feeds)[0]
     spectrum = np.fft.rfft(_SIGNAL[..., 0], axis=1)[:, None]
     np.testing.assert_allclose(got, np.stack([spectrum.real, spectrum.imag], -1),
                                rtol=FFT_TOL, atol=FFT_TOL)
@@ -401,7 +392,7 @@ def test_two_dimensional_scores_and_all_ignored_mean():
     _agrees(_model("SoftmaxCrossEntropyLoss", feeds, opset=13, outputs=2), feeds)
     feeds["l"] = _i64([4] * 5)
     model = _model("NegativeLogLikelihoodLoss", feeds, opset=13, ignore_index=4)
-    assert np.isnan(_ours(model, feeds)[0]) and np.isnan(_theirs(model, feeds)[0])
+    assert np.isnan(ours(model, feeds)[0]) and np.isnan(theirs(model, feeds)[0])
 
 
 @pytest.mark.parametrize("op_type", ["SoftmaxCrossEntropyLoss", "NegativeLogLikelihoodLoss"])
@@ -472,4 +463,4 @@ def test_linear_attention_matches_onnxruntime(rule, decay, beta, past, scale):
 ])
 def test_refusals_name_the_case(model, feeds, words):
     with pytest.raises(UnsupportedOpsError, match=words):
-        _ours(model, feeds)
+        ours(model, feeds)

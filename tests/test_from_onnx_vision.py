@@ -21,6 +21,8 @@ from onnx.reference import ReferenceEvaluator
 
 torch = pytest.importorskip("torch")
 
+from interpreted import ours  # noqa: E402
+
 import spa.torch as st  # noqa: E402
 from spa import validate as val  # noqa: E402
 
@@ -43,15 +45,10 @@ def _model(op_type: str, opset: int, feeds: dict[str, np.ndarray],
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def _ours(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return st.from_onnx(model)(*[torch.from_numpy(v) for v in feeds.values()]).numpy()
-
-
 def _agrees(model: onnx.ModelProto, feeds: dict[str, np.ndarray], rtol: float = 1e-5,
             atol: float = 1e-6) -> np.ndarray:
     expected = val.run(val.session(model), feeds)["y"]
-    got = _ours(model, feeds)
+    got = ours(model, feeds)[0]
     assert got.shape == expected.shape and got.dtype == expected.dtype
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol)
     return expected
@@ -127,7 +124,7 @@ def test_grid_sample_refuses_what_it_cannot_run_by_name(opset, mode, x, match):
     grid = np.zeros((1, *[2] * (x.ndim - 2), x.ndim - 2), F32)
     model = _model("GridSample", opset, {"x": x, "grid": grid}, mode=mode)
     with pytest.raises(st.UnsupportedOpsError, match=match):
-        _ours(model, {"x": x, "grid": grid})
+        ours(model, {"x": x, "grid": grid})[0]
 
 
 @pytest.mark.parametrize("size", [[2, 3, 4, 5], [2, 3, 1, 5], [2, 3, 2, 3, 4], [2, 1, 1, 3, 2]])
@@ -172,7 +169,7 @@ def test_lrn_even_sizes_and_other_ranks_follow_the_spec(shape, size):
     """onnxruntime takes odd sizes and 4-D input only: an even window reaches one channel
     further up than down (torch's ``local_response_norm`` reaches down)."""
     x = _normal(*shape)
-    got = _ours(_model("LRN", 13, {"x": x}, size=size, **_LRN), {"x": x})
+    got = ours(_model("LRN", 13, {"x": x}, size=size, **_LRN), {"x": x})[0]
     np.testing.assert_allclose(got, _lrn_reference(x, size, **_LRN), rtol=1e-5, atol=1e-6)
 
 
@@ -266,7 +263,7 @@ def test_col2im_3d_dilated_follows_the_onnx_reference():
     model, feeds = _col2im_case([4, 3, 5], [2, 1, 3], {"strides": [2, 1, 1], "dilations": [
         1, 1, 2], "pads": [1, 0, 1, 1, 1, 0]})
     expected = ReferenceEvaluator(model).run(None, feeds)[0]
-    np.testing.assert_allclose(_ours(model, feeds), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours(model, feeds)[0], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape, axes", [
@@ -363,7 +360,7 @@ def _deform_reference(x, w, offset, b, mask, attrs) -> np.ndarray:
 def test_deform_conv_other_ranks_follow_the_spec(spatial, kernel, options):
     """onnxruntime's DeformConv is 2-D only; 1-D and 3-D follow the reference above."""
     consts, names, attrs = _deform_case(spatial, kernel, **options)
-    got = _ours(_model("DeformConv", 19, {}, consts, names=names, **attrs), {})
+    got = ours(_model("DeformConv", 19, {}, consts, names=names, **attrs), {})[0]
     expected = _deform_reference(consts["x"], consts["w"], consts["offset"], consts.get("b"),
                                  consts.get("mask"), attrs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)  # float32 against float64
@@ -411,7 +408,7 @@ def test_roi_align_at_opset_22_is_opset_16():
     """onnxruntime has no RoiAlign-22 (only its types grew): the opset-16 rules run."""
     feeds = {"x": _FEATURES, "rois": _ROIS, "batch": _BATCH}
     expected = _agrees(_model("RoiAlign", 16, feeds, mode="max"), feeds)
-    np.testing.assert_array_equal(_ours(_model("RoiAlign", 22, feeds, mode="max"), feeds),
+    np.testing.assert_array_equal(ours(_model("RoiAlign", 22, feeds, mode="max"), feeds)[0],
                                   expected)
 
 

@@ -20,9 +20,14 @@ ReduceL1, ReduceSumSquare, ReduceProd, ReduceLogSumExp) reads its axes from the 
 before opset 18 and from its second input from 18 on. Opset 18's GroupNormalization scales
 per group, 21's per channel: a scale of ``num_groups`` entries is spread over each group's
 channels. onnxruntime's contrib ops (``com.microsoft``) that its transformer optimiser fuses
-into BERT and GPT-2 run too (``Attention`` without a past, ``EmbedLayerNormalization``,
-``SkipLayerNormalization``, the GELUs), matched against onnxruntime in the tests. LSTM, GRU and
-RNN run step by step (spa/torch/recurrent.py).
+into BERT and GPT-2 run too (``EmbedLayerNormalization``, ``SkipLayerNormalization``, the
+GELUs), matched against onnxruntime in the tests. LSTM, GRU and RNN run step by step
+(spa/torch/recurrent.py). The other op families live in their own modules, each registering
+itself here: attention with and without a past (attention_ops.py), rotary embeddings and
+GroupQueryAttention as onnxruntime-genai's LLM graphs use them (decoder_ops.py), quantisation
+(quant_ops.py, qlinear_ops.py), sampling and normalisation (vision_ops.py), regions and
+detection (region_ops.py), signals (signal_ops.py) and the remaining tensor ops
+(tensor_ops.py).
 
 Control flow runs too (spa/torch/control_flow.py): If, Loop and Scan, whose subgraphs are
 compiled with the module (their outer-scope values become inputs of their node, their float
@@ -53,7 +58,7 @@ from torch import nn
 
 from spa.coupling.registry import ALL_OPSETS, OpTable, domain_key
 from spa.errors import SpaError
-from spa.ir.dtypes import is_trainable
+from spa.ir.dtypes import is_trainable, onnx_type
 from spa.torch import recurrent
 
 
@@ -149,7 +154,7 @@ class OnnxModule(nn.Module):
         """Store ``init`` under ``name``: a parameter if training may change it, else a
         buffer."""
         array = numpy_helper.to_array(init)
-        value = torch.from_numpy(np.array(array, copy=True))
+        value = torch_array(array)  # int4, float8, bfloat16: ml_dtypes arrays
         key = _key(name, self._attr_of)
         if trainable and is_trainable(array):
             self.params[key] = nn.Parameter(value)
@@ -254,7 +259,7 @@ def attributes(node: onnx.NodeProto) -> dict:
     for a in node.attribute:
         v = helper.get_attribute_value(a)
         if isinstance(v, onnx.TensorProto):
-            v = torch.from_numpy(np.array(numpy_helper.to_array(v), copy=True))
+            v = torch_array(numpy_helper.to_array(v))
         elif isinstance(v, bytes):
             v = v.decode()
         out[a.name] = v
@@ -462,6 +467,28 @@ def torch_dtype(code: int, what: str) -> torch.dtype:
     if code not in DTYPES:
         raise UnsupportedOpsError(f"{what}={onnx.TensorProto.DataType.Name(code)}")
     return DTYPES[code]
+
+
+#: element types read bit for bit from their ``ml_dtypes`` arrays
+_BIT_VIEWS = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN,
+              onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+              onnx.TensorProto.FLOAT8E5M2FNUZ)
+
+
+def torch_array(array: np.ndarray) -> torch.Tensor:
+    """An initializer's values as a torch tensor: int4/uint4 widened to int8/uint8, bfloat16
+    and float8 (``ml_dtypes`` arrays, which ``torch.from_numpy`` rejects) bit for bit; other
+    ``ml_dtypes`` types (float4, int2) refused."""
+    name = array.dtype.name
+    if name in ("int4", "uint4"):
+        return torch.from_numpy(array.astype(np.int8 if name == "int4" else np.uint8))
+    code = onnx_type(array.dtype)
+    if code in _BIT_VIEWS:
+        bits = np.ascontiguousarray(array).view(np.uint8 if array.itemsize == 1 else np.int16)
+        return torch.from_numpy(bits.copy()).view(torch_dtype(code, "an initializer of type"))
+    if type(array.dtype).__module__.startswith("ml_dtypes") or array.dtype.kind == "V":
+        raise UnsupportedOpsError(f"an initializer of type {name}")
+    return torch.from_numpy(np.array(array, copy=True))
 
 
 # ---- layers ---------------------------------------------------------------------------------
@@ -955,42 +982,6 @@ def _resize(a, x):
     return _resampled(x[0], out, scales, coords, nearest)
 
 
-@op("Attention", opsets=(23, ALL_OPSETS[1]))
-def _attention(a, x):
-    """ONNX's Attention (opset 23; the dynamo exporter's form of scaled dot-product attention):
-    4-D ``[B, heads, S, d]`` inputs, or 3-D ones with ``q_num_heads``/``kv_num_heads``; a key
-    head serves ``q_heads / kv_heads`` query heads in turn (grouped-query attention); a bool
-    mask keeps its true scores, a float one is added; ``is_causal`` keeps the upper-left
-    triangle; ``softcap`` caps the scores before the mask. No past: refused by name."""
-    q, k, v = x[0], x[1], x[2]
-    if any(given(x, i) is not None for i in range(4, len(x))):
-        raise UnsupportedOpsError("Attention with a past (past_key/past_value) or "
-                                  "nonpad_kv_seqlen")
-    flat = q.dim() == 3
-    if flat:
-        qh, kh = int(a["q_num_heads"]), int(a["kv_num_heads"])
-        q, k, v = (t.reshape(t.shape[0], t.shape[1], h, -1).transpose(1, 2)
-                   for t, h in ((q, qh), (k, kh), (v, kh)))
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    cap = a.get("softcap", 0.0)
-    if cap:
-        scores = cap * torch.tanh(scores / cap)
-    mask = given(x, 3)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool \
-            else scores + mask
-    if a.get("is_causal", 0):
-        s, length = scores.shape[-2:]
-        future = torch.ones(s, length, dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(future, -math.inf)
-    out = torch.matmul(torch.softmax(scores, -1), v)
-    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1) if flat else out
-
-
 @op("Upsample")
 def _upsample(a, x):
     """Opset 7–9 (Resize's predecessor): scales by attribute (7) or input (9), nearest
@@ -1025,6 +1016,9 @@ def _resampled(t: torch.Tensor, sizes: list[int], scales: list[float], coords: s
     the input)."""
     if nearest is not None and nearest not in _ROUND:
         raise UnsupportedOpsError(f"Resize nearest_mode {nearest}")
+    fast = _interpolated(t, sizes, scales, coords, nearest)
+    if fast is not None:
+        return fast
     for axis, (n, m, s) in enumerate(zip(t.shape, sizes, scales)):
         if n == m:
             continue
@@ -1038,6 +1032,29 @@ def _resampled(t: torch.Tensor, sizes: list[int], scales: list[float], coords: s
         w = (pos - lo).to(t.dtype).reshape([-1 if d == axis else 1 for d in range(t.dim())])
         t = t.index_select(axis, lo) * (1 - w) + t.index_select(axis, hi) * w
     return t
+
+
+def _interpolated(t: torch.Tensor, sizes: list[int], scales: list[float], coords: str,
+                  nearest: str | None) -> torch.Tensor | None:
+    """``F.interpolate`` where it computes the positions of :func:`_resampled` (3-4× faster,
+    forward and backward, for a bilinear 2× upsample): batch and channels kept, each spatial
+    scale the size ratio; linear with half-pixel positions, or nearest rounded down from
+    asymmetric ones at a power-of-two factor (where ``i · n/m`` is exact in float32). Not
+    corner-aligned positions: torch computes their step ``(n-1)/(m-1)`` in float32, 6e-6
+    relative off onnxruntime's values on a 4×6 map. None elsewhere."""
+    rank, shape = t.dim(), list(t.shape)
+    if rank not in (3, 4, 5) or not t.is_floating_point() or sizes[:2] != shape[:2] \
+            or any(s != m / n for n, m, s in zip(shape[2:], sizes[2:], scales[2:])):
+        return None
+    if nearest is None and (coords == "half_pixel"
+                            or coords == "pytorch_half_pixel" and min(sizes[2:]) > 1):
+        mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[rank]
+        return F.interpolate(t, size=sizes[2:], mode=mode, align_corners=False)
+    powers = all(m % n == 0 and (m // n) & (m // n - 1) == 0
+                 for n, m in zip(shape[2:], sizes[2:]))
+    if nearest == "floor" and coords == "asymmetric" and powers:
+        return F.interpolate(t, size=sizes[2:], mode="nearest")
+    return None
 
 
 @op("Einsum")
@@ -1173,80 +1190,15 @@ def _embed_layernorm(a, x):
     return out, count, total
 
 
-def _attend(a: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention of ``[B, heads, S, d]`` queries over ``[B, heads, L, d]``
-    keys, as onnxruntime's Attention and MultiHeadAttention compute it: the key mask (valid
-    lengths ``[B]`` or a 0/1 ``[B, L]``) and ``unidirectional`` add ``mask_filter_value`` to
-    the masked scores, ``bias`` (``[B or 1, heads or 1, S, L]``) is added as it is."""
-    n, s, length = q.shape[0], q.shape[2], k.shape[2]
-    scale = a.get("scale") or 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    fill = a.get("mask_filter_value", -10000.0)
-    if mask is not None:
-        if mask.dim() == 1 and mask.shape[0] == n:
-            keep = torch.arange(length, device=mask.device)[None, :] < mask.long()[:, None]
-        elif mask.dim() == 2:
-            keep = mask.ne(0)
-        else:
-            raise UnsupportedOpsError(f"attention with a key mask of shape {list(mask.shape)}")
-        scores = scores + (~keep)[:, None, None, :].to(scores.dtype) * fill
-    if bias is not None:
-        scores = scores + bias
-    if a.get("unidirectional", 0):
-        causal = torch.ones(s, length, dtype=torch.bool, device=scores.device).triu(
-            1 + length - s)
-        scores = scores + causal.to(scores.dtype) * fill
-    return torch.matmul(torch.softmax(scores, -1), v)
-
-
-@ms_op("MultiHeadAttention")
-def _ms_multi_head_attention(a, x):
-    """onnxruntime's MultiHeadAttention with separate 3-D query, key and value (``[B, S, D]``,
-    ``[B, L, D]``, ``[B, L, Dv]``), an optional packed bias ``[D + D + Dv]``, key padding mask
-    and attention bias; no past, no packed or 4-D forms."""
-    q, k, v = x[0], given(x, 1), given(x, 2)
-    if k is None or v is None or q.dim() != 3 or k.dim() != 3 or v.dim() != 3 \
-            or any(given(x, i) is not None for i in range(6, len(x))):
-        raise UnsupportedOpsError("MultiHeadAttention other than 3-D query, key and value "
-                                  "without a past")
-    heads = int(a["num_heads"])
-    bias = given(x, 3)
-    if bias is not None:
-        bq, bk, bv = torch.split(bias, [q.shape[-1], k.shape[-1], v.shape[-1]])
-        q, k, v = q + bq, k + bk, v + bv
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
-
-    out = _attend(a, split(q), split(k), split(v), given(x, 4), given(x, 5))
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
-
-
-@ms_op("Attention")
-def _ms_attention(a, x):
-    """Multi-head self-attention on one packed QKV projection (no past). The mask index: the
-    valid length of each sequence (``[B]``) or a 0/1 mask of keys (``[B, S]``); masked scores
-    get ``mask_filter_value`` added, as onnxruntime does."""
-    if given(x, 4) is not None or given(x, 5) is not None:
-        raise UnsupportedOpsError("Attention with a past or an attention bias")
-    heads = int(a["num_heads"])
-    hidden = x[1].shape[1]
-    sizes = list(a.get("qkv_hidden_sizes") or [hidden // 3] * 3)
-    qkv = torch.matmul(x[0], x[1])
-    bias = given(x, 2)
-    if bias is not None:
-        qkv = qkv + bias
-    q, k, v = torch.split(qkv, sizes, dim=-1)
-    n, s = x[0].shape[:2]
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(n, s, heads, -1).transpose(1, 2)
-
-    out = _attend(a, split(q), split(k), split(v), given(x, 3))
-    return out.transpose(1, 2).reshape(n, s, -1)
-
-
 # ---- ops kept in their own modules (they register themselves with ``op``) -------------------
 import spa.torch.control_flow as control_flow  # noqa: E402
-from spa.torch import region_ops, signal_ops, tensor_ops, vision_ops  # noqa: E402,F401
+from spa.torch import (  # noqa: E402,F401
+    attention_ops,
+    decoder_ops,
+    qlinear_ops,
+    quant_ops,
+    region_ops,
+    signal_ops,
+    tensor_ops,
+    vision_ops,
+)
