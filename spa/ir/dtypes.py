@@ -49,8 +49,12 @@ def is_trainable(values: np.ndarray) -> bool:
     """Whether training changes these initializer values (``spa.torch.from_onnx`` makes them
     parameters): float tensors, except scalars (a scale, an epsilon) and masks (±inf or
     ±finfo.max entries), whose gradients are meaningless or not finite."""
-    return (is_floating(values.dtype) and values.ndim > 0
-            and bool((np.abs(values) < 1e30).all()))
+    if not (is_floating(values.dtype) and values.ndim > 0):
+        return False
+    # float16 cannot hold 1e30 (comparing cast it to inf, with a warning): its masks fill
+    # with its own largest value
+    limit = float(np.finfo(np.float16).max) if values.dtype == np.float16 else 1e30
+    return bool((np.abs(values.astype(np.float64)) < limit).all())
 
 
 __all__ = ["FLOATING", "is_floating", "is_trainable", "onnx_type"]
