@@ -332,9 +332,6 @@ def _prune(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(args, options)
     if args.recover:
-        if is_genai_folder(args.model):
-            raise OptionError("--recover distils one ONNX file: prune the folder, then recover "
-                              "its decoder file")
         return _prune_and_recover(args, options)
     report, the_plan = prune(args.model, args.output, options, _checks(args),
                              plan_path=args.plan)
@@ -456,18 +453,21 @@ def _prune_and_recover(args: argparse.Namespace, options) -> int:
 
     from spa.api import prune
     from spa.metrics import file_size
+    from spa.pipeline.genai import decoder_of, is_genai_folder
 
     recover, calibration_for, recover_options = _recovery(options)
+    from spa.torch.recover import recover_folder  # importable: _recovery checked torch
     out = Path(args.output)
+    genai = is_genai_folder(args.model)  # its decoder recovers; the folder is written whole
     with tempfile.TemporaryDirectory(prefix=".spa-", dir=out.parent or ".") as tmp:
         staged = Path(tmp) / out.name
         report, the_plan = prune(args.model, staged, options, _checks(args),
                                  plan_path=args.plan)
-        calib = calibration_for(args.model, options.calib, options.calibration,
-                                seed=options.seed)
-        done = recover(args.model, staged, out, calib,
-                       recover_options(args.recover, options.seed))
-    report.output, report.bytes_after = str(out), file_size(out)
+        calib = calibration_for(decoder_of(staged), options.calib, options.calibration,
+                                seed=options.seed, tokenizer_from=(decoder_of(args.model),))
+        done = (recover_folder if genai else recover)(
+            args.model, staged, out, calib, recover_options(args.recover, options.seed))
+    report.output, report.bytes_after = str(out), file_size(decoder_of(out))
     report.fidelity["recovered"] = done.fidelity_after
     report.recovery = done.to_dict()
     return _finish(args, report, the_plan)
@@ -493,28 +493,35 @@ def _recover(args: argparse.Namespace) -> int:
 
     from spa.calibration import CalibrationOptions
     from spa.fidelity import describe
-    from spa.ir.save import check_output_path
+    from spa.ir.save import check_output_folder, check_output_path
+    from spa.pipeline.genai import decoder_of, is_genai_folder
     from spa.recovery import TORCH_MISSING, RecoverOptions
     from spa.report import write_text_atomic
 
+    genai = all(is_genai_folder(m) for m in (args.dense, args.pruned))
     folders = [m for m in (args.dense, args.pruned) if os.path.isdir(m)]
-    if folders:
-        raise OptionError(f"spa recover distils one ONNX file into another, and {folders[0]} is "
-                          "a folder: a seq2seq export's files are recovered together when it "
-                          "is pruned (spa prune FOLDER -o OUT --calib PATH --recover STEPS)")
+    if folders and not genai:
+        raise OptionError(f"spa recover distils one ONNX file into another, or one "
+                          f"onnxruntime-genai folder into another, and {folders[0]} is another "
+                          "folder: a seq2seq export's files are recovered together when it is "
+                          "pruned (spa prune FOLDER -o OUT --calib PATH --recover STEPS)")
     try:
-        from spa.torch.recover import calibration_for, recover
+        from spa.torch.recover import calibration_for, recover, recover_folder
     except ImportError as exc:
         if (exc.name or "").split(".")[0] != "torch":
             raise
         raise OptionError(TORCH_MISSING) from exc
-    for path in (args.output, args.report):
+    for path in (args.output if not genai else None, args.report):
         for model in (args.dense, args.pruned) if path else ():
             check_output_path(path, input_path=Path(model))
+    if genai:
+        check_output_folder(Path(args.output))
+    dense, pruned = decoder_of(args.dense), decoder_of(args.pruned)
     options = from_args(RecoverOptions, args)
-    calibration = calibration_for(args.pruned, args.calib, from_args(CalibrationOptions, args),
-                                  seed=options.seed, tokenizer_from=(args.dense, args.pruned))
-    report = recover(args.dense, args.pruned, args.output, calibration, options)
+    calibration = calibration_for(pruned, args.calib, from_args(CalibrationOptions, args),
+                                  seed=options.seed, tokenizer_from=(dense, pruned))
+    report = (recover_folder if genai else recover)(args.dense, args.pruned, args.output,
+                                                    calibration, options)
     if os.environ.get("RANK", "0") != "0":  # torchrun: process 0 reports
         return int(ExitCode.OK)
     if args.report:

@@ -226,3 +226,35 @@ def test_folder_calibrated_on_text_prompts_is_refitted_and_generates(built, prec
         precision == "fp32")
     assert (out / "model.onnx.data").stat().st_size > 100_000
     assert len(_generate(out, 8)) == 8
+
+
+def test_folder_recovers_from_the_dense_folder(built, tmp_path):
+    """`spa prune FOLDER --recover N` and `spa recover DENSE PRUNED -o OUT` on onnxruntime-genai
+    folders: the pruned decoder (GroupQueryAttention, now run by spa.torch.from_onnx) is
+    distilled from the dense one on text prompts whose empty caches take the symbolic head size
+    ``kv_cache_dim`` from the attention op, and written into a folder with the pruned folder's
+    config and tokenizer; both runs train the same, get better on the held-out prompts, and
+    onnxruntime-genai generates with either folder. Both were refused before (a folder)."""
+    from spa.cli import main
+
+    source, text = built(True, "fp32"), _prompts(tmp_path)
+    flags = ["--calib", str(text), "--max-length", "24"]
+    pruned, reports = tmp_path / "pruned", {}
+    assert main(["prune", str(source), "-o", str(pruned), "--heads-ratio", "0.5",
+                 "--mlp-ratio", "0.3", *flags, "-q"]) == 0
+    for how, argv in (("prune", ["prune", str(source), "-o", str(tmp_path / "prune"),
+                                 "--heads-ratio", "0.5", "--mlp-ratio", "0.3", "--recover", "8"]),
+                      ("recover", ["recover", str(source), str(pruned), "-o",
+                                   str(tmp_path / "recover"), "--steps", "8"])):
+        report = tmp_path / f"{how}.json"
+        assert main([*argv, *flags, "--report", str(report), "-q"]) == 0
+        body = json.loads(report.read_text())
+        reports[how] = body.get("recovery", body)
+        assert sorted(p.name for p in (tmp_path / how).iterdir()) == [
+            "genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+        assert (tmp_path / how / "genai_config.json").read_text() == (
+            pruned / "genai_config.json").read_text()
+        assert len(_generate(tmp_path / how, 8)) == 8
+    assert reports["prune"]["fidelity_after"] == reports["recover"]["fidelity_after"]
+    after, before = reports["recover"]["fidelity_after"], reports["recover"]["fidelity_before"]
+    assert after["kl"] < before["kl"] and reports["recover"]["kept"] == "recovered"

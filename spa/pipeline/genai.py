@@ -161,11 +161,25 @@ def prune_folder(folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]
                 for old, new in renamed.items())
         new_config = pruned_config(config, Heads.of(pruned, past_key))
         (tmp / CONFIG).write_text(json.dumps(new_config, indent=4) + "\n")
-        for f in sorted(src.iterdir()):
-            if f.name not in skip:
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        copy_rest(src, tmp, skip)
     report.output = str(out)
     return report, the_plan
+
+
+def decoder_file(folder: str | os.PathLike[str]) -> tuple[Path, set[str]]:
+    """The folder's decoder file, and the names of the files that hold it (its external data
+    too)."""
+    path = Path(folder) / _decoder(read_config(Path(folder)))["filename"]
+    header = onnx.load(str(path), load_external_data=False)
+    return path, {path.name, *external_data_files(header)}
+
+
+def copy_rest(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy the files of the folder ``src`` (its config, tokenizer, …) into ``dst``, but those
+    named in ``skip``."""
+    for f in sorted(src.iterdir()):
+        if f.name not in skip:
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, dst / f.name)
 
 
 def renumber_caches(model: onnx.ModelProto, config: dict) -> dict[str, str]:

@@ -37,10 +37,14 @@ from spa.calibration import Calibration, CalibrationOptions
 from spa.calibration import load as load_calibration
 from spa.calibration.text import with_tokenizer
 from spa.errors import ModelLoadError, OptionError, one_line
+from spa.generation import cache_sizes
 from spa.ir.contrib import value_dims
-from spa.ir.save import Staging, check_output_path, write_proto
+from spa.ir.load import load_proto
+from spa.ir.save import Staging, check_output_folder, check_output_path, staged_folder, write_proto
+from spa.pipeline.genai import copy_rest, decoder_file
 from spa.pipeline.joined import Distil
 from spa.pipeline.options import SYNTHETIC
+from spa.pipeline.stages import analyse
 from spa.recovery import SYNTHETIC_REFUSED, RecoverOptions
 from spa.torch import control_flow
 from spa.torch.distill import Distiller, Runs, World
@@ -113,7 +117,35 @@ def calibration_for(model: Model, path: str, options: CalibrationOptions | None 
         raise OptionError(f"spa recover: {SYNTHETIC_REFUSED}")
     files = [m for m in (tokenizer_from or (model,)) if isinstance(m, (str, os.PathLike))]
     options = with_tokenizer(options or CalibrationOptions(), path, *files)
-    return load_calibration(path, graph_inputs(_proto(model)), options, seed=seed)
+    proto = _proto(model)
+    return load_calibration(path, graph_inputs(proto), options, seed=seed,
+                            dims=_cache_dims(proto))
+
+
+def recover_folder(dense: str | os.PathLike[str], pruned: str | os.PathLike[str],
+                   output: str | os.PathLike[str], calibration: Calibration,
+                   options: RecoverOptions | None = None) -> RecoverReport:
+    """:func:`recover` for onnxruntime-genai folders: the pruned folder's decoder distilled
+    from the dense folder's into the folder ``output`` (absent or empty), the pruned folder's
+    other files (its config, tokenizer) copied beside it; nothing is left behind on failure."""
+    out = Path(output)
+    check_output_folder(out)
+    teacher, _ = decoder_file(dense)
+    student, skip = decoder_file(pruned)
+    with staged_folder(out) as tmp:
+        report = recover(teacher, student, tmp / student.name, calibration, options)
+        copy_rest(Path(pruned), tmp, skip)
+    return dataclasses.replace(report, output=str(out))
+
+
+def _cache_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Sizes of a KV-cache decoder's symbolic cache dims as its attention ops say (a head size
+    named ``kv_cache_dim``, as onnxruntime-genai's builder writes it), so that a text file's
+    prompts get empty caches as ``spa prune`` made them; {} for other models."""
+    if not any(len(i.type.tensor_type.shape.dim) == 4 and i.name.startswith("past")
+               for i in model.graph.input):
+        return {}
+    return cache_sizes(analyse(load_proto(model)))
 
 
 def recover(dense: Model, pruned: Model, output: str | os.PathLike[str],
