@@ -463,11 +463,11 @@ def _prune_and_recover(args: argparse.Namespace, options) -> int:
         staged = Path(tmp) / out.name
         report, the_plan = prune(args.model, staged, options, _checks(args),
                                  plan_path=args.plan)
-        calib = calibration_for(decoder_of(staged), options.calib, options.calibration,
-                                seed=options.seed, tokenizer_from=(decoder_of(args.model),))
+        calib = calibration_for(str(decoder_of(staged)), options.calib, options.calibration,
+                                seed=options.seed, tokenizer_from=(str(decoder_of(args.model)),))
         done = (recover_folder if genai else recover)(
             args.model, staged, out, calib, recover_options(args.recover, options.seed))
-    report.output, report.bytes_after = str(out), file_size(decoder_of(out))
+    report.output, report.bytes_after = str(out), file_size(str(decoder_of(out)))
     report.fidelity["recovered"] = done.fidelity_after
     report.recovery = done.to_dict()
     return _finish(args, report, the_plan)
@@ -511,12 +511,13 @@ def _recover(args: argparse.Namespace) -> int:
         if (exc.name or "").split(".")[0] != "torch":
             raise
         raise OptionError(TORCH_MISSING) from exc
-    for path in (args.output if not genai else None, args.report):
-        for model in (args.dense, args.pruned) if path else ():
+    outputs = [p for p in (None if genai else args.output, args.report) if p]
+    for path in outputs:
+        for model in (args.dense, args.pruned):
             check_output_path(path, input_path=Path(model))
     if genai:
         check_output_folder(Path(args.output))
-    dense, pruned = decoder_of(args.dense), decoder_of(args.pruned)
+    dense, pruned = str(decoder_of(args.dense)), str(decoder_of(args.pruned))
     options = from_args(RecoverOptions, args)
     calibration = calibration_for(pruned, args.calib, from_args(CalibrationOptions, args),
                                   seed=options.seed, tokenizer_from=(dense, pruned))
