@@ -164,3 +164,46 @@ def test_onnx_file_with_labels_gives_the_same_plan_as_the_module(criterion, tmp_
                          batch=(x[:64], y[:64]))
     assert [g.keep for g in from_file.groups] == [g.keep for g in report.plan.groups]
     assert any(len(g.keep) < g.size for g in from_file.groups)
+
+
+def _tiny_lm(vocab: int = 11, width: int = 6) -> onnx.ModelProto:
+    """input_ids [N, T] → embedding → Tanh → MatMul → logits [N, T, vocab]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, width)).astype(np.float32),
+                                     "emb"),
+             numpy_helper.from_array(rng.standard_normal((width, vocab)).astype(np.float32),
+                                     "head")]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+             helper.make_node("Tanh", ["e"], ["h"]),
+             helper.make_node("MatMul", ["h", "head"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"]),
+                      helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                    ["N", "T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", "T", vocab])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_language_model_on_text_prompts_is_scored_on_next_tokens():
+    """A text file gives token prompts but no labels: for a model whose first output scores
+    the embedding's vocabulary at each position, the labels are each attended token's next
+    token (padding and the last token ignored), so --criterion taylor works on a decoder's
+    text calibration; it was refused before ("need ... an integer 'labels' array"). The
+    saliencies equal those of the same batch with those labels given."""
+    from spa.torch.saliency import IGNORED, onnx_saliency
+
+    model = _tiny_lm()
+    ids = np.array([[1, 4, 2, 7, 0], [3, 3, 9, 0, 0]], np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)
+    labels = np.array([[4, 2, 7, 0, IGNORED], [3, 9, IGNORED, IGNORED, IGNORED]], np.int64)
+    derived = onnx_saliency(model, {"input_ids": ids, "attention_mask": mask}, "wg")
+    given = onnx_saliency(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                          "wg")
+    assert set(derived) == {"emb", "head"}
+    for name in derived:
+        np.testing.assert_allclose(derived[name], given[name], rtol=1e-6)
+        assert np.abs(derived[name]).sum() > 0
+    with pytest.raises(OptionError, match="a text file for a language model"):
+        onnx_saliency(model, {"attention_mask": mask}, "wg")

@@ -159,7 +159,7 @@ def _draw(proto: onnx.ModelProto, name: str, shape: tuple[int, ...], dtype: np.d
           rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """Seeded random values for an input gradients cannot shape, and how they were drawn."""
     if np.issubdtype(dtype, np.integer):
-        rows = _embedding_rows(proto, name)
+        rows = embedding_rows(proto, name)
         high = rows or ID_RANGE
         where = f"the {rows} rows of its embedding table" if rows else f"[0, {ID_RANGE})"
         return (rng.integers(0, high, size=shape).astype(dtype),
@@ -170,7 +170,7 @@ def _draw(proto: onnx.ModelProto, name: str, shape: tuple[int, ...], dtype: np.d
             f"{name}: standard normal (not an image, not invertible)")
 
 
-def _embedding_rows(proto: onnx.ModelProto, name: str) -> int | None:
+def embedding_rows(proto: onnx.ModelProto, name: str) -> int | None:
     """The row count of the initializer a Gather indexes with ``name`` (axis 0), if any."""
     inits = {i.name: i for i in proto.graph.initializer}
     for node in proto.graph.node:

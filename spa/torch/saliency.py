@@ -102,17 +102,48 @@ def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: s
     PyTorch (:func:`spa.torch.from_onnx`) on ``calib``'s inputs against ``calib["labels"]``."""
     from spa.torch.interpreter import OnnxModule
 
-    if "labels" not in calib:
-        raise OptionError("gradient criteria on an ONNX file need --calib FILE.npz holding the "
-                          "graph inputs and an integer 'labels' array (cross-entropy loss)")
+    labels = _labels(model, calib)
     module = OnnxModule(model)
     missing = [n for n in module.input_names if n not in calib]
     if missing:
         raise OptionError(f"--calib has no array for the graph input(s) {', '.join(missing)}")
     inputs = tuple(torch.from_numpy(np.asarray(calib[n])) for n in module.input_names)
-    labels = torch.from_numpy(np.asarray(calib["labels"]).astype(np.int64))
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[:1]
     chunk = dim0[0].dim_value if dim0 and dim0[0].HasField("dim_value") else None
     per_param = saliency(module, (inputs, labels), needs, chunk=chunk)
     names = {f"params.{key}": name for name, key in module.onnx_names().items()}
     return {names[k]: v for k, v in per_param.items() if k in names}
+
+
+IGNORED = -100  # cross_entropy's ignore_index: a position without a target
+
+
+def _labels(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> torch.Tensor:
+    """``calib["labels"]``; or, for a language model's token prompts (a text file: its first
+    output ``[N, T, vocab]`` over the rows of the embedding ``input_ids`` indexes), each
+    attended token's next token, the last one and padding ignored (next-token cross-entropy,
+    as the model was trained)."""
+    if "labels" in calib:
+        return torch.from_numpy(np.asarray(calib["labels"]).astype(np.int64))
+    if "input_ids" not in calib or not _predicts_tokens(model):
+        raise OptionError("gradient criteria on an ONNX file need --calib FILE.npz holding the "
+                          "graph inputs and an integer 'labels' array (cross-entropy loss), or "
+                          "a text file for a language model (next-token labels)")
+    ids = np.asarray(calib["input_ids"]).astype(np.int64)
+    mask = calib.get("attention_mask")
+    attended = np.ones(ids.shape, bool) if mask is None \
+        else np.asarray(mask)[:, -ids.shape[1]:] != 0  # the mask may span a past first
+    labels = np.full_like(ids, IGNORED)
+    follows = attended[:, :-1] & attended[:, 1:]
+    labels[:, :-1] = np.where(follows, ids[:, 1:], IGNORED)
+    return torch.from_numpy(labels)
+
+
+def _predicts_tokens(model: onnx.ModelProto) -> bool:
+    """The first output is ``[N, T, V]`` with ``V`` the rows of ``input_ids``'s embedding."""
+    from spa.torch.inversion import embedding_rows
+
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    rows = embedding_rows(model, "input_ids")
+    return len(dims) == 3 and rows is not None and dims[2].dim_value == rows
+
