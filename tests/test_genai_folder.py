@@ -258,3 +258,21 @@ def test_folder_recovers_from_the_dense_folder(built, tmp_path):
     assert reports["prune"]["fidelity_after"] == reports["recover"]["fidelity_after"]
     after, before = reports["recover"]["fidelity_after"], reports["recover"]["fidelity_before"]
     assert after["kl"] < before["kl"] and reports["recover"]["kept"] == "recovered"
+
+
+def test_folder_prunes_by_taylor_on_text_prompts(built, tmp_path):
+    """--criterion taylor on the builder's decoder with a text file: next-token labels, the
+    gradients through GroupQueryAttention in spa.torch.from_onnx; a different plan from
+    OBSPA's, and the folder generates."""
+    from spa.cli import main
+
+    source, text = built(True, "fp32"), _prompts(tmp_path)
+    keeps = {}
+    for criterion in ("taylor", "obspa"):
+        out, plan = tmp_path / criterion, tmp_path / f"{criterion}.json"
+        assert main(["prune", str(source), "-o", str(out), "--heads-ratio", "0.5",
+                     "--mlp-ratio", "0.3", "--criterion", criterion, "--calib", str(text),
+                     "--max-length", "24", "--plan", str(plan), "-q"]) == 0
+        keeps[criterion] = [g["keep"] for g in json.loads(plan.read_text())["groups"]]
+    assert keeps["taylor"] != keeps["obspa"]
+    assert len(_generate(tmp_path / "taylor", 8)) == 8
