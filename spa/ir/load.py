@@ -628,7 +628,7 @@ def _check_node_names(graph: onnx.GraphProto, name: str) -> None:
     for node in graph.node:
         if node.name:
             ops.setdefault(node.name, []).append(node.op_type)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _check_node_names(sub, name)
     repeated = [(n, types) for n, types in ops.items() if len(types) > 1]
     if repeated:
@@ -639,7 +639,7 @@ def _check_node_names(graph: onnx.GraphProto, name: str) -> None:
                                 f"in a graph")
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs held by ``node``'s attributes (If branches, Loop and Scan bodies)."""
     out: list[onnx.GraphProto] = []
     for a in node.attribute:
@@ -758,7 +758,7 @@ def _infer(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, check_type=strict, strict_mode=strict,
                                                  data_prop=True)
     except onnx.shape_inference.InferenceError:
-        if not strict or not any(_subgraphs(n) for n in model.graph.node):
+        if not strict or not any(subgraphs(n) for n in model.graph.node):
             raise
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=False)
     return onnx.shape_inference.infer_shapes(model, data_prop=True)

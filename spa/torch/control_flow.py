@@ -46,6 +46,7 @@ import onnx
 import torch
 
 from spa.coupling.registry import ALL_OPSETS
+from spa.ir.load import subgraphs
 from spa.torch.interpreter import (
     DTYPES,
     TORCH_OPS,
@@ -85,7 +86,7 @@ def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """The nodes of ``graph`` and of every subgraph in it, at any depth."""
     for node in graph.node:
         yield node
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from all_nodes(sub)
 
 
@@ -100,16 +101,9 @@ def subgraph_initializers(graph: onnx.GraphProto, opset: int) -> dict[str, onnx.
     """Every subgraph initializer of ``graph``, by the name the module keeps it under (so that
     trained values can be written back into the model's own protos)."""
     found: dict[str, onnx.TensorProto] = {}
-    compile_nodes(graph, opset, found.__setitem__)
+    if any(subgraphs(node) for node in graph.node):  # else nothing to compile for
+        compile_nodes(graph, opset, found.__setitem__)
     return found
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            yield from a.graphs
 
 
 def _defined_here(graph: onnx.GraphProto) -> Iterator[str]:
@@ -123,7 +117,7 @@ def _defined(graph: onnx.GraphProto) -> Iterator[str]:
     """The names ``graph`` and its subgraphs define."""
     yield from _defined_here(graph)
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from _defined(sub)
 
 
