@@ -207,3 +207,51 @@ def test_a_language_model_on_text_prompts_is_scored_on_next_tokens():
         assert np.abs(derived[name]).sum() > 0
     with pytest.raises(OptionError, match="a text file for a language model"):
         onnx_saliency(model, {"attention_mask": mask}, "wg")
+
+
+def _mixing_lm(causal: bool, vocab: int = 11, width: int = 6) -> onnx.ModelProto:
+    """:func:`_tiny_lm` whose hidden state at each token adds the mean over the tokens up to
+    it (``causal``: CumSum over T, divided by the position) or over the whole prompt (a masked
+    LM's bidirectional mixing: ReduceMean over T)."""
+    from onnx import helper, numpy_helper
+
+    model = _tiny_lm(vocab, width)
+    g = model.graph
+    del g.node[-1]
+    if causal:
+        pos = numpy_helper.from_array(np.arange(1, 65, dtype=np.float32).reshape(64, 1), "pos")
+        g.initializer.extend([pos] + [numpy_helper.from_array(np.array(v, np.int64), name)
+                                      for name, v in (("ax", 1), ("zero", [0]), ("one", [1]),
+                                                      ("two", [2]))])
+        g.node.extend([helper.make_node("CumSum", ["h", "ax"], ["cs"]),
+                       helper.make_node("Shape", ["h"], ["shape"]),
+                       helper.make_node("Slice", ["shape", "one", "two"], ["t"]),
+                       helper.make_node("Slice", ["pos", "zero", "t"], ["p"]),
+                       helper.make_node("Div", ["cs", "p"], ["mix"])])
+    else:
+        g.node.append(helper.make_node("ReduceMean", ["h"], ["mix"], axes=[1], keepdims=1))
+    g.node.extend([helper.make_node("Add", ["h", "mix"], ["hm"]),
+                   helper.make_node("MatMul", ["hm", "head"], ["logits"])])
+    return model
+
+
+def test_next_token_labels_only_for_a_model_that_reads_left_to_right():
+    """A masked (bidirectional) language model's scores at a token see the tokens after it:
+    next-token labels from a text file would score it on a task it was never trained for, so
+    the text file is refused by name (before, it was scored on next tokens, silently). A
+    causal model mixing tokens left to right still gets the labels derived."""
+    import onnxruntime as ort
+
+    from spa.torch.saliency import onnx_saliency
+
+    ids = np.array([[1, 4, 2, 7, 0], [3, 3, 9, 0, 0]], np.int64)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)
+    calib = {"input_ids": ids, "attention_mask": mask}
+    for causal in (True, False):  # the models run in onnxruntime: they are valid graphs
+        ort.InferenceSession(_mixing_lm(causal).SerializeToString()).run(None, calib)
+    assert {"emb", "head"} <= set(onnx_saliency(_mixing_lm(True), calib, "wg"))
+    with pytest.raises(OptionError, match="depend on the tokens after it"):
+        onnx_saliency(_mixing_lm(False), calib, "wg")
+    labels = np.where(mask != 0, ids, -100)  # labels given: any model is scored on them
+    assert set(onnx_saliency(_mixing_lm(False), {**calib, "labels": labels}, "wg")) \
+        == {"emb", "head"}

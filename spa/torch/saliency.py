@@ -110,6 +110,13 @@ def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: s
     inputs = tuple(torch.from_numpy(np.asarray(calib[n])) for n in module.input_names)
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[:1]
     chunk = dim0[0].dim_value if dim0 and dim0[0].HasField("dim_value") else None
+    if "labels" not in calib and not _causal(module, dict(zip(module.input_names, inputs)),
+                                             chunk or 1):
+        raise OptionError(
+            "the model's scores at a token depend on the tokens after it (a masked or "
+            "bidirectional language model), so a text file's next-token labels do not apply; "
+            "give --calib FILE.npz with the graph inputs and an integer 'labels' array "
+            f"({IGNORED} where a position has no target)")
     per_param = saliency(module, (inputs, labels), needs, chunk=chunk)
     names = {f"params.{key}": name for name, key in module.onnx_names().items()}
     return {names[k]: v for k, v in per_param.items() if k in names}
@@ -137,6 +144,29 @@ def _labels(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> torch.Tenso
     follows = attended[:, :-1] & attended[:, 1:]
     labels[:, :-1] = np.where(follows, ids[:, 1:], IGNORED)
     return torch.from_numpy(labels)
+
+
+def _causal(module: nn.Module, inputs: dict[str, torch.Tensor], count: int) -> bool:
+    """Whether the first output at each attended token ignores the tokens after it: the first
+    ``count`` prompts run twice, the second time with each one's last attended token changed,
+    and the scores at their earlier tokens must not move (by more than float noise). A decoder
+    passes; an encoder's masked-LM head, whose every score sees the whole prompt, does not."""
+    batch = {k: v[:count] for k, v in inputs.items()}
+    ids = batch["input_ids"].clone()
+    mask = batch.get("attention_mask")
+    attended = torch.ones(ids.shape, dtype=torch.bool) if mask is None \
+        else mask[:, -ids.shape[1]:] != 0
+    if (attended.sum(1) < 2).all():
+        return True  # nothing to tell by: no prompt has a token before another
+    last = ids.shape[1] - 1 - attended.flip(1).int().argmax(1)
+    rows = torch.arange(len(ids))
+    ids[rows, last] = torch.where(ids[rows, last] > 0, ids[rows, last] - 1, 1)  # in range
+    with torch.no_grad():
+        before = first_tensor(module(*batch.values())).float()
+        after = first_tensor(module(*{**batch, "input_ids": ids}.values())).float()
+    earlier = attended & (torch.arange(ids.shape[1]) < last[:, None])
+    moved = (before - after).abs()[earlier]
+    return bool(moved.numel() == 0 or moved.max() <= 1e-4 * before.abs().max().clamp_min(1e-30))
 
 
 def _predicts_tokens(model: onnx.ModelProto) -> bool:
