@@ -1,5 +1,5 @@
 """``spa.torch.from_onnx`` on resizes: ``F.interpolate`` (where it computes the positions of the
-axis-by-axis path, spa/torch/interpreter.py ``_interpolated``) against the axis-by-axis path,
+axis-by-axis path, spa/torch/resize_ops.py ``_interpolated``) against the axis-by-axis path,
 forward and backward, side by side in interleaved rounds on one thread (``time.thread_time``).
 
 Cases: a bilinear and a nearest 2x upsample of ``[8, 64, 80, 80]``, and the reference UNet
@@ -30,29 +30,29 @@ def _timed(step: Callable[[], torch.Tensor]) -> float:
 
 def _side_by_side(step: Callable[[], torch.Tensor], rounds: int) -> dict:
     """Median seconds of ``step`` (forward and backward) through each path, interleaved."""
-    from spa.torch import interpreter
+    from spa.torch import resize_ops
 
-    fast = interpreter._interpolated
+    fast = resize_ops._interpolated
     paths = {"interpolate": fast, "axis_by_axis": lambda *args: None}
     times: dict[str, list[float]] = {k: [] for k in paths}
     for _ in range(rounds + 1):  # the first round warms up
         for name, choice in paths.items():
-            interpreter._interpolated = choice
+            resize_ops._interpolated = choice
             try:
                 times[name].append(_timed(step))
             finally:
-                interpreter._interpolated = fast
+                resize_ops._interpolated = fast
     medians = {k: statistics.median(v[1:]) for k, v in times.items()}
     return {"median_seconds": medians,
             "speedup": medians["axis_by_axis"] / medians["interpolate"]}
 
 
 def _upsample(nearest: str | None, coords: str) -> Callable[[], torch.Tensor]:
-    from spa.torch import interpreter
+    from spa.torch import resize_ops
 
     x = torch.randn(8, 64, 80, 80, requires_grad=True)
-    return lambda: interpreter._resampled(x, [8, 64, 160, 160], [1.0, 1.0, 2.0, 2.0], coords,
-                                          nearest)
+    return lambda: resize_ops._resampled(x, [8, 64, 160, 160], [1.0, 1.0, 2.0, 2.0], coords,
+                                         nearest)
 
 
 def _model(path: Path) -> Callable[[], torch.Tensor]:

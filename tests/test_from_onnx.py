@@ -403,7 +403,7 @@ _IMAGE = np.random.default_rng(2).standard_normal((1, 8, 4, 6)).astype(np.float3
         ([1, 1, 2, 3], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
         ([1, 1, 1.5, 1.5], {"mode": "linear",
                             "coordinate_transformation_mode": "pytorch_half_pixel"}),
-        # F.interpolate's cases (interpreter._interpolated): a bilinear 2× upsample, a nearest
+        # F.interpolate's cases (resize_ops._interpolated): a bilinear 2× upsample, a nearest
         # 4× one from asymmetric positions rounded down, a bilinear downsample
         ([1, 1, 2, 2], {"mode": "linear"}),
         ([1, 1, 4, 2], {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
@@ -532,17 +532,17 @@ def test_fused_conv_matches_onnxruntime(activation, params, z):
 ])
 def test_resize_through_interpolate_equals_the_general_path(shape, sizes, coords, nearest,
                                                              monkeypatch):
-    """Where F.interpolate computes the same source positions (interpreter._interpolated), its
+    """Where F.interpolate computes the same source positions (resize_ops._interpolated), its
     values and gradients are those of the axis-by-axis path it stands in for."""
-    from spa.torch import interpreter
+    from spa.torch import resize_ops
 
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     scales = [m / n for n, m in zip(shape, sizes)]
-    assert interpreter._interpolated(x, sizes, scales, coords, nearest) is not None
-    fast = interpreter._resampled(x, sizes, scales, coords, nearest)
+    assert resize_ops._interpolated(x, sizes, scales, coords, nearest) is not None
+    fast = resize_ops._resampled(x, sizes, scales, coords, nearest)
     (g_fast,) = torch.autograd.grad((fast * fast).sum(), x)
-    monkeypatch.setattr(interpreter, "_interpolated", lambda *args: None)
-    slow = interpreter._resampled(x, sizes, scales, coords, nearest)
+    monkeypatch.setattr(resize_ops, "_interpolated", lambda *args: None)
+    slow = resize_ops._resampled(x, sizes, scales, coords, nearest)
     (g_slow,) = torch.autograd.grad((slow * slow).sum(), x)
     np.testing.assert_allclose(fast.detach().numpy(), slow.detach().numpy(), atol=1e-12)
     np.testing.assert_allclose(g_fast.numpy(), g_slow.numpy(), atol=1e-12)

@@ -13,6 +13,7 @@ Then gradients (the straight-through estimator) and whole models quantised by on
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import ml_dtypes
@@ -144,6 +145,31 @@ def _round_trip(qtype: int, x: np.ndarray, *, saturate: int = 1,
 def test_4bit_through_output_dtype(qtype):
     x = _f32(40, scale=6)
     _exact(_round_trip(qtype, x, scale=0.7), {"x": x})
+
+
+@pytest.mark.parametrize("domain", ["", MS])
+@pytest.mark.parametrize("constant", [False, True])
+@pytest.mark.parametrize("qtype,zero_point", [(T.INT4, -2), (T.UINT4, 3)])
+def test_4bit_through_zero_point(qtype, zero_point, constant, domain):
+    """Without ``output_dtype`` QuantizeLinear quantises to its zero point's type: an int4/uint4
+    one (an initializer, or a Constant's value) saturates to [-8, 7] / [0, 15], not to the
+    range of the int8/uint8 tensor that holds it (it did before); in a copy of the module too
+    (a device move copies its tensors)."""
+    x = np.linspace(-12, 12, 97, dtype=np.float32)  # / 0.7: beyond either 4-bit range
+    z = helper.make_tensor("z", qtype, [], [zero_point])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], domain=domain),
+             helper.make_node("DequantizeLinear", ["q", "one", "z"], ["y"], domain=domain)]
+    consts = {"s": np.float32(0.7), "one": np.float32(1.0)}
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["z"], value=z))
+    else:
+        consts["z"] = z
+    model = _graph(nodes, {"x": x}, consts, ["y"], 21)
+    _exact(model, {"x": x})
+    module = copy.deepcopy(st.from_onnx(model))
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(got, theirs(model, {"x": x})[0])
 
 
 FLOAT8 = [T.FLOAT8E4M3FN, T.FLOAT8E4M3FNUZ, T.FLOAT8E5M2, T.FLOAT8E5M2FNUZ]

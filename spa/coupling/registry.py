@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 Rule = Callable[["NodeContext"], None]
 DEFAULT_DOMAINS = ("", "ai.onnx")
 ALL_OPSETS = (1, 10_000)
+#: the newest opset, the open end of a range that holds from some opset on
+LATEST = ALL_OPSETS[1]
 V = TypeVar("V")
 
 

@@ -41,7 +41,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from spa.coupling.registry import ALL_OPSETS
+from spa.coupling.registry import LATEST
 from spa.torch.interpreter import UnsupportedOpsError, given, ms_op, op
 
 Tensor = torch.Tensor
@@ -108,7 +108,7 @@ def _with_past(past: Tensor | None, new: Tensor) -> Tensor:
 
 
 # ---- ONNX ------------------------------------------------------------------------------------
-@op("Attention", opsets=(23, ALL_OPSETS[1]))
+@op("Attention", opsets=(23, LATEST))
 def _attention(a: dict, x: list) -> tuple[Tensor, ...]:
     """ONNX's Attention: 4-D ``[B, heads, S, d]`` inputs, or 3-D ones with
     ``q_num_heads``/``kv_num_heads``; a bool mask keeps its true scores, a float one is

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 
-from spa.coupling.registry import ALL_OPSETS
+from spa.coupling.registry import LATEST
 from spa.ir.load import subgraphs
 from spa.torch.interpreter import (
     DTYPES,
@@ -229,7 +229,7 @@ def _loop(a, x):
     return (*carried, *stacks)
 
 
-@op("Scan", opsets=(9, ALL_OPSETS[1]))
+@op("Scan", opsets=(9, LATEST))
 def _scan(a, x):
     explicit, scope = _scope(a, x)
     body: Body = a["body"]

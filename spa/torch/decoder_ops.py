@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from spa.coupling.registry import ALL_OPSETS
+from spa.coupling.registry import LATEST
 from spa.torch.attention_ops import attend, merge_heads, split_heads, visible
 from spa.torch.interpreter import UnsupportedOpsError, given, int_of, ms_op, op
 
@@ -70,7 +70,7 @@ def _rotary(x: Tensor, heads: int, cos: Tensor, sin: Tensor, dim: int,
     return merge_heads(rotate(split_heads(x, heads), cos, sin, interleaved))
 
 
-@op("RotaryEmbedding", opsets=(23, ALL_OPSETS[1]))
+@op("RotaryEmbedding", opsets=(23, LATEST))
 def _rotary_embedding(a: dict, x: list) -> Tensor:
     cos, sin, pos = x[1], x[2], given(x, 3)
     if pos is not None:
@@ -93,7 +93,7 @@ def _ms_rotary_embedding(a: dict, x: list) -> Tensor:
                    bool(a.get("interleaved", 0)))
 
 
-@op("SwiGLU", opsets=(28, ALL_OPSETS[1]))
+@op("SwiGLU", opsets=(28, LATEST))
 def _swiglu(a: dict, x: list) -> Tensor:
     """``A · sigmoid(alpha · A) · B``."""
     return x[0] * torch.sigmoid(a.get("alpha", 1.0) * x[0]) * x[1]

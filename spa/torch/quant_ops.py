@@ -22,11 +22,12 @@ and MatMulNBits (spa/torch/qlinear_ops.py) share the core.
   float64 (Conv; exact below 2^53), the zero points subtracted first, so padding is by the zero
   point, as in onnxruntime.
 - **int4/uint4** have no torch dtype: their values live in int8/uint8 tensors (-8..7, 0..15),
-  one per byte. An int4 tensor is therefore taken for int8 when it is a zero point; quantising
-  to 4 bits needs ``output_dtype`` to say so (:func:`target`).
-  :func:`spa.torch.interpreter.torch_array` reads an ``int4``/``uint4``/float8 initializer
-  (which ``numpy_helper.to_array`` gives as an ``ml_dtypes`` array, which ``torch.from_numpy``
-  rejects) into such a tensor.
+  one per byte. :func:`spa.torch.interpreter.torch_array` reads an ``int4``/``uint4``/float8
+  initializer (which ``numpy_helper.to_array`` gives as an ``ml_dtypes`` array, which
+  ``torch.from_numpy`` rejects) into such a tensor and remembers its type (by identity, in
+  ``interpreter.WIDENED``), so that an int4/uint4 zero point (an initializer or a Constant's
+  value, not a value an op computes) makes QuantizeLinear saturate to 4 bits, as the spec's
+  type rule says, without ``output_dtype``.
 - **Gradients**: a straight-through estimator, as quantisation-aware training uses. When the
   input or scale of a QuantizeLinear needs a gradient, its integer output is paired (by
   identity, weakly) with a float copy ``round(u) + (u - u.detach())·[lo <= round(u) <= hi]``
@@ -45,9 +46,9 @@ import torch
 from onnx import TensorProto
 from torch.utils.weak import WeakIdKeyDictionary
 
-from spa.coupling.registry import ALL_OPSETS
+from spa.coupling.registry import LATEST
 from spa.torch.interpreter import (
-    TORCH_OPS,
+    WIDENED,
     UnsupportedOpsError,
     given,
     ms_op,
@@ -55,8 +56,7 @@ from spa.torch.interpreter import (
     positive_axis,
     torch_dtype,
 )
-
-LATEST = ALL_OPSETS[1]
+from spa.torch.nn_ops import _conv
 
 Tensor = torch.Tensor
 
@@ -93,7 +93,7 @@ QTYPES: dict[int, QType] = {q.code: q for q in (
     _int(T.INT4, torch.int8, 4, True), _int(T.UINT4, torch.uint8, 4, False),
     _float8(T.FLOAT8E4M3FN, torch.float8_e4m3fn), _float8(T.FLOAT8E4M3FNUZ, torch.float8_e4m3fnuz),
     _float8(T.FLOAT8E5M2, torch.float8_e5m2), _float8(T.FLOAT8E5M2FNUZ, torch.float8_e5m2fnuz))}
-#: torch dtype → the quantised type a tensor of it holds (int8 for int4: see the docstring)
+#: torch dtype → the quantised type a tensor of it holds (unless WIDENED: see the docstring)
 BY_DTYPE: dict[torch.dtype, QType] = {
     q.dtype: q for q in QTYPES.values() if q.code not in (T.INT4, T.UINT4)}
 UINT8 = QTYPES[T.UINT8]
@@ -113,6 +113,9 @@ def target(a: dict, zero_point: Tensor | None, what: str) -> QType:
 
 
 def qtype_of(t: Tensor, what: str) -> QType:
+    """The quantised type ``t`` holds: the 4-bit type it was widened from, else its dtype's."""
+    if t in WIDENED:
+        return QTYPES[WIDENED[t]]
     if t.dtype not in BY_DTYPE:
         raise UnsupportedOpsError(f"{what} with {t.dtype} values")
     return BY_DTYPE[t.dtype]
@@ -267,13 +270,9 @@ def int_matmul(a: Tensor, a_zp: Tensor | None, b: Tensor, b_zp: Tensor | None) -
     return centred(a, a_zp, -2) @ centred(b, b_zp, -1)
 
 
-_CONV = TORCH_OPS.lookup("", "Conv", 10)
-
-
 def int_conv(a: dict, x: Tensor, x_zp: Tensor | None, w: Tensor, w_zp: Tensor | None) -> Tensor:
     """``conv(x - x_zp, w - w_zp)`` exactly (float64), as int64; ``w_zp`` per output channel."""
-    assert _CONV is not None
-    out = _CONV(a, [centred(x, x_zp, 1).double(), centred(w, w_zp, 0).double()])
+    out = _conv(a, [centred(x, x_zp, 1).double(), centred(w, w_zp, 0).double()])
     assert isinstance(out, Tensor)
     return out.long()
 

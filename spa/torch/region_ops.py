@@ -26,11 +26,9 @@ from collections.abc import Sequence
 
 import torch
 
-from spa.coupling.registry import ALL_OPSETS
+from spa.coupling.registry import LATEST
 from spa.torch.interpreter import Op, UnsupportedOpsError, given, op
 from spa.torch.vision_ops import corners, take_at
-
-LATEST = ALL_OPSETS[1]
 
 
 # ---- regions of interest --------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from onnx import TensorProto
 
-from spa.coupling.registry import ALL_OPSETS
+from spa.coupling.registry import LATEST
 from spa.torch.interpreter import given, int_of, op
 from spa.torch.interpreter import torch_dtype as _dtype
 
@@ -60,7 +60,7 @@ def _dft_17(a: dict, x: list) -> Tensor:
                 bool(a.get("onesided", 0)))
 
 
-@op("DFT", opsets=(20, ALL_OPSETS[1]))
+@op("DFT", opsets=(20, LATEST))
 def _dft_20(a: dict, x: list) -> Tensor:
     axis = _scalar(x, 2)
     return _dft(x[0], -2 if axis is None else axis, _scalar(x, 1),

@@ -33,10 +33,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from spa.coupling.registry import ALL_OPSETS
+from spa.coupling.registry import LATEST
 from spa.torch.interpreter import Op, UnsupportedOpsError, given, op
-
-LATEST = ALL_OPSETS[1]
 
 
 def _ints(t: torch.Tensor) -> list[int]:
