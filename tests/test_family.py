@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from spa.api import CheckOptions, PruneOptions, apply_family, prune, prune_family
 from spa.cli import main
 from spa.errors import ExitCode, PlanMismatchError, ValidationError
-from spa.pipeline import family
+from spa.pipeline import family, family_checks, merged, ties
 from spa.plan import FolderPlan, Plan
 
 BART = Path(__file__).parent / "models" / "optimum_bart"
@@ -250,26 +250,26 @@ def test_a_shared_weight_written_differently_is_caught(tmp_path: Path) -> None:
     analyses = {n: family.prepare(family.load_model(str(BART / n)), HEADS, CHECKS).analysis
                 for n in ("decoder_model.onnx", "decoder_with_past_model.onnx")}
     headers = {n: onnx.load(str(BART / n)) for n in analyses}
-    pairs = family._tied_sites(analyses, headers)
+    pairs = ties.tied_sites(analyses, headers)
     weights = [p for p in pairs if not p[0][1][0].startswith("present")]
     assert weights
-    family._check_written(out, sorted(analyses), pairs)  # as written: they agree
+    family_checks.check_written(out, sorted(analyses), pairs)  # as written: they agree
     (_, (name, _)), _ = weights[0]
     model = onnx.load(str(out / "decoder_model.onnx"))
     t = next(t for t in model.graph.initializer if t.name == name)
     t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.001, name))
     onnx.save(model, str(out / "decoder_model.onnx"))
     with pytest.raises(ValidationError, match="differ after"):
-        family._check_written(out, sorted(analyses), pairs)
+        family_checks.check_written(out, sorted(analyses), pairs)
 
 
 def test_the_step_check_catches_decoders_that_part(tmp_path: Path, monkeypatch) -> None:
     """Each file pruned by its own plan (the ties not followed, the weight check off): the
     caches keep their shapes, but the cross-attention heads the two decoders keep differ, and
     the step check refuses to write the folder."""
-    monkeypatch.setattr(family, "_follow", lambda analyses, plans, pairs, prefer=(), last=(): (
+    monkeypatch.setattr(ties, "follow", lambda analyses, plans, pairs, prefer=(), last=(): (
         {n: {} for n in analyses}, 0, []))
-    monkeypatch.setattr(family, "_check_written", lambda *args: None)
+    monkeypatch.setattr(family, "check_written", lambda *args: None)
     out = tmp_path / "small"
     with pytest.raises(ValidationError, match="does not continue what the pruned"):
         prune_family(BART, out, HEADS, CHECKS)
@@ -519,8 +519,8 @@ def test_a_merged_decoder_that_parts_from_its_branches_is_caught(tmp_path: Path,
         w.CopyFrom(numpy_helper.from_array(2 * numpy_helper.to_array(w), w.name))
         return merged
 
-    real = family.merge
-    monkeypatch.setattr(family, "merge", doubled)
+    real = merged.merge
+    monkeypatch.setattr(merged, "merge", doubled)
     out = tmp_path / "small"
     with pytest.raises(ValidationError, match="merged back, its branches answer"):
         prune_family(src, out, HEADS, CHECKS)

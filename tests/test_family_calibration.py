@@ -197,10 +197,10 @@ def test_decoder_samples_are_the_dense_models_greedy_decode(tmp_path: Path) -> N
     assert sorted(cached) == sorted(made)
     for k, v in made.items():
         np.testing.assert_array_equal(cached[k], v)
-    from spa.pipeline.family import _pairs
+    from spa.pipeline.ties import pairs
 
     headers = {p.name: onnx.load(str(p), load_external_data=False) for p in src.glob("*.onnx")}
-    assert ("decoder_model.onnx", "decoder_with_past_model.onnx") in _pairs(headers)
+    assert ("decoder_model.onnx", "decoder_with_past_model.onnx") in pairs(headers)
 
 
 def test_a_saved_plan_names_the_made_samples_and_applies_to_the_same_bytes(

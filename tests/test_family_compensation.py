@@ -1,4 +1,4 @@
-"""OBSPA's compensation of a seq2seq folder (spa/pipeline/family.py ``_refits_taken``).
+"""OBSPA's compensation of a seq2seq folder (spa/pipeline/family_values.py ``refits_taken``).
 
 Each file that passes caches is planned and compensated from its own statistics; the files
 that follow (the with-past decoder, the merged decoder's branches) then take the compensated

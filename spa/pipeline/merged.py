@@ -18,20 +18,26 @@ share from the outer graph. SPA does not prune inside a branch, so a folder of s
 * :func:`agreement` runs the merged file once per branch against that branch's file: the split
   must answer as the original merged file does before anything is pruned (else the merged
   file is left out, as before), and the merged file written must answer as its pruned
-  branches do (else nothing is written).
+  branches do (else nothing is written): :func:`split_into` saves the branches into the
+  folder the family prunes, :func:`merged_back` merges them back once pruned.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from spa import validate as val
+from spa.errors import ValidationError
 from spa.ir.contrib import fixed_dims
+
+if TYPE_CHECKING:
+    from spa.pipeline import CheckOptions, PruneReport
 
 #: The If's branch attributes, each split into a file named ``<stem>.<attribute>.onnx``.
 BRANCHES = ("then_branch", "else_branch")
@@ -160,6 +166,46 @@ def agreement(merged: onnx.ModelProto | str, pieces: Mapping[str, str | onnx.Mod
     return worst
 
 
+def split_into(model: onnx.ModelProto, name: str, path: Path, checks: CheckOptions
+               ) -> onnx.ModelProto | str:
+    """Save the branches of the merged decoder ``model`` into ``path``, and return it; or why
+    it is not split (its branches, split apart, must answer as it does)."""
+    pieces = split(model)
+    if isinstance(pieces, str):
+        return pieces
+    cond = model.graph.node[0].input[0]
+    worst = agreement(model, pieces, cond, dict(checks.input_dims))
+    if not worst <= checks.rtol:
+        return f"its branches, split apart, do not answer as it does (relative {worst:.1e})"
+    for branch, piece in pieces.items():
+        onnx.save(piece, str(path / piece_name(name, branch)))
+    return model
+
+
+def merged_back(tmp: Path, name: str, template: onnx.ModelProto, checks: CheckOptions,
+                reports: Mapping[str, PruneReport]) -> dict:
+    """Merge the pruned branches of ``name`` in ``tmp`` back into it (their files removed);
+    it must answer as they do."""
+    files = {b: tmp / piece_name(name, b) for b in BRANCHES}
+    onnx.save(merge(template, {b: onnx.load(str(f)) for b, f in files.items()}),
+              str(tmp / name))
+    done: dict = {"branches": {b: f.name for b, f in files.items()}}
+    if checks.validate:
+        dims = dict(checks.input_dims)
+        for f in files.values():
+            if f.name in reports:
+                dims |= reports[f.name].input_dims
+        worst = agreement(str(tmp / name), {b: str(f) for b, f in files.items()},
+                          template.graph.node[0].input[0], dims)
+        if not worst <= checks.rtol:
+            raise ValidationError(f"{name}: merged back, its branches answer {worst:.1e} "
+                                  f"(relative) apart from their pruned files")
+        done["relative_diff"] = worst
+    for f in files.values():
+        f.unlink()
+    return done
+
+
 def _placeholders(graph: onnx.GraphProto) -> set[str]:
     """The outputs of ``graph`` an empty Constant makes: placeholders, not decoder outputs."""
     made = {o: n for n in graph.node for o in n.output}
@@ -249,4 +295,5 @@ def _output_type(declared: onnx.ValueInfoProto, graphs: list[onnx.GraphProto]
     return out
 
 
-__all__ = ["BRANCHES", "agreement", "is_merged", "merge", "piece_name", "split"]
+__all__ = ["BRANCHES", "agreement", "is_merged", "merge", "merged_back", "piece_name", "split",
+           "split_into"]
