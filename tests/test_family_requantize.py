@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,38 @@ def test_recover_trains_the_plain_file_and_the_copy_is_made_from_it(tmp_path: Pa
         prune_family(src, start, PruneOptions(ratio=0.5, calib=str(calib)), CHECKS)
         assert requantize._signature(onnx.load(str(start / "model_quantized.onnx"))) != \
             requantize._signature(onnx.load(str(out / "model_quantized.onnx")))
+
+
+def test_a_merged_decoders_int8_copy_is_made_again_from_the_pruned_merged_file(
+        tmp_path: Path) -> None:
+    """transformers.js's ``decoder_model_merged_quantized.onnx`` (the file its WASM backend
+    loads for a seq2seq model: a DynamicQuantizeLinear beside the If, the branches'
+    MatMulIntegers inside it) is quantised again from the pruned merged decoder, once that is
+    merged back. Before, it was copied as it was: the browser ran the dense decoder."""
+    from tests.test_family import BART, MERGED, _decode_merged, _heads
+
+    s = requantize.Settings("QInt8", False, False, "transformers.js")
+    src = tmp_path / "bart"
+    shutil.copytree(BART, src)
+    shutil.copy(MERGED, src)
+    _transformers_js(src / "decoder_model_merged.onnx", src / "decoder_model_merged_quantized.onnx",
+                     s)
+    assert requantize.settings_of(src / "decoder_model_merged.onnx",
+                                  src / "decoder_model_merged_quantized.onnx") == s
+    dense_int8 = _decode_merged(src, name="decoder_model_merged_quantized.onnx")
+    out = tmp_path / "small"
+    done = prune_family(src, out, PruneOptions(heads_ratio=0.5, mlp_ratio=0.5), CHECKS)
+    assert "decoder_model_merged_quantized.onnx" not in done.skipped
+    took = done.refits_taken["decoder_model_merged_quantized.onnx"]
+    assert took["from"] == "decoder_model_merged.onnx" and took["how"] == "quantised again"
+    assert 0 < took["relative_diff"] <= max(variants.SPREAD * took["relative_diff_before"],
+                                            variants.FLOOR)
+    again = tmp_path / "again.onnx"
+    requantize.quantize(out / "decoder_model_merged.onnx", again, s)
+    assert requantize._signature(onnx.load(str(again))) == \
+        requantize._signature(onnx.load(str(out / "decoder_model_merged_quantized.onnx")))
+    for name in ("present.0.decoder.key", "present.1.encoder.value"):  # the plain file's heads
+        assert _heads(out / "decoder_model_merged_quantized.onnx", name) == 2
+    # a runtime decodes with it, both branches, as well as with the dense int8 file
+    assert _decode_merged(out, name="decoder_model_merged_quantized.onnx") \
+        < max(2 * dense_int8, 1e-5)

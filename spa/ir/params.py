@@ -71,7 +71,7 @@ def graph_constants(graph: gs.Graph) -> dict[str, gs.Constant]:
 
 def stored_params(model: onnx.ModelProto) -> int:
     """The parameters ``model`` holds (external tensors are counted from their dims)."""
-    graphs = _graphs(model.graph)
+    graphs = graphs_in(model.graph)
     nodes = [n for g in graphs for n in g.node]
     inits = {t.name: t for g in graphs for t in g.initializer}
     quantised = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input}
@@ -96,11 +96,11 @@ def stored_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+def graphs_in(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     """``graph`` and its subgraphs (If branches, Loop and Scan bodies), recursively."""
     subs = [g for n in graph.node for a in n.attribute
             for g in ([a.g] if a.HasField("g") else a.graphs)]
-    return [graph, *(s for g in subs for s in _graphs(g))]
+    return [graph, *(s for g in subs for s in graphs_in(g))]
 
 
 def _block_size(node: onnx.NodeProto) -> int:

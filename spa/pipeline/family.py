@@ -397,14 +397,6 @@ def _write_together(fp: FamilyPlan, view: View, out: Path, checks: CheckOptions,
             note_taken(reports[n], took, f"a float16 copy of {took['from']}, it took "
                                          f"{took['values']} of its written values, cast")
             taken[n] = took
-        found = requantizable(src, [n for n in fp.headers if n not in fp.plans],
-                              set(reports))
-        again = requantized(src, tmp, found, {n: reports[n].input_dims for n in reports},
-                            checks.validate)
-        taken |= {n: took for n, took in again.items() if isinstance(took, dict)}
-        skipped = {n: f"{why}; not made again from its pruned plain file: {again[n]}"
-                   if isinstance(again.get(n), str) else why
-                   for n, why in fp.skipped.items() if n not in taken}
         joint = together(fp, tmp) if checks.validate else {}
         placeholders = {n: symbolic_heads(tmp / n, *held[n], checks) for n in held}
         check_written(tmp, list(fp.headers), fp.sites, fp.copies)
@@ -415,10 +407,22 @@ def _write_together(fp: FamilyPlan, view: View, out: Path, checks: CheckOptions,
                 steps[f"{a} -> {b}"] = steps_checked(src, tmp, a, b, dict(sized.input_dims),
                                                      checks.rtol)
         merged = {n: merged_back(tmp, n, t, checks, reports) for n, t in view.merged.items()}
-        for n, done in merged.items():
-            for piece in done["branches"].values():
-                if piece in reports:
-                    reports[piece].output = str(out / n)
+        whole = {p: n for n, done in merged.items() for p in done["branches"].values()}
+        dims: dict[str, dict[str, int]] = {}
+        for piece, report in reports.items():
+            if piece in whole:
+                report.output = str(out / whole[piece])
+            dims.setdefault(whole.get(piece, piece), {}).update(report.input_dims)
+        for n, done in merged.items():  # the cache axes the merge declared symbolic
+            dims.setdefault(n, {}).update(done["symbolic_dims"])
+        # int8 copies, once their plain files are written (a merged decoder's: merged back)
+        found = requantizable(view.src, [n for n in fp.headers if n not in fp.plans],
+                              set(reports) | set(merged))  # (merged files: in view.src only)
+        again = requantized(view.src, tmp, found, dims, checks.validate)
+        taken |= {n: took for n, took in again.items() if isinstance(took, dict)}
+        skipped = {n: f"{why}; not made again from its pruned plain file: {again[n]}"
+                   if isinstance(again.get(n), str) else why
+                   for n, why in fp.skipped.items() if n not in taken}
         for f in sorted(src.iterdir()):
             if f.name not in fp.headers and f.name not in fp.skipped and f.name not in fp.data:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)

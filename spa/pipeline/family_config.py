@@ -21,6 +21,7 @@ import onnx
 from spa import validate as val
 from spa.errors import ValidationError
 from spa.generation import config_edit, decoder_feeds, placeholder_count
+from spa.pipeline.merged import axis_name
 
 if TYPE_CHECKING:
     from spa.generation import SignatureChange
@@ -66,7 +67,7 @@ def symbolic_heads(path: Path, count: int, caches: Mapping[str, Cache],
     for v in model.graph.input:
         if v.name in caches:
             axis = caches[v.name][0]
-            v.type.tensor_type.shape.dim[axis].dim_param = f"{v.name}.axis{axis}"
+            v.type.tensor_type.shape.dim[axis].dim_param = axis_name(v.name, axis)
     onnx.save(model, str(path))
     done: dict = {"placeholder_heads": count, "inputs": len(caches)}
     if not checks.validate:

@@ -24,7 +24,7 @@ share from the outer graph. SPA does not prune inside a branch, so a folder of s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,7 +189,8 @@ def merged_back(tmp: Path, name: str, template: onnx.ModelProto, checks: CheckOp
     files = {b: tmp / piece_name(name, b) for b in BRANCHES}
     onnx.save(merge(template, {b: onnx.load(str(f)) for b, f in files.items()}),
               str(tmp / name))
-    done: dict = {"branches": {b: f.name for b, f in files.items()}}
+    done: dict = {"branches": {b: f.name for b, f in files.items()},
+                  "symbolic_dims": _symbolic_sizes(tmp / name, files.values())}
     if checks.validate:
         dims = dict(checks.input_dims)
         for f in files.values():
@@ -204,6 +205,28 @@ def merged_back(tmp: Path, name: str, template: onnx.ModelProto, checks: CheckOp
     for f in files.values():
         f.unlink()
     return done
+
+
+def axis_name(name: str, axis: int) -> str:
+    """The name of axis ``axis`` of graph input ``name`` where SPA declares it symbolic (a
+    pruned cache's head axis, fed placeholder caches of another size)."""
+    return f"{name}.axis{axis}"
+
+
+def _symbolic_sizes(merged: Path, branches: Iterable[Path]) -> dict[str, int]:
+    """The size each axis the merge declared symbolic (:func:`_input_type`) has in the branch
+    that reads it: the merged file is fed such caches, with that branch, at those sizes."""
+    declared = {v.name: v for v in onnx.load(str(merged), load_external_data=False).graph.input}
+    sizes: dict[str, int] = {}
+    for f in branches:
+        for v in onnx.load(str(f), load_external_data=False).graph.input:
+            if v.name not in declared:
+                continue
+            dims = declared[v.name].type.tensor_type.shape.dim
+            for axis, (d, size) in enumerate(zip(dims, fixed_dims(v))):
+                if d.dim_param == axis_name(v.name, axis) and size:
+                    sizes[d.dim_param] = size
+    return sizes
 
 
 def _placeholders(graph: onnx.GraphProto) -> set[str]:
@@ -277,7 +300,7 @@ def _input_type(declared: onnx.ValueInfoProto, graphs: list[onnx.GraphProto]
         was = fixed_dims(declared)
         for axis, d in enumerate(out.type.tensor_type.shape.dim):
             if axis < len(was) and d.HasField("dim_value") and d.dim_value != was[axis]:
-                d.dim_param = f"{declared.name}.axis{axis}"
+                d.dim_param = axis_name(declared.name, axis)
     return out
 
 
@@ -295,5 +318,5 @@ def _output_type(declared: onnx.ValueInfoProto, graphs: list[onnx.GraphProto]
     return out
 
 
-__all__ = ["BRANCHES", "agreement", "is_merged", "merge", "merged_back", "piece_name", "split",
-           "split_into"]
+__all__ = ["BRANCHES", "agreement", "axis_name", "is_merged", "merge", "merged_back",
+           "piece_name", "split", "split_into"]

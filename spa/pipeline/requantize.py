@@ -40,6 +40,7 @@ import onnx
 from onnx import numpy_helper
 
 from spa.errors import one_line
+from spa.ir.params import graphs_in
 from spa.ir.save import external_data_files
 from spa.pipeline.variants import answers, plain_name
 
@@ -76,9 +77,10 @@ def settings_of(plain: Path, quantized: Path) -> Settings | str:
                          (quantized, model)):
         if external_data_files(header):
             return f"{path.name} holds weights in external data (not quantised again)"
-    inits = {i.name: i for i in model.graph.initializer}
+    graphs = graphs_in(model.graph)  # a merged decoder quantises the matmuls of its branches
+    inits = {i.name: i for g in graphs for i in g.initializer}
     weights, zero_points = [], []
-    for node in model.graph.node:
+    for node in (n for g in graphs for n in g.node):
         slots = _SLOTS.get(node.op_type)
         if slots is None or node.domain not in ("", "ai.onnx"):
             continue
