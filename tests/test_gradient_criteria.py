@@ -255,3 +255,51 @@ def test_next_token_labels_only_for_a_model_that_reads_left_to_right():
     labels = np.where(mask != 0, ids, -100)  # labels given: any model is scored on them
     assert set(onnx_saliency(_mixing_lm(False), {**calib, "labels": labels}, "wg")) \
         == {"emb", "head"}
+
+
+def test_a_masked_lm_is_scored_on_tokens_it_cannot_see():
+    """A bidirectional LM given the tokenizer's mask token: 15% of each prompt's inner tokens
+    (at least one; never the first or last) are replaced by it and labelled with what they
+    hid, BERT's objective; the saliencies equal those of the same masked batch with its labels
+    given. Without a mask token the text file is refused."""
+    from spa.torch.saliency import IGNORED, masked, onnx_saliency
+
+    ids = np.array([[1, 4, 2, 7, 3, 5, 6, 8, 9, 2, 0], [3, 3, 9, 4, 0, 0, 0, 0, 0, 0, 0]],
+                   np.int64)
+    mask = (np.arange(11) < np.array([[11], [4]])).astype(np.int64)
+    hidden, labels = masked(ids, mask, mask_id=10)
+    shown = labels.numpy() != IGNORED
+    assert shown.sum(1).tolist() == [1, 1]  # round(0.15 · 9) and the floor of one (of 2)
+    assert not shown[:, 0].any() and not shown[0, 10] and not shown[1, 3]
+    assert (hidden[shown] == 10).all() and (labels.numpy()[shown] == ids[shown]).all()
+    assert (hidden[~shown] == ids[~shown]).all()
+    model = _mixing_lm(False)
+    derived = onnx_saliency(model, {"input_ids": ids, "attention_mask": mask}, "wg", mask_id=10)
+    given = onnx_saliency(model, {"input_ids": hidden, "attention_mask": mask,
+                                  "labels": labels.numpy()}, "wg")
+    for name in ("emb", "head"):
+        np.testing.assert_allclose(derived[name], given[name], rtol=1e-6)
+        assert np.abs(derived[name]).sum() > 0
+    with pytest.raises(OptionError, match="no mask token"):
+        onnx_saliency(model, {"input_ids": ids, "attention_mask": mask}, "wg")
+
+
+def test_taylor_on_a_masked_lm_with_a_text_file(tmp_path):
+    """The CLI: --criterion taylor on a bidirectional LM, calibrated by a text file whose
+    tokenizer has [MASK], prunes (before: it was scored on next tokens)."""
+    from spa.cli import main
+    from spa.errors import ExitCode
+    from tests.test_calibration import tokenizer_file
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[MASK]": 2, **{w: i + 3 for i, w in enumerate(
+        "the cat sat on a mat and dog ran".split())}}
+    tok = tokenizer_file(tmp_path / "tok", vocab)
+    onnx.save(_mixing_lm(False, vocab=len(vocab), width=8), str(tmp_path / "mlm.onnx"))
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(["the cat sat on a mat", "the dog ran on a mat and sat",
+                               "a cat and a dog sat"] * 12) + "\n")
+    out = tmp_path / "small.onnx"
+    assert main(["prune", str(tmp_path / "mlm.onnx"), "-o", str(out), "--criterion", "taylor",
+                 "--calib", str(text), "--tokenizer", str(tok), "--max-length", "8",
+                 "--ratio", "0.5", "-q"]) == ExitCode.OK
+    assert out.stat().st_size < (tmp_path / "mlm.onnx").stat().st_size

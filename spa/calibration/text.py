@@ -242,6 +242,13 @@ def default_tokenizer(calib: str | None, tokenizer: str | None,
     return None
 
 
+def mask_token_id(path: str) -> int | None:
+    """The id of the mask token ([MASK] or <mask>) of the tokenizer at ``path``, or None."""
+    tokenizer = _tokenizer(path)
+    return next((i for t in ("[MASK]", "<mask>")
+                 if (i := tokenizer.token_to_id(t)) is not None), None)
+
+
 def _tokenizer(path: str | None) -> Tokenizer:
     try:
         from tokenizers import Tokenizer

@@ -96,10 +96,12 @@ def on_constants(per_param: dict[str, np.ndarray], params: ParamMap) -> dict[str
             for const, origin in params.origins.items() if origin.param in per_param}
 
 
-def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: str
-                  ) -> dict[str, np.ndarray]:
+def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: str,
+                  mask_id: int | None = None) -> dict[str, np.ndarray]:
     """Saliencies of an ONNX model's constants, keyed by constant name: the model runs in
-    PyTorch (:func:`spa.torch.from_onnx`) on ``calib``'s inputs against ``calib["labels"]``."""
+    PyTorch (:func:`spa.torch.from_onnx`) on ``calib``'s inputs against ``calib["labels"]``,
+    or a language model's own targets (:func:`_labels`, :func:`masked`; ``mask_id``: the
+    tokenizer's mask token, for a masked LM)."""
     from spa.torch.interpreter import OnnxModule
 
     labels = _labels(model, calib)
@@ -112,11 +114,17 @@ def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: s
     chunk = dim0[0].dim_value if dim0 and dim0[0].HasField("dim_value") else None
     if "labels" not in calib and not _causal(module, dict(zip(module.input_names, inputs)),
                                              chunk or 1):
-        raise OptionError(
-            "the model's scores at a token depend on the tokens after it (a masked or "
-            "bidirectional language model), so a text file's next-token labels do not apply; "
-            "give --calib FILE.npz with the graph inputs and an integer 'labels' array "
-            f"({IGNORED} where a position has no target)")
+        if mask_id is None:
+            raise OptionError(
+                "the model's scores at a token depend on the tokens after it (a masked or "
+                "bidirectional language model), so next-token labels do not apply, and the "
+                "tokenizer has no mask token ([MASK] or <mask>) to mask tokens with; give "
+                "--calib FILE.npz with the graph inputs and an integer 'labels' array "
+                f"({IGNORED} where a position has no target)")
+        ids, labels = masked(np.asarray(calib["input_ids"]), calib.get("attention_mask"),
+                             mask_id)
+        inputs = tuple(torch.from_numpy(ids) if n == "input_ids" else t
+                       for n, t in zip(module.input_names, inputs))
     per_param = saliency(module, (inputs, labels), needs, chunk=chunk)
     names = {f"params.{key}": name for name, key in module.onnx_names().items()}
     return {names[k]: v for k, v in per_param.items() if k in names}
@@ -144,6 +152,28 @@ def _labels(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> torch.Tenso
     follows = attended[:, :-1] & attended[:, 1:]
     labels[:, :-1] = np.where(follows, ids[:, 1:], IGNORED)
     return torch.from_numpy(labels)
+
+
+MASKED_SHARE = 0.15  # of each prompt's inner tokens, as BERT was trained
+
+
+def masked(ids: np.ndarray, mask: np.ndarray | None, mask_id: int, seed: int = 0
+           ) -> tuple[np.ndarray, torch.Tensor]:
+    """A masked LM's inputs and targets: :data:`MASKED_SHARE` of each prompt's attended
+    tokens (at least one; the first and last, a tokenizer's [CLS] and [SEP], never) replaced
+    by ``mask_id`` and labelled with the token they hid, every other position ignored."""
+    attended = np.ones(ids.shape, bool) if mask is None \
+        else np.asarray(mask)[:, -ids.shape[1]:] != 0
+    rng = np.random.default_rng(seed)
+    out, labels = ids.copy(), np.full(ids.shape, IGNORED, np.int64)
+    for row in range(len(ids)):
+        inner = np.flatnonzero(attended[row])[1:-1]
+        if not len(inner):
+            continue
+        hide = rng.choice(inner, max(1, round(MASKED_SHARE * len(inner))), replace=False)
+        labels[row, hide] = ids[row, hide]
+        out[row, hide] = mask_id
+    return out, torch.from_numpy(labels)
 
 
 def _causal(module: nn.Module, inputs: dict[str, torch.Tensor], count: int) -> bool:
