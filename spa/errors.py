@@ -43,6 +43,10 @@ class UnsupportedModelError(SpaError):
     """The model is valid ONNX but uses something SPA cannot read (IR or opset version)."""
 
 
+class UnsupportedOpsError(SpaError):
+    """The ONNX model uses ops that spa.torch.from_onnx cannot run in PyTorch."""
+
+
 class OptionError(SpaError):
     """An option has a value outside its domain (a ratio outside [0, 1), say)."""
 

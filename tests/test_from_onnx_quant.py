@@ -28,7 +28,8 @@ from interpreted import ours, theirs  # noqa: E402
 
 import spa.torch as st  # noqa: E402
 from spa import validate as val  # noqa: E402
-from spa.torch.interpreter import UnsupportedOpsError, torch_array  # noqa: E402
+from spa.torch.arrays import torch_array  # noqa: E402
+from spa.torch.interpreter import UnsupportedOpsError  # noqa: E402
 
 MS = "com.microsoft"
 RNG = np.random.default_rng(0)

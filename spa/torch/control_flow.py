@@ -47,8 +47,8 @@ import torch
 
 from spa.coupling.registry import LATEST
 from spa.ir.load import subgraphs
+from spa.torch.arrays import DTYPES
 from spa.torch.interpreter import (
-    DTYPES,
     TORCH_OPS,
     Step,
     UnsupportedOpsError,

@@ -4,7 +4,9 @@ For fine-tuning a pruned model whose PyTorch source the user does not have (it c
 TensorFlow, JAX, or a model zoo). The module interprets the graph node by node with torch ops;
 every float weight initializer becomes an ``nn.Parameter`` (``module.onnx_tensors()`` maps the
 initializer names to them, so gradients map one to one onto the ONNX constants); integer
-constants, scalars, masks, BatchNorm running statistics and Resize scales become buffers.
+constants, scalars, masks, BatchNorm running statistics and Resize scales become buffers
+(read as torch takes them: 4-bit widened, float8 and bfloat16 bit for bit,
+spa/torch/arrays.py).
 
 Why not onnx2torch: it needs torchvision (which has no CPU build to match torch here and fails
 to import without stubs), and its parameter names follow its own module tree, not the ONNX
@@ -49,17 +51,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
-import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from spa.coupling.registry import ALL_OPSETS, OpTable, domain_key
-from spa.errors import SpaError
-from spa.ir.dtypes import is_trainable, onnx_type
+from spa.errors import UnsupportedOpsError
+from spa.ir.dtypes import is_trainable
 from spa.torch import recurrent
+from spa.torch.arrays import WIDENED, torch_array
 
 
 def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -71,10 +72,6 @@ def with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     copy.graph.output.extend(helper.make_empty_tensor_value_info(n)
                              for n in names if n not in present)
     return copy
-
-
-class UnsupportedOpsError(SpaError):
-    """The ONNX model uses ops that spa.torch.from_onnx cannot run in PyTorch."""
 
 
 #: what a name holds while the graph runs: a tensor, a sequence (a list of tensors), or None
@@ -314,57 +311,6 @@ def positive_axis(a: int, rank: int) -> int:
 def given(x: list, i: int) -> torch.Tensor | None:
     """The optional input ``i`` (None when absent or empty)."""
     return x[i] if len(x) > i and x[i] is not None and x[i].numel() else None
-
-
-#: ONNX element type → torch dtype, for ops that take a ``dtype``/``to`` attribute
-DTYPES: dict[int, torch.dtype] = {
-    onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
-    onnx.TensorProto.FLOAT16: torch.float16, onnx.TensorProto.BFLOAT16: torch.bfloat16,
-    onnx.TensorProto.INT8: torch.int8, onnx.TensorProto.INT16: torch.int16,
-    onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.INT64: torch.int64,
-    onnx.TensorProto.UINT8: torch.uint8, onnx.TensorProto.UINT16: torch.uint16,
-    onnx.TensorProto.UINT32: torch.uint32, onnx.TensorProto.UINT64: torch.uint64,
-    onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.COMPLEX64: torch.complex64,
-    onnx.TensorProto.COMPLEX128: torch.complex128,
-    onnx.TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn,
-    onnx.TensorProto.FLOAT8E4M3FNUZ: torch.float8_e4m3fnuz,
-    onnx.TensorProto.FLOAT8E5M2: torch.float8_e5m2,
-    onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
-}
-
-
-def torch_dtype(code: int, what: str) -> torch.dtype:
-    """The torch dtype of ONNX element type ``code``; ``what`` names the op and attribute."""
-    if code not in DTYPES:
-        raise UnsupportedOpsError(f"{what}={onnx.TensorProto.DataType.Name(code)}")
-    return DTYPES[code]
-
-
-#: tensors that hold int4/uint4 values widened to int8/uint8 (torch has no 4-bit dtype) → that
-#: ONNX element type, by identity: a zero point's type is the type QuantizeLinear quantises to
-WIDENED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-#: element types read bit for bit from their ``ml_dtypes`` arrays
-_BIT_VIEWS = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN,
-              onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
-              onnx.TensorProto.FLOAT8E5M2FNUZ)
-
-
-def torch_array(array: np.ndarray) -> torch.Tensor:
-    """An initializer's values as a torch tensor: int4/uint4 widened to int8/uint8 (and kept in
-    :data:`WIDENED`), bfloat16 and float8 (``ml_dtypes`` arrays, which ``torch.from_numpy``
-    rejects) bit for bit; other ``ml_dtypes`` types (float4, int2) refused."""
-    name = array.dtype.name
-    code = onnx_type(array.dtype)
-    if name in ("int4", "uint4"):
-        wide = torch.from_numpy(array.astype(np.int8 if name == "int4" else np.uint8))
-        WIDENED[wide] = code
-        return wide
-    if code in _BIT_VIEWS:
-        bits = np.ascontiguousarray(array).view(np.uint8 if array.itemsize == 1 else np.int16)
-        return torch.from_numpy(bits.copy()).view(torch_dtype(code, "an initializer of type"))
-    if type(array.dtype).__module__.startswith("ml_dtypes") or array.dtype.kind == "V":
-        raise UnsupportedOpsError(f"an initializer of type {name}")
-    return torch.from_numpy(np.array(array, copy=True))
 
 
 # ---- the op families, in their own modules (they register themselves with ``op``) -----------

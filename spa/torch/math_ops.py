@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from spa.coupling.registry import LATEST
-from spa.torch.interpreter import Op, add, ints, op, positive_axis, torch_dtype
+from spa.torch.arrays import torch_dtype
+from spa.torch.interpreter import Op, add, ints, op, positive_axis
 
 # ---- arithmetic and activations -------------------------------------------------------------
 _BINARY: dict[str, Callable[..., torch.Tensor]] = {

@@ -22,10 +22,10 @@ and MatMulNBits (spa/torch/qlinear_ops.py) share the core.
   float64 (Conv; exact below 2^53), the zero points subtracted first, so padding is by the zero
   point, as in onnxruntime.
 - **int4/uint4** have no torch dtype: their values live in int8/uint8 tensors (-8..7, 0..15),
-  one per byte. :func:`spa.torch.interpreter.torch_array` reads an ``int4``/``uint4``/float8
+  one per byte. :func:`spa.torch.arrays.torch_array` reads an ``int4``/``uint4``/float8
   initializer (which ``numpy_helper.to_array`` gives as an ``ml_dtypes`` array, which
   ``torch.from_numpy`` rejects) into such a tensor and remembers its type (by identity, in
-  ``interpreter.WIDENED``), so that an int4/uint4 zero point (an initializer or a Constant's
+  ``arrays.WIDENED``), so that an int4/uint4 zero point (an initializer or a Constant's
   value, not a value an op computes) makes QuantizeLinear saturate to 4 bits, as the spec's
   type rule says, without ``output_dtype``.
 - **Gradients**: a straight-through estimator, as quantisation-aware training uses. When the
@@ -47,14 +47,13 @@ from onnx import TensorProto
 from torch.utils.weak import WeakIdKeyDictionary
 
 from spa.coupling.registry import LATEST
+from spa.torch.arrays import WIDENED, torch_dtype
 from spa.torch.interpreter import (
-    WIDENED,
     UnsupportedOpsError,
     given,
     ms_op,
     op,
     positive_axis,
-    torch_dtype,
 )
 from spa.torch.nn_ops import _conv
 

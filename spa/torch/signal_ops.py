@@ -20,8 +20,8 @@ import torch
 from onnx import TensorProto
 
 from spa.coupling.registry import LATEST
+from spa.torch.arrays import torch_dtype as _dtype
 from spa.torch.interpreter import given, int_of, op
-from spa.torch.interpreter import torch_dtype as _dtype
 
 Tensor = torch.Tensor
 

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
+from spa.torch.arrays import torch_dtype as _dtype
 from spa.torch.interpreter import Op, UnsupportedOpsError, given, int_of, op, positive_axis
-from spa.torch.interpreter import torch_dtype as _dtype
 
 Tensor = torch.Tensor
 
