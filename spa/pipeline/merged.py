@@ -187,10 +187,11 @@ def merged_back(tmp: Path, name: str, template: onnx.ModelProto, checks: CheckOp
     """Merge the pruned branches of ``name`` in ``tmp`` back into it (their files removed);
     it must answer as they do."""
     files = {b: tmp / piece_name(name, b) for b in BRANCHES}
-    onnx.save(merge(template, {b: onnx.load(str(f)) for b, f in files.items()}),
-              str(tmp / name))
+    pieces = {b: onnx.load(str(f)) for b, f in files.items()}
+    model = merge(template, pieces)
+    onnx.save(model, str(tmp / name))
     done: dict = {"branches": {b: f.name for b, f in files.items()},
-                  "symbolic_dims": _symbolic_sizes(tmp / name, files.values())}
+                  "symbolic_dims": _symbolic_sizes(model, pieces.values())}
     if checks.validate:
         dims = dict(checks.input_dims)
         for f in files.values():
@@ -213,13 +214,14 @@ def axis_name(name: str, axis: int) -> str:
     return f"{name}.axis{axis}"
 
 
-def _symbolic_sizes(merged: Path, branches: Iterable[Path]) -> dict[str, int]:
+def _symbolic_sizes(merged: onnx.ModelProto, branches: Iterable[onnx.ModelProto]
+                    ) -> dict[str, int]:
     """The size each axis the merge declared symbolic (:func:`_input_type`) has in the branch
     that reads it: the merged file is fed such caches, with that branch, at those sizes."""
-    declared = {v.name: v for v in onnx.load(str(merged), load_external_data=False).graph.input}
+    declared = {v.name: v for v in merged.graph.input}
     sizes: dict[str, int] = {}
-    for f in branches:
-        for v in onnx.load(str(f), load_external_data=False).graph.input:
+    for branch in branches:
+        for v in branch.graph.input:
             if v.name not in declared:
                 continue
             dims = declared[v.name].type.tensor_type.shape.dim
