@@ -257,12 +257,17 @@ def test_next_token_labels_only_for_a_model_that_reads_left_to_right():
         == {"emb", "head"}
 
 
-def test_a_masked_lm_is_scored_on_tokens_it_cannot_see():
+def test_a_masked_lm_is_scored_on_tokens_it_cannot_see(tmp_path):
     """A bidirectional LM given the tokenizer's mask token: 15% of each prompt's inner tokens
     (at least one; never the first or last) are replaced by it and labelled with what they
     hid, BERT's objective; the saliencies equal those of the same masked batch with its labels
     given. Without a mask token the text file is refused."""
     from spa.torch.saliency import IGNORED, masked, onnx_saliency
+    from tests.test_calibration import tokenizer_file
+
+    words = {f"w{i}": i for i in range(10)}
+    tok = str(tokenizer_file(tmp_path / "tok", {**words, "[UNK]": 1, "[MASK]": 10}))
+    no_mask = str(tokenizer_file(tmp_path / "plain", {**words, "[UNK]": 1}))
 
     ids = np.array([[1, 4, 2, 7, 3, 5, 6, 8, 9, 2, 0], [3, 3, 9, 4, 0, 0, 0, 0, 0, 0, 0]],
                    np.int64)
@@ -274,14 +279,15 @@ def test_a_masked_lm_is_scored_on_tokens_it_cannot_see():
     assert (hidden[shown] == 10).all() and (labels.numpy()[shown] == ids[shown]).all()
     assert (hidden[~shown] == ids[~shown]).all()
     model = _mixing_lm(False)
-    derived = onnx_saliency(model, {"input_ids": ids, "attention_mask": mask}, "wg", mask_id=10)
+    derived = onnx_saliency(model, {"input_ids": ids, "attention_mask": mask}, "wg", tok)
     given = onnx_saliency(model, {"input_ids": hidden, "attention_mask": mask,
                                   "labels": labels.numpy()}, "wg")
     for name in ("emb", "head"):
         np.testing.assert_allclose(derived[name], given[name], rtol=1e-6)
         assert np.abs(derived[name]).sum() > 0
-    with pytest.raises(OptionError, match="no mask token"):
-        onnx_saliency(model, {"input_ids": ids, "attention_mask": mask}, "wg")
+    for without in (None, no_mask):
+        with pytest.raises(OptionError, match="no mask token"):
+            onnx_saliency(model, {"input_ids": ids, "attention_mask": mask}, "wg", without)
 
 
 def test_taylor_on_a_masked_lm_with_a_text_file(tmp_path):

@@ -20,7 +20,7 @@ import onnx
 from spa import calibration as calib_data
 from spa import validate as val
 from spa.calibration import Calibration, CalibrationOptions
-from spa.calibration.text import mask_token_id, random_tokens
+from spa.calibration.text import random_tokens
 from spa.calibration.text import with_tokenizer as text_tokenizer
 from spa.choices import AllocationMethod, HessianSource, Target
 from spa.coupling.analysis import Analysis, CouplingAnalysis, GroupKind, has_subgraph
@@ -396,8 +396,7 @@ def _saliency(cls: type[Gradient], analysis: Analysis, options: PruneOptions,
     except ImportError as exc:
         raise OptionError(f"criterion {options.criterion} needs PyTorch "
                           "(pip install 'spa-prune[torch]')") from exc
-    return onnx_saliency(to_onnx(analysis.model), calib.train, cls.needs,
-                         mask_token_id(calib.tokenizer) if calib.tokenizer else None)
+    return onnx_saliency(to_onnx(analysis.model), calib.train, cls.needs, calib.tokenizer)
 
 
 def recipe(options: PruneOptions, criterion: Criterion,

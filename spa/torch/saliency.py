@@ -97,35 +97,35 @@ def on_constants(per_param: dict[str, np.ndarray], params: ParamMap) -> dict[str
 
 
 def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: str,
-                  mask_id: int | None = None) -> dict[str, np.ndarray]:
+                  tokenizer: str | None = None) -> dict[str, np.ndarray]:
     """Saliencies of an ONNX model's constants, keyed by constant name: the model runs in
-    PyTorch (:func:`spa.torch.from_onnx`) on ``calib``'s inputs against ``calib["labels"]``,
-    or a language model's own targets (:func:`_labels`, :func:`masked`; ``mask_id``: the
-    tokenizer's mask token, for a masked LM)."""
+    PyTorch (:func:`spa.torch.from_onnx`) on ``calib``'s inputs against ``calib["labels"]``;
+    or, for a language model's token prompts (a text file: its first output ``[N, T, vocab]``
+    over the rows of the embedding ``input_ids`` indexes), against the targets it was trained
+    on: a causal model's next tokens (:func:`next_tokens`), a masked LM's hidden tokens
+    (:func:`masked`, behind the mask token of ``tokenizer``, the one the text was read with)."""
     from spa.torch.interpreter import OnnxModule
 
-    labels = _labels(model, calib)
+    if "labels" not in calib and ("input_ids" not in calib or not _predicts_tokens(model)):
+        raise OptionError("gradient criteria on an ONNX file need --calib FILE.npz holding the "
+                          "graph inputs and an integer 'labels' array (cross-entropy loss), or "
+                          "a text file for a language model (next-token labels)")
     module = OnnxModule(model)
     missing = [n for n in module.input_names if n not in calib]
     if missing:
         raise OptionError(f"--calib has no array for the graph input(s) {', '.join(missing)}")
-    inputs = tuple(torch.from_numpy(np.asarray(calib[n])) for n in module.input_names)
+    inputs = {n: torch.from_numpy(np.asarray(calib[n])) for n in module.input_names}
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[:1]
     chunk = dim0[0].dim_value if dim0 and dim0[0].HasField("dim_value") else None
-    if "labels" not in calib and not _causal(module, dict(zip(module.input_names, inputs)),
-                                             chunk or 1):
-        if mask_id is None:
-            raise OptionError(
-                "the model's scores at a token depend on the tokens after it (a masked or "
-                "bidirectional language model), so next-token labels do not apply, and the "
-                "tokenizer has no mask token ([MASK] or <mask>) to mask tokens with; give "
-                "--calib FILE.npz with the graph inputs and an integer 'labels' array "
-                f"({IGNORED} where a position has no target)")
+    if "labels" in calib:
+        labels = torch.from_numpy(np.asarray(calib["labels"]).astype(np.int64))
+    elif _causal(module, inputs, chunk or 1):
+        labels = next_tokens(np.asarray(calib["input_ids"]), calib.get("attention_mask"))
+    else:
         ids, labels = masked(np.asarray(calib["input_ids"]), calib.get("attention_mask"),
-                             mask_id)
-        inputs = tuple(torch.from_numpy(ids) if n == "input_ids" else t
-                       for n, t in zip(module.input_names, inputs))
-    per_param = saliency(module, (inputs, labels), needs, chunk=chunk)
+                             _mask_id(tokenizer))
+        inputs["input_ids"] = torch.from_numpy(ids)
+    per_param = saliency(module, (tuple(inputs.values()), labels), needs, chunk=chunk)
     names = {f"params.{key}": name for name, key in module.onnx_names().items()}
     return {names[k]: v for k, v in per_param.items() if k in names}
 
@@ -133,25 +133,37 @@ def onnx_saliency(model: onnx.ModelProto, calib: dict[str, np.ndarray], needs: s
 IGNORED = -100  # cross_entropy's ignore_index: a position without a target
 
 
-def _labels(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> torch.Tensor:
-    """``calib["labels"]``; or, for a language model's token prompts (a text file: its first
-    output ``[N, T, vocab]`` over the rows of the embedding ``input_ids`` indexes), each
-    attended token's next token, the last one and padding ignored (next-token cross-entropy,
-    as the model was trained)."""
-    if "labels" in calib:
-        return torch.from_numpy(np.asarray(calib["labels"]).astype(np.int64))
-    if "input_ids" not in calib or not _predicts_tokens(model):
-        raise OptionError("gradient criteria on an ONNX file need --calib FILE.npz holding the "
-                          "graph inputs and an integer 'labels' array (cross-entropy loss), or "
-                          "a text file for a language model (next-token labels)")
-    ids = np.asarray(calib["input_ids"]).astype(np.int64)
-    mask = calib.get("attention_mask")
-    attended = np.ones(ids.shape, bool) if mask is None \
-        else np.asarray(mask)[:, -ids.shape[1]:] != 0  # the mask may span a past first
+def _attended(ids: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Which token positions of ``ids`` the attention mask attends (all, without one; the
+    mask may span a past first)."""
+    return np.ones(ids.shape, bool) if mask is None \
+        else np.asarray(mask)[:, -ids.shape[1]:] != 0
+
+
+def next_tokens(ids: np.ndarray, mask: np.ndarray | None) -> torch.Tensor:
+    """Each attended token's next token, the last one and padding ignored (next-token
+    cross-entropy, as a causal LM was trained)."""
+    ids = ids.astype(np.int64)
+    attended = _attended(ids, mask)
     labels = np.full_like(ids, IGNORED)
     follows = attended[:, :-1] & attended[:, 1:]
     labels[:, :-1] = np.where(follows, ids[:, 1:], IGNORED)
     return torch.from_numpy(labels)
+
+
+def _mask_id(tokenizer: str | None) -> int:
+    """The mask token of ``tokenizer``, or an error naming what to give instead."""
+    from spa.calibration.text import mask_token_id
+
+    found = mask_token_id(tokenizer) if tokenizer else None
+    if found is None:
+        raise OptionError(
+            "the model's scores at a token depend on the tokens after it (a masked or "
+            "bidirectional language model), so next-token labels do not apply, and the "
+            "tokenizer has no mask token ([MASK] or <mask>) to mask tokens with; give "
+            "--calib FILE.npz with the graph inputs and an integer 'labels' array "
+            f"({IGNORED} where a position has no target)")
+    return found
 
 
 MASKED_SHARE = 0.15  # of each prompt's inner tokens, as BERT was trained
@@ -162,8 +174,7 @@ def masked(ids: np.ndarray, mask: np.ndarray | None, mask_id: int, seed: int = 0
     """A masked LM's inputs and targets: :data:`MASKED_SHARE` of each prompt's attended
     tokens (at least one; the first and last, a tokenizer's [CLS] and [SEP], never) replaced
     by ``mask_id`` and labelled with the token they hid, every other position ignored."""
-    attended = np.ones(ids.shape, bool) if mask is None \
-        else np.asarray(mask)[:, -ids.shape[1]:] != 0
+    attended = _attended(ids, mask)
     rng = np.random.default_rng(seed)
     out, labels = ids.copy(), np.full(ids.shape, IGNORED, np.int64)
     for row in range(len(ids)):
@@ -184,8 +195,7 @@ def _causal(module: nn.Module, inputs: dict[str, torch.Tensor], count: int) -> b
     batch = {k: v[:count] for k, v in inputs.items()}
     ids = batch["input_ids"].clone()
     mask = batch.get("attention_mask")
-    attended = torch.ones(ids.shape, dtype=torch.bool) if mask is None \
-        else mask[:, -ids.shape[1]:] != 0
+    attended = torch.from_numpy(_attended(ids.numpy(), None if mask is None else mask.numpy()))
     if (attended.sum(1) < 2).all():
         return True  # nothing to tell by: no prompt has a token before another
     last = ids.shape[1] - 1 - attended.flip(1).int().argmax(1)
